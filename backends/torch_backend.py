@@ -1,0 +1,117 @@
+"""Plain-torch kernels for moec's canonical ops (any device; the fast path on CPU).
+
+`route` is one vectorised pass (linear, scoring, grouped selection, normalisation).
+`experts` sorts the (token, slot) pairs by expert once, runs one GEMM pair per *active*
+expert over a contiguous slice of the sorted rows (expert weights are used in place, never
+copied per call), and combines with one weighted `index_add_`: no per-token Python work.
+`experts_loop` is the naive reference the rewrites are checked against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import moec.ops  # noqa: F401  (defines the op schemas)
+
+
+def activate(h: torch.Tensor, activation: str, gated: bool, alpha: float, limit: float) -> torch.Tensor:
+    """[n, N1] -> [n, I]: the expert's activation, gated halves are (gate rows, up rows)."""
+    if not gated:
+        return _act(h, activation)
+    gate, up = h.chunk(2, dim=-1)
+    if activation == "swiglu_oai":  # GPT-OSS: clamped, (up + 1) * gate * sigmoid(alpha * gate)
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+    return _act(gate, activation) * up
+
+
+def _act(h: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "silu":
+        return F.silu(h)
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if activation == "relu":
+        return F.relu(h)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def route_math(x, weight, bias, select_bias, top_k, scoring, n_group, topk_group, group_score, weighting, renorm,
+               scale, num_experts):
+    """The routing math in plain torch (fx-traceable: no shape unpacking), see RouterSpec."""
+    logits = F.linear(x, weight, bias)  # [T, E]
+    s = logits.float()
+    if scoring == "softmax":
+        scores = s.softmax(dim=-1)
+    elif scoring == "sigmoid":
+        scores = s.sigmoid()
+    else:
+        scores = s
+    choice = scores if select_bias is None else scores + select_bias.float()
+    if n_group > 1:
+        grouped = choice.view(-1, n_group, num_experts // n_group)  # [T, G, E/G]
+        if group_score == "max":
+            gscore = grouped.amax(dim=-1)  # [T, G]
+        else:
+            gscore = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        keep = torch.zeros_like(gscore, dtype=torch.bool).scatter_(1, gscore.topk(topk_group, dim=-1).indices, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(num_experts // n_group, dim=1), float("-inf"))
+    ids = choice.topk(top_k, dim=-1).indices  # [T, k]
+    weights = torch.ones_like(ids, dtype=torch.float32) if weighting == "ones" else scores.gather(1, ids)  # [T, k]
+    if renorm:
+        denom = weights.sum(-1, keepdim=True) if renorm == 1.0 else weights.norm(p=renorm, dim=-1, keepdim=True)
+        weights = weights / denom
+    if scale != 1.0:
+        weights = weights * scale
+    return logits, ids, weights
+
+
+@torch.library.impl("moec::route", "CompositeExplicitAutograd")
+def route(x, weight, bias, select_bias, *args):
+    return route_math(x, weight, bias, select_bias, *args, num_experts=weight.shape[0])
+
+
+@torch.library.impl("moec::experts", "CompositeExplicitAutograd")
+def experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, weight_on_input):
+    T, k = ids.shape
+    flat = ids.reshape(-1)  # [T*k]
+    order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    token = order // k  # [T*k] source token of each sorted row
+    xs = x.index_select(0, token)  # [T*k, H]
+    ws = weights.reshape(-1)[order].unsqueeze(1)  # [T*k, 1] fp32
+    if weight_on_input:
+        xs = (xs * ws).to(x.dtype)
+    ys = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = slice(start, start + n)
+        h = F.linear(xs[rows], w13[e], None if b13 is None else b13[e])  # [n, N1]
+        h = activate(h, activation, gated, alpha, limit)  # [n, I]
+        ys[rows] = F.linear(h, w2[e], None if b2 is None else b2[e])  # [n, H]
+        start += n
+    ys = ys.float() if weight_on_input else ys * ws
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    return out.index_add_(0, token, ys).to(x.dtype)
+
+
+@torch.library.impl("moec::experts_loop", "CompositeExplicitAutograd")
+def experts_loop(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, weight_on_input):
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(w13.shape[0]):
+        token, slot = torch.where(ids == e)
+        if token.numel() == 0:
+            continue
+        w = weights[token, slot].unsqueeze(1)
+        xe = x[token]
+        if weight_on_input:
+            xe = (xe * w).to(x.dtype)
+        h = activate(F.linear(xe, w13[e], None if b13 is None else b13[e]), activation, gated, alpha, limit)
+        y = F.linear(h, w2[e], None if b2 is None else b2[e]).float()
+        out.index_add_(0, token, y if weight_on_input else y * w)
+    return out.to(x.dtype)

@@ -1,0 +1,116 @@
+"""moec's canonical description of an MoE block.
+
+Every MoE block moec rewrites, whatever code it was written in, is described by one
+`MoESpec`: how the router turns a token into (expert ids, combine weights), what each
+expert computes, and what is added beside the routed experts. The canonical ops in
+`moec.ops` take exactly this description.
+
+Legend used in shape comments across moec: T = tokens, H = hidden size, E = experts,
+k = experts per token, I = expert intermediate size, N1 = 2*I for gated experts else I.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+SCORINGS = ("softmax", "sigmoid", "none")
+GROUP_SCORES = ("max", "top2_sum")
+WEIGHTINGS = ("scores", "ones")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """logits = x @ W.T + b  ->  ids, weights.
+
+    scores  = scoring(logits)                          # [T, E], fp32
+    choice  = scores + select_bias                     # bias steers selection only
+    choice  = keep the `topk_group` best of `n_group` groups (group score: max or top-2 sum)
+    ids     = topk(choice, top_k)                      # [T, k]
+    weights = scores[ids] (or 1) / renorm-norm * scale # [T, k]
+
+    "top-k on logits then softmax over the k" is softmax + renorm=1 (same math).
+    """
+
+    top_k: int
+    scoring: str = "softmax"
+    select_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "max"
+    weighting: str = "scores"
+    renorm: float = 0.0  # 0: none; p > 0: divide by the p-norm of the k weights (p=1: their sum)
+    scale: float = 1.0
+
+    def describe(self) -> str:
+        parts = [f"{self.scoring}" if self.scoring != "none" else "logits"]
+        if self.select_bias:
+            parts.append("+bias(select)")
+        if self.n_group > 1:
+            parts.append(f"group-limited {self.topk_group}/{self.n_group} ({self.group_score})")
+        parts.append(f"top-{self.top_k}")
+        if self.weighting == "ones":
+            parts.append("weight 1")
+        if self.renorm:
+            parts.append("renorm" if self.renorm == 1.0 else f"renorm p={self.renorm:g}")
+        if self.scale != 1.0:
+            parts.append(f"x{self.scale:g}")
+        return " -> ".join(parts)
+
+
+@dataclass(frozen=True)
+class ExpertsSpec:
+    """Each expert: y = W2 @ act(W13 @ x + b13) + b2, with W13 [N1, H] holding gate rows then
+    up rows when gated (act(gate) * up). `weight_on_input` scales the expert's input by the
+    combine weight instead of its output (Llama 4)."""
+
+    num_experts: int
+    hidden: int
+    inter: int
+    activation: str = "silu"
+    gated: bool = True
+    bias: bool = False
+    alpha: float = 1.702  # swiglu_oai only: gate * sigmoid(alpha * gate)
+    limit: float = 7.0  # swiglu_oai only: clamp bound
+    weight_on_input: bool = False
+
+    def describe(self) -> str:
+        act = {"silu": "SwiGLU", "gelu": "GeGLU", "gelu_tanh": "GeGLU(tanh)", "relu": "ReGLU",
+               "swiglu_oai": f"clamped SwiGLU(alpha={self.alpha:g}, limit={self.limit:g})"}
+        name = act[self.activation] if self.gated else f"{self.activation.upper()} MLP"
+        extra = (" +bias" if self.bias else "") + (" (weight on input)" if self.weight_on_input else "")
+        return f"{self.num_experts} x {name} {self.hidden}->{self.inter}->{self.hidden}{extra}"
+
+
+@dataclass(frozen=True)
+class SharedSpec:
+    """Dense experts added to the routed output: sum(module(x)) [* sigmoid(gate(x))]."""
+
+    module: str  # path of the shared MLP inside the block
+    gate: str | None = None  # path of a Linear(H, 1) whose sigmoid scales the shared output
+
+    def describe(self) -> str:
+        return f"{self.module}" + (f" * sigmoid({self.gate})" if self.gate else "")
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """A proved MoE block. `params` maps each canonical role to an attribute path in the
+    block (original weights, used in place) or to a moec buffer holding a canonical copy."""
+
+    router: RouterSpec
+    experts: ExpertsSpec
+    shared: SharedSpec | None = None
+    params: dict[str, str] = field(default_factory=dict)
+    # roles: router_weight, router_bias, select_bias, w13, b13, w2, b2
+    outputs: tuple[str, ...] = ("out",)  # the block's return structure, e.g. ("out", "logits")
+
+    def with_(self, **kw) -> "MoESpec":
+        return replace(self, **kw)
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "router": self.router.describe(),
+            "experts": self.experts.describe(),
+            "shared": self.shared.describe() if self.shared else "-",
+        }

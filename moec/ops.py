@@ -1,0 +1,56 @@
+"""Canonical MoE ops, registered with torch.library so rewritten graphs stay traceable by
+torch.export and torch.compile (each op has a fake implementation giving output shapes).
+
+    moec::route(x[T,H], W[E,H], ...)                 -> logits[T,E], ids[T,k] int64, weights[T,k] fp32
+    moec::experts(x[T,H], ids[T,k], weights[T,k], W13[E,N1,H], b13?, W2[E,H,I], b2?, ...) -> [T,H]
+    moec::experts_loop(...same...)                   -> [T,H]   (naive per-expert reference)
+
+Backends register the real kernels (`moec.backends.torch_backend` for every device).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moec.ir import ExpertsSpec, RouterSpec
+
+_EXPERTS_ARGS = (
+    "Tensor x, Tensor ids, Tensor weights, Tensor w13, Tensor? b13, Tensor w2, Tensor? b2, "
+    "str activation, bool gated, float alpha, float limit, bool weight_on_input"
+)
+torch.library.define(
+    "moec::route",
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? select_bias, int top_k, str scoring, "
+    "int n_group, int topk_group, str group_score, str weighting, float renorm, float scale) "
+    "-> (Tensor, Tensor, Tensor)",
+)
+torch.library.define("moec::experts", f"({_EXPERTS_ARGS}) -> Tensor")
+torch.library.define("moec::experts_loop", f"({_EXPERTS_ARGS}) -> Tensor")
+
+
+@torch.library.register_fake("moec::route")
+def _route_fake(x, weight, bias, select_bias, top_k, *args):
+    T, E = x.shape[0], weight.shape[0]
+    return (
+        x.new_empty(T, E),
+        x.new_empty(T, top_k, dtype=torch.int64),
+        x.new_empty(T, top_k, dtype=torch.float32),
+    )
+
+
+def _experts_fake(x, *args):
+    return torch.empty_like(x)
+
+
+torch.library.register_fake("moec::experts")(_experts_fake)
+torch.library.register_fake("moec::experts_loop")(_experts_fake)
+
+
+def route_args(r: RouterSpec) -> tuple:
+    """The non-tensor arguments of moec::route, in schema order."""
+    return (r.top_k, r.scoring, r.n_group, r.topk_group, r.group_score, r.weighting, float(r.renorm), float(r.scale))
+
+
+def experts_args(e: ExpertsSpec) -> tuple:
+    """The non-tensor arguments of moec::experts / experts_loop, in schema order."""
+    return (e.activation, e.gated, float(e.alpha), float(e.limit), e.weight_on_input)

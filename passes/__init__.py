@@ -1,0 +1,3 @@
+"""moec's passes; importing this package registers them (see moec.pass_manager.PASSES)."""
+
+from moec.passes import batch_experts, detect_moe, fuse_gate  # noqa: F401

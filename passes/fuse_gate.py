@@ -1,0 +1,54 @@
+"""fuse_gate: router linear + scoring + selection + normalisation -> one moec::route op.
+
+Matches, in a canonical graph (after detect_moe):
+
+    logits = linear(x, router_weight, router_bias?)           # [T, E]
+    scores = softmax(logits.float()) | sigmoid(...)            # [T, E] fp32
+    choice = scores (+ select_bias), group view/topk/mask       # [T, E]
+    ids    = topk(choice, k).indices                           # [T, k]
+    w      = gather(scores, ids) / sum * scale                  # [T, k]
+    ... = moec.experts*(x, ids, w, ...)
+
+and leaves
+
+    logits, ids, w = moec.route(x, router_weight, router_bias?, select_bias?, <RouterSpec>)
+
+Invariant: every experts op reads its ids and weights from a moec.route; logits users
+(the block's returned router logits) read route's first output. Stats: fused.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from moec.ops import route_args
+from moec.pass_manager import PassResult, register_pass
+
+EXPERT_OPS = (torch.ops.moec.experts_loop, torch.ops.moec.experts)
+
+
+def _attr(graph, path):
+    return next((n for n in graph.nodes if n.op == "get_attr" and n.target == f"block.{path}"), None) if path else None
+
+
+@register_pass("fuse_gate")
+def fuse_gate(gm) -> PassResult:
+    spec, g = gm.meta["moe_spec"], gm.graph
+    fused = 0
+    for ex in [n for n in g.nodes if n.op == "call_function" and n.target in EXPERT_OPS]:
+        weight = _attr(g, spec.params["router_weight"])
+        linear = next(u for u in weight.users if u.target is torch._C._nn.linear or "linear" in str(u.target))
+        if ex.args[1].target == operator.getitem and getattr(ex.args[1].args[0], "target", None) is torch.ops.moec.route:
+            continue  # already fused
+        with g.inserting_before(linear):
+            route = g.call_function(torch.ops.moec.route, (
+                linear.args[0], weight, _attr(g, spec.params.get("router_bias")),
+                _attr(g, spec.params.get("select_bias")), *route_args(spec.router)))
+            logits, ids, w = (g.call_function(operator.getitem, (route, i)) for i in range(3))
+        linear.replace_all_uses_with(logits)
+        ex.args = (ex.args[0], ids, w, *ex.args[3:])
+        fused += 1
+    g.eliminate_dead_code()
+    return PassResult(gm, fused > 0, {"fused": fused})
