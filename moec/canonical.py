@@ -8,7 +8,7 @@ GraphModule whose `get_attr` nodes point at the block's own tensors (no copies):
     scores, ids, w   = softmax/sigmoid, group mask, topk, gather ...  # [T, k]
     y                = moec.experts_loop(x, ids, w, w13, b13, w2, b2) # [T, H]
     y                = y + shared(x) [* sigmoid(shared_gate(x))]
-    return y.reshape(hidden_states.shape), logits
+    return y.reshape(hidden_states.shape), logits, ids, w
 
 fuse_gate and batch_experts then rewrite this graph; `install` makes the block run it.
 """
@@ -48,7 +48,7 @@ class _Reference(nn.Module):
             if s.shared.gate:
                 shared = shared * torch.sigmoid(resolve(b, s.shared.gate)(x))
             y = y + shared
-        return y.reshape(hidden_states.shape), logits
+        return y.reshape(hidden_states.shape), logits, ids, w
 
 
 class _Tracer(fx.Tracer):
@@ -81,10 +81,11 @@ class CompiledForward:
     def __call__(self, hidden_states, *args, **kwargs):
         if any(a is not None for a in args) or any(v is not None for v in kwargs.values()):
             return self.original(hidden_states, *args, **kwargs)
-        out, logits = self.gm(hidden_states)
+        out, logits, ids, weights = self.gm(hidden_states)
         if self.outputs == ("out",):
             return out
-        leaves = {"out": out, "logits": logits, "logits_bse": logits.reshape(*hidden_states.shape[:-1], -1),
+        leaves = {"out": out, "out_flat": out.reshape(-1, out.shape[-1]), "logits": logits,
+                  "logits_bse": logits.reshape(*hidden_states.shape[:-1], -1), "ids": ids, "weights": weights,
                   "none": None}
         return tuple(leaves[o] for o in self.outputs)
 

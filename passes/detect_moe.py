@@ -243,15 +243,17 @@ def _features(cap: Capture, logits_node, sel_node) -> dict:
     return feats
 
 
-def _leaf_kind(leaf, x, out_main, logits) -> str:
+def _leaf_kind(leaf, x, out_main, logits, ids, weights) -> str:
+    """Which canonical value an output of the block is (see canonical.CompiledForward)."""
     if leaf is None:
         return "none"
     if leaf is out_main:
-        return "out"
-    if leaf.shape == logits.shape and torch.allclose(leaf.float(), logits.float()):
-        return "logits"
-    if leaf.shape == (*x.shape[:-1], logits.shape[-1]) and torch.allclose(leaf.reshape(logits.shape).float(), logits.float()):
-        return "logits_bse"
+        return "out" if leaf.shape == x.shape else "out_flat"
+    same = lambda a, b: a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-6)  # noqa: E731
+    for kind, val in (("logits", logits), ("logits_bse", logits.reshape(*x.shape[:-1], -1)), ("ids", ids),
+                      ("weights", weights)):
+        if same(leaf, val):
+            return kind
     raise Rejected(f"returns an extra output moec cannot reproduce (shape {tuple(leaf.shape)})")
 
 
@@ -322,10 +324,14 @@ def analyze(block: nn.Module, cand: Candidate) -> MoESpec:
 
     # outputs: the main output and which leaves are router logits
     leaves = list(cap.output) if isinstance(cap.output, tuple) else [cap.output]
-    out_main = next((o for o in leaves if isinstance(o, torch.Tensor) and o.shape == x.shape), None)
-    if out_main is None:
-        raise Rejected("no output of the block has the input's shape")
-    outputs = tuple(_leaf_kind(o, x, out_main, logits) for o in leaves)
+    out_main = next((o for o in leaves if isinstance(o, torch.Tensor) and o.shape in (x.shape, xf.shape)), None)
+    if out_main is None or any(isinstance(o, (tuple, list, dict)) for o in leaves):
+        raise Rejected("no output of the block has the input's shape" if out_main is None else "nested outputs")
+
+    def outputs(r: RouterSpec) -> tuple[str, ...]:
+        _, ids, w = route_math(*rargs(r), num_experts=E)
+        return tuple(_leaf_kind(o, x, out_main, logits, ids, w) for o in leaves)
+
     R = out_main.reshape(-1, H).float()
 
     shared = _shared(cap, cand, xf)
@@ -356,7 +362,7 @@ def analyze(block: nn.Module, cand: Candidate) -> MoESpec:
         if router is None:
             raise Rejected(f"experts found ({espec.describe()}) but no router weighting reproduces the combine "
                            f"weights ({base.describe()})")
-        return _prove(block, work, cand, lay, w, MoESpec(router, espec, shared, outputs=outputs),
+        return _prove(block, work, cand, lay, w, MoESpec(router, espec, shared, outputs=outputs(router)),
                       router_bias, router_t, f["select_bias"], x.dim())
     # Llama 4 style: the combine weight scales the expert's input; not linear, so search directly
     for lay, act, r in itertools.product(list(_layouts(work, cand)), acts, _router_grid(base, f)):
@@ -368,18 +374,18 @@ def analyze(block: nn.Module, cand: Candidate) -> MoESpec:
         y = torch.ops.moec.experts(xf, ids, rw, w["w13"], w.get("b13"), w["w2"], w.get("b2"), act, lay.gated,
                                    alpha, limit, True)
         if _rel_err(y, R) < REL_TOL["fit"]:
-            return _prove(block, work, cand, lay, w, MoESpec(r, espec, shared, outputs=outputs), router_bias,
+            return _prove(block, work, cand, lay, w, MoESpec(r, espec, shared, outputs=outputs(r)), router_bias,
                           router_t, f["select_bias"], x.dim())
     raise Rejected(f"no expert layout/activation reproduces the block output with router {base.describe()} "
                    f"(expert capacity or an unsupported expert form?)")
 
 
 def _inputs_through_views(n) -> set:
-    """n's inputs, looking through transposes of a weight (x @ W.t())."""
+    """n's inputs, looking through unary ops on a weight (W.t(), W.float(), W.type(...))."""
     out = set()
     for a in n.all_input_nodes:
         out.add(a)
-        if target_name(a) in ("t", "transpose", "T", "permute"):
+        if len(a.all_input_nodes) == 1 and a.all_input_nodes[0].op == "get_attr":
             out.update(a.all_input_nodes)
     return out
 
@@ -465,7 +471,7 @@ def _prove(block, work, cand, lay, w, spec: MoESpec, router_bias, router_t, sele
         x = torch.randn(shape, generator=gen).to(dev)
         with torch.no_grad():
             ref = work(x)
-            got, _ = gm(x)
+            got = gm(x)[0]
         ref = ref[0] if isinstance(ref, tuple) else ref
         err = _rel_err(got, ref)
         if err > REL_TOL["proof"]:

@@ -13,8 +13,8 @@ and leaves
 
     logits, ids, w = moec.route(x, router_weight, router_bias?, select_bias?, <RouterSpec>)
 
-Invariant: every experts op reads its ids and weights from a moec.route; logits users
-(the block's returned router logits) read route's first output. Stats: fused.
+Invariant: every experts op, and the graph's outputs, read logits, ids and weights from
+one moec.route. Stats: fused.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def fuse_gate(gm) -> PassResult:
                 linear.args[0], weight, _attr(g, spec.params.get("router_bias")),
                 _attr(g, spec.params.get("select_bias")), *route_args(spec.router)))
             logits, ids, w = (g.call_function(operator.getitem, (route, i)) for i in range(3))
-        linear.replace_all_uses_with(logits)
-        ex.args = (ex.args[0], ids, w, *ex.args[3:])
+        for old, new in ((linear, logits), (ex.args[1], ids), (ex.args[2], w)):
+            old.replace_all_uses_with(new)
         fused += 1
     g.eliminate_dead_code()
     return PassResult(gm, fused > 0, {"fused": fused})
