@@ -42,13 +42,15 @@ def fuse_gate(gm) -> PassResult:
         linear = next(u for u in weight.users if u.target is torch._C._nn.linear or "linear" in str(u.target))
         if ex.args[1].target == operator.getitem and getattr(ex.args[1].args[0], "target", None) is torch.ops.moec.route:
             continue  # already fused
-        with g.inserting_before(linear):
+        with g.inserting_before(ex):  # after every input (get_attrs may follow the linear)
             route = g.call_function(torch.ops.moec.route, (
                 linear.args[0], weight, _attr(g, spec.params.get("router_bias")),
                 _attr(g, spec.params.get("select_bias")), *route_args(spec.router)))
             logits, ids, w = (g.call_function(operator.getitem, (route, i)) for i in range(3))
-        for old, new in ((linear, logits), (ex.args[1], ids), (ex.args[2], w)):
-            old.replace_all_uses_with(new)
+        out = g.output_node()
+        for old, new in ((ex.args[1], ids), (ex.args[2], w), (linear, logits)):
+            for user in (ex, out):  # rewire the consumers outside the routing chain; the chain dies
+                user.replace_input_with(old, new)
         fused += 1
     g.eliminate_dead_code()
     return PassResult(gm, fused > 0, {"fused": fused})
