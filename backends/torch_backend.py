@@ -3,7 +3,7 @@
 `route` is one vectorised pass (linear, scoring, grouped selection, normalisation).
 `experts` sorts the (token, slot) pairs by expert once, runs one GEMM pair per *active*
 expert over a contiguous slice of the sorted rows (expert weights are used in place, never
-copied per call), and combines with one weighted `index_add_`: no per-token Python work.
+copied per call), and combines by un-sorting and summing over the k slots: no per-token Python work.
 `experts_loop` is the naive reference the rewrites are checked against.
 """
 
@@ -96,8 +96,9 @@ def experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, 
         ys[rows] = F.linear(h, w2[e], None if b2 is None else b2[e])  # [n, H]
         start += n
     ys = ys.float() if weight_on_input else ys * ws
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    return out.index_add_(0, token, ys).to(x.dtype)
+    unsorted = torch.empty_like(ys)
+    unsorted[order] = ys  # back to (token, slot) order: a plain copy, faster than scatter-add on CPU
+    return unsorted.view(T, k, -1).sum(dim=1).to(x.dtype)  # [T, H]
 
 
 @torch.library.impl("moec::experts_loop", "CompositeExplicitAutograd")

@@ -9,7 +9,7 @@ Matches
     y = moec.experts(x, ids, w, W13, b13?, W2, b2?, ...)                                      # [T, H]
 
 which sorts the T*k (token, slot) pairs by expert once, runs one GEMM pair per active
-expert on a contiguous slice, and combines with a single weighted index_add. Same
+expert on a contiguous slice, and combines by un-sorting and summing over k. Same
 arguments, same semantics. Stats: batched.
 """
 
