@@ -145,7 +145,8 @@ def materialize(block: nn.Module, cand: Candidate, lay: _Layout) -> dict[str, to
         ins = [w[:, first], w[:, second]]
         biases = [b[:, first], b[:, second]] if b is not None else []
     out = {"w13": ins[0] if len(ins) == 1 else torch.cat(ins, dim=1), "w2": get(*lay.down)}
-    if any(b is not None for b in biases):
+    if any(b is not None for b in biases):  # a projection without bias gets zeros beside one with
+        biases = [b if b is not None else w.new_zeros(w.shape[:2]) for b, w in zip(biases, ins)]
         out["b13"] = biases[0] if len(biases) == 1 else torch.cat(biases, dim=1)
     if lay.down_bias:
         out["b2"] = _stacked(block, cand, lay.down_bias)
@@ -165,29 +166,32 @@ def _layouts(block: nn.Module, cand: Candidate):
         return [(t, n) for t, (x, n) in ((False, (b, a) if want_last else (a, b)),
                                          (True, (a, b) if want_last else (b, a))) if x == H]
 
-    def bias(name, n):
+    def biases(name, n):  # the bias named after the matrix, else every vector that fits (the fit decides)
         stem = name.removesuffix("weight")
-        for v in vecs:
-            if v.startswith(stem) and tensors[v].shape[1] == n:
-                return v
-        return None
+        named = [v for v in vecs if v.startswith(stem) and tensors[v].shape[1] == n]
+        return named or [v for v in vecs if tensors[v].shape[1] == n] + [None] if vecs else [None]
+
+    def with_biases(ins, down, split, n_in, inter):
+        for bs in itertools.product(*(biases(m, n_in) for m, _ in ins), biases(down[0], H)):
+            used = [b for b in bs if b]
+            if len(used) == len(set(used)):
+                yield _Layout(ins, down, split, bs[:-1], bs[-1])
 
     for down in mats:
         for dt, inter in orient(down, "out"):
             rest = [m for m in mats if m != down]
-            down_b = bias(down, H)
             if len(rest) == 2:
                 for g, u in (rest, rest[::-1]):
                     for (gt, gn), (ut, un) in itertools.product(orient(g, "in"), orient(u, "in")):
                         if gn == un == inter:
-                            yield _Layout(((g, gt), (u, ut)), (down, dt), None, (bias(g, inter), bias(u, inter)), down_b)
+                            yield from with_biases(((g, gt), (u, ut)), (down, dt), None, inter, inter)
             elif len(rest) == 1:
                 for it, n in orient(rest[0], "in"):
                     if n == 2 * inter:
                         for split in ("halves", "interleave", "halves_up_first", "interleave_up_first"):
-                            yield _Layout(((rest[0], it),), (down, dt), split, (bias(rest[0], n),), down_b)
+                            yield from with_biases(((rest[0], it),), (down, dt), split, n, inter)
                     if n == inter:
-                        yield _Layout(((rest[0], it),), (down, dt), None, (bias(rest[0], n),), down_b)
+                        yield from with_biases(((rest[0], it),), (down, dt), None, n, inter)
 
 
 def _all_experts(x, w: dict, gated: bool, act: str, alpha: float, limit: float) -> torch.Tensor:
@@ -230,7 +234,7 @@ def _features(cap: Capture, logits_node, sel_node) -> dict:
         if name in ("sum", "div", "__truediv__", "div_", "__itruediv__") and n in after - before:
             feats["renorm_first"] = feats["renorm_first"] or name != "sum"
         if n in before and name in ("add", "__add__", "add_", "__radd__"):
-            for a in n.all_input_nodes:
+            for a in map(_source, n.all_input_nodes):
                 if a.op == "get_attr" and a.meta["val"].dim() == 1:
                     feats["select_bias"] = a.target
         if n in before and name == "topk" and n is not sel_node:
@@ -241,6 +245,13 @@ def _features(cap: Capture, logits_node, sel_node) -> dict:
             elif v.dim() == 2:
                 feats["n_group"], feats["topk_group"] = v.shape[-1], k
     return feats
+
+
+def _source(n):
+    """Follow single-input ops (casts, unsqueeze, views) back to where a tensor came from."""
+    while n.op == "call_function" and len(n.all_input_nodes) == 1:
+        n = n.all_input_nodes[0]
+    return n
 
 
 def _leaf_kind(leaf, x, out_main, logits, ids, weights) -> str:
@@ -298,10 +309,11 @@ def analyze(block: nn.Module, cand: Candidate) -> MoESpec:
     if _rel_err(F.linear(xf, Wc, resolve(work, router_bias) if router_bias else None), logits) > REL_TOL["fit"]:
         raise Rejected("router logits are not a linear map of the block input")
 
-    # selection: a top-k / argmax over the E scores, downstream of the logits
+    # selection: a top-k / argmax over the E scores, downstream of the logits;
     df = cap.dataflow()
     after = nx.descendants(df, logits_node)
-    sel = next((n for n in cap.graph.nodes if n in after and target_name(n) in SELECTIONS and n.args
+    # the last one: a group top-k over [T, G] comes first (and has E columns when groups hold one expert)
+    sel = next((n for n in reversed(cap.graph.nodes) if n in after and target_name(n) in SELECTIONS and n.args
                 and isinstance(n.args[0], torch.fx.Node) and n.args[0].meta["val"].is_floating_point()
                 and n.args[0].meta["val"].shape[-1] == E and n.args[0].meta["val"].dim() == logits_node.meta["val"].dim()
                 and (target_name(n) != "max" or len(n.args) > 1 or "dim" in n.kwargs)), None)
@@ -346,17 +358,20 @@ def analyze(block: nn.Module, cand: Candidate) -> MoESpec:
                   key=lambda a: (a.split("_")[0] not in seen and not (a == "swiglu_oai" and "clamp" in seen), a))
     alpha, limit = _oai_constants(cap)
     T = xf.shape[0]
+    fits = []
     for lay, act in itertools.product(list(_layouts(work, cand)), acts):
         if act == "swiglu_oai" and not lay.gated:
             continue
         w = materialize(work, cand, lay)
-        inter = w["w2"].shape[2]
-        espec = ExpertsSpec(E, H, inter, act, lay.gated, "b13" in w or "b2" in w, alpha, limit)
         Y = _all_experts(xf, w, lay.gated, act, alpha, limit)  # [E, T, H]
         A = Y[rec_ids, torch.arange(T, device=dev)[:, None]]  # [T, k, H]
         sol = torch.linalg.lstsq(A.transpose(1, 2), R.unsqueeze(-1)).solution  # [T, k, 1]
-        if _rel_err((A.transpose(1, 2) @ sol).squeeze(-1), R) > REL_TOL["fit"]:
-            continue
+        err = _rel_err((A.transpose(1, 2) @ sol).squeeze(-1), R)
+        if err < REL_TOL["fit"]:
+            fits.append((err, lay, act, w, sol))
+    if fits:  # the best fit wins (gelu vs its tanh approximation differ by ~1e-3)
+        _, lay, act, w, sol = min(fits, key=lambda f: f[0])
+        espec = ExpertsSpec(E, H, w["w2"].shape[2], act, lay.gated, "b13" in w or "b2" in w, alpha, limit)
         w_rec = sol.squeeze(-1).gather(1, rec_ids.argsort(-1))  # combine weights, by ascending expert id
         router = _fit_router(base, f, rargs, w_rec, E)
         if router is None:
@@ -422,7 +437,8 @@ def _shared(cap: Capture, cand: Candidate, xf: torch.Tensor) -> SharedSpec | Non
     owned = [cand.router] + ([cand.container] if cand.container else list(cand.experts))
     H, mlps, gates = xf.shape[1], [], []
     for call in cap.calls:
-        if any(o == call.path or o.startswith(call.path + ".") for o in owned) or not call.args:
+        if any(o == call.path or o.startswith(call.path + ".") or call.path.startswith(o + ".") for o in owned) \
+                or not call.args:
             continue
         a, o = call.args[0], call.output
         if not (isinstance(a, torch.Tensor) and isinstance(o, torch.Tensor) and a.numel() == xf.numel()
