@@ -10,7 +10,6 @@ expert FLOPs / fp32 GEMM peak) (field.md). Random weights, no downloads.
 import argparse
 import copy
 import os
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -20,20 +19,9 @@ from rich.table import Table  # noqa: E402
 
 import moec  # noqa: E402
 from moec import models  # noqa: E402
+from moec.timing import median_time  # noqa: E402
 
 BUILDERS = {"mixtral": models.demo_model, "deepseek": models.deepseek_style_model}
-
-
-def median_time(fn, reps: int) -> float:
-    with torch.no_grad():
-        for _ in range(2):
-            fn()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2]
 
 
 def machine_limits() -> tuple[float, float]:

@@ -8,7 +8,6 @@ The model is built from a config with random weights (no downloads).
 import argparse
 import copy
 import os
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -18,18 +17,7 @@ from rich.table import Table  # noqa: E402
 
 import moec  # noqa: E402
 from moec import models  # noqa: E402
-
-
-def bench(fn, reps: int) -> float:
-    """Median seconds of fn() over reps runs, after a warm-up."""
-    with torch.no_grad():
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+from moec.timing import median_time  # noqa: E402
 
 
 def main():
@@ -52,7 +40,7 @@ def main():
         with torch.no_grad():
             diff = (model(**inputs).logits - original(**inputs).logits).abs().max().item()
         reps = 20 if n <= 16 else 5
-        hf, mc = bench(lambda: original(**inputs), reps), bench(lambda: model(**inputs), reps)
+        hf, mc = median_time(lambda: original(**inputs), reps), median_time(lambda: model(**inputs), reps)
         t.add_row(str(n), f"{hf * 1e3:.2f} ms", f"{mc * 1e3:.2f} ms", f"{hf / mc:.2f}x", f"{diff:.1e}")
     console.print(t)
 
