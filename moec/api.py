@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import io
 import warnings
 from dataclasses import dataclass, field
 
@@ -63,9 +63,9 @@ class Report:
         return t
 
     def __str__(self) -> str:
-        console = Console(width=160, record=True, file=open("/dev/null", "w") if sys.platform != "win32" else None)
+        console = Console(width=160, file=io.StringIO())
         console.print(self)
-        return console.export_text()
+        return console.file.getvalue()
 
 
 def _block_graph(block: nn.Module, cand: Candidate) -> fx.GraphModule:
