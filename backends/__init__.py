@@ -1,12 +1,44 @@
-"""Backends: kernels for moec's canonical ops. `torch_backend` runs on every device."""
+"""Backends: kernels for moec's canonical ops.
 
-BACKENDS = ("torch",)
+- `torch`: plain torch (`torch_backend`), every device; the fast path on CPU.
+- `triton`: fused routing + grouped-GEMM Triton kernels (`triton_route`, `triton_experts`), CUDA;
+  also runs on CPU tensors under TRITON_INTERPRET=1 (slow; for tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+BACKENDS = ("torch", "triton")
+
+
+def triton_unavailable(device) -> str | None:
+    """None if the Triton backend can run on `device`, else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"the Triton backend needs a CUDA device (the model is on {device.type}; TRITON_INTERPRET=1 runs " \
+           "its kernels in Triton's CPU interpreter, slowly)"
 
 
 def resolve_backend(name: str, device) -> str:
-    """'auto' picks the best backend available for the device."""
+    """'auto' picks the best backend available for the device: Triton on CUDA, else torch."""
     if name == "auto":
-        return "torch"
+        return "triton" if device.type == "cuda" and triton_unavailable(device) is None else "torch"
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)} (or 'auto')")
+    if name == "triton" and (why := triton_unavailable(device)):
+        raise RuntimeError(f"moec: backend='triton' cannot run here: {why}")
     return name
+
+
+def pipeline_for(backend: str, passes: str | None) -> str:
+    """The pass pipeline for a backend: the user's (or the default) plus the backend's lowering."""
+    from moec.pass_manager import DEFAULT_PIPELINE
+
+    names = (passes or DEFAULT_PIPELINE).split(",")
+    if backend == "triton" and "lower_triton" not in names:
+        names.append("lower_triton")
+    return ",".join(names)

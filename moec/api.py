@@ -14,7 +14,7 @@ from rich.table import Table
 from torch import nn
 
 import moec.passes  # noqa: F401  (registers the passes)
-from moec.backends import resolve_backend
+from moec.backends import pipeline_for, resolve_backend
 from moec.canonical import install, resolve
 from moec.pass_manager import Instruments, PassManager, PassRecord, Rejected, verify_graph
 from moec.passes.detect_moe import Candidate, find_candidates
@@ -107,7 +107,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | None = Non
             **options) -> nn.Module:
     """Find, prove and rewrite every MoE block of `model` (in place); return the model.
 
-    backend: "auto" (best available for the model's device) or "torch".
+    backend: "auto" (Triton on CUDA, else torch), "torch" or "triton" (appends the lower_triton pass).
     passes: a pipeline such as "detect_moe,fuse_gate,batch_experts" (the default).
     verify: check each rewritten block against the original after every pass, raise if off.
     A model without MoE comes back unchanged, with a warning; blocks moec cannot prove are
@@ -119,7 +119,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | None = Non
     backend = resolve_backend(backend, device)
     instruments = Instruments.from_env()
     instruments.verify = instruments.verify or verify
-    report = _run(model, passes, instruments, install_blocks=True, backend=backend)
+    report = _run(model, pipeline_for(backend, passes), instruments, install_blocks=True, backend=backend)
     if verify:
         for b in report.blocks:
             err = b.passes[-1].max_rel_err

@@ -1,11 +1,14 @@
-"""moec's logger: `logging.getLogger("moec")`, shown through rich when on a terminal."""
+"""moec's logger: `logging.getLogger("moec")`, shown through rich. `MOEC_LOGS=debug` (one of the
+comma-separated MOEC_LOGS words) turns on debug messages, e.g. which Triton config ran."""
 
 import logging
+import os
 
 log = logging.getLogger("moec")
 if not log.handlers:
     from rich.logging import RichHandler
 
     log.addHandler(RichHandler(show_time=False, show_path=False, markup=False))
-    log.setLevel(logging.INFO)
+    debug = "debug" in {s.strip() for s in os.environ.get("MOEC_LOGS", "").split(",")}
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
     log.propagate = False

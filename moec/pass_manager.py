@@ -10,7 +10,7 @@ block's graph and applies the instruments that are on:
     verify   run the graph after each pass against the original block and report the
              max relative error (finds the pass that changed the numbers)
 
-`MOEC_LOGS=print,timing,verify` turns instruments on from the environment and
+`MOEC_LOGS=print,timing,verify[,debug]` turns instruments (and debug logging) on from the environment and
 `MOEC_DUMP_DIR=dir` turns on dumping (like TORCH_LOGS / TORCH_COMPILE_DEBUG).
 """
 

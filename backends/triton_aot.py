@@ -1,0 +1,92 @@
+"""Compile-only check of every Triton kernel variant for real GPU targets, with no GPU.
+
+    python -m moec.backends.triton_aot [--arch 80 90]
+
+Compiles each kernel with each constexpr combination moec launches (dtypes, activations,
+gating, biases, router kinds) to PTX/cubin for the given compute capabilities. Must run
+WITHOUT TRITON_INTERPRET (interpreted kernels cannot be compiled); the tests call it in a
+subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from moec.backends import triton_experts as te
+from moec.backends import triton_route as tr
+
+def _sig(kernel, pointers: dict[str, str], floats=(), **constexprs):
+    """Triton signature: pointers as given, named floats fp32, constexprs, every other arg i32."""
+    sig = {}
+    for a in kernel.arg_names:
+        if a in constexprs:
+            sig[a] = "constexpr"
+        elif a in pointers:
+            sig[a] = f"*{pointers[a]}"
+        else:
+            sig[a] = "fp32" if a in floats else "i32"
+    return sig, constexprs
+
+
+def variants():
+    """(name, kernel, signature, constexprs) for every variant moec can launch."""
+    ids = {"ids_ptr": "i32", "counts_ptr": "i32", "rank_ptr": "i32", "start_ptr": "i32", "end_ptr": "i32",
+           "npad_ptr": "i32", "sorted_ptr": "i32", "block_expert_ptr": "i32"}
+    yield "count", te._count_kernel, *_sig(te._count_kernel, ids, BLOCK=256)
+    yield "offsets", te._offsets_kernel, *_sig(te._offsets_kernel, ids, BLOCK_M=16, E_PAD=256)
+    yield "scatter", te._scatter_kernel, *_sig(te._scatter_kernel, ids, BLOCK=256)
+    yield "block_expert", te._block_expert_kernel, *_sig(te._block_expert_kernel, ids, BLOCK_M=16, BLOCK_B=32,
+                                                          E_PAD=256)
+    routers = [  # (scoring, bias, groups, topk_group, top2, ones, renorm): every router feature at least once
+        (1, False, 1, 1, False, False, 0.0), (1, False, 1, 1, False, False, 1.0), (2, True, 8, 4, True, False, 1.0),
+        (2, True, 8, 4, False, False, 1.0), (0, False, 1, 1, False, True, 0.0), (1, False, 1, 1, False, False, 2.0)]
+    # the logits dtype only changes one load: one bf16 variant, the router features in fp32
+    for dt, (sc, bias, ng, tg, top2, ones, rn) in [("bf16", routers[0])] + [("fp32", r) for r in routers]:
+        ptrs = {"logits_ptr": dt, "bias_ptr": "fp32", "ids_ptr": "i64", "w_ptr": "fp32"}
+        yield f"route[{dt},s{sc},b{bias:d},g{ng}/{tg},top2{top2:d},ones{ones:d},p{rn}]", tr._route_kernel, *_sig(
+            tr._route_kernel, ptrs, ("scale",), TOP_K=8, SCORING=sc, HAS_BIAS=bias, N_GROUP=ng, TOPK_GROUP=tg,
+            GROUP_TOP2=top2, ONES=ones, RENORM=rn, BLOCK_T=16, E_PAD=256)
+    experts = [(a, True, False, False) for a in te.ACTIVATIONS] + [
+        ("gelu", False, True, False), ("relu", False, False, False), ("silu", True, True, True)]
+    # every epilogue in bf16; the other dtypes with the common one (the dtype changes loads and dots)
+    for dt, (act, gated, bias, woi) in [("bf16", v) for v in experts] + [(d, experts[0]) for d in ("fp16", "fp32")]:
+        ptrs = {"x_ptr": dt, "w_ptr": dt, "b_ptr": dt, "wts_ptr": "fp32", "h_ptr": dt, **ids}
+        bk = 64 if dt == "fp32" else 128
+        yield f"gemm1[{dt},{act},gated{gated:d},bias{bias:d},woi{woi:d}]", te._gemm1_kernel, *_sig(
+            te._gemm1_kernel, ptrs, ("alpha", "limit"), TOP_K=2, ACT=te.ACTIVATIONS[act], GATED=gated,
+            HAS_BIAS=bias, WEIGHT_ON_INPUT=woi, UPCAST=False, IEEE=dt == "fp32", BLOCK_M=16, BLOCK_N=64, BLOCK_K=bk)
+    for dt, bias, woi in [("bf16", b, w) for b, w in itertools.product((False, True), (False, True))] + [
+            ("fp16", False, False), ("fp32", False, False)]:
+        ptrs = {"h_ptr": dt, "w_ptr": dt, "b_ptr": dt, "wts_ptr": "fp32", "y_ptr": "fp32", **ids}
+        yield f"gemm2[{dt},bias{bias:d},woi{woi:d}]", te._gemm2_kernel, *_sig(
+            te._gemm2_kernel, ptrs, HAS_BIAS=bias, WEIGHT_ON_INPUT=woi, UPCAST=False, IEEE=dt == "fp32",
+            BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 if dt != "fp32" else 32)
+
+
+def compile_all(archs=(80, 90)) -> list[str]:
+    """Compile every variant for every arch; returns 'arch name' strings of the successes (raises on failure)."""
+    done = []
+    for arch in archs:
+        for name, kernel, sig, constexprs in variants():
+            try:
+                triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", arch, 32))
+            except Exception as e:
+                raise RuntimeError(f"{name} does not compile for sm_{arch}: {e}") from e
+            done.append(f"sm_{arch} {name}")
+    return done
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    for line in compile_all(ap.parse_args().arch):
+        print("compiled", line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Tile configurations for the Triton expert GEMMs: tuned files first, a heuristic otherwise.
+
+A tuned file is JSON written by `moec tune` (benchmarks/tune_triton.py), one per device name
+and Triton version, mapping a shape key "E,N1,H,k,dtype" to {tokens: config}; the entry with
+the nearest token count is used. Files are looked for in $MOEC_TRITON_CONFIGS (if set), then
+in `backends/triton_configs/` (shipped). A missing file or shape falls back to `heuristic`,
+never to an error. `MOEC_LOGS=debug` logs which config ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from pathlib import Path
+
+import torch
+import triton
+
+from moec.log import log
+
+SHIPPED = Path(__file__).parent / "triton_configs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else device.type
+
+
+def file_name(device: str) -> str:
+    return f"{device}__triton-{triton.__version__}.json"
+
+
+def shape_key(E: int, N1: int, H: int, k: int, dtype: torch.dtype) -> str:
+    return f"{E},{N1},{H},{k},{str(dtype).removeprefix('torch.')}"
+
+
+@functools.cache
+def _tuned(device: str) -> dict:
+    for folder in (os.environ.get("MOEC_TRITON_CONFIGS"), SHIPPED):
+        if folder and (path := Path(folder) / file_name(device)).is_file():
+            log.debug("triton configs from %s", path)
+            return json.loads(path.read_text())
+    return {}
+
+
+def heuristic(T: int, E: int, k: int, dtype: torch.dtype, device: torch.device) -> Config:
+    if device.type != "cuda":  # the interpreter: few, large programs (its cost is per program and k-step)
+        return Config(16, 64, 64)
+    wide = 64 if dtype == torch.float32 else 128  # K tile in elements: 128 B of fp32 or 256 B of bf16/fp16
+    if T * k <= E * 2:  # decode: every expert sees few rows; small M tiles, stream the weights
+        return Config(16, 64, wide, num_warps=4, num_stages=4)
+    if T * k <= E * 64:
+        return Config(32, 64, wide, num_warps=4, num_stages=3)
+    return Config(64, 128, wide // 2, num_warps=8, num_stages=3)
+
+
+def config_for(T: int, E: int, N1: int, H: int, k: int, dtype: torch.dtype, device: torch.device) -> Config:
+    table = _tuned(device_name(device)).get(shape_key(E, N1, H, k, dtype))
+    if table:
+        nearest = min(table, key=lambda t: abs(int(t) - T))
+        cfg, source = Config(**table[nearest]), f"tuned for {nearest} tokens"
+    else:
+        cfg, source = heuristic(T, E, k, dtype, device), "heuristic"
+    log.debug("triton experts T=%d %s: %s (%s)", T, shape_key(E, N1, H, k, dtype), cfg, source)
+    return cfg

@@ -1,0 +1,244 @@
+"""Triton experts: token alignment + two fused grouped GEMMs (the role of vLLM's fused_moe).
+
+    moec::align_block_size(ids[T,k], E, BLOCK_M) -> sorted[P] int32, block_expert[P/BLOCK_M] int32, n_padded[1] int32
+    moec::triton_experts(x[T,H], ids[T,k], w[T,k], W13[E,N1,H], b13?, W2[E,H,I], b2?, ...) -> [T,H]
+
+Alignment sorts the T*k (token, slot) pairs by expert and pads each expert's run to a
+multiple of BLOCK_M, on the device with no host sync: P = T*k + min(T*k, E)*(BLOCK_M-1)
+rows are reserved, the padding holds the sentinel T*k, and GEMM programs past n_padded exit.
+
+    GEMM 1 (grid: row blocks x I/BLOCK_N):  h[p, :] = act(x[p//k] @ W13[e].T + b13[e])   # gather + gated epilogue
+    GEMM 2 (grid: row blocks x H/BLOCK_N):  y[p, :] = w[p] * (h[p] @ W2[e].T + b2[e])    # combine weight epilogue
+    out[t] = sum_k y[t*k + j]                                                          # fp32, deterministic
+
+Each BLOCK_M block of sorted rows belongs to one expert, so its weight tile is read once
+per block. fp32 accumulation; fp32 inputs use IEEE dots (no TF32) to match the torch
+backend. Under TRITON_INTERPRET=1, bf16 loads are upcast right away (the interpreter
+keeps bf16 as raw integers).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moec.backends.triton_config import config_for
+
+ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_oai": 4}
+
+
+# --- alignment ------------------------------------------------------------------------------
+
+@triton.jit
+def _count_kernel(ids_ptr, counts_ptr, rank_ptr, n, BLOCK: tl.constexpr):
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = p < n
+    e = tl.load(ids_ptr + p, mask=m, other=0)
+    tl.store(rank_ptr + p, tl.atomic_add(counts_ptr + e, 1, mask=m), mask=m)  # old count = rank in expert
+
+
+@triton.jit
+def _offsets_kernel(counts_ptr, start_ptr, end_ptr, npad_ptr, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
+    e = tl.arange(0, E_PAD)
+    c = tl.load(counts_ptr + e, mask=e < E, other=0)
+    padded = (c + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, axis=0)
+    tl.store(start_ptr + e, end - padded, mask=e < E)
+    tl.store(end_ptr + e, end, mask=e < E)
+    tl.store(npad_ptr, tl.sum(padded, axis=0))
+
+
+@triton.jit
+def _scatter_kernel(ids_ptr, rank_ptr, start_ptr, sorted_ptr, n, BLOCK: tl.constexpr):
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = p < n
+    e = tl.load(ids_ptr + p, mask=m, other=0)
+    dst = tl.load(start_ptr + e, mask=m, other=0) + tl.load(rank_ptr + p, mask=m, other=0)
+    tl.store(sorted_ptr + dst, p.to(tl.int32), mask=m)
+
+
+@triton.jit
+def _block_expert_kernel(end_ptr, block_expert_ptr, E, n_blocks, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+                         E_PAD: tl.constexpr):
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    e = tl.arange(0, E_PAD)
+    end = tl.load(end_ptr + e, mask=e < E, other=2**30)
+    # a block's expert is the first whose run ends after the block starts (empty runs end earlier)
+    expert = tl.sum((end[None, :] <= (b * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+    tl.store(block_expert_ptr + b, expert, mask=b < n_blocks)
+
+
+@torch.library.custom_op("moec::align_block_size", mutates_args=())
+def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = ids.numel()
+    dev = ids.device
+    rows = n + min(n, num_experts) * (block_m - 1)  # worst case of padding, known without a sync
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=dev)
+    rank = torch.empty(n, dtype=torch.int32, device=dev)
+    start, end = torch.empty_like(counts), torch.empty_like(counts)
+    sorted_ids = torch.full((rows,), n, dtype=torch.int32, device=dev)
+    n_blocks = triton.cdiv(rows, block_m)
+    block_expert = torch.empty(n_blocks, dtype=torch.int32, device=dev)
+    n_padded = torch.empty(1, dtype=torch.int32, device=dev)
+    e_pad = triton.next_power_of_2(num_experts)
+    _count_kernel[(triton.cdiv(n, 256),)](ids, counts, rank, n, BLOCK=256)
+    _offsets_kernel[(1,)](counts, start, end, n_padded, num_experts, BLOCK_M=block_m, E_PAD=e_pad)
+    _scatter_kernel[(triton.cdiv(n, 256),)](ids, rank, start, sorted_ids, n, BLOCK=256)
+    block_b = max(1, min(64, 8192 // e_pad))
+    _block_expert_kernel[(triton.cdiv(n_blocks, block_b),)](end, block_expert, num_experts, n_blocks, BLOCK_M=block_m,
+                                                            BLOCK_B=block_b, E_PAD=e_pad)
+    return sorted_ids, block_expert, n_padded
+
+
+@align_block_size.register_fake
+def _(ids, num_experts, block_m):
+    n = ids.numel()
+    rows = n + min(n, num_experts) * (block_m - 1)
+    i32 = dict(dtype=torch.int32, device=ids.device)
+    return torch.empty(rows, **i32), torch.empty((rows + block_m - 1) // block_m, **i32), torch.empty(1, **i32)
+
+
+# --- grouped GEMMs --------------------------------------------------------------------------
+
+@triton.jit
+def _activate(g, u, ACT: tl.constexpr, GATED: tl.constexpr, alpha, limit):
+    """fp32 [BM, BN] -> activation (gated: act(g) * u; GPT-OSS: clamped (u + 1) * g * sigmoid(alpha g))."""
+    if ACT == 4:
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+        return (u + 1) * (g * tl.sigmoid(g * alpha))
+    if ACT == 0:
+        a = g * tl.sigmoid(g)
+    elif ACT == 1:
+        a = 0.5 * g * (1 + tl.erf(g * 0.7071067811865476))
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        a = 0.5 * g * (1 + (2 * tl.sigmoid(2 * inner) - 1))  # tanh(z) = 2 sigmoid(2z) - 1
+    else:
+        a = tl.maximum(g, 0.0)
+    if GATED:
+        a = a * u
+    return a
+
+
+@triton.jit
+def _gemm1_kernel(x_ptr, w_ptr, b_ptr, wts_ptr, h_ptr, sorted_ptr, block_expert_ptr, npad_ptr,
+                  n_pairs, K, I, stride_x, stride_we, stride_wn, stride_wk, stride_be, alpha, limit,
+                  TOP_K: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  WEIGHT_ON_INPUT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(npad_ptr):
+        return
+    pair = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BM] sentinel n_pairs = padding
+    valid = pair < n_pairs
+    token = pair // TOP_K
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < I
+    w_g = w_ptr + e * stride_we + cols[None, :] * stride_wn  # gate rows of W13[e] (all rows if not gated)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if WEIGHT_ON_INPUT:
+        wt = tl.load(wts_ptr + pair, mask=valid, other=0.0)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        a = tl.load(x_ptr + token[:, None].to(tl.int64) * stride_x + ks[None, :], mask=valid[:, None] & kmask[None, :],
+                    other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+        if WEIGHT_ON_INPUT:  # Llama4: the combine weight scales the input, rounded to its dtype
+            a = (a.to(tl.float32) * wt[:, None]).to(x_ptr.dtype.element_ty)
+            if UPCAST:
+                a = a.to(tl.float32)
+        bmask = kmask[:, None] & cmask[None, :]
+        b = tl.load(w_g + ks[:, None] * stride_wk, mask=bmask, other=0.0)  # [BK, BN]
+        if UPCAST:
+            b = b.to(tl.float32)
+        acc_g = tl.dot(a, b, acc_g, input_precision="ieee" if IEEE else None)
+        if GATED:  # up rows are the second half of W13[e]
+            b = tl.load(w_g + I * stride_wn + ks[:, None] * stride_wk, mask=bmask, other=0.0)
+            if UPCAST:
+                b = b.to(tl.float32)
+            acc_u = tl.dot(a, b, acc_u, input_precision="ieee" if IEEE else None)
+    if HAS_BIAS:
+        acc_g += tl.load(b_ptr + e * stride_be + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_u += tl.load(b_ptr + e * stride_be + I + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    h = _activate(acc_g, acc_u, ACT, GATED, alpha, limit)
+    tl.store(h_ptr + pair[:, None].to(tl.int64) * I + cols[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=valid[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _gemm2_kernel(h_ptr, w_ptr, b_ptr, wts_ptr, y_ptr, sorted_ptr, block_expert_ptr, npad_ptr,
+                  n_pairs, K, N, stride_we, stride_wn, stride_wk, stride_be,
+                  HAS_BIAS: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(npad_ptr):
+        return
+    pair = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = pair < n_pairs
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        a = tl.load(h_ptr + pair[:, None].to(tl.int64) * K + ks[None, :], mask=valid[:, None] & kmask[None, :],
+                    other=0.0)
+        b = tl.load(w_ptr + e * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk, mask=kmask[:, None] & cmask[None, :],
+                    other=0.0)  # [BK, BN] of W2[e].T
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision="ieee" if IEEE else None)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + e * stride_be + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if not WEIGHT_ON_INPUT:
+        acc *= tl.load(wts_ptr + pair, mask=valid, other=0.0)[:, None]
+    tl.store(y_ptr + pair[:, None].to(tl.int64) * N + cols[None, :], acc, mask=valid[:, None] & cmask[None, :])
+
+
+def _interpreting() -> bool:
+    return triton.runtime.interpreter.InterpretedFunction is type(_gemm1_kernel)
+
+
+@torch.library.custom_op("moec::triton_experts", mutates_args=())
+def triton_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+                   b13: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None, activation: str, gated: bool,
+                   alpha: float, limit: float, weight_on_input: bool) -> torch.Tensor:
+    T, k = ids.shape
+    E, N1, H = w13.shape
+    I = w2.shape[2]
+    x = x.contiguous()  # weights are read through their strides: no per-call copies
+    cfg = config_for(T, E, N1, H, k, x.dtype, x.device)
+    sorted_ids, block_expert, n_padded = align_block_size(ids.reshape(-1).to(torch.int32), E, cfg.block_m)
+    flat_w = weights.reshape(-1).float().contiguous()
+    n_pairs = T * k
+    h = torch.empty(n_pairs, I, dtype=x.dtype, device=x.device)  # [T*k, I] in pair order
+    y = torch.empty(n_pairs, H, dtype=torch.float32, device=x.device)  # [T*k, H] weighted expert outputs
+    upcast = _interpreting() and x.dtype == torch.bfloat16
+    ieee = x.dtype == torch.float32
+    m_blocks = block_expert.numel()
+    _gemm1_kernel[(m_blocks, triton.cdiv(I, cfg.block_n))](
+        x, w13, b13, flat_w, h, sorted_ids, block_expert, n_padded, n_pairs, H, I, x.stride(0),
+        w13.stride(0), w13.stride(1), w13.stride(2), 0 if b13 is None else b13.stride(0), float(alpha), float(limit),
+        TOP_K=k, ACT=ACTIVATIONS[activation], GATED=gated, HAS_BIAS=b13 is not None, WEIGHT_ON_INPUT=weight_on_input,
+        UPCAST=upcast, IEEE=ieee, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _gemm2_kernel[(m_blocks, triton.cdiv(H, cfg.block_n))](
+        h, w2, b2, flat_w, y, sorted_ids, block_expert, n_padded, n_pairs, I, H,
+        w2.stride(0), w2.stride(1), w2.stride(2), 0 if b2 is None else b2.stride(0),
+        HAS_BIAS=b2 is not None, WEIGHT_ON_INPUT=weight_on_input, UPCAST=upcast, IEEE=ieee,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+    return y.view(T, k, H).sum(dim=1).to(x.dtype)  # [T, H]: reduce over the k slots in token order
+
+
+@triton_experts.register_fake
+def _(x, *args):
+    return torch.empty_like(x)

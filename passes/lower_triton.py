@@ -1,0 +1,40 @@
+"""lower_triton: moec's canonical ops -> the Triton backend's kernels (added by backend="triton").
+
+Matches, after fuse_gate / batch_experts:
+
+    logits, ids, w = moec.route(x[T,H], W[E,H], b?, select_bias?, <RouterSpec>)
+    y = moec.experts(x, ids, w, W13[E,N1,H], b13?, W2[E,H,I], b2?, ...)          # [T, H]
+
+and leaves the same graph with moec.triton_route (one fused routing kernel) and
+moec.triton_experts (alignment + two fused grouped GEMMs): same arguments, same semantics.
+A router the kernel does not handle keeps moec.route (plain torch ops on the device) and is
+counted and logged with the reason. Stats: routes, routes_kept, experts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moec.log import log
+from moec.pass_manager import PassResult, register_pass
+
+
+@register_pass("lower_triton")
+def lower_triton(gm) -> PassResult:
+    from moec.backends import triton_experts, triton_route  # noqa: F401  (late: kernels defined, ops registered)
+
+    spec = gm.meta["moe_spec"]
+    stats = {"routes": 0, "routes_kept": 0, "experts": 0}
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.moec.route:
+            why = triton_route.supports(spec.experts.num_experts, spec.router.n_group, spec.router.scoring)
+            if why:
+                log.info(f"lower_triton: routing stays in torch ops: {why}")
+                stats["routes_kept"] += 1
+                continue
+            node.target = torch.ops.moec.triton_route
+            stats["routes"] += 1
+        elif node.target in (torch.ops.moec.experts, torch.ops.moec.experts_loop):
+            node.target = torch.ops.moec.triton_experts
+            stats["experts"] += 1
+    return PassResult(gm, stats["routes"] + stats["experts"] > 0, stats)
