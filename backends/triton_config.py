@@ -1,6 +1,6 @@
 """Tile configurations for the Triton expert GEMMs: tuned files first, a heuristic otherwise.
 
-A tuned file is JSON written by `moec tune` (benchmarks/tune_triton.py), one per device name
+A tuned file is JSON written by `benchmarks/tune_triton.py`, one per device name
 and Triton version, mapping a shape key "E,N1,H,k,dtype" to {tokens: config}; the entry with
 the nearest token count is used. Files are looked for in $MOEC_TRITON_CONFIGS (if set), then
 in `backends/triton_configs/` (shipped). A missing file or shape falls back to `heuristic`,
@@ -9,6 +9,7 @@ never to an error. `MOEC_LOGS=debug` logs which config ran.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -64,9 +65,24 @@ def heuristic(T: int, E: int, k: int, dtype: torch.dtype, device: torch.device) 
     return Config(64, 128, wide // 2, num_warps=8, num_stages=3)
 
 
+_forced: list[Config] = []
+
+
+@contextlib.contextmanager
+def forced(cfg: Config):
+    """Run the experts kernels with `cfg` (the tuner's hook)."""
+    _forced.append(cfg)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
 def config_for(T: int, E: int, N1: int, H: int, k: int, dtype: torch.dtype, device: torch.device) -> Config:
     table = _tuned(device_name(device)).get(shape_key(E, N1, H, k, dtype))
-    if table:
+    if _forced:
+        cfg, source = _forced[-1], "forced"
+    elif table:
         nearest = min(table, key=lambda t: abs(int(t) - T))
         cfg, source = Config(**table[nearest]), f"tuned for {nearest} tokens"
     else:

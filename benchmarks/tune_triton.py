@@ -1,0 +1,70 @@
+"""Autotune the Triton experts kernels' tiles on this GPU; write the config file moec reads.
+
+    python benchmarks/tune_triton.py [--shapes mixtral-8x7b ...] [--tokens 1 4 16 ...] [--dtype bf16] [--out DIR]
+
+For each shape and token count, times every config of the search space (triton.testing.do_bench)
+and keeps the fastest. Writes DIR/<device>__triton-<version>.json (default: the shipped folder,
+backends/triton_configs/); point $MOEC_TRITON_CONFIGS at DIR to use another folder.
+"""
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+from rich.progress import track
+
+sys.path.insert(0, str(Path(__file__).parent))
+from triton_shapes import SHAPES  # noqa: E402
+
+from moec.backends import triton_experts  # noqa: E402,F401
+from moec.backends.triton_config import SHIPPED, Config, device_name, file_name, forced, shape_key  # noqa: E402
+
+SPACE = [Config(m, n, kk, w, s) for m, n, kk, w, s in itertools.product(
+    (16, 32, 64, 128), (32, 64, 128, 256), (64, 128), (4, 8), (2, 3, 4))]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=[s for s in SHAPES if s != "tiny"], choices=list(SHAPES))
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024, 4096])
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--out", type=Path, default=SHIPPED)
+    args = ap.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dev = torch.device("cuda")
+    path = args.out / file_name(device_name(dev))
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    for shape in args.shapes:
+        E, H, I, k = SHAPES[shape]
+        w13 = torch.randn(E, 2 * I, H, device=dev, dtype=dtype) * 0.02
+        w2 = torch.randn(E, H, I, device=dev, dtype=dtype) * 0.02
+        entry = table.setdefault(shape_key(E, 2 * I, H, k, dtype), {})
+        for T in args.tokens:
+            x = torch.randn(T, H, device=dev, dtype=dtype)
+            w, ids = torch.randn(T, E, device=dev).softmax(-1).topk(k)
+            best = None
+            for cfg in track(SPACE, description=f"{shape} T={T}"):
+                if cfg.block_k > H or (dtype == torch.float32 and cfg.block_k > 64):
+                    continue
+                with forced(cfg):
+                    try:
+                        ms = triton.testing.do_bench(lambda: torch.ops.moec.triton_experts(
+                            x, ids, w, w13, None, w2, None, "silu", True, 1.0, 0.0, False))
+                    except triton.runtime.errors.OutOfResources:
+                        continue
+                if best is None or ms < best[0]:
+                    best = (ms, cfg)
+            entry[str(T)] = vars(best[1])
+            print(f"{shape} T={T}: {best[0] * 1e3:.1f} us with {best[1]}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1, sort_keys=True))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
