@@ -3,7 +3,8 @@
 `route` is one vectorised pass (linear, scoring, grouped selection, normalisation).
 `experts` sorts the (token, slot) pairs by expert once, runs one GEMM pair per *active*
 expert over a contiguous slice of the sorted rows (expert weights are used in place, never
-copied per call), and combines by un-sorting and summing over the k slots: no per-token Python work.
+copied per call; the GEMMs are shaped for MKL's small-row kernels, see `_expert_ffn`), and
+combines by un-sorting and summing over the k slots: no per-token Python work.
 `experts_loop` is the naive reference the rewrites are checked against.
 """
 
@@ -74,6 +75,25 @@ def route(x, weight, bias, select_bias, *args):
     return route_math(x, weight, bias, select_bias, *args, num_experts=weight.shape[0])
 
 
+def _expert_ffn(xe, w13, b13, w2, b2, activation, gated, alpha, limit):
+    """One expert on its n sorted rows: [n, H] -> [n, H].
+
+    Written as W @ X^T (weights as the GEMM's left operand): MKL's small-n kernels stream the
+    weights 2-4x faster that way than as X @ W^T, and one row is padded to two because the
+    single-row path (GEMV) is the slowest of all. The activation is made contiguous for
+    few rows, which MKL also prefers as the second GEMM's right operand.
+    """
+    n = xe.shape[0]
+    if n == 1:
+        xe = xe.expand(2, -1).contiguous()
+    h = (torch.mm(w13, xe.T) if b13 is None else torch.addmm(b13.unsqueeze(1), w13, xe.T)).T  # [n, N1] view
+    a = activate(h, activation, gated, alpha, limit)  # [n, I]
+    if n <= 4:
+        a = a.contiguous()
+    y = (torch.mm(w2, a.T) if b2 is None else torch.addmm(b2.unsqueeze(1), w2, a.T)).T  # [n, H] view
+    return y[:n]
+
+
 @torch.library.impl("moec::experts", "CompositeExplicitAutograd")
 def experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, weight_on_input):
     T, k = ids.shape
@@ -90,10 +110,8 @@ def experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, 
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        rows = slice(start, start + n)
-        h = F.linear(xs[rows], w13[e], None if b13 is None else b13[e])  # [n, N1]
-        h = activate(h, activation, gated, alpha, limit)  # [n, I]
-        ys[rows] = F.linear(h, w2[e], None if b2 is None else b2[e])  # [n, H]
+        ys[start:start + n] = _expert_ffn(xs[start:start + n], w13[e], None if b13 is None else b13[e], w2[e],
+                                          None if b2 is None else b2[e], activation, gated, alpha, limit)
         start += n
     ys = ys.float() if weight_on_input else ys * ws
     unsorted = torch.empty_like(ys)

@@ -1,10 +1,13 @@
-"""MoE block benchmark on CPU: HF experts implementations, torch.compile of HF, and moec.
+"""MoE benchmark on CPU: HF experts implementations, torch.compile of HF, and moec; block and whole model.
 
-    python benchmarks/bench_moe.py [--models mixtral deepseek] [--tokens 1 8 64 512] [--no-torch-compile]
+    python benchmarks/bench_moe.py [--models mixtral deepseek] [--tokens 1 8 64 512]
+                                   [--levels block model] [--no-torch-compile]
 
-Per model shape and token count: median time of one MoE block forward, and its ratio to the
-bound measured on this machine: max(bytes of the distinct experts touched / copy bandwidth,
-expert FLOPs / fp32 GEMM peak) (field.md). Random weights, no downloads.
+Block level: median time of one MoE block forward and its ratio to the bound measured on
+this machine: max(bytes of the distinct experts touched (routed + shared) / read bandwidth,
+expert FLOPs / fp32 GEMM peak) (field.md). Model level: a whole forward of the model
+(2 layers, batch 1, T tokens) and each row's speed-up over the best HF experts
+implementation. Random weights, no downloads.
 """
 
 import argparse
@@ -25,61 +28,88 @@ BUILDERS = {"mixtral": models.demo_model, "deepseek": models.deepseek_style_mode
 
 
 def machine_limits() -> tuple[float, float]:
-    """(read+write copy bandwidth in bytes/s counting bytes read, fp32 GEMM FLOP/s)."""
-    a = torch.empty(64 * 2**20 // 4)
-    b = torch.empty_like(a)
-    bw = a.numel() * 4 / median_time(lambda: b.copy_(a), 10)
+    """(read bandwidth in bytes/s, fp32 GEMM FLOP/s): the best of a large sum and a weight-streaming
+    GEMM (MKL reads [N, K] weights at up to ~40 GB/s with two rows), and a 1024^3 GEMM."""
+    a = torch.randn(64 * 2**20)  # 256 MB, far beyond the caches
+    w = torch.randn(16, 2048, 2048)  # 256 MB of weights, 16 GEMMs with two rows each
+    x = torch.randn(2, 2048)
+    bw = max(a.numel() * 4 / median_time(lambda: a.sum(), 5),
+             w.numel() * 4 / median_time(lambda: [torch.mm(w[i], x.T) for i in range(16)], 5))
     m = torch.randn(1024, 1024)
-    flops = 2 * 1024**3 / median_time(lambda: m @ m, 10)
-    return bw, flops
+    return bw, 2 * 1024**3 / median_time(lambda: m @ m, 10)
 
 
-def bound(block_cfg, T: int, bw: float, flops: float) -> float:
-    E, k, H, I = block_cfg
-    touched = E * (1 - (1 - k / E) ** T)
-    return max(touched * 3 * H * I * 4 / bw, 2 * T * k * 3 * H * I / flops)
+def block_shape(block) -> dict:
+    spec = moec.inspect(block).blocks[0]
+    ex = block.experts
+    shared = getattr(block, "shared_experts", None)
+    return dict(E=spec.num_experts, k=spec.top_k, H=ex.gate_up_proj.shape[-1], I=ex.down_proj.shape[-1],
+                shared_I=shared.down_proj.in_features if shared is not None else 0)
+
+
+def bound(s: dict, T: int, bw: float, flops: float) -> float:
+    E, k, H, I, Is = s["E"], s["k"], s["H"], s["I"], s["shared_I"]
+    touched = E * (1 - (1 - k / E) ** T)  # expected distinct experts hit by T tokens
+    return max((touched * I + Is) * 3 * H * 4 / bw, 2 * T * (k * I + Is) * 3 * H / flops)
+
+
+def rows(name: str, level: str, torch_compile: bool) -> dict:
+    """label -> module: every HF experts implementation, torch.compile of HF's default, moec."""
+    out = {}
+    for impl in models.EXPERTS_IMPLEMENTATIONS:
+        m = BUILDERS[name](num_hidden_layers=1 if level == "block" else 2, experts_implementation=impl)
+        out[f"HF {impl}"] = m.model.layers[0].mlp if level == "block" else m
+    base = out["HF grouped_mm"]
+    if torch_compile:
+        out["torch.compile(HF grouped_mm)"] = torch.compile(copy.deepcopy(base), dynamic=True)
+    out["moec"] = moec.compile(copy.deepcopy(base))
+    return out
+
+
+def inputs_for(level: str, model, T: int):
+    if level == "block":
+        return (torch.randn(1, T, model.experts.gate_up_proj.shape[-1]),), {}
+    return (), models.example_inputs(model, seq=T)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=list(BUILDERS))
+    ap.add_argument("--models", nargs="+", default=list(BUILDERS), choices=list(BUILDERS))
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512])
+    ap.add_argument("--levels", nargs="+", default=["block", "model"], choices=["block", "model"])
     ap.add_argument("--no-torch-compile", action="store_true")
     args = ap.parse_args()
     console = Console()
     torch.manual_seed(0)
     bw, flops = machine_limits()
-    console.print(f"machine: {torch.get_num_threads()} threads, copy bandwidth {bw / 1e9:.1f} GB/s, "
+    console.print(f"machine: {torch.get_num_threads()} threads, read bandwidth {bw / 1e9:.1f} GB/s, "
                   f"fp32 GEMM {flops / 1e9:.0f} GFLOP/s, torch {torch.__version__}")
     for name in args.models:
-        impls = {}
-        for impl in models.EXPERTS_IMPLEMENTATIONS:
-            impls[f"HF {impl}"] = BUILDERS[name](num_hidden_layers=1, experts_implementation=impl).model.layers[0].mlp
-        cfg = impls["HF grouped_mm"]
-        base = copy.deepcopy(cfg)
-        if not args.no_torch_compile:
-            impls["torch.compile(HF grouped_mm)"] = torch.compile(copy.deepcopy(cfg), dynamic=True)
-        compiled = copy.deepcopy(base)
-        moec.compile(compiled)
-        impls["moec"] = compiled
-        spec = moec.inspect(compiled).blocks[0]
-        E, k, H = spec.num_experts, spec.top_k, base.experts.gate_up_proj.shape[-1]
-        I = base.experts.down_proj.shape[-1]
-        t = Table(title=f"{name}-style MoE block (E={E}, k={k}, H={H}, I={I}{', +shared' if spec.shared != '-' else ''}), "
-                        "fp32, median ms (x bound)")
-        t.add_column("implementation")
-        for T in args.tokens:
-            t.add_column(f"{T} tok", justify="right")
-        bounds = [bound((E, k, H, I), T, bw, flops) for T in args.tokens]
-        t.add_row("bound (routed experts)", *(f"{b * 1e3:.2f}" for b in bounds))
-        for label, blk in impls.items():
-            cells = []
-            for T, b in zip(args.tokens, bounds):
-                x = torch.randn(1, T, H)
-                s = median_time(lambda: blk(x), 20 if T <= 64 else 5)
-                cells.append(f"{s * 1e3:.2f} ({s / b:.1f}x)")
-            t.add_row(label, *cells)
-        console.print(t)
+        for level in args.levels:
+            impls = rows(name, level, not args.no_torch_compile)
+            ref = impls["HF grouped_mm"]
+            s = block_shape(ref if level == "block" else ref.model.layers[0].mlp)
+            title = (f"{name}-style {'MoE block' if level == 'block' else 'model (2 layers)'} (E={s['E']}, k={s['k']}, "
+                     f"H={s['H']}, I={s['I']}{', shared ' + str(s['shared_I']) if s['shared_I'] else ''}), fp32, "
+                     f"median ms ({'x bound' if level == 'block' else 'speed-up vs best HF'})")
+            t = Table(title=title)
+            t.add_column("implementation")
+            for T in args.tokens:
+                t.add_column(f"{T} tok", justify="right")
+            times = {label: [] for label in impls}
+            for T in args.tokens:
+                a, kw = inputs_for(level, ref, T)
+                for label, m in impls.items():
+                    times[label].append(median_time(lambda: m(*a, **kw), 20 if T <= 64 else 5))
+            if level == "block":
+                ref_row = [bound(s, T, bw, flops) for T in args.tokens]
+                t.add_row("bound", *(f"{b * 1e3:.2f}" for b in ref_row))
+            else:  # the best HF experts implementation at each token count
+                ref_row = [min(times[f"HF {i}"][j] for i in models.EXPERTS_IMPLEMENTATIONS) for j in range(len(args.tokens))]
+            for label, ts in times.items():
+                ratio = (lambda v, r: f"{v / r:.1f}x") if level == "block" else (lambda v, r: f"{r / v:.2f}x")
+                t.add_row(label, *(f"{v * 1e3:.2f} ({ratio(v, r)})" for v, r in zip(ts, ref_row)))
+            console.print(t)
 
 
 if __name__ == "__main__":
