@@ -40,7 +40,8 @@ class _Reference(nn.Module):
         s, b = self.spec, self.block
         p = {role: resolve(b, path) for role, path in s.params.items()}
         x = hidden_states.reshape(-1, s.experts.hidden)  # [T, H]
-        logits, ids, w = route_math(x, p["router_weight"], p.get("router_bias"), p.get("select_bias"),
+        xr = x.to(p["router_weight"].dtype)  # a router kept in fp32 (Switch casts its own on first use)
+        logits, ids, w = route_math(xr, p["router_weight"], p.get("router_bias"), p.get("select_bias"),
                                     *route_args(s.router), num_experts=s.experts.num_experts)
         if s.router.capacity:  # pairs past an expert's capacity are dropped (weight 0)
             rows = hidden_states.shape[0] if s.router.capacity_per_row else 1

@@ -86,6 +86,17 @@ def test_switch_expert_capacity(capacity):
             assert rel_err(resolve(model, b.path)(x), resolve(ref, b.path)(x)) < TOL[torch.float32]
 
 
+def test_switch_bf16_router_cast_to_fp32():
+    """Switch's router casts its classifier to fp32 on first use: the compiled block routes in that dtype."""
+    model = models.tiny_model("switch_transformers", dtype=torch.bfloat16)
+    inputs = models.example_inputs(model, batch=2, seq=9)
+    _logits(model, inputs)  # the classifiers are fp32 from here on
+    ref = copy.deepcopy(model)
+    moec.compile(model)
+    assert len(moec.inspect(model).blocks) == 2
+    assert rel_err(_logits(model, inputs), _logits(ref, inputs)) < TOL[torch.bfloat16]
+
+
 def test_nllb_moe_runs_experts_0_and_1():
     """Why nllb_moe is in GAPS: its block equals expert_1 weighted by the top-1 gate plus expert_0 by the
     top-2 gate (times 1 - moe_token_dropout), for every token."""
