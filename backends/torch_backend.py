@@ -5,6 +5,7 @@
 expert over a contiguous slice of the sorted rows (expert weights are used in place, never
 copied per call; the GEMMs are shaped for MKL's small-row kernels, see `_expert_ffn`), and
 combines by un-sorting and summing over the k slots: no per-token Python work.
+`capacity` drops assignments past an expert's capacity with one cumsum over one-hot positions.
 `experts_loop` is the naive reference the rewrites are checked against.
 """
 
@@ -134,3 +135,16 @@ def experts_loop(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, li
         y = F.linear(h, w2[e], None if b2 is None else b2[e]).float()
         out.index_add_(0, token, y if weight_on_input else y * w)
     return out.to(x.dtype)
+
+
+@torch.library.impl("moec::capacity", "CompositeExplicitAutograd")
+def capacity(ids, weights, rows, capacity, num_experts):
+    """Zero the weights of (token, slot) pairs past their expert's capacity, first come first
+    served. The T tokens form `rows` equal groups (batch rows), each counted on its own; within
+    a group every token's slot 0 comes before any slot 1 (GShard/NLLB order), then token order."""
+    T, k = ids.shape
+    queue = ids.reshape(rows, -1, k).transpose(1, 2).reshape(rows, -1)  # [rows, k*S] slot-major
+    onehot = F.one_hot(queue, num_experts)  # [rows, k*S, E]
+    place = (onehot.cumsum(1) * onehot).sum(-1)  # 1-based place of each pair in its expert's queue
+    kept = (place <= capacity).reshape(rows, k, -1).transpose(1, 2).reshape(T, k)
+    return weights * kept

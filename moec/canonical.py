@@ -6,6 +6,7 @@ GraphModule whose `get_attr` nodes point at the block's own tensors (no copies):
     x                = hidden_states.reshape(-1, H)                   # [T, H]
     logits           = linear(x, router_weight, router_bias)          # [T, E]
     scores, ids, w   = softmax/sigmoid, group mask, topk, gather ...  # [T, k]
+    w                = moec.capacity(ids, w, rows, capacity, E)       # only with expert capacity
     y                = moec.experts_loop(x, ids, w, w13, b13, w2, b2) # [T, H]
     y                = y + shared(x) [* sigmoid(shared_gate(x))]
     return y.reshape(hidden_states.shape), logits, ids, w
@@ -39,8 +40,12 @@ class _Reference(nn.Module):
         s, b = self.spec, self.block
         p = {role: resolve(b, path) for role, path in s.params.items()}
         x = hidden_states.reshape(-1, s.experts.hidden)  # [T, H]
-        logits, ids, w = route_math(x, p["router_weight"], p.get("router_bias"), p.get("select_bias"),
+        xr = x.to(p["router_weight"].dtype)  # a router kept in fp32 (Switch casts its own on first use)
+        logits, ids, w = route_math(xr, p["router_weight"], p.get("router_bias"), p.get("select_bias"),
                                     *route_args(s.router), num_experts=s.experts.num_experts)
+        if s.router.capacity:  # pairs past an expert's capacity are dropped (weight 0)
+            rows = hidden_states.shape[0] if s.router.capacity_per_row else 1
+            w = torch.ops.moec.capacity(ids, w, rows, s.router.capacity, s.experts.num_experts)
         y = torch.ops.moec.experts_loop(x, ids, w, p["w13"], p.get("b13"), p["w2"], p.get("b2"),
                                         *experts_args(s.experts))  # [T, H]
         if s.shared:

@@ -28,6 +28,7 @@ class RouterSpec:
     choice  = keep the `topk_group` best of `n_group` groups (group score: max or top-2 sum)
     ids     = topk(choice, top_k)                      # [T, k]
     weights = scores[ids] (or 1) / renorm-norm * scale # [T, k]
+    weights = 0 where past capacity                    # see moec::capacity
 
     "top-k on logits then softmax over the k" is softmax + renorm=1 (same math).
     """
@@ -41,6 +42,8 @@ class RouterSpec:
     weighting: str = "scores"
     renorm: float = 0.0  # 0: none; p > 0: divide by the p-norm of the k weights (p=1: their sum)
     scale: float = 1.0
+    capacity: int = 0  # 0: none; c > 0: each expert takes at most c (token, slot) pairs, later ones dropped
+    capacity_per_row: bool = False  # count capacity per batch row of the block input (Switch), else over all tokens
 
     def describe(self) -> str:
         parts = [f"{self.scoring}" if self.scoring != "none" else "logits"]
@@ -55,6 +58,8 @@ class RouterSpec:
             parts.append("renorm" if self.renorm == 1.0 else f"renorm p={self.renorm:g}")
         if self.scale != 1.0:
             parts.append(f"x{self.scale:g}")
+        if self.capacity:
+            parts.append(f"capacity {self.capacity}" + ("/row" if self.capacity_per_row else ""))
         return " -> ".join(parts)
 
 

@@ -4,6 +4,7 @@ torch.export and torch.compile (each op has a fake implementation giving output 
     moec::route(x[T,H], W[E,H], ...)                 -> logits[T,E], ids[T,k] int64, weights[T,k] fp32
     moec::experts(x[T,H], ids[T,k], weights[T,k], W13[E,N1,H], b13?, W2[E,H,I], b2?, ...) -> [T,H]
     moec::experts_loop(...same...)                   -> [T,H]   (naive per-expert reference)
+    moec::capacity(ids[T,k], weights[T,k], rows, capacity, E) -> weights[T,k] (0 past an expert's capacity)
 
 Backends register the real kernels (`moec.backends.torch_backend` for every device).
 """
@@ -26,6 +27,8 @@ torch.library.define(
 )
 torch.library.define("moec::experts", f"({_EXPERTS_ARGS}) -> Tensor")
 torch.library.define("moec::experts_loop", f"({_EXPERTS_ARGS}) -> Tensor")
+torch.library.define("moec::capacity",
+                     "(Tensor ids, Tensor weights, SymInt rows, int capacity, int num_experts) -> Tensor")
 
 
 @torch.library.register_fake("moec::route")
@@ -44,6 +47,11 @@ def _experts_fake(x, *args):
 
 torch.library.register_fake("moec::experts")(_experts_fake)
 torch.library.register_fake("moec::experts_loop")(_experts_fake)
+
+
+@torch.library.register_fake("moec::capacity")
+def _capacity_fake(ids, weights, *args):
+    return torch.empty_like(weights)
 
 
 def route_args(r: RouterSpec) -> tuple:

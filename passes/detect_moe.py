@@ -16,9 +16,11 @@ selection; which activation ops run; which tensors hold the experts), enumerates
 canonical forms those features allow, and checks each against the values the run
 produced: expert ids by set equality, expert layouts by least squares of the block output
 on the chosen experts' outputs (which also recovers the combine weights), router weighting
-by comparison with those. The survivor is then proved on fresh random inputs of several
-token counts (1 included) against the original module. Anything that fails is rejected
-with the reason; nothing unproved is rewritten.
+by comparison with those. Expert capacity (a cumsum of the one-hot choices compared with a
+constant c: each expert keeps its first c pairs, per batch row or over all tokens) is read the
+same way. The survivor is then proved on fresh random inputs of several token counts (1
+included; with capacity, 2 rows that overflow it) against the original module. Anything
+that fails is rejected with the reason; nothing unproved is rewritten.
 
 Output: the canonical graph (moec.canonical) with `meta["moe_spec"]`. Statistics:
 candidates, detected, rejected.
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 import torch
@@ -42,6 +44,7 @@ from moec.ir import ExpertsSpec, MoESpec, RouterSpec, SharedSpec
 from moec.pass_manager import PassResult, Rejected, register_pass
 
 SELECTIONS = {"topk", "argmax", "max"}
+COMPARISONS = {"le", "lt", "__le__", "__lt__"}
 REL_TOL = {"fit": 1e-3, "proof": 1e-4}
 PROOF_TOKENS = (1, 3, 16)
 
@@ -66,9 +69,9 @@ def _expert_groups(m: nn.Module):
     """Yield (E, container path or None, {name: [E, ...] tensor}) for each expert group in m."""
     for path, sub in m.named_modules():
         if isinstance(sub, (nn.ModuleList, nn.ModuleDict)) and len(sub) >= 2:
-            children = list(sub.values()) if isinstance(sub, nn.ModuleDict) else list(sub)
+            children = _members(sub)
             sig = [tuple((n, tuple(p.shape)) for n, p in c.named_parameters()) for c in children]
-            if sig[0] and all(s == sig[0] for s in sig) and sum(len(s) == 2 for _, s in sig[0]) >= 2:
+            if len(sig) >= 2 and sig[0] and all(s == sig[0] for s in sig) and sum(len(s) == 2 for _, s in sig[0]) >= 2:
                 yield len(children), path, {n: None for n, _ in sig[0]}
     stacked: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
     for name, t in itertools.chain(m.named_parameters(), m.named_buffers()):
@@ -127,8 +130,13 @@ def _stacked(block: nn.Module, cand: Candidate, name: str) -> torch.Tensor:
     if cand.container is None:
         return resolve(block, name)
     group = resolve(block, cand.container)
-    experts = group.values() if isinstance(group, nn.ModuleDict) else group
-    return torch.stack([resolve(e, name) for e in experts])
+    return torch.stack([resolve(e, name) for e in _members(group)])
+
+
+def _members(group: nn.ModuleList | nn.ModuleDict) -> list[nn.Module]:
+    """The experts of a container: its children holding parameters (NLLB-MoE keeps a dropout there too)."""
+    children = group.values() if isinstance(group, nn.ModuleDict) else group
+    return [c for c in children if next(c.parameters(), None) is not None]
 
 
 def materialize(block: nn.Module, cand: Candidate, lay: _Layout) -> dict[str, torch.Tensor]:
@@ -373,12 +381,20 @@ def analyze(block: nn.Module, cand: Candidate) -> MoESpec:
         _, lay, act, w, sol = min(fits, key=lambda f: f[0])
         espec = ExpertsSpec(E, H, w["w2"].shape[2], act, lay.gated, "b13" in w or "b2" in w, alpha, limit)
         w_rec = sol.squeeze(-1).gather(1, rec_ids.argsort(-1))  # combine weights, by ascending expert id
-        router = _fit_router(base, f, rargs, w_rec, E)
-        if router is None:
-            raise Rejected(f"experts found ({espec.describe()}) but no router weighting reproduces the combine "
-                           f"weights ({base.describe()})")
-        return _prove(block, work, cand, lay, w, MoESpec(router, espec, shared, outputs=outputs(router)),
-                      router_bias, router_t, f["select_bias"], x.dim())
+        failures = []
+        for capacity, per_row in _capacities(cap, logits_node):  # the proof settles the capacity
+            router = _fit_router(replace(base, capacity=capacity, capacity_per_row=per_row), f, rargs, w_rec, E,
+                                 x.shape[0] if per_row else 1)
+            if router is None:
+                continue
+            try:
+                return _prove(block, work, cand, lay, w, MoESpec(router, espec, shared, outputs=outputs(router)),
+                              router_bias, router_t, f["select_bias"], x.dim())
+            except Rejected as e:
+                failures.append(e)
+        raise failures[0] if failures else Rejected(
+            f"experts found ({espec.describe()}) but no router weighting reproduces the combine "
+            f"weights ({base.describe()})")
     # Llama 4 style: the combine weight scales the expert's input; not linear, so search directly
     for lay, act, r in itertools.product(list(_layouts(work, cand)), acts, _router_grid(base, f)):
         if act == "swiglu_oai" and not lay.gated:
@@ -423,12 +439,32 @@ def _router_grid(base: RouterSpec, f: dict):
         yield RouterSpec(**{**base.__dict__, "weighting": weighting, "renorm": renorm, "scale": scale})
 
 
-def _fit_router(base: RouterSpec, f: dict, rargs, w_rec: torch.Tensor, E: int) -> RouterSpec | None:
+def _fit_router(base: RouterSpec, f: dict, rargs, w_rec: torch.Tensor, E: int, rows: int = 1) -> RouterSpec | None:
     for r in _router_grid(base, f):
         _, ids, w = route_math(*rargs(r), num_experts=E)
+        if r.capacity:
+            w = torch.ops.moec.capacity(ids, w, rows, r.capacity, E)
         if _rel_err(w.gather(1, ids.argsort(-1)), w_rec) < REL_TOL["fit"]:
             return r
     return None
+
+
+def _capacities(cap: Capture, logits_node) -> list[tuple[int, bool]]:
+    """(capacity, per_row) candidates, then (0, False) for none. Expert capacity shows in the graph
+    as a cumsum after the router (each pair's place in its expert's queue) compared with an int
+    c; places may be 0- or 1-based and compared with < or <=, so c-1 and c+1 are candidates too.
+    The count is per batch row when the cumsum runs over the sequence dim of a [B, S, E] tensor."""
+    df = cap.dataflow()
+    after = nx.descendants(df, logits_node)
+    found = []
+    for cs in (n for n in cap.graph.nodes if n in after and target_name(n) == "cumsum"):
+        dim = cs.kwargs.get("dim", cs.args[1] if len(cs.args) > 1 else None)
+        per_row = cs.meta["val"].dim() == 3 and dim in (1, -2)
+        below = nx.descendants(df, cs)
+        for n in cap.graph.nodes:
+            if n in below and target_name(n) in COMPARISONS and len(n.args) == 2 and type(n.args[1]) is int:
+                found += [(c, per_row) for c in (n.args[1], n.args[1] - 1, n.args[1] + 1) if c > 0]
+    return [*dict.fromkeys(found), (0, False)]
 
 
 def _shared(cap: Capture, cand: Candidate, xf: torch.Tensor) -> SharedSpec | None:
@@ -482,8 +518,9 @@ def _prove(block, work, cand, lay, w, spec: MoESpec, router_bias, router_t, sele
     gm = build_graph(work, spec)
     gen = torch.Generator(device="cpu").manual_seed(1)
     dev = next(work.parameters()).device
-    for T in PROOF_TOKENS:
-        shape = (1, T, spec.experts.hidden) if in_dim == 3 else (T, spec.experts.hidden)
+    overflow = [(2, spec.experts.num_experts * spec.router.capacity + 1)] if spec.router.capacity else []  # every row
+    for B, T in [(1, t) for t in PROOF_TOKENS] + overflow:
+        shape = (B, T, spec.experts.hidden) if in_dim == 3 else (B * T, spec.experts.hidden)
         x = torch.randn(shape, generator=gen).to(dev)
         with torch.no_grad():
             ref = work(x)
@@ -493,7 +530,7 @@ def _prove(block, work, cand, lay, w, spec: MoESpec, router_bias, router_t, sele
         if err > REL_TOL["proof"]:
             for role in copies_names(params):
                 delattr(work, role)
-            raise Rejected(f"proof failed at {T} tokens: relative error {err:.2e} ({spec.router.describe()}; "
+            raise Rejected(f"proof failed at {B}x{T} tokens: relative error {err:.2e} ({spec.router.describe()}; "
                            f"{spec.experts.describe()})")
     if work is not block:
         attach(block, copies(block))

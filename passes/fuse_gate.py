@@ -13,6 +13,7 @@ and leaves
 
     logits, ids, w = moec.route(x, router_weight, router_bias?, select_bias?, <RouterSpec>)
 
+A moec.capacity between the chain and the experts op stays, reading the route's ids and w.
 Invariant: every experts op, and the graph's outputs, read logits, ids and weights from
 one moec.route. Stats: fused.
 """
@@ -42,14 +43,15 @@ def fuse_gate(gm) -> PassResult:
         linear = next(u for u in weight.users if u.target is torch._C._nn.linear or "linear" in str(u.target))
         if ex.args[1].target == operator.getitem and getattr(ex.args[1].args[0], "target", None) is torch.ops.moec.route:
             continue  # already fused
-        with g.inserting_before(ex):  # after every input (get_attrs may follow the linear)
+        cap = ex.args[2] if ex.args[2].target is torch.ops.moec.capacity else None  # reads the chain's ids, w
+        with g.inserting_before(cap or ex):  # after every input (get_attrs may follow the linear)
             route = g.call_function(torch.ops.moec.route, (
                 linear.args[0], weight, _attr(g, spec.params.get("router_bias")),
                 _attr(g, spec.params.get("select_bias")), *route_args(spec.router)))
             logits, ids, w = (g.call_function(operator.getitem, (route, i)) for i in range(3))
         out = g.output_node()
-        for old, new in ((ex.args[1], ids), (ex.args[2], w), (linear, logits)):
-            for user in (ex, out):  # rewire the consumers outside the routing chain; the chain dies
+        for old, new in ((ex.args[1], ids), (cap.args[1] if cap else ex.args[2], w), (linear, logits)):
+            for user in (ex, out, cap) if cap else (ex, out):  # rewire the consumers outside the chain; it dies
                 user.replace_input_with(old, new)
         fused += 1
     g.eliminate_dead_code()

@@ -15,8 +15,9 @@ from conftest import TOL, rel_err
 # Families moec does not rewrite yet, and why (each is left unchanged; see test_gaps_left_unchanged).
 GAPS = {
     "phimoe": "sparsemixer routing",
-    "switch_transformers": "expert capacity",
-    "nllb_moe": "expert capacity",
+    # transformers 5.23 NllbMoeExperts one-hot encodes the already one-hot top-1 mask: every token runs
+    # experts 0 and 1 only, whatever the router chose (test_nllb_moe_runs_experts_0_and_1). Not an MoE to match.
+    "nllb_moe": "HF bug: every token runs experts 0 and 1 only",
     "jetmoe": "experts split across two modules",
     "dbrx": "experts stored as 2D [E*I, H] tensors",
 }
@@ -61,7 +62,7 @@ def test_low_precision_block(family, dtype, tokens):
         assert rel_err(got, want) < TOL[dtype]
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen3_next"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen3_next", "switch_transformers"])
 def test_greedy_generation_matches(family):
     model = models.tiny_model(family)
     ref = copy.deepcopy(model)
@@ -69,6 +70,44 @@ def test_greedy_generation_matches(family):
     inputs = models.example_inputs(model, batch=2, seq=6)
     kw = dict(max_new_tokens=8, do_sample=False)
     assert torch.equal(model.generate(**inputs, **kw), ref.generate(**inputs, **kw))
+
+
+@pytest.mark.parametrize("capacity", [1, 3, 64])
+def test_switch_expert_capacity(capacity):
+    """Capacity per expert and batch row, first come first served; dropped tokens output 0."""
+    model = models.tiny_model("switch_transformers", expert_capacity=capacity)
+    ref = copy.deepcopy(model)
+    moec.compile(model)
+    blocks = moec.inspect(model).blocks
+    assert len(blocks) == 2 and all(b.router.endswith(f"capacity {capacity}/row") for b in blocks)
+    for b in blocks:
+        x = torch.randn(3, 20, model.config.d_model)  # 20 tokens a row: overflows capacities 1 and 3
+        with torch.no_grad():
+            assert rel_err(resolve(model, b.path)(x), resolve(ref, b.path)(x)) < TOL[torch.float32]
+
+
+def test_switch_bf16_router_cast_to_fp32():
+    """Switch's router casts its classifier to fp32 on first use: the compiled block routes in that dtype."""
+    model = models.tiny_model("switch_transformers", dtype=torch.bfloat16)
+    inputs = models.example_inputs(model, batch=2, seq=9)
+    _logits(model, inputs)  # the classifiers are fp32 from here on
+    ref = copy.deepcopy(model)
+    moec.compile(model)
+    assert len(moec.inspect(model).blocks) == 2
+    assert rel_err(_logits(model, inputs), _logits(ref, inputs)) < TOL[torch.bfloat16]
+
+
+def test_nllb_moe_runs_experts_0_and_1():
+    """Why nllb_moe is in GAPS: its block equals expert_1 weighted by the top-1 gate plus expert_0 by the
+    top-2 gate (times 1 - moe_token_dropout), for every token."""
+    block = next(m for m in models.tiny_model("nllb_moe").modules() if hasattr(m, "router") and hasattr(m, "experts"))
+    x = torch.randn(10, block.router.classifier.in_features)
+    with torch.no_grad():
+        top1, gates, _ = block.router(x)
+        g1, g2 = (gates * top1).sum(-1, keepdim=True), (gates * (1 - top1)).sum(-1, keepdim=True)
+        ex = block.experts
+        buggy = (ex["expert_1"](x) * g1 + ex["expert_0"](x) * g2) * (1 - ex.moe_token_dropout)
+        assert rel_err(block(x[None])[0], buggy) < TOL[torch.float32]
 
 
 def test_stays_an_hf_model(tmp_path):

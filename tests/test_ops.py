@@ -115,3 +115,50 @@ def test_fake_impls_trace_under_export():
     x = torch.randn(5, 16)
     ep = torch.export.export(M(), (x,), dynamic_shapes=({0: torch.export.Dim("T", min=1)},))
     torch.testing.assert_close(ep.module()(torch.randn(3, 16)).shape, torch.Size([3, 16]))
+
+
+def naive_capacity(ids, w, rows, capacity):
+    """Token by token within each row: all first choices, then all second choices, ...; an
+    expert's pairs past `capacity` get weight 0."""
+    T, k = ids.shape
+    S, out = T // rows, w.clone()
+    for r in range(rows):
+        taken = {}
+        for j in range(k):
+            for t in range(r * S, (r + 1) * S):
+                e = int(ids[t, j])
+                taken[e] = taken.get(e, 0) + 1
+                if taken[e] > capacity:
+                    out[t, j] = 0
+    return out
+
+
+@pytest.mark.parametrize("T,rows,k,capacity", [(1, 1, 1, 1), (12, 2, 1, 2), (12, 1, 2, 2), (30, 3, 2, 3),
+                                                (9, 1, 2, 64)])
+def test_capacity(T, rows, k, capacity):
+    E, H = 4, 16
+    x, W = torch.randn(T, H), torch.randn(E, H)
+    _, ids, w = torch.ops.moec.route(x, W, None, None, *route_args(RouterSpec(top_k=k)))
+    got = torch.ops.moec.capacity(ids, w, rows, capacity, E)
+    ref = naive_capacity(ids, w, rows, capacity)
+    torch.testing.assert_close(got, ref)
+    assert (got == 0).any() or T // rows * k <= E * capacity  # a row with more pairs than E * capacity drops some
+    e = ExpertsSpec(E, H, 24, "relu", gated=False)
+    w13, w2 = torch.randn(E, 24, H) / H**0.5, torch.randn(E, H, 24) / 24**0.5
+    y = torch.ops.moec.experts(x, ids, got, w13, None, w2, None, *experts_args(e))
+    assert rel_err(y, naive_experts(x, ids, ref, w13, None, w2, None, e)) < TOL[torch.float32]
+
+
+def test_capacity_traces_under_export():
+    """Rows (the batch size) stay symbolic."""
+    W = torch.randn(8, 16)
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            _, ids, w = torch.ops.moec.route(x.reshape(-1, 16), W, None, None, *route_args(RouterSpec(top_k=1)))
+            return torch.ops.moec.capacity(ids, w, x.shape[0], 2, 8)
+
+    dims = {0: torch.export.Dim("B", min=1), 1: torch.export.Dim("S", min=1)}
+    ep = torch.export.export(M(), (torch.randn(2, 5, 16),), dynamic_shapes=(dims,))
+    x = torch.randn(3, 7, 16)
+    torch.testing.assert_close(ep.module()(x), M()(x))
