@@ -8,6 +8,7 @@ GraphModule whose `get_attr` nodes point at the block's own tensors (no copies):
     scores, ids, w   = softmax/sigmoid, group mask, topk, gather ...  # [T, k]
     y                = moec.experts_loop(x, ids, w, w13, b13, w2, b2) # [T, H]
     y                = y + shared(x) [* sigmoid(shared_gate(x))]
+    y                = y + out_bias                                    # if the block adds one
     return y.reshape(hidden_states.shape), logits, ids, w
 
 fuse_gate and batch_experts then rewrite this graph; `install` makes the block run it.
@@ -48,6 +49,8 @@ class _Reference(nn.Module):
             if s.shared.gate:
                 shared = shared * torch.sigmoid(resolve(b, s.shared.gate)(x))
             y = y + shared
+        if "out_bias" in p:
+            y = y + p["out_bias"]
         return y.reshape(hidden_states.shape), logits, ids, w
 
 

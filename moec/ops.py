@@ -21,8 +21,8 @@ _EXPERTS_ARGS = (
 torch.library.define(
     "moec::route",
     "(Tensor x, Tensor weight, Tensor? bias, Tensor? select_bias, int top_k, str scoring, "
-    "int n_group, int topk_group, str group_score, str weighting, float renorm, float scale) "
-    "-> (Tensor, Tensor, Tensor)",
+    "int n_group, int topk_group, str group_score, str weighting, float renorm, float scale, "
+    "float jitter_eps) -> (Tensor, Tensor, Tensor)",
 )
 torch.library.define("moec::experts", f"({_EXPERTS_ARGS}) -> Tensor")
 torch.library.define("moec::experts_loop", f"({_EXPERTS_ARGS}) -> Tensor")
@@ -48,7 +48,8 @@ torch.library.register_fake("moec::experts_loop")(_experts_fake)
 
 def route_args(r: RouterSpec) -> tuple:
     """The non-tensor arguments of moec::route, in schema order."""
-    return (r.top_k, r.scoring, r.n_group, r.topk_group, r.group_score, r.weighting, float(r.renorm), float(r.scale))
+    return (r.top_k, r.scoring, r.n_group, r.topk_group, r.group_score, r.weighting, float(r.renorm), float(r.scale),
+            float(r.jitter_eps))
 
 
 def experts_args(e: ExpertsSpec) -> tuple:
