@@ -42,10 +42,12 @@ def _act(h: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def route_math(x, weight, bias, select_bias, top_k, scoring, n_group, topk_group, group_score, weighting, renorm,
-               scale, num_experts):
+               scale, jitter_eps, num_experts):
     """The routing math in plain torch (fx-traceable: no shape unpacking), see RouterSpec."""
     logits = F.linear(x, weight, bias)  # [T, E]
     s = logits.float()
+    if scoring == "sparsemixer":
+        return (logits, *sparsemixer(s, top_k, jitter_eps))
     if scoring == "softmax":
         scores = s.softmax(dim=-1)
     elif scoring == "sigmoid":
@@ -69,6 +71,21 @@ def route_math(x, weight, bias, select_bias, top_k, scoring, n_group, topk_group
     if scale != 1.0:
         weights = weights * scale
     return logits, ids, weights
+
+
+def sparsemixer(s, top_k, jitter_eps):
+    """PhiMoE's eval-mode routing (HF `sparsemixer`, which makes k=2 picks) on fp32 logits [T, E]:
+    each pick takes the best logit m not picked yet and weights it by a softmax over the logits
+    not picked yet, masked where (m - l) / max(|l|, m) > 2 * jitter_eps. -> ids, weights [T, k]."""
+    ids, weights = [], []
+    left = s  # logits with earlier picks set to -inf
+    for _ in range(top_k):
+        m, i = left.max(dim=-1, keepdim=True)  # [T, 1]
+        far = (m - s) / s.abs().clamp(min=m) > 2 * jitter_eps
+        weights.append(left.masked_fill(far, float("-inf")).softmax(dim=-1).gather(1, i))
+        ids.append(i)
+        left = left.scatter(1, i, float("-inf"))
+    return torch.cat(ids, dim=1), torch.cat(weights, dim=1)
 
 
 @torch.library.impl("moec::route", "CompositeExplicitAutograd")

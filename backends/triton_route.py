@@ -2,6 +2,8 @@
 
     moec::triton_route(x[T,H], W[E,H], b?, select_bias?, <RouterSpec>) -> logits[T,E], ids[T,k] int64, w[T,k] fp32
 
+(same schema as moec::route; sparsemixer routing has no kernel and stays moec::route, see `supports`)
+
 The router GEMM itself stays a library GEMM (cuBLAS; it is tiny); everything after it runs in
 `_route_kernel`, one program per BLOCK_T tokens with the whole E-row in registers. Same
 semantics as `torch_backend.route_math` (the reference the tests compare against).
@@ -88,7 +90,7 @@ def supports(n_experts: int, n_group: int, scoring: str) -> str | None:
 @torch.library.custom_op("moec::triton_route", mutates_args=())
 def triton_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, select_bias: torch.Tensor | None,
                  top_k: int, scoring: str, n_group: int, topk_group: int, group_score: str, weighting: str,
-                 renorm: float, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 renorm: float, scale: float, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     logits = F.linear(x, weight, bias)  # [T, E]
     T, E = logits.shape
     ids = torch.empty(T, top_k, dtype=torch.int64, device=x.device)

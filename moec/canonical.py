@@ -9,6 +9,7 @@ GraphModule whose `get_attr` nodes point at the block's own tensors (no copies):
     w                = moec.capacity(ids, w, rows, capacity, E)       # only with expert capacity
     y                = moec.experts_loop(x, ids, w, w13, b13, w2, b2) # [T, H]
     y                = y + shared(x) [* sigmoid(shared_gate(x))]
+    y                = y + out_bias                                    # if the block adds one
     return y.reshape(hidden_states.shape), logits, ids, w
 
 fuse_gate and batch_experts then rewrite this graph; `install` makes the block run it.
@@ -53,6 +54,8 @@ class _Reference(nn.Module):
             if s.shared.gate:
                 shared = shared * torch.sigmoid(resolve(b, s.shared.gate)(x))
             y = y + shared
+        if "out_bias" in p:
+            y = y + p["out_bias"]
         return y.reshape(hidden_states.shape), logits, ids, w
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-SCORINGS = ("softmax", "sigmoid", "none")
+SCORINGS = ("softmax", "sigmoid", "none", "sparsemixer")
 GROUP_SCORES = ("max", "top2_sum")
 WEIGHTINGS = ("scores", "ones")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
@@ -31,6 +31,10 @@ class RouterSpec:
     weights = 0 where past capacity                    # see moec::capacity
 
     "top-k on logits then softmax over the k" is softmax + renorm=1 (same math).
+
+    scoring="sparsemixer" (PhiMoE, eval mode) replaces scoring, selection and weights: k
+    sequential picks, pick j taking the best logit m_j not picked yet, weighted by the softmax
+    over the not-yet-picked logits l with (m_j - l) / max(|l|, m_j) <= 2 * jitter_eps.
     """
 
     top_k: int
@@ -44,9 +48,12 @@ class RouterSpec:
     scale: float = 1.0
     capacity: int = 0  # 0: none; c > 0: each expert takes at most c (token, slot) pairs, later ones dropped
     capacity_per_row: bool = False  # count capacity per batch row of the block input (Switch), else over all tokens
+    jitter_eps: float = 0.0  # sparsemixer only: relative threshold of the masked softmax
 
     def describe(self) -> str:
         parts = [f"{self.scoring}" if self.scoring != "none" else "logits"]
+        if self.scoring == "sparsemixer":
+            parts = [f"sparsemixer(eps={self.jitter_eps:g})"]
         if self.select_bias:
             parts.append("+bias(select)")
         if self.n_group > 1:
@@ -107,7 +114,7 @@ class MoESpec:
     experts: ExpertsSpec
     shared: SharedSpec | None = None
     params: dict[str, str] = field(default_factory=dict)
-    # roles: router_weight, router_bias, select_bias, w13, b13, w2, b2
+    # roles: router_weight, router_bias, select_bias, w13, b13, w2, b2, out_bias ([H], added after the combine)
     outputs: tuple[str, ...] = ("out",)  # the block's return structure, e.g. ("out", "logits")
 
     def with_(self, **kw) -> "MoESpec":
@@ -116,6 +123,6 @@ class MoESpec:
     def describe(self) -> dict[str, str]:
         return {
             "router": self.router.describe(),
-            "experts": self.experts.describe(),
+            "experts": self.experts.describe() + (" +output bias" if "out_bias" in self.params else ""),
             "shared": self.shared.describe() if self.shared else "-",
         }

@@ -5,10 +5,12 @@ experts, found structurally by `find_candidates`, never by class name). It match
 
     x            : [T, H]                        (block input, any leading dims)
     logits       = x @ Wr.T (+ br)               : [T, E]    Wr a parameter, E = #experts
-    ... softmax | sigmoid | + bias | group view/topk/mask ...
+    ... softmax | sigmoid | + bias | group view/topk/mask | sparsemixer's relative-threshold masks ...
     ids          = topk(..., k) | argmax(...)    : [T, k]    a selection over the E scores
-    ... expert FFNs over stacked [E, ., .] tensors or a ModuleList/Dict of E MLPs ...
-    out          = sum_k w[t, k] * expert[ids[t, k]](x[t]) (+ shared(x) [* sigmoid(g(x))])
+                   (sparsemixer: k sequential max picks, each masking the one before)
+    ... expert FFNs over stacked [E, ., .] tensors (in one module or one per sibling module),
+        2-D [E*n, .] tensors viewed per expert, or a ModuleList/Dict of E MLPs ...
+    out          = sum_k w[t, k] * expert[ids[t, k]](x[t]) (+ shared(x) [* sigmoid(g(x))]) (+ bias[H])
 
 The ops in between (loops, masks, nonzero, einsum, scatter) are not pattern-matched: moec
 reads the *features* of the graph (which scoring, bias, groups, scale and norm ops feed the
@@ -18,9 +20,10 @@ produced: expert ids by set equality, expert layouts by least squares of the blo
 on the chosen experts' outputs (which also recovers the combine weights), router weighting
 by comparison with those. Expert capacity (a cumsum of the one-hot choices compared with a
 constant c: each expert keeps its first c pairs, per batch row or over all tokens) is read the
-same way. The survivor is then proved on fresh random inputs of several token counts (1
-included; with capacity, 2 rows that overflow it) against the original module. Anything
-that fails is rejected with the reason; nothing unproved is rewritten.
+same way. Sparsemixer routing is only matched in eval mode (in training it samples experts):
+a block in training mode is rejected. The survivor is then proved on fresh random inputs of
+several token counts (1 included; with capacity, 2 rows that overflow it) against the
+original module. Anything that fails is rejected with the reason; nothing unproved is rewritten.
 
 Output: the canonical graph (moec.canonical) with `meta["moe_spec"]`. Statistics:
 candidates, detected, rejected.
@@ -77,12 +80,35 @@ def _expert_groups(m: nn.Module):
     for name, t in itertools.chain(m.named_parameters(), m.named_buffers()):
         if t.dim() == 3 and t.shape[0] >= 2:
             stacked.setdefault((name.rpartition(".")[0], t.shape[0]), {})[name] = t
-    for (parent, E), mats in stacked.items():
+    for (parent, E), mats in list(stacked.items()):
+        if len(mats) == 1 and parent:  # one matrix per module (JetMoE input_linear, output_linear):
+            del stacked[(parent, E)]  # pair sibling modules, keyed "<their parent>/*"
+            stacked.setdefault((parent.rpartition(".")[0] + "/*", E), {}).update(mats)
+    for (_, E), mats in stacked.items():
         if len(mats) >= 2:
+            parents = {n.rpartition(".")[0] for n in mats}
             for name, t in itertools.chain(m.named_parameters(), m.named_buffers()):
-                if name.rpartition(".")[0] == parent and t.dim() == 2 and t.shape[0] == E:
+                if name.rpartition(".")[0] in parents and t.dim() == 2 and t.shape[0] == E:
                     mats[name] = t  # per-expert biases beside the matrices
             yield E, None, mats
+    yield from _flat_expert_groups(m, {n.rpartition(".")[0] for mats in stacked.values() for n in mats})
+
+
+def _flat_expert_groups(m: nn.Module, stacked_parents: set[str]):
+    """Experts as same-shape 2-D [E*n, D] matrices in one module (DBRX w1, v1, w2), viewed as
+    [E, n, D] at run time; E is read off a 2-D [E, D] tensor (the router) elsewhere in m."""
+    params = dict(itertools.chain(m.named_parameters(), m.named_buffers()))
+    flat: dict[tuple[str, tuple[int, ...]], dict[str, torch.Tensor]] = {}
+    for name, t in params.items():
+        parent = name.rpartition(".")[0]
+        if t.dim() == 2 and parent not in stacked_parents:
+            flat.setdefault((parent, tuple(t.shape)), {})[name] = t
+    for (parent, (N, D)), mats in flat.items():
+        if len(mats) >= 2:
+            routers = {t.shape[0] for n, t in params.items() if t.dim() == 2 and n.rpartition(".")[0] != parent
+                       and t.shape[1] == D and 2 <= t.shape[0] < N and N % t.shape[0] == 0}
+            for E in sorted(routers):
+                yield E, None, mats
 
 
 def find_candidates(model: nn.Module) -> list[Candidate]:
@@ -128,7 +154,8 @@ class _Layout:
 
 def _stacked(block: nn.Module, cand: Candidate, name: str) -> torch.Tensor:
     if cand.container is None:
-        return resolve(block, name)
+        t = resolve(block, name)
+        return t if t.shape[0] == cand.num_experts else t.unflatten(0, (cand.num_experts, -1))  # [E*n, D] -> [E, n, D]
     group = resolve(block, cand.container)
     return torch.stack([resolve(e, name) for e in _members(group)])
 
@@ -217,6 +244,10 @@ def _all_experts(x, w: dict, gated: bool, act: str, alpha: float, limit: float) 
 def _features(cap: Capture, logits_node, sel_node) -> dict:
     df = cap.dataflow()
     after = nx.descendants(df, logits_node)
+    eps = _relative_threshold(after)
+    if eps is not None:  # sparsemixer: its picks and weights are the whole router
+        return {"scoring": "sparsemixer", "jitter_eps": eps, "renorm_first": False, "scales": [1.0], "norms": [0.0],
+                "select_bias": None, "n_group": 1, "topk_group": 1, "group_score": "max"}
     before = (nx.ancestors(df, sel_node) & after) | {logits_node}
     names_before = {target_name(n) for n in before}
     names_after = {target_name(n) for n in after - before}
@@ -253,6 +284,20 @@ def _features(cap: Capture, logits_node, sel_node) -> dict:
             elif v.dim() == 2:
                 feats["n_group"], feats["topk_group"] = v.shape[-1], k
     return feats
+
+
+def _relative_threshold(nodes) -> float | None:
+    """PhiMoE's sparsemixer mask: masked_fill(l, (m - l) / clamp(|l|, min=m) > 2 * eps, -inf) -> eps."""
+    for n in nodes:
+        mask = n.args[1] if target_name(n) == "masked_fill" and len(n.args) > 1 else None
+        if not (isinstance(mask, torch.fx.Node) and target_name(mask) in ("gt", "__gt__")
+                and isinstance(mask.args[1], float) and target_name(mask.args[0]) in ("div", "__truediv__")):
+            continue
+        denom = mask.args[0].args[1]
+        if isinstance(denom, torch.fx.Node) and target_name(denom) == "clamp" and \
+                target_name(denom.args[0]) == "abs":
+            return mask.args[1] / 2
+    return None
 
 
 def _source(n):
@@ -321,23 +366,31 @@ def analyze(block: nn.Module, cand: Candidate) -> MoESpec:
     df = cap.dataflow()
     after = nx.descendants(df, logits_node)
     # the last one: a group top-k over [T, G] comes first (and has E columns when groups hold one expert)
-    sel = next((n for n in reversed(cap.graph.nodes) if n in after and target_name(n) in SELECTIONS and n.args
-                and isinstance(n.args[0], torch.fx.Node) and n.args[0].meta["val"].is_floating_point()
-                and n.args[0].meta["val"].shape[-1] == E and n.args[0].meta["val"].dim() == logits_node.meta["val"].dim()
-                and (target_name(n) != "max" or len(n.args) > 1 or "dim" in n.kwargs)), None)
-    if sel is None:
+    sels = [n for n in cap.graph.nodes if n in after and target_name(n) in SELECTIONS and n.args
+            and isinstance(n.args[0], torch.fx.Node) and n.args[0].meta["val"].is_floating_point()
+            and n.args[0].meta["val"].shape[-1] == E and n.args[0].meta["val"].dim() == logits_node.meta["val"].dim()
+            and (target_name(n) != "max" or len(n.args) > 1 or "dim" in n.kwargs)]
+    if not sels:
         raise Rejected("no top-k/argmax selection over the router's scores: a dense mixture, not a sparse MoE")
+    sel = sels[-1]
     name = target_name(sel)
     k = (sel.args[1] if len(sel.args) > 1 else sel.kwargs.get("k")) if name == "topk" else 1
     ids_node = sel if name == "argmax" else next(u for u in sel.users if u.args[1] == 1)
     rec_ids = ids_node.meta["val"].reshape(-1, k)
 
     f = _features(cap, logits_node, sel)
+    if f["scoring"] == "sparsemixer":  # one top-1 pick per selection, in order
+        if any(m.training for m in work.modules()):
+            raise Rejected("sparsemixer routing in training mode samples its experts (Gumbel noise): "
+                           "moec compiles eval mode only (call model.eval())")
+        k = len(sels)
+        rec_ids = torch.cat([next(u for u in n.users if u.args[1] == 1).meta["val"].reshape(-1, 1) for n in sels], 1)
     base = RouterSpec(top_k=k, scoring=f["scoring"], select_bias=f["select_bias"] is not None,
-                      n_group=f["n_group"], topk_group=f["topk_group"], group_score=f["group_score"])
+                      n_group=f["n_group"], topk_group=f["topk_group"], group_score=f["group_score"],
+                      jitter_eps=f.get("jitter_eps", 0.0))
     sb = resolve(work, f["select_bias"]) if f["select_bias"] else None
     rargs = lambda r: (xf, Wc, resolve(work, router_bias) if router_bias else None, sb, r.top_k, r.scoring,  # noqa: E731
-                       r.n_group, r.topk_group, r.group_score, r.weighting, r.renorm, r.scale)
+                       r.n_group, r.topk_group, r.group_score, r.weighting, r.renorm, r.scale, r.jitter_eps)
     _, ids, _ = route_math(*rargs(base), num_experts=E)
     if not torch.equal(ids.sort(-1).values, rec_ids.sort(-1).values):
         raise Rejected(f"could not reproduce the router's choice of experts ({base.describe()})")
@@ -358,6 +411,10 @@ def analyze(block: nn.Module, cand: Candidate) -> MoESpec:
     if shared:
         sh = resolve(work, shared.module)(xf)
         R = R - (sh * torch.sigmoid(resolve(work, shared.gate)(xf)) if shared.gate else sh).float()
+    out_bias = _output_bias(cap, sel, out_main, H)
+    if out_bias:
+        R = R - resolve(work, out_bias).float()
+    params = {"out_bias": out_bias} if out_bias else {}
 
     # experts: a layout and activation whose outputs explain the block's output on the chosen
     # experts by least squares; the solution is the combine weights
@@ -388,7 +445,7 @@ def analyze(block: nn.Module, cand: Candidate) -> MoESpec:
             if router is None:
                 continue
             try:
-                return _prove(block, work, cand, lay, w, MoESpec(router, espec, shared, outputs=outputs(router)),
+                return _prove(block, work, cand, lay, w, MoESpec(router, espec, shared, params, outputs(router)),
                               router_bias, router_t, f["select_bias"], x.dim())
             except Rejected as e:
                 failures.append(e)
@@ -405,7 +462,7 @@ def analyze(block: nn.Module, cand: Candidate) -> MoESpec:
         y = torch.ops.moec.experts(xf, ids, rw, w["w13"], w.get("b13"), w["w2"], w.get("b2"), act, lay.gated,
                                    alpha, limit, True)
         if _rel_err(y, R) < REL_TOL["fit"]:
-            return _prove(block, work, cand, lay, w, MoESpec(r, espec, shared, outputs=outputs(r)), router_bias,
+            return _prove(block, work, cand, lay, w, MoESpec(r, espec, shared, params, outputs(r)), router_bias,
                           router_t, f["select_bias"], x.dim())
     raise Rejected(f"no expert layout/activation reproduces the block output with router {base.describe()} "
                    f"(expert capacity or an unsupported expert form?)")
@@ -487,15 +544,29 @@ def _shared(cap: Capture, cand: Candidate, xf: torch.Tensor) -> SharedSpec | Non
     return SharedSpec(mlps[0], gates[0] if gates else None) if mlps else None
 
 
+def _output_bias(cap: Capture, sel, out_main: torch.Tensor, H: int) -> str | None:
+    """A [H] tensor of the block added to the combined expert output (JetMoE's MoE bias)."""
+    df = cap.dataflow()
+    out_node = next((n for n in cap.graph.nodes if n.meta.get("val") is out_main), None)
+    if out_node is None:
+        return None
+    for n in (nx.ancestors(df, out_node) | {out_node}) & nx.descendants(df, sel):
+        if target_name(n) in ("add", "__add__", "add_", "__iadd__", "__radd__"):
+            for a in n.all_input_nodes:
+                if a.op == "get_attr" and a.meta["val"].shape == (H,):
+                    return a.target
+    return None
+
+
 def _prove(block, work, cand, lay, w, spec: MoESpec, router_bias, router_t, select_bias, in_dim):
     """Name each canonical tensor (the block's own where the layout matches, else a moec
     buffer), then check the canonical graph against the original on fresh inputs."""
-    params = {"router_weight": "_moec_router_weight" if router_t else cand.router}
+    params = {**spec.params, "router_weight": "_moec_router_weight" if router_t else cand.router}
     if router_bias:
         params["router_bias"] = router_bias
     if select_bias:
         params["select_bias"] = select_bias
-    in_place = cand.container is None
+    in_place = cand.container is None and all(resolve(work, n).shape[0] == cand.num_experts for n in cand.experts)
     own = {"w13": in_place and len(lay.ins) == 1 and not lay.ins[0][1] and lay.split in (None, "halves") and lay.ins[0][0],
            "w2": in_place and not lay.down[1] and lay.down[0],
            "b13": in_place and len(lay.ins) == 1 and lay.split in (None, "halves") and lay.in_bias and lay.in_bias[0],

@@ -1,5 +1,7 @@
 """The torch backend's canonical ops against a naive per-token reference."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -70,6 +72,42 @@ def test_route(r, T):
     torch.testing.assert_close(logits, x @ W.T)
     assert torch.equal(ids.sort(-1).values, ref_ids.sort(-1).values)
     torch.testing.assert_close(w.gather(1, ids.argsort(-1)), ref_w.gather(1, ref_ids.argsort(-1)))
+
+
+def naive_sparsemixer(logits, jitter_eps):
+    """HF's eval-mode `sparsemixer` (PhiMoE), one token at a time in Python floats: two picks, each
+    the best logit not picked yet, weighted by a softmax over the logits not picked yet that lie
+    within the relative threshold (m - l) / max(|l|, m) <= 2 * jitter_eps of it."""
+    ids, ws = [], []
+    for row in logits.tolist():
+        picked, weights = [], []
+        for _ in range(2):
+            left = [e for e in range(len(row)) if e not in picked]
+            i = max(left, key=lambda e: row[e])
+            m = row[i]
+            kept = [e for e in left if (m - row[e]) / max(abs(row[e]), m) <= 2 * jitter_eps]
+            weights.append(1.0 / sum(math.exp(row[e] - m) for e in kept))
+            picked.append(i)
+        ids.append(picked)
+        ws.append(weights)
+    return torch.tensor(ids), torch.tensor(ws)
+
+
+@pytest.mark.parametrize("jitter_eps", [0.01, 0.5])
+@pytest.mark.parametrize("shift", [0.0, -20.0])  # -20: every logit negative, so the max bounds the denominator
+@pytest.mark.parametrize("T", [1, 5, 33])
+def test_route_sparsemixer(jitter_eps, shift, T):
+    E, H = 8, 16
+    x, W, b = torch.randn(T, H), torch.randn(E, H), torch.full((E,), shift)
+    r = RouterSpec(top_k=2, scoring="sparsemixer", jitter_eps=jitter_eps)
+    logits, ids, w = torch.ops.moec.route(x, W, b, None, *route_args(r))
+    ref_ids, ref_w = naive_sparsemixer(x @ W.T + b, jitter_eps)
+    torch.testing.assert_close(logits, x @ W.T + b)
+    assert torch.equal(ids, ref_ids)  # in pick order
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w, ref_w)
+    if jitter_eps == 0.5 and T > 1:
+        assert (w < 0.99).any()  # the masked softmax is not trivially 1 here
 
 
 EXPERTS = [
