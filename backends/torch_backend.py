@@ -3,7 +3,8 @@
 `route` is one vectorised pass (linear, scoring, grouped selection, normalisation).
 `experts` sorts the (token, slot) pairs by expert once, runs one GEMM pair per *active*
 expert over a contiguous slice of the sorted rows (expert weights are used in place, never
-copied per call; the GEMMs are shaped for MKL's small-row kernels, see `_expert_ffn`), and
+copied per call; the GEMMs are shaped for MKL's small-row kernels, see `_expert_ffn`) or, with
+many rows per expert, two `torch._grouped_mm` calls over all of them (`_grouped_ffn`), and
 combines by un-sorting and summing over the k slots: no per-token Python work.
 `capacity` drops assignments past an expert's capacity with one cumsum over one-hot positions.
 `experts_loop` is the naive reference the rewrites are checked against.
@@ -112,6 +113,24 @@ def _expert_ffn(xe, w13, b13, w2, b2, activation, gated, alpha, limit):
     return y[:n]
 
 
+# average sorted rows per active expert from which one torch._grouped_mm call beats the per-expert loop
+# (measured on the CPU machine: benchmarks/bench_moe.py, docs/benchmarks.md)
+GROUPED_MIN_ROWS = 8
+
+
+def _grouped_ffn(xs, counts, row_expert, w13, b13, w2, b2, activation, gated, alpha, limit):
+    """All experts on the expert-sorted rows in two grouped GEMMs: [T*k, H] -> [T*k, H]."""
+    offs = torch.tensor(counts, dtype=torch.int32, device=xs.device).cumsum(0, dtype=torch.int32)
+    h = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)  # [T*k, N1]
+    if b13 is not None:
+        h += b13[row_expert]
+    h = activate(h, activation, gated, alpha, limit)  # [T*k, I]
+    y = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # [T*k, H]
+    if b2 is not None:
+        y += b2[row_expert]
+    return y
+
+
 @torch.library.impl("moec::experts", "CompositeExplicitAutograd")
 def experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, weight_on_input):
     T, k = ids.shape
@@ -123,14 +142,19 @@ def experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, 
     ws = weights.reshape(-1)[order].unsqueeze(1)  # [T*k, 1] fp32
     if weight_on_input:
         xs = (xs * ws).to(x.dtype)
-    ys = torch.empty_like(xs)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        ys[start:start + n] = _expert_ffn(xs[start:start + n], w13[e], None if b13 is None else b13[e], w2[e],
-                                          None if b2 is None else b2[e], activation, gated, alpha, limit)
-        start += n
+    active = sum(1 for n in counts if n)
+    if T * k >= GROUPED_MIN_ROWS * active and hasattr(torch, "_grouped_mm"):  # many rows per expert: one call
+        row_expert = None if b13 is None and b2 is None else flat[order]
+        ys = _grouped_ffn(xs, counts, row_expert, w13, b13, w2, b2, activation, gated, alpha, limit)
+    else:  # few rows per expert: MKL's small-row kernels, one expert at a time
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            ys[start:start + n] = _expert_ffn(xs[start:start + n], w13[e], None if b13 is None else b13[e], w2[e],
+                                              None if b2 is None else b2[e], activation, gated, alpha, limit)
+            start += n
     ys = ys.float() if weight_on_input else ys * ws
     unsorted = torch.empty_like(ys)
     unsorted[order] = ys  # back to (token, slot) order: a plain copy, faster than scatter-add on CPU
