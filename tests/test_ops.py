@@ -64,14 +64,19 @@ ROUTERS = [
 @pytest.mark.parametrize("r", ROUTERS, ids=lambda r: r.describe())
 @pytest.mark.parametrize("T", [1, 5, 33])
 def test_route(r, T):
-    E, H = 8, 16
-    x, W = torch.randn(T, H), torch.randn(E, H)
+    check_route(torch.ops.moec.route, r, T, 8)
+
+
+def check_route(op, r: RouterSpec, T: int, E: int):
+    """op (a moec::route implementation) against the naive per-token router; returns its inputs and outputs."""
+    x, W = torch.randn(T, 16), torch.randn(E, 16)
     sb = torch.randn(E) * 0.1 if r.select_bias else None
-    logits, ids, w = torch.ops.moec.route(x, W, None, sb, *route_args(r))
+    logits, ids, w = op(x, W, None, sb, *route_args(r))
     ref_ids, ref_w = naive_route(x, W, sb, r)
     torch.testing.assert_close(logits, x @ W.T)
     assert torch.equal(ids.sort(-1).values, ref_ids.sort(-1).values)
     torch.testing.assert_close(w.gather(1, ids.argsort(-1)), ref_w.gather(1, ref_ids.argsort(-1)))
+    return (x, W, sb), (logits, ids, w)
 
 
 def naive_sparsemixer(logits, jitter_eps):

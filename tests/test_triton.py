@@ -17,7 +17,7 @@ from moec.backends.triton_experts import align_block_size
 from moec.ops import experts_args, route_args
 
 from conftest import TOL, rel_err
-from test_ops import EXPERTS, ROUTERS, naive_experts, naive_route
+from test_ops import EXPERTS, ROUTERS, check_route, naive_experts
 
 TRITON_ROUTERS = [r for r in ROUTERS if triton_route.supports(8, r.n_group, r.scoring) is None]
 
@@ -27,14 +27,8 @@ TRITON_ROUTERS = [r for r in ROUTERS if triton_route.supports(8, r.n_group, r.sc
 def test_route_kernel(r, T, E):
     if r.n_group > 1 and triton_route.supports(E, r.n_group, r.scoring):
         pytest.skip("groups need power-of-two experts in the kernel")
-    x, W = torch.randn(T, 16), torch.randn(E, 16)
-    sb = torch.randn(E) * 0.1 if r.select_bias else None
-    logits, ids, w = torch.ops.moec.triton_route(x, W, None, sb, *route_args(r))
-    ref_ids, ref_w = naive_route(x, W, sb, r)
-    torch.testing.assert_close(logits, x @ W.T)
-    assert torch.equal(ids.sort(-1).values, ref_ids.sort(-1).values)
-    torch.testing.assert_close(w.gather(1, ids.argsort(-1)), ref_w.gather(1, ref_ids.argsort(-1)))
-    torch.testing.assert_close((logits, ids, w), route_math(x, W, None, sb, *route_args(r), num_experts=E))
+    (x, W, sb), got = check_route(torch.ops.moec.triton_route, r, T, E)
+    torch.testing.assert_close(got, route_math(x, W, None, sb, *route_args(r), num_experts=E))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
