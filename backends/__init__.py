@@ -34,11 +34,13 @@ def resolve_backend(name: str, device) -> str:
     return name
 
 
-def pipeline_for(backend: str, passes: str | None) -> str:
-    """The pass pipeline for a backend: the user's (or the default) plus the backend's lowering."""
+def pipeline_for(backend: str, passes: str | None, quantize: bool = False) -> str:
+    """The pass pipeline: the user's (or the default), then quantize_experts if asked, then the backend's lowering."""
     from moec.pass_manager import DEFAULT_PIPELINE
 
     names = (passes or DEFAULT_PIPELINE).split(",")
+    if quantize and "quantize_experts" not in names:
+        names.append("quantize_experts")
     if backend == "triton" and "lower_triton" not in names:
         names.append("lower_triton")
     return ",".join(names)

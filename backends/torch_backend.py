@@ -131,34 +131,98 @@ def _grouped_ffn(xs, counts, row_expert, w13, b13, w2, b2, activation, gated, al
     return y
 
 
-@torch.library.impl("moec::experts", "CompositeExplicitAutograd")
-def experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, weight_on_input):
-    T, k = ids.shape
+def _sort(x, ids, weights, num_experts, weight_on_input):
+    """Group the T*k (token, slot) pairs by expert: order [T*k], counts per expert, rows xs [T*k, H], ws [T*k, 1]."""
+    k = ids.shape[1]
     flat = ids.reshape(-1)  # [T*k]
-    order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
-    token = order // k  # [T*k] source token of each sorted row
-    xs = x.index_select(0, token)  # [T*k, H]
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    xs = x.index_select(0, order // k)  # [T*k, H] the source token of each sorted row
     ws = weights.reshape(-1)[order].unsqueeze(1)  # [T*k, 1] fp32
     if weight_on_input:
         xs = (xs * ws).to(x.dtype)
-    active = sum(1 for n in counts if n)
-    if T * k >= GROUPED_MIN_ROWS * active and hasattr(torch, "_grouped_mm"):  # many rows per expert: one call
-        row_expert = None if b13 is None and b2 is None else flat[order]
-        ys = _grouped_ffn(xs, counts, row_expert, w13, b13, w2, b2, activation, gated, alpha, limit)
-    else:  # few rows per expert: MKL's small-row kernels, one expert at a time
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            ys[start:start + n] = _expert_ffn(xs[start:start + n], w13[e], None if b13 is None else b13[e], w2[e],
-                                              None if b2 is None else b2[e], activation, gated, alpha, limit)
+    return flat, order, counts, xs, ws
+
+
+def _per_expert(xs, counts, ffn):
+    """ys[rows of e] = ffn(e, xs[rows of e]) for every active expert e."""
+    ys = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            ys[start:start + n] = ffn(e, xs[start:start + n])
             start += n
+    return ys
+
+
+def _combine(ys, order, ws, ids, weight_on_input, dtype):
+    """Sorted expert outputs [T*k, H] -> weighted sum over each token's k slots [T, H]."""
+    T, k = ids.shape
     ys = ys.float() if weight_on_input else ys * ws
     unsorted = torch.empty_like(ys)
     unsorted[order] = ys  # back to (token, slot) order: a plain copy, faster than scatter-add on CPU
-    return unsorted.view(T, k, -1).sum(dim=1).to(x.dtype)  # [T, H]
+    return unsorted.view(T, k, -1).sum(dim=1).to(dtype)
+
+
+@torch.library.impl("moec::experts", "CompositeExplicitAutograd")
+def experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, weight_on_input):
+    flat, order, counts, xs, ws = _sort(x, ids, weights, w13.shape[0], weight_on_input)
+    active = sum(1 for n in counts if n)
+    if flat.numel() >= GROUPED_MIN_ROWS * active and hasattr(torch, "_grouped_mm"):  # many rows per expert
+        row_expert = None if b13 is None and b2 is None else flat[order]
+        ys = _grouped_ffn(xs, counts, row_expert, w13, b13, w2, b2, activation, gated, alpha, limit)
+    else:  # few rows per expert: MKL's small-row kernels, one expert at a time
+        ys = _per_expert(xs, counts, lambda e, xe: _expert_ffn(
+            xe, w13[e], None if b13 is None else b13[e], w2[e], None if b2 is None else b2[e],
+            activation, gated, alpha, limit))
+    return _combine(ys, order, ws, ids, weight_on_input, x.dtype)
+
+
+def _quantized_ffn(mm, b13, b2, activation, gated, alpha, limit):
+    """ffn(e, xe) for _per_expert from mm(xe, e, which) -> xe @ W_which[e].T with packed weights."""
+    def ffn(e, xe):
+        h = mm(xe, e, 13)
+        if b13 is not None:
+            h = h + b13[e]
+        y = mm(activate(h, activation, gated, alpha, limit), e, 2)
+        return y if b2 is None else y + b2[e]
+    return ffn
+
+
+@torch.library.impl("moec::experts_int8", "CompositeExplicitAutograd")
+def experts_int8(x, ids, weights, q13, s13, b13, q2, s2, b2, activation, gated, alpha, limit, weight_on_input):
+    """int8 experts: torch's int8 weight-only GEMM (no dequantized copy), one active expert at a time."""
+    flat, order, counts, xs, ws = _sort(x, ids, weights, q13.shape[0], weight_on_input)
+    q, s = {13: q13, 2: q2}, {13: s13.to(x.dtype), 2: s2.to(x.dtype)}
+    mm = lambda xe, e, w: torch._weight_int8pack_mm(xe, q[w][e], s[w][e])  # noqa: E731
+    ys = _per_expert(xs, counts, _quantized_ffn(mm, b13, b2, activation, gated, alpha, limit))
+    return _combine(ys, order, ws, ids, weight_on_input, x.dtype)
+
+
+@torch.library.impl("moec::experts_int4", "CompositeExplicitAutograd")
+def experts_int4(x, ids, weights, p13, sz13, b13, p2, sz2, b2, group_size, activation, gated, alpha, limit,
+                 weight_on_input):
+    """int4 experts: torch's CPU int4 weight-only GEMM on weights prepared by `prepare_int4`."""
+    if x.device.type != "cpu":
+        raise NotImplementedError("moec: int4 experts in the torch backend run on CPU only")
+    flat, order, counts, xs, ws = _sort(x, ids, weights, p13.shape[0], weight_on_input)
+    p, sz = {13: p13, 2: p2}, {13: sz13.to(x.dtype), 2: sz2.to(x.dtype)}
+    mm = lambda xe, e, w: torch._weight_int4pack_mm_for_cpu(xe, p[w][e], group_size, sz[w][e])  # noqa: E731
+    ys = _per_expert(xs, counts, _quantized_ffn(mm, b13, b2, activation, gated, alpha, limit))
+    return _combine(ys, order, ws, ids, weight_on_input, x.dtype)
+
+
+def prepare_int4(t: dict[str, torch.Tensor], group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """moec's int4 format -> (packed [E, N, K/2] in torch's CPU int4 layout, scales_and_zeros [E, K/g, N, 2]).
+
+    torch's kernel computes (q - 8) * scale + zero: an asymmetric zero point z becomes zero = (8 - z) * scale."""
+    from moec.quant import unpack_int4
+
+    q = unpack_int4(t["q"]).to(torch.int32)  # [E, N, K]
+    packed = torch.stack([torch._convert_weight_to_int4pack_for_cpu(q[e], 1) for e in range(q.shape[0])])
+    scale = t["scale"].float()  # [E, N, K/g]
+    zero = (8 - t["zero"].float()) * scale if "zero" in t else torch.zeros_like(scale)
+    return packed, torch.stack([scale, zero], dim=-1).transpose(1, 2).contiguous()  # [E, K/g, N, 2]
 
 
 @torch.library.impl("moec::experts_loop", "CompositeExplicitAutograd")

@@ -1,16 +1,18 @@
 """moec: a compiler for Mixture-of-Experts inference.
 
     model = moec.compile(model)     # find, prove and rewrite every MoE block
+    model = moec.compile(model, quantize=moec.Int4Experts(group_size=128))   # + weight-only int4 experts
     print(moec.inspect(model))      # what was found, rewritten, and why not
 
 Pipeline (see the file tree): moec/capture.py (record a block's run as an fx graph) ->
-passes/ (detect_moe, fuse_gate, batch_experts) -> backends/ (kernels for moec's canonical
+passes/ (detect_moe, fuse_gate, batch_experts, quantize_experts, lower_triton) -> backends/ (kernels for moec's canonical
 ops, defined in moec/ops.py and described by moec/ir.py) -> moec/api.py.
 """
 
 from moec.api import Report, compile, inspect
 from moec.ir import ExpertsSpec, MoESpec, RouterSpec, SharedSpec
 from moec.pass_manager import DEFAULT_PIPELINE, PASSES
+from moec.quant import Int4Experts, Int8Experts
 
-__all__ = ["compile", "inspect", "Report", "MoESpec", "RouterSpec", "ExpertsSpec", "SharedSpec", "PASSES",
+__all__ = ["compile", "inspect", "Report", "Int8Experts", "Int4Experts", "MoESpec", "RouterSpec", "ExpertsSpec", "SharedSpec", "PASSES",
            "DEFAULT_PIPELINE"]

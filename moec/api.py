@@ -16,6 +16,7 @@ from torch import nn
 import moec.passes  # noqa: F401  (registers the passes)
 from moec.backends import pipeline_for, resolve_backend
 from moec.canonical import install, resolve
+from moec.quant import Int4Experts, Int8Experts, QuantConfig
 from moec.pass_manager import Instruments, PassManager, PassRecord, Rejected, verify_graph
 from moec.passes.detect_moe import Candidate, find_candidates
 
@@ -68,7 +69,7 @@ class Report:
         return console.file.getvalue()
 
 
-def _block_graph(block: nn.Module, cand: Candidate) -> fx.GraphModule:
+def _block_graph(block: nn.Module, cand: Candidate, options: dict) -> fx.GraphModule:
     """The graph a pipeline starts from: one opaque call of the candidate block."""
     root = nn.Module()
     root.block = block
@@ -76,18 +77,19 @@ def _block_graph(block: nn.Module, cand: Candidate) -> fx.GraphModule:
     x = g.placeholder("hidden_states")
     g.output(g.call_module("block", (x,)))
     gm = fx.GraphModule(root, g, class_name="Candidate")
-    gm.meta.update(block=block, candidate=cand)
+    gm.meta.update(block=block, candidate=cand, options=options)
     return gm
 
 
-def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: bool, backend: str) -> Report:
+def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: bool, backend: str,
+         options: dict | None = None) -> Report:
     pm = PassManager(passes, instruments)
     report = Report(pipeline=pm.pipeline, backend=backend)
     cands = find_candidates(model)
     for cand in track(cands, description="moec: compiling MoE blocks", disable=len(cands) < 4, transient=True):
         block = resolve(model, cand.path)
         try:
-            gm, records = pm.run(_block_graph(block, cand), cand.path, block)
+            gm, records = pm.run(_block_graph(block, cand, options or {}), cand.path, block)
         except Rejected as e:
             report.rejected.append(Rejection(cand.path, str(e)))
             continue
@@ -104,12 +106,15 @@ def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: boo
 
 
 def compile(model: nn.Module, *, backend: str = "auto", passes: str | None = None, verify: bool = False,
-            **options) -> nn.Module:
+            quantize: QuantConfig | None = None, **options) -> nn.Module:
     """Find, prove and rewrite every MoE block of `model` (in place); return the model.
 
     backend: "auto" (Triton on CUDA, else torch), "torch" or "triton" (appends the lower_triton pass).
     passes: a pipeline such as "detect_moe,fuse_gate,batch_experts" (the default).
-    verify: check each rewritten block against the original after every pass, raise if off.
+    verify: check each rewritten block against the original after every pass, raise if off
+        (quantized blocks: up to the pass before quantize_experts; quantization error is measured, not checked).
+    quantize: Int8Experts() or Int4Experts(group_size, symmetric): weight-only quantized routed
+        experts (appends the quantize_experts pass; torch backend).
     A model without MoE comes back unchanged, with a warning; blocks moec cannot prove are
     left as they were and listed in `moec.inspect(model).rejected` with the reason.
     """
@@ -117,12 +122,17 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | None = Non
         raise TypeError(f"unknown option(s) {sorted(options)}")
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
     backend = resolve_backend(backend, device)
+    if quantize is not None and not isinstance(quantize, (Int8Experts, Int4Experts)):
+        raise TypeError(f"quantize must be moec.Int8Experts() or moec.Int4Experts(...), not {quantize!r}")
+    if quantize is not None and backend != "torch":
+        raise NotImplementedError(f"moec: quantized experts run in the torch backend only for now, not {backend!r}")
     instruments = Instruments.from_env()
     instruments.verify = instruments.verify or verify
-    report = _run(model, pipeline_for(backend, passes), instruments, install_blocks=True, backend=backend)
+    report = _run(model, pipeline_for(backend, passes, quantize is not None), instruments, install_blocks=True,
+                  backend=backend, options={"quantize": quantize})
     if verify:
         for b in report.blocks:
-            err = b.passes[-1].max_rel_err
+            err = [r for r in b.passes if r.name != "quantize_experts"][-1].max_rel_err
             dtype = next(resolve(model, b.path).parameters()).dtype
             if err > VERIFY_TOL.get(dtype, 1e-4):
                 raise RuntimeError(f"moec: block {b.path!r} differs from the original after "

@@ -116,6 +116,7 @@ class MoESpec:
     params: dict[str, str] = field(default_factory=dict)
     # roles: router_weight, router_bias, select_bias, w13, b13, w2, b2, out_bias ([H], added after the combine)
     outputs: tuple[str, ...] = ("out",)  # the block's return structure, e.g. ("out", "logits")
+    quant: object = None  # a moec.quant config once quantize_experts ran (Int8Experts / Int4Experts)
 
     def with_(self, **kw) -> "MoESpec":
         return replace(self, **kw)
@@ -123,6 +124,7 @@ class MoESpec:
     def describe(self) -> dict[str, str]:
         return {
             "router": self.router.describe(),
-            "experts": self.experts.describe() + (" +output bias" if "out_bias" in self.params else ""),
+            "experts": self.experts.describe() + (" +output bias" if "out_bias" in self.params else "")
+            + (f" [{self.quant.describe()}]" if self.quant else ""),
             "shared": self.shared.describe() if self.shared else "-",
         }

@@ -4,6 +4,7 @@ torch.export and torch.compile (each op has a fake implementation giving output 
     moec::route(x[T,H], W[E,H], ...)                 -> logits[T,E], ids[T,k] int64, weights[T,k] fp32
     moec::experts(x[T,H], ids[T,k], weights[T,k], W13[E,N1,H], b13?, W2[E,H,I], b2?, ...) -> [T,H]
     moec::experts_loop(...same...)                   -> [T,H]   (naive per-expert reference)
+    moec::experts_int8 / experts_int4(x, ids, weights, <packed W13, W2 + scales>, ...) -> [T,H]  (moec.quant)
     moec::capacity(ids[T,k], weights[T,k], rows, capacity, E) -> weights[T,k] (0 past an expert's capacity)
 
 Backends register the real kernels (`moec.backends.torch_backend` for every device).
@@ -27,6 +28,15 @@ torch.library.define(
 )
 torch.library.define("moec::experts", f"({_EXPERTS_ARGS}) -> Tensor")
 torch.library.define("moec::experts_loop", f"({_EXPERTS_ARGS}) -> Tensor")
+_ACT_ARGS = "str activation, bool gated, float alpha, float limit, bool weight_on_input"
+torch.library.define(  # int8 experts (moec.quant format): q [E,N,K] int8, s [E,N]
+    "moec::experts_int8",
+    f"(Tensor x, Tensor ids, Tensor weights, Tensor q13, Tensor s13, Tensor? b13, Tensor q2, Tensor s2, Tensor? b2, "
+    f"{_ACT_ARGS}) -> Tensor")
+torch.library.define(  # int4 experts in torch's CPU layout: p [E,N,K/2] uint8, sz [E,K/g,N,2]
+    "moec::experts_int4",
+    f"(Tensor x, Tensor ids, Tensor weights, Tensor p13, Tensor sz13, Tensor? b13, Tensor p2, Tensor sz2, "
+    f"Tensor? b2, int group_size, {_ACT_ARGS}) -> Tensor")
 torch.library.define("moec::capacity",
                      "(Tensor ids, Tensor weights, SymInt rows, int capacity, int num_experts) -> Tensor")
 
@@ -47,6 +57,8 @@ def _experts_fake(x, *args):
 
 torch.library.register_fake("moec::experts")(_experts_fake)
 torch.library.register_fake("moec::experts_loop")(_experts_fake)
+torch.library.register_fake("moec::experts_int8")(_experts_fake)
+torch.library.register_fake("moec::experts_int4")(_experts_fake)
 
 
 @torch.library.register_fake("moec::capacity")

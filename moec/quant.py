@@ -1,0 +1,99 @@
+"""Weight-only quantization of expert weights: the configs and moec's storage format.
+
+Expert matrices are [E, N, K] (canonical W13 [E, N1, H] and W2 [E, H, I]; K is the input dim).
+
+    Int8Experts():  q int8 [E, N, K], scale fp32 [E, N]          w ~ q * scale   (per output channel, symmetric)
+    Int4Experts(g): q uint8 [E, N, K/2] (two nibbles a byte: k even in the low nibble),
+                    scale fp32 [E, N, K/g], zero uint8 [E, N, K/g] (asymmetric only)
+                    w ~ (q - 8) * scale (symmetric)  or  (q - zero) * scale (asymmetric)
+
+FORMAT_VERSION names this layout in saved files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Int8Experts:
+    """int8 weight-only experts, one scale per output channel."""
+
+    bits = 8
+
+    def describe(self) -> str:
+        return "int8 per-channel"
+
+
+@dataclass(frozen=True)
+class Int4Experts:
+    """int4 weight-only experts, one scale (and zero point if asymmetric) per group of inputs."""
+
+    group_size: int = 128
+    symmetric: bool = True
+    bits = 4
+
+    def __post_init__(self):
+        if self.group_size not in (32, 64, 128):
+            raise ValueError(f"Int4Experts.group_size must be 32, 64 or 128, not {self.group_size}")
+
+    def describe(self) -> str:
+        return f"int4 g{self.group_size} {'sym' if self.symmetric else 'asym'}"
+
+
+QuantConfig = Int8Experts | Int4Experts
+
+
+def check_shape(cfg: QuantConfig, w: torch.Tensor, what: str) -> None:
+    """Raise ValueError naming `what` when w [E, N, K] cannot take this format."""
+    if isinstance(cfg, Int4Experts) and w.shape[-1] % cfg.group_size:
+        raise ValueError(f"{what}: input dim {w.shape[-1]} is not a multiple of the int4 group size "
+                         f"{cfg.group_size} (use a group size that divides it, or Int8Experts)")
+
+
+def quantize(cfg: QuantConfig, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """w [E, N, K] (any float dtype) -> {"q", "scale"[, "zero"]} in moec's format."""
+    w = w.detach().float()
+    if isinstance(cfg, Int8Experts):
+        scale = (w.abs().amax(-1) / 127).clamp_min(1e-12)  # [E, N]
+        return {"q": torch.round(w / scale[..., None]).clamp(-127, 127).to(torch.int8), "scale": scale}
+    E, N, K = w.shape
+    g = w.reshape(E, N, K // cfg.group_size, cfg.group_size)
+    if cfg.symmetric:
+        scale = (g.abs().amax(-1) / 7).clamp_min(1e-12)  # [E, N, K/g]
+        q = torch.round(g / scale[..., None]).clamp(-8, 7) + 8
+        zero = None
+    else:
+        lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)  # the range holds 0 exactly
+        scale = ((hi - lo) / 15).clamp_min(1e-12)
+        zero = torch.round(-lo / scale).clamp(0, 15)
+        q = (torch.round(g / scale[..., None]) + zero[..., None]).clamp(0, 15)
+    q = q.to(torch.uint8).reshape(E, N, K)
+    out = {"q": q[..., 0::2] | (q[..., 1::2] << 4), "scale": scale}
+    if zero is not None:
+        out["zero"] = zero.to(torch.uint8)
+    return out
+
+
+def unpack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[..., K/2] uint8 -> [..., K] uint8 nibbles."""
+    return torch.stack([q & 15, q >> 4], dim=-1).flatten(-2)
+
+
+def dequantize(cfg: QuantConfig, t: dict[str, torch.Tensor], dtype=torch.float32) -> torch.Tensor:
+    """The weights the quantized experts stand for: [E, N, K] (the reference the kernels are tested against)."""
+    if isinstance(cfg, Int8Experts):
+        return (t["q"].float() * t["scale"][..., None]).to(dtype)
+    q = unpack_int4(t["q"]).float()
+    E, N, K = q.shape
+    q = q.reshape(E, N, K // cfg.group_size, cfg.group_size)
+    zero = t["zero"].float()[..., None] if "zero" in t else 8.0
+    return ((q - zero) * t["scale"][..., None]).reshape(E, N, K).to(dtype)
+
+
+def nbytes(t: dict[str, torch.Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in t.values())

@@ -1,0 +1,76 @@
+"""quantize_experts: routed experts -> int8 / int4 weight-only experts (compile(..., quantize=cfg)).
+
+Matches, after batch_experts:
+
+    y = moec.experts(x[T,H], ids[T,k], w[T,k], W13[E,N1,H], b13?, W2[E,H,I], b2?, ...)        # [T, H]
+
+and leaves, for Int8Experts() / Int4Experts(g):
+
+    y = moec.experts_int8(x, ids, w, Q13 int8[E,N1,H], S13[E,N1], b13?, Q2, S2, b2?, ...)
+    y = moec.experts_int4(x, ids, w, P13 u8[E,N1,H/2], SZ13[E,H/g,N1,2], b13?, P2, SZ2, b2?, g, ...)
+
+The quantized tensors, in moec's format (moec.quant), become persistent buffers of the block
+(`_moec_w13_q`, `_moec_w13_scale`[, `_moec_w13_zero`], same for w2): they are what a saved model
+holds. The int4 kernel layout (torch's CPU int4 packing) is derived from them as
+non-persistent buffers. The router, biases and shared experts keep their dtype.
+Invariant: the block equals the original block with dequantized expert weights.
+Stats: quantized, expert_bytes (fp) -> expert_qbytes (quantized).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moec.canonical import resolve
+from moec.pass_manager import PassResult, Rejected, register_pass
+from moec.quant import Int8Experts, check_shape, nbytes, quantize
+
+
+def _attr(gm, node, name: str, tensor: torch.Tensor, persistent: bool = True):
+    """A get_attr of `tensor`, held by the model's block (in its state_dict if persistent) and by the graph's copy."""
+    gm.meta["block"].register_buffer(name, tensor, persistent=persistent)
+    gm.block.register_buffer(name, tensor, persistent=False)
+    with gm.graph.inserting_before(node):
+        return gm.graph.get_attr(f"block.{name}")
+
+
+@register_pass("quantize_experts")
+def quantize_experts(gm) -> PassResult:
+    from moec.backends.torch_backend import prepare_int4
+
+    cfg = gm.meta.get("options", {}).get("quantize")
+    if cfg is None:
+        raise Rejected("quantize_experts needs a quantization config: moec.compile(model, quantize=Int8Experts())")
+    path = gm.meta["candidate"].path
+    stats = {"quantized": 0, "expert_bytes": 0, "expert_qbytes": 0}
+    for node in [n for n in gm.graph.nodes if n.target is torch.ops.moec.experts]:
+        x, ids, w, w13, b13, w2, b2, *rest = node.args
+        new_args = []
+        for role, wnode in (("w13", w13), ("w2", w2)):
+            weight = resolve(gm, wnode.target)
+            try:
+                check_shape(cfg, weight, f"block {path!r} {role}")
+            except ValueError as e:
+                raise Rejected(str(e)) from None
+            t = quantize(cfg, weight)
+            stats["expert_bytes"] += weight.numel() * weight.element_size()
+            stats["expert_qbytes"] += nbytes(t)
+            attrs = {k: _attr(gm, node, f"_moec_{role}_{k}", v) for k, v in t.items()}
+            if isinstance(cfg, Int8Experts):
+                new_args.append((attrs["q"], attrs["scale"]))
+            else:
+                packed, sz = prepare_int4(t, cfg.group_size)
+                new_args.append((_attr(gm, node, f"_moec_{role}_p", packed, False),
+                                 _attr(gm, node, f"_moec_{role}_sz", sz, False)))
+        (a13, c13), (a2, c2) = new_args
+        if isinstance(cfg, Int8Experts):
+            node.target = torch.ops.moec.experts_int8
+            node.args = (x, ids, w, a13, c13, b13, a2, c2, b2, *rest)
+        else:
+            node.target = torch.ops.moec.experts_int4
+            node.args = (x, ids, w, a13, c13, b13, a2, c2, b2, cfg.group_size, *rest)
+        stats["quantized"] += 1
+    gm.graph.eliminate_dead_code()
+    if stats["quantized"]:
+        gm.meta["moe_spec"] = gm.meta["moe_spec"].with_(quant=cfg)
+    return PassResult(gm, stats["quantized"] > 0, stats)

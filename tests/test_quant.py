@@ -1,0 +1,109 @@
+"""Quantized experts: moec's int8/int4 format, the torch kernels against a dequantized naive
+reference, and quantize_experts end to end on HF models."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import moec
+from moec import models
+from moec.backends.torch_backend import prepare_int4
+from moec.canonical import resolve
+from moec.ir import ExpertsSpec
+from moec.ops import experts_args
+from moec.quant import Int4Experts, Int8Experts, dequantize, quantize
+
+from conftest import TOL, rel_err
+from test_ops import naive_experts
+
+CONFIGS = [Int8Experts(), Int4Experts(32), Int4Experts(64, symmetric=False), Int4Experts(128)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.describe())
+def test_roundtrip_error_is_half_a_step(cfg):
+    w = torch.randn(3, 40, 256) * torch.rand(3, 40, 1)  # rows of different ranges
+    t = quantize(cfg, w)
+    step = t["scale"] if cfg.bits == 8 else t["scale"].repeat_interleave(cfg.group_size, dim=-1)
+    step = step[..., None] if cfg.bits == 8 else step
+    assert ((dequantize(cfg, t) - w).abs() <= step / 2 * (1 + 1e-5) + 1e-7).all()
+    packed_bytes = t["q"].numel()
+    assert packed_bytes == w.numel() // (8 // cfg.bits)
+
+
+def _quantized_experts(cfg, x, ids, w, t13, b13, t2, b2, e):
+    if cfg.bits == 8:
+        return torch.ops.moec.experts_int8(x, ids, w, t13["q"], t13["scale"], b13, t2["q"], t2["scale"], b2,
+                                           *experts_args(e))
+    (p13, sz13), (p2, sz2) = prepare_int4(t13, cfg.group_size), prepare_int4(t2, cfg.group_size)
+    return torch.ops.moec.experts_int4(x, ids, w, p13, sz13, b13, p2, sz2, b2, cfg.group_size, *experts_args(e))
+
+
+SPECS = [ExpertsSpec(8, 64, 128, "silu"), ExpertsSpec(4, 128, 64, "gelu", gated=False, bias=True),
+         ExpertsSpec(4, 64, 64, "swiglu_oai", bias=True, alpha=1.702, limit=7.0),
+         ExpertsSpec(4, 64, 64, "silu", weight_on_input=True)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:3], ids=lambda c: c.describe())
+@pytest.mark.parametrize("e", SPECS, ids=lambda e: e.describe())
+@pytest.mark.parametrize("T,k", [(1, 1), (1, 2), (6, 2), (40, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_kernels_match_dequantized_reference(cfg, e, T, k, dtype):
+    E, H, I = e.num_experts, e.hidden, e.inter
+    N1 = 2 * I if e.gated else I
+    x = torch.randn(T, H).to(dtype)
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    w = torch.rand(T, k)
+    t13, t2 = quantize(cfg, torch.randn(E, N1, H) / H**0.5), quantize(cfg, torch.randn(E, H, I) / I**0.5)
+    b13 = torch.randn(E, N1).to(dtype) if e.bias else None
+    b2 = torch.randn(E, H).to(dtype) if e.bias else None
+    got = _quantized_experts(cfg, x, ids, w, t13, b13, t2, b2, e)
+    ref = naive_experts(x, ids, w, dequantize(cfg, t13, dtype), b13, dequantize(cfg, t2, dtype), b2, e)
+    assert got.dtype == dtype and rel_err(got, ref) < TOL[dtype]
+
+
+def _dequantized_twin(model, qmodel, cfg):
+    """The model compiled without quantization, its expert weights replaced by the dequantized ones."""
+    twin = moec.compile(copy.deepcopy(model))
+    for b in moec.inspect(qmodel).blocks:
+        qblock, spec = resolve(qmodel, b.path), resolve(twin, b.path).__dict__["_moec_graph"].meta["moe_spec"]
+        for role in ("w13", "w2"):
+            t = {k: getattr(qblock, f"_moec_{role}_{k}") for k in ("q", "scale", "zero") if
+                 hasattr(qblock, f"_moec_{role}_{k}")}
+            target = resolve(resolve(twin, b.path), spec.params[role])
+            target.data.copy_(dequantize(cfg, t, target.dtype))
+    return twin
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:3], ids=lambda c: c.describe())
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss", "qwen2_moe"])
+def test_hf_quantized_equals_dequantized_model(cfg, family):
+    model = models.tiny_model(family, hidden_size=64, intermediate_size=64, moe_intermediate_size=64)
+    qmodel = moec.compile(copy.deepcopy(model), quantize=cfg)
+    report = moec.inspect(qmodel)
+    assert report.blocks and not report.rejected, report
+    assert all(cfg.describe() in b.experts for b in report.blocks)
+    twin = _dequantized_twin(model, qmodel, cfg)
+    inputs = models.example_inputs(model, batch=2, seq=5)
+    with torch.no_grad():
+        assert rel_err(qmodel(**inputs).logits, twin(**inputs).logits) < 1e-4
+
+
+def test_group_size_must_divide_the_input_dim():
+    model = models.tiny_model("mixtral", hidden_size=96)  # 96 is not a multiple of 64
+    with warnings.catch_warnings(record=True):
+        moec.compile(model, quantize=Int4Experts(64))
+    rejected = moec.inspect(model).rejected
+    assert rejected and all("not a multiple of the int4 group size 64" in r.reason for r in rejected)
+    assert all(r.path in r.reason for r in rejected)
+
+
+def test_bad_configs_and_no_moe():
+    with pytest.raises(ValueError, match="group_size"):
+        Int4Experts(100)
+    with pytest.raises(TypeError, match="quantize must be"):
+        moec.compile(models.tiny_model("mixtral"), quantize="int4")
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match="no MoE block"):
+        assert moec.compile(plain, quantize=Int8Experts()) is plain
