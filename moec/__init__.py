@@ -13,6 +13,7 @@ from moec.api import Report, compile, inspect
 from moec.ir import ExpertsSpec, MoESpec, RouterSpec, SharedSpec
 from moec.pass_manager import DEFAULT_PIPELINE, PASSES
 from moec.quant import Int4Experts, Int8Experts
+from moec.serialize import load, save
 
-__all__ = ["compile", "inspect", "Report", "Int8Experts", "Int4Experts", "MoESpec", "RouterSpec", "ExpertsSpec", "SharedSpec", "PASSES",
+__all__ = ["compile", "inspect", "Report", "Int8Experts", "Int4Experts", "save", "load", "MoESpec", "RouterSpec", "ExpertsSpec", "SharedSpec", "PASSES",
            "DEFAULT_PIPELINE"]

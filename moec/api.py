@@ -48,10 +48,12 @@ class Report:
     rejected: list[Rejection] = field(default_factory=list)
     pipeline: str = ""
     backend: str = ""
+    quantize: QuantConfig | None = None
 
     def __rich__(self) -> Table:
+        q = f", quantize {self.quantize}" if self.quantize else ""
         t = Table(title=f"moec: {len(self.blocks)} MoE block(s) found, {len(self.rejected)} rejected "
-                        f"(pipeline {self.pipeline}, backend {self.backend})", title_justify="left")
+                        f"(pipeline {self.pipeline}, backend {self.backend}{q})", title_justify="left")
         for col in ("block", "E", "k", "router", "experts", "shared", "load (min/max tokens)"):
             t.add_column(col)
         for b in self.blocks:
@@ -141,6 +143,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | None = Non
         why = f" ({len(report.rejected)} candidate(s) rejected: see moec.inspect)" if report.rejected else ""
         warnings.warn(f"moec: no MoE block rewritten in {type(model).__name__}{why}; returned unchanged",
                       stacklevel=2)
+    report.quantize = quantize
     model.__dict__["_moec_report"] = report
     return model
 

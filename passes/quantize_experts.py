@@ -74,3 +74,16 @@ def quantize_experts(gm) -> PassResult:
     if stats["quantized"]:
         gm.meta["moe_spec"] = gm.meta["moe_spec"].with_(quant=cfg)
     return PassResult(gm, stats["quantized"] > 0, stats)
+
+
+def refresh_kernel_layouts(block: torch.nn.Module, cfg) -> None:
+    """Re-derive the int4 kernel layout from the block's moec-format buffers (after loading them)."""
+    from moec.backends.torch_backend import prepare_int4
+
+    if isinstance(cfg, Int8Experts):
+        return
+    for role in ("w13", "w2"):
+        t = {k: getattr(block, f"_moec_{role}_{k}") for k in ("q", "scale", "zero") if hasattr(block, f"_moec_{role}_{k}")}
+        packed, sz = prepare_int4(t, cfg.group_size)
+        getattr(block, f"_moec_{role}_p").copy_(packed)
+        getattr(block, f"_moec_{role}_sz").copy_(sz)

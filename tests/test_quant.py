@@ -107,3 +107,26 @@ def test_bad_configs_and_no_moe():
     plain = torch.nn.Sequential(torch.nn.Linear(8, 8))
     with pytest.warns(UserWarning, match="no MoE block"):
         assert moec.compile(plain, quantize=Int8Experts()) is plain
+
+
+@pytest.mark.parametrize("cfg", [Int8Experts(), Int4Experts(32, symmetric=False)], ids=lambda c: c.describe())
+def test_save_and_load_without_requantizing(cfg, tmp_path):
+    model = moec.compile(models.tiny_model("mixtral"), quantize=cfg)
+    path = tmp_path / "model.safetensors"
+    moec.save(model, str(path))
+    fresh = models.tiny_model("mixtral", seed=1)  # other weights: everything must come from the file
+    moec.load(fresh, str(path))
+    assert moec.inspect(fresh).quantize == cfg
+    inputs = models.example_inputs(model)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_load_refuses_other_format_versions(tmp_path, monkeypatch):
+    model = moec.compile(models.tiny_model("mixtral"), quantize=Int8Experts())
+    path = str(tmp_path / "model.safetensors")
+    monkeypatch.setattr(moec.quant, "FORMAT_VERSION", 99)
+    moec.save(model, path)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="format version 99"):
+        moec.load(models.tiny_model("mixtral"), path)
