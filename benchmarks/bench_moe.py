@@ -1,13 +1,14 @@
 """MoE benchmark on CPU: HF experts implementations, torch.compile of HF, and moec; block and whole model.
 
     python benchmarks/bench_moe.py [--models mixtral deepseek] [--tokens 1 8 64 512]
-                                   [--levels block model] [--no-torch-compile]
+                                   [--levels block model] [--no-torch-compile] [--quantized]
 
 Block level: median time of one MoE block forward and its ratio to the bound measured on
 this machine: max(bytes of the distinct experts touched (routed + shared) / read bandwidth,
 expert FLOPs / fp32 GEMM peak) (field.md). Model level: a whole forward of the model
 (2 layers, batch 1, T tokens) and each row's speed-up over the best HF experts
-implementation. Random weights, no downloads.
+implementation. `--quantized` adds moec with int8 and int4 (g128) experts, and block bounds
+for their packed bytes (weights + scales). Random weights, no downloads.
 """
 
 import argparse
@@ -47,13 +48,17 @@ def block_shape(block) -> dict:
                 shared_I=shared.down_proj.in_features if shared is not None else 0)
 
 
-def bound(s: dict, T: int, bw: float, flops: float) -> float:
+# bytes per expert weight: fp32, int8 + a fp32 scale per row of 512, int4 + a fp32 scale per group of 128
+QUANT = {"": 4.0, "int8": 1 + 4 / 512, "int4 g128": 0.5 + 4 / 128}
+
+
+def bound(s: dict, T: int, bw: float, flops: float, expert_bytes: float = 4.0) -> float:
     E, k, H, I, Is = s["E"], s["k"], s["H"], s["I"], s["shared_I"]
     touched = E * (1 - (1 - k / E) ** T)  # expected distinct experts hit by T tokens
-    return max((touched * I + Is) * 3 * H * 4 / bw, 2 * T * (k * I + Is) * 3 * H / flops)
+    return max((touched * I * expert_bytes + Is * 4) * 3 * H / bw, 2 * T * (k * I + Is) * 3 * H / flops)
 
 
-def rows(name: str, level: str, torch_compile: bool) -> dict:
+def rows(name: str, level: str, torch_compile: bool, quantized: bool) -> dict:
     """label -> module: every HF experts implementation, torch.compile of HF's default, moec."""
     out = {}
     for impl in models.EXPERTS_IMPLEMENTATIONS:
@@ -63,6 +68,9 @@ def rows(name: str, level: str, torch_compile: bool) -> dict:
     if torch_compile:
         out["torch.compile(HF grouped_mm)"] = torch.compile(copy.deepcopy(base), dynamic=True)
     out["moec"] = moec.compile(copy.deepcopy(base))
+    if quantized:
+        out["moec int8"] = moec.compile(copy.deepcopy(base), quantize=moec.Int8Experts())
+        out["moec int4 g128"] = moec.compile(copy.deepcopy(base), quantize=moec.Int4Experts(128))
     return out
 
 
@@ -78,6 +86,7 @@ def main():
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512])
     ap.add_argument("--levels", nargs="+", default=["block", "model"], choices=["block", "model"])
     ap.add_argument("--no-torch-compile", action="store_true")
+    ap.add_argument("--quantized", action="store_true")
     args = ap.parse_args()
     console = Console()
     torch.manual_seed(0)
@@ -86,7 +95,7 @@ def main():
                   f"fp32 GEMM {flops / 1e9:.0f} GFLOP/s, torch {torch.__version__}")
     for name in args.models:
         for level in args.levels:
-            impls = rows(name, level, not args.no_torch_compile)
+            impls = rows(name, level, not args.no_torch_compile, args.quantized)
             ref = impls["HF grouped_mm"]
             s = block_shape(ref if level == "block" else ref.model.layers[0].mlp)
             title = (f"{name}-style {'MoE block' if level == 'block' else 'model (2 layers)'} (E={s['E']}, k={s['k']}, "
@@ -102,8 +111,9 @@ def main():
                 for label, m in impls.items():
                     times[label].append(median_time(lambda: m(*a, **kw), 20 if T <= 64 else 5))
             if level == "block":
+                for q in QUANT if args.quantized else [""]:
+                    t.add_row(f"bound {q}".strip(), *(f"{bound(s, T, bw, flops, QUANT[q]) * 1e3:.2f}" for T in args.tokens))
                 ref_row = [bound(s, T, bw, flops) for T in args.tokens]
-                t.add_row("bound", *(f"{b * 1e3:.2f}" for b in ref_row))
             else:  # the best HF experts implementation at each token count
                 ref_row = [min(times[f"HF {i}"][j] for i in models.EXPERTS_IMPLEMENTATIONS) for j in range(len(args.tokens))]
             for label, ts in times.items():
