@@ -1,0 +1,67 @@
+"""Quality cost of quantized experts, measured on moec's trained tiny MoE LM (moec.examples).
+
+    python benchmarks/quality.py [--batches 8] [--batch-size 8] [--seq 128]
+
+Rows: fp32 (moec-compiled, unquantized), int8 per-channel, int4 with groups 32/64/128,
+symmetric and asymmetric. Columns: held-out perplexity (next byte) and its change vs fp32,
+max and mean |logit error| vs fp32 over the held-out tokens, and the bytes of the routed
+experts (quantized: packed weights + scales + zero points) and their ratio to fp32.
+"""
+
+import argparse
+import copy
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+import moec  # noqa: E402
+from moec import examples  # noqa: E402
+from moec.canonical import resolve  # noqa: E402
+
+CONFIGS = {"fp32": None, "int8": moec.Int8Experts(),
+           **{f"int4 g{g} {'sym' if s else 'asym'}": moec.Int4Experts(g, s) for g in (32, 64, 128) for s in (True, False)}}
+
+
+def expert_bytes(model) -> int:
+    total = 0
+    for b in moec.inspect(model).blocks:
+        block = resolve(model, b.path)
+        spec = block.__dict__["_moec_graph"].meta["moe_spec"]
+        for role in ("w13", "w2"):
+            q = [getattr(block, f"_moec_{role}_{k}") for k in ("q", "scale", "zero") if hasattr(block, f"_moec_{role}_{k}")]
+            tensors = q or [resolve(block, spec.params[role])]
+            total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    args = ap.parse_args()
+    base = examples.tiny_moe_lm()
+    batches = examples.heldout_batches(seq_len=args.seq, n_batches=args.batches, batch_size=args.batch_size)
+    t = Table(title=f"moec tiny MoE LM, held-out stdlib bytes ({args.batches * args.batch_size} x {args.seq} tokens)")
+    for col in ("experts", "perplexity", "vs fp32", "max |dlogit|", "mean |dlogit|", "expert bytes", "x fp32"):
+        t.add_column(col, justify="right")
+    ref_logits = ref_ppl = ref_bytes = None
+    for name, cfg in CONFIGS.items():
+        model = moec.compile(copy.deepcopy(base), quantize=cfg)
+        with torch.no_grad():
+            logits = torch.cat([model(input_ids=b).logits for b in batches])
+        ppl, nbytes = examples.perplexity(model, batches), expert_bytes(model)
+        if cfg is None:
+            ref_logits, ref_ppl, ref_bytes = logits, ppl, nbytes
+        err = (logits - ref_logits).abs()
+        t.add_row(name, f"{ppl:.4f}", f"{100 * (ppl / ref_ppl - 1):+.3f}%", f"{err.max().item():.4f}",
+                  f"{err.mean().item():.5f}", f"{nbytes / 1e6:.3f} MB", f"{nbytes / ref_bytes:.3f}")
+    Console().print(t)
+
+
+if __name__ == "__main__":
+    main()
