@@ -1,0 +1,120 @@
+"""A small MoE language model trained here, whose routing means something.
+
+Unlike the random-weight models of `moec.models`, `tiny_moe_lm()` was trained (by
+`examples/train_tiny_moe.py`) to predict the bytes of Python's standard-library sources, so
+its experts and routers are worth measuring: e.g. the perplexity lost by quantizing experts.
+
+    tiny_moe_lm()                  -> MixtralForCausalLM (3 layers, hidden 128, 8 experts of 256, top-2), eval mode
+    heldout_batches(seq_len=128)   -> deterministic [batch, seq_len] byte-token batches from held-out files
+    perplexity(model, batches)     -> exp(mean next-byte NLL)
+    expert_load(model, batches)    -> [layers, experts] fraction of routed (token, slot) pairs per expert
+
+Tokens are raw bytes (vocab 256, no tokenizer). The corpus is every `*.py` under the stdlib
+directory (site-packages and test directories excluded) in sorted path order; a file is
+held out when a hash of its relative path says so (~5%), so the split does not depend on
+the file system. The corpus is the running Python's stdlib: `train_log.json` records the
+version the shipped weights were trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sysconfig
+from pathlib import Path
+
+import torch
+
+DATA_DIR = Path(__file__).parent / "data" / "tiny_moe_lm"
+SEED = 0
+HELDOUT_EVERY = 20  # 1 file in 20 held out
+_SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+def tiny_moe_config():
+    """The architecture of `tiny_moe_lm` (fp32 weights: ~2.5M params, ~10 MB)."""
+    import transformers
+
+    return transformers.MixtralConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
+        tie_word_embeddings=True, router_aux_loss_coef=0.01, bos_token_id=None, eos_token_id=None,
+        pad_token_id=None,
+    )
+
+
+def stdlib_files() -> list[tuple[str, Path]]:
+    """(relative posix path, path) of the stdlib's `*.py` sources, sorted by relative path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if not _SKIP_DIRS.intersection(rel.parts[:-1]) and path.is_file():
+            files.append((rel.as_posix(), path))
+    return sorted(files)
+
+
+def is_heldout(rel: str) -> bool:
+    return int(hashlib.sha256(rel.encode()).hexdigest()[:8], 16) % HELDOUT_EVERY == 0
+
+
+def corpus(split: str) -> torch.Tensor:
+    """All bytes of the `split` ("train" or "heldout") files, joined by b"\\n", as a uint8 tensor."""
+    assert split in ("train", "heldout"), split
+    want = split == "heldout"
+    data = b"\n".join(path.read_bytes() for rel, path in stdlib_files() if is_heldout(rel) == want)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def windows(data: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[len(starts), seq_len] int64 tokens data[s : s + seq_len]."""
+    return data[starts[:, None] + torch.arange(seq_len)].long()
+
+
+def evenly_spaced_batches(data: torch.Tensor, seq_len: int, n_batches: int, batch_size: int) -> list[torch.Tensor]:
+    """n_batches of batch_size windows at evenly spaced offsets over `data` (deterministic)."""
+    n = n_batches * batch_size
+    starts = torch.linspace(0, len(data) - seq_len - 1, n).long()
+    return list(windows(data, starts, seq_len).split(batch_size))
+
+
+def heldout_batches(seq_len: int = 128, n_batches: int = 2, batch_size: int = 8) -> list[torch.Tensor]:
+    """Deterministic byte-token batches ([batch_size, seq_len] int64) from the held-out files."""
+    return evenly_spaced_batches(corpus("heldout"), seq_len, n_batches, batch_size)
+
+
+def tiny_moe_lm():
+    """The shipped trained model (MixtralForCausalLM, fp32, eval mode); reads local files only."""
+    import transformers
+
+    return transformers.MixtralForCausalLM.from_pretrained(DATA_DIR, local_files_only=True,
+                                                           dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def mean_nll(model, batches: list[torch.Tensor]) -> float:
+    """Mean next-token negative log-likelihood (nats) over all predicted positions of `batches`."""
+    total, count = 0.0, 0
+    for ids in batches:
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                reduction="sum")
+        total, count = total + nll.item(), count + ids[:, 1:].numel()
+    return total / count
+
+
+def perplexity(model, batches: list[torch.Tensor]) -> float:
+    """exp(mean next-byte NLL) of `model` on `batches`."""
+    return math.exp(mean_nll(model, batches))
+
+
+@torch.no_grad()
+def expert_load(model, batches: list[torch.Tensor]) -> torch.Tensor:
+    """[layers, experts]: fraction of each layer's top-k (token, slot) assignments going to each expert."""
+    k, num_experts = model.config.num_experts_per_tok, model.config.num_local_experts
+    counts = 0
+    for ids in batches:
+        router_logits = model(input_ids=ids, output_router_logits=True).router_logits  # per layer: [tokens, E]
+        chosen = [logits.topk(k, dim=-1).indices.reshape(-1) for logits in router_logits]
+        counts = counts + torch.stack([torch.bincount(c, minlength=num_experts) for c in chosen])
+    return counts / counts.sum(-1, keepdim=True)
