@@ -17,7 +17,7 @@ import moec.passes  # noqa: F401  (registers the passes)
 from moec.backends import pipeline_for, resolve_backend
 from moec.canonical import install, resolve
 from moec.quant import Int4Experts, Int8Experts, QuantConfig
-from moec.pass_manager import Instruments, PassManager, PassRecord, Rejected, verify_graph
+from moec.pass_manager import Instruments, PassManager, PassRecord, Rejected
 from moec.passes.detect_moe import Candidate, find_candidates
 
 # max relative error allowed by verify=True, per compute dtype

@@ -31,7 +31,7 @@ losses; everything is deterministic. Weights are drawn from a torch.Generator se
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
