@@ -21,6 +21,7 @@ from rich.table import Table  # noqa: E402
 import moec  # noqa: E402
 from moec import examples  # noqa: E402
 from moec.canonical import resolve  # noqa: E402
+from moec.passes.quantize_experts import quantized_tensors  # noqa: E402
 
 CONFIGS = {"fp32": None, "int8": moec.Int8Experts(),
            **{f"int4 g{g} {'sym' if s else 'asym'}": moec.Int4Experts(g, s) for g in (32, 64, 128) for s in (True, False)}}
@@ -32,8 +33,7 @@ def expert_bytes(model) -> int:
         block = resolve(model, b.path)
         spec = block.__dict__["_moec_graph"].meta["moe_spec"]
         for role in ("w13", "w2"):
-            q = [getattr(block, f"_moec_{role}_{k}") for k in ("q", "scale", "zero") if hasattr(block, f"_moec_{role}_{k}")]
-            tensors = q or [resolve(block, spec.params[role])]
+            tensors = list(quantized_tensors(block, role).values()) or [resolve(block, spec.params[role])]
             total += sum(t.numel() * t.element_size() for t in tensors)
     return total
 

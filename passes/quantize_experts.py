@@ -76,6 +76,11 @@ def quantize_experts(gm) -> PassResult:
     return PassResult(gm, stats["quantized"] > 0, stats)
 
 
+def quantized_tensors(block: torch.nn.Module, role: str) -> dict[str, torch.Tensor]:
+    """The block's moec-format tensors of `role` ("w13" or "w2"): {"q", "scale"[, "zero"]}; {} if not quantized."""
+    return {k: getattr(block, f"_moec_{role}_{k}") for k in ("q", "scale", "zero") if hasattr(block, f"_moec_{role}_{k}")}
+
+
 def refresh_kernel_layouts(block: torch.nn.Module, cfg) -> None:
     """Re-derive the int4 kernel layout from the block's moec-format buffers (after loading them)."""
     from moec.backends.torch_backend import prepare_int4
@@ -83,7 +88,6 @@ def refresh_kernel_layouts(block: torch.nn.Module, cfg) -> None:
     if isinstance(cfg, Int8Experts):
         return
     for role in ("w13", "w2"):
-        t = {k: getattr(block, f"_moec_{role}_{k}") for k in ("q", "scale", "zero") if hasattr(block, f"_moec_{role}_{k}")}
-        packed, sz = prepare_int4(t, cfg.group_size)
+        packed, sz = prepare_int4(quantized_tensors(block, role), cfg.group_size)
         getattr(block, f"_moec_{role}_p").copy_(packed)
         getattr(block, f"_moec_{role}_sz").copy_(sz)

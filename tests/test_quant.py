@@ -13,6 +13,7 @@ from moec.backends.torch_backend import prepare_int4
 from moec.canonical import resolve
 from moec.ir import ExpertsSpec
 from moec.ops import experts_args
+from moec.passes.quantize_experts import quantized_tensors
 from moec.quant import Int4Experts, Int8Experts, dequantize, quantize
 
 from conftest import TOL, rel_err
@@ -69,10 +70,8 @@ def _dequantized_twin(model, qmodel, cfg):
     for b in moec.inspect(qmodel).blocks:
         qblock, spec = resolve(qmodel, b.path), resolve(twin, b.path).__dict__["_moec_graph"].meta["moe_spec"]
         for role in ("w13", "w2"):
-            t = {k: getattr(qblock, f"_moec_{role}_{k}") for k in ("q", "scale", "zero") if
-                 hasattr(qblock, f"_moec_{role}_{k}")}
             target = resolve(resolve(twin, b.path), spec.params[role])
-            target.data.copy_(dequantize(cfg, t, target.dtype))
+            target.data.copy_(dequantize(cfg, quantized_tensors(qblock, role), target.dtype))
     return twin
 
 
