@@ -104,3 +104,7 @@ def install(block: nn.Module, gm: fx.GraphModule) -> None:
     block.__dict__["_moec_original_forward"] = original
     block.__dict__["_moec_graph"] = gm  # kept out of _modules: state_dict and named_modules are unchanged
     block.forward = CompiledForward(gm, gm.meta["moe_spec"].outputs, original)
+    own = type(block).extra_repr(block)
+    d = gm.meta["moe_spec"].describe()
+    line = f"moec: {d['router']}; experts {d['experts']}" + (f"; shared {d['shared']}" if d["shared"] != "-" else "")
+    block.extra_repr = lambda: f"{own}\n{line}" if own else line  # print(model) shows the rewrite

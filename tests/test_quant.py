@@ -83,6 +83,7 @@ def test_hf_quantized_equals_dequantized_model(cfg, family):
     report = moec.inspect(qmodel)
     assert report.blocks and not report.rejected, report
     assert all(cfg.describe() in b.experts for b in report.blocks)
+    assert all(f"[{cfg.describe()}]" in repr(resolve(qmodel, b.path)) for b in report.blocks)  # print(model)
     twin = _dequantized_twin(model, qmodel, cfg)
     inputs = models.example_inputs(model, batch=2, seq=5)
     with torch.no_grad():
