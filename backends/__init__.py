@@ -3,6 +3,7 @@
 - `torch`: plain torch (`torch_backend`), every device; the fast path on CPU.
 - `triton`: fused routing + grouped-GEMM Triton kernels (`triton_route`, `triton_experts`), CUDA;
   also runs on CPU tensors under TRITON_INTERPRET=1 (slow; for tests).
+- `onnxruntime`: the whole model exported (moec.export_onnx) and run in an InferenceSession (`ort_session`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "onnxruntime")
 
 
 def triton_unavailable(device) -> str | None:
@@ -29,6 +30,8 @@ def resolve_backend(name: str, device) -> str:
         return "triton" if device.type == "cuda" and triton_unavailable(device) is None else "torch"
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)} (or 'auto')")
+    if name == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
+        raise RuntimeError("moec: backend='onnxruntime' needs onnxruntime (pip install onnxruntime-gpu or onnxruntime)")
     if name == "triton" and (why := triton_unavailable(device)):
         raise RuntimeError(f"moec: backend='triton' cannot run here: {why}")
     return name

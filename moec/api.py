@@ -49,6 +49,7 @@ class Report:
     pipeline: str = ""
     backend: str = ""
     quantize: QuantConfig | None = None
+    export: object = None  # backend="onnxruntime": the moec.export_onnx report of the last session opened
 
     def __rich__(self) -> Table:
         q = f", quantize {self.quantize}" if self.quantize else ""
@@ -108,10 +109,14 @@ def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: boo
 
 
 def compile(model: nn.Module, *, backend: str = "auto", passes: str | None = None, verify: bool = False,
-            quantize: QuantConfig | None = None, **options) -> nn.Module:
+            quantize: QuantConfig | None = None, providers: list[str] | None = None, session_options=None,
+            **options) -> nn.Module:
     """Find, prove and rewrite every MoE block of `model` (in place); return the model.
 
-    backend: "auto" (Triton on CUDA, else torch), "torch" or "triton" (appends the lower_triton pass).
+    backend: "auto" (Triton on CUDA, else torch), "torch", "triton" (appends the lower_triton pass) or
+        "onnxruntime" (the whole model runs in an ONNX Runtime session, see moec.backends.ort_session;
+        `providers` in precedence order, default CUDA when usable else CPU; `session_options` an
+        onnxruntime.SessionOptions or a dict of its attributes).
     passes: a pipeline such as "detect_moe,fuse_gate,batch_experts" (the default).
     verify: check each rewritten block against the original after every pass, raise if off
         (quantized blocks: up to the pass before quantize_experts; quantization error is measured, not checked).
@@ -126,8 +131,12 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | None = Non
     backend = resolve_backend(backend, device)
     if quantize is not None and not isinstance(quantize, (Int8Experts, Int4Experts)):
         raise TypeError(f"quantize must be moec.Int8Experts() or moec.Int4Experts(...), not {quantize!r}")
+    if backend == "onnxruntime":
+        return _compile_onnxruntime(model, passes, quantize, providers, session_options)
     if quantize is not None and backend != "torch":
         raise NotImplementedError(f"moec: quantized experts run in the torch backend only for now, not {backend!r}")
+    if providers is not None or session_options is not None:
+        raise TypeError("providers= and session_options= are options of backend='onnxruntime'")
     instruments = Instruments.from_env()
     instruments.verify = instruments.verify or verify
     report = _run(model, pipeline_for(backend, passes, quantize is not None), instruments, install_blocks=True,
@@ -139,12 +148,32 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | None = Non
             if err > VERIFY_TOL.get(dtype, 1e-4):
                 raise RuntimeError(f"moec: block {b.path!r} differs from the original after "
                                    f"{b.passes[-1].name}: max relative error {err:.2e}")
-    if not report.blocks:
-        why = f" ({len(report.rejected)} candidate(s) rejected: see moec.inspect)" if report.rejected else ""
-        warnings.warn(f"moec: no MoE block rewritten in {type(model).__name__}{why}; returned unchanged",
-                      stacklevel=2)
+    _warn_if_empty(model, report)
     report.quantize = quantize
     model.__dict__["_moec_report"] = report
+    return model
+
+
+def _warn_if_empty(model: nn.Module, report: Report) -> bool:
+    if report.blocks:
+        return False
+    why = f" ({len(report.rejected)} candidate(s) rejected: see moec.inspect)" if report.rejected else ""
+    warnings.warn(f"moec: no MoE block rewritten in {type(model).__name__}{why}; returned unchanged", stacklevel=3)
+    return True
+
+
+def _compile_onnxruntime(model: nn.Module, passes, quantize, providers, session_options) -> nn.Module:
+    """Prove the blocks now (the report); export and open a session at the first call of each input signature."""
+    from moec.backends import ort_session
+
+    if passes is not None:
+        raise ValueError("backend='onnxruntime' runs moec.export_onnx's pipeline; it takes no passes=")
+    report = _run(model, "detect_moe", Instruments(), install_blocks=False, backend="onnxruntime")
+    if _warn_if_empty(model, report):
+        return model
+    report.quantize = quantize
+    model.__dict__["_moec_report"] = report
+    ort_session.install(model, report, providers, session_options, quantize)
     return model
 
 

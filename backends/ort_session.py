@@ -1,0 +1,163 @@
+"""backend="onnxruntime": the whole model runs through an ONNX Runtime InferenceSession.
+
+    model = moec.compile(model, backend="onnxruntime", providers=None, session_options=None, quantize=None)
+    out = model(**inputs)   # a new input signature exports (moec.export_onnx) and opens a session
+
+`model.forward` is replaced by an `OrtForward`: it binds each call to the model's own signature,
+keys sessions by the names, dtypes and ranks of the tensor inputs (batch and sequence sizes are
+dynamic axes of the exported file, so one session serves every size), runs the session and gives
+back the model's own output type (HF models: their ModelOutput with the logits). The first call of
+a signature also runs the eager model once and refuses a session whose outputs differ from it.
+HF models run without KV cache (`generation_config.use_cache = False`): generate recomputes the
+whole sequence each step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import tempfile
+
+import numpy as np
+import torch
+from torch import nn
+
+from moec.log import log
+
+# max relative error of the session's outputs against eager on the first call, per activation dtype
+CHECK_TOL = {torch.float32: 1e-4, torch.float16: 2e-2}
+# non-tensor arguments a call may pass with these values (use_cache is ignored: the session has no KV cache)
+_FIXED = {"return_dict": True, "output_attentions": False, "output_hidden_states": False,
+          "output_router_logits": False}
+
+
+def default_providers() -> list[str]:
+    """CUDA first when torch sees a GPU and onnxruntime has the provider, else CPU.
+    (onnxruntime-gpu lists CUDA even on a machine without one: the list alone proves nothing.)"""
+    import onnxruntime as ort
+
+    if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session_options(options) -> "onnxruntime.SessionOptions":  # noqa: F821
+    """An ort.SessionOptions as is, or a dict of its attributes, e.g. {"intra_op_num_threads": 2,
+    "graph_optimization_level": "ORT_ENABLE_ALL", "optimized_model_filepath": "opt.onnx"}."""
+    import onnxruntime as ort
+
+    if isinstance(options, ort.SessionOptions):
+        return options
+    so = ort.SessionOptions()
+    for name, value in (options or {}).items():
+        if not hasattr(so, name):
+            raise ValueError(f"moec: unknown onnxruntime session option {name!r}")
+        if name == "graph_optimization_level" and isinstance(value, str):
+            value = getattr(ort.GraphOptimizationLevel, value)
+        setattr(so, name, value)
+    return so
+
+
+def _widen(t: torch.Tensor) -> torch.Tensor:
+    """An export example with every size-1 batch/sequence axis made 2 (a size-1 axis would be baked in)."""
+    axes = range(t.dim()) if not t.is_floating_point() else range(t.dim() - 1)
+    return t.repeat(*(2 if a in axes and t.shape[a] == 1 else 1 for a in range(t.dim())))
+
+
+class OrtForward:
+    def __init__(self, model: nn.Module, report, providers, options, quantize):
+        self.model, self.report, self.quantize = model, report, quantize
+        self.original = model.forward
+        self.signature = inspect.signature(self.original)
+        self.providers = list(providers) if providers else default_providers()
+        self.options = options
+        self.tmp = tempfile.TemporaryDirectory(prefix="moec-ort-")
+        self.sessions: dict[tuple, tuple] = {}  # key -> (session, input names, output type)
+
+    def __call__(self, *args, **kwargs):
+        bound = self.signature.bind(*args, **kwargs)
+        extra = bound.arguments.pop(next((n for n, p in self.signature.parameters.items()
+                                          if p.kind is p.VAR_KEYWORD), None), {})
+        tensors, keep = {}, None
+        for name, value in {**bound.arguments, **extra}.items():
+            if isinstance(value, torch.Tensor):
+                tensors[name] = value
+            elif name == "logits_to_keep":
+                keep = value
+            elif value is not None and name != "use_cache" and (name not in _FIXED or _FIXED[name] != value):
+                raise NotImplementedError(f"moec backend='onnxruntime': argument {name}={value!r} is not supported "
+                                          "(the session takes the model's tensor inputs and returns its outputs)")
+        key = tuple((n, t.dtype, t.dim()) for n, t in tensors.items())
+        if key not in self.sessions:
+            self.sessions[key] = self._open(tensors)
+        session, names, rebuild = self.sessions[key]
+        device = next(iter(tensors.values())).device
+        feeds = {n: tensors[n].detach().cpu().numpy() for n in names}
+        outs = [torch.from_numpy(np.asarray(o)).to(device) for o in session.run(None, feeds)]
+        if keep:  # an int n keeps the last n positions (HF's generate asks for 1)
+            outs[0] = outs[0][:, -keep:]
+        return rebuild(outs)
+
+    @contextlib.contextmanager
+    def _as_original(self):
+        """The model as moec.export_onnx takes it: its own forward, no moec report."""
+        saved = {k: self.model.__dict__.pop(k) for k in ("forward", "_moec_report")}
+        try:
+            yield self.model
+        finally:
+            self.model.__dict__.update(saved)
+
+    def _open(self, tensors: dict[str, torch.Tensor]):
+        import onnxruntime as ort
+
+        from moec.export import export_onnx
+
+        provider = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        path = os.path.join(self.tmp.name, f"model{len(self.sessions)}.onnx")
+        with self._as_original() as model:
+            with torch.no_grad():
+                eager = model(**tensors)
+            log(f"moec: exporting {type(model).__name__} to ONNX for onnxruntime (inputs {', '.join(tensors)})")
+            exported = export_onnx(model, {n: _widen(t) for n, t in tensors.items()}, path, quantize=self.quantize,
+                                   provider=provider)
+        session = ort.InferenceSession(path, sess_options=session_options(self.options), providers=self.providers)
+        ran = session.get_providers()[0]
+        self.report.backend = f"onnxruntime ({ran})"
+        self.report.export = exported
+        if ran != self.providers[0]:
+            log(f"moec: onnxruntime runs on {ran}, not {self.providers[0]} (asked {self.providers})")
+        names = [i.name for i in session.get_inputs()]
+        rebuild = _rebuilder(eager)
+        got = rebuild([torch.from_numpy(np.asarray(o)) for o in session.run(
+            None, {n: tensors[n].detach().cpu().numpy() for n in names})])
+        self._check(eager, got)
+        return session, names, rebuild
+
+    def _check(self, eager, got) -> None:
+        """Refuse a session that does not compute what the model does (fp16/quantized: moec's tolerances)."""
+        ref, out = _main(eager), _main(got).to(_main(eager).device)
+        if self.quantize is not None:
+            return  # quantized experts differ from the fp model by design (measured in docs/quality.md)
+        err = ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+        if err > CHECK_TOL.get(ref.dtype, 1e-4):
+            raise RuntimeError(f"moec backend='onnxruntime': the session's output differs from the eager model's "
+                               f"(relative error {err:.2e}); not using it")
+
+
+def _main(out):
+    return out.logits if hasattr(out, "logits") else out if isinstance(out, torch.Tensor) else out[0]
+
+
+def _rebuilder(eager):
+    """outputs of the session (list of tensors) -> the model's own return structure."""
+    if hasattr(eager, "logits"):  # an HF ModelOutput: the exported graph returns the logits
+        return lambda outs: type(eager)(logits=outs[0])
+    leaves, spec = torch.utils._pytree.tree_flatten(eager)
+    return lambda outs: torch.utils._pytree.tree_unflatten(outs, spec)
+
+
+def install(model: nn.Module, report, providers, options, quantize) -> None:
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.use_cache = False  # the exported graph has no KV cache
+    model.forward = OrtForward(model, report, providers, options, quantize)
