@@ -242,7 +242,6 @@ def experts_loop(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, li
     return out.to(x.dtype)
 
 
-@torch.library.impl("moec::capacity", "CompositeExplicitAutograd")
 def capacity(ids, weights, rows, capacity, num_experts):
     """Zero the weights of (token, slot) pairs past their expert's capacity, first come first
     served. The T tokens form `rows` equal groups (batch rows), each counted on its own; within
@@ -253,3 +252,28 @@ def capacity(ids, weights, rows, capacity, num_experts):
     place = (onehot.cumsum(1) * onehot).sum(-1)  # 1-based place of each pair in its expert's queue
     kept = (place <= capacity).reshape(rows, k, -1).transpose(1, 2).reshape(T, k)
     return weights * kept
+
+
+torch.library.impl("moec::capacity", "CompositeExplicitAutograd")(capacity)  # `capacity` stays callable (lower_onnx)
+
+
+def all_experts(x, w13, b13, w2, b2, activation, gated, alpha, limit) -> torch.Tensor:
+    """Every expert on every token: x [T, H] (or one input per expert, [E, T, H]) -> [E, T, H]."""
+    h = torch.einsum("th,enh->etn" if x.dim() == 2 else "eth,enh->etn", x, w13)  # [E, T, N1]
+    if b13 is not None:
+        h = h + b13[:, None]
+    y = torch.einsum("eti,ehi->eth", activate(h, activation, gated, alpha, limit), w2)  # [E, T, H]
+    return y + b2[:, None] if b2 is not None else y
+
+
+def experts_dense(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, weight_on_input):
+    """moec::experts without data-dependent shapes (exportable to standard ONNX ops): every expert on
+    every token, combined with the routing weights scattered to [T, E]. Exact; E/k times the work."""
+    dense = torch.zeros(ids.shape[0], w13.shape[0], dtype=torch.float32, device=x.device).scatter(1, ids, weights)
+    if not weight_on_input:
+        y = all_experts(x, w13, b13, w2, b2, activation, gated, alpha, limit).float()  # [E, T, H]
+        return torch.einsum("te,eth->th", dense, y).to(x.dtype)
+    xe = (dense.T[:, :, None] * x).to(x.dtype)  # [E, T, H]: each expert's input scaled by its weight
+    y = all_experts(xe, w13, b13, w2, b2, activation, gated, alpha, limit).float()
+    chosen = torch.zeros_like(dense).scatter(1, ids, 1.0)  # [T, E]: unchosen experts add nothing
+    return torch.einsum("te,eth->th", chosen, y).to(x.dtype)

@@ -3,6 +3,7 @@
     model = moec.compile(model)     # find, prove and rewrite every MoE block
     model = moec.compile(model, quantize=moec.Int4Experts(group_size=128))   # + weight-only int4 experts
     print(moec.inspect(model))      # what was found, rewritten, and why not
+    moec.export_onnx(model, inputs, "model.onnx")   # ONNX, each MoE block one com.microsoft::MoE/QMoE node
 
 Pipeline (see the file tree): moec/capture.py (record a block's run as an fx graph) ->
 passes/ (detect_moe, fuse_gate, batch_experts, quantize_experts, lower_triton) -> backends/ (kernels for moec's canonical
@@ -10,10 +11,11 @@ ops, defined in moec/ops.py and described by moec/ir.py) -> moec/api.py.
 """
 
 from moec.api import Report, compile, inspect
+from moec.export import ExportReport, export_onnx
 from moec.ir import ExpertsSpec, MoESpec, RouterSpec, SharedSpec
 from moec.pass_manager import DEFAULT_PIPELINE, PASSES
 from moec.quant import Int4Experts, Int8Experts
 from moec.serialize import load, save
 
-__all__ = ["compile", "inspect", "Report", "Int8Experts", "Int4Experts", "save", "load", "MoESpec", "RouterSpec", "ExpertsSpec", "SharedSpec", "PASSES",
+__all__ = ["compile", "inspect", "Report", "export_onnx", "ExportReport", "Int8Experts", "Int4Experts", "save", "load", "MoESpec", "RouterSpec", "ExpertsSpec", "SharedSpec", "PASSES",
            "DEFAULT_PIPELINE"]

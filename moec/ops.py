@@ -6,6 +6,10 @@ torch.export and torch.compile (each op has a fake implementation giving output 
     moec::experts_loop(...same...)                   -> [T,H]   (naive per-expert reference)
     moec::experts_int8 / experts_int4(x, ids, weights, <packed W13, W2 + scales>, ...) -> [T,H]  (moec.quant)
     moec::capacity(ids[T,k], weights[T,k], rows, capacity, E) -> weights[T,k] (0 past an expert's capacity)
+    moec::ort_moe(x[T,H], router_probs[T,E], fc1[E,N1,H], fc1_bias?, fc2[E,H,I], fc2_bias?, k, ...)  -> [T,H]
+    moec::ort_qmoe(x, router_probs, fc1 u8, fc1_scales, fc1_bias?, fc2 u8, fc2_scales, fc2_bias?, zero points?, ...)
+        ONNX Runtime's com.microsoft::MoE / QMoE in its layouts (softmax over router_probs -> top-k ->
+        normalise; gated fc1 rows interleaved gate/up); exported as those nodes (moec.backends.onnx_backend)
 
 Backends register the real kernels (`moec.backends.torch_backend` for every device).
 """
@@ -37,6 +41,14 @@ torch.library.define(  # int4 experts in torch's CPU layout: p [E,N,K/2] uint8, 
     "moec::experts_int4",
     f"(Tensor x, Tensor ids, Tensor weights, Tensor p13, Tensor sz13, Tensor? b13, Tensor p2, Tensor sz2, "
     f"Tensor? b2, int group_size, {_ACT_ARGS}) -> Tensor")
+_ORT_ARGS = "int k, str activation, bool gated, float alpha, float limit"
+torch.library.define(
+    "moec::ort_moe",
+    f"(Tensor x, Tensor router_probs, Tensor fc1, Tensor? fc1_bias, Tensor fc2, Tensor? fc2_bias, {_ORT_ARGS}) -> Tensor")
+torch.library.define(  # bits 8: u8 [E,N,K], scales [E,N]; bits 4: u8 [E,N,K/2], scales [E,N,K/block]
+    "moec::ort_qmoe",
+    "(Tensor x, Tensor router_probs, Tensor fc1, Tensor fc1_scales, Tensor? fc1_bias, Tensor fc2, Tensor fc2_scales, "
+    f"Tensor? fc2_bias, Tensor? fc1_zero_points, Tensor? fc2_zero_points, int bits, int block_size, {_ORT_ARGS}) -> Tensor")
 torch.library.define("moec::capacity",
                      "(Tensor ids, Tensor weights, SymInt rows, int capacity, int num_experts) -> Tensor")
 
@@ -59,6 +71,8 @@ torch.library.register_fake("moec::experts")(_experts_fake)
 torch.library.register_fake("moec::experts_loop")(_experts_fake)
 torch.library.register_fake("moec::experts_int8")(_experts_fake)
 torch.library.register_fake("moec::experts_int4")(_experts_fake)
+torch.library.register_fake("moec::ort_moe")(_experts_fake)
+torch.library.register_fake("moec::ort_qmoe")(_experts_fake)
 
 
 @torch.library.register_fake("moec::capacity")

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moec.backends.torch_backend import activate, route_math
+from moec.backends.torch_backend import all_experts, route_math
 from moec.canonical import build_graph, resolve
 from moec.capture import Capture, capture, target_name
 from moec.ir import ExpertsSpec, MoESpec, RouterSpec, SharedSpec
@@ -227,15 +227,6 @@ def _layouts(block: nn.Module, cand: Candidate):
                             yield from with_biases(((rest[0], it),), (down, dt), split, n, inter)
                     if n == inter:
                         yield from with_biases(((rest[0], it),), (down, dt), None, n, inter)
-
-
-def _all_experts(x, w: dict, gated: bool, act: str, alpha: float, limit: float) -> torch.Tensor:
-    """Every expert on every token: [E, T, H]."""
-    h = torch.einsum("th,enh->etn", x, w["w13"])
-    if "b13" in w:
-        h = h + w["b13"][:, None]
-    y = torch.einsum("eti,ehi->eth", activate(h, act, gated, alpha, limit), w["w2"])
-    return y + w["b2"][:, None] if "b2" in w else y
 
 
 # ---------------------------------------------------------------- graph features
@@ -428,7 +419,7 @@ def analyze(block: nn.Module, cand: Candidate) -> MoESpec:
         if act == "swiglu_oai" and not lay.gated:
             continue
         w = materialize(work, cand, lay)
-        Y = _all_experts(xf, w, lay.gated, act, alpha, limit)  # [E, T, H]
+        Y = all_experts(xf, w["w13"], w.get("b13"), w["w2"], w.get("b2"), act, lay.gated, alpha, limit)  # [E, T, H]
         A = Y[rec_ids, torch.arange(T, device=dev)[:, None]]  # [T, k, H]
         sol = torch.linalg.lstsq(A.transpose(1, 2), R.unsqueeze(-1)).solution  # [T, k, 1]
         err = _rel_err((A.transpose(1, 2) @ sol).squeeze(-1), R)
@@ -583,7 +574,7 @@ def _prove(block, work, cand, lay, w, spec: MoESpec, router_bias, router_t, sele
 
     def attach(m: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         for role, t in tensors.items():
-            m.register_buffer(f"_moec_{role}", t, persistent=False)
+            m.register_buffer(f"_moec_{role}", t.detach(), persistent=False)  # a constant copy, no autograd history
 
     attach(work, copies(work))
     gm = build_graph(work, spec)

@@ -1,0 +1,143 @@
+"""ONNX Runtime's contrib MoE ops for moec: their weight layouts, a torch reference of what they
+compute, and their translation to ONNX nodes (com.microsoft::MoE / QMoE) for torch.onnx.export.
+
+    moec::ort_moe(x[T,H], router_probs[T,E], fc1[E,N1,H], fc1_bias?[E,N1], fc2[E,H,I], fc2_bias?[E,H], k, ...)
+        w, ids = topk(softmax(router_probs), k); w /= sum(w)         # ORT's routing (normalize_routing_weights=1)
+        y[t]   = sum_j w[t,j] * (fc2 act(fc1 x[t] + b1) + b2)[ids[t,j]]  # [T, H]
+    moec::ort_qmoe(x, router_probs, fc1 u8, fc1_scales, b1?, fc2 u8, fc2_scales, b2?, fc1_zp?, fc2_zp?, bits,
+                   block_size, k, ...)                                 # the same, quantized weights
+
+ORT's layouts (checked against ONNX Runtime 1.31.1 on CPU, tests/test_onnx.py):
+- gated experts: fc1 rows interleaved (gate_0, up_0, gate_1, up_1, ...), swiglu_fusion=1: the only
+  SwiGLU form the CPU kernel takes. swiglu = G * sigmoid(alpha * G) * (L + beta), G, L clamped by
+  swiglu_limit: SwiGLU is alpha 1, beta 0, no limit; GPT-OSS's clamped SwiGLU is alpha, beta 1, limit.
+- int8 (moec: int8 q [E,N,K], scale [E,N]): uint8 q + 128 (ORT's default zero point), same scales.
+- int4 (moec: nibbles, even k low, scale [E,N,K/g], zero [E,N,K/g]): the same bytes, block_size=g,
+  zero points packed two a byte (a row padded to a whole byte). Column-wise 4-bit zero points, which
+  ORT gets wrong, are never produced (moec's int4 is always block-wise).
+- `gelu` is the tanh approximation; there is no GeGLU/ReGLU; bf16 has no CPU kernel.
+normalize_routing_weights=0 and use_sparse_mixer are never emitted (ORT CPU: fp16 MoE with 0 returns
+zeros, QMoE ignores 0, the sparse mixer is ignored): lower_onnx feeds routing the op cannot express
+as log-weights instead.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+import moec.ops  # noqa: F401  (defines the op schemas)
+from moec.quant import Int4Experts, Int8Experts, dequantize
+
+CONTRIB = "com.microsoft"
+
+
+def ort_activation(activation: str, gated: bool, alpha: float, limit: float) -> dict | None:
+    """ORT's attributes for moec's expert activation, or None when ORT's MoE has no exact equivalent."""
+    if gated and activation == "silu":
+        return dict(activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
+    if gated and activation == "swiglu_oai":
+        return dict(activation_type="swiglu", swiglu_fusion=1, activation_alpha=alpha, activation_beta=1.0,
+                    swiglu_limit=limit)
+    names = {"relu": "relu", "silu": "silu", "gelu_tanh": "gelu"}
+    return None if gated or activation not in names else dict(activation_type=names[activation])
+
+
+def interleave(t: torch.Tensor | None) -> torch.Tensor | None:
+    """[E, 2I, ...] gate rows then up rows -> rows gate_0, up_0, gate_1, up_1, ..."""
+    return None if t is None else torch.stack(t.chunk(2, dim=1), dim=2).flatten(1, 2).contiguous()
+
+
+def deinterleave(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else torch.cat([t[:, 0::2], t[:, 1::2]], dim=1)
+
+
+def _pack_nibbles(z: torch.Tensor) -> torch.Tensor:
+    """[..., n] values < 16 -> [..., ceil(n/2)] uint8, even index in the low nibble."""
+    z = torch.nn.functional.pad(z, (0, z.shape[-1] % 2))
+    return z[..., 0::2] | (z[..., 1::2] << 4)
+
+
+def ort_quantized(cfg, t: dict[str, torch.Tensor], gated_fc1: bool) -> dict[str, torch.Tensor]:
+    """moec-format tensors of one matrix (moec.quant) -> {"q", "scales"[, "zero_points"]} in QMoE's layout."""
+    rows = interleave if gated_fc1 else (lambda v: v)
+    q = t["q"] if isinstance(cfg, Int4Experts) else (t["q"].to(torch.int16) + 128).to(torch.uint8)
+    out = {"q": rows(q), "scales": rows(t["scale"])}
+    if "zero" in t:
+        out["zero_points"] = _pack_nibbles(rows(t["zero"]))
+    return out
+
+
+def _moec_format(q, scales, zero_points, bits, block_size, num_blocks):
+    """QMoE layout -> (config, moec-format tensors): the inverse of ort_quantized (rows as given)."""
+    if bits == 8:
+        return Int8Experts(), {"q": (q.to(torch.int16) - 128).to(torch.int8), "scale": scales}
+    cfg = Int4Experts(block_size, symmetric=zero_points is None)
+    t = {"q": q, "scale": scales}
+    if zero_points is not None:
+        t["zero"] = torch.stack([zero_points & 15, zero_points >> 4], dim=-1).flatten(-2)[..., :num_blocks]
+    return cfg, t
+
+
+def _ort_route(router_probs: torch.Tensor, k: int):
+    w, ids = router_probs.float().softmax(dim=-1).topk(k, dim=-1)  # [T, k]
+    return ids, w / w.sum(dim=-1, keepdim=True)
+
+
+@torch.library.impl("moec::ort_moe", "CompositeExplicitAutograd")
+def ort_moe(x, router_probs, fc1, fc1_bias, fc2, fc2_bias, k, activation, gated, alpha, limit):
+    ids, w = _ort_route(router_probs, k)
+    if gated:
+        fc1, fc1_bias = deinterleave(fc1), deinterleave(fc1_bias)
+    return torch.ops.moec.experts(x, ids, w, fc1, fc1_bias, fc2, fc2_bias, activation, gated, alpha, limit, False)
+
+
+@torch.library.impl("moec::ort_qmoe", "CompositeExplicitAutograd")
+def ort_qmoe(x, router_probs, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, fc2_bias, fc1_zero_points,
+             fc2_zero_points, bits, block_size, k, activation, gated, alpha, limit):
+    w1 = dequantize(*_moec_format(fc1, fc1_scales, fc1_zero_points, bits, block_size, fc1_scales.shape[-1]), x.dtype)
+    w2 = dequantize(*_moec_format(fc2, fc2_scales, fc2_zero_points, bits, block_size, fc2_scales.shape[-1]), x.dtype)
+    return ort_moe(x, router_probs, w1, fc1_bias, w2, fc2_bias, k, activation, gated, alpha, limit)
+
+
+# ---------------------------------------------------------------- ONNX translation
+
+@functools.cache
+def translations() -> dict:
+    """torch op -> ONNX translation, for torch.onnx.export(custom_translation_table=...). Registers ORT's own
+    schemas of com.microsoft::MoE / QMoE with onnx (onnx ships no contrib schemas), so onnxscript can build
+    the nodes and onnx.checker can check them."""
+    import onnx
+    import onnxscript
+    from onnx.defs import OpSchema
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+    for name in ("MoE", "QMoE"):
+        if onnx.defs.has(name, CONTRIB):
+            continue
+        src = next(s for s in ort_c.get_all_operator_schema() if s.name == name and s.domain == CONTRIB)
+        param = lambda p: OpSchema.FormalParameter(  # noqa: E731
+            p.name, p.typeStr, param_option=getattr(OpSchema.FormalParameterOption, p.option.name))
+        onnx.defs.register_schema(OpSchema(
+            name, CONTRIB, src.since_version, src.doc,
+            inputs=[param(p) for p in src.inputs], outputs=[param(p) for p in src.outputs],
+            type_constraints=[(c.type_param_str, list(c.allowed_type_strs), "") for c in src.type_constraints],
+            attributes=[OpSchema.Attribute(a.name, getattr(OpSchema.AttrType, a.type.name), a.description,
+                                           required=a.required) for a in src.attributes.values()]))
+    msft = onnxscript.values.Opset(CONTRIB, 1)
+
+    def moe(x, router_probs, fc1, fc1_bias, fc2, fc2_bias, k: int, activation: str, gated: bool, alpha: float,
+            limit: float):
+        return msft.MoE(x, router_probs, fc1, fc1_bias, fc2, fc2_bias, k=k, normalize_routing_weights=1,
+                        **ort_activation(activation, gated, alpha, limit))
+
+    def qmoe(x, router_probs, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, fc2_bias, fc1_zero_points,
+             fc2_zero_points, bits: int, block_size: int, k: int, activation: str, gated: bool, alpha: float,
+             limit: float):
+        blocks = dict(block_size=block_size) if block_size else {}  # int8: per output channel
+        return msft.QMoE(x, router_probs, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, fc2_bias, None, None, None,
+                         fc1_zero_points, fc2_zero_points, k=k, normalize_routing_weights=1, expert_weight_bits=bits,
+                         weights_prepacked=0, **blocks, **ort_activation(activation, gated, alpha, limit))
+
+    return {torch.ops.moec.ort_moe.default: moe, torch.ops.moec.ort_qmoe.default: qmoe}

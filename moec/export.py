@@ -1,0 +1,164 @@
+"""moec.export_onnx: any model moec can compile -> one ONNX file, each MoE block ONE
+com.microsoft::MoE (fp32/fp16) or QMoE (int8/int4) node, the rest ordinary ONNX ops.
+
+    report = moec.export_onnx(model, (x,) | {"input_ids": ids}, "model.onnx", quantize=None | Int8Experts() | ...)
+
+A deep copy of the model is compiled with the torch backend and the `lower_onnx` pass (routing in
+ordinary ops or ORT's own, experts as ORT's op in its weight layout, or a standard-op fallback with
+the reason), then exported with torch.onnx.export (dynamo; batch and sequence axes dynamic), checked
+with onnx.checker and saved (weights over 2 GB, or external_data=True, in `<file>.data`). Hugging
+Face models are exported with use_cache=False and give their logits.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect as pyinspect
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import onnx
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from moec.api import Rejection, compile, inspect
+from moec.backends.onnx_backend import translations
+from moec.canonical import resolve
+from moec.pass_manager import DEFAULT_PIPELINE
+from moec.quant import Int4Experts, Int8Experts, QuantConfig
+
+PROVIDERS = ("cpu", "cuda")
+
+
+@dataclass
+class ExportBlock:
+    path: str
+    op: str  # "MoE", "QMoE" or "fallback" (standard ONNX ops)
+    why: str  # the routing fed to the contrib op, or why the block fell back
+    router: str
+    experts: str
+
+
+@dataclass
+class ExportReport:
+    path: str
+    provider: str
+    quantize: QuantConfig | None = None
+    blocks: list[ExportBlock] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)  # not rewritten: exported as torch.export traced them
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    external_data: bool = False
+
+    def __rich__(self) -> Table:
+        q = f", quantize {self.quantize.describe()}" if self.quantize else ""
+        ext = ", weights in external data" if self.external_data else ""
+        t = Table(title=f"moec.export_onnx -> {self.path} (provider {self.provider}{q}{ext}); inputs "
+                        f"{', '.join(self.inputs)}; outputs {', '.join(self.outputs)}", title_justify="left")
+        for col in ("block", "ONNX op", "routing / why", "router", "experts"):
+            t.add_column(col)
+        for b in self.blocks:
+            t.add_row(b.path, b.op if b.op == "fallback" else f"com.microsoft::{b.op}", b.why, b.router, b.experts)
+        for r in self.rejected:
+            t.add_row(r.path, "as traced", f"[not an MoE moec rewrote] {r.reason}", "", "")
+        return t
+
+    def __str__(self) -> str:
+        console = Console(width=200, file=io.StringIO())
+        console.print(self)
+        return console.file.getvalue()
+
+
+class _Exportable(nn.Module):
+    """The model as exported: every input positional (torch.export's dynamic shapes then match one tuple),
+    HF models without KV cache, returning their logits."""
+
+    def __init__(self, model: nn.Module, n_args: int, names: list[str]):
+        super().__init__()
+        self.model, self.n_args, self.names = model, n_args, names
+        self.training = model.training
+        self.hf = hasattr(model, "config") and "use_cache" in pyinspect.signature(model.forward).parameters
+
+    def forward(self, *inputs):
+        kwargs = dict(zip(self.names, inputs[self.n_args:]), **({"use_cache": False} if self.hf else {}))
+        out = self.model(*inputs[:self.n_args], **kwargs)
+        return out.logits if hasattr(out, "logits") else out
+
+
+def _dynamic(t):
+    """Dynamic axes of one example input: every axis of an integer tensor (batch, sequence), every axis
+    but the last (features) of a float one."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    axes = range(t.dim()) if not t.is_floating_point() else range(t.dim() - 1)
+    return {a: torch.export.Dim.DYNAMIC for a in axes}
+
+
+def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.PathLike, *,
+                quantize: QuantConfig | None = None, provider: str = "cpu", opset: int | None = None,
+                external_data: bool | None = None) -> ExportReport:
+    """Export `model` (left unchanged) to ONNX at `path`; return what became of each MoE block.
+
+    example_inputs: positional args (a tuple) or keyword args (a dict) of model(...); their batch and
+        sequence sizes must be >= 2 (a size-1 axis would be exported as a constant 1).
+    quantize: None (MoE nodes in the model's dtype), Int8Experts() or Int4Experts(g, symmetric) (QMoE nodes).
+    provider: "cpu" or "cuda", the ONNX Runtime execution provider the file is for (weight layouts differ).
+    opset: the default ONNX opset (None: the exporter's). external_data: True forces weights into
+        `<path>.data`; None does that only past 2 GB.
+    """
+    path = os.fspath(path)
+    if provider not in PROVIDERS:
+        raise ValueError(f"moec.export_onnx: provider must be one of {PROVIDERS}, not {provider!r}")
+    if quantize is not None and not isinstance(quantize, (Int8Experts, Int4Experts)):
+        raise TypeError(f"quantize must be moec.Int8Experts() or moec.Int4Experts(...), not {quantize!r}")
+    if quantize is not None and provider == "cuda":
+        raise NotImplementedError(
+            "moec.export_onnx: quantized experts for provider='cuda' are not supported: ONNX Runtime's CUDA QMoE "
+            "kernel takes weights pre-packed for its mixed-precision GEMM (weights_prepacked), a layout moec "
+            "does not produce; export without quantize (MoE nodes run on both providers) or for provider='cpu'")
+    if "_moec_report" in model.__dict__:
+        raise ValueError("moec.export_onnx takes the original model, not one moec.compile already rewrote")
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if torch.bfloat16 in dtypes:
+        raise NotImplementedError("moec.export_onnx: bf16 models are not supported: ONNX Runtime's MoE/QMoE have no "
+                                  "bf16 CPU kernel (convert the model to fp16 or fp32 first)")
+    args, kwargs = (tuple(example_inputs), {}) if not isinstance(example_inputs, dict) else ((), dict(example_inputs))
+    inputs = (*args, *kwargs.values())
+    names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
+    for name, t in zip(names, inputs):
+        if isinstance(t, torch.Tensor) and any(t.shape[a] == 1 for a in (_dynamic(t) or {})):
+            raise ValueError(f"moec.export_onnx: example input {name} has shape {tuple(t.shape)}: give batch and "
+                             "sequence sizes >= 2 so they export as dynamic axes (1 would be baked in)")
+
+    work = copy.deepcopy(model)
+    pipeline = DEFAULT_PIPELINE + (",quantize_experts" if quantize else "") + ",lower_onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a model without MoE block exports as it is
+        compile(work, backend="torch", passes=pipeline, quantize=quantize)
+    compiled = inspect(work)
+    with torch.no_grad():
+        exportable = _Exportable(work, len(args), list(kwargs))
+        program = torch.onnx.export(exportable, inputs, input_names=names, output_names=["logits"] if exportable.hf else None,
+                                    dynamic_shapes=(tuple(_dynamic(t) for t in inputs),), dynamo=True,
+                                    custom_translation_table=translations(), opset_version=opset, verbose=False)
+    program.save(path, external_data=external_data)
+    onnx.checker.check_model(path)  # by path: also checks external data
+
+    proto = onnx.load(path, load_external_data=False)
+    report = ExportReport(path, provider, quantize, rejected=compiled.rejected,
+                          inputs=[i.name for i in proto.graph.input], outputs=[o.name for o in proto.graph.output],
+                          external_data=any(t.data_location == onnx.TensorProto.EXTERNAL
+                                            for t in proto.graph.initializer))
+    for b in compiled.blocks:
+        info = resolve(work, b.path).__dict__["_moec_graph"].meta["onnx"]
+        report.blocks.append(ExportBlock(b.path, info["op"], info["why"], b.router, b.experts))
+    nodes = sum(n.domain == "com.microsoft" and n.op_type in ("MoE", "QMoE") for n in proto.graph.node)
+    contrib = sum(b.op != "fallback" for b in report.blocks)
+    if nodes != contrib:  # each rewritten block must be exactly its one node
+        raise RuntimeError(f"moec.export_onnx: the exported graph has {nodes} MoE/QMoE node(s) for {contrib} "
+                           f"block(s) lowered to one:\n{report}")
+    return report

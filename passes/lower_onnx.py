@@ -1,0 +1,166 @@
+"""lower_onnx: moec's canonical ops -> ops that export to ONNX (used by moec.export_onnx).
+
+Matches, after batch_experts (and quantize_experts):
+
+    logits, ids, w = moec.route(x[T,H], W[E,H], b?, select_bias?, <RouterSpec>)      # [T,E], [T,k], [T,k]
+    w = moec.capacity(ids, w, rows, c, E)                                             # only with capacity
+    y = moec.experts(x, ids, w, W13[E,N1,H], b13?, W2[E,H,I], b2?, ...)              # or experts_int8/int4
+
+and leaves the routing as its plain torch math (route_math, capacity: ordinary ONNX ops) and the
+experts as ONE op that exports to ONNX Runtime's contrib node, weights in ORT's layout (onnx_backend):
+
+    native router (softmax -> top-k -> renormalise, no bias/groups/capacity; "top-k then softmax" too):
+        y = moec.ort_moe(x, logits, FC1, b1, W2, b2, k, ...) * scale                   # ORT does the routing
+    any other router with weights >= 0 (sigmoid, bias, groups, p-norm, sparsemixer, capacity, weight 1):
+        probs = log(w / max w) at ids, -1e4 elsewhere                                 # [T, E]
+        y = moec.ort_moe(x, probs, FC1, ...) * sum(w)                                # softmax+renorm gives w/sum(w)
+    quantized experts: moec.ort_qmoe(x, probs, FC1 u8, scales, b1, FC2 u8, scales, b2, zero points, ...)
+
+A block ORT's op cannot compute exactly falls back to `experts_dense` (every expert on every token
+in standard ops, quantized weights dequantized in the graph), with the reason: an activation ORT
+lacks (exact GELU, GeGLU, ReGLU), the input-side weighting of Llama 4, or routing weights that can
+be negative (raw logits). Invariant: the graph computes the block (to rounding) and exports with
+torch.export; `meta["onnx"]` says which op each block became and why. Stats: contrib, fallback.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from moec.backends.onnx_backend import ort_activation, ort_quantized, interleave
+from moec.backends.torch_backend import capacity, experts_dense, route_math
+from moec.canonical import resolve
+from moec.pass_manager import PassResult, register_pass
+from moec.passes.quantize_experts import quantized_tensors
+from moec.quant import Int4Experts, Int8Experts, dequantize
+
+EXPERTS = (torch.ops.moec.experts, torch.ops.moec.experts_loop, torch.ops.moec.experts_int8,
+           torch.ops.moec.experts_int4)
+NEG = -1e4  # router_probs of experts not chosen: exp(NEG - 0) underflows to 0 in fp16 and fp32
+
+
+def log_weights(ids: torch.Tensor, w: torch.Tensor, num_experts: int, dtype: torch.dtype):
+    """Routing weights [T, k] (>= 0) -> router_probs [T, E] that ORT's softmax -> top-k -> renormalise turns
+    back into ids and w / sum(w), and sum(w) [T, 1] to rescale by. Weights 0 (dropped by capacity) get NEG:
+    a token with all weights 0 still gets some experts, times sum(w) = 0."""
+    top = w.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    logw = torch.where(w > 0, torch.log(w / top), NEG)  # the largest is 0: exact in fp16 too
+    probs = torch.full((ids.shape[0], num_experts), NEG, dtype=torch.float32, device=w.device).scatter(1, ids, logw)
+    return probs.to(dtype), w.sum(dim=-1, keepdim=True)
+
+
+def rescale(y: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
+    return (y.float() * s).to(y.dtype)
+
+
+def dequantized(q, scale, zero, bits: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """moec-format quantized experts -> [E, N, K] weights, as graph ops (the dense fallback's weights)."""
+    cfg = Int8Experts() if bits == 8 else Int4Experts(group_size, symmetric=zero is None)
+    return dequantize(cfg, {"q": q, "scale": scale, **({"zero": zero} if zero is not None else {})}, dtype)
+
+
+def native_routing(r) -> bool:
+    """ORT's own routing (softmax over E -> top-k -> renormalise) computes this router; a scale is applied after."""
+    return (r.scoring == "softmax" and not r.select_bias and r.n_group == 1 and r.weighting == "scores"
+            and r.renorm == 1.0 and not r.capacity)
+
+
+def fallback_reason(spec) -> str | None:
+    """Why ORT's MoE/QMoE cannot compute this block exactly (None: it can)."""
+    e, r = spec.experts, spec.router
+    if ort_activation(e.activation, e.gated, e.alpha, e.limit) is None:
+        name = spec.describe()["experts"].split(" x ")[1].split(" ")[0]
+        return f"ORT's MoE has no {name} (its gelu is the tanh form; no GeGLU/ReGLU)"
+    if e.weight_on_input:
+        return "routing weights scale the expert input (Llama 4): ORT's MoE weights outputs"
+    if r.scoring == "none" and r.weighting == "scores" and not (r.top_k == 1 and r.renorm == 1.0):  # else l/l = 1
+        return "routing weights are raw logits (may be negative): ORT's MoE weights by a softmax"
+    return None
+
+
+@register_pass("lower_onnx")
+def lower_onnx(gm) -> PassResult:
+    spec, g = gm.meta["moe_spec"], gm.graph
+    block = gm.meta["block"]
+    E = spec.experts.num_experts
+    stats = {"contrib": 0, "fallback": 0}
+    for node in list(g.nodes):
+        if node.target is torch.ops.moec.route:
+            node.target, node.kwargs = route_math, {"num_experts": E}
+        elif node.target is torch.ops.moec.capacity:
+            node.target = capacity
+    for node in [n for n in g.nodes if n.target in EXPERTS]:
+        x, ids, w = node.args[:3]
+        act = node.args[-5:]  # activation, gated, alpha, limit, weight_on_input
+        quant = node.target in (torch.ops.moec.experts_int8, torch.ops.moec.experts_int4)
+        dtype = next(block.parameters()).dtype if quant else resolve(gm, node.args[3].target).dtype  # x's dtype
+        reason = fallback_reason(spec)
+        with g.inserting_before(node):
+            if reason:
+                stats["fallback"] += 1
+                w13, w2 = (_dequantized_node(gm, role, spec.quant, dtype) for role in ("w13", "w2")) \
+                    if quant else (node.args[3], node.args[5])
+                b13, b2 = (node.args[5], node.args[8]) if quant else (node.args[4], node.args[6])
+                new = g.call_function(experts_dense, (x, ids, w, w13, b13, w2, b2, *act))
+                gm.meta["onnx"] = {"op": "fallback", "why": reason}
+            else:
+                stats["contrib"] += 1
+                new = _contrib_node(gm, node, spec, quant, dtype)
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+    g.eliminate_dead_code()
+    return PassResult(gm, sum(stats.values()) > 0, stats)
+
+
+def _get_attr(gm, name: str, tensor: torch.Tensor):
+    """A get_attr of a new tensor held (non-persistent) by the model's block and by the graph's copy."""
+    tensor = tensor.detach()  # derived from parameters: a constant of the exported graph
+    gm.meta["block"].register_buffer(name, tensor, persistent=False)
+    gm.block.register_buffer(name, tensor, persistent=False)
+    return gm.graph.get_attr(f"block.{name}")
+
+
+def _dequantized_node(gm, role, cfg, dtype):
+    t = {k: gm.graph.get_attr(f"block._moec_{role}_{k}") for k in quantized_tensors(gm.meta["block"], role)}
+    return gm.graph.call_function(dequantized, (t["q"], t["scale"], t.get("zero"), cfg.bits,
+                                                getattr(cfg, "group_size", 0), dtype))
+
+
+def _contrib_node(gm, node, spec, quant: bool, dtype):
+    g, block, r, e = gm.graph, gm.meta["block"], spec.router, spec.experts
+    x, ids, w = node.args[:3]
+    route = ids.args[0]  # ids = getitem(route_math(...), 1)
+    if native_routing(r):
+        logits = g.call_function(operator.getitem, (route, 0))
+        probs, scale = g.call_method("to", (logits, dtype)), r.scale
+        routing = "native" + (f", x{r.scale:g} after" if r.scale != 1.0 else "")
+    else:
+        pair = g.call_function(log_weights, (ids, w, e.num_experts, dtype))
+        probs, scale = (g.call_function(operator.getitem, (pair, i)) for i in (0, 1))
+        routing = "log-weights (router computed in ONNX ops), x sum(w) after"
+    tail = (r.top_k, e.activation, e.gated, float(e.alpha), float(e.limit))
+    if quant:
+        cfg = spec.quant
+        t13 = ort_quantized(cfg, quantized_tensors(block, "w13"), e.gated)
+        t2 = ort_quantized(cfg, quantized_tensors(block, "w2"), False)
+        a = {f"{role}_{k}": _get_attr(gm, f"_moec_ort_{role}_{k}", v) for role, t in (("fc1", t13), ("fc2", t2))
+             for k, v in t.items()}
+        b13, b2 = node.args[5], node.args[8]
+        out = g.call_function(torch.ops.moec.ort_qmoe, (
+            x, probs, a["fc1_q"], a["fc1_scales"], _bias(gm, b13, e.gated), a["fc2_q"], a["fc2_scales"], b2,
+            a.get("fc1_zero_points"), a.get("fc2_zero_points"), cfg.bits, getattr(cfg, "group_size", 0), *tail))
+        op = "QMoE"
+    else:
+        w13, b13, w2, b2 = node.args[3:7]
+        fc1 = _get_attr(gm, "_moec_ort_fc1", interleave(resolve(gm, w13.target))) if e.gated else w13
+        out = g.call_function(torch.ops.moec.ort_moe, (x, probs, fc1, _bias(gm, b13, e.gated), w2, b2, *tail))
+        op = "MoE"
+    gm.meta["onnx"] = {"op": op, "why": routing}
+    return out if isinstance(scale, float) and scale == 1.0 else g.call_function(rescale, (out, scale))
+
+
+def _bias(gm, b13, gated):
+    return _get_attr(gm, "_moec_ort_fc1_bias", interleave(resolve(gm, b13.target))) if gated and b13 is not None \
+        else b13
