@@ -118,7 +118,7 @@ class OrtForward:
         with self._as_original() as model:
             with torch.no_grad():
                 eager = model(**tensors)
-            log(f"moec: exporting {type(model).__name__} to ONNX for onnxruntime (inputs {', '.join(tensors)})")
+            log.info(f"exporting {type(model).__name__} to ONNX for onnxruntime (inputs {', '.join(tensors)})")
             exported = export_onnx(model, {n: _widen(t) for n, t in tensors.items()}, path, quantize=self.quantize,
                                    provider=provider)
         session = ort.InferenceSession(path, sess_options=session_options(self.options), providers=self.providers)
@@ -126,7 +126,7 @@ class OrtForward:
         self.report.backend = f"onnxruntime ({ran})"
         self.report.export = exported
         if ran != self.providers[0]:
-            log(f"moec: onnxruntime runs on {ran}, not {self.providers[0]} (asked {self.providers})")
+            log.warning(f"onnxruntime runs on {ran}, not {self.providers[0]} (asked {self.providers})")
         names = [i.name for i in session.get_inputs()]
         rebuild = _rebuilder(eager)
         got = rebuild([torch.from_numpy(np.asarray(o)) for o in session.run(

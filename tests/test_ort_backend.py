@@ -1,0 +1,105 @@
+"""backend="onnxruntime": the whole model runs in an ONNX Runtime session (CPU here) with the
+model's call signature and outputs, at any batch/sequence size; providers and session options
+pass through and the provider that ran is reported; the first call refuses a wrong session."""
+
+import copy
+
+import pytest
+import torch
+
+import handwritten as hw
+import moec
+from moec import models
+from moec.backends import ort_session
+
+from conftest import TOL, rel_err
+from test_quant import _dequantized_twin
+
+SHAPES = [(1, 1), (2, 7), (3, 2)]  # (batch, seq): the first call exports at (1, 1), widened to 2
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    model = models.tiny_model("mixtral")
+    opt = tmp_path_factory.mktemp("ort") / "optimized.onnx"
+    compiled = moec.compile(copy.deepcopy(model), backend="onnxruntime",
+                            providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+                            session_options={"intra_op_num_threads": 1, "graph_optimization_level": "ORT_ENABLE_ALL",
+                                             "optimized_model_filepath": str(opt)})
+    return model, compiled, opt
+
+
+@pytest.mark.parametrize("batch,seq", SHAPES)
+def test_hf_model_matches_eager(mixtral, batch, seq):
+    model, compiled, _ = mixtral
+    inputs = models.example_inputs(model, batch=batch, seq=seq, seed=batch * 10 + seq)
+    with torch.no_grad():
+        out, ref = compiled(**inputs), model(**inputs)
+    assert type(out) is type(ref) and out.logits.shape == ref.logits.shape
+    assert rel_err(out.logits, ref.logits) < TOL[torch.float32]
+    assert len(compiled.forward.sessions) == 1  # one session serves every size
+
+
+def test_providers_and_session_options(mixtral):
+    model, compiled, opt = mixtral
+    compiled(**models.example_inputs(model))
+    report = moec.inspect(compiled)
+    assert report.backend == "onnxruntime (CPUExecutionProvider)"  # CUDA asked first, none here
+    assert [b.op for b in report.export.blocks] == ["MoE"] * len(report.blocks)
+    assert opt.exists()  # optimized_model_filepath reached the session
+    with pytest.raises(ValueError, match="unknown onnxruntime session option"):
+        ort_session.session_options({"threads": 2})
+
+
+def test_generate_and_logits_to_keep(mixtral):
+    model, compiled, _ = mixtral
+    inputs = models.example_inputs(model, batch=1, seq=4)
+    ref = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(compiled.generate(**inputs, max_new_tokens=4, do_sample=False), ref)
+    with torch.no_grad():
+        last = compiled(**inputs, logits_to_keep=1).logits
+    assert last.shape[1] == 1 and rel_err(last, model(**inputs).logits[:, -1:]) < TOL[torch.float32]
+    with pytest.raises(NotImplementedError, match="output_hidden_states=True"):
+        compiled(**inputs, output_hidden_states=True)
+
+
+def test_hand_written_model_returns_a_tensor():
+    spec = hw.PRESETS["deepseek_v3_groups"]
+    lm = hw.TinyLM(vocab=64, hidden=spec.hidden, n_layers=2, block_fn=lambda: hw.make_block(spec))
+    compiled = moec.compile(copy.deepcopy(lm), backend="onnxruntime")
+    for batch, seq in SHAPES:
+        ids = torch.randint(0, 64, (batch, seq))
+        with torch.no_grad():
+            out = compiled(ids)
+        assert isinstance(out, torch.Tensor) and rel_err(out, lm(ids)) < TOL[torch.float32]
+
+
+def test_quantized_equals_dequantized_model():
+    model = models.tiny_model("mixtral")
+    cfg = moec.Int4Experts(32)
+    compiled = moec.compile(copy.deepcopy(model), backend="onnxruntime", quantize=cfg)
+    twin = _dequantized_twin(model, moec.compile(copy.deepcopy(model), quantize=cfg), cfg)
+    for batch, seq in SHAPES[:2]:
+        inputs = models.example_inputs(model, batch=batch, seq=seq)
+        with torch.no_grad():
+            assert rel_err(compiled(**inputs).logits, twin(**inputs).logits) < 1e-4
+    assert [b.op for b in moec.inspect(compiled).export.blocks] == ["QMoE"] * 2
+
+
+def test_a_session_that_differs_from_eager_is_refused(monkeypatch):
+    model = models.tiny_model("mixtral")
+    compiled = moec.compile(model, backend="onnxruntime")
+    monkeypatch.setitem(ort_session.CHECK_TOL, torch.float32, -1.0)  # any difference at all is too much
+    with pytest.raises(RuntimeError, match="differs from the eager model"):
+        compiled(**models.example_inputs(model))
+
+
+def test_bad_options():
+    model = models.tiny_model("mixtral")
+    with pytest.raises(TypeError, match="options of backend='onnxruntime'"):
+        moec.compile(copy.deepcopy(model), backend="torch", providers=["CPUExecutionProvider"])
+    with pytest.raises(ValueError, match="takes no passes"):
+        moec.compile(copy.deepcopy(model), backend="onnxruntime", passes="detect_moe")
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match="returned unchanged"):
+        assert moec.compile(plain, backend="onnxruntime").forward.__self__ is plain  # not wrapped
