@@ -1,14 +1,16 @@
 """MoE benchmark on CPU: HF experts implementations, torch.compile of HF, and moec; block and whole model.
 
     python benchmarks/bench_moe.py [--models mixtral deepseek] [--tokens 1 8 64 512]
-                                   [--levels block model] [--no-torch-compile] [--quantized]
+                                   [--levels block model] [--no-torch-compile] [--quantized] [--ort]
 
 Block level: median time of one MoE block forward and its ratio to the bound measured on
 this machine: max(bytes of the distinct experts touched (routed + shared) / read bandwidth,
 expert FLOPs / fp32 GEMM peak) (field.md). Model level: a whole forward of the model
 (2 layers, batch 1, T tokens) and each row's speed-up over the best HF experts
 implementation. `--quantized` adds moec with int8 and int4 (g128) experts, and block bounds
-for their packed bytes (weights + scales). Random weights, no downloads.
+for their packed bytes (weights + scales). `--ort` adds moec's onnxruntime backend (CPU
+provider): MoE nodes in fp32, and with `--quantized` QMoE int8 / int4 g128 nodes (the export
+happens in the warm-up call). Random weights, no downloads.
 """
 
 import argparse
@@ -58,7 +60,7 @@ def bound(s: dict, T: int, bw: float, flops: float, expert_bytes: float = 4.0) -
     return max((touched * I * expert_bytes + Is * 4) * 3 * H / bw, 2 * T * (k * I + Is) * 3 * H / flops)
 
 
-def rows(name: str, level: str, torch_compile: bool, quantized: bool) -> dict:
+def rows(name: str, level: str, torch_compile: bool, quantized: bool, ort: bool) -> dict:
     """label -> module: every HF experts implementation, torch.compile of HF's default, moec."""
     out = {}
     for impl in models.EXPERTS_IMPLEMENTATIONS:
@@ -71,6 +73,10 @@ def rows(name: str, level: str, torch_compile: bool, quantized: bool) -> dict:
     if quantized:
         out["moec int8"] = moec.compile(copy.deepcopy(base), quantize=moec.Int8Experts())
         out["moec int4 g128"] = moec.compile(copy.deepcopy(base), quantize=moec.Int4Experts(128))
+    if ort:
+        for label, q in [("", None)] + ([(" int8", moec.Int8Experts()), (" int4 g128", moec.Int4Experts(128))]
+                                        if quantized else []):
+            out[f"moec onnxruntime{label}"] = moec.compile(copy.deepcopy(base), backend="onnxruntime", quantize=q)
     return out
 
 
@@ -87,6 +93,7 @@ def main():
     ap.add_argument("--levels", nargs="+", default=["block", "model"], choices=["block", "model"])
     ap.add_argument("--no-torch-compile", action="store_true")
     ap.add_argument("--quantized", action="store_true")
+    ap.add_argument("--ort", action="store_true", help="add moec's onnxruntime backend rows")
     args = ap.parse_args()
     console = Console()
     torch.manual_seed(0)
@@ -95,7 +102,7 @@ def main():
                   f"fp32 GEMM {flops / 1e9:.0f} GFLOP/s, torch {torch.__version__}")
     for name in args.models:
         for level in args.levels:
-            impls = rows(name, level, not args.no_torch_compile, args.quantized)
+            impls = rows(name, level, not args.no_torch_compile, args.quantized, args.ort)
             ref = impls["HF grouped_mm"]
             s = block_shape(ref if level == "block" else ref.model.layers[0].mlp)
             title = (f"{name}-style {'MoE block' if level == 'block' else 'model (2 layers)'} (E={s['E']}, k={s['k']}, "
