@@ -126,6 +126,9 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | None = Non
     backend = resolve_backend(backend, device)
     if quantize is not None and not isinstance(quantize, (Int8Experts, Int4Experts)):
         raise TypeError(f"quantize must be moec.Int8Experts() or moec.Int4Experts(...), not {quantize!r}")
+    if isinstance(quantize, Int4Experts) and backend == "torch" and device.type != "cpu":
+        raise NotImplementedError(f"moec: int4 experts in the torch backend run on CPU only (the model is on "
+                                  f"{device.type}): use backend='triton' or Int8Experts()")
     instruments = Instruments.from_env()
     instruments.verify = instruments.verify or verify
     report = _run(model, pipeline_for(backend, passes, quantize is not None), instruments, install_blocks=True,

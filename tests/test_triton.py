@@ -155,6 +155,12 @@ def test_hf_quantized_end_to_end(cfg):
         assert rel_err(ours(**inputs).logits, ref(**inputs).logits) < 1e-4
 
 
+def test_int4_in_the_torch_backend_off_the_cpu_is_refused():
+    model = models.tiny_model("mixtral").to("meta")  # any device but the CPU
+    with pytest.raises(NotImplementedError, match="CPU only .*use backend='triton'"):
+        moec.compile(model, backend="torch", quantize=Int4Experts(32))
+
+
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
 def test_hf_end_to_end(family):
     model = models.tiny_model(family)
