@@ -3,8 +3,8 @@
 A tuned file is JSON written by `benchmarks/tune_triton.py`, one per device name
 and Triton version, mapping a shape key "E,N1,H,k,dtype" (quantized weights: "E,N1,H,k,dtype-w8"
 or "...-w4g128") to {tokens: config}; the entry with the nearest token count is used. Files
-are looked for in $MOEC_TRITON_CONFIGS (if set), then in `backends/triton_configs/` (shipped). A missing file or shape falls back to `heuristic`,
-never to an error. `MOEC_LOGS=debug` logs which config ran.
+are looked for in $MOEC_TRITON_CONFIGS (if set), then in `backends/triton_configs/` (shipped).
+A missing file or shape falls back to `heuristic`, never to an error. `MOEC_LOGS=debug` logs which config ran.
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ converted as they are (integers up to 127 are exact in fp16/bf16) and the per-ch
 multiplies the fp32 accumulator once, in the epilogue; an int4 K tile (within one scale
 group: BLOCK_K <= group size) loads its packed bytes once, splits the nibbles into the even
 (low) and odd (high) K rows, subtracts the zero point (8 if symmetric), multiplies by the
-group's scale, and meets the activation tile's even and odd columns in two dots. fp32 accumulation; fp32 inputs use IEEE dots (no TF32) to match the torch
-backend. Under TRITON_INTERPRET=1, bf16 loads are upcast right away (the interpreter
-keeps bf16 as raw integers).
+group's scale, and meets the activation tile's even and odd columns in two dots.
+fp32 accumulation; fp32 inputs use IEEE dots (no TF32) to match the torch backend. Under
+TRITON_INTERPRET=1, bf16 loads are upcast right away (the interpreter keeps bf16 as raw
+integers).
 """
 
 from __future__ import annotations
@@ -310,7 +311,7 @@ def triton_experts_int4(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tenso
                         s2: torch.Tensor, z2: torch.Tensor | None, b2: torch.Tensor | None, group_size: int,
                         activation: str, gated: bool, alpha: float, limit: float,
                         weight_on_input: bool) -> torch.Tensor:
-    """int4 experts in moec's format: q [E, N, K/2] uint8, s [E, N, K/g] fp32, z [E, N, K/g] uint8 or None (symmetric)."""
+    """int4 experts in moec's format: q [E, N, K/2] uint8, s [E, N, K/g] fp32, z [E, N, K/g] uint8 (None: symmetric)."""
     for name, q, s, z in (("w13", q13, s13, z13), ("w2", q2, s2, z2)):
         E, N, half = q.shape
         if q.dtype != torch.uint8 or s.shape != (E, N, 2 * half // group_size) or 2 * half % group_size or (
