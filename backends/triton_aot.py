@@ -3,7 +3,7 @@
     python -m moec.backends.triton_aot [--arch 80 90]
 
 Compiles each kernel with each constexpr combination moec launches (dtypes, activations,
-gating, biases, router kinds) to PTX/cubin for the given compute capabilities. Must run
+gating, biases, int8/int4 weights, router kinds) to PTX/cubin for the given compute capabilities. Must run
 WITHOUT TRITON_INTERPRET (interpreted kernels cannot be compiled); the tests call it in a
 subprocess.
 """
@@ -19,6 +19,9 @@ from triton.compiler import ASTSource
 
 from moec.backends import triton_experts as te
 from moec.backends import triton_route as tr
+
+_unquantized = dict(s_ptr=None, z_ptr=None, QUANT=0, HAS_ZERO=False, GROUP=1)  # weights in the activation dtype
+
 
 def _sig(kernel, pointers: dict[str, str], floats=(), **constexprs):
     """Triton signature: pointers as given, named floats fp32, constexprs, every other arg i32."""
@@ -59,13 +62,34 @@ def variants():
         bk = 64 if dt == "fp32" else 128
         yield f"gemm1[{dt},{act},gated{gated:d},bias{bias:d},woi{woi:d}]", te._gemm1_kernel, *_sig(
             te._gemm1_kernel, ptrs, ("alpha", "limit"), TOP_K=2, ACT=te.ACTIVATIONS[act], GATED=gated,
-            HAS_BIAS=bias, WEIGHT_ON_INPUT=woi, UPCAST=False, IEEE=dt == "fp32", BLOCK_M=16, BLOCK_N=64, BLOCK_K=bk)
+            HAS_BIAS=bias, WEIGHT_ON_INPUT=woi, **_unquantized, UPCAST=False, IEEE=dt == "fp32", BLOCK_M=16,
+            BLOCK_N=64, BLOCK_K=bk)
     for dt, bias, woi in [("bf16", b, w) for b, w in itertools.product((False, True), (False, True))] + [
             ("fp16", False, False), ("fp32", False, False)]:
         ptrs = {"h_ptr": dt, "w_ptr": dt, "b_ptr": dt, "wts_ptr": "fp32", "y_ptr": "fp32", **ids}
         yield f"gemm2[{dt},bias{bias:d},woi{woi:d}]", te._gemm2_kernel, *_sig(
-            te._gemm2_kernel, ptrs, HAS_BIAS=bias, WEIGHT_ON_INPUT=woi, UPCAST=False, IEEE=dt == "fp32",
-            BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 if dt != "fp32" else 32)
+            te._gemm2_kernel, ptrs, HAS_BIAS=bias, WEIGHT_ON_INPUT=woi, **_unquantized, UPCAST=False,
+            IEEE=dt == "fp32", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 if dt != "fp32" else 32)
+    # quantized weights (int8; int4 symmetric / with zero points, two group sizes): every format in bf16 with
+    # the common epilogue, GPT-OSS's epilogue once, fp16 and fp32 activations once each
+    quants = [(8, False, 0), (4, False, 128), (4, True, 32)]
+    cases = [("bf16", q, experts[0]) for q in quants] + [
+        ("bf16", quants[2], ("swiglu_oai", True, True, False)), ("fp16", quants[1], experts[0]),
+        ("fp32", quants[0], experts[0])]
+    for dt, (quant, zero, group), (act, gated, bias, woi) in cases:
+        q = {"w_ptr": "i8" if quant == 8 else "u8", "s_ptr": "fp32", "z_ptr": "u8"}
+        qc = dict(QUANT=quant, HAS_ZERO=zero, GROUP=max(group, 1), **({} if zero else {"z_ptr": None}))
+        name = f"{dt},w{quant}{'g%d' % group if group else ''}{',zero' if zero else ''}"
+        bk = 64 if dt == "fp32" else 128
+        ptrs = {"x_ptr": dt, "b_ptr": dt, "wts_ptr": "fp32", "h_ptr": dt, **q, **ids}
+        yield f"gemm1[{name},{act},bias{bias:d}]", te._gemm1_kernel, *_sig(
+            te._gemm1_kernel, ptrs, ("alpha", "limit"), TOP_K=2, ACT=te.ACTIVATIONS[act], GATED=gated,
+            HAS_BIAS=bias, WEIGHT_ON_INPUT=woi, **qc, UPCAST=False, IEEE=dt == "fp32", BLOCK_M=16, BLOCK_N=64,
+            BLOCK_K=bk)
+        ptrs = {"h_ptr": dt, "b_ptr": dt, "wts_ptr": "fp32", "y_ptr": "fp32", **q, **ids}
+        yield f"gemm2[{name},bias{bias:d}]", te._gemm2_kernel, *_sig(
+            te._gemm2_kernel, ptrs, HAS_BIAS=bias, WEIGHT_ON_INPUT=woi, **qc, UPCAST=False, IEEE=dt == "fp32",
+            BLOCK_M=16, BLOCK_N=64, BLOCK_K=bk)
 
 
 def compile_all(archs=(80, 90)) -> list[str]:

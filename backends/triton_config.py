@@ -1,10 +1,10 @@
 """Tile configurations for the Triton expert GEMMs: tuned files first, a heuristic otherwise.
 
 A tuned file is JSON written by `benchmarks/tune_triton.py`, one per device name
-and Triton version, mapping a shape key "E,N1,H,k,dtype" to {tokens: config}; the entry with
-the nearest token count is used. Files are looked for in $MOEC_TRITON_CONFIGS (if set), then
-in `backends/triton_configs/` (shipped). A missing file or shape falls back to `heuristic`,
-never to an error. `MOEC_LOGS=debug` logs which config ran.
+and Triton version, mapping a shape key "E,N1,H,k,dtype" (quantized weights: "E,N1,H,k,dtype-w8"
+or "...-w4g128") to {tokens: config}; the entry with the nearest token count is used. Files
+are looked for in $MOEC_TRITON_CONFIGS (if set), then in `backends/triton_configs/` (shipped).
+A missing file or shape falls back to `heuristic`, never to an error. `MOEC_LOGS=debug` logs which config ran.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def file_name(device: str) -> str:
     return f"{device}__triton-{triton.__version__}.json"
 
 
-def shape_key(E: int, N1: int, H: int, k: int, dtype: torch.dtype) -> str:
-    return f"{E},{N1},{H},{k},{str(dtype).removeprefix('torch.')}"
+def shape_key(E: int, N1: int, H: int, k: int, dtype: torch.dtype, quant: str = "") -> str:
+    """quant: "" (weights in the activation dtype), "w8" (int8) or "w4g<group>" (int4)."""
+    return f"{E},{N1},{H},{k},{str(dtype).removeprefix('torch.')}" + (f"-{quant}" if quant else "")
 
 
 @functools.cache
@@ -55,6 +56,7 @@ def _tuned(device: str) -> dict:
 
 
 def heuristic(T: int, E: int, k: int, dtype: torch.dtype, device: torch.device) -> Config:
+    """Tiles by rows per expert; quantized weights use the same (untuned) tiles as their activation dtype."""
     if device.type != "cuda":  # the interpreter: few, large programs (its cost is per program and k-step)
         return Config(16, 64, 64)
     wide = 64 if dtype == torch.float32 else 128  # K tile in elements: 128 B of fp32 or 256 B of bf16/fp16
@@ -78,8 +80,10 @@ def forced(cfg: Config):
         _forced.pop()
 
 
-def config_for(T: int, E: int, N1: int, H: int, k: int, dtype: torch.dtype, device: torch.device) -> Config:
-    table = _tuned(device_name(device)).get(shape_key(E, N1, H, k, dtype))
+def config_for(T: int, E: int, N1: int, H: int, k: int, dtype: torch.dtype, device: torch.device,
+               quant: str = "") -> Config:
+    key = shape_key(E, N1, H, k, dtype, quant)
+    table = _tuned(device_name(device)).get(key)
     if _forced:
         cfg, source = _forced[-1], "forced"
     elif table:
@@ -87,5 +91,5 @@ def config_for(T: int, E: int, N1: int, H: int, k: int, dtype: torch.dtype, devi
         cfg, source = Config(**table[nearest]), f"tuned for {nearest} tokens"
     else:
         cfg, source = heuristic(T, E, k, dtype, device), "heuristic"
-    log.debug("triton experts T=%d %s: %s (%s)", T, shape_key(E, N1, H, k, dtype), cfg, source)
+    log.debug("triton experts T=%d %s: %s (%s)", T, key, cfg, source)
     return cfg

@@ -2,6 +2,8 @@
 
     moec::align_block_size(ids[T,k], E, BLOCK_M) -> sorted[P] int32, block_expert[P/BLOCK_M] int32, n_padded[1] int32
     moec::triton_experts(x[T,H], ids[T,k], w[T,k], W13[E,N1,H], b13?, W2[E,H,I], b2?, ...) -> [T,H]
+    moec::triton_experts_int8(x, ids, w, Q13 int8[E,N1,H], S13[E,N1], b13?, Q2, S2, b2?, ...) -> [T,H]
+    moec::triton_experts_int4(x, ids, w, Q13 u8[E,N1,H/2], S13[E,N1,H/g], Z13?, b13?, Q2, S2, Z2?, b2?, g, ...)
 
 Alignment sorts the T*k (token, slot) pairs by expert and pads each expert's run to a
 multiple of BLOCK_M, on the device with no host sync: P = T*k + min(T*k, E)*(BLOCK_M-1)
@@ -12,9 +14,16 @@ rows are reserved, the padding holds the sentinel T*k, and GEMM programs past n_
     out[t] = sum_k y[t*k + j]                                                          # fp32, deterministic
 
 Each BLOCK_M block of sorted rows belongs to one expert, so its weight tile is read once
-per block. fp32 accumulation; fp32 inputs use IEEE dots (no TF32) to match the torch
-backend. Under TRITON_INTERPRET=1, bf16 loads are upcast right away (the interpreter
-keeps bf16 as raw integers).
+per block. Quantized weights (moec.quant's format, read in place) are dequantized in
+registers inside the K loop and fed to the dots in the activation dtype: int8 tiles are
+converted as they are (integers up to 127 are exact in fp16/bf16) and the per-channel scale
+multiplies the fp32 accumulator once, in the epilogue; an int4 K tile (within one scale
+group: BLOCK_K <= group size) loads its packed bytes once, splits the nibbles into the even
+(low) and odd (high) K rows, subtracts the zero point (8 if symmetric), multiplies by the
+group's scale, and meets the activation tile's even and odd columns in two dots.
+fp32 accumulation; fp32 inputs use IEEE dots (no TF32) to match the torch backend. Under
+TRITON_INTERPRET=1, bf16 loads are upcast right away (the interpreter keeps bf16 as raw
+integers).
 """
 
 from __future__ import annotations
@@ -123,10 +132,40 @@ def _activate(g, u, ACT: tl.constexpr, GATED: tl.constexpr, alpha, limit):
 
 
 @triton.jit
-def _gemm1_kernel(x_ptr, w_ptr, b_ptr, wts_ptr, h_ptr, sorted_ptr, block_expert_ptr, npad_ptr,
-                  n_pairs, K, I, stride_x, stride_we, stride_wn, stride_wk, stride_be, alpha, limit,
+def _weight_dot(acc, a, w_ptr, s_ptr, z_ptr, w_off, s_off, k0, K, cmask, stride_wk, stride_sk,
+                QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP: tl.constexpr, IEEE: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """acc [BM, BN] + a [BM, BK] @ W[e].T[k0:k0+BK, columns at w_off/s_off [1, BN]], W stored as is (QUANT 0),
+    int8 (8: values as they are; the per-channel scale is the caller's, on the accumulator) or int4 (4)."""
+    if QUANT == 4:  # a byte holds rows 2j (low nibble) and 2j+1; the tile lies in one group (BLOCK_K <= GROUP)
+        js = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        p = tl.load(w_ptr + w_off + js[:, None] * stride_wk, mask=(js < K // 2)[:, None] & cmask[None, :],
+                    other=0)  # [BK/2, BN] packed bytes, contiguous along K
+        g_off = s_off + (k0 // GROUP) * stride_sk
+        s = tl.load(s_ptr + g_off, mask=cmask[None, :], other=0.0)  # [1, BN] the group's scales
+        if HAS_ZERO:
+            z = tl.load(z_ptr + g_off, mask=cmask[None, :], other=0).to(tl.float32)
+        else:
+            z = 8.0
+        lo = ((p & 0xF).to(tl.float32) - z) * s  # rows 2j
+        hi = ((p >> 4).to(tl.float32) - z) * s  # rows 2j+1
+        a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], BLOCK_K // 2, 2)))  # a's columns 2j and 2j+1
+        acc = tl.dot(a_even, lo.to(a.dtype), acc, input_precision="ieee" if IEEE else None)
+        acc = tl.dot(a_odd, hi.to(a.dtype), acc, input_precision="ieee" if IEEE else None)
+    else:
+        ks = k0 + tl.arange(0, BLOCK_K)
+        b = tl.load(w_ptr + w_off + ks[:, None] * stride_wk, mask=(ks < K)[:, None] & cmask[None, :], other=0)
+        acc = tl.dot(a, b.to(a.dtype), acc, input_precision="ieee" if IEEE else None)
+    return acc
+
+
+@triton.jit
+def _gemm1_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, wts_ptr, h_ptr, sorted_ptr, block_expert_ptr, npad_ptr,
+                  n_pairs, K, I, stride_x, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
+                  stride_be, alpha, limit,
                   TOP_K: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  WEIGHT_ON_INPUT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                  WEIGHT_ON_INPUT: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP: tl.constexpr,
+                  UPCAST: tl.constexpr, IEEE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(npad_ptr):
@@ -137,7 +176,8 @@ def _gemm1_kernel(x_ptr, w_ptr, b_ptr, wts_ptr, h_ptr, sorted_ptr, block_expert_
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < I
-    w_g = w_ptr + e * stride_we + cols[None, :] * stride_wn  # gate rows of W13[e] (all rows if not gated)
+    w_off = e * stride_we + cols[None, :] * stride_wn  # gate rows of W13[e] (all rows if not gated)
+    s_off = e * stride_se + cols[None, :] * stride_sn  # their scales (quantized weights)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if WEIGHT_ON_INPUT:
@@ -153,16 +193,15 @@ def _gemm1_kernel(x_ptr, w_ptr, b_ptr, wts_ptr, h_ptr, sorted_ptr, block_expert_
             a = (a.to(tl.float32) * wt[:, None]).to(x_ptr.dtype.element_ty)
             if UPCAST:
                 a = a.to(tl.float32)
-        bmask = kmask[:, None] & cmask[None, :]
-        b = tl.load(w_g + ks[:, None] * stride_wk, mask=bmask, other=0.0)  # [BK, BN]
-        if UPCAST:
-            b = b.to(tl.float32)
-        acc_g = tl.dot(a, b, acc_g, input_precision="ieee" if IEEE else None)
+        acc_g = _weight_dot(acc_g, a, w_ptr, s_ptr, z_ptr, w_off, s_off, k0, K, cmask, stride_wk, stride_sk,
+                            QUANT, HAS_ZERO, GROUP, IEEE, BLOCK_K)
         if GATED:  # up rows are the second half of W13[e]
-            b = tl.load(w_g + I * stride_wn + ks[:, None] * stride_wk, mask=bmask, other=0.0)
-            if UPCAST:
-                b = b.to(tl.float32)
-            acc_u = tl.dot(a, b, acc_u, input_precision="ieee" if IEEE else None)
+            acc_u = _weight_dot(acc_u, a, w_ptr, s_ptr, z_ptr, w_off + I * stride_wn, s_off + I * stride_sn, k0, K,
+                                cmask, stride_wk, stride_sk, QUANT, HAS_ZERO, GROUP, IEEE, BLOCK_K)
+    if QUANT == 8:  # per output channel scales
+        acc_g *= tl.load(s_ptr + s_off, mask=cmask[None, :], other=0.0)
+        if GATED:
+            acc_u *= tl.load(s_ptr + s_off + I * stride_sn, mask=cmask[None, :], other=0.0)
     if HAS_BIAS:
         acc_g += tl.load(b_ptr + e * stride_be + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         if GATED:
@@ -173,9 +212,10 @@ def _gemm1_kernel(x_ptr, w_ptr, b_ptr, wts_ptr, h_ptr, sorted_ptr, block_expert_
 
 
 @triton.jit
-def _gemm2_kernel(h_ptr, w_ptr, b_ptr, wts_ptr, y_ptr, sorted_ptr, block_expert_ptr, npad_ptr,
-                  n_pairs, K, N, stride_we, stride_wn, stride_wk, stride_be,
-                  HAS_BIAS: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+def _gemm2_kernel(h_ptr, w_ptr, s_ptr, z_ptr, b_ptr, wts_ptr, y_ptr, sorted_ptr, block_expert_ptr, npad_ptr,
+                  n_pairs, K, N, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be,
+                  HAS_BIAS: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
+                  GROUP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(npad_ptr):
@@ -185,17 +225,20 @@ def _gemm2_kernel(h_ptr, w_ptr, b_ptr, wts_ptr, y_ptr, sorted_ptr, block_expert_
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
+    w_off = e * stride_we + cols[None, :] * stride_wn
+    s_off = e * stride_se + cols[None, :] * stride_sn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < K
         a = tl.load(h_ptr + pair[:, None].to(tl.int64) * K + ks[None, :], mask=valid[:, None] & kmask[None, :],
                     other=0.0)
-        b = tl.load(w_ptr + e * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk, mask=kmask[:, None] & cmask[None, :],
-                    other=0.0)  # [BK, BN] of W2[e].T
         if UPCAST:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision="ieee" if IEEE else None)
+            a = a.to(tl.float32)
+        acc = _weight_dot(acc, a, w_ptr, s_ptr, z_ptr, w_off, s_off, k0, K, cmask, stride_wk, stride_sk, QUANT,
+                          HAS_ZERO, GROUP, IEEE, BLOCK_K)  # W2[e].T tile
+    if QUANT == 8:
+        acc *= tl.load(s_ptr + s_off, mask=cmask[None, :], other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + e * stride_be + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if not WEIGHT_ON_INPUT:
@@ -207,15 +250,22 @@ def _interpreting() -> bool:
     return triton.runtime.interpreter.InterpretedFunction is type(_gemm1_kernel)
 
 
-@torch.library.custom_op("moec::triton_experts", mutates_args=())
-def triton_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
-                   b13: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None, activation: str, gated: bool,
-                   alpha: float, limit: float, weight_on_input: bool) -> torch.Tensor:
+def _scale_strides(s: torch.Tensor | None) -> tuple[int, int, int]:
+    """(expert, channel, group) strides of a scale tensor: [E, N] (int8) or [E, N, K/g] (int4); zeros if none."""
+    return (0, 0, 0) if s is None else (s.stride(0), s.stride(1), s.stride(2) if s.dim() == 3 else 0)
+
+
+def _experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, weight_on_input,
+             quant=0, s13=None, z13=None, s2=None, z2=None, group=0):
+    """Both GEMMs on weights as stored: W13 [E, N1, H] / W2 [E, H, I] in x's dtype (quant 0), int8 (8) or
+    int4-packed (4: [E, N, K/2] bytes) with moec.quant's scales s [E, N(, K/g)] and zero points z (or None)."""
     T, k = ids.shape
-    E, N1, H = w13.shape
-    I = w2.shape[2]
+    E, N1, H = w13.shape[0], w13.shape[1], x.shape[1]
+    I = N1 // 2 if gated else N1
     x = x.contiguous()  # weights are read through their strides: no per-call copies
-    cfg = config_for(T, E, N1, H, k, x.dtype, x.device)
+    qkey = {0: "", 8: "w8", 4: f"w4g{group}"}[quant]
+    cfg = config_for(T, E, N1, H, k, x.dtype, x.device, qkey)
+    block_k = min(cfg.block_k, group) if quant == 4 else cfg.block_k  # an int4 K tile lies in one group
     sorted_ids, block_expert, n_padded = align_block_size(ids.reshape(-1).to(torch.int32), E, cfg.block_m)
     flat_w = weights.reshape(-1).float().contiguous()
     n_pairs = T * k
@@ -224,21 +274,57 @@ def triton_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1
     upcast = _interpreting() and x.dtype == torch.bfloat16
     ieee = x.dtype == torch.float32
     m_blocks = block_expert.numel()
+    common = dict(QUANT=quant, GROUP=max(group, 1), UPCAST=upcast, IEEE=ieee, BLOCK_M=cfg.block_m,
+                  BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _gemm1_kernel[(m_blocks, triton.cdiv(I, cfg.block_n))](
-        x, w13, b13, flat_w, h, sorted_ids, block_expert, n_padded, n_pairs, H, I, x.stride(0),
-        w13.stride(0), w13.stride(1), w13.stride(2), 0 if b13 is None else b13.stride(0), float(alpha), float(limit),
-        TOP_K=k, ACT=ACTIVATIONS[activation], GATED=gated, HAS_BIAS=b13 is not None, WEIGHT_ON_INPUT=weight_on_input,
-        UPCAST=upcast, IEEE=ieee, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        x, w13, s13, z13, b13, flat_w, h, sorted_ids, block_expert, n_padded, n_pairs, H, I, x.stride(0),
+        w13.stride(0), w13.stride(1), w13.stride(2), *_scale_strides(s13), 0 if b13 is None else b13.stride(0),
+        float(alpha), float(limit), TOP_K=k, ACT=ACTIVATIONS[activation], GATED=gated, HAS_BIAS=b13 is not None,
+        WEIGHT_ON_INPUT=weight_on_input, HAS_ZERO=z13 is not None, **common)
     _gemm2_kernel[(m_blocks, triton.cdiv(H, cfg.block_n))](
-        h, w2, b2, flat_w, y, sorted_ids, block_expert, n_padded, n_pairs, I, H,
-        w2.stride(0), w2.stride(1), w2.stride(2), 0 if b2 is None else b2.stride(0),
-        HAS_BIAS=b2 is not None, WEIGHT_ON_INPUT=weight_on_input, UPCAST=upcast, IEEE=ieee,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        h, w2, s2, z2, b2, flat_w, y, sorted_ids, block_expert, n_padded, n_pairs, I, H,
+        w2.stride(0), w2.stride(1), w2.stride(2), *_scale_strides(s2), 0 if b2 is None else b2.stride(0),
+        HAS_BIAS=b2 is not None, WEIGHT_ON_INPUT=weight_on_input, HAS_ZERO=z2 is not None, **common)
     return y.view(T, k, H).sum(dim=1).to(x.dtype)  # [T, H]: reduce over the k slots in token order
 
 
+@torch.library.custom_op("moec::triton_experts", mutates_args=())
+def triton_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+                   b13: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None, activation: str, gated: bool,
+                   alpha: float, limit: float, weight_on_input: bool) -> torch.Tensor:
+    return _experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, weight_on_input)
+
+
+@torch.library.custom_op("moec::triton_experts_int8", mutates_args=())
+def triton_experts_int8(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, q13: torch.Tensor,
+                        s13: torch.Tensor, b13: torch.Tensor | None, q2: torch.Tensor, s2: torch.Tensor,
+                        b2: torch.Tensor | None, activation: str, gated: bool, alpha: float, limit: float,
+                        weight_on_input: bool) -> torch.Tensor:
+    """int8 experts in moec's format: q [E, N, K] int8, s [E, N] fp32 (the arguments of moec::experts_int8)."""
+    return _experts(x, ids, weights, q13, b13, q2, b2, activation, gated, alpha, limit, weight_on_input,
+                    quant=8, s13=s13.float(), s2=s2.float())
+
+
+@torch.library.custom_op("moec::triton_experts_int4", mutates_args=())
+def triton_experts_int4(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, q13: torch.Tensor,
+                        s13: torch.Tensor, z13: torch.Tensor | None, b13: torch.Tensor | None, q2: torch.Tensor,
+                        s2: torch.Tensor, z2: torch.Tensor | None, b2: torch.Tensor | None, group_size: int,
+                        activation: str, gated: bool, alpha: float, limit: float,
+                        weight_on_input: bool) -> torch.Tensor:
+    """int4 experts in moec's format: q [E, N, K/2] uint8, s [E, N, K/g] fp32, z [E, N, K/g] uint8 (None: symmetric)."""
+    for name, q, s, z in (("w13", q13, s13, z13), ("w2", q2, s2, z2)):
+        E, N, half = q.shape
+        if q.dtype != torch.uint8 or s.shape != (E, N, 2 * half // group_size) or 2 * half % group_size or (
+                z is not None and (z.shape != s.shape or z.stride() != s.stride())):
+            raise ValueError(f"moec::triton_experts_int4: {name} is not in moec's int4 format for group size "
+                             f"{group_size}: q {tuple(q.shape)} {q.dtype}, scale {tuple(s.shape)}, "
+                             f"zero {None if z is None else tuple(z.shape)}")
+    return _experts(x, ids, weights, q13, b13, q2, b2, activation, gated, alpha, limit, weight_on_input,
+                    quant=4, s13=s13.float(), z13=z13, s2=s2.float(), z2=z2, group=group_size)
+
+
 @triton_experts.register_fake
+@triton_experts_int8.register_fake
+@triton_experts_int4.register_fake
 def _(x, *args):
     return torch.empty_like(x)

@@ -1,16 +1,21 @@
 """MoE layer benchmark on a GPU: moec's Triton backend vs HF experts implementations, torch.compile, _grouped_mm.
 
     python benchmarks/bench_triton.py [--shapes mixtral-8x7b qwen3-30b-a3b deepseek-v3] [--tokens 1 4 16 ...]
+                                      [--quantized]
 
 Per shape (bf16, Mixtral-style routing with the shape's E/H/I/k) and token count: layer time
 of each row, achieved bandwidth (bytes of the distinct experts touched / time) as a fraction
 of the peak, measured here as the best of large device-to-device copies, and TFLOP/s.
+`--quantized` adds moec with int8 and int4 (g128) experts (bf16 activations): their bandwidth
+counts the packed bytes read (weights + scales), and each cell gives the speed-up over the
+bf16 moec row (issue 4's goal: int4 >= 3x at 1-16 tokens, >= 80% of peak).
 `--shapes tiny` smoke-tests the script anywhere (TRITON_INTERPRET=1 on a CPU).
 """
 
 import argparse
 import copy
 import sys
+from math import nan
 from pathlib import Path
 
 import torch
@@ -22,6 +27,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from triton_shapes import SHAPES, hf_block  # noqa: E402
 
 import moec  # noqa: E402
+from moec.canonical import resolve  # noqa: E402
+from moec.passes.quantize_experts import quantized_tensors  # noqa: E402
+from moec.quant import nbytes  # noqa: E402
 
 
 def timer(device: str):
@@ -60,11 +68,27 @@ def grouped_mm_layer(block):
     return run
 
 
+def quantized_rows(base, H: int, I: int) -> dict:
+    """label -> (moec block with quantized experts, bytes read per expert): int8 and int4 g128
+    (the largest of 128/64/32 dividing H and I on other shapes, as on `tiny`)."""
+    group = next(g for g in (128, 64, 32) if H % g == 0 and I % g == 0)
+    out = {}
+    for cfg in (moec.Int8Experts(), moec.Int4Experts(group)):
+        block = moec.compile(copy.deepcopy(base), backend="triton", quantize=cfg)
+        # the quantized graph no longer reads the bf16 expert weights: free them (DeepSeek-V3's are 22 GB a copy)
+        block.experts.gate_up_proj.data, block.experts.down_proj.data = torch.empty(0), torch.empty(0)
+        t = [quantized_tensors(resolve(block, moec.inspect(block).blocks[0].path), role) for role in ("w13", "w2")]
+        label = "int8" if cfg.bits == 8 else f"int4 g{group}"
+        out[f"moec (triton) {label}"] = (block, sum(nbytes(r) for r in t) / base.experts.gate_up_proj.shape[0])
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=[s for s in SHAPES if s != "tiny"], choices=list(SHAPES))
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024, 4096])
     ap.add_argument("--no-torch-compile", action="store_true")
+    ap.add_argument("--quantized", action="store_true", help="add moec rows with int8 and int4 (g128) experts")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16
@@ -82,11 +106,14 @@ def main():
             rows["torch.compile(HF grouped_mm)"] = torch.compile(copy.deepcopy(base), dynamic=True)
         rows["torch._grouped_mm"] = grouped_mm_layer(base)
         rows["moec (triton)"] = moec.compile(copy.deepcopy(base), backend="triton")
-        t = Table(title=f"{shape} (E={E}, H={H}, I={I}, k={k}), bf16: us  (% peak bandwidth | TFLOP/s)")
+        quantized = quantized_rows(base, H, I) if args.quantized else {}
+        t = Table(title=f"{shape} (E={E}, H={H}, I={I}, k={k}), bf16: us  (% peak bandwidth | TFLOP/s); "
+                        "quantized rows: us (% peak bandwidth in packed bytes | speed-up over moec bf16)")
         t.add_column("implementation")
         for T in args.tokens:
             t.add_column(f"{T}", justify="right")
-        for label, fn in rows.items():
+        bf16_moec = {}  # tokens -> seconds of the moec (triton) row
+        for label, (fn, expert_bytes) in {**{r: (f, 3 * H * I * 2) for r, f in rows.items()}, **quantized}.items():
             cells = []
             for T in args.tokens:
                 x = torch.randn(1, T, H, device=device, dtype=dtype)
@@ -96,10 +123,14 @@ def main():
                     except Exception as e:  # a baseline that cannot run this shape says so in its cell
                         cells.append(type(e).__name__)
                         continue
-                touched = E * (1 - (1 - k / E) ** T)
-                bw = touched * 3 * H * I * 2 / s
-                tflops = 2 * T * k * 3 * H * I / s / 1e12
-                cells.append(f"{s * 1e6:.0f} ({100 * bw / peak:.0f}% | {tflops:.0f})")
+                touched = E * (1 - (1 - k / E) ** T)  # expected distinct experts hit by T tokens
+                bw = touched * expert_bytes / s
+                if label == "moec (triton)":
+                    bf16_moec[T] = s
+                if label in quantized:
+                    cells.append(f"{s * 1e6:.0f} ({100 * bw / peak:.0f}% | {bf16_moec.get(T, nan) / s:.2f}x)")
+                else:
+                    cells.append(f"{s * 1e6:.0f} ({100 * bw / peak:.0f}% | {2 * T * k * 3 * H * I / s / 1e12:.0f})")
             t.add_row(label, *cells)
         console.print(t)
 

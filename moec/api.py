@@ -121,7 +121,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | None = Non
     verify: check each rewritten block against the original after every pass, raise if off
         (quantized blocks: up to the pass before quantize_experts; quantization error is measured, not checked).
     quantize: Int8Experts() or Int4Experts(group_size, symmetric): weight-only quantized routed
-        experts (appends the quantize_experts pass; torch backend).
+        experts (appends the quantize_experts pass; both backends: torch's int4 kernels run on CPU only).
     A model without MoE comes back unchanged, with a warning; blocks moec cannot prove are
     left as they were and listed in `moec.inspect(model).rejected` with the reason.
     """
@@ -133,10 +133,11 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | None = Non
         raise TypeError(f"quantize must be moec.Int8Experts() or moec.Int4Experts(...), not {quantize!r}")
     if backend == "onnxruntime":
         return _compile_onnxruntime(model, passes, quantize, providers, session_options)
-    if quantize is not None and backend != "torch":
-        raise NotImplementedError(f"moec: quantized experts run in the torch backend only for now, not {backend!r}")
     if providers is not None or session_options is not None:
         raise TypeError("providers= and session_options= are options of backend='onnxruntime'")
+    if isinstance(quantize, Int4Experts) and backend == "torch" and device.type != "cpu":
+        raise NotImplementedError(f"moec: int4 experts in the torch backend run on CPU only (the model is on "
+                                  f"{device.type}): use backend='triton' or Int8Experts()")
     instruments = Instruments.from_env()
     instruments.verify = instruments.verify or verify
     report = _run(model, pipeline_for(backend, passes, quantize is not None), instruments, install_blocks=True,

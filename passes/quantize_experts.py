@@ -56,7 +56,9 @@ def quantize_experts(gm) -> PassResult:
             stats["expert_bytes"] += weight.numel() * weight.element_size()
             stats["expert_qbytes"] += nbytes(t)
             attrs = {k: _attr(gm, node, f"_moec_{role}_{k}", v) for k, v in t.items()}
-            if isinstance(cfg, Int8Experts):
+            if isinstance(cfg, Int8Experts) or weight.device.type != "cpu":
+                # int8, or int4 where torch's int4 kernel cannot run (CPU only; its op says so if called):
+                # moec's format, which lower_triton reads
                 new_args.append((attrs["q"], attrs["scale"]))
             else:
                 packed, sz = prepare_int4(t, cfg.group_size)
@@ -85,7 +87,7 @@ def refresh_kernel_layouts(block: torch.nn.Module, cfg) -> None:
     """Re-derive the int4 kernel layout from the block's moec-format buffers (after loading them)."""
     from moec.backends.torch_backend import prepare_int4
 
-    if isinstance(cfg, Int8Experts):
+    if isinstance(cfg, Int8Experts) or not hasattr(block, "_moec_w13_p"):  # no torch int4 layout (off the CPU)
         return
     for role in ("w13", "w2"):
         packed, sz = prepare_int4(quantized_tensors(block, role), cfg.group_size)

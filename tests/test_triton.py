@@ -12,12 +12,16 @@ import torch
 import moec
 from moec import models
 from moec.backends import triton_route
+from moec.canonical import resolve
 from moec.backends.torch_backend import route_math
 from moec.backends.triton_experts import align_block_size
+from moec.ir import ExpertsSpec
 from moec.ops import experts_args, route_args
+from moec.quant import Int4Experts, Int8Experts, dequantize, quantize
 
 from conftest import TOL, rel_err
 from test_ops import EXPERTS, ROUTERS, check_route, naive_experts
+from test_quant import _quantized_experts
 
 TRITON_ROUTERS = [r for r in ROUTERS if triton_route.supports(8, r.n_group, r.scoring) is None]
 
@@ -90,6 +94,73 @@ def test_experts_kernel_reads_strided_weights():
     assert rel_err(torch.ops.moec.triton_experts(*args), torch.ops.moec.experts(*args)) < TOL[torch.float32]
 
 
+QCONFIGS = [Int8Experts(), Int4Experts(32), Int4Experts(32, symmetric=False), Int4Experts(128),
+            Int4Experts(128, symmetric=False)]
+QSPECS = [ExpertsSpec(4, 128, 128, "silu"), ExpertsSpec(4, 128, 128, "swiglu_oai", bias=True, alpha=1.702, limit=7.0),
+          ExpertsSpec(4, 128, 128, "gelu", gated=False, bias=True)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# every format with every expert style and every dtype, and every style with every dtype (a Latin square:
+# the full product would cost minutes in the interpreter)
+QCASES = [(c, QSPECS[j], DTYPES[(i + j) % 3]) for i, c in enumerate(QCONFIGS) for j in range(3)]
+
+
+def _triton_quantized(cfg, x, ids, w, t13, b13, t2, b2, e):
+    if cfg.bits == 8:
+        return torch.ops.moec.triton_experts_int8(x, ids, w, t13["q"], t13["scale"], b13, t2["q"], t2["scale"], b2,
+                                                  *experts_args(e))
+    return torch.ops.moec.triton_experts_int4(x, ids, w, t13["q"], t13["scale"], t13.get("zero"), b13, t2["q"],
+                                              t2["scale"], t2.get("zero"), b2, cfg.group_size, *experts_args(e))
+
+
+@pytest.mark.parametrize("cfg,e,dtype", QCASES, ids=[f"{c.describe()}-{e.describe()}-{d}" for c, e, d in QCASES])
+def test_quantized_experts_kernel(cfg, e, dtype):
+    """The int8/int4 kernels against the naive loop on dequantized weights and the torch backend's kernels."""
+    E, H, I = e.num_experts, e.hidden, e.inter
+    N1 = 2 * I if e.gated else I
+    t13, t2 = quantize(cfg, torch.randn(E, N1, H) / H**0.5), quantize(cfg, torch.randn(E, H, I) / I**0.5)
+    b13 = torch.randn(E, N1).to(dtype) if e.bias else None
+    b2 = torch.randn(E, H).to(dtype) if e.bias else None
+    for T, k in [(1, 2), (12, 3)]:  # one token leaves experts empty
+        x = torch.randn(T, H).to(dtype)
+        ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+        w = torch.rand(T, k)
+        got = _triton_quantized(cfg, x, ids, w, t13, b13, t2, b2, e)
+        assert got.dtype == dtype and got.shape == x.shape
+        ref = naive_experts(x, ids, w, dequantize(cfg, t13, dtype), b13, dequantize(cfg, t2, dtype), b2, e)
+        assert rel_err(got, ref) < TOL[dtype]
+        assert rel_err(got, _quantized_experts(cfg, x, ids, w, t13, b13, t2, b2, e)) < TOL[dtype]
+
+
+def test_quantized_kernel_refuses_other_layouts():
+    e, cfg = QSPECS[0], Int4Experts(32)
+    t13, t2 = quantize(cfg, torch.randn(4, 256, 128)), quantize(cfg, torch.randn(4, 128, 128))
+    x, ids, w = torch.randn(2, 128), torch.randint(0, 4, (2, 2)), torch.rand(2, 2)
+    with pytest.raises(ValueError, match="w13 is not in moec's int4 format for group size 64"):
+        torch.ops.moec.triton_experts_int4(x, ids, w, t13["q"], t13["scale"], None, None, t2["q"], t2["scale"], None,
+                                           None, 64, *experts_args(e))
+
+
+@pytest.mark.parametrize("cfg", [Int4Experts(32), Int8Experts()], ids=lambda c: c.describe())
+def test_hf_quantized_end_to_end(cfg):
+    """compile(backend="triton", quantize=...) equals the torch backend's quantized model."""
+    model = models.tiny_model("mixtral", hidden_size=64, intermediate_size=64)
+    ours = moec.compile(copy.deepcopy(model), backend="triton", quantize=cfg)
+    ref = moec.compile(copy.deepcopy(model), quantize=cfg)
+    stats = moec.inspect(ours).blocks[0].passes[-1]
+    assert stats.name == "lower_triton" and stats.modified
+    kernel = f"triton_experts_int{cfg.bits}"
+    assert all(kernel in resolve(ours, b.path).__dict__["_moec_graph"].code for b in moec.inspect(ours).blocks)
+    inputs = models.example_inputs(model, batch=2, seq=5)
+    with torch.no_grad():
+        assert rel_err(ours(**inputs).logits, ref(**inputs).logits) < 1e-4
+
+
+def test_int4_in_the_torch_backend_off_the_cpu_is_refused():
+    model = models.tiny_model("mixtral").to("meta")  # any device but the CPU
+    with pytest.raises(NotImplementedError, match="CPU only .*use backend='triton'"):
+        moec.compile(model, backend="torch", quantize=Int4Experts(32))
+
+
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
 def test_hf_end_to_end(family):
     model = models.tiny_model(family)
@@ -121,4 +192,6 @@ def test_kernels_compile_for_gpu(arch):
     run = subprocess.run([sys.executable, "-m", "moec.backends.triton_aot", "--arch", str(arch)], env=env,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count(f"compiled sm_{arch}") >= 25
+    assert run.stdout.count(f"compiled sm_{arch}") >= 39
+    for quantized in ("gemm1[bf16,w8,", "gemm2[bf16,w4g128,", "gemm1[bf16,w4g32,zero,", "gemm2[fp16,w4g128,"):
+        assert f"compiled sm_{arch} {quantized}" in run.stdout
