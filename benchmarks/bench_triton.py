@@ -24,20 +24,12 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from triton_shapes import SHAPES, hf_block  # noqa: E402
+from triton_shapes import SHAPES, hf_block, timer  # noqa: E402
 
 import moec  # noqa: E402
 from moec.canonical import resolve  # noqa: E402
 from moec.passes.quantize_experts import quantized_tensors  # noqa: E402
 from moec.quant import nbytes  # noqa: E402
-
-
-def timer(device: str):
-    if device == "cuda":
-        import triton.testing
-        return lambda fn: triton.testing.do_bench(fn) / 1e3
-    from moec.timing import median_time
-    return lambda fn: median_time(fn, 3)
 
 
 def peak_bandwidth(device: str) -> float:

@@ -1,4 +1,4 @@
-"""MoE layer shapes of the Triton benchmarks, and random HF Mixtral-style blocks built on the device."""
+"""MoE layer shapes of the Triton benchmarks, random HF Mixtral-style blocks built on the device, the timer."""
 
 import torch
 import transformers
@@ -23,3 +23,12 @@ def hf_block(shape: str, impl: str, dtype: torch.dtype, device: str) -> torch.nn
     for p in block.parameters():
         p.data.normal_(0, 0.02, generator=gen)
     return block.eval()
+
+
+def timer(device: str):
+    """fn -> seconds: triton's do_bench on a GPU, else the median of a few runs (interpreter smoke tests)."""
+    if device == "cuda":
+        import triton.testing
+        return lambda fn: triton.testing.do_bench(fn) / 1e3
+    from moec.timing import median_time
+    return lambda fn: median_time(fn, 3)

@@ -8,6 +8,8 @@ and keeps the fastest. `--quantized` tunes the int8 and int4 (g128) kernels inst
 keys in the file, "...-w8" / "...-w4g128"; int4 K tiles stay within a group). Writes
 DIR/<device>__triton-<version>.json (default: the shipped folder, backends/triton_configs/);
 point $MOEC_TRITON_CONFIGS at DIR to use another folder.
+`--shapes tiny --tokens 1` smoke-tests the script on a CPU (TRITON_INTERPRET=1); there it writes
+nothing unless --out is given (interpreter timings say nothing about a GPU).
 """
 
 import argparse
@@ -18,11 +20,10 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.testing
 from rich.progress import track
 
 sys.path.insert(0, str(Path(__file__).parent))
-from triton_shapes import SHAPES  # noqa: E402
+from triton_shapes import SHAPES, timer  # noqa: E402
 
 from moec.backends import triton_experts  # noqa: E402,F401
 from moec.backends.triton_config import SHIPPED, Config, device_name, file_name, forced, shape_key  # noqa: E402
@@ -54,12 +55,14 @@ def main():
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024, 4096])
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--quantized", action="store_true", help="tune the int8 and int4 (g128) kernels")
-    ap.add_argument("--out", type=Path, default=SHIPPED)
+    ap.add_argument("--out", type=Path, help="default: the shipped folder on a GPU, nothing written on a CPU")
     args = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    dev = torch.device("cuda")
-    path = args.out / file_name(device_name(dev))
-    table = json.loads(path.read_text()) if path.is_file() else {}
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = args.out or (SHIPPED if dev.type == "cuda" else None)
+    time_of = timer(dev.type)
+    name = file_name(device_name(dev))
+    table = json.loads((out / name).read_text()) if out and (out / name).is_file() else {}
     for shape in args.shapes:
         E, H, I, k = SHAPES[shape]
         for qcfg in (Int8Experts(), Int4Experts(128)) if args.quantized else (None,):
@@ -74,16 +77,19 @@ def main():
                         continue
                     with forced(cfg):
                         try:
-                            ms = triton.testing.do_bench(lambda: fn(x, ids, w))
+                            sec = time_of(lambda: fn(x, ids, w))
                         except triton.runtime.errors.OutOfResources:
                             continue
-                    if best is None or ms < best[0]:
-                        best = (ms, cfg)
+                    if best is None or sec < best[0]:
+                        best = (sec, cfg)
                 entry[str(T)] = vars(best[1])
-                print(f"{shape} {quant or args.dtype} T={T}: {best[0] * 1e3:.1f} us with {best[1]}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table, indent=1, sort_keys=True))
-    print(f"wrote {path}")
+                print(f"{shape} {quant or args.dtype} T={T}: {best[0] * 1e6:.1f} us with {best[1]}")
+    if out is None:
+        print(f"not written ({dev.type}: pass --out DIR to write {name})")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(table, indent=1, sort_keys=True))
+    print(f"wrote {out / name}")
 
 
 if __name__ == "__main__":

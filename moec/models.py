@@ -170,6 +170,7 @@ _SPECS: dict[str, tuple[str, str, dict]] = {
 }
 
 _ROUTER_CLASS = re.compile(r"Router|Gating")  # e.g. MixtralTopKRouter, JetMoeTopKGating, NllbMoeTop2Router
+_ROUTER_NAME = "router"  # a plain nn.Linear called `router` (Jamba in transformers 5.17)
 _ROUTER_GAIN = 4.0  # router weight std = gain / sqrt(hidden): logits of std ~4 on normalised inputs
 
 
@@ -213,7 +214,8 @@ def _config(config_cls: str, model_cls: str, kwargs: dict, overrides: dict) -> t
 @torch.no_grad()
 def _make_routing_decisive(model: torch.nn.Module, hidden_size: int) -> None:
     """Re-draw router weights (std gain/sqrt(H)), router biases and DeepSeek correction biases."""
-    routers = [m for m in model.modules() if _ROUTER_CLASS.search(type(m).__name__)]
+    routers = [m for name, m in model.named_modules()
+               if _ROUTER_CLASS.search(type(m).__name__) or name.rpartition(".")[2] == _ROUTER_NAME]
     if not routers:
         raise RuntimeError(f"no router found in {type(model).__name__}")
     for router in routers:
