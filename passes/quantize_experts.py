@@ -7,12 +7,12 @@ Matches, after batch_experts:
 and leaves, for Int8Experts() / Int4Experts(g):
 
     y = moec.experts_int8(x, ids, w, Q13 int8[E,N1,H], S13[E,N1], b13?, Q2, S2, b2?, ...)
-    y = moec.experts_int4(x, ids, w, P13 u8[E,N1,H/2], SZ13[E,H/g,N1,2], b13?, P2, SZ2, b2?, g, ...)
+    y = moec.experts_int4(x, ids, w, Q13 u8[E,N1,H/2], S13[E,N1,H/g], Z13? u8[E,N1,H/g], b13?, Q2, S2, Z2?, b2?, ...)
 
 The quantized tensors, in moec's format (moec.quant), become persistent buffers of the block
 (`_moec_w13_q`, `_moec_w13_scale`[, `_moec_w13_zero`], same for w2): they are what a saved model
-holds. The int4 kernel layout (torch's CPU int4 packing) is derived from them as
-non-persistent buffers. The router, biases and shared experts keep their dtype.
+holds, and what the kernels read (backends/cpu_quant.py). The router, biases and shared
+experts keep their dtype.
 Invariant: the block equals the original block with dequantized expert weights.
 Stats: quantized, expert_bytes (fp) -> expert_qbytes (quantized).
 """
@@ -26,9 +26,9 @@ from moec.pass_manager import PassResult, Rejected, register_pass
 from moec.quant import Int8Experts, check_shape, nbytes, quantize
 
 
-def _attr(gm, node, name: str, tensor: torch.Tensor, persistent: bool = True):
-    """A get_attr of `tensor`, held by the model's block (in its state_dict if persistent) and by the graph's copy."""
-    gm.meta["block"].register_buffer(name, tensor, persistent=persistent)
+def _attr(gm, node, name: str, tensor: torch.Tensor):
+    """A get_attr of `tensor`, held by the model's block (in its state_dict) and by the graph's copy."""
+    gm.meta["block"].register_buffer(name, tensor)
     gm.block.register_buffer(name, tensor, persistent=False)
     with gm.graph.inserting_before(node):
         return gm.graph.get_attr(f"block.{name}")
@@ -36,8 +36,6 @@ def _attr(gm, node, name: str, tensor: torch.Tensor, persistent: bool = True):
 
 @register_pass("quantize_experts")
 def quantize_experts(gm) -> PassResult:
-    from moec.backends.torch_backend import prepare_int4
-
     cfg = gm.meta.get("options", {}).get("quantize")
     if cfg is None:
         raise Rejected("quantize_experts needs a quantization config: moec.compile(model, quantize=Int8Experts())")
@@ -56,19 +54,11 @@ def quantize_experts(gm) -> PassResult:
             stats["expert_bytes"] += weight.numel() * weight.element_size()
             stats["expert_qbytes"] += nbytes(t)
             attrs = {k: _attr(gm, node, f"_moec_{role}_{k}", v) for k, v in t.items()}
-            if isinstance(cfg, Int8Experts):
-                new_args.append((attrs["q"], attrs["scale"]))
-            else:
-                packed, sz = prepare_int4(t, cfg.group_size)
-                new_args.append((_attr(gm, node, f"_moec_{role}_p", packed, False),
-                                 _attr(gm, node, f"_moec_{role}_sz", sz, False)))
-        (a13, c13), (a2, c2) = new_args
-        if isinstance(cfg, Int8Experts):
-            node.target = torch.ops.moec.experts_int8
-            node.args = (x, ids, w, a13, c13, b13, a2, c2, b2, *rest)
-        else:
-            node.target = torch.ops.moec.experts_int4
-            node.args = (x, ids, w, a13, c13, b13, a2, c2, b2, cfg.group_size, *rest)
+            new_args.append((attrs["q"], attrs["scale"]) if isinstance(cfg, Int8Experts) else
+                            (attrs["q"], attrs["scale"], attrs.get("zero")))
+        (t13, t2) = new_args
+        node.target = torch.ops.moec.experts_int8 if isinstance(cfg, Int8Experts) else torch.ops.moec.experts_int4
+        node.args = (x, ids, w, *t13, b13, *t2, b2, *rest)
         stats["quantized"] += 1
     gm.graph.eliminate_dead_code()
     if stats["quantized"]:
@@ -79,15 +69,3 @@ def quantize_experts(gm) -> PassResult:
 def quantized_tensors(block: torch.nn.Module, role: str) -> dict[str, torch.Tensor]:
     """The block's moec-format tensors of `role` ("w13" or "w2"): {"q", "scale"[, "zero"]}; {} if not quantized."""
     return {k: getattr(block, f"_moec_{role}_{k}") for k in ("q", "scale", "zero") if hasattr(block, f"_moec_{role}_{k}")}
-
-
-def refresh_kernel_layouts(block: torch.nn.Module, cfg) -> None:
-    """Re-derive the int4 kernel layout from the block's moec-format buffers (after loading them)."""
-    from moec.backends.torch_backend import prepare_int4
-
-    if isinstance(cfg, Int8Experts):
-        return
-    for role in ("w13", "w2"):
-        packed, sz = prepare_int4(quantized_tensors(block, role), cfg.group_size)
-        getattr(block, f"_moec_{role}_p").copy_(packed)
-        getattr(block, f"_moec_{role}_sz").copy_(sz)

@@ -9,7 +9,6 @@ import torch
 
 import moec
 from moec import models
-from moec.backends.torch_backend import prepare_int4
 from moec.canonical import resolve
 from moec.ir import ExpertsSpec
 from moec.ops import experts_args
@@ -37,8 +36,8 @@ def _quantized_experts(cfg, x, ids, w, t13, b13, t2, b2, e):
     if cfg.bits == 8:
         return torch.ops.moec.experts_int8(x, ids, w, t13["q"], t13["scale"], b13, t2["q"], t2["scale"], b2,
                                            *experts_args(e))
-    (p13, sz13), (p2, sz2) = prepare_int4(t13, cfg.group_size), prepare_int4(t2, cfg.group_size)
-    return torch.ops.moec.experts_int4(x, ids, w, p13, sz13, b13, p2, sz2, b2, cfg.group_size, *experts_args(e))
+    return torch.ops.moec.experts_int4(x, ids, w, t13["q"], t13["scale"], t13.get("zero"), b13,
+                                       t2["q"], t2["scale"], t2.get("zero"), b2, *experts_args(e))
 
 
 SPECS = [ExpertsSpec(8, 64, 128, "silu"), ExpertsSpec(4, 128, 64, "gelu", gated=False, bias=True),
