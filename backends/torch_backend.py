@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import moec.ops  # noqa: F401  (defines the op schemas)
+from moec.backends import cpu_quant
 
 
 def activate(h: torch.Tensor, activation: str, gated: bool, alpha: float, limit: float) -> torch.Tensor:
@@ -184,16 +185,16 @@ def _quantized_experts(x, ids, weights, t13, b13, t2, b2, activation, gated, alp
     """The routed experts on quantized weights t = (q, scale[, zero]) in moec's format: the numba
     kernels of `cpu_quant` (dequantizing in registers), one call per GEMM over all active experts;
     they compute in fp32 whatever the activations' dtype."""
-    from moec.backends.cpu_quant import grouped_qmm
-
     if x.device.type != "cpu":
         raise NotImplementedError(f"moec: quantized experts in the torch backend run on CPU only, not {x.device.type}")
     flat, order, counts, xs, ws = _sort(x, ids, weights, t13[0].shape[0], weight_on_input)
     row_expert = None if b13 is None and b2 is None else flat[order]  # [T*k] expert of each sorted row
-    h = grouped_qmm(xs, counts, *t13)  # [T*k, N1] fp32
+    rows = cpu_quant.expert_rows(counts)
+    cpu_quant.set_threads()
+    h = cpu_quant.grouped_qmm(xs, rows, *t13)  # [T*k, N1] fp32
     if b13 is not None:
         h += b13[row_expert]
-    y = grouped_qmm(activate(h, activation, gated, alpha, limit), counts, *t2)  # [T*k, H] fp32
+    y = cpu_quant.grouped_qmm(activate(h, activation, gated, alpha, limit), rows, *t2)  # [T*k, H] fp32
     if b2 is not None:
         y += b2[row_expert]
     return _combine(y, order, ws, ids, weight_on_input, x.dtype)

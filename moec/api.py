@@ -126,8 +126,9 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | None = Non
     backend = resolve_backend(backend, device)
     if quantize is not None and not isinstance(quantize, (Int8Experts, Int4Experts)):
         raise TypeError(f"quantize must be moec.Int8Experts() or moec.Int4Experts(...), not {quantize!r}")
-    if quantize is not None and backend != "torch":
-        raise NotImplementedError(f"moec: quantized experts run in the torch backend only for now, not {backend!r}")
+    if quantize is not None and (backend != "torch" or device.type != "cpu"):
+        raise NotImplementedError(f"moec: quantized experts run in the torch backend on CPU only for now, not "
+                                  f"backend {backend!r} on {device.type}")
     instruments = Instruments.from_env()
     instruments.verify = instruments.verify or verify
     report = _run(model, pipeline_for(backend, passes, quantize is not None), instruments, install_blocks=True,

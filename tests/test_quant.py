@@ -2,6 +2,9 @@
 reference, and quantize_experts end to end on HF models."""
 
 import copy
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -61,6 +64,20 @@ def test_quantized_kernels_match_dequantized_reference(cfg, e, T, k, dtype):
     got = _quantized_experts(cfg, x, ids, w, t13, b13, t2, b2, e)
     ref = naive_experts(x, ids, w, dequantize(cfg, t13, dtype), b13, dequantize(cfg, t2, dtype), b2, e)
     assert got.dtype == dtype and rel_err(got, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("cfg", [Int8Experts()] + [Int4Experts(g, sym) for g in (32, 64, 128) for sym in (True, False)],
+                         ids=lambda c: c.describe())
+def test_quantized_kernels_on_every_row_count(cfg):
+    """Experts with 0..5 rows (int4 takes rows two at a time, the odd one alone) and inputs of 256/384."""
+    e = ExpertsSpec(6, 256, 384, "silu")
+    counts = [0, 1, 2, 3, 4, 5]
+    ids = torch.tensor([i for i, n in enumerate(counts) for _ in range(n)])[torch.randperm(sum(counts))].view(-1, 1)
+    x, w = torch.randn(ids.shape[0], e.hidden), torch.rand(ids.shape[0], 1)
+    t13, t2 = quantize(cfg, torch.randn(6, 2 * e.inter, e.hidden) / 16), quantize(cfg, torch.randn(6, e.hidden, e.inter) / 16)
+    got = _quantized_experts(cfg, x, ids, w, t13, None, t2, None, e)
+    ref = naive_experts(x, ids, w, dequantize(cfg, t13), None, dequantize(cfg, t2), None, e)
+    assert rel_err(got, ref) < TOL[torch.float32]
 
 
 def _dequantized_twin(model, qmodel, cfg):
@@ -128,3 +145,17 @@ def test_load_refuses_other_format_versions(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match="format version 99"):
         moec.load(models.tiny_model("mixtral"), path)
+
+
+def test_kernels_run_where_no_cache_directory_is_writable():
+    """numba refuses cache=True where it finds no writable cache directory (here: no cache locator applies);
+    the kernels then compile without a disk cache instead of failing to import."""
+    code = ("import torch\nfrom moec.backends import cpu_quant\nfrom moec.quant import Int8Experts, dequantize, quantize\n"
+            "t = quantize(Int8Experts(), torch.randn(2, 16, 32))\nx = torch.randn(3, 32)\n"
+            "got = cpu_quant.grouped_qmm(x, cpu_quant.expert_rows([2, 1]), *t.values())\n"
+            "w = dequantize(Int8Experts(), t)\nref = torch.cat([x[:2] @ w[0].T, x[2:] @ w[1].T])\n"
+            "assert (got - ref).abs().max() < 1e-5 * ref.abs().max()\n"
+            "print(type(cpu_quant._int8_kernel._cache).__name__)")
+    env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "numba.core.caching._IPythonCacheLocator"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "NullCache"
