@@ -8,12 +8,18 @@ once per call and nothing the size of an expert is written. Threads split the ou
 channels (prange over chunks of CHUNK channels); every chunk visits each active expert, so
 the threads get equal work whatever the routing. int4 takes an expert's rows two at a time,
 so each unpacked byte feeds four FMAs (int8's conversion is cheap enough to repeat per row).
-int8: out = s * sum_k x_k q_k (one scale per output channel). int4: per group, s * sum_k x_k (q_k - z) = s * (sum_k x_k q_k - z * sum_k x_k), so the
-inner loop is a pure dot and the zero point meets a per-row group sum of x computed once.
+int8: out = s * sum_k x_k q_k (one scale per output channel). int4: per group,
+s * sum_k x_k (q_k - z) = s * (sum_k x_k q_k - z * sum_k x_k), so the inner loop is a pure dot
+and the zero point meets a per-row group sum of x computed once.
 A byte b holds k even in its low nibble: x_lo lo + x_hi hi = x_lo b + (x_hi - 16 x_lo) hi with
 hi = floor(b / 16), so x comes as (x_lo | x_d = x_hi - 16 x_lo), both contiguous, and each byte
 costs one float conversion, one floor and two FMAs (numba widens integer ops to 64 bits,
 which vectorizes worse).
+
+torch's weight-only GEMMs (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, one call per
+expert) were slower than these kernels, and than fp32, at every token count measured (1, 8 and
+64 tokens, benchmarks/bench_moe.py --quantized), so no path uses them. The kernels run inside
+the moec::experts_int8 / experts_int4 ops (torch_backend; fake impls in moec.ops).
 
 Compiled on first use (about 2 s a kernel) and cached on disk (numba's cache: __pycache__ beside
 this file, or the user's cache directory where that is read-only; no cache where neither is writable).

@@ -120,8 +120,8 @@ def main():
                 for label, m in impls.items():
                     times[label].append(median_time(lambda: m(*a, **kw), 20 if T <= 64 else 5))
             for q in QUANT if args.quantized else [""]:
-                b = [bound(s, T, bw, flops, QUANT[q]) if level == "block" else model_bound(ref, s, T, bw, flops, QUANT[q])
-                     for T in args.tokens]
+                b = [bound(s, T, bw, flops, QUANT[q]) if level == "block" else
+                     model_bound(ref, s, T, bw, flops, QUANT[q]) for T in args.tokens]
                 t.add_row(f"bound {q}".strip(), *(f"{v * 1e3:.2f}" for v in b))
             if level == "block":
                 ref_row = [bound(s, T, bw, flops) for T in args.tokens]

@@ -19,6 +19,7 @@ from moec.canonical import install, resolve
 from moec.quant import Int4Experts, Int8Experts, QuantConfig
 from moec.pass_manager import Instruments, PassManager, PassRecord, Rejected
 from moec.passes.detect_moe import Candidate, find_candidates
+from moec.passes.quantize_experts import release_originals
 
 # max relative error allowed by verify=True, per compute dtype
 VERIFY_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -101,6 +102,8 @@ def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: boo
                                          d["experts"], d["shared"], records))
         if install_blocks:
             install(block, gm)
+            if spec.quant is not None:  # proved and installed: the fp experts are no longer read
+                release_originals(block, cand, gm)
         else:  # inspection leaves the model exactly as it was
             for name in [n for n, _ in block.named_buffers(recurse=False) if n.startswith("_moec_")]:
                 delattr(block, name)
@@ -146,7 +149,15 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | None = Non
                       stacklevel=2)
     report.quantize = quantize
     model.__dict__["_moec_report"] = report
+    if quantize is not None and report.blocks and hasattr(model, "save_pretrained"):
+        model.save_pretrained = _refuse_save_pretrained  # it would write the released (empty) expert weights
     return model
+
+
+def _refuse_save_pretrained(*args, **kwargs):
+    raise NotImplementedError("moec: a model with quantized experts has released its fp expert weights, so "
+                              "save_pretrained cannot write it: use moec.save(model, path) and "
+                              "moec.load(fresh_model, path)")
 
 
 def inspect(model: nn.Module, *args, **kwargs) -> Report:

@@ -15,6 +15,9 @@ holds, and what the kernels read (backends/cpu_quant.py). The router, biases and
 experts keep their dtype.
 Invariant: the block equals the original block with dequantized expert weights.
 Stats: quantized, expert_bytes (fp) -> expert_qbytes (quantized).
+
+Once the block is proved and installed, `release_originals` (called by moec.compile) empties
+the original expert tensors the graph no longer reads, so the model really shrinks.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 
 from moec.canonical import resolve
 from moec.pass_manager import PassResult, Rejected, register_pass
+from moec.passes.detect_moe import _members
 from moec.quant import Int8Experts, check_shape, nbytes, quantize
 
 
@@ -69,3 +73,19 @@ def quantize_experts(gm) -> PassResult:
 def quantized_tensors(block: torch.nn.Module, role: str) -> dict[str, torch.Tensor]:
     """The block's moec-format tensors of `role` ("w13" or "w2"): {"q", "scale"[, "zero"]}; {} if not quantized."""
     return {k: getattr(block, f"_moec_{role}_{k}") for k in ("q", "scale", "zero") if hasattr(block, f"_moec_{role}_{k}")}
+
+
+def release_originals(block: torch.nn.Module, cand, gm) -> int:
+    """Empty (shape [0]) every expert tensor of the quantized block `gm` no longer reads: the original
+    expert weights (and moec's copies of them); biases the graph still reads are kept. The tensors stay
+    in the state_dict (empty), so moec.save / moec.load still match. Returns the bytes freed."""
+    used = {id(resolve(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr"}
+    members = _members(resolve(block, cand.container)) if cand.container else [block]
+    tensors = [resolve(m, name) for m in members for name in cand.experts]
+    tensors += [getattr(block, f"_moec_{role}") for role in ("w13", "w2") if hasattr(block, f"_moec_{role}")]
+    freed = 0
+    for t in tensors:
+        if id(t) not in used and t.numel():
+            freed += t.numel() * t.element_size()
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    return freed
