@@ -6,6 +6,8 @@ expert over a contiguous slice of the sorted rows (expert weights are used in pl
 copied per call; the GEMMs are shaped for MKL's small-row kernels, see `_expert_ffn`) or, with
 many rows per expert, two `torch._grouped_mm` calls over all of them (`_grouped_ffn`), and
 combines by un-sorting and summing over the k slots: no per-token Python work.
+`experts_int8` / `experts_int4` (weight-only quantized experts, CPU) sort the same way and run
+the numba kernels of `cpu_quant` on moec's quantized format, one call per GEMM.
 `capacity` drops assignments past an expert's capacity with one cumsum over one-hot positions.
 `experts_loop` is the naive reference the rewrites are checked against.
 """
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import moec.ops  # noqa: F401  (defines the op schemas)
+from moec.backends import cpu_quant
 
 
 def activate(h: torch.Tensor, activation: str, gated: bool, alpha: float, limit: float) -> torch.Tensor:
@@ -178,51 +181,33 @@ def experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, 
     return _combine(ys, order, ws, ids, weight_on_input, x.dtype)
 
 
-def _quantized_ffn(mm, b13, b2, activation, gated, alpha, limit):
-    """ffn(e, xe) for _per_expert from mm(xe, e, which) -> xe @ W_which[e].T with packed weights."""
-    def ffn(e, xe):
-        h = mm(xe, e, 13)
-        if b13 is not None:
-            h = h + b13[e]
-        y = mm(activate(h, activation, gated, alpha, limit), e, 2)
-        return y if b2 is None else y + b2[e]
-    return ffn
+def _quantized_experts(x, ids, weights, t13, b13, t2, b2, activation, gated, alpha, limit, weight_on_input):
+    """The routed experts on quantized weights t = (q, scale[, zero]) in moec's format: the numba
+    kernels of `cpu_quant` (dequantizing in registers), one call per GEMM over all active experts;
+    they compute in fp32 whatever the activations' dtype."""
+    if x.device.type != "cpu":
+        raise NotImplementedError(f"moec: quantized experts in the torch backend run on CPU only, not {x.device.type}")
+    flat, order, counts, xs, ws = _sort(x, ids, weights, t13[0].shape[0], weight_on_input)
+    row_expert = None if b13 is None and b2 is None else flat[order]  # [T*k] expert of each sorted row
+    rows = cpu_quant.expert_rows(counts)
+    cpu_quant.set_threads()
+    h = cpu_quant.grouped_qmm(xs, rows, *t13)  # [T*k, N1] fp32
+    if b13 is not None:
+        h += b13[row_expert]
+    y = cpu_quant.grouped_qmm(activate(h, activation, gated, alpha, limit), rows, *t2)  # [T*k, H] fp32
+    if b2 is not None:
+        y += b2[row_expert]
+    return _combine(y, order, ws, ids, weight_on_input, x.dtype)
 
 
 @torch.library.impl("moec::experts_int8", "CompositeExplicitAutograd")
-def experts_int8(x, ids, weights, q13, s13, b13, q2, s2, b2, activation, gated, alpha, limit, weight_on_input):
-    """int8 experts: torch's int8 weight-only GEMM (no dequantized copy), one active expert at a time."""
-    flat, order, counts, xs, ws = _sort(x, ids, weights, q13.shape[0], weight_on_input)
-    q, s = {13: q13, 2: q2}, {13: s13.to(x.dtype), 2: s2.to(x.dtype)}
-    mm = lambda xe, e, w: torch._weight_int8pack_mm(xe, q[w][e], s[w][e])  # noqa: E731
-    ys = _per_expert(xs, counts, _quantized_ffn(mm, b13, b2, activation, gated, alpha, limit))
-    return _combine(ys, order, ws, ids, weight_on_input, x.dtype)
+def experts_int8(x, ids, weights, q13, s13, b13, q2, s2, b2, *args):
+    return _quantized_experts(x, ids, weights, (q13, s13), b13, (q2, s2), b2, *args)
 
 
 @torch.library.impl("moec::experts_int4", "CompositeExplicitAutograd")
-def experts_int4(x, ids, weights, p13, sz13, b13, p2, sz2, b2, group_size, activation, gated, alpha, limit,
-                 weight_on_input):
-    """int4 experts: torch's CPU int4 weight-only GEMM on weights prepared by `prepare_int4`."""
-    if x.device.type != "cpu":
-        raise NotImplementedError("moec: int4 experts in the torch backend run on CPU only")
-    flat, order, counts, xs, ws = _sort(x, ids, weights, p13.shape[0], weight_on_input)
-    p, sz = {13: p13, 2: p2}, {13: sz13.to(x.dtype), 2: sz2.to(x.dtype)}
-    mm = lambda xe, e, w: torch._weight_int4pack_mm_for_cpu(xe, p[w][e], group_size, sz[w][e])  # noqa: E731
-    ys = _per_expert(xs, counts, _quantized_ffn(mm, b13, b2, activation, gated, alpha, limit))
-    return _combine(ys, order, ws, ids, weight_on_input, x.dtype)
-
-
-def prepare_int4(t: dict[str, torch.Tensor], group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """moec's int4 format -> (packed [E, N, K/2] in torch's CPU int4 layout, scales_and_zeros [E, K/g, N, 2]).
-
-    torch's kernel computes (q - 8) * scale + zero: an asymmetric zero point z becomes zero = (8 - z) * scale."""
-    from moec.quant import unpack_int4
-
-    q = unpack_int4(t["q"]).to(torch.int32)  # [E, N, K]
-    packed = torch.stack([torch._convert_weight_to_int4pack_for_cpu(q[e], 1) for e in range(q.shape[0])])
-    scale = t["scale"].float()  # [E, N, K/g]
-    zero = (8 - t["zero"].float()) * scale if "zero" in t else torch.zeros_like(scale)
-    return packed, torch.stack([scale, zero], dim=-1).transpose(1, 2).contiguous()  # [E, K/g, N, 2]
+def experts_int4(x, ids, weights, q13, s13, z13, b13, q2, s2, z2, b2, *args):
+    return _quantized_experts(x, ids, weights, (q13, s13, z13), b13, (q2, s2, z2), b2, *args)
 
 
 @torch.library.impl("moec::experts_loop", "CompositeExplicitAutograd")

@@ -7,10 +7,11 @@ Block level: median time of one MoE block forward and its ratio to the bound mea
 this machine: max(bytes of the distinct experts touched (routed + shared) / read bandwidth,
 expert FLOPs / fp32 GEMM peak) (field.md). Model level: a whole forward of the model
 (2 layers, batch 1, T tokens) and each row's speed-up over the best HF experts
-implementation. `--quantized` adds moec with int8 and int4 (g128) experts, and block bounds
-for their packed bytes (weights + scales). `--ort` adds moec's onnxruntime backend (CPU
-provider): MoE nodes in fp32, and with `--quantized` QMoE int8 / int4 g128 nodes (the export
-happens in the warm-up call). Random weights, no downloads.
+implementation, with the bound (the other parameters read once + each layer's expert bound).
+`--quantized` adds moec with int8 and int4 (g128) experts, and bounds for their packed bytes
+(weights + scales). `--ort` adds moec's onnxruntime backend (CPU provider): MoE nodes in fp32,
+and with `--quantized` QMoE int8 / int4 g128 nodes (the export happens in the warm-up call).
+Random weights, no downloads.
 """
 
 import argparse
@@ -58,6 +59,14 @@ def bound(s: dict, T: int, bw: float, flops: float, expert_bytes: float = 4.0) -
     E, k, H, I, Is = s["E"], s["k"], s["H"], s["I"], s["shared_I"]
     touched = E * (1 - (1 - k / E) ** T)  # expected distinct experts hit by T tokens
     return max((touched * I * expert_bytes + Is * 4) * 3 * H / bw, 2 * T * (k * I + Is) * 3 * H / flops)
+
+
+def model_bound(model, s: dict, T: int, bw: float, flops: float, expert_bytes: float = 4.0) -> float:
+    """A whole forward: every parameter read once, except the token embedding (T rows of it) and the
+    routed experts (per layer, the distinct experts touched: `bound`), over the read bandwidth."""
+    dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                if ".mlp.experts." not in n and "embed_tokens" not in n)
+    return dense / bw + model.config.num_hidden_layers * bound({**s, "shared_I": 0}, T, bw, flops, expert_bytes)
 
 
 def rows(name: str, level: str, torch_compile: bool, quantized: bool, ort: bool) -> dict:
@@ -117,9 +126,11 @@ def main():
                 a, kw = inputs_for(level, ref, T)
                 for label, m in impls.items():
                     times[label].append(median_time(lambda: m(*a, **kw), 20 if T <= 64 else 5))
+            for q in QUANT if args.quantized else [""]:
+                b = [bound(s, T, bw, flops, QUANT[q]) if level == "block" else
+                     model_bound(ref, s, T, bw, flops, QUANT[q]) for T in args.tokens]
+                t.add_row(f"bound {q}".strip(), *(f"{v * 1e3:.2f}" for v in b))
             if level == "block":
-                for q in QUANT if args.quantized else [""]:
-                    t.add_row(f"bound {q}".strip(), *(f"{bound(s, T, bw, flops, QUANT[q]) * 1e3:.2f}" for T in args.tokens))
                 ref_row = [bound(s, T, bw, flops) for T in args.tokens]
             else:  # the best HF experts implementation at each token count
                 ref_row = [min(times[f"HF {i}"][j] for i in models.EXPERTS_IMPLEMENTATIONS) for j in range(len(args.tokens))]

@@ -19,6 +19,7 @@ from moec.canonical import install, resolve
 from moec.quant import Int4Experts, Int8Experts, QuantConfig
 from moec.pass_manager import Instruments, PassManager, PassRecord, Rejected
 from moec.passes.detect_moe import Candidate, find_candidates
+from moec.passes.quantize_experts import release_originals
 
 # max relative error allowed by verify=True, per compute dtype
 VERIFY_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -102,6 +103,8 @@ def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: boo
                                          d["experts"], d["shared"], records))
         if install_blocks:
             install(block, gm)
+            if spec.quant is not None:  # proved and installed: the fp experts are no longer read
+                release_originals(block, cand, gm)
         else:  # inspection leaves the model exactly as it was
             for name in [n for n, _ in block.named_buffers(recurse=False) if n.startswith("_moec_")]:
                 delattr(block, name)
@@ -135,9 +138,9 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | None = Non
         return _compile_onnxruntime(model, passes, quantize, providers, session_options)
     if providers is not None or session_options is not None:
         raise TypeError("providers= and session_options= are options of backend='onnxruntime'")
-    if isinstance(quantize, Int4Experts) and backend == "torch" and device.type != "cpu":
-        raise NotImplementedError(f"moec: int4 experts in the torch backend run on CPU only (the model is on "
-                                  f"{device.type}): use backend='triton' or Int8Experts()")
+    if quantize is not None and backend == "torch" and device.type != "cpu":
+        raise NotImplementedError(f"moec: quantized experts in the torch backend run on CPU only (the model is on "
+                                  f"{device.type}): use backend='triton'")
     instruments = Instruments.from_env()
     instruments.verify = instruments.verify or verify
     report = _run(model, pipeline_for(backend, passes, quantize is not None), instruments, install_blocks=True,
@@ -152,6 +155,8 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | None = Non
     _warn_if_empty(model, report)
     report.quantize = quantize
     model.__dict__["_moec_report"] = report
+    if quantize is not None and report.blocks and hasattr(model, "save_pretrained"):
+        model.save_pretrained = _refuse_save_pretrained  # it would write the released (empty) expert weights
     return model
 
 
@@ -176,6 +181,12 @@ def _compile_onnxruntime(model: nn.Module, passes, quantize, providers, session_
     model.__dict__["_moec_report"] = report
     ort_session.install(model, report, providers, session_options, quantize)
     return model
+
+
+def _refuse_save_pretrained(*args, **kwargs):
+    raise NotImplementedError("moec: a model with quantized experts has released its fp expert weights, so "
+                              "save_pretrained cannot write it: use moec.save(model, path) and "
+                              "moec.load(fresh_model, path)")
 
 
 def inspect(model: nn.Module, *args, **kwargs) -> Report:

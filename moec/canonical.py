@@ -88,6 +88,11 @@ class CompiledForward:
 
     def __call__(self, hidden_states, *args, **kwargs):
         if any(a is not None for a in args) or any(v is not None for v in kwargs.values()):
+            if self.gm.meta["moe_spec"].quant is not None:
+                raise NotImplementedError(
+                    f"moec: block {self.gm.meta['candidate'].path!r} runs quantized experts and its original "
+                    f"expert weights were released, so its original forward (taken for extra inputs such as a "
+                    f"padding mask: {len(args)} positional, {sorted(kwargs)}) cannot run")
             return self.original(hidden_states, *args, **kwargs)
         out, logits, ids, weights = self.gm(hidden_states)
         if self.outputs == ("out",):

@@ -37,10 +37,10 @@ torch.library.define(  # int8 experts (moec.quant format): q [E,N,K] int8, s [E,
     "moec::experts_int8",
     f"(Tensor x, Tensor ids, Tensor weights, Tensor q13, Tensor s13, Tensor? b13, Tensor q2, Tensor s2, Tensor? b2, "
     f"{_ACT_ARGS}) -> Tensor")
-torch.library.define(  # int4 experts in torch's CPU layout: p [E,N,K/2] uint8, sz [E,K/g,N,2]
+torch.library.define(  # int4 experts (moec.quant format): q [E,N,K/2] uint8, s [E,N,K/g], z [E,N,K/g] uint8 or None
     "moec::experts_int4",
-    f"(Tensor x, Tensor ids, Tensor weights, Tensor p13, Tensor sz13, Tensor? b13, Tensor p2, Tensor sz2, "
-    f"Tensor? b2, int group_size, {_ACT_ARGS}) -> Tensor")
+    f"(Tensor x, Tensor ids, Tensor weights, Tensor q13, Tensor s13, Tensor? z13, Tensor? b13, Tensor q2, Tensor s2, "
+    f"Tensor? z2, Tensor? b2, {_ACT_ARGS}) -> Tensor")
 _ORT_ARGS = "int k, str activation, bool gated, float alpha, float limit"
 torch.library.define(
     "moec::ort_moe",

@@ -6,7 +6,7 @@
 The file holds the model's state_dict (the quantized experts as moec-format buffers, see
 moec.quant) and, in its metadata, moec's format version and the compile options. `load`
 compiles the fresh model with those options (which finds and proves the blocks), then loads
-every tensor from the file, then re-derives the kernel layouts from the loaded buffers.
+every tensor from the file (the kernels read the quantized buffers as they are).
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ def save(model: nn.Module, path: str) -> None:
 
 def load(model: nn.Module, path: str, **compile_options) -> nn.Module:
     from moec.api import compile
-    from moec.canonical import resolve
-    from moec.passes.quantize_experts import refresh_kernel_layouts
 
     with safe_open(path, "pt") as f:
         raw = (f.metadata() or {}).get(KEY)
@@ -50,7 +48,4 @@ def load(model: nn.Module, path: str, **compile_options) -> nn.Module:
     cfg = None if q is None else getattr(quant, q.pop("kind"))(**q)
     compile(model, quantize=cfg, **compile_options)
     load_model(model, path)
-    if cfg is not None:
-        for b in model.__dict__["_moec_report"].blocks:
-            refresh_kernel_layouts(resolve(model, b.path), cfg)
     return model

@@ -7,14 +7,17 @@ Matches, after batch_experts:
 and leaves, for Int8Experts() / Int4Experts(g):
 
     y = moec.experts_int8(x, ids, w, Q13 int8[E,N1,H], S13[E,N1], b13?, Q2, S2, b2?, ...)
-    y = moec.experts_int4(x, ids, w, P13 u8[E,N1,H/2], SZ13[E,H/g,N1,2], b13?, P2, SZ2, b2?, g, ...)
+    y = moec.experts_int4(x, ids, w, Q13 u8[E,N1,H/2], S13[E,N1,H/g], Z13? u8[E,N1,H/g], b13?, Q2, S2, Z2?, b2?, ...)
 
 The quantized tensors, in moec's format (moec.quant), become persistent buffers of the block
 (`_moec_w13_q`, `_moec_w13_scale`[, `_moec_w13_zero`], same for w2): they are what a saved model
-holds. The int4 kernel layout (torch's CPU int4 packing) is derived from them as
-non-persistent buffers. The router, biases and shared experts keep their dtype.
+holds, and what the kernels read (backends/cpu_quant.py). The router, biases and shared
+experts keep their dtype.
 Invariant: the block equals the original block with dequantized expert weights.
 Stats: quantized, expert_bytes (fp) -> expert_qbytes (quantized).
+
+Once the block is proved and installed, `release_originals` (called by moec.compile) empties
+the original expert tensors the graph no longer reads, so the model really shrinks.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ import torch
 
 from moec.canonical import resolve
 from moec.pass_manager import PassResult, Rejected, register_pass
+from moec.passes.detect_moe import _members
 from moec.quant import Int8Experts, check_shape, nbytes, quantize
 
 
-def _attr(gm, node, name: str, tensor: torch.Tensor, persistent: bool = True):
-    """A get_attr of `tensor`, held by the model's block (in its state_dict if persistent) and by the graph's copy."""
-    gm.meta["block"].register_buffer(name, tensor, persistent=persistent)
+def _attr(gm, node, name: str, tensor: torch.Tensor):
+    """A get_attr of `tensor`, held by the model's block (in its state_dict) and by the graph's copy."""
+    gm.meta["block"].register_buffer(name, tensor)
     gm.block.register_buffer(name, tensor, persistent=False)
     with gm.graph.inserting_before(node):
         return gm.graph.get_attr(f"block.{name}")
@@ -36,8 +40,6 @@ def _attr(gm, node, name: str, tensor: torch.Tensor, persistent: bool = True):
 
 @register_pass("quantize_experts")
 def quantize_experts(gm) -> PassResult:
-    from moec.backends.torch_backend import prepare_int4
-
     cfg = gm.meta.get("options", {}).get("quantize")
     if cfg is None:
         raise Rejected("quantize_experts needs a quantization config: moec.compile(model, quantize=Int8Experts())")
@@ -56,21 +58,11 @@ def quantize_experts(gm) -> PassResult:
             stats["expert_bytes"] += weight.numel() * weight.element_size()
             stats["expert_qbytes"] += nbytes(t)
             attrs = {k: _attr(gm, node, f"_moec_{role}_{k}", v) for k, v in t.items()}
-            if isinstance(cfg, Int8Experts) or weight.device.type != "cpu":
-                # int8, or int4 where torch's int4 kernel cannot run (CPU only; its op says so if called):
-                # moec's format, which lower_triton reads
-                new_args.append((attrs["q"], attrs["scale"]))
-            else:
-                packed, sz = prepare_int4(t, cfg.group_size)
-                new_args.append((_attr(gm, node, f"_moec_{role}_p", packed, False),
-                                 _attr(gm, node, f"_moec_{role}_sz", sz, False)))
-        (a13, c13), (a2, c2) = new_args
-        if isinstance(cfg, Int8Experts):
-            node.target = torch.ops.moec.experts_int8
-            node.args = (x, ids, w, a13, c13, b13, a2, c2, b2, *rest)
-        else:
-            node.target = torch.ops.moec.experts_int4
-            node.args = (x, ids, w, a13, c13, b13, a2, c2, b2, cfg.group_size, *rest)
+            new_args.append((attrs["q"], attrs["scale"]) if isinstance(cfg, Int8Experts) else
+                            (attrs["q"], attrs["scale"], attrs.get("zero")))
+        (t13, t2) = new_args
+        node.target = torch.ops.moec.experts_int8 if isinstance(cfg, Int8Experts) else torch.ops.moec.experts_int4
+        node.args = (x, ids, w, *t13, b13, *t2, b2, *rest)
         stats["quantized"] += 1
     gm.graph.eliminate_dead_code()
     if stats["quantized"]:
@@ -83,13 +75,17 @@ def quantized_tensors(block: torch.nn.Module, role: str) -> dict[str, torch.Tens
     return {k: getattr(block, f"_moec_{role}_{k}") for k in ("q", "scale", "zero") if hasattr(block, f"_moec_{role}_{k}")}
 
 
-def refresh_kernel_layouts(block: torch.nn.Module, cfg) -> None:
-    """Re-derive the int4 kernel layout from the block's moec-format buffers (after loading them)."""
-    from moec.backends.torch_backend import prepare_int4
-
-    if isinstance(cfg, Int8Experts) or not hasattr(block, "_moec_w13_p"):  # no torch int4 layout (off the CPU)
-        return
-    for role in ("w13", "w2"):
-        packed, sz = prepare_int4(quantized_tensors(block, role), cfg.group_size)
-        getattr(block, f"_moec_{role}_p").copy_(packed)
-        getattr(block, f"_moec_{role}_sz").copy_(sz)
+def release_originals(block: torch.nn.Module, cand, gm) -> int:
+    """Empty (shape [0]) every expert tensor of the quantized block `gm` no longer reads: the original
+    expert weights (and moec's copies of them); biases the graph still reads are kept. The tensors stay
+    in the state_dict (empty), so moec.save / moec.load still match. Returns the bytes freed."""
+    used = {id(resolve(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr"}
+    members = _members(resolve(block, cand.container)) if cand.container else [block]
+    tensors = [resolve(m, name) for m in members for name in cand.experts]
+    tensors += [getattr(block, f"_moec_{role}") for role in ("w13", "w2") if hasattr(block, f"_moec_{role}")]
+    freed = 0
+    for t in tensors:
+        if id(t) not in used and t.numel():
+            freed += t.numel() * t.element_size()
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    return freed

@@ -2,6 +2,9 @@
 reference, and quantize_experts end to end on HF models."""
 
 import copy
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -9,7 +12,6 @@ import torch
 
 import moec
 from moec import models
-from moec.backends.torch_backend import prepare_int4
 from moec.canonical import resolve
 from moec.ir import ExpertsSpec
 from moec.ops import experts_args
@@ -37,8 +39,8 @@ def _quantized_experts(cfg, x, ids, w, t13, b13, t2, b2, e):
     if cfg.bits == 8:
         return torch.ops.moec.experts_int8(x, ids, w, t13["q"], t13["scale"], b13, t2["q"], t2["scale"], b2,
                                            *experts_args(e))
-    (p13, sz13), (p2, sz2) = prepare_int4(t13, cfg.group_size), prepare_int4(t2, cfg.group_size)
-    return torch.ops.moec.experts_int4(x, ids, w, p13, sz13, b13, p2, sz2, b2, cfg.group_size, *experts_args(e))
+    return torch.ops.moec.experts_int4(x, ids, w, t13["q"], t13["scale"], t13.get("zero"), b13,
+                                       t2["q"], t2["scale"], t2.get("zero"), b2, *experts_args(e))
 
 
 SPECS = [ExpertsSpec(8, 64, 128, "silu"), ExpertsSpec(4, 128, 64, "gelu", gated=False, bias=True),
@@ -62,6 +64,21 @@ def test_quantized_kernels_match_dequantized_reference(cfg, e, T, k, dtype):
     got = _quantized_experts(cfg, x, ids, w, t13, b13, t2, b2, e)
     ref = naive_experts(x, ids, w, dequantize(cfg, t13, dtype), b13, dequantize(cfg, t2, dtype), b2, e)
     assert got.dtype == dtype and rel_err(got, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("cfg", [Int8Experts()] + [Int4Experts(g, sym) for g in (32, 64, 128) for sym in (True, False)],
+                         ids=lambda c: c.describe())
+def test_quantized_kernels_on_every_row_count(cfg):
+    """Experts with 0..5 rows (int4 takes rows two at a time, the odd one alone) and inputs of 256/384."""
+    e = ExpertsSpec(6, 256, 384, "silu")
+    counts = [0, 1, 2, 3, 4, 5]
+    ids = torch.tensor([i for i, n in enumerate(counts) for _ in range(n)])[torch.randperm(sum(counts))].view(-1, 1)
+    x, w = torch.randn(ids.shape[0], e.hidden), torch.rand(ids.shape[0], 1)
+    t13 = quantize(cfg, torch.randn(6, 2 * e.inter, e.hidden) / 16)
+    t2 = quantize(cfg, torch.randn(6, e.hidden, e.inter) / 16)
+    got = _quantized_experts(cfg, x, ids, w, t13, None, t2, None, e)
+    ref = naive_experts(x, ids, w, dequantize(cfg, t13), None, dequantize(cfg, t2), None, e)
+    assert rel_err(got, ref) < TOL[torch.float32]
 
 
 def _dequantized_twin(model, qmodel, cfg):
@@ -130,3 +147,56 @@ def test_load_refuses_other_format_versions(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match="format version 99"):
         moec.load(models.tiny_model("mixtral"), path)
+
+
+def test_kernels_run_where_no_cache_directory_is_writable():
+    """numba refuses cache=True where it finds no writable cache directory (here: no cache locator applies);
+    the kernels then compile without a disk cache instead of failing to import."""
+    code = ("import torch\nfrom moec.backends import cpu_quant\n"
+            "from moec.quant import Int8Experts, dequantize, quantize\n"
+            "t = quantize(Int8Experts(), torch.randn(2, 16, 32))\nx = torch.randn(3, 32)\n"
+            "got = cpu_quant.grouped_qmm(x, cpu_quant.expert_rows([2, 1]), *t.values())\n"
+            "w = dequantize(Int8Experts(), t)\nref = torch.cat([x[:2] @ w[0].T, x[2:] @ w[1].T])\n"
+            "assert (got - ref).abs().max() < 1e-5 * ref.abs().max()\n"
+            "print(type(cpu_quant._int8_kernel._cache).__name__)")
+    env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "numba.core.caching._IPythonCacheLocator"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "NullCache"
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss"])
+def test_quantized_model_releases_its_fp_experts(family):
+    """After compile(quantize=...) the model holds the quantized experts, not the fp ones as well."""
+    model = models.tiny_model(family, hidden_size=64, intermediate_size=64, moe_intermediate_size=64)
+    qmodel = moec.compile(copy.deepcopy(model), quantize=Int4Experts(32))
+    blocks = [resolve(qmodel, b.path) for b in moec.inspect(qmodel).blocks]
+    q = [quantized_tensors(b, role) for b in blocks for role in ("w13", "w2")]
+    fp_bytes = sum(t["q"].shape[0] * t["q"].shape[1] * t["q"].shape[2] * 2 * 4 for t in q)  # [E, N, K/2] -> fp32
+    original = dict(model.state_dict())
+    emptied = {n for n, t in qmodel.state_dict().items() if t.numel() == 0 and original[n].numel()}
+    assert emptied and all(".experts." in n for n in emptied)
+    freed = _bytes(original[n] for n in emptied)
+    if family == "gpt_oss":  # its expert biases are read through moec's de-interleaved copies: released too
+        assert freed > fp_bytes
+    else:
+        assert freed == fp_bytes
+    qbytes = _bytes(t for d in q for t in d.values())
+    assert _bytes(qmodel.state_dict().values()) == _bytes(original.values()) - freed + qbytes
+    held = {id(t): t for t in [*qmodel.parameters(), *qmodel.buffers()]}.values()  # moec's copies too
+    extra = _bytes(t for b in blocks for n, t in b.named_buffers(recurse=False)
+                   if n.startswith("_moec_") and not n.startswith(("_moec_w13_", "_moec_w2_")))
+    assert _bytes(held) == _bytes({id(t): t for t in [*model.parameters(), *model.buffers()]}.values()) \
+        - freed + qbytes + extra
+
+
+def test_released_blocks_refuse_what_needs_the_fp_experts(tmp_path):
+    model = moec.compile(models.tiny_model("mixtral"), quantize=Int8Experts())
+    block = resolve(model, moec.inspect(model).blocks[0].path)
+    with pytest.raises(NotImplementedError, match="original expert weights were released"):
+        block(torch.randn(1, 3, model.config.hidden_size), torch.ones(1, 3))  # an extra input: the original forward
+    with pytest.raises(NotImplementedError, match="use moec.save"):
+        model.save_pretrained(str(tmp_path))

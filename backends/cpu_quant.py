@@ -1,0 +1,170 @@
+"""CPU kernels (numba) for weight-only quantized experts, on moec's format (moec.quant) as stored.
+
+    grouped_qmm(x [R, K], expert_rows(counts), q, scale, zero?) -> [R, N] fp32
+    out[r] = x[r] @ dequantize(W[e]).T   for the rows r of expert e (rows sorted by expert)
+
+The weights are dequantized inside the dot products, in registers: each packed byte is read
+once per call and nothing the size of an expert is written. Threads split the output
+channels (prange over chunks of CHUNK channels); every chunk visits each active expert, so
+the threads get equal work whatever the routing. int4 takes an expert's rows two at a time,
+so each unpacked byte feeds four FMAs (int8's conversion is cheap enough to repeat per row).
+int8: out = s * sum_k x_k q_k (one scale per output channel). int4: per group,
+s * sum_k x_k (q_k - z) = s * (sum_k x_k q_k - z * sum_k x_k), so the inner loop is a pure dot
+and the zero point meets a per-row group sum of x computed once.
+A byte b holds k even in its low nibble: x_lo lo + x_hi hi = x_lo b + (x_hi - 16 x_lo) hi with
+hi = floor(b / 16), so x comes as (x_lo | x_d = x_hi - 16 x_lo), both contiguous, and each byte
+costs one float conversion, one floor and two FMAs (numba widens integer ops to 64 bits,
+which vectorizes worse).
+
+torch's weight-only GEMMs (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, one call per
+expert) were slower than these kernels, and than fp32, at every token count measured (1, 8 and
+64 tokens, benchmarks/bench_moe.py --quantized), so no path uses them. The kernels run inside
+the moec::experts_int8 / experts_int4 ops (torch_backend; fake impls in moec.ops).
+
+Compiled on first use (about 2 s a kernel) and cached on disk (numba's cache: __pycache__ beside
+this file, or the user's cache directory where that is read-only; no cache where neither is writable).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+F32 = np.float32
+CHUNK = 32  # output channels per parallel work item
+
+
+def _jit(parallel: bool):
+    """njit with numba's disk cache, or without it where no cache directory is writable
+    (numba refuses cache=True at decoration then)."""
+    def wrap(fn):
+        try:
+            return njit(parallel=parallel, fastmath=True, cache=True)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return njit(parallel=parallel, fastmath=True)(fn)
+    return wrap
+
+
+@_jit(parallel=True)
+def _int8_kernel(x, first, last, q, s, out):
+    """x [R, K] fp32, rows first[e]:last[e] of expert e, q [E, N, K] int8, s [E, N] fp32 -> out [R, N] fp32."""
+    E, N = s.shape
+    for c in prange((N + CHUNK - 1) // CHUNK):
+        for e in range(E):
+            for j in range(c * CHUNK, min(N, c * CHUNK + CHUNK)):
+                qj = q[e, j]
+                for r in range(first[e], last[e]):
+                    a = F32(0)
+                    for k in range(qj.shape[0]):
+                        a += x[r, k] * F32(qj[k])
+                    out[r, j] = a * s[e, j]
+
+
+@_jit(parallel=True)
+def _int4_kernel(x, xsum, first, last, q, s, z, out):
+    """x [R, K] fp32 as (x_lo | x_d), xsum [R, G] (sum of x over each group), rows first[e]:last[e]
+    of expert e, q [E, N, K/2] uint8, s [E, N, G] fp32, z [E, N, G] uint8 or empty (symmetric: 8)
+    -> out [R, N] fp32."""
+    E, N, G = s.shape
+    K2 = q.shape[2]
+    g2 = K2 // G  # bytes per group
+    for c in prange((N + CHUNK - 1) // CHUNK):
+        for e in range(E):
+            for j in range(c * CHUNK, min(N, c * CHUNK + CHUNK)):
+                qj = q[e, j]
+                for r in range(first[e], last[e]):
+                    t = F32(0)
+                    for gi in range(G):
+                        b = gi * g2
+                        qg, lo, d = qj[b:b + g2], x[r, b:b + g2], x[r, K2 + b:K2 + b + g2]
+                        a = F32(0)
+                        for i in range(g2):
+                            f = F32(qg[i])
+                            a += lo[i] * f + d[i] * np.floor(f * F32(0.0625))
+                        zg = F32(8) if z.size == 0 else F32(z[e, j, gi])
+                        t += s[e, j, gi] * (a - zg * xsum[r, gi])
+                    out[r, j] = t
+
+
+@_jit(parallel=True)
+def _int4_kernel2(x, xsum, first, last, q, s, z, out):
+    """_int4_kernel two rows at a time (last[e] - first[e] even): each unpacked byte feeds both.
+    A kernel of its own: beside the one-row loop in one function, LLVM slows that loop down."""
+    E, N, G = s.shape
+    K2 = q.shape[2]
+    g2 = K2 // G
+    for c in prange((N + CHUNK - 1) // CHUNK):
+        for e in range(E):
+            for j in range(c * CHUNK, min(N, c * CHUNK + CHUNK)):
+                qj = q[e, j]
+                for r in range(first[e], last[e], 2):
+                    t0 = F32(0)
+                    t1 = F32(0)
+                    for gi in range(G):
+                        b = gi * g2
+                        qg = qj[b:b + g2]
+                        lo0, d0 = x[r, b:b + g2], x[r, K2 + b:K2 + b + g2]
+                        lo1, d1 = x[r + 1, b:b + g2], x[r + 1, K2 + b:K2 + b + g2]
+                        a0 = F32(0)
+                        a1 = F32(0)
+                        for i in range(g2):
+                            f = F32(qg[i])
+                            hi = np.floor(f * F32(0.0625))
+                            a0 += lo0[i] * f + d0[i] * hi
+                            a1 += lo1[i] * f + d1[i] * hi
+                        zg = F32(8) if z.size == 0 else F32(z[e, j, gi])
+                        t0 += s[e, j, gi] * (a0 - zg * xsum[r, gi])
+                        t1 += s[e, j, gi] * (a1 - zg * xsum[r + 1, gi])
+                    out[r, j], out[r + 1, j] = t0, t1
+
+
+@_jit(parallel=False)
+def _int4_rows(x, G):
+    """x [R, K] -> (x_lo | x_d) [R, K] (see the module docstring), xsum [R, G]: the sum of x over each group."""
+    R, K = x.shape
+    K2, g = K // 2, K // G
+    xp = np.empty((R, K), F32)
+    xsum = np.zeros((R, G), F32)
+    for r in range(R):
+        for i in range(K2):
+            xp[r, i] = x[r, 2 * i]
+            xp[r, K2 + i] = x[r, 2 * i + 1] - F32(16) * x[r, 2 * i]
+        for k in range(K):
+            xsum[r, k // g] += x[r, k]
+    return xp, xsum
+
+
+_NO_ZERO = np.zeros((0, 0, 0), np.uint8)
+
+
+def expert_rows(counts: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of each expert among the expert-sorted rows: (first, paired, last) [E] int64; rows first:paired go
+    two at a time (int4), paired:last one at a time."""
+    last = np.cumsum(counts, dtype=np.int64)
+    first = last - counts
+    return first, first + (last - first) // 2 * 2, last
+
+
+def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tensor,
+                zero: torch.Tensor | None = None) -> torch.Tensor:
+    """Expert-sorted rows x [R, K] (any float dtype; `rows` = expert_rows(counts per expert)) times
+    the quantized experts (moec's int8 format if q is int8, else int4) -> [R, N] fp32."""
+    first, paired, last = rows
+    out = torch.empty(x.shape[0], q.shape[1], dtype=torch.float32)
+    x = x.float().contiguous().numpy()
+    if q.dtype == torch.int8:
+        _int8_kernel(x, first, last, q.numpy(), scale.numpy(), out.numpy())
+        return out
+    x, xsum = _int4_rows(x, scale.shape[-1])
+    args = (q.numpy(), scale.numpy(), _NO_ZERO if zero is None else zero.numpy(), out.numpy())
+    if (paired > first).any():
+        _int4_kernel2(x, xsum, first, paired, *args)
+    _int4_kernel(x, xsum, paired, last, *args)
+    return out
+
+
+def set_threads() -> None:
+    """Run the kernels on as many threads as torch uses."""
+    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
