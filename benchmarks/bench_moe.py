@@ -8,9 +8,10 @@ this machine: max(bytes of the distinct experts touched (routed + shared) / read
 expert FLOPs / fp32 GEMM peak) (field.md). Model level: a whole forward of the model
 (2 layers, batch 1, T tokens) and each row's speed-up over the best HF experts
 implementation, with the bound (the other parameters read once + each layer's expert bound).
-`--quantized` adds moec with int8 and int4 (g128) experts, and bounds for their packed bytes
-(weights + scales). `--ort` adds moec's onnxruntime backend (CPU provider): MoE nodes in fp32,
-and with `--quantized` QMoE int8 / int4 g128 nodes (the export happens in the warm-up call).
+`--quantized` adds moec with int8 and int4 experts (group 128, or the largest of 64/32 that
+divides the expert's inner dim), and bounds for their packed bytes (weights + scales). `--ort`
+adds moec's onnxruntime backend (CPU provider): MoE nodes in fp32, and with `--quantized` QMoE
+int8 / int4 nodes (the export happens in the warm-up call).
 Random weights, no downloads.
 """
 
@@ -51,8 +52,15 @@ def block_shape(block) -> dict:
                 shared_I=shared.down_proj.in_features if shared is not None else 0)
 
 
-# bytes per expert weight: fp32, int8 + a fp32 scale per row of 512, int4 + a fp32 scale per group of 128
-QUANT = {"": 4.0, "int8": 1 + 4 / 512, "int4 g128": 0.5 + 4 / 128}
+def quant_configs(I: int) -> dict:
+    """label -> config: int8, and int4 with the largest group (128/64/32) dividing the expert inner dim I."""
+    g = next(g for g in (128, 64, 32) if I % g == 0)
+    return {"int8": moec.Int8Experts(), f"int4 g{g}": moec.Int4Experts(g)}
+
+
+def expert_bytes(cfg, H: int) -> float:
+    """Bytes per expert weight: fp32, or the packed weight + its fp32 scale (per row of H / per group)."""
+    return 4.0 if cfg is None else 1 + 4 / H if cfg.bits == 8 else 0.5 + 4 / cfg.group_size
 
 
 def bound(s: dict, T: int, bw: float, flops: float, expert_bytes: float = 4.0) -> float:
@@ -79,13 +87,14 @@ def rows(name: str, level: str, torch_compile: bool, quantized: bool, ort: bool)
     if torch_compile:
         out["torch.compile(HF grouped_mm)"] = torch.compile(copy.deepcopy(base), dynamic=True)
     out["moec"] = moec.compile(copy.deepcopy(base))
-    if quantized:
-        out["moec int8"] = moec.compile(copy.deepcopy(base), quantize=moec.Int8Experts())
-        out["moec int4 g128"] = moec.compile(copy.deepcopy(base), quantize=moec.Int4Experts(128))
+    block = base if level == "block" else base.model.layers[0].mlp
+    qcfgs = quant_configs(block.experts.down_proj.shape[-1]) if quantized else {}
+    for label, q in qcfgs.items():
+        out[f"moec {label}"] = moec.compile(copy.deepcopy(base), quantize=q)
     if ort:
-        for label, q in [("", None)] + ([(" int8", moec.Int8Experts()), (" int4 g128", moec.Int4Experts(128))]
-                                        if quantized else []):
-            out[f"moec onnxruntime{label}"] = moec.compile(copy.deepcopy(base), backend="onnxruntime", quantize=q)
+        for label, q in {"": None, **qcfgs}.items():
+            out[f"moec onnxruntime {label}".strip()] = moec.compile(copy.deepcopy(base), backend="onnxruntime",
+                                                                     quantize=q)
     return out
 
 
@@ -126,9 +135,10 @@ def main():
                 a, kw = inputs_for(level, ref, T)
                 for label, m in impls.items():
                     times[label].append(median_time(lambda: m(*a, **kw), 20 if T <= 64 else 5))
-            for q in QUANT if args.quantized else [""]:
-                b = [bound(s, T, bw, flops, QUANT[q]) if level == "block" else
-                     model_bound(ref, s, T, bw, flops, QUANT[q]) for T in args.tokens]
+            for q, cfg in {"": None, **(quant_configs(s["I"]) if args.quantized else {})}.items():
+                eb = expert_bytes(cfg, s["H"])
+                b = [bound(s, T, bw, flops, eb) if level == "block" else
+                     model_bound(ref, s, T, bw, flops, eb) for T in args.tokens]
                 t.add_row(f"bound {q}".strip(), *(f"{v * 1e3:.2f}" for v in b))
             if level == "block":
                 ref_row = [bound(s, T, bw, flops) for T in args.tokens]
