@@ -58,6 +58,7 @@ def rescale(y: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
 def dequantized(q, scale, zero, bits: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """moec-format quantized experts -> [E, N, K] weights, as graph ops (the dense fallback's weights)."""
     cfg = Int8Experts() if bits == 8 else Int4Experts(group_size, symmetric=zero is None)
+    q = q if bits == 8 else q.to(torch.int32)  # exported uint8 nibble shifts came back typed int8 (ORT refused)
     return dequantize(cfg, {"q": q, "scale": scale, **({"zero": zero} if zero is not None else {})}, dtype)
 
 
