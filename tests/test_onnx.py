@@ -19,7 +19,7 @@ import moec
 from moec import models
 
 from conftest import TOL, rel_err
-from test_hf import GAPS, SUPPORTED
+from test_hf import SUPPORTED
 from test_quant import _dequantized_twin
 
 # Families whose model (not its MoE blocks) does not torch.export with dynamic batch/sequence in
@@ -224,8 +224,10 @@ def test_refusals(tmp_path):
 
 
 
-@pytest.mark.parametrize("family,cfg", [("mixtral", c) for c in QUANT] + [("glm4_moe", QUANT[2]), ("gpt_oss", QUANT[0])],
-                         ids=lambda v: v if isinstance(v, str) else v.describe())
+QUANT_CASES = [("mixtral", c) for c in QUANT] + [("glm4_moe", QUANT[2]), ("gpt_oss", QUANT[0])]
+
+
+@pytest.mark.parametrize("family,cfg", QUANT_CASES, ids=lambda v: v if isinstance(v, str) else v.describe())
 def test_quantized_against_dequantized_model(exported, family, cfg):
     """QMoE nodes equal the model with dequantized experts."""
     model, report, path = exported(family, cfg, **QSIZES)
