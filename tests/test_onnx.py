@@ -17,6 +17,7 @@ import torch
 import handwritten as hw
 import moec
 from moec import models
+from moec.canonical import resolve
 
 from conftest import TOL, rel_err
 from test_hf import SUPPORTED
@@ -28,8 +29,8 @@ EXPORT_GAPS = {
     "deepseek_v2": "MLA attention: torch.export fails with any dynamic axis (shape mismatch in attention)",
     "deepseek_v3": "MLA attention: torch.export fails with any dynamic axis (shape mismatch in attention)",
     "jamba": "the Mamba layer's slow path specializes the sequence length",
-    "llama4": "complex-valued rotary embedding: no ONNX for complex tensors (its MoE block: test_llama4_block)",
-}
+    "llama4": "complex-valued rotary embedding: no ONNX for complex tensors",
+}  # their MoE blocks export on their own: test_gap_family_block
 HF = [f for f in SUPPORTED if f not in EXPORT_GAPS]
 # What each family's blocks become (router features the op lacks use log-weights; see lower_onnx)
 HF_LOG_WEIGHTS = {"glm4_moe", "phimoe", "switch_transformers"}
@@ -121,14 +122,22 @@ def test_export_gaps_are_in_the_model(family):
                           verbose=False)
 
 
-@pytest.mark.parametrize("cfg", [None, moec.Int8Experts(), moec.Int4Experts(32, symmetric=False)], ids=str)
-def test_llama4_block(cfg, tmp_path):
-    """Llama 4 weights the expert *input*: ORT's op cannot, the block falls back to standard ops
-    (quantized: dequantized in the graph) and says so."""
-    block = models.tiny_model("llama4", **QSIZES).model.layers[0].feed_forward
+GAP_BLOCKS = {"deepseek_v2": "model.layers.0.mlp", "deepseek_v3": "model.layers.0.mlp",
+              "jamba": "model.layers.0.feed_forward", "llama4": "model.layers.0.feed_forward"}
+
+
+@pytest.mark.parametrize("family,cfg", [(f, None) for f in GAP_BLOCKS] + [
+    ("llama4", moec.Int8Experts()), ("llama4", moec.Int4Experts(32, symmetric=False))], ids=str)
+def test_gap_family_block(family, cfg, tmp_path):
+    """The MoE blocks of EXPORT_GAPS export on their own. Llama 4 weights the expert *input*: ORT's op
+    cannot, so its block falls back to standard ops (quantized: dequantized in the graph) and says so."""
+    block = resolve(models.tiny_model(family, **QSIZES), GAP_BLOCKS[family])
     report = _export_block(block, 64, tmp_path / "b.onnx", quantize=cfg)
-    assert report.blocks[0].op == "fallback" and "expert input" in report.blocks[0].why, str(report)
-    assert not _nodes(tmp_path / "b.onnx", "MoE") and not _nodes(tmp_path / "b.onnx", "QMoE")
+    if family == "llama4":
+        assert report.blocks[0].op == "fallback" and "expert input" in report.blocks[0].why, str(report)
+        assert not _nodes(tmp_path / "b.onnx", "MoE") and not _nodes(tmp_path / "b.onnx", "QMoE")
+    else:
+        assert report.blocks[0].op == "MoE" and "log-weights" in report.blocks[0].why, str(report)
     ref = _dequantized_twin(block, moec.compile(copy.deepcopy(block), quantize=cfg), cfg) if cfg else block
     _block_parity(block, tmp_path / "b.onnx", 64, torch.float32, TOL[torch.float32], ref=ref)
 
