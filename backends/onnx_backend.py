@@ -16,9 +16,9 @@ ORT's layouts (checked against ONNX Runtime 1.31.1 on CPU, tests/test_onnx.py):
   zero points packed two a byte (a row padded to a whole byte). Column-wise 4-bit zero points, which
   ORT gets wrong, are never produced (moec's int4 is always block-wise).
 - `gelu` is the tanh approximation; there is no GeGLU/ReGLU; bf16 has no CPU kernel.
-normalize_routing_weights=0 and use_sparse_mixer are never emitted (ORT CPU: fp16 MoE with 0 returns
-zeros, QMoE ignores 0, the sparse mixer is ignored): lower_onnx feeds routing the op cannot express
-as log-weights instead.
+normalize_routing_weights=0 and use_sparse_mixer are never emitted (reported on ORT CPU: QMoE ignores 0,
+fp16 MoE with 0 returned zeros, the sparse mixer is ignored): lower_onnx feeds routing the op cannot
+express as log-weights instead.
 """
 
 from __future__ import annotations

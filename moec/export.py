@@ -125,7 +125,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if torch.bfloat16 in dtypes:
         raise NotImplementedError("moec.export_onnx: bf16 models are not supported: ONNX Runtime's MoE/QMoE have no "
-                                  "bf16 CPU kernel (convert the model to fp16 or fp32 first)")
+                                  "bf16 CPU kernel, and bf16 on CUDA is untested (convert the model to fp16 or fp32)")
     args, kwargs = (tuple(example_inputs), {}) if not isinstance(example_inputs, dict) else ((), dict(example_inputs))
     inputs = (*args, *kwargs.values())
     names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
@@ -142,9 +142,10 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     compiled = inspect(work)
     with torch.no_grad():
         exportable = _Exportable(work, len(args), list(kwargs))
-        program = torch.onnx.export(exportable, inputs, input_names=names, output_names=["logits"] if exportable.hf else None,
-                                    dynamic_shapes=(tuple(_dynamic(t) for t in inputs),), dynamo=True,
-                                    custom_translation_table=translations(), opset_version=opset, verbose=False)
+        program = torch.onnx.export(
+            exportable, inputs, input_names=names, output_names=["logits"] if exportable.hf else None,
+            dynamic_shapes=(tuple(_dynamic(t) for t in inputs),), dynamo=True,
+            custom_translation_table=translations(), opset_version=opset, verbose=False)
     program.save(path, external_data=external_data)
     onnx.checker.check_model(path)  # by path: also checks external data
 

@@ -58,6 +58,7 @@ def rescale(y: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
 def dequantized(q, scale, zero, bits: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """moec-format quantized experts -> [E, N, K] weights, as graph ops (the dense fallback's weights)."""
     cfg = Int8Experts() if bits == 8 else Int4Experts(group_size, symmetric=zero is None)
+    q = q if bits == 8 else q.to(torch.int32)  # exported uint8 nibble shifts came back typed int8 (ORT refused)
     return dequantize(cfg, {"q": q, "scale": scale, **({"zero": zero} if zero is not None else {})}, dtype)
 
 
@@ -71,8 +72,9 @@ def fallback_reason(spec) -> str | None:
     """Why ORT's MoE/QMoE cannot compute this block exactly (None: it can)."""
     e, r = spec.experts, spec.router
     if ort_activation(e.activation, e.gated, e.alpha, e.limit) is None:
-        name = spec.describe()["experts"].split(" x ")[1].split(" ")[0]
-        return f"ORT's MoE has no {name} (its gelu is the tanh form; no GeGLU/ReGLU)"
+        what = {"gelu": "GeGLU", "gelu_tanh": "GeGLU (tanh)", "relu": "ReGLU"}.get(e.activation, e.activation) \
+            if e.gated else {"gelu": "exact (erf) GELU"}.get(e.activation, e.activation)
+        return f"ORT's MoE has no {what} experts (it has SwiGLU, ReLU, SiLU, tanh-GELU)"
     if e.weight_on_input:
         return "routing weights scale the expert input (Llama 4): ORT's MoE weights outputs"
     if r.scoring == "none" and r.weighting == "scores" and not (r.top_k == 1 and r.renorm == 1.0):  # else l/l = 1
@@ -135,7 +137,7 @@ def _contrib_node(gm, node, spec, quant: bool, dtype):
     if native_routing(r):
         logits = g.call_function(operator.getitem, (route, 0))
         probs, scale = g.call_method("to", (logits, dtype)), r.scale
-        routing = "native" + (f", x{r.scale:g} after" if r.scale != 1.0 else "")
+        routing = "native (ORT routes the logits)" + (f", x{r.scale:g} after" if r.scale != 1.0 else "")
     else:
         pair = g.call_function(log_weights, (ids, w, e.num_experts, dtype))
         probs, scale = (g.call_function(operator.getitem, (pair, i)) for i in (0, 1))
