@@ -104,7 +104,7 @@ def lower_onnx(gm) -> PassResult:
                 stats["fallback"] += 1
                 w13, w2 = (_dequantized_node(gm, role, spec.quant, dtype) for role in ("w13", "w2")) \
                     if quant else (node.args[3], node.args[5])
-                b13, b2 = (node.args[5], node.args[8]) if quant else (node.args[4], node.args[6])
+                b13, b2 = _biases(node)
                 new = g.call_function(experts_dense, (x, ids, w, w13, b13, w2, b2, *act))
                 gm.meta["onnx"] = {"op": "fallback", "why": reason}
             else:
@@ -149,7 +149,7 @@ def _contrib_node(gm, node, spec, quant: bool, dtype):
         t2 = ort_quantized(cfg, quantized_tensors(block, "w2"), False)
         a = {f"{role}_{k}": _get_attr(gm, f"_moec_ort_{role}_{k}", v) for role, t in (("fc1", t13), ("fc2", t2))
              for k, v in t.items()}
-        b13, b2 = node.args[5], node.args[8]
+        b13, b2 = _biases(node)
         out = g.call_function(torch.ops.moec.ort_qmoe, (
             x, probs, a["fc1_q"], a["fc1_scales"], _bias(gm, b13, e.gated), a["fc2_q"], a["fc2_scales"], b2,
             a.get("fc1_zero_points"), a.get("fc2_zero_points"), cfg.bits, getattr(cfg, "group_size", 0), *tail))
@@ -161,6 +161,12 @@ def _contrib_node(gm, node, spec, quant: bool, dtype):
         op = "MoE"
     gm.meta["onnx"] = {"op": op, "why": routing}
     return out if isinstance(scale, float) and scale == 1.0 else g.call_function(rescale, (out, scale))
+
+
+def _biases(node) -> tuple:
+    """(b13, b2) arguments of an experts node (their positions differ per op, see moec/ops.py)."""
+    at = {torch.ops.moec.experts_int8: (5, 8), torch.ops.moec.experts_int4: (6, 10)}.get(node.target, (4, 6))
+    return node.args[at[0]], node.args[at[1]]
 
 
 def _bias(gm, b13, gated):
