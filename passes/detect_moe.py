@@ -424,15 +424,14 @@ def analyze(block: nn.Module, cand: Candidate) -> MoESpec:
         sol = torch.linalg.lstsq(A.transpose(1, 2), R.unsqueeze(-1)).solution  # [T, k, 1]
         err = _rel_err((A.transpose(1, 2) @ sol).squeeze(-1), R)
         if err < REL_TOL["fit"]:
-            fits.append((err, lay, act, w, sol))
+            fits.append((err, lay, act, w, A))
     if fits:  # the best fit wins (gelu vs its tanh approximation differ by ~1e-3)
-        _, lay, act, w, sol = min(fits, key=lambda f: f[0])
+        _, lay, act, w, A = min(fits, key=lambda f: f[0])
         espec = ExpertsSpec(E, H, w["w2"].shape[2], act, lay.gated, "b13" in w or "b2" in w, alpha, limit)
-        w_rec = sol.squeeze(-1).gather(1, rec_ids.argsort(-1))  # combine weights, by ascending expert id
         failures = []
         for capacity, per_row in _capacities(cap, logits_node):  # the proof settles the capacity
-            router = _fit_router(replace(base, capacity=capacity, capacity_per_row=per_row), f, rargs, w_rec, E,
-                                 x.shape[0] if per_row else 1)
+            router = _fit_router(replace(base, capacity=capacity, capacity_per_row=per_row), f, rargs, A, rec_ids, R,
+                                 E, x.shape[0] if per_row else 1)
             if router is None:
                 continue
             try:
@@ -487,12 +486,17 @@ def _router_grid(base: RouterSpec, f: dict):
         yield RouterSpec(**{**base.__dict__, "weighting": weighting, "renorm": renorm, "scale": scale})
 
 
-def _fit_router(base: RouterSpec, f: dict, rargs, w_rec: torch.Tensor, E: int, rows: int = 1) -> RouterSpec | None:
+def _fit_router(base: RouterSpec, f: dict, rargs, A: torch.Tensor, rec_ids: torch.Tensor, R: torch.Tensor, E: int,
+                rows: int = 1) -> RouterSpec | None:
+    """The first router weighting whose combine weights, applied to the chosen experts' outputs A [T, k, H],
+    reproduce the block's output R [T, H]. (Outputs, not the least-squares weights themselves: a token whose
+    chosen experts' outputs are (nearly) collinear, e.g. dead ReLUs, leaves its weights undetermined.)"""
     for r in _router_grid(base, f):
         _, ids, w = route_math(*rargs(r), num_experts=E)
         if r.capacity:
             w = torch.ops.moec.capacity(ids, w, rows, r.capacity, E)
-        if _rel_err(w.gather(1, ids.argsort(-1)), w_rec) < REL_TOL["fit"]:
+        dense = torch.zeros(w.shape[0], E, dtype=A.dtype, device=A.device).scatter(1, ids, w.to(A.dtype))
+        if _rel_err((A * dense.gather(1, rec_ids)[..., None]).sum(1), R) < REL_TOL["fit"]:
             return r
     return None
 
