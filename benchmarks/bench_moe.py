@@ -130,11 +130,16 @@ def main():
             t.add_column("implementation")
             for T in args.tokens:
                 t.add_column(f"{T} tok", justify="right")
-            times = {label: [] for label in impls}
+            times, failed = {label: [] for label in impls}, {}
             for T in args.tokens:
                 a, kw = inputs_for(level, ref, T)
                 for label, m in impls.items():
-                    times[label].append(median_time(lambda: m(*a, **kw), 20 if T <= 64 else 5))
+                    if label in failed:
+                        continue
+                    try:
+                        times[label].append(median_time(lambda: m(*a, **kw), 20 if T <= 64 else 5))
+                    except Exception as e:  # e.g. a model torch.export cannot export: say so in the table
+                        failed[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
             for q, cfg in {"": None, **(quant_configs(s["I"]) if args.quantized else {})}.items():
                 eb = expert_bytes(cfg, s["H"])
                 b = [bound(s, T, bw, flops, eb) if level == "block" else
@@ -146,6 +151,9 @@ def main():
                 ref_row = [min(times[f"HF {i}"][j] for i in models.EXPERTS_IMPLEMENTATIONS) for j in range(len(args.tokens))]
             for label, ts in times.items():
                 ratio = (lambda v, r: f"{v / r:.1f}x") if level == "block" else (lambda v, r: f"{r / v:.2f}x")
+                if label in failed:
+                    t.add_row(label, f"failed: {failed[label]}")
+                    continue
                 t.add_row(label, *(f"{v * 1e3:.2f} ({ratio(v, r)})" for v, r in zip(ts, ref_row)))
             console.print(t)
 
