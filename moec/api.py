@@ -134,6 +134,9 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | None = Non
     backend = resolve_backend(backend, device)
     if quantize is not None and not isinstance(quantize, (Int8Experts, Int4Experts)):
         raise TypeError(f"quantize must be moec.Int8Experts() or moec.Int4Experts(...), not {quantize!r}")
+    if getattr(quantize, "shared", False) and backend != "torch":
+        raise NotImplementedError(f"moec: quantized shared experts (shared=True) run in the torch backend on CPU "
+                                  f"only, not backend {backend!r}")
     if backend == "onnxruntime":
         return _compile_onnxruntime(model, passes, quantize, providers, session_options)
     if providers is not None or session_options is not None:

@@ -115,6 +115,9 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         raise ValueError(f"moec.export_onnx: provider must be one of {PROVIDERS}, not {provider!r}")
     if quantize is not None and not isinstance(quantize, (Int8Experts, Int4Experts)):
         raise TypeError(f"quantize must be moec.Int8Experts() or moec.Int4Experts(...), not {quantize!r}")
+    if getattr(quantize, "shared", False):
+        raise NotImplementedError("moec.export_onnx: quantized shared experts (shared=True) have no ONNX lowering; "
+                                  "QMoE nodes quantize the routed experts only (leave shared=False)")
     if quantize is not None and provider == "cuda":
         raise NotImplementedError(
             "moec.export_onnx: quantized experts for provider='cuda' are not supported: ONNX Runtime's CUDA QMoE "

@@ -21,12 +21,14 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class Int8Experts:
-    """int8 weight-only experts, one scale per output channel."""
+    """int8 weight-only experts, one scale per output channel. shared=True quantizes the shared
+    experts' linear layers the same way (torch backend, CPU)."""
 
+    shared: bool = False
     bits = 8
 
     def describe(self) -> str:
-        return "int8 per-channel"
+        return "int8 per-channel" + (" +shared" if self.shared else "")
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class Int4Experts:
 
     group_size: int = 128
     symmetric: bool = True
+    shared: bool = False  # also the shared experts' linear layers (torch backend, CPU)
     bits = 4
 
     def __post_init__(self):
@@ -42,7 +45,7 @@ class Int4Experts:
             raise ValueError(f"Int4Experts.group_size must be 32, 64 or 128, not {self.group_size}")
 
     def describe(self) -> str:
-        return f"int4 g{self.group_size} {'sym' if self.symmetric else 'asym'}"
+        return f"int4 g{self.group_size} {'sym' if self.symmetric else 'asym'}" + (" +shared" if self.shared else "")
 
 
 QuantConfig = Int8Experts | Int4Experts
@@ -97,3 +100,31 @@ def dequantize(cfg: QuantConfig, t: dict[str, torch.Tensor], dtype=torch.float32
 
 def nbytes(t: dict[str, torch.Tensor]) -> int:
     return sum(v.numel() * v.element_size() for v in t.values())
+
+
+class QuantLinear(torch.nn.Module):
+    """A weight-only quantized nn.Linear (a shared expert's layer under `shared=True`): y = x W^T + b
+    with W [N, K] held in moec's format as [1, N, K] buffers q, scale[, zero]."""
+
+    def __init__(self, cfg: QuantConfig, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features, self.cfg = linear.in_features, linear.out_features, cfg
+        for k, v in quantize(cfg, linear.weight[None]).items():
+            self.register_buffer(k, v)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from moec.backends import cpu_quant
+
+        if x.device.type != "cpu":
+            raise NotImplementedError(f"moec: quantized shared experts run on CPU only, not {x.device.type}")
+        cpu_quant.set_threads()
+        t = [self.q, self.scale] + ([self.zero] if hasattr(self, "zero") else [])
+        y = cpu_quant.grouped_qmm(x.reshape(-1, self.in_features), cpu_quant.expert_rows([x.numel() // self.in_features]),
+                                  *t)  # [rows, N] fp32
+        if self.bias is not None:
+            y += self.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.cfg.describe()}"

@@ -11,10 +11,12 @@ and leaves, for Int8Experts() / Int4Experts(g):
 
 The quantized tensors, in moec's format (moec.quant), become persistent buffers of the block
 (`_moec_w13_q`, `_moec_w13_scale`[, `_moec_w13_zero`], same for w2): they are what a saved model
-holds, and what the kernels read (backends/cpu_quant.py). The router, biases and shared
-experts keep their dtype.
-Invariant: the block equals the original block with dequantized expert weights.
-Stats: quantized, expert_bytes (fp) -> expert_qbytes (quantized).
+holds, and what the kernels read (backends/cpu_quant.py). The router and biases keep their
+dtype; the shared experts too, unless cfg.shared: then each nn.Linear inside the shared module
+becomes a moec.quant.QuantLinear (same format, [1, N, K]; the graph's call of the shared module
+is unchanged).
+Invariant: the block equals the original block with dequantized expert (and shared) weights.
+Stats: quantized, expert_bytes (fp) -> expert_qbytes (quantized), shared_linears.
 
 Once the block is proved and installed, `release_originals` (called by moec.compile) empties
 the original expert tensors the graph no longer reads, so the model really shrinks.
@@ -27,7 +29,7 @@ import torch
 from moec.canonical import resolve
 from moec.pass_manager import PassResult, Rejected, register_pass
 from moec.passes.detect_moe import _members
-from moec.quant import Int8Experts, check_shape, nbytes, quantize
+from moec.quant import Int8Experts, QuantLinear, check_shape, nbytes, quantize
 
 
 def _attr(gm, node, name: str, tensor: torch.Tensor):
@@ -65,9 +67,26 @@ def quantize_experts(gm) -> PassResult:
         node.args = (x, ids, w, *t13, b13, *t2, b2, *rest)
         stats["quantized"] += 1
     gm.graph.eliminate_dead_code()
+    spec = gm.meta["moe_spec"]
+    if stats["quantized"] and cfg.shared and spec.shared:
+        stats["shared_linears"] = _quantize_shared(resolve(gm.meta["block"], spec.shared.module), cfg, path)
     if stats["quantized"]:
-        gm.meta["moe_spec"] = gm.meta["moe_spec"].with_(quant=cfg)
+        gm.meta["moe_spec"] = spec.with_(quant=cfg)
     return PassResult(gm, stats["quantized"] > 0, stats)
+
+
+def _quantize_shared(shared: torch.nn.Module, cfg, path: str) -> int:
+    """Every nn.Linear of the shared experts -> QuantLinear (in place: the block's graph calls this module)."""
+    linears = [(n, m) for n, m in shared.named_modules() if type(m) is torch.nn.Linear and n]
+    for name, m in linears:
+        try:
+            check_shape(cfg, m.weight[None], f"block {path!r} shared expert layer {name!r}")
+        except ValueError as e:
+            raise Rejected(str(e)) from None
+    for name, m in linears:
+        parent, _, attr = name.rpartition(".")
+        setattr(resolve(shared, parent) if parent else shared, attr, QuantLinear(cfg, m))
+    return len(linears)
 
 
 def quantized_tensors(block: torch.nn.Module, role: str) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 reference, and quantize_experts end to end on HF models."""
 
 import copy
+import dataclasses
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from moec.canonical import resolve
 from moec.ir import ExpertsSpec
 from moec.ops import experts_args
 from moec.passes.quantize_experts import quantized_tensors
-from moec.quant import Int4Experts, Int8Experts, dequantize, quantize
+from moec.quant import Int4Experts, Int8Experts, QuantLinear, dequantize, quantize
 
 from conftest import TOL, rel_err
 from test_ops import naive_experts
@@ -89,6 +90,11 @@ def _dequantized_twin(model, qmodel, cfg):
         for role in ("w13", "w2"):
             target = resolve(resolve(twin, b.path), spec.params[role])
             target.data.copy_(dequantize(cfg, quantized_tensors(qblock, role), target.dtype))
+        if cfg.shared and spec.shared:  # every QuantLinear of the shared experts: its twin Linear dequantized
+            for name, m in resolve(qblock, spec.shared.module).named_modules():
+                if isinstance(m, QuantLinear):
+                    target = resolve(resolve(twin, b.path), f"{spec.shared.module}.{name}").weight
+                    target.data.copy_(dequantize(cfg, dict(m.named_buffers()), target.dtype)[0])
     return twin
 
 
@@ -126,12 +132,41 @@ def test_bad_configs_and_no_moe():
         assert moec.compile(plain, quantize=Int8Experts()) is plain
 
 
-@pytest.mark.parametrize("cfg", [Int8Experts(), Int4Experts(32, symmetric=False)], ids=lambda c: c.describe())
-def test_save_and_load_without_requantizing(cfg, tmp_path):
-    model = moec.compile(models.tiny_model("mixtral"), quantize=cfg)
+@pytest.mark.parametrize("cfg", [Int8Experts(shared=True), Int4Experts(32, symmetric=False, shared=True)],
+                         ids=lambda c: c.describe())
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_shared_experts_quantized_when_asked(cfg, family):
+    model = models.tiny_model(family, hidden_size=64, intermediate_size=64, moe_intermediate_size=64)
+    qmodel = moec.compile(copy.deepcopy(model), quantize=cfg)
+    report = moec.inspect(qmodel)
+    assert report.blocks and all("+shared" in b.experts for b in report.blocks)
+    for b in report.blocks:  # the shared MLP's 3 linears; its sigmoid gate (outside the shared module) stays
+        shared = resolve(qmodel, b.path).__dict__["_moec_graph"].meta["moe_spec"].shared
+        assert sum(isinstance(m, QuantLinear) for m in resolve(qmodel, f"{b.path}.{shared.module}").modules()) == 3
+    twin = _dequantized_twin(model, qmodel, cfg)
+    inputs = models.example_inputs(model, batch=2, seq=5)
+    with torch.no_grad():
+        assert rel_err(qmodel(**inputs).logits, twin(**inputs).logits) < 1e-4
+    plain = moec.compile(copy.deepcopy(model), quantize=dataclasses.replace(cfg, shared=False))
+    assert not any(isinstance(m, QuantLinear) for m in plain.modules())  # shared experts keep their dtype by default
+
+
+def test_shared_quantization_is_torch_cpu_only(tmp_path):
+    model = models.tiny_model("qwen2_moe")
+    with pytest.raises(NotImplementedError, match="shared=True"):
+        moec.compile(copy.deepcopy(model), backend="onnxruntime", quantize=Int8Experts(shared=True))
+    with pytest.raises(NotImplementedError, match="shared=True"):
+        moec.export_onnx(model, models.example_inputs(model, batch=2, seq=3), tmp_path / "m.onnx",
+                         quantize=Int8Experts(shared=True))
+
+
+@pytest.mark.parametrize("cfg,family", [(Int8Experts(), "mixtral"), (Int4Experts(32, symmetric=False), "mixtral"),
+                                        (Int4Experts(32, shared=True), "qwen2_moe")], ids=lambda c: str(c))
+def test_save_and_load_without_requantizing(cfg, family, tmp_path):
+    model = moec.compile(models.tiny_model(family), quantize=cfg)
     path = tmp_path / "model.safetensors"
     moec.save(model, str(path))
-    fresh = models.tiny_model("mixtral", seed=1)  # other weights: everything must come from the file
+    fresh = models.tiny_model(family, seed=1)  # other weights: everything must come from the file
     moec.load(fresh, str(path))
     assert moec.inspect(fresh).quantize == cfg
     inputs = models.example_inputs(model)
