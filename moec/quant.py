@@ -19,16 +19,21 @@ import torch
 FORMAT_VERSION = 1
 
 
+def _extras(cfg) -> str:
+    return (" +shared" if cfg.shared else "") + (" +router" if cfg.router else "")
+
+
 @dataclass(frozen=True)
 class Int8Experts:
     """int8 weight-only experts, one scale per output channel. shared=True quantizes the shared
-    experts' linear layers the same way (torch backend, CPU)."""
+    experts' linear layers the same way (torch backend, CPU); router=True the router weight."""
 
     shared: bool = False
+    router: bool = False
     bits = 8
 
     def describe(self) -> str:
-        return "int8 per-channel" + (" +shared" if self.shared else "")
+        return "int8 per-channel" + _extras(self)
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class Int4Experts:
     group_size: int = 128
     symmetric: bool = True
     shared: bool = False  # also the shared experts' linear layers (torch backend, CPU)
+    router: bool = False  # also the router weight [E, H] (dequantized in the graph; any backend)
     bits = 4
 
     def __post_init__(self):
@@ -45,7 +51,7 @@ class Int4Experts:
             raise ValueError(f"Int4Experts.group_size must be 32, 64 or 128, not {self.group_size}")
 
     def describe(self) -> str:
-        return f"int4 g{self.group_size} {'sym' if self.symmetric else 'asym'}" + (" +shared" if self.shared else "")
+        return f"int4 g{self.group_size} {'sym' if self.symmetric else 'asym'}" + _extras(self)
 
 
 QuantConfig = Int8Experts | Int4Experts
@@ -96,6 +102,13 @@ def dequantize(cfg: QuantConfig, t: dict[str, torch.Tensor], dtype=torch.float32
     q = q.reshape(E, N, K // cfg.group_size, cfg.group_size)
     zero = t["zero"].float()[..., None] if "zero" in t else 8.0
     return ((q - zero) * t["scale"][..., None]).reshape(E, N, K).to(dtype)
+
+
+def dequantized(q, scale, zero, bits: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize` with plain arguments, as graph ops (fx and torch.export take no config objects)."""
+    cfg = Int8Experts() if bits == 8 else Int4Experts(group_size, symmetric=zero is None)
+    q = q if bits == 8 else q.to(torch.int32)  # exported uint8 nibble shifts came back typed int8 (ORT refused)
+    return dequantize(cfg, {"q": q, "scale": scale, **({"zero": zero} if zero is not None else {})}, dtype)
 
 
 def nbytes(t: dict[str, torch.Tensor]) -> int:

@@ -34,7 +34,7 @@ from moec.backends.torch_backend import capacity, experts_dense, route_math
 from moec.canonical import resolve
 from moec.pass_manager import PassResult, register_pass
 from moec.passes.quantize_experts import quantized_tensors
-from moec.quant import Int4Experts, Int8Experts, dequantize
+from moec.quant import dequantized
 
 EXPERTS = (torch.ops.moec.experts, torch.ops.moec.experts_loop, torch.ops.moec.experts_int8,
            torch.ops.moec.experts_int4)
@@ -53,13 +53,6 @@ def log_weights(ids: torch.Tensor, w: torch.Tensor, num_experts: int, dtype: tor
 
 def rescale(y: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
     return (y.float() * s).to(y.dtype)
-
-
-def dequantized(q, scale, zero, bits: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """moec-format quantized experts -> [E, N, K] weights, as graph ops (the dense fallback's weights)."""
-    cfg = Int8Experts() if bits == 8 else Int4Experts(group_size, symmetric=zero is None)
-    q = q if bits == 8 else q.to(torch.int32)  # exported uint8 nibble shifts came back typed int8 (ORT refused)
-    return dequantize(cfg, {"q": q, "scale": scale, **({"zero": zero} if zero is not None else {})}, dtype)
 
 
 def native_routing(r) -> bool:

@@ -11,10 +11,15 @@ and leaves, for Int8Experts() / Int4Experts(g):
 
 The quantized tensors, in moec's format (moec.quant), become persistent buffers of the block
 (`_moec_w13_q`, `_moec_w13_scale`[, `_moec_w13_zero`], same for w2): they are what a saved model
-holds, and what the kernels read (backends/cpu_quant.py). The router and biases keep their
-dtype; the shared experts too, unless cfg.shared: then each nn.Linear inside the shared module
-becomes a moec.quant.QuantLinear (same format, [1, N, K]; the graph's call of the shared module
-is unchanged).
+holds, and what the kernels read (backends/cpu_quant.py). Biases keep their dtype. The shared
+experts too, unless cfg.shared: then each nn.Linear inside the shared module becomes a
+moec.quant.QuantLinear (same format, [1, N, K]; the graph's call of the shared module is
+unchanged). The router too, unless cfg.router: then
+
+    logits, ids, w = moec.route(x, dequantized(q, scale, zero?, bits, g)[0], ...)     # [1,E,H] -> [E,H]
+
+(router weights are ~0.1% of a block's bytes: the original is kept; this is for a router
+computing with the weights a quantized deployment holds).
 Invariant: the block equals the original block with dequantized expert (and shared) weights.
 Stats: quantized, expert_bytes (fp) -> expert_qbytes (quantized), shared_linears.
 
@@ -24,12 +29,14 @@ the original expert tensors the graph no longer reads, so the model really shrin
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from moec.canonical import resolve
 from moec.pass_manager import PassResult, Rejected, register_pass
 from moec.passes.detect_moe import _members
-from moec.quant import Int8Experts, QuantLinear, check_shape, nbytes, quantize
+from moec.quant import Int8Experts, QuantLinear, check_shape, dequantized, nbytes, quantize
 
 
 def _attr(gm, node, name: str, tensor: torch.Tensor):
@@ -66,6 +73,8 @@ def quantize_experts(gm) -> PassResult:
         node.target = torch.ops.moec.experts_int8 if isinstance(cfg, Int8Experts) else torch.ops.moec.experts_int4
         node.args = (x, ids, w, *t13, b13, *t2, b2, *rest)
         stats["quantized"] += 1
+    if stats["quantized"] and cfg.router:
+        _quantize_router(gm, cfg, path)
     gm.graph.eliminate_dead_code()
     spec = gm.meta["moe_spec"]
     if stats["quantized"] and cfg.shared and spec.shared:
@@ -73,6 +82,23 @@ def quantize_experts(gm) -> PassResult:
     if stats["quantized"]:
         gm.meta["moe_spec"] = spec.with_(quant=cfg)
     return PassResult(gm, stats["quantized"] > 0, stats)
+
+
+def _quantize_router(gm, cfg, path: str) -> None:
+    """moec.route's weight W [E, H] -> its quantized form ([1, E, H] buffers `_moec_router_*`), dequantized in
+    the graph before the route: the router then computes with the weights a quantized deployment holds."""
+    for node in [n for n in gm.graph.nodes if n.target is torch.ops.moec.route]:
+        weight = resolve(gm, node.args[1].target)
+        try:
+            check_shape(cfg, weight[None], f"block {path!r} router")
+        except ValueError as e:
+            raise Rejected(str(e)) from None
+        t = {k: _attr(gm, node, f"_moec_router_{k}", v) for k, v in quantize(cfg, weight[None]).items()}
+        with gm.graph.inserting_before(node):
+            w = gm.graph.call_function(dequantized, (t["q"], t["scale"], t.get("zero"), cfg.bits,
+                                                     getattr(cfg, "group_size", 0), weight.dtype))
+            w = gm.graph.call_function(operator.getitem, (w, 0))  # [E, H]
+        node.args = (node.args[0], w, *node.args[2:])
 
 
 def _quantize_shared(shared: torch.nn.Module, cfg, path: str) -> int:
@@ -90,7 +116,7 @@ def _quantize_shared(shared: torch.nn.Module, cfg, path: str) -> int:
 
 
 def quantized_tensors(block: torch.nn.Module, role: str) -> dict[str, torch.Tensor]:
-    """The block's moec-format tensors of `role` ("w13" or "w2"): {"q", "scale"[, "zero"]}; {} if not quantized."""
+    """The block's moec-format tensors of `role` ("w13", "w2" or "router"): {"q", "scale"[, "zero"]}; {} if not quantized."""
     return {k: getattr(block, f"_moec_{role}_{k}") for k in ("q", "scale", "zero") if hasattr(block, f"_moec_{role}_{k}")}
 
 

@@ -90,6 +90,9 @@ def _dequantized_twin(model, qmodel, cfg):
         for role in ("w13", "w2"):
             target = resolve(resolve(twin, b.path), spec.params[role])
             target.data.copy_(dequantize(cfg, quantized_tensors(qblock, role), target.dtype))
+        if cfg.router:
+            target = resolve(resolve(twin, b.path), spec.params["router_weight"])
+            target.data.copy_(dequantize(cfg, quantized_tensors(qblock, "router"), target.dtype)[0])
         if cfg.shared and spec.shared:  # every QuantLinear of the shared experts: its twin Linear dequantized
             for name, m in resolve(qblock, spec.shared.module).named_modules():
                 if isinstance(m, QuantLinear):
@@ -132,23 +135,41 @@ def test_bad_configs_and_no_moe():
         assert moec.compile(plain, quantize=Int8Experts()) is plain
 
 
-@pytest.mark.parametrize("cfg", [Int8Experts(shared=True), Int4Experts(32, symmetric=False, shared=True)],
-                         ids=lambda c: c.describe())
+@pytest.mark.parametrize("cfg", [Int8Experts(shared=True, router=True), Int4Experts(32, symmetric=False, shared=True),
+                                 Int4Experts(32, router=True)], ids=lambda c: c.describe())
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
-def test_shared_experts_quantized_when_asked(cfg, family):
+def test_shared_and_router_quantized_when_asked(cfg, family):
     model = models.tiny_model(family, hidden_size=64, intermediate_size=64, moe_intermediate_size=64)
     qmodel = moec.compile(copy.deepcopy(model), quantize=cfg)
     report = moec.inspect(qmodel)
-    assert report.blocks and all("+shared" in b.experts for b in report.blocks)
+    assert report.blocks and all(cfg.describe() in b.experts for b in report.blocks)
     for b in report.blocks:  # the shared MLP's 3 linears; its sigmoid gate (outside the shared module) stays
         shared = resolve(qmodel, b.path).__dict__["_moec_graph"].meta["moe_spec"].shared
-        assert sum(isinstance(m, QuantLinear) for m in resolve(qmodel, f"{b.path}.{shared.module}").modules()) == 3
+        assert sum(isinstance(m, QuantLinear)
+                   for m in resolve(qmodel, f"{b.path}.{shared.module}").modules()) == (3 if cfg.shared else 0)
+        assert bool(quantized_tensors(resolve(qmodel, b.path), "router")) == cfg.router
     twin = _dequantized_twin(model, qmodel, cfg)
     inputs = models.example_inputs(model, batch=2, seq=5)
     with torch.no_grad():
         assert rel_err(qmodel(**inputs).logits, twin(**inputs).logits) < 1e-4
-    plain = moec.compile(copy.deepcopy(model), quantize=dataclasses.replace(cfg, shared=False))
-    assert not any(isinstance(m, QuantLinear) for m in plain.modules())  # shared experts keep their dtype by default
+    plain = moec.compile(copy.deepcopy(model), quantize=dataclasses.replace(cfg, shared=False, router=False))
+    assert not any(isinstance(m, QuantLinear) for m in plain.modules())  # by default shared experts and router
+    assert not any(quantized_tensors(resolve(plain, b.path), "router") for b in report.blocks)  # keep their dtype
+
+
+def test_quantized_router_exports_to_onnx(tmp_path):
+    """router=True is graph ops (dequantize, then the route): the ONNX file computes it too."""
+    import onnxruntime as ort
+
+    model, cfg = models.tiny_model("mixtral"), Int4Experts(32, router=True)
+    report = moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), tmp_path / "m.onnx", quantize=cfg)
+    assert [b.op for b in report.blocks] == ["QMoE"] * 2
+    twin = _dequantized_twin(model, moec.compile(copy.deepcopy(model), quantize=cfg), cfg)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    inputs = models.example_inputs(model, batch=1, seq=3, seed=5)
+    with torch.no_grad():
+        ref = twin(**inputs).logits
+    assert rel_err(torch.from_numpy(session.run(None, {"input_ids": inputs["input_ids"].numpy()})[0]), ref) < 1e-4
 
 
 def test_shared_quantization_is_torch_cpu_only(tmp_path):
