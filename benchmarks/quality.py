@@ -3,7 +3,7 @@
     python benchmarks/quality.py [--batches 8] [--batch-size 8] [--seq 128]
 
 Rows: fp32 (moec-compiled, unquantized), int8 per-channel, int4 with groups 32/64/128,
-symmetric and asymmetric. Columns: held-out perplexity (next byte) and its change vs fp32,
+symmetric and asymmetric, and int8 / int4 g128 with the router weight quantized too (router=True). Columns: held-out perplexity (next byte) and its change vs fp32,
 max and mean |logit error| vs fp32 over the held-out tokens, and the bytes of the routed
 experts (quantized: packed weights + scales + zero points) and their ratio to fp32.
 """
@@ -24,7 +24,8 @@ from moec.canonical import resolve  # noqa: E402
 from moec.passes.quantize_experts import quantized_tensors  # noqa: E402
 
 CONFIGS = {"fp32": None, "int8": moec.Int8Experts(),
-           **{f"int4 g{g} {'sym' if s else 'asym'}": moec.Int4Experts(g, s) for g in (32, 64, 128) for s in (True, False)}}
+           **{f"int4 g{g} {'sym' if s else 'asym'}": moec.Int4Experts(g, s) for g in (32, 64, 128) for s in (True, False)},
+           "int8 +router": moec.Int8Experts(router=True), "int4 g128 sym +router": moec.Int4Experts(128, router=True)}
 
 
 def expert_bytes(model) -> int:
