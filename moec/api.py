@@ -175,8 +175,12 @@ def _compile_onnxruntime(model: nn.Module, passes, quantize, providers, session_
     """Prove the blocks now (the report); export and open a session at the first call of each input signature."""
     from moec.backends import ort_session
 
+    from moec.export import check_exportable
+
     if passes is not None:
         raise ValueError("backend='onnxruntime' runs moec.export_onnx's pipeline; it takes no passes=")
+    check_exportable(model, quantize, "cuda" if (providers or ort_session.default_providers())[0]
+                     == "CUDAExecutionProvider" else "cpu")
     report = _run(model, "detect_moe", Instruments(), install_blocks=False, backend="onnxruntime")
     if _warn_if_empty(model, report):
         return model

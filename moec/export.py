@@ -98,6 +98,27 @@ def _dynamic(t):
     return {a: torch.export.Dim.DYNAMIC for a in axes}
 
 
+def check_exportable(model: nn.Module, quantize, provider: str) -> None:
+    """Refuse, with the reason, what export_onnx cannot turn into a correct file (also used by
+    backend="onnxruntime" at compile time, before any call)."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"moec.export_onnx: provider must be one of {PROVIDERS}, not {provider!r}")
+    if quantize is not None and not isinstance(quantize, (Int8Experts, Int4Experts)):
+        raise TypeError(f"quantize must be moec.Int8Experts() or moec.Int4Experts(...), not {quantize!r}")
+    if getattr(quantize, "shared", False):
+        raise NotImplementedError("moec.export_onnx: quantized shared experts (shared=True) have no ONNX lowering; "
+                                  "QMoE nodes quantize the routed experts only (leave shared=False)")
+    if quantize is not None and provider == "cuda":
+        raise NotImplementedError(
+            "moec.export_onnx: quantized experts for provider='cuda' are not supported: ONNX Runtime's CUDA QMoE "
+            "kernel takes weights pre-packed for its mixed-precision GEMM (weights_prepacked), a layout moec "
+            "does not produce; export without quantize (MoE nodes run on both providers) or for provider='cpu'")
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if torch.bfloat16 in dtypes:
+        raise NotImplementedError("moec.export_onnx: bf16 models are not supported: ONNX Runtime's MoE/QMoE have no "
+                                  "bf16 CPU kernel, and bf16 on CUDA is untested (convert the model to fp16 or fp32)")
+
+
 def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.PathLike, *,
                 quantize: QuantConfig | None = None, provider: str = "cpu", opset: int | None = None,
                 external_data: bool | None = None) -> ExportReport:
@@ -111,24 +132,9 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         `<path>.data`; None does that only past 2 GB.
     """
     path = os.fspath(path)
-    if provider not in PROVIDERS:
-        raise ValueError(f"moec.export_onnx: provider must be one of {PROVIDERS}, not {provider!r}")
-    if quantize is not None and not isinstance(quantize, (Int8Experts, Int4Experts)):
-        raise TypeError(f"quantize must be moec.Int8Experts() or moec.Int4Experts(...), not {quantize!r}")
-    if getattr(quantize, "shared", False):
-        raise NotImplementedError("moec.export_onnx: quantized shared experts (shared=True) have no ONNX lowering; "
-                                  "QMoE nodes quantize the routed experts only (leave shared=False)")
-    if quantize is not None and provider == "cuda":
-        raise NotImplementedError(
-            "moec.export_onnx: quantized experts for provider='cuda' are not supported: ONNX Runtime's CUDA QMoE "
-            "kernel takes weights pre-packed for its mixed-precision GEMM (weights_prepacked), a layout moec "
-            "does not produce; export without quantize (MoE nodes run on both providers) or for provider='cpu'")
+    check_exportable(model, quantize, provider)
     if "_moec_report" in model.__dict__:
         raise ValueError("moec.export_onnx takes the original model, not one moec.compile already rewrote")
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if torch.bfloat16 in dtypes:
-        raise NotImplementedError("moec.export_onnx: bf16 models are not supported: ONNX Runtime's MoE/QMoE have no "
-                                  "bf16 CPU kernel, and bf16 on CUDA is untested (convert the model to fp16 or fp32)")
     args, kwargs = (tuple(example_inputs), {}) if not isinstance(example_inputs, dict) else ((), dict(example_inputs))
     inputs = (*args, *kwargs.values())
     names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
