@@ -123,8 +123,9 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | None = Non
     passes: a pipeline such as "detect_moe,fuse_gate,batch_experts" (the default).
     verify: check each rewritten block against the original after every pass, raise if off
         (quantized blocks: up to the pass before quantize_experts; quantization error is measured, not checked).
-    quantize: Int8Experts() or Int4Experts(group_size, symmetric): weight-only quantized routed
-        experts (appends the quantize_experts pass; both backends: torch's int4 kernels run on CPU only).
+    quantize: Int8Experts() or Int4Experts(group_size, symmetric[, shared, router]): weight-only quantized
+        routed experts (appends the quantize_experts pass). Backend torch: numba kernels, CPU only;
+        triton: w8a16/w4a16 GEMMs; onnxruntime: QMoE nodes. shared=True is torch backend only.
     A model without MoE comes back unchanged, with a warning; blocks moec cannot prove are
     left as they were and listed in `moec.inspect(model).rejected` with the reason.
     """
@@ -174,7 +175,6 @@ def _warn_if_empty(model: nn.Module, report: Report) -> bool:
 def _compile_onnxruntime(model: nn.Module, passes, quantize, providers, session_options) -> nn.Module:
     """Prove the blocks now (the report); export and open a session at the first call of each input signature."""
     from moec.backends import ort_session
-
     from moec.export import check_exportable
 
     if passes is not None:
