@@ -28,7 +28,7 @@ import functools
 import torch
 
 import moec.ops  # noqa: F401  (defines the op schemas)
-from moec.quant import Int4Experts, Int8Experts, dequantize
+from moec.quant import Int4Experts, Int8Experts, dequantize, unpack_int4
 
 CONTRIB = "com.microsoft"
 
@@ -76,7 +76,7 @@ def _moec_format(q, scales, zero_points, bits, block_size, num_blocks):
     cfg = Int4Experts(block_size, symmetric=zero_points is None)
     t = {"q": q, "scale": scales}
     if zero_points is not None:
-        t["zero"] = torch.stack([zero_points & 15, zero_points >> 4], dim=-1).flatten(-2)[..., :num_blocks]
+        t["zero"] = unpack_int4(zero_points)[..., :num_blocks]
     return cfg, t
 
 

@@ -60,8 +60,10 @@ def session_options(options) -> "onnxruntime.SessionOptions":  # noqa: F821
 
 
 def _widen(t: torch.Tensor) -> torch.Tensor:
-    """An export example with every size-1 batch/sequence axis made 2 (a size-1 axis would be baked in)."""
-    axes = range(t.dim()) if not t.is_floating_point() else range(t.dim() - 1)
+    """An export example with every size-1 dynamic (batch/sequence) axis made 2 (a size-1 axis would be baked in)."""
+    from moec.export import dynamic_axes
+
+    axes = dynamic_axes(t) or {}
     return t.repeat(*(2 if a in axes and t.shape[a] == 1 else 1 for a in range(t.dim())))
 
 

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 import moec.ops  # noqa: F401  (defines the op schemas)
-from moec.backends import cpu_quant
 
 
 def activate(h: torch.Tensor, activation: str, gated: bool, alpha: float, limit: float) -> torch.Tensor:
@@ -187,6 +186,8 @@ def _quantized_experts(x, ids, weights, t13, b13, t2, b2, activation, gated, alp
     they compute in fp32 whatever the activations' dtype."""
     if x.device.type != "cpu":
         raise NotImplementedError(f"moec: quantized experts in the torch backend run on CPU only, not {x.device.type}")
+    from moec.backends import cpu_quant  # numba: imported by the first quantized call, not by `import moec`
+
     flat, order, counts, xs, ws = _sort(x, ids, weights, t13[0].shape[0], weight_on_input)
     row_expert = None if b13 is None and b2 is None else flat[order]  # [T*k] expert of each sorted row
     rows = cpu_quant.expert_rows(counts)

@@ -89,7 +89,7 @@ class _Exportable(nn.Module):
         return out.logits if hasattr(out, "logits") else out
 
 
-def _dynamic(t):
+def dynamic_axes(t):
     """Dynamic axes of one example input: every axis of an integer tensor (batch, sequence), every axis
     but the last (features) of a float one."""
     if not isinstance(t, torch.Tensor):
@@ -139,7 +139,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     inputs = (*args, *kwargs.values())
     names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
     for name, t in zip(names, inputs):
-        if isinstance(t, torch.Tensor) and any(t.shape[a] == 1 for a in (_dynamic(t) or {})):
+        if isinstance(t, torch.Tensor) and any(t.shape[a] == 1 for a in (dynamic_axes(t) or {})):
             raise ValueError(f"moec.export_onnx: example input {name} has shape {tuple(t.shape)}: give batch and "
                              "sequence sizes >= 2 so they export as dynamic axes (1 would be baked in)")
 
@@ -153,7 +153,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         exportable = _Exportable(work, len(args), list(kwargs))
         program = torch.onnx.export(
             exportable, inputs, input_names=names, output_names=["logits"] if exportable.hf else None,
-            dynamic_shapes=(tuple(_dynamic(t) for t in inputs),), dynamo=True,
+            dynamic_shapes=(tuple(dynamic_axes(t) for t in inputs),), dynamo=True,
             custom_translation_table=translations(), opset_version=opset, verbose=False)
     program.save(path, external_data=external_data)
     onnx.checker.check_model(path)  # by path: also checks external data
