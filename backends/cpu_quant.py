@@ -16,6 +16,12 @@ hi = floor(b / 16), so x comes as (x_lo | x_d = x_hi - 16 x_lo), both contiguous
 costs one float conversion, one floor and two FMAs (numba widens integer ops to 64 bits,
 which vectorizes worse).
 
+    dequantize_expert(e, q, scale, zero?, out) -> [N, K] fp32   (prefill: then MKL's GEMMs, torch_backend)
+
+An expert with many rows (DEQUANT_MIN_ROWS in torch_backend) is dequantized once into a reused
+buffer instead: the kernels above redo the dot products per row and fall behind MKL from about a
+dozen rows. int4 comes out with its columns in even-odd order (`even_odd` reorders the inputs).
+
 torch's weight-only GEMMs (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, one call per
 expert) were slower than these kernels, and than fp32, at every token count measured (1, 8 and
 64 tokens, benchmarks/bench_moe.py --quantized), so no path uses them. The kernels run inside
@@ -136,14 +142,48 @@ def _int4_rows(x, G):
     return xp, xsum
 
 
+@_jit(parallel=True)
+def _dequant_int8(q, s, out):
+    """One expert: q [N, K] int8, s [N] fp32 -> out [N, K] fp32."""
+    for j in prange(q.shape[0]):
+        qj, oj = q[j], out[j]
+        for k in range(qj.shape[0]):
+            oj[k] = F32(qj[k]) * s[j]
+
+
+@_jit(parallel=True)
+def _dequant_int4(q, s, z, out):
+    """One expert: q [N, K/2] uint8 (k even in the low nibble), s [N, G] fp32, z [N, G] uint8 or empty
+    (symmetric: 8) -> out [N, K] fp32 with its columns in EVEN_ODD order: (k = 0, 2, 4, ... | 1, 3, 5, ...),
+    so that both stores of a byte are contiguous (interleaved ones do not vectorize: 7x slower)."""
+    N, G = s.shape
+    K2 = q.shape[1]
+    g2 = K2 // G  # bytes per group
+    for j in prange(N):
+        for gi in range(G):
+            zg = F32(8) if z.size == 0 else F32(z[j, gi])
+            sg = s[j, gi]
+            b = gi * g2
+            qg, lo, hi = q[j, b:b + g2], out[j, b:b + g2], out[j, K2 + b:K2 + b + g2]  # slices vectorize, indices not
+            for i in range(g2):
+                f = F32(qg[i])
+                h = np.floor(f * F32(0.0625))
+                lo[i] = (f - F32(16) * h - zg) * sg
+                hi[i] = (h - zg) * sg
+
+
 _NO_ZERO = np.zeros((0, 0, 0), np.uint8)
+_NO_ZERO_2D = np.zeros((0, 0), np.uint8)
 
 
-def expert_rows(counts: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def expert_rows(counts: list[int], skip: list[bool] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of each expert among the expert-sorted rows: (first, paired, last) [E] int64; rows first:paired go
-    two at a time (int4), paired:last one at a time."""
+    two at a time (int4), paired:last one at a time. Experts marked in `skip` get no rows (the kernels
+    leave theirs unwritten)."""
     last = np.cumsum(counts, dtype=np.int64)
     first = last - counts
+    if skip is not None:
+        first[np.asarray(skip, dtype=bool)] = last[np.asarray(skip, dtype=bool)]
     return first, first + (last - first) // 2 * 2, last
 
 
@@ -163,6 +203,26 @@ def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tens
         _int4_kernel2(x, xsum, first, paired, *args)
     _int4_kernel(x, xsum, paired, last, *args)
     return out
+
+
+def dequantize_expert(e: int, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Expert e of moec's quantized format as fp32 [N, K], written into `out` (reused across experts).
+    int4 columns come in even-odd order: multiply them with `even_odd(x)`, not x."""
+    N, K = q.shape[1], q.shape[2] * (1 if q.dtype == torch.int8 else 2)
+    out = torch.empty(N, K) if out is None else out
+    if out.shape != (N, K) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"dequantize_expert: out must be a contiguous fp32 [{N}, {K}], got {out.dtype} {list(out.shape)}")
+    if q.dtype == torch.int8:
+        _dequant_int8(q[e].numpy(), scale[e].numpy(), out.numpy())
+    else:
+        _dequant_int4(q[e].numpy(), scale[e].numpy(), _NO_ZERO_2D if zero is None else zero[e].numpy(), out.numpy())
+    return out
+
+
+def even_odd(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """x [n, K] with its columns in the order of `dequantize_expert`'s output for q's format."""
+    return x if q.dtype == torch.int8 else torch.cat([x[:, 0::2], x[:, 1::2]], dim=1)
 
 
 def set_threads() -> None:

@@ -7,7 +7,8 @@ copied per call; the GEMMs are shaped for MKL's small-row kernels, see `_expert_
 many rows per expert, two `torch._grouped_mm` calls over all of them (`_grouped_ffn`), and
 combines by un-sorting and summing over the k slots: no per-token Python work.
 `experts_int8` / `experts_int4` (weight-only quantized experts, CPU) sort the same way and run
-the numba kernels of `cpu_quant` on moec's quantized format, one call per GEMM.
+the numba kernels of `cpu_quant` on moec's quantized format, one call per GEMM; an expert with
+many rows (prefill) is dequantized into a reused buffer and runs MKL's GEMMs instead.
 `capacity` drops assignments past an expert's capacity with one cumsum over one-hot positions.
 `experts_loop` is the naive reference the rewrites are checked against.
 """
@@ -96,8 +97,9 @@ def route(x, weight, bias, select_bias, *args):
     return route_math(x, weight, bias, select_bias, *args, num_experts=weight.shape[0])
 
 
-def _expert_ffn(xe, w13, b13, w2, b2, activation, gated, alpha, limit):
-    """One expert on its n sorted rows: [n, H] -> [n, H].
+def _expert_ffn(xe, w13, b13, w2, b2, activation, gated, alpha, limit, cols=None):
+    """One expert on its n sorted rows: [n, H] -> [n, H]. `cols` reorders each GEMM input's
+    columns to the weights' column order (dequantized int4 weights, see cpu_quant.dequantize_expert).
 
     Written as W @ X^T (weights as the GEMM's left operand): MKL's small-n kernels stream the
     weights 2-4x faster that way than as X @ W^T, and one row is padded to two because the
@@ -105,10 +107,12 @@ def _expert_ffn(xe, w13, b13, w2, b2, activation, gated, alpha, limit):
     few rows, which MKL also prefers as the second GEMM's right operand.
     """
     n = xe.shape[0]
+    cols = cols or (lambda t: t)
+    xe = cols(xe)
     if n == 1:
         xe = xe.expand(2, -1).contiguous()
     h = (torch.mm(w13, xe.T) if b13 is None else torch.addmm(b13.unsqueeze(1), w13, xe.T)).T  # [n, N1] view
-    a = activate(h, activation, gated, alpha, limit)  # [n, I]
+    a = cols(activate(h, activation, gated, alpha, limit))  # [n, I]
     if n <= 4:
         a = a.contiguous()
     y = (torch.mm(w2, a.T) if b2 is None else torch.addmm(b2.unsqueeze(1), w2, a.T)).T  # [n, H] view
@@ -180,24 +184,45 @@ def experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, 
     return _combine(ys, order, ws, ids, weight_on_input, x.dtype)
 
 
+# rows of one expert from which dequantizing it (into a reused fp32 buffer) and running MKL's GEMMs
+# beats the numba kernels (measured on the CPU machine: 12-16 rows for int8 and int4 g128, 4-8 for g32)
+DEQUANT_MIN_ROWS = 12
+
+
 def _quantized_experts(x, ids, weights, t13, b13, t2, b2, activation, gated, alpha, limit, weight_on_input):
-    """The routed experts on quantized weights t = (q, scale[, zero]) in moec's format: the numba
-    kernels of `cpu_quant` (dequantizing in registers), one call per GEMM over all active experts;
-    they compute in fp32 whatever the activations' dtype."""
+    """The routed experts on quantized weights t = (q, scale[, zero]) in moec's format, in fp32 whatever
+    the activations' dtype. Experts with few rows: the numba kernels of `cpu_quant` (dequantizing in
+    registers), one call per GEMM over all of them. An expert with DEQUANT_MIN_ROWS rows or more
+    (prefill) is dequantized into a buffer reused for every such expert and runs `_expert_ffn`."""
     if x.device.type != "cpu":
         raise NotImplementedError(f"moec: quantized experts in the torch backend run on CPU only, not {x.device.type}")
     from moec.backends import cpu_quant  # numba: imported by the first quantized call, not by `import moec`
 
     flat, order, counts, xs, ws = _sort(x, ids, weights, t13[0].shape[0], weight_on_input)
-    row_expert = None if b13 is None and b2 is None else flat[order]  # [T*k] expert of each sorted row
-    rows = cpu_quant.expert_rows(counts)
+    xs = xs.float()
+    big = [n >= DEQUANT_MIN_ROWS for n in counts]
+    rows = cpu_quant.expert_rows(counts, skip=big)
     cpu_quant.set_threads()
-    h = cpu_quant.grouped_qmm(xs, rows, *t13)  # [T*k, N1] fp32
-    if b13 is not None:
-        h += b13[row_expert]
-    y = cpu_quant.grouped_qmm(activate(h, activation, gated, alpha, limit), rows, *t2)  # [T*k, H] fp32
-    if b2 is not None:
-        y += b2[row_expert]
+    y = torch.empty_like(xs)
+    if not all(big[e] for e, n in enumerate(counts) if n):
+        row_expert = None if b13 is None and b2 is None else flat[order]  # [T*k] expert of each sorted row
+        h = cpu_quant.grouped_qmm(xs, rows, *t13)  # [T*k, N1] fp32 (rows of big experts: not written)
+        if b13 is not None:
+            h += b13[row_expert]
+        y = cpu_quant.grouped_qmm(activate(h, activation, gated, alpha, limit), rows, *t2)  # [T*k, H] fp32
+        if b2 is not None:
+            y += b2[row_expert]
+    if any(big):
+        w13 = w2 = None  # [N1, H], [H, I] fp32, allocated by the first big expert
+        start = 0
+        for e, n in enumerate(counts):
+            if big[e]:
+                w13, w2 = cpu_quant.dequantize_expert(e, *t13, out=w13), cpu_quant.dequantize_expert(e, *t2, out=w2)
+                y[start:start + n] = _expert_ffn(
+                    xs[start:start + n], w13, None if b13 is None else b13[e].float(), w2,
+                    None if b2 is None else b2[e].float(), activation, gated, alpha, limit,
+                    cols=lambda t: cpu_quant.even_odd(t, t13[0]))
+            start += n
     return _combine(y, order, ws, ids, weight_on_input, x.dtype)
 
 

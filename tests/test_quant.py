@@ -17,6 +17,7 @@ from moec.canonical import resolve
 from moec.ir import ExpertsSpec
 from moec.ops import experts_args
 from moec.passes.quantize_experts import quantized_tensors
+from moec.backends import torch_backend
 from moec.quant import Int4Experts, Int8Experts, QuantLinear, dequantize, quantize
 
 from conftest import TOL, rel_err
@@ -69,8 +70,11 @@ def test_quantized_kernels_match_dequantized_reference(cfg, e, T, k, dtype):
 
 @pytest.mark.parametrize("cfg", [Int8Experts()] + [Int4Experts(g, sym) for g in (32, 64, 128) for sym in (True, False)],
                          ids=lambda c: c.describe())
-def test_quantized_kernels_on_every_row_count(cfg):
-    """Experts with 0..5 rows (int4 takes rows two at a time, the odd one alone) and inputs of 256/384."""
+@pytest.mark.parametrize("dequant_min_rows", [100, 3, 1])
+def test_quantized_kernels_on_every_row_count(cfg, dequant_min_rows, monkeypatch):
+    """Experts with 0..5 rows (int4 takes rows two at a time, the odd one alone) and inputs of 256/384;
+    every expert in the numba kernels, experts of 3+ rows dequantized for MKL (mixed), every expert dequantized."""
+    monkeypatch.setattr(torch_backend, "DEQUANT_MIN_ROWS", dequant_min_rows)
     e = ExpertsSpec(6, 256, 384, "silu")
     counts = [0, 1, 2, 3, 4, 5]
     ids = torch.tensor([i for i, n in enumerate(counts) for _ in range(n)])[torch.randperm(sum(counts))].view(-1, 1)
