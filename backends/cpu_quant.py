@@ -172,18 +172,65 @@ def _dequant_int4(q, s, z, out):
                 hi[i] = (h - zg) * sg
 
 
+@_jit(parallel=False)
+def _plan(ids, num_experts):
+    """ids [T, k] -> order [T*k] (the flat (token, slot) pairs sorted by expert, stably), its inverse
+    inv [T*k], counts [E]: a counting sort (torch's argsort + bincount + gathers cost more than the
+    kernels' own work at one token)."""
+    flat = ids.ravel()
+    counts = np.zeros(num_experts, np.int64)
+    for p in range(flat.shape[0]):
+        counts[flat[p]] += 1
+    pos = np.cumsum(counts) - counts
+    order = np.empty(flat.shape[0], np.int64)
+    inv = np.empty(flat.shape[0], np.int64)
+    for p in range(flat.shape[0]):
+        r = pos[flat[p]]
+        order[r], inv[p] = p, r
+        pos[flat[p]] = r + 1
+    return order, inv, counts
+
+
+@_jit(parallel=True)
+def _combine(y, inv, w, out):
+    """Expert-sorted outputs y [T*k, H], inv [T*k], slot weights w [T, k] (ones where the weights met
+    the input) -> out [T, H] = sum over each token's slots, in slot order."""
+    T, k = w.shape
+    for t in prange(T):
+        ot = out[t]
+        ot[:] = 0
+        for s in range(k):
+            ys, ws = y[inv[t * k + s]], w[t, s]
+            for h in range(ot.shape[0]):
+                ot[h] += ws * ys[h]
+
+
 _NO_ZERO = np.zeros((0, 0, 0), np.uint8)
 _NO_ZERO_2D = np.zeros((0, 0), np.uint8)
 
 
-def expert_rows(counts: list[int], skip: list[bool] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def plan(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """ids [T, k] -> order [T*k] (torch: flat (token, slot) pairs sorted by expert), its inverse (for
+    `combine`), counts per expert."""
+    order, inv, counts = _plan(ids.contiguous().numpy(), num_experts)
+    return torch.from_numpy(order), inv, counts
+
+
+def combine(y: torch.Tensor, inv: np.ndarray, weights: torch.Tensor) -> torch.Tensor:
+    """Expert-sorted fp32 outputs y [T*k, H] -> sum over each token's k slots weighted by weights [T, k]: [T, H] fp32."""
+    out = torch.empty(weights.shape[0], y.shape[1])
+    _combine(y.numpy(), inv, weights.float().contiguous().numpy(), out.numpy())
+    return out
+
+
+def expert_rows(counts, skip=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of each expert among the expert-sorted rows: (first, paired, last) [E] int64; rows first:paired go
-    two at a time (int4), paired:last one at a time. Experts marked in `skip` get no rows (the kernels
-    leave theirs unwritten)."""
+    two at a time (int4), paired:last one at a time. Experts marked in `skip` [E] bool get no rows (the
+    kernels leave theirs unwritten)."""
     last = np.cumsum(counts, dtype=np.int64)
     first = last - counts
     if skip is not None:
-        first[np.asarray(skip, dtype=bool)] = last[np.asarray(skip, dtype=bool)]
+        first = np.where(skip, last, first)
     return first, first + (last - first) // 2 * 2, last
 
 
@@ -227,4 +274,6 @@ def even_odd(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def set_threads() -> None:
     """Run the kernels on as many threads as torch uses."""
-    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)

@@ -15,6 +15,7 @@ many rows (prefill) is dequantized into a reused buffer and runs MKL's GEMMs ins
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -198,32 +199,33 @@ def _quantized_experts(x, ids, weights, t13, b13, t2, b2, activation, gated, alp
         raise NotImplementedError(f"moec: quantized experts in the torch backend run on CPU only, not {x.device.type}")
     from moec.backends import cpu_quant  # numba: imported by the first quantized call, not by `import moec`
 
-    flat, order, counts, xs, ws = _sort(x, ids, weights, t13[0].shape[0], weight_on_input)
-    xs = xs.float()
-    big = [n >= DEQUANT_MIN_ROWS for n in counts]
-    rows = cpu_quant.expert_rows(counts, skip=big)
     cpu_quant.set_threads()
+    k = ids.shape[1]
+    order, inv, counts = cpu_quant.plan(ids, t13[0].shape[0])
+    xs = x.index_select(0, order // k).float()  # [T*k, H] the source token of each sorted row
+    if weight_on_input:
+        xs *= weights.reshape(-1)[order].unsqueeze(1)
+    big = counts >= DEQUANT_MIN_ROWS
+    rows = cpu_quant.expert_rows(counts, skip=big)
     y = torch.empty_like(xs)
-    if not all(big[e] for e, n in enumerate(counts) if n):
-        row_expert = None if b13 is None and b2 is None else flat[order]  # [T*k] expert of each sorted row
+    if not big[counts > 0].all():
+        row_expert = None if b13 is None and b2 is None else ids.reshape(-1)[order]  # [T*k] expert of each sorted row
         h = cpu_quant.grouped_qmm(xs, rows, *t13)  # [T*k, N1] fp32 (rows of big experts: not written)
         if b13 is not None:
             h += b13[row_expert]
         y = cpu_quant.grouped_qmm(activate(h, activation, gated, alpha, limit), rows, *t2)  # [T*k, H] fp32
         if b2 is not None:
             y += b2[row_expert]
-    if any(big):
+    if big.any():
         w13 = w2 = None  # [N1, H], [H, I] fp32, allocated by the first big expert
-        start = 0
-        for e, n in enumerate(counts):
-            if big[e]:
-                w13, w2 = cpu_quant.dequantize_expert(e, *t13, out=w13), cpu_quant.dequantize_expert(e, *t2, out=w2)
-                y[start:start + n] = _expert_ffn(
-                    xs[start:start + n], w13, None if b13 is None else b13[e].float(), w2,
-                    None if b2 is None else b2[e].float(), activation, gated, alpha, limit,
-                    cols=lambda t: cpu_quant.even_odd(t, t13[0]))
-            start += n
-    return _combine(y, order, ws, ids, weight_on_input, x.dtype)
+        for e in np.flatnonzero(big):
+            w13, w2 = cpu_quant.dequantize_expert(e, *t13, out=w13), cpu_quant.dequantize_expert(e, *t2, out=w2)
+            first, n = rows[2][e] - counts[e], counts[e]
+            y[first:first + n] = _expert_ffn(
+                xs[first:first + n], w13, None if b13 is None else b13[e].float(), w2,
+                None if b2 is None else b2[e].float(), activation, gated, alpha, limit,
+                cols=lambda t: cpu_quant.even_odd(t, t13[0]))
+    return cpu_quant.combine(y, inv, torch.ones_like(weights) if weight_on_input else weights).to(x.dtype)
 
 
 @torch.library.impl("moec::experts_int8", "CompositeExplicitAutograd")
