@@ -2,6 +2,7 @@
 
     python benchmarks/bench_moe.py [--models mixtral deepseek] [--tokens 1 8 64 512]
                                    [--levels block model] [--no-torch-compile] [--quantized] [--ort]
+                                   [--round-robin]
 
 Block level: median time of one MoE block forward and its ratio to the bound measured on
 this machine: max(bytes of the distinct experts touched (routed + shared) / read bandwidth,
@@ -11,12 +12,17 @@ implementation, with the bound (the other parameters read once + each layer's ex
 `--quantized` adds moec with int8 and int4 experts (group 128, or the largest of 64/32 that
 divides the expert's inner dim), and bounds for their packed bytes (weights + scales). `--ort`
 adds moec's onnxruntime backend (CPU provider): MoE nodes in fp32, and with `--quantized` QMoE
-int8 / int4 nodes (the export happens in the warm-up call).
+int8 / int4 nodes (the export happens in the warm-up call). Blocks with shared experts also get
+"+shared" rows (moec's shared MLP quantized too, torch backend).
+Each row runs its calls back to back (its touched weights can stay in the 32 MB L3 cache between
+calls), or with `--round-robin` one call per row in turn (each call finds the caches filled by the
+other rows' weights, as a layer of a deep model does; a slow spell of the machine hits all rows).
 Random weights, no downloads.
 """
 
 import argparse
 import copy
+import dataclasses
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,7 +33,7 @@ from rich.table import Table  # noqa: E402
 
 import moec  # noqa: E402
 from moec import models  # noqa: E402
-from moec.timing import median_time  # noqa: E402
+from moec.timing import median_time, median_times  # noqa: E402
 
 BUILDERS = {"mixtral": models.demo_model, "deepseek": models.deepseek_style_model}
 
@@ -52,10 +58,12 @@ def block_shape(block) -> dict:
                 shared_I=shared.down_proj.in_features if shared is not None else 0)
 
 
-def quant_configs(I: int) -> dict:
-    """label -> config: int8, and int4 with the largest group (128/64/32) dividing the expert inner dim I."""
+def quant_configs(I: int, shared: bool = False) -> dict:
+    """label -> config: int8, and int4 with the largest group (128/64/32) dividing the expert inner dim I;
+    with `shared`, both again with the shared experts quantized."""
     g = next(g for g in (128, 64, 32) if I % g == 0)
-    return {"int8": moec.Int8Experts(), f"int4 g{g}": moec.Int4Experts(g)}
+    cfgs = {"int8": moec.Int8Experts(), f"int4 g{g}": moec.Int4Experts(g)}
+    return {**cfgs, **({f"{k} +shared": dataclasses.replace(c, shared=True) for k, c in cfgs.items()} if shared else {})}
 
 
 def expert_bytes(cfg, H: int) -> float:
@@ -88,11 +96,12 @@ def rows(name: str, level: str, torch_compile: bool, quantized: bool, ort: bool)
         out["torch.compile(HF grouped_mm)"] = torch.compile(copy.deepcopy(base), dynamic=True)
     out["moec"] = moec.compile(copy.deepcopy(base))
     block = base if level == "block" else base.model.layers[0].mlp
-    qcfgs = quant_configs(block.experts.down_proj.shape[-1]) if quantized else {}
+    has_shared = getattr(block, "shared_experts", None) is not None
+    qcfgs = quant_configs(block.experts.down_proj.shape[-1], has_shared) if quantized else {}
     for label, q in qcfgs.items():
         out[f"moec {label}"] = moec.compile(copy.deepcopy(base), quantize=q)
-    if ort:
-        for label, q in {"": None, **qcfgs}.items():
+    if ort:  # the ONNX export keeps shared experts in fp32
+        for label, q in {"": None, **{k: c for k, c in qcfgs.items() if not c.shared}}.items():
             out[f"moec onnxruntime {label}".strip()] = moec.compile(copy.deepcopy(base), backend="onnxruntime",
                                                                      quantize=q)
     return out
@@ -112,6 +121,7 @@ def main():
     ap.add_argument("--no-torch-compile", action="store_true")
     ap.add_argument("--quantized", action="store_true")
     ap.add_argument("--ort", action="store_true", help="add moec's onnxruntime backend rows")
+    ap.add_argument("--round-robin", action="store_true", help="time the rows' calls in turn, not back to back")
     args = ap.parse_args()
     console = Console()
     torch.manual_seed(0)
@@ -125,7 +135,8 @@ def main():
             s = block_shape(ref if level == "block" else ref.model.layers[0].mlp)
             title = (f"{name}-style {'MoE block' if level == 'block' else 'model (2 layers)'} (E={s['E']}, k={s['k']}, "
                      f"H={s['H']}, I={s['I']}{', shared ' + str(s['shared_I']) if s['shared_I'] else ''}), fp32, "
-                     f"median ms ({'x bound' if level == 'block' else 'speed-up vs best HF'})")
+                     f"median ms{', round-robin' if args.round_robin else ''} "
+                     f"({'x bound' if level == 'block' else 'speed-up vs best HF'})")
             t = Table(title=title)
             t.add_column("implementation")
             for T in args.tokens:
@@ -133,14 +144,13 @@ def main():
             times, failed = {label: [] for label in impls}, {}
             for T in args.tokens:
                 a, kw = inputs_for(level, ref, T)
-                for label, m in impls.items():
-                    if label in failed:
-                        continue
-                    try:
-                        times[label].append(median_time(lambda: m(*a, **kw), 20 if T <= 64 else 5))
-                    except Exception as e:  # e.g. a model torch.export cannot export: say so in the table
-                        failed[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
-            for q, cfg in {"": None, **(quant_configs(s["I"]) if args.quantized else {})}.items():
+                live = {label: (lambda m=m: m(*a, **kw)) for label, m in impls.items() if label not in failed}
+                for label, secs in median_times(live, 20 if T <= 64 else 5, args.round_robin).items():
+                    if isinstance(secs, Exception):  # e.g. a model torch.export cannot export: say so in the table
+                        failed[label] = f"{type(secs).__name__}: {str(secs).splitlines()[0][:80]}"
+                    else:
+                        times[label].append(secs)
+            for q, cfg in {"": None, **(quant_configs(s["I"]) if args.quantized else {})}.items():  # (+shared: not shown)
                 eb = expert_bytes(cfg, s["H"])
                 b = [bound(s, T, bw, flops, eb) if level == "block" else
                      model_bound(ref, s, T, bw, flops, eb) for T in args.tokens]
