@@ -22,6 +22,11 @@ An expert with many rows (DEQUANT_MIN_ROWS in torch_backend) is dequantized once
 buffer instead: the kernels above redo the dot products per row and fall behind MKL from about a
 dozen rows. int4 comes out with its columns in even-odd order (`even_odd` reorders the inputs).
 
+    plan(ids) -> order, inverse, counts;   combine(y, inverse, weights) -> [T, H]
+
+The sort of the (token, slot) pairs by expert and the weighted sum over each token's slots are
+numba too: at one token torch's half-dozen small ops for them cost more than the GEMM kernels' glue.
+
 torch's weight-only GEMMs (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, one call per
 expert) were slower than these kernels, and than fp32, at every token count measured (1, 8 and
 64 tokens, benchmarks/bench_moe.py --quantized), so no path uses them. The kernels run inside
@@ -180,6 +185,8 @@ def _plan(ids, num_experts):
     flat = ids.ravel()
     counts = np.zeros(num_experts, np.int64)
     for p in range(flat.shape[0]):
+        if flat[p] < 0 or flat[p] >= num_experts:  # numba does not check bounds: the writes below would go astray
+            raise ValueError("moec: an expert id is out of range")
         counts[flat[p]] += 1
     pos = np.cumsum(counts) - counts
     order = np.empty(flat.shape[0], np.int64)

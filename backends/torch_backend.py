@@ -220,7 +220,8 @@ def _quantized_experts(x, ids, weights, t13, b13, t2, b2, activation, gated, alp
         w13 = w2 = None  # [N1, H], [H, I] fp32, allocated by the first big expert
         for e in np.flatnonzero(big):
             w13, w2 = cpu_quant.dequantize_expert(e, *t13, out=w13), cpu_quant.dequantize_expert(e, *t2, out=w2)
-            first, n = rows[2][e] - counts[e], counts[e]
+            n = counts[e]
+            first = rows[2][e] - n  # rows[0] is emptied for big experts
             y[first:first + n] = _expert_ffn(
                 xs[first:first + n], w13, None if b13 is None else b13[e].float(), w2,
                 None if b2 is None else b2[e].float(), activation, gated, alpha, limit,

@@ -260,3 +260,12 @@ def test_released_blocks_refuse_what_needs_the_fp_experts(tmp_path):
         block(torch.randn(1, 3, model.config.hidden_size), torch.ones(1, 3))  # an extra input: the original forward
     with pytest.raises(NotImplementedError, match="use moec.save"):
         model.save_pretrained(str(tmp_path))
+
+
+def test_out_of_range_expert_ids_raise():
+    cfg = Int8Experts()
+    e = ExpertsSpec(4, 64, 64, "silu")
+    t13, t2 = quantize(cfg, torch.randn(4, 128, 64)), quantize(cfg, torch.randn(4, 64, 64))
+    x, w = torch.randn(2, 64), torch.rand(2, 2)
+    with pytest.raises(ValueError, match="out of range"):
+        _quantized_experts(cfg, x, torch.tensor([[0, 4], [1, 2]]), w, t13, None, t2, None, e)
