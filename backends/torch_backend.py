@@ -207,8 +207,9 @@ def _quantized_experts(x, ids, weights, t13, b13, t2, b2, activation, gated, alp
         xs *= weights.reshape(-1)[order].unsqueeze(1)
     big = counts >= DEQUANT_MIN_ROWS
     rows = cpu_quant.expert_rows(counts, skip=big)
-    y = torch.empty_like(xs)
-    if not big[counts > 0].all():
+    if big[counts > 0].all():  # every active expert dequantized below: nothing for the kernels
+        y = torch.empty_like(xs)
+    else:
         row_expert = None if b13 is None and b2 is None else ids.reshape(-1)[order]  # [T*k] expert of each sorted row
         h = cpu_quant.grouped_qmm(xs, rows, *t13)  # [T*k, N1] fp32 (rows of big experts: not written)
         if b13 is not None:

@@ -157,7 +157,7 @@ def main():
                         best[label] = min(best.get(label, secs), secs)
                 for label, secs in best.items():
                     times[label].append(secs)
-            for q, cfg in {"": None, **(quant_configs(s["I"]) if args.quantized else {})}.items():  # (+shared: not shown)
+            for q, cfg in {"": None, **(quant_configs(s["I"]) if args.quantized else {})}.items():  # bounds for the configs without +shared
                 eb = expert_bytes(cfg, s["H"])
                 b = [bound(s, T, bw, flops, eb) if level == "block" else
                      model_bound(ref, s, T, bw, flops, eb) for T in args.tokens]
