@@ -22,7 +22,7 @@ An expert with many rows (DEQUANT_MIN_ROWS in torch_backend) is dequantized once
 buffer instead: the kernels above redo the dot products per row and fall behind MKL from about a
 dozen rows. int4 comes out with its columns in even-odd order (`even_odd` reorders the inputs).
 
-    plan(ids) -> order, inverse, counts;   combine(y, inverse, weights) -> [T, H]
+    plan(ids, E, min_rows) -> order, inverse, counts, rows;   combine(y, inverse, weights) -> [T, H]
 
 The sort of the (token, slot) pairs by expert and the weighted sum over each token's slots are
 numba too: at one token torch's half-dozen small ops for them cost more than the GEMM kernels' glue.
@@ -178,10 +178,20 @@ def _dequant_int4(q, s, z, out):
 
 
 @_jit(parallel=False)
-def _plan(ids, num_experts):
+def _rows(counts, min_rows):
+    """counts [E] -> (first, paired, last) [E]: the rows of each expert among the expert-sorted rows; rows
+    first:paired go two at a time (int4), paired:last one at a time. Experts with min_rows rows or more get
+    none (first = last: the kernels leave theirs unwritten)."""
+    last = np.cumsum(counts)
+    first = np.where(counts >= min_rows, last, last - counts)
+    return first, first + (last - first) // 2 * 2, last
+
+
+@_jit(parallel=False)
+def _plan(ids, num_experts, min_rows):
     """ids [T, k] -> order [T*k] (the flat (token, slot) pairs sorted by expert, stably), its inverse
-    inv [T*k], counts [E]: a counting sort (torch's argsort + bincount + gathers cost more than the
-    kernels' own work at one token)."""
+    inv [T*k], counts [E] and the kernels' rows (`_rows`): a counting sort (torch's argsort + bincount +
+    gathers, and numpy's cumsum/where, cost more than the kernels' own work at one token)."""
     flat = ids.ravel()
     counts = np.zeros(num_experts, np.int64)
     for p in range(flat.shape[0]):
@@ -195,7 +205,7 @@ def _plan(ids, num_experts):
         r = pos[flat[p]]
         order[r], inv[p] = p, r
         pos[flat[p]] = r + 1
-    return order, inv, counts
+    return order, inv, counts, _rows(counts, min_rows)
 
 
 @_jit(parallel=True)
@@ -216,11 +226,12 @@ _NO_ZERO = np.zeros((0, 0, 0), np.uint8)
 _NO_ZERO_2D = np.zeros((0, 0), np.uint8)
 
 
-def plan(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+def plan(ids: torch.Tensor, num_experts: int, min_rows: int = 2**62) -> tuple:
     """ids [T, k] -> order [T*k] (torch: flat (token, slot) pairs sorted by expert), its inverse (for
-    `combine`), counts per expert."""
-    order, inv, counts = _plan(ids.contiguous().numpy(), num_experts)
-    return torch.from_numpy(order), inv, counts
+    `combine`), counts per expert, and the rows for `grouped_qmm` (experts with min_rows rows or more
+    get none: they take another path)."""
+    order, inv, counts, rows = _plan(ids.contiguous().numpy(), num_experts, min_rows)
+    return torch.from_numpy(order), inv, counts, rows
 
 
 def combine(y: torch.Tensor, inv: np.ndarray, weights: torch.Tensor) -> torch.Tensor:
@@ -230,15 +241,9 @@ def combine(y: torch.Tensor, inv: np.ndarray, weights: torch.Tensor) -> torch.Te
     return out
 
 
-def expert_rows(counts, skip=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows of each expert among the expert-sorted rows: (first, paired, last) [E] int64; rows first:paired go
-    two at a time (int4), paired:last one at a time. Experts marked in `skip` [E] bool get no rows (the
-    kernels leave theirs unwritten)."""
-    last = np.cumsum(counts, dtype=np.int64)
-    first = last - counts
-    if skip is not None:
-        first = np.where(skip, last, first)
-    return first, first + (last - first) // 2 * 2, last
+def expert_rows(counts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of each expert among the expert-sorted rows, for `grouped_qmm`: (first, paired, last) [E] int64."""
+    return _rows(np.asarray(counts, np.int64), 2**62)
 
 
 def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tensor,

@@ -201,13 +201,12 @@ def _quantized_experts(x, ids, weights, t13, b13, t2, b2, activation, gated, alp
 
     cpu_quant.set_threads()
     k = ids.shape[1]
-    order, inv, counts = cpu_quant.plan(ids, t13[0].shape[0])
+    order, inv, counts, rows = cpu_quant.plan(ids, t13[0].shape[0], DEQUANT_MIN_ROWS)  # rows: small experts only
     xs = x.index_select(0, order // k).float()  # [T*k, H] the source token of each sorted row
     if weight_on_input:
         xs *= weights.reshape(-1)[order].unsqueeze(1)
-    big = counts >= DEQUANT_MIN_ROWS
-    rows = cpu_quant.expert_rows(counts, skip=big)
-    if big[counts > 0].all():  # every active expert dequantized below: nothing for the kernels
+    big = counts >= DEQUANT_MIN_ROWS  # [E] bool
+    if (rows[0] == rows[2]).all():  # no rows for the kernels: every active expert is dequantized below
         y = torch.empty_like(xs)
     else:
         row_expert = None if b13 is None and b2 is None else ids.reshape(-1)[order]  # [T*k] expert of each sorted row
