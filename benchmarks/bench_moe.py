@@ -2,7 +2,7 @@
 
     python benchmarks/bench_moe.py [--models mixtral deepseek] [--tokens 1 8 64 512]
                                    [--levels block model] [--no-torch-compile] [--quantized] [--ort]
-                                   [--repeat N]
+                                   [--repeat N] [--breakdown]
 
 Block level: median time of one MoE block forward and its ratio to the bound measured on
 this machine: max(bytes of the distinct experts touched (routed + shared) / read bandwidth,
@@ -17,6 +17,9 @@ int8 / int4 nodes (the export happens in the warm-up call). Blocks with shared e
 Each row runs its calls back to back, so its touched weights can stay in the 32 MB L3 cache between
 calls. `--repeat N` measures every row N times, in turn, and keeps each row's best median: on a
 shared machine a slow spell of a few seconds then hits one pass of a row, not the row.
+`--breakdown` adds, per block, where moec's time goes: its graph run node by node, with the time of
+the route op, the experts op, the shared experts and the rest, and the most a faster experts op
+could give the block: fp32 block / (fp32 block - fp32 experts op).
 Random weights, no downloads.
 """
 
@@ -24,10 +27,13 @@ import argparse
 import copy
 import dataclasses
 import os
+import statistics
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+import torch.fx as fx  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -113,6 +119,55 @@ def inputs_for(level: str, model, T: int):
     return (), models.example_inputs(model, seq=T)
 
 
+class _Timed(fx.Interpreter):
+    """Runs a compiled block's graph node by node, adding each node's time to its part: the moec route
+    op, the moec experts op, the shared experts (call_module nodes), or the rest (reshapes, adds, ...)."""
+
+    def run_node(self, n):
+        t0 = time.perf_counter()
+        out = super().run_node(n)
+        name = str(getattr(n.target, "_qualified_op_name", ""))
+        part = ("route" if name == "moec::route" else "experts" if name.startswith("moec::")
+                else "shared" if n.op == "call_module" else "rest")
+        self.ms[part] = self.ms.get(part, 0.0) + (time.perf_counter() - t0) * 1e3
+        return out
+
+
+def breakdown(console, name: str, impls: dict, tokens: list[int], H: int, repeat: int) -> None:
+    """Table: per moec row (torch backend), the block's median ms and the median ms of each part of its
+    graph, timed in place (run node by node: the rest includes the interpreter's own overhead)."""
+    t = Table(title=f"{name}-style MoE block: where moec's time goes, median ms of the block and of each part "
+                    f"of its graph run node by node (speed-up vs moec fp32)")
+    for col in ("implementation", "tokens", "block", "route", "experts", "shared", "rest"):
+        t.add_column(col, justify="left" if col == "implementation" else "right")
+    limits = []
+    for T in tokens:
+        x = torch.randn(1, T, H)
+        ref = None
+        for label, m in impls.items():
+            ms = {}
+            for _ in range(repeat):  # each part's best median over the passes
+                run = _Timed(m.__dict__["_moec_graph"])
+                runs = []
+                with torch.no_grad():
+                    for i in range(52 if T <= 64 else 7):
+                        run.ms = {}
+                        run.run(x)
+                        runs.append(run.ms) if i >= 2 else None  # two warm-up runs
+                now = {"block": median_time(lambda: m(x), 50 if T <= 64 else 5) * 1e3,
+                       **{k: statistics.median(r.get(k, 0.0) for r in runs) for k in ("route", "experts", "shared", "rest")}}
+                ms = {k: min(ms.get(k, v), v) for k, v in now.items()}
+            ref = ref or ms
+            t.add_row(label, str(T), *(f"{v:.3f}" + (f" ({ref[k] / v:.1f}x)" if k in ("block", "experts") else "")
+                                       if v else "-" for k, v in ms.items()))
+        outside = ref["block"] - ref["experts"]
+        limits.append(f"{T} tok " + (f"{ref['block'] / outside:.1f}x" if outside > 0 else "n/a (noisy run)"))
+        t.add_section()
+    console.print(t)
+    console.print(f"most any experts op could give the {name}-style block (fp32 block / (fp32 block - its experts "
+                  f"op)): {', '.join(limits)}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(BUILDERS), choices=list(BUILDERS))
@@ -122,6 +177,7 @@ def main():
     ap.add_argument("--quantized", action="store_true")
     ap.add_argument("--ort", action="store_true", help="add moec's onnxruntime backend rows")
     ap.add_argument("--repeat", type=int, default=1, help="measure every row N times, keep its best median")
+    ap.add_argument("--breakdown", action="store_true", help="per block: time in route, experts, shared, rest")
     args = ap.parse_args()
     console = Console()
     torch.manual_seed(0)
@@ -173,6 +229,9 @@ def main():
                     continue
                 t.add_row(label, *(f"{v * 1e3:.2f} ({ratio(v, r)})" for v, r in zip(ts, ref_row)))
             console.print(t)
+            if args.breakdown and level == "block":
+                breakdown(console, name, {k: m for k, m in impls.items() if k.startswith("moec")
+                                          and "onnxruntime" not in k}, args.tokens, s["H"], args.repeat)
 
 
 if __name__ == "__main__":
