@@ -224,9 +224,10 @@ def _combine(y, inv, w, out):
 
 _NO_ZERO = np.zeros((0, 0, 0), np.uint8)
 _NO_ZERO_2D = np.zeros((0, 0), np.uint8)
+_EVERY = 2**62  # min_rows that no expert reaches: every expert's rows go to the kernels
 
 
-def plan(ids: torch.Tensor, num_experts: int, min_rows: int = 2**62) -> tuple:
+def plan(ids: torch.Tensor, num_experts: int, min_rows: int = _EVERY) -> tuple:
     """ids [T, k] -> order [T*k] (torch: flat (token, slot) pairs sorted by expert), its inverse (for
     `combine`), counts per expert, and the rows for `grouped_qmm` (experts with min_rows rows or more
     get none: they take another path)."""
@@ -243,7 +244,7 @@ def combine(y: torch.Tensor, inv: np.ndarray, weights: torch.Tensor) -> torch.Te
 
 def expert_rows(counts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of each expert among the expert-sorted rows, for `grouped_qmm`: (first, paired, last) [E] int64."""
-    return _rows(np.asarray(counts, np.int64), 2**62)
+    return _rows(np.asarray(counts, np.int64), _EVERY)
 
 
 def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tensor,

@@ -153,7 +153,8 @@ def breakdown(console, name: str, impls: dict, tokens: list[int], H: int, repeat
                     for i in range(52 if T <= 64 else 7):
                         run.ms = {}
                         run.run(x)
-                        runs.append(run.ms) if i >= 2 else None  # two warm-up runs
+                        if i >= 2:  # after two warm-up runs
+                            runs.append(run.ms)
                 now = {"block": median_time(lambda: m(x), 50 if T <= 64 else 5) * 1e3,
                        **{k: statistics.median(r.get(k, 0.0) for r in runs) for k in ("route", "experts", "shared", "rest")}}
                 ms = {k: min(ms.get(k, v), v) for k, v in now.items()}
