@@ -15,6 +15,8 @@ many rows (prefill) is dequantized into a reused buffer and runs MKL's GEMMs ins
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -218,14 +220,14 @@ def _quantized_experts(x, ids, weights, t13, b13, t2, b2, activation, gated, alp
             y += b2[row_expert]
     if big.any():
         w13 = w2 = None  # [N1, H], [H, I] fp32, allocated by the first big expert
+        cols = functools.partial(cpu_quant.even_odd, q=t13[0])  # GEMM inputs in the dequantized weights' column order
         for e in np.flatnonzero(big):
             w13, w2 = cpu_quant.dequantize_expert(e, *t13, out=w13), cpu_quant.dequantize_expert(e, *t2, out=w2)
             n = counts[e]
             first = rows[2][e] - n  # rows[0] is emptied for big experts
             y[first:first + n] = _expert_ffn(
                 xs[first:first + n], w13, None if b13 is None else b13[e].float(), w2,
-                None if b2 is None else b2[e].float(), activation, gated, alpha, limit,
-                cols=lambda t: cpu_quant.even_odd(t, t13[0]))
+                None if b2 is None else b2[e].float(), activation, gated, alpha, limit, cols=cols)
     return cpu_quant.combine(y, inv, torch.ones_like(weights) if weight_on_input else weights).to(x.dtype)
 
 

@@ -121,13 +121,14 @@ def inputs_for(level: str, model, T: int):
 
 class _Timed(fx.Interpreter):
     """Runs a compiled block's graph node by node, adding each node's time to its part: the moec route
-    op, the moec experts op, the shared experts (call_module nodes), or the rest (reshapes, adds, ...)."""
+    (and capacity) op, the moec experts op, the shared experts (call_module nodes), or the rest (reshapes,
+    adds, ...)."""
 
     def run_node(self, n):
         t0 = time.perf_counter()
         out = super().run_node(n)
         name = str(getattr(n.target, "_qualified_op_name", ""))
-        part = ("route" if name == "moec::route" else "experts" if name.startswith("moec::")
+        part = ("route" if name in ("moec::route", "moec::capacity") else "experts" if name.startswith("moec::")
                 else "shared" if n.op == "call_module" else "rest")
         self.ms[part] = self.ms.get(part, 0.0) + (time.perf_counter() - t0) * 1e3
         return out
