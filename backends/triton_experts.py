@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from moec.backends.triton_config import config_for
 
@@ -247,7 +248,7 @@ def _gemm2_kernel(h_ptr, w_ptr, s_ptr, z_ptr, b_ptr, wts_ptr, y_ptr, sorted_ptr,
 
 
 def _interpreting() -> bool:
-    return triton.runtime.interpreter.InterpretedFunction is type(_gemm1_kernel)
+    return isinstance(_gemm1_kernel, InterpretedFunction)
 
 
 def _scale_strides(s: torch.Tensor | None) -> tuple[int, int, int]:

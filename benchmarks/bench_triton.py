@@ -85,7 +85,7 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16
     time_of, peak = timer(device), peak_bandwidth(device)
-    console = Console()
+    console = Console(width=220)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)"
     console.print(f"{name}: peak bandwidth (copy) {peak / 1e12:.2f} TB/s; torch {torch.__version__}")
     for shape in args.shapes:

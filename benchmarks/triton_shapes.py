@@ -25,10 +25,10 @@ def hf_block(shape: str, impl: str, dtype: torch.dtype, device: str) -> torch.nn
     return block.eval()
 
 
-def timer(device: str):
+def timer(device: str, warmup_ms: int = 25, rep_ms: int = 100):
     """fn -> seconds: triton's do_bench on a GPU, else the median of a few runs (interpreter smoke tests)."""
     if device == "cuda":
         import triton.testing
-        return lambda fn: triton.testing.do_bench(fn) / 1e3
+        return lambda fn: triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms) / 1e3
     from moec.timing import median_time
     return lambda fn: median_time(fn, 3)

@@ -267,10 +267,10 @@ def example_inputs(model_or_family: torch.nn.Module | str, *, batch: int = 1, se
     config = tiny_config(model_or_family) if isinstance(model_or_family, str) else model_or_family.config
     # Stay clear of the special ids (pad/bos/eos are all < 4 in these configs).
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, config.vocab_size, (batch, seq), generator=gen)
+    ids = torch.randint(4, config.vocab_size, (batch, seq), generator=gen, device="cpu")
     if not config.is_encoder_decoder:
         return {"input_ids": ids}
-    dec = torch.randint(4, config.vocab_size, (batch, seq), generator=gen)
+    dec = torch.randint(4, config.vocab_size, (batch, seq), generator=gen, device="cpu")
     dec[:, 0] = config.decoder_start_token_id
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "decoder_input_ids": dec}
 

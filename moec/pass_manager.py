@@ -132,7 +132,7 @@ def verify_graph(gm: fx.GraphModule, reference: torch.nn.Module, tokens: tuple[i
     worst = 0.0
     gen = torch.Generator().manual_seed(2)
     for T in tokens:
-        x = torch.randn(1, T, spec.experts.hidden, generator=gen).to(p.device, p.dtype)
+        x = torch.randn(1, T, spec.experts.hidden, generator=gen, device="cpu").to(p.device, p.dtype)
         with torch.no_grad():
             ref = original(x)
             got = gm(x)[0]

@@ -326,7 +326,7 @@ def analyze(block: nn.Module, cand: Candidate) -> MoESpec:
     work = block if all(p.dtype == torch.float32 for p in block.parameters()) else copy.deepcopy(block).float()
     dev = next(work.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(2, 5, H, generator=gen).to(dev)
+    x = torch.randn(2, 5, H, generator=gen, device="cpu").to(dev)
     try:
         cap = capture(work, x)
     except Exception:  # some blocks take [T, H]
@@ -587,7 +587,7 @@ def _prove(block, work, cand, lay, w, spec: MoESpec, router_bias, router_t, sele
     overflow = [(2, spec.experts.num_experts * spec.router.capacity + 1)] if spec.router.capacity else []  # every row
     for B, T in [(1, t) for t in PROOF_TOKENS] + overflow:
         shape = (B, T, spec.experts.hidden) if in_dim == 3 else (B * T, spec.experts.hidden)
-        x = torch.randn(shape, generator=gen).to(dev)
+        x = torch.randn(shape, generator=gen, device="cpu").to(dev)
         with torch.no_grad():
             ref = work(x)
             got = gm(x)[0]

@@ -6,6 +6,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter (set before any kernel is defined)
     os.environ.setdefault("TRITON_INTERPRET", "1")
+elif os.environ.get("MOEC_TEST_DEVICE") == "cuda":  # on a GPU machine: tests build their tensors and models there
+    torch.set_default_device("cuda")
 torch.backends.cuda.matmul.allow_tf32 = False
 
 # max relative error (vs the reference's max magnitude) allowed per compute dtype
