@@ -1,7 +1,7 @@
 """Backends: kernels for moec's canonical ops.
 
 - `torch`: plain torch (`torch_backend`), every device; the fast path on CPU.
-- `triton`: fused routing + grouped-GEMM Triton kernels (`triton_route`, `triton_experts`), CUDA;
+- `triton`: grouped-GEMM Triton kernels (`triton_experts`; routing stays torch's ops), CUDA;
   also runs on CPU tensors under TRITON_INTERPRET=1 (slow; for tests).
 - `onnxruntime`: the whole model exported (moec.export_onnx) and run in an InferenceSession (`ort_session`).
 """
@@ -37,11 +37,11 @@ def resolve_backend(name: str, device) -> str:
     return name
 
 
-def pipeline_for(backend: str, passes: str | None, quantize: bool = False) -> str:
+def pipeline_for(backend: str, passes: str | list[str] | None, quantize: bool = False) -> str:
     """The pass pipeline: the user's (or the default), then quantize_experts if asked, then the backend's lowering."""
-    from moec.pass_manager import DEFAULT_PIPELINE
+    from moec.pass_manager import parse_pipeline
 
-    names = (passes or DEFAULT_PIPELINE).split(",")
+    names = parse_pipeline(passes)
     if quantize and "quantize_experts" not in names:
         names.append("quantize_experts")
     if backend == "triton" and "lower_triton" not in names:

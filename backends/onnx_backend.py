@@ -44,9 +44,14 @@ def ort_activation(activation: str, gated: bool, alpha: float, limit: float) -> 
     return None if gated or activation not in names else dict(activation_type=names[activation])
 
 
-def interleave(t: torch.Tensor | None) -> torch.Tensor | None:
-    """[E, 2I, ...] gate rows then up rows -> rows gate_0, up_0, gate_1, up_1, ..."""
-    return None if t is None else torch.stack(t.chunk(2, dim=1), dim=2).flatten(1, 2).contiguous()
+def interleave(t: torch.Tensor | None, gate_up: str = "halves") -> torch.Tensor | None:
+    """[E, 2I, ...] gate and up rows in `gate_up` order (moec.ir.GATE_UPS) -> rows gate_0, up_0, gate_1, up_1, ..."""
+    if t is None:
+        return None
+    n = t.shape[1] // 2
+    a, b = (t[:, 0::2], t[:, 1::2]) if gate_up.startswith("interleave") else (t[:, :n], t[:, n:])
+    gate, up = (b, a) if gate_up.endswith("up_first") else (a, b)
+    return torch.stack([gate, up], dim=2).flatten(1, 2).contiguous()
 
 
 def deinterleave(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -59,9 +64,9 @@ def _pack_nibbles(z: torch.Tensor) -> torch.Tensor:
     return z[..., 0::2] | (z[..., 1::2] << 4)
 
 
-def ort_quantized(cfg, t: dict[str, torch.Tensor], gated_fc1: bool) -> dict[str, torch.Tensor]:
+def ort_quantized(cfg, t: dict[str, torch.Tensor], gated_fc1: bool, gate_up: str = "halves") -> dict[str, torch.Tensor]:
     """moec-format tensors of one matrix (moec.quant) -> {"q", "scales"[, "zero_points"]} in QMoE's layout."""
-    rows = interleave if gated_fc1 else (lambda v: v)
+    rows = functools.partial(interleave, gate_up=gate_up) if gated_fc1 else (lambda v: v)
     q = t["q"] if isinstance(cfg, Int4Experts) else (t["q"].to(torch.int16) + 128).to(torch.uint8)
     out = {"q": rows(q), "scales": rows(t["scale"])}
     if "zero" in t:
@@ -90,7 +95,8 @@ def ort_moe(x, router_probs, fc1, fc1_bias, fc2, fc2_bias, k, activation, gated,
     ids, w = _ort_route(router_probs, k)
     if gated:
         fc1, fc1_bias = deinterleave(fc1), deinterleave(fc1_bias)
-    return torch.ops.moec.experts(x, ids, w, fc1, fc1_bias, fc2, fc2_bias, activation, gated, alpha, limit, False)
+    return torch.ops.moec.experts(x, ids, w, fc1, fc1_bias, fc2, fc2_bias, activation, gated, alpha, limit, False,
+                                  "halves")
 
 
 @torch.library.impl("moec::ort_qmoe", "CompositeExplicitAutograd")
@@ -98,7 +104,7 @@ def ort_qmoe(x, router_probs, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, fc2_bi
              fc2_zero_points, bits, block_size, k, activation, gated, alpha, limit):
     w1 = dequantize(*_moec_format(fc1, fc1_scales, fc1_zero_points, bits, block_size, fc1_scales.shape[-1]), x.dtype)
     w2 = dequantize(*_moec_format(fc2, fc2_scales, fc2_zero_points, bits, block_size, fc2_scales.shape[-1]), x.dtype)
-    return ort_moe(x, router_probs, w1, fc1_bias, w2, fc2_bias, k, activation, gated, alpha, limit)
+    return torch.ops.moec.ort_moe(x, router_probs, w1, fc1_bias, w2, fc2_bias, k, activation, gated, alpha, limit)
 
 
 # ---------------------------------------------------------------- ONNX translation

@@ -76,6 +76,7 @@ class OrtForward:
         self.options = options
         self.tmp = tempfile.TemporaryDirectory(prefix="moec-ort-")
         self.sessions: dict[tuple, tuple] = {}  # key -> (session, input names, outputs -> the model's structure)
+        self.weights = None  # _weights(model) when the sessions were exported
 
     def __call__(self, *args, **kwargs):
         bound = self.signature.bind(*args, **kwargs)
@@ -91,6 +92,9 @@ class OrtForward:
                 raise NotImplementedError(f"moec backend='onnxruntime': argument {name}={value!r} is not supported "
                                           "(the session takes the model's tensor inputs and returns its outputs)")
         key = tuple((n, t.dtype, t.dim()) for n, t in tensors.items())
+        if self.sessions and _weights(self.model) != self.weights:  # load_state_dict, edits, .to(): export again
+            log.info("moec backend='onnxruntime': the model's weights changed since the export; exporting again")
+            self.sessions.clear()
         if key not in self.sessions:
             self.sessions[key] = self._open(tensors)
         session, names, rebuild = self.sessions[key]
@@ -131,9 +135,14 @@ class OrtForward:
             log.warning(f"onnxruntime runs on {ran}, not {self.providers[0]} (asked {self.providers})")
         names = [i.name for i in session.get_inputs()]
         rebuild = _rebuilder(eager)
-        got = rebuild([torch.from_numpy(np.asarray(o)) for o in session.run(
-            None, {n: tensors[n].detach().cpu().numpy() for n in names})])
-        self._check(eager, got)
+        for feeds in (tensors, _long(tensors)):  # the call's inputs, and 300 tokens (routing paths at length)
+            if feeds is not tensors:
+                with self._as_original() as model, torch.no_grad():
+                    eager = model(**feeds)
+            got = rebuild([torch.from_numpy(np.asarray(o)) for o in session.run(
+                None, {n: feeds[n].detach().cpu().numpy() for n in names})])
+            self._check(eager, got)
+        self.weights = _weights(self.model)
         return session, names, rebuild
 
     def _check(self, eager, got) -> None:
@@ -148,6 +157,25 @@ class OrtForward:
         if err > CHECK_TOL.get(ref.dtype, 1e-4):
             raise RuntimeError(f"moec backend='onnxruntime': the session's output differs from the eager model's "
                                f"(relative error {err:.2e}); not using it")
+
+
+def _long(tensors: dict[str, torch.Tensor], tokens: int = 300) -> dict[str, torch.Tensor]:
+    """The inputs tiled along their sequence axis (dim 1 of [batch, seq, ...] inputs) to `tokens` positions."""
+    from moec.export import dynamic_axes
+
+    out = {}
+    for n, t in tensors.items():
+        axes = dynamic_axes(t) or {}
+        if 1 in axes and t.dim() >= 2 and t.shape[1] < tokens:
+            reps = -(-tokens // t.shape[1])
+            t = t.repeat(1, reps, *([1] * (t.dim() - 2)))[:, :tokens]
+        out[n] = t
+    return out
+
+
+def _weights(model: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer is replaced, moved, or written in place."""
+    return tuple((t.data_ptr(), t._version, t.dtype) for t in (*model.parameters(), *model.buffers()))
 
 
 def _main(out):

@@ -24,11 +24,21 @@ import torch.nn.functional as F
 import moec.ops  # noqa: F401  (defines the op schemas)
 
 
-def activate(h: torch.Tensor, activation: str, gated: bool, alpha: float, limit: float) -> torch.Tensor:
-    """[n, N1] -> [n, I]: the expert's activation, gated halves are (gate rows, up rows)."""
+def split_gate_up(h: torch.Tensor, gate_up: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., N1] in W13's row order (moec.ir.GATE_UPS) -> gate, up [..., I] (views)."""
+    if gate_up.startswith("interleave"):
+        first, second = h[..., 0::2], h[..., 1::2]
+    else:
+        first, second = h.chunk(2, dim=-1)
+    return (second, first) if gate_up.endswith("up_first") else (first, second)
+
+
+def activate(h: torch.Tensor, activation: str, gated: bool, alpha: float, limit: float,
+             gate_up: str = "halves") -> torch.Tensor:
+    """[n, N1] -> [n, I]: the expert's activation; gated: act(gate) * up, rows split by `gate_up`."""
     if not gated:
         return _act(h, activation)
-    gate, up = h.chunk(2, dim=-1)
+    gate, up = split_gate_up(h, gate_up)
     if activation == "swiglu_oai":  # GPT-OSS: clamped, (up + 1) * gate * sigmoid(alpha * gate)
         gate = gate.clamp(max=limit)
         up = up.clamp(min=-limit, max=limit)
@@ -49,8 +59,11 @@ def _act(h: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def route_math(x, weight, bias, select_bias, top_k, scoring, n_group, topk_group, group_score, weighting, renorm,
-               scale, jitter_eps, num_experts):
-    """The routing math in plain torch (fx-traceable: no shape unpacking), see RouterSpec."""
+               scale, jitter_eps, select_on, upcast, selection, num_experts):
+    """The routing math in plain torch (fx-traceable: no shape unpacking), see RouterSpec. The same torch
+    ops as the blocks it stands for, so on the same device the same experts are chosen, ties included."""
+    if upcast:
+        x, weight, bias = x.float(), weight.float(), None if bias is None else bias.float()
     logits = F.linear(x, weight, bias)  # [T, E]
     s = logits.float()
     if scoring == "sparsemixer":
@@ -61,7 +74,9 @@ def route_math(x, weight, bias, select_bias, top_k, scoring, n_group, topk_group
         scores = s.sigmoid()
     else:
         scores = s
-    choice = scores if select_bias is None else scores + select_bias.float()
+    choice = scores if select_on == "scores" else s
+    if select_bias is not None:
+        choice = choice + select_bias.float()
     if n_group > 1:
         grouped = choice.view(-1, n_group, num_experts // n_group)  # [T, G, E/G]
         if group_score == "max":
@@ -70,9 +85,16 @@ def route_math(x, weight, bias, select_bias, top_k, scoring, n_group, topk_group
             gscore = grouped.topk(2, dim=-1).values.sum(dim=-1)
         keep = torch.zeros_like(gscore, dtype=torch.bool).scatter_(1, gscore.topk(topk_group, dim=-1).indices, True)
         choice = choice.masked_fill(~keep.repeat_interleave(num_experts // n_group, dim=1), float("-inf"))
-    ids = choice.topk(top_k, dim=-1).indices  # [T, k]
-    weights = torch.ones_like(ids, dtype=torch.float32) if weighting == "ones" else scores.gather(1, ids)  # [T, k]
-    if renorm:
+    # [T, k]; argmax takes the first of tied experts, topk an order of its own: the block's op decides
+    ids = choice.argmax(dim=-1, keepdim=True) if selection == "argmax" else choice.topk(top_k, dim=-1).indices
+    chosen_softmax = select_on == "logits" and scoring == "softmax" and renorm == 1.0
+    if weighting == "ones":
+        weights = torch.ones_like(ids, dtype=torch.float32)
+    elif chosen_softmax:  # the softmax over the chosen logits, computed as the block computes it
+        weights = s.gather(1, ids).softmax(dim=-1)  # [T, k]
+    else:
+        weights = scores.gather(1, ids)  # [T, k]
+    if renorm and not chosen_softmax:
         denom = weights.sum(-1, keepdim=True) if renorm == 1.0 else weights.norm(p=renorm, dim=-1, keepdim=True)
         weights = weights / denom
     if scale != 1.0:
@@ -100,7 +122,7 @@ def route(x, weight, bias, select_bias, *args):
     return route_math(x, weight, bias, select_bias, *args, num_experts=weight.shape[0])
 
 
-def _expert_ffn(xe, w13, b13, w2, b2, activation, gated, alpha, limit, cols=None):
+def _expert_ffn(xe, w13, b13, w2, b2, activation, gated, alpha, limit, gate_up, cols=None):
     """One expert on its n sorted rows: [n, H] -> [n, H]. `cols` reorders each GEMM input's
     columns to the weights' column order (dequantized int4 weights, see cpu_quant.dequantize_expert).
 
@@ -115,7 +137,7 @@ def _expert_ffn(xe, w13, b13, w2, b2, activation, gated, alpha, limit, cols=None
     if n == 1:
         xe = xe.expand(2, -1).contiguous()
     h = (torch.mm(w13, xe.T) if b13 is None else torch.addmm(b13.unsqueeze(1), w13, xe.T)).T  # [n, N1] view
-    a = cols(activate(h, activation, gated, alpha, limit))  # [n, I]
+    a = cols(activate(h, activation, gated, alpha, limit, gate_up))  # [n, I]
     if n <= 4:
         a = a.contiguous()
     y = (torch.mm(w2, a.T) if b2 is None else torch.addmm(b2.unsqueeze(1), w2, a.T)).T  # [n, H] view
@@ -127,13 +149,21 @@ def _expert_ffn(xe, w13, b13, w2, b2, activation, gated, alpha, limit, cols=None
 GROUPED_MIN_ROWS = 8
 
 
-def _grouped_ffn(xs, counts, row_expert, w13, b13, w2, b2, activation, gated, alpha, limit):
+def _grouped_mm_takes(*tensors) -> bool:
+    """torch._grouped_mm's constraints: fp32/bf16/fp16, 16-byte aligned data and strides (else the per-expert
+    path runs: e.g. an expert hidden size that is not a multiple of 4 fp32 values, or fp64)."""
+    return hasattr(torch, "_grouped_mm") and all(
+        t.dtype in (torch.float32, torch.bfloat16, torch.float16) and t.data_ptr() % 16 == 0
+        and all(st * t.element_size() % 16 == 0 for st in t.stride() if st != 1) for t in tensors)
+
+
+def _grouped_ffn(xs, counts, row_expert, w13, b13, w2, b2, activation, gated, alpha, limit, gate_up):
     """All experts on the expert-sorted rows in two grouped GEMMs: [T*k, H] -> [T*k, H]."""
     offs = torch.tensor(counts, dtype=torch.int32, device=xs.device).cumsum(0, dtype=torch.int32)
     h = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)  # [T*k, N1]
     if b13 is not None:
         h += b13[row_expert]
-    h = activate(h, activation, gated, alpha, limit)  # [T*k, I]
+    h = activate(h, activation, gated, alpha, limit, gate_up)  # [T*k, I]
     y = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # [T*k, H]
     if b2 is not None:
         y += b2[row_expert]
@@ -174,16 +204,16 @@ def _combine(ys, order, ws, ids, weight_on_input, dtype):
 
 
 @torch.library.impl("moec::experts", "CompositeExplicitAutograd")
-def experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, weight_on_input):
+def experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, weight_on_input, gate_up):
     flat, order, counts, xs, ws = _sort(x, ids, weights, w13.shape[0], weight_on_input)
     active = sum(1 for n in counts if n)
-    if flat.numel() >= GROUPED_MIN_ROWS * active and hasattr(torch, "_grouped_mm"):  # many rows per expert
+    if flat.numel() >= GROUPED_MIN_ROWS * active and _grouped_mm_takes(xs, w13, w2):  # many rows per expert
         row_expert = None if b13 is None and b2 is None else flat[order]
-        ys = _grouped_ffn(xs, counts, row_expert, w13, b13, w2, b2, activation, gated, alpha, limit)
+        ys = _grouped_ffn(xs, counts, row_expert, w13, b13, w2, b2, activation, gated, alpha, limit, gate_up)
     else:  # few rows per expert: MKL's small-row kernels, one expert at a time
         ys = _per_expert(xs, counts, lambda e, xe: _expert_ffn(
             xe, w13[e], None if b13 is None else b13[e], w2[e], None if b2 is None else b2[e],
-            activation, gated, alpha, limit))
+            activation, gated, alpha, limit, gate_up))
     return _combine(ys, order, ws, ids, weight_on_input, x.dtype)
 
 
@@ -192,7 +222,8 @@ def experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, 
 DEQUANT_MIN_ROWS = 12
 
 
-def _quantized_experts(x, ids, weights, t13, b13, t2, b2, activation, gated, alpha, limit, weight_on_input):
+def _quantized_experts(x, ids, weights, t13, b13, t2, b2, activation, gated, alpha, limit, weight_on_input,
+                       gate_up):
     """The routed experts on quantized weights t = (q, scale[, zero]) in moec's format, in fp32 whatever
     the activations' dtype. Experts with few rows: the numba kernels of `cpu_quant` (dequantizing in
     registers), one call per GEMM over all of them. An expert with DEQUANT_MIN_ROWS rows or more
@@ -215,7 +246,7 @@ def _quantized_experts(x, ids, weights, t13, b13, t2, b2, activation, gated, alp
         h = cpu_quant.grouped_qmm(xs, rows, *t13)  # [T*k, N1] fp32 (rows of big experts: not written)
         if b13 is not None:
             h += b13[row_expert]
-        y = cpu_quant.grouped_qmm(activate(h, activation, gated, alpha, limit), rows, *t2)  # [T*k, H] fp32
+        y = cpu_quant.grouped_qmm(activate(h, activation, gated, alpha, limit, gate_up), rows, *t2)  # [T*k, H]
         if b2 is not None:
             y += b2[row_expert]
     if big.any():
@@ -227,7 +258,7 @@ def _quantized_experts(x, ids, weights, t13, b13, t2, b2, activation, gated, alp
             first = rows[2][e] - n  # rows[0] is emptied for big experts
             y[first:first + n] = _expert_ffn(
                 xs[first:first + n], w13, None if b13 is None else b13[e].float(), w2,
-                None if b2 is None else b2[e].float(), activation, gated, alpha, limit, cols=cols)
+                None if b2 is None else b2[e].float(), activation, gated, alpha, limit, gate_up, cols=cols)
     return cpu_quant.combine(y, inv, torch.ones_like(weights) if weight_on_input else weights).to(x.dtype)
 
 
@@ -242,7 +273,7 @@ def experts_int4(x, ids, weights, q13, s13, z13, b13, q2, s2, z2, b2, *args):
 
 
 @torch.library.impl("moec::experts_loop", "CompositeExplicitAutograd")
-def experts_loop(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, weight_on_input):
+def experts_loop(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, weight_on_input, gate_up):
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in range(w13.shape[0]):
         token, slot = torch.where(ids == e)
@@ -252,7 +283,7 @@ def experts_loop(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, li
         xe = x[token]
         if weight_on_input:
             xe = (xe * w).to(x.dtype)
-        h = activate(F.linear(xe, w13[e], None if b13 is None else b13[e]), activation, gated, alpha, limit)
+        h = activate(F.linear(xe, w13[e], None if b13 is None else b13[e]), activation, gated, alpha, limit, gate_up)
         y = F.linear(h, w2[e], None if b2 is None else b2[e]).float()
         out.index_add_(0, token, y if weight_on_input else y * w)
     return out.to(x.dtype)
@@ -273,23 +304,23 @@ def capacity(ids, weights, rows, capacity, num_experts):
 torch.library.impl("moec::capacity", "CompositeExplicitAutograd")(capacity)  # `capacity` stays callable (lower_onnx)
 
 
-def all_experts(x, w13, b13, w2, b2, activation, gated, alpha, limit) -> torch.Tensor:
+def all_experts(x, w13, b13, w2, b2, activation, gated, alpha, limit, gate_up="halves") -> torch.Tensor:
     """Every expert on every token: x [T, H] (or one input per expert, [E, T, H]) -> [E, T, H]."""
     h = torch.einsum("th,enh->etn" if x.dim() == 2 else "eth,enh->etn", x, w13)  # [E, T, N1]
     if b13 is not None:
         h = h + b13[:, None]
-    y = torch.einsum("eti,ehi->eth", activate(h, activation, gated, alpha, limit), w2)  # [E, T, H]
+    y = torch.einsum("eti,ehi->eth", activate(h, activation, gated, alpha, limit, gate_up), w2)  # [E, T, H]
     return y + b2[:, None] if b2 is not None else y
 
 
-def experts_dense(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, weight_on_input):
+def experts_dense(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, weight_on_input, gate_up):
     """moec::experts without data-dependent shapes (exportable to standard ONNX ops): every expert on
     every token, combined with the routing weights scattered to [T, E]. Exact; E/k times the work."""
     dense = torch.zeros(ids.shape[0], w13.shape[0], dtype=torch.float32, device=x.device).scatter(1, ids, weights)
     if not weight_on_input:
-        y = all_experts(x, w13, b13, w2, b2, activation, gated, alpha, limit).float()  # [E, T, H]
+        y = all_experts(x, w13, b13, w2, b2, activation, gated, alpha, limit, gate_up).float()  # [E, T, H]
         return torch.einsum("te,eth->th", dense, y).to(x.dtype)
     xe = (dense.T[:, :, None] * x).to(x.dtype)  # [E, T, H]: each expert's input scaled by its weight
-    y = all_experts(xe, w13, b13, w2, b2, activation, gated, alpha, limit).float()
+    y = all_experts(xe, w13, b13, w2, b2, activation, gated, alpha, limit, gate_up).float()
     chosen = torch.zeros_like(dense).scatter(1, ids, 1.0)  # [T, E]: unchosen experts add nothing
     return torch.einsum("te,eth->th", chosen, y).to(x.dtype)

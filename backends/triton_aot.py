@@ -3,7 +3,7 @@
     python -m moec.backends.triton_aot [--arch 80 90]
 
 Compiles each kernel with each constexpr combination moec launches (dtypes, activations,
-gating, biases, int8/int4 weights, router kinds) to PTX/cubin for the given compute capabilities. Must run
+gating, gate/up row orders, biases, int8/int4 weights) to PTX/cubin for the given compute capabilities. Must run
 WITHOUT TRITON_INTERPRET (interpreted kernels cannot be compiled); the tests call it in a
 subprocess.
 """
@@ -18,7 +18,6 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from moec.backends import triton_experts as te
-from moec.backends import triton_route as tr
 
 _unquantized = dict(s_ptr=None, z_ptr=None, QUANT=0, HAS_ZERO=False, GROUP=1)  # weights in the activation dtype
 
@@ -45,25 +44,17 @@ def variants():
     yield "scatter", te._scatter_kernel, *_sig(te._scatter_kernel, ids, BLOCK=256)
     yield "block_expert", te._block_expert_kernel, *_sig(te._block_expert_kernel, ids, BLOCK_M=16, BLOCK_B=32,
                                                           E_PAD=256)
-    routers = [  # (scoring, bias, groups, topk_group, top2, ones, renorm): every router feature at least once
-        (1, False, 1, 1, False, False, 0.0), (1, False, 1, 1, False, False, 1.0), (2, True, 8, 4, True, False, 1.0),
-        (2, True, 8, 4, False, False, 1.0), (0, False, 1, 1, False, True, 0.0), (1, False, 1, 1, False, False, 2.0)]
-    # the logits dtype only changes one load: one bf16 variant, the router features in fp32
-    for dt, (sc, bias, ng, tg, top2, ones, rn) in [("bf16", routers[0])] + [("fp32", r) for r in routers]:
-        ptrs = {"logits_ptr": dt, "bias_ptr": "fp32", "ids_ptr": "i64", "w_ptr": "fp32"}
-        yield f"route[{dt},s{sc},b{bias:d},g{ng}/{tg},top2{top2:d},ones{ones:d},p{rn}]", tr._route_kernel, *_sig(
-            tr._route_kernel, ptrs, ("scale",), TOP_K=8, SCORING=sc, HAS_BIAS=bias, N_GROUP=ng, TOPK_GROUP=tg,
-            GROUP_TOP2=top2, ONES=ones, RENORM=rn, BLOCK_T=16, E_PAD=256)
     experts = [(a, True, False, False) for a in te.ACTIVATIONS] + [
         ("gelu", False, True, False), ("relu", False, False, False), ("silu", True, True, True)]
     # every epilogue in bf16; the other dtypes with the common one (the dtype changes loads and dots)
     for dt, (act, gated, bias, woi) in [("bf16", v) for v in experts] + [(d, experts[0]) for d in ("fp16", "fp32")]:
         ptrs = {"x_ptr": dt, "w_ptr": dt, "b_ptr": dt, "wts_ptr": "fp32", "h_ptr": dt, **ids}
         bk = 64 if dt == "fp32" else 128
-        yield f"gemm1[{dt},{act},gated{gated:d},bias{bias:d},woi{woi:d}]", te._gemm1_kernel, *_sig(
-            te._gemm1_kernel, ptrs, ("alpha", "limit"), TOP_K=2, ACT=te.ACTIVATIONS[act], GATED=gated,
-            HAS_BIAS=bias, WEIGHT_ON_INPUT=woi, **_unquantized, UPCAST=False, IEEE=dt == "fp32", BLOCK_M=16,
-            BLOCK_N=64, BLOCK_K=bk)
+        step = 2 if act == "swiglu_oai" else 1  # GPT-OSS keeps gate and up rows interleaved
+        yield f"gemm1[{dt},{act},gated{gated:d},bias{bias:d},woi{woi:d},step{step}]", te._gemm1_kernel, *_sig(
+            te._gemm1_kernel, ptrs, ("alpha", "limit"), TOP_K=2, ROW_STEP=step, ACT=te.ACTIVATIONS[act],
+            GATED=gated, HAS_BIAS=bias, WEIGHT_ON_INPUT=woi, **_unquantized, UPCAST=False, IEEE=dt == "fp32",
+            BLOCK_M=16, BLOCK_N=64, BLOCK_K=bk)
     for dt, bias, woi in [("bf16", b, w) for b, w in itertools.product((False, True), (False, True))] + [
             ("fp16", False, False), ("fp32", False, False)]:
         ptrs = {"h_ptr": dt, "w_ptr": dt, "b_ptr": dt, "wts_ptr": "fp32", "y_ptr": "fp32", **ids}
@@ -83,7 +74,8 @@ def variants():
         bk = 64 if dt == "fp32" else 128
         ptrs = {"x_ptr": dt, "b_ptr": dt, "wts_ptr": "fp32", "h_ptr": dt, **q, **ids}
         yield f"gemm1[{name},{act},bias{bias:d}]", te._gemm1_kernel, *_sig(
-            te._gemm1_kernel, ptrs, ("alpha", "limit"), TOP_K=2, ACT=te.ACTIVATIONS[act], GATED=gated,
+            te._gemm1_kernel, ptrs, ("alpha", "limit"), TOP_K=2, ROW_STEP=2 if act == "swiglu_oai" else 1,
+            ACT=te.ACTIVATIONS[act], GATED=gated,
             HAS_BIAS=bias, WEIGHT_ON_INPUT=woi, **qc, UPCAST=False, IEEE=dt == "fp32", BLOCK_M=16, BLOCK_N=64,
             BLOCK_K=bk)
         ptrs = {"h_ptr": dt, "b_ptr": dt, "wts_ptr": "fp32", "y_ptr": "fp32", **q, **ids}

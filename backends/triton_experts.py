@@ -163,8 +163,8 @@ def _weight_dot(acc, a, w_ptr, s_ptr, z_ptr, w_off, s_off, k0, K, cmask, stride_
 @triton.jit
 def _gemm1_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, wts_ptr, h_ptr, sorted_ptr, block_expert_ptr, npad_ptr,
                   n_pairs, K, I, stride_x, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
-                  stride_be, alpha, limit,
-                  TOP_K: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  stride_be, alpha, limit, gate0, up0,
+                  TOP_K: tl.constexpr, ROW_STEP: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
                   WEIGHT_ON_INPUT: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP: tl.constexpr,
                   UPCAST: tl.constexpr, IEEE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -177,8 +177,12 @@ def _gemm1_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, wts_ptr, h_ptr, sorted_ptr,
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < I
-    w_off = e * stride_we + cols[None, :] * stride_wn  # gate rows of W13[e] (all rows if not gated)
-    s_off = e * stride_se + cols[None, :] * stride_sn  # their scales (quantized weights)
+    gate_rows = gate0 + cols * ROW_STEP  # gate rows of W13[e] (all rows if not gated), in its row order
+    up_rows = up0 + cols * ROW_STEP
+    w_off = e * stride_we + gate_rows[None, :] * stride_wn
+    s_off = e * stride_se + gate_rows[None, :] * stride_sn  # their scales (quantized weights)
+    wu_off = e * stride_we + up_rows[None, :] * stride_wn
+    su_off = e * stride_se + up_rows[None, :] * stride_sn
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if WEIGHT_ON_INPUT:
@@ -197,16 +201,16 @@ def _gemm1_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, wts_ptr, h_ptr, sorted_ptr,
         acc_g = _weight_dot(acc_g, a, w_ptr, s_ptr, z_ptr, w_off, s_off, k0, K, cmask, stride_wk, stride_sk,
                             QUANT, HAS_ZERO, GROUP, IEEE, BLOCK_K)
         if GATED:  # up rows are the second half of W13[e]
-            acc_u = _weight_dot(acc_u, a, w_ptr, s_ptr, z_ptr, w_off + I * stride_wn, s_off + I * stride_sn, k0, K,
+            acc_u = _weight_dot(acc_u, a, w_ptr, s_ptr, z_ptr, wu_off, su_off, k0, K,
                                 cmask, stride_wk, stride_sk, QUANT, HAS_ZERO, GROUP, IEEE, BLOCK_K)
     if QUANT == 8:  # per output channel scales
         acc_g *= tl.load(s_ptr + s_off, mask=cmask[None, :], other=0.0)
         if GATED:
-            acc_u *= tl.load(s_ptr + s_off + I * stride_sn, mask=cmask[None, :], other=0.0)
+            acc_u *= tl.load(s_ptr + su_off, mask=cmask[None, :], other=0.0)
     if HAS_BIAS:
-        acc_g += tl.load(b_ptr + e * stride_be + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        acc_g += tl.load(b_ptr + e * stride_be + gate_rows, mask=cmask, other=0.0).to(tl.float32)[None, :]
         if GATED:
-            acc_u += tl.load(b_ptr + e * stride_be + I + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            acc_u += tl.load(b_ptr + e * stride_be + up_rows, mask=cmask, other=0.0).to(tl.float32)[None, :]
     h = _activate(acc_g, acc_u, ACT, GATED, alpha, limit)
     tl.store(h_ptr + pair[:, None].to(tl.int64) * I + cols[None, :], h.to(h_ptr.dtype.element_ty),
              mask=valid[:, None] & cmask[None, :])
@@ -256,7 +260,7 @@ def _scale_strides(s: torch.Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if s is None else (s.stride(0), s.stride(1), s.stride(2) if s.dim() == 3 else 0)
 
 
-def _experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, weight_on_input,
+def _experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, weight_on_input, gate_up,
              quant=0, s13=None, z13=None, s2=None, z2=None, group=0):
     """Both GEMMs on weights as stored: W13 [E, N1, H] / W2 [E, H, I] in x's dtype (quant 0), int8 (8) or
     int4-packed (4: [E, N, K/2] bytes) with moec.quant's scales s [E, N(, K/g)] and zero points z (or None)."""
@@ -275,12 +279,18 @@ def _experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit,
     upcast = _interpreting() and x.dtype == torch.bfloat16
     ieee = x.dtype == torch.float32
     m_blocks = block_expert.numel()
+    step = 2 if gated and gate_up.startswith("interleave") else 1  # gate/up rows of W13 (moec.ir.GATE_UPS)
+    gate0, up0 = (0, I) if step == 1 else (0, 1)
+    if gated and gate_up.endswith("up_first"):
+        gate0, up0 = up0, gate0
+    b13 = None if b13 is None else b13.contiguous()  # [E, N1], read with unit stride along N1
     common = dict(QUANT=quant, GROUP=max(group, 1), UPCAST=upcast, IEEE=ieee, BLOCK_M=cfg.block_m,
                   BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _gemm1_kernel[(m_blocks, triton.cdiv(I, cfg.block_n))](
         x, w13, s13, z13, b13, flat_w, h, sorted_ids, block_expert, n_padded, n_pairs, H, I, x.stride(0),
         w13.stride(0), w13.stride(1), w13.stride(2), *_scale_strides(s13), 0 if b13 is None else b13.stride(0),
-        float(alpha), float(limit), TOP_K=k, ACT=ACTIVATIONS[activation], GATED=gated, HAS_BIAS=b13 is not None,
+        float(alpha), float(limit), gate0, up0, TOP_K=k, ROW_STEP=step, ACT=ACTIVATIONS[activation], GATED=gated,
+        HAS_BIAS=b13 is not None,
         WEIGHT_ON_INPUT=weight_on_input, HAS_ZERO=z13 is not None, **common)
     _gemm2_kernel[(m_blocks, triton.cdiv(H, cfg.block_n))](
         h, w2, s2, z2, b2, flat_w, y, sorted_ids, block_expert, n_padded, n_pairs, I, H,
@@ -292,17 +302,17 @@ def _experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit,
 @torch.library.custom_op("moec::triton_experts", mutates_args=())
 def triton_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
                    b13: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None, activation: str, gated: bool,
-                   alpha: float, limit: float, weight_on_input: bool) -> torch.Tensor:
-    return _experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, weight_on_input)
+                   alpha: float, limit: float, weight_on_input: bool, gate_up: str) -> torch.Tensor:
+    return _experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, weight_on_input, gate_up)
 
 
 @torch.library.custom_op("moec::triton_experts_int8", mutates_args=())
 def triton_experts_int8(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, q13: torch.Tensor,
                         s13: torch.Tensor, b13: torch.Tensor | None, q2: torch.Tensor, s2: torch.Tensor,
                         b2: torch.Tensor | None, activation: str, gated: bool, alpha: float, limit: float,
-                        weight_on_input: bool) -> torch.Tensor:
+                        weight_on_input: bool, gate_up: str) -> torch.Tensor:
     """int8 experts in moec's format: q [E, N, K] int8, s [E, N] fp32 (the arguments of moec::experts_int8)."""
-    return _experts(x, ids, weights, q13, b13, q2, b2, activation, gated, alpha, limit, weight_on_input,
+    return _experts(x, ids, weights, q13, b13, q2, b2, activation, gated, alpha, limit, weight_on_input, gate_up,
                     quant=8, s13=s13.float(), s2=s2.float())
 
 
@@ -311,7 +321,7 @@ def triton_experts_int4(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tenso
                         s13: torch.Tensor, z13: torch.Tensor | None, b13: torch.Tensor | None, q2: torch.Tensor,
                         s2: torch.Tensor, z2: torch.Tensor | None, b2: torch.Tensor | None, group_size: int,
                         activation: str, gated: bool, alpha: float, limit: float,
-                        weight_on_input: bool) -> torch.Tensor:
+                        weight_on_input: bool, gate_up: str) -> torch.Tensor:
     """int4 experts in moec's format: q [E, N, K/2] uint8, s [E, N, K/g] fp32, z [E, N, K/g] uint8 (None: symmetric)."""
     for name, q, s, z in (("w13", q13, s13, z13), ("w2", q2, s2, z2)):
         E, N, half = q.shape
@@ -320,7 +330,7 @@ def triton_experts_int4(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tenso
             raise ValueError(f"moec::triton_experts_int4: {name} is not in moec's int4 format for group size "
                              f"{group_size}: q {tuple(q.shape)} {q.dtype}, scale {tuple(s.shape)}, "
                              f"zero {None if z is None else tuple(z.shape)}")
-    return _experts(x, ids, weights, q13, b13, q2, b2, activation, gated, alpha, limit, weight_on_input,
+    return _experts(x, ids, weights, q13, b13, q2, b2, activation, gated, alpha, limit, weight_on_input, gate_up,
                     quant=4, s13=s13.float(), z13=z13, s2=s2.float(), z2=z2, group=group_size)
 
 

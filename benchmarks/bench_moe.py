@@ -39,6 +39,7 @@ from rich.table import Table  # noqa: E402
 
 import moec  # noqa: E402
 from moec import models  # noqa: E402
+from moec.canonical import graph_inputs  # noqa: E402
 from moec.timing import median_time  # noqa: E402
 
 BUILDERS = {"mixtral": models.demo_model, "deepseek": models.deepseek_style_model}
@@ -148,12 +149,13 @@ def breakdown(console, name: str, impls: dict, tokens: list[int], H: int, repeat
         for label, m in impls.items():
             ms = {}
             for _ in range(repeat):  # each part's best median over the passes
-                run = _Timed(m.__dict__["_moec_graph"])
+                gm = m.__dict__["_moec_graph"]
+                run = _Timed(gm)
                 runs = []
                 with torch.no_grad():
                     for i in range(52 if T <= 64 else 7):
                         run.ms = {}
-                        run.run(x)
+                        run.run(x, *graph_inputs(gm, m))
                         if i >= 2:  # after two warm-up runs
                             runs.append(run.ms)
                 now = {"block": median_time(lambda: m(x), 50 if T <= 64 else 5) * 1e3,

@@ -32,9 +32,9 @@ def expert_bytes(model) -> int:
     total = 0
     for b in moec.inspect(model).blocks:
         block = resolve(model, b.path)
-        spec = block.__dict__["_moec_graph"].meta["moe_spec"]
+        bindings = block.__dict__["_moec_graph"].meta["bindings"]
         for role in ("w13", "w2"):
-            tensors = list(quantized_tensors(block, role).values()) or [resolve(block, spec.params[role])]
+            tensors = list(quantized_tensors(block, role).values()) or [bindings[role].get(block)]
             total += sum(t.numel() * t.element_size() for t in tensors)
     return total
 

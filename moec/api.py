@@ -1,4 +1,10 @@
-"""Public API: moec.compile and moec.inspect, and the report they produce."""
+"""Public API: moec.compile and moec.inspect, and the report they produce.
+
+compile is transactional: every candidate block is analysed, rewritten by the pipeline and its
+final graph proved (detect.proof's probes, against the original block) before any block is
+installed; a block that fails is left as it was, with the reason in the report; with verify=True
+a failure raises and no block is installed at all.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +15,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from rich.console import Console
-from rich.progress import track
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch import nn
 
 import moec.passes  # noqa: F401  (registers the passes)
 from moec.backends import pipeline_for, resolve_backend
-from moec.canonical import install, resolve
-from moec.quant import Int4Experts, Int8Experts, QuantConfig
-from moec.pass_manager import Instruments, PassManager, PassRecord, Rejected
-from moec.passes.detect_moe import Candidate, find_candidates
-from moec.passes.quantize_experts import release_originals
-
-# max relative error allowed by verify=True, per compute dtype
-VERIFY_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+from moec.bindings import Const, Derived
+from moec.canonical import assemble, build_graph, call, compiled_graph, install, resolve, uninstall
+from moec.pass_manager import PASSES, Instruments, PassManager, PassRecord, Rejected
+from moec.passes.detect_moe import Candidate, analyze, find_candidates
+from moec.passes.quantize_experts import quantized_tensors, release_originals
+from moec.quant import Int4Experts, Int8Experts, QuantConfig, dequantize
 
 
 @dataclass
@@ -35,6 +39,7 @@ class BlockReport:
     shared: str
     passes: list[PassRecord] = field(default_factory=list)
     expert_load: list[int] | None = None  # tokens routed to each expert on the example inputs
+    proof: str = ""  # what the final graph was checked on
 
 
 @dataclass
@@ -73,6 +78,25 @@ class Report:
         return console.file.getvalue()
 
 
+@dataclass
+class _Done:
+    """A block whose final graph is proved, not installed yet."""
+
+    cand: Candidate
+    block: nn.Module
+    gm: fx.GraphModule
+    report: BlockReport
+
+
+class _FinalProofFailed(Rejected):
+    """The graph the pipeline produced differs from the original: a moec defect, never a user error."""
+
+
+def _check_module(model, what: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"moec.{what} takes a torch.nn.Module, not {type(model).__name__}")
+
+
 def _block_graph(block: nn.Module, cand: Candidate, options: dict) -> fx.GraphModule:
     """The graph a pipeline starts from: one opaque call of the candidate block."""
     root = nn.Module()
@@ -81,37 +105,149 @@ def _block_graph(block: nn.Module, cand: Candidate, options: dict) -> fx.GraphMo
     x = g.placeholder("hidden_states")
     g.output(g.call_module("block", (x,)))
     gm = fx.GraphModule(root, g, class_name="Candidate")
-    gm.meta.update(block=block, candidate=cand, options=options)
+    gm.meta.update(block=block, candidate=cand, options=options, undo=[])
     return gm
 
 
+def _undo(gm_meta: dict) -> None:
+    for fn in reversed(gm_meta.get("undo", [])):
+        fn()
+    gm_meta["undo"] = []
+
+
+def _final_proof(gm: fx.GraphModule, block: nn.Module, pm: PassManager) -> str:
+    """Prove the graph that will run (every pass, the backend's lowering included) on the probes, plus
+    the token counts where its kernels change path. Quantized experts are compared with the canonical
+    graph on their dequantized weights (the invariant of quantize_experts), routing included."""
+    spec, proof = gm.meta["moe_spec"], gm.meta["proof"]
+    in_dim = proof.probes[0].x.dim()
+    proof.add_tokens([t for n in pm.names if PASSES[n].proof_tokens for t in PASSES[n].proof_tokens(spec)], in_dim)
+    dtype = max((p for p in block.parameters() if p.is_floating_point()), key=torch.Tensor.numel).dtype
+    what = f"the compiled graph (after {pm.names[-1]})"
+    run = lambda x: assemble(spec.outputs, x, *call(gm, block, x))  # noqa: E731
+    if spec.quant is None:
+        proof.check(run, dtype, what, error=_FinalProofFailed)
+    else:
+        roles = dict(gm.meta["canonical_bindings"])
+        for role in ("w13", "w2") + (("router",) if spec.quant.router else ()):
+            deq = dequantize(spec.quant, quantized_tensors(block, role), dtype)
+            roles["router_weight" if role == "router" else role] = Const(deq[0] if role == "router" else deq)
+        ref = build_graph(block, spec.with_(quant=None), roles)
+        proof.check(run, dtype, what, error=_FinalProofFailed,
+                    reference=lambda x: assemble(spec.outputs, x, *call(ref, block, x)))
+    return f"{proof.describe()}; experts reached {len(proof.reached)}/{spec.experts.num_experts}"
+
+
+def _compile_block(pm: PassManager, block: nn.Module, cand: Candidate, options: dict) -> _Done | Rejection:
+    start = _block_graph(block, cand, options)
+    try:
+        gm, records = pm.run(start, cand.path, block)
+        proved = _final_proof(gm, block, pm)
+    except _FinalProofFailed as e:
+        _undo(start.meta)
+        raise _FinalProofFailed(f"{e} (a moec defect: please report it)") from e
+    except Rejected as e:
+        _undo(start.meta)
+        return Rejection(cand.path, str(e))
+    except Exception as e:  # noqa: BLE001  a pass that fails on one block leaves that block alone
+        _undo(start.meta)
+        raise _FinalProofFailed(f"moec failed on it: {type(e).__name__}: {e} ({' '.join(getattr(e, '__notes__', []))};"
+                                f" a moec defect: please report it)") from e
+    spec = gm.meta["moe_spec"]
+    d = spec.describe()
+    return _Done(cand, block, gm, BlockReport(cand.path, spec.experts.num_experts, spec.router.top_k, d["router"],
+                                              d["experts"], d["shared"], records, proof=proved))
+
+
+def _progress(n: int):
+    console = Console(stderr=True)
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                    transient=True, disable=n == 0 or not console.is_terminal)
+
+
 def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: bool, backend: str,
-         options: dict | None = None) -> Report:
+         options: dict | None = None, strict: bool = False) -> Report:
     pm = PassManager(passes, instruments)
     report = Report(pipeline=pm.pipeline, backend=backend)
     cands = find_candidates(model)
-    for cand in track(cands, description="moec: compiling MoE blocks", disable=len(cands) < 4, transient=True):
-        block = resolve(model, cand.path)
-        try:
-            gm, records = pm.run(_block_graph(block, cand, options or {}), cand.path, block)
-        except Rejected as e:
-            report.rejected.append(Rejection(cand.path, str(e)))
-            continue
-        spec = gm.meta["moe_spec"]
-        d = spec.describe()
-        report.blocks.append(BlockReport(cand.path, spec.experts.num_experts, spec.router.top_k, d["router"],
-                                         d["experts"], d["shared"], records))
+    done: list[_Done] = []
+    kept = model.__dict__.get("_moec_report")
+    try:
+        with _progress(len(cands)) as progress:
+            task = progress.add_task("moec", total=len(cands))
+            for i, cand in enumerate(cands):
+                progress.update(task, description=f"moec: block {i + 1}/{len(cands)} {cand.path or '(model)'}")
+                block = resolve(model, cand.path)
+                old = compiled_graph(block)
+                if old is not None:
+                    kept_block = _recompile(block, cand, pm, kept, options or {})
+                    if kept_block is not None:
+                        report.blocks.append(kept_block)
+                        progress.advance(task)
+                        continue
+                try:
+                    res = _compile_block(pm, block, cand, options or {})
+                except _FinalProofFailed as e:
+                    if strict:
+                        raise RuntimeError(f"moec: block {cand.path!r}: {e}; no block was rewritten") from e
+                    res = Rejection(cand.path, str(e))
+                if isinstance(res, Rejection):
+                    if old is not None:  # compiled before, not with these options: it keeps its compiled graph
+                        install(block, old, cand.path)
+                    report.rejected.append(res)
+                else:
+                    done.append(res)
+                    report.blocks.append(res.report)
+                progress.advance(task)
         if install_blocks:
-            install(block, gm)
-            if spec.quant is not None:  # proved and installed: the fp experts are no longer read
-                release_originals(block, cand, gm)
-        else:  # inspection leaves the model exactly as it was
-            for name in [n for n, _ in block.named_buffers(recurse=False) if n.startswith("_moec_")]:
-                delattr(block, name)
+            _install_all(done)
+    finally:
+        if not install_blocks or any(compiled_graph(d.block) is not d.gm for d in done):
+            for d in done:
+                _undo(d.gm.meta)
     return report
 
 
-def compile(model: nn.Module, *, backend: str = "auto", passes: str | None = None, verify: bool = False,
+def _recompile(block, cand, pm: PassManager, kept: Report | None, options: dict):
+    """An already compiled block: keep it if compiled the same way, else compile it anew (a quantized one
+    has released its fp expert weights: refused). Returns its report when kept."""
+    gm = compiled_graph(block)
+    old = gm.meta["moe_spec"].quant
+    new = options.get("quantize")
+    same = kept is not None and kept.pipeline == pm.pipeline and old == new
+    if same or pm.pipeline == "detect_moe":  # inspect of a compiled model reports what is installed
+        return next((b for b in kept.blocks if b.path == cand.path), None) if kept else None
+    if old is not None:
+        raise ValueError(f"moec.compile: block {cand.path!r} is already compiled with {old.describe()} experts and "
+                         f"its fp expert weights were released: build a fresh model to compile it with "
+                         f"{new.describe() if new else 'fp experts'} or another pipeline")
+    uninstall(block)
+    return None
+
+
+def _install_all(done: list[_Done]) -> None:
+    """Install every proved block, or none (an error while installing uninstalls the ones before it)."""
+    installed = []
+    try:
+        for d in done:
+            install(d.block, d.gm, d.cand.path)
+            installed.append(d)
+            for b in d.gm.meta["bindings"].values():
+                if isinstance(b, Derived):
+                    b.adopt(d.block)  # one copy: the block's tensors become views of moec's storage
+            if d.gm.meta["moe_spec"].quant is not None:  # proved and installed: the fp experts are not read
+                release_originals(d.block, d.cand)
+            d.gm.meta.pop("proof", None)
+            d.gm.meta["undo"] = []
+            d.gm.meta["canonical_bindings"] = {  # routing only (inspect's expert load): no expert copies kept
+                r: b for r, b in d.gm.meta["canonical_bindings"].items() if r.startswith(("router", "select"))}
+    except BaseException:
+        for d in installed:
+            uninstall(d.block)
+        raise
+
+
+def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] | None = None, verify: bool = False,
             quantize: QuantConfig | None = None, providers: list[str] | None = None, session_options=None,
             **options) -> nn.Module:
     """Find, prove and rewrite every MoE block of `model` (in place); return the model.
@@ -120,18 +256,22 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | None = Non
         "onnxruntime" (the whole model runs in an ONNX Runtime session, see moec.backends.ort_session;
         `providers` in precedence order, default CUDA when usable else CPU; `session_options` an
         onnxruntime.SessionOptions or a dict of its attributes).
-    passes: a pipeline such as "detect_moe,fuse_gate,batch_experts" (the default).
-    verify: check each rewritten block against the original after every pass, raise if off
-        (quantized blocks: up to the pass before quantize_experts; quantization error is measured, not checked).
+    passes: a pipeline such as "detect_moe,fuse_gate,batch_experts" (the default) or a list of pass names.
+    verify: raise (and rewrite nothing) if any block's final graph fails its proof, instead of leaving that
+        block alone; also checks each block after every pass (MOEC_LOGS=verify prints the errors).
     quantize: Int8Experts() or Int4Experts(group_size, symmetric[, shared, router]): weight-only quantized
         routed experts (appends the quantize_experts pass). Backend torch: numba kernels, CPU only;
         triton: w8a16/w4a16 GEMMs; onnxruntime: QMoE nodes. shared=True is torch backend only.
-    A model without MoE comes back unchanged, with a warning; blocks moec cannot prove are
-    left as they were and listed in `moec.inspect(model).rejected` with the reason.
+    Every rewritten block is proved: its final graph is checked against the original block before it is
+    installed (docs/guarantees.md). A model without MoE comes back unchanged, with a warning; blocks moec
+    cannot prove are left as they were and listed in `moec.inspect(model).rejected` with the reason.
     """
+    _check_module(model, "compile")
     if options:
-        raise TypeError(f"unknown option(s) {sorted(options)}")
-    device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
+        raise TypeError(f"moec.compile got unknown option(s) {sorted(options)}")
+    if not isinstance(verify, bool):
+        raise TypeError(f"moec.compile: verify must be True or False, not {verify!r}")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     backend = resolve_backend(backend, device)
     if quantize is not None and not isinstance(quantize, (Int8Experts, Int4Experts)):
         raise TypeError(f"quantize must be moec.Int8Experts() or moec.Int4Experts(...), not {quantize!r}")
@@ -148,14 +288,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | None = Non
     instruments = Instruments.from_env()
     instruments.verify = instruments.verify or verify
     report = _run(model, pipeline_for(backend, passes, quantize is not None), instruments, install_blocks=True,
-                  backend=backend, options={"quantize": quantize})
-    if verify:
-        for b in report.blocks:
-            err = [r for r in b.passes if r.name != "quantize_experts"][-1].max_rel_err
-            dtype = next(resolve(model, b.path).parameters()).dtype
-            if err > VERIFY_TOL.get(dtype, 1e-4):
-                raise RuntimeError(f"moec: block {b.path!r} differs from the original after "
-                                   f"{b.passes[-1].name}: max relative error {err:.2e}")
+                  backend=backend, options={"quantize": quantize}, strict=verify)
     _warn_if_empty(model, report)
     report.quantize = quantize
     model.__dict__["_moec_report"] = report
@@ -198,8 +331,9 @@ def _refuse_save_pretrained(*args, **kwargs):
 
 def inspect(model: nn.Module, *args, **kwargs) -> Report:
     """What moec finds in `model`: detected blocks (path, E, k, router, experts, shared) and
-    rejected candidates with the reason. Works on compiled and original models alike; with
-    example inputs, also counts the tokens each block routes to each expert."""
+    rejected candidates with the reason. Works on compiled and original models alike and leaves
+    the model as it was; with example inputs, also counts the tokens each block routes to each expert."""
+    _check_module(model, "inspect")
     report = model.__dict__.get("_moec_report")
     if report is None:
         report = _run(model, "detect_moe", Instruments(), install_blocks=False, backend="-")
@@ -217,15 +351,15 @@ def _expert_load(model: nn.Module, report: Report, args, kwargs) -> None:
 
     def hook(path):
         def fn(mod, a):
-            spec, x = specs[path], a[0]
-            p = lambda role: resolve(mod, spec.params[role]) if role in spec.params else None  # noqa: E731
+            (spec, roles), x = specs[path], a[0]
+            p = lambda role: roles[role].get(mod) if role in roles else None  # noqa: E731
             _, ids, _ = route_math(x.reshape(-1, spec.experts.hidden), p("router_weight"), p("router_bias"),
                                    p("select_bias"), *route_args(spec.router), num_experts=spec.experts.num_experts)
             counts = torch.bincount(ids.reshape(-1).cpu(), minlength=spec.experts.num_experts)
             loads[path] = loads.get(path, 0) + counts
         return fn
 
-    handles = [resolve(model, p).register_forward_pre_hook(hook(p)) for p, s in specs.items() if s is not None]
+    handles = [resolve(model, p).register_forward_pre_hook(hook(p)) for p in specs]
     try:
         with torch.no_grad():
             model(*args, **kwargs)
@@ -238,14 +372,11 @@ def _expert_load(model: nn.Module, report: Report, args, kwargs) -> None:
 
 
 def _spec_of(model: nn.Module, path: str):
-    gm = resolve(model, path).__dict__.get("_moec_graph")
-    if gm is not None:
-        return gm.meta["moe_spec"]
+    """(spec, bindings) of a block: its installed graph's, else a fresh analysis."""
     block = resolve(model, path)
+    gm = compiled_graph(block)
+    if gm is not None:
+        return gm.meta["moe_spec"], gm.meta.get("canonical_bindings", gm.meta["bindings"])
     cand = next(c for c in find_candidates(block) if c.path == "")
-    from moec.passes.detect_moe import analyze
-
-    spec = analyze(block, cand)
-    for name in [n for n, _ in block.named_buffers(recurse=False) if n.startswith("_moec_")]:
-        delattr(block, name)
-    return spec
+    specs, roles, _ = analyze(block, cand)
+    return specs[0], roles

@@ -1,14 +1,16 @@
 """The canonical graph of a proved MoE block, and how it replaces the block's forward.
 
-`build_graph(block, spec)` traces moec's reference form of the block into an fx
-GraphModule whose `get_attr` nodes point at the block's own tensors (no copies):
+`build_graph(block, spec, bindings)` traces moec's reference form of the block into an fx
+GraphModule. Every tensor it reads is an input (a placeholder named by its role), never a
+captured attribute: the installed block passes the tensors its `bindings` (moec.bindings) give
+at call time, so the graph always computes with the module's parameters as they are now.
 
     x                = hidden_states.reshape(-1, H)                   # [T, H]
     logits           = linear(x, router_weight, router_bias)          # [T, E]
     scores, ids, w   = softmax/sigmoid, group mask, topk, gather ...  # [T, k]
     w                = moec.capacity(ids, w, rows, capacity, E)       # only with expert capacity
     y                = moec.experts_loop(x, ids, w, w13, b13, w2, b2) # [T, H]
-    y                = y + shared(x) [* sigmoid(shared_gate(x))]
+    y                = y + shared(x) [* sigmoid(shared_gate(x))]      # the block's own modules, called
     y                = y + out_bias                                    # if the block adds one
     return y.reshape(hidden_states.shape), logits, ids, w
 
@@ -18,28 +20,31 @@ fuse_gate and batch_experts then rewrite this graph; `install` makes the block r
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.modules import module as _module
 
 from moec.backends.torch_backend import route_math
+from moec.bindings import Binding, generation, resolve, tracing
 from moec.ir import MoESpec
 from moec.ops import experts_args, route_args
 
-
-def resolve(module: nn.Module, path: str):
-    return functools.reduce(getattr, path.split("."), module) if path else module
+__all__ = ["build_graph", "install", "uninstall", "call", "resolve", "CompiledForward", "role_value", "add_role"]
 
 
 class _Reference(nn.Module):
-    def __init__(self, block: nn.Module, spec: MoESpec):
+    def __init__(self, block: nn.Module, spec: MoESpec, tensors: dict[str, torch.Tensor]):
         super().__init__()
-        self.block, self.spec = block, spec
+        self.block, self.spec, self.roles = block, spec, list(tensors)
+        for role, t in tensors.items():  # attributes only for tracing; they become placeholders
+            self.register_buffer(role, t, persistent=False)
 
     def forward(self, hidden_states):
         s, b = self.spec, self.block
-        p = {role: resolve(b, path) for role, path in s.params.items()}
+        p = {role: getattr(self, role) for role in self.roles}
         x = hidden_states.reshape(-1, s.experts.hidden)  # [T, H]
         xr = x.to(p["router_weight"].dtype)  # a router kept in fp32 (Switch casts its own on first use)
         logits, ids, w = route_math(xr, p["router_weight"], p.get("router_bias"), p.get("select_bias"),
@@ -62,7 +67,7 @@ class _Reference(nn.Module):
 class _Tracer(fx.Tracer):
     """Keeps the shared experts as single call_module nodes."""
 
-    def __init__(self, leaves: set[str]):
+    def __init__(self, leaves: frozenset[str] = frozenset()):  # no arguments needed: GraphModule unpickling
         super().__init__()
         self.leaves = leaves
 
@@ -70,46 +75,214 @@ class _Tracer(fx.Tracer):
         return qualname in self.leaves or super().is_leaf_module(m, qualname)
 
 
-def build_graph(block: nn.Module, spec: MoESpec, name: str = "moe") -> fx.GraphModule:
-    root = _Reference(block, spec)
+def build_graph(block: nn.Module, spec: MoESpec, bindings: dict[str, Binding], name: str = "moe") -> fx.GraphModule:
+    """The reference graph: forward(hidden_states, <one input per role of `bindings`>)."""
+    tensors = {role: b.get(block) for role, b in bindings.items()}
+    root = _Reference(block, spec, {r: t for r, t in tensors.items() if t is not None})
     leaves = {f"block.{p}" for p in (spec.shared.module, spec.shared.gate) if p} if spec.shared else set()
-    graph = _Tracer(leaves).trace(root)
+    graph = _Tracer(frozenset(leaves)).trace(root)
+    role_of = {id(getattr(root, r)): r for r in root.roles}  # the tracer names a tensor by its first path
+    inputs, last = {}, next(n for n in graph.nodes if n.op == "placeholder")
+    for node in [n for n in graph.nodes if n.op == "get_attr" and id(resolve(root, n.target)) in role_of]:
+        role = role_of[id(resolve(root, node.target))]
+        if role not in inputs:
+            with graph.inserting_after(last):
+                inputs[role] = last = graph.placeholder(role)
+        node.replace_all_uses_with(inputs[role])
+        graph.erase_node(node)
     gm = fx.GraphModule(root, graph, class_name=f"MoE_{name.replace('.', '_')}")
-    gm.meta["moe_spec"] = spec
+    gm.meta.update(moe_spec=spec, bindings={r: bindings[r] for r in roles(gm)})
     return gm
 
 
+def roles(gm: fx.GraphModule) -> list[str]:
+    """The graph's tensor inputs after hidden_states, in order."""
+    return [n.target for n in gm.graph.nodes if n.op == "placeholder"][1:]
+
+
+def role_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The tensor an input node of the graph stands for, as the block holds it now."""
+    return gm.meta["bindings"][node.target].get(gm.meta["block"])
+
+
+def add_role(gm: fx.GraphModule, role: str, binding: Binding) -> fx.Node:
+    """A new input of the graph (after the others) bound to `binding`."""
+    g = gm.graph
+    last = [n for n in g.nodes if n.op == "placeholder"][-1]
+    with g.inserting_after(last):
+        node = g.placeholder(role)
+    gm.meta["bindings"][role] = binding
+    return node
+
+
+def drop_unused_roles(gm: fx.GraphModule) -> None:
+    for n in [n for n in gm.graph.nodes if n.op == "placeholder"][1:]:
+        if not n.users:
+            gm.meta["bindings"].pop(n.target, None)
+            gm.graph.erase_node(n)
+
+
+def graph_inputs(gm: fx.GraphModule, block: nn.Module) -> list[torch.Tensor]:
+    """The tensors the graph reads after hidden_states, from the block as it is now."""
+    bindings = gm.meta["bindings"]
+    return [bindings[r].get(block) for r in roles(gm)]
+
+
+def call(gm: fx.GraphModule, block: nn.Module, hidden_states: torch.Tensor):
+    """Run the graph on the block's tensors as they are now."""
+    return gm(hidden_states, *graph_inputs(gm, block))
+
+
+class _NoBackward(torch.autograd.Function):
+    """Marks a compiled block's output: it was computed for inference, its backward raises."""
+
+    @staticmethod
+    def forward(ctx, out, path, *inputs):
+        ctx.path = path
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"moec: block {ctx.path!r} was compiled for inference and computes no gradients in eval mode; "
+            f"call model.train() (compiled blocks then run their original forward, gradients included) or "
+            f"run inference under torch.no_grad()")
+
+
 class CompiledForward:
-    """Replaces `block.forward`: runs the block's final graph and rebuilds the block's own
-    return structure. Extra non-None inputs (e.g. a padding mask) go to the original."""
+    """Replaces `block.forward`: runs the block's final graph on its live tensors and rebuilds the
+    block's own return structure. The original forward runs instead (the same results, by
+    construction) when the graph cannot stand for it: the block in training mode, extra non-None
+    inputs (e.g. a padding mask), no tokens, or forward hooks on a submodule the graph skips (they
+    would not fire; e.g. HF's output_router_logits records the router's output that way). A quantized
+    block's original expert weights are released: there, those cases raise instead."""
 
-    def __init__(self, gm: fx.GraphModule, outputs: tuple[str, ...], original):
-        self.gm, self.outputs, self.original = gm, outputs, original
+    def __init__(self, block: nn.Module, gm: fx.GraphModule, path: str, user_forward=None):
+        self.block, self.gm, self.path = block, gm, path
+        self.user_forward = user_forward  # an instance-level forward the block had before compile, if any
+        self._gen = -1
+        self._skipped: list[nn.Module] = []
+        self._signature = None
 
-    def __call__(self, hidden_states, *args, **kwargs):
-        if any(a is not None for a in args) or any(v is not None for v in kwargs.values()):
+    def original(self, *args, **kwargs):
+        fwd = self.user_forward or type(self.block).forward.__get__(self.block)
+        return fwd(*args, **kwargs)
+
+    def __getstate__(self):  # pickle / deepcopy: a GraphModule does not keep its meta (spec, bindings)
+        return {**self.__dict__, "_meta": dict(self.gm.meta), "_gen": -1, "_skipped": [], "_signature": None}
+
+    def __setstate__(self, state):
+        meta = state.pop("_meta")
+        self.__dict__.update(state)
+        self.gm.meta.update(meta)
+
+    def _split(self, args, kwargs):
+        """(hidden_states, extra inputs that are not None) from a call in the original's signature."""
+        if len(args) == 1 and not kwargs:
+            return args[0], {}
+        if self._signature is None:
+            self._signature = inspect.signature(self.user_forward or type(self.block).forward.__get__(self.block))
+        bound = self._signature.bind(*args, **kwargs)
+        (first, hidden), *rest = bound.arguments.items()
+        extras = {k: v for k, v in rest if v is not None and not (isinstance(v, dict) and not v)}
+        return hidden, extras
+
+    def _refresh(self) -> None:
+        """Submodules the graph skips (their hooks would not fire), and the live shared modules."""
+        spec = self.gm.meta["moe_spec"]
+        called = {p for p in (spec.shared.module, spec.shared.gate) if p} if spec.shared else set()
+        self._skipped = [m for n, m in self.block.named_modules() if n and not any(
+            n == c or n.startswith(c + ".") for c in called)]
+        for c in called:  # the graph calls the block's shared modules: follow a replaced one
+            if resolve(self.gm, f"block.{c}") is not resolve(self.block, c):
+                parent, _, attr = f"block.{c}".rpartition(".")
+                setattr(resolve(self.gm, parent), attr, resolve(self.block, c))
+        self._gen = generation()
+
+    def why_original(self, hidden, extras) -> str | None:
+        if self._gen != generation():
+            self._refresh()
+        if extras:
+            return f"extra inputs {sorted(extras)}"
+        if self.block.training:
+            return "training mode"
+        if not isinstance(hidden, torch.Tensor) or hidden.numel() == 0:
+            return "no tokens"
+        if (_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in self._skipped)):
+            return "forward hooks on a submodule the compiled graph does not call"
+        return None
+
+    def __call__(self, *args, **kwargs):
+        hidden, extras = self._split(args, kwargs)
+        why = self.why_original(hidden, extras)
+        if why:
             if self.gm.meta["moe_spec"].quant is not None:
                 raise NotImplementedError(
-                    f"moec: block {self.gm.meta['candidate'].path!r} runs quantized experts and its original "
-                    f"expert weights were released, so its original forward (taken for extra inputs such as a "
-                    f"padding mask: {len(args)} positional, {sorted(kwargs)}) cannot run")
-            return self.original(hidden_states, *args, **kwargs)
-        out, logits, ids, weights = self.gm(hidden_states)
-        if self.outputs == ("out",):
-            return out
-        leaves = {"out": out, "out_flat": out.reshape(-1, out.shape[-1]), "logits": logits,
-                  "logits_bse": logits.reshape(*hidden_states.shape[:-1], -1), "ids": ids, "weights": weights,
-                  "none": None}
-        return tuple(leaves[o] for o in self.outputs)
+                    f"moec: block {self.path!r} runs quantized experts and its original expert weights were "
+                    f"released, so its original forward cannot run ({why})")
+            return self.original(*args, **kwargs)
+        with torch.no_grad():
+            out, logits, ids, weights = call(self.gm, self.block, hidden)
+        if torch.is_grad_enabled() and not tracing():
+            inputs = [hidden, *self.block.parameters()]
+            if any(t.requires_grad for t in inputs):  # a backward through this output raises, clearly
+                out, logits = (_NoBackward.apply(t, self.path, *inputs) for t in (out, logits))
+        return assemble(self.gm.meta["moe_spec"].outputs, hidden, out, logits, ids, weights)
 
 
-def install(block: nn.Module, gm: fx.GraphModule) -> None:
+def assemble(outputs: tuple[str, ...], hidden, out, logits, ids, weights):
+    """The block's own return structure (MoESpec.outputs) from the graph's outputs."""
+    if outputs == ("out",):
+        return out
+    leaves = {"out": out, "out_flat": out.reshape(-1, out.shape[-1]), "logits": logits,
+              "logits_bse": logits.reshape(*hidden.shape[:-1], -1), "ids": ids, "weights": weights, "none": None}
+    return tuple(leaves[o] for o in outputs)
+
+
+def original_forward(block: nn.Module):
+    """The block's own forward (also when moec compiled it)."""
+    compiled = compiled_forward(block)
+    return compiled.original if compiled is not None else block.forward
+
+
+def _run_compiled(compiled: CompiledForward, *args, **kwargs):
+    return compiled(*args, **kwargs)
+
+
+def compiled_forward(block: nn.Module) -> CompiledForward | None:
+    fwd = block.__dict__.get("forward")
+    return fwd.args[0] if isinstance(fwd, functools.partial) and fwd.func is _run_compiled else None
+
+
+def _extra_repr(own: str, line: str) -> str:
+    return f"{own}\n{line}" if own else line
+
+
+def install(block: nn.Module, gm: fx.GraphModule, path: str) -> None:
     """Make `block` run `gm`; its parameters, state_dict and class stay as they were."""
-    original = block.__dict__.get("_moec_original_forward", block.forward)
-    block.__dict__["_moec_original_forward"] = original
+    old = compiled_forward(block)
+    user_forward = old.user_forward if old is not None else block.__dict__.get("forward")
+    gm.meta.pop("block", None)  # the compiled block holds no compile-time references (tensors, candidates)
+    gm.meta.pop("candidate", None)
     block.__dict__["_moec_graph"] = gm  # kept out of _modules: state_dict and named_modules are unchanged
-    block.forward = CompiledForward(gm, gm.meta["moe_spec"].outputs, original)
+    # a partial of a module-level function: torch.export reads its code, pickle stores it
+    block.forward = functools.partial(_run_compiled, CompiledForward(block, gm, path, user_forward))
     own = type(block).extra_repr(block)
     d = gm.meta["moe_spec"].describe()
     line = f"moec: {d['router']}; experts {d['experts']}" + (f"; shared {d['shared']}" if d["shared"] != "-" else "")
-    block.extra_repr = lambda: f"{own}\n{line}" if own else line  # print(model) shows the rewrite
+    block.extra_repr = functools.partial(_extra_repr, own, line)  # print(model) shows the rewrite
+
+
+def uninstall(block: nn.Module) -> None:
+    """Give `block` its own forward back (the tensors re-pointed into moec's storage keep their values)."""
+    compiled = compiled_forward(block)
+    block.__dict__.pop("forward", None)
+    if compiled is not None and compiled.user_forward is not None:
+        block.forward = compiled.user_forward
+    for attr in ("_moec_graph", "extra_repr"):
+        block.__dict__.pop(attr, None)
+
+
+def compiled_graph(block: nn.Module) -> fx.GraphModule | None:
+    return block.__dict__.get("_moec_graph")

@@ -21,6 +21,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:  # bad input: one line, what to do
+        print(f"moec: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog="moec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="run a pass pipeline on a built-in model")
@@ -45,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model = models.demo_model() if args.model == "demo" else models.tiny_model(args.model)
     ins = Instruments(args.print_after_all, args.timing, args.verify, args.dump)
-    from moec.api import VERIFY_TOL, _run
+    from moec.api import _run
+    from moec.passes.detect.proof import TOL
 
     report = _run(model, args.passes, ins, install_blocks=True, backend="torch")
     console.print(report)
@@ -58,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         bad = []
         for b in report.blocks:
             t.add_row(b.path, *(f"{r.max_rel_err:.1e}" for r in b.passes))
-            first = next((r.name for r in b.passes if r.max_rel_err > VERIFY_TOL[next(model.parameters()).dtype]), None)
+            first = next((r.name for r in b.passes if r.max_rel_err > TOL[next(model.parameters()).dtype]), None)
             if first:
                 bad.append(f"{b.path}: numbers changed at pass {first!r}")
         console.print(t)

@@ -119,6 +119,21 @@ def check_exportable(model: nn.Module, quantize, provider: str) -> None:
                                   "bf16 CPU kernel, and bf16 on CUDA is untested (convert the model to fp16 or fp32)")
 
 
+def _warn_about_ties(model: nn.Module, report) -> None:
+    """ONNX Runtime breaks exact ties between expert scores by the lowest index; torch.topk by an order of
+    its own. A router with identical (or all-zero) rows ties on every token: say so, it is not silent."""
+    for b in report.blocks:
+        block = resolve(model, b.path)
+        gm = block.__dict__["_moec_graph"]
+        binding = gm.meta["bindings"].get("router_weight") or gm.meta["canonical_bindings"]["router_weight"]
+        w = binding.get(block)
+        if torch.unique(w, dim=0).shape[0] < w.shape[0]:
+            warnings.warn(f"moec.export_onnx: block {b.path!r} has router rows that are equal (e.g. an untrained or "
+                          f"zero router): its experts tie on every token, and ONNX Runtime breaks a tie by the lowest "
+                          f"expert index where torch.topk uses its own order, so the exported model may pick other "
+                          f"experts than the PyTorch model", stacklevel=3)
+
+
 def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.PathLike, *,
                 quantize: QuantConfig | None = None, provider: str = "cpu", opset: int | None = None,
                 external_data: bool | None = None) -> ExportReport:
@@ -149,6 +164,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         warnings.simplefilter("ignore")  # a model without MoE block exports as it is
         compile(work, backend="torch", passes=pipeline, quantize=quantize)
     compiled = inspect(work)
+    _warn_about_ties(work, compiled)
     with torch.no_grad():
         exportable = _Exportable(work, len(args), list(kwargs))
         program = torch.onnx.export(

@@ -17,20 +17,24 @@ SCORINGS = ("softmax", "sigmoid", "none", "sparsemixer")
 GROUP_SCORES = ("max", "top2_sum")
 WEIGHTINGS = ("scores", "ones")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
+# how a gated expert's W13 rows hold gate and up: gate rows then up rows, the reverse, or alternating
+GATE_UPS = ("halves", "halves_up_first", "interleave", "interleave_up_first")
 
 
 @dataclass(frozen=True)
 class RouterSpec:
-    """logits = x @ W.T + b  ->  ids, weights.
+    """logits = x @ W.T + b  ->  ids, weights.   (upcast: x, W, b cast to fp32 first, as the block does)
 
     scores  = scoring(logits)                          # [T, E], fp32
-    choice  = scores + select_bias                     # bias steers selection only
+    choice  = scores (or the logits) + select_bias     # what the block's top-k compares; bias steers selection only
     choice  = keep the `topk_group` best of `n_group` groups (group score: max or top-2 sum)
     ids     = topk(choice, top_k)                      # [T, k]
     weights = scores[ids] (or 1) / renorm-norm * scale # [T, k]
     weights = 0 where past capacity                    # see moec::capacity
 
-    "top-k on logits then softmax over the k" is softmax + renorm=1 (same math).
+    "top-k on logits then softmax over the k" is select_on="logits", softmax, renorm=1: the weights are
+    the softmax of the chosen logits, computed that way (the same numbers, not just the same math:
+    a softmax over all E saturates and ties where the logits do not).
 
     scoring="sparsemixer" (PhiMoE, eval mode) replaces scoring, selection and weights: k
     sequential picks, pick j taking the best logit m_j not picked yet, weighted by the softmax
@@ -49,9 +53,14 @@ class RouterSpec:
     capacity: int = 0  # 0: none; c > 0: each expert takes at most c (token, slot) pairs, later ones dropped
     capacity_per_row: bool = False  # count capacity per batch row of the block input (Switch), else over all tokens
     jitter_eps: float = 0.0  # sparsemixer only: relative threshold of the masked softmax
+    select_on: str = "scores"  # "scores" or "logits": the values the block's selection compares
+    upcast: bool = False  # the router GEMM runs in fp32 (the block casts its input and weight up first)
+    selection: str = "topk"  # "topk" or "argmax" (k = 1): the op the block selects with; they break ties apart
 
     def describe(self) -> str:
         parts = [f"{self.scoring}" if self.scoring != "none" else "logits"]
+        if self.select_on == "logits" and self.scoring in ("softmax", "sigmoid"):
+            parts = ["logits"]
         if self.scoring == "sparsemixer":
             parts = [f"sparsemixer(eps={self.jitter_eps:g})"]
         if self.select_bias:
@@ -59,9 +68,13 @@ class RouterSpec:
         if self.n_group > 1:
             parts.append(f"group-limited {self.topk_group}/{self.n_group} ({self.group_score})")
         parts.append(f"top-{self.top_k}")
+        if self.select_on == "logits" and self.scoring in ("softmax", "sigmoid"):
+            parts.append(f"{self.scoring} of the chosen" if self.renorm == 1.0 and self.scoring == "softmax"
+                         else self.scoring)
         if self.weighting == "ones":
             parts.append("weight 1")
-        if self.renorm:
+        chosen_softmax = self.select_on == "logits" and self.scoring == "softmax" and self.renorm == 1.0
+        if self.renorm and not chosen_softmax:
             parts.append("renorm" if self.renorm == 1.0 else f"renorm p={self.renorm:g}")
         if self.scale != 1.0:
             parts.append(f"x{self.scale:g}")
@@ -72,9 +85,10 @@ class RouterSpec:
 
 @dataclass(frozen=True)
 class ExpertsSpec:
-    """Each expert: y = W2 @ act(W13 @ x + b13) + b2, with W13 [N1, H] holding gate rows then
-    up rows when gated (act(gate) * up). `weight_on_input` scales the expert's input by the
-    combine weight instead of its output (Llama 4)."""
+    """Each expert: y = W2 @ act(W13 @ x + b13) + b2, with W13 [N1, H] holding the gate and up rows
+    when gated (act(gate) * up), in the order `gate_up` says (GATE_UPS: the block's own order, so its
+    weights are read in place). `weight_on_input` scales the expert's input by the combine weight
+    instead of its output (Llama 4)."""
 
     num_experts: int
     hidden: int
@@ -85,12 +99,14 @@ class ExpertsSpec:
     alpha: float = 1.702  # swiglu_oai only: gate * sigmoid(alpha * gate)
     limit: float = 7.0  # swiglu_oai only: clamp bound
     weight_on_input: bool = False
+    gate_up: str = "halves"
 
     def describe(self) -> str:
         act = {"silu": "SwiGLU", "gelu": "GeGLU", "gelu_tanh": "GeGLU(tanh)", "relu": "ReGLU",
                "swiglu_oai": f"clamped SwiGLU(alpha={self.alpha:g}, limit={self.limit:g})"}
         name = act[self.activation] if self.gated else f"{self.activation.upper()} MLP"
-        extra = (" +bias" if self.bias else "") + (" (weight on input)" if self.weight_on_input else "")
+        extra = (" +bias" if self.bias else "") + (" (weight on input)" if self.weight_on_input else "") + (
+            f" [{self.gate_up.replace('_', ' ')} rows]" if self.gated and self.gate_up != "halves" else "")
         return f"{self.num_experts} x {name} {self.hidden}->{self.inter}->{self.hidden}{extra}"
 
 
@@ -107,8 +123,8 @@ class SharedSpec:
 
 @dataclass(frozen=True)
 class MoESpec:
-    """A proved MoE block. `params` maps each canonical role to an attribute path in the
-    block (original weights, used in place) or to a moec buffer holding a canonical copy."""
+    """A proved MoE block. `params` says, for each canonical role, where its tensor comes from in the
+    block (the graph's inputs; moec.bindings gets them at call time)."""
 
     router: RouterSpec
     experts: ExpertsSpec

@@ -22,17 +22,17 @@ from moec.ir import ExpertsSpec, RouterSpec
 
 _EXPERTS_ARGS = (
     "Tensor x, Tensor ids, Tensor weights, Tensor w13, Tensor? b13, Tensor w2, Tensor? b2, "
-    "str activation, bool gated, float alpha, float limit, bool weight_on_input"
+    "str activation, bool gated, float alpha, float limit, bool weight_on_input, str gate_up"
 )
 torch.library.define(
     "moec::route",
     "(Tensor x, Tensor weight, Tensor? bias, Tensor? select_bias, int top_k, str scoring, "
     "int n_group, int topk_group, str group_score, str weighting, float renorm, float scale, "
-    "float jitter_eps) -> (Tensor, Tensor, Tensor)",
+    "float jitter_eps, str select_on, bool upcast, str selection) -> (Tensor, Tensor, Tensor)",
 )
 torch.library.define("moec::experts", f"({_EXPERTS_ARGS}) -> Tensor")
 torch.library.define("moec::experts_loop", f"({_EXPERTS_ARGS}) -> Tensor")
-_ACT_ARGS = "str activation, bool gated, float alpha, float limit, bool weight_on_input"
+_ACT_ARGS = "str activation, bool gated, float alpha, float limit, bool weight_on_input, str gate_up"
 torch.library.define(  # int8 experts (moec.quant format): q [E,N,K] int8, s [E,N]
     "moec::experts_int8",
     f"(Tensor x, Tensor ids, Tensor weights, Tensor q13, Tensor s13, Tensor? b13, Tensor q2, Tensor s2, Tensor? b2, "
@@ -83,9 +83,9 @@ def _capacity_fake(ids, weights, *args):
 def route_args(r: RouterSpec) -> tuple:
     """The non-tensor arguments of moec::route, in schema order."""
     return (r.top_k, r.scoring, r.n_group, r.topk_group, r.group_score, r.weighting, float(r.renorm), float(r.scale),
-            float(r.jitter_eps))
+            float(r.jitter_eps), r.select_on, r.upcast, r.selection)
 
 
 def experts_args(e: ExpertsSpec) -> tuple:
     """The non-tensor arguments of moec::experts / experts_loop, in schema order."""
-    return (e.activation, e.gated, float(e.alpha), float(e.limit), e.weight_on_input)
+    return (e.activation, e.gated, float(e.alpha), float(e.limit), e.weight_on_input, e.gate_up)

@@ -1,8 +1,9 @@
 """Passes, the pass registry, and the pass manager with its instruments.
 
-A pass is `GraphModule -> PassResult` registered under a name; a pipeline is text that
-round-trips: "detect_moe,fuse_gate,batch_experts". The manager runs a pipeline on one
-block's graph and applies the instruments that are on:
+A pass is `GraphModule -> PassResult` registered under a name with the passes it needs to have
+run before it (`requires`); a pipeline is text that round-trips: "detect_moe,fuse_gate,batch_experts"
+(or a list of names), refused when a pass's requirement is missing. The manager runs a pipeline
+on one block's graph and applies the instruments that are on:
 
     print    print the graph after each pass
     dump     write each stage to <dir>/<block>/NNN_<pass>.py
@@ -43,22 +44,40 @@ class PassResult:
     stats: dict[str, int] = field(default_factory=dict)
 
 
-def register_pass(name: str):
+def register_pass(name: str, requires: tuple[str, ...] = (), proof_tokens=None):
+    """Register a pass under `name`; `requires`: passes that must run before it in any pipeline;
+    `proof_tokens(spec) -> [T, ...]`: token counts at which the kernels it installs change path (the
+    final proof runs there)."""
     def deco(fn):
         PASSES[name] = fn
-        fn.pass_name = name
+        fn.pass_name, fn.requires, fn.proof_tokens = name, requires, proof_tokens
         return fn
 
     return deco
 
 
-def parse_pipeline(text: str | list[str] | None) -> list[str]:
-    names = [p.strip() for p in (text or DEFAULT_PIPELINE).split(",")] if not isinstance(text, list) else text
+def parse_pipeline(text: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """"detect_moe,fuse_gate" or ["detect_moe", "fuse_gate"] -> the pass names, checked."""
+    if text is None:
+        text = DEFAULT_PIPELINE
+    if isinstance(text, str):
+        names = [p.strip() for p in text.split(",") if p.strip()]
+    elif isinstance(text, (list, tuple)) and all(isinstance(n, str) for n in text):
+        names = [n.strip() for n in text]
+    else:
+        raise TypeError(f"passes must be a string like {DEFAULT_PIPELINE!r} or a list of pass names, not {text!r}")
     unknown = [n for n in names if n not in PASSES]
     if unknown:
         raise ValueError(f"unknown pass(es) {unknown}; registered: {sorted(PASSES)}")
-    if names[0] != "detect_moe":
+    if not names or names[0] != "detect_moe":
         raise ValueError("a pipeline starts with detect_moe (it turns a block into moec's canonical graph)")
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ValueError(f"pass {name!r} appears twice in the pipeline {','.join(names)}")
+        missing = [r for r in PASSES[name].requires if r not in names[:i]]
+        if missing:
+            raise ValueError(f"pass {name!r} needs {', '.join(map(repr, missing))} to run before it "
+                             f"(pipeline {','.join(names)})")
     return names
 
 
@@ -125,17 +144,20 @@ class PassManager:
 
 
 def verify_graph(gm: fx.GraphModule, reference: torch.nn.Module, tokens: tuple[int, ...] = (1, 7)) -> float:
-    """Max relative error of gm against the original block's forward on random inputs."""
+    """Max relative error of gm against the original block's forward on random inputs (the block's
+    state is left as it was: moec.capture.untouched)."""
+    from moec.canonical import call, original_forward
+    from moec.capture import untouched
+
     spec = gm.meta["moe_spec"]
-    original = reference.__dict__.get("_moec_original_forward", reference.forward)
     p = next(reference.parameters())
     worst = 0.0
     gen = torch.Generator().manual_seed(2)
     for T in tokens:
         x = torch.randn(1, T, spec.experts.hidden, generator=gen, device="cpu").to(p.device, p.dtype)
-        with torch.no_grad():
-            ref = original(x)
-            got = gm(x)[0]
+        with torch.no_grad(), untouched(reference):
+            ref = original_forward(reference)(x)
+            got = call(gm, reference, x)[0]
         ref = ref[0] if isinstance(ref, tuple) else ref
         worst = max(worst, ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item())
     return worst

@@ -23,6 +23,12 @@ def _extras(cfg) -> str:
     return (" +shared" if cfg.shared else "") + (" +router" if cfg.router else "")
 
 
+def _check_bools(cfg, *names) -> None:
+    for name in names:
+        if not isinstance(getattr(cfg, name), bool):
+            raise TypeError(f"{type(cfg).__name__}.{name} must be True or False, not {getattr(cfg, name)!r}")
+
+
 @dataclass(frozen=True)
 class Int8Experts:
     """int8 weight-only experts, one scale per output channel. shared=True quantizes the shared
@@ -31,6 +37,9 @@ class Int8Experts:
     shared: bool = False
     router: bool = False
     bits = 8
+
+    def __post_init__(self):
+        _check_bools(self, "shared", "router")
 
     def describe(self) -> str:
         return "int8 per-channel" + _extras(self)
@@ -47,8 +56,9 @@ class Int4Experts:
     bits = 4
 
     def __post_init__(self):
-        if self.group_size not in (32, 64, 128):
-            raise ValueError(f"Int4Experts.group_size must be 32, 64 or 128, not {self.group_size}")
+        if type(self.group_size) is not int or self.group_size not in (32, 64, 128):
+            raise ValueError(f"Int4Experts.group_size must be 32, 64 or 128 (an int), not {self.group_size!r}")
+        _check_bools(self, "symmetric", "shared", "router")
 
     def describe(self) -> str:
         return f"int4 g{self.group_size} {'sym' if self.symmetric else 'asym'}" + _extras(self)

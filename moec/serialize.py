@@ -6,7 +6,8 @@
 The file holds the model's state_dict (the quantized experts as moec-format buffers, see
 moec.quant) and, in its metadata, moec's format version and the compile options. `load`
 compiles the fresh model with those options (which finds and proves the blocks), then loads
-every tensor from the file (the kernels read the quantized buffers as they are).
+every tensor from the file into the model's own tensors: compiled blocks read them at call
+time (moec.bindings), so the loaded model computes with the file's weights, quantized or not.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import torch
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moec import quant
@@ -24,20 +26,37 @@ KEY = "moec"
 
 
 def save(model: nn.Module, path: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"moec.save takes a torch.nn.Module, not {type(model).__name__}")
     report = model.__dict__.get("_moec_report")
     if report is None:
         raise ValueError("moec.save: the model was not compiled by moec.compile")
     cfg = report.quantize
     meta = {"format_version": quant.FORMAT_VERSION, "pipeline": report.pipeline, "backend": report.backend,
             "quantize": None if cfg is None else {"kind": type(cfg).__name__, **dataclasses.asdict(cfg)}}
-    save_model(model, path, metadata={KEY: json.dumps(meta)})
+    tensors, tied, seen = {}, {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+        if key in seen:  # tied weights (and the released, empty experts): written once
+            tied[name] = seen[key]
+            continue
+        seen[key] = name
+        whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        tensors[name] = t.detach().contiguous() if whole else t.detach().clone()  # views of moec's storage: alone
+    meta["tied"] = tied
+    save_file(tensors, path, metadata={KEY: json.dumps(meta)})
 
 
 def load(model: nn.Module, path: str, **compile_options) -> nn.Module:
     from moec.api import compile
 
-    with safe_open(path, "pt") as f:
-        raw = (f.metadata() or {}).get(KEY)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"moec.load takes a freshly built torch.nn.Module (then the file), not {type(model).__name__}")
+    try:
+        with safe_open(path, "pt") as f:
+            raw = (f.metadata() or {}).get(KEY)
+    except Exception as e:  # noqa: BLE001  a missing file (OSError) or safetensors' own error for another format
+        raise ValueError(f"moec.load: {path} is not a safetensors file written by moec.save ({e})") from None
     if raw is None:
         raise ValueError(f"moec.load: {path} was not written by moec.save (no '{KEY}' metadata)")
     meta = json.loads(raw)
@@ -47,5 +66,8 @@ def load(model: nn.Module, path: str, **compile_options) -> nn.Module:
     q = meta["quantize"]
     cfg = None if q is None else getattr(quant, q.pop("kind"))(**q)
     compile(model, quantize=cfg, **compile_options)
-    load_model(model, path)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    state = load_file(path, device=str(device))
+    state.update({name: state[src] for name, src in meta.get("tied", {}).items()})
+    model.load_state_dict(state)  # into the model's own tensors (compiled blocks read them at call time)
     return model

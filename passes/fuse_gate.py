@@ -14,8 +14,8 @@ and leaves
     logits, ids, w = moec.route(x, router_weight, router_bias?, select_bias?, <RouterSpec>)
 
 A moec.capacity between the chain and the experts op stays, reading the route's ids and w.
-Invariant: every experts op, and the graph's outputs, read logits, ids and weights from
-one moec.route. Stats: fused.
+Requires detect_moe. Invariant: every experts op, and the graph's outputs, read logits, ids and
+weights from one moec.route. Stats: fused.
 """
 
 from __future__ import annotations
@@ -30,24 +30,30 @@ from moec.pass_manager import PassResult, register_pass
 EXPERT_OPS = (torch.ops.moec.experts_loop, torch.ops.moec.experts)
 
 
-def _attr(graph, path):
-    return next((n for n in graph.nodes if n.op == "get_attr" and n.target == f"block.{path}"), None) if path else None
+def _input(graph, role: str):
+    """The graph's input node of a tensor role (moec.canonical.build_graph), or None."""
+    return next((n for n in graph.nodes if n.op == "placeholder" and n.target == role), None)
 
 
-@register_pass("fuse_gate")
+def _uncast(n):
+    """Through the router's fp32 cast (RouterSpec.upcast) to the tensor cast."""
+    return n.args[0] if getattr(n, "op", None) == "call_method" and n.target == "float" else n
+
+
+@register_pass("fuse_gate", requires=("detect_moe",))
 def fuse_gate(gm) -> PassResult:
     spec, g = gm.meta["moe_spec"], gm.graph
     fused = 0
     for ex in [n for n in g.nodes if n.op == "call_function" and n.target in EXPERT_OPS]:
-        weight = _attr(g, spec.params["router_weight"])
-        linear = next(u for u in weight.users if u.target is torch._C._nn.linear or "linear" in str(u.target))
+        weight = _input(g, "router_weight")
+        linear = next(n for n in g.nodes if n.target is torch._C._nn.linear and _uncast(n.args[1]) is weight)
+        x = linear.args[0].args[0] if spec.router.upcast else linear.args[0]  # route_math casts up itself
         if ex.args[1].target == operator.getitem and getattr(ex.args[1].args[0], "target", None) is torch.ops.moec.route:
             continue  # already fused
         cap = ex.args[2] if ex.args[2].target is torch.ops.moec.capacity else None  # reads the chain's ids, w
         with g.inserting_before(cap or ex):  # after every input (get_attrs may follow the linear)
             route = g.call_function(torch.ops.moec.route, (
-                linear.args[0], weight, _attr(g, spec.params.get("router_bias")),
-                _attr(g, spec.params.get("select_bias")), *route_args(spec.router)))
+                x, weight, _input(g, "router_bias"), _input(g, "select_bias"), *route_args(spec.router)))
             logits, ids, w = (g.call_function(operator.getitem, (route, i)) for i in range(3))
         out = g.output_node()
         for old, new in ((ex.args[1], ids), (cap.args[1] if cap else ex.args[2], w), (linear, logits)):

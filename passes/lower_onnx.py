@@ -31,7 +31,8 @@ import torch
 
 from moec.backends.onnx_backend import ort_activation, ort_quantized, interleave
 from moec.backends.torch_backend import capacity, experts_dense, route_math
-from moec.canonical import resolve
+from moec.bindings import Const
+from moec.canonical import add_role, drop_unused_roles, role_value
 from moec.pass_manager import PassResult, register_pass
 from moec.passes.quantize_experts import quantized_tensors
 from moec.quant import dequantized
@@ -56,9 +57,10 @@ def rescale(y: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
 
 
 def native_routing(r) -> bool:
-    """ORT's own routing (softmax over E -> top-k -> renormalise) computes this router; a scale is applied after."""
-    return (r.scoring == "softmax" and not r.select_bias and r.n_group == 1 and r.weighting == "scores"
-            and r.renorm == 1.0 and not r.capacity)
+    """ORT's own routing (softmax over E -> top-k -> renormalise) computes this router; a scale is applied after.
+    (Not a top-k of the logits: ORT selects on its softmax, which saturates and ties where logits do not.)"""
+    return (r.scoring == "softmax" and r.select_on == "scores" and not r.select_bias and r.n_group == 1
+            and r.weighting == "scores" and r.renorm == 1.0 and not r.capacity)
 
 
 def fallback_reason(spec) -> str | None:
@@ -75,7 +77,7 @@ def fallback_reason(spec) -> str | None:
     return None
 
 
-@register_pass("lower_onnx")
+@register_pass("lower_onnx", requires=("fuse_gate", "batch_experts"))
 def lower_onnx(gm) -> PassResult:
     spec, g = gm.meta["moe_spec"], gm.graph
     block = gm.meta["block"]
@@ -88,9 +90,9 @@ def lower_onnx(gm) -> PassResult:
             node.target = capacity
     for node in [n for n in g.nodes if n.target in EXPERTS]:
         x, ids, w = node.args[:3]
-        act = node.args[-5:]  # activation, gated, alpha, limit, weight_on_input
+        act = node.args[-6:]  # activation, gated, alpha, limit, weight_on_input, gate_up
         quant = node.target in (torch.ops.moec.experts_int8, torch.ops.moec.experts_int4)
-        dtype = next(block.parameters()).dtype if quant else resolve(gm, node.args[3].target).dtype  # x's dtype
+        dtype = next(block.parameters()).dtype if quant else role_value(gm, node.args[3]).dtype  # x's dtype
         reason = fallback_reason(spec)
         with g.inserting_before(node):
             if reason:
@@ -106,19 +108,19 @@ def lower_onnx(gm) -> PassResult:
         node.replace_all_uses_with(new)
         g.erase_node(node)
     g.eliminate_dead_code()
+    drop_unused_roles(gm)
     return PassResult(gm, sum(stats.values()) > 0, stats)
 
 
-def _get_attr(gm, name: str, tensor: torch.Tensor):
-    """A get_attr of a new tensor held (non-persistent) by the model's block and by the graph's copy."""
-    tensor = tensor.detach()  # derived from parameters: a constant of the exported graph
-    gm.meta["block"].register_buffer(name, tensor, persistent=False)
-    gm.block.register_buffer(name, tensor, persistent=False)
-    return gm.graph.get_attr(f"block.{name}")
+def _const(gm, name: str, tensor: torch.Tensor):
+    """A new input of the graph holding a tensor in ORT's layout, made from the block's weights now (export
+    compiles a copy of the model: these are constants of the exported file)."""
+    return add_role(gm, name, Const(tensor))
 
 
 def _dequantized_node(gm, role, cfg, dtype):
-    t = {k: gm.graph.get_attr(f"block._moec_{role}_{k}") for k in quantized_tensors(gm.meta["block"], role)}
+    inputs = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
+    t = {k: inputs[f"_moec_{role}_{k}"] for k in quantized_tensors(gm.meta["block"], role)}
     return gm.graph.call_function(dequantized, (t["q"], t["scale"], t.get("zero"), cfg.bits,
                                                 getattr(cfg, "group_size", 0), dtype))
 
@@ -138,19 +140,19 @@ def _contrib_node(gm, node, spec, quant: bool, dtype):
     tail = (r.top_k, e.activation, e.gated, float(e.alpha), float(e.limit))
     if quant:
         cfg = spec.quant
-        t13 = ort_quantized(cfg, quantized_tensors(block, "w13"), e.gated)
+        t13 = ort_quantized(cfg, quantized_tensors(block, "w13"), e.gated, e.gate_up)
         t2 = ort_quantized(cfg, quantized_tensors(block, "w2"), False)
-        a = {f"{role}_{k}": _get_attr(gm, f"_moec_ort_{role}_{k}", v) for role, t in (("fc1", t13), ("fc2", t2))
+        a = {f"{role}_{k}": _const(gm, f"_moec_ort_{role}_{k}", v) for role, t in (("fc1", t13), ("fc2", t2))
              for k, v in t.items()}
         b13, b2 = _biases(node)
         out = g.call_function(torch.ops.moec.ort_qmoe, (
-            x, probs, a["fc1_q"], a["fc1_scales"], _bias(gm, b13, e.gated), a["fc2_q"], a["fc2_scales"], b2,
+            x, probs, a["fc1_q"], a["fc1_scales"], _bias(gm, b13, e), a["fc2_q"], a["fc2_scales"], b2,
             a.get("fc1_zero_points"), a.get("fc2_zero_points"), cfg.bits, getattr(cfg, "group_size", 0), *tail))
         op = "QMoE"
     else:
         w13, b13, w2, b2 = node.args[3:7]
-        fc1 = _get_attr(gm, "_moec_ort_fc1", interleave(resolve(gm, w13.target))) if e.gated else w13
-        out = g.call_function(torch.ops.moec.ort_moe, (x, probs, fc1, _bias(gm, b13, e.gated), w2, b2, *tail))
+        fc1 = _const(gm, "_moec_ort_fc1", interleave(role_value(gm, w13), e.gate_up)) if e.gated else w13
+        out = g.call_function(torch.ops.moec.ort_moe, (x, probs, fc1, _bias(gm, b13, e), w2, b2, *tail))
         op = "MoE"
     gm.meta["onnx"] = {"op": op, "why": routing}
     return out if isinstance(scale, float) and scale == 1.0 else g.call_function(rescale, (out, scale))
@@ -162,6 +164,6 @@ def _biases(node) -> tuple:
     return node.args[at[0]], node.args[at[1]]
 
 
-def _bias(gm, b13, gated):
-    return _get_attr(gm, "_moec_ort_fc1_bias", interleave(resolve(gm, b13.target))) if gated and b13 is not None \
+def _bias(gm, b13, e):
+    return _const(gm, "_moec_ort_fc1_bias", interleave(role_value(gm, b13), e.gate_up)) if e.gated and b13 is not None \
         else b13

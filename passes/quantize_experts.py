@@ -9,9 +9,10 @@ and leaves, for Int8Experts() / Int4Experts(g):
     y = moec.experts_int8(x, ids, w, Q13 int8[E,N1,H], S13[E,N1], b13?, Q2, S2, b2?, ...)
     y = moec.experts_int4(x, ids, w, Q13 u8[E,N1,H/2], S13[E,N1,H/g], Z13? u8[E,N1,H/g], b13?, Q2, S2, Z2?, b2?, ...)
 
-The quantized tensors, in moec's format (moec.quant), become persistent buffers of the block
-(`_moec_w13_q`, `_moec_w13_scale`[, `_moec_w13_zero`], same for w2): they are what a saved model
-holds, and what the kernels read (backends/cpu_quant.py). Biases keep their dtype. The shared
+Requires batch_experts. The quantized tensors, in moec's format (moec.quant), become persistent buffers
+of the block (`_moec_w13_q`, `_moec_w13_scale`[, `_moec_w13_zero`], same for w2) read by the graph at
+call time (moec.bindings.Param): they are what a saved model holds, what load_state_dict / moec.load
+write, and what the kernels read (backends/cpu_quant.py). Biases keep their dtype. The shared
 experts too, unless cfg.shared: then each nn.Linear inside the shared module becomes a
 moec.quant.QuantLinear (same format, [1, N, K]; the graph's call of the shared module is
 unchanged). The router too, unless cfg.router: then
@@ -20,7 +21,9 @@ unchanged). The router too, unless cfg.router: then
 
 (router weights are ~0.1% of a block's bytes: the original is kept; this is for a router
 computing with the weights a quantized deployment holds).
-Invariant: the block equals the original block with dequantized expert (and shared) weights.
+Invariant: the block equals the original block with dequantized expert (and shared) weights (the
+final proof checks exactly that: moec.api). Until the block is installed, every change to it is
+listed in gm.meta["undo"], so a block whose proof fails is left as it was.
 Stats: quantized, expert_bytes (fp) -> expert_qbytes (quantized), shared_linears.
 
 Once the block is proved and installed, `release_originals` (called by moec.compile) empties
@@ -33,21 +36,22 @@ import operator
 
 import torch
 
-from moec.canonical import resolve
+from moec.bindings import Param, resolve
+from moec.canonical import add_role, drop_unused_roles, role_value
 from moec.pass_manager import PassResult, Rejected, register_pass
-from moec.passes.detect_moe import _members
+from moec.passes.detect.candidates import members
 from moec.quant import Int8Experts, QuantLinear, check_shape, dequantized, nbytes, quantize
 
 
-def _attr(gm, node, name: str, tensor: torch.Tensor):
-    """A get_attr of `tensor`, held by the model's block (in its state_dict) and by the graph's copy."""
-    gm.meta["block"].register_buffer(name, tensor)
-    gm.block.register_buffer(name, tensor, persistent=False)
-    with gm.graph.inserting_before(node):
-        return gm.graph.get_attr(f"block.{name}")
+def _buffer(gm, name: str, tensor: torch.Tensor):
+    """A persistent buffer of the user's block (undone if the block is not installed), read by the graph."""
+    block = gm.meta["block"]
+    block.register_buffer(name, tensor)
+    gm.meta.setdefault("undo", []).append(lambda: delattr(block, name))
+    return add_role(gm, name, Param(name))
 
 
-@register_pass("quantize_experts")
+@register_pass("quantize_experts", requires=("batch_experts",))
 def quantize_experts(gm) -> PassResult:
     cfg = gm.meta.get("options", {}).get("quantize")
     if cfg is None:
@@ -58,7 +62,7 @@ def quantize_experts(gm) -> PassResult:
         x, ids, w, w13, b13, w2, b2, *rest = node.args
         new_args = []
         for role, wnode in (("w13", w13), ("w2", w2)):
-            weight = resolve(gm, wnode.target)
+            weight = role_value(gm, wnode)
             try:
                 check_shape(cfg, weight, f"block {path!r} {role}")
             except ValueError as e:
@@ -66,7 +70,7 @@ def quantize_experts(gm) -> PassResult:
             t = quantize(cfg, weight)
             stats["expert_bytes"] += weight.numel() * weight.element_size()
             stats["expert_qbytes"] += nbytes(t)
-            attrs = {k: _attr(gm, node, f"_moec_{role}_{k}", v) for k, v in t.items()}
+            attrs = {k: _buffer(gm, f"_moec_{role}_{k}", v) for k, v in t.items()}
             new_args.append((attrs["q"], attrs["scale"]) if isinstance(cfg, Int8Experts) else
                             (attrs["q"], attrs["scale"], attrs.get("zero")))
         (t13, t2) = new_args
@@ -76,9 +80,10 @@ def quantize_experts(gm) -> PassResult:
     if stats["quantized"] and cfg.router:
         _quantize_router(gm, cfg, path)
     gm.graph.eliminate_dead_code()
+    drop_unused_roles(gm)
     spec = gm.meta["moe_spec"]
     if stats["quantized"] and cfg.shared and spec.shared:
-        stats["shared_linears"] = _quantize_shared(resolve(gm.meta["block"], spec.shared.module), cfg, path)
+        stats["shared_linears"] = _quantize_shared(gm, resolve(gm.meta["block"], spec.shared.module), cfg, path)
     if stats["quantized"]:
         gm.meta["moe_spec"] = spec.with_(quant=cfg)
     return PassResult(gm, stats["quantized"] > 0, stats)
@@ -88,12 +93,12 @@ def _quantize_router(gm, cfg, path: str) -> None:
     """moec.route's weight W [E, H] -> its quantized form ([1, E, H] buffers `_moec_router_*`), dequantized in
     the graph before the route: the router then computes with the weights a quantized deployment holds."""
     for node in [n for n in gm.graph.nodes if n.target is torch.ops.moec.route]:
-        weight = resolve(gm, node.args[1].target)
+        weight = role_value(gm, node.args[1])
         try:
             check_shape(cfg, weight[None], f"block {path!r} router")
         except ValueError as e:
             raise Rejected(str(e)) from None
-        t = {k: _attr(gm, node, f"_moec_router_{k}", v) for k, v in quantize(cfg, weight[None]).items()}
+        t = {k: _buffer(gm, f"_moec_router_{k}", v) for k, v in quantize(cfg, weight[None]).items()}
         with gm.graph.inserting_before(node):
             w = gm.graph.call_function(dequantized, (t["q"], t["scale"], t.get("zero"), cfg.bits,
                                                      getattr(cfg, "group_size", 0), weight.dtype))
@@ -101,7 +106,7 @@ def _quantize_router(gm, cfg, path: str) -> None:
         node.args = (node.args[0], w, *node.args[2:])
 
 
-def _quantize_shared(shared: torch.nn.Module, cfg, path: str) -> int:
+def _quantize_shared(gm, shared: torch.nn.Module, cfg, path: str) -> int:
     """Every nn.Linear of the shared experts -> QuantLinear (in place: the block's graph calls this module)."""
     linears = [(n, m) for n, m in shared.named_modules() if type(m) is torch.nn.Linear and n]
     for name, m in linears:
@@ -111,7 +116,9 @@ def _quantize_shared(shared: torch.nn.Module, cfg, path: str) -> int:
             raise Rejected(str(e)) from None
     for name, m in linears:
         parent, _, attr = name.rpartition(".")
-        setattr(resolve(shared, parent) if parent else shared, attr, QuantLinear(cfg, m))
+        owner = resolve(shared, parent) if parent else shared
+        setattr(owner, attr, QuantLinear(cfg, m))
+        gm.meta.setdefault("undo", []).append(lambda o=owner, a=attr, m=m: setattr(o, a, m))
     return len(linears)
 
 
@@ -120,16 +127,15 @@ def quantized_tensors(block: torch.nn.Module, role: str) -> dict[str, torch.Tens
     return {k: getattr(block, f"_moec_{role}_{k}") for k in ("q", "scale", "zero") if hasattr(block, f"_moec_{role}_{k}")}
 
 
-def release_originals(block: torch.nn.Module, cand, gm) -> int:
-    """Empty (shape [0]) every expert tensor of the quantized block `gm` no longer reads: the original
-    expert weights (and moec's copies of them); biases the graph still reads are kept. The tensors stay
-    in the state_dict (empty), so moec.save / moec.load still match. Returns the bytes freed."""
-    used = {id(resolve(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr"}
-    members = _members(resolve(block, cand.container)) if cand.container else [block]
-    tensors = [resolve(m, name) for m in members for name in cand.experts]
-    tensors += [getattr(block, f"_moec_{role}") for role in ("w13", "w2") if hasattr(block, f"_moec_{role}")]
+def release_originals(block: torch.nn.Module, cand) -> int:
+    """Empty (shape [0]) the original expert matrices of an installed quantized block (its graph reads the
+    quantized buffers; biases it still reads are kept). The tensors stay in the state_dict (empty), so
+    moec.save / moec.load still match. Returns the bytes freed."""
+    gm = block.__dict__["_moec_graph"]
+    used = {id(t) for b in gm.meta["bindings"].values() for t in b.sources(block)}
+    owners = members(resolve(block, cand.container)) if cand.container else [block]
     freed = 0
-    for t in tensors:
+    for t in (resolve(m, name) for m in owners for name in cand.experts):
         if id(t) not in used and t.numel():
             freed += t.numel() * t.element_size()
             t.data = torch.empty(0, dtype=t.dtype, device=t.device)

@@ -64,6 +64,7 @@ def test_low_precision_block(family, dtype, tokens):
     model = models.tiny_model(family, dtype=dtype)
     ref = copy.deepcopy(model)
     moec.compile(model)
+    assert len(moec.inspect(model).blocks) == model.config.num_hidden_layers, moec.inspect(model)
     for b in moec.inspect(model).blocks:
         x = torch.randn(1, tokens, model.config.hidden_size).to(dtype)
         got, want = resolve(model, b.path)(x), resolve(ref, b.path)(x)
@@ -145,11 +146,25 @@ def test_jetmoe_rewrites_mlp_not_attention():
     assert all(not hasattr(resolve(model, r.path), "_moec_graph") for r in report.rejected)
 
 
-def test_phimoe_training_mode_rejected():
-    """sparsemixer samples experts in training mode (moec matches eval mode): rejected with the reason."""
-    report = moec.inspect(models.tiny_model("phimoe").train())
-    assert not report.blocks and len(report.rejected) == 2, report
-    assert all("training mode" in r.reason for r in report.rejected)
+def test_phimoe_training_mode_runs_the_original():
+    """sparsemixer samples experts in training mode: moec proves the eval-mode block, and a compiled block in
+    training mode runs its original forward (same random draws, same outputs), gradients included."""
+    model = models.tiny_model("phimoe").train()
+    ref = copy.deepcopy(model)
+    moec.compile(model)
+    assert len(moec.inspect(model).blocks) == 2 and model.training  # compile leaves the mode as it was
+    inputs = models.example_inputs(model, seq=6)
+    torch.manual_seed(0)
+    got = model(**inputs).logits
+    torch.manual_seed(0)
+    want = ref(**inputs).logits
+    assert torch.equal(got, want)
+    got.sum().backward()
+    want.sum().backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad), n
+    model.eval(), ref.eval()
+    assert rel_err(_logits(model, inputs), _logits(ref, inputs)) < TOL[torch.float32]
 
 
 def test_stays_an_hf_model(tmp_path):

@@ -1,0 +1,610 @@
+"""Trust: a compiled model never gives a wrong answer in the workflows users run, or fails clearly.
+
+One test (or parametrized family) per scenario of docs/guarantees.md: weights changed after
+compile (load_state_dict in place and assign=True, replaced parameters, in-place edits, .to()/.half(),
+meta -> to_empty -> load), moec.save/load, proofs that reach what random inputs miss, ties and
+saturation, pipelines and verify, train/eval and autograd, compile/inspect leaving the module
+bit-identical, and the odd inputs and calls that used to crash. Every comparison is against the
+original module in the same process.
+"""
+
+import copy
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import handwritten as hw
+import moec
+from moec import models
+from moec.canonical import resolve
+
+from conftest import TOL, rel_err
+
+LAYOUTS = ["modulelist", "moduledict", "stacked", "stacked_fused", "stacked_t", "stacked_interleaved"]
+HF = ["mixtral", "deepseek_v3", "qwen2_moe", "gpt_oss"]
+
+
+def _block(layout="modulelist", seed=0, **kw):
+    return hw.make_block(hw.Spec(layout=layout, style="loop_mask" if layout in ("modulelist", "moduledict")
+                                 else "einsum_gather", **kw), seed=seed)
+
+
+def _same(model, ref, x, tol=TOL[torch.float32]):
+    with torch.no_grad():
+        got, want = model(x), ref(x)
+    got, want = (got[0], want[0]) if isinstance(want, tuple) else (got, want)
+    got, want = (got.logits, want.logits) if hasattr(want, "logits") else (got, want)
+    assert rel_err(got, want) < tol, rel_err(got, want)
+
+
+def _x(hidden, T=300, seed=0):
+    return torch.randn(1, T, hidden, generator=torch.Generator().manual_seed(seed))
+
+
+def _ids(model, T=40):
+    return models.example_inputs(model, seq=T)["input_ids"]
+
+
+def _compiled(model):
+    moec.compile(model)
+    assert moec.inspect(model).blocks, moec.inspect(model)
+    return model
+
+
+# ---------------------------------------------------------------- 1. weights changed after compile
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("assign", [False, True])
+def test_load_state_dict_after_compile(layout, assign):
+    block = _compiled(_block(layout))
+    other = _block(layout, seed=1)
+    block.load_state_dict(copy.deepcopy(other.state_dict()), assign=assign)
+    _same(block, other, _x(32))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_replaced_parameter_and_in_place_edit(layout):
+    block = _compiled(_block(layout))
+    ref = copy.deepcopy(block)
+    name, p = max(block.named_parameters(), key=lambda kv: kv[1].numel())  # an expert tensor
+    parent, _, attr = name.rpartition(".")
+    new = nn.Parameter(torch.randn_like(p))
+    setattr(resolve(block, parent), attr, new)
+    setattr(resolve(ref, parent), attr, nn.Parameter(new.detach().clone()))
+    _same(block, ref, _x(32))
+    with torch.no_grad():  # in place, on every expert tensor and the router
+        for (_, a), (_, b) in zip(block.named_parameters(), ref.named_parameters()):
+            a.mul_(1.5).add_(0.01)
+            b.mul_(1.5).add_(0.01)
+    _same(block, ref, _x(32))
+
+
+@pytest.mark.parametrize("family", HF)
+@pytest.mark.parametrize("assign", [False, True])
+def test_hf_load_state_dict_after_compile(family, assign):
+    model = _compiled(models.tiny_model(family))
+    other = models.tiny_model(family, seed=1)
+    model.load_state_dict(copy.deepcopy(other.state_dict()), assign=assign)
+    ids = _ids(model)
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, other(ids).logits) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("layout", ["modulelist", "stacked_t"])
+def test_one_copy_of_the_experts(layout):
+    """A layout moec must copy (stacked ModuleList experts, concatenated gate/up) keeps one copy: the block's
+    parameters become views of moec's storage."""
+    block = _compiled(_block(layout, num_experts=8))
+    ref = copy.deepcopy(block)
+    _same(block, ref, _x(32))  # the first call adopts the storage
+    storages = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    expert_bytes = sum(p.numel() * p.element_size() for n, p in block.named_parameters() if "experts" in n)
+    held = sum(p.untyped_storage().nbytes() for p in {p.untyped_storage().data_ptr(): p for p in block.parameters()}.values())
+    assert held <= sum(p.numel() * p.element_size() for p in block.parameters()) + 1024, (held, expert_bytes)
+    assert len(storages) <= len(list(block.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtype_change_after_compile(dtype):
+    block = _compiled(_block("modulelist"))
+    ref = copy.deepcopy(block)
+    block.to(dtype), ref.to(dtype)
+    _same(block, ref, _x(32).to(dtype), TOL.get(dtype, 1e-6) if dtype != torch.float64 else 1e-10)
+
+
+def test_to_meta_then_to_empty_then_load():
+    """Weights dropped (to meta), re-allocated (to_empty) and loaded: the compiled block follows."""
+    block = _compiled(_block("modulelist"))
+    block.to("meta")
+    block.to_empty(device="cpu")
+    other = _block("modulelist", seed=2)
+    block.load_state_dict(other.state_dict())
+    _same(block, other, _x(32))
+
+
+def test_state_dict_keeps_the_original_keys():
+    for model in (_block("modulelist"), models.tiny_model("gpt_oss")):
+        keys = set(model.state_dict())
+        moec.compile(model)
+        assert set(model.state_dict()) == keys
+
+
+# ---------------------------------------------------------------- 2. save / load
+
+
+@pytest.mark.parametrize("quantize", [None, moec.Int8Experts()], ids=["fp32", "int8"])
+@pytest.mark.parametrize("build", ["modulelist", "gpt_oss"])
+def test_save_load_restores_every_model(tmp_path, quantize, build):
+    make = (lambda s: hw.TinyLM(hidden=32, block_fn=lambda: _block("modulelist", seed=s), seed=s)) \
+        if build == "modulelist" else (lambda s: models.tiny_model("gpt_oss", seed=s))
+    model = moec.compile(make(0), quantize=quantize)
+    moec.save(model, tmp_path / "m.safetensors")
+    loaded = moec.load(make(1), tmp_path / "m.safetensors")
+    ids = torch.randint(4, 64, (1, 30))
+    with torch.no_grad():
+        a, b = model(ids), loaded(ids)
+    a, b = (a.logits, b.logits) if hasattr(a, "logits") else (a, b)
+    assert torch.equal(a, b)
+
+
+def test_load_refuses_other_files(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a safetensors file written by moec.save"):
+        moec.load(_block(), tmp_path / "x.bin")
+
+
+# ---------------------------------------------------------------- 3. the proof reaches what sampling misses
+
+
+class _Simple(nn.Module):
+    """A plain top-2 MoE block with ReLU MLP experts; subclasses change one thing in its forward."""
+
+    def __init__(self, E=8):
+        super().__init__()
+        self.gate = nn.Linear(32, E)
+        self.experts = nn.ModuleList(hw.FcMLP("relu", torch.randn(48, 32) / 6, torch.randn(32, 48) / 7)
+                                     for _ in range(E))
+
+    def route(self, x):
+        return self.gate(x).softmax(-1).topk(2)
+
+    def forward(self, x):
+        w, ids = self.route(x)
+        out = torch.zeros_like(x)
+        for e in range(len(self.experts)):
+            t, s = torch.where(ids == e)
+            out.index_add_(0, t, self.experts[e](x[t]) * w[t, s, None])
+        return out
+
+
+class _PathPerLength(_Simple):
+    """Another router from 17 tokens on (a 'fast path' that differs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.other = nn.Parameter(torch.randn(8, 32))
+
+    def route(self, x):
+        if x.shape[0] > 16:
+            return F.linear(x, self.other, self.gate.bias).softmax(-1).topk(2)
+        return super().route(x)
+
+
+def test_a_path_taken_only_for_long_inputs_is_not_missed():
+    m = _PathPerLength()
+    ref = copy.deepcopy(m)
+    moec.compile(m)
+    assert not moec.inspect(m).blocks  # left alone (by whichever check notices first)
+    _same(m, ref, torch.randn(300, 32))
+
+
+class _Heterogeneous(nn.Module):
+    """One expert (never routed to by random inputs: its router row is -40) computes another activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(32, 8)
+        self.experts = nn.ModuleList(hw.FcMLP("relu", torch.randn(48, 32) / 6, torch.randn(32, 48) / 7)
+                                     for _ in range(8))
+        self.experts[5].activation = "gelu"
+        with torch.no_grad():
+            self.gate.bias[5] = -40.0
+
+    def forward(self, x):
+        w, ids = self.gate(x).softmax(-1).topk(2)
+        out = torch.zeros_like(x)
+        for e in range(8):
+            t, s = torch.where(ids == e)
+            out.index_add_(0, t, self.experts[e](x[t]) * w[t, s, None])
+        return out
+
+
+def test_every_expert_is_checked():
+    m = _Heterogeneous()
+    moec.compile(m)
+    report = moec.inspect(m)
+    assert not report.blocks and "expert 5" in report.rejected[0].reason, report
+
+
+class _DataBranch(_Simple):
+    def forward(self, x):
+        y = super().forward(x)
+        if x.abs().max() > 50:  # a Python branch on values the random proof does not reach
+            y = y * 0
+        return y
+
+
+def test_python_branches_on_values_are_rejected():
+    m = _DataBranch()
+    moec.compile(m)
+    assert "reads tensor values" in moec.inspect(m).rejected[0].reason
+
+
+class _CapacityFromLength(nn.Module):
+    """Each expert keeps ceil(1.25 * T / E) (token, slot) pairs, first come first served."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(32, 4, bias=False)
+        self.experts = nn.ModuleList(hw.FcMLP("relu", torch.randn(48, 32) / 6, torch.randn(32, 48) / 7)
+                                     for _ in range(4))
+
+    def forward(self, x):
+        T = x.shape[0]
+        cap = -(-5 * T // 16)
+        p = self.router(x).softmax(-1)
+        w, i = p.max(-1)
+        onehot = F.one_hot(i, 4)
+        place = (onehot.cumsum(0) * onehot).sum(-1)
+        w = w * (place <= cap)
+        out = torch.zeros_like(x)
+        for e in range(4):
+            t = torch.where(i == e)[0]
+            out[t] = self.experts[e](x[t]) * w[t, None]
+        return out
+
+
+def test_capacity_that_depends_on_the_length():
+    m = _CapacityFromLength()
+    ref = copy.deepcopy(m)
+    moec.compile(m)
+    for T in (1, 9, 40, 300):
+        _same(m, ref, torch.randn(T, 32))
+
+
+# ---------------------------------------------------------------- 4. ties and saturation
+
+
+def _tie(block, how):
+    gate = next(m for n, m in block.named_modules() if isinstance(m, nn.Linear) and m.out_features == 8)
+    with torch.no_grad():
+        if how == "zero":
+            gate.weight.zero_()
+        else:
+            gate.weight[3] = gate.weight[1]
+    return block
+
+
+@pytest.mark.parametrize("how", ["zero", "duplicate"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_tied_routers(how, backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    block = _tie(_block("stacked_fused"), how)
+    ref = copy.deepcopy(block)
+    moec.compile(block, backend=backend)
+    assert moec.inspect(block).blocks
+    _same(block, ref, _x(32, 300 if backend == "torch" else 40))
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "mixtral"])
+def test_saturated_scores_select_like_the_original(family):
+    model = _compiled(models.tiny_model(family))
+    ref = models.tiny_model(family)
+    for b in moec.inspect(model).blocks:
+        x = 300 * torch.randn(1, 50, model.config.hidden_size)
+        _same(resolve(model, b.path), resolve(ref, b.path), x)
+
+
+def test_ort_export_warns_about_ties():
+    pytest.importorskip("onnxruntime")
+    model = models.tiny_model("mixtral")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.zero_()
+    with pytest.warns(UserWarning, match="tie"):
+        moec.export_onnx(model, {"input_ids": torch.randint(4, 100, (2, 5))}, "/tmp/moec_tie_test.onnx")
+
+
+# ---------------------------------------------------------------- 5. pipelines and verify
+
+
+def test_a_pass_without_its_requirement_is_refused():
+    with pytest.raises(ValueError, match="'lower_onnx' needs 'fuse_gate'"):
+        moec.compile(_block(), passes="detect_moe,lower_onnx")
+    with pytest.raises(ValueError, match="'quantize_experts' needs 'batch_experts'"):
+        moec.compile(_block(), passes=["detect_moe", "quantize_experts"])
+
+
+def test_passes_as_a_list():
+    m = moec.compile(_block(), passes=["detect_moe", "fuse_gate", "batch_experts"])
+    assert moec.inspect(m).pipeline == "detect_moe,fuse_gate,batch_experts"
+
+
+@pytest.fixture
+def broken_pass():
+    from moec.pass_manager import PASSES, PassResult, register_pass
+
+    @register_pass("test_scale_by_1_01", requires=("batch_experts",))
+    def broken(gm):
+        out = gm.graph.output_node()
+        first = out.args[0][0]
+        with gm.graph.inserting_before(out):
+            scaled = gm.graph.call_function(torch.mul, (first, 1.01))
+        out.args = ((scaled, *out.args[0][1:]),)
+        return PassResult(gm, True)
+
+    yield "detect_moe,fuse_gate,batch_experts,test_scale_by_1_01"
+    PASSES.pop("test_scale_by_1_01")
+
+
+def test_a_wrong_pass_leaves_the_model_alone(broken_pass):
+    model = models.tiny_model("mixtral")
+    ref = copy.deepcopy(model)
+    moec.compile(model, passes=broken_pass)
+    report = moec.inspect(model)
+    assert not report.blocks and all("a moec defect" in r.reason for r in report.rejected)
+    _same(model, ref, _ids(model))
+
+
+def test_verify_raises_and_rewrites_nothing(broken_pass):
+    model = models.tiny_model("mixtral")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="no block was rewritten"):
+        moec.compile(model, passes=broken_pass, verify=True)
+    assert "_moec_report" not in model.__dict__
+    assert all("_moec_graph" not in m.__dict__ for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+# ---------------------------------------------------------------- 6. modes and autograd
+
+
+def test_train_mode_runs_the_original_with_jitter():
+    model = _compiled(models.tiny_model("mixtral", router_jitter_noise=0.3))
+    ref = models.tiny_model("mixtral", router_jitter_noise=0.3)
+    model.train(), ref.train()
+    ids = _ids(model)
+    torch.manual_seed(0)
+    got = model(ids).logits
+    torch.manual_seed(0)
+    want = ref(ids).logits
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("layout", ["modulelist", "stacked_fused"])
+def test_gradients_in_train_mode_equal_the_original(layout):
+    block = _compiled(_block(layout))
+    ref = copy.deepcopy(block)
+    block.train(), ref.train()
+    x = _x(32, 20)
+    block(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    for (n, p), q in zip(block.named_parameters(), ref.parameters()):
+        assert p.grad is not None and torch.allclose(p.grad, q.grad, atol=1e-6), n
+
+
+def test_backward_in_eval_mode_fails_clearly():
+    block = _compiled(_block("modulelist"))
+    out = block(_x(32, 5))  # grad mode on, eval mode: the compiled graph runs
+    with pytest.raises(RuntimeError, match="compiled for inference"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("quantize", [None, moec.Int8Experts(), moec.Int4Experts(32)], ids=str)
+def test_inference_without_no_grad(quantize):
+    model = moec.compile(models.tiny_model("mixtral"), quantize=quantize)
+    ids = _ids(model, 9)
+    with torch.no_grad():
+        want = model(ids).logits
+    assert torch.equal(model(ids).logits.detach(), want)
+
+
+# ---------------------------------------------------------------- 7. compile and inspect leave the module as it was
+
+
+class _Counting(_Simple):
+    """Updates a call counter and load statistics in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("load", torch.zeros(8))
+        self.seen = 0
+
+    def route(self, x):
+        self.calls += 1
+        self.seen += x.shape[0]
+        w, ids = super().route(x)
+        self.load += F.one_hot(ids, 8).sum((0, 1)).float()
+        return w, ids
+
+
+def _state(m):
+    return ({k: v.clone() for k, v in m.state_dict().items()},
+            {n: {k: v for k, v in s.__dict__.items() if not k.startswith("_")} for n, s in m.named_modules()})
+
+
+def test_stateful_blocks_are_rejected_and_left_untouched():
+    m = _Counting()
+    m(torch.randn(3, 32))  # some state already
+    before = _state(m)
+    rng = torch.get_rng_state()
+    moec.inspect(m)
+    moec.compile(m)
+    after = _state(m)
+    assert before[0].keys() == after[0].keys() and all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    assert before[1] == after[1]
+    assert torch.equal(rng, torch.get_rng_state())
+    assert "changes the block's own state" in moec.inspect(m).rejected[0].reason
+
+
+def test_compile_leaves_an_hf_model_bit_identical_until_it_runs():
+    model = models.tiny_model("qwen2_moe")
+    before = _state(model)
+    moec.compile(model)
+    after = _state(model)
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+
+
+# ---------------------------------------------------------------- crashes that became answers or clear errors
+
+
+class _AtRouter(nn.Module):
+    """A bare router parameter used as x @ W.T."""
+
+    def __init__(self):
+        super().__init__()
+        self.router_weight = nn.Parameter(torch.randn(8, 32) / 2)
+        self.experts = nn.ModuleList(hw.FcMLP("relu", torch.randn(48, 32) / 6, torch.randn(32, 48) / 7)
+                                     for _ in range(8))
+
+    def forward(self, x):
+        w, ids = (x @ self.router_weight.T).softmax(-1).topk(2)
+        out = torch.zeros_like(x)
+        for e in range(8):
+            t, s = torch.where(ids == e)
+            out.index_add_(0, t, self.experts[e](x[t]) * w[t, s, None])
+        return out
+
+
+class _EinsumRouter(_AtRouter):
+    def forward(self, x):
+        w, ids = torch.einsum("th,eh->te", x, self.router_weight).softmax(-1).topk(2)
+        out = torch.zeros_like(x)
+        for e in range(8):
+            t, s = torch.where(ids == e)
+            out.index_add_(0, t, self.experts[e](x[t]) * w[t, s, None])
+        return out
+
+
+class _TokenTopk(_AtRouter):
+    """Expert choice: each expert takes its top-4 tokens (a top-k over the token axis)."""
+
+    def forward(self, x):
+        p = (x @ self.router_weight.T).softmax(-1)  # [T, E]
+        w, t = p.topk(min(4, x.shape[0]), dim=0)  # [C, E]
+        out = torch.zeros_like(x)
+        for e in range(8):
+            out.index_add_(0, t[:, e], self.experts[e](x[t[:, e]]) * w[:, e, None])
+        return out
+
+
+@pytest.mark.parametrize("cls", [_AtRouter, _EinsumRouter, _TokenTopk])
+def test_odd_candidates_never_fail_the_compile(cls):
+    m = cls()
+    ref = copy.deepcopy(m)
+    moec.compile(m)
+    report = moec.inspect(m)
+    assert report.blocks or report.rejected[0].reason
+    _same(m, ref, torch.randn(30, 32))
+
+
+def test_pickle_and_torch_save(tmp_path):
+    model = _compiled(models.tiny_model("mixtral"))
+    ids = _ids(model)
+    with torch.no_grad():
+        want = model(ids).logits
+    again = pickle.loads(pickle.dumps(model))
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, want) and torch.equal(loaded(ids).logits, want)
+    assert moec.inspect(again).blocks
+
+
+def test_torch_export_of_a_compiled_block():
+    block = _compiled(_block("stacked_fused"))
+    x = _x(32, 7)
+    ep = torch.export.export(block, (x,))
+    with torch.no_grad():
+        assert rel_err(ep.module()(x), block(x)) < TOL[torch.float32]
+
+
+class _KeywordParent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.moe = _block("stacked_fused")
+
+    def forward(self, h):
+        return self.moe(x=h)
+
+
+def test_keyword_calls():
+    m = _KeywordParent()
+    ref = copy.deepcopy(m)
+    _compiled(m)
+    _same(m, ref, _x(32, 9))
+
+
+def test_output_router_logits():
+    model = _compiled(models.tiny_model("mixtral", output_router_logits=True))
+    ref = models.tiny_model("mixtral", output_router_logits=True)
+    ids = _ids(model)
+    with torch.no_grad():
+        a, b = model(ids, labels=ids), ref(ids, labels=ids)
+    assert rel_err(a.logits, b.logits) < TOL[torch.float32] and torch.allclose(a.aux_loss, b.aux_loss)
+
+
+def test_zero_tokens():
+    block = _compiled(_block("stacked_fused"))
+    ref = copy.deepcopy(block)
+    x = torch.zeros(1, 0, 32)
+    with torch.no_grad():
+        assert torch.equal(block(x), ref(x))
+
+
+@pytest.mark.parametrize("T", [1, 9, 64])
+def test_hidden_sizes_that_are_not_a_multiple_of_4(T):
+    block = _compiled(_block("stacked_fused", hidden=30, inter=18, num_experts=4))
+    ref = copy.deepcopy(block)
+    _same(block, ref, _x(30, T))
+
+
+def test_compile_twice():
+    model = _compiled(models.tiny_model("mixtral"))
+    n = len(moec.inspect(model).blocks)
+    moec.compile(model)  # the same options: the blocks are reported as they are
+    assert len(moec.inspect(model).blocks) == n
+    moec.compile(model, quantize=moec.Int8Experts())  # other options: applied
+    assert moec.inspect(model).quantize == moec.Int8Experts()
+    assert "int8" in moec.inspect(model).blocks[0].experts
+    with pytest.raises(ValueError, match="already compiled with int8"):
+        moec.compile(model, quantize=moec.Int4Experts(32))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(group_size=64.0), "group_size must be"), (dict(symmetric="no"), "symmetric must be"),
+    (dict(shared=1), "shared must be")])
+def test_config_validation(bad, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        moec.Int4Experts(**bad)
+
+
+@pytest.mark.parametrize("fn", [moec.compile, moec.inspect])
+def test_a_non_module_is_refused(fn):
+    with pytest.raises(TypeError, match="takes a torch.nn.Module"):
+        fn(None)
+
+
+@pytest.mark.parametrize("args,match", [(["run", "--model", "nope"], "unknown MoE family"),
+                                        (["run", "--passes", "detect_moe,nope"], "unknown pass")])
+def test_cli_errors_are_one_line(args, match):
+    run = subprocess.run([sys.executable, "-m", "moec.cli", *args], capture_output=True, text=True)
+    assert run.returncode == 2 and match in run.stderr and "Traceback" not in run.stderr, run.stderr
