@@ -59,7 +59,7 @@ def _act(h: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def route_math(x, weight, bias, select_bias, top_k, scoring, n_group, topk_group, group_score, weighting, renorm,
-               scale, jitter_eps, select_on, upcast, selection, num_experts):
+               scale, jitter_eps, select_on, upcast, selection, renorm_eps, num_experts):
     """The routing math in plain torch (fx-traceable: no shape unpacking), see RouterSpec. The same torch
     ops as the blocks it stands for, so on the same device the same experts are chosen, ties included."""
     if upcast:
@@ -96,7 +96,7 @@ def route_math(x, weight, bias, select_bias, top_k, scoring, n_group, topk_group
         weights = scores.gather(1, ids)  # [T, k]
     if renorm and not chosen_softmax:
         denom = weights.sum(-1, keepdim=True) if renorm == 1.0 else weights.norm(p=renorm, dim=-1, keepdim=True)
-        weights = weights / denom
+        weights = weights / (denom + renorm_eps if renorm_eps else denom)
     if scale != 1.0:
         weights = weights * scale
     return logits, ids, weights

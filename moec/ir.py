@@ -29,7 +29,7 @@ class RouterSpec:
     choice  = scores (or the logits) + select_bias     # what the block's top-k compares; bias steers selection only
     choice  = keep the `topk_group` best of `n_group` groups (group score: max or top-2 sum)
     ids     = topk(choice, top_k)                      # [T, k]
-    weights = scores[ids] (or 1) / renorm-norm * scale # [T, k]
+    weights = scores[ids] (or 1) / (renorm-norm + eps) * scale # [T, k]
     weights = 0 where past capacity                    # see moec::capacity
 
     "top-k on logits then softmax over the k" is select_on="logits", softmax, renorm=1: the weights are
@@ -56,6 +56,7 @@ class RouterSpec:
     select_on: str = "scores"  # "scores" or "logits": the values the block's selection compares
     upcast: bool = False  # the router GEMM runs in fp32 (the block casts its input and weight up first)
     selection: str = "topk"  # "topk" or "argmax" (k = 1): the op the block selects with; they break ties apart
+    renorm_eps: float = 0.0  # added to the renormalisation's sum (DeepSeek: + 1e-20, so all-zero weights stay 0)
 
     def describe(self) -> str:
         parts = [f"{self.scoring}" if self.scoring != "none" else "logits"]

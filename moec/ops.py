@@ -28,7 +28,7 @@ torch.library.define(
     "moec::route",
     "(Tensor x, Tensor weight, Tensor? bias, Tensor? select_bias, int top_k, str scoring, "
     "int n_group, int topk_group, str group_score, str weighting, float renorm, float scale, "
-    "float jitter_eps, str select_on, bool upcast, str selection) -> (Tensor, Tensor, Tensor)",
+    "float jitter_eps, str select_on, bool upcast, str selection, float renorm_eps) -> (Tensor, Tensor, Tensor)",
 )
 torch.library.define("moec::experts", f"({_EXPERTS_ARGS}) -> Tensor")
 torch.library.define("moec::experts_loop", f"({_EXPERTS_ARGS}) -> Tensor")
@@ -83,7 +83,7 @@ def _capacity_fake(ids, weights, *args):
 def route_args(r: RouterSpec) -> tuple:
     """The non-tensor arguments of moec::route, in schema order."""
     return (r.top_k, r.scoring, r.n_group, r.topk_group, r.group_score, r.weighting, float(r.renorm), float(r.scale),
-            float(r.jitter_eps), r.select_on, r.upcast, r.selection)
+            float(r.jitter_eps), r.select_on, r.upcast, r.selection, float(r.renorm_eps))
 
 
 def experts_args(e: ExpertsSpec) -> tuple:

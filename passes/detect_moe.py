@@ -143,11 +143,11 @@ def _analyze(block: nn.Module, cand: Candidate):
     base = RouterSpec(top_k=k, scoring=f["scoring"], select_bias=f["select_bias"] is not None,
                       n_group=f["n_group"], topk_group=f["topk_group"], group_score=f["group_score"],
                       jitter_eps=f.get("jitter_eps", 0.0), select_on=f["select_on"], upcast=feat.upcasts(logits_node),
-                      selection="argmax" if name in ("argmax", "max") else "topk")
+                      selection="argmax" if name in ("argmax", "max") else "topk", renorm_eps=f["renorm_eps"])
     sb = resolve(work, f["select_bias"]) if f["select_bias"] else None
     rargs = lambda r: (xf, Wc, resolve(work, router_bias) if router_bias else None, sb, r.top_k, r.scoring,  # noqa: E731
                        r.n_group, r.topk_group, r.group_score, r.weighting, r.renorm, r.scale, r.jitter_eps,
-                       r.select_on, r.upcast, r.selection)
+                       r.select_on, r.upcast, r.selection, r.renorm_eps)
     _, ids, _ = route_math(*rargs(base), num_experts=E)
     if not torch.equal(ids.sort(-1).values, rec_ids.sort(-1).values):
         raise Rejected(f"could not reproduce the router's choice of experts ({base.describe()})")
@@ -183,27 +183,29 @@ def _analyze(block: nn.Module, cand: Candidate):
         roles["out_bias"] = Param(out_bias)
 
     # experts: a layout and activation whose outputs explain the block's output on the chosen experts
-    # by least squares; the solution is the combine weights. Only the experts the run chose are built.
+    # by least squares; the solution is the combine weights. Each hypothesis is screened on one token (its
+    # k experts only), the survivors fitted on all tokens (only the experts the run chose are built).
     seen = {target_name(n) for n in cap.graph.nodes}
     acts = sorted(("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai"),
                   key=lambda a: (a.split("_")[0] not in seen and not (a == "swiglu_oai" and "clamp" in seen), a))
     alpha, limit = feat.oai_constants(cap)
-    T = xf.shape[0]
-    chosen, local = rec_ids.unique(return_inverse=True)  # local: rec_ids as indices into `chosen`
-    fits = []
-    for lay in layouts(work, cand):
-        lb = layout_bindings(work, cand, lay)
+
+    def fit(lay, act, lb, rows):
+        chosen, local = rec_ids[rows].unique(return_inverse=True)  # local: the ids as indices into `chosen`
         w = materialize(work, lb, chosen)
-        for act in acts:
-            if act == "swiglu_oai" and not lay.gated:
-                continue
-            Y = all_experts(xf, w["w13"], w.get("b13"), w["w2"], w.get("b2"), act, lay.gated, alpha, limit,
-                            lay.gate_up)  # [E', T, H]
-            A = Y[local, torch.arange(T, device=dev)[:, None]]  # [T, k, H]
-            sol = torch.linalg.lstsq(A.transpose(1, 2), R.unsqueeze(-1)).solution  # [T, k, 1]
-            err = rel_err((A.transpose(1, 2) @ sol).squeeze(-1), R)
-            if err < FIT_TOL:
-                fits.append((err, lay, act, lb, w, A))
+        Y = all_experts(xf[rows], w["w13"], w.get("b13"), w["w2"], w.get("b2"), act, lay.gated, alpha, limit,
+                        lay.gate_up)  # [E', T', H]
+        A = Y[local, torch.arange(len(xf[rows]), device=dev)[:, None]]  # [T', k, H]
+        sol = torch.linalg.lstsq(A.transpose(1, 2), R[rows].unsqueeze(-1)).solution  # [T', k, 1]
+        return rel_err((A.transpose(1, 2) @ sol).squeeze(-1), R[rows]), w, A
+
+    screened = [(lay, act, lb) for lay in layouts(work, cand) for lb in [layout_bindings(work, cand, lay)]
+                for act in acts if (act != "swiglu_oai" or lay.gated) and fit(lay, act, lb, slice(0, 1))[0] < FIT_TOL]
+    fits = []
+    for lay, act, lb in screened:
+        err, w, A = fit(lay, act, lb, slice(None))
+        if err < FIT_TOL:
+            fits.append((err, lay, act, lb, w, A))
     facts = {"in_dim": x.dim(), "work": work}
     if fits:  # the best fit wins (gelu vs its tanh approximation differ by ~1e-3)
         _, lay, act, lb, w, A = min(fits, key=lambda f: f[0])

@@ -33,7 +33,9 @@ EXPORT_GAPS = {
 }  # their MoE blocks export on their own: test_gap_family_block
 HF = [f for f in SUPPORTED if f not in EXPORT_GAPS]
 # What each family's blocks become (router features the op lacks use log-weights; see lower_onnx)
-HF_LOG_WEIGHTS = {"glm4_moe", "phimoe", "switch_transformers"}
+# routers ORT's own (softmax over all, then top-k) does not compute exactly: selection on the logits (GPT-OSS,
+# GraniteMoE, JetMoE: top-k of the logits, softmax of the chosen), a bias, groups, capacity, sparsemixer
+HF_LOG_WEIGHTS = {"glm4_moe", "phimoe", "switch_transformers", "gpt_oss", "granitemoe", "jetmoe"}
 SHAPES = [(1, 1), (3, 7)]  # (batch, seq); every export's example is (2, 5)
 QUANT = [moec.Int8Experts(), moec.Int4Experts(32), moec.Int4Experts(64, symmetric=False)]
 QSIZES = dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=64)  # int4 groups divide every K

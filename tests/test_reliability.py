@@ -12,9 +12,12 @@ import copy
 import pickle
 import subprocess
 import sys
+import warnings
 
+import hypothesis.strategies as st
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
 import torch.nn.functional as F
 from torch import nn
 
@@ -301,6 +304,23 @@ def test_tied_routers(how, backend):
     moec.compile(block, backend=backend)
     assert moec.inspect(block).blocks
     _same(block, ref, _x(32, 300 if backend == "torch" else 40))
+
+
+@pytest.mark.parametrize("how", ["zero", "duplicate"])
+@pytest.mark.parametrize("router", hw.ROUTERS)
+def test_ties_for_every_router(router, how):
+    """Every router kind with tied experts: the compiled block picks what the block picks (argmax takes the first
+    of tied experts, topk an order of its own), or is left alone."""
+    from moec.passes.detect.candidates import find_candidates
+
+    k = 1 if router in hw.TOP1_ROUTERS else 2
+    block = hw.make_block(hw.Spec(router=router, top_k=k, layout="stacked_fused", style="einsum_gather"))
+    W = resolve(block, find_candidates(block)[0].router)
+    with torch.no_grad():
+        W.zero_() if how == "zero" else W[1].copy_(W[0])
+    ref = copy.deepcopy(block)
+    _compiled(block)  # every router kind is supported at ties too
+    _same(block, ref, _x(32, 300))
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "mixtral"])
@@ -608,3 +628,42 @@ def test_a_non_module_is_refused(fn):
 def test_cli_errors_are_one_line(args, match):
     run = subprocess.run([sys.executable, "-m", "moec.cli", *args], capture_output=True, text=True)
     assert run.returncode == 2 and match in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+# ---------------------------------------------------------------- random blocks under adversarial conditions
+
+CONDITIONS = ["plain", "zero router", "duplicate router rows", "inputs x100", "300 tokens", "train mode"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(spec=hw.specs(), condition=st.sampled_from(CONDITIONS), seed=st.integers(0, 3))
+def test_random_blocks_same_outputs_or_rejected(spec, condition, seed):
+    """Any generated block, under any adversarial condition: the compiled block gives the original's outputs,
+    or it is left alone with a reason. Never a wrong answer."""
+    from moec.passes.detect.candidates import find_candidates
+
+    block = hw.make_block(spec, seed=seed)
+    cands = find_candidates(block)
+    router = resolve(block, cands[0].router) if cands else None
+    with torch.no_grad():
+        if condition == "zero router" and router is not None:
+            router.zero_()
+        elif condition == "duplicate router rows" and router is not None:
+            (router if router.shape[0] == spec.num_experts else router.T)[1] = \
+                (router if router.shape[0] == spec.num_experts else router.T)[0]
+    ref = copy.deepcopy(block)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        moec.compile(block)
+    report = moec.inspect(block)
+    assert report.blocks or (report.rejected and all(r.reason for r in report.rejected))
+    T = 300 if condition == "300 tokens" else 9
+    x = torch.randn(1, T, spec.hidden, generator=torch.Generator().manual_seed(seed))
+    x = 100 * x if condition == "inputs x100" else x
+    if condition == "train mode":
+        block.train(), ref.train()
+    with torch.no_grad():
+        got, want = block(x), ref(x)
+    got, want = (got[0], want[0]) if isinstance(want, tuple) else (got, want)
+    assert rel_err(got, want) < TOL[torch.float32] or torch.equal(got.isnan(), want.isnan()) and \
+        rel_err(got.nan_to_num(), want.nan_to_num()) < TOL[torch.float32]

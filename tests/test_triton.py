@@ -167,6 +167,6 @@ def test_kernels_compile_for_gpu(arch):
     run = subprocess.run([sys.executable, "-m", "moec.backends.triton_aot", "--arch", str(arch)], env=env,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count(f"compiled sm_{arch}") >= 39
+    assert run.stdout.count(f"compiled sm_{arch}") >= 32
     for quantized in ("gemm1[bf16,w8,", "gemm2[bf16,w4g128,", "gemm1[bf16,w4g32,zero,", "gemm2[fp16,w4g128,"):
         assert f"compiled sm_{arch} {quantized}" in run.stdout

@@ -36,7 +36,7 @@ def features(cap: Capture, logits_node, sel_node) -> dict:
     names_before = {target_name(n) for n in before}
     names_after = {target_name(n) for n in after - before}
     feats = {"scoring": "none", "select_on": "logits", "renorm_first": False, "scales": [1.0], "norms": [0.0],
-             "select_bias": None, "n_group": 1, "topk_group": 1, "group_score": "max"}
+             "select_bias": None, "n_group": 1, "topk_group": 1, "group_score": "max", "renorm_eps": 0.0}
     for fn, scoring in (("softmax", "softmax"), ("sigmoid", "sigmoid")):
         if fn in names_before or ("none" == feats["scoring"] and fn in names_after and "softmax" not in names_before):
             feats["scoring"] = scoring
@@ -59,6 +59,9 @@ def features(cap: Capture, logits_node, sel_node) -> dict:
         if name in ("sum", "div", "__truediv__", "div_", "__itruediv__") and n in after - before and not scalars:
             feats["renorm_first"] = feats["renorm_first"] or name != "sum"
             feats["norms"].append(1.0)  # a sum or a division of the weights: renormalisation is a candidate
+        if n in after - before and name in ("add", "__add__", "__radd__") and scalars and any(
+                target_name(a) == "sum" for a in n.all_input_nodes):  # sum(w) + eps: the renormalisation's epsilon
+            feats["renorm_eps"] = float(scalars[0])
         if n in before and name in ("add", "__add__", "add_", "__radd__"):
             for a in map(source, n.all_input_nodes):
                 if a.op == "get_attr" and a.meta["val"].dim() == 1:

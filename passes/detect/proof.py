@@ -56,12 +56,13 @@ class Proof:
         others = [p.name for p in self.probes if not p.name.endswith("token(s)")]
         return f"{len(self.probes)} probes: {', '.join(map(str, tokens))} tokens; {'; '.join(others)}"
 
-    def add_tokens(self, tokens, in_dim: int) -> None:
-        """More N(0,1) probes (the token counts where the final graph's kernels change path)."""
+    def add_tokens(self, thresholds, in_dim: int) -> None:
+        """N(0,1) probes on both sides of each token count where the final graph's kernels change path
+        (the probes already there count: 16 and 300 tokens cross a threshold of 257)."""
         have = {p.x.shape[-2] if p.x.dim() == 3 else p.x.shape[0] for p in self.probes if p.name.endswith("token(s)")}
         gen = torch.Generator(device="cpu").manual_seed(4)
         H, dev = self.probes[0].x.shape[-1], self.probes[0].x.device
-        for T in sorted(set(tokens) - have):
+        for T in sorted(t for t in set(thresholds) if not (any(h < t for h in have) and any(h >= t for h in have))):
             x = torch.randn((1, T, H) if in_dim == 3 else (T, H), generator=gen, device="cpu").to(dev)
             self.probes.append(Probe(f"{T} token(s)", x))
 
