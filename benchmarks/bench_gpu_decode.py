@@ -1,12 +1,16 @@
-"""Whole-model generation on a GPU: HF eager (grouped_mm experts) vs moec's Triton backend, bf16, KV cache.
+"""Whole-model generation on a GPU: HF eager (grouped_mm experts) vs moec's Triton backend, KV cache.
 
-    python benchmarks/bench_gpu_decode.py [--models mixtral qwen3] [--prompt 16] [--new 64] [--batch 1] [--rounds 3]
+    python benchmarks/bench_gpu_decode.py [--models mixtral qwen3] [--dtype bf16|fp32] [--prompt 16] [--new 64]
+                                          [--batch 1] [--rounds 3]
 
 Models are a few layers of real MoE shapes with random weights, built on the GPU (no downloads):
 "mixtral" = Mixtral-8x7B layers (E=8, H=4096, I=14336, top-2), "qwen3" = Qwen3-30B-A3B layers
 (E=128, H=2048, I=768, top-8). Per model: prefill time of the prompt, decode tokens/s of
-greedy generation (the prompt's forward excluded), and whether moec's tokens equal HF's.
-The two systems run in turn, `--rounds` times; medians are printed.
+greedy generation (the prompt's forward excluded), whether moec's tokens equal HF's, and the
+largest relative error of moec's logits over HF's generated sequence (teacher-forced: both read
+the same tokens). With random weights the next-token logits are nearly flat, so in bf16 a rounding
+difference can change a greedy token and the sequences part; fp32 (TF32 off) shows the rewrite
+itself. The two systems run in turn, `--rounds` times; medians are printed.
 """
 
 import argparse
@@ -45,17 +49,20 @@ def main():
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     args = ap.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    torch.backends.cuda.matmul.allow_tf32 = False
     console = Console()
-    t = Table(title=f"generation, bf16, batch {args.batch}, {args.prompt}-token prompt + {args.new} new tokens "
+    t = Table(title=f"generation, {args.dtype}, batch {args.batch}, {args.prompt}-token prompt + {args.new} new tokens "
                     f"({torch.cuda.get_device_name()}, torch {torch.__version__})")
-    for col in ("model", "system", "prefill ms", "decode tokens/s", "same tokens as HF"):
+    for col in ("model", "system", "prefill ms", "decode tokens/s", "same tokens as HF", "logits rel. error"):
         t.add_column(col, justify="right")
     torch.set_default_device("cuda")
     for name in args.models:
         family, shape = MODELS[name]
-        hf = models.tiny_model(family, dtype=torch.bfloat16, num_hidden_layers=args.layers, **shape)
-        ours = moec.compile(models.tiny_model(family, dtype=torch.bfloat16, num_hidden_layers=args.layers, **shape),
+        hf = models.tiny_model(family, dtype=dtype, num_hidden_layers=args.layers, **shape)
+        ours = moec.compile(models.tiny_model(family, dtype=dtype, num_hidden_layers=args.layers, **shape),
                             backend="triton")
         console.print(f"{name}: {len(moec.inspect(ours).blocks)} blocks rewritten, "
                       f"{sum(p.numel() for p in hf.parameters()) / 1e9:.2f} B parameters")
@@ -70,9 +77,12 @@ def main():
                     total = seconds(lambda: tokens.__setitem__(label, model.generate(ids, **gen)))
                     times[label][0].append(prefill)
                     times[label][1].append(args.batch * args.new / max(total - prefill, 1e-9))
+        with torch.no_grad():  # both read HF's sequence
+            ref, got = hf(tokens["HF"]).logits.float(), ours(tokens["HF"]).logits.float()
+        err = ((got - ref).abs().max() / ref.abs().max()).item()
         for label, (prefill, tps) in times.items():
             t.add_row(name, label, f"{statistics.median(prefill[1:]) * 1e3:.1f}", f"{statistics.median(tps[1:]):.0f}",
-                      str(torch.equal(tokens[label], tokens["HF"])))
+                      str(torch.equal(tokens[label], tokens["HF"])), "-" if label == "HF" else f"{err:.1e}")
         del hf, ours
         torch.cuda.empty_cache()
     console.print(t)

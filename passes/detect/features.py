@@ -31,7 +31,7 @@ def features(cap: Capture, logits_node, sel_node) -> dict:
     if eps is not None:  # sparsemixer: its picks and weights are the whole router
         return {"scoring": "sparsemixer", "select_on": "logits", "jitter_eps": eps, "renorm_first": False,
                 "scales": [1.0], "norms": [0.0], "select_bias": None, "n_group": 1, "topk_group": 1,
-                "group_score": "max"}
+                "group_score": "max", "renorm_eps": 0.0}
     before = (nx.ancestors(df, sel_node) & after) | {logits_node}
     names_before = {target_name(n) for n in before}
     names_after = {target_name(n) for n in after - before}
