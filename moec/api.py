@@ -23,6 +23,7 @@ import moec.passes  # noqa: F401  (registers the passes)
 from moec.backends import pipeline_for, resolve_backend
 from moec.bindings import Const, Derived
 from moec.canonical import assemble, build_graph, call, compiled_graph, install, resolve, uninstall
+from moec.log import _status, status
 from moec.pass_manager import PASSES, Instruments, PassManager, PassRecord, Rejected
 from moec.passes.detect_moe import Candidate, analyze, find_candidates
 from moec.passes.quantize_experts import quantized_tensors, release_originals
@@ -124,6 +125,7 @@ def _final_proof(gm: fx.GraphModule, block: nn.Module, pm: PassManager) -> str:
     proof.add_tokens([t for n in pm.names if PASSES[n].proof_tokens for t in PASSES[n].proof_tokens(spec)], in_dim)
     dtype = max((p for p in block.parameters() if p.is_floating_point()), key=torch.Tensor.numel).dtype
     what = f"the compiled graph (after {pm.names[-1]})"
+    status(f"proving the graph after {pm.names[-1]}")
     run = lambda x: assemble(spec.outputs, x, *call(gm, block, x))  # noqa: E731
     if spec.quant is None:
         proof.check(run, dtype, what, error=_FinalProofFailed)
@@ -175,8 +177,11 @@ def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: boo
     try:
         with _progress(len(cands)) as progress:
             task = progress.add_task("moec", total=len(cands))
+            where = [""]  # the block being compiled, for the status line
+            _status.append(lambda text: progress.update(task, description=f"{where[0]}: {text}"))
             for i, cand in enumerate(cands):
-                progress.update(task, description=f"moec: block {i + 1}/{len(cands)} {cand.path or '(model)'}")
+                where[0] = f"moec: block {i + 1}/{len(cands)} {cand.path or '(model)'}"
+                status("analysing")
                 block = resolve(model, cand.path)
                 old = compiled_graph(block)
                 if old is not None:
@@ -202,6 +207,8 @@ def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: boo
         if install_blocks:
             _install_all(done)
     finally:
+        if len(_status) > 1:
+            _status.pop()
         if not install_blocks or any(compiled_graph(d.block) is not d.gm for d in done):
             for d in done:
                 _undo(d.gm.meta)

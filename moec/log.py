@@ -12,3 +12,10 @@ if not log.handlers:
     debug = "debug" in {s.strip() for s in os.environ.get("MOEC_LOGS", "").split(",")}
     log.setLevel(logging.DEBUG if debug else logging.INFO)
     log.propagate = False
+
+_status = [lambda text: None]
+
+
+def status(text: str) -> None:
+    """Say what a long compile is doing now (compile's progress display shows it; a no-op otherwise)."""
+    _status[-1](text)

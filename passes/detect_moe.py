@@ -51,6 +51,7 @@ from moec.bindings import Binding, Derived, Param, Part, resolve
 from moec.canonical import assemble, build_graph, call, original_forward
 from moec.capture import Capture, capture, target_name, untouched
 from moec.ir import ExpertsSpec, MoESpec, RouterSpec
+from moec.log import status
 from moec.pass_manager import PassResult, Rejected, register_pass
 from moec.passes.detect import features as feat
 from moec.passes.detect.candidates import Candidate, find_candidates, member_names, members  # noqa: F401
@@ -315,7 +316,8 @@ def detect_moe(gm) -> PassResult:
     block, cand = gm.meta["block"], gm.meta["candidate"]
     specs, roles, facts = analyze(block, cand)
     failures = []
-    for spec in specs:  # the first candidate form that the proof confirms
+    for i, spec in enumerate(specs):  # the first candidate form that the proof confirms
+        status(f"proving the canonical form ({i + 1}/{len(specs)})")
         out = build_graph(block, spec.with_(params={r: b.describe() for r, b in roles.items()}), roles, cand.path)
         try:
             proof = prove(block, cand, out.meta["moe_spec"], roles, facts, out)
