@@ -35,9 +35,18 @@ def builders(E: int, H: int, I: int, k: int) -> dict:
         "hand-written ModuleList (loop over experts)": lambda: hw.make_block(hw.Spec(**spec, layout="modulelist")),
         "hand-written stacked (einsum gather)": lambda: hw.make_block(hw.Spec(**spec, layout="stacked_fused",
                                                                               style="einsum_gather")),
-        "HF Mixtral block (grouped_mm)": lambda: transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock(
-            cfg).eval(),
+        "HF Mixtral block (grouped_mm)": lambda: _init(transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock(
+            cfg).eval()),
     }
+
+
+def _init(block):
+    """A standalone HF block's parameters are torch.empty (HF initialises them from the model): draw them."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.1, generator=gen)
+    return block
 
 
 def main():

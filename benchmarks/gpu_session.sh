@@ -29,11 +29,11 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/env.log" 2>
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__)"; } >>"$out/env.log" 2>&1
 cat "$out/env.log"
-stage tests 60 env MOEC_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_triton.py \
+stage tests 50 env MOEC_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_triton.py \
   -k "not compile_for_gpu and not backend_choice"
-stage tests-checks 60 python3 benchmarks/gpu_checks.py
+stage tests-checks 50 python3 benchmarks/gpu_checks.py
 stage tune 300 python3 benchmarks/tune_triton.py --all --space fast --jobs 14 --tokens 1 16 64 256 4096 \
   --out "$out/configs"
-stage bench 130 python3 benchmarks/bench_triton.py --quantized --no-torch-compile
+stage bench 110 python3 benchmarks/bench_triton.py --quantized --no-torch-compile
 stage decode-bf16 50 python3 benchmarks/bench_gpu_decode.py --rounds 2
-stage decode-fp32 45 python3 benchmarks/bench_gpu_decode.py --rounds 1 --dtype fp32 --layers 2
+stage decode-fp32 40 python3 benchmarks/bench_gpu_decode.py --rounds 1 --dtype fp32 --layers 2

@@ -324,6 +324,9 @@ def detect_moe(gm) -> PassResult:
         except Rejected as e:
             failures.append(e)
             continue
+        except Exception as e:  # noqa: BLE001  e.g. non-finite weights: the block is left alone, with the reason
+            failures.append(Rejected(f"its proof could not run ({type(e).__name__}: {e})"))
+            continue
         out.meta.update(gm.meta)
         out.meta["canonical_bindings"] = dict(roles)  # the reference of later proofs (quantized: dequantized)
         out.meta["proof"] = proof
