@@ -667,3 +667,14 @@ def test_random_blocks_same_outputs_or_rejected(spec, condition, seed):
     got, want = (got[0], want[0]) if isinstance(want, tuple) else (got, want)
     assert rel_err(got, want) < TOL[torch.float32] or torch.equal(got.isnan(), want.isnan()) and \
         rel_err(got.nan_to_num(), want.nan_to_num()) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_compile_under_another_default_device(family):
+    """torch.set_default_device (e.g. "cuda" in a GPU script) must not move moec's own tensors off the model's device."""
+    model = models.tiny_model(family)
+    ref = copy.deepcopy(model)
+    with torch.device("meta"):
+        moec.compile(model)
+    assert len(moec.inspect(model).blocks) == 2, moec.inspect(model)
+    _same(model, ref, _ids(model))

@@ -124,7 +124,7 @@ def probes(spec: MoESpec, in_dim: int, router: dict[str, torch.Tensor | None], d
            for T in sorted({*TOKENS, *extra_tokens})]
     B, S = (2, E * spec.router.capacity + 1) if spec.router.capacity else (2, 7)
     out.append(Probe(f"{B} rows of {S} tokens", torch.randn(shape(B, S), generator=gen, device="cpu")))
-    out.append(Probe("zero tokens (all experts tied)", torch.zeros(shape(1, 4))))
+    out.append(Probe("zero tokens (all experts tied)", torch.zeros(shape(1, 4), device="cpu")))
     out.append(Probe("inputs x100 (saturated scores)", 100 * torch.randn(shape(1, 8), generator=gen, device="cpu")))
     out.append(Probe("one token routed to each expert", _expert_tokens(spec, router).reshape(shape(1, E))))
     for p in out:
@@ -137,7 +137,7 @@ def _expert_tokens(spec: MoESpec, router: dict) -> torch.Tensor:
     router weight: exact when H >= E). Which experts they reach is measured by `reached`."""
     W = router["router_weight"].detach().double().cpu()  # [E, H]
     E = W.shape[0]
-    target = 8.0 * torch.eye(E, dtype=torch.float64)  # logits: +8 on the expert, 0 elsewhere
+    target = 8.0 * torch.eye(E, dtype=torch.float64, device="cpu")  # logits: +8 on the expert, 0 elsewhere
     if router.get("router_bias") is not None:
         target = target - router["router_bias"].detach().double().cpu()
     if router.get("select_bias") is not None:  # selection uses scores + bias: outweigh the bias
