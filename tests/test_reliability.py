@@ -678,3 +678,14 @@ def test_compile_under_another_default_device(family):
         moec.compile(model)
     assert len(moec.inspect(model).blocks) == 2, moec.inspect(model)
     _same(model, ref, _ids(model))
+
+
+def test_onnxruntime_backend_follows_weight_changes():
+    pytest.importorskip("onnxruntime")
+    model = moec.compile(models.tiny_model("mixtral"), backend="onnxruntime")
+    other = models.tiny_model("mixtral", seed=1)
+    ids = _ids(model, 6)
+    with torch.no_grad():
+        model(ids)  # exports, opens the session
+        model.load_state_dict(other.state_dict())
+        assert rel_err(model(ids).logits, other(ids).logits) < TOL[torch.float32]
