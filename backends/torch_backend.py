@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import moec.ops  # noqa: F401  (defines the op schemas)
+from moec.ir import RouterSpec
 
 
 def split_gate_up(h: torch.Tensor, gate_up: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,35 +59,41 @@ def _act(h: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}")
 
 
-def route_math(x, weight, bias, select_bias, top_k, scoring, n_group, topk_group, group_score, weighting, renorm,
-               scale, jitter_eps, select_on, upcast, selection, renorm_eps, num_experts):
-    """The routing math in plain torch (fx-traceable: no shape unpacking), see RouterSpec. The same torch
-    ops as the blocks it stands for, so on the same device the same experts are chosen, ties included."""
-    if upcast:
+def route_math(x, weight, bias, select_bias, router: str, num_experts):
+    """The routing math in plain torch (fx-traceable: no shape unpacking), see RouterSpec (`router`: its JSON).
+    The same torch ops as the blocks it stands for, so on the same device the same experts are chosen, ties
+    included."""
+    r = RouterSpec.from_json(router)
+    top_k, scoring, select_on, selection = r.top_k, r.scoring, r.select_on, r.selection
+    n_group, topk_group, weighting, renorm, scale = r.n_group, r.topk_group, r.weighting, r.renorm, r.scale
+    if r.upcast:
         x, weight, bias = x.float(), weight.float(), None if bias is None else bias.float()
     logits = F.linear(x, weight, bias)  # [T, E]
     s = logits.float()
     if scoring == "sparsemixer":
-        return (logits, *sparsemixer(s, top_k, jitter_eps))
+        return (logits, *sparsemixer(s, top_k, r.jitter_eps))
     if scoring == "softmax":
         scores = s.softmax(dim=-1)
     elif scoring == "sigmoid":
         scores = s.sigmoid()
     else:
         scores = s
-    choice = scores if select_on == "scores" else s
-    if select_bias is not None:
-        choice = choice + select_bias.float()
-    if n_group > 1:
-        grouped = choice.view(-1, n_group, num_experts // n_group)  # [T, G, E/G]
-        if group_score == "max":
-            gscore = grouped.amax(dim=-1)  # [T, G]
-        else:
-            gscore = grouped.topk(2, dim=-1).values.sum(dim=-1)
-        keep = torch.zeros_like(gscore, dtype=torch.bool).scatter_(1, gscore.topk(topk_group, dim=-1).indices, True)
-        choice = choice.masked_fill(~keep.repeat_interleave(num_experts // n_group, dim=1), float("-inf"))
-    # [T, k]; argmax takes the first of tied experts, topk an order of its own: the block's op decides
-    ids = choice.argmax(dim=-1, keepdim=True) if selection == "argmax" else choice.topk(top_k, dim=-1).indices
+    if selection == "argmax" and top_k > 1:  # sequential picks, each over the values with the earlier ones masked
+        ids = _argmax_picks(scores, s, select_on.split(","), top_k, r.pick_mask)
+    else:
+        choice = scores if select_on == "scores" else s
+        if select_bias is not None:
+            choice = choice + select_bias.float()
+        if n_group > 1:
+            grouped = choice.view(-1, n_group, num_experts // n_group)  # [T, G, E/G]
+            if r.group_score == "max":
+                gscore = grouped.amax(dim=-1)  # [T, G]
+            else:
+                gscore = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            keep = torch.zeros_like(gscore, dtype=torch.bool).scatter_(1, gscore.topk(topk_group, dim=-1).indices, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(num_experts // n_group, dim=1), float("-inf"))
+        # [T, k]; argmax takes the first of tied experts, topk an order of its own: the block's op decides
+        ids = choice.argmax(dim=-1, keepdim=True) if selection == "argmax" else choice.topk(top_k, dim=-1).indices
     chosen_softmax = select_on == "logits" and scoring == "softmax" and renorm == 1.0
     if weighting == "ones":
         weights = torch.ones_like(ids, dtype=torch.float32)
@@ -94,12 +101,24 @@ def route_math(x, weight, bias, select_bias, top_k, scoring, n_group, topk_group
         weights = s.gather(1, ids).softmax(dim=-1)  # [T, k]
     else:
         weights = scores.gather(1, ids)  # [T, k]
-    if renorm and not chosen_softmax:
+    if renorm and not chosen_softmax and not (r.capacity and r.capacity_renorm):  # else after the drop
         denom = weights.sum(-1, keepdim=True) if renorm == 1.0 else weights.norm(p=renorm, dim=-1, keepdim=True)
-        weights = weights / (denom + renorm_eps if renorm_eps else denom)
+        denom = denom + r.renorm_eps if r.renorm_eps else denom
+        weights = weights / (denom.clamp(min=r.renorm_floor) if r.renorm_floor else denom)
     if scale != 1.0:
         weights = weights * scale
     return logits, ids, weights
+
+
+def _argmax_picks(scores, logits, on: list[str], k: int, mask: float):
+    """k argmax picks [T, k]: pick j over the scores or the logits (on[j]), earlier picks set to `mask` (GShard)."""
+    picks = []
+    for j in range(k):
+        v = scores if on[min(j, len(on) - 1)] == "scores" else logits
+        for p in picks:
+            v = v.scatter(1, p, mask)
+        picks.append(v.argmax(dim=-1, keepdim=True))
+    return torch.cat(picks, dim=1)
 
 
 def sparsemixer(s, top_k, jitter_eps):
@@ -118,8 +137,8 @@ def sparsemixer(s, top_k, jitter_eps):
 
 
 @torch.library.impl("moec::route", "CompositeExplicitAutograd")
-def route(x, weight, bias, select_bias, *args):
-    return route_math(x, weight, bias, select_bias, *args, num_experts=weight.shape[0])
+def route(x, weight, bias, select_bias, router):
+    return route_math(x, weight, bias, select_bias, router, num_experts=weight.shape[0])
 
 
 def _expert_ffn(xe, w13, b13, w2, b2, activation, gated, alpha, limit, gate_up, cols=None):
@@ -289,16 +308,25 @@ def experts_loop(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, li
     return out.to(x.dtype)
 
 
-def capacity(ids, weights, rows, capacity, num_experts):
+def capacity(ids, weights, rows, num_experts, router: str):
     """Zero the weights of (token, slot) pairs past their expert's capacity, first come first
     served. The T tokens form `rows` equal groups (batch rows), each counted on its own; within
-    a group every token's slot 0 comes before any slot 1 (GShard/NLLB order), then token order."""
+    a group every token's slot 0 comes before any slot 1 (GShard/NLLB order), then token order.
+    The capacity follows the tokens counted (RouterSpec.capacity_for); with capacity_renorm the
+    kept weights are then renormalised (the route left them as they were)."""
+    r = RouterSpec.from_json(router)
     T, k = ids.shape
+    capacity = r.capacity_for(T // rows, num_experts)
     queue = ids.reshape(rows, -1, k).transpose(1, 2).reshape(rows, -1)  # [rows, k*S] slot-major
     onehot = F.one_hot(queue, num_experts)  # [rows, k*S, E]
     place = (onehot.cumsum(1) * onehot).sum(-1)  # 1-based place of each pair in its expert's queue
     kept = (place <= capacity).reshape(rows, k, -1).transpose(1, 2).reshape(T, k)
-    return weights * kept
+    weights = weights * kept
+    if r.capacity_renorm:
+        denom = weights.sum(-1, keepdim=True)
+        denom = denom + r.renorm_eps if r.renorm_eps else denom
+        weights = weights / (denom.clamp(min=r.renorm_floor) if r.renorm_floor else denom)
+    return weights
 
 
 torch.library.impl("moec::capacity", "CompositeExplicitAutograd")(capacity)  # `capacity` stays callable (lower_onnx)

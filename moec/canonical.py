@@ -51,7 +51,7 @@ class _Reference(nn.Module):
                                     *route_args(s.router), num_experts=s.experts.num_experts)
         if s.router.capacity:  # pairs past an expert's capacity are dropped (weight 0)
             rows = hidden_states.shape[0] if s.router.capacity_per_row else 1
-            w = torch.ops.moec.capacity(ids, w, rows, s.router.capacity, s.experts.num_experts)
+            w = torch.ops.moec.capacity(ids, w, rows, s.experts.num_experts, s.router.to_json())
         y = torch.ops.moec.experts_loop(x, ids, w, p["w13"], p.get("b13"), p["w2"], p.get("b2"),
                                         *experts_args(s.experts))  # [T, H]
         if s.shared:

@@ -88,8 +88,8 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
-        if name in _METADATA:
-            return out  # metadata queries carry no dataflow worth recording
+        if name in _METADATA and not (name == "__get__" and isinstance(out, torch.Tensor)):
+            return out  # metadata queries carry no dataflow worth recording (but W.T, W.mT do)
         if name in _VALUE_READS:  # Python sees a tensor's values: code may branch or loop on them
             if args and isinstance(args[0], torch.Tensor):
                 self.reads.append((name, self.node_for(args[0])))

@@ -11,7 +11,10 @@ k = experts per token, I = expert intermediate size, N1 = 2*I for gated experts 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import functools
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
 
 SCORINGS = ("softmax", "sigmoid", "none", "sparsemixer")
 GROUP_SCORES = ("max", "top2_sum")
@@ -52,15 +55,42 @@ class RouterSpec:
     scale: float = 1.0
     capacity: int = 0  # 0: none; c > 0: each expert takes at most c (token, slot) pairs, later ones dropped
     capacity_per_row: bool = False  # count capacity per batch row of the block input (Switch), else over all tokens
+    # a capacity that follows the n tokens counted (capacity_for): max(capacity, form(factor, n, E)) + offset
+    capacity_factor: float = 0.0  # 0: the constant `capacity`
+    capacity_form: str = "ceil"  # "ceil": ceil(f*n/E); "ceil_per_expert": floor(f*ceil(n/E)); "floor": floor(f*n/E)
+    capacity_offset: int = 0
+    capacity_renorm: bool = False  # the kept weights are renormalised after the drop (GShard), not before
     jitter_eps: float = 0.0  # sparsemixer only: relative threshold of the masked softmax
-    select_on: str = "scores"  # "scores" or "logits": the values the block's selection compares
+    select_on: str = "scores"  # "scores" or "logits": the values the block's selection compares (sequential
+    # argmax picks: one per pick, comma-separated, e.g. GShard's "scores,logits")
     upcast: bool = False  # the router GEMM runs in fp32 (the block casts its input and weight up first)
-    selection: str = "topk"  # "topk" or "argmax" (k = 1): the op the block selects with; they break ties apart
+    selection: str = "topk"  # "topk" or "argmax": the op the block selects with (they break ties apart); argmax
+    # with k > 1 is k sequential picks (GShard's top-2), each over the values with the earlier picks set to pick_mask
+    pick_mask: float = float("-inf")
     renorm_eps: float = 0.0  # added to the renormalisation's sum (DeepSeek: + 1e-20, so all-zero weights stay 0)
+    renorm_floor: float = 0.0  # the renormalisation's sum clamped to at least this (GShard: clamp(min=eps))
+
+    def capacity_for(self, n: int, num_experts: int) -> int:
+        """Pairs each expert keeps when n tokens are counted together (a row, or all of them)."""
+        if not self.capacity_factor:
+            return self.capacity
+        f, E = self.capacity_factor, num_experts
+        grown = {"ceil": lambda: math.ceil(f * n / E - 1e-9), "ceil_per_expert": lambda: math.floor(f * -(-n // E) + 1e-9),
+                 "floor": lambda: math.floor(f * n / E + 1e-9)}[self.capacity_form]()
+        return max(self.capacity, grown) + self.capacity_offset
+
+    def to_json(self) -> str:
+        """The spec as moec::route's `router` argument (a string: op schemas take no objects)."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def from_json(text: str) -> "RouterSpec":
+        return RouterSpec(**json.loads(text))
 
     def describe(self) -> str:
         parts = [f"{self.scoring}" if self.scoring != "none" else "logits"]
-        if self.select_on == "logits" and self.scoring in ("softmax", "sigmoid"):
+        if self.select_on.split(",")[0] == "logits" and self.scoring in ("softmax", "sigmoid"):
             parts = ["logits"]
         if self.scoring == "sparsemixer":
             parts = [f"sparsemixer(eps={self.jitter_eps:g})"]
@@ -68,19 +98,27 @@ class RouterSpec:
             parts.append("+bias(select)")
         if self.n_group > 1:
             parts.append(f"group-limited {self.topk_group}/{self.n_group} ({self.group_score})")
-        parts.append(f"top-{self.top_k}")
-        if self.select_on == "logits" and self.scoring in ("softmax", "sigmoid"):
+        if self.scoring == "sparsemixer":
+            parts.append(f"top-{self.top_k}")
+        elif self.selection == "argmax" and self.top_k > 1:
+            parts.append(f"{self.top_k} argmax picks ({self.select_on}; earlier picks -> {self.pick_mask:g})")
+        else:
+            parts.append(f"top-{self.top_k}")
+        if self.select_on.split(",")[0] == "logits" and self.scoring in ("softmax", "sigmoid"):
             parts.append(f"{self.scoring} of the chosen" if self.renorm == 1.0 and self.scoring == "softmax"
                          else self.scoring)
         if self.weighting == "ones":
             parts.append("weight 1")
         chosen_softmax = self.select_on == "logits" and self.scoring == "softmax" and self.renorm == 1.0
-        if self.renorm and not chosen_softmax:
+        if self.renorm and not chosen_softmax and not (self.capacity and self.capacity_renorm):
             parts.append("renorm" if self.renorm == 1.0 else f"renorm p={self.renorm:g}")
         if self.scale != 1.0:
             parts.append(f"x{self.scale:g}")
         if self.capacity:
-            parts.append(f"capacity {self.capacity}" + ("/row" if self.capacity_per_row else ""))
+            c = (f"capacity max({self.capacity}, {self.capacity_form}({self.capacity_factor:g} n/E))"
+                 + (f"{self.capacity_offset:+d}" if self.capacity_offset else "")) if self.capacity_factor \
+                else f"capacity {self.capacity}"
+            parts.append(c + ("/row" if self.capacity_per_row else "") + (" -> renorm" if self.capacity_renorm else ""))
         return " -> ".join(parts)
 
 

@@ -1,11 +1,11 @@
 """Canonical MoE ops, registered with torch.library so rewritten graphs stay traceable by
 torch.export and torch.compile (each op has a fake implementation giving output shapes).
 
-    moec::route(x[T,H], W[E,H], ...)                 -> logits[T,E], ids[T,k] int64, weights[T,k] fp32
+    moec::route(x[T,H], W[E,H], b?, select_bias?, router) -> logits[T,E], ids[T,k] int64, weights[T,k] fp32
     moec::experts(x[T,H], ids[T,k], weights[T,k], W13[E,N1,H], b13?, W2[E,H,I], b2?, ...) -> [T,H]
     moec::experts_loop(...same...)                   -> [T,H]   (naive per-expert reference)
     moec::experts_int8 / experts_int4(x, ids, weights, <packed W13, W2 + scales>, ...) -> [T,H]  (moec.quant)
-    moec::capacity(ids[T,k], weights[T,k], rows, capacity, E) -> weights[T,k] (0 past an expert's capacity)
+    moec::capacity(ids[T,k], weights[T,k], rows, E, router) -> weights[T,k] (0 past an expert's capacity)
     moec::ort_moe(x[T,H], router_probs[T,E], fc1[E,N1,H], fc1_bias?, fc2[E,H,I], fc2_bias?, k, ...)  -> [T,H]
     moec::ort_qmoe(x, router_probs, fc1 u8, fc1_scales, fc1_bias?, fc2 u8, fc2_scales, fc2_bias?, zero points?, ...)
         ONNX Runtime's com.microsoft::MoE / QMoE in its layouts (softmax over router_probs -> top-k ->
@@ -24,12 +24,8 @@ _EXPERTS_ARGS = (
     "Tensor x, Tensor ids, Tensor weights, Tensor w13, Tensor? b13, Tensor w2, Tensor? b2, "
     "str activation, bool gated, float alpha, float limit, bool weight_on_input, str gate_up"
 )
-torch.library.define(
-    "moec::route",
-    "(Tensor x, Tensor weight, Tensor? bias, Tensor? select_bias, int top_k, str scoring, "
-    "int n_group, int topk_group, str group_score, str weighting, float renorm, float scale, "
-    "float jitter_eps, str select_on, bool upcast, str selection, float renorm_eps) -> (Tensor, Tensor, Tensor)",
-)
+torch.library.define(  # router: a RouterSpec as JSON (RouterSpec.to_json)
+    "moec::route", "(Tensor x, Tensor weight, Tensor? bias, Tensor? select_bias, str router) -> (Tensor, Tensor, Tensor)")
 torch.library.define("moec::experts", f"({_EXPERTS_ARGS}) -> Tensor")
 torch.library.define("moec::experts_loop", f"({_EXPERTS_ARGS}) -> Tensor")
 _ACT_ARGS = "str activation, bool gated, float alpha, float limit, bool weight_on_input, str gate_up"
@@ -49,13 +45,13 @@ torch.library.define(  # bits 8: u8 [E,N,K], scales [E,N]; bits 4: u8 [E,N,K/2],
     "moec::ort_qmoe",
     "(Tensor x, Tensor router_probs, Tensor fc1, Tensor fc1_scales, Tensor? fc1_bias, Tensor fc2, Tensor fc2_scales, "
     f"Tensor? fc2_bias, Tensor? fc1_zero_points, Tensor? fc2_zero_points, int bits, int block_size, {_ORT_ARGS}) -> Tensor")
-torch.library.define("moec::capacity",
-                     "(Tensor ids, Tensor weights, SymInt rows, int capacity, int num_experts) -> Tensor")
+torch.library.define(  # router: the RouterSpec as JSON (its capacity rule)
+    "moec::capacity", "(Tensor ids, Tensor weights, SymInt rows, int num_experts, str router) -> Tensor")
 
 
 @torch.library.register_fake("moec::route")
-def _route_fake(x, weight, bias, select_bias, top_k, *args):
-    T, E = x.shape[0], weight.shape[0]
+def _route_fake(x, weight, bias, select_bias, router):
+    T, E, top_k = x.shape[0], weight.shape[0], RouterSpec.from_json(router).top_k
     return (
         x.new_empty(T, E),
         x.new_empty(T, top_k, dtype=torch.int64),
@@ -81,9 +77,8 @@ def _capacity_fake(ids, weights, *args):
 
 
 def route_args(r: RouterSpec) -> tuple:
-    """The non-tensor arguments of moec::route, in schema order."""
-    return (r.top_k, r.scoring, r.n_group, r.topk_group, r.group_score, r.weighting, float(r.renorm), float(r.scale),
-            float(r.jitter_eps), r.select_on, r.upcast, r.selection, float(r.renorm_eps))
+    """The non-tensor arguments of moec::route: the RouterSpec as JSON."""
+    return (r.to_json(),)
 
 
 def experts_args(e: ExpertsSpec) -> tuple:

@@ -51,6 +51,7 @@ from moec.bindings import Binding, Derived, Param, Part, resolve
 from moec.canonical import assemble, build_graph, call, original_forward
 from moec.capture import Capture, capture, target_name, untouched
 from moec.ir import ExpertsSpec, MoESpec, RouterSpec
+from moec.ops import route_args
 from moec.log import status
 from moec.pass_manager import PassResult, Rejected, register_pass
 from moec.passes.detect import features as feat
@@ -60,8 +61,10 @@ from moec.passes.detect.layouts import layouts, materialize
 from moec.passes.detect.proof import Proof, check_expert_modules, probes, reached, rel_err
 
 SELECTIONS = {"topk", "argmax", "max"}
+RANDOM_OPS = {"rand", "randn", "rand_like", "randn_like", "randint", "uniform_", "normal_", "exponential_",
+              "bernoulli", "bernoulli_", "multinomial", "gumbel_softmax"}  # (dropout in eval mode is the identity)
 FIT_TOL = feat.FIT_TOL
-SIGNATURE_TOKENS = (1, 300)  # token counts captured beside the 10 of the analysis, to compare the code run
+SIGNATURE_TOKENS = (1, 64, 300)  # token counts captured beside the 10 of the analysis: the code run, capacities
 
 
 def analyze(block: nn.Module, cand: Candidate) -> tuple[list[MoESpec], dict[str, Binding], dict]:
@@ -113,10 +116,12 @@ def _analyze(block: nn.Module, cand: Candidate):
     if logits_node is None:
         raise Rejected("the router weight is not applied to the tokens")
     logits = logits_node.meta["val"].reshape(-1, E)
-    router_t = W.shape != (E, H)
-    bias_arg = logits_node.args[2] if len(logits_node.args) > 2 else logits_node.kwargs.get("bias")
+    flat, router_t = W.dim() == 1, W.shape == (H, E) and H != E  # [E*H] viewed; [H, E] used as x @ W
+    bias_arg = None
+    if target_name(logits_node) == "linear":  # F.linear(x, W, b): a bias; x @ W.T, matmul, einsum: none
+        bias_arg = logits_node.args[2] if len(logits_node.args) > 2 else logits_node.kwargs.get("bias")
     router_bias = bias_arg.target if isinstance(bias_arg, torch.fx.Node) and bias_arg.op == "get_attr" else None
-    Wc = W.t() if router_t else W
+    Wc = W.view(E, H) if flat else W.t() if router_t else W
     if rel_err(F.linear(xf, Wc, resolve(work, router_bias) if router_bias else None), logits) > FIT_TOL:
         raise Rejected("router logits are not a linear map of the block input")
 
@@ -128,32 +133,46 @@ def _analyze(block: nn.Module, cand: Candidate):
             and isinstance(n.args[0], torch.fx.Node) and n.args[0].meta["val"].is_floating_point()
             and n.args[0].meta["val"].shape[-1] == E and n.args[0].meta["val"].dim() == logits_node.meta["val"].dim()
             and (target_name(n) != "max" or len(n.args) > 1 or "dim" in n.kwargs)]
+    over_tokens = [n for n in sels if _dim(n) not in (-1, n.args[0].meta["val"].dim() - 1)]
+    sels = [n for n in sels if n not in over_tokens]  # a top-k over the tokens is a capacity rule, not the choice
     if not sels:
-        raise Rejected("no top-k/argmax selection over the router's scores: a dense mixture, not a sparse MoE")
+        raise Rejected("expert-choice routing (each expert picks its top tokens; no per-token choice of experts) is "
+                       "not supported" if over_tokens else
+                       "no top-k/argmax selection over the router's scores: a dense mixture, not a sparse MoE")
     sel = sels[-1]
     name = target_name(sel)
     k = (sel.args[1] if len(sel.args) > 1 else sel.kwargs.get("k")) if name == "topk" else 1
-    ids_node = sel if name == "argmax" else next(u for u in sel.users if u.args[1] == 1)
-    rec_ids = ids_node.meta["val"].reshape(-1, k)
+    rec_ids = _pick_ids(sel).meta["val"].reshape(-1, k)
 
+    drawn = sorted({target_name(n) for n in after if target_name(n) in RANDOM_OPS})
+    if drawn:
+        raise Rejected(f"its routing draws random numbers in eval mode ({', '.join(drawn)}): moec compiles "
+                       "deterministic routers (a router that samples in training runs its original forward there)")
     f = feat.features(cap, logits_node, sel)
-    if f["scoring"] == "sparsemixer":  # one top-1 pick per selection, in order
-        k = len(sels)
-        rec_ids = torch.cat([next(u for u in n.users if u.args[1] == 1).meta["val"].reshape(-1, 1) for n in sels], 1)
+    picks = {}  # k > 1 argmax/max picks in turn (sparsemixer, GShard's top-2): each masks the ones before
+    chain = [sels[0]]  # (an argmax and a max of the same scores, as Switch takes index and weight, are one pick)
+    for n in sels[1:]:
+        if n in nx.descendants(df, chain[-1]):
+            chain.append(n)
+    if len(chain) > 1 and all(target_name(n) in ("argmax", "max") for n in chain):
+        k = len(chain)
+        rec_ids = torch.cat([_pick_ids(n).meta["val"].reshape(-1, 1) for n in chain], 1)
+        if f["scoring"] != "sparsemixer":
+            picks = feat.argmax_picks(cap, chain)
     _check_reads(cap, sels)
     base = RouterSpec(top_k=k, scoring=f["scoring"], select_bias=f["select_bias"] is not None,
                       n_group=f["n_group"], topk_group=f["topk_group"], group_score=f["group_score"],
-                      jitter_eps=f.get("jitter_eps", 0.0), select_on=f["select_on"], upcast=feat.upcasts(logits_node),
-                      selection="argmax" if name in ("argmax", "max") else "topk", renorm_eps=f["renorm_eps"])
+                      jitter_eps=f.get("jitter_eps", 0.0), select_on=picks.get("select_on", f["select_on"]),
+                      upcast=feat.upcasts(logits_node), selection="argmax" if name in ("argmax", "max") else "topk",
+                      renorm_eps=f["renorm_eps"], renorm_floor=f["renorm_floor"],
+                      pick_mask=picks.get("pick_mask", float("-inf")))
     sb = resolve(work, f["select_bias"]) if f["select_bias"] else None
-    rargs = lambda r: (xf, Wc, resolve(work, router_bias) if router_bias else None, sb, r.top_k, r.scoring,  # noqa: E731
-                       r.n_group, r.topk_group, r.group_score, r.weighting, r.renorm, r.scale, r.jitter_eps,
-                       r.select_on, r.upcast, r.selection, r.renorm_eps)
+    rargs = lambda r: (xf, Wc, resolve(work, router_bias) if router_bias else None, sb,  # noqa: E731
+                       *route_args(r))
     _, ids, _ = route_math(*rargs(base), num_experts=E)
     if not torch.equal(ids.sort(-1).values, rec_ids.sort(-1).values):
         raise Rejected(f"could not reproduce the router's choice of experts ({base.describe()})")
-    caps = feat.capacities(cap, logits_node)
-    _check_token_paths(work, cand, cap, caps, gen)
+    caps = feat.capacity_candidates(_check_token_paths(work, cand, cap, logits_node, gen), E)
 
     # outputs: the main output and which leaves are router logits
     leaves = list(cap.output) if isinstance(cap.output, tuple) else [cap.output]
@@ -174,8 +193,8 @@ def _analyze(block: nn.Module, cand: Candidate):
     if out_bias:
         R = R - resolve(work, out_bias).float()
 
-    roles: dict[str, Binding] = {"router_weight": Derived((Part(cand.router, transposed=True),)) if router_t
-                                 else Param(cand.router)}
+    roles: dict[str, Binding] = {"router_weight": Derived((Part(cand.router, unflatten=E),)) if flat else
+                                 Derived((Part(cand.router, transposed=True),)) if router_t else Param(cand.router)}
     if router_bias:
         roles["router_bias"] = Param(router_bias)
     if f["select_bias"]:
@@ -213,9 +232,10 @@ def _analyze(block: nn.Module, cand: Candidate):
         espec = ExpertsSpec(E, H, w["w2"].shape[2], act, lay.gated, "b13" in w or "b2" in w, alpha, limit,
                             gate_up=lay.gate_up)
         specs = [MoESpec(router, espec, shared, {}, outputs(router))  # the proof settles capacity and weighting
-                 for capacity, per_row in caps
-                 for router in feat.fit_routers(replace_router(base, capacity, per_row), f, rargs, A, rec_ids, R, E,
-                                                x.shape[0] if per_row else 1)]
+                 for c in caps for after in ((False, True) if c["capacity"] else (False,))
+                 for router in feat.fit_routers(RouterSpec(**{**base.__dict__, **c, "capacity_renorm": after}), f,
+                                                rargs, A, rec_ids, R, E, x.shape[0] if c.get("capacity_per_row") else 1)
+                 if not (after and router.renorm != 1.0)]
         if specs:
             return specs, {**roles, **lb}, facts
         raise Rejected(f"experts found ({espec.describe()}) but no router weighting reproduces the combine "
@@ -237,8 +257,16 @@ def _analyze(block: nn.Module, cand: Candidate):
                    f"(expert capacity or an unsupported expert form?)")
 
 
-def replace_router(r: RouterSpec, capacity: int, per_row: bool) -> RouterSpec:
-    return RouterSpec(**{**r.__dict__, "capacity": capacity, "capacity_per_row": per_row})
+def _pick_ids(sel):
+    """The node of a selection's expert indices: argmax itself, or topk(...)[1] / max(...)[1]."""
+    return sel if target_name(sel) == "argmax" else next(u for u in sel.users if u.args[1] == 1)
+
+
+def _dim(sel) -> int:
+    """The dim a selection op reduces over (topk, argmax, max: positional or keyword; topk's default -1)."""
+    name = target_name(sel)
+    pos = 2 if name == "topk" else 1
+    return sel.kwargs.get("dim", sel.args[pos] if len(sel.args) > pos else -1)
 
 
 def _check_reads(cap: Capture, sels) -> None:
@@ -259,28 +287,39 @@ def _check_reads(cap: Capture, sels) -> None:
                            "so it may branch on data in ways one run does not show")
 
 
-def _signature(cap: Capture, cand: Candidate, caps) -> tuple[frozenset, list]:
-    """The ops a run made (name, module; expert modules of a container as one), and its capacities."""
+def _signature(cap: Capture, cand: Candidate) -> frozenset:
+    """The ops a run made (name, module; expert modules of a container as one)."""
     pattern = re.compile(rf"^{re.escape(cand.container)}\.[^.]+") if cand.container else None
-    ops = frozenset((target_name(n), pattern.sub(f"{cand.container}.*", n.meta.get("module", "")) if pattern
-                     else n.meta.get("module", "")) for n in cap.graph.nodes if n.op == "call_function")
-    return ops, [c for c in caps if c[0]]
+    return frozenset((target_name(n), pattern.sub(f"{cand.container}.*", n.meta.get("module", "")) if pattern
+                      else n.meta.get("module", "")) for n in cap.graph.nodes if n.op == "call_function")
 
 
-def _check_token_paths(work, cand: Candidate, cap: Capture, caps, gen) -> None:
-    """The block must run the same code at 1 and 300 tokens as at 10, with the same capacity: a path
-    taken only from some token count on is not explained by the canonical form."""
-    ops, cs = _signature(cap, cand, caps)
+def _counted(x: torch.Tensor, per_row: bool) -> int:
+    """Tokens counted together by a capacity: a row's ([B, S, H] input), or all of them."""
+    return x.shape[-2] if per_row and x.dim() == 3 else x.numel() // x.shape[-1]
+
+
+def _check_token_paths(work, cand: Candidate, cap: Capture, logits_node, gen) -> dict:
+    """The block must run the same code at 1, 64 and 300 tokens as at 10: a path taken only from some token
+    count on is not explained by the canonical form. Returns the capacity constants seen at each count
+    (tokens counted -> [(c, per_row)]), for capacity_candidates."""
+    ops = _signature(cap, cand)
+    samples = {}
+
+    def note(x, c):
+        consts = feat.capacity_constants(c, _first_router_use(c, cand) if c is not cap else logits_node)
+        for const in consts:
+            samples.setdefault(_counted(x, const[1]), []).append(const)
+
+    note(cap.inputs[0], cap)
     for T in SIGNATURE_TOKENS:
-        _, other = _capture(work, cand.hidden, T, gen)
-        oops, ocs = _signature(other, cand, feat.capacities(other, _first_router_use(other, cand)))
-        if ocs != cs:
-            raise Rejected(f"its expert capacity depends on the token count ({cs[0][0] if cs else 'none'} at 10 tokens, "
-                           f"{ocs[0][0] if ocs else 'none'} at {T}): a capacity formula is not supported yet")
-        if oops != ops:
+        x, other = _capture(work, cand.hidden, T, gen)
+        note(x, other)
+        if (oops := _signature(other, cand)) != ops:
             diff = sorted(f"{n} in {m or 'the block'}" for n, m in oops ^ ops)
             raise Rejected(f"it runs other code at {T} tokens than at 10 ({', '.join(diff[:3])}"
                            f"{', ...' if len(diff) > 3 else ''}): a branch on the token count")
+    return {n: list(dict.fromkeys(cs)) for n, cs in samples.items()}
 
 
 def _first_router_use(cap: Capture, cand: Candidate):

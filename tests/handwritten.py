@@ -57,9 +57,11 @@ ROUTERS = (
     "softmax_group_max",      # DeepSeek-V2: softmax, group score = max, top-k, scale, no renorm
     "argmax",                 # top-1 = argmax of softmax, weight = that probability (Switch)
     "top1_raw",               # top-1 = argmax of logits, weight 1 (output = chosen expert's)
+    "gshard_top2",            # GShard: argmax of p, then argmax of the logits without it; p at both, renormalised
 )
 GROUP_ROUTERS = ("sigmoid_bias_group", "softmax_group_max")
 TOP1_ROUTERS = ("argmax", "top1_raw")
+TOP2_ROUTERS = ("gshard_top2",)
 
 ACTIVATIONS = (
     "swiglu",  # silu(x W_gate) * (x W_up), then W_down
@@ -120,6 +122,8 @@ def _problem(spec: Spec) -> str | None:
         return f"top_k={k} out of range for {E} experts"
     if spec.router in TOP1_ROUTERS and k != 1:
         return f"router {spec.router} is top-1"
+    if spec.router in TOP2_ROUTERS and k != 2:
+        return f"router {spec.router} is top-2"
     if spec.router in GROUP_ROUTERS:
         G, kg = spec.n_group, spec.topk_group
         if G < 1 or E % G:
@@ -574,6 +578,15 @@ def route(spec: Spec, logits: torch.Tensor, correction_bias: torch.Tensor | None
         # hard top-1: expert = argmax logits; weight 1 (output is the chosen expert's output)
         idx = lf.argmax(dim=-1, keepdim=True)
         w = torch.ones_like(idx, dtype=lf.dtype)
+    elif kind == "gshard_top2":
+        # GShard top-2: the first expert = argmax of p; the second = argmax of the logits with the first set to
+        # -inf; gates = p at both, divided by their sum clamped at eps
+        probs = F.softmax(lf, dim=-1)
+        i1 = probs.argmax(dim=-1, keepdim=True)
+        i2 = lf.scatter(1, i1, float("-inf")).argmax(dim=-1, keepdim=True)
+        idx = torch.cat([i1, i2], dim=1)
+        w = probs.gather(1, idx)
+        w = w / w.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(w.dtype).eps)
     else:
         raise ValueError(kind)
     return w.to(logits.dtype), idx
@@ -817,6 +830,8 @@ def expected_semantics(spec: Spec) -> dict:
         router.update(n_group=spec.n_group, topk_group=spec.topk_group, scale=spec.routed_scaling)
     elif r == "top1_raw":
         router.update(scoring="none", weighting="ones")
+    elif r == "gshard_top2":
+        router.update(renorm=1.0)
     act = {"swiglu": "silu", "geglu": "gelu_tanh", "gelu": "gelu", "relu": "relu"}[spec.activation]
     experts = dict(num_experts=spec.num_experts, hidden=spec.hidden, inter=spec.inter, activation=act,
                    gated=spec.gated, bias=spec.bias)
@@ -839,6 +854,7 @@ PRESETS: dict[str, Spec] = {
     "v2_group_max": Spec(router="softmax_group_max", style="loop_mask", shared="plain", routed_scaling=16.0),
     "switch_argmax": Spec(top_k=1, router="argmax", activation="relu", style="loop_nonzero"),
     "top1_raw_relu": Spec(top_k=1, router="top1_raw", activation="relu", layout="stacked", style="loop_where"),
+    "gshard_top2_sorted": Spec(router="gshard_top2", layout="stacked_fused", style="sorted"),
     "qwen_shared_gated": Spec(num_experts=16, top_k=4, router="softmax_topk_norenorm", style="loop_nonzero",
                               shared="gated"),
     "biased_gelu_experts": Spec(activation="gelu", bias=True, router_bias=True, style="loop_mask"),
@@ -1026,6 +1042,8 @@ def specs():
             k = draw(st.integers(1, min(4, topk_group * (E // n_group))))
         elif router in TOP1_ROUTERS:
             k = 1
+        elif router in TOP2_ROUTERS:
+            k = 2
         else:
             k = draw(st.integers(1, min(4, E)))
         activation = draw(st.sampled_from(ACTIVATIONS))

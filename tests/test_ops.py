@@ -182,7 +182,7 @@ def test_capacity(T, rows, k, capacity):
     E, H = 4, 16
     x, W = torch.randn(T, H), torch.randn(E, H)
     _, ids, w = torch.ops.moec.route(x, W, None, None, *route_args(RouterSpec(top_k=k)))
-    got = torch.ops.moec.capacity(ids, w, rows, capacity, E)
+    got = torch.ops.moec.capacity(ids, w, rows, E, RouterSpec(top_k=k, capacity=capacity).to_json())
     ref = naive_capacity(ids, w, rows, capacity)
     torch.testing.assert_close(got, ref)
     assert (got == 0).any() or T // rows * k <= E * capacity  # a row with more pairs than E * capacity drops some
@@ -199,9 +199,33 @@ def test_capacity_traces_under_export():
     class M(torch.nn.Module):
         def forward(self, x):
             _, ids, w = torch.ops.moec.route(x.reshape(-1, 16), W, None, None, *route_args(RouterSpec(top_k=1)))
-            return torch.ops.moec.capacity(ids, w, x.shape[0], 2, 8)
+            return torch.ops.moec.capacity(ids, w, x.shape[0], 8, RouterSpec(top_k=1, capacity=2).to_json())
 
     dims = {0: torch.export.Dim("B", min=1), 1: torch.export.Dim("S", min=1)}
     ep = torch.export.export(M(), (torch.randn(2, 5, 16),), dynamic_shapes=(dims,))
     x = torch.randn(3, 7, 16)
     torch.testing.assert_close(ep.module()(x), M()(x))
+
+
+@pytest.mark.parametrize("form,f,m,n,E,want", [
+    ("ceil", 1.25, 4, 100, 8, 16), ("ceil", 1.25, 4, 10, 8, 4), ("ceil_per_expert", 1.5, 1, 100, 8, 19),
+    ("floor", 2.0, 1, 9, 4, 4), ("ceil", 2.0, 1, 9, 4, 5)])
+def test_capacity_formula(form, f, m, n, E, want):
+    """max(min, ceil(f n / E)) / floor(f ceil(n / E)) / floor(f n / E), as libraries compute expert capacity."""
+    r = RouterSpec(top_k=2, capacity=m, capacity_factor=f, capacity_form=form)
+    assert r.capacity_for(n, E) == want
+
+
+def test_capacity_renormalises_after_the_drop():
+    """GShard renormalises the kept gates after dropping the pairs past capacity (a kept pair's partner dropped:
+    its weight becomes 1)."""
+    E, H, T = 4, 16, 12
+    x, W = torch.randn(T, H), torch.randn(E, H)
+    eps = torch.finfo(torch.float32).eps
+    r = RouterSpec(top_k=2, capacity=2, capacity_renorm=True, renorm=1.0, renorm_floor=eps)
+    _, ids, w = torch.ops.moec.route(x, W, None, None, *route_args(r))  # renormalised later
+    assert not torch.allclose(w.sum(-1), torch.ones(T))
+    got = torch.ops.moec.capacity(ids, w, 1, E, r.to_json())
+    kept = naive_capacity(ids, w, 1, 2)
+    assert (kept == 0).all(-1).any() and ((kept == 0).sum(-1) == 1).any()  # tokens that lost both, and one pair
+    torch.testing.assert_close(got, kept / kept.sum(-1, keepdim=True).clamp(min=eps))

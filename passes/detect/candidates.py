@@ -81,7 +81,15 @@ def find_candidates(model: nn.Module) -> list[Candidate]:
             if container:
                 dims = {d for c in resolve(m, container).children() for p in c.parameters() for d in p.shape}
             for name, t in itertools.chain(m.named_parameters(), m.named_buffers()):
-                if t.dim() != 2 or (inside and name.startswith(inside)) or name in tensors or E not in t.shape:
+                if (inside and name.startswith(inside)) or name in tensors:
+                    continue
+                if t.dim() == 1:  # a router stored flattened [E*H], viewed at run time
+                    other = next((d for d in sorted(dims) if d != E and t.numel() == E * d), None)
+                    if other is not None:
+                        found.append(Candidate(path, m, E, other, name, tensors, container))
+                        break
+                    continue
+                if t.dim() != 2 or E not in t.shape:
                     continue
                 other = t.shape[1] if t.shape[0] == E else t.shape[0]
                 if other in dims and other != E or (t.shape == (E, E) and E in dims):

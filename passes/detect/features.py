@@ -25,18 +25,20 @@ FIT_TOL = 1e-3
 
 
 def features(cap: Capture, logits_node, sel_node) -> dict:
+    d = logits_node.meta["val"].dim()  # [T, E] or [B, S, E]: group ops have one dim more (per-group) or G last
     df = cap.dataflow()
     after = nx.descendants(df, logits_node)
     eps = relative_threshold(after)
     if eps is not None:  # sparsemixer: its picks and weights are the whole router
         return {"scoring": "sparsemixer", "select_on": "logits", "jitter_eps": eps, "renorm_first": False,
                 "scales": [1.0], "norms": [0.0], "select_bias": None, "n_group": 1, "topk_group": 1,
-                "group_score": "max", "renorm_eps": 0.0}
+                "group_score": "max", "renorm_eps": 0.0, "renorm_floor": 0.0}
     before = (nx.ancestors(df, sel_node) & after) | {logits_node}
     names_before = {target_name(n) for n in before}
     names_after = {target_name(n) for n in after - before}
     feats = {"scoring": "none", "select_on": "logits", "renorm_first": False, "scales": [1.0], "norms": [0.0],
-             "select_bias": None, "n_group": 1, "topk_group": 1, "group_score": "max", "renorm_eps": 0.0}
+             "select_bias": None, "n_group": 1, "topk_group": 1, "group_score": "max", "renorm_eps": 0.0,
+             "renorm_floor": 0.0}
     for fn, scoring in (("softmax", "softmax"), ("sigmoid", "sigmoid")):
         if fn in names_before or ("none" == feats["scoring"] and fn in names_after and "softmax" not in names_before):
             feats["scoring"] = scoring
@@ -62,6 +64,11 @@ def features(cap: Capture, logits_node, sel_node) -> dict:
         if n in after - before and name in ("add", "__add__", "__radd__") and scalars and any(
                 target_name(a) == "sum" for a in n.all_input_nodes):  # sum(w) + eps: the renormalisation's epsilon
             feats["renorm_eps"] = float(scalars[0])
+        if n in after - before and name in ("clamp", "clamp_min", "clamp_") and any(
+                target_name(a) in ("sum", "add", "__add__") for a in n.all_input_nodes):  # clamp(sum(w), min=eps)
+            floor = n.kwargs.get("min", n.args[1] if len(n.args) > 1 else None)
+            if isinstance(floor, (int, float)):
+                feats["renorm_floor"] = float(floor)
         if n in before and name in ("add", "__add__", "add_", "__radd__"):
             for a in map(source, n.all_input_nodes):
                 if a.op == "get_attr" and a.meta["val"].dim() == 1:
@@ -69,11 +76,32 @@ def features(cap: Capture, logits_node, sel_node) -> dict:
         if n in before and name == "topk" and n is not sel_node:
             v = n.args[0].meta["val"]
             k = n.args[1] if len(n.args) > 1 else n.kwargs.get("k")
-            if v.dim() == 3 and k == 2:
+            if v.dim() == d + 1 and k == 2:
                 feats["group_score"] = "top2_sum"
-            elif v.dim() == 2:
+            elif v.dim() == d:
                 feats["n_group"], feats["topk_group"] = v.shape[-1], k
     return feats
+
+
+def argmax_picks(cap: Capture, sels) -> dict:
+    """Sequential argmax picks (GShard's top-2): what each pick compares ("scores" when a softmax/sigmoid is on its
+    value path, else "logits"; the earlier picks' masks are not its value path) and the value the block puts at
+    the earlier picks (masked_fill's value; 0 for a multiplication by 1 - mask)."""
+    df = cap.dataflow()
+    on, mask = [], float("-inf")
+    for j, s in enumerate(sels):
+        earlier = set().union(*(nx.descendants(df, p) | {p} for p in sels[:j]))
+        cut = df.subgraph([n for n in df if n not in earlier or n is s.args[0]])  # the paths around earlier picks
+        values = nx.ancestors(cut, s.args[0]) | {s.args[0]}
+        on.append("scores" if {target_name(n) for n in values} & {"softmax", "sigmoid"} else "logits")
+        for n in nx.ancestors(df, s.args[0]) & earlier:
+            name = target_name(n)
+            if name in ("masked_fill", "masked_fill_") and isinstance(n.args[-1], (int, float)):
+                mask = float(n.args[-1])
+            elif name in ("mul", "__mul__") and any(target_name(a) in ("sub", "__rsub__", "logical_not", "__invert__")
+                                                   for a in n.all_input_nodes):
+                mask = 0.0
+    return {"select_on": ",".join(on), "pick_mask": mask}
 
 
 def upcasts(logits_node) -> bool:
@@ -117,16 +145,17 @@ def leaf_kind(leaf, x, out_main, logits, ids, weights) -> str:
                       ("weights", weights)):
         if same(leaf, val):
             return kind
-    raise Rejected(f"returns an extra output moec cannot reproduce (shape {tuple(leaf.shape)})")
+    raise Rejected(f"returns an extra output moec does not compute (shape {tuple(leaf.shape)}: an aux loss, expert "
+                   "counts?); computing it from moec's routing is not supported yet")
 
 
 def inputs_through_views(n) -> set:
-    """n's inputs, looking through unary ops on a weight (W.t(), W.float(), W.type(...))."""
+    """n's inputs, looking through chains of unary ops on a weight (W.t(), W.T, W.float(), W.view(E, -1).T)."""
     out = set()
     for a in n.all_input_nodes:
         out.add(a)
-        if len(a.all_input_nodes) == 1 and a.all_input_nodes[0].op == "get_attr":
-            out.update(a.all_input_nodes)
+        if source(a).op == "get_attr":
+            out.add(source(a))
     return out
 
 
@@ -157,17 +186,16 @@ def fit_routers(base: RouterSpec, f: dict, rargs, A: torch.Tensor, rec_ids: torc
     for r in router_grid(base, f):
         _, ids, w = route_math(*rargs(r), num_experts=E)
         if r.capacity:
-            w = torch.ops.moec.capacity(ids, w, rows, r.capacity, E)
+            w = torch.ops.moec.capacity(ids, w, rows, E, r.to_json())
         dense = torch.zeros(w.shape[0], E, dtype=A.dtype, device=A.device).scatter(1, ids, w.to(A.dtype))
         if rel_err((A * dense.gather(1, rec_ids)[..., None]).sum(1), R) < FIT_TOL:
             yield r
 
 
-def capacities(cap: Capture, logits_node) -> list[tuple[int, bool]]:
-    """(capacity, per_row) candidates, then (0, False) for none. Expert capacity shows in the graph
-    as a cumsum after the router (each pair's place in its expert's queue) compared with an int
-    c; places may be 0- or 1-based and compared with < or <=, so c-1 and c+1 are candidates too.
-    The count is per batch row when the cumsum runs over the sequence dim of a [B, S, E] tensor."""
+def capacity_constants(cap: Capture, logits_node) -> list[tuple[int, bool]]:
+    """(c, per_row) of each expert-capacity comparison in the run. Expert capacity shows in the graph as a
+    cumsum after the router (each pair's place in its expert's queue) compared with an int c; the count is
+    per batch row when the cumsum runs over the sequence dim of a [B, S, E] tensor."""
     df = cap.dataflow()
     after = nx.descendants(df, logits_node)
     found = []
@@ -175,10 +203,42 @@ def capacities(cap: Capture, logits_node) -> list[tuple[int, bool]]:
         dim = cs.kwargs.get("dim", cs.args[1] if len(cs.args) > 1 else None)
         per_row = cs.meta["val"].dim() == 3 and dim in (1, -2)
         below = nx.descendants(df, cs)
-        for n in cap.graph.nodes:
-            if n in below and target_name(n) in COMPARISONS and len(n.args) == 2 and type(n.args[1]) is int:
-                found += [(c, per_row) for c in (n.args[1], n.args[1] - 1, n.args[1] + 1) if c > 0]
-    return [*dict.fromkeys(found), (0, False)]
+        found += [(n.args[1], per_row) for n in cap.graph.nodes if n in below and target_name(n) in COMPARISONS
+                  and len(n.args) == 2 and type(n.args[1]) is int]
+    return list(dict.fromkeys(found))
+
+
+# capacity factors tried, the round ones first: a capacity formula is fitted to a few token counts
+FACTORS = sorted({round(i * s, 2) for s, n in ((0.25, 64), (0.05, 320)) for i in range(1, n + 1)},
+                 key=lambda f: (f % 0.25 > 1e-9, f % 0.05 > 1e-9, f))
+
+
+def capacity_candidates(samples: dict[int, list[tuple[int, bool]]], num_experts: int) -> list[dict]:
+    """RouterSpec capacity fields that reproduce the capacity constants seen at each token count, then none.
+    samples: tokens counted (per row or in all) -> the run's (c, per_row). A constant c gives c and c -+ 1
+    (places 0- or 1-based, compared with < or <=); constants that change with the tokens give the first
+    factor of each form (RouterSpec.capacity_for) that fits them all, with those offsets."""
+    out = []
+    seen = {c for cs in samples.values() for c in cs}
+    if len(seen) == 1:
+        (c, per_row), = seen
+        out = [dict(capacity=c + d, capacity_per_row=per_row) for d in (0, -1, 1) if c + d > 0]
+    elif all(len(cs) == 1 for cs in samples.values()) and len({cs[0][1] for cs in samples.values()}) == 1:
+        per_row = next(iter(samples.values()))[0][1]
+        pts = [(n, cs[0][0]) for n, cs in samples.items()]
+        for form in ("ceil", "ceil_per_expert", "floor"):
+            for f in FACTORS:
+                r = RouterSpec(top_k=1, capacity=1, capacity_factor=f, capacity_form=form)
+                grown = [r.capacity_for(n, num_experts) for n, _ in pts]  # max(1, ...)
+                floors = {c for (n, c), g in zip(pts, grown) if c != g}
+                if any(c < g for (n, c), g in zip(pts, grown)) or len(floors) > 1:
+                    continue
+                m = floors.pop() if floors else 1
+                if all(max(m, g) == c for (n, c), g in zip(pts, grown)):
+                    out += [dict(capacity=m, capacity_factor=f, capacity_form=form, capacity_offset=d,
+                                 capacity_per_row=per_row) for d in (0, -1, 1)]
+                    break
+    return out + [dict(capacity=0)]
 
 
 def shared_experts(cap: Capture, cand: Candidate, xf: torch.Tensor) -> SharedSpec | None:

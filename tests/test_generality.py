@@ -1,0 +1,334 @@
+"""Generality: MoE blocks written the ways public libraries write them (GShard/Switch-style gates, routers
+in every form, group-limited routing with batch dims, capacity, expert shapes, input layouts), each
+compared with the original at several shapes, with the original's code asserted not to run after the
+rewrite; and look-alikes that must stay untouched (Soft MoE, hyper-connections).
+
+Every block here is written for this test from the pattern, not copied from a library.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import moec
+
+from conftest import TOL, rel_err
+
+RUNS = {"count": 0}  # forward calls of the original code (a compiled block must not add to it)
+
+
+def _mlp(H, I, act=nn.ReLU):
+    return nn.Sequential(nn.Linear(H, I), act(), nn.Linear(I, H))
+
+
+class _Experts(nn.Module):
+    """E experts as a ModuleList of nn.Sequential (Linear, activation module, Linear), or stacked tensors."""
+
+    def __init__(self, E, H, I, stacked=False):
+        super().__init__()
+        self.stacked = stacked
+        if stacked:
+            self.w_in = nn.Parameter(torch.randn(E, H, I) / H**0.5)
+            self.w_out = nn.Parameter(torch.randn(E, I, H) / I**0.5)
+        else:
+            self.ffn = nn.ModuleList(_mlp(H, I) for _ in range(E))
+
+    def run(self, e, x):
+        if self.stacked:
+            return F.relu(x @ self.w_in[e]) @ self.w_out[e]
+        return self.ffn[e](x)
+
+
+class GShardTop2(nn.Module):
+    """Top-2 as two argmax picks: the first over the softmax gates, the second over the logits with the first
+    masked out (or the gates multiplied by 1 - mask); gates from the softmax, renormalised or not; optional
+    capacity per expert with one-hot cumsum locations (second choices queue after all first choices);
+    dispatch and combine as einsums over [T, E, C] tensors."""
+
+    def __init__(self, H=32, E=8, I=40, normalize=True, mask="inf", capacity=None, stacked=False):
+        super().__init__()
+        self.E, self.normalize, self.mask, self.capacity = E, normalize, mask, capacity
+        self.wg = nn.Linear(H, E, bias=False)
+        nn.init.normal_(self.wg.weight, std=2 / H**0.5)
+        self.experts = _Experts(E, H, I, stacked)
+
+    def forward(self, x):
+        RUNS["count"] += 1
+        shape, E = x.shape, self.E
+        x = x.reshape(-1, shape[-1])  # [T, H]
+        T = x.shape[0]
+        logits = self.wg(x)
+        gates = F.softmax(logits, dim=1)
+        i1 = torch.argmax(gates, dim=1)
+        mask1 = F.one_hot(i1, E)
+        if self.mask == "inf":
+            i2 = torch.argmax(logits.masked_fill(mask1.bool(), float("-inf")), dim=1)
+        else:
+            i2 = torch.argmax(gates * (1 - mask1), dim=1)
+        mask2 = F.one_hot(i2, E)
+        C = T if self.capacity is None else self.capacity
+        locations1 = torch.cumsum(mask1, dim=0) - 1
+        locations2 = torch.cumsum(mask2, dim=0) - 1 + torch.sum(mask1, dim=0, keepdim=True)
+        mask1 = mask1 * torch.lt(locations1, C)
+        mask2 = mask2 * torch.lt(locations2, C)
+        g1 = (gates * mask1).sum(dim=1)
+        g2 = (gates * mask2).sum(dim=1)
+        if self.normalize:
+            denom = torch.clamp(g1 + g2, min=torch.finfo(g1.dtype).eps)
+            g1, g2 = g1 / denom, g2 / denom
+        loc1 = (locations1 * mask1).sum(dim=1)
+        loc2 = (locations2 * mask2).sum(dim=1)
+        combine = (g1[:, None, None] * mask1[:, :, None] * F.one_hot(loc1, C)[:, None, :]
+                   + g2[:, None, None] * mask2[:, :, None] * F.one_hot(loc2, C)[:, None, :])  # [T, E, C]
+        dispatched = torch.einsum("sec,sm->ecm", combine.bool().to(x.dtype), x)  # [E, C, H]
+        out = torch.stack([self.experts.run(e, dispatched[e]) for e in range(E)])  # [E, C, H]
+        return torch.einsum("sec,ecm->sm", combine, out).reshape(shape)
+
+
+class RouterForms(nn.Module):
+    """Top-k with the router as a bare parameter used in one of many ways, next to the experts."""
+
+    def __init__(self, form, H=32, E=8, I=40, k=2):
+        super().__init__()
+        self.form, self.k, self.E = form, k, E
+        w = torch.randn(E, H) * 2 / H**0.5
+        if form in ("@W", "matmul", "einsum_he"):
+            self.router = nn.Parameter(w.T.contiguous())  # [H, E]
+        elif form == "flat":
+            self.router = nn.Parameter(w.flatten())  # [E*H], viewed at run time
+        else:
+            self.router = nn.Parameter(w)  # [E, H]
+        self.experts = _Experts(E, H, I)
+
+    def logits(self, x):
+        W, f = self.router, self.form
+        return {"@W.T": lambda: x @ W.T, "@W.t()": lambda: x @ W.t(), "@W": lambda: x @ W,
+                "matmul": lambda: torch.matmul(x, W), "einsum": lambda: torch.einsum("th,eh->te", x, W),
+                "einsum_he": lambda: torch.einsum("th,he->te", x, W),
+                "flat": lambda: x @ W.view(self.E, -1).T}[f]()
+
+    def forward(self, x):
+        RUNS["count"] += 1
+        w, ids = self.logits(x).softmax(-1).topk(self.k)
+        out = torch.zeros_like(x)
+        for e in range(self.E):
+            t, s = torch.where(ids == e)
+            out.index_add_(0, t, self.experts.run(e, x[t]) * w[t, s, None])
+        return out
+
+
+class GroupsWithBatchDims(nn.Module):
+    """DeepSeek-style group-limited routing computed on [B, S, ...] without flattening the tokens."""
+
+    def __init__(self, H=32, E=16, G=4, topk_group=2, k=4, I=24):
+        super().__init__()
+        self.E, self.G, self.tg, self.k = E, G, topk_group, k
+        self.gate = nn.Linear(H, E, bias=False)
+        nn.init.normal_(self.gate.weight, std=2 / H**0.5)
+        self.register_buffer("bias", torch.randn(E) * 0.1)
+        self.experts = _Experts(E, H, I, stacked=True)
+
+    def forward(self, x):  # [B, S, H]
+        RUNS["count"] += 1
+        B, S, H = x.shape
+        scores = self.gate(x).sigmoid()  # [B, S, E]
+        choice = scores + self.bias
+        grouped = choice.view(B, S, self.G, self.E // self.G)  # [B, S, G, E/G]
+        gscore = grouped.topk(2, dim=-1).values.sum(-1)  # [B, S, G]
+        keep = torch.zeros_like(gscore).scatter_(-1, gscore.topk(self.tg, dim=-1).indices, 1.0)
+        masked = choice.masked_fill(keep.repeat_interleave(self.E // self.G, dim=-1) == 0, float("-inf"))
+        ids = masked.topk(self.k, dim=-1).indices  # [B, S, k]
+        w = scores.gather(-1, ids)
+        w = w / w.sum(-1, keepdim=True)
+        xf, ids, w = x.reshape(-1, H), ids.reshape(-1, self.k), w.reshape(-1, self.k)
+        out = torch.zeros_like(xf)
+        for e in range(self.E):
+            t, s = torch.where(ids == e)
+            out.index_add_(0, t, self.experts.run(e, xf[t]) * w[t, s, None])
+        return out.reshape(B, S, H)
+
+
+def _check(block, shapes, dtype=torch.float32):
+    block.eval()  # in training mode a compiled block runs its original forward
+    ref = copy.deepcopy(block)
+    moec.compile(block)
+    report = moec.inspect(block)
+    assert [b.path for b in report.blocks] == [""], report
+    for shape in shapes:
+        x = torch.randn(shape).to(dtype)
+        with torch.no_grad():
+            want = ref(x)
+            before = RUNS["count"]
+            got = block(x)
+            assert RUNS["count"] == before  # the original's code did not run
+        assert rel_err(got, want) < TOL[dtype], shape
+    return report.blocks[0]
+
+
+SEQ = [(1, 32), (7, 32), (300, 32)]  # [T, H]
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("mask", ["inf", "mul"])
+@pytest.mark.parametrize("stacked", [False, True])
+def test_gshard_top2_as_two_argmax_picks(normalize, mask, stacked):
+    b = _check(GShardTop2(normalize=normalize, mask=mask, stacked=stacked), SEQ)
+    assert b.top_k == 2 and "argmax picks" in b.router
+
+
+def test_gshard_sequence_first_with_a_group_dim():
+    _check(GShardTop2(), [(5, 2, 32), (150, 2, 32)])  # [S, B, H]
+
+
+@pytest.mark.parametrize("form", ["@W.T", "@W.t()", "@W", "matmul", "einsum", "einsum_he", "flat"])
+def test_routers_in_every_form(form):
+    _check(RouterForms(form), SEQ)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 32), (2, 7, 32), (1, 300, 32)])
+def test_group_limited_routing_with_batch_dims(shape):
+    b = _check(GroupsWithBatchDims(), [shape])
+    assert "group-limited 2/4" in b.router
+
+
+@pytest.mark.parametrize("I", [13, 37])
+def test_odd_expert_sizes(I):
+    block = RouterForms("@W.T", I=I)
+    _check(block, SEQ)
+
+
+# ---------------------------------------------------------------- look-alikes that must stay untouched
+
+
+class SoftMoE(nn.Module):
+    """Soft MoE: every token contributes to every slot (a softmax over tokens), every expert runs on its slots."""
+
+    def __init__(self, H=32, E=4, slots=2, I=40):
+        super().__init__()
+        self.phi = nn.Parameter(torch.randn(H, E * slots) / H**0.5)
+        self.E, self.slots = E, slots
+        self.experts = nn.ModuleList(_mlp(H, I) for _ in range(E))
+
+    def forward(self, x):  # [T, H]
+        logits = x @ self.phi  # [T, E*S]
+        dispatch = logits.softmax(dim=0)  # over tokens
+        combine = logits.softmax(dim=1)  # over slots
+        slots = (dispatch.T @ x).view(self.E, self.slots, -1)  # [E, S, H]
+        ys = torch.cat([self.experts[e](slots[e]) for e in range(self.E)])  # [E*S, H]
+        return combine @ ys
+
+
+class HyperConnections(nn.Module):
+    """Multi-stream residual: n streams mixed by learned weights around one dense MLP (no routing)."""
+
+    def __init__(self, H=32, n=4, I=40):
+        super().__init__()
+        self.mix = nn.Parameter(torch.randn(n, n) / 2)
+        self.read = nn.Parameter(torch.randn(n) / 2)
+        self.write = nn.Parameter(torch.randn(n) / 2)
+        self.streams = nn.ModuleList(_mlp(H, I) for _ in range(n))
+
+    def forward(self, h):  # [n, T, H]
+        x = torch.einsum("n,nth->th", self.read.softmax(0), h)
+        y = sum(m(x) for m in self.streams) / len(self.streams)
+        return torch.einsum("nm,mth->nth", self.mix, h) + self.write[:, None, None] * y
+
+
+@pytest.mark.parametrize("cls,shape", [(SoftMoE, (9, 32)), (HyperConnections, (4, 9, 32))])
+def test_negative_controls_stay_untouched(cls, shape):
+    m = cls()
+    ref = copy.deepcopy(m)
+    with pytest.warns(UserWarning, match="no MoE block rewritten"):
+        moec.compile(m)
+    assert not moec.inspect(m).blocks
+    x = torch.randn(shape)
+    assert torch.equal(m(x), ref(x))
+
+
+def test_capacity_is_kept():
+    """A fixed capacity per expert (tokens past it dropped): exact, also where it drops most pairs."""
+    b = _check(GShardTop2(capacity=3), [(2, 32), (9, 32), (40, 32)])
+    assert "capacity" in b.router
+
+
+# ---------------------------------------------------------------- what is kept, what is refused with its reason
+
+
+class WithMask(RouterForms):
+    """Takes a padding mask: padded tokens get no expert output."""
+
+    def forward(self, x, mask=None):
+        out = super().forward(x)
+        return out if mask is None else out * mask[:, None]
+
+
+def test_extra_inputs_keep_their_semantics():
+    block = WithMask("@W.T").eval()
+    ref = copy.deepcopy(block)
+    moec.compile(block)
+    assert moec.inspect(block).blocks
+    x, mask = torch.randn(12, 32), (torch.rand(12) > 0.3).float()
+    with torch.no_grad():
+        assert rel_err(block(x, mask), ref(x, mask)) < TOL[torch.float32]  # the original runs: same semantics
+        assert rel_err(block(x), ref(x)) < TOL[torch.float32]
+
+
+class WithDropout(RouterForms):
+    def __init__(self):
+        super().__init__("@W.T")
+        self.experts.ffn = nn.ModuleList(nn.Sequential(nn.Linear(32, 40), nn.GELU(), nn.Dropout(0.1), nn.Linear(40, 32))
+                                         for _ in range(self.E))
+
+
+def test_experts_with_dropout_and_activation_modules():
+    b = _check(WithDropout(), SEQ)
+    assert "GELU" in b.experts
+
+
+class AuxOutputs(RouterForms):
+    """Returns (out, aux_loss, tokens per expert), Switch-style."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        p = self.logits(x).softmax(-1)
+        ids = p.topk(self.k).indices
+        counts = F.one_hot(ids, self.E).sum((0, 1))
+        aux = self.E * (counts.float() / ids.numel() * p.mean(0)).sum()
+        return out, aux, counts
+
+
+class SamplingRouter(RouterForms):
+    """Samples the second expert from the remaining probabilities, also in eval mode."""
+
+    def forward(self, x):
+        p = self.logits(x).softmax(-1)
+        i1 = p.argmax(-1)
+        i2 = torch.multinomial(p.scatter(1, i1[:, None], 0.0), 1)[:, 0]
+        ids = torch.stack([i1, i2], 1)
+        w = p.gather(1, ids)
+        out = torch.zeros_like(x)
+        for e in range(self.E):
+            t, s = torch.where(ids == e)
+            out.index_add_(0, t, self.experts.run(e, x[t]) * w[t, s, None])
+        return out
+
+
+class LoadStatistics(RouterForms):
+    def forward(self, x):
+        out = super().forward(x)
+        self.last_load = self.logits(x).topk(self.k).indices.flatten().bincount(minlength=self.E)
+        return out
+
+
+@pytest.mark.parametrize("cls,reason", [(AuxOutputs, "extra output"), (SamplingRouter, "random numbers"),
+                                        (LoadStatistics, "changes the block's own state")])
+def test_refused_with_the_true_reason(cls, reason):
+    m = cls("@W.T").eval()
+    before = {k: v for k, v in m.__dict__.items() if not k.startswith("_")}
+    moec.compile(m)
+    report = moec.inspect(m)
+    assert not report.blocks and reason in report.rejected[0].reason, report
+    assert {k: v for k, v in m.__dict__.items() if not k.startswith("_")} == before  # no values from moec's runs
