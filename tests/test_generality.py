@@ -332,3 +332,38 @@ def test_refused_with_the_true_reason(cls, reason):
     report = moec.inspect(m)
     assert not report.blocks and reason in report.rejected[0].reason, report
     assert {k: v for k, v in m.__dict__.items() if not k.startswith("_")} == before  # no values from moec's runs
+
+
+class TensorCapacityTop1(nn.Module):
+    """Top-1 with the capacity computed as a tensor, ceil(T / E * factor) with a minimum (DeepSpeed-style)."""
+
+    def __init__(self, H=32, E=8, I=40, factor=1.0, min_capacity=2):
+        super().__init__()
+        self.E, self.factor, self.min_capacity = E, factor, min_capacity
+        self.wg = nn.Linear(H, E, bias=False)
+        nn.init.normal_(self.wg.weight, std=2 / H**0.5)
+        self.experts = _Experts(E, H, I, stacked=True)
+
+    def forward(self, x):
+        RUNS["count"] += 1
+        T = x.shape[0]
+        gates = F.softmax(self.wg(x), dim=1)
+        capacity = torch.ceil(torch.tensor(T / self.E * self.factor)).to(torch.int64)
+        if capacity < self.min_capacity:
+            capacity = torch.tensor(self.min_capacity)
+        idx = torch.argmax(gates, dim=1)
+        mask = F.one_hot(idx, self.E)
+        locations = torch.cumsum(mask, dim=0) - 1
+        mask = mask * torch.lt(locations, capacity)
+        g = (gates * mask).sum(1)
+        out = torch.zeros_like(x)
+        for e in range(self.E):
+            t = torch.where(mask[:, e] > 0)[0]
+            out[t] = self.experts.run(e, x[t]) * g[t, None]
+        return out
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.25])
+def test_capacity_computed_as_a_tensor(factor):
+    b = _check(TensorCapacityTop1(factor=factor), [(1, 32), (9, 32), (40, 32), (300, 32)])
+    assert "capacity max(2" in b.router

@@ -203,9 +203,19 @@ def capacity_constants(cap: Capture, logits_node) -> list[tuple[int, bool]]:
         dim = cs.kwargs.get("dim", cs.args[1] if len(cs.args) > 1 else None)
         per_row = cs.meta["val"].dim() == 3 and dim in (1, -2)
         below = nx.descendants(df, cs)
-        found += [(n.args[1], per_row) for n in cap.graph.nodes if n in below and target_name(n) in COMPARISONS
-                  and len(n.args) == 2 and type(n.args[1]) is int]
+        found += [(c, per_row) for n in cap.graph.nodes if n in below and target_name(n) in COMPARISONS
+                  and len(n.args) == 2 and (c := _int_constant(n.args[1])) is not None]
     return list(dict.fromkeys(found))
+
+
+def _int_constant(a) -> int | None:
+    """A capacity the code compares with: a Python int, or a 0-d integer tensor computed from numbers alone."""
+    if type(a) is int:
+        return a
+    v = a.meta.get("val") if isinstance(a, torch.fx.Node) else None
+    if isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point() and v.dtype != torch.bool:
+        return int(v)
+    return None
 
 
 # capacity factors tried, the round ones first: a capacity formula is fitted to a few token counts
