@@ -22,9 +22,10 @@ from torch import nn
 import moec.passes  # noqa: F401  (registers the passes)
 from moec.backends import pipeline_for, resolve_backend
 from moec.bindings import Const, Derived
-from moec.canonical import assemble, build_graph, call, compiled_graph, install, resolve, uninstall
+from moec.canonical import build_graph, compiled_graph, install, resolve, runner, uninstall
 from moec.log import _status, status
 from moec.pass_manager import PASSES, Instruments, PassManager, PassRecord, Rejected
+from moec.passes.detect import experts_only
 from moec.passes.detect_moe import Candidate, analyze, find_candidates
 from moec.passes.quantize_experts import quantized_tensors, release_originals
 from moec.quant import Int4Experts, Int8Experts, QuantConfig, dequantize
@@ -126,7 +127,7 @@ def _final_proof(gm: fx.GraphModule, block: nn.Module, pm: PassManager) -> str:
     dtype = max((p for p in block.parameters() if p.is_floating_point()), key=torch.Tensor.numel).dtype
     what = f"the compiled graph (after {pm.names[-1]})"
     status(f"proving the graph after {pm.names[-1]}")
-    run = lambda x: assemble(spec.outputs, x, *call(gm, block, x))  # noqa: E731
+    run = runner(gm, block)
     if spec.quant is None:
         proof.check(run, dtype, what, error=_FinalProofFailed)
     else:
@@ -136,7 +137,7 @@ def _final_proof(gm: fx.GraphModule, block: nn.Module, pm: PassManager) -> str:
             roles["router_weight" if role == "router" else role] = Const(deq[0] if role == "router" else deq)
         ref = build_graph(block, spec.with_(quant=None), roles)
         proof.check(run, dtype, what, error=_FinalProofFailed,
-                    reference=lambda x: assemble(spec.outputs, x, *call(ref, block, x)))
+                    reference=runner(ref, block))
     return f"{proof.describe()}; experts reached {len(proof.reached)}/{spec.experts.num_experts}"
 
 
@@ -200,6 +201,10 @@ def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: boo
                     if old is not None:  # compiled before, not with these options: it keeps its compiled graph
                         install(block, old, cand.path)
                     report.rejected.append(res)
+                    sub = _experts_module(model, block, cand, pm, options or {}, strict)
+                    if sub is not None:  # the block stays as it is, its experts module is rewritten
+                        done.append(sub)
+                        report.blocks.append(sub.report)
                 else:
                     done.append(res)
                     report.blocks.append(res.report)
@@ -213,6 +218,30 @@ def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: boo
             for d in done:
                 _undo(d.gm.meta)
     return report
+
+
+def _experts_module(model, block, cand, pm: PassManager, options: dict, strict: bool) -> _Done | None:
+    """A rejected block's experts module, compiled on its own (detect.experts_only), or None."""
+    if cand.call:
+        return None
+    H = cand.hidden
+    x = torch.randn(2, 5, H, generator=torch.Generator().manual_seed(0), device="cpu").to(next(block.parameters()))
+    sub = experts_only.experts_candidate(block, cand, x) or experts_only.experts_candidate(block, cand, x.reshape(-1, H))
+    if sub is None:
+        return None
+    status("rewriting its experts module alone")
+    module = resolve(model, sub.path)
+    if compiled_graph(module) is not None:
+        return None
+    try:
+        res = _compile_block(pm, module, sub, options)
+    except _FinalProofFailed as e:
+        if strict:
+            raise RuntimeError(f"moec: experts module {sub.path!r}: {e}; no block was rewritten") from e
+        return None
+    if isinstance(res, Rejection):
+        return None
+    return res
 
 
 def _recompile(block, cand, pm: PassManager, kept: Report | None, options: dict):

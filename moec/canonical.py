@@ -64,6 +64,23 @@ class _Reference(nn.Module):
         return y.reshape(hidden_states.shape), logits, ids, w
 
 
+class _ReferenceExperts(nn.Module):
+    """An experts module's canonical form: the caller routes (RouterSpec.scoring "external")."""
+
+    def __init__(self, spec: MoESpec, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.spec, self.roles = spec, list(tensors)
+        for role, t in tensors.items():
+            self.register_buffer(role, t, persistent=False)
+
+    def forward(self, x, ids, weights):
+        e, k = self.spec.experts, self.spec.router.top_k
+        p = {role: getattr(self, role) for role in self.roles}
+        y = torch.ops.moec.experts_loop(x.reshape(-1, e.hidden), ids.reshape(-1, k), weights.reshape(-1, k), p["w13"],
+                                        p.get("b13"), p["w2"], p.get("b2"), *experts_args(e))  # [T, H]
+        return y.reshape(x.shape)
+
+
 class _Tracer(fx.Tracer):
     """Keeps the shared experts as single call_module nodes."""
 
@@ -76,13 +93,16 @@ class _Tracer(fx.Tracer):
 
 
 def build_graph(block: nn.Module, spec: MoESpec, bindings: dict[str, Binding], name: str = "moe") -> fx.GraphModule:
-    """The reference graph: forward(hidden_states, <one input per role of `bindings`>)."""
+    """The reference graph: forward(hidden_states, <one input per role of `bindings`>), or for an experts
+    module forward(x, ids, weights, <roles>)."""
     tensors = {role: b.get(block) for role, b in bindings.items()}
-    root = _Reference(block, spec, {r: t for r, t in tensors.items() if t is not None})
+    tensors = {r: t for r, t in tensors.items() if t is not None}
+    external = spec.router.scoring == "external"
+    root = _ReferenceExperts(spec, tensors) if external else _Reference(block, spec, tensors)
     leaves = {f"block.{p}" for p in (spec.shared.module, spec.shared.gate) if p} if spec.shared else set()
     graph = _Tracer(frozenset(leaves)).trace(root)
     role_of = {id(getattr(root, r)): r for r in root.roles}  # the tracer names a tensor by its first path
-    inputs, last = {}, next(n for n in graph.nodes if n.op == "placeholder")
+    inputs, last = {}, [n for n in graph.nodes if n.op == "placeholder"][-1]
     for node in [n for n in graph.nodes if n.op == "get_attr" and id(resolve(root, n.target)) in role_of]:
         role = role_of[id(resolve(root, node.target))]
         if role not in inputs:
@@ -91,13 +111,14 @@ def build_graph(block: nn.Module, spec: MoESpec, bindings: dict[str, Binding], n
         node.replace_all_uses_with(inputs[role])
         graph.erase_node(node)
     gm = fx.GraphModule(root, graph, class_name=f"MoE_{name.replace('.', '_')}")
-    gm.meta.update(moe_spec=spec, bindings={r: bindings[r] for r in roles(gm)})
+    gm.meta.update(moe_spec=spec, n_inputs=3 if external else 1)
+    gm.meta["bindings"] = {r: bindings[r] for r in roles(gm)}
     return gm
 
 
 def roles(gm: fx.GraphModule) -> list[str]:
-    """The graph's tensor inputs after hidden_states, in order."""
-    return [n.target for n in gm.graph.nodes if n.op == "placeholder"][1:]
+    """The graph's tensor inputs after its data inputs (hidden_states; an experts module's x, ids, weights)."""
+    return [n.target for n in gm.graph.nodes if n.op == "placeholder"][gm.meta.get("n_inputs", 1):]
 
 
 def role_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
@@ -116,7 +137,7 @@ def add_role(gm: fx.GraphModule, role: str, binding: Binding) -> fx.Node:
 
 
 def drop_unused_roles(gm: fx.GraphModule) -> None:
-    for n in [n for n in gm.graph.nodes if n.op == "placeholder"][1:]:
+    for n in [n for n in gm.graph.nodes if n.op == "placeholder"][gm.meta.get("n_inputs", 1):]:
         if not n.users:
             gm.meta["bindings"].pop(n.target, None)
             gm.graph.erase_node(n)
@@ -128,9 +149,17 @@ def graph_inputs(gm: fx.GraphModule, block: nn.Module) -> list[torch.Tensor]:
     return [bindings[r].get(block) for r in roles(gm)]
 
 
-def call(gm: fx.GraphModule, block: nn.Module, hidden_states: torch.Tensor):
-    """Run the graph on the block's tensors as they are now."""
-    return gm(hidden_states, *graph_inputs(gm, block))
+def call(gm: fx.GraphModule, block: nn.Module, *inputs: torch.Tensor):
+    """Run the graph on its data inputs and the block's tensors as they are now."""
+    return gm(*inputs, *graph_inputs(gm, block))
+
+
+def runner(gm: fx.GraphModule, block: nn.Module):
+    """The graph as the block (or experts module) would be called: its return structure rebuilt."""
+    spec = gm.meta["moe_spec"]
+    if spec.router.scoring == "external":
+        return lambda x, ids, weights: call(gm, block, x, ids, weights)
+    return lambda x: assemble(spec.outputs, x, *call(gm, block, x))
 
 
 class _NoBackward(torch.autograd.Function):
@@ -177,15 +206,18 @@ class CompiledForward:
         self.gm.meta.update(meta)
 
     def _split(self, args, kwargs):
-        """(hidden_states, extra inputs that are not None) from a call in the original's signature."""
-        if len(args) == 1 and not kwargs:
-            return args[0], {}
+        """(the graph's data inputs, extra inputs that are not None) from a call in the original's signature:
+        hidden_states; or an experts module's x, ids, weights (named as its block passes them)."""
+        call = self.gm.meta.get("call")
+        if call is None and len(args) == 1 and not kwargs:
+            return (args[0],), {}
         if self._signature is None:
             self._signature = inspect.signature(self.user_forward or type(self.block).forward.__get__(self.block))
-        bound = self._signature.bind(*args, **kwargs)
-        (first, hidden), *rest = bound.arguments.items()
-        extras = {k: v for k, v in rest if v is not None and not (isinstance(v, dict) and not v)}
-        return hidden, extras
+        bound = dict(self._signature.bind(*args, **kwargs).arguments)
+        names = (call["x"], call["ids"], call["weights"]) if call else (next(iter(bound)),)
+        data = tuple(bound.pop(n, None) for n in names)
+        extras = {k: v for k, v in bound.items() if v is not None and not (isinstance(v, dict) and not v)}
+        return data, extras
 
     def _refresh(self) -> None:
         """Submodules the graph skips (their hooks would not fire), and the live shared modules."""
@@ -214,7 +246,8 @@ class CompiledForward:
         return None
 
     def __call__(self, *args, **kwargs):
-        hidden, extras = self._split(args, kwargs)
+        data, extras = self._split(args, kwargs)
+        hidden = data[0]
         why = self.why_original(hidden, extras)
         if why:
             if self.gm.meta["moe_spec"].quant is not None:
@@ -223,12 +256,15 @@ class CompiledForward:
                     f"released, so its original forward cannot run ({why})")
             return self.original(*args, **kwargs)
         with torch.no_grad():
-            out, logits, ids, weights = call(self.gm, self.block, hidden)
+            result = call(self.gm, self.block, *data)
+        outs = list(result) if isinstance(result, tuple) else [result]  # (out, logits, ids, w), or an experts out
         if torch.is_grad_enabled() and not tracing():
-            inputs = [hidden, *self.block.parameters()]
+            inputs = [t for t in data if isinstance(t, torch.Tensor)] + list(self.block.parameters())
             if any(t.requires_grad for t in inputs):  # a backward through this output raises, clearly
-                out, logits = (_NoBackward.apply(t, self.path, *inputs) for t in (out, logits))
-        return assemble(self.gm.meta["moe_spec"].outputs, hidden, out, logits, ids, weights)
+                outs[:2] = [_NoBackward.apply(t, self.path, *inputs) for t in outs[:2]]
+        if len(outs) == 1:
+            return outs[0]
+        return assemble(self.gm.meta["moe_spec"].outputs, hidden, *outs)
 
 
 def assemble(outputs: tuple[str, ...], hidden, out, logits, ids, weights):

@@ -33,6 +33,7 @@ class ModuleCall:
     path: str
     args: tuple
     output: Any
+    kwargs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -128,7 +129,8 @@ def capture(module: torch.nn.Module, *args, **kwargs) -> Capture:
         if sub is module:
             continue
         hooks.append(sub.register_forward_pre_hook(lambda m, a, p=path: stack.append(p)))
-        hooks.append(sub.register_forward_hook(lambda m, a, o, p=path: _leave(stack, calls, p, a, o)))
+        hooks.append(sub.register_forward_hook(lambda m, a, kw, o, p=path: _leave(stack, calls, p, a, kw, o),
+                                               with_kwargs=True))
     try:
         with torch.no_grad(), rec:
             out = module(*args, **kwargs)
@@ -141,9 +143,9 @@ def capture(module: torch.nn.Module, *args, **kwargs) -> Capture:
     return Capture(graph=graph, inputs=inputs, output=out, calls=calls, reads=rec.reads)
 
 
-def _leave(stack: list[str], calls: list[ModuleCall], path: str, args: tuple, out: Any) -> None:
+def _leave(stack: list[str], calls: list[ModuleCall], path: str, args: tuple, kwargs: dict, out: Any) -> None:
     stack.pop()
-    calls.append(ModuleCall(path, args, out))  # a forward hook must return None: the output stays
+    calls.append(ModuleCall(path, args, out, kwargs))  # a forward hook must return None: the output stays
 
 
 def target_name(node: fx.Node) -> str:

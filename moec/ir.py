@@ -89,6 +89,8 @@ class RouterSpec:
         return RouterSpec(**json.loads(text))
 
     def describe(self) -> str:
+        if self.scoring == "external":  # an experts module: the block around it routes
+            return f"top-{self.top_k} chosen by the caller (experts module rewritten alone)"
         parts = [f"{self.scoring}" if self.scoring != "none" else "logits"]
         if self.select_on.split(",")[0] == "logits" and self.scoring in ("softmax", "sigmoid"):
             parts = ["logits"]

@@ -48,12 +48,13 @@ from torch import nn
 
 from moec.backends.torch_backend import all_experts, route_math
 from moec.bindings import Binding, Derived, Param, Part, resolve
-from moec.canonical import assemble, build_graph, call, original_forward
+from moec.canonical import build_graph, original_forward, runner
 from moec.capture import Capture, capture, target_name, untouched
 from moec.ir import ExpertsSpec, MoESpec, RouterSpec
 from moec.ops import route_args
 from moec.log import status
 from moec.pass_manager import PassResult, Rejected, register_pass
+from moec.passes.detect import experts_only
 from moec.passes.detect import features as feat
 from moec.passes.detect.candidates import Candidate, find_candidates, member_names, members  # noqa: F401
 from moec.passes.detect.layouts import bindings as layout_bindings
@@ -159,7 +160,7 @@ def _analyze(block: nn.Module, cand: Candidate):
         rec_ids = torch.cat([_pick_ids(n).meta["val"].reshape(-1, 1) for n in chain], 1)
         if f["scoring"] != "sparsemixer":
             picks = feat.argmax_picks(cap, chain)
-    _check_reads(cap, sels)
+    _check_reads(cap, {_pick_ids(s) for s in sels})
     base = RouterSpec(top_k=k, scoring=f["scoring"], select_bias=f["select_bias"] is not None,
                       n_group=f["n_group"], topk_group=f["topk_group"], group_score=f["group_score"],
                       jitter_eps=f.get("jitter_eps", 0.0), select_on=picks.get("select_on", f["select_on"]),
@@ -269,14 +270,11 @@ def _dim(sel) -> int:
     return sel.kwargs.get("dim", sel.args[pos] if len(sel.args) > pos else -1)
 
 
-def _check_reads(cap: Capture, sels) -> None:
+def _check_reads(cap: Capture, choice: set) -> None:
     """Python reads of tensor values (branches, loops, .item()) are explained only when they read the expert
-    choice (dispatch loops over the experts hit): anything else computed from the input or the weights
-    could take another path on inputs the proof does not try."""
+    choice (`choice`: the nodes of the selected indices; dispatch loops over the experts hit): anything else
+    computed from the input or the weights could take another path on inputs the proof does not try."""
     df = cap.dataflow()
-    choice = set()
-    for s in sels:  # the selected indices: argmax itself, or topk(...)[1]
-        choice |= {s} if target_name(s) == "argmax" else {u for u in s.users if u.args[1:2] == (1,)}
     cut = df.subgraph([n for n in df if n not in choice])
     sources = [n for n in cut if n.op == "get_attr" or (n.op == "placeholder" and not n.name.startswith("const_"))]
     tainted = set(sources).union(*(nx.descendants(cut, s) for s in sources))
@@ -331,6 +329,13 @@ def _first_router_use(cap: Capture, cand: Candidate):
 def prove(block: nn.Module, cand: Candidate, spec: MoESpec, roles: dict[str, Binding], facts: dict, gm) -> Proof:
     """Check the canonical graph against the original block on the probes (detect.proof), in fp32;
     return the probes with the original's outputs, for the final graph's proof."""
+    if cand.call:  # an experts module: probes are routings
+        forward = original_forward(block)
+        proof = Proof(block, lambda x, ids, w: experts_only.call_module(forward, cand, x, ids, w),
+                      experts_only.probes(spec, next(block.parameters()).device))
+        proof.check(runner(gm, block), torch.float32, "the canonical form", 1e-4)
+        proof.reached = set(range(spec.experts.num_experts))
+        return proof
     work = facts["work"]
     fp32 = work is block
     dev = next(block.parameters()).device
@@ -343,8 +348,7 @@ def prove(block: nn.Module, cand: Candidate, spec: MoESpec, roles: dict[str, Bin
         w = {r: roles[r].get(work) for r in ("w13", "w2", "b13", "b2") if r in roles}
         check_expert_modules(spec, members(group), w)
     gm_work = gm if fp32 else build_graph(work, spec, roles)  # its shared modules are the fp32 copy's
-    canonical.check(lambda x: assemble(spec.outputs, x, *call(gm_work, work, x)), torch.float32,
-                    "the canonical form", 1e-4)
+    canonical.check(runner(gm_work, work), torch.float32, "the canonical form", 1e-4)
     proof.reached = reached(spec, router, ps[-1].x)
     return proof
 
@@ -353,7 +357,7 @@ def prove(block: nn.Module, cand: Candidate, spec: MoESpec, roles: dict[str, Bin
 def detect_moe(gm) -> PassResult:
     """Captured block -> canonical graph (see module docstring)."""
     block, cand = gm.meta["block"], gm.meta["candidate"]
-    specs, roles, facts = analyze(block, cand)
+    specs, roles, facts = experts_only.analyze(block, cand) if cand.call else analyze(block, cand)
     failures = []
     for i, spec in enumerate(specs):  # the first candidate form that the proof confirms
         status(f"proving the canonical form ({i + 1}/{len(specs)})")
@@ -367,6 +371,7 @@ def detect_moe(gm) -> PassResult:
             failures.append(Rejected(f"its proof could not run ({type(e).__name__}: {e})"))
             continue
         out.meta.update(gm.meta)
+        out.meta["call"] = cand.call
         out.meta["canonical_bindings"] = dict(roles)  # the reference of later proofs (quantized: dequantized)
         out.meta["proof"] = proof
         return PassResult(out, True, {"detected": 1, "experts_reached": len(proof.reached)})

@@ -367,3 +367,62 @@ class TensorCapacityTop1(nn.Module):
 def test_capacity_computed_as_a_tensor(factor):
     b = _check(TensorCapacityTop1(factor=factor), [(1, 32), (9, 32), (40, 32), (300, 32)])
     assert "capacity max(2" in b.router
+
+
+# ---------------------------------------------------------------- an experts module inside a block moec leaves alone
+
+
+class ExpertsModule(nn.Module):
+    """E experts called with the routing: forward(hidden, top_k_index, top_k_weights) -> [T, H]."""
+
+    def __init__(self, E=8, H=32, I=40, stacked=True):
+        super().__init__()
+        self.E = E
+        self.inner = _Experts(E, H, I, stacked)
+
+    def forward(self, hidden, top_k_index, top_k_weights):
+        RUNS["count"] += 1
+        out = torch.zeros_like(hidden)
+        for e in range(self.E):
+            t, s = torch.where(top_k_index == e)
+            out.index_add_(0, t, self.inner.run(e, hidden[t]) * top_k_weights[t, s, None])
+        return out
+
+
+class LayerWithMoE(nn.Module):
+    """A layer that runs attention, a norm, a router and an experts module as siblings, and returns an aux loss:
+    not an MoE block moec can rewrite whole; its experts module is."""
+
+    def __init__(self, H=32, E=8, stacked=True):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(H, 4, batch_first=True)
+        self.norm = nn.LayerNorm(H)
+        self.router = nn.Linear(H, E, bias=False)
+        self.experts = ExpertsModule(E, H, stacked=stacked)
+
+    def forward(self, x):  # [B, S, H]
+        h = x + self.attn(x, x, x, need_weights=False)[0]
+        r = self.norm(h).reshape(-1, h.shape[-1])
+        p = self.router(r).softmax(-1)
+        w, ids = p.topk(2)
+        y = self.experts(r, ids, w / w.sum(-1, keepdim=True))
+        aux = (p.mean(0) ** 2).sum()
+        return h + y.reshape(h.shape), aux
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_an_experts_module_is_rewritten_when_its_block_cannot_be(stacked):
+    layer = LayerWithMoE(stacked=stacked).eval()
+    ref = copy.deepcopy(layer)
+    moec.compile(layer)
+    report = moec.inspect(layer)
+    assert [b.path for b in report.blocks] == ["experts"] and "caller" in report.blocks[0].router, report
+    assert report.rejected[0].path == ""  # the layer itself, with its reason
+    for shape in [(1, 1, 32), (2, 9, 32), (1, 300, 32)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            want = ref(x)
+            before = RUNS["count"]
+            got = layer(x)
+            assert RUNS["count"] == before  # the experts module's original code did not run
+        assert rel_err(got[0], want[0]) < TOL[torch.float32] and torch.allclose(got[1], want[1])

@@ -27,6 +27,7 @@ class Candidate:
     router: str  # path (inside the block) of the router weight
     experts: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)  # name -> [E, ...]
     container: str | None = None  # ModuleList/ModuleDict path when experts are modules
+    call: dict | None = None  # an experts module called with the routing (detect.experts_only): how it is called
 
 
 def _expert_groups(m: nn.Module):

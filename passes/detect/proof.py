@@ -38,6 +38,7 @@ TOL = {torch.float32: 1e-4, torch.float64: 1e-6, torch.float16: 2e-2, torch.bflo
 class Probe:
     name: str
     x: torch.Tensor  # fp32, in the block's input layout ([B, S, H] or [T, H])
+    extra: tuple = ()  # further inputs (an experts module's ids and weights)
 
 
 @dataclass
@@ -58,7 +59,10 @@ class Proof:
 
     def add_tokens(self, thresholds, in_dim: int) -> None:
         """N(0,1) probes on both sides of each token count where the final graph's kernels change path
-        (the probes already there count: 16 and 300 tokens cross a threshold of 257)."""
+        (the probes already there count: 16 and 300 tokens cross a threshold of 257). An experts module's probes
+        (routings: 1-300 tokens, 40 pairs on the same experts) cross them already."""
+        if self.probes[0].extra:
+            return
         have = {p.x.shape[-2] if p.x.dim() == 3 else p.x.shape[0] for p in self.probes if p.name.endswith("token(s)")}
         gen = torch.Generator(device="cpu").manual_seed(4)
         H, dev = self.probes[0].x.shape[-1], self.probes[0].x.device
@@ -71,7 +75,7 @@ class Proof:
         if key not in self._refs:
             x = self.probes[i].x.to(dtype)
             with torch.no_grad(), untouched(self.block):
-                self._refs[key] = self.forward(x)
+                self._refs[key] = self.forward(x, *self.probes[i].extra)
         return self._refs[key]
 
     def check(self, run, dtype: torch.dtype, what: str, tol: float | None = None, error=Rejected,
@@ -82,8 +86,8 @@ class Proof:
         for i, p in enumerate(self.probes):
             x = p.x.to(dtype)
             with torch.no_grad():
-                ref = self.reference(i, dtype) if reference is None else reference(x)
-                got = run(x)
+                ref = self.reference(i, dtype) if reference is None else reference(x, *p.extra)
+                got = run(x, *p.extra)
             for j, (a, b) in enumerate(zip(_leaves(got), _leaves(ref))):
                 if a is None or b is None:
                     continue
