@@ -7,9 +7,12 @@ Every block here is written for this test from the pattern, not copied from a li
 """
 
 import copy
+import warnings
 
+import hypothesis.strategies as st
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
 import torch.nn.functional as F
 from torch import nn
 
@@ -426,3 +429,45 @@ def test_an_experts_module_is_rewritten_when_its_block_cannot_be(stacked):
             got = layer(x)
             assert RUNS["count"] == before  # the experts module's original code did not run
         assert rel_err(got[0], want[0]) < TOL[torch.float32] and torch.allclose(got[1], want[1])
+
+
+# ---------------------------------------------------------------- random blocks of these patterns (hypothesis)
+
+
+@st.composite
+def _pattern_blocks(draw):
+    E = draw(st.sampled_from([4, 8, 16]))
+    kind = draw(st.sampled_from(["gshard", "router_form", "tensor_capacity", "groups"]))
+    if kind == "gshard":
+        cap = draw(st.sampled_from([None, 2, 5]))
+        return GShardTop2(E=E, normalize=draw(st.booleans()), mask=draw(st.sampled_from(["inf", "mul"])),
+                          capacity=cap, stacked=draw(st.booleans()))
+    if kind == "router_form":
+        form = draw(st.sampled_from(["@W.T", "@W.t()", "@W", "matmul", "einsum", "einsum_he", "flat"]))
+        return RouterForms(form, E=E, k=draw(st.integers(1, 3)), I=draw(st.sampled_from([13, 24, 40])))
+    if kind == "tensor_capacity":
+        return TensorCapacityTop1(E=E, factor=draw(st.sampled_from([0.5, 1.0, 1.25, 2.0])),
+                                  min_capacity=draw(st.integers(1, 4)))
+    G = draw(st.sampled_from([g for g in (2, 4) if E // g >= 2]))
+    return GroupsWithBatchDims(E=E, G=G, topk_group=draw(st.integers(1, G)), k=2)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(block=_pattern_blocks(), T=st.sampled_from([1, 7, 64]), scale=st.sampled_from([1.0, 100.0]),
+       seed=st.integers(0, 3))
+def test_random_pattern_blocks_same_outputs_or_rejected(block, T, scale, seed):
+    """Random instances of the patterns above, at short and long inputs, plain and x100: the compiled block
+    gives the original's outputs, or it is left alone with a reason."""
+    block.eval()
+    ref = copy.deepcopy(block)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        moec.compile(block)
+    report = moec.inspect(block)
+    assert report.blocks or report.rejected[0].reason
+    H = 32
+    shape = (1, T, H) if isinstance(block, GroupsWithBatchDims) else (T, H)
+    x = scale * torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        got, want = block(x), ref(x)
+    assert rel_err(got, want) < TOL[torch.float32]
