@@ -57,12 +57,11 @@ def experts_call(E: int, H: int, I: int, dtype: torch.dtype, dev, fmt: str):
     on random weights."""
     w13 = torch.randn(E, 2 * I, H, device=dev, dtype=dtype) * 0.02
     w2 = torch.randn(E, H, I, device=dev, dtype=dtype) * 0.02
-    act = ("silu", True, 1.0, 0.0, False)
+    act = ("silu", True, 1.0, 0.0, False, "halves")  # activation, gated, alpha, limit, weight_on_input, gate_up
     if fmt == "bf16":
         return "", 128, lambda x, ids, w: torch.ops.moec.triton_experts(x, ids, w, w13, None, w2, None, *act)
     cfg = Int8Experts() if fmt == "w8" else Int4Experts(next(g for g in (128, 64, 32) if H % g == 0 and I % g == 0))
     t13, t2 = quantize(cfg, w13), quantize(cfg, w2)
-    del w13, w2
     if cfg.bits == 8:
         return "w8", 128, lambda x, ids, w: torch.ops.moec.triton_experts_int8(
             x, ids, w, t13["q"], t13["scale"], None, t2["q"], t2["scale"], None, *act)

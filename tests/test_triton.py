@@ -13,14 +13,13 @@ import torch
 import moec
 from moec import models
 from moec.canonical import resolve
-from moec.backends.torch_backend import route_math
 from moec.backends.triton_experts import align_block_size
 from moec.ir import ExpertsSpec
-from moec.ops import experts_args, route_args
+from moec.ops import experts_args
 from moec.quant import Int4Experts, Int8Experts, dequantize, quantize
 
 from conftest import TOL, rel_err
-from test_ops import EXPERTS, ROUTERS, check_route, naive_experts
+from test_ops import EXPERTS, naive_experts
 from test_quant import _quantized_experts
 
 @pytest.mark.parametrize("n,E,block_m", [(1, 8, 16), (6, 8, 4), (40, 16, 16), (96, 4, 8), (7, 64, 16)])
@@ -172,3 +171,14 @@ def test_kernels_compile_for_gpu(arch):
     assert run.stdout.count(f"compiled sm_{arch}") >= 32
     for quantized in ("gemm1[bf16,w8,", "gemm2[bf16,w4g128,", "gemm1[bf16,w4g32,zero,", "gemm2[fp16,w4g128,"):
         assert f"compiled sm_{arch} {quantized}" in run.stdout
+
+
+def test_gpu_scripts_run(tmp_path):
+    """The GPU scripts (run only when a GPU is lent) stay runnable: their smoke modes under the interpreter."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(__file__))
+    for cmd in (["benchmarks/tune_triton.py", "--shapes", "tiny", "--tokens", "1", "--all", "--space", "fast",
+                 "--out", str(tmp_path)],
+                ["benchmarks/bench_triton.py", "--shapes", "tiny", "--tokens", "1", "--quantized", "--no-torch-compile"]):
+        run = subprocess.run([sys.executable, *cmd], cwd=root, env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
