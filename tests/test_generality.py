@@ -45,6 +45,15 @@ class _Experts(nn.Module):
         return self.ffn[e](x)
 
 
+def _dispatch(run, x, ids, w, E):
+    """sum_j w[t, j] * expert ids[t, j] (x[t]): the per-expert loop every block below uses."""
+    out = torch.zeros_like(x)
+    for e in range(E):
+        t, s = torch.where(ids == e)
+        out.index_add_(0, t, run(e, x[t]) * w[t, s, None])
+    return out
+
+
 class GShardTop2(nn.Module):
     """Top-2 as two argmax picks: the first over the softmax gates, the second over the logits with the first
     masked out (or the gates multiplied by 1 - mask); gates from the softmax, renormalised or not; optional
@@ -116,11 +125,7 @@ class RouterForms(nn.Module):
     def forward(self, x):
         RUNS["count"] += 1
         w, ids = self.logits(x).softmax(-1).topk(self.k)
-        out = torch.zeros_like(x)
-        for e in range(self.E):
-            t, s = torch.where(ids == e)
-            out.index_add_(0, t, self.experts.run(e, x[t]) * w[t, s, None])
-        return out
+        return _dispatch(self.experts.run, x, ids, w, self.E)
 
 
 class GroupsWithBatchDims(nn.Module):
@@ -146,11 +151,7 @@ class GroupsWithBatchDims(nn.Module):
         ids = masked.topk(self.k, dim=-1).indices  # [B, S, k]
         w = scores.gather(-1, ids)
         w = w / w.sum(-1, keepdim=True)
-        xf, ids, w = x.reshape(-1, H), ids.reshape(-1, self.k), w.reshape(-1, self.k)
-        out = torch.zeros_like(xf)
-        for e in range(self.E):
-            t, s = torch.where(ids == e)
-            out.index_add_(0, t, self.experts.run(e, xf[t]) * w[t, s, None])
+        out = _dispatch(self.experts.run, x.reshape(-1, H), ids.reshape(-1, self.k), w.reshape(-1, self.k), self.E)
         return out.reshape(B, S, H)
 
 
@@ -311,12 +312,7 @@ class SamplingRouter(RouterForms):
         i1 = p.argmax(-1)
         i2 = torch.multinomial(p.scatter(1, i1[:, None], 0.0), 1)[:, 0]
         ids = torch.stack([i1, i2], 1)
-        w = p.gather(1, ids)
-        out = torch.zeros_like(x)
-        for e in range(self.E):
-            t, s = torch.where(ids == e)
-            out.index_add_(0, t, self.experts.run(e, x[t]) * w[t, s, None])
-        return out
+        return _dispatch(self.experts.run, x, ids, p.gather(1, ids), self.E)
 
 
 class LoadStatistics(RouterForms):
@@ -385,11 +381,7 @@ class ExpertsModule(nn.Module):
 
     def forward(self, hidden, top_k_index, top_k_weights):
         RUNS["count"] += 1
-        out = torch.zeros_like(hidden)
-        for e in range(self.E):
-            t, s = torch.where(top_k_index == e)
-            out.index_add_(0, t, self.inner.run(e, hidden[t]) * top_k_weights[t, s, None])
-        return out
+        return _dispatch(self.inner.run, hidden, top_k_index, top_k_weights, self.E)
 
 
 class LayerWithMoE(nn.Module):
