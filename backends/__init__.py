@@ -37,13 +37,16 @@ def resolve_backend(name: str, device) -> str:
     return name
 
 
-def pipeline_for(backend: str, passes: str | list[str] | None, quantize: bool = False) -> str:
-    """The pass pipeline: the user's (or the default), then quantize_experts if asked, then the backend's lowering."""
+def pipeline_for(backend: str, passes: str | list[str] | None, quantize: bool = False, offload: bool = False) -> str:
+    """The pass pipeline: the user's (or the default), then quantize_experts / offload_experts if asked, then the
+    backend's lowering."""
     from moec.pass_manager import parse_pipeline
 
     names = parse_pipeline(passes)
     if quantize and "quantize_experts" not in names:
         names.append("quantize_experts")
+    if offload and "offload_experts" not in names:
+        names.append("offload_experts")
     if backend == "triton" and "lower_triton" not in names:
         names.append("lower_triton")
     return ",".join(names)

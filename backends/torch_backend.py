@@ -65,7 +65,7 @@ def route_math(x, weight, bias, select_bias, router: str, num_experts):
     included."""
     r = RouterSpec.from_json(router)
     top_k, scoring, select_on, selection = r.top_k, r.scoring, r.select_on, r.selection
-    n_group, topk_group, weighting, renorm, scale = r.n_group, r.topk_group, r.weighting, r.renorm, r.scale
+    n_group, topk_group, weighting, renorm = r.n_group, r.topk_group, r.weighting, r.renorm
     if r.upcast:
         x, weight, bias = x.float(), weight.float(), None if bias is None else bias.float()
     logits = F.linear(x, weight, bias)  # [T, E]
@@ -101,13 +101,19 @@ def route_math(x, weight, bias, select_bias, router: str, num_experts):
         weights = s.gather(1, ids).softmax(dim=-1)  # [T, k]
     else:
         weights = scores.gather(1, ids)  # [T, k]
-    if renorm and not chosen_softmax and not (r.capacity and r.capacity_renorm):  # else after the drop
-        denom = weights.sum(-1, keepdim=True) if renorm == 1.0 else weights.norm(p=renorm, dim=-1, keepdim=True)
+    if not r.renorm_after_drop:  # else moec::capacity does, around the drop
+        weights = _renorm_scale(weights, r)
+    return logits, ids, weights
+
+
+def _renorm_scale(weights, r: RouterSpec):
+    """The chosen weights [T, k] renormalised (RouterSpec.renorm, with its epsilon and floor), then scaled."""
+    chosen_softmax = r.select_on == "logits" and r.scoring == "softmax" and r.renorm == 1.0
+    if r.renorm and not chosen_softmax:
+        denom = weights.sum(-1, keepdim=True) if r.renorm == 1.0 else weights.norm(p=r.renorm, dim=-1, keepdim=True)
         denom = denom + r.renorm_eps if r.renorm_eps else denom
         weights = weights / (denom.clamp(min=r.renorm_floor) if r.renorm_floor else denom)
-    if scale != 1.0:
-        weights = weights * scale
-    return logits, ids, weights
+    return weights * r.scale if r.scale != 1.0 else weights
 
 
 def _argmax_picks(scores, logits, on: list[str], k: int, mask: float):
@@ -308,28 +314,44 @@ def experts_loop(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, li
     return out.to(x.dtype)
 
 
-def capacity(ids, weights, rows, num_experts, router: str):
-    """Zero the weights of (token, slot) pairs past their expert's capacity, first come first
-    served. The T tokens form `rows` equal groups (batch rows), each counted on its own; within
-    a group every token's slot 0 comes before any slot 1 (GShard/NLLB order), then token order.
-    The capacity follows the tokens counted (RouterSpec.capacity_for); with capacity_renorm the
-    kept weights are then renormalised (the route left them as they were)."""
+def capacity_kept(ids, weights, rows, num_experts, rank_dtype, router: str):
+    """Which (token, slot) pairs [T, k] stay within their expert's capacity. The T tokens form `rows`
+    equal groups (batch rows), each counted on its own, with the capacity RouterSpec.capacity_for gives.
+    Priority "order": first come first served, every token's slot 0 before any slot 1 (GShard/NLLB order),
+    then token order. Priority "score": each expert keeps its pairs with the highest weights, ranked by a
+    top-k over the tokens of the [rows, S, E] weights as the block ranks them: in `rank_dtype` (the block's
+    dtype) where it scores in its own dtype (RouterSpec.capacity_rank), ties broken by that op."""
     r = RouterSpec.from_json(router)
     T, k = ids.shape
-    capacity = r.capacity_for(T // rows, num_experts)
+    S = T // rows
+    capacity = r.capacity_for(S, num_experts)
+    if r.capacity_priority == "score":
+        by_row = ids.reshape(rows, S, k)
+        w = weights.to(rank_dtype) if r.capacity_rank == "block" else weights
+        dense = torch.zeros(rows, S, num_experts, dtype=w.dtype, device=w.device)
+        dense = dense.scatter(2, by_row, w.reshape(rows, S, k))  # [rows, S, E], 0 where not chosen
+        top = dense.topk(min(capacity, S), dim=1).indices  # [rows, C, E]: each expert's best tokens
+        kept = torch.zeros_like(dense, dtype=torch.bool).scatter(1, top, True)
+        return kept.gather(2, by_row).reshape(T, k)
     queue = ids.reshape(rows, -1, k).transpose(1, 2).reshape(rows, -1)  # [rows, k*S] slot-major
     onehot = F.one_hot(queue, num_experts)  # [rows, k*S, E]
     place = (onehot.cumsum(1) * onehot).sum(-1)  # 1-based place of each pair in its expert's queue
-    kept = (place <= capacity).reshape(rows, k, -1).transpose(1, 2).reshape(T, k)
-    weights = weights * kept
-    if r.capacity_renorm:
-        denom = weights.sum(-1, keepdim=True)
-        denom = denom + r.renorm_eps if r.renorm_eps else denom
-        weights = weights / (denom.clamp(min=r.renorm_floor) if r.renorm_floor else denom)
-    return weights
+    return (place <= capacity).reshape(rows, k, -1).transpose(1, 2).reshape(T, k)
 
 
-torch.library.impl("moec::capacity", "CompositeExplicitAutograd")(capacity)  # `capacity` stays callable (lower_onnx)
+def capacity(weights, kept, router: str):
+    """The weights [T, k] with the pairs past their expert's capacity (not `kept`, see capacity_kept) set
+    to 0. Where the spec says so (RouterSpec.renorm_after_drop) the route left the weights unnormalised:
+    they are renormalised and scaled here, over the kept pairs (capacity_renorm) or over all k first."""
+    r = RouterSpec.from_json(router)
+    if not r.renorm_after_drop:
+        return weights * kept
+    return _renorm_scale(weights * kept, r) if r.capacity_renorm else _renorm_scale(weights, r) * kept
+
+
+# the functions stay callable (lower_onnx puts them in the graph as plain torch math)
+torch.library.impl("moec::capacity", "CompositeExplicitAutograd")(capacity)
+torch.library.impl("moec::capacity_kept", "CompositeExplicitAutograd")(capacity_kept)
 
 
 def all_experts(x, w13, b13, w2, b2, activation, gated, alpha, limit, gate_up="halves") -> torch.Tensor:

@@ -28,6 +28,7 @@ from moec.pass_manager import PASSES, Instruments, PassManager, PassRecord, Reje
 from moec.passes.detect import experts_only
 from moec.passes.detect_moe import Candidate, analyze, find_candidates
 from moec.passes.quantize_experts import quantized_tensors, release_originals
+from moec.offload import Offload, Pool
 from moec.quant import Int4Experts, Int8Experts, QuantConfig, dequantize
 
 
@@ -58,6 +59,7 @@ class Report:
     backend: str = ""
     quantize: QuantConfig | None = None
     export: object = None  # backend="onnxruntime": the moec.export_onnx report of the last session opened
+    offload: object = None  # compile(offload=...): the expert cache's statistics (moec.offload.OffloadStats), live
 
     def __rich__(self) -> Table:
         q = f", quantize {self.quantize}" if self.quantize else ""
@@ -154,7 +156,8 @@ def _compile_block(pm: PassManager, block: nn.Module, cand: Candidate, options: 
         return Rejection(cand.path, str(e))
     except Exception as e:  # noqa: BLE001  a pass that fails on one block leaves that block alone
         _undo(start.meta)
-        raise _FinalProofFailed(f"moec failed on it: {type(e).__name__}: {e} ({' '.join(getattr(e, '__notes__', []))};"
+        first = (str(e).strip().splitlines() or [""])[0]  # an fx error prints the whole graph after its first line
+        raise _FinalProofFailed(f"moec failed on it: {type(e).__name__}: {first} ({' '.join(getattr(e, '__notes__', []))};"
                                 f" a moec defect: please report it)") from e
     spec = gm.meta["moe_spec"]
     d = spec.describe()
@@ -251,8 +254,11 @@ def _recompile(block, cand, pm: PassManager, kept: Report | None, options: dict)
     old = gm.meta["moe_spec"].quant
     new = options.get("quantize")
     same = kept is not None and kept.pipeline == pm.pipeline and old == new
-    if same or pm.pipeline == "detect_moe":  # inspect of a compiled model reports what is installed
+    if pm.pipeline == "detect_moe" or (same and not gm.meta["moe_spec"].offloaded):  # inspect: what is installed
         return next((b for b in kept.blocks if b.path == cand.path), None) if kept else None
+    if gm.meta["moe_spec"].offloaded:
+        raise ValueError(f"moec.compile: block {cand.path!r} is already compiled with offloaded experts (its expert "
+                         f"weights live in the offload store, not the model): build a fresh model to compile it again")
     if old is not None:
         raise ValueError(f"moec.compile: block {cand.path!r} is already compiled with {old.describe()} experts and "
                          f"its fp expert weights were released: build a fresh model to compile it with "
@@ -271,7 +277,8 @@ def _install_all(done: list[_Done]) -> None:
             for b in d.gm.meta["bindings"].values():
                 if isinstance(b, Derived):
                     b.adopt(d.block)  # one copy: the block's tensors become views of moec's storage
-            if d.gm.meta["moe_spec"].quant is not None:  # proved and installed: the fp experts are not read
+            spec = d.gm.meta["moe_spec"]
+            if spec.quant is not None or spec.offloaded:  # proved and installed: the fp experts are not read
                 release_originals(d.block, d.cand)
             d.gm.meta.pop("proof", None)
             d.gm.meta["undo"] = []
@@ -284,8 +291,8 @@ def _install_all(done: list[_Done]) -> None:
 
 
 def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] | None = None, verify: bool = False,
-            quantize: QuantConfig | None = None, providers: list[str] | None = None, session_options=None,
-            **options) -> nn.Module:
+            quantize: QuantConfig | None = None, offload: Offload | None = None, providers: list[str] | None = None,
+            session_options=None, **options) -> nn.Module:
     """Find, prove and rewrite every MoE block of `model` (in place); return the model.
 
     backend: "auto" (Triton on CUDA, else torch), "torch", "triton" (appends the lower_triton pass) or
@@ -298,6 +305,9 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     quantize: Int8Experts() or Int4Experts(group_size, symmetric[, shared, router]): weight-only quantized
         routed experts (appends the quantize_experts pass). Backend torch: numba kernels, CPU only;
         triton: w8a16/w4a16 GEMMs; onnxruntime: QMoE nodes. shared=True is torch backend only.
+    offload: moec.Offload(budget, store, path, policy, prefetch): the routed experts leave the model for a store
+        (disk or host memory) and run from a cache of `budget` experts (appends offload_experts; torch
+        backend, fp experts; see moec.offload). Statistics: moec.inspect(model).offload.
     Every rewritten block is proved: its final graph is checked against the original block before it is
     installed (docs/guarantees.md). A model without MoE comes back unchanged, with a warning; blocks moec
     cannot prove are left as they were and listed in `moec.inspect(model).rejected` with the reason.
@@ -318,19 +328,51 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         return _compile_onnxruntime(model, passes, quantize, providers, session_options)
     if providers is not None or session_options is not None:
         raise TypeError("providers= and session_options= are options of backend='onnxruntime'")
+    if offload is not None:
+        if not isinstance(offload, Offload):
+            raise TypeError(f"offload must be moec.Offload(...), not {offload!r}")
+        if quantize is not None or backend != "torch":
+            raise NotImplementedError("moec: offloaded experts run fp weights in the torch backend for now: drop "
+                                      "quantize= / use backend='torch'")
     if quantize is not None and backend == "torch" and device.type != "cpu":
         raise NotImplementedError(f"moec: quantized experts in the torch backend run on CPU only (the model is on "
                                   f"{device.type}): use backend='triton'")
     instruments = Instruments.from_env()
     instruments.verify = instruments.verify or verify
-    report = _run(model, pipeline_for(backend, passes, quantize is not None), instruments, install_blocks=True,
-                  backend=backend, options={"quantize": quantize}, strict=verify)
+    pool = Pool(offload, device) if offload is not None else None
+    report = _run(model, pipeline_for(backend, passes, quantize is not None, pool is not None), instruments,
+                  install_blocks=True, backend=backend, options={"quantize": quantize, "offload": pool}, strict=verify)
     _warn_if_empty(model, report)
     report.quantize = quantize
+    if pool is not None:
+        _start_offload(model, report, pool)
     model.__dict__["_moec_report"] = report
     if quantize is not None and report.blocks and hasattr(model, "save_pretrained"):
         model.save_pretrained = _refuse_save_pretrained  # it would write the released (empty) expert weights
     return model
+
+
+def _start_offload(model: nn.Module, report: Report, pool: Pool) -> None:
+    """Give the pool each offloaded block's router (prefetch: the next block's choice on this block's input), in
+    the order the blocks run in the model (module order), empty it and its statistics (the proof's calls)."""
+    from moec.backends.torch_backend import route_math
+    from moec.ops import route_args
+
+    for b in report.blocks:
+        block = resolve(model, b.path)
+        spec, roles = _spec_of(model, b.path)
+        if b.path not in pool.blocks or "router_weight" not in roles:
+            continue
+
+        def router(x, block=block, spec=spec, roles=roles):
+            p = lambda role: roles[role].get(block) if role in roles else None  # noqa: E731
+            w = p("router_weight")
+            return route_math(x.reshape(-1, spec.experts.hidden).to(w.dtype), w, p("router_bias"), p("select_bias"),
+                              *route_args(spec.router), num_experts=spec.experts.num_experts)[1]
+
+        pool.blocks[b.path]["router"] = router
+    pool.reset()
+    report.offload = pool.stats
 
 
 def _warn_if_empty(model: nn.Module, report: Report) -> bool:

@@ -8,8 +8,10 @@ at call time, so the graph always computes with the module's parameters as they 
     x                = hidden_states.reshape(-1, H)                   # [T, H]
     logits           = linear(x, router_weight, router_bias)          # [T, E]
     scores, ids, w   = softmax/sigmoid, group mask, topk, gather ...  # [T, k]
-    w                = moec.capacity(ids, w, rows, capacity, E)       # only with expert capacity
+    kept             = moec.capacity_kept(ids, w, rows, E, x.dtype)    # only with expert capacity
+    w                = moec.capacity(w, kept)                          # 0 past capacity
     y                = moec.experts_loop(x, ids, w, w13, b13, w2, b2) # [T, H]
+    y                = where(any pair of the token kept, y, x)        # only if dropped tokens pass through
     y                = y + shared(x) [* sigmoid(shared_gate(x))]      # the block's own modules, called
     y                = y + out_bias                                    # if the block adds one
     return y.reshape(hidden_states.shape), logits, ids, w
@@ -49,11 +51,16 @@ class _Reference(nn.Module):
         xr = x.to(p["router_weight"].dtype)  # a router kept in fp32 (Switch casts its own on first use)
         logits, ids, w = route_math(xr, p["router_weight"], p.get("router_bias"), p.get("select_bias"),
                                     *route_args(s.router), num_experts=s.experts.num_experts)
+        # capacity per row: [B, S, H] has B rows, [T, H] one (numel / (S*H) stays symbolic under tracing)
+        rows = hidden_states.numel() // (hidden_states.shape[-2] * hidden_states.shape[-1]) \
+            if s.router.capacity_per_row else 1
         if s.router.capacity:  # pairs past an expert's capacity are dropped (weight 0)
-            rows = hidden_states.shape[0] if s.router.capacity_per_row else 1
-            w = torch.ops.moec.capacity(ids, w, rows, s.experts.num_experts, s.router.to_json())
+            kept = torch.ops.moec.capacity_kept(ids, w, rows, s.experts.num_experts, x.dtype, s.router.to_json())
+            w = torch.ops.moec.capacity(w, kept, s.router.to_json())
         y = torch.ops.moec.experts_loop(x, ids, w, p["w13"], p.get("b13"), p["w2"], p.get("b2"),
                                         *experts_args(s.experts))  # [T, H]
+        if s.router.dropped == "input":  # a token with every pair dropped passes through
+            y = torch.where(kept.any(-1, keepdim=True), y, x)
         if s.shared:
             shared = resolve(b, s.shared.module)(x)
             if s.shared.gate:
@@ -182,7 +189,8 @@ class CompiledForward:
     """Replaces `block.forward`: runs the block's final graph on its live tensors and rebuilds the
     block's own return structure. The original forward runs instead (the same results, by
     construction) when the graph cannot stand for it: the block in training mode, extra non-None
-    inputs (e.g. a padding mask), no tokens, or forward hooks on a submodule the graph skips (they
+    inputs (e.g. a padding mask), no tokens, an input rank the proof did not cover (a block that
+    raises on [T, H] or computes something else there), or forward hooks on a submodule the graph skips (they
     would not fire; e.g. HF's output_router_logits records the router's output that way). A quantized
     block's original expert weights are released: there, those cases raise instead."""
 
@@ -240,6 +248,8 @@ class CompiledForward:
             return "training mode"
         if not isinstance(hidden, torch.Tensor) or hidden.numel() == 0:
             return "no tokens"
+        if self.gm.meta.get("ranks") and hidden.dim() not in self.gm.meta["ranks"]:
+            return f"a {hidden.dim()}-d input (proved on {' and '.join(map(str, self.gm.meta['ranks']))}-d inputs)"
         if (_module._global_forward_hooks or _module._global_forward_pre_hooks
                 or any(m._forward_hooks or m._forward_pre_hooks for m in self._skipped)):
             return "forward hooks on a submodule the compiled graph does not call"
@@ -250,10 +260,11 @@ class CompiledForward:
         hidden = data[0]
         why = self.why_original(hidden, extras)
         if why:
-            if self.gm.meta["moe_spec"].quant is not None:
+            spec = self.gm.meta["moe_spec"]
+            if spec.quant is not None or spec.offloaded:
                 raise NotImplementedError(
-                    f"moec: block {self.path!r} runs quantized experts and its original expert weights were "
-                    f"released, so its original forward cannot run ({why})")
+                    f"moec: block {self.path!r} runs {'quantized' if spec.quant else 'offloaded'} experts and its "
+                    f"original expert weights were released, so its original forward cannot run ({why})")
             return self.original(*args, **kwargs)
         with torch.no_grad():
             result = call(self.gm, self.block, *data)

@@ -60,6 +60,10 @@ class RouterSpec:
     capacity_form: str = "ceil"  # "ceil": ceil(f*n/E); "ceil_per_expert": floor(f*ceil(n/E)); "floor": floor(f*n/E)
     capacity_offset: int = 0
     capacity_renorm: bool = False  # the kept weights are renormalised after the drop (GShard), not before
+    capacity_priority: str = "order"  # "order": first come first served (slot-major, then token order);
+    # "score": each expert keeps its top-capacity pairs by routing score (a top-k over the tokens)
+    capacity_rank: str = "block"  # priority "score" ranks the weights rounded to the block's dtype, or in "fp32"
+    dropped: str = "zero"  # a token whose every pair is dropped outputs "zero" or its "input" (passed through)
     jitter_eps: float = 0.0  # sparsemixer only: relative threshold of the masked softmax
     select_on: str = "scores"  # "scores" or "logits": the values the block's selection compares (sequential
     # argmax picks: one per pick, comma-separated, e.g. GShard's "scores,logits")
@@ -69,6 +73,12 @@ class RouterSpec:
     pick_mask: float = float("-inf")
     renorm_eps: float = 0.0  # added to the renormalisation's sum (DeepSeek: + 1e-20, so all-zero weights stay 0)
     renorm_floor: float = 0.0  # the renormalisation's sum clamped to at least this (GShard: clamp(min=eps))
+
+    @property
+    def renorm_after_drop(self) -> bool:
+        """moec::capacity, not the route, renormalises and scales: the weights it ranks or renormalises after
+        the drop are the scores as chosen."""
+        return bool(self.capacity) and (self.capacity_renorm or self.capacity_priority == "score")
 
     def capacity_for(self, n: int, num_experts: int) -> int:
         """Pairs each expert keeps when n tokens are counted together (a row, or all of them)."""
@@ -120,7 +130,10 @@ class RouterSpec:
             c = (f"capacity max({self.capacity}, {self.capacity_form}({self.capacity_factor:g} n/E))"
                  + (f"{self.capacity_offset:+d}" if self.capacity_offset else "")) if self.capacity_factor \
                 else f"capacity {self.capacity}"
-            parts.append(c + ("/row" if self.capacity_per_row else "") + (" -> renorm" if self.capacity_renorm else ""))
+            parts.append(c + ("/row" if self.capacity_per_row else "") + (" by score" if self.capacity_priority == "score"
+                                                                            else "")
+                         + (" -> renorm" if self.capacity_renorm and self.renorm else "")
+                         + (", dropped tokens pass through" if self.dropped == "input" else ""))
         return " -> ".join(parts)
 
 
@@ -174,6 +187,7 @@ class MoESpec:
     # roles: router_weight, router_bias, select_bias, w13, b13, w2, b2, out_bias ([H], added after the combine)
     outputs: tuple[str, ...] = ("out",)  # the block's return structure, e.g. ("out", "logits")
     quant: object = None  # a moec.quant config once quantize_experts ran (Int8Experts / Int4Experts)
+    offloaded: bool = False  # offload_experts ran: the experts live in the model's expert pool (moec.offload)
 
     def with_(self, **kw) -> "MoESpec":
         return replace(self, **kw)
@@ -182,6 +196,6 @@ class MoESpec:
         return {
             "router": self.router.describe(),
             "experts": self.experts.describe() + (" +output bias" if "out_bias" in self.params else "")
-            + (f" [{self.quant.describe()}]" if self.quant else ""),
+            + (f" [{self.quant.describe()}]" if self.quant else "") + (" [offloaded]" if self.offloaded else ""),
             "shared": self.shared.describe() if self.shared else "-",
         }

@@ -5,7 +5,8 @@ torch.export and torch.compile (each op has a fake implementation giving output 
     moec::experts(x[T,H], ids[T,k], weights[T,k], W13[E,N1,H], b13?, W2[E,H,I], b2?, ...) -> [T,H]
     moec::experts_loop(...same...)                   -> [T,H]   (naive per-expert reference)
     moec::experts_int8 / experts_int4(x, ids, weights, <packed W13, W2 + scales>, ...) -> [T,H]  (moec.quant)
-    moec::capacity(ids[T,k], weights[T,k], rows, E, router) -> weights[T,k] (0 past an expert's capacity)
+    moec::capacity_kept(ids[T,k], weights[T,k], rows, E, rank_dtype, router) -> bool[T,k] (pairs within capacity)
+    moec::capacity(weights[T,k], kept[T,k], router) -> weights[T,k] (0 where not kept; renormalised if so)
     moec::ort_moe(x[T,H], router_probs[T,E], fc1[E,N1,H], fc1_bias?, fc2[E,H,I], fc2_bias?, k, ...)  -> [T,H]
     moec::ort_qmoe(x, router_probs, fc1 u8, fc1_scales, fc1_bias?, fc2 u8, fc2_scales, fc2_bias?, zero points?, ...)
         ONNX Runtime's com.microsoft::MoE / QMoE in its layouts (softmax over router_probs -> top-k ->
@@ -46,7 +47,10 @@ torch.library.define(  # bits 8: u8 [E,N,K], scales [E,N]; bits 4: u8 [E,N,K/2],
     "(Tensor x, Tensor router_probs, Tensor fc1, Tensor fc1_scales, Tensor? fc1_bias, Tensor fc2, Tensor fc2_scales, "
     f"Tensor? fc2_bias, Tensor? fc1_zero_points, Tensor? fc2_zero_points, int bits, int block_size, {_ORT_ARGS}) -> Tensor")
 torch.library.define(  # router: the RouterSpec as JSON (its capacity rule)
-    "moec::capacity", "(Tensor ids, Tensor weights, SymInt rows, int num_experts, str router) -> Tensor")
+    "moec::capacity", "(Tensor weights, Tensor kept, str router) -> Tensor")
+torch.library.define(
+    "moec::capacity_kept",
+    "(Tensor ids, Tensor weights, SymInt rows, int num_experts, ScalarType rank_dtype, str router) -> Tensor")
 
 
 @torch.library.register_fake("moec::route")
@@ -72,8 +76,13 @@ torch.library.register_fake("moec::ort_qmoe")(_experts_fake)
 
 
 @torch.library.register_fake("moec::capacity")
-def _capacity_fake(ids, weights, *args):
+def _capacity_fake(weights, *args):
     return torch.empty_like(weights)
+
+
+@torch.library.register_fake("moec::capacity_kept")
+def _capacity_kept_fake(ids, weights, *args):
+    return torch.empty_like(weights, dtype=torch.bool)
 
 
 def route_args(r: RouterSpec) -> tuple:

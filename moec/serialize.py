@@ -31,6 +31,9 @@ def save(model: nn.Module, path: str) -> None:
     report = model.__dict__.get("_moec_report")
     if report is None:
         raise ValueError("moec.save: the model was not compiled by moec.compile")
+    if report.offload is not None:
+        raise NotImplementedError("moec.save: this model's experts are offloaded (their weights live in the offload "
+                                  "store, not the model): save the model before compiling it with offload=")
     cfg = report.quantize
     meta = {"format_version": quant.FORMAT_VERSION, "pipeline": report.pipeline, "backend": report.backend,
             "quantize": None if cfg is None else {"kind": type(cfg).__name__, **dataclasses.asdict(cfg)}}

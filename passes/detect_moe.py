@@ -124,6 +124,12 @@ def _analyze(block: nn.Module, cand: Candidate):
     router_bias = bias_arg.target if isinstance(bias_arg, torch.fx.Node) and bias_arg.op == "get_attr" else None
     Wc = W.view(E, H) if flat else W.t() if router_t else W
     if rel_err(F.linear(xf, Wc, resolve(work, router_bias) if router_bias else None), logits) > FIT_TOL:
+        read = feat.source(next(a for a in logits_node.all_input_nodes if feat.source(a).op != "get_attr"))
+        if read.op != "placeholder":  # e.g. a layer that runs attention and a norm, then routes, in one forward
+            raise Rejected(f"its router reads a value the block computes ({target_name(read)} in "
+                           f"{read.meta.get('module') or 'its forward'}), not the block's input: moec rewrites a "
+                           "module whose input is what the router reads (an MoE module of its own, or an experts "
+                           "module called with the routing)")
         raise Rejected("router logits are not a linear map of the block input")
 
     # selection: a top-k / argmax over the E scores, downstream of the logits;
@@ -134,7 +140,7 @@ def _analyze(block: nn.Module, cand: Candidate):
             and isinstance(n.args[0], torch.fx.Node) and n.args[0].meta["val"].is_floating_point()
             and n.args[0].meta["val"].shape[-1] == E and n.args[0].meta["val"].dim() == logits_node.meta["val"].dim()
             and (target_name(n) != "max" or len(n.args) > 1 or "dim" in n.kwargs)]
-    over_tokens = [n for n in sels if _dim(n) not in (-1, n.args[0].meta["val"].dim() - 1)]
+    over_tokens = [n for n in sels if feat.sel_dim(n) not in (-1, n.args[0].meta["val"].dim() - 1)]
     sels = [n for n in sels if n not in over_tokens]  # a top-k over the tokens is a capacity rule, not the choice
     if not sels:
         raise Rejected("expert-choice routing (each expert picks its top tokens; no per-token choice of experts) is "
@@ -210,6 +216,7 @@ def _analyze(block: nn.Module, cand: Candidate):
     acts = sorted(("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai"),
                   key=lambda a: (a.split("_")[0] not in seen and not (a == "swiglu_oai" and "clamp" in seen), a))
     alpha, limit = feat.oai_constants(cap)
+    dropped = any(c["capacity"] for c in caps)  # a token all of whose pairs are dropped may pass through: x
 
     def fit(lay, act, lb, rows):
         chosen, local = rec_ids[rows].unique(return_inverse=True)  # local: the ids as indices into `chosen`
@@ -217,8 +224,9 @@ def _analyze(block: nn.Module, cand: Candidate):
         Y = all_experts(xf[rows], w["w13"], w.get("b13"), w["w2"], w.get("b2"), act, lay.gated, alpha, limit,
                         lay.gate_up)  # [E', T', H]
         A = Y[local, torch.arange(len(xf[rows]), device=dev)[:, None]]  # [T', k, H]
-        sol = torch.linalg.lstsq(A.transpose(1, 2), R[rows].unsqueeze(-1)).solution  # [T', k, 1]
-        return rel_err((A.transpose(1, 2) @ sol).squeeze(-1), R[rows]), w, A
+        B = torch.cat([A, xf[rows, None].to(A.dtype)], 1) if dropped else A  # [T', k (+1), H]
+        sol = torch.linalg.lstsq(B.transpose(1, 2), R[rows].unsqueeze(-1)).solution  # [T', k (+1), 1]
+        return rel_err((B.transpose(1, 2) @ sol).squeeze(-1), R[rows]), w, A
 
     screened = [(lay, act, lb) for lay in layouts(work, cand) for lb in [layout_bindings(work, cand, lay)]
                 for act in acts if (act != "swiglu_oai" or lay.gated) and fit(lay, act, lb, slice(0, 1))[0] < FIT_TOL]
@@ -261,13 +269,6 @@ def _analyze(block: nn.Module, cand: Candidate):
 def _pick_ids(sel):
     """The node of a selection's expert indices: argmax itself, or topk(...)[1] / max(...)[1]."""
     return sel if target_name(sel) == "argmax" else next(u for u in sel.users if u.args[1] == 1)
-
-
-def _dim(sel) -> int:
-    """The dim a selection op reduces over (topk, argmax, max: positional or keyword; topk's default -1)."""
-    name = target_name(sel)
-    pos = 2 if name == "topk" else 1
-    return sel.kwargs.get("dim", sel.args[pos] if len(sel.args) > pos else -1)
 
 
 def _check_reads(cap: Capture, choice: set) -> None:
@@ -349,6 +350,13 @@ def prove(block: nn.Module, cand: Candidate, spec: MoESpec, roles: dict[str, Bin
         check_expert_modules(spec, members(group), w)
     gm_work = gm if fp32 else build_graph(work, spec, roles)  # its shared modules are the fp32 copy's
     canonical.check(runner(gm_work, work), torch.float32, "the canonical form", 1e-4)
+    if not fp32:  # in the block's own dtype too: what its rounding decides (ties, ranks) picks among the forms
+        dtype = max((p for p in block.parameters() if p.is_floating_point()), key=torch.Tensor.numel).dtype
+        proof.check(runner(gm, block), dtype, f"the canonical form in {str(dtype).removeprefix('torch.')}")
+    canonical.add_other_rank(runner(gm_work, work))
+    proof.ranks = canonical.ranks
+    if proof is not canonical:
+        proof.probes = canonical.probes
     proof.reached = reached(spec, router, ps[-1].x)
     return proof
 
@@ -374,5 +382,6 @@ def detect_moe(gm) -> PassResult:
         out.meta["call"] = cand.call
         out.meta["canonical_bindings"] = dict(roles)  # the reference of later proofs (quantized: dequantized)
         out.meta["proof"] = proof
+        out.meta["ranks"] = proof.ranks
         return PassResult(out, True, {"detected": 1, "experts_reached": len(proof.reached)})
     raise failures[0]

@@ -13,7 +13,8 @@ and leaves
 
     logits, ids, w = moec.route(x, router_weight, router_bias?, select_bias?, <RouterSpec>)
 
-A moec.capacity between the chain and the experts op stays, reading the route's ids and w.
+moec.capacity_kept and moec.capacity between the chain and the experts op stay, reading the route's
+ids and w.
 Requires detect_moe. Invariant: every experts op, and the graph's outputs, read logits, ids and
 weights from one moec.route. Stats: fused.
 """
@@ -28,6 +29,7 @@ from moec.ops import route_args
 from moec.pass_manager import PassResult, register_pass
 
 EXPERT_OPS = (torch.ops.moec.experts_loop, torch.ops.moec.experts)
+CAPACITY_OPS = (torch.ops.moec.capacity, torch.ops.moec.capacity_kept)
 
 
 def _input(graph, role: str):
@@ -52,14 +54,15 @@ def fuse_gate(gm) -> PassResult:
         x = linear.args[0].args[0] if spec.router.upcast else linear.args[0]  # route_math casts up itself
         if ex.args[1].target == operator.getitem and getattr(ex.args[1].args[0], "target", None) is torch.ops.moec.route:
             continue  # already fused
-        cap = ex.args[2] if ex.args[2].target is torch.ops.moec.capacity else None  # reads the chain's ids, w
-        with g.inserting_before(cap or ex):  # after every input (get_attrs may follow the linear)
+        cap = ex.args[2] if ex.args[2].target is torch.ops.moec.capacity else None  # reads the chain's w
+        first = next(n for n in g.nodes if n.target in CAPACITY_OPS or n is ex)
+        with g.inserting_before(first):  # after every input (get_attrs may follow the linear)
             route = g.call_function(torch.ops.moec.route, (
                 x, weight, _input(g, "router_bias"), _input(g, "select_bias"), *route_args(spec.router)))
             logits, ids, w = (g.call_function(operator.getitem, (route, i)) for i in range(3))
-        out = g.output_node()
-        for old, new in ((ex.args[1], ids), (cap.args[1] if cap else ex.args[2], w), (linear, logits)):
-            for user in (ex, out, cap) if cap else (ex, out):  # rewire the consumers outside the chain; it dies
+        outside = {ex, g.output_node(), *(n for n in g.nodes if n.target in CAPACITY_OPS)}
+        for old, new in ((ex.args[1], ids), (cap.args[0] if cap else ex.args[2], w), (linear, logits)):
+            for user in [u for u in old.users if u in outside]:  # rewire the consumers outside the chain; it dies
                 user.replace_input_with(old, new)
         fused += 1
     g.eliminate_dead_code()

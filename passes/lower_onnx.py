@@ -3,7 +3,7 @@
 Matches, after batch_experts (and quantize_experts):
 
     logits, ids, w = moec.route(x[T,H], W[E,H], b?, select_bias?, <RouterSpec>)      # [T,E], [T,k], [T,k]
-    w = moec.capacity(ids, w, rows, c, E)                                             # only with capacity
+    w = moec.capacity(w, moec.capacity_kept(ids, w, rows, E, dtype))                  # only with capacity
     y = moec.experts(x, ids, w, W13[E,N1,H], b13?, W2[E,H,I], b2?, ...)              # or experts_int8/int4
 
 and leaves the routing as its plain torch math (route_math, capacity: ordinary ONNX ops) and the
@@ -30,7 +30,7 @@ import operator
 import torch
 
 from moec.backends.onnx_backend import ort_activation, ort_quantized, interleave
-from moec.backends.torch_backend import capacity, experts_dense, route_math
+from moec.backends.torch_backend import capacity, capacity_kept, experts_dense, route_math
 from moec.bindings import Const
 from moec.canonical import add_role, drop_unused_roles, role_value
 from moec.pass_manager import PassResult, register_pass
@@ -88,6 +88,8 @@ def lower_onnx(gm) -> PassResult:
             node.target, node.kwargs = route_math, {"num_experts": E}
         elif node.target is torch.ops.moec.capacity:
             node.target = capacity
+        elif node.target is torch.ops.moec.capacity_kept:
+            node.target = capacity_kept
     for node in [n for n in g.nodes if n.target in EXPERTS]:
         x, ids, w = node.args[:3]
         act = node.args[-6:]  # activation, gated, alpha, limit, weight_on_input, gate_up

@@ -334,11 +334,12 @@ def test_refused_with_the_true_reason(cls, reason):
 
 
 class TensorCapacityTop1(nn.Module):
-    """Top-1 with the capacity computed as a tensor, ceil(T / E * factor) with a minimum (DeepSpeed-style)."""
+    """Top-1 with the capacity computed as a tensor, ceil(T / E * factor) with a minimum (DeepSpeed-style);
+    dropped tokens output zero, or pass through (their input)."""
 
-    def __init__(self, H=32, E=8, I=40, factor=1.0, min_capacity=2):
+    def __init__(self, H=32, E=8, I=40, factor=1.0, min_capacity=2, passthrough=False):
         super().__init__()
-        self.E, self.factor, self.min_capacity = E, factor, min_capacity
+        self.E, self.factor, self.min_capacity, self.passthrough = E, factor, min_capacity, passthrough
         self.wg = nn.Linear(H, E, bias=False)
         nn.init.normal_(self.wg.weight, std=2 / H**0.5)
         self.experts = _Experts(E, H, I, stacked=True)
@@ -355,7 +356,7 @@ class TensorCapacityTop1(nn.Module):
         locations = torch.cumsum(mask, dim=0) - 1
         mask = mask * torch.lt(locations, capacity)
         g = (gates * mask).sum(1)
-        out = torch.zeros_like(x)
+        out = x.clone() if self.passthrough else torch.zeros_like(x)
         for e in range(self.E):
             t = torch.where(mask[:, e] > 0)[0]
             out[t] = self.experts.run(e, x[t]) * g[t, None]
@@ -363,9 +364,68 @@ class TensorCapacityTop1(nn.Module):
 
 
 @pytest.mark.parametrize("factor", [1.0, 1.25])
-def test_capacity_computed_as_a_tensor(factor):
-    b = _check(TensorCapacityTop1(factor=factor), [(1, 32), (9, 32), (40, 32), (300, 32)])
-    assert "capacity max(2" in b.router
+@pytest.mark.parametrize("passthrough", [False, True])
+def test_capacity_computed_as_a_tensor(factor, passthrough):
+    b = _check(TensorCapacityTop1(factor=factor, passthrough=passthrough), [(1, 32), (9, 32), (40, 32), (300, 32)])
+    assert "capacity max(2" in b.router and ("pass through" in b.router) == passthrough
+
+
+class PriorityCapacity(nn.Module):
+    """Top-k per token, then each expert keeps its top-C tokens by routing score (a top-k over the token axis,
+    batch-priority style), per batch row of [B, S, H] or over all tokens; weights renormalised before the drop,
+    after it, or not; a token that lost every expert outputs zero or passes through. Scores in the block's dtype,
+    or in fp32 (a bf16 block then ranks without bf16's ties)."""
+
+    def __init__(self, H=32, E=8, I=40, k=2, C=3, renorm="none", passthrough=False, rows=False, fp32_scores=False):
+        super().__init__()
+        self.E, self.k, self.C, self.renorm, self.passthrough, self.rows = E, k, C, renorm, passthrough, rows
+        self.fp32_scores = fp32_scores
+        self.wg = nn.Linear(H, E, bias=False)
+        nn.init.normal_(self.wg.weight, std=2 / H**0.5)
+        self.experts = _Experts(E, H, I, stacked=True)
+
+    def forward(self, x):  # [T, H], or [B, S, H] with rows
+        RUNS["count"] += 1
+        logits = self.wg(x)
+        p = (logits.float() if self.fp32_scores else logits).softmax(-1)  # [.., S, E]
+        w, ids = p.topk(self.k)
+        chosen = torch.zeros_like(p).scatter(-1, ids, 1.0)
+        C = min(self.C, x.shape[-2])
+        best = (p * chosen).topk(C, dim=-2).indices  # [.., C, E]: each expert's best tokens
+        kept = (torch.zeros_like(p).scatter(-2, best, 1.0) * chosen).gather(-1, ids)  # [.., S, k]
+        if self.renorm == "before":
+            w = w / w.sum(-1, keepdim=True)
+        w = w * kept
+        if self.renorm == "after":
+            w = w / w.sum(-1, keepdim=True).clamp(min=1e-9)
+        H = x.shape[-1]
+        out = _dispatch(self.experts.run, x.reshape(-1, H), ids.reshape(-1, self.k), w.reshape(-1, self.k).to(x.dtype),
+                        self.E)
+        if self.passthrough:
+            out = torch.where(kept.reshape(-1, self.k).sum(-1, keepdim=True) > 0, out, x.reshape(-1, H))
+        return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("k,C,E", [(1, 2, 8), (2, 3, 8), (2, 5, 16), (3, 2, 4)])
+@pytest.mark.parametrize("renorm", ["none", "before", "after"])
+@pytest.mark.parametrize("passthrough", [False, True])
+def test_capacity_by_score_over_the_tokens(k, C, E, renorm, passthrough):
+    """A top-k over the token axis is the capacity rule (each expert's best C tokens), not expert-choice routing."""
+    b = _check(PriorityCapacity(E=E, k=k, C=C, renorm=renorm, passthrough=passthrough), SEQ)
+    assert f"top-{k}" in b.router and f"capacity {C}" in b.router and "by score" in b.router
+    assert ("pass through" in b.router) == passthrough
+
+
+def test_capacity_by_score_per_batch_row():
+    b = _check(PriorityCapacity(rows=True, passthrough=True), [(1, 1, 32), (2, 9, 32), (3, 40, 32)])
+    assert "/row" in b.router
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_capacity_rules_in_half_precision(dtype):
+    for block in (PriorityCapacity(passthrough=True), PriorityCapacity(fp32_scores=True),
+                  TensorCapacityTop1(passthrough=True)):
+        _check(block.to(dtype), [(1, 32), (9, 32), (64, 32)], dtype)
 
 
 # ---------------------------------------------------------------- an experts module inside a block moec leaves alone
@@ -423,13 +483,40 @@ def test_an_experts_module_is_rewritten_when_its_block_cannot_be(stacked):
         assert rel_err(got[0], want[0]) < TOL[torch.float32] and torch.allclose(got[1], want[1])
 
 
+class LayerDispatching(LayerWithMoE):
+    """The layer routes and loops over a ModuleList of experts itself, after attention and a norm: no module of
+    its own computes the MoE part, so nothing can stand for it; refused with that reason, left as it was."""
+
+    def __init__(self, H=32, E=8):
+        super().__init__(H, E)
+        self.experts = nn.ModuleList(_mlp(H, 40) for _ in range(E))
+
+    def forward(self, x):
+        h = x + self.attn(x, x, x, need_weights=False)[0]
+        r = self.norm(h).reshape(-1, h.shape[-1])
+        w, ids = self.router(r).softmax(-1).topk(2)
+        return h + _dispatch(lambda e, t: self.experts[e](t), r, ids, w, len(self.experts)).reshape(h.shape)
+
+
+def test_a_layer_that_routes_an_intermediate_value_is_refused_with_the_reason():
+    layer = LayerDispatching().eval()
+    ref = copy.deepcopy(layer)
+    with pytest.warns(UserWarning, match="no MoE block rewritten"):
+        moec.compile(layer)
+    reason = moec.inspect(layer).rejected[0].reason
+    assert "router reads a value the block computes (layer_norm in norm)" in reason, reason
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        assert torch.equal(layer(x), ref(x))
+
+
 # ---------------------------------------------------------------- random blocks of these patterns (hypothesis)
 
 
 @st.composite
 def _pattern_blocks(draw):
     E = draw(st.sampled_from([4, 8, 16]))
-    kind = draw(st.sampled_from(["gshard", "router_form", "tensor_capacity", "groups"]))
+    kind = draw(st.sampled_from(["gshard", "router_form", "tensor_capacity", "priority", "groups"]))
     if kind == "gshard":
         cap = draw(st.sampled_from([None, 2, 5]))
         return GShardTop2(E=E, normalize=draw(st.booleans()), mask=draw(st.sampled_from(["inf", "mul"])),
@@ -439,7 +526,11 @@ def _pattern_blocks(draw):
         return RouterForms(form, E=E, k=draw(st.integers(1, 3)), I=draw(st.sampled_from([13, 24, 40])))
     if kind == "tensor_capacity":
         return TensorCapacityTop1(E=E, factor=draw(st.sampled_from([0.5, 1.0, 1.25, 2.0])),
-                                  min_capacity=draw(st.integers(1, 4)))
+                                  min_capacity=draw(st.integers(1, 4)), passthrough=draw(st.booleans()))
+    if kind == "priority":
+        return PriorityCapacity(E=E, k=draw(st.integers(1, 3)), C=draw(st.integers(1, 6)),
+                                renorm=draw(st.sampled_from(["none", "before", "after"])),
+                                passthrough=draw(st.booleans()))
     G = draw(st.sampled_from([g for g in (2, 4) if E // g >= 2]))
     return GroupsWithBatchDims(E=E, G=G, topk_group=draw(st.integers(1, G)), k=2)
 

@@ -160,6 +160,11 @@ def test_fake_impls_trace_under_export():
     torch.testing.assert_close(ep.module()(torch.randn(3, 16)).shape, torch.Size([3, 16]))
 
 
+def _capacity(ids, w, rows, E, r: RouterSpec):
+    kept = torch.ops.moec.capacity_kept(ids, w, rows, E, torch.float32, r.to_json())
+    return torch.ops.moec.capacity(w, kept, r.to_json())
+
+
 def naive_capacity(ids, w, rows, capacity):
     """Token by token within each row: all first choices, then all second choices, ...; an
     expert's pairs past `capacity` get weight 0."""
@@ -182,7 +187,7 @@ def test_capacity(T, rows, k, capacity):
     E, H = 4, 16
     x, W = torch.randn(T, H), torch.randn(E, H)
     _, ids, w = torch.ops.moec.route(x, W, None, None, *route_args(RouterSpec(top_k=k)))
-    got = torch.ops.moec.capacity(ids, w, rows, E, RouterSpec(top_k=k, capacity=capacity).to_json())
+    got = _capacity(ids, w, rows, E, RouterSpec(top_k=k, capacity=capacity))
     ref = naive_capacity(ids, w, rows, capacity)
     torch.testing.assert_close(got, ref)
     assert (got == 0).any() or T // rows * k <= E * capacity  # a row with more pairs than E * capacity drops some
@@ -199,7 +204,7 @@ def test_capacity_traces_under_export():
     class M(torch.nn.Module):
         def forward(self, x):
             _, ids, w = torch.ops.moec.route(x.reshape(-1, 16), W, None, None, *route_args(RouterSpec(top_k=1)))
-            return torch.ops.moec.capacity(ids, w, x.shape[0], 8, RouterSpec(top_k=1, capacity=2).to_json())
+            return _capacity(ids, w, x.shape[0], 8, RouterSpec(top_k=1, capacity=2))
 
     dims = {0: torch.export.Dim("B", min=1), 1: torch.export.Dim("S", min=1)}
     ep = torch.export.export(M(), (torch.randn(2, 5, 16),), dynamic_shapes=(dims,))
@@ -225,7 +230,7 @@ def test_capacity_renormalises_after_the_drop():
     r = RouterSpec(top_k=2, capacity=2, capacity_renorm=True, renorm=1.0, renorm_floor=eps)
     _, ids, w = torch.ops.moec.route(x, W, None, None, *route_args(r))  # renormalised later
     assert not torch.allclose(w.sum(-1), torch.ones(T))
-    got = torch.ops.moec.capacity(ids, w, 1, E, r.to_json())
+    got = _capacity(ids, w, 1, E, r)
     kept = naive_capacity(ids, w, 1, 2)
     assert (kept == 0).all(-1).any() and ((kept == 0).sum(-1) == 1).any()  # tokens that lost both, and one pair
     torch.testing.assert_close(got, kept / kept.sum(-1, keepdim=True).clamp(min=eps))

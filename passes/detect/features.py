@@ -184,18 +184,25 @@ def fit_routers(base: RouterSpec, f: dict, rargs, A: torch.Tensor, rec_ids: torc
     decides). Outputs, not the least-squares weights themselves: a token whose chosen experts' outputs are
     (nearly) collinear, e.g. dead ReLUs, leaves its weights undetermined."""
     for r in router_grid(base, f):
+        x, _, _, _, router = rargs(r)
         _, ids, w = route_math(*rargs(r), num_experts=E)
         if r.capacity:
-            w = torch.ops.moec.capacity(ids, w, rows, E, r.to_json())
+            kept = torch.ops.moec.capacity_kept(ids, w, rows, E, x.dtype, router)
+            w = torch.ops.moec.capacity(w, kept, router)
         dense = torch.zeros(w.shape[0], E, dtype=A.dtype, device=A.device).scatter(1, ids, w.to(A.dtype))
-        if rel_err((A * dense.gather(1, rec_ids)[..., None]).sum(1), R) < FIT_TOL:
+        y = (A * dense.gather(1, rec_ids)[..., None]).sum(1)
+        if r.dropped == "input":
+            y = torch.where(kept.any(-1, keepdim=True), y, x.to(y.dtype))
+        if rel_err(y, R) < FIT_TOL:
             yield r
 
 
-def capacity_constants(cap: Capture, logits_node) -> list[tuple[int, bool]]:
-    """(c, per_row) of each expert-capacity comparison in the run. Expert capacity shows in the graph as a
-    cumsum after the router (each pair's place in its expert's queue) compared with an int c; the count is
-    per batch row when the cumsum runs over the sequence dim of a [B, S, E] tensor."""
+def capacity_constants(cap: Capture, logits_node) -> list[tuple[int, bool, str]]:
+    """(c, per_row, priority) of each expert-capacity rule in the run, the count per batch row when it runs
+    over the sequence dim of a [B, S, E] tensor. Capacity shows in the graph as
+      "order": a cumsum after the router (each pair's place in its expert's queue) compared with an int c;
+      "score": a top-c over the token dim of [.., S, E] scores (each expert keeps its best c tokens); a c
+               as large as the tokens keeps them all and says nothing about c."""
     df = cap.dataflow()
     after = nx.descendants(df, logits_node)
     found = []
@@ -203,9 +210,20 @@ def capacity_constants(cap: Capture, logits_node) -> list[tuple[int, bool]]:
         dim = cs.kwargs.get("dim", cs.args[1] if len(cs.args) > 1 else None)
         per_row = cs.meta["val"].dim() == 3 and dim in (1, -2)
         below = nx.descendants(df, cs)
-        found += [(c, per_row) for n in cap.graph.nodes if n in below and target_name(n) in COMPARISONS
+        found += [(c, per_row, "order") for n in cap.graph.nodes if n in below and target_name(n) in COMPARISONS
                   and len(n.args) == 2 and (c := _int_constant(n.args[1])) is not None]
+    for tk in (n for n in cap.graph.nodes if n in after and target_name(n) == "topk"):
+        v, dim = tk.args[0].meta["val"], sel_dim(tk) % tk.args[0].meta["val"].dim()
+        c = _int_constant(tk.args[1] if len(tk.args) > 1 else tk.kwargs.get("k"))
+        if dim != v.dim() - 1 and c is not None and c < v.shape[dim]:
+            found.append((c, v.dim() == 3 and dim == 1, "score"))
     return list(dict.fromkeys(found))
+
+
+def sel_dim(sel) -> int:
+    """The dim a selection op reduces over (topk, argmax, max: positional or keyword; topk's default -1)."""
+    pos = 2 if target_name(sel) == "topk" else 1
+    return sel.kwargs.get("dim", sel.args[pos] if len(sel.args) > pos else -1)
 
 
 def _int_constant(a) -> int | None:
@@ -223,18 +241,20 @@ FACTORS = sorted({round(i * s, 2) for s, n in ((0.25, 64), (0.05, 320)) for i in
                  key=lambda f: (f % 0.25 > 1e-9, f % 0.05 > 1e-9, f))
 
 
-def capacity_candidates(samples: dict[int, list[tuple[int, bool]]], num_experts: int) -> list[dict]:
+def capacity_candidates(samples: dict[int, list[tuple[int, bool, str]]], num_experts: int) -> list[dict]:
     """RouterSpec capacity fields that reproduce the capacity constants seen at each token count, then none.
-    samples: tokens counted (per row or in all) -> the run's (c, per_row). A constant c gives c and c -+ 1
-    (places 0- or 1-based, compared with < or <=); constants that change with the tokens give the first
-    factor of each form (RouterSpec.capacity_for) that fits them all, with those offsets."""
+    samples: tokens counted (per row or in all) -> the run's (c, per_row, priority). A constant c gives c
+    and c -+ 1 (places 0- or 1-based, compared with < or <=); constants that change with the tokens give
+    the first factor of each form (RouterSpec.capacity_for) that fits them all, with those offsets. Each
+    with dropped tokens zeroed, then passed through."""
     out = []
     seen = {c for cs in samples.values() for c in cs}
     if len(seen) == 1:
-        (c, per_row), = seen
-        out = [dict(capacity=c + d, capacity_per_row=per_row) for d in (0, -1, 1) if c + d > 0]
-    elif all(len(cs) == 1 for cs in samples.values()) and len({cs[0][1] for cs in samples.values()}) == 1:
-        per_row = next(iter(samples.values()))[0][1]
+        (c, per_row, priority), = seen
+        out = [dict(capacity=c + d, capacity_per_row=per_row, capacity_priority=priority)
+               for d in ((0,) if priority == "score" else (0, -1, 1)) if c + d > 0]
+    elif all(len(cs) == 1 for cs in samples.values()) and len({cs[0][1:] for cs in samples.values()}) == 1:
+        _, per_row, priority = next(iter(samples.values()))[0]
         pts = [(n, cs[0][0]) for n, cs in samples.items()]
         for form in ("ceil", "ceil_per_expert", "floor"):
             for f in FACTORS:
@@ -246,9 +266,11 @@ def capacity_candidates(samples: dict[int, list[tuple[int, bool]]], num_experts:
                 m = floors.pop() if floors else 1
                 if all(max(m, g) == c for (n, c), g in zip(pts, grown)):
                     out += [dict(capacity=m, capacity_factor=f, capacity_form=form, capacity_offset=d,
-                                 capacity_per_row=per_row) for d in (0, -1, 1)]
+                                 capacity_per_row=per_row, capacity_priority=priority) for d in (0, -1, 1)]
                     break
-    return out + [dict(capacity=0)]
+    ranks = lambda c: ("block", "fp32") if c["capacity_priority"] == "score" else ("block",)  # noqa: E731
+    return [{**c, "dropped": d, "capacity_rank": rank} for d in ("zero", "input") for c in out for rank in ranks(c)] \
+        + [dict(capacity=0)]
 
 
 def shared_experts(cap: Capture, cand: Candidate, xf: torch.Tensor) -> SharedSpec | None:

@@ -49,6 +49,7 @@ class Proof:
     forward: object  # the block's original forward (callable)
     probes: list[Probe]
     reached: set = field(default_factory=set)  # the experts the probes route to
+    ranks: tuple = ()  # the input ranks proved ([T, H]: 2, [B, S, H]: 3); a call with another runs the original
     _refs: dict = field(default_factory=dict)
 
     def describe(self) -> str:
@@ -69,6 +70,25 @@ class Proof:
         for T in sorted(t for t in set(thresholds) if not (any(h < t for h in have) and any(h >= t for h in have))):
             x = torch.randn((1, T, H) if in_dim == 3 else (T, H), generator=gen, device="cpu").to(dev)
             self.probes.append(Probe(f"{T} token(s)", x))
+
+    def add_other_rank(self, run) -> None:
+        """Prove the other input layout too where the block takes it: the 300-token and the 2-row probes as
+        [T, H] for a block analysed on [B, S, H] inputs (rows merged into one sequence), or as [1, T, H] the
+        other way round. A block that raises on it, or computes something else there (a rule per row on
+        [B, S, H] but another on [T, H]), is proved for its own rank only."""
+        in_dim = self.probes[0].x.dim()
+        other = [Probe(f"{p.name} as {'[T, H]' if in_dim == 3 else '[1, T, H]'}",
+                       p.x.reshape(-1, p.x.shape[-1]) if in_dim == 3 else p.x.unsqueeze(0))
+                 for p in self.probes if p.name in ("300 token(s)", ) or " rows of " in p.name]
+        alt = Proof(self.block, self.forward, other)
+        try:
+            alt.check(run, torch.float32, "the canonical form", 1e-4)
+        except Exception:  # noqa: BLE001  the block raises on that layout, or differs there
+            self.ranks = (in_dim,)
+            return
+        self.probes += other
+        self._refs.update({(len(self.probes) - len(other) + i, d): v for (i, d), v in alt._refs.items()})
+        self.ranks = (2, 3)
 
     def reference(self, i: int, dtype: torch.dtype):
         key = (i, dtype)
