@@ -1,10 +1,12 @@
-"""Train moec's small byte-level MoE language model (`moec.examples.tiny_moe_lm`) on CPU.
+"""Train moec's small byte-level MoE language models (`moec.examples.tiny_moe_lm`, `--model fine`:
+`moec.examples.fine_moe_lm`) on CPU.
 
 Corpus: the Python stdlib's `*.py` sources as raw bytes (split and model: `moec/examples.py`).
 Writes `<out>/model.safetensors`, `config.json` and `train_log.json`.
 
     HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python examples/train_tiny_moe.py            # ~6 min budget
     HF_HUB_OFFLINE=1 .venv/bin/python examples/train_tiny_moe.py --steps 561    # re-run the shipped weights
+    HF_HUB_OFFLINE=1 .venv/bin/python examples/train_tiny_moe.py --model fine --steps N   # fine_moe_lm (its log)
 
 With `--steps` unset the step count is fitted to `--minutes` from the speed of the first
 steps (the log records it); pass it back as `--steps` to reproduce a run exactly.
@@ -43,7 +45,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=6.0, help="wall-clock budget for training (default 6)")
     ap.add_argument("--steps", type=int, default=None, help="exact step count (overrides --minutes)")
-    ap.add_argument("--out", type=Path, default=ex.DATA_DIR, help="output directory")
+    ap.add_argument("--model", choices=("tiny", "fine"), default="tiny",
+                    help="tiny: Mixtral-style 8 experts (fp32 on disk); fine: Qwen2-MoE-style 64 experts (bf16)")
+    ap.add_argument("--out", type=Path, default=None, help="output directory (default: the model's in moec/data)")
     ap.add_argument("--seed", type=int, default=ex.SEED)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
@@ -56,9 +60,12 @@ def main() -> None:
     train, heldout = ex.corpus("train"), ex.corpus("heldout")
     print(f"corpus: {len(train):,} train bytes, {len(heldout):,} held-out bytes")
 
-    config = ex.tiny_moe_config()
+    fine = args.model == "fine"
+    out_dir = args.out or (ex.FINE_DATA_DIR if fine else ex.DATA_DIR)
+    config = ex.fine_moe_config() if fine else ex.tiny_moe_config()
     config._experts_implementation = "eager"  # fastest for training on CPU
-    model = transformers.MixtralForCausalLM(config).train()
+    num_experts = config.num_experts if fine else config.num_local_experts
+    model = (transformers.Qwen2MoeForCausalLM if fine else transformers.MixtralForCausalLM)(config).train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} params")
 
@@ -85,7 +92,7 @@ def main() -> None:
             lm_loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, config.vocab_size), ids[:, 1:].reshape(-1))
             # HF's aux loss pools all layers' router logits (balances experts summed over layers only);
             # average the load-balancing loss of each layer instead so every layer uses all its experts.
-            aux = torch.stack([load_balancing_loss_func((logits,), config.num_local_experts, config.num_experts_per_tok)
+            aux = torch.stack([load_balancing_loss_func((logits,), num_experts, config.num_experts_per_tok)
                                for logits in out.router_logits]).mean()
             (lm_loss + config.router_aux_loss_coef * aux).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -101,6 +108,8 @@ def main() -> None:
     train_time = time.time() - start
 
     model.eval()
+    if fine:  # evaluate the weights as shipped (bf16)
+        model = model.to(torch.bfloat16).float()
     eval_batches = dict(seq_len=args.seq_len, n_batches=16, batch_size=16)
     heldout_b = ex.evenly_spaced_batches(heldout, **eval_batches)
     train_b = ex.evenly_spaced_batches(train, **eval_batches)
@@ -111,9 +120,9 @@ def main() -> None:
     unigram_loss = -(freq / freq.sum()).log()[targets].mean().item()
     load = ex.expert_load(model, heldout_b)
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     config._experts_implementation = None  # load with transformers' default
-    model.save_pretrained(args.out, safe_serialization=True)
+    (model.to(torch.bfloat16) if fine else model).save_pretrained(out_dir, safe_serialization=True)
     log = dict(
         steps=total, seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
         threads=args.threads, params=n_params, train_seconds=round(train_time, 1),
@@ -125,9 +134,9 @@ def main() -> None:
         train_bytes=len(train), heldout_bytes=len(heldout), python=platform.python_version(),
         torch=torch.__version__, transformers=transformers.__version__,
     )
-    (args.out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    (out_dir / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
     print(json.dumps(log, indent=1))
-    print(f"reproduce: examples/train_tiny_moe.py --steps {total} --seed {args.seed}")
+    print(f"reproduce: examples/train_tiny_moe.py --model {args.model} --steps {total} --seed {args.seed}")
 
 
 if __name__ == "__main__":

@@ -13,22 +13,28 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from torch import nn
+from torch import fx, nn
 
 import moec.passes  # noqa: F401  (registers the passes)
 from moec.backends import pipeline_for, resolve_backend
 from moec.bindings import Const, Derived
-from moec.canonical import build_graph, compiled_graph, install, resolve, runner, uninstall
+from moec.canonical import (
+    build_graph,
+    compiled_graph,
+    install,
+    resolve,
+    runner,
+    uninstall,
+)
 from moec.log import _status, status
+from moec.offload import Offload, Pool
 from moec.pass_manager import PASSES, Instruments, PassManager, PassRecord, Rejected
 from moec.passes.detect import experts_only
 from moec.passes.detect_moe import Candidate, analyze, find_candidates
 from moec.passes.quantize_experts import quantized_tensors, release_originals
-from moec.offload import Offload, Pool
 from moec.quant import Int4Experts, Int8Experts, QuantConfig, dequantize
 
 
@@ -154,7 +160,7 @@ def _compile_block(pm: PassManager, block: nn.Module, cand: Candidate, options: 
     except Rejected as e:
         _undo(start.meta)
         return Rejection(cand.path, str(e))
-    except Exception as e:  # noqa: BLE001  a pass that fails on one block leaves that block alone
+    except Exception as e:
         _undo(start.meta)
         first = (str(e).strip().splitlines() or [""])[0]  # an fx error prints the whole graph after its first line
         raise _FinalProofFailed(f"moec failed on it: {type(e).__name__}: {first} ({' '.join(getattr(e, '__notes__', []))};"
@@ -172,10 +178,11 @@ def _progress(n: int):
 
 
 def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: bool, backend: str,
-         options: dict | None = None, strict: bool = False) -> Report:
+         options: dict | None = None, strict: bool = False, only: str | None = None) -> Report:
+    """Compile every candidate block of `model` (or the one at path `only`)."""
     pm = PassManager(passes, instruments)
     report = Report(pipeline=pm.pipeline, backend=backend)
-    cands = find_candidates(model)
+    cands = [c for c in find_candidates(model) if only is None or c.path == only]
     done: list[_Done] = []
     kept = model.__dict__.get("_moec_report")
     try:
@@ -365,7 +372,7 @@ def _start_offload(model: nn.Module, report: Report, pool: Pool) -> None:
             continue
 
         def router(x, block=block, spec=spec, roles=roles):
-            p = lambda role: roles[role].get(block) if role in roles else None  # noqa: E731
+            p = lambda role: roles[role].get(block) if role in roles else None
             w = p("router_weight")
             return route_math(x.reshape(-1, spec.experts.hidden).to(w.dtype), w, p("router_bias"), p("select_bias"),
                               *route_args(spec.router), num_experts=spec.experts.num_experts)[1]
@@ -430,7 +437,7 @@ def _expert_load(model: nn.Module, report: Report, args, kwargs) -> None:
     def hook(path):
         def fn(mod, a):
             (spec, roles), x = specs[path], a[0]
-            p = lambda role: roles[role].get(mod) if role in roles else None  # noqa: E731
+            p = lambda role: roles[role].get(mod) if role in roles else None
             _, ids, _ = route_math(x.reshape(-1, spec.experts.hidden), p("router_weight"), p("router_bias"),
                                    p("select_bias"), *route_args(spec.router), num_experts=spec.experts.num_experts)
             counts = torch.bincount(ids.reshape(-1).cpu(), minlength=spec.experts.num_experts)

@@ -5,6 +5,8 @@ Unlike the random-weight models of `moec.models`, `tiny_moe_lm()` was trained (b
 its experts and routers are worth measuring: e.g. the perplexity lost by quantizing experts.
 
     tiny_moe_lm()                  -> MixtralForCausalLM (3 layers, hidden 128, 8 experts of 256, top-2), eval mode
+    fine_moe_lm()                  -> Qwen2MoeForCausalLM (4 layers, hidden 128, 64 experts of 80, top-6, a shared
+                                      expert): fine-grained experts, for offloading and model-level passes
     heldout_batches(seq_len=128)   -> deterministic [batch, seq_len] byte-token batches from held-out files
     perplexity(model, batches)     -> exp(mean next-byte NLL)
     expert_load(model, batches)    -> [layers, experts] fraction of routed (token, slot) pairs per expert
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 
 DATA_DIR = Path(__file__).parent / "data" / "tiny_moe_lm"
+FINE_DATA_DIR = Path(__file__).parent / "data" / "fine_moe_lm"
 SEED = 0
 HELDOUT_EVERY = 20  # 1 file in 20 held out
 _SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -91,6 +94,28 @@ def tiny_moe_lm():
                                                            dtype=torch.float32).eval()
 
 
+def fine_moe_config():
+    """The architecture of `fine_moe_lm`: fine-grained experts like DeepSeek/Qwen MoE (64 experts of 80, top-6,
+    one sigmoid-gated shared expert; ~10M params, bf16 on disk)."""
+    import transformers
+
+    return transformers.Qwen2MoeConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=64, num_experts_per_tok=6, moe_intermediate_size=80,
+        shared_expert_intermediate_size=256, norm_topk_prob=False, max_position_embeddings=256,
+        tie_word_embeddings=True, router_aux_loss_coef=0.01, bos_token_id=None, eos_token_id=None,
+        pad_token_id=None, decoder_sparse_step=1, mlp_only_layers=[],
+    )
+
+
+def fine_moe_lm(dtype: torch.dtype = torch.float32):
+    """The shipped fine-grained trained model (Qwen2MoeForCausalLM, eval mode; stored in bf16, returned in
+    `dtype`); reads local files only. Trained like tiny_moe_lm (`examples/train_tiny_moe.py --model fine`)."""
+    import transformers
+
+    return transformers.Qwen2MoeForCausalLM.from_pretrained(FINE_DATA_DIR, local_files_only=True, dtype=dtype).eval()
+
+
 @torch.no_grad()
 def mean_nll(model, batches: list[torch.Tensor]) -> float:
     """Mean next-token negative log-likelihood (nats) over all predicted positions of `batches`."""
@@ -111,7 +136,8 @@ def perplexity(model, batches: list[torch.Tensor]) -> float:
 @torch.no_grad()
 def expert_load(model, batches: list[torch.Tensor]) -> torch.Tensor:
     """[layers, experts]: fraction of each layer's top-k (token, slot) assignments going to each expert."""
-    k, num_experts = model.config.num_experts_per_tok, model.config.num_local_experts
+    k = model.config.num_experts_per_tok
+    num_experts = getattr(model.config, "num_local_experts", None) or model.config.num_experts
     counts = 0
     for ids in batches:
         router_logits = model(input_ids=ids, output_router_logits=True).router_logits  # per layer: [tokens, E]

@@ -40,7 +40,10 @@ def offload_experts(gm) -> PassResult:
     for node in [n for n in gm.graph.nodes if n.target is torch.ops.moec.experts]:
         x, ids, w, w13, b13, w2, b2, *act = node.args
         tensors = {"w13": role_value(gm, w13), "w2": role_value(gm, w2)}
-        pool.register(path, tensors)
+        try:
+            pool.register(path, tensors)
+        except ValueError as e:
+            raise Rejected(str(e)) from None
         gm.meta.setdefault("undo", []).append(lambda: pool.unregister(path))
         gm.add_submodule("offloaded", OffloadedExperts(pool, path, tuple(act)))
         with gm.graph.inserting_before(node):

@@ -1,0 +1,71 @@
+"""moec.Offload: what to offload and how (budget, store, policy, prefetch); the budget in slots."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+POLICIES = ("lru", "lfu", "routing", "auto")
+
+
+@dataclass(frozen=True)
+class Offload:
+    """How to offload the routed experts (see the module docstring).
+
+    budget: "25%" / 0.25 (fraction of the experts), 12 (experts), "1.5GB" / "800MB" (bytes of expert weights).
+    store: "disk" (a safetensors file per block under `path`; CPU models) or "host" (host memory: pinned
+        when the model is on a GPU).
+    path: the disk store's folder (default: a temporary folder, removed with the model).
+    policy: "lru", "lfu", "routing" (see `victim`) or "auto" (the best of them on the first calls' routing, replayed).
+    prefetch: "router" (next block's router on this block's input, loaded by a worker thread), None, or "auto":
+        router on a GPU (the copies run on a side stream beside the compute), None on a CPU (there the worker
+        competes with the compute for the cores: measured slower, docs/offload.md).
+    """
+
+    budget: str | float | int = "25%"
+    store: str = "disk"
+    path: str | None = None
+    policy: str = "auto"
+    prefetch: str | None = "auto"
+
+    def __post_init__(self):
+        if self.store not in ("disk", "host"):
+            raise ValueError(f"moec.Offload: store must be 'disk' or 'host', not {self.store!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"moec.Offload: policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
+        if self.prefetch not in ("router", "auto", None):
+            raise ValueError(f"moec.Offload: prefetch must be 'router', 'auto' or None, not {self.prefetch!r}")
+        _parse_budget(self.budget)  # a budget that does not parse fails here, with what to write
+
+    def describe(self) -> str:
+        return f"offload {self.budget} ({self.store}, {self.policy}, prefetch {self.prefetch})"
+
+
+def _parse_budget(budget) -> tuple[str, float]:
+    """("fraction", f) / ("experts", n) / ("bytes", b), or a ValueError that says what to write."""
+    hint = f"moec.Offload: budget {budget!r}: write '25%', 0.25, 12 (experts) or '1.5GB'"
+    if isinstance(budget, bool) or not isinstance(budget, (str, int, float)):
+        raise TypeError(hint)
+    if isinstance(budget, int):
+        return "experts", budget
+    if isinstance(budget, float):
+        if not 0 < budget <= 1:
+            raise ValueError(hint + " (a fraction is in (0, 1])")
+        return "fraction", budget
+    if m := re.fullmatch(r"\s*([\d.]+)\s*%\s*", budget):
+        return "fraction", float(m[1]) / 100
+    if m := re.fullmatch(r"\s*([\d.]+)\s*([kKmMgG]?)i?[bB]\s*", budget):
+        return "bytes", float(m[1]) * 1024 ** " kmg".index(m[2].lower() or " ")
+    raise ValueError(hint)
+
+
+def slots_for(budget, n_experts: int, expert_bytes: int) -> int:
+    """The pool's slots for `budget` over n experts of expert_bytes each: at most n, and at least one (a budget
+    in bytes smaller than one expert is refused: the cache never holds more than its budget)."""
+    kind, v = _parse_budget(budget)
+    if kind == "bytes" and v < expert_bytes:
+        raise ValueError(f"moec.Offload: budget {budget!r} is smaller than one expert ({expert_bytes} bytes)")
+    n = {"experts": lambda: int(v), "fraction": lambda: math.floor(v * n_experts + 1e-9),
+         "bytes": lambda: int(v) // expert_bytes}[kind]()
+    return min(max(n, 1), n_experts)

@@ -1,0 +1,59 @@
+"""Which expert leaves the pool (lru, lfu, routing) and a replay of a routing trace (`simulate`)."""
+
+from __future__ import annotations
+
+import collections
+
+
+class History:
+    """What the policies read: each (block, expert)'s last use (a clock) and use count, calls per block, the
+    order the blocks run in and the block running now."""
+
+    def __init__(self, order: list[str]):
+        self.order, self.now = order, None
+        self.clock, self.last_use, self.uses, self.calls = 0, {}, collections.Counter(), collections.Counter()
+
+    def use(self, block: str, e: int) -> None:
+        self.clock += 1
+        self.last_use[block, e], self.uses[block, e] = self.clock, self.uses[block, e] + 1
+
+    def distance(self, block: str) -> int:
+        """Blocks until `block` runs again (1: next; len(order): the one running now)."""
+        if self.now is None or block not in self.order or self.now not in self.order:
+            return 1
+        return (self.order.index(block) - self.order.index(self.now) - 1) % len(self.order) + 1
+
+
+def victim(policy: str, candidates: list, h: History):
+    """The (block, expert) to evict among `candidates`:
+    lru      least recently used;
+    lfu      least used (then least recently);
+    routing  least value per slot held: the chance the expert is used when its block next runs (its share
+             of that block's calls) over the blocks until then (decode visits the blocks in turn, so an
+             expert of the block that just ran is needed last)."""
+    if policy == "lfu":
+        return min(candidates, key=lambda k: (h.uses.get(k, 0), h.last_use.get(k, -1)))
+    if policy == "routing":
+        return min(candidates, key=lambda k: ((h.uses.get(k, 0) + 1) / (h.calls.get(k[0], 0) + 2) / h.distance(k[0]),
+                                              h.last_use.get(k, -1)))
+    return min(candidates, key=lambda k: h.last_use.get(k, -1))
+
+
+def simulate(trace: list[tuple[str, frozenset]], slots: int, policy: str) -> float:
+    """Hit rate of `policy` with `slots` slots on a routing trace [(block, experts needed)], no prefetch."""
+    h = History(list(dict.fromkeys(b for b, _ in trace)))
+    resident, hits, total = set(), 0, 0
+    for block, need in trace:
+        h.now = block
+        h.calls[block] += 1
+        for e in sorted(need):
+            total += 1
+            if (block, e) in resident:
+                hits += 1
+            else:
+                if len(resident) >= slots:
+                    resident.discard(victim(policy, [k for k in resident if k[0] != block or k[1] not in need] or
+                                            list(resident), h))
+                resident.add((block, e))
+            h.use(block, e)
+    return hits / max(total, 1)

@@ -1,0 +1,381 @@
+"""The pool of expert slots shared by a model's offloaded blocks, its statistics, and the module each block's
+graph calls in place of its experts op (see moec.offload)."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from moec.offload.config import Offload, slots_for
+from moec.offload.policy import History, simulate, victim
+from moec.offload.store import DiskStore, HostStore
+
+NO_COPY = ("moec: a model with offloaded experts cannot be copied or pickled (its experts live in the offload store): "
+           "compile a fresh copy of the original model instead")
+
+@dataclass
+class BlockStats:
+    calls: int = 0
+    hits: int = 0
+    misses: int = 0
+    predicted: int = 0  # experts the prefetch named for this block's calls
+    predicted_used: int = 0  # of those, needed by the call
+    needed_after_prediction: int = 0  # experts needed by calls that had a prediction
+    bytes_read: int = 0
+    stall_s: float = 0.0
+
+
+@dataclass
+class OffloadStats:
+    """What the cache did (`moec.inspect(model).offload`): per block and in total."""
+
+    policy: str
+    slots: dict[str, int]  # pool (expert shape) -> slots
+    blocks: dict[str, BlockStats] = field(default_factory=dict)
+    # the routing seen, [(block, experts needed)] per call (the last 100k calls): what `simulate` replays
+    trace: collections.deque = field(default_factory=lambda: collections.deque(maxlen=100_000))
+
+    def total(self) -> BlockStats:
+        t = BlockStats()
+        for s in self.blocks.values():
+            for f in t.__dataclass_fields__:
+                setattr(t, f, getattr(t, f) + getattr(s, f))
+        return t
+
+    @staticmethod
+    def rates(s: BlockStats) -> dict[str, float]:
+        return {"hit_rate": s.hits / max(s.hits + s.misses, 1),
+                "prefetch_precision": s.predicted_used / max(s.predicted, 1),
+                "prefetch_recall": s.predicted_used / max(s.needed_after_prediction, 1)}
+
+    def __rich__(self) -> Table:
+        t = Table(title=f"moec offload: policy {self.policy}, slots {self.slots}", title_justify="left")
+        for col in ("block", "calls", "hits", "misses", "hit rate", "prefetch precision", "prefetch recall",
+                    "MB read", "stall s"):
+            t.add_column(col)
+        for name, s in [*self.blocks.items(), ("total", self.total())]:
+            r = self.rates(s)
+            t.add_row(name, str(s.calls), str(s.hits), str(s.misses), f"{r['hit_rate']:.1%}",
+                      f"{r['prefetch_precision']:.1%}", f"{r['prefetch_recall']:.1%}", f"{s.bytes_read / 2**20:.1f}",
+                      f"{s.stall_s:.3f}")
+        return t
+
+    def __str__(self) -> str:
+        console = Console(width=160, file=io.StringIO())
+        console.print(self)
+        return console.file.getvalue()
+
+
+class _Slots:
+    """C slots of one expert shape: a tensor [C, ...] per role, and which (block, expert) each holds."""
+
+    def __init__(self, shapes: dict[str, tuple[torch.Size, torch.dtype]], n: int, device):
+        self.t = {r: torch.empty((n, *s), dtype=d, device=device) for r, (s, d) in shapes.items()}
+        self.n = n
+        self.where: dict[tuple[str, int], int] = {}  # (block, expert) -> slot
+        self.owner: list[tuple[str, int] | None] = [None] * n
+        self.loading: dict[int, Future] = {}  # slot -> the prefetch writing it
+        self.pins: collections.Counter = collections.Counter()  # slot -> calls holding it (not evicted meanwhile)
+
+
+class Pool:
+    """The cache of one compiled model: a _Slots per expert shape, the store, the policy, the statistics."""
+
+    AUTO_AFTER = 64  # calls recorded before "auto" replays them to choose a policy
+
+    def __init__(self, cfg: Offload, device: torch.device):
+        self.cfg, self.device = cfg, torch.device(device)
+        self.dtype = None  # the slots' dtype when the model's differs from the stored experts' (model.half())
+        folder = cfg.path or tempfile.mkdtemp(prefix="moec-offload-")
+        if cfg.store == "disk":
+            self.store = DiskStore(folder)
+            if cfg.path is None:
+                weakref.finalize(self, shutil.rmtree, folder, True)
+        else:
+            self.store = HostStore(pin=self.device.type == "cuda")
+        self.blocks: dict[str, dict] = {}  # block -> {"shapes", "E", "order", "router": callable or None}
+        self.policy = "routing" if cfg.policy == "auto" else cfg.policy
+        self.stats = OffloadStats(cfg.policy, {})
+        self._slots: dict[tuple, _Slots] = {}
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        prefetch = cfg.prefetch if cfg.prefetch != "auto" else "router" if self.device.type == "cuda" else None
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="moec-prefetch") if prefetch else None
+        self._h = History([])
+        self._predicted: dict[str, frozenset] = {}
+
+    # -- registration (compile time)
+    def register(self, block: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Write a block's experts (role -> [E, ...]) to the store; the pool is sized anew at the next call."""
+        shapes = {r: (t.shape[1:], t.dtype) for r, t in tensors.items()}
+        E = len(next(iter(tensors.values())))
+        nbytes = sum(t[0].numel() * t.element_size() for t in tensors.values())
+        slots_for(self.cfg.budget, E, nbytes)  # a budget smaller than one expert fails before anything is written
+        self.store.write(block, tensors)
+        self.blocks[block] = {"shapes": shapes, "E": E, "bytes": nbytes, "router": None}
+        self.stats.blocks[block] = BlockStats()
+        self.reset()
+
+    def unregister(self, block: str) -> None:
+        self.blocks.pop(block, None)
+        self.stats.blocks.pop(block, None)
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty the cache (sized again at the next call) and the statistics."""
+        self._drain()
+        with self._lock:
+            self._slots.clear()
+            self._h = History(list(self.blocks))
+            self._predicted.clear()
+            self.stats.trace.clear()
+            self.policy = "routing" if self.cfg.policy == "auto" else self.cfg.policy
+            self.stats.blocks = {b: BlockStats() for b in self.blocks}
+            self.stats.policy = self.cfg.policy
+
+    def follow(self, x: torch.Tensor) -> None:
+        """The model moved or changed dtype since compile: the slots follow its activations (emptied; loads
+        cast the stored experts as .to() would have)."""
+        if x.device != self.device or (x.is_floating_point() and x.dtype != (self.dtype or self._stored_dtype())):
+            self._drain()
+            with self._lock:
+                self.device, self.dtype = x.device, x.dtype
+                self._slots.clear()
+
+    def _stored_dtype(self):
+        return next(d for i in self.blocks.values() for _, d in i["shapes"].values())
+
+    def __deepcopy__(self, memo):
+        raise TypeError(NO_COPY)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(NO_COPY)
+
+    def _drain(self) -> None:
+        for s in list(self._slots.values()):
+            for f in list(s.loading.values()):
+                f.result()
+
+    @staticmethod
+    def _key(shapes) -> tuple:
+        return tuple(sorted((r, tuple(s), str(d)) for r, (s, d) in shapes.items()))
+
+    def _pool(self, block: str) -> _Slots:
+        info = self.blocks[block]
+        key = self._key(info["shapes"])
+        if key not in self._slots:
+            same = [b for b, i in self.blocks.items() if self._key(i["shapes"]) == key]
+            n = slots_for(self.cfg.budget, sum(self.blocks[b]["E"] for b in same), info["bytes"])
+            shapes = {r: (shape, self.dtype or d) for r, (shape, d) in info["shapes"].items()}
+            self._slots[key] = _Slots(shapes, n, self.device)
+            self.stats.slots = {" ".join(f"{r}{list(s)}" for r, s, _ in k): v.n for k, v in self._slots.items()}
+        return self._slots[key]
+
+    def next_block(self, block: str) -> str | None:
+        order = list(self.blocks)
+        i = order.index(block)
+        return order[i + 1] if i + 1 < len(order) else None
+
+    # -- the cache
+    def _load(self, slots: _Slots, slot: int, block: str, e: int, side: bool = False) -> None:
+        """Copy expert e of `block` from the store into `slot` (on a GPU: a side stream for prefetches, waited
+        for before the load counts as done; the caller's stream otherwise, which orders it before the compute)."""
+        nbytes = 0
+        stream = self._side_stream() if side else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for r, t in slots.t.items():
+                src = self.store.read(block, r, e)
+                t[slot].copy_(src, non_blocking=src.is_pinned())
+                nbytes += src.numel() * src.element_size()
+        if stream is not None:
+            stream.synchronize()
+        with self._lock:
+            self.stats.blocks[block].bytes_read += nbytes
+
+    def _side_stream(self):
+        if self.device.type != "cuda":
+            return None
+        if getattr(self, "_stream", None) is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
+    def _free_slot(self, slots: _Slots) -> int | None:
+        """An empty slot, else the policy's victim among the slots no call holds and no prefetch writes (None if
+        there is none)."""
+        free = [i for i in range(slots.n) if not slots.pins[i] and i not in slots.loading]
+        empty = [i for i in free if slots.owner[i] is None]
+        if empty or not free:
+            return empty[0] if empty else None
+        v = victim(self.policy, [slots.owner[i] for i in free], self._h)
+        i = slots.where.pop(v)
+        slots.owner[i] = None
+        return i
+
+    def pin(self, block: str, need: list[int]) -> set[int]:
+        """Hold the slots of the needed experts already in the pool (until the call ran them); returns them."""
+        slots = self._pool(block)
+        with self._lock:
+            held = {slots.where[block, e] for e in need if (block, e) in slots.where}
+            slots.pins.update(held)
+            return held
+
+    def release(self, block: str, held: set[int], slot: int | None = None) -> None:
+        """Let go of `slot` (or of every slot in `held`)."""
+        slots = self._pool(block)
+        with self._cond:
+            for i in [slot] if slot is not None else list(held):
+                if i in held:
+                    held.discard(i)
+                    slots.pins[i] -= 1
+            self._cond.notify_all()
+
+    def acquire(self, block: str, e: int, held: set[int]) -> tuple[_Slots, int]:
+        """The slot holding expert e of `block`, held by the caller: a hit, or a miss loaded now into a free slot
+        (waiting for one while other calls hold them all)."""
+        slots, st = self._pool(block), self.stats.blocks[block]
+        t0 = time.perf_counter()
+        while True:
+            with self._cond:
+                slot = slots.where.get((block, e))
+                pending = slots.loading.get(slot) if slot is not None else None
+                if pending is None:
+                    if slot is None:
+                        slot = self._free_slot(slots)
+                        if slot is None:  # every slot held by another call or being written: wait for one
+                            self._cond.wait(0.05)
+                            continue
+                        slots.where[block, e], slots.owner[slot] = slot, (block, e)
+                        slots.loading[slot] = miss = Future()  # other calls needing it wait for this load
+                        st.misses += 1
+                    else:
+                        st.hits += 1
+                        miss = None
+                    self._h.use(block, e)
+                    if slot not in held:
+                        slots.pins[slot] += 1
+                        held.add(slot)
+                    break
+            pending.result()  # a prefetch or another call is writing this expert: wait for it
+        if miss is not None:
+            try:
+                self._load(slots, slot, block, e)
+            except BaseException:
+                with self._cond:
+                    slots.where.pop((block, e), None)
+                    slots.owner[slot] = None
+                    self.release(block, held, slot)
+                raise
+            finally:
+                with self._cond:
+                    slots.loading.pop(slot, None)
+                    miss.set_result(None)
+                    self._cond.notify_all()
+        st.stall_s += time.perf_counter() - t0
+        return slots, slot
+
+    def note_call(self, block: str, need: frozenset) -> None:
+        st = self.stats.blocks[block]
+        st.calls += 1
+        with self._lock:
+            self._h.now = block
+            self._h.calls[block] += 1
+        pred = self._predicted.pop(block, None)
+        if pred is not None:
+            st.predicted += len(pred)
+            st.predicted_used += len(pred & need)
+            st.needed_after_prediction += len(need)
+        self.stats.trace.append((block, need))
+        if self.cfg.policy == "auto" and len(self.stats.trace) == self.AUTO_AFTER:
+            slots = min(s.n for s in self._slots.values())
+            rate = {p: simulate(list(self.stats.trace), slots, p) for p in ("routing", "lru", "lfu")}
+            best = max(rate, key=rate.get)  # replayed without prefetch: leave routing only for a clear win
+            self.policy = best if rate[best] > rate["routing"] + 0.05 else "routing"
+            self.stats.policy = f"auto: {self.policy}"
+
+    def prefetch(self, block: str, experts: list[int], reserve: int) -> None:
+        """Load `experts` of `block` in the worker, into free slots but `reserve` (the running call's misses)."""
+        if self._worker is None or block not in self.blocks:
+            return
+        slots = self._pool(block)
+        self._predicted[block] = frozenset(experts)
+        with self._lock:
+            room = slots.n - sum(1 for i in range(slots.n) if slots.pins[i]) - len(slots.loading) - reserve
+            for e in [e for e in experts if (block, e) not in slots.where][:max(room, 0)]:
+                slot = self._free_slot(slots)
+                if slot is None:
+                    return
+                slots.where[block, e], slots.owner[slot] = slot, (block, e)
+                self._h.last_use[block, e] = self._h.clock  # loaded now: not the first to go
+                slots.loading[slot] = self._worker.submit(self._prefetch_one, slots, slot, block, e)
+
+    def _prefetch_one(self, slots: _Slots, slot: int, block: str, e: int) -> None:
+        try:
+            self._load(slots, slot, block, e, side=True)
+        except BaseException:  # noqa: BLE001  the call that needs it loads it itself (and raises, if it must)
+            with self._lock:
+                slots.where.pop((block, e), None)
+                slots.owner[slot] = None
+        finally:
+            with self._cond:
+                slots.loading.pop(slot, None)
+                self._cond.notify_all()
+
+
+class OffloadedExperts(nn.Module):
+    """The experts op of one block with its weights in the pool: (x [T, H], ids [T, k], weights [T, k],
+    b13?, b2?) -> [T, H], the torch backend's per-expert path on each expert's slot. Biases stay resident."""
+
+    def __init__(self, pool: Pool, block: str, act: tuple):
+        super().__init__()
+        self.pool, self.block, self.act = pool, block, act
+
+    def forward(self, x, ids, weights, b13=None, b2=None):
+        from moec.backends.torch_backend import _combine, _expert_ffn, _sort
+
+        pool, block = self.pool, self.block
+        pool.follow(x)
+        activation, gated, alpha, limit, weight_on_input, gate_up = self.act
+        _, order, counts, xs, ws = _sort(x, ids, weights, pool.blocks[block]["E"], weight_on_input)
+        starts = [0]
+        for n in counts:
+            starts.append(starts[-1] + n)
+        need = [e for e, n in enumerate(counts) if n]
+        pool.note_call(block, frozenset(need))
+        held = pool.pin(block, need)  # the needed experts in the pool stay until they ran
+        where = pool._pool(block).where
+        need.sort(key=lambda e: (block, e) not in where)  # the resident ones first
+        ys = torch.empty_like(xs)
+        try:
+            self._prefetch_next(x, reserve=len(need) - len(held))
+            for e in need:
+                slots, s = pool.acquire(block, e, held)
+                t, rows = slots.t, slice(starts[e], starts[e + 1])
+                ys[rows] = _expert_ffn(xs[rows], t["w13"][s], None if b13 is None else b13[e], t["w2"][s],
+                                       None if b2 is None else b2[e], activation, gated, alpha, limit, gate_up)
+                pool.release(block, held, s)
+        finally:
+            pool.release(block, held)
+        return _combine(ys, order, ws, ids, weight_on_input, x.dtype)
+
+    def _prefetch_next(self, x, reserve: int) -> None:
+        nxt = self.pool.next_block(self.block)
+        router = self.pool.blocks.get(nxt, {}).get("router") if nxt else None
+        if router is None:
+            return
+        with torch.no_grad():
+            ids = router(x)
+        if ids is not None:
+            self.pool.prefetch(nxt, ids.unique().tolist(), reserve)

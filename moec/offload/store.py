@@ -1,0 +1,79 @@
+"""Where offloaded experts live: a safetensors file per block read with plain reads (disk), or host memory."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8}
+
+
+class DiskStore:
+    """Each block's experts in one safetensors file (`<block>.safetensors`, tensors `<role>.<e>`), written once
+    at compile time and read one expert at a time with plain reads at the offsets its header gives (no mmap:
+    a file changed or truncated underneath gives an error, not a crash)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+        self._index: dict[str, tuple] = {}  # block -> ((size, mtime), {name: (dtype, shape, offset, nbytes)})
+
+    def _file(self, block: str) -> str:
+        return os.path.join(self.folder, (block or "model").replace("/", "_") + ".safetensors")
+
+    def write(self, block: str, tensors: dict[str, torch.Tensor]) -> None:
+        """tensors: role -> [E, ...]; stored per expert."""
+        save_file({f"{r}.{e}": t[e].detach().cpu().contiguous() for r, t in tensors.items() for e in range(len(t))},
+                  self._file(block))
+        self._index.pop(block, None)
+
+    def _entries(self, block: str, path: str) -> dict:
+        st = os.stat(path)
+        sig = (st.st_size, st.st_mtime_ns)
+        if block not in self._index or self._index[block][0] != sig:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            self._index[block] = (sig, {k: (DTYPES[v["dtype"]], v["shape"], 8 + n + v["data_offsets"][0],
+                                            v["data_offsets"][1] - v["data_offsets"][0])
+                                        for k, v in header.items() if k != "__metadata__"})
+        return self._index[block][1]
+
+    def read(self, block: str, role: str, e: int) -> torch.Tensor:
+        path = self._file(block)
+        try:
+            dtype, shape, offset, nbytes = self._entries(block, path)[f"{role}.{e}"]
+            out = torch.empty(shape, dtype=dtype)
+            with open(path, "rb") as f:
+                f.seek(offset)
+                got = f.readinto(out.view(-1).view(torch.uint8).numpy())
+            if got != nbytes:
+                raise EOFError(f"{got} of {nbytes} bytes")
+            return out
+        except Exception as err:  # noqa: BLE001  missing, truncated or overwritten file
+            self._index.pop(block, None)
+            raise RuntimeError(f"moec offload: cannot read expert {e} of block {block!r} from {path} "
+                               f"({type(err).__name__}: {err}); the store was removed or damaged: compile the model "
+                               f"again to rewrite it") from None
+
+
+class HostStore:
+    """Each expert's tensors in host memory (pinned when the model runs on a GPU: asynchronous copies)."""
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self._t: dict[tuple[str, str, int], torch.Tensor] = {}
+
+    def write(self, block: str, tensors: dict[str, torch.Tensor]) -> None:
+        for r, t in tensors.items():
+            for e in range(len(t)):
+                c = t[e].detach().to("cpu", copy=True).contiguous()
+                self._t[block, r, e] = c.pin_memory() if self.pin else c
+
+    def read(self, block: str, role: str, e: int) -> torch.Tensor:
+        return self._t[block, role, e]

@@ -1,0 +1,217 @@
+"""Offloaded experts (moec.Offload, passes/offload_experts.py, moec/offload.py): the same outputs as the original
+at every budget and policy, with and without prefetch; the cache never holds more than its budget; the
+experts leave the model; a damaged store fails with what to do; concurrent calls."""
+
+import copy
+import os
+import threading
+
+import pytest
+import torch
+from safetensors.torch import save_model
+from conftest import TOL, rel_err
+from test_generality import RouterForms
+
+import moec
+from moec import models
+from moec.bindings import resolve
+from moec.canonical import compiled_graph
+from moec.offload import History, simulate, slots_for, victim
+
+FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3"]
+
+
+def _lm(family):
+    return models.tiny_model(family).eval()
+
+
+def _compile(model, **kw):
+    moec.compile(model, offload=moec.Offload(**kw))
+    report = moec.inspect(model)
+    assert report.blocks and all("[offloaded]" in b.experts for b in report.blocks), report
+    return report
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("budget", [1, "25%", 1.0])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "routing", "auto"])
+def test_same_outputs_at_every_budget_and_policy(family, budget, policy):
+    model = _lm(family)
+    ref = copy.deepcopy(model)
+    report = _compile(model, budget=budget, policy=policy, store="disk")
+    inputs = models.example_inputs(model, batch=2, seq=9)
+    with torch.no_grad():
+        assert rel_err(model(**inputs).logits, ref(**inputs).logits) < TOL[torch.float32]
+        for seq in (1, 40):  # one token, and a prompt that needs every expert
+            x = models.example_inputs(model, seq=seq, seed=seq)
+            assert rel_err(model(**x).logits, ref(**x).logits) < TOL[torch.float32]
+    s = report.offload.total()
+    assert s.calls and s.misses and s.hits + s.misses >= s.calls
+
+
+def test_generation_is_the_same_and_the_cache_stays_within_its_budget():
+    model = _lm("mixtral")
+    ref = copy.deepcopy(model)
+    report = _compile(model, budget="25%", store="host")
+    E, L = model.config.num_local_experts, model.config.num_hidden_layers
+    pool = compiled_graph(resolve(model, report.blocks[0].path)).offloaded.pool
+    ids = models.example_inputs(model, seq=6)["input_ids"]
+    with torch.no_grad():
+        got = model.generate(ids, max_new_tokens=12, do_sample=False)
+        want = ref.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(got, want)
+    (slots,) = pool._slots.values()
+    assert slots.n == slots_for("25%", E * L, 1) == (E * L) // 4
+    assert all(t.shape[0] == slots.n for t in slots.t.values())
+    assert len(slots.where) <= slots.n and not any(slots.pins.values())
+    assert report.offload.total().calls == L * 12  # the proof's calls are not counted
+    experts = [p for n, p in model.named_parameters() if ".experts." in n]
+    assert experts and all(p.numel() == 0 for p in experts)  # the experts left the model
+
+
+def test_prefetch_never_changes_a_number():
+    outs = []
+    for prefetch in ("router", None):
+        model = _lm("qwen2_moe")
+        report = _compile(model, budget="50%", prefetch=prefetch)
+        with torch.no_grad():
+            outs.append([model(**models.example_inputs(model, seq=s, seed=s)).logits for s in (1, 1, 3, 1, 1)])
+        rates = report.offload.rates(report.offload.total())
+        assert (rates["prefetch_recall"] > 0) == (prefetch == "router")
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+@pytest.mark.parametrize("form", ["@W.T", "flat"])
+def test_a_hand_written_block(form):
+    block = RouterForms(form, E=8).eval()
+    ref = copy.deepcopy(block)
+    moec.compile(block, offload=moec.Offload(budget=2))
+    assert "[offloaded]" in moec.inspect(block).blocks[0].experts
+    for T in (1, 7, 300):
+        x = torch.randn(T, 32)
+        with torch.no_grad():
+            assert rel_err(block(x), ref(x)) < TOL[torch.float32]
+
+
+def test_a_damaged_store_fails_with_what_to_do(tmp_path):
+    model = _lm("mixtral")
+    _compile(model, budget=1, store="disk", path=str(tmp_path))
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == model.config.num_hidden_layers
+    files[0].write_bytes(b"not a safetensors file")
+    x = models.example_inputs(model, seq=3)
+    with pytest.raises(RuntimeError, match="compile the model again"), torch.no_grad():
+        model(**x)
+    os.remove(files[1])
+    with pytest.raises(RuntimeError, match="compile the model again"), torch.no_grad():
+        model(**x)
+
+
+def test_concurrent_calls_give_each_its_own_outputs():
+    model = _lm("mixtral")
+    ref = copy.deepcopy(model)
+    _compile(model, budget=2)
+    inputs = [models.example_inputs(model, seq=s, seed=s) for s in (1, 5, 2, 9)]
+    with torch.no_grad():
+        want = [ref(**x).logits for x in inputs]
+    got, errors = [None] * len(inputs), []
+
+    def run(i):
+        try:
+            with torch.no_grad():
+                for _ in range(3):
+                    got[i] = model(**inputs[i]).logits
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and all(rel_err(g, w) < TOL[torch.float32] for g, w in zip(got, want))
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="write '25%'"):
+        moec.Offload(budget="a quarter")
+    with pytest.raises(ValueError, match="policy"):
+        moec.Offload(policy="fifo")
+    model = _lm("mixtral")
+    with pytest.warns(UserWarning, match="no MoE block rewritten"):
+        moec.compile(model, offload=moec.Offload(budget="1KB"))
+    assert "smaller than one expert" in moec.inspect(model).rejected[0].reason
+    with pytest.raises(NotImplementedError, match="quantize"):
+        moec.compile(_lm("mixtral"), offload=moec.Offload(), quantize=moec.Int8Experts())
+    model = _lm("mixtral")
+    _compile(model)
+    with pytest.raises(NotImplementedError, match="offload"):
+        moec.save(model, "/tmp/never-written.safetensors")
+    with pytest.raises(TypeError, match="cannot be copied"):
+        copy.deepcopy(model)
+    model.train()
+    with pytest.raises(NotImplementedError, match="offloaded experts"):
+        model(**models.example_inputs(model, seq=2))
+
+
+def test_the_cache_follows_the_model_to_another_dtype():
+    model = _lm("mixtral")
+    ref = copy.deepcopy(model).to(torch.bfloat16)
+    _compile(model, budget="50%")
+    model.to(torch.bfloat16)
+    x = models.example_inputs(model, seq=7)
+    with torch.no_grad():
+        assert rel_err(model(**x).logits, ref(**x).logits) < TOL[torch.bfloat16]
+
+
+def test_policies_on_a_cyclic_trace():
+    """Blocks visited in turn, each with a hot expert and a rare one: the routing policy keeps the hot experts
+    (LRU evicts them for the rare ones); the simulator counts hits as the pool does."""
+    trace = []
+    for t in range(200):
+        for b in ("a", "b", "c"):
+            trace.append((b, frozenset({0, 1 + t % 5})))
+    lru, routing = simulate(trace, 4, "lru"), simulate(trace, 4, "routing")
+    assert routing > lru + 0.2
+    h = History(["a", "b", "c"])
+    h.now = "a"
+    assert h.distance("b") == 1 and h.distance("a") == 3
+    h.calls.update({"a": 10, "b": 10})
+    h.uses.update({("a", 0): 10, ("b", 3): 1})
+    assert victim("routing", [("a", 0), ("b", 3)], h) == ("b", 3)
+    assert victim("lfu", [("a", 0), ("b", 3)], h) == ("b", 3)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_a_model_built_on_meta_is_filled_from_its_checkpoint(family, tmp_path):
+    """moec.load_offloaded: everything but the experts read from the checkpoint, the experts block by block into
+    the store; the model never holds all its experts (each block's are emptied once it is compiled)."""
+    ref = _lm(family)
+    (tmp_path / "ckpt").mkdir()
+    save_model(ref, str(tmp_path / "ckpt" / "model.safetensors"))  # names: the state_dict's (ties written once)
+    with torch.device("meta"):
+        model = type(ref)(ref.config).eval()
+    moec.load_offloaded(model, tmp_path / "ckpt", moec.Offload(budget="25%", path=str(tmp_path / "store")))
+    report = moec.inspect(model)
+    assert len(report.blocks) == ref.config.num_hidden_layers and not report.rejected
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    assert all(p.numel() == 0 for n, p in model.named_parameters() if ".experts." in n and "shared" not in n)
+    ids = models.example_inputs(ref, seq=5)["input_ids"]
+    with torch.no_grad():
+        assert rel_err(model(input_ids=ids).logits, ref(input_ids=ids).logits) < TOL[torch.float32]
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False),
+                           ref.generate(ids, max_new_tokens=6, do_sample=False))
+
+
+def test_load_offloaded_errors(tmp_path):
+    ref = _lm("mixtral")
+    with torch.device("meta"):
+        model = type(ref)(ref.config).eval()
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        moec.load_offloaded(model, tmp_path / "nothing", moec.Offload())
+    (tmp_path / "other").mkdir()
+    save_model(_lm("qwen2_moe"), str(tmp_path / "other" / "model.safetensors"))
+    with torch.device("meta"):
+        model = type(ref)(ref.config).eval()
+    with pytest.raises((KeyError, ValueError), match="checkpoint"):
+        moec.load_offloaded(model, tmp_path / "other", moec.Offload())
