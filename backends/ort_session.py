@@ -8,8 +8,11 @@ keys sessions by the names, dtypes and ranks of the tensor inputs (batch and seq
 dynamic axes of the exported file, so one session serves every size), runs the session and gives
 back the model's own output type (HF models: their ModelOutput with the logits). The first call of
 a signature also runs the eager model once and refuses a session whose outputs differ from it.
-HF models run without KV cache (`generation_config.use_cache = False`): generate recomputes the
-whole sequence each step.
+HF decoder LMs whose cache is a key/value pair per layer run with it: a call with use_cache (as
+`generate` makes them) goes to a session exported with kv_cache=True, fed the past this forward
+returned before for that cache object (the whole past: a sliding-window layer's HF cache is cropped), and
+the new keys/values are appended to the HF cache so `generate` counts positions as usual. Other models
+run without KV cache (`generation_config.use_cache = False`): generate recomputes the whole sequence.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import contextlib
 import inspect
 import os
 import tempfile
+import weakref
 
 import numpy as np
 import torch
@@ -27,7 +31,7 @@ from moec.log import log
 
 # max relative error of the session's outputs against eager on the first call, per activation dtype
 CHECK_TOL = {torch.float32: 1e-4, torch.float16: 2e-2}
-# non-tensor arguments a call may pass with these values (use_cache is ignored: the session has no KV cache)
+# non-tensor arguments a call may pass with these values (use_cache and past_key_values: see _cached)
 _FIXED = {"return_dict": True, "output_attentions": False, "output_hidden_states": False,
           "output_router_logits": False}
 
@@ -77,13 +81,19 @@ class OrtForward:
         self.tmp = tempfile.TemporaryDirectory(prefix="moec-ort-")
         self.sessions: dict[tuple, tuple] = {}  # key -> (session, input names, outputs -> the model's structure)
         self.weights = None  # _weights(model) when the sessions were exported
+        self.cached = _takes_cache(model)  # an HF decoder LM with a key/value cache: generate uses it
+        self._past = weakref.WeakKeyDictionary()  # HF cache object -> the session's last present arrays
 
     def __call__(self, *args, **kwargs):
         bound = self.signature.bind(*args, **kwargs)
         extra = bound.arguments.pop(next((n for n, p in self.signature.parameters.items()
                                           if p.kind is p.VAR_KEYWORD), None), {})
         tensors, keep = {}, None
-        for name, value in {**bound.arguments, **extra}.items():
+        args = {**bound.arguments, **extra}
+        cache = args.pop("past_key_values", None)
+        if self.cached and (cache is not None or args.get("use_cache")):
+            return self._cached(args, cache)
+        for name, value in args.items():
             if isinstance(value, torch.Tensor):
                 tensors[name] = value
             elif name == "logits_to_keep":
@@ -104,6 +114,82 @@ class OrtForward:
         if keep:  # an int n keeps the last n positions (HF's generate asks for 1)
             outs[0] = outs[0][:, -keep:]
         return rebuild(outs)
+
+    def _cached(self, args: dict, cache):
+        """One step with the KV cache: (input_ids, attention_mask, past) -> logits, the cache appended."""
+        from transformers import DynamicCache
+
+        ids = args.get("input_ids")
+        if ids is None:
+            raise NotImplementedError("moec backend='onnxruntime': a cached call needs input_ids")
+        for name, value in args.items():
+            if name in ("input_ids", "attention_mask", "position_ids", "cache_position", "use_cache",
+                        "logits_to_keep") or value is None or (name in _FIXED and _FIXED[name] == value):
+                continue
+            raise NotImplementedError(f"moec backend='onnxruntime': argument {name}={value!r} is not supported")
+        cache = DynamicCache(config=self.model.config) if cache is None else cache
+        B, S = ids.shape
+        past = self._past.get(cache)
+        P = 0 if past is None else past[0].shape[2]
+        if past is None and cache.get_seq_length() > 0:
+            raise NotImplementedError("moec backend='onnxruntime': a cache this forward did not fill (e.g. a prompt "
+                                      "cache built by the eager model) cannot be fed to the session")
+        mask = args.get("attention_mask")
+        mask = torch.ones(B, P + S, dtype=torch.long) if mask is None else mask.long().cpu()
+        pos = args.get("position_ids")
+        if pos is None:  # as HF's generate computes them: from the mask (left padding)
+            pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -S:]
+        key = ("kv_cache", ids.dtype)
+        if self.sessions and _weights(self.model) != self.weights:
+            self.sessions.clear()
+        if key not in self.sessions:
+            self.sessions[key] = self._open_cached(ids, mask)
+        session, names, layout = self.sessions[key]
+        layers, heads, dim, dtype = layout
+        if past is None:
+            past = [np.zeros((B, heads, 0, dim), dtype=np.float16 if dtype == torch.float16 else np.float32)
+                    for _ in range(2 * layers)]
+        outs = session.run(None, {"input_ids": ids.cpu().numpy(), "attention_mask": mask.numpy(),
+                                  "position_ids": pos.cpu().numpy(), **dict(zip(names[3:], past))})
+        self._past[cache] = outs[1:]
+        device = ids.device
+        for i in range(layers):  # the new positions, so that generate's cache counts them
+            cache.update(*(torch.from_numpy(outs[1 + 2 * i + j][:, :, P:]).to(device) for j in (0, 1)), i)
+        logits = torch.from_numpy(outs[0]).to(device)
+        keep = args.get("logits_to_keep")
+        if keep:
+            logits = logits[:, -keep:]
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+
+    def _open_cached(self, ids: torch.Tensor, mask: torch.Tensor):
+        import onnxruntime as ort
+
+        from moec.export import cache_layout, export_onnx
+
+        provider = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        path = os.path.join(self.tmp.name, f"model{len(self.sessions)}_kv.onnx")
+        with self._as_original() as model:
+            layout = cache_layout(model, _widen(ids))
+            log.info(f"exporting {type(model).__name__} to ONNX with its KV cache for onnxruntime")
+            exported = export_onnx(model, {"input_ids": _widen(ids)}, path, quantize=self.quantize, provider=provider,
+                                   kv_cache=True)
+            probe = _long({"input_ids": _widen(ids)})["input_ids"]
+            with torch.no_grad():
+                eager = model(input_ids=probe, use_cache=False).logits
+        session = ort.InferenceSession(path, sess_options=session_options(self.options), providers=self.providers)
+        self.report.backend = f"onnxruntime ({session.get_providers()[0]})"
+        self.report.export = exported
+        names = [i.name for i in session.get_inputs()]
+        B, T = probe.shape
+        empty = np.zeros((B, layout[1], 0, layout[2]), np.float16 if layout[3] == torch.float16 else np.float32)
+        got = session.run(None, {"input_ids": probe.numpy(), "attention_mask": np.ones((B, T), np.int64),
+                                 "position_ids": np.tile(np.arange(T), (B, 1)),
+                                 **{n: empty for n in names[3:]}})[0]
+        self._check(eager, torch.from_numpy(got))  # the prompt step, 300 tokens, against eager
+        self.weights = _weights(self.model)
+        return session, names, layout
 
     @contextlib.contextmanager
     def _as_original(self):
@@ -190,7 +276,21 @@ def _rebuilder(eager):
     return lambda outs: torch.utils._pytree.tree_unflatten(outs, spec)
 
 
+def _takes_cache(model: nn.Module) -> bool:
+    """An HF decoder LM whose cache is a key/value pair per layer (what export_onnx(kv_cache=True) exports)."""
+    from moec.export import cache_layout
+
+    if getattr(model, "generation_config", None) is None or not hasattr(model, "config"):
+        return False
+    try:
+        cache_layout(model, torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device))
+    except (ValueError, NotImplementedError, TypeError):
+        return False
+    return True
+
+
 def install(model: nn.Module, report, providers, options, quantize) -> None:
-    if getattr(model, "generation_config", None) is not None:
+    forward = OrtForward(model, report, providers, options, quantize)
+    if getattr(model, "generation_config", None) is not None and not forward.cached:
         model.generation_config.use_cache = False  # the exported graph has no KV cache
-    model.forward = OrtForward(model, report, providers, options, quantize)
+    model.forward = forward

@@ -89,6 +89,64 @@ class _Exportable(nn.Module):
         return out.logits if hasattr(out, "logits") else out
 
 
+class _ExportableWithCache(nn.Module):
+    """An HF decoder LM as exported with its KV cache: (input_ids [B, S], attention_mask [B, P+S], position_ids
+    [B, S], past_key_values.{i}.key/value [B, kv_heads, P, head_dim] ...) -> (logits [B, S, V],
+    present.{i}.key/value [B, kv_heads, P+S, head_dim] ...), the cache HF's DynamicCache would hold."""
+
+    def __init__(self, model: nn.Module, layers: int):
+        super().__init__()
+        self.model, self.layers = model, layers
+        self.training = model.training
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()  # full layers: a sliding-window layer would count the re-fed past as new tokens
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        present = [t for layer in out.past_key_values.layers[:self.layers] for t in (layer.keys, layer.values)]
+        return (out.logits, *present)
+
+
+def cache_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[int, int, int, torch.dtype]:
+    """(layers, kv_heads, head_dim, dtype) of an HF decoder LM's KV cache, read off one cached call; refused
+    with the reason when its cache is not one key/value pair per layer (Mamba / linear-attention state)."""
+    name = type(model).__name__
+    if "past_key_values" not in pyinspect.signature(model.forward).parameters:
+        raise ValueError(f"moec.export_onnx(kv_cache=True): {name} takes no past_key_values (not a decoder LM)")
+    with torch.no_grad():
+        cache = model(input_ids=input_ids[:, :2], use_cache=True).past_key_values
+    layers = getattr(cache, "layers", None)
+    if not layers or any(getattr(layer, "keys", None) is None or layer.keys.dim() != 4 for layer in layers):
+        raise NotImplementedError(f"moec.export_onnx(kv_cache=True): {name}'s cache is not a key/value pair per "
+                                  f"layer ({type(cache).__name__}: Mamba or linear-attention state); export it "
+                                  f"with kv_cache=False")
+    k = layers[0].keys
+    return len(layers), k.shape[1], k.shape[3], k.dtype
+
+
+def _with_cache(model: nn.Module, input_ids):
+    """(module, example inputs, input names, output names, dynamic shapes) of the KV-cache export: the example
+    is the given tokens after a past of 3 random key/value positions (2+ so that the axis stays dynamic)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("moec.export_onnx(kv_cache=True): give example inputs with input_ids [batch, seq]")
+    layers, heads, dim, dtype = cache_layout(model, input_ids)
+    B, S, P = *input_ids.shape, 3
+    gen = torch.Generator().manual_seed(0)
+    past = tuple(torch.randn(B, heads, P, dim, generator=gen).to(dtype) for _ in range(2 * layers))
+    inputs = (input_ids, torch.ones(B, P + S, dtype=torch.long), torch.arange(P, P + S).expand(B, S).contiguous(),
+              *past)
+    kv = [f"{i}.{part}" for i in range(layers) for part in ("key", "value")]
+    names = ["input_ids", "attention_mask", "position_ids", *(f"past_key_values.{n}" for n in kv)]
+    outputs = ["logits", *(f"present.{n}" for n in kv)]
+    d = torch.export.Dim.DYNAMIC
+    shapes = ({0: d, 1: d}, {0: d, 1: d}, {0: d, 1: d}, tuple({0: d, 2: d} for _ in past))
+    return _ExportableWithCache(model, layers), inputs, names, outputs, shapes
+
+
 def dynamic_axes(t):
     """Dynamic axes of one example input: every axis of an integer tensor (batch, sequence), every axis
     but the last (features) of a float one."""
@@ -136,7 +194,7 @@ def _warn_about_ties(model: nn.Module, report) -> None:
 
 def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.PathLike, *,
                 quantize: QuantConfig | None = None, provider: str = "cpu", opset: int | None = None,
-                external_data: bool | None = None) -> ExportReport:
+                external_data: bool | None = None, kv_cache: bool = False) -> ExportReport:
     """Export `model` (left unchanged) to ONNX at `path`; return what became of each MoE block.
 
     example_inputs: positional args (a tuple) or keyword args (a dict) of model(...); their batch and
@@ -145,6 +203,9 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     provider: "cpu" or "cuda", the ONNX Runtime execution provider the file is for (weight layouts differ).
     opset: the default ONNX opset (None: the exporter's). external_data: True forces weights into
         `<path>.data`; None does that only past 2 GB.
+    kv_cache: an HF decoder LM exported with its cache (_ExportableWithCache): inputs input_ids,
+        attention_mask (past + new tokens), position_ids, past_key_values.{i}.key/value; outputs logits,
+        present.{i}.key/value; batch, sequence and past length dynamic (the past may be empty).
     """
     path = os.fspath(path)
     check_exportable(model, quantize, provider)
@@ -166,10 +227,15 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     compiled = inspect(work)
     _warn_about_ties(work, compiled)
     with torch.no_grad():
-        exportable = _Exportable(work, len(args), list(kwargs))
+        if kv_cache:
+            exportable, inputs, names, outputs, shapes = _with_cache(work, kwargs.get("input_ids",
+                                                                                     args[0] if args else None))
+        else:
+            exportable = _Exportable(work, len(args), list(kwargs))
+            outputs = ["logits"] if exportable.hf else None
+            shapes = (tuple(dynamic_axes(t) for t in inputs),)
         program = torch.onnx.export(
-            exportable, inputs, input_names=names, output_names=["logits"] if exportable.hf else None,
-            dynamic_shapes=(tuple(dynamic_axes(t) for t in inputs),), dynamo=True,
+            exportable, inputs, input_names=names, output_names=outputs, dynamic_shapes=shapes, dynamo=True,
             custom_translation_table=translations(), opset_version=opset, verbose=False)
     program.save(path, external_data=external_data)
     onnx.checker.check_model(path)  # by path: also checks external data

@@ -1,0 +1,86 @@
+"""moec.export_onnx(kv_cache=True): HF decoder LMs exported with their KV cache, run step by step in a plain ONNX
+Runtime session (a prompt of batch 2 with left padding, then one token at a time), compared at every step with
+HF's own cached forward: logits (fp32 tight) and greedy tokens."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import moec
+from moec import models
+
+from conftest import TOL, rel_err
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe"]
+
+
+def _positions(mask: torch.Tensor, new: int) -> torch.Tensor:
+    """Position ids as HF's generate computes them from the attention mask (left padding), for the last `new`."""
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 1)[:, -new:]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generates_step_by_step_like_hf(family, tmp_path):
+    model = models.tiny_model(family).eval()
+    path = tmp_path / "lm.onnx"
+    report = moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), path, kv_cache=True)
+    assert report.inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert report.inputs[3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert report.outputs[:3] == ["logits", "present.0.key", "present.0.value"]
+    assert report.blocks and all(b.op == "MoE" for b in report.blocks), str(report)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    layers = (len(report.inputs) - 3) // 2
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=gen)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0  # row 1: left padding
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask, 6), use_cache=True)
+    cache = out.past_key_values
+    k0 = cache.layers[0].keys
+    heads, dim = k0.shape[1], k0.shape[3]
+    past = [np.zeros((2, heads, 0, dim), np.float32) for _ in range(2 * layers)]  # the first step: no past
+    feed, want = ids, out.logits
+    for step in range(4):
+        got = sess.run(None, {"input_ids": feed.numpy(), "attention_mask": mask.numpy(),
+                              "position_ids": _positions(mask, feed.shape[1]).numpy(),
+                              **{n: p for n, p in zip(report.inputs[3:], past)}})
+        real = mask[:, -feed.shape[1]:].bool()  # padded positions' logits mean nothing (they differ)
+        assert rel_err(torch.from_numpy(got[0])[real], want[real]) < TOL[torch.float32], step
+        past = got[1:]
+        token = want[:, -1].argmax(-1, keepdim=True)  # HF's greedy token ...
+        assert torch.equal(torch.from_numpy(got[0][:, -1]).argmax(-1, keepdim=True), token)  # ... is ORT's too
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        feed = token
+        with torch.no_grad():
+            out = model(input_ids=feed, attention_mask=mask, position_ids=_positions(mask, 1), past_key_values=cache,
+                        use_cache=True)
+        cache, want = out.past_key_values, out.logits
+
+
+def test_a_model_without_a_key_value_cache_is_refused(tmp_path):
+    model = models.tiny_model("jamba").eval()
+    with pytest.raises((NotImplementedError, ValueError), match="kv_cache"):
+        moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), tmp_path / "j.onnx", kv_cache=True)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_backend_onnxruntime_generates_with_the_cache(family):
+    """model.generate on backend="onnxruntime" feeds the session its past: the same tokens as HF's cached
+    generate, batch 2 with left padding; each step runs only the new token."""
+    model = models.tiny_model(family).eval()
+    ref = models.tiny_model(family).eval()
+    ref.load_state_dict(model.state_dict())
+    moec.compile(model, backend="onnxruntime", session_options={"intra_op_num_threads": 2})
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=gen)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :3] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        got, want = model.generate(ids, **kw), ref.generate(ids, **kw)
+    assert torch.equal(got, want)
+    assert "kv_cache" in str(list(model.forward.sessions)) and model.generation_config.use_cache
