@@ -28,7 +28,8 @@ import moec  # noqa: E402
 from moec import models  # noqa: E402
 
 GPT_OSS = dict(hidden_size=512, intermediate_size=512, num_hidden_layers=4, num_local_experts=8,
-               num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+               num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+               layer_types=["sliding_attention", "full_attention"] * 2)
 
 
 def build(name: str):

@@ -106,7 +106,7 @@ class Pool:
                 weakref.finalize(self, shutil.rmtree, folder, True)
         else:
             self.store = HostStore(pin=self.device.type == "cuda")
-        self.blocks: dict[str, dict] = {}  # block -> {"shapes", "E", "order", "router": callable or None}
+        self.blocks: dict[str, dict] = {}  # block -> {"shapes", "E", "bytes", "router": next-block prefetch or None}
         self.policy = "routing" if cfg.policy == "auto" else cfg.policy
         self.stats = OffloadStats(cfg.policy, {})
         self._slots: dict[tuple, _Slots] = {}
@@ -174,14 +174,19 @@ class Pool:
         return tuple(sorted((r, tuple(s), str(d)) for r, (s, d) in shapes.items()))
 
     def _pool(self, block: str) -> _Slots:
+        """The slots of `block`'s expert shape, made at the first call after compile (or after reset/follow)."""
         info = self.blocks[block]
         key = self._key(info["shapes"])
-        if key not in self._slots:
-            same = [b for b, i in self.blocks.items() if self._key(i["shapes"]) == key]
-            n = slots_for(self.cfg.budget, sum(self.blocks[b]["E"] for b in same), info["bytes"])
-            shapes = {r: (shape, self.dtype or d) for r, (shape, d) in info["shapes"].items()}
-            self._slots[key] = _Slots(shapes, n, self.device)
-            self.stats.slots = {" ".join(f"{r}{list(s)}" for r, s, _ in k): v.n for k, v in self._slots.items()}
+        with self._lock:
+            return self._slots[key] if key in self._slots else self._make_slots(key, info)
+
+    def _make_slots(self, key: tuple, info: dict) -> _Slots:
+        """The budget's share for this expert shape (over every block of that shape), in the activations' dtype."""
+        same = [b for b, i in self.blocks.items() if self._key(i["shapes"]) == key]
+        n = slots_for(self.cfg.budget, sum(self.blocks[b]["E"] for b in same), info["bytes"])
+        shapes = {r: (shape, self.dtype or d) for r, (shape, d) in info["shapes"].items()}
+        self._slots[key] = _Slots(shapes, n, self.device)
+        self.stats.slots = {" ".join(f"{r}{list(s)}" for r, s, _ in k): v.n for k, v in self._slots.items()}
         return self._slots[key]
 
     def next_block(self, block: str) -> str | None:
