@@ -14,6 +14,7 @@ printed.
 """
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -50,14 +51,10 @@ def main():
     for name in args.models:
         ref = build(name).eval()
         systems = {"HF eager (KV cache)": (ref, True)}
-        m = build(name).eval()
-        m.load_state_dict(ref.state_dict())
-        systems["moec torch (KV cache)"] = (moec.compile(m, backend="torch"), True)
+        systems["moec torch (KV cache)"] = (moec.compile(copy.deepcopy(ref), backend="torch"), True)
         for label, q in (("fp32", None), ("int4 g32 experts", moec.Int4Experts(32))):
-            m = build(name).eval()
-            m.load_state_dict(ref.state_dict())
             systems[f"moec onnxruntime {label} (KV cache)"] = (
-                moec.compile(m, backend="onnxruntime", quantize=q, session_options=so), True)
+                moec.compile(copy.deepcopy(ref), backend="onnxruntime", quantize=q, session_options=so), True)
         systems["moec onnxruntime fp32 (no cache)"] = (systems["moec onnxruntime fp32 (KV cache)"][0], False)
         ids = torch.randint(0, ref.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
         kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)

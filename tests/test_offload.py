@@ -149,6 +149,8 @@ def test_clear_errors():
         moec.save(model, "/tmp/never-written.safetensors")
     with pytest.raises(TypeError, match="cannot be copied"):
         copy.deepcopy(model)
+    with pytest.raises(RuntimeError, match="size mismatch"):  # new expert weights: refused, not silently ignored
+        model.load_state_dict(_lm("mixtral").state_dict())
     model.train()
     with pytest.raises(NotImplementedError, match="offloaded experts"):
         model(**models.example_inputs(model, seq=2))
