@@ -248,11 +248,12 @@ def expert_rows(counts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tensor,
-                zero: torch.Tensor | None = None) -> torch.Tensor:
+                zero: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Expert-sorted rows x [R, K] (any float dtype; `rows` = expert_rows(counts per expert)) times
-    the quantized experts (moec's int8 format if q is int8, else int4) -> [R, N] fp32."""
+    the quantized experts (moec's int8 format if q is int8, else int4) -> [R, N] fp32, written into `out`
+    (contiguous fp32 [R, N]) if given; rows outside `rows` are left as they were."""
     first, paired, last = rows
-    out = torch.empty(x.shape[0], q.shape[1], dtype=torch.float32)
+    out = torch.empty(x.shape[0], q.shape[1], dtype=torch.float32) if out is None else out
     x = x.float().contiguous().numpy()
     if q.dtype == torch.int8:
         _int8_kernel(x, first, last, q.numpy(), scale.numpy(), out.numpy())

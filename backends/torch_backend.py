@@ -255,44 +255,78 @@ def experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, 
 DEQUANT_MIN_ROWS = 12
 
 
-def _quantized_experts(x, ids, weights, t13, b13, t2, b2, activation, gated, alpha, limit, weight_on_input,
-                       gate_up):
-    """The routed experts on quantized weights t = (q, scale[, zero]) in moec's format, in fp32 whatever
-    the activations' dtype. Experts with few rows: the numba kernels of `cpu_quant` (dequantizing in
-    registers), one call per GEMM over all of them. An expert with DEQUANT_MIN_ROWS rows or more
-    (prefill) is dequantized into a buffer reused for every such expert and runs `_expert_ffn`."""
+def quantized_plan(x, ids, weights, num_experts, weight_on_input):
+    """The expert-sorted rows of a quantized experts call: (order, inv, counts, rows, row_expert, xs fp32 [T*k, H]).
+    rows: the kernels' rows per expert (cpu_quant.plan; none for experts with DEQUANT_MIN_ROWS rows or more)."""
     if x.device.type != "cpu":
         raise NotImplementedError(f"moec: quantized experts in the torch backend run on CPU only, not {x.device.type}")
     from moec.backends import cpu_quant  # numba: imported by the first quantized call, not by `import moec`
 
     cpu_quant.set_threads()
     k = ids.shape[1]
-    order, inv, counts, rows = cpu_quant.plan(ids, t13[0].shape[0], DEQUANT_MIN_ROWS)  # rows: small experts only
+    order, inv, counts, rows = cpu_quant.plan(ids, num_experts, DEQUANT_MIN_ROWS)
     xs = x.index_select(0, order // k).float()  # [T*k, H] the source token of each sorted row
     if weight_on_input:
         xs *= weights.reshape(-1)[order].unsqueeze(1)
-    big = counts >= DEQUANT_MIN_ROWS  # [E] bool
-    if (rows[0] == rows[2]).all():  # no rows for the kernels: every active expert is dequantized below
-        y = torch.empty_like(xs)
-    else:
-        row_expert = None if b13 is None and b2 is None else ids.reshape(-1)[order]  # [T*k] expert of each sorted row
-        h = cpu_quant.grouped_qmm(xs, rows, *t13)  # [T*k, N1] fp32 (rows of big experts: not written)
+    return order, inv, counts, rows, ids.reshape(-1)[order], xs
+
+
+def quantized_group(xs, y, counts, rows, row_expert, experts, t13, b13, t2, b2, activation, gated, alpha, limit,
+                    gate_up, slot=None):
+    """y[rows of e] = expert e on xs[rows of e], for each e in `experts`, its weights t = (q, scale[, zero]) at index
+    slot[e] of t13/t2 (the offload pool's slots; None: at index e). Experts with few rows: the numba kernels of
+    `cpu_quant` (dequantizing in registers), one call per GEMM over all of them; an expert with
+    DEQUANT_MIN_ROWS rows or more (prefill) is dequantized into a buffer reused for every such expert and runs
+    `_expert_ffn`. Each row's numbers do not depend on which other experts the group holds."""
+    from moec.backends import cpu_quant
+
+    first, paired, last = rows
+    if slot is not None:  # the kernels' rows by slot: the group's experts only
+        n = t13[0].shape[0]
+        at = np.fromiter((slot[e] for e in experts), np.int64, len(experts))
+        idx = np.asarray(experts, np.int64)
+        first, paired, last = (np.zeros(n, np.int64) for _ in range(3))
+        first[at], paired[at], last[at] = rows[0][idx], rows[1][idx], rows[2][idx]
+    if (first != last).any():
+        h = cpu_quant.grouped_qmm(xs, (first, paired, last), *t13)  # [T*k, N1] fp32 (other rows: not written)
         if b13 is not None:
             h += b13[row_expert]
-        y = cpu_quant.grouped_qmm(activate(h, activation, gated, alpha, limit, gate_up), rows, *t2)  # [T*k, H]
+        a = activate(h, activation, gated, alpha, limit, gate_up)  # [T*k, I]
+        out = y if slot is None else torch.empty_like(y)  # every expert: straight into y
+        cpu_quant.grouped_qmm(a, (first, paired, last), *t2, out=out)  # [T*k, H]
         if b2 is not None:
-            y += b2[row_expert]
-    if big.any():
-        w13 = w2 = None  # [N1, H], [H, I] fp32, allocated by the first big expert
-        cols = functools.partial(cpu_quant.even_odd, q=t13[0])  # GEMM inputs in the dequantized weights' column order
-        for e in np.flatnonzero(big):
-            w13, w2 = cpu_quant.dequantize_expert(e, *t13, out=w13), cpu_quant.dequantize_expert(e, *t2, out=w2)
-            n = counts[e]
-            first = rows[2][e] - n  # rows[0] is emptied for big experts
-            y[first:first + n] = _expert_ffn(
-                xs[first:first + n], w13, None if b13 is None else b13[e].float(), w2,
-                None if b2 is None else b2[e].float(), activation, gated, alpha, limit, gate_up, cols=cols)
-    return cpu_quant.combine(y, inv, torch.ones_like(weights) if weight_on_input else weights).to(x.dtype)
+            out += b2[row_expert]
+        if slot is not None:
+            for e in experts:
+                y[rows[0][e]:rows[2][e]] = out[rows[0][e]:rows[2][e]]
+    w13 = w2 = None  # [N1, H], [H, I] fp32, allocated by the first big expert
+    cols = functools.partial(cpu_quant.even_odd, q=t13[0])  # GEMM inputs in the dequantized weights' column order
+    for e in (e for e in experts if counts[e] >= DEQUANT_MIN_ROWS):
+        s = e if slot is None else slot[e]
+        w13, w2 = cpu_quant.dequantize_expert(s, *t13, out=w13), cpu_quant.dequantize_expert(s, *t2, out=w2)
+        n = counts[e]
+        start = rows[2][e] - n
+        y[start:start + n] = _expert_ffn(
+            xs[start:start + n], w13, None if b13 is None else b13[e].float(), w2,
+            None if b2 is None else b2[e].float(), activation, gated, alpha, limit, gate_up, cols=cols)
+
+
+def quantized_combine(y, inv, weights, weight_on_input, dtype):
+    """Expert-sorted fp32 outputs [T*k, H] -> each token's weighted sum over its k slots [T, H] in `dtype`."""
+    from moec.backends import cpu_quant
+
+    return cpu_quant.combine(y, inv, torch.ones_like(weights) if weight_on_input else weights).to(dtype)
+
+
+def _quantized_experts(x, ids, weights, t13, b13, t2, b2, activation, gated, alpha, limit, weight_on_input,
+                       gate_up):
+    """The routed experts on quantized weights t = (q, scale[, zero]) in moec's format, in fp32 whatever
+    the activations' dtype (see quantized_group)."""
+    order, inv, counts, rows, row_expert, xs = quantized_plan(x, ids, weights, t13[0].shape[0], weight_on_input)
+    y = torch.empty_like(xs)
+    quantized_group(xs, y, counts, rows, row_expert, np.flatnonzero(counts), t13, b13, t2, b2, activation, gated,
+                    alpha, limit, gate_up)
+    return quantized_combine(y, inv, weights, weight_on_input, x.dtype)
 
 
 @torch.library.impl("moec::experts_int8", "CompositeExplicitAutograd")

@@ -6,8 +6,9 @@ Table 1, cache behaviour per policy and budget (10/25/50% of the experts, disk s
 hit rate, prefetch precision/recall, MB read per generated token, from one greedy generation of
 --new-tokens after a --prompt-token prompt of held-out text.
 Table 2, generation tokens/s (same generation): fully resident (moec, no offload), offloaded at each budget
-(policy auto, disk store, prefetch auto: none on a CPU; and 25% with router prefetch), and naive on-demand loading (one slot, no prefetch: every expert read
-from disk at each use). Systems interleaved per round; medians over --rounds; each round's wall time printed.
+(policy auto, disk store, prefetch auto: none on a CPU; and 25% with router prefetch), naive on-demand loading (one
+slot, no prefetch: every expert read from disk at each use), and int4 experts (g32) resident and offloaded at 25%
+(the store holds the quantized experts; same tokens as resident int4) with their MB read per token. Systems interleaved per round; medians over --rounds; each round's wall time printed.
 Table 3, projection (a trace-driven replay of this run's routing, `moec.offload.simulate`): tokens/s of GPU
 offload for real model sizes, misses per token x expert bytes / link bandwidth + the resident compute time,
 at the same budgets. Assumptions printed with it.
@@ -46,9 +47,9 @@ def generate(model, prompt, n):
 LOAD = {"fine": examples.fine_moe_lm, "tiny": examples.tiny_moe_lm}
 
 
-def offloaded(load, budget, policy="auto", prefetch="auto"):
+def offloaded(load, budget, policy="auto", prefetch="auto", quantize=None):
     model = load()
-    moec.compile(model, offload=moec.Offload(budget=budget, policy=policy, prefetch=prefetch))
+    moec.compile(model, quantize=quantize, offload=moec.Offload(budget=budget, policy=policy, prefetch=prefetch))
     return model
 
 
@@ -80,28 +81,33 @@ def main():
                        f"{s.bytes_read / 2**20 / n:.2f}")
     console.print(t1)
 
-    resident = load()
+    resident, resident_q = load(), load()
     moec.compile(resident)
+    int4 = moec.Int4Experts(group_size=32)
+    moec.compile(resident_q, quantize=int4)
     systems = {"resident (moec, no offload)": resident, "naive on-demand (1 slot, no prefetch)":
                offloaded(load, 1, "lru", None), **{f"offload {b} (auto)": offloaded(load, b) for b in BUDGETS},
-               "offload 25% (auto, prefetch router)": offloaded(load, "25%", "auto", "router")}
-    want, _ = generate(resident, prompt, n)
+               "offload 25% (auto, prefetch router)": offloaded(load, "25%", "auto", "router"),
+               "resident int4": resident_q, "offload 25% int4 (auto)": offloaded(load, "25%", quantize=int4)}
+    want = {False: generate(resident, prompt, n)[0], True: generate(resident_q, prompt, n)[0]}
     speeds = {name: [] for name in systems}
     for rnd in range(args.rounds):
         t0 = time.perf_counter()
         for name, model in systems.items():
             out, tps = generate(model, prompt, n)
-            assert torch.equal(out, want), f"{name}: other tokens than the resident model"
+            assert torch.equal(out, want["int4" in name]), f"{name}: other tokens than the resident model"
             speeds[name].append(tps)
         console.print(f"round {rnd + 1}: {time.perf_counter() - t0:.1f} s wall")
     t2 = Table(title=f"generation tokens/s (median of {args.rounds} interleaved rounds, {args.threads} threads; "
-                     f"same tokens as resident)")
-    for col in ("system", "tokens/s", "vs naive", "vs resident"):
+                     f"same tokens as resident, or as resident int4)")
+    for col in ("system", "tokens/s", "vs naive", "vs resident", "MB read/token"):
         t2.add_column(col)
     med = {k: statistics.median(v) for k, v in speeds.items()}
     naive, full = med["naive on-demand (1 slot, no prefetch)"], med["resident (moec, no offload)"]
     for name, v in med.items():
-        t2.add_row(name, f"{v:.1f}", f"{v / naive:.2f}x", f"{v / full:.2f}x")
+        st = moec.inspect(systems[name]).offload
+        read = f"{st.total().bytes_read / 2**20 / (n * args.rounds):.2f}" if st else "-"
+        t2.add_row(name, f"{v:.1f}", f"{v / naive:.2f}x", f"{v / full:.2f}x", read)
     console.print(t2)
 
     model = offloaded(load, "100%", "routing", None)

@@ -314,7 +314,8 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         triton: w8a16/w4a16 GEMMs; onnxruntime: QMoE nodes. shared=True is torch backend only.
     offload: moec.Offload(budget, store, path, policy, prefetch): the routed experts leave the model for a store
         (disk or host memory) and run from a cache of `budget` experts (appends offload_experts; torch
-        backend, fp experts; see moec.offload). Statistics: moec.inspect(model).offload.
+        backend; with quantize=, the quantized experts are stored and cached; see moec.offload). Statistics:
+        moec.inspect(model).offload.
     Every rewritten block is proved: its final graph is checked against the original block before it is
     installed (docs/guarantees.md). A model without MoE comes back unchanged, with a warning; blocks moec
     cannot prove are left as they were and listed in `moec.inspect(model).rejected` with the reason.
@@ -331,16 +332,16 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     if getattr(quantize, "shared", False) and backend != "torch":
         raise NotImplementedError(f"moec: quantized shared experts (shared=True) run in the torch backend on CPU "
                                   f"only, not backend {backend!r}")
+    if offload is not None:
+        if not isinstance(offload, Offload):
+            raise TypeError(f"offload must be moec.Offload(...), not {offload!r}")
+        if backend != "torch":
+            raise NotImplementedError(f"moec: offloaded experts run in the torch backend, not {backend!r}: use "
+                                      f"backend='torch'")
     if backend == "onnxruntime":
         return _compile_onnxruntime(model, passes, quantize, providers, session_options)
     if providers is not None or session_options is not None:
         raise TypeError("providers= and session_options= are options of backend='onnxruntime'")
-    if offload is not None:
-        if not isinstance(offload, Offload):
-            raise TypeError(f"offload must be moec.Offload(...), not {offload!r}")
-        if quantize is not None or backend != "torch":
-            raise NotImplementedError("moec: offloaded experts run fp weights in the torch backend for now: drop "
-                                      "quantize= / use backend='torch'")
     if quantize is not None and backend == "torch" and device.type != "cpu":
         raise NotImplementedError(f"moec: quantized experts in the torch backend run on CPU only (the model is on "
                                   f"{device.type}): use backend='triton'")

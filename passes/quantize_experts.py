@@ -128,14 +128,15 @@ def quantized_tensors(block: torch.nn.Module, role: str) -> dict[str, torch.Tens
 
 
 def release_originals(block: torch.nn.Module, cand) -> int:
-    """Empty (shape [0]) the original expert matrices of an installed quantized block (its graph reads the
-    quantized buffers; biases it still reads are kept). The tensors stay in the state_dict (empty), so
-    moec.save / moec.load still match. Returns the bytes freed."""
+    """Empty (shape [0]) the original expert matrices of an installed quantized or offloaded block that its
+    graph no longer reads, and the quantized ones too once they are offloaded (biases it still reads are kept).
+    The tensors stay in the state_dict (empty), so moec.save / moec.load still match. Returns the bytes freed."""
     gm = block.__dict__["_moec_graph"]
     used = {id(t) for b in gm.meta["bindings"].values() for t in b.sources(block)}
     owners = members(resolve(block, cand.container)) if cand.container else [block]
+    quantized = [t for name, t in block.named_buffers(recurse=False) if name.startswith("_moec_")]
     freed = 0
-    for t in (resolve(m, name) for m in owners for name in cand.experts):
+    for t in [resolve(m, name) for m in owners for name in cand.experts] + quantized:
         if id(t) not in used and t.numel():
             freed += t.numel() * t.element_size()
             t.data = torch.empty(0, dtype=t.dtype, device=t.device)

@@ -81,6 +81,28 @@ def test_prefetch_never_changes_a_number():
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
+@pytest.mark.parametrize("quant", [moec.Int8Experts(), moec.Int4Experts(group_size=32),
+                                   moec.Int4Experts(group_size=32, symmetric=True)], ids=["int8", "int4", "int4sym"])
+@pytest.mark.parametrize("budget", [1, "25%", 1.0])
+def test_quantized_experts_offloaded_give_the_resident_quantized_numbers(quant, budget):
+    """offload= with quantize=: the store holds the quantized experts, and the outputs are the resident quantized
+    model's, number for number (one token: the kernels; 40 tokens: experts with many rows are dequantized)."""
+    model, resident = _lm("qwen2_moe"), _lm("qwen2_moe")
+    moec.compile(resident, quantize=quant)
+    moec.compile(model, quantize=quant, offload=moec.Offload(budget=budget, policy="lru"))
+    report = moec.inspect(model)
+    assert report.blocks and all("[offloaded]" in b.experts for b in report.blocks), report
+    with torch.no_grad():
+        for seq in (1, 40, 1, 3):
+            x = models.example_inputs(model, seq=seq, seed=seq)
+            assert torch.equal(model(**x).logits, resident(**x).logits)
+    quantized = [t for n, t in model.named_buffers() if "_moec_w" in n]
+    assert quantized and all(t.numel() == 0 for t in quantized)  # the quantized experts left the model too
+    fp_bytes = sum(p[0].numel() * 4 for n, p in _lm("qwen2_moe").named_parameters() if ".experts." in n)  # one fp32 expert
+    s = report.offload.total()
+    assert s.misses and s.bytes_read / s.misses < fp_bytes / 3  # a miss moves a quantized expert
+
+
 @pytest.mark.parametrize("form", ["@W.T", "flat"])
 def test_a_hand_written_block(form):
     block = RouterForms(form, E=8).eval()
@@ -141,8 +163,8 @@ def test_clear_errors():
     with pytest.warns(UserWarning, match="no MoE block rewritten"):
         moec.compile(model, offload=moec.Offload(budget="1KB"))
     assert "smaller than one expert" in moec.inspect(model).rejected[0].reason
-    with pytest.raises(NotImplementedError, match="quantize"):
-        moec.compile(_lm("mixtral"), offload=moec.Offload(), quantize=moec.Int8Experts())
+    with pytest.raises(NotImplementedError, match="backend='torch'"):
+        moec.compile(_lm("mixtral"), offload=moec.Offload(), backend="onnxruntime")
     model = _lm("mixtral")
     _compile(model)
     with pytest.raises(NotImplementedError, match="offload"):
@@ -203,6 +225,24 @@ def test_a_model_built_on_meta_is_filled_from_its_checkpoint(family, tmp_path):
         assert rel_err(model(input_ids=ids).logits, ref(input_ids=ids).logits) < TOL[torch.float32]
         assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False),
                            ref.generate(ids, max_new_tokens=6, do_sample=False))
+
+
+def test_load_offloaded_quantized(tmp_path):
+    """load_offloaded(quantize=): the blocks quantized then offloaded as they are read; the outputs are those of the
+    whole model compiled with quantize= in memory."""
+    ref = _lm("qwen2_moe")
+    save_model(ref, str(tmp_path / "model.safetensors"))
+    with torch.device("meta"):
+        model = type(ref)(ref.config).eval()
+    moec.load_offloaded(model, tmp_path / "model.safetensors", moec.Offload(budget="25%"), quantize=moec.Int8Experts())
+    assert all("[offloaded]" in b.experts and "int8" in b.experts for b in moec.inspect(model).blocks)
+    moec.compile(ref, quantize=moec.Int8Experts())
+    with torch.no_grad():
+        for seq in (5, 1):
+            x = models.example_inputs(ref, seq=seq, seed=seq)
+            assert torch.equal(model(**x).logits, ref(**x).logits)
+    with pytest.raises(TypeError, match="quantize must be"):
+        moec.load_offloaded(model, tmp_path, moec.Offload(), quantize="int8")
 
 
 def test_load_offloaded_errors(tmp_path):

@@ -8,7 +8,8 @@ experts op becomes a call of `OffloadedExperts`, which reads each expert it need
     pool   slots[C] of expert weights, C = the budget; one pool per expert shape, shared by every block
       |  policy picks the slot to reuse: lru, lfu, routing (usage over blocks until next use), or "auto"
       |  (replays the routing of the first calls and keeps the policy with the most hits)
-    experts run one at a time from their slot (the torch backend's per-expert path, same numbers)
+    experts run from their slots, as many at once as the pool holds (the torch backend's per-expert path or
+    its quantized kernels, same numbers; with quantize= the store and the slots hold the quantized experts)
 
 Prefetch: when block i runs, block i+1's router (its own route op, on its live weights) is applied to
 block i's input, and the experts it picks are loaded by the worker while block i computes (the idea of

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from torch import nn
 
 from moec.offload.config import Offload
+from moec.quant import Int4Experts, Int8Experts
 
 
 def _files(checkpoint) -> list[Path]:
@@ -108,10 +109,12 @@ def _give_back_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def load_offloaded(model: nn.Module, checkpoint, offload: Offload, *, passes=None, verify: bool = False) -> nn.Module:
+def load_offloaded(model: nn.Module, checkpoint, offload: Offload, *, quantize=None, passes=None,
+                   verify: bool = False) -> nn.Module:
     """Fill `model` (built on the meta device) from `checkpoint` (a folder of *.safetensors, a file, or a list),
     compiling its MoE blocks with offloaded experts one at a time so that no block's experts stay in memory
-    (see the module docstring). Returns the model, on the CPU."""
+    (see the module docstring; quantize= as in moec.compile: the store holds the quantized experts). Returns the
+    model, on the CPU."""
     from moec.api import Instruments, Report, _run, _start_offload, _warn_if_empty
     from moec.backends import pipeline_for
     from moec.bindings import resolve
@@ -120,6 +123,9 @@ def load_offloaded(model: nn.Module, checkpoint, offload: Offload, *, passes=Non
 
     if not isinstance(offload, Offload):
         raise TypeError(f"moec.load_offloaded: offload must be moec.Offload(...), not {offload!r}")
+    if quantize is not None and not isinstance(quantize, (Int8Experts, Int4Experts)):
+        raise TypeError(f"moec.load_offloaded: quantize must be moec.Int8Experts() or moec.Int4Experts(...), "
+                        f"not {quantize!r}")
     ckpt = _Checkpoint(_files(checkpoint))
     cands = find_candidates(model)
     experts = {}  # block path -> names of its expert tensors
@@ -136,12 +142,12 @@ def load_offloaded(model: nn.Module, checkpoint, offload: Offload, *, passes=Non
     _fill(model, set(model.state_dict()) - held, ckpt)  # parameters and persistent buffers
     _non_persistent_buffers(model, getattr(model, "_init_weights", None))
     pool = Pool(offload, torch.device("cpu"))
-    pipeline = pipeline_for("torch", passes, offload=True)
+    pipeline = pipeline_for("torch", passes, quantize=quantize is not None, offload=True)
     report = Report(pipeline=pipeline, backend="torch")
     for c in cands:
         _fill(model, experts[c.path], ckpt)
         r = _run(model, pipeline, Instruments(verify=verify), install_blocks=True, backend="torch",
-                 options={"quantize": None, "offload": pool}, strict=verify, only=c.path)
+                 options={"quantize": quantize, "offload": pool}, strict=verify, only=c.path)
         report.blocks += r.blocks
         report.rejected += r.rejected
         _give_back_memory()
@@ -150,6 +156,7 @@ def load_offloaded(model: nn.Module, checkpoint, offload: Offload, *, passes=Non
         warnings.warn(f"moec.load_offloaded: {len(kept)} block(s) could not be offloaded and keep their experts in "
                       f"memory: {', '.join(kept)} (see moec.inspect(model).rejected)", stacklevel=2)
     _warn_if_empty(model, report)
+    report.quantize = quantize
     model.__dict__["_moec_report"] = report
     _start_offload(model, report, pool)
     return model

@@ -14,6 +14,7 @@ import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -118,14 +119,15 @@ class Pool:
         self._predicted: dict[str, frozenset] = {}
 
     # -- registration (compile time)
-    def register(self, block: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Write a block's experts (role -> [E, ...]) to the store; the pool is sized anew at the next call."""
+    def register(self, block: str, tensors: dict[str, torch.Tensor], quantized: bool = False) -> None:
+        """Write a block's experts (role -> [E, ...]) to the store; the pool is sized anew at the next call.
+        Quantized experts (q, scale, zero) keep their dtypes in the slots whatever the activations'."""
         shapes = {r: (t.shape[1:], t.dtype) for r, t in tensors.items()}
         E = len(next(iter(tensors.values())))
         nbytes = sum(t[0].numel() * t.element_size() for t in tensors.values())
         slots_for(self.cfg.budget, E, nbytes)  # a budget smaller than one expert fails before anything is written
         self.store.write(block, tensors)
-        self.blocks[block] = {"shapes": shapes, "E": E, "bytes": nbytes, "router": None}
+        self.blocks[block] = {"shapes": shapes, "E": E, "bytes": nbytes, "router": None, "quantized": quantized}
         self.stats.blocks[block] = BlockStats()
         self.reset()
 
@@ -149,14 +151,16 @@ class Pool:
     def follow(self, x: torch.Tensor) -> None:
         """The model moved or changed dtype since compile: the slots follow its activations (emptied; loads
         cast the stored experts as .to() would have)."""
-        if x.device != self.device or (x.is_floating_point() and x.dtype != (self.dtype or self._stored_dtype())):
+        fp = self._stored_dtype()
+        if x.device != self.device or (fp is not None and x.is_floating_point() and x.dtype != (self.dtype or fp)):
             self._drain()
             with self._lock:
                 self.device, self.dtype = x.device, x.dtype
                 self._slots.clear()
 
     def _stored_dtype(self):
-        return next(d for i in self.blocks.values() for _, d in i["shapes"].values())
+        """The dtype of the fp experts as stored (None if every block is quantized)."""
+        return next((d for i in self.blocks.values() if not i["quantized"] for _, d in i["shapes"].values()), None)
 
     def __deepcopy__(self, memo):
         raise TypeError(NO_COPY)
@@ -184,7 +188,7 @@ class Pool:
         """The budget's share for this expert shape (over every block of that shape), in the activations' dtype."""
         same = [b for b, i in self.blocks.items() if self._key(i["shapes"]) == key]
         n = slots_for(self.cfg.budget, sum(self.blocks[b]["E"] for b in same), info["bytes"])
-        shapes = {r: (shape, self.dtype or d) for r, (shape, d) in info["shapes"].items()}
+        shapes = {r: (shape, d if info["quantized"] else self.dtype or d) for r, (shape, d) in info["shapes"].items()}
         self._slots[key] = _Slots(shapes, n, self.device)
         self.stats.slots = {" ".join(f"{r}{list(s)}" for r, s, _ in k): v.n for k, v in self._slots.items()}
         return self._slots[key]
@@ -247,9 +251,9 @@ class Pool:
                     slots.pins[i] -= 1
             self._cond.notify_all()
 
-    def acquire(self, block: str, e: int, held: set[int]) -> tuple[_Slots, int]:
+    def acquire(self, block: str, e: int, held: set[int], wait: bool = True) -> tuple[_Slots, int] | None:
         """The slot holding expert e of `block`, held by the caller: a hit, or a miss loaded now into a free slot
-        (waiting for one while other calls hold them all)."""
+        (waiting for one while other calls hold them all; None instead if not `wait`)."""
         slots, st = self._pool(block), self.stats.blocks[block]
         t0 = time.perf_counter()
         while True:
@@ -259,7 +263,9 @@ class Pool:
                 if pending is None:
                     if slot is None:
                         slot = self._free_slot(slots)
-                        if slot is None:  # every slot held by another call or being written: wait for one
+                        if slot is None:  # every slot held by a call or being written: wait for one
+                            if not wait:
+                                return None
                             self._cond.wait(0.05)
                             continue
                         slots.where[block, e], slots.owner[slot] = slot, (block, e)
@@ -341,39 +347,74 @@ class Pool:
 
 class OffloadedExperts(nn.Module):
     """The experts op of one block with its weights in the pool: (x [T, H], ids [T, k], weights [T, k],
-    b13?, b2?) -> [T, H], the torch backend's per-expert path on each expert's slot. Biases stay resident."""
+    b13?, b2?) -> [T, H]. Runs the torch backend's per-expert path on each expert's slot, fp (moec.experts) or
+    quantized (moec.experts_int8/int4: `quantized` names the format). Biases stay resident."""
 
-    def __init__(self, pool: Pool, block: str, act: tuple):
+    def __init__(self, pool: Pool, block: str, act: tuple, quantized: str | None = None):
         super().__init__()
-        self.pool, self.block, self.act = pool, block, act
+        self.pool, self.block, self.act, self.quantized = pool, block, act, quantized
 
     def forward(self, x, ids, weights, b13=None, b2=None):
+        self.pool.follow(x)
+        return (self._quantized if self.quantized else self._fp)(x, ids, weights, b13, b2)
+
+    def _fp(self, x, ids, weights, b13, b2):
         from moec.backends.torch_backend import _combine, _expert_ffn, _sort
 
-        pool, block = self.pool, self.block
-        pool.follow(x)
         activation, gated, alpha, limit, weight_on_input, gate_up = self.act
-        _, order, counts, xs, ws = _sort(x, ids, weights, pool.blocks[block]["E"], weight_on_input)
+        _, order, counts, xs, ws = _sort(x, ids, weights, self.pool.blocks[self.block]["E"], weight_on_input)
         starts = [0]
         for n in counts:
             starts.append(starts[-1] + n)
-        need = [e for e, n in enumerate(counts) if n]
+        ys = torch.empty_like(xs)
+
+        def run(slots, group):
+            t = slots.t
+            for e, s in group.items():
+                rows = slice(starts[e], starts[e + 1])
+                ys[rows] = _expert_ffn(xs[rows], t["w13"][s], None if b13 is None else b13[e], t["w2"][s],
+                                       None if b2 is None else b2[e], activation, gated, alpha, limit, gate_up)
+
+        self._in_groups(x, [e for e, n in enumerate(counts) if n], run)
+        return _combine(ys, order, ws, ids, weight_on_input, x.dtype)
+
+    def _quantized(self, x, ids, weights, b13, b2):
+        from moec.backends.torch_backend import quantized_combine, quantized_group, quantized_plan
+
+        activation, gated, alpha, limit, weight_on_input, gate_up = self.act
+        order, inv, counts, rows, row_expert, xs = quantized_plan(x, ids, weights, self.pool.blocks[self.block]["E"],
+                                                                  weight_on_input)
+        y = torch.empty_like(xs)  # [T*k, H] fp32
+
+        def run(slots, group):
+            t13, t2 = ([slots.t[r] for r in (f"q{w}", f"s{w}", f"z{w}") if r in slots.t] for w in ("13", "2"))
+            quantized_group(xs, y, counts, rows, row_expert, list(group), t13, b13, t2, b2, activation, gated, alpha,
+                            limit, gate_up, slot=group)
+
+        self._in_groups(x, [int(e) for e in np.flatnonzero(counts)], run)
+        return quantized_combine(y, inv, weights, weight_on_input, x.dtype)
+
+    def _in_groups(self, x, need: list[int], run) -> None:
+        """run(slots, {expert: slot}) on groups of the needed experts, each group held in the pool while it runs:
+        the ones already in the pool first, then as many misses as there are free slots (at least one)."""
+        pool, block = self.pool, self.block
         pool.note_call(block, frozenset(need))
         held = pool.pin(block, need)  # the needed experts in the pool stay until they ran
         where = pool._pool(block).where
-        need.sort(key=lambda e: (block, e) not in where)  # the resident ones first
-        ys = torch.empty_like(xs)
+        need = sorted(need, key=lambda e: (block, e) not in where)
         try:
             self._prefetch_next(x, reserve=len(need) - len(held))
-            for e in need:
-                slots, s = pool.acquire(block, e, held)
-                t, rows = slots.t, slice(starts[e], starts[e + 1])
-                ys[rows] = _expert_ffn(xs[rows], t["w13"][s], None if b13 is None else b13[e], t["w2"][s],
-                                       None if b2 is None else b2[e], activation, gated, alpha, limit, gate_up)
-                pool.release(block, held, s)
+            i = 0
+            while i < len(need):
+                group = {}
+                while i < len(need) and (got := pool.acquire(block, need[i], held, wait=not group)) is not None:
+                    slots, group[need[i]] = got
+                    i += 1
+                run(slots, group)
+                for s in group.values():
+                    pool.release(block, held, s)
         finally:
             pool.release(block, held)
-        return _combine(ys, order, ws, ids, weight_on_input, x.dtype)
 
     def _prefetch_next(self, x, reserve: int) -> None:
         nxt = self.pool.next_block(self.block)
