@@ -12,11 +12,12 @@ ops, defined in moec/ops.py and described by moec/ir.py) -> moec/api.py.
 
 from moec.api import Report, compile, inspect
 from moec.export import ExportReport, export_onnx
+from moec.genai import export_genai
 from moec.ir import ExpertsSpec, MoESpec, RouterSpec, SharedSpec
 from moec.offload import Offload, load_offloaded
 from moec.pass_manager import DEFAULT_PIPELINE, PASSES
 from moec.quant import Int4Experts, Int8Experts
 from moec.serialize import load, save
 
-__all__ = ["compile", "inspect", "Report", "Offload", "load_offloaded", "export_onnx", "ExportReport", "Int8Experts", "Int4Experts", "save", "load", "MoESpec", "RouterSpec", "ExpertsSpec", "SharedSpec", "PASSES",
+__all__ = ["compile", "inspect", "Report", "Offload", "load_offloaded", "export_onnx", "export_genai", "ExportReport", "Int8Experts", "Int4Experts", "save", "load", "MoESpec", "RouterSpec", "ExpertsSpec", "SharedSpec", "PASSES",
            "DEFAULT_PIPELINE"]

@@ -7,11 +7,12 @@ its experts and routers are worth measuring: e.g. the perplexity lost by quantiz
     tiny_moe_lm()                  -> MixtralForCausalLM (3 layers, hidden 128, 8 experts of 256, top-2), eval mode
     fine_moe_lm()                  -> Qwen2MoeForCausalLM (4 layers, hidden 128, 64 experts of 80, top-6, a shared
                                       expert): fine-grained experts, for offloading and model-level passes
+    byte_tokenizer()               -> the models' tokenizer (token = byte), for text in and out and export_genai
     heldout_batches(seq_len=128)   -> deterministic [batch, seq_len] byte-token batches from held-out files
     perplexity(model, batches)     -> exp(mean next-byte NLL)
     expert_load(model, batches)    -> [layers, experts] fraction of routed (token, slot) pairs per expert
 
-Tokens are raw bytes (vocab 256, no tokenizer). The corpus is every `*.py` under the stdlib
+Tokens are raw bytes (vocab 256; `byte_tokenizer()` maps text to them). The corpus is every `*.py` under the stdlib
 directory (site-packages and test directories excluded) in sorted path order; a file is
 held out when a hash of its relative path says so (~5%), so the split does not depend on
 the file system. The corpus is the running Python's stdlib: `train_log.json` records the
@@ -114,6 +115,22 @@ def fine_moe_lm(dtype: torch.dtype = torch.float32):
     import transformers
 
     return transformers.Qwen2MoeForCausalLM.from_pretrained(FINE_DATA_DIR, local_files_only=True, dtype=dtype).eval()
+
+
+def byte_tokenizer():
+    """The tokenizer of tiny_moe_lm and fine_moe_lm (token id = byte value), as a transformers tokenizer: GPT-2's
+    byte-level BPE with its 256 byte symbols at their byte values and no merges, so deployment folders
+    (moec.export_genai) and text generation encode text to the models' tokens. Built here, offline. Its eos is
+    byte 0 (NUL), which the stdlib sources never hold: generation runs to its length."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbol = bytes_to_unicode()  # byte -> the printable character byte-level BPE writes for it
+    tok = Tokenizer(models.BPE(vocab={symbol[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=symbol[0])
 
 
 @torch.no_grad()

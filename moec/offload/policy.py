@@ -34,8 +34,8 @@ def victim(policy: str, candidates: list, h: History):
     if policy == "lfu":
         return min(candidates, key=lambda k: (h.uses.get(k, 0), h.last_use.get(k, -1)))
     if policy == "routing":
-        return min(candidates, key=lambda k: ((h.uses.get(k, 0) + 1) / (h.calls.get(k[0], 0) + 2) / h.distance(k[0]),
-                                              h.last_use.get(k, -1)))
+        per_block = {b: 1 / ((h.calls.get(b, 0) + 2) * h.distance(b)) for b in {k[0] for k in candidates}}
+        return min(candidates, key=lambda k: ((h.uses.get(k, 0) + 1) * per_block[k[0]], h.last_use.get(k, -1)))
     return min(candidates, key=lambda k: h.last_use.get(k, -1))
 
 

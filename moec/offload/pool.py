@@ -127,7 +127,8 @@ class Pool:
         nbytes = sum(t[0].numel() * t.element_size() for t in tensors.values())
         slots_for(self.cfg.budget, E, nbytes)  # a budget smaller than one expert fails before anything is written
         self.store.write(block, tensors)
-        self.blocks[block] = {"shapes": shapes, "E": E, "bytes": nbytes, "router": None, "quantized": quantized}
+        self.blocks[block] = {"shapes": shapes, "E": E, "bytes": nbytes, "router": None, "quantized": quantized,
+                              "key": self._key(shapes)}
         self.stats.blocks[block] = BlockStats()
         self.reset()
 
@@ -180,13 +181,13 @@ class Pool:
     def _pool(self, block: str) -> _Slots:
         """The slots of `block`'s expert shape, made at the first call after compile (or after reset/follow)."""
         info = self.blocks[block]
-        key = self._key(info["shapes"])
+        key = info["key"]
         with self._lock:
             return self._slots[key] if key in self._slots else self._make_slots(key, info)
 
     def _make_slots(self, key: tuple, info: dict) -> _Slots:
         """The budget's share for this expert shape (over every block of that shape), in the activations' dtype."""
-        same = [b for b, i in self.blocks.items() if self._key(i["shapes"]) == key]
+        same = [b for b, i in self.blocks.items() if i["key"] == key]
         n = slots_for(self.cfg.budget, sum(self.blocks[b]["E"] for b in same), info["bytes"])
         shapes = {r: (shape, d if info["quantized"] else self.dtype or d) for r, (shape, d) in info["shapes"].items()}
         self._slots[key] = _Slots(shapes, n, self.device)
@@ -417,6 +418,8 @@ class OffloadedExperts(nn.Module):
             pool.release(block, held)
 
     def _prefetch_next(self, x, reserve: int) -> None:
+        if self.pool._worker is None:  # prefetch off: no prediction to make
+            return
         nxt = self.pool.next_block(self.block)
         router = self.pool.blocks.get(nxt, {}).get("router") if nxt else None
         if router is None:
