@@ -212,7 +212,7 @@ class OrtForward:
                 eager = model(**tensors)
             log.info(f"exporting {type(model).__name__} to ONNX for onnxruntime (inputs {', '.join(tensors)})")
             exported = export_onnx(model, {n: _widen(t) for n, t in tensors.items()}, path, quantize=self.quantize,
-                                   provider=provider)
+                                   provider=provider, kv_cache=False)
         session = ort.InferenceSession(path, sess_options=session_options(self.options), providers=self.providers)
         ran = session.get_providers()[0]
         self.report.backend = f"onnxruntime ({ran})"

@@ -147,6 +147,24 @@ def _with_cache(model: nn.Module, input_ids):
     return _ExportableWithCache(model, layers), inputs, names, outputs, shapes
 
 
+def _default_kv_cache(model: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """export_onnx's kv_cache=None: True for an HF decoder LM (generate, past_key_values, not encoder-decoder)
+    given only input_ids (+ attention_mask) whose cache is a key/value pair per layer."""
+    config = getattr(model, "config", None)
+    ids = kwargs.get("input_ids", args[0] if len(args) == 1 else None)
+    if (config is None or getattr(config, "is_encoder_decoder", False) or not hasattr(model, "generate")
+            or set(kwargs) - {"input_ids", "attention_mask"} or not isinstance(ids, torch.Tensor) or ids.dim() != 2
+            or "past_key_values" not in pyinspect.signature(model.forward).parameters):
+        return False
+    try:
+        cache_layout(model, ids)
+    except NotImplementedError:
+        warnings.warn(f"moec.export_onnx: {type(model).__name__}'s cache is not a key/value pair per layer (Mamba or "
+                      f"linear-attention state): exported without its cache (kv_cache=False)", stacklevel=3)
+        return False
+    return True
+
+
 def dynamic_axes(t):
     """Dynamic axes of one example input: every axis of an integer tensor (batch, sequence), every axis
     but the last (features) of a float one."""
@@ -194,7 +212,7 @@ def _warn_about_ties(model: nn.Module, report) -> None:
 
 def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.PathLike, *,
                 quantize: QuantConfig | None = None, provider: str = "cpu", opset: int | None = None,
-                external_data: bool | None = None, kv_cache: bool = False) -> ExportReport:
+                external_data: bool | None = None, kv_cache: bool | None = None) -> ExportReport:
     """Export `model` (left unchanged) to ONNX at `path`; return what became of each MoE block.
 
     example_inputs: positional args (a tuple) or keyword args (a dict) of model(...); their batch and
@@ -205,13 +223,17 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         `<path>.data`; None does that only past 2 GB.
     kv_cache: an HF decoder LM exported with its cache (_ExportableWithCache): inputs input_ids,
         attention_mask (past + new tokens), position_ids, past_key_values.{i}.key/value; outputs logits,
-        present.{i}.key/value; batch, sequence and past length dynamic (the past may be empty).
+        present.{i}.key/value; batch, sequence and past length dynamic (the past may be empty). None (the
+        default): with the cache for an HF decoder LM given input_ids (and attention_mask) whose cache is a
+        key/value pair per layer; a model whose cache is another state (Mamba) exports without, with a warning.
     """
     path = os.fspath(path)
     check_exportable(model, quantize, provider)
     if "_moec_report" in model.__dict__:
         raise ValueError("moec.export_onnx takes the original model, not one moec.compile already rewrote")
     args, kwargs = (tuple(example_inputs), {}) if not isinstance(example_inputs, dict) else ((), dict(example_inputs))
+    if kv_cache is None:
+        kv_cache = _default_kv_cache(model, args, kwargs)
     inputs = (*args, *kwargs.values())
     names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
     for name, t in zip(names, inputs):

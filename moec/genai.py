@@ -41,20 +41,19 @@ def _token_id(model: nn.Module, tokenizer, name: str):
     return getattr(tokenizer, f"{name}_token_id", None) if tokenizer is not None else None
 
 
-def _write_tokenizer(tokenizer, out: Path) -> None:
+def _tokenizer_files(tokenizer) -> list[Path] | None:
+    """The files of a tokenizer folder (None for a transformers tokenizer, which saves itself); refused with the
+    reason before anything is written."""
     if isinstance(tokenizer, (str, os.PathLike)):
         src = Path(tokenizer)
-        found = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
         if not (src / "tokenizer.json").is_file() and not (src / "tokenizer.model").is_file():
             raise FileNotFoundError(f"moec.export_genai: no tokenizer.json (or tokenizer.model) in {src}: give a "
                                     f"tokenizer folder or a transformers tokenizer")
-        for f in found:
-            shutil.copy(f, out / f.name)
-    elif hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(str(out))
-    else:
+        return [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
+    if not hasattr(tokenizer, "save_pretrained"):
         raise TypeError(f"moec.export_genai: tokenizer must be a transformers tokenizer or a folder with its files, "
                         f"not {type(tokenizer).__name__}")
+    return None
 
 
 def export_genai(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, quantize: QuantConfig | None = None,
@@ -71,7 +70,8 @@ def export_genai(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, qua
     context_length = context_length or getattr(config, "max_position_embeddings", None)
     if not context_length:
         raise ValueError("moec.export_genai: the model's config has no max_position_embeddings: pass context_length=")
-    hf_tokenizer = None if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+    files = _tokenizer_files(tokenizer)
+    hf_tokenizer = tokenizer if files is None else None
     tokens = {name: _token_id(model, hf_tokenizer, name) for name in ("bos", "eos", "pad")}
     if tokens["eos"] is None:
         raise ValueError("moec.export_genai: neither the model's configs nor the tokenizer name an eos token id: set "
@@ -79,7 +79,10 @@ def export_genai(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, qua
     if tokens["pad"] is None:
         tokens["pad"] = tokens["eos"] if isinstance(tokens["eos"], int) else tokens["eos"][0]
     out.mkdir(parents=True, exist_ok=True)
-    _write_tokenizer(tokenizer, out)
+    if files is None:
+        tokenizer.save_pretrained(str(out))
+    for f in files or []:
+        shutil.copy(f, out / f.name)
     ids = torch.randint(0, config.vocab_size, (2, 4), generator=torch.Generator().manual_seed(0))
     report = export_onnx(model, {"input_ids": ids}, out / "model.onnx", quantize=quantize, provider=provider,
                          kv_cache=True, external_data=True)

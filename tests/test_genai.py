@@ -7,13 +7,12 @@ import json
 import subprocess
 import sys
 
+import handwritten
 import pytest
 import torch
 
 import moec
 from moec import examples, models
-
-import handwritten
 
 og = pytest.importorskip("onnxruntime_genai")
 
@@ -117,7 +116,7 @@ def test_a_fresh_process_without_torch_runs_the_folder_from_text(tmp_path):
         "while not generator.is_done():\n"
         "    generator.generate_next_token()\n"
         "print(repr(tokenizer.decode(generator.get_sequence(0))))\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     prompt = "import os\ndef main(argv):\n    "
     want = _hf_tokens(model, [list(prompt.encode())], 24)[0]
