@@ -256,7 +256,7 @@ DEQUANT_MIN_ROWS = 12
 
 
 def quantized_plan(x, ids, weights, num_experts, weight_on_input):
-    """The expert-sorted rows of a quantized experts call: (order, inv, counts, rows, row_expert, xs fp32 [T*k, H]).
+    """The expert-sorted rows of a quantized experts call: (inv, counts, rows, row_expert, xs fp32 [T*k, H]).
     rows: the kernels' rows per expert (cpu_quant.plan; none for experts with DEQUANT_MIN_ROWS rows or more)."""
     if x.device.type != "cpu":
         raise NotImplementedError(f"moec: quantized experts in the torch backend run on CPU only, not {x.device.type}")
@@ -268,7 +268,7 @@ def quantized_plan(x, ids, weights, num_experts, weight_on_input):
     xs = x.index_select(0, order // k).float()  # [T*k, H] the source token of each sorted row
     if weight_on_input:
         xs *= weights.reshape(-1)[order].unsqueeze(1)
-    return order, inv, counts, rows, ids.reshape(-1)[order], xs
+    return inv, counts, rows, ids.reshape(-1)[order], xs
 
 
 def quantized_group(xs, y, counts, rows, row_expert, experts, t13, b13, t2, b2, activation, gated, alpha, limit,
@@ -322,7 +322,7 @@ def _quantized_experts(x, ids, weights, t13, b13, t2, b2, activation, gated, alp
                        gate_up):
     """The routed experts on quantized weights t = (q, scale[, zero]) in moec's format, in fp32 whatever
     the activations' dtype (see quantized_group)."""
-    order, inv, counts, rows, row_expert, xs = quantized_plan(x, ids, weights, t13[0].shape[0], weight_on_input)
+    inv, counts, rows, row_expert, xs = quantized_plan(x, ids, weights, t13[0].shape[0], weight_on_input)
     y = torch.empty_like(xs)
     quantized_group(xs, y, counts, rows, row_expert, np.flatnonzero(counts), t13, b13, t2, b2, activation, gated,
                     alpha, limit, gate_up)

@@ -24,7 +24,8 @@ from moec.canonical import resolve  # noqa: E402
 from moec.passes.quantize_experts import quantized_tensors  # noqa: E402
 
 CONFIGS = {"fp32": None, "int8": moec.Int8Experts(),
-           **{f"int4 g{g} {'sym' if s else 'asym'}": moec.Int4Experts(g, s) for g in (32, 64, 128) for s in (True, False)},
+           **{c.describe(): c for g in (32, 64, 128) for c in (moec.Int4Experts(g), moec.Int4Experts(g, signed_scale=True),
+                                                                moec.Int4Experts(g, symmetric=False))},
            "int8 +router": moec.Int8Experts(router=True), "int4 g128 sym +router": moec.Int4Experts(128, router=True)}
 
 

@@ -16,6 +16,7 @@ import copy
 import inspect as pyinspect
 import io
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ from torch import nn
 from moec.api import Rejection, compile, inspect
 from moec.backends.onnx_backend import translations
 from moec.canonical import resolve
+from moec.log import log
 from moec.pass_manager import DEFAULT_PIPELINE
 from moec.quant import Int4Experts, Int8Experts, QuantConfig
 
@@ -53,12 +55,15 @@ class ExportReport:
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     external_data: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)  # where the export's time went, per stage
 
     def __rich__(self) -> Table:
         q = f", quantize {self.quantize.describe()}" if self.quantize else ""
         ext = ", weights in external data" if self.external_data else ""
+        took = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
         t = Table(title=f"moec.export_onnx -> {self.path} (provider {self.provider}{q}{ext}); inputs "
-                        f"{', '.join(self.inputs)}; outputs {', '.join(self.outputs)}", title_justify="left")
+                        f"{', '.join(self.inputs)}; outputs {', '.join(self.outputs)}; took {took}",
+                  title_justify="left")
         for col in ("block", "ONNX op", "routing / why", "router", "experts"):
             t.add_column(col)
         for b in self.blocks:
@@ -241,6 +246,13 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
             raise ValueError(f"moec.export_onnx: example input {name} has shape {tuple(t.shape)}: give batch and "
                              "sequence sizes >= 2 so they export as dynamic axes (1 would be baked in)")
 
+    clock = [time.perf_counter()]
+
+    def lap() -> float:  # seconds since the last lap
+        clock.append(time.perf_counter())
+        return clock[-1] - clock[-2]
+
+    seconds = {}
     work = copy.deepcopy(model)
     pipeline = DEFAULT_PIPELINE + (",quantize_experts" if quantize else "") + ",lower_onnx"
     with warnings.catch_warnings():
@@ -248,6 +260,8 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         compile(work, backend="torch", passes=pipeline, quantize=quantize)
     compiled = inspect(work)
     _warn_about_ties(work, compiled)
+    seconds["moec compile"] = lap()
+    log.info(f"moec.export_onnx: tracing {type(model).__name__} with torch.onnx.export (the longest stage)")
     with torch.no_grad():
         if kv_cache:
             exportable, inputs, names, outputs, shapes = _with_cache(work, kwargs.get("input_ids",
@@ -259,14 +273,17 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         program = torch.onnx.export(
             exportable, inputs, input_names=names, output_names=outputs, dynamic_shapes=shapes, dynamo=True,
             custom_translation_table=translations(), opset_version=opset, verbose=False)
+    seconds["torch.onnx.export"] = lap()
     program.save(path, external_data=external_data)
+    seconds["save"] = lap()
     onnx.checker.check_model(path)  # by path: also checks external data
+    seconds["onnx.checker"] = lap()
 
     proto = onnx.load(path, load_external_data=False)
     report = ExportReport(path, provider, quantize, rejected=compiled.rejected,
                           inputs=[i.name for i in proto.graph.input], outputs=[o.name for o in proto.graph.output],
                           external_data=any(t.data_location == onnx.TensorProto.EXTERNAL
-                                            for t in proto.graph.initializer))
+                                            for t in proto.graph.initializer), seconds=seconds)
     for b in compiled.blocks:
         info = resolve(work, b.path).__dict__["_moec_graph"].meta["onnx"]
         report.blocks.append(ExportBlock(b.path, info["op"], info["why"], b.router, b.experts))

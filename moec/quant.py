@@ -47,21 +47,29 @@ class Int8Experts:
 
 @dataclass(frozen=True)
 class Int4Experts:
-    """int4 weight-only experts, one scale (and zero point if asymmetric) per group of inputs."""
+    """int4 weight-only experts, one scale (and zero point if asymmetric) per group of inputs.
+
+    Symmetric groups dequantize as (q - 8) * scale, q in 0..15. signed_scale=True (ORT's and llama.cpp's Q4_0
+    grid) makes the group's largest-magnitude weight exactly -8 steps (scale = that weight / -8, of its
+    sign), so all 16 levels are used at a step of amax/8; False spends 15 levels at a step of amax/7."""
 
     group_size: int = 128
     symmetric: bool = True
     shared: bool = False  # also the shared experts' linear layers (torch backend, CPU)
     router: bool = False  # also the router weight [E, H] (dequantized in the graph; any backend)
+    signed_scale: bool = False  # symmetric only: the 16-level grid above
     bits = 4
 
     def __post_init__(self):
         if type(self.group_size) is not int or self.group_size not in (32, 64, 128):
             raise ValueError(f"Int4Experts.group_size must be 32, 64 or 128 (an int), not {self.group_size!r}")
-        _check_bools(self, "symmetric", "shared", "router")
+        _check_bools(self, "symmetric", "shared", "router", "signed_scale")
+        if self.signed_scale and not self.symmetric:
+            raise ValueError("Int4Experts(signed_scale=True) is a symmetric grid: drop symmetric=False")
 
     def describe(self) -> str:
-        return f"int4 g{self.group_size} {'sym' if self.symmetric else 'asym'}" + _extras(self)
+        grid = "sym16" if self.signed_scale else "sym" if self.symmetric else "asym"
+        return f"int4 g{self.group_size} {grid}" + _extras(self)
 
 
 QuantConfig = Int8Experts | Int4Experts
@@ -82,7 +90,12 @@ def quantize(cfg: QuantConfig, w: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"q": torch.round(w / scale[..., None]).clamp(-127, 127).to(torch.int8), "scale": scale}
     E, N, K = w.shape
     g = w.reshape(E, N, K // cfg.group_size, cfg.group_size)
-    if cfg.symmetric:
+    if cfg.signed_scale:
+        extreme = g.gather(-1, g.abs().argmax(-1, keepdim=True)).squeeze(-1)  # [E, N, K/g] of its sign
+        scale = torch.where(extreme < 0, extreme.clamp(max=-8e-12), extreme.clamp(min=8e-12)) / -8
+        q = torch.round(g / scale[..., None]).clamp(-8, 7) + 8
+        zero = None
+    elif cfg.symmetric:
         scale = (g.abs().amax(-1) / 7).clamp_min(1e-12)  # [E, N, K/g]
         q = torch.round(g / scale[..., None]).clamp(-8, 7) + 8
         zero = None

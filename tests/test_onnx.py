@@ -37,7 +37,8 @@ HF = [f for f in SUPPORTED if f not in EXPORT_GAPS]
 # GraniteMoE, JetMoE: top-k of the logits, softmax of the chosen), a bias, groups, capacity, sparsemixer
 HF_LOG_WEIGHTS = {"glm4_moe", "phimoe", "switch_transformers", "gpt_oss", "granitemoe", "jetmoe"}
 SHAPES = [(1, 1), (3, 7)]  # (batch, seq); every export's example is (2, 5)
-QUANT = [moec.Int8Experts(), moec.Int4Experts(32), moec.Int4Experts(64, symmetric=False)]
+QUANT = [moec.Int8Experts(), moec.Int4Experts(32), moec.Int4Experts(64, symmetric=False),
+         moec.Int4Experts(32, signed_scale=True)]
 QSIZES = dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=64)  # int4 groups divide every K
 
 

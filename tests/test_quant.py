@@ -23,16 +23,27 @@ from moec.quant import Int4Experts, Int8Experts, QuantLinear, dequantize, quanti
 from conftest import TOL, rel_err
 from test_ops import naive_experts
 
-CONFIGS = [Int8Experts(), Int4Experts(32), Int4Experts(64, symmetric=False), Int4Experts(128)]
+CONFIGS = [Int8Experts(), Int4Experts(32), Int4Experts(64, symmetric=False), Int4Experts(128),
+           Int4Experts(32, signed_scale=True)]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.describe())
 def test_roundtrip_error_is_half_a_step(cfg):
     w = torch.randn(3, 40, 256) * torch.rand(3, 40, 1)  # rows of different ranges
     t = quantize(cfg, w)
-    step = t["scale"] if cfg.bits == 8 else t["scale"].repeat_interleave(cfg.group_size, dim=-1)
-    step = step[..., None] if cfg.bits == 8 else step
-    assert ((dequantize(cfg, t) - w).abs() <= step / 2 * (1 + 1e-5) + 1e-7).all()
+    scale = t["scale"] if cfg.bits == 8 else t["scale"].repeat_interleave(cfg.group_size, dim=-1)
+    step = (scale[..., None] if cfg.bits == 8 else scale).abs()
+    err = (dequantize(cfg, t) - w).abs()
+    if getattr(cfg, "signed_scale", False):
+        # the group's largest-magnitude weight is exactly -8 steps; weights of the other sign past +7.5 steps clip
+        # to +7 (at most one step off), every other weight is within half a step
+        extreme = w.reshape(3, 40, -1, cfg.group_size).abs().argmax(-1)
+        at = err.reshape(3, 40, -1, cfg.group_size).gather(-1, extreme[..., None])
+        assert (at <= 1e-6).all()
+        clipped = w / scale > 7.5
+        assert (err[clipped] <= step[clipped] * (1 + 1e-5)).all()
+        err, step = err[~clipped], step[~clipped]
+    assert (err <= step / 2 * (1 + 1e-5) + 1e-7).all()
     packed_bytes = t["q"].numel()
     assert packed_bytes == w.numel() // (8 // cfg.bits)
 
@@ -68,7 +79,8 @@ def test_quantized_kernels_match_dequantized_reference(cfg, e, T, k, dtype):
     assert got.dtype == dtype and rel_err(got, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("cfg", [Int8Experts()] + [Int4Experts(g, sym) for g in (32, 64, 128) for sym in (True, False)],
+@pytest.mark.parametrize("cfg", [Int8Experts(), Int4Experts(32, signed_scale=True)]
+                         + [Int4Experts(g, sym) for g in (32, 64, 128) for sym in (True, False)],
                          ids=lambda c: c.describe())
 @pytest.mark.parametrize("dequant_min_rows", [100, 3, 1])
 def test_quantized_kernels_on_every_row_count(cfg, dequant_min_rows, monkeypatch):

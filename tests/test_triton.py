@@ -69,7 +69,7 @@ def test_experts_kernel_reads_strided_weights():
 
 
 QCONFIGS = [Int8Experts(), Int4Experts(32), Int4Experts(32, symmetric=False), Int4Experts(128),
-            Int4Experts(128, symmetric=False)]
+            Int4Experts(128, symmetric=False), Int4Experts(32, signed_scale=True)]
 QSPECS = [ExpertsSpec(4, 128, 128, "silu"), ExpertsSpec(4, 128, 128, "swiglu_oai", bias=True, alpha=1.702, limit=7.0),
           ExpertsSpec(4, 128, 128, "gelu", gated=False, bias=True)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

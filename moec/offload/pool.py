@@ -383,8 +383,8 @@ class OffloadedExperts(nn.Module):
         from moec.backends.torch_backend import quantized_combine, quantized_group, quantized_plan
 
         activation, gated, alpha, limit, weight_on_input, gate_up = self.act
-        order, inv, counts, rows, row_expert, xs = quantized_plan(x, ids, weights, self.pool.blocks[self.block]["E"],
-                                                                  weight_on_input)
+        inv, counts, rows, row_expert, xs = quantized_plan(x, ids, weights, self.pool.blocks[self.block]["E"],
+                                                           weight_on_input)
         y = torch.empty_like(xs)  # [T*k, H] fp32
 
         def run(slots, group):
