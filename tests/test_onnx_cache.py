@@ -1,6 +1,9 @@
 """moec.export_onnx(kv_cache=True): HF decoder LMs exported with their KV cache, run step by step in a plain ONNX
 Runtime session (a prompt of batch 2 with left padding, then one token at a time), compared at every step with
-HF's own cached forward: logits (fp32 tight) and greedy tokens."""
+HF's own cached forward: logits (fp32 tight; fp16 at fp16's tolerance; int8/int4 QMoE against the model with its
+experts dequantized) and greedy tokens."""
+
+import copy
 
 import numpy as np
 import onnxruntime as ort
@@ -13,6 +16,7 @@ from moec import models
 from conftest import TOL, rel_err
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe"]
+QSIZES = dict(hidden_size=64, intermediate_size=64)  # int4 groups of 32 divide every K
 
 
 def _positions(mask: torch.Tensor, new: int) -> torch.Tensor:
@@ -21,15 +25,15 @@ def _positions(mask: torch.Tensor, new: int) -> torch.Tensor:
     return pos.masked_fill(mask == 0, 1)[:, -new:]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_generates_step_by_step_like_hf(family, tmp_path):
-    model = models.tiny_model(family).eval()
-    path = tmp_path / "lm.onnx"
-    report = moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), path, kv_cache=True)
+def _step_by_step(model, ref, path, tol, quantize=None):
+    """Export `model` with its cache, run it in a plain ORT session (a prompt of batch 2 with left padding, then one
+    token at a time) and compare every step with `ref`'s own cached forward: logits within `tol`, greedy tokens."""
+    report = moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), path, quantize=quantize,
+                              kv_cache=True)
     assert report.inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
     assert report.inputs[3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
     assert report.outputs[:3] == ["logits", "present.0.key", "present.0.value"]
-    assert report.blocks and all(b.op == "MoE" for b in report.blocks), str(report)
+    assert report.blocks and all(b.op == ("QMoE" if quantize else "MoE") for b in report.blocks), str(report)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     layers = (len(report.inputs) - 3) // 2
 
@@ -38,27 +42,51 @@ def test_generates_step_by_step_like_hf(family, tmp_path):
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, :2] = 0  # row 1: left padding
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask, 6), use_cache=True)
+        out = ref(input_ids=ids, attention_mask=mask, position_ids=_positions(mask, 6), use_cache=True)
     cache = out.past_key_values
     k0 = cache.layers[0].keys
     heads, dim = k0.shape[1], k0.shape[3]
-    past = [np.zeros((2, heads, 0, dim), np.float32) for _ in range(2 * layers)]  # the first step: no past
+    np_dtype = torch.empty(0, dtype=k0.dtype).numpy().dtype
+    past = [np.zeros((2, heads, 0, dim), np_dtype) for _ in range(2 * layers)]  # the first step: no past
     feed, want = ids, out.logits
     for step in range(4):
         got = sess.run(None, {"input_ids": feed.numpy(), "attention_mask": mask.numpy(),
                               "position_ids": _positions(mask, feed.shape[1]).numpy(),
                               **{n: p for n, p in zip(report.inputs[3:], past)}})
         real = mask[:, -feed.shape[1]:].bool()  # padded positions' logits mean nothing (they differ)
-        assert rel_err(torch.from_numpy(got[0])[real], want[real]) < TOL[torch.float32], step
+        assert rel_err(torch.from_numpy(got[0])[real].float(), want[real].float()) < tol, step
         past = got[1:]
-        token = want[:, -1].argmax(-1, keepdim=True)  # HF's greedy token ...
+        token = want[:, -1].argmax(-1, keepdim=True)  # the reference's greedy token ...
         assert torch.equal(torch.from_numpy(got[0][:, -1]).argmax(-1, keepdim=True), token)  # ... is ORT's too
         mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
         feed = token
         with torch.no_grad():
-            out = model(input_ids=feed, attention_mask=mask, position_ids=_positions(mask, 1), past_key_values=cache,
-                        use_cache=True)
+            out = ref(input_ids=feed, attention_mask=mask, position_ids=_positions(mask, 1), past_key_values=cache,
+                      use_cache=True)
         cache, want = out.past_key_values, out.logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generates_step_by_step_like_hf(family, tmp_path):
+    model = models.tiny_model(family).eval()
+    _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float32])
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_fp16_steps_like_hf_fp16(family, tmp_path):
+    model = models.tiny_model(family, dtype=torch.float16).eval()
+    _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float16])
+
+
+@pytest.mark.parametrize("cfg", [moec.Int4Experts(32), moec.Int4Experts(32, signed_scale=True), moec.Int8Experts()],
+                         ids=lambda c: c.describe())
+def test_quantized_steps_like_the_dequantized_model(cfg, tmp_path):
+    """QMoE with the cache against HF's cached forward of the same model with its experts' weights dequantized."""
+    from test_quant import _dequantized_twin
+
+    model = models.tiny_model("mixtral", **QSIZES).eval()
+    twin = _dequantized_twin(model, moec.compile(copy.deepcopy(model), quantize=cfg), cfg)
+    _step_by_step(model, twin, tmp_path / "lm.onnx", 1e-4, quantize=cfg)
 
 
 def test_a_model_without_a_key_value_cache_is_refused(tmp_path):
