@@ -3,7 +3,7 @@
     python benchmarks/quality.py [--batches 8] [--batch-size 8] [--seq 128]
 
 Rows: fp32 (moec-compiled, unquantized), int8 per-channel, int4 with groups 32/64/128,
-symmetric and asymmetric, and int8 / int4 g128 with the router weight quantized too (router=True). Columns: held-out perplexity (next byte) and its change vs fp32,
+symmetric (amax/7, and the 16-level signed-scale grid "sym16") and asymmetric, and int8 / int4 g128 with the router weight quantized too (router=True). Columns: held-out perplexity (next byte) and its change vs fp32,
 max and mean |logit error| vs fp32 over the held-out tokens, and the bytes of the routed
 experts (quantized: packed weights + scales + zero points) and their ratio to fp32.
 """
