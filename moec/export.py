@@ -29,6 +29,7 @@ from torch import nn
 from moec.api import Rejection, compile, inspect
 from moec.backends.onnx_backend import translations
 from moec.canonical import resolve
+from moec.export_dense import quantize_dense
 from moec.log import log
 from moec.pass_manager import DEFAULT_PIPELINE
 from moec.quant import Int4Experts, Int8Experts, QuantConfig
@@ -56,10 +57,13 @@ class ExportReport:
     outputs: list[str] = field(default_factory=list)
     external_data: bool = False
     seconds: dict[str, float] = field(default_factory=dict)  # where the export's time went, per stage
+    dense: QuantConfig | None = None  # export_onnx(dense=...): the dense MatMuls' format
+    dense_matmuls: int = 0  # how many became MatMulNBits
 
     def __rich__(self) -> Table:
         q = f", quantize {self.quantize.describe()}" if self.quantize else ""
         ext = ", weights in external data" if self.external_data else ""
+        ext += f", {self.dense_matmuls} dense MatMuls as MatMulNBits ({self.dense.describe()})" if self.dense else ""
         took = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
         t = Table(title=f"moec.export_onnx -> {self.path} (provider {self.provider}{q}{ext}); inputs "
                         f"{', '.join(self.inputs)}; outputs {', '.join(self.outputs)}; took {took}",
@@ -217,7 +221,8 @@ def _warn_about_ties(model: nn.Module, report) -> None:
 
 def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.PathLike, *,
                 quantize: QuantConfig | None = None, provider: str = "cpu", opset: int | None = None,
-                external_data: bool | None = None, kv_cache: bool | None = None) -> ExportReport:
+                external_data: bool | None = None, kv_cache: bool | None = None,
+                dense: QuantConfig | None = None) -> ExportReport:
     """Export `model` (left unchanged) to ONNX at `path`; return what became of each MoE block.
 
     example_inputs: positional args (a tuple) or keyword args (a dict) of model(...); their batch and
@@ -231,9 +236,14 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         present.{i}.key/value; batch, sequence and past length dynamic (the past may be empty). None (the
         default): with the cache for an HF decoder LM given input_ids (and attention_mask) whose cache is a
         key/value pair per layer; a model whose cache is another state (Mamba) exports without, with a warning.
+    dense: None, or Int4Experts(g, symmetric) / Int8Experts(): the dense MatMuls (attention, lm_head, dense and
+        shared MLPs; never the routers) become com.microsoft::MatMulNBits (moec.export_dense), apart from the
+        experts' `quantize`.
     """
     path = os.fspath(path)
     check_exportable(model, quantize, provider)
+    if dense is not None and not isinstance(dense, (Int8Experts, Int4Experts)):
+        raise TypeError(f"moec.export_onnx: dense must be moec.Int4Experts(...) or moec.Int8Experts(), not {dense!r}")
     if "_moec_report" in model.__dict__:
         raise ValueError("moec.export_onnx takes the original model, not one moec.compile already rewrote")
     args, kwargs = (tuple(example_inputs), {}) if not isinstance(example_inputs, dict) else ((), dict(example_inputs))
@@ -276,6 +286,12 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     seconds["torch.onnx.export"] = lap()
     program.save(path, external_data=external_data)
     seconds["save"] = lap()
+    quantized = 0
+    if dense is not None:
+        big = external_data or any(t.data_location == onnx.TensorProto.EXTERNAL
+                                   for t in onnx.load(path, load_external_data=False).graph.initializer)
+        quantized = quantize_dense(path, dense, {b.num_experts for b in compiled.blocks}, big)
+        seconds["dense MatMulNBits"] = lap()
     onnx.checker.check_model(path)  # by path: also checks external data
     seconds["onnx.checker"] = lap()
 
@@ -283,7 +299,8 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     report = ExportReport(path, provider, quantize, rejected=compiled.rejected,
                           inputs=[i.name for i in proto.graph.input], outputs=[o.name for o in proto.graph.output],
                           external_data=any(t.data_location == onnx.TensorProto.EXTERNAL
-                                            for t in proto.graph.initializer), seconds=seconds)
+                                            for t in proto.graph.initializer), seconds=seconds,
+                          dense=dense, dense_matmuls=quantized)
     for b in compiled.blocks:
         info = resolve(work, b.path).__dict__["_moec_graph"].meta["onnx"]
         report.blocks.append(ExportBlock(b.path, info["op"], info["why"], b.router, b.experts))

@@ -112,3 +112,68 @@ def test_backend_onnxruntime_generates_with_the_cache(family):
         got, want = model.generate(ids, **kw), ref.generate(ids, **kw)
     assert torch.equal(got, want)
     assert "kv_cache" in str(list(model.forward.sessions)) and model.generation_config.use_cache
+
+
+def _dequantized_matmulnbits(init: dict, node) -> np.ndarray:
+    """The [K, N] weight a MatMulNBits node stands for: W[k, n] = (q[n, k] - zero) * scale[n, k // block], zero 8
+    (4 bits) or 128 (8 bits) when the node has none (ONNX Runtime's format)."""
+    from onnx import helper, numpy_helper
+
+    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    K, N, bits, block = a["K"], a["N"], a["bits"], a["block_size"]
+    blocks = -(-K // block)
+    nibbles = lambda t: np.stack([t & 15, t >> 4], axis=-1).reshape(N, -1)  # noqa: E731  low nibble first
+    q = numpy_helper.to_array(init[node.input[1]]).reshape(N, -1)
+    q = (nibbles(q) if bits == 4 else q)[:, :K].astype(np.float32)
+    scale = numpy_helper.to_array(init[node.input[2]]).reshape(N, blocks).astype(np.float32)
+    if len(node.input) > 3 and node.input[3]:
+        z = numpy_helper.to_array(init[node.input[3]]).reshape(N, -1)
+        zero = (nibbles(z) if bits == 4 else z)[:, :blocks].astype(np.float32)
+    else:
+        zero = np.full((N, blocks), 8.0 if bits == 4 else 128.0, np.float32)
+    return ((q - np.repeat(zero, block, 1)[:, :K]) * np.repeat(scale, block, 1)[:, :K]).T.copy()
+
+
+@pytest.mark.parametrize("dense", [moec.Int4Experts(32), moec.Int4Experts(32, symmetric=False), moec.Int8Experts()],
+                         ids=lambda c: c.describe())
+def test_dense_matmuls_as_matmulnbits(dense, tmp_path):
+    """export_onnx(dense=...): attention and lm_head MatMuls become MatMulNBits, routers stay fp; the file computes
+    what its dequantized weights say (the same file with each MatMulNBits a MatMul of those weights), step by step."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = models.tiny_model("mixtral", **QSIZES).eval()
+    path = tmp_path / "dense.onnx"
+    report = moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), path, kv_cache=True, dense=dense)
+    proto = onnx.load(path)
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    layers = model.config.num_hidden_layers
+    assert len(nbits) == report.dense_matmuls == 4 * layers + 1  # q, k, v, o per layer and the lm_head
+    init = {t.name: t for t in proto.graph.initializer}
+    E = model.config.num_local_experts
+    assert sum(n.op_type in ("MatMul", "Gemm") and E in init[n.input[1]].dims
+               for n in proto.graph.node if len(n.input) > 1 and n.input[1] in init) == layers  # routers: fp
+
+    ref = onnx.load(path)  # MatMulNBits -> MatMul of the dequantized weight
+    for node in [n for n in ref.graph.node if n.op_type == "MatMulNBits"]:
+        w = numpy_helper.from_array(_dequantized_matmulnbits(init, node), f"{node.name}_dequantized")
+        ref.graph.initializer.append(w)
+        ref.graph.node.insert(list(ref.graph.node).index(node),
+                              helper.make_node("MatMul", [node.input[0], w.name], node.output, name=f"{node.name}_ref"))
+        ref.graph.node.remove(node)
+    onnx.save(ref, tmp_path / "ref.onnx", save_as_external_data=True)
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (path, tmp_path / "ref.onnx")]
+    names = report.inputs
+    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    k = model.config.num_key_value_heads
+    dim = model.config.hidden_size // model.config.num_attention_heads
+    pasts = [[np.zeros((2, k, 0, dim), np.float32)] * (2 * layers) for _ in sessions]
+    for step in range(4):
+        feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": _positions(mask, ids.shape[1]).numpy()}
+        got, want = (s.run(None, {**feed, **dict(zip(names[3:], p))}) for s, p in zip(sessions, pasts))
+        assert rel_err(torch.from_numpy(got[0]), torch.from_numpy(want[0])) < 1e-4, step
+        assert np.array_equal(got[0][:, -1].argmax(-1), want[0][:, -1].argmax(-1))
+        pasts = [got[1:], want[1:]]
+        ids = torch.from_numpy(want[0][:, -1].argmax(-1))[:, None]
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
