@@ -2,9 +2,10 @@
 
     python benchmarks/bench_offload.py [--model fine|tiny] [--new-tokens 128] [--prompt 32] [--rounds 3] [--threads 2]
 
-Table 1, cache behaviour per policy and budget (10/25/50% of the experts, disk store, router prefetch):
-hit rate, prefetch precision/recall, MB read per generated token, from one greedy generation of
---new-tokens after a --prompt-token prompt of held-out text.
+Table 1, cache behaviour per policy and budget (10/25/50% of the experts, disk store, router prefetch of width 2;
+then the routing policy without prefetch and with widths 1 and 3): hit rate, prefetch precision/recall, MB read
+per generated token, and Belady's bound (the best hit rate without prefetch on the same calls), from one greedy
+generation of --new-tokens after a --prompt-token prompt of held-out text.
 Table 2, generation tokens/s (same generation): fully resident (moec, no offload), offloaded at each budget
 (policy auto, disk store, prefetch auto: none on a CPU; and 25% with router prefetch), naive on-demand loading (one
 slot, no prefetch: every expert read from disk at each use), and int8 experts resident and offloaded at 25%
@@ -27,7 +28,7 @@ from rich.table import Table
 
 import moec
 from moec import examples
-from moec.offload import simulate
+from moec.offload import optimal, simulate
 
 BUDGETS = ("10%", "25%", "50%")
 # (name, expert bytes in bf16, routed experts per layer, top-k, layers, resident compute s/token on an H100)
@@ -64,7 +65,7 @@ def main():
     args = ap.parse_args()
     tables = {int(t) for t in args.tables.split(",")}
     torch.set_num_threads(args.threads)
-    console = Console()
+    console = Console(width=170)
     prompt = examples.heldout_batches(seq_len=args.prompt)[0][:1]
     n, load = args.new_tokens, LOAD[args.model]
 
@@ -79,20 +80,25 @@ def main():
 
 
 def cache_table(console, load, args, prompt, n):
-    t1 = Table(title=f"cache behaviour: {args.model}_moe_lm, {n} tokens after {args.prompt}, disk store, router prefetch")
-    for col in ("policy", "budget", "slots", "hit rate", "prefetch precision", "prefetch recall", "MB read/token"):
+    t1 = Table(title=f"cache behaviour: {args.model}_moe_lm, {n} tokens after {args.prompt}, disk store")
+    for col in ("policy", "budget", "slots", "prefetch (width)", "hit rate", "prefetch precision", "prefetch recall",
+                "MB read/token", "best without prefetch"):
         t1.add_column(col)
-    for policy in ("lru", "lfu", "routing", "auto"):
-        for budget in BUDGETS:
-            model = offloaded(load, budget, policy, "router")
-            generate(model, prompt, n)
-            st = moec.inspect(model).offload
-            s = st.total()
-            r = st.rates(s)
-            t1.add_row(policy, budget, str(sum(st.slots.values())), f"{r['hit_rate']:.1%}",
-                       f"{r['prefetch_precision']:.1%}", f"{r['prefetch_recall']:.1%}",
-                       f"{s.bytes_read / 2**20 / n:.2f}")
+    runs = [(policy, budget, "router", 2) for policy in ("lru", "lfu", "routing", "auto") for budget in BUDGETS]
+    runs += [("routing", budget, pf, w) for budget in BUDGETS for pf, w in ((None, 2), ("router", 1), ("router", 3))]
+    for policy, budget, prefetch, width in runs:
+        model = load()
+        moec.compile(model, offload=moec.Offload(budget=budget, policy=policy, prefetch=prefetch, prefetch_width=width))
+        generate(model, prompt, n)
+        st = moec.inspect(model).offload
+        s, slots = st.total(), sum(st.slots.values())
+        r = st.rates(s)
+        t1.add_row(policy, budget, str(slots), f"router ({width})" if prefetch else "none", f"{r['hit_rate']:.1%}",
+                   f"{r['prefetch_precision']:.1%}", f"{r['prefetch_recall']:.1%}", f"{s.bytes_read / 2**20 / n:.2f}",
+                   f"{optimal(list(st.trace), slots):.1%}")
     console.print(t1)
+    console.print("best without prefetch: Belady's bound on the same calls (moec.offload.optimal: evicts the expert "
+                  "needed furthest ahead; no policy that waits for the call to load can beat it)")
 
 
 def speed_table(console, load, args, prompt, n, resident):

@@ -361,24 +361,20 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
 
 
 def _start_offload(model: nn.Module, report: Report, pool: Pool) -> None:
-    """Give the pool each offloaded block's router (prefetch: the next block's choice on this block's input), in
-    the order the blocks run in the model (module order), empty it and its statistics (the proof's calls)."""
-    from moec.backends.torch_backend import route_math
-    from moec.ops import route_args
+    """Give the pool each offloaded block's predictors (moec.offload.prefetch), in the order the blocks run in
+    the model (module order), empty it and its statistics (the proof's calls)."""
+    from moec.offload.prefetch import LatePrefetch, router_predictor
 
     for b in report.blocks:
         block = resolve(model, b.path)
         spec, roles = _spec_of(model, b.path)
-        if b.path not in pool.blocks or "router_weight" not in roles:
+        if b.path not in pool.blocks or "router_weight" not in roles or pool._worker is None:
             continue
-
-        def router(x, block=block, spec=spec, roles=roles):
-            p = lambda role: roles[role].get(block) if role in roles else None
-            w = p("router_weight")
-            return route_math(x.reshape(-1, spec.experts.hidden).to(w.dtype), w, p("router_bias"), p("select_bias"),
-                              *route_args(spec.router), num_experts=spec.experts.num_experts)[1]
-
-        pool.blocks[b.path]["router"] = router
+        predict = router_predictor(roles, block, spec, pool.cfg.prefetch_width)
+        pool.blocks[b.path]["router"] = predict
+        if "." in b.path:
+            pool.late.append(LatePrefetch(pool, b.path, resolve(model, b.path.rpartition(".")[0]), block, predict,
+                                          spec.experts.hidden))
     pool.reset()
     report.offload = pool.stats
 

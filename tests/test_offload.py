@@ -16,7 +16,7 @@ import moec
 from moec import models
 from moec.bindings import resolve
 from moec.canonical import compiled_graph
-from moec.offload import History, simulate, slots_for, victim
+from moec.offload import History, optimal, simulate, slots_for, victim
 
 FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3"]
 
@@ -69,16 +69,24 @@ def test_generation_is_the_same_and_the_cache_stays_within_its_budget():
     assert experts and all(p.numel() == 0 for p in experts)  # the experts left the model
 
 
-def test_prefetch_never_changes_a_number():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefetch_never_changes_a_number(family):
     outs = []
-    for prefetch in ("router", None):
-        model = _lm("qwen2_moe")
-        report = _compile(model, budget="50%", prefetch=prefetch)
+    for prefetch, width in (("router", 1), ("router", 3), (None, 2)):
+        model = _lm(family)
+        # a norm holding a buffer is not called again by the late predictor: its block keeps the early guess
+        model.model.layers[0].post_attention_layernorm.register_buffer("calls", torch.zeros(()))
+        report = _compile(model, budget="50%", prefetch=prefetch, prefetch_width=width)
+        pool = compiled_graph(resolve(model, report.blocks[0].path)).offloaded.pool
         with torch.no_grad():
             outs.append([model(**models.example_inputs(model, seq=s, seed=s)).logits for s in (1, 1, 3, 1, 1)])
         rates = report.offload.rates(report.offload.total())
-        assert (rates["prefetch_recall"] > 0) == (prefetch == "router")
-    assert all(torch.equal(a, b) for a, b in zip(*outs))
+        assert (rates["prefetch_recall"] > 0) == (prefetch is not None)
+        if prefetch:  # the late predictor found each block's norm on the first call, but layer 0's
+            assert [late.norm is not None for late in pool.late] == [i > 0 for i in range(len(report.blocks))]
+            assert pool.blocks[report.blocks[0].path]["router"] is not None
+            assert all(pool.blocks[b.path]["router"] is None for b in report.blocks[1:])
+    assert all(torch.equal(a, b) for ref in outs[1:] for a, b in zip(outs[0], ref))
 
 
 @pytest.mark.parametrize("quant", [moec.Int8Experts(), moec.Int4Experts(group_size=32),
@@ -159,6 +167,8 @@ def test_clear_errors():
         moec.Offload(budget="a quarter")
     with pytest.raises(ValueError, match="policy"):
         moec.Offload(policy="fifo")
+    with pytest.raises(ValueError, match="prefetch_width"):
+        moec.Offload(prefetch_width=0)
     model = _lm("mixtral")
     with pytest.warns(UserWarning, match="no MoE block rewritten"):
         moec.compile(model, offload=moec.Offload(budget="1KB"))
@@ -197,6 +207,11 @@ def test_policies_on_a_cyclic_trace():
             trace.append((b, frozenset({0, 1 + t % 5})))
     lru, routing = simulate(trace, 4, "lru"), simulate(trace, 4, "routing")
     assert routing > lru + 0.2
+    # Belady's bound: at least every policy; a slot per expert misses only first uses; 4 slots keep the 3 hot
+    # experts and miss every rare use (each comes back after 15 others)
+    assert optimal(trace, 4) >= max(simulate(trace, 4, p) for p in ("lru", "lfu", "routing"))
+    assert optimal(trace, 18) == 1 - 18 / 1200
+    assert optimal(trace, 4) == pytest.approx(0.5 - 3 / 1200)
     h = History(["a", "b", "c"])
     h.now = "a"
     assert h.distance("b") == 1 and h.distance("a") == 3

@@ -11,10 +11,12 @@ experts op becomes a call of `OffloadedExperts`, which reads each expert it need
     experts run from their slots, as many at once as the pool holds (the torch backend's per-expert path or
     its quantized kernels, same numbers; with quantize= the store and the slots hold the quantized experts)
 
-Prefetch: when block i runs, block i+1's router (its own route op, on its live weights) is applied to
-block i's input, and the experts it picks are loaded by the worker while block i computes (the idea of
-mixtral-offloading's speculative loading). A prefetch never evicts an expert in use and never changes
-a number: experts always run from the slot their weights were copied into.
+Prefetch (moec.offload.prefetch): each block's own router (its route op, on its live weights) names the top
+`prefetch_width * k` experts ahead of the block, and the worker loads them: as the block's layer starts, on
+the residual stream through the block's norm (found on the first call), or, in models without that shape, as
+the previous block starts, on that block's input (mixtral-offloading's speculative loading). A prefetch never
+evicts an expert in use and never changes a number: experts always run from the slot their weights were
+copied into.
 
 Budget: "25%" (of every expert of that shape, over all blocks), a fraction 0.25, an int (experts), or
 bytes "1.5GB". The smallest budget is one expert: a call needing more experts than the pool holds runs
@@ -23,7 +25,7 @@ them in turns. Statistics: `moec.inspect(model).offload`.
 
 from moec.offload.config import Offload, slots_for
 from moec.offload.load import load_offloaded
-from moec.offload.policy import History, simulate, victim
+from moec.offload.policy import History, optimal, simulate, victim
 from moec.offload.pool import OffloadedExperts, OffloadStats, Pool
 
-__all__ = ["History", "Offload", "OffloadStats", "OffloadedExperts", "Pool", "simulate", "slots_for", "victim"]
+__all__ = ["History", "Offload", "OffloadStats", "OffloadedExperts", "Pool", "optimal", "simulate", "slots_for", "victim"]

@@ -18,9 +18,12 @@ class Offload:
         when the model is on a GPU).
     path: the disk store's folder (default: a temporary folder, removed with the model).
     policy: "lru", "lfu", "routing" (see `victim`) or "auto" (the best of them on the first calls' routing, replayed).
-    prefetch: "router" (next block's router on this block's input, loaded by a worker thread), None, or "auto":
-        router on a GPU (the copies run on a side stream beside the compute), None on a CPU (there the worker
-        competes with the compute for the cores: measured slower, docs/offload.md).
+    prefetch: "router" (each block's router applied ahead of it, loaded by a worker thread: see
+        moec.offload.prefetch), None, or "auto": router on a GPU (the copies run on a side stream beside the
+        compute), None on a CPU (there the worker competes with the compute for the cores: measured slower,
+        docs/offload.md).
+    prefetch_width: how many experts a prediction names, in multiples of the block's k (its top width*k):
+        more hits for more bytes read (docs/offload.md).
     """
 
     budget: str | float | int = "25%"
@@ -28,6 +31,7 @@ class Offload:
     path: str | None = None
     policy: str = "auto"
     prefetch: str | None = "auto"
+    prefetch_width: int = 2
 
     def __post_init__(self):
         if self.store not in ("disk", "host"):
@@ -36,6 +40,8 @@ class Offload:
             raise ValueError(f"moec.Offload: policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
         if self.prefetch not in ("router", "auto", None):
             raise ValueError(f"moec.Offload: prefetch must be 'router', 'auto' or None, not {self.prefetch!r}")
+        if isinstance(self.prefetch_width, bool) or not isinstance(self.prefetch_width, int) or self.prefetch_width < 1:
+            raise ValueError(f"moec.Offload: prefetch_width must be an int >= 1 (multiples of k), not {self.prefetch_width!r}")
         _parse_budget(self.budget)  # a budget that does not parse fails here, with what to write
 
     def describe(self) -> str:

@@ -57,3 +57,22 @@ def simulate(trace: list[tuple[str, frozenset]], slots: int, policy: str) -> flo
                 resident.add((block, e))
             h.use(block, e)
     return hits / max(total, 1)
+
+
+def optimal(trace: list[tuple[str, frozenset]], slots: int) -> float:
+    """The best hit rate any policy can reach on `trace` without prefetch (Belady: evict the expert needed
+    furthest in the future); a bound for the policies above, not one that can run (it reads the future)."""
+    uses = [((block, e), i) for i, (block, need) in enumerate(trace) for e in sorted(need)]
+    after, nxt = [0] * len(uses), {}
+    for j in range(len(uses) - 1, -1, -1):  # the call that next needs each use's expert
+        after[j] = nxt.get(uses[j][0], len(trace))
+        nxt[uses[j][0]] = uses[j][1]
+    resident, hits = {}, 0  # (block, expert) -> the call that needs it next
+    for (key, call), then in zip(uses, after):
+        if key in resident:
+            hits += 1
+        elif len(resident) >= slots:
+            evictable = [k for k, c in resident.items() if c != call] or list(resident)  # not this call's experts
+            del resident[max(evictable, key=resident.get)]
+        resident[key] = then
+    return hits / max(len(uses), 1)

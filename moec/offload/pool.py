@@ -117,6 +117,7 @@ class Pool:
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="moec-prefetch") if prefetch else None
         self._h = History([])
         self._predicted: dict[str, frozenset] = {}
+        self.late: list = []  # moec.offload.prefetch.LatePrefetch per block (set up by compile)
 
     # -- registration (compile time)
     def register(self, block: str, tensors: dict[str, torch.Tensor], quantized: bool = False) -> None:
@@ -222,10 +223,10 @@ class Pool:
             self._stream = torch.cuda.Stream(self.device)
         return self._stream
 
-    def _free_slot(self, slots: _Slots) -> int | None:
-        """An empty slot, else the policy's victim among the slots no call holds and no prefetch writes (None if
-        there is none)."""
-        free = [i for i in range(slots.n) if not slots.pins[i] and i not in slots.loading]
+    def _free_slot(self, slots: _Slots, keep: frozenset = frozenset()) -> int | None:
+        """An empty slot, else the policy's victim among the slots no call holds, no prefetch writes and that do
+        not hold a (block, expert) in `keep` (None if there is none)."""
+        free = [i for i in range(slots.n) if not slots.pins[i] and i not in slots.loading and slots.owner[i] not in keep]
         empty = [i for i in free if slots.owner[i] is None]
         if empty or not free:
             return empty[0] if empty else None
@@ -325,8 +326,9 @@ class Pool:
         self._predicted[block] = frozenset(experts)
         with self._lock:
             room = slots.n - sum(1 for i in range(slots.n) if slots.pins[i]) - len(slots.loading) - reserve
+            keep = frozenset((block, e) for e in experts)  # a prediction does not evict its own experts
             for e in [e for e in experts if (block, e) not in slots.where][:max(room, 0)]:
-                slot = self._free_slot(slots)
+                slot = self._free_slot(slots, keep)
                 if slot is None:
                     return
                 slots.where[block, e], slots.owner[slot] = slot, (block, e)
@@ -418,13 +420,8 @@ class OffloadedExperts(nn.Module):
             pool.release(block, held)
 
     def _prefetch_next(self, x, reserve: int) -> None:
-        if self.pool._worker is None:  # prefetch off: no prediction to make
-            return
+        """The early guess for the next block (moec.offload.prefetch), unless its late predictor took over."""
         nxt = self.pool.next_block(self.block)
-        router = self.pool.blocks.get(nxt, {}).get("router") if nxt else None
-        if router is None:
-            return
-        with torch.no_grad():
-            ids = router(x)
-        if ids is not None:
-            self.pool.prefetch(nxt, ids.unique().tolist(), reserve)
+        predict = self.pool.blocks.get(nxt, {}).get("router") if nxt else None
+        if predict is not None:
+            self.pool.prefetch(nxt, predict(x), reserve)
