@@ -153,7 +153,7 @@ def drop_unused_roles(gm: fx.GraphModule) -> None:
 def graph_inputs(gm: fx.GraphModule, block: nn.Module) -> list[torch.Tensor]:
     """The tensors the graph reads after hidden_states, from the block as it is now."""
     bindings = gm.meta["bindings"]
-    return [bindings[r].get(block) for r in roles(gm)]
+    return [bindings[r].get(block) for r in gm.meta.get("installed_roles") or roles(gm)]
 
 
 def call(gm: fx.GraphModule, block: nn.Module, *inputs: torch.Tensor):
@@ -312,6 +312,7 @@ def install(block: nn.Module, gm: fx.GraphModule, path: str) -> None:
     user_forward = old.user_forward if old is not None else block.__dict__.get("forward")
     gm.meta.pop("block", None)  # the compiled block holds no compile-time references (tensors, candidates)
     gm.meta.pop("candidate", None)
+    gm.meta["installed_roles"] = roles(gm)  # read per call without gm.graph (which torch.compile does not trace)
     block.__dict__["_moec_graph"] = gm  # kept out of _modules: state_dict and named_modules are unchanged
     # a partial of a module-level function: torch.export reads its code, pickle stores it
     block.forward = functools.partial(_run_compiled, CompiledForward(block, gm, path, user_forward))

@@ -548,6 +548,20 @@ def test_torch_export_of_a_compiled_block():
         assert rel_err(ep.module()(x), block(x)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("quantize", [None, moec.Int8Experts()], ids=["fp32", "int8"])
+def test_torch_compile_of_a_compiled_model(quantize):
+    """torch.compile traces a compiled HF model whole (moec's blocks are no graph break) and runs the same numbers."""
+    model = moec.compile(models.tiny_model("qwen2_moe").eval(), quantize=quantize)
+    ids = _ids(model)
+    with torch.no_grad():
+        want = model(ids).logits
+        explained = torch._dynamo.explain(model)(ids)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="aot_eager", dynamic=False)(ids).logits
+    assert rel_err(got, want) < TOL[torch.float32]
+
+
 class _KeywordParent(nn.Module):
     def __init__(self):
         super().__init__()

@@ -1,0 +1,253 @@
+"""moec against llama.cpp on the same weights, CPU: decode and prefill tokens/s in one interleaved run.
+
+    pip install llama-cpp-python gguf      # llama-cpp-python builds llama.cpp (several minutes on 2 cores)
+    python benchmarks/bench_llamacpp.py [--models mix qmoe] [--prompt 16] [--new-tokens 64] [--prefill 64 512]
+                                        [--rounds 3] [--threads 2] [--precisions fp32 int8 int4]
+
+Models (random weights, fp32): "mix" = moec.models.demo_model() (Mixtral-style: hidden 512, 8 experts of 1792,
+top-2, 4 layers); "qmoe" = a Qwen2-MoE of hidden 512, 4 layers, 64 experts of 320, top-6, a shared expert of
+1280. Each is written as GGUF by `to_gguf` below (moec's own writer, the `gguf` package's GGUFWriter):
+llama.cpp's "llama" architecture for Mixtral (q/k rows permuted for its rope layout, as llama.cpp's converter
+does) and "qwen2moe" for Qwen2-MoE, a byte-level SPM vocabulary of the model's size. Before timing, the script
+checks that llama.cpp's f32 logits of the prompt match HF's (the conversion is right).
+Pairs (moec torch backend, KV cache, `model.generate` / one forward for prefill; llama.cpp through
+llama-cpp-python, `eval` + greedy argmax): fp32 <-> f32, int8 experts <-> q8_0, int4 g32 experts <-> q4_0
+(llama.cpp quantizes every matrix but the router, and its activations to 8 bits; moec quantizes the routed
+experts only, weight-only). Tokens/s medians over --rounds interleaved rounds; each round's wall time printed.
+Skips cleanly (exit 0, a message) where llama-cpp-python or gguf is not installed. Never in CI.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import moec
+from moec import models
+
+QUANT = {"fp32": (None, "F32"), "int8": (moec.Int8Experts(), "Q8_0"), "int4": (moec.Int4Experts(32), "Q4_0")}
+LLAMA_NAME = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
+
+
+def build(name: str):
+    if name == "mix":
+        return models.demo_model().eval()
+    import transformers
+
+    cfg = transformers.Qwen2MoeConfig(vocab_size=1024, hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
+                                      num_key_value_heads=2, moe_intermediate_size=320, num_experts=64,
+                                      num_experts_per_tok=6, shared_expert_intermediate_size=1280,
+                                      intermediate_size=1280, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """HF's q/k rows (rotate-half rope) -> llama.cpp's "llama" layout (rope on adjacent pairs)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def to_gguf(model, path: str, qtype: str = "F32") -> None:
+    """Write an HF Mixtral or Qwen2-MoE model as GGUF: every matrix but the router in `qtype` (F32, Q8_0, Q4_0)."""
+    import gguf
+
+    cfg, sd = model.config, {k: v.float().numpy() for k, v in model.state_dict().items()}
+    arch = {"mixtral": "llama", "qwen2_moe": "qwen2moe"}[cfg.model_type]
+    w = gguf.GGUFWriter(path, arch)
+    heads, kv, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
+    E = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(H)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_dimension_count(H // heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_expert_count(E)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    if arch == "qwen2moe":
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    w.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                     "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype])
+    # a byte-level SPM vocabulary of the model's size (the benchmark feeds token ids)
+    V = cfg.vocab_size
+    tokens = ["<unk>", "<s>", "</s>", *[f"<0x{b:02X}>" for b in range(256)]]
+    tokens += [f"t{i}" for i in range(V - len(tokens))]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * V)
+    w.add_token_types([2, 3, 3, *[6] * 256, *[1] * (V - 259)])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+
+    qt = getattr(gguf.GGMLQuantizationType, qtype)
+
+    def put(name: str, t: np.ndarray, quantize: bool = True) -> None:
+        t = np.ascontiguousarray(t, dtype=np.float32)
+        if quantize and qtype != "F32" and t.ndim >= 2:
+            w.add_tensor(name, gguf.quants.quantize(t, qt), raw_dtype=qt)
+        else:
+            w.add_tensor(name, t)
+
+    put("token_embd.weight", sd["model.embed_tokens.weight"])
+    put("output_norm.weight", sd["model.norm.weight"])
+    put("output.weight", sd["lm_head.weight"])
+    for i in range(cfg.num_hidden_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        q, k = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
+        if arch == "llama":
+            q, k = _permute(q, heads), _permute(k, kv)
+        put(b + "attn_q.weight", q)
+        put(b + "attn_k.weight", k)
+        put(b + "attn_v.weight", sd[p + "self_attn.v_proj.weight"])
+        put(b + "attn_output.weight", sd[p + "self_attn.o_proj.weight"])
+        for name in ("q", "k", "v"):
+            if p + f"self_attn.{name}_proj.bias" in sd:
+                put(b + f"attn_{name}.bias", sd[p + f"self_attn.{name}_proj.bias"])
+        put(b + "attn_norm.weight", sd[p + "input_layernorm.weight"])
+        put(b + "ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        put(b + "ffn_gate_inp.weight", sd[p + "mlp.gate.weight"], quantize=False)
+        gate_up, down = sd[p + "mlp.experts.gate_up_proj"], sd[p + "mlp.experts.down_proj"]  # [E, 2I, H], [E, H, I]
+        inter = gate_up.shape[1] // 2
+        put(b + "ffn_gate_exps.weight", gate_up[:, :inter])
+        put(b + "ffn_up_exps.weight", gate_up[:, inter:])
+        put(b + "ffn_down_exps.weight", down)
+        if p + "mlp.shared_expert.gate_proj.weight" in sd:
+            for part in ("gate", "up", "down"):
+                put(b + f"ffn_{part}_shexp.weight", sd[p + f"mlp.shared_expert.{part}_proj.weight"])
+            put(b + "ffn_gate_inp_shexp.weight", sd[p + "mlp.shared_expert_gate.weight"][0], quantize=False)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+class LlamaCpp:
+    """A GGUF file behind generate(ids, max_new_tokens) (greedy) and prefill(ids), like the torch models."""
+
+    def __init__(self, path: str, threads: int, n_ctx: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=n_ctx,
+                         n_ubatch=n_ctx, logits_all=True, verbose=False)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        self.llm.reset()
+        self.llm.eval(ids[0].tolist())
+        return torch.from_numpy(np.array(self.llm.scores[:ids.shape[1]]))
+
+    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        self.llm.reset()
+        self.llm.eval(ids[0].tolist())
+        out = ids[0].tolist()
+        for _ in range(max_new_tokens):
+            out.append(int(np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
+            self.llm.eval([out[-1]])
+        return torch.tensor(out)[None]
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        self.llm.reset()
+        self.llm.eval(ids[0].tolist())
+
+
+class Torch:
+    def __init__(self, model):
+        self.model = model
+
+    def generate(self, ids, max_new_tokens):
+        with torch.no_grad():
+            return self.model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                       do_sample=False)
+
+    def prefill(self, ids):
+        with torch.no_grad():
+            self.model(input_ids=ids, use_cache=False)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["mix", "qmoe"], choices=("mix", "qmoe"))
+    ap.add_argument("--precisions", nargs="+", default=list(QUANT), choices=tuple(QUANT))
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prefill", type=int, nargs="+", default=[64, 512])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp  # noqa: F401
+    except ImportError as e:
+        print(f"bench_llamacpp: skipped, {e.name} is not installed (pip install llama-cpp-python gguf)")
+        return
+    torch.set_num_threads(args.threads)
+    console, work = Console(width=160), tempfile.mkdtemp(prefix="moec-bench-llamacpp-")
+    n_ctx = max(args.prefill + [args.prompt + args.new_tokens]) + 8
+    for name in args.models:
+        ref = build(name)
+        gen = torch.Generator().manual_seed(0)
+        prompt = torch.randint(3, ref.config.vocab_size, (1, args.prompt), generator=gen)
+        long = {n: torch.randint(3, ref.config.vocab_size, (1, n), generator=gen) for n in args.prefill}
+        systems = {}
+        for prec in args.precisions:
+            quantize, qtype = QUANT[prec]
+            path = os.path.join(work, f"{name}-{qtype}.gguf")
+            to_gguf(ref, path, qtype)
+            systems[f"llama.cpp {LLAMA_NAME[prec]}"] = LlamaCpp(path, args.threads, n_ctx)
+            model = build(name)
+            moec.compile(model, quantize=quantize)
+            systems[f"moec {prec}" + (" experts" if quantize else "")] = Torch(model)
+        with torch.no_grad():
+            want = ref(input_ids=prompt).logits[0]
+        got = systems["llama.cpp f32"].logits(prompt) if "fp32" in args.precisions else None
+        if got is not None:
+            err = ((got - want).norm() / want.norm()).item()
+            console.print(f"{name}: llama.cpp f32 logits vs HF, relative error {err:.2e}")
+            if err > 1e-3:
+                sys.exit(f"bench_llamacpp: {name}'s GGUF conversion is wrong (logits differ from HF by {err:.2e})")
+        speed = {s: {k: [] for k in ("decode", *args.prefill)} for s in systems}
+        for rnd in range(args.rounds + 1):  # round 0 warms up
+            t0 = time.perf_counter()
+            for label, system in systems.items():
+                t = time.perf_counter()
+                system.generate(prompt, args.new_tokens)
+                decode = args.new_tokens / (time.perf_counter() - t)
+                pre = {}
+                for n, ids in long.items():
+                    t = time.perf_counter()
+                    system.prefill(ids)
+                    pre[n] = n / (time.perf_counter() - t)
+                if rnd:
+                    speed[label]["decode"].append(decode)
+                    for n, v in pre.items():
+                        speed[label][n].append(v)
+            console.print(f"{name} round {rnd}{' (warm-up)' if not rnd else ''}: {time.perf_counter() - t0:.1f} s wall")
+        t = Table(title=f"{name}: tokens/s, {args.threads} threads, median of {args.rounds} interleaved rounds "
+                        f"(decode: {args.new_tokens} tokens after {args.prompt}, KV cache)")
+        for col in ("system", "decode", *[f"prefill {n}" for n in args.prefill], "decode vs llama.cpp"):
+            t.add_column(col)
+        for prec in args.precisions:
+            llama = f"llama.cpp {LLAMA_NAME[prec]}"
+            ours = next(s for s in systems if s.startswith(f"moec {prec}"))
+            for label in (ours, llama):
+                med = {k: statistics.median(v) for k, v in speed[label].items()}
+                ratio = med["decode"] / statistics.median(speed[llama]["decode"])
+                t.add_row(label, f"{med['decode']:.0f}", *[f"{med[n]:.0f}" for n in args.prefill], f"{ratio:.2f}x")
+        console.print(t)
+
+
+if __name__ == "__main__":
+    main()
