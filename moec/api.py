@@ -49,6 +49,7 @@ class BlockReport:
     passes: list[PassRecord] = field(default_factory=list)
     expert_load: list[int] | None = None  # tokens routed to each expert on the example inputs
     proof: str = ""  # what the final graph was checked on
+    approximate: str = ""  # what an approximating pass (reduce_topk) changed, and its measured error
 
 
 @dataclass
@@ -64,8 +65,10 @@ class Report:
     pipeline: str = ""
     backend: str = ""
     quantize: QuantConfig | None = None
+    topk: int | dict | None = None  # compile(topk=...): the approximation asked for (moec.save keeps it)
     export: object = None  # backend="onnxruntime": the moec.export_onnx report of the last session opened
     offload: object = None  # compile(offload=...): the expert cache's statistics (moec.offload.OffloadStats), live
+    calibration: object = None  # moec.calibrate's routing statistics (moec.calibrate.Calibration), if it ran
 
     def __rich__(self) -> Table:
         q = f", quantize {self.quantize}" if self.quantize else ""
@@ -75,7 +78,8 @@ class Report:
             t.add_column(col)
         for b in self.blocks:
             load = f"{min(b.expert_load)}/{max(b.expert_load)}" if b.expert_load else "-"
-            t.add_row(b.path, str(b.num_experts), str(b.top_k), b.router, b.experts, b.shared, load)
+            k = f"{b.top_k} [approximate: {b.approximate}]" if b.approximate else str(b.top_k)
+            t.add_row(b.path, str(b.num_experts), k, b.router, b.experts, b.shared, load)
         for r in self.rejected:
             t.add_row(r.path, "", "", f"[not rewritten] {r.reason}", "", "", "")
         if not self.blocks and not self.rejected:
@@ -136,17 +140,24 @@ def _final_proof(gm: fx.GraphModule, block: nn.Module, pm: PassManager) -> str:
     what = f"the compiled graph (after {pm.names[-1]})"
     status(f"proving the graph after {pm.names[-1]}")
     run = runner(gm, block)
-    if spec.quant is None:
+    approximate = gm.meta.get("approximate")
+    if spec.quant is None and not approximate:
         proof.check(run, dtype, what, error=_FinalProofFailed)
-    else:
+    else:  # against the canonical graph of what the passes promise: dequantized weights, the new k
         roles = dict(gm.meta["canonical_bindings"])
-        for role in ("w13", "w2") + (("router",) if spec.quant.router else ()):
+        quantized = () if spec.quant is None else ("w13", "w2") + (("router",) if spec.quant.router else ())
+        for role in quantized:
             deq = dequantize(spec.quant, quantized_tensors(block, role), dtype)
             roles["router_weight" if role == "router" else role] = Const(deq[0] if role == "router" else deq)
         ref = build_graph(block, spec.with_(quant=None), roles)
         proof.check(run, dtype, what, error=_FinalProofFailed,
                     reference=runner(ref, block))
-    return f"{proof.describe()}; experts reached {len(proof.reached)}/{spec.experts.num_experts}"
+    proved = f"{proof.describe()}; experts reached {len(proof.reached)}/{spec.experts.num_experts}"
+    if approximate:  # measured, not a failure: the pass was asked for by name
+        gm.meta["approximation"] = (f"{', '.join(approximate)}: max relative error {proof.error(run, dtype):.2e} "
+                                    f"against the original block on the probes")
+        proved += f"; approximate ({gm.meta['approximation']})"
+    return proved
 
 
 def _compile_block(pm: PassManager, block: nn.Module, cand: Candidate, options: dict) -> _Done | Rejection:
@@ -168,7 +179,8 @@ def _compile_block(pm: PassManager, block: nn.Module, cand: Candidate, options: 
     spec = gm.meta["moe_spec"]
     d = spec.describe()
     return _Done(cand, block, gm, BlockReport(cand.path, spec.experts.num_experts, spec.router.top_k, d["router"],
-                                              d["experts"], d["shared"], records, proof=proved))
+                                              d["experts"], d["shared"], records, proof=proved,
+                                              approximate=gm.meta.get("approximation", "")))
 
 
 def _progress(n: int):
@@ -298,8 +310,9 @@ def _install_all(done: list[_Done]) -> None:
 
 
 def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] | None = None, verify: bool = False,
-            quantize: QuantConfig | None = None, offload: Offload | None = None, providers: list[str] | None = None,
-            session_options=None, **options) -> nn.Module:
+            quantize: QuantConfig | None = None, offload: Offload | None = None, topk: int | dict | None = None,
+            approximate: bool = False, providers: list[str] | None = None, session_options=None,
+            **options) -> nn.Module:
     """Find, prove and rewrite every MoE block of `model` (in place); return the model.
 
     backend: "auto" (Triton on CUDA, else torch), "torch", "triton" (appends the lower_triton pass) or
@@ -316,6 +329,11 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         (disk or host memory) and run from a cache of `budget` experts (appends offload_experts; torch
         backend; with quantize=, the quantized experts are stored and cached; see moec.offload). Statistics:
         moec.inspect(model).offload.
+    topk: an approximation (needs approximate=True, or reduce_topk named in `passes`): every block routes to
+        its `topk` best experts instead of its k (an int), or per block ({block path: k}; blocks not named keep
+        theirs); the combine weights follow each router's own rule at the new k (passes/reduce_topk.py). The
+        block is proved against its canonical form at the new k, and its error against the original is
+        measured and shown by moec.inspect (docs/model_passes.md).
     Every rewritten block is proved: its final graph is checked against the original block before it is
     installed (docs/guarantees.md). A model without MoE comes back unchanged, with a warning; blocks moec
     cannot prove are left as they were and listed in `moec.inspect(model).rejected` with the reason.
@@ -325,6 +343,12 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         raise TypeError(f"moec.compile got unknown option(s) {sorted(options)}")
     if not isinstance(verify, bool):
         raise TypeError(f"moec.compile: verify must be True or False, not {verify!r}")
+    named = "reduce_topk" in (passes.split(",") if isinstance(passes, str) else passes or [])
+    if topk is not None:
+        _check_topk(topk)
+        if not (approximate or named):
+            raise ValueError("moec.compile: topk= changes the model's outputs (an approximating pass): pass "
+                             "approximate=True to ask for it")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     backend = resolve_backend(backend, device)
     if quantize is not None and not isinstance(quantize, (Int8Experts, Int4Experts)):
@@ -339,6 +363,8 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
             raise NotImplementedError(f"moec: offloaded experts run in the torch backend, not {backend!r}: use "
                                       f"backend='torch'")
     if backend == "onnxruntime":
+        if topk is not None:
+            raise NotImplementedError("moec: topk= runs in the torch and triton backends, not 'onnxruntime'")
         return _compile_onnxruntime(model, passes, quantize, providers, session_options)
     if providers is not None or session_options is not None:
         raise TypeError("providers= and session_options= are options of backend='onnxruntime'")
@@ -348,16 +374,23 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     instruments = Instruments.from_env()
     instruments.verify = instruments.verify or verify
     pool = Pool(offload, device) if offload is not None else None
-    report = _run(model, pipeline_for(backend, passes, quantize is not None, pool is not None), instruments,
-                  install_blocks=True, backend=backend, options={"quantize": quantize, "offload": pool}, strict=verify)
+    report = _run(model, pipeline_for(backend, passes, quantize is not None, pool is not None, topk is not None),
+                  instruments, install_blocks=True, backend=backend,
+                  options={"quantize": quantize, "offload": pool, "topk": topk}, strict=verify)
     _warn_if_empty(model, report)
-    report.quantize = quantize
+    report.quantize, report.topk = quantize, topk
     if pool is not None:
         _start_offload(model, report, pool)
     model.__dict__["_moec_report"] = report
     if quantize is not None and report.blocks and hasattr(model, "save_pretrained"):
         model.save_pretrained = _refuse_save_pretrained  # it would write the released (empty) expert weights
     return model
+
+
+def _check_topk(topk) -> None:
+    ok = lambda k: isinstance(k, int) and not isinstance(k, bool) and k >= 1  # noqa: E731
+    if not (ok(topk) or isinstance(topk, dict) and all(isinstance(p, str) and ok(k) for p, k in topk.items())):
+        raise TypeError(f"moec.compile: topk must be an int >= 1 or a dict {{block path: int >= 1}}, not {topk!r}")
 
 
 def _start_offload(model: nn.Module, report: Report, pool: Pool) -> None:
@@ -421,6 +454,7 @@ def inspect(model: nn.Module, *args, **kwargs) -> Report:
         report = _run(model, "detect_moe", Instruments(), install_blocks=False, backend="-")
     if args or kwargs:
         _expert_load(model, report, args, kwargs)
+    report.calibration = model.__dict__.get("_moec_calibration")
     return report
 
 

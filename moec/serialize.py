@@ -36,7 +36,9 @@ def save(model: nn.Module, path: str) -> None:
                                   "store, not the model): save the model before compiling it with offload=")
     cfg = report.quantize
     meta = {"format_version": quant.FORMAT_VERSION, "pipeline": report.pipeline, "backend": report.backend,
-            "quantize": None if cfg is None else {"kind": type(cfg).__name__, **dataclasses.asdict(cfg)}}
+            "quantize": None if cfg is None else {"kind": type(cfg).__name__, **dataclasses.asdict(cfg)},
+            "topk": report.topk,
+            "calibration": None if (cal := model.__dict__.get("_moec_calibration")) is None else cal.to_json()}
     tensors, tied, seen = {}, {}, {}
     for name, t in model.state_dict().items():
         key = (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
@@ -68,7 +70,12 @@ def load(model: nn.Module, path: str, **compile_options) -> nn.Module:
                          f"version {quant.FORMAT_VERSION}: re-export it with this moec version")
     q = meta["quantize"]
     cfg = None if q is None else getattr(quant, q.pop("kind"))(**q)
-    compile(model, quantize=cfg, **compile_options)
+    topk = meta.get("topk")  # an approximation the saved model was compiled with: compiled the same way again
+    compile(model, quantize=cfg, **({"topk": topk, "approximate": True} if topk is not None else {}), **compile_options)
+    if meta.get("calibration") is not None:
+        from moec.calibrate import Calibration
+
+        model.__dict__["_moec_calibration"] = Calibration.from_json(meta["calibration"])
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     state = load_file(path, device=str(device))
     state.update({name: state[src] for name, src in meta.get("tied", {}).items()})

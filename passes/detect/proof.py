@@ -123,6 +123,17 @@ class Proof:
                     raise error(f"{what} differs from the block on {p.name}: relative error {err:.2e} > {tol:.0e}")
 
 
+    def error(self, run, dtype: torch.dtype) -> float:
+        """The largest relative error of run's main output against the original's over the probes (what an
+        approximating pass costs; `check` is for the graphs that must equal a reference)."""
+        worst = 0.0
+        for i, p in enumerate(self.probes):
+            with torch.no_grad():
+                got, ref = _leaves(run(p.x.to(dtype), *p.extra))[0], _leaves(self.reference(i, dtype))[0]
+            worst = max(worst, rel_err(got, ref))
+        return worst
+
+
 def _leaves(out) -> list:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 

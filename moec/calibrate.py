@@ -1,0 +1,169 @@
+"""Routing statistics from a calibration run, and the per-block k schedule they suggest.
+
+    cal = moec.calibrate(model, batches)        # batches: input_ids tensors (or dicts of model inputs)
+    print(cal)                                  # per block: load, top-j weight mass, entropy (+ a load heat row)
+    cal.plot("routing.png")                     # expert-load heatmap [blocks x experts] (matplotlib)
+    schedule = moec.topk_schedule(cal, average=3.3)
+    moec.compile(model, topk=schedule, approximate=True)
+
+Per block (found by moec as compile does, its router read from the graph):
+  load [E]           (token, slot) pairs routed to each expert
+  mass [k]           mean share of a token's router probability held by its top-1 .. top-k experts
+                     (probabilities: softmax of the logits; sigmoid scores normalised to sum 1)
+  entropy            mean entropy of a token's router probabilities (nats; log E when uniform)
+  coactivation [E,E] tokens routed to both experts i and j (diagonal: tokens routed to i)
+The model's state is left as it was (the blocks' routers run beside it, on each block's input); the result is
+kept with it: `moec.inspect(model).calibration`, and in the file `moec.save` writes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+
+@dataclass
+class BlockRouting:
+    path: str
+    num_experts: int
+    top_k: int
+    tokens: int
+    load: list[int]
+    mass: list[float]
+    entropy: float
+    coactivation: list[list[int]]
+
+
+@dataclass
+class Calibration:
+    blocks: list[BlockRouting]
+
+    def to_json(self) -> list[dict]:
+        return [asdict(b) for b in self.blocks]
+
+    @classmethod
+    def from_json(cls, data: list[dict]) -> "Calibration":
+        return cls([BlockRouting(**b) for b in data])
+
+    def __rich__(self) -> Table:
+        k = max((b.top_k for b in self.blocks), default=0)
+        t = Table(title=f"moec routing: {len(self.blocks)} block(s), {self.blocks[0].tokens if self.blocks else 0} "
+                        f"tokens", title_justify="left")
+        for col in ("block", "E", "k", "load min/max", *[f"top-{j} mass" for j in range(1, k + 1)], "entropy",
+                    "load (darker: more)"):
+            t.add_column(col)
+        shades = " ░▒▓█"
+        for b in self.blocks:
+            hi = max(b.load) or 1
+            row = "".join(shades[min(4, math.ceil(4 * n / hi))] for n in b.load)
+            mass = [f"{m:.2f}" for m in b.mass] + [""] * (k - len(b.mass))
+            t.add_row(b.path, str(b.num_experts), str(b.top_k), f"{min(b.load)}/{max(b.load)}", *mass,
+                      f"{b.entropy:.2f} / {math.log(b.num_experts):.2f}", row)
+        return t
+
+    def __str__(self) -> str:
+        console = Console(width=200, file=io.StringIO())
+        console.print(self)
+        return console.file.getvalue()
+
+    def plot(self, path: str) -> None:
+        """The expert-load heatmap, one row per block (each row's share of its pairs), as a PNG at `path`."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise ImportError("Calibration.plot needs matplotlib: pip install matplotlib") from None
+        E = max(b.num_experts for b in self.blocks)
+        share = torch.zeros(len(self.blocks), E)
+        for i, b in enumerate(self.blocks):
+            load = torch.tensor(b.load, dtype=torch.float64)
+            share[i, :len(load)] = (load / load.sum().clamp_min(1)).float()
+        fig, ax = plt.subplots(figsize=(max(6.0, E / 6), 1.0 + 0.4 * len(self.blocks)))
+        im = ax.imshow(share.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_yticks(range(len(self.blocks)), [b.path for b in self.blocks], fontsize=7)
+        ax.set_xlabel("expert")
+        ax.set_title(f"expert load (share of each block's (token, slot) pairs), {self.blocks[0].tokens} tokens")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def calibrate(model: nn.Module, batches) -> Calibration:
+    """Run `model` on each batch (an input_ids tensor, or a dict of keyword inputs) and collect each MoE
+    block's routing statistics (see the module docstring)."""
+    from moec.api import _check_module, _spec_of, inspect
+    from moec.backends.torch_backend import route_math
+    from moec.bindings import resolve
+    from moec.capture import untouched
+    from moec.ops import route_args
+
+    _check_module(model, "calibrate")
+    report = inspect(model)
+    if not report.blocks:
+        raise ValueError("moec.calibrate: no MoE block found in the model (see moec.inspect(model).rejected)")
+    stats: dict[str, dict] = {}
+
+    def hook(path, spec, roles):
+        E, k = spec.experts.num_experts, spec.router.top_k
+
+        def fn(mod, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            p = lambda role: roles[role].get(mod) if role in roles else None  # noqa: E731
+            w = p("router_weight")
+            logits, ids, _ = route_math(x.reshape(-1, spec.experts.hidden).to(w.dtype), w, p("router_bias"),
+                                        p("select_bias"), *route_args(spec.router), num_experts=E)
+            s = logits.float()
+            probs = s.sigmoid() / s.sigmoid().sum(-1, keepdim=True) if spec.router.scoring == "sigmoid" \
+                else s.softmax(-1)  # [T, E]
+            onehot = torch.zeros(len(ids), E).scatter_(1, ids.long(), 1.0)  # [T, E]
+            st = stats.setdefault(path, {"tokens": 0, "load": torch.zeros(E, dtype=torch.long),
+                                         "mass": torch.zeros(k, dtype=torch.float64), "entropy": 0.0,
+                                         "co": torch.zeros(E, E, dtype=torch.long), "k": k, "E": E})
+            st["tokens"] += len(ids)
+            st["load"] += torch.bincount(ids.reshape(-1).long(), minlength=E)
+            st["mass"] += probs.sort(-1, descending=True).values[:, :k].cumsum(-1).sum(0).double()
+            st["entropy"] += float(-(probs * probs.clamp_min(1e-30).log()).sum())
+            st["co"] += (onehot.T @ onehot).long()
+        return fn
+
+    hooks = []
+    for b in report.blocks:
+        spec, roles = _spec_of(model, b.path)
+        if "router_weight" in roles:
+            hooks.append(resolve(model, b.path).register_forward_pre_hook(hook(b.path, spec, roles), with_kwargs=True))
+    try:
+        with torch.no_grad(), untouched(model):
+            for batch in batches:
+                model(**batch) if isinstance(batch, dict) else model(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not stats:
+        raise ValueError("moec.calibrate: the model's blocks saw no tokens (empty batches?)")
+    cal = Calibration([BlockRouting(p, s["E"], s["k"], s["tokens"], s["load"].tolist(),
+                                     (s["mass"] / s["tokens"]).tolist(), s["entropy"] / s["tokens"], s["co"].tolist())
+                        for p, s in stats.items()])
+    model.__dict__["_moec_calibration"] = cal  # moec.inspect(model).calibration; moec.save keeps it
+    return cal
+
+
+def topk_schedule(cal: Calibration, average: float) -> dict[str, int]:
+    """A k per block whose mean is at most `average`: from each block's own k, lower one block's k at a time,
+    the block whose next expert dropped holds the least router mass (calibration's top-j mass)."""
+    ks = {b.path: b.top_k for b in cal.blocks}
+    mass = {b.path: b.mass for b in cal.blocks}
+    if not 1 <= average:
+        raise ValueError(f"moec.topk_schedule: average must be >= 1, not {average}")
+    while sum(ks.values()) / len(ks) > average + 1e-9:
+        p = min((p for p in ks if ks[p] > 1), key=lambda p: mass[p][ks[p] - 1] - mass[p][ks[p] - 2])
+        ks[p] -= 1
+    return ks

@@ -1,0 +1,66 @@
+"""reduce_topk: each block routes to fewer experts (compile(..., topk=k or {block: k}, approximate=True)).
+
+An approximating pass: the block's outputs change. Matches, after fuse_gate:
+
+    logits, ids, w = moec.route(x[T,H], W[E,H], b?, select_bias?, <RouterSpec top_k=k>)    # [T,E], [T,k], [T,k]
+
+and leaves
+
+    logits, ids, w = moec.route(x, W, b?, select_bias?, <RouterSpec top_k=k'>)                # [T,E], [T,k'], [T,k']
+
+with k' < k. The combine weights follow the router's own rule at k' (RouterSpec): a router that
+renormalises its top-k weights (Mixtral, Qwen3-MoE, DeepSeek-V3's norm_topk_prob) renormalises the k' it
+keeps; one that does not (Qwen2-MoE, OLMoE, DeepSeek-V2 without norm_topk_prob) keeps the k' weights as
+the router computed them, so the output loses the dropped experts' share. Scaling the kept weights back
+to the k experts' sum was measured as the alternative (docs/model_passes.md).
+Requires fuse_gate (one moec.route per block). Refused for routers with a capacity (the dropped pairs
+depend on k), sequential-pick selection (sparsemixer, argmax picks) and blocks that return the expert
+ids or weights (their shape would change).
+Invariant: the graph computes the canonical block with top_k = k' (the final proof checks it against
+that reference and measures the error against the original block, reported as the approximation's
+error instead of failing). Stats: reduced, k_before, k_after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from moec.ir import RouterSpec
+from moec.ops import route_args
+from moec.pass_manager import PassResult, Rejected, register_pass
+
+
+def new_topk(topk, path: str) -> int | None:
+    """The k asked for the block at `path`: an int for every block, or a dict {block path: k} (None: unchanged)."""
+    return topk.get(path) if isinstance(topk, dict) else topk
+
+
+@register_pass("reduce_topk", requires=("fuse_gate",))
+def reduce_topk(gm) -> PassResult:
+    spec = gm.meta["moe_spec"]
+    r = spec.router
+    k = new_topk(gm.meta.get("options", {}).get("topk"), gm.meta["candidate"].path)
+    if k is None or k == r.top_k:
+        return PassResult(gm, False, {"reduced": 0})
+    if not 1 <= k < r.top_k:
+        raise Rejected(f"reduce_topk: k={k} is not between 1 and the block's k={r.top_k} (it only lowers k)")
+    if r.capacity:
+        raise Rejected("reduce_topk: the router drops pairs past an expert's capacity, which depends on k")
+    if r.scoring == "sparsemixer" or r.selection == "argmax":
+        raise Rejected("reduce_topk: the router picks its experts one after the other (sequential picks)")
+    if {"ids", "weights"} & set(spec.outputs):
+        raise Rejected("reduce_topk: the block returns its expert ids or weights, whose shape would change")
+    reduced = dataclasses.replace(r, top_k=k)
+    routes = [n for n in gm.graph.nodes if n.target is torch.ops.moec.route]
+    if not routes:
+        raise Rejected("reduce_topk: the block's router is not one moec.route (an experts module routed by its caller)")
+    for node in routes:
+        if RouterSpec.from_json(node.args[-1]) != r:
+            raise Rejected("reduce_topk: a moec.route of the graph is not the block's router")
+        node.args = (*node.args[:-1], *route_args(reduced))
+    gm.meta["moe_spec"] = spec.with_(router=reduced)
+    gm.meta.setdefault("approximate", []).append(f"top-{k} of {r.top_k}")
+    gm.recompile()
+    return PassResult(gm, True, {"reduced": 1, "k_before": r.top_k, "k_after": k})

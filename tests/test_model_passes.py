@@ -1,0 +1,167 @@
+"""Model-level passes (approximations asked for by name): reduce_topk against the original module with its k
+lowered (the router's own rule at the new k), per-block schedules, refusals, the measured error in the report."""
+
+import copy
+
+import pytest
+import torch
+from conftest import TOL, rel_err
+from test_generality import GroupsWithBatchDims, RouterForms
+
+import moec
+from moec import models
+
+FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3", "olmoe", "qwen3_moe"]
+
+
+def _with_k(model, k_old: int, k_new: int, blocks=None):
+    """The HF reference of the rule: each router module's own top_k lowered (its renormalisation, if any, runs as
+    written at the new k)."""
+    for path, m in model.named_modules():
+        if blocks is not None and not any(path.startswith(b) for b in blocks):
+            continue
+        if getattr(m, "top_k", None) == k_old:
+            m.top_k = k_new
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reduce_topk_is_the_router_at_a_lower_k(family):
+    model = models.tiny_model(family, num_experts_per_tok=3).eval()
+    ref = _with_k(copy.deepcopy(model), 3, 2)
+    moec.compile(model, topk=2, approximate=True)
+    report = moec.inspect(model)
+    assert report.blocks and not report.rejected, report
+    assert all(b.top_k == 2 and b.approximate.startswith("top-2 of 3: max relative error") for b in report.blocks)
+    for seq in (1, 9):
+        inputs = models.example_inputs(model, batch=2, seq=seq, seed=seq)
+        with torch.no_grad():
+            assert rel_err(model(**inputs).logits, ref(**inputs).logits) < TOL[torch.float32]
+
+
+def test_a_schedule_per_block():
+    model = models.tiny_model("qwen2_moe", num_experts_per_tok=3).eval()
+    paths = [b.path for b in moec.inspect(copy.deepcopy(model)).blocks]
+    ref = _with_k(copy.deepcopy(model), 3, 1, blocks=paths[:1])
+    moec.compile(model, topk={paths[0]: 1}, approximate=True)
+    ks = {b.path: b.top_k for b in moec.inspect(model).blocks}
+    assert ks == {p: 1 if p == paths[0] else 3 for p in paths}
+    inputs = models.example_inputs(model, seq=7)
+    with torch.no_grad():
+        assert rel_err(model(**inputs).logits, ref(**inputs).logits) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("form", ["@W.T", "flat"])
+def test_hand_written_blocks(form):
+    block = RouterForms(form, E=8, k=3).eval()
+    ref = copy.deepcopy(block)
+    ref.k = 2  # its own rule at k=2: softmax over all, the top 2 weights as they are (no renormalisation)
+    groups = GroupsWithBatchDims().eval()  # DeepSeek-style groups on [B, S, H], k=4
+    ref_groups = copy.deepcopy(groups)
+    ref_groups.k = 3
+    moec.compile(block, topk=2, approximate=True)
+    moec.compile(groups, topk=3, approximate=True)
+    for m, r, x in ((block, ref, torch.randn(300, 32)), (groups, ref_groups, torch.randn(2, 9, 32))):
+        (b,) = moec.inspect(m).blocks
+        assert b.approximate and not moec.inspect(m).rejected
+        with torch.no_grad():
+            assert rel_err(m(x), r(x)) < TOL[torch.float32]
+
+
+def test_an_approximation_is_asked_for_by_name():
+    model = models.tiny_model("mixtral").eval()
+    with pytest.raises(ValueError, match="approximate=True"):
+        moec.compile(model, topk=1)
+    with pytest.raises(TypeError, match="topk must be"):
+        moec.compile(model, topk=0, approximate=True)
+    moec.compile(model, passes="detect_moe,fuse_gate,reduce_topk,batch_experts", topk=1)  # named in the pipeline
+    assert all(b.top_k == 1 for b in moec.inspect(model).blocks)
+    with pytest.raises(NotImplementedError, match="onnxruntime"):
+        moec.compile(models.tiny_model("mixtral"), topk=1, approximate=True, backend="onnxruntime")
+
+
+def test_a_k_that_does_not_lower_is_refused_with_the_reason():
+    model = models.tiny_model("mixtral").eval()
+    ref = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="no MoE block rewritten"):
+        moec.compile(model, topk=5, approximate=True)
+    assert "only lowers k" in moec.inspect(model).rejected[0].reason
+    inputs = models.example_inputs(model, seq=4)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref(**inputs).logits)  # left alone
+
+
+def test_quantized_and_reduced():
+    model = models.tiny_model("qwen2_moe", num_experts_per_tok=3).eval()
+    moec.compile(model, topk=2, approximate=True, quantize=moec.Int8Experts())
+    (b, *_) = moec.inspect(model).blocks
+    assert b.top_k == 2 and "int8" in b.experts and b.approximate
+
+
+def test_a_reduced_model_saves_and_loads_reduced(tmp_path):
+    model = models.tiny_model("qwen2_moe", num_experts_per_tok=3).eval()
+    paths = [b.path for b in moec.inspect(copy.deepcopy(model)).blocks]
+    schedule = {paths[0]: 1, paths[-1]: 2}
+    moec.compile(model, topk=schedule, approximate=True, quantize=moec.Int8Experts())
+    moec.save(model, tmp_path / "m.safetensors")
+    loaded = moec.load(models.tiny_model("qwen2_moe", num_experts_per_tok=3, seed=1).eval(), tmp_path / "m.safetensors")
+    assert {b.path: b.top_k for b in moec.inspect(loaded).blocks} == {b.path: b.top_k for b in moec.inspect(model).blocks}
+    inputs = models.example_inputs(model, seq=6)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+
+
+def test_calibration_counts_the_routing_exactly():
+    """A hand-written block run on known tokens: load, co-activation, top-j mass and entropy equal a direct
+    computation from the block's own router."""
+    block = RouterForms("@W.T", E=8, k=3).eval()
+    batches = [torch.randn(40, 32, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    cal = moec.calibrate(block, batches)
+    (b,) = cal.blocks
+    x = torch.cat(batches)
+    with torch.no_grad():
+        probs = block.logits(x).float().softmax(-1)  # [T, E]
+    ids = probs.topk(3).indices
+    onehot = torch.zeros(len(x), 8).scatter_(1, ids, 1.0)
+    assert b.tokens == 120 and b.top_k == 3
+    assert b.load == torch.bincount(ids.reshape(-1), minlength=8).tolist()
+    assert b.coactivation == (onehot.T @ onehot).long().tolist()
+    assert b.mass == pytest.approx(probs.sort(-1, descending=True).values[:, :3].cumsum(-1).mean(0).tolist())
+    assert b.entropy == pytest.approx(float(-(probs * probs.log()).sum(-1).mean()), rel=1e-5)
+    assert moec.inspect(block).calibration is cal and "top-3 mass" in str(cal)
+
+
+def test_schedule_lowers_k_where_the_dropped_expert_holds_least_mass():
+    from moec.calibrate import BlockRouting, Calibration
+
+    def routing(path, mass):
+        return BlockRouting(path, 8, 3, 10, [0] * 8, mass, 1.0, [[0] * 8] * 8)
+
+    cal = Calibration([routing("a", [0.5, 0.6, 0.62]), routing("b", [0.3, 0.5, 0.7])])
+    assert moec.topk_schedule(cal, 3) == {"a": 3, "b": 3}
+    assert moec.topk_schedule(cal, 2.5) == {"a": 2, "b": 3}  # a's third expert holds 0.02, b's 0.2
+    assert moec.topk_schedule(cal, 2) == {"a": 1, "b": 3}  # then a's second (0.1) before b's third (0.2)
+    assert moec.topk_schedule(cal, 1) == {"a": 1, "b": 1}
+    with pytest.raises(ValueError, match="average"):
+        moec.topk_schedule(cal, 0.5)
+
+
+def test_calibration_of_an_hf_model_is_saved_with_it(tmp_path):
+    model = models.tiny_model("qwen2_moe").eval()
+    moec.compile(model)
+    ids = models.example_inputs(model, seq=12)["input_ids"]
+    cal = moec.calibrate(model, [ids, {"input_ids": ids[:, :5]}])
+    assert [b.path for b in cal.blocks] == [b.path for b in moec.inspect(model).blocks]
+    assert all(b.tokens == ids.numel() + ids[:, :5].numel() and sum(b.load) == b.tokens * b.top_k for b in cal.blocks)
+    moec.save(model, tmp_path / "m.safetensors")
+    loaded = moec.load(models.tiny_model("qwen2_moe").eval(), tmp_path / "m.safetensors")
+    assert moec.inspect(loaded).calibration == cal
+    with pytest.raises(ValueError, match="no MoE block"):
+        moec.calibrate(torch.nn.Linear(4, 4), [torch.randn(2, 4)])
+
+
+def test_the_load_heatmap(tmp_path):
+    pytest.importorskip("matplotlib")
+    cal = moec.calibrate(RouterForms("@W.T", E=8).eval(), [torch.randn(30, 32)])
+    cal.plot(tmp_path / "routing.png")
+    assert (tmp_path / "routing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
