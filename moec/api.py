@@ -78,12 +78,15 @@ class Report:
             t.add_column(col)
         for b in self.blocks:
             load = f"{min(b.expert_load)}/{max(b.expert_load)}" if b.expert_load else "-"
-            k = f"{b.top_k} [approximate: {b.approximate}]" if b.approximate else str(b.top_k)
-            t.add_row(b.path, str(b.num_experts), k, b.router, b.experts, b.shared, load)
+            t.add_row(b.path, str(b.num_experts), f"{b.top_k}*" if b.approximate else str(b.top_k), b.router,
+                      b.experts, b.shared, load)
         for r in self.rejected:
             t.add_row(r.path, "", "", f"[not rewritten] {r.reason}", "", "", "")
         if not self.blocks and not self.rejected:
             t.add_row("-", "", "", "no MoE block found: the model is returned unchanged", "", "", "")
+        approx = [f"* {b.path}: approximate, {b.approximate}" for b in self.blocks if b.approximate]
+        if approx:
+            t.caption, t.caption_justify = "\n".join(approx), "left"
         return t
 
     def __str__(self) -> str:

@@ -1,15 +1,27 @@
-"""moec's pass-debugging command line.
+"""moec's command line: the pass debugger, the report, routing statistics and export, on your own models.
 
-    moec run --model mixtral                         # compile a built-in tiny model, print the report
-    moec run --model deepseek_v3 --passes detect_moe,fuse_gate --print-after-all
-    moec run --model olmoe --dump moec_logs/ --timing
-    moec run --model qwen2_moe --verify              # per-pass numeric error; names the pass that broke it
-    moec list                                        # registered passes and built-in models
+MODEL is a Hugging Face folder (config.json + safetensors, read offline), a factory `package.module:function` or
+`path/to/file.py:function` (returning a module, or (module, example_inputs)), or a built-in (`moec list`).
+
+    moec inspect ./my-moe-checkpoint --json            # blocks found, what was read, rejections with reasons
+    moec run mixtral --passes detect_moe,fuse_gate --print-after fuse_gate
+    moec run fine_moe_lm --topk 4 --verify               # an approximation: its error, measured
+    moec run ./my-moe-checkpoint --verify              # per-pass numeric error; names the pass that broke it
+    moec run my_pkg.models:build --dump moec_logs/ --timing
+    moec routing fine_moe_lm --text notes.txt --png routing.png     # expert load, top-j mass, entropy
+    moec export ./my-moe-checkpoint out/ --quantize int4:g32 --genai
+    moec list                                          # registered passes and built-in models
+
+Environment: MOEC_LOGS=print,timing,verify[,debug] and MOEC_DUMP_DIR=dir turn the instruments on for any
+program using moec (like TORCH_LOGS); HF_HUB_OFFLINE=1 is set here (nothing is downloaded).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -19,61 +31,238 @@ from rich.table import Table
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+DTYPES = ("float32", "bfloat16", "float16")
+
 
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
-    except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:  # bad input: one line, what to do
-        print(f"moec: error: {str(e).splitlines()[0]}", file=sys.stderr)
+    except (ValueError, TypeError, NotImplementedError, RuntimeError, FileNotFoundError, ImportError) as e:
+        print(f"moec: error: {str(e).splitlines()[0]}", file=sys.stderr)  # bad input: one line, what to do
         return 2
 
 
-def _main(argv: list[str] | None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="moec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    run = sub.add_parser("run", help="run a pass pipeline on a built-in model")
-    run.add_argument("--model", default="mixtral", help="a family from `moec list` or 'demo' (default: mixtral)")
+
+    def command(name: str, help: str, example: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=f"{help}.\n\nexample:\n  {example}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name != "list":
+            p.add_argument("model", metavar="MODEL", help="HF folder, package.module:function, file.py:function or "
+                                                          "a built-in name (moec list)")
+            p.add_argument("--dtype", choices=DTYPES, default="float32", help="the model's dtype (default float32)")
+            p.add_argument("--device", default="cpu", help="where the model runs (default cpu)")
+        return p
+
+    ins = command("inspect", "what moec finds in MODEL: MoE blocks, router, experts, rejections",
+                  "moec inspect ./checkpoint --json")
+    ins.add_argument("--json", action="store_true", help="print the report as JSON (for tools)")
+    run = command("run", "run a pass pipeline on MODEL's blocks and print the report",
+                  "moec run mixtral --passes detect_moe,fuse_gate --print-after fuse_gate --verify")
     run.add_argument("--passes", default=None, help="pipeline, e.g. detect_moe,fuse_gate,batch_experts")
     run.add_argument("--print-after-all", action="store_true", help="print each block's graph after every pass")
+    run.add_argument("--print-after", metavar="PASS", help="print each block's graph after PASS")
+    run.add_argument("--print-changed", action="store_true", help="print the graph after each pass that changed it")
     run.add_argument("--dump", type=Path, help="write each stage to DIR/<block>/NNN_<pass>.py")
     run.add_argument("--timing", action="store_true", help="time each pass")
     run.add_argument("--verify", action="store_true", help="check numerics after each pass")
-    sub.add_parser("list", help="registered passes and built-in models")
-    args = ap.parse_args(argv)
+    run.add_argument("--topk", type=int, help="route to K experts (the reduce_topk pass: an approximation)")
+    rt = command("routing", "per-block expert load, top-j router mass and entropy (moec.calibrate)",
+                 "moec routing fine_moe_lm --text notes.txt --png routing.png")
+    src = rt.add_mutually_exclusive_group()
+    src.add_argument("--text", type=Path, help="a text file, tokenized by MODEL's tokenizer (bytes for built-ins)")
+    src.add_argument("--random", type=int, metavar="N", default=None, help="N random tokens (default 512)")
+    rt.add_argument("--png", type=Path, help="also write the expert-load heatmap here (needs matplotlib)")
+    ex = command("export", "export MODEL to ONNX (with its KV cache) or to an onnxruntime-genai folder",
+                 "moec export ./checkpoint out/ --quantize int4:g32 --genai")
+    ex.add_argument("out", type=Path, help="the .onnx file, or the folder with --genai")
+    ex.add_argument("--quantize", help="int8, or int4:gG (group size G, e.g. int4:g32): the experts' weights")
+    ex.add_argument("--genai", action="store_true", help="write a folder onnxruntime-genai runs (needs a tokenizer)")
+    command("list", "registered passes and built-in models", "moec list")
+    return ap
 
+
+def _main(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
     import moec
     from moec import models
-    from moec.pass_manager import Instruments
 
-    console = Console()
+    console = Console(width=160)
     if args.cmd == "list":
         console.print("passes:", ", ".join(sorted(moec.PASSES)), f"(default pipeline: {moec.DEFAULT_PIPELINE})")
-        console.print("models:", ", ".join(("demo",) + models.FAMILIES))
+        console.print("models:", ", ".join(BUILTINS + models.FAMILIES))
         return 0
+    model, inputs, tokenizer = load_model(args.model, args.dtype, args.device)
+    return {"inspect": _inspect, "run": _run_passes, "routing": _routing, "export": _export}[args.cmd](
+        args, model, inputs, tokenizer, console)
 
-    model = models.demo_model() if args.model == "demo" else models.tiny_model(args.model)
-    ins = Instruments(args.print_after_all, args.timing, args.verify, args.dump)
+
+# -- models
+
+
+BUILTINS = ("demo", "tiny_moe_lm", "fine_moe_lm")
+
+
+def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
+    """MODEL -> (module in eval mode, example inputs {name: tensor} or None, tokenizer or folder or None)."""
+    import torch
+
+    from moec import examples, models
+
+    dt = getattr(torch, dtype)
+    path = Path(spec)
+    tokenizer = None
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{spec} has no config.json: give a Hugging Face model folder")
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        auto = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
+        model = auto.from_pretrained(path, local_files_only=True, dtype=dt)
+        inputs = None
+        tokenizer = str(path) if any(path.glob("tokenizer*.json")) else None
+    elif ":" in spec:
+        module, _, fn = spec.rpartition(":")
+        out = getattr(_import(module), fn)()
+        model, inputs = out if isinstance(out, tuple) else (out, None)
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module (or (module, inputs))")
+        model = model.to(dt)
+    elif spec in BUILTINS:
+        model = {"demo": models.demo_model, "tiny_moe_lm": examples.tiny_moe_lm, "fine_moe_lm": examples.fine_moe_lm}[
+            spec]().to(dt)
+        inputs, tokenizer = None, (examples.byte_tokenizer() if spec != "demo" else None)
+    elif spec in models.FAMILIES:
+        model, inputs = models.tiny_model(spec, dtype=dt), None
+    else:
+        raise ValueError(f"MODEL {spec!r} is not a folder with config.json, a package.module:function or "
+                         f"file.py:function factory, or a built-in ({', '.join(BUILTINS)} or a family: `moec list`)")
+    model = model.to(device).eval()
+    if inputs is None and hasattr(getattr(model, "config", None), "vocab_size"):
+        inputs = models.example_inputs(model, batch=2, seq=8)
+    return model, inputs, tokenizer
+
+
+def _import(module: str):
+    """`package.module` (importable, or from the working directory) or `path/to/file.py`."""
+    if module.endswith(".py"):
+        if not Path(module).is_file():
+            raise FileNotFoundError(f"no factory file {module}")
+        spec = importlib.util.spec_from_file_location(Path(module).stem, module)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    sys.path.insert(0, os.getcwd())
+    return importlib.import_module(module)
+
+
+# -- commands
+
+
+def _inspect(args, model, inputs, tokenizer, console) -> int:
+    import moec
+
+    report = moec.inspect(model, **inputs) if inputs else moec.inspect(model)
+    if args.json:
+        print(json.dumps({
+            "blocks": [{"path": b.path, "num_experts": b.num_experts, "top_k": b.top_k, "router": b.router,
+                        "experts": b.experts, "shared": b.shared, "expert_load": b.expert_load} for b in report.blocks],
+            "rejected": [{"path": r.path, "reason": r.reason} for r in report.rejected]}, indent=2))
+    else:
+        console.print(report)
+    return 0
+
+
+def _run_passes(args, model, inputs, tokenizer, console) -> int:
     from moec.api import _run
+    from moec.backends import pipeline_for
+    from moec.pass_manager import PASSES, Instruments, parse_pipeline
     from moec.passes.detect.proof import TOL
 
-    report = _run(model, args.passes, ins, install_blocks=True, backend="torch")
+    if args.print_after and args.print_after not in parse_pipeline(args.passes):
+        raise ValueError(f"--print-after {args.print_after}: not a pass of the pipeline {args.passes or 'default'}")
+    ins = Instruments(args.print_after_all, args.timing, args.verify, args.dump, args.print_after, args.print_changed)
+    passes = pipeline_for("torch", args.passes, topk=args.topk is not None)
+    report = _run(model, passes, ins, install_blocks=True, backend="torch", options={"topk": args.topk})
     console.print(report)
-    if args.verify:
-        t = Table(title="numeric error after each pass (max relative, vs the original block)")
-        t.add_column("block")
-        names = report.pipeline.split(",")
-        for n in names:
-            t.add_column(n)
-        bad = []
-        for b in report.blocks:
-            t.add_row(b.path, *(f"{r.max_rel_err:.1e}" for r in b.passes))
-            first = next((r.name for r in b.passes if r.max_rel_err > TOL[next(model.parameters()).dtype]), None)
-            if first:
-                bad.append(f"{b.path}: numbers changed at pass {first!r}")
-        console.print(t)
-        for line in bad:
-            console.print(f"[red]{line}")
-        return 1 if bad else 0
+    if not args.verify:
+        return 0
+    t = Table(title="numeric error after each pass (max relative, vs the original block)")
+    t.add_column("block")
+    for n in report.pipeline.split(","):
+        t.add_column(n)
+    bad = []
+    tol = TOL[next(model.parameters()).dtype]
+    for b in report.blocks:
+        t.add_row(b.path, *(f"{r.max_rel_err:.1e}" for r in b.passes))
+        checked = []  # after an approximation, the error against the original is the approximation's
+        for r in b.passes:
+            if PASSES[r.name].approximate:
+                break
+            checked.append(r)
+        first = next((r.name for r in checked if r.max_rel_err > tol), None)
+        if first:
+            bad.append(f"{b.path}: numbers changed at pass {first!r}")
+    console.print(t)
+    approx = [n for n in report.pipeline.split(",") if PASSES[n].approximate]
+    if approx:
+        console.print(f"{', '.join(approx)}: an approximation, its error expected; the passes after it are checked "
+                      f"by the final proof, against the block at what the approximation promises")
+    for line in bad:
+        console.print(f"[red]{line}")
+    return 1 if bad else 0
+
+
+def _routing(args, model, inputs, tokenizer, console) -> int:
+    import torch
+
+    import moec
+
+    vocab = model.config.vocab_size
+    if args.text:
+        text = args.text.read_text()
+        if tokenizer is None:
+            raise ValueError("--text: this MODEL has no tokenizer files; use --random N")
+        if isinstance(tokenizer, str):
+            import transformers
+
+            tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+        ids = torch.tensor(tokenizer(text)["input_ids"])[None]
+    else:
+        ids = torch.randint(0, vocab, (1, args.random or 512), generator=torch.Generator().manual_seed(0))
+    n = getattr(model.config, "max_position_embeddings", ids.shape[1])
+    cal = moec.calibrate(model, [c.to(next(model.parameters()).device) for c in ids.split(n, dim=1)])
+    console.print(cal)
+    if args.png:
+        cal.plot(args.png)
+        console.print(f"wrote {args.png}")
+    return 0
+
+
+def _export(args, model, inputs, tokenizer, console) -> int:
+    import moec
+
+    quantize = None
+    if args.quantize:
+        kind, _, group = args.quantize.partition(":g")
+        if kind == "int8" and not group:
+            quantize = moec.Int8Experts()
+        elif kind == "int4" and group.isdigit():
+            quantize = moec.Int4Experts(int(group))
+        else:
+            raise ValueError(f"--quantize {args.quantize}: write int8 or int4:gG (e.g. int4:g32)")
+    if args.genai:
+        if tokenizer is None:
+            raise ValueError("--genai needs a tokenizer: give an HF folder with its tokenizer files")
+        report = moec.export_genai(model, tokenizer, args.out, quantize=quantize)
+    else:
+        if inputs is None:
+            raise ValueError("export: this MODEL has no example inputs: return (module, inputs) from its factory")
+        report = moec.export_onnx(model, inputs, args.out, quantize=quantize)
+    console.print(report)
     return 0
 
 

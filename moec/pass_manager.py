@@ -5,7 +5,7 @@ run before it (`requires`); a pipeline is text that round-trips: "detect_moe,fus
 (or a list of names), refused when a pass's requirement is missing. The manager runs a pipeline
 on one block's graph and applies the instruments that are on:
 
-    print    print the graph after each pass
+    print    print the graph after each pass (or after one pass: print_after; or when it changed: print_changed)
     dump     write each stage to <dir>/<block>/NNN_<pass>.py
     timing   time each pass
     verify   run the graph after each pass against the original block and report the
@@ -44,13 +44,14 @@ class PassResult:
     stats: dict[str, int] = field(default_factory=dict)
 
 
-def register_pass(name: str, requires: tuple[str, ...] = (), proof_tokens=None):
+def register_pass(name: str, requires: tuple[str, ...] = (), proof_tokens=None, approximate: bool = False):
     """Register a pass under `name`; `requires`: passes that must run before it in any pipeline;
     `proof_tokens(spec) -> [T, ...]`: token counts at which the kernels it installs change path (the
-    final proof runs there)."""
+    final proof runs there); `approximate`: the pass changes the block's outputs on purpose (asked for by name;
+    its error against the original is measured, not a failure)."""
     def deco(fn):
         PASSES[name] = fn
-        fn.pass_name, fn.requires, fn.proof_tokens = name, requires, proof_tokens
+        fn.pass_name, fn.requires, fn.proof_tokens, fn.approximate = name, requires, proof_tokens, approximate
         return fn
 
     return deco
@@ -87,6 +88,8 @@ class Instruments:
     timing: bool = False
     verify: bool = False
     dump_dir: Path | None = None
+    print_after: str | None = None  # print the graph after this pass only
+    print_changed: bool = False  # print the graph after each pass that changed it
 
     @classmethod
     def from_env(cls) -> "Instruments":
@@ -134,7 +137,7 @@ class PassManager:
             if ins.timing or ins.verify:
                 err = "" if rec.max_rel_err is None else f"  max rel err {rec.max_rel_err:.2e}"
                 log.info(f"[{block_path}] {name}: {rec.seconds * 1e3:.1f} ms{err}")
-            if ins.print_graph:
+            if ins.print_graph or ins.print_after == name or (ins.print_changed and res.modified):
                 log.info(f"[{block_path}] graph after {name}:\n{gm.code}")
             if ins.dump_dir:
                 d = ins.dump_dir / (block_path or "root")

@@ -37,7 +37,7 @@ def new_topk(topk, path: str) -> int | None:
     return topk.get(path) if isinstance(topk, dict) else topk
 
 
-@register_pass("reduce_topk", requires=("fuse_gate",))
+@register_pass("reduce_topk", requires=("fuse_gate",), approximate=True)
 def reduce_topk(gm) -> PassResult:
     spec = gm.meta["moe_spec"]
     r = spec.router

@@ -1,0 +1,101 @@
+"""The `moec` console script, invoked in a subprocess as a user would: on an HF folder written by save_pretrained,
+a factory module in a temp dir, and built-ins; bad input ends in one line that says what to do (exit 2)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from moec import examples, models
+
+MOEC = str(Path(sys.executable).parent / "moec")
+
+
+def moec(*args, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run([MOEC, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf")
+    models.tiny_model("qwen2_moe").save_pretrained(folder)
+    examples.byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_inspect_an_hf_folder_as_json(hf_folder):
+    r = moec("inspect", hf_folder, "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert [b["path"] for b in report["blocks"]] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    b = report["blocks"][0]
+    assert (b["num_experts"], b["top_k"]) == (8, 2) and "shared_expert" in b["shared"]
+    assert sum(b["expert_load"]) == 2 * 8 * 2 and report["rejected"] == []  # example inputs: 2 x 8 tokens, k=2
+
+
+def test_run_a_factory_with_instruments(tmp_path):
+    (tmp_path / "my_models.py").write_text(
+        "from moec import models\n"
+        "def build():\n"
+        "    m = models.tiny_model('olmoe')\n"
+        "    return m, models.example_inputs(m, batch=2, seq=6)\n")
+    r = moec("run", "my_models:build", "--verify", "--print-after", "fuse_gate", "--dump", tmp_path / "dump",
+             cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "numeric error after each pass" in r.stdout and "moec.route" in r.stdout + r.stderr
+    dumped = sorted(p.name for p in (tmp_path / "dump" / "model.layers.0.mlp").iterdir())
+    assert dumped == ["000_detect_moe.py", "001_fuse_gate.py", "002_batch_experts.py"]
+    r = moec("inspect", tmp_path / "my_models.py:build")  # the same factory as a file path
+    assert r.returncode == 0 and "model.layers.1.mlp" in r.stdout
+
+
+def test_routing_of_a_builtin_with_its_heatmap(tmp_path):
+    pytest.importorskip("matplotlib")
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 20)
+    r = moec("routing", "tiny_moe_lm", "--text", text, "--png", tmp_path / "r.png")
+    assert r.returncode == 0, r.stderr
+    assert "top-2 mass" in r.stdout and f"{len(text.read_bytes())} tokens" in r.stdout
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_export_an_hf_folder(hf_folder, tmp_path):
+    r = moec("export", hf_folder, tmp_path / "m.onnx", "--quantize", "int4:g32")
+    assert r.returncode == 0, r.stderr
+    ops = {n.op_type for n in onnx.load(tmp_path / "m.onnx", load_external_data=False).graph.node}
+    assert "QMoE" in ops
+    r = moec("export", hf_folder, tmp_path / "genai", "--genai")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "genai" / "genai_config.json").is_file() and (tmp_path / "genai" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("args, says", [
+    (("inspect", "no_such_model"), "is not a folder with config.json"),
+    (("run", "mixtral", "--print-after", "quantize_experts"), "not a pass of the pipeline"),
+    (("run", "mixtral", "--passes", "fuse_gate"), "starts with detect_moe"),
+    (("export", "mixtral", "out.onnx", "--quantize", "int5"), "write int8 or int4:gG"),
+    (("routing", "mixtral", "--text", "README.md"), "no tokenizer"),
+    (("inspect", "no_such_module:build"), "No module named"),
+])
+def test_bad_input_is_one_line_that_says_what_to_do(args, says, tmp_path):
+    r = moec(*args, cwd=Path(__file__).parent.parent)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moec: error:") and says in lines[0], r.stderr
+
+
+def test_help_shows_an_example():
+    r = moec("routing", "--help")
+    assert r.returncode == 0 and "example:" in r.stdout and "moec routing fine_moe_lm" in r.stdout
+
+
+def test_run_an_approximation_reports_its_error_not_a_failure():
+    r = moec("run", "mixtral", "--topk", "1", "--verify")
+    assert r.returncode == 0, r.stderr
+    assert "1*" in r.stdout and "approximate, top-1 of 2: max relative error" in r.stdout
+    assert "numbers changed" not in r.stdout and "reduce_topk: an approximation" in r.stdout
