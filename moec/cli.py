@@ -10,6 +10,7 @@ MODEL is a Hugging Face folder (config.json + safetensors, read offline), a fact
     moec run my_pkg.models:build --dump moec_logs/ --timing
     moec routing fine_moe_lm --text notes.txt --png routing.png     # expert load, top-j mass, entropy
     moec export ./my-moe-checkpoint out/ --quantize int4:g32 --genai
+    moec bench ./my-moe-checkpoint --tokens 1 16 256 --quantize int8     # HF's experts implementations vs moec
     moec list                                          # registered passes and built-in models
 
 Environment: MOEC_LOGS=print,timing,verify[,debug] and MOEC_DUMP_DIR=dir turn the instruments on for any
@@ -80,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("out", type=Path, help="the .onnx file, or the folder with --genai")
     ex.add_argument("--quantize", help="int8, or int4:gG (group size G, e.g. int4:g32): the experts' weights")
     ex.add_argument("--genai", action="store_true", help="write a folder onnxruntime-genai runs (needs a tokenizer)")
+    bn = command("bench", "tokens/s of MODEL's forward: HF's experts implementations against moec's",
+                  "moec bench ./checkpoint --tokens 1 16 256 --quantize int8 int4:g32")
+    bn.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256], help="token counts (batch 1)")
+    bn.add_argument("--quantize", nargs="*", default=[], help="quantized moec variants too: int8, int4:gG")
+    bn.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     command("list", "registered passes and built-in models", "moec list")
     return ap
 
@@ -95,7 +101,7 @@ def _main(argv: list[str] | None) -> int:
         console.print("models:", ", ".join(BUILTINS + models.FAMILIES))
         return 0
     model, inputs, tokenizer = load_model(args.model, args.dtype, args.device)
-    return {"inspect": _inspect, "run": _run_passes, "routing": _routing, "export": _export}[args.cmd](
+    return {"inspect": _inspect, "run": _run_passes, "routing": _routing, "export": _export, "bench": _bench}[args.cmd](
         args, model, inputs, tokenizer, console)
 
 
@@ -242,18 +248,75 @@ def _routing(args, model, inputs, tokenizer, console) -> int:
     return 0
 
 
+def _quant(text: str | None):
+    """--quantize int8 | int4:gG -> the moec config (None for None)."""
+    import moec
+
+    if text is None:
+        return None
+    kind, _, group = text.partition(":g")
+    if kind == "int8" and not group:
+        return moec.Int8Experts()
+    if kind == "int4" and group.isdigit():
+        return moec.Int4Experts(int(group))
+    raise ValueError(f"--quantize {text}: write int8 or int4:gG (e.g. int4:g32)")
+
+
+def _bench(args, model, inputs, tokenizer, console) -> int:
+    import copy
+    import statistics
+    import time
+
+    import torch
+    from rich.progress import Progress
+
+    import moec
+    import moec.hf  # noqa: F401  registers the "moec" experts implementation
+
+    if not hasattr(getattr(model, "config", None), "vocab_size"):
+        raise ValueError("bench runs models with a config.vocab_size (HF-style LMs): give an HF folder or built-in")
+    systems = {}
+    impls = ["eager", "grouped_mm", "batched_mm", "moec"] if hasattr(model, "set_experts_implementation") else []
+    for impl in impls:
+        m = copy.deepcopy(model)
+        try:
+            m.set_experts_implementation(impl)
+        except (ValueError, KeyError, RuntimeError):
+            continue
+        systems[f"HF experts_implementation={impl!r}"] = m
+    systems["original" if not impls else "HF as loaded"] = model
+    systems["moec.compile"] = moec.compile(copy.deepcopy(model))
+    for q in args.quantize:
+        systems[f"moec.compile quantize={q}"] = moec.compile(copy.deepcopy(model), quantize=_quant(q))
+    gen = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    ids = {T: torch.randint(0, model.config.vocab_size, (1, T), generator=gen).to(device) for T in args.tokens}
+    speed = {(s, T): [] for s in systems for T in args.tokens}
+    with Progress(console=console, transient=True) as progress, torch.no_grad():
+        task = progress.add_task("moec bench", total=(args.rounds + 1) * len(speed))
+        order = list(speed)
+        for rnd in range(args.rounds + 1):  # round 0 warms up; each round starts at another system
+            for (name, T) in order[rnd % len(order):] + order[:rnd % len(order)]:
+                t = time.perf_counter()
+                systems[name](input_ids=ids[T], use_cache=False)
+                if rnd:
+                    speed[name, T].append(T / (time.perf_counter() - t))
+                progress.advance(task)
+    t = Table(title=f"forward tokens/s, batch 1, median of {args.rounds} interleaved rounds ({torch.get_num_threads()} "
+                    f"threads, {device})")
+    t.add_column("system")
+    for T in args.tokens:
+        t.add_column(f"{T} token(s)")
+    for name in systems:
+        t.add_row(name, *(f"{statistics.median(speed[name, T]):.1f}" for T in args.tokens))
+    console.print(t)
+    return 0
+
+
 def _export(args, model, inputs, tokenizer, console) -> int:
     import moec
 
-    quantize = None
-    if args.quantize:
-        kind, _, group = args.quantize.partition(":g")
-        if kind == "int8" and not group:
-            quantize = moec.Int8Experts()
-        elif kind == "int4" and group.isdigit():
-            quantize = moec.Int4Experts(int(group))
-        else:
-            raise ValueError(f"--quantize {args.quantize}: write int8 or int4:gG (e.g. int4:g32)")
+    quantize = _quant(args.quantize)
     if args.genai:
         if tokenizer is None:
             raise ValueError("--genai needs a tokenizer: give an HF folder with its tokenizer files")

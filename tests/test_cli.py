@@ -99,3 +99,12 @@ def test_run_an_approximation_reports_its_error_not_a_failure():
     assert r.returncode == 0, r.stderr
     assert "1*" in r.stdout and "approximate, top-1 of 2: max relative error" in r.stdout
     assert "numbers changed" not in r.stdout and "reduce_topk: an approximation" in r.stdout
+
+
+def test_bench_a_builtin():
+    r = moec("bench", "mixtral", "--tokens", "1", "4", "--rounds", "1", "--quantize", "int8")
+    assert r.returncode == 0, r.stderr
+    for system in ("HF experts_implementation='eager'", "HF experts_implementation='moec'", "moec.compile",
+                   "moec.compile quantize=int8"):
+        assert system in r.stdout
+    assert "4 token(s)" in r.stdout
