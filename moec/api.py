@@ -31,7 +31,7 @@ from moec.canonical import (
 )
 from moec.log import _status, status
 from moec.offload import Offload, Pool
-from moec.pass_manager import PASSES, Instruments, PassManager, PassRecord, Rejected
+from moec.pass_manager import PASSES, Instruments, PassManager, PassRecord, Rejected, parse_pipeline
 from moec.passes.detect import experts_only
 from moec.passes.detect_moe import Candidate, analyze, find_candidates
 from moec.passes.quantize_experts import quantized_tensors, release_originals
@@ -198,6 +198,10 @@ def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: boo
     pm = PassManager(passes, instruments)
     report = Report(pipeline=pm.pipeline, backend=backend)
     cands = [c for c in find_candidates(model) if only is None or c.path == only]
+    topk = (options or {}).get("topk")
+    if isinstance(topk, dict) and (unknown := sorted(set(topk) - {c.path for c in cands})):
+        raise ValueError(f"moec.compile: topk names no block at {unknown}; the blocks are "
+                         f"{[c.path for c in cands]}")
     done: list[_Done] = []
     kept = model.__dict__.get("_moec_report")
     try:
@@ -273,9 +277,12 @@ def _recompile(block, cand, pm: PassManager, kept: Report | None, options: dict)
     """An already compiled block: keep it if compiled the same way, else compile it anew (a quantized one
     has released its fp expert weights: refused). Returns its report when kept."""
     gm = compiled_graph(block)
+    from moec.passes.reduce_topk import new_topk
+
     old = gm.meta["moe_spec"].quant
     new = options.get("quantize")
-    same = kept is not None and kept.pipeline == pm.pipeline and old == new
+    same = (kept is not None and kept.pipeline == pm.pipeline and old == new
+            and new_topk(kept.topk, cand.path) == new_topk(options.get("topk"), cand.path))
     if pm.pipeline == "detect_moe" or (same and not gm.meta["moe_spec"].offloaded):  # inspect: what is installed
         return next((b for b in kept.blocks if b.path == cand.path), None) if kept else None
     if gm.meta["moe_spec"].offloaded:
@@ -328,13 +335,13 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     quantize: Int8Experts() or Int4Experts(group_size, symmetric[, shared, router]): weight-only quantized
         routed experts (appends the quantize_experts pass). Backend torch: numba kernels, CPU only;
         triton: w8a16/w4a16 GEMMs; onnxruntime: QMoE nodes. shared=True is torch backend only.
-    offload: moec.Offload(budget, store, path, policy, prefetch): the routed experts leave the model for a store
+    offload: moec.Offload(budget, store, path, policy, prefetch, prefetch_width): the routed experts leave the model for a store
         (disk or host memory) and run from a cache of `budget` experts (appends offload_experts; torch
         backend; with quantize=, the quantized experts are stored and cached; see moec.offload). Statistics:
         moec.inspect(model).offload.
     topk: an approximation (needs approximate=True, or reduce_topk named in `passes`): every block routes to
-        its `topk` best experts instead of its k (an int), or per block ({block path: k}; blocks not named keep
-        theirs); the combine weights follow each router's own rule at the new k (passes/reduce_topk.py). The
+        its `topk` best experts instead of its k (an int), or per block ({block path: k}; blocks not named, and
+        blocks whose own k is at or below the one asked, keep theirs; a path that names no block is refused); the combine weights follow each router's own rule at the new k (passes/reduce_topk.py). The
         block is proved against its canonical form at the new k, and its error against the original is
         measured and shown by moec.inspect (docs/model_passes.md).
     Every rewritten block is proved: its final graph is checked against the original block before it is
@@ -346,7 +353,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         raise TypeError(f"moec.compile got unknown option(s) {sorted(options)}")
     if not isinstance(verify, bool):
         raise TypeError(f"moec.compile: verify must be True or False, not {verify!r}")
-    named = "reduce_topk" in (passes.split(",") if isinstance(passes, str) else passes or [])
+    named = passes is not None and "reduce_topk" in parse_pipeline(passes)
     if topk is not None:
         _check_topk(topk)
         if not (approximate or named):
@@ -462,23 +469,18 @@ def inspect(model: nn.Module, *args, **kwargs) -> Report:
 
 
 def _expert_load(model: nn.Module, report: Report, args, kwargs) -> None:
-    from moec.backends.torch_backend import route_math
-    from moec.ops import route_args
-
     specs = {b.path: _spec_of(model, b.path) for b in report.blocks}
     loads: dict[str, torch.Tensor] = {}
 
     def hook(path):
-        def fn(mod, a):
-            (spec, roles), x = specs[path], a[0]
-            p = lambda role: roles[role].get(mod) if role in roles else None
-            _, ids, _ = route_math(x.reshape(-1, spec.experts.hidden), p("router_weight"), p("router_bias"),
-                                   p("select_bias"), *route_args(spec.router), num_experts=spec.experts.num_experts)
+        def fn(mod, a, kw):
+            spec, roles = specs[path]
+            _, ids, _ = block_route(mod, spec, roles, a[0] if a else next(iter(kw.values())))
             counts = torch.bincount(ids.reshape(-1).cpu(), minlength=spec.experts.num_experts)
             loads[path] = loads.get(path, 0) + counts
         return fn
 
-    handles = [resolve(model, p).register_forward_pre_hook(hook(p)) for p in specs]
+    handles = [resolve(model, p).register_forward_pre_hook(hook(p), with_kwargs=True) for p in specs]
     try:
         with torch.no_grad():
             model(*args, **kwargs)
@@ -488,6 +490,18 @@ def _expert_load(model: nn.Module, report: Report, args, kwargs) -> None:
     for b in report.blocks:
         if b.path in loads:
             b.expert_load = loads[b.path].tolist()
+
+
+def block_route(block: nn.Module, spec, roles: dict, x: torch.Tensor, router=None):
+    """The block's routing of x [.., H] by its router as moec read it (RouterSpec `router` instead of the block's:
+    e.g. a wider top-k), on its live weights: (logits [T, E], ids [T, k], weights [T, k])."""
+    from moec.backends.torch_backend import route_math
+    from moec.ops import route_args
+
+    p = lambda role: roles[role].get(block) if role in roles else None  # noqa: E731
+    w = p("router_weight")
+    return route_math(x.reshape(-1, spec.experts.hidden).to(w.dtype), w, p("router_bias"), p("select_bias"),
+                      *route_args(router or spec.router), num_experts=spec.experts.num_experts)
 
 
 def _spec_of(model: nn.Module, path: str):

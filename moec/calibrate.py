@@ -1,6 +1,7 @@
 """Routing statistics from a calibration run, and the per-block k schedule they suggest.
 
-    cal = moec.calibrate(model, batches)        # batches: input_ids tensors (or dicts of model inputs)
+    cal = moec.calibrate(model, batches)        # batches: input_ids tensors, dicts of keyword or tuples of
+                                                #   positional inputs (one tensor: one batch)
     print(cal)                                  # per block: load, top-j weight mass, entropy (+ a load heat row)
     cal.plot("routing.png")                     # expert-load heatmap [blocks x experts] (matplotlib)
     schedule = moec.topk_schedule(cal, average=3.3)
@@ -100,14 +101,17 @@ class Calibration:
 def calibrate(model: nn.Module, batches) -> Calibration:
     """Run `model` on each batch (an input_ids tensor, or a dict of keyword inputs) and collect each MoE
     block's routing statistics (see the module docstring)."""
-    from moec.api import _check_module, _spec_of, inspect
-    from moec.backends.torch_backend import route_math
+    from moec.api import _check_module, _spec_of, block_route, inspect
     from moec.bindings import resolve
     from moec.capture import untouched
-    from moec.ops import route_args
 
     _check_module(model, "calibrate")
     report = inspect(model)
+    if report.backend == "onnxruntime":
+        raise NotImplementedError("moec.calibrate: the model runs in an ONNX Runtime session (backend='onnxruntime'), "
+                                  "whose blocks moec cannot watch: calibrate the model before compiling it")
+    if isinstance(batches, torch.Tensor):  # one batch of input_ids
+        batches = [batches]
     if not report.blocks:
         raise ValueError("moec.calibrate: no MoE block found in the model (see moec.inspect(model).rejected)")
     stats: dict[str, dict] = {}
@@ -116,20 +120,17 @@ def calibrate(model: nn.Module, batches) -> Calibration:
         E, k = spec.experts.num_experts, spec.router.top_k
 
         def fn(mod, args, kwargs):
-            x = args[0] if args else next(iter(kwargs.values()))
-            p = lambda role: roles[role].get(mod) if role in roles else None  # noqa: E731
-            w = p("router_weight")
-            logits, ids, _ = route_math(x.reshape(-1, spec.experts.hidden).to(w.dtype), w, p("router_bias"),
-                                        p("select_bias"), *route_args(spec.router), num_experts=E)
+            logits, ids, _ = block_route(mod, spec, roles, args[0] if args else next(iter(kwargs.values())))
             s = logits.float()
             probs = s.sigmoid() / s.sigmoid().sum(-1, keepdim=True) if spec.router.scoring == "sigmoid" \
                 else s.softmax(-1)  # [T, E]
-            onehot = torch.zeros(len(ids), E).scatter_(1, ids.long(), 1.0)  # [T, E]
+            ids, probs = ids.long().cpu(), probs.cpu()
+            onehot = torch.zeros(len(ids), E).scatter_(1, ids, 1.0)  # [T, E]
             st = stats.setdefault(path, {"tokens": 0, "load": torch.zeros(E, dtype=torch.long),
                                          "mass": torch.zeros(k, dtype=torch.float64), "entropy": 0.0,
                                          "co": torch.zeros(E, E, dtype=torch.long), "k": k, "E": E})
             st["tokens"] += len(ids)
-            st["load"] += torch.bincount(ids.reshape(-1).long(), minlength=E)
+            st["load"] += torch.bincount(ids.reshape(-1), minlength=E)
             st["mass"] += probs.sort(-1, descending=True).values[:, :k].cumsum(-1).sum(0).double()
             st["entropy"] += float(-(probs * probs.clamp_min(1e-30).log()).sum())
             st["co"] += (onehot.T @ onehot).long()
@@ -142,8 +143,8 @@ def calibrate(model: nn.Module, batches) -> Calibration:
             hooks.append(resolve(model, b.path).register_forward_pre_hook(hook(b.path, spec, roles), with_kwargs=True))
     try:
         with torch.no_grad(), untouched(model):
-            for batch in batches:
-                model(**batch) if isinstance(batch, dict) else model(batch)
+            for batch in batches:  # input_ids, a dict of keyword inputs, or a tuple of positional ones
+                model(**batch) if isinstance(batch, dict) else model(*batch) if isinstance(batch, tuple) else model(batch)
     finally:
         for h in hooks:
             h.remove()
@@ -161,6 +162,8 @@ def topk_schedule(cal: Calibration, average: float) -> dict[str, int]:
     the block whose next expert dropped holds the least router mass (calibration's top-j mass)."""
     ks = {b.path: b.top_k for b in cal.blocks}
     mass = {b.path: b.mass for b in cal.blocks}
+    if not ks:
+        raise ValueError("moec.topk_schedule: the calibration has no block")
     if not 1 <= average:
         raise ValueError(f"moec.topk_schedule: average must be >= 1, not {average}")
     while sum(ks.values()) / len(ks) > average + 1e-9:

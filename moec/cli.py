@@ -38,7 +38,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
-    except (ValueError, TypeError, NotImplementedError, RuntimeError, FileNotFoundError, ImportError) as e:
+    except (ValueError, TypeError, NotImplementedError, RuntimeError, ImportError, AttributeError, KeyError,
+            OSError, AssertionError) as e:
         print(f"moec: error: {str(e).splitlines()[0]}", file=sys.stderr)  # bad input: one line, what to do
         return 2
 
@@ -69,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dump", type=Path, help="write each stage to DIR/<block>/NNN_<pass>.py")
     run.add_argument("--timing", action="store_true", help="time each pass")
     run.add_argument("--verify", action="store_true", help="check numerics after each pass")
-    run.add_argument("--topk", type=int, help="route to K experts (the reduce_topk pass: an approximation)")
+    run.add_argument("--topk", type=_positive, help="route to K experts (the reduce_topk pass: an approximation)")
     rt = command("routing", "per-block expert load, top-j router mass and entropy (moec.calibrate)",
                  "moec routing fine_moe_lm --text notes.txt --png routing.png")
     src = rt.add_mutually_exclusive_group()
@@ -88,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     command("list", "registered passes and built-in models", "moec list")
     return ap
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return int(text)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -132,10 +139,14 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
         tokenizer = str(path) if any(path.glob("tokenizer*.json")) else None
     elif ":" in spec:
         module, _, fn = spec.rpartition(":")
-        out = getattr(_import(module), fn)()
-        model, inputs = out if isinstance(out, tuple) else (out, None)
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module (or (module, inputs))")
+        factory = getattr(_import(module), fn, None)
+        if not callable(factory):
+            raise AttributeError(f"{module} has no function {fn!r}")
+        out = factory()
+        model, inputs = out if isinstance(out, tuple) and len(out) == 2 else (out, None)
+        if not isinstance(model, torch.nn.Module) or not (inputs is None or isinstance(inputs, dict)):
+            raise TypeError(f"{spec} must return a torch.nn.Module or (module, {{input name: tensor}}), not "
+                            f"{type(out).__name__}")
         model = model.to(dt)
     elif spec in BUILTINS:
         model = {"demo": models.demo_model, "tiny_moe_lm": examples.tiny_moe_lm, "fine_moe_lm": examples.fine_moe_lm}[
@@ -188,10 +199,10 @@ def _run_passes(args, model, inputs, tokenizer, console) -> int:
     from moec.pass_manager import PASSES, Instruments, parse_pipeline
     from moec.passes.detect.proof import TOL
 
-    if args.print_after and args.print_after not in parse_pipeline(args.passes):
-        raise ValueError(f"--print-after {args.print_after}: not a pass of the pipeline {args.passes or 'default'}")
-    ins = Instruments(args.print_after_all, args.timing, args.verify, args.dump, args.print_after, args.print_changed)
     passes = pipeline_for("torch", args.passes, topk=args.topk is not None)
+    if args.print_after and args.print_after not in parse_pipeline(passes):
+        raise ValueError(f"--print-after {args.print_after}: not a pass of the pipeline {passes}")
+    ins = Instruments(args.print_after_all, args.timing, args.verify, args.dump, args.print_after, args.print_changed)
     report = _run(model, passes, ins, install_blocks=True, backend="torch", options={"topk": args.topk})
     console.print(report)
     if not args.verify:
@@ -227,20 +238,30 @@ def _routing(args, model, inputs, tokenizer, console) -> int:
 
     import moec
 
-    vocab = model.config.vocab_size
-    if args.text:
-        text = args.text.read_text()
-        if tokenizer is None:
-            raise ValueError("--text: this MODEL has no tokenizer files; use --random N")
-        if isinstance(tokenizer, str):
-            import transformers
+    config = getattr(model, "config", None)
+    decoder_lm = hasattr(config, "vocab_size") and not getattr(config, "is_encoder_decoder", False)
+    device = next(model.parameters()).device
+    if args.text is not None or args.random is not None or decoder_lm:  # tokens (decoder LMs: 512 random by default)
+        if not decoder_lm:
+            raise ValueError("--text and --random run decoder LMs (a config.vocab_size); for this MODEL omit them: "
+                             "its example inputs are used")
+        if args.text:
+            if tokenizer is None:
+                raise ValueError("--text: this MODEL has no tokenizer files; use --random N")
+            if isinstance(tokenizer, str):
+                import transformers
 
-            tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
-        ids = torch.tensor(tokenizer(text)["input_ids"])[None]
+                tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+            ids = torch.tensor(tokenizer(args.text.read_text())["input_ids"])[None]
+        else:
+            ids = torch.randint(0, config.vocab_size, (1, args.random or 512), generator=torch.Generator().manual_seed(0))
+        n = getattr(config, "max_position_embeddings", ids.shape[1])
+        batches = [c.to(device) for c in ids.split(n, dim=1)]
+    elif inputs is not None:
+        batches = [inputs]
     else:
-        ids = torch.randint(0, vocab, (1, args.random or 512), generator=torch.Generator().manual_seed(0))
-    n = getattr(model.config, "max_position_embeddings", ids.shape[1])
-    cal = moec.calibrate(model, [c.to(next(model.parameters()).device) for c in ids.split(n, dim=1)])
+        raise ValueError("routing: this MODEL has no example inputs: return (module, inputs) from its factory")
+    cal = moec.calibrate(model, batches)
     console.print(cal)
     if args.png:
         cal.plot(args.png)

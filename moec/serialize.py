@@ -71,7 +71,8 @@ def load(model: nn.Module, path: str, **compile_options) -> nn.Module:
     q = meta["quantize"]
     cfg = None if q is None else getattr(quant, q.pop("kind"))(**q)
     topk = meta.get("topk")  # an approximation the saved model was compiled with: compiled the same way again
-    compile(model, quantize=cfg, **({"topk": topk, "approximate": True} if topk is not None else {}), **compile_options)
+    saved = {"topk": topk, "approximate": True} if topk is not None else {}
+    compile(model, quantize=cfg, **(saved | compile_options))  # options given here win over the file's
     if meta.get("calibration") is not None:
         from moec.calibrate import Calibration
 

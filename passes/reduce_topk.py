@@ -8,7 +8,7 @@ and leaves
 
     logits, ids, w = moec.route(x, W, b?, select_bias?, <RouterSpec top_k=k'>)                # [T,E], [T,k'], [T,k']
 
-with k' < k. The combine weights follow the router's own rule at k' (RouterSpec): a router that
+with k' < k (a k' at or above the block's own k leaves the block as it is). The combine weights follow the router's own rule at k' (RouterSpec): a router that
 renormalises its top-k weights (Mixtral, Qwen3-MoE, DeepSeek-V3's norm_topk_prob) renormalises the k' it
 keeps; one that does not (Qwen2-MoE, OLMoE, DeepSeek-V2 without norm_topk_prob) keeps the k' weights as
 the router computed them, so the output loses the dropped experts' share. Scaling the kept weights back
@@ -42,10 +42,10 @@ def reduce_topk(gm) -> PassResult:
     spec = gm.meta["moe_spec"]
     r = spec.router
     k = new_topk(gm.meta.get("options", {}).get("topk"), gm.meta["candidate"].path)
-    if k is None or k == r.top_k:
+    if k is None or k >= r.top_k:  # a k at or above the block's own leaves it as it is (exact)
         return PassResult(gm, False, {"reduced": 0})
-    if not 1 <= k < r.top_k:
-        raise Rejected(f"reduce_topk: k={k} is not between 1 and the block's k={r.top_k} (it only lowers k)")
+    if k < 1:
+        raise Rejected(f"reduce_topk: k={k} is below 1")
     if r.capacity:
         raise Rejected("reduce_topk: the router drops pairs past an expert's capacity, which depends on k")
     if r.scoring == "sparsemixer" or r.selection == "argmax":

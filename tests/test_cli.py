@@ -108,3 +108,24 @@ def test_bench_a_builtin():
                    "moec.compile quantize=int8"):
         assert system in r.stdout
     assert "4 token(s)" in r.stdout
+
+
+@pytest.mark.parametrize("factory, says", [
+    ("def build():\n    return 3\n", "must return a torch.nn.Module or (module, {input name: tensor})"),
+    ("import torch\ndef build():\n    return torch.nn.Linear(2, 2), (torch.ones(2),)\n", "must return a torch.nn.Module"),
+    ("def other():\n    pass\n", "has no function 'build'"),
+])
+def test_a_bad_factory_is_one_line(factory, says, tmp_path):
+    (tmp_path / "fac.py").write_text(factory)
+    r = moec("inspect", "fac.py:build", cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and says in r.stderr, r.stderr
+
+
+def test_routing_of_a_seq2seq_model_uses_its_example_inputs_and_topk_checks():
+    r = moec("routing", "switch_transformers")
+    assert r.returncode == 0, r.stderr
+    assert "moec routing:" in r.stdout
+    r = moec("run", "mixtral", "--topk", "0")
+    assert r.returncode == 2 and "is not an integer >= 1" in r.stderr
+    r = moec("run", "mixtral", "--topk", "1", "--print-after", "reduce_topk")
+    assert r.returncode == 0 and "graph after reduce_topk" in r.stdout + r.stderr

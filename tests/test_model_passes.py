@@ -80,15 +80,30 @@ def test_an_approximation_is_asked_for_by_name():
         moec.compile(models.tiny_model("mixtral"), topk=1, approximate=True, backend="onnxruntime")
 
 
-def test_a_k_that_does_not_lower_is_refused_with_the_reason():
+def test_a_k_at_or_above_the_blocks_leaves_them_exact():
     model = models.tiny_model("mixtral").eval()
     ref = copy.deepcopy(model)
-    with pytest.warns(UserWarning, match="no MoE block rewritten"):
-        moec.compile(model, topk=5, approximate=True)
-    assert "only lowers k" in moec.inspect(model).rejected[0].reason
+    moec.compile(model, topk=5, approximate=True)
+    report = moec.inspect(model)
+    assert report.blocks and not report.rejected and all(b.top_k == 2 and not b.approximate for b in report.blocks)
     inputs = models.example_inputs(model, seq=4)
     with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, ref(**inputs).logits)  # left alone
+        assert rel_err(model(**inputs).logits, ref(**inputs).logits) < TOL[torch.float32]
+
+
+def test_recompiling_with_another_k_and_unknown_blocks():
+    model = models.tiny_model("qwen3_moe").eval()
+    paths = [b.path for b in moec.inspect(copy.deepcopy(model)).blocks]
+    moec.compile(model, topk=1, approximate=True)
+    moec.compile(model, topk={paths[0]: 1}, approximate=True)  # the second block gets its own k back
+    assert [b.top_k for b in moec.inspect(model).blocks] == [1, 2]
+    ref = _with_k(copy.deepcopy(models.tiny_model("qwen3_moe").eval()), 2, 1, blocks=paths[:1])
+    inputs = models.example_inputs(model, seq=5)
+    with torch.no_grad():
+        assert rel_err(model(**inputs).logits, ref(**inputs).logits) < TOL[torch.float32]
+    with pytest.raises(ValueError, match=r"topk names no block at \['model.layers.9.mlp'\]"):
+        moec.compile(model, topk={"model.layers.9.mlp": 1}, approximate=True)
+    moec.compile(models.tiny_model("mixtral").eval(), topk=1, passes="detect_moe, fuse_gate, reduce_topk")  # spaced
 
 
 def test_quantized_and_reduced():

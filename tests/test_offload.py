@@ -89,6 +89,39 @@ def test_prefetch_never_changes_a_number(family):
     assert all(torch.equal(a, b) for ref in outs[1:] for a, b in zip(outs[0], ref))
 
 
+class _Chained(torch.nn.Module):
+    """Two MoE blocks, chained in an nn.Sequential or looped over in an nn.ModuleList."""
+
+    def __init__(self, container):
+        super().__init__()
+        self.body = container(RouterForms("@W.T", E=8), RouterForms("@W.T", E=8))
+
+    def forward(self, x):
+        if isinstance(self.body, torch.nn.Sequential):
+            return self.body(x)
+        for b in self.body:
+            x = b(x)
+        return x
+
+
+@pytest.mark.parametrize("container", [torch.nn.Sequential, lambda *m: torch.nn.ModuleList(m)], ids=["seq", "list"])
+def test_chained_blocks_keep_the_early_guess(container):
+    """The module before block 1 is block 0 (not a norm to call again), or the parent is a list nobody calls: no
+    late predictor; each block keeps the early guess, and the numbers stay the original's."""
+    model = _Chained(container).eval()
+    ref = copy.deepcopy(model)
+    moec.compile(model, offload=moec.Offload(budget=4, prefetch="router"))
+    pool = compiled_graph(model.body[0]).offloaded.pool
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        for _ in range(3):
+            assert rel_err(model(x), ref(x)) < TOL[torch.float32]
+    assert [late.norm for late in pool.late] == [None, None]
+    assert pool.blocks["body.1"]["router"] is not None and pool.stats.blocks["body.0"].calls == 3
+    needed = sum(len(need) for block, need in pool.stats.trace if block == "body.1")
+    assert pool.stats.blocks["body.1"].needed_after_prediction == needed  # the early guess ran before every call
+
+
 @pytest.mark.parametrize("quant", [moec.Int8Experts(), moec.Int4Experts(group_size=32),
                                    moec.Int4Experts(group_size=32, symmetric=True)], ids=["int8", "int4", "int4sym"])
 @pytest.mark.parametrize("budget", [1, "25%", 1.0])

@@ -12,8 +12,9 @@ The early guess (mixtral-offloading's) leaves a whole layer to load in, but bloc
 b+1's router will see. The late one sees the residual stream that b+1's norm will see, less the attention
 in between, and names 65-92% of the experts (vs 51-77%; fine_moe_lm, top 6-18 of 64, docs/offload.md).
 The late predictor is set up on the first call: N_{b+1} is found among the children of b+1's parent
-module (the decoder layer) as the one whose output object is the block's input; it must hold no buffers
-(a norm: calling it again changes nothing). Models without that shape keep the early guess alone.
+module (the decoder layer) as the one whose output object is the block's input. It must hold no buffers
+and no MoE block (a norm: calling it again changes nothing and costs little), and the parent must be called
+itself (not a ModuleList). Models without that shape keep the early guess alone.
 A prediction only loads into free or evictable slots: it never changes a number.
 """
 
@@ -30,19 +31,15 @@ from moec.ir import MoESpec
 def router_predictor(roles: dict, block: nn.Module, spec: MoESpec, width: int):
     """x [.., H] -> the experts block's router ranks in its top `width * k` for any row of x, most likely first
     (rank by rank over the rows)."""
-    from moec.backends.torch_backend import route_math
-    from moec.ops import route_args
+    from moec.api import block_route
 
     r, E = spec.router, spec.experts.num_experts
     m = r.top_k if r.scoring == "sparsemixer" else min(width * r.top_k, r.topk_group * E // max(r.n_group, 1))
     router = dataclasses.replace(r, top_k=m, capacity=0)
 
     def predict(x: torch.Tensor) -> list[int]:
-        p = lambda role: roles[role].get(block) if role in roles else None
-        w = p("router_weight")
         with torch.no_grad():
-            ids = route_math(x.reshape(-1, spec.experts.hidden).to(w.dtype), w, p("router_bias"), p("select_bias"),
-                             *route_args(router), num_experts=E)[1]  # [T, m]
+            ids = block_route(block, spec, roles, x, router)[1]  # [T, m]
         return list(dict.fromkeys(ids.T.flatten().tolist()))
 
     return predict
@@ -56,7 +53,7 @@ class LatePrefetch:
         self.norm: nn.Module | None = None
         self.outputs: dict[int, nn.Module] = {}  # id(output) -> the child of parent that returned it (this call)
         self.handles = [c.register_forward_hook(self._record(c)) for c in parent.children() if c is not block]
-        self.handles.append(block.register_forward_pre_hook(self._find))
+        self.handles.append(block.register_forward_pre_hook(self._find, with_kwargs=True))
 
     def _record(self, child: nn.Module):
         def hook(m, args, out):
@@ -64,15 +61,18 @@ class LatePrefetch:
                 self.outputs[id(out)] = child
         return hook
 
-    def _find(self, m, args) -> None:
-        """The block's first call: the child whose output it takes is N (if N holds no buffers)."""
-        x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    def _find(self, m, args, kwargs) -> None:
+        """The block's first call: the child whose output it takes is N, if calling N again changes nothing and
+        runs no MoE block (no buffers, no compiled block inside) and the parent is called itself (not a list)."""
+        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         norm = self.outputs.get(id(x)) if x is not None else None
         for h in self.handles:
             h.remove()
         self.outputs.clear()
         self.handles = []
-        if norm is None or next(norm.buffers(), None) is not None:
+        if (norm is None or next(norm.buffers(), None) is not None
+                or any("_moec_graph" in sub.__dict__ for sub in norm.modules())
+                or type(self.parent).forward is nn.Module.forward):  # ModuleList, ModuleDict: never called
             return
         self.norm = norm
         self.handles = [self.parent.register_forward_pre_hook(self._start, with_kwargs=True)]
@@ -85,8 +85,3 @@ class LatePrefetch:
             return
         with torch.no_grad():
             self.pool.prefetch(self.path, self.predict(self.norm.forward(r)), reserve=0)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
