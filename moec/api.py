@@ -341,8 +341,9 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         moec.inspect(model).offload.
     topk: an approximation (needs approximate=True, or reduce_topk named in `passes`): every block routes to
         its `topk` best experts instead of its k (an int), or per block ({block path: k}; blocks not named, and
-        blocks whose own k is at or below the one asked, keep theirs; a path that names no block is refused); the combine weights follow each router's own rule at the new k (passes/reduce_topk.py). The
-        block is proved against its canonical form at the new k, and its error against the original is
+        blocks whose own k is at or below the one asked, keep theirs; a path that names no block is refused);
+        the combine weights follow each router's own rule at the new k (passes/reduce_topk.py). The block is
+        proved against its canonical form at the new k, and its error against the original is
         measured and shown by moec.inspect (docs/model_passes.md).
     Every rewritten block is proved: its final graph is checked against the original block before it is
     installed (docs/guarantees.md). A model without MoE comes back unchanged, with a warning; blocks moec
