@@ -628,8 +628,8 @@ def test_a_non_module_is_refused(fn):
         fn(None)
 
 
-@pytest.mark.parametrize("args,match", [(["run", "--model", "nope"], "unknown MoE family"),
-                                        (["run", "--passes", "detect_moe,nope"], "unknown pass")])
+@pytest.mark.parametrize("args,match", [(["run", "nope"], "is not a folder with config.json"),
+                                        (["run", "mixtral", "--passes", "detect_moe,nope"], "unknown pass")])
 def test_cli_errors_are_one_line(args, match):
     run = subprocess.run([sys.executable, "-m", "moec.cli", *args], capture_output=True, text=True)
     assert run.returncode == 2 and match in run.stderr and "Traceback" not in run.stderr, run.stderr
