@@ -9,10 +9,11 @@ top-2, 4 layers); "gpt_oss" = a GPT-OSS of hidden 512, 4 layers, 8 experts (the 
 measured onnxruntime-genai on). Systems, all greedy, the same tokens asserted against HF:
   HF eager (KV cache) | moec torch backend (KV cache) | moec backend="onnxruntime" with the KV cache, fp32 and
   int4 experts (g32) | moec backend="onnxruntime" without the cache (generate recomputes the sequence: how it
-  ran before the KV-cache export) | where onnxruntime-genai is installed: moec.export_genai's folder (fp32, int4
-  g32 experts) run by its generator, and for GPT-OSS the folder genai's own builder makes from the same weights
-  saved as an HF checkpoint (`python -m onnxruntime_genai.models.builder -p fp32 -e cpu`; its int4 reads only
-  GPT-OSS's original MXFP4 tensors, which a checkpoint of these weights does not have).
+  ran before the KV-cache export) | where onnxruntime-genai is installed: moec.export_genai's folders (fp32; int4
+  g32 experts; int4 g32 experts with attention, lm_head and dense MLPs as int4 MatMulNBits, `dense=`) run by its
+  generator, and for GPT-OSS the folder genai's own builder makes from the same weights saved as an HF checkpoint
+  (`python -m onnxruntime_genai.models.builder -p fp32 -e cpu`; its int4 reads only GPT-OSS's original MXFP4
+  tensors, which a checkpoint of these weights does not have).
 Tokens/s of the whole generate call (prompt included), median of interleaved rounds; each round's wall time is
 printed. "= HF": the greedy tokens equal HF's (asserted for moec's fp32 systems).
 """
@@ -73,9 +74,11 @@ class Genai:
 def genai_systems(name: str, ref, threads: int, work: str) -> dict:
     """moec.export_genai's folders, and (GPT-OSS) genai's builder's from the same weights."""
     systems, tokenizer = {}, examples.byte_tokenizer()
-    for label, q in (("fp32", None), ("int4 g32 experts", moec.Int4Experts(32))):
-        folder = os.path.join(work, f"moec-{name}-{label.split()[0]}")
-        moec.export_genai(ref, tokenizer, folder, quantize=q)
+    int4 = moec.Int4Experts(32)
+    for i, (label, q, dense) in enumerate((("fp32", None, None), ("int4 g32 experts", int4, None),
+                                           ("int4 g32 experts + int4 g32 dense MatMulNBits", int4, int4))):
+        folder = os.path.join(work, f"moec-{name}-{i}")
+        moec.export_genai(ref, tokenizer, folder, quantize=q, dense=dense)
         systems[f"moec export_genai {label} (onnxruntime-genai)"] = (Genai(folder, threads), True)
     if name == "gpt_oss":
         hf = os.path.join(work, "hf")
