@@ -11,6 +11,7 @@ MODEL is a Hugging Face folder (config.json + safetensors, read offline), a fact
     moec routing fine_moe_lm --text notes.txt --png routing.png     # expert load, top-j mass, entropy
     moec export ./my-moe-checkpoint out/ --quantize int4:g32 --genai
     moec bench ./my-moe-checkpoint --tokens 1 16 256 --quantize int8     # HF's experts implementations vs moec
+    moec bisect ./my-moe-checkpoint --passes detect_moe,fuse_gate,my_pass --out repro/   # then: moec replay repro/block
     moec list                                          # registered passes and built-in models
 
 Environment: MOEC_LOGS=print,timing,verify[,debug] and MOEC_DUMP_DIR=dir turn the instruments on for any
@@ -25,6 +26,7 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from rich.console import Console
@@ -87,6 +89,15 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256], help="token counts (batch 1)")
     bn.add_argument("--quantize", nargs="*", default=[], help="quantized moec variants too: int8, int4:gG")
     bn.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    bis = command("bisect", "find the first pass (and block) that changes the numbers and write a reproducer",
+                  "moec bisect ./checkpoint --passes detect_moe,fuse_gate,my_pass --out repro/")
+    bis.add_argument("--passes", default=None, help="pipeline, e.g. detect_moe,fuse_gate,batch_experts")
+    bis.add_argument("--out", type=Path, default=Path("moec_repro"), help="the reproducer folder (default moec_repro)")
+    bis.add_argument("--dump-rejected", action="store_true", help="also write each rejected candidate, with its reason")
+    rep = sub.add_parser("replay", help="replay a reproducer folder written by moec bisect",
+                         description="replay a reproducer folder written by moec bisect.\n\nexample:\n  moec replay repro/",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    rep.add_argument("folder", type=Path, metavar="DIR")
     command("list", "registered passes and built-in models", "moec list")
     return ap
 
@@ -107,9 +118,11 @@ def _main(argv: list[str] | None) -> int:
         console.print("passes:", ", ".join(sorted(moec.PASSES)), f"(default pipeline: {moec.DEFAULT_PIPELINE})")
         console.print("models:", ", ".join(BUILTINS + models.FAMILIES))
         return 0
+    if args.cmd == "replay":
+        return _replay(args.folder, console)
     model, inputs, tokenizer = load_model(args.model, args.dtype, args.device)
-    return {"inspect": _inspect, "run": _run_passes, "routing": _routing, "export": _export, "bench": _bench}[args.cmd](
-        args, model, inputs, tokenizer, console)
+    return {"inspect": _inspect, "run": _run_passes, "routing": _routing, "export": _export, "bench": _bench,
+            "bisect": _bisect}[args.cmd](args, model, inputs, tokenizer, console)
 
 
 # -- models
@@ -267,6 +280,109 @@ def _routing(args, model, inputs, tokenizer, console) -> int:
         cal.plot(args.png)
         console.print(f"wrote {args.png}")
     return 0
+
+
+def _pass_errors(module, passes: str | None, dump_dir: Path | None = None) -> tuple[dict, dict]:
+    """Run the pipeline on every candidate block of `module` with the numeric check after each pass (nothing is
+    installed, even if the final proof would fail; each stage's graph written under dump_dir/<block>/ if given):
+    ({block: [PassRecord]}, {rejected block: reason})."""
+    from moec.api import _block_graph, _undo
+    from moec.bindings import resolve
+    from moec.pass_manager import Instruments, PassManager, Rejected
+    from moec.passes.detect_moe import find_candidates
+
+    pm = PassManager(passes, Instruments(verify=True, dump_dir=dump_dir))
+    records, rejected = {}, {}
+    for cand in find_candidates(module):
+        start = _block_graph(resolve(module, cand.path), cand, {})
+        try:
+            records[cand.path] = pm.run(start, cand.path, resolve(module, cand.path))[1]
+        except Rejected as e:
+            rejected[cand.path] = str(e)
+        finally:
+            _undo(start.meta)
+    return records, rejected
+
+
+def _first_change(records: dict, tol: float) -> tuple[str, str, float] | None:
+    """(block, pass, error) of the first pass that changed a block's numbers (up to an approximating pass)."""
+    from moec.pass_manager import PASSES
+
+    for block, recs in records.items():
+        for r in recs:
+            if PASSES[r.name].approximate:
+                break
+            if not r.max_rel_err <= tol:
+                return block, r.name, r.max_rel_err
+    return None
+
+
+def _bisect(args, model, inputs, tokenizer, console) -> int:
+    import shutil
+
+    import torch
+
+    from moec.bindings import resolve
+    from moec.pass_manager import PASSES, parse_pipeline
+    from moec.passes.detect.proof import TOL
+
+    passes = ",".join(parse_pipeline(args.passes))
+    stages = Path(tempfile.mkdtemp(prefix="moec-bisect-"))
+    records, rejected = _pass_errors(model, passes, stages)
+    dtype = next(model.parameters()).dtype
+    bad = _first_change(records, TOL[dtype])
+    if args.dump_rejected:
+        for path, reason in rejected.items():
+            d = args.out / "rejected" / (path or "root")
+            d.mkdir(parents=True, exist_ok=True)
+            torch.save(resolve(model, path), d / "block.pt")
+            (d / "reason.txt").write_text(reason + "\n")
+        console.print(f"wrote {len(rejected)} rejected candidate(s) under {args.out / 'rejected'}")
+    if bad is None:
+        shutil.rmtree(stages, ignore_errors=True)
+        console.print(f"no pass of {passes} changed the numbers of {len(records)} block(s)")
+        return 0
+    block, name, err = bad
+    shutil.rmtree(args.out / "block", ignore_errors=True)
+    d = args.out / "block"
+    d.mkdir(parents=True)
+    torch.save(resolve(model, block), d / "block.pt")  # the module itself: replay needs no model code beyond its class
+    mods = sorted({PASSES[n].__code__.co_filename for n in passes.split(",")  # the files of passes not moec's own
+                   if not PASSES[n].__module__.startswith("moec.")})
+    (d / "meta.json").write_text(json.dumps({"block": block, "pipeline": passes, "first_changed": name,
+                                             "max_rel_err": err, "dtype": str(dtype), "pass_modules": mods}, indent=2))
+    shutil.copytree(stages / (block or "root"), d / "stages")  # each pass's graph: NNN_<pass>.py
+    (d / "errors.txt").write_text("".join(f"{r.name}: max rel err {r.max_rel_err:.3e}\n" for r in records[block]))
+    shutil.rmtree(stages, ignore_errors=True)
+    console.print(f"[red]{block or '(model)'}: the numbers changed at pass {name!r} (max relative error {err:.2e}); "
+                  f"reproducer in {d}: moec replay {d}")
+    return 1
+
+
+def _replay(folder: Path, console) -> int:
+    import torch
+
+    from moec.passes.detect.proof import TOL
+
+    if not (folder / "meta.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a reproducer folder (no meta.json): give the folder moec bisect wrote")
+    meta = json.loads((folder / "meta.json").read_text())
+    for path in meta["pass_modules"]:  # the passes the pipeline names that are not moec's own
+        _import(path)
+    block = torch.load(folder / "block.pt", weights_only=False).eval()
+    records, rejected = _pass_errors(block, meta["pipeline"])
+    t = Table(title=f"replay of {meta['block'] or '(model)'}: numeric error after each pass")
+    for r in next(iter(records.values()), []):
+        t.add_column(r.name)
+    for recs in records.values():
+        t.add_row(*(f"{r.max_rel_err:.1e}" for r in recs))
+    console.print(t)
+    bad = _first_change(records, TOL[next(block.parameters()).dtype])
+    if bad is None:
+        console.print(f"no pass changed the numbers{' (rejected: ' + str(rejected) + ')' if rejected else ''}")
+        return 0
+    console.print(f"[red]the numbers changed at pass {bad[1]!r} (max relative error {bad[2]:.2e})")
+    return 1
 
 
 def _quant(text: str | None):

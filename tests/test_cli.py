@@ -129,3 +129,54 @@ def test_routing_of_a_seq2seq_model_uses_its_example_inputs_and_topk_checks():
     assert r.returncode == 2 and "is not an integer >= 1" in r.stderr
     r = moec("run", "mixtral", "--topk", "1", "--print-after", "reduce_topk")
     assert r.returncode == 0 and "graph after reduce_topk" in r.stdout + r.stderr
+
+
+BROKEN_PASS = '''
+import torch
+from moec import models
+from moec.pass_manager import PassResult, register_pass
+
+
+@register_pass("break_numbers", requires=("fuse_gate",))
+def break_numbers(gm):  # scales the block's output by 1.01: a pass that changes the numbers
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    vals = out.args[0]
+    first = vals[0] if isinstance(vals, (tuple, list)) else vals
+    with gm.graph.inserting_before(out):
+        bad = gm.graph.call_function(torch.mul, (first, 1.01))
+    out.args = ((bad, *vals[1:]),) if isinstance(vals, (tuple, list)) else (bad,)
+    gm.recompile()
+    return PassResult(gm, True, {})
+
+
+def build():
+    return models.tiny_model("qwen2_moe")
+'''
+
+
+def test_bisect_names_a_broken_pass_and_its_reproducer_replays(tmp_path):
+    (tmp_path / "broken.py").write_text(BROKEN_PASS)
+    out = tmp_path / "repro"
+    r = moec("bisect", "broken.py:build", "--passes", "detect_moe,fuse_gate,break_numbers,batch_experts",
+             "--out", out, cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert "numbers changed at pass 'break_numbers'" in r.stdout and "model.layers.0.mlp" in r.stdout
+    meta = json.loads((out / "block" / "meta.json").read_text())
+    assert meta["first_changed"] == "break_numbers" and meta["block"] == "model.layers.0.mlp"
+    stages = sorted(p.name for p in (out / "block" / "stages").iterdir())
+    assert stages == ["000_detect_moe.py", "001_fuse_gate.py", "002_break_numbers.py", "003_batch_experts.py"]
+    r = moec("replay", out / "block", cwd="/")  # another directory, a fresh process: only the folder
+    assert r.returncode == 1 and "numbers changed at pass 'break_numbers'" in r.stdout, r.stdout + r.stderr
+    r = moec("bisect", "mixtral", "--out", tmp_path / "none")
+    assert r.returncode == 0 and "no pass of detect_moe,fuse_gate,batch_experts changed the numbers" in r.stdout
+
+
+def test_bisect_dumps_rejected_candidates(tmp_path):
+    (tmp_path / "rej.py").write_text(
+        "from moec import models\n"
+        "def build():\n"
+        "    return models.tiny_model('nllb_moe')\n")
+    r = moec("bisect", "rej.py:build", "--dump-rejected", "--out", tmp_path / "out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    dumped = list((tmp_path / "out" / "rejected").iterdir())
+    assert dumped and all((d / "block.pt").is_file() and (d / "reason.txt").read_text().strip() for d in dumped)
