@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("out", type=Path, help="the .onnx file, or the folder with --genai")
     ex.add_argument("--quantize", help="int8, or int4:gG (group size G, e.g. int4:g32): the experts' weights")
     ex.add_argument("--genai", action="store_true", help="write a folder onnxruntime-genai runs (needs a tokenizer)")
-    bn = command("bench", "tokens/s of MODEL's forward: HF's experts implementations against moec's",
+    bn = command("bench", "tokens/s of MODEL's forward: HF's experts implementations against moec's backends",
                   "moec bench ./checkpoint --tokens 1 16 256 --quantize int8 int4:g32")
     bn.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256], help="token counts (batch 1)")
     bn.add_argument("--quantize", nargs="*", default=[], help="quantized moec variants too: int8, int4:gG")
@@ -282,26 +282,27 @@ def _routing(args, model, inputs, tokenizer, console) -> int:
     return 0
 
 
-def _pass_errors(module, passes: str | None, dump_dir: Path | None = None) -> tuple[dict, dict]:
+def _pass_errors(module, passes: str | None, dump_dir: Path | None = None) -> tuple[dict, dict, dict]:
     """Run the pipeline on every candidate block of `module` with the numeric check after each pass (nothing is
     installed, even if the final proof would fail; each stage's graph written under dump_dir/<block>/ if given):
-    ({block: [PassRecord]}, {rejected block: reason})."""
+    ({block: [PassRecord]}, {rejected block: reason}, {block: its MoESpec after the pipeline})."""
     from moec.api import _block_graph, _undo
     from moec.bindings import resolve
     from moec.pass_manager import Instruments, PassManager, Rejected
     from moec.passes.detect_moe import find_candidates
 
     pm = PassManager(passes, Instruments(verify=True, dump_dir=dump_dir))
-    records, rejected = {}, {}
+    records, rejected, specs = {}, {}, {}
     for cand in find_candidates(module):
         start = _block_graph(resolve(module, cand.path), cand, {})
         try:
-            records[cand.path] = pm.run(start, cand.path, resolve(module, cand.path))[1]
+            gm, records[cand.path] = pm.run(start, cand.path, resolve(module, cand.path))
+            specs[cand.path] = gm.meta["moe_spec"]
         except Rejected as e:
             rejected[cand.path] = str(e)
         finally:
             _undo(start.meta)
-    return records, rejected
+    return records, rejected, specs
 
 
 def _first_change(records: dict, tol: float) -> tuple[str, str, float] | None:
@@ -321,6 +322,7 @@ def _bisect(args, model, inputs, tokenizer, console) -> int:
     import shutil
 
     import torch
+    from safetensors.torch import save_file
 
     from moec.bindings import resolve
     from moec.pass_manager import PASSES, parse_pipeline
@@ -328,7 +330,7 @@ def _bisect(args, model, inputs, tokenizer, console) -> int:
 
     passes = ",".join(parse_pipeline(args.passes))
     stages = Path(tempfile.mkdtemp(prefix="moec-bisect-"))
-    records, rejected = _pass_errors(model, passes, stages)
+    records, rejected, specs = _pass_errors(model, passes, stages)
     dtype = next(model.parameters()).dtype
     bad = _first_change(records, TOL[dtype])
     if args.dump_rejected:
@@ -346,7 +348,13 @@ def _bisect(args, model, inputs, tokenizer, console) -> int:
     shutil.rmtree(args.out / "block", ignore_errors=True)
     d = args.out / "block"
     d.mkdir(parents=True)
-    torch.save(resolve(model, block), d / "block.pt")  # the module itself: replay needs no model code beyond its class
+    module = resolve(model, block)
+    torch.save(module, d / "block.pt")  # the module itself: replay needs no model code beyond its class
+    save_file({k: v.detach().clone() for k, v in module.state_dict().items()}, d / "block.safetensors")
+    (d / "spec.txt").write_text(f"{specs[block]!r}\n")  # the canonical spec the pipeline ended with
+    gen = torch.Generator().manual_seed(2)  # the tokens the check after each pass runs on (pass_manager.verify_graph)
+    H = specs[block].experts.hidden
+    save_file({f"tokens_{T}": torch.randn(1, T, H, generator=gen) for T in (1, 7)}, d / "inputs.safetensors")
     mods = sorted({PASSES[n].__code__.co_filename for n in passes.split(",")  # the files of passes not moec's own
                    if not PASSES[n].__module__.startswith("moec.")})
     (d / "meta.json").write_text(json.dumps({"block": block, "pipeline": passes, "first_changed": name,
@@ -370,7 +378,7 @@ def _replay(folder: Path, console) -> int:
     for path in meta["pass_modules"]:  # the passes the pipeline names that are not moec's own
         _import(path)
     block = torch.load(folder / "block.pt", weights_only=False).eval()
-    records, rejected = _pass_errors(block, meta["pipeline"])
+    records, rejected, _ = _pass_errors(block, meta["pipeline"])
     t = Table(title=f"replay of {meta['block'] or '(model)'}: numeric error after each pass")
     for r in next(iter(records.values()), []):
         t.add_column(r.name)
@@ -423,6 +431,11 @@ def _bench(args, model, inputs, tokenizer, console) -> int:
         systems[f"HF experts_implementation={impl!r}"] = m
     systems["original" if not impls else "HF as loaded"] = model
     systems["moec.compile"] = moec.compile(copy.deepcopy(model))
+    other = "triton" if next(model.parameters()).is_cuda else "onnxruntime"  # moec's other backend on this device
+    try:
+        systems[f"moec.compile backend={other!r}"] = moec.compile(copy.deepcopy(model), backend=other)
+    except (ImportError, NotImplementedError, ValueError) as e:  # not installed, or this model does not export
+        console.print(f"moec bench: backend {other!r} left out ({str(e).splitlines()[0]})")
     for q in args.quantize:
         systems[f"moec.compile quantize={q}"] = moec.compile(copy.deepcopy(model), quantize=_quant(q))
     gen = torch.Generator().manual_seed(0)

@@ -105,7 +105,7 @@ def test_bench_a_builtin():
     r = moec("bench", "mixtral", "--tokens", "1", "4", "--rounds", "1", "--quantize", "int8")
     assert r.returncode == 0, r.stderr
     for system in ("HF experts_implementation='eager'", "HF experts_implementation='moec'", "moec.compile",
-                   "moec.compile quantize=int8"):
+                   "moec.compile backend='onnxruntime'", "moec.compile quantize=int8"):
         assert system in r.stdout
     assert "4 token(s)" in r.stdout
 
@@ -163,6 +163,9 @@ def test_bisect_names_a_broken_pass_and_its_reproducer_replays(tmp_path):
     assert "numbers changed at pass 'break_numbers'" in r.stdout and "model.layers.0.mlp" in r.stdout
     meta = json.loads((out / "block" / "meta.json").read_text())
     assert meta["first_changed"] == "break_numbers" and meta["block"] == "model.layers.0.mlp"
+    files = {p.name for p in (out / "block").iterdir()}
+    assert {"block.pt", "block.safetensors", "spec.txt", "inputs.safetensors", "errors.txt"} <= files
+    assert "MoESpec(" in (out / "block" / "spec.txt").read_text()
     stages = sorted(p.name for p in (out / "block" / "stages").iterdir())
     assert stages == ["000_detect_moe.py", "001_fuse_gate.py", "002_break_numbers.py", "003_batch_experts.py"]
     r = moec("replay", out / "block", cwd="/")  # another directory, a fresh process: only the folder
