@@ -35,6 +35,7 @@ from moec.pass_manager import PASSES, Instruments, PassManager, PassRecord, Reje
 from moec.passes.detect import experts_only
 from moec.passes.detect_moe import Candidate, analyze, find_candidates
 from moec.passes.quantize_experts import quantized_tensors, release_originals
+from moec.passes.reduce_topk import new_topk
 from moec.quant import Int4Experts, Int8Experts, QuantConfig, dequantize
 
 
@@ -277,8 +278,6 @@ def _recompile(block, cand, pm: PassManager, kept: Report | None, options: dict)
     """An already compiled block: keep it if compiled the same way, else compile it anew (a quantized one
     has released its fp expert weights: refused). Returns its report when kept."""
     gm = compiled_graph(block)
-    from moec.passes.reduce_topk import new_topk
-
     old = gm.meta["moe_spec"].quant
     new = options.get("quantize")
     same = (kept is not None and kept.pipeline == pm.pipeline and old == new
@@ -335,8 +334,8 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     quantize: Int8Experts() or Int4Experts(group_size, symmetric[, shared, router]): weight-only quantized
         routed experts (appends the quantize_experts pass). Backend torch: numba kernels, CPU only;
         triton: w8a16/w4a16 GEMMs; onnxruntime: QMoE nodes. shared=True is torch backend only.
-    offload: moec.Offload(budget, store, path, policy, prefetch, prefetch_width): the routed experts leave the model for a store
-        (disk or host memory) and run from a cache of `budget` experts (appends offload_experts; torch
+    offload: moec.Offload(budget, store, path, policy, prefetch, prefetch_width): the routed experts leave the
+        model for a store (disk or host memory) and run from a cache of `budget` experts (appends offload_experts; torch
         backend; with quantize=, the quantized experts are stored and cached; see moec.offload). Statistics:
         moec.inspect(model).offload.
     topk: an approximation (needs approximate=True, or reduce_topk named in `passes`): every block routes to
@@ -375,7 +374,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
                                       f"backend='torch'")
     if backend == "onnxruntime":
         if topk is not None:
-            raise NotImplementedError("moec: topk= runs in the torch and triton backends, not 'onnxruntime'")
+            raise NotImplementedError("moec: topk= runs in the torch backend (tested), not 'onnxruntime'")
         return _compile_onnxruntime(model, passes, quantize, providers, session_options)
     if providers is not None or session_options is not None:
         raise TypeError("providers= and session_options= are options of backend='onnxruntime'")

@@ -265,6 +265,10 @@ class CompiledForward:
                 raise NotImplementedError(
                     f"moec: block {self.path!r} runs {'quantized' if spec.quant else 'offloaded'} experts and its "
                     f"original expert weights were released, so its original forward cannot run ({why})")
+            if self.gm.meta.get("approximation"):  # the original would compute what the user asked to change
+                raise NotImplementedError(
+                    f"moec: block {self.path!r} was compiled with an approximation ({self.gm.meta['approximation']}) "
+                    f"that its original forward does not make ({why}): compile a fresh model without topk= for this")
             return self.original(*args, **kwargs)
         with torch.no_grad():
             result = call(self.gm, self.block, *data)

@@ -106,6 +106,19 @@ def test_recompiling_with_another_k_and_unknown_blocks():
     moec.compile(models.tiny_model("mixtral").eval(), topk=1, passes="detect_moe, fuse_gate, reduce_topk")  # spaced
 
 
+def test_a_reduced_model_refuses_training_mode():
+    """In train() a compiled block runs its original forward: for a reduced block that would silently undo the
+    approximation, so it raises instead."""
+    model = models.tiny_model("mixtral").eval()
+    moec.compile(model, topk=1, approximate=True)
+    model.train()
+    with pytest.raises(NotImplementedError, match="approximation"):
+        model(**models.example_inputs(model, seq=3))
+    model.eval()
+    with torch.no_grad():
+        model(**models.example_inputs(model, seq=3))
+
+
 def test_quantized_and_reduced():
     model = models.tiny_model("qwen2_moe", num_experts_per_tok=3).eval()
     moec.compile(model, topk=2, approximate=True, quantize=moec.Int8Experts())
