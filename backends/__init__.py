@@ -38,14 +38,16 @@ def resolve_backend(name: str, device) -> str:
 
 
 def pipeline_for(backend: str, passes: str | list[str] | None, quantize: bool = False, offload: bool = False,
-                 topk: bool = False) -> str:
-    """The pass pipeline: the user's (or the default), reduce_topk after fuse_gate if asked, then quantize_experts /
-    offload_experts if asked, then the backend's lowering."""
+                 topk: bool = False, experts: bool = False) -> str:
+    """The pass pipeline: the user's (or the default), reduce_topk and reduce_experts after fuse_gate if asked,
+    then quantize_experts / offload_experts if asked, then the backend's lowering."""
     from moec.pass_manager import parse_pipeline
 
     names = parse_pipeline(passes)
-    if topk and "reduce_topk" not in names:
-        names.insert(names.index("fuse_gate") + 1 if "fuse_gate" in names else len(names), "reduce_topk")
+    for asked, name in ((topk, "reduce_topk"), (experts, "reduce_experts")):
+        if asked and name not in names:
+            after = [i for i, n in enumerate(names) if n in ("fuse_gate", "reduce_topk")]
+            names.insert(after[-1] + 1 if after else len(names), name)
     if quantize and "quantize_experts" not in names:
         names.append("quantize_experts")
     if offload and "offload_experts" not in names:

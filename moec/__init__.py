@@ -6,12 +6,14 @@
     moec.export_onnx(model, inputs, "model.onnx")   # ONNX, each MoE block one com.microsoft::MoE/QMoE node
 
 Pipeline (see the file tree): moec/capture.py (record a block's run as an fx graph) ->
-passes/ (detect_moe, fuse_gate, batch_experts, quantize_experts, lower_triton) -> backends/ (kernels for moec's canonical
+passes/ (detect_moe, fuse_gate, reduce_topk, reduce_experts, batch_experts, quantize_experts, offload_experts,
+lower_triton, lower_onnx) -> backends/ (kernels for moec's canonical
 ops, defined in moec/ops.py and described by moec/ir.py) -> moec/api.py.
 """
 
 from moec.api import Report, compile, inspect
-from moec.calibrate import Calibration, calibrate, topk_schedule
+from moec.approx import ExpertPlan, TopP
+from moec.calibrate import Calibration, calibrate, expert_plan, topk_schedule
 from moec.export import ExportReport, export_onnx
 from moec.genai import export_genai
 from moec.ir import ExpertsSpec, MoESpec, RouterSpec, SharedSpec
@@ -20,5 +22,5 @@ from moec.pass_manager import DEFAULT_PIPELINE, PASSES
 from moec.quant import Int4Experts, Int8Experts
 from moec.serialize import load, save
 
-__all__ = ["compile", "inspect", "Report", "calibrate", "topk_schedule", "Calibration", "Offload", "load_offloaded", "export_onnx", "export_genai", "ExportReport", "Int8Experts", "Int4Experts", "save", "load", "MoESpec", "RouterSpec", "ExpertsSpec", "SharedSpec", "PASSES",
+__all__ = ["compile", "inspect", "Report", "calibrate", "topk_schedule", "expert_plan", "ExpertPlan", "TopP", "Calibration", "Offload", "load_offloaded", "export_onnx", "export_genai", "ExportReport", "Int8Experts", "Int4Experts", "save", "load", "MoESpec", "RouterSpec", "ExpertsSpec", "SharedSpec", "PASSES",
            "DEFAULT_PIPELINE"]

@@ -20,6 +20,7 @@ from torch import fx, nn
 
 import moec.passes  # noqa: F401  (registers the passes)
 from moec.backends import pipeline_for, resolve_backend
+from moec.approx import ExpertPlan, TopP
 from moec.bindings import Const, Derived
 from moec.canonical import (
     build_graph,
@@ -67,6 +68,7 @@ class Report:
     backend: str = ""
     quantize: QuantConfig | None = None
     topk: int | dict | None = None  # compile(topk=...): the approximation asked for (moec.save keeps it)
+    experts: object = None  # compile(experts=moec.ExpertPlan): the experts kept (moec.save keeps it)
     export: object = None  # backend="onnxruntime": the moec.export_onnx report of the last session opened
     offload: object = None  # compile(offload=...): the expert cache's statistics (moec.offload.OffloadStats), live
     calibration: object = None  # moec.calibrate's routing statistics (moec.calibrate.Calibration), if it ran
@@ -148,10 +150,12 @@ def _final_proof(gm: fx.GraphModule, block: nn.Module, pm: PassManager) -> str:
     if spec.quant is None and not approximate:
         proof.check(run, dtype, what, error=_FinalProofFailed)
     else:  # against the canonical graph of what the passes promise: dequantized weights, the new k
-        roles = dict(gm.meta["canonical_bindings"])
+        roles = dict(gm.meta["canonical_bindings"]) | gm.meta.get("reference_roles", {})  # reduce_experts'
         quantized = () if spec.quant is None else ("w13", "w2") + (("router",) if spec.quant.router else ())
+        expert_map = gm.meta.get("expert_map")  # reduce_experts: the kept experts, one per original expert
         for role in quantized:
             deq = dequantize(spec.quant, quantized_tensors(block, role), dtype)
+            deq = deq if role == "router" or expert_map is None else deq[expert_map]
             roles["router_weight" if role == "router" else role] = Const(deq[0] if role == "router" else deq)
         ref = build_graph(block, spec.with_(quant=None), roles)
         proof.check(run, dtype, what, error=_FinalProofFailed,
@@ -199,10 +203,11 @@ def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: boo
     pm = PassManager(passes, instruments)
     report = Report(pipeline=pm.pipeline, backend=backend)
     cands = [c for c in find_candidates(model) if only is None or c.path == only]
-    topk = (options or {}).get("topk")
-    if isinstance(topk, dict) and (unknown := sorted(set(topk) - {c.path for c in cands})):
-        raise ValueError(f"moec.compile: topk names no block at {unknown}; the blocks are "
-                         f"{[c.path for c in cands]}")
+    for name, named in (("topk", (options or {}).get("topk")), ("experts", getattr((options or {}).get("experts"),
+                                                                                        "keep", None))):
+        if isinstance(named, dict) and (unknown := sorted(set(named) - {c.path for c in cands})):
+            raise ValueError(f"moec.compile: {name} names no block at {unknown}; the blocks are "
+                             f"{[c.path for c in cands]}")
     done: list[_Done] = []
     kept = model.__dict__.get("_moec_report")
     try:
@@ -281,12 +286,16 @@ def _recompile(block, cand, pm: PassManager, kept: Report | None, options: dict)
     old = gm.meta["moe_spec"].quant
     new = options.get("quantize")
     same = (kept is not None and kept.pipeline == pm.pipeline and old == new
-            and new_topk(kept.topk, cand.path) == new_topk(options.get("topk"), cand.path))
+            and new_topk(kept.topk, cand.path) == new_topk(options.get("topk"), cand.path)
+            and kept.experts == options.get("experts"))
     if pm.pipeline == "detect_moe" or (same and not gm.meta["moe_spec"].offloaded):  # inspect: what is installed
         return next((b for b in kept.blocks if b.path == cand.path), None) if kept else None
     if gm.meta["moe_spec"].offloaded:
         raise ValueError(f"moec.compile: block {cand.path!r} is already compiled with offloaded experts (its expert "
                          f"weights live in the offload store, not the model): build a fresh model to compile it again")
+    if gm.meta["moe_spec"].kept:
+        raise ValueError(f"moec.compile: block {cand.path!r} is already compiled with fewer experts (experts=) and "
+                         f"the others were released: build a fresh model to compile it another way")
     if old is not None:
         raise ValueError(f"moec.compile: block {cand.path!r} is already compiled with {old.describe()} experts and "
                          f"its fp expert weights were released: build a fresh model to compile it with "
@@ -306,9 +315,10 @@ def _install_all(done: list[_Done]) -> None:
                 if isinstance(b, Derived):
                     b.adopt(d.block)  # one copy: the block's tensors become views of moec's storage
             spec = d.gm.meta["moe_spec"]
-            if spec.quant is not None or spec.offloaded:  # proved and installed: the fp experts are not read
+            if spec.quant is not None or spec.offloaded or spec.kept:  # proved and installed: the originals are not read
                 release_originals(d.block, d.cand)
             d.gm.meta.pop("proof", None)
+            d.gm.meta.pop("reference_roles", None)
             d.gm.meta["undo"] = []
             d.gm.meta["canonical_bindings"] = {  # routing only (inspect's expert load): no expert copies kept
                 r: b for r, b in d.gm.meta["canonical_bindings"].items() if r.startswith(("router", "select"))}
@@ -319,8 +329,8 @@ def _install_all(done: list[_Done]) -> None:
 
 
 def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] | None = None, verify: bool = False,
-            quantize: QuantConfig | None = None, offload: Offload | None = None, topk: int | dict | None = None,
-            approximate: bool = False, providers: list[str] | None = None, session_options=None,
+            quantize: QuantConfig | None = None, offload: Offload | None = None, topk: int | TopP | dict | None = None,
+            experts: ExpertPlan | None = None, approximate: bool = False, providers: list[str] | None = None, session_options=None,
             **options) -> nn.Module:
     """Find, prove and rewrite every MoE block of `model` (in place); return the model.
 
@@ -343,7 +353,11 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         blocks whose own k is at or below the one asked, keep theirs; a path that names no block is refused);
         the combine weights follow each router's own rule at the new k (passes/reduce_topk.py). The block is
         proved against its canonical form at the new k, and its error against the original is
-        measured and shown by moec.inspect (docs/model_passes.md).
+        measured and shown by moec.inspect (docs/model_passes.md). moec.TopP(p, min_k, max_k) instead of k:
+        top-p routing, each token keeps its fewest heaviest experts holding p of its k experts' weight.
+    experts: an approximation (approximate=True, or reduce_experts in `passes`): moec.expert_plan(calibration,
+        keep=n, mode="prune" | "merge") keeps n experts per block, dropping or merging the others
+        (passes/reduce_experts.py); the dropped experts' memory is released. Not with offload= or onnxruntime.
     Every rewritten block is proved: its final graph is checked against the original block before it is
     installed (docs/guarantees.md). A model without MoE comes back unchanged, with a warning; blocks moec
     cannot prove are left as they were and listed in `moec.inspect(model).rejected` with the reason.
@@ -353,12 +367,22 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         raise TypeError(f"moec.compile got unknown option(s) {sorted(options)}")
     if not isinstance(verify, bool):
         raise TypeError(f"moec.compile: verify must be True or False, not {verify!r}")
-    named = passes is not None and "reduce_topk" in parse_pipeline(passes)
+    named = set() if passes is None else set(parse_pipeline(passes))
     if topk is not None:
         _check_topk(topk)
-        if not (approximate or named):
+        if not (approximate or "reduce_topk" in named):
             raise ValueError("moec.compile: topk= changes the model's outputs (an approximating pass): pass "
                              "approximate=True to ask for it")
+    if experts is not None:
+        if not isinstance(experts, ExpertPlan):
+            raise TypeError(f"moec.compile: experts must be a moec.ExpertPlan (moec.expert_plan(calibration, keep=n)),"
+                            f" not {experts!r}")
+        if not (approximate or "reduce_experts" in named):
+            raise ValueError("moec.compile: experts= changes the model's outputs (an approximating pass): pass "
+                             "approximate=True to ask for it")
+        if offload is not None:
+            raise NotImplementedError("moec.compile: experts= with offload= (the prefetch predicts the original "
+                                      "experts): compile with one of them")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     backend = resolve_backend(backend, device)
     if quantize is not None and not isinstance(quantize, (Int8Experts, Int4Experts)):
@@ -373,8 +397,8 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
             raise NotImplementedError(f"moec: offloaded experts run in the torch backend, not {backend!r}: use "
                                       f"backend='torch'")
     if backend == "onnxruntime":
-        if topk is not None:
-            raise NotImplementedError("moec: topk= runs in the torch backend (tested), not 'onnxruntime'")
+        if topk is not None or experts is not None:
+            raise NotImplementedError("moec: topk= and experts= run in the torch backend (tested), not 'onnxruntime'")
         return _compile_onnxruntime(model, passes, quantize, providers, session_options)
     if providers is not None or session_options is not None:
         raise TypeError("providers= and session_options= are options of backend='onnxruntime'")
@@ -384,11 +408,12 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     instruments = Instruments.from_env()
     instruments.verify = instruments.verify or verify
     pool = Pool(offload, device) if offload is not None else None
-    report = _run(model, pipeline_for(backend, passes, quantize is not None, pool is not None, topk is not None),
+    report = _run(model, pipeline_for(backend, passes, quantize is not None, pool is not None, topk is not None,
+                                      experts is not None),
                   instruments, install_blocks=True, backend=backend,
-                  options={"quantize": quantize, "offload": pool, "topk": topk}, strict=verify)
+                  options={"quantize": quantize, "offload": pool, "topk": topk, "experts": experts}, strict=verify)
     _warn_if_empty(model, report)
-    report.quantize, report.topk = quantize, topk
+    report.quantize, report.topk, report.experts = quantize, topk, experts
     if pool is not None:
         _start_offload(model, report, pool)
     model.__dict__["_moec_report"] = report
@@ -398,9 +423,10 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
 
 
 def _check_topk(topk) -> None:
-    ok = lambda k: isinstance(k, int) and not isinstance(k, bool) and k >= 1  # noqa: E731
+    ok = lambda k: isinstance(k, TopP) or isinstance(k, int) and not isinstance(k, bool) and k >= 1  # noqa: E731
     if not (ok(topk) or isinstance(topk, dict) and all(isinstance(p, str) and ok(k) for p, k in topk.items())):
-        raise TypeError(f"moec.compile: topk must be an int >= 1 or a dict {{block path: int >= 1}}, not {topk!r}")
+        raise TypeError(f"moec.compile: topk must be an int >= 1, a moec.TopP, or a dict {{block path: either}}, "
+                        f"not {topk!r}")
 
 
 def _start_offload(model: nn.Module, report: Report, pool: Pool) -> None:

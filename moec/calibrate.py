@@ -6,6 +6,8 @@
     cal.plot("routing.png")                     # expert-load heatmap [blocks x experts] (matplotlib)
     schedule = moec.topk_schedule(cal, average=3.3)
     moec.compile(model, topk=schedule, approximate=True)
+    plan = moec.expert_plan(cal, keep=48, mode="prune")      # or "merge"; keep: n, a fraction, {block: n}
+    moec.compile(model, experts=plan, approximate=True)
 
 Per block (found by moec as compile does, its router read from the graph):
   load [E]           (token, slot) pairs routed to each expert
@@ -27,6 +29,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
+
+from moec.approx import ExpertPlan
 
 
 @dataclass
@@ -170,3 +174,26 @@ def topk_schedule(cal: Calibration, average: float) -> dict[str, int]:
         p = min((p for p in ks if ks[p] > 1), key=lambda p: mass[p][ks[p] - 1] - mass[p][ks[p] - 2])
         ks[p] -= 1
     return ks
+
+
+def expert_plan(cal: Calibration, keep, mode: str = "prune") -> ExpertPlan:
+    """Which experts each block keeps: its `keep` most loaded ones in the calibration (ties: the lower id).
+    keep: a count for every block, a fraction of each block's experts (0 < keep < 1), or {block path: count}
+    (blocks not named keep all theirs). mode: "prune" or "merge" (moec.ExpertPlan)."""
+    if not cal.blocks:
+        raise ValueError("moec.expert_plan: the calibration has no block")
+    plan_keep, usage = {}, {}
+    for b in cal.blocks:
+        n = keep.get(b.path) if isinstance(keep, dict) else keep
+        if n is None:
+            continue
+        if isinstance(n, float) and 0 < n < 1:
+            n = max(1, round(n * b.num_experts))
+        if type(n) is not int or not 1 <= n <= b.num_experts:
+            raise ValueError(f"moec.expert_plan: keep for {b.path!r} must be a count in 1..{b.num_experts} or a "
+                             f"fraction in (0, 1), not {n!r}")
+        order = sorted(range(b.num_experts), key=lambda e: (-b.load[e], e))
+        plan_keep[b.path], usage[b.path] = order[:n], b.load
+    if isinstance(keep, dict) and (unknown := sorted(set(keep) - {b.path for b in cal.blocks})):
+        raise ValueError(f"moec.expert_plan: keep names no calibrated block at {unknown}")
+    return ExpertPlan(mode, plan_keep, usage)

@@ -30,11 +30,11 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from moec.backends.torch_backend import route_math
-from moec.bindings import Binding, generation, resolve, tracing
+from moec.bindings import Binding, Param, generation, resolve, tracing
 from moec.ir import MoESpec
 from moec.ops import experts_args, route_args
 
-__all__ = ["build_graph", "install", "uninstall", "call", "resolve", "CompiledForward", "role_value", "add_role"]
+__all__ = ["add_buffer", "build_graph", "install", "uninstall", "call", "resolve", "CompiledForward", "role_value", "add_role"]
 
 
 class _Reference(nn.Module):
@@ -141,6 +141,15 @@ def add_role(gm: fx.GraphModule, role: str, binding: Binding) -> fx.Node:
         node = g.placeholder(role)
     gm.meta["bindings"][role] = binding
     return node
+
+
+def add_buffer(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> fx.Node:
+    """A new input of the graph: a persistent buffer of the user's block (what moec.save writes and load_state_dict
+    fills; removed again if the block is not installed)."""
+    block = gm.meta["block"]
+    block.register_buffer(name, tensor)
+    gm.meta.setdefault("undo", []).append(lambda: delattr(block, name))
+    return add_role(gm, name, Param(name))
 
 
 def drop_unused_roles(gm: fx.GraphModule) -> None:

@@ -73,6 +73,10 @@ class RouterSpec:
     pick_mask: float = float("-inf")
     renorm_eps: float = 0.0  # added to the renormalisation's sum (DeepSeek: + 1e-20, so all-zero weights stay 0)
     renorm_floor: float = 0.0  # the renormalisation's sum clamped to at least this (GShard: clamp(min=eps))
+    # top-p routing (reduce_topk with moec.TopP, an approximation): a token keeps its fewest heaviest experts
+    # holding top_p of its k weights (at least min_k); a dropped pair gets weight 0 and the heaviest expert's id
+    top_p: float = 0.0
+    min_k: int = 1
 
     @property
     def renorm_after_drop(self) -> bool:
@@ -115,7 +119,7 @@ class RouterSpec:
         elif self.selection == "argmax" and self.top_k > 1:
             parts.append(f"{self.top_k} argmax picks ({self.select_on}; earlier picks -> {self.pick_mask:g})")
         else:
-            parts.append(f"top-{self.top_k}")
+            parts.append(f"top-{self.top_k}" + (f" top-p {self.top_p:g} (>= {self.min_k})" if self.top_p else ""))
         if self.select_on.split(",")[0] == "logits" and self.scoring in ("softmax", "sigmoid"):
             parts.append(f"{self.scoring} of the chosen" if self.renorm == 1.0 and self.scoring == "softmax"
                          else self.scoring)
@@ -188,6 +192,7 @@ class MoESpec:
     outputs: tuple[str, ...] = ("out",)  # the block's return structure, e.g. ("out", "logits")
     quant: object = None  # a moec.quant config once quantize_experts ran (Int8Experts / Int4Experts)
     offloaded: bool = False  # offload_experts ran: the experts live in the model's expert pool (moec.offload)
+    kept: int = 0  # reduce_experts ran: the block holds this many experts (its router still names E)
 
     def with_(self, **kw) -> "MoESpec":
         return replace(self, **kw)
@@ -196,6 +201,7 @@ class MoESpec:
         return {
             "router": self.router.describe(),
             "experts": self.experts.describe() + (" +output bias" if "out_bias" in self.params else "")
-            + (f" [{self.quant.describe()}]" if self.quant else "") + (" [offloaded]" if self.offloaded else ""),
+            + (f" [{self.quant.describe()}]" if self.quant else "") + (" [offloaded]" if self.offloaded else "")
+            + (f" [{self.kept} kept]" if self.kept else ""),
             "shared": self.shared.describe() if self.shared else "-",
         }

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from moec import quant
+from moec import approx, quant
 
 KEY = "moec"
 
@@ -37,7 +37,7 @@ def save(model: nn.Module, path: str) -> None:
     cfg = report.quantize
     meta = {"format_version": quant.FORMAT_VERSION, "pipeline": report.pipeline, "backend": report.backend,
             "quantize": None if cfg is None else {"kind": type(cfg).__name__, **dataclasses.asdict(cfg)},
-            "topk": report.topk,
+            "topk": approx.to_json(report.topk), "experts": approx.to_json(report.experts),
             "calibration": None if (cal := model.__dict__.get("_moec_calibration")) is None else cal.to_json()}
     tensors, tied, seen = {}, {}, {}
     for name, t in model.state_dict().items():
@@ -70,8 +70,9 @@ def load(model: nn.Module, path: str, **compile_options) -> nn.Module:
                          f"version {quant.FORMAT_VERSION}: re-export it with this moec version")
     q = meta["quantize"]
     cfg = None if q is None else getattr(quant, q.pop("kind"))(**q)
-    topk = meta.get("topk")  # an approximation the saved model was compiled with: compiled the same way again
-    saved = {"topk": topk, "approximate": True} if topk is not None else {}
+    # the approximations the saved model was compiled with: compiled the same way again
+    saved = {k: approx.from_json(meta[k]) for k in ("topk", "experts") if meta.get(k) is not None}
+    saved |= {"approximate": True} if saved else {}
     compile(model, quantize=cfg, **(saved | compile_options))  # options given here win over the file's
     if meta.get("calibration") is not None:
         from moec.calibrate import Calibration

@@ -36,19 +36,11 @@ import operator
 
 import torch
 
-from moec.bindings import Param, resolve
-from moec.canonical import add_role, drop_unused_roles, role_value
+from moec.bindings import resolve
+from moec.canonical import add_buffer, drop_unused_roles, role_value
 from moec.pass_manager import PassResult, Rejected, register_pass
 from moec.passes.detect.candidates import members
 from moec.quant import Int8Experts, QuantLinear, check_shape, dequantized, nbytes, quantize
-
-
-def _buffer(gm, name: str, tensor: torch.Tensor):
-    """A persistent buffer of the user's block (undone if the block is not installed), read by the graph."""
-    block = gm.meta["block"]
-    block.register_buffer(name, tensor)
-    gm.meta.setdefault("undo", []).append(lambda: delattr(block, name))
-    return add_role(gm, name, Param(name))
 
 
 @register_pass("quantize_experts", requires=("batch_experts",))
@@ -70,7 +62,7 @@ def quantize_experts(gm) -> PassResult:
             t = quantize(cfg, weight)
             stats["expert_bytes"] += weight.numel() * weight.element_size()
             stats["expert_qbytes"] += nbytes(t)
-            attrs = {k: _buffer(gm, f"_moec_{role}_{k}", v) for k, v in t.items()}
+            attrs = {k: add_buffer(gm, f"_moec_{role}_{k}", v) for k, v in t.items()}
             new_args.append((attrs["q"], attrs["scale"]) if isinstance(cfg, Int8Experts) else
                             (attrs["q"], attrs["scale"], attrs.get("zero")))
         (t13, t2) = new_args
@@ -98,7 +90,7 @@ def _quantize_router(gm, cfg, path: str) -> None:
             check_shape(cfg, weight[None], f"block {path!r} router")
         except ValueError as e:
             raise Rejected(str(e)) from None
-        t = {k: _buffer(gm, f"_moec_router_{k}", v) for k, v in quantize(cfg, weight[None]).items()}
+        t = {k: add_buffer(gm, f"_moec_router_{k}", v) for k, v in quantize(cfg, weight[None]).items()}
         with gm.graph.inserting_before(node):
             w = gm.graph.call_function(dequantized, (t["q"], t["scale"], t.get("zero"), cfg.bits,
                                                      getattr(cfg, "group_size", 0), weight.dtype))

@@ -8,14 +8,21 @@ and leaves
 
     logits, ids, w = moec.route(x, W, b?, select_bias?, <RouterSpec top_k=k'>)                # [T,E], [T,k'], [T,k']
 
-with k' < k (a k' at or above the block's own k leaves the block as it is). The combine weights follow the router's own rule at k' (RouterSpec): a router that
+with k' < k (a k' at or above the block's own k leaves the block as it is), or, for moec.TopP(p, min_k, max_k),
+
+    logits, ids, w = moec.route(x, W, b?, select_bias?, <RouterSpec top_k=k', top_p=p, min_k>)   # [T,E], [T,k'], [T,k']
+
+with k' = max_k (the block's k if None): each token keeps its fewest heaviest pairs holding p of its k' weights;
+a dropped pair has weight 0 and the id of the token's heaviest expert (torch_backend.top_p), so the experts
+op loads no expert for it. The combine weights follow the router's own rule at k' (RouterSpec): a router that
 renormalises its top-k weights (Mixtral, Qwen3-MoE, DeepSeek-V3's norm_topk_prob) renormalises the k' it
 keeps; one that does not (Qwen2-MoE, OLMoE, DeepSeek-V2 without norm_topk_prob) keeps the k' weights as
 the router computed them, so the output loses the dropped experts' share. Scaling the kept weights back
 to the k experts' sum was measured as the alternative (docs/model_passes.md).
 Requires fuse_gate (one moec.route per block). Refused for routers with a capacity (the dropped pairs
-depend on k), sequential-pick selection (sparsemixer, argmax picks) and blocks that return the expert
-ids or weights (their shape would change).
+depend on k), sequential-pick selection (sparsemixer, argmax picks), blocks that return the expert
+ids or weights (their shape or meaning would change), and, for top-p, experts that take the weight on their
+input (a weight-0 pair would still add the expert's output at zero input).
 Invariant: the graph computes the canonical block with top_k = k' (the final proof checks it against
 that reference and measures the error against the original block, reported as the approximation's
 error instead of failing). Stats: reduced, k_before, k_after.
@@ -27,32 +34,47 @@ import dataclasses
 
 import torch
 
+from moec.approx import TopP
 from moec.ir import RouterSpec
 from moec.ops import route_args
 from moec.pass_manager import PassResult, Rejected, register_pass
 
 
-def new_topk(topk, path: str) -> int | None:
-    """The k asked for the block at `path`: an int for every block, or a dict {block path: k} (None: unchanged)."""
+def new_topk(topk, path: str) -> int | TopP | None:
+    """The k (or TopP) asked for the block at `path`: one for every block, or a dict {block path: k or TopP}
+    (None: unchanged)."""
     return topk.get(path) if isinstance(topk, dict) else topk
+
+
+def _reduced(r: RouterSpec, ask, spec) -> RouterSpec | None:
+    """The router at the k (or TopP) asked; None where that leaves the block as it is."""
+    if isinstance(ask, TopP):
+        k = r.top_k if ask.max_k is None else ask.max_k
+        if k > r.top_k:
+            raise Rejected(f"reduce_topk: TopP(max_k={k}) is above the block's k={r.top_k}")
+        if spec.experts.weight_on_input:
+            raise Rejected("reduce_topk: top-p with experts that take the combine weight on their input")
+        return dataclasses.replace(r, top_k=k, top_p=float(ask.p), min_k=min(ask.min_k, k)) \
+            if (ask.p < 1 and k > 1) or k < r.top_k else None
+    if ask < 1:
+        raise Rejected(f"reduce_topk: k={ask} is below 1")
+    return dataclasses.replace(r, top_k=ask) if ask < r.top_k else None  # k >= the block's own: exact
 
 
 @register_pass("reduce_topk", requires=("fuse_gate",), approximate=True)
 def reduce_topk(gm) -> PassResult:
     spec = gm.meta["moe_spec"]
     r = spec.router
-    k = new_topk(gm.meta.get("options", {}).get("topk"), gm.meta["candidate"].path)
-    if k is None or k >= r.top_k:  # a k at or above the block's own leaves it as it is (exact)
+    ask = new_topk(gm.meta.get("options", {}).get("topk"), gm.meta["candidate"].path)
+    reduced = None if ask is None else _reduced(r, ask, spec)
+    if reduced is None:
         return PassResult(gm, False, {"reduced": 0})
-    if k < 1:
-        raise Rejected(f"reduce_topk: k={k} is below 1")
     if r.capacity:
         raise Rejected("reduce_topk: the router drops pairs past an expert's capacity, which depends on k")
     if r.scoring == "sparsemixer" or r.selection == "argmax":
         raise Rejected("reduce_topk: the router picks its experts one after the other (sequential picks)")
     if {"ids", "weights"} & set(spec.outputs):
         raise Rejected("reduce_topk: the block returns its expert ids or weights, whose shape would change")
-    reduced = dataclasses.replace(r, top_k=k)
     routes = [n for n in gm.graph.nodes if n.target is torch.ops.moec.route]
     if not routes:
         raise Rejected("reduce_topk: the block's router is not one moec.route (an experts module routed by its caller)")
@@ -61,6 +83,7 @@ def reduce_topk(gm) -> PassResult:
             raise Rejected("reduce_topk: a moec.route of the graph is not the block's router")
         node.args = (*node.args[:-1], *route_args(reduced))
     gm.meta["moe_spec"] = spec.with_(router=reduced)
-    gm.meta.setdefault("approximate", []).append(f"top-{k} of {r.top_k}")
+    gm.meta.setdefault("approximate", []).append(
+        ask.describe(reduced.top_k) + f" of top-{r.top_k}" if isinstance(ask, TopP) else f"top-{ask} of {r.top_k}")
     gm.recompile()
-    return PassResult(gm, True, {"reduced": 1, "k_before": r.top_k, "k_after": k})
+    return PassResult(gm, True, {"reduced": 1, "k_before": r.top_k, "k_after": reduced.top_k})

@@ -193,3 +193,90 @@ def test_the_load_heatmap(tmp_path):
     cal = moec.calibrate(RouterForms("@W.T", E=8).eval(), [torch.randn(30, 32)])
     cal.plot(tmp_path / "routing.png")
     assert (tmp_path / "routing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _top_p_count(top: list[float], p: float, min_k: int) -> int:
+    """The rule written plainly: walk a token's k weights from the heaviest, keep one while the kept ones hold less
+    than p of their sum (or fewer than min_k are kept)."""
+    total, held, n = sum(top), 0.0, 0
+    for v in sorted(top, reverse=True):
+        if held >= p * total and n >= min_k:
+            break
+        held, n = held + v, n + 1
+    return n
+
+
+@pytest.mark.parametrize("family,overrides", [("mixtral", {}), ("qwen2_moe", {"norm_topk_prob": False}),
+                                              ("olmoe", {"norm_topk_prob": True})])
+@pytest.mark.parametrize("p,min_k", [(0.5, 1), (0.8, 2)])
+def test_top_p_is_the_block_at_each_tokens_own_k(family, overrides, p, min_k):
+    """Each token against the original block run alone at the k the rule gives it (the router's own weights at
+    that k: renormalised for Mixtral and OLMoE with norm_topk_prob, raw for Qwen2-MoE without)."""
+    model = models.tiny_model(family, num_experts_per_tok=4, **overrides).eval()
+    block = model.model.layers[0].mlp
+    ref = copy.deepcopy(block)
+    x = torch.randn(1, 24, block.gate.weight.shape[1], generator=torch.Generator().manual_seed(3)) * 0.3
+    moec.compile(model, topk=moec.TopP(p, min_k=min_k), approximate=True)
+    assert all(b.approximate.startswith(f"top-p {p:g} (k {min_k}..4) of top-4") for b in moec.inspect(model).blocks)
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731  (blocks that also return logits)
+    with torch.no_grad():
+        got = first(block(x))
+        probs = (x[0] @ ref.gate.weight.T).float().softmax(-1)  # [T, E]
+        counts = [_top_p_count(probs[t].topk(4).values.tolist(), p, min_k) for t in range(x.shape[1])]
+        assert len(set(counts)) > 1, counts  # the tokens keep different numbers of experts
+        want = []
+        for t, k in enumerate(counts):
+            for m in ref.modules():
+                if hasattr(m, "top_k"):
+                    m.top_k = k
+            want.append(first(ref(x[:, t:t + 1])))
+    assert rel_err(got, torch.cat(want, dim=1)) < TOL[torch.float32]
+
+
+def test_top_p_hand_written_block_and_its_limits():
+    """A block without renormalisation: the kept pairs keep their softmax weights. max_k caps the experts
+    (top-p over the best max_k); p=1 at the block's k is the block itself (exact, not an approximation)."""
+    block = RouterForms("@W.T", E=8, k=4).eval()
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        probs = block.logits(x).softmax(-1)
+        want = torch.zeros_like(x)
+        for t in range(len(x)):
+            top = probs[t].topk(3)  # max_k=3
+            n = _top_p_count(top.values.tolist(), 0.7, 1)
+            for w, e in zip(top.values[:n], top.indices[:n]):
+                want[t] += w * block.experts.run(int(e), x[t:t + 1])[0]
+    exact = copy.deepcopy(block)
+    moec.compile(block, topk=moec.TopP(0.7, max_k=3), approximate=True)
+    assert moec.inspect(block).blocks[0].approximate
+    with torch.no_grad():
+        assert rel_err(block(x), want) < TOL[torch.float32]
+    ref = copy.deepcopy(exact)
+    moec.compile(exact, topk=moec.TopP(1.0), approximate=True)
+    (b,) = moec.inspect(exact).blocks
+    assert not b.approximate and b.top_k == 4
+    with torch.no_grad():
+        assert rel_err(exact(x), ref(x)) < TOL[torch.float32]
+    with pytest.raises(ValueError, match="p must be in"):
+        moec.TopP(0)
+    with pytest.raises(ValueError, match="min_k=3 is above max_k=2"):
+        moec.TopP(0.5, min_k=3, max_k=2)
+    too_many = RouterForms("@W.T", E=8, k=2).eval()
+    moec.compile(too_many, topk=moec.TopP(0.5, max_k=3), approximate=True)
+    assert "above the block's k=2" in moec.inspect(too_many).rejected[0].reason
+
+
+def test_top_p_follows_new_weights_and_saves(tmp_path):
+    model = models.tiny_model("qwen3_moe", num_experts_per_tok=2).eval()
+    fresh = models.tiny_model("qwen3_moe", num_experts_per_tok=2, seed=5).eval()
+    moec.compile(model, topk=moec.TopP(0.6), approximate=True)
+    model.load_state_dict(fresh.state_dict())  # weights changed after compile
+    ref = moec.compile(copy.deepcopy(fresh), topk=moec.TopP(0.6), approximate=True)
+    inputs = models.example_inputs(model, seq=9)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref(**inputs).logits)
+    moec.save(model, tmp_path / "m.safetensors")
+    loaded = moec.load(models.tiny_model("qwen3_moe", num_experts_per_tok=2, seed=1).eval(), tmp_path / "m.safetensors")
+    assert moec.inspect(loaded).topk == moec.TopP(0.6)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, ref(**inputs).logits)

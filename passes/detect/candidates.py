@@ -76,6 +76,11 @@ def _flat_expert_groups(m: nn.Module, stacked_parents: set[str]):
 def find_candidates(model: nn.Module) -> list[Candidate]:
     found = []
     for path, m in model.named_modules():
+        gm = m.__dict__.get("_moec_graph")
+        if gm is not None and gm.meta["moe_spec"].kept:  # compiled with fewer experts (reduce_experts): its tensors
+            spec = gm.meta["moe_spec"]  # no longer show E experts; the candidate only names it (moec.api refuses a recompile)
+            found.append(Candidate(path, m, spec.experts.num_experts, spec.experts.hidden, spec.params.get("router_weight", "")))
+            continue
         for E, container, tensors in _expert_groups(m):
             inside = (container + ".") if container else None
             dims = {d for n, t in tensors.items() if t is not None for d in t.shape[1:]}
