@@ -277,7 +277,7 @@ class CompiledForward:
             if self.gm.meta.get("approximation"):  # the original would compute what the user asked to change
                 raise NotImplementedError(
                     f"moec: block {self.path!r} was compiled with an approximation ({self.gm.meta['approximation']}) "
-                    f"that its original forward does not make ({why}): compile a fresh model without topk= for this")
+                    f"that its original forward does not make ({why}): compile a fresh model without topk= or experts= for this")
             return self.original(*args, **kwargs)
         with torch.no_grad():
             result = call(self.gm, self.block, *data)
