@@ -525,8 +525,12 @@ def block_route(block: nn.Module, spec, roles: dict, x: torch.Tensor, router=Non
     from moec.ops import route_args
 
     p = lambda role: roles[role].get(block) if role in roles else None  # noqa: E731
-    w = p("router_weight")
-    return route_math(x.reshape(-1, spec.experts.hidden).to(w.dtype), w, p("router_bias"), p("select_bias"),
+    w, bias, select_bias = p("router_weight"), p("router_bias"), p("select_bias")
+    if spec.kept and hasattr(block, "_moec_router_mask"):  # pruned by reduce_experts: -inf at the dropped experts
+        mask = block._moec_router_mask
+        bias = mask if bias is None else bias + mask
+        select_bias = None if select_bias is None else select_bias + mask
+    return route_math(x.reshape(-1, spec.experts.hidden).to(w.dtype), w, bias, select_bias,
                       *route_args(router or spec.router), num_experts=spec.experts.num_experts)
 
 

@@ -10,7 +10,9 @@
     moec.compile(model, experts=plan, approximate=True)
 
 Per block (found by moec as compile does, its router read from the graph):
-  load [E]           (token, slot) pairs routed to each expert
+  load [E]           (token, slot) pairs routed to each expert (pairs of weight 0, which top-p routing drops, are
+                     not counted)
+  pairs              mean pairs a token is routed to (its k; fewer under top-p routing)
   mass [k]           mean share of a token's router probability held by its top-1 .. top-k experts
                      (probabilities: softmax of the logits; sigmoid scores normalised to sum 1)
   entropy            mean entropy of a token's router probabilities (nats; log E when uniform)
@@ -43,6 +45,7 @@ class BlockRouting:
     mass: list[float]
     entropy: float
     coactivation: list[list[int]]
+    pairs: float = 0.0
 
 
 @dataclass
@@ -60,16 +63,16 @@ class Calibration:
         k = max((b.top_k for b in self.blocks), default=0)
         t = Table(title=f"moec routing: {len(self.blocks)} block(s), {self.blocks[0].tokens if self.blocks else 0} "
                         f"tokens", title_justify="left")
-        for col in ("block", "E", "k", "load min/max", *[f"top-{j} mass" for j in range(1, k + 1)], "entropy",
-                    "load (darker: more)"):
+        for col in ("block", "E", "k", "pairs/token", "load min/max", *[f"top-{j} mass" for j in range(1, k + 1)],
+                    "entropy", "load (darker: more)"):
             t.add_column(col)
         shades = " ░▒▓█"
         for b in self.blocks:
             hi = max(b.load) or 1
             row = "".join(shades[min(4, math.ceil(4 * n / hi))] for n in b.load)
             mass = [f"{m:.2f}" for m in b.mass] + [""] * (k - len(b.mass))
-            t.add_row(b.path, str(b.num_experts), str(b.top_k), f"{min(b.load)}/{max(b.load)}", *mass,
-                      f"{b.entropy:.2f} / {math.log(b.num_experts):.2f}", row)
+            t.add_row(b.path, str(b.num_experts), str(b.top_k), f"{b.pairs:.2f}", f"{min(b.load)}/{max(b.load)}",
+                      *mass, f"{b.entropy:.2f} / {math.log(b.num_experts):.2f}", row)
         return t
 
     def __str__(self) -> str:
@@ -124,17 +127,18 @@ def calibrate(model: nn.Module, batches) -> Calibration:
         E, k = spec.experts.num_experts, spec.router.top_k
 
         def fn(mod, args, kwargs):
-            logits, ids, _ = block_route(mod, spec, roles, args[0] if args else next(iter(kwargs.values())))
+            logits, ids, w = block_route(mod, spec, roles, args[0] if args else next(iter(kwargs.values())))
             s = logits.float()
             probs = s.sigmoid() / s.sigmoid().sum(-1, keepdim=True) if spec.router.scoring == "sigmoid" \
                 else s.softmax(-1)  # [T, E]
-            ids, probs = ids.long().cpu(), probs.cpu()
-            onehot = torch.zeros(len(ids), E).scatter_(1, ids, 1.0)  # [T, E]
+            ids, probs, used = ids.long().cpu(), probs.cpu(), (w != 0).cpu()  # used: the pairs top-p keeps
+            onehot = torch.zeros(len(ids), E).scatter_reduce_(1, ids, used.float(), "amax")  # [T, E]
             st = stats.setdefault(path, {"tokens": 0, "load": torch.zeros(E, dtype=torch.long),
                                          "mass": torch.zeros(k, dtype=torch.float64), "entropy": 0.0,
-                                         "co": torch.zeros(E, E, dtype=torch.long), "k": k, "E": E})
+                                         "co": torch.zeros(E, E, dtype=torch.long), "k": k, "E": E, "pairs": 0})
             st["tokens"] += len(ids)
-            st["load"] += torch.bincount(ids.reshape(-1), minlength=E)
+            st["pairs"] += int(used.sum())
+            st["load"] += torch.bincount(ids[used], minlength=E)
             st["mass"] += probs.sort(-1, descending=True).values[:, :k].cumsum(-1).sum(0).double()
             st["entropy"] += float(-(probs * probs.clamp_min(1e-30).log()).sum())
             st["co"] += (onehot.T @ onehot).long()
@@ -155,7 +159,8 @@ def calibrate(model: nn.Module, batches) -> Calibration:
     if not stats:
         raise ValueError("moec.calibrate: the model's blocks saw no tokens (empty batches?)")
     cal = Calibration([BlockRouting(p, s["E"], s["k"], s["tokens"], s["load"].tolist(),
-                                     (s["mass"] / s["tokens"]).tolist(), s["entropy"] / s["tokens"], s["co"].tolist())
+                                     (s["mass"] / s["tokens"]).tolist(), s["entropy"] / s["tokens"], s["co"].tolist(),
+                                     s["pairs"] / s["tokens"])
                         for p, s in stats.items()])
     model.__dict__["_moec_calibration"] = cal  # moec.inspect(model).calibration; moec.save keeps it
     return cal

@@ -280,3 +280,24 @@ def test_top_p_follows_new_weights_and_saves(tmp_path):
     assert moec.inspect(loaded).topk == moec.TopP(0.6)
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, ref(**inputs).logits)
+
+
+def test_calibration_of_top_p_and_pruned_models_counts_what_runs():
+    """Under top-p a token's dropped pairs (weight 0) are not load; a pruned block's dropped experts get none."""
+    block = RouterForms("@W.T", E=8, k=4).eval()
+    x = torch.randn(60, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        probs = block.logits(x).softmax(-1)
+    top = probs.topk(4)
+    counts = [_top_p_count(top.values[t].tolist(), 0.6, 1) for t in range(len(x))]
+    want = torch.zeros(8, dtype=torch.long)
+    for t, n in enumerate(counts):
+        want[top.indices[t, :n]] += 1
+    moec.compile(block, topk=moec.TopP(0.6), approximate=True)
+    (b,) = moec.calibrate(block, [x]).blocks
+    assert b.load == want.tolist() and b.pairs == pytest.approx(sum(counts) / len(x)) and b.pairs < 4
+    assert [b.coactivation[e][e] for e in range(8)] == want.tolist()
+    pruned = RouterForms("@W.T", E=8, k=2).eval()
+    moec.compile(pruned, experts=moec.ExpertPlan("prune", {"": [0, 2, 4, 6]}), approximate=True)
+    (b,) = moec.calibrate(pruned, [x]).blocks
+    assert b.pairs == 2 and all(b.load[e] == 0 for e in (1, 3, 5, 7)) and sum(b.load) == 120
