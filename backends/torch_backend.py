@@ -102,7 +102,7 @@ def route_math(x, weight, bias, select_bias, router: str, num_experts):
     else:
         weights = scores.gather(1, ids)  # [T, k]
     if r.top_p:
-        ids, weights = top_p(ids, weights, r.top_p, r.min_k)
+        ids, weights = top_p(ids, weights, r.top_p, r.min_k, ranked=select_bias is None and selection == "topk")
         if chosen_softmax:  # the softmax over the chosen logits that are kept
             weights = weights / weights.sum(-1, keepdim=True)
     if not r.renorm_after_drop:  # else moec::capacity does, around the drop
@@ -110,17 +110,21 @@ def route_math(x, weight, bias, select_bias, router: str, num_experts):
     return logits, ids, weights
 
 
-def top_p(ids, weights, p: float, min_k: int):
+def top_p(ids, weights, p: float, min_k: int, ranked: bool):
     """Top-p routing over a token's k pairs [T, k]: keep the fewest heaviest pairs whose weights hold at least p of
     the k weights' sum (at least min_k); a dropped pair gets weight 0 and the id of the token's heaviest expert, so
-    the experts op loads no expert for it (one more row of an expert the token runs anyway)."""
+    the experts op loads no expert for it (one more row of an expert the token runs anyway). ranked: the pairs come
+    heaviest first (top-k over the scores themselves, no selection bias), so no sort is needed."""
     share = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)  # fp32 [T, k]
-    ranked, order = share.sort(dim=-1, descending=True, stable=True)  # [T, k]
-    rank = torch.ones_like(ranked, dtype=torch.long).cumsum(-1)  # 1..k
-    keep_ranked = ((ranked.cumsum(-1) - ranked) < p) | (rank <= min_k)  # the heavier ones hold less than p yet
-    keep = torch.zeros_like(keep_ranked).scatter(1, order, keep_ranked)  # [T, k] in slot order
-    heaviest = ids.gather(1, order[:, :1])  # [T, 1]
-    return torch.where(keep, ids, heaviest), torch.where(keep, weights, torch.zeros_like(weights))
+    order = None if ranked else share.sort(dim=-1, descending=True, stable=True).indices
+    if order is not None:
+        share = share.gather(1, order)
+    rank = torch.ones_like(share, dtype=torch.long).cumsum(-1)  # 1..k
+    keep = ((share.cumsum(-1) - share) < p) | (rank <= min_k)  # the heavier ones hold less than p yet
+    if order is not None:
+        keep = torch.zeros_like(keep).scatter(1, order, keep)  # back to slot order
+    heaviest = ids[:, :1] if order is None else ids.gather(1, order[:, :1])  # [T, 1]
+    return torch.where(keep, ids, heaviest), weights * keep
 
 
 def _renorm_scale(weights, r: RouterSpec):

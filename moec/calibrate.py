@@ -6,6 +6,7 @@
     cal.plot("routing.png")                     # expert-load heatmap [blocks x experts] (matplotlib)
     schedule = moec.topk_schedule(cal, average=3.3)
     moec.compile(model, topk=schedule, approximate=True)
+    schedule = moec.topk_search(model, average=3.3, loss=lambda m: my_eval_loss(m))   # by measured loss instead
     plan = moec.expert_plan(cal, keep=48, mode="prune")      # or "merge"; keep: n, a fraction, {block: n}
     moec.compile(model, experts=plan, approximate=True)
 
@@ -202,3 +203,29 @@ def expert_plan(cal: Calibration, keep, mode: str = "prune") -> ExpertPlan:
     if isinstance(keep, dict) and (unknown := sorted(set(keep) - {b.path for b in cal.blocks})):
         raise ValueError(f"moec.expert_plan: keep names no calibrated block at {unknown}")
     return ExpertPlan(mode, plan_keep, usage)
+
+
+def topk_search(model: nn.Module, average: float, loss) -> dict[str, int]:
+    """A k per block whose mean is at most `average`, by measured loss: from each block's own k, lower one block's
+    k at a time, the block whose lowering raises `loss(model)` (a float, lower is better: e.g. perplexity on
+    calibration text, never the text you report) the least. Runs on a copy of `model`; each step recompiles
+    only the block it tries (len(blocks) loss evaluations per step)."""
+    import copy
+
+    from moec.api import compile, inspect
+
+    work = copy.deepcopy(model)
+    ks = {b.path: b.top_k for b in inspect(work).blocks}
+    if not ks:
+        raise ValueError("moec.topk_search: no MoE block found in the model (see moec.inspect(model).rejected)")
+    if not 1 <= average:
+        raise ValueError(f"moec.topk_search: average must be >= 1, not {average}")
+
+    def tried(schedule: dict) -> float:
+        compile(work, topk=schedule, approximate=True)
+        return float(loss(work))
+
+    while sum(ks.values()) / len(ks) > average + 1e-9:
+        scores = {p: tried(ks | {p: ks[p] - 1}) for p in ks if ks[p] > 1}
+        ks[min(scores, key=scores.get)] -= 1
+    return ks

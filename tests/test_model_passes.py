@@ -301,3 +301,47 @@ def test_calibration_of_top_p_and_pruned_models_counts_what_runs():
     moec.compile(pruned, experts=moec.ExpertPlan("prune", {"": [0, 2, 4, 6]}), approximate=True)
     (b,) = moec.calibrate(pruned, [x]).blocks
     assert b.pairs == 2 and all(b.load[e] == 0 for e in (1, 3, 5, 7)) and sum(b.load) == 120
+
+
+def test_topk_search_lowers_k_where_the_loss_rises_least():
+    """A loss that only block 1 of 2 raises when its k falls: the search lowers block 0 first, and the model the
+    user passed is left as it was."""
+    model = models.tiny_model("qwen2_moe", num_experts_per_tok=3).eval()
+    paths = [b.path for b in moec.inspect(copy.deepcopy(model)).blocks]
+    loss = lambda m: 10 - {b.path: b.top_k for b in moec.inspect(m).blocks}[paths[1]]  # noqa: E731
+    assert moec.topk_search(model, 2.5, loss) == {paths[0]: 2, paths[1]: 3}
+    assert moec.topk_search(model, 1.5, loss) == {paths[0]: 1, paths[1]: 2}
+    assert not moec.inspect(model).blocks or all(not b.approximate for b in moec.inspect(model).blocks)
+    with pytest.raises(ValueError, match="average"):
+        moec.topk_search(model, 0, loss)
+
+
+def test_top_p_with_a_selection_bias_keeps_the_heaviest_weights():
+    """DeepSeek-style: experts chosen by score + bias, weighted by the (renormalised) scores, so the chosen order is
+    not the weight order; top-p keeps the heaviest weights, renormalised among themselves."""
+    from test_generality import _dispatch
+
+    block = GroupsWithBatchDims().eval()
+    x = torch.randn(2, 20, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        flat = x.reshape(-1, 32)
+        scores = block.gate(flat).sigmoid()
+        choice = (scores + block.bias).view(-1, 4, 4)
+        keep = torch.zeros(len(flat), 4).scatter_(-1, choice.topk(2, dim=-1).values.sum(-1).topk(2, dim=-1).indices, 1.0)
+        masked = (scores + block.bias).masked_fill(keep.repeat_interleave(4, dim=-1) == 0, float("-inf"))
+        ids = masked.topk(4, dim=-1).indices
+        w = scores.gather(-1, ids)
+        reordered = 0
+        for t in range(len(flat)):
+            n = _top_p_count(w[t].tolist(), 0.6, 1)
+            heaviest = w[t].argsort(descending=True)[:n]
+            reordered += int(not torch.equal(heaviest.sort().values, torch.arange(n)))
+            kept = torch.zeros(4, dtype=torch.bool)
+            kept[heaviest] = True
+            w[t] = torch.where(kept, w[t], 0) / w[t][kept].sum()
+        assert reordered  # some token's heaviest weights are not its first choices
+        want = _dispatch(block.experts.run, flat, ids, w, 16).reshape(x.shape)
+    moec.compile(block, topk=moec.TopP(0.6), approximate=True)
+    assert moec.inspect(block).blocks[0].approximate
+    with torch.no_grad():
+        assert rel_err(block(x), want) < TOL[torch.float32]
