@@ -38,7 +38,7 @@ def resolve_backend(name: str, device) -> str:
 
 
 def pipeline_for(backend: str, passes: str | list[str] | None, quantize: bool = False, offload: bool = False,
-                 topk: bool = False, experts: bool = False) -> str:
+                 topk: bool = False, experts: bool = False, sharded: bool = False) -> str:
     """The pass pipeline: the user's (or the default), reduce_topk and reduce_experts after fuse_gate if asked,
     then quantize_experts / offload_experts if asked, then the backend's lowering."""
     from moec.pass_manager import parse_pipeline
@@ -52,6 +52,8 @@ def pipeline_for(backend: str, passes: str | list[str] | None, quantize: bool = 
         names.append("quantize_experts")
     if offload and "offload_experts" not in names:
         names.append("offload_experts")
+    if sharded and "shard_experts" not in names:
+        names.append("shard_experts")
     if backend == "triton" and "lower_triton" not in names:
         names.append("lower_triton")
     return ",".join(names)

@@ -22,6 +22,7 @@ import moec.passes  # noqa: F401  (registers the passes)
 from moec.backends import pipeline_for, resolve_backend
 from moec.approx import ExpertPlan, TopP
 from moec.bindings import Const, Derived
+from moec.distributed import ExpertParallel, Group
 from moec.canonical import (
     build_graph,
     compiled_graph,
@@ -72,6 +73,7 @@ class Report:
     export: object = None  # backend="onnxruntime": the moec.export_onnx report of the last session opened
     offload: object = None  # compile(offload=...): the expert cache's statistics (moec.offload.OffloadStats), live
     calibration: object = None  # moec.calibrate's routing statistics (moec.calibrate.Calibration), if it ran
+    expert_parallel: object = None  # compile(expert_parallel=...): this rank's exchange statistics, live
 
     def __rich__(self) -> Table:
         q = f", quantize {self.quantize}" if self.quantize else ""
@@ -198,8 +200,9 @@ def _progress(n: int):
 
 
 def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: bool, backend: str,
-         options: dict | None = None, strict: bool = False, only: str | None = None) -> Report:
-    """Compile every candidate block of `model` (or the one at path `only`)."""
+         options: dict | None = None, strict: bool = False, only: str | None = None, before_install=None) -> Report:
+    """Compile every candidate block of `model` (or the one at path `only`); before_install(report) may refuse
+    (raise) once every block is proved, before any is installed."""
     pm = PassManager(passes, instruments)
     report = Report(pipeline=pm.pipeline, backend=backend)
     cands = [c for c in find_candidates(model) if only is None or c.path == only]
@@ -244,6 +247,8 @@ def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: boo
                     done.append(res)
                     report.blocks.append(res.report)
                 progress.advance(task)
+        if before_install is not None:
+            before_install(report)
         if install_blocks:
             _install_all(done)
     finally:
@@ -315,8 +320,11 @@ def _install_all(done: list[_Done]) -> None:
                 if isinstance(b, Derived):
                     b.adopt(d.block)  # one copy: the block's tensors become views of moec's storage
             spec = d.gm.meta["moe_spec"]
-            if spec.quant is not None or spec.offloaded or spec.kept:  # proved and installed: the originals are not read
+            if spec.quant is not None or spec.offloaded or spec.kept or spec.sharded:  # the originals are not read
                 release_originals(d.block, d.cand)
+            for m in d.gm.modules():  # e.g. the sharded experts drop the full weights they replayed the proof on
+                if hasattr(m, "installed"):
+                    m.installed()
             d.gm.meta.pop("proof", None)
             d.gm.meta.pop("reference_roles", None)
             d.gm.meta["undo"] = []
@@ -330,7 +338,8 @@ def _install_all(done: list[_Done]) -> None:
 
 def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] | None = None, verify: bool = False,
             quantize: QuantConfig | None = None, offload: Offload | None = None, topk: int | TopP | dict | None = None,
-            experts: ExpertPlan | None = None, approximate: bool = False, providers: list[str] | None = None, session_options=None,
+            experts: ExpertPlan | None = None, approximate: bool = False,
+            expert_parallel: ExpertParallel | None = None, providers: list[str] | None = None, session_options=None,
             **options) -> nn.Module:
     """Find, prove and rewrite every MoE block of `model` (in place); return the model.
 
@@ -358,6 +367,9 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     experts: an approximation (approximate=True, or reduce_experts in `passes`): moec.expert_plan(calibration,
         keep=n, mode="prune" | "merge") keeps n experts per block, dropping or merging the others
         (passes/reduce_experts.py); the dropped experts' memory is released. Not with offload= or onnxruntime.
+    expert_parallel: moec.ExpertParallel(group, timeout): the routed experts sharded over a torch.distributed group,
+        E/N per rank, tokens exchanged with all_to_all (appends shard_experts; torch backend; see moec.distributed).
+        Every rank calls compile on the same model with the same options (checked).
     Every rewritten block is proved: its final graph is checked against the original block before it is
     installed (docs/guarantees.md). A model without MoE comes back unchanged, with a warning; blocks moec
     cannot prove are left as they were and listed in `moec.inspect(model).rejected` with the reason.
@@ -385,6 +397,8 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
                                       "experts): compile with one of them")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     backend = resolve_backend(backend, device)
+    group = None if expert_parallel is None else _expert_parallel_group(model, expert_parallel, backend, offload,
+                                                                         [passes, quantize, topk, experts])
     if quantize is not None and not isinstance(quantize, (Int8Experts, Int4Experts)):
         raise TypeError(f"quantize must be moec.Int8Experts() or moec.Int4Experts(...), not {quantize!r}")
     if getattr(quantize, "shared", False) and backend != "torch":
@@ -408,18 +422,40 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     instruments = Instruments.from_env()
     instruments.verify = instruments.verify or verify
     pool = Pool(offload, device) if offload is not None else None
+    agree = None if group is None else lambda r: group.agree(
+        "the blocks compiled", [(b.path, b.router, b.experts.split(" [")[0]) for b in r.blocks])
     report = _run(model, pipeline_for(backend, passes, quantize is not None, pool is not None, topk is not None,
-                                      experts is not None),
+                                      experts is not None, group is not None),
                   instruments, install_blocks=True, backend=backend,
-                  options={"quantize": quantize, "offload": pool, "topk": topk, "experts": experts}, strict=verify)
+                  options={"quantize": quantize, "offload": pool, "topk": topk, "experts": experts,
+                           "expert_parallel": group}, strict=verify, before_install=agree)
     _warn_if_empty(model, report)
     report.quantize, report.topk, report.experts = quantize, topk, experts
+    report.expert_parallel = None if group is None else group.stats
     if pool is not None:
         _start_offload(model, report, pool)
     model.__dict__["_moec_report"] = report
     if quantize is not None and report.blocks and hasattr(model, "save_pretrained"):
         model.save_pretrained = _refuse_save_pretrained  # it would write the released (empty) expert weights
     return model
+
+
+def _expert_parallel_group(model, cfg, backend: str, offload, options: list) -> Group:
+    """The group the sharded experts exchange in, once every rank agreed on the model and the options."""
+    if not isinstance(cfg, ExpertParallel):
+        raise TypeError(f"moec.compile: expert_parallel must be moec.ExpertParallel(...), not {cfg!r}")
+    if backend != "torch":
+        raise NotImplementedError(f"moec: expert_parallel= runs the torch backend's experts ops (fp, int8, int4), not "
+                                  f"backend {backend!r}: use backend='torch'")
+    if offload is not None:
+        raise NotImplementedError("moec: expert_parallel= with offload=: compile with one of them")
+    group = Group(cfg)
+    shapes = [(c.path, c.num_experts, c.hidden) for c in find_candidates(model)]
+    config = getattr(model, "config", None)  # an HF model's config (k, sizes, ...)
+    group.agree("the model and the compile options", [shapes, [repr(o) for o in options],
+                                                      {n: list(p.shape) for n, p in model.named_parameters()},
+                                                      config.to_dict() if hasattr(config, "to_dict") else None])
+    return group
 
 
 def _check_topk(topk) -> None:

@@ -193,6 +193,7 @@ class MoESpec:
     quant: object = None  # a moec.quant config once quantize_experts ran (Int8Experts / Int4Experts)
     offloaded: bool = False  # offload_experts ran: the experts live in the model's expert pool (moec.offload)
     kept: int = 0  # reduce_experts ran: the block holds this many experts (its router still names E)
+    sharded: str = ""  # shard_experts ran: which experts this rank holds (moec.distributed)
 
     def with_(self, **kw) -> "MoESpec":
         return replace(self, **kw)
@@ -202,6 +203,6 @@ class MoESpec:
             "router": self.router.describe(),
             "experts": self.experts.describe() + (" +output bias" if "out_bias" in self.params else "")
             + (f" [{self.quant.describe()}]" if self.quant else "") + (" [offloaded]" if self.offloaded else "")
-            + (f" [{self.kept} kept]" if self.kept else ""),
+            + (f" [{self.kept} kept]" if self.kept else "") + (f" [{self.sharded}]" if self.sharded else ""),
             "shared": self.shared.describe() if self.shared else "-",
         }

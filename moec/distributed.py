@@ -1,0 +1,186 @@
+"""Expert parallelism on torch.distributed: each rank holds E/N experts of every block, tokens travel to them.
+
+    # torchrun --nproc-per-node 4 serve.py        (gloo on CPUs, NCCL on GPUs: torch.distributed's transports)
+    torch.distributed.init_process_group("gloo")
+    model = moec.compile(model, expert_parallel=moec.ExpertParallel())      # default: the world group
+    model.generate(my_requests, synced_gpus=True)  # every rank steps together until all are done
+
+Each rank runs the whole model on its own tokens (data-parallel attention, router and shared experts, all
+replicated); only the routed experts are sharded, rank r owning experts [lo_r, hi_r) (E % N handled: the first
+E % N ranks own one more). In every block, per forward:
+
+    pairs  = the T*k (token, slot) pairs sorted by expert (hence by owner rank)    # [P] (P = T*k)
+    counts = pairs per expert                                                      # [E]
+    all_to_all(counts[lo_r:hi_r] -> rank r)      -> rows each rank sends me, per expert of mine   # [N, E_me]
+    all_to_all(x[pair tokens] -> owners)         -> rows I run, by source rank then expert        # [R, H]
+    y = the block's experts op on my experts (the same kernels as one process: fp, int8, int4)    # [R, H]
+    all_to_all(y -> back to the sources)         -> each pair's expert output, in my sorted order # [P, H]
+    out[t] = sum over t's k slots of weight * y (fp32, slot order, as the one-process op combines)
+
+Tensor parallelism is out of scope: a model whose non-expert layers do not fit one rank is not served.
+A compiled block's proof runs in one process before anything is exchanged: the sharded op replays the exchange
+locally (every rank's shard from the full weights, as if the other ranks sent nothing) on the proof's probes;
+then compile checks that every rank compiled the same blocks the same way, and the full experts are released.
+A rank that dies or stops answering makes the others raise within `timeout` seconds, naming the block.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ExpertParallel:
+    """Shard the routed experts over a torch.distributed group (None: the world), gloo or NCCL. timeout: seconds a
+    rank waits for the others in one exchange before it raises."""
+
+    group: object = None
+    timeout: float = 60.0
+
+    def __post_init__(self):
+        if not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
+            raise ValueError(f"moec.ExpertParallel: timeout must be seconds > 0, not {self.timeout!r}")
+
+
+def shards(E: int, world: int) -> list[tuple[int, int]]:
+    """[lo_r, hi_r) of each rank's experts: E // world each, the first E % world ranks one more."""
+    out, lo = [], 0
+    for r in range(world):
+        n = E // world + (r < E % world)
+        out.append((lo, lo + n))
+        lo += n
+    return out
+
+
+@dataclass
+class ExchangeStats:
+    """What one rank's sharded blocks exchanged since compile (moec.inspect(model).expert_parallel)."""
+
+    rank: int
+    world: int
+    calls: int = 0
+    rows_received: int = 0  # (token, slot) rows this rank's experts ran for all ranks
+    rows_sent: int = 0  # rows this rank's tokens sent (to itself included)
+    bytes_sent: int = 0  # rows' and results' bytes to the other ranks (counts not included)
+    per_block: dict = field(default_factory=dict)  # block path -> rows received
+
+    def __str__(self) -> str:
+        return (f"expert parallel: rank {self.rank}/{self.world}, {self.calls} exchanges, {self.rows_received} rows "
+                f"run here, {self.rows_sent} rows sent, {self.bytes_sent / 2**20:.2f} MiB to other ranks")
+
+
+class Group:
+    """The process group moec exchanges in (its own, with the asked timeout), its rank and size."""
+
+    def __init__(self, cfg: ExpertParallel):
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("moec: expert_parallel= needs torch.distributed initialised on every rank: launch with "
+                               "torchrun and call torch.distributed.init_process_group('gloo' or 'nccl') first")
+        parent = cfg.group or dist.group.WORLD
+        ranks = dist.get_process_group_ranks(parent)
+        self.timeout = cfg.timeout
+        self.pg = dist.new_group(ranks, timeout=datetime.timedelta(seconds=cfg.timeout),
+                                 backend=dist.get_backend(parent))
+        self.rank, self.world = dist.get_rank(self.pg), dist.get_world_size(self.pg)
+        self.stats = ExchangeStats(self.rank, self.world)
+
+    def agree(self, what: str, value) -> None:
+        """Every rank compares `value` (JSON-able) with the others'; all raise the same error if they differ."""
+        import torch.distributed as dist
+
+        digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, digest, group=self.pg)
+        if len(set(gathered)) > 1:
+            differ = [r for r, d in enumerate(gathered) if d != gathered[0]]
+            raise ValueError(f"moec expert parallel: the ranks disagree on {what} (rank(s) {differ} differ from rank 0):"
+                             f" every rank must build the same model and compile it with the same options")
+
+
+class ShardedExperts(nn.Module):
+    """One block's experts op over the group: (x [T, H], ids [T, k], weights [T, k], *my shard) -> [T, H].
+    `op` is the block's experts op (moec.experts / experts_int8 / experts_int4) and `args` its tensor arguments
+    after (x, ids, weights) as this rank holds them (its experts only; None for an absent bias)."""
+
+    def __init__(self, group: Group, path: str, op, E: int, act: tuple, full: list | None):
+        super().__init__()
+        self.group, self.path, self.op, self.E, self.act = group, path, op, E, tuple(act)
+        self.bounds = shards(E, group.world)
+        self.full = full  # the full tensors [E, ...], for the proof's local replay only (dropped at install)
+
+    def installed(self) -> None:
+        self.full = None
+
+    def forward(self, x, ids, weights, *mine):
+        T, k = ids.shape
+        weight_on_input = self.act[4]
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # [P] pairs by expert, hence by owner rank
+        counts = torch.bincount(flat, minlength=self.E)  # [E]
+        xs = x.index_select(0, order // k)  # [P, H]
+        ws = weights.reshape(-1, 1).float()  # [P, 1] in (token, slot) order
+        if weight_on_input:  # the expert takes the weighted input (Llama 4): weighted here, combined with 1
+            xs = (xs * ws[order]).to(x.dtype)
+        ys = self._exchange(xs, counts, mine) if self.full is None else self._replay(xs, counts, mine)  # [P, H]
+        unsorted = torch.empty_like(ys)
+        unsorted[order] = ys  # back to (token, slot) order
+        y = unsorted.float() if weight_on_input else unsorted * ws
+        return y.view(T, k, -1).sum(dim=1).to(x.dtype)
+
+    def _run(self, xr, runs, n_experts: int, tensors):
+        """Experts of one shard on rows xr [R, H] that come in runs of runs[i] rows, run i for its expert
+        i % n_experts (runs by source rank, then expert)."""
+        if not len(xr):
+            return xr
+        local = torch.repeat_interleave(torch.arange(len(runs)) % n_experts, runs)  # [R]
+        return self.op(xr, local[:, None], torch.ones(len(xr), 1, dtype=torch.float32), *tensors, *self.act)
+
+    def _replay(self, xs, counts, mine):
+        """The exchange replayed in this process (the proof): each owner's rows run on its shard of the full
+        weights, mine on the tensors the graph gives (what will run)."""
+        ys = torch.empty_like(xs)
+        start = 0
+        for r, (lo, hi) in enumerate(self.bounds):
+            n = int(counts[lo:hi].sum())
+            tensors = mine if r == self.group.rank else [None if t is None else t[lo:hi] for t in self.full]
+            ys[start:start + n] = self._run(xs[start:start + n], counts[lo:hi], hi - lo, tensors)
+            start += n
+        return ys
+
+    def _exchange(self, xs, counts, mine):
+        import torch.distributed as dist
+
+        g, (lo, hi) = self.group, self.bounds[self.group.rank]
+        sizes = [b - a for a, b in self.bounds]
+        try:
+            got = torch.empty(g.world * (hi - lo), dtype=counts.dtype)  # [N * E_me]: per source, per expert of mine
+            dist.all_to_all_single(got, counts, output_split_sizes=[hi - lo] * g.world, input_split_sizes=sizes,
+                                   group=g.pg)
+            send = [int(counts[a:b].sum()) for a, b in self.bounds]
+            recv = got.view(g.world, hi - lo).sum(1).tolist()
+            xr = xs.new_empty((sum(recv), xs.shape[1]))
+            dist.all_to_all_single(xr, xs, output_split_sizes=recv, input_split_sizes=send, group=g.pg)
+            yr = self._run(xr, got, hi - lo, mine).to(xs.dtype)  # [R, H]
+            ys = xs.new_empty(xs.shape)
+            dist.all_to_all_single(ys, yr, output_split_sizes=send, input_split_sizes=recv, group=g.pg)
+        except RuntimeError as e:
+            raise RuntimeError(f"moec expert parallel: rank {g.rank}, block {self.path!r}: the exchange with the other "
+                               f"ranks failed ({str(e).splitlines()[0]}); a rank died, stopped answering for "
+                               f"{g.timeout:g} s, or ran a different number of forward calls (generate with "
+                               f"synced_gpus=True)") from None
+        s = g.stats
+        s.calls += 1
+        s.rows_received += len(xr)
+        s.rows_sent += len(xs)
+        others = (len(xs) - send[g.rank]) + (len(xr) - recv[g.rank])  # rows and results that left this rank
+        s.bytes_sent += others * xs.shape[1] * xs.element_size()
+        s.per_block[self.path] = s.per_block.get(self.path, 0) + len(xr)
+        return ys

@@ -1,0 +1,127 @@
+"""Run by torchrun from tests/test_distributed.py: every rank compiles the same models with expert_parallel= and
+checks its own slice of a batch against the single-process model (each rank computes that reference itself).
+
+    torchrun --nproc-per-node N tests/ep_worker.py CASE [CASE ...]      (gloo, CPU)
+
+Cases: families (mixtral, deepseek_v3, qwen2_moe), "hand" (a hand-written block), "uneven" (E % N != 0),
+"int8", "idle" (one token: most ranks receive no pair), "generate" (greedy tokens, synced_gpus=True),
+"mismatch" (rank 1 builds another model: every rank must refuse), "kill" (rank 1 exits mid-run) and "stall" (rank
+1 stops answering): the others must raise, within the timeout. Prints "rank R: CASE ok" per case; any failure raises (non-zero exit).
+"""
+
+import copy
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import moec  # noqa: E402
+from moec import models  # noqa: E402
+
+TOL = 2e-5
+
+
+def rel_err(got, ref):
+    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+
+
+def check_lm(model, rank, world, seq=7, **compile_kw):
+    """The batch of `world` rows: row `rank` is this rank's request; logits equal the one-process model's."""
+    ref = moec.compile(copy.deepcopy(model), **{k: v for k, v in compile_kw.items() if k != "expert_parallel"})
+    inputs = models.example_inputs(model, batch=world, seq=seq, seed=11)
+    mine = {k: v[rank:rank + 1] for k, v in inputs.items()}
+    moec.compile(model, expert_parallel=moec.ExpertParallel(timeout=30), **compile_kw)
+    report = moec.inspect(model)
+    assert report.blocks and not report.rejected, report
+    assert all(f"on rank {rank}/{world}" in b.experts for b in report.blocks), [b.experts for b in report.blocks]
+    with torch.no_grad():
+        want = ref(**inputs).logits[rank:rank + 1]
+        got = model(**mine).logits
+    err = rel_err(got, want)
+    assert err < TOL, f"rel err {err}"
+    return model
+
+
+def case(name, rank, world):
+    if name in ("mixtral", "deepseek_v3", "qwen2_moe"):
+        check_lm(models.tiny_model(name, num_experts_per_tok=2).eval(), rank, world)
+    elif name == "uneven":  # 7 experts over 2 or 4 ranks
+        check_lm(models.tiny_model("mixtral", num_local_experts=7).eval(), rank, world)
+    elif name == "int8":
+        check_lm(models.tiny_model("qwen2_moe").eval(), rank, world, quantize=moec.Int8Experts())
+    elif name == "idle":  # one token per rank, top-1 of 8: most ranks' experts run nothing in a block
+        model = check_lm(models.tiny_model("mixtral", num_experts_per_tok=1).eval(), rank, world, seq=1)
+        stats = moec.inspect(model).expert_parallel
+        received = torch.tensor([stats.rows_received])
+        dist.all_reduce(received)
+        assert received.item() == world * 2, received  # 2 blocks, one pair per rank each, wherever they ran
+    elif name == "hand":
+        from test_generality import RouterForms
+
+        torch.manual_seed(0)
+        block = RouterForms("@W.T", E=8, k=3).eval()
+        ref = copy.deepcopy(block)
+        x = torch.randn(world * 5, 32, generator=torch.Generator().manual_seed(2))
+        moec.compile(block, expert_parallel=moec.ExpertParallel(timeout=30))
+        with torch.no_grad():
+            assert rel_err(block(x[rank * 5:(rank + 1) * 5]), ref(x)[rank * 5:(rank + 1) * 5]) < TOL
+    elif name == "generate":
+        model = models.tiny_model("qwen2_moe").eval()
+        ref = moec.compile(copy.deepcopy(model))
+        prompt = models.example_inputs(model, batch=world, seq=5, seed=3)["input_ids"][rank:rank + 1]
+        new = 4 + 3 * rank  # ranks finish at different steps: synced_gpus keeps them stepping together
+        moec.compile(model, expert_parallel=moec.ExpertParallel(timeout=30))
+        with torch.no_grad():
+            want = ref.generate(prompt, max_new_tokens=new, do_sample=False)
+            got = model.generate(prompt, max_new_tokens=new, do_sample=False, synced_gpus=True)
+        assert torch.equal(got, want), (got, want)
+    elif name == "mismatch":
+        model = models.tiny_model("mixtral", num_experts_per_tok=2 if rank != 1 else 1).eval()
+        try:
+            moec.compile(model, expert_parallel=moec.ExpertParallel(timeout=30))
+        except ValueError as e:
+            assert "the ranks disagree on the model and the compile options" in str(e), e
+        else:
+            raise AssertionError("a mismatched config was accepted")
+    elif name in ("kill", "stall"):
+        model = models.tiny_model("mixtral").eval()
+        moec.compile(model, expert_parallel=moec.ExpertParallel(timeout=5))
+        inputs = models.example_inputs(model, seq=4)
+        with torch.no_grad():
+            model(**inputs)  # one step together
+            if rank == 1:
+                if name == "stall":  # alive but silent past the others' timeout
+                    time.sleep(8)
+                os._exit(0)  # dies without a word
+            start = time.monotonic()
+            try:
+                model(**inputs)
+            except RuntimeError as e:
+                waited = time.monotonic() - start
+                assert "moec expert parallel" in str(e) and waited < 20, (waited, e)
+                print(f"rank {rank}: {name} ok ({waited:.1f} s: {e})", flush=True)
+                os._exit(0)  # the group is broken: no orderly shutdown
+            raise AssertionError("no error after a rank died")
+    else:
+        raise ValueError(f"unknown case {name!r}")
+    print(f"rank {rank}: {name} ok", flush=True)
+
+
+def main():
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for name in sys.argv[1:]:
+        case(name, rank, world)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Expert parallelism (moec.ExpertParallel, gloo on CPU): ranks launched by torchrun (tests/ep_worker.py) equal the
+one-process model; a dead or silent rank makes the others raise within the timeout; two "hosts" in network
+namespaces joined by a veth pair; the in-process errors."""
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import TOL, rel_err
+
+import moec
+from moec import models
+from moec.distributed import shards
+
+WORKER = Path(__file__).with_name("ep_worker.py")
+CASES = ["hand", "mixtral", "deepseek_v3", "qwen2_moe", "uneven", "int8", "idle", "generate", "mismatch"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(WORKER.parent.parent)}
+
+
+def _check(out: subprocess.CompletedProcess, ranks, cases):
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    for rank in ranks:
+        for case in cases:
+            assert f"rank {rank}: {case} ok" in out.stdout, out.stdout[-4000:]
+
+
+def _torchrun(n: int, *cases: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), str(WORKER), *cases]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_ranks_equal_one_process(n):
+    """Mixtral-, DeepSeek-V3- and Qwen2-MoE-style models and a hand-written block, E % N != 0, int8 experts, ranks
+    whose experts get no pair, greedy generation with ranks finishing apart, mismatched models refused."""
+    _check(_torchrun(n, *CASES), range(n), CASES)
+
+
+@pytest.mark.parametrize("case", ["kill", "stall"])
+def test_a_dead_or_silent_rank_fails_the_others_in_bounded_time(case):
+    out = _torchrun(2, case)
+    _check(out, [0], [case])
+
+
+def _netns_available() -> str | None:
+    if shutil.which("ip") is None:
+        return "no `ip` command"
+    name = f"moec{uuid.uuid4().hex[:6]}"
+    r = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if r.returncode:
+        return f"cannot create network namespaces here ({r.stderr.strip()})"
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return None
+
+
+def test_two_hosts_joined_by_a_veth_pair():
+    """Rank 0 and rank 1 in two network namespaces (own loopback, own address), talking over a veth pair."""
+    if (why := _netns_available()) is not None:
+        pytest.skip(why)
+    tag = uuid.uuid4().hex[:5]
+    a, b = f"moeca{tag}", f"moecb{tag}"
+    sh = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True)  # noqa: E731
+    try:
+        sh("ip", "netns", "add", a)
+        sh("ip", "netns", "add", b)
+        sh("ip", "link", "add", f"va{tag}", "type", "veth", "peer", "name", f"vb{tag}")
+        for ns, dev, addr in ((a, f"va{tag}", "10.77.0.1/24"), (b, f"vb{tag}", "10.77.0.2/24")):
+            sh("ip", "link", "set", dev, "netns", ns)
+            sh("ip", "netns", "exec", ns, "ip", "addr", "add", addr, "dev", dev)
+            sh("ip", "netns", "exec", ns, "ip", "link", "set", dev, "up")
+            sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        procs = []
+        for rank, (ns, dev) in enumerate(((a, f"va{tag}"), (b, f"vb{tag}"))):
+            env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "10.77.0.1",
+                   "MASTER_PORT": "29611", "GLOO_SOCKET_IFNAME": dev}
+            procs.append(subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(WORKER), "mixtral", "int8"],
+                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outs = [p.communicate(timeout=600) for p in procs]
+        for rank, (p, (stdout, stderr)) in enumerate(zip(procs, outs)):
+            _check(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr), [rank], ["mixtral", "int8"])
+    finally:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_shards_split_uneven_counts():
+    assert shards(8, 2) == [(0, 4), (4, 8)]
+    assert shards(7, 4) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert shards(2, 4) == [(0, 1), (1, 2), (2, 2), (2, 2)]  # ranks without an expert
+
+
+def test_one_rank_group_runs_the_exchange_in_process(tmp_path):
+    """A world of one: every expert is local, the all_to_all moves the rows to itself; equal to plain moec."""
+    model = models.tiny_model("olmoe").eval()
+    ref = moec.compile(models.tiny_model("olmoe").eval())
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        moec.compile(models.tiny_model("olmoe").eval(), expert_parallel=moec.ExpertParallel())
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        moec.compile(model, expert_parallel=moec.ExpertParallel())
+        assert all("on rank 0/1" in b.experts for b in moec.inspect(model).blocks)
+        inputs = models.example_inputs(model, batch=2, seq=6)
+        with torch.no_grad():
+            assert rel_err(model(**inputs).logits, ref(**inputs).logits) < TOL[torch.float32]
+        stats = moec.inspect(model).expert_parallel
+        assert stats.rows_received == stats.rows_sent == 2 * 6 * 2 * len(moec.inspect(model).blocks)
+        assert stats.bytes_sent == 0  # nothing left the rank
+        with pytest.raises(TypeError, match="moec.ExpertParallel"):
+            moec.compile(models.tiny_model("olmoe").eval(), expert_parallel=2)
+        with pytest.raises(NotImplementedError, match="offload"):
+            moec.compile(models.tiny_model("olmoe").eval(), expert_parallel=moec.ExpertParallel(),
+                         offload=moec.Offload())
+    finally:
+        dist.destroy_process_group()
