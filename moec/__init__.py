@@ -13,7 +13,7 @@ ops, defined in moec/ops.py and described by moec/ir.py) -> moec/api.py.
 
 from moec.api import Report, compile, inspect
 from moec.approx import ExpertPlan, TopP
-from moec.distributed import ExpertParallel
+from moec.distributed import ExpertParallel, load_sharded
 from moec.calibrate import Calibration, calibrate, expert_plan, topk_schedule, topk_search
 from moec.export import ExportReport, export_onnx
 from moec.genai import export_genai
@@ -23,5 +23,5 @@ from moec.pass_manager import DEFAULT_PIPELINE, PASSES
 from moec.quant import Int4Experts, Int8Experts
 from moec.serialize import load, save
 
-__all__ = ["compile", "inspect", "Report", "calibrate", "topk_schedule", "topk_search", "expert_plan", "ExpertPlan", "TopP", "ExpertParallel", "Calibration", "Offload", "load_offloaded", "export_onnx", "export_genai", "ExportReport", "Int8Experts", "Int4Experts", "save", "load", "MoESpec", "RouterSpec", "ExpertsSpec", "SharedSpec", "PASSES",
+__all__ = ["compile", "inspect", "Report", "calibrate", "topk_schedule", "topk_search", "expert_plan", "ExpertPlan", "TopP", "ExpertParallel", "load_sharded", "Calibration", "Offload", "load_offloaded", "export_onnx", "export_genai", "ExportReport", "Int8Experts", "Int4Experts", "save", "load", "MoESpec", "RouterSpec", "ExpertsSpec", "SharedSpec", "PASSES",
            "DEFAULT_PIPELINE"]

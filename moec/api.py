@@ -22,7 +22,7 @@ import moec.passes  # noqa: F401  (registers the passes)
 from moec.backends import pipeline_for, resolve_backend
 from moec.approx import ExpertPlan, TopP
 from moec.bindings import Const, Derived
-from moec.distributed import ExpertParallel, Group
+from moec.distributed import ExpertParallel, Group, compiled_blocks
 from moec.canonical import (
     build_graph,
     compiled_graph,
@@ -422,8 +422,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     instruments = Instruments.from_env()
     instruments.verify = instruments.verify or verify
     pool = Pool(offload, device) if offload is not None else None
-    agree = None if group is None else lambda r: group.agree(
-        "the blocks compiled", [(b.path, b.router, b.experts.split(" [")[0]) for b in r.blocks])
+    agree = None if group is None else lambda r: group.agree("the blocks compiled", compiled_blocks(r))
     report = _run(model, pipeline_for(backend, passes, quantize is not None, pool is not None, topk is not None,
                                       experts is not None, group is not None),
                   instruments, install_blocks=True, backend=backend,

@@ -184,3 +184,33 @@ class ShardedExperts(nn.Module):
         s.bytes_sent += others * xs.shape[1] * xs.element_size()
         s.per_block[self.path] = s.per_block.get(self.path, 0) + len(xr)
         return ys
+
+
+def load_sharded(model: nn.Module, checkpoint, expert_parallel: ExpertParallel, *, quantize=None, passes=None,
+                 verify: bool = False) -> nn.Module:
+    """Fill `model` (built on the meta device, the same on every rank) from a safetensors `checkpoint` and compile it
+    with sharded experts, one block at a time: a rank holds the non-expert weights, its shard of every block, and
+    while one block compiles, that block's experts (read whole: the proof replays every rank's shard). No rank
+    holds the whole model. Checkpoint names: the model's state_dict keys (see moec.load_offloaded)."""
+    from moec.api import _expert_parallel_group, _warn_if_empty
+    from moec.backends import pipeline_for
+    from moec.offload.load import fill_and_compile
+    from moec.quant import Int4Experts, Int8Experts
+
+    if quantize is not None and not isinstance(quantize, (Int8Experts, Int4Experts)):
+        raise TypeError(f"moec.load_sharded: quantize must be moec.Int8Experts() or moec.Int4Experts(...), "
+                        f"not {quantize!r}")
+    group = _expert_parallel_group(model, expert_parallel, "torch", None, [passes, quantize])
+    pipeline = pipeline_for("torch", passes, quantize=quantize is not None, sharded=True)
+    report = fill_and_compile(
+        model, checkpoint, pipeline, {"quantize": quantize, "expert_parallel": group}, verify=verify,
+        who="moec.load_sharded", before_install=lambda r: group.agree("the blocks compiled", compiled_blocks(r)))
+    _warn_if_empty(model, report)
+    report.quantize, report.expert_parallel = quantize, group.stats
+    model.__dict__["_moec_report"] = report
+    return model
+
+
+def compiled_blocks(report) -> list:
+    """What every rank must have compiled the same way (the experts' description without this rank's shard)."""
+    return [(b.path, b.router, b.experts.split(" [")[0]) for b in report.blocks]

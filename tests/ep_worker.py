@@ -4,7 +4,8 @@ checks its own slice of a batch against the single-process model (each rank comp
     torchrun --nproc-per-node N tests/ep_worker.py CASE [CASE ...]      (gloo, CPU)
 
 Cases: families (mixtral, deepseek_v3, qwen2_moe), "hand" (a hand-written block), "uneven" (E % N != 0),
-"int8", "idle" (one token: most ranks receive no pair), "generate" (greedy tokens, synced_gpus=True),
+"int8", "idle" (one token: most ranks receive no pair), "load" / "load_int4" (moec.load_sharded from a checkpoint
+in $MOEC_EP_TMP), "generate" (greedy tokens, synced_gpus=True),
 "mismatch" (rank 1 builds another model: every rank must refuse), "kill" (rank 1 exits mid-run) and "stall" (rank
 1 stops answering): the others must raise, within the timeout. Prints "rank R: CASE ok" per case; any failure raises (non-zero exit).
 """
@@ -81,6 +82,30 @@ def case(name, rank, world):
             want = ref.generate(prompt, max_new_tokens=new, do_sample=False)
             got = model.generate(prompt, max_new_tokens=new, do_sample=False, synced_gpus=True)
         assert torch.equal(got, want), (got, want)
+    elif name in ("load", "load_int4"):  # meta build, every rank fills its shard from one checkpoint
+        from safetensors.torch import save_model
+
+        quantize = moec.Int4Experts(group_size=32) if name == "load_int4" else None
+        ref = models.tiny_model("qwen2_moe", num_experts_per_tok=2).eval()
+        folder = os.path.join(os.environ["MOEC_EP_TMP"], name)
+        if rank == 0:
+            os.makedirs(folder, exist_ok=True)
+            save_model(ref, os.path.join(folder, "model.safetensors"))
+        dist.barrier()
+        with torch.device("meta"):
+            model = type(ref)(ref.config).eval()
+        moec.load_sharded(model, folder, moec.ExpertParallel(timeout=30), quantize=quantize)
+        assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+        held = sum(t.numel() for n, t in model.named_buffers() if "_moec_shard_" in n and ("w13" in n or "q13" in n))
+        full = sum(b.experts.gate_up_proj.numel() for b in (m.mlp for m in ref.model.layers))
+        per_byte = 2 if quantize else 1  # int4: two weights a byte
+        assert held * per_byte == full // world, (held, full)  # E/N experts (8 over 2 or 4 ranks)
+        ref = moec.compile(ref, quantize=quantize)
+        inputs = models.example_inputs(ref, batch=world, seq=6, seed=5)
+        with torch.no_grad():
+            want = ref(**inputs).logits[rank:rank + 1]
+            got = model(**{k: v[rank:rank + 1] for k, v in inputs.items()}).logits
+        assert rel_err(got, want) < TOL, rel_err(got, want)
     elif name == "mismatch":
         model = models.tiny_model("mixtral", num_experts_per_tok=2 if rank != 1 else 1).eval()
         try:

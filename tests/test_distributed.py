@@ -19,7 +19,8 @@ from moec import models
 from moec.distributed import shards
 
 WORKER = Path(__file__).with_name("ep_worker.py")
-CASES = ["hand", "mixtral", "deepseek_v3", "qwen2_moe", "uneven", "int8", "idle", "generate", "mismatch"]
+CASES = ["hand", "mixtral", "deepseek_v3", "qwen2_moe", "uneven", "int8", "idle", "load", "load_int4", "generate",
+         "mismatch"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(WORKER.parent.parent)}
 
 
@@ -30,16 +31,17 @@ def _check(out: subprocess.CompletedProcess, ranks, cases):
             assert f"rank {rank}: {case} ok" in out.stdout, out.stdout[-4000:]
 
 
-def _torchrun(n: int, *cases: str) -> subprocess.CompletedProcess:
+def _torchrun(n: int, *cases: str, tmp: Path | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), str(WORKER), *cases]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**ENV, "MOEC_EP_TMP": str(tmp)})
 
 
 @pytest.mark.parametrize("n", [2, 4])
-def test_ranks_equal_one_process(n):
+def test_ranks_equal_one_process(n, tmp_path):
     """Mixtral-, DeepSeek-V3- and Qwen2-MoE-style models and a hand-written block, E % N != 0, int8 experts, ranks
-    whose experts get no pair, greedy generation with ranks finishing apart, mismatched models refused."""
-    _check(_torchrun(n, *CASES), range(n), CASES)
+    whose experts get no pair, each rank loading its shard from a checkpoint (fp and int4), greedy generation with
+    ranks finishing apart, mismatched models refused."""
+    _check(_torchrun(n, *CASES, tmp=tmp_path), range(n), CASES)
 
 
 @pytest.mark.parametrize("case", ["kill", "stall"])

@@ -36,7 +36,7 @@ def _files(checkpoint) -> list[Path]:
     files = [f for p in paths for f in (sorted(p.glob("*.safetensors")) if p.is_dir() else [p])]
     missing = [str(f) for f in files if not f.is_file()]
     if not files or missing:
-        raise FileNotFoundError(f"moec.load_offloaded: no safetensors checkpoint at {missing or checkpoint}: give a "
+        raise FileNotFoundError(f"moec: no safetensors checkpoint at {missing or checkpoint}: give a "
                                 f"folder of *.safetensors files or their paths")
     return files
 
@@ -57,12 +57,12 @@ class _Checkpoint:
 
     def read(self, name: str, like: torch.Tensor) -> torch.Tensor:
         if name not in self.where:
-            raise KeyError(f"moec.load_offloaded: the checkpoint has no tensor {name!r} (its names must be the "
+            raise KeyError(f"moec: the checkpoint has no tensor {name!r} (its names must be the "
                            f"model's state_dict keys)")
         with safe_open(str(self.where[name]), framework="pt") as h:
             t = h.get_tensor(name)
         if t.shape != like.shape:
-            raise ValueError(f"moec.load_offloaded: {name!r} is {tuple(t.shape)} in the checkpoint, "
+            raise ValueError(f"moec: {name!r} is {tuple(t.shape)} in the checkpoint, "
                              f"{tuple(like.shape)} in the model")
         return t.to(like.dtype)
 
@@ -109,23 +109,15 @@ def _give_back_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def load_offloaded(model: nn.Module, checkpoint, offload: Offload, *, quantize=None, passes=None,
-                   verify: bool = False) -> nn.Module:
-    """Fill `model` (built on the meta device) from `checkpoint` (a folder of *.safetensors, a file, or a list),
-    compiling its MoE blocks with offloaded experts one at a time so that no block's experts stay in memory
-    (see the module docstring; quantize= as in moec.compile: the store holds the quantized experts). Returns the
-    model, on the CPU."""
-    from moec.api import Instruments, Report, _run, _start_offload, _warn_if_empty
-    from moec.backends import pipeline_for
+def fill_and_compile(model: nn.Module, checkpoint, pipeline: str, options: dict, *, verify: bool, who: str,
+                     before_install=None):
+    """Fill `model` (on the meta device) from `checkpoint`: everything but the routed experts, then each MoE block's
+    experts in turn, that block compiled by `pipeline` (which releases them: offloaded, sharded) before the next
+    is read. Returns the Report."""
+    from moec.api import Instruments, Report, _run
     from moec.bindings import resolve
-    from moec.offload.pool import Pool
     from moec.passes.detect.candidates import find_candidates, member_names
 
-    if not isinstance(offload, Offload):
-        raise TypeError(f"moec.load_offloaded: offload must be moec.Offload(...), not {offload!r}")
-    if quantize is not None and not isinstance(quantize, (Int8Experts, Int4Experts)):
-        raise TypeError(f"moec.load_offloaded: quantize must be moec.Int8Experts() or moec.Int4Experts(...), "
-                        f"not {quantize!r}")
     ckpt = _Checkpoint(_files(checkpoint))
     cands = find_candidates(model)
     experts = {}  # block path -> names of its expert tensors
@@ -141,20 +133,40 @@ def load_offloaded(model: nn.Module, checkpoint, offload: Offload, *, quantize=N
     held = set().union(*experts.values())
     _fill(model, set(model.state_dict()) - held, ckpt)  # parameters and persistent buffers
     _non_persistent_buffers(model, getattr(model, "_init_weights", None))
-    pool = Pool(offload, torch.device("cpu"))
-    pipeline = pipeline_for("torch", passes, quantize=quantize is not None, offload=True)
     report = Report(pipeline=pipeline, backend="torch")
     for c in cands:
         _fill(model, experts[c.path], ckpt)
         r = _run(model, pipeline, Instruments(verify=verify), install_blocks=True, backend="torch",
-                 options={"quantize": quantize, "offload": pool}, strict=verify, only=c.path)
+                 options=options, strict=verify, only=c.path, before_install=before_install)
         report.blocks += r.blocks
         report.rejected += r.rejected
         _give_back_memory()
     kept = [r.path for r in report.rejected]
     if kept:
-        warnings.warn(f"moec.load_offloaded: {len(kept)} block(s) could not be offloaded and keep their experts in "
-                      f"memory: {', '.join(kept)} (see moec.inspect(model).rejected)", stacklevel=2)
+        warnings.warn(f"{who}: {len(kept)} block(s) could not be compiled and keep their experts in memory: "
+                      f"{', '.join(kept)} (see moec.inspect(model).rejected)", stacklevel=3)
+    return report
+
+
+def load_offloaded(model: nn.Module, checkpoint, offload: Offload, *, quantize=None, passes=None,
+                   verify: bool = False) -> nn.Module:
+    """Fill `model` (built on the meta device) from `checkpoint` (a folder of *.safetensors, a file, or a list),
+    compiling its MoE blocks with offloaded experts one at a time so that no block's experts stay in memory
+    (see the module docstring; quantize= as in moec.compile: the store holds the quantized experts). Returns the
+    model, on the CPU."""
+    from moec.api import _start_offload, _warn_if_empty
+    from moec.backends import pipeline_for
+    from moec.offload.pool import Pool
+
+    if not isinstance(offload, Offload):
+        raise TypeError(f"moec.load_offloaded: offload must be moec.Offload(...), not {offload!r}")
+    if quantize is not None and not isinstance(quantize, (Int8Experts, Int4Experts)):
+        raise TypeError(f"moec.load_offloaded: quantize must be moec.Int8Experts() or moec.Int4Experts(...), "
+                        f"not {quantize!r}")
+    pool = Pool(offload, torch.device("cpu"))
+    pipeline = pipeline_for("torch", passes, quantize=quantize is not None, offload=True)
+    report = fill_and_compile(model, checkpoint, pipeline, {"quantize": quantize, "offload": pool}, verify=verify,
+                              who="moec.load_offloaded")
     _warn_if_empty(model, report)
     report.quantize = quantize
     model.__dict__["_moec_report"] = report
