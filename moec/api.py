@@ -36,7 +36,7 @@ from moec.offload import Offload, Pool
 from moec.pass_manager import PASSES, Instruments, PassManager, PassRecord, Rejected, parse_pipeline
 from moec.passes.detect import experts_only
 from moec.passes.detect_moe import Candidate, analyze, find_candidates
-from moec.passes.quantize_experts import quantized_tensors, release_originals
+from moec.passes.quantize_experts import give_back_memory, quantized_tensors, release_originals
 from moec.passes.reduce_topk import new_topk
 from moec.quant import Int4Experts, Int8Experts, QuantConfig, dequantize
 
@@ -311,7 +311,7 @@ def _recompile(block, cand, pm: PassManager, kept: Report | None, options: dict)
 
 def _install_all(done: list[_Done]) -> None:
     """Install every proved block, or none (an error while installing uninstalls the ones before it)."""
-    installed = []
+    installed, released = [], False
     try:
         for d in done:
             install(d.block, d.gm, d.cand.path)
@@ -321,7 +321,7 @@ def _install_all(done: list[_Done]) -> None:
                     b.adopt(d.block)  # one copy: the block's tensors become views of moec's storage
             spec = d.gm.meta["moe_spec"]
             if spec.quant is not None or spec.offloaded or spec.kept or spec.sharded:  # the originals are not read
-                release_originals(d.block, d.cand)
+                released = release_originals(d.block, d.cand) > 0 or released
             for m in d.gm.modules():  # e.g. the sharded experts drop the full weights they replayed the proof on
                 if hasattr(m, "installed"):
                     m.installed()
@@ -334,6 +334,8 @@ def _install_all(done: list[_Done]) -> None:
         for d in installed:
             uninstall(d.block)
         raise
+    if released:
+        give_back_memory()
 
 
 def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] | None = None, verify: bool = False,

@@ -140,8 +140,9 @@ class ShardedExperts(nn.Module):
         i % n_experts (runs by source rank, then expert)."""
         if not len(xr):
             return xr
-        local = torch.repeat_interleave(torch.arange(len(runs)) % n_experts, runs)  # [R]
-        return self.op(xr, local[:, None], torch.ones(len(xr), 1, dtype=torch.float32), *tensors, *self.act)
+        local = torch.repeat_interleave(torch.arange(len(runs), device=xr.device) % n_experts, runs)  # [R]
+        ones = torch.ones(len(xr), 1, dtype=torch.float32, device=xr.device)
+        return self.op(xr, local[:, None], ones, *tensors, *self.act)
 
     def _replay(self, xs, counts, mine):
         """The exchange replayed in this process (the proof): each owner's rows run on its shard of the full
@@ -161,7 +162,7 @@ class ShardedExperts(nn.Module):
         g, (lo, hi) = self.group, self.bounds[self.group.rank]
         sizes = [b - a for a, b in self.bounds]
         try:
-            got = torch.empty(g.world * (hi - lo), dtype=counts.dtype)  # [N * E_me]: per source, per expert of mine
+            got = counts.new_empty(g.world * (hi - lo))  # [N * E_me]: per source, per expert of mine
             dist.all_to_all_single(got, counts, output_split_sizes=[hi - lo] * g.world, input_split_sizes=sizes,
                                    group=g.pg)
             send = [int(counts[a:b].sum()) for a, b in self.bounds]

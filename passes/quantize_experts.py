@@ -32,6 +32,9 @@ the original expert tensors the graph no longer reads, so the model really shrin
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import operator
 
 import torch
@@ -133,3 +136,11 @@ def release_originals(block: torch.nn.Module, cand) -> int:
             freed += t.numel() * t.element_size()
             t.data = torch.empty(0, dtype=t.dtype, device=t.device)
     return freed
+
+
+def give_back_memory() -> None:
+    """Return freed expert copies to the OS: glibc keeps freed heap pages, so released experts would not lower
+    the resident memory (measured: RSS crept by ~half a block per block in load_offloaded without this)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -17,9 +17,6 @@ in moec.inspect(model).rejected, with a warning).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import warnings
 from pathlib import Path
 
@@ -28,6 +25,7 @@ from safetensors import safe_open
 from torch import nn
 
 from moec.offload.config import Offload
+from moec.passes.quantize_experts import give_back_memory
 from moec.quant import Int4Experts, Int8Experts
 
 
@@ -101,14 +99,6 @@ def _non_persistent_buffers(model: nn.Module, init) -> None:
         init(m)
 
 
-def _give_back_memory() -> None:
-    """Return the freed copies of the block just compiled to the OS (glibc keeps freed heap pages, and the next
-    block's copies, of other sizes, do not always reuse them: RSS crept by ~half a block per block without this)."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def fill_and_compile(model: nn.Module, checkpoint, pipeline: str, options: dict, *, verify: bool, who: str,
                      before_install=None):
     """Fill `model` (on the meta device) from `checkpoint`: everything but the routed experts, then each MoE block's
@@ -140,7 +130,7 @@ def fill_and_compile(model: nn.Module, checkpoint, pipeline: str, options: dict,
                  options=options, strict=verify, only=c.path, before_install=before_install)
         report.blocks += r.blocks
         report.rejected += r.rejected
-        _give_back_memory()
+        give_back_memory()
     kept = [r.path for r in report.rejected]
     if kept:
         warnings.warn(f"{who}: {len(kept)} block(s) could not be compiled and keep their experts in memory: "
