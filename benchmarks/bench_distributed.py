@@ -110,7 +110,7 @@ def project():
     from rich.console import Console
     from rich.table import Table
 
-    H, k, E, layers, elem = 7168, 8, 256, 58, 2  # DeepSeek-V3: hidden, top-k, experts, MoE layers; bf16 rows
+    H, k, layers, elem = 7168, 8, 58, 2  # DeepSeek-V3 (256 experts: uniform routing): hidden, top-k, MoE layers; bf16
     links = {"NVLink (H800, ~160 GB/s per GPU)": 160e9, "NVLink (H100, ~450 GB/s per GPU per direction)": 450e9,
              "InfiniBand 400 Gb/s (~50 GB/s per GPU)": 50e9}
     t = Table(title="Projection: DeepSeek-V3 exchange per MoE layer, 128 decode tokens per rank (moec's rows: bf16 both "
