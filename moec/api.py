@@ -22,7 +22,7 @@ import moec.passes  # noqa: F401  (registers the passes)
 from moec.backends import pipeline_for, resolve_backend
 from moec.approx import ExpertPlan, TopP
 from moec.bindings import Const, Derived
-from moec.distributed import ExpertParallel, Group, compiled_blocks
+from moec.distributed import ExpertParallel, Group, ShardedExperts, compiled_blocks
 from moec.canonical import (
     build_graph,
     compiled_graph,
@@ -212,6 +212,7 @@ def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: boo
             raise ValueError(f"moec.compile: {name} names no block at {unknown}; the blocks are "
                              f"{[c.path for c in cands]}")
     done: list[_Done] = []
+    restore = []  # (block, its old graph, path): blocks uninstalled to be compiled again
     kept = model.__dict__.get("_moec_report")
     try:
         with _progress(len(cands)) as progress:
@@ -229,6 +230,7 @@ def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: boo
                         report.blocks.append(kept_block)
                         progress.advance(task)
                         continue
+                    restore.append((block, old, cand.path))
                 try:
                     res = _compile_block(pm, block, cand, options or {})
                 except _FinalProofFailed as e:
@@ -257,6 +259,9 @@ def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: boo
         if not install_blocks or any(compiled_graph(d.block) is not d.gm for d in done):
             for d in done:
                 _undo(d.gm.meta)
+            for block, old, path in restore:  # not compiled anew (an error, or inspect): the old graph runs again
+                if compiled_graph(block) is None:
+                    install(block, old, path)
     return report
 
 
@@ -322,8 +327,8 @@ def _install_all(done: list[_Done]) -> None:
             spec = d.gm.meta["moe_spec"]
             if spec.quant is not None or spec.offloaded or spec.kept or spec.sharded:  # the originals are not read
                 released = release_originals(d.block, d.cand) > 0 or released
-            for m in d.gm.modules():  # e.g. the sharded experts drop the full weights they replayed the proof on
-                if hasattr(m, "installed"):
+            for m in d.gm.children():  # the sharded experts drop the full weights they replayed the proof on
+                if isinstance(m, ShardedExperts):
                     m.installed()
             d.gm.meta.pop("proof", None)
             d.gm.meta.pop("reference_roles", None)
@@ -538,8 +543,8 @@ def _expert_load(model: nn.Module, report: Report, args, kwargs) -> None:
     def hook(path):
         def fn(mod, a, kw):
             spec, roles = specs[path]
-            _, ids, _ = block_route(mod, spec, roles, a[0] if a else next(iter(kw.values())))
-            counts = torch.bincount(ids.reshape(-1).cpu(), minlength=spec.experts.num_experts)
+            _, ids, w = block_route(mod, spec, roles, a[0] if a else next(iter(kw.values())))
+            counts = torch.bincount(ids[w != 0].cpu(), minlength=spec.experts.num_experts)  # top-p's 0s do not run
             loads[path] = loads.get(path, 0) + counts
         return fn
 

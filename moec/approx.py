@@ -53,11 +53,19 @@ class ExpertPlan:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"moec.ExpertPlan: mode must be one of {MODES}, not {self.mode!r}")
+        for name in ("keep", "usage"):
+            if not isinstance(getattr(self, name), dict):
+                raise TypeError(f"moec.ExpertPlan: {name} must be a dict {{block path: list}}, not "
+                                f"{getattr(self, name)!r}")
         for path, ids in self.keep.items():
-            if not (isinstance(path, str) and ids and all(type(i) is int and i >= 0 for i in ids)
-                    and len(set(ids)) == len(ids)):
-                raise ValueError(f"moec.ExpertPlan: keep[{path!r}] must be distinct expert ids (ints >= 0), "
+            if not (isinstance(path, str) and isinstance(ids, (list, tuple)) and ids
+                    and all(type(i) is int and i >= 0 for i in ids) and len(set(ids)) == len(ids)):
+                raise ValueError(f"moec.ExpertPlan: keep[{path!r}] must be a list of distinct expert ids (ints >= 0), "
                                  f"not {ids!r}")
+        for path, load in self.usage.items():
+            if not (isinstance(load, (list, tuple)) and all(isinstance(u, (int, float)) and u >= 0 for u in load)):
+                raise ValueError(f"moec.ExpertPlan: usage[{path!r}] must be a list of per-expert loads >= 0 (as "
+                                 f"moec.calibrate counts them), not {load!r}")
         object.__setattr__(self, "keep", {p: tuple(sorted(ids)) for p, ids in self.keep.items()})
         object.__setattr__(self, "usage", {p: tuple(u) for p, u in self.usage.items()})
 

@@ -270,9 +270,10 @@ class CompiledForward:
         why = self.why_original(hidden, extras)
         if why:
             spec = self.gm.meta["moe_spec"]
-            if spec.quant is not None or spec.offloaded:
+            if spec.quant is not None or spec.offloaded or spec.sharded:
+                kind = "quantized" if spec.quant else "offloaded" if spec.offloaded else "sharded (expert parallel)"
                 raise NotImplementedError(
-                    f"moec: block {self.path!r} runs {'quantized' if spec.quant else 'offloaded'} experts and its "
+                    f"moec: block {self.path!r} runs {kind} experts and its "
                     f"original expert weights were released, so its original forward cannot run ({why})")
             if self.gm.meta.get("approximation"):  # the original would compute what the user asked to change
                 raise NotImplementedError(

@@ -20,7 +20,8 @@ token routed to a dropped expert runs its group's merged expert.
 The E' experts become persistent buffers of the block (`_moec_w13_kept`, ...; what moec.save writes and
 moec.load fills) and the original expert tensors are emptied once the block is installed: the model shrinks.
 Requires fuse_gate (one moec.route per block; prune only). Refused: prune with a capacity router (capacity
-depends on E), sparsemixer routing, or fewer experts kept than the block's k; a block with offloaded experts.
+depends on E) or a group-limited one (DeepSeek's n_group: a -inf in a group's top-2 sum sinks the group),
+sparsemixer routing, or fewer experts kept than the block's k; a block with offloaded experts.
 Invariant: the graph computes the canonical block whose experts are W'[expert_map] (and, pruned, whose router
 adds the mask): the final proof checks it against that reference and measures the error against the
 original block. Stats: experts_before, experts_after, bytes_freed.
@@ -59,6 +60,11 @@ def merged(t: torch.Tensor | None, expert_map: torch.Tensor, weight: torch.Tenso
 
 @register_pass("reduce_experts", requires=("fuse_gate",), approximate=True)
 def reduce_experts(gm) -> PassResult:
+    with torch.no_grad():  # the kept experts are buffers (no autograd history: deepcopy, save)
+        return _reduce(gm)
+
+
+def _reduce(gm) -> PassResult:
     plan = gm.meta.get("options", {}).get("experts")
     path, spec = gm.meta["candidate"].path, gm.meta["moe_spec"]
     E, r = spec.experts.num_experts, spec.router
@@ -74,6 +80,9 @@ def reduce_experts(gm) -> PassResult:
     if r.scoring == "sparsemixer":
         raise Rejected("reduce_experts: sparsemixer routing (its masked softmax is not defined over fewer experts)")
     prune = plan.mode == "prune"
+    if prune and r.n_group > 1:
+        raise Rejected("reduce_experts: pruning a group-limited router (a pruned expert's -inf would sink its "
+                       "group's score, so kept experts could become unreachable): use mode='merge'")
     if prune and r.capacity:
         raise Rejected("reduce_experts: pruning a router with an expert capacity (the capacity depends on E)")
     if prune and len(kept) < r.top_k:

@@ -49,13 +49,16 @@ def new_topk(topk, path: str) -> int | TopP | None:
 def _reduced(r: RouterSpec, ask, spec) -> RouterSpec | None:
     """The router at the k (or TopP) asked; None where that leaves the block as it is."""
     if isinstance(ask, TopP):
-        k = r.top_k if ask.max_k is None else ask.max_k
-        if k > r.top_k:
-            raise Rejected(f"reduce_topk: TopP(max_k={k}) is above the block's k={r.top_k}")
+        k = min(r.top_k, ask.max_k or r.top_k)  # a max_k above the block's k: its own k, as an int k would
+        min_k = min(ask.min_k, k)
+        if k == r.top_k and (ask.p >= 1 or min_k == k):  # every pair kept: the block as it is
+            return None
         if spec.experts.weight_on_input:
             raise Rejected("reduce_topk: top-p with experts that take the combine weight on their input")
-        return dataclasses.replace(r, top_k=k, top_p=float(ask.p), min_k=min(ask.min_k, k)) \
-            if (ask.p < 1 and k > 1) or k < r.top_k else None
+        if r.scoring not in ("softmax", "sigmoid") and r.weighting != "ones":
+            raise Rejected("reduce_topk: top-p needs non-negative combine weights (softmax or sigmoid scores); this "
+                           "router weights its experts by raw logits")
+        return dataclasses.replace(r, top_k=k, top_p=float(ask.p) if ask.p < 1 else 0.0, min_k=min_k)
     if ask < 1:
         raise Rejected(f"reduce_topk: k={ask} is below 1")
     return dataclasses.replace(r, top_k=ask) if ask < r.top_k else None  # k >= the block's own: exact

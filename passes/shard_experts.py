@@ -20,6 +20,8 @@ Stats: sharded, experts (this rank's), of (E).
 
 from __future__ import annotations
 
+import torch
+
 from moec.canonical import add_buffer, drop_unused_roles, role_value
 from moec.distributed import ShardedExperts, shards
 from moec.pass_manager import PassResult, Rejected, register_pass
@@ -48,8 +50,9 @@ def shard_experts(gm) -> PassResult:
     full = [None if a is None else role_value(gm, a) for a in args]
     E = full[0].shape[0]
     lo, hi = shards(E, group.world)[group.rank]
-    mine = [None if t is None else add_buffer(gm, f"_moec_shard_{name}", t[lo:hi].clone())
-            for name, t in zip(_names(roles), full)]
+    with torch.no_grad():  # buffers without autograd history (deepcopy, save)
+        mine = [None if t is None else add_buffer(gm, f"_moec_shard_{name}", t[lo:hi].clone())
+                for name, t in zip(_names(roles), full)]
     gm.add_submodule("sharded", ShardedExperts(group, path, node.target, E, act, full))
     with gm.graph.inserting_before(node):
         new = gm.graph.call_module("sharded", (x, ids, w, *mine))

@@ -113,6 +113,10 @@ def test_one_rank_group_runs_the_exchange_in_process(tmp_path):
         stats = moec.inspect(model).expert_parallel
         assert stats.rows_received == stats.rows_sent == 2 * 6 * 2 * len(moec.inspect(model).blocks)
         assert stats.bytes_sent == 0  # nothing left the rank
+        model.train()  # the original forward would run the released experts (and skip the exchange): refused
+        with pytest.raises(NotImplementedError, match="sharded"):
+            model(**inputs)
+        model.eval()
         with pytest.raises(TypeError, match="moec.ExpertParallel"):
             moec.compile(models.tiny_model("olmoe").eval(), expert_parallel=2)
         with pytest.raises(NotImplementedError, match="offload"):

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 from conftest import TOL, rel_err
-from test_generality import GroupsWithBatchDims, RouterForms
+from test_generality import GroupsWithBatchDims, RouterForms, _dispatch
 
 import moec
 from moec import models
@@ -261,9 +261,21 @@ def test_top_p_hand_written_block_and_its_limits():
         moec.TopP(0)
     with pytest.raises(ValueError, match="min_k=3 is above max_k=2"):
         moec.TopP(0.5, min_k=3, max_k=2)
-    too_many = RouterForms("@W.T", E=8, k=2).eval()
-    moec.compile(too_many, topk=moec.TopP(0.5, max_k=3), approximate=True)
-    assert "above the block's k=2" in moec.inspect(too_many).rejected[0].reason
+    capped = RouterForms("@W.T", E=8, k=2).eval()  # a max_k above the block's k: its own k, as an int k does
+    moec.compile(capped, topk=moec.TopP(0.5, max_k=3), approximate=True)
+    assert moec.inspect(capped).blocks[0].approximate.startswith("top-p 0.5 (k 1..2) of top-2")
+    all_kept = RouterForms("@W.T", E=8, k=2).eval()  # min_k = k keeps every pair: exact
+    moec.compile(all_kept, topk=moec.TopP(0.5, min_k=2), approximate=True)
+    assert not moec.inspect(all_kept).blocks[0].approximate
+
+    class RawLogitWeights(RouterForms):  # combine weights that may be negative: top-p has no meaning
+        def forward(self, x):
+            w, ids = self.logits(x).topk(self.k)
+            return _dispatch(self.experts.run, x, ids, w, self.E)
+
+    raw = RawLogitWeights("@W.T", E=8, k=3).eval()
+    moec.compile(raw, topk=moec.TopP(0.5), approximate=True)
+    assert "non-negative combine weights" in moec.inspect(raw).rejected[0].reason
 
 
 def test_top_p_follows_new_weights_and_saves(tmp_path):
@@ -319,8 +331,6 @@ def test_topk_search_lowers_k_where_the_loss_rises_least():
 def test_top_p_with_a_selection_bias_keeps_the_heaviest_weights():
     """DeepSeek-style: experts chosen by score + bias, weighted by the (renormalised) scores, so the chosen order is
     not the weight order; top-p keeps the heaviest weights, renormalised among themselves."""
-    from test_generality import _dispatch
-
     block = GroupsWithBatchDims().eval()
     x = torch.randn(2, 20, 32, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -345,3 +355,12 @@ def test_top_p_with_a_selection_bias_keeps_the_heaviest_weights():
     assert moec.inspect(block).blocks[0].approximate
     with torch.no_grad():
         assert rel_err(block(x), want) < TOL[torch.float32]
+
+
+def test_inspect_counts_the_pairs_top_p_runs():
+    block = RouterForms("@W.T", E=8, k=4).eval()
+    x = torch.randn(60, 32, generator=torch.Generator().manual_seed(2))
+    moec.compile(block, topk=moec.TopP(0.5), approximate=True)
+    (b,) = moec.calibrate(block, [x]).blocks
+    (shown,) = moec.inspect(block, x).blocks
+    assert shown.expert_load == b.load and sum(shown.expert_load) == round(b.pairs * 60) < 4 * 60

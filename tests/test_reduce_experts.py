@@ -146,3 +146,51 @@ def test_a_pruned_model_saves_and_loads(tmp_path):
     loaded.train()  # the original forward would run the released experts: refused, with the reason
     with pytest.raises(NotImplementedError, match="training mode"):
         loaded(**inputs)
+
+
+def test_group_limited_routers_are_merged_not_pruned():
+    """DeepSeek-V3: a pruned expert's -inf would sink its group's top-2 score (kept experts unreachable), so
+    pruning is refused with the reason; merging keeps the router and works."""
+    model = models.tiny_model("deepseek_v3").eval()
+    cal = _calibrated(model)
+    pruned = copy.deepcopy(model)
+    moec.compile(pruned, experts=moec.expert_plan(cal, keep=4), approximate=True)
+    assert all("group-limited" in r.reason for r in moec.inspect(pruned).rejected) and moec.inspect(pruned).rejected
+    merged = copy.deepcopy(model)
+    moec.compile(merged, experts=moec.expert_plan(cal, keep=4, mode="merge"), approximate=True)
+    report = moec.inspect(merged)
+    assert report.blocks and not report.rejected and all("merged" in b.approximate for b in report.blocks)
+
+
+def test_a_failed_recompile_leaves_the_model_as_it_was():
+    """A recompile refused on a later block gives the earlier blocks their compiled graphs back."""
+    model = models.tiny_model("qwen2_moe", num_experts_per_tok=3).eval()
+    paths = list(_blocks(model))
+    plan = ExpertPlan("prune", {paths[1]: [0, 1, 2, 3, 4]})
+    moec.compile(model, topk={paths[0]: 1}, experts=plan, approximate=True)
+    inputs = models.example_inputs(model, seq=5)
+    with torch.no_grad():
+        before = model(**inputs).logits
+    with pytest.raises(ValueError, match="fewer experts"):
+        moec.compile(model, topk=2, experts=plan, approximate=True)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, before)
+
+
+def test_copies_bad_plans_and_odd_modules():
+    model = models.tiny_model("qwen2_moe").eval()
+    moec.compile(model, experts=ExpertPlan("prune", {"model.layers.0.mlp": [0, 1, 2, 3, 4]}), approximate=True)
+    twin = copy.deepcopy(model)  # the kept experts are plain buffers (no autograd history)
+    inputs = models.example_inputs(model, seq=4)
+    with torch.no_grad():
+        assert torch.equal(twin(**inputs).logits, model(**inputs).logits)
+    for bad, error, match in (({"": 5}, ValueError, "must be a list of distinct expert ids"),
+                              ([0, 1], TypeError, "keep must be a dict")):
+        with pytest.raises(error, match=match):
+            ExpertPlan("prune", bad)
+    with pytest.raises(ValueError, match=r"usage\[''\] must be a list of per-expert loads >= 0"):
+        ExpertPlan("merge", {"": [0, 1]}, usage={"": [-1] * 8})
+    odd = models.tiny_model("qwen2_moe").eval()
+    odd.model.layers[0].mlp.shared_expert.installed = "yes"  # a user attribute moec must not call
+    moec.compile(odd)
+    assert moec.inspect(odd).blocks and odd.model.layers[0].mlp.shared_expert.installed == "yes"
