@@ -6,6 +6,7 @@ MODEL is a Hugging Face folder (config.json + safetensors, read offline), a fact
     moec inspect ./my-moe-checkpoint --json            # blocks found, what was read, rejections with reasons
     moec run mixtral --passes detect_moe,fuse_gate --print-after fuse_gate
     moec run fine_moe_lm --topk 4 --verify               # an approximation: its error, measured
+    moec run fine_moe_lm --top-p 0.8                      # top-p routing (an approximation too)
     moec run ./my-moe-checkpoint --verify              # per-pass numeric error; names the pass that broke it
     moec run my_pkg.models:build --dump moec_logs/ --timing
     moec routing fine_moe_lm --text notes.txt --png routing.png     # expert load, top-j mass, entropy
@@ -72,7 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dump", type=Path, help="write each stage to DIR/<block>/NNN_<pass>.py")
     run.add_argument("--timing", action="store_true", help="time each pass")
     run.add_argument("--verify", action="store_true", help="check numerics after each pass")
-    run.add_argument("--topk", type=_positive, help="route to K experts (the reduce_topk pass: an approximation)")
+    k = run.add_mutually_exclusive_group()
+    k.add_argument("--topk", type=_positive, help="route to K experts (the reduce_topk pass: an approximation)")
+    k.add_argument("--top-p", type=_fraction, metavar="P",
+                   help="top-p routing: each token keeps its fewest heaviest experts holding P of its k experts' weight "
+                        "(reduce_topk with moec.TopP: an approximation)")
     rt = command("routing", "per-block expert load, top-j router mass and entropy (moec.calibrate)",
                  "moec routing fine_moe_lm --text notes.txt --png routing.png")
     src = rt.add_mutually_exclusive_group()
@@ -106,6 +111,16 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
     return int(text)
+
+
+def _fraction(text: str) -> float:
+    try:
+        p = float(text)
+    except ValueError:
+        p = -1.0
+    if not 0 < p <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in (0, 1]")
+    return p
 
 
 def _main(argv: list[str] | None) -> int:
@@ -212,11 +227,14 @@ def _run_passes(args, model, inputs, tokenizer, console) -> int:
     from moec.pass_manager import PASSES, Instruments, parse_pipeline
     from moec.passes.detect.proof import TOL
 
-    passes = pipeline_for("torch", args.passes, topk=args.topk is not None)
+    from moec.approx import TopP
+
+    topk = TopP(args.top_p) if args.top_p is not None else args.topk
+    passes = pipeline_for("torch", args.passes, topk=topk is not None)
     if args.print_after and args.print_after not in parse_pipeline(passes):
         raise ValueError(f"--print-after {args.print_after}: not a pass of the pipeline {passes}")
     ins = Instruments(args.print_after_all, args.timing, args.verify, args.dump, args.print_after, args.print_changed)
-    report = _run(model, passes, ins, install_blocks=True, backend="torch", options={"topk": args.topk})
+    report = _run(model, passes, ins, install_blocks=True, backend="torch", options={"topk": topk})
     console.print(report)
     if not args.verify:
         return 0

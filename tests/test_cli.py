@@ -99,6 +99,10 @@ def test_run_an_approximation_reports_its_error_not_a_failure():
     assert r.returncode == 0, r.stderr
     assert "1*" in r.stdout and "approximate, top-1 of 2: max relative error" in r.stdout
     assert "numbers changed" not in r.stdout and "reduce_topk: an approximation" in r.stdout
+    r = moec("run", "mixtral", "--top-p", "0.6")
+    assert r.returncode == 0 and "approximate, top-p 0.6 (k 1..2) of top-2" in r.stdout, r.stdout + r.stderr
+    r = moec("run", "mixtral", "--top-p", "1.5")
+    assert r.returncode == 2 and "is not a number in (0, 1]" in r.stderr
 
 
 def test_bench_a_builtin():
