@@ -34,6 +34,10 @@ def save(model: nn.Module, path: str) -> None:
     if report.offload is not None:
         raise NotImplementedError("moec.save: this model's experts are offloaded (their weights live in the offload "
                                   "store, not the model): save the model before compiling it with offload=")
+    if report.expert_parallel is not None:
+        raise NotImplementedError("moec.save: this model's experts are sharded over ranks (expert_parallel=), each rank "
+                                  "holding its own: save the model before compiling it, and give each rank its shard "
+                                  "with moec.load_sharded")
     cfg = report.quantize
     meta = {"format_version": quant.FORMAT_VERSION, "pipeline": report.pipeline, "backend": report.backend,
             "quantize": None if cfg is None else {"kind": type(cfg).__name__, **dataclasses.asdict(cfg)},

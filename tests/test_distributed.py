@@ -113,6 +113,8 @@ def test_one_rank_group_runs_the_exchange_in_process(tmp_path):
         stats = moec.inspect(model).expert_parallel
         assert stats.rows_received == stats.rows_sent == 2 * 6 * 2 * len(moec.inspect(model).blocks)
         assert stats.bytes_sent == 0  # nothing left the rank
+        with pytest.raises(NotImplementedError, match="moec.load_sharded"):
+            moec.save(model, tmp_path / "m.safetensors")
         model.train()  # the original forward would run the released experts (and skip the exchange): refused
         with pytest.raises(NotImplementedError, match="sharded"):
             model(**inputs)
