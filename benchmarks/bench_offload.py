@@ -3,7 +3,8 @@
     python benchmarks/bench_offload.py [--model fine|tiny] [--new-tokens 128] [--prompt 32] [--rounds 3] [--threads 2]
 
 Table 1, cache behaviour per policy and budget (10/25/50% of the experts, disk store, router prefetch of width 2;
-then the routing policy without prefetch and with widths 1 and 3): hit rate, prefetch precision/recall, MB read
+then the routing policy without prefetch, with widths 1 and 3, and with the predictor fitted by
+moec.offload.fit_prefetch on 4 batches of 8 x 128 training bytes at widths 1-3): hit rate, prefetch precision/recall, MB read
 per generated token, and Belady's bound (the best hit rate without prefetch on the same calls), from one greedy
 generation of --new-tokens after a --prompt-token prompt of held-out text.
 Table 2, generation tokens/s (same generation): fully resident (moec, no offload), offloaded at each budget
@@ -86,14 +87,19 @@ def cache_table(console, load, args, prompt, n):
         t1.add_column(col)
     runs = [(policy, budget, "router", 2) for policy in ("lru", "lfu", "routing", "auto") for budget in BUDGETS]
     runs += [("routing", budget, pf, w) for budget in BUDGETS for pf, w in ((None, 2), ("router", 1), ("router", 3))]
+    runs += [("routing", budget, "fitted", w) for budget in BUDGETS for w in (1, 2, 3)]
+    train = examples.evenly_spaced_batches(examples.corpus("train"), 128, 4, 8)  # the fit's text: never held out
     for policy, budget, prefetch, width in runs:
         model = load()
-        moec.compile(model, offload=moec.Offload(budget=budget, policy=policy, prefetch=prefetch, prefetch_width=width))
+        moec.compile(model, offload=moec.Offload(budget=budget, policy=policy, prefetch=prefetch and "router",
+                                                 prefetch_width=width))
+        if prefetch == "fitted":
+            moec.offload.fit_prefetch(model, train)
         generate(model, prompt, n)
         st = moec.inspect(model).offload
         s, slots = st.total(), sum(st.slots.values())
         r = st.rates(s)
-        t1.add_row(policy, budget, str(slots), f"router ({width})" if prefetch else "none", f"{r['hit_rate']:.1%}",
+        t1.add_row(policy, budget, str(slots), f"{prefetch} ({width})" if prefetch else "none", f"{r['hit_rate']:.1%}",
                    f"{r['prefetch_precision']:.1%}", f"{r['prefetch_recall']:.1%}", f"{s.bytes_read / 2**20 / n:.2f}",
                    f"{optimal(list(st.trace), slots):.1%}")
     console.print(t1)

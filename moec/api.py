@@ -560,14 +560,15 @@ def _expert_load(model: nn.Module, report: Report, args, kwargs) -> None:
             b.expert_load = loads[b.path].tolist()
 
 
-def block_route(block: nn.Module, spec, roles: dict, x: torch.Tensor, router=None):
+def block_route(block: nn.Module, spec, roles: dict, x: torch.Tensor, router=None, weight=None):
     """The block's routing of x [.., H] by its router as moec read it (RouterSpec `router` instead of the block's:
-    e.g. a wider top-k), on its live weights: (logits [T, E], ids [T, k], weights [T, k])."""
+    e.g. a wider top-k), on its live weights (`weight` [E, H] instead of the router's: a fitted predictor):
+    (logits [T, E], ids [T, k], weights [T, k])."""
     from moec.backends.torch_backend import route_math
     from moec.ops import route_args
 
     p = lambda role: roles[role].get(block) if role in roles else None  # noqa: E731
-    w, bias, select_bias = p("router_weight"), p("router_bias"), p("select_bias")
+    w, bias, select_bias = p("router_weight") if weight is None else weight, p("router_bias"), p("select_bias")
     if spec.kept and hasattr(block, "_moec_router_mask"):  # pruned by reduce_experts: -inf at the dropped experts
         mask = block._moec_router_mask
         bias = mask if bias is None else bias + mask

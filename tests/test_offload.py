@@ -305,3 +305,31 @@ def test_load_offloaded_errors(tmp_path):
         model = type(ref)(ref.config).eval()
     with pytest.raises((KeyError, ValueError), match="checkpoint"):
         moec.load_offloaded(model, tmp_path / "other", moec.Offload())
+
+
+def test_a_fitted_prefetch_predicts_more_and_changes_nothing():
+    """fit_prefetch on training text: the held-out generation is the resident model's, token for token, and the
+    prediction names more of the experts each block then needs than the router on the residual stream alone."""
+    from moec import examples
+
+    train = examples.evenly_spaced_batches(examples.corpus("train"), 128, 2, 8)
+    prompt = examples.corpus("heldout")[:24][None].long()
+    resident = moec.compile(examples.fine_moe_lm().eval())
+    with torch.no_grad():
+        want = resident.generate(prompt, max_new_tokens=24, do_sample=False)
+    recall = {}
+    for fit in (False, True):
+        model = examples.fine_moe_lm().eval()
+        moec.compile(model, offload=moec.Offload(budget="25%", policy="routing", prefetch="router"))
+        if fit:
+            rows = moec.offload.fit_prefetch(model, train)
+            assert sorted(rows) == [b.path for b in moec.inspect(model).blocks] and set(rows.values()) == {2048}
+        with torch.no_grad():
+            assert torch.equal(model.generate(prompt, max_new_tokens=24, do_sample=False), want)
+        st = moec.inspect(model).offload
+        recall[fit] = st.rates(st.total())["prefetch_recall"]
+    assert recall[True] > recall[False] + 0.02, recall
+    plain = examples.fine_moe_lm().eval()
+    moec.compile(plain, offload=moec.Offload(budget="25%", prefetch=None))
+    with pytest.raises(ValueError, match="no late prefetch to fit"):
+        moec.offload.fit_prefetch(plain, train)

@@ -16,7 +16,9 @@ Prefetch (moec.offload.prefetch): each block's own router (its route op, on its 
 the residual stream through the block's norm (found on the first call), or, in models without that shape, as
 the previous block starts, on that block's input (mixtral-offloading's speculative loading). A prefetch never
 evicts an expert in use and never changes a number: experts always run from the slot their weights were
-copied into.
+copied into. `fit_prefetch(model, batches)` fits the residual-stream predictor to each block's actual router
+input on calibration text (ridge regression towards the router's weight): it recovers part of what the attention
+in between changes.
 
 Budget: "25%" (of every expert of that shape, over all blocks), a fraction 0.25, an int (experts), or
 bytes "1.5GB". The smallest budget is one expert: a call needing more experts than the pool holds runs
@@ -27,5 +29,7 @@ from moec.offload.config import Offload, slots_for
 from moec.offload.load import load_offloaded
 from moec.offload.policy import History, optimal, simulate, victim
 from moec.offload.pool import OffloadedExperts, OffloadStats, Pool
+from moec.offload.prefetch import fit_prefetch
 
-__all__ = ["History", "Offload", "OffloadStats", "OffloadedExperts", "Pool", "optimal", "simulate", "slots_for", "victim"]
+__all__ = ["History", "Offload", "OffloadStats", "OffloadedExperts", "Pool", "fit_prefetch", "optimal", "simulate",
+           "slots_for", "victim"]

@@ -16,6 +16,10 @@ module (the decoder layer) as the one whose output object is the block's input. 
 and no MoE block (a norm: calling it again changes nothing and costs little), and the parent must be called
 itself (not a ModuleList). Models without that shape keep the early guess alone.
 A prediction only loads into free or evictable slots: it never changes a number.
+
+`fit_prefetch(model, batches)` fits the late predictor to the attention it cannot see: per block, a matrix A
+[H, E] with N(r) @ A ~ the router's logits on the block's actual input, by ridge regression towards the
+router's own weight (calibration text), then ranks experts by the router's rule on N(r) @ A instead.
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ from torch import nn
 from moec.ir import MoESpec
 
 
-def router_predictor(roles: dict, block: nn.Module, spec: MoESpec, width: int):
+def router_predictor(roles: dict, block: nn.Module, spec: MoESpec, width: int, weight: torch.Tensor | None = None):
     """x [.., H] -> the experts block's router ranks in its top `width * k` for any row of x, most likely first
-    (rank by rank over the rows)."""
+    (rank by rank over the rows). weight [E, H]: used instead of the router's (a fitted predictor)."""
     from moec.api import block_route
 
     r, E = spec.router, spec.experts.num_experts
@@ -39,10 +43,74 @@ def router_predictor(roles: dict, block: nn.Module, spec: MoESpec, width: int):
 
     def predict(x: torch.Tensor) -> list[int]:
         with torch.no_grad():
-            ids = block_route(block, spec, roles, x, router)[1]  # [T, m]
+            ids = block_route(block, spec, roles, x, router, weight=weight)[1]  # [T, m]
         return list(dict.fromkeys(ids.T.flatten().tolist()))
 
     return predict
+
+
+def fit_prefetch(model: nn.Module, batches, ridge: float = 1.0) -> dict[str, float]:
+    """Fit each offloaded block's late predictor on `batches` (input_ids tensors or dicts of inputs; calibration
+    text, not what you measure): A = argmin |N(r) A - logits|^2 + ridge * s * |A - W^T|^2, s the mean squared
+    norm of N(r)'s rows, W the router weight. Returns {block: rows fitted on}. Outputs never change (a prediction
+    only loads experts); the cache and its statistics are reset."""
+    from moec.api import _spec_of, block_route
+    from moec.canonical import compiled_graph
+    from moec.offload.pool import OffloadedExperts
+
+    pools = {id(m.pool): m.pool for gm in filter(None, map(compiled_graph, model.modules()))
+             for m in gm.children() if isinstance(m, OffloadedExperts)}
+    lates = [lp for pool in pools.values() for lp in pool.late]
+    if not lates:
+        raise ValueError("moec.offload.fit_prefetch: no late prefetch to fit: compile with "
+                         "moec.Offload(prefetch='router') a model whose blocks sit in layers with a norm before them")
+    batches = [batches] if isinstance(batches, torch.Tensor) else list(batches)
+    run = lambda b: model(**b) if isinstance(b, dict) else model(b)  # noqa: E731
+    with torch.no_grad():
+        run(batches[0])  # the first call finds each block's norm
+        sums, seen, hooks = {}, {}, []
+        for lp in (lp for lp in lates if lp.norm is not None):
+            spec, roles = _spec_of(model, lp.path)
+
+            def at_layer(m, args, kwargs, lp=lp):
+                r = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)
+                          and a.is_floating_point() and a.dim() >= 2 and a.shape[-1] == lp.hidden), None)
+                seen[lp.path] = None if r is None else lp.norm.forward(r).reshape(-1, lp.hidden).double()
+
+            def at_block(m, args, kwargs, lp=lp, spec=spec, roles=roles):
+                x = seen.pop(lp.path, None)
+                h = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+                if x is None or h is None or h.numel() // lp.hidden != len(x):
+                    return
+                y = block_route(m, spec, roles, h)[0].double()  # [T, E] the logits the router computes
+                if "router_bias" in roles:  # the predictor adds the bias itself
+                    y = y - roles["router_bias"].get(m).double()
+                s = sums.setdefault(lp.path, [0, 0, 0])
+                s[0], s[1], s[2] = s[0] + x.T @ x, s[1] + x.T @ y, s[2] + len(x)
+
+            hooks += [lp.parent.register_forward_pre_hook(at_layer, with_kwargs=True),
+                      lp.block.register_forward_pre_hook(at_block, with_kwargs=True)]
+        try:
+            for b in batches:
+                run(b)
+        finally:
+            for h in hooks:
+                h.remove()
+    rows = {}
+    for lp in lates:
+        if lp.path not in sums:
+            continue
+        xtx, xty, n = sums[lp.path]
+        spec, roles = _spec_of(model, lp.path)
+        w = roles["router_weight"].get(lp.block).double()  # [E, H]
+        lam = ridge * torch.diagonal(xtx).sum() / n
+        a = torch.linalg.solve(xtx + lam * torch.eye(len(xtx), dtype=xtx.dtype), xty + lam * w.T)  # [H, E]
+        lp.predict = router_predictor(roles, lp.block, spec, lp.pool.cfg.prefetch_width,
+                                      weight=a.T.to(w.dtype).contiguous())
+        rows[lp.path] = int(n)
+    for pool in pools.values():
+        pool.reset()
+    return rows
 
 
 class LatePrefetch:
