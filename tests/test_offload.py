@@ -321,8 +321,8 @@ def test_a_fitted_prefetch_predicts_more_and_changes_nothing():
     for fit in (False, True):
         model = examples.fine_moe_lm().eval()
         moec.compile(model, offload=moec.Offload(budget="25%", policy="routing", prefetch="router"))
-        if fit:
-            rows = moec.offload.fit_prefetch(model, train)
+        if fit:  # input_ids tensors and mappings of inputs (a tokenizer's output) alike
+            rows = moec.offload.fit_prefetch(model, [train[0], {"input_ids": train[1]}])
             assert sorted(rows) == [b.path for b in moec.inspect(model).blocks] and set(rows.values()) == {2048}
         with torch.no_grad():
             assert torch.equal(model.generate(prompt, max_new_tokens=24, do_sample=False), want)
@@ -333,3 +333,5 @@ def test_a_fitted_prefetch_predicts_more_and_changes_nothing():
     moec.compile(plain, offload=moec.Offload(budget="25%", prefetch=None))
     with pytest.raises(ValueError, match="no late prefetch to fit"):
         moec.offload.fit_prefetch(plain, train)
+    with pytest.raises(ValueError, match="no batches"):
+        moec.offload.fit_prefetch(model, [])

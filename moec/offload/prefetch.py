@@ -25,6 +25,7 @@ router's own weight (calibration text), then ranks experts by the router's rule 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 from torch import nn
@@ -43,18 +44,24 @@ def router_predictor(roles: dict, block: nn.Module, spec: MoESpec, width: int, w
 
     def predict(x: torch.Tensor) -> list[int]:
         with torch.no_grad():
-            ids = block_route(block, spec, roles, x, router, weight=weight)[1]  # [T, m]
+            live = roles["router_weight"].get(block)  # a fitted weight follows the router's device and dtype
+            w = None if weight is None else weight.to(device=live.device, dtype=live.dtype)
+            ids = block_route(block, spec, roles, x, router, weight=w)[1]  # [T, m]
         return list(dict.fromkeys(ids.T.flatten().tolist()))
 
     return predict
 
 
-def fit_prefetch(model: nn.Module, batches, ridge: float = 1.0) -> dict[str, float]:
-    """Fit each offloaded block's late predictor on `batches` (input_ids tensors or dicts of inputs; calibration
-    text, not what you measure): A = argmin |N(r) A - logits|^2 + ridge * s * |A - W^T|^2, s the mean squared
-    norm of N(r)'s rows, W the router weight. Returns {block: rows fitted on}. Outputs never change (a prediction
-    only loads experts); the cache and its statistics are reset."""
-    from moec.api import _spec_of, block_route
+def fit_prefetch(model: nn.Module, batches, ridge: float = 1.0) -> dict[str, int]:
+    """Fit each offloaded block's late predictor on `batches` (input_ids tensors or mappings of inputs, e.g. a
+    tokenizer's output; calibration text, not what you measure): A = argmin |N(r) A - logits|^2 + ridge * s *
+    |A - W^T|^2, s the mean squared norm of N(r)'s rows, W the router weight, logits without the router's bias.
+    Runs the first batch twice (it finds each block's norm). Holds an [H, H] float64 sum per block meanwhile (CPU).
+    Returns {block: rows fitted on}; blocks it could not fit are named in a warning. Outputs never change (a
+    prediction only loads experts); the cache and its statistics are reset."""
+    from collections.abc import Mapping
+
+    from moec.api import block_route
     from moec.canonical import compiled_graph
     from moec.offload.pool import OffloadedExperts
 
@@ -64,53 +71,61 @@ def fit_prefetch(model: nn.Module, batches, ridge: float = 1.0) -> dict[str, flo
     if not lates:
         raise ValueError("moec.offload.fit_prefetch: no late prefetch to fit: compile with "
                          "moec.Offload(prefetch='router') a model whose blocks sit in layers with a norm before them")
-    batches = [batches] if isinstance(batches, torch.Tensor) else list(batches)
-    run = lambda b: model(**b) if isinstance(b, dict) else model(b)  # noqa: E731
+    batches = [batches] if isinstance(batches, (torch.Tensor, Mapping)) else list(batches)
+    if not batches:
+        raise ValueError("moec.offload.fit_prefetch: no batches to fit on")
+    run = lambda b: model(**b) if isinstance(b, Mapping) else model(b)  # noqa: E731
+    routing = {lp.path: (compiled_graph(lp.block).meta["moe_spec"], compiled_graph(lp.block).meta.get(
+        "canonical_bindings", compiled_graph(lp.block).meta["bindings"])) for lp in lates}  # paths: the pool's own
+    sums, seen, hooks = {}, {}, []
     with torch.no_grad():
-        run(batches[0])  # the first call finds each block's norm
-        sums, seen, hooks = {}, {}, []
-        for lp in (lp for lp in lates if lp.norm is not None):
-            spec, roles = _spec_of(model, lp.path)
-
-            def at_layer(m, args, kwargs, lp=lp):
-                r = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)
-                          and a.is_floating_point() and a.dim() >= 2 and a.shape[-1] == lp.hidden), None)
-                seen[lp.path] = None if r is None else lp.norm.forward(r).reshape(-1, lp.hidden).double()
-
-            def at_block(m, args, kwargs, lp=lp, spec=spec, roles=roles):
-                x = seen.pop(lp.path, None)
-                h = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-                if x is None or h is None or h.numel() // lp.hidden != len(x):
-                    return
-                y = block_route(m, spec, roles, h)[0].double()  # [T, E] the logits the router computes
-                if "router_bias" in roles:  # the predictor adds the bias itself
-                    y = y - roles["router_bias"].get(m).double()
-                s = sums.setdefault(lp.path, [0, 0, 0])
-                s[0], s[1], s[2] = s[0] + x.T @ x, s[1] + x.T @ y, s[2] + len(x)
-
-            hooks += [lp.parent.register_forward_pre_hook(at_layer, with_kwargs=True),
-                      lp.block.register_forward_pre_hook(at_block, with_kwargs=True)]
         try:
+            run(batches[0])  # the first call finds each block's norm
+            for lp in (lp for lp in lates if lp.norm is not None):
+                spec, roles = routing[lp.path]
+
+                def at_layer(m, args, kwargs, lp=lp):
+                    r = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)
+                              and a.is_floating_point() and a.dim() >= 2 and a.shape[-1] == lp.hidden), None)
+                    seen[lp.path] = None if r is None else lp.norm.forward(r).reshape(-1, lp.hidden).double().cpu()
+
+                def at_block(m, args, kwargs, lp=lp, spec=spec, roles=roles):
+                    x = seen.pop(lp.path, None)
+                    h = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+                    if x is None or h is None or h.numel() // lp.hidden != len(x) or not len(x):
+                        return
+                    y = block_route(m, spec, roles, h)[0].double().cpu()  # [T, E] the logits the router computes
+                    if "router_bias" in roles:  # the predictor adds the bias itself
+                        y = y - roles["router_bias"].get(m).double().cpu()
+                    s = sums.setdefault(lp.path, [0, 0, 0])
+                    s[0], s[1], s[2] = s[0] + x.T @ x, s[1] + x.T @ y, s[2] + len(x)
+
+                hooks += [lp.parent.register_forward_pre_hook(at_layer, with_kwargs=True),
+                          lp.block.register_forward_pre_hook(at_block, with_kwargs=True)]
             for b in batches:
                 run(b)
         finally:
             for h in hooks:
                 h.remove()
-    rows = {}
+    fitted = {}
     for lp in lates:
         if lp.path not in sums:
             continue
         xtx, xty, n = sums[lp.path]
-        spec, roles = _spec_of(model, lp.path)
-        w = roles["router_weight"].get(lp.block).double()  # [E, H]
+        spec, roles = routing[lp.path]
+        w = roles["router_weight"].get(lp.block).double().cpu()  # [E, H]
         lam = ridge * torch.diagonal(xtx).sum() / n
         a = torch.linalg.solve(xtx + lam * torch.eye(len(xtx), dtype=xtx.dtype), xty + lam * w.T)  # [H, E]
-        lp.predict = router_predictor(roles, lp.block, spec, lp.pool.cfg.prefetch_width,
-                                      weight=a.T.to(w.dtype).contiguous())
-        rows[lp.path] = int(n)
+        fitted[lp.path] = (lp, spec, roles, a.T.float().contiguous(), int(n))
+    for lp, spec, roles, weight, _ in fitted.values():  # swapped only once every fit succeeded
+        lp.predict = router_predictor(roles, lp.block, spec, lp.pool.cfg.prefetch_width, weight=weight)
     for pool in pools.values():
         pool.reset()
-    return rows
+    if missed := [lp.path for lp in lates if lp.path not in fitted]:
+        warnings.warn(f"moec.offload.fit_prefetch: {len(missed)} block(s) not fitted (their norm was not found on "
+                      f"the first batch, or they saw no tokens): {', '.join(missed)}; they keep the router's "
+                      f"prediction", stacklevel=2)
+    return {path: f[-1] for path, f in fitted.items()}
 
 
 class LatePrefetch:
