@@ -40,7 +40,7 @@ def router_predictor(roles: dict, block: nn.Module, spec: MoESpec, width: int, w
 
     r, E = spec.router, spec.experts.num_experts
     m = r.top_k if r.scoring == "sparsemixer" else min(width * r.top_k, r.topk_group * E // max(r.n_group, 1))
-    router = dataclasses.replace(r, top_k=m, capacity=0)
+    router = dataclasses.replace(r, top_k=m, capacity=0, top_p=0.0)  # a prediction ranks, it drops nothing
 
     def predict(x: torch.Tensor) -> list[int]:
         with torch.no_grad():
