@@ -119,6 +119,13 @@ def test_one_rank_group_runs_the_exchange_in_process(tmp_path):
         with pytest.raises(NotImplementedError, match="sharded"):
             model(**inputs)
         model.eval()
+        llama4 = models.tiny_model("llama4").eval()  # experts that take the combine weight on their input
+        llama4_ref = moec.compile(models.tiny_model("llama4").eval())
+        moec.compile(llama4, expert_parallel=moec.ExpertParallel())
+        assert moec.inspect(llama4).blocks and not moec.inspect(llama4).rejected
+        with torch.no_grad():
+            inputs = models.example_inputs(llama4, batch=2, seq=5)
+            assert rel_err(llama4(**inputs).logits, llama4_ref(**inputs).logits) < TOL[torch.float32]
         with pytest.raises(TypeError, match="moec.ExpertParallel"):
             moec.compile(models.tiny_model("olmoe").eval(), expert_parallel=2)
         with pytest.raises(NotImplementedError, match="offload"):
