@@ -2,7 +2,7 @@
 
     pip install llama-cpp-python gguf      # llama-cpp-python builds llama.cpp (several minutes on 2 cores)
     python benchmarks/bench_llamacpp.py [--models mix qmoe] [--prompt 16] [--new-tokens 64] [--prefill 64 512]
-                                        [--rounds 3] [--threads 2] [--precisions fp32 int8 int4]
+                                        [--rounds 3] [--threads 2] [--precisions fp32 bf16 int8 int4] [--onnx]
 
 Models (random weights, fp32): "mix" = moec.models.demo_model() (Mixtral-style: hidden 512, 8 experts of 1792,
 top-2, 4 layers); "qmoe" = a Qwen2-MoE of hidden 512, 4 layers, 64 experts of 320, top-6, a shared expert of
@@ -11,9 +11,10 @@ llama.cpp's "llama" architecture for Mixtral (q/k rows permuted for its rope lay
 does) and "qwen2moe" for Qwen2-MoE, a byte-level SPM vocabulary of the model's size. Before timing, the script
 checks that llama.cpp's f32 logits of the prompt match HF's (the conversion is right).
 Pairs (moec torch backend, KV cache, `model.generate` / one forward for prefill; llama.cpp through
-llama-cpp-python, `eval` + greedy argmax): fp32 <-> f32, int8 experts <-> q8_0, int4 g32 experts <-> q4_0
-(llama.cpp quantizes every matrix but the router, and its activations to 8 bits; moec quantizes the routed
-experts only, weight-only). Tokens/s medians over --rounds interleaved rounds; each round's wall time printed.
+llama-cpp-python, `eval` + greedy argmax): fp32 <-> f32, bf16 (the model in bf16) <-> bf16, int8 experts <->
+q8_0, int4 g32 experts <-> q4_0 (llama.cpp quantizes every matrix but the router, and its activations to 8 bits;
+moec quantizes the routed experts only, weight-only). --onnx adds moec backend="onnxruntime" (the whole step in
+an ONNX Runtime session with the KV cache; fp32, int8, int4: ORT has no bf16 MoE kernel). Tokens/s medians over --rounds interleaved rounds; each round's wall time printed.
 Skips cleanly (exit 0, a message) where llama-cpp-python or gguf is not installed. Never in CI.
 """
 
@@ -34,8 +35,9 @@ from rich.table import Table
 import moec
 from moec import models
 
-QUANT = {"fp32": (None, "F32"), "int8": (moec.Int8Experts(), "Q8_0"), "int4": (moec.Int4Experts(32), "Q4_0")}
-LLAMA_NAME = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
+QUANT = {"fp32": (None, "F32"), "bf16": (None, "BF16"), "int8": (moec.Int8Experts(), "Q8_0"),
+         "int4": (moec.Int4Experts(32), "Q4_0")}
+LLAMA_NAME = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
 
 
 def build(name: str):
@@ -57,7 +59,8 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def to_gguf(model, path: str, qtype: str = "F32") -> None:
-    """Write an HF Mixtral or Qwen2-MoE model as GGUF: every matrix but the router in `qtype` (F32, Q8_0, Q4_0)."""
+    """Write an HF Mixtral or Qwen2-MoE model as GGUF: every matrix but the router in `qtype` (F32, BF16, Q8_0,
+    Q4_0)."""
     import gguf
 
     cfg, sd = model.config, {k: v.float().numpy() for k, v in model.state_dict().items()}
@@ -79,8 +82,8 @@ def to_gguf(model, path: str, qtype: str = "F32") -> None:
     if arch == "qwen2moe":
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
-    w.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-                     "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype])
+    w.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "BF16": gguf.LlamaFileType.MOSTLY_BF16,
+                     "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype])
     # a byte-level SPM vocabulary of the model's size (the benchmark feeds token ids)
     V = cfg.vocab_size
     tokens = ["<unk>", "<s>", "</s>", *[f"<0x{b:02X}>" for b in range(256)]]
@@ -186,6 +189,7 @@ def main():
     ap.add_argument("--prefill", type=int, nargs="+", default=[64, 512])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--onnx", action="store_true", help="add moec backend='onnxruntime' rows (fp32, int8, int4)")
     args = ap.parse_args()
     try:
         import gguf  # noqa: F401
@@ -207,9 +211,13 @@ def main():
             path = os.path.join(work, f"{name}-{qtype}.gguf")
             to_gguf(ref, path, qtype)
             systems[f"llama.cpp {LLAMA_NAME[prec]}"] = LlamaCpp(path, args.threads, n_ctx)
-            model = build(name)
+            model = build(name).to(torch.bfloat16 if prec == "bf16" else torch.float32)
             moec.compile(model, quantize=quantize)
             systems[f"moec {prec}" + (" experts" if quantize else "")] = Torch(model)
+            if args.onnx and prec != "bf16":
+                opts = {"intra_op_num_threads": args.threads, "inter_op_num_threads": 1}
+                model = moec.compile(build(name), backend="onnxruntime", quantize=quantize, session_options=opts)
+                systems[f"moec onnxruntime {prec}" + (" experts" if quantize else "")] = Torch(model)
         with torch.no_grad():
             want = ref(input_ids=prompt).logits[0]
         got = systems["llama.cpp f32"].logits(prompt) if "fp32" in args.precisions else None
@@ -241,8 +249,8 @@ def main():
             t.add_column(col)
         for prec in args.precisions:
             llama = f"llama.cpp {LLAMA_NAME[prec]}"
-            ours = next(s for s in systems if s.startswith(f"moec {prec}"))
-            for label in (ours, llama):
+            ours = [s for s in systems if s.startswith((f"moec {prec}", f"moec onnxruntime {prec}"))]
+            for label in (*ours, llama):
                 med = {k: statistics.median(v) for k, v in speed[label].items()}
                 ratio = med["decode"] / statistics.median(speed[llama]["decode"])
                 t.add_row(label, f"{med['decode']:.0f}", *[f"{med[n]:.0f}" for n in args.prefill], f"{ratio:.2f}x")

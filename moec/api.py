@@ -382,6 +382,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     cannot prove are left as they were and listed in `moec.inspect(model).rejected` with the reason.
     """
     _check_module(model, "compile")
+    onnx = options.pop("_onnx", None)  # moec.export_onnx's settings for the lower_onnx pass, not a user option
     if options:
         raise TypeError(f"moec.compile got unknown option(s) {sorted(options)}")
     if not isinstance(verify, bool):
@@ -434,7 +435,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
                                       experts is not None, group is not None),
                   instruments, install_blocks=True, backend=backend,
                   options={"quantize": quantize, "offload": pool, "topk": topk, "experts": experts,
-                           "expert_parallel": group}, strict=verify, before_install=agree)
+                           "expert_parallel": group, "onnx": onnx or {}}, strict=verify, before_install=agree)
     _warn_if_empty(model, report)
     report.quantize, report.topk, report.experts = quantize, topk, experts
     report.expert_parallel = None if group is None else group.stats

@@ -222,7 +222,7 @@ def _warn_about_ties(model: nn.Module, report) -> None:
 def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.PathLike, *,
                 quantize: QuantConfig | None = None, provider: str = "cpu", opset: int | None = None,
                 external_data: bool | None = None, kv_cache: bool | None = None,
-                dense: QuantConfig | None = None) -> ExportReport:
+                dense: QuantConfig | None = None, expert_slices: int | None = None) -> ExportReport:
     """Export `model` (left unchanged) to ONNX at `path`; return what became of each MoE block.
 
     example_inputs: positional args (a tuple) or keyword args (a dict) of model(...); their batch and
@@ -239,9 +239,17 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     dense: None, or Int4Experts(g, symmetric) / Int8Experts(): the dense MatMuls (attention, lm_head, dense and
         shared MLPs; never the routers) become com.microsoft::MatMulNBits (moec.export_dense), apart from the
         experts' `quantize`.
+    expert_slices: fp MoE nodes hold each expert as this many experts of I/slices intermediate units, which sum to
+        it (passes/lower_onnx.py). ORT's CPU MoE runs one expert on one thread, so at decode (a token's k experts)
+        threads sat idle: sliced in 2, two threads share every expert (decode 1.2-1.3x on 2 threads,
+        docs/benchmarks.md). None: 2 for provider "cpu", 1 for "cuda". Quantized (QMoE) nodes are not sliced.
     """
     path = os.fspath(path)
     check_exportable(model, quantize, provider)
+    if expert_slices is None:
+        expert_slices = 2 if provider == "cpu" else 1
+    if not isinstance(expert_slices, int) or isinstance(expert_slices, bool) or expert_slices < 1:
+        raise ValueError(f"moec.export_onnx: expert_slices must be an int >= 1, not {expert_slices!r}")
     if dense is not None and not isinstance(dense, (Int8Experts, Int4Experts)):
         raise TypeError(f"moec.export_onnx: dense must be moec.Int4Experts(...) or moec.Int8Experts(), not {dense!r}")
     if "_moec_report" in model.__dict__:
@@ -267,7 +275,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     pipeline = DEFAULT_PIPELINE + (",quantize_experts" if quantize else "") + ",lower_onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a model without MoE block exports as it is
-        compile(work, backend="torch", passes=pipeline, quantize=quantize)
+        compile(work, backend="torch", passes=pipeline, quantize=quantize, _onnx={"expert_slices": expert_slices})
     compiled = inspect(work)
     _warn_about_ties(work, compiled)
     seconds["moec compile"] = lap()

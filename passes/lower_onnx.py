@@ -15,6 +15,9 @@ experts as ONE op that exports to ONNX Runtime's contrib node, weights in ORT's 
         probs = log(w / max w) at ids, -1e4 elsewhere                                 # [T, E]
         y = moec.ort_moe(x, probs, FC1, ...) * sum(w)                                # softmax+renorm gives w/sum(w)
     quantized experts: moec.ort_qmoe(x, probs, FC1 u8, scales, b1, FC2 u8, scales, b2, zero points, ...)
+    sliced (export's expert_slices=s > 1, fp experts): FC1/FC2 [E, ..] -> [s*E, ..], slice j of expert e at
+        j*E + e holding intermediate units [j*I/s, (j+1)*I/s) (b2 on slice 0); probs repeated s times, k*s,
+        log-weights routing, x s*sum(w) after: the block is the sum of its slices
 
 A block ORT's op cannot compute exactly falls back to `experts_dense` (every expert on every token
 in standard ops, quantized weights dequantized in the graph), with the reason: an activation ORT
@@ -42,14 +45,29 @@ EXPERTS = (torch.ops.moec.experts, torch.ops.moec.experts_loop, torch.ops.moec.e
 NEG = -1e4  # router_probs of experts not chosen: exp(NEG - 0) underflows to 0 in fp16 and fp32
 
 
-def log_weights(ids: torch.Tensor, w: torch.Tensor, num_experts: int, dtype: torch.dtype):
-    """Routing weights [T, k] (>= 0) -> router_probs [T, E] that ORT's softmax -> top-k -> renormalise turns
-    back into ids and w / sum(w), and sum(w) [T, 1] to rescale by. Weights 0 (dropped by capacity) get NEG:
-    a token with all weights 0 still gets some experts, times sum(w) = 0."""
+def log_weights(ids: torch.Tensor, w: torch.Tensor, num_experts: int, dtype: torch.dtype, slices: int = 1):
+    """Routing weights [T, k] (>= 0) -> router_probs [T, slices*E] that ORT's softmax -> top-(k*slices) ->
+    renormalise turns back into ids (each of its slices, see slice_experts) and w / (slices * sum(w)), and
+    slices * sum(w) [T, 1] to rescale by. Weights 0 (dropped by capacity) get NEG: a token with all weights 0
+    still gets some experts, times sum(w) = 0."""
     top = w.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     logw = torch.where(w > 0, torch.log(w / top), NEG)  # the largest is 0: exact in fp16 too
     probs = torch.full((ids.shape[0], num_experts), NEG, dtype=torch.float32, device=w.device).scatter(1, ids, logw)
-    return probs.to(dtype), w.sum(dim=-1, keepdim=True)
+    return probs.repeat(1, slices).to(dtype), w.sum(dim=-1, keepdim=True) * slices
+
+
+def slice_experts(fc1: torch.Tensor, b1, fc2: torch.Tensor, b2, slices: int):
+    """ORT-layout experts fc1 [E, r*I, H] (r rows per intermediate unit: 2 interleaved gate/up, else 1), b1 [E, r*I],
+    fc2 [E, H, I], b2 [E, H] -> slices*E experts, slice j of expert e at j*E + e with units [j*I/s, (j+1)*I/s).
+    ORT's CPU MoE runs each expert on one thread and gives each thread a contiguous range of experts: at decode
+    a token's k experts kept one or two of the threads busy; sliced, each thread holds one slice of every expert."""
+    E, H, I = fc2.shape
+    n = I // slices
+    fc1 = fc1.reshape(E, slices, -1, fc1.shape[-1]).transpose(0, 1).reshape(slices * E, -1, fc1.shape[-1])
+    b1 = None if b1 is None else b1.reshape(E, slices, -1).transpose(0, 1).reshape(slices * E, -1)
+    fc2 = fc2.reshape(E, H, slices, n).permute(2, 0, 1, 3).reshape(slices * E, H, n)
+    b2 = None if b2 is None else torch.cat([b2, b2.new_zeros((slices - 1) * E, H)])  # added once per expert
+    return fc1.contiguous(), b1, fc2.contiguous(), b2
 
 
 def rescale(y: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
@@ -131,15 +149,18 @@ def _contrib_node(gm, node, spec, quant: bool, dtype):
     g, block, r, e = gm.graph, gm.meta["block"], spec.router, spec.experts
     x, ids, w = node.args[:3]
     route = ids.args[0]  # ids = getitem(route_math(...), 1)
-    if native_routing(r):
+    slices = gm.meta["options"].get("onnx", {}).get("expert_slices", 1)
+    slices = slices if not quant and e.inter % slices == 0 else 1
+    if native_routing(r) and slices == 1:
         logits = g.call_function(operator.getitem, (route, 0))
         probs, scale = g.call_method("to", (logits, dtype)), r.scale
         routing = "native (ORT routes the logits)" + (f", x{r.scale:g} after" if r.scale != 1.0 else "")
     else:
-        pair = g.call_function(log_weights, (ids, w, e.num_experts, dtype))
+        pair = g.call_function(log_weights, (ids, w, e.num_experts, dtype, slices))
         probs, scale = (g.call_function(operator.getitem, (pair, i)) for i in (0, 1))
-        routing = "log-weights (router computed in ONNX ops), x sum(w) after"
-    tail = (r.top_k, e.activation, e.gated, float(e.alpha), float(e.limit))
+        routing = "log-weights (router computed in ONNX ops), x sum(w) after" + \
+            (f"; experts in {slices} slices of {e.inter // slices} units (one per thread)" if slices > 1 else "")
+    tail = (r.top_k * slices, e.activation, e.gated, float(e.alpha), float(e.limit))
     if quant:
         cfg = spec.quant
         t13 = ort_quantized(cfg, quantized_tensors(block, "w13"), e.gated, e.gate_up)
@@ -153,8 +174,17 @@ def _contrib_node(gm, node, spec, quant: bool, dtype):
         op = "QMoE"
     else:
         w13, b13, w2, b2 = node.args[3:7]
-        fc1 = _const(gm, "_moec_ort_fc1", interleave(role_value(gm, w13), e.gate_up)) if e.gated else w13
-        out = g.call_function(torch.ops.moec.ort_moe, (x, probs, fc1, _bias(gm, b13, e), w2, b2, *tail))
+        if slices > 1:
+            value = lambda n: None if n is None else role_value(gm, n)  # noqa: E731
+            t = slice_experts(interleave(value(w13), e.gate_up) if e.gated else value(w13),
+                              interleave(value(b13), e.gate_up) if e.gated else value(b13), value(w2), value(b2),
+                              slices)
+            fc1, b13, w2, b2 = (None if v is None else _const(gm, f"_moec_ort_{name}", v)
+                                for name, v in zip(("fc1", "fc1_bias", "fc2", "fc2_bias"), t))
+        else:
+            fc1 = _const(gm, "_moec_ort_fc1", interleave(role_value(gm, w13), e.gate_up)) if e.gated else w13
+            b13 = _bias(gm, b13, e)
+        out = g.call_function(torch.ops.moec.ort_moe, (x, probs, fc1, b13, w2, b2, *tail))
         op = "MoE"
     gm.meta["onnx"] = {"op": op, "why": routing}
     return out if isinstance(scale, float) and scale == 1.0 else g.call_function(rescale, (out, scale))

@@ -63,13 +63,13 @@ def exported(tmp_path_factory):
     """(family, quantize) -> (model, report, path); each model exported once per test module."""
     cache = {}
 
-    def get(family, quantize=None, **overrides):
-        key = (family, quantize, tuple(sorted(overrides.items())))
+    def get(family, quantize=None, slices=None, **overrides):
+        key = (family, quantize, slices, tuple(sorted(overrides.items())))
         if key not in cache:
             model = models.tiny_model(family, **overrides)
             path = tmp_path_factory.mktemp("onnx") / f"{family}.onnx"
             report = moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), path, quantize=quantize,
-                                      kv_cache=False)  # the cache's form: test_onnx_cache.py
+                                      kv_cache=False, expert_slices=slices)  # the cache's form: test_onnx_cache.py
             cache[key] = model, report, path
         return cache[key]
 
@@ -79,13 +79,31 @@ def exported(tmp_path_factory):
 # ---------------------------------------------------------------- HF families
 
 
+@pytest.mark.parametrize("slices", [1, None], ids=["whole", "sliced"])
 @pytest.mark.parametrize("batch,seq", SHAPES)
 @pytest.mark.parametrize("family", HF)
-def test_hf_family(exported, family, batch, seq):
-    model, report, path = exported(family)
+def test_hf_family(exported, family, batch, seq, slices):
+    """Whole experts (ORT routes where it can), and the CPU default: each expert as 2 slices of its intermediate
+    units, k*2 of them per token, routed by moec's ops (lower_onnx)."""
+    model, report, path = exported(family, slices=slices)
     assert report.blocks and all(b.op == "MoE" for b in report.blocks), str(report)
-    assert all(("log-weights" in b.why) == (family in HF_LOG_WEIGHTS) for b in report.blocks)
-    assert len(_nodes(path, "MoE")) == len(report.blocks)
+    nodes = _nodes(path, "MoE")
+    assert len(nodes) == len(report.blocks)
+    if slices == 1:
+        assert all(("log-weights" in b.why) == (family in HF_LOG_WEIGHTS) for b in report.blocks)
+    else:
+        assert all("log-weights" in b.why and "2 slices" in b.why for b in report.blocks), str(report)
+        whole_path = exported(family, slices=1)[2]
+        def dims(p):  # name -> shape, of the weights and of what the graph computes from them
+            g = onnx.shape_inference.infer_shapes(onnx.load(str(p))).graph
+            return {**{v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in g.value_info},
+                    **{t.name: list(t.dims) for t in g.initializer}}
+
+        got, want = dims(path), dims(whole_path)
+        for n, w in zip(nodes, _nodes(whole_path, "MoE")):  # [E, 2I, H] -> [2E, I, H]; [E, H, I] -> [2E, H, I/2]
+            assert _attrs(n)["k"] == 2 * _attrs(w)["k"]
+            (e1, n1, h1), (e2, h2, i2) = want[w.input[2]], want[w.input[4]]
+            assert got[n.input[2]] == [2 * e1, n1 // 2, h1] and got[n.input[4]] == [2 * e2, h2, i2 // 2]
     inputs = models.example_inputs(model, batch=batch, seq=seq, seed=seq)
     with torch.no_grad():
         want = model(**inputs).logits
