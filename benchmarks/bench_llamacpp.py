@@ -16,6 +16,8 @@ q8_0, int4 g32 experts <-> q4_0 (llama.cpp quantizes every matrix but the router
 moec quantizes the routed experts only, weight-only). --onnx adds moec backend="onnxruntime" (the whole step in
 an ONNX Runtime session with the KV cache; fp32, int8, int4: ORT has no bf16 MoE kernel). Tokens/s medians over --rounds interleaved rounds; each round's wall time printed.
 Skips cleanly (exit 0, a message) where llama-cpp-python or gguf is not installed. Never in CI.
+Do not run it with OMP_WAIT_POLICY=PASSIVE: llama.cpp's OpenMP threads then sleep at each of the hundreds of
+barriers in a token, and its decode fell 2-7x (q4_0 on mix: 200 tokens/s instead of 1468).
 """
 
 import argparse
@@ -180,6 +182,17 @@ class Torch:
             self.model(input_ids=ids, use_cache=False)
 
 
+def quiet_session(threads: int):
+    """ORT session options whose threads sleep between runs: spinning ones would take the cores from the next
+    system of the interleaved round."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["mix", "qmoe"], choices=("mix", "qmoe"))
@@ -215,8 +228,8 @@ def main():
             moec.compile(model, quantize=quantize)
             systems[f"moec {prec}" + (" experts" if quantize else "")] = Torch(model)
             if args.onnx and prec != "bf16":
-                opts = {"intra_op_num_threads": args.threads, "inter_op_num_threads": 1}
-                model = moec.compile(build(name), backend="onnxruntime", quantize=quantize, session_options=opts)
+                model = moec.compile(build(name), backend="onnxruntime", quantize=quantize,
+                                     session_options=quiet_session(args.threads))
                 systems[f"moec onnxruntime {prec}" + (" experts" if quantize else "")] = Torch(model)
         with torch.no_grad():
             want = ref(input_ids=prompt).logits[0]
