@@ -207,8 +207,8 @@ def _grouped_mm_takes(*tensors) -> bool:
     """torch._grouped_mm's constraints: fp32/bf16/fp16, 16-byte aligned data and strides (else the per-expert
     path runs: e.g. an expert hidden size that is not a multiple of 4 fp32 values, or fp64)."""
     return hasattr(torch, "_grouped_mm") and all(
-        t.dtype in (torch.float32, torch.bfloat16, torch.float16) and t.data_ptr() % 16 == 0
-        and all(st * t.element_size() % 16 == 0 for st in t.stride() if st != 1) for t in tensors)
+        t.dtype in (torch.float32, torch.bfloat16, torch.float16) and t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+        and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1]) for t in tensors)
 
 
 def _grouped_ffn(xs, counts, row_expert, w13, b13, w2, b2, activation, gated, alpha, limit, gate_up):

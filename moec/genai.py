@@ -57,11 +57,11 @@ def _tokenizer_files(tokenizer) -> list[Path] | None:
 
 
 def export_genai(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, quantize: QuantConfig | None = None,
-                 dense: QuantConfig | None = None, provider: str = "cpu",
-                 context_length: int | None = None) -> ExportReport:
+                 dense: QuantConfig | None = None, provider: str = "cpu", context_length: int | None = None,
+                 expert_slices: int | None = None) -> ExportReport:
     """Write `out_dir` for onnxruntime-genai (see the module docstring) from an HF decoder LM (left unchanged) and
-    its tokenizer (a transformers tokenizer, or a folder holding tokenizer.json and its config). quantize, dense
-    and provider as in moec.export_onnx; context_length: genai's max length (default: the model's
+    its tokenizer (a transformers tokenizer, or a folder holding tokenizer.json and its config). quantize, dense,
+    provider and expert_slices as in moec.export_onnx; context_length: genai's max length (default: the model's
     max_position_embeddings). Returns export_onnx's report."""
     out = Path(out_dir)
     config = getattr(model, "config", None)
@@ -86,7 +86,7 @@ def export_genai(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, qua
         shutil.copy(f, out / f.name)
     ids = torch.randint(0, config.vocab_size, (2, 4), generator=torch.Generator().manual_seed(0))
     report = export_onnx(model, {"input_ids": ids}, out / "model.onnx", quantize=quantize, dense=dense,
-                         provider=provider, kv_cache=True, external_data=True)
+                         provider=provider, kv_cache=True, external_data=True, expert_slices=expert_slices)
     layers, kv_heads, head_size, _ = cache_layout(model, ids)
     gen = getattr(model, "generation_config", None)
     search = {"do_sample": bool(getattr(gen, "do_sample", False)), "num_beams": getattr(gen, "num_beams", 1) or 1,

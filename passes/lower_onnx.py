@@ -149,17 +149,19 @@ def _contrib_node(gm, node, spec, quant: bool, dtype):
     g, block, r, e = gm.graph, gm.meta["block"], spec.router, spec.experts
     x, ids, w = node.args[:3]
     route = ids.args[0]  # ids = getitem(route_math(...), 1)
-    slices = gm.meta["options"].get("onnx", {}).get("expert_slices", 1)
-    slices = slices if not quant and e.inter % slices == 0 else 1
+    asked = 1 if quant else gm.meta["options"].get("onnx", {}).get("expert_slices", 1)  # QMoE: never sliced
+    slices = asked if e.inter % asked == 0 and e.inter // asked >= 2 else 1
+    unsliced = f"; not sliced: I={e.inter} has no {asked} equal slices of 2 units or more" if slices < asked else ""
     if native_routing(r) and slices == 1:
         logits = g.call_function(operator.getitem, (route, 0))
         probs, scale = g.call_method("to", (logits, dtype)), r.scale
-        routing = "native (ORT routes the logits)" + (f", x{r.scale:g} after" if r.scale != 1.0 else "")
+        routing = "native (ORT routes the logits)" + (f", x{r.scale:g} after" if r.scale != 1.0 else "") + unsliced
     else:
         pair = g.call_function(log_weights, (ids, w, e.num_experts, dtype, slices))
         probs, scale = (g.call_function(operator.getitem, (pair, i)) for i in (0, 1))
-        routing = "log-weights (router computed in ONNX ops), x sum(w) after" + \
-            (f"; experts in {slices} slices of {e.inter // slices} units (one per thread)" if slices > 1 else "")
+        routing = "log-weights (router computed in ONNX ops), x sum(w) after" + unsliced + \
+            (f"; experts in {slices} slices of {e.inter // slices} units (ORT's CPU kernel runs an expert on one "
+             f"thread)" if slices > 1 else "")
     tail = (r.top_k * slices, e.activation, e.gated, float(e.alpha), float(e.limit))
     if quant:
         cfg = spec.quant

@@ -187,6 +187,24 @@ def _block_parity(block, path, hidden, dtype, tol, ref=None):
         assert got.dtype == want.dtype and rel_err(got, want) < tol
 
 
+@pytest.mark.parametrize("inter,slices,sliced", [(4, 4, False), (2, None, False), (6, 4, False), (6, 3, True),
+                                                  (48, 4, True)])
+def test_expert_slices_that_do_not_divide(inter, slices, sliced, tmp_path):
+    """Experts are sliced only into equal slices of 2 units or more; otherwise they stay whole, the report says
+    why, and the file still matches (1-unit slices made moec reject the block: torch._grouped_mm refuses a
+    1-column weight, which _grouped_mm_takes now checks)."""
+    from moec.backends.torch_backend import _grouped_mm_takes
+
+    assert not _grouped_mm_takes(torch.zeros(8, 32, 1)) and _grouped_mm_takes(torch.zeros(8, 32, 4))
+    spec = dataclasses.replace(hw.PRESETS["mixtral_loop"], inter=inter)
+    block = hw.make_block(spec)
+    report = _export_block(block, spec.hidden, tmp_path / "b.onnx", expert_slices=slices)
+    (b,) = report.blocks
+    assert b.op == "MoE", str(report)
+    assert ("experts in" in b.why) == sliced and ("not sliced" in b.why) == (not sliced and slices != 1), b.why
+    _block_parity(block, tmp_path / "b.onnx", spec.hidden, torch.float32, TOL[torch.float32])
+
+
 @pytest.mark.parametrize("name", list(hw.PRESETS))
 def test_handwritten_preset(name, tmp_path):
     spec = hw.PRESETS[name]
