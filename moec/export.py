@@ -241,8 +241,9 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         experts' `quantize`.
     expert_slices: fp MoE nodes hold each expert as this many experts of I/slices intermediate units, which sum to
         it (passes/lower_onnx.py). ORT's CPU MoE runs one expert on one thread, so at decode (a token's k experts)
-        threads sat idle: sliced in 2, two threads share every expert (decode 1.2-1.3x on 2 threads,
-        docs/benchmarks.md). None: 2 for provider "cpu", 1 for "cuda". Quantized (QMoE) nodes are not sliced.
+        threads sat idle: sliced in 2, two threads share every expert (decode steps 1.13-1.25x on 2 threads,
+        docs/benchmarks.md). None: 2 for provider "cpu", 1 for "cuda". Quantized (QMoE) nodes are not sliced, nor
+        experts without equal slices of 2 units or more (the report says why).
     """
     path = os.fspath(path)
     check_exportable(model, quantize, provider)
