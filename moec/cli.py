@@ -89,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("out", type=Path, help="the .onnx file, or the folder with --genai")
     ex.add_argument("--quantize", help="int8, or int4:gG (group size G, e.g. int4:g32): the experts' weights")
     ex.add_argument("--genai", action="store_true", help="write a folder onnxruntime-genai runs (needs a tokenizer)")
+    ex.add_argument("--expert-slices", type=int, default=None, metavar="S",
+                    help="fp experts as S slices of their intermediate units (default 2 for ORT's CPU kernel; 1: whole)")
     bn = command("bench", "tokens/s of MODEL's forward: HF's experts implementations against moec's backends",
                   "moec bench ./checkpoint --tokens 1 16 256 --quantize int8 int4:g32")
     bn.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256], help="token counts (batch 1)")
@@ -488,11 +490,11 @@ def _export(args, model, inputs, tokenizer, console) -> int:
     if args.genai:
         if tokenizer is None:
             raise ValueError("--genai needs a tokenizer: give an HF folder with its tokenizer files")
-        report = moec.export_genai(model, tokenizer, args.out, quantize=quantize)
+        report = moec.export_genai(model, tokenizer, args.out, quantize=quantize, expert_slices=args.expert_slices)
     else:
         if inputs is None:
             raise ValueError("export: this MODEL has no example inputs: return (module, inputs) from its factory")
-        report = moec.export_onnx(model, inputs, args.out, quantize=quantize)
+        report = moec.export_onnx(model, inputs, args.out, quantize=quantize, expert_slices=args.expert_slices)
     console.print(report)
     return 0
 

@@ -72,6 +72,10 @@ def test_export_an_hf_folder(hf_folder, tmp_path):
     r = moec("export", hf_folder, tmp_path / "genai", "--genai")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "genai" / "genai_config.json").is_file() and (tmp_path / "genai" / "tokenizer.json").is_file()
+    assert "slices" in r.stdout  # fp experts sliced for ORT's CPU kernel by default
+    r = moec("export", hf_folder, tmp_path / "whole.onnx", "--expert-slices", "1")
+    assert r.returncode == 0, r.stderr
+    assert "slices" not in r.stdout and "MoE" in r.stdout
 
 
 @pytest.mark.parametrize("args, says", [
