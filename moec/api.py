@@ -61,6 +61,15 @@ class Rejection:
     reason: str
 
 
+def _numerics(backend: str) -> str:
+    """Which arithmetic the quantized experts run in, per backend (moec's kernels quantize no activations)."""
+    if backend.startswith("onnxruntime"):
+        return "(weight-only, ONNX Runtime's QMoE kernel)"
+    if backend == "triton":
+        return "(weight-only: activations in the model's dtype, fp32 accumulation)"
+    return "(weight-only: fp32 activations and accumulation)"
+
+
 @dataclass
 class Report:
     blocks: list[BlockReport] = field(default_factory=list)
@@ -76,7 +85,7 @@ class Report:
     expert_parallel: object = None  # compile(expert_parallel=...): this rank's exchange statistics, live
 
     def __rich__(self) -> Table:
-        q = f", quantize {self.quantize}" if self.quantize else ""
+        q = f", quantize {self.quantize.describe()} {_numerics(self.backend)}" if self.quantize else ""
         t = Table(title=f"moec: {len(self.blocks)} MoE block(s) found, {len(self.rejected)} rejected "
                         f"(pipeline {self.pipeline}, backend {self.backend}{q})", title_justify="left")
         for col in ("block", "E", "k", "router", "experts", "shared", "load (min/max tokens)"):

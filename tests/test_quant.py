@@ -128,6 +128,7 @@ def test_hf_quantized_equals_dequantized_model(cfg, family):
     assert report.blocks and not report.rejected, report
     assert all(cfg.describe() in b.experts for b in report.blocks)
     assert all(f"[{cfg.describe()}]" in repr(resolve(qmodel, b.path)) for b in report.blocks)  # print(model)
+    assert f"{cfg.describe()} (weight-only: fp32 activations" in " ".join(str(report).split())  # the numerics run
     twin = _dequantized_twin(model, qmodel, cfg)
     inputs = models.example_inputs(model, batch=2, seq=5)
     with torch.no_grad():
