@@ -159,7 +159,8 @@ def _contrib_node(gm, node, spec, quant: bool, dtype):
     else:
         pair = g.call_function(log_weights, (ids, w, e.num_experts, dtype, slices))
         probs, scale = (g.call_function(operator.getitem, (pair, i)) for i in (0, 1))
-        routing = "log-weights (router computed in ONNX ops), x sum(w) after" + unsliced + \
+        routing = f"log-weights (router computed in ONNX ops), x {f'{slices}*' if slices > 1 else ''}sum(w) after" + \
+            unsliced + \
             (f"; experts in {slices} slices of {e.inter // slices} units (ORT's CPU kernel runs an expert on one "
              f"thread)" if slices > 1 else "")
     tail = (r.top_k * slices, e.activation, e.gated, float(e.alpha), float(e.limit))
