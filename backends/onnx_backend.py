@@ -1,11 +1,15 @@
-"""ONNX Runtime's contrib MoE ops for moec: their weight layouts, a torch reference of what they
-compute, and their translation to ONNX nodes (com.microsoft::MoE / QMoE) for torch.onnx.export.
+"""ONNX Runtime's contrib ops for moec (MoE, QMoE, GroupQueryAttention): their weight layouts, a torch
+reference of what they compute, and their translation to ONNX nodes for torch.onnx.export.
 
     moec::ort_moe(x[T,H], router_probs[T,E], fc1[E,N1,H], fc1_bias?[E,N1], fc2[E,H,I], fc2_bias?[E,H], k, ...)
         w, ids = topk(softmax(router_probs), k); w /= sum(w)         # ORT's routing (normalize_routing_weights=1)
         y[t]   = sum_j w[t,j] * (fc2 act(fc1 x[t] + b1) + b2)[ids[t,j]]  # [T, H]
     moec::ort_qmoe(x, router_probs, fc1 u8, fc1_scales, b1?, fc2 u8, fc2_scales, b2?, fc1_zp?, fc2_zp?, bits,
                    block_size, k, ...)                                 # the same, quantized weights
+    moec::ort_gqa(q[B,S,H*D], k[B,S,KVH*D], v, past_k[B,KVH,P,D], past_v, bias[B|1,1,S,T], sinks?[H], H, KVH, scale)
+        K, V = cat(past_k, k), cat(past_v, v)                              # present [B, KVH, T=P+S, D]
+        p = softmax([q K^T * scale + bias | sinks])[..., :T]               # query head h reads kv head h // (H/KVH)
+        out = p V                                                          # [B, S, H*D]
 
 ORT's layouts (checked against ONNX Runtime 1.31.1 on CPU, tests/test_onnx.py):
 - gated experts: fc1 rows interleaved (gate_0, up_0, gate_1, up_1, ...), swiglu_fusion=1: the only
@@ -107,31 +111,63 @@ def ort_qmoe(x, router_probs, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, fc2_bi
     return torch.ops.moec.ort_moe(x, router_probs, w1, fc1_bias, w2, fc2_bias, k, activation, gated, alpha, limit)
 
 
+@torch.library.impl("moec::ort_gqa", "CompositeExplicitAutograd")
+def ort_gqa(query, key, value, past_key, past_value, bias, sinks, num_heads, kv_heads, scale):
+    B, S, _ = query.shape
+    D = past_key.shape[-1]
+    q = query.view(B, S, num_heads, D).transpose(1, 2)  # [B, H, S, D]
+    k = torch.cat([past_key, key.view(B, S, kv_heads, D).transpose(1, 2)], dim=2)  # [B, KVH, T, D]
+    v = torch.cat([past_value, value.view(B, S, kv_heads, D).transpose(1, 2)], dim=2)
+    rep = num_heads // kv_heads
+    logits = (q @ k.repeat_interleave(rep, dim=1).transpose(2, 3)).float() * scale + bias.float()  # [B, H, S, T]
+    if sinks is not None:
+        logits = torch.cat([logits, sinks.float().view(1, -1, 1, 1).expand(B, -1, S, 1)], dim=-1)
+    p = logits.softmax(dim=-1)[..., :k.shape[2]].to(v.dtype)
+    out = (p @ v.repeat_interleave(rep, dim=1)).transpose(1, 2).reshape(B, S, num_heads * D)
+    return out, k, v
+
+
 # ---------------------------------------------------------------- ONNX translation
 
-@functools.cache
-def translations() -> dict:
-    """torch op -> ONNX translation, for torch.onnx.export(custom_translation_table=...). Registers ORT's own
-    schemas of com.microsoft::MoE / QMoE with onnx (onnx ships no contrib schemas), so onnxscript can build
-    the nodes and onnx.checker can check them."""
+# outputs onnxscript gives a node (it makes one per schema output): GroupQueryAttention's 4th, output_qk, is
+# rejected unless the node asks for it
+_OUTPUTS = {"GroupQueryAttention": 3}
+
+
+def register_ort_schemas(ops) -> None:
+    """Register ORT's own schemas of (domain, op) pairs onnx does not know (its contrib ops, e.g. MoE, or
+    SimplifiedLayerNormalization in the default domain) with onnx, so that onnxscript can build the nodes and
+    onnx.checker can check them."""
     import onnx
-    import onnxscript
     from onnx.defs import OpSchema
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
 
-    for name in ("MoE", "QMoE"):
-        if onnx.defs.has(name, CONTRIB):
+    def param(p):
+        return OpSchema.FormalParameter(p.name, p.typeStr,
+                                        param_option=getattr(OpSchema.FormalParameterOption, p.option.name))
+
+    for domain, name in ops:
+        if onnx.defs.has(name, domain):
             continue
-        src = next(s for s in ort_c.get_all_operator_schema() if s.name == name and s.domain == CONTRIB)
-        param = lambda p: OpSchema.FormalParameter(  # noqa: E731
-            p.name, p.typeStr, param_option=getattr(OpSchema.FormalParameterOption, p.option.name))
+        src = next(s for s in ort_c.get_all_operator_schema() if s.name == name and s.domain == domain)
         onnx.defs.register_schema(OpSchema(
-            name, CONTRIB, src.since_version, src.doc,
-            inputs=[param(p) for p in src.inputs], outputs=[param(p) for p in src.outputs],
+            name, domain, src.since_version, src.doc,
+            inputs=[param(p) for p in src.inputs], outputs=[param(p) for p in src.outputs[:_OUTPUTS.get(name)]],
             type_constraints=[(c.type_param_str, list(c.allowed_type_strs), "") for c in src.type_constraints],
             attributes=[OpSchema.Attribute(a.name, getattr(OpSchema.AttrType, a.type.name), a.description,
                                            required=a.required) for a in src.attributes.values()]))
+
+
+@functools.cache
+def translations() -> dict:
+    """torch op -> ONNX translation, for torch.onnx.export(custom_translation_table=...), with ORT's schemas of
+    com.microsoft::MoE / QMoE / GroupQueryAttention registered with onnx."""
+    import onnx
+    import onnxscript
+
+    register_ort_schemas((CONTRIB, name) for name in ("MoE", "QMoE", "GroupQueryAttention"))
     msft = onnxscript.values.Opset(CONTRIB, 1)
+    op = onnxscript.opset18
 
     def moe(x, router_probs, fc1, fc1_bias, fc2, fc2_bias, k: int, activation: str, gated: bool, alpha: float,
             limit: float):
@@ -146,4 +182,14 @@ def translations() -> dict:
                          fc1_zero_points, fc2_zero_points, k=k, normalize_routing_weights=1, expert_weight_bits=bits,
                          weights_prepacked=0, **blocks, **ort_activation(activation, gated, alpha, limit))
 
-    return {torch.ops.moec.ort_moe.default: moe, torch.ops.moec.ort_qmoe.default: qmoe}
+    def gqa(query, key, value, past_key, past_value, bias, sinks, num_heads: int, kv_heads: int, scale: float):
+        # every row holds past + new positions (padding is in the bias): seqlens_k = T - 1, T = bias.shape[3]
+        total = op.Shape(bias, start=3, end=4)  # [1] int64
+        seqlens = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])), op.Shape(query, start=0, end=1)),
+                          to=onnx.TensorProto.INT32)  # [B]
+        return msft.GroupQueryAttention(
+            query, key, value, past_key, past_value, seqlens, op.Cast(op.Squeeze(total), to=onnx.TensorProto.INT32),
+            None, None, None, bias, sinks, num_heads=num_heads, kv_num_heads=kv_heads, scale=scale)
+
+    return {torch.ops.moec.ort_moe.default: moe, torch.ops.moec.ort_qmoe.default: qmoe,
+            torch.ops.moec.ort_gqa.default: gqa}

@@ -11,7 +11,9 @@ a signature also runs the eager model once and refuses a session whose outputs d
 HF decoder LMs whose cache is a key/value pair per layer run with it: a call with use_cache (as
 `generate` makes them) goes to a session exported with kv_cache=True, fed the past this forward
 returned before for that cache object (the whole past: a sliding-window layer's HF cache is cropped), and
-the new keys/values are appended to the HF cache so `generate` counts positions as usual. Other models
+the new keys/values are appended to the HF cache so `generate` counts positions as usual (attention as
+GroupQueryAttention nodes, moec.export_gqa: a call of several tokens after a past at batch > 1, which ORT's
+kernel refuses, runs one row at a time). Other models
 run without KV cache (`generation_config.use_cache = False`): generate recomputes the whole sequence.
 """
 
@@ -144,13 +146,19 @@ class OrtForward:
             self.sessions.clear()
         if key not in self.sessions:
             self.sessions[key] = self._open_cached(ids, mask)
-        session, names, layout = self.sessions[key]
+        session, names, layout, fused = self.sessions[key]
         layers, heads, dim, dtype = layout
         if past is None:
             past = [np.zeros((B, heads, 0, dim), dtype=np.float16 if dtype == torch.float16 else np.float32)
                     for _ in range(2 * layers)]
-        outs = session.run(None, {"input_ids": ids.cpu().numpy(), "attention_mask": mask.numpy(),
-                                  "position_ids": pos.cpu().numpy(), **dict(zip(names[3:], past))})
+        feeds = {"input_ids": ids.cpu().numpy(), "attention_mask": mask.numpy(), "position_ids": pos.cpu().numpy(),
+                 **dict(zip(names[3:], past))}
+        if B > 1 and S > 1 and P > 0 and fused:
+            # ORT's GroupQueryAttention refuses several new tokens after a past at batch > 1: one row at a time
+            rows = [session.run(None, {n: a[b:b + 1] for n, a in feeds.items()}) for b in range(B)]
+            outs = [np.concatenate(parts) for parts in zip(*rows)]
+        else:
+            outs = session.run(None, feeds)
         self._past[cache] = outs[1:]
         device = ids.device
         for i in range(layers):  # the new positions, so that generate's cache counts them
@@ -189,7 +197,7 @@ class OrtForward:
                                  **{n: empty for n in names[3:]}})[0]
         self._check(eager, torch.from_numpy(got))  # the prompt step, 300 tokens, against eager
         self.weights = _weights(self.model)
-        return session, names, layout
+        return session, names, layout, exported.gqa_layers > 0
 
     @contextlib.contextmanager
     def _as_original(self):

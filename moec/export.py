@@ -27,7 +27,7 @@ from rich.table import Table
 from torch import nn
 
 from moec.api import Rejection, compile, inspect
-from moec.backends.onnx_backend import translations
+from moec.backends.onnx_backend import register_ort_schemas, translations
 from moec.canonical import resolve
 from moec.export_dense import quantize_dense
 from moec.log import log
@@ -59,11 +59,16 @@ class ExportReport:
     seconds: dict[str, float] = field(default_factory=dict)  # where the export's time went, per stage
     dense: QuantConfig | None = None  # export_onnx(dense=...): the dense MatMuls' format
     dense_matmuls: int = 0  # how many became MatMulNBits
+    attention: str = ""  # KV-cache exports: which layers' attention is one GroupQueryAttention node, why not others
+    gqa_layers: int = 0  # how many
+    fusions: dict[str, int] = field(default_factory=dict)  # ORT fused ops made from ordinary ones (_fuse_for_ort)
 
     def __rich__(self) -> Table:
         q = f", quantize {self.quantize.describe()}" if self.quantize else ""
         ext = ", weights in external data" if self.external_data else ""
         ext += f", {self.dense_matmuls} dense MatMuls as MatMulNBits ({self.dense.describe()})" if self.dense else ""
+        ext += f"; attention: {self.attention}" if self.attention else ""
+        ext += f"; fused: {', '.join(f'{k} x{v}' for k, v in self.fusions.items())}" if self.fusions else ""
         took = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
         t = Table(title=f"moec.export_onnx -> {self.path} (provider {self.provider}{q}{ext}); inputs "
                         f"{', '.join(self.inputs)}; outputs {', '.join(self.outputs)}; took {took}",
@@ -101,23 +106,37 @@ class _Exportable(nn.Module):
 class _ExportableWithCache(nn.Module):
     """An HF decoder LM as exported with its KV cache: (input_ids [B, S], attention_mask [B, P+S], position_ids
     [B, S], past_key_values.{i}.key/value [B, kv_heads, P, head_dim] ...) -> (logits [B, S, V],
-    present.{i}.key/value [B, kv_heads, P+S, head_dim] ...), the cache HF's DynamicCache would hold."""
+    present.{i}.key/value [B, kv_heads, P+S, head_dim] ...), the cache HF's DynamicCache would hold.
+    gqa: None (attention as the model computes it), or layer -> None (fused: moec.export_gqa) | why not."""
 
     def __init__(self, model: nn.Module, layers: int):
         super().__init__()
         self.model, self.layers = model, layers
         self.training = model.training
+        self.gqa: dict[int, str | None] | None = None
+        self.check = False  # export_gqa: this forward proves each layer's fused attention on real tensors
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
-        cache = DynamicCache()  # full layers: a sliding-window layer would count the re-fed past as new tokens
-        for i in range(self.layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
-        present = [t for layer in out.past_key_values.layers[:self.layers] for t in (layer.keys, layer.values)]
-        return (out.logits, *present)
+        from moec import export_gqa  # imports transformers
+
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
+        if self.gqa is None:
+            cache = DynamicCache()  # full layers: a sliding-window layer would count the re-fed past as new tokens
+            for i, (k, v) in enumerate(pairs):
+                cache.update(k, v, i)
+            out = self.model(**kwargs, past_key_values=cache)
+            present = [(layer.keys, layer.values) for layer in out.past_key_values.layers[:self.layers]]
+        else:
+            with export_gqa.fused(pairs, self.check, self.gqa) as (cache, run):
+                out = self.model(**kwargs, past_key_values=cache)
+            if len(run.present) != self.layers:
+                raise export_gqa.GQAUnfit(f"{self.layers - len(run.present)} layer(s) updated the cache without "
+                                          f"attending through the attention function")
+            present = [run.present[i] for i in range(self.layers)]
+        return (out.logits, *(t for pair in present for t in pair))
 
 
 def cache_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[int, int, int, torch.dtype]:
@@ -137,9 +156,12 @@ def cache_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[int, int, i
     return len(layers), k.shape[1], k.shape[3], k.dtype
 
 
-def _with_cache(model: nn.Module, input_ids):
-    """(module, example inputs, input names, output names, dynamic shapes) of the KV-cache export: the example
-    is the given tokens after a past of 3 random key/value positions (2+ so that the axis stays dynamic)."""
+def _with_cache(model: nn.Module, input_ids, attention: str):
+    """(module, example inputs, input names, output names, dynamic shapes, attention summary) of the KV-cache
+    export: the example is the given tokens after a past of 3 random key/value positions (2+ so that the axis
+    stays dynamic). attention "gqa": each layer's attention fused where proved on the example (moec.export_gqa)."""
+    from moec import export_gqa  # imports transformers
+
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("moec.export_onnx(kv_cache=True): give example inputs with input_ids [batch, seq]")
     layers, heads, dim, dtype = cache_layout(model, input_ids)
@@ -153,7 +175,19 @@ def _with_cache(model: nn.Module, input_ids):
     outputs = ["logits", *(f"present.{n}" for n in kv)]
     d = torch.export.Dim.DYNAMIC
     shapes = ({0: d, 1: d}, {0: d, 1: d}, {0: d, 1: d}, tuple({0: d, 2: d} for _ in past))
-    return _ExportableWithCache(model, layers), inputs, names, outputs, shapes
+    exportable, why = _ExportableWithCache(model, layers), "attention='ops' asked"
+    if attention == "gqa":
+        was = None
+        try:
+            was = export_gqa.use(model)
+            exportable.gqa, exportable.check = {}, True
+            exportable(*inputs)  # decides each layer
+            exportable.check, why = False, exportable.gqa
+        except export_gqa.GQAUnfit as e:
+            exportable.gqa, exportable.check, why = None, False, str(e)
+            if was is not None:
+                model.set_attn_implementation(was)
+    return exportable, inputs, names, outputs, shapes, export_gqa.summary(why)
 
 
 def _default_kv_cache(model: nn.Module, args: tuple, kwargs: dict) -> bool:
@@ -181,6 +215,16 @@ def dynamic_axes(t):
         return None
     axes = range(t.dim()) if not t.is_floating_point() else range(t.dim() - 1)
     return {a: torch.export.Dim.DYNAMIC for a in axes}
+
+
+def _fuse_for_ort(program) -> dict[str, int]:
+    """onnxscript's ORT fusions on the exported graph, in place: RMSNorm (+ residual add) chains of ~8 ops become
+    com.microsoft::SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (a 1.1x faster decode step on
+    the tiny GPT-OSS, docs/benchmarks.md). Returns {fusion: count} of those that applied."""
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    program.model, counts = optimize_for_ort(program.model)
+    return {k: v for k, v in counts.items() if v}
 
 
 def check_exportable(model: nn.Module, quantize, provider: str) -> None:
@@ -222,7 +266,8 @@ def _warn_about_ties(model: nn.Module, report) -> None:
 def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.PathLike, *,
                 quantize: QuantConfig | None = None, provider: str = "cpu", opset: int | None = None,
                 external_data: bool | None = None, kv_cache: bool | None = None,
-                dense: QuantConfig | None = None, expert_slices: int | None = None) -> ExportReport:
+                dense: QuantConfig | None = None, expert_slices: int | None = None,
+                attention: str | None = None) -> ExportReport:
     """Export `model` (left unchanged) to ONNX at `path`; return what became of each MoE block.
 
     example_inputs: positional args (a tuple) or keyword args (a dict) of model(...); their batch and
@@ -244,6 +289,11 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         threads sat idle: sliced in 2, two threads share every expert (decode steps 1.13-1.25x on 2 threads,
         docs/benchmarks.md). None: 2 for provider "cpu", 1 for "cuda". Quantized (QMoE) nodes are not sliced, nor
         experts without equal slices of 2 units or more (the report says why).
+    attention: with kv_cache, "gqa" makes each layer's attention one com.microsoft::GroupQueryAttention node where
+        it computes what the layer's eager attention does on the example (moec.export_gqa; the report says which
+        layers and why not the others); "ops" traces it as ordinary ONNX ops. None: "gqa" for provider "cpu",
+        "ops" for "cuda" (ORT's CUDA kernel, fp16/bf16 only, is untested with moec). ORT's GroupQueryAttention
+        refuses several new tokens after a past at batch > 1 (backend="onnxruntime" runs those row by row).
     """
     path = os.fspath(path)
     check_exportable(model, quantize, provider)
@@ -251,6 +301,9 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         expert_slices = 2 if provider == "cpu" else 1
     if not isinstance(expert_slices, int) or isinstance(expert_slices, bool) or expert_slices < 1:
         raise ValueError(f"moec.export_onnx: expert_slices must be an int >= 1, not {expert_slices!r}")
+    attention = attention or ("gqa" if provider == "cpu" else "ops")
+    if attention not in ("gqa", "ops"):
+        raise ValueError(f"moec.export_onnx: attention must be 'gqa' or 'ops', not {attention!r}")
     if dense is not None and not isinstance(dense, (Int8Experts, Int4Experts)):
         raise TypeError(f"moec.export_onnx: dense must be moec.Int4Experts(...) or moec.Int8Experts(), not {dense!r}")
     if "_moec_report" in model.__dict__:
@@ -281,10 +334,11 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     _warn_about_ties(work, compiled)
     seconds["moec compile"] = lap()
     log.info(f"moec.export_onnx: tracing {type(model).__name__} with torch.onnx.export (the longest stage)")
+    fused = ""
     with torch.no_grad():
         if kv_cache:
-            exportable, inputs, names, outputs, shapes = _with_cache(work, kwargs.get("input_ids",
-                                                                                     args[0] if args else None))
+            exportable, inputs, names, outputs, shapes, fused = _with_cache(
+                work, kwargs.get("input_ids", args[0] if args else None), attention)
         else:
             exportable = _Exportable(work, len(args), list(kwargs))
             outputs = ["logits"] if exportable.hf else None
@@ -293,6 +347,8 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
             exportable, inputs, input_names=names, output_names=outputs, dynamic_shapes=shapes, dynamo=True,
             custom_translation_table=translations(), opset_version=opset, verbose=False)
     seconds["torch.onnx.export"] = lap()
+    fusions = _fuse_for_ort(program)
+    seconds["ORT fusions"] = lap()
     program.save(path, external_data=external_data)
     seconds["save"] = lap()
     quantized = 0
@@ -301,15 +357,17 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
                                    for t in onnx.load(path, load_external_data=False).graph.initializer)
         quantized = quantize_dense(path, dense, {b.num_experts for b in compiled.blocks}, big)
         seconds["dense MatMulNBits"] = lap()
+    proto = onnx.load(path, load_external_data=False)
+    register_ort_schemas({(n.domain or "", n.op_type) for n in proto.graph.node})  # the fused ops' schemas
     onnx.checker.check_model(path)  # by path: also checks external data
     seconds["onnx.checker"] = lap()
 
-    proto = onnx.load(path, load_external_data=False)
     report = ExportReport(path, provider, quantize, rejected=compiled.rejected,
                           inputs=[i.name for i in proto.graph.input], outputs=[o.name for o in proto.graph.output],
                           external_data=any(t.data_location == onnx.TensorProto.EXTERNAL
                                             for t in proto.graph.initializer), seconds=seconds,
-                          dense=dense, dense_matmuls=quantized)
+                          dense=dense, dense_matmuls=quantized, attention=fused, fusions=fusions,
+                          gqa_layers=sum(n.op_type == "GroupQueryAttention" for n in proto.graph.node))
     for b in compiled.blocks:
         info = resolve(work, b.path).__dict__["_moec_graph"].meta["onnx"]
         report.blocks.append(ExportBlock(b.path, info["op"], info["why"], b.router, b.experts))

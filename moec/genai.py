@@ -12,7 +12,7 @@
 
 The model type is genai's generic "decoder": genai feeds input_ids, attention_mask (past + new tokens),
 position_ids and past_key_values.{i}.key/value, and gives each step's present.{i}.key/value back as the next
-step's past (no shared buffer: the exported attention concatenates).
+step's past (no shared buffer: the exported attention, GroupQueryAttention nodes on CPU, concatenates).
 """
 
 from __future__ import annotations

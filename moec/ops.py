@@ -11,6 +11,9 @@ torch.export and torch.compile (each op has a fake implementation giving output 
     moec::ort_qmoe(x, router_probs, fc1 u8, fc1_scales, fc1_bias?, fc2 u8, fc2_scales, fc2_bias?, zero points?, ...)
         ONNX Runtime's com.microsoft::MoE / QMoE in its layouts (softmax over router_probs -> top-k ->
         normalise; gated fc1 rows interleaved gate/up); exported as those nodes (moec.backends.onnx_backend)
+    moec::ort_gqa(q[B,S,H*D], k[B,S,KVH*D], v, past_k[B,KVH,P,D], past_v, bias[B|1,1,S,P+S], sinks?[H], H, KVH, scale)
+        -> out[B,S,H*D], present_k[B,KVH,P+S,D], present_v: attention over past + new keys with an additive bias
+        (and per-head sink logits), exported as com.microsoft::GroupQueryAttention (moec.export_gqa)
 
 Backends register the real kernels (`moec.backends.torch_backend` for every device).
 """
@@ -46,6 +49,10 @@ torch.library.define(  # bits 8: u8 [E,N,K], scales [E,N]; bits 4: u8 [E,N,K/2],
     "moec::ort_qmoe",
     "(Tensor x, Tensor router_probs, Tensor fc1, Tensor fc1_scales, Tensor? fc1_bias, Tensor fc2, Tensor fc2_scales, "
     f"Tensor? fc2_bias, Tensor? fc1_zero_points, Tensor? fc2_zero_points, int bits, int block_size, {_ORT_ARGS}) -> Tensor")
+torch.library.define(
+    "moec::ort_gqa",
+    "(Tensor query, Tensor key, Tensor value, Tensor past_key, Tensor past_value, Tensor bias, Tensor? sinks, "
+    "int num_heads, int kv_heads, float scale) -> (Tensor, Tensor, Tensor)")
 torch.library.define(  # router: the RouterSpec as JSON (its capacity rule)
     "moec::capacity", "(Tensor weights, Tensor kept, str router) -> Tensor")
 torch.library.define(
@@ -73,6 +80,13 @@ torch.library.register_fake("moec::experts_int8")(_experts_fake)
 torch.library.register_fake("moec::experts_int4")(_experts_fake)
 torch.library.register_fake("moec::ort_moe")(_experts_fake)
 torch.library.register_fake("moec::ort_qmoe")(_experts_fake)
+
+
+@torch.library.register_fake("moec::ort_gqa")
+def _gqa_fake(query, key, value, past_key, past_value, bias, sinks, num_heads, kv_heads, scale):
+    B, KVH, P, D = past_key.shape
+    present = past_key.new_empty(B, KVH, P + key.shape[1], D)
+    return torch.empty_like(query), present, torch.empty_like(present)
 
 
 @torch.library.register_fake("moec::capacity")

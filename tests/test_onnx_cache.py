@@ -25,17 +25,19 @@ def _positions(mask: torch.Tensor, new: int) -> torch.Tensor:
     return pos.masked_fill(mask == 0, 1)[:, -new:]
 
 
-def _step_by_step(model, ref, path, tol, quantize=None):
+def _step_by_step(model, ref, path, tol, quantize=None, attention="gqa", fused=None):
     """Export `model` with its cache, run it in a plain ORT session (a prompt of batch 2 with left padding, then one
-    token at a time) and compare every step with `ref`'s own cached forward: logits within `tol`, greedy tokens."""
+    token at a time) and compare every step with `ref`'s own cached forward: logits within `tol`, greedy tokens.
+    fused: how many layers' attention must be GroupQueryAttention nodes (None: all with attention="gqa")."""
     report = moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), path, quantize=quantize,
-                              kv_cache=True)
+                              kv_cache=True, attention=attention)
     assert report.inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
     assert report.inputs[3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
     assert report.outputs[:3] == ["logits", "present.0.key", "present.0.value"]
     assert report.blocks and all(b.op == ("QMoE" if quantize else "MoE") for b in report.blocks), str(report)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     layers = (len(report.inputs) - 3) // 2
+    assert report.gqa_layers == (fused if fused is not None else layers if attention == "gqa" else 0), str(report)
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=gen)
@@ -70,6 +72,78 @@ def _step_by_step(model, ref, path, tol, quantize=None):
 def test_generates_step_by_step_like_hf(family, tmp_path):
     model = models.tiny_model(family).eval()
     _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float32])
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_sliding_window_steps_like_hf(family, tmp_path):
+    """A window of 4 positions, shorter than the prompt + steps: the fused attention keeps HF's window mask."""
+    kw = dict(layer_types=["sliding_attention", "full_attention"]) if family == "gpt_oss" else {}
+    model = models.tiny_model(family, sliding_window=4, **kw).eval()
+    _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float32])
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_attention_as_ordinary_ops(family, tmp_path):
+    model = models.tiny_model(family).eval()
+    _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float32], attention="ops")
+
+
+def test_a_layer_whose_fused_attention_differs_keeps_its_own(tmp_path, monkeypatch):
+    """The proof on the example: a family whose eager attention computes something else than the fused op (here
+    its output scaled by 1.01 in layer 1) keeps that attention in that layer, says so, and the file still equals
+    the model."""
+    from transformers.models.mixtral import modeling_mixtral
+
+    eager = modeling_mixtral.eager_attention_forward
+
+    def odd(module, *args, **kwargs):
+        out, w = eager(module, *args, **kwargs)
+        return (out * 1.01 if module.layer_idx == 1 else out), w
+
+    monkeypatch.setattr(modeling_mixtral, "eager_attention_forward", odd)
+    model = models.tiny_model("mixtral").eval()
+    model.set_attn_implementation("eager")
+    path = tmp_path / "lm.onnx"
+    _step_by_step(model, model, path, TOL[torch.float32], fused=model.config.num_hidden_layers - 1)
+    report = moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), path)
+    assert "layers 1 in ordinary ops: fused attention differs from MixtralAttention's" in report.attention
+
+
+@pytest.mark.parametrize("heads", [(4, 2, 16), (4, 4, 8)], ids=lambda h: "x".join(map(str, h)))
+@pytest.mark.parametrize("sinks", [False, True], ids=["no_sinks", "sinks"])
+def test_gqa_node_computes_the_reference(heads, sinks, tmp_path):
+    """moec::ort_gqa's torch reference against ORT's GroupQueryAttention as export_onnx writes it (seqlens and total
+    length derived from the bias): 1 token and 6, with and without a past, left padding, large logits."""
+    H, KVH, D = heads
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v, pk, pv, bias, sink):
+            return torch.ops.moec.ort_gqa(q, k, v, pk, pv, bias, sink if sinks else None, H, KVH, 0.25)
+
+    def example(B, S, P, scale=1.0, gen=torch.Generator().manual_seed(0)):
+        r = lambda *shape: torch.randn(*shape, generator=gen) * scale  # noqa: E731
+        mask = torch.ones(B, P + S, dtype=torch.bool)
+        mask[-1, :2] = B == 1  # the last row left-padded
+        allowed = torch.ones(S, P + S, dtype=torch.bool).tril(P)[None] & mask[:, None]
+        bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]  # [B, 1, S, P+S]
+        return (r(B, S, H * D), r(B, S, KVH * D), r(B, S, KVH * D), r(B, KVH, P, D), r(B, KVH, P, D), bias, r(H)), allowed
+
+    from moec.backends.onnx_backend import translations
+
+    d = torch.export.Dim.DYNAMIC
+    program = torch.onnx.export(
+        Attend(), example(2, 3, 4)[0], dynamo=True, custom_translation_table=translations(),
+        dynamic_shapes=({0: d, 1: d}, {0: d, 1: d}, {0: d, 1: d}, {0: d, 2: d}, {0: d, 2: d}, {0: d, 2: d, 3: d},
+                        None))
+    program.save(tmp_path / "gqa.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "gqa.onnx"), providers=["CPUExecutionProvider"])
+    for B, S, P, scale in ((1, 1, 0, 1.0), (2, 1, 5, 1.0), (2, 6, 0, 1.0), (1, 6, 4, 1.0), (2, 1, 7, 30.0)):
+        inputs, allowed = example(B, S, P, scale)
+        want = Attend()(*inputs)
+        got = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)})
+        rows = allowed.any(-1)  # [B, S]: query rows with a key to attend to
+        assert rel_err(torch.from_numpy(got[0])[rows], want[0][rows]) < 1e-5, (B, S, P, scale)
+        assert torch.equal(torch.from_numpy(got[1]), want[1]) and torch.equal(torch.from_numpy(got[2]), want[2])
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
@@ -112,6 +186,27 @@ def test_backend_onnxruntime_generates_with_the_cache(family):
         got, want = model.generate(ids, **kw), ref.generate(ids, **kw)
     assert torch.equal(got, want)
     assert "kv_cache" in str(list(model.forward.sessions)) and model.generation_config.use_cache
+
+
+def test_backend_onnxruntime_several_tokens_after_a_past():
+    """Several new tokens after a past at batch 2 (ORT's GroupQueryAttention refuses them in one call): the backend
+    runs the rows one by one, and the logits are HF's."""
+    model = models.tiny_model("mixtral").eval()
+    ref = copy.deepcopy(model)
+    moec.compile(model, backend="onnxruntime")
+    gen = torch.Generator().manual_seed(2)
+    ids, more = (torch.randint(0, model.config.vocab_size, (2, n), generator=gen) for n in (5, 3))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :2] = 0
+    logits = []
+    for m in (model, ref):
+        with torch.no_grad():
+            cache = m(input_ids=ids, attention_mask=mask[:, :5], position_ids=_positions(mask[:, :5], 5),
+                      use_cache=True).past_key_values
+            logits.append(m(input_ids=more, attention_mask=mask, position_ids=_positions(mask, 3),
+                            past_key_values=cache, use_cache=True).logits)
+    assert model.forward.sessions and next(iter(model.forward.sessions.values()))[3]  # the session has GQA nodes
+    assert rel_err(*logits) < TOL[torch.float32]
 
 
 def _dequantized_matmulnbits(init: dict, node) -> np.ndarray:

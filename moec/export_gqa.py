@@ -1,0 +1,161 @@
+"""KV-cache export of an HF decoder LM with its attention as com.microsoft::GroupQueryAttention.
+
+moec.export_onnx(kv_cache=True, attention="gqa") traces the model with an attention function of its own
+(registered with transformers' AttentionInterface) and a cache that hands each layer's new keys/values to it
+instead of concatenating them:
+
+    q [B,H,S,D], k, v [B,KVH,S,D] (new, rotated) ; past_k, past_v [B,KVH,P,D] ; mask [B,1,S,P+S] additive (HF's,
+    causal + padding + sliding window) ; sinks [H] (GPT-OSS's s_aux)
+      -> moec::ort_gqa(q [B,S,H*D], k, v [B,S,KVH*D], past_k, past_v, mask, sinks, H, KVH, scaling)
+      -> out [B,S,H,D], present_k, present_v [B,KVH,P+S,D]
+
+One ORT node per layer replaces ~100 small ones (repeat_kv, matmuls, mask arithmetic, softmax, concat). Each
+layer is proved before the trace: the model runs once on the example with real tensors, and a layer whose fused
+attention differs from its family's own eager attention (module `eager_attention_forward`), or whose call the op
+cannot express (head sizes of q/k and v differ, softcap, an argument it does not know), keeps that eager
+attention, with the reason. A model whose attention does not take the cache's keys as they came (e.g. it
+transforms them after the cache update) is refused as a whole (GQAUnfit): export_onnx then traces ordinary ops.
+
+ORT's kernel refuses one input pattern: several new tokens after a past with batch > 1 (it says so, it is
+never wrong); backend="onnxruntime" runs such a call row by row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import sys
+
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+NAME = "moec_gqa"
+# arguments HF modules pass to their attention function that the fused op accounts for, or that change nothing
+# (with output_* flags: what the model returns)
+_KNOWN = {"sliding_window", "s_aux", "position_ids", "cache_position", "use_cache", "return_dict"}
+# max |fused - eager| / max |eager| of a layer's attention on the example, per dtype
+CHECK_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+class GQAUnfit(Exception):
+    """The model's attention cannot be traced through the fused op at all (export_onnx traces ordinary ops)."""
+
+
+class _Run:
+    """One forward of the export wrapper: each layer's past, the new keys/values the cache handed out, and the
+    presents and decisions of the attention function. `check`: real tensors, decide per layer; else trace."""
+
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]], check: bool, why: dict[int, str | None]):
+        self.past, self.check, self.why = past, check, why
+        self.new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.present: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+_RUN: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("moec_gqa_run", default=None)
+
+
+class _Cache(DynamicCache):
+    """The past as HF's DynamicCache holds it (so masks and positions count it), whose update hands the new
+    keys/values to the attention function unconcatenated."""
+
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]):
+        super().__init__()  # full layers: a sliding-window layer would count the re-fed past as new tokens
+        for i, (k, v) in enumerate(past):
+            super().update(k, v, i)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        _RUN.get().new[layer_idx] = (key_states, value_states)
+        return key_states, value_states
+
+
+def _why_not(module, query, key, value, mask, dropout, scaling, kwargs) -> str | None:
+    """Why this attention call is not the fused op's computation (None: it is, up to the numeric check)."""
+    B, H, S, D = query.shape
+    if getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None) is None:
+        return f"{type(module).__name__}'s module has no eager_attention_forward to compare with"
+    if key.shape[-1] != D or value.shape[-1] != D:
+        return f"head sizes differ (q/k {D}, k {key.shape[-1]}, v {value.shape[-1]})"
+    if H % key.shape[1]:
+        return f"{H} query heads do not share {key.shape[1]} kv heads evenly"
+    if dropout and module.training:
+        return "attention dropout in training mode"
+    if scaling is None:
+        return "no scaling given"
+    T = key.shape[2] + _RUN.get().past[module.layer_idx][0].shape[2]
+    if (mask is None or mask.dim() != 4 or mask.shape[0] not in (1, B) or tuple(mask.shape[1:]) != (1, S, T)
+            or not mask.is_floating_point()):
+        return f"no additive [B, 1, S, {T}] mask"
+    other = sorted(k for k, v in kwargs.items() if v is not None and k not in _KNOWN and not k.startswith("output_"))
+    if other:
+        return f"attention takes {', '.join(other)}"
+    sinks = kwargs.get("s_aux")
+    if sinks is not None and tuple(sinks.shape) != (H,):
+        return f"sinks of shape {tuple(sinks.shape)}, not one per head"
+    return None
+
+
+def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' attention-function signature: query [B,H,S,D], key/value [B,KVH,S,D] -> ([B,S,H,D], None)."""
+    run, i = _RUN.get(), getattr(module, "layer_idx", None)
+    if run is None or i not in run.new or run.new[i][0] is not key or run.new[i][1] is not value:
+        raise GQAUnfit(f"{type(module).__name__} (layer {i}) does not attend over the cache's keys as they came")
+    past_k, past_v = run.past[i]
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if run.check:
+        run.why[i] = _why_not(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    B, H, S, D = query.shape
+    if run.why[i] is None:
+        out, k, v = torch.ops.moec.ort_gqa(
+            query.transpose(1, 2).reshape(B, S, H * D), key.transpose(1, 2).reshape(B, S, -1),
+            value.transpose(1, 2).reshape(B, S, -1), past_k, past_v, attention_mask, kwargs.get("s_aux"), H,
+            key.shape[1], float(scaling))
+        out = out.view(B, S, H, D)
+    if run.check or run.why[i] is not None:
+        k, v = torch.cat([past_k, key], dim=2), torch.cat([past_v, value], dim=2)
+        want = eager(module, query, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs)[0]
+        if run.why[i] is None:  # the proof: rows with a key to attend to (a fully masked row is padding)
+            rows = (attention_mask > torch.finfo(attention_mask.dtype).min / 2).any(-1)[:, 0]  # [B, S]
+            err = ((out - want).abs()[rows].max() / want[rows].abs().max().clamp_min(1e-30)).item()
+            if err > CHECK_TOL.get(query.dtype, 1e-5):
+                run.why[i] = f"fused attention differs from {type(module).__name__}'s by {err:.1e}"
+        if run.why[i] is not None:
+            out = want
+    run.present[i] = (k, v)
+    return out, None
+
+
+@contextlib.contextmanager
+def fused(past: list[tuple[torch.Tensor, torch.Tensor]], check: bool, why: dict[int, str | None]):
+    """A forward of a model switched by `use`, with the past in a _Cache: yields (cache, run)."""
+    run = _Run(past, check, why)
+    token = _RUN.set(run)
+    try:
+        yield _Cache(past), run
+    finally:
+        _RUN.reset(token)
+
+
+def use(model) -> str:
+    """Switch `model` (a copy being exported) to the fused attention function; returns the one it had."""
+    was = model.config._attn_implementation
+    AttentionInterface.register(NAME, attention)
+    AttentionMaskInterface.register(NAME, eager_mask)  # additive float masks: the op's bias
+    model.set_attn_implementation(NAME)
+    if model.config._attn_implementation != NAME:
+        raise GQAUnfit(f"{type(model).__name__} does not take an attention function from transformers' "
+                       f"AttentionInterface")
+    return was
+
+
+def summary(why: dict[int, str | None] | str) -> str:
+    """The export report's line on attention: fused layers, and why the others are not."""
+    if isinstance(why, str):
+        return f"ordinary ONNX ops: {why}"
+    fused_layers = [i for i, w in sorted(why.items()) if w is None]
+    text = f"com.microsoft::GroupQueryAttention in {len(fused_layers)}/{len(why)} layers"
+    reasons = {}
+    for i, w in sorted(why.items()):
+        if w is not None:
+            reasons.setdefault(w, []).append(str(i))
+    return text + "".join(f"; layers {', '.join(ls)} in ordinary ops: {w}" for w, ls in reasons.items())
