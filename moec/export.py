@@ -12,9 +12,11 @@ Face models are exported with use_cache=False and give their logits.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect as pyinspect
 import io
+import logging
 import os
 import time
 import warnings
@@ -217,6 +219,20 @@ def dynamic_axes(t):
     return {a: torch.export.Dim.DYNAMIC for a in axes}
 
 
+@contextlib.contextmanager
+def _quiet(*loggers: str):
+    """The exporter's and optimizer's loggers at WARNING while they run, unless the user set their level: they
+    print every pass at INFO wherever the root logger is at INFO."""
+    quiet = [logging.getLogger(n) for n in loggers if logging.getLogger(n).level == logging.NOTSET]
+    for lg in quiet:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg in quiet:
+            lg.setLevel(logging.NOTSET)
+
+
 def _fuse_for_ort(program) -> dict[str, int]:
     """onnxscript's ORT fusions on the exported graph, in place: RMSNorm (+ residual add) chains of ~8 ops become
     com.microsoft::SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (a 1.1x faster decode step on
@@ -335,7 +351,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     seconds["moec compile"] = lap()
     log.info(f"moec.export_onnx: tracing {type(model).__name__} with torch.onnx.export (the longest stage)")
     fused = ""
-    with torch.no_grad():
+    with torch.no_grad(), _quiet("onnxscript", "onnx_ir"):
         if kv_cache:
             exportable, inputs, names, outputs, shapes, fused = _with_cache(
                 work, kwargs.get("input_ids", args[0] if args else None), attention)
@@ -345,9 +361,11 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
             shapes = (tuple(dynamic_axes(t) for t in inputs),)
         program = torch.onnx.export(
             exportable, inputs, input_names=names, output_names=outputs, dynamic_shapes=shapes, dynamo=True,
-            custom_translation_table=translations(), opset_version=opset, verbose=False)
+            custom_translation_table=translations(), opset_version=opset, verbose=False,
+            optimize=False)  # _fuse_for_ort optimizes (the same onnxscript optimizer, then the fusions)
     seconds["torch.onnx.export"] = lap()
-    fusions = _fuse_for_ort(program)
+    with _quiet("onnxscript", "onnx_ir"):
+        fusions = _fuse_for_ort(program)
     seconds["ORT fusions"] = lap()
     program.save(path, external_data=external_data)
     seconds["save"] = lap()
