@@ -147,10 +147,10 @@ class OrtForward:
         if key not in self.sessions:
             self.sessions[key] = self._open_cached(ids, mask)
         session, names, layout, fused = self.sessions[key]
-        layers, heads, dim, dtype = layout
+        layers, heads, key_dim, value_dim, dtype = layout
         if past is None:
             past = [np.zeros((B, heads, 0, dim), dtype=np.float16 if dtype == torch.float16 else np.float32)
-                    for _ in range(2 * layers)]
+                    for _ in range(layers) for dim in (key_dim, value_dim)]
         feeds = {"input_ids": ids.cpu().numpy(), "attention_mask": mask.numpy(), "position_ids": pos.cpu().numpy(),
                  **dict(zip(names[3:], past))}
         if B > 1 and S > 1 and P > 0 and fused:
@@ -191,10 +191,11 @@ class OrtForward:
         self.report.export = exported
         names = [i.name for i in session.get_inputs()]
         B, T = probe.shape
-        empty = np.zeros((B, layout[1], 0, layout[2]), np.float16 if layout[3] == torch.float16 else np.float32)
+        np_dtype = np.float16 if layout[4] == torch.float16 else np.float32
+        empty = [np.zeros((B, layout[1], 0, dim), np_dtype) for _ in range(layout[0]) for dim in layout[2:4]]
         got = session.run(None, {"input_ids": probe.numpy(), "attention_mask": np.ones((B, T), np.int64),
                                  "position_ids": np.tile(np.arange(T), (B, 1)),
-                                 **{n: empty for n in names[3:]}})[0]
+                                 **dict(zip(names[3:], empty))})[0]
         self._check(eager, torch.from_numpy(got))  # the prompt step, 300 tokens, against eager
         self.weights = _weights(self.model)
         return session, names, layout, exported.gqa_layers > 0
@@ -268,8 +269,10 @@ def _long(tensors: dict[str, torch.Tensor], tokens: int = 300) -> dict[str, torc
 
 
 def _weights(model: nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer is replaced, moved, or written in place."""
-    return tuple((t.data_ptr(), t._version, t.dtype) for t in (*model.parameters(), *model.buffers()))
+    """Changes whenever a parameter or buffer is replaced, moved, or written in place (one walk over the modules:
+    checked at every decode step, it costs half of parameters() + buffers())."""
+    return tuple((t.data_ptr(), t._version, t.dtype) for m in model.modules()
+                 for d in (m._parameters, m._buffers) for t in d.values() if t is not None)
 
 
 def _main(out):

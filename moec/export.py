@@ -141,9 +141,10 @@ class _ExportableWithCache(nn.Module):
         return (out.logits, *(t for pair in present for t in pair))
 
 
-def cache_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[int, int, int, torch.dtype]:
-    """(layers, kv_heads, head_dim, dtype) of an HF decoder LM's KV cache, read off one cached call; refused
-    with the reason when its cache is not one key/value pair per layer (Mamba / linear-attention state)."""
+def cache_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[int, int, int, int, torch.dtype]:
+    """(layers, kv_heads, key head_dim, value head_dim, dtype) of an HF decoder LM's KV cache, read off one cached
+    call (the head dims differ in MLA: DeepSeek-V2/V3); refused with the reason when its cache is not one
+    key/value pair per layer (Mamba / linear-attention state)."""
     name = type(model).__name__
     if "past_key_values" not in pyinspect.signature(model.forward).parameters:
         raise ValueError(f"moec.export_onnx(kv_cache=True): {name} takes no past_key_values (not a decoder LM)")
@@ -154,8 +155,8 @@ def cache_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[int, int, i
         raise NotImplementedError(f"moec.export_onnx(kv_cache=True): {name}'s cache is not a key/value pair per "
                                   f"layer ({type(cache).__name__}: Mamba or linear-attention state); export it "
                                   f"with kv_cache=False")
-    k = layers[0].keys
-    return len(layers), k.shape[1], k.shape[3], k.dtype
+    k, v = layers[0].keys, layers[0].values
+    return len(layers), k.shape[1], k.shape[3], v.shape[3], k.dtype
 
 
 def _with_cache(model: nn.Module, input_ids, attention: str):
@@ -166,10 +167,11 @@ def _with_cache(model: nn.Module, input_ids, attention: str):
 
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("moec.export_onnx(kv_cache=True): give example inputs with input_ids [batch, seq]")
-    layers, heads, dim, dtype = cache_layout(model, input_ids)
+    layers, heads, key_dim, value_dim, dtype = cache_layout(model, input_ids)
     B, S, P = *input_ids.shape, 3
     gen = torch.Generator().manual_seed(0)
-    past = tuple(torch.randn(B, heads, P, dim, generator=gen).to(dtype) for _ in range(2 * layers))
+    past = tuple(torch.randn(B, heads, P, dim, generator=gen).to(dtype) for _ in range(layers)
+                 for dim in (key_dim, value_dim))
     inputs = (input_ids, torch.ones(B, P + S, dtype=torch.long), torch.arange(P, P + S).expand(B, S).contiguous(),
               *past)
     kv = [f"{i}.{part}" for i in range(layers) for part in ("key", "value")]

@@ -79,15 +79,19 @@ def export_genai(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, qua
                          "model.generation_config.eos_token_id")
     if tokens["pad"] is None:
         tokens["pad"] = tokens["eos"] if isinstance(tokens["eos"], int) else tokens["eos"][0]
+    ids = torch.randint(0, config.vocab_size, (2, 4), generator=torch.Generator().manual_seed(0))
+    layers, kv_heads, head_size, value_size, _ = cache_layout(model, ids)
+    if value_size != head_size:
+        raise NotImplementedError(f"moec.export_genai: {type(model).__name__}'s cached keys have {head_size} dims per "
+                                  f"head and its values {value_size} (MLA); genai_config.json has one head_size for "
+                                  f"both. Use moec.export_onnx (its KV-cache file runs in a plain ORT session)")
     out.mkdir(parents=True, exist_ok=True)
     if files is None:
         tokenizer.save_pretrained(str(out))
     for f in files or []:
         shutil.copy(f, out / f.name)
-    ids = torch.randint(0, config.vocab_size, (2, 4), generator=torch.Generator().manual_seed(0))
     report = export_onnx(model, {"input_ids": ids}, out / "model.onnx", quantize=quantize, dense=dense,
                          provider=provider, kv_cache=True, external_data=True, expert_slices=expert_slices)
-    layers, kv_heads, head_size, _ = cache_layout(model, ids)
     gen = getattr(model, "generation_config", None)
     search = {"do_sample": bool(getattr(gen, "do_sample", False)), "num_beams": getattr(gen, "num_beams", 1) or 1,
               "temperature": getattr(gen, "temperature", None) or 1.0, "top_k": getattr(gen, "top_k", None) or 50,

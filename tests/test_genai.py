@@ -133,4 +133,7 @@ def test_export_genai_errors(tmp_path):
     model.generation_config.eos_token_id = model.config.eos_token_id = None
     with pytest.raises(ValueError, match="eos"):  # neither the model nor a tokenizer folder say
         moec.export_genai(model, tmp_path / "tok", tmp_path / "out")
+    mla = _lm("deepseek_v3")  # caches latents: keys and values of different sizes
+    with pytest.raises(NotImplementedError, match="one head_size"):
+        moec.export_genai(mla, tmp_path / "tok", tmp_path / "out")
     assert not (tmp_path / "out").exists()  # refused before anything is written
