@@ -9,12 +9,13 @@ instead of concatenating them:
       -> moec::ort_gqa(q [B,S,H*D], k, v [B,S,KVH*D], past_k, past_v, mask, sinks, H, KVH, scaling)
       -> out [B,S,H,D], present_k, present_v [B,KVH,P+S,D]
 
-One ORT node per layer replaces ~100 small ones (repeat_kv, matmuls, mask arithmetic, softmax, concat). Each
+One ORT node per layer replaces ~20 small ones (repeat_kv, matmuls, softmax, sinks, concat). Each
 layer is proved before the trace: the model runs once on the example with real tensors, and a layer whose fused
 attention differs from its family's own eager attention (module `eager_attention_forward`), or whose call the op
 cannot express (head sizes of q/k and v differ, softcap, an argument it does not know), keeps that eager
-attention, with the reason. A model whose attention does not take the cache's keys as they came (e.g. it
-transforms them after the cache update) is refused as a whole (GQAUnfit): export_onnx then traces ordinary ops.
+attention, with the reason. A model whose attention does not take the cache's keys as they came (e.g. MLA
+expands cached latents after the update) or has no eager_attention_forward is refused as a whole (GQAUnfit):
+export_onnx then traces its attention as ordinary ops.
 
 ORT's kernel refuses one input pattern: several new tokens after a past with batch > 1 (it says so, it is
 never wrong); backend="onnxruntime" runs such a call row by row.
@@ -72,8 +73,6 @@ class _Cache(DynamicCache):
 def _why_not(module, query, key, value, mask, dropout, scaling, kwargs) -> str | None:
     """Why this attention call is not the fused op's computation (None: it is, up to the numeric check)."""
     B, H, S, D = query.shape
-    if getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None) is None:
-        return f"{type(module).__name__}'s module has no eager_attention_forward to compare with"
     if key.shape[-1] != D or value.shape[-1] != D:
         return f"head sizes differ (q/k {D}, k {key.shape[-1]}, v {value.shape[-1]})"
     if H % key.shape[1]:
@@ -102,6 +101,8 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
         raise GQAUnfit(f"{type(module).__name__} (layer {i}) does not attend over the cache's keys as they came")
     past_k, past_v = run.past[i]
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:  # nothing to prove the fused op against, nor to fall back on
+        raise GQAUnfit(f"{type(module).__name__}'s module has no eager_attention_forward")
     if run.check:
         run.why[i] = _why_not(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     B, H, S, D = query.shape
@@ -115,7 +116,7 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
         k, v = torch.cat([past_k, key], dim=2), torch.cat([past_v, value], dim=2)
         want = eager(module, query, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs)[0]
         if run.why[i] is None:  # the proof: rows with a key to attend to (a fully masked row is padding)
-            rows = (attention_mask > torch.finfo(attention_mask.dtype).min / 2).any(-1)[:, 0]  # [B, S]
+            rows = (attention_mask > torch.finfo(attention_mask.dtype).min / 2).any(-1)[:, 0].expand(B, S)
             err = ((out - want).abs()[rows].max() / want[rows].abs().max().clamp_min(1e-30)).item()
             if err > CHECK_TOL.get(query.dtype, 1e-5):
                 run.why[i] = f"fused attention differs from {type(module).__name__}'s by {err:.1e}"
