@@ -158,6 +158,29 @@ def register_ort_schemas(ops) -> None:
                                            required=a.required) for a in src.attributes.values()]))
 
 
+def ort_type_errors(graph) -> list[str]:
+    """Nodes of ORT's own ops (contrib domain, or ops onnx does not know) in an onnx_ir graph whose inputs/outputs
+    bound to one type parameter of ORT's schema have different element types (ORT refuses to load such a file;
+    onnx.checker does not see it)."""
+    import onnx
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+    schemas = {(s.domain, s.name): s for s in ort_c.get_all_operator_schema()}
+    errors = []
+    for node in graph:
+        if node.domain != CONTRIB and onnx.defs.has(node.op_type, node.domain):
+            continue
+        schema, bound = schemas.get((node.domain, node.op_type)), {}
+        pairs = [*zip(schema.inputs, node.inputs), *zip(schema.outputs, node.outputs)] if schema else []
+        for formal, value in pairs:
+            if value is None or value.dtype is None:
+                continue
+            if bound.setdefault(formal.typeStr, value.dtype) != value.dtype:
+                errors.append(f"{node.op_type} {node.name}: {formal.name} is {value.dtype}, "
+                              f"{formal.typeStr} is {bound[formal.typeStr]}")
+    return errors
+
+
 @functools.cache
 def translations() -> dict:
     """torch op -> ONNX translation, for torch.onnx.export(custom_translation_table=...), with ORT's schemas of

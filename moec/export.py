@@ -29,7 +29,7 @@ from rich.table import Table
 from torch import nn
 
 from moec.api import Rejection, compile, inspect
-from moec.backends.onnx_backend import register_ort_schemas, translations
+from moec.backends.onnx_backend import ort_type_errors, register_ort_schemas, translations
 from moec.canonical import resolve
 from moec.export_dense import quantize_dense
 from moec.log import log
@@ -116,6 +116,7 @@ class _ExportableWithCache(nn.Module):
         self.model, self.layers = model, layers
         self.training = model.training
         self.gqa: dict[int, str | None] | None = None
+        self.reference = "eager"  # export_gqa: the attention implementation the model ran
         self.check = False  # export_gqa: this forward proves each layer's fused attention on real tensors
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
@@ -132,7 +133,7 @@ class _ExportableWithCache(nn.Module):
             out = self.model(**kwargs, past_key_values=cache)
             present = [(layer.keys, layer.values) for layer in out.past_key_values.layers[:self.layers]]
         else:
-            with export_gqa.fused(pairs, self.check, self.gqa) as (cache, run):
+            with export_gqa.fused(pairs, self.check, self.gqa, self.reference) as (cache, run):
                 out = self.model(**kwargs, past_key_values=cache)
             if len(run.present) != self.layers:
                 raise export_gqa.GQAUnfit(f"{self.layers - len(run.present)} layer(s) updated the cache without "
@@ -183,7 +184,7 @@ def _with_cache(model: nn.Module, input_ids, attention: str):
     if attention == "gqa":
         was = None
         try:
-            was = export_gqa.use(model)
+            was = exportable.reference = export_gqa.use(model)
             exportable.gqa, exportable.check = {}, True
             exportable(*inputs)  # decides each layer
             exportable.check, why = False, exportable.gqa
@@ -237,11 +238,19 @@ def _quiet(*loggers: str):
 
 def _fuse_for_ort(program) -> dict[str, int]:
     """onnxscript's ORT fusions on the exported graph, in place: RMSNorm (+ residual add) chains of ~8 ops become
-    com.microsoft::SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (a 1.1x faster decode step on
-    the tiny GPT-OSS, docs/benchmarks.md). Returns {fusion: count} of those that applied."""
+    com.microsoft::SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization, rotary chains RotaryEmbedding
+    (a 1.1x faster decode step on the tiny GPT-OSS, docs/benchmarks.md). fp32 graphs only: in an fp16 model the
+    norms compute in fp32 between casts, and the fusions made nodes of mixed fp16/fp32 types ORT refuses to load.
+    Returns {fusion: count} of those that applied."""
+    import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
+    graph = program.model.graph
+    if any(v.dtype != ir.DataType.FLOAT for v in graph.initializers.values() if v.dtype.is_floating_point()):
+        return {}
     program.model, counts = optimize_for_ort(program.model)
+    if errors := ort_type_errors(program.model.graph):  # ORT would refuse to load the file: a moec bug
+        raise RuntimeError(f"moec.export_onnx: the ORT fusions made nodes ONNX Runtime cannot load: {errors[:3]}")
     return {k: v for k, v in counts.items() if v}
 
 

@@ -11,7 +11,8 @@ instead of concatenating them:
 
 One ORT node per layer replaces ~20 small ones (repeat_kv, matmuls, softmax, sinks, concat). Each
 layer is proved before the trace: the model runs once on the example with real tensors, and a layer whose fused
-attention differs from its family's own eager attention (module `eager_attention_forward`), or whose call the op
+attention differs from what the model ran (its family's `eager_attention_forward`, or transformers' sdpa; any
+other implementation is not fused), or whose call the op
 cannot express (head sizes of q/k and v differ, softcap, an argument it does not know), keeps that eager
 attention, with the reason. A model whose attention does not take the cache's keys as they came (e.g. MLA
 expands cached latents after the update) or has no eager_attention_forward is refused as a whole (GQAUnfit):
@@ -47,8 +48,9 @@ class _Run:
     """One forward of the export wrapper: each layer's past, the new keys/values the cache handed out, and the
     presents and decisions of the attention function. `check`: real tensors, decide per layer; else trace."""
 
-    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]], check: bool, why: dict[int, str | None]):
-        self.past, self.check, self.why = past, check, why
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]], check: bool, why: dict[int, str | None],
+                 reference: str):
+        self.past, self.check, self.why, self.reference = past, check, why, reference
         self.new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.present: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -100,7 +102,10 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     if run is None or i not in run.new or run.new[i][0] is not key or run.new[i][1] is not value:
         raise GQAUnfit(f"{type(module).__name__} (layer {i}) does not attend over the cache's keys as they came")
     past_k, past_v = run.past[i]
-    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if run.reference == "sdpa":
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward as eager
+    else:
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if eager is None:  # nothing to prove the fused op against, nor to fall back on
         raise GQAUnfit(f"{type(module).__name__}'s module has no eager_attention_forward")
     if run.check:
@@ -127,9 +132,10 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
 
 
 @contextlib.contextmanager
-def fused(past: list[tuple[torch.Tensor, torch.Tensor]], check: bool, why: dict[int, str | None]):
-    """A forward of a model switched by `use`, with the past in a _Cache: yields (cache, run)."""
-    run = _Run(past, check, why)
+def fused(past: list[tuple[torch.Tensor, torch.Tensor]], check: bool, why: dict[int, str | None], reference: str):
+    """A forward of a model switched by `use` from attention implementation `reference` ("eager" or "sdpa": what
+    each layer is proved against and falls back on), with the past in a _Cache: yields (cache, run)."""
+    run = _Run(past, check, why, reference)
     token = _RUN.set(run)
     try:
         yield _Cache(past), run
@@ -138,8 +144,13 @@ def fused(past: list[tuple[torch.Tensor, torch.Tensor]], check: bool, why: dict[
 
 
 def use(model) -> str:
-    """Switch `model` (a copy being exported) to the fused attention function; returns the one it had."""
+    """Switch `model` (a copy being exported) to the fused attention function; returns the one it had. Only from
+    transformers' eager or sdpa attention: another implementation (the user's own, flex, flash) computes what moec
+    does not prove against, and is exported as it is."""
     was = model.config._attn_implementation
+    if was not in ("eager", "sdpa"):
+        raise GQAUnfit(f"the model runs attention implementation {was!r}; moec fuses only transformers' eager or "
+                       f"sdpa attention")
     AttentionInterface.register(NAME, attention)
     AttentionMaskInterface.register(NAME, eager_mask)  # additive float masks: the op's bias
     model.set_attn_implementation(NAME)
