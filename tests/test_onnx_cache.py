@@ -112,6 +112,28 @@ def test_a_layer_whose_fused_attention_differs_keeps_its_own(tmp_path, monkeypat
     assert "layers 1 in ordinary ops: fused attention differs from MixtralAttention's" in report.attention
 
 
+def test_gqa_says_what_the_node_cannot_express():
+    """The reasons a layer keeps its own attention before any numeric proof (moec.export_gqa._why_not)."""
+    import types
+
+    from moec import export_gqa
+
+    module = types.SimpleNamespace(layer_idx=0, training=False)
+    q, k, mask = torch.zeros(1, 4, 2, 8), torch.zeros(1, 2, 2, 8), torch.zeros(1, 1, 2, 5)  # past 3 + 2 new
+
+    def why(q=q, k=k, v=k, mask=mask, **kwargs):
+        return export_gqa._why_not(module, q, k, v, mask, 0.0, 0.125, kwargs)
+
+    with export_gqa.fused([(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8))], True, {}, "eager"):
+        assert why() is None
+        assert why(output_router_logits=True, sliding_window=4, s_aux=torch.zeros(4)) is None
+        assert "head sizes differ" in why(v=torch.zeros(1, 2, 2, 4))
+        assert "do not share" in why(q=torch.zeros(1, 3, 2, 8))
+        assert "mask" in why(mask=None) and "mask" in why(mask=mask.bool()) and "mask" in why(mask=mask[..., :4])
+        assert "softcap" in why(softcap=30.0)
+        assert "sinks" in why(s_aux=torch.zeros(2))
+
+
 @pytest.mark.parametrize("heads", [(4, 2, 16), (4, 4, 8)], ids=lambda h: "x".join(map(str, h)))
 @pytest.mark.parametrize("sinks", [False, True], ids=["no_sinks", "sinks"])
 def test_gqa_node_computes_the_reference(heads, sinks, tmp_path):
