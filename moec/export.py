@@ -105,6 +105,38 @@ class _Exportable(nn.Module):
         return out.logits if hasattr(out, "logits") else out
 
 
+@contextlib.contextmanager
+def _windows_in_tokens(model: nn.Module, attention_mask: torch.Tensor):
+    """Sliding windows counted in the row's tokens rather than in cache slots, while the model runs.
+
+    HF's window is `kv_slot > q_slot - window`. onnxruntime-genai pads a batch on the right and writes each new token
+    after the pads, so under HF's rule a padded row would see fewer of its own tokens than when run alone. Here the
+    slots are numbered by the row's tokens (the mask's running count), which equals HF's rule wherever padding is
+    on the left (HF's generate) or absent."""
+    from transformers import masking_utils
+
+    hf = getattr(masking_utils, "sliding_window_causal_mask_function", None)
+    if hf is None:
+        if getattr(model.config, "sliding_window", None):
+            raise NotImplementedError(f"moec.export_onnx: this transformers has no masking_utils."
+                                      f"sliding_window_causal_mask_function, where moec counts {type(model).__name__}'s "
+                                      f"sliding window in tokens (see constraints.txt for the tested version)")
+        yield
+        return
+    count = attention_mask.long().cumsum(-1)  # [B, P+S]: the row's tokens up to each slot
+
+    def window(size: int):
+        def allowed(batch, head, q, kv):  # index tensors broadcast to [B, H, S, P+S]
+            return (kv <= q) & (count[batch, kv] > count[batch, q] - size)
+        return allowed
+
+    masking_utils.sliding_window_causal_mask_function = window
+    try:
+        yield
+    finally:
+        masking_utils.sliding_window_causal_mask_function = hf
+
+
 class _ExportableWithCache(nn.Module):
     """An HF decoder LM as exported with its KV cache: (input_ids [B, S], attention_mask [B, P+S], position_ids
     [B, S], past_key_values.{i}.key/value [B, kv_heads, P, head_dim] ...) -> (logits [B, S, V],
@@ -130,10 +162,12 @@ class _ExportableWithCache(nn.Module):
             cache = DynamicCache()  # full layers: a sliding-window layer would count the re-fed past as new tokens
             for i, (k, v) in enumerate(pairs):
                 cache.update(k, v, i)
-            out = self.model(**kwargs, past_key_values=cache)
+            with _windows_in_tokens(self.model, attention_mask):
+                out = self.model(**kwargs, past_key_values=cache)
             present = [(layer.keys, layer.values) for layer in out.past_key_values.layers[:self.layers]]
         else:
-            with export_gqa.fused(pairs, self.check, self.gqa, self.reference) as (cache, run):
+            with export_gqa.fused(pairs, self.check, self.gqa, self.reference) as (cache, run), \
+                    _windows_in_tokens(self.model, attention_mask):
                 out = self.model(**kwargs, past_key_values=cache)
             if len(run.present) != self.layers:
                 raise export_gqa.GQAUnfit(f"{self.layers - len(run.present)} layer(s) updated the cache without "

@@ -1,5 +1,5 @@
 """moec.export_genai: a folder onnxruntime-genai runs (model.onnx with the KV cache, genai_config.json, the tokenizer).
-Its generator (greedy, one prompt and a left-padded batch of two) gives HF's tokens, for HF families and an HF LM
+Its generator (greedy, one prompt and a padded batch of two) gives HF's tokens, for HF families and an HF LM
 whose MLPs are hand-written MoE blocks; a fresh process with no torch runs the folder from text."""
 
 import dataclasses
@@ -20,7 +20,7 @@ FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe"]
 
 
 def _hf_tokens(model, prompts: list[list[int]], new: int) -> list[list[int]]:
-    """HF's greedy continuation of each prompt (a batch, left-padded with the eos id as genai pads)."""
+    """HF's greedy continuation of each prompt (a batch left-padded with the eos id, as HF's generate wants it)."""
     width = max(map(len, prompts))
     pad = model.generation_config.eos_token_id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
@@ -65,8 +65,11 @@ def test_genai_generates_hf_tokens(family, tmp_path):
     assert _genai_tokens(tmp_path, PROMPTS[:1], 12) == _hf_tokens(model, PROMPTS[:1], 12)
 
 
-def test_genai_batch_with_left_padding(tmp_path):
-    model = _lm("qwen3_moe")
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_genai_batch_with_padding(family, tmp_path):
+    """genai pads the batch on the right (HF's generate on the left): each row still gets HF's tokens, also through
+    GPT-OSS's sliding windows (4 positions here, shorter than the padding)."""
+    model = _lm(family)
     moec.export_genai(model, examples.byte_tokenizer(), tmp_path)
     assert _genai_tokens(tmp_path, PROMPTS, 10) == _hf_tokens(model, PROMPTS, 10)
 

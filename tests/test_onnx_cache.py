@@ -315,3 +315,37 @@ def test_dense_matmuls_as_matmulnbits(dense, tmp_path):
         pasts = [got[1:], want[1:]]
         ids = torch.from_numpy(want[0][:, -1].argmax(-1))[:, None]
         mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+
+
+@pytest.mark.parametrize("attention", ["gqa", "ops"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_right_padded_rows_step_like_each_row_alone(family, attention, tmp_path):
+    """onnxruntime-genai pads a batch on the right and appends each new token after the pads. The window (4
+    positions here) counts the row's tokens, not cache slots, so each row equals that row run alone by HF (HF's own
+    window counts slots: such a row would lose tokens from it)."""
+    from moec.export import cache_layout
+
+    kw = dict(layer_types=["sliding_attention", "full_attention"]) if family == "gpt_oss" else {}
+    model = models.tiny_model(family, sliding_window=4, **kw).eval()
+    path = tmp_path / "lm.onnx"
+    report = moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), path, kv_cache=True,
+                              attention=attention)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    layers, heads, key_dim, value_dim, _ = cache_layout(model, ids)
+    past = [np.zeros((2, heads, 0, d), np.float32) for _ in range(layers) for d in (key_dim, value_dim)]
+    mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4])  # row 1: 3 tokens, then 4 pads
+    positions = (mask.cumsum(-1) - 1) * mask
+    rows, newest = [ids[0], ids[1, :3]], [6, 2]  # each row alone; where its newest token sits in the step
+    for step in range(5):
+        got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
+                              "position_ids": positions.numpy(), **dict(zip(report.inputs[3:], past))})
+        past = got[1:]
+        for r in range(2):
+            with torch.no_grad():
+                want = model(rows[r][None]).logits[0, -1]
+            assert rel_err(torch.from_numpy(got[0][r, newest[r]]), want) < TOL[torch.float32], (step, r)
+            rows[r] = torch.cat([rows[r], want.argmax()[None]])
+        ids = torch.stack([row[-1:] for row in rows])  # [2, 1]: each row's greedy token
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        positions, newest = torch.tensor([[len(row) - 1] for row in rows]), [0, 0]
