@@ -5,7 +5,8 @@ reference of what they compute, and their translation to ONNX nodes for torch.on
         w, ids = topk(softmax(router_probs), k); w /= sum(w)         # ORT's routing (normalize_routing_weights=1)
         y[t]   = sum_j w[t,j] * (fc2 act(fc1 x[t] + b1) + b2)[ids[t,j]]  # [T, H]
     moec::ort_qmoe(x, router_probs, fc1 u8, fc1_scales, b1?, fc2 u8, fc2_scales, b2?, fc1_zp?, fc2_zp?, bits,
-                   block_size, k, ...)                                 # the same, quantized weights
+                   block_size, int8_activations, k, ...)             # the same, quantized weights; int8_activations:
+        each GEMM's input rows rounded to int8 per block (moec.quant.int8_rows; ORT's accuracy_level=4)
     moec::ort_gqa(q[B,S,H*D], k[B,S,KVH*D], v, past_k[B,KVH,P,D], past_v, bias[B|1,1,S,T], sinks?[H], H, KVH, scale)
         K, V = cat(past_k, k), cat(past_v, v)                              # present [B, KVH, T=P+S, D]
         p = softmax([q K^T * scale + bias | sinks])[..., :T]               # query head h reads kv head h // (H/KVH)
@@ -27,12 +28,15 @@ express as log-weights instead.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import torch
+import torch.nn.functional as F
 
 import moec.ops  # noqa: F401  (defines the op schemas)
-from moec.quant import Int4Experts, Int8Experts, dequantize, unpack_int4
+from moec.quant import Int4Experts, Int8Experts, dequantize, int8_rows, unpack_int4
 
 CONTRIB = "com.microsoft"
 
@@ -103,12 +107,40 @@ def ort_moe(x, router_probs, fc1, fc1_bias, fc2, fc2_bias, k, activation, gated,
                                   "halves")
 
 
+# set by weight_only(): ort_qmoe's reference then keeps its activations in fp32
+_WEIGHT_ONLY = contextvars.ContextVar("moec_ort_weight_only", default=False)
+
+
+@contextlib.contextmanager
+def weight_only():
+    """ort_qmoe's reference without int8 activations, so that a graph asking for them can still be proved equal
+    to the dequantized weights' (every layout and the routing); their own error is then measured apart."""
+    token = _WEIGHT_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHT_ONLY.reset(token)
+
+
 @torch.library.impl("moec::ort_qmoe", "CompositeExplicitAutograd")
 def ort_qmoe(x, router_probs, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, fc2_bias, fc1_zero_points,
-             fc2_zero_points, bits, block_size, k, activation, gated, alpha, limit):
+             fc2_zero_points, bits, block_size, int8_activations, k, activation, gated, alpha, limit):
     w1 = dequantize(*_moec_format(fc1, fc1_scales, fc1_zero_points, bits, block_size, fc1_scales.shape[-1]), x.dtype)
     w2 = dequantize(*_moec_format(fc2, fc2_scales, fc2_zero_points, bits, block_size, fc2_scales.shape[-1]), x.dtype)
-    return torch.ops.moec.ort_moe(x, router_probs, w1, fc1_bias, w2, fc2_bias, k, activation, gated, alpha, limit)
+    if not int8_activations or _WEIGHT_ONLY.get():
+        return torch.ops.moec.ort_moe(x, router_probs, w1, fc1_bias, w2, fc2_bias, k, activation, gated, alpha, limit)
+    from moec.backends.torch_backend import activate
+
+    ids, w = _ort_route(router_probs, k)
+    w1, b1 = (deinterleave(w1), deinterleave(fc1_bias)) if gated else (w1, fc1_bias)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in ids.unique().tolist():
+        token, slot = torch.where(ids == e)
+        h = F.linear(int8_rows(x[token], block_size), w1[e].float(), None if b1 is None else b1[e].float())
+        a = activate(h, activation, gated, alpha, limit)  # [n, I]
+        y = F.linear(int8_rows(a, block_size), w2[e].float(), None if fc2_bias is None else fc2_bias[e].float())
+        out.index_add_(0, token, y * w[token, slot, None])
+    return out.to(x.dtype)
 
 
 @torch.library.impl("moec::ort_gqa", "CompositeExplicitAutograd")
@@ -198,12 +230,13 @@ def translations() -> dict:
                         **ort_activation(activation, gated, alpha, limit))
 
     def qmoe(x, router_probs, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, fc2_bias, fc1_zero_points,
-             fc2_zero_points, bits: int, block_size: int, k: int, activation: str, gated: bool, alpha: float,
-             limit: float):
+             fc2_zero_points, bits: int, block_size: int, int8_activations: bool, k: int, activation: str,
+             gated: bool, alpha: float, limit: float):
         blocks = dict(block_size=block_size) if block_size else {}  # int8: per output channel
+        level = dict(accuracy_level=4) if int8_activations else {}
         return msft.QMoE(x, router_probs, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, fc2_bias, None, None, None,
                          fc1_zero_points, fc2_zero_points, k=k, normalize_routing_weights=1, expert_weight_bits=bits,
-                         weights_prepacked=0, **blocks, **ort_activation(activation, gated, alpha, limit))
+                         weights_prepacked=0, **blocks, **level, **ort_activation(activation, gated, alpha, limit))
 
     def gqa(query, key, value, past_key, past_value, bias, sinks, num_heads: int, kv_heads: int, scale: float):
         # every row holds past + new positions (padding is in the bias): seqlens_k = T - 1, T = bias.shape[3]

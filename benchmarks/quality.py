@@ -3,7 +3,7 @@
     python benchmarks/quality.py [--batches 8] [--batch-size 8] [--seq 128]
 
 Rows: fp32 (moec-compiled, unquantized), int8 per-channel, int4 with groups 32/64/128,
-symmetric (amax/7, and the 16-level signed-scale grid "sym16") and asymmetric, and int8 / int4 g128 with the router weight quantized too (router=True). Columns: held-out perplexity (next byte) and its change vs fp32,
+symmetric (amax/7, and the 16-level signed-scale grid "sym16") and asymmetric, and int8 / int4 g128 with the router weight quantized too (router=True); then int4 g32 in ONNX Runtime (backend="onnxruntime"), weight-only and with int8 activations ("a8"). Columns: held-out perplexity (next byte) and its change vs fp32,
 max and mean |logit error| vs fp32 over the held-out tokens, and the bytes of the routed
 experts (quantized: packed weights + scales + zero points) and their ratio to fp32.
 """
@@ -27,6 +27,8 @@ CONFIGS = {"fp32": None, "int8": moec.Int8Experts(),
            **{c.describe(): c for g in (32, 64, 128) for c in (moec.Int4Experts(g), moec.Int4Experts(g, signed_scale=True),
                                                                 moec.Int4Experts(g, symmetric=False))},
            "int8 +router": moec.Int8Experts(router=True), "int4 g128 sym +router": moec.Int4Experts(128, router=True)}
+# backend="onnxruntime" (QMoE): weight-only, and with int8 activations (ORT only), to separate the two costs
+ORT = {f"{c.describe()}, onnxruntime": c for c in (moec.Int4Experts(32), moec.Int4Experts(32, activations="int8"))}
 
 
 def expert_bytes(model) -> int:
@@ -52,17 +54,20 @@ def main():
     for col in ("experts", "perplexity", "vs fp32", "max |dlogit|", "mean |dlogit|", "expert bytes", "x fp32"):
         t.add_column(col, justify="right")
     ref_logits = ref_ppl = ref_bytes = None
-    for name, cfg in CONFIGS.items():
-        model = moec.compile(copy.deepcopy(base), quantize=cfg)
+    for name, cfg in [*CONFIGS.items(), *ORT.items()]:
+        ort = name in ORT
+        model = moec.compile(copy.deepcopy(base), quantize=cfg, backend="onnxruntime" if ort else "auto")
         with torch.no_grad():
             logits = torch.cat([model(input_ids=b).logits for b in batches])
-        ppl, nbytes = examples.perplexity(model, batches), expert_bytes(model)
+        ppl = examples.perplexity(model, batches)
+        nbytes = None if ort else expert_bytes(model)  # the same tensors as the torch row of the config
         if cfg is None:
             ref_logits, ref_ppl, ref_bytes = logits, ppl, nbytes
         err = (logits - ref_logits).abs()
         t.add_row(name, f"{ppl:.4f}", f"{100 * (ppl / ref_ppl - 1):+.3f}%", f"{err.max().item():.4f}",
-                  f"{err.mean().item():.5f}", f"{nbytes / 1e6:.3f} MB", f"{nbytes / ref_bytes:.3f}")
-    Console().print(t)
+                  f"{err.mean().item():.5f}", "-" if ort else f"{nbytes / 1e6:.3f} MB",
+                  "-" if ort else f"{nbytes / ref_bytes:.3f}")
+    Console(width=140).print(t)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from torch import fx, nn
 
 import moec.passes  # noqa: F401  (registers the passes)
 from moec.backends import pipeline_for, resolve_backend
+from moec.backends.onnx_backend import weight_only
 from moec.approx import ExpertPlan, TopP
 from moec.bindings import Const, Derived
 from moec.distributed import ExpertParallel, Group, ShardedExperts, compiled_blocks
@@ -61,8 +62,10 @@ class Rejection:
     reason: str
 
 
-def _numerics(backend: str) -> str:
-    """Which arithmetic the quantized experts run in, per backend (moec's kernels quantize no activations)."""
+def _numerics(backend: str, cfg: QuantConfig) -> str:
+    """Which arithmetic the quantized experts run in, per backend (moec's own kernels quantize no activations)."""
+    if getattr(cfg, "activations", "fp32") == "int8":
+        return f"(int8 activations per group of {cfg.group_size}, int8 dot products: ONNX Runtime's QMoE kernel)"
     if backend.startswith("onnxruntime"):
         return "(weight-only, ONNX Runtime's QMoE kernel)"
     if backend == "triton":
@@ -85,7 +88,7 @@ class Report:
     expert_parallel: object = None  # compile(expert_parallel=...): this rank's exchange statistics, live
 
     def __rich__(self) -> Table:
-        q = f", quantize {self.quantize.describe()} {_numerics(self.backend)}" if self.quantize else ""
+        q = f", quantize {self.quantize.describe()} {_numerics(self.backend, self.quantize)}" if self.quantize else ""
         t = Table(title=f"moec: {len(self.blocks)} MoE block(s) found, {len(self.rejected)} rejected "
                         f"(pipeline {self.pipeline}, backend {self.backend}{q})", title_justify="left")
         for col in ("block", "E", "k", "router", "experts", "shared", "load (min/max tokens)"):
@@ -169,9 +172,12 @@ def _final_proof(gm: fx.GraphModule, block: nn.Module, pm: PassManager) -> str:
             deq = deq if role == "router" or expert_map is None else deq[expert_map]
             roles["router_weight" if role == "router" else role] = Const(deq[0] if role == "router" else deq)
         ref = build_graph(block, spec.with_(quant=None), roles)
-        proof.check(run, dtype, what, error=_FinalProofFailed,
-                    reference=runner(ref, block))
+        with weight_only():  # int8 activations: measured below, the rest proved exactly
+            proof.check(run, dtype, what, error=_FinalProofFailed, reference=runner(ref, block))
     proved = f"{proof.describe()}; experts reached {len(proof.reached)}/{spec.experts.num_experts}"
+    if getattr(spec.quant, "activations", "fp32") == "int8":
+        proved += (f"; with int8 activations: max relative error {proof.error(run, dtype):.2e} against the original "
+                   f"block (weights and activations quantized)")
     if approximate:  # measured, not a failure: the pass was asked for by name
         gm.meta["approximation"] = (f"{', '.join(approximate)}: max relative error {proof.error(run, dtype):.2e} "
                                     f"against the original block on the probes")
@@ -421,6 +427,11 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     if getattr(quantize, "shared", False) and backend != "torch":
         raise NotImplementedError(f"moec: quantized shared experts (shared=True) run in the torch backend on CPU "
                                   f"only, not backend {backend!r}")
+    if getattr(quantize, "activations", "fp32") != "fp32" and backend != "onnxruntime" \
+            and "lower_onnx" not in named:  # lower_onnx: ORT's ops by their torch reference
+        raise NotImplementedError(f"moec: int8 activations (Int4Experts(activations='int8')) run in ONNX Runtime's "
+                                  f"QMoE kernel: use backend='onnxruntime' (or moec.export_onnx), not {backend!r}; "
+                                  f"the torch and triton kernels are weight-only")
     if offload is not None:
         if not isinstance(offload, Offload):
             raise TypeError(f"offload must be moec.Offload(...), not {offload!r}")

@@ -6,7 +6,8 @@ for the attention projections, the lm_head and the dense / shared MLPs: every Ma
 constant [K, N] with K a multiple of the block size, except the routers (N = a block's expert count: quantized
 router weights would change which experts run) and one-column gates (N = 1, the shared experts' sigmoid gate).
 ONNX Runtime's own quantizer (onnxruntime.quantization.matmul_nbits_quantizer) writes the nodes: int4 in blocks of
-the config's group size (symmetric or with zero points), int8 per block of 32 (Int8Experts).
+the config's group size (symmetric or with zero points), int8 per block of 32 (Int8Experts). With
+Int4Experts(activations="int8") the nodes take accuracy_level=4 (int8 activations, int8 dot products).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def quantize_dense(path: str, cfg: Int4Experts | Int8Experts, router_widths: set
     names = dense_matmuls(proto, block, router_widths)
     if not names:
         return 0
-    quantizer = MatMulNBitsQuantizer(proto, bits=cfg.bits, block_size=block,
+    int8 = getattr(cfg, "activations", "fp32") == "int8"  # int8 dot products, as for the experts
+    quantizer = MatMulNBitsQuantizer(proto, bits=cfg.bits, block_size=block, accuracy_level=4 if int8 else None,
                                      is_symmetric=getattr(cfg, "symmetric", True), nodes_to_include=names)
     ort_log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level, ort_log.level = ort_log.level, logging.WARNING  # it logs a line per node at INFO

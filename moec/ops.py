@@ -46,9 +46,10 @@ torch.library.define(
     "moec::ort_moe",
     f"(Tensor x, Tensor router_probs, Tensor fc1, Tensor? fc1_bias, Tensor fc2, Tensor? fc2_bias, {_ORT_ARGS}) -> Tensor")
 torch.library.define(  # bits 8: u8 [E,N,K], scales [E,N]; bits 4: u8 [E,N,K/2], scales [E,N,K/block]
-    "moec::ort_qmoe",
+    "moec::ort_qmoe",  # int8_activations: GEMM inputs in int8 per block (ORT's accuracy_level=4)
     "(Tensor x, Tensor router_probs, Tensor fc1, Tensor fc1_scales, Tensor? fc1_bias, Tensor fc2, Tensor fc2_scales, "
-    f"Tensor? fc2_bias, Tensor? fc1_zero_points, Tensor? fc2_zero_points, int bits, int block_size, {_ORT_ARGS}) -> Tensor")
+    f"Tensor? fc2_bias, Tensor? fc1_zero_points, Tensor? fc2_zero_points, int bits, int block_size, "
+    f"bool int8_activations, {_ORT_ARGS}) -> Tensor")
 torch.library.define(
     "moec::ort_gqa",
     "(Tensor query, Tensor key, Tensor value, Tensor past_key, Tensor past_value, Tensor bias, Tensor? sinks, "

@@ -51,13 +51,19 @@ class Int4Experts:
 
     Symmetric groups dequantize as (q - 8) * scale, q in 0..15. signed_scale=True (ORT's and llama.cpp's Q4_0
     grid) makes the group's largest-magnitude weight exactly -8 steps (scale = that weight / -8, of its
-    sign), so all 16 levels are used at a step of amax/8; False spends 15 levels at a step of amax/7."""
+    sign), so all 16 levels are used at a step of amax/8; False spends 15 levels at a step of amax/7.
+
+    activations="int8" (ONNX Runtime only: backend="onnxruntime", moec.export_onnx/export_genai on CPU): each
+    expert GEMM quantizes its input rows to int8 per group of `group_size` inputs (scale amax/127, round to
+    nearest) and runs int8 dot products (ORT's QMoE accuracy_level=4: AVX512-VNNI/AVX-VNNI kernels where the CPU
+    has them). An approximation on top of the weights' (docs/quality.md); the default "fp32" is weight-only."""
 
     group_size: int = 128
     symmetric: bool = True
     shared: bool = False  # also the shared experts' linear layers (torch backend, CPU)
     router: bool = False  # also the router weight [E, H] (dequantized in the graph; any backend)
     signed_scale: bool = False  # symmetric only: the 16-level grid above
+    activations: str = "fp32"  # "int8": see below
     bits = 4
 
     def __post_init__(self):
@@ -66,10 +72,12 @@ class Int4Experts:
         _check_bools(self, "symmetric", "shared", "router", "signed_scale")
         if self.signed_scale and not self.symmetric:
             raise ValueError("Int4Experts(signed_scale=True) is a symmetric grid: drop symmetric=False")
+        if self.activations not in ("fp32", "int8"):
+            raise ValueError(f"Int4Experts.activations must be 'fp32' or 'int8', not {self.activations!r}")
 
     def describe(self) -> str:
         grid = "sym16" if self.signed_scale else "sym" if self.symmetric else "asym"
-        return f"int4 g{self.group_size} {grid}" + _extras(self)
+        return f"int4 g{self.group_size} {grid}" + (" a8" if self.activations == "int8" else "") + _extras(self)
 
 
 QuantConfig = Int8Experts | Int4Experts
@@ -132,6 +140,16 @@ def dequantized(q, scale, zero, bits: int, group_size: int, dtype: torch.dtype) 
     cfg = Int8Experts() if bits == 8 else Int4Experts(group_size, symmetric=zero is None)
     q = q if bits == 8 else q.to(torch.int32)  # exported uint8 nibble shifts came back typed int8 (ORT refused)
     return dequantize(cfg, {"q": q, "scale": scale, **({"zero": zero} if zero is not None else {})}, dtype)
+
+
+def int8_rows(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [n, K] as ORT's int8-activation kernels see it: each row's groups of `group_size` inputs rounded to int8
+    at a step of their amax/127, returned dequantized (fp32)."""
+    n, K = x.shape
+    g = x.float().reshape(n, K // group_size, group_size)
+    scale = g.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(scale > 0, 1 / scale, 0.0)
+    return (torch.round(g * inverse).clamp(-127, 127) * scale).reshape(n, K)
 
 
 def nbytes(t: dict[str, torch.Tensor]) -> int:

@@ -173,7 +173,8 @@ def _contrib_node(gm, node, spec, quant: bool, dtype):
         b13, b2 = _biases(node)
         out = g.call_function(torch.ops.moec.ort_qmoe, (
             x, probs, a["fc1_q"], a["fc1_scales"], _bias(gm, b13, e), a["fc2_q"], a["fc2_scales"], b2,
-            a.get("fc1_zero_points"), a.get("fc2_zero_points"), cfg.bits, getattr(cfg, "group_size", 0), *tail))
+            a.get("fc1_zero_points"), a.get("fc2_zero_points"), cfg.bits, getattr(cfg, "group_size", 0),
+            getattr(cfg, "activations", "fp32") == "int8", *tail))
         op = "QMoE"
     else:
         w13, b13, w2, b2 = node.args[3:7]

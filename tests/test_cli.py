@@ -65,10 +65,12 @@ def test_routing_of_a_builtin_with_its_heatmap(tmp_path):
 
 
 def test_export_an_hf_folder(hf_folder, tmp_path):
-    r = moec("export", hf_folder, tmp_path / "m.onnx", "--quantize", "int4:g32")
+    r = moec("export", hf_folder, tmp_path / "m.onnx", "--quantize", "int4:g32:a8")
     assert r.returncode == 0, r.stderr
-    ops = {n.op_type for n in onnx.load(tmp_path / "m.onnx", load_external_data=False).graph.node}
-    assert "QMoE" in ops
+    qmoe = [n for n in onnx.load(tmp_path / "m.onnx", load_external_data=False).graph.node if n.op_type == "QMoE"]
+    assert qmoe and all(onnx.helper.get_attribute_value(a) == 4 for n in qmoe for a in n.attribute
+                        if a.name == "accuracy_level")  # int8 activations
+    assert all(any(a.name == "accuracy_level" for a in n.attribute) for n in qmoe)
     r = moec("export", hf_folder, tmp_path / "genai", "--genai")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "genai" / "genai_config.json").is_file() and (tmp_path / "genai" / "tokenizer.json").is_file()
@@ -82,7 +84,7 @@ def test_export_an_hf_folder(hf_folder, tmp_path):
     (("inspect", "no_such_model"), "is not a folder with config.json"),
     (("run", "mixtral", "--print-after", "quantize_experts"), "not a pass of the pipeline"),
     (("run", "mixtral", "--passes", "fuse_gate"), "starts with detect_moe"),
-    (("export", "mixtral", "out.onnx", "--quantize", "int5"), "write int8 or int4:gG"),
+    (("export", "mixtral", "out.onnx", "--quantize", "int5"), "write int8, int4:gG or int4:gG:a8"),
     (("routing", "mixtral", "--text", "README.md"), "no tokenizer"),
     (("inspect", "no_such_module:build"), "No module named"),
 ])

@@ -36,7 +36,7 @@ def _torchrun(n: int, *cases: str, tmp: Path | None = None) -> subprocess.Comple
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**ENV, "MOEC_EP_TMP": str(tmp)})
 
 
-@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("n", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4 ranks on 2 cores: 2 minutes
 def test_ranks_equal_one_process(n, tmp_path):
     """Mixtral-, DeepSeek-V3- and Qwen2-MoE-style models and a hand-written block, E % N != 0, int8 experts, ranks
     whose experts get no pair, each rank loading its shard from a checkpoint (fp and int4), greedy generation with
