@@ -16,7 +16,8 @@ ORT's layouts (checked against ONNX Runtime 1.31.1 on CPU, tests/test_onnx.py):
 - gated experts: fc1 rows interleaved (gate_0, up_0, gate_1, up_1, ...), swiglu_fusion=1: the only
   SwiGLU form the CPU kernel takes. swiglu = G * sigmoid(alpha * G) * (L + beta), G, L clamped by
   swiglu_limit: SwiGLU is alpha 1, beta 0, no limit; GPT-OSS's clamped SwiGLU is alpha, beta 1, limit.
-- int8 (moec: int8 q [E,N,K], scale [E,N]): uint8 q + 128 (ORT's default zero point), same scales.
+- int8 (moec: int8 q [E,N,K], scale [E,N]): uint8 q + 128 (ORT's default zero point), same scales; with int8
+  activations, block-wise (block_size 32, each row's scale repeated per block: ORT's 8-bit int8-activation path).
 - int4 (moec: nibbles, even k low, scale [E,N,K/g], zero [E,N,K/g]): the same bytes, block_size=g,
   zero points packed two a byte (a row padded to a whole byte). Column-wise 4-bit zero points, which
   ORT gets wrong, are never produced (moec's int4 is always block-wise).
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import moec.ops  # noqa: F401  (defines the op schemas)
-from moec.quant import Int4Experts, Int8Experts, dequantize, int8_rows, unpack_int4
+from moec.quant import Int4Experts, Int8Experts, activation_group, dequantize, int8_rows, unpack_int4
 
 CONTRIB = "com.microsoft"
 
@@ -76,7 +77,10 @@ def ort_quantized(cfg, t: dict[str, torch.Tensor], gated_fc1: bool, gate_up: str
     """moec-format tensors of one matrix (moec.quant) -> {"q", "scales"[, "zero_points"]} in QMoE's layout."""
     rows = functools.partial(interleave, gate_up=gate_up) if gated_fc1 else (lambda v: v)
     q = t["q"] if isinstance(cfg, Int4Experts) else (t["q"].to(torch.int16) + 128).to(torch.uint8)
-    out = {"q": rows(q), "scales": rows(t["scale"])}
+    scale = t["scale"]
+    if isinstance(cfg, Int8Experts) and cfg.activations == "int8":  # block-wise 8-bit: ORT's int8-activation kernel
+        scale = scale[..., None].expand(*scale.shape, q.shape[-1] // activation_group(cfg)).contiguous()
+    out = {"q": rows(q), "scales": rows(scale)}
     if "zero" in t:
         out["zero_points"] = _pack_nibbles(rows(t["zero"]))
     return out
@@ -84,8 +88,9 @@ def ort_quantized(cfg, t: dict[str, torch.Tensor], gated_fc1: bool, gate_up: str
 
 def _moec_format(q, scales, zero_points, bits, block_size, num_blocks):
     """QMoE layout -> (config, moec-format tensors): the inverse of ort_quantized (rows as given)."""
-    if bits == 8:
-        return Int8Experts(), {"q": (q.to(torch.int16) - 128).to(torch.int8), "scale": scales}
+    if bits == 8:  # block-wise (scales [E, N, K/block]) only as ort_quantized writes it: one scale per row
+        return Int8Experts(), {"q": (q.to(torch.int16) - 128).to(torch.int8),
+                               "scale": scales[..., 0] if scales.dim() == 3 else scales}
     cfg = Int4Experts(block_size, symmetric=zero_points is None)
     t = {"q": q, "scale": scales}
     if zero_points is not None:

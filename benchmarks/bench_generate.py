@@ -10,7 +10,8 @@ measured onnxruntime-genai on). Systems, all greedy, the same tokens asserted ag
   HF eager (KV cache) | moec torch backend (KV cache) | moec backend="onnxruntime" with the KV cache, fp32 and
   int4 experts (g32) | moec backend="onnxruntime" without the cache (generate recomputes the sequence: how it
   ran before the KV-cache export) | where onnxruntime-genai is installed: moec.export_genai's folders (fp32; int4
-  g32 experts; int4 g32 experts with attention, lm_head and dense MLPs as int4 MatMulNBits, `dense=`) run by its
+  g32 experts; int4 g32 experts with attention, lm_head and dense MLPs as int4 MatMulNBits, `dense=`; the same
+  with int8 activations everywhere, `Int4Experts(32, activations="int8")`, as llama.cpp's q4_0 runs) run by its
   generator, and for GPT-OSS the folder genai's own builder makes from the same weights saved as an HF checkpoint
   (`python -m onnxruntime_genai.models.builder -p fp32 -e cpu`; its int4 reads only GPT-OSS's original MXFP4
   tensors, which a checkpoint of these weights does not have).
@@ -74,9 +75,10 @@ class Genai:
 def genai_systems(name: str, ref, threads: int, work: str) -> dict:
     """moec.export_genai's folders, and (GPT-OSS) genai's builder's from the same weights."""
     systems, tokenizer = {}, examples.byte_tokenizer()
-    int4 = moec.Int4Experts(32)
+    int4, a8 = moec.Int4Experts(32), moec.Int4Experts(32, activations="int8")
     for i, (label, q, dense) in enumerate((("fp32", None, None), ("int4 g32 experts", int4, None),
-                                           ("int4 g32 experts + int4 g32 dense MatMulNBits", int4, int4))):
+                                           ("int4 g32 experts + int4 g32 dense MatMulNBits", int4, int4),
+                                           ("int4 g32 experts + dense, int8 activations", a8, a8))):
         folder = os.path.join(work, f"moec-{name}-{i}")
         moec.export_genai(ref, tokenizer, folder, quantize=q, dense=dense)
         systems[f"moec export_genai {label} (onnxruntime-genai)"] = (Genai(folder, threads), True)

@@ -14,14 +14,15 @@ Pairs (moec torch backend, KV cache, `model.generate` / one forward for prefill;
 llama-cpp-python, `eval` + greedy argmax): fp32 <-> f32, bf16 (the model in bf16) <-> bf16, int8 experts <->
 q8_0, int4 g32 experts <-> q4_0 (llama.cpp quantizes every matrix but the router, and its activations to 8 bits;
 moec quantizes the routed experts only, weight-only). --onnx adds moec backend="onnxruntime" (the whole step in
-an ONNX Runtime session with the KV cache; fp32, int8, int4, and int4 with int8 activations
-(Int4Experts(32, activations="int8"): int8 dot products, as q4_0 does); ORT has no bf16 MoE kernel). Tokens/s medians over --rounds interleaved rounds; each round's wall time printed.
+an ONNX Runtime session with the KV cache; fp32, int8, int4, and int8/int4 with int8 activations
+(activations="int8": int8 dot products, as q8_0/q4_0 do); ORT has no bf16 MoE kernel). Tokens/s medians over --rounds interleaved rounds; each round's wall time printed.
 Skips cleanly (exit 0, a message) where llama-cpp-python or gguf is not installed. Never in CI.
 Do not run it with OMP_WAIT_POLICY=PASSIVE: llama.cpp's OpenMP threads then sleep at each of the hundreds of
 barriers in a token, and its decode fell 2-7x (q4_0 on mix: 200 tokens/s instead of 1468).
 """
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -232,10 +233,10 @@ def main():
                 model = moec.compile(build(name), backend="onnxruntime", quantize=quantize,
                                      session_options=quiet_session(args.threads))
                 systems[f"moec onnxruntime {prec}" + (" experts" if quantize else "")] = Torch(model)
-                if prec == "int4":  # llama.cpp's q4_0 rounds activations to 8 bits too
+                if quantize is not None:  # llama.cpp's q8_0/q4_0 round activations to 8 bits too
                     model = moec.compile(build(name), backend="onnxruntime", session_options=quiet_session(args.threads),
-                                         quantize=moec.Int4Experts(32, activations="int8"))
-                    systems["moec onnxruntime int4 experts, int8 activations"] = Torch(model)
+                                         quantize=dataclasses.replace(quantize, activations="int8"))
+                    systems[f"moec onnxruntime {prec} experts, int8 activations"] = Torch(model)
         with torch.no_grad():
             want = ref(input_ids=prompt).logits[0]
         got = systems["llama.cpp f32"].logits(prompt) if "fp32" in args.precisions else None

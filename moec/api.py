@@ -39,7 +39,7 @@ from moec.passes.detect import experts_only
 from moec.passes.detect_moe import Candidate, analyze, find_candidates
 from moec.passes.quantize_experts import give_back_memory, quantized_tensors, release_originals
 from moec.passes.reduce_topk import new_topk
-from moec.quant import Int4Experts, Int8Experts, QuantConfig, dequantize
+from moec.quant import Int4Experts, Int8Experts, QuantConfig, activation_group, dequantize
 
 
 @dataclass
@@ -64,8 +64,8 @@ class Rejection:
 
 def _numerics(backend: str, cfg: QuantConfig) -> str:
     """Which arithmetic the quantized experts run in, per backend (moec's own kernels quantize no activations)."""
-    if getattr(cfg, "activations", "fp32") == "int8":
-        return f"(int8 activations per group of {cfg.group_size}, int8 dot products: ONNX Runtime's QMoE kernel)"
+    if cfg.activations == "int8":
+        return f"(int8 activations per group of {activation_group(cfg)}, int8 dot products: ONNX Runtime's QMoE kernel)"
     if backend.startswith("onnxruntime"):
         return "(weight-only, ONNX Runtime's QMoE kernel)"
     if backend == "triton":
@@ -175,7 +175,7 @@ def _final_proof(gm: fx.GraphModule, block: nn.Module, pm: PassManager) -> str:
         with weight_only():  # int8 activations: measured below, the rest proved exactly
             proof.check(run, dtype, what, error=_FinalProofFailed, reference=runner(ref, block))
     proved = f"{proof.describe()}; experts reached {len(proof.reached)}/{spec.experts.num_experts}"
-    if getattr(spec.quant, "activations", "fp32") == "int8":
+    if spec.quant is not None and spec.quant.activations == "int8":
         proved += (f"; with int8 activations: max relative error {proof.error(run, dtype):.2e} against the original "
                    f"block (weights and activations quantized)")
     if approximate:  # measured, not a failure: the pass was asked for by name
@@ -427,11 +427,11 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     if getattr(quantize, "shared", False) and backend != "torch":
         raise NotImplementedError(f"moec: quantized shared experts (shared=True) run in the torch backend on CPU "
                                   f"only, not backend {backend!r}")
-    if getattr(quantize, "activations", "fp32") != "fp32" and backend != "onnxruntime" \
+    if quantize is not None and quantize.activations != "fp32" and backend != "onnxruntime" \
             and "lower_onnx" not in named:  # lower_onnx: ORT's ops by their torch reference
-        raise NotImplementedError(f"moec: int8 activations (Int4Experts(activations='int8')) run in ONNX Runtime's "
-                                  f"QMoE kernel: use backend='onnxruntime' (or moec.export_onnx), not {backend!r}; "
-                                  f"the torch and triton kernels are weight-only")
+        raise NotImplementedError(f"moec: int8 activations ({type(quantize).__name__}(activations='int8')) run in ONNX "
+                                  f"Runtime's QMoE kernel: use backend='onnxruntime' (or moec.export_onnx), not "
+                                  f"{backend!r}; the torch and triton kernels are weight-only")
     if offload is not None:
         if not isinstance(offload, Offload):
             raise TypeError(f"offload must be moec.Offload(...), not {offload!r}")

@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
                  "moec export ./checkpoint out/ --quantize int4:g32 --genai")
     ex.add_argument("out", type=Path, help="the .onnx file, or the folder with --genai")
     ex.add_argument("--quantize", help="int8, or int4:gG (group size G, e.g. int4:g32): the experts' weights; "
-                                       "int4:gG:a8 also rounds their inputs to int8 (int8 dot products)")
+                                       ":a8 (int8:a8, int4:g32:a8) also rounds their inputs to int8 (int8 dot products)")
     ex.add_argument("--genai", action="store_true", help="write a folder onnxruntime-genai runs (needs a tokenizer)")
     ex.add_argument("--expert-slices", type=int, default=None, metavar="S",
                     help="fp experts as S slices of their intermediate units (default 2 for ORT's CPU kernel; 1: whole)")
@@ -415,18 +415,19 @@ def _replay(folder: Path, console) -> int:
 
 
 def _quant(text: str | None):
-    """--quantize int8 | int4:gG[:a8] -> the moec config (None for None); a8: int8 activations (ONNX Runtime)."""
+    """--quantize int8[:a8] | int4:gG[:a8] -> the moec config (None for None); a8: int8 activations (ONNX Runtime)."""
     import moec
 
     if text is None:
         return None
-    kind, _, group = text.partition(":g")
-    group, a8, rest = group.partition(":a8")
-    if kind == "int8" and not group and not a8:
-        return moec.Int8Experts()
+    spec, a8, rest = text.partition(":a8")
+    activations = "int8" if a8 else "fp32"
+    kind, _, group = spec.partition(":g")
+    if kind == "int8" and not group and not rest:
+        return moec.Int8Experts(activations=activations)
     if kind == "int4" and group.isdigit() and not rest:
-        return moec.Int4Experts(int(group), activations="int8" if a8 else "fp32")
-    raise ValueError(f"--quantize {text}: write int8, int4:gG or int4:gG:a8 (e.g. int4:g32, int4:g32:a8)")
+        return moec.Int4Experts(int(group), activations=activations)
+    raise ValueError(f"--quantize {text}: write int8, int4:gG, or either with :a8 (e.g. int4:g32, int4:g32:a8)")
 
 
 def _bench(args, model, inputs, tokenizer, console) -> int:

@@ -27,22 +27,31 @@ def _check_bools(cfg, *names) -> None:
     for name in names:
         if not isinstance(getattr(cfg, name), bool):
             raise TypeError(f"{type(cfg).__name__}.{name} must be True or False, not {getattr(cfg, name)!r}")
+    if cfg.activations not in ("fp32", "int8"):
+        raise ValueError(f"{type(cfg).__name__}.activations must be 'fp32' or 'int8', not {cfg.activations!r}")
+
+
+def _a8(cfg) -> str:
+    return " a8" if cfg.activations == "int8" else ""
 
 
 @dataclass(frozen=True)
 class Int8Experts:
     """int8 weight-only experts, one scale per output channel. shared=True quantizes the shared
-    experts' linear layers the same way (torch backend, CPU); router=True the router weight."""
+    experts' linear layers the same way (torch backend, CPU); router=True the router weight.
+    activations="int8": as Int4Experts', in groups of 32 inputs (ORT's block-wise 8-bit QMoE, each channel's
+    scale repeated per block: the same weights)."""
 
     shared: bool = False
     router: bool = False
+    activations: str = "fp32"
     bits = 8
 
     def __post_init__(self):
         _check_bools(self, "shared", "router")
 
     def describe(self) -> str:
-        return "int8 per-channel" + _extras(self)
+        return "int8 per-channel" + _a8(self) + _extras(self)
 
 
 @dataclass(frozen=True)
@@ -72,15 +81,18 @@ class Int4Experts:
         _check_bools(self, "symmetric", "shared", "router", "signed_scale")
         if self.signed_scale and not self.symmetric:
             raise ValueError("Int4Experts(signed_scale=True) is a symmetric grid: drop symmetric=False")
-        if self.activations not in ("fp32", "int8"):
-            raise ValueError(f"Int4Experts.activations must be 'fp32' or 'int8', not {self.activations!r}")
 
     def describe(self) -> str:
         grid = "sym16" if self.signed_scale else "sym" if self.symmetric else "asym"
-        return f"int4 g{self.group_size} {grid}" + (" a8" if self.activations == "int8" else "") + _extras(self)
+        return f"int4 g{self.group_size} {grid}" + _a8(self) + _extras(self)
 
 
 QuantConfig = Int8Experts | Int4Experts
+
+
+def activation_group(cfg: QuantConfig) -> int:
+    """The inputs that share one int8 scale under activations="int8" (ORT's block size)."""
+    return getattr(cfg, "group_size", 32)
 
 
 def check_shape(cfg: QuantConfig, w: torch.Tensor, what: str) -> None:
@@ -88,6 +100,9 @@ def check_shape(cfg: QuantConfig, w: torch.Tensor, what: str) -> None:
     if isinstance(cfg, Int4Experts) and w.shape[-1] % cfg.group_size:
         raise ValueError(f"{what}: input dim {w.shape[-1]} is not a multiple of the int4 group size "
                          f"{cfg.group_size} (use a group size that divides it, or Int8Experts)")
+    if cfg.activations == "int8" and w.shape[-1] % activation_group(cfg):
+        raise ValueError(f"{what}: input dim {w.shape[-1]} is not a multiple of {activation_group(cfg)}, the group "
+                         f"of inputs int8 activations share a scale in (use activations='fp32')")
 
 
 def quantize(cfg: QuantConfig, w: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -38,7 +38,7 @@ from moec.bindings import Const
 from moec.canonical import add_role, drop_unused_roles, role_value
 from moec.pass_manager import PassResult, register_pass
 from moec.passes.quantize_experts import quantized_tensors
-from moec.quant import dequantized
+from moec.quant import activation_group, dequantized
 
 EXPERTS = (torch.ops.moec.experts, torch.ops.moec.experts_loop, torch.ops.moec.experts_int8,
            torch.ops.moec.experts_int4)
@@ -173,8 +173,8 @@ def _contrib_node(gm, node, spec, quant: bool, dtype):
         b13, b2 = _biases(node)
         out = g.call_function(torch.ops.moec.ort_qmoe, (
             x, probs, a["fc1_q"], a["fc1_scales"], _bias(gm, b13, e), a["fc2_q"], a["fc2_scales"], b2,
-            a.get("fc1_zero_points"), a.get("fc2_zero_points"), cfg.bits, getattr(cfg, "group_size", 0),
-            getattr(cfg, "activations", "fp32") == "int8", *tail))
+            a.get("fc1_zero_points"), a.get("fc2_zero_points"), cfg.bits, _block_size(cfg), cfg.activations == "int8",
+            *tail))
         op = "QMoE"
     else:
         w13, b13, w2, b2 = node.args[3:7]
@@ -192,6 +192,11 @@ def _contrib_node(gm, node, spec, quant: bool, dtype):
         op = "MoE"
     gm.meta["onnx"] = {"op": op, "why": routing}
     return out if isinstance(scale, float) and scale == 1.0 else g.call_function(rescale, (out, scale))
+
+
+def _block_size(cfg) -> int:
+    """QMoE's block_size: int4's group; int8 per output channel (0), or blocks of 32 with int8 activations."""
+    return cfg.group_size if cfg.bits == 4 else activation_group(cfg) if cfg.activations == "int8" else 0
 
 
 def _biases(node) -> tuple:

@@ -84,7 +84,7 @@ def test_export_an_hf_folder(hf_folder, tmp_path):
     (("inspect", "no_such_model"), "is not a folder with config.json"),
     (("run", "mixtral", "--print-after", "quantize_experts"), "not a pass of the pipeline"),
     (("run", "mixtral", "--passes", "fuse_gate"), "starts with detect_moe"),
-    (("export", "mixtral", "out.onnx", "--quantize", "int5"), "write int8, int4:gG or int4:gG:a8"),
+    (("export", "mixtral", "out.onnx", "--quantize", "int5"), "write int8, int4:gG, or either with :a8"),
     (("routing", "mixtral", "--text", "README.md"), "no tokenizer"),
     (("inspect", "no_such_module:build"), "No module named"),
 ])

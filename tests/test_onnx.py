@@ -306,44 +306,48 @@ def test_quantized_against_dequantized_model(exported, family, cfg):
         assert rel_err(_run(sess, inputs), want) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("gated", [True, False], ids=["swiglu", "relu"])
-@pytest.mark.parametrize("group", [32, 64])
-def test_int8_activations_node_computes_the_reference(group, gated, tmp_path):
-    """QMoE with accuracy_level=4 (Int4Experts(activations="int8")) against moec::ort_qmoe's torch reference, which
-    rounds each GEMM's input rows to int8 per block (moec.quant.int8_rows): 1 token and 9, large magnitudes, a row
-    of zeros; and the same node at accuracy 0 for scale (it must differ from the reference by more)."""
+@pytest.mark.parametrize("cfg,gated", [(moec.Int4Experts(32, activations="int8"), True),
+                                       (moec.Int4Experts(64, activations="int8"), False),
+                                       (moec.Int8Experts(activations="int8"), True)], ids=lambda v: str(v)[:30])
+def test_int8_activations_node_computes_the_reference(cfg, gated, tmp_path):
+    """QMoE with int8 activations (accuracy_level=4; int8 experts block-wise) against moec::ort_qmoe's torch
+    reference, which rounds each GEMM's input rows to int8 per group (moec.quant.int8_rows): 1 token and 9, large
+    magnitudes, a group of zeros; and the weight-only node, which must differ from that reference by more."""
     from moec.backends.onnx_backend import ort_quantized, translations
+    from moec.passes.lower_onnx import _block_size
     from moec.quant import quantize
 
     E, H, I, k = 4, 128, 64, 2
-    gen = torch.Generator().manual_seed(group)
-    cfg = moec.Int4Experts(group, activations="int8")
-    fc1 = ort_quantized(cfg, quantize(cfg, torch.randn(E, 2 * I if gated else I, H, generator=gen) / 8), gated)
-    fc2 = ort_quantized(cfg, quantize(cfg, torch.randn(E, H, I, generator=gen) / 8), False)
+    gen = torch.Generator().manual_seed(cfg.bits)
+    w1, w2 = torch.randn(E, 2 * I if gated else I, H, generator=gen) / 8, torch.randn(E, H, I, generator=gen) / 8
     bias = torch.randn(E, 2 * I if gated else I, generator=gen) / 4
 
     class Experts(torch.nn.Module):
-        def __init__(self, int8):
+        def __init__(self, c):
             super().__init__()
-            self.int8 = int8
+            self.c, self.fc1 = c, ort_quantized(c, quantize(c, w1), gated)
+            self.fc2 = ort_quantized(c, quantize(c, w2), False)
 
         def forward(self, x, probs):
-            return torch.ops.moec.ort_qmoe(x, probs, fc1["q"], fc1["scales"], bias, fc2["q"], fc2["scales"], None,
-                                           None, None, 4, group, self.int8, k, "silu" if gated else "relu", gated,
-                                           1.0, 0.0)
+            return torch.ops.moec.ort_qmoe(x, probs, self.fc1["q"], self.fc1["scales"], bias, self.fc2["q"],
+                                           self.fc2["scales"], None, None, None, self.c.bits, _block_size(self.c),
+                                           self.c.activations == "int8", k, "silu" if gated else "relu", gated, 1.0,
+                                           0.0)
 
+    modules = [Experts(cfg), Experts(dataclasses.replace(cfg, activations="fp32"))]
     example = (torch.randn(5, H), torch.randn(5, E))
     d = torch.export.Dim.DYNAMIC
     sessions = []
-    for int8 in (True, False):
-        program = torch.onnx.export(Experts(int8), example, dynamo=True, custom_translation_table=translations(),
+    for i, module in enumerate(modules):
+        program = torch.onnx.export(module, example, dynamo=True, custom_translation_table=translations(),
                                     dynamic_shapes=({0: d}, {0: d}))
-        program.save(tmp_path / f"q{int8}.onnx")
-        sessions.append(_session(tmp_path / f"q{int8}.onnx"))
+        program.save(tmp_path / f"q{i}.onnx")
+        sessions.append(_session(tmp_path / f"q{i}.onnx"))
+    assert _attrs(_nodes(tmp_path / "q0.onnx", "QMoE")[0])["accuracy_level"] == 4
     for T, scale in ((1, 1.0), (9, 1.0), (9, 40.0)):
         x, probs = torch.randn(T, H, generator=gen) * scale, torch.randn(T, E, generator=gen)
-        x[-1, :group] = 0  # a block of zeros (scale 0)
-        want = Experts(True)(x, probs)
+        x[-1, :64] = 0  # whole groups of zeros (scale 0)
+        want = modules[0](x, probs)
         got, weight_only = (torch.from_numpy(s.run(None, {"x": x.numpy(), "probs": probs.numpy()})[0])
                             for s in sessions)
         assert rel_err(got, want) < 1e-5, (T, scale)

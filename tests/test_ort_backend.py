@@ -3,6 +3,7 @@ model's call signature and outputs, at any batch/sequence size; providers and se
 pass through and the provider that ran is reported; the first call refuses a wrong session."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -86,23 +87,25 @@ def test_quantized_equals_dequantized_model():
     assert [b.op for b in moec.inspect(compiled).export.blocks] == ["QMoE"] * 2
 
 
-def test_int8_activations_equal_their_reference():
-    """Int4Experts(activations="int8"): the session (QMoE accuracy_level=4) equals the model whose blocks run ORT's
-    ops by their torch reference (int8 rows per group: moec.quant.int8_rows), logits and generated tokens; the
-    report says which numerics run and what they cost; the torch backend refuses them."""
+@pytest.mark.parametrize("cfg", [moec.Int4Experts(32, activations="int8"), moec.Int8Experts(activations="int8")],
+                         ids=lambda c: c.describe())
+def test_int8_activations_equal_their_reference(cfg):
+    """activations="int8": the session (QMoE accuracy_level=4) equals the model whose blocks run ORT's ops by their
+    torch reference (int8 rows per group: moec.quant.int8_rows), logits and generated tokens; the report says
+    which numerics run and what they cost; the torch backend refuses them."""
     from moec.pass_manager import DEFAULT_PIPELINE
 
     model = models.tiny_model("mixtral", hidden_size=64, intermediate_size=64)
-    cfg = moec.Int4Experts(32, activations="int8")
     compiled = moec.compile(copy.deepcopy(model), backend="onnxruntime", quantize=cfg)
     reference = moec.compile(copy.deepcopy(model), quantize=cfg,
                              passes=DEFAULT_PIPELINE + ",quantize_experts,lower_onnx")
-    twin = _dequantized_twin(model, moec.compile(copy.deepcopy(model), quantize=moec.Int4Experts(32)), cfg)
+    weight_only = dataclasses.replace(cfg, activations="fp32")
+    twin = _dequantized_twin(model, moec.compile(copy.deepcopy(model), quantize=weight_only), weight_only)
     for batch, seq in SHAPES[:2]:
         inputs = models.example_inputs(model, batch=batch, seq=seq)
         with torch.no_grad():
-            got, want, weight_only = (m(**inputs).logits for m in (compiled, reference, twin))
-        assert rel_err(got, want) < 1e-5 and rel_err(got, weight_only) > 1e-4
+            got, want, dequantized = (m(**inputs).logits for m in (compiled, reference, twin))
+        assert rel_err(got, want) < 1e-5 and rel_err(got, dequantized) > 1e-4
     inputs = models.example_inputs(model, batch=1, seq=4)
     assert torch.equal(compiled.generate(**inputs, max_new_tokens=6, do_sample=False),
                        reference.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False))
