@@ -23,7 +23,8 @@ def _extras(cfg) -> str:
     return (" +shared" if cfg.shared else "") + (" +router" if cfg.router else "")
 
 
-def _check_bools(cfg, *names) -> None:
+def _check_fields(cfg, *names) -> None:
+    """The boolean fields `names` are bools, and activations is "fp32" or "int8"."""
     for name in names:
         if not isinstance(getattr(cfg, name), bool):
             raise TypeError(f"{type(cfg).__name__}.{name} must be True or False, not {getattr(cfg, name)!r}")
@@ -48,7 +49,7 @@ class Int8Experts:
     bits = 8
 
     def __post_init__(self):
-        _check_bools(self, "shared", "router")
+        _check_fields(self, "shared", "router")
 
     def describe(self) -> str:
         return "int8 per-channel" + _a8(self) + _extras(self)
@@ -72,13 +73,13 @@ class Int4Experts:
     shared: bool = False  # also the shared experts' linear layers (torch backend, CPU)
     router: bool = False  # also the router weight [E, H] (dequantized in the graph; any backend)
     signed_scale: bool = False  # symmetric only: the 16-level grid above
-    activations: str = "fp32"  # "int8": see below
+    activations: str = "fp32"  # or "int8": see above
     bits = 4
 
     def __post_init__(self):
         if type(self.group_size) is not int or self.group_size not in (32, 64, 128):
             raise ValueError(f"Int4Experts.group_size must be 32, 64 or 128 (an int), not {self.group_size!r}")
-        _check_bools(self, "symmetric", "shared", "router", "signed_scale")
+        _check_fields(self, "symmetric", "shared", "router", "signed_scale")
         if self.signed_scale and not self.symmetric:
             raise ValueError("Int4Experts(signed_scale=True) is a symmetric grid: drop symmetric=False")
 
