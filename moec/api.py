@@ -375,6 +375,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     quantize: Int8Experts() or Int4Experts(group_size, symmetric[, shared, router]): weight-only quantized
         routed experts (appends the quantize_experts pass). Backend torch: numba kernels, CPU only;
         triton: w8a16/w4a16 GEMMs; onnxruntime: QMoE nodes. shared=True is torch backend only.
+        activations="int8" (either config): int8 activations and int8 dot products, backend onnxruntime only.
     offload: moec.Offload(budget, store, path, policy, prefetch, prefetch_width): the routed experts leave the
         model for a store (disk or host memory) and run from a cache of `budget` experts (appends offload_experts; torch
         backend; with quantize=, the quantized experts are stored and cached; see moec.offload). Statistics:
@@ -430,8 +431,9 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     if quantize is not None and quantize.activations != "fp32" and backend != "onnxruntime" \
             and "lower_onnx" not in named:  # lower_onnx: ORT's ops by their torch reference
         raise NotImplementedError(f"moec: int8 activations ({type(quantize).__name__}(activations='int8')) run in ONNX "
-                                  f"Runtime's QMoE kernel: use backend='onnxruntime' (or moec.export_onnx), not "
-                                  f"{backend!r}; the torch and triton kernels are weight-only")
+                                  f"Runtime's QMoE kernel: pass backend='onnxruntime' (to moec.compile or moec.load; "
+                                  f"or use moec.export_onnx), not {backend!r}; the torch and triton kernels are "
+                                  f"weight-only")
     if offload is not None:
         if not isinstance(offload, Offload):
             raise TypeError(f"offload must be moec.Offload(...), not {offload!r}")

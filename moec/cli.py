@@ -425,7 +425,7 @@ def _quant(text: str | None):
     kind, _, group = spec.partition(":g")
     if kind == "int8" and not group and not rest:
         return moec.Int8Experts(activations=activations)
-    if kind == "int4" and group.isdigit() and not rest:
+    if kind == "int4" and group.isascii() and group.isdigit() and not rest:
         return moec.Int4Experts(int(group), activations=activations)
     raise ValueError(f"--quantize {text}: write int8, int4:gG, or either with :a8 (e.g. int4:g32, int4:g32:a8)")
 

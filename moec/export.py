@@ -333,7 +333,8 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
 
     example_inputs: positional args (a tuple) or keyword args (a dict) of model(...); their batch and
         sequence sizes must be >= 2 (a size-1 axis would be exported as a constant 1).
-    quantize: None (MoE nodes in the model's dtype), Int8Experts() or Int4Experts(g, symmetric) (QMoE nodes).
+    quantize: None (MoE nodes in the model's dtype), Int8Experts() or Int4Experts(g, symmetric) (QMoE nodes);
+        activations="int8" (either config): QMoE accuracy_level=4, int8 activations and dot products.
     provider: "cpu" or "cuda", the ONNX Runtime execution provider the file is for (weight layouts differ).
     opset: the default ONNX opset (None: the exporter's). external_data: True forces weights into
         `<path>.data`; None does that only past 2 GB.
@@ -404,10 +405,18 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
             exportable = _Exportable(work, len(args), list(kwargs))
             outputs = ["logits"] if exportable.hf else None
             shapes = (tuple(dynamic_axes(t) for t in inputs),)
-        program = torch.onnx.export(
-            exportable, inputs, input_names=names, output_names=outputs, dynamic_shapes=shapes, dynamo=True,
-            custom_translation_table=translations(), opset_version=opset, verbose=False,
-            optimize=False)  # _fuse_for_ort optimizes (the same onnxscript optimizer, then the fusions)
+        try:
+            program = torch.onnx.export(
+                exportable, inputs, input_names=names, output_names=outputs, dynamic_shapes=shapes, dynamo=True,
+                custom_translation_table=translations(), opset_version=opset, verbose=False,
+                optimize=False)  # _fuse_for_ort optimizes (the same onnxscript optimizer, then the fusions)
+        except Exception as e:
+            if not compiled.rejected:
+                raise
+            why = "; ".join(f"{r.path}: {r.reason}" for r in compiled.rejected)
+            raise RuntimeError(f"moec.export_onnx: torch.onnx.export failed on {type(model).__name__} "
+                               f"({type(e).__name__}), which holds blocks moec left as they are (their own code "
+                               f"then goes to the exporter): {why}") from e
     seconds["torch.onnx.export"] = lap()
     with _quiet("onnxscript", "onnx_ir"):
         fusions = _fuse_for_ort(program)

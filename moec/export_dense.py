@@ -7,7 +7,7 @@ constant [K, N] with K a multiple of the block size, except the routers (N = a b
 router weights would change which experts run) and one-column gates (N = 1, the shared experts' sigmoid gate).
 ONNX Runtime's own quantizer (onnxruntime.quantization.matmul_nbits_quantizer) writes the nodes: int4 in blocks of
 the config's group size (symmetric or with zero points), int8 per block of 32 (Int8Experts). With
-Int4Experts(activations="int8") the nodes take accuracy_level=4 (int8 activations, int8 dot products).
+activations="int8" (either config) the nodes take accuracy_level=4 (int8 activations, int8 dot products).
 """
 
 from __future__ import annotations

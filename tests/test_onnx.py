@@ -276,6 +276,10 @@ def test_refusals(tmp_path):
         moec.export_onnx(model, models.example_inputs(model, batch=1, seq=5), tmp_path / "m.onnx")
     with pytest.raises(ValueError, match="original model"):
         moec.export_onnx(moec.compile(copy.deepcopy(model)), inputs, tmp_path / "m.onnx")
+    odd = models.tiny_model("mixtral", hidden_size=48, intermediate_size=48)  # int8 activations take groups of 32
+    with pytest.raises(RuntimeError, match="not a multiple of 32"):  # the exporter fails on the block left alone
+        moec.export_onnx(odd, models.example_inputs(odd, batch=2, seq=5), tmp_path / "m.onnx",
+                         quantize=moec.Int8Experts(activations="int8"))
 
 
 # ---------------------------------------------------------------- quantized experts (QMoE)
