@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import moec.ops  # noqa: F401  (defines the op schemas)
+from moec.backends.torch_backend import activate
 from moec.quant import Int4Experts, Int8Experts, activation_group, dequantize, int8_rows, unpack_int4
 
 CONTRIB = "com.microsoft"
@@ -134,8 +135,6 @@ def ort_qmoe(x, router_probs, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, fc2_bi
     w2 = dequantize(*_moec_format(fc2, fc2_scales, fc2_zero_points, bits, block_size, fc2_scales.shape[-1]), x.dtype)
     if not int8_activations or _WEIGHT_ONLY.get():
         return torch.ops.moec.ort_moe(x, router_probs, w1, fc1_bias, w2, fc2_bias, k, activation, gated, alpha, limit)
-    from moec.backends.torch_backend import activate
-
     ids, w = _ort_route(router_probs, k)
     w1, b1 = (deinterleave(w1), deinterleave(fc1_bias)) if gated else (w1, fc1_bias)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)

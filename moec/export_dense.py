@@ -37,7 +37,7 @@ def quantize_dense(path: str, cfg: Int4Experts | Int8Experts, router_widths: set
     names = dense_matmuls(proto, block, router_widths)
     if not names:
         return 0
-    int8 = getattr(cfg, "activations", "fp32") == "int8"  # int8 dot products, as for the experts
+    int8 = cfg.activations == "int8"  # int8 dot products, as for the experts
     quantizer = MatMulNBitsQuantizer(proto, bits=cfg.bits, block_size=block, accuracy_level=4 if int8 else None,
                                      is_symmetric=getattr(cfg, "symmetric", True), nodes_to_include=names)
     ort_log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
