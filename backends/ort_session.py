@@ -13,7 +13,8 @@ HF decoder LMs whose cache is a key/value pair per layer run with it: a call wit
 returned before for that cache object (the whole past: a sliding-window layer's HF cache is cropped), and
 the new keys/values are appended to the HF cache so `generate` counts positions as usual (attention as
 GroupQueryAttention nodes, moec.export_gqa: a call of several tokens after a past at batch > 1, which ORT's
-kernel refuses, runs one row at a time). Other models
+kernel refuses, runs one row at a time); their plain greedy `generate` calls run in one loop around the session
+(backends/ort_generate.py). Other models
 run without KV cache (`generation_config.use_cache = False`): generate recomputes the whole sequence.
 """
 
@@ -74,17 +75,18 @@ def _widen(t: torch.Tensor) -> torch.Tensor:
 
 
 class OrtForward:
-    def __init__(self, model: nn.Module, report, providers, options, quantize):
-        self.model, self.report, self.quantize = model, report, quantize
+    def __init__(self, model: nn.Module, report, providers, options, quantize, dense):
+        self.model, self.report, self.quantize, self.dense = model, report, quantize, dense
         self.original = model.forward
         self.signature = inspect.signature(self.original)
+        self.__signature__ = self.signature  # what HF's generate reads to pass attention_mask, position_ids ...
         self.providers = list(providers) if providers else default_providers()
         self.options = options
         self.tmp = tempfile.TemporaryDirectory(prefix="moec-ort-")
         self.sessions: dict[tuple, tuple] = {}  # key -> (session, input names, outputs -> the model's structure)
         self.weights = None  # _weights(model) when the sessions were exported
         self.cached = _takes_cache(model)  # an HF decoder LM with a key/value cache: generate uses it
-        self._past = weakref.WeakKeyDictionary()  # HF cache object -> the session's last present arrays
+        self._past = weakref.WeakKeyDictionary()  # HF cache -> (the session's last present arrays, its tensors then)
 
     def __call__(self, *args, **kwargs):
         bound = self.signature.bind(*args, **kwargs)
@@ -131,26 +133,17 @@ class OrtForward:
             raise NotImplementedError(f"moec backend='onnxruntime': argument {name}={value!r} is not supported")
         cache = DynamicCache(config=self.model.config) if cache is None else cache
         B, S = ids.shape
-        past = self._past.get(cache)
-        P = 0 if past is None else past[0].shape[2]
-        if past is None and cache.get_seq_length() > 0:
-            raise NotImplementedError("moec backend='onnxruntime': a cache this forward did not fill (e.g. a prompt "
-                                      "cache built by the eager model) cannot be fed to the session")
         mask = args.get("attention_mask")
+        past = self._past_of(cache, None if mask is None else mask.shape[1] - S)
+        P = 0 if past is None else past[0].shape[2]
         mask = torch.ones(B, P + S, dtype=torch.long) if mask is None else mask.long().cpu()
         pos = args.get("position_ids")
-        if pos is None:  # as HF's generate computes them: from the mask (left padding)
-            pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -S:]
-        key = ("kv_cache", ids.dtype)
-        if self.sessions and _weights(self.model) != self.weights:
-            self.sessions.clear()
-        if key not in self.sessions:
-            self.sessions[key] = self._open_cached(ids, mask)
-        session, names, layout, fused = self.sessions[key]
-        layers, heads, key_dim, value_dim, dtype = layout
-        if past is None:
-            past = [np.zeros((B, heads, 0, dim), dtype=np.float16 if dtype == torch.float16 else np.float32)
-                    for _ in range(layers) for dim in (key_dim, value_dim)]
+        if pos is None:  # as HF's forward takes them (generate passes its own, from the mask)
+            at = args.get("cache_position")
+            pos = (torch.arange(P, P + S) if at is None else at.cpu().long()).expand(B, S)
+        session, names, layout, fused = self.cached_session(ids, mask)
+        layers = layout[0]
+        past = empty_past(layout, B) if past is None else past
         feeds = {"input_ids": ids.cpu().numpy(), "attention_mask": mask.numpy(), "position_ids": pos.cpu().numpy(),
                  **dict(zip(names[3:], past))}
         if B > 1 and S > 1 and P > 0 and fused:
@@ -159,10 +152,12 @@ class OrtForward:
             outs = [np.concatenate(parts) for parts in zip(*rows)]
         else:
             outs = session.run(None, feeds)
-        self._past[cache] = outs[1:]
         device = ids.device
         for i in range(layers):  # the new positions, so that generate's cache counts them
             cache.update(*(torch.from_numpy(outs[1 + 2 * i + j][:, :, P:]).to(device) for j in (0, 1)), i)
+        if cache not in self._past:
+            self._follow_reorder(cache)
+        self._past[cache] = (outs[1:], _tensors(cache))
         logits = torch.from_numpy(outs[0]).to(device)
         keep = args.get("logits_to_keep")
         if keep:
@@ -170,6 +165,50 @@ class OrtForward:
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+
+    def _past_of(self, cache, length: int | None) -> list[np.ndarray] | None:
+        """The whole past to feed for `cache` (None: empty): the present arrays this forward left with it, or, when
+        something else changed the cache since (beam search reorders it, assisted decoding crops it, the eager
+        model filled it), the cache's own tensors if they hold every past position (`length` if known)."""
+        record = self._past.get(cache)
+        if record is not None and _same(_tensors(cache), record[1]):
+            return record[0]
+        if cache.get_seq_length() == 0:
+            return None
+        arrays = [t.detach().cpu().contiguous().numpy() if t is not None else None
+                  for layer in cache.layers for t in (layer.keys, layer.values)]
+        length = arrays[0].shape[2] if length is None else length
+        if any(a is None or a.shape[2] != length for a in arrays):
+            raise NotImplementedError(
+                "moec backend='onnxruntime': this KV cache was changed outside the session (beam search reorders "
+                "it, assisted decoding crops it, or the eager model filled it) and no longer holds every past "
+                "position (a sliding-window layer's HF cache keeps only its window), which the session needs: use "
+                "greedy search or sampling, or backend='torch'")
+        return arrays
+
+    def _follow_reorder(self, cache) -> None:
+        """Beam search reorders the cache's rows (cache.reorder_cache(beam_idx)): reorder the session's past too."""
+        original = cache.reorder_cache
+
+        def reorder_cache(beam_idx: torch.Tensor) -> None:
+            record = self._past.get(cache)
+            fresh = record is not None and _same(_tensors(cache), record[1])
+            original(beam_idx)
+            if fresh:
+                rows = beam_idx.cpu().numpy()
+                self._past[cache] = ([a[rows] for a in record[0]], _tensors(cache))
+
+        cache.reorder_cache = reorder_cache
+
+    def cached_session(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple:
+        """(session, input names, cache layout, attention fused) of the KV-cache export, exported again if the
+        model's weights changed since."""
+        key = ("kv_cache", ids.dtype)
+        if self.sessions and _weights(self.model) != self.weights:
+            self.sessions.clear()
+        if key not in self.sessions:
+            self.sessions[key] = self._open_cached(ids, mask)
+        return self.sessions[key]
 
     def _open_cached(self, ids: torch.Tensor, mask: torch.Tensor):
         import onnxruntime as ort
@@ -181,8 +220,8 @@ class OrtForward:
         with self._as_original() as model:
             layout = cache_layout(model, _widen(ids))
             log.info(f"exporting {type(model).__name__} to ONNX with its KV cache for onnxruntime")
-            exported = export_onnx(model, {"input_ids": _widen(ids)}, path, quantize=self.quantize, provider=provider,
-                                   kv_cache=True)
+            exported = export_onnx(model, {"input_ids": _widen(ids)}, path, quantize=self.quantize, dense=self.dense,
+                                   provider=provider, kv_cache=True)
             probe = _long({"input_ids": _widen(ids)})["input_ids"]
             with torch.no_grad():
                 eager = model(input_ids=probe, use_cache=False).logits
@@ -191,19 +230,18 @@ class OrtForward:
         self.report.export = exported
         names = [i.name for i in session.get_inputs()]
         B, T = probe.shape
-        np_dtype = np.float16 if layout[4] == torch.float16 else np.float32
-        empty = [np.zeros((B, layout[1], 0, dim), np_dtype) for _ in range(layout[0]) for dim in layout[2:4]]
         got = session.run(None, {"input_ids": probe.numpy(), "attention_mask": np.ones((B, T), np.int64),
                                  "position_ids": np.tile(np.arange(T), (B, 1)),
-                                 **dict(zip(names[3:], empty))})[0]
+                                 **dict(zip(names[3:], empty_past(layout, B)))})[0]
         self._check(eager, torch.from_numpy(got))  # the prompt step, 300 tokens, against eager
         self.weights = _weights(self.model)
         return session, names, layout, exported.gqa_layers > 0
 
     @contextlib.contextmanager
     def _as_original(self):
-        """The model as moec.export_onnx takes it: its own forward, no moec report."""
-        saved = {k: self.model.__dict__.pop(k) for k in ("forward", "_moec_report")}
+        """The model as moec.export_onnx takes it: its own forward and generate, no moec report."""
+        saved = {k: self.model.__dict__.pop(k) for k in ("forward", "generate", "_moec_report")
+                 if k in self.model.__dict__}
         try:
             yield self.model
         finally:
@@ -221,7 +259,7 @@ class OrtForward:
                 eager = model(**tensors)
             log.info(f"exporting {type(model).__name__} to ONNX for onnxruntime (inputs {', '.join(tensors)})")
             exported = export_onnx(model, {n: _widen(t) for n, t in tensors.items()}, path, quantize=self.quantize,
-                                   provider=provider, kv_cache=False)
+                                   dense=self.dense, provider=provider, kv_cache=False)
         session = ort.InferenceSession(path, sess_options=session_options(self.options), providers=self.providers)
         ran = session.get_providers()[0]
         self.report.backend = f"onnxruntime ({ran})"
@@ -244,7 +282,7 @@ class OrtForward:
         """Refuse a session that does not compute what the model does (CHECK_TOL per dtype). Quantized
         sessions differ from the fp model by design (docs/quality.md); tests compare them with the
         dequantized model."""
-        if self.quantize is not None:
+        if self.quantize is not None or self.dense is not None:
             return
         ref = _main(eager)
         out = _main(got).to(ref.device)
@@ -252,6 +290,22 @@ class OrtForward:
         if err > CHECK_TOL.get(ref.dtype, 1e-4):
             raise RuntimeError(f"moec backend='onnxruntime': the session's output differs from the eager model's "
                                f"(relative error {err:.2e}); not using it")
+
+
+def _tensors(cache) -> list:
+    """The key/value tensors an HF cache holds now, with their in-place write counters."""
+    return [(t, None if t is None else t._version) for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def _same(now: list, then: list) -> bool:
+    return len(now) == len(then) and all(a is b and u == v for (a, u), (b, v) in zip(now, then))
+
+
+def empty_past(layout: tuple, batch: int) -> list[np.ndarray]:
+    """The first step's past: per layer a key and a value of [batch, kv_heads, 0, head_dim]."""
+    layers, heads, key_dim, value_dim, dtype = layout
+    np_dtype = np.float16 if dtype == torch.float16 else np.float32
+    return [np.zeros((batch, heads, 0, dim), np_dtype) for _ in range(layers) for dim in (key_dim, value_dim)]
 
 
 def _long(tensors: dict[str, torch.Tensor], tokens: int = 300) -> dict[str, torch.Tensor]:
@@ -300,8 +354,12 @@ def _takes_cache(model: nn.Module) -> bool:
     return True
 
 
-def install(model: nn.Module, report, providers, options, quantize) -> None:
-    forward = OrtForward(model, report, providers, options, quantize)
+def install(model: nn.Module, report, providers, options, quantize, dense) -> None:
+    forward = OrtForward(model, report, providers, options, quantize, dense)
     if getattr(model, "generation_config", None) is not None and not forward.cached:
         model.generation_config.use_cache = False  # the exported graph has no KV cache
     model.forward = forward
+    if forward.cached:  # plain greedy search in one loop around the session (backends/ort_generate.py)
+        from moec.backends.ort_generate import OrtGenerate
+
+        model.generate = OrtGenerate(forward)

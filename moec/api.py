@@ -362,13 +362,14 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
             quantize: QuantConfig | None = None, offload: Offload | None = None, topk: int | TopP | dict | None = None,
             experts: ExpertPlan | None = None, approximate: bool = False,
             expert_parallel: ExpertParallel | None = None, providers: list[str] | None = None, session_options=None,
-            **options) -> nn.Module:
+            dense: QuantConfig | None = None, **options) -> nn.Module:
     """Find, prove and rewrite every MoE block of `model` (in place); return the model.
 
     backend: "auto" (Triton on CUDA, else torch), "torch", "triton" (appends the lower_triton pass) or
         "onnxruntime" (the whole model runs in an ONNX Runtime session, see moec.backends.ort_session;
         `providers` in precedence order, default CUDA when usable else CPU; `session_options` an
-        onnxruntime.SessionOptions or a dict of its attributes).
+        onnxruntime.SessionOptions or a dict of its attributes; `dense` Int4Experts(g) or Int8Experts(): the
+        dense MatMuls as MatMulNBits, as moec.export_onnx(dense=) writes them).
     passes: a pipeline such as "detect_moe,fuse_gate,batch_experts" (the default) or a list of pass names.
     verify: raise (and rewrite nothing) if any block's final graph fails its proof, instead of leaving that
         block alone; also checks each block after every pass (MOEC_LOGS=verify prints the errors).
@@ -443,9 +444,9 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     if backend == "onnxruntime":
         if topk is not None or experts is not None:
             raise NotImplementedError("moec: topk= and experts= run in the torch backend (tested), not 'onnxruntime'")
-        return _compile_onnxruntime(model, passes, quantize, providers, session_options)
-    if providers is not None or session_options is not None:
-        raise TypeError("providers= and session_options= are options of backend='onnxruntime'")
+        return _compile_onnxruntime(model, passes, quantize, providers, session_options, dense)
+    if providers is not None or session_options is not None or dense is not None:
+        raise TypeError("providers=, session_options= and dense= are options of backend='onnxruntime'")
     if quantize is not None and backend == "torch" and device.type != "cpu":
         raise NotImplementedError(f"moec: quantized experts in the torch backend run on CPU only (the model is on "
                                   f"{device.type}): use backend='triton'")
@@ -521,7 +522,7 @@ def _warn_if_empty(model: nn.Module, report: Report) -> bool:
     return True
 
 
-def _compile_onnxruntime(model: nn.Module, passes, quantize, providers, session_options) -> nn.Module:
+def _compile_onnxruntime(model: nn.Module, passes, quantize, providers, session_options, dense) -> nn.Module:
     """Prove the blocks now (the report); export and open a session at the first call of each input signature."""
     from moec.backends import ort_session
     from moec.export import check_exportable
@@ -529,13 +530,13 @@ def _compile_onnxruntime(model: nn.Module, passes, quantize, providers, session_
     if passes is not None:
         raise ValueError("backend='onnxruntime' runs moec.export_onnx's pipeline; it takes no passes=")
     check_exportable(model, quantize, "cuda" if (providers or ort_session.default_providers())[0]
-                     == "CUDAExecutionProvider" else "cpu")
+                     == "CUDAExecutionProvider" else "cpu", dense)
     report = _run(model, "detect_moe", Instruments(), install_blocks=False, backend="onnxruntime")
     if _warn_if_empty(model, report):
         return model
     report.quantize = quantize
     model.__dict__["_moec_report"] = report
-    ort_session.install(model, report, providers, session_options, quantize)
+    ort_session.install(model, report, providers, session_options, quantize, dense)
     return model
 
 

@@ -288,11 +288,13 @@ def _fuse_for_ort(program) -> dict[str, int]:
     return {k: v for k, v in counts.items() if v}
 
 
-def check_exportable(model: nn.Module, quantize, provider: str) -> None:
+def check_exportable(model: nn.Module, quantize, provider: str, dense=None) -> None:
     """Refuse, with the reason, what export_onnx cannot turn into a correct file (also used by
     backend="onnxruntime" at compile time, before any call)."""
     if provider not in PROVIDERS:
         raise ValueError(f"moec.export_onnx: provider must be one of {PROVIDERS}, not {provider!r}")
+    if dense is not None and not isinstance(dense, (Int8Experts, Int4Experts)):
+        raise TypeError(f"moec.export_onnx: dense must be moec.Int4Experts(...) or moec.Int8Experts(), not {dense!r}")
     if quantize is not None and not isinstance(quantize, (Int8Experts, Int4Experts)):
         raise TypeError(f"quantize must be moec.Int8Experts() or moec.Int4Experts(...), not {quantize!r}")
     if getattr(quantize, "shared", False):
@@ -358,7 +360,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         refuses several new tokens after a past at batch > 1 (backend="onnxruntime" runs those row by row).
     """
     path = os.fspath(path)
-    check_exportable(model, quantize, provider)
+    check_exportable(model, quantize, provider, dense)
     if expert_slices is None:
         expert_slices = 2 if provider == "cpu" else 1
     if not isinstance(expert_slices, int) or isinstance(expert_slices, bool) or expert_slices < 1:
@@ -366,8 +368,6 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     attention = attention or ("gqa" if provider == "cpu" else "ops")
     if attention not in ("gqa", "ops"):
         raise ValueError(f"moec.export_onnx: attention must be 'gqa' or 'ops', not {attention!r}")
-    if dense is not None and not isinstance(dense, (Int8Experts, Int4Experts)):
-        raise TypeError(f"moec.export_onnx: dense must be moec.Int4Experts(...) or moec.Int8Experts(), not {dense!r}")
     if "_moec_report" in model.__dict__:
         raise ValueError("moec.export_onnx takes the original model, not one moec.compile already rewrote")
     args, kwargs = (tuple(example_inputs), {}) if not isinstance(example_inputs, dict) else ((), dict(example_inputs))

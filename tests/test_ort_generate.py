@@ -1,0 +1,153 @@
+"""backend="onnxruntime": plain greedy `generate` calls run moec's loop around the session
+(backends/ort_generate.py), token for token HF's greedy search on the original model; every other call runs HF's
+generate."""
+
+import copy
+
+import pytest
+import torch
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+import moec
+from moec import models
+from moec.backends import ort_generate
+
+
+@pytest.fixture(scope="module", params=["mixtral", "gpt_oss"])
+def pair(request):
+    """(the compiled model, the original) with the same weights."""
+    ref = models.tiny_model(request.param).eval()
+    model = moec.compile(copy.deepcopy(ref), backend="onnxruntime", session_options={"intra_op_num_threads": 2})
+    return model, ref
+
+
+@pytest.fixture
+def loops(monkeypatch):
+    """How many generate calls ran moec's greedy loop."""
+    ran = []
+    greedy = ort_generate.greedy
+    monkeypatch.setattr(ort_generate, "greedy", lambda *a: ran.append(1) or greedy(*a))
+    return ran
+
+
+def _prompt(model, batch: int, seq: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1:, : seq // 2] = 0  # rows after the first: left padding
+    return ids, mask
+
+
+def _same(model, ref, ids, **kw):
+    with torch.no_grad():
+        got, want = model.generate(ids, **kw), ref.generate(ids, **kw)
+    assert torch.equal(got, want), (got, want)
+    return got
+
+
+@pytest.mark.parametrize("batch,seq,new", [(1, 1, 1), (1, 9, 12), (3, 7, 10)])
+def test_greedy_equals_hf(pair, loops, batch, seq, new):
+    model, ref = pair
+    ids, mask = _prompt(model, batch, seq)
+    _same(model, ref, ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None)
+    assert loops == [1]
+
+
+def test_rows_that_hit_eos_end_and_are_padded(pair, loops):
+    """eos: one of the tokens the rows generate, so rows end at different steps and are padded after; min_new_tokens
+    keeps eos out until it is reached; several eos ids."""
+    model, ref = pair
+    ids, mask = _prompt(model, 3, 6, seed=1)
+    with torch.no_grad():
+        free = ref.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    eos = int(free[0, 6 + 2])  # row 0's third new token
+    got = _same(model, ref, ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=eos,
+                pad_token_id=1)
+    assert (got[0, 6 + 3:] == 1).all() and got.shape[1] > 6 + 3  # row 0 ended, padded; others went on
+    _same(model, ref, ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=5, do_sample=False,
+          eos_token_id=eos, pad_token_id=1)
+    _same(model, ref, ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+          eos_token_id=[int(free[1, 6 + 1]), eos], pad_token_id=1)
+    every = sorted({int(t) for t in free[:, 6]})  # each row's first token: every row ends at once
+    got = _same(model, ref, ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=every)
+    assert got.shape[1] == 7
+    assert loops == [1] * 4
+
+
+def test_weights_changed_after_compile(pair, loops):
+    model, ref = pair
+    ids, mask = _prompt(model, 2, 5, seed=2)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        before = model.generate(ids, **kw)
+        state = {k: v.clone() for k, v in ref.state_dict().items()}
+        for m in (model, ref):
+            m.lm_head.weight.mul_(-1.0)  # in place: every greedy token changes
+        try:
+            after = _same(model, ref, ids, **kw)
+        finally:
+            for m in (model, ref):
+                m.load_state_dict(state)
+    assert not torch.equal(before, after) and loops == [1, 1]
+
+
+@pytest.mark.parametrize("kw", [
+    dict(do_sample=True, top_k=5),
+    dict(repetition_penalty=1.5),
+    dict(num_beams=2),
+    dict(logits_processor=LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.5)])),
+    dict(return_dict_in_generate=True, output_scores=True),
+    dict(max_length=12),  # no max_new_tokens
+    dict(no_repeat_ngram_size=2),
+], ids=lambda kw: ",".join(kw))
+def test_other_calls_run_hf_generate(pair, loops, kw):
+    """Anything but plain greedy search runs HF's generate (same tokens as the original, greedy or seeded)."""
+    model, ref = pair
+    ids, mask = _prompt(model, 2, 5, seed=3)
+    kw = dict(dict(attention_mask=mask, max_new_tokens=6, eos_token_id=None), **kw)
+    if "max_length" in kw:
+        del kw["max_new_tokens"]
+    with torch.no_grad():
+        torch.manual_seed(0)
+        got = model.generate(ids, **kw)
+        torch.manual_seed(0)
+        want = ref.generate(ids, **kw)
+    assert loops == []
+    got, want = (o.sequences if hasattr(o, "sequences") else o for o in (got, want))
+    assert torch.equal(got, want)
+
+
+def test_a_pad_token_in_the_prompt_without_a_mask_runs_hf_generate(pair, loops):
+    """HF infers the attention mask from pad tokens in the prompt: that call is left to it."""
+    model, ref = pair
+    ids, _ = _prompt(model, 2, 6, seed=4)
+    ids[1, :2] = 0
+    _same(model, ref, ids, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=2)
+    assert loops == []
+
+
+def test_a_cache_filled_or_cropped_outside_the_session():
+    """A cache the eager model filled, or one cropped (assisted decoding), is fed as the past when it holds every
+    past position; a sliding-window layer's cropped cache does not, and raises."""
+    ref = models.tiny_model("mixtral").eval()
+    model = moec.compile(copy.deepcopy(ref), backend="onnxruntime")
+    ids, mask = _prompt(ref, 2, 7, seed=5)
+    with torch.no_grad():
+        for crop in (0, 2):
+            caches = []
+            for m in (ref, model):  # the prompt by the eager model, cropped, then a step of the compiled model
+                cache = ref(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+                if crop:
+                    cache.crop(-crop)
+                caches.append(cache)
+            step = dict(input_ids=ids[:, :1], attention_mask=torch.cat([mask[:, :7 - crop], mask[:, :1]], 1),
+                        use_cache=True)
+            want, got = (m(past_key_values=c, **step).logits for m, c in zip((ref, model), caches))
+            assert (got - want).norm() / want.norm() < 1e-5
+
+        slid = models.tiny_model("gpt_oss").eval()  # sliding window 4: its HF cache keeps 3 positions
+        cache = slid(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+        moec.compile(slid, backend="onnxruntime")
+        with pytest.raises(NotImplementedError, match="no longer holds every past position"):
+            slid(input_ids=ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=cache,
+                 use_cache=True)
