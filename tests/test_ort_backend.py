@@ -116,6 +116,30 @@ def test_int8_activations_equal_their_reference(cfg):
         moec.compile(copy.deepcopy(model), quantize=cfg)
 
 
+@pytest.mark.parametrize("dense", [moec.Int4Experts(32), moec.Int8Experts(activations="int8")],
+                         ids=lambda c: c.describe())
+def test_dense_matmuls(dense, tmp_path):
+    """dense=: the session runs the file export_onnx(dense=) writes (MatMulNBits, tested against its dequantized
+    weights in test_onnx_cache.py); refused by the other backends and for anything but Int4/Int8Experts."""
+    import numpy as np
+    import onnxruntime as ort
+
+    model = models.tiny_model("mixtral", hidden_size=64, intermediate_size=64)
+    compiled = moec.compile(copy.deepcopy(model), backend="onnxruntime", dense=dense)
+    inputs = models.example_inputs(model, batch=2, seq=5)
+    with torch.no_grad():
+        got, fp = compiled(**inputs).logits, model(**inputs).logits
+    assert moec.inspect(compiled).export.dense_matmuls > 0
+    report = moec.export_onnx(model, inputs, tmp_path / "d.onnx", dense=dense, kv_cache=False)
+    sess = ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"])
+    want = sess.run(None, {n: inputs[n].numpy() for n in report.inputs})[0]
+    assert rel_err(got, torch.from_numpy(np.asarray(want))) < 1e-6 and rel_err(got, fp) > 1e-4  # quantized
+    with pytest.raises(TypeError, match="options of backend='onnxruntime'"):
+        moec.compile(copy.deepcopy(model), dense=dense)
+    with pytest.raises(TypeError, match="dense must be"):
+        moec.compile(copy.deepcopy(model), backend="onnxruntime", dense="int4")
+
+
 def test_a_session_that_differs_from_eager_is_refused(monkeypatch):
     model = models.tiny_model("mixtral")
     compiled = moec.compile(model, backend="onnxruntime")
