@@ -14,8 +14,10 @@ Pairs (moec torch backend, KV cache, `model.generate` / one forward for prefill;
 llama-cpp-python, `eval` + greedy argmax): fp32 <-> f32, bf16 (the model in bf16) <-> bf16, int8 experts <->
 q8_0, int4 g32 experts <-> q4_0 (llama.cpp quantizes every matrix but the router, and its activations to 8 bits;
 moec quantizes the routed experts only, weight-only). --onnx adds moec backend="onnxruntime" (the whole step in
-an ONNX Runtime session with the KV cache; fp32, int8, int4, and int8/int4 with int8 activations
-(activations="int8": int8 dot products, as q8_0/q4_0 do); ORT has no bf16 MoE kernel). Tokens/s medians over --rounds interleaved rounds; each round's wall time printed.
+an ONNX Runtime session with the KV cache, greedy generate in moec's loop around it; fp32, int8, int4, and
+int8/int4 with int8 activations (activations="int8": int8 dot products, as q8_0/q4_0 do), experts only and
+then every matrix but the router and embedding (dense=, as llama.cpp's file); ORT has no bf16 MoE kernel).
+Tokens/s medians over --rounds interleaved rounds; each round's wall time printed.
 Skips cleanly (exit 0, a message) where llama-cpp-python or gguf is not installed. Never in CI.
 Do not run it with OMP_WAIT_POLICY=PASSIVE: llama.cpp's OpenMP threads then sleep at each of the hundreds of
 barriers in a token, and its decode fell 2-7x (q4_0 on mix: 200 tokens/s instead of 1468).
@@ -185,13 +187,14 @@ class Torch:
 
 
 def quiet_session(threads: int):
-    """ORT session options whose threads sleep between runs: spinning ones would take the cores from the next
-    system of the interleaved round."""
+    """ORT session options whose threads spin within a run (a decode step dispatches ~200 small ops: woken from
+    sleep for each, qmoe's step took 1.5x as long) and stop spinning when it ends, so that they do not take the
+    cores from the next system of the interleaved round."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     return so
 
 
@@ -234,9 +237,14 @@ def main():
                                      session_options=quiet_session(args.threads))
                 systems[f"moec onnxruntime {prec}" + (" experts" if quantize else "")] = Torch(model)
                 if quantize is not None:  # llama.cpp's q8_0/q4_0 round activations to 8 bits too
+                    a8 = dataclasses.replace(quantize, activations="int8")
                     model = moec.compile(build(name), backend="onnxruntime", session_options=quiet_session(args.threads),
-                                         quantize=dataclasses.replace(quantize, activations="int8"))
+                                         quantize=a8)
                     systems[f"moec onnxruntime {prec} experts, int8 activations"] = Torch(model)
+                    # and every matrix but the router and embedding, as llama.cpp's file
+                    model = moec.compile(build(name), backend="onnxruntime", session_options=quiet_session(args.threads),
+                                         quantize=a8, dense=a8)
+                    systems[f"moec onnxruntime {prec} all matmuls, int8 activations"] = Torch(model)
         with torch.no_grad():
             want = ref(input_ids=prompt).logits[0]
         got = systems["llama.cpp f32"].logits(prompt) if "fp32" in args.precisions else None

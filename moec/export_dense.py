@@ -1,10 +1,12 @@
 """export_onnx(..., dense=Int4Experts(g) | Int8Experts()): the exported file's dense MatMuls as MatMulNBits.
 
     y[.., N] = MatMul(x[.., K], W[K, N] initializer)   ->   y = com.microsoft::MatMulNBits(x, Q, scales)
+    y[T, N] = Gemm(x[T, K], W[N, K], b?, transB=1)      ->   the same, + b   (a Linear on token rows: shared experts)
 
 for the attention projections, the lm_head and the dense / shared MLPs: every MatMul whose second input is a
 constant [K, N] with K a multiple of the block size, except the routers (N = a block's expert count: quantized
 router weights would change which experts run) and one-column gates (N = 1, the shared experts' sigmoid gate).
+Gemms of that kind are first written as MatMul (+ Add): ORT's quantizer takes MatMuls only.
 ONNX Runtime's own quantizer (onnxruntime.quantization.matmul_nbits_quantizer) writes the nodes: int4 in blocks of
 the config's group size (symmetric or with zero points), int8 per block of 32 (Int8Experts). With
 activations="int8" (either config) the nodes take accuracy_level=4 (int8 activations, int8 dot products).
@@ -14,18 +16,52 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from moec.quant import Int4Experts, Int8Experts
+
+
+def _quantizable(dims, block: int, router_widths: set[int]) -> bool:
+    """A constant [K, N] weight to quantize (see the module docstring)."""
+    return len(dims) == 2 and dims[0] % block == 0 and dims[1] not in router_widths | {1}
 
 
 def dense_matmuls(proto: onnx.ModelProto, block: int, router_widths: set[int]) -> list[str]:
     """Names of the MatMul nodes to quantize (see the module docstring)."""
     consts = {t.name: t.dims for t in proto.graph.initializer}
     return [n.name for n in proto.graph.node
-            if n.op_type == "MatMul" and len(consts.get(n.input[1], ())) == 2
-            and consts[n.input[1]][0] % block == 0 and consts[n.input[1]][1] not in router_widths | {1}]
+            if n.op_type == "MatMul" and _quantizable(consts.get(n.input[1], ()), block, router_widths)]
+
+
+def gemms_as_matmuls(proto: onnx.ModelProto, block: int, router_widths: set[int]) -> None:
+    """Gemm(x, W, b?) with a constant W of a quantizable [K, N] (transB: W is [N, K]), alpha = beta = 1 and no transA
+    -> MatMul(x, W [K, N]) (+ Add(b)), in place."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    nodes, replaced = [], set()
+    for n in proto.graph.node:
+        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+        w = inits.get(n.input[1]) if n.op_type == "Gemm" else None
+        if w is None or a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or \
+                not _quantizable(list(reversed(w.dims)) if a.get("transB", 0) else w.dims, block, router_widths):
+            nodes.append(n)
+            continue
+        weight = numpy_helper.to_array(w)
+        kn = numpy_helper.from_array(np.ascontiguousarray(weight.T if a.get("transB", 0) else weight),
+                                     f"{w.name}_kn")
+        proto.graph.initializer.append(kn)
+        replaced.add(w.name)
+        bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
+        product = f"{n.output[0]}_matmul" if bias else n.output[0]
+        nodes.append(helper.make_node("MatMul", [n.input[0], kn.name], [product], name=f"{n.name}_matmul"))
+        if bias:
+            nodes.append(helper.make_node("Add", [product, bias], [n.output[0]], name=f"{n.name}_bias"))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    for t in [t for t in proto.graph.initializer if t.name in replaced and t.name not in used]:
+        proto.graph.initializer.remove(t)
 
 
 def quantize_dense(path: str, cfg: Int4Experts | Int8Experts, router_widths: set[int], external_data: bool) -> int:
@@ -34,6 +70,7 @@ def quantize_dense(path: str, cfg: Int4Experts | Int8Experts, router_widths: set
 
     block = cfg.group_size if isinstance(cfg, Int4Experts) else 32
     proto = onnx.load(path)
+    gemms_as_matmuls(proto, block, router_widths)
     names = dense_matmuls(proto, block, router_widths)
     if not names:
         return 0

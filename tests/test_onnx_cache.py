@@ -272,23 +272,27 @@ def _dequantized_matmulnbits(init: dict, node) -> np.ndarray:
     return ((q - np.repeat(zero, block, 1)[:, :K]) * np.repeat(scale, block, 1)[:, :K]).T.copy()
 
 
-@pytest.mark.parametrize("dense", [moec.Int4Experts(32), moec.Int4Experts(32, symmetric=False), moec.Int8Experts()],
-                         ids=lambda c: c.describe())
-def test_dense_matmuls_as_matmulnbits(dense, tmp_path):
-    """export_onnx(dense=...): attention and lm_head MatMuls become MatMulNBits, routers stay fp; the file computes
-    what its dequantized weights say (the same file with each MatMulNBits a MatMul of those weights), step by step."""
+@pytest.mark.parametrize("family,dense", [("mixtral", moec.Int4Experts(32)),
+                                          ("mixtral", moec.Int4Experts(32, symmetric=False)),
+                                          ("mixtral", moec.Int8Experts()), ("qwen2_moe", moec.Int4Experts(32))],
+                         ids=lambda c: c if isinstance(c, str) else c.describe())
+def test_dense_matmuls_as_matmulnbits(family, dense, tmp_path):
+    """export_onnx(dense=...): attention, lm_head and shared-expert MatMuls (Gemms on token rows) become MatMulNBits,
+    routers and the shared experts' one-column gates stay fp; the file computes what its dequantized weights say
+    (the same file with each MatMulNBits a MatMul of those weights), step by step."""
     import onnx
     from onnx import helper, numpy_helper
 
-    model = models.tiny_model("mixtral", **QSIZES).eval()
+    model = models.tiny_model(family, **QSIZES).eval()
     path = tmp_path / "dense.onnx"
     report = moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), path, kv_cache=True, dense=dense)
     proto = onnx.load(path)
     nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
     layers = model.config.num_hidden_layers
-    assert len(nbits) == report.dense_matmuls == 4 * layers + 1  # q, k, v, o per layer and the lm_head
+    shared = 3 if getattr(model.config, "shared_expert_intermediate_size", 0) else 0  # gate, up, down
+    assert len(nbits) == report.dense_matmuls == (4 + shared) * layers + 1  # q, k, v, o per layer and the lm_head
     init = {t.name: t for t in proto.graph.initializer}
-    E = model.config.num_local_experts
+    E = getattr(model.config, "num_local_experts", None) or model.config.num_experts
     assert sum(n.op_type in ("MatMul", "Gemm") and E in init[n.input[1]].dims
                for n in proto.graph.node if len(n.input) > 1 and n.input[1] in init) == layers  # routers: fp
 
