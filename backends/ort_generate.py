@@ -47,11 +47,11 @@ class OrtGenerate:
     def __init__(self, forward):
         self.forward = forward  # the model's OrtForward
 
-    def __call__(self, inputs=None, generation_config=None, **kwargs):
+    def __call__(self, inputs=None, generation_config=None, *args, **kwargs):
         model = self.forward.model
-        plan = _plain_greedy(model, inputs, generation_config, kwargs)
-        if plan is None:
-            return type(model).generate(model, inputs, generation_config, **kwargs)
+        plan = None if args else _plain_greedy(model, inputs, generation_config, dict(kwargs))
+        if plan is None:  # (positional args: HF's logits_processor, stopping_criteria ...)
+            return type(model).generate(model, inputs, generation_config, *args, **kwargs)
         return greedy(self.forward, *plan)
 
 

@@ -80,6 +80,7 @@ class Report:
     pipeline: str = ""
     backend: str = ""
     quantize: QuantConfig | None = None
+    dense: QuantConfig | None = None  # backend="onnxruntime": compile(dense=...), the dense MatMuls' format
     topk: int | dict | None = None  # compile(topk=...): the approximation asked for (moec.save keeps it)
     experts: object = None  # compile(experts=moec.ExpertPlan): the experts kept (moec.save keeps it)
     export: object = None  # backend="onnxruntime": the moec.export_onnx report of the last session opened
@@ -89,6 +90,7 @@ class Report:
 
     def __rich__(self) -> Table:
         q = f", quantize {self.quantize.describe()} {_numerics(self.backend, self.quantize)}" if self.quantize else ""
+        q += f", dense MatMuls {self.dense.describe()} (ONNX Runtime's MatMulNBits)" if self.dense else ""
         t = Table(title=f"moec: {len(self.blocks)} MoE block(s) found, {len(self.rejected)} rejected "
                         f"(pipeline {self.pipeline}, backend {self.backend}{q})", title_justify="left")
         for col in ("block", "E", "k", "router", "experts", "shared", "load (min/max tokens)"):
@@ -534,7 +536,7 @@ def _compile_onnxruntime(model: nn.Module, passes, quantize, providers, session_
     report = _run(model, "detect_moe", Instruments(), install_blocks=False, backend="onnxruntime")
     if _warn_if_empty(model, report):
         return model
-    report.quantize = quantize
+    report.quantize, report.dense = quantize, dense
     model.__dict__["_moec_report"] = report
     ort_session.install(model, report, providers, session_options, quantize, dense)
     return model

@@ -5,7 +5,8 @@
 
 The file holds the model's state_dict (the quantized experts as moec-format buffers, see
 moec.quant) and, in its metadata, moec's format version and the compile options. `load`
-compiles the fresh model with those options (which finds and proves the blocks), then loads
+compiles the fresh model with those options (which finds and proves the blocks; backend="onnxruntime"
+if the saved model ran there, with its dense= format, else the default backend), then loads
 every tensor from the file into the model's own tensors: compiled blocks read them at call
 time (moec.bindings), so the loaded model computes with the file's weights, quantized or not.
 """
@@ -38,9 +39,8 @@ def save(model: nn.Module, path: str) -> None:
         raise NotImplementedError("moec.save: this model's experts are sharded over ranks (expert_parallel=), each rank "
                                   "holding its own: save the model before compiling it, and give each rank its shard "
                                   "with moec.load_sharded")
-    cfg = report.quantize
     meta = {"format_version": quant.FORMAT_VERSION, "pipeline": report.pipeline, "backend": report.backend,
-            "quantize": None if cfg is None else {"kind": type(cfg).__name__, **dataclasses.asdict(cfg)},
+            "quantize": _config_json(report.quantize), "dense": _config_json(report.dense),
             "topk": approx.to_json(report.topk), "experts": approx.to_json(report.experts),
             "calibration": None if (cal := model.__dict__.get("_moec_calibration")) is None else cal.to_json()}
     tensors, tied, seen = {}, {}, {}
@@ -54,6 +54,14 @@ def save(model: nn.Module, path: str) -> None:
         tensors[name] = t.detach().contiguous() if whole else t.detach().clone()  # views of moec's storage: alone
     meta["tied"] = tied
     save_file(tensors, path, metadata={KEY: json.dumps(meta)})
+
+
+def _config_json(cfg) -> dict | None:
+    return None if cfg is None else {"kind": type(cfg).__name__, **dataclasses.asdict(cfg)}
+
+
+def _config(saved: dict | None):
+    return None if saved is None else getattr(quant, saved["kind"])(**{k: v for k, v in saved.items() if k != "kind"})
 
 
 def load(model: nn.Module, path: str, **compile_options) -> nn.Module:
@@ -72,12 +80,16 @@ def load(model: nn.Module, path: str, **compile_options) -> nn.Module:
     if meta.get("format_version") != quant.FORMAT_VERSION:
         raise ValueError(f"moec.load: {path} has moec format version {meta.get('format_version')}, this moec reads "
                          f"version {quant.FORMAT_VERSION}: re-export it with this moec version")
-    q = meta["quantize"]
-    cfg = None if q is None else getattr(quant, q.pop("kind"))(**q)
+    cfg = _config(meta["quantize"])
     # the approximations the saved model was compiled with: compiled the same way again
     saved = {k: approx.from_json(meta[k]) for k in ("topk", "experts") if meta.get(k) is not None}
     saved |= {"approximate": True} if saved else {}
-    compile(model, quantize=cfg, **(saved | compile_options))  # options given here win over the file's
+    if str(meta.get("backend", "")).startswith("onnxruntime"):  # the saved model's backend
+        saved["backend"] = "onnxruntime"
+    options = saved | compile_options  # options given here win over the file's
+    if options.get("backend") == "onnxruntime" and "dense" not in options and meta.get("dense"):
+        options["dense"] = _config(meta["dense"])
+    compile(model, quantize=cfg, **options)
     if meta.get("calibration") is not None:
         from moec.calibrate import Calibration
 

@@ -140,6 +140,25 @@ def test_dense_matmuls(dense, tmp_path):
         moec.compile(copy.deepcopy(model), backend="onnxruntime", dense="int4")
 
 
+def test_save_and_load_keep_the_backend(tmp_path):
+    """moec.load compiles for the backend the saved model ran on (here onnxruntime, with its dense= format), unless
+    told otherwise."""
+    a8 = moec.Int4Experts(32, activations="int8")
+    model = moec.compile(models.tiny_model("mixtral", hidden_size=64, intermediate_size=64), backend="onnxruntime",
+                         quantize=a8, dense=moec.Int8Experts())
+    moec.save(model, tmp_path / "m.safetensors")
+    fresh = moec.load(models.tiny_model("mixtral", hidden_size=64, intermediate_size=64, seed=1),
+                      tmp_path / "m.safetensors")
+    report = moec.inspect(fresh)
+    assert report.backend.startswith("onnxruntime") and report.quantize == a8 and report.dense == moec.Int8Experts()
+    inputs = models.example_inputs(model, batch=2, seq=5)
+    with torch.no_grad():
+        assert rel_err(fresh(**inputs).logits, model(**inputs).logits) < 1e-6
+    with pytest.raises(NotImplementedError, match="int8 activations"):  # told otherwise: torch cannot run a8
+        moec.load(models.tiny_model("mixtral", hidden_size=64, intermediate_size=64), tmp_path / "m.safetensors",
+                  backend="torch")
+
+
 def test_a_session_that_differs_from_eager_is_refused(monkeypatch):
     model = models.tiny_model("mixtral")
     compiled = moec.compile(model, backend="onnxruntime")

@@ -109,9 +109,9 @@ def test_other_calls_run_hf_generate(pair, loops, kw):
         del kw["max_new_tokens"]
     with torch.no_grad():
         torch.manual_seed(0)
-        got = model.generate(ids, **kw)
+        got = model.generate(input_ids=ids, **kw)  # (input_ids by name: passed on to HF as given)
         torch.manual_seed(0)
-        want = ref.generate(ids, **kw)
+        want = ref.generate(input_ids=ids, **kw)
     assert loops == []
     got, want = (o.sequences if hasattr(o, "sequences") else o for o in (got, want))
     assert torch.equal(got, want)
