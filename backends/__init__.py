@@ -3,7 +3,8 @@
 - `torch`: plain torch (`torch_backend`), every device; the fast path on CPU.
 - `triton`: grouped-GEMM Triton kernels (`triton_experts`; routing stays torch's ops), CUDA;
   also runs on CPU tensors under TRITON_INTERPRET=1 (slow; for tests).
-- `onnxruntime`: the whole model exported (moec.export_onnx) and run in an InferenceSession (`ort_session`).
+- `onnxruntime`: the whole model exported (moec.export_onnx) and run in an InferenceSession (`ort_session`);
+  plain greedy `generate` in one loop around it (`ort_generate`).
 """
 
 from __future__ import annotations
