@@ -17,9 +17,10 @@ for plain greedy search, this loop runs it with nothing else per token:
 
 and returns input_ids with the new tokens, ending when every row hit eos or after max_new_tokens: HF's
 greedy search, token for token (tests/test_ort_generate.py). A plain greedy call is: max_new_tokens given,
-no sampling or beams, no logits processor, stopping criterion, streamer or return_dict_in_generate, and a
-generation config that differs from the defaults only in length, special tokens and sampling knobs
-greedy search ignores. Any other call runs HF's generate, which calls the session one step at a time.
+no sampling or beams, no logits processor, stopping criterion, streamer, return_dict_in_generate or
+generation_config argument, no right padding, and a model generation config that differs from the defaults
+only in length, special tokens and sampling knobs greedy search ignores. Any other call runs HF's generate,
+which calls the session one step at a time.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def _plain_greedy(model, inputs, generation_config, kwargs) -> tuple | None:
         return None
     if hasattr(model.config, "_get_generation_parameters") and model.config._get_generation_parameters():
         return None  # generation settings in model.config: HF's generate refuses them, say it there
-    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    if generation_config is not None:
+        return None  # HF fills its unset fields from model.generation_config: left to HF
+    config = copy.deepcopy(model.generation_config)
     extra = config.update(**kwargs)  # the arguments that are not generation settings go to the model
     mask = extra.pop("attention_mask", None)
     if extra:
@@ -79,15 +82,16 @@ def _plain_greedy(model, inputs, generation_config, kwargs) -> tuple | None:
     new = config.max_new_tokens
     if not isinstance(new, int) or new < 1 or config.use_cache is False:
         return None
-    eos = config.eos_token_id
-    eos = None if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    pad = config.pad_token_id if config.pad_token_id is not None else eos[0] if eos else None
+    eos = config.eos_token_id  # an int, a list, a tensor or a numpy integer
+    eos = None if eos is None else [int(e) for e in torch.as_tensor(eos).reshape(-1)]
+    pad = config.pad_token_id
+    pad = int(torch.as_tensor(pad)) if pad is not None else eos[0] if eos else None
     if mask is None:
         if pad is not None and bool((inputs == pad).any()):
             return None  # HF may infer the mask from the pad tokens
         mask = torch.ones_like(inputs)
-    if not isinstance(mask, torch.Tensor) or mask.shape != inputs.shape:
-        return None
+    if not isinstance(mask, torch.Tensor) or mask.shape != inputs.shape or bool((mask[:, 1:] < mask[:, :-1]).any()):
+        return None  # right padding: HF's positions for the new tokens are its own
     return inputs, mask, new, config.min_new_tokens or 0, eos, pad
 
 
@@ -99,8 +103,8 @@ def greedy(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: in
 
     session, names, layout, _ = forward.cached_session(ids, mask)
     B = ids.shape[0]
-    seq, mask = ids.cpu(), mask.long().cpu()
-    feed, pos = seq, (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # HF's positions under left padding
+    seq, mask = ids.cpu().long(), mask.long().cpu()  # the result is int64, as HF's
+    feed, pos = ids.cpu(), (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # HF's positions under left padding
     past = empty_past(layout, B)
     stop = None if eos is None else torch.tensor(eos)
     ended = torch.zeros(B, dtype=torch.bool)
@@ -114,10 +118,10 @@ def greedy(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: in
         if stop is not None:
             token = token.masked_fill(ended, pad)
             ended |= torch.isin(token, stop)
-        seq = torch.cat([seq, token[:, None].to(seq.dtype)], 1)
+        seq = torch.cat([seq, token[:, None]], 1)
         if bool(ended.all()):
             break
-        past, feed = outs[1:], token[:, None].to(seq.dtype)
+        past, feed = outs[1:], token[:, None].to(ids.dtype)
         pos = mask.sum(-1, keepdim=True)  # the new token's position: the count of its row's real tokens before it
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], 1)
     return seq.to(ids.device)

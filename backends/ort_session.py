@@ -94,6 +94,9 @@ class OrtForward:
                                           if p.kind is p.VAR_KEYWORD), None), {})
         tensors, keep = {}, None
         args = {**bound.arguments, **extra}
+        if args.get("labels") is not None:
+            raise NotImplementedError("moec backend='onnxruntime': labels= is not supported (the session returns the "
+                                      "logits): compute the loss from them")
         cache = args.pop("past_key_values", None)
         if self.cached and (cache is not None or args.get("use_cache")):
             return self._cached(args, cache)
@@ -137,6 +140,11 @@ class OrtForward:
         past = self._past_of(cache, None if mask is None else mask.shape[1] - S)
         P = 0 if past is None else past[0].shape[2]
         mask = torch.ones(B, P + S, dtype=torch.long) if mask is None else mask.long().cpu()
+        if _slides(self.model.config) and bool((mask[:, 1:] < mask[:, :-1]).any()):
+            raise NotImplementedError("moec backend='onnxruntime': right padding on a model with sliding-window "
+                                      "layers: the session's window counts each row's tokens (as onnxruntime-genai "
+                                      "needs), HF's counts cache slots, so they differ after the pads; pad on the "
+                                      "left (tokenizer.padding_side='left'), as HF's generate expects")
         pos = args.get("position_ids")
         if pos is None:  # as HF's forward takes them (generate passes its own, from the mask)
             at = args.get("cache_position")
@@ -274,22 +282,34 @@ class OrtForward:
                     eager = model(**feeds)
             got = rebuild([torch.from_numpy(np.asarray(o)) for o in session.run(
                 None, {n: feeds[n].detach().cpu().numpy() for n in names})])
-            self._check(eager, got)
+            self._check(eager, got, feeds.get("attention_mask"))
         self.weights = _weights(self.model)
         return session, names, rebuild
 
-    def _check(self, eager, got) -> None:
-        """Refuse a session that does not compute what the model does (CHECK_TOL per dtype). Quantized
-        sessions differ from the fp model by design (docs/quality.md); tests compare them with the
+    def _check(self, eager, got, mask: torch.Tensor | None = None) -> None:
+        """Refuse a session that does not compute what the model does (CHECK_TOL per dtype), at the positions the
+        attention mask keeps (a padded position's output means nothing: eager and ORT fill it differently).
+        Quantized sessions differ from the fp model by design (docs/quality.md); tests compare them with the
         dequantized model."""
         if self.quantize is not None or self.dense is not None:
             return
         ref = _main(eager)
         out = _main(got).to(ref.device)
+        if mask is not None and ref.dim() >= 2 and ref.shape[:2] == mask.shape:
+            keep = mask.to(ref.device).bool()
+            ref, out = ref[keep], out[keep]
         err = ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
         if err > CHECK_TOL.get(ref.dtype, 1e-4):
             raise RuntimeError(f"moec backend='onnxruntime': the session's output differs from the eager model's "
                                f"(relative error {err:.2e}); not using it")
+
+
+def _slides(config) -> bool:
+    """Whether some attention layer of an HF config has a sliding window."""
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return "sliding_attention" in types
+    return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) is not False
 
 
 def _tensors(cache) -> list:
@@ -309,13 +329,16 @@ def empty_past(layout: tuple, batch: int) -> list[np.ndarray]:
 
 
 def _long(tensors: dict[str, torch.Tensor], tokens: int = 300) -> dict[str, torch.Tensor]:
-    """The inputs tiled along their sequence axis (dim 1 of [batch, seq, ...] inputs) to `tokens` positions."""
+    """The inputs tiled along their sequence axis (dim 1 of [batch, seq, ...] inputs) to `tokens` positions;
+    position_ids go on counting (tiled, they would start over: HF reads that as packed sequences)."""
     from moec.export import dynamic_axes
 
     out = {}
     for n, t in tensors.items():
         axes = dynamic_axes(t) or {}
-        if 1 in axes and t.dim() >= 2 and t.shape[1] < tokens:
+        if n == "position_ids" and t.dim() == 2 and t.shape[1] < tokens:
+            t = torch.cat([t, t[:, -1:] + torch.arange(1, tokens - t.shape[1] + 1, dtype=t.dtype)], 1)
+        elif 1 in axes and t.dim() >= 2 and t.shape[1] < tokens:
             reps = -(-tokens // t.shape[1])
             t = t.repeat(1, reps, *([1] * (t.dim() - 2)))[:, :tokens]
         out[n] = t

@@ -151,3 +151,33 @@ def test_a_cache_filled_or_cropped_outside_the_session():
         with pytest.raises(NotImplementedError, match="no longer holds every past position"):
             slid(input_ids=ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=cache,
                  use_cache=True)
+
+
+def test_calls_found_by_a_hostile_probe(pair, loops):
+    """eos as a tensor or numpy integer and int32 prompts run the loop (int64 result, as HF's); a GenerationConfig
+    argument (HF fills it from the model's), right padding and use_cache=False run HF's generate; labels= is
+    refused (the session returns no loss)."""
+    import numpy as np
+    from transformers import GenerationConfig
+
+    model, ref = pair
+    family = model.config.model_type
+    ids, mask = _prompt(model, 3, 7, seed=6)
+    eos = int(ref.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, eos_token_id=None)[0, 8])
+    for e in (torch.tensor(eos), np.int64(eos)):
+        _same(model, ref, ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=e)
+    assert _same(model, ref, ids.int(), attention_mask=mask, max_new_tokens=4, do_sample=False).dtype == torch.int64
+    assert len(loops) == 3
+    _same(model, ref, ids, attention_mask=mask, generation_config=GenerationConfig(max_new_tokens=6, eos_token_id=eos))
+    right = torch.ones_like(mask)
+    right[1, 4:] = 0
+    right[2, 2:] = 0
+    if family == "gpt_oss":  # sliding windows: the session's counts tokens, HF's slots; refused
+        with pytest.raises(NotImplementedError, match="right padding"):
+            model.generate(ids, attention_mask=right, max_new_tokens=6, do_sample=False)
+    else:
+        _same(model, ref, ids, attention_mask=right, max_new_tokens=6, do_sample=False)
+    _same(model, ref, ids, attention_mask=mask, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert len(loops) == 3
+    with pytest.raises(NotImplementedError, match="labels"):
+        model(input_ids=ids, labels=ids)
