@@ -8,7 +8,8 @@ Models (random weights, fp32): "mix" = moec.models.demo_model() (Mixtral-style, 
 top-2, 4 layers); "gpt_oss" = a GPT-OSS of hidden 512, 4 layers, 8 experts (the size the deployment issue
 measured onnxruntime-genai on). Systems, all greedy, the same tokens asserted against HF:
   HF eager (KV cache) | moec torch backend (KV cache) | moec backend="onnxruntime" with the KV cache, fp32 and
-  int4 experts (g32) | moec backend="onnxruntime" without the cache (generate recomputes the sequence: how it
+  int4 experts (g32), and int4 everywhere with int8 activations (dense=, greedy generate in moec's loop around
+  the session) | moec backend="onnxruntime" without the cache (generate recomputes the sequence: how it
   ran before the KV-cache export) | where onnxruntime-genai is installed: moec.export_genai's folders (fp32; int4
   g32 experts; int4 g32 experts with attention, lm_head and dense MLPs as int4 MatMulNBits, `dense=`; the same
   with int8 activations everywhere, `Int4Experts(32, activations="int8")`, as llama.cpp's q4_0 runs) run by its
@@ -115,6 +116,9 @@ def main():
         for label, q in (("fp32", None), ("int4 g32 experts", moec.Int4Experts(32))):
             systems[f"moec onnxruntime {label} (KV cache)"] = (
                 moec.compile(copy.deepcopy(ref), backend="onnxruntime", quantize=q, session_options=so), True)
+        a8 = moec.Int4Experts(32, activations="int8")  # every matrix, as the genai folder's last row
+        systems["moec onnxruntime int4 all matmuls, int8 activations (KV cache)"] = (
+            moec.compile(copy.deepcopy(ref), backend="onnxruntime", quantize=a8, dense=a8, session_options=so), True)
         systems["moec onnxruntime fp32 (no cache)"] = (systems["moec onnxruntime fp32 (KV cache)"][0], False)
         if not args.no_genai:
             systems.update(genai_systems(name, ref, args.threads, work))
