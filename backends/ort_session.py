@@ -9,7 +9,8 @@ dynamic axes of the exported file, so one session serves every size), runs the s
 back the model's own output type (HF models: their ModelOutput with the logits). The first call of
 a signature also runs the eager model once and refuses a session whose outputs differ from it.
 HF decoder LMs whose cache is a key/value pair per layer run with it: a call with use_cache (as
-`generate` makes them) goes to a session exported with kv_cache=True, fed the past this forward
+`generate` makes them; unset, the config's, as HF's forward) goes to a session exported with kv_cache=True,
+returns the model's own output class with the cache, and is fed the past this forward
 returned before for that cache object (the whole past: a sliding-window layer's HF cache is cropped), and
 the new keys/values are appended to the HF cache so `generate` counts positions as usual (attention as
 GroupQueryAttention nodes, moec.export_gqa: a call of several tokens after a past at batch > 1, which ORT's
@@ -86,6 +87,7 @@ class OrtForward:
         self.sessions: dict[tuple, tuple] = {}  # key -> (session, input names, outputs -> the model's structure)
         self.weights = None  # _weights(model) when the sessions were exported
         self.cached = _takes_cache(model)  # an HF decoder LM with a key/value cache: generate uses it
+        self.output_type = None  # the model's ModelOutput class (found by the KV-cache session's first check)
         self._past = weakref.WeakKeyDictionary()  # HF cache -> (the session's last present arrays, its tensors then)
 
     def __call__(self, *args, **kwargs):
@@ -98,7 +100,10 @@ class OrtForward:
             raise NotImplementedError("moec backend='onnxruntime': labels= is not supported (the session returns the "
                                       "logits): compute the loss from them")
         cache = args.pop("past_key_values", None)
-        if self.cached and (cache is not None or args.get("use_cache")):
+        use_cache = args.get("use_cache")
+        if use_cache is None and self.cached:  # HF's default: the config's (a plain call returns the cache)
+            use_cache = getattr(self.model.config, "use_cache", False)
+        if self.cached and (cache is not None or use_cache) and args.get("inputs_embeds") is None:
             return self._cached(args, cache)
         for name, value in args.items():
             if isinstance(value, torch.Tensor):
@@ -170,9 +175,7 @@ class OrtForward:
         keep = args.get("logits_to_keep")
         if keep:
             logits = logits[:, -keep:]
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
-        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+        return self.output_type(logits=logits, past_key_values=cache)
 
     def _past_of(self, cache, length: int | None) -> list[np.ndarray] | None:
         """The whole past to feed for `cache` (None: empty): the present arrays this forward left with it, or, when
@@ -232,7 +235,8 @@ class OrtForward:
                                    provider=provider, kv_cache=True)
             probe = _long({"input_ids": _widen(ids)})["input_ids"]
             with torch.no_grad():
-                eager = model(input_ids=probe, use_cache=False).logits
+                out = model(input_ids=probe, use_cache=False)
+            self.output_type, eager = type(out), out.logits  # the model's own ModelOutput class
         session = ort.InferenceSession(path, sess_options=session_options(self.options), providers=self.providers)
         self.report.backend = f"onnxruntime ({session.get_providers()[0]})"
         self.report.export = exported

@@ -12,6 +12,8 @@ import moec
 from moec import models
 from moec.backends import ort_generate
 
+from conftest import rel_err
+
 
 @pytest.fixture(scope="module", params=["mixtral", "gpt_oss"])
 def pair(request):
@@ -181,3 +183,16 @@ def test_calls_found_by_a_hostile_probe(pair, loops):
     assert len(loops) == 3
     with pytest.raises(NotImplementedError, match="labels"):
         model(input_ids=ids, labels=ids)
+
+
+def test_a_plain_call_returns_the_cache_to_continue_from():
+    """Like HF's forward, a call without use_cache returns the cache (the config's use_cache), and a step fed that
+    cache continues from it."""
+    ref = models.tiny_model("mixtral").eval()
+    model = moec.compile(copy.deepcopy(ref), backend="onnxruntime")
+    ids, mask = _prompt(ref, 2, 7, seed=7)
+    with torch.no_grad():
+        a, b = ref(input_ids=ids[:, :5]), model(input_ids=ids[:, :5])
+        assert b.past_key_values is not None and rel_err(b.logits, a.logits) < 1e-5
+        a, b = (m(input_ids=ids[:, 5:6], past_key_values=o.past_key_values) for m, o in ((ref, a), (model, b)))
+    assert rel_err(b.logits, a.logits) < 1e-5
