@@ -31,6 +31,7 @@ from torch import nn
 from moec.api import Rejection, compile, inspect
 from moec.backends.onnx_backend import ort_type_errors, register_ort_schemas, translations
 from moec.canonical import resolve
+from moec.export_complex import as_real_pairs
 from moec.export_dense import quantize_dense
 from moec.log import log
 from moec.pass_manager import DEFAULT_PIPELINE
@@ -101,7 +102,8 @@ class _Exportable(nn.Module):
 
     def forward(self, *inputs):
         kwargs = dict(zip(self.names, inputs[self.n_args:]), **({"use_cache": False} if self.hf else {}))
-        out = self.model(*inputs[:self.n_args], **kwargs)
+        with as_real_pairs():
+            out = self.model(*inputs[:self.n_args], **kwargs)
         return out.logits if hasattr(out, "logits") else out
 
 
@@ -141,11 +143,14 @@ class _ExportableWithCache(nn.Module):
     """An HF decoder LM as exported with its KV cache: (input_ids [B, S], attention_mask [B, P+S], position_ids
     [B, S], past_key_values.{i}.key/value [B, kv_heads, P, head_dim] ...) -> (logits [B, S, V],
     present.{i}.key/value [B, kv_heads, P+S, head_dim] ...), the cache HF's DynamicCache would hold.
-    gqa: None (attention as the model computes it), or layer -> None (fused: moec.export_gqa) | why not."""
+    gqa: None (attention as the model computes it), or layer -> None (fused: moec.export_gqa) | why not.
+    halves: None, or the (key, value) head dims of a cache whose keys and values differ (MLA's latents), stored
+    as two equal halves of their concatenation (zero-padded to an even width): one head size for both, as
+    onnxruntime-genai's config has."""
 
-    def __init__(self, model: nn.Module, layers: int):
+    def __init__(self, model: nn.Module, layers: int, halves: tuple[int, int] | None = None):
         super().__init__()
-        self.model, self.layers = model, layers
+        self.model, self.layers, self.halves = model, layers, halves
         self.training = model.training
         self.gqa: dict[int, str | None] | None = None
         self.reference = "eager"  # export_gqa: the attention implementation the model ran
@@ -158,22 +163,40 @@ class _ExportableWithCache(nn.Module):
 
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
+        if self.halves:
+            pairs = [_join_halves(a, b, *self.halves) for a, b in pairs]
         if self.gqa is None:
             cache = DynamicCache()  # full layers: a sliding-window layer would count the re-fed past as new tokens
             for i, (k, v) in enumerate(pairs):
                 cache.update(k, v, i)
-            with _windows_in_tokens(self.model, attention_mask):
+            with _windows_in_tokens(self.model, attention_mask), as_real_pairs():
                 out = self.model(**kwargs, past_key_values=cache)
             present = [(layer.keys, layer.values) for layer in out.past_key_values.layers[:self.layers]]
         else:
             with export_gqa.fused(pairs, self.check, self.gqa, self.reference) as (cache, run), \
-                    _windows_in_tokens(self.model, attention_mask):
+                    _windows_in_tokens(self.model, attention_mask), as_real_pairs():
                 out = self.model(**kwargs, past_key_values=cache)
             if len(run.present) != self.layers:
                 raise export_gqa.GQAUnfit(f"{self.layers - len(run.present)} layer(s) updated the cache without "
                                           f"attending through the attention function")
             present = [run.present[i] for i in range(self.layers)]
+        if self.halves:
+            present = [_split_halves(k, v) for k, v in present]
         return (out.logits, *(t for pair in present for t in pair))
+
+
+def _split_halves(keys, values):
+    """[B, H, P, key] + [B, H, P, value] -> two [B, H, P, (key + value + 1) // 2]: their concatenation in halves."""
+    both = torch.cat([keys, values], -1)
+    width = (both.shape[-1] + 1) // 2
+    both = nn.functional.pad(both, (0, 2 * width - both.shape[-1]))
+    return both[..., :width], both[..., width:]
+
+
+def _join_halves(first, second, key: int, value: int):
+    """_split_halves undone: the cached keys [B, H, P, key] and values [B, H, P, value]."""
+    both = torch.cat([first, second], -1)
+    return both[..., :key], both[..., key:key + value]
 
 
 def cache_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[int, int, int, int, torch.dtype]:
@@ -194,15 +217,19 @@ def cache_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[int, int, i
     return len(layers), k.shape[1], k.shape[3], v.shape[3], k.dtype
 
 
-def _with_cache(model: nn.Module, input_ids, attention: str):
+def _with_cache(model: nn.Module, input_ids, attention: str, halves: bool):
     """(module, example inputs, input names, output names, dynamic shapes, attention summary) of the KV-cache
     export: the example is the given tokens after a past of 3 random key/value positions (2+ so that the axis
-    stays dynamic). attention "gqa": each layer's attention fused where proved on the example (moec.export_gqa)."""
+    stays dynamic). attention "gqa": each layer's attention fused where proved on the example (moec.export_gqa).
+    halves: keys and values of different head dims are cached as two equal halves (_ExportableWithCache)."""
     from moec import export_gqa  # imports transformers
 
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("moec.export_onnx(kv_cache=True): give example inputs with input_ids [batch, seq]")
     layers, heads, key_dim, value_dim, dtype = cache_layout(model, input_ids)
+    halves = (key_dim, value_dim) if halves and key_dim != value_dim else None
+    if halves:
+        key_dim = value_dim = (key_dim + value_dim + 1) // 2
     B, S, P = *input_ids.shape, 3
     gen = torch.Generator().manual_seed(0)
     past = tuple(torch.randn(B, heads, P, dim, generator=gen).to(dtype) for _ in range(layers)
@@ -214,7 +241,7 @@ def _with_cache(model: nn.Module, input_ids, attention: str):
     outputs = ["logits", *(f"present.{n}" for n in kv)]
     d = torch.export.Dim.DYNAMIC
     shapes = ({0: d, 1: d}, {0: d, 1: d}, {0: d, 1: d}, tuple({0: d, 2: d} for _ in past))
-    exportable, why = _ExportableWithCache(model, layers), "attention='ops' asked"
+    exportable, why = _ExportableWithCache(model, layers, halves), "attention='ops' asked"
     if attention == "gqa":
         was = None
         try:
@@ -305,6 +332,15 @@ def check_exportable(model: nn.Module, quantize, provider: str, dense=None) -> N
             "moec.export_onnx: quantized experts for provider='cuda' are not supported: ONNX Runtime's CUDA QMoE "
             "kernel takes weights pre-packed for its mixed-precision GEMM (weights_prepacked), a layout moec "
             "does not produce; export without quantize (MoE nodes run on both providers) or for provider='cpu'")
+    config = getattr(model, "config", None)
+    if getattr(config, "kv_lora_rank", None) and getattr(config, "num_key_value_heads", None) not in (
+            None, getattr(config, "num_attention_heads", None)):
+        raise NotImplementedError(
+            f"moec.export_onnx: {type(model).__name__} has MLA attention with num_key_value_heads "
+            f"{config.num_key_value_heads} != num_attention_heads {config.num_attention_heads}: traced, transformers "
+            f"then repeats the expanded keys and the export fails. MLA caches one latent for all heads, so the value "
+            f"is unused otherwise: set model.config.num_key_value_heads = model.config.num_attention_heads (as "
+            f"DeepSeek's own configs do) and export again")
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if torch.bfloat16 in dtypes:
         raise NotImplementedError("moec.export_onnx: bf16 models are not supported: ONNX Runtime's MoE/QMoE have no "
@@ -330,7 +366,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
                 quantize: QuantConfig | None = None, provider: str = "cpu", opset: int | None = None,
                 external_data: bool | None = None, kv_cache: bool | None = None,
                 dense: QuantConfig | None = None, expert_slices: int | None = None,
-                attention: str | None = None) -> ExportReport:
+                attention: str | None = None, _cache_halves: bool = False) -> ExportReport:
     """Export `model` (left unchanged) to ONNX at `path`; return what became of each MoE block.
 
     example_inputs: positional args (a tuple) or keyword args (a dict) of model(...); their batch and
@@ -400,7 +436,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     with torch.no_grad(), _quiet("onnxscript", "onnx_ir"):
         if kv_cache:
             exportable, inputs, names, outputs, shapes, fused = _with_cache(
-                work, kwargs.get("input_ids", args[0] if args else None), attention)
+                work, kwargs.get("input_ids", args[0] if args else None), attention, _cache_halves)
         else:
             exportable = _Exportable(work, len(args), list(kwargs))
             outputs = ["logits"] if exportable.hf else None

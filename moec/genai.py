@@ -80,18 +80,18 @@ def export_genai(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, qua
     if tokens["pad"] is None:
         tokens["pad"] = tokens["eos"] if isinstance(tokens["eos"], int) else tokens["eos"][0]
     ids = torch.randint(0, config.vocab_size, (2, 4), generator=torch.Generator().manual_seed(0))
-    layers, kv_heads, head_size, value_size, _ = cache_layout(model, ids)
-    if value_size != head_size:
-        raise NotImplementedError(f"moec.export_genai: {type(model).__name__}'s cached keys have {head_size} dims per "
-                                  f"head and its values {value_size} (MLA); genai_config.json has one head_size for "
-                                  f"both. Use moec.export_onnx (its KV-cache file runs in a plain ORT session)")
+    layers, kv_heads, key_size, value_size, _ = cache_layout(model, ids)
+    # genai_config.json has one head_size: keys and values of different sizes (MLA's two latents) are cached as
+    # two equal halves of their concatenation (moec.export._ExportableWithCache)
+    head_size = (key_size + value_size + 1) // 2 if key_size != value_size else key_size
     out.mkdir(parents=True, exist_ok=True)
     if files is None:
         tokenizer.save_pretrained(str(out))
     for f in files or []:
         shutil.copy(f, out / f.name)
     report = export_onnx(model, {"input_ids": ids}, out / "model.onnx", quantize=quantize, dense=dense,
-                         provider=provider, kv_cache=True, external_data=True, expert_slices=expert_slices)
+                         provider=provider, kv_cache=True, external_data=True, expert_slices=expert_slices,
+                         _cache_halves=True)
     gen = getattr(model, "generation_config", None)
     search = {"do_sample": bool(getattr(gen, "do_sample", False)), "num_beams": getattr(gen, "num_beams", 1) or 1,
               "temperature": getattr(gen, "temperature", None) or 1.0, "top_k": getattr(gen, "top_k", None) or 50,

@@ -59,7 +59,10 @@ _DECODER_BASE = dict(
     eos_token_id=2,
     pad_token_id=0,
 )
-_DEEPSEEK_ATTN = dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+# MLA: one cached latent for every head, so DeepSeek's own configs set num_key_value_heads = num_attention_heads
+# (transformers' eager attention and a traced sdpa repeat the expanded keys otherwise, and fail).
+_DEEPSEEK_ATTN = dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                      num_key_value_heads=4)
 
 # family -> (config class, model class, config kwargs)
 _SPECS: dict[str, tuple[str, str, dict]] = {

@@ -18,10 +18,11 @@ experts as ONE op that exports to ONNX Runtime's contrib node, weights in ORT's 
     sliced (export's expert_slices=s > 1, fp experts): FC1/FC2 [E, ..] -> [s*E, ..], slice j of expert e at
         j*E + e holding intermediate units [j*I/s, (j+1)*I/s) (b2 on slice 0); probs repeated s times, k*s,
         log-weights routing, x s*sum(w) after: the block is the sum of its slices
+    input-side weighting, top-1 (Llama 4): x * w [T, H] into the op, log-weights of weight 1
 
 A block ORT's op cannot compute exactly falls back to `experts_dense` (every expert on every token
 in standard ops, quantized weights dequantized in the graph), with the reason: an activation ORT
-lacks (exact GELU, GeGLU, ReGLU), the input-side weighting of Llama 4, or routing weights that can
+lacks (exact GELU, GeGLU, ReGLU), input-side weighting of k > 1 experts, or routing weights that can
 be negative (raw logits). Invariant: the graph computes the block (to rounding) and exports with
 torch.export; `meta["onnx"]` says which op each block became and why. Stats: contrib, fallback.
 """
@@ -70,6 +71,11 @@ def slice_experts(fc1: torch.Tensor, b1, fc2: torch.Tensor, b2, slices: int):
     return fc1.contiguous(), b1, fc2.contiguous(), b2
 
 
+def weighted_input(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T, H] scaled by each token's one routing weight w [T, 1], as moec.experts does with weight_on_input."""
+    return (x * w).to(x.dtype)
+
+
 def rescale(y: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
     return (y.float() * s).to(y.dtype)
 
@@ -88,8 +94,8 @@ def fallback_reason(spec) -> str | None:
         what = {"gelu": "GeGLU", "gelu_tanh": "GeGLU (tanh)", "relu": "ReGLU"}.get(e.activation, e.activation) \
             if e.gated else {"gelu": "exact (erf) GELU"}.get(e.activation, e.activation)
         return f"ORT's MoE has no {what} experts (it has SwiGLU, ReLU, SiLU, tanh-GELU)"
-    if e.weight_on_input:
-        return "routing weights scale the expert input (Llama 4): ORT's MoE weights outputs"
+    if e.weight_on_input and r.top_k > 1:
+        return "routing weights scale the input of k > 1 experts: ORT's MoE weights outputs"
     if r.scoring == "none" and r.weighting == "scores" and not (r.top_k == 1 and r.renorm == 1.0):  # else l/l = 1
         return "routing weights are raw logits (may be negative): ORT's MoE weights by a softmax"
     return None
@@ -152,7 +158,10 @@ def _contrib_node(gm, node, spec, quant: bool, dtype):
     asked = 1 if quant else gm.meta["options"].get("onnx", {}).get("expert_slices", 1)  # QMoE: never sliced
     slices = asked if e.inter % asked == 0 and e.inter // asked >= 2 else 1
     unsliced = f"; not sliced: I={e.inter} has no {asked} equal slices of 2 units or more" if slices < asked else ""
-    if native_routing(r) and slices == 1:
+    if e.weight_on_input:  # top-1 (fallback_reason): its weight scales the token, the op weights the output by 1
+        x = g.call_function(weighted_input, (x, w))
+        w = g.call_function(torch.ones_like, (w,))
+    if native_routing(r) and slices == 1 and not e.weight_on_input:
         logits = g.call_function(operator.getitem, (route, 0))
         probs, scale = g.call_method("to", (logits, dtype)), r.scale
         routing = "native (ORT routes the logits)" + (f", x{r.scale:g} after" if r.scale != 1.0 else "") + unsliced
@@ -162,7 +171,8 @@ def _contrib_node(gm, node, spec, quant: bool, dtype):
         routing = f"log-weights (router computed in ONNX ops), x {f'{slices}*' if slices > 1 else ''}sum(w) after" + \
             unsliced + \
             (f"; experts in {slices} slices of {e.inter // slices} units (ORT's CPU kernel runs an expert on one "
-             f"thread)" if slices > 1 else "")
+             f"thread)" if slices > 1 else "") + \
+            ("; the top-1 weight scales the expert input (Llama 4), the op weights by 1" if e.weight_on_input else "")
     tail = (r.top_k * slices, e.activation, e.gated, float(e.alpha), float(e.limit))
     if quant:
         cfg = spec.quant

@@ -26,16 +26,15 @@ from test_quant import _dequantized_twin
 # Families whose model (not its MoE blocks) does not torch.export with dynamic batch/sequence in
 # transformers 5.23: the uncompiled model fails the same way (test_export_gaps_are_in_the_model).
 EXPORT_GAPS = {
-    "deepseek_v2": "MLA attention: torch.export fails with any dynamic axis (shape mismatch in attention)",
-    "deepseek_v3": "MLA attention: torch.export fails with any dynamic axis (shape mismatch in attention)",
     "jamba": "the Mamba layer's slow path specializes the sequence length",
-    "llama4": "complex-valued rotary embedding: no ONNX for complex tensors",
 }  # their MoE blocks export on their own: test_gap_family_block
 HF = [f for f in SUPPORTED if f not in EXPORT_GAPS]
+OVERRIDES = {"llama4": dict(num_experts_per_tok=1)}  # as its checkpoints (top-2: test_llama4_weights_the_expert_input)
 # What each family's blocks become (router features the op lacks use log-weights; see lower_onnx)
 # routers ORT's own (softmax over all, then top-k) does not compute exactly: selection on the logits (GPT-OSS,
 # GraniteMoE, JetMoE: top-k of the logits, softmax of the chosen), a bias, groups, capacity, sparsemixer
-HF_LOG_WEIGHTS = {"glm4_moe", "phimoe", "switch_transformers", "gpt_oss", "granitemoe", "jetmoe"}
+HF_LOG_WEIGHTS = {"glm4_moe", "phimoe", "switch_transformers", "gpt_oss", "granitemoe", "jetmoe", "deepseek_v2",
+                  "deepseek_v3", "llama4"}
 SHAPES = [(1, 1), (3, 7)]  # (batch, seq); every export's example is (2, 5)
 QUANT = [moec.Int8Experts(), moec.Int4Experts(32), moec.Int4Experts(64, symmetric=False),
          moec.Int4Experts(32, signed_scale=True)]
@@ -93,7 +92,7 @@ CASES = [pytest.param(f, s, id=f"{f}-{'whole' if s == 1 else 'sliced'}",
 def test_hf_family(exported, family, batch, seq, slices):
     """Whole experts (ORT routes where it can), and the CPU default: each expert as 2 slices of its intermediate
     units, k*2 of them per token, routed by moec's ops (lower_onnx)."""
-    model, report, path = exported(family, slices=slices)
+    model, report, path = exported(family, slices=slices, **OVERRIDES.get(family, {}))
     assert report.blocks and all(b.op == "MoE" for b in report.blocks), str(report)
     nodes = _nodes(path, "MoE")
     assert len(nodes) == len(report.blocks)
@@ -102,7 +101,7 @@ def test_hf_family(exported, family, batch, seq, slices):
     else:
         assert all("log-weights" in b.why and "2 slices" in b.why for b in report.blocks), str(report)
     if slices is None and family in WHOLE:  # the slices' shapes against the whole experts'
-        whole_path = exported(family, slices=1)[2]
+        whole_path = exported(family, slices=1, **OVERRIDES.get(family, {}))[2]
         def dims(p):  # name -> shape, of the weights and of what the graph computes from them
             g = onnx.shape_inference.infer_shapes(onnx.load(str(p))).graph
             return {**{v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in g.value_info},
@@ -142,6 +141,17 @@ def test_switch_capacity_drops_match(exported, capacity):
     assert rel_err(_run(_session(path), inputs), want) < TOL[torch.float32]
 
 
+def test_mla_with_fewer_kv_heads_is_refused(tmp_path):
+    """MLA with num_key_value_heads != num_attention_heads fails torch.export inside transformers' attention:
+    refused up front with what to set (the tiny DeepSeek families, which test_hf_family exports, set it)."""
+    model = models.tiny_model("deepseek_v3", num_key_value_heads=2)
+    with pytest.raises(NotImplementedError, match="num_key_value_heads = model.config.num_attention_heads"):
+        moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), tmp_path / "m.onnx")
+    with pytest.raises(NotImplementedError, match="num_key_value_heads"):
+        moec.compile(model, backend="onnxruntime")
+    assert not (tmp_path / "m.onnx").exists()
+
+
 @pytest.mark.parametrize("family", list(EXPORT_GAPS))
 def test_export_gaps_are_in_the_model(family):
     """Why EXPORT_GAPS are not tested whole: the uncompiled model fails torch.onnx.export with dynamic axes too."""
@@ -153,22 +163,28 @@ def test_export_gaps_are_in_the_model(family):
                           verbose=False)
 
 
-GAP_BLOCKS = {"deepseek_v2": "model.layers.0.mlp", "deepseek_v3": "model.layers.0.mlp",
-              "jamba": "model.layers.0.feed_forward", "llama4": "model.layers.0.feed_forward"}
+def test_gap_family_block(tmp_path):
+    """The MoE blocks of EXPORT_GAPS export on their own."""
+    block = resolve(models.tiny_model("jamba", **QSIZES), "model.layers.0.feed_forward")
+    report = _export_block(block, 64, tmp_path / "b.onnx")
+    assert report.blocks[0].op == "MoE" and "log-weights" in report.blocks[0].why, str(report)
+    _block_parity(block, tmp_path / "b.onnx", 64, torch.float32, TOL[torch.float32])
 
 
-@pytest.mark.parametrize("family,cfg", [(f, None) for f in GAP_BLOCKS] + [
-    ("llama4", moec.Int8Experts()), ("llama4", moec.Int4Experts(32, symmetric=False))], ids=str)
-def test_gap_family_block(family, cfg, tmp_path):
-    """The MoE blocks of EXPORT_GAPS export on their own. Llama 4 weights the expert *input*: ORT's op
-    cannot, so its block falls back to standard ops (quantized: dequantized in the graph) and says so."""
-    block = resolve(models.tiny_model(family, **QSIZES), GAP_BLOCKS[family])
-    report = _export_block(block, 64, tmp_path / "b.onnx", quantize=cfg)
-    if family == "llama4":
-        assert report.blocks[0].op == "fallback" and "expert input" in report.blocks[0].why, str(report)
-        assert not _nodes(tmp_path / "b.onnx", "MoE") and not _nodes(tmp_path / "b.onnx", "QMoE")
+@pytest.mark.parametrize("k,cfg", [(1, None), (1, moec.Int8Experts()), (1, moec.Int4Experts(32, symmetric=False)),
+                                   (2, None), (2, moec.Int4Experts(32))], ids=str)
+def test_llama4_weights_the_expert_input(k, cfg, tmp_path):
+    """Llama 4 weights the expert *input*. Top-1 (its checkpoints' k): the token is scaled by its one weight before
+    ORT's op, which weights the output by 1. Top-2: ORT's op cannot, so the block falls back to standard ops
+    (quantized: dequantized in the graph) and says so."""
+    block = resolve(models.tiny_model("llama4", num_experts_per_tok=k, **QSIZES), "model.layers.0.feed_forward")
+    report = _export_block(block, 64, tmp_path / "b.onnx", quantize=cfg, expert_slices=2)
+    if k == 1:
+        assert report.blocks[0].op == ("QMoE" if cfg else "MoE"), str(report)
+        assert "scales the expert input" in report.blocks[0].why and (cfg or "2 slices" in report.blocks[0].why)
     else:
-        assert report.blocks[0].op == "MoE" and "log-weights" in report.blocks[0].why, str(report)
+        assert report.blocks[0].op == "fallback" and "k > 1" in report.blocks[0].why, str(report)
+        assert not _nodes(tmp_path / "b.onnx", "MoE") and not _nodes(tmp_path / "b.onnx", "QMoE")
     ref = _dequantized_twin(block, moec.compile(copy.deepcopy(block), quantize=cfg), cfg) if cfg else block
     _block_parity(block, tmp_path / "b.onnx", 64, torch.float32, TOL[torch.float32], ref=ref)
 

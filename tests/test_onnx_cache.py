@@ -15,7 +15,10 @@ from moec import models
 
 from conftest import TOL, rel_err
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3",
+            "llama4"]
+MLA = {"deepseek_v2", "deepseek_v3"}  # cache MLA's latents, and attend through ordinary ops (not GroupQueryAttention)
+OVERRIDES = {"llama4": dict(num_experts_per_tok=1)}  # as its checkpoints: ORT's op takes top-1 input weighting
 QSIZES = dict(hidden_size=64, intermediate_size=64)  # int4 groups of 32 divide every K
 
 
@@ -46,10 +49,9 @@ def _step_by_step(model, ref, path, tol, quantize=None, attention="gqa", fused=N
     with torch.no_grad():
         out = ref(input_ids=ids, attention_mask=mask, position_ids=_positions(mask, 6), use_cache=True)
     cache = out.past_key_values
-    k0 = cache.layers[0].keys
-    heads, dim = k0.shape[1], k0.shape[3]
+    k0, v0 = cache.layers[0].keys, cache.layers[0].values  # MLA: latents of two sizes
     np_dtype = torch.empty(0, dtype=k0.dtype).numpy().dtype
-    past = [np.zeros((2, heads, 0, dim), np_dtype) for _ in range(2 * layers)]  # the first step: no past
+    past = [np.zeros((2, t.shape[1], 0, t.shape[3]), np_dtype) for _ in range(layers) for t in (k0, v0)]  # no past
     feed, want = ids, out.logits
     for step in range(4):
         got = sess.run(None, {"input_ids": feed.numpy(), "attention_mask": mask.numpy(),
@@ -73,8 +75,8 @@ def _step_by_step(model, ref, path, tol, quantize=None, attention="gqa", fused=N
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generates_step_by_step_like_hf(family, tmp_path):
-    model = models.tiny_model(family).eval()
-    _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float32])
+    model = models.tiny_model(family, **OVERRIDES.get(family, {})).eval()
+    _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float32], fused=0 if family in MLA else None)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
