@@ -1,12 +1,13 @@
 """Whole-model generation with a KV cache: moec's ONNX deployments against HF eager, moec's torch backend and
 onnxruntime-genai's own builder.
 
-    python benchmarks/bench_generate.py [--models mix gpt_oss] [--prompt 16] [--new-tokens 64] [--rounds 3]
+    python benchmarks/bench_generate.py [--models mix gpt_oss deepseek] [--prompt 16] [--new-tokens 64] [--rounds 3]
                                         [--threads 2] [--no-genai]
 
 Models (random weights, fp32): "mix" = moec.models.demo_model() (Mixtral-style, hidden 512, 8 experts of 1792,
 top-2, 4 layers); "gpt_oss" = a GPT-OSS of hidden 512, 4 layers, 8 experts (the size the deployment issue
-measured onnxruntime-genai on). Systems, all greedy, the same tokens asserted against HF:
+measured onnxruntime-genai on); "deepseek" = moec.models.deepseek_style_model() (DeepSeek-V3: MLA, 64 experts of
+320, top-6 of 8 groups, a shared expert, 2 layers). Systems, all greedy, the same tokens asserted against HF:
   HF eager (KV cache) | moec torch backend (KV cache) | moec backend="onnxruntime" with the KV cache, fp32 and
   int4 experts (g32), and int4 everywhere with int8 activations (dense=, greedy generate in moec's loop around
   the session) | moec backend="onnxruntime" without the cache (generate recomputes the sequence: how it
@@ -46,8 +47,8 @@ GPT_OSS = dict(hidden_size=512, intermediate_size=512, num_hidden_layers=4, num_
                layer_types=["sliding_attention", "full_attention"] * 2)
 
 
-def build(name: str):
-    return models.demo_model() if name == "mix" else models.tiny_model("gpt_oss", **GPT_OSS)
+BUILD = {"mix": models.demo_model, "gpt_oss": lambda: models.tiny_model("gpt_oss", **GPT_OSS),
+         "deepseek": models.deepseek_style_model}
 
 
 class Genai:
@@ -96,7 +97,7 @@ def genai_systems(name: str, ref, threads: int, work: str) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["mix", "gpt_oss"], choices=("mix", "gpt_oss"))
+    ap.add_argument("--models", nargs="+", default=["mix", "gpt_oss"], choices=tuple(BUILD))
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
@@ -108,7 +109,7 @@ def main():
     so = {"intra_op_num_threads": args.threads, "inter_op_num_threads": 1}
     console = Console()
     for name in args.models:
-        ref = build(name).eval()
+        ref = BUILD[name]().eval()
         # one eos for every system (byte_tokenizer's, the genai folders' tokenizer): generate suppresses it
         ref.config.eos_token_id = ref.generation_config.eos_token_id = examples.byte_tokenizer().eos_token_id
         systems = {"HF eager (KV cache)": (ref, True)}

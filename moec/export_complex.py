@@ -75,6 +75,9 @@ class Pair:
                                   f"real form in moec's export (ONNX has no complex type)")
 
 
+_MULTIPLY = (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)
+
+
 class _AsRealPairs(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -86,7 +89,7 @@ class _AsRealPairs(TorchFunctionMode):
             return Pair(x[..., 0], x[..., 1])
         if func is torch.view_as_real and isinstance(args[0], Pair):
             return torch.stack([args[0].real, args[0].imag], dim=-1)
-        if func is torch.Tensor.__mul__ and isinstance(args[1], Pair):  # real tensor * complex
+        if func in _MULTIPLY and any(isinstance(a, Pair) for a in args):  # real tensor * complex
             return args[1] * args[0]
         return func(*args, **kwargs)
 

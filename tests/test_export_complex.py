@@ -10,9 +10,9 @@ def _rotary(x: torch.Tensor, positions: torch.Tensor, scaling: float) -> torch.T
     """DeepSeek-V2 / Llama 4's complex rotary: x [B, S, H, D], positions [B, S]."""
     inv_freq = 1.0 / (10000 ** (torch.arange(0, x.shape[-1], 2).float() / x.shape[-1]))
     freqs = positions[..., None].float() * inv_freq
-    freqs_cis = torch.polar(torch.ones_like(freqs), freqs) * scaling
+    freqs_cis = torch.mul(torch.polar(torch.ones_like(freqs), freqs), scaling)
     x_ = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(x_ * freqs_cis[:, :, None, :]).flatten(3).type_as(x)
+    return torch.view_as_real(freqs_cis[:, :, None, :] * x_).flatten(3).type_as(x)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 2, 8), (3, 17, 4, 64)])
