@@ -92,7 +92,11 @@ def test_quantized_equals_dequantized_model():
 def test_int8_activations_equal_their_reference(cfg):
     """activations="int8": the session (QMoE accuracy_level=4) equals the model whose blocks run ORT's ops by their
     torch reference (int8 rows per group: moec.quant.int8_rows), logits and generated tokens; the report says
-    which numerics run and what they cost; the torch backend refuses them."""
+    which numerics run and what they cost; the torch backend refuses them.
+    Rounding to int8 is discontinuous: the session's fp32 parts (attention, norms) differ from torch's by ~1e-7,
+    which flips an activation that sits on a rounding boundary (seen on an AVX2 CPU: 1.5e-3 at the logits). So the
+    logits must be within the reference's own spread under 1e-6 noise on its input (exact where nothing flips;
+    the node alone is compared exactly in test_onnx.py), and farther from the weight-only model than that."""
     from moec.pass_manager import DEFAULT_PIPELINE
 
     model = models.tiny_model("mixtral", hidden_size=64, intermediate_size=64)
@@ -101,11 +105,16 @@ def test_int8_activations_equal_their_reference(cfg):
                              passes=DEFAULT_PIPELINE + ",quantize_experts,lower_onnx")
     weight_only = dataclasses.replace(cfg, activations="fp32")
     twin = _dequantized_twin(model, moec.compile(copy.deepcopy(model), quantize=weight_only), weight_only)
+    gen = torch.Generator().manual_seed(0)
     for batch, seq in SHAPES[:2]:
         inputs = models.example_inputs(model, batch=batch, seq=seq)
         with torch.no_grad():
             got, want, dequantized = (m(**inputs).logits for m in (compiled, reference, twin))
-        assert rel_err(got, want) < 1e-5 and rel_err(got, dequantized) > 1e-4
+            embeds = reference.get_input_embeddings()(inputs["input_ids"])
+            spread = max(rel_err(reference(inputs_embeds=embeds * (1 + 1e-6 * torch.randn(embeds.shape, generator=gen)),
+                                           attention_mask=inputs.get("attention_mask")).logits, want)
+                         for _ in range(8))
+        assert rel_err(got, want) < max(1e-5, 1.5 * spread) < rel_err(want, dequantized), (spread, rel_err(got, want))
     inputs = models.example_inputs(model, batch=1, seq=4)
     assert torch.equal(compiled.generate(**inputs, max_new_tokens=6, do_sample=False),
                        reference.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False))
