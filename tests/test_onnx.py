@@ -81,7 +81,8 @@ def exported(tmp_path_factory):
 # whole experts in the default run: ORT's native routing, shared experts, log-weights, biased SwiGLU; the other
 # families' whole exports (and Qwen3-Next's linear attention, 1.5 min an export) run with `pytest -m slow`
 WHOLE = {"mixtral", "qwen2_moe", "glm4_moe", "gpt_oss"}
-SLOW = {"qwen3_next"}
+# Qwen3-Next; and families whose cached export (the default for decoder LMs) test_onnx_cache steps through
+SLOW = {"qwen3_next", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "llama4"}
 CASES = [pytest.param(f, s, id=f"{f}-{'whole' if s == 1 else 'sliced'}",
                       marks=[pytest.mark.slow] if f in SLOW or (s == 1 and f not in WHOLE) else [])
          for f in HF for s in (1, None)]

@@ -161,7 +161,7 @@ def test_backend_choice(monkeypatch):
     assert moec.inspect(model).backend == "torch"
 
 
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("arch", [pytest.param(80, marks=pytest.mark.slow), 90])  # H100/H200 are sm_90
 def test_kernels_compile_for_gpu(arch):
     """Every kernel variant compiles to PTX/cubin for the GPU target (no GPU needed)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
