@@ -75,6 +75,10 @@ def test_export_an_hf_folder(hf_folder, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "genai" / "genai_config.json").is_file() and (tmp_path / "genai" / "tokenizer.json").is_file()
     assert "slices" in r.stdout  # fp experts sliced for ORT's CPU kernel by default
+
+
+@pytest.mark.slow
+def test_export_whole_experts(hf_folder, tmp_path):
     r = moec("export", hf_folder, tmp_path / "whole.onnx", "--expert-slices", "1")
     assert r.returncode == 0, r.stderr
     assert "slices" not in r.stdout and "MoE" in r.stdout

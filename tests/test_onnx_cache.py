@@ -19,6 +19,8 @@ FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe",
             "llama4"]
 MLA = {"deepseek_v2", "deepseek_v3"}  # cache MLA's latents, and attend through ordinary ops (not GroupQueryAttention)
 OVERRIDES = {"llama4": dict(num_experts_per_tok=1)}  # as its checkpoints: ORT's op takes top-1 input weighting
+# with -m slow: GLM4-MoE's and DeepSeek-V3's exports are stepped through in test_onnx / test_genai by default
+SLOW_FAMILIES = {"glm4_moe", "deepseek_v3"}
 QSIZES = dict(hidden_size=64, intermediate_size=64)  # int4 groups of 32 divide every K
 
 
@@ -73,7 +75,8 @@ def _step_by_step(model, ref, path, tol, quantize=None, attention="gqa", fused=N
         cache, want = out.past_key_values, out.logits
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW_FAMILIES else f
+                                    for f in FAMILIES])
 def test_generates_step_by_step_like_hf(family, tmp_path):
     model = models.tiny_model(family, **OVERRIDES.get(family, {})).eval()
     _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float32], fused=0 if family in MLA else None)
@@ -87,7 +90,7 @@ def test_sliding_window_steps_like_hf(family, tmp_path):
     _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float32])
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("family", [pytest.param("mixtral", marks=pytest.mark.slow), "gpt_oss"])
 def test_attention_as_ordinary_ops(family, tmp_path):
     model = models.tiny_model(family).eval()
     _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float32], attention="ops")
@@ -323,7 +326,8 @@ def test_dense_matmuls_as_matmulnbits(family, dense, tmp_path):
         mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
 
 
-@pytest.mark.parametrize("family,attention", [("mixtral", "gqa"), ("gpt_oss", "gqa"), ("gpt_oss", "ops")])
+@pytest.mark.parametrize("family,attention", [("mixtral", "gqa"), ("gpt_oss", "gqa"),
+                                              pytest.param("gpt_oss", "ops", marks=pytest.mark.slow)])
 def test_right_padded_rows_step_like_each_row_alone(family, attention, tmp_path):
     """onnxruntime-genai pads a batch on the right and appends each new token after the pads. The window (4
     positions here) counts the row's tokens, not cache slots, so each row equals that row run alone by HF (HF's own

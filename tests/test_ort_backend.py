@@ -125,7 +125,8 @@ def test_int8_activations_equal_their_reference(cfg):
         moec.compile(copy.deepcopy(model), quantize=cfg)
 
 
-@pytest.mark.parametrize("dense", [moec.Int4Experts(32), moec.Int8Experts(activations="int8")],
+@pytest.mark.parametrize("dense", [moec.Int4Experts(32),
+                                   pytest.param(moec.Int8Experts(activations="int8"), marks=pytest.mark.slow)],
                          ids=lambda c: c.describe())
 def test_dense_matmuls(dense, tmp_path):
     """dense=: the session runs the file export_onnx(dense=) writes (MatMulNBits, tested against its dequantized
