@@ -39,9 +39,6 @@ class Pair:
     def device(self) -> torch.device:
         return self.real.device
 
-    def dim(self) -> int:
-        return self.real.dim()
-
     def __getattr__(self, name: str):
         if name in _SHAPE_METHODS:
             return lambda *args, **kwargs: Pair(getattr(self.real, name)(*args, **kwargs),
