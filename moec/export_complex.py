@@ -7,7 +7,7 @@ Rotary embeddings written with complex numbers (DeepSeek-V2, Llama 4) do
     out = torch.view_as_real(x_ * freqs_cis[:, :, None, :]).flatten(3)   # real [B, S, H, D]
 
 Inside `as_real_pairs()`, torch.polar and torch.view_as_complex return a `Pair` (real part, imaginary part: two
-real tensors of the complex shape); arithmetic and shape ops on it act on both parts, and torch.view_as_real
+real tensors of the complex shape); multiplication and shape ops on it act on both parts, and torch.view_as_real
 stacks them back into the real [..., 2] tensor. The traced graph holds only real ops, computing the same
 products (a complex multiply is (ac - bd) + (ad + bc)i either way). Any other use of a Pair raises
 NotImplementedError naming the op, so an export never carries a silently wrong complex computation.
@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 # Tensor methods that only move or reshape elements: applied to both parts alike.
 _SHAPE_METHODS = {"unsqueeze", "squeeze", "to", "view", "reshape", "expand", "transpose", "permute", "contiguous",
-                  "__getitem__", "repeat", "flip", "narrow", "clone", "detach"}
+                  "repeat", "flip", "narrow", "clone", "detach"}
 
 
 class Pair:
@@ -58,13 +58,6 @@ class Pair:
         return Pair(self.real * other, self.imag * other)
 
     __rmul__ = __mul__
-
-    def __add__(self, other):
-        if isinstance(other, Pair):
-            return Pair(self.real + other.real, self.imag + other.imag)
-        return Pair(self.real + other, self.imag)
-
-    __radd__ = __add__
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
