@@ -12,11 +12,13 @@ instead of concatenating them:
 One ORT node per layer replaces ~20 small ones (repeat_kv, matmuls, softmax, sinks, concat). Each
 layer is proved before the trace: the model runs once on the example with real tensors, and a layer whose fused
 attention differs from what the model ran (its family's `eager_attention_forward`, or transformers' sdpa; any
-other implementation is not fused), or whose call the op
-cannot express (head sizes of q/k and v differ, softcap, an argument it does not know), keeps that eager
-attention, with the reason. A model whose attention does not take the cache's keys as they came (e.g. MLA
-expands cached latents after the update) or has no eager_attention_forward is refused as a whole (GQAUnfit):
-export_onnx then traces its attention as ordinary ops.
+other implementation is not fused), or whose call the op cannot express (head sizes of q/k and v differ, softcap,
+an argument it does not know), keeps that eager attention, with the reason.
+
+MLA (DeepSeek-V2/V3) caches latents and expands them after the update; its attention is fused in the absorbed
+form (one kv head over the latents, see _latent), all layers or none. A model whose attention neither takes the
+cache's keys as they came nor expands its latents so, has no eager_attention_forward, or fails a proof is refused
+as a whole (GQAUnfit): export_onnx then traces its attention as ordinary ops.
 
 ORT's kernel refuses one input pattern: several new tokens after a past with batch > 1 (it says so, it is
 never wrong); backend="onnxruntime" runs such a call row by row.
@@ -96,18 +98,35 @@ def _why_not(module, query, key, value, mask, dropout, scaling, kwargs) -> str |
     return None
 
 
+def _eager(module, reference: str):
+    """The attention function the model ran: what each layer is proved against and falls back on."""
+    if reference == "sdpa":
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:  # nothing to prove the fused op against, nor to fall back on
+        raise GQAUnfit(f"{type(module).__name__}'s module has no eager_attention_forward")
+    return eager
+
+
+def _proved(run: _Run, i: int, module, mask, out, want) -> None:
+    """The proof of layer i on the example: its fused output [B,S,H,D] against what the model computes, on rows
+    with a key to attend to (a fully masked row is padding); run.why[i] says why not when they differ."""
+    rows = (mask > torch.finfo(mask.dtype).min / 2).any(-1)[:, 0].expand(*want.shape[:2])
+    err = rel(out[rows], want[rows])
+    if err > CHECK_TOL.get(want.dtype, 1e-5):
+        run.why[i] = f"fused attention differs from {type(module).__name__}'s by {err:.1e}"
+
+
 def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' attention-function signature: query [B,H,S,D], key/value [B,KVH,S,D] -> ([B,S,H,D], None)."""
     run, i = _RUN.get(), getattr(module, "layer_idx", None)
-    if run is None or i not in run.new or run.new[i][0] is not key or run.new[i][1] is not value:
-        raise GQAUnfit(f"{type(module).__name__} (layer {i}) does not attend over the cache's keys as they came")
+    if run is None or i not in run.new:
+        raise GQAUnfit(f"{type(module).__name__} (layer {i}) attends without updating the cache first")
+    eager = _eager(module, run.reference)
+    if run.new[i][0] is not key or run.new[i][1] is not value:
+        return _latent(module, run, i, eager, query, key, value, attention_mask, dropout, scaling, kwargs)
     past_k, past_v = run.past[i]
-    if run.reference == "sdpa":
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward as eager
-    else:
-        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if eager is None:  # nothing to prove the fused op against, nor to fall back on
-        raise GQAUnfit(f"{type(module).__name__}'s module has no eager_attention_forward")
     if run.check:
         run.why[i] = _why_not(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     B, H, S, D = query.shape
@@ -120,15 +139,71 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     if run.check or run.why[i] is not None:
         k, v = torch.cat([past_k, key], dim=2), torch.cat([past_v, value], dim=2)
         want = eager(module, query, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs)[0]
-        if run.why[i] is None:  # the proof: rows with a key to attend to (a fully masked row is padding)
-            rows = (attention_mask > torch.finfo(attention_mask.dtype).min / 2).any(-1)[:, 0].expand(B, S)
-            err = ((out - want).abs()[rows].max() / want[rows].abs().max().clamp_min(1e-30)).item()
-            if err > CHECK_TOL.get(query.dtype, 1e-5):
-                run.why[i] = f"fused attention differs from {type(module).__name__}'s by {err:.1e}"
+        if run.why[i] is None:
+            _proved(run, i, module, attention_mask, out, want)
         if run.why[i] is not None:
             out = want
     run.present[i] = (k, v)
     return out, None
+
+
+def _latent(module, run: _Run, i: int, eager, query, key, value, mask, dropout, scaling, kwargs):
+    """MLA (DeepSeek-V2/V3): the cache holds a latent c [B,1,T,R] and a rotated key r [B,1,T,Dr] per token, and
+    the model attends over their expansion by one bias-free linear W [H*(Dn+Dv), R] (kv_b_proj):
+        key_h = [c W_k,h^T | r]   [B,H,T,Dn+Dr]        value_h = c W_v,h^T   [B,H,T,Dv]
+    which is attention of one kv head over the latents themselves ("absorbed"):
+        q'_h = [q_nope,h W_k,h | q_rot,h]   [B,H,S,R+Dr] ;  keys = values = [c | r]   [B,1,T,R+Dr]
+        out_h = (GroupQueryAttention(q', keys, values)[..., :R]) W_v,h^T   [B,S,H,Dv]
+    so each decode step reads the latents once instead of expanding all T of them. On the example (run.check)
+    the model's keys/values must be the new latents so expanded, and the layer's output must equal eager
+    attention over the expanded past + new; else GQAUnfit (the export traces MLA's own ops)."""
+    c, r = run.new[i]
+    B, H, S, Dk = query.shape
+    R, Dr, Dv = c.shape[-1], r.shape[-1], value.shape[-1]
+    Dn = Dk - Dr
+    where = f"{type(module).__name__} (layer {i})"
+    if c.dim() != 4 or r.dim() != 4 or c.shape[1] != 1 or r.shape[1] != 1 or Dn <= 0 or tuple(key.shape) != (
+            B, H, S, Dk):
+        raise GQAUnfit(f"{where} does not attend over the cache's keys as they came")
+    linears = [m for m in module.children() if isinstance(m, torch.nn.Linear) and m.bias is None
+               and tuple(m.weight.shape) == (H * (Dn + Dv), R)]
+    if len(linears) != 1:
+        raise GQAUnfit(f"{where} attends over keys that are not the cache's (no one linear expands its latents)")
+    w = linears[0].weight.view(H, Dn + Dv, R)
+    w_k, w_v = w[:, :Dn], w[:, Dn:]  # [H, Dn, R], [H, Dv, R]
+
+    def expand(c, r):  # latents [B,1,T,R], [B,1,T,Dr] -> keys [B,H,T,Dn+Dr], values [B,H,T,Dv]
+        return torch.cat([c @ w_k.transpose(1, 2), r.expand(-1, H, -1, -1)], -1), c @ w_v.transpose(1, 2)
+
+    past_c, past_r = run.past[i]
+    q = torch.cat([query[..., :Dn] @ w_k, query[..., Dn:]], -1)  # [B, H, S, R+Dr]
+    keys, past = torch.cat([c, r], -1), torch.cat([past_c, past_r], -1)  # [B, 1, S|P, R+Dr]
+    if run.check:
+        new_k, new_v = expand(c, r)
+        tol = CHECK_TOL.get(query.dtype, 1e-5)
+        if rel(key, new_k) > tol or rel(value, new_v) > tol:
+            raise GQAUnfit(f"{where} attends over keys that are not its cached latents expanded per head")
+        run.why[i] = _why_not(module, q, keys, keys, mask, dropout, scaling, kwargs)
+        if run.why[i] is not None:
+            raise GQAUnfit(f"{where}, absorbed: {run.why[i]}")
+    out, both, _ = torch.ops.moec.ort_gqa(
+        q.transpose(1, 2).reshape(B, S, -1), keys.transpose(1, 2).reshape(B, S, -1),
+        keys.transpose(1, 2).reshape(B, S, -1), past, past, mask, None, H, 1, float(scaling))
+    out = (out.view(B, S, H, R + Dr)[..., :R].transpose(1, 2) @ w_v.transpose(1, 2)).transpose(1, 2)  # [B,S,H,Dv]
+    if run.check:
+        past_k, past_v = expand(past_c, past_r)
+        want = eager(module, query, torch.cat([past_k, key], 2), torch.cat([past_v, value], 2), mask,
+                     dropout=dropout, scaling=scaling, **kwargs)[0]
+        _proved(run, i, module, mask, out, want)
+        if run.why[i] is not None:
+            raise GQAUnfit(f"{where}, absorbed: {run.why[i]}")
+    run.present[i] = (both[..., :R], both[..., R:])
+    return out, None
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want|"""
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
 @contextlib.contextmanager

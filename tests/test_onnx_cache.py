@@ -17,7 +17,7 @@ from conftest import TOL, rel_err
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3",
             "llama4"]
-MLA = {"deepseek_v2", "deepseek_v3"}  # cache MLA's latents, and attend through ordinary ops (not GroupQueryAttention)
+MLA = {"deepseek_v2", "deepseek_v3"}  # cache MLA's latents (and attend over them, absorbed, through GroupQueryAttention)
 OVERRIDES = {"llama4": dict(num_experts_per_tok=1)}  # as its checkpoints: ORT's op takes top-1 input weighting
 # with -m slow: GLM4-MoE's and DeepSeek-V3's exports are stepped through in test_onnx / test_genai by default
 SLOW_FAMILIES = {"glm4_moe", "deepseek_v3"}
@@ -79,7 +79,7 @@ def _step_by_step(model, ref, path, tol, quantize=None, attention="gqa", fused=N
                                     for f in FAMILIES])
 def test_generates_step_by_step_like_hf(family, tmp_path):
     model = models.tiny_model(family, **OVERRIDES.get(family, {})).eval()
-    _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float32], fused=0 if family in MLA else None)
+    _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float32])
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
@@ -117,6 +117,27 @@ def test_a_layer_whose_fused_attention_differs_keeps_its_own(tmp_path, monkeypat
     assert "layers 1 in ordinary ops: fused attention differs from MixtralAttention's" in report.attention
 
 
+def test_mla_whose_absorbed_attention_differs_is_traced_as_its_own_ops(tmp_path, monkeypatch):
+    """MLA's absorbed attention is proved on the example against the model's attention over its expanded latents:
+    when they differ (here the eager attention scaled by 1.01 in layer 1), no layer is fused, the report says why,
+    and the file still equals the model."""
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3
+
+    eager = modeling_deepseek_v3.eager_attention_forward
+
+    def odd(module, *args, **kwargs):
+        out, w = eager(module, *args, **kwargs)
+        return (out * 1.01 if module.layer_idx == 1 else out), w
+
+    monkeypatch.setattr(modeling_deepseek_v3, "eager_attention_forward", odd)
+    model = models.tiny_model("deepseek_v3").eval()
+    model.set_attn_implementation("eager")
+    path = tmp_path / "lm.onnx"
+    _step_by_step(model, model, path, TOL[torch.float32], fused=0)
+    report = moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), path)
+    assert "DeepseekV3Attention (layer 1), absorbed: fused attention differs" in report.attention, report.attention
+
+
 def test_gqa_says_what_the_node_cannot_express():
     """The reasons a layer keeps its own attention before any numeric proof (moec.export_gqa._why_not)."""
     import types
@@ -139,7 +160,7 @@ def test_gqa_says_what_the_node_cannot_express():
         assert "sinks" in why(s_aux=torch.zeros(2))
 
 
-@pytest.mark.parametrize("heads", [(4, 2, 16), (4, 4, 8)], ids=lambda h: "x".join(map(str, h)))
+@pytest.mark.parametrize("heads", [(4, 2, 16), (4, 4, 8), (4, 1, 24)], ids=lambda h: "x".join(map(str, h)))
 @pytest.mark.parametrize("sinks", [False, True], ids=["no_sinks", "sinks"])
 def test_gqa_node_computes_the_reference(heads, sinks, tmp_path):
     """moec::ort_gqa's torch reference against ORT's GroupQueryAttention as export_onnx writes it (seqlens and total
