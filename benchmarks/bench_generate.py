@@ -12,8 +12,9 @@ measured onnxruntime-genai on); "deepseek" = moec.models.deepseek_style_model() 
   int4 experts (g32), and int4 everywhere with int8 activations (dense=, greedy generate in moec's loop around
   the session) | moec backend="onnxruntime" without the cache (generate recomputes the sequence: how it
   ran before the KV-cache export) | where onnxruntime-genai is installed: moec.export_genai's folders (fp32; int4
-  g32 experts; int4 g32 experts with attention, lm_head and dense MLPs as int4 MatMulNBits, `dense=`; the same
-  with int8 activations everywhere, `Int4Experts(32, activations="int8")`, as llama.cpp's q4_0 runs) run by its
+  g32 experts; int4 g32 experts with attention, lm_head and dense MLPs as int4 MatMulNBits, `dense=`; int4 g32
+  experts with int8 activations, `Int4Experts(32, activations="int8")`, as llama.cpp's q4_0 runs; the same with
+  every dense matrix int4 too) run by its
   generator, and for GPT-OSS the folder genai's own builder makes from the same weights saved as an HF checkpoint
   (`python -m onnxruntime_genai.models.builder -p fp32 -e cpu`; its int4 reads only GPT-OSS's original MXFP4
   tensors, which a checkpoint of these weights does not have).
@@ -80,6 +81,7 @@ def genai_systems(name: str, ref, threads: int, work: str) -> dict:
     int4, a8 = moec.Int4Experts(32), moec.Int4Experts(32, activations="int8")
     for i, (label, q, dense) in enumerate((("fp32", None, None), ("int4 g32 experts", int4, None),
                                            ("int4 g32 experts + int4 g32 dense MatMulNBits", int4, int4),
+                                           ("int4 g32 experts, int8 activations", a8, None),
                                            ("int4 g32 experts + dense, int8 activations", a8, a8))):
         folder = os.path.join(work, f"moec-{name}-{i}")
         moec.export_genai(ref, tokenizer, folder, quantize=q, dense=dense)
