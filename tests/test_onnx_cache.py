@@ -4,6 +4,7 @@ HF's own cached forward: logits (fp32 tight; fp16 at fp16's tolerance; int8/int4
 experts dequantized) and greedy tokens."""
 
 import copy
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -96,46 +97,28 @@ def test_attention_as_ordinary_ops(family, tmp_path):
     _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float32], attention="ops")
 
 
-def test_a_layer_whose_fused_attention_differs_keeps_its_own(tmp_path, monkeypatch):
+@pytest.mark.parametrize("family, fused, says", [
+    ("mixtral", 1, "layers 1 in ordinary ops: fused attention differs from MixtralAttention's"),
+    ("deepseek_v3", 0, "DeepseekV3Attention (layer 1), absorbed: fused attention differs"),  # MLA: all or none
+])
+def test_a_layer_whose_fused_attention_differs_keeps_its_own(family, fused, says, tmp_path, monkeypatch):
     """The proof on the example: a family whose eager attention computes something else than the fused op (here
-    its output scaled by 1.01 in layer 1) keeps that attention in that layer, says so, and the file still equals
-    the model."""
-    from transformers.models.mixtral import modeling_mixtral
-
-    eager = modeling_mixtral.eager_attention_forward
-
-    def odd(module, *args, **kwargs):
-        out, w = eager(module, *args, **kwargs)
-        return (out * 1.01 if module.layer_idx == 1 else out), w
-
-    monkeypatch.setattr(modeling_mixtral, "eager_attention_forward", odd)
-    model = models.tiny_model("mixtral").eval()
-    model.set_attn_implementation("eager")
-    path = tmp_path / "lm.onnx"
-    _step_by_step(model, model, path, TOL[torch.float32], fused=model.config.num_hidden_layers - 1)
-    report = moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), path)
-    assert "layers 1 in ordinary ops: fused attention differs from MixtralAttention's" in report.attention
-
-
-def test_mla_whose_absorbed_attention_differs_is_traced_as_its_own_ops(tmp_path, monkeypatch):
-    """MLA's absorbed attention is proved on the example against the model's attention over its expanded latents:
-    when they differ (here the eager attention scaled by 1.01 in layer 1), no layer is fused, the report says why,
-    and the file still equals the model."""
-    from transformers.models.deepseek_v3 import modeling_deepseek_v3
-
-    eager = modeling_deepseek_v3.eager_attention_forward
+    its output scaled by 1.01 in layer 1) keeps that attention in that layer (MLA's absorbed form: in every layer),
+    says so, and the file still equals the model."""
+    module = sys.modules[type(models.tiny_model(family)).__module__]
+    eager = module.eager_attention_forward
 
     def odd(module, *args, **kwargs):
         out, w = eager(module, *args, **kwargs)
         return (out * 1.01 if module.layer_idx == 1 else out), w
 
-    monkeypatch.setattr(modeling_deepseek_v3, "eager_attention_forward", odd)
-    model = models.tiny_model("deepseek_v3").eval()
+    monkeypatch.setattr(module, "eager_attention_forward", odd)
+    model = models.tiny_model(family).eval()
     model.set_attn_implementation("eager")
     path = tmp_path / "lm.onnx"
-    _step_by_step(model, model, path, TOL[torch.float32], fused=0)
+    _step_by_step(model, model, path, TOL[torch.float32], fused=fused)
     report = moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), path)
-    assert "DeepseekV3Attention (layer 1), absorbed: fused attention differs" in report.attention, report.attention
+    assert says in report.attention, report.attention
 
 
 def test_gqa_says_what_the_node_cannot_express():
