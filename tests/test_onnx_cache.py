@@ -198,7 +198,7 @@ def test_a_model_on_its_own_attention_function_exports_it_as_it_is(tmp_path):
     assert model.config._attn_implementation == "moec_test_tempered"
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3"])
 def test_fp16_steps_like_hf_fp16(family, tmp_path):
     model = models.tiny_model(family, dtype=torch.float16).eval()
     _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float16])
