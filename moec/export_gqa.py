@@ -154,7 +154,8 @@ def _latent(module, run: _Run, i: int, eager, query, key, value, mask, dropout, 
     which is attention of one kv head over the latents themselves ("absorbed"):
         q'_h = [q_nope,h W_k,h | q_rot,h]   [B,H,S,R+Dr] ;  keys = values = [c | r]   [B,1,T,R+Dr]
         out_h = (GroupQueryAttention(q', keys, values)[..., :R]) W_v,h^T   [B,S,H,Dv]
-    so each decode step reads the latents once instead of expanding all T of them. On the example (run.check)
+    so each decode step reads the latents once instead of expanding all T of them (a long prompt pays instead:
+    its attention runs at width R+Dr, not Dn+Dr). On the example (run.check)
     the model's keys/values must be the new latents so expanded, and the layer's output must equal eager
     attention over the expanded past + new; else GQAUnfit (the export traces MLA's own ops)."""
     c, r = run.new[i]
