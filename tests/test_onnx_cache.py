@@ -34,7 +34,8 @@ def _positions(mask: torch.Tensor, new: int) -> torch.Tensor:
 def _step_by_step(model, ref, path, tol, quantize=None, attention="gqa", fused=None):
     """Export `model` with its cache, run it in a plain ORT session (a prompt of batch 2 with left padding, then one
     token at a time) and compare every step with `ref`'s own cached forward: logits within `tol`, greedy tokens.
-    fused: how many layers' attention must be GroupQueryAttention nodes (None: all with attention="gqa")."""
+    fused: how many layers' attention must be GroupQueryAttention nodes (None: all with attention="gqa").
+    Returns the export's report."""
     report = moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), path, quantize=quantize,
                               kv_cache=True, attention=attention)
     assert report.inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
@@ -74,6 +75,7 @@ def _step_by_step(model, ref, path, tol, quantize=None, attention="gqa", fused=N
             out = ref(input_ids=feed, attention_mask=mask, position_ids=_positions(mask, 1), past_key_values=cache,
                       use_cache=True)
         cache, want = out.past_key_values, out.logits
+    return report
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW_FAMILIES else f
@@ -115,9 +117,7 @@ def test_a_layer_whose_fused_attention_differs_keeps_its_own(family, fused, says
     monkeypatch.setattr(module, "eager_attention_forward", odd)
     model = models.tiny_model(family).eval()
     model.set_attn_implementation("eager")
-    path = tmp_path / "lm.onnx"
-    _step_by_step(model, model, path, TOL[torch.float32], fused=fused)
-    report = moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), path)
+    report = _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float32], fused=fused)
     assert says in report.attention, report.attention
 
 
