@@ -155,9 +155,9 @@ def _latent(module, run: _Run, i: int, eager, query, key, value, mask, dropout, 
         q'_h = [q_nope,h W_k,h | q_rot,h]   [B,H,S,R+Dr] ;  keys = values = [c | r]   [B,1,T,R+Dr]
         out_h = (GroupQueryAttention(q', keys, values)[..., :R]) W_v,h^T   [B,S,H,Dv]
     so each decode step reads the latents once instead of expanding all T of them (a long prompt pays instead:
-    its attention runs at width R+Dr, not Dn+Dr). On the example (run.check)
-    the model's keys/values must be the new latents so expanded, and the layer's output must equal eager
-    attention over the expanded past + new; else GQAUnfit (the export traces MLA's own ops)."""
+    its attention runs at width R+Dr, not Dn+Dr). On the example (run.check) the model's keys/values must be the
+    new latents so expanded, and the layer's output must equal eager attention over the expanded past + new;
+    else GQAUnfit (the export traces MLA's own ops)."""
     c, r = run.new[i]
     B, H, S, Dk = query.shape
     R, Dr, Dv = c.shape[-1], r.shape[-1], value.shape[-1]
@@ -187,9 +187,9 @@ def _latent(module, run: _Run, i: int, eager, query, key, value, mask, dropout, 
         run.why[i] = _why_not(module, q, keys, keys, mask, dropout, scaling, kwargs)
         if run.why[i] is not None:
             raise GQAUnfit(f"{where}, absorbed: {run.why[i]}")
-    out, both, _ = torch.ops.moec.ort_gqa(
-        q.transpose(1, 2).reshape(B, S, -1), keys.transpose(1, 2).reshape(B, S, -1),
-        keys.transpose(1, 2).reshape(B, S, -1), past, past, mask, None, H, 1, float(scaling))
+    flat = keys.transpose(1, 2).reshape(B, S, -1)  # [B, S, R+Dr]: the keys are the values too
+    out, both, _ = torch.ops.moec.ort_gqa(q.transpose(1, 2).reshape(B, S, -1), flat, flat, past, past, mask, None,
+                                          H, 1, float(scaling))
     out = (out.view(B, S, H, R + Dr)[..., :R].transpose(1, 2) @ w_v.transpose(1, 2)).transpose(1, 2)  # [B,S,H,Dv]
     if run.check:
         past_k, past_v = expand(past_c, past_r)
