@@ -168,8 +168,9 @@ def _latent(module, run: _Run, i: int, eager, query, key, value, mask, dropout, 
         raise GQAUnfit(f"{where} does not attend over the cache's keys as they came")
     linears = [m for m in module.children() if isinstance(m, torch.nn.Linear) and m.bias is None
                and tuple(m.weight.shape) == (H * (Dn + Dv), R)]
-    if len(linears) != 1:
-        raise GQAUnfit(f"{where} attends over keys that are not the cache's (no one linear expands its latents)")
+    if len(linears) != 1:  # none: not MLA; several (e.g. q_b_proj of the same shape): which one is not proved
+        raise GQAUnfit(f"{where} attends over keys that are not the cache's, and {len(linears)} bias-free linears "
+                       f"[{H * (Dn + Dv)}, {R}] could expand its latents, not one")
     w = linears[0].weight.view(H, Dn + Dv, R)
     w_k, w_v = w[:, :Dn], w[:, Dn:]  # [H, Dn, R], [H, Dv, R]
 

@@ -121,6 +121,14 @@ def test_a_layer_whose_fused_attention_differs_keeps_its_own(family, fused, says
     assert says in report.attention, report.attention
 
 
+def test_mla_with_two_linears_that_could_expand_its_latents_keeps_its_own_ops(tmp_path):
+    """q_b_proj of kv_b_proj's shape (q_lora_rank = kv_lora_rank, v_head_dim = qk_rope_head_dim): which one expands
+    the latents is not proved, so MLA is not absorbed, the report says why, and the file equals the model."""
+    model = models.tiny_model("deepseek_v3", q_lora_rank=16, v_head_dim=8).eval()
+    report = _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float32], fused=0)
+    assert "2 bias-free linears [64, 16] could expand its latents, not one" in report.attention, report.attention
+
+
 def test_gqa_says_what_the_node_cannot_express():
     """The reasons a layer keeps its own attention before any numeric proof (moec.export_gqa._why_not)."""
     import types
