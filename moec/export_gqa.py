@@ -113,7 +113,7 @@ def _proved(run: _Run, i: int, module, mask, out, want) -> None:
     """The proof of layer i on the example: its fused output [B,S,H,D] against what the model computes, on rows
     with a key to attend to (a fully masked row is padding); run.why[i] says why not when they differ."""
     rows = (mask > torch.finfo(mask.dtype).min / 2).any(-1)[:, 0].expand(*want.shape[:2])
-    err = rel(out[rows], want[rows])
+    err = _rel(out[rows], want[rows])
     if err > CHECK_TOL.get(want.dtype, 1e-5):
         run.why[i] = f"fused attention differs from {type(module).__name__}'s by {err:.1e}"
 
@@ -183,7 +183,7 @@ def _latent(module, run: _Run, i: int, eager, query, key, value, mask, dropout, 
     if run.check:
         new_k, new_v = expand(c, r)
         tol = CHECK_TOL.get(query.dtype, 1e-5)
-        if rel(key, new_k) > tol or rel(value, new_v) > tol:
+        if _rel(key, new_k) > tol or _rel(value, new_v) > tol:
             raise GQAUnfit(f"{where} attends over keys that are not its cached latents expanded per head")
         run.why[i] = _why_not(module, q, keys, keys, mask, dropout, scaling, kwargs)
         if run.why[i] is not None:
@@ -203,7 +203,7 @@ def _latent(module, run: _Run, i: int, eager, query, key, value, mask, dropout, 
     return out, None
 
 
-def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max |want|"""
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
