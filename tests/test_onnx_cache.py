@@ -81,8 +81,13 @@ def _step_by_step(model, ref, path, tol, quantize=None, attention="gqa", fused=N
 @pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW_FAMILIES else f
                                     for f in FAMILIES])
 def test_generates_step_by_step_like_hf(family, tmp_path):
+    from onnxscript import rewriter
+    from onnxscript.rewriter.rules.common import slice_split_rule
+
     model = models.tiny_model(family, **OVERRIDES.get(family, {})).eval()
-    _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float32])
+    report = _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float32])
+    assert report.fusions.get("rms_normalization"), str(report)  # every family here norms with RMSNorm
+    assert slice_split_rule in rewriter._DEFAULT_REWRITE_RULES  # the rule export leaves out is back for others
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
