@@ -340,6 +340,16 @@ def _fuse_for_ort(program) -> dict[str, int]:
     return {k: v for k, v in counts.items() if v}
 
 
+def _sharing_weights(model: nn.Module) -> nn.Module:
+    """A copy of `model` for export to compile: new modules and new tensor objects over the original's storage.
+    Compile re-points the copy's tensors (`p.data = ...`: stacked or quantized experts, emptied originals) and never
+    writes into their storage, so the user's model stays as it was without its weights being held twice (a deepcopy
+    doubled an export's memory)."""
+    memo = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()}
+    memo.update({id(b): b.detach() for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
 def check_exportable(model: nn.Module, quantize, provider: str, dense=None) -> None:
     """Refuse, with the reason, what export_onnx cannot turn into a correct file (also used by
     backend="onnxruntime" at compile time, before any call)."""
@@ -451,7 +461,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
             log.info(f"moec.export_onnx: {stage} took {seconds[stage]:.1f} s; {then}")
 
     log.info(f"moec.export_onnx: proving and lowering the MoE blocks of {type(model).__name__}")
-    work = copy.deepcopy(model)
+    work = _sharing_weights(model)
     pipeline = DEFAULT_PIPELINE + (",quantize_experts" if quantize else "") + ",lower_onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a model without MoE block exports as it is

@@ -228,6 +228,28 @@ def test_quantized_steps_like_the_dequantized_model(cfg, tmp_path):
     _step_by_step(model, twin, tmp_path / "lm.onnx", 1e-4, quantize=cfg)
 
 
+@pytest.mark.parametrize("family, quantize", [("mixtral", moec.Int4Experts(32)), ("qwen2_moe", None)])
+def test_export_leaves_the_model_as_it_was(family, quantize, tmp_path):
+    """export compiles a copy that shares the model's weights (not held twice): quantizing, stacking and emptying
+    the copy's experts leave the model's tensors with their values, storage and flags, and its modules as they
+    were (the same outputs, nothing compiled)."""
+    model = models.tiny_model(family, tie_word_embeddings=True, **QSIZES).eval()
+    model.model.layers[0].self_attn.q_proj.weight.requires_grad_(False)
+    ids = models.example_inputs(model, batch=2, seq=5)
+    before = {k: (v.clone(), v.data_ptr(), v.requires_grad) for k, v in model.state_dict(keep_vars=True).items()}
+    with torch.no_grad():
+        want = model(**ids).logits
+    moec.export_onnx(model, ids, tmp_path / "lm.onnx", quantize=quantize, dense=quantize)
+    after = model.state_dict(keep_vars=True)
+    assert after.keys() == before.keys()
+    for k, (value, ptr, grad) in before.items():
+        assert torch.equal(after[k], value) and after[k].data_ptr() == ptr and after[k].requires_grad == grad, k
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not any("_moec_graph" in m.__dict__ for m in model.modules()) and "_moec_report" not in model.__dict__
+    with torch.no_grad():
+        assert torch.equal(model(**ids).logits, want)
+
+
 def test_a_model_without_a_key_value_cache_is_refused(tmp_path):
     model = models.tiny_model("jamba").eval()
     with pytest.raises((NotImplementedError, ValueError), match="kv_cache"):
