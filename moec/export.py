@@ -3,11 +3,11 @@ com.microsoft::MoE (fp32/fp16) or QMoE (int8/int4) node, the rest ordinary ONNX 
 
     report = moec.export_onnx(model, (x,) | {"input_ids": ids}, "model.onnx", quantize=None | Int8Experts() | ...)
 
-A deep copy of the model is compiled with the torch backend and the `lower_onnx` pass (routing in
-ordinary ops or ORT's own, experts as ORT's op in its weight layout, or a standard-op fallback with
-the reason), then exported with torch.onnx.export (dynamo; batch and sequence axes dynamic), checked
-with onnx.checker and saved (weights over 2 GB, or external_data=True, in `<file>.data`). Hugging
-Face models are exported with use_cache=False and give their logits.
+A copy of the model that shares its weights is compiled with the torch backend and the `lower_onnx` pass
+(routing in ordinary ops or ORT's own, experts as ORT's op in its weight layout, or a standard-op fallback with
+the reason), then exported with torch.onnx.export (dynamo; batch, sequence and past axes dynamic), fused for
+ORT by onnxscript, saved (weights over 2 GB, or external_data=True, in `<file>.data`) and checked with
+onnx.checker. Hugging Face decoder LMs are exported with their KV cache (export_onnx's `kv_cache`).
 """
 
 from __future__ import annotations
