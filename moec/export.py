@@ -490,7 +490,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
             raise RuntimeError(f"moec.export_onnx: torch.onnx.export failed on {type(model).__name__} "
                                f"({type(e).__name__}), which holds blocks moec left as they are (their own code "
                                f"then goes to the exporter): {why}") from e
-    done("torch.onnx.export", "fusing ops for ONNX Runtime")
+    done("torch.onnx.export", "optimizing the graph for ONNX Runtime")
     with _quiet("onnxscript", "onnx_ir"):
         fusions = _fuse_for_ort(program)
     done("ORT fusions", f"saving {path}")
