@@ -244,6 +244,21 @@ def test_handwritten_preset(name, tmp_path):
     _block_parity(block, tmp_path / "b.onnx", spec.hidden, torch.float32, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("quantize", [None, moec.Int8Experts()], ids=["fp32", "int8"])
+def test_handwritten_block_stays_as_it_was(quantize, tmp_path):
+    """Experts in a ModuleList: the export's copy stacks them (int8: quantizes them and empties its own expert
+    tensors); the block's tensors keep their values and storage, and it is not compiled."""
+    spec = hw.PRESETS["mixtral_loop"]
+    block = hw.make_block(spec)
+    before = {k: (v.clone(), v.data_ptr()) for k, v in block.state_dict().items()}
+    _export_block(block, spec.hidden, tmp_path / "b.onnx", quantize=quantize)
+    after = block.state_dict()
+    assert after.keys() == before.keys()
+    for k, (value, ptr) in before.items():
+        assert torch.equal(after[k], value) and after[k].data_ptr() == ptr, k
+    assert not any("_moec_graph" in m.__dict__ for m in block.modules())
+
+
 @pytest.mark.parametrize("name", ["mixtral_loop", "qwen_shared_gated", "deepseek_v3_groups", "switch_argmax",
                                   "moduledict_geglu"])
 def test_handwritten_fp16(name, tmp_path):
