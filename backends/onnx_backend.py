@@ -163,6 +163,22 @@ def ort_gqa(query, key, value, past_key, past_value, bias, sinks, num_heads, kv_
     return out, k, v
 
 
+@torch.library.impl("moec::ort_linear_attention", "CompositeExplicitAutograd")
+def ort_linear_attention(query, key, value, past_state, decay, beta, heads, scale):
+    """LinearAttention's "gated_delta" rule, token by token in fp32: S = exp(g) S; S += k (beta (v - S^T k))^T;
+    o = scale q^T S."""
+    B, S = query.shape[:2]
+    q, k, v = (t.float().view(B, S, heads, -1) for t in (query, key, value))  # [B, S, H, d]
+    state = past_state.float()  # [B, H, dk, dv]
+    out = []
+    for t in range(S):
+        state = state * decay[:, t].float().exp()[..., None, None]
+        delta = (v[:, t] - (state * k[:, t, ..., None]).sum(-2)) * beta[:, t].float()[..., None]  # [B, H, dv]
+        state = state + k[:, t, ..., None] * delta[..., None, :]
+        out.append((state * q[:, t, ..., None]).sum(-2) * scale)
+    return torch.stack(out, 1).reshape(B, S, -1).to(value.dtype), state.to(past_state.dtype)
+
+
 # ---------------------------------------------------------------- ONNX translation
 
 # outputs onnxscript gives a node (it makes one per schema output): GroupQueryAttention's 4th, output_qk, is
@@ -220,11 +236,11 @@ def ort_type_errors(graph) -> list[str]:
 @functools.cache
 def translations() -> dict:
     """torch op -> ONNX translation, for torch.onnx.export(custom_translation_table=...), with ORT's schemas of
-    com.microsoft::MoE / QMoE / GroupQueryAttention registered with onnx."""
+    com.microsoft::MoE / QMoE / GroupQueryAttention / LinearAttention registered with onnx."""
     import onnx
     import onnxscript
 
-    register_ort_schemas((CONTRIB, name) for name in ("MoE", "QMoE", "GroupQueryAttention"))
+    register_ort_schemas((CONTRIB, name) for name in ("MoE", "QMoE", "GroupQueryAttention", "LinearAttention"))
     msft = onnxscript.values.Opset(CONTRIB, 1)
     op = onnxscript.opset18
 
@@ -251,5 +267,9 @@ def translations() -> dict:
             query, key, value, past_key, past_value, seqlens, op.Cast(op.Squeeze(total), to=onnx.TensorProto.INT32),
             None, None, None, bias, sinks, num_heads=num_heads, kv_num_heads=kv_heads, scale=scale)
 
+    def linear_attention(query, key, value, past_state, decay, beta, heads: int, scale: float):
+        return msft.LinearAttention(query, key, value, past_state, decay, beta, q_num_heads=heads,
+                                    kv_num_heads=heads, update_rule="gated_delta", scale=scale)
+
     return {torch.ops.moec.ort_moe.default: moe, torch.ops.moec.ort_qmoe.default: qmoe,
-            torch.ops.moec.ort_gqa.default: gqa}
+            torch.ops.moec.ort_gqa.default: gqa, torch.ops.moec.ort_linear_attention.default: linear_attention}

@@ -146,40 +146,47 @@ class _ExportableWithCache(nn.Module):
     gqa: None (attention as the model computes it), or layer -> None (fused: moec.export_gqa) | why not.
     halves: None, or the (key, value) head dims of a cache whose keys and values differ (MLA's latents), stored
     as two equal halves of their concatenation (zero-padded to an even width): one head size for both, as
-    onnxruntime-genai's config has."""
+    onnxruntime-genai's config has.
+    states: the linear-attention layers, whose pair is past_key_values.{i}.conv_state [B, C, K] / recurrent_state
+    [B, H, dk, dv] -> present.{i}.conv_state / recurrent_state (moec.export_state; their attention is not fused)."""
 
-    def __init__(self, model: nn.Module, layers: int, halves: tuple[int, int] | None = None):
+    def __init__(self, model: nn.Module, layers: int, halves: tuple[int, int] | None = None,
+                 states: set[int] = frozenset()):
         super().__init__()
-        self.model, self.layers, self.halves = model, layers, halves
+        self.model, self.layers, self.halves, self.states = model, layers, halves, set(states)
         self.training = model.training
         self.gqa: dict[int, str | None] | None = None
         self.reference = "eager"  # export_gqa: the attention implementation the model ran
-        self.check = False  # export_gqa: this forward proves each layer's fused attention on real tensors
+        self.check = False  # this forward proves each layer's fused attention / substituted rule on real tensors
+        self.state_why: dict[int, str | None] = {}  # export_state: each state layer's proof (None: proved)
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        from transformers import DynamicCache
-
-        from moec import export_gqa  # imports transformers
+        from moec import export_gqa, export_state  # import transformers
 
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
         if self.halves:
             pairs = [_join_halves(a, b, *self.halves) for a, b in pairs]
+        with contextlib.ExitStack() as stack:
+            if self.states:
+                stack.enter_context(export_state.substituted(self.model, self.check, self.state_why))
+            if self.gqa is None:
+                cache = export_state.filled(pairs, self.states)
+            else:
+                cache, run = stack.enter_context(
+                    export_gqa.fused(pairs, self.check, self.gqa, self.reference, self.states))
+            stack.enter_context(_windows_in_tokens(self.model, attention_mask))
+            stack.enter_context(as_real_pairs())
+            out = self.model(**kwargs, past_key_values=cache)
+        layers = out.past_key_values.layers[:self.layers]
         if self.gqa is None:
-            cache = DynamicCache()  # full layers: a sliding-window layer would count the re-fed past as new tokens
-            for i, (k, v) in enumerate(pairs):
-                cache.update(k, v, i)
-            with _windows_in_tokens(self.model, attention_mask), as_real_pairs():
-                out = self.model(**kwargs, past_key_values=cache)
-            present = [(layer.keys, layer.values) for layer in out.past_key_values.layers[:self.layers]]
+            present = [export_state.present(layer) for layer in layers]
         else:
-            with export_gqa.fused(pairs, self.check, self.gqa, self.reference) as (cache, run), \
-                    _windows_in_tokens(self.model, attention_mask), as_real_pairs():
-                out = self.model(**kwargs, past_key_values=cache)
-            if len(run.present) != self.layers:
-                raise export_gqa.GQAUnfit(f"{self.layers - len(run.present)} layer(s) updated the cache without "
-                                          f"attending through the attention function")
-            present = [run.present[i] for i in range(self.layers)]
+            if len(run.present) != self.layers - len(self.states):
+                raise export_gqa.GQAUnfit(f"{self.layers - len(self.states) - len(run.present)} layer(s) updated the "
+                                          f"cache without attending through the attention function")
+            present = [export_state.present(layers[i]) if i in self.states else run.present[i]
+                       for i in range(self.layers)]
         if self.halves:
             present = [_split_halves(k, v) for k, v in present]
         return (out.logits, *(t for pair in present for t in pair))
@@ -199,66 +206,110 @@ def _join_halves(first, second, key: int, value: int):
     return both[..., :key], both[..., key:key + value]
 
 
-def cache_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[int, int, int, int, torch.dtype]:
-    """(layers, kv_heads, key head_dim, value head_dim, dtype) of an HF decoder LM's KV cache, read off one cached
-    call (the head dims differ in MLA: DeepSeek-V2/V3); refused with the reason when its cache is not one
-    key/value pair per layer (Mamba / linear-attention state)."""
+def _layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[tuple[int, int, int, int, torch.dtype], dict]:
+    """((layers, kv_heads, key head_dim, value head_dim, dtype), states) of an HF decoder LM's cache, read off one
+    cached call (the head dims differ in MLA: DeepSeek-V2/V3). states: layer -> (conv_state [C, K],
+    recurrent_state [H, dk, dv], dtype) of its linear-attention layers (moec.export_state). Refused with the reason
+    when a layer holds neither a key/value pair nor one state of each kind."""
+    from moec import export_state  # imports transformers
+
     name = type(model).__name__
     if "past_key_values" not in pyinspect.signature(model.forward).parameters:
         raise ValueError(f"moec.export_onnx(kv_cache=True): {name} takes no past_key_values (not a decoder LM)")
     with torch.no_grad():
         cache = model(input_ids=input_ids[:, :2], use_cache=True).past_key_values
-    layers = getattr(cache, "layers", None)
-    if not layers or any(getattr(layer, "keys", None) is None or layer.keys.dim() != 4 for layer in layers):
-        raise NotImplementedError(f"moec.export_onnx(kv_cache=True): {name}'s cache is not a key/value pair per "
-                                  f"layer ({type(cache).__name__}: Mamba or linear-attention state); export it "
-                                  f"with kv_cache=False")
-    k, v = layers[0].keys, layers[0].values
-    return len(layers), k.shape[1], k.shape[3], v.shape[3], k.dtype
+    try:
+        states = export_state.layout(cache) if getattr(cache, "layers", None) else {}
+    except export_state.StateUnfit as e:
+        raise NotImplementedError(f"moec.export_onnx(kv_cache=True): {name}: {e}; export it with kv_cache=False")
+    kv = [layer for i, layer in enumerate(getattr(cache, "layers", None) or []) if i not in states]
+    if not getattr(cache, "layers", None) or any(getattr(layer, "keys", None) is None or layer.keys.dim() != 4
+                                                 for layer in kv):
+        raise NotImplementedError(f"moec.export_onnx(kv_cache=True): {name}'s cache is not a key/value pair or a "
+                                  f"linear-attention state per layer ({type(cache).__name__}); export it with "
+                                  f"kv_cache=False")
+    if not kv:
+        return (len(cache.layers), 0, 0, 0, next(iter(states.values()))[2]), states
+    k, v = kv[0].keys, kv[0].values
+    return (len(cache.layers), k.shape[1], k.shape[3], v.shape[3], k.dtype), states
+
+
+def cache_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[int, int, int, int, torch.dtype]:
+    """(layers, kv_heads, key head_dim, value head_dim, dtype) of an HF decoder LM whose cache is a key/value pair
+    per layer, what backend="onnxruntime" and export_genai feed; refused with the reason otherwise."""
+    layout, states = _layout(model, input_ids)
+    if states:
+        raise NotImplementedError(f"{type(model).__name__}'s layers {sorted(states)} cache a linear-attention state, "
+                                  f"not a key/value pair: moec.export_onnx(kv_cache=True) exports it, "
+                                  f"backend='onnxruntime' and export_genai do not feed it yet")
+    return layout
 
 
 def _with_cache(model: nn.Module, input_ids, attention: str, halves: bool):
     """(module, example inputs, input names, output names, dynamic shapes, attention summary) of the KV-cache
     export: the example is the given tokens after a past of 3 random key/value positions (2+ so that the axis
-    stays dynamic). attention "gqa": each layer's attention fused where proved on the example (moec.export_gqa).
-    halves: keys and values of different head dims are cached as two equal halves (_ExportableWithCache)."""
-    from moec import export_gqa  # imports transformers
+    stays dynamic) and random linear-attention states. attention "gqa": each layer's attention fused where proved
+    on the example (moec.export_gqa). halves: keys and values of different head dims are cached as two equal
+    halves (_ExportableWithCache). A linear-attention layer is proved on the example (moec.export_state), or the
+    export refused with export_state.StateUnfit."""
+    from moec import export_gqa, export_state  # import transformers
 
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("moec.export_onnx(kv_cache=True): give example inputs with input_ids [batch, seq]")
-    layers, heads, key_dim, value_dim, dtype = cache_layout(model, input_ids)
-    halves = (key_dim, value_dim) if halves and key_dim != value_dim else None
+    (layers, heads, key_dim, value_dim, dtype), states = _layout(model, input_ids)
+    halves = (key_dim, value_dim) if halves and key_dim != value_dim and not states else None
     if halves:
         key_dim = value_dim = (key_dim + value_dim + 1) // 2
     B, S, P = *input_ids.shape, 3
     gen = torch.Generator().manual_seed(0)
-    past = tuple(torch.randn(B, heads, P, dim, generator=gen).to(dtype) for _ in range(layers)
-                 for dim in (key_dim, value_dim))
+    shape = {i: states[i][:2] if i in states else ((heads, P, key_dim), (heads, P, value_dim)) for i in range(layers)}
+    past = tuple(torch.randn(B, *dims, generator=gen).to(states[i][2] if i in states else dtype)
+                 for i in range(layers) for dims in shape[i])
     inputs = (input_ids, torch.ones(B, P + S, dtype=torch.long), torch.arange(P, P + S).expand(B, S).contiguous(),
               *past)
-    kv = [f"{i}.{part}" for i in range(layers) for part in ("key", "value")]
+    kv = [f"{i}.{part}" for i in range(layers)
+          for part in (("conv_state", "recurrent_state") if i in states else ("key", "value"))]
     names = ["input_ids", "attention_mask", "position_ids", *(f"past_key_values.{n}" for n in kv)]
     outputs = ["logits", *(f"present.{n}" for n in kv)]
     d = torch.export.Dim.DYNAMIC
-    shapes = ({0: d, 1: d}, {0: d, 1: d}, {0: d, 1: d}, tuple({0: d, 2: d} for _ in past))
-    exportable, why = _ExportableWithCache(model, layers, halves), "attention='ops' asked"
+    shapes = ({0: d, 1: d}, {0: d, 1: d}, {0: d, 1: d},
+              tuple({0: d} if i in states else {0: d, 2: d} for i in range(layers) for _ in range(2)))
+    exportable, why = _ExportableWithCache(model, layers, halves, set(states)), "attention='ops' asked"
+    was = None
     if attention == "gqa":
-        was = None
         try:
             was = exportable.reference = export_gqa.use(model)
-            exportable.gqa, exportable.check = {}, True
-            exportable(*inputs)  # decides each layer
-            exportable.check, why = False, exportable.gqa
+            exportable.gqa = {}
         except export_gqa.GQAUnfit as e:
-            exportable.gqa, exportable.check, why = None, False, str(e)
-            if was is not None:
-                model.set_attn_implementation(was)
+            why = str(e)
+    while exportable.gqa is not None or states:  # one run on real tensors decides each layer
+        exportable.check = True
+        try:
+            exportable(*inputs)
+        except export_gqa.GQAUnfit as e:  # attention as ordinary ops; the states are proved again
+            exportable.gqa, why = None, str(e)
+            model.set_attn_implementation(was)
+            continue
+        except export_state.StateUnfit as e:
+            raise NotImplementedError(f"moec.export_onnx(kv_cache=True): {type(model).__name__}: {e}; export it "
+                                      f"with kv_cache=False") from e
+        finally:
+            exportable.check = False
+        why = exportable.gqa if exportable.gqa is not None else why
+        break
+    unfit = {i: exportable.state_why.get(i, "its recurrent state was not updated") for i in states
+             if exportable.state_why.get(i, "") is not None}
+    if unfit:
+        raise NotImplementedError(
+            f"moec.export_onnx(kv_cache=True): {type(model).__name__}'s linear-attention state cannot be exported: "
+            + "; ".join(f"layer {i}: {w}" for i, w in sorted(unfit.items())) + "; export it with kv_cache=False")
     return exportable, inputs, names, outputs, shapes, export_gqa.summary(why)
 
 
 def _default_kv_cache(model: nn.Module, args: tuple, kwargs: dict) -> bool:
     """export_onnx's kv_cache=None: True for an HF decoder LM (generate, past_key_values, not encoder-decoder)
-    given only input_ids (+ attention_mask) whose cache is a key/value pair per layer."""
+    given only input_ids (+ attention_mask) whose cache is a key/value pair or a linear-attention state per layer
+    (export_onnx falls back to no cache, with a warning, if a state layer then fails its proof)."""
     config = getattr(model, "config", None)
     ids = kwargs.get("input_ids", args[0] if len(args) == 1 else None)
     if (config is None or getattr(config, "is_encoder_decoder", False) or not hasattr(model, "generate")
@@ -266,10 +317,9 @@ def _default_kv_cache(model: nn.Module, args: tuple, kwargs: dict) -> bool:
             or "past_key_values" not in pyinspect.signature(model.forward).parameters):
         return False
     try:
-        cache_layout(model, ids)
-    except NotImplementedError:
-        warnings.warn(f"moec.export_onnx: {type(model).__name__}'s cache is not a key/value pair per layer (Mamba or "
-                      f"linear-attention state): exported without its cache (kv_cache=False)", stacklevel=3)
+        _layout(model, ids)
+    except NotImplementedError as e:
+        warnings.warn(f"moec.export_onnx: exported without its cache (kv_cache=False): {e}", stacklevel=3)
         return False
     return True
 
@@ -442,6 +492,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     if "_moec_report" in model.__dict__:
         raise ValueError("moec.export_onnx takes the original model, not one moec.compile already rewrote")
     args, kwargs = (tuple(example_inputs), {}) if not isinstance(example_inputs, dict) else ((), dict(example_inputs))
+    defaulted = kv_cache is None
     if kv_cache is None:
         kv_cache = _default_kv_cache(model, args, kwargs)
     inputs = (*args, *kwargs.values())
@@ -472,9 +523,15 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     fused = ""
     with torch.no_grad(), _quiet("onnxscript", "onnx_ir"):
         if kv_cache:
-            exportable, inputs, names, outputs, shapes, fused = _with_cache(
-                work, kwargs.get("input_ids", args[0] if args else None), attention, _cache_halves)
-        else:
+            try:
+                exportable, inputs, names, outputs, shapes, fused = _with_cache(
+                    work, kwargs.get("input_ids", args[0] if args else None), attention, _cache_halves)
+            except NotImplementedError as e:  # a linear-attention state moec cannot export
+                if not defaulted:
+                    raise
+                warnings.warn(f"moec.export_onnx: exported without its cache (kv_cache=False): {e}", stacklevel=2)
+                kv_cache = False
+        if not kv_cache:
             exportable = _Exportable(work, len(args), list(kwargs))
             outputs = ["logits"] if exportable.hf else None
             shapes = (tuple(dynamic_axes(t) for t in inputs),)

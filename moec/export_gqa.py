@@ -34,6 +34,8 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from moec import export_state
+
 NAME = "moec_gqa"
 # arguments HF modules pass to their attention function that the fused op accounts for, or that change nothing
 # (with output_* flags: what the model returns)
@@ -62,12 +64,13 @@ _RUN: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("moec_gqa_run
 
 class _Cache(DynamicCache):
     """The past as HF's DynamicCache holds it (so masks and positions count it), whose update hands the new
-    keys/values to the attention function unconcatenated."""
+    keys/values to the attention function unconcatenated; linear-attention layers hold their states
+    (moec.export_state)."""
 
-    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]):
-        super().__init__()  # full layers: a sliding-window layer would count the re-fed past as new tokens
-        for i, (k, v) in enumerate(past):
-            super().update(k, v, i)
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]], states: set[int]):
+        super().__init__()
+        # full layers: a sliding-window layer would count the re-fed past as new tokens
+        self.layers = export_state.filled(past, states).layers
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         _RUN.get().new[layer_idx] = (key_states, value_states)
@@ -209,13 +212,15 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @contextlib.contextmanager
-def fused(past: list[tuple[torch.Tensor, torch.Tensor]], check: bool, why: dict[int, str | None], reference: str):
+def fused(past: list[tuple[torch.Tensor, torch.Tensor]], check: bool, why: dict[int, str | None], reference: str,
+          states: set[int] = frozenset()):
     """A forward of a model switched by `use` from attention implementation `reference` ("eager" or "sdpa": what
-    each layer is proved against and falls back on), with the past in a _Cache: yields (cache, run)."""
+    each layer is proved against and falls back on), with the past in a _Cache (`states`: the linear-attention
+    layers, whose pairs are their states): yields (cache, run)."""
     run = _Run(past, check, why, reference)
     token = _RUN.set(run)
     try:
-        yield _Cache(past), run
+        yield _Cache(past, states), run
     finally:
         _RUN.reset(token)
 

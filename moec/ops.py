@@ -14,6 +14,9 @@ torch.export and torch.compile (each op has a fake implementation giving output 
     moec::ort_gqa(q[B,S,H*D], k[B,S,KVH*D], v, past_k[B,KVH,P,D], past_v, bias[B|1,1,S,P+S], sinks?[H], H, KVH, scale)
         -> out[B,S,H*D], present_k[B,KVH,P+S,D], present_v: attention over past + new keys with an additive bias
         (and per-head sink logits), exported as com.microsoft::GroupQueryAttention (moec.export_gqa)
+    moec::ort_linear_attention(q[B,S,H*dk], k[B,S,H*dk], v[B,S,H*dv], past_state[B,H,dk,dv], decay[B,S,H],
+        beta[B,S,H], H, scale) -> out[B,S,H*dv], present_state: the gated delta rule token by token, exported as
+        com.microsoft::LinearAttention (moec.export_state)
 
 Backends register the real kernels (`moec.backends.torch_backend` for every device).
 """
@@ -54,6 +57,10 @@ torch.library.define(
     "moec::ort_gqa",
     "(Tensor query, Tensor key, Tensor value, Tensor past_key, Tensor past_value, Tensor bias, Tensor? sinks, "
     "int num_heads, int kv_heads, float scale) -> (Tensor, Tensor, Tensor)")
+torch.library.define(
+    "moec::ort_linear_attention",
+    "(Tensor query, Tensor key, Tensor value, Tensor past_state, Tensor decay, Tensor beta, int heads, float scale) "
+    "-> (Tensor, Tensor)")
 torch.library.define(  # router: the RouterSpec as JSON (its capacity rule)
     "moec::capacity", "(Tensor weights, Tensor kept, str router) -> Tensor")
 torch.library.define(
@@ -88,6 +95,11 @@ def _gqa_fake(query, key, value, past_key, past_value, bias, sinks, num_heads, k
     B, KVH, P, D = past_key.shape
     present = past_key.new_empty(B, KVH, P + key.shape[1], D)
     return torch.empty_like(query), present, torch.empty_like(present)
+
+
+@torch.library.register_fake("moec::ort_linear_attention")
+def _linear_attention_fake(query, key, value, past_state, decay, beta, heads, scale):
+    return torch.empty_like(value), torch.empty_like(past_state)
 
 
 @torch.library.register_fake("moec::capacity")

@@ -1,0 +1,193 @@
+"""KV-cache export of hybrid decoder LMs: linear-attention layers exported with their recurrent state.
+
+A gated-delta-net layer (Qwen3-Next's linear attention) caches no keys and values but two states, which
+moec.export_onnx(kv_cache=True) takes and returns beside the other layers' key/value pairs, as HF's
+LinearAttentionLayer holds them:
+
+    past_key_values.{i}.conv_state [B, C, K]  (the last K inputs of the short convolution; C = 2*Hk*dk + Hv*dv)
+    past_key_values.{i}.recurrent_state [B, Hv, dk, dv]  ->  present.{i}.conv_state, present.{i}.recurrent_state
+
+The convolution over past + new columns traces as ordinary ops (Concat, depthwise Conv, SiLU) for any number of
+new tokens. The gated delta rule does not: transformers runs a prompt through a chunked scan (a Python loop over
+chunks of 64 tokens) and a step through a per-token loop, which one traced graph cannot hold. While the model is
+traced, each layer's rule runs as
+
+    q, k [B,S,Hk,dk] -> l2-normalized, heads repeated to Hv ; v [B,S,Hv,dv] ; g, beta [B,S,Hv] ; state [B,Hv,dk,dv]
+      -> moec::ort_linear_attention(q, k, v [B,S,H*d], state, g, beta, Hv, 1/sqrt(dk))  (the recurrence)
+      -> out [B,S,Hv,dv], state
+
+exported as com.microsoft::LinearAttention (update_rule "gated_delta"). Each layer is proved first: the model
+runs once on the example with real tensors, and each layer's output and new state are compared with what
+transformers' own function computes. A layer whose state another computation updates (Mamba's scan), or whose
+rule differs, refuses the cached export with the reason (StateUnfit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import sys
+
+import torch
+from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin, LinearAttentionLayer
+
+# transformers' gated delta rules (module-level functions of the model's modeling file), in prompt and step form
+_RULES = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule")
+# arguments that pack several sequences in one row (the substitute runs each row as one sequence); the model's
+# other keyword arguments reach the rule and change nothing in it
+_PACKED = ("cu_seqlens", "seq_idx")
+# max |substitute - transformers| / max |transformers| of a layer's output and state on the example
+CHECK_TOL = 1e-5
+
+
+class StateUnfit(Exception):
+    """A layer's recurrent state cannot be exported through moec's substitute (the message says why)."""
+
+
+class _Run:
+    """One forward of the export wrapper: `check` (real tensors: prove each layer) or trace; the state the
+    substitute returned last, and each state layer's proof (None: proved)."""
+
+    def __init__(self, check: bool):
+        self.check = check
+        self.last: tuple[torch.Tensor, str | None] | None = None  # (state out, why not) of the last rule call
+        self.why: dict[int, str | None] = {}
+
+
+_RUN: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("moec_state_run", default=None)
+
+
+class StateLayer(LinearAttentionLayer):
+    """HF's LinearAttentionLayer holding a given past; its updates assign the new states instead of copying them
+    into the past's storage (the exported graph then returns them rather than mutating its inputs)."""
+
+    def __init__(self, layer_idx: int, conv: torch.Tensor, recurrent: torch.Tensor):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.dtype, self.device = conv.dtype, conv.device
+        self.conv_states[0], self.recurrent_states[0] = conv, recurrent
+        self.conv_kernel_size[0] = conv.shape[-1]
+        self.is_conv_states_initialized[0] = self.is_recurrent_states_initialized[0] = True
+        self.has_previous_state[0] = True
+
+    def update_conv_state(self, conv_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
+        # [B, C, K] + [B, C, S] -> [B, C, K+S]: the convolution's left context and the new columns; keeps the last K
+        full = torch.cat([self.conv_states[state_idx], conv_states.to(self.dtype)], dim=-1)
+        self.conv_states[state_idx] = full[..., -self.conv_kernel_size[state_idx]:]
+        return full
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
+        run = _RUN.get()
+        if run is not None and run.check:
+            last, why = run.last or (None, None)
+            if last is not recurrent_states:
+                why = ("its recurrent state is not computed by transformers' gated delta rule, which moec substitutes "
+                       "(e.g. Mamba's selective scan)")
+            run.why[self.layer_idx] = why
+        if run is not None:
+            run.last = None
+        self.recurrent_states[state_idx] = recurrent_states
+        return recurrent_states
+
+
+def layout(cache) -> dict[int, tuple[tuple[int, ...], tuple[int, ...], torch.dtype]]:
+    """layer -> (conv_state shape [C, K], recurrent_state shape [H, dk, dv], dtype) of the linear-attention layers
+    of a cache HF filled; raises StateUnfit for a layer holding more than one state of each."""
+    found = {}
+    for i, layer in enumerate(cache.layers):
+        if not isinstance(layer, LinearAttentionCacheLayerMixin):
+            continue
+        if layer.number_of_states != 1 or layer.conv_states[0] is None or layer.recurrent_states[0] is None:
+            raise StateUnfit(f"layer {i} ({type(layer).__name__}) holds {layer.number_of_states} conv/recurrent "
+                             f"states, not one of each")
+        conv, rec = layer.conv_states[0], layer.recurrent_states[0]
+        found[i] = (tuple(conv.shape[1:]), tuple(rec.shape[1:]), conv.dtype)
+    return found
+
+
+def filled(pairs: list[tuple[torch.Tensor, torch.Tensor]], states: set[int]):
+    """A DynamicCache holding the past: a StateLayer (conv, recurrent) for each layer in `states`, a full
+    DynamicLayer (keys, values) for the others."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    layers = []
+    for i, (a, b) in enumerate(pairs):
+        if i in states:
+            layers.append(StateLayer(i, a, b))
+        else:
+            layers.append(DynamicLayer())
+            layers[-1].update(a, b)
+    cache.layers = layers
+    return cache
+
+
+def present(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a cache layer holds after the forward: (keys, values) or (conv_state, recurrent_state)."""
+    if isinstance(layer, StateLayer):
+        return layer.conv_states[0], layer.recurrent_states[0]
+    return layer.keys, layer.values
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-30)).item()
+
+
+def _l2norm(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + 1e-6)
+
+
+def _substitute(original):
+    """transformers' gated delta rule (prompt or step form) as moec::ort_linear_attention, proved on real tensors
+    against `original`."""
+
+    def rule(query, key, value, g, beta, chunk_size=64, initial_state=None, output_final_state=False,
+             use_qk_l2norm_in_kernel=False, **kwargs):
+        run = _RUN.get()
+        extra = sorted(k for k in _PACKED if kwargs.get(k) is not None)
+        B, S, Hk, dk = query.shape
+        Hv, dv = value.shape[2:]
+        why = (f"sequences packed in one row ({', '.join(extra)})" if extra else
+               "no initial state" if initial_state is None else
+               f"{Hv} value heads do not share {Hk} key heads evenly" if Hv % Hk else None)
+        if why is not None:
+            raise StateUnfit(why)
+        q, k = query.float(), key.float()
+        if use_qk_l2norm_in_kernel:
+            q, k = _l2norm(q), _l2norm(k)
+        q, k = (t.repeat_interleave(Hv // Hk, dim=2).reshape(B, S, Hv * dk) for t in (q, k))  # [B, S, Hv*dk]
+        out, state = torch.ops.moec.ort_linear_attention(
+            q, k, value.float().reshape(B, S, Hv * dv), initial_state.float(), g.float(), beta.float(), Hv, dk ** -0.5)
+        out = out.view(B, S, Hv, dv).to(query.dtype)  # [B, S, Hv*dv] -> [B, S, Hv, dv]
+        if run is not None and run.check:
+            want, want_state = original(query, key, value, g=g, beta=beta, initial_state=initial_state,
+                                        output_final_state=True, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+            err = max(_rel(out, want), _rel(state, want_state))
+            why = f"the substituted gated delta rule differs from transformers' by {err:.1e}" if err > CHECK_TOL else None
+        if run is not None:
+            run.last = (state, why)
+        return out, state if output_final_state else None
+
+    return rule
+
+
+@contextlib.contextmanager
+def substituted(model: torch.nn.Module, check: bool, why: dict[int, str | None]):
+    """While the model runs: transformers' gated delta rules in the modeling modules of `model`'s submodules
+    replaced by moec's substitute; yields the run (check: prove each layer on real tensors into `why`)."""
+    run = _Run(check)
+    if check:
+        why.clear()
+    run.why = why
+    modules = {sys.modules.get(type(m).__module__) for m in model.modules()}
+    saved = [(mod, name, getattr(mod, name)) for mod in modules if mod is not None for name in _RULES
+             if callable(getattr(mod, name, None))]
+    token = _RUN.set(run)
+    for mod, name, original in saved:
+        setattr(mod, name, _substitute(original))
+    try:
+        yield run
+    finally:
+        for mod, name, original in saved:
+            setattr(mod, name, original)
+        _RUN.reset(token)
