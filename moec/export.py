@@ -169,7 +169,8 @@ class _ExportableWithCache(nn.Module):
             pairs = [_join_halves(a, b, *self.halves) for a, b in pairs]
         with contextlib.ExitStack() as stack:
             if self.states:
-                stack.enter_context(export_state.substituted(self.model, self.check, self.state_why))
+                stack.enter_context(export_state.substituted(self.model, attention_mask[:, -input_ids.shape[1]:],
+                                                             self.check, self.state_why))
             if self.gqa is None:
                 cache = export_state.filled(pairs, self.states)
             else:
@@ -209,7 +210,7 @@ def _join_halves(first, second, key: int, value: int):
 def _layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[tuple[int, int, int, int, torch.dtype], dict]:
     """((layers, kv_heads, key head_dim, value head_dim, dtype), states) of an HF decoder LM's cache, read off one
     cached call (the head dims differ in MLA: DeepSeek-V2/V3). states: layer -> (conv_state [C, K],
-    recurrent_state [H, dk, dv], dtype) of its linear-attention layers (moec.export_state). Refused with the reason
+    recurrent_state [H, dk, dv], their dtypes) of its linear-attention layers (moec.export_state). Refused with the reason
     when a layer holds neither a key/value pair nor one state of each kind."""
     from moec import export_state  # imports transformers
 
@@ -229,7 +230,7 @@ def _layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[tuple[int, int, 
                                   f"linear-attention state per layer ({type(cache).__name__}); export it with "
                                   f"kv_cache=False")
     if not kv:
-        return (len(cache.layers), 0, 0, 0, next(iter(states.values()))[2]), states
+        return (len(cache.layers), 0, 0, 0, next(iter(states.values()))[2][0]), states
     k, v = kv[0].keys, kv[0].values
     return (len(cache.layers), k.shape[1], k.shape[3], v.shape[3], k.dtype), states
 
@@ -262,9 +263,9 @@ def _with_cache(model: nn.Module, input_ids, attention: str, halves: bool):
         key_dim = value_dim = (key_dim + value_dim + 1) // 2
     B, S, P = *input_ids.shape, 3
     gen = torch.Generator().manual_seed(0)
-    shape = {i: states[i][:2] if i in states else ((heads, P, key_dim), (heads, P, value_dim)) for i in range(layers)}
-    past = tuple(torch.randn(B, *dims, generator=gen).to(states[i][2] if i in states else dtype)
-                 for i in range(layers) for dims in shape[i])
+    kinds = {i: zip(states[i][:2], states[i][2]) if i in states else
+             (((heads, P, key_dim), dtype), ((heads, P, value_dim), dtype)) for i in range(layers)}
+    past = tuple(torch.randn(B, *dims, generator=gen).to(kind) for i in range(layers) for dims, kind in kinds[i])
     inputs = (input_ids, torch.ones(B, P + S, dtype=torch.long), torch.arange(P, P + S).expand(B, S).contiguous(),
               *past)
     kv = [f"{i}.{part}" for i in range(layers)
@@ -282,6 +283,7 @@ def _with_cache(model: nn.Module, input_ids, attention: str, halves: bool):
             exportable.gqa = {}
         except export_gqa.GQAUnfit as e:
             why = str(e)
+    unfit = {}
     while exportable.gqa is not None or states:  # one run on real tensors decides each layer
         exportable.check = True
         try:
@@ -291,18 +293,20 @@ def _with_cache(model: nn.Module, input_ids, attention: str, halves: bool):
             model.set_attn_implementation(was)
             continue
         except export_state.StateUnfit as e:
-            raise NotImplementedError(f"moec.export_onnx(kv_cache=True): {type(model).__name__}: {e}; export it "
-                                      f"with kv_cache=False") from e
+            unfit = {"": str(e)}
         finally:
             exportable.check = False
         why = exportable.gqa if exportable.gqa is not None else why
         break
-    unfit = {i: exportable.state_why.get(i, "its recurrent state was not updated") for i in states
-             if exportable.state_why.get(i, "") is not None}
+    unfit = unfit or {i: exportable.state_why.get(i, "its recurrent state was not updated") for i in states
+                      if exportable.state_why.get(i, "") is not None}
     if unfit:
+        if exportable.gqa is not None:
+            model.set_attn_implementation(was)  # as it was: export_onnx may go on without the cache
         raise NotImplementedError(
             f"moec.export_onnx(kv_cache=True): {type(model).__name__}'s linear-attention state cannot be exported: "
-            + "; ".join(f"layer {i}: {w}" for i, w in sorted(unfit.items())) + "; export it with kv_cache=False")
+            + "; ".join(f"layer {i}: {w}" if i != "" else w for i, w in sorted(unfit.items(), key=str))
+            + "; export it with kv_cache=False")
     return exportable, inputs, names, outputs, shapes, export_gqa.summary(why)
 
 

@@ -48,8 +48,8 @@ class _Run:
     """One forward of the export wrapper: `check` (real tensors: prove each layer) or trace; the state the
     substitute returned last, and each state layer's proof (None: proved)."""
 
-    def __init__(self, check: bool):
-        self.check = check
+    def __init__(self, check: bool, mask: torch.Tensor | None):
+        self.check, self.mask = check, mask  # mask [B, S]: the new columns' attention mask
         self.last: tuple[torch.Tensor, str | None] | None = None  # (state out, why not) of the last rule call
         self.why: dict[int, str | None] = {}
 
@@ -71,9 +71,15 @@ class StateLayer(LinearAttentionLayer):
         self.has_previous_state[0] = True
 
     def update_conv_state(self, conv_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
-        # [B, C, K] + [B, C, S] -> [B, C, K+S]: the convolution's left context and the new columns; keeps the last K
+        # [B, C, K] + [B, C, S] -> [B, C, K+S]: the convolution's left context and the new columns
         full = torch.cat([self.conv_states[state_idx], conv_states.to(self.dtype)], dim=-1)
-        self.conv_states[state_idx] = full[..., -self.conv_kernel_size[state_idx]:]
+        K, mask = self.conv_kernel_size[state_idx], _RUN.get().mask
+        # keeps the K columns up to the row's last real token: the last K under left padding, HF's; a row padded on
+        # the right keeps its own tokens' columns, as if it ran alone
+        S = mask.shape[1]
+        last = torch.where(mask.bool(), torch.arange(1, S + 1, device=mask.device), 0).amax(-1)  # [B]
+        cols = (last[:, None] + torch.arange(K, device=mask.device))[:, None, :]  # [B, 1, K]
+        self.conv_states[state_idx] = full.gather(2, cols.expand(full.shape[0], full.shape[1], K))
         return full
 
     def update_recurrent_state(self, recurrent_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
@@ -90,9 +96,10 @@ class StateLayer(LinearAttentionLayer):
         return recurrent_states
 
 
-def layout(cache) -> dict[int, tuple[tuple[int, ...], tuple[int, ...], torch.dtype]]:
-    """layer -> (conv_state shape [C, K], recurrent_state shape [H, dk, dv], dtype) of the linear-attention layers
-    of a cache HF filled; raises StateUnfit for a layer holding more than one state of each."""
+def layout(cache) -> dict[int, tuple[tuple[int, ...], tuple[int, ...], tuple[torch.dtype, torch.dtype]]]:
+    """layer -> (conv_state shape [C, K], recurrent_state shape [H, dk, dv], their dtypes) of the linear-attention
+    layers of a cache HF filled (transformers keeps the recurrent state in fp32 under an fp16 model); raises
+    StateUnfit for a layer holding more than one state of each."""
     found = {}
     for i, layer in enumerate(cache.layers):
         if not isinstance(layer, LinearAttentionCacheLayerMixin):
@@ -101,7 +108,7 @@ def layout(cache) -> dict[int, tuple[tuple[int, ...], tuple[int, ...], torch.dty
             raise StateUnfit(f"layer {i} ({type(layer).__name__}) holds {layer.number_of_states} conv/recurrent "
                              f"states, not one of each")
         conv, rec = layer.conv_states[0], layer.recurrent_states[0]
-        found[i] = (tuple(conv.shape[1:]), tuple(rec.shape[1:]), conv.dtype)
+        found[i] = (tuple(conv.shape[1:]), tuple(rec.shape[1:]), (conv.dtype, rec.dtype))
     return found
 
 
@@ -156,26 +163,30 @@ def _substitute(original):
         if use_qk_l2norm_in_kernel:
             q, k = _l2norm(q), _l2norm(k)
         q, k = (t.repeat_interleave(Hv // Hk, dim=2).reshape(B, S, Hv * dk) for t in (q, k))  # [B, S, Hv*dk]
+        # padding leaves the state as it was (no decay, no update): a row padded on the right steps as if alone;
+        # under left padding the pads precede a zero state, which they leave at zero in transformers too
+        real = run.mask[..., None].float()  # [B, S, 1]
         out, state = torch.ops.moec.ort_linear_attention(
-            q, k, value.float().reshape(B, S, Hv * dv), initial_state.float(), g.float(), beta.float(), Hv, dk ** -0.5)
+            q, k, value.float().reshape(B, S, Hv * dv), initial_state.float(), g.float() * real, beta.float() * real,
+            Hv, dk ** -0.5)
         out = out.view(B, S, Hv, dv).to(query.dtype)  # [B, S, Hv*dv] -> [B, S, Hv, dv]
-        if run is not None and run.check:
+        if run.check:
             want, want_state = original(query, key, value, g=g, beta=beta, initial_state=initial_state,
                                         output_final_state=True, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
             err = max(_rel(out, want), _rel(state, want_state))
             why = f"the substituted gated delta rule differs from transformers' by {err:.1e}" if err > CHECK_TOL else None
-        if run is not None:
-            run.last = (state, why)
+        run.last = (state, why)
         return out, state if output_final_state else None
 
     return rule
 
 
 @contextlib.contextmanager
-def substituted(model: torch.nn.Module, check: bool, why: dict[int, str | None]):
-    """While the model runs: transformers' gated delta rules in the modeling modules of `model`'s submodules
-    replaced by moec's substitute; yields the run (check: prove each layer on real tensors into `why`)."""
-    run = _Run(check)
+def substituted(model: torch.nn.Module, mask: torch.Tensor, check: bool, why: dict[int, str | None]):
+    """While the model runs on new columns with attention mask `mask` [B, S]: transformers' gated delta rules in
+    the modeling modules of `model`'s submodules replaced by moec's substitute; yields the run (check: prove each
+    layer on real tensors into `why`)."""
+    run = _Run(check, mask)
     if check:
         why.clear()
     run.why = why

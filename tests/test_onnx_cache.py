@@ -17,7 +17,7 @@ from moec import models
 from conftest import TOL, rel_err
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3",
-            "llama4"]
+            "llama4", "qwen3_next"]
 OVERRIDES = {"llama4": dict(num_experts_per_tok=1),  # as its checkpoints: ORT's op takes top-1 input weighting
              "deepseek_v2": dict(q_lora_rank=None)}  # as DeepSeek-V2-Lite (one q_proj); DeepSeek-V3 has q LoRA
 # with -m slow: GLM4-MoE's and DeepSeek-V3's exports are stepped through in test_onnx / test_genai by default
@@ -31,31 +31,37 @@ def _positions(mask: torch.Tensor, new: int) -> torch.Tensor:
     return pos.masked_fill(mask == 0, 1)[:, -new:]
 
 
-def _step_by_step(model, ref, path, tol, quantize=None, attention="gqa", fused=None):
-    """Export `model` with its cache, run it in a plain ORT session (a prompt of batch 2 with left padding, then one
-    token at a time) and compare every step with `ref`'s own cached forward: logits within `tol`, greedy tokens.
-    fused: how many layers' attention must be GroupQueryAttention nodes (None: all with attention="gqa").
-    Returns the export's report."""
+def _empty_past(sess, batch: int) -> list[np.ndarray]:
+    """The first step's past: no key/value position; linear-attention states (static shapes) at zero."""
+    return [np.zeros([batch] + [d if isinstance(d, int) else 0 for d in i.shape[1:]],
+                     np.float16 if i.type == "tensor(float16)" else np.float32) for i in sess.get_inputs()[3:]]
+
+
+def _step_by_step(model, ref, path, tol, quantize=None, attention="gqa", fused=None, prompt=6):
+    """Export `model` with its cache, run it in a plain ORT session (a prompt of `prompt` tokens, batch 2 with left
+    padding, then one token at a time) and compare every step with `ref`'s own cached forward: logits within `tol`,
+    greedy tokens. fused: how many layers' attention must be GroupQueryAttention nodes (None: all key/value layers
+    with attention="gqa"). Returns the export's report."""
     report = moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), path, quantize=quantize,
                               kv_cache=True, attention=attention)
     assert report.inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
-    assert report.inputs[3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
-    assert report.outputs[:3] == ["logits", "present.0.key", "present.0.value"]
+    kinds = [("key", "value") if name.endswith(".key") else ("conv_state", "recurrent_state")
+             for name in report.inputs[3::2]]  # a key/value pair, or a linear-attention layer's two states
+    assert report.inputs[3:] == [f"past_key_values.{i}.{p}" for i, pair in enumerate(kinds) for p in pair]
+    assert report.outputs == ["logits", *(f"present.{i}.{p}" for i, pair in enumerate(kinds) for p in pair)]
     assert report.blocks and all(b.op == ("QMoE" if quantize else "MoE") for b in report.blocks), str(report)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    layers = (len(report.inputs) - 3) // 2
+    layers = kinds.count(("key", "value"))
     assert report.gqa_layers == (fused if fused is not None else layers if attention == "gqa" else 0), str(report)
 
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=gen)
-    mask = torch.ones(2, 6, dtype=torch.long)
+    ids = torch.randint(0, model.config.vocab_size, (2, prompt), generator=gen)
+    mask = torch.ones(2, prompt, dtype=torch.long)
     mask[1, :2] = 0  # row 1: left padding
     with torch.no_grad():
-        out = ref(input_ids=ids, attention_mask=mask, position_ids=_positions(mask, 6), use_cache=True)
+        out = ref(input_ids=ids, attention_mask=mask, position_ids=_positions(mask, prompt), use_cache=True)
     cache = out.past_key_values
-    k0, v0 = cache.layers[0].keys, cache.layers[0].values  # MLA: latents of two sizes
-    np_dtype = torch.empty(0, dtype=k0.dtype).numpy().dtype
-    past = [np.zeros((2, t.shape[1], 0, t.shape[3]), np_dtype) for _ in range(layers) for t in (k0, v0)]  # no past
+    past = _empty_past(sess, 2)
     feed, want = ids, out.logits
     for step in range(4):
         got = sess.run(None, {"input_ids": feed.numpy(), "attention_mask": mask.numpy(),
@@ -211,7 +217,7 @@ def test_a_model_on_its_own_attention_function_exports_it_as_it_is(tmp_path):
     assert model.config._attn_implementation == "moec_test_tempered"
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "qwen3_next"])
 def test_fp16_steps_like_hf_fp16(family, tmp_path):
     model = models.tiny_model(family, dtype=torch.float16).eval()
     _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float16])
@@ -365,23 +371,22 @@ def test_dense_matmuls_as_matmulnbits(family, dense, tmp_path):
         mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
 
 
-@pytest.mark.parametrize("family,attention", [("mixtral", "gqa"), ("gpt_oss", "gqa"),
+@pytest.mark.parametrize("family,attention", [("mixtral", "gqa"), ("gpt_oss", "gqa"), ("qwen3_next", "gqa"),
                                               pytest.param("gpt_oss", "ops", marks=pytest.mark.slow)])
 def test_right_padded_rows_step_like_each_row_alone(family, attention, tmp_path):
     """onnxruntime-genai pads a batch on the right and appends each new token after the pads. The window (4
     positions here) counts the row's tokens, not cache slots, so each row equals that row run alone by HF (HF's own
-    window counts slots: such a row would lose tokens from it)."""
-    from moec.export import cache_layout
-
-    kw = dict(layer_types=["sliding_attention", "full_attention"]) if family == "gpt_oss" else {}
-    model = models.tiny_model(family, sliding_window=4, **kw).eval()
+    window counts slots: such a row would lose tokens from it). Qwen3-Next's linear-attention state skips the pads
+    (its convolution keeps the row's own last columns; the recurrence neither decays nor updates on a pad)."""
+    kw = {"gpt_oss": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4),
+          "mixtral": dict(sliding_window=4)}.get(family, {})
+    model = models.tiny_model(family, **kw).eval()
     path = tmp_path / "lm.onnx"
     report = moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), path, kv_cache=True,
                               attention=attention)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
-    layers, heads, key_dim, value_dim, _ = cache_layout(model, ids)
-    past = [np.zeros((2, heads, 0, d), np.float32) for _ in range(layers) for d in (key_dim, value_dim)]
+    past = _empty_past(sess, 2)
     mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4])  # row 1: 3 tokens, then 4 pads
     positions = (mask.cumsum(-1) - 1) * mask
     rows, newest = [ids[0], ids[1, :3]], [6, 2]  # each row alone; where its newest token sits in the step
@@ -397,3 +402,34 @@ def test_right_padded_rows_step_like_each_row_alone(family, attention, tmp_path)
         ids = torch.stack([row[-1:] for row in rows])  # [2, 1]: each row's greedy token
         mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
         positions, newest = torch.tensor([[len(row) - 1] for row in rows]), [0, 0]
+
+
+def test_linear_attention_state_over_a_prompt_longer_than_a_chunk(tmp_path):
+    """Qwen3-Next's gated delta rule runs a prompt of 70 tokens through transformers' chunked scan (chunks of 64) and
+    each step through its per-token loop; the exported LinearAttention node carries the same state across both."""
+    model = models.tiny_model("qwen3_next").eval()
+    report = _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float32], prompt=70)
+    assert "past_key_values.0.recurrent_state" in report.inputs and report.gqa_layers == 1
+
+
+def test_a_gated_delta_rule_that_differs_refuses_the_cached_export(tmp_path, monkeypatch):
+    """The proof on the example: a model whose rule computes something else than moec's substitute (here
+    transformers' output scaled by 1.01) is refused with kv_cache=True, and exported without its cache (a
+    warning) by default."""
+    model = models.tiny_model("qwen3_next").eval()
+    module = sys.modules[type(model).__module__]
+    rule = module.torch_chunk_gated_delta_rule
+
+    def odd(*args, **kwargs):
+        out, state = rule(*args, **kwargs)
+        return out * 1.01, state
+
+    monkeypatch.setattr(module, "torch_chunk_gated_delta_rule", odd)
+    example = models.example_inputs(model, batch=2, seq=5)
+    with pytest.raises(NotImplementedError, match="layer 0: the substituted gated delta rule differs from "
+                                                  "transformers'.*kv_cache=False"):
+        moec.export_onnx(model, example, tmp_path / "a.onnx", kv_cache=True)
+    with pytest.warns(UserWarning, match="exported without its cache"):
+        report = moec.export_onnx(model, example, tmp_path / "b.onnx")
+    assert report.inputs == ["input_ids"] and report.outputs == ["logits"]
+    assert module.torch_chunk_gated_delta_rule is odd  # the substitution is undone
