@@ -207,7 +207,7 @@ def _join_halves(first, second, key: int, value: int):
     return both[..., :key], both[..., key:key + value]
 
 
-def _layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[tuple[int, int, int, int, torch.dtype], dict]:
+def layer_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[tuple[int, int, int, int, torch.dtype], dict]:
     """((layers, kv_heads, key head_dim, value head_dim, dtype), states) of an HF decoder LM's cache, read off one
     cached call (the head dims differ in MLA: DeepSeek-V2/V3). states: layer -> (conv_state [C, K],
     recurrent_state [H, dk, dv], their dtypes) of its linear-attention layers (moec.export_state). Refused with the reason
@@ -238,7 +238,7 @@ def _layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[tuple[int, int, 
 def cache_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[int, int, int, int, torch.dtype]:
     """(layers, kv_heads, key head_dim, value head_dim, dtype) of an HF decoder LM whose cache is a key/value pair
     per layer, what backend="onnxruntime" and export_genai feed; refused with the reason otherwise."""
-    layout, states = _layout(model, input_ids)
+    layout, states = layer_layout(model, input_ids)
     if states:
         raise NotImplementedError(f"{type(model).__name__}'s layers {sorted(states)} cache a linear-attention state, "
                                   f"not a key/value pair: moec.export_onnx(kv_cache=True) exports it, "
@@ -257,7 +257,7 @@ def _with_cache(model: nn.Module, input_ids, attention: str, halves: bool):
 
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("moec.export_onnx(kv_cache=True): give example inputs with input_ids [batch, seq]")
-    (layers, heads, key_dim, value_dim, dtype), states = _layout(model, input_ids)
+    (layers, heads, key_dim, value_dim, dtype), states = layer_layout(model, input_ids)
     halves = (key_dim, value_dim) if halves and key_dim != value_dim and not states else None
     if halves:
         key_dim = value_dim = (key_dim + value_dim + 1) // 2
@@ -321,7 +321,7 @@ def _default_kv_cache(model: nn.Module, args: tuple, kwargs: dict) -> bool:
             or "past_key_values" not in pyinspect.signature(model.forward).parameters):
         return False
     try:
-        _layout(model, ids)
+        layer_layout(model, ids)
     except NotImplementedError as e:
         warnings.warn(f"moec.export_onnx: exported without its cache (kv_cache=False): {e}", stacklevel=3)
         return False

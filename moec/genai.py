@@ -13,6 +13,9 @@
 The model type is genai's generic "decoder": genai feeds input_ids, attention_mask (past + new tokens),
 position_ids and past_key_values.{i}.key/value, and gives each step's present.{i}.key/value back as the next
 step's past (no shared buffer: the exported attention, GroupQueryAttention nodes on CPU, concatenates).
+Linear-attention layers (Qwen3-Next) are exported with their states, past_key_values.{i}.conv_state /
+recurrent_state, which genai finds by name and feeds back the same way; genai_config's head sizes are the
+key/value layers'.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moec.export import ExportReport, cache_layout, export_onnx
+from moec.export import ExportReport, export_onnx, layer_layout
 from moec.quant import QuantConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -80,7 +83,7 @@ def export_genai(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, qua
     if tokens["pad"] is None:
         tokens["pad"] = tokens["eos"] if isinstance(tokens["eos"], int) else tokens["eos"][0]
     ids = torch.randint(0, config.vocab_size, (2, 4), generator=torch.Generator().manual_seed(0))
-    layers, kv_heads, key_size, value_size, _ = cache_layout(model, ids)
+    (layers, kv_heads, key_size, value_size, _), _ = layer_layout(model, ids)  # genai finds state layers by name
     # genai_config.json has one head_size: keys and values of different sizes (MLA's two latents) are cached as
     # two equal halves of their concatenation (moec.export._ExportableWithCache)
     head_size = (key_size + value_size + 1) // 2 if key_size != value_size else key_size
