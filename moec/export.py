@@ -7,7 +7,8 @@ A copy of the model that shares its weights is compiled with the torch backend a
 (routing in ordinary ops or ORT's own, experts as ORT's op in its weight layout, or a standard-op fallback with
 the reason), then exported with torch.onnx.export (dynamo; batch, sequence and past axes dynamic), fused for
 ORT by onnxscript, saved (weights over 2 GB, or external_data=True, in `<file>.data`) and checked with
-onnx.checker. Hugging Face decoder LMs are exported with their KV cache (export_onnx's `kv_cache`).
+onnx.checker. Hugging Face decoder LMs are exported with their KV cache (export_onnx's `kv_cache`), and
+linear-attention layers with their states (moec.export_state).
 """
 
 from __future__ import annotations
@@ -237,12 +238,11 @@ def layer_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[tuple[int, 
 
 def cache_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[int, int, int, int, torch.dtype]:
     """(layers, kv_heads, key head_dim, value head_dim, dtype) of an HF decoder LM whose cache is a key/value pair
-    per layer, what backend="onnxruntime" and export_genai feed; refused with the reason otherwise."""
+    per layer, what backend="onnxruntime" feeds; refused with the reason otherwise."""
     layout, states = layer_layout(model, input_ids)
     if states:
         raise NotImplementedError(f"{type(model).__name__}'s layers {sorted(states)} cache a linear-attention state, "
-                                  f"not a key/value pair: moec.export_onnx(kv_cache=True) exports it, "
-                                  f"backend='onnxruntime' and export_genai do not feed it yet")
+                                  f"which backend='onnxruntime' does not feed yet (export_onnx and export_genai do)")
     return layout
 
 
@@ -467,9 +467,11 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         `<path>.data`; None does that only past 2 GB.
     kv_cache: an HF decoder LM exported with its cache (_ExportableWithCache): inputs input_ids,
         attention_mask (past + new tokens), position_ids, past_key_values.{i}.key/value; outputs logits,
-        present.{i}.key/value; batch, sequence and past length dynamic (the past may be empty). None (the
-        default): with the cache for an HF decoder LM given input_ids (and attention_mask) whose cache is a
-        key/value pair per layer; a model whose cache is another state (Mamba) exports without, with a warning.
+        present.{i}.key/value; batch, sequence and past length dynamic (the past may be empty). A gated-delta-net
+        layer (Qwen3-Next's linear attention) takes and returns past_key_values.{i}.conv_state / recurrent_state
+        instead (moec.export_state). None (the default): with the cache for an HF decoder LM given input_ids (and
+        attention_mask) whose layers cache key/value pairs or such states; a model with another state (Jamba's
+        Mamba) exports without, with a warning.
     dense: None, or Int4Experts(g, symmetric) / Int8Experts(): the dense MatMuls (attention, lm_head, dense and
         shared MLPs; never the routers) become com.microsoft::MatMulNBits (moec.export_dense), apart from the
         experts' `quantize`.
