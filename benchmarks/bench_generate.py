@@ -1,13 +1,17 @@
 """Whole-model generation with a KV cache: moec's ONNX deployments against HF eager, moec's torch backend and
 onnxruntime-genai's own builder.
 
-    python benchmarks/bench_generate.py [--models mix gpt_oss deepseek] [--prompt 16] [--new-tokens 64] [--rounds 3]
+    python benchmarks/bench_generate.py [--models mix gpt_oss deepseek qwen3_next] [--prompt 16] [--new-tokens 64]
+                                        [--rounds 3]
                                         [--threads 2] [--no-genai]
 
 Models (random weights, fp32): "mix" = moec.models.demo_model() (Mixtral-style, hidden 512, 8 experts of 1792,
 top-2, 4 layers); "gpt_oss" = a GPT-OSS of hidden 512, 4 layers, 8 experts (the size the deployment issue
 measured onnxruntime-genai on); "deepseek" = moec.models.deepseek_style_model() (DeepSeek-V3: MLA, 64 experts of
-320, top-6 of 8 groups, a shared expert, 2 layers). Systems, all greedy, the same tokens asserted against HF:
+320, top-6 of 8 groups, a shared expert, 2 layers); "qwen3_next" = a Qwen3-Next of hidden 512, 4 layers (3 gated
+delta nets, then full attention, as its 3:1 pattern), 64 experts of 320, top-6, a shared expert of 1280 (its linear
+attention's states are exported, moec.export_state; backend="onnxruntime" runs it without the cache, so only its
+no-cache row). Systems, all greedy, the same tokens asserted against HF:
   HF eager (KV cache) | moec torch backend (KV cache) | moec backend="onnxruntime" with the KV cache, fp32 and
   int4 experts (g32), and int4 everywhere with int8 activations (dense=, greedy generate in moec's loop around
   the session) | moec backend="onnxruntime" without the cache (generate recomputes the sequence: how it
@@ -48,8 +52,15 @@ GPT_OSS = dict(hidden_size=512, intermediate_size=512, num_hidden_layers=4, num_
                layer_types=["sliding_attention", "full_attention"] * 2)
 
 
+QWEN3_NEXT = dict(hidden_size=512, num_hidden_layers=4, layer_types=["linear_attention"] * 3 + ["full_attention"],
+                  num_experts=64, num_experts_per_tok=6, moe_intermediate_size=320,
+                  shared_expert_intermediate_size=1280, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                  linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64)
+
+
 BUILD = {"mix": models.demo_model, "gpt_oss": lambda: models.tiny_model("gpt_oss", **GPT_OSS),
-         "deepseek": models.deepseek_style_model}
+         "deepseek": models.deepseek_style_model, "qwen3_next": lambda: models.tiny_model("qwen3_next", **QWEN3_NEXT)}
+STATES = {"qwen3_next"}  # backend="onnxruntime" does not feed linear-attention states yet: no KV-cache rows
 
 
 class Genai:
@@ -116,13 +127,16 @@ def main():
         ref.config.eos_token_id = ref.generation_config.eos_token_id = examples.byte_tokenizer().eos_token_id
         systems = {"HF eager (KV cache)": (ref, True)}
         systems["moec torch (KV cache)"] = (moec.compile(copy.deepcopy(ref), backend="torch"), True)
-        for label, q in (("fp32", None), ("int4 g32 experts", moec.Int4Experts(32))):
-            systems[f"moec onnxruntime {label} (KV cache)"] = (
-                moec.compile(copy.deepcopy(ref), backend="onnxruntime", quantize=q, session_options=so), True)
-        a8 = moec.Int4Experts(32, activations="int8")  # every matrix, as the genai folder's last row
-        systems["moec onnxruntime int4 all matmuls, int8 activations (KV cache)"] = (
-            moec.compile(copy.deepcopy(ref), backend="onnxruntime", quantize=a8, dense=a8, session_options=so), True)
-        systems["moec onnxruntime fp32 (no cache)"] = (systems["moec onnxruntime fp32 (KV cache)"][0], False)
+        if name not in STATES:
+            for label, q in (("fp32", None), ("int4 g32 experts", moec.Int4Experts(32))):
+                systems[f"moec onnxruntime {label} (KV cache)"] = (
+                    moec.compile(copy.deepcopy(ref), backend="onnxruntime", quantize=q, session_options=so), True)
+            a8 = moec.Int4Experts(32, activations="int8")  # every matrix, as the genai folder's last row
+            systems["moec onnxruntime int4 all matmuls, int8 activations (KV cache)"] = (
+                moec.compile(copy.deepcopy(ref), backend="onnxruntime", quantize=a8, dense=a8, session_options=so),
+                True)
+        systems["moec onnxruntime fp32 (no cache)"] = (
+            moec.compile(copy.deepcopy(ref), backend="onnxruntime", session_options=so), False)
         if not args.no_genai:
             systems.update(genai_systems(name, ref, args.threads, work))
         ids = torch.randint(0, ref.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
