@@ -131,6 +131,8 @@ class OrtForward:
         """One step with the KV cache: (input_ids, attention_mask, past) -> logits, the cache appended."""
         from transformers import DynamicCache
 
+        from moec import export_state
+
         ids = args.get("input_ids")
         if ids is None:
             raise NotImplementedError("moec backend='onnxruntime': a cached call needs input_ids")
@@ -142,8 +144,11 @@ class OrtForward:
         cache = DynamicCache(config=self.model.config) if cache is None else cache
         B, S = ids.shape
         mask = args.get("attention_mask")
-        past = self._past_of(cache, None if mask is None else mask.shape[1] - S)
-        P = 0 if past is None else past[0].shape[2]
+        session, names, layout, fused = self.cached_session(ids, mask)
+        (layers, *_), states = layout
+        kv = next(i for i in range(layers) if i not in states)  # a layer whose cache has the past positions
+        past = self._past_of(cache, None if mask is None else mask.shape[1] - S, states)
+        P = 0 if past is None else past[2 * kv].shape[2]
         mask = torch.ones(B, P + S, dtype=torch.long) if mask is None else mask.long().cpu()
         if _slides(self.model.config) and bool((mask[:, 1:] < mask[:, :-1]).any()):
             raise NotImplementedError("moec backend='onnxruntime': right padding on a model with sliding-window "
@@ -154,8 +159,6 @@ class OrtForward:
         if pos is None:  # as HF's forward takes them (generate passes its own, from the mask)
             at = args.get("cache_position")
             pos = (torch.arange(P, P + S) if at is None else at.cpu().long()).expand(B, S)
-        session, names, layout, fused = self.cached_session(ids, mask)
-        layers = layout[0]
         past = empty_past(layout, B) if past is None else past
         feeds = {"input_ids": ids.cpu().numpy(), "attention_mask": mask.numpy(), "position_ids": pos.cpu().numpy(),
                  **dict(zip(names[3:], past))}
@@ -166,8 +169,12 @@ class OrtForward:
         else:
             outs = session.run(None, feeds)
         device = ids.device
-        for i in range(layers):  # the new positions, so that generate's cache counts them
-            cache.update(*(torch.from_numpy(outs[1 + 2 * i + j][:, :, P:]).to(device) for j in (0, 1)), i)
+        for i in range(layers):  # the new positions, so that generate's cache counts them; states as they are now
+            new = [torch.from_numpy(outs[1 + 2 * i + j]).to(device) for j in (0, 1)]
+            if i in states:
+                export_state.hold(cache.layers[i], *new)
+            else:
+                cache.update(*(t[:, :, P:] for t in new), i)
         if cache not in self._past:
             self._follow_reorder(cache)
         self._past[cache] = (outs[1:], _tensors(cache))
@@ -177,19 +184,23 @@ class OrtForward:
             logits = logits[:, -keep:]
         return self.output_type(logits=logits, past_key_values=cache)
 
-    def _past_of(self, cache, length: int | None) -> list[np.ndarray] | None:
+    def _past_of(self, cache, length: int | None, states: dict) -> list[np.ndarray] | None:
         """The whole past to feed for `cache` (None: empty): the present arrays this forward left with it, or, when
         something else changed the cache since (beam search reorders it, assisted decoding crops it, the eager
-        model filled it), the cache's own tensors if they hold every past position (`length` if known)."""
+        model filled it), the cache's own tensors if they hold every past position (`length` if known) and the
+        linear-attention layers' states."""
+        from moec import export_state
+
         record = self._past.get(cache)
         if record is not None and _same(_tensors(cache), record[1]):
             return record[0]
         if cache.get_seq_length() == 0:
             return None
         arrays = [t.detach().cpu().contiguous().numpy() if t is not None else None
-                  for layer in cache.layers for t in (layer.keys, layer.values)]
-        length = arrays[0].shape[2] if length is None else length
-        if any(a is None or a.shape[2] != length for a in arrays):
+                  for layer in cache.layers for t in export_state.present(layer)]
+        kv = [a for i, a in enumerate(arrays) if i // 2 not in states]
+        length = kv[0].shape[2] if length is None else length
+        if any(a is None for a in arrays) or any(a.shape[2] != length for a in kv):
             raise NotImplementedError(
                 "moec backend='onnxruntime': this KV cache was changed outside the session (beam search reorders "
                 "it, assisted decoding crops it, or the eager model filled it) and no longer holds every past "
@@ -224,12 +235,12 @@ class OrtForward:
     def _open_cached(self, ids: torch.Tensor, mask: torch.Tensor):
         import onnxruntime as ort
 
-        from moec.export import cache_layout, export_onnx
+        from moec.export import export_onnx, layer_layout
 
         provider = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         path = os.path.join(self.tmp.name, f"model{len(self.sessions)}_kv.onnx")
         with self._as_original() as model:
-            layout = cache_layout(model, _widen(ids))
+            layout = layer_layout(model, _widen(ids))
             log.info(f"exporting {type(model).__name__} to ONNX with its KV cache for onnxruntime")
             exported = export_onnx(model, {"input_ids": _widen(ids)}, path, quantize=self.quantize, dense=self.dense,
                                    provider=provider, kv_cache=True)
@@ -317,8 +328,10 @@ def _slides(config) -> bool:
 
 
 def _tensors(cache) -> list:
-    """The key/value tensors an HF cache holds now, with their in-place write counters."""
-    return [(t, None if t is None else t._version) for layer in cache.layers for t in (layer.keys, layer.values)]
+    """The key/value tensors (linear-attention states) an HF cache holds now, with their in-place write counters."""
+    from moec import export_state
+
+    return [(t, None if t is None else t._version) for layer in cache.layers for t in export_state.present(layer)]
 
 
 def _same(now: list, then: list) -> bool:
@@ -326,10 +339,16 @@ def _same(now: list, then: list) -> bool:
 
 
 def empty_past(layout: tuple, batch: int) -> list[np.ndarray]:
-    """The first step's past: per layer a key and a value of [batch, kv_heads, 0, head_dim]."""
-    layers, heads, key_dim, value_dim, dtype = layout
-    np_dtype = np.float16 if dtype == torch.float16 else np.float32
-    return [np.zeros((batch, heads, 0, dim), np_dtype) for _ in range(layers) for dim in (key_dim, value_dim)]
+    """The first step's past: per layer a key and a value of [batch, kv_heads, 0, head_dim], or a linear-attention
+    layer's conv and recurrent states at zero."""
+    (layers, heads, key_dim, value_dim, dtype), states = layout
+
+    def np_dtype(t):
+        return np.float16 if t == torch.float16 else np.float32
+
+    return [np.zeros((batch, *shape), np_dtype(kind)) for i in range(layers)
+            for shape, kind in (zip(states[i][:2], states[i][2]) if i in states else
+                                (((heads, 0, key_dim), dtype), ((heads, 0, value_dim), dtype)))]
 
 
 def _long(tensors: dict[str, torch.Tensor], tokens: int = 300) -> dict[str, torch.Tensor]:
@@ -369,16 +388,19 @@ def _rebuilder(eager):
 
 
 def _takes_cache(model: nn.Module) -> bool:
-    """An HF decoder LM whose cache is a key/value pair per layer (what export_onnx(kv_cache=True) exports)."""
-    from moec.export import cache_layout
+    """An HF decoder LM whose layers cache a key/value pair, or a state the export substitutes (moec.export_state),
+    with one key/value layer at least: what export_onnx(kv_cache=True) exports."""
+    from moec import export_state
+    from moec.export import layer_layout
 
     if getattr(model, "generation_config", None) is None or not hasattr(model, "config"):
         return False
     try:
-        cache_layout(model, torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device))
+        (layers, *_), states = layer_layout(
+            model, torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device))
     except (ValueError, NotImplementedError, TypeError):
         return False
-    return True
+    return len(states) < layers and (not states or export_state.substitutable(model))
 
 
 def install(model: nn.Module, report, providers, options, quantize, dense) -> None:

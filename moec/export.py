@@ -236,16 +236,6 @@ def layer_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[tuple[int, 
     return (len(cache.layers), k.shape[1], k.shape[3], v.shape[3], k.dtype), states
 
 
-def cache_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[int, int, int, int, torch.dtype]:
-    """(layers, kv_heads, key head_dim, value head_dim, dtype) of an HF decoder LM whose cache is a key/value pair
-    per layer, what backend="onnxruntime" feeds; refused with the reason otherwise."""
-    layout, states = layer_layout(model, input_ids)
-    if states:
-        raise NotImplementedError(f"{type(model).__name__}'s layers {sorted(states)} cache a linear-attention state, "
-                                  f"which backend='onnxruntime' does not feed yet (export_onnx and export_genai do)")
-    return layout
-
-
 def _with_cache(model: nn.Module, input_ids, attention: str, halves: bool):
     """(module, example inputs, input names, output names, dynamic shapes, attention summary) of the KV-cache
     export: the example is the given tokens after a past of 3 random key/value positions (2+ so that the axis

@@ -64,11 +64,7 @@ class StateLayer(LinearAttentionLayer):
     def __init__(self, layer_idx: int, conv: torch.Tensor, recurrent: torch.Tensor):
         super().__init__()
         self.layer_idx = layer_idx
-        self.dtype, self.device = conv.dtype, conv.device
-        self.conv_states[0], self.recurrent_states[0] = conv, recurrent
-        self.conv_kernel_size[0] = conv.shape[-1]
-        self.is_conv_states_initialized[0] = self.is_recurrent_states_initialized[0] = True
-        self.has_previous_state[0] = True
+        hold(self, conv, recurrent)
 
     def update_conv_state(self, conv_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
         # [B, C, K] + [B, C, S] -> [B, C, K+S]: the convolution's left context and the new columns
@@ -94,6 +90,22 @@ class StateLayer(LinearAttentionLayer):
             run.last = None
         self.recurrent_states[state_idx] = recurrent_states
         return recurrent_states
+
+
+def hold(layer: LinearAttentionCacheLayerMixin, conv: torch.Tensor, recurrent: torch.Tensor) -> None:
+    """Make an HF linear-attention cache layer hold these states, as after a forward."""
+    layer.dtype, layer.device = conv.dtype, conv.device
+    layer.conv_states[0], layer.recurrent_states[0] = conv, recurrent
+    layer.conv_kernel_size[0] = conv.shape[-1]
+    layer.is_conv_states_initialized[0] = layer.is_recurrent_states_initialized[0] = True
+    layer.has_previous_state[0] = True
+
+
+def substitutable(model: torch.nn.Module) -> bool:
+    """Whether some module of `model` comes from a modeling file with transformers' gated delta rule, which the
+    export substitutes (each layer is still proved on the example when exported)."""
+    return any(callable(getattr(sys.modules.get(type(m).__module__), name, None))
+               for m in model.modules() for name in _RULES)
 
 
 def layout(cache) -> dict[int, tuple[tuple[int, ...], tuple[int, ...], tuple[torch.dtype, torch.dtype]]]:
@@ -130,8 +142,8 @@ def filled(pairs: list[tuple[torch.Tensor, torch.Tensor]], states: set[int]):
 
 
 def present(layer) -> tuple[torch.Tensor, torch.Tensor]:
-    """What a cache layer holds after the forward: (keys, values) or (conv_state, recurrent_state)."""
-    if isinstance(layer, StateLayer):
+    """What a cache layer holds: (keys, values) or (conv_state, recurrent_state)."""
+    if isinstance(layer, LinearAttentionCacheLayerMixin):
         return layer.conv_states[0], layer.recurrent_states[0]
     return layer.keys, layer.values
 

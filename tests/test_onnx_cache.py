@@ -262,7 +262,7 @@ def test_a_model_without_a_key_value_cache_is_refused(tmp_path):
         moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), tmp_path / "j.onnx", kv_cache=True)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen3_next"])
 def test_backend_onnxruntime_generates_with_the_cache(family):
     """model.generate on backend="onnxruntime" feeds the session its past: the same tokens as HF's cached
     generate, batch 2 with left padding; each step runs only the new token."""
@@ -433,3 +433,26 @@ def test_a_gated_delta_rule_that_differs_refuses_the_cached_export(tmp_path, mon
         report = moec.export_onnx(model, example, tmp_path / "b.onnx")
     assert report.inputs == ["input_ids"] and report.outputs == ["logits"]
     assert module.torch_chunk_gated_delta_rule is odd  # the substitution is undone
+
+
+def test_backend_onnxruntime_feeds_linear_attention_states_through_hf_generate():
+    """HF's generate (beam search; return_dict_in_generate) on a Qwen3-Next: the backend mirrors the session's
+    states into HF's cache and reorders them with the beams: HF's tokens. Jamba's Mamba state is not exported, so
+    its backend runs without the cache."""
+    model = models.tiny_model("qwen3_next").eval()
+    ref = copy.deepcopy(model)
+    moec.compile(model, backend="onnxruntime")
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=gen)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, num_beams=3, **kw), ref.generate(ids, num_beams=3, **kw))
+        got = model.generate(ids, return_dict_in_generate=True, output_logits=True, **kw)
+        want = ref.generate(ids, return_dict_in_generate=True, output_logits=True, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        assert rel_err(a, b) < TOL[torch.float32]
+    jamba = moec.compile(models.tiny_model("jamba").eval(), backend="onnxruntime")
+    assert not jamba.forward.cached and not jamba.generation_config.use_cache
