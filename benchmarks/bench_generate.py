@@ -10,8 +10,8 @@ top-2, 4 layers); "gpt_oss" = a GPT-OSS of hidden 512, 4 layers, 8 experts (the 
 measured onnxruntime-genai on); "deepseek" = moec.models.deepseek_style_model() (DeepSeek-V3: MLA, 64 experts of
 320, top-6 of 8 groups, a shared expert, 2 layers); "qwen3_next" = a Qwen3-Next of hidden 512, 4 layers (3 gated
 delta nets, then full attention, as its 3:1 pattern), 64 experts of 320, top-6, a shared expert of 1280 (its linear
-attention's states are exported, moec.export_state; backend="onnxruntime" runs it without the cache, so only its
-no-cache row). Systems, all greedy, the same tokens asserted against HF:
+attention's states are exported and fed back, moec.export_state). Systems, all greedy, the same tokens asserted
+against HF:
   HF eager (KV cache) | moec torch backend (KV cache) | moec backend="onnxruntime" with the KV cache, fp32 and
   int4 experts (g32), and int4 everywhere with int8 activations (dense=, greedy generate in moec's loop around
   the session) | moec backend="onnxruntime" without the cache (generate recomputes the sequence: how it
@@ -60,7 +60,6 @@ QWEN3_NEXT = dict(hidden_size=512, num_hidden_layers=4, layer_types=["linear_att
 
 BUILD = {"mix": models.demo_model, "gpt_oss": lambda: models.tiny_model("gpt_oss", **GPT_OSS),
          "deepseek": models.deepseek_style_model, "qwen3_next": lambda: models.tiny_model("qwen3_next", **QWEN3_NEXT)}
-STATES = {"qwen3_next"}  # backend="onnxruntime" does not feed linear-attention states yet: no KV-cache rows
 
 
 class Genai:
@@ -127,16 +126,13 @@ def main():
         ref.config.eos_token_id = ref.generation_config.eos_token_id = examples.byte_tokenizer().eos_token_id
         systems = {"HF eager (KV cache)": (ref, True)}
         systems["moec torch (KV cache)"] = (moec.compile(copy.deepcopy(ref), backend="torch"), True)
-        if name not in STATES:
-            for label, q in (("fp32", None), ("int4 g32 experts", moec.Int4Experts(32))):
-                systems[f"moec onnxruntime {label} (KV cache)"] = (
-                    moec.compile(copy.deepcopy(ref), backend="onnxruntime", quantize=q, session_options=so), True)
-            a8 = moec.Int4Experts(32, activations="int8")  # every matrix, as the genai folder's last row
-            systems["moec onnxruntime int4 all matmuls, int8 activations (KV cache)"] = (
-                moec.compile(copy.deepcopy(ref), backend="onnxruntime", quantize=a8, dense=a8, session_options=so),
-                True)
-        systems["moec onnxruntime fp32 (no cache)"] = (
-            moec.compile(copy.deepcopy(ref), backend="onnxruntime", session_options=so), False)
+        for label, q in (("fp32", None), ("int4 g32 experts", moec.Int4Experts(32))):
+            systems[f"moec onnxruntime {label} (KV cache)"] = (
+                moec.compile(copy.deepcopy(ref), backend="onnxruntime", quantize=q, session_options=so), True)
+        a8 = moec.Int4Experts(32, activations="int8")  # every matrix, as the genai folder's last row
+        systems["moec onnxruntime int4 all matmuls, int8 activations (KV cache)"] = (
+            moec.compile(copy.deepcopy(ref), backend="onnxruntime", quantize=a8, dense=a8, session_options=so), True)
+        systems["moec onnxruntime fp32 (no cache)"] = (systems["moec onnxruntime fp32 (KV cache)"][0], False)
         if not args.no_genai:
             systems.update(genai_systems(name, ref, args.threads, work))
         ids = torch.randint(0, ref.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
