@@ -20,6 +20,11 @@ exported as com.microsoft::LinearAttention (update_rule "gated_delta"). Each lay
 runs once on the example with real tensors, and each layer's output and new state are compared with what
 transformers' own function computes. A layer whose state another computation updates (Mamba's scan), or whose
 rule differs, refuses the cached export with the reason (StateUnfit).
+
+Padding (attention mask 0 among the new tokens) leaves a row's state as it was: the recurrence neither decays nor
+updates on a pad, and the convolution keeps the K columns up to the row's last real token. Under left padding (HF's
+generate) the pads precede a zero state, which transformers leaves at zero too; a row padded on the right and
+continued after its pads (onnxruntime-genai's batches) steps as if it ran alone.
 """
 
 from __future__ import annotations
@@ -48,10 +53,9 @@ class _Run:
     """One forward of the export wrapper: `check` (real tensors: prove each layer) or trace; the state the
     substitute returned last, and each state layer's proof (None: proved)."""
 
-    def __init__(self, check: bool, mask: torch.Tensor | None):
-        self.check, self.mask = check, mask  # mask [B, S]: the new columns' attention mask
+    def __init__(self, check: bool, mask: torch.Tensor, why: dict[int, str | None]):
+        self.check, self.mask, self.why = check, mask, why  # mask [B, S]: the new columns' attention mask
         self.last: tuple[torch.Tensor, str | None] | None = None  # (state out, why not) of the last rule call
-        self.why: dict[int, str | None] = {}
 
 
 _RUN: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("moec_state_run", default=None)
@@ -198,10 +202,9 @@ def substituted(model: torch.nn.Module, mask: torch.Tensor, check: bool, why: di
     """While the model runs on new columns with attention mask `mask` [B, S]: transformers' gated delta rules in
     the modeling modules of `model`'s submodules replaced by moec's substitute; yields the run (check: prove each
     layer on real tensors into `why`)."""
-    run = _Run(check, mask)
     if check:
         why.clear()
-    run.why = why
+    run = _Run(check, mask, why)
     modules = {sys.modules.get(type(m).__module__) for m in model.modules()}
     saved = [(mod, name, getattr(mod, name)) for mod in modules if mod is not None for name in _RULES
              if callable(getattr(mod, name, None))]
