@@ -164,17 +164,22 @@ def ort_gqa(query, key, value, past_key, past_value, bias, sinks, num_heads, kv_
 
 
 @torch.library.impl("moec::ort_linear_attention", "CompositeExplicitAutograd")
-def ort_linear_attention(query, key, value, past_state, decay, beta, heads, scale):
-    """LinearAttention's "gated_delta" rule, token by token in fp32: S = exp(g) S; S += k (beta (v - S^T k))^T;
-    o = scale q^T S."""
+def ort_linear_attention(query, key, value, past_state, decay, beta, heads, scale, rule):
+    """LinearAttention's rules token by token in fp32, with D = exp(decay) per head or per key dim:
+    "gated_delta": S = D S; S += k (beta (v - S^T k))^T; "gated": S = D S + k v^T. Then o = scale q^T S."""
+    if rule not in ("gated", "gated_delta"):
+        raise ValueError(f"moec::ort_linear_attention: rule {rule!r} is not 'gated' or 'gated_delta'")
     B, S = query.shape[:2]
     q, k, v = (t.float().view(B, S, heads, -1) for t in (query, key, value))  # [B, S, H, d]
+    decay = decay.float().view(B, S, heads, -1, 1)  # [B, S, H, 1 | dk, 1]
     state = past_state.float()  # [B, H, dk, dv]
     out = []
     for t in range(S):
-        state = state * decay[:, t].float().exp()[..., None, None]
-        delta = (v[:, t] - (state * k[:, t, ..., None]).sum(-2)) * beta[:, t].float()[..., None]  # [B, H, dv]
-        state = state + k[:, t, ..., None] * delta[..., None, :]
+        state = state * decay[:, t].exp()
+        update = v[:, t]  # [B, H, dv]
+        if rule == "gated_delta":
+            update = (update - (state * k[:, t, ..., None]).sum(-2)) * beta[:, t].float()[..., None]
+        state = state + k[:, t, ..., None] * update[..., None, :]
         out.append((state * q[:, t, ..., None]).sum(-2) * scale)
     return torch.stack(out, 1).reshape(B, S, -1).to(value.dtype), state.to(past_state.dtype)
 
@@ -267,9 +272,9 @@ def translations() -> dict:
             query, key, value, past_key, past_value, seqlens, op.Cast(op.Squeeze(total), to=onnx.TensorProto.INT32),
             None, None, None, bias, sinks, num_heads=num_heads, kv_num_heads=kv_heads, scale=scale)
 
-    def linear_attention(query, key, value, past_state, decay, beta, heads: int, scale: float):
+    def linear_attention(query, key, value, past_state, decay, beta, heads: int, scale: float, rule: str):
         return msft.LinearAttention(query, key, value, past_state, decay, beta, q_num_heads=heads,
-                                    kv_num_heads=heads, update_rule="gated_delta", scale=scale)
+                                    kv_num_heads=heads, update_rule=rule, scale=scale)
 
     return {torch.ops.moec.ort_moe.default: moe, torch.ops.moec.ort_qmoe.default: qmoe,
             torch.ops.moec.ort_gqa.default: gqa, torch.ops.moec.ort_linear_attention.default: linear_attention}

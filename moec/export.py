@@ -211,8 +211,8 @@ def _join_halves(first, second, key: int, value: int):
 def layer_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[tuple[int, int, int, int, torch.dtype], dict]:
     """((layers, kv_heads, key head_dim, value head_dim, dtype), states) of an HF decoder LM's cache, read off one
     cached call (the head dims differ in MLA: DeepSeek-V2/V3). states: layer -> (conv_state [C, K],
-    recurrent_state [H, dk, dv], their dtypes) of its linear-attention layers (moec.export_state). Refused with the reason
-    when a layer holds neither a key/value pair nor one state of each kind."""
+    recurrent_state [H, dk, dv], their dtypes) of its linear-attention and Mamba layers (moec.export_state).
+    Refused with the reason when a layer holds neither a key/value pair nor one state of each kind."""
     from moec import export_state  # imports transformers
 
     name = type(model).__name__

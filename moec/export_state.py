@@ -34,15 +34,15 @@ import contextvars
 import sys
 
 import torch
+from torch import nn
 from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin, LinearAttentionLayer
 
-# transformers' gated delta rules (module-level functions of the model's modeling file), in prompt and step form
-_RULES = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule")
 # arguments that pack several sequences in one row (the substitute runs each row as one sequence); the model's
 # other keyword arguments reach the rule and change nothing in it
 _PACKED = ("cu_seqlens", "seq_idx")
-# max |substitute - transformers| / max |transformers| of a layer's output and state on the example
-CHECK_TOL = 1e-5
+# max |substitute - transformers| / max |transformers| of a layer's output and state on the example, per model
+# dtype (transformers rounds Mamba's state and output to an fp16 model's dtype; moec's substitute keeps fp32)
+CHECK_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
 class StateUnfit(Exception):
@@ -56,6 +56,7 @@ class _Run:
     def __init__(self, check: bool, mask: torch.Tensor, why: dict[int, str | None]):
         self.check, self.mask, self.why = check, mask, why  # mask [B, S]: the new columns' attention mask
         self.last: tuple[torch.Tensor, str | None] | None = None  # (state out, why not) of the last rule call
+        self.current: StateLayer | None = None  # the layer whose convolution ran last: the one now running
 
 
 _RUN: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("moec_state_run", default=None)
@@ -80,6 +81,7 @@ class StateLayer(LinearAttentionLayer):
         last = torch.where(mask.bool(), torch.arange(1, S + 1, device=mask.device), 0).amax(-1)  # [B]
         cols = (last[:, None] + torch.arange(K, device=mask.device))[:, None, :]  # [B, 1, K]
         self.conv_states[state_idx] = full.gather(2, cols.expand(full.shape[0], full.shape[1], K))
+        _RUN.get().current = self  # Mamba's scan, next, finds its past state here
         return full
 
     def update_recurrent_state(self, recurrent_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
@@ -87,8 +89,8 @@ class StateLayer(LinearAttentionLayer):
         if run is not None and run.check:
             last, why = run.last or (None, None)
             if last is not recurrent_states:
-                why = ("its recurrent state is not computed by transformers' gated delta rule, which moec substitutes "
-                       "(e.g. Mamba's selective scan)")
+                why = ("its recurrent state is not computed by a function moec substitutes (transformers' gated delta "
+                       "rule, Mamba's selective scan)")
             run.why[self.layer_idx] = why
         if run is not None:
             run.last = None
@@ -106,10 +108,10 @@ def hold(layer: LinearAttentionCacheLayerMixin, conv: torch.Tensor, recurrent: t
 
 
 def substitutable(model: torch.nn.Module) -> bool:
-    """Whether some module of `model` comes from a modeling file with transformers' gated delta rule, which the
-    export substitutes (each layer is still proved on the example when exported)."""
+    """Whether some module of `model` comes from a modeling file with a function the export substitutes
+    (transformers' gated delta rule, Mamba's selective scan; each layer is still proved when exported)."""
     return any(callable(getattr(sys.modules.get(type(m).__module__), name, None))
-               for m in model.modules() for name in _RULES)
+               for m in model.modules() for name in _SUBSTITUTES)
 
 
 def layout(cache) -> dict[int, tuple[tuple[int, ...], tuple[int, ...], tuple[torch.dtype, torch.dtype]]]:
@@ -160,7 +162,7 @@ def _l2norm(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + 1e-6)
 
 
-def _substitute(original):
+def _gated_delta(original):
     """transformers' gated delta rule (prompt or step form) as moec::ort_linear_attention, proved on real tensors
     against `original`."""
 
@@ -179,22 +181,89 @@ def _substitute(original):
         if use_qk_l2norm_in_kernel:
             q, k = _l2norm(q), _l2norm(k)
         q, k = (t.repeat_interleave(Hv // Hk, dim=2).reshape(B, S, Hv * dk) for t in (q, k))  # [B, S, Hv*dk]
-        # padding leaves the state as it was (no decay, no update): a row padded on the right steps as if alone;
-        # under left padding the pads precede a zero state, which they leave at zero in transformers too
-        real = run.mask[..., None].float()  # [B, S, 1]
+        real = run.mask[..., None].float()  # [B, S, 1]: a pad neither decays nor updates the state
         out, state = torch.ops.moec.ort_linear_attention(
             q, k, value.float().reshape(B, S, Hv * dv), initial_state.float(), g.float() * real, beta.float() * real,
-            Hv, dk ** -0.5)
+            Hv, dk ** -0.5, "gated_delta")
         out = out.view(B, S, Hv, dv).to(query.dtype)  # [B, S, Hv*dv] -> [B, S, Hv, dv]
         if run.check:
             want, want_state = original(query, key, value, g=g, beta=beta, initial_state=initial_state,
                                         output_final_state=True, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
-            err = max(_rel(out, want), _rel(state, want_state))
-            why = f"the substituted gated delta rule differs from transformers' by {err:.1e}" if err > CHECK_TOL else None
+            why = _differs("gated delta rule", (out, state), (want, want_state), query.dtype)
         run.last = (state, why)
         return out, state if output_final_state else None
 
     return rule
+
+
+def _selective_scan(original, step):
+    """Mamba's selective scan (transformers' `mamba_selective_scan`, which starts from a zero state) from the
+    layer's past state, as moec::ort_linear_attention's "gated" rule: a head per channel c, the SSM state as the key
+    dim n, a value dim of 1:
+
+        u, dt, z [B,I,S] ; A [I,N] ; B, C [B,N,S] ; state [B,I,N]
+        decay[c,n] = A[c,n] dt[c] ; k[c,n] = dt[c] B[n] ; v[c] = u[c] ; q[c,n] = C[n] ; scale 1
+        y = out + u D, times silu(z) -> [B,I,S], state
+
+    Proved on real tensors against transformers' own decode step (`step`, mamba_selective_state_update, token by
+    token from the past state) and, from a zero state, against `original`."""
+
+    def scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+             return_last_state=False, **kwargs):
+        run = _RUN.get()
+        layer = run.current
+        if layer is None:
+            raise StateUnfit("the selective scan runs without a cached layer updating its convolution first")
+        batch, I, S = hidden_states.shape
+        N = A.shape[-1]
+        t = dt if delta_bias is None else dt + delta_bias.to(dt.dtype)[..., None]
+        t = (nn.functional.softplus(t) if delta_softplus else t).float().transpose(1, 2)  # [B, S, I]
+        real = run.mask[..., None, None].float()  # [B, S, 1, 1]: a pad neither decays nor updates the state
+        decay = (A.float() * t[..., None] * real).reshape(batch, S, I * N)
+        k = (t[..., None] * B.float().transpose(1, 2)[:, :, None, :] * real).reshape(batch, S, I * N)
+        q = C.float().transpose(1, 2)[:, :, None, :].expand(batch, S, I, N).reshape(batch, S, I * N)
+        u = hidden_states.float().transpose(1, 2)  # [B, S, I]
+        past = layer.recurrent_states[0]  # [B, I, N]
+        y, state = torch.ops.moec.ort_linear_attention(q, k, u, past.float()[..., None], decay, None, I, 1.0, "gated")
+        y = y.transpose(1, 2)  # [B, S, I] -> [B, I, S]
+        if D is not None:
+            y = y + hidden_states * D[None, :, None]
+        if z is not None:
+            y = y * nn.functional.silu(z)
+        state = state[..., 0].to(past.dtype)  # [B, I, N, 1] -> [B, I, N]
+        why = None
+        if run.check:
+            steps, was = [], past.clone()
+            for i in range(S):  # transformers' decode step, token by token, updates `was` in place
+                steps.append(step(was, hidden_states[..., i], dt[..., i], A, B[..., i], C[..., i], D, z=z[..., i]
+                                  if z is not None else None, dt_bias=delta_bias, dt_softplus=delta_softplus))
+            why = _differs("selective scan", (y, state), (torch.stack(steps, -1), was), hidden_states.dtype)
+            want = original(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus, True)  # a prompt's scan
+            layer.recurrent_states[0], run.check = torch.zeros_like(past), False
+            try:
+                got = scan(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus, True)
+            finally:
+                layer.recurrent_states[0], run.check = past, True
+            why = why or _differs("selective scan from a zero state", got, want, hidden_states.dtype)
+        run.last = (state, why)
+        return (y, state) if return_last_state else y
+
+    return scan
+
+
+def _differs(what: str, got: tuple, want: tuple, dtype: torch.dtype) -> str | None:
+    """Why the substitute's (output, state) is not transformers' (None: within CHECK_TOL of the model's dtype)."""
+    err = max(_rel(a, b) for a, b in zip(got, want))
+    tol = CHECK_TOL.get(dtype, 1e-5)
+    return f"the substituted {what} differs from transformers' by {err:.1e}" if err > tol else None
+
+
+# transformers' functions (module-level, in the model's modeling file) -> moec's substitute, given the module
+_SUBSTITUTES = {
+    "torch_chunk_gated_delta_rule": lambda mod: _gated_delta(mod.torch_chunk_gated_delta_rule),
+    "torch_recurrent_gated_delta_rule": lambda mod: _gated_delta(mod.torch_recurrent_gated_delta_rule),
+    "mamba_selective_scan": lambda mod: _selective_scan(mod.mamba_selective_scan, mod.mamba_selective_state_update),
+}
 
 
 @contextlib.contextmanager
@@ -206,11 +275,12 @@ def substituted(model: torch.nn.Module, mask: torch.Tensor, check: bool, why: di
         why.clear()
     run = _Run(check, mask, why)
     modules = {sys.modules.get(type(m).__module__) for m in model.modules()}
-    saved = [(mod, name, getattr(mod, name)) for mod in modules if mod is not None for name in _RULES
+    saved = [(mod, name, getattr(mod, name)) for mod in modules if mod is not None for name in _SUBSTITUTES
              if callable(getattr(mod, name, None))]
     token = _RUN.set(run)
-    for mod, name, original in saved:
-        setattr(mod, name, _substitute(original))
+    substitutes = [(mod, name, _SUBSTITUTES[name](mod)) for mod, name, _ in saved]
+    for mod, name, substitute in substitutes:
+        setattr(mod, name, substitute)
     try:
         yield run
     finally:

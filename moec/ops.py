@@ -14,9 +14,9 @@ torch.export and torch.compile (each op has a fake implementation giving output 
     moec::ort_gqa(q[B,S,H*D], k[B,S,KVH*D], v, past_k[B,KVH,P,D], past_v, bias[B|1,1,S,P+S], sinks?[H], H, KVH, scale)
         -> out[B,S,H*D], present_k[B,KVH,P+S,D], present_v: attention over past + new keys with an additive bias
         (and per-head sink logits), exported as com.microsoft::GroupQueryAttention (moec.export_gqa)
-    moec::ort_linear_attention(q[B,S,H*dk], k[B,S,H*dk], v[B,S,H*dv], past_state[B,H,dk,dv], decay[B,S,H],
-        beta[B,S,H], H, scale) -> out[B,S,H*dv], present_state: the gated delta rule token by token, exported as
-        com.microsoft::LinearAttention (moec.export_state)
+    moec::ort_linear_attention(q[B,S,H*dk], k[B,S,H*dk], v[B,S,H*dv], past_state[B,H,dk,dv], decay[B,S,H|H*dk],
+        beta?[B,S,H], H, scale, rule) -> out[B,S,H*dv], present_state: rule "gated_delta" (Qwen3-Next) or "gated"
+        (Mamba: a decay per key dim) token by token, exported as com.microsoft::LinearAttention (moec.export_state)
 
 Backends register the real kernels (`moec.backends.torch_backend` for every device).
 """
@@ -59,8 +59,8 @@ torch.library.define(
     "int num_heads, int kv_heads, float scale) -> (Tensor, Tensor, Tensor)")
 torch.library.define(
     "moec::ort_linear_attention",
-    "(Tensor query, Tensor key, Tensor value, Tensor past_state, Tensor decay, Tensor beta, int heads, float scale) "
-    "-> (Tensor, Tensor)")
+    "(Tensor query, Tensor key, Tensor value, Tensor past_state, Tensor decay, Tensor? beta, int heads, float scale, "
+    "str rule) -> (Tensor, Tensor)")
 torch.library.define(  # router: the RouterSpec as JSON (its capacity rule)
     "moec::capacity", "(Tensor weights, Tensor kept, str router) -> Tensor")
 torch.library.define(
@@ -98,7 +98,7 @@ def _gqa_fake(query, key, value, past_key, past_value, bias, sinks, num_heads, k
 
 
 @torch.library.register_fake("moec::ort_linear_attention")
-def _linear_attention_fake(query, key, value, past_state, decay, beta, heads, scale):
+def _linear_attention_fake(query, key, value, past_state, decay, beta, heads, scale, rule):
     return torch.empty_like(value), torch.empty_like(past_state)
 
 

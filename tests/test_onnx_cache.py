@@ -17,7 +17,7 @@ from moec import models
 from conftest import TOL, rel_err
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3",
-            "llama4", "qwen3_next"]
+            "llama4", "qwen3_next", "jamba"]
 OVERRIDES = {"llama4": dict(num_experts_per_tok=1),  # as its checkpoints: ORT's op takes top-1 input weighting
              "deepseek_v2": dict(q_lora_rank=None)}  # as DeepSeek-V2-Lite (one q_proj); DeepSeek-V3 has q LoRA
 # with -m slow: GLM4-MoE's and DeepSeek-V3's exports are stepped through in test_onnx / test_genai by default
@@ -217,7 +217,7 @@ def test_a_model_on_its_own_attention_function_exports_it_as_it_is(tmp_path):
     assert model.config._attn_implementation == "moec_test_tempered"
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "qwen3_next"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "qwen3_next", "jamba"])
 def test_fp16_steps_like_hf_fp16(family, tmp_path):
     model = models.tiny_model(family, dtype=torch.float16).eval()
     _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float16])
@@ -256,13 +256,19 @@ def test_export_leaves_the_model_as_it_was(family, quantize, tmp_path):
         assert torch.equal(model(**ids).logits, want)
 
 
-def test_a_model_without_a_key_value_cache_is_refused(tmp_path):
+def test_a_state_no_substitute_computes_is_refused(tmp_path, monkeypatch):
+    """A layer whose state is updated by a function moec does not substitute (here Jamba's Mamba scan, with its
+    substitute taken away) refuses the cached export and says why."""
+    from moec import export_state
+
+    monkeypatch.delitem(export_state._SUBSTITUTES, "mamba_selective_scan")
     model = models.tiny_model("jamba").eval()
-    with pytest.raises((NotImplementedError, ValueError), match="kv_cache"):
+    with pytest.raises(NotImplementedError, match="layer 0: its recurrent state is not computed by a function moec "
+                                                  "substitutes.*kv_cache=False"):
         moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), tmp_path / "j.onnx", kv_cache=True)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen3_next"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen3_next", "jamba"])
 def test_backend_onnxruntime_generates_with_the_cache(family):
     """model.generate on backend="onnxruntime" feeds the session its past: the same tokens as HF's cached
     generate, batch 2 with left padding; each step runs only the new token."""
@@ -372,12 +378,13 @@ def test_dense_matmuls_as_matmulnbits(family, dense, tmp_path):
 
 
 @pytest.mark.parametrize("family,attention", [("mixtral", "gqa"), ("gpt_oss", "gqa"), ("qwen3_next", "gqa"),
+                                              ("jamba", "gqa"),
                                               pytest.param("gpt_oss", "ops", marks=pytest.mark.slow)])
 def test_right_padded_rows_step_like_each_row_alone(family, attention, tmp_path):
     """onnxruntime-genai pads a batch on the right and appends each new token after the pads. The window (4
     positions here) counts the row's tokens, not cache slots, so each row equals that row run alone by HF (HF's own
-    window counts slots: such a row would lose tokens from it). Qwen3-Next's linear-attention state skips the pads
-    (its convolution keeps the row's own last columns; the recurrence neither decays nor updates on a pad)."""
+    window counts slots: such a row would lose tokens from it). Qwen3-Next's and Jamba's states skip the pads (the
+    convolution keeps the row's own last columns; the recurrence neither decays nor updates on a pad)."""
     kw = {"gpt_oss": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4),
           "mixtral": dict(sliding_window=4)}.get(family, {})
     model = models.tiny_model(family, **kw).eval()
@@ -412,33 +419,35 @@ def test_linear_attention_state_over_a_prompt_longer_than_a_chunk(tmp_path):
     assert "past_key_values.0.recurrent_state" in report.inputs and report.gqa_layers == 1
 
 
-def test_a_gated_delta_rule_that_differs_refuses_the_cached_export(tmp_path, monkeypatch):
+@pytest.mark.parametrize("family, function", [("qwen3_next", "torch_chunk_gated_delta_rule"),
+                                              ("jamba", "mamba_selective_scan")])
+def test_a_state_rule_that_differs_refuses_the_cached_export(family, function, tmp_path, monkeypatch):
     """The proof on the example: a model whose rule computes something else than moec's substitute (here
-    transformers' output scaled by 1.01) is refused with kv_cache=True, and exported without its cache (a
-    warning) by default."""
-    model = models.tiny_model("qwen3_next").eval()
+    transformers' output scaled by 1.01) is refused with kv_cache=True; by default Qwen3-Next is then exported
+    without its cache, with a warning (Jamba's Mamba layer does not export without it)."""
+    model = models.tiny_model(family).eval()
     module = sys.modules[type(model).__module__]
-    rule = module.torch_chunk_gated_delta_rule
+    rule = getattr(module, function)
 
     def odd(*args, **kwargs):
-        out, state = rule(*args, **kwargs)
-        return out * 1.01, state
+        out = rule(*args, **kwargs)
+        return (out[0] * 1.01, *out[1:]) if isinstance(out, tuple) else out * 1.01
 
-    monkeypatch.setattr(module, "torch_chunk_gated_delta_rule", odd)
+    monkeypatch.setattr(module, function, odd)
     example = models.example_inputs(model, batch=2, seq=5)
-    with pytest.raises(NotImplementedError, match="layer 0: the substituted gated delta rule differs from "
-                                                  "transformers'.*kv_cache=False"):
+    with pytest.raises(NotImplementedError, match="layer 0: the substituted .* differs from transformers'"
+                                                  ".*kv_cache=False"):
         moec.export_onnx(model, example, tmp_path / "a.onnx", kv_cache=True)
-    with pytest.warns(UserWarning, match="exported without its cache"):
-        report = moec.export_onnx(model, example, tmp_path / "b.onnx")
-    assert report.inputs == ["input_ids"] and report.outputs == ["logits"]
-    assert module.torch_chunk_gated_delta_rule is odd  # the substitution is undone
+    assert getattr(module, function) is odd  # the substitution is undone
+    if family == "qwen3_next":
+        with pytest.warns(UserWarning, match="exported without its cache"):
+            report = moec.export_onnx(model, example, tmp_path / "b.onnx")
+        assert report.inputs == ["input_ids"] and report.outputs == ["logits"]
 
 
 def test_backend_onnxruntime_feeds_linear_attention_states_through_hf_generate():
     """HF's generate (beam search; return_dict_in_generate) on a Qwen3-Next: the backend mirrors the session's
-    states into HF's cache and reorders them with the beams: HF's tokens. Jamba's Mamba state is not exported, so
-    its backend runs without the cache."""
+    states into HF's cache and reorders them with the beams: HF's tokens."""
     model = models.tiny_model("qwen3_next").eval()
     ref = copy.deepcopy(model)
     moec.compile(model, backend="onnxruntime")
@@ -454,5 +463,3 @@ def test_backend_onnxruntime_feeds_linear_attention_states_through_hf_generate()
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.logits, want.logits):
         assert rel_err(a, b) < TOL[torch.float32]
-    jamba = moec.compile(models.tiny_model("jamba").eval(), backend="onnxruntime")
-    assert not jamba.forward.cached and not jamba.generation_config.use_cache
