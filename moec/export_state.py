@@ -1,25 +1,28 @@
-"""KV-cache export of hybrid decoder LMs: linear-attention layers exported with their recurrent state.
+"""KV-cache export of hybrid decoder LMs: linear-attention and Mamba layers exported with their states.
 
-A gated-delta-net layer (Qwen3-Next's linear attention) caches no keys and values but two states, which
-moec.export_onnx(kv_cache=True) takes and returns beside the other layers' key/value pairs, as HF's
+A gated-delta-net layer (Qwen3-Next's linear attention) or a Mamba layer (Jamba) caches no keys and values but two
+states, which moec.export_onnx(kv_cache=True) takes and returns beside the other layers' key/value pairs, as HF's
 LinearAttentionLayer holds them:
 
-    past_key_values.{i}.conv_state [B, C, K]  (the last K inputs of the short convolution; C = 2*Hk*dk + Hv*dv)
-    past_key_values.{i}.recurrent_state [B, Hv, dk, dv]  ->  present.{i}.conv_state, present.{i}.recurrent_state
+    past_key_values.{i}.conv_state [B, C, K]  (the last K inputs of the short convolution)
+    past_key_values.{i}.recurrent_state [B, Hv, dk, dv] (gated delta net) | [B, I, N] (Mamba's SSM state)
+      ->  present.{i}.conv_state, present.{i}.recurrent_state
 
 The convolution over past + new columns traces as ordinary ops (Concat, depthwise Conv, SiLU) for any number of
-new tokens. The gated delta rule does not: transformers runs a prompt through a chunked scan (a Python loop over
-chunks of 64 tokens) and a step through a per-token loop, which one traced graph cannot hold. While the model is
-traced, each layer's rule runs as
+new tokens. The recurrence does not: transformers runs a prompt through a scan (Qwen3-Next: a Python loop over
+chunks of 64 tokens; Mamba: over tokens, from a zero state) and a step through another function, chosen in Python,
+which one traced graph cannot hold. While the model is traced, each layer's scan runs as one
+moec::ort_linear_attention, exported as com.microsoft::LinearAttention:
 
-    q, k [B,S,Hk,dk] -> l2-normalized, heads repeated to Hv ; v [B,S,Hv,dv] ; g, beta [B,S,Hv] ; state [B,Hv,dk,dv]
-      -> moec::ort_linear_attention(q, k, v [B,S,H*d], state, g, beta, Hv, 1/sqrt(dk))  (the recurrence)
-      -> out [B,S,Hv,dv], state
+    gated delta rule (_gated_delta): q, k [B,S,Hk,dk] l2-normalized, heads repeated to Hv ; v [B,S,Hv,dv] ;
+      g, beta [B,S,Hv] ; state [B,Hv,dk,dv]  -> rule "gated_delta", scale 1/sqrt(dk) -> out [B,S,Hv,dv], state
+    selective scan (_selective_scan): a head per channel, the SSM state as the key dim, a value dim of 1
+      -> rule "gated" with a decay per key dim, scale 1 -> y [B,I,S], state [B,I,N]
 
-exported as com.microsoft::LinearAttention (update_rule "gated_delta"). Each layer is proved first: the model
-runs once on the example with real tensors, and each layer's output and new state are compared with what
-transformers' own function computes. A layer whose state another computation updates (Mamba's scan), or whose
-rule differs, refuses the cached export with the reason (StateUnfit).
+Each layer is proved first: the model runs once on the example with real tensors, and each layer's output and new
+state are compared with what transformers' own functions compute (the scan from the past state against its decode
+step token by token, and from a zero state against its prompt scan). A layer whose state another computation
+updates, or whose scan differs, refuses the cached export with the reason.
 
 Padding (attention mask 0 among the new tokens) leaves a row's state as it was: the recurrence neither decays nor
 updates on a pad, and the convolution keeps the K columns up to the row's last real token. Under left padding (HF's
