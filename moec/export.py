@@ -458,10 +458,10 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     kv_cache: an HF decoder LM exported with its cache (_ExportableWithCache): inputs input_ids,
         attention_mask (past + new tokens), position_ids, past_key_values.{i}.key/value; outputs logits,
         present.{i}.key/value; batch, sequence and past length dynamic (the past may be empty). A gated-delta-net
-        layer (Qwen3-Next's linear attention) takes and returns past_key_values.{i}.conv_state / recurrent_state
-        instead (moec.export_state). None (the default): with the cache for an HF decoder LM given input_ids (and
-        attention_mask) whose layers cache key/value pairs or such states; a model with another state (Jamba's
-        Mamba) exports without, with a warning.
+        layer (Qwen3-Next's linear attention) or a Mamba layer (Jamba) takes and returns
+        past_key_values.{i}.conv_state / recurrent_state instead (moec.export_state). None (the default): with the
+        cache for an HF decoder LM given input_ids (and attention_mask) whose layers cache key/value pairs or such
+        states; a model whose state moec cannot export exports without, with a warning.
     dense: None, or Int4Experts(g, symmetric) / Int8Experts(): the dense MatMuls (attention, lm_head, dense and
         shared MLPs; never the routers) become com.microsoft::MatMulNBits (moec.export_dense), apart from the
         experts' `quantize`.
