@@ -1,7 +1,7 @@
 """Whole-model generation with a KV cache: moec's ONNX deployments against HF eager, moec's torch backend and
 onnxruntime-genai's own builder.
 
-    python benchmarks/bench_generate.py [--models mix gpt_oss deepseek qwen3_next] [--prompt 16] [--new-tokens 64]
+    python benchmarks/bench_generate.py [--models mix gpt_oss deepseek qwen3_next jamba] [--prompt 16] [--new-tokens 64]
                                         [--rounds 3]
                                         [--threads 2] [--no-genai]
 
@@ -10,8 +10,9 @@ top-2, 4 layers); "gpt_oss" = a GPT-OSS of hidden 512, 4 layers, 8 experts (the 
 measured onnxruntime-genai on); "deepseek" = moec.models.deepseek_style_model() (DeepSeek-V3: MLA, 64 experts of
 320, top-6 of 8 groups, a shared expert, 2 layers); "qwen3_next" = a Qwen3-Next of hidden 512, 4 layers (3 gated
 delta nets, then full attention, as its 3:1 pattern), 64 experts of 320, top-6, a shared expert of 1280 (its linear
-attention's states are exported and fed back, moec.export_state). Systems, all greedy, the same tokens asserted
-against HF:
+attention's states are exported and fed back, moec.export_state); "jamba" = a Jamba of hidden 512, 4 layers (3 Mamba,
+then attention), 8 experts of 1792, top-2 in every layer (its Mamba states exported the same way). Systems, all
+greedy, the same tokens asserted against HF:
   HF eager (KV cache) | moec torch backend (KV cache) | moec backend="onnxruntime" with the KV cache, fp32 and
   int4 experts (g32), and int4 everywhere with int8 activations (dense=, greedy generate in moec's loop around
   the session) | moec backend="onnxruntime" without the cache (generate recomputes the sequence: how it
@@ -58,8 +59,14 @@ QWEN3_NEXT = dict(hidden_size=512, num_hidden_layers=4, layer_types=["linear_att
                   linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64)
 
 
+JAMBA = dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=4, num_experts=8, num_experts_per_tok=2,
+             expert_layer_period=1, expert_layer_offset=0, attn_layer_period=4, attn_layer_offset=3,
+             num_attention_heads=8, num_key_value_heads=2, mamba_d_state=16, mamba_expand=2, mamba_dt_rank=32)
+
+
 BUILD = {"mix": models.demo_model, "gpt_oss": lambda: models.tiny_model("gpt_oss", **GPT_OSS),
-         "deepseek": models.deepseek_style_model, "qwen3_next": lambda: models.tiny_model("qwen3_next", **QWEN3_NEXT)}
+         "deepseek": models.deepseek_style_model, "qwen3_next": lambda: models.tiny_model("qwen3_next", **QWEN3_NEXT),
+         "jamba": lambda: models.tiny_model("jamba", **JAMBA)}
 
 
 class Genai:
