@@ -93,18 +93,33 @@ class ExportReport:
 
 class _Exportable(nn.Module):
     """The model as exported: every input positional (torch.export's dynamic shapes then match one tuple),
-    HF models without KV cache, returning their logits."""
+    HF models without KV cache, returning their logits. An HF model's gated-delta-net and Mamba scans run as
+    moec.export_state's substitutes from a zero state (transformers' scans loop in Python over chunks or tokens,
+    which one traced graph cannot hold); `check`: this forward proves them on real tensors (`proofs`)."""
 
     def __init__(self, model: nn.Module, n_args: int, names: list[str]):
         super().__init__()
         self.model, self.n_args, self.names = model, n_args, names
         self.training = model.training
         self.hf = hasattr(model, "config") and "use_cache" in pyinspect.signature(model.forward).parameters
+        self.scans = False
+        if self.hf:
+            from moec import export_state  # imports transformers, which an HF model has
+
+            self.scans = export_state.substitutable(model)
+        self.check, self.proofs = False, []
 
     def forward(self, *inputs):
         kwargs = dict(zip(self.names, inputs[self.n_args:]), **({"use_cache": False} if self.hf else {}))
-        with as_real_pairs():
+        with contextlib.ExitStack() as stack:
+            if self.scans:
+                from moec import export_state
+
+                run = stack.enter_context(export_state.substituted(self.model, None, self.check, {}))
+            stack.enter_context(as_real_pairs())
             out = self.model(*inputs[:self.n_args], **kwargs)
+        if self.scans and self.check:
+            self.proofs = run.proofs
         return out.logits if hasattr(out, "logits") else out
 
 
@@ -298,6 +313,22 @@ def _with_cache(model: nn.Module, input_ids, attention: str, halves: bool):
             + "; ".join(f"layer {i}: {w}" if i != "" else w for i, w in sorted(unfit.items(), key=str))
             + "; export it with kv_cache=False")
     return exportable, inputs, names, outputs, shapes, export_gqa.summary(why)
+
+
+def _prove_scans(exportable: _Exportable, inputs: tuple, name: str) -> None:
+    """The no-cache export's substituted scans, proved on the example before the trace (moec.export_state)."""
+    from moec import export_state
+
+    exportable.check = True
+    try:
+        exportable(*inputs)
+    except export_state.StateUnfit as e:
+        raise NotImplementedError(f"moec.export_onnx: {name}'s scan cannot be exported: {e}") from e
+    finally:
+        exportable.check = False
+    why = [w for w in exportable.proofs if w is not None]
+    if why:
+        raise NotImplementedError(f"moec.export_onnx: {name}'s scan cannot be exported: {why[0]}")
 
 
 def _default_kv_cache(model: nn.Module, args: tuple, kwargs: dict) -> bool:
@@ -531,6 +562,8 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
             exportable = _Exportable(work, len(args), list(kwargs))
             outputs = ["logits"] if exportable.hf else None
             shapes = (tuple(dynamic_axes(t) for t in inputs),)
+            if exportable.scans:
+                _prove_scans(exportable, inputs, type(model).__name__)
         try:
             program = torch.onnx.export(
                 exportable, inputs, input_names=names, output_names=outputs, dynamic_shapes=shapes, dynamo=True,

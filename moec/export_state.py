@@ -56,8 +56,9 @@ class _Run:
     """One forward of the export wrapper: `check` (real tensors: prove each layer) or trace; the state the
     substitute returned last, and each state layer's proof (None: proved)."""
 
-    def __init__(self, check: bool, mask: torch.Tensor, why: dict[int, str | None]):
+    def __init__(self, check: bool, mask: torch.Tensor | None, why: dict[int, str | None]):
         self.check, self.mask, self.why = check, mask, why  # mask [B, S]: the new columns' attention mask
+        self.proofs: list[str | None] = []  # each substitute call's proof, in call order (check)
         self.last: tuple[torch.Tensor, str | None] | None = None  # (state out, why not) of the last rule call
         self.current: StateLayer | None = None  # the layer whose convolution ran last: the one now running
 
@@ -176,7 +177,6 @@ def _gated_delta(original):
         B, S, Hk, dk = query.shape
         Hv, dv = value.shape[2:]
         why = (f"sequences packed in one row ({', '.join(extra)})" if extra else
-               "no initial state" if initial_state is None else
                f"{Hv} value heads do not share {Hk} key heads evenly" if Hv % Hk else None)
         if why is not None:
             raise StateUnfit(why)
@@ -184,15 +184,17 @@ def _gated_delta(original):
         if use_qk_l2norm_in_kernel:
             q, k = _l2norm(q), _l2norm(k)
         q, k = (t.repeat_interleave(Hv // Hk, dim=2).reshape(B, S, Hv * dk) for t in (q, k))  # [B, S, Hv*dk]
-        real = run.mask[..., None].float()  # [B, S, 1]: a pad neither decays nor updates the state
+        real = _real(run, 3)  # [B, S, 1]: a pad neither decays nor updates the state
+        past = value.new_zeros(B, Hv, dk, dv, dtype=torch.float32) if initial_state is None else initial_state
         out, state = torch.ops.moec.ort_linear_attention(
-            q, k, value.float().reshape(B, S, Hv * dv), initial_state.float(), g.float() * real, beta.float() * real,
+            q, k, value.float().reshape(B, S, Hv * dv), past.float(), g.float() * real, beta.float() * real,
             Hv, dk ** -0.5, "gated_delta")
         out = out.view(B, S, Hv, dv).to(query.dtype)  # [B, S, Hv*dv] -> [B, S, Hv, dv]
         if run.check:
             want, want_state = original(query, key, value, g=g, beta=beta, initial_state=initial_state,
                                         output_final_state=True, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
             why = _differs("gated delta rule", (out, state), (want, want_state), query.dtype)
+            run.proofs.append(why)
         run.last = (state, why)
         return out, state if output_final_state else None
 
@@ -214,19 +216,17 @@ def _selective_scan(original, step):
     def scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
              return_last_state=False, **kwargs):
         run = _RUN.get()
-        layer = run.current
-        if layer is None:
-            raise StateUnfit("the selective scan runs without a cached layer updating its convolution first")
+        layer = run.current  # None without a cache: the scan starts from a zero state, as transformers' does
         batch, I, S = hidden_states.shape
         N = A.shape[-1]
         t = dt if delta_bias is None else dt + delta_bias.to(dt.dtype)[..., None]
         t = (nn.functional.softplus(t) if delta_softplus else t).float().transpose(1, 2)  # [B, S, I]
-        real = run.mask[..., None, None].float()  # [B, S, 1, 1]: a pad neither decays nor updates the state
+        real = _real(run, 4)  # [B, S, 1, 1]: a pad neither decays nor updates the state
         decay = (A.float() * t[..., None] * real).reshape(batch, S, I * N)
         k = (t[..., None] * B.float().transpose(1, 2)[:, :, None, :] * real).reshape(batch, S, I * N)
         q = C.float().transpose(1, 2)[:, :, None, :].expand(batch, S, I, N).reshape(batch, S, I * N)
         u = hidden_states.float().transpose(1, 2)  # [B, S, I]
-        past = layer.recurrent_states[0]  # [B, I, N]
+        past = hidden_states.new_zeros(batch, I, N) if layer is None else layer.recurrent_states[0]  # [B, I, N]
         y, state = torch.ops.moec.ort_linear_attention(q, k, u, past.float()[..., None], decay, None, I, 1.0, "gated")
         y = y.transpose(1, 2)  # [B, S, I] -> [B, I, S]
         if D is not None:
@@ -242,16 +242,22 @@ def _selective_scan(original, step):
                                   if z is not None else None, dt_bias=delta_bias, dt_softplus=delta_softplus))
             why = _differs("selective scan", (y, state), (torch.stack(steps, -1), was), hidden_states.dtype)
             want = original(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus, True)  # a prompt's scan
-            layer.recurrent_states[0], run.check = torch.zeros_like(past), False
+            run.check, run.current = False, None
             try:
                 got = scan(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus, True)
             finally:
-                layer.recurrent_states[0], run.check = past, True
+                run.check, run.current = True, layer
             why = why or _differs("selective scan from a zero state", got, want, hidden_states.dtype)
+            run.proofs.append(why)
         run.last = (state, why)
         return (y, state) if return_last_state else y
 
     return scan
+
+
+def _real(run: _Run, dims: int) -> torch.Tensor | float:
+    """The new tokens' mask [B, S] as floats of `dims` dims (1: not a pad), or 1.0 where no mask is known."""
+    return 1.0 if run.mask is None else run.mask.float().view(*run.mask.shape, *([1] * (dims - 2)))
 
 
 def _differs(what: str, got: tuple, want: tuple, dtype: torch.dtype) -> str | None:

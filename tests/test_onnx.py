@@ -23,19 +23,13 @@ from conftest import TOL, rel_err
 from test_hf import SUPPORTED
 from test_quant import _dequantized_twin
 
-# Families whose model (not its MoE blocks) does not torch.export without the cache (kv_cache=False) with dynamic
-# batch/sequence in transformers 5.23: the uncompiled model fails the same way (test_export_gaps_are_in_the_model).
-# With the cache (the default), Jamba exports: moec.export_state substitutes its scan (test_onnx_cache).
-EXPORT_GAPS = {
-    "jamba": "the Mamba layer's slow path specializes the sequence length",
-}  # their MoE blocks export on their own: test_gap_family_block
-HF = [f for f in SUPPORTED if f not in EXPORT_GAPS]
+HF = list(SUPPORTED)
 OVERRIDES = {"llama4": dict(num_experts_per_tok=1)}  # as its checkpoints (top-2: test_llama4_weights_the_expert_input)
 # What each family's blocks become (router features the op lacks use log-weights; see lower_onnx)
 # routers ORT's own (softmax over all, then top-k) does not compute exactly: selection on the logits (GPT-OSS,
 # GraniteMoE, JetMoE: top-k of the logits, softmax of the chosen), a bias, groups, capacity, sparsemixer
 HF_LOG_WEIGHTS = {"glm4_moe", "phimoe", "switch_transformers", "gpt_oss", "granitemoe", "jetmoe", "deepseek_v2",
-                  "deepseek_v3", "llama4"}
+                  "deepseek_v3", "llama4", "jamba"}
 SHAPES = [(1, 1), (3, 7)]  # (batch, seq); every export's example is (2, 5)
 QUANT = [moec.Int8Experts(), moec.Int4Experts(32), moec.Int4Experts(64, symmetric=False),
          moec.Int4Experts(32, signed_scale=True)]
@@ -80,10 +74,11 @@ def exported(tmp_path_factory):
 
 
 # whole experts in the default run: ORT's native routing, shared experts, log-weights, biased SwiGLU; the other
-# families' whole exports (and Qwen3-Next's linear attention, 1.5 min an export) run with `pytest -m slow`
+# families' whole exports run with `pytest -m slow`
 WHOLE = {"mixtral", "qwen2_moe", "glm4_moe", "gpt_oss"}
-# Qwen3-Next; and families whose cached export (the default for decoder LMs) test_onnx_cache steps through
-SLOW = {"qwen3_next", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "llama4"}
+# families whose cached export (the default for decoder LMs) test_onnx_cache steps through (Qwen3-Next's and Jamba's
+# scans without the cache: test_scans_export_without_the_cache)
+SLOW = {"qwen3_next", "jamba", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "llama4"}
 CASES = [pytest.param(f, s, id=f"{f}-{'whole' if s == 1 else 'sliced'}",
                       marks=[pytest.mark.slow] if f in SLOW or (s == 1 and f not in WHOLE) else [])
          for f in HF for s in (1, None)]
@@ -154,23 +149,20 @@ def test_mla_with_fewer_kv_heads_is_refused(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.parametrize("family", list(EXPORT_GAPS))
-def test_export_gaps_are_in_the_model(family):
-    """Why EXPORT_GAPS are not tested whole: the uncompiled model fails torch.onnx.export with dynamic axes too."""
-    model = models.tiny_model(family, experts_implementation="batched_mm")
-    dyn = torch.export.Dim.DYNAMIC
-    with pytest.raises(Exception):
-        torch.onnx.export(model, (), kwargs={**models.example_inputs(model, batch=2, seq=5), "use_cache": False},
-                          dynamic_shapes={"input_ids": {0: dyn, 1: dyn}, "use_cache": None}, dynamo=True,
-                          verbose=False)
-
-
-def test_gap_family_block(tmp_path):
-    """The MoE blocks of EXPORT_GAPS export on their own."""
-    block = resolve(models.tiny_model("jamba", **QSIZES), "model.layers.0.feed_forward")
-    report = _export_block(block, 64, tmp_path / "b.onnx")
-    assert report.blocks[0].op == "MoE" and "log-weights" in report.blocks[0].why, str(report)
-    _block_parity(block, tmp_path / "b.onnx", 64, torch.float32, TOL[torch.float32])
+@pytest.mark.parametrize("family", ["qwen3_next", "jamba"])
+def test_scans_export_without_the_cache(exported, family):
+    """Without the cache, Qwen3-Next's gated delta rule (a Python loop over chunks of 64 tokens in transformers) and
+    Jamba's Mamba scan (over tokens) run as moec.export_state's substitutes from a zero state: one graph for 1 token
+    and for sequences of several chunks, equal to the model."""
+    model, report, path = exported(family, slices=1)
+    assert report.inputs == ["input_ids"] and _nodes(path, "LinearAttention")
+    session = _session(path)
+    for batch, seq in [(1, 1), (2, 7), (1, 150)]:
+        inputs = {"input_ids": torch.randint(0, model.config.vocab_size, (batch, seq),
+                                             generator=torch.Generator().manual_seed(seq))}
+        with torch.no_grad():
+            want = model(**inputs, use_cache=False).logits
+        assert rel_err(_run(session, inputs), want) < TOL[torch.float32], (batch, seq)
 
 
 @pytest.mark.parametrize("k,cfg", [(1, None), (1, moec.Int8Experts()), (1, moec.Int4Experts(32, symmetric=False)),

@@ -423,8 +423,8 @@ def test_linear_attention_state_over_a_prompt_longer_than_a_chunk(tmp_path):
                                               ("jamba", "mamba_selective_scan")])
 def test_a_state_rule_that_differs_refuses_the_cached_export(family, function, tmp_path, monkeypatch):
     """The proof on the example: a model whose rule computes something else than moec's substitute (here
-    transformers' output scaled by 1.01) is refused with kv_cache=True; by default Qwen3-Next is then exported
-    without its cache, with a warning (Jamba's Mamba layer does not export without it)."""
+    transformers' output scaled by 1.01) is refused with the cache, and without it (the same substitute runs from
+    a zero state), with the reason; by default, after a warning that the cache is left out."""
     model = models.tiny_model(family).eval()
     module = sys.modules[type(model).__module__]
     rule = getattr(module, function)
@@ -439,10 +439,11 @@ def test_a_state_rule_that_differs_refuses_the_cached_export(family, function, t
                                                   ".*kv_cache=False"):
         moec.export_onnx(model, example, tmp_path / "a.onnx", kv_cache=True)
     assert getattr(module, function) is odd  # the substitution is undone
-    if family == "qwen3_next":
-        with pytest.warns(UserWarning, match="exported without its cache"):
-            report = moec.export_onnx(model, example, tmp_path / "b.onnx")
-        assert report.inputs == ["input_ids"] and report.outputs == ["logits"]
+    with pytest.raises(NotImplementedError, match="scan cannot be exported: the substituted .* differs"):
+        moec.export_onnx(model, example, tmp_path / "b.onnx", kv_cache=False)
+    with pytest.warns(UserWarning, match="exported without its cache"), pytest.raises(NotImplementedError):
+        moec.export_onnx(model, example, tmp_path / "c.onnx")
+    assert not any((tmp_path / f).exists() for f in ("a.onnx", "b.onnx", "c.onnx"))
 
 
 def test_backend_onnxruntime_feeds_linear_attention_states_through_hf_generate():
