@@ -67,7 +67,8 @@ def test_genai_generates_hf_tokens(family, tmp_path):
     assert _genai_tokens(tmp_path, PROMPTS[:1], 12) == _hf_tokens(model, PROMPTS[:1], 12)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "qwen3_next", "jamba"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "qwen3_next",
+                                    pytest.param("jamba", marks=pytest.mark.slow)])
 def test_genai_batch_with_padding(family, tmp_path):
     """genai pads the batch on the right (HF's generate on the left): each row still gets HF's tokens, also through
     GPT-OSS's sliding windows (4 positions here, shorter than the padding)."""

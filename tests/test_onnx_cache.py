@@ -217,7 +217,8 @@ def test_a_model_on_its_own_attention_function_exports_it_as_it_is(tmp_path):
     assert model.config._attn_implementation == "moec_test_tempered"
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "qwen3_next", "jamba"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3",
+                                    pytest.param("qwen3_next", marks=pytest.mark.slow), "jamba"])
 def test_fp16_steps_like_hf_fp16(family, tmp_path):
     model = models.tiny_model(family, dtype=torch.float16).eval()
     _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float16])
@@ -268,7 +269,7 @@ def test_a_state_no_substitute_computes_is_refused(tmp_path, monkeypatch):
         moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), tmp_path / "j.onnx", kv_cache=True)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen3_next", "jamba"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen3_next", pytest.param("jamba", marks=pytest.mark.slow)])
 def test_backend_onnxruntime_generates_with_the_cache(family):
     """model.generate on backend="onnxruntime" feeds the session its past: the same tokens as HF's cached
     generate, batch 2 with left padding; each step runs only the new token."""
@@ -378,7 +379,7 @@ def test_dense_matmuls_as_matmulnbits(family, dense, tmp_path):
 
 
 @pytest.mark.parametrize("family,attention", [("mixtral", "gqa"), ("gpt_oss", "gqa"), ("qwen3_next", "gqa"),
-                                              ("jamba", "gqa"),
+                                              pytest.param("jamba", "gqa", marks=pytest.mark.slow),
                                               pytest.param("gpt_oss", "ops", marks=pytest.mark.slow)])
 def test_right_padded_rows_step_like_each_row_alone(family, attention, tmp_path):
     """onnxruntime-genai pads a batch on the right and appends each new token after the pads. The window (4
