@@ -269,6 +269,14 @@ def test_a_state_no_substitute_computes_is_refused(tmp_path, monkeypatch):
         moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), tmp_path / "j.onnx", kv_cache=True)
 
 
+def _greedy_batch(model, seed: int, row: int, pads: int, new: int) -> tuple[torch.Tensor, dict]:
+    """(ids [2, 6], generate's kwargs) of a greedy batch of two prompts, `row` left-padded by `pads` tokens."""
+    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[row, :pads] = 0
+    return ids, dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen3_next", pytest.param("jamba", marks=pytest.mark.slow)])
 def test_backend_onnxruntime_generates_with_the_cache(family):
     """model.generate on backend="onnxruntime" feeds the session its past: the same tokens as HF's cached
@@ -277,11 +285,7 @@ def test_backend_onnxruntime_generates_with_the_cache(family):
     ref = models.tiny_model(family).eval()
     ref.load_state_dict(model.state_dict())
     moec.compile(model, backend="onnxruntime", session_options={"intra_op_num_threads": 2})
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=gen)
-    mask = torch.ones(2, 6, dtype=torch.long)
-    mask[1, :3] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    ids, kw = _greedy_batch(model, seed=1, row=1, pads=3, new=8)
     with torch.no_grad():
         got, want = model.generate(ids, **kw), ref.generate(ids, **kw)
     assert torch.equal(got, want)
@@ -453,11 +457,7 @@ def test_backend_onnxruntime_feeds_linear_attention_states_through_hf_generate()
     model = models.tiny_model("qwen3_next").eval()
     ref = copy.deepcopy(model)
     moec.compile(model, backend="onnxruntime")
-    gen = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=gen)
-    mask = torch.ones(2, 6, dtype=torch.long)
-    mask[0, :2] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    ids, kw = _greedy_batch(model, seed=3, row=0, pads=2, new=6)
     with torch.no_grad():
         assert torch.equal(model.generate(ids, num_beams=3, **kw), ref.generate(ids, num_beams=3, **kw))
         got = model.generate(ids, return_dict_in_generate=True, output_logits=True, **kw)
