@@ -163,8 +163,8 @@ class _ExportableWithCache(nn.Module):
     halves: None, or the (key, value) head dims of a cache whose keys and values differ (MLA's latents), stored
     as two equal halves of their concatenation (zero-padded to an even width): one head size for both, as
     onnxruntime-genai's config has.
-    states: the linear-attention layers, whose pair is past_key_values.{i}.conv_state [B, C, K] / recurrent_state
-    [B, H, dk, dv] -> present.{i}.conv_state / recurrent_state (moec.export_state; their attention is not fused)."""
+    states: the gated-delta-net and Mamba layers, whose pair is past_key_values.{i}.conv_state [B, C, K] /
+    recurrent_state [B, H, dk, dv] | [B, I, N] -> present.{i}.conv_state / recurrent_state (moec.export_state)."""
 
     def __init__(self, model: nn.Module, layers: int, halves: tuple[int, int] | None = None,
                  states: set[int] = frozenset()):
@@ -238,7 +238,7 @@ def layer_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[tuple[int, 
     try:
         states = export_state.layout(cache) if getattr(cache, "layers", None) else {}
     except export_state.StateUnfit as e:
-        raise NotImplementedError(f"moec.export_onnx(kv_cache=True): {name}: {e}; export it with kv_cache=False")
+        raise NotImplementedError(f"moec.export_onnx(kv_cache=True): {name}: {e}; export it with kv_cache=False") from e
     kv = [layer for i, layer in enumerate(getattr(cache, "layers", None) or []) if i not in states]
     if not getattr(cache, "layers", None) or any(getattr(layer, "keys", None) is None or layer.keys.dim() != 4
                                                  for layer in kv):
@@ -288,7 +288,7 @@ def _with_cache(model: nn.Module, input_ids, attention: str, halves: bool):
             exportable.gqa = {}
         except export_gqa.GQAUnfit as e:
             why = str(e)
-    unfit = {}
+    unfit = []
     while exportable.gqa is not None or states:  # one run on real tensors decides each layer
         exportable.check = True
         try:
@@ -298,20 +298,18 @@ def _with_cache(model: nn.Module, input_ids, attention: str, halves: bool):
             model.set_attn_implementation(was)
             continue
         except export_state.StateUnfit as e:
-            unfit = {"": str(e)}
+            unfit = [str(e)]
         finally:
             exportable.check = False
         why = exportable.gqa if exportable.gqa is not None else why
         break
-    unfit = unfit or {i: exportable.state_why.get(i, "its recurrent state was not updated") for i in states
-                      if exportable.state_why.get(i, "") is not None}
+    unfit = unfit or [f"layer {i}: {exportable.state_why.get(i, 'its recurrent state was not updated')}"
+                      for i in sorted(states) if exportable.state_why.get(i, "") is not None]
     if unfit:
         if exportable.gqa is not None:
             model.set_attn_implementation(was)  # as it was: export_onnx may go on without the cache
-        raise NotImplementedError(
-            f"moec.export_onnx(kv_cache=True): {type(model).__name__}'s linear-attention state cannot be exported: "
-            + "; ".join(f"layer {i}: {w}" if i != "" else w for i, w in sorted(unfit.items(), key=str))
-            + "; export it with kv_cache=False")
+        raise NotImplementedError(f"moec.export_onnx(kv_cache=True): {type(model).__name__}'s recurrent state cannot "
+                                  f"be exported: {'; '.join(unfit)}; export it with kv_cache=False")
     return exportable, inputs, names, outputs, shapes, export_gqa.summary(why)
 
 
