@@ -13,9 +13,9 @@
 The model type is genai's generic "decoder": genai feeds input_ids, attention_mask (past + new tokens),
 position_ids and past_key_values.{i}.key/value, and gives each step's present.{i}.key/value back as the next
 step's past (no shared buffer: the exported attention, GroupQueryAttention nodes on CPU, concatenates).
-Linear-attention layers (Qwen3-Next) are exported with their states, past_key_values.{i}.conv_state /
-recurrent_state, which genai finds by name and feeds back the same way; genai_config's head sizes are the
-key/value layers'.
+Gated-delta-net and Mamba layers (Qwen3-Next, Jamba) are exported with their states,
+past_key_values.{i}.conv_state / recurrent_state, which genai finds by name and feeds back the same way;
+genai_config's head sizes are the key/value layers'.
 """
 
 from __future__ import annotations
