@@ -90,14 +90,13 @@ class StateLayer(LinearAttentionLayer):
 
     def update_recurrent_state(self, recurrent_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
         run = _RUN.get()
-        if run is not None and run.check:
+        if run.check:
             last, why = run.last or (None, None)
             if last is not recurrent_states:
                 why = ("its recurrent state is not computed by a function moec substitutes (transformers' gated delta "
                        "rule, Mamba's selective scan)")
             run.why[self.layer_idx] = why
-        if run is not None:
-            run.last = None
+        run.last = None
         self.recurrent_states[state_idx] = recurrent_states
         return recurrent_states
 

@@ -465,3 +465,17 @@ def test_backend_onnxruntime_feeds_linear_attention_states_through_hf_generate()
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.logits, want.logits):
         assert rel_err(a, b) < TOL[torch.float32]
+
+
+def test_backend_onnxruntime_continues_a_cache_the_eager_model_filled():
+    """A Qwen3-Next cache filled by the eager model (its conv and recurrent states, its key/values) fed to the
+    backend: the session reads the states from HF's cache and the next step's logits are the eager model's."""
+    model = models.tiny_model("qwen3_next").eval()
+    ref = copy.deepcopy(model)
+    moec.compile(model, backend="onnxruntime")
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cache = ref(input_ids=ids[:, :6], use_cache=True).past_key_values
+        want = ref(input_ids=ids[:, 6:], past_key_values=copy.deepcopy(cache), use_cache=True).logits
+        got = model(input_ids=ids[:, 6:], past_key_values=cache, use_cache=True).logits
+    assert rel_err(got, want) < TOL[torch.float32]
