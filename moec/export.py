@@ -8,7 +8,8 @@ A copy of the model that shares its weights is compiled with the torch backend a
 the reason), then exported with torch.onnx.export (dynamo; batch, sequence and past axes dynamic), fused for
 ORT by onnxscript, saved (weights over 2 GB, or external_data=True, in `<file>.data`) and checked with
 onnx.checker. Hugging Face decoder LMs are exported with their KV cache (export_onnx's `kv_cache`), and
-linear-attention layers with their states (moec.export_state).
+linear-attention layers with their states (moec.export_state); their trace covers each kind of layer once, the
+layers that repeat one added as copies of its nodes with their own weights (moec.export_layers).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from moec import export_layers
 from moec.api import Rejection, compile, inspect
 from moec.backends.onnx_backend import ort_type_errors, register_ort_schemas, translations
 from moec.canonical import resolve
@@ -66,6 +68,7 @@ class ExportReport:
     attention: str = ""  # KV-cache exports: which layers' attention is one GroupQueryAttention node, why not others
     gqa_layers: int = 0  # how many
     fusions: dict[str, int] = field(default_factory=dict)  # ORT fused ops made from ordinary ones (_fuse_for_ort)
+    repeated: dict[int, int] = field(default_factory=dict)  # layer -> the traced layer whose nodes it repeats
 
     def __rich__(self) -> Table:
         q = f", quantize {self.quantize.describe()}" if self.quantize else ""
@@ -73,6 +76,7 @@ class ExportReport:
         ext += f", {self.dense_matmuls} dense MatMuls as MatMulNBits ({self.dense.describe()})" if self.dense else ""
         ext += f"; attention: {self.attention}" if self.attention else ""
         ext += f"; fused: {', '.join(f'{k} x{v}' for k, v in self.fusions.items())}" if self.fusions else ""
+        ext += f"; {len(self.repeated)} layers repeat a traced one's nodes" if self.repeated else ""
         took = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
         t = Table(title=f"moec.export_onnx -> {self.path} (provider {self.provider}{q}{ext}); inputs "
                         f"{', '.join(self.inputs)}; outputs {', '.join(self.outputs)}; took {took}",
@@ -423,6 +427,28 @@ def _sharing_weights(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def _trace(exportable, inputs, names, outputs, shapes, opset, repeat: export_layers.Plan | None):
+    """(torch.onnx.export of the exportable, the plan followed or None); with a plan (the KV-cache export of a model
+    whose layers repeat), of its first repeat.traced layers, the others then added as copies of their kind's nodes
+    (moec.export_layers); every layer traced if the graph is not the chain that assumes."""
+    def export(exportable, inputs, names, outputs, shapes):
+        return torch.onnx.export(
+            exportable, inputs, input_names=names, output_names=outputs, dynamic_shapes=shapes, dynamo=True,
+            custom_translation_table=translations(), opset_version=opset, verbose=False,
+            optimize=False)  # _fuse_for_ort optimizes (the same onnxscript optimizer, then the fusions)
+
+    if repeat is not None:
+        n = 3 + 2 * repeat.traced  # the token inputs, then two past tensors per layer
+        try:
+            with export_layers.truncated(exportable, repeat):
+                program = export(exportable, inputs[:n], names[:n], outputs[:n - 2], (*shapes[:3], shapes[3][:n - 3]))
+            export_layers.repeat(program, repeat)
+            return program, repeat
+        except Exception as e:  # LayersUnfit, or a model the shortened trace does not suit: trace it all
+            log.info(f"moec.export_onnx: tracing every layer ({type(e).__name__}: {e})")
+    return export(exportable, inputs, names, outputs, shapes), None
+
+
 def check_exportable(model: nn.Module, quantize, provider: str, dense=None) -> None:
     """Refuse, with the reason, what export_onnx cannot turn into a correct file (also used by
     backend="onnxruntime" at compile time, before any call)."""
@@ -474,7 +500,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
                 quantize: QuantConfig | None = None, provider: str = "cpu", opset: int | None = None,
                 external_data: bool | None = None, kv_cache: bool | None = None,
                 dense: QuantConfig | None = None, expert_slices: int | None = None,
-                attention: str | None = None, _cache_halves: bool = False) -> ExportReport:
+                attention: str | None = None, _cache_halves: bool = False, _repeat_layers: bool = True) -> ExportReport:
     """Export `model` (left unchanged) to ONNX at `path`; return what became of each MoE block.
 
     example_inputs: positional args (a tuple) or keyword args (a dict) of model(...); their batch and
@@ -562,11 +588,9 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
             shapes = (tuple(dynamic_axes(t) for t in inputs),)
             if exportable.scans:
                 _prove_scans(exportable, inputs, type(model).__name__)
+        repeat = export_layers.plan(exportable, inputs) if kv_cache and _repeat_layers else None
         try:
-            program = torch.onnx.export(
-                exportable, inputs, input_names=names, output_names=outputs, dynamic_shapes=shapes, dynamo=True,
-                custom_translation_table=translations(), opset_version=opset, verbose=False,
-                optimize=False)  # _fuse_for_ort optimizes (the same onnxscript optimizer, then the fusions)
+            program, repeat = _trace(exportable, inputs, names, outputs, shapes, opset, repeat)
         except Exception as e:
             if not compiled.rejected:
                 raise
@@ -575,6 +599,9 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
                                f"({type(e).__name__}), which holds blocks moec left as they are (their own code "
                                f"then goes to the exporter): {why}") from e
     done("torch.onnx.export", "optimizing the graph for ONNX Runtime")
+    if repeat:
+        log.info(f"moec.export_onnx: traced {repeat.traced} of {repeat.layers} layers, the others repeat a traced "
+                 f"layer's nodes with their own weights")
     with _quiet("onnxscript", "onnx_ir"):
         fusions = _fuse_for_ort(program)
     done("ORT fusions", f"saving {path}")
@@ -596,7 +623,8 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
                           external_data=any(t.data_location == onnx.TensorProto.EXTERNAL
                                             for t in proto.graph.initializer), seconds=seconds,
                           dense=dense, dense_matmuls=quantized, attention=fused, fusions=fusions,
-                          gqa_layers=sum(n.op_type == "GroupQueryAttention" for n in proto.graph.node))
+                          gqa_layers=sum(n.op_type == "GroupQueryAttention" for n in proto.graph.node),
+                          repeated=repeat.source if repeat else {})
     for b in compiled.blocks:
         info = resolve(work, b.path).__dict__["_moec_graph"].meta["onnx"]
         report.blocks.append(ExportBlock(b.path, info["op"], info["why"], b.router, b.experts))
