@@ -14,8 +14,8 @@ same kind when these records are equal: same ops, same attributes, same shapes, 
 Layer 0 is never a source: its input comes from the embedding, not a layer.
 
 The copies (`repeat`), on the un-optimized ONNX graph: the nodes torch.onnx.export put under `<layers>.{t}` (its
-name scopes) that depend on the layer are cloned with layer j's tensors (initializers found by name, storage or
-value among layer t's own tensors -> layer j's), its past_key_values.{j}.* inputs and present.{j}.* outputs, and
+name scopes) that depend on the layer are cloned with layer j's tensors (initializers found by name or storage
+among layer t's own tensors -> layer j's), its past_key_values.{j}.* inputs and present.{j}.* outputs, and
 chained after layer j-1. The graph must have the shape this assumes, or the export traces every layer (LayersUnfit,
 with the reason): layers connected only through one hidden state, nothing outside the layers reading inside them
 but the last layer's output, each present output made by its own layer.
@@ -201,13 +201,15 @@ def _scopes(node) -> list[str]:
 
 class _Owners:
     """Which layer's tensor an initializer is, and its name under the layer: by name (`<layers>.{i}.<key>`: the
-    layer's parameters and buffers), else by storage or, failing that, by value among the layers' own tensors
-    (compiled blocks' export layouts, which torch.export lifts as constants of its own names)."""
+    layer's parameters and buffers), else by storage (compiled blocks' export layouts, which torch.export lifts as
+    constants of its own names, over the same storage). None: a constant of no layer (then equal in every layer's
+    record); one that equals a layer's tensor without sharing its storage is refused (LayersUnfit)."""
 
     def __init__(self, prefix: str, own: list[dict[str, torch.Tensor]]):
         self.prefix, self.name = prefix, re.compile(re.escape(prefix) + r"\.(\d+)\.(.+)")
         self.own = own
-        self.storage = {self._storage(x): (i, key) for i, o in enumerate(own) for key, x in o.items()}
+        self.real = [{key: _real(x) for key, x in o.items()} for o in own]  # as the exporter stores them
+        self.storage = {self._storage(x): (i, key) for i, o in enumerate(self.real) for key, x in o.items()}
         self.seen: dict = {}  # initializer -> its owner
 
     @staticmethod
@@ -227,9 +229,11 @@ class _Owners:
             return None
         if (hit := self.storage.get(self._storage(raw))) is not None:
             return hit
-        same = [(i, key) for i, o in enumerate(self.own) for key, x in o.items()
-                if x.shape == raw.shape and x.dtype == raw.dtype and torch.equal(x, raw)]
-        return same[0] if same else None
+        for i, o in enumerate(self.real):  # a copy of a layer's tensor would be shared by mistake: refuse
+            for key, x in o.items():
+                if x.shape == raw.shape and x.dtype == raw.dtype and torch.equal(x, raw):
+                    raise LayersUnfit(f"{v.name} equals layer {i}'s {key} without being it: whose is it?")
+        return None
 
 
 def repeat(program, p: Plan) -> None:
@@ -319,7 +323,7 @@ def _copy(graph, nodes: list, t: int, j: int, here: dict, owners: _Owners) -> di
             raise LayersUnfit(f"layer {j} has no {key} (layer {t} reads it as {v.name})")
         m = owners.name.fullmatch(v.name)
         name = f"{owners.prefix}.{j}.{m.group(2)}" if m else f"{v.name}__{j}"
-        value = TorchTensor(torch.view_as_real(tensor) if tensor.is_complex() else tensor, name=name)
+        value = TorchTensor(_real(tensor), name=name)
         if value.dtype != v.const_value.dtype or tuple(value.shape) != tuple(v.const_value.shape):
             raise LayersUnfit(f"{name} is {value.dtype} {tuple(value.shape)}, {v.name} {v.const_value.dtype} "
                               f"{tuple(v.const_value.shape)}")
@@ -354,6 +358,11 @@ def _copy(graph, nodes: list, t: int, j: int, here: dict, owners: _Owners) -> di
                 graph.outputs.append(new)
         graph.append(copy)
     return here
+
+
+def _real(x: torch.Tensor) -> torch.Tensor:
+    """Complex tensors as the exporter writes them: pairs of reals."""
+    return torch.view_as_real(x) if x.is_complex() else x
 
 
 def _shape(v):

@@ -117,3 +117,19 @@ def test_a_graph_that_is_no_chain_traces_every_layer(tmp_path, monkeypatch):
     report = _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float32])
     assert report.repeated == {}
     assert "moec.export_onnx: tracing every layer (LayersUnfit: node x outside the layers reads inside one)" in said
+
+
+def test_whose_tensor_an_initializer_is():
+    """By name (parameters), by storage (constants torch.export lifted from a layer's tensors); a constant equal to a
+    layer's tensor without being it is refused rather than guessed (sharing it would give every layer layer t's)."""
+    import onnx_ir as ir
+    from torch.onnx._internal.exporter._core import TorchTensor
+
+    w, b = torch.randn(4, 3), torch.randn(4)
+    owners = export_layers._Owners("model.model.layers", [{}, {"mlp:fc1": w, "mlp.bias": b}])
+    assert owners(ir.Value(name="model.model.layers.1.mlp.bias", const_value=TorchTensor(b))) == (1, "mlp.bias")
+    assert owners(ir.Value(name="model.model.layers.1.mlp.lifted_tensor_0", const_value=TorchTensor(w))) == \
+        (1, "mlp:fc1")
+    assert owners(ir.Value(name="val_3", const_value=TorchTensor(torch.ones(4)))) is None
+    with pytest.raises(export_layers.LayersUnfit, match="equals layer 1's mlp:fc1 without being it"):
+        owners(ir.Value(name="lifted_tensor_1", const_value=TorchTensor(w.clone())))
