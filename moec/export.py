@@ -427,25 +427,26 @@ def _sharing_weights(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _trace(exportable, inputs, names, outputs, shapes, opset, repeat: export_layers.Plan | None):
-    """(torch.onnx.export of the exportable, the plan followed or None); with a plan (the KV-cache export of a model
-    whose layers repeat), of its first repeat.traced layers, the others then added as copies of their kind's nodes
-    (moec.export_layers); every layer traced if the graph is not the chain that assumes."""
+def _trace(exportable, inputs, names, outputs, shapes, opset, repeat_layers: bool):
+    """(torch.onnx.export of the exportable, the export_layers.Plan followed or None). repeat_layers (the KV-cache
+    export): where later layers repeat earlier ones, only the first plan.traced layers are traced, the others added
+    as copies of their kind's nodes (moec.export_layers); every layer is traced where that does not apply."""
     def export(exportable, inputs, names, outputs, shapes):
         return torch.onnx.export(
             exportable, inputs, input_names=names, output_names=outputs, dynamic_shapes=shapes, dynamo=True,
             custom_translation_table=translations(), opset_version=opset, verbose=False,
             optimize=False)  # _fuse_for_ort optimizes (the same onnxscript optimizer, then the fusions)
 
-    if repeat is not None:
-        n = 3 + 2 * repeat.traced  # the token inputs, then two past tensors per layer
-        try:
+    try:
+        repeat = export_layers.plan(exportable, inputs) if repeat_layers else None
+        if repeat is not None:
+            n = 3 + 2 * repeat.traced  # the token inputs, then two past tensors per layer
             with export_layers.truncated(exportable, repeat):
                 program = export(exportable, inputs[:n], names[:n], outputs[:n - 2], (*shapes[:3], shapes[3][:n - 3]))
             export_layers.repeat(program, repeat)
             return program, repeat
-        except Exception as e:  # LayersUnfit, or a model the shortened trace does not suit: trace it all
-            log.info(f"moec.export_onnx: tracing every layer ({type(e).__name__}: {e})")
+    except Exception as e:  # LayersUnfit, or a model the record or shortened trace does not suit: trace it all
+        log.info(f"moec.export_onnx: tracing every layer ({type(e).__name__}: {e})")
     return export(exportable, inputs, names, outputs, shapes), None
 
 
@@ -588,9 +589,8 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
             shapes = (tuple(dynamic_axes(t) for t in inputs),)
             if exportable.scans:
                 _prove_scans(exportable, inputs, type(model).__name__)
-        repeat = export_layers.plan(exportable, inputs) if kv_cache and _repeat_layers else None
         try:
-            program, repeat = _trace(exportable, inputs, names, outputs, shapes, opset, repeat)
+            program, repeat = _trace(exportable, inputs, names, outputs, shapes, opset, kv_cache and _repeat_layers)
         except Exception as e:
             if not compiled.rejected:
                 raise
