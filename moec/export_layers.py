@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.nn.modules import module as module_hooks
 from torch.utils._pytree import tree_flatten
 
 from moec.canonical import compiled_graph
@@ -68,8 +69,8 @@ def own_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
         gm = compiled_graph(m)
         for role, binding in (gm.meta["bindings"].items() if gm is not None else ()):
             t = binding.get(m)
-            if isinstance(t, torch.Tensor):
-                own.setdefault(f"{path}:{role}", t)
+            if isinstance(t, torch.Tensor):  # how it is made from the parameters is part of its name
+                own.setdefault(f"{path}:{role}:{binding.describe()}", t)
     return own
 
 
@@ -88,6 +89,7 @@ class _Recorder(TorchDispatchMode):
             self._name(t, ("past", k // per_layer, k % per_layer))
         self.layer: int | None = None
         self.records: dict[int, list] = {}
+        self.twice = False  # a layer ran twice in one forward: its records do not describe it
         self.ops = 0  # ops run outside the layers so far
 
     def _name(self, t: torch.Tensor, what: tuple) -> None:
@@ -95,6 +97,7 @@ class _Recorder(TorchDispatchMode):
         self.alive.append(t)
 
     def enter(self, i: int, hidden) -> None:
+        self.twice |= i in self.records
         self.layer, self.records[i] = i, []
         if isinstance(hidden, torch.Tensor):
             self.names[id(hidden)] = ("in", i)
@@ -104,8 +107,10 @@ class _Recorder(TorchDispatchMode):
         if isinstance(a, torch.Tensor):
             what = self.names.get(id(a))
             if what is None:  # no op made it, not a parameter or input: a constant
-                return ("const", a.dtype, tuple(a.shape), a.detach().cpu().flatten().tolist()) \
-                    if a.numel() <= SMALL else ("unknown", id(a))
+                if a.numel() <= SMALL:
+                    return "const", a.dtype, tuple(a.shape), a.detach().cpu().flatten().tolist()
+                self.alive.append(a)  # its id stays its own while recording
+                return "unknown", id(a)
             kind, *rest = what
             if kind in ("param", "past", "in", "local") and rest[0] == self.layer:
                 return (kind, *rest[1:])  # the layer's own: relative
@@ -143,21 +148,25 @@ def plan(exportable: nn.Module, inputs: tuple, per_layer: int = 2) -> Plan | Non
     path, layers = found
     rec = _Recorder(layers, inputs[3:], per_layer)
     hooks = []
+    if module_hooks._global_forward_pre_hooks or module_hooks._global_forward_hooks:
+        return None  # hooks on every module run outside the layer's record
     for i, layer in enumerate(layers):
-        def before(module, args, kwargs, i=i):
+        def before(module, args, kwargs, i=i):  # first: the layer's own pre-hooks are in its record
             rec.enter(i, args[0] if args else kwargs.get("hidden_states"))
 
-        def after(module, args, out):
+        def after(module, args, out):  # last: so are its forward hooks, and what it hands on
+            rec.records[rec.layer].append(("return", rec._arg(tree_flatten(out)[0])))
             rec.layer = None
 
-        hooks += [layer.register_forward_pre_hook(before, with_kwargs=True), layer.register_forward_hook(after)]
+        hooks += [layer.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
+                  layer.register_forward_hook(after)]
     try:
         with torch.no_grad(), rec:
             exportable(*inputs)
     finally:
         for h in hooks:
             h.remove()
-    if len(rec.records) != len(layers):
+    if len(rec.records) != len(layers) or rec.twice:
         return None
     first: dict = {}  # record -> the first layer >= 1 with it
     source, traced = {}, 1
@@ -180,12 +189,12 @@ def truncated(exportable: nn.Module, p: Plan):
     config = model.config
     saved = (getattr(parent, attr), config.num_hidden_layers, vars(config).get("layer_types"), exportable.layers,
              exportable.states)  # layer_types: a list in most configs, a property of num_hidden_layers in some
-    setattr(parent, attr, nn.ModuleList(list(saved[0])[:p.traced]))
-    config.num_hidden_layers = p.traced
-    if saved[2] is not None:
-        config.layer_types = saved[2][:p.traced]
-    exportable.layers, exportable.states = p.traced, {i for i in saved[4] if i < p.traced}
     try:
+        setattr(parent, attr, nn.ModuleList(list(saved[0])[:p.traced]))
+        config.num_hidden_layers = p.traced
+        if saved[2] is not None:
+            config.layer_types = saved[2][:p.traced]
+        exportable.layers, exportable.states = p.traced, {i for i in saved[4] if i < p.traced}
         yield
     finally:
         setattr(parent, attr, saved[0])
@@ -271,10 +280,10 @@ def _bound_nodes(graph, prefix: str, owners: _Owners) -> dict:
         if not idx:
             continue
         t = idx.pop()
+        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+            raise LayersUnfit(f"node {node.name} of layer {t} holds a subgraph (what it reads is implicit)")
         if any(v is not None and (v.producer() in layer_of or v.name.startswith("past_key_values.")
                                   or v.is_initializer() and owners(v) is not None) for v in node.inputs):
-            if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
-                raise LayersUnfit(f"node {node.name} of layer {t} holds a subgraph")
             layer_of[node] = t
     return layer_of
 

@@ -133,3 +133,29 @@ def test_whose_tensor_an_initializer_is():
     assert owners(ir.Value(name="val_3", const_value=TorchTensor(torch.ones(4)))) is None
     with pytest.raises(export_layers.LayersUnfit, match="equals layer 1's mlp:fc1 without being it"):
         owners(ir.Value(name="lifted_tensor_1", const_value=TorchTensor(w.clone())))
+
+
+def test_a_layers_own_hook_is_part_of_it(tmp_path):
+    """A pre-hook on layer 3 (a steering vector) runs inside that layer's record: layer 3 is traced, not a copy of
+    layer 1 without it (found by a review: the hook ran before the record started)."""
+    model = models.tiny_model("mixtral", num_hidden_layers=5).eval()
+    steer = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1)) * 3
+    model.model.layers[3].register_forward_pre_hook(lambda module, args: (args[0] + steer, *args[1:]))
+    report = _step_by_step(model, model, tmp_path / "lm.onnx", TOL[torch.float32])
+    assert report.repeated == {4: 1}, str(report)
+
+
+def test_what_a_layer_hands_on_is_part_of_it(tmp_path):
+    """Layer 3 runs the same ops as the others but hands on its input: the record says so, so it is no copy of layer
+    1. (Its MoE output then goes nowhere and the export refuses the file, as when every layer is traced.)"""
+    model = models.tiny_model("mixtral", num_hidden_layers=5).eval()
+    layer = model.model.layers[3]
+    own = type(layer).forward
+
+    def hands_on_its_input(self, hidden_states, *args, **kwargs):
+        own(self, hidden_states, *args, **kwargs)
+        return hidden_states
+
+    layer.forward = hands_on_its_input.__get__(layer)
+    with pytest.raises(RuntimeError, match=r"4 MoE/QMoE node\(s\) for 5 block\(s\)"):
+        moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), tmp_path / "lm.onnx", kv_cache=True)
