@@ -50,6 +50,7 @@ class Plan:
     traced: int  # T: layers 0..T-1 are traced
     source: dict[int, int] = field(default_factory=dict)  # j >= T -> the traced layer t (1 <= t < T) it repeats
     own: list[dict[str, torch.Tensor]] = field(default_factory=list, repr=False)  # each layer's own_tensors
+    named: set[str] = field(default_factory=set, repr=False)  # the exportable's parameter and buffer names
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
@@ -90,6 +91,8 @@ class _Recorder(TorchDispatchMode):
         self.layer: int | None = None
         self.records: dict[int, list] = {}
         self.twice = False  # a layer ran twice in one forward: its records do not describe it
+        self.after: int | None = None  # ops run outside the layers when the last layer returned
+        self.between = False  # ops ran between two layers: the copies would leave them out
         self.ops = 0  # ops run outside the layers so far
 
     def _name(self, t: torch.Tensor, what: tuple) -> None:
@@ -98,6 +101,7 @@ class _Recorder(TorchDispatchMode):
 
     def enter(self, i: int, hidden) -> None:
         self.twice |= i in self.records
+        self.between |= self.after is not None and self.ops != self.after
         self.layer, self.records[i] = i, []
         if isinstance(hidden, torch.Tensor):
             self.names[id(hidden)] = ("in", i)
@@ -156,7 +160,7 @@ def plan(exportable: nn.Module, inputs: tuple, per_layer: int = 2) -> Plan | Non
 
         def after(module, args, out):  # last: so are its forward hooks, and what it hands on
             rec.records[rec.layer].append(("return", rec._arg(tree_flatten(out)[0])))
-            rec.layer = None
+            rec.layer, rec.after = None, rec.ops
 
         hooks += [layer.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
                   layer.register_forward_hook(after)]
@@ -166,7 +170,7 @@ def plan(exportable: nn.Module, inputs: tuple, per_layer: int = 2) -> Plan | Non
     finally:
         for h in hooks:
             h.remove()
-    if len(rec.records) != len(layers) or rec.twice:
+    if len(rec.records) != len(layers) or rec.twice or rec.between:
         return None
     first: dict = {}  # record -> the first layer >= 1 with it
     source, traced = {}, 1
@@ -177,31 +181,26 @@ def plan(exportable: nn.Module, inputs: tuple, per_layer: int = 2) -> Plan | Non
         else:
             first[key], traced = j, j + 1
     source = {j: t for j, t in source.items() if j >= traced}
-    return Plan(path, len(layers), traced, source, rec.own) if source else None
+    named = {n for n, _ in [*exportable.named_parameters(remove_duplicate=False),
+                            *exportable.named_buffers(remove_duplicate=False)]}
+    return Plan(path, len(layers), traced, source, rec.own, named) if source else None
 
 
 @contextlib.contextmanager
 def truncated(exportable: nn.Module, p: Plan):
-    """The exportable with its first p.traced layers only (its cache, states and fused-attention plan with them)."""
-    model = exportable.model
+    """The exportable with its first p.traced layers only (its cache and states with them). The config stays as it
+    is: the layers are traced under what they were recorded under (HF runs `layers[:num_hidden_layers]`; code that
+    needs the two to agree fails the trace, which then covers every layer)."""
     parent_path, _, attr = p.path.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    config = model.config
-    saved = (getattr(parent, attr), config.num_hidden_layers, vars(config).get("layer_types"), exportable.layers,
-             exportable.states)  # layer_types: a list in most configs, a property of num_hidden_layers in some
+    parent = exportable.model.get_submodule(parent_path)
+    saved = getattr(parent, attr), exportable.layers, exportable.states
     try:
         setattr(parent, attr, nn.ModuleList(list(saved[0])[:p.traced]))
-        config.num_hidden_layers = p.traced
-        if saved[2] is not None:
-            config.layer_types = saved[2][:p.traced]
-        exportable.layers, exportable.states = p.traced, {i for i in saved[4] if i < p.traced}
+        exportable.layers, exportable.states = p.traced, {i for i in saved[2] if i < p.traced}
         yield
     finally:
         setattr(parent, attr, saved[0])
-        config.num_hidden_layers = saved[1]
-        if saved[2] is not None:
-            config.layer_types = saved[2]
-        exportable.layers, exportable.states = saved[3], saved[4]
+        exportable.layers, exportable.states = saved[1], saved[2]
 
 
 def _scopes(node) -> list[str]:
@@ -214,9 +213,9 @@ class _Owners:
     constants of its own names, over the same storage). None: a constant of no layer (then equal in every layer's
     record); one that equals a layer's tensor without sharing its storage is refused (LayersUnfit)."""
 
-    def __init__(self, prefix: str, own: list[dict[str, torch.Tensor]]):
+    def __init__(self, prefix: str, own: list[dict[str, torch.Tensor]], named: set[str] = frozenset()):
         self.prefix, self.name = prefix, re.compile(re.escape(prefix) + r"\.(\d+)\.(.+)")
-        self.own = own
+        self.own, self.named = own, named
         self.real = [{key: _real(x) for key, x in o.items()} for o in own]  # as the exporter stores them
         self.storage = {self._storage(x): (i, key) for i, o in enumerate(self.real) for key, x in o.items()}
         self.seen: dict = {}  # initializer -> its owner
@@ -234,7 +233,7 @@ class _Owners:
         if (m := self.name.fullmatch(v.name or "")) and m.group(2) in self.own[int(m.group(1))]:
             return int(m.group(1)), m.group(2)
         raw = getattr(v.const_value, "raw", None)
-        if not isinstance(raw, torch.Tensor):
+        if not isinstance(raw, torch.Tensor) or v.name in self.named:  # not a tensor, or a parameter outside
             return None
         if (hit := self.storage.get(self._storage(raw))) is not None:
             return hit
@@ -250,9 +249,9 @@ def repeat(program, p: Plan) -> None:
     place. Raises LayersUnfit when the graph is not the chain it assumes."""
     graph = program.model.graph
     prefix = f"model.{p.path}"  # under _ExportableWithCache
-    owners = _Owners(prefix, p.own)
+    owners = _Owners(prefix, p.own, p.named)
     layer_of = _bound_nodes(graph, prefix, owners)
-    outs = _chain(graph, layer_of, p)
+    outs = _chain(graph, layer_of, p, owners)
     last = outs[p.traced - 1]
     tail = [(c, k) for c, k in last.uses() if c not in layer_of]
     for j in range(p.traced, p.layers):
@@ -288,7 +287,7 @@ def _bound_nodes(graph, prefix: str, owners: _Owners) -> dict:
     return layer_of
 
 
-def _chain(graph, layer_of: dict, p: Plan) -> dict:
+def _chain(graph, layer_of: dict, p: Plan, owners: _Owners) -> dict:
     """t -> the one value traced layer t hands on (its hidden state), after checking that the layers form a chain:
     layer t reads of the other layers only layer t-1's hidden state, each present.{t}.* is layer t's, and nothing
     outside the layers reads inside one but the last layer's hidden state."""
@@ -303,9 +302,14 @@ def _chain(graph, layer_of: dict, p: Plan) -> dict:
             raise LayersUnfit(f"layer {t} hands on {sorted(v.name for v in handed)}, not one hidden state")
         outs[t] = handed.pop()
     for n in graph:
-        if n not in layer_of and any(v is not None and v.producer() in layer_of and v is not outs[p.traced - 1]
-                                     for v in n.inputs):
+        if n in layer_of:
+            continue
+        if any(v is not None and v.producer() in layer_of and v is not outs[p.traced - 1] for v in n.inputs):
             raise LayersUnfit(f"node {n.name} outside the layers reads inside one")
+        if any(v is not None and (v.is_initializer() and owners(v) is not None
+                                  or v.name.startswith("past_key_values.") and n.op_type != "Shape")
+               for v in n.inputs):  # its value would be shared by the copies of a layer that reads it
+            raise LayersUnfit(f"node {n.name} outside the layers reads a layer's weights or past")
     for v in graph.outputs:
         m = re.fullmatch(r"present\.(\d+)\.\w+", v.name)
         if layer_of.get(v.producer()) != (int(m.group(1)) if m else None):

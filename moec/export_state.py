@@ -145,7 +145,8 @@ def filled(pairs: list[tuple[torch.Tensor, torch.Tensor]], states: set[int]):
             layers.append(StateLayer(i, a, b))
         else:
             layers.append(DynamicLayer())
-            layers[-1].update(a, b)
+            layers[-1].lazy_initialization(a, b)
+            layers[-1].keys, layers[-1].values = a, b  # the past itself (update would cat it to an empty tensor)
     cache.layers = layers
     return cache
 
