@@ -18,7 +18,8 @@ name scopes) that depend on the layer are cloned with layer j's tensors (initial
 among layer t's own tensors -> layer j's), its past_key_values.{j}.* inputs and present.{j}.* outputs, and
 chained after layer j-1. The graph must have the shape this assumes, or the export traces every layer (LayersUnfit,
 with the reason): layers connected only through one hidden state, nothing outside the layers reading inside them
-but the last layer's output, each present output made by its own layer.
+(but the last layer's output) or their weights and past, each present output made by its own layer; nor may any op
+run between two layers (the record says).
 """
 
 from __future__ import annotations
