@@ -1,7 +1,8 @@
-"""CPU kernels (numba) for weight-only quantized experts, on moec's format (moec.quant) as stored.
+"""CPU kernels (numba) for experts with few rows each: weight-only quantized experts on moec's format
+(moec.quant) as stored, and fp32 experts at decode.
 
-    grouped_qmm(x [R, K], expert_rows(counts), q, scale, zero?) -> [R, N] fp32
-    out[r] = x[r] @ dequantize(W[e]).T   for the rows r of expert e (rows sorted by expert)
+    grouped_qmm(x [R, K], expert_rows(counts), q, scale?, zero?) -> [R, N] fp32
+    out[r] = x[r] @ dequantize(W[e]).T   for the rows r of expert e (rows sorted by expert; fp32 W: as is)
 
 The weights are dequantized inside the dot products, in registers: each packed byte is read
 once per call and nothing the size of an expert is written. Threads split the output
@@ -56,6 +57,21 @@ def _jit(parallel: bool):
         except RuntimeError:  # "cannot cache function ...: no locator available"
             return njit(parallel=parallel, fastmath=True)(fn)
     return wrap
+
+
+@_jit(parallel=True)
+def _f32_kernel(x, first, last, w, out):
+    """x [R, K] fp32, rows first[e]:last[e] of expert e, w [E, N, K] fp32 -> out [R, N] fp32."""
+    E, N = w.shape[0], w.shape[1]
+    for c in prange((N + CHUNK - 1) // CHUNK):
+        for e in range(E):
+            for j in range(c * CHUNK, min(N, c * CHUNK + CHUNK)):
+                wj = w[e, j]
+                for r in range(first[e], last[e]):
+                    a = F32(0)
+                    for k in range(wj.shape[0]):
+                        a += x[r, k] * wj[k]
+                    out[r, j] = a
 
 
 @_jit(parallel=True)
@@ -238,7 +254,7 @@ def plan(ids: torch.Tensor, num_experts: int, min_rows: int = _EVERY) -> tuple:
 def combine(y: torch.Tensor, inv: np.ndarray, weights: torch.Tensor) -> torch.Tensor:
     """Expert-sorted fp32 outputs y [T*k, H] -> sum over each token's k slots weighted by weights [T, k]: [T, H] fp32."""
     out = torch.empty(weights.shape[0], y.shape[1])
-    _combine(y.numpy(), inv, weights.float().contiguous().numpy(), out.numpy())
+    _combine(y.detach().numpy(), inv, weights.detach().float().contiguous().numpy(), out.numpy())
     return out
 
 
@@ -247,14 +263,18 @@ def expert_rows(counts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return _rows(np.asarray(counts, np.int64), _EVERY)
 
 
-def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tensor,
+def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tensor | None = None,
                 zero: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Expert-sorted rows x [R, K] (any float dtype; `rows` = expert_rows(counts per expert)) times
-    the quantized experts (moec's int8 format if q is int8, else int4) -> [R, N] fp32, written into `out`
-    (contiguous fp32 [R, N]) if given; rows outside `rows` are left as they were."""
+    the experts (contiguous fp32 [E, N, K] q, no scale; else moec's int8 format if q is int8, else int4) ->
+    [R, N] fp32, written into `out` (contiguous fp32 [R, N]) if given; rows outside `rows` are left as they
+    were. Values only: nothing here records gradients."""
     first, paired, last = rows
     out = torch.empty(x.shape[0], q.shape[1], dtype=torch.float32) if out is None else out
-    x = x.float().contiguous().numpy()
+    x, q = x.detach().float().contiguous().numpy(), q.detach()
+    if q.dtype == torch.float32:
+        _f32_kernel(x, first, last, q.contiguous().numpy(), out.numpy())
+        return out
     if q.dtype == torch.int8:
         _int8_kernel(x, first, last, q.numpy(), scale.numpy(), out.numpy())
         return out
@@ -266,10 +286,12 @@ def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tens
     return out
 
 
-def dequantize_expert(e: int, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
+def dequantize_expert(e: int, q: torch.Tensor, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
                       out: torch.Tensor | None = None) -> torch.Tensor:
-    """Expert e of moec's quantized format as fp32 [N, K], written into `out` (reused across experts).
-    int4 columns come in even-odd order: multiply them with `even_odd(x)`, not x."""
+    """Expert e of moec's quantized format as fp32 [N, K], written into `out` (reused across experts); fp32
+    experts: q[e] itself. int4 columns come in even-odd order: multiply them with `even_odd(x)`, not x."""
+    if q.dtype == torch.float32:
+        return q[e]
     N, K = q.shape[1], q.shape[2] * (1 if q.dtype == torch.int8 else 2)
     out = torch.empty(N, K) if out is None else out
     if out.shape != (N, K) or out.dtype != torch.float32 or not out.is_contiguous():
@@ -283,7 +305,7 @@ def dequantize_expert(e: int, q: torch.Tensor, scale: torch.Tensor, zero: torch.
 
 def even_odd(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """x [n, K] with its columns in the order of `dequantize_expert`'s output for q's format."""
-    return x if q.dtype == torch.int8 else torch.cat([x[:, 0::2], x[:, 1::2]], dim=1)
+    return x if q.dtype in (torch.int8, torch.float32) else torch.cat([x[:, 0::2], x[:, 1::2]], dim=1)
 
 
 def set_threads() -> None:
