@@ -1,8 +1,8 @@
 """CPU kernels (numba) for experts with few rows each: weight-only quantized experts on moec's format
-(moec.quant) as stored, and fp32 experts at decode.
+(moec.quant) as stored, and fp32 and bf16 experts at decode (bf16 widened to fp32 in registers' reach).
 
     grouped_qmm(x [R, K], expert_rows(counts), q, scale?, zero?) -> [R, N] fp32
-    out[r] = x[r] @ dequantize(W[e]).T   for the rows r of expert e (rows sorted by expert; fp32 W: as is)
+    out[r] = x[r] @ dequantize(W[e]).T   for the rows r of expert e (rows sorted by expert; fp32/bf16 W: as is)
 
 The weights are dequantized inside the dot products, in registers: each packed byte is read
 once per call and nothing the size of an expert is written. Threads split the output
@@ -71,6 +71,28 @@ def _f32_kernel(x, first, last, w, out):
                     a = F32(0)
                     for k in range(wj.shape[0]):
                         a += x[r, k] * wj[k]
+                    out[r, j] = a
+
+
+@_jit(parallel=True)
+def _bf16_kernel(x, first, last, w, out):
+    """_f32_kernel on bf16 weights w [E, N, K] as their uint16 bits: each weight row widened to fp32 (the bits
+    shifted into a float's top half, exact) in a buffer that stays in L1, then the same dot products."""
+    E, N, K = w.shape
+    for c in prange((N + CHUNK - 1) // CHUNK):
+        wide = np.empty(K, np.uint32)
+        f = wide.view(np.float32)
+        for e in range(E):
+            if first[e] == last[e]:
+                continue
+            for j in range(c * CHUNK, min(N, c * CHUNK + CHUNK)):
+                wj = w[e, j]
+                for k in range(K):
+                    wide[k] = np.uint32(wj[k]) << np.uint32(16)
+                for r in range(first[e], last[e]):
+                    a = F32(0)
+                    for k in range(K):
+                        a += x[r, k] * f[k]
                     out[r, j] = a
 
 
@@ -266,7 +288,7 @@ def expert_rows(counts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tensor | None = None,
                 zero: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Expert-sorted rows x [R, K] (any float dtype; `rows` = expert_rows(counts per expert)) times
-    the experts (contiguous fp32 [E, N, K] q, no scale; else moec's int8 format if q is int8, else int4) ->
+    the experts (fp32 or bf16 [E, N, K] q, no scale; else moec's int8 format if q is int8, else int4) ->
     [R, N] fp32, written into `out` (contiguous fp32 [R, N]) if given; rows outside `rows` are left as they
     were. Values only: nothing here records gradients."""
     first, paired, last = rows
@@ -274,6 +296,9 @@ def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tens
     x, q = x.detach().float().contiguous().numpy(), q.detach()
     if q.dtype == torch.float32:
         _f32_kernel(x, first, last, q.contiguous().numpy(), out.numpy())
+        return out
+    if q.dtype == torch.bfloat16:
+        _bf16_kernel(x, first, last, q.contiguous().view(torch.int16).numpy().view(np.uint16), out.numpy())
         return out
     if q.dtype == torch.int8:
         _int8_kernel(x, first, last, q.numpy(), scale.numpy(), out.numpy())
@@ -289,9 +314,12 @@ def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tens
 def dequantize_expert(e: int, q: torch.Tensor, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
                       out: torch.Tensor | None = None) -> torch.Tensor:
     """Expert e of moec's quantized format as fp32 [N, K], written into `out` (reused across experts); fp32
-    experts: q[e] itself. int4 columns come in even-odd order: multiply them with `even_odd(x)`, not x."""
+    experts: q[e] itself (bf16: widened to fp32 into `out`). int4 columns come in even-odd order: multiply them
+    with `even_odd(x)`, not x."""
     if q.dtype == torch.float32:
         return q[e]
+    if q.dtype == torch.bfloat16:
+        return q[e].float() if out is None else out.copy_(q[e])
     N, K = q.shape[1], q.shape[2] * (1 if q.dtype == torch.int8 else 2)
     out = torch.empty(N, K) if out is None else out
     if out.shape != (N, K) or out.dtype != torch.float32 or not out.is_contiguous():
@@ -305,7 +333,7 @@ def dequantize_expert(e: int, q: torch.Tensor, scale: torch.Tensor | None = None
 
 def even_odd(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """x [n, K] with its columns in the order of `dequantize_expert`'s output for q's format."""
-    return x if q.dtype in (torch.int8, torch.float32) else torch.cat([x[:, 0::2], x[:, 1::2]], dim=1)
+    return x if q.dtype in (torch.int8, torch.float32, torch.bfloat16) else torch.cat([x[:, 0::2], x[:, 1::2]], dim=1)
 
 
 def set_threads() -> None:

@@ -5,9 +5,9 @@
 expert over a contiguous slice of the sorted rows (expert weights are used in place, never
 copied per call; the GEMMs are shaped for MKL's small-row kernels, see `_expert_ffn`) or, with
 many rows per expert, two `torch._grouped_mm` calls over all of them (`_grouped_ffn`), and
-combines by un-sorting and summing over the k slots: no per-token Python work. On CPU with fp32
-row-major weights and fewer rows than GROUPED_MIN_ROWS per expert (decode, short prompts), the experts
-with few rows run as the quantized ones do below: one numba call per GEMM over all of them.
+combines by un-sorting and summing over the k slots: no per-token Python work. On CPU with fp32 or
+bf16 row-major weights and few rows per expert (decode; `_numba_route`), the experts run as the quantized
+ones do below: one numba call per GEMM over all of them.
 `experts_int8` / `experts_int4` (weight-only quantized experts, CPU) sort the same way and run
 the numba kernels of `cpu_quant` on moec's quantized format, one call per GEMM; an expert with
 many rows (prefill) is dequantized into a reused buffer and runs MKL's GEMMs instead.
@@ -259,17 +259,22 @@ def _combine(ys, order, ws, ids, weight_on_input, dtype):
     return unsorted.view(T, k, -1).sum(dim=1).to(dtype)
 
 
-def _numba_f32(x, ids, w13, w2) -> bool:
-    """fp32 experts on CPU, row-major as the numba kernels read them, with fewer rows than GROUPED_MIN_ROWS per
-    expert on average over all of them: one numba call per GEMM over the experts (cpu_quant) beats a pair of
-    MKL calls per expert there (1.7-2x at one token, measured on the CPU machine with the weights out of cache)."""
-    return (x.device.type == "cpu" and x.dtype == w13.dtype == w2.dtype == torch.float32 and w13.is_contiguous()
-            and w2.is_contiguous() and ids.numel() < GROUPED_MIN_ROWS * w13.shape[0])
+def _numba_route(x, ids, w13, w2) -> bool:
+    """Experts on CPU with row-major fp32 or bf16 weights and few rows each: one numba call per GEMM over all of
+    them (cpu_quant) beats a pair of MKL calls per expert there (fp32: 1.7-2x at one token, measured on the CPU
+    machine with the weights out of cache). fp32: fewer rows than GROUPED_MIN_ROWS per expert on average over
+    all experts (an expert that still gets DEQUANT_MIN_ROWS rows runs MKL on its weights in place). bf16: fewer
+    rows in all than DEQUANT_MIN_ROWS, so that no expert leaves the kernels (MKL's bf16 GEMMs take many rows)."""
+    if not (x.device.type == "cpu" and x.dtype == w13.dtype == w2.dtype and w13.is_contiguous() and w2.is_contiguous()):
+        return False
+    if x.dtype == torch.float32:
+        return ids.numel() < GROUPED_MIN_ROWS * w13.shape[0]
+    return x.dtype == torch.bfloat16 and ids.numel() < DEQUANT_MIN_ROWS
 
 
 @torch.library.impl("moec::experts", "CompositeExplicitAutograd")
 def experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, weight_on_input, gate_up):
-    if _numba_f32(x, ids, w13, w2):  # few rows per expert: see quantized_group (fp32 weights are read as they are)
+    if _numba_route(x, ids, w13, w2):  # few rows per expert: see quantized_group (weights read as they are)
         return _quantized_experts(x, ids, weights, (w13,), b13, (w2,), b2, activation, gated, alpha, limit,
                                   weight_on_input, gate_up)
     flat, order, counts, xs, ws = _sort(x, ids, weights, w13.shape[0], weight_on_input)
@@ -290,8 +295,9 @@ DEQUANT_MIN_ROWS = 12
 
 
 def quantized_plan(x, ids, weights, num_experts, weight_on_input):
-    """The expert-sorted rows of a quantized (or few-row fp32) experts call: (inv, counts, rows, row_expert, xs fp32 [T*k, H]).
-    rows: the kernels' rows per expert (cpu_quant.plan; none for experts with DEQUANT_MIN_ROWS rows or more)."""
+    """The expert-sorted rows of a quantized (or `_numba_route`) experts call: (inv, counts, rows, row_expert,
+    xs fp32 [T*k, H]). rows: the kernels' rows per expert (cpu_quant.plan; none for experts with
+    DEQUANT_MIN_ROWS rows or more)."""
     if x.device.type != "cpu":
         raise NotImplementedError(f"moec: quantized experts in the torch backend run on CPU only, not {x.device.type}")
     from moec.backends import cpu_quant  # numba: imported by the first quantized call, not by `import moec`
@@ -307,11 +313,12 @@ def quantized_plan(x, ids, weights, num_experts, weight_on_input):
 
 def quantized_group(xs, y, counts, rows, row_expert, experts, t13, b13, t2, b2, activation, gated, alpha, limit,
                     gate_up, slot=None):
-    """y[rows of e] = expert e on xs[rows of e], for each e in `experts`, its weights t = (q, scale[, zero]) or (w,) (fp32) at
-    index slot[e] of t13/t2 (the offload pool's slots; None: at index e). Experts with few rows: the numba kernels of
-    `cpu_quant` (dequantizing in registers), one call per GEMM over all of them; an expert with
-    DEQUANT_MIN_ROWS rows or more (prefill) is dequantized into a buffer reused for every such expert (fp32: read
-    in place) and runs `_expert_ffn`. Each row's numbers do not depend on which other experts the group holds."""
+    """y[rows of e] = expert e on xs[rows of e], for each e in `experts`, its weights t = (q, scale[, zero]) or
+    (w,) (fp32/bf16) at index slot[e] of t13/t2 (the offload pool's slots; None: at index e). Experts with few
+    rows: the numba kernels of `cpu_quant` (dequantizing in registers), one call per GEMM over all of them; an
+    expert with DEQUANT_MIN_ROWS rows or more (prefill) is dequantized into a buffer reused for every such expert
+    (fp32: read in place) and runs `_expert_ffn`. Each row's numbers do not depend on which other experts the
+    group holds."""
     from moec.backends import cpu_quant
 
     first, paired, last = rows
@@ -354,8 +361,8 @@ def quantized_combine(y, inv, weights, weight_on_input, dtype):
 
 def _quantized_experts(x, ids, weights, t13, b13, t2, b2, activation, gated, alpha, limit, weight_on_input,
                        gate_up):
-    """The routed experts on quantized weights t = (q, scale[, zero]) in moec's format, or fp32 weights t = (w,),
-    in fp32 whatever the activations' dtype (see quantized_group)."""
+    """The routed experts on quantized weights t = (q, scale[, zero]) in moec's format, or fp32/bf16 weights
+    t = (w,), in fp32 whatever the activations' dtype (see quantized_group)."""
     inv, counts, rows, row_expert, xs = quantized_plan(x, ids, weights, t13[0].shape[0], weight_on_input)
     y = torch.empty_like(xs)
     quantized_group(xs, y, counts, rows, row_expert, np.flatnonzero(counts), t13, b13, t2, b2, activation, gated,

@@ -148,27 +148,30 @@ def test_experts(e, T, k, dtype, op):
 @pytest.mark.parametrize("e", [EXPERTS[0], ExpertsSpec(8, 16, 24, "gelu", bias=True),
                                ExpertsSpec(8, 16, 24, "silu", weight_on_input=True)], ids=lambda e: e.describe())
 @pytest.mark.parametrize("scale", [1.0, 1e4])
-def test_experts_few_rows_fp32_both_branches(e, scale):
-    """fp32 on CPU with few rows per expert takes the numba route (one call per GEMM over the experts), where an
-    expert that still gets DEQUANT_MIN_ROWS rows or more runs MKL: one call holding hot, rare and unused experts
-    checks both against the reference, also with large activations and inputs that require grad (eval mode
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_numba_route(e, scale, dtype):
+    """fp32/bf16 on CPU with few rows per expert take the numba route (one call per GEMM over the experts). In
+    fp32 an expert that still gets DEQUANT_MIN_ROWS rows or more runs MKL: one call holding hot, rare and unused
+    experts checks both against the reference. Also large activations, and inputs that require grad (eval mode
     without no_grad: the op returns values, the block's wrapper refuses a backward)."""
     from moec.backends import torch_backend as tb
 
-    E, H, I, k, T = e.num_experts, e.hidden, e.inter, 2, 28
+    E, H, I, k = e.num_experts, e.hidden, e.inter, 2
+    T = 28 if dtype == torch.float32 else 5  # bf16: fewer rows in all than DEQUANT_MIN_ROWS
     N1 = 2 * I if e.gated else I
     ids = torch.stack([torch.tensor([0, 1]) if t % 2 else torch.randperm(E)[:k] for t in range(T)])
-    counts = torch.bincount(ids.reshape(-1), minlength=E)
-    assert counts.max() >= tb.DEQUANT_MIN_ROWS and (counts[2:] < tb.DEQUANT_MIN_ROWS).all()
-    x = (torch.randn(T, H) * scale).requires_grad_()
+    if dtype == torch.float32:
+        counts = torch.bincount(ids.reshape(-1), minlength=E)
+        assert counts.max() >= tb.DEQUANT_MIN_ROWS and (counts[2:] < tb.DEQUANT_MIN_ROWS).all()
+    x = (torch.randn(T, H) * scale).to(dtype).requires_grad_()
     w = torch.rand(T, k)
-    w13, w2 = torch.randn(E, N1, H) / H**0.5, torch.randn(E, H, I) / I**0.5
-    b13 = torch.randn(E, N1) if e.bias else None
-    b2 = torch.randn(E, H) if e.bias else None
-    assert tb._numba_f32(x, ids, w13, w2)
+    w13, w2 = (torch.randn(E, N1, H) / H**0.5).to(dtype), (torch.randn(E, H, I) / I**0.5).to(dtype)
+    b13 = torch.randn(E, N1).to(dtype) if e.bias else None
+    b2 = torch.randn(E, H).to(dtype) if e.bias else None
+    assert tb._numba_route(x, ids, w13, w2)
     got = torch.ops.moec.experts(x, ids, w, w13, b13, w2, b2, *experts_args(e))
     ref = naive_experts(x.detach(), ids, w, w13, b13, w2, b2, e)
-    assert rel_err(got, ref) < TOL[torch.float32]
+    assert got.dtype == dtype and rel_err(got, ref) < TOL[dtype]
 
 
 def test_fake_impls_trace_under_export():
