@@ -65,6 +65,8 @@ def _f32_kernel(x, first, last, w, out):
     E, N = w.shape[0], w.shape[1]
     for c in prange((N + CHUNK - 1) // CHUNK):
         for e in range(E):
+            if first[e] == last[e]:
+                continue
             for j in range(c * CHUNK, min(N, c * CHUNK + CHUNK)):
                 wj = w[e, j]
                 for r in range(first[e], last[e]):
@@ -275,6 +277,9 @@ def plan(ids: torch.Tensor, num_experts: int, min_rows: int = _EVERY) -> tuple:
 
 def combine(y: torch.Tensor, inv: np.ndarray, weights: torch.Tensor) -> torch.Tensor:
     """Expert-sorted fp32 outputs y [T*k, H] -> sum over each token's k slots weighted by weights [T, k]: [T, H] fp32."""
+    if weights.dim() != 2 or y.shape[0] != weights.numel() or len(inv) != weights.numel():
+        raise ValueError(f"moec: combine of {y.shape[0]} rows over slot weights {list(weights.shape)}: they do not "
+                         f"match")
     out = torch.empty(weights.shape[0], y.shape[1])
     _combine(y.detach().numpy(), inv, weights.detach().float().contiguous().numpy(), out.numpy())
     return out
@@ -293,6 +298,10 @@ def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tens
     were. Values only: nothing here records gradients."""
     first, paired, last = rows
     out = torch.empty(x.shape[0], q.shape[1], dtype=torch.float32) if out is None else out
+    K = q.shape[2] * (2 if q.dtype == torch.uint8 else 1)  # int4: two columns a byte
+    if x.dim() != 2 or x.shape[1] != K or out.shape != (x.shape[0], q.shape[1]) or last[-1] > x.shape[0]:
+        raise ValueError(f"moec: grouped_qmm of x {list(x.shape)} ({last[-1]} expert rows) and experts "
+                         f"{list(q.shape)} ({q.dtype}) into {list(out.shape)}: shapes do not match")
     x, q = x.detach().float().contiguous().numpy(), q.detach()
     if q.dtype == torch.float32:
         _f32_kernel(x, first, last, q.contiguous().numpy(), out.numpy())

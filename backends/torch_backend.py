@@ -259,22 +259,29 @@ def _combine(ys, order, ws, ids, weight_on_input, dtype):
     return unsorted.view(T, k, -1).sum(dim=1).to(dtype)
 
 
-def _numba_route(x, ids, w13, w2) -> bool:
-    """Experts on CPU with row-major fp32 or bf16 weights and few rows each: one numba call per GEMM over all of
-    them (cpu_quant) beats a pair of MKL calls per expert there (fp32: 1.7-2x at one token, measured on the CPU
-    machine with the weights out of cache). fp32: fewer rows than GROUPED_MIN_ROWS per expert on average over
-    all experts (an expert that still gets DEQUANT_MIN_ROWS rows runs MKL on its weights in place). bf16: fewer
-    rows in all than DEQUANT_MIN_ROWS, so that no expert leaves the kernels (MKL's bf16 GEMMs take many rows)."""
-    if not (x.device.type == "cpu" and x.dtype == w13.dtype == w2.dtype and w13.is_contiguous() and w2.is_contiguous()):
+def _numba_route(x, ids, num_experts: int, dtype: torch.dtype, *tensors) -> bool:
+    """Whether an fp32 or bf16 experts call of dtype `dtype` (its weights' row-major layout checked by the caller)
+    runs like the quantized ones: the numba kernels, one call per GEMM over all experts (cpu_quant), which beat a
+    pair of MKL calls per expert at few rows each (fp32: 1.7-2x at one token, measured on the CPU machine with the
+    weights out of cache). fp32: fewer rows than GROUPED_MIN_ROWS per expert on average over all experts (an
+    expert that still gets DEQUANT_MIN_ROWS rows runs MKL on its weights in place). bf16: fewer rows in all than
+    DEQUANT_MIN_ROWS, so that no expert leaves the kernels (MKL's bf16 GEMMs take many rows). Not when autograd
+    records x or `tensors` (the kernels compute values only; torch's ops keep the graph), nor on one thread: there
+    MKL wakes no threads, and numba's OpenMP pool would make a process forked afterwards (a server's workers)
+    terminate at its first parallel kernel."""
+    if (x.device.type != "cpu" or x.dtype != dtype or dtype not in (torch.float32, torch.bfloat16)
+            or torch.get_num_threads() < 2):
         return False
-    if x.dtype == torch.float32:
-        return ids.numel() < GROUPED_MIN_ROWS * w13.shape[0]
-    return x.dtype == torch.bfloat16 and ids.numel() < DEQUANT_MIN_ROWS
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)):
+        return False
+    return ids.numel() < (GROUPED_MIN_ROWS * num_experts if dtype == torch.float32 else DEQUANT_MIN_ROWS)
 
 
 @torch.library.impl("moec::experts", "CompositeExplicitAutograd")
 def experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, weight_on_input, gate_up):
-    if _numba_route(x, ids, w13, w2):  # few rows per expert: see quantized_group (weights read as they are)
+    if (w13.dtype == w2.dtype and w13.is_contiguous() and w2.is_contiguous()
+            and _numba_route(x, ids, w13.shape[0], w13.dtype, weights, w13, b13, w2, b2)):
+        # few rows per expert: see quantized_group (the weights read as they are)
         return _quantized_experts(x, ids, weights, (w13,), b13, (w2,), b2, activation, gated, alpha, limit,
                                   weight_on_input, gate_up)
     flat, order, counts, xs, ws = _sort(x, ids, weights, w13.shape[0], weight_on_input)

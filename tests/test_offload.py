@@ -123,6 +123,24 @@ def test_chained_blocks_keep_the_early_guess(container):
     assert pool.stats.blocks["body.1"].needed_after_prediction == needed  # the early guess ran before every call
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp_experts_offloaded_give_the_resident_numbers_at_decode(dtype):
+    """At decode the resident fp32/bf16 experts op may run cpu_quant's numba kernels (torch_backend._numba_route);
+    the offloaded one takes the same route on its slots: the same numbers, token for token."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the route needs two threads
+    try:
+        model, resident = _lm("mixtral").to(dtype), _lm("mixtral").to(dtype)
+        moec.compile(resident)
+        _compile(model, budget="50%", store="host")
+        with torch.no_grad():
+            for seq in (1, 2, 5):
+                x = models.example_inputs(model, seq=seq, seed=seq)
+                assert torch.equal(model(**x).logits, resident(**x).logits)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("quant", [moec.Int8Experts(), moec.Int4Experts(group_size=32),
                                    moec.Int4Experts(group_size=32, symmetric=True)], ids=["int8", "int4", "int4sym"])
 @pytest.mark.parametrize("budget", [1, "25%", 1.0])

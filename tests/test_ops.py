@@ -152,8 +152,8 @@ def test_experts(e, T, k, dtype, op):
 def test_experts_numba_route(e, scale, dtype):
     """fp32/bf16 on CPU with few rows per expert take the numba route (one call per GEMM over the experts). In
     fp32 an expert that still gets DEQUANT_MIN_ROWS rows or more runs MKL: one call holding hot, rare and unused
-    experts checks both against the reference. Also large activations, and inputs that require grad (eval mode
-    without no_grad: the op returns values, the block's wrapper refuses a backward)."""
+    experts checks both against the reference, also with large activations. Where autograd records the call, or
+    on one thread (fork safety), the route steps aside: the gradients are torch's."""
     from moec.backends import torch_backend as tb
 
     E, H, I, k = e.num_experts, e.hidden, e.inter, 2
@@ -163,15 +163,30 @@ def test_experts_numba_route(e, scale, dtype):
     if dtype == torch.float32:
         counts = torch.bincount(ids.reshape(-1), minlength=E)
         assert counts.max() >= tb.DEQUANT_MIN_ROWS and (counts[2:] < tb.DEQUANT_MIN_ROWS).all()
-    x = (torch.randn(T, H) * scale).to(dtype).requires_grad_()
+    x = (torch.randn(T, H) * scale).to(dtype)
     w = torch.rand(T, k)
     w13, w2 = (torch.randn(E, N1, H) / H**0.5).to(dtype), (torch.randn(E, H, I) / I**0.5).to(dtype)
     b13 = torch.randn(E, N1).to(dtype) if e.bias else None
     b2 = torch.randn(E, H).to(dtype) if e.bias else None
-    assert tb._numba_route(x, ids, w13, w2)
-    got = torch.ops.moec.experts(x, ids, w, w13, b13, w2, b2, *experts_args(e))
-    ref = naive_experts(x.detach(), ids, w, w13, b13, w2, b2, e)
-    assert got.dtype == dtype and rel_err(got, ref) < TOL[dtype]
+    args = (ids, w, w13, b13, w2, b2, *experts_args(e))
+    ref = naive_experts(x, ids, w, w13, b13, w2, b2, e)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert tb._numba_route(x, ids, E, dtype, w, w13, b13, w2, b2)
+        got = torch.ops.moec.experts(x, *args)
+        assert got.dtype == dtype and rel_err(got, ref) < TOL[dtype]
+        xg = x.clone().requires_grad_()
+        assert not tb._numba_route(xg, ids, E, dtype, w, w13, b13, w2, b2)
+        if dtype == torch.float32:
+            torch.ops.moec.experts(xg, *args).square().sum().backward()
+            xr = x.clone().requires_grad_()
+            naive_experts(xr, ids, w, w13, b13, w2, b2, e).square().sum().backward()
+            assert rel_err(xg.grad, xr.grad) < TOL[dtype]
+        torch.set_num_threads(1)
+        assert not tb._numba_route(x, ids, E, dtype, w, w13, b13, w2, b2)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_fake_impls_trace_under_export():
@@ -263,3 +278,20 @@ def test_capacity_renormalises_after_the_drop():
     kept = naive_capacity(ids, w, 1, 2)
     assert (kept == 0).all(-1).any() and ((kept == 0).sum(-1) == 1).any()  # tokens that lost both, and one pair
     torch.testing.assert_close(got, kept / kept.sum(-1, keepdim=True).clamp(min=eps))
+
+
+def test_numba_kernels_refuse_mismatched_shapes():
+    """cpu_quant's kernels do not check bounds: grouped_qmm and combine check the shapes first (a hidden size
+    other than the experts', or slot weights other than the rows, crashed the process or read past the end)."""
+    from moec.backends import cpu_quant
+
+    w = torch.randn(4, 8, 16)
+    rows = cpu_quant.expert_rows([2, 1, 0, 0])
+    assert cpu_quant.grouped_qmm(torch.randn(3, 16), rows, w).shape == (3, 8)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        cpu_quant.grouped_qmm(torch.randn(3, 15), rows, w)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        cpu_quant.grouped_qmm(torch.randn(2, 16), rows, w)  # fewer rows than the experts' rows
+    _, inv, _, _ = cpu_quant.plan(torch.tensor([[0, 1], [2, 0]]), 4)
+    with pytest.raises(ValueError, match="do not match"):
+        cpu_quant.combine(torch.randn(4, 8), inv, torch.rand(2, 3))

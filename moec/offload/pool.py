@@ -350,8 +350,9 @@ class Pool:
 
 class OffloadedExperts(nn.Module):
     """The experts op of one block with its weights in the pool: (x [T, H], ids [T, k], weights [T, k],
-    b13?, b2?) -> [T, H]. Runs the torch backend's per-expert path on each expert's slot, fp (moec.experts) or
-    quantized (moec.experts_int8/int4: `quantized` names the format). Biases stay resident."""
+    b13?, b2?) -> [T, H]. Runs the torch backend's path on each expert's slot, fp (moec.experts: per expert, or
+    the numba kernels where the resident op takes them) or quantized (moec.experts_int8/int4: `quantized` names
+    the format). Biases stay resident."""
 
     def __init__(self, pool: Pool, block: str, act: tuple, quantized: str | None = None):
         super().__init__()
@@ -362,9 +363,12 @@ class OffloadedExperts(nn.Module):
         return (self._quantized if self.quantized else self._fp)(x, ids, weights, b13, b2)
 
     def _fp(self, x, ids, weights, b13, b2):
-        from moec.backends.torch_backend import _combine, _expert_ffn, _sort
+        from moec.backends.torch_backend import _combine, _expert_ffn, _numba_route, _sort
 
         activation, gated, alpha, limit, weight_on_input, gate_up = self.act
+        dtype = self.pool.blocks[self.block]["shapes"]["w13"][1]
+        if _numba_route(x, ids, self.pool.blocks[self.block]["E"], dtype, weights, b13, b2):
+            return self._quantized(x, ids, weights, b13, b2)  # the resident op's route: the same numbers
         _, order, counts, xs, ws = _sort(x, ids, weights, self.pool.blocks[self.block]["E"], weight_on_input)
         starts = [0]
         for n in counts:
@@ -390,7 +394,7 @@ class OffloadedExperts(nn.Module):
         y = torch.empty_like(xs)  # [T*k, H] fp32
 
         def run(slots, group):
-            t13, t2 = ([slots.t[r] for r in (f"q{w}", f"s{w}", f"z{w}") if r in slots.t] for w in ("13", "2"))
+            t13, t2 = ([slots.t[r] for r in (f"w{w}", f"q{w}", f"s{w}", f"z{w}") if r in slots.t] for w in ("13", "2"))
             quantized_group(xs, y, counts, rows, row_expert, list(group), t13, b13, t2, b2, activation, gated, alpha,
                             limit, gate_up, slot=group)
 
