@@ -299,8 +299,9 @@ def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tens
     first, paired, last = rows
     out = torch.empty(x.shape[0], q.shape[1], dtype=torch.float32) if out is None else out
     K = q.shape[2] * (2 if q.dtype == torch.uint8 else 1)  # int4: two columns a byte
-    if x.dim() != 2 or x.shape[1] != K or out.shape != (x.shape[0], q.shape[1]) or last[-1] > x.shape[0]:
-        raise ValueError(f"moec: grouped_qmm of x {list(x.shape)} ({last[-1]} expert rows) and experts "
+    end = int(last.max(initial=0))  # past the last expert row (by slot: any order)
+    if x.dim() != 2 or x.shape[1] != K or out.shape != (x.shape[0], q.shape[1]) or end > x.shape[0]:
+        raise ValueError(f"moec: grouped_qmm of x {list(x.shape)} (rows up to {end}) and experts "
                          f"{list(q.shape)} ({q.dtype}) into {list(out.shape)}: shapes do not match")
     x, q = x.detach().float().contiguous().numpy(), q.detach()
     if q.dtype == torch.float32:
