@@ -295,3 +295,14 @@ def test_numba_kernels_refuse_mismatched_shapes():
     _, inv, _, _ = cpu_quant.plan(torch.tensor([[0, 1], [2, 0]]), 4)
     with pytest.raises(ValueError, match="do not match"):
         cpu_quant.combine(torch.randn(4, 8), inv, torch.rand(2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_expert_of_unquantized_weights(dtype):
+    """The big-expert branch of the numba route reads fp32 experts in place and widens bf16 ones into `out`."""
+    from moec.backends import cpu_quant
+
+    w = torch.randn(3, 8, 16).to(dtype)
+    got = cpu_quant.dequantize_expert(1, w, out=torch.empty(8, 16))
+    assert got.dtype == torch.float32 and torch.equal(got, w[1].float())
+    assert dtype != torch.float32 or got.data_ptr() == w[1].data_ptr()
