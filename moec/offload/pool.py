@@ -366,10 +366,10 @@ class OffloadedExperts(nn.Module):
         from moec.backends.torch_backend import _combine, _expert_ffn, _numba_route, _sort
 
         activation, gated, alpha, limit, weight_on_input, gate_up = self.act
-        dtype = self.pool.blocks[self.block]["shapes"]["w13"][1]
-        if _numba_route(x, ids, self.pool.blocks[self.block]["E"], dtype, weights, b13, b2):
+        info = self.pool.blocks[self.block]
+        if _numba_route(x, ids, info["E"], info["shapes"]["w13"][1], weights, b13, b2):
             return self._quantized(x, ids, weights, b13, b2)  # the resident op's route: the same numbers
-        _, order, counts, xs, ws = _sort(x, ids, weights, self.pool.blocks[self.block]["E"], weight_on_input)
+        _, order, counts, xs, ws = _sort(x, ids, weights, info["E"], weight_on_input)
         starts = [0]
         for n in counts:
             starts.append(starts[-1] + n)
