@@ -1,6 +1,8 @@
 """Backends: kernels for moec's canonical ops.
 
-- `torch`: plain torch (`torch_backend`), every device; the fast path on CPU.
+- `torch`: plain torch (`torch_backend`), every device; the fast path on CPU, where the numba kernels
+  (`cpu_quant`) run quantized experts, fp32/bf16 experts at decode and, once a block is rewritten, the model's
+  nn.Linear layers at decode (`cpu_linear`).
 - `triton`: grouped-GEMM Triton kernels (`triton_experts`; routing stays torch's ops), CUDA;
   also runs on CPU tensors under TRITON_INTERPRET=1 (slow; for tests).
 - `onnxruntime`: the whole model exported (moec.export_onnx) and run in an InferenceSession (`ort_session`);

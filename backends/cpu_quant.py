@@ -3,6 +3,7 @@
 
     grouped_qmm(x [R, K], expert_rows(counts), q, scale?, zero?) -> [R, N] fp32
     out[r] = x[r] @ dequantize(W[e]).T   for the rows r of expert e (rows sorted by expert; fp32/bf16 W: as is)
+    linear_rows(x [R, K], W [N, K]) -> [R, N] fp32                     (one expert: a dense layer, cpu_linear)
 
 The weights are dequantized inside the dot products, in registers: each packed byte is read
 once per call and nothing the size of an expert is written. Threads split the output
@@ -319,6 +320,14 @@ def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tens
         _int4_kernel2(x, xsum, first, paired, *args)
     _int4_kernel(x, xsum, paired, last, *args)
     return out
+
+
+_FIRST = np.zeros(1, np.int64)
+
+
+def linear_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [R, K] @ w [N, K]^T (w fp32 or bf16) -> [R, N] fp32: `grouped_qmm` of one expert (a dense layer)."""
+    return grouped_qmm(x, (_FIRST, _FIRST, np.array([x.shape[0]], np.int64)), w.unsqueeze(0))
 
 
 def dequantize_expert(e: int, q: torch.Tensor, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,

@@ -19,7 +19,7 @@ from rich.table import Table
 from torch import fx, nn
 
 import moec.passes  # noqa: F401  (registers the passes)
-from moec.backends import pipeline_for, resolve_backend
+from moec.backends import cpu_linear, pipeline_for, resolve_backend
 from moec.backends.onnx_backend import weight_only
 from moec.approx import ExpertPlan, TopP
 from moec.bindings import Const, Derived
@@ -87,10 +87,14 @@ class Report:
     offload: object = None  # compile(offload=...): the expert cache's statistics (moec.offload.OffloadStats), live
     calibration: object = None  # moec.calibrate's routing statistics (moec.calibrate.Calibration), if it ran
     expert_parallel: object = None  # compile(expert_parallel=...): this rank's exchange statistics, live
+    decode_linears: int | None = None  # torch backend, compile(decode_linears=True): nn.Linear layers on moec's
+    # CPU kernels at decode (backends/cpu_linear.py); None: off
 
     def __rich__(self) -> Table:
         q = f", quantize {self.quantize.describe()} {_numerics(self.backend, self.quantize)}" if self.quantize else ""
         q += f", dense MatMuls {self.dense.describe()} (ONNX Runtime's MatMulNBits)" if self.dense else ""
+        q += (f", {self.decode_linears} nn.Linear layers on moec's CPU kernels at decode (fp32 at up to 4 rows, "
+              f"bf16 at 1)" if self.decode_linears else "")
         t = Table(title=f"moec: {len(self.blocks)} MoE block(s) found, {len(self.rejected)} rejected "
                         f"(pipeline {self.pipeline}, backend {self.backend}{q})", title_justify="left")
         for col in ("block", "E", "k", "router", "experts", "shared", "load (min/max tokens)"):
@@ -364,7 +368,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
             quantize: QuantConfig | None = None, offload: Offload | None = None, topk: int | TopP | dict | None = None,
             experts: ExpertPlan | None = None, approximate: bool = False,
             expert_parallel: ExpertParallel | None = None, providers: list[str] | None = None, session_options=None,
-            dense: QuantConfig | None = None, **options) -> nn.Module:
+            dense: QuantConfig | None = None, decode_linears: bool = True, **options) -> nn.Module:
     """Find, prove and rewrite every MoE block of `model` (in place); return the model.
 
     backend: "auto" (Triton on CUDA, else torch), "torch", "triton" (appends the lower_triton pass) or
@@ -396,6 +400,10 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     expert_parallel: moec.ExpertParallel(group, timeout): the routed experts sharded over a torch.distributed group,
         E/N per rank, tokens exchanged with all_to_all (appends shard_experts; torch backend; see moec.distributed).
         Every rank calls compile on the same model with the same options (checked).
+    decode_linears: backend torch: once a block is rewritten, the model's nn.Linear layers (attention, shared
+        experts, lm_head) run on moec's CPU kernels where they get few rows (decode: fp32 at up to 4 rows, bf16 at
+        1; 1.5-3x torch's GEMM there), each checked once at install against torch's (see
+        moec.backends.cpu_linear; on one torch thread at compile: none). False leaves them to torch.
     Every rewritten block is proved: its final graph is checked against the original block before it is
     installed (docs/guarantees.md). A model without MoE comes back unchanged, with a warning; blocks moec
     cannot prove are left as they were and listed in `moec.inspect(model).rejected` with the reason.
@@ -406,6 +414,8 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         raise TypeError(f"moec.compile got unknown option(s) {sorted(options)}")
     if not isinstance(verify, bool):
         raise TypeError(f"moec.compile: verify must be True or False, not {verify!r}")
+    if not isinstance(decode_linears, bool):
+        raise TypeError(f"moec.compile: decode_linears must be True or False, not {decode_linears!r}")
     named = set() if passes is None else set(parse_pipeline(passes))
     if topk is not None:
         _check_topk(topk)
@@ -463,6 +473,12 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
                            "expert_parallel": group, "onnx": onnx or {}}, strict=verify, before_install=agree)
     _warn_if_empty(model, report)
     report.quantize, report.topk, report.experts = quantize, topk, experts
+    if decode_linears and backend == "torch" and report.blocks:
+        report.decode_linears, failed = cpu_linear.install(model)
+        if failed:
+            warnings.warn(f"moec: {len(failed)} nn.Linear layer(s) keep torch's GEMM at decode: moec's kernel did not "
+                          f"match it on their weights ({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''})",
+                          stacklevel=2)
     report.expert_parallel = None if group is None else group.stats
     if pool is not None:
         _start_offload(model, report, pool)

@@ -42,6 +42,7 @@ def save(model: nn.Module, path: str) -> None:
     meta = {"format_version": quant.FORMAT_VERSION, "pipeline": report.pipeline, "backend": report.backend,
             "quantize": _config_json(report.quantize), "dense": _config_json(report.dense),
             "topk": approx.to_json(report.topk), "experts": approx.to_json(report.experts),
+            "decode_linears": report.decode_linears is not None or report.backend != "torch",
             "calibration": None if (cal := model.__dict__.get("_moec_calibration")) is None else cal.to_json()}
     tensors, tied, seen = {}, {}, {}
     for name, t in model.state_dict().items():
@@ -86,6 +87,8 @@ def load(model: nn.Module, path: str, **compile_options) -> nn.Module:
     saved |= {"approximate": True} if saved else {}
     if str(meta.get("backend", "")).startswith("onnxruntime"):  # the saved model's backend
         saved["backend"] = "onnxruntime"
+    if meta.get("decode_linears") is False:  # compiled with decode_linears=False
+        saved["decode_linears"] = False
     options = saved | compile_options  # options given here win over the file's
     if options.get("backend") == "onnxruntime" and "dense" not in options and meta.get("dense"):
         options["dense"] = _config(meta["dense"])

@@ -1,0 +1,175 @@
+"""nn.Linear layers at decode on moec's CPU kernels (backends/cpu_linear.py, compile(decode_linears=True)):
+the kernel against float64, the calls it must leave to torch, and a compiled model's linears through its life
+(weights changed, dtype changed, pickled, copied, trained, saved and loaded)."""
+
+import copy
+import pickle
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import moec
+from moec import models
+from moec.backends import cpu_linear, cpu_quant
+from conftest import TOL, rel_err
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the kernels need 2 threads (fork safety)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _spy():
+    return mock.patch.object(cpu_quant, "linear_rows", side_effect=cpu_quant.linear_rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,K", [(1, 37), (33, 64), (100, 512)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("scale", [1.0, 1e4])
+def test_linear_matches_float64(dtype, N, K, bias, scale):
+    """1 to MAX_ROWS rows (also as a 3-D batch and a strided view) on the kernel, one row more on torch's GEMM; each
+    within fp32 rounding of float64 (bf16: the float64 result rounded to bf16, half a step either way)."""
+    w = (torch.randn(N, K) * scale).to(dtype)
+    b = (torch.randn(N) * scale).to(dtype) if bias else None
+    most = cpu_linear.MAX_ROWS[dtype]
+    for rows, shape in [(r, (r, K)) for r in range(1, most + 1)] + [(most, (1, most, K)), (most + 1, (most + 1, K))]:
+        x = (torch.randn(*shape[:-1], 2 * K)[..., ::2] * scale).to(dtype)  # a strided view
+        with _spy() as kernel, torch.no_grad():
+            got = cpu_linear.linear(x, w, b)
+        assert kernel.called == (rows <= most)
+        ref = x.double() @ w.double().T + (0 if b is None else b.double())
+        bound = 1e-5 * (x.double().abs() @ w.double().abs().T + (0 if b is None else b.double().abs()))
+        if dtype == torch.bfloat16:
+            ref, bound = ref.to(dtype).double(), bound + torch.finfo(dtype).eps / 2 * ref.abs()
+        assert got.shape == ref.shape and got.dtype == dtype
+        assert ((got.double() - ref).abs() <= bound).all()
+
+
+def test_linear_steps_aside():
+    """Autograd recording (gradients are torch's), one thread, fake tensors, dispatch modes, other dtypes or devices
+    and mismatched shapes all run F.linear; the kernel is never called."""
+    w, b = torch.randn(8, 16), torch.randn(8)
+    x = torch.randn(1, 16)
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with _spy() as kernel:
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        cpu_linear.linear(xg, wg, b).square().sum().backward()
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        F.linear(xr, wr, b).square().sum().backward()
+        assert torch.equal(xg.grad, xr.grad) and torch.equal(wg.grad, wr.grad)
+        with Seen():
+            cpu_linear.linear(x, w, b)
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode() as fake:
+            assert cpu_linear.linear(fake.from_tensor(x), fake.from_tensor(w)).shape == (1, 8)
+        cpu_linear.linear(x.half(), w.half())
+        cpu_linear.linear(x.double(), w.double())
+        cpu_linear.linear(x, w.T.contiguous().T)  # not contiguous
+        cpu_linear.linear(x.to("meta"), w.to("meta"))
+        with pytest.raises(RuntimeError):
+            cpu_linear.linear(torch.randn(1, 15), w)  # torch's own error
+        torch.set_num_threads(1)
+        cpu_linear.linear(x, w, b)
+        assert not kernel.called
+
+
+def _qwen2_moe():
+    return models.tiny_model("qwen2_moe")  # shared expert (and its gate), q/k/v with biases
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_compiled_model_runs_its_linears_on_the_kernel():
+    """compile installs the kernel on every plain nn.Linear (attention, shared expert, lm_head) and the logits, at one
+    token and over a prompt, and the greedy tokens stay the original's; decode_linears=False installs none."""
+    ref = _qwen2_moe()
+    model = moec.compile(copy.deepcopy(ref))
+    n = moec.inspect(model).decode_linears
+    assert n == sum(cpu_linear.installed(m) for m in model.modules()) > 0
+    assert cpu_linear.installed(model.lm_head) and cpu_linear.installed(model.model.layers[0].self_attn.q_proj)
+    assert "nn.Linear layers on moec's CPU kernels" in str(moec.inspect(model))
+    ids = models.example_inputs(ref, seq=6)["input_ids"]
+    with _spy() as kernel:
+        assert rel_err(_logits(model, ids[:, :1]), _logits(ref, ids[:, :1])) < TOL[torch.float32]
+        assert kernel.call_count >= n  # every installed layer ran on it
+    assert rel_err(_logits(model, ids), _logits(ref, ids)) < TOL[torch.float32]
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False),
+                           ref.generate(ids, max_new_tokens=8, do_sample=False))
+    off = moec.compile(copy.deepcopy(ref), decode_linears=False)
+    assert moec.inspect(off).decode_linears is None and not any(cpu_linear.installed(m) for m in off.modules())
+
+
+def test_compiled_linears_follow_the_model():
+    """New weights loaded after compile, the model in bf16, a pickled and a deep copy, and train() with gradients:
+    the compiled model gives what the original gives in each."""
+    ref = _qwen2_moe()
+    model = moec.compile(copy.deepcopy(ref))
+    ids = models.example_inputs(ref, seq=1)["input_ids"]
+    new = {k: torch.randn_like(v) * 0.05 for k, v in ref.state_dict().items()}
+    ref.load_state_dict(new)
+    model.load_state_dict(new)
+    assert rel_err(_logits(model, ids), _logits(ref, ids)) < TOL[torch.float32]
+    for copied in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert copied.lm_head.forward.args[0] is copied.lm_head  # the copy's own layer, not the original's
+        assert torch.equal(_logits(copied, ids), _logits(model, ids))
+    model.train()
+    ref.train()
+    model(ids).logits.square().mean().backward()
+    ref(ids).logits.square().mean().backward()
+    assert rel_err(model.lm_head.weight.grad, ref.lm_head.weight.grad) < TOL[torch.float32]
+    model.eval().to(torch.bfloat16)
+    ref.eval().to(torch.bfloat16)
+    with _spy() as kernel:
+        assert rel_err(_logits(model, ids), _logits(ref, ids)) < TOL[torch.bfloat16]
+        assert kernel.called
+
+
+def test_save_and_load_keep_the_choice(tmp_path):
+    for on in (True, False):
+        model = moec.compile(_qwen2_moe(), decode_linears=on)
+        moec.save(model, str(tmp_path / "m.safetensors"))
+        loaded = moec.load(_qwen2_moe(), str(tmp_path / "m.safetensors"))
+        assert cpu_linear.installed(loaded.lm_head) == on
+
+
+def test_a_layer_the_kernel_does_not_match_keeps_torch():
+    """The install check runs the kernel on each layer's weights: a kernel that computes something else (here: one
+    output off by 1e-3 of its scale) is not installed, with a warning naming the layers."""
+    real = cpu_quant.linear_rows
+
+    def off(x, w):
+        y = real(x, w)
+        y[:, 0] += 1e-3 * x.float().norm(dim=1) * w[0].float().norm()
+        return y
+
+    with mock.patch.object(cpu_quant, "linear_rows", side_effect=off), pytest.warns(UserWarning, match="keep torch"):
+        model = moec.compile(_qwen2_moe())
+    assert moec.inspect(model).decode_linears == 0 and not cpu_linear.installed(model.lm_head)
+
+
+def test_no_moe_no_linears():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match="no MoE block"):
+        moec.compile(model)
+    assert not cpu_linear.installed(model[0])
+
+
+def test_decode_linears_must_be_a_bool():
+    with pytest.raises(TypeError, match="decode_linears must be True or False"):
+        moec.compile(_qwen2_moe(), decode_linears="yes")
