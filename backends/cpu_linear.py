@@ -92,7 +92,7 @@ def _agrees(module: nn.Linear) -> bool:
     g = torch.Generator().manual_seed(0)
     norms = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32)  # [N]
     for rows in {1, MAX_ROWS[w.dtype]}:
-        x = torch.randn(rows, w.shape[1], generator=g).to(w.dtype)
+        x = torch.randn(rows, w.shape[1], generator=g, device="cpu").to(w.dtype)  # not a default device's
         got, ref = _kernel(x, w, b).to(w.dtype).float(), F.linear(x, w, b).float()
         bound = 1e-5 * (torch.linalg.vector_norm(x.float(), dim=1, keepdim=True) * norms
                         + (0 if b is None else b.float().abs()))

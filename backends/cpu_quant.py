@@ -281,7 +281,7 @@ def combine(y: torch.Tensor, inv: np.ndarray, weights: torch.Tensor) -> torch.Te
     if weights.dim() != 2 or y.shape[0] != weights.numel() or len(inv) != weights.numel():
         raise ValueError(f"moec: combine of {y.shape[0]} rows over slot weights {list(weights.shape)}: they do not "
                          f"match")
-    out = torch.empty(weights.shape[0], y.shape[1])
+    out = torch.empty(weights.shape[0], y.shape[1], device="cpu")
     _combine(y.detach().numpy(), inv, weights.detach().float().contiguous().numpy(), out.numpy())
     return out
 
@@ -298,7 +298,7 @@ def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tens
     [R, N] fp32, written into `out` (contiguous fp32 [R, N]) if given; rows outside `rows` are left as they
     were. Values only: nothing here records gradients."""
     first, paired, last = rows
-    out = torch.empty(x.shape[0], q.shape[1], dtype=torch.float32) if out is None else out
+    out = torch.empty(x.shape[0], q.shape[1], dtype=torch.float32, device="cpu") if out is None else out
     K = q.shape[2] * (2 if q.dtype == torch.uint8 else 1)  # int4: two columns a byte
     end = int(last.max(initial=0))  # past the last expert row (by slot: any order)
     if x.dim() != 2 or x.shape[1] != K or out.shape != (x.shape[0], q.shape[1]) or end > x.shape[0]:
@@ -340,7 +340,7 @@ def dequantize_expert(e: int, q: torch.Tensor, scale: torch.Tensor | None = None
     if q.dtype == torch.bfloat16:
         return q[e].float() if out is None else out.copy_(q[e])
     N, K = q.shape[1], q.shape[2] * (1 if q.dtype == torch.int8 else 2)
-    out = torch.empty(N, K) if out is None else out
+    out = torch.empty(N, K, device="cpu") if out is None else out
     if out.shape != (N, K) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"dequantize_expert: out must be a contiguous fp32 [{N}, {K}], got {out.dtype} {list(out.shape)}")
     if q.dtype == torch.int8:

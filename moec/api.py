@@ -473,12 +473,8 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
                            "expert_parallel": group, "onnx": onnx or {}}, strict=verify, before_install=agree)
     _warn_if_empty(model, report)
     report.quantize, report.topk, report.experts = quantize, topk, experts
-    if decode_linears and backend == "torch" and report.blocks:
-        report.decode_linears, failed = cpu_linear.install(model)
-        if failed:
-            warnings.warn(f"moec: {len(failed)} nn.Linear layer(s) keep torch's GEMM at decode: moec's kernel did not "
-                          f"match it on their weights ({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''})",
-                          stacklevel=2)
+    if backend == "torch":
+        install_decode_linears(model, report, decode_linears)
     report.expert_parallel = None if group is None else group.stats
     if pool is not None:
         _start_offload(model, report, pool)
@@ -530,6 +526,19 @@ def _start_offload(model: nn.Module, report: Report, pool: Pool) -> None:
                                           spec.experts.hidden))
     pool.reset()
     report.offload = pool.stats
+
+
+def install_decode_linears(model: nn.Module, report: Report, on: bool) -> None:
+    """decode_linears=True (torch backend): once a block is rewritten, the model's nn.Linear layers run on moec's
+    CPU kernels at decode (moec.backends.cpu_linear); layers whose check fails keep torch's GEMM, with a warning."""
+    if not isinstance(on, bool):
+        raise TypeError(f"moec: decode_linears must be True or False, not {on!r}")
+    if not (on and report.blocks):
+        return
+    report.decode_linears, failed = cpu_linear.install(model)
+    if failed:
+        warnings.warn(f"moec: {len(failed)} nn.Linear layer(s) keep torch's GEMM at decode: moec's kernel did not match "
+                      f"it on their weights ({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''})", stacklevel=3)
 
 
 def _warn_if_empty(model: nn.Module, report: Report) -> bool:

@@ -188,12 +188,13 @@ class ShardedExperts(nn.Module):
 
 
 def load_sharded(model: nn.Module, checkpoint, expert_parallel: ExpertParallel, *, quantize=None, passes=None,
-                 verify: bool = False) -> nn.Module:
+                 verify: bool = False, decode_linears: bool = True) -> nn.Module:
     """Fill `model` (built on the meta device, the same on every rank) from a safetensors `checkpoint` and compile it
     with sharded experts, one block at a time: a rank holds the non-expert weights, its shard of every block, and
     while one block compiles, that block's experts (read whole: the proof replays every rank's shard). No rank
-    holds the whole model. Checkpoint names: the model's state_dict keys (see moec.load_offloaded)."""
-    from moec.api import _expert_parallel_group, _warn_if_empty
+    holds the whole model. Checkpoint names: the model's state_dict keys (see moec.load_offloaded). decode_linears:
+    as in moec.compile."""
+    from moec.api import _expert_parallel_group, _warn_if_empty, install_decode_linears
     from moec.backends import pipeline_for
     from moec.offload.load import fill_and_compile
     from moec.quant import Int4Experts, Int8Experts
@@ -208,6 +209,7 @@ def load_sharded(model: nn.Module, checkpoint, expert_parallel: ExpertParallel, 
         who="moec.load_sharded", before_install=lambda r: group.agree("the blocks compiled", compiled_blocks(r)))
     _warn_if_empty(model, report)
     report.quantize, report.expert_parallel = quantize, group.stats
+    install_decode_linears(model, report, decode_linears)
     model.__dict__["_moec_report"] = report
     return model
 

@@ -139,12 +139,12 @@ def fill_and_compile(model: nn.Module, checkpoint, pipeline: str, options: dict,
 
 
 def load_offloaded(model: nn.Module, checkpoint, offload: Offload, *, quantize=None, passes=None,
-                   verify: bool = False) -> nn.Module:
+                   verify: bool = False, decode_linears: bool = True) -> nn.Module:
     """Fill `model` (built on the meta device) from `checkpoint` (a folder of *.safetensors, a file, or a list),
     compiling its MoE blocks with offloaded experts one at a time so that no block's experts stay in memory
     (see the module docstring; quantize= as in moec.compile: the store holds the quantized experts). Returns the
-    model, on the CPU."""
-    from moec.api import _start_offload, _warn_if_empty
+    model, on the CPU. decode_linears: as in moec.compile."""
+    from moec.api import _start_offload, _warn_if_empty, install_decode_linears
     from moec.backends import pipeline_for
     from moec.offload.pool import Pool
 
@@ -159,6 +159,7 @@ def load_offloaded(model: nn.Module, checkpoint, offload: Offload, *, quantize=N
                               who="moec.load_offloaded")
     _warn_if_empty(model, report)
     report.quantize = quantize
+    install_decode_linears(model, report, decode_linears)
     model.__dict__["_moec_report"] = report
     _start_offload(model, report, pool)
     return model
