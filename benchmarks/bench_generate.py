@@ -13,7 +13,8 @@ delta nets, then full attention, as its 3:1 pattern), 64 experts of 320, top-6, 
 attention's states are exported and fed back, moec.export_state); "jamba" = a Jamba of hidden 512, 4 layers (3 Mamba,
 then attention), 8 experts of 1792, top-2 in every layer (its Mamba states exported the same way). Systems, all
 greedy, the same tokens asserted against HF:
-  HF eager (KV cache) | moec torch backend (KV cache) | moec backend="onnxruntime" with the KV cache, fp32 and
+  HF eager (KV cache) | moec torch backend (KV cache), and with decode_linears=False (the model's nn.Linear layers
+  on torch's GEMMs) | moec backend="onnxruntime" with the KV cache, fp32 and
   int4 experts (g32), and int4 everywhere with int8 activations (dense=, greedy generate in moec's loop around
   the session) | moec backend="onnxruntime" without the cache (generate recomputes the sequence: how it
   ran before the KV-cache export) | where onnxruntime-genai is installed: moec.export_genai's folders (fp32; int4
@@ -133,6 +134,8 @@ def main():
         ref.config.eos_token_id = ref.generation_config.eos_token_id = examples.byte_tokenizer().eos_token_id
         systems = {"HF eager (KV cache)": (ref, True)}
         systems["moec torch (KV cache)"] = (moec.compile(copy.deepcopy(ref), backend="torch"), True)
+        systems["moec torch, decode_linears=False (KV cache)"] = (
+            moec.compile(copy.deepcopy(ref), backend="torch", decode_linears=False), True)
         for label, q in (("fp32", None), ("int4 g32 experts", moec.Int4Experts(32))):
             systems[f"moec onnxruntime {label} (KV cache)"] = (
                 moec.compile(copy.deepcopy(ref), backend="onnxruntime", quantize=q, session_options=so), True)

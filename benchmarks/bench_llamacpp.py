@@ -3,6 +3,7 @@
     pip install llama-cpp-python gguf      # llama-cpp-python builds llama.cpp (several minutes on 2 cores)
     python benchmarks/bench_llamacpp.py [--models mix qmoe] [--prompt 16] [--new-tokens 64] [--prefill 64 512]
                                         [--rounds 3] [--threads 2] [--precisions fp32 bf16 int8 int4] [--onnx]
+                                        [--linears-off]
 
 Models (random weights, fp32): "mix" = moec.models.demo_model() (Mixtral-style: hidden 512, 8 experts of 1792,
 top-2, 4 layers); "qmoe" = a Qwen2-MoE of hidden 512, 4 layers, 64 experts of 320, top-6, a shared expert of
@@ -17,7 +18,8 @@ moec quantizes the routed experts only, weight-only). --onnx adds moec backend="
 an ONNX Runtime session with the KV cache, greedy generate in moec's loop around it; fp32, int8, int4, and
 int8/int4 with int8 activations (activations="int8": int8 dot products, as q8_0/q4_0 do), experts only and
 then every matrix but the router and embedding (dense=, as llama.cpp's file); ORT has no bf16 MoE kernel).
-Tokens/s medians over --rounds interleaved rounds; each round's wall time printed.
+--linears-off adds moec torch rows compiled with decode_linears=False (the A/B of moec's kernels for the model's
+nn.Linear layers at decode). Tokens/s medians over --rounds interleaved rounds; each round's wall time printed.
 Skips cleanly (exit 0, a message) where llama-cpp-python or gguf is not installed. Never in CI.
 Do not run it with OMP_WAIT_POLICY=PASSIVE: llama.cpp's OpenMP threads then sleep at each of the hundreds of
 barriers in a token, and its decode fell 2-7x (q4_0 on mix: 200 tokens/s instead of 1468).
@@ -208,6 +210,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--onnx", action="store_true", help="add moec backend='onnxruntime' rows (fp32, int8, int4)")
+    ap.add_argument("--linears-off", action="store_true",
+                    help="add moec torch rows compiled with decode_linears=False (torch's GEMMs for nn.Linear layers)")
     args = ap.parse_args()
     try:
         import gguf  # noqa: F401
@@ -232,6 +236,10 @@ def main():
             model = build(name).to(torch.bfloat16 if prec == "bf16" else torch.float32)
             moec.compile(model, quantize=quantize)
             systems[f"moec {prec}" + (" experts" if quantize else "")] = Torch(model)
+            if args.linears_off:
+                model = build(name).to(torch.bfloat16 if prec == "bf16" else torch.float32)
+                moec.compile(model, quantize=quantize, decode_linears=False)
+                systems[f"moec {prec}" + (" experts" if quantize else "") + ", decode_linears=False"] = Torch(model)
             if args.onnx and prec != "bf16":
                 model = moec.compile(build(name), backend="onnxruntime", quantize=quantize,
                                      session_options=quiet_session(args.threads))
