@@ -473,8 +473,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
                            "expert_parallel": group, "onnx": onnx or {}}, strict=verify, before_install=agree)
     _warn_if_empty(model, report)
     report.quantize, report.topk, report.experts = quantize, topk, experts
-    if backend == "torch":
-        install_decode_linears(model, report, decode_linears)
+    install_decode_linears(model, report, decode_linears and backend == "torch")
     report.expert_parallel = None if group is None else group.stats
     if pool is not None:
         _start_offload(model, report, pool)
@@ -534,6 +533,7 @@ def install_decode_linears(model: nn.Module, report: Report, on: bool) -> None:
     if not isinstance(on, bool):
         raise TypeError(f"moec: decode_linears must be True or False, not {on!r}")
     if not (on and report.blocks):
+        cpu_linear.uninstall(model)  # a model compiled before with them
         return
     report.decode_linears, failed = cpu_linear.install(model)
     if failed:

@@ -18,9 +18,10 @@ from conftest import TOL, rel_err
 
 
 @pytest.fixture(autouse=True)
-def _two_threads():
+def _two_threads(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the kernels need 2 threads (fork safety)
+    monkeypatch.setattr(cpu_linear, "MIN_BYTES", 0)  # the tiny models' layers too (test_small_layers_keep_torch)
     yield
     torch.set_num_threads(threads)
 
@@ -53,8 +54,9 @@ def test_linear_matches_float64(dtype, N, K, bias, scale):
 
 
 def test_linear_steps_aside():
-    """Autograd recording (gradients are torch's), one thread, fake tensors, dispatch modes, other dtypes or devices
-    and mismatched shapes all run F.linear; the kernel is never called."""
+    """Autograd recording (gradients are torch's), forward-mode AD and torch.func transforms (tangents, batches),
+    autocast (its dtype), negative views, one thread, fake tensors, dispatch modes, other dtypes or devices and
+    mismatched shapes all run F.linear; the kernel is never called."""
     w, b = torch.randn(8, 16), torch.randn(8)
     x = torch.randn(1, 16)
 
@@ -70,6 +72,19 @@ def test_linear_steps_aside():
         assert torch.equal(xg.grad, xr.grad) and torch.equal(wg.grad, wr.grad)
         with Seen():
             cpu_linear.linear(x, w, b)
+        import torch.autograd.forward_ad as fwAD
+
+        t = torch.randn_like(x)
+        with torch.no_grad(), fwAD.dual_level():
+            tangent = fwAD.unpack_dual(cpu_linear.linear(fwAD.make_dual(x, t), w, b)).tangent
+        assert torch.equal(tangent, F.linear(t, w))
+        with torch.no_grad():
+            assert torch.equal(torch.func.jvp(lambda v: cpu_linear.linear(v, w, b), (x,), (t,))[1], F.linear(t, w))
+            xs = torch.randn(3, 1, 16)
+            assert torch.equal(torch.func.vmap(lambda v: cpu_linear.linear(v, w, b))(xs), F.linear(xs, w, b))
+            with torch.autocast("cpu", torch.bfloat16):
+                assert cpu_linear.linear(x, w, b).dtype == torch.bfloat16
+            assert torch.equal(cpu_linear.linear(torch._neg_view(x), w, b), F.linear(-x, w, b))
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         with FakeTensorMode() as fake:
@@ -111,8 +126,29 @@ def test_compiled_model_runs_its_linears_on_the_kernel():
     with torch.no_grad():
         assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False),
                            ref.generate(ids, max_new_tokens=8, do_sample=False))
+    assert torch.equal(model.lm_head(input=torch.ones(1, ref.config.hidden_size)),
+                       ref.lm_head(input=torch.ones(1, ref.config.hidden_size)))  # nn.Linear's keyword
     off = moec.compile(copy.deepcopy(ref), decode_linears=False)
     assert moec.inspect(off).decode_linears is None and not any(cpu_linear.installed(m) for m in off.modules())
+    assert moec.inspect(moec.compile(model)).decode_linears == n  # compiled again: the same layers, counted
+    moec.compile(model, decode_linears=False)  # compiled again without them: removed
+    assert moec.inspect(model).decode_linears is None and not any(cpu_linear.installed(m) for m in model.modules())
+
+
+def test_small_layers_and_unused_expert_layers_keep_torch(monkeypatch):
+    """Layers under MIN_BYTES (routers, gates: F.linear's fixed cost is lower), and the expert layers of a compiled
+    block (its graph runs stacked copies; they run only in the original forward, e.g. training) are left alone."""
+    model = _qwen2_moe()
+    biggest = max(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))  # lm_head's
+    monkeypatch.setattr(cpu_linear, "MIN_BYTES", biggest)
+    moec.compile(model)
+    assert [n for n, m in model.named_modules() if cpu_linear.installed(m)] == ["lm_head"]
+    monkeypatch.setattr(cpu_linear, "MIN_BYTES", 0)
+    model = moec.compile(models.tiny_model("switch_transformers"))
+    assert moec.inspect(model).blocks
+    names = [n for n, m in model.named_modules() if cpu_linear.installed(m)]
+    assert names and not any(".mlp.experts." in n or ".mlp.router." in n for n in names)
+    assert any(".mlp.experts." in n and isinstance(m, torch.nn.Linear) for n, m in model.named_modules())
 
 
 def test_compiled_linears_follow_the_model():
