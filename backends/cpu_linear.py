@@ -1,17 +1,21 @@
-"""A compiled model's nn.Linear layers at few rows (decode) on CPU through moec's numba kernels
+"""A compiled model's fp32 nn.Linear layers at few rows (decode) on CPU through moec's numba kernels
 (`moec.compile(..., decode_linears=True)`, the default of the torch backend).
 
-    y [..., N] = x [..., K] @ W [N, K]^T (+ b [N])          rows R = x.numel() / K
+    y [..., N] = x [..., K] @ W [N, K]^T (+ b [N])          rows R = x.numel() / K <= MAX_ROWS
 
-At 1-4 rows torch's GEMM streams W at 7-8 GB/s on the CPU machine (one thread works), where the kernels of
-`cpu_quant` (the experts' decode kernels, one expert; threads split the output channels) stream it at
-15-23: the attention, shared-expert and lm_head layers of a decode step, which are outside the experts op.
-Each layer is checked once at install (the kernel against float64 on a random input; a layer that fails
+At 1-4 rows torch's fp32 GEMM streams W at 7-10 GB/s on the CPU machine, where the kernel of `cpu_quant` (the
+experts' decode kernel on one expert; threads split the output channels) streams a large layer at up to 25: the
+attention, shared-expert and lm_head layers of a decode step, outside the experts op. Measured one layer at a
+time, weights from DRAM, 2 threads (docs/benchmarks.md): 1.4-2x torch from 512 x 512 (1 MB) up; below about
+1 MB, or with fewer than 256 outputs, torch's ~17 us fixed cost beats the kernel's ~25, so such layers are
+left alone (MIN_BYTES, MIN_OUT). bf16 is left to torch: its oneDNN GEMV (8-14 GB/s of bf16) matched or beat the
+kernel, whose widening of each bf16 weight costs as much as reading it.
+Each layer is checked once at install (the kernel against torch's F.linear on its weights; a layer that fails
 keeps torch's GEMM) and then takes the kernel only where it computes what F.linear does:
 
-    CPU; x and W of one dtype, fp32 at R <= 4 rows or bf16 at R = 1 (torch's bf16 GEMM wins above: oneDNN);
-    plain tensors; nothing recorded by autograd; no tracing (torch.compile, torch.export, fake tensors, torch
-    function or dispatch modes); torch threads >= 2 (as the experts op: a fork-safe process on one thread).
+    CPU; x and W fp32; plain tensors; nothing recorded by autograd, no forward-mode AD or torch.func transform,
+    no autocast; no tracing (torch.compile, torch.export, fake tensors, torch function or dispatch modes);
+    torch threads >= 2 (as the experts op: a fork-safe process on one thread).
 
 Every other call is F.linear. The layer keeps its class, parameters, state_dict and hooks (its `forward` is an
 instance attribute, as for the compiled blocks); weights are read at each call, so they may change, move or
@@ -28,8 +32,8 @@ import torch.nn.functional as F
 
 from moec.bindings import tracing
 
-MAX_ROWS = {torch.float32: 4, torch.bfloat16: 1}  # measured crossovers against torch's GEMM (docs/benchmarks.md)
-MIN_BYTES = 256 << 10  # smaller weights: F.linear's ~5 us beat the kernel's fixed cost (routers, gates)
+MAX_ROWS = 4  # fp32 rows up to which the kernel beat torch's GEMM (2-5x at 2-4 rows, 1-1.9x at 8)
+MIN_BYTES, MIN_OUT = 1 << 20, 256  # smaller layers: torch's lower fixed cost wins (routers, gates, narrow k/v)
 _PLAIN = (torch.Tensor, nn.Parameter)
 
 
@@ -40,18 +44,22 @@ def _plain(t: torch.Tensor) -> bool:
             and not torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
+def _large(w: torch.Tensor) -> bool:
+    return w.dim() == 2 and w.shape[0] >= MIN_OUT and w.numel() * w.element_size() >= MIN_BYTES
+
+
 def _rows(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> int:
     """The rows the kernel takes for F.linear(x, w, b), or 0: this call runs F.linear."""
     if tracing() or torch.jit.is_tracing():  # first: torch.compile traces F.linear and nothing below
         return 0
-    if (not _plain(x) or not _plain(w) or (b is not None and not _plain(b)) or x.dtype != w.dtype
-            or w.dtype not in MAX_ROWS or w.dim() != 2 or x.dim() == 0 or x.shape[-1] != w.shape[1]
-            or x.numel() == 0 or not w.is_contiguous() or w.numel() * w.element_size() < MIN_BYTES):
+    if (not _plain(x) or not _plain(w) or (b is not None and not _plain(b)) or x.dtype != torch.float32
+            or w.dtype != torch.float32 or not _large(w) or x.dim() == 0 or x.shape[-1] != w.shape[1]
+            or x.numel() == 0 or not w.is_contiguous()):
         return 0
     if b is not None and (b.dtype != w.dtype or b.shape != (w.shape[0],)):
         return 0
     rows = x.numel() // w.shape[1]
-    if rows > MAX_ROWS[w.dtype] or torch.get_num_threads() < 2:
+    if rows > MAX_ROWS or torch.get_num_threads() < 2:
         return 0
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
         return 0
@@ -92,22 +100,18 @@ def installed(module: nn.Module) -> bool:
 
 @torch.no_grad()
 def _agrees(module: nn.Linear) -> bool:
-    """The kernel on this layer's weights, at 1 and the most rows of a random input, against torch's F.linear: each
-    output within 1e-5 of |x| |W[n]| (+ |b[n]|) (the two fp32 sums' orders), plus bf16's own rounding of each
-    result. Layers the kernel will not see while they stay so (other devices or dtypes) pass."""
+    """The kernel on this layer's weights, at 1 and MAX_ROWS rows of a random input, against torch's F.linear: each
+    output within 1e-5 of |x| |W[n]| (+ |b[n]|) (the two fp32 sums' orders). Layers the kernel will not see while
+    they stay so (other dtypes, non-contiguous weights) pass."""
     w, b = module.weight, module.bias
-    if w.dtype not in MAX_ROWS or w.dim() != 2 or w.shape[1] == 0 or not w.is_contiguous():
+    if w.dtype != torch.float32 or not _large(w) or not w.is_contiguous():
         return True
     g = torch.Generator().manual_seed(0)
-    norms = torch.cat([torch.linalg.vector_norm(w[i:i + 4096].float(), dim=1)  # [N], 4096 rows at a time in fp32
-                       for i in range(0, w.shape[0], 4096)])
-    for rows in {1, MAX_ROWS[w.dtype]}:
-        x = torch.randn(rows, w.shape[1], generator=g, device="cpu").to(w.dtype)  # not a default device's
-        got, ref = _kernel(x, w, b).to(w.dtype).float(), F.linear(x, w, b).float()
-        bound = 1e-5 * (torch.linalg.vector_norm(x.float(), dim=1, keepdim=True) * norms
-                        + (0 if b is None else b.float().abs()))
-        if w.dtype != torch.float32:
-            bound = bound + torch.finfo(w.dtype).eps * ref.abs()  # each side rounded once (half a step) to bf16
+    norms = torch.linalg.vector_norm(w, dim=1)  # [N]
+    for rows in (1, MAX_ROWS):
+        x = torch.randn(rows, w.shape[1], generator=g, device="cpu")  # not a default device's
+        got, ref = _kernel(x, w, b), F.linear(x, w, b)
+        bound = 1e-5 * (torch.linalg.vector_norm(x, dim=1, keepdim=True) * norms + (0 if b is None else b.abs()))
         if not bool(((got - ref).abs() <= bound).all()):
             return False
     return True
@@ -131,8 +135,8 @@ def _unused(model: nn.Module) -> set[int]:
 
 
 def install(model: nn.Module) -> tuple[int, list[str]]:
-    """Give the nn.Linear layers of `model` that run at decode (exactly nn.Linear's forward, on the CPU, not inside
-    a compiled block unless its graph calls them, at least MIN_BYTES of weights) the kernels. Returns (how many
+    """Give the nn.Linear layers of `model` that run at decode (exactly nn.Linear's forward, fp32 on the CPU, large
+    enough, not inside a compiled block unless its graph calls them) the kernel. Returns (how many
     layers have them, installed before included; the names of those whose check failed: they keep torch's GEMM).
     Nothing on one torch thread (the check would start numba's thread pool: see `_rows`)."""
     n, failed = 0, []
@@ -144,8 +148,8 @@ def install(model: nn.Module) -> tuple[int, list[str]]:
             n += 1
             continue
         if (not isinstance(m, nn.Linear) or type(m).forward is not nn.Linear.forward or "forward" in m.__dict__
-                or id(m) in unused or m.weight.device.type != "cpu"
-                or m.weight.numel() * m.weight.element_size() < MIN_BYTES):
+                or id(m) in unused or m.weight.device.type != "cpu" or m.weight.dtype != torch.float32
+                or not _large(m.weight)):
             continue
         if not _agrees(m):
             failed.append(name)
