@@ -93,8 +93,8 @@ class Report:
     def __rich__(self) -> Table:
         q = f", quantize {self.quantize.describe()} {_numerics(self.backend, self.quantize)}" if self.quantize else ""
         q += f", dense MatMuls {self.dense.describe()} (ONNX Runtime's MatMulNBits)" if self.dense else ""
-        q += (f", {self.decode_linears} nn.Linear layers on moec's CPU kernels at decode (fp32 at up to 4 rows, "
-              f"bf16 at 1)" if self.decode_linears else "")
+        q += (f", {self.decode_linears} nn.Linear layers on moec's CPU kernel at decode (fp32, up to 4 rows)"
+              if self.decode_linears else "")
         t = Table(title=f"moec: {len(self.blocks)} MoE block(s) found, {len(self.rejected)} rejected "
                         f"(pipeline {self.pipeline}, backend {self.backend}{q})", title_justify="left")
         for col in ("block", "E", "k", "router", "experts", "shared", "load (min/max tokens)"):
@@ -400,10 +400,10 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     expert_parallel: moec.ExpertParallel(group, timeout): the routed experts sharded over a torch.distributed group,
         E/N per rank, tokens exchanged with all_to_all (appends shard_experts; torch backend; see moec.distributed).
         Every rank calls compile on the same model with the same options (checked).
-    decode_linears: backend torch: once a block is rewritten, the model's nn.Linear layers (attention, shared
-        experts, lm_head) run on moec's CPU kernels where they get few rows (decode: fp32 at up to 4 rows, bf16 at
-        1; 1.5-3x torch's GEMM there), each checked once at install against torch's (see
-        moec.backends.cpu_linear; on one torch thread at compile: none). False leaves them to torch.
+    decode_linears: backend torch: once a block is rewritten, the model's large fp32 nn.Linear layers
+        (attention, shared experts, lm_head) run on moec's CPU kernel where a call has up to 4 rows (decode;
+        1.4-2x torch's GEMM there), each checked once at install against torch's (see moec.backends.cpu_linear;
+        on one torch thread at compile: none). False leaves them to torch (and removes them if installed).
     Every rewritten block is proved: its final graph is checked against the original block before it is
     installed (docs/guarantees.md). A model without MoE comes back unchanged, with a warning; blocks moec
     cannot prove are left as they were and listed in `moec.inspect(model).rejected` with the reason.

@@ -116,7 +116,7 @@ def test_compiled_model_runs_its_linears_on_the_kernel():
     n = moec.inspect(model).decode_linears
     assert n == sum(cpu_linear.installed(m) for m in model.modules()) > 0
     assert cpu_linear.installed(model.lm_head) and cpu_linear.installed(model.model.layers[0].self_attn.q_proj)
-    assert "nn.Linear layers on moec's CPU kernels" in str(moec.inspect(model))
+    assert "nn.Linear layers on moec's CPU kernel" in str(moec.inspect(model))
     ids = models.example_inputs(ref, seq=6)["input_ids"]
     with _spy() as kernel:
         assert rel_err(_logits(model, ids[:, :1]), _logits(ref, ids[:, :1])) < TOL[torch.float32]
