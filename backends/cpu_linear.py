@@ -7,9 +7,10 @@ At 1-4 rows torch's fp32 GEMM streams W at 7-10 GB/s on the CPU machine, where t
 experts' decode kernel on one expert; threads split the output channels) streams a large layer at up to 25: the
 attention, shared-expert and lm_head layers of a decode step, outside the experts op. Measured one layer at a
 time, weights from DRAM, 2 threads (docs/benchmarks.md): 1.4-2x torch from 512 x 512 (1 MB) up; below about
-1 MB, or with fewer than 256 outputs, torch's ~17 us fixed cost beats the kernel's ~25, so such layers are
-left alone (MIN_BYTES, MIN_OUT). bf16 is left to torch: its oneDNN GEMV (8-14 GB/s of bf16) matched or beat the
-kernel, whose widening of each bf16 weight costs as much as reading it.
+1 MB, or with fewer than 256 outputs, torch's ~10-17 us fixed cost beats the kernel's ~16-25, so such layers
+are left alone (MIN_BYTES, MIN_OUT; 4 MB under OMP_WAIT_POLICY=PASSIVE, where each call wakes numba's
+threads). bf16 is left to torch: its oneDNN GEMV (8-14 GB/s of bf16) matched or beat the kernel, whose widening
+of each bf16 weight costs as much as reading it.
 Each layer is checked once at install (the kernel against torch's F.linear on its weights; a layer that fails
 keeps torch's GEMM) and then takes the kernel only where it computes what F.linear does:
 
@@ -25,6 +26,7 @@ change dtype after compile.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn as nn
@@ -34,6 +36,9 @@ from moec.bindings import tracing
 
 MAX_ROWS = 4  # fp32 rows up to which the kernel beat torch's GEMM (2-5x at 2-4 rows, 1-1.9x at 8)
 MIN_BYTES, MIN_OUT = 1 << 20, 256  # smaller layers: torch's lower fixed cost wins (routers, gates, narrow k/v)
+# OMP_WAIT_POLICY=PASSIVE: numba's threads sleep between calls and each call wakes them (~100 us): the kernel won
+# only from a few MB (1.16x at 2.5-5 MB, 1.36x at 64 MB; 0.6-0.9x at 1-2 MB)
+PASSIVE_MIN_BYTES = 4 << 20
 _PLAIN = (torch.Tensor, nn.Parameter)
 
 
@@ -45,7 +50,8 @@ def _plain(t: torch.Tensor) -> bool:
 
 
 def _large(w: torch.Tensor) -> bool:
-    return w.dim() == 2 and w.shape[0] >= MIN_OUT and w.numel() * w.element_size() >= MIN_BYTES
+    least = PASSIVE_MIN_BYTES if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" else MIN_BYTES
+    return w.dim() == 2 and w.shape[0] >= MIN_OUT and w.numel() * w.element_size() >= least
 
 
 def _rows(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> int:

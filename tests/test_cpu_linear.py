@@ -23,6 +23,7 @@ def _two_threads(monkeypatch):
     torch.set_num_threads(2)  # the kernels need 2 threads (fork safety)
     monkeypatch.setattr(cpu_linear, "MIN_BYTES", 0)  # the tiny models' layers too (see test_small_layers_...)
     monkeypatch.setattr(cpu_linear, "MIN_OUT", 0)
+    monkeypatch.setattr(cpu_linear, "PASSIVE_MIN_BYTES", 0)
     yield
     torch.set_num_threads(threads)
 
@@ -138,11 +139,16 @@ def test_small_layers_and_unused_expert_layers_keep_torch(monkeypatch):
     """Layers under MIN_BYTES or MIN_OUT (routers, gates: torch's fixed cost is lower), and the expert layers of a
     compiled block (its graph runs stacked copies; they run only in the original forward, e.g. training) are left
     alone."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     model = _qwen2_moe()
     biggest = max(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))  # lm_head's
     monkeypatch.setattr(cpu_linear, "MIN_BYTES", biggest)
     moec.compile(model)
     assert [n for n, m in model.named_modules() if cpu_linear.installed(m)] == ["lm_head"]
+    monkeypatch.setattr(cpu_linear, "PASSIVE_MIN_BYTES", biggest + 1)  # threads that sleep between calls: more
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert not any(cpu_linear.installed(m) for m in moec.compile(_qwen2_moe()).modules())
+    monkeypatch.delenv("OMP_WAIT_POLICY")
     monkeypatch.setattr(cpu_linear, "MIN_BYTES", 0)
     model = moec.compile(models.tiny_model("switch_transformers"))
     assert moec.inspect(model).blocks
