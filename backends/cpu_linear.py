@@ -6,7 +6,7 @@
 At 1-4 rows torch's fp32 GEMM streams W at 7-10 GB/s on the CPU machine, where the kernel of `cpu_quant` (the
 experts' decode kernel on one expert; threads split the output channels) streams a large layer at up to 25: the
 attention, shared-expert and lm_head layers of a decode step, outside the experts op. Measured one layer at a
-time, weights from DRAM, 2 threads (docs/benchmarks.md): 1.4-2x torch from 512 x 512 (1 MB) up; below about
+time, weights from DRAM, 2 threads (docs/benchmarks.md): 1.3-2.7x torch from 512 x 512 (1 MB) up; below about
 1 MB, or with fewer than 256 outputs, torch's ~10-17 us fixed cost beats the kernel's ~16-25, so such layers
 are left alone (MIN_BYTES, MIN_OUT; 4 MB under OMP_WAIT_POLICY=PASSIVE, where each call wakes numba's
 threads). bf16 is left to torch: its oneDNN GEMV (8-14 GB/s of bf16) matched or beat the kernel, whose widening

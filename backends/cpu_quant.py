@@ -3,7 +3,7 @@
 
     grouped_qmm(x [R, K], expert_rows(counts), q, scale?, zero?) -> [R, N] fp32
     out[r] = x[r] @ dequantize(W[e]).T   for the rows r of expert e (rows sorted by expert; fp32/bf16 W: as is)
-    linear_rows(x [R, K], W [N, K]) -> [R, N] fp32                     (one expert: a dense layer, cpu_linear)
+    linear_rows(x [R, K], W [N, K]) -> [R, N] fp32         (fp32, one expert: a dense layer, cpu_linear)
 
 The weights are dequantized inside the dot products, in registers: each packed byte is read
 once per call and nothing the size of an expert is written. Threads split the output
@@ -326,18 +326,14 @@ _FIRST = np.zeros(1, np.int64)
 
 
 def linear_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [R, K] @ w [N, K]^T (w fp32 or bf16) -> [R, N] fp32: the kernels on one expert (a dense layer,
-    cpu_linear). Leaner than `grouped_qmm` (a decode step makes dozens of these calls)."""
-    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or w.dtype not in (torch.float32, torch.bfloat16):
+    """x [R, K] @ w [N, K]^T, fp32 -> [R, N] fp32: `_f32_kernel` on one expert (a dense layer, cpu_linear), with less
+    glue than `grouped_qmm` (a decode step makes dozens of these calls)."""
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or w.dtype != torch.float32:
         raise ValueError(f"moec: linear_rows of x {list(x.shape)} and w {list(w.shape)} ({w.dtype}): shapes or dtype "
-                         f"do not match")
+                         f"do not match (fp32 weights)")
     out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32, device="cpu")
-    xs, last = x.detach().float().contiguous().numpy(), np.array([x.shape[0]], np.int64)
-    w = w.detach().contiguous()
-    if w.dtype == torch.float32:
-        _f32_kernel(xs, _FIRST, last, w.numpy()[None], out.numpy())
-    else:
-        _bf16_kernel(xs, _FIRST, last, w.view(torch.int16).numpy().view(np.uint16)[None], out.numpy())
+    _f32_kernel(x.detach().float().contiguous().numpy(), _FIRST, np.array([x.shape[0]], np.int64),
+                w.detach().contiguous().numpy()[None], out.numpy())
     return out
 
 

@@ -402,8 +402,9 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         Every rank calls compile on the same model with the same options (checked).
     decode_linears: backend torch: once a block is rewritten, the model's large fp32 nn.Linear layers
         (attention, shared experts, lm_head) run on moec's CPU kernel where a call has up to 4 rows (decode;
-        1.4-2x torch's GEMM there), each checked once at install against torch's (see moec.backends.cpu_linear;
-        on one torch thread at compile: none). False leaves them to torch (and removes them if installed).
+        1.3-2.7x torch's GEMM per layer there), each checked once at install against torch's (see
+        moec.backends.cpu_linear; on one torch thread at compile: none). False leaves them to torch (and removes
+        them if installed).
     Every rewritten block is proved: its final graph is checked against the original block before it is
     installed (docs/guarantees.md). A model without MoE comes back unchanged, with a warning; blocks moec
     cannot prove are left as they were and listed in `moec.inspect(model).rejected` with the reason.
@@ -537,8 +538,9 @@ def install_decode_linears(model: nn.Module, report: Report, on: bool) -> None:
         return
     report.decode_linears, failed = cpu_linear.install(model)
     if failed:
-        warnings.warn(f"moec: {len(failed)} nn.Linear layer(s) keep torch's GEMM at decode: moec's kernel did not match "
-                      f"it on their weights ({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''})", stacklevel=3)
+        warnings.warn(f"moec: {len(failed)} nn.Linear layer(s) keep torch's GEMM at decode: moec's kernel did not "
+                      f"match it on their weights ({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''})",
+                      stacklevel=3)
 
 
 def _warn_if_empty(model: nn.Module, report: Report) -> bool:
