@@ -16,6 +16,10 @@ step's past (no shared buffer: the exported attention, GroupQueryAttention nodes
 Gated-delta-net and Mamba layers (Qwen3-Next, Jamba) are exported with their states,
 past_key_values.{i}.conv_state / recurrent_state, which genai finds by name and feeds back the same way;
 genai_config's head sizes are the key/value layers'.
+
+A chat's second append_tokens after generating fails in genai 0.18 with a shape error (genai counts its last
+generated token in the positions and mask but never runs it; the cache here is sized by what a step feeds, so
+the step is refused instead of answered without that token): rewind_to(0) and append the whole conversation.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import handwritten
+import numpy as np
 import pytest
 import torch
 
@@ -75,6 +76,60 @@ def test_genai_batch_with_padding(family, tmp_path):
     model = _lm(family)
     moec.export_genai(model, examples.byte_tokenizer(), tmp_path)
     assert _genai_tokens(tmp_path, PROMPTS, 10) == _hf_tokens(model, PROMPTS, 10)
+
+
+def _second_turn(folder, first: list[int], new: int, second: list[int], rewind: bool):
+    """A chat's second turn on one genai generator: the first prompt, `new` tokens, then `second` appended (after
+    rewinding to 0 and appending the whole conversation, when `rewind`). -> (the conversation, the logits of its
+    last position, the `new` tokens that follow)."""
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(first) + len(second) + 2 * new, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens([first])
+    for _ in range(new):
+        generator.generate_next_token()
+    conversation = [int(t) for t in generator.get_sequence(0)] + second
+    if rewind:
+        generator.rewind_to(0)
+        generator.append_tokens([conversation])
+    else:
+        generator.append_tokens([second])
+    logits = torch.from_numpy(np.asarray(generator.get_logits())).reshape(-1)[-_vocab(folder):]
+    out = []
+    for _ in range(new):
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+    return conversation, logits, out
+
+
+def _vocab(folder) -> int:
+    return json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"]
+
+
+def test_a_second_turn_never_gives_a_wrong_answer(tmp_path):
+    """onnxruntime-genai 0.18 does not run the last generated token before a second append_tokens: it counts it in
+    the positions and the mask only. The folders of genai's own builder (a shared past/present buffer) then answer
+    from a cache without that token (measured on a tiny GPT-OSS: logits 0.31 off HF's). moec's cache is sized by
+    what the step feeds, so the run fails with a shape error; rewinding to 0 and appending the whole conversation
+    gives HF's logits and tokens. Should a genai version run the token, the second turn must give HF's."""
+    model = _lm("mixtral")
+    moec.export_genai(model, examples.byte_tokenizer(), tmp_path)
+    first, second = PROMPTS[0], list(b" import os")
+
+    def check(conversation, logits, tokens):
+        with torch.no_grad():
+            want = model(torch.tensor([conversation])).logits[0, -1]
+        torch.testing.assert_close(logits, want, rtol=0, atol=1e-4)
+        assert tokens == _hf_tokens(model, [conversation], len(tokens))[0]
+
+    check(*_second_turn(tmp_path, first, 6, second, rewind=True))
+    try:
+        turn = _second_turn(tmp_path, first, 6, second, rewind=False)
+    except RuntimeError as e:
+        assert "present" in str(e) and "shape" in str(e), str(e)
+    else:
+        check(*turn)
 
 
 class _MoEMLP(torch.nn.Module):
