@@ -29,8 +29,6 @@ express as log-weights instead.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 
 import torch
@@ -38,7 +36,8 @@ import torch.nn.functional as F
 
 import moec.ops  # noqa: F401  (defines the op schemas)
 from moec.backends.torch_backend import activate
-from moec.quant import Int4Experts, Int8Experts, activation_group, dequantize, int8_rows, unpack_int4
+from moec.quant import (Int4Experts, Int8Experts, activation_group, dequantize, int8_rows, unpack_int4,
+                        weight_only_active)
 
 CONTRIB = "com.microsoft"
 
@@ -113,27 +112,12 @@ def ort_moe(x, router_probs, fc1, fc1_bias, fc2, fc2_bias, k, activation, gated,
                                   "halves")
 
 
-# set by weight_only(): ort_qmoe's reference then keeps its activations in fp32
-_WEIGHT_ONLY = contextvars.ContextVar("moec_ort_weight_only", default=False)
-
-
-@contextlib.contextmanager
-def weight_only():
-    """ort_qmoe's reference without int8 activations, so that a graph asking for them can still be proved equal
-    to the dequantized weights' (every layout and the routing); their own error is then measured apart."""
-    token = _WEIGHT_ONLY.set(True)
-    try:
-        yield
-    finally:
-        _WEIGHT_ONLY.reset(token)
-
-
 @torch.library.impl("moec::ort_qmoe", "CompositeExplicitAutograd")
 def ort_qmoe(x, router_probs, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, fc2_bias, fc1_zero_points,
              fc2_zero_points, bits, block_size, int8_activations, k, activation, gated, alpha, limit):
     w1 = dequantize(*_moec_format(fc1, fc1_scales, fc1_zero_points, bits, block_size, fc1_scales.shape[-1]), x.dtype)
     w2 = dequantize(*_moec_format(fc2, fc2_scales, fc2_zero_points, bits, block_size, fc2_scales.shape[-1]), x.dtype)
-    if not int8_activations or _WEIGHT_ONLY.get():
+    if not int8_activations or weight_only_active():
         return torch.ops.moec.ort_moe(x, router_probs, w1, fc1_bias, w2, fc2_bias, k, activation, gated, alpha, limit)
     ids, w = _ort_route(router_probs, k)
     w1, b1 = (deinterleave(w1), deinterleave(fc1_bias)) if gated else (w1, fc1_bias)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import moec.ops  # noqa: F401  (defines the op schemas)
 from moec.ir import RouterSpec
+from moec.quant import int8_quantized_rows, weight_only_active
 
 
 def split_gate_up(h: torch.Tensor, gate_up: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,13 +320,15 @@ def quantized_plan(x, ids, weights, num_experts, weight_on_input):
 
 
 def quantized_group(xs, y, counts, rows, row_expert, experts, t13, b13, t2, b2, activation, gated, alpha, limit,
-                    gate_up, slot=None):
+                    gate_up, slot=None, a8=False):
     """y[rows of e] = expert e on xs[rows of e], for each e in `experts`, its weights t = (q, scale[, zero]) or
     (w,) (fp32/bf16) at index slot[e] of t13/t2 (the offload pool's slots; None: at index e). Experts with few
     rows: the numba kernels of `cpu_quant` (dequantizing in registers), one call per GEMM over all of them; an
     expert with DEQUANT_MIN_ROWS rows or more (prefill) is dequantized into a buffer reused for every such expert
-    (fp32: read in place) and runs `_expert_ffn`. Each row's numbers do not depend on which other experts the
-    group holds."""
+    (fp32: read in place) and runs `_expert_ffn`. a8 (int8 weights): each GEMM's input rows are rounded to int8,
+    one scale per row (`_int8_rows`); the kernels multiply those integers, and an expert with many rows runs
+    `_int8_ffn` instead of dequantizing. Each row's numbers do not depend on which other experts the group
+    holds."""
     from moec.backends import cpu_quant
 
     first, paired, last = rows
@@ -336,12 +339,18 @@ def quantized_group(xs, y, counts, rows, row_expert, experts, t13, b13, t2, b2, 
         first, paired, last = (np.zeros(n, np.int64) for _ in range(3))
         first[at], paired[at], last[at] = rows[0][idx], rows[1][idx], rows[2][idx]
     if (first != last).any():
-        h = cpu_quant.grouped_qmm(xs, (first, paired, last), *t13)  # [T*k, N1] fp32 (other rows: not written)
+        xin, sx = _int8_rows(xs) if a8 else (xs, None)
+        h = cpu_quant.grouped_qmm(xin, (first, paired, last), *t13)  # [T*k, N1] fp32 (other rows: not written)
+        if a8:
+            h *= sx
         if b13 is not None:
             h += b13[row_expert]
         a = activate(h, activation, gated, alpha, limit, gate_up)  # [T*k, I]
+        a, sa = _int8_rows(a) if a8 else (a, None)
         out = y if slot is None else torch.empty_like(y)  # every expert: straight into y
         cpu_quant.grouped_qmm(a, (first, paired, last), *t2, out=out)  # [T*k, H]
+        if a8:
+            out *= sa
         if b2 is not None:
             out += b2[row_expert]
         if slot is not None:
@@ -351,12 +360,36 @@ def quantized_group(xs, y, counts, rows, row_expert, experts, t13, b13, t2, b2, 
     cols = functools.partial(cpu_quant.even_odd, q=t13[0])  # GEMM inputs in the dequantized weights' column order
     for e in (e for e in experts if counts[e] >= DEQUANT_MIN_ROWS):
         s = e if slot is None else slot[e]
-        w13, w2 = cpu_quant.dequantize_expert(s, *t13, out=w13), cpu_quant.dequantize_expert(s, *t2, out=w2)
         n = counts[e]
         start = rows[2][e] - n
+        if a8:
+            y[start:start + n] = _int8_ffn(xs[start:start + n], (t13[0][s], t13[1][s]), b13, (t2[0][s], t2[1][s]),
+                                           b2, e, activation, gated, alpha, limit, gate_up)
+            continue
+        w13, w2 = cpu_quant.dequantize_expert(s, *t13, out=w13), cpu_quant.dequantize_expert(s, *t2, out=w2)
         y[start:start + n] = _expert_ffn(
             xs[start:start + n], w13, None if b13 is None else b13[e].float(), w2,
             None if b2 is None else b2[e].float(), activation, gated, alpha, limit, gate_up, cols=cols)
+
+
+def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [n, K] -> (its rows rounded to int8 at a step of their amax/127, as fp32 integers [n, K]; steps [n, 1])."""
+    return int8_quantized_rows(x, x.shape[1])
+
+
+def _int8_gemm(x, q, scale, b):
+    """x [n, K] fp32 -> int8 rows (`_int8_rows`) @ q [N, K] int8 ^T in exact int32 (torch._int_mm: oneDNN, VNNI
+    where the CPU has it), then x scale [N] x each row's step (the kernels' order) (+ b) -> [n, N] fp32."""
+    xq, step = _int8_rows(x)
+    y = torch._int_mm(xq.to(torch.int8), q.t()).float() * scale
+    y *= step
+    return y if b is None else y + b.float()
+
+
+def _int8_ffn(xe, t13, b13, t2, b2, e, activation, gated, alpha, limit, gate_up):
+    """One int8 expert (t = (q [N, K], scale [N])) on its rows with int8 activations: [n, H] -> [n, H] fp32."""
+    h = _int8_gemm(xe, *t13, None if b13 is None else b13[e])  # [n, N1]
+    return _int8_gemm(activate(h, activation, gated, alpha, limit, gate_up), *t2, None if b2 is None else b2[e])
 
 
 def quantized_combine(y, inv, weights, weight_on_input, dtype):
@@ -367,13 +400,19 @@ def quantized_combine(y, inv, weights, weight_on_input, dtype):
 
 
 def _quantized_experts(x, ids, weights, t13, b13, t2, b2, activation, gated, alpha, limit, weight_on_input,
-                       gate_up):
+                       gate_up, int8_activations=False):
     """The routed experts on quantized weights t = (q, scale[, zero]) in moec's format, or fp32/bf16 weights
-    t = (w,), in fp32 whatever the activations' dtype (see quantized_group)."""
+    t = (w,), in fp32 whatever the activations' dtype (see quantized_group). int8_activations (int8 weights):
+    the GEMM inputs in int8, one scale per row, unless moec.quant.weight_only() is on (the proofs)."""
+    a8 = int8_activations and not weight_only_active()
+    if a8 and t13[0].dtype != torch.int8:
+        raise NotImplementedError("moec: int8 activations on the torch backend take int8 experts "
+                                  "(Int8Experts(activations='int8')); int4 ones run them in ONNX Runtime's QMoE kernel "
+                                  "(backend='onnxruntime')")
     inv, counts, rows, row_expert, xs = quantized_plan(x, ids, weights, t13[0].shape[0], weight_on_input)
     y = torch.empty_like(xs)
     quantized_group(xs, y, counts, rows, row_expert, np.flatnonzero(counts), t13, b13, t2, b2, activation, gated,
-                    alpha, limit, gate_up)
+                    alpha, limit, gate_up, a8=a8)
     return quantized_combine(y, inv, weights, weight_on_input, x.dtype)
 
 

@@ -20,7 +20,6 @@ from torch import fx, nn
 
 import moec.passes  # noqa: F401  (registers the passes)
 from moec.backends import cpu_linear, pipeline_for, resolve_backend
-from moec.backends.onnx_backend import weight_only
 from moec.approx import ExpertPlan, TopP
 from moec.bindings import Const, Derived
 from moec.distributed import ExpertParallel, Group, ShardedExperts, compiled_blocks
@@ -39,7 +38,7 @@ from moec.passes.detect import experts_only
 from moec.passes.detect_moe import Candidate, analyze, find_candidates
 from moec.passes.quantize_experts import give_back_memory, quantized_tensors, release_originals
 from moec.passes.reduce_topk import new_topk
-from moec.quant import Int4Experts, Int8Experts, QuantConfig, activation_group, dequantize
+from moec.quant import Int4Experts, Int8Experts, QuantConfig, activation_group, dequantize, weight_only
 
 
 @dataclass
@@ -62,8 +61,11 @@ class Rejection:
     reason: str
 
 
-def _numerics(backend: str, cfg: QuantConfig) -> str:
-    """Which arithmetic the quantized experts run in, per backend (moec's own kernels quantize no activations)."""
+def _numerics(backend: str, cfg: QuantConfig, pipeline: str = "") -> str:
+    """Which arithmetic the quantized experts run in, per backend (a torch pipeline with lower_onnx: ORT's ops)."""
+    if cfg.activations == "int8" and backend == "torch" and "lower_onnx" not in pipeline:
+        return ("(int8 activations, one scale per row of each GEMM's input, int8 x int8 products: "
+                "torch._int_mm (oneDNN) for experts with many rows, moec's kernels for few)")
     if cfg.activations == "int8":
         return f"(int8 activations per group of {activation_group(cfg)}, int8 dot products: ONNX Runtime's QMoE kernel)"
     if backend.startswith("onnxruntime"):
@@ -91,7 +93,7 @@ class Report:
     # CPU kernels at decode (backends/cpu_linear.py); None: off
 
     def __rich__(self) -> Table:
-        q = f", quantize {self.quantize.describe()} {_numerics(self.backend, self.quantize)}" if self.quantize else ""
+        q = f", quantize {self.quantize.describe()} {_numerics(self.backend, self.quantize, self.pipeline)}" if self.quantize else ""
         q += f", dense MatMuls {self.dense.describe()} (ONNX Runtime's MatMulNBits)" if self.dense else ""
         q += (f", {self.decode_linears} nn.Linear layers on moec's CPU kernel at decode (fp32, up to 4 rows)"
               if self.decode_linears else "")
@@ -444,10 +446,14 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
                                   f"only, not backend {backend!r}")
     if quantize is not None and quantize.activations != "fp32" and backend != "onnxruntime" \
             and "lower_onnx" not in named:  # lower_onnx: ORT's ops by their torch reference
-        raise NotImplementedError(f"moec: int8 activations ({type(quantize).__name__}(activations='int8')) run in ONNX "
-                                  f"Runtime's QMoE kernel: pass backend='onnxruntime' (to moec.compile or moec.load; "
-                                  f"or use moec.export_onnx), not {backend!r}; the torch and triton kernels are "
-                                  f"weight-only")
+        if backend != "torch" or isinstance(quantize, Int4Experts):
+            raise NotImplementedError(f"moec: int8 activations ({type(quantize).__name__}(activations='int8')) run in "
+                                      f"ONNX Runtime's QMoE kernel (backend='onnxruntime', or moec.export_onnx) and, "
+                                      f"for Int8Experts only, in the torch backend; not {backend!r} with "
+                                      f"{type(quantize).__name__}")
+        if offload is not None or expert_parallel is not None:
+            raise NotImplementedError("moec: int8 activations on the torch backend do not combine with offload= or "
+                                      "expert_parallel= yet: drop one, or use activations='fp32'")
     if offload is not None:
         if not isinstance(offload, Offload):
             raise TypeError(f"offload must be moec.Offload(...), not {offload!r}")

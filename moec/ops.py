@@ -35,7 +35,8 @@ torch.library.define(  # router: a RouterSpec as JSON (RouterSpec.to_json)
     "moec::route", "(Tensor x, Tensor weight, Tensor? bias, Tensor? select_bias, str router) -> (Tensor, Tensor, Tensor)")
 torch.library.define("moec::experts", f"({_EXPERTS_ARGS}) -> Tensor")
 torch.library.define("moec::experts_loop", f"({_EXPERTS_ARGS}) -> Tensor")
-_ACT_ARGS = "str activation, bool gated, float alpha, float limit, bool weight_on_input, str gate_up"
+_ACT_ARGS = ("str activation, bool gated, float alpha, float limit, bool weight_on_input, str gate_up, "
+             "bool int8_activations=False")  # int8 experts, torch backend: GEMM inputs in int8, a scale per row
 torch.library.define(  # int8 experts (moec.quant format): q [E,N,K] int8, s [E,N]
     "moec::experts_int8",
     f"(Tensor x, Tensor ids, Tensor weights, Tensor q13, Tensor s13, Tensor? b13, Tensor q2, Tensor s2, Tensor? b2, "

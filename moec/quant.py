@@ -12,6 +12,8 @@ FORMAT_VERSION names this layout in saved files.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +42,12 @@ def _a8(cfg) -> str:
 class Int8Experts:
     """int8 weight-only experts, one scale per output channel. shared=True quantizes the shared
     experts' linear layers the same way (torch backend, CPU); router=True the router weight.
-    activations="int8": as Int4Experts', in groups of 32 inputs (ORT's block-wise 8-bit QMoE, each channel's
-    scale repeated per block: the same weights)."""
+    activations="int8": each expert GEMM's input rows rounded to int8 (scale amax/127, round to nearest) and
+    multiplied in integers. ONNX Runtime (backend="onnxruntime", export_onnx/export_genai on CPU): a scale per group
+    of 32 inputs (ORT's block-wise 8-bit QMoE, each channel's scale repeated per block: the same weights). The
+    torch backend (CPU): a scale per row, so that an expert with many rows (prefill) runs one int8 GEMM with
+    exact int32 sums (torch._int_mm: oneDNN, VNNI where the CPU has it); few rows run moec's kernels on the
+    rounded rows. The two backends round differently: same config, numbers apart by the rounding."""
 
     shared: bool = False
     router: bool = False
@@ -63,7 +69,8 @@ class Int4Experts:
     grid) makes the group's largest-magnitude weight exactly -8 steps (scale = that weight / -8, of its
     sign), so all 16 levels are used at a step of amax/8; False spends 15 levels at a step of amax/7.
 
-    activations="int8" (ONNX Runtime only: backend="onnxruntime", moec.export_onnx/export_genai on CPU): each
+    activations="int8" (ONNX Runtime only: backend="onnxruntime", moec.export_onnx/export_genai on CPU; the
+    torch backend runs them for Int8Experts): each
     expert GEMM quantizes its input rows to int8 per group of `group_size` inputs (scale amax/127, round to
     nearest) and runs int8 dot products (ORT's QMoE accuracy_level=4: AVX512-VNNI/AVX-VNNI kernels where the CPU
     has them). An approximation on top of the weights' (docs/quality.md); the default "fp32" is weight-only."""
@@ -158,14 +165,41 @@ def dequantized(q, scale, zero, bits: int, group_size: int, dtype: torch.dtype) 
     return dequantize(cfg, {"q": q, "scale": scale, **({"zero": zero} if zero is not None else {})}, dtype)
 
 
-def int8_rows(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x [n, K] as ORT's int8-activation kernels see it: each row's groups of `group_size` inputs rounded to int8
-    at a step of their amax/127, returned dequantized (fp32)."""
+def int8_quantized_rows(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [n, K] -> (q, scale): each row's groups of `group_size` inputs rounded to int8 at a step of their
+    amax/127 (round to nearest, ties to even). q [n, K] fp32 holding the integers -127..127, scale [n, K/g] fp32
+    (0 for an all-zero group)."""
     n, K = x.shape
     g = x.float().reshape(n, K // group_size, group_size)
     scale = g.abs().amax(-1, keepdim=True) / 127
     inverse = torch.where(scale > 0, 1 / scale, 0.0)
-    return (torch.round(g * inverse).clamp(-127, 127) * scale).reshape(n, K)
+    return torch.round(g * inverse).clamp(-127, 127).reshape(n, K), scale.squeeze(-1)
+
+
+def int8_rows(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [n, K] as int8-activation kernels see it (`int8_quantized_rows`), returned dequantized (fp32)."""
+    q, scale = int8_quantized_rows(x, group_size)
+    n, K = x.shape
+    return (q.reshape(n, K // group_size, group_size) * scale[..., None]).reshape(n, K)
+
+
+# set by weight_only(): the int8-activation kernels and references then keep their activations in fp32
+_WEIGHT_ONLY = contextvars.ContextVar("moec_weight_only", default=False)
+
+
+@contextlib.contextmanager
+def weight_only():
+    """Quantized experts without int8 activations, so that a graph asking for them can still be proved equal to
+    the dequantized weights' (every layout and the routing); their own error is then measured apart."""
+    token = _WEIGHT_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHT_ONLY.reset(token)
+
+
+def weight_only_active() -> bool:
+    return _WEIGHT_ONLY.get()
 
 
 def nbytes(t: dict[str, torch.Tensor]) -> int:

@@ -9,7 +9,8 @@ and leaves, for Int8Experts() / Int4Experts(g):
     y = moec.experts_int8(x, ids, w, Q13 int8[E,N1,H], S13[E,N1], b13?, Q2, S2, b2?, ...)
     y = moec.experts_int4(x, ids, w, Q13 u8[E,N1,H/2], S13[E,N1,H/g], Z13? u8[E,N1,H/g], b13?, Q2, S2, Z2?, b2?, ...)
 
-Requires batch_experts. The quantized tensors, in moec's format (moec.quant), become persistent buffers
+with a last argument int8_activations=True under activations="int8" (the torch backend's int8 experts then
+quantize each GEMM's input rows; ONNX Runtime's lowering reads the config). Requires batch_experts. The quantized tensors, in moec's format (moec.quant), become persistent buffers
 of the block (`_moec_w13_q`, `_moec_w13_scale`[, `_moec_w13_zero`], same for w2) read by the graph at
 call time (moec.bindings.Param): they are what a saved model holds, what load_state_dict / moec.load
 write, and what the kernels read (backends/cpu_quant.py). Biases keep their dtype. The shared
@@ -70,7 +71,7 @@ def quantize_experts(gm) -> PassResult:
                             (attrs["q"], attrs["scale"], attrs.get("zero")))
         (t13, t2) = new_args
         node.target = torch.ops.moec.experts_int8 if isinstance(cfg, Int8Experts) else torch.ops.moec.experts_int4
-        node.args = (x, ids, w, *t13, b13, *t2, b2, *rest)
+        node.args = (x, ids, w, *t13, b13, *t2, b2, *rest) + ((True,) if cfg.activations == "int8" else ())
         stats["quantized"] += 1
     if stats["quantized"] and cfg.router:
         _quantize_router(gm, cfg, path)

@@ -92,7 +92,7 @@ def test_quantized_equals_dequantized_model():
 def test_int8_activations_equal_their_reference(cfg):
     """activations="int8": the session (QMoE accuracy_level=4) equals the model whose blocks run ORT's ops by their
     torch reference (int8 rows per group: moec.quant.int8_rows), logits and generated tokens; the report says
-    which numerics run and what they cost; the torch backend refuses them.
+    which numerics run and what they cost; the torch backend refuses int4 ones.
     Rounding to int8 is discontinuous: the session's fp32 parts (attention, norms) differ from torch's by ~1e-7,
     which flips an activation that sits on a rounding boundary (seen on an AVX2 CPU: 1.5e-3 at the logits). So the
     logits must be within the reference's own spread under 1e-6 noise on its input (exact where nothing flips;
@@ -121,8 +121,9 @@ def test_int8_activations_equal_their_reference(cfg):
     report = moec.inspect(reference)
     assert "int8 activations per group of 32" in str(report) and "with int8 activations: max relative error" in \
         report.blocks[0].proof
-    with pytest.raises(NotImplementedError, match="backend='onnxruntime'"):
-        moec.compile(copy.deepcopy(model), quantize=cfg)
+    if isinstance(cfg, moec.Int4Experts):  # the torch backend runs int8 activations for Int8Experts only
+        with pytest.raises(NotImplementedError, match="backend='onnxruntime'"):
+            moec.compile(copy.deepcopy(model), quantize=cfg)
 
 
 @pytest.mark.parametrize("dense", [moec.Int4Experts(32),
