@@ -338,11 +338,11 @@ def quantized_group(xs, y, counts, rows, row_expert, experts, t13, b13, t2, b2, 
         idx = np.asarray(experts, np.int64)
         first, paired, last = (np.zeros(n, np.int64) for _ in range(3))
         first[at], paired[at], last[at] = rows[0][idx], rows[1][idx], rows[2][idx]
+    xq = _int8_rows(xs) if a8 else None  # every row rounded once: (integers as fp32 [T*k, H], steps [T*k, 1])
     if (first != last).any():
-        xin, sx = _int8_rows(xs) if a8 else (xs, None)
-        h = cpu_quant.grouped_qmm(xin, (first, paired, last), *t13)  # [T*k, N1] fp32 (other rows: not written)
-        if a8:
-            h *= sx
+        h = cpu_quant.grouped_qmm(xs if xq is None else xq[0], (first, paired, last), *t13)  # [T*k, N1] fp32
+        if a8:  # (rows of other experts: not written)
+            h *= xq[1]
         if b13 is not None:
             h += b13[row_expert]
         a = activate(h, activation, gated, alpha, limit, gate_up)  # [T*k, I]
@@ -363,8 +363,9 @@ def quantized_group(xs, y, counts, rows, row_expert, experts, t13, b13, t2, b2, 
         n = counts[e]
         start = rows[2][e] - n
         if a8:
-            y[start:start + n] = _int8_ffn(xs[start:start + n], (t13[0][s], t13[1][s]), b13, (t2[0][s], t2[1][s]),
-                                           b2, e, activation, gated, alpha, limit, gate_up)
+            x8 = xq[0][start:start + n].to(torch.int8), xq[1][start:start + n]
+            y[start:start + n] = _int8_ffn(x8, (t13[0][s], t13[1][s]), b13, (t2[0][s], t2[1][s]), b2, e, activation,
+                                           gated, alpha, limit, gate_up)
             continue
         w13, w2 = cpu_quant.dequantize_expert(s, *t13, out=w13), cpu_quant.dequantize_expert(s, *t2, out=w2)
         y[start:start + n] = _expert_ffn(
@@ -377,19 +378,19 @@ def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return int8_quantized_rows(x, x.shape[1])
 
 
-def _int8_gemm(x, q, scale, b):
-    """x [n, K] fp32 -> int8 rows (`_int8_rows`) @ q [N, K] int8 ^T in exact int32 (torch._int_mm: oneDNN, VNNI
-    where the CPU has it), then x scale [N] x each row's step (the kernels' order) (+ b) -> [n, N] fp32."""
-    xq, step = _int8_rows(x)
-    y = torch._int_mm(xq.to(torch.int8), q.t()).float() * scale
+def _int8_gemm(x8, step, q, scale, b):
+    """int8 rows x8 [n, K] (steps [n, 1]) @ q [N, K] int8 ^T in exact int32 (torch._int_mm: oneDNN, VNNI where the
+    CPU has it), then x scale [N] x each row's step (the kernels' order) (+ b) -> [n, N] fp32."""
+    y = torch._int_mm(x8, q.t()).float() * scale
     y *= step
     return y if b is None else y + b.float()
 
 
-def _int8_ffn(xe, t13, b13, t2, b2, e, activation, gated, alpha, limit, gate_up):
-    """One int8 expert (t = (q [N, K], scale [N])) on its rows with int8 activations: [n, H] -> [n, H] fp32."""
-    h = _int8_gemm(xe, *t13, None if b13 is None else b13[e])  # [n, N1]
-    return _int8_gemm(activate(h, activation, gated, alpha, limit, gate_up), *t2, None if b2 is None else b2[e])
+def _int8_ffn(x8, t13, b13, t2, b2, e, activation, gated, alpha, limit, gate_up):
+    """One int8 expert (t = (q [N, K], scale [N])) on its rows x8 = (int8 [n, H], steps [n, 1]) -> [n, H] fp32."""
+    h = _int8_gemm(*x8, *t13, None if b13 is None else b13[e])  # [n, N1]
+    a, step = _int8_rows(activate(h, activation, gated, alpha, limit, gate_up))  # [n, I]
+    return _int8_gemm(a.to(torch.int8), step, *t2, None if b2 is None else b2[e])
 
 
 def quantized_combine(y, inv, weights, weight_on_input, dtype):
