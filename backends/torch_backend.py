@@ -381,7 +381,10 @@ def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _int8_gemm(x8, step, q, scale, b):
     """int8 rows x8 [n, K] (steps [n, 1]) @ q [N, K] int8 ^T in exact int32 (torch._int_mm: oneDNN, VNNI where the
     CPU has it), then x scale [N] x each row's step (the kernels' order) (+ b) -> [n, N] fp32."""
-    y = torch._int_mm(x8, q.t()).float() * scale
+    if x8.shape[1] == 1:  # torch._int_mm's CPU sums are wrong for K = 1 (torch 2.13)
+        y = (x8.to(torch.int32) * q.t().to(torch.int32)).float() * scale
+    else:
+        y = torch._int_mm(x8, q.t()).float() * scale
     y *= step
     return y if b is None else y + b.float()
 

@@ -64,8 +64,8 @@ class Rejection:
 def _numerics(backend: str, cfg: QuantConfig, pipeline: str = "") -> str:
     """Which arithmetic the quantized experts run in, per backend (a torch pipeline with lower_onnx: ORT's ops)."""
     if cfg.activations == "int8" and backend == "torch" and "lower_onnx" not in pipeline:
-        return ("(int8 activations, one scale per row of each GEMM's input, int8 x int8 products: "
-                "torch._int_mm (oneDNN) for experts with many rows, moec's kernels for few)")
+        return ("(routed experts: int8 activations, one scale per row of each GEMM's input, int8 x int8 products: "
+                "torch._int_mm (oneDNN) for experts with many rows, moec's kernels for few; the rest weight-only)")
     if cfg.activations == "int8":
         return f"(int8 activations per group of {activation_group(cfg)}, int8 dot products: ONNX Runtime's QMoE kernel)"
     if backend.startswith("onnxruntime"):
@@ -384,7 +384,8 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     quantize: Int8Experts() or Int4Experts(group_size, symmetric[, shared, router]): weight-only quantized
         routed experts (appends the quantize_experts pass). Backend torch: numba kernels, CPU only;
         triton: w8a16/w4a16 GEMMs; onnxruntime: QMoE nodes. shared=True is torch backend only.
-        activations="int8" (either config): int8 activations and int8 dot products, backend onnxruntime only.
+        activations="int8": int8 activations and int8 dot products in the routed experts: backend onnxruntime
+        (either config, a scale per group of 32 inputs) or torch (Int8Experts, a scale per row).
     offload: moec.Offload(budget, store, path, policy, prefetch, prefetch_width): the routed experts leave the
         model for a store (disk or host memory) and run from a cache of `budget` experts (appends offload_experts; torch
         backend; with quantize=, the quantized experts are stored and cached; see moec.offload). Statistics:

@@ -43,11 +43,12 @@ class Int8Experts:
     """int8 weight-only experts, one scale per output channel. shared=True quantizes the shared
     experts' linear layers the same way (torch backend, CPU); router=True the router weight.
     activations="int8": each expert GEMM's input rows rounded to int8 (scale amax/127, round to nearest) and
-    multiplied in integers. ONNX Runtime (backend="onnxruntime", export_onnx/export_genai on CPU): a scale per group
-    of 32 inputs (ORT's block-wise 8-bit QMoE, each channel's scale repeated per block: the same weights). The
-    torch backend (CPU): a scale per row, so that an expert with many rows (prefill) runs one int8 GEMM with
-    exact int32 sums (torch._int_mm: oneDNN, VNNI where the CPU has it); few rows run moec's kernels on the
-    rounded rows. The two backends round differently: same config, numbers apart by the rounding."""
+    multiplied with the int8 weights. ONNX Runtime (backend="onnxruntime", export_onnx/export_genai on CPU): a
+    scale per group of 32 inputs (ORT's block-wise 8-bit QMoE, each channel's scale repeated per block: the same
+    weights). The torch backend (CPU): a scale per row, so that an expert with many rows (prefill) runs one int8
+    GEMM with int32 sums (torch._int_mm: oneDNN, VNNI where the CPU has it); few rows run moec's kernels on the
+    rounded rows (fp32 sums of the integer products: exact below 2^24). The two backends round differently: same
+    config, numbers apart by the rounding."""
 
     shared: bool = False
     router: bool = False
@@ -167,11 +168,13 @@ def dequantized(q, scale, zero, bits: int, group_size: int, dtype: torch.dtype) 
 
 def int8_quantized_rows(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [n, K] -> (q, scale): each row's groups of `group_size` inputs rounded to int8 at a step of their
-    amax/127 (round to nearest, ties to even). q [n, K] fp32 holding the integers -127..127, scale [n, K/g] fp32
-    (0 for an all-zero group)."""
+    amax/127: x times the step's fp32 reciprocal, rounded to nearest (as ORT's kernels do). q [n, K] fp32 holding
+    the integers -127..127, scale [n, K/g] fp32. A group whose step is 0 or subnormal (amax < 1.5e-36, where the
+    reciprocal overflows) rounds to 0 with a step of 0."""
     n, K = x.shape
     g = x.float().reshape(n, K // group_size, group_size)
     scale = g.abs().amax(-1, keepdim=True) / 127
+    scale = torch.where(scale < torch.finfo(torch.float32).tiny, 0.0, scale)  # NaN and inf stay
     inverse = torch.where(scale > 0, 1 / scale, 0.0)
     return torch.round(g * inverse).clamp(-127, 127).reshape(n, K), scale.squeeze(-1)
 

@@ -116,7 +116,7 @@ def lower_onnx(gm) -> PassResult:
             node.target = capacity_kept
     for node in [n for n in g.nodes if n.target in EXPERTS]:
         x, ids, w = node.args[:3]
-        act = node.args[-6:]  # activation, gated, alpha, limit, weight_on_input, gate_up
+        act = _activation_args(node)
         quant = node.target in (torch.ops.moec.experts_int8, torch.ops.moec.experts_int4)
         dtype = next(block.parameters()).dtype if quant else role_value(gm, node.args[3]).dtype  # x's dtype
         reason = fallback_reason(spec)
@@ -213,6 +213,13 @@ def _biases(node) -> tuple:
     """(b13, b2) arguments of an experts node (their positions differ per op, see moec/ops.py)."""
     at = {torch.ops.moec.experts_int8: (5, 8), torch.ops.moec.experts_int4: (6, 10)}.get(node.target, (4, 6))
     return node.args[at[0]], node.args[at[1]]
+
+
+def _activation_args(node) -> tuple:
+    """(activation, gated, alpha, limit, weight_on_input, gate_up) of an experts node: after its tensors, and before
+    the int8 experts' int8_activations flag (which this lowering reads from the config)."""
+    at = {torch.ops.moec.experts_int8: 9, torch.ops.moec.experts_int4: 11}.get(node.target, 7)
+    return tuple(node.args[at:at + 6])
 
 
 def _bias(gm, b13, e):

@@ -166,11 +166,12 @@ def test_scans_export_without_the_cache(exported, family):
 
 
 @pytest.mark.parametrize("k,cfg", [(1, None), (1, moec.Int8Experts()), (1, moec.Int4Experts(32, symmetric=False)),
-                                   (2, None), (2, moec.Int4Experts(32))], ids=str)
+                                   (2, None), (2, moec.Int4Experts(32)), (2, moec.Int8Experts(activations="int8")),
+                                   (2, moec.Int4Experts(32, activations="int8"))], ids=str)
 def test_llama4_weights_the_expert_input(k, cfg, tmp_path):
     """Llama 4 weights the expert *input*. Top-1 (its checkpoints' k): the token is scaled by its one weight before
     ORT's op, which weights the output by 1. Top-2: ORT's op cannot, so the block falls back to standard ops
-    (quantized: dequantized in the graph) and says so."""
+    (quantized: dequantized in the graph, activations in fp32 whatever the config asks) and says so."""
     block = resolve(models.tiny_model("llama4", num_experts_per_tok=k, **QSIZES), "model.layers.0.feed_forward")
     report = _export_block(block, 64, tmp_path / "b.onnx", quantize=cfg, expert_slices=2)
     if k == 1:
@@ -179,7 +180,8 @@ def test_llama4_weights_the_expert_input(k, cfg, tmp_path):
     else:
         assert report.blocks[0].op == "fallback" and "k > 1" in report.blocks[0].why, str(report)
         assert not _nodes(tmp_path / "b.onnx", "MoE") and not _nodes(tmp_path / "b.onnx", "QMoE")
-    ref = _dequantized_twin(block, moec.compile(copy.deepcopy(block), quantize=cfg), cfg) if cfg else block
+    weights = dataclasses.replace(cfg, activations="fp32") if cfg else None  # the same quantized weights
+    ref = _dequantized_twin(block, moec.compile(copy.deepcopy(block), quantize=weights), weights) if cfg else block
     _block_parity(block, tmp_path / "b.onnx", 64, torch.float32, TOL[torch.float32], ref=ref)
 
 

@@ -153,6 +153,25 @@ def test_int8_activations_match_their_reference(e, T, k, dequant_min_rows, dtype
             assert rel_err(torch.ops.moec.experts_int8(*args), want) > 1e-4  # the weight-only result differs
 
 
+@pytest.mark.parametrize("hidden,inter", [(1, 8), (8, 1)])
+def test_int8_activations_with_one_input(hidden, inter):
+    """A GEMM with one input (torch._int_mm sums those wrongly on CPU) and tiny rows (amax 1e-37: a subnormal
+    step, whose reciprocal overflows) still give the reference's numbers on both paths."""
+    e = ExpertsSpec(4, hidden, inter, "silu")
+    cfg = Int8Experts(activations="int8")
+    gen = torch.Generator().manual_seed(hidden)
+    t13 = quantize(cfg, torch.randn(4, 2 * inter, hidden, generator=gen))
+    t2 = quantize(cfg, torch.randn(4, hidden, inter, generator=gen))
+    for T in (1, 40):
+        ids, w = torch.randint(0, 4, (T, 1), generator=gen), torch.rand(T, 1, generator=gen)
+        x = torch.randn(T, hidden, generator=gen)
+        x[0] *= 1e-37
+        got = torch.ops.moec.experts_int8(x, ids, w, t13["q"], t13["scale"], None, t2["q"], t2["scale"], None,
+                                          *experts_args(e), True)
+        want = _int8_activations_reference(x, ids, w, t13, None, t2, None, e)
+        assert torch.isfinite(got).all() and rel_err(got, want) < TOL[torch.float32], T
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_int8_activations_on_the_torch_backend(family, tmp_path):
     """compile(quantize=Int8Experts(activations="int8")) on the torch backend: each block proved on the
