@@ -89,6 +89,7 @@ class OrtForward:
         self.cached = _takes_cache(model)  # an HF decoder LM with a key/value cache: generate uses it
         self.output_type = None  # the model's ModelOutput class (found by the KV-cache session's first check)
         self._past = weakref.WeakKeyDictionary()  # HF cache -> (the session's last present arrays, its tensors then)
+        self._fallback_said: set[str] = set()  # blocks warned of (see _take_export)
 
     def __call__(self, *args, **kwargs):
         bound = self.signature.bind(*args, **kwargs)
@@ -250,7 +251,7 @@ class OrtForward:
             self.output_type, eager = type(out), out.logits  # the model's own ModelOutput class
         session = ort.InferenceSession(path, sess_options=session_options(self.options), providers=self.providers)
         self.report.backend = f"onnxruntime ({session.get_providers()[0]})"
-        self.report.export = exported
+        self._take_export(exported)
         names = [i.name for i in session.get_inputs()]
         B, T = probe.shape
         got = session.run(None, {"input_ids": probe.numpy(), "attention_mask": np.ones((B, T), np.int64),
@@ -259,6 +260,26 @@ class OrtForward:
         self._check(eager, torch.from_numpy(got))  # the prompt step, 300 tokens, against eager
         self.weights = _weights(self.model)
         return session, names, layout, exported.gqa_layers > 0
+
+    def _take_export(self, exported) -> None:
+        """Keep the export's report, and say (once per block) what runs other than the compile-time report said:
+        a block the export left as it was runs its own code, in the model's dtype and unquantized (listed as
+        rejected); a block that fell back to standard ONNX ops runs dequantized weights with fp activations."""
+        from moec.api import Rejection
+
+        self.report.export = exported
+        said = {r.path for r in self.report.rejected}
+        for r in exported.rejected:
+            if r.path not in said:
+                self.report.rejected.append(Rejection(r.path, f"onnxruntime: the export left it as it was ({r.reason})"))
+                log.warning(f"moec: onnxruntime runs block {r.path!r} as its own code, unquantized: the export left it "
+                            f"as it was ({r.reason})")
+        if self.quantize is not None and self.quantize.activations == "int8":
+            for b in exported.blocks:
+                if b.op == "fallback" and b.path not in self._fallback_said:
+                    self._fallback_said.add(b.path)
+                    log.warning(f"moec: block {b.path!r} runs in standard ONNX ops with dequantized weights and fp32 "
+                                f"activations, not int8 ones ({b.why})")
 
     @contextlib.contextmanager
     def _as_original(self):
@@ -286,7 +307,7 @@ class OrtForward:
         session = ort.InferenceSession(path, sess_options=session_options(self.options), providers=self.providers)
         ran = session.get_providers()[0]
         self.report.backend = f"onnxruntime ({ran})"
-        self.report.export = exported
+        self._take_export(exported)
         if ran != self.providers[0]:
             log.warning(f"onnxruntime runs on {ran}, not {self.providers[0]} (asked {self.providers})")
         names = [i.name for i in session.get_inputs()]

@@ -11,7 +11,9 @@ import torch
 import handwritten as hw
 import moec
 from moec import models
+from moec.api import Rejection
 from moec.backends import ort_session
+from moec.export import ExportReport
 
 from conftest import TOL, rel_err
 from test_quant import _dequantized_twin
@@ -176,6 +178,33 @@ def test_a_session_that_differs_from_eager_is_refused(monkeypatch):
     monkeypatch.setitem(ort_session.CHECK_TOL, torch.float32, -1.0)  # any difference at all is too much
     with pytest.raises(RuntimeError, match="differs from the eager model"):
         compiled(**models.example_inputs(model))
+
+
+def test_what_the_export_changes_is_said(monkeypatch):
+    """A block that falls back to standard ops (Llama 4 at k=2) runs fp32 activations whatever the config asks: said,
+    once per block. A block the export leaves as it was runs its own code, unquantized: listed as rejected, said
+    once (an export report saying so, fed to the session: HF's own experts code does not export)."""
+    said = []
+    monkeypatch.setattr(ort_session.log, "warning", lambda msg, *a: said.append(msg))
+    kw = dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=64)
+    model = moec.compile(models.tiny_model("llama4", num_experts_per_tok=2, **kw), backend="onnxruntime",
+                         quantize=moec.Int8Experts(activations="int8"))
+    inputs = models.example_inputs(model, batch=1, seq=4)
+    with torch.no_grad():
+        model(**inputs)
+        model(**models.example_inputs(model, batch=2, seq=3))  # another session: nothing said twice
+    fallback = [m for m in said if "fp32 activations, not int8 ones" in m]
+    assert len(fallback) == len(moec.inspect(model).blocks) > 0, said
+
+    # a block the export left as it was (whose own code exported): listed as rejected, said once
+    said.clear()
+    left = ExportReport("m.onnx", "cpu", rejected=[Rejection("model.layers.0.feed_forward", "no lowering today")])
+    for _ in range(2):
+        model.forward._take_export(left)
+    report = moec.inspect(model)
+    assert [r.path for r in report.rejected] == ["model.layers.0.feed_forward"] and \
+        "no lowering today" in report.rejected[0].reason
+    assert len([m for m in said if "unquantized" in m]) == 1, said
 
 
 def test_bad_options():
