@@ -49,14 +49,14 @@ F32 = np.float32
 CHUNK = 32  # output channels per parallel work item
 
 
-def _jit(parallel: bool):
+def _jit(parallel: bool, fastmath: bool = True):
     """njit with numba's disk cache, or without it where no cache directory is writable
     (numba refuses cache=True at decoration then)."""
     def wrap(fn):
         try:
-            return njit(parallel=parallel, fastmath=True, cache=True)(fn)
+            return njit(parallel=parallel, fastmath=fastmath, cache=True)(fn)
         except RuntimeError:  # "cannot cache function ...: no locator available"
-            return njit(parallel=parallel, fastmath=True)(fn)
+            return njit(parallel=parallel, fastmath=fastmath)(fn)
     return wrap
 
 
@@ -100,9 +100,11 @@ def _bf16_kernel(x, first, last, w, out):
 
 
 @_jit(parallel=True)
-def _int8_kernel(x, first, last, q, s, out):
-    """x [R, K] fp32, rows first[e]:last[e] of expert e, q [E, N, K] int8, s [E, N] fp32 -> out [R, N] fp32."""
+def _int8_kernel(x, first, last, q, s, rs, out):
+    """x [R, K] fp32, rows first[e]:last[e] of expert e, q [E, N, K] int8, s [E, N] fp32, row scales rs [R]
+    (int8 activations: each row's step; else empty) -> out [R, N] fp32."""
     E, N = s.shape
+    scaled = rs.shape[0] > 0
     for c in prange((N + CHUNK - 1) // CHUNK):
         for e in range(E):
             for j in range(c * CHUNK, min(N, c * CHUNK + CHUNK)):
@@ -111,7 +113,7 @@ def _int8_kernel(x, first, last, q, s, out):
                     a = F32(0)
                     for k in range(qj.shape[0]):
                         a += x[r, k] * F32(qj[k])
-                    out[r, j] = a * s[e, j]
+                    out[r, j] = a * s[e, j] * rs[r] if scaled else a * s[e, j]
 
 
 @_jit(parallel=True)
@@ -186,6 +188,32 @@ def _int4_rows(x, G):
         for k in range(K):
             xsum[r, k // g] += x[r, k]
     return xp, xsum
+
+
+_TINY = F32(np.finfo(np.float32).tiny)
+
+
+@_jit(parallel=True, fastmath=False)  # NaN, inf and IEEE division as torch has them: the same numbers
+def _round_rows(x, q, step):
+    """x [R, K] fp32 -> q [R, K] (each row rounded to int8 at a step of its amax/127, as fp32), step [R]:
+    moec.quant.int8_quantized_rows with one group a row (one pass over x instead of a dozen torch ops)."""
+    R, K = x.shape
+    for r in prange(R):
+        m, nan = F32(0), False
+        for k in range(K):
+            a = abs(x[r, k])
+            if a != a:
+                nan = True
+            elif a > m:
+                m = a
+        s = F32(np.nan) if nan else m / F32(127)
+        if s < _TINY:  # subnormal or 0: the reciprocal would overflow
+            s = F32(0)
+        inverse = F32(1) / s if s > 0 else F32(0)
+        step[r] = s
+        for k in range(K):
+            v = np.rint(x[r, k] * inverse)
+            q[r, k] = F32(127) if v > 127 else F32(-127) if v < -127 else v
 
 
 @_jit(parallel=True)
@@ -264,6 +292,7 @@ def _combine(y, inv, w, out):
 
 
 _NO_ZERO = np.zeros((0, 0, 0), np.uint8)
+_NO_ROW_SCALE = np.zeros(0, np.float32)
 _NO_ZERO_2D = np.zeros((0, 0), np.uint8)
 _EVERY = 2**62  # min_rows that no expert reaches: every expert's rows go to the kernels
 
@@ -286,17 +315,29 @@ def combine(y: torch.Tensor, inv: np.ndarray, weights: torch.Tensor) -> torch.Te
     return out
 
 
+def round_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, K] -> (its rows rounded to int8 at a step of their amax/127, as fp32 integers [R, K]; steps [R, 1]):
+    the numbers of moec.quant.int8_quantized_rows(x, K)."""
+    if x.dim() != 2:
+        raise ValueError(f"moec: round_rows takes rows [R, K], got {list(x.shape)}")
+    q, step = torch.empty(x.shape), torch.empty(x.shape[0], 1)
+    _round_rows(x.detach().float().contiguous().numpy(), q.numpy(), step.numpy()[:, 0])
+    return q, step
+
+
 def expert_rows(counts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of each expert among the expert-sorted rows, for `grouped_qmm`: (first, paired, last) [E] int64."""
     return _rows(np.asarray(counts, np.int64), _EVERY)
 
 
 def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tensor | None = None,
-                zero: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                zero: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Expert-sorted rows x [R, K] (any float dtype; `rows` = expert_rows(counts per expert)) times
     the experts (fp32 or bf16 [E, N, K] q, no scale; else moec's int8 format if q is int8, else int4) ->
     [R, N] fp32, written into `out` (contiguous fp32 [R, N]) if given; rows outside `rows` are left as they
-    were. Values only: nothing here records gradients."""
+    were. row_scale (int8 weights only): fp32 [R] or [R, 1], each row's output times it (`round_rows`' steps).
+    Values only: nothing here records gradients."""
     first, paired, last = rows
     out = torch.empty(x.shape[0], q.shape[1], dtype=torch.float32, device="cpu") if out is None else out
     K = q.shape[2] * (2 if q.dtype == torch.uint8 else 1)  # int4: two columns a byte
@@ -312,8 +353,13 @@ def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tens
         _bf16_kernel(x, first, last, q.contiguous().view(torch.int16).numpy().view(np.uint16), out.numpy())
         return out
     if q.dtype == torch.int8:
-        _int8_kernel(x, first, last, q.numpy(), scale.numpy(), out.numpy())
+        rs = _NO_ROW_SCALE if row_scale is None else row_scale.detach().float().reshape(-1).numpy()
+        if len(rs) not in (0, x.shape[0]):
+            raise ValueError(f"moec: grouped_qmm row scales of {len(rs)} rows for {x.shape[0]} rows")
+        _int8_kernel(x, first, last, q.numpy(), scale.numpy(), rs, out.numpy())
         return out
+    if row_scale is not None:
+        raise ValueError(f"moec: grouped_qmm row scales take int8 experts, not {q.dtype}")
     x, xsum = _int4_rows(x, scale.shape[-1])
     args = (q.numpy(), scale.numpy(), _NO_ZERO if zero is None else zero.numpy(), out.numpy())
     if (paired > first).any():

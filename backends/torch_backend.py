@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import moec.ops  # noqa: F401  (defines the op schemas)
 from moec.ir import RouterSpec
-from moec.quant import int8_quantized_rows, weight_only_active
+from moec.quant import weight_only_active
 
 
 def split_gate_up(h: torch.Tensor, gate_up: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,17 +340,14 @@ def quantized_group(xs, y, counts, rows, row_expert, experts, t13, b13, t2, b2, 
         first[at], paired[at], last[at] = rows[0][idx], rows[1][idx], rows[2][idx]
     xq = _int8_rows(xs) if a8 else None  # every row rounded once: (integers as fp32 [T*k, H], steps [T*k, 1])
     if (first != last).any():
-        h = cpu_quant.grouped_qmm(xs if xq is None else xq[0], (first, paired, last), *t13)  # [T*k, N1] fp32
-        if a8:  # (rows of other experts: not written)
-            h *= xq[1]
+        h = cpu_quant.grouped_qmm(xs if xq is None else xq[0], (first, paired, last), *t13,
+                                  row_scale=None if xq is None else xq[1])  # [T*k, N1] fp32
         if b13 is not None:
             h += b13[row_expert]
         a = activate(h, activation, gated, alpha, limit, gate_up)  # [T*k, I]
         a, sa = _int8_rows(a) if a8 else (a, None)
         out = y if slot is None else torch.empty_like(y)  # every expert: straight into y
-        cpu_quant.grouped_qmm(a, (first, paired, last), *t2, out=out)  # [T*k, H]
-        if a8:
-            out *= sa
+        cpu_quant.grouped_qmm(a, (first, paired, last), *t2, out=out, row_scale=sa)  # [T*k, H]
         if b2 is not None:
             out += b2[row_expert]
         if slot is not None:
@@ -374,8 +371,11 @@ def quantized_group(xs, y, counts, rows, row_expert, experts, t13, b13, t2, b2, 
 
 
 def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [n, K] -> (its rows rounded to int8 at a step of their amax/127, as fp32 integers [n, K]; steps [n, 1])."""
-    return int8_quantized_rows(x, x.shape[1])
+    """x [n, K] -> (its rows rounded to int8 at a step of their amax/127, as fp32 integers [n, K]; steps [n, 1]):
+    moec.quant.int8_quantized_rows(x, K), in one numba pass."""
+    from moec.backends import cpu_quant
+
+    return cpu_quant.round_rows(x)
 
 
 def _int8_gemm(x8, step, q, scale, b):

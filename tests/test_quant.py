@@ -153,6 +153,30 @@ def test_int8_activations_match_their_reference(e, T, k, dequant_min_rows, dtype
             assert rel_err(torch.ops.moec.experts_int8(*args), want) > 1e-4  # the weight-only result differs
 
 
+def test_round_rows_is_the_reference_rounding():
+    """The numba rounding of the torch backend's int8 activations (cpu_quant.round_rows) gives
+    int8_quantized_rows' numbers to the bit: magnitudes from subnormal to 1e38, ties at half a step, 0, NaN and
+    inf rows, a row of one input."""
+    from moec.backends import cpu_quant
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 300, generator=gen) * torch.exp(torch.randn(64, 1, generator=gen) * 20).clamp(max=1e37)
+    x[0] = 0
+    x[1] *= 1e-43  # subnormal step: rounds to 0
+    x[2, :] = torch.arange(300) - 149.5  # amax 149.5: many products land near .5
+    x[3, 0], x[4, 7], x[5, 9] = float("nan"), float("inf"), -float("inf")
+    x[6, :] = (torch.arange(300) % 253 - 126.5).float()  # step 1 (amax 127): every other input an exact tie
+    x[6, 0] = 127
+    for rows in (x, x[:, :1], x[:1]):
+        q, step = cpu_quant.round_rows(rows)
+        q_ref, step_ref = int8_quantized_rows(rows, rows.shape[1])
+        same = lambda a, b: torch.equal(a.nan_to_num(0.25), b.nan_to_num(0.25))  # NaN where the reference has NaN
+        assert same(q, q_ref) and same(step, step_ref), rows.shape
+    q_ref, step_ref = int8_quantized_rows(x, x.shape[1])
+    assert torch.isnan(q_ref[3:6]).any(-1).all() and step_ref[1] == 0 and step_ref[6] == 1
+    assert (q_ref[6, 1:] % 2 == 0).all()  # ties to even
+
+
 @pytest.mark.parametrize("hidden,inter", [(1, 8), (8, 1)])
 def test_int8_activations_with_one_input(hidden, inter):
     """A GEMM with one input (torch._int_mm sums those wrongly on CPU) and tiny rows (amax 1e-37: a subnormal
