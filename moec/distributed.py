@@ -19,7 +19,8 @@ E % N ranks own one more). In every block, per forward:
 
 Tensor parallelism is out of scope: a model whose non-expert layers do not fit one rank is not served.
 A compiled block's proof runs in one process before anything is exchanged: the sharded op replays the exchange
-locally (every rank's shard from the full weights, as if the other ranks sent nothing) on the proof's probes;
+locally (every rank's shard from the full weights, as if the other ranks sent nothing; load_sharded, which reads
+only this rank's experts, gives stand-ins for the others': `shard_reader`) on the proof's probes;
 then compile checks that every rank compiled the same blocks the same way, and the full experts are released.
 A rank that dies or stops answering makes the others raise within `timeout` seconds, naming the block.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -187,13 +189,59 @@ class ShardedExperts(nn.Module):
         return ys
 
 
+def _stand_in(name: str, like: torch.Tensor, rms: float) -> torch.Tensor:
+    """Seeded normal values shaped as `like`, at the root mean square of the real experts beside them."""
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    return torch.randn(like.shape, generator=g, dtype=like.dtype).mul_(rms)
+
+
+def shard_reader(rank: int, world: int):
+    """How load_sharded reads a block's experts (moec.offload.load.fill_and_compile's expert_reader): this rank's
+    experts only, as slices of the stacked [E, ...] tensors or as their own tensors (experts in a ModuleList); the
+    other ranks' experts are stand-ins, seeded normal values at the scale of this rank's. Only the proof reads
+    them (it replays every rank's shard in this process; they go with the block's full experts), so each rank
+    proves its own shard on its real weights and the exchange on the stand-ins. A rank that holds none of a
+    block's experts (E < ranks) reads them whole."""
+    from moec.bindings import resolve
+    from moec.passes.detect.candidates import member_names
+
+    def reader(c, ckpt):
+        lo, hi = shards(c.num_experts, world)[rank]
+        if lo == hi:
+            return None
+        pre = f"{c.path}." if c.path else ""
+        members = {} if not c.container else {
+            f"{pre}{c.container}.{n}.": i for i, n in enumerate(member_names(resolve(c.module, c.container)))}
+        first = next((m for m, i in members.items() if i == lo), None)  # this rank's first expert module
+        rms = {}  # tensor name in an expert module -> the scale of this rank's first expert's
+
+        def read(name, like):
+            if not like.is_floating_point():
+                return ckpt.read(name, like)
+            if not members:  # a stacked [E, ...] tensor: its rows lo:hi
+                mine = ckpt.read(name, like, rows=(lo, hi))
+                out = _stand_in(name, like, mine.float().square().mean().sqrt().item())
+                out[lo:hi] = mine
+                return out
+            member = next(m for m in members if name.startswith(m))
+            if lo <= members[member] < hi:
+                return ckpt.read(name, like)
+            p = name[len(member):]
+            if p not in rms:
+                rms[p] = ckpt.read(first + p, like).float().square().mean().sqrt().item()
+            return _stand_in(name, like, rms[p])
+        return read
+    return reader
+
+
 def load_sharded(model: nn.Module, checkpoint, expert_parallel: ExpertParallel, *, quantize=None, passes=None,
                  verify: bool = False, decode_linears: bool = True) -> nn.Module:
     """Fill `model` (built on the meta device, the same on every rank) from a safetensors `checkpoint` and compile it
-    with sharded experts, one block at a time: a rank holds the non-expert weights, its shard of every block, and
-    while one block compiles, that block's experts (read whole: the proof replays every rank's shard). No rank
-    holds the whole model. Checkpoint names: the model's state_dict keys (see moec.load_offloaded). decode_linears:
-    as in moec.compile."""
+    with sharded experts, one block at a time: a rank reads the non-expert weights and only its own experts of each
+    block (sliced reads; the other ranks' experts are stand-ins for the proof, see `shard_reader`), and holds the
+    non-expert weights, its shard of every block, and while one block compiles, that block's full-size experts.
+    No rank reads or holds the whole model. Checkpoint names: the model's state_dict keys (see
+    moec.load_offloaded). decode_linears: as in moec.compile."""
     from moec.api import _expert_parallel_group, _warn_if_empty, install_decode_linears
     from moec.backends import pipeline_for
     from moec.offload.load import fill_and_compile
@@ -206,7 +254,8 @@ def load_sharded(model: nn.Module, checkpoint, expert_parallel: ExpertParallel, 
     pipeline = pipeline_for("torch", passes, quantize=quantize is not None, sharded=True)
     report = fill_and_compile(
         model, checkpoint, pipeline, {"quantize": quantize, "expert_parallel": group}, verify=verify,
-        who="moec.load_sharded", before_install=lambda r: group.agree("the blocks compiled", compiled_blocks(r)))
+        who="moec.load_sharded", before_install=lambda r: group.agree("the blocks compiled", compiled_blocks(r)),
+        expert_reader=shard_reader(group.rank, group.world))
     _warn_if_empty(model, report)
     report.quantize, report.expert_parallel = quantize, group.stats
     install_decode_linears(model, report, decode_linears)

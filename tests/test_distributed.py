@@ -133,3 +133,58 @@ def test_one_rank_group_runs_the_exchange_in_process(tmp_path):
                          offload=moec.Offload())
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("family,world,rank", [("qwen2_moe", 2, 1), ("qwen2_moe", 3, 0), ("switch_transformers", 4, 2),
+                                               ("mixtral", 16, 9)])
+def test_a_rank_reads_only_its_experts(family, world, rank, tmp_path):
+    """load_sharded's reads (shard_reader): a rank's experts come from the checkpoint as they are there, read as
+    slices of the stacked tensors or as their own tensors (ModuleList experts), and nothing else of the experts is
+    read; the other ranks' experts are stand-ins at the same scale, not the checkpoint's values. A rank that holds
+    none of a block's experts (8 experts over 16 ranks) reads them whole."""
+    from safetensors.torch import save_model
+
+    from moec.distributed import shard_reader
+    from moec.offload.load import _Checkpoint, _fill
+    from moec.passes.detect.candidates import find_candidates
+
+    ref = models.tiny_model(family).eval()
+    save_model(ref, str(tmp_path / "model.safetensors"))
+    with torch.device("meta"):
+        model = type(ref)(ref.config).eval()
+    reads = []
+
+    class Recorded(_Checkpoint):
+        def read(self, name, like, rows=None):
+            reads.append((name, rows))
+            return super().read(name, like, rows)
+
+    ckpt, real = Recorded([tmp_path / "model.safetensors"]), ref.state_dict()
+    cands = find_candidates(model)
+    assert cands
+    for c in cands:
+        lo, hi = shards(c.num_experts, world)[rank]
+        pre = f"{c.path}." if c.path else ""
+        if c.container:
+            group = model.get_submodule(f"{pre}{c.container}")
+            names = {f"{pre}{c.container}.{n}.{p}": int(n.rpartition("_")[2])
+                     for n, m in group.named_children() for p, _ in m.named_parameters()}
+        else:
+            names = {f"{pre}{n}": None for n in c.experts}
+        reads.clear()
+        _fill(model, set(names), ckpt, shard_reader(rank, world)(c, ckpt))
+        state = model.state_dict()
+        for name, expert in names.items():
+            got, want = state[name], real[name]
+            if lo == hi:  # this rank holds none of them
+                assert torch.equal(got, want) and (name, None) in reads
+            elif expert is None:  # stacked [E, ...]: rows lo:hi read, the rest stand-ins
+                assert torch.equal(got[lo:hi], want[lo:hi]) and not torch.equal(got, want)
+                assert reads.count((name, (lo, hi))) == 1 and (name, None) not in reads
+                rms = lambda t: t.float().square().mean().sqrt()
+                assert 0.7 < rms(got) / rms(want[lo:hi]) < 1.3
+            elif lo <= expert < hi:
+                assert torch.equal(got, want) and (name, None) in reads
+            else:
+                assert not torch.equal(got, want) and (name, None) not in reads
+        assert all(n in names for n, _ in reads), reads

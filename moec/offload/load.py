@@ -53,21 +53,24 @@ class _Checkpoint:
             with safe_open(str(f), framework="pt") as h:
                 self.where.update((k, f) for k in h.keys())  # noqa: SIM118  (a safe_open handle is not a dict)
 
-    def read(self, name: str, like: torch.Tensor) -> torch.Tensor:
+    def read(self, name: str, like: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor `name` (shaped as `like`), or only its rows lo:hi along dim 0 (a sliced read)."""
         if name not in self.where:
             raise KeyError(f"moec: the checkpoint has no tensor {name!r} (its names must be the "
                            f"model's state_dict keys)")
         with safe_open(str(self.where[name]), framework="pt") as h:
-            t = h.get_tensor(name)
-        if t.shape != like.shape:
-            raise ValueError(f"moec: {name!r} is {tuple(t.shape)} in the checkpoint, "
-                             f"{tuple(like.shape)} in the model")
+            part = h.get_slice(name)
+            shape = tuple(part.get_shape())
+            if shape != tuple(like.shape):
+                raise ValueError(f"moec: {name!r} is {shape} in the checkpoint, {tuple(like.shape)} in the model")
+            t = h.get_tensor(name) if rows is None else part[rows[0]:rows[1]]
         return t.to(like.dtype)
 
 
-def _fill(model: nn.Module, names: set[str], ckpt: _Checkpoint) -> None:
-    """Give the parameters and persistent buffers in `names` their checkpoint values; tied ones (one tensor under
-    several names, e.g. an LM head tied to the embedding) are read once, under whichever name the checkpoint has."""
+def _fill(model: nn.Module, names: set[str], ckpt: _Checkpoint, read=None) -> None:
+    """Give the parameters and persistent buffers in `names` their checkpoint values (`read(name, like)`: another
+    way to get them); tied ones (one tensor under several names, e.g. an LM head tied to the embedding) are read
+    once, under whichever name the checkpoint has."""
     groups: dict[int, tuple[torch.Tensor, list[str]]] = {}
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
         groups.setdefault(id(t), (t, []))[1].append(name)
@@ -75,7 +78,7 @@ def _fill(model: nn.Module, names: set[str], ckpt: _Checkpoint) -> None:
     for key, (t, aliases) in groups.items():
         if not set(aliases) & names:
             continue
-        value = ckpt.read(next((a for a in aliases if a in ckpt.where), aliases[0]), t)
+        value = (read or ckpt.read)(next((a for a in aliases if a in ckpt.where), aliases[0]), t)
         new[key] = nn.Parameter(value, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else value
     for m in model.modules():
         for store in (m._parameters, m._buffers):
@@ -100,10 +103,11 @@ def _non_persistent_buffers(model: nn.Module, init) -> None:
 
 
 def fill_and_compile(model: nn.Module, checkpoint, pipeline: str, options: dict, *, verify: bool, who: str,
-                     before_install=None):
+                     before_install=None, expert_reader=None):
     """Fill `model` (on the meta device) from `checkpoint`: everything but the routed experts, then each MoE block's
     experts in turn, that block compiled by `pipeline` (which releases them: offloaded, sharded) before the next
-    is read. Returns the Report."""
+    is read. expert_reader(candidate, checkpoint): how a block's expert tensors are read (`_fill`'s `read`; None:
+    whole). Returns the Report."""
     from moec.api import Instruments, Report, _run
     from moec.bindings import resolve
     from moec.passes.detect.candidates import find_candidates, member_names
@@ -125,7 +129,7 @@ def fill_and_compile(model: nn.Module, checkpoint, pipeline: str, options: dict,
     _non_persistent_buffers(model, getattr(model, "_init_weights", None))
     report = Report(pipeline=pipeline, backend="torch")
     for c in cands:
-        _fill(model, experts[c.path], ckpt)
+        _fill(model, experts[c.path], ckpt, None if expert_reader is None else expert_reader(c, ckpt))
         r = _run(model, pipeline, Instruments(verify=verify), install_blocks=True, backend="torch",
                  options=options, strict=verify, only=c.path, before_install=before_install)
         report.blocks += r.blocks
