@@ -2,6 +2,7 @@
 
     python benchmarks/bench_distributed.py [--model mix|deepseek] [--rounds 3] [--new-tokens 64] [--prefill 256]
     python benchmarks/bench_distributed.py --project          # the projection table only
+    python benchmarks/bench_distributed.py --balance          # copies of busy experts: the ranks' loads only
 
 Both systems serve the same 2 requests: the single process as a batch of 2 (torch.set_num_threads(2)), each
 rank one of them (data-parallel attention, experts sharded, OMP_NUM_THREADS=1). Per request: greedy decode of
@@ -13,6 +14,8 @@ decoded token. The two systems run
 interleaved, --rounds times, medians; the first round warms up. --project: bytes per token of the same exchange
 (one row out and one result back per (token, slot) pair on another rank, bf16) for DeepSeek-V3 (hidden 7168,
 top-8, 256 experts, 58 MoE layers) on 8 and 64 GPUs, over published link speeds, beside DeepEP's own figures.
+--balance: the busiest rank's share of the routed pairs on the trained fine_moe_lm, with 0-4 copies of busy
+experts per rank (moec.distributed.placement from a calibration on training text, loads of held-out text).
 """
 
 import argparse
@@ -129,6 +132,47 @@ def project():
     Console(width=200).print(t)
 
 
+def balance(replicas=(0, 1, 2, 4), worlds=(2, 4, 8)):
+    """How evenly the ranks' experts are loaded, with copies of the busiest (ExpertParallel(replicas=...)) placed
+    from a calibration run (fine_moe_lm, 64 experts, top-6, 4 blocks): loads measured on held-out text, copies
+    placed from other windows of the held-out text or from the training text."""
+    from rich.console import Console
+    from rich.table import Table
+
+    import moec
+    from moec import examples
+    from moec.distributed import placement
+
+    model = examples.fine_moe_lm()
+    heldout = examples.corpus("heldout")
+    half = len(heldout) // 2
+    seen = moec.calibrate(model, examples.evenly_spaced_batches(heldout[half:], 128, 4, 8))
+    fits = {"held-out text, other windows": examples.evenly_spaced_batches(heldout[:half], 128, 4, 8),
+            "training text": examples.evenly_spaced_batches(examples.corpus("train"), 128, 4, 8)}
+    fits = {name: moec.calibrate(model, batches) for name, batches in fits.items()}
+    t = Table(title="Expert load per rank, fine_moe_lm: the busiest rank's pairs over the mean rank's (1.00 = even) on "
+                    "held-out text (32 x 128 tokens), mean of the 4 blocks / worst block")
+    for col in ("ranks", "copies per rank", "experts per rank", *(f"copies placed from {n}" for n in fits),
+                "copies placed from training text, on training text (in-sample)"):
+        t.add_column(col)
+
+    def ratio(held, load):  # a copied expert's pairs split evenly over its copies
+        copies = [sum(e in h for h in held) for e in range(len(load))]
+        per = [sum(load[e] / copies[e] for e in h) for h in held]
+        return max(per) / (sum(per) / len(held))
+
+    for world in worlds:
+        for r in replicas:
+            cells, own = [], None
+            for fit in fits.values():
+                held = [placement(len(b.load), world, b.load, r) for b in fit.blocks]
+                out = [ratio(h, b.load) for h, b in zip(held, seen.blocks)]
+                cells.append(f"{statistics.mean(out):.3f} / {max(out):.3f}")
+                own = [ratio(h, b.load) for h, b in zip(held, fit.blocks)]  # the last fit's (training text)
+            t.add_row(str(world), str(r), f"{64 // world} + {r}", *cells, f"{statistics.mean(own):.3f} / {max(own):.3f}")
+    Console(width=200).print(t)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=tuple(MODELS), default="mix")
@@ -136,6 +180,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prefill", type=int, default=256)
     ap.add_argument("--project", action="store_true")
+    ap.add_argument("--balance", action="store_true", help="the load-balance table of expert copies only")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -143,6 +188,8 @@ def main():
         return worker(args)
     if args.project:
         return project()
+    if args.balance:
+        return balance()
     from rich.console import Console
     from rich.table import Table
 

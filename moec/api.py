@@ -400,8 +400,9 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     experts: an approximation (approximate=True, or reduce_experts in `passes`): moec.expert_plan(calibration,
         keep=n, mode="prune" | "merge") keeps n experts per block, dropping or merging the others
         (passes/reduce_experts.py); the dropped experts' memory is released. Not with offload= or onnxruntime.
-    expert_parallel: moec.ExpertParallel(group, timeout): the routed experts sharded over a torch.distributed group,
-        E/N per rank, tokens exchanged with all_to_all (appends shard_experts; torch backend; see moec.distributed).
+    expert_parallel: moec.ExpertParallel(group, timeout, replicas, calibration): the routed experts sharded over a
+        torch.distributed group, E/N per rank (+ `replicas` copies of the busiest experts of a calibration run),
+        tokens exchanged with all_to_all (appends shard_experts; torch backend; see moec.distributed).
         Every rank calls compile on the same model with the same options (checked).
     decode_linears: backend torch: once a block is rewritten, the model's large fp32 nn.Linear layers
         (attention, shared experts, lm_head) run on moec's CPU kernel where a call has up to 4 rows (decode;
@@ -504,6 +505,7 @@ def _expert_parallel_group(model, cfg, backend: str, offload, options: list) -> 
     shapes = [(c.path, c.num_experts, c.hidden) for c in find_candidates(model)]
     config = getattr(model, "config", None)  # an HF model's config (k, sizes, ...)
     group.agree("the model and the compile options", [shapes, [repr(o) for o in options],
+                                                      [group.placement(path, E) for path, E, _ in shapes],
                                                       {n: list(p.shape) for n, p in model.named_parameters()},
                                                       config.to_dict() if hasattr(config, "to_dict") else None])
     return group

@@ -40,14 +40,32 @@ from torch import nn
 @dataclass(frozen=True)
 class ExpertParallel:
     """Shard the routed experts over a torch.distributed group (None: the world), gloo or NCCL. timeout: seconds a
-    rank waits for the others in one exchange before it raises."""
+    rank waits for the others in one exchange before it raises. replicas (with calibration, a moec.calibrate result
+    of the same model): extra experts each rank holds in every calibrated block, copies of the busiest experts
+    placed to even out the ranks' loads (`placement`); a pair of a copied expert goes to one of its copies, by
+    token."""
 
     group: object = None
     timeout: float = 60.0
+    replicas: int = 0
+    calibration: object = None
 
     def __post_init__(self):
+        from moec.calibrate import Calibration
+
         if not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
             raise ValueError(f"moec.ExpertParallel: timeout must be seconds > 0, not {self.timeout!r}")
+        if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or self.replicas < 0:
+            raise ValueError(f"moec.ExpertParallel: replicas must be an int >= 0 (extra experts per rank), "
+                             f"not {self.replicas!r}")
+        if self.replicas and not isinstance(self.calibration, Calibration):
+            raise ValueError("moec.ExpertParallel: replicas= copies the busiest experts of a calibration run: give "
+                             "calibration=moec.calibrate(model, batches)")
+
+    def loads(self, path: str, E: int) -> list[int] | None:
+        """The calibrated pairs per expert of block `path` when it gets replicas, else None."""
+        blocks = [] if not self.replicas else [b for b in self.calibration.blocks if b.path == path]
+        return blocks[0].load if blocks and len(blocks[0].load) == E else None
 
 
 def shards(E: int, world: int) -> list[tuple[int, int]]:
@@ -58,6 +76,36 @@ def shards(E: int, world: int) -> list[tuple[int, int]]:
         out.append((lo, lo + n))
         lo += n
     return out
+
+
+def placement(E: int, world: int, load: list[int] | None = None, replicas: int = 0) -> list[list[int]]:
+    """The experts each rank holds: its shard (`shards`), then `replicas` copies of busy experts (with `load`, the
+    calibrated pairs per expert). Greedy, after DeepSeek's EPLB: the busiest rank's expert with the most load per
+    copy gets a copy on the least loaded rank with a free slot and no copy of it, while that lowers the busiest
+    rank's expected load (a copied expert's pairs split evenly over its copies)."""
+    held = [list(range(lo, hi)) for lo, hi in shards(E, world)]
+    if not replicas or load is None or world < 2:
+        return held
+    copies, extra = [1] * E, [0] * world
+
+    def rank_loads():
+        return [sum(load[e] / copies[e] for e in h) for h in held]
+
+    for _ in range(replicas * world):
+        per = rank_loads()
+        busiest = max(range(world), key=lambda r: (per[r], -r))
+        e = max(held[busiest], key=lambda i: (load[i] / copies[i], -i), default=None)
+        free = [r for r in range(world) if extra[r] < replicas and e not in held[r]]
+        if e is None or not free or load[e] == 0:
+            break
+        r = min(free, key=lambda i: (per[i], i))
+        copies[e], extra[r] = copies[e] + 1, extra[r] + 1
+        held[r].append(e)
+        if sorted(rank_loads(), reverse=True) >= sorted(per, reverse=True):  # no gain (ties counted): undone, stop
+            copies[e], extra[r] = copies[e] - 1, extra[r] - 1
+            held[r].pop()
+            break
+    return held
 
 
 @dataclass
@@ -93,6 +141,11 @@ class Group:
                                  backend=dist.get_backend(parent))
         self.rank, self.world = dist.get_rank(self.pg), dist.get_world_size(self.pg)
         self.stats = ExchangeStats(self.rank, self.world)
+        self.cfg = cfg
+
+    def placement(self, path: str, E: int) -> list[list[int]]:
+        """The experts each rank holds in block `path` (`placement`, with the calibrated loads if it gets copies)."""
+        return placement(E, self.world, self.cfg.loads(path, E), self.cfg.replicas)
 
     def agree(self, what: str, value) -> None:
         """Every rank compares `value` (JSON-able) with the others'; all raise the same error if they differ."""
@@ -110,12 +163,20 @@ class Group:
 class ShardedExperts(nn.Module):
     """One block's experts op over the group: (x [T, H], ids [T, k], weights [T, k], *my shard) -> [T, H].
     `op` is the block's experts op (moec.experts / experts_int8 / experts_int4) and `args` its tensor arguments
-    after (x, ids, weights) as this rank holds them (its experts only; None for an absent bias)."""
+    after (x, ids, weights) as this rank holds them (its experts `held[rank]` only, in that order; None for an
+    absent bias). held (`placement`): the experts of each rank; numbered rank by rank, they are the exchange's
+    slots (V of them: E, plus the copies), and a pair of an expert with several copies goes to copy
+    (token + rank) % copies."""
 
-    def __init__(self, group: Group, path: str, op, E: int, act: tuple, full: list | None):
+    def __init__(self, group: Group, path: str, op, E: int, act: tuple, full: list | None, held: list[list[int]]):
         super().__init__()
-        self.group, self.path, self.op, self.E, self.act = group, path, op, E, tuple(act)
-        self.bounds = shards(E, group.world)
+        self.group, self.path, self.op, self.E, self.act, self.held = group, path, op, E, tuple(act), held
+        sizes = [len(h) for h in held]
+        self.bounds = [(sum(sizes[:r]), sum(sizes[:r + 1])) for r in range(len(held))]  # slots of each rank
+        slots = [[v for v, e in enumerate(e for h in held for e in h) if e == i] for i in range(E)]
+        self.copies = torch.tensor([len(c) for c in slots])  # [E]
+        self.slot = torch.tensor([c + [c[0]] * (max(self.copies) - len(c)) for c in slots])  # [E, max copies]
+        self.replicated = bool(self.copies.max() > 1)
         self.full = full  # the full tensors [E, ...], for the proof's local replay only (dropped at install)
 
     def installed(self) -> None:
@@ -125,8 +186,11 @@ class ShardedExperts(nn.Module):
         T, k = ids.shape
         weight_on_input = self.act[4]
         flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # [P] pairs by expert, hence by owner rank
-        counts = torch.bincount(flat, minlength=self.E)  # [E]
+        if self.replicated:  # each pair to one copy of its expert: [P] expert -> slot
+            token = torch.arange(T * k, device=flat.device) // k
+            flat = self.slot.to(flat.device)[flat, (token + self.group.rank) % self.copies.to(flat.device)[flat]]
+        order = torch.argsort(flat, stable=True)  # [P] pairs by slot, hence by owner rank
+        counts = torch.bincount(flat, minlength=self.bounds[-1][1])  # [V]
         xs = x.index_select(0, order // k)  # [P, H]
         ws = weights.reshape(-1, 1).float()  # [P, 1] in (token, slot) order
         if weight_on_input:  # the expert takes the weighted input (Llama 4): weighted here, combined with 1
@@ -153,7 +217,8 @@ class ShardedExperts(nn.Module):
         start = 0
         for r, (lo, hi) in enumerate(self.bounds):
             n = int(counts[lo:hi].sum())
-            tensors = mine if r == self.group.rank else [None if t is None else t[lo:hi] for t in self.full]
+            held = torch.tensor(self.held[r], dtype=torch.long)
+            tensors = mine if r == self.group.rank else [None if t is None else t[held] for t in self.full]
             ys[start:start + n] = self._run(xs[start:start + n], counts[lo:hi], hi - lo, tensors)
             start += n
         return ys
@@ -195,36 +260,46 @@ def _stand_in(name: str, like: torch.Tensor, rms: float) -> torch.Tensor:
     return torch.randn(like.shape, generator=g, dtype=like.dtype).mul_(rms)
 
 
-def shard_reader(rank: int, world: int):
-    """How load_sharded reads a block's experts (moec.offload.load.fill_and_compile's expert_reader): this rank's
-    experts only, as slices of the stacked [E, ...] tensors or as their own tensors (experts in a ModuleList); the
-    other ranks' experts are stand-ins, seeded normal values at the scale of this rank's. Only the proof reads
-    them (it replays every rank's shard in this process; they go with the block's full experts), so each rank
-    proves its own shard on its real weights and the exchange on the stand-ins. A rank that holds none of a
-    block's experts (E < ranks) reads them whole."""
+def _runs(held: list[int]) -> list[tuple[int, int]]:
+    """Sorted expert indices -> their maximal contiguous ranges [lo, hi)."""
+    runs: list[tuple[int, int]] = []
+    for e in held:
+        runs = runs[:-1] + [(runs[-1][0], e + 1)] if runs and runs[-1][1] == e else runs + [(e, e + 1)]
+    return runs
+
+
+def shard_reader(mine):
+    """How load_sharded reads a block's experts (moec.offload.load.fill_and_compile's expert_reader): only the
+    experts `mine(path, E)` lists (this rank's shard and copies), as slices of the stacked [E, ...] tensors or as
+    their own tensors (experts in a ModuleList); the other ranks' experts are stand-ins, seeded normal values at
+    the scale of this rank's. Only the proof reads them (it replays every rank's shard in this process; they go
+    with the block's full experts), so each rank proves its own experts on their real weights and the exchange
+    on the stand-ins. A rank that holds none of a block's experts (E < ranks) reads them whole."""
     from moec.bindings import resolve
     from moec.passes.detect.candidates import member_names
 
     def reader(c, ckpt):
-        lo, hi = shards(c.num_experts, world)[rank]
-        if lo == hi:
+        held = sorted(set(mine(c.path, c.num_experts)))
+        if not held:
             return None
         pre = f"{c.path}." if c.path else ""
         members = {} if not c.container else {
             f"{pre}{c.container}.{n}.": i for i, n in enumerate(member_names(resolve(c.module, c.container)))}
-        first = next((m for m, i in members.items() if i == lo), None)  # this rank's first expert module
+        first = next((m for m, i in members.items() if i == held[0]), None)  # this rank's first expert module
         rms = {}  # tensor name in an expert module -> the scale of this rank's first expert's
 
         def read(name, like):
             if not like.is_floating_point():
                 return ckpt.read(name, like)
-            if not members:  # a stacked [E, ...] tensor: its rows lo:hi
-                mine = ckpt.read(name, like, rows=(lo, hi))
-                out = _stand_in(name, like, mine.float().square().mean().sqrt().item())
-                out[lo:hi] = mine
+            if not members:  # a stacked [E, ...] tensor: this rank's rows, in contiguous slices
+                parts = {r: ckpt.read(name, like, rows=r) for r in _runs(held)}
+                real = torch.cat(list(parts.values()))
+                out = _stand_in(name, like, real.float().square().mean().sqrt().item())
+                for (lo, hi), part in parts.items():
+                    out[lo:hi] = part
                 return out
             member = next(m for m in members if name.startswith(m))
-            if lo <= members[member] < hi:
+            if members[member] in held:
                 return ckpt.read(name, like)
             p = name[len(member):]
             if p not in rms:
@@ -255,7 +330,7 @@ def load_sharded(model: nn.Module, checkpoint, expert_parallel: ExpertParallel, 
     report = fill_and_compile(
         model, checkpoint, pipeline, {"quantize": quantize, "expert_parallel": group}, verify=verify,
         who="moec.load_sharded", before_install=lambda r: group.agree("the blocks compiled", compiled_blocks(r)),
-        expert_reader=shard_reader(group.rank, group.world))
+        expert_reader=shard_reader(lambda path, E: group.placement(path, E)[group.rank]))
     _warn_if_empty(model, report)
     report.quantize, report.expert_parallel = quantize, group.stats
     install_decode_linears(model, report, decode_linears)

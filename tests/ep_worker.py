@@ -5,7 +5,8 @@ checks its own slice of a batch against the single-process model (each rank comp
 
 Cases: families (mixtral, deepseek_v3, qwen2_moe), "hand" (a hand-written block), "uneven" (E % N != 0),
 "int8", "idle" (one token: most ranks receive no pair), "load" / "load_int4" (moec.load_sharded from a checkpoint
-in $MOEC_EP_TMP), "generate" (greedy tokens, synced_gpus=True),
+in $MOEC_EP_TMP), "replicas" (copies of a hot expert, compiled and loaded), "generate" (greedy tokens,
+synced_gpus=True),
 "mismatch" (rank 1 builds another model: every rank must refuse), "kill" (rank 1 exits mid-run) and "stall" (rank
 1 stops answering): the others must raise, within the timeout. Prints "rank R: CASE ok" per case; any failure raises (non-zero exit).
 """
@@ -37,7 +38,8 @@ def check_lm(model, rank, world, seq=7, **compile_kw):
     ref = moec.compile(copy.deepcopy(model), **{k: v for k, v in compile_kw.items() if k != "expert_parallel"})
     inputs = models.example_inputs(model, batch=world, seq=seq, seed=11)
     mine = {k: v[rank:rank + 1] for k, v in inputs.items()}
-    moec.compile(model, expert_parallel=moec.ExpertParallel(timeout=30), **compile_kw)
+    ep = compile_kw.pop("expert_parallel", moec.ExpertParallel(timeout=30))
+    moec.compile(model, expert_parallel=ep, **compile_kw)
     report = moec.inspect(model)
     assert report.blocks and not report.rejected, report
     assert all(f"on rank {rank}/{world}" in b.experts for b in report.blocks), [b.experts for b in report.blocks]
@@ -105,6 +107,31 @@ def case(name, rank, world):
         with torch.no_grad():
             want = ref(**inputs).logits[rank:rank + 1]
             got = model(**{k: v[rank:rank + 1] for k, v in inputs.items()}).logits
+        assert rel_err(got, want) < TOL, rel_err(got, want)
+    elif name == "replicas":  # copies of a hot expert (calibrated loads made skewed), compiled and loaded
+        from safetensors.torch import save_model
+
+        ref = models.tiny_model("qwen2_moe", num_experts_per_tok=2).eval()
+        cal = moec.calibrate(ref, [models.example_inputs(ref, batch=2, seq=8, seed=1)["input_ids"]])
+        for b in cal.blocks:
+            b.load = [1000 if e == 3 else 10 for e in range(len(b.load))]
+        ep = moec.ExpertParallel(timeout=30, replicas=1, calibration=cal)
+        model = check_lm(copy.deepcopy(ref), rank, world, expert_parallel=ep)
+        copied = torch.tensor([sum("copies of [3]" in b.experts for b in moec.inspect(model).blocks)])
+        dist.all_reduce(copied)
+        assert copied.item() >= 2, copied  # expert 3 copied in both blocks, to other ranks than its own
+        folder = os.path.join(os.environ["MOEC_EP_TMP"], name)
+        if rank == 0:
+            os.makedirs(folder, exist_ok=True)
+            save_model(ref, os.path.join(folder, "model.safetensors"))
+        dist.barrier()
+        with torch.device("meta"):
+            meta = type(ref)(ref.config).eval()
+        moec.load_sharded(meta, folder, ep)
+        inputs = models.example_inputs(ref, batch=world, seq=6, seed=5)
+        want = moec.compile(ref)(**inputs).logits[rank:rank + 1]
+        with torch.no_grad():
+            got = meta(**{k: v[rank:rank + 1] for k, v in inputs.items()}).logits
         assert rel_err(got, want) < TOL, rel_err(got, want)
     elif name == "mismatch":
         model = models.tiny_model("mixtral", num_experts_per_tok=2 if rank != 1 else 1).eval()

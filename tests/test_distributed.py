@@ -19,8 +19,8 @@ from moec import models
 from moec.distributed import shards
 
 WORKER = Path(__file__).with_name("ep_worker.py")
-CASES = ["hand", "mixtral", "deepseek_v3", "qwen2_moe", "uneven", "int8", "idle", "load", "load_int4", "generate",
-         "mismatch"]
+CASES = ["hand", "mixtral", "deepseek_v3", "qwen2_moe", "uneven", "int8", "idle", "load", "load_int4", "replicas",
+         "generate", "mismatch"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(WORKER.parent.parent)}
 
 
@@ -39,7 +39,8 @@ def _torchrun(n: int, *cases: str, tmp: Path | None = None) -> subprocess.Comple
 @pytest.mark.parametrize("n", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4 ranks on 2 cores: 2 minutes
 def test_ranks_equal_one_process(n, tmp_path):
     """Mixtral-, DeepSeek-V3- and Qwen2-MoE-style models and a hand-written block, E % N != 0, int8 experts, ranks
-    whose experts get no pair, each rank loading its shard from a checkpoint (fp and int4), greedy generation with
+    whose experts get no pair, each rank loading its shard from a checkpoint (fp and int4), copies of a hot expert
+    (compiled and loaded), greedy generation with
     ranks finishing apart, mismatched models refused."""
     _check(_torchrun(n, *CASES, tmp=tmp_path), range(n), CASES)
 
@@ -172,7 +173,7 @@ def test_a_rank_reads_only_its_experts(family, world, rank, tmp_path):
         else:
             names = {f"{pre}{n}": None for n in c.experts}
         reads.clear()
-        _fill(model, set(names), ckpt, shard_reader(rank, world)(c, ckpt))
+        _fill(model, set(names), ckpt, shard_reader(lambda path, E: range(*shards(E, world)[rank]))(c, ckpt))
         state = model.state_dict()
         for name, expert in names.items():
             got, want = state[name], real[name]
@@ -188,3 +189,28 @@ def test_a_rank_reads_only_its_experts(family, world, rank, tmp_path):
             else:
                 assert not torch.equal(got, want) and (name, None) not in reads
         assert all(n in names for n, _ in reads), reads
+
+
+def test_placement_copies_busy_experts_to_even_the_ranks():
+    """placement (ExpertParallel(replicas=...)): each rank keeps its shard and gets at most `replicas` copies, never
+    of an expert it holds; the busiest rank's expected load goes down on skewed routing; uniform routing, one rank or
+    no calibration get no copies."""
+    from moec.distributed import placement
+
+    def busiest(held, load):
+        copies = [sum(e in h for h in held) for e in range(len(load))]
+        return max(sum(load[e] / copies[e] for e in h) for h in held)
+
+    skewed = [400, 10, 10, 10, 300, 10, 10, 10, 5, 5, 5, 5, 5, 5, 200, 5]
+    for world, replicas in [(2, 1), (4, 1), (4, 2), (3, 3)]:
+        held = placement(16, world, skewed, replicas)
+        for r, ((lo, hi), h) in enumerate(zip(shards(16, world), held)):
+            assert h[:hi - lo] == list(range(lo, hi)) and len(h) - (hi - lo) <= replicas and len(set(h)) == len(h)
+        assert busiest(held, skewed) < busiest(placement(16, world), skewed), (world, replicas, held)
+    assert placement(16, 4, [7] * 16, 2) == placement(16, 4)
+    assert placement(16, 1, skewed, 2) == [list(range(16))]
+    assert placement(16, 4, None, 2) == placement(16, 4)
+    with pytest.raises(ValueError, match="calibration"):
+        moec.ExpertParallel(replicas=1)
+    with pytest.raises(ValueError, match="replicas"):
+        moec.ExpertParallel(replicas=-1)
