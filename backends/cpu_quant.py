@@ -320,7 +320,7 @@ def round_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     the numbers of moec.quant.int8_quantized_rows(x, K)."""
     if x.dim() != 2:
         raise ValueError(f"moec: round_rows takes rows [R, K], got {list(x.shape)}")
-    q, step = torch.empty(x.shape), torch.empty(x.shape[0], 1)
+    q, step = torch.empty(x.shape, dtype=torch.float32), torch.empty(x.shape[0], 1, dtype=torch.float32)
     _round_rows(x.detach().float().contiguous().numpy(), q.numpy(), step.numpy()[:, 0])
     return q, step
 
@@ -346,6 +346,9 @@ def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tens
         raise ValueError(f"moec: grouped_qmm of x {list(x.shape)} (rows up to {end}) and experts "
                          f"{list(q.shape)} ({q.dtype}) into {list(out.shape)}: shapes do not match")
     x, q = x.detach().float().contiguous().numpy(), q.detach()
+    if row_scale is not None and (q.dtype != torch.int8 or row_scale.numel() != x.shape[0]):
+        raise ValueError(f"moec: grouped_qmm row scales ({row_scale.numel()}) take int8 experts and one per row "
+                         f"({x.shape[0]} rows, {q.dtype} experts)")
     if q.dtype == torch.float32:
         _f32_kernel(x, first, last, q.contiguous().numpy(), out.numpy())
         return out
@@ -354,12 +357,8 @@ def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tens
         return out
     if q.dtype == torch.int8:
         rs = _NO_ROW_SCALE if row_scale is None else row_scale.detach().float().reshape(-1).numpy()
-        if len(rs) not in (0, x.shape[0]):
-            raise ValueError(f"moec: grouped_qmm row scales of {len(rs)} rows for {x.shape[0]} rows")
         _int8_kernel(x, first, last, q.numpy(), scale.numpy(), rs, out.numpy())
         return out
-    if row_scale is not None:
-        raise ValueError(f"moec: grouped_qmm row scales take int8 experts, not {q.dtype}")
     x, xsum = _int4_rows(x, scale.shape[-1])
     args = (q.numpy(), scale.numpy(), _NO_ZERO if zero is None else zero.numpy(), out.numpy())
     if (paired > first).any():

@@ -402,7 +402,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         (passes/reduce_experts.py); the dropped experts' memory is released. Not with offload= or onnxruntime.
     expert_parallel: moec.ExpertParallel(group, timeout, replicas, calibration): the routed experts sharded over a
         torch.distributed group, E/N per rank (+ `replicas` copies of the busiest experts of a calibration run),
-        tokens exchanged with all_to_all (appends shard_experts; torch backend; see moec.distributed).
+        tokens exchanged with all_to_all (appends shard_experts; torch or triton backend; see moec.distributed).
         Every rank calls compile on the same model with the same options (checked).
     decode_linears: backend torch: once a block is rewritten, the model's large fp32 nn.Linear layers
         (attention, shared experts, lm_head) run on moec's CPU kernel where a call has up to 4 rows (decode;
@@ -496,13 +496,17 @@ def _expert_parallel_group(model, cfg, backend: str, offload, options: list) -> 
     """The group the sharded experts exchange in, once every rank agreed on the model and the options."""
     if not isinstance(cfg, ExpertParallel):
         raise TypeError(f"moec.compile: expert_parallel must be moec.ExpertParallel(...), not {cfg!r}")
-    if backend != "torch":
-        raise NotImplementedError(f"moec: expert_parallel= runs the torch backend's experts ops (fp, int8, int4), not "
-                                  f"backend {backend!r}: use backend='torch'")
+    if backend not in ("torch", "triton"):
+        raise NotImplementedError(f"moec: expert_parallel= runs the torch or triton backend's experts ops (fp, int8, "
+                                  f"int4), not backend {backend!r}: use backend='torch' or 'triton'")
     if offload is not None:
         raise NotImplementedError("moec: expert_parallel= with offload=: compile with one of them")
     group = Group(cfg)
     shapes = [(c.path, c.num_experts, c.hidden) for c in find_candidates(model)]
+    uncalibrated = [path for path, E, _ in shapes if cfg.replicas and cfg.loads(path, E) is None]
+    if uncalibrated:
+        warnings.warn(f"moec.ExpertParallel: the calibration has no routing for block(s) {uncalibrated} (other paths "
+                      f"or expert counts: a calibration of another model?): they get no copies", stacklevel=3)
     config = getattr(model, "config", None)  # an HF model's config (k, sizes, ...)
     group.agree("the model and the compile options", [shapes, [repr(o) for o in options],
                                                       [group.placement(path, E) for path, E, _ in shapes],

@@ -48,7 +48,7 @@ class ExpertParallel:
     group: object = None
     timeout: float = 60.0
     replicas: int = 0
-    calibration: object = None
+    calibration: object = field(default=None, hash=False)
 
     def __post_init__(self):
         from moec.calibrate import Calibration
@@ -81,8 +81,9 @@ def shards(E: int, world: int) -> list[tuple[int, int]]:
 def placement(E: int, world: int, load: list[int] | None = None, replicas: int = 0) -> list[list[int]]:
     """The experts each rank holds: its shard (`shards`), then `replicas` copies of busy experts (with `load`, the
     calibrated pairs per expert). Greedy, after DeepSeek's EPLB: the busiest rank's expert with the most load per
-    copy gets a copy on the least loaded rank with a free slot and no copy of it, while that lowers the busiest
-    rank's expected load (a copied expert's pairs split evenly over its copies)."""
+    copy gets a copy on the least loaded rank with a free slot and no copy of it, while that lowers the ranks'
+    expected loads sorted from the busiest (a copied expert's pairs split evenly over its copies); then the copies
+    without which the busiest rank's load stays the same are dropped."""
     held = [list(range(lo, hi)) for lo, hi in shards(E, world)]
     if not replicas or load is None or world < 2:
         return held
@@ -105,6 +106,14 @@ def placement(E: int, world: int, load: list[int] | None = None, replicas: int =
             copies[e], extra[r] = copies[e] - 1, extra[r] - 1
             held[r].pop()
             break
+    busiest = max(rank_loads())
+    for r in range(world):  # copies the busiest rank's load does not need (they only evened out a tie): dropped
+        for e in reversed(held[r][len(range(*shards(E, world)[r])):]):
+            held[r].remove(e)
+            copies[e] -= 1
+            if max(rank_loads()) > busiest:
+                held[r].append(e)
+                copies[e] += 1
     return held
 
 
@@ -171,6 +180,7 @@ class ShardedExperts(nn.Module):
     def __init__(self, group: Group, path: str, op, E: int, act: tuple, full: list | None, held: list[list[int]]):
         super().__init__()
         self.group, self.path, self.op, self.E, self.act, self.held = group, path, op, E, tuple(act), held
+        self.extra = ()  # arguments of `op` between the tensors and `act` (lower_triton: int4's group size)
         sizes = [len(h) for h in held]
         self.bounds = [(sum(sizes[:r]), sum(sizes[:r + 1])) for r in range(len(held))]  # slots of each rank
         slots = [[v for v, e in enumerate(e for h in held for e in h) if e == i] for i in range(E)]
@@ -208,7 +218,7 @@ class ShardedExperts(nn.Module):
             return xr
         local = torch.repeat_interleave(torch.arange(len(runs), device=xr.device) % n_experts, runs)  # [R]
         ones = torch.ones(len(xr), 1, dtype=torch.float32, device=xr.device)
-        return self.op(xr, local[:, None], ones, *tensors, *self.act)
+        return self.op(xr, local[:, None], ones, *tensors, *self.extra, *self.act)
 
     def _replay(self, xs, counts, mine):
         """The exchange replayed in this process (the proof): each owner's rows run on its shard of the full
@@ -274,7 +284,9 @@ def shard_reader(mine):
     their own tensors (experts in a ModuleList); the other ranks' experts are stand-ins, seeded normal values at
     the scale of this rank's. Only the proof reads them (it replays every rank's shard in this process; they go
     with the block's full experts), so each rank proves its own experts on their real weights and the exchange
-    on the stand-ins. A rank that holds none of a block's experts (E < ranks) reads them whole."""
+    on the stand-ins; a block that is not compiled gets its experts read again, whole (fill_and_compile).
+    Read whole: experts stored in another layout (DBRX's [E*n, D] matrices), and a block none of whose experts
+    this rank holds (E < ranks)."""
     from moec.bindings import resolve
     from moec.passes.detect.candidates import member_names
 
@@ -290,6 +302,8 @@ def shard_reader(mine):
 
         def read(name, like):
             if not like.is_floating_point():
+                return ckpt.read(name, like)
+            if not members and (like.dim() < 3 or like.shape[0] != c.num_experts):  # e.g. DBRX's [E*n, D]: whole
                 return ckpt.read(name, like)
             if not members:  # a stacked [E, ...] tensor: this rank's rows, in contiguous slices
                 parts = {r: ckpt.read(name, like, rows=r) for r in _runs(held)}

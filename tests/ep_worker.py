@@ -4,11 +4,12 @@ checks its own slice of a batch against the single-process model (each rank comp
     torchrun --nproc-per-node N tests/ep_worker.py CASE [CASE ...]      (gloo, CPU)
 
 Cases: families (mixtral, deepseek_v3, qwen2_moe), "hand" (a hand-written block), "uneven" (E % N != 0),
-"int8", "idle" (one token: most ranks receive no pair), "load" / "load_int4" (moec.load_sharded from a checkpoint
-in $MOEC_EP_TMP), "replicas" (copies of a hot expert, compiled and loaded), "generate" (greedy tokens,
-synced_gpus=True),
-"mismatch" (rank 1 builds another model: every rank must refuse), "kill" (rank 1 exits mid-run) and "stall" (rank
-1 stops answering): the others must raise, within the timeout. Prints "rank R: CASE ok" per case; any failure raises (non-zero exit).
+"int8", "triton" (the Triton backend's int4 kernels; needs TRITON_INTERPRET=1 on a CPU), "idle" (one token: most
+ranks receive no pair), "load" / "load_int4" (moec.load_sharded from a checkpoint in $MOEC_EP_TMP), "replicas"
+(copies of a hot expert, compiled and loaded), "generate" (greedy tokens, synced_gpus=True), "mismatch" (rank 1
+builds another model: every rank must refuse), "kill" (rank 1 exits mid-run) and "stall" (rank 1 stops
+answering): the others must raise, within the timeout. Prints "rank R: CASE ok" per case; any failure raises
+(non-zero exit).
 """
 
 import copy
@@ -56,6 +57,9 @@ def case(name, rank, world):
         check_lm(models.tiny_model(name, num_experts_per_tok=2).eval(), rank, world)
     elif name == "uneven":  # 7 experts over 2 or 4 ranks
         check_lm(models.tiny_model("mixtral", num_local_experts=7).eval(), rank, world)
+    elif name == "triton":  # backend="triton" (TRITON_INTERPRET=1 on CPU), int4 experts: each rank's on its kernels
+        check_lm(models.tiny_model("mixtral", hidden_size=64, intermediate_size=64).eval(), rank, world,
+                 backend="triton", quantize=moec.Int4Experts(32))
     elif name == "int8":
         check_lm(models.tiny_model("qwen2_moe").eval(), rank, world, quantize=moec.Int8Experts())
     elif name == "idle":  # one token per rank, top-1 of 8: most ranks' experts run nothing in a block

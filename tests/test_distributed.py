@@ -19,7 +19,7 @@ from moec import models
 from moec.distributed import shards
 
 WORKER = Path(__file__).with_name("ep_worker.py")
-CASES = ["hand", "mixtral", "deepseek_v3", "qwen2_moe", "uneven", "int8", "idle", "load", "load_int4", "replicas",
+CASES = ["hand", "mixtral", "deepseek_v3", "qwen2_moe", "uneven", "int8", "triton", "idle", "load", "load_int4", "replicas",
          "generate", "mismatch"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(WORKER.parent.parent)}
 
@@ -39,7 +39,7 @@ def _torchrun(n: int, *cases: str, tmp: Path | None = None) -> subprocess.Comple
 @pytest.mark.parametrize("n", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4 ranks on 2 cores: 2 minutes
 def test_ranks_equal_one_process(n, tmp_path):
     """Mixtral-, DeepSeek-V3- and Qwen2-MoE-style models and a hand-written block, E % N != 0, int8 experts, ranks
-    whose experts get no pair, each rank loading its shard from a checkpoint (fp and int4), copies of a hot expert
+    whose experts get no pair, the Triton backend (int4, interpreted), each rank loading its shard from a checkpoint (fp and int4), copies of a hot expert
     (compiled and loaded), greedy generation with
     ranks finishing apart, mismatched models refused."""
     _check(_torchrun(n, *CASES, tmp=tmp_path), range(n), CASES)
@@ -137,12 +137,13 @@ def test_one_rank_group_runs_the_exchange_in_process(tmp_path):
 
 
 @pytest.mark.parametrize("family,world,rank", [("qwen2_moe", 2, 1), ("qwen2_moe", 3, 0), ("switch_transformers", 4, 2),
-                                               ("mixtral", 16, 9)])
+                                               ("mixtral", 16, 9), ("dbrx", 2, 1)])
 def test_a_rank_reads_only_its_experts(family, world, rank, tmp_path):
     """load_sharded's reads (shard_reader): a rank's experts come from the checkpoint as they are there, read as
     slices of the stacked tensors or as their own tensors (ModuleList experts), and nothing else of the experts is
     read; the other ranks' experts are stand-ins at the same scale, not the checkpoint's values. A rank that holds
-    none of a block's experts (8 experts over 16 ranks) reads them whole."""
+    none of a block's experts (8 experts over 16 ranks) reads them whole, and so are experts in another layout than
+    [E, ...] (DBRX's [E*n, D] matrices)."""
     from safetensors.torch import save_model
 
     from moec.distributed import shard_reader
@@ -177,7 +178,7 @@ def test_a_rank_reads_only_its_experts(family, world, rank, tmp_path):
         state = model.state_dict()
         for name, expert in names.items():
             got, want = state[name], real[name]
-            if lo == hi:  # this rank holds none of them
+            if lo == hi or expert is None and (got.dim() < 3 or got.shape[0] != c.num_experts):  # read whole
                 assert torch.equal(got, want) and (name, None) in reads
             elif expert is None:  # stacked [E, ...]: rows lo:hi read, the rest stand-ins
                 assert torch.equal(got[lo:hi], want[lo:hi]) and not torch.equal(got, want)
@@ -208,9 +209,59 @@ def test_placement_copies_busy_experts_to_even_the_ranks():
             assert h[:hi - lo] == list(range(lo, hi)) and len(h) - (hi - lo) <= replicas and len(set(h)) == len(h)
         assert busiest(held, skewed) < busiest(placement(16, world), skewed), (world, replicas, held)
     assert placement(16, 4, [7] * 16, 2) == placement(16, 4)
+    assert placement(3, 4, [100, 84, 100], 2) == placement(3, 4)  # a copy would only split a tie at the top
     assert placement(16, 1, skewed, 2) == [list(range(16))]
     assert placement(16, 4, None, 2) == placement(16, 4)
     with pytest.raises(ValueError, match="calibration"):
         moec.ExpertParallel(replicas=1)
     with pytest.raises(ValueError, match="replicas"):
         moec.ExpertParallel(replicas=-1)
+
+
+@pytest.mark.parametrize("quantize", [None, moec.Int8Experts(), moec.Int4Experts(32)], ids=["fp", "int8", "int4"])
+def test_triton_backend_under_expert_parallel(quantize, tmp_path):
+    """backend="triton" with expert_parallel=: each rank's experts run the Triton kernels (TRITON_INTERPRET=1 here,
+    a world of one: the rows go through all_to_all to this rank) and the logits equal the one-process Triton
+    model's."""
+    from moec.bindings import resolve
+
+    model = models.tiny_model("mixtral", hidden_size=64, intermediate_size=64).eval()
+    ref = moec.compile(models.tiny_model("mixtral", hidden_size=64, intermediate_size=64).eval(), backend="triton",
+                       quantize=quantize)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        moec.compile(model, backend="triton", quantize=quantize, expert_parallel=moec.ExpertParallel())
+        report = moec.inspect(model)
+        assert report.blocks and not report.rejected and "lower_triton" in report.pipeline
+        kernel = getattr(torch.ops.moec, "triton_experts" if quantize is None else f"triton_experts_int{quantize.bits}")
+        for b in report.blocks:
+            assert b.passes[-1].name == "lower_triton" and b.passes[-1].modified
+            assert resolve(model, b.path).__dict__["_moec_graph"].sharded.op is kernel
+        inputs = models.example_inputs(model, batch=2, seq=5)
+        with torch.no_grad():
+            assert rel_err(model(**inputs).logits, ref(**inputs).logits) < TOL[torch.float32]
+        assert moec.inspect(model).expert_parallel.rows_received > 0
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_block_left_alone_gets_its_real_experts(tmp_path):
+    """load_sharded's stand-ins never run: a block the pipeline rejects (here: shard_experts without a group) has its
+    experts read again, whole, before the next block."""
+    from safetensors.torch import save_model
+
+    from moec.distributed import shard_reader
+    from moec.offload.load import fill_and_compile
+
+    ref = models.tiny_model("qwen2_moe").eval()
+    save_model(ref, str(tmp_path / "model.safetensors"))
+    with torch.device("meta"):
+        model = type(ref)(ref.config).eval()
+    report = fill_and_compile(model, tmp_path, "detect_moe,batch_experts,shard_experts", {}, verify=False, who="test",
+                              expert_reader=shard_reader(lambda path, E: [0]))  # this "rank" holds expert 0 only
+    assert not report.blocks and len(report.rejected) == ref.config.num_hidden_layers
+    real = ref.state_dict()
+    assert all(torch.equal(t, real[n]) for n, t in model.state_dict().items())
+    inputs = models.example_inputs(ref, seq=5)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref(**inputs).logits)

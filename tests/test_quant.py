@@ -175,6 +175,13 @@ def test_round_rows_is_the_reference_rounding():
     q_ref, step_ref = int8_quantized_rows(x, x.shape[1])
     assert torch.isnan(q_ref[3:6]).any(-1).all() and step_ref[1] == 0 and step_ref[6] == 1
     assert (q_ref[6, 1:] % 2 == 0).all()  # ties to even
+    t = quantize(Int8Experts(), torch.randn(2, 8, 300, generator=gen))
+    rows = cpu_quant.expert_rows([64, 0])
+    for bad in (torch.ones(63), torch.ones(0)):  # row scales: one per row
+        with pytest.raises(ValueError, match="row scales"):
+            cpu_quant.grouped_qmm(x, rows, t["q"], t["scale"], row_scale=bad)
+    with pytest.raises(ValueError, match="row scales"):  # and for int8 experts only
+        cpu_quant.grouped_qmm(x, rows, t["q"].float(), row_scale=torch.ones(64))
 
 
 @pytest.mark.parametrize("hidden,inter", [(1, 8), (8, 1)])

@@ -134,6 +134,8 @@ def fill_and_compile(model: nn.Module, checkpoint, pipeline: str, options: dict,
                  options=options, strict=verify, only=c.path, before_install=before_install)
         report.blocks += r.blocks
         report.rejected += r.rejected
+        if r.rejected and expert_reader is not None:  # the block runs as it is: on its real experts, read whole
+            _fill(model, experts[c.path], ckpt)
         give_back_memory()
     kept = [r.path for r in report.rejected]
     if kept:
