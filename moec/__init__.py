@@ -15,13 +15,23 @@ from moec.api import Report, compile, inspect
 from moec.approx import ExpertPlan, TopP
 from moec.distributed import ExpertParallel, load_sharded
 from moec.calibrate import Calibration, calibrate, expert_plan, topk_schedule, topk_search
-from moec.export import ExportReport, export_onnx
-from moec.genai import export_genai
 from moec.ir import ExpertsSpec, MoESpec, RouterSpec, SharedSpec
 from moec.offload import Offload, load_offloaded
 from moec.pass_manager import DEFAULT_PIPELINE, PASSES
 from moec.quant import Int4Experts, Int8Experts
 from moec.serialize import load, save
+
+# the ONNX side (onnx, onnxscript: ~0.6 s of `import moec`) is imported when first used
+_LAZY = {"export_onnx": "moec.export", "ExportReport": "moec.export", "export_genai": "moec.genai"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'moec' has no attribute {name!r}")
+
 
 __all__ = ["compile", "inspect", "Report", "calibrate", "topk_schedule", "topk_search", "expert_plan", "ExpertPlan", "TopP", "ExpertParallel", "load_sharded", "Calibration", "Offload", "load_offloaded", "export_onnx", "export_genai", "ExportReport", "Int8Experts", "Int4Experts", "save", "load", "MoESpec", "RouterSpec", "ExpertsSpec", "SharedSpec", "PASSES",
            "DEFAULT_PIPELINE"]
