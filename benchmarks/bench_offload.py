@@ -11,6 +11,9 @@ Table 2, generation tokens/s (same generation): fully resident (moec, no offload
 (policy auto, disk store, prefetch auto: none on a CPU; and 25% with router prefetch), naive on-demand loading (one
 slot, no prefetch: every expert read from disk at each use), and int8 experts resident and offloaded at 25%
 (the store holds the quantized experts; same tokens as resident int8) with their MB read per token. Systems interleaved per round; medians over --rounds; each round's wall time printed.
+--cold: every expert read from the disk store is dropped from the page cache right after, so that each read
+goes to the disk, as when the experts do not fit in memory (without it, a small model's store stays in the page
+cache and "naive on-demand" reads come from memory).
 Table 3, projection (a trace-driven replay of this run's routing, `moec.offload.simulate`): tokens/s of GPU
 offload for real model sizes, misses per token x expert bytes / link bandwidth + the resident compute time,
 at the same budgets. Assumptions printed with it.
@@ -55,6 +58,27 @@ def offloaded(load, budget, policy="auto", prefetch="auto", quantize=None):
     return model
 
 
+def cold_reads() -> None:
+    """Every expert the disk store reads leaves the page cache right after (POSIX_FADV_DONTNEED), so each read goes
+    to the disk, as for a model whose experts do not fit the machine's memory (--cold)."""
+    from moec.offload.store import DiskStore
+
+    read = DiskStore.read_into
+
+    def cold(self, block, role, e, into):
+        out = read(self, block, role, e, into)
+        path = self._file(block)
+        _, _, offset, nbytes = self._entries(block, path)[f"{role}.{e}"]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        return out
+
+    DiskStore.read_into = cold
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=tuple(LOAD), default="fine")
@@ -63,7 +87,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tables", default="1,2,3", help="which tables to run, e.g. 2")
+    ap.add_argument("--cold", action="store_true", help="table 2: every store read goes to the disk (page cache dropped "
+                                                         "after each read: experts bigger than memory)")
     args = ap.parse_args()
+    if args.cold:
+        cold_reads()
     tables = {int(t) for t in args.tables.split(",")}
     torch.set_num_threads(args.threads)
     console = Console(width=170)
@@ -116,6 +144,7 @@ def speed_table(console, load, args, prompt, n, resident):
                "offload 25% (auto, prefetch router)": offloaded(load, "25%", "auto", "router"),
                "resident int8": resident_q, "offload 25% int8 (auto)": offloaded(load, "25%", quantize=int8)}
     want = {False: generate(resident, prompt, n)[0], True: generate(resident_q, prompt, n)[0]}
+    os.sync()  # the stores written back, so that --cold's page-cache drops take (dirty pages stay cached)
     speeds = {name: [] for name in systems}
     for rnd in range(args.rounds):
         t0 = time.perf_counter()
@@ -125,7 +154,7 @@ def speed_table(console, load, args, prompt, n, resident):
             speeds[name].append(tps)
         console.print(f"round {rnd + 1}: {time.perf_counter() - t0:.1f} s wall")
     t2 = Table(title=f"generation tokens/s (median of {args.rounds} interleaved rounds, {args.threads} threads; "
-                     f"same tokens as resident, or as resident int8)")
+                     f"same tokens as resident, or as resident int8){'; every store read from the disk' * args.cold}")
     for col in ("system", "tokens/s", "vs naive", "vs resident", "MB read/token"):
         t2.add_column(col)
     med = {k: statistics.median(v) for k, v in speeds.items()}

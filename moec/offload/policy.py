@@ -31,12 +31,15 @@ def victim(policy: str, candidates: list, h: History):
     routing  least value per slot held: the chance the expert is used when its block next runs (its share
              of that block's calls) over the blocks until then (decode visits the blocks in turn, so an
              expert of the block that just ran is needed last)."""
+    uses, last = h.uses.get, h.last_use.get  # (bound once: this runs at every miss over every slot)
     if policy == "lfu":
-        return min(candidates, key=lambda k: (h.uses.get(k, 0), h.last_use.get(k, -1)))
-    if policy == "routing":
+        keys = [(uses(k, 0), last(k, -1)) for k in candidates]
+    elif policy == "routing":
         per_block = {b: 1 / ((h.calls.get(b, 0) + 2) * h.distance(b)) for b in {k[0] for k in candidates}}
-        return min(candidates, key=lambda k: ((h.uses.get(k, 0) + 1) * per_block[k[0]], h.last_use.get(k, -1)))
-    return min(candidates, key=lambda k: h.last_use.get(k, -1))
+        keys = [((uses(k, 0) + 1) * per_block[k[0]], last(k, -1)) for k in candidates]
+    else:
+        keys = [last(k, -1) for k in candidates]
+    return candidates[min(range(len(keys)), key=keys.__getitem__)]
 
 
 def simulate(trace: list[tuple[str, frozenset]], slots: int, policy: str) -> float:

@@ -208,9 +208,10 @@ class Pool:
         stream = self._side_stream() if side else None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for r, t in slots.t.items():
-                src = self.store.read(block, r, e)
-                t[slot].copy_(src, non_blocking=src.is_pinned())
-                nbytes += src.numel() * src.element_size()
+                src, n = self.store.read_into(block, r, e, t[slot])  # the slot itself where it can take the bytes
+                if src.data_ptr() != t[slot].data_ptr():
+                    t[slot].copy_(src, non_blocking=src.is_pinned())
+                nbytes += n
         if stream is not None:
             stream.synchronize()
         with self._lock:
@@ -226,7 +227,8 @@ class Pool:
     def _free_slot(self, slots: _Slots, keep: frozenset = frozenset()) -> int | None:
         """An empty slot, else the policy's victim among the slots no call holds, no prefetch writes and that do
         not hold a (block, expert) in `keep` (None if there is none)."""
-        free = [i for i in range(slots.n) if not slots.pins[i] and i not in slots.loading and slots.owner[i] not in keep]
+        pins, loading, owner = slots.pins, slots.loading, slots.owner  # (pins.get: a Counter's [] is Python code)
+        free = [i for i in range(slots.n) if not pins.get(i) and i not in loading and owner[i] not in keep]
         empty = [i for i in free if slots.owner[i] is None]
         if empty or not free:
             return empty[0] if empty else None

@@ -45,16 +45,26 @@ class DiskStore:
         return self._index[block][1]
 
     def read(self, block: str, role: str, e: int) -> torch.Tensor:
+        out, _ = self.read_into(block, role, e, None)
+        return out
+
+    def read_into(self, block: str, role: str, e: int, out: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """The tensor (written into `out`, a CPU tensor of its shape and dtype, else a new one) and its bytes: one
+        positioned read, no copy."""
         path = self._file(block)
         try:
             dtype, shape, offset, nbytes = self._entries(block, path)[f"{role}.{e}"]
-            out = torch.empty(shape, dtype=dtype)
-            with open(path, "rb") as f:
-                f.seek(offset)
-                got = f.readinto(out.view(-1).view(torch.uint8).numpy())
+            if out is None or out.dtype != dtype or list(out.shape) != shape or not out.is_contiguous() or \
+                    out.device.type != "cpu":
+                out = torch.empty(shape, dtype=dtype)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                got = os.preadv(fd, [out.view(-1).view(torch.uint8).numpy()], offset)
+            finally:
+                os.close(fd)
             if got != nbytes:
                 raise EOFError(f"{got} of {nbytes} bytes")
-            return out
+            return out, nbytes
         except Exception as err:  # noqa: BLE001  missing, truncated or overwritten file
             self._index.pop(block, None)
             raise RuntimeError(f"moec offload: cannot read expert {e} of block {block!r} from {path} "
@@ -77,3 +87,7 @@ class HostStore:
 
     def read(self, block: str, role: str, e: int) -> torch.Tensor:
         return self._t[block, role, e]
+
+    def read_into(self, block: str, role: str, e: int, out: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        src = self._t[block, role, e]
+        return src, src.numel() * src.element_size()
