@@ -346,6 +346,7 @@ def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tens
         raise ValueError(f"moec: grouped_qmm of x {list(x.shape)} (rows up to {end}) and experts "
                          f"{list(q.shape)} ({q.dtype}) into {list(out.shape)}: shapes do not match")
     x, q = x.detach().float().contiguous().numpy(), q.detach()
+    scale = None if scale is None else scale.detach().float()  # a model cast by .half()/.to(bf16) casts its scales
     if row_scale is not None and (q.dtype != torch.int8 or row_scale.numel() != x.shape[0]):
         raise ValueError(f"moec: grouped_qmm row scales ({row_scale.numel()}) take int8 experts and one per row "
                          f"({x.shape[0]} rows, {q.dtype} experts)")
@@ -396,9 +397,10 @@ def dequantize_expert(e: int, q: torch.Tensor, scale: torch.Tensor | None = None
     if out.shape != (N, K) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"dequantize_expert: out must be a contiguous fp32 [{N}, {K}], got {out.dtype} {list(out.shape)}")
     if q.dtype == torch.int8:
-        _dequant_int8(q[e].numpy(), scale[e].numpy(), out.numpy())
+        _dequant_int8(q[e].numpy(), scale[e].float().numpy(), out.numpy())
     else:
-        _dequant_int4(q[e].numpy(), scale[e].numpy(), _NO_ZERO_2D if zero is None else zero[e].numpy(), out.numpy())
+        _dequant_int4(q[e].numpy(), scale[e].float().numpy(), _NO_ZERO_2D if zero is None else zero[e].numpy(),
+                      out.numpy())
     return out
 
 

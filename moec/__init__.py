@@ -33,5 +33,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'moec' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
 __all__ = ["compile", "inspect", "Report", "calibrate", "topk_schedule", "topk_search", "expert_plan", "ExpertPlan", "TopP", "ExpertParallel", "load_sharded", "Calibration", "Offload", "load_offloaded", "export_onnx", "export_genai", "ExportReport", "Int8Experts", "Int4Experts", "save", "load", "MoESpec", "RouterSpec", "ExpertsSpec", "SharedSpec", "PASSES",
            "DEFAULT_PIPELINE"]

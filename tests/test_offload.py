@@ -189,6 +189,40 @@ def test_a_damaged_store_fails_with_what_to_do(tmp_path):
         model(**x)
 
 
+def test_a_store_another_compile_rewrote_is_refused(tmp_path):
+    """Two models compiled into one Offload(path=...): the first must not run on the second's experts."""
+    model, other = _lm("mixtral"), models.tiny_model("mixtral", seed=1).eval()
+    _compile(model, budget=1, store="disk", path=str(tmp_path))
+    x = models.example_inputs(model, seq=3)
+    with torch.no_grad():
+        model(**x)  # its headers read
+        _compile(other, budget=1, store="disk", path=str(tmp_path))
+        other(**x)
+        with pytest.raises(RuntimeError, match="another compile rewrote"):
+            model(**x)
+
+
+def test_store_reads_take_as_many_reads_as_the_os_needs(tmp_path, monkeypatch):
+    """A read may return fewer bytes than asked (over 2 GiB on Linux, network filesystems): the store reads on."""
+    import io
+
+    from moec.offload import store
+
+    model = _lm("qwen2_moe")
+    ref = copy.deepcopy(model)
+    _compile(model, budget=2, store="disk", path=str(tmp_path))
+
+    class Short(io.FileIO):
+        def readinto(self, b):
+            return super().readinto(memoryview(b)[:1000])
+
+    monkeypatch.setattr(store, "open", lambda path, mode, buffering=-1: Short(path, mode), raising=False)
+    x = models.example_inputs(model, seq=4)
+    with torch.no_grad():
+        assert rel_err(model(**x).logits, ref(**x).logits) < TOL[torch.float32]
+    assert moec.inspect(model).offload.total().bytes_read > 0
+
+
 def test_concurrent_calls_give_each_its_own_outputs():
     model = _lm("mixtral")
     ref = copy.deepcopy(model)

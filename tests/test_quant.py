@@ -415,6 +415,20 @@ def test_released_blocks_refuse_what_needs_the_fp_experts(tmp_path):
         model.save_pretrained(str(tmp_path))
 
 
+@pytest.mark.parametrize("cfg", [Int8Experts(), Int4Experts(32)], ids=lambda c: c.describe())
+def test_quantized_model_follows_half_and_bf16(cfg):
+    """.half() / .to(bfloat16) after compile casts the scales too: the kernels take them (as fp32) and the outputs
+    stay within the dtype's rounding of the fp32 model's."""
+    model = models.tiny_model("mixtral").eval()
+    moec.compile(model, quantize=cfg)
+    inputs = models.example_inputs(model, batch=2, seq=5)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        for dtype, tol in ((torch.float16, 5e-3), (torch.bfloat16, 3e-2)):
+            got = copy.deepcopy(model).to(dtype)(**inputs).logits
+            assert got.dtype == dtype and rel_err(got, ref) < tol, (dtype, rel_err(got, ref))
+
+
 def test_out_of_range_expert_ids_raise():
     cfg = Int8Experts()
     e = ExpertsSpec(4, 64, 64, "silu")

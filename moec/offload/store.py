@@ -13,6 +13,20 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8}
 
 
+def _read_at(path: str, offset: int, buf) -> int:
+    """Bytes of `path` from `offset` read into the writable buffer `buf` (unbuffered reads straight into it, as many
+    as the OS needs: one read returns at most 2 GiB on Linux, less on some network filesystems)."""
+    mv, got = memoryview(buf).cast("B"), 0
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        while got < len(mv):
+            n = f.readinto(mv[got:])
+            if not n:
+                break
+            got += n
+    return got
+
+
 class DiskStore:
     """Each block's experts in one safetensors file (`<block>.safetensors`, tensors `<role>.<e>`), written once
     at compile time and read one expert at a time with plain reads at the offsets its header gives (no mmap:
@@ -22,14 +36,16 @@ class DiskStore:
         self.folder = folder
         os.makedirs(folder, exist_ok=True)
         self._index: dict[str, tuple] = {}  # block -> ((size, mtime), {name: (dtype, shape, offset, nbytes)})
+        self._written: dict[str, str] = {}  # block -> the token this store wrote into its file's metadata
 
     def _file(self, block: str) -> str:
         return os.path.join(self.folder, (block or "model").replace("/", "_") + ".safetensors")
 
     def write(self, block: str, tensors: dict[str, torch.Tensor]) -> None:
         """tensors: role -> [E, ...]; stored per expert."""
+        self._written[block] = os.urandom(8).hex()
         save_file({f"{r}.{e}": t[e].detach().cpu().contiguous() for r, t in tensors.items() for e in range(len(t))},
-                  self._file(block))
+                  self._file(block), metadata={"moec_store": self._written[block]})
         self._index.pop(block, None)
 
     def _entries(self, block: str, path: str) -> dict:
@@ -39,6 +55,9 @@ class DiskStore:
             with open(path, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(n))
+            token = header.get("__metadata__", {}).get("moec_store")
+            if block in self._written and token != self._written[block]:
+                raise ValueError("another compile rewrote this file (Offload(path=...) shared by two models)")
             self._index[block] = (sig, {k: (DTYPES[v["dtype"]], v["shape"], 8 + n + v["data_offsets"][0],
                                             v["data_offsets"][1] - v["data_offsets"][0])
                                         for k, v in header.items() if k != "__metadata__"})
@@ -57,11 +76,7 @@ class DiskStore:
             if out is None or out.dtype != dtype or list(out.shape) != shape or not out.is_contiguous() or \
                     out.device.type != "cpu":
                 out = torch.empty(shape, dtype=dtype)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                got = os.preadv(fd, [out.view(-1).view(torch.uint8).numpy()], offset)
-            finally:
-                os.close(fd)
+            got = _read_at(path, offset, out.view(-1).view(torch.uint8).numpy())
             if got != nbytes:
                 raise EOFError(f"{got} of {nbytes} bytes")
             return out, nbytes
