@@ -52,6 +52,29 @@ def check_lm(model, rank, world, seq=7, **compile_kw):
     return model
 
 
+def saved_and_meta(ref, name: str, rank: int):
+    """`ref` written once (by rank 0) as a safetensors folder in $MOEC_EP_TMP, and its architecture built on the meta
+    device: (folder, meta model)."""
+    from safetensors.torch import save_model
+
+    folder = os.path.join(os.environ["MOEC_EP_TMP"], name)
+    if rank == 0:
+        os.makedirs(folder, exist_ok=True)
+        save_model(ref, os.path.join(folder, "model.safetensors"))
+    dist.barrier()
+    with torch.device("meta"):
+        return folder, type(ref)(ref.config).eval()
+
+
+def check_row(model, ref, rank, world):
+    """Row `rank` of a batch of `world` through `model` gives the one-process `ref`'s logits."""
+    inputs = models.example_inputs(ref, batch=world, seq=6, seed=5)
+    with torch.no_grad():
+        want = ref(**inputs).logits[rank:rank + 1]
+        got = model(**{k: v[rank:rank + 1] for k, v in inputs.items()}).logits
+    assert rel_err(got, want) < TOL, rel_err(got, want)
+
+
 def case(name, rank, world):
     if name in ("mixtral", "deepseek_v3", "qwen2_moe"):
         check_lm(models.tiny_model(name, num_experts_per_tok=2).eval(), rank, world)
@@ -89,32 +112,17 @@ def case(name, rank, world):
             got = model.generate(prompt, max_new_tokens=new, do_sample=False, synced_gpus=True)
         assert torch.equal(got, want), (got, want)
     elif name in ("load", "load_int4"):  # meta build, every rank fills its shard from one checkpoint
-        from safetensors.torch import save_model
-
         quantize = moec.Int4Experts(group_size=32) if name == "load_int4" else None
         ref = models.tiny_model("qwen2_moe", num_experts_per_tok=2).eval()
-        folder = os.path.join(os.environ["MOEC_EP_TMP"], name)
-        if rank == 0:
-            os.makedirs(folder, exist_ok=True)
-            save_model(ref, os.path.join(folder, "model.safetensors"))
-        dist.barrier()
-        with torch.device("meta"):
-            model = type(ref)(ref.config).eval()
+        folder, model = saved_and_meta(ref, name, rank)
         moec.load_sharded(model, folder, moec.ExpertParallel(timeout=30), quantize=quantize)
         assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
         held = sum(t.numel() for n, t in model.named_buffers() if "_moec_shard_" in n and ("w13" in n or "q13" in n))
         full = sum(b.experts.gate_up_proj.numel() for b in (m.mlp for m in ref.model.layers))
         per_byte = 2 if quantize else 1  # int4: two weights a byte
         assert held * per_byte == full // world, (held, full)  # E/N experts (8 over 2 or 4 ranks)
-        ref = moec.compile(ref, quantize=quantize)
-        inputs = models.example_inputs(ref, batch=world, seq=6, seed=5)
-        with torch.no_grad():
-            want = ref(**inputs).logits[rank:rank + 1]
-            got = model(**{k: v[rank:rank + 1] for k, v in inputs.items()}).logits
-        assert rel_err(got, want) < TOL, rel_err(got, want)
+        check_row(model, moec.compile(ref, quantize=quantize), rank, world)
     elif name == "replicas":  # copies of a hot expert (calibrated loads made skewed), compiled and loaded
-        from safetensors.torch import save_model
-
         ref = models.tiny_model("qwen2_moe", num_experts_per_tok=2).eval()
         cal = moec.calibrate(ref, [models.example_inputs(ref, batch=2, seq=8, seed=1)["input_ids"]])
         for b in cal.blocks:
@@ -124,19 +132,9 @@ def case(name, rank, world):
         copied = torch.tensor([sum("copies of [3]" in b.experts for b in moec.inspect(model).blocks)])
         dist.all_reduce(copied)
         assert copied.item() >= 2, copied  # expert 3 copied in both blocks, to other ranks than its own
-        folder = os.path.join(os.environ["MOEC_EP_TMP"], name)
-        if rank == 0:
-            os.makedirs(folder, exist_ok=True)
-            save_model(ref, os.path.join(folder, "model.safetensors"))
-        dist.barrier()
-        with torch.device("meta"):
-            meta = type(ref)(ref.config).eval()
+        folder, meta = saved_and_meta(ref, name, rank)
         moec.load_sharded(meta, folder, ep)
-        inputs = models.example_inputs(ref, batch=world, seq=6, seed=5)
-        want = moec.compile(ref)(**inputs).logits[rank:rank + 1]
-        with torch.no_grad():
-            got = meta(**{k: v[rank:rank + 1] for k, v in inputs.items()}).logits
-        assert rel_err(got, want) < TOL, rel_err(got, want)
+        check_row(meta, moec.compile(ref), rank, world)
     elif name == "mismatch":
         model = models.tiny_model("mixtral", num_experts_per_tok=2 if rank != 1 else 1).eval()
         try:
