@@ -260,16 +260,26 @@ def _scale_strides(s: torch.Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if s is None else (s.stride(0), s.stride(1), s.stride(2) if s.dim() == 3 else 0)
 
 
-def _experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, weight_on_input, gate_up,
-             quant=0, s13=None, z13=None, s2=None, z2=None, group=0):
+def _experts(x, ids, weights, *args, **kw):
+    """[T, H] -> [T, H]: expert_pairs' outputs summed over each token's k slots, in token order."""
+    T, k = ids.shape
+    return expert_pairs(x, ids, weights, *args, **kw).view(T, k, -1).sum(dim=1).to(x.dtype)
+
+
+def expert_pairs(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, weight_on_input, gate_up,
+                 quant=0, s13=None, z13=None, s2=None, z2=None, group=0, shape=None):
     """Both GEMMs on weights as stored: W13 [E, N1, H] / W2 [E, H, I] in x's dtype (quant 0), int8 (8) or
-    int4-packed (4: [E, N, K/2] bytes) with moec.quant's scales s [E, N(, K/g)] and zero points z (or None)."""
+    int4-packed (4: [E, N, K/2] bytes) with moec.quant's scales s [E, N(, K/g)] and zero points z (or None)
+    -> each (token, slot) pair's weighted expert output [T*k, H] fp32. shape: the (T, E, k) whose tile
+    configuration runs (default: this call's; the offload pool runs a block's pairs on its slots with the block's
+    own, so that each pair's numbers are the resident kernel's)."""
     T, k = ids.shape
     E, N1, H = w13.shape[0], w13.shape[1], x.shape[1]
     I = N1 // 2 if gated else N1
     x = x.contiguous()  # weights are read through their strides: no per-call copies
     qkey = {0: "", 8: "w8", 4: f"w4g{group}"}[quant]
-    cfg = config_for(T, E, N1, H, k, x.dtype, x.device, qkey)
+    tiles_T, tiles_E, tiles_k = shape or (T, E, k)
+    cfg = config_for(tiles_T, tiles_E, N1, H, tiles_k, x.dtype, x.device, qkey)
     block_k = min(cfg.block_k, group) if quant == 4 else cfg.block_k  # an int4 K tile lies in one group
     sorted_ids, block_expert, n_padded = align_block_size(ids.reshape(-1).to(torch.int32), E, cfg.block_m)
     flat_w = weights.reshape(-1).float().contiguous()
@@ -296,7 +306,7 @@ def _experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit,
         h, w2, s2, z2, b2, flat_w, y, sorted_ids, block_expert, n_padded, n_pairs, I, H,
         w2.stride(0), w2.stride(1), w2.stride(2), *_scale_strides(s2), 0 if b2 is None else b2.stride(0),
         HAS_BIAS=b2 is not None, WEIGHT_ON_INPUT=weight_on_input, HAS_ZERO=z2 is not None, **common)
-    return y.view(T, k, H).sum(dim=1).to(x.dtype)  # [T, H]: reduce over the k slots in token order
+    return y
 
 
 @torch.library.custom_op("moec::triton_experts", mutates_args=())

@@ -6,7 +6,7 @@ Requires batch_experts (and quantize_experts, when quantizing). Matches
     y = moec.experts_int8(x, ids, w, Q13 int8[E,N1,H], S13[E,N1], b13?, Q2, S2, b2?, ...)
     y = moec.experts_int4(x, ids, w, Q13 u8[E,N1,H/2], S13[E,N1,H/g], Z13?, b13?, Q2, S2, Z2?, b2?, ...)
 
-(or the op shard_experts' ShardedExperts calls) and leaves moec.triton_experts[_int8/_int4] (alignment +
+(or the op shard_experts' ShardedExperts calls, or offload_experts' OffloadedExperts) and leaves moec.triton_experts[_int8/_int4] (alignment +
 two fused grouped GEMMs that read the weights through their strides and dequantize moec's format in
 registers): same arguments (int4 also takes the group size g), same semantics. The routing stays moec.route, torch's own ops on
 the device: its expert choice is the original's bit for bit, ties included (a fused routing
@@ -26,6 +26,7 @@ def lower_triton(gm) -> PassResult:
     from moec.backends import triton_experts  # noqa: F401  (late: kernels defined, ops registered)
 
     from moec.distributed import ShardedExperts
+    from moec.offload import OffloadedExperts
 
     spec = gm.meta["moe_spec"]
     ops = {torch.ops.moec.experts: ("experts", torch.ops.moec.triton_experts, ()),
@@ -43,4 +44,7 @@ def lower_triton(gm) -> PassResult:
         if isinstance(m, ShardedExperts) and m.op in ops:
             name, m.op, m.extra = ops[m.op]
             stats[name] += 1
+        if isinstance(m, OffloadedExperts):  # offload_experts' op: the same kernels on the pool's slots
+            m.triton = getattr(spec.quant, "group_size", 0) if m.quantized == "int4" else 0
+            stats[f"experts_{m.quantized}" if m.quantized else "experts"] += 1
     return PassResult(gm, sum(stats.values()) > 0, stats)

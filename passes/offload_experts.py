@@ -15,7 +15,8 @@ needs from the slot of the model's expert pool that holds it, loading it from th
 block's expert tensors (fp, or quantized: a quantized store moves 2-4x fewer bytes than bf16) are written to
 the store here; once the block is proved and installed, compile empties them (the model's memory holds the
 pool, not the experts).
-Requires batch_experts (not lower_triton: the pool's experts run in the torch backend's per-expert path).
+Requires batch_experts; runs before lower_triton, which points the OffloadedExperts at the Triton kernels (run on
+the pool's slots, see OffloadedExperts._triton).
 Invariant: the same experts with the same weights run on the same rows (the per-expert path of moec.experts,
 or the quantized kernels, number for number); the final proof checks it with the pool as small as the blocks
 compiled so far make it.

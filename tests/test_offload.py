@@ -6,6 +6,7 @@ import copy
 import os
 import threading
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_model
@@ -16,7 +17,7 @@ import moec
 from moec import models
 from moec.bindings import resolve
 from moec.canonical import compiled_graph
-from moec.offload import History, optimal, simulate, slots_for, victim
+from moec.offload import History, Pool, optimal, simulate, slots_for, victim
 
 FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3"]
 
@@ -64,7 +65,7 @@ def test_generation_is_the_same_and_the_cache_stays_within_its_budget():
     (slots,) = pool._slots.values()
     assert slots.n == slots_for("25%", E * L, 1) == (E * L) // 4
     assert all(t.shape[0] == slots.n for t in slots.t.values())
-    assert len(slots.where) <= slots.n and not any(slots.pins.values())
+    assert len(slots.where) <= slots.n and not slots.pins.any()
     assert report.offload.total().calls == L * 12  # the proof's calls are not counted
     experts = [p for n, p in model.named_parameters() if ".experts." in n]
     assert experts and all(p.numel() == 0 for p in experts)  # the experts left the model
@@ -141,8 +142,8 @@ def test_fp_experts_offloaded_give_the_resident_numbers_at_decode(dtype):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("quant", [moec.Int8Experts(), moec.Int4Experts(group_size=32),
-                                   moec.Int4Experts(group_size=32, symmetric=True)], ids=["int8", "int4", "int4sym"])
+@pytest.mark.parametrize("quant", [moec.Int8Experts(), moec.Int8Experts(activations="int8"), moec.Int4Experts(group_size=32),
+                                   moec.Int4Experts(group_size=32, symmetric=True)], ids=["int8", "int8a8", "int4", "int4sym"])
 @pytest.mark.parametrize("budget", [1, "25%", 1.0])
 def test_quantized_experts_offloaded_give_the_resident_quantized_numbers(quant, budget):
     """offload= with quantize=: the store holds the quantized experts, and the outputs are the resident quantized
@@ -161,6 +162,25 @@ def test_quantized_experts_offloaded_give_the_resident_quantized_numbers(quant, 
     fp_bytes = sum(p[0].numel() * 4 for n, p in _lm("qwen2_moe").named_parameters() if ".experts." in n)  # one fp32 expert
     s = report.offload.total()
     assert s.misses and s.bytes_read / s.misses < fp_bytes / 3  # a miss moves a quantized expert
+
+
+@pytest.mark.parametrize("quant,budget", [(None, 1), (None, "25%"), (moec.Int8Experts(), 1),
+                                          (moec.Int4Experts(group_size=32), 1)], ids=["fp-1", "fp-25%", "int8-1", "int4-1"])
+def test_the_triton_kernels_run_on_the_slots(quant, budget):
+    """backend="triton" with offload=: the kernels run on the pool's slots (TRITON_INTERPRET=1 on a CPU), each pair
+    with the resident kernel's tiles, so the outputs are the resident Triton model's bit for bit; a call needing more
+    experts than the pool holds (budget 1) runs its pairs group by group."""
+    model, resident = _lm("qwen2_moe"), _lm("qwen2_moe")
+    moec.compile(resident, backend="triton", quantize=quant)
+    moec.compile(model, backend="triton", quantize=quant, offload=moec.Offload(budget=budget, policy="lru", store="host"))
+    report = moec.inspect(model)
+    assert report.blocks and not report.rejected and all("[offloaded]" in b.experts for b in report.blocks), report
+    assert all(b.passes[-1].name == "lower_triton" and b.passes[-1].modified for b in report.blocks)
+    with torch.no_grad():
+        for seq in (1, 40, 3):
+            x = models.example_inputs(model, seq=seq, seed=seq)
+            assert torch.equal(model(**x).logits, resident(**x).logits), seq
+    assert report.offload.total().misses
 
 
 @pytest.mark.parametrize("form", ["@W.T", "flat"])
@@ -299,12 +319,64 @@ def test_policies_on_a_cyclic_trace():
     assert optimal(trace, 18) == 1 - 18 / 1200
     assert optimal(trace, 4) == pytest.approx(0.5 - 3 / 1200)
     h = History(["a", "b", "c"])
-    h.now = "a"
-    assert h.distance("b") == 1 and h.distance("a") == 3
-    h.calls.update({"a": 10, "b": 10})
+    h.call("a")
+    assert list(h.distance()) == [3, 1, 2]  # "a" runs now: "b" is next, "a" last
+    h.calls[:2] = 10
     h.uses.update({("a", 0): 10, ("b", 3): 1})
     assert victim("routing", [("a", 0), ("b", 3)], h) == ("b", 3)
     assert victim("lfu", [("a", 0), ("b", 3)], h) == ("b", 3)
+
+
+def _reference_victim(policy, candidates, h):
+    """The policies written key by key (what victim_index computes over arrays)."""
+    def key(k):
+        last = h.last_use.get(k, -1)
+        if policy == "lru":
+            return (last,)
+        uses = h.uses.get(k, 0)
+        if policy == "lfu":
+            return uses, last
+        b = h.index[k[0]]
+        dist = 1 if h.now is None else (b - h.index[h.now] - 1) % len(h.order) + 1
+        return (uses + 1) * (1 / ((int(h.calls[b]) + 2) * dist)), last
+    return min(candidates, key=key)
+
+
+def _zipf_trace(blocks, E, k, calls, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(blocks[c % len(blocks)], frozenset(int(e) for e in rng.zipf(1.2, k) % E)) for c in range(calls)]
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "routing"])
+def test_the_pool_evicts_as_the_policy_says(policy):
+    """The pool keeps each slot's history in arrays and searches them at every miss: it must choose the victim
+    the policy's definition chooses (a reference written key by key), so its hits equal the replay's."""
+    blocks = ["a", "b", "c", "d"]
+    trace = _zipf_trace(blocks, E=16, k=4, calls=400)
+    h = History(blocks)
+    for block, need in trace[:100]:
+        h.call(block)
+        for e in sorted(need):
+            h.use(block, e)
+    h.uses[("a", 15)] = h.uses[("b", 15)] = 3  # equal counts: the tie goes to the least recent
+    cands = [(b, e) for b in blocks for e in range(16)]
+    for now in blocks:
+        h.now = now
+        assert victim(policy, cands, h) == _reference_victim(policy, cands, h)
+    for slots in (4, 13, 40):  # at least the experts of one call (this loop holds them all, as one group)
+        pool = Pool(moec.Offload(budget=slots, store="host", policy=policy, prefetch=None), "cpu")
+        for b in blocks:
+            pool.register(b, {"w13": torch.arange(16.0).view(16, 1, 1).expand(16, 2, 2).contiguous()})
+        for block, need in trace:
+            pool.note_call(block, need)
+            held = pool.pin(block, list(need))
+            for e in sorted(need):
+                got = pool.acquire(block, e, held)
+                assert got[0].t["w13"][got[1]][0, 0] == e  # the slot holds the expert asked for
+            pool.release(block, held)
+        total = pool.stats.total()
+        assert total.hits / (total.hits + total.misses) == simulate(trace, slots, policy)
+        assert len(pool._slots) == 1 and len(next(iter(pool._slots.values())).where) <= slots
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
@@ -315,8 +387,9 @@ def test_a_model_built_on_meta_is_filled_from_its_checkpoint(family, tmp_path):
     (tmp_path / "ckpt").mkdir()
     save_model(ref, str(tmp_path / "ckpt" / "model.safetensors"))  # names: the state_dict's (ties written once)
     with torch.device("meta"):
-        model = type(ref)(ref.config).eval()
-    moec.load_offloaded(model, tmp_path / "ckpt", moec.Offload(budget="25%", path=str(tmp_path / "store")))
+        model = type(ref)(ref.config)  # in training mode, as built: the loader returns it ready to run
+    assert moec.load_offloaded(model, tmp_path / "ckpt", moec.Offload(budget="25%", path=str(tmp_path / "store"))) \
+        is model and not model.training
     report = moec.inspect(model)
     assert len(report.blocks) == ref.config.num_hidden_layers and not report.rejected
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])

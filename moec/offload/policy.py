@@ -4,42 +4,57 @@ from __future__ import annotations
 
 import collections
 
+import numpy as np
+
 
 class History:
-    """What the policies read: each (block, expert)'s last use (a clock) and use count, calls per block, the
-    order the blocks run in and the block running now."""
+    """What the policies read: each (block, expert)'s last use (a clock) and use count, calls per block (an array
+    in the order the blocks run in) and the block running now."""
 
     def __init__(self, order: list[str]):
-        self.order, self.now = order, None
-        self.clock, self.last_use, self.uses, self.calls = 0, {}, collections.Counter(), collections.Counter()
+        self.order, self.index, self.now = order, {b: i for i, b in enumerate(order)}, None
+        self.clock, self.last_use, self.uses = 0, {}, collections.Counter()
+        self.calls = np.zeros(len(order), np.int64)
+
+    def call(self, block: str) -> None:
+        """`block` runs now."""
+        self.now = block
+        self.calls[self.index[block]] += 1
 
     def use(self, block: str, e: int) -> None:
         self.clock += 1
         self.last_use[block, e], self.uses[block, e] = self.clock, self.uses[block, e] + 1
 
-    def distance(self, block: str) -> int:
-        """Blocks until `block` runs again (1: next; len(order): the one running now)."""
-        if self.now is None or block not in self.order or self.now not in self.order:
-            return 1
-        return (self.order.index(block) - self.order.index(self.now) - 1) % len(self.order) + 1
+    def distance(self) -> np.ndarray:
+        """Per block (in `order`), blocks until it runs again (1: next; len(order): the one running now)."""
+        n = len(self.order)
+        if self.now not in self.index:
+            return np.ones(n, np.int64)
+        return (np.arange(n) - self.index[self.now] - 1) % n + 1
 
 
-def victim(policy: str, candidates: list, h: History):
-    """The (block, expert) to evict among `candidates`:
+def victim_index(policy: str, blocks: np.ndarray, uses: np.ndarray, last: np.ndarray, h: History) -> int:
+    """The position of the expert to evict among candidates given as arrays (block index in h.order, use count,
+    last use; -1: never):
     lru      least recently used;
     lfu      least used (then least recently);
     routing  least value per slot held: the chance the expert is used when its block next runs (its share
              of that block's calls) over the blocks until then (decode visits the blocks in turn, so an
-             expert of the block that just ran is needed last)."""
-    uses, last = h.uses.get, h.last_use.get  # (bound once: this runs at every miss over every slot)
-    if policy == "lfu":
-        keys = [(uses(k, 0), last(k, -1)) for k in candidates]
-    elif policy == "routing":
-        per_block = {b: 1 / ((h.calls.get(b, 0) + 2) * h.distance(b)) for b in {k[0] for k in candidates}}
-        keys = [((uses(k, 0) + 1) * per_block[k[0]], last(k, -1)) for k in candidates]
-    else:
-        keys = [last(k, -1) for k in candidates]
-    return candidates[min(range(len(keys)), key=keys.__getitem__)]
+             expert of the block that just ran is needed last), then least recently.
+    Vectorised: the pool runs this at every miss, over every slot it may evict."""
+    if policy == "lru":
+        return int(np.argmin(last))
+    value = uses if policy == "lfu" else (uses + 1) * (1 / ((h.calls + 2) * h.distance()))[blocks]
+    tied = np.flatnonzero(value == value.min())
+    return int(tied[np.argmin(last[tied])])
+
+
+def victim(policy: str, candidates: list, h: History):
+    """The (block, expert) among `candidates` that `victim_index` evicts."""
+    blocks = np.fromiter((h.index[b] for b, _ in candidates), np.int64, len(candidates))
+    uses = np.fromiter((h.uses.get(k, 0) for k in candidates), np.int64, len(candidates))
+    last = np.fromiter((h.last_use.get(k, -1) for k in candidates), np.int64, len(candidates))
+    return candidates[victim_index(policy, blocks, uses, last, h)]
 
 
 def simulate(trace: list[tuple[str, frozenset]], slots: int, policy: str) -> float:
@@ -47,8 +62,7 @@ def simulate(trace: list[tuple[str, frozenset]], slots: int, policy: str) -> flo
     h = History(list(dict.fromkeys(b for b, _ in trace)))
     resident, hits, total = set(), 0, 0
     for block, need in trace:
-        h.now = block
-        h.calls[block] += 1
+        h.call(block)
         for e in sorted(need):
             total += 1
             if (block, e) in resident:

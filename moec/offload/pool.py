@@ -21,7 +21,7 @@ from rich.table import Table
 from torch import nn
 
 from moec.offload.config import Offload, slots_for
-from moec.offload.policy import History, simulate, victim
+from moec.offload.policy import History, simulate, victim_index
 from moec.offload.store import DiskStore, HostStore
 
 NO_COPY = ("moec: a model with offloaded experts cannot be copied or pickled (its experts live in the offload store): "
@@ -81,7 +81,8 @@ class OffloadStats:
 
 
 class _Slots:
-    """C slots of one expert shape: a tensor [C, ...] per role, and which (block, expert) each holds."""
+    """C slots of one expert shape: a tensor [C, ...] per role, which (block, expert) each holds, and per slot
+    what the policy reads (arrays: a miss searches every slot for its victim in a few numpy calls)."""
 
     def __init__(self, shapes: dict[str, tuple[torch.Size, torch.dtype]], n: int, device):
         self.t = {r: torch.empty((n, *s), dtype=d, device=device) for r, (s, d) in shapes.items()}
@@ -89,7 +90,17 @@ class _Slots:
         self.where: dict[tuple[str, int], int] = {}  # (block, expert) -> slot
         self.owner: list[tuple[str, int] | None] = [None] * n
         self.loading: dict[int, Future] = {}  # slot -> the prefetch writing it
-        self.pins: collections.Counter = collections.Counter()  # slot -> calls holding it (not evicted meanwhile)
+        self.pins = np.zeros(n, np.int64)  # calls holding each slot (not evicted meanwhile)
+        # the owner's block (its index in History.order; -1: empty), use count and last use (History's, kept here)
+        self.block, self.uses, self.last = np.full(n, -1, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
+
+    def assign(self, slot: int, key: tuple[str, int], h: History) -> None:
+        self.where[key], self.owner[slot] = slot, key
+        self.block[slot], self.uses[slot], self.last[slot] = h.index[key[0]], h.uses.get(key, 0), h.last_use.get(key, -1)
+
+    def clear(self, slot: int) -> None:
+        self.where.pop(self.owner[slot], None)
+        self.owner[slot], self.block[slot] = None, -1
 
 
 class Pool:
@@ -227,14 +238,17 @@ class Pool:
     def _free_slot(self, slots: _Slots, keep: frozenset = frozenset()) -> int | None:
         """An empty slot, else the policy's victim among the slots no call holds, no prefetch writes and that do
         not hold a (block, expert) in `keep` (None if there is none)."""
-        pins, loading, owner = slots.pins, slots.loading, slots.owner  # (pins.get: a Counter's [] is Python code)
-        free = [i for i in range(slots.n) if not pins.get(i) and i not in loading and owner[i] not in keep]
-        empty = [i for i in free if slots.owner[i] is None]
-        if empty or not free:
-            return empty[0] if empty else None
-        v = victim(self.policy, [slots.owner[i] for i in free], self._h)
-        i = slots.where.pop(v)
-        slots.owner[i] = None
+        free = slots.pins == 0
+        free[list(slots.loading)] = False
+        free[[slots.where[k] for k in keep if k in slots.where]] = False
+        empty = free & (slots.block < 0)
+        if empty.any():
+            return int(empty.argmax())
+        free = np.flatnonzero(free)
+        if not len(free):
+            return None
+        i = int(free[victim_index(self.policy, slots.block[free], slots.uses[free], slots.last[free], self._h)])
+        slots.clear(i)
         return i
 
     def pin(self, block: str, need: list[int]) -> set[int]:
@@ -242,7 +256,7 @@ class Pool:
         slots = self._pool(block)
         with self._lock:
             held = {slots.where[block, e] for e in need if (block, e) in slots.where}
-            slots.pins.update(held)
+            slots.pins[list(held)] += 1
             return held
 
     def release(self, block: str, held: set[int], slot: int | None = None) -> None:
@@ -272,13 +286,14 @@ class Pool:
                                 return None
                             self._cond.wait(0.05)
                             continue
-                        slots.where[block, e], slots.owner[slot] = slot, (block, e)
+                        slots.assign(slot, (block, e), self._h)
                         slots.loading[slot] = miss = Future()  # other calls needing it wait for this load
                         st.misses += 1
                     else:
                         st.hits += 1
                         miss = None
                     self._h.use(block, e)
+                    slots.uses[slot], slots.last[slot] = self._h.uses[block, e], self._h.clock
                     if slot not in held:
                         slots.pins[slot] += 1
                         held.add(slot)
@@ -289,8 +304,7 @@ class Pool:
                 self._load(slots, slot, block, e)
             except BaseException:
                 with self._cond:
-                    slots.where.pop((block, e), None)
-                    slots.owner[slot] = None
+                    slots.clear(slot)
                     self.release(block, held, slot)
                 raise
             finally:
@@ -305,8 +319,7 @@ class Pool:
         st = self.stats.blocks[block]
         st.calls += 1
         with self._lock:
-            self._h.now = block
-            self._h.calls[block] += 1
+            self._h.call(block)
         pred = self._predicted.pop(block, None)
         if pred is not None:
             st.predicted += len(pred)
@@ -327,14 +340,14 @@ class Pool:
         slots = self._pool(block)
         self._predicted[block] = frozenset(experts)
         with self._lock:
-            room = slots.n - sum(1 for i in range(slots.n) if slots.pins[i]) - len(slots.loading) - reserve
+            room = slots.n - np.count_nonzero(slots.pins) - len(slots.loading) - reserve
             keep = frozenset((block, e) for e in experts)  # a prediction does not evict its own experts
             for e in [e for e in experts if (block, e) not in slots.where][:max(room, 0)]:
                 slot = self._free_slot(slots, keep)
                 if slot is None:
                     return
-                slots.where[block, e], slots.owner[slot] = slot, (block, e)
                 self._h.last_use[block, e] = self._h.clock  # loaded now: not the first to go
+                slots.assign(slot, (block, e), self._h)
                 slots.loading[slot] = self._worker.submit(self._prefetch_one, slots, slot, block, e)
 
     def _prefetch_one(self, slots: _Slots, slot: int, block: str, e: int) -> None:
@@ -342,8 +355,7 @@ class Pool:
             self._load(slots, slot, block, e, side=True)
         except BaseException:  # noqa: BLE001  the call that needs it loads it itself (and raises, if it must)
             with self._lock:
-                slots.where.pop((block, e), None)
-                slots.owner[slot] = None
+                slots.clear(slot)
         finally:
             with self._cond:
                 slots.loading.pop(slot, None)
@@ -354,15 +366,53 @@ class OffloadedExperts(nn.Module):
     """The experts op of one block with its weights in the pool: (x [T, H], ids [T, k], weights [T, k],
     b13?, b2?) -> [T, H]. Runs the torch backend's path on each expert's slot, fp (moec.experts: per expert, or
     the numba kernels where the resident op takes them) or quantized (moec.experts_int8/int4: `quantized` names
-    the format). Biases stay resident."""
+    the format; `act` ends with the op's int8_activations flag where it has one), or the Triton kernels on the
+    slots (`triton`, set by lower_triton: the int4 group size, 0 otherwise). Biases stay resident."""
 
     def __init__(self, pool: Pool, block: str, act: tuple, quantized: str | None = None):
         super().__init__()
-        self.pool, self.block, self.act, self.quantized = pool, block, act, quantized
+        self.pool, self.block, self.act, self.quantized = pool, block, act[:6], quantized
+        self.int8_activations = len(act) > 6 and bool(act[6])
+        self.triton: int | None = None
 
     def forward(self, x, ids, weights, b13=None, b2=None):
         self.pool.follow(x)
-        return (self._quantized if self.quantized else self._fp)(x, ids, weights, b13, b2)
+        run = self._triton if self.triton is not None else self._quantized if self.quantized else self._fp
+        return run(x, ids, weights, b13, b2)
+
+    def _triton(self, x, ids, weights, b13, b2):
+        """The Triton kernels on the slots, each pair's expert id mapped to its slot, with the tiles the resident
+        kernel picks for this block's (T, E, k): every pair's numbers are the resident kernel's. A group holding
+        fewer than the call's experts runs only its pairs (one row of x per pair)."""
+        from moec.backends.triton_experts import expert_pairs
+
+        E, (T, k) = self.pool.blocks[self.block]["E"], ids.shape
+        flat = ids.reshape(-1)  # [T*k]
+        need = flat.unique().tolist()
+        y = torch.empty(T * k, x.shape[1], dtype=torch.float32, device=x.device)  # each pair's weighted output
+        quant = {None: {}, "int8": {"quant": 8}, "int4": {"quant": 4, "group": self.triton}}[self.quantized]
+
+        def run(slots, group):
+            experts = torch.tensor(list(group), device=x.device)
+            at = torch.tensor(list(group.values()), device=x.device)
+            slot_ids = torch.full((E,), -1, dtype=torch.int64, device=x.device).index_copy_(0, experts, at)[flat]
+            by_slot = lambda b: None if b is None else b.new_zeros(slots.n, *b.shape[1:]).index_copy_(0, at, b[experts])  # noqa: E731
+            t = slots.t
+            if self.quantized:
+                w = {"s13": t["s13"].float(), "z13": t.get("z13"), "s2": t["s2"].float(), "z2": t.get("z2")}
+                w13, w2 = t["q13"], t["q2"]
+            else:
+                w, w13, w2 = {}, t["w13"], t["w2"]
+            if len(group) == len(need):
+                pairs, rows = (x, slot_ids.view(T, k), weights), slice(None)
+            else:
+                rows = (slot_ids >= 0).nonzero().squeeze(1)  # this group's pairs
+                pairs = (x[rows // k], slot_ids[rows].view(-1, 1), weights.reshape(-1)[rows].view(-1, 1))
+            y[rows] = expert_pairs(*pairs, w13, by_slot(b13), w2, by_slot(b2), *self.act, **quant, **w,
+                                   shape=(T, E, k))
+
+        self._in_groups(x, need, run)
+        return y.view(T, k, -1).sum(dim=1).to(x.dtype)  # [T, H]: over the k slots in token order, as the resident op
 
     def _fp(self, x, ids, weights, b13, b2):
         from moec.backends.torch_backend import _combine, _expert_ffn, _numba_route, _sort
@@ -389,8 +439,10 @@ class OffloadedExperts(nn.Module):
 
     def _quantized(self, x, ids, weights, b13, b2):
         from moec.backends.torch_backend import quantized_combine, quantized_group, quantized_plan
+        from moec.quant import weight_only_active
 
         activation, gated, alpha, limit, weight_on_input, gate_up = self.act
+        a8 = self.int8_activations and not weight_only_active()  # as the resident op (see _quantized_experts)
         inv, counts, rows, row_expert, xs = quantized_plan(x, ids, weights, self.pool.blocks[self.block]["E"],
                                                            weight_on_input)
         y = torch.empty_like(xs)  # [T*k, H] fp32
@@ -398,7 +450,7 @@ class OffloadedExperts(nn.Module):
         def run(slots, group):
             t13, t2 = ([slots.t[r] for r in (f"w{w}", f"q{w}", f"s{w}", f"z{w}") if r in slots.t] for w in ("13", "2"))
             quantized_group(xs, y, counts, rows, row_expert, list(group), t13, b13, t2, b2, activation, gated, alpha,
-                            limit, gate_up, slot=group)
+                            limit, gate_up, slot=group, a8=a8)
 
         self._in_groups(x, [int(e) for e in np.flatnonzero(counts)], run)
         return quantized_combine(y, inv, weights, weight_on_input, x.dtype)
