@@ -453,15 +453,12 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
                                       f"ONNX Runtime's QMoE kernel (backend='onnxruntime', or moec.export_onnx) and, "
                                       f"for Int8Experts only, in the torch backend; not {backend!r} with "
                                       f"{type(quantize).__name__}")
-        if offload is not None or expert_parallel is not None:
-            raise NotImplementedError("moec: int8 activations on the torch backend do not combine with offload= or "
-                                      "expert_parallel= yet: drop one, or use activations='fp32'")
     if offload is not None:
         if not isinstance(offload, Offload):
             raise TypeError(f"offload must be moec.Offload(...), not {offload!r}")
-        if backend != "torch":
-            raise NotImplementedError(f"moec: offloaded experts run in the torch backend, not {backend!r}: use "
-                                      f"backend='torch'")
+        if backend not in ("torch", "triton"):
+            raise NotImplementedError(f"moec: offloaded experts run in the torch or triton backend, not {backend!r}: "
+                                      f"use backend='torch' or 'triton'")
     if backend == "onnxruntime":
         if topk is not None or experts is not None:
             raise NotImplementedError("moec: topk= and experts= run in the torch backend (tested), not 'onnxruntime'")

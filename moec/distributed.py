@@ -330,7 +330,8 @@ def load_sharded(model: nn.Module, checkpoint, expert_parallel: ExpertParallel, 
     block (sliced reads; the other ranks' experts are stand-ins for the proof, see `shard_reader`), and holds the
     non-expert weights, its shard of every block, and while one block compiles, that block's full-size experts.
     No rank reads or holds the whole model. Checkpoint names: the model's state_dict keys (see
-    moec.load_offloaded). decode_linears: as in moec.compile."""
+    moec.load_offloaded). Returns the model in eval mode (it holds a shard of the experts: it cannot train).
+    decode_linears: as in moec.compile."""
     from moec.api import _expert_parallel_group, _warn_if_empty, install_decode_linears
     from moec.backends import pipeline_for
     from moec.offload.load import fill_and_compile
@@ -349,7 +350,7 @@ def load_sharded(model: nn.Module, checkpoint, expert_parallel: ExpertParallel, 
     report.quantize, report.expert_parallel = quantize, group.stats
     install_decode_linears(model, report, decode_linears)
     model.__dict__["_moec_report"] = report
-    return model
+    return model.eval()
 
 
 def compiled_blocks(report) -> list:

@@ -127,6 +127,12 @@ def test_one_rank_group_runs_the_exchange_in_process(tmp_path):
         with torch.no_grad():
             inputs = models.example_inputs(llama4, batch=2, seq=5)
             assert rel_err(llama4(**inputs).logits, llama4_ref(**inputs).logits) < TOL[torch.float32]
+        a8 = moec.Int8Experts(activations="int8")  # int8 activations: each row rounded on its own, wherever it runs
+        sharded, resident = (moec.compile(models.tiny_model("olmoe").eval(), quantize=a8, **kw)
+                             for kw in ({"expert_parallel": moec.ExpertParallel()}, {}))
+        with torch.no_grad():
+            inputs = models.example_inputs(sharded, batch=2, seq=6)
+            assert rel_err(sharded(**inputs).logits, resident(**inputs).logits) < TOL[torch.float32]
         with pytest.raises(TypeError, match="moec.ExpertParallel"):
             moec.compile(models.tiny_model("olmoe").eval(), expert_parallel=2)
         with pytest.raises(NotImplementedError, match="offload"):

@@ -232,8 +232,6 @@ def test_int8_activations_on_the_torch_backend(family, tmp_path):
         assert torch.equal(fresh(**inputs).logits, got)
     with pytest.raises(NotImplementedError, match="Int8Experts only"):
         moec.compile(copy.deepcopy(model), quantize=Int4Experts(32, activations="int8"))
-    with pytest.raises(NotImplementedError, match="offload"):
-        moec.compile(copy.deepcopy(model), quantize=cfg, offload=moec.Offload(budget=2))
 
 
 def _dequantized_twin(model, qmodel, cfg):

@@ -149,7 +149,7 @@ def load_offloaded(model: nn.Module, checkpoint, offload: Offload, *, quantize=N
     """Fill `model` (built on the meta device) from `checkpoint` (a folder of *.safetensors, a file, or a list),
     compiling its MoE blocks with offloaded experts one at a time so that no block's experts stay in memory
     (see the module docstring; quantize= as in moec.compile: the store holds the quantized experts). Returns the
-    model, on the CPU. decode_linears: as in moec.compile."""
+    model, on the CPU, in eval mode (its experts left it: it cannot train). decode_linears: as in moec.compile."""
     from moec.api import _start_offload, _warn_if_empty, install_decode_linears
     from moec.backends import pipeline_for
     from moec.offload.pool import Pool
@@ -168,4 +168,4 @@ def load_offloaded(model: nn.Module, checkpoint, offload: Offload, *, quantize=N
     install_decode_linears(model, report, decode_linears)
     model.__dict__["_moec_report"] = report
     _start_offload(model, report, pool)
-    return model
+    return model.eval()
