@@ -414,6 +414,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     cannot prove are left as they were and listed in `moec.inspect(model).rejected` with the reason.
     """
     _check_module(model, "compile")
+    _refuse_released(model)
     onnx = options.pop("_onnx", None)  # moec.export_onnx's settings for the lower_onnx pass, not a user option
     if options:
         raise TypeError(f"moec.compile got unknown option(s) {sorted(options)}")
@@ -484,9 +485,21 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     if pool is not None:
         _start_offload(model, report, pool)
     model.__dict__["_moec_report"] = report
-    if quantize is not None and report.blocks and hasattr(model, "save_pretrained"):
-        model.save_pretrained = _refuse_save_pretrained  # it would write the released (empty) expert weights
+    if (quantize is not None or pool is not None) and report.blocks:
+        refuse_save_pretrained(model)
     return model
+
+
+def _refuse_released(model: nn.Module) -> None:
+    """A model whose blocks run offloaded or sharded experts holds none (or a shard) of them, so its blocks are no
+    longer even found as MoE blocks (their parent would be): refuse to compile it again."""
+    for name, m in model.named_modules():
+        spec = m.__dict__.get("_moec_graph") and m.__dict__["_moec_graph"].meta["moe_spec"]
+        if spec and (spec.offloaded or spec.sharded):
+            how = "offloaded experts (they live in the offload store" if spec.offloaded else \
+                "sharded experts (this rank holds its shard only"
+            raise ValueError(f"moec.compile: block {name!r} is already compiled with {how}, not the model): build "
+                             f"a fresh model to compile it again")
 
 
 def _expert_parallel_group(model, cfg, backend: str, offload, options: list) -> Group:
@@ -579,10 +592,17 @@ def _compile_onnxruntime(model: nn.Module, passes, quantize, providers, session_
     return model
 
 
+def refuse_save_pretrained(model: nn.Module) -> None:
+    """An HF model whose experts left it (quantized, offloaded): its save_pretrained would write empty experts."""
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained = _refuse_save_pretrained
+
+
 def _refuse_save_pretrained(*args, **kwargs):
-    raise NotImplementedError("moec: a model with quantized experts has released its fp expert weights, so "
-                              "save_pretrained cannot write it: use moec.save(model, path) and "
-                              "moec.load(fresh_model, path)")
+    raise NotImplementedError("moec: a model with quantized or offloaded experts has released its fp expert weights, "
+                              "so save_pretrained cannot write it: use moec.save(model, path) and "
+                              "moec.load(fresh_model, path) for quantized experts; keep the original checkpoint of an "
+                              "offloaded one")
 
 
 def inspect(model: nn.Module, *args, **kwargs) -> Report:

@@ -70,6 +70,10 @@ def load(model: nn.Module, path: str, **compile_options) -> nn.Module:
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"moec.load takes a freshly built torch.nn.Module (then the file), not {type(model).__name__}")
+    if compile_options.get("offload") is not None:
+        raise NotImplementedError("moec.load does not take offload= (it would write the fresh model's experts to the "
+                                  "store, not the file's): use moec.load_offloaded(model, original_checkpoint, "
+                                  "offload, quantize=...)")
     try:
         with safe_open(path, "pt") as f:
             raw = (f.metadata() or {}).get(KEY)

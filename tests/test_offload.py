@@ -5,6 +5,7 @@ experts leave the model; a damaged store fails with what to do; concurrent calls
 import copy
 import os
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -275,6 +276,9 @@ def test_clear_errors():
         moec.Offload(policy="fifo")
     with pytest.raises(ValueError, match="prefetch_width"):
         moec.Offload(prefetch_width=0)
+    for budget in (0, -3, "0%", "150%", "1.5.3GB", "0GB"):
+        with pytest.raises(ValueError, match="write '25%'"):
+            moec.Offload(budget=budget)
     model = _lm("mixtral")
     with pytest.warns(UserWarning, match="no MoE block rewritten"):
         moec.compile(model, offload=moec.Offload(budget="1KB"))
@@ -289,19 +293,117 @@ def test_clear_errors():
         copy.deepcopy(model)
     with pytest.raises(RuntimeError, match="size mismatch"):  # new expert weights: refused, not silently ignored
         model.load_state_dict(_lm("mixtral").state_dict())
+    with pytest.raises(NotImplementedError, match="save_pretrained"):  # it would write the emptied experts
+        model.save_pretrained("/tmp/never-written")
+    with pytest.raises(ValueError, match="already compiled with offloaded experts"):  # its blocks are no longer found
+        moec.compile(model)
+    with pytest.raises(NotImplementedError, match="load_offloaded"):
+        moec.load(_lm("mixtral"), "/tmp/any.safetensors", offload=moec.Offload())
     model.train()
     with pytest.raises(NotImplementedError, match="offloaded experts"):
         model(**models.example_inputs(model, seq=2))
 
 
+def test_a_relative_store_path_survives_a_change_of_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model, ref = _lm("mixtral"), _lm("mixtral")
+    _compile(model, budget=1, path="store")
+    monkeypatch.chdir("/")
+    x = models.example_inputs(model, seq=3)
+    with torch.no_grad():
+        assert rel_err(model(**x).logits, ref(**x).logits) < TOL[torch.float32]
+
+
+def test_one_budget_for_blocks_of_different_shapes():
+    """Blocks whose experts differ in shape get pools of their own; the budget (experts or bytes) is split between
+    them, so that all of them together hold no more than it."""
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = RouterForms("@W.T", E=8, I=40), RouterForms("@W.T", E=8, I=24)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    expert = {40: 2 * 40 * 32 * 4, 24: 2 * 24 * 32 * 4}  # bytes of one fp32 expert of each block
+    for budget, most in ((4, 4 * expert[40]), ("40KB", 40 * 1024)):
+        model = Two().eval()
+        ref = copy.deepcopy(model)
+        moec.compile(model, offload=moec.Offload(budget=budget, store="host"))
+        x = torch.randn(50, 32)
+        with torch.no_grad():
+            assert rel_err(model(x), ref(x)) < TOL[torch.float32]
+        pool = compiled_graph(model.a).offloaded.pool
+        assert len(pool._slots) == 2
+        held = sum(t.numel() * t.element_size() for s in pool._slots.values() for t in s.t.values())
+        assert held <= most, (budget, pool.stats.slots, held)
+
+
+class _TwoArgMixer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(32, 32)
+
+    def forward(self, x, scale):
+        return torch.tanh(self.q(x)) * scale
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mix, self.moe = _TwoArgMixer(), RouterForms("@W.T", E=8)
+
+    def forward(self, x, scale):
+        return x + self.moe(self.mix(x, scale))
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_Layer(), _Layer()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x, 0.5)
+        return x
+
+
+@pytest.mark.parametrize("make", [_Net, lambda: torch.nn.Sequential(
+    RouterForms("@W.T", H=32, E=8), torch.nn.Linear(32, 48), RouterForms("@W.T", H=48, E=8))], ids=["two-arg", "widths"])
+def test_a_prediction_that_cannot_run_is_dropped(make):
+    """The prefetch guesses with modules around the blocks (the child feeding a block, the next block's router); where
+    one cannot run on what it is given (a child taking more arguments, blocks of another width), the guess is dropped,
+    never the forward."""
+    model = make().eval()
+    ref = copy.deepcopy(model)
+    moec.compile(model, offload=moec.Offload(budget=4, prefetch="router"))
+    assert moec.inspect(model).blocks
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the two-arg child's guess says it falls back
+        for _ in range(3):
+            x = torch.randn(5, 32)
+            assert rel_err(model(x), ref(x)) < TOL[torch.float32]
+
+
+def test_torch_compile_of_an_offloaded_model():
+    """The pool's Python runs eagerly inside torch.compile (locks, reads): the same logits."""
+    model = moec.compile(_lm("qwen2_moe"), offload=moec.Offload(budget=2))
+    ids = models.example_inputs(model, seq=3)["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(torch.compile(model, backend="aot_eager", dynamic=False)(ids).logits, model(ids).logits)
+
+
 def test_the_cache_follows_the_model_to_another_dtype():
-    model = _lm("mixtral")
+    model, resident = _lm("mixtral"), moec.compile(_lm("mixtral"))
     ref = copy.deepcopy(model).to(torch.bfloat16)
     _compile(model, budget="50%")
     model.to(torch.bfloat16)
-    x = models.example_inputs(model, seq=7)
+    resident.to(torch.bfloat16)
     with torch.no_grad():
+        x = models.example_inputs(model, seq=7)
         assert rel_err(model(**x).logits, ref(**x).logits) < TOL[torch.bfloat16]
+        x = models.example_inputs(model, seq=1)  # one token: the resident model's kernels, on bf16 slots
+        assert torch.equal(model(**x).logits, resident(**x).logits)
 
 
 def test_policies_on_a_cyclic_trace():
@@ -431,6 +533,13 @@ def test_load_offloaded_errors(tmp_path):
         model = type(ref)(ref.config).eval()
     with pytest.raises((KeyError, ValueError), match="checkpoint"):
         moec.load_offloaded(model, tmp_path / "other", moec.Offload())
+    (tmp_path / "stale").mkdir()  # a tensor in two files (a stale shard beside a new save): refused, not picked
+    save_model(ref, str(tmp_path / "stale" / "model.safetensors"))
+    save_model(_lm("mixtral"), str(tmp_path / "stale" / "old.safetensors"))
+    with torch.device("meta"):
+        model = type(ref)(ref.config).eval()
+    with pytest.raises(ValueError, match="in two checkpoint files"):
+        moec.load_offloaded(model, tmp_path / "stale", moec.Offload())
 
 
 def test_a_fitted_prefetch_predicts_more_and_changes_nothing():

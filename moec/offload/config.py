@@ -54,24 +54,29 @@ def _parse_budget(budget) -> tuple[str, float]:
     if isinstance(budget, bool) or not isinstance(budget, (str, int, float)):
         raise TypeError(hint)
     if isinstance(budget, int):
+        if budget < 1:
+            raise ValueError(hint + " (a number of experts is at least 1)")
         return "experts", budget
     if isinstance(budget, float):
         if not 0 < budget <= 1:
             raise ValueError(hint + " (a fraction is in (0, 1])")
         return "fraction", budget
-    if m := re.fullmatch(r"\s*([\d.]+)\s*%\s*", budget):
+    number = r"\s*(\d+(?:\.\d*)?|\.\d+)\s*"
+    if (m := re.fullmatch(number + "%\\s*", budget)) and 0 < float(m[1]) <= 100:
         return "fraction", float(m[1]) / 100
-    if m := re.fullmatch(r"\s*([\d.]+)\s*([kKmMgG]?)i?[bB]\s*", budget):
+    if (m := re.fullmatch(number + r"([kKmMgG]?)i?[bB]\s*", budget)) and float(m[1]) > 0:
         return "bytes", float(m[1]) * 1024 ** " kmg".index(m[2].lower() or " ")
     raise ValueError(hint)
 
 
-def slots_for(budget, n_experts: int, expert_bytes: int) -> int:
+def slots_for(budget, n_experts: int, expert_bytes: int, share: tuple[float, float] = (1.0, 1.0)) -> int:
     """The pool's slots for `budget` over n experts of expert_bytes each: at most n, and at least one (a budget
-    in bytes smaller than one expert is refused: the cache never holds more than its budget)."""
+    in bytes smaller than one expert is refused: the cache never holds more than its budget). share: this expert
+    shape's share of the model's experts (by count, by bytes) when the pool has several shapes: a budget in
+    experts or bytes is split between them in that proportion (a fraction applies to each)."""
     kind, v = _parse_budget(budget)
     if kind == "bytes" and v < expert_bytes:
         raise ValueError(f"moec.Offload: budget {budget!r} is smaller than one expert ({expert_bytes} bytes)")
-    n = {"experts": lambda: int(v), "fraction": lambda: math.floor(v * n_experts + 1e-9),
-         "bytes": lambda: int(v) // expert_bytes}[kind]()
+    n = {"experts": lambda: int(v * share[0] + 1e-9), "fraction": lambda: math.floor(v * n_experts + 1e-9),
+         "bytes": lambda: int(v * share[1]) // expert_bytes}[kind]()
     return min(max(n, 1), n_experts)

@@ -51,7 +51,11 @@ class _Checkpoint:
         self.where = {}
         for f in files:
             with safe_open(str(f), framework="pt") as h:
-                self.where.update((k, f) for k in h.keys())  # noqa: SIM118  (a safe_open handle is not a dict)
+                for k in h.keys():  # noqa: SIM118  (a safe_open handle is not a dict)
+                    if k in self.where:  # e.g. a stale shard of an earlier save beside the new ones
+                        raise ValueError(f"moec: tensor {k!r} is in two checkpoint files, {self.where[k]} and {f}: "
+                                         f"remove the stale one, or give the files to read as a list")
+                    self.where[k] = f
 
     def read(self, name: str, like: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor `name` (shaped as `like`), or only its rows lo:hi along dim 0 (a sliced read)."""
@@ -150,7 +154,7 @@ def load_offloaded(model: nn.Module, checkpoint, offload: Offload, *, quantize=N
     compiling its MoE blocks with offloaded experts one at a time so that no block's experts stay in memory
     (see the module docstring; quantize= as in moec.compile: the store holds the quantized experts). Returns the
     model, on the CPU, in eval mode (its experts left it: it cannot train). decode_linears: as in moec.compile."""
-    from moec.api import _start_offload, _warn_if_empty, install_decode_linears
+    from moec.api import _start_offload, _warn_if_empty, install_decode_linears, refuse_save_pretrained
     from moec.backends import pipeline_for
     from moec.offload.pool import Pool
 
@@ -168,4 +172,6 @@ def load_offloaded(model: nn.Module, checkpoint, offload: Offload, *, quantize=N
     install_decode_linears(model, report, decode_linears)
     model.__dict__["_moec_report"] = report
     _start_offload(model, report, pool)
+    if report.blocks:
+        refuse_save_pretrained(model)
     return model.eval()

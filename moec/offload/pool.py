@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
+import math
 import shutil
 import tempfile
 import threading
@@ -91,6 +92,7 @@ class _Slots:
         self.owner: list[tuple[str, int] | None] = [None] * n
         self.loading: dict[int, Future] = {}  # slot -> the prefetch writing it
         self.pins = np.zeros(n, np.int64)  # calls holding each slot (not evicted meanwhile)
+        self.freed: dict[int, torch.cuda.Event] = {}  # GPU: slot -> when the kernels queued on it by its last call end
         # the owner's block (its index in History.order; -1: empty), use count and last use (History's, kept here)
         self.block, self.uses, self.last = np.full(n, -1, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
 
@@ -198,10 +200,14 @@ class Pool:
             return self._slots[key] if key in self._slots else self._make_slots(key, info)
 
     def _make_slots(self, key: tuple, info: dict) -> _Slots:
-        """The budget's share for this expert shape (over every block of that shape), in the activations' dtype."""
-        same = [b for b, i in self.blocks.items() if i["key"] == key]
-        n = slots_for(self.cfg.budget, sum(self.blocks[b]["E"] for b in same), info["bytes"])
+        """The budget's share for this expert shape (over every block of that shape, in proportion to its experts
+        or bytes where blocks differ in shape: one budget for the pool), in the activations' dtype."""
         shapes = {r: (shape, d if info["quantized"] else self.dtype or d) for r, (shape, d) in info["shapes"].items()}
+        nbytes = sum(math.prod(s) * d.itemsize for s, d in shapes.values())  # one expert as the slots hold it
+        count = lambda blocks: sum(i["E"] for i in blocks)  # noqa: E731
+        size = lambda blocks: sum(i["E"] * i["bytes"] for i in blocks)  # noqa: E731
+        same, every = [i for i in self.blocks.values() if i["key"] == key], list(self.blocks.values())
+        n = slots_for(self.cfg.budget, count(same), nbytes, share=(count(same) / count(every), size(same) / size(every)))
         self._slots[key] = _Slots(shapes, n, self.device)
         self.stats.slots = {" ".join(f"{r}{list(s)}" for r, s, _ in k): v.n for k, v in self._slots.items()}
         return self._slots[key]
@@ -217,6 +223,8 @@ class Pool:
         for before the load counts as done; the caller's stream otherwise, which orders it before the compute)."""
         nbytes = 0
         stream = self._side_stream() if side else None
+        if stream is not None and slot in slots.freed:  # the last kernels reading this slot may still be queued
+            stream.wait_event(slots.freed[slot])
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for r, t in slots.t.items():
                 src, n = self.store.read_into(block, r, e, t[slot])  # the slot itself where it can take the bytes
@@ -267,6 +275,9 @@ class Pool:
                 if i in held:
                     held.discard(i)
                     slots.pins[i] -= 1
+                    if self.device.type == "cuda":  # a prefetch's copy into the slot waits for the queued kernels
+                        slots.freed[i] = torch.cuda.Event()
+                        slots.freed[i].record(torch.cuda.current_stream(self.device))
             self._cond.notify_all()
 
     def acquire(self, block: str, e: int, held: set[int], wait: bool = True) -> tuple[_Slots, int] | None:
@@ -333,9 +344,10 @@ class Pool:
             self.policy = best if rate[best] > rate["routing"] + 0.05 else "routing"
             self.stats.policy = f"auto: {self.policy}"
 
-    def prefetch(self, block: str, experts: list[int], reserve: int) -> None:
-        """Load `experts` of `block` in the worker, into free slots but `reserve` (the running call's misses)."""
-        if self._worker is None or block not in self.blocks:
+    def prefetch(self, block: str, experts: list[int] | None, reserve: int) -> None:
+        """Load `experts` of `block` in the worker, into free slots but `reserve` (the running call's misses);
+        None: no prediction."""
+        if self._worker is None or block not in self.blocks or experts is None:
             return
         slots = self._pool(block)
         self._predicted[block] = frozenset(experts)
@@ -375,6 +387,7 @@ class OffloadedExperts(nn.Module):
         self.int8_activations = len(act) > 6 and bool(act[6])
         self.triton: int | None = None
 
+    @torch.compiler.disable  # the pool's Python (locks, reads, numpy) runs eagerly inside a torch.compile'd model
     def forward(self, x, ids, weights, b13=None, b2=None):
         self.pool.follow(x)
         run = self._triton if self.triton is not None else self._quantized if self.quantized else self._fp
@@ -419,7 +432,7 @@ class OffloadedExperts(nn.Module):
 
         activation, gated, alpha, limit, weight_on_input, gate_up = self.act
         info = self.pool.blocks[self.block]
-        if _numba_route(x, ids, info["E"], info["shapes"]["w13"][1], weights, b13, b2):
+        if _numba_route(x, ids, info["E"], self.pool.dtype or info["shapes"]["w13"][1], weights, b13, b2):
             return self._quantized(x, ids, weights, b13, b2)  # the resident op's route: the same numbers
         _, order, counts, xs, ws = _sort(x, ids, weights, info["E"], weight_on_input)
         starts = [0]

@@ -42,7 +42,9 @@ def router_predictor(roles: dict, block: nn.Module, spec: MoESpec, width: int, w
     m = r.top_k if r.scoring == "sparsemixer" else min(width * r.top_k, r.topk_group * E // max(r.n_group, 1))
     router = dataclasses.replace(r, top_k=m, capacity=0, top_p=0.0)  # a prediction ranks, it drops nothing
 
-    def predict(x: torch.Tensor) -> list[int]:
+    def predict(x: torch.Tensor) -> list[int] | None:
+        if x.shape[-1] != spec.experts.hidden:  # another block's width (the early guess between unlike blocks)
+            return None
         with torch.no_grad():
             live = roles["router_weight"].get(block)  # a fitted weight follows the router's device and dtype
             w = None if weight is None else weight.to(device=live.device, dtype=live.dtype)
@@ -138,6 +140,11 @@ class LatePrefetch:
         self.handles = [c.register_forward_hook(self._record(c)) for c in parent.children() if c is not block]
         self.handles.append(block.register_forward_pre_hook(self._find, with_kwargs=True))
 
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles, self.norm = [], None
+
     def _record(self, child: nn.Module):
         def hook(m, args, out):
             if isinstance(out, torch.Tensor):
@@ -149,10 +156,8 @@ class LatePrefetch:
         runs no MoE block (no buffers, no compiled block inside) and the parent is called itself (not a list)."""
         x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         norm = self.outputs.get(id(x)) if x is not None else None
-        for h in self.handles:
-            h.remove()
+        self.close()
         self.outputs.clear()
-        self.handles = []
         if (norm is None or next(norm.buffers(), None) is not None
                 or any("_moec_graph" in sub.__dict__ for sub in norm.modules())
                 or type(self.parent).forward is nn.Module.forward):  # ModuleList, ModuleDict: never called
@@ -166,5 +171,13 @@ class LatePrefetch:
                   and a.dim() >= 2 and a.shape[-1] == self.hidden), None)
         if r is None or self.path not in self.pool.blocks:
             return
-        with torch.no_grad():
-            self.pool.prefetch(self.path, self.predict(self.norm.forward(r)), reserve=0)
+        try:
+            with torch.no_grad():
+                guess = self.predict(self.norm.forward(r))
+        except Exception as e:  # noqa: BLE001  N is not what it seemed (e.g. it takes more arguments): no late guess
+            warnings.warn(f"moec offload: the prefetch for block {self.path!r} could not run ({type(e).__name__}: "
+                          f"{e}); it falls back to the early guess (outputs are unchanged)", stacklevel=2)
+            self.close()
+            self.pool.blocks[self.path]["router"] = self.predict
+            return
+        self.pool.prefetch(self.path, guess, reserve=0)

@@ -33,7 +33,7 @@ class DiskStore:
     a file changed or truncated underneath gives an error, not a crash)."""
 
     def __init__(self, folder: str):
-        self.folder = folder
+        self.folder = os.path.abspath(folder)  # the process may change its directory later
         os.makedirs(folder, exist_ok=True)
         self._index: dict[str, tuple] = {}  # block -> ((size, mtime), {name: (dtype, shape, offset, nbytes)})
         self._written: dict[str, str] = {}  # block -> the token this store wrote into its file's metadata
