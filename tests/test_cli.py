@@ -102,6 +102,9 @@ def test_bad_input_is_one_line_that_says_what_to_do(args, says, tmp_path):
 def test_help_shows_an_example():
     r = moec("routing", "--help")
     assert r.returncode == 0 and "example:" in r.stdout and "moec routing fine_moe_lm" in r.stdout
+    m = subprocess.run([sys.executable, "-m", "moec", "routing", "--help"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "COLUMNS": "200"})
+    assert m.returncode == 0 and m.stdout == r.stdout  # python -m moec: the same command
 
 
 def test_run_an_approximation_reports_its_error_not_a_failure():
