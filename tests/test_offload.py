@@ -385,6 +385,35 @@ def test_a_prediction_that_cannot_run_is_dropped(make):
             assert rel_err(model(x), ref(x)) < TOL[torch.float32]
 
 
+def test_a_failed_prefetch_into_a_slot_the_call_holds_does_not_hang_it():
+    """A call pins the slot a prefetch is writing; the prefetch fails and empties it: the call loads the expert there
+    itself (before, it waited forever for a free slot only it could release)."""
+    pool = Pool(moec.Offload(budget=1, store="host", policy="lru", prefetch="router"), "cpu")
+    pool.register("a", {"w13": torch.arange(8.0).view(8, 1, 1).expand(8, 2, 2).contiguous()})
+    load, started = pool._load, threading.Event()
+
+    def failing(slots, slot, block, e, side=False):
+        if side:
+            started.wait(5)
+            raise OSError("a transient read error")
+        return load(slots, slot, block, e, side)
+
+    pool._load = failing
+    pool.prefetch("a", [3], reserve=0)
+    pool.note_call("a", frozenset([3]))
+    held = pool.pin("a", [3])  # the slot being written
+    started.set()
+    done = []
+    t = threading.Thread(target=lambda: done.append(pool.acquire("a", 3, held)), daemon=True)
+    t.start()
+    t.join(10)
+    assert done, "the call still waits"
+    slots, slot = done[0]
+    assert slots.t["w13"][slot][0, 0] == 3
+    pool.release("a", held)
+    assert not slots.pins.any()
+
+
 def test_torch_compile_of_an_offloaded_model():
     """The pool's Python runs eagerly inside torch.compile (locks, reads): the same logits."""
     model = moec.compile(_lm("qwen2_moe"), offload=moec.Offload(budget=2))

@@ -71,7 +71,8 @@ def _parse_budget(budget) -> tuple[str, float]:
 
 def slots_for(budget, n_experts: int, expert_bytes: int, share: tuple[float, float] = (1.0, 1.0)) -> int:
     """The pool's slots for `budget` over n experts of expert_bytes each: at most n, and at least one (a budget
-    in bytes smaller than one expert is refused: the cache never holds more than its budget). share: this expert
+    in bytes smaller than one expert is refused; blocks of several expert shapes get one slot each at least, which
+    a budget under one expert of each exceeds). share: this expert
     shape's share of the model's experts (by count, by bytes) when the pool has several shapes: a budget in
     experts or bytes is split between them in that proportion (a fraction applies to each)."""
     kind, v = _parse_budget(budget)

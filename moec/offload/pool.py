@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -243,10 +244,12 @@ class Pool:
             self._stream = torch.cuda.Stream(self.device)
         return self._stream
 
-    def _free_slot(self, slots: _Slots, keep: frozenset = frozenset()) -> int | None:
+    def _free_slot(self, slots: _Slots, keep: frozenset = frozenset(), mine: set[int] = frozenset()) -> int | None:
         """An empty slot, else the policy's victim among the slots no call holds, no prefetch writes and that do
-        not hold a (block, expert) in `keep` (None if there is none)."""
+        not hold a (block, expert) in `keep` (None if there is none). mine: the caller's held slots, of which an
+        empty one is free to it (a prefetch it pinned failed and emptied it)."""
         free = slots.pins == 0
+        free[[i for i in mine if slots.owner[i] is None]] = True
         free[list(slots.loading)] = False
         free[[slots.where[k] for k in keep if k in slots.where]] = False
         empty = free & (slots.block < 0)
@@ -291,7 +294,7 @@ class Pool:
                 pending = slots.loading.get(slot) if slot is not None else None
                 if pending is None:
                     if slot is None:
-                        slot = self._free_slot(slots)
+                        slot = self._free_slot(slots, mine=held)
                         if slot is None:  # every slot held by a call or being written: wait for one
                             if not wait:
                                 return None
@@ -354,7 +357,7 @@ class Pool:
         with self._lock:
             room = slots.n - np.count_nonzero(slots.pins) - len(slots.loading) - reserve
             keep = frozenset((block, e) for e in experts)  # a prediction does not evict its own experts
-            for e in [e for e in experts if (block, e) not in slots.where][:max(room, 0)]:
+            for e in [e for e in dict.fromkeys(experts) if (block, e) not in slots.where][:max(room, 0)]:
                 slot = self._free_slot(slots, keep)
                 if slot is None:
                     return
@@ -494,5 +497,13 @@ class OffloadedExperts(nn.Module):
         """The early guess for the next block (moec.offload.prefetch), unless its late predictor took over."""
         nxt = self.pool.next_block(self.block)
         predict = self.pool.blocks.get(nxt, {}).get("router") if nxt else None
-        if predict is not None:
-            self.pool.prefetch(nxt, predict(x), reserve)
+        if predict is None:
+            return
+        try:
+            guess = predict(x)
+        except Exception as e:  # noqa: BLE001  a guess that cannot run is no guess (outputs never depend on it)
+            warnings.warn(f"moec offload: the prefetch for block {nxt!r} could not run ({type(e).__name__}: {e}); "
+                          f"it is turned off for that block (outputs are unchanged)", stacklevel=2)
+            self.pool.blocks[nxt]["router"] = None
+            return
+        self.pool.prefetch(nxt, guess, reserve)
