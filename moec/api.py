@@ -388,7 +388,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         (either config, a scale per group of 32 inputs) or torch (Int8Experts, a scale per row).
     offload: moec.Offload(budget, store, path, policy, prefetch, prefetch_width): the routed experts leave the
         model for a store (disk or host memory) and run from a cache of `budget` experts (appends offload_experts; torch
-        backend; with quantize=, the quantized experts are stored and cached; see moec.offload). Statistics:
+        or triton backend; with quantize=, the quantized experts are stored and cached; see moec.offload). Statistics:
         moec.inspect(model).offload.
     topk: an approximation (needs approximate=True, or reduce_topk named in `passes`): every block routes to
         its `topk` best experts instead of its k (an int), or per block ({block path: k}; blocks not named, and

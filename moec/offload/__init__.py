@@ -5,11 +5,13 @@ experts op becomes a call of `OffloadedExperts`, which reads each expert it need
 
     store  (disk: one safetensors file per block, read explicitly per expert; or host memory)
       |  load on a miss (the caller waits: stall time) or ahead of need (prefetch: a worker thread)
-    pool   slots[C] of expert weights, C = the budget; one pool per expert shape, shared by every block
+    pool   slots[C] of expert weights, C = the budget; one pool per expert shape (the budget split between them),
+      |  shared by every block of that shape
       |  policy picks the slot to reuse: lru, lfu, routing (usage over blocks until next use), or "auto"
       |  (replays the routing of the first calls and keeps the policy with the most hits)
     experts run from their slots, as many at once as the pool holds (the torch backend's per-expert path or
-    its quantized kernels, same numbers; with quantize= the store and the slots hold the quantized experts)
+    its quantized kernels, or the Triton kernels on the slots: the resident numbers; with quantize= the store and
+    the slots hold the quantized experts)
 
 Prefetch (moec.offload.prefetch): each block's own router (its route op, on its live weights) names the top
 `prefetch_width * k` experts ahead of the block, and the worker loads them: as the block's layer starts, on
