@@ -32,7 +32,7 @@ from moec.canonical import (
     uninstall,
 )
 from moec.log import _status, status
-from moec.offload import Offload, Pool
+from moec.offload import OffloadedExperts, Offload, Pool
 from moec.pass_manager import PASSES, Instruments, PassManager, PassRecord, Rejected, parse_pipeline
 from moec.passes.detect import experts_only
 from moec.passes.detect_moe import Candidate, analyze, find_candidates
@@ -353,6 +353,8 @@ def _install_all(done: list[_Done]) -> None:
             for m in d.gm.children():  # the sharded experts drop the full weights they replayed the proof on
                 if isinstance(m, ShardedExperts):
                     m.installed()
+                elif isinstance(m, OffloadedExperts):  # the offloaded experts' slots follow the block's dtypes
+                    m.installed(d.block)
             d.gm.meta.pop("proof", None)
             d.gm.meta.pop("reference_roles", None)
             d.gm.meta["undo"] = []

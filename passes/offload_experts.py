@@ -57,7 +57,9 @@ def offload_experts(gm) -> PassResult:
         except ValueError as e:
             raise Rejected(str(e)) from None
         gm.meta.setdefault("undo", []).append(lambda: pool.unregister(path))
-        gm.add_submodule("offloaded", OffloadedExperts(pool, path, tuple(act), quantized))
+        like = {r: gm.meta["bindings"][a.target] for r, a in zip(roles, weights)
+                if r is not None and a is not None and tensors[r].is_floating_point()}  # the slots follow their dtypes
+        gm.add_submodule("offloaded", OffloadedExperts(pool, path, tuple(act), quantized, like))
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module("offloaded", (x, ids, w, b13, b2))
         node.replace_all_uses_with(new)

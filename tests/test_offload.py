@@ -39,15 +39,18 @@ def _compile(model, **kw):
     for f in FAMILIES for b in (1, "25%", 1.0)])
 @pytest.mark.parametrize("policy", ["lru", "lfu", "routing", "auto"])
 def test_same_outputs_at_every_budget_and_policy(family, budget, policy):
+    """The resident compiled model's numbers, bit for bit (its per-expert, grouped-GEMM and numba routes run on
+    the slots), whatever the budget splits a call into."""
     model = _lm(family)
     ref = copy.deepcopy(model)
+    resident = moec.compile(copy.deepcopy(model))
     report = _compile(model, budget=budget, policy=policy, store="disk")
     inputs = models.example_inputs(model, batch=2, seq=9)
     with torch.no_grad():
         assert rel_err(model(**inputs).logits, ref(**inputs).logits) < TOL[torch.float32]
-        for seq in (1, 40):  # one token, and a prompt that needs every expert
-            x = models.example_inputs(model, seq=seq, seed=seq)
-            assert rel_err(model(**x).logits, ref(**x).logits) < TOL[torch.float32]
+        for seq, batch in ((1, 1), (9, 2), (40, 1)):  # one token, and a prompt that needs every expert
+            x = models.example_inputs(model, batch=batch, seq=seq, seed=seq)
+            assert torch.equal(model(**x).logits, resident(**x).logits), (seq, batch)
     s = report.offload.total()
     assert s.calls and s.misses and s.hits + s.misses >= s.calls
 
@@ -165,13 +168,15 @@ def test_quantized_experts_offloaded_give_the_resident_quantized_numbers(quant, 
     assert s.misses and s.bytes_read / s.misses < fp_bytes / 3  # a miss moves a quantized expert
 
 
-@pytest.mark.parametrize("quant,budget", [(None, 1), (None, "25%"), (moec.Int8Experts(), 1),
-                                          (moec.Int4Experts(group_size=32), 1)], ids=["fp-1", "fp-25%", "int8-1", "int4-1"])
-def test_the_triton_kernels_run_on_the_slots(quant, budget):
+@pytest.mark.parametrize("family,quant,budget", [
+    ("qwen2_moe", None, 1), ("qwen2_moe", None, "25%"), ("qwen2_moe", moec.Int8Experts(), 1),
+    ("qwen2_moe", moec.Int4Experts(group_size=32), 1), ("gpt_oss", None, 1)],  # GPT-OSS: transposed slots, biases
+    ids=["fp-1", "fp-25%", "int8-1", "int4-1", "gpt_oss-fp-1"])
+def test_the_triton_kernels_run_on_the_slots(family, quant, budget):
     """backend="triton" with offload=: the kernels run on the pool's slots (TRITON_INTERPRET=1 on a CPU), each pair
     with the resident kernel's tiles, so the outputs are the resident Triton model's bit for bit; a call needing more
     experts than the pool holds (budget 1) runs its pairs group by group."""
-    model, resident = _lm("qwen2_moe"), _lm("qwen2_moe")
+    model, resident = _lm(family), _lm(family)
     moec.compile(resident, backend="triton", quantize=quant)
     moec.compile(model, backend="triton", quantize=quant, offload=moec.Offload(budget=budget, policy="lru", store="host"))
     report = moec.inspect(model)
@@ -422,17 +427,36 @@ def test_torch_compile_of_an_offloaded_model():
         assert torch.equal(torch.compile(model, backend="aot_eager", dynamic=False)(ids).logits, model(ids).logits)
 
 
-def test_the_cache_follows_the_model_to_another_dtype():
-    model, resident = _lm("mixtral"), moec.compile(_lm("mixtral"))
-    ref = copy.deepcopy(model).to(torch.bfloat16)
-    _compile(model, budget="50%")
-    model.to(torch.bfloat16)
-    resident.to(torch.bfloat16)
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "llama4", "dbrx"])
+def test_experts_stored_transposed_give_the_resident_numbers(family):
+    """GPT-OSS and Llama 4 hold their experts as [E, H, N] (DBRX its w2), read transposed: the store and the slots
+    keep that layout, so the GEMMs read the same strides as the resident model's (a contiguous copy computed
+    other sums: 2e-7 off)."""
+    model, resident = _lm(family), moec.compile(_lm(family))
+    _compile(model, budget=1, store="disk")
     with torch.no_grad():
-        x = models.example_inputs(model, seq=7)
-        assert rel_err(model(**x).logits, ref(**x).logits) < TOL[torch.bfloat16]
-        x = models.example_inputs(model, seq=1)  # one token: the resident model's kernels, on bf16 slots
-        assert torch.equal(model(**x).logits, resident(**x).logits)
+        for seq, batch in ((1, 1), (3, 2), (40, 1)):
+            x = models.example_inputs(model, batch=batch, seq=seq, seed=seq)
+            assert torch.equal(model(**x).logits, resident(**x).logits), (seq, batch)
+
+
+@pytest.mark.parametrize("quant,dtype", [(None, torch.bfloat16), (moec.Int4Experts(group_size=32), torch.bfloat16),
+                                         (moec.Int8Experts(), torch.float16)], ids=["fp-bf16", "int4-bf16", "int8-fp16"])
+def test_the_cache_follows_the_model_to_another_dtype(quant, dtype):
+    """model.to(dtype) after compile casts the block's (released) expert tensors, a quantized block's scales too:
+    the slots take their dtypes, and the outputs stay the resident model's after the same cast."""
+    model, resident = _lm("gpt_oss"), moec.compile(_lm("gpt_oss"), quantize=quant)
+    ref = copy.deepcopy(model).to(dtype)
+    moec.compile(model, quantize=quant, offload=moec.Offload(budget="50%"))
+    model.to(dtype)
+    resident.to(dtype)
+    with torch.no_grad():
+        if quant is None:
+            x = models.example_inputs(model, seq=7)
+            assert rel_err(model(**x).logits, ref(**x).logits) < TOL[dtype]
+        for seq, batch in ((1, 1), (3, 2), (40, 1)):  # the resident model's routes, on slots of the new dtypes
+            x = models.example_inputs(model, batch=batch, seq=seq, seed=seq)
+            assert torch.equal(model(**x).logits, resident(**x).logits), (seq, batch)
 
 
 def test_policies_on_a_cyclic_trace():

@@ -84,10 +84,15 @@ class OffloadStats:
 
 class _Slots:
     """C slots of one expert shape: a tensor [C, ...] per role, which (block, expert) each holds, and per slot
-    what the policy reads (arrays: a miss searches every slot for its victim in a few numpy calls)."""
+    what the policy reads (arrays: a miss searches every slot for its victim in a few numpy calls). A role the
+    blocks hold transposed (GPT-OSS's [E, H, N] read as [E, N, H]) keeps that layout: `raw` is the storage the
+    store's bytes go into, `t` the view the kernels read, with the resident tensor's strides (the same GEMMs)."""
 
-    def __init__(self, shapes: dict[str, tuple[torch.Size, torch.dtype]], n: int, device):
-        self.t = {r: torch.empty((n, *s), dtype=d, device=device) for r, (s, d) in shapes.items()}
+    def __init__(self, shapes: dict[str, tuple[torch.Size, torch.dtype]], n: int, device, transposed: frozenset):
+        flip = lambda r, s: (*s[:-2], s[-1], s[-2]) if r in transposed else tuple(s)  # noqa: E731
+        self.raw = {r: torch.empty((n, *flip(r, s)), dtype=d, device=device) for r, (s, d) in shapes.items()}
+        self.t = {r: t.mT if r in transposed else t for r, t in self.raw.items()}
+        self.dtypes = {r: d for r, (_, d) in shapes.items()}
         self.n = n
         self.where: dict[tuple[str, int], int] = {}  # (block, expert) -> slot
         self.owner: list[tuple[str, int] | None] = [None] * n
@@ -113,7 +118,6 @@ class Pool:
 
     def __init__(self, cfg: Offload, device: torch.device):
         self.cfg, self.device = cfg, torch.device(device)
-        self.dtype = None  # the slots' dtype when the model's differs from the stored experts' (model.half())
         folder = cfg.path or tempfile.mkdtemp(prefix="moec-offload-")
         if cfg.store == "disk":
             self.store = DiskStore(folder)
@@ -135,15 +139,18 @@ class Pool:
 
     # -- registration (compile time)
     def register(self, block: str, tensors: dict[str, torch.Tensor], quantized: bool = False) -> None:
-        """Write a block's experts (role -> [E, ...]) to the store; the pool is sized anew at the next call.
-        Quantized experts (q, scale, zero) keep their dtypes in the slots whatever the activations'."""
+        """Write a block's experts (role -> [E, ...]) to the store, each in the layout the block holds it (a
+        transposed one stored as such); the pool is sized anew at the next call."""
         shapes = {r: (t.shape[1:], t.dtype) for r, t in tensors.items()}
+        transposed = frozenset(r for r, t in tensors.items()
+                               if t.dim() >= 3 and not t[0].is_contiguous() and t[0].mT.is_contiguous())
         E = len(next(iter(tensors.values())))
         nbytes = sum(t[0].numel() * t.element_size() for t in tensors.values())
         slots_for(self.cfg.budget, E, nbytes)  # a budget smaller than one expert fails before anything is written
-        self.store.write(block, tensors)
+        self.store.write(block, {r: t.mT if r in transposed else t for r, t in tensors.items()})
         self.blocks[block] = {"shapes": shapes, "E": E, "bytes": nbytes, "router": None, "quantized": quantized,
-                              "key": self._key(shapes)}
+                              "transposed": transposed, "key": (self._key(shapes), transposed),
+                              "dtypes": {r: d for r, (_, d) in shapes.items()}}
         self.stats.blocks[block] = BlockStats()
         self.reset()
 
@@ -164,19 +171,23 @@ class Pool:
             self.stats.blocks = {b: BlockStats() for b in self.blocks}
             self.stats.policy = self.cfg.policy
 
-    def follow(self, x: torch.Tensor) -> None:
-        """The model moved or changed dtype since compile: the slots follow its activations (emptied; loads
-        cast the stored experts as .to() would have)."""
-        fp = self._stored_dtype()
-        if x.device != self.device or (fp is not None and x.is_floating_point() and x.dtype != (self.dtype or fp)):
-            self._drain()
-            with self._lock:
-                self.device, self.dtype = x.device, x.dtype
+    def follow(self, block: str, device: torch.device, dtypes: dict[str, torch.dtype]) -> None:
+        """The model moved, or the block's (released) expert tensors changed dtype since compile (model.half(); a
+        quantized block's scales follow .to() too): the slots follow them (emptied; loads cast the stored experts
+        as .to() would have). dtypes: role -> the dtype the block's tensor for it has now (its floating roles)."""
+        info = self.blocks[block]
+        dtypes = {**info["dtypes"], **dtypes}
+        slots = self._slots.get(info["key"])
+        if device == self.device and dtypes == info["dtypes"] and (slots is None or slots.dtypes == dtypes):
+            return
+        self._drain()
+        with self._lock:
+            if device != self.device:
+                self.device = device
                 self._slots.clear()
-
-    def _stored_dtype(self):
-        """The dtype of the fp experts as stored (None if every block is quantized)."""
-        return next((d for i in self.blocks.values() if not i["quantized"] for _, d in i["shapes"].values()), None)
+            info["dtypes"] = dtypes
+            if self._slots.get(info["key"]) is not None and self._slots[info["key"]].dtypes != dtypes:
+                del self._slots[info["key"]]  # made for the dtypes another block of this shape has: made anew
 
     def __deepcopy__(self, memo):
         raise TypeError(NO_COPY)
@@ -202,15 +213,15 @@ class Pool:
 
     def _make_slots(self, key: tuple, info: dict) -> _Slots:
         """The budget's share for this expert shape (over every block of that shape, in proportion to its experts
-        or bytes where blocks differ in shape: one budget for the pool), in the activations' dtype."""
-        shapes = {r: (shape, d if info["quantized"] else self.dtype or d) for r, (shape, d) in info["shapes"].items()}
+        or bytes where blocks differ in shape: one budget for the pool), in the dtypes the block's tensors have."""
+        shapes = {r: (shape, info["dtypes"][r]) for r, (shape, _) in info["shapes"].items()}
         nbytes = sum(math.prod(s) * d.itemsize for s, d in shapes.values())  # one expert as the slots hold it
         count = lambda blocks: sum(i["E"] for i in blocks)  # noqa: E731
         size = lambda blocks: sum(i["E"] * i["bytes"] for i in blocks)  # noqa: E731
         same, every = [i for i in self.blocks.values() if i["key"] == key], list(self.blocks.values())
         n = slots_for(self.cfg.budget, count(same), nbytes, share=(count(same) / count(every), size(same) / size(every)))
-        self._slots[key] = _Slots(shapes, n, self.device)
-        self.stats.slots = {" ".join(f"{r}{list(s)}" for r, s, _ in k): v.n for k, v in self._slots.items()}
+        self._slots[key] = _Slots(shapes, n, self.device, info["transposed"])
+        self.stats.slots = {" ".join(f"{r}{list(s)}" for r, s, _ in k): v.n for (k, _), v in self._slots.items()}
         return self._slots[key]
 
     def next_block(self, block: str) -> str | None:
@@ -227,7 +238,7 @@ class Pool:
         if stream is not None and slot in slots.freed:  # the last kernels reading this slot may still be queued
             stream.wait_event(slots.freed[slot])
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            for r, t in slots.t.items():
+            for r, t in slots.raw.items():
                 src, n = self.store.read_into(block, r, e, t[slot])  # the slot itself where it can take the bytes
                 if src.data_ptr() != t[slot].data_ptr():
                     t[slot].copy_(src, non_blocking=src.is_pinned())
@@ -384,15 +395,26 @@ class OffloadedExperts(nn.Module):
     the format; `act` ends with the op's int8_activations flag where it has one), or the Triton kernels on the
     slots (`triton`, set by lower_triton: the int4 group size, 0 otherwise). Biases stay resident."""
 
-    def __init__(self, pool: Pool, block: str, act: tuple, quantized: str | None = None):
+    def __init__(self, pool: Pool, block: str, act: tuple, quantized: str | None = None, like: dict | None = None):
         super().__init__()
         self.pool, self.block, self.act, self.quantized = pool, block, act[:6], quantized
         self.int8_activations = len(act) > 6 and bool(act[6])
         self.triton: int | None = None
+        self.like = like or {}  # floating role -> its moec.bindings.Binding: the block's (released) tensor for it
+        self._owner = None  # the installed block (a weak reference): where `like` points
+
+    def installed(self, block: nn.Module) -> None:
+        self._owner = weakref.ref(block)
+
+    def _dtypes(self) -> dict[str, torch.dtype]:
+        """The dtypes the block's (released, empty) expert tensors have now: .to() casts them as it would have
+        cast the experts (a quantized block's scales too), and the slots follow."""
+        block = self._owner() if self._owner is not None else None
+        return {} if block is None else {r: b.sources(block)[0].dtype for r, b in self.like.items()}
 
     @torch.compiler.disable  # the pool's Python (locks, reads, numpy) runs eagerly inside a torch.compile'd model
     def forward(self, x, ids, weights, b13=None, b2=None):
-        self.pool.follow(x)
+        self.pool.follow(self.block, x.device, self._dtypes())
         run = self._triton if self.triton is not None else self._quantized if self.quantized else self._fp
         return run(x, ids, weights, b13, b2)
 
@@ -431,26 +453,41 @@ class OffloadedExperts(nn.Module):
         return y.view(T, k, -1).sum(dim=1).to(x.dtype)  # [T, H]: over the k slots in token order, as the resident op
 
     def _fp(self, x, ids, weights, b13, b2):
-        from moec.backends.torch_backend import _combine, _expert_ffn, _numba_route, _sort
+        """The resident op's routes (moec.experts), on the slots: the numba kernels at few rows, one grouped GEMM
+        pair over the group's experts at many rows per expert (their rows in slot order), else per expert."""
+        from moec.backends.torch_backend import (GROUPED_MIN_ROWS, _combine, _expert_ffn, _grouped_ffn,
+                                                 _grouped_mm_takes, _numba_route, _sort)
 
         activation, gated, alpha, limit, weight_on_input, gate_up = self.act
         info = self.pool.blocks[self.block]
-        if _numba_route(x, ids, info["E"], self.pool.dtype or info["shapes"]["w13"][1], weights, b13, b2):
+        dtype = info["dtypes"]["w13"]
+        if (dtype == info["dtypes"]["w2"] and not info["transposed"]
+                and _numba_route(x, ids, info["E"], dtype, weights, b13, b2)):
             return self._quantized(x, ids, weights, b13, b2)  # the resident op's route: the same numbers
-        _, order, counts, xs, ws = _sort(x, ids, weights, info["E"], weight_on_input)
-        starts = [0]
-        for n in counts:
-            starts.append(starts[-1] + n)
+        flat, order, counts, xs, ws = _sort(x, ids, weights, info["E"], weight_on_input)
+        starts = np.cumsum([0, *counts]).tolist()
+        need = [e for e, n in enumerate(counts) if n]
+        grouped = flat.numel() >= GROUPED_MIN_ROWS * len(need)
+        row_expert = flat[order]
         ys = torch.empty_like(xs)
 
         def run(slots, group):
             t = slots.t
+            if grouped and _grouped_mm_takes(xs, t["w13"], t["w2"]):
+                in_slots = sorted(group, key=group.get)
+                rows = torch.cat([torch.arange(starts[e], starts[e + 1]) for e in in_slots])
+                per_slot = [0] * slots.n
+                for e, s in group.items():
+                    per_slot[s] = counts[e]
+                ys[rows] = _grouped_ffn(xs[rows], per_slot, None if b13 is None and b2 is None else row_expert[rows],
+                                        t["w13"], b13, t["w2"], b2, activation, gated, alpha, limit, gate_up)
+                return
             for e, s in group.items():
                 rows = slice(starts[e], starts[e + 1])
                 ys[rows] = _expert_ffn(xs[rows], t["w13"][s], None if b13 is None else b13[e], t["w2"][s],
                                        None if b2 is None else b2[e], activation, gated, alpha, limit, gate_up)
 
-        self._in_groups(x, [e for e, n in enumerate(counts) if n], run)
+        self._in_groups(x, need, run)
         return _combine(ys, order, ws, ids, weight_on_input, x.dtype)
 
     def _quantized(self, x, ids, weights, b13, b2):
