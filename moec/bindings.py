@@ -100,6 +100,16 @@ class Binding:
         raise NotImplementedError
 
 
+def first_source(binding: Binding) -> str | None:
+    """The path in the block of the first tensor `binding` reads (None: it reads none)."""
+    if isinstance(binding, Param):
+        return binding.path
+    part = next((p for p in getattr(binding, "parts", ()) if isinstance(p, Part)), None)
+    if part is None:
+        return None
+    return f"{part.container}.{part.members[0]}.{part.name}" if part.container is not None else part.name
+
+
 class Param(Binding):
     def __init__(self, path: str):
         self.path = path

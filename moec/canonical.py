@@ -89,7 +89,11 @@ class _ReferenceExperts(nn.Module):
 
 
 class _Tracer(fx.Tracer):
-    """Keeps the shared experts as single call_module nodes."""
+    """Keeps the shared experts as single call_module nodes. Every tensor attribute is a proxy, the role tensors
+    that are views (a flat or transposed router weight) included: `router_weight.dtype` stays an op of the graph,
+    which follows .to(), not a constant of the dtype at compile."""
+
+    proxy_buffer_attributes = True
 
     def __init__(self, leaves: frozenset[str] = frozenset()):  # no arguments needed: GraphModule unpickling
         super().__init__()

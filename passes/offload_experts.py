@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from moec.bindings import first_source
 from moec.canonical import drop_unused_roles, role_value
 from moec.offload import OffloadedExperts
 from moec.pass_manager import PassResult, Rejected, register_pass
@@ -57,7 +58,7 @@ def offload_experts(gm) -> PassResult:
         except ValueError as e:
             raise Rejected(str(e)) from None
         gm.meta.setdefault("undo", []).append(lambda: pool.unregister(path))
-        like = {r: gm.meta["bindings"][a.target] for r, a in zip(roles, weights)
+        like = {r: first_source(gm.meta["bindings"][a.target]) for r, a in zip(roles, weights)
                 if r is not None and a is not None and tensors[r].is_floating_point()}  # the slots follow their dtypes
         gm.add_submodule("offloaded", OffloadedExperts(pool, path, tuple(act), quantized, like))
         with gm.graph.inserting_before(node):

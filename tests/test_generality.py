@@ -187,9 +187,29 @@ def test_gshard_sequence_first_with_a_group_dim():
     _check(GShardTop2(), [(5, 2, 32), (150, 2, 32)])  # [S, B, H]
 
 
-@pytest.mark.parametrize("form", ["@W.T", "@W.t()", "@W", "matmul", "einsum", "einsum_he", "flat"])
+ROUTER_FORMS = ["@W.T", "@W.t()", "@W", "matmul", "einsum", "einsum_he", "flat"]
+
+
+@pytest.mark.parametrize("form", ROUTER_FORMS)
 def test_routers_in_every_form(form):
     _check(RouterForms(form), SEQ)
+
+
+@pytest.mark.parametrize("form", ROUTER_FORMS)
+def test_routers_in_every_form_after_a_cast(form):
+    """A router read through a view (flat, or [H, E] transposed) cast the tokens to the dtype it had at compile
+    (a constant of the graph): after .to(bfloat16) the compiled block raised where the original ran."""
+    block = RouterForms(form).eval()
+    ref = copy.deepcopy(block)
+    moec.compile(block)
+    block.to(torch.bfloat16), ref.to(torch.bfloat16)
+    for shape in SEQ:
+        x = torch.randn(shape, dtype=torch.bfloat16)
+        with torch.no_grad():
+            before = RUNS["count"]
+            got = block(x)
+            assert RUNS["count"] == before  # compiled, not the original's code
+            assert got.dtype == torch.bfloat16 and rel_err(got, ref(x)) < TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 32), (2, 7, 32), (1, 300, 32)])

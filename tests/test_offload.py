@@ -190,15 +190,22 @@ def test_the_triton_kernels_run_on_the_slots(family, quant, budget):
 
 
 @pytest.mark.parametrize("form", ["@W.T", "flat"])
-def test_a_hand_written_block(form):
+@pytest.mark.parametrize("quant", [None, moec.Int8Experts()], ids=["fp", "int8"])
+def test_a_hand_written_block(form, quant):
+    """Experts in an nn.ModuleList (stacked by moec): the resident compiled block's numbers, also after a cast
+    to bf16 (the slots follow the dtype of the released per-expert weights)."""
     block = RouterForms(form, E=8).eval()
-    ref = copy.deepcopy(block)
-    moec.compile(block, offload=moec.Offload(budget=2))
+    ref, resident = copy.deepcopy(block), moec.compile(copy.deepcopy(block), quantize=quant)
+    moec.compile(block, quantize=quant, offload=moec.Offload(budget=2))
     assert "[offloaded]" in moec.inspect(block).blocks[0].experts
-    for T in (1, 7, 300):
-        x = torch.randn(T, 32)
-        with torch.no_grad():
-            assert rel_err(block(x), ref(x)) < TOL[torch.float32]
+    for dtype in (torch.float32, torch.bfloat16):
+        block.to(dtype), resident.to(dtype), ref.to(dtype)
+        for T in (1, 7, 300):
+            x = torch.randn(T, 32, dtype=dtype)
+            with torch.no_grad():
+                assert torch.equal(block(x), resident(x)), (dtype, T)
+                if quant is None:
+                    assert rel_err(block(x), ref(x)) < TOL[dtype]
 
 
 def test_a_damaged_store_fails_with_what_to_do(tmp_path):

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from moec.bindings import resolve
 from moec.offload.config import Offload, slots_for
 from moec.offload.policy import History, simulate, victim_index
 from moec.offload.store import DiskStore, HostStore
@@ -400,7 +401,7 @@ class OffloadedExperts(nn.Module):
         self.pool, self.block, self.act, self.quantized = pool, block, act[:6], quantized
         self.int8_activations = len(act) > 6 and bool(act[6])
         self.triton: int | None = None
-        self.like = like or {}  # floating role -> its moec.bindings.Binding: the block's (released) tensor for it
+        self.like = {r: p for r, p in (like or {}).items() if p}  # floating role -> the block's tensor it came from
         self._owner = None  # the installed block (a weak reference): where `like` points
 
     def installed(self, block: nn.Module) -> None:
@@ -410,7 +411,7 @@ class OffloadedExperts(nn.Module):
         """The dtypes the block's (released, empty) expert tensors have now: .to() casts them as it would have
         cast the experts (a quantized block's scales too), and the slots follow."""
         block = self._owner() if self._owner is not None else None
-        return {} if block is None else {r: b.sources(block)[0].dtype for r, b in self.like.items()}
+        return {} if block is None else {r: resolve(block, p).dtype for r, p in self.like.items()}
 
     @torch.compiler.disable  # the pool's Python (locks, reads, numpy) runs eagerly inside a torch.compile'd model
     def forward(self, x, ids, weights, b13=None, b2=None):
