@@ -75,6 +75,14 @@ class Part:
         group = resolve(block, self.container)
         return [resolve(resolve(group, m), self.name) for m in self.members]
 
+    def locations(self, block) -> list[tuple[nn.Module, str]]:
+        """(module, attribute) of each tensor of `tensors`."""
+        owner, _, attr = self.name.rpartition(".")
+        if self.container is None:
+            return [(resolve(block, owner), attr)]
+        group = resolve(block, self.container)
+        return [(resolve(resolve(group, m), owner), attr) for m in self.members]
+
     def value(self, block, experts=None) -> torch.Tensor:
         """[E, ...] (or the rows `experts` only) in canonical orientation."""
         if self.container is not None:
@@ -144,13 +152,14 @@ class Derived(Binding):
         self._key = None
         self._value = None
         self._srcs: list[torch.Tensor] = []
+        self._where: list[tuple[nn.Module, str]] = []  # where each source is registered
         self._gen = -1
         self._aliased = False  # every source is a view into moec's storage (edits write through)
         self._adopted = False
         self._owner = None  # the module the cached sources belong to
 
     def __getstate__(self):  # pickle / deepcopy: the cache is rebuilt (and re-aliased) at the next call
-        return {**self.__dict__, "_key": None, "_value": None, "_srcs": [], "_gen": -1, "_owner": None,
+        return {**self.__dict__, "_key": None, "_value": None, "_srcs": [], "_where": [], "_gen": -1, "_owner": None,
                 "_aliased": False}
 
     # -- pure derivation (traceable, differentiable) --
@@ -172,8 +181,9 @@ class Derived(Binding):
     def get(self, block):
         if tracing():
             return self.derive(block)
-        if self._gen != generation() or self._owner is not block:
-            self._srcs, self._gen, self._owner = self.sources(block), generation(), block
+        if self._gen != generation() or self._owner is not block or not self._registered():
+            self._where = [w for p in self.parts if isinstance(p, Part) for w in p.locations(block)]
+            self._srcs, self._gen, self._owner = [getattr(m, a) for m, a in self._where], generation(), block
         key = self._fingerprint()
         if key != self._key:
             with torch.no_grad():
@@ -181,6 +191,16 @@ class Derived(Binding):
             self._aliased = self.copies and self._adopted and self._alias(block, self._value)
             self._key = self._fingerprint()
         return self._value
+
+    def _registered(self) -> bool:
+        """Each cached source is still the tensor its module holds. Registration hooks (the generation) miss a
+        swap straight into `module._parameters` (torch.func.functional_call, accelerate), and a parametrized
+        weight is computed anew at each access (never registered: looked up every call)."""
+        for (m, a), s in zip(self._where, self._srcs):
+            t = m._parameters.get(a)
+            if (t if t is not None else m._buffers.get(a)) is not s:
+                return False
+        return True
 
     def adopt(self, block) -> None:
         """From now on (the block is installed), keep one copy: re-point the block's tensors into moec's
@@ -200,7 +220,7 @@ class Derived(Binding):
     def _alias(self, block, value: torch.Tensor) -> bool:
         """Re-point each source tensor into `value` where its slot is a view of it (same values: the
         source's own memory is released). True if every source now is such a view."""
-        off, every = 0, True
+        off, every, seen = 0, True, set()
         for p in self.parts:
             if isinstance(p, int):
                 off += p
@@ -213,6 +233,9 @@ class Derived(Binding):
                 slot = slot.transpose(-1, -2) if p.transposed else slot
                 if slot.shape != src.shape:  # an unflattened 2-D source: a view only if contiguous
                     slot = slot.reshape(src.shape) if slot.is_contiguous() else None
+                if id(src) in seen:  # one tensor in two slots (tied experts): it can be a view of one only
+                    slot = None
+                seen.add(id(src))
                 every &= slot is not None and _repoint(src, slot)
             off += n
         return every

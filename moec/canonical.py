@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 
 import torch
 import torch.fx as fx
@@ -198,6 +199,25 @@ class _NoBackward(torch.autograd.Function):
             f"run inference under torch.no_grad()")
 
 
+def _capture_key(hook) -> str | None:
+    """The output a transformers output-capturing hook records (e.g. "router_logits"), None for other hooks.
+    transformers installs them on the first call asking for an output (output_hidden_states=True, ...) and
+    leaves them, idle, on every recordable module."""
+    if getattr(hook, "__name__", "") != "output_capturing_hook" or not hook.__module__.startswith("transformers."):
+        return None
+    cells = dict(zip(hook.__code__.co_freevars, hook.__closure__ or ()))
+    return cells["key"].cell_contents if "key" in cells else None
+
+
+def _idle_capture(hook) -> bool:
+    """A transformers output-capturing hook with nothing to record in this call (it returns at once)."""
+    key = _capture_key(hook)
+    if key is None:
+        return False
+    collector = sys.modules[hook.__module__]._active_collector.get()
+    return collector is None or key not in collector
+
+
 class CompiledForward:
     """Replaces `block.forward`: runs the block's final graph on its live tensors and rebuilds the
     block's own return structure. The original forward runs instead (the same results, by
@@ -263,9 +283,16 @@ class CompiledForward:
             return "no tokens"
         if self.gm.meta.get("ranks") and hidden.dim() not in self.gm.meta["ranks"]:
             return f"a {hidden.dim()}-d input (proved on {' and '.join(map(str, self.gm.meta['ranks']))}-d inputs)"
-        if (_module._global_forward_hooks or _module._global_forward_pre_hooks
+        if not (_module._global_forward_hooks or _module._global_forward_pre_hooks
                 or any(m._forward_hooks or m._forward_pre_hooks for m in self._skipped)):
-            return "forward hooks on a submodule the compiled graph does not call"
+            return None
+        hooks = [*_module._global_forward_hooks.values(), *_module._global_forward_pre_hooks.values(),
+                 *(h for m in self._skipped for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values())]
+        live = [h for h in hooks if not _idle_capture(h)]
+        if live:
+            what = {_capture_key(h) for h in live} - {None}
+            return (f"transformers records {', '.join(sorted(what))} from a submodule the compiled graph does not call"
+                    if what else "forward hooks on a submodule the compiled graph does not call")
         return None
 
     def __call__(self, *args, **kwargs):

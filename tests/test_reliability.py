@@ -88,6 +88,95 @@ def test_replaced_parameter_and_in_place_edit(layout):
     _same(block, ref, _x(32))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_functional_call_and_swapped_parameters(layout):
+    """Tensors swapped straight into `module._parameters` (torch.func.functional_call; accelerate's
+    set_module_tensor_to_device) fire no registration hook: the compiled block still reads them, not a cached
+    copy of the old ones (it mixed new router weights with old experts)."""
+    block = _compiled(_block(layout))
+    other = _block(layout, seed=1)
+    x = _x(32)
+    with torch.no_grad():
+        got, want = torch.func.functional_call(block, dict(other.named_parameters()), (x,)), other(x)
+        assert rel_err(got, want) < TOL[torch.float32]
+    ref = copy.deepcopy(block)
+    for (name, p), (_, q) in zip(block.named_parameters(), other.named_parameters()):  # for good, as accelerate
+        parent, _, attr = name.rpartition(".")
+        resolve(block, parent)._parameters[attr] = nn.Parameter(q.detach().clone())
+    _same(block, other, x)
+    with torch.no_grad():
+        assert rel_err(block(x), ref(x)) > 1e-3  # the swap changed the answer
+
+
+def test_a_parametrized_expert_weight():
+    """torch.nn.utils.parametrize computes the weight at each access: edits of its `original` reach the compiled
+    block (a cached computed weight went stale)."""
+    from torch.nn.utils import parametrize
+
+    block = _compiled(_block("modulelist"))
+    ref = copy.deepcopy(block)
+
+    class Scale(nn.Module):
+        def forward(self, w):
+            return w * 3
+
+    for b in (block, ref):
+        parametrize.register_parametrization(b.experts[3].w1, "weight", Scale())
+    _same(block, ref, _x(32))
+    with torch.no_grad():
+        for b in (block, ref):
+            b.experts[3].w1.parametrizations.weight.original.mul_(-0.5)
+    _same(block, ref, _x(32))
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_tied_experts(when):
+    """Two experts of one block sharing a Parameter: moec's one copy cannot make one tensor a view of two slots,
+    so an in-place edit of it must still reach both (it reached one)."""
+    block = _block("modulelist")
+    if when == "before":
+        block.experts[6].w1.weight = block.experts[7].w1.weight
+    _compiled(block)
+    if when == "after":
+        block.experts[6].w1.weight = block.experts[7].w1.weight
+    ref = _block("modulelist")
+    ref.load_state_dict(block.state_dict())
+    ref.experts[6].w1.weight = ref.experts[7].w1.weight
+    _same(block, ref, _x(32))
+    with torch.no_grad():
+        for b in (block, ref):
+            b.experts[7].w1.weight.mul_(-1)
+    _same(block, ref, _x(32))
+
+
+@pytest.mark.parametrize("quant", [None, moec.Int8Experts()], ids=["fp", "int8"])
+def test_idle_output_capturing_hooks(quant):
+    """transformers installs its output-capturing hooks (router logits included) on the first call asking for
+    any output and leaves them: idle, they must not send a compiled block back to its original forward (quantized
+    blocks raised for good; fp ones lost the speed-up). A call that records the router logits still needs the
+    original: fp blocks run it, quantized ones raise."""
+    from moec.canonical import compiled_forward
+
+    model = moec.compile(models.tiny_model("mixtral"), quantize=quant)
+    ref = models.tiny_model("mixtral")
+    ids = _ids(model)
+    with torch.no_grad():
+        want = ref(ids).logits
+        h = model(ids, output_hidden_states=True)
+        assert len(h.hidden_states) == model.config.num_hidden_layers + 1
+        block = resolve(model, moec.inspect(model).blocks[0].path)
+        assert block.gate._forward_hooks  # installed by transformers, and left
+        assert compiled_forward(block).why_original(torch.zeros(1, 2, model.config.hidden_size), {}) is None
+        got = model(ids).logits
+        if quant is None:
+            assert rel_err(got, want) < TOL[torch.float32]
+            assert len(model(ids, output_router_logits=True).router_logits) == model.config.num_hidden_layers
+        else:
+            with pytest.raises(NotImplementedError, match="records router_logits"):
+                model(ids, output_router_logits=True)
+            assert torch.equal(model(ids).logits, got)
+
+
 @pytest.mark.parametrize("family", HF)
 @pytest.mark.parametrize("assign", [False, True])
 def test_hf_load_state_dict_after_compile(family, assign):
