@@ -183,17 +183,23 @@ class Derived(Binding):
         if tracing():
             return self.derive(block)
         if self._gen != generation() or self._owner is not block or not self._registered():
-            where = [w for p in self.parts if isinstance(p, Part) for w in p.locations(block)]
-            self._srcs, self._gen, self._owner = [getattr(m, a) for m, a in where], generation(), block
-            self._where = ([m._parameters if a in m._parameters else m._buffers if a in m._buffers else {}
-                            for m, a in where], [a for _, a in where])
+            self._find(block)
         key = self._fingerprint()
         if key != self._key:
             with torch.no_grad():
                 self._value = self.derive(block)
-            self._aliased = self.copies and self._adopted and self._alias(block, self._value)
+            # re-pointed: the block's own parameters only, never tensors a caller swapped in (functional_call's
+            # plain tensors, e.g. views of the caller's flat buffer)
+            self._aliased = (self.copies and self._adopted and all(isinstance(t, nn.Parameter) for t in self._srcs)
+                             and self._alias(block, self._value))
             self._key = self._fingerprint()
         return self._value
+
+    def _find(self, block) -> None:
+        where = [w for p in self.parts if isinstance(p, Part) for w in p.locations(block)]
+        self._srcs, self._gen, self._owner = [getattr(m, a) for m, a in where], generation(), block
+        self._where = ([m._parameters if a in m._parameters else m._buffers if a in m._buffers else {}
+                        for m, a in where], [a for _, a in where])
 
     def _registered(self) -> bool:
         """Each cached source is still the tensor its module holds. Registration hooks (the generation) miss a

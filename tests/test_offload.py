@@ -466,6 +466,44 @@ def test_the_cache_follows_the_model_to_another_dtype(quant, dtype):
             assert torch.equal(model(**x).logits, resident(**x).logits), (seq, batch)
 
 
+class _TwoBlocks(torch.nn.Module):
+    """Two hand-written blocks of one expert shape, each run in its own dtype."""
+
+    def __init__(self):
+        super().__init__()
+        from handwritten import Spec, make_block
+
+        self.a, self.b = make_block(Spec(), seed=0), make_block(Spec(), seed=1)
+
+    def forward(self, x):
+        y = self.a(x.to(next(self.a.parameters()).dtype)).float()
+        return self.b(y.to(next(self.b.parameters()).dtype)).float()
+
+
+def test_blocks_of_one_shape_in_two_dtypes_and_casts_back():
+    """One block cast to bf16, the other not: each gets slots of its dtype (they emptied each other's at every
+    call); a cast back to fp32 rounds the stored experts as the resident tensors were rounded; the default "auto"
+    policy replays its trace after a cast emptied the slots (it raised)."""
+    model = _TwoBlocks().eval()
+    resident = moec.compile(copy.deepcopy(model))
+    moec.compile(model, offload=moec.Offload(budget=1.0, store="host"))
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        for m in (model, resident):
+            m.b.to(torch.bfloat16)
+        for _ in range(2):  # the first call of each block after the cast sizes the slots anew
+            assert torch.equal(model(x), resident(x))
+        misses = moec.inspect(model).offload.total().misses
+        for _ in range(3):  # then every expert stays in its slot (the same tokens: the same experts)
+            assert torch.equal(model(x), resident(x))
+        assert moec.inspect(model).offload.total().misses == misses
+        for m in (model, resident):
+            m.b.to(torch.float32)
+        for _ in range(moec.offload.Pool.AUTO_AFTER):  # fp32 again, with the bf16 rounding in the weights
+            assert torch.equal(model(x), resident(x))
+    assert moec.inspect(model).offload.policy.startswith("auto: ")
+
+
 def test_policies_on_a_cyclic_trace():
     """Blocks visited in turn, each with a hot expert and a rare one: the routing policy keeps the hot experts
     (LRU evicts them for the rare ones); the simulator counts hits as the pool does."""

@@ -96,9 +96,17 @@ def test_functional_call_and_swapped_parameters(layout):
     block = _compiled(_block(layout))
     other = _block(layout, seed=1)
     x = _x(32)
+    own = {n: p.untyped_storage().data_ptr() for n, p in block.named_parameters()}
+    flat = torch.cat([p.detach().reshape(-1) for p in other.parameters()])  # the caller's tensors: views of one
+    views, at = {}, 0
+    for n, p in other.named_parameters():
+        views[n] = flat[at:at + p.numel()].view_as(p)
+        at += p.numel()
     with torch.no_grad():
-        got, want = torch.func.functional_call(block, dict(other.named_parameters()), (x,)), other(x)
+        got, want = torch.func.functional_call(block, views, (x,)), other(x)
         assert rel_err(got, want) < TOL[torch.float32]
+    assert all(v.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for v in views.values())  # untouched
+    assert own == {n: p.untyped_storage().data_ptr() for n, p in block.named_parameters()}
     ref = copy.deepcopy(block)
     for (name, p), (_, q) in zip(block.named_parameters(), other.named_parameters()):  # for good, as accelerate
         parent, _, attr = name.rpartition(".")

@@ -150,8 +150,8 @@ class Pool:
         slots_for(self.cfg.budget, E, nbytes)  # a budget smaller than one expert fails before anything is written
         self.store.write(block, {r: t.mT if r in transposed else t for r, t in tensors.items()})
         self.blocks[block] = {"shapes": shapes, "E": E, "bytes": nbytes, "router": None, "quantized": quantized,
-                              "transposed": transposed, "key": (self._key(shapes), transposed),
-                              "dtypes": {r: d for r, (_, d) in shapes.items()}}
+                              "transposed": transposed, "dtypes": {r: d for r, (_, d) in shapes.items()}, "casts": []}
+        self.blocks[block]["key"] = self._key(self.blocks[block])
         self.stats.blocks[block] = BlockStats()
         self.reset()
 
@@ -174,21 +174,22 @@ class Pool:
 
     def follow(self, block: str, device: torch.device, dtypes: dict[str, torch.dtype]) -> None:
         """The model moved, or the block's (released) expert tensors changed dtype since compile (model.half(); a
-        quantized block's scales follow .to() too): the slots follow them (emptied; loads cast the stored experts
-        as .to() would have). dtypes: role -> the dtype the block's tensor for it has now (its floating roles)."""
+        quantized block's scales follow .to() too): the slots follow them (emptied and sized anew; a block whose
+        dtypes differ from another's of the same shape gets slots of its own). Loads then cast the stored experts
+        through every dtype the block's tensors went through, rounding as those casts did (fp32 -> bf16 ->
+        fp32). dtypes: role -> the dtype the block's tensor for it has now (its floating roles)."""
         info = self.blocks[block]
         dtypes = {**info["dtypes"], **dtypes}
-        slots = self._slots.get(info["key"])
-        if device == self.device and dtypes == info["dtypes"] and (slots is None or slots.dtypes == dtypes):
+        if device == self.device and dtypes == info["dtypes"]:
             return
         self._drain()
         with self._lock:
-            if device != self.device:
-                self.device = device
-                self._slots.clear()
-            info["dtypes"] = dtypes
-            if self._slots.get(info["key"]) is not None and self._slots[info["key"]].dtypes != dtypes:
-                del self._slots[info["key"]]  # made for the dtypes another block of this shape has: made anew
+            self.device = device
+            if dtypes != info["dtypes"]:
+                info["casts"].append(dtypes)
+                info["dtypes"] = dtypes
+                info["key"] = self._key(info)
+            self._slots.clear()  # every pool's share of the budget is sized again
 
     def __deepcopy__(self, memo):
         raise TypeError(NO_COPY)
@@ -202,8 +203,10 @@ class Pool:
                 f.result()
 
     @staticmethod
-    def _key(shapes) -> tuple:
-        return tuple(sorted((r, tuple(s), str(d)) for r, (s, d) in shapes.items()))
+    def _key(info: dict) -> tuple:
+        """Blocks with equal keys share slots: the same shapes, layout and dtypes now."""
+        return (tuple(sorted((r, tuple(s), str(info["dtypes"][r])) for r, (s, _) in info["shapes"].items())),
+                info["transposed"])
 
     def _pool(self, block: str) -> _Slots:
         """The slots of `block`'s expert shape, made at the first call after compile (or after reset/follow)."""
@@ -239,8 +242,12 @@ class Pool:
         if stream is not None and slot in slots.freed:  # the last kernels reading this slot may still be queued
             stream.wait_event(slots.freed[slot])
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            casts = self.blocks[block]["casts"]
             for r, t in slots.raw.items():
-                src, n = self.store.read_into(block, r, e, t[slot])  # the slot itself where it can take the bytes
+                # the slot itself where it can take the bytes as they are
+                src, n = self.store.read_into(block, r, e, None if casts else t[slot])
+                for dtypes in casts:
+                    src = src.to(dtypes[r])
                 if src.data_ptr() != t[slot].data_ptr():
                     t[slot].copy_(src, non_blocking=src.is_pinned())
                 nbytes += n
@@ -353,7 +360,7 @@ class Pool:
             st.needed_after_prediction += len(need)
         self.stats.trace.append((block, need))
         if self.cfg.policy == "auto" and len(self.stats.trace) == self.AUTO_AFTER:
-            slots = min(s.n for s in self._slots.values())
+            slots = min(s.n for s in [self._pool(block), *self._slots.values()])
             rate = {p: simulate(list(self.stats.trace), slots, p) for p in ("routing", "lru", "lfu")}
             best = max(rate, key=rate.get)  # replayed without prefetch: leave routing only for a clear win
             self.policy = best if rate[best] > rate["routing"] + 0.05 else "routing"
