@@ -36,13 +36,17 @@ def resolve(module: nn.Module, path: str):
 
 
 class _Generation:
-    """Bumped whenever any module, parameter or buffer is (re)registered anywhere."""
+    """Bumped whenever any module, parameter or buffer is (re)registered anywhere, outside torch.compile's
+    tracing: there, tensors are derived from the parameters functionally, and a bump traced (HF's forward slices
+    `self.layers[:n]`, registering each layer in a new ModuleList) would make Dynamo guard on the counter and
+    recompile the model at every call."""
 
     value = 0
 
     @classmethod
     def bump(cls, *args):
-        cls.value += 1
+        if not torch.compiler.is_compiling():
+            cls.value += 1
 
 
 _module.register_module_parameter_registration_hook(_Generation.bump)

@@ -270,10 +270,11 @@ class CompiledForward:
             if resolve(self.gm, f"block.{c}") is not resolve(self.block, c):
                 parent, _, attr = f"block.{c}".rpartition(".")
                 setattr(resolve(self.gm, parent), attr, resolve(self.block, c))
-        self._gen = generation()
+        if not tracing():
+            self._gen = generation()
 
     def why_original(self, hidden, extras) -> str | None:
-        if self._gen != generation():
+        if tracing() or self._gen != generation():  # traced: never read the counter (Dynamo would guard on it)
             self._refresh()
         if extras:
             return f"extra inputs {sorted(extras)}"

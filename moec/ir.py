@@ -94,13 +94,14 @@ class RouterSpec:
         return max(self.capacity, grown) + self.capacity_offset
 
     def to_json(self) -> str:
-        """The spec as moec::route's `router` argument (a string: op schemas take no objects)."""
-        return json.dumps(asdict(self), sort_keys=True)
+        """The spec as moec::route's `router` argument (a string: op schemas take no objects), in single quotes:
+        Inductor's C++ wrapper writes string arguments into C++ literals unescaped."""
+        return json.dumps(asdict(self), sort_keys=True).replace('"', "'")
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
     def from_json(text: str) -> "RouterSpec":
-        return RouterSpec(**json.loads(text))
+        return RouterSpec(**json.loads(text.replace("'", '"')))
 
     def describe(self) -> str:
         if self.scoring == "external":  # an experts module: the block around it routes

@@ -659,6 +659,35 @@ def test_torch_compile_of_a_compiled_model(quantize):
     assert rel_err(got, want) < TOL[torch.float32]
 
 
+def test_torch_compile_does_not_recompile_at_every_call():
+    """HF's forward registers its layers in a new ModuleList at every call (`self.layers[:n]`), which bumps moec's
+    registration counter: traced, the counter became a guard and every call recompiled (fullgraph: an error after
+    8). Eager calls in between (a prompt step run uncompiled) must not invalidate the compiled graph either."""
+    model = moec.compile(models.tiny_model("mixtral").eval())
+    ids = _ids(model)
+    torch._dynamo.reset()  # other tests' graphs of HF's shared forward wrappers
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        want = model(ids).logits
+        for _ in range(3):
+            assert rel_err(compiled(ids).logits, want) < TOL[torch.float32]
+            model(ids)  # eager, between compiled calls
+        model.model.layers[0].mlp.experts.down_proj.mul_(2)  # edited in place: the compiled graph sees it
+        assert rel_err(compiled(ids).logits, model(ids).logits) < TOL[torch.float32]
+    torch._dynamo.reset()
+
+
+def test_router_spec_as_an_op_argument_has_no_double_quotes():
+    """Inductor's C++ wrapper (cpp_wrapper, AOTInductor) writes string arguments into C++ literals unescaped: the
+    router spec travels in single quotes, and specs written by earlier versions (double quotes) still read."""
+    from moec.ir import RouterSpec
+
+    spec = RouterSpec(top_k=3, scoring="sigmoid", pick_mask=float("-inf"))
+    text = spec.to_json()
+    assert '"' not in text and RouterSpec.from_json(text) == spec
+    assert RouterSpec.from_json(text.replace("'", '"')) == spec
+
+
 class _KeywordParent(nn.Module):
     def __init__(self):
         super().__init__()
