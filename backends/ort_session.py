@@ -90,6 +90,14 @@ class OrtForward:
         self.output_type = None  # the model's ModelOutput class (found by the KV-cache session's first check)
         self._past = weakref.WeakKeyDictionary()  # HF cache -> (the session's last present arrays, its tensors then)
         self._fallback_said: set[str] = set()  # blocks warned of (see _take_export)
+        self.use_cache = None  # the generation config's use_cache before install set it (None: left as it was)
+
+    def __getstate__(self):  # pickle / deepcopy: sessions, their files and cache records are opened again
+        return {**self.__dict__, "tmp": None, "sessions": {}, "weights": None, "_past": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.tmp, self._past = tempfile.TemporaryDirectory(prefix="moec-ort-"), weakref.WeakKeyDictionary()
 
     def __call__(self, *args, **kwargs):
         bound = self.signature.bind(*args, **kwargs)
@@ -104,7 +112,10 @@ class OrtForward:
         use_cache = args.get("use_cache")
         if use_cache is None and self.cached:  # HF's default: the config's (a plain call returns the cache)
             use_cache = getattr(self.model.config, "use_cache", False)
-        if self.cached and (cache is not None or use_cache) and args.get("inputs_embeds") is None:
+        if self.cached and (cache is not None or use_cache):
+            if args.get("inputs_embeds") is not None:  # the cached export takes token ids
+                raise NotImplementedError("moec backend='onnxruntime': inputs_embeds= with the KV cache (generate, "
+                                          "use_cache=True): pass input_ids, or use_cache=False, or backend='torch'")
             return self._cached(args, cache)
         for name, value in args.items():
             if isinstance(value, torch.Tensor):
@@ -151,11 +162,21 @@ class OrtForward:
         past = self._past_of(cache, None if mask is None else mask.shape[1] - S, states)
         P = 0 if past is None else past[2 * kv].shape[2]
         mask = torch.ones(B, P + S, dtype=torch.long) if mask is None else mask.long().cpu()
-        if _slides(self.model.config) and bool((mask[:, 1:] < mask[:, :-1]).any()):
-            raise NotImplementedError("moec backend='onnxruntime': right padding on a model with sliding-window "
-                                      "layers: the session's window counts each row's tokens (as onnxruntime-genai "
-                                      "needs), HF's counts cache slots, so they differ after the pads; pad on the "
-                                      "left (tokenizer.padding_side='left'), as HF's generate expects")
+        if mask.shape != (B, P + S):
+            raise ValueError(f"moec backend='onnxruntime': attention_mask of shape {tuple(mask.shape)} for {S} new "
+                             f"token(s) after a cache of {P}: it must cover the past and the new tokens, ({B}, {P + S})")
+        if bool((mask[:, 1:] < mask[:, :-1]).any()):  # a pad after a real token: right padding, or a gap
+            if _slides(self.model.config):
+                raise NotImplementedError("moec backend='onnxruntime': right padding on a model with sliding-window "
+                                          "layers: the session's window counts each row's tokens (as "
+                                          "onnxruntime-genai needs), HF's counts cache slots, so they differ after "
+                                          "the pads; pad on the left (tokenizer.padding_side='left'), as HF's "
+                                          "generate expects")
+            if states:
+                raise NotImplementedError("moec backend='onnxruntime': a pad after a real token (right padding, or a "
+                                          "gap in the mask) on a model with recurrent layers: the session's layers "
+                                          "keep their state over a pad, HF's do not; pad on the left "
+                                          "(tokenizer.padding_side='left'), as HF's generate expects")
         pos = args.get("position_ids")
         if pos is None:  # as HF's forward takes them (generate passes its own, from the mask)
             at = args.get("cache_position")
@@ -234,8 +255,6 @@ class OrtForward:
         return self.sessions[key]
 
     def _open_cached(self, ids: torch.Tensor, mask: torch.Tensor):
-        import onnxruntime as ort
-
         from moec.export import export_onnx, layer_layout
 
         provider = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
@@ -249,8 +268,7 @@ class OrtForward:
             with torch.no_grad():
                 out = model(input_ids=probe, use_cache=False)
             self.output_type, eager = type(out), out.logits  # the model's own ModelOutput class
-        session = ort.InferenceSession(path, sess_options=session_options(self.options), providers=self.providers)
-        self.report.backend = f"onnxruntime ({session.get_providers()[0]})"
+        session = self._session(path)
         self._take_export(exported)
         names = [i.name for i in session.get_inputs()]
         B, T = probe.shape
@@ -292,8 +310,6 @@ class OrtForward:
             self.model.__dict__.update(saved)
 
     def _open(self, tensors: dict[str, torch.Tensor]):
-        import onnxruntime as ort
-
         from moec.export import export_onnx
 
         provider = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
@@ -304,12 +320,8 @@ class OrtForward:
             log.info(f"exporting {type(model).__name__} to ONNX for onnxruntime (inputs {', '.join(tensors)})")
             exported = export_onnx(model, {n: _widen(t) for n, t in tensors.items()}, path, quantize=self.quantize,
                                    dense=self.dense, provider=provider, kv_cache=False)
-        session = ort.InferenceSession(path, sess_options=session_options(self.options), providers=self.providers)
-        ran = session.get_providers()[0]
-        self.report.backend = f"onnxruntime ({ran})"
+        session = self._session(path)
         self._take_export(exported)
-        if ran != self.providers[0]:
-            log.warning(f"onnxruntime runs on {ran}, not {self.providers[0]} (asked {self.providers})")
         names = [i.name for i in session.get_inputs()]
         rebuild = _rebuilder(eager)
         for feeds in (tensors, _long(tensors)):  # the call's inputs, and 300 tokens (routing paths at length)
@@ -321,6 +333,16 @@ class OrtForward:
             self._check(eager, got, feeds.get("attention_mask"))
         self.weights = _weights(self.model)
         return session, names, rebuild
+
+    def _session(self, path: str):
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(path, sess_options=session_options(self.options), providers=self.providers)
+        ran = session.get_providers()[0]
+        self.report.backend = f"onnxruntime ({ran})"
+        if ran != self.providers[0]:
+            log.warning(f"onnxruntime runs on {ran}, not {self.providers[0]} (asked {self.providers})")
+        return session
 
     def _check(self, eager, got, mask: torch.Tensor | None = None) -> None:
         """Refuse a session that does not compute what the model does (CHECK_TOL per dtype), at the positions the
@@ -424,9 +446,22 @@ def _takes_cache(model: nn.Module) -> bool:
     return len(states) < layers and (not states or export_state.substitutable(model))
 
 
+def uninstall(model: nn.Module) -> None:
+    """Take a backend="onnxruntime" install off `model` (compiled again, with any backend): its own forward and
+    generate run again."""
+    forward = model.__dict__.get("forward")
+    if not isinstance(forward, OrtForward):
+        return
+    del model.__dict__["forward"]
+    model.__dict__.pop("generate", None)
+    if forward.use_cache is not None:
+        model.generation_config.use_cache = forward.use_cache
+
+
 def install(model: nn.Module, report, providers, options, quantize, dense) -> None:
     forward = OrtForward(model, report, providers, options, quantize, dense)
     if getattr(model, "generation_config", None) is not None and not forward.cached:
+        forward.use_cache = model.generation_config.use_cache
         model.generation_config.use_cache = False  # the exported graph has no KV cache
     model.forward = forward
     if forward.cached:  # plain greedy search in one loop around the session (backends/ort_generate.py)

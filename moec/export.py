@@ -533,6 +533,11 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         refuses several new tokens after a past at batch > 1 (backend="onnxruntime" runs those row by row).
     """
     path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(parent):  # before the minutes of tracing, not at the save
+        raise ValueError(f"moec.export_onnx: cannot write {path!r}: "
+                         f"{'it is a directory' if os.path.isdir(path) else f'{parent!r} is not a directory'}; "
+                         "give a file path in an existing directory")
     check_exportable(model, quantize, provider, dense)
     if expert_slices is None:
         expert_slices = 2 if provider == "cpu" else 1
@@ -570,6 +575,9 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         warnings.simplefilter("ignore")  # a model without MoE block exports as it is
         compile(work, backend="torch", passes=pipeline, quantize=quantize, _onnx={"expert_slices": expert_slices})
     compiled = inspect(work)
+    if not compiled.blocks and not compiled.rejected:
+        warnings.warn(f"moec.export_onnx: no MoE block found in {type(model).__name__}; it is exported as it is",
+                      stacklevel=2)
     _warn_about_ties(work, compiled)
     done("moec compile", "tracing with torch.onnx.export (the longest stage)")
     fused = ""

@@ -158,6 +158,22 @@ def test_genai_runs_a_hand_written_moe_lm(tmp_path):
     assert _genai_tokens(tmp_path, PROMPTS[:1], 12) == _hf_tokens(model, PROMPTS[:1], 12)
 
 
+def test_a_model_without_moe_exports_with_a_warning_and_bad_paths_fail_first(tmp_path):
+    """A dense LM exports as it is, saying so (compile warns the same); a path that cannot be written fails before
+    the trace, not after it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    with pytest.warns(UserWarning, match="no MoE block found"):
+        moec.export_genai(model, examples.byte_tokenizer(), tmp_path / "dense")
+    (tmp_path / "file").write_text("")
+    ids = torch.randint(3, 256, (2, 5))
+    for path, why in ((tmp_path, "is a directory"), (tmp_path / "file" / "m.onnx", "is not a directory")):
+        with pytest.raises(ValueError, match=why):
+            moec.export_onnx(model, ids, path)
+
+
 def test_a_fresh_process_without_torch_runs_the_folder_from_text(tmp_path):
     model = examples.fine_moe_lm()
     tokenizer = examples.byte_tokenizer()

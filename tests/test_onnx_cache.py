@@ -290,6 +290,11 @@ def test_backend_onnxruntime_generates_with_the_cache(family):
         got, want = model.generate(ids, **kw), ref.generate(ids, **kw)
     assert torch.equal(got, want)
     assert "kv_cache" in str(list(model.forward.sessions)) and model.generation_config.use_cache
+    if family in ("qwen3_next", "jamba"):  # recurrent layers keep their state over a pad, HF's do not: refused
+        for row in ([1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 1, 1]):  # right padding, a gap
+            mask = torch.tensor([[1] * 6, row])
+            with pytest.raises(NotImplementedError, match="recurrent"):
+                model.generate(ids, **{**kw, "attention_mask": mask})
 
 
 def test_backend_onnxruntime_several_tokens_after_a_past():

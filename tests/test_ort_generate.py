@@ -196,3 +196,29 @@ def test_a_plain_call_returns_the_cache_to_continue_from():
         assert b.past_key_values is not None and rel_err(b.logits, a.logits) < 1e-5
         a, b = (m(input_ids=ids[:, 5:6], past_key_values=o.past_key_values) for m, o in ((ref, a), (model, b)))
     assert rel_err(b.logits, a.logits) < 1e-5
+
+
+def test_more_calls_found_by_a_hostile_probe(pair, loops):
+    """inputs_embeds= with the cache is refused (it went the uncached way and the next step restarted from an empty
+    cache: wrong tokens), as is a mask that does not cover past + new tokens; a copy (deepcopy, pickle) made after a
+    call opens its own session; compiled again with backend="torch", the model runs torch, not the old session."""
+    import io
+    import pickle
+
+    model, ref = pair
+    ids, mask = _prompt(model, 2, 6, seed=8)
+    with torch.no_grad():
+        emb = ref.get_input_embeddings()(ids)
+        with pytest.raises(NotImplementedError, match="inputs_embeds"):
+            model.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        with pytest.raises(ValueError, match="attention_mask"):
+            model(input_ids=ids, attention_mask=mask[:, 1:], use_cache=True)
+        _same(model, ref, ids, attention_mask=mask, max_new_tokens=3, do_sample=False)  # sessions open
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert not twin.forward.sessions
+            _same(twin, ref, ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        again = moec.compile(copy.deepcopy(model), backend="torch")
+        assert "forward" not in again.__dict__ and moec.inspect(again).backend == "torch"
+        assert rel_err(again(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits) < 1e-5
