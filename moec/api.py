@@ -20,7 +20,6 @@ from torch import fx, nn
 
 import moec.passes  # noqa: F401  (registers the passes)
 from moec.backends import cpu_linear, pipeline_for, resolve_backend
-from moec.backends.ort_session import OrtForward
 from moec.backends.ort_session import uninstall as ort_uninstall
 from moec.approx import ExpertPlan, TopP
 from moec.bindings import Const, Derived
@@ -464,8 +463,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         if backend not in ("torch", "triton"):
             raise NotImplementedError(f"moec: offloaded experts run in the torch or triton backend, not {backend!r}: "
                                       f"use backend='torch' or 'triton'")
-    if isinstance(model.__dict__.get("forward"), OrtForward):  # compiled again: the new backend replaces ORT's
-        ort_uninstall(model)
+    ort_uninstall(model)  # compiled again after backend="onnxruntime": the new backend replaces its sessions
     if backend == "onnxruntime":
         if topk is not None or experts is not None:
             raise NotImplementedError("moec: topk= and experts= run in the torch backend (tested), not 'onnxruntime'")
