@@ -195,25 +195,47 @@ _TINY = F32(np.finfo(np.float32).tiny)
 
 @_jit(parallel=True, fastmath=False)  # NaN, inf and IEEE division as torch has them: the same numbers
 def _round_rows(x, q, step):
-    """x [R, K] fp32 -> q [R, K] (each row rounded to int8 at a step of its amax/127, as fp32), step [R]:
-    moec.quant.int8_quantized_rows with one group a row (one pass over x instead of a dozen torch ops)."""
+    """x [R, K] fp32 -> q [R, K] (each group of K/G inputs of a row rounded to int8 at a step of its amax/127, as
+    fp32), step [R, G]: moec.quant.int8_quantized_rows (one pass over x instead of a dozen torch ops)."""
     R, K = x.shape
+    G = step.shape[1]
+    g = K // G
     for r in prange(R):
-        m, nan = F32(0), False
-        for k in range(K):
-            a = abs(x[r, k])
-            if a != a:
-                nan = True
-            elif a > m:
-                m = a
-        s = F32(np.nan) if nan else m / F32(127)
-        if s < _TINY:  # subnormal or 0: the reciprocal would overflow
-            s = F32(0)
-        inverse = F32(1) / s if s > 0 else F32(0)
-        step[r] = s
-        for k in range(K):
-            v = np.rint(x[r, k] * inverse)
-            q[r, k] = F32(127) if v > 127 else F32(-127) if v < -127 else v
+        for gi in range(G):
+            m, nan = F32(0), False
+            for k in range(gi * g, gi * g + g):
+                a = abs(x[r, k])
+                if a != a:
+                    nan = True
+                elif a > m:
+                    m = a
+            s = F32(np.nan) if nan else m / F32(127)
+            if s < _TINY:  # subnormal or 0: the reciprocal would overflow
+                s = F32(0)
+            inverse = F32(1) / s if s > 0 else F32(0)
+            step[r, gi] = s
+            for k in range(gi * g, gi * g + g):
+                v = np.rint(x[r, k] * inverse)
+                q[r, k] = F32(127) if v > 127 else F32(-127) if v < -127 else v
+
+
+@_jit(parallel=False)
+def _pack_rows(q, step, x8, xi):
+    """Rounded rows q [R, K] (fp32 integers), steps [R, G] -> x8 [R, K] int8 with each 32 inputs as (the even ones |
+    the odd ones), the native kernel's order; xi [R, G] int32, the sum of each group's integers."""
+    R, K = q.shape
+    G = step.shape[1]
+    g = K // G
+    for r in range(R):
+        for b in range(0, K, 32):
+            for i in range(16):
+                x8[r, b + i] = np.int8(q[r, b + 2 * i])
+                x8[r, b + 16 + i] = np.int8(q[r, b + 2 * i + 1])
+        for gi in range(G):
+            t = 0
+            for k in range(gi * g, gi * g + g):
+                t += np.int32(q[r, k])
+            xi[r, gi] = t
 
 
 @_jit(parallel=True)
@@ -315,13 +337,13 @@ def combine(y: torch.Tensor, inv: np.ndarray, weights: torch.Tensor) -> torch.Te
     return out
 
 
-def round_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [R, K] -> (its rows rounded to int8 at a step of their amax/127, as fp32 integers [R, K]; steps [R, 1]):
-    the numbers of moec.quant.int8_quantized_rows(x, K)."""
-    if x.dim() != 2:
-        raise ValueError(f"moec: round_rows takes rows [R, K], got {list(x.shape)}")
-    q, step = torch.empty(x.shape, dtype=torch.float32), torch.empty(x.shape[0], 1, dtype=torch.float32)
-    _round_rows(x.detach().float().contiguous().numpy(), q.numpy(), step.numpy()[:, 0])
+def round_rows(x: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, K] -> (each group of K/groups inputs of a row rounded to int8 at a step of its amax/127, as fp32
+    integers [R, K]; steps [R, groups]): the numbers of moec.quant.int8_quantized_rows(x, K // groups)."""
+    if x.dim() != 2 or x.shape[1] % groups:
+        raise ValueError(f"moec: round_rows takes rows [R, K] with K a multiple of {groups} groups, got {list(x.shape)}")
+    q, step = torch.empty(x.shape, dtype=torch.float32), torch.empty(x.shape[0], groups, dtype=torch.float32)
+    _round_rows(x.detach().float().contiguous().numpy(), q.numpy(), step.numpy())
     return q, step
 
 
@@ -332,12 +354,14 @@ def expert_rows(counts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tensor | None = None,
                 zero: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                row_scale: torch.Tensor | None = None) -> torch.Tensor:
+                row_scale: torch.Tensor | None = None, int8_groups: bool = False) -> torch.Tensor:
     """Expert-sorted rows x [R, K] (any float dtype; `rows` = expert_rows(counts per expert)) times
     the experts (fp32 or bf16 [E, N, K] q, no scale; else moec's int8 format if q is int8, else int4) ->
     [R, N] fp32, written into `out` (contiguous fp32 [R, N]) if given; rows outside `rows` are left as they
     were. row_scale (int8 weights only): fp32 [R] or [R, 1], each row's output times it (`round_rows`' steps).
-    Values only: nothing here records gradients."""
+    int8_groups (int4 weights only): x's rows rounded to int8 per group of the weights' group size first
+    (moec.quant.int8_quantized_rows), then int8 dot products (cpu_native), or, where that kernel is not
+    built, the int4 kernels below on the rounded rows. Values only: nothing here records gradients."""
     first, paired, last = rows
     out = torch.empty(x.shape[0], q.shape[1], dtype=torch.float32, device="cpu") if out is None else out
     K = q.shape[2] * (2 if q.dtype == torch.uint8 else 1)  # int4: two columns a byte
@@ -347,6 +371,8 @@ def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tens
                          f"{list(q.shape)} ({q.dtype}) into {list(out.shape)}: shapes do not match")
     x, q = x.detach().float().contiguous().numpy(), q.detach()
     scale = None if scale is None else scale.detach().float()  # a model cast by .half()/.to(bf16) casts its scales
+    if int8_groups and q.dtype != torch.uint8:
+        raise ValueError(f"moec: grouped_qmm int8_groups takes int4 experts, not {q.dtype}")
     if row_scale is not None and (q.dtype != torch.int8 or row_scale.numel() != x.shape[0]):
         raise ValueError(f"moec: grouped_qmm row scales ({row_scale.numel()}) take int8 experts and one per row "
                          f"({x.shape[0]} rows, {q.dtype} experts)")
@@ -360,12 +386,35 @@ def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tens
         rs = _NO_ROW_SCALE if row_scale is None else row_scale.detach().float().reshape(-1).numpy()
         _int8_kernel(x, first, last, q.numpy(), scale.numpy(), rs, out.numpy())
         return out
+    if int8_groups:
+        _int4_a8(x, scale.shape[-1], first, last, q, scale, zero, out)
+        return out
     x, xsum = _int4_rows(x, scale.shape[-1])
     args = (q.numpy(), scale.numpy(), _NO_ZERO if zero is None else zero.numpy(), out.numpy())
     if (paired > first).any():
         _int4_kernel2(x, xsum, first, paired, *args)
     _int4_kernel(x, xsum, paired, last, *args)
     return out
+
+
+def _int4_a8(x, G, first, last, q, scale, zero, out):
+    """grouped_qmm's int8_groups: the rows x [R, K] rounded per group (G groups a row), multiplied by the native
+    kernel, or, where it is not built, by each expert's dequantized weights (fp32 GEMMs)."""
+    from moec.backends import cpu_native
+
+    xq, step = round_rows(torch.from_numpy(x), G)
+    R, K = x.shape
+    if cpu_native.library() is not None and out.is_contiguous() and K // G in (32, 64, 128):
+        x8, xi = np.empty(x.shape, np.int8), np.empty(step.shape, np.int32)
+        _pack_rows(xq.numpy(), step.numpy(), x8, xi)
+        cpu_native.int4_a8(x8, step.numpy(), xi, first, last, q.contiguous().numpy(), scale.contiguous().numpy(),
+                           _NO_ZERO if zero is None else zero.contiguous().numpy(), out.numpy())
+        return
+    xr = even_odd((xq.reshape(R, G, K // G) * step[..., None]).reshape(R, K), q)  # the dequantized columns' order
+    w = None
+    for e in np.flatnonzero(last > first):
+        w = dequantize_expert(int(e), q, scale, zero, out=w)
+        torch.mm(xr[first[e]:last[e]], w.T, out=out[first[e]:last[e]])
 
 
 _FIRST = np.zeros(1, np.int64)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import moec.ops  # noqa: F401  (defines the op schemas)
 from moec.ir import RouterSpec
-from moec.quant import weight_only_active
+from moec.quant import int8_rows, weight_only_active
 
 
 def split_gate_up(h: torch.Tensor, gate_up: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,10 +325,11 @@ def quantized_group(xs, y, counts, rows, row_expert, experts, t13, b13, t2, b2, 
     (w,) (fp32/bf16) at index slot[e] of t13/t2 (the offload pool's slots; None: at index e). Experts with few
     rows: the numba kernels of `cpu_quant` (dequantizing in registers), one call per GEMM over all of them; an
     expert with DEQUANT_MIN_ROWS rows or more (prefill) is dequantized into a buffer reused for every such expert
-    (fp32: read in place) and runs `_expert_ffn`. a8 (int8 weights): each GEMM's input rows are rounded to int8,
+    (fp32: read in place) and runs `_expert_ffn`. a8, int8 weights: each GEMM's input rows are rounded to int8,
     one scale per row (`_int8_rows`); the kernels multiply those integers, and an expert with many rows runs
-    `_int8_ffn` instead of dequantizing. Each row's numbers do not depend on which other experts the group
-    holds."""
+    `_int8_ffn` instead of dequantizing. a8, int4 weights: rounded per group of the weights' group size (ORT's
+    numbers), int8 dot products at few rows (cpu_native), the rounded rows on dequantized weights at many. Each
+    row's numbers do not depend on which other experts the group holds."""
     from moec.backends import cpu_quant
 
     first, paired, last = rows
@@ -338,16 +339,18 @@ def quantized_group(xs, y, counts, rows, row_expert, experts, t13, b13, t2, b2, 
         idx = np.asarray(experts, np.int64)
         first, paired, last = (np.zeros(n, np.int64) for _ in range(3))
         first[at], paired[at], last[at] = rows[0][idx], rows[1][idx], rows[2][idx]
+    a4 = a8 and t13[0].dtype == torch.uint8  # int4 weights: rows rounded per group, inside grouped_qmm
+    a8 = a8 and not a4
     xq = _int8_rows(xs) if a8 else None  # every row rounded once: (integers as fp32 [T*k, H], steps [T*k, 1])
     if (first != last).any():
         h = cpu_quant.grouped_qmm(xs if xq is None else xq[0], (first, paired, last), *t13,
-                                  row_scale=None if xq is None else xq[1])  # [T*k, N1] fp32
+                                  row_scale=None if xq is None else xq[1], int8_groups=a4)  # [T*k, N1] fp32
         if b13 is not None:
             h += b13[row_expert]
         a = activate(h, activation, gated, alpha, limit, gate_up)  # [T*k, I]
         a, sa = _int8_rows(a) if a8 else (a, None)
         out = y if slot is None else torch.empty_like(y)  # every expert: straight into y
-        cpu_quant.grouped_qmm(a, (first, paired, last), *t2, out=out, row_scale=sa)  # [T*k, H]
+        cpu_quant.grouped_qmm(a, (first, paired, last), *t2, out=out, row_scale=sa, int8_groups=a4)  # [T*k, H]
         if b2 is not None:
             out += b2[row_expert]
         if slot is not None:
@@ -355,6 +358,9 @@ def quantized_group(xs, y, counts, rows, row_expert, experts, t13, b13, t2, b2, 
                 y[rows[0][e]:rows[2][e]] = out[rows[0][e]:rows[2][e]]
     w13 = w2 = None  # [N1, H], [H, I] fp32, allocated by the first big expert
     cols = functools.partial(cpu_quant.even_odd, q=t13[0])  # GEMM inputs in the dequantized weights' column order
+    if a4:  # each GEMM input rounded per group first (its columns in their own order)
+        g = xs.shape[1] // t13[1].shape[-1]
+        cols = lambda t, cols=cols: cols(int8_rows(t, g))  # noqa: E731
     for e in (e for e in experts if counts[e] >= DEQUANT_MIN_ROWS):
         s = e if slot is None else slot[e]
         n = counts[e]
@@ -406,13 +412,9 @@ def quantized_combine(y, inv, weights, weight_on_input, dtype):
 def _quantized_experts(x, ids, weights, t13, b13, t2, b2, activation, gated, alpha, limit, weight_on_input,
                        gate_up, int8_activations=False):
     """The routed experts on quantized weights t = (q, scale[, zero]) in moec's format, or fp32/bf16 weights
-    t = (w,), in fp32 whatever the activations' dtype (see quantized_group). int8_activations (int8 weights):
-    the GEMM inputs in int8, one scale per row, unless moec.quant.weight_only() is on (the proofs)."""
+    t = (w,), in fp32 whatever the activations' dtype (see quantized_group). int8_activations: the GEMM inputs in
+    int8 (int8 weights: one scale per row; int4: per group), unless moec.quant.weight_only() is on (the proofs)."""
     a8 = int8_activations and not weight_only_active()
-    if a8 and t13[0].dtype != torch.int8:
-        raise NotImplementedError("moec: int8 activations on the torch backend take int8 experts "
-                                  "(Int8Experts(activations='int8')); int4 ones run them in ONNX Runtime's QMoE kernel "
-                                  "(backend='onnxruntime')")
     inv, counts, rows, row_expert, xs = quantized_plan(x, ids, weights, t13[0].shape[0], weight_on_input)
     y = torch.empty_like(xs)
     quantized_group(xs, y, counts, rows, row_expert, np.flatnonzero(counts), t13, b13, t2, b2, activation, gated,

@@ -65,8 +65,15 @@ class Rejection:
 def _numerics(backend: str, cfg: QuantConfig, pipeline: str = "") -> str:
     """Which arithmetic the quantized experts run in, per backend (a torch pipeline with lower_onnx: ORT's ops)."""
     if cfg.activations == "int8" and backend == "torch" and "lower_onnx" not in pipeline:
-        return ("(routed experts: int8 activations, one scale per row of each GEMM's input, int8 x int8 products: "
-                "torch._int_mm (oneDNN) for experts with many rows, moec's kernels for few; the rest weight-only)")
+        if isinstance(cfg, Int8Experts):
+            return ("(routed experts: int8 activations, one scale per row of each GEMM's input, int8 x int8 products: "
+                    "torch._int_mm (oneDNN) for experts with many rows, moec's kernels for few; the rest weight-only)")
+        from moec.backends import cpu_native
+
+        kernel = "moec's native kernel" if cpu_native.library() else "numba kernels (the native one is not built)"
+        return (f"(routed experts: int8 activations per group of {cfg.group_size} inputs, as ONNX Runtime's; int8 "
+                f"dot products in {kernel} for experts with few rows, the rounded rows on dequantized weights for "
+                f"many; the rest weight-only)")
     if cfg.activations == "int8":
         return f"(int8 activations per group of {activation_group(cfg)}, int8 dot products: ONNX Runtime's QMoE kernel)"
     if backend.startswith("onnxruntime"):
@@ -388,7 +395,8 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         routed experts (appends the quantize_experts pass). Backend torch: numba kernels, CPU only;
         triton: w8a16/w4a16 GEMMs; onnxruntime: QMoE nodes. shared=True is torch backend only.
         activations="int8": int8 activations and int8 dot products in the routed experts: backend onnxruntime
-        (either config, a scale per group of 32 inputs) or torch (Int8Experts, a scale per row).
+        (a scale per group of 32 inputs for Int8Experts, of the group size for Int4Experts) or torch (Int8Experts:
+        a scale per row; Int4Experts: per group, as ONNX Runtime, with moec's C kernel at decode: backends/cpu_native).
     offload: moec.Offload(budget, store, path, policy, prefetch, prefetch_width): the routed experts leave the
         model for a store (disk or host memory) and run from a cache of `budget` experts (appends offload_experts; torch
         or triton backend; with quantize=, the quantized experts are stored and cached; see moec.offload). Statistics:
@@ -452,11 +460,10 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
                                   f"only, not backend {backend!r}")
     if quantize is not None and quantize.activations != "fp32" and backend != "onnxruntime" \
             and "lower_onnx" not in named:  # lower_onnx: ORT's ops by their torch reference
-        if backend != "torch" or isinstance(quantize, Int4Experts):
+        if backend != "torch":
             raise NotImplementedError(f"moec: int8 activations ({type(quantize).__name__}(activations='int8')) run in "
-                                      f"ONNX Runtime's QMoE kernel (backend='onnxruntime', or moec.export_onnx) and, "
-                                      f"for Int8Experts only, in the torch backend; not {backend!r} with "
-                                      f"{type(quantize).__name__}")
+                                      f"ONNX Runtime's QMoE kernel (backend='onnxruntime', or moec.export_onnx) and "
+                                      f"in the torch backend on CPU, not in backend {backend!r}")
     if offload is not None:
         if not isinstance(offload, Offload):
             raise TypeError(f"offload must be moec.Offload(...), not {offload!r}")

@@ -70,11 +70,11 @@ class Int4Experts:
     grid) makes the group's largest-magnitude weight exactly -8 steps (scale = that weight / -8, of its
     sign), so all 16 levels are used at a step of amax/8; False spends 15 levels at a step of amax/7.
 
-    activations="int8" (ONNX Runtime only: backend="onnxruntime", moec.export_onnx/export_genai on CPU; the
-    torch backend runs them for Int8Experts): each
+    activations="int8" (backend="onnxruntime", moec.export_onnx/export_genai, or the torch backend, on CPU): each
     expert GEMM quantizes its input rows to int8 per group of `group_size` inputs (scale amax/127, round to
-    nearest) and runs int8 dot products (ORT's QMoE accuracy_level=4: AVX512-VNNI/AVX-VNNI kernels where the CPU
-    has them). An approximation on top of the weights' (docs/quality.md); the default "fp32" is weight-only."""
+    nearest) and runs int8 dot products (ORT's QMoE accuracy_level=4; on the torch backend moec's C kernel at few
+    rows per expert, backends/cpu_native; both AVX512-VNNI where the CPU has it). The two backends round alike.
+    An approximation on top of the weights' (docs/quality.md); the default "fp32" is weight-only."""
 
     group_size: int = 128
     symmetric: bool = True

@@ -8,7 +8,9 @@ moec.quant) and, in its metadata, moec's format version and the compile options.
 compiles the fresh model with those options (which finds and proves the blocks; backend="onnxruntime"
 if the saved model ran there, with its dense= format, else the default backend), then loads
 every tensor from the file into the model's own tensors: compiled blocks read them at call
-time (moec.bindings), so the loaded model computes with the file's weights, quantized or not.
+time (moec.bindings), so the loaded model computes with the file's weights, quantized or not. A model
+saved on ONNX Runtime holds unquantized weights (its session quantizes them): loaded on another backend,
+they go into the fresh model first, which is then compiled.
 """
 
 from __future__ import annotations
@@ -96,13 +98,23 @@ def load(model: nn.Module, path: str, **compile_options) -> nn.Module:
     options = saved | compile_options  # options given here win over the file's
     if options.get("backend") == "onnxruntime" and "dense" not in options and meta.get("dense"):
         options["dense"] = _config(meta["dense"])
+    # a model saved on ONNX Runtime holds its weights as they were (its session quantizes them): another backend
+    # loads them into the fresh model first, then compiles it (quantizing as the session did)
+    weights_first = saved.get("backend") == "onnxruntime" and options.get("backend") != "onnxruntime"
+    if weights_first:
+        _load_state(model, path, meta)
     compile(model, quantize=cfg, **options)
     if meta.get("calibration") is not None:
         from moec.calibrate import Calibration
 
         model.__dict__["_moec_calibration"] = Calibration.from_json(meta["calibration"])
+    if not weights_first:
+        _load_state(model, path, meta)  # into the model's own tensors (compiled blocks read them at call time)
+    return model
+
+
+def _load_state(model: nn.Module, path: str, meta: dict) -> None:
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     state = load_file(path, device=str(device))
     state.update({name: state[src] for name, src in meta.get("tied", {}).items()})
-    model.load_state_dict(state)  # into the model's own tensors (compiled blocks read them at call time)
-    return model
+    model.load_state_dict(state)

@@ -147,7 +147,9 @@ def test_fp_experts_offloaded_give_the_resident_numbers_at_decode(dtype):
 
 
 @pytest.mark.parametrize("quant", [moec.Int8Experts(), moec.Int8Experts(activations="int8"), moec.Int4Experts(group_size=32),
-                                   moec.Int4Experts(group_size=32, symmetric=True)], ids=["int8", "int8a8", "int4", "int4sym"])
+                                   moec.Int4Experts(group_size=32, symmetric=True),
+                                   moec.Int4Experts(group_size=32, activations="int8")],
+                         ids=["int8", "int8a8", "int4", "int4sym", "int4a8"])
 @pytest.mark.parametrize("budget", [1, "25%", 1.0])
 def test_quantized_experts_offloaded_give_the_resident_quantized_numbers(quant, budget):
     """offload= with quantize=: the store holds the quantized experts, and the outputs are the resident quantized

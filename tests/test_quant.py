@@ -19,8 +19,8 @@ from moec.ops import experts_args
 from moec.passes.quantize_experts import quantized_tensors
 from moec.backends import torch_backend
 from moec.backends.torch_backend import activate
-from moec.quant import (Int4Experts, Int8Experts, QuantLinear, dequantize, int8_quantized_rows, quantize,
-                        weight_only)
+from moec.quant import (Int4Experts, Int8Experts, QuantLinear, dequantize, int8_quantized_rows, int8_rows,
+                        quantize, weight_only)
 
 from conftest import TOL, rel_err
 from test_ops import naive_experts
@@ -100,24 +100,43 @@ def test_quantized_kernels_on_every_row_count(cfg, dequant_min_rows, monkeypatch
     assert rel_err(got, ref) < TOL[torch.float32]
 
 
-def _int8_activations_reference(x, ids, w, t13, b13, t2, b2, e):
-    """int8 experts with int8 activations as documented: each GEMM's input row rounded to int8 at a step of its
-    amax/127 (moec.quant.int8_quantized_rows), the int8 products summed exactly (int64), then times the weight
-    scale, times the row's step, plus the bias (fp32, in that order)."""
-    def gemm(v, t, i, b):  # v [K] -> [N]
-        q, step = int8_quantized_rows(v[None], v.shape[0])
-        y = (q.long() @ t["q"][i].long().t()).float() * t["scale"][i] * step
-        return y[0] if b is None else y[0] + b[i].float()
-
+def _a8_reference(x, ids, w, gemm, e):
+    """Routed experts with gemm(v [K], "13" or "2", expert) -> [N] for each GEMM, token by token."""
     out = torch.zeros(x.shape, dtype=torch.float32)
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
             i = ids[t, j]
             xin = x[t].float() * w[t, j] if e.weight_on_input else x[t].float()
-            h = gemm(xin, t13, i, b13)
-            y = gemm(activate(h[None], e.activation, e.gated, e.alpha, e.limit)[0], t2, i, b2)
+            h = gemm(xin, "13", i)
+            y = gemm(activate(h[None], e.activation, e.gated, e.alpha, e.limit)[0], "2", i)
             out[t] += y if e.weight_on_input else w[t, j] * y
     return out
+
+
+def _int8_activations_reference(x, ids, w, t13, b13, t2, b2, e):
+    """int8 experts with int8 activations as documented: each GEMM's input row rounded to int8 at a step of its
+    amax/127 (moec.quant.int8_quantized_rows), the int8 products summed exactly (int64), then times the weight
+    scale, times the row's step, plus the bias (fp32, in that order)."""
+    def gemm(v, which, i):  # v [K] -> [N]
+        t, b = (t13, b13) if which == "13" else (t2, b2)
+        q, step = int8_quantized_rows(v[None], v.shape[0])
+        y = (q.long() @ t["q"][i].long().t()).float() * t["scale"][i] * step
+        return y[0] if b is None else y[0] + b[i].float()
+
+    return _a8_reference(x, ids, w, gemm, e)
+
+
+def _int4_activations_reference(cfg, x, ids, w, t13, b13, t2, b2, e):
+    """int4 experts with int8 activations as documented: each GEMM's input row rounded to int8 per group of the
+    weights' group size (moec.quant.int8_rows), times the dequantized weights, in fp64, plus the bias."""
+    w13, w2 = dequantize(cfg, t13, torch.float64), dequantize(cfg, t2, torch.float64)
+
+    def gemm(v, which, i):
+        wt, b = (w13, b13) if which == "13" else (w2, b2)
+        y = (int8_rows(v[None], cfg.group_size).double() @ wt[i].T)[0].float()
+        return y if b is None else y + b[i].float()
+
+    return _a8_reference(x, ids, w, gemm, e)
 
 
 @pytest.mark.parametrize("e", SPECS, ids=lambda e: e.describe())
@@ -153,9 +172,136 @@ def test_int8_activations_match_their_reference(e, T, k, dequant_min_rows, dtype
             assert rel_err(torch.ops.moec.experts_int8(*args), want) > 1e-4  # the weight-only result differs
 
 
+A4 = [Int4Experts(32, activations="int8"), Int4Experts(64, symmetric=False, activations="int8"),
+      Int4Experts(32, signed_scale=True, activations="int8")]
+
+
+@pytest.fixture(params=["native", "numba"])
+def int4_a8_kernel(request, monkeypatch):
+    """The native int4 x int8 kernel (backends/cpu_native), or the numba fallback where it is not built."""
+    from moec.backends import cpu_native
+
+    if request.param == "numba":
+        monkeypatch.setattr(cpu_native, "library", lambda: None)
+    elif cpu_native.library() is None:
+        import platform
+        import shutil
+
+        assert platform.machine() != "x86_64" or not (shutil.which("cc") or shutil.which("gcc")), \
+            "a C compiler is here, yet the native kernel did not build (see the warning)"
+        pytest.skip("no C compiler for x86-64: the native kernel cannot be built here")
+    return request.param
+
+
+@pytest.mark.parametrize("cfg", A4, ids=lambda c: c.describe())
+@pytest.mark.parametrize("e", SPECS, ids=lambda e: e.describe())
+@pytest.mark.parametrize("T,k", [(1, 1), (1, 2), (6, 2), (40, 3)])
+@pytest.mark.parametrize("dequant_min_rows", [100, 1])
+def test_int4_int8_activations_match_their_reference(cfg, e, T, k, dequant_min_rows, int4_a8_kernel, monkeypatch):
+    """Int4Experts(activations="int8") on the torch backend: the native kernel (or numba where it is not built) at
+    few rows, the rounded rows on dequantized weights at many, give the reference's numbers (rows rounded per group,
+    as ONNX Runtime rounds them) on inputs of 1 and 1000 times unit scale, an all-zero token and a token with one
+    input 1e4 times the others (its group's other inputs round to 0); under weight_only() the op is the weight-only
+    one; and it is not the weight-only result."""
+    monkeypatch.setattr(torch_backend, "DEQUANT_MIN_ROWS", dequant_min_rows)
+    E, H, I = e.num_experts, e.hidden, e.inter
+    N1 = 2 * I if e.gated else I
+    gen = torch.Generator().manual_seed(T * k)
+    t13 = quantize(cfg, torch.randn(E, N1, H, generator=gen) / H**0.5)
+    t2 = quantize(cfg, torch.randn(E, H, I, generator=gen) / I**0.5)
+    b13 = torch.randn(E, N1, generator=gen) if e.bias else None
+    b2 = torch.randn(E, H, generator=gen) if e.bias else None
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+    w = torch.rand(T, k, generator=gen)
+    for scale in (1.0, 1e3):
+        x = torch.randn(T, H, generator=gen) * scale
+        if T > 1:
+            x[-1] = 0  # a step of 0
+            x[0, 3] *= 1e4
+        args = (x, ids, w, t13["q"], t13["scale"], t13.get("zero"), b13, t2["q"], t2["scale"], t2.get("zero"), b2,
+                *experts_args(e))
+        got = torch.ops.moec.experts_int4(*args, True)
+        want = _int4_activations_reference(cfg, x, ids, w, t13, b13, t2, b2, e)
+        assert rel_err(got, want) < TOL[torch.float32], (scale, rel_err(got, want))
+        with weight_only():
+            assert torch.equal(torch.ops.moec.experts_int4(*args, True), torch.ops.moec.experts_int4(*args))
+        assert rel_err(torch.ops.moec.experts_int4(*args), want) > 1e-4  # the weight-only result differs
+
+
+@pytest.mark.parametrize("cfg", [Int4Experts(g, sym, activations="int8") for g in (32, 64, 128) for sym in (True, False)],
+                         ids=lambda c: c.describe())
+def test_native_int4_kernel_on_every_group_count(cfg, int4_a8_kernel):
+    """cpu_quant.grouped_qmm(int8_groups=True) on inputs of 1280 (40, 20 or 10 groups a row: the kernel's blocks of
+    8 groups and the groups past them) and 0..5 rows an expert, against the reference; then the kernel built for
+    AVX2 only (vpmaddubsw instead of VNNI), called on one expert straight from its library."""
+    import ctypes
+
+    import numpy as np
+
+    from moec.backends import cpu_native, cpu_quant
+
+    counts = np.array([2, 0, 1, 5, 3, 4])
+    E, N, K, g = len(counts), 40, 1280, cfg.group_size
+    gen = torch.Generator().manual_seed(g)
+    t = quantize(cfg, torch.randn(E, N, K, generator=gen))
+    W = dequantize(cfg, t, torch.float64)
+    x = torch.randn(int(counts.sum()), K, generator=gen) * torch.rand(int(counts.sum()), 1, generator=gen) * 100
+    rows = cpu_quant.expert_rows(counts)
+    got = cpu_quant.grouped_qmm(x, rows, t["q"], t["scale"], t.get("zero"), int8_groups=True)
+    xr = int8_rows(x, g).double()
+    want = torch.cat([xr[a:b] @ W[e].T for e, (a, b) in enumerate(zip(rows[0], rows[2]))]).float()
+    assert rel_err(got, want) < TOL[torch.float32]
+    if int4_a8_kernel == "numba":
+        return
+    lib = ctypes.CDLL(str(cpu_native.build(("-O3", "-mavx2", "-mfma", "-shared", "-fPIC"))))
+    q8, step = cpu_quant.round_rows(x[:2], K // g)  # expert 0's rows
+    x8, xi = np.empty((2, K), np.int8), np.empty((2, K // g), np.int32)
+    cpu_quant._pack_rows(q8.numpy(), step.numpy(), x8, xi)
+    out = np.zeros((2, N), np.float32)
+    zero = t["zero"][0].contiguous().numpy() if "zero" in t else None
+    p = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    I64 = ctypes.c_int64
+    lib.moec_int4_a8(p(x8), p(step.numpy()), p(xi), I64(2), I64(K), p(t["q"][0].contiguous().numpy()),
+                     p(t["scale"][0].contiguous().numpy()), None if zero is None else p(zero), I64(K // g), p(out),
+                     I64(N), I64(0), I64(N))
+    assert rel_err(torch.from_numpy(out), want[:2]) < TOL[torch.float32]
+
+
+def test_the_native_kernel_not_built_is_said_once_and_numba_runs(monkeypatch):
+    """A compiler that fails (or none, or MOEC_NATIVE=0): library() is None with one warning that says why and
+    what runs instead; int4 experts with int8 activations still give the reference's numbers."""
+    import logging
+
+    from moec.backends import cpu_native, cpu_quant
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("moec").addHandler(handler)
+    monkeypatch.setenv("CC", "/bin/false")
+    cpu_native.library.cache_clear()
+    try:
+        assert cpu_native.library() is None and cpu_native.library() is None
+        text = " ".join(r.getMessage() for r in records)
+        assert len(records) == 1 and "/bin/false" in text and "numba" in text, text
+        cfg = Int4Experts(32, activations="int8")
+        t = quantize(cfg, torch.randn(2, 48, 256))
+        x = torch.randn(3, 256)
+        got = cpu_quant.grouped_qmm(x, cpu_quant.expert_rows([1, 2]), t["q"], t["scale"], int8_groups=True)
+        want = torch.cat([int8_rows(x[:1], 32) @ dequantize(cfg, t)[0].T, int8_rows(x[1:], 32) @ dequantize(cfg, t)[1].T])
+        assert rel_err(got, want) < TOL[torch.float32]
+        monkeypatch.setenv("MOEC_NATIVE", "0")
+        monkeypatch.delenv("CC")
+        cpu_native.library.cache_clear()
+        assert cpu_native.library() is None
+    finally:
+        logging.getLogger("moec").removeHandler(handler)
+        cpu_native.library.cache_clear()
+
+
 def test_round_rows_is_the_reference_rounding():
-    """The numba rounding of the torch backend's int8 activations (cpu_quant.round_rows) gives
-    int8_quantized_rows' numbers to the bit: magnitudes from subnormal to 1e38, ties at half a step, 0, NaN and
+    """The numba rounding of the torch backend's int8 activations (cpu_quant.round_rows, a row or groups of a row)
+    gives int8_quantized_rows' numbers to the bit: magnitudes from subnormal to 1e38, ties at half a step, 0, NaN and
     inf rows, a row of one input."""
     from moec.backends import cpu_quant
 
@@ -167,11 +313,11 @@ def test_round_rows_is_the_reference_rounding():
     x[3, 0], x[4, 7], x[5, 9] = float("nan"), float("inf"), -float("inf")
     x[6, :] = (torch.arange(300) % 253 - 126.5).float()  # step 1 (amax 127): every other input an exact tie
     x[6, 0] = 127
-    for rows in (x, x[:, :1], x[:1]):
-        q, step = cpu_quant.round_rows(rows)
-        q_ref, step_ref = int8_quantized_rows(rows, rows.shape[1])
+    for rows, groups in ((x, 1), (x[:, :1], 1), (x[:1], 1), (x, 10), (x[:, :64], 2)):  # 10 groups of 30, 2 of 32
+        q, step = cpu_quant.round_rows(rows, groups)
+        q_ref, step_ref = int8_quantized_rows(rows, rows.shape[1] // groups)
         same = lambda a, b: torch.equal(a.nan_to_num(0.25), b.nan_to_num(0.25))  # NaN where the reference has NaN
-        assert same(q, q_ref) and same(step, step_ref), rows.shape
+        assert same(q, q_ref) and same(step, step_ref), (rows.shape, groups)
     q_ref, step_ref = int8_quantized_rows(x, x.shape[1])
     assert torch.isnan(q_ref[3:6]).any(-1).all() and step_ref[1] == 0 and step_ref[6] == 1
     assert (q_ref[6, 1:] % 2 == 0).all()  # ties to even
@@ -203,20 +349,24 @@ def test_int8_activations_with_one_input(hidden, inter):
         assert torch.isfinite(got).all() and rel_err(got, want) < TOL[torch.float32], T
 
 
+@pytest.mark.parametrize("cfg,numerics", [(Int8Experts(activations="int8"), "int8 activations, one scale per row"),
+                                          (Int4Experts(32, activations="int8"),
+                                           "int8 activations per group of 32 inputs, as ONNX Runtime's")],
+                         ids=["int8", "int4"])
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_int8_activations_on_the_torch_backend(family, tmp_path):
-    """compile(quantize=Int8Experts(activations="int8")) on the torch backend: each block proved on the
+def test_int8_activations_on_the_torch_backend(family, cfg, numerics, tmp_path):
+    """compile(quantize=...(activations="int8")) on the torch backend: each block proved on the
     weight-only numerics, the report names the numerics run and their measured error; the logits are the
     weight-only model's under weight_only() and not without it, at one token (moec's kernels) and at 80 (int8
-    GEMMs); moec.save/load keep the config; what does not run a8 on this backend is refused with what to do."""
+    GEMMs, or rounded rows on dequantized int4 weights); moec.save/load keep the config; a backend that does not
+    run a8 refuses it with what to do."""
     kw = dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=64)
     model = models.tiny_model(family, **kw)
-    cfg = Int8Experts(activations="int8")
     a8 = moec.compile(copy.deepcopy(model), quantize=cfg)
-    w8 = moec.compile(copy.deepcopy(model), quantize=Int8Experts())
+    w8 = moec.compile(copy.deepcopy(model), quantize=dataclasses.replace(cfg, activations="fp32"))
     report = moec.inspect(a8)
     assert report.blocks and not report.rejected, report
-    assert "int8 activations, one scale per row" in " ".join(str(report).split())
+    assert numerics in " ".join(str(report).split())
     assert all("with int8 activations: max relative error" in b.proof for b in report.blocks)
     for batch, seq in ((1, 1), (2, 40)):
         inputs = models.example_inputs(model, batch=batch, seq=seq)
@@ -230,8 +380,8 @@ def test_int8_activations_on_the_torch_backend(family, tmp_path):
     assert moec.inspect(fresh).quantize == cfg
     with torch.no_grad():
         assert torch.equal(fresh(**inputs).logits, got)
-    with pytest.raises(NotImplementedError, match="Int8Experts only"):
-        moec.compile(copy.deepcopy(model), quantize=Int4Experts(32, activations="int8"))
+    with pytest.raises(NotImplementedError, match="int8 activations .* not in backend 'triton'"):
+        moec.compile(copy.deepcopy(model), quantize=cfg, backend="triton")
 
 
 def _dequantized_twin(model, qmodel, cfg):

@@ -1,0 +1,236 @@
+"""A C kernel for int4 experts with int8 activations (Int4Experts(activations="int8")), built at first use.
+
+    int4_a8(x8 [R, K] int8, sx [R, G] fp32, xi [R, G] int32, q [N, K/2] u8, s [N, G], z [N, G] u8 or none)
+        -> out [R, N] fp32
+    out[r, j] = sum_g (s[j, g] * sx[r, g]) * (sum_{k in g} x8[r, k] q[j, k]  -  z[j, g] * xi[r, g])
+
+where x8 are the rows rounded to int8 per group of the weights' group size (steps sx, moec.quant.int8_quantized_rows)
+and xi[r, g] = sum_{k in g} x8[r, k]; z is 8 for symmetric groups. Each group's sum, zero point included, is an
+exact integer (int32, and exact in fp32: below 15 * 127 * 128 < 2^24), so nothing cancels in floating point (a
+row whose group holds one large input and small ones is no less accurate); it meets its two scales in vector
+lanes, 8 groups at a time.
+
+Layout: moec's int4 format as stored (byte i of a row holds k = 2i in its low nibble, 2i + 1 in its high one),
+so 16 bytes unpack into 32 nibbles as (the low ones | the high ones) with a shift and a blend: the rows x8 come
+with each 32 inputs in the same order (evens, then odds; `pack_rows` in cpu_quant). The nibbles are unsigned
+and x8 signed, which is what vpdpbusd multiplies (AVX512-VNNI); without VNNI, vpmaddubsw + vpmaddwd (AVX2; the
+int16 pair sums stay below 2 * 15 * 127, no saturation). Why C: LLVM does not emit either from numba's loops
+(docs/benchmarks.md), and this kernel runs 4-5x faster than the numba int4 kernel at one token, at the memory
+bound (docs/benchmarks.md).
+
+Threads: a numba prange over chunks of output channels calls the C function (one thread pool in the
+process, numba's, as for the other kernels); numba finds the function by its symbol in the library, loaded
+before any launcher runs, so the launcher stays in numba's disk cache.
+
+Built with the system C compiler (`cc -O3 -march=native`) into moec's cache directory, keyed by the source,
+the compiler and the CPU's flags; not available (None from `library()`, reason logged once) without a compiler,
+on a CPU without AVX2 and FMA, or with MOEC_NATIVE=0: grouped_qmm then multiplies the rounded rows by each
+expert's dequantized weights (fp32 GEMMs: the same numbers up to the order of fp32 sums, slower at decode).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import llvmlite.binding as llvm
+import numpy as np
+from numba import prange, types
+
+from moec.backends.cpu_quant import CHUNK, _jit
+from moec.log import log
+
+SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#if !defined(__AVX2__) || !defined(__FMA__)
+#error "moec's int4 kernel needs AVX2 and FMA"
+#endif
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE __m256i nibbles(const uint8_t *p) {  /* 16 bytes -> 32 nibbles: the low ones, then the high ones */
+    __m256i w = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    w = _mm256_blend_epi32(w, _mm256_srli_epi16(w, 4), 0xF0);
+    return _mm256_and_si256(w, _mm256_set1_epi8(15));
+}
+
+INLINE __m256i dot(__m256i acc, __m256i w, __m256i x) {  /* acc += u8 w . s8 x, 4 products a lane */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, w, x);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+#endif
+}
+
+INLINE __m256i group_dot(const uint8_t *q, const int8_t *x, int blocks) {  /* one group: blocks of 32 inputs */
+    __m256i a = _mm256_setzero_si256();
+    for (int b = 0; b < blocks; b++) a = dot(a, nibbles(q + 16 * b), _mm256_loadu_si256((const __m256i *)(x + 32 * b)));
+    return a;
+}
+
+INLINE float hsum(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    return _mm_cvtss_f32(_mm_add_ss(a, _mm_movehdup_ps(a)));
+}
+
+INLINE __m256i sum8(__m256i a0, __m256i a1, __m256i a2, __m256i a3, __m256i a4, __m256i a5, __m256i a6, __m256i a7) {
+    /* 8 vectors of 8 int32 -> their 8 sums, in order */
+    __m256i c0 = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+    __m256i c1 = _mm256_hadd_epi32(_mm256_hadd_epi32(a4, a5), _mm256_hadd_epi32(a6, a7));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(c0, c1, 0x20), _mm256_permute2x128_si256(c0, c1, 0x31));
+}
+
+INLINE void rows_int4_a8(const int8_t *x8, const float *sx, const int32_t *xi, int64_t R, int64_t K,
+                         const uint8_t *q, const float *s, const uint8_t *z, int64_t G, float *out, int64_t N,
+                         int64_t j0, int64_t j1, int blocks) {
+    int64_t K2 = K / 2, G8 = G / 8 * 8, gb = 16 * blocks;  /* gb: bytes of one group of a weight row */
+    for (int64_t j = j0; j < j1; j++) {
+        const uint8_t *qj = q + j * K2;
+        const float *sj = s + j * G;
+        for (int64_t r = 0; r < R; r++) {
+            const int8_t *xr = x8 + r * K;
+            const float *sxr = sx + r * G;
+            const int32_t *xir = xi + r * G;
+            __m256 f = _mm256_setzero_ps();
+            for (int64_t g = 0; g < G8; g += 8) {
+                const uint8_t *qg = qj + g * gb;
+                const int8_t *xg = xr + 2 * g * gb;
+                __m256i d = sum8(group_dot(qg, xg, blocks), group_dot(qg + gb, xg + 2 * gb, blocks),
+                                 group_dot(qg + 2 * gb, xg + 4 * gb, blocks), group_dot(qg + 3 * gb, xg + 6 * gb, blocks),
+                                 group_dot(qg + 4 * gb, xg + 8 * gb, blocks), group_dot(qg + 5 * gb, xg + 10 * gb, blocks),
+                                 group_dot(qg + 6 * gb, xg + 12 * gb, blocks), group_dot(qg + 7 * gb, xg + 14 * gb, blocks));
+                __m256i sums = _mm256_loadu_si256((const __m256i *)(xir + g));
+                __m256i zs = z ? _mm256_mullo_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(z + j * G + g))), sums)
+                               : _mm256_slli_epi32(sums, 3);
+                __m256 scales = _mm256_mul_ps(_mm256_loadu_ps(sj + g), _mm256_loadu_ps(sxr + g));
+                f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d, zs)), scales, f);
+            }
+            float tail = 0;  /* groups past the last 8 */
+            for (int64_t g = G8; g < G; g++) {
+                __m256i a = group_dot(qj + g * gb, xr + 2 * g * gb, blocks);
+                __m128i h = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+                h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+                h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+                int32_t d = _mm_cvtsi128_si32(h) - (z ? (int32_t)z[j * G + g] : 8) * xir[g];
+                tail += (sj[g] * sxr[g]) * (float)d;
+            }
+            out[r * N + j] = hsum(f) + tail;
+        }
+    }
+}
+
+/* Output channels j0..j1 of rows x8 [R, K]; z NULL: symmetric (8). Groups of 32, 64 or 128 inputs. */
+void moec_int4_a8(const int8_t *x8, const float *sx, const int32_t *xi, int64_t R, int64_t K, const uint8_t *q,
+                  const float *s, const uint8_t *z, int64_t G, float *out, int64_t N, int64_t j0, int64_t j1) {
+    switch (K / G) {
+    case 32: rows_int4_a8(x8, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 1); break;
+    case 64: rows_int4_a8(x8, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 2); break;
+    case 128: rows_int4_a8(x8, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 4); break;
+    }
+}
+"""
+
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+_I64 = types.int64
+# pointers travel as int64 (the x86-64 calling convention passes both in the same registers)
+_int4_a8 = types.ExternalFunction("moec_int4_a8", types.void(*[_I64] * 13))
+
+
+def _cache_dirs():
+    """Where a built library may live: beside this file (as numba's cache), then the user's cache directory."""
+    yield Path(__file__).parent / "__pycache__"
+    yield Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moec"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def build(flags: tuple[str, ...] = FLAGS) -> Path:
+    """The library for (source, compiler, flags, CPU), compiled once into the first writable cache directory.
+    RuntimeError where it cannot be (no compiler for x86-64, the compiler failed, nowhere to write)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None or sys.platform == "win32" or platform.machine() not in ("x86_64", "AMD64"):
+        raise RuntimeError("no C compiler for x86-64 found (install gcc or clang)")
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"{cc} --version failed: {e}") from None
+    key = "\n".join([SOURCE, cc, version, " ".join(flags), _cpu_flags()])
+    name = f"moec_native_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    for d in _cache_dirs():
+        if (d / name).exists():
+            return d / name
+    errors = []
+    for d in _cache_dirs():
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=d) as tmp:
+                src, lib = Path(tmp) / "moec_native.c", Path(tmp) / name
+                src.write_text(SOURCE)
+                subprocess.run([cc, *flags, "-o", str(lib), str(src)], check=True, capture_output=True, text=True,
+                               timeout=120)
+                os.replace(lib, d / name)  # atomic: a concurrent build writes the same bytes
+            return d / name
+        except subprocess.CalledProcessError as e:
+            err = e.stderr.strip().splitlines()
+            raise RuntimeError(f"{cc} failed: {err[-1] if err else e}") from None
+        except (OSError, subprocess.SubprocessError) as e:  # not writable (or a hung compiler): the next directory
+            errors.append(f"{d}: {e}")
+    raise RuntimeError("could not build in any cache directory (" + "; ".join(errors) + ")")
+
+
+@functools.cache
+def library() -> Path | None:
+    """The built kernel library, loaded into the process (numba's launchers call into it), or None where it
+    cannot be built or MOEC_NATIVE=0: the reason is logged once."""
+    if os.environ.get("MOEC_NATIVE", "1") == "0":
+        return None
+    try:
+        path = build()
+        llvm.load_library_permanently(str(path))
+    except (RuntimeError, OSError) as e:
+        log.warning("moec: the native int4 kernel is not built (%s): int4 experts with int8 activations run on "
+                    "numba kernels, slower at decode", e)
+        return None
+    return path
+
+
+@_jit(parallel=True)
+def _int4_a8_kernel(x8, sx, xi, first, last, q, s, z, out):
+    """Rows first[e]:last[e] of expert e: x8 [R, K] int8 (pack_rows' order), sx [R, G] fp32, xi [R, G] int32,
+    q [E, N, K/2] u8, s [E, N, G] fp32, z [E, N, G] u8 or empty (symmetric) -> out [R, N] fp32."""
+    E, N, G = s.shape
+    R, K = x8.shape
+    K2 = q.shape[2]
+    # addresses as int64 (numba widens uintp + int64 to float64)
+    px, psx, pxi = np.int64(x8.ctypes.data), np.int64(sx.ctypes.data), np.int64(xi.ctypes.data)
+    pq, ps, pz, po = np.int64(q.ctypes.data), np.int64(s.ctypes.data), np.int64(z.ctypes.data), np.int64(out.ctypes.data)
+    for c in prange((N + CHUNK - 1) // CHUNK):
+        for e in range(E):
+            n = last[e] - first[e]
+            if n == 0:
+                continue
+            zp = np.int64(0) if z.size == 0 else pz + e * N * G
+            _int4_a8(px + first[e] * K, psx + first[e] * G * 4, pxi + first[e] * G * 4, n, K, pq + e * N * K2,
+                     ps + e * N * G * 4, zp, G, po + first[e] * N * 4, N, c * CHUNK, min(N, c * CHUNK + CHUNK))
+
+
+def int4_a8(x8: np.ndarray, sx: np.ndarray, xi: np.ndarray, first: np.ndarray, last: np.ndarray, q: np.ndarray,
+            s: np.ndarray, z: np.ndarray, out: np.ndarray) -> None:
+    """`_int4_a8_kernel` once `library()` is loaded. Every array C-contiguous with the shapes above (the C code
+    reads raw pointers: the caller checks them, cpu_quant.grouped_qmm)."""
+    assert all(a.flags.c_contiguous for a in (x8, sx, xi, q, s, z, out)) and xi.dtype == np.int32
+    _int4_a8_kernel(x8, sx, xi, first, last, q, s, z, out)
