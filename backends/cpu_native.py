@@ -12,7 +12,7 @@ lanes, 8 groups at a time.
 
 Layout: moec's int4 format as stored (byte i of a row holds k = 2i in its low nibble, 2i + 1 in its high one),
 so 16 bytes unpack into 32 nibbles as (the low ones | the high ones) with a shift and a blend: the rows x8 come
-with each 32 inputs in the same order (evens, then odds; `pack_rows` in cpu_quant). The nibbles are unsigned
+with each 32 inputs in the same order (evens, then odds; `pack`). The nibbles are unsigned
 and x8 signed, which is what vpdpbusd multiplies (AVX512-VNNI); without VNNI, vpmaddubsw + vpmaddwd (AVX2; the
 int16 pair sums stay below 2 * 15 * 127, no saturation). Why C: LLVM does not emit either from numba's loops
 (docs/benchmarks.md), and this kernel runs 4-5x faster than the numba int4 kernel at one token, at the memory
@@ -44,7 +44,7 @@ import llvmlite.binding as llvm
 import numpy as np
 from numba import prange, types
 
-from moec.backends.cpu_quant import CHUNK, _jit
+from moec.backends.cpu_quant import CHUNK, _jit, group_step, round_int8
 from moec.log import log
 
 SOURCE = r"""
@@ -208,13 +208,14 @@ def library() -> Path | None:
     return path
 
 
-@_jit(parallel=True)
-def _int4_a8_kernel(x8, sx, xi, first, last, q, s, z, out):
-    """Rows first[e]:last[e] of expert e: x8 [R, K] int8 (pack_rows' order), sx [R, G] fp32, xi [R, G] int32,
-    q [E, N, K/2] u8, s [E, N, G] fp32, z [E, N, G] u8 or empty (symmetric) -> out [R, N] fp32."""
+@_jit(parallel=True, fastmath=False)  # the rounding as moec.quant's, to the bit
+def _int4_a8_kernel(x, first, last, q, s, z, out):
+    """Rows first[e]:last[e] of expert e, x [R, K] fp32 (rounded here: `pack`), q [E, N, K/2] u8, s [E, N, G] fp32,
+    z [E, N, G] u8 or empty (symmetric) -> out [R, N] fp32."""
     E, N, G = s.shape
-    R, K = x8.shape
+    R, K = x.shape
     K2 = q.shape[2]
+    x8, sx, xi = pack(x, G)
     # addresses as int64 (numba widens uintp + int64 to float64)
     px, psx, pxi = np.int64(x8.ctypes.data), np.int64(sx.ctypes.data), np.int64(xi.ctypes.data)
     pq, ps, pz, po = np.int64(q.ctypes.data), np.int64(s.ctypes.data), np.int64(z.ctypes.data), np.int64(out.ctypes.data)
@@ -228,9 +229,33 @@ def _int4_a8_kernel(x8, sx, xi, first, last, q, s, z, out):
                      ps + e * N * G * 4, zp, G, po + first[e] * N * 4, N, c * CHUNK, min(N, c * CHUNK + CHUNK))
 
 
-def int4_a8(x8: np.ndarray, sx: np.ndarray, xi: np.ndarray, first: np.ndarray, last: np.ndarray, q: np.ndarray,
-            s: np.ndarray, z: np.ndarray, out: np.ndarray) -> None:
+@_jit(parallel=False, fastmath=False)
+def pack(x, G):
+    """x [R, K] fp32 -> x8 [R, K] int8, each group of K/G inputs of a row rounded to int8 (cpu_quant.group_step: the
+    numbers of moec.quant.int8_quantized_rows) and each 32 inputs stored as (the even ones | the odd ones), the
+    kernel's order; sx [R, G] fp32 the steps; xi [R, G] int32 each group's sum. A group holding NaN or inf gets
+    a NaN step (its rows' outputs NaN, as the reference's) and zeros."""
+    R, K = x.shape
+    g = K // G
+    x8, sx, xi = np.empty((R, K), np.int8), np.empty((R, G), np.float32), np.empty((R, G), np.int32)
+    for r in range(R):
+        for gi in range(G):
+            step, inverse = group_step(x, r, gi * g, gi * g + g)
+            finite = np.isfinite(step)
+            sx[r, gi] = step if finite else np.float32(np.nan)
+            t = 0
+            for k in range(gi * g, gi * g + g):
+                v = np.int8(round_int8(x[r, k] * inverse)) if finite else np.int8(0)
+                i = k % 32  # its place in its block of 32: evens first, then odds
+                x8[r, k - i + i // 2 + 16 * (i % 2)] = v
+                t += np.int32(v)
+            xi[r, gi] = t
+    return x8, sx, xi
+
+
+def int4_a8(x: np.ndarray, first: np.ndarray, last: np.ndarray, q: np.ndarray, s: np.ndarray, z: np.ndarray,
+            out: np.ndarray) -> None:
     """`_int4_a8_kernel` once `library()` is loaded. Every array C-contiguous with the shapes above (the C code
     reads raw pointers: the caller checks them, cpu_quant.grouped_qmm)."""
-    assert all(a.flags.c_contiguous for a in (x8, sx, xi, q, s, z, out)) and xi.dtype == np.int32
-    _int4_a8_kernel(x8, sx, xi, first, last, q, s, z, out)
+    assert all(a.flags.c_contiguous for a in (x, q, s, z, out)) and x.dtype == np.float32
+    _int4_a8_kernel(x, first, last, q, s, z, out)

@@ -193,7 +193,31 @@ def _int4_rows(x, G):
 _TINY = F32(np.finfo(np.float32).tiny)
 
 
-@_jit(parallel=True, fastmath=False)  # NaN, inf and IEEE division as torch has them: the same numbers
+@_jit(parallel=False, fastmath=False)  # NaN, inf and IEEE division as torch has them: the same numbers
+def group_step(x, r, lo, hi):
+    """The int8 step of x[r, lo:hi] (amax/127; NaN if it holds a NaN; 0 if subnormal or 0, where the reciprocal would
+    overflow) and the reciprocal the inputs are multiplied by (moec.quant.int8_quantized_rows)."""
+    m, nan = F32(0), False
+    for k in range(lo, hi):
+        a = abs(x[r, k])
+        if a != a:
+            nan = True
+        elif a > m:
+            m = a
+    s = F32(np.nan) if nan else m / F32(127)
+    if s < _TINY:
+        s = F32(0)
+    return s, F32(1) / s if s > 0 else F32(0)
+
+
+@_jit(parallel=False, fastmath=False)
+def round_int8(v):
+    """An input times its group's reciprocal step -> the nearest integer in -127..127 (NaN stays NaN)."""
+    v = np.rint(v)
+    return F32(127) if v > 127 else F32(-127) if v < -127 else v
+
+
+@_jit(parallel=True, fastmath=False)
 def _round_rows(x, q, step):
     """x [R, K] fp32 -> q [R, K] (each group of K/G inputs of a row rounded to int8 at a step of its amax/127, as
     fp32), step [R, G]: moec.quant.int8_quantized_rows (one pass over x instead of a dozen torch ops)."""
@@ -202,40 +226,10 @@ def _round_rows(x, q, step):
     g = K // G
     for r in prange(R):
         for gi in range(G):
-            m, nan = F32(0), False
-            for k in range(gi * g, gi * g + g):
-                a = abs(x[r, k])
-                if a != a:
-                    nan = True
-                elif a > m:
-                    m = a
-            s = F32(np.nan) if nan else m / F32(127)
-            if s < _TINY:  # subnormal or 0: the reciprocal would overflow
-                s = F32(0)
-            inverse = F32(1) / s if s > 0 else F32(0)
+            s, inverse = group_step(x, r, gi * g, gi * g + g)
             step[r, gi] = s
             for k in range(gi * g, gi * g + g):
-                v = np.rint(x[r, k] * inverse)
-                q[r, k] = F32(127) if v > 127 else F32(-127) if v < -127 else v
-
-
-@_jit(parallel=False)
-def _pack_rows(q, step, x8, xi):
-    """Rounded rows q [R, K] (fp32 integers), steps [R, G] -> x8 [R, K] int8 with each 32 inputs as (the even ones |
-    the odd ones), the native kernel's order; xi [R, G] int32, the sum of each group's integers."""
-    R, K = q.shape
-    G = step.shape[1]
-    g = K // G
-    for r in range(R):
-        for b in range(0, K, 32):
-            for i in range(16):
-                x8[r, b + i] = np.int8(q[r, b + 2 * i])
-                x8[r, b + 16 + i] = np.int8(q[r, b + 2 * i + 1])
-        for gi in range(G):
-            t = 0
-            for k in range(gi * g, gi * g + g):
-                t += np.int32(q[r, k])
-            xi[r, gi] = t
+                q[r, k] = round_int8(x[r, k] * inverse)
 
 
 @_jit(parallel=True)
@@ -402,14 +396,12 @@ def _int4_a8(x, G, first, last, q, scale, zero, out):
     kernel, or, where it is not built, by each expert's dequantized weights (fp32 GEMMs)."""
     from moec.backends import cpu_native
 
-    xq, step = round_rows(torch.from_numpy(x), G)
     R, K = x.shape
     if cpu_native.library() is not None and out.is_contiguous() and K // G in (32, 64, 128):
-        x8, xi = np.empty(x.shape, np.int8), np.empty(step.shape, np.int32)
-        _pack_rows(xq.numpy(), step.numpy(), x8, xi)
-        cpu_native.int4_a8(x8, step.numpy(), xi, first, last, q.contiguous().numpy(), scale.contiguous().numpy(),
+        cpu_native.int4_a8(x, first, last, q.contiguous().numpy(), scale.contiguous().numpy(),
                            _NO_ZERO if zero is None else zero.contiguous().numpy(), out.numpy())
         return
+    xq, step = round_rows(torch.from_numpy(x), G)
     xr = even_odd((xq.reshape(R, G, K // G) * step[..., None]).reshape(R, K), q)  # the dequantized columns' order
     w = None
     for e in np.flatnonzero(last > first):

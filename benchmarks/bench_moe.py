@@ -10,7 +10,8 @@ expert FLOPs / fp32 GEMM peak) (field.md). Model level: a whole forward of the m
 (2 layers, batch 1, T tokens) and each row's speed-up over the best HF experts
 implementation, with the bound (the other parameters read once + each layer's expert bound).
 `--quantized` adds moec with int8 and int4 experts (group 128, or the largest of 64/32 that
-divides the expert's inner dim), and bounds for their packed bytes (weights + scales). `--ort`
+divides the expert's inner dim), weight-only and with int8 activations ("a8"), and bounds for their packed
+bytes (weights + scales). `--ort`
 adds moec's onnxruntime backend (CPU provider): MoE nodes in fp32, and with `--quantized` QMoE
 int8 / int4 nodes (the export happens in the warm-up call). Blocks with shared experts also get
 "+shared" rows (moec's shared MLP quantized too, torch backend).
@@ -66,10 +67,11 @@ def block_shape(block) -> dict:
 
 
 def quant_configs(I: int, shared: bool = False) -> dict:
-    """label -> config: int8, and int4 with the largest group (128/64/32) dividing the expert inner dim I;
-    with `shared`, both again with the shared experts quantized."""
+    """label -> config: int8, and int4 with the largest group (128/64/32) dividing the expert inner dim I, each
+    weight-only and with int8 activations ("a8"); with `shared`, all again with the shared experts quantized."""
     g = next(g for g in (128, 64, 32) if I % g == 0)
-    cfgs = {"int8": moec.Int8Experts(), f"int4 g{g}": moec.Int4Experts(g)}
+    cfgs = {"int8": moec.Int8Experts(), f"int4 g{g}": moec.Int4Experts(g),
+            "int8 a8": moec.Int8Experts(activations="int8"), f"int4 g{g} a8": moec.Int4Experts(g, activations="int8")}
     return {**cfgs, **({f"{k} +shared": dataclasses.replace(c, shared=True) for k, c in cfgs.items()} if shared else {})}
 
 
