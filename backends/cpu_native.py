@@ -26,6 +26,7 @@ Built with the system C compiler (`cc -O3 -march=native`) into moec's cache dire
 the compiler and the CPU's flags; not available (None from `library()`, reason logged once) without a compiler,
 on a CPU without AVX2 and FMA, or with MOEC_NATIVE=0: grouped_qmm then multiplies the rounded rows by each
 expert's dequantized weights (fp32 GEMMs: the same numbers up to the order of fp32 sums, slower at decode).
+CC may hold a command with arguments (e.g. "ccache gcc").
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -161,14 +163,14 @@ def _cpu_flags() -> str:
 def build(flags: tuple[str, ...] = FLAGS) -> Path:
     """The library for (source, compiler, flags, CPU), compiled once into the first writable cache directory.
     RuntimeError where it cannot be (no compiler for x86-64, the compiler failed, nowhere to write)."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None or sys.platform == "win32" or platform.machine() not in ("x86_64", "AMD64"):
+    cc = shlex.split(os.environ.get("CC", "")) or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
+    if not cc or sys.platform == "win32" or platform.machine() not in ("x86_64", "AMD64"):
         raise RuntimeError("no C compiler for x86-64 found (install gcc or clang)")
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        raise RuntimeError(f"{cc} --version failed: {e}") from None
-    key = "\n".join([SOURCE, cc, version, " ".join(flags), _cpu_flags()])
+        raise RuntimeError(f"{' '.join(cc)} --version failed: {e}") from None
+    key = "\n".join([SOURCE, *cc, version, " ".join(flags), _cpu_flags()])
     name = f"moec_native_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     for d in _cache_dirs():
         if (d / name).exists():
@@ -180,13 +182,13 @@ def build(flags: tuple[str, ...] = FLAGS) -> Path:
             with tempfile.TemporaryDirectory(dir=d) as tmp:
                 src, lib = Path(tmp) / "moec_native.c", Path(tmp) / name
                 src.write_text(SOURCE)
-                subprocess.run([cc, *flags, "-o", str(lib), str(src)], check=True, capture_output=True, text=True,
+                subprocess.run([*cc, *flags, "-o", str(lib), str(src)], check=True, capture_output=True, text=True,
                                timeout=120)
                 os.replace(lib, d / name)  # atomic: a concurrent build writes the same bytes
             return d / name
         except subprocess.CalledProcessError as e:
             err = e.stderr.strip().splitlines()
-            raise RuntimeError(f"{cc} failed: {err[-1] if err else e}") from None
+            raise RuntimeError(f"{' '.join(cc)} failed: {err[-1] if err else e}") from None
         except (OSError, subprocess.SubprocessError) as e:  # not writable (or a hung compiler): the next directory
             errors.append(f"{d}: {e}")
     raise RuntimeError("could not build in any cache directory (" + "; ".join(errors) + ")")
@@ -202,20 +204,20 @@ def library() -> Path | None:
         path = build()
         llvm.load_library_permanently(str(path))
     except (RuntimeError, OSError) as e:
-        log.warning("moec: the native int4 kernel is not built (%s): int4 experts with int8 activations run on "
-                    "numba kernels, slower at decode", e)
+        log.warning("moec: the native int4 kernel is not built (%s): int4 experts with int8 activations multiply "
+                    "their rounded rows by dequantized weights instead (fp32 GEMMs, slower at decode)", e)
         return None
     return path
 
 
-@_jit(parallel=True, fastmath=False)  # the rounding as moec.quant's, to the bit
-def _int4_a8_kernel(x, first, last, q, s, z, out):
-    """Rows first[e]:last[e] of expert e, x [R, K] fp32 (rounded here: `pack`), q [E, N, K/2] u8, s [E, N, G] fp32,
-    z [E, N, G] u8 or empty (symmetric) -> out [R, N] fp32."""
+@_jit(parallel=True)
+def _int4_a8_kernel(x8, sx, xi, first, last, q, s, z, out):
+    """Rows first[e]:last[e] of expert e: x8 [R, K] int8, sx [R, G] fp32, xi [R, G] int32 (`pack`), q [E, N, K/2] u8,
+    s [E, N, G] fp32, z [E, N, G] u8 or empty (symmetric) -> out [R, N] fp32. The arrays are the caller's: numba
+    frees an array it made after its last use, which here is taking its address."""
     E, N, G = s.shape
-    R, K = x.shape
+    R, K = x8.shape
     K2 = q.shape[2]
-    x8, sx, xi = pack(x, G)
     # addresses as int64 (numba widens uintp + int64 to float64)
     px, psx, pxi = np.int64(x8.ctypes.data), np.int64(sx.ctypes.data), np.int64(xi.ctypes.data)
     pq, ps, pz, po = np.int64(q.ctypes.data), np.int64(s.ctypes.data), np.int64(z.ctypes.data), np.int64(out.ctypes.data)
@@ -258,4 +260,5 @@ def int4_a8(x: np.ndarray, first: np.ndarray, last: np.ndarray, q: np.ndarray, s
     """`_int4_a8_kernel` once `library()` is loaded. Every array C-contiguous with the shapes above (the C code
     reads raw pointers: the caller checks them, cpu_quant.grouped_qmm)."""
     assert all(a.flags.c_contiguous for a in (x, q, s, z, out)) and x.dtype == np.float32
-    _int4_a8_kernel(x, first, last, q, s, z, out)
+    x8, sx, xi = pack(x, s.shape[-1])
+    _int4_a8_kernel(x8, sx, xi, first, last, q, s, z, out)

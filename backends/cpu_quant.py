@@ -218,9 +218,10 @@ def round_int8(v):
 
 
 @_jit(parallel=True, fastmath=False)
-def _round_rows(x, q, step):
+def _round_rows(x, q, step, scaled):
     """x [R, K] fp32 -> q [R, K] (each group of K/G inputs of a row rounded to int8 at a step of its amax/127, as
-    fp32), step [R, G]: moec.quant.int8_quantized_rows (one pass over x instead of a dozen torch ops)."""
+    fp32; times the step if `scaled`), step [R, G]: moec.quant.int8_quantized_rows (int8_rows if scaled), in one
+    pass over x instead of a dozen torch ops."""
     R, K = x.shape
     G = step.shape[1]
     g = K // G
@@ -229,7 +230,7 @@ def _round_rows(x, q, step):
             s, inverse = group_step(x, r, gi * g, gi * g + g)
             step[r, gi] = s
             for k in range(gi * g, gi * g + g):
-                q[r, k] = round_int8(x[r, k] * inverse)
+                q[r, k] = round_int8(x[r, k] * inverse) * s if scaled else round_int8(x[r, k] * inverse)
 
 
 @_jit(parallel=True)
@@ -331,13 +332,14 @@ def combine(y: torch.Tensor, inv: np.ndarray, weights: torch.Tensor) -> torch.Te
     return out
 
 
-def round_rows(x: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def round_rows(x: torch.Tensor, groups: int = 1, scaled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [R, K] -> (each group of K/groups inputs of a row rounded to int8 at a step of its amax/127, as fp32
-    integers [R, K]; steps [R, groups]): the numbers of moec.quant.int8_quantized_rows(x, K // groups)."""
+    integers [R, K], or times their step if `scaled`; steps [R, groups]): the numbers of
+    moec.quant.int8_quantized_rows(x, K // groups) (int8_rows if scaled)."""
     if x.dim() != 2 or x.shape[1] % groups:
         raise ValueError(f"moec: round_rows takes rows [R, K] with K a multiple of {groups} groups, got {list(x.shape)}")
     q, step = torch.empty(x.shape, dtype=torch.float32), torch.empty(x.shape[0], groups, dtype=torch.float32)
-    _round_rows(x.detach().float().contiguous().numpy(), q.numpy(), step.numpy())
+    _round_rows(x.detach().float().contiguous().numpy(), q.numpy(), step.numpy(), scaled)
     return q, step
 
 
@@ -355,7 +357,7 @@ def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tens
     were. row_scale (int8 weights only): fp32 [R] or [R, 1], each row's output times it (`round_rows`' steps).
     int8_groups (int4 weights only): x's rows rounded to int8 per group of the weights' group size first
     (moec.quant.int8_quantized_rows), then int8 dot products (cpu_native), or, where that kernel is not
-    built, the int4 kernels below on the rounded rows. Values only: nothing here records gradients."""
+    built, the rounded rows times each expert's dequantized weights. Values only: nothing here records gradients."""
     first, paired, last = rows
     out = torch.empty(x.shape[0], q.shape[1], dtype=torch.float32, device="cpu") if out is None else out
     K = q.shape[2] * (2 if q.dtype == torch.uint8 else 1)  # int4: two columns a byte
@@ -401,8 +403,7 @@ def _int4_a8(x, G, first, last, q, scale, zero, out):
         cpu_native.int4_a8(x, first, last, q.contiguous().numpy(), scale.contiguous().numpy(),
                            _NO_ZERO if zero is None else zero.contiguous().numpy(), out.numpy())
         return
-    xq, step = round_rows(torch.from_numpy(x), G)
-    xr = even_odd((xq.reshape(R, G, K // G) * step[..., None]).reshape(R, K), q)  # the dequantized columns' order
+    xr = even_odd(round_rows(torch.from_numpy(x), G, scaled=True)[0], q)  # in the dequantized columns' order
     w = None
     for e in np.flatnonzero(last > first):
         w = dequantize_expert(int(e), q, scale, zero, out=w)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import moec.ops  # noqa: F401  (defines the op schemas)
 from moec.ir import RouterSpec
-from moec.quant import int8_rows, weight_only_active
+from moec.quant import weight_only_active
 
 
 def split_gate_up(h: torch.Tensor, gate_up: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,9 +171,10 @@ def route(x, weight, bias, select_bias, router):
     return route_math(x, weight, bias, select_bias, router, num_experts=weight.shape[0])
 
 
-def _expert_ffn(xe, w13, b13, w2, b2, activation, gated, alpha, limit, gate_up, cols=None):
+def _expert_ffn(xe, w13, b13, w2, b2, activation, gated, alpha, limit, gate_up, cols=None, cols2=None):
     """One expert on its n sorted rows: [n, H] -> [n, H]. `cols` reorders each GEMM input's
-    columns to the weights' column order (dequantized int4 weights, see cpu_quant.dequantize_expert).
+    columns to the weights' column order (dequantized int4 weights, see cpu_quant.dequantize_expert);
+    `cols2`, if given, does for the second GEMM's input (int4 with int8 activations: each rounds its own groups).
 
     Written as W @ X^T (weights as the GEMM's left operand): MKL's small-n kernels stream the
     weights 2-4x faster that way than as X @ W^T, and one row is padded to two because the
@@ -186,7 +187,7 @@ def _expert_ffn(xe, w13, b13, w2, b2, activation, gated, alpha, limit, gate_up, 
     if n == 1:
         xe = xe.expand(2, -1).contiguous()
     h = _gemm(xe, w13, b13)  # [n, N1]
-    a = cols(activate(h, activation, gated, alpha, limit, gate_up))  # [n, I]
+    a = (cols2 or cols)(activate(h, activation, gated, alpha, limit, gate_up))  # [n, I]
     if n <= 4:
         a = a.contiguous()
     return _gemm(a, w2, b2)[:n]  # [n, H]
@@ -358,9 +359,10 @@ def quantized_group(xs, y, counts, rows, row_expert, experts, t13, b13, t2, b2, 
                 y[rows[0][e]:rows[2][e]] = out[rows[0][e]:rows[2][e]]
     w13 = w2 = None  # [N1, H], [H, I] fp32, allocated by the first big expert
     cols = functools.partial(cpu_quant.even_odd, q=t13[0])  # GEMM inputs in the dequantized weights' column order
-    if a4:  # each GEMM input rounded per group first (its columns in their own order)
-        g = xs.shape[1] // t13[1].shape[-1]
-        cols = lambda t, cols=cols: cols(int8_rows(t, g))  # noqa: E731
+    cols2 = cols
+    if a4:  # each GEMM input rounded per group of its weights first (moec.quant.int8_rows), then reordered
+        cols, cols2 = (lambda v, G=w[1].shape[-1]: cpu_quant.even_odd(cpu_quant.round_rows(v, G, scaled=True)[0], w[0])
+                       for w in (t13, t2))
     for e in (e for e in experts if counts[e] >= DEQUANT_MIN_ROWS):
         s = e if slot is None else slot[e]
         n = counts[e]
@@ -373,7 +375,7 @@ def quantized_group(xs, y, counts, rows, row_expert, experts, t13, b13, t2, b2, 
         w13, w2 = cpu_quant.dequantize_expert(s, *t13, out=w13), cpu_quant.dequantize_expert(s, *t2, out=w2)
         y[start:start + n] = _expert_ffn(
             xs[start:start + n], w13, None if b13 is None else b13[e].float(), w2,
-            None if b2 is None else b2[e].float(), activation, gated, alpha, limit, gate_up, cols=cols)
+            None if b2 is None else b2[e].float(), activation, gated, alpha, limit, gate_up, cols=cols, cols2=cols2)
 
 
 def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,8 @@
 
 Rows: fp32 (moec-compiled, unquantized), int8 per-channel, int4 with groups 32/64/128,
 symmetric (amax/7, and the 16-level signed-scale grid "sym16") and asymmetric, and int8 / int4 g128 with the
-router weight quantized too (router=True), and int8 with int8 activations on the torch backend (one scale per row);
+router weight quantized too (router=True), and int8 / int4 g32 with int8 activations on the torch backend (one scale
+per row / per group of 32, as ONNX Runtime's);
 then int8 and int4 g32 in ONNX Runtime (backend="onnxruntime"), weight-only and with int8 activations ("a8", one
 scale per group of 32 inputs). Columns: held-out perplexity (next byte) and its change vs fp32,
 max and mean |logit error| vs fp32 over the held-out tokens, and the bytes of the routed
@@ -30,7 +31,8 @@ CONFIGS = {"fp32": None, "int8": moec.Int8Experts(),
            **{c.describe(): c for g in (32, 64, 128) for c in (moec.Int4Experts(g), moec.Int4Experts(g, signed_scale=True),
                                                                 moec.Int4Experts(g, symmetric=False))},
            "int8 +router": moec.Int8Experts(router=True), "int4 g128 sym +router": moec.Int4Experts(128, router=True),
-           "int8 per-channel a8 (torch: a scale per row)": moec.Int8Experts(activations="int8")}
+           "int8 per-channel a8 (torch: a scale per row)": moec.Int8Experts(activations="int8"),
+           "int4 g32 sym a8 (torch: a scale per group of 32)": moec.Int4Experts(32, activations="int8")}
 # backend="onnxruntime" (QMoE): weight-only, and with int8 activations, to separate the two costs
 ORT = {f"{c.describe()}, onnxruntime": c for c in (moec.Int8Experts(), moec.Int8Experts(activations="int8"),
                                                    moec.Int4Experts(32), moec.Int4Experts(32, activations="int8"))}

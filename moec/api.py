@@ -70,10 +70,10 @@ def _numerics(backend: str, cfg: QuantConfig, pipeline: str = "") -> str:
                     "torch._int_mm (oneDNN) for experts with many rows, moec's kernels for few; the rest weight-only)")
         from moec.backends import cpu_native
 
-        kernel = "moec's native kernel" if cpu_native.library() else "numba kernels (the native one is not built)"
-        return (f"(routed experts: int8 activations per group of {cfg.group_size} inputs, as ONNX Runtime's; int8 "
-                f"dot products in {kernel} for experts with few rows, the rounded rows on dequantized weights for "
-                f"many; the rest weight-only)")
+        few = ("int8 dot products in moec's native kernel" if cpu_native.library() else
+               "the rounded rows on dequantized weights (fp32 GEMMs: the native kernel is not built)")
+        return (f"(routed experts: int8 activations per group of {cfg.group_size} inputs, as ONNX Runtime's; {few} "
+                f"for experts with few rows, the rounded rows on dequantized weights for many; the rest weight-only)")
     if cfg.activations == "int8":
         return f"(int8 activations per group of {activation_group(cfg)}, int8 dot products: ONNX Runtime's QMoE kernel)"
     if backend.startswith("onnxruntime"):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import warnings
 
+import numba
 import pytest
 import torch
 
@@ -268,6 +269,28 @@ def test_native_int4_kernel_on_every_group_count(cfg, int4_a8_kernel):
     assert rel_err(torch.from_numpy(out), want[:2]) < TOL[torch.float32]
 
 
+def test_int4_int8_activations_give_the_same_numbers_call_after_call():
+    """The op called again and again, memory allocated and freed between calls, gives the reference's numbers every
+    time (a launcher that let its packed rows be freed before the C kernel read them gave other numbers, or NaN, at
+    most calls)."""
+    cfg = Int4Experts(64, activations="int8")
+    e = ExpertsSpec(8, 320, 192, "silu")
+    gen = torch.Generator().manual_seed(1)
+    t13, t2 = quantize(cfg, torch.randn(8, 384, 320, generator=gen) / 10), quantize(cfg, torch.randn(8, 320, 192, generator=gen) / 10)
+    x, ids, w = torch.randn(3, 320, generator=gen), torch.tensor([[0, 1], [2, 3], [4, 5]]), torch.full((3, 2), 0.5)
+    args = (x, ids, w, t13["q"], t13["scale"], None, None, t2["q"], t2["scale"], None, None, *experts_args(e), True)
+    want = _int4_activations_reference(cfg, x, ids, w, t13, None, t2, None, e)
+    threads = numba.get_num_threads()
+    try:
+        for n in (1, threads):  # on one thread the freed rows were reused at most calls
+            numba.set_num_threads(n)
+            for _ in range(8):
+                assert rel_err(torch.ops.moec.experts_int4(*args), want) < TOL[torch.float32], n
+                junk = [torch.randn(1000) for _ in range(50)]  # noqa: F841  (reuses what a freed buffer held)
+    finally:
+        numba.set_num_threads(threads)
+
+
 def test_the_native_kernel_not_built_is_said_once_and_numba_runs(monkeypatch):
     """A compiler that fails (or none, or MOEC_NATIVE=0): library() is None with one warning that says why and
     what runs instead; int4 experts with int8 activations still give the reference's numbers."""
@@ -302,7 +325,7 @@ def test_the_native_kernel_not_built_is_said_once_and_numba_runs(monkeypatch):
 
 def test_round_rows_is_the_reference_rounding():
     """The numba rounding of the torch backend's int8 activations (cpu_quant.round_rows, a row or groups of a row)
-    gives int8_quantized_rows' numbers to the bit: magnitudes from subnormal to 1e38, ties at half a step, 0, NaN and
+    gives int8_quantized_rows' numbers to the bit (and int8_rows' with scaled=True): magnitudes from subnormal to 1e38, ties at half a step, 0, NaN and
     inf rows, a row of one input."""
     from moec.backends import cpu_quant
 
@@ -319,6 +342,8 @@ def test_round_rows_is_the_reference_rounding():
         q_ref, step_ref = int8_quantized_rows(rows, rows.shape[1] // groups)
         same = lambda a, b: torch.equal(a.nan_to_num(0.25), b.nan_to_num(0.25))  # NaN where the reference has NaN
         assert same(q, q_ref) and same(step, step_ref), (rows.shape, groups)
+        scaled, _ = cpu_quant.round_rows(rows, groups, scaled=True)
+        assert same(scaled, int8_rows(rows, rows.shape[1] // groups)), (rows.shape, groups)
     q_ref, step_ref = int8_quantized_rows(x, x.shape[1])
     assert torch.isnan(q_ref[3:6]).any(-1).all() and step_ref[1] == 0 and step_ref[6] == 1
     assert (q_ref[6, 1:] % 2 == 0).all()  # ties to even
