@@ -71,9 +71,12 @@ INLINE __m256i dot(__m256i acc, __m256i w, __m256i x) {  /* acc += u8 w . s8 x, 
 #endif
 }
 
-INLINE __m256i group_dot(const uint8_t *q, const int8_t *x, int blocks) {  /* one group: blocks of 32 inputs */
+INLINE __m256i group_dot(const uint8_t *w, const int8_t *x, int blocks, int unpacked) {
+    /* one group, blocks of 32 inputs; w: packed bytes (16 a block), or nibbles already unpacked (32 a block) */
     __m256i a = _mm256_setzero_si256();
-    for (int b = 0; b < blocks; b++) a = dot(a, nibbles(q + 16 * b), _mm256_loadu_si256((const __m256i *)(x + 32 * b)));
+    for (int b = 0; b < blocks; b++)
+        a = dot(a, unpacked ? _mm256_loadu_si256((const __m256i *)(w + 32 * b)) : nibbles(w + 16 * b),
+                _mm256_loadu_si256((const __m256i *)(x + 32 * b)));
     return a;
 }
 
@@ -90,42 +93,51 @@ INLINE __m256i sum8(__m256i a0, __m256i a1, __m256i a2, __m256i a3, __m256i a4, 
     return _mm256_add_epi32(_mm256_permute2x128_si256(c0, c1, 0x20), _mm256_permute2x128_si256(c0, c1, 0x31));
 }
 
+/* One output of one row: w the channel's weights (packed, or unpacked: see group_dot), xr the row (int8, the
+   kernel's order), sxr/xir its group steps and sums, sj/zj the channel's group scales and zero points (NULL: 8). */
+INLINE float row_dot(const uint8_t *w, int unpacked, const int8_t *xr, const float *sxr, const int32_t *xir,
+                     const float *sj, const uint8_t *zj, int64_t G, int blocks) {
+    int64_t G8 = G / 8 * 8, gw = (unpacked ? 32 : 16) * blocks, gx = 32 * blocks;  /* bytes of a group in w, x */
+    __m256 f = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G8; g += 8) {
+        const uint8_t *wg = w + g * gw;
+        const int8_t *xg = xr + g * gx;
+        __m256i d = sum8(group_dot(wg, xg, blocks, unpacked), group_dot(wg + gw, xg + gx, blocks, unpacked),
+                         group_dot(wg + 2 * gw, xg + 2 * gx, blocks, unpacked),
+                         group_dot(wg + 3 * gw, xg + 3 * gx, blocks, unpacked),
+                         group_dot(wg + 4 * gw, xg + 4 * gx, blocks, unpacked),
+                         group_dot(wg + 5 * gw, xg + 5 * gx, blocks, unpacked),
+                         group_dot(wg + 6 * gw, xg + 6 * gx, blocks, unpacked),
+                         group_dot(wg + 7 * gw, xg + 7 * gx, blocks, unpacked));
+        __m256i sums = _mm256_loadu_si256((const __m256i *)(xir + g));
+        __m256i zs = zj ? _mm256_mullo_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zj + g))), sums)
+                        : _mm256_slli_epi32(sums, 3);
+        __m256 scales = _mm256_mul_ps(_mm256_loadu_ps(sj + g), _mm256_loadu_ps(sxr + g));
+        f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d, zs)), scales, f);
+    }
+    float tail = 0;  /* groups past the last 8 */
+    for (int64_t g = G8; g < G; g++) {
+        __m256i a = group_dot(w + g * gw, xr + g * gx, blocks, unpacked);
+        __m128i h = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+        int32_t d = _mm_cvtsi128_si32(h) - (zj ? (int32_t)zj[g] : 8) * xir[g];
+        tail += (sj[g] * sxr[g]) * (float)d;
+    }
+    return hsum(f) + tail;
+}
+
 INLINE void rows_int4_a8(const int8_t *x8, const float *sx, const int32_t *xi, int64_t R, int64_t K,
                          const uint8_t *q, const float *s, const uint8_t *z, int64_t G, float *out, int64_t N,
                          int64_t j0, int64_t j1, int blocks) {
-    int64_t K2 = K / 2, G8 = G / 8 * 8, gb = 16 * blocks;  /* gb: bytes of one group of a weight row */
+    uint8_t w[R > 1 ? K : 1];  /* several rows: each channel's nibbles unpacked once, then read by every row */
     for (int64_t j = j0; j < j1; j++) {
-        const uint8_t *qj = q + j * K2;
-        const float *sj = s + j * G;
-        for (int64_t r = 0; r < R; r++) {
-            const int8_t *xr = x8 + r * K;
-            const float *sxr = sx + r * G;
-            const int32_t *xir = xi + r * G;
-            __m256 f = _mm256_setzero_ps();
-            for (int64_t g = 0; g < G8; g += 8) {
-                const uint8_t *qg = qj + g * gb;
-                const int8_t *xg = xr + 2 * g * gb;
-                __m256i d = sum8(group_dot(qg, xg, blocks), group_dot(qg + gb, xg + 2 * gb, blocks),
-                                 group_dot(qg + 2 * gb, xg + 4 * gb, blocks), group_dot(qg + 3 * gb, xg + 6 * gb, blocks),
-                                 group_dot(qg + 4 * gb, xg + 8 * gb, blocks), group_dot(qg + 5 * gb, xg + 10 * gb, blocks),
-                                 group_dot(qg + 6 * gb, xg + 12 * gb, blocks), group_dot(qg + 7 * gb, xg + 14 * gb, blocks));
-                __m256i sums = _mm256_loadu_si256((const __m256i *)(xir + g));
-                __m256i zs = z ? _mm256_mullo_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(z + j * G + g))), sums)
-                               : _mm256_slli_epi32(sums, 3);
-                __m256 scales = _mm256_mul_ps(_mm256_loadu_ps(sj + g), _mm256_loadu_ps(sxr + g));
-                f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d, zs)), scales, f);
-            }
-            float tail = 0;  /* groups past the last 8 */
-            for (int64_t g = G8; g < G; g++) {
-                __m256i a = group_dot(qj + g * gb, xr + 2 * g * gb, blocks);
-                __m128i h = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
-                h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
-                h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
-                int32_t d = _mm_cvtsi128_si32(h) - (z ? (int32_t)z[j * G + g] : 8) * xir[g];
-                tail += (sj[g] * sxr[g]) * (float)d;
-            }
-            out[r * N + j] = hsum(f) + tail;
-        }
+        const uint8_t *qj = q + j * (K / 2), *zj = z ? z + j * G : 0;
+        if (R > 1)
+            for (int64_t b = 0; b < K / 32; b++) _mm256_storeu_si256((__m256i *)(w + 32 * b), nibbles(qj + 16 * b));
+        for (int64_t r = 0; r < R; r++)
+            out[r * N + j] = R > 1 ? row_dot(w, 1, x8 + r * K, sx + r * G, xi + r * G, s + j * G, zj, G, blocks)
+                                   : row_dot(qj, 0, x8, sx, xi, s + j * G, zj, G, blocks);
     }
 }
 

@@ -301,19 +301,30 @@ def experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, 
 # rows of one expert from which dequantizing it (into a reused fp32 buffer) and running MKL's GEMMs
 # beats the numba kernels (measured on the CPU machine: 12-16 rows for int8 and int4 g128, 4-8 for g32)
 DEQUANT_MIN_ROWS = 12
+# the same for int4 experts with int8 activations on the native kernel, which keeps pace with dequantize + MKL up to
+# ~128 rows (Mixtral-style FC1 at 32 rows: 1.4 vs 2.0 ms; at 128: 5.4 vs 5.9 ms; docs/benchmarks.md)
+NATIVE_MIN_ROWS = 64
 
 
-def quantized_plan(x, ids, weights, num_experts, weight_on_input):
+def min_rows(int4: bool, int8_activations: bool) -> int:
+    """Rows of one expert from which its quantized weights are dequantized for MKL's GEMMs (see above)."""
+    from moec.backends import cpu_native
+
+    native = int8_activations and int4 and cpu_native.library() is not None
+    return NATIVE_MIN_ROWS if native else DEQUANT_MIN_ROWS
+
+
+def quantized_plan(x, ids, weights, num_experts, weight_on_input, min_rows=None):
     """The expert-sorted rows of a quantized (or `_numba_route`) experts call: (inv, counts, rows, row_expert,
     xs fp32 [T*k, H]). rows: the kernels' rows per expert (cpu_quant.plan; none for experts with
-    DEQUANT_MIN_ROWS rows or more)."""
+    min_rows (default DEQUANT_MIN_ROWS) rows or more)."""
     if x.device.type != "cpu":
         raise NotImplementedError(f"moec: quantized experts in the torch backend run on CPU only, not {x.device.type}")
     from moec.backends import cpu_quant  # numba: imported by the first quantized call, not by `import moec`
 
     cpu_quant.set_threads()
     k = ids.shape[1]
-    order, inv, counts, rows = cpu_quant.plan(ids, num_experts, DEQUANT_MIN_ROWS)
+    order, inv, counts, rows = cpu_quant.plan(ids, num_experts, DEQUANT_MIN_ROWS if min_rows is None else min_rows)
     xs = x.detach().index_select(0, order // k).float()  # [T*k, H] the source token of each sorted row
     if weight_on_input:
         xs *= weights.detach().reshape(-1)[order].unsqueeze(1)
@@ -325,7 +336,7 @@ def quantized_group(xs, y, counts, rows, row_expert, experts, t13, b13, t2, b2, 
     """y[rows of e] = expert e on xs[rows of e], for each e in `experts`, its weights t = (q, scale[, zero]) or
     (w,) (fp32/bf16) at index slot[e] of t13/t2 (the offload pool's slots; None: at index e). Experts with few
     rows: the numba kernels of `cpu_quant` (dequantizing in registers), one call per GEMM over all of them; an
-    expert with DEQUANT_MIN_ROWS rows or more (prefill) is dequantized into a buffer reused for every such expert
+    expert with `min_rows` rows or more (prefill; none in `rows`) is dequantized into a buffer reused for every such expert
     (fp32: read in place) and runs `_expert_ffn`. a8, int8 weights: each GEMM's input rows are rounded to int8,
     one scale per row (`_int8_rows`); the kernels multiply those integers, and an expert with many rows runs
     `_int8_ffn` instead of dequantizing. a8, int4 weights: rounded per group of the weights' group size (ORT's
@@ -363,7 +374,7 @@ def quantized_group(xs, y, counts, rows, row_expert, experts, t13, b13, t2, b2, 
     if a4:  # each GEMM input rounded per group of its weights first (moec.quant.int8_rows), then reordered
         cols, cols2 = (lambda v, G=w[1].shape[-1]: cpu_quant.even_odd(cpu_quant.round_rows(v, G, scaled=True)[0], w[0])
                        for w in (t13, t2))
-    for e in (e for e in experts if counts[e] >= DEQUANT_MIN_ROWS):
+    for e in (e for e in experts if counts[e] and rows[0][e] == rows[2][e]):  # the experts the kernels left
         s = e if slot is None else slot[e]
         n = counts[e]
         start = rows[2][e] - n
@@ -417,7 +428,8 @@ def _quantized_experts(x, ids, weights, t13, b13, t2, b2, activation, gated, alp
     t = (w,), in fp32 whatever the activations' dtype (see quantized_group). int8_activations: the GEMM inputs in
     int8 (int8 weights: one scale per row; int4: per group), unless moec.quant.weight_only() is on (the proofs)."""
     a8 = int8_activations and not weight_only_active()
-    inv, counts, rows, row_expert, xs = quantized_plan(x, ids, weights, t13[0].shape[0], weight_on_input)
+    inv, counts, rows, row_expert, xs = quantized_plan(x, ids, weights, t13[0].shape[0], weight_on_input,
+                                                       min_rows(t13[0].dtype == torch.uint8, a8))
     y = torch.empty_like(xs)
     quantized_group(xs, y, counts, rows, row_expert, np.flatnonzero(counts), t13, b13, t2, b2, activation, gated,
                     alpha, limit, gate_up, a8=a8)

@@ -197,7 +197,7 @@ def int4_a8_kernel(request, monkeypatch):
 @pytest.mark.parametrize("cfg", A4, ids=lambda c: c.describe())
 @pytest.mark.parametrize("e", SPECS, ids=lambda e: e.describe())
 @pytest.mark.parametrize("T,k", [(1, 1), (1, 2), (6, 2), (40, 3)])
-@pytest.mark.parametrize("dequant_min_rows", [100, 1])
+@pytest.mark.parametrize("dequant_min_rows", [100, 3, 1])
 def test_int4_int8_activations_match_their_reference(cfg, e, T, k, dequant_min_rows, int4_a8_kernel, monkeypatch):
     """Int4Experts(activations="int8") on the torch backend: the native kernel (or numba where it is not built) at
     few rows, the rounded rows on dequantized weights at many, give the reference's numbers (rows rounded per group,
@@ -205,6 +205,7 @@ def test_int4_int8_activations_match_their_reference(cfg, e, T, k, dequant_min_r
     input 1e4 times the others (its group's other inputs round to 0); under weight_only() the op is the weight-only
     one; and it is not the weight-only result."""
     monkeypatch.setattr(torch_backend, "DEQUANT_MIN_ROWS", dequant_min_rows)
+    monkeypatch.setattr(torch_backend, "NATIVE_MIN_ROWS", dequant_min_rows)
     E, H, I = e.num_experts, e.hidden, e.inter
     N1 = 2 * I if e.gated else I
     gen = torch.Generator().manual_seed(T * k)

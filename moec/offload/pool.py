@@ -499,13 +499,13 @@ class OffloadedExperts(nn.Module):
         return _combine(ys, order, ws, ids, weight_on_input, x.dtype)
 
     def _quantized(self, x, ids, weights, b13, b2):
-        from moec.backends.torch_backend import quantized_combine, quantized_group, quantized_plan
+        from moec.backends.torch_backend import min_rows, quantized_combine, quantized_group, quantized_plan
         from moec.quant import weight_only_active
 
         activation, gated, alpha, limit, weight_on_input, gate_up = self.act
         a8 = self.int8_activations and not weight_only_active()  # as the resident op (see _quantized_experts)
         inv, counts, rows, row_expert, xs = quantized_plan(x, ids, weights, self.pool.blocks[self.block]["E"],
-                                                           weight_on_input)
+                                                           weight_on_input, min_rows(self.quantized == "int4", a8))
         y = torch.empty_like(xs)  # [T*k, H] fp32
 
         def run(slots, group):
