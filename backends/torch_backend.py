@@ -301,9 +301,11 @@ def experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, 
 # rows of one expert from which dequantizing it (into a reused fp32 buffer) and running MKL's GEMMs
 # beats the numba kernels (measured on the CPU machine: 12-16 rows for int8 and int4 g128, 4-8 for g32)
 DEQUANT_MIN_ROWS = 12
-# the same for int4 experts with int8 activations on the native kernel, which keeps pace with dequantize + MKL up to
-# ~128 rows (Mixtral-style FC1 at 32 rows: 1.4 vs 2.0 ms; at 128: 5.4 vs 5.9 ms; docs/benchmarks.md)
-NATIVE_MIN_ROWS = 64
+# the same for int4 experts with int8 activations on the native kernel: never. Alone it keeps pace with dequantize +
+# MKL up to ~128 rows (Mixtral-style FC1, 32 rows: 1.4 vs 2.0 ms; 128: 5.4 vs 5.9 ms), and in a whole forward it is
+# faster at every length measured, MKL's and numba's threads no longer taking turns (mix, 512 tokens: 274 vs 394 ms;
+# 2048: 1345 vs 1409 ms; docs/benchmarks.md)
+NATIVE_MIN_ROWS = 2**62
 
 
 def min_rows(int4: bool, int8_activations: bool) -> int:
