@@ -14,9 +14,10 @@ Layout: moec's int4 format as stored (byte i of a row holds k = 2i in its low ni
 so 16 bytes unpack into 32 nibbles as (the low ones | the high ones) with a shift and a blend: the rows x8 come
 with each 32 inputs in the same order (evens, then odds; `pack`). The nibbles are unsigned
 and x8 signed, which is what vpdpbusd multiplies (AVX512-VNNI); without VNNI, vpmaddubsw + vpmaddwd (AVX2; the
-int16 pair sums stay below 2 * 15 * 127, no saturation). Why C: LLVM does not emit either from numba's loops
-(docs/benchmarks.md), and this kernel runs 4-5x faster than the numba int4 kernel at one token, at the memory
-bound (docs/benchmarks.md).
+int16 pair sums stay below 2 * 15 * 127, no saturation). With several rows, each channel's nibbles are unpacked
+once into a buffer of K bytes that every row reads. Why C: LLVM does not emit either instruction from numba's
+loops, and this kernel runs 4-5x faster than the numba int4 kernel at one token, at the memory bound; it takes
+every row at prefill too (torch_backend.NATIVE_MIN_ROWS; docs/benchmarks.md).
 
 Threads: a numba prange over chunks of output channels calls the C function (one thread pool in the
 process, numba's, as for the other kernels); numba finds the function by its symbol in the library, loaded

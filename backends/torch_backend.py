@@ -342,8 +342,8 @@ def quantized_group(xs, y, counts, rows, row_expert, experts, t13, b13, t2, b2, 
     (fp32: read in place) and runs `_expert_ffn`. a8, int8 weights: each GEMM's input rows are rounded to int8,
     one scale per row (`_int8_rows`); the kernels multiply those integers, and an expert with many rows runs
     `_int8_ffn` instead of dequantizing. a8, int4 weights: rounded per group of the weights' group size (ORT's
-    numbers), int8 dot products at few rows (cpu_native), the rounded rows on dequantized weights at many. Each
-    row's numbers do not depend on which other experts the group holds."""
+    numbers), int8 dot products (cpu_native) on every row (NATIVE_MIN_ROWS), or, without that kernel, the rounded
+    rows on dequantized weights. Each row's numbers do not depend on which other experts the group holds."""
     from moec.backends import cpu_quant
 
     first, paired, last = rows

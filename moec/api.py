@@ -70,10 +70,10 @@ def _numerics(backend: str, cfg: QuantConfig, pipeline: str = "") -> str:
                     "torch._int_mm (oneDNN) for experts with many rows, moec's kernels for few; the rest weight-only)")
         from moec.backends import cpu_native
 
-        few = ("int8 dot products in moec's native kernel" if cpu_native.library() else
+        how = ("int8 dot products in moec's native kernel" if cpu_native.library() else
                "the rounded rows on dequantized weights (fp32 GEMMs: the native kernel is not built)")
-        return (f"(routed experts: int8 activations per group of {cfg.group_size} inputs, as ONNX Runtime's; {few} "
-                f"for experts with few rows, the rounded rows on dequantized weights for many; the rest weight-only)")
+        return (f"(routed experts: int8 activations per group of {cfg.group_size} inputs, as ONNX Runtime's; {how}; "
+                f"the rest weight-only)")
     if cfg.activations == "int8":
         return f"(int8 activations per group of {activation_group(cfg)}, int8 dot products: ONNX Runtime's QMoE kernel)"
     if backend.startswith("onnxruntime"):
@@ -396,7 +396,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         triton: w8a16/w4a16 GEMMs; onnxruntime: QMoE nodes. shared=True is torch backend only.
         activations="int8": int8 activations and int8 dot products in the routed experts: backend onnxruntime
         (a scale per group of 32 inputs for Int8Experts, of the group size for Int4Experts) or torch (Int8Experts:
-        a scale per row; Int4Experts: per group, as ONNX Runtime, with moec's C kernel at decode: backends/cpu_native).
+        a scale per row; Int4Experts: per group, as ONNX Runtime, in moec's C kernel: backends/cpu_native).
     offload: moec.Offload(budget, store, path, policy, prefetch, prefetch_width): the routed experts leave the
         model for a store (disk or host memory) and run from a cache of `budget` experts (appends offload_experts; torch
         or triton backend; with quantize=, the quantized experts are stored and cached; see moec.offload). Statistics:

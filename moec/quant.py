@@ -72,8 +72,8 @@ class Int4Experts:
 
     activations="int8" (backend="onnxruntime", moec.export_onnx/export_genai, or the torch backend, on CPU): each
     expert GEMM quantizes its input rows to int8 per group of `group_size` inputs (scale amax/127, round to
-    nearest) and runs int8 dot products (ORT's QMoE accuracy_level=4; on the torch backend moec's C kernel at few
-    rows per expert, backends/cpu_native; both AVX512-VNNI where the CPU has it). The two backends round alike.
+    nearest) and runs int8 dot products (ORT's QMoE accuracy_level=4; on the torch backend moec's C kernel,
+    backends/cpu_native; both AVX512-VNNI where the CPU has it). The two backends round alike.
     An approximation on top of the weights' (docs/quality.md); the default "fp32" is weight-only."""
 
     group_size: int = 128
