@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
                   "moec bench ./checkpoint --tokens 1 16 256 --quantize int8 int4:g32")
     bn.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256], help="token counts (batch 1)")
     bn.add_argument("--quantize", nargs="*", default=[],
-                    help="quantized moec variants too (torch backend): int8, int8:a8 (int8 activations), int4:gG")
+                    help="quantized moec variants too (torch backend): int8, int4:gG, either with :a8 (int8 activations)")
     bn.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     bis = command("bisect", "find the first pass (and block) that changes the numbers and write a reproducer",
                   "moec bisect ./checkpoint --passes detect_moe,fuse_gate,my_pass --out repro/")
@@ -416,8 +416,8 @@ def _replay(folder: Path, console) -> int:
 
 
 def _quant(text: str | None):
-    """--quantize int8[:a8] | int4:gG[:a8] -> the moec config (None for None); a8: int8 activations (ONNX Runtime;
-    int8:a8 also on the torch backend)."""
+    """--quantize int8[:a8] | int4:gG[:a8] -> the moec config (None for None); a8: int8 activations (ONNX Runtime
+    and the torch backend)."""
     import moec
 
     if text is None:
@@ -464,7 +464,7 @@ def _bench(args, model, inputs, tokenizer, console) -> int:
     for q in args.quantize:
         try:
             systems[f"moec.compile quantize={q}"] = moec.compile(copy.deepcopy(model), quantize=_quant(q))
-        except NotImplementedError as e:  # e.g. int4:gG:a8, which runs in ONNX Runtime only
+        except NotImplementedError as e:  # e.g. a8 on a GPU model (the triton backend runs no int8 activations)
             console.print(f"moec bench: quantize={q} left out ({str(e).splitlines()[0]})")
     gen = torch.Generator().manual_seed(0)
     device = next(model.parameters()).device
