@@ -374,7 +374,7 @@ def quantized_group(xs, y, counts, rows, row_expert, experts, t13, b13, t2, b2, 
     cols = functools.partial(cpu_quant.even_odd, q=t13[0])  # GEMM inputs in the dequantized weights' column order
     cols2 = cols
     if a4:  # each GEMM input rounded per group of its weights first (moec.quant.int8_rows), then reordered
-        cols, cols2 = (lambda v, G=w[1].shape[-1]: cpu_quant.even_odd(cpu_quant.round_rows(v, G, scaled=True)[0], w[0])
+        cols, cols2 = (lambda v, G=w[1].shape[-1], q=w[0]: cpu_quant.even_odd(cpu_quant.round_rows(v, G, scaled=True)[0], q)
                        for w in (t13, t2))
     for e in (e for e in experts if counts[e] and rows[0][e] == rows[2][e]):  # the experts the kernels left
         s = e if slot is None else slot[e]
