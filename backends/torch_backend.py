@@ -303,7 +303,7 @@ def experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, 
 DEQUANT_MIN_ROWS = 12
 # the same for int4 experts with int8 activations on the native kernel: never. Alone it keeps pace with dequantize +
 # MKL up to ~128 rows (Mixtral-style FC1, 32 rows: 1.4 vs 2.0 ms; 128: 5.4 vs 5.9 ms), and in a whole forward it is
-# faster at every length measured, MKL's and numba's threads no longer taking turns (mix, 512 tokens: 274 vs 394 ms;
+# faster at 512 and 2048 tokens, MKL's and numba's threads no longer taking turns (mix, 512 tokens: 274 vs 394 ms;
 # 2048: 1345 vs 1409 ms; docs/benchmarks.md)
 NATIVE_MIN_ROWS = 2**62
 
