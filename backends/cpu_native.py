@@ -272,6 +272,7 @@ def int4_a8(x: np.ndarray, first: np.ndarray, last: np.ndarray, q: np.ndarray, s
             out: np.ndarray) -> None:
     """`_int4_a8_kernel` once `library()` is loaded. Every array C-contiguous with the shapes above (the C code
     reads raw pointers: the caller checks them, cpu_quant.grouped_qmm)."""
-    assert all(a.flags.c_contiguous for a in (x, q, s, z, out)) and x.dtype == np.float32
+    if not all(a.flags.c_contiguous for a in (x, q, s, z, out)) or x.dtype != np.float32:  # kept under python -O
+        raise ValueError("moec: cpu_native.int4_a8 takes C-contiguous arrays and fp32 rows")
     x8, sx, xi = pack(x, s.shape[-1])
     _int4_a8_kernel(x8, sx, xi, first, last, q, s, z, out)
