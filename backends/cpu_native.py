@@ -1,4 +1,5 @@
-"""A C kernel for int4 experts with int8 activations (Int4Experts(activations="int8")), built at first use.
+"""C kernels for int4 experts, built at first use: with int8 activations (Int4Experts(activations="int8")), and
+weight-only (fp32 rows) on CPUs with AVX-512.
 
     int4_a8(x8 [R, K] int8, sx [R, G] fp32, xi [R, G] int32, q [N, K/2] u8, s [N, G], z [N, G] u8 or none)
         -> out [R, N] fp32
@@ -18,6 +19,14 @@ int16 pair sums stay below 2 * 15 * 127, no saturation). With several rows, each
 once into a buffer of K bytes that every row reads. Why C: LLVM does not emit either instruction from numba's
 loops, and this kernel runs 4-5x faster than the numba int4 kernel at one token, at the memory bound; it takes
 every row at prefill too (torch_backend.NATIVE_MIN_ROWS; docs/benchmarks.md).
+
+    int4_f32(x [R, K] fp32, q, s, z) -> out [R, N] fp32,   out[r, j] = sum_k x[r, k] * (s[j, g(k)] * (q[j, k] - z[j, g(k)]))
+
+Weight-only: each group's 16 possible weights s * (i - z) (moec.quant.dequantize's numbers to the bit) sit in one
+vector and each nibble looks its weight up (vpermps), so a product is the input times the dequantized weight,
+summed in fp32 as a plain dot product would (the numba kernel takes the zero point off a group's sum, which
+cancels). Rows 4 at a time share each lookup; 2-5x the numba kernel at 1-8 rows, and it takes every row at
+prefill too (NATIVE_MIN_ROWS). AVX-512 only (vpermps over 16 lanes); elsewhere the numba kernel runs.
 
 Threads: a numba prange over chunks of output channels calls the C function (one thread pool in the
 process, numba's, as for the other kernels); numba finds the function by its symbol in the library, loaded
@@ -142,6 +151,64 @@ INLINE void rows_int4_a8(const int8_t *x8, const float *sx, const int32_t *xi, i
     }
 }
 
+#ifdef __AVX512F__
+/* Weight-only int4 (fp32 rows): rows x [nr, K] (each 32 inputs as (evens | odds), as x8) times channels q [nc, K/2]
+   -> o[r * N + c]. Each group's 16 possible weights s * (i - z) sit in one vector, looked up by nibble (vpermps
+   reads an index's low 4 bits), so every product is x times the dequantized weight itself: no zero point taken
+   off afterwards, nothing cancels. nr x nc x 2 accumulators: a chain per vector keeps the FMAs' latency hidden. */
+INLINE void tile_f32(const float *x, int64_t K, const uint8_t *q, const float *s, const uint8_t *z, int64_t G,
+                     float *o, int64_t N, int nr, int nc, int blocks) {
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 centered = _mm512_sub_ps(iota, _mm512_set1_ps(8));  /* symmetric groups: z = 8 */
+    __m512 acc[4][4][2];
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < nc; c++) acc[r][c][0] = acc[r][c][1] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m512 t[4];
+        for (int c = 0; c < nc; c++)
+            t[c] = _mm512_mul_ps(z ? _mm512_sub_ps(iota, _mm512_set1_ps(z[c * G + g])) : centered, _mm512_set1_ps(s[c * G + g]));
+        for (int64_t b = g * blocks; b < (g + 1) * blocks; b++)
+            for (int c = 0; c < nc; c++) {
+                __m512i i = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + c * (K / 2) + 16 * b)));
+                __m512 lo = _mm512_permutexvar_ps(i, t[c]), hi = _mm512_permutexvar_ps(_mm512_srli_epi32(i, 4), t[c]);
+                for (int r = 0; r < nr; r++) {
+                    acc[r][c][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + r * K + 32 * b), acc[r][c][0]);
+                    acc[r][c][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + r * K + 32 * b + 16), acc[r][c][1]);
+                }
+            }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < nc; c++) o[r * N + c] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][c][0], acc[r][c][1]));
+}
+
+INLINE void rows_int4_f32(const float *x, int64_t R, int64_t K, const uint8_t *q, const float *s, const uint8_t *z,
+                          int64_t G, float *out, int64_t N, int64_t j0, int64_t j1, int blocks) {
+#define TILE(NR, NC) tile_f32(x + r * K, K, q + j * (K / 2), s + j * G, z ? z + j * G : 0, G, out + r * N + j, N, NR, NC, blocks)
+    for (int64_t r = 0; r < R; r += 4) {
+        int64_t j = j0;
+        switch (R - r < 4 ? R - r : 4) {
+        case 1: for (; j + 4 <= j1; j += 4) TILE(1, 4); for (; j < j1; j++) TILE(1, 1); break;
+        case 2: for (; j + 2 <= j1; j += 2) TILE(2, 2); for (; j < j1; j++) TILE(2, 1); break;
+        case 3: for (; j < j1; j++) TILE(3, 1); break;
+        default: for (; j < j1; j++) TILE(4, 1);
+        }
+    }
+#undef TILE
+}
+
+/* Output channels j0..j1 of fp32 rows x [R, K]; rows 4 at a time (a chunk's weights stay in L2 between them),
+   one row 4 channels at a time. Groups of a multiple of 32 inputs. */
+void moec_int4_f32(const float *x, int64_t R, int64_t K, const uint8_t *q, const float *s, const uint8_t *z,
+                   int64_t G, float *out, int64_t N, int64_t j0, int64_t j1) {
+    switch (K / G) {  /* constant group lengths: gcc keeps the accumulators in registers (see rows_int4_a8) */
+    case 32: rows_int4_f32(x, R, K, q, s, z, G, out, N, j0, j1, 1); break;
+    case 64: rows_int4_f32(x, R, K, q, s, z, G, out, N, j0, j1, 2); break;
+    case 128: rows_int4_f32(x, R, K, q, s, z, G, out, N, j0, j1, 4); break;
+    default: rows_int4_f32(x, R, K, q, s, z, G, out, N, j0, j1, K / G / 32);
+    }
+}
+#endif
+
 /* Output channels j0..j1 of rows x8 [R, K]; z NULL: symmetric (8). Groups of 32, 64 or 128 inputs. */
 void moec_int4_a8(const int8_t *x8, const float *sx, const int32_t *xi, int64_t R, int64_t K, const uint8_t *q,
                   const float *s, const uint8_t *z, int64_t G, float *out, int64_t N, int64_t j0, int64_t j1) {
@@ -157,6 +224,7 @@ FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 _I64 = types.int64
 # pointers travel as int64 (the x86-64 calling convention passes both in the same registers)
 _int4_a8 = types.ExternalFunction("moec_int4_a8", types.void(*[_I64] * 13))
+_int4_f32 = types.ExternalFunction("moec_int4_f32", types.void(*[_I64] * 11))
 
 
 def _cache_dirs():
@@ -217,8 +285,9 @@ def library() -> Path | None:
         path = build()
         llvm.load_library_permanently(str(path))
     except (RuntimeError, OSError) as e:
-        log.warning("moec: the native int4 kernel is not built (%s): int4 experts with int8 activations multiply "
-                    "their rounded rows by dequantized weights instead (fp32 GEMMs, slower at decode)", e)
+        log.warning("moec: the native int4 kernels are not built (%s): int4 experts with int8 activations multiply "
+                    "their rounded rows by dequantized weights instead (fp32 GEMMs), weight-only int4 runs moec's "
+                    "numba kernels (both slower)", e)
         return None
     return path
 
@@ -242,6 +311,42 @@ def _int4_a8_kernel(x8, sx, xi, first, last, q, s, z, out):
             zp = np.int64(0) if z.size == 0 else pz + e * N * G
             _int4_a8(px + first[e] * K, psx + first[e] * G * 4, pxi + first[e] * G * 4, n, K, pq + e * N * K2,
                      ps + e * N * G * 4, zp, G, po + first[e] * N * 4, N, c * CHUNK, min(N, c * CHUNK + CHUNK))
+
+
+def has_f32() -> bool:
+    """Whether the loaded library has the weight-only kernel (moec_int4_f32: AVX-512 builds only)."""
+    return library() is not None and llvm.address_of_symbol("moec_int4_f32") is not None
+
+
+@_jit(parallel=True)
+def _int4_f32_kernel(x, first, last, q, s, z, out):
+    """`_int4_a8_kernel` for fp32 rows x [R, K] in the kernel's order (`int4_f32`)."""
+    E, N, G = s.shape
+    R, K = x.shape
+    K2 = q.shape[2]
+    px, pq, ps = np.int64(x.ctypes.data), np.int64(q.ctypes.data), np.int64(s.ctypes.data)
+    pz, po = np.int64(z.ctypes.data), np.int64(out.ctypes.data)
+    for c in prange((N + CHUNK - 1) // CHUNK):
+        for e in range(E):
+            n = last[e] - first[e]
+            if n == 0:
+                continue
+            zp = np.int64(0) if z.size == 0 else pz + e * N * G
+            _int4_f32(px + first[e] * K * 4, n, K, pq + e * N * K2, ps + e * N * G * 4, zp, G, po + first[e] * N * 4,
+                      N, c * CHUNK, min(N, c * CHUNK + CHUNK))
+
+
+def int4_f32(x: np.ndarray, first: np.ndarray, last: np.ndarray, q: np.ndarray, s: np.ndarray, z: np.ndarray,
+             out: np.ndarray) -> None:
+    """Weight-only int4 (fp32 rows x [R, K]) on `moec_int4_f32`, once `has_f32()`: rows first[e]:last[e] of expert e
+    -> out [R, N]. Every product is a row's input times the dequantized weight (moec.quant.dequantize's numbers),
+    summed in fp32. Shapes as `int4_a8`, with groups of a multiple of 32 inputs."""
+    R, K = x.shape
+    if (not all(a.flags.c_contiguous for a in (q, s, z, out)) or x.dtype != np.float32 or (K // s.shape[-1]) % 32
+            or out.shape != (R, q.shape[1])):  # kept under python -O: the C code reads raw pointers
+        raise ValueError("moec: cpu_native.int4_f32 takes C-contiguous arrays, fp32 rows and groups of 32k inputs")
+    xk = np.ascontiguousarray(x.reshape(R, K // 32, 16, 2).swapaxes(2, 3).reshape(R, K))  # each 32: evens, odds
+    _int4_f32_kernel(xk, first, last, q, s, z, out)
 
 
 @_jit(parallel=False, fastmath=False)

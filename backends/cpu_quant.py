@@ -16,7 +16,8 @@ and the zero point meets a per-row group sum of x computed once.
 A byte b holds k even in its low nibble: x_lo lo + x_hi hi = x_lo b + (x_hi - 16 x_lo) hi with
 hi = floor(b / 16), so x comes as (x_lo | x_d = x_hi - 16 x_lo), both contiguous, and each byte
 costs one float conversion, one floor and two FMAs (numba widens integer ops to 64 bits,
-which vectorizes worse).
+which vectorizes worse). On CPUs with AVX-512, int4 runs cpu_native's C kernel instead (2-5x
+faster, every row: a table lookup per nibble gives the dequantized weight itself).
 
     dequantize_expert(e, q, scale, zero?, out) -> [N, K] fp32   (prefill: then MKL's GEMMs, torch_backend)
 
@@ -384,6 +385,12 @@ def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tens
         return out
     if int8_groups:
         _int4_a8(x, scale.shape[-1], first, last, q, scale, zero, out)
+        return out
+    from moec.backends import cpu_native
+
+    if cpu_native.has_f32() and (K // scale.shape[-1]) % 32 == 0 and out.is_contiguous():
+        cpu_native.int4_f32(x, first, last, q.contiguous().numpy(), scale.contiguous().numpy(),
+                            _NO_ZERO if zero is None else zero.contiguous().numpy(), out.numpy())
         return out
     x, xsum = _int4_rows(x, scale.shape[-1])
     args = (q.numpy(), scale.numpy(), _NO_ZERO if zero is None else zero.numpy(), out.numpy())

@@ -301,10 +301,11 @@ def experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, 
 # rows of one expert from which dequantizing it (into a reused fp32 buffer) and running MKL's GEMMs
 # beats the numba kernels (measured on the CPU machine: 12-16 rows for int8 and int4 g128, 4-8 for g32)
 DEQUANT_MIN_ROWS = 12
-# the same for int4 experts with int8 activations on the native kernel: never. Alone it keeps pace with dequantize +
-# MKL up to ~128 rows (Mixtral-style FC1, 32 rows: 1.4 vs 2.0 ms; 128: 5.4 vs 5.9 ms), and in a whole forward it is
-# faster at 512 and 2048 tokens, MKL's and numba's threads no longer taking turns (mix, 512 tokens: 274 vs 394 ms;
-# 2048: 1345 vs 1409 ms; docs/benchmarks.md)
+# the same for int4 experts on the native kernels (int8 activations, or weight-only on AVX-512): never. Alone
+# they keep pace with dequantize + MKL up to ~32-128 rows (Mixtral-style FC1, int8 activations, 32 rows: 1.4 vs
+# 2.0 ms; 128: 5.4 vs 5.9 ms), and in a whole forward they are faster at 64 to 512 tokens, MKL's and numba's
+# threads no longer taking turns (mix, 512 tokens: int8 activations 274 vs 394 ms, weight-only 235 vs 296 ms;
+# docs/benchmarks.md)
 NATIVE_MIN_ROWS = 2**62
 
 
@@ -312,7 +313,7 @@ def min_rows(int4: bool, int8_activations: bool) -> int:
     """Rows of one expert from which its quantized weights are dequantized for MKL's GEMMs (see above)."""
     from moec.backends import cpu_native
 
-    native = int8_activations and int4 and cpu_native.library() is not None
+    native = int4 and (cpu_native.library() is not None if int8_activations else cpu_native.has_f32())
     return NATIVE_MIN_ROWS if native else DEQUANT_MIN_ROWS
 
 
@@ -343,7 +344,7 @@ def quantized_group(xs, y, counts, rows, row_expert, experts, t13, b13, t2, b2, 
     one scale per row (`_int8_rows`); the kernels multiply those integers, and an expert with many rows runs
     `_int8_ffn` instead of dequantizing. a8, int4 weights: rounded per group of the weights' group size (ORT's
     numbers), int8 dot products (cpu_native) on every row (NATIVE_MIN_ROWS), or, without that kernel, the rounded
-    rows on dequantized weights. Each row's numbers do not depend on which other experts the group holds."""
+    rows on dequantized weights. Weight-only int4 on AVX-512: cpu_native's fp32 kernel on every row as well. Each row's numbers do not depend on which other experts the group holds."""
     from moec.backends import cpu_quant
 
     first, paired, last = rows

@@ -80,6 +80,11 @@ def _numerics(backend: str, cfg: QuantConfig, pipeline: str = "") -> str:
         return "(weight-only, ONNX Runtime's QMoE kernel)"
     if backend == "triton":
         return "(weight-only: activations in the model's dtype, fp32 accumulation)"
+    if isinstance(cfg, Int4Experts) and backend == "torch" and "lower_onnx" not in pipeline:
+        from moec.backends import cpu_native
+
+        how = "moec's native kernel" if cpu_native.has_f32() else "moec's numba kernels"
+        return f"(weight-only: fp32 activations and accumulation; {how})"
     return "(weight-only: fp32 activations and accumulation)"
 
 

@@ -68,7 +68,9 @@ SPECS = [ExpertsSpec(8, 64, 128, "silu"), ExpertsSpec(4, 128, 64, "gelu", gated=
 @pytest.mark.parametrize("e", SPECS, ids=lambda e: e.describe())
 @pytest.mark.parametrize("T,k", [(1, 1), (1, 2), (6, 2), (40, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quantized_kernels_match_dequantized_reference(cfg, e, T, k, dtype):
+def test_quantized_kernels_match_dequantized_reference(cfg, e, T, k, dtype, int4_kernel):
+    if cfg.bits == 8 and int4_kernel == "numba":
+        pytest.skip("int8 experts run the numba kernels either way")
     E, H, I = e.num_experts, e.hidden, e.inter
     N1 = 2 * I if e.gated else I
     x = torch.randn(T, H).to(dtype)
@@ -86,10 +88,14 @@ def test_quantized_kernels_match_dequantized_reference(cfg, e, T, k, dtype):
                          + [Int4Experts(g, sym) for g in (32, 64, 128) for sym in (True, False)],
                          ids=lambda c: c.describe())
 @pytest.mark.parametrize("dequant_min_rows", [100, 3, 1])
-def test_quantized_kernels_on_every_row_count(cfg, dequant_min_rows, monkeypatch):
-    """Experts with 0..5 rows (int4 takes rows two at a time, the odd one alone) and inputs of 256/384;
-    every expert in the numba kernels, experts of 3+ rows dequantized for MKL (mixed), every expert dequantized."""
+def test_quantized_kernels_on_every_row_count(cfg, dequant_min_rows, int4_kernel, monkeypatch):
+    """Experts with 0..5 rows (int4 takes rows two at a time in numba, four at a time in C, the rest alone) and
+    inputs of 256/384; every expert in the kernels, experts of 3+ rows dequantized for MKL (mixed), every expert
+    dequantized."""
+    if cfg.bits == 8 and int4_kernel == "numba":
+        pytest.skip("int8 experts run the numba kernels either way")
     monkeypatch.setattr(torch_backend, "DEQUANT_MIN_ROWS", dequant_min_rows)
+    monkeypatch.setattr(torch_backend, "NATIVE_MIN_ROWS", dequant_min_rows)
     e = ExpertsSpec(6, 256, 384, "silu")
     counts = [0, 1, 2, 3, 4, 5]
     ids = torch.tensor([i for i, n in enumerate(counts) for _ in range(n)])[torch.randperm(sum(counts))].view(-1, 1)
@@ -178,8 +184,9 @@ A4 = [Int4Experts(32, activations="int8"), Int4Experts(64, symmetric=False, acti
 
 
 @pytest.fixture(params=["native", "numba"])
-def int4_a8_kernel(request, monkeypatch):
-    """The native int4 x int8 kernel (backends/cpu_native), or the numba fallback where it is not built."""
+def int4_kernel(request, monkeypatch):
+    """The native int4 kernels (backends/cpu_native: int8 activations, and weight-only where the CPU has AVX-512),
+    or the numba kernels and fallback where they are not built."""
     from moec.backends import cpu_native
 
     if request.param == "numba":
@@ -198,7 +205,7 @@ def int4_a8_kernel(request, monkeypatch):
 @pytest.mark.parametrize("e", SPECS, ids=lambda e: e.describe())
 @pytest.mark.parametrize("T,k", [(1, 1), (1, 2), (6, 2), (40, 3)])
 @pytest.mark.parametrize("dequant_min_rows", [100, 3, 1])
-def test_int4_int8_activations_match_their_reference(cfg, e, T, k, dequant_min_rows, int4_a8_kernel, monkeypatch):
+def test_int4_int8_activations_match_their_reference(cfg, e, T, k, dequant_min_rows, int4_kernel, monkeypatch):
     """Int4Experts(activations="int8") on the torch backend: the native kernel (or numba where it is not built) at
     few rows, the rounded rows on dequantized weights at many, give the reference's numbers (rows rounded per group,
     as ONNX Runtime rounds them) on inputs of 1 and 1000 times unit scale, an all-zero token and a token with one
@@ -232,7 +239,7 @@ def test_int4_int8_activations_match_their_reference(cfg, e, T, k, dequant_min_r
 
 @pytest.mark.parametrize("cfg", [Int4Experts(g, sym, activations="int8") for g in (32, 64, 128) for sym in (True, False)],
                          ids=lambda c: c.describe())
-def test_native_int4_kernel_on_every_group_count(cfg, int4_a8_kernel):
+def test_native_int4_kernel_on_every_group_count(cfg, int4_kernel):
     """cpu_quant.grouped_qmm(int8_groups=True) on inputs of 1280 (40, 20 or 10 groups a row: the kernel's blocks of
     8 groups and the groups past them) and 0..5 rows an expert, against the reference; then the kernel built for
     AVX2 only (vpmaddubsw instead of VNNI), called on one expert straight from its library."""
@@ -256,9 +263,10 @@ def test_native_int4_kernel_on_every_group_count(cfg, int4_a8_kernel):
     bad = torch.tensor([r in (5, 8) for r in range(len(x))])
     assert torch.isnan(want[bad]).all() and torch.isnan(got[bad]).all() and torch.isfinite(got[~bad]).all()
     assert rel_err(got[~bad], want[~bad]) < TOL[torch.float32]
-    if int4_a8_kernel == "numba":
+    if int4_kernel == "numba":
         return
     lib = ctypes.CDLL(str(cpu_native.build(("-O3", "-mavx2", "-mfma", "-shared", "-fPIC"))))
+    assert not hasattr(lib, "moec_int4_f32")  # weight-only needs AVX-512: has_f32() is False for such a library
     x8, step, xi = cpu_native.pack(x[:2].numpy(), K // g)  # expert 0's rows
     out = np.zeros((2, N), np.float32)
     zero = t["zero"][0].contiguous().numpy() if "zero" in t else None
@@ -268,6 +276,38 @@ def test_native_int4_kernel_on_every_group_count(cfg, int4_a8_kernel):
                      p(t["scale"][0].contiguous().numpy()), None if zero is None else p(zero), I64(K // g), p(out),
                      I64(N), I64(0), I64(N))
     assert rel_err(torch.from_numpy(out), want[:2]) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("cfg", [Int4Experts(g, sym) for g in (32, 64, 128) for sym in (True, False)],
+                         ids=lambda c: c.describe())
+def test_weight_only_int4_kernel_on_every_shape(cfg, int4_kernel):
+    """cpu_quant.grouped_qmm on weight-only int4 (the C kernel on AVX-512, else numba): 0..9 rows an expert (the C
+    kernel's tiles of 4 rows, 2 and 1 with their channel tiles), 37 channels (chunks and channel tiles with tails),
+    inputs of 1280, rows from 1e-3 to 1e3 times unit scale, a row with one input 1e4 times the rest; each row's
+    outputs against an fp64 reference relative to that row's largest; NaN and inf rows give non-finite outputs
+    (the C kernel: the reference's own)."""
+    import numpy as np
+
+    from moec.backends import cpu_native, cpu_quant
+
+    counts = np.array([2, 0, 1, 5, 3, 4, 9])
+    E, N, K, g = len(counts), 37, 1280, cfg.group_size
+    gen = torch.Generator().manual_seed(g + cfg.symmetric)
+    t = quantize(cfg, torch.randn(E, N, K, generator=gen))
+    W = dequantize(cfg, t, torch.float64)
+    R = int(counts.sum())
+    x = torch.randn(R, K, generator=gen) * torch.logspace(-3, 3, R).unsqueeze(1)
+    x[3, 100] *= 1e4
+    x[5, 7], x[8, 1000] = float("nan"), float("inf")
+    rows = cpu_quant.expert_rows(counts)
+    got = cpu_quant.grouped_qmm(x, rows, t["q"], t["scale"], t.get("zero"))
+    want = torch.cat([x[a:b].double() @ W[e].T for e, (a, b) in enumerate(zip(rows[0], rows[2]))])
+    bad = torch.tensor([r in (5, 8) for r in range(R)])
+    assert not torch.isfinite(got[bad]).any() and torch.isfinite(got[~bad]).all()
+    err = (got[~bad].double() - want[~bad]).abs().amax(1) / want[~bad].abs().amax(1)
+    assert err.max() < TOL[torch.float32], err.max()
+    if int4_kernel == "native" and cpu_native.has_f32():
+        assert ((got[bad] == want[bad].float()) | (got[bad].isnan() & want[bad].isnan())).all()
 
 
 def test_int4_int8_activations_give_the_same_numbers_call_after_call():
