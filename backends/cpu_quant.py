@@ -295,6 +295,25 @@ def _plan(ids, num_experts, min_rows):
     return order, inv, counts, _rows(counts, min_rows)
 
 
+@_jit(parallel=False)
+def _gather(x, ids, num_experts):
+    """x [T, H] fp32, ids [T, k] -> (xs [T*k, H]: each (token, slot)'s input row, sorted by expert (`_plan`), inv,
+    first, last: the rows of each expert)."""
+    T, k = ids.shape
+    order, inv, counts, rows = _plan(ids, num_experts, _EVERY)
+    xs = np.empty((T * k, x.shape[1]), F32)
+    for r in range(T * k):
+        xs[r] = x[order[r] // k]
+    return xs, inv, rows[0], rows[2]
+
+
+def gather(x: torch.Tensor, ids: torch.Tensor, num_experts: int) -> tuple:
+    """`_gather` of torch inputs (x in any float dtype, as fp32): (xs [T*k, H] fp32 torch, inv, first, last, the
+    expert of each sorted row [T*k] torch)."""
+    xs, inv, first, last = _gather(x.detach().float().contiguous().numpy(), ids.contiguous().numpy(), num_experts)
+    return torch.from_numpy(xs), inv, first, last, torch.from_numpy(np.repeat(np.arange(num_experts), last - first))
+
+
 @_jit(parallel=True)
 def _combine(y, inv, w, out):
     """Expert-sorted outputs y [T*k, H], inv [T*k], slot weights w [T, k] (ones where the weights met

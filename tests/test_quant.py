@@ -204,15 +204,17 @@ def int4_kernel(request, monkeypatch):
 @pytest.mark.parametrize("cfg", A4, ids=lambda c: c.describe())
 @pytest.mark.parametrize("e", SPECS, ids=lambda e: e.describe())
 @pytest.mark.parametrize("T,k", [(1, 1), (1, 2), (6, 2), (40, 3)])
-@pytest.mark.parametrize("dequant_min_rows", [100, 3, 1])
+@pytest.mark.parametrize("dequant_min_rows", [None, 100, 3, 1])
 def test_int4_int8_activations_match_their_reference(cfg, e, T, k, dequant_min_rows, int4_kernel, monkeypatch):
     """Int4Experts(activations="int8") on the torch backend: the native kernel (or numba where it is not built) at
     few rows, the rounded rows on dequantized weights at many, give the reference's numbers (rows rounded per group,
     as ONNX Runtime rounds them) on inputs of 1 and 1000 times unit scale, an all-zero token and a token with one
     input 1e4 times the others (its group's other inputs round to 0); under weight_only() the op is the weight-only
-    one; and it is not the weight-only result."""
-    monkeypatch.setattr(torch_backend, "DEQUANT_MIN_ROWS", dequant_min_rows)
-    monkeypatch.setattr(torch_backend, "NATIVE_MIN_ROWS", dequant_min_rows)
+    one; and it is not the weight-only result. dequant_min_rows None: the kernel takes every row (the op's short
+    path, torch_backend._native_int4, where the native kernel is built)."""
+    if dequant_min_rows is not None:
+        monkeypatch.setattr(torch_backend, "DEQUANT_MIN_ROWS", dequant_min_rows)
+        monkeypatch.setattr(torch_backend, "NATIVE_MIN_ROWS", dequant_min_rows)
     E, H, I = e.num_experts, e.hidden, e.inter
     N1 = 2 * I if e.gated else I
     gen = torch.Generator().manual_seed(T * k)
