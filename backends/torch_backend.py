@@ -8,9 +8,11 @@ many rows per expert, two `torch._grouped_mm` calls over all of them (`_grouped_
 combines by un-sorting and summing over the k slots: no per-token Python work. On CPU with fp32 or
 bf16 row-major weights and few rows per expert (decode; `_numba_route`), the experts run as the quantized
 ones do below: one numba call per GEMM over all of them.
-`experts_int8` / `experts_int4` (weight-only quantized experts, CPU) sort the same way and run
+`experts_int8` / `experts_int4` (quantized experts, CPU) sort the same way and run
 the numba kernels of `cpu_quant` on moec's quantized format, one call per GEMM; an expert with
-many rows (prefill) is dequantized into a reused buffer and runs MKL's GEMMs instead.
+many rows (prefill) is dequantized into a reused buffer and runs MKL's GEMMs instead. int4 experts
+on cpu_native's C kernels (int8 activations; weight-only on AVX-512) run them on every row, with
+less glue (`_native_int4`).
 `capacity` drops assignments past an expert's capacity with one cumsum over one-hot positions.
 `experts_loop` is the naive reference the rewrites are checked against.
 """
