@@ -385,6 +385,7 @@ def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tens
     if x.dim() != 2 or x.shape[1] != K or out.shape != (x.shape[0], q.shape[1]) or end > x.shape[0]:
         raise ValueError(f"moec: grouped_qmm of x {list(x.shape)} (rows up to {end}) and experts "
                          f"{list(q.shape)} ({q.dtype}) into {list(out.shape)}: shapes do not match")
+    _check_format(q, scale, zero, out, rows)
     x, q = x.detach().float().contiguous().numpy(), q.detach()
     scale = None if scale is None else scale.detach().float()  # a model cast by .half()/.to(bf16) casts its scales
     if int8_groups and q.dtype != torch.uint8:
@@ -417,6 +418,34 @@ def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tens
         _int4_kernel2(x, xsum, first, paired, *args)
     _int4_kernel(x, xsum, paired, last, *args)
     return out
+
+
+def _check_format(q, scale, zero, out, rows) -> None:
+    """ValueError unless the experts are moec's format as the kernels read it (they take E, N and the groups from
+    the scales, and read raw memory): scales [E, N] (int8) or [E, N, G] with G dividing K (int4), uint8 zero points
+    of the scales' shape, an fp32 `out`, and the rows of each of the E experts."""
+    E, N = q.shape[:2]
+    if q.dtype in (torch.float32, torch.bfloat16):
+        want = None
+    elif q.dtype == torch.int8:
+        want = (E, N)
+    elif q.dtype == torch.uint8:
+        want = (E, N, scale.shape[-1]) if scale is not None and scale.dim() == 3 else "[E, N, G]"
+    else:
+        raise ValueError(f"moec: grouped_qmm takes fp32, bf16, int8 or uint8 (int4) experts, not {q.dtype}")
+    bad = []
+    if want is not None and (scale is None or tuple(scale.shape) != want):
+        bad.append(f"scales {None if scale is None else list(scale.shape)} (want {want})")
+    if q.dtype == torch.uint8 and scale is not None and scale.dim() == 3 and (2 * q.shape[2]) % scale.shape[-1]:
+        bad.append(f"{scale.shape[-1]} groups of {2 * q.shape[2]} inputs")
+    if zero is not None and (q.dtype != torch.uint8 or zero.dtype != torch.uint8 or zero.shape != scale.shape):
+        bad.append(f"zero points {zero.dtype} {list(zero.shape)} (want uint8 of the scales' shape)")
+    if out.dtype != torch.float32:
+        bad.append(f"out {out.dtype} (want fp32)")
+    if any(len(r) != E for r in rows):
+        bad.append(f"rows for {[len(r) for r in rows]} experts (want {E})")
+    if bad:
+        raise ValueError(f"moec: grouped_qmm of experts {list(q.shape)} ({q.dtype}): " + "; ".join(bad))
 
 
 def _int4_a8(x, G, first, last, q, scale, zero, out):

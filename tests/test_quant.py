@@ -653,3 +653,30 @@ def test_out_of_range_expert_ids_raise():
     x, w = torch.randn(2, 64), torch.rand(2, 2)
     with pytest.raises(ValueError, match="out of range"):
         _quantized_experts(cfg, x, torch.tensor([[0, 4], [1, 2]]), w, t13, None, t2, None, e)
+
+
+@pytest.mark.parametrize("bad", ["zero int32", "zero shape", "scale channels", "scale experts", "groups", "out f64",
+                                 "rows"])
+def test_grouped_qmm_refuses_what_the_kernels_would_misread(bad):
+    """The kernels read raw memory and take E, N and the groups from the scales: a tensor of another dtype or shape
+    is refused with a ValueError (the C kernels gave wrong numbers, or wrote past `out`, on each of these)."""
+    from moec.backends import cpu_quant
+
+    t = quantize(Int4Experts(32, symmetric=False), torch.randn(2, 16, 64))
+    q, s, z, out, rows = t["q"], t["scale"], t["zero"], torch.empty(3, 16), cpu_quant.expert_rows([2, 1])
+    if bad == "zero int32":
+        z = z.int()
+    elif bad == "zero shape":
+        z = z[:, :8]
+    elif bad == "scale channels":
+        s = torch.rand(2, 64, 2)
+    elif bad == "scale experts":
+        s, z = s[:1], z[:1]
+    elif bad == "groups":
+        s, z = torch.rand(2, 16, 3), None
+    elif bad == "out f64":
+        out = out.double()
+    else:
+        rows = cpu_quant.expert_rows([2, 1, 0])
+    with pytest.raises(ValueError, match="grouped_qmm"):
+        cpu_quant.grouped_qmm(torch.randn(3, 64), rows, q, s, z, out=out)
