@@ -196,35 +196,39 @@ INLINE void rows_int4_f32(const float *x, int64_t R, int64_t K, const uint8_t *q
 #undef TILE
 }
 
-/* Output channels j0..j1 of fp32 rows x [R, K]; rows 4 at a time (a chunk's weights stay in L2 between them),
-   one row 4 channels at a time. Groups of a multiple of 32 inputs. */
-void moec_int4_f32(const float *x, int64_t R, int64_t K, const uint8_t *q, const float *s, const uint8_t *z,
-                   int64_t G, float *out, int64_t N, int64_t j0, int64_t j1) {
-    switch (K / G) {  /* constant group lengths: gcc keeps the accumulators in registers (see rows_int4_a8) */
-    case 32: rows_int4_f32(x, R, K, q, s, z, G, out, N, j0, j1, 1); break;
-    case 64: rows_int4_f32(x, R, K, q, s, z, G, out, N, j0, j1, 2); break;
-    case 128: rows_int4_f32(x, R, K, q, s, z, G, out, N, j0, j1, 4); break;
-    default: rows_int4_f32(x, R, K, q, s, z, G, out, N, j0, j1, K / G / 32);
-    }
-}
+const int moec_int4_f32 = 1;  /* the weight-only kernel is built (`has_f32`) */
 #endif
 
-/* Output channels j0..j1 of rows x8 [R, K]; z NULL: symmetric (8). Groups of 32, 64 or 128 inputs. */
-void moec_int4_a8(const int8_t *x8, const float *sx, const int32_t *xi, int64_t R, int64_t K, const uint8_t *q,
-                  const float *s, const uint8_t *z, int64_t G, float *out, int64_t N, int64_t j0, int64_t j1) {
-    switch (K / G) {
-    case 32: rows_int4_a8(x8, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 1); break;
-    case 64: rows_int4_a8(x8, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 2); break;
-    case 128: rows_int4_a8(x8, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 4); break;
+/* Output channels j0..j1 of rows x [R, K]: int8 (sx, xi their groups' steps and sums: int8 activations, groups of
+   32, 64 or 128 inputs) or, sx NULL, fp32 (weight-only, AVX-512 builds only; groups of 32k). z NULL: symmetric (8).
+   Weight-only rows go 4 at a time (a chunk's weights stay in L2 between them), one row 4 channels at a time. */
+void moec_int4(const void *x, const float *sx, const int32_t *xi, int64_t R, int64_t K, const uint8_t *q,
+               const float *s, const uint8_t *z, int64_t G, float *out, int64_t N, int64_t j0, int64_t j1) {
+    int blocks = K / G / 32;  /* constants below: gcc keeps the accumulators in registers */
+    if (sx) {
+        switch (blocks) {
+        case 1: rows_int4_a8(x, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 1); break;
+        case 2: rows_int4_a8(x, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 2); break;
+        case 4: rows_int4_a8(x, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 4); break;
+        }
+        return;
     }
+#ifdef __AVX512F__
+    switch (blocks) {
+    case 1: rows_int4_f32(x, R, K, q, s, z, G, out, N, j0, j1, 1); break;
+    case 2: rows_int4_f32(x, R, K, q, s, z, G, out, N, j0, j1, 2); break;
+    case 4: rows_int4_f32(x, R, K, q, s, z, G, out, N, j0, j1, 4); break;
+    default: rows_int4_f32(x, R, K, q, s, z, G, out, N, j0, j1, blocks);
+    }
+#endif
 }
 """
 
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 _I64 = types.int64
 # pointers travel as int64 (the x86-64 calling convention passes both in the same registers)
-_int4_a8 = types.ExternalFunction("moec_int4_a8", types.void(*[_I64] * 13))
-_int4_f32 = types.ExternalFunction("moec_int4_f32", types.void(*[_I64] * 11))
+_int4 = types.ExternalFunction("moec_int4", types.void(*[_I64] * 13))
+_NO_SX, _NO_XI = np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int32)  # fp32 rows: no steps
 
 
 def _cache_dirs():
@@ -293,15 +297,17 @@ def library() -> Path | None:
 
 
 @_jit(parallel=True)
-def _int4_a8_kernel(x8, sx, xi, first, last, q, s, z, out):
-    """Rows first[e]:last[e] of expert e: x8 [R, K] int8, sx [R, G] fp32, xi [R, G] int32 (`pack`), q [E, N, K/2] u8,
-    s [E, N, G] fp32, z [E, N, G] u8 or empty (symmetric) -> out [R, N] fp32. The arrays are the caller's: numba
-    frees an array it made after its last use, which here is taking its address."""
+def _int4_kernel(x, sx, xi, first, last, q, s, z, out):
+    """Rows first[e]:last[e] of expert e: x [R, K] int8 with sx [R, G] fp32 and xi [R, G] int32 (`pack`), or fp32 in
+    the kernel's order with sx and xi empty (`int4_f32`); q [E, N, K/2] u8, s [E, N, G] fp32, z [E, N, G] u8 or empty
+    (symmetric) -> out [R, N] fp32. The arrays are the caller's: numba frees an array it made after its last use,
+    which here is taking its address."""
     E, N, G = s.shape
-    R, K = x8.shape
+    R, K = x.shape
     K2 = q.shape[2]
+    a8 = sx.size > 0
     # addresses as int64 (numba widens uintp + int64 to float64)
-    px, psx, pxi = np.int64(x8.ctypes.data), np.int64(sx.ctypes.data), np.int64(xi.ctypes.data)
+    px, psx, pxi = np.int64(x.ctypes.data), np.int64(sx.ctypes.data), np.int64(xi.ctypes.data)
     pq, ps, pz, po = np.int64(q.ctypes.data), np.int64(s.ctypes.data), np.int64(z.ctypes.data), np.int64(out.ctypes.data)
     for c in prange((N + CHUNK - 1) // CHUNK):
         for e in range(E):
@@ -309,8 +315,9 @@ def _int4_a8_kernel(x8, sx, xi, first, last, q, s, z, out):
             if n == 0:
                 continue
             zp = np.int64(0) if z.size == 0 else pz + e * N * G
-            _int4_a8(px + first[e] * K, psx + first[e] * G * 4, pxi + first[e] * G * 4, n, K, pq + e * N * K2,
-                     ps + e * N * G * 4, zp, G, po + first[e] * N * 4, N, c * CHUNK, min(N, c * CHUNK + CHUNK))
+            _int4(px + first[e] * K * x.itemsize, psx + first[e] * G * 4 if a8 else np.int64(0),
+                  pxi + first[e] * G * 4 if a8 else np.int64(0), n, K, pq + e * N * K2, ps + e * N * G * 4, zp, G,
+                  po + first[e] * N * 4, N, c * CHUNK, min(N, c * CHUNK + CHUNK))
 
 
 def has_f32() -> bool:
@@ -318,27 +325,9 @@ def has_f32() -> bool:
     return library() is not None and llvm.address_of_symbol("moec_int4_f32") is not None
 
 
-@_jit(parallel=True)
-def _int4_f32_kernel(x, first, last, q, s, z, out):
-    """`_int4_a8_kernel` for fp32 rows x [R, K] in the kernel's order (`int4_f32`)."""
-    E, N, G = s.shape
-    R, K = x.shape
-    K2 = q.shape[2]
-    px, pq, ps = np.int64(x.ctypes.data), np.int64(q.ctypes.data), np.int64(s.ctypes.data)
-    pz, po = np.int64(z.ctypes.data), np.int64(out.ctypes.data)
-    for c in prange((N + CHUNK - 1) // CHUNK):
-        for e in range(E):
-            n = last[e] - first[e]
-            if n == 0:
-                continue
-            zp = np.int64(0) if z.size == 0 else pz + e * N * G
-            _int4_f32(px + first[e] * K * 4, n, K, pq + e * N * K2, ps + e * N * G * 4, zp, G, po + first[e] * N * 4,
-                      N, c * CHUNK, min(N, c * CHUNK + CHUNK))
-
-
 def int4_f32(x: np.ndarray, first: np.ndarray, last: np.ndarray, q: np.ndarray, s: np.ndarray, z: np.ndarray,
              out: np.ndarray) -> None:
-    """Weight-only int4 (fp32 rows x [R, K]) on `moec_int4_f32`, once `has_f32()`: rows first[e]:last[e] of expert e
+    """Weight-only int4 (fp32 rows x [R, K]) on the C kernel, once `has_f32()`: rows first[e]:last[e] of expert e
     -> out [R, N]. Every product is a row's input times the dequantized weight (moec.quant.dequantize's numbers),
     summed in fp32. Shapes as `int4_a8`, with groups of a multiple of 32 inputs."""
     R, K = x.shape
@@ -346,7 +335,7 @@ def int4_f32(x: np.ndarray, first: np.ndarray, last: np.ndarray, q: np.ndarray, 
             or out.shape != (R, q.shape[1])):  # kept under python -O: the C code reads raw pointers
         raise ValueError("moec: cpu_native.int4_f32 takes C-contiguous arrays, fp32 rows and groups of 32k inputs")
     xk = np.ascontiguousarray(x.reshape(R, K // 32, 16, 2).swapaxes(2, 3).reshape(R, K))  # each 32: evens, odds
-    _int4_f32_kernel(xk, first, last, q, s, z, out)
+    _int4_kernel(xk, _NO_SX, _NO_XI, first, last, q, s, z, out)
 
 
 @_jit(parallel=False, fastmath=False)
@@ -375,9 +364,9 @@ def pack(x, G):
 
 def int4_a8(x: np.ndarray, first: np.ndarray, last: np.ndarray, q: np.ndarray, s: np.ndarray, z: np.ndarray,
             out: np.ndarray) -> None:
-    """`_int4_a8_kernel` once `library()` is loaded. Every array C-contiguous with the shapes above (the C code
-    reads raw pointers: the caller checks them, cpu_quant.grouped_qmm)."""
+    """Int8 activations on the C kernel (`_int4_kernel`), once `library()` is loaded. Every array C-contiguous with
+    the shapes above (the C code reads raw pointers: the caller checks them, cpu_quant.grouped_qmm)."""
     if not all(a.flags.c_contiguous for a in (x, q, s, z, out)) or x.dtype != np.float32:  # kept under python -O
         raise ValueError("moec: cpu_native.int4_a8 takes C-contiguous arrays and fp32 rows")
     x8, sx, xi = pack(x, s.shape[-1])
-    _int4_a8_kernel(x8, sx, xi, first, last, q, s, z, out)
+    _int4_kernel(x8, sx, xi, first, last, q, s, z, out)

@@ -274,7 +274,7 @@ def test_native_int4_kernel_on_every_group_count(cfg, int4_kernel):
     zero = t["zero"][0].contiguous().numpy() if "zero" in t else None
     p = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
     I64 = ctypes.c_int64
-    lib.moec_int4_a8(p(x8), p(step), p(xi), I64(2), I64(K), p(t["q"][0].contiguous().numpy()),
+    lib.moec_int4(p(x8), p(step), p(xi), I64(2), I64(K), p(t["q"][0].contiguous().numpy()),
                      p(t["scale"][0].contiguous().numpy()), None if zero is None else p(zero), I64(K // g), p(out),
                      I64(N), I64(0), I64(N))
     assert rel_err(torch.from_numpy(out), want[:2]) < TOL[torch.float32]
