@@ -200,7 +200,7 @@ const int moec_int4_f32 = 1;  /* the weight-only kernel is built (`has_f32`) */
 #endif
 
 /* Output channels j0..j1 of rows x [R, K]: int8 (sx, xi their groups' steps and sums: int8 activations, groups of
-   32, 64 or 128 inputs) or, sx NULL, fp32 (weight-only, AVX-512 builds only; groups of 32k). z NULL: symmetric (8).
+   32, 64 or 128 inputs) or, sx NULL, fp32 (weight-only, AVX-512 builds only; the same groups). z NULL: symmetric (8).
    Weight-only rows go 4 at a time (a chunk's weights stay in L2 between them), one row 4 channels at a time. */
 void moec_int4(const void *x, const float *sx, const int32_t *xi, int64_t R, int64_t K, const uint8_t *q,
                const float *s, const uint8_t *z, int64_t G, float *out, int64_t N, int64_t j0, int64_t j1) {
@@ -218,7 +218,6 @@ void moec_int4(const void *x, const float *sx, const int32_t *xi, int64_t R, int
     case 1: rows_int4_f32(x, R, K, q, s, z, G, out, N, j0, j1, 1); break;
     case 2: rows_int4_f32(x, R, K, q, s, z, G, out, N, j0, j1, 2); break;
     case 4: rows_int4_f32(x, R, K, q, s, z, G, out, N, j0, j1, 4); break;
-    default: rows_int4_f32(x, R, K, q, s, z, G, out, N, j0, j1, blocks);
     }
 #endif
 }
@@ -322,18 +321,25 @@ def _int4_kernel(x, sx, xi, first, last, q, s, z, out):
 
 def has_f32() -> bool:
     """Whether the loaded library has the weight-only kernel (moec_int4_f32: AVX-512 builds only)."""
-    return library() is not None and llvm.address_of_symbol("moec_int4_f32") is not None
+    lib = library()
+    return lib is not None and _has_symbol(lib, "moec_int4_f32")
+
+
+@functools.cache
+def _has_symbol(lib: Path, name: str) -> bool:
+    """Whether `name` is loaded (looked up once per library: the op asks at every call)."""
+    return llvm.address_of_symbol(name) is not None
 
 
 def int4_f32(x: np.ndarray, first: np.ndarray, last: np.ndarray, q: np.ndarray, s: np.ndarray, z: np.ndarray,
              out: np.ndarray) -> None:
     """Weight-only int4 (fp32 rows x [R, K]) on the C kernel, once `has_f32()`: rows first[e]:last[e] of expert e
     -> out [R, N]. Every product is a row's input times the dequantized weight (moec.quant.dequantize's numbers),
-    summed in fp32. Shapes as `int4_a8`, with groups of a multiple of 32 inputs."""
+    summed in fp32. Shapes as `int4_a8`, with groups of 32, 64 or 128 inputs."""
     R, K = x.shape
-    if (not all(a.flags.c_contiguous for a in (q, s, z, out)) or x.dtype != np.float32 or (K // s.shape[-1]) % 32
-            or out.shape != (R, q.shape[1])):  # kept under python -O: the C code reads raw pointers
-        raise ValueError("moec: cpu_native.int4_f32 takes C-contiguous arrays, fp32 rows and groups of 32k inputs")
+    if (not all(a.flags.c_contiguous for a in (q, s, z, out)) or x.dtype != np.float32
+            or K // s.shape[-1] not in (32, 64, 128) or out.shape != (R, q.shape[1])):  # kept under python -O
+        raise ValueError("moec: cpu_native.int4_f32 takes C-contiguous arrays, fp32 rows and groups of 32/64/128")
     xk = np.ascontiguousarray(x.reshape(R, K // 32, 16, 2).swapaxes(2, 3).reshape(R, K))  # each 32: evens, odds
     _int4_kernel(xk, _NO_SX, _NO_XI, first, last, q, s, z, out)
 
