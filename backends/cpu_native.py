@@ -25,8 +25,8 @@ every row at prefill too (torch_backend.NATIVE_MIN_ROWS; docs/benchmarks.md).
 Weight-only: each group's 16 possible weights s * (i - z) (moec.quant.dequantize's numbers to the bit) sit in one
 vector and each nibble looks its weight up (vpermps), so a product is the input times the dequantized weight,
 summed in fp32 as a plain dot product would (the numba kernel takes the zero point off a group's sum, which
-cancels). Rows 4 at a time share each lookup; 2-5x the numba kernel at 1-8 rows, and it takes every row at
-prefill too (NATIVE_MIN_ROWS). AVX-512 only (vpermps over 16 lanes); elsewhere the numba kernel runs.
+cancels). Rows 4 at a time share each lookup; 1.2-2.3x the numba kernel at one row, 3.7-4.9x at 8, and it
+takes every row at prefill too (NATIVE_MIN_ROWS). AVX-512 only (vpermps over 16 lanes); elsewhere the numba kernel runs.
 
 Threads: a numba prange over chunks of output channels calls the C function (one thread pool in the
 process, numba's, as for the other kernels); numba finds the function by its symbol in the library, loaded
