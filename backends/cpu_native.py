@@ -12,11 +12,14 @@ row whose group holds one large input and small ones is no less accurate); it me
 lanes, 8 groups at a time.
 
 Layout: moec's int4 format as stored (byte i of a row holds k = 2i in its low nibble, 2i + 1 in its high one),
-so 16 bytes unpack into 32 nibbles as (the low ones | the high ones) with a shift and a blend: the rows x8 come
+so 16 bytes unpack into 32 nibbles as (the low ones | the high ones) with a shift and a mask: the rows x8 come
 with each 32 inputs in the same order (evens, then odds; `pack`). The nibbles are unsigned
-and x8 signed, which is what vpdpbusd multiplies (AVX512-VNNI); without VNNI, vpmaddubsw + vpmaddwd (AVX2; the
-int16 pair sums stay below 2 * 15 * 127, no saturation). With several rows, each channel's nibbles are unpacked
-once into a buffer of K bytes that every row reads. Why C: LLVM does not emit either instruction from numba's
+and x8 signed, which is what vpdpbusd multiplies (AVX512-VNNI); without VNNI, vpmaddubsw + vpmaddwd (the int16
+pair sums stay below 2 * 15 * 127, no saturation). With AVX-512, tiles of 4 channels x up to 4 rows: a vector
+holds 16 bytes of each of the 4 channels, so the products need no horizontal sums until each group's (tile_a8;
+1.4-1.5x the per-channel kernel at 2-16 rows an expert, the same at one row, where the weights' reading sets the
+time). AVX2 only, or a thread's last chunk of fewer than 4 channels: one channel at a time (row_dot), each
+channel's nibbles unpacked once into a buffer of K bytes that every row reads. Why C: LLVM does not emit either instruction from numba's
 loops, and this kernel runs 4-5x faster than the numba int4 kernel at one token, at the memory bound; it takes
 every row at prefill too (torch_backend.NATIVE_MIN_ROWS; docs/benchmarks.md).
 
@@ -66,6 +69,7 @@ SOURCE = r"""
 #error "moec's int4 kernel needs AVX2 and FMA"
 #endif
 #define INLINE static inline __attribute__((always_inline))
+#define UNROLL _Pragma("GCC unroll 16")  /* loops over accumulators: registers, not memory */
 
 INLINE __m256i nibbles(const uint8_t *p) {  /* 16 bytes -> 32 nibbles: the low ones, then the high ones */
     __m256i w = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
@@ -151,6 +155,112 @@ INLINE void rows_int4_a8(const int8_t *x8, const float *sx, const int32_t *xi, i
     }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/* Int8 rows on 4 channels at a time: a vector holds a 16-byte block of each channel (one per 128-bit lane), so one
+   vpdpbusd makes 4 partial sums for each of the 4 channels, and the rows' 16 even (odd) inputs are one 128-bit
+   broadcast: no horizontal sums in the inner loop. Groups go 4 at a time: their 4 x 4 partial sums fold into one
+   vector of 4 channels x 4 exact group sums (sum4), which meets the zero points and the scales as row_dot's do. */
+INLINE __m512i dot512(__m512i acc, __m512i w, __m512i x) {
+#ifdef __AVX512VNNI__
+    return _mm512_dpbusd_epi32(acc, w, x);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(w, x), _mm512_set1_epi16(1)));
+#endif
+}
+
+INLINE __m512i lanes4(const void *p, int64_t stride, __mmask16 m) {  /* 16 bytes (m: dwords) at p + c * stride */
+    __m512i v = _mm512_castsi128_si512(_mm_maskz_loadu_epi32(m, p));
+    v = _mm512_inserti32x4(v, _mm_maskz_loadu_epi32(m, (const char *)p + stride), 1);
+    v = _mm512_inserti32x4(v, _mm_maskz_loadu_epi32(m, (const char *)p + 2 * stride), 2);
+    return _mm512_inserti32x4(v, _mm_maskz_loadu_epi32(m, (const char *)p + 3 * stride), 3);
+}
+
+INLINE __m512i sum4(__m512i a, __m512i b, __m512i c, __m512i d) {
+    /* 4 vectors of 4 lanes x 4 int32 -> per lane the 4 sums of a, b, c, d in order */
+    __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+    __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+}
+
+/* Groups g..g+n-1 (n <= 4) of rows r < nr of x8 [., K] (sx, xi [., G]) times channels c < 4 (q [., K/2], s and z
+   [., G] at channel 0), added to f[r] (lane c: channel c's). */
+INLINE void step_a8(__m512 *f, const int8_t *x8, const float *sx, const int32_t *xi, int64_t K, const uint8_t *q,
+                    const float *s, const uint8_t *z, int64_t G, int64_t g, int n, int nr, int blocks) {
+    const __m512i low4 = _mm512_set1_epi8(15);
+    __mmask16 m = (__mmask16)((1 << n) - 1);  /* the groups of this step, in a 128-bit lane's dwords */
+    __m512i d[4][4];
+    UNROLL for (int r = 0; r < nr; r++)
+        UNROLL for (int i = 0; i < 4; i++) d[r][i] = _mm512_setzero_si512();
+    UNROLL for (int i = 0; i < n; i++)
+        UNROLL for (int b = 0; b < blocks; b++) {
+            int64_t at = ((g + i) * blocks + b) * 32;  /* the block's first input */
+            __m512i w = lanes4(q + at / 2, K / 2, 0xF);
+            __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+            UNROLL for (int r = 0; r < nr; r++) {
+                const int8_t *xb = x8 + r * K + at;
+                d[r][i] = dot512(d[r][i], lo, _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xb)));
+                d[r][i] = dot512(d[r][i], hi, _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb + 16))));
+            }
+        }
+    __m512 sc = _mm512_castsi512_ps(lanes4(s + g, G * 4, m));  /* lane c: s[c, g..g+3] */
+    __m512i zc = _mm512_setzero_si512();
+    if (z) {  /* lane c: z[c, g..g+3] */
+        uint8_t zb[16] = {0};
+        for (int c = 0; c < 4; c++)
+            for (int i = 0; i < n; i++) zb[4 * c + i] = z[c * G + g + i];
+        zc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)zb));
+    }
+    UNROLL for (int r = 0; r < nr; r++) {
+        __m512i sums = _mm512_broadcast_i32x4(_mm_maskz_loadu_epi32(m, xi + r * G + g));
+        __m512i zs = z ? _mm512_mullo_epi32(zc, sums) : _mm512_slli_epi32(sums, 3);
+        __m512 scales = _mm512_mul_ps(sc, _mm512_broadcast_f32x4(_mm_maskz_loadu_ps(m, sx + r * G + g)));
+        __m512i dr = _mm512_sub_epi32(sum4(d[r][0], d[r][1], d[r][2], d[r][3]), zs);
+        f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dr), scales, f[r]);
+    }
+}
+
+/* Tiles of 4 channels whose weights are prefetched: a tile reads 4 rows of weights 16 bytes at a time, which the
+   hardware prefetcher follows late (512 x 1792 at one row, one thread: 79 us without, 46-51 us 1-2 tiles ahead) */
+#define AHEAD 2
+INLINE void tile_a8(const int8_t *x8, const float *sx, const int32_t *xi, int64_t K, const uint8_t *q, const float *s,
+                    const uint8_t *z, int64_t G, float *o, int64_t N, int nr, int blocks) {
+    __m512 f[4];
+    for (int r = 0; r < nr; r++) f[r] = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 4 <= G; g += 4) {
+        const char *ahead = (const char *)q + AHEAD * 2 * K + g * 64 * blocks;  /* a tile: 2K bytes */
+        UNROLL for (int l = 0; l < 4 * blocks; l++) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
+        step_a8(f, x8, sx, xi, K, q, s, z, G, g, 4, nr, blocks);
+    }
+    if (g < G) step_a8(f, x8, sx, xi, K, q, s, z, G, g, (int)(G - g), nr, blocks);
+    for (int r = 0; r < nr; r++) {
+        float t[16];
+        _mm512_storeu_ps(t, f[r]);
+        for (int c = 0; c < 4; c++) o[r * N + c] = (t[4 * c] + t[4 * c + 1]) + (t[4 * c + 2] + t[4 * c + 3]);
+    }
+}
+
+INLINE void rows_int4_a8_tiles(const int8_t *x8, const float *sx, const int32_t *xi, int64_t R, int64_t K,
+                               const uint8_t *q, const float *s, const uint8_t *z, int64_t G, float *out, int64_t N,
+                               int64_t j0, int64_t j1, int blocks) {
+    /* j1 - j0 >= 4: the last 4 channels' tile overlaps the one before (the same numbers written twice) */
+    for (int64_t j = j0; j < j1; j += 4) {
+        int64_t c = j + 4 <= j1 ? j : j1 - 4;
+        for (int64_t r = 0; r < R; r += 4) {
+#define TILE(NR) tile_a8(x8 + r * K, sx + r * G, xi + r * G, K, q + c * (K / 2), s + c * G, z ? z + c * G : 0, G, \
+                         out + r * N + c, N, NR, blocks)
+            switch (R - r < 4 ? R - r : 4) {  /* constant row counts: the accumulators stay in registers */
+            case 1: TILE(1); break;
+            case 2: TILE(2); break;
+            case 3: TILE(3); break;
+            default: TILE(4);
+            }
+#undef TILE
+        }
+    }
+}
+#endif
+
 #ifdef __AVX512F__
 /* Weight-only int4 (fp32 rows): rows x [nr, K] (each 32 inputs as (evens | odds), as x8) times channels q [nc, K/2]
    -> o[r * N + c]. Each group's 16 possible weights s * (i - z) sit in one vector, looked up by nibble (vpermps
@@ -206,6 +316,16 @@ void moec_int4(const void *x, const float *sx, const int32_t *xi, int64_t R, int
                const float *s, const uint8_t *z, int64_t G, float *out, int64_t N, int64_t j0, int64_t j1) {
     int blocks = K / G / 32;  /* constants below: gcc keeps the accumulators in registers */
     if (sx) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+        if (j1 - j0 >= 4) {
+            switch (blocks) {
+            case 1: rows_int4_a8_tiles(x, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 1); break;
+            case 2: rows_int4_a8_tiles(x, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 2); break;
+            case 4: rows_int4_a8_tiles(x, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 4); break;
+            }
+            return;
+        }
+#endif
         switch (blocks) {
         case 1: rows_int4_a8(x, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 1); break;
         case 2: rows_int4_a8(x, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 2); break;
