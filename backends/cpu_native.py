@@ -59,12 +59,15 @@ import llvmlite.binding as llvm
 import numpy as np
 from numba import prange, types
 
-from moec.backends.cpu_quant import CHUNK, _jit, group_step, round_int8
+from moec.backends.cpu_quant import CHUNK, _jit
 from moec.log import log
 
 SOURCE = r"""
+#include <float.h>
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <string.h>
 #if !defined(__AVX2__) || !defined(__FMA__)
 #error "moec's int4 kernel needs AVX2 and FMA"
 #endif
@@ -309,6 +312,59 @@ INLINE void rows_int4_f32(const float *x, int64_t R, int64_t K, const uint8_t *q
 const int moec_int4_f32 = 1;  /* the weight-only kernel is built (`has_f32`) */
 #endif
 
+/* Rows r0..r1 of x [R, K] fp32 -> x8 int8 (each group of g inputs, g a multiple of 32, rounded at a step of its
+   amax/127: IEEE division, nearest with ties to even, clamped to +-127; each 32 stored as (the evens | the odds)),
+   sx [R, K/g] the steps (0 below FLT_MIN; NaN for a group holding NaN or inf, which gets zeros), xi [R, K/g] each
+   group's sum: cpu_quant.group_step's and round_int8's numbers (moec.quant.int8_quantized_rows). The amax is the
+   largest |x| bit pattern (the floats' order, NaN above inf). */
+void moec_pack_a8(const float *x, int64_t K, int64_t g, int8_t *x8, float *sx, int32_t *xi, int64_t r0,
+                  int64_t r1) {
+    const __m256i abs = _mm256_set1_epi32(0x7fffffff), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256i evens_odds = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                                0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const __m256 hi = _mm256_set1_ps(127.f), lo = _mm256_set1_ps(-127.f);
+    int64_t G = K / g;
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t gi = 0; gi < G; gi++) {
+            const float *v = x + r * K + gi * g;
+            int8_t *o = x8 + r * K + gi * g;
+            __m256i m = _mm256_setzero_si256();
+            for (int64_t k = 0; k < g; k += 8)
+                m = _mm256_max_epu32(m, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(v + k)), abs));
+            __m128i m4 = _mm_max_epu32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+            m4 = _mm_max_epu32(m4, _mm_shuffle_epi32(m4, 0x4E));
+            uint32_t bits = (uint32_t)_mm_cvtsi128_si32(_mm_max_epu32(m4, _mm_shuffle_epi32(m4, 0xB1)));
+            if (bits >= 0x7f800000u) {
+                sx[r * G + gi] = NAN, xi[r * G + gi] = 0;
+                memset(o, 0, g);
+                continue;
+            }
+            float amax, step, inverse;
+            memcpy(&amax, &bits, 4);
+            step = amax / 127.f;
+            step = step < FLT_MIN ? 0.f : step;
+            inverse = step > 0 ? 1.f / step : 0.f;
+            __m256 inv = _mm256_set1_ps(inverse);
+            __m256i t = _mm256_setzero_si256();
+            for (int64_t b = 0; b < g; b += 32) {
+                __m256i a[4];  /* inputs b .. b + 31 as int32, 8 a vector */
+                for (int u = 0; u < 4; u++) {
+                    __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(v + b + 8 * u), inv),
+                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    a[u] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(q, lo), hi));
+                    t = _mm256_add_epi32(t, a[u]);
+                }
+                /* packs work within 128-bit lanes: bytes come as dwords (0-3, 8-11, 16-19, 24-27 | 4-7, ...) */
+                __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(a[0], a[1]), _mm256_packs_epi32(a[2], a[3]));
+                p = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(p, order), evens_odds);  /* each 16: evens, odds */
+                _mm256_storeu_si256((__m256i *)(o + b), _mm256_permute4x64_epi64(p, 0xD8));  /* all evens, odds */
+            }
+            __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+            t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
+            sx[r * G + gi] = step, xi[r * G + gi] = _mm_cvtsi128_si32(_mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1)));
+        }
+}
+
 /* Output channels j0..j1 of rows x [R, K]: int8 (sx, xi their groups' steps and sums: int8 activations, groups of
    32, 64 or 128 inputs) or, sx NULL, fp32 (weight-only, AVX-512 builds only; the same groups). z NULL: symmetric (8).
    Weight-only rows go 4 at a time (a chunk's weights stay in L2 between them), one row 4 channels at a time. */
@@ -347,6 +403,7 @@ FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 _I64 = types.int64
 # pointers travel as int64 (the x86-64 calling convention passes both in the same registers)
 _int4 = types.ExternalFunction("moec_int4", types.void(*[_I64] * 13))
+_pack_a8 = types.ExternalFunction("moec_pack_a8", types.void(*[_I64] * 8))
 _NO_SX, _NO_XI = np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int32)  # fp32 rows: no steps
 
 
@@ -464,27 +521,26 @@ def int4_f32(x: np.ndarray, first: np.ndarray, last: np.ndarray, q: np.ndarray, 
     _int4_kernel(xk, _NO_SX, _NO_XI, first, last, q, s, z, out)
 
 
-@_jit(parallel=False, fastmath=False)
-def pack(x, G):
-    """x [R, K] fp32 -> x8 [R, K] int8, each group of K/G inputs of a row rounded to int8 (cpu_quant.group_step: the
-    numbers of moec.quant.int8_quantized_rows) and each 32 inputs stored as (the even ones | the odd ones), the
-    kernel's order; sx [R, G] fp32 the steps; xi [R, G] int32 each group's sum. A group holding NaN or inf gets
-    a NaN step (its rows' outputs NaN, as the reference's) and zeros."""
+PACK_ROWS = 8  # rows per parallel work item of `pack`
+
+
+@_jit(parallel=True)
+def _pack_kernel(x, g, x8, sx, xi):
     R, K = x.shape
-    g = K // G
+    px, p8, psx, pxi = np.int64(x.ctypes.data), np.int64(x8.ctypes.data), np.int64(sx.ctypes.data), np.int64(xi.ctypes.data)
+    for c in prange((R + PACK_ROWS - 1) // PACK_ROWS):
+        _pack_a8(px, K, g, p8, psx, pxi, c * PACK_ROWS, min(R, c * PACK_ROWS + PACK_ROWS))
+
+
+def pack(x: np.ndarray, G: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x [R, K] fp32 (C-contiguous) -> x8 [R, K] int8, each group of K/G inputs of a row rounded to int8 (the numbers
+    of cpu_quant.group_step and round_int8: moec.quant.int8_quantized_rows) and each 32 inputs stored as (the even
+    ones | the odd ones), the kernel's order; sx [R, G] fp32 the steps; xi [R, G] int32 each group's sum. A group
+    holding NaN or inf gets a NaN step (its rows' outputs NaN, as the reference's) and zeros. On the C library
+    (moec_pack_a8), rows split over the threads."""
+    R, K = x.shape
     x8, sx, xi = np.empty((R, K), np.int8), np.empty((R, G), np.float32), np.empty((R, G), np.int32)
-    for r in range(R):
-        for gi in range(G):
-            step, inverse = group_step(x, r, gi * g, gi * g + g)
-            finite = np.isfinite(step)
-            sx[r, gi] = step if finite else np.float32(np.nan)
-            t = 0
-            for k in range(gi * g, gi * g + g):
-                v = np.int8(round_int8(x[r, k] * inverse)) if finite else np.int8(0)
-                i = k % 32  # its place in its block of 32: evens first, then odds
-                x8[r, k - i + i // 2 + 16 * (i % 2)] = v
-                t += np.int32(v)
-            xi[r, gi] = t
+    _pack_kernel(x, K // G, x8, sx, xi)
     return x8, sx, xi
 
 

@@ -403,6 +403,36 @@ def test_round_rows_is_the_reference_rounding():
         cpu_quant.grouped_qmm(x, rows, t["q"].float(), row_scale=torch.ones(64))
 
 
+@pytest.mark.parametrize("rows", [1, 7, 8, 9, 70])
+def test_native_pack_is_the_reference_rounding(rows):
+    """cpu_native.pack (C, rows split over the threads 8 at a time) gives int8_quantized_rows' numbers to the bit,
+    for groups of 32, 64 and 128: magnitudes from subnormal to 1e37, ties at half a step, 0; a group holding NaN or
+    inf gets a NaN step and zeros (its rows' outputs NaN downstream). Each 32 inputs come as (evens | odds), and
+    xi holds each group's sum."""
+    from moec.backends import cpu_native
+
+    if cpu_native.library() is None:
+        pytest.skip("the native kernels are not built here")
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 384, generator=gen) * torch.exp(torch.randn(rows, 1, generator=gen) * 20).clamp(max=1e37)
+    special = [torch.zeros(384), torch.randn(384, generator=gen) * 1e-40, torch.arange(384) - 191.5,
+               (torch.arange(384) % 253 - 126.5).float()]  # 0; subnormal; many ties near .5; exact ties at step 1
+    x[:len(special)] = torch.stack(special)[:rows]
+    if rows > 4:
+        x[4, 0], x[4, 200] = float("nan"), float("inf")  # groups 0 and 200 // g
+        x[5, 383] = -float("inf")
+    for g in (32, 64, 128):
+        x8, step, xi = cpu_native.pack(x.numpy(), 384 // g)
+        q_ref, step_ref = int8_quantized_rows(x, g)
+        q = torch.from_numpy(x8).view(rows, 12, 2, 16).transpose(2, 3).reshape(rows, 384).float()  # kernel order back
+        bad = ~torch.isfinite(step_ref)  # [rows, 384/g]
+        assert torch.isnan(torch.from_numpy(step)[bad]).all() and (q.view(rows, -1, g)[bad] == 0).all()
+        assert torch.equal(torch.from_numpy(step)[~bad], step_ref[~bad]), g
+        assert torch.equal(q.view(rows, -1, g)[~bad], q_ref.view(rows, -1, g)[~bad]), g
+        assert torch.equal(torch.from_numpy(xi).long(), q.view(rows, -1, g).sum(-1).long()), g
+    assert rows < 5 or (bad.sum() == 3 and step_ref[0, 0] == 0 and step_ref[1, 0] == 0)
+
+
 @pytest.mark.parametrize("hidden,inter", [(1, 8), (8, 1)])
 def test_int8_activations_with_one_input(hidden, inter):
     """A GEMM with one input (torch._int_mm sums those wrongly on CPU) and tiny rows (amax 1e-37: a subnormal
