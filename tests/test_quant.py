@@ -406,9 +406,13 @@ def test_round_rows_is_the_reference_rounding():
 @pytest.mark.parametrize("rows", [1, 7, 8, 9, 70])
 def test_native_pack_is_the_reference_rounding(rows):
     """cpu_native.pack (C, rows split over the threads 8 at a time) gives int8_quantized_rows' numbers to the bit,
-    for groups of 32, 64 and 128: magnitudes from subnormal to 1e37, ties at half a step, 0; a group holding NaN or
-    inf gets a NaN step and zeros (its rows' outputs NaN downstream). Each 32 inputs come as (evens | odds), and
-    xi holds each group's sum."""
+    for groups of 32, 64 and 128: magnitudes from subnormal to 1e37 (steps just above FLT_MIN kept), ties at half a
+    step, 0; a group holding NaN or inf gets a NaN step and zeros (its rows' outputs NaN downstream). Each 32
+    inputs come as (evens | odds), xi holds each group's sum, and an AVX2-only build writes the same bytes."""
+    import ctypes
+
+    import numpy as np
+
     from moec.backends import cpu_native
 
     if cpu_native.library() is None:
@@ -421,6 +425,8 @@ def test_native_pack_is_the_reference_rounding(rows):
     if rows > 4:
         x[4, 0], x[4, 200] = float("nan"), float("inf")  # groups 0 and 200 // g
         x[5, 383] = -float("inf")
+    if rows > 6:
+        x[6] = torch.randn(384, generator=gen) * 1e-33  # steps ~1e-35: small, but above FLT_MIN (not zeroed)
     for g in (32, 64, 128):
         x8, step, xi = cpu_native.pack(x.numpy(), 384 // g)
         q_ref, step_ref = int8_quantized_rows(x, g)
@@ -430,7 +436,15 @@ def test_native_pack_is_the_reference_rounding(rows):
         assert torch.equal(torch.from_numpy(step)[~bad], step_ref[~bad]), g
         assert torch.equal(q.view(rows, -1, g)[~bad], q_ref.view(rows, -1, g)[~bad]), g
         assert torch.equal(torch.from_numpy(xi).long(), q.view(rows, -1, g).sum(-1).long()), g
+        if rows == 9:  # an AVX2-only build (no AVX-512 encodings) writes the same bytes
+            lib = ctypes.CDLL(str(cpu_native.build(("-O3", "-mavx2", "-mfma", "-shared", "-fPIC"))))
+            out = np.zeros_like(x8), np.zeros_like(step), np.zeros_like(xi)
+            p = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+            lib.moec_pack_a8(p(x.numpy()), ctypes.c_int64(384), ctypes.c_int64(g), *map(p, out), ctypes.c_int64(0),
+                             ctypes.c_int64(rows))
+            assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(out, (x8, step, xi))), g
     assert rows < 5 or (bad.sum() == 3 and step_ref[0, 0] == 0 and step_ref[1, 0] == 0)
+    assert rows < 7 or (step_ref[6] > 0).all()
 
 
 @pytest.mark.parametrize("hidden,inter", [(1, 8), (8, 1)])
