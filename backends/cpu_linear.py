@@ -123,7 +123,7 @@ def _agrees(module: nn.Linear) -> bool:
     return True
 
 
-def _unused(model: nn.Module) -> set[int]:
+def unused(model: nn.Module) -> set[int]:
     """Submodules of compiled blocks that their graphs do not call (stacked experts, routers): they run only where
     the block runs its original forward (training, extra inputs)."""
     from moec.canonical import compiled_graph
@@ -148,13 +148,13 @@ def install(model: nn.Module) -> tuple[int, list[str]]:
     n, failed = 0, []
     if torch.get_num_threads() < 2:
         return n, failed
-    unused = _unused(model)
+    skip = unused(model)
     for name, m in model.named_modules():
         if installed(m):
             n += 1
             continue
         if (not isinstance(m, nn.Linear) or type(m).forward is not nn.Linear.forward or "forward" in m.__dict__
-                or id(m) in unused or m.weight.device.type != "cpu" or m.weight.dtype != torch.float32
+                or id(m) in skip or m.weight.device.type != "cpu" or m.weight.dtype != torch.float32
                 or not _large(m.weight)):
             continue
         if not _agrees(m):

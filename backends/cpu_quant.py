@@ -468,6 +468,26 @@ def _int4_a8(x, G, first, last, q, scale, zero, out):
 _FIRST = np.zeros(1, np.int64)
 
 
+def int4_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+              int8_groups: bool) -> torch.Tensor:
+    """x [R, K] @ one int4 weight (q [1, N, K/2], scale [1, N, G], zero [1, N, G] or None)^T -> [R, N] fp32 on
+    cpu_native's kernels, which the caller found built (torch_backend.min_rows), with less glue than `grouped_qmm`
+    (a decode step makes dozens of these calls under compile(dense=)). int8_groups: as grouped_qmm's."""
+    from moec.backends import cpu_native
+
+    out = torch.empty(x.shape[0], q.shape[1], dtype=torch.float32, device="cpu")
+    _check_format(q, scale, zero, out, (_FIRST,))
+    K = 2 * q.shape[2]
+    if x.dim() != 2 or x.shape[1] != K or q.shape[0] != 1 or K // scale.shape[-1] not in (32, 64, 128):
+        raise ValueError(f"moec: int4_rows of x {list(x.shape)} and one weight {list(q.shape)} in groups of "
+                         f"{K // scale.shape[-1]}: shapes do not match (groups of 32, 64 or 128)")
+    args = (x.detach().float().contiguous().numpy(), _FIRST, np.array([x.shape[0]], np.int64), q.contiguous().numpy(),
+            scale.detach().float().contiguous().numpy(), _NO_ZERO if zero is None else zero.contiguous().numpy(),
+            out.numpy())
+    (cpu_native.int4_a8 if int8_groups else cpu_native.int4_f32)(*args)
+    return out
+
+
 def linear_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [R, K] @ w [N, K]^T, fp32 -> [R, N] fp32: `_f32_kernel` on one expert (a dense layer, cpu_linear), with less
     glue than `grouped_qmm` (a decode step makes dozens of these calls)."""

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import moec.ops  # noqa: F401  (defines the op schemas)
 from moec.ir import RouterSpec
-from moec.quant import weight_only_active
+from moec.quant import int8_rows, weight_only_active
 
 
 def split_gate_up(h: torch.Tensor, gate_up: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -420,6 +420,33 @@ def _int8_ffn(x8, t13, b13, t2, b2, e, activation, gated, alpha, limit, gate_up)
     h = _int8_gemm(*x8, *t13, None if b13 is None else b13[e])  # [n, N1]
     a, step = _int8_rows(activate(h, activation, gated, alpha, limit, gate_up))  # [n, I]
     return _int8_gemm(a.to(torch.int8), step, *t2, None if b2 is None else b2[e])
+
+
+def quantized_linear(x: torch.Tensor, t: tuple, a8: bool) -> torch.Tensor:
+    """x [R, K] (any float dtype) @ one quantized weight t = (q [1, N, K or K/2], scale, zero or None)^T -> [R, N] fp32
+    (moec.quant.QuantLinear), on the experts' paths for one expert: `quantized_group`'s kernels below `min_rows`
+    rows, else one GEMM (torch._int_mm for int8 weights and activations, else the dequantized weight in MKL).
+    a8: the rows rounded to int8 first, per group of the weights' group size (int4) or per row (int8)."""
+    from moec.backends import cpu_quant
+
+    cpu_quant.set_threads()
+    int4 = t[0].dtype == torch.uint8
+    R = x.shape[0]
+    if int4 and min_rows(True, a8) == EVERY_ROW:  # cpu_native's kernels, every row
+        return cpu_quant.int4_rows(x, *t, int8_groups=a8)
+    if R < min_rows(int4, a8):
+        rows = cpu_quant.expert_rows([R])
+        if int4 or not a8:
+            return cpu_quant.grouped_qmm(x, rows, *t, int8_groups=a8)
+        xq, step = _int8_rows(x)
+        return cpu_quant.grouped_qmm(xq, rows, *t, row_scale=step)
+    if a8 and not int4:
+        xq, step = _int8_rows(x)
+        return _int8_gemm(xq.to(torch.int8), step, t[0][0], t[1][0], None)
+    if a8:
+        x = int8_rows(x.float(), x.shape[1] // t[1].shape[-1])  # per group of the weights'
+    w = cpu_quant.dequantize_expert(0, *t)  # [N, K] fp32, int4 columns in even-odd order
+    return F.linear(cpu_quant.even_odd(x.float(), q=t[0]), w)
 
 
 def quantized_combine(y, inv, weights, weight_on_input, dtype):

@@ -15,7 +15,8 @@ Pairs (moec torch backend, KV cache, `model.generate` / one forward for prefill;
 llama-cpp-python, `eval` + greedy argmax): fp32 <-> f32, bf16 (the model in bf16) <-> bf16, int8 experts <->
 q8_0, int4 g32 experts <-> q4_0 (llama.cpp quantizes every matrix but the router, and its activations to 8 bits;
 moec quantizes the routed experts only, weight-only; plus moec's experts with int8 activations on the torch
-backend: int8 ones with one scale per row, int4 ones per group of 32, with moec's C kernel at decode). --onnx adds moec backend="onnxruntime" (the whole step in
+backend: int8 ones with one scale per row, int4 ones per group of 32, with moec's C kernel at decode; then also
+every matrix but the router and embedding, `dense=`, as llama.cpp's file). --onnx adds moec backend="onnxruntime" (the whole step in
 an ONNX Runtime session with the KV cache, greedy generate in moec's loop around it; fp32, int8, int4, and
 int8/int4 with int8 activations (activations="int8": int8 dot products, as q8_0/q4_0 do), experts only and
 then every matrix but the router and embedding (dense=, as llama.cpp's file); ORT has no bf16 MoE kernel).
@@ -238,8 +239,11 @@ def main():
             moec.compile(model, quantize=quantize)
             systems[f"moec {prec}" + (" experts" if quantize else "")] = Torch(model)
             if quantize is not None:  # the torch backend's int8 activations (as llama.cpp's q8_0/q4_0 round them)
-                model = moec.compile(build(name), quantize=dataclasses.replace(quantize, activations="int8"))
-                systems[f"moec {prec} experts, int8 activations"] = Torch(model)
+                a8 = dataclasses.replace(quantize, activations="int8")
+                systems[f"moec {prec} experts, int8 activations"] = Torch(moec.compile(build(name), quantize=a8))
+                # and every matrix but the router and embedding, as llama.cpp's file (dense=)
+                model = moec.compile(build(name), quantize=a8, dense=a8)
+                systems[f"moec {prec} all matmuls, int8 activations"] = Torch(model)
             if args.linears_off:
                 model = build(name).to(torch.bfloat16 if prec == "bf16" else torch.float32)
                 moec.compile(model, quantize=quantize, decode_linears=False)

@@ -5,7 +5,8 @@
 Rows: fp32 (moec-compiled, unquantized), int8 per-channel, int4 with groups 32/64/128,
 symmetric (amax/7, and the 16-level signed-scale grid "sym16") and asymmetric, and int8 / int4 g128 with the
 router weight quantized too (router=True), and int8 / int4 g32 with int8 activations on the torch backend (one scale
-per row / per group of 32, as ONNX Runtime's);
+per row / per group of 32, as ONNX Runtime's); int4 g32 (weight-only and a8) and int8 a8 with the dense layers in the
+same format (dense=: attention, lm_head; expert bytes count the routed experts only);
 then int8 and int4 g32 in ONNX Runtime (backend="onnxruntime"), weight-only and with int8 activations ("a8", one
 scale per group of 32 inputs). Columns: held-out perplexity (next byte) and its change vs fp32,
 max and mean |logit error| vs fp32 over the held-out tokens, and the bytes of the routed
@@ -33,6 +34,9 @@ CONFIGS = {"fp32": None, "int8": moec.Int8Experts(),
            "int8 +router": moec.Int8Experts(router=True), "int4 g128 sym +router": moec.Int4Experts(128, router=True),
            "int8 per-channel a8 (torch: a scale per row)": moec.Int8Experts(activations="int8"),
            "int4 g32 sym a8 (torch: a scale per group of 32)": moec.Int4Experts(32, activations="int8")}
+# dense=: the attention, shared-expert and lm_head layers quantized too (torch backend), as llama.cpp's files
+DENSE = {"int4 g32 sym, dense= too": moec.Int4Experts(32), "int4 g32 sym a8, dense= too": moec.Int4Experts(32, activations="int8"),
+         "int8 per-channel a8, dense= too": moec.Int8Experts(activations="int8")}
 # backend="onnxruntime" (QMoE): weight-only, and with int8 activations, to separate the two costs
 ORT = {f"{c.describe()}, onnxruntime": c for c in (moec.Int8Experts(), moec.Int8Experts(activations="int8"),
                                                    moec.Int4Experts(32), moec.Int4Experts(32, activations="int8"))}
@@ -61,9 +65,10 @@ def main():
     for col in ("experts", "perplexity", "vs fp32", "max |dlogit|", "mean |dlogit|", "expert bytes", "x fp32"):
         t.add_column(col, justify="right")
     ref_logits = ref_ppl = ref_bytes = None
-    for name, cfg in [*CONFIGS.items(), *ORT.items()]:
+    for name, cfg in [*CONFIGS.items(), *DENSE.items(), *ORT.items()]:
         ort = name in ORT
-        model = moec.compile(copy.deepcopy(base), quantize=cfg, backend="onnxruntime" if ort else "auto")
+        model = moec.compile(copy.deepcopy(base), quantize=cfg, backend="onnxruntime" if ort else "auto",
+                             dense=cfg if name in DENSE else None)
         with torch.no_grad():
             logits = torch.cat([model(input_ids=b).logits for b in batches])
         ppl = examples.perplexity(model, batches)

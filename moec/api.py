@@ -19,7 +19,7 @@ from rich.table import Table
 from torch import fx, nn
 
 import moec.passes  # noqa: F401  (registers the passes)
-from moec.backends import cpu_linear, pipeline_for, resolve_backend
+from moec.backends import cpu_dense, cpu_linear, pipeline_for, resolve_backend
 from moec.backends.ort_session import uninstall as ort_uninstall
 from moec.approx import ExpertPlan, TopP
 from moec.bindings import Const, Derived
@@ -95,7 +95,9 @@ class Report:
     pipeline: str = ""
     backend: str = ""
     quantize: QuantConfig | None = None
-    dense: QuantConfig | None = None  # backend="onnxruntime": compile(dense=...), the dense MatMuls' format
+    dense: QuantConfig | None = None  # compile(dense=...): the dense layers' format (MatMulNBits on onnxruntime)
+    dense_layers: int | None = None  # backend torch, compile(dense=...): nn.Linear layers quantized (cpu_dense)
+    dense_left: list[str] = field(default_factory=list)  # "name: reason" for each nn.Linear dense= left alone
     topk: int | dict | None = None  # compile(topk=...): the approximation asked for (moec.save keeps it)
     experts: object = None  # compile(experts=moec.ExpertPlan): the experts kept (moec.save keeps it)
     export: object = None  # backend="onnxruntime": the moec.export_onnx report of the last session opened
@@ -107,7 +109,11 @@ class Report:
 
     def __rich__(self) -> Table:
         q = f", quantize {self.quantize.describe()} {_numerics(self.backend, self.quantize, self.pipeline)}" if self.quantize else ""
-        q += f", dense MatMuls {self.dense.describe()} (ONNX Runtime's MatMulNBits)" if self.dense else ""
+        if self.dense and self.dense_layers is not None:
+            how = "int8 activations" if self.dense.activations == "int8" else "weight-only"
+            q += f", {self.dense_layers} dense nn.Linear layers {self.dense.describe()} ({how}, moec's CPU kernels)"
+        elif self.dense:
+            q += f", dense MatMuls {self.dense.describe()} (ONNX Runtime's MatMulNBits)"
         q += (f", {self.decode_linears} nn.Linear layers on moec's CPU kernel at decode (fp32, up to 4 rows)"
               if self.decode_linears else "")
         t = Table(title=f"moec: {len(self.blocks)} MoE block(s) found, {len(self.rejected)} rejected "
@@ -122,9 +128,10 @@ class Report:
             t.add_row(r.path, "", "", f"[not rewritten] {r.reason}", "", "", "")
         if not self.blocks and not self.rejected:
             t.add_row("-", "", "", "no MoE block found: the model is returned unchanged", "", "", "")
-        approx = [f"* {b.path}: approximate, {b.approximate}" for b in self.blocks if b.approximate]
-        if approx:
-            t.caption, t.caption_justify = "\n".join(approx), "left"
+        notes = [f"* {b.path}: approximate, {b.approximate}" for b in self.blocks if b.approximate]
+        notes += [f"dense= left fp32: {why}" for why in self.dense_left]
+        if notes:
+            t.caption, t.caption_justify = "\n".join(notes), "left"
         return t
 
     def __str__(self) -> str:
@@ -391,8 +398,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     backend: "auto" (Triton on CUDA, else torch), "torch", "triton" (appends the lower_triton pass) or
         "onnxruntime" (the whole model runs in an ONNX Runtime session, see moec.backends.ort_session;
         `providers` in precedence order, default CUDA when usable else CPU; `session_options` an
-        onnxruntime.SessionOptions or a dict of its attributes; `dense` Int4Experts(g) or Int8Experts(): the
-        dense MatMuls as MatMulNBits, as moec.export_onnx(dense=) writes them).
+        onnxruntime.SessionOptions or a dict of its attributes).
     passes: a pipeline such as "detect_moe,fuse_gate,batch_experts" (the default) or a list of pass names.
     verify: raise (and rewrite nothing) if any block's final graph fails its proof, instead of leaving that
         block alone; also checks each block after every pass (MOEC_LOGS=verify prints the errors).
@@ -420,6 +426,12 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         torch.distributed group, E/N per rank (+ `replicas` copies of the busiest experts of a calibration run),
         tokens exchanged with all_to_all (appends shard_experts; torch or triton backend; see moec.distributed).
         Every rank calls compile on the same model with the same options (checked).
+    dense: an approximation asked for by name: Int4Experts(g, symmetric, signed_scale, activations) or
+        Int8Experts(activations), the model's dense layers (attention, shared experts, dense MLPs, lm_head; never
+        routers, 1-column gates or the layers of blocks moec left alone) in that format, as llama.cpp's quantized files have them. Backend torch (CPU):
+        each nn.Linear becomes a moec.quant.QuantLinear on moec's kernels, checked once on its weights, its fp32
+        weight released (see moec.backends.cpu_dense; left-alone layers in moec.inspect). onnxruntime: the
+        MatMuls as MatMulNBits, as moec.export_onnx(dense=) writes them. Quality: docs/quality.md.
     decode_linears: backend torch: once a block is rewritten, the model's large fp32 nn.Linear layers
         (attention, shared experts, lm_head) run on moec's CPU kernel where a call has up to 4 rows (decode;
         1.3-2.7x torch's GEMM per layer there), each checked once at install against torch's (see
@@ -475,13 +487,16 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         if backend not in ("torch", "triton"):
             raise NotImplementedError(f"moec: offloaded experts run in the torch or triton backend, not {backend!r}: "
                                       f"use backend='torch' or 'triton'")
+    if dense is not None:
+        _check_dense(dense, backend, device)
+    cpu_dense.check_recompile(model, dense, backend)
     ort_uninstall(model)  # compiled again after backend="onnxruntime": the new backend replaces its sessions
     if backend == "onnxruntime":
         if topk is not None or experts is not None:
             raise NotImplementedError("moec: topk= and experts= run in the torch backend (tested), not 'onnxruntime'")
         return _compile_onnxruntime(model, passes, quantize, providers, session_options, dense)
-    if providers is not None or session_options is not None or dense is not None:
-        raise TypeError("providers=, session_options= and dense= are options of backend='onnxruntime'")
+    if providers is not None or session_options is not None:
+        raise TypeError("providers= and session_options= are options of backend='onnxruntime'")
     if quantize is not None and backend == "torch" and device.type != "cpu":
         raise NotImplementedError(f"moec: quantized experts in the torch backend run on CPU only (the model is on "
                                   f"{device.type}): use backend='triton'")
@@ -496,6 +511,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
                            "expert_parallel": group, "onnx": onnx or {}}, strict=verify, before_install=agree)
     _warn_if_empty(model, report)
     report.quantize, report.topk, report.experts = quantize, topk, experts
+    install_dense(model, report, dense)
     install_decode_linears(model, report, decode_linears and backend == "torch")
     report.expert_parallel = None if group is None else group.stats
     if pool is not None:
@@ -565,6 +581,28 @@ def _start_offload(model: nn.Module, report: Report, pool: Pool) -> None:
                                           spec.experts.hidden))
     pool.reset()
     report.offload = pool.stats
+
+
+def _check_dense(dense, backend: str, device: torch.device) -> None:
+    if not isinstance(dense, (Int8Experts, Int4Experts)) or dense.shared or dense.router:
+        raise TypeError(f"moec.compile: dense must be moec.Int4Experts(group_size, symmetric, signed_scale, "
+                        f"activations) or moec.Int8Experts(activations), without shared=/router=, not {dense!r}")
+    if backend not in ("torch", "onnxruntime"):
+        raise NotImplementedError(f"moec.compile: dense= runs on backend 'torch' (CPU, moec's kernels) or "
+                                  f"'onnxruntime' (MatMulNBits), not {backend!r}")
+    if backend == "torch" and device.type != "cpu":
+        raise NotImplementedError(f"moec.compile: dense= on backend 'torch' runs on CPU only (the model is on "
+                                  f"{device.type})")
+
+
+def install_dense(model: nn.Module, report: Report, dense) -> None:
+    """compile(dense=...) on the torch backend: the model's dense layers quantized (moec.backends.cpu_dense), once
+    a block is rewritten (a model without MoE comes back unchanged)."""
+    report.dense = dense
+    if dense is None or not report.blocks:
+        return
+    report.dense_layers, report.dense_left = cpu_dense.install(model, dense, [r.path for r in report.rejected])
+    refuse_save_pretrained(model)  # the quantized layers' fp32 weights are gone
 
 
 def install_decode_linears(model: nn.Module, report: Report, on: bool) -> None:

@@ -266,3 +266,16 @@ def _repoint(src: torch.Tensor, slot: torch.Tensor) -> bool:
 
 def resolve_all(block: nn.Module, bindings: dict[str, Binding]) -> dict[str, torch.Tensor | None]:
     return {role: b.get(block) for role, b in bindings.items()}
+
+
+class NoBackward(torch.autograd.Function):
+    """Marks an output computed for inference (moec's kernels record no gradients): its backward raises `why`."""
+
+    @staticmethod
+    def forward(ctx, out, why: str, *inputs):
+        ctx.why = why
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.why)

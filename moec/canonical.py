@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from moec.backends.torch_backend import route_math
-from moec.bindings import Binding, Param, generation, resolve, tracing
+from moec.bindings import Binding, NoBackward, Param, generation, resolve, tracing
 from moec.ir import MoESpec
 from moec.ops import experts_args, route_args
 
@@ -183,22 +183,6 @@ def runner(gm: fx.GraphModule, block: nn.Module):
     return lambda x: assemble(spec.outputs, x, *call(gm, block, x))
 
 
-class _NoBackward(torch.autograd.Function):
-    """Marks a compiled block's output: it was computed for inference, its backward raises."""
-
-    @staticmethod
-    def forward(ctx, out, path, *inputs):
-        ctx.path = path
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"moec: block {ctx.path!r} was compiled for inference and computes no gradients in eval mode; "
-            f"call model.train() (compiled blocks then run their original forward, gradients included) or "
-            f"run inference under torch.no_grad()")
-
-
 def _capture_key(hook) -> str | None:
     """The output a transformers output-capturing hook records (e.g. "router_logits"), None for other hooks.
     transformers installs them on the first call asking for an output (output_hidden_states=True, ...) and
@@ -318,7 +302,10 @@ class CompiledForward:
         if torch.is_grad_enabled() and not tracing():
             inputs = [t for t in data if isinstance(t, torch.Tensor)] + list(self.block.parameters())
             if any(t.requires_grad for t in inputs):  # a backward through this output raises, clearly
-                outs[:2] = [_NoBackward.apply(t, self.path, *inputs) for t in outs[:2]]
+                why = (f"moec: block {self.path!r} was compiled for inference and computes no gradients in eval mode; "
+                       f"call model.train() (compiled blocks then run their original forward, gradients included) "
+                       f"or run inference under torch.no_grad()")
+                outs[:2] = [NoBackward.apply(t, why, *inputs) for t in outs[:2]]
         if len(outs) == 1:
             return outs[0]
         return assemble(self.gm.meta["moe_spec"].outputs, hidden, *outs)

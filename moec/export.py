@@ -455,6 +455,11 @@ def check_exportable(model: nn.Module, quantize, provider: str, dense=None) -> N
     backend="onnxruntime" at compile time, before any call)."""
     if provider not in PROVIDERS:
         raise ValueError(f"moec.export_onnx: provider must be one of {PROVIDERS}, not {provider!r}")
+    from moec.backends.cpu_dense import dense_layers
+
+    if dense_layers(model):
+        raise ValueError("moec.export_onnx: the model was compiled with dense= on the torch backend, whose layers hold "
+                         "their quantized weights only: export a fresh model with export_onnx(..., dense=...)")
     if dense is not None and not isinstance(dense, (Int8Experts, Int4Experts)):
         raise TypeError(f"moec.export_onnx: dense must be moec.Int4Experts(...) or moec.Int8Experts(), not {dense!r}")
     if quantize is not None and not isinstance(quantize, (Int8Experts, Int4Experts)):

@@ -210,28 +210,39 @@ def nbytes(t: dict[str, torch.Tensor]) -> int:
 
 
 class QuantLinear(torch.nn.Module):
-    """A weight-only quantized nn.Linear (a shared expert's layer under `shared=True`): y = x W^T + b
-    with W [N, K] held in moec's format as [1, N, K] buffers q, scale[, zero]."""
+    """A quantized nn.Linear: y = x W^T + b with W [N, K] held in moec's format as [1, N, K] buffers q, scale[, zero]:
+    a shared expert's layer under `shared=True` (weight-only), or a dense layer under compile(dense=...)
+    (backends/cpu_dense.py), whose int8_activations follow the config's activations (int8 rows per group for
+    int4, per row for int8; fp32 under `weight_only()`). CPU only; values only (no gradients)."""
 
-    def __init__(self, cfg: QuantConfig, linear: torch.nn.Linear):
+    def __init__(self, cfg: QuantConfig, linear: torch.nn.Linear, int8_activations: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.cfg = linear.in_features, linear.out_features, cfg
+        self.int8_activations = int8_activations
         for k, v in quantize(cfg, linear.weight[None]).items():
             self.register_buffer(k, v)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from moec.backends import cpu_quant
+        from moec.backends import torch_backend
 
         if x.device.type != "cpu":
-            raise NotImplementedError(f"moec: quantized shared experts run on CPU only, not {x.device.type}")
-        cpu_quant.set_threads()
-        t = [self.q, self.scale] + ([self.zero] if hasattr(self, "zero") else [])
-        y = cpu_quant.grouped_qmm(x.reshape(-1, self.in_features), cpu_quant.expert_rows([x.numel() // self.in_features]),
-                                  *t)  # [rows, N] fp32
+            raise NotImplementedError(f"moec: quantized linear layers run on CPU only, not {x.device.type}")
+        b = self._buffers  # not hasattr(self, "zero"): a missing attribute costs an exception at every call
+        a8 = self.int8_activations and not weight_only_active()
+        y = torch_backend.quantized_linear(x.reshape(-1, self.in_features), (b["q"], b["scale"], b.get("zero")), a8)
         if self.bias is not None:
-            y += self.bias
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            y += self.bias.detach()
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        inputs = [x] + ([self.bias] if self.bias is not None else [])
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):  # a backward through it raises, clearly
+            from moec.bindings import NoBackward
+
+            y = NoBackward.apply(y, f"moec: quantized linear layers ({self.cfg.describe()}) compute values only, no "
+                                    f"gradients: run them under torch.no_grad(), or train the model before compiling "
+                                    f"it with quantize=/dense=", *inputs)
+        return y
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.cfg.describe()}"
+        how = "int8 activations" if self.int8_activations else "weight-only"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.cfg.describe()}, {how}"

@@ -5,8 +5,8 @@
 
 The file holds the model's state_dict (the quantized experts as moec-format buffers, see
 moec.quant) and, in its metadata, moec's format version and the compile options. `load`
-compiles the fresh model with those options (which finds and proves the blocks; backend="onnxruntime"
-if the saved model ran there, with its dense= format, else the default backend), then loads
+compiles the fresh model with those options (which finds and proves the blocks, and quantizes the dense layers
+of a model compiled with dense=; backend="onnxruntime" if the saved model ran there, else the default backend), then loads
 every tensor from the file into the model's own tensors: compiled blocks read them at call
 time (moec.bindings), so the loaded model computes with the file's weights, quantized or not. A model
 saved on ONNX Runtime holds unquantized weights (its session quantizes them): loaded on another backend,
@@ -96,7 +96,7 @@ def load(model: nn.Module, path: str, **compile_options) -> nn.Module:
     if meta.get("decode_linears") is False:  # compiled with decode_linears=False
         saved["decode_linears"] = False
     options = saved | compile_options  # options given here win over the file's
-    if options.get("backend") == "onnxruntime" and "dense" not in options and meta.get("dense"):
+    if "dense" not in options and meta.get("dense"):  # the saved model's dense layers' format
         options["dense"] = _config(meta["dense"])
     # a model saved on ONNX Runtime holds its weights as they were (its session quantizes them): another backend
     # loads them into the fresh model first, then compiles it (quantizing as the session did)
