@@ -10,8 +10,11 @@ Which layers: every nn.Linear (exactly that class and its forward) with more tha
 expert's sigmoid gate), outside the MoE blocks or called by a compiled block's graph (shared experts). So never
 a router (quantized router weights would change which experts run) or a layer of a candidate block moec left
 alone. Left fp32, with the reason in moec.inspect: a layer whose K is not a multiple of the group size, one whose
-weight another module shares (an lm_head tied to the embedding: quantizing it would untie them), and one whose
-check fails.
+weight another module shares (an lm_head tied to the embedding: quantizing it would untie them), an nn.Linear
+subclass or a layer with a forward of its own (moec's decode_linears excepted: replaced like the others), and one
+whose check fails. Code that reads a quantized layer's `.weight` instead of calling it (Jamba's dt_proj) gets the
+dequantized weight it computes with; assigning one raises. A router computed outside its block (by the parent
+module) is not told apart from a dense layer: such a model's routing would run on quantized weights.
 Each layer is checked once, at 1 and 16 rows of a random input, against the reference on its own quantized weight
 (torch's GEMM on the dequantized weight and the rounded rows).
 
@@ -27,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moec.backends.cpu_linear import unused
+from moec.backends import cpu_linear
 from moec.bindings import resolve
 from moec.quant import Int4Experts, QuantConfig, QuantLinear, dequantize, int8_rows
 
@@ -82,14 +85,16 @@ def install(model: nn.Module, cfg: QuantConfig, rejected: list[str]) -> tuple[in
     paths of the candidate blocks moec left alone. Returns (how many layers are quantized, earlier compiles'
     included; "name: reason" for each dense nn.Linear left fp32)."""
     group = cfg.group_size if isinstance(cfg, Int4Experts) else 1
-    skip, tied = unused(model), _tied(model)
+    skip, tied = cpu_linear.unused(model), _tied(model)
     for path in rejected:
         skip |= {id(m) for m in (resolve(model, path) if path else model).modules()}
     n, left = len(dense_layers(model)), []
     for name, m in list(model.named_modules()):
-        if type(m) is not nn.Linear or "forward" in m.__dict__ or id(m) in skip or m.out_features == 1:
+        if not isinstance(m, nn.Linear) or id(m) in skip or m.out_features == 1:
             continue
-        if m.in_features % group:
+        if type(m) is not nn.Linear or ("forward" in m.__dict__ and not cpu_linear.installed(m)):
+            left.append(f"{name}: {type(m).__name__} with a forward of its own")  # what it computes is not F.linear's
+        elif m.in_features % group:
             left.append(f"{name}: {m.in_features} inputs are not a multiple of the group size {group}")
         elif id(m.weight) in tied:
             left.append(f"{name}: its weight is tied to another module's")

@@ -598,9 +598,9 @@ def _check_dense(dense, backend: str, device: torch.device) -> None:
 def install_dense(model: nn.Module, report: Report, dense) -> None:
     """compile(dense=...) on the torch backend: the model's dense layers quantized (moec.backends.cpu_dense), once
     a block is rewritten (a model without MoE comes back unchanged)."""
-    report.dense = dense
     if dense is None or not report.blocks:
         return
+    report.dense = dense
     report.dense_layers, report.dense_left = cpu_dense.install(model, dense, [r.path for r in report.rejected])
     refuse_save_pretrained(model)  # the quantized layers' fp32 weights are gone
 
@@ -653,10 +653,10 @@ def refuse_save_pretrained(model: nn.Module) -> None:
 
 
 def _refuse_save_pretrained(*args, **kwargs):
-    raise NotImplementedError("moec: a model with quantized or offloaded experts has released its fp expert weights, "
-                              "so save_pretrained cannot write it: use moec.save(model, path) and "
-                              "moec.load(fresh_model, path) for quantized experts; keep the original checkpoint of an "
-                              "offloaded one")
+    raise NotImplementedError("moec: a model with quantized or offloaded experts, or dense layers quantized by "
+                              "dense=, has released those fp weights, so save_pretrained cannot write it: use "
+                              "moec.save(model, path) and moec.load(fresh_model, path) for quantized ones; keep the "
+                              "original checkpoint of an offloaded one")
 
 
 def inspect(model: nn.Module, *args, **kwargs) -> Report:

@@ -223,11 +223,26 @@ class QuantLinear(torch.nn.Module):
             self.register_buffer(k, v)
         self.bias = linear.bias
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight this layer computes with, dequantized [N, K] (for code that reads a layer's weight instead of
+        calling it, e.g. Jamba's dt_proj); read-only."""
+        b = self._buffers
+        return dequantize(self.cfg, {k: b[k] for k in ("q", "scale", "zero") if k in b})[0].to(b["scale"].dtype)
+
+    @weight.setter
+    def weight(self, value) -> None:
+        raise AttributeError(f"moec: this layer's weight is quantized ({self.cfg.describe()}) and read-only: to "
+                             f"change the weights, build a fresh model and compile it again")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from moec.backends import torch_backend
 
         if x.device.type != "cpu":
             raise NotImplementedError(f"moec: quantized linear layers run on CPU only, not {x.device.type}")
+        if not x.is_floating_point() or x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"moec: a quantized linear layer of {self.in_features} inputs takes floating-point "
+                             f"[..., {self.in_features}], not {x.dtype} {list(x.shape)}")
         b = self._buffers  # not hasattr(self, "zero"): a missing attribute costs an exception at every call
         a8 = self.int8_activations and not weight_only_active()
         y = torch_backend.quantized_linear(x.reshape(-1, self.in_features), (b["q"], b["scale"], b.get("zero")), a8)

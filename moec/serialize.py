@@ -98,6 +98,9 @@ def load(model: nn.Module, path: str, **compile_options) -> nn.Module:
     options = saved | compile_options  # options given here win over the file's
     if "dense" not in options and meta.get("dense"):  # the saved model's dense layers' format
         options["dense"] = _config(meta["dense"])
+    elif meta.get("dense") and "backend" not in saved and options["dense"] != _config(meta["dense"]):
+        raise ValueError(f"moec.load: {path} holds dense layers quantized with dense={_config(meta['dense'])!r}, not "
+                         f"{options['dense']!r}: load it without dense= (the file's format is used)")
     # a model saved on ONNX Runtime holds its weights as they were (its session quantizes them): another backend
     # loads them into the fresh model first, then compiles it (quantizing as the session did)
     weights_first = saved.get("backend") == "onnxruntime" and options.get("backend") != "onnxruntime"

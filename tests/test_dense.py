@@ -167,3 +167,61 @@ def test_dense_compiled_again_exported_and_refused():
     with pytest.warns(UserWarning, match="no MoE block"):
         moec.compile(mlp, dense=cfg)
     assert all(type(m) is nn.Linear for m in (mlp[0], mlp[2]))
+
+
+def test_code_reading_a_quantized_weight_gets_what_the_layer_computes_with():
+    """Jamba's Mamba mixer reads dt_proj.weight instead of calling the layer: a quantized layer's `.weight` is its
+    dequantized weight (the model runs, as its weight-only reference with those weights), read-only."""
+    cfg = Int8Experts()
+    model = models.tiny_model("jamba")
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in dense_names(ref):
+            w = ref.get_submodule(name).weight
+            w.copy_(dequantize(cfg, quantize(cfg, w[None]))[0])
+    compiled = moec.compile(model, dense=cfg)
+    mixer = next(m for m in compiled.modules() if hasattr(m, "dt_proj"))
+    assert isinstance(mixer.dt_proj, QuantLinear)
+    ids = models.example_inputs(model, seq=7)["input_ids"]
+    with torch.no_grad():
+        assert rel_err(compiled(ids).logits, ref(ids).logits) < TOL[torch.float32]
+    with pytest.raises(AttributeError, match="read-only"):
+        mixer.dt_proj.weight = torch.zeros_like(mixer.dt_proj.weight)
+
+
+def test_dense_after_decode_linears_and_what_is_said():
+    """A model compiled before (moec's decode_linears on its large layers) takes dense= on those layers too; nn.Linear
+    subclasses are left and named; a model without MoE reports no dense format; an int input or a wrong width is
+    refused in one line; moec.load with another dense= than the file's says which."""
+    from moec.backends import cpu_linear
+
+    model = models.tiny_model("mixtral")
+    with pytest.MonkeyPatch.context() as mp:  # the tiny model's layers count as large
+        mp.setattr(cpu_linear, "MIN_BYTES", 0)
+        mp.setattr(cpu_linear, "MIN_OUT", 0)
+        moec.compile(model)
+        assert moec.inspect(model).decode_linears == len(dense_names(model))
+        class Sub(nn.Linear):
+            pass
+        model.extra = Sub(64, 64)
+        moec.compile(model, dense=Int4Experts(32))
+    report = moec.inspect(model)
+    assert report.dense_layers == len(dense_names(models.tiny_model("mixtral")))
+    assert report.dense_left == ["extra: Sub with a forward of its own"]
+    layer = model.lm_head
+    with pytest.raises(ValueError, match="floating-point"):
+        layer(torch.ones(1, 64, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[\.\.\., 64\]"):
+        layer(torch.ones(1, 63))
+    mlp = nn.Sequential(nn.Linear(64, 64))
+    with pytest.warns(UserWarning, match="no MoE block"):
+        moec.compile(mlp, dense=Int4Experts(32))
+    assert moec.inspect(mlp).dense is None
+
+
+def test_load_with_another_dense_says_so(tmp_path):
+    cfg = Int4Experts(32)
+    moec.save(moec.compile(models.tiny_model("mixtral"), dense=cfg), tmp_path / "m.safetensors")
+    for other in (None, Int4Experts(64)):
+        with pytest.raises(ValueError, match="load it without dense="):
+            moec.load(models.tiny_model("mixtral"), tmp_path / "m.safetensors", dense=other)
