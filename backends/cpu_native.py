@@ -422,9 +422,10 @@ def _cpu_flags() -> str:
         return ""
 
 
-def build(flags: tuple[str, ...] = FLAGS) -> Path:
-    """The library for (source, compiler, flags, CPU), compiled once into the first writable cache directory.
-    RuntimeError where it cannot be (no compiler for x86-64, the compiler failed, nowhere to write)."""
+def build(flags: tuple[str, ...] = FLAGS, source: str = SOURCE, stem: str = "moec_native") -> Path:
+    """The library for (source, compiler, flags, CPU), compiled once into the first writable cache directory
+    (this file's kernels; backends/ort_kernels.py adds its op to them). RuntimeError where it cannot be (no
+    compiler for x86-64, the compiler failed, nowhere to write)."""
     cc = shlex.split(os.environ.get("CC", "")) or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
     if not cc or sys.platform == "win32" or platform.machine() not in ("x86_64", "AMD64"):
         raise RuntimeError("no C compiler for x86-64 found (install gcc or clang)")
@@ -432,8 +433,8 @@ def build(flags: tuple[str, ...] = FLAGS) -> Path:
         version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"{' '.join(cc)} --version failed: {e}") from None
-    key = "\n".join([SOURCE, *cc, version, " ".join(flags), _cpu_flags()])
-    name = f"moec_native_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    key = "\n".join([source, *cc, version, " ".join(flags), _cpu_flags()])
+    name = f"{stem}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     for d in _cache_dirs():
         if (d / name).exists():
             return d / name
@@ -442,8 +443,8 @@ def build(flags: tuple[str, ...] = FLAGS) -> Path:
         try:
             d.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=d) as tmp:
-                src, lib = Path(tmp) / "moec_native.c", Path(tmp) / name
-                src.write_text(SOURCE)
+                src, lib = Path(tmp) / f"{stem}.c", Path(tmp) / name
+                src.write_text(source)
                 subprocess.run([*cc, *flags, "-o", str(lib), str(src)], check=True, capture_output=True, text=True,
                                timeout=120)
                 os.replace(lib, d / name)  # atomic: a concurrent build writes the same bytes

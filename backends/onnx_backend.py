@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import moec.ops  # noqa: F401  (defines the op schemas)
+from moec.backends import ort_kernels
 from moec.backends.torch_backend import activate
 from moec.quant import (Int4Experts, Int8Experts, activation_group, dequantize, int8_rows, unpack_int4,
                         weight_only_active)
@@ -225,7 +226,7 @@ def ort_type_errors(graph) -> list[str]:
 @functools.cache
 def translations() -> dict:
     """torch op -> ONNX translation, for torch.onnx.export(custom_translation_table=...), with ORT's schemas of
-    com.microsoft::MoE / QMoE / GroupQueryAttention / LinearAttention registered with onnx."""
+    com.microsoft::MoE / QMoE / GroupQueryAttention / LinearAttention and moec::Int4Experts registered with onnx."""
     import onnx
     import onnxscript
 
@@ -260,5 +261,14 @@ def translations() -> dict:
         return msft.LinearAttention(query, key, value, past_state, decay, beta, q_num_heads=heads,
                                     kv_num_heads=heads, update_rule=rule, scale=scale)
 
+    def int4_experts(x, ids, weights, q13, s13, z13, b13, q2, s2, z2, b2, activation: str, gated: bool,
+                     alpha: float, limit: float, weight_on_input: bool, gate_up: str, int8_activations: bool = False):
+        # only the blocks lower_onnx left for moec's kernels (gated SiLU, no biases) reach the export as this op
+        inputs, attrs = ort_kernels.node_args(x, ids, weights, q13, s13, z13, q2, s2, z2, int8_activations, gate_up)
+        return moec_ops.Int4Experts(*inputs, **attrs)
+
+    ort_kernels.register_schema()
+    moec_ops = onnxscript.values.Opset(ort_kernels.DOMAIN, 1)
     return {torch.ops.moec.ort_moe.default: moe, torch.ops.moec.ort_qmoe.default: qmoe,
+            torch.ops.moec.experts_int4.default: int4_experts,
             torch.ops.moec.ort_gqa.default: gqa, torch.ops.moec.ort_linear_attention.default: linear_attention}

@@ -15,7 +15,9 @@ returned before for that cache object (the whole past: a sliding-window layer's 
 the new keys/values are appended to the HF cache so `generate` counts positions as usual (attention as
 GroupQueryAttention nodes, moec.export_gqa: a call of several tokens after a past at batch > 1, which ORT's
 kernel refuses, runs one row at a time); their plain greedy `generate` calls run in one loop around the session
-(backends/ort_generate.py). Other models
+(backends/ort_generate.py). Int4 experts on the CPU provider run moec's own kernels inside the session where a
+block fits them (a custom-op library, backends/ort_kernels.py, registered on the session options; on a caller's
+ort.SessionOptions once, which keeps it), else ORT's QMoE; MOEC_NATIVE=0 keeps QMoE. Other models
 run without KV cache (`generation_config.use_cache = False`): generate recomputes the whole sequence.
 """
 
@@ -36,6 +38,8 @@ from moec.log import log
 # max relative error of the session's outputs against eager on the first call, per activation dtype
 CHECK_TOL = {torch.float32: 1e-4, torch.float16: 2e-2}
 # non-tensor arguments a call may pass with these values (use_cache and past_key_values: see _cached)
+# ort.SessionOptions objects moec's custom-op library is registered on (a caller's object: once, and it keeps it)
+_REGISTERED: weakref.WeakSet = weakref.WeakSet()
 _FIXED = {"return_dict": True, "output_attentions": False, "output_hidden_states": False,
           "output_router_logits": False}
 
@@ -91,6 +95,16 @@ class OrtForward:
         self._past = weakref.WeakKeyDictionary()  # HF cache -> (the session's last present arrays, its tensors then)
         self._fallback_said: set[str] = set()  # blocks warned of (see _take_export)
         self.use_cache = None  # the generation config's use_cache before install set it (None: left as it was)
+        self.kernels = self._kernels()  # moec's int4 experts kernels as an ORT custom-op library (or None)
+
+    def _kernels(self) -> str | None:
+        """The custom-op library (backends/ort_kernels.py) for int4 experts on CPU (None with MOEC_NATIVE=0)."""
+        from moec.backends import ort_kernels
+        from moec.quant import Int4Experts
+
+        if not isinstance(self.quantize, Int4Experts) or self.providers[0] != "CPUExecutionProvider":
+            return None
+        return ort_kernels.library()
 
     def __getstate__(self):  # pickle / deepcopy: sessions, their files and cache records are opened again
         return {**self.__dict__, "tmp": None, "sessions": {}, "weights": None, "_past": None}
@@ -98,6 +112,7 @@ class OrtForward:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.tmp, self._past = tempfile.TemporaryDirectory(prefix="moec-ort-"), weakref.WeakKeyDictionary()
+        self.kernels = self._kernels()  # built in this process (a path of another may not exist here)
 
     def __call__(self, *args, **kwargs):
         bound = self.signature.bind(*args, **kwargs)
@@ -263,6 +278,7 @@ class OrtForward:
             layout = layer_layout(model, _widen(ids))
             log.info(f"exporting {type(model).__name__} to ONNX with its KV cache for onnxruntime")
             exported = export_onnx(model, {"input_ids": _widen(ids)}, path, quantize=self.quantize, dense=self.dense,
+                                   _moec_kernels=self.kernels is not None,
                                    provider=provider, kv_cache=True)
             probe = _long({"input_ids": _widen(ids)})["input_ids"]
             with torch.no_grad():
@@ -319,7 +335,8 @@ class OrtForward:
                 eager = model(**tensors)
             log.info(f"exporting {type(model).__name__} to ONNX for onnxruntime (inputs {', '.join(tensors)})")
             exported = export_onnx(model, {n: _widen(t) for n, t in tensors.items()}, path, quantize=self.quantize,
-                                   dense=self.dense, provider=provider, kv_cache=False)
+                                   dense=self.dense, provider=provider, kv_cache=False,
+                                   _moec_kernels=self.kernels is not None)
         session = self._session(path)
         self._take_export(exported)
         names = [i.name for i in session.get_inputs()]
@@ -337,7 +354,11 @@ class OrtForward:
     def _session(self, path: str):
         import onnxruntime as ort
 
-        session = ort.InferenceSession(path, sess_options=session_options(self.options), providers=self.providers)
+        options = session_options(self.options)
+        if self.kernels and options not in _REGISTERED:  # ORT refuses a domain registered twice on one object
+            options.register_custom_ops_library(self.kernels)
+            _REGISTERED.add(options)
+        session = ort.InferenceSession(path, sess_options=options, providers=self.providers)
         ran = session.get_providers()[0]
         self.report.backend = f"onnxruntime ({ran})"
         if ran != self.providers[0]:

@@ -74,10 +74,14 @@ def _numerics(backend: str, cfg: QuantConfig, pipeline: str = "") -> str:
                "the rounded rows on dequantized weights (fp32 GEMMs: the native kernel is not built)")
         return (f"(routed experts: int8 activations per group of {cfg.group_size} inputs, as ONNX Runtime's; {how}; "
                 f"the rest weight-only)")
+    kernel = "ONNX Runtime's QMoE kernel"
+    if backend.startswith("onnxruntime") and isinstance(cfg, Int4Experts) and "(CPU" in backend:
+        kernel = ("moec's int4 kernels as an ONNX Runtime custom op where a block fits them (gated SiLU, no biases; "
+                  "else QMoE: .export.blocks says which)")
     if cfg.activations == "int8":
-        return f"(int8 activations per group of {activation_group(cfg)}, int8 dot products: ONNX Runtime's QMoE kernel)"
+        return f"(int8 activations per group of {activation_group(cfg)}, int8 dot products: {kernel})"
     if backend.startswith("onnxruntime"):
-        return "(weight-only, ONNX Runtime's QMoE kernel)"
+        return f"(weight-only, {kernel})"
     if backend == "triton":
         return "(weight-only: activations in the model's dtype, fp32 accumulation)"
     if isinstance(cfg, Int4Experts) and backend == "torch" and "lower_onnx" not in pipeline:

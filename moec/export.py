@@ -46,7 +46,7 @@ PROVIDERS = ("cpu", "cuda")
 @dataclass
 class ExportBlock:
     path: str
-    op: str  # "MoE", "QMoE" or "fallback" (standard ONNX ops)
+    op: str  # "MoE", "QMoE", "fallback" (standard ONNX ops) or "moec::Int4Experts" (backend="onnxruntime" only)
     why: str  # the routing fed to the contrib op, or why the block fell back
     router: str
     experts: str
@@ -84,7 +84,8 @@ class ExportReport:
         for col in ("block", "ONNX op", "routing / why", "router", "experts"):
             t.add_column(col)
         for b in self.blocks:
-            t.add_row(b.path, b.op if b.op == "fallback" else f"com.microsoft::{b.op}", b.why, b.router, b.experts)
+            t.add_row(b.path, b.op if b.op == "fallback" or "::" in b.op else f"com.microsoft::{b.op}", b.why,
+                      b.router, b.experts)
         for r in self.rejected:
             t.add_row(r.path, "as traced", f"[not an MoE moec rewrote] {r.reason}", "", "")
         return t
@@ -506,7 +507,8 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
                 quantize: QuantConfig | None = None, provider: str = "cpu", opset: int | None = None,
                 external_data: bool | None = None, kv_cache: bool | None = None,
                 dense: QuantConfig | None = None, expert_slices: int | None = None,
-                attention: str | None = None, _cache_halves: bool = False, _repeat_layers: bool = True) -> ExportReport:
+                attention: str | None = None, _cache_halves: bool = False, _repeat_layers: bool = True,
+                _moec_kernels: bool = False) -> ExportReport:
     """Export `model` (left unchanged) to ONNX at `path`; return what became of each MoE block.
 
     example_inputs: positional args (a tuple) or keyword args (a dict) of model(...); their batch and
@@ -578,7 +580,8 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     pipeline = DEFAULT_PIPELINE + (",quantize_experts" if quantize else "") + ",lower_onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a model without MoE block exports as it is
-        compile(work, backend="torch", passes=pipeline, quantize=quantize, _onnx={"expert_slices": expert_slices})
+        compile(work, backend="torch", passes=pipeline, quantize=quantize,
+                _onnx={"expert_slices": expert_slices, "moec_kernels": _moec_kernels})
     compiled = inspect(work)
     if not compiled.blocks and not compiled.rejected:
         warnings.warn(f"moec.export_onnx: no MoE block found in {type(model).__name__}; it is exported as it is",
@@ -641,7 +644,8 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     for b in compiled.blocks:
         info = resolve(work, b.path).__dict__["_moec_graph"].meta["onnx"]
         report.blocks.append(ExportBlock(b.path, info["op"], info["why"], b.router, b.experts))
-    nodes = sum(n.domain == "com.microsoft" and n.op_type in ("MoE", "QMoE") for n in proto.graph.node)
+    nodes = sum((n.domain, n.op_type) in (("com.microsoft", "MoE"), ("com.microsoft", "QMoE"), ("moec", "Int4Experts"))
+                for n in proto.graph.node)
     contrib = sum(b.op != "fallback" for b in report.blocks)
     if nodes != contrib:  # each rewritten block must be exactly its one node
         raise RuntimeError(f"moec.export_onnx: the exported graph has {nodes} MoE/QMoE node(s) for {contrib} "

@@ -20,11 +20,17 @@ experts as ONE op that exports to ONNX Runtime's contrib node, weights in ORT's 
         log-weights routing, x s*sum(w) after: the block is the sum of its slices
     input-side weighting, top-1 (Llama 4): x * w [T, H] into the op, log-weights of weight 1
 
+moec's kernels (backend="onnxruntime" asks for them, export_onnx's files never hold them): int4 experts of gated
+SiLU without biases stay `moec.experts_int4`, exported as moec::Int4Experts (backends/ort_kernels.py, a custom op
+the session registers), ids and w from the graph's routing:
+
+        y = moec.experts_int4(x, ids, w, Q13, S13, Z13?, None, Q2, S2, Z2?, None, ...)   # unchanged
+
 A block ORT's op cannot compute exactly falls back to `experts_dense` (every expert on every token
 in standard ops, quantized weights dequantized in the graph), with the reason: an activation ORT
 lacks (exact GELU, GeGLU, ReGLU), input-side weighting of k > 1 experts, or routing weights that can
 be negative (raw logits). Invariant: the graph computes the block (to rounding) and exports with
-torch.export; `meta["onnx"]` says which op each block became and why. Stats: contrib, fallback.
+torch.export; `meta["onnx"]` says which op each block became and why. Stats: contrib, fallback, moec.
 """
 
 from __future__ import annotations
@@ -106,7 +112,7 @@ def lower_onnx(gm) -> PassResult:
     spec, g = gm.meta["moe_spec"], gm.graph
     block = gm.meta["block"]
     E = spec.experts.num_experts
-    stats = {"contrib": 0, "fallback": 0}
+    stats = {"contrib": 0, "fallback": 0, "moec": 0}
     for node in list(g.nodes):
         if node.target is torch.ops.moec.route:
             node.target, node.kwargs = route_math, {"num_experts": E}
@@ -120,6 +126,12 @@ def lower_onnx(gm) -> PassResult:
         quant = node.target in (torch.ops.moec.experts_int8, torch.ops.moec.experts_int4)
         dtype = next(block.parameters()).dtype if quant else role_value(gm, node.args[3]).dtype  # x's dtype
         reason = fallback_reason(spec)
+        kept = None if reason else moec_kernel_reason(gm, node, spec, dtype)
+        if kept == "":  # moec's kernels in ORT: the node stays, exported as moec::Int4Experts (onnx_backend)
+            stats["moec"] += 1
+            gm.meta["onnx"] = {"op": "moec::Int4Experts", "why": "moec's int4 kernels in ONNX Runtime (custom op, "
+                               "backends/ort_kernels.py); routing in ONNX ops"}
+            continue
         with g.inserting_before(node):
             if reason:
                 stats["fallback"] += 1
@@ -131,11 +143,33 @@ def lower_onnx(gm) -> PassResult:
             else:
                 stats["contrib"] += 1
                 new = _contrib_node(gm, node, spec, quant, dtype)
+                if kept:
+                    gm.meta["onnx"]["why"] += f"; not moec's kernels: {kept}"
         node.replace_all_uses_with(new)
         g.erase_node(node)
     g.eliminate_dead_code()
     drop_unused_roles(gm)
     return PassResult(gm, sum(stats.values()) > 0, stats)
+
+
+def moec_kernel_reason(gm, node, spec, dtype) -> str | None:
+    """None: moec's kernels were not asked for (export_onnx's files run on any ONNX Runtime); "": this int4 block
+    runs them (the backend="onnxruntime" session registers backends/ort_kernels.py); else why it does not."""
+    if not gm.meta["options"].get("onnx", {}).get("moec_kernels") or node.target is not torch.ops.moec.experts_int4:
+        return None
+    from moec.backends import cpu_native, ort_kernels
+
+    e, cfg = spec.experts, spec.quant
+    b13, b2 = _biases(node)
+    if not (e.gated and e.activation == "silu") or e.weight_on_input or b13 is not None or b2 is not None:
+        return "they take gated SiLU experts without biases"
+    if dtype != torch.float32 or cfg.group_size not in (32, 64, 128):
+        return "they take fp32 activations and groups of 32, 64 or 128"
+    if ort_kernels.library() is None:
+        return "the library is not built (see the log)"
+    if cfg.activations != "int8" and not cpu_native.has_f32():
+        return "weight-only rows need an AVX-512 CPU"
+    return ""
 
 
 def _const(gm, name: str, tensor: torch.Tensor):

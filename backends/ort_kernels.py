@@ -1,0 +1,455 @@
+"""moec's int4 experts kernels inside an ONNX Runtime session: a custom-op library (backend="onnxruntime").
+
+    moec::Int4Experts(x [T, H] fp32, ids [T, k] int64, w [T, k] fp32,
+                      q13 u8 [E, 2I, H/2], s13 [E, 2I, H/g] fp32, z13 u8 [E, 2I, H/g] or [0],
+                      q2 u8 [E, H, I/2], s2 [E, H, I/g] fp32, z2 u8 [E, H, I/g] or [0];
+                      int8_activations, gate_up) -> y [T, H] fp32
+        y[t] = sum_j w[t, j] * W2[e] (silu(gate) * up)(W13[e] x[t]),  e = ids[t, j]
+
+What moec::experts_int4 computes for gated SiLU experts without biases (Mixtral, Qwen-MoE, DeepSeek, ...), weights
+in moec's int4 format as stored (moec.quant), on the kernels of backends/cpu_native.py (the same C source is built
+into this library): int8_activations, each GEMM input rounded to int8 per group of the weights (moec_pack_a8) and
+int8 dot products; else fp32 rows (AVX-512 builds only). Routing stays in the graph (ids and w are its outputs),
+so the op takes any router moec proves. The step: sort the (token, slot) pairs by expert, round (or reorder) each
+token's row once, FC1 over (expert, chunk of output channels) work items, SiLU-and-multiply and round each row,
+FC2 likewise, then each token's weighted sum in slot order, as moec's torch op (backends/torch_backend.py
+`_native_int4`). Threads: ONNX Runtime's own intra-op pool (OrtApi::KernelContext_ParallelFor), so the kernels
+and the session's other nodes share one pool.
+
+Why: ORT's QMoE streams the experts' weights at ~15 GB/s at one token, moec's kernels at up to ~25 (the
+VM's bandwidth); the experts are two thirds of a quantized decode step (docs/benchmarks.md).
+
+The ABI: the onnxruntime wheel ships no C headers, so the declarations below are ours, from ONNX Runtime's
+onnxruntime_c_api.h (API version 20 or later): OrtApi is a table of function pointers that only grows, used here
+by index; registration checks one index against a known string (GetBuildInfoString) and fails (the session
+refuses the library, moec keeps QMoE) if the table is not laid out as expected. OrtCustomOp version 16: the V2
+callbacks, which return a status (shape errors reach the caller as an ORT error, not a crash).
+
+Built like cpu_native's library (the system C compiler, moec's cache directory), with that file's kernels;
+`library()` is None where it cannot be (no compiler, no AVX2/FMA, MOEC_NATIVE=0, onnxruntime older than 1.20):
+lower_onnx then keeps ORT's QMoE.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from moec.log import log
+
+DOMAIN = "moec"
+OP = "Int4Experts"
+GATE_UP = {"halves": 0, "halves_up_first": 1, "interleave": 2, "interleave_up_first": 3}  # moec.ir.GATE_UPS
+MIN_ORT = (1, 20)
+
+OP_SOURCE = r"""
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#define EXPORT __attribute__((visibility("default")))  /* built with -fvisibility=hidden: the kernels stay ours */
+
+/* ---- ONNX Runtime's C ABI, as much of it as this op uses (onnxruntime_c_api.h) ---- */
+typedef struct OrtStatus OrtStatus;
+typedef struct OrtValue OrtValue;
+typedef struct OrtKernelInfo OrtKernelInfo;
+typedef struct OrtKernelContext OrtKernelContext;
+typedef struct OrtShapeInfo OrtShapeInfo;
+typedef struct OrtCustomOpDomain OrtCustomOpDomain;
+typedef struct OrtSessionOptions OrtSessionOptions;
+typedef void *const *OrtApiTable;  /* struct OrtApi: function pointers in a fixed order that only grows */
+typedef struct { OrtApiTable (*GetApi)(uint32_t); const char *(*GetVersionString)(void); } OrtApiBase;
+enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2, T_FLOAT = 1, T_UINT8 = 2, T_INT64 = 7, REQUIRED = 0, OPTIONAL = 1 };
+enum { CreateStatus = 0, CreateCustomOpDomain = 26, CustomOpDomain_Add = 27, AddCustomOpDomain = 28,  /* OrtApi */
+       GetTensorMutableData = 51, GetDimensionsCount = 61, GetDimensions = 62, GetTensorTypeAndShape = 65,
+       KernelInfoGetAttribute_int64 = 86, KernelContext_GetInput = 90, KernelContext_GetOutput = 91,
+       ReleaseTensorTypeAndShapeInfo = 99, GetBuildInfoString = 254, KernelContext_ParallelFor = 274 };
+#define API_VERSION 20  /* GetApi(20): ONNX Runtime 1.20 or later, whose table holds every index above */
+
+typedef struct OrtCustomOp {  /* version 16: the fields up to KernelComputeV2 */
+    uint32_t version;
+    void *(*CreateKernel)(const struct OrtCustomOp *, OrtApiTable, const OrtKernelInfo *);
+    const char *(*GetName)(const struct OrtCustomOp *);
+    const char *(*GetExecutionProviderType)(const struct OrtCustomOp *);
+    int (*GetInputType)(const struct OrtCustomOp *, size_t);
+    size_t (*GetInputTypeCount)(const struct OrtCustomOp *);
+    int (*GetOutputType)(const struct OrtCustomOp *, size_t);
+    size_t (*GetOutputTypeCount)(const struct OrtCustomOp *);
+    void (*KernelCompute)(void *, OrtKernelContext *);
+    void (*KernelDestroy)(void *);
+    int (*GetInputCharacteristic)(const struct OrtCustomOp *, size_t);
+    int (*GetOutputCharacteristic)(const struct OrtCustomOp *, size_t);
+    int (*GetInputMemoryType)(const struct OrtCustomOp *, size_t);
+    int (*GetVariadicInputMinArity)(const struct OrtCustomOp *);
+    int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp *);
+    int (*GetVariadicOutputMinArity)(const struct OrtCustomOp *);
+    int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp *);
+    OrtStatus *(*CreateKernelV2)(const struct OrtCustomOp *, OrtApiTable, const OrtKernelInfo *, void **);
+    OrtStatus *(*KernelComputeV2)(void *, OrtKernelContext *);
+} OrtCustomOp;
+
+static OrtApiTable api;
+#define CALL(type, index, ...) ((OrtStatus *(*)type)api[index])(__VA_ARGS__)
+#define CHECK(expr) do { OrtStatus *status_ = (expr); if (status_) return status_; } while (0)
+
+static OrtStatus *error(int code, const char *fmt, ...) {
+    char msg[320];
+    va_list args;
+    va_start(args, fmt);
+    int n = snprintf(msg, sizeof msg, "moec::Int4Experts: ");
+    vsnprintf(msg + n, sizeof msg - n, fmt, args);
+    va_end(args);
+    return ((OrtStatus *(*)(int, const char *))api[CreateStatus])(code, msg);
+}
+
+/* ---- the op ---- */
+enum { NIN = 9, CH = 64 };  /* inputs; output channels per work item (a multiple of the kernel's tile of 4) */
+static const int in_types[NIN] = {T_FLOAT, T_INT64, T_FLOAT, T_UINT8, T_FLOAT, T_UINT8, T_UINT8, T_FLOAT, T_UINT8};
+static const char *in_names[NIN] = {"x", "ids", "w", "q13", "s13", "z13", "q2", "s2", "z2"};
+
+typedef struct { int64_t a8, gate_up; } Kernel;
+
+typedef struct {  /* one matrix of every expert, moec's int4 format: q [E, N, K/2], s [E, N, G], z [E, N, G] or NULL */
+    const uint8_t *q; const float *s; const uint8_t *z; int64_t N, K, G;
+} Matrix;
+
+typedef struct {  /* one call */
+    int a8, gate_up;
+    int64_t T, k, H, I;
+    const float *x, *w;
+    Matrix m13, m2;
+    int64_t *first, *active, *row_of, *token;  /* expert e's rows first[e]..first[e+1]; pair t*k+j's row; row's token */
+    void *x1, *x2; float *s1, *s2; int32_t *i1, *i2;  /* FC1's and FC2's input rows (int8 + steps + sums, or fp32) */
+    float *h, *a, *o, *y;  /* FC1's output [R, 2I]; an activation row per row [R, I]; FC2's output [R, H]; [T, H] */
+    const Matrix *m; const void *in; const float *in_s; const int32_t *in_i; float *out;  /* the GEMM that runs */
+} Step;
+
+static void gemm_item(void *p, size_t item) {  /* (active expert, CH output channels) of s->m */
+    Step *s = p;
+    const Matrix *m = s->m;
+    int64_t chunks = (m->N + CH - 1) / CH, e = s->active[item / chunks], j0 = (int64_t)(item % chunks) * CH;
+    int64_t r0 = s->first[e], G = m->G, j1 = j0 + CH < m->N ? j0 + CH : m->N;
+    const void *x = s->a8 ? (const void *)((const int8_t *)s->in + r0 * m->K) : (const void *)((const float *)s->in + r0 * m->K);
+    moec_int4(x, s->a8 ? s->in_s + r0 * G : NULL, s->a8 ? s->in_i + r0 * G : NULL, s->first[e + 1] - r0, m->K,
+              m->q + e * m->N * (m->K / 2), m->s + e * m->N * G, m->z ? m->z + e * m->N * G : NULL, G,
+              s->out + r0 * m->N, m->N, j0, j1);
+}
+
+/* fp32 row v [K] into the kernel's input row: int8 per group (a8: x8 [K], steps sx [K/g], sums xi [K/g]), or each
+   32 inputs as (the evens | the odds) */
+static void kernel_row(const Step *s, const float *v, int64_t K, int64_t G, void *x, float *sx, int32_t *xi) {
+    if (s->a8) {
+        moec_pack_a8(v, K, K / G, (int8_t *)x, sx, xi, 0, 1);
+        return;
+    }
+    float *o = x;
+    for (int64_t b = 0; b < K; b += 32)
+        for (int i = 0; i < 16; i++) o[b + i] = v[b + 2 * i], o[b + 16 + i] = v[b + 2 * i + 1];
+}
+
+static void input_item(void *p, size_t r) {  /* FC1's input row r: its token's */
+    Step *s = p;
+    int64_t H = s->H, G = s->m13.G, size = s->a8 ? 1 : 4;
+    kernel_row(s, s->x + s->token[r] * H, H, G, (char *)s->x1 + r * H * size, s->s1 + r * G, s->i1 + r * G);
+}
+
+static void act_item(void *p, size_t r) {  /* FC1's output row r -> silu(gate) * up -> FC2's input row r */
+    Step *s = p;
+    int64_t I = s->I, G = s->m2.G, size = s->a8 ? 1 : 4;
+    const float *h = s->h + r * 2 * I;
+    float *a = s->a + r * I;
+    for (int64_t i = 0; i < I; i++) {
+        /* gate_up: 0 halves (gate, up), 1 halves up first, 2 interleaved (g0 u0 g1 u1 ...), 3 interleaved up first */
+        int64_t gi = s->gate_up & 2 ? 2 * i + (s->gate_up & 1) : i + (s->gate_up & 1) * I;
+        int64_t ui = s->gate_up & 2 ? 2 * i + 1 - (s->gate_up & 1) : i + (1 - (s->gate_up & 1)) * I;
+        float g = h[gi];
+        a[i] = g / (1.f + expf(-g)) * h[ui];  /* F.silu(gate) * up, in fp32 */
+    }
+    kernel_row(s, a, I, G, (char *)s->x2 + r * I * size, s->s2 + r * G, s->i2 + r * G);
+}
+
+static void combine_item(void *p, size_t t) {  /* token t: its slots' outputs times their weights, in slot order */
+    Step *s = p;
+    int64_t H = s->H, k = s->k;
+    float *y = s->y + t * H;
+    memset(y, 0, H * sizeof(float));
+    for (int64_t j = 0; j < k; j++) {
+        const float *o = s->o + s->row_of[t * k + j] * H;
+        float wj = s->w[t * k + j];
+        for (int64_t h = 0; h < H; h++) y[h] += wj * o[h];
+    }
+}
+
+static OrtStatus *parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t n, Step *s) {
+    if (n == 1) {
+        fn(s, 0);
+        return NULL;
+    }
+    return CALL((const OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *), KernelContext_ParallelFor,
+                ctx, fn, n, 0, s);
+}
+
+typedef struct { const OrtValue *v; void *data; int64_t dims[4]; size_t rank; int64_t numel; } Input;
+
+static OrtStatus *get_input(OrtKernelContext *ctx, size_t i, Input *in) {
+    memset(in, 0, sizeof *in);
+    CHECK(CALL((const OrtKernelContext *, size_t, const OrtValue **), KernelContext_GetInput, ctx, i, &in->v));
+    if (!in->v)
+        return NULL;  /* an optional input left out */
+    OrtShapeInfo *info;
+    CHECK(CALL((const OrtValue *, OrtShapeInfo **), GetTensorTypeAndShape, in->v, &info));
+    OrtStatus *st = CALL((const OrtShapeInfo *, size_t *), GetDimensionsCount, info, &in->rank);
+    if (!st && in->rank > 4)
+        st = error(ORT_INVALID_ARGUMENT, "%s has %zu dimensions", in_names[i], in->rank);
+    if (!st)
+        st = CALL((const OrtShapeInfo *, int64_t *, size_t), GetDimensions, info, in->dims, in->rank);
+    ((void (*)(OrtShapeInfo *))api[ReleaseTensorTypeAndShapeInfo])(info);
+    CHECK(st);
+    in->numel = 1;
+    for (size_t d = 0; d < in->rank; d++) in->numel *= in->dims[d];
+    return CALL((const OrtValue *, void **), GetTensorMutableData, in->v, &in->data);
+}
+
+static int shape_is(const Input *in, int64_t a, int64_t b, int64_t c) {
+    return in->rank == 3 && in->dims[0] == a && in->dims[1] == b && in->dims[2] == c;
+}
+
+static OrtStatus *matrix(const Input *in, int i, int64_t E, int64_t N, int64_t K, Matrix *m) {
+    /* inputs i, i+1, i+2: q [E, N, K/2], s [E, N, G], z (absent, empty or [E, N, G]); groups of 32, 64 or 128 */
+    const Input *q = in + i, *s = in + i + 1, *z = in + i + 2;
+    int64_t G = s->rank == 3 ? s->dims[2] : 0;
+    if (K % 32 || !shape_is(q, E, N, K / 2) || G <= 0 || K % G || (K / G != 32 && K / G != 64 && K / G != 128) ||
+        !shape_is(s, E, N, G) || (z->v && z->numel && !shape_is(z, E, N, G)))
+        return error(ORT_INVALID_ARGUMENT, "%s/%s/%s are not moec's int4 format of [%lld, %lld, %lld] in groups of "
+                     "32, 64 or 128", in_names[i], in_names[i + 1], in_names[i + 2], (long long)E, (long long)N,
+                     (long long)K);
+    *m = (Matrix){q->data, s->data, z->v && z->numel ? z->data : NULL, N, K, G};
+    return NULL;
+}
+
+static OrtStatus *run(Step *s, OrtKernelContext *ctx, int64_t E, const int64_t *ids);
+
+static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
+    const Kernel *kn = kernel;
+    Input in[NIN];
+    for (size_t i = 0; i < NIN; i++) CHECK(get_input(ctx, i, in + i));
+    const Input *x = in, *ids = in + 1, *w = in + 2;
+    if (x->rank != 2 || ids->rank != 2 || ids->dims[0] != x->dims[0] || w->rank != 2 || w->dims[0] != ids->dims[0] ||
+        w->dims[1] != ids->dims[1] || in[3].rank != 3 || in[3].dims[1] % 2)
+        return error(ORT_INVALID_ARGUMENT, "x [T, H], ids [T, k], w [T, k] and q13 [E, 2I, H/2] do not fit");
+    Step s = {.a8 = (int)kn->a8, .gate_up = (int)kn->gate_up, .T = x->dims[0], .k = ids->dims[1], .H = x->dims[1],
+              .I = in[3].dims[1] / 2, .x = x->data, .w = w->data};
+    int64_t E = in[3].dims[0];
+    CHECK(matrix(in, 3, E, 2 * s.I, s.H, &s.m13));
+    CHECK(matrix(in, 6, E, s.H, s.I, &s.m2));
+#ifndef __AVX512F__
+    if (!s.a8)
+        return error(ORT_FAIL, "fp32 rows need the AVX-512 build of the kernels");
+#endif
+    int64_t dims[2] = {s.T, s.H};
+    OrtValue *y;
+    CHECK(CALL((OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **), KernelContext_GetOutput, ctx, 0,
+               dims, 2, &y));
+    CHECK(CALL((const OrtValue *, void **), GetTensorMutableData, y, (void **)&s.y));
+    if (s.T == 0)
+        return NULL;
+    return run(&s, ctx, E, ids->data);
+}
+
+static OrtStatus *run(Step *s, OrtKernelContext *ctx, int64_t E, const int64_t *ids) {
+    int64_t T = s->T, k = s->k, R = T * k, H = s->H, I = s->I, G1 = s->m13.G, G2 = s->m2.G, size = s->a8 ? 1 : 4;
+    for (int64_t p = 0; p < R; p++)
+        if (ids[p] < 0 || ids[p] >= E)
+            return error(ORT_INVALID_ARGUMENT, "expert id %lld out of [0, %lld)", (long long)ids[p], (long long)E);
+    int64_t *idx = calloc(2 * (E + 1) + E + 2 * R, sizeof(int64_t));
+    s->first = idx, s->active = idx + 2 * (E + 1), s->row_of = s->active + E, s->token = s->row_of + R;
+    int64_t *next = idx + E + 1;
+    char *buf = malloc(R * (H * size + 2 * I * 4 + I * 4 + I * size + H * 4) + R * (G1 + G2) * 8 + 64);
+    if (!idx || !buf) {
+        free(idx), free(buf);
+        return error(ORT_FAIL, "out of memory");
+    }
+    /* the pairs sorted by expert, each expert's in (token, slot) order */
+    for (int64_t p = 0; p < R; p++) s->first[ids[p] + 1]++;
+    int64_t nact = 0;
+    for (int64_t e = 0; e < E; e++) {
+        if (s->first[e + 1]) s->active[nact++] = e;
+        s->first[e + 1] += s->first[e];
+        next[e] = s->first[e];
+    }
+    for (int64_t p = 0; p < R; p++) {
+        int64_t r = next[ids[p]]++;
+        s->row_of[p] = r, s->token[r] = p / k;
+    }
+    char *b = buf;
+    s->h = (float *)b, b += R * 2 * I * 4;
+    s->a = (float *)b, b += R * I * 4;
+    s->o = (float *)b, b += R * H * 4;
+    s->s1 = (float *)b, b += R * G1 * 4;
+    s->i1 = (int32_t *)b, b += R * G1 * 4;
+    s->s2 = (float *)b, b += R * G2 * 4;
+    s->i2 = (int32_t *)b, b += R * G2 * 4;
+    s->x1 = b, b += R * H * size;
+    s->x2 = b;
+    OrtStatus *st = parallel(ctx, input_item, R, s);
+    if (!st) {
+        s->m = &s->m13, s->in = s->x1, s->in_s = s->s1, s->in_i = s->i1, s->out = s->h;
+        st = parallel(ctx, gemm_item, nact * ((2 * I + CH - 1) / CH), s);
+    }
+    if (!st) st = parallel(ctx, act_item, R, s);
+    if (!st) {
+        s->m = &s->m2, s->in = s->x2, s->in_s = s->s2, s->in_i = s->i2, s->out = s->o;
+        st = parallel(ctx, gemm_item, nact * ((H + CH - 1) / CH), s);
+    }
+    if (!st) st = parallel(ctx, combine_item, T, s);
+    free(idx), free(buf);
+    return st;
+}
+
+static OrtStatus *create(const OrtCustomOp *op, OrtApiTable a, const OrtKernelInfo *info, void **out) {
+    Kernel *kn = calloc(1, sizeof *kn);
+    if (!kn)
+        return error(ORT_FAIL, "out of memory");
+    OrtStatus *st = CALL((const OrtKernelInfo *, const char *, int64_t *), KernelInfoGetAttribute_int64, info,
+                         "int8_activations", &kn->a8);
+    if (!st)
+        st = CALL((const OrtKernelInfo *, const char *, int64_t *), KernelInfoGetAttribute_int64, info, "gate_up",
+                  &kn->gate_up);
+    if (!st && (kn->gate_up < 0 || kn->gate_up > 3))
+        st = error(ORT_INVALID_ARGUMENT, "gate_up %lld is not 0-3", (long long)kn->gate_up);
+    if (st) {
+        free(kn);
+        return st;
+    }
+    *out = kn;
+    return NULL;
+}
+
+static void destroy(void *kernel) { free(kernel); }
+static const char *name(const OrtCustomOp *op) { return "Int4Experts"; }
+static const char *provider(const OrtCustomOp *op) { return "CPUExecutionProvider"; }
+static int input_type(const OrtCustomOp *op, size_t i) { return in_types[i]; }
+static size_t inputs(const OrtCustomOp *op) { return NIN; }
+static int output_type(const OrtCustomOp *op, size_t i) { return T_FLOAT; }
+static size_t outputs(const OrtCustomOp *op) { return 1; }
+static int input_kind(const OrtCustomOp *op, size_t i) { return i == 5 || i == 8 ? OPTIONAL : REQUIRED; }
+static int output_kind(const OrtCustomOp *op, size_t i) { return REQUIRED; }
+static int memory(const OrtCustomOp *op, size_t i) { return 0; }  /* OrtMemTypeDefault */
+static int one(const OrtCustomOp *op) { return 1; }
+
+static const OrtCustomOp op = {
+    .version = 16, .GetName = name, .GetExecutionProviderType = provider, .GetInputType = input_type,
+    .GetInputTypeCount = inputs, .GetOutputType = output_type, .GetOutputTypeCount = outputs,
+    .KernelDestroy = destroy, .GetInputCharacteristic = input_kind, .GetOutputCharacteristic = output_kind,
+    .GetInputMemoryType = memory, .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = one,
+    .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = create,
+    .KernelComputeV2 = compute};
+
+/* SessionOptions.register_custom_ops_library calls this */
+EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+    api = base->GetApi(API_VERSION);
+    if (!api)
+        return NULL;  /* too old to make a status: the session then fails on the unknown op, naming it */
+    const char *info = ((const char *(*)(void))api[GetBuildInfoString])();
+    if (!info || strncmp(info, "ORT Build Info", 14))
+        return error(ORT_FAIL, "this onnxruntime's C API is not laid out as the library expects");
+    OrtCustomOpDomain *domain;
+    CHECK(CALL((const char *, OrtCustomOpDomain **), CreateCustomOpDomain, "moec", &domain));
+    CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &op));
+    return CALL((OrtSessionOptions *, OrtCustomOpDomain *), AddCustomOpDomain, options, domain);
+}
+"""
+
+
+def _ort_version() -> tuple[int, ...]:
+    import onnxruntime
+
+    return tuple(int(p) for p in onnxruntime.__version__.split(".")[:2] if p.isdigit())
+
+
+@functools.cache
+def library() -> str | None:
+    """The custom-op library's path, built and checked once per process (a tiny session against moec's torch op),
+    or None where it cannot be (the reason logged once): lower_onnx then keeps ORT's QMoE."""
+    from moec.backends import cpu_native
+
+    if cpu_native.library() is None:  # no compiler or CPU support, or MOEC_NATIVE=0 (logged there)
+        return None
+    try:
+        if _ort_version() < MIN_ORT:
+            raise RuntimeError(f"onnxruntime {'.'.join(map(str, _ort_version()))} is older than "
+                               f"{'.'.join(map(str, MIN_ORT))}")
+        path = str(cpu_native.build(cpu_native.FLAGS + ("-fvisibility=hidden",), cpu_native.SOURCE + OP_SOURCE,
+                                    "moec_ort"))
+        _self_test(path)
+    except Exception as e:  # noqa: BLE001 (a failed build or check of an optional kernel: QMoE runs instead)
+        log.warning("moec: moec's experts kernels for onnxruntime are not available (%s): backend='onnxruntime' "
+                    "runs ONNX Runtime's QMoE for int4 experts", e)
+        return None
+    return path
+
+
+def register_schema() -> None:
+    """The op's schema, registered with onnx (onnxscript builds the node, onnx.checker checks it)."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has(OP, DOMAIN):
+        return
+    types = {"x": "float", "ids": "int64", "w": "float", "q13": "uint8", "s13": "float", "z13": "uint8",
+             "q2": "uint8", "s2": "float", "z2": "uint8"}
+    optional = OpSchema.FormalParameterOption.Optional
+    onnx.defs.register_schema(OpSchema(
+        OP, DOMAIN, 1, "moec's int4 experts (backends/ort_kernels.py)",
+        inputs=[OpSchema.FormalParameter(n, f"tensor({t})", **({"param_option": optional} if n[0] == "z" else {}))
+                for n, t in types.items()],
+        outputs=[OpSchema.FormalParameter("y", "tensor(float)")],
+        attributes=[OpSchema.Attribute("int8_activations", OpSchema.AttrType.INT, "GEMM inputs rounded to int8"),
+                    OpSchema.Attribute("gate_up", OpSchema.AttrType.INT, "FC1's row order, GATE_UP")]))
+
+
+def node_args(x, ids, w, q13, s13, z13, q2, s2, z2, int8_activations: bool, gate_up: str) -> tuple[tuple, dict]:
+    """Inputs and attributes of the node for moec::experts_int4's arguments."""
+    return (x, ids, w, q13, s13, z13, q2, s2, z2), {"int8_activations": int(int8_activations),
+                                                    "gate_up": GATE_UP[gate_up]}
+
+
+def _self_test(path: str) -> None:
+    """A session of one node (3 tokens, 4 experts, top-2, groups of 32 and 64, asymmetric FC1) against
+    moec::experts_int4 on the same weights; RuntimeError where they differ."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnx import helper, numpy_helper
+
+    from moec.backends import cpu_native
+    from moec.quant import Int4Experts, quantize
+
+    g = torch.Generator().manual_seed(0)
+    T, H, I, E, k = 3, 64, 64, 4, 2
+    x = torch.randn(T, H, generator=g)
+    ids = torch.tensor([[0, 2], [2, 1], [3, 0]])
+    w = torch.rand(T, k, generator=g)
+    t13 = quantize(Int4Experts(32, symmetric=False), torch.randn(E, 2 * I, H, generator=g))
+    t2 = quantize(Int4Experts(64), torch.randn(E, H, I, generator=g))
+    inputs = {"x": x, "ids": ids, "w": w, "q13": t13["q"], "s13": t13["scale"], "z13": t13["zero"],
+              "q2": t2["q"], "s2": t2["scale"]}
+    for a8 in (True, False) if cpu_native.has_f32() else (True,):
+        node = helper.make_node(OP, list(inputs), ["y"], domain=DOMAIN, int8_activations=int(a8), gate_up=2)
+        graph = helper.make_graph(
+            [node], "moec_self_test",
+            [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(inputs[n].numpy().dtype), None)
+             for n in ("x", "ids", "w")], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(inputs[n].numpy(), n) for n in list(inputs)[3:]])
+        model = helper.make_model(graph, ir_version=10,
+                                  opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
+        so = ort.SessionOptions()
+        so.register_custom_ops_library(path)
+        so.intra_op_num_threads = 2
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(sess.run(None, {n: inputs[n].numpy() for n in ("x", "ids", "w")})[0])
+        want = torch.ops.moec.experts_int4(x, ids, w, t13["q"], t13["scale"], t13["zero"], None, t2["q"],
+                                           t2["scale"], None, None, "silu", True, 1.0, 0.0, False, "interleave", a8)
+        err = ((got - want).norm() / want.norm()).item()
+        if not err < 1e-5:
+            raise RuntimeError(f"its self-test differs from moec::experts_int4 (int8 activations: {a8}; relative "
+                               f"error {err:.2e})")

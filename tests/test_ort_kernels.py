@@ -1,0 +1,139 @@
+"""moec's int4 experts kernels as an ONNX Runtime custom op (backends/ort_kernels.py): the node alone against
+moec::experts_int4 (the torch backend's op, the same kernels) over tokens, experts, k, groups, zero points, FC1
+row orders and both numerics, with rare experts, one expert taking every pair, and large magnitudes; bad inputs
+get ORT errors naming the op; backend="onnxruntime" runs it for the blocks it fits (and says why not for the
+others), with a caller's SessionOptions too."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import moec
+from moec import models
+from moec.backends import cpu_native, ort_kernels
+from moec.quant import Int4Experts, quantize
+
+from conftest import rel_err
+
+pytestmark = pytest.mark.skipif(ort_kernels.library() is None, reason="moec's ORT kernels are not built here")
+A8 = [True, pytest.param(False, marks=pytest.mark.skipif(not cpu_native.has_f32(), reason="needs AVX-512"))]
+
+
+def _session(inputs: dict, a8: bool, gate_up: str, options=None):
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    names = [n for n in ("x", "ids", "w", "q13", "s13", "z13", "q2", "s2", "z2")]
+    node = helper.make_node(ort_kernels.OP, [n if inputs.get(n) is not None else "" for n in names], ["y"],
+                            domain=ort_kernels.DOMAIN, int8_activations=int(a8), gate_up=ort_kernels.GATE_UP[gate_up])
+    graph = helper.make_graph(
+        [node], "t", [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(inputs[n].numpy().dtype), None)
+                      for n in ("x", "ids", "w")],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(inputs[n].numpy(), n) for n in names[3:] if inputs.get(n) is not None])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18),
+                                                                   helper.make_opsetid(ort_kernels.DOMAIN, 1)])
+    so = options or ort.SessionOptions()
+    so.register_custom_ops_library(ort_kernels.library())
+    so.intra_op_num_threads = 2
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _case(T, H, I, E, k, g1, g2, symmetric, seed=0, scale=1.0, ids=None):
+    gen = torch.Generator().manual_seed(seed)
+    if ids is None:
+        ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]) if T else torch.zeros(0, k).long()
+    t13 = quantize(Int4Experts(g1, symmetric=symmetric), torch.randn(E, 2 * I, H, generator=gen))
+    t2 = quantize(Int4Experts(g2, symmetric=symmetric), torch.randn(E, H, I, generator=gen) / 8)
+    return {"x": torch.randn(T, H, generator=gen) * scale, "ids": ids, "w": torch.rand(T, k, generator=gen),
+            "q13": t13["q"], "s13": t13["scale"], "z13": t13.get("zero"), "q2": t2["q"], "s2": t2["scale"],
+            "z2": t2.get("zero")}
+
+
+def _check(inputs, a8, gate_up="halves", tol=1e-5):
+    sess = _session(inputs, a8, gate_up)
+    got = torch.from_numpy(sess.run(None, {n: inputs[n].numpy() for n in ("x", "ids", "w")})[0])
+    i = inputs
+    want = torch.ops.moec.experts_int4(i["x"], i["ids"], i["w"], i["q13"], i["s13"], i["z13"], None, i["q2"],
+                                       i["s2"], i["z2"], None, "silu", True, 1.0, 0.0, False, gate_up, a8)
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    assert got.numel() == 0 or rel_err(got, want) < tol, rel_err(got, want)
+
+
+@pytest.mark.parametrize("a8", A8)
+@pytest.mark.parametrize("T,E,k", [(1, 8, 2), (1, 64, 6), (7, 8, 2), (300, 8, 2), (64, 64, 6)])
+def test_node_equals_moec_op(T, E, k, a8):
+    _check(_case(T, 128, 96, E, k, 32, 32, symmetric=True, seed=T + E), a8)
+
+
+@pytest.mark.parametrize("a8", A8)
+@pytest.mark.parametrize("g1,g2,symmetric", [(32, 64, False), (64, 32, True), (128, 128, False)])
+@pytest.mark.parametrize("gate_up", ["halves", "halves_up_first", "interleave", "interleave_up_first"])
+def test_groups_zero_points_and_row_orders(g1, g2, symmetric, gate_up, a8):
+    _check(_case(5, 256, 128, 4, 2, g1, g2, symmetric), a8, gate_up)
+
+
+@pytest.mark.parametrize("a8", A8)
+def test_rare_and_crowded_experts_and_large_magnitudes(a8):
+    T, E = 40, 16
+    rare = torch.zeros(T, 2, dtype=torch.int64)  # every token to expert 0, slot 2 to 1 but one token to expert 15
+    rare[:, 1] = 1
+    rare[17, 1] = 15
+    _check(_case(T, 128, 64, E, 2, 32, 32, symmetric=False, ids=rare), a8)
+    _check(_case(3, 128, 64, 8, 2, 32, 32, symmetric=True, scale=1e4), a8)  # activations far from 1
+    _check(_case(0, 128, 64, 8, 2, 32, 32, symmetric=True), a8)  # no tokens
+
+
+def test_bad_inputs_are_ort_errors():
+    inputs = _case(3, 128, 64, 8, 2, 32, 32, symmetric=True)
+    sess = _session(inputs, True, "halves")
+    feeds = {n: inputs[n].numpy() for n in ("x", "ids", "w")}
+    with pytest.raises(Exception, match=r"moec::Int4Experts: expert id 8 out of \[0, 8\)"):
+        sess.run(None, {**feeds, "ids": np.full((3, 2), 8, np.int64)})
+    with pytest.raises(Exception, match="moec::Int4Experts: x .T, H., ids .T, k., w .T, k. and q13"):
+        sess.run(None, {**feeds, "w": np.ones((3, 3), np.float32)})
+    with pytest.raises(Exception, match="moec::Int4Experts: q13/s13/z13 are not moec's int4 format"):
+        sess.run(None, {**feeds, "x": np.ones((3, 96), np.float32)})
+
+
+@pytest.mark.parametrize("a8", ["fp32", "int8"])
+def test_backend_runs_it_and_matches_the_torch_backend(a8):
+    """backend="onnxruntime" with int4 experts: every block is moec::Int4Experts; its logits are the torch
+    backend's (same quantization, same kernels: weight-only to fp32 rounding; int8 activations to the flips of
+    a rounding boundary, see test_ort_backend.test_int8_activations_equal_their_reference), and greedy generation
+    gives the same tokens."""
+    import onnxruntime as ort
+
+    model = models.tiny_model("mixtral", hidden_size=64, intermediate_size=64)
+    cfg = Int4Experts(32, activations=a8)
+    so = ort.SessionOptions()  # a caller's object: the library is registered on it once, for both sessions
+    compiled = moec.compile(copy.deepcopy(model), backend="onnxruntime", quantize=cfg, session_options=so)
+    reference = moec.compile(copy.deepcopy(model), quantize=cfg)
+    inputs = models.example_inputs(model, batch=2, seq=7)
+    with torch.no_grad():
+        want = reference(**inputs).logits
+        for use_cache in (False, True):  # two sessions (with and without the cache) on the one options object
+            err = rel_err(compiled(**inputs, use_cache=use_cache).logits, want)
+            assert err < (1e-5 if a8 == "fp32" else 1e-2), (use_cache, err)
+    inputs = models.example_inputs(model, batch=1, seq=4)
+    assert torch.equal(compiled.generate(**inputs, max_new_tokens=6, do_sample=False),
+                       reference.generate(**inputs, max_new_tokens=6, do_sample=False))
+    report = moec.inspect(compiled)
+    assert [b.op for b in report.export.blocks] == ["moec::Int4Experts"] * len(report.blocks)
+    assert len(compiled.forward.sessions) == 2
+
+
+def test_blocks_it_does_not_fit_keep_qmoe():
+    """ReLU experts (ORT's QMoE has them, moec's op only gated SiLU) stay QMoE and say why."""
+    import handwritten as hw
+
+    spec = hw.Spec(hidden=64, inter=64, activation="relu")
+    lm = hw.TinyLM(vocab=64, hidden=spec.hidden, n_layers=1, block_fn=lambda: hw.make_block(spec))
+    compiled = moec.compile(copy.deepcopy(lm), backend="onnxruntime", quantize=Int4Experts(32))
+    with torch.no_grad():
+        compiled(torch.randint(0, 64, (2, 5)))
+    block = moec.inspect(compiled).export.blocks[0]
+    assert block.op == "QMoE" and "not moec's kernels: they take gated SiLU experts" in block.why, block.why
