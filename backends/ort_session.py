@@ -17,7 +17,8 @@ GroupQueryAttention nodes, moec.export_gqa: a call of several tokens after a pas
 kernel refuses, runs one row at a time); their plain greedy `generate` calls run in one loop around the session
 (backends/ort_generate.py). Int4 experts on the CPU provider run moec's own kernels inside the session where a
 block fits them (a custom-op library, backends/ort_kernels.py, registered on the session options; on a caller's
-ort.SessionOptions once, which keeps it), else ORT's QMoE; MOEC_NATIVE=0 keeps QMoE. Other models
+ort.SessionOptions once, which keeps it), else ORT's QMoE; MOEC_ORT_KERNELS=0 (at compile) or MOEC_NATIVE=0
+keeps QMoE. Other models
 run without KV cache (`generation_config.use_cache = False`): generate recomputes the whole sequence.
 """
 
@@ -98,11 +99,13 @@ class OrtForward:
         self.kernels = self._kernels()  # moec's int4 experts kernels as an ORT custom-op library (or None)
 
     def _kernels(self) -> str | None:
-        """The custom-op library (backends/ort_kernels.py) for int4 experts on CPU (None with MOEC_NATIVE=0)."""
+        """The custom-op library (backends/ort_kernels.py) for int4 experts on CPU (None with MOEC_NATIVE=0, or
+        MOEC_ORT_KERNELS=0 at compile: ORT's QMoE)."""
         from moec.backends import ort_kernels
         from moec.quant import Int4Experts
 
-        if not isinstance(self.quantize, Int4Experts) or self.providers[0] != "CPUExecutionProvider":
+        if (not isinstance(self.quantize, Int4Experts) or self.providers[0] != "CPUExecutionProvider"
+                or os.environ.get("MOEC_ORT_KERNELS", "1") == "0"):
             return None
         return ort_kernels.library()
 
@@ -112,7 +115,8 @@ class OrtForward:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.tmp, self._past = tempfile.TemporaryDirectory(prefix="moec-ort-"), weakref.WeakKeyDictionary()
-        self.kernels = self._kernels()  # built in this process (a path of another may not exist here)
+        if self.kernels:  # built in this process (a path of another may not exist here)
+            self.kernels = self._kernels()
 
     def __call__(self, *args, **kwargs):
         bound = self.signature.bind(*args, **kwargs)

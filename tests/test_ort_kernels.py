@@ -137,3 +137,10 @@ def test_blocks_it_does_not_fit_keep_qmoe():
         compiled(torch.randint(0, 64, (2, 5)))
     block = moec.inspect(compiled).export.blocks[0]
     assert block.op == "QMoE" and "not moec's kernels: they take gated SiLU experts" in block.why, block.why
+
+
+def test_library_builds_for_avx2_only_cpus():
+    """The op's code compiles without AVX-512 too (there: int8 activations only; fp32 rows answer an ORT error)."""
+    path = cpu_native.build(("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-fvisibility=hidden"),
+                            cpu_native.SOURCE + ort_kernels.OP_SOURCE, "moec_ort")
+    assert path.exists()
