@@ -6,7 +6,10 @@
                       int8_activations, gate_up) -> y [T, H] fp32
         y[t] = sum_j w[t, j] * W2[e] (silu(gate) * up)(W13[e] x[t]),  e = ids[t, j]
 
-What moec::experts_int4 computes for gated SiLU experts without biases (Mixtral, Qwen-MoE, DeepSeek, ...), weights
+    moec::Int4MatMul(x [..., K] fp32, q u8 [N, K/2], s [N, K/g] fp32, z u8 [N, K/g] or absent; int8_activations)
+        -> y [..., N] = x W^T,  W = (q - z) * s  (z 8 if absent): a dense layer's MatMulNBits (moec.export_dense)
+
+Int4Experts: what moec::experts_int4 computes for gated SiLU experts without biases (Mixtral, Qwen-MoE, DeepSeek, ...), weights
 in moec's int4 format as stored (moec.quant), on the kernels of backends/cpu_native.py (the same C source is built
 into this library): int8_activations, each GEMM input rounded to int8 per group of the weights (moec_pack_a8) and
 int8 dot products; else fp32 rows (AVX-512 builds only). Routing stays in the graph (ids and w are its outputs),
@@ -14,7 +17,7 @@ so the op takes any router moec proves. The step: sort the (token, slot) pairs b
 token's row once, FC1 over (expert, chunk of output channels) work items, SiLU-and-multiply and round each row,
 FC2 likewise, then each token's weighted sum in slot order, as moec's torch op (backends/torch_backend.py
 `_native_int4`). Threads: ONNX Runtime's own intra-op pool (OrtApi::KernelContext_ParallelFor), so the kernels
-and the session's other nodes share one pool.
+and the session's other nodes share one pool. Int4MatMul runs the same phases with one expert taking every row.
 
 Why: ORT's QMoE streams the experts' weights at ~15 GB/s at one token, moec's kernels at up to ~25 (the
 VM's bandwidth); the experts are two thirds of a quantized decode step (docs/benchmarks.md).
@@ -38,6 +41,7 @@ from moec.log import log
 
 DOMAIN = "moec"
 OP = "Int4Experts"
+MATMUL = "Int4MatMul"  # one matrix: a dense layer's MatMulNBits (moec.export_dense.moec_matmuls)
 GATE_UP = {"halves": 0, "halves_up_first": 1, "interleave": 2, "interleave_up_first": 3}  # moec.ir.GATE_UPS
 MIN_ORT = (1, 20)
 
@@ -189,7 +193,7 @@ static OrtStatus *parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), si
 
 typedef struct { const OrtValue *v; void *data; int64_t dims[4]; size_t rank; int64_t numel; } Input;
 
-static OrtStatus *get_input(OrtKernelContext *ctx, size_t i, Input *in) {
+static OrtStatus *get_input(OrtKernelContext *ctx, size_t i, const char **names, Input *in) {
     memset(in, 0, sizeof *in);
     CHECK(CALL((const OrtKernelContext *, size_t, const OrtValue **), KernelContext_GetInput, ctx, i, &in->v));
     if (!in->v)
@@ -198,7 +202,7 @@ static OrtStatus *get_input(OrtKernelContext *ctx, size_t i, Input *in) {
     CHECK(CALL((const OrtValue *, OrtShapeInfo **), GetTensorTypeAndShape, in->v, &info));
     OrtStatus *st = CALL((const OrtShapeInfo *, size_t *), GetDimensionsCount, info, &in->rank);
     if (!st && in->rank > 4)
-        st = error(ORT_INVALID_ARGUMENT, "%s has %zu dimensions", in_names[i], in->rank);
+        st = error(ORT_INVALID_ARGUMENT, "%s has %zu dimensions", names[i], in->rank);
     if (!st)
         st = CALL((const OrtShapeInfo *, int64_t *, size_t), GetDimensions, info, in->dims, in->rank);
     ((void (*)(OrtShapeInfo *))api[ReleaseTensorTypeAndShapeInfo])(info);
@@ -212,14 +216,17 @@ static int shape_is(const Input *in, int64_t a, int64_t b, int64_t c) {
     return in->rank == 3 && in->dims[0] == a && in->dims[1] == b && in->dims[2] == c;
 }
 
-static OrtStatus *matrix(const Input *in, int i, int64_t E, int64_t N, int64_t K, Matrix *m) {
-    /* inputs i, i+1, i+2: q [E, N, K/2], s [E, N, G], z (absent, empty or [E, N, G]); groups of 32, 64 or 128 */
-    const Input *q = in + i, *s = in + i + 1, *z = in + i + 2;
+static OrtStatus *matrix(Input *in, int i, const char **names, int64_t E, int64_t N, int64_t K, Matrix *m) {
+    /* inputs i, i+1, i+2: q [E, N, K/2], s [E, N, G], z (absent, empty or [E, N, G]); groups of 32, 64 or 128.
+       Matrices of rank 2 are one expert's ([N, K/2] = [1, N, K/2]). */
+    Input *q = in + i, *s = in + i + 1, *z = in + i + 2;
+    for (Input *t = q; t <= z; t++)
+        if (t->rank == 2) t->dims[2] = t->dims[1], t->dims[1] = t->dims[0], t->dims[0] = 1, t->rank = 3;
     int64_t G = s->rank == 3 ? s->dims[2] : 0;
     if (K % 32 || !shape_is(q, E, N, K / 2) || G <= 0 || K % G || (K / G != 32 && K / G != 64 && K / G != 128) ||
         !shape_is(s, E, N, G) || (z->v && z->numel && !shape_is(z, E, N, G)))
         return error(ORT_INVALID_ARGUMENT, "%s/%s/%s are not moec's int4 format of [%lld, %lld, %lld] in groups of "
-                     "32, 64 or 128", in_names[i], in_names[i + 1], in_names[i + 2], (long long)E, (long long)N,
+                     "32, 64 or 128", names[i], names[i + 1], names[i + 2], (long long)E, (long long)N,
                      (long long)K);
     *m = (Matrix){q->data, s->data, z->v && z->numel ? z->data : NULL, N, K, G};
     return NULL;
@@ -230,7 +237,7 @@ static OrtStatus *run(Step *s, OrtKernelContext *ctx, int64_t E, const int64_t *
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     const Kernel *kn = kernel;
     Input in[NIN];
-    for (size_t i = 0; i < NIN; i++) CHECK(get_input(ctx, i, in + i));
+    for (size_t i = 0; i < NIN; i++) CHECK(get_input(ctx, i, in_names, in + i));
     const Input *x = in, *ids = in + 1, *w = in + 2;
     if (x->rank != 2 || ids->rank != 2 || ids->dims[0] != x->dims[0] || w->rank != 2 || w->dims[0] != ids->dims[0] ||
         w->dims[1] != ids->dims[1] || in[3].rank != 3 || in[3].dims[1] % 2)
@@ -238,8 +245,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     Step s = {.a8 = (int)kn->a8, .gate_up = (int)kn->gate_up, .T = x->dims[0], .k = ids->dims[1], .H = x->dims[1],
               .I = in[3].dims[1] / 2, .x = x->data, .w = w->data};
     int64_t E = in[3].dims[0];
-    CHECK(matrix(in, 3, E, 2 * s.I, s.H, &s.m13));
-    CHECK(matrix(in, 6, E, s.H, s.I, &s.m2));
+    CHECK(matrix(in, 3, in_names, E, 2 * s.I, s.H, &s.m13));
+    CHECK(matrix(in, 6, in_names, E, s.H, s.I, &s.m2));
 #ifndef __AVX512F__
     if (!s.a8)
         return error(ORT_FAIL, "fp32 rows need the AVX-512 build of the kernels");
@@ -304,13 +311,62 @@ static OrtStatus *run(Step *s, OrtKernelContext *ctx, int64_t E, const int64_t *
     return st;
 }
 
+/* moec::Int4MatMul(x [..., K] fp32, q u8 [N, K/2], s [N, G] fp32, z u8 [N, G] or absent; int8_activations)
+   -> y [..., N]: one matrix (a dense layer's MatMulNBits, moec.export_dense), the experts' phases with one expert
+   taking every row */
+enum { MIN = 4 };
+static const int mm_types[MIN] = {T_FLOAT, T_UINT8, T_FLOAT, T_UINT8};
+static const char *mm_names[MIN] = {"x", "q", "s", "z"};
+
+static OrtStatus *matmul(void *kernel, OrtKernelContext *ctx) {
+    const Kernel *kn = kernel;
+    Input in[MIN];
+    for (size_t i = 0; i < MIN; i++) CHECK(get_input(ctx, i, mm_names, in + i));
+    const Input *x = in;
+    if (x->rank < 1 || in[1].rank != 2)
+        return error(ORT_INVALID_ARGUMENT, "Int4MatMul takes x [..., K] and q [N, K/2]");
+    int64_t K = x->dims[x->rank - 1], N = in[1].dims[0], R = K ? x->numel / K : 0;
+    Step s = {.a8 = (int)kn->a8, .T = R, .k = 1, .H = K, .x = x->data};
+    CHECK(matrix(in, 1, mm_names, 1, N, K, &s.m13));
+#ifndef __AVX512F__
+    if (!s.a8)
+        return error(ORT_FAIL, "fp32 rows need the AVX-512 build of the kernels");
+#endif
+    int64_t dims[4];
+    memcpy(dims, x->dims, sizeof dims);
+    dims[x->rank - 1] = N;
+    OrtValue *y;
+    CHECK(CALL((OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **), KernelContext_GetOutput, ctx, 0,
+               dims, x->rank, &y));
+    CHECK(CALL((const OrtValue *, void **), GetTensorMutableData, y, (void **)&s.out));
+    if (R == 0)
+        return NULL;
+    int64_t G = s.m13.G, size = s.a8 ? 1 : 4, first[2] = {0, R}, active[1] = {0};
+    s.first = first, s.active = active;
+    s.token = malloc(R * sizeof(int64_t));
+    char *buf = malloc(R * (K * size + G * 8) + 64);
+    if (!s.token || !buf) {
+        free(s.token), free(buf);
+        return error(ORT_FAIL, "out of memory");
+    }
+    for (int64_t r = 0; r < R; r++) s.token[r] = r;
+    s.s1 = (float *)buf, s.i1 = (int32_t *)(buf + R * G * 4), s.x1 = buf + R * G * 8;
+    OrtStatus *st = parallel(ctx, input_item, R, &s);
+    if (!st) {
+        s.m = &s.m13, s.in = s.x1, s.in_s = s.s1, s.in_i = s.i1;
+        st = parallel(ctx, gemm_item, (N + CH - 1) / CH, &s);
+    }
+    free(s.token), free(buf);
+    return st;
+}
+
 static OrtStatus *create(const OrtCustomOp *op, OrtApiTable a, const OrtKernelInfo *info, void **out) {
     Kernel *kn = calloc(1, sizeof *kn);
     if (!kn)
         return error(ORT_FAIL, "out of memory");
     OrtStatus *st = CALL((const OrtKernelInfo *, const char *, int64_t *), KernelInfoGetAttribute_int64, info,
                          "int8_activations", &kn->a8);
-    if (!st)
+    if (!st && op->GetInputTypeCount(op) == NIN)  /* the experts' op: FC1's row order */
         st = CALL((const OrtKernelInfo *, const char *, int64_t *), KernelInfoGetAttribute_int64, info, "gate_up",
                   &kn->gate_up);
     if (!st && (kn->gate_up < 0 || kn->gate_up > 3))
@@ -335,13 +391,20 @@ static int output_kind(const OrtCustomOp *op, size_t i) { return REQUIRED; }
 static int memory(const OrtCustomOp *op, size_t i) { return 0; }  /* OrtMemTypeDefault */
 static int one(const OrtCustomOp *op) { return 1; }
 
-static const OrtCustomOp op = {
-    .version = 16, .GetName = name, .GetExecutionProviderType = provider, .GetInputType = input_type,
-    .GetInputTypeCount = inputs, .GetOutputType = output_type, .GetOutputTypeCount = outputs,
-    .KernelDestroy = destroy, .GetInputCharacteristic = input_kind, .GetOutputCharacteristic = output_kind,
-    .GetInputMemoryType = memory, .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = one,
-    .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = create,
-    .KernelComputeV2 = compute};
+static const char *mm_name(const OrtCustomOp *op) { return "Int4MatMul"; }
+static int mm_input_type(const OrtCustomOp *op, size_t i) { return mm_types[i]; }
+static size_t mm_inputs(const OrtCustomOp *op) { return MIN; }
+static int mm_input_kind(const OrtCustomOp *op, size_t i) { return i == 3 ? OPTIONAL : REQUIRED; }
+
+#define OP_FIELDS .version = 16, .GetExecutionProviderType = provider, .GetOutputType = output_type, \
+    .GetOutputTypeCount = outputs, .KernelDestroy = destroy, .GetOutputCharacteristic = output_kind, \
+    .GetInputMemoryType = memory, .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = one, \
+    .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = create
+static const OrtCustomOp op = {OP_FIELDS, .GetName = name, .GetInputType = input_type, .GetInputTypeCount = inputs,
+                               .GetInputCharacteristic = input_kind, .KernelComputeV2 = compute};
+static const OrtCustomOp mm_op = {OP_FIELDS, .GetName = mm_name, .GetInputType = mm_input_type,
+                                  .GetInputTypeCount = mm_inputs, .GetInputCharacteristic = mm_input_kind,
+                                  .KernelComputeV2 = matmul};
 
 /* SessionOptions.register_custom_ops_library calls this */
 EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
@@ -354,6 +417,7 @@ EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase
     OrtCustomOpDomain *domain;
     CHECK(CALL((const char *, OrtCustomOpDomain **), CreateCustomOpDomain, "moec", &domain));
     CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &op));
+    CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &mm_op));
     return CALL((OrtSessionOptions *, OrtCustomOpDomain *), AddCustomOpDomain, options, domain);
 }
 """
@@ -388,22 +452,24 @@ def library() -> str | None:
 
 
 def register_schema() -> None:
-    """The op's schema, registered with onnx (onnxscript builds the node, onnx.checker checks it)."""
+    """The ops' schemas, registered with onnx (onnxscript builds the nodes, onnx.checker checks them)."""
     import onnx
     from onnx.defs import OpSchema
 
-    if onnx.defs.has(OP, DOMAIN):
-        return
-    types = {"x": "float", "ids": "int64", "w": "float", "q13": "uint8", "s13": "float", "z13": "uint8",
-             "q2": "uint8", "s2": "float", "z2": "uint8"}
     optional = OpSchema.FormalParameterOption.Optional
-    onnx.defs.register_schema(OpSchema(
-        OP, DOMAIN, 1, "moec's int4 experts (backends/ort_kernels.py)",
-        inputs=[OpSchema.FormalParameter(n, f"tensor({t})", **({"param_option": optional} if n[0] == "z" else {}))
-                for n, t in types.items()],
-        outputs=[OpSchema.FormalParameter("y", "tensor(float)")],
-        attributes=[OpSchema.Attribute("int8_activations", OpSchema.AttrType.INT, "GEMM inputs rounded to int8"),
-                    OpSchema.Attribute("gate_up", OpSchema.AttrType.INT, "FC1's row order, GATE_UP")]))
+    a8 = OpSchema.Attribute("int8_activations", OpSchema.AttrType.INT, "GEMM inputs rounded to int8")
+    for op, types, attrs in (
+            (OP, {"x": "float", "ids": "int64", "w": "float", "q13": "uint8", "s13": "float", "z13": "uint8",
+                  "q2": "uint8", "s2": "float", "z2": "uint8"},
+             [a8, OpSchema.Attribute("gate_up", OpSchema.AttrType.INT, "FC1's row order, GATE_UP")]),
+            (MATMUL, {"x": "float", "q": "uint8", "s": "float", "z": "uint8"}, [a8])):
+        if onnx.defs.has(op, DOMAIN):
+            continue
+        onnx.defs.register_schema(OpSchema(
+            op, DOMAIN, 1, "moec's int4 kernels (backends/ort_kernels.py)",
+            inputs=[OpSchema.FormalParameter(n, f"tensor({t})", **({"param_option": optional} if n[0] == "z" else {}))
+                    for n, t in types.items()],
+            outputs=[OpSchema.FormalParameter("y", "tensor(float)")], attributes=attrs))
 
 
 def node_args(x, ids, w, q13, s13, z13, q2, s2, z2, int8_activations: bool, gate_up: str) -> tuple[tuple, dict]:
@@ -422,6 +488,7 @@ def _self_test(path: str) -> None:
     from onnx import helper, numpy_helper
 
     from moec.backends import cpu_native
+    from moec.backends.torch_backend import quantized_linear
     from moec.quant import Int4Experts, quantize
 
     g = torch.Generator().manual_seed(0)
@@ -453,3 +520,28 @@ def _self_test(path: str) -> None:
         if not err < 1e-5:
             raise RuntimeError(f"its self-test differs from moec::experts_int4 (int8 activations: {a8}; relative "
                                f"error {err:.2e})")
+        got = matmul_session(path, t13["q"][1], t13["scale"][1], t13["zero"][1], a8).run(None, {"x": x.numpy()})[0]
+        want = quantized_linear(x, (t13["q"][1:2], t13["scale"][1:2], t13["zero"][1:2]), a8)
+        err = ((torch.from_numpy(got) - want).norm() / want.norm()).item()
+        if not err < 1e-5:
+            raise RuntimeError(f"its self-test differs from moec's quantized linear layer (int8 activations: {a8}; "
+                               f"relative error {err:.2e})")
+
+
+def matmul_session(path: str, q, s, z, a8: bool, options=None):
+    """A session of one Int4MatMul node with these weights ([N, K/2], [N, G], [N, G] or None), input "x"."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    inits = [numpy_helper.from_array(t.numpy(), n) for n, t in (("q", q), ("s", s), ("z", z)) if t is not None]
+    node = helper.make_node(MATMUL, ["x", "q", "s", "z" if z is not None else ""], ["y"], domain=DOMAIN,
+                            int8_activations=int(a8))
+    graph = helper.make_graph([node], "moec_matmul", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, ir_version=10,
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
+    so = options or ort.SessionOptions()
+    so.register_custom_ops_library(path)
+    so.intra_op_num_threads = 2
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])

@@ -35,7 +35,7 @@ from moec.api import Rejection, compile, inspect
 from moec.backends.onnx_backend import ort_type_errors, register_ort_schemas, translations
 from moec.canonical import resolve
 from moec.export_complex import as_real_pairs
-from moec.export_dense import quantize_dense
+from moec.export_dense import moec_matmuls, quantize_dense
 from moec.log import log
 from moec.pass_manager import DEFAULT_PIPELINE
 from moec.quant import Int4Experts, Int8Experts, QuantConfig
@@ -628,6 +628,9 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         big = external_data or any(t.data_location == onnx.TensorProto.EXTERNAL
                                    for t in onnx.load(path, load_external_data=False).graph.initializer)
         quantized = quantize_dense(path, dense, {b.num_experts for b in compiled.blocks}, big)
+        if _moec_kernels and isinstance(dense, Int4Experts) and \
+                {p.dtype for p in work.parameters() if p.is_floating_point()} == {torch.float32}:
+            log.info(f"moec.export_onnx: {moec_matmuls(path, big)} of the {quantized} MatMulNBits run moec's kernels")
         done("dense MatMulNBits", "checking the file")
     proto = onnx.load(path, load_external_data=False)
     register_ort_schemas({(n.domain or "", n.op_type) for n in proto.graph.node})  # the fused ops' schemas

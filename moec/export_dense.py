@@ -10,6 +10,7 @@ Gemms of that kind are first written as MatMul (+ Add): ORT's quantizer takes Ma
 ONNX Runtime's own quantizer (onnxruntime.quantization.matmul_nbits_quantizer) writes the nodes: int4 in blocks of
 the config's group size (symmetric or with zero points), int8 per block of 32 (Int8Experts). With
 activations="int8" (either config) the nodes take accuracy_level=4 (int8 activations, int8 dot products).
+For backend="onnxruntime" (moec's kernels in the session), `moec_matmuls` then moves the int4 ones to moec's op.
 """
 
 from __future__ import annotations
@@ -85,3 +86,48 @@ def quantize_dense(path: str, cfg: Int4Experts | Int8Experts, router_widths: set
         ort_log.setLevel(level)
     quantizer.model.save_model_to_file(path, use_external_data_format=external_data)
     return sum(n.op_type == "MatMulNBits" for n in onnx.load(path, load_external_data=False).graph.node)
+
+
+def moec_matmuls(path: str, external_data: bool) -> int:
+    """backend="onnxruntime" with moec's kernels: each int4 MatMulNBits of the file at `path` (fp32, groups of 32, 64
+    or 128, no g_idx or bias) becomes moec::Int4MatMul (backends/ort_kernels.py), the same numbers in moec's layout:
+
+        MatMulNBits(x, B [N, K/g, g/2] u8, scales [N*K/g], zero_points? [N, ceil(K/g / 2)] u8 nibbles)
+            -> moec::Int4MatMul(x, q [N, K/2] u8, s [N, K/g], z? [N, K/g] u8)     # w = (q - z) * s, z 8 if absent
+
+    int8_activations where the node had accuracy_level 4. Rewritten in place; returns how many."""
+    from moec.backends import ort_kernels
+
+    proto = onnx.load(path)
+    inits = {t.name: t for t in proto.graph.initializer}
+    count = 0
+    for n in proto.graph.node:
+        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+        tensors = [inits.get(i) for i in n.input[1:]]
+        if (n.op_type != "MatMulNBits" or a.get("bits") != 4 or a.get("block_size") not in (32, 64, 128)
+                or len(n.input) > 4 or None in tensors or a["K"] % a["block_size"]
+                or tensors[1].data_type != onnx.TensorProto.FLOAT
+                or (len(tensors) > 2 and tensors[2].data_type != onnx.TensorProto.UINT8)):
+            continue
+        N, K, G = a["N"], a["K"], a["K"] // a["block_size"]
+        arrays = {"q": numpy_helper.to_array(tensors[0]).reshape(N, K // 2),
+                  "s": numpy_helper.to_array(tensors[1]).reshape(N, G)}
+        if len(tensors) > 2:
+            zp = numpy_helper.to_array(tensors[2]).reshape(N, -1)
+            arrays["z"] = np.stack([zp & 15, zp >> 4], -1).reshape(N, -1)[:, :G].astype(np.uint8)
+        names = []
+        for k, v in arrays.items():
+            proto.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(v), f"{n.name}_moec_{k}"))
+            names.append(f"{n.name}_moec_{k}")
+        new = helper.make_node(ort_kernels.MATMUL, [n.input[0], *names], list(n.output), name=n.name,
+                               domain=ort_kernels.DOMAIN, int8_activations=int(a.get("accuracy_level") == 4))
+        n.CopyFrom(new)
+        count += 1
+    if count:
+        used = {i for n in proto.graph.node for i in n.input}
+        for t in [t for t in proto.graph.initializer if t.name not in used]:
+            proto.graph.initializer.remove(t)
+        if not any(o.domain == ort_kernels.DOMAIN for o in proto.opset_import):
+            proto.opset_import.append(helper.make_opsetid(ort_kernels.DOMAIN, 1))
+        onnx.save(proto, path, save_as_external_data=external_data)
+    return count

@@ -144,3 +144,40 @@ def test_library_builds_for_avx2_only_cpus():
     path = cpu_native.build(("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-fvisibility=hidden"),
                             cpu_native.SOURCE + ort_kernels.OP_SOURCE, "moec_ort")
     assert path.exists()
+
+
+@pytest.mark.parametrize("a8", A8)
+@pytest.mark.parametrize("shape", [(1, 256), (7, 256), (2, 150, 256)])
+@pytest.mark.parametrize("g,symmetric", [(32, True), (64, False), (128, False)])
+def test_matmul_node_equals_moec_quantized_linear(shape, g, symmetric, a8):
+    """moec::Int4MatMul (a dense layer) against the torch backend's quantized linear layer on the same weights."""
+    from moec.backends.torch_backend import quantized_linear
+
+    gen = torch.Generator().manual_seed(g)
+    t = quantize(Int4Experts(g, symmetric=symmetric), torch.randn(1, 96, 256, generator=gen))
+    x = torch.randn(*shape, generator=gen)
+    sess = ort_kernels.matmul_session(ort_kernels.library(), t["q"][0], t["scale"][0],
+                                      t["zero"][0] if "zero" in t else None, a8)
+    got = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
+    want = quantized_linear(x.reshape(-1, 256), (t["q"], t["scale"], t.get("zero")), a8).reshape(*shape[:-1], 96)
+    assert got.shape == want.shape and rel_err(got, want) < 1e-5, rel_err(got, want)
+
+
+def test_dense_matmuls_on_moec_kernels_equal_matmulnbits(monkeypatch):
+    """dense=: the session's MatMulNBits become moec::Int4MatMul with the same weights (ORT's quantizer's, moved to
+    moec's layout): weight-only, the logits equal the MatMulNBits/QMoE session's to fp32 rounding."""
+    import onnx
+
+    model = models.tiny_model("mixtral", hidden_size=64, intermediate_size=64)
+    cfg = Int4Experts(32)
+    ours = moec.compile(copy.deepcopy(model), backend="onnxruntime", quantize=cfg, dense=cfg)
+    monkeypatch.setenv("MOEC_ORT_KERNELS", "0")
+    ort_ops = moec.compile(copy.deepcopy(model), backend="onnxruntime", quantize=cfg, dense=cfg)
+    inputs = models.example_inputs(model, batch=2, seq=5)
+    with torch.no_grad():
+        got, want = ours(**inputs).logits, ort_ops(**inputs).logits
+    assert rel_err(got, want) < 1e-5, rel_err(got, want)
+    ops = {n.op_type for n in onnx.load(moec.inspect(ours).export.path).graph.node}
+    assert "Int4MatMul" in ops and "MatMulNBits" not in ops and "Int4Experts" in ops
+    ops = {n.op_type for n in onnx.load(moec.inspect(ort_ops).export.path).graph.node}
+    assert "MatMulNBits" in ops and "QMoE" in ops
