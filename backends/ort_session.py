@@ -38,9 +38,9 @@ from moec.log import log
 
 # max relative error of the session's outputs against eager on the first call, per activation dtype
 CHECK_TOL = {torch.float32: 1e-4, torch.float16: 2e-2}
-# non-tensor arguments a call may pass with these values (use_cache and past_key_values: see _cached)
 # ort.SessionOptions objects moec's custom-op library is registered on (a caller's object: once, and it keeps it)
 _REGISTERED: weakref.WeakSet = weakref.WeakSet()
+# non-tensor arguments a call may pass with these values (use_cache and past_key_values: see _cached)
 _FIXED = {"return_dict": True, "output_attentions": False, "output_hidden_states": False,
           "output_router_logits": False}
 
