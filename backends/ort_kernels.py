@@ -65,7 +65,7 @@ typedef struct { OrtApiTable (*GetApi)(uint32_t); const char *(*GetVersionString
 enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2, T_FLOAT = 1, T_UINT8 = 2, T_INT64 = 7, REQUIRED = 0, OPTIONAL = 1 };
 enum { CreateStatus = 0, CreateCustomOpDomain = 26, CustomOpDomain_Add = 27, AddCustomOpDomain = 28,  /* OrtApi */
        GetTensorMutableData = 51, GetDimensionsCount = 61, GetDimensions = 62, GetTensorTypeAndShape = 65,
-       KernelInfoGetAttribute_int64 = 86, KernelContext_GetInput = 90, KernelContext_GetOutput = 91,
+       KernelInfoGetAttribute_float = 85, KernelInfoGetAttribute_int64 = 86, KernelContext_GetInput = 90, KernelContext_GetOutput = 91,
        ReleaseTensorTypeAndShapeInfo = 99, GetBuildInfoString = 254, KernelContext_ParallelFor = 274 };
 #define API_VERSION 20  /* GetApi(20): ONNX Runtime 1.20 or later, whose table holds every index above */
 
@@ -95,17 +95,19 @@ static OrtApiTable api;
 #define CALL(type, index, ...) ((OrtStatus *(*)type)api[index])(__VA_ARGS__)
 #define CHECK(expr) do { OrtStatus *status_ = (expr); if (status_) return status_; } while (0)
 
-static OrtStatus *error(int code, const char *fmt, ...) {
+static OrtStatus *error(const char *op, int code, const char *fmt, ...) {  /* "moec::<op>: ..." */
     char msg[320];
     va_list args;
     va_start(args, fmt);
-    int n = snprintf(msg, sizeof msg, "moec::Int4Experts: ");
+    int n = snprintf(msg, sizeof msg, "moec::%s: ", op);
     vsnprintf(msg + n, sizeof msg - n, fmt, args);
     va_end(args);
     return ((OrtStatus *(*)(int, const char *))api[CreateStatus])(code, msg);
 }
 
 /* ---- the op ---- */
+#define OP "Int4Experts"
+#define MM "Int4MatMul"
 enum { NIN = 9, CH = 64 };  /* inputs; output channels per work item (a multiple of the kernel's tile of 4) */
 static const int in_types[NIN] = {T_FLOAT, T_INT64, T_FLOAT, T_UINT8, T_FLOAT, T_UINT8, T_UINT8, T_FLOAT, T_UINT8};
 static const char *in_names[NIN] = {"x", "ids", "w", "q13", "s13", "z13", "q2", "s2", "z2"};
@@ -183,7 +185,11 @@ static void combine_item(void *p, size_t t) {  /* token t: its slots' outputs ti
     }
 }
 
-static OrtStatus *parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t n, Step *s) {
+static void run_all(void (*fn)(void *, size_t), size_t n, void *s) {  /* on this thread */
+    for (size_t i = 0; i < n; i++) fn(s, i);
+}
+
+static OrtStatus *parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t n, void *s) {
     if (n == 1) {
         fn(s, 0);
         return NULL;
@@ -194,7 +200,7 @@ static OrtStatus *parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), si
 
 typedef struct { const OrtValue *v; void *data; int64_t dims[4]; size_t rank; int64_t numel; } Input;
 
-static OrtStatus *get_input(OrtKernelContext *ctx, size_t i, const char **names, Input *in) {
+static OrtStatus *get_input(const char *op, OrtKernelContext *ctx, size_t i, const char **names, Input *in) {
     memset(in, 0, sizeof *in);
     CHECK(CALL((const OrtKernelContext *, size_t, const OrtValue **), KernelContext_GetInput, ctx, i, &in->v));
     if (!in->v)
@@ -203,7 +209,7 @@ static OrtStatus *get_input(OrtKernelContext *ctx, size_t i, const char **names,
     CHECK(CALL((const OrtValue *, OrtShapeInfo **), GetTensorTypeAndShape, in->v, &info));
     OrtStatus *st = CALL((const OrtShapeInfo *, size_t *), GetDimensionsCount, info, &in->rank);
     if (!st && in->rank > 4)
-        st = error(ORT_INVALID_ARGUMENT, "%s has %zu dimensions", names[i], in->rank);
+        st = error(op, ORT_INVALID_ARGUMENT, "%s has %zu dimensions", names[i], in->rank);
     if (!st)
         st = CALL((const OrtShapeInfo *, int64_t *, size_t), GetDimensions, info, in->dims, in->rank);
     ((void (*)(OrtShapeInfo *))api[ReleaseTensorTypeAndShapeInfo])(info);
@@ -217,7 +223,8 @@ static int shape_is(const Input *in, int64_t a, int64_t b, int64_t c) {
     return in->rank == 3 && in->dims[0] == a && in->dims[1] == b && in->dims[2] == c;
 }
 
-static OrtStatus *matrix(Input *in, int i, const char **names, int64_t E, int64_t N, int64_t K, Matrix *m) {
+static OrtStatus *matrix(const char *op, Input *in, int i, const char **names, int64_t E, int64_t N, int64_t K,
+                         Matrix *m) {
     /* inputs i, i+1, i+2: q [E, N, K/2], s [E, N, G], z (absent, empty or [E, N, G]); groups of 32, 64 or 128.
        Matrices of rank 2 are one expert's ([N, K/2] = [1, N, K/2]). */
     Input *q = in + i, *s = in + i + 1, *z = in + i + 2;
@@ -226,7 +233,7 @@ static OrtStatus *matrix(Input *in, int i, const char **names, int64_t E, int64_
     int64_t G = s->rank == 3 ? s->dims[2] : 0;
     if (K % 32 || !shape_is(q, E, N, K / 2) || G <= 0 || K % G || (K / G != 32 && K / G != 64 && K / G != 128) ||
         !shape_is(s, E, N, G) || (z->v && z->numel && !shape_is(z, E, N, G)))
-        return error(ORT_INVALID_ARGUMENT, "%s/%s/%s are not moec's int4 format of [%lld, %lld, %lld] in groups of "
+        return error(op, ORT_INVALID_ARGUMENT, "%s/%s/%s are not moec's int4 format of [%lld, %lld, %lld] in groups of "
                      "32, 64 or 128", names[i], names[i + 1], names[i + 2], (long long)E, (long long)N,
                      (long long)K);
     *m = (Matrix){q->data, s->data, z->v && z->numel ? z->data : NULL, N, K, G};
@@ -238,19 +245,19 @@ static OrtStatus *run(Step *s, OrtKernelContext *ctx, int64_t E, const int64_t *
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     const Kernel *kn = kernel;
     Input in[NIN];
-    for (size_t i = 0; i < NIN; i++) CHECK(get_input(ctx, i, in_names, in + i));
+    for (size_t i = 0; i < NIN; i++) CHECK(get_input(OP, ctx, i, in_names, in + i));
     const Input *x = in, *ids = in + 1, *w = in + 2;
     if (x->rank != 2 || ids->rank != 2 || ids->dims[0] != x->dims[0] || w->rank != 2 || w->dims[0] != ids->dims[0] ||
         w->dims[1] != ids->dims[1] || in[3].rank != 3 || in[3].dims[1] % 2)
-        return error(ORT_INVALID_ARGUMENT, "x [T, H], ids [T, k], w [T, k] and q13 [E, 2I, H/2] do not fit");
+        return error(OP, ORT_INVALID_ARGUMENT, "x [T, H], ids [T, k], w [T, k] and q13 [E, 2I, H/2] do not fit");
     Step s = {.a8 = (int)kn->a8, .gate_up = (int)kn->gate_up, .T = x->dims[0], .k = ids->dims[1], .H = x->dims[1],
               .I = in[3].dims[1] / 2, .x = x->data, .w = w->data};
     int64_t E = in[3].dims[0];
-    CHECK(matrix(in, 3, in_names, E, 2 * s.I, s.H, &s.m13));
-    CHECK(matrix(in, 6, in_names, E, s.H, s.I, &s.m2));
+    CHECK(matrix(OP, in, 3, in_names, E, 2 * s.I, s.H, &s.m13));
+    CHECK(matrix(OP, in, 6, in_names, E, s.H, s.I, &s.m2));
 #ifndef __AVX512F__
     if (!s.a8)
-        return error(ORT_FAIL, "fp32 rows need the AVX-512 build of the kernels");
+        return error(OP, ORT_FAIL, "fp32 rows need the AVX-512 build of the kernels");
 #endif
     int64_t dims[2] = {s.T, s.H};
     OrtValue *y;
@@ -266,14 +273,14 @@ static OrtStatus *run(Step *s, OrtKernelContext *ctx, int64_t E, const int64_t *
     int64_t T = s->T, k = s->k, R = T * k, H = s->H, I = s->I, G1 = s->m13.G, G2 = s->m2.G, size = s->a8 ? 1 : 4;
     for (int64_t p = 0; p < R; p++)
         if (ids[p] < 0 || ids[p] >= E)
-            return error(ORT_INVALID_ARGUMENT, "expert id %lld out of [0, %lld)", (long long)ids[p], (long long)E);
+            return error(OP, ORT_INVALID_ARGUMENT, "expert id %lld out of [0, %lld)", (long long)ids[p], (long long)E);
     int64_t *idx = calloc(2 * (E + 1) + E + 2 * R, sizeof(int64_t));
     s->first = idx, s->active = idx + 2 * (E + 1), s->row_of = s->active + E, s->token = s->row_of + R;
     int64_t *next = idx + E + 1;
     char *buf = malloc(R * (H * size + 2 * I * 4 + I * 4 + I * size + H * 4) + R * (G1 + G2) * 8 + 64);
     if (!idx || !buf) {
         free(idx), free(buf);
-        return error(ORT_FAIL, "out of memory");
+        return error(OP, ORT_FAIL, "out of memory");
     }
     /* the pairs sorted by expert, each expert's in (token, slot) order */
     for (int64_t p = 0; p < R; p++) s->first[ids[p] + 1]++;
@@ -322,16 +329,16 @@ static const char *mm_names[MIN] = {"x", "q", "s", "z"};
 static OrtStatus *matmul(void *kernel, OrtKernelContext *ctx) {
     const Kernel *kn = kernel;
     Input in[MIN];
-    for (size_t i = 0; i < MIN; i++) CHECK(get_input(ctx, i, mm_names, in + i));
+    for (size_t i = 0; i < MIN; i++) CHECK(get_input(MM, ctx, i, mm_names, in + i));
     const Input *x = in;
     if (x->rank < 1 || in[1].rank != 2)
-        return error(ORT_INVALID_ARGUMENT, "Int4MatMul takes x [..., K] and q [N, K/2]");
+        return error(MM, ORT_INVALID_ARGUMENT, "takes x [..., K] and q [N, K/2]");
     int64_t K = x->dims[x->rank - 1], N = in[1].dims[0], R = K ? x->numel / K : 0;
     Step s = {.a8 = (int)kn->a8, .T = R, .k = 1, .H = K, .x = x->data};
-    CHECK(matrix(in, 1, mm_names, 1, N, K, &s.m13));
+    CHECK(matrix(MM, in, 1, mm_names, 1, N, K, &s.m13));
 #ifndef __AVX512F__
     if (!s.a8)
-        return error(ORT_FAIL, "fp32 rows need the AVX-512 build of the kernels");
+        return error(MM, ORT_FAIL, "fp32 rows need the AVX-512 build of the kernels");
 #endif
     int64_t dims[4];
     memcpy(dims, x->dims, sizeof dims);
@@ -348,7 +355,7 @@ static OrtStatus *matmul(void *kernel, OrtKernelContext *ctx) {
     char *buf = malloc(R * (K * size + G * 8) + 64);
     if (!s.token || !buf) {
         free(s.token), free(buf);
-        return error(ORT_FAIL, "out of memory");
+        return error(MM, ORT_FAIL, "out of memory");
     }
     for (int64_t r = 0; r < R; r++) s.token[r] = r;
     s.s1 = (float *)buf, s.i1 = (int32_t *)(buf + R * G * 4), s.x1 = buf + R * G * 8;
@@ -364,14 +371,14 @@ static OrtStatus *matmul(void *kernel, OrtKernelContext *ctx) {
 static OrtStatus *create(const OrtCustomOp *op, OrtApiTable a, const OrtKernelInfo *info, void **out) {
     Kernel *kn = calloc(1, sizeof *kn);
     if (!kn)
-        return error(ORT_FAIL, "out of memory");
+        return error(OP, ORT_FAIL, "out of memory");
     OrtStatus *st = CALL((const OrtKernelInfo *, const char *, int64_t *), KernelInfoGetAttribute_int64, info,
                          "int8_activations", &kn->a8);
     if (!st && op->GetInputTypeCount(op) == NIN)  /* the experts' op: FC1's row order */
         st = CALL((const OrtKernelInfo *, const char *, int64_t *), KernelInfoGetAttribute_int64, info, "gate_up",
                   &kn->gate_up);
     if (!st && (kn->gate_up < 0 || kn->gate_up > 3))
-        st = error(ORT_INVALID_ARGUMENT, "gate_up %lld is not 0-3", (long long)kn->gate_up);
+        st = error(OP, ORT_INVALID_ARGUMENT, "gate_up %lld is not 0-3", (long long)kn->gate_up);
     if (st) {
         free(kn);
         return st;
@@ -380,6 +387,10 @@ static OrtStatus *create(const OrtCustomOp *op, OrtApiTable a, const OrtKernelIn
     return NULL;
 }
 
+"""
+
+# the ops' tables and the entry point ORT calls, after every op's source (ort_attention.SOURCE included)
+REGISTER_SOURCE = r"""
 static void destroy(void *kernel) { free(kernel); }
 static const char *name(const OrtCustomOp *op) { return "Int4Experts"; }
 static const char *provider(const OrtCustomOp *op) { return "CPUExecutionProvider"; }
@@ -406,6 +417,10 @@ static const OrtCustomOp op = {OP_FIELDS, .GetName = name, .GetInputType = input
 static const OrtCustomOp mm_op = {OP_FIELDS, .GetName = mm_name, .GetInputType = mm_input_type,
                                   .GetInputTypeCount = mm_inputs, .GetInputCharacteristic = mm_input_kind,
                                   .KernelComputeV2 = matmul};
+static const OrtCustomOp at_op = {OP_FIELDS, .GetName = at_name, .GetInputType = at_input_type,
+                                  .GetInputTypeCount = at_inputs, .GetOutputTypeCount = at_outputs,
+                                  .GetInputCharacteristic = at_input_kind, .CreateKernelV2 = attention_create,
+                                  .KernelComputeV2 = attention};
 
 /* SessionOptions.register_custom_ops_library calls this */
 EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
@@ -414,11 +429,12 @@ EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase
         return NULL;  /* too old to make a status: the session then fails on the unknown op, naming it */
     const char *info = ((const char *(*)(void))api[GetBuildInfoString])();
     if (!info || strncmp(info, "ORT Build Info", 14))
-        return error(ORT_FAIL, "this onnxruntime's C API is not laid out as the library expects");
+        return error("RegisterCustomOps", ORT_FAIL, "this onnxruntime's C API is not laid out as the library expects");
     OrtCustomOpDomain *domain;
     CHECK(CALL((const char *, OrtCustomOpDomain **), CreateCustomOpDomain, "moec", &domain));
     CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &op));
     CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &mm_op));
+    CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &at_op));
     return CALL((OrtSessionOptions *, OrtCustomOpDomain *), AddCustomOpDomain, options, domain);
 }
 """
@@ -434,7 +450,7 @@ def _ort_version() -> tuple[int, ...]:
 def library() -> str | None:
     """The custom-op library's path, built and checked once per process (a tiny session against moec's torch op),
     or None where it cannot be (the reason logged once): lower_onnx then keeps ORT's QMoE."""
-    from moec.backends import cpu_native
+    from moec.backends import cpu_native, ort_attention
 
     if cpu_native.library() is None:  # no compiler or CPU support, or MOEC_NATIVE=0 (logged there)
         return None
@@ -442,9 +458,10 @@ def library() -> str | None:
         if _ort_version() < MIN_ORT:
             raise RuntimeError(f"onnxruntime {'.'.join(map(str, _ort_version()))} is older than "
                                f"{'.'.join(map(str, MIN_ORT))}")
-        path = str(cpu_native.build(cpu_native.FLAGS + ("-fvisibility=hidden",), cpu_native.SOURCE + OP_SOURCE,
-                                    "moec_ort"))
+        source = cpu_native.SOURCE + OP_SOURCE + ort_attention.SOURCE + REGISTER_SOURCE
+        path = str(cpu_native.build(cpu_native.FLAGS + ("-fvisibility=hidden",), source, "moec_ort"))
         _self_test(path)
+        ort_attention.self_test(path)
     except Exception as e:  # noqa: BLE001 (a failed build or check of an optional kernel: QMoE runs instead)
         log.warning("moec: moec's experts kernels for onnxruntime are not available (%s): backend='onnxruntime' "
                     "runs ONNX Runtime's QMoE for int4 experts", e)

@@ -15,10 +15,10 @@ returned before for that cache object (the whole past: a sliding-window layer's 
 the new keys/values are appended to the HF cache so `generate` counts positions as usual (attention as
 GroupQueryAttention nodes, moec.export_gqa: a call of several tokens after a past at batch > 1, which ORT's
 kernel refuses, runs one row at a time); their plain greedy `generate` calls run in one loop around the session
-(backends/ort_generate.py). Int4 experts on the CPU provider run moec's own kernels inside the session where a
-block fits them (a custom-op library, backends/ort_kernels.py, registered on the session options; on a caller's
-ort.SessionOptions once, which keeps it), else ORT's QMoE; MOEC_ORT_KERNELS=0 (at compile) or MOEC_NATIVE=0
-keeps QMoE. Other models
+(backends/ort_generate.py). On the CPU provider moec's own kernels run inside the session (a custom-op library,
+backends/ort_kernels.py, registered on the session options; on a caller's ort.SessionOptions once, which keeps
+it): int4 experts where a block fits them (else ORT's QMoE), int4 dense MatMuls, and fp32 models' attention
+(backends/ort_attention.py); MOEC_ORT_KERNELS=0 (at compile) or MOEC_NATIVE=0 keeps ORT's own ops. Other models
 run without KV cache (`generation_config.use_cache = False`): generate recomputes the whole sequence.
 """
 
@@ -96,16 +96,14 @@ class OrtForward:
         self._past = weakref.WeakKeyDictionary()  # HF cache -> (the session's last present arrays, its tensors then)
         self._fallback_said: set[str] = set()  # blocks warned of (see _take_export)
         self.use_cache = None  # the generation config's use_cache before install set it (None: left as it was)
-        self.kernels = self._kernels()  # moec's int4 experts kernels as an ORT custom-op library (or None)
+        self.kernels = self._kernels()  # moec's kernels as an ORT custom-op library (or None)
 
     def _kernels(self) -> str | None:
-        """The custom-op library (backends/ort_kernels.py) for int4 experts on CPU (None with MOEC_NATIVE=0, or
-        MOEC_ORT_KERNELS=0 at compile: ORT's QMoE)."""
+        """The custom-op library (backends/ort_kernels.py) on CPU: int4 experts and MatMuls, attention (None with
+        MOEC_NATIVE=0, or MOEC_ORT_KERNELS=0 at compile: ORT's QMoE, MatMulNBits and GroupQueryAttention)."""
         from moec.backends import ort_kernels
-        from moec.quant import Int4Experts
 
-        if (not isinstance(self.quantize, Int4Experts) or self.providers[0] != "CPUExecutionProvider"
-                or os.environ.get("MOEC_ORT_KERNELS", "1") == "0"):
+        if self.providers[0] != "CPUExecutionProvider" or os.environ.get("MOEC_ORT_KERNELS", "1") == "0":
             return None
         return ort_kernels.library()
 

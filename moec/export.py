@@ -32,6 +32,7 @@ from torch import nn
 
 from moec import export_layers
 from moec.api import Rejection, compile, inspect
+from moec.backends import ort_attention
 from moec.backends.onnx_backend import ort_type_errors, register_ort_schemas, translations
 from moec.canonical import resolve
 from moec.export_complex import as_real_pairs
@@ -624,14 +625,19 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     program.save(path, external_data=external_data)
     done("save", "quantizing the dense MatMuls" if dense is not None else "checking the file")
     quantized = 0
+    fp32 = {p.dtype for p in work.parameters() if p.is_floating_point()} == {torch.float32}
     if dense is not None:
         big = external_data or any(t.data_location == onnx.TensorProto.EXTERNAL
                                    for t in onnx.load(path, load_external_data=False).graph.initializer)
         quantized = quantize_dense(path, dense, {b.num_experts for b in compiled.blocks}, big)
-        if _moec_kernels and isinstance(dense, Int4Experts) and \
-                {p.dtype for p in work.parameters() if p.is_floating_point()} == {torch.float32}:
+        if _moec_kernels and isinstance(dense, Int4Experts) and fp32:
             log.info(f"moec.export_onnx: {moec_matmuls(path, big)} of the {quantized} MatMulNBits run moec's kernels")
         done("dense MatMulNBits", "checking the file")
+    if _moec_kernels and fp32 and fused:
+        proto = onnx.load(path, load_external_data=False)  # external weights stay where they are
+        if ort_attention.rewrite(proto):
+            onnx.save(proto, path)
+            fused += "; run as moec::CachedAttention (moec's kernel)"
     proto = onnx.load(path, load_external_data=False)
     register_ort_schemas({(n.domain or "", n.op_type) for n in proto.graph.node})  # the fused ops' schemas
     onnx.checker.check_model(path)  # by path: also checks external data
@@ -642,7 +648,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
                           external_data=any(t.data_location == onnx.TensorProto.EXTERNAL
                                             for t in proto.graph.initializer), seconds=seconds,
                           dense=dense, dense_matmuls=quantized, attention=fused, fusions=fusions,
-                          gqa_layers=sum(n.op_type == "GroupQueryAttention" for n in proto.graph.node),
+                          gqa_layers=sum(n.op_type in ("GroupQueryAttention", "CachedAttention") for n in proto.graph.node),
                           repeated=repeat.source if repeat else {})
     for b in compiled.blocks:
         info = resolve(work, b.path).__dict__["_moec_graph"].meta["onnx"]

@@ -95,7 +95,8 @@ def moec_matmuls(path: str, external_data: bool) -> int:
         MatMulNBits(x, B [N, K/g, g/2] u8, scales [N*K/g], zero_points? [N, ceil(K/g / 2)] u8 nibbles)
             -> moec::Int4MatMul(x, q [N, K/2] u8, s [N, K/g], z? [N, K/g] u8)     # w = (q - z) * s, z 8 if absent
 
-    int8_activations where the node had accuracy_level 4. Rewritten in place; returns how many."""
+    int8_activations where the node had accuracy_level 4. Nodes that read the same input then become one
+    (_merge_siblings). Rewritten in place; returns how many MatMulNBits were converted."""
     from moec.backends import ort_kernels
 
     proto = onnx.load(path)
@@ -124,6 +125,7 @@ def moec_matmuls(path: str, external_data: bool) -> int:
         n.CopyFrom(new)
         count += 1
     if count:
+        _merge_siblings(proto)
         used = {i for n in proto.graph.node for i in n.input}
         for t in [t for t in proto.graph.initializer if t.name not in used]:
             proto.graph.initializer.remove(t)
@@ -131,3 +133,47 @@ def moec_matmuls(path: str, external_data: bool) -> int:
             proto.opset_import.append(helper.make_opsetid(ort_kernels.DOMAIN, 1))
         onnx.save(proto, path, save_as_external_data=external_data)
     return count
+
+
+def _merge_siblings(proto) -> None:
+    """moec::Int4MatMul nodes reading the same input with the same numerics and group count (zero points in all or
+    none) become one node over their stacked rows and a Split, e.g. q/k/v, or a shared expert's gate/up:
+
+        y_i = Int4MatMul(x, q_i [N_i, K/2], s_i [N_i, G], z_i?)  ->  y = Int4MatMul(x, cat q_i, cat s_i, cat z_i?)
+                                                                     y_1, .., y_n = Split(y, [N_1, .., N_n], axis=-1)
+
+    Each output channel is computed from its own row as before; the input is rounded once and the rows run in one
+    parallel region instead of n (one token: ~4 us a layer on q/k/v, tests/test_ort_kernels.py)."""
+    from moec.backends import ort_kernels
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    groups: dict[tuple, list] = {}
+    for n in proto.graph.node:
+        if n.domain == ort_kernels.DOMAIN and n.op_type == ort_kernels.MATMUL:
+            a8 = next(helper.get_attribute_value(x) for x in n.attribute if x.name == "int8_activations")
+            zero = len(n.input) > 3 and bool(n.input[3])
+            groups.setdefault((n.input[0], a8, zero, tuple(inits[n.input[2]].dims[1:])), []).append(n)
+    for (x, a8, zero, _), nodes in groups.items():
+        if len(nodes) < 2:
+            continue
+        name = nodes[0].name + "_merged"
+        parts = range(3 if zero else 2)
+        stacked = [np.concatenate([numpy_helper.to_array(inits[n.input[1 + i]]) for n in nodes]) for i in parts]
+        names = [f"{name}_{k}" for k in "qsz"[:len(stacked)]]
+        proto.graph.initializer.extend(numpy_helper.from_array(t, k) for t, k in zip(stacked, names))
+        sizes = numpy_helper.from_array(np.array([inits[n.input[1]].dims[0] for n in nodes], np.int64), f"{name}_split")
+        proto.graph.initializer.append(sizes)
+        merged = [helper.make_node(ort_kernels.MATMUL, [x, *names], [f"{name}_y"], name=name, domain=ort_kernels.DOMAIN,
+                                   int8_activations=a8),
+                  helper.make_node("Split", [f"{name}_y", sizes.name], [o for n in nodes for o in n.output],
+                                   name=f"{name}_split", axis=-1)]
+        members = {n.output[0] for n in nodes}
+        kept, at = [], None
+        for n in proto.graph.node:  # the merged pair where the first member was: x is ready there
+            if n.output[0] in members:
+                at = len(kept) if at is None else at
+            else:
+                kept.append(onnx.NodeProto.FromString(n.SerializeToString()))
+        kept[at:at] = merged
+        del proto.graph.node[:]
+        proto.graph.node.extend(kept)

@@ -17,7 +17,9 @@ from moec.quant import Int4Experts, quantize
 
 from conftest import rel_err
 
-pytestmark = pytest.mark.skipif(ort_kernels.library() is None, reason="moec's ORT kernels are not built here")
+# no compiler or CPU support here: skipped; where moec's C kernels build, the library must build and pass its
+# self-test (test_library_builds), else these tests fail rather than skip
+pytestmark = pytest.mark.skipif(cpu_native.library() is None, reason="moec's C kernels are not built here")
 A8 = [True, pytest.param(False, marks=pytest.mark.skipif(not cpu_native.has_f32(), reason="needs AVX-512"))]
 
 
@@ -181,3 +183,46 @@ def test_dense_matmuls_on_moec_kernels_equal_matmulnbits(monkeypatch):
     assert "Int4MatMul" in ops and "MatMulNBits" not in ops and "Int4Experts" in ops
     ops = {n.op_type for n in onnx.load(moec.inspect(ort_ops).export.path).graph.node}
     assert "MatMulNBits" in ops and "QMoE" in ops
+
+
+@pytest.mark.parametrize("a8", A8)
+def test_matmuls_of_one_input_merge_into_one_node(a8):
+    """export_dense._merge_siblings: q/k/v-like Int4MatMuls of one input (and a pair with zero points) become one node
+    and a Split each; one of another input, and one of another group size, stay; the outputs are the same numbers."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from moec.export_dense import _merge_siblings
+
+    gen = torch.Generator().manual_seed(0)
+    specs = {"q": ("x", 128, 32, True), "k": ("x", 64, 32, True), "v": ("x", 64, 32, True), "g": ("x", 64, 32, False),
+             "u": ("x", 128, 32, False), "c": ("x", 64, 64, True), "o": ("y", 64, 32, True)}
+    nodes, inits = [], []
+    for name, (x, N, g, symmetric) in specs.items():
+        t = quantize(Int4Experts(g, symmetric=symmetric), torch.randn(1, N, 256, generator=gen))
+        ins = [x]
+        for k in ("q", "scale", "zero"):
+            if k in t:
+                inits.append(numpy_helper.from_array(t[k][0].numpy(), f"{name}_{k}"))
+                ins.append(f"{name}_{k}")
+        nodes.append(helper.make_node(ort_kernels.MATMUL, ins, [f"out_{name}"], name=name, domain=ort_kernels.DOMAIN,
+                                      int8_activations=int(a8)))
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                                           for n in ("x", "y")],
+                              [helper.make_tensor_value_info(f"out_{n}", onnx.TensorProto.FLOAT, None) for n in specs],
+                              inits)
+    proto = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18),
+                                                                   helper.make_opsetid(ort_kernels.DOMAIN, 1)])
+    merged = onnx.ModelProto.FromString(proto.SerializeToString())
+    _merge_siblings(merged)
+    assert [n.op_type for n in merged.graph.node].count(ort_kernels.MATMUL) == 4  # qkv, gu, c, o
+    assert [len(n.output) for n in merged.graph.node if n.op_type == "Split"] == [3, 2]
+    feed = {"x": torch.randn(3, 256, generator=gen).numpy(), "y": torch.randn(3, 256, generator=gen).numpy()}
+    outs = []
+    for p in (proto, merged):
+        so = ort.SessionOptions()
+        so.register_custom_ops_library(ort_kernels.library())
+        outs.append(ort.InferenceSession(p.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feed))
+    for a, b in zip(*outs):
+        assert np.array_equal(a, b)
