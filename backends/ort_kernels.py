@@ -29,6 +29,9 @@ by index; registration checks one index against a known string (GetBuildInfoStri
 refuses the library, moec keeps QMoE) if the table is not laid out as expected. OrtCustomOp version 16: the V2
 callbacks, which return a status (shape errors reach the caller as an ORT error, not a crash).
 
+The same library holds moec::CachedAttention (backends/ort_attention.py: its source is built in after these ops),
+and export_dense merges the Int4MatMuls of one input (q/k/v) into one node.
+
 Built like cpu_native's library (the system C compiler, moec's cache directory), with that file's kernels;
 `library()` is None where it cannot be (no compiler, no AVX2/FMA, MOEC_NATIVE=0, onnxruntime older than 1.20):
 lower_onnx then keeps ORT's QMoE.
@@ -448,8 +451,9 @@ def _ort_version() -> tuple[int, ...]:
 
 @functools.cache
 def library() -> str | None:
-    """The custom-op library's path, built and checked once per process (a tiny session against moec's torch op),
-    or None where it cannot be (the reason logged once): lower_onnx then keeps ORT's QMoE."""
+    """The custom-op library's path, built and checked once per process (tiny sessions against moec's torch ops),
+    or None where it cannot be (the reason logged once): the exports then keep ORT's QMoE, MatMulNBits and
+    GroupQueryAttention."""
     from moec.backends import cpu_native, ort_attention
 
     if cpu_native.library() is None:  # no compiler or CPU support, or MOEC_NATIVE=0 (logged there)
@@ -463,8 +467,8 @@ def library() -> str | None:
         _self_test(path)
         ort_attention.self_test(path)
     except Exception as e:  # noqa: BLE001 (a failed build or check of an optional kernel: QMoE runs instead)
-        log.warning("moec: moec's experts kernels for onnxruntime are not available (%s): backend='onnxruntime' "
-                    "runs ONNX Runtime's QMoE for int4 experts", e)
+        log.warning("moec: moec's kernels for onnxruntime are not available (%s): backend='onnxruntime' runs ONNX "
+                    "Runtime's own ops (QMoE, MatMulNBits, GroupQueryAttention)", e)
         return None
     return path
 

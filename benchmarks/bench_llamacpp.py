@@ -20,8 +20,9 @@ every matrix but the router and embedding, `dense=`, as llama.cpp's file). --onn
 an ONNX Runtime session with the KV cache, greedy generate in moec's loop around it; fp32, int8, int4, and
 int8/int4 with int8 activations (activations="int8": int8 dot products, as q8_0/q4_0 do), experts only and
 then every matrix but the router and embedding (dense=, as llama.cpp's file); ORT has no bf16 MoE kernel).
-Int4 experts on backend="onnxruntime" run moec's kernels in the session (backends/ort_kernels.py); --qmoe adds the
-int4 all-matmuls row on ORT's QMoE instead, the A/B. --linears-off adds moec torch rows compiled with decode_linears=False (the A/B of moec's kernels for the model's
+Int4 experts and MatMuls, and fp32 models' attention, on backend="onnxruntime" run moec's kernels in the session
+(backends/ort_kernels.py, ort_attention.py); --qmoe adds the int4 all-matmuls row on ORT's own ops instead (QMoE,
+MatMulNBits, GroupQueryAttention: MOEC_ORT_KERNELS=0), the A/B. --linears-off adds moec torch rows compiled with decode_linears=False (the A/B of moec's kernels for the model's
 nn.Linear layers at decode). Tokens/s medians over --rounds interleaved rounds; each round's wall time printed.
 Skips cleanly (exit 0, a message) where llama-cpp-python or gguf is not installed. Never in CI.
 Do not run it with OMP_WAIT_POLICY=PASSIVE: llama.cpp's OpenMP threads then sleep at each of the hundreds of
@@ -213,8 +214,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--onnx", action="store_true", help="add moec backend='onnxruntime' rows (fp32, int8, int4)")
-    ap.add_argument("--qmoe", action="store_true", help="with --onnx: also int4 all matmuls on ORT's QMoE "
-                    "(MOEC_ORT_KERNELS=0) beside moec's kernels in the session")
+    ap.add_argument("--qmoe", action="store_true", help="with --onnx: also int4 all matmuls on ORT's own ops "
+                    "(QMoE, MatMulNBits, GroupQueryAttention: MOEC_ORT_KERNELS=0) beside moec's kernels in the session")
     ap.add_argument("--linears-off", action="store_true",
                     help="add moec torch rows compiled with decode_linears=False (torch's GEMMs for nn.Linear layers)")
     args = ap.parse_args()
@@ -264,14 +265,14 @@ def main():
                     model = moec.compile(build(name), backend="onnxruntime", session_options=quiet_session(args.threads),
                                          quantize=a8, dense=a8)
                     systems[f"moec onnxruntime {prec} all matmuls, int8 activations"] = Torch(model)
-                    if args.qmoe and prec == "int4":  # the same with ORT's QMoE instead of moec's kernels
+                    if args.qmoe and prec == "int4":  # the same with ORT's own ops instead of moec's kernels
                         os.environ["MOEC_ORT_KERNELS"] = "0"
                         try:
                             model = moec.compile(build(name), backend="onnxruntime", quantize=a8, dense=a8,
                                                  session_options=quiet_session(args.threads))
                         finally:
                             del os.environ["MOEC_ORT_KERNELS"]
-                        systems[f"moec onnxruntime {prec} all matmuls, int8 activations, ORT's QMoE"] = Torch(model)
+                        systems[f"moec onnxruntime {prec} all matmuls, int8 activations, ORT's ops"] = Torch(model)
         with torch.no_grad():
             want = ref(input_ids=prompt).logits[0]
         got = systems["llama.cpp f32"].logits(prompt) if "fp32" in args.precisions else None
