@@ -10,6 +10,8 @@ reference of what they compute, and their translation to ONNX nodes for torch.on
     moec::ort_gqa(q[B,S,H*D], k[B,S,KVH*D], v, past_k[B,KVH,P,D], past_v, bias[B|1,1,S,T], sinks?[H], H, KVH, scale)
         K, V = cat(past_k, k), cat(past_v, v)                              # present [B, KVH, T=P+S, D]
         p = softmax([q K^T * scale + bias | sinks])[..., :T]               # query head h reads kv head h // (H/KVH)
+                                                                           # causal: query s never reads a key t > P+s;
+                                                                           # 0 where every such key is masked
         out = p V                                                          # [B, S, H*D]
 
 ORT's layouts (checked against ONNX Runtime 1.31.1 on CPU, tests/test_onnx.py):
@@ -141,9 +143,15 @@ def ort_gqa(query, key, value, past_key, past_value, bias, sinks, num_heads, kv_
     v = torch.cat([past_value, value.view(B, S, kv_heads, D).transpose(1, 2)], dim=2)
     rep = num_heads // kv_heads
     logits = (q @ k.repeat_interleave(rep, dim=1).transpose(2, 3)).float() * scale + bias.float()  # [B, H, S, T]
+    T = k.shape[2]  # ORT's op is causal whatever the bias: query s (position P + s) never reads a key after it
+    logits = logits.masked_fill(torch.arange(T, device=q.device) > torch.arange(T - S, T, device=q.device)[:, None],
+                                float("-inf"))
     if sinks is not None:
         logits = torch.cat([logits, sinks.float().view(1, -1, 1, 1).expand(B, -1, S, 1)], dim=-1)
     p = logits.softmax(dim=-1)[..., :k.shape[2]].to(v.dtype)
+    # a query whose every causal key is masked (a row of padding) gets zeros from ORT's op, not an even spread
+    none = (bias.float() <= torch.finfo(torch.float32).min / 2).logical_or(logits[..., :T] == float("-inf")).all(-1)
+    p = p.masked_fill(none[..., None], 0)
     out = (p @ v.repeat_interleave(rep, dim=1)).transpose(1, 2).reshape(B, S, num_heads * D)
     return out, k, v
 

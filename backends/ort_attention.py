@@ -4,7 +4,8 @@
                     bias [B|1, 1, S, T] additive, sinks [H] optional; num_heads H, kv_num_heads KVH, scale)
         -> out [B, S, H*D], present_k [B, KVH, T, D], present_v          (T = P + S)
         K, V = cat(past_k, k), cat(past_v, v)                 # query head h reads kv head h // (H / KVH)
-        out = softmax([q K^T * scale + bias | sinks])[..., :T] V
+        out = softmax([q K^T * scale + bias | sinks])[..., :T] V   # causal: query s never reads a key t > P + s;
+                                                                   # 0 where every such key is masked
 
 what moec::ort_gqa computes (backends/onnx_backend.py), the op moec.export_gqa proves each layer's attention
 against and exports as com.microsoft::GroupQueryAttention. `rewrite` turns those nodes into this op in the files
@@ -16,9 +17,10 @@ Why: at decode ORT's GroupQueryAttention took ~22 us a layer for one token over 
 per (batch, kv head, query) the query heads that share the kv head, fp32 logits with AVX2 dot products, the
 softmax with a vectorised exp, the weighted sum of values; the past copied into the present once. Work is split
 over ORT's pool (KernelContext_ParallelFor) only when it is large enough to pay for waking a thread (prefill).
-Positions whose bias is -inf or below -FLT_MAX/2 (HF's masks use the float minimum) are skipped when the row has
-a position that is not: their probability is exactly 0 in fp32 either way. A row with every position so masked
-is computed in full, as the reference does.
+Positions whose bias is -inf or below -FLT_MAX/2 (HF's masks use the float minimum) are skipped: their probability
+is exactly 0 in fp32 for finite keys (a NaN or inf key or value there, which the reference turns into NaN, is not
+read). A query with every causal position so masked (a row of padding) gets zeros, as ORT's op gives (and so HF's
+sdpa attention's tokens; eager attention spreads such a row evenly instead: export_gqa's proof skips these rows).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ INLINE float dot_f32(const float *a, const float *b, int64_t n) {
     return r;
 }
 
-INLINE __m256 exp8(__m256 x) {  /* e^x: x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial (~1 ulp), 2^n as bits */
+INLINE __m256 exp8(__m256 x) {  /* e^x: x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial (within 3 ulp of expf), 2^n as bits */
     const __m256 lo = _mm256_set1_ps(-104.f), hi = _mm256_set1_ps(88.7f);
     __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ), over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
     __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
@@ -90,15 +92,18 @@ static void attend_item(void *p, size_t item) {
         a->failed = 1;
         return;
     }
-    int64_t n = 0;  /* the positions attended to: the unmasked ones, or all of them if none is unmasked */
-    for (int64_t t = 0; t < T; t++)
+    /* the positions attended to: the causal ones (t <= P + s, as ORT's op) that are not masked */
+    int64_t n = 0;
+    for (int64_t t = 0; t <= a->P + s; t++)
         if (!masked(bias[t])) at[n++] = t;
-    if (!n)
-        for (; n < T; n++) at[n] = n;
     for (int64_t r = 0; r < rep; r++) {
         int64_t h = kv * rep + r;
         const float *q = a->q + ((b * S + s) * a->H + h) * D;
         float *o = a->out + ((b * S + s) * a->H + h) * D;
+        if (!n) {  /* nothing to attend to (a row of padding): zeros, as ORT's op */
+            memset(o, 0, D * sizeof(float));
+            continue;
+        }
         float m = -INFINITY;
         for (int64_t i = 0; i < n; i++) {
             l[i] = dot_f32(q, K + at[i] * D, D) * a->scale + bias[at[i]];
@@ -226,14 +231,21 @@ def register_schema() -> None:
                     OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "the logits' scale")]))
 
 
+# GroupQueryAttention attributes the op computes (with the value each must have where the op has no such thing)
+_ATTRIBUTES = {"num_heads": None, "kv_num_heads": None, "scale": None, "do_rotary": 0, "rotary_interleaved": 0,
+               "local_window_size": -1, "softcap": 0.0, "smooth_softmax": 0, "qk_output": 0}
+
+
 def _why_not(node, a: dict) -> str | None:
     """Why a GroupQueryAttention node is not moec::ort_gqa's computation as this op takes it (None: it is)."""
     inputs = list(node.input) + [""] * (12 - len(node.input))
     if not all(inputs[:5]) or not inputs[10]:
         return "no separate k/v, past or attention bias"
-    if any(inputs[7:10]) or a.get("do_rotary", 0) or a.get("local_window_size", -1) != -1 \
-            or a.get("softcap", 0.0) or a.get("smooth_softmax", 0) or "scale" not in a:
-        return "rotary, a window, softcap, smooth softmax or no scale"
+    if any(inputs[7:10]) or any(inputs[12:]) or any(node.output[3:]):
+        return "rotary caches, position ids, quantized or normalized q/k, or attention probabilities as an output"
+    other = {k: v for k, v in a.items() if k not in _ATTRIBUTES or (_ATTRIBUTES[k] is not None and v != _ATTRIBUTES[k])}
+    if other or "scale" not in a:
+        return f"attributes {sorted(other) or ['no scale']}"
     return None
 
 
@@ -245,7 +257,7 @@ def rewrite(proto) -> int:
     from onnx import helper
 
     register_schema()
-    count = 0
+    count, dropped = 0, set()
     for n in proto.graph.node:
         if n.op_type != "GroupQueryAttention" or n.domain != "com.microsoft":
             continue
@@ -253,25 +265,37 @@ def rewrite(proto) -> int:
         if _why_not(n, a) is not None:
             continue
         inputs = list(n.input) + [""] * (12 - len(n.input))
+        dropped.update(inputs[5:7])
         new = helper.make_node(OP, [*inputs[:5], inputs[10], inputs[11]], list(n.output)[:3], name=n.name,
                                domain="moec", num_heads=a["num_heads"], kv_num_heads=a["kv_num_heads"],
                                scale=float(a["scale"]))
         n.CopyFrom(new)
         count += 1
     if count:
-        _prune(proto.graph)
+        _prune(proto.graph, dropped - {""})
         if not any(o.domain == "moec" for o in proto.opset_import):
             proto.opset_import.append(helper.make_opsetid("moec", 1))
     return count
 
 
-def _prune(graph) -> None:
-    """Drop the nodes none of whose outputs is used (by a node or as a graph output), until none is left."""
-    while True:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
-        if not dead:
-            return
+def _used(graph) -> set[str]:
+    """The names the graph's nodes read, inside their subgraphs too, and its outputs."""
+    names = {o.name for o in graph.output}
+    for n in graph.node:
+        names.update(n.input)
+        for attr in n.attribute:
+            for g in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                names |= _used(g)
+    return names
+
+
+def _prune(graph, dropped: set[str]) -> None:
+    """Drop the nodes that made the `dropped` values (seqlens_k, total_sequence_length) and that nothing reads now,
+    and so on up the chain that fed them."""
+    while dropped:
+        used = _used(graph)
+        dead = [n for n in graph.node if any(o in dropped for o in n.output) and not any(o in used for o in n.output)]
+        dropped = {i for n in dead for i in n.input if i}  # checked against the next pass's readers
         for n in dead:
             graph.node.remove(n)
 

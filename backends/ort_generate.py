@@ -108,7 +108,7 @@ def greedy(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: in
     B = ids.shape[0]
     feed, mask = ids.cpu().numpy(), mask.cpu().long().numpy()
     pos = np.where(mask == 0, 1, mask.cumsum(-1) - 1)  # HF's positions under left padding
-    stop = None if eos is None else np.asarray(eos)
+    stop = None if eos is None else np.asarray(eos, dtype=np.int64)  # [] too: indices, not floats
     ended, tokens = np.zeros(B, bool), []
     bind = session.io_binding()
     for name, past in zip(names[3:], empty_past(layout, B)):

@@ -142,8 +142,9 @@ def _merge_siblings(proto) -> None:
         y_i = Int4MatMul(x, q_i [N_i, K/2], s_i [N_i, G], z_i?)  ->  y = Int4MatMul(x, cat q_i, cat s_i, cat z_i?)
                                                                      y_1, .., y_n = Split(y, [N_1, .., N_n], axis=-1)
 
-    Each output channel is computed from its own row as before; the input is rounded once and the rows run in one
-    parallel region instead of n (one token: ~4 us a layer on q/k/v, tests/test_ort_kernels.py)."""
+    Each output channel is computed from its own row as before (bit for bit where each member's rows are a multiple
+    of 4; else a tile of 4 channels may straddle two members and round differently, ~1e-6); the input is rounded
+    once and the rows run in one parallel region instead of n (one token: ~2 us a layer on q/k/v)."""
     from moec.backends import ort_kernels
 
     inits = {t.name: t for t in proto.graph.initializer}
@@ -156,7 +157,9 @@ def _merge_siblings(proto) -> None:
     for (x, a8, zero, _), nodes in groups.items():
         if len(nodes) < 2:
             continue
-        name = nodes[0].name + "_merged"
+        name = (nodes[0].name or nodes[0].output[0]) + "_merged"
+        if any(k in inits for k in (f"{name}_q", f"{name}_s", f"{name}_z", f"{name}_split")):
+            continue  # its names are taken: left as it was
         parts = range(3 if zero else 2)
         stacked = [np.concatenate([numpy_helper.to_array(inits[n.input[1 + i]]) for n in nodes]) for i in parts]
         names = [f"{name}_{k}" for k in "qsz"[:len(stacked)]]

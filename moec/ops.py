@@ -12,8 +12,9 @@ torch.export and torch.compile (each op has a fake implementation giving output 
         ONNX Runtime's com.microsoft::MoE / QMoE in its layouts (softmax over router_probs -> top-k ->
         normalise; gated fc1 rows interleaved gate/up); exported as those nodes (moec.backends.onnx_backend)
     moec::ort_gqa(q[B,S,H*D], k[B,S,KVH*D], v, past_k[B,KVH,P,D], past_v, bias[B|1,1,S,P+S], sinks?[H], H, KVH, scale)
-        -> out[B,S,H*D], present_k[B,KVH,P+S,D], present_v: attention over past + new keys with an additive bias
-        (and per-head sink logits), exported as com.microsoft::GroupQueryAttention (moec.export_gqa)
+        -> out[B,S,H*D], present_k[B,KVH,P+S,D], present_v: causal attention over past + new keys with an additive
+        bias (and per-head sink logits; zeros for a query with every key masked, as ORT's op), exported as
+        com.microsoft::GroupQueryAttention (moec.export_gqa)
     moec::ort_linear_attention(q[B,S,H*dk], k[B,S,H*dk], v[B,S,H*dv], past_state[B,H,dk,dv], decay[B,S,H|H*dk],
         beta?[B,S,H], H, scale, rule) -> out[B,S,H*dv], present_state: rule "gated_delta" (Qwen3-Next) or "gated"
         (Mamba: a decay per key dim) token by token, exported as com.microsoft::LinearAttention (moec.export_state)

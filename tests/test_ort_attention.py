@@ -98,15 +98,15 @@ def test_large_logits_and_ties(sinks):
     _check(x, 8, 2)
 
 
-def test_fully_masked_rows_attend_uniformly():
-    """A query row whose every position carries the float minimum: softmax of equal logits, every position alike
-    (the reference's numbers; the kernel does not skip them there)."""
-    x = _inputs(2, 3, 6, 4, 2, 16, False, pad=0)
-    x["bias"][1, 0, 1] = MIN
-    out = _check(x, 4, 2)[0]
-    v = torch.cat([x["past_v"], x["v"].view(2, 3, 2, 16).transpose(1, 2)], 2)  # [B, KVH, T, D]
-    uniform = v[1].mean(1)  # [KVH, D]
-    assert rel_err(out[1, 1].view(4, 16), uniform.repeat_interleave(2, 0)) < 1e-5
+@pytest.mark.parametrize("fill", [MIN, float("-inf")])
+def test_a_query_with_nothing_to_attend_to_gets_zeros(fill):
+    """A query whose every position is masked (a row of padding), by the float minimum or -inf, with and without
+    sinks: zeros, as ORT's GroupQueryAttention gives (the reference's numbers); its other queries are unaffected."""
+    for sinks in (False, True):
+        x = _inputs(2, 3, 6, 4, 2, 16, sinks, pad=0)
+        x["bias"][1, 0, 1] = fill  # query 1 of row 1
+        out = _check(x, 4, 2)[0]
+        assert torch.equal(out[1, 1], torch.zeros(4 * 16)) and out[1, 0].abs().min() > 0
 
 
 def test_bad_inputs_are_errors_naming_the_op():
@@ -120,7 +120,8 @@ def test_bad_inputs_are_errors_naming_the_op():
 
 
 def test_rewrite_leaves_what_the_op_does_not_compute():
-    """GroupQueryAttention with rotary, without a bias, or with a window stays ORT's node."""
+    """GroupQueryAttention with rotary, without a bias, with a window, with q/k norms or with its probabilities as an
+    output stays ORT's node; pruning the dropped seqlens/total inputs keeps a value a subgraph reads."""
     import onnx
     from onnx import helper
 
@@ -131,26 +132,43 @@ def test_rewrite_leaves_what_the_op_does_not_compute():
              helper.make_node("GroupQueryAttention", ["q", "k", "v", "pk", "pv", "sl", "t"], ["o2"],
                               domain="com.microsoft", num_heads=8, kv_num_heads=2, scale=0.1),
              helper.make_node("GroupQueryAttention", ["q", "k", "v", "pk", "pv", "sl", "t", "", "", "", "b"], ["o3"],
-                              domain="com.microsoft", num_heads=8, kv_num_heads=2, scale=0.1, local_window_size=4)]
+                              domain="com.microsoft", num_heads=8, kv_num_heads=2, scale=0.1, local_window_size=4),
+             helper.make_node("GroupQueryAttention", ["q", "k", "v", "pk", "pv", "sl", "t", "", "", "", "b", "", "",
+                                                      "", "qn", "kn"], ["o4"],
+                              domain="com.microsoft", num_heads=8, kv_num_heads=2, scale=0.1),
+             helper.make_node("GroupQueryAttention", ["q", "k", "v", "pk", "pv", "sl", "t", "", "", "", "b"],
+                              ["o5", "", "", "qk"], domain="com.microsoft", num_heads=8, kv_num_heads=2, scale=0.1,
+                              qk_output=1)]
+    # seqlens from a chain another node's subgraph also reads (kept), total from one only the first node reads (gone)
+    nodes[:0] = [helper.make_node("Shape", ["q"], ["shape"]), helper.make_node("Cast", ["shape"], ["sl"], to=6),
+                 helper.make_node("Neg", ["x"], ["t0"]), helper.make_node("Abs", ["t0"], ["t"])]
+    branch = helper.make_graph([helper.make_node("Identity", ["sl"], ["y"])], "b", [],
+                               [helper.make_tensor_value_info("y", onnx.TensorProto.INT32, None)])
+    nodes.append(helper.make_node("If", ["c"], ["o6"], then_branch=branch, else_branch=branch))
     graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info(f"o{i}", onnx.TensorProto.FLOAT, None)
-                                               for i in range(4)])
+                                               for i in range(7)])
     proto = helper.make_model(graph)
+    for n in proto.graph.node[4:]:  # only the first attention node reads total "t": the others read "t2"
+        if n.op_type == "GroupQueryAttention" and n.output[0] != "o0":
+            n.input[6] = "t2"
     assert ort_attention.rewrite(proto) == 1
-    assert [n.op_type for n in proto.graph.node] == ["CachedAttention", "GroupQueryAttention", "GroupQueryAttention",
-                                                     "GroupQueryAttention"]
-    assert list(proto.graph.node[0].input) == ["q", "k", "v", "pk", "pv", "b", ""]
+    assert [n.op_type for n in proto.graph.node] == ["Shape", "Cast", "CachedAttention", *["GroupQueryAttention"] * 5,
+                                                     "If"]
+    assert list(proto.graph.node[2].input) == ["q", "k", "v", "pk", "pv", "b", ""]
 
 
 @pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
-def test_backend_runs_it_and_matches_hf(name, monkeypatch):
+@pytest.mark.parametrize("padding", [3, 9])
+def test_backend_runs_it_and_matches_hf(name, padding, monkeypatch):
     """fp32 KV-cache sessions on CPU run moec::CachedAttention (GPT-OSS: with sinks and sliding windows in the bias);
-    greedy tokens and logits are HF's; MOEC_ORT_KERNELS=0 keeps GroupQueryAttention."""
+    greedy tokens are HF's (sdpa), with a left-padded row and with a row of padding only (its prompt's queries attend
+    to nothing: zeros from this op and ORT's); MOEC_ORT_KERNELS=0 keeps GroupQueryAttention."""
     import onnx
 
     ref = models.tiny_model(name).eval()
     ids = torch.randint(3, ref.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
-    mask[1, :3] = 0
+    mask[1, :padding] = 0
     with torch.no_grad():
         want = ref.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None)
     for kernels in ("1", "0"):

@@ -57,7 +57,7 @@ def test_greedy_equals_hf(pair, loops, batch, seq, new):
 
 def test_rows_that_hit_eos_end_and_are_padded(pair, loops):
     """eos: one of the tokens the rows generate, so rows end at different steps and are padded after; min_new_tokens
-    keeps eos out until it is reached; several eos ids."""
+    keeps eos out until it is reached; several eos ids; an empty list of them."""
     model, ref = pair
     ids, mask = _prompt(model, 3, 6, seed=1)
     with torch.no_grad():
@@ -73,7 +73,9 @@ def test_rows_that_hit_eos_end_and_are_padded(pair, loops):
     every = sorted({int(t) for t in free[:, 6]})  # each row's first token: every row ends at once
     got = _same(model, ref, ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=every)
     assert got.shape[1] == 7
-    assert loops == [1] * 4
+    _same(model, ref, ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=2, do_sample=False, eos_token_id=[],
+          pad_token_id=1)  # no eos at all (an IndexError in the loop before)
+    assert loops == [1] * 5
 
 
 def test_weights_changed_after_compile(pair, loops):
