@@ -3,10 +3,10 @@
     moec::Int4Experts(x [T, H] fp32, ids [T, k] int64, w [T, k] fp32,
                       q13 u8 [E, 2I, H/2], s13 [E, 2I, H/g] fp32, z13 u8 [E, 2I, H/g] or [0],
                       q2 u8 [E, H, I/2], s2 [E, H, I/g] fp32, z2 u8 [E, H, I/g] or [0];
-                      int8_activations, gate_up) -> y [T, H] fp32
+                      int8_activations, gate_up, tiles) -> y [T, H] fp32
         y[t] = sum_j w[t, j] * W2[e] (silu(gate) * up)(W13[e] x[t]),  e = ids[t, j]
 
-    moec::Int4MatMul(x [..., K] fp32, q u8 [N, K/2], s [N, K/g] fp32, z u8 [N, K/g] or absent; int8_activations)
+    moec::Int4MatMul(x [..., K] fp32, q u8 [N, K/2], s [N, K/g] fp32, z u8 [N, K/g] or absent; int8_activations, tiles)
         -> y [..., N] = x W^T,  W = (q - z) * s  (z 8 if absent): a dense layer's MatMulNBits (moec.export_dense)
 
 Int4Experts: what moec::experts_int4 computes for gated SiLU experts without biases (Mixtral, Qwen-MoE, DeepSeek, ...), weights
@@ -29,6 +29,12 @@ by index; registration checks one index against a known string (GetBuildInfoStri
 refuses the library, moec keeps QMoE) if the table is not laid out as expected. OrtCustomOp version 16: the V2
 callbacks, which return a status (shape errors reach the caller as an ORT error, not a crash).
 
+tiles=1 (int8 activations, AVX-512 builds, every matrix's N a multiple of 4): q and s in the tile layout (`tiled`,
+the same shapes): a tile of 4 output channels is one sequential stream, each 32-input block of its 4 channels one
+64-byte load and each step's 16 scales another, where moec's layout makes 4 loads of 16 bytes from 4 rows apart
+(`tile_weights` lays out the session's file so; one layer of mix's experts at one token from DRAM, 2 threads:
+~145 against ~160 us). The same numbers: the kernel sums the same products in the same order.
+
 The same library holds moec::CachedAttention (backends/ort_attention.py: its source is built in after these ops),
 and export_dense merges the Int4MatMuls of one input (q/k/v) into one node.
 
@@ -40,6 +46,8 @@ lower_onnx then keeps ORT's QMoE.
 from __future__ import annotations
 
 import functools
+
+import numpy as np
 
 from moec.log import log
 
@@ -54,6 +62,9 @@ OP_SOURCE = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #define EXPORT __attribute__((visibility("default")))  /* built with -fvisibility=hidden: the kernels stay ours */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define TILES  /* moec_int4_tiles is built */
+#endif
 
 /* ---- ONNX Runtime's C ABI, as much of it as this op uses (onnxruntime_c_api.h) ---- */
 typedef struct OrtStatus OrtStatus;
@@ -115,10 +126,11 @@ enum { NIN = 9, CH = 64 };  /* inputs; output channels per work item (a multiple
 static const int in_types[NIN] = {T_FLOAT, T_INT64, T_FLOAT, T_UINT8, T_FLOAT, T_UINT8, T_UINT8, T_FLOAT, T_UINT8};
 static const char *in_names[NIN] = {"x", "ids", "w", "q13", "s13", "z13", "q2", "s2", "z2"};
 
-typedef struct { int64_t a8, gate_up; } Kernel;
+typedef struct { int64_t a8, gate_up, tiles; } Kernel;
 
-typedef struct {  /* one matrix of every expert, moec's int4 format: q [E, N, K/2], s [E, N, G], z [E, N, G] or NULL */
-    const uint8_t *q; const float *s; const uint8_t *z; int64_t N, K, G;
+typedef struct {  /* one matrix of every expert, moec's int4 format: q [E, N, K/2], s [E, N, G], z [E, N, G] or NULL;
+                   tiles: q and s in the tile layout (moec_int4_tiles) */
+    const uint8_t *q; const float *s; const uint8_t *z; int64_t N, K, G; int tiles;
 } Matrix;
 
 typedef struct {  /* one call */
@@ -138,9 +150,16 @@ static void gemm_item(void *p, size_t item) {  /* (active expert, CH output chan
     int64_t chunks = (m->N + CH - 1) / CH, e = s->active[item / chunks], j0 = (int64_t)(item % chunks) * CH;
     int64_t r0 = s->first[e], G = m->G, j1 = j0 + CH < m->N ? j0 + CH : m->N;
     const void *x = s->a8 ? (const void *)((const int8_t *)s->in + r0 * m->K) : (const void *)((const float *)s->in + r0 * m->K);
-    moec_int4(x, s->a8 ? s->in_s + r0 * G : NULL, s->a8 ? s->in_i + r0 * G : NULL, s->first[e + 1] - r0, m->K,
-              m->q + e * m->N * (m->K / 2), m->s + e * m->N * G, m->z ? m->z + e * m->N * G : NULL, G,
-              s->out + r0 * m->N, m->N, j0, j1);
+    const uint8_t *q = m->q + e * m->N * (m->K / 2), *z = m->z ? m->z + e * m->N * G : NULL;
+#ifdef TILES
+    if (m->tiles) {
+        moec_int4_tiles(x, s->in_s + r0 * G, s->in_i + r0 * G, s->first[e + 1] - r0, m->K, q, m->s + e * m->N * G, z,
+                        G, s->out + r0 * m->N, m->N, j0, j1);
+        return;
+    }
+#endif
+    moec_int4(x, s->a8 ? s->in_s + r0 * G : NULL, s->a8 ? s->in_i + r0 * G : NULL, s->first[e + 1] - r0, m->K, q,
+              m->s + e * m->N * G, z, G, s->out + r0 * m->N, m->N, j0, j1);
 }
 
 /* fp32 row v [K] into the kernel's input row: int8 per group (a8: x8 [K], steps sx [K/g], sums xi [K/g]), or each
@@ -227,7 +246,7 @@ static int shape_is(const Input *in, int64_t a, int64_t b, int64_t c) {
 }
 
 static OrtStatus *matrix(const char *op, Input *in, int i, const char **names, int64_t E, int64_t N, int64_t K,
-                         Matrix *m) {
+                         int tiles, Matrix *m) {
     /* inputs i, i+1, i+2: q [E, N, K/2], s [E, N, G], z (absent, empty or [E, N, G]); groups of 32, 64 or 128.
        Matrices of rank 2 are one expert's ([N, K/2] = [1, N, K/2]). */
     Input *q = in + i, *s = in + i + 1, *z = in + i + 2;
@@ -239,7 +258,10 @@ static OrtStatus *matrix(const char *op, Input *in, int i, const char **names, i
         return error(op, ORT_INVALID_ARGUMENT, "%s/%s/%s are not moec's int4 format of [%lld, %lld, %lld] in groups of "
                      "32, 64 or 128", names[i], names[i + 1], names[i + 2], (long long)E, (long long)N,
                      (long long)K);
-    *m = (Matrix){q->data, s->data, z->v && z->numel ? z->data : NULL, N, K, G};
+    if (tiles && N % 4)
+        return error(op, ORT_INVALID_ARGUMENT, "%s/%s/%s has %lld rows: the tile layout takes a multiple of 4",
+                     names[i], names[i + 1], names[i + 2], (long long)N);
+    *m = (Matrix){q->data, s->data, z->v && z->numel ? z->data : NULL, N, K, G, tiles};
     return NULL;
 }
 
@@ -256,8 +278,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     Step s = {.a8 = (int)kn->a8, .gate_up = (int)kn->gate_up, .T = x->dims[0], .k = ids->dims[1], .H = x->dims[1],
               .I = in[3].dims[1] / 2, .x = x->data, .w = w->data};
     int64_t E = in[3].dims[0];
-    CHECK(matrix(OP, in, 3, in_names, E, 2 * s.I, s.H, &s.m13));
-    CHECK(matrix(OP, in, 6, in_names, E, s.H, s.I, &s.m2));
+    CHECK(matrix(OP, in, 3, in_names, E, 2 * s.I, s.H, (int)kn->tiles, &s.m13));
+    CHECK(matrix(OP, in, 6, in_names, E, s.H, s.I, (int)kn->tiles, &s.m2));
 #ifndef __AVX512F__
     if (!s.a8)
         return error(OP, ORT_FAIL, "fp32 rows need the AVX-512 build of the kernels");
@@ -338,7 +360,7 @@ static OrtStatus *matmul(void *kernel, OrtKernelContext *ctx) {
         return error(MM, ORT_INVALID_ARGUMENT, "takes x [..., K] and q [N, K/2]");
     int64_t K = x->dims[x->rank - 1], N = in[1].dims[0], R = K ? x->numel / K : 0;
     Step s = {.a8 = (int)kn->a8, .T = R, .k = 1, .H = K, .x = x->data};
-    CHECK(matrix(MM, in, 1, mm_names, 1, N, K, &s.m13));
+    CHECK(matrix(MM, in, 1, mm_names, 1, N, K, (int)kn->tiles, &s.m13));
 #ifndef __AVX512F__
     if (!s.a8)
         return error(MM, ORT_FAIL, "fp32 rows need the AVX-512 build of the kernels");
@@ -382,6 +404,15 @@ static OrtStatus *create(const OrtCustomOp *op, OrtApiTable a, const OrtKernelIn
                   &kn->gate_up);
     if (!st && (kn->gate_up < 0 || kn->gate_up > 3))
         st = error(OP, ORT_INVALID_ARGUMENT, "gate_up %lld is not 0-3", (long long)kn->gate_up);
+    if (!st)
+        st = CALL((const OrtKernelInfo *, const char *, int64_t *), KernelInfoGetAttribute_int64, info, "tiles",
+                  &kn->tiles);
+#ifndef TILES
+    if (!st && kn->tiles)
+        st = error(op->GetName(op), ORT_FAIL, "the tile layout needs the AVX-512 build of the kernels");
+#endif
+    if (!st && kn->tiles && !kn->a8)
+        st = error(op->GetName(op), ORT_INVALID_ARGUMENT, "the tile layout takes int8 activations");
     if (st) {
         free(kn);
         return st;
@@ -480,11 +511,12 @@ def register_schema() -> None:
 
     optional = OpSchema.FormalParameterOption.Optional
     a8 = OpSchema.Attribute("int8_activations", OpSchema.AttrType.INT, "GEMM inputs rounded to int8")
+    tiles = OpSchema.Attribute("tiles", OpSchema.AttrType.INT, "weights in the tile layout (ort_kernels.tiled)")
     for op, types, attrs in (
             (OP, {"x": "float", "ids": "int64", "w": "float", "q13": "uint8", "s13": "float", "z13": "uint8",
                   "q2": "uint8", "s2": "float", "z2": "uint8"},
-             [a8, OpSchema.Attribute("gate_up", OpSchema.AttrType.INT, "FC1's row order, GATE_UP")]),
-            (MATMUL, {"x": "float", "q": "uint8", "s": "float", "z": "uint8"}, [a8])):
+             [a8, tiles, OpSchema.Attribute("gate_up", OpSchema.AttrType.INT, "FC1's row order, GATE_UP")]),
+            (MATMUL, {"x": "float", "q": "uint8", "s": "float", "z": "uint8"}, [a8, tiles])):
         if onnx.defs.has(op, DOMAIN):
             continue
         onnx.defs.register_schema(OpSchema(
@@ -495,14 +527,64 @@ def register_schema() -> None:
 
 
 def node_args(x, ids, w, q13, s13, z13, q2, s2, z2, int8_activations: bool, gate_up: str) -> tuple[tuple, dict]:
-    """Inputs and attributes of the node for moec::experts_int4's arguments."""
+    """Inputs and attributes of the node for moec::experts_int4's arguments (moec's layout: tile_weights may then
+    lay the weights out in tiles)."""
     return (x, ids, w, q13, s13, z13, q2, s2, z2), {"int8_activations": int(int8_activations),
-                                                    "gate_up": GATE_UP[gate_up]}
+                                                    "gate_up": GATE_UP[gate_up], "tiles": 0}
+
+
+def tiled(q: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """q [..., N, K/2] and s [..., N, G] in moec's int4 format (N a multiple of 4) -> the same in the tile layout
+    (moec_int4_tiles), same shapes: per tile of 4 channels, q as [K/32][4][16 bytes] and s as [G/4][4][4] then
+    [4][G % 4]."""
+    *lead, N, half = q.shape
+    G, full = s.shape[-1], s.shape[-1] // 4 * 4
+    q = q.reshape(*lead, N // 4, 4, half // 16, 16).swapaxes(-3, -2)
+    s = s.reshape(*lead, N // 4, 4, G)
+    steps = s[..., :full].reshape(*lead, N // 4, 4, full // 4, 4).swapaxes(-3, -2)
+    s = np.concatenate([steps.reshape(*lead, N // 4, -1), s[..., full:].reshape(*lead, N // 4, -1)], -1)
+    return np.ascontiguousarray(q).reshape(*lead, N, half), np.ascontiguousarray(s).reshape(*lead, N, G)
+
+
+def tile_weights(proto) -> int:
+    """Each moec::Int4Experts / Int4MatMul node of `proto` (weights loaded) with int8 activations, constant weights
+    and every matrix's rows a multiple of 4 gets them in the tile layout (new initializers `<name>_tiles`) and
+    tiles=1, where this CPU's build has the tile kernel; the others stay as they are. Returns how many nodes."""
+    from onnx import helper, numpy_helper
+
+    from moec.backends import cpu_native
+
+    if not cpu_native.has_tiles():
+        return 0
+    inits = {t.name: t for t in proto.graph.initializer}
+    done, count = {}, 0  # (q, s) names -> their tiled copies'
+    for n in proto.graph.node:
+        if n.domain != DOMAIN or n.op_type not in (OP, MATMUL):
+            continue
+        a = {x.name: x for x in n.attribute}
+        pairs = (3, 6) if n.op_type == OP else (1,)  # q, s input indices
+        names = [n.input[i + j] for i in pairs for j in (0, 1)]
+        if (helper.get_attribute_value(a["int8_activations"]) != 1 or helper.get_attribute_value(a["tiles"]) != 0
+                or any(k not in inits for k in names) or any(inits[n.input[i]].dims[-2] % 4 for i in pairs)):
+            continue
+        for i in pairs:
+            key = (n.input[i], n.input[i + 1])
+            if key not in done:
+                arrays = tiled(numpy_helper.to_array(inits[key[0]]), numpy_helper.to_array(inits[key[1]]))
+                done[key] = [f"{k}_tiles" for k in key]
+                proto.graph.initializer.extend(numpy_helper.from_array(t, k) for t, k in zip(arrays, done[key]))
+            n.input[i], n.input[i + 1] = done[key]
+        a["tiles"].CopyFrom(helper.make_attribute("tiles", 1))
+        count += 1
+    used = {i for n in proto.graph.node for i in n.input}
+    for t in [t for t in proto.graph.initializer if t.name in {k for key in done for k in key} - used]:
+        proto.graph.initializer.remove(t)
+    return count
 
 
 def _self_test(path: str) -> None:
     """A session of one node (3 tokens, 4 experts, top-2, groups of 32 and 64, asymmetric FC1) against
-    moec::experts_int4 on the same weights; RuntimeError where they differ."""
+    moec::experts_int4 on the same weights, in moec's layout and in tiles; RuntimeError where they differ."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -522,13 +604,19 @@ def _self_test(path: str) -> None:
     t2 = quantize(Int4Experts(64), torch.randn(E, H, I, generator=g))
     inputs = {"x": x, "ids": ids, "w": w, "q13": t13["q"], "s13": t13["scale"], "z13": t13["zero"],
               "q2": t2["q"], "s2": t2["scale"]}
-    for a8 in (True, False) if cpu_native.has_f32() else (True,):
-        node = helper.make_node(OP, list(inputs), ["y"], domain=DOMAIN, int8_activations=int(a8), gate_up=2)
+    for a8, tiles in [(True, False)] + [(True, True)] * cpu_native.has_tiles() + [(False, False)] * cpu_native.has_f32():
+        node = helper.make_node(OP, list(inputs), ["y"], domain=DOMAIN, int8_activations=int(a8), gate_up=2,
+                                tiles=int(tiles))
+        weights = dict(inputs)
+        if tiles:
+            for m in ("13", "2"):
+                weights[f"q{m}"], weights[f"s{m}"] = map(torch.from_numpy, tiled(inputs[f"q{m}"].numpy(),
+                                                                                 inputs[f"s{m}"].numpy()))
         graph = helper.make_graph(
             [node], "moec_self_test",
             [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(inputs[n].numpy().dtype), None)
              for n in ("x", "ids", "w")], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-            [numpy_helper.from_array(inputs[n].numpy(), n) for n in list(inputs)[3:]])
+            [numpy_helper.from_array(weights[n].numpy(), n) for n in list(inputs)[3:]])
         model = helper.make_model(graph, ir_version=10,
                                   opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
         so = ort.SessionOptions()
@@ -540,25 +628,27 @@ def _self_test(path: str) -> None:
                                            t2["scale"], None, None, "silu", True, 1.0, 0.0, False, "interleave", a8)
         err = ((got - want).norm() / want.norm()).item()
         if not err < 1e-5:
-            raise RuntimeError(f"its self-test differs from moec::experts_int4 (int8 activations: {a8}; relative "
-                               f"error {err:.2e})")
-        got = matmul_session(path, t13["q"][1], t13["scale"][1], t13["zero"][1], a8).run(None, {"x": x.numpy()})[0]
+            raise RuntimeError(f"its self-test differs from moec::experts_int4 (int8 activations: {a8}, tiles: "
+                               f"{tiles}; relative error {err:.2e})")
+        got = matmul_session(path, weights["q13"][1], weights["s13"][1], t13["zero"][1], a8, tiles=tiles).run(
+            None, {"x": x.numpy()})[0]
         want = quantized_linear(x, (t13["q"][1:2], t13["scale"][1:2], t13["zero"][1:2]), a8)
         err = ((torch.from_numpy(got) - want).norm() / want.norm()).item()
         if not err < 1e-5:
-            raise RuntimeError(f"its self-test differs from moec's quantized linear layer (int8 activations: {a8}; "
-                               f"relative error {err:.2e})")
+            raise RuntimeError(f"its self-test differs from moec's quantized linear layer (int8 activations: {a8}, "
+                               f"tiles: {tiles}; relative error {err:.2e})")
 
 
-def matmul_session(path: str, q, s, z, a8: bool, options=None):
-    """A session of one Int4MatMul node with these weights ([N, K/2], [N, G], [N, G] or None), input "x"."""
+def matmul_session(path: str, q, s, z, a8: bool, options=None, tiles: bool = False):
+    """A session of one Int4MatMul node with these weights ([N, K/2], [N, G], [N, G] or None; tiles: q and s
+    `tiled`), input "x"."""
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
     inits = [numpy_helper.from_array(t.numpy(), n) for n, t in (("q", q), ("s", s), ("z", z)) if t is not None]
     node = helper.make_node(MATMUL, ["x", "q", "s", "z" if z is not None else ""], ["y"], domain=DOMAIN,
-                            int8_activations=int(a8))
+                            int8_activations=int(a8), tiles=int(tiles))
     graph = helper.make_graph([node], "moec_matmul", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, ir_version=10,

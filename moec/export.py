@@ -32,7 +32,7 @@ from torch import nn
 
 from moec import export_layers
 from moec.api import Rejection, compile, inspect
-from moec.backends import ort_attention
+from moec.backends import ort_attention, ort_kernels
 from moec.backends.onnx_backend import ort_type_errors, register_ort_schemas, translations
 from moec.canonical import resolve
 from moec.export_complex import as_real_pairs
@@ -633,6 +633,13 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         if _moec_kernels and isinstance(dense, Int4Experts) and fp32:
             log.info(f"moec.export_onnx: {moec_matmuls(path, big)} of the {quantized} MatMulNBits run moec's kernels")
         done("dense MatMulNBits", "checking the file")
+    if _moec_kernels and fp32:
+        external = any(t.data_location == onnx.TensorProto.EXTERNAL
+                       for t in onnx.load(path, load_external_data=False).graph.initializer)
+        proto = onnx.load(path)
+        if tiled := ort_kernels.tile_weights(proto):
+            onnx.save(proto, path, save_as_external_data=external)
+            log.info(f"moec.export_onnx: {tiled} of moec's int4 nodes take their weights in tiles")
     if _moec_kernels and fp32 and fused:
         proto = onnx.load(path, load_external_data=False)  # external weights stay where they are
         if ort_attention.rewrite(proto):

@@ -121,7 +121,7 @@ def moec_matmuls(path: str, external_data: bool) -> int:
             proto.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(v), f"{n.name}_moec_{k}"))
             names.append(f"{n.name}_moec_{k}")
         new = helper.make_node(ort_kernels.MATMUL, [n.input[0], *names], list(n.output), name=n.name,
-                               domain=ort_kernels.DOMAIN, int8_activations=int(a.get("accuracy_level") == 4))
+                               domain=ort_kernels.DOMAIN, int8_activations=int(a.get("accuracy_level") == 4), tiles=0)
         n.CopyFrom(new)
         count += 1
     if count:
@@ -167,7 +167,7 @@ def _merge_siblings(proto) -> None:
         sizes = numpy_helper.from_array(np.array([inits[n.input[1]].dims[0] for n in nodes], np.int64), f"{name}_split")
         proto.graph.initializer.append(sizes)
         merged = [helper.make_node(ort_kernels.MATMUL, [x, *names], [f"{name}_y"], name=name, domain=ort_kernels.DOMAIN,
-                                   int8_activations=a8),
+                                   int8_activations=a8, tiles=0),
                   helper.make_node("Split", [f"{name}_y", sizes.name], [o for n in nodes for o in n.output],
                                    name=f"{name}_split", axis=-1)]
         members = {n.output[0] for n in nodes}

@@ -21,21 +21,30 @@ from conftest import rel_err
 # self-test (test_library_builds), else these tests fail rather than skip
 pytestmark = pytest.mark.skipif(cpu_native.library() is None, reason="moec's C kernels are not built here")
 A8 = [True, pytest.param(False, marks=pytest.mark.skipif(not cpu_native.has_f32(), reason="needs AVX-512"))]
+# (int8 activations, weights in the tile layout)
+MODES = [pytest.param(True, False, id="int8"),
+         pytest.param(True, True, id="int8-tiles", marks=pytest.mark.skipif(not cpu_native.has_tiles(), reason="needs AVX-512")),
+         pytest.param(False, False, id="fp32", marks=pytest.mark.skipif(not cpu_native.has_f32(), reason="needs AVX-512"))]
 
 
-def _session(inputs: dict, a8: bool, gate_up: str, options=None):
+def _session(inputs: dict, a8: bool, gate_up: str, options=None, tiles=False):
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
     names = [n for n in ("x", "ids", "w", "q13", "s13", "z13", "q2", "s2", "z2")]
     node = helper.make_node(ort_kernels.OP, [n if inputs.get(n) is not None else "" for n in names], ["y"],
-                            domain=ort_kernels.DOMAIN, int8_activations=int(a8), gate_up=ort_kernels.GATE_UP[gate_up])
+                            domain=ort_kernels.DOMAIN, int8_activations=int(a8), gate_up=ort_kernels.GATE_UP[gate_up],
+                            tiles=int(tiles))
+    weights = {n: inputs[n].numpy() for n in names[3:] if inputs.get(n) is not None}
+    if tiles:
+        for m in ("13", "2"):
+            weights[f"q{m}"], weights[f"s{m}"] = ort_kernels.tiled(weights[f"q{m}"], weights[f"s{m}"])
     graph = helper.make_graph(
         [node], "t", [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(inputs[n].numpy().dtype), None)
                       for n in ("x", "ids", "w")],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(inputs[n].numpy(), n) for n in names[3:] if inputs.get(n) is not None])
+        [numpy_helper.from_array(v, n) for n, v in weights.items()])
     model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18),
                                                                    helper.make_opsetid(ort_kernels.DOMAIN, 1)])
     so = options or ort.SessionOptions()
@@ -55,8 +64,8 @@ def _case(T, H, I, E, k, g1, g2, symmetric, seed=0, scale=1.0, ids=None):
             "z2": t2.get("zero")}
 
 
-def _check(inputs, a8, gate_up="halves", tol=1e-5):
-    sess = _session(inputs, a8, gate_up)
+def _check(inputs, a8, gate_up="halves", tol=1e-5, tiles=False):
+    sess = _session(inputs, a8, gate_up, tiles=tiles)
     got = torch.from_numpy(sess.run(None, {n: inputs[n].numpy() for n in ("x", "ids", "w")})[0])
     i = inputs
     want = torch.ops.moec.experts_int4(i["x"], i["ids"], i["w"], i["q13"], i["s13"], i["z13"], None, i["q2"],
@@ -65,28 +74,28 @@ def _check(inputs, a8, gate_up="halves", tol=1e-5):
     assert got.numel() == 0 or rel_err(got, want) < tol, rel_err(got, want)
 
 
-@pytest.mark.parametrize("a8", A8)
+@pytest.mark.parametrize("a8,tiles", MODES)
 @pytest.mark.parametrize("T,E,k", [(1, 8, 2), (1, 64, 6), (7, 8, 2), (300, 8, 2), (64, 64, 6)])
-def test_node_equals_moec_op(T, E, k, a8):
-    _check(_case(T, 128, 96, E, k, 32, 32, symmetric=True, seed=T + E), a8)
+def test_node_equals_moec_op(T, E, k, a8, tiles):
+    _check(_case(T, 128, 96, E, k, 32, 32, symmetric=True, seed=T + E), a8, tiles=tiles)
 
 
-@pytest.mark.parametrize("a8", A8)
+@pytest.mark.parametrize("a8,tiles", MODES)
 @pytest.mark.parametrize("g1,g2,symmetric", [(32, 64, False), (64, 32, True), (128, 128, False)])
 @pytest.mark.parametrize("gate_up", ["halves", "halves_up_first", "interleave", "interleave_up_first"])
-def test_groups_zero_points_and_row_orders(g1, g2, symmetric, gate_up, a8):
-    _check(_case(5, 256, 128, 4, 2, g1, g2, symmetric), a8, gate_up)
+def test_groups_zero_points_and_row_orders(g1, g2, symmetric, gate_up, a8, tiles):
+    _check(_case(5, 256, 384, 4, 2, g1, g2, symmetric), a8, gate_up, tiles=tiles)  # FC2: 12, 6 or 3 groups
 
 
-@pytest.mark.parametrize("a8", A8)
-def test_rare_and_crowded_experts_and_large_magnitudes(a8):
+@pytest.mark.parametrize("a8,tiles", MODES)
+def test_rare_and_crowded_experts_and_large_magnitudes(a8, tiles):
     T, E = 40, 16
     rare = torch.zeros(T, 2, dtype=torch.int64)  # every token to expert 0, slot 2 to 1 but one token to expert 15
     rare[:, 1] = 1
     rare[17, 1] = 15
-    _check(_case(T, 128, 64, E, 2, 32, 32, symmetric=False, ids=rare), a8)
-    _check(_case(3, 128, 64, 8, 2, 32, 32, symmetric=True, scale=1e4), a8)  # activations far from 1
-    _check(_case(0, 128, 64, 8, 2, 32, 32, symmetric=True), a8)  # no tokens
+    _check(_case(T, 128, 64, E, 2, 32, 32, symmetric=False, ids=rare), a8, tiles=tiles)
+    _check(_case(3, 128, 64, 8, 2, 32, 32, symmetric=True, scale=1e4), a8, tiles=tiles)  # activations far from 1
+    _check(_case(0, 128, 64, 8, 2, 32, 32, symmetric=True), a8, tiles=tiles)  # no tokens
 
 
 def test_bad_inputs_are_ort_errors():
@@ -99,6 +108,13 @@ def test_bad_inputs_are_ort_errors():
         sess.run(None, {**feeds, "w": np.ones((3, 3), np.float32)})
     with pytest.raises(Exception, match="moec::Int4Experts: q13/s13/z13 are not moec's int4 format"):
         sess.run(None, {**feeds, "x": np.ones((3, 96), np.float32)})
+    if cpu_native.has_tiles():
+        with pytest.raises(Exception, match="moec::Int4Experts: the tile layout takes int8 activations"):
+            _session(inputs, False, "halves", tiles=True)
+        odd = quantize(Int4Experts(32), torch.randn(1, 6, 128))
+        with pytest.raises(Exception, match="moec::Int4MatMul: q/s/z has 6 rows: the tile layout takes a multiple of 4"):
+            ort_kernels.matmul_session(ort_kernels.library(), odd["q"][0], odd["scale"][0], None, True,
+                                       tiles=True).run(None, {"x": np.ones((1, 128), np.float32)})
 
 
 @pytest.mark.parametrize("a8", ["fp32", "int8"])
@@ -126,6 +142,11 @@ def test_backend_runs_it_and_matches_the_torch_backend(a8):
     report = moec.inspect(compiled)
     assert [b.op for b in report.export.blocks] == ["moec::Int4Experts"] * len(report.blocks)
     assert len(compiled.forward.sessions) == 2
+    import onnx  # int8 activations: the weights in tiles (ort_kernels.tile_weights), where the CPU has the kernel
+
+    tiles = {onnx.helper.get_attribute_value(a) for n in onnx.load(report.export.path).graph.node
+             if n.op_type == ort_kernels.OP for a in n.attribute if a.name == "tiles"}
+    assert tiles == {int(a8 == "int8" and cpu_native.has_tiles())}
 
 
 def test_blocks_it_does_not_fit_keep_qmoe():
@@ -148,18 +169,19 @@ def test_library_builds_for_avx2_only_cpus():
     assert path.exists()
 
 
-@pytest.mark.parametrize("a8", A8)
+@pytest.mark.parametrize("a8,tiles", MODES)
 @pytest.mark.parametrize("shape", [(1, 256), (7, 256), (2, 150, 256)])
 @pytest.mark.parametrize("g,symmetric", [(32, True), (64, False), (128, False)])
-def test_matmul_node_equals_moec_quantized_linear(shape, g, symmetric, a8):
+def test_matmul_node_equals_moec_quantized_linear(shape, g, symmetric, a8, tiles):
     """moec::Int4MatMul (a dense layer) against the torch backend's quantized linear layer on the same weights."""
     from moec.backends.torch_backend import quantized_linear
 
     gen = torch.Generator().manual_seed(g)
     t = quantize(Int4Experts(g, symmetric=symmetric), torch.randn(1, 96, 256, generator=gen))
     x = torch.randn(*shape, generator=gen)
-    sess = ort_kernels.matmul_session(ort_kernels.library(), t["q"][0], t["scale"][0],
-                                      t["zero"][0] if "zero" in t else None, a8)
+    q, s = ort_kernels.tiled(t["q"][0].numpy(), t["scale"][0].numpy()) if tiles else (t["q"][0], t["scale"][0])
+    sess = ort_kernels.matmul_session(ort_kernels.library(), torch.as_tensor(q), torch.as_tensor(s),
+                                      t["zero"][0] if "zero" in t else None, a8, tiles=tiles)
     got = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
     want = quantized_linear(x.reshape(-1, 256), (t["q"], t["scale"], t.get("zero")), a8).reshape(*shape[:-1], 96)
     assert got.shape == want.shape and rel_err(got, want) < 1e-5, rel_err(got, want)
@@ -207,7 +229,7 @@ def test_matmuls_of_one_input_merge_into_one_node(a8):
                 inits.append(numpy_helper.from_array(t[k][0].numpy(), f"{name}_{k}"))
                 ins.append(f"{name}_{k}")
         nodes.append(helper.make_node(ort_kernels.MATMUL, ins, [f"out_{name}"], name=name, domain=ort_kernels.DOMAIN,
-                                      int8_activations=int(a8)))
+                                      int8_activations=int(a8), tiles=0))
     graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
                                            for n in ("x", "y")],
                               [helper.make_tensor_value_info(f"out_{n}", onnx.TensorProto.FLOAT, None) for n in specs],
@@ -226,3 +248,22 @@ def test_matmuls_of_one_input_merge_into_one_node(a8):
         outs.append(ort.InferenceSession(p.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feed))
     for a, b in zip(*outs):
         assert np.array_equal(a, b)
+
+
+@pytest.mark.skipif(not cpu_native.has_tiles(), reason="needs AVX-512")
+@pytest.mark.parametrize("groups", [1, 2, 3, 4, 5, 7, 8, 9])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
+def test_tile_layout_gives_the_same_numbers(groups, rows):
+    """The tile layout holds each channel's weights and scales (steps of 4 groups, then the 1-3 left) where the
+    kernel reads them: the same products summed in the same order, so the outputs are moec's layout's to the bit,
+    for 4, 8 and 68 channels (one tile, two, a chunk of 64 and one more), with and without zero points."""
+    gen = torch.Generator().manual_seed(groups * 10 + rows)
+    for N in (4, 8, 68):
+        for symmetric in (True, False):
+            t = quantize(Int4Experts(32, symmetric=symmetric), torch.randn(1, N, 32 * groups, generator=gen))
+            z = t["zero"][0] if "zero" in t else None
+            x = {"x": torch.randn(rows, 32 * groups, generator=gen).numpy()}
+            q, s = map(torch.from_numpy, ort_kernels.tiled(t["q"][0].numpy(), t["scale"][0].numpy()))
+            want = ort_kernels.matmul_session(ort_kernels.library(), t["q"][0], t["scale"][0], z, True).run(None, x)[0]
+            got = ort_kernels.matmul_session(ort_kernels.library(), q, s, z, True, tiles=True).run(None, x)[0]
+            assert np.array_equal(got, want), (N, symmetric, np.abs(got - want).max())
