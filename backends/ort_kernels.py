@@ -32,8 +32,8 @@ callbacks, which return a status (shape errors reach the caller as an ORT error,
 tiles=1 (int8 activations, AVX-512 builds, every matrix's N a multiple of 4): q and s in the tile layout (`tiled`,
 the same shapes): a tile of 4 output channels is one sequential stream, each 32-input block of its 4 channels one
 64-byte load and each step's 16 scales another, where moec's layout makes 4 loads of 16 bytes from 4 rows apart
-(`tile_weights` lays out the session's file so; one layer of mix's experts at one token from DRAM, 2 threads:
-~145 against ~160 us). The same numbers: the kernel sums the same products in the same order.
+(`tile_weights` lays out the session's file so: decode and prefill 1.11-1.15x on the benchmark models,
+docs/benchmarks.md). The same numbers: the kernel sums the same products in the same order.
 
 The same library holds moec::CachedAttention (backends/ort_attention.py: its source is built in after these ops),
 and export_dense merges the Int4MatMuls of one input (q/k/v) into one node.
