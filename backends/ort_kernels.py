@@ -46,6 +46,7 @@ lower_onnx then keeps ORT's QMoE.
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 
@@ -80,7 +81,7 @@ enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2, T_FLOAT = 1, T_UINT8 = 2, T_INT64
 enum { CreateStatus = 0, CreateCustomOpDomain = 26, CustomOpDomain_Add = 27, AddCustomOpDomain = 28,  /* OrtApi */
        GetTensorMutableData = 51, GetDimensionsCount = 61, GetDimensions = 62, GetTensorTypeAndShape = 65,
        KernelInfoGetAttribute_float = 85, KernelInfoGetAttribute_int64 = 86, KernelContext_GetInput = 90, KernelContext_GetOutput = 91,
-       ReleaseTensorTypeAndShapeInfo = 99, GetBuildInfoString = 254, KernelContext_ParallelFor = 274 };
+       ReleaseStatus = 93, ReleaseTensorTypeAndShapeInfo = 99, GetBuildInfoString = 254, KernelContext_ParallelFor = 274 };
 #define API_VERSION 20  /* GetApi(20): ONNX Runtime 1.20 or later, whose table holds every index above */
 
 typedef struct OrtCustomOp {  /* version 16: the fields up to KernelComputeV2 */
@@ -404,9 +405,11 @@ static OrtStatus *create(const OrtCustomOp *op, OrtApiTable a, const OrtKernelIn
                   &kn->gate_up);
     if (!st && (kn->gate_up < 0 || kn->gate_up > 3))
         st = error(OP, ORT_INVALID_ARGUMENT, "gate_up %lld is not 0-3", (long long)kn->gate_up);
-    if (!st)
-        st = CALL((const OrtKernelInfo *, const char *, int64_t *), KernelInfoGetAttribute_int64, info, "tiles",
-                  &kn->tiles);
+    if (!st) {  /* optional, 0 (moec's layout) where absent */
+        OrtStatus *absent = CALL((const OrtKernelInfo *, const char *, int64_t *), KernelInfoGetAttribute_int64, info,
+                                 "tiles", &kn->tiles);
+        if (absent) ((void (*)(OrtStatus *))api[ReleaseStatus])(absent), kn->tiles = 0;
+    }
 #ifndef TILES
     if (!st && kn->tiles)
         st = error(op->GetName(op), ORT_FAIL, "the tile layout needs the AVX-512 build of the kernels");
@@ -511,7 +514,8 @@ def register_schema() -> None:
 
     optional = OpSchema.FormalParameterOption.Optional
     a8 = OpSchema.Attribute("int8_activations", OpSchema.AttrType.INT, "GEMM inputs rounded to int8")
-    tiles = OpSchema.Attribute("tiles", OpSchema.AttrType.INT, "weights in the tile layout (ort_kernels.tiled)")
+    tiles = OpSchema.Attribute("tiles", onnx.helper.make_attribute("tiles", 0),
+                               "1: q and s in the tile layout (ort_kernels.tiled)")
     for op, types, attrs in (
             (OP, {"x": "float", "ids": "int64", "w": "float", "q13": "uint8", "s13": "float", "z13": "uint8",
                   "q2": "uint8", "s2": "float", "z2": "uint8"},
@@ -546,10 +550,28 @@ def tiled(q: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(q).reshape(*lead, N, half), np.ascontiguousarray(s).reshape(*lead, N, G)
 
 
-def tile_weights(proto) -> int:
-    """Each moec::Int4Experts / Int4MatMul node of `proto` (weights loaded) with int8 activations, constant weights
-    and every matrix's rows a multiple of 4 gets them in the tile layout (new initializers `<name>_tiles`) and
-    tiles=1, where this CPU's build has the tile kernel; the others stay as they are. Returns how many nodes."""
+def tile_file(path: str) -> int:
+    """tile_weights on the ONNX file at `path`, in place. Weights in external data: only those it lays out are
+    read, and their tiled copies written to a new file beside the model (onnx names it); the others stay where they
+    are."""
+    import onnx
+
+    from moec.backends import cpu_native
+
+    if not cpu_native.has_tiles():
+        return 0
+    proto = onnx.load(path, load_external_data=False)
+    if tiled := tile_weights(proto, os.path.dirname(path)):
+        onnx.save(proto, path, save_as_external_data=any(t.data_location == onnx.TensorProto.EXTERNAL
+                                                         for t in proto.graph.initializer))
+    return tiled
+
+
+def tile_weights(proto, base_dir: str = "") -> int:
+    """Each moec::Int4Experts / Int4MatMul node of `proto` with int8 activations, constant weights and every
+    matrix's rows a multiple of 4 gets them in the tile layout (new initializers `<name>_tiles`; weights in external
+    data are read from `base_dir`, only these) and tiles=1, where this CPU's build has the tile kernel; the others
+    stay as they are. Returns how many nodes."""
     from onnx import helper, numpy_helper
 
     from moec.backends import cpu_native
@@ -557,27 +579,31 @@ def tile_weights(proto) -> int:
     if not cpu_native.has_tiles():
         return 0
     inits = {t.name: t for t in proto.graph.initializer}
-    done, count = {}, 0  # (q, s) names -> their tiled copies'
+    done, count = {}, 0  # a weight's name -> its tiled copy's (q's copy depends on q alone, s's on s)
     for n in proto.graph.node:
         if n.domain != DOMAIN or n.op_type not in (OP, MATMUL):
             continue
         a = {x.name: x for x in n.attribute}
         pairs = (3, 6) if n.op_type == OP else (1,)  # q, s input indices
         names = [n.input[i + j] for i in pairs for j in (0, 1)]
-        if (helper.get_attribute_value(a["int8_activations"]) != 1 or helper.get_attribute_value(a["tiles"]) != 0
-                or any(k not in inits for k in names) or any(inits[n.input[i]].dims[-2] % 4 for i in pairs)):
+        if (helper.get_attribute_value(a["int8_activations"]) != 1 or "tiles" in a and a["tiles"].i != 0
+                or any(k not in inits or k not in done and f"{k}_tiles" in inits for k in names)
+                or any(inits[n.input[i]].dims[-2] % 4 for i in pairs)):
             continue
         for i in pairs:
-            key = (n.input[i], n.input[i + 1])
-            if key not in done:
-                arrays = tiled(numpy_helper.to_array(inits[key[0]]), numpy_helper.to_array(inits[key[1]]))
-                done[key] = [f"{k}_tiles" for k in key]
-                proto.graph.initializer.extend(numpy_helper.from_array(t, k) for t, k in zip(arrays, done[key]))
-            n.input[i], n.input[i + 1] = done[key]
-        a["tiles"].CopyFrom(helper.make_attribute("tiles", 1))
+            q, s = n.input[i], n.input[i + 1]
+            if q not in done or s not in done:
+                arrays = tiled(numpy_helper.to_array(inits[q], base_dir), numpy_helper.to_array(inits[s], base_dir))
+                for k, t in zip((q, s), arrays):
+                    if k not in done:
+                        done[k] = f"{k}_tiles"
+                        proto.graph.initializer.append(numpy_helper.from_array(t, done[k]))
+            n.input[i], n.input[i + 1] = done[q], done[s]
+        n.attribute.extend([] if "tiles" in a else [helper.make_attribute("tiles", 0)])
+        next(x for x in n.attribute if x.name == "tiles").i = 1
         count += 1
-    used = {i for n in proto.graph.node for i in n.input}
-    for t in [t for t in proto.graph.initializer if t.name in {k for key in done for k in key} - used]:
+    used = {i for n in proto.graph.node for i in n.input} | {v.name for v in (*proto.graph.input, *proto.graph.output)}
+    for t in [t for t in proto.graph.initializer if t.name in set(done) - used]:
         proto.graph.initializer.remove(t)
     return count
 

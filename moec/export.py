@@ -633,13 +633,9 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         if _moec_kernels and isinstance(dense, Int4Experts) and fp32:
             log.info(f"moec.export_onnx: {moec_matmuls(path, big)} of the {quantized} MatMulNBits run moec's kernels")
         done("dense MatMulNBits", "checking the file")
-    if _moec_kernels and fp32:
-        external = any(t.data_location == onnx.TensorProto.EXTERNAL
-                       for t in onnx.load(path, load_external_data=False).graph.initializer)
-        proto = onnx.load(path)
-        if tiled := ort_kernels.tile_weights(proto):
-            onnx.save(proto, path, save_as_external_data=external)
-            log.info(f"moec.export_onnx: {tiled} of moec's int4 nodes take their weights in tiles")
+    if _moec_kernels and fp32 and (tiled := ort_kernels.tile_file(path)):
+        log.info(f"moec.export_onnx: {tiled} of moec's int4 nodes take their weights in tiles")
+        done("weights in tiles", "checking the file")
     if _moec_kernels and fp32 and fused:
         proto = onnx.load(path, load_external_data=False)  # external weights stay where they are
         if ort_attention.rewrite(proto):

@@ -267,3 +267,52 @@ def test_tile_layout_gives_the_same_numbers(groups, rows):
             want = ort_kernels.matmul_session(ort_kernels.library(), t["q"][0], t["scale"][0], z, True).run(None, x)[0]
             got = ort_kernels.matmul_session(ort_kernels.library(), q, s, z, True, tiles=True).run(None, x)[0]
             assert np.array_equal(got, want), (N, symmetric, np.abs(got - want).max())
+
+
+def _matmul_model(specs: dict, a8=True, tiles=None):
+    """Int4MatMul nodes of input "x": name -> (q, s) initializer names; `weights` the initializers' arrays."""
+    import onnx
+    from onnx import helper
+
+    attrs = {} if tiles is None else {"tiles": tiles}
+    nodes = [helper.make_node(ort_kernels.MATMUL, ["x", q, s], [f"y_{name}"], name=name, domain=ort_kernels.DOMAIN,
+                              int8_activations=int(a8), **attrs) for name, (q, s) in specs.items()]
+    return nodes, [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)], \
+        [helper.make_tensor_value_info(f"y_{n}", onnx.TensorProto.FLOAT, None) for n in specs]
+
+
+@pytest.mark.skipif(not cpu_native.has_tiles(), reason="needs AVX-512")
+def test_tile_file_shared_weights_external_data_and_graph_outputs(tmp_path):
+    """tile_file: a q read by two nodes with different s (one tiled copy of each tensor, no duplicate names), a
+    scale that is also a graph output (kept as it was, beside its tiled copy), a node without the tiles attribute
+    (0, moec's layout), a weight-only node (left alone); weights in external data: only the tiled ones read and
+    written beside the model. The outputs are the untiled file's to the bit."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = (quantize(Int4Experts(32), torch.randn(1, 64, 128, generator=gen)) for _ in range(2))
+    arrays = {"q": a["q"][0], "s_a": a["scale"][0], "s_b": b["scale"][0], "q_w": b["q"][0]}
+    nodes, inputs, outputs = _matmul_model({"one": ("q", "s_a"), "two": ("q", "s_b")})
+    nodes += _matmul_model({"bare": ("q_w", "s_b")}, tiles=None)[0]  # no attribute
+    nodes += _matmul_model({"fp32": ("q_w", "s_a")}, a8=False)[0] if cpu_native.has_f32() else []
+    outputs += [helper.make_tensor_value_info(f"y_{n.name}", onnx.TensorProto.FLOAT, None) for n in nodes[2:]]
+    outputs.append(helper.make_tensor_value_info("s_b", onnx.TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "t", inputs, outputs, [numpy_helper.from_array(v.numpy(), k) for k, v in arrays.items()])
+    proto = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18),
+                                                                   helper.make_opsetid(ort_kernels.DOMAIN, 1)])
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(ort_kernels.library())
+    feed = {"x": torch.randn(3, 128, generator=gen).numpy()}
+    want = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feed)
+    path = str(tmp_path / "m.onnx")
+    onnx.save(proto, path, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    assert ort_kernels.tile_file(path) == 3  # one, two, bare (fp32 is weight-only)
+    tiled = onnx.load(path, load_external_data=False)
+    names = [t.name for t in tiled.graph.initializer]
+    assert len(names) == len(set(names)) and {"q_tiles", "s_a_tiles", "s_b_tiles", "s_b", "q_w"} <= set(names)
+    assert "q" not in names and all(t.data_location == onnx.TensorProto.EXTERNAL for t in tiled.graph.initializer)
+    got = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]).run(None, feed)
+    for g, w in zip(got, want):
+        assert np.array_equal(g, w)
