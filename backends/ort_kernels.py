@@ -599,8 +599,9 @@ def tile_weights(proto, base_dir: str = "") -> int:
                         done[k] = f"{k}_tiles"
                         proto.graph.initializer.append(numpy_helper.from_array(t, done[k]))
             n.input[i], n.input[i + 1] = done[q], done[s]
-        n.attribute.extend([] if "tiles" in a else [helper.make_attribute("tiles", 0)])
-        next(x for x in n.attribute if x.name == "tiles").i = 1
+        if "tiles" in a:
+            n.attribute.remove(a["tiles"])
+        n.attribute.append(helper.make_attribute("tiles", 1))
         count += 1
     used = {i for n in proto.graph.node for i in n.input} | {v.name for v in (*proto.graph.input, *proto.graph.output)}
     for t in [t for t in proto.graph.initializer if t.name in set(done) - used]:
