@@ -269,22 +269,18 @@ def test_tile_layout_gives_the_same_numbers(groups, rows):
             assert np.array_equal(got, want), (N, symmetric, np.abs(got - want).max())
 
 
-def _matmul_model(specs: dict, a8=True, tiles=None):
-    """Int4MatMul nodes of input "x": name -> (q, s) initializer names; `weights` the initializers' arrays."""
-    import onnx
+def _matmul_nodes(specs: dict, a8=True) -> list:
+    """Int4MatMul nodes of input "x" without the tiles attribute: name -> (q, s) initializer names; output y_<name>."""
     from onnx import helper
 
-    attrs = {} if tiles is None else {"tiles": tiles}
-    nodes = [helper.make_node(ort_kernels.MATMUL, ["x", q, s], [f"y_{name}"], name=name, domain=ort_kernels.DOMAIN,
-                              int8_activations=int(a8), **attrs) for name, (q, s) in specs.items()]
-    return nodes, [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)], \
-        [helper.make_tensor_value_info(f"y_{n}", onnx.TensorProto.FLOAT, None) for n in specs]
+    return [helper.make_node(ort_kernels.MATMUL, ["x", q, s], [f"y_{name}"], name=name, domain=ort_kernels.DOMAIN,
+                             int8_activations=int(a8)) for name, (q, s) in specs.items()]
 
 
 @pytest.mark.skipif(not cpu_native.has_tiles(), reason="needs AVX-512")
 def test_tile_file_shared_weights_external_data_and_graph_outputs(tmp_path):
     """tile_file: a q read by two nodes with different s (one tiled copy of each tensor, no duplicate names), a
-    scale that is also a graph output (kept as it was, beside its tiled copy), a node without the tiles attribute
+    scale that is also a graph output (kept as it was, beside its tiled copy), nodes made without the tiles attribute
     (0, moec's layout), a weight-only node (left alone); weights in external data: only the tiled ones read and
     written beside the model. The outputs are the untiled file's to the bit."""
     import onnx
@@ -294,12 +290,12 @@ def test_tile_file_shared_weights_external_data_and_graph_outputs(tmp_path):
     gen = torch.Generator().manual_seed(0)
     a, b = (quantize(Int4Experts(32), torch.randn(1, 64, 128, generator=gen)) for _ in range(2))
     arrays = {"q": a["q"][0], "s_a": a["scale"][0], "s_b": b["scale"][0], "q_w": b["q"][0]}
-    nodes, inputs, outputs = _matmul_model({"one": ("q", "s_a"), "two": ("q", "s_b")})
-    nodes += _matmul_model({"bare": ("q_w", "s_b")}, tiles=None)[0]  # no attribute
-    nodes += _matmul_model({"fp32": ("q_w", "s_a")}, a8=False)[0] if cpu_native.has_f32() else []
-    outputs += [helper.make_tensor_value_info(f"y_{n.name}", onnx.TensorProto.FLOAT, None) for n in nodes[2:]]
-    outputs.append(helper.make_tensor_value_info("s_b", onnx.TensorProto.FLOAT, None))
-    graph = helper.make_graph(nodes, "t", inputs, outputs, [numpy_helper.from_array(v.numpy(), k) for k, v in arrays.items()])
+    nodes = _matmul_nodes({"one": ("q", "s_a"), "two": ("q", "s_b"), "bare": ("q_w", "s_b")})
+    nodes += _matmul_nodes({"fp32": ("q_w", "s_a")}, a8=False) if cpu_native.has_f32() else []
+    outputs = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+               for name in [n.output[0] for n in nodes] + ["s_b"]]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)], outputs,
+                              [numpy_helper.from_array(v.numpy(), k) for k, v in arrays.items()])
     proto = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18),
                                                                    helper.make_opsetid(ort_kernels.DOMAIN, 1)])
     so = ort.SessionOptions()
