@@ -1,7 +1,11 @@
-"""Whole-model generation on a GPU: HF eager (grouped_mm experts) vs moec's Triton backend, KV cache.
+"""Whole-model generation on a GPU: HF (grouped_mm experts) vs moec's Triton backend, KV cache.
 
     python benchmarks/bench_gpu_decode.py [--models mixtral qwen3] [--dtype bf16|fp32] [--prompt 16] [--new 64]
-                                          [--batch 1] [--rounds 3]
+                                          [--batch 1] [--rounds 3] [--hf-compile]
+
+Systems: HF eager (dynamic cache), moec eager (dynamic cache), moec with cuda_graphs=True (static cache, each
+one-token step a CUDA graph replay), and with --hf-compile transformers' own fast path (static cache, its forward
+auto-compiled by torch.compile with CUDA graphs, mode "reduce-overhead": compiled in the warm-up round).
 
 Models are a few layers of real MoE shapes with random weights, built on the GPU (no downloads):
 "mixtral" = Mixtral-8x7B layers (E=8, H=4096, I=14336, top-2), "qwen3" = Qwen3-30B-A3B layers
@@ -50,6 +54,7 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--hf-compile", action="store_true", help="add transformers' static cache + torch.compile row")
     args = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -61,29 +66,35 @@ def main():
     torch.set_default_device("cuda")
     for name in args.models:
         family, shape = MODELS[name]
-        hf = models.tiny_model(family, dtype=dtype, num_hidden_layers=args.layers, **shape)
-        ours = moec.compile(models.tiny_model(family, dtype=dtype, num_hidden_layers=args.layers, **shape),
-                            backend="triton")
-        console.print(f"{name}: {len(moec.inspect(ours).blocks)} blocks rewritten, "
-                      f"{sum(p.numel() for p in hf.parameters()) / 1e9:.2f} B parameters")
-        ids = torch.randint(4, hf.config.vocab_size, (args.batch, args.prompt))
+        build = lambda: models.tiny_model(family, dtype=dtype, num_hidden_layers=args.layers, **shape)  # noqa: E731
+        hf = build()
         gen = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
-        times = {"HF": ([], []), "moec (triton)": ([], [])}
+        systems = {"HF": (hf, {}),
+                   "moec (triton)": (moec.compile(build(), backend="triton"), {}),
+                   "moec (triton) + CUDA graphs": (moec.compile(build(), backend="triton", cuda_graphs=True), {})}
+        if args.hf_compile:
+            systems["HF static cache + torch.compile"] = (hf, dict(cache_implementation="static"))
+        console.print(f"{name}: {len(moec.inspect(systems['moec (triton)'][0]).blocks)} blocks rewritten, "
+                      f"{sum(p.numel() for p in hf.parameters()) / 1e9:.2f} B parameters a copy")
+        ids = torch.randint(4, hf.config.vocab_size, (args.batch, args.prompt))
+        times = {label: ([], []) for label in systems}
         tokens = {}
         with torch.no_grad():
             for _ in range(args.rounds + 1):  # the first round warms up (kernel compilation), not counted
-                for label, model in (("HF", hf), ("moec (triton)", ours)):
+                for label, (model, extra) in systems.items():
                     prefill = seconds(lambda: model(ids))
-                    total = seconds(lambda: tokens.__setitem__(label, model.generate(ids, **gen)))
+                    total = seconds(lambda: tokens.__setitem__(label, model.generate(ids, **gen, **extra)))
                     times[label][0].append(prefill)
                     times[label][1].append(args.batch * args.new / max(total - prefill, 1e-9))
-        with torch.no_grad():  # both read HF's sequence
-            ref, got = hf(tokens["HF"]).logits.float(), ours(tokens["HF"]).logits.float()
-        err = ((got - ref).abs().max() / ref.abs().max()).item()
+            ref = hf(tokens["HF"]).logits.float()  # every system reads HF's sequence
+            errs = {label: ((model(tokens["HF"]).logits.float() - ref).abs().max() / ref.abs().max()).item()
+                    for label, (model, _) in systems.items() if model is not hf}
         for label, (prefill, tps) in times.items():
             t.add_row(name, label, f"{statistics.median(prefill[1:]) * 1e3:.1f}", f"{statistics.median(tps[1:]):.0f}",
-                      str(torch.equal(tokens[label], tokens["HF"])), "-" if label == "HF" else f"{err:.1e}")
-        del hf, ours
+                      str(torch.equal(tokens[label], tokens["HF"])), f"{errs[label]:.1e}" if label in errs else "-")
+        graphs = moec.inspect(systems["moec (triton) + CUDA graphs"][0]).cuda_graphs
+        console.print(f"{name}: {graphs.describe()}")
+        del hf, systems
         torch.cuda.empty_cache()
     console.print(t)
 

@@ -9,6 +9,8 @@ of the peak, measured here as the best of large device-to-device copies, and TFL
 `--quantized` adds moec with int8 and int4 (g128) experts (bf16 activations): their bandwidth
 counts the packed bytes read (weights + scales), and each cell gives the speed-up over the
 bf16 moec row (issue 4's goal: int4 >= 3x at 1-16 tokens, >= 80% of peak).
+`--graphs` adds each moec row timed in a CUDA graph (triton.testing.do_bench_cudagraph): the kernels' time
+without the host's launch work, as a graphed decode step (compile(cuda_graphs=True)) runs them.
 `--shapes tiny` smoke-tests the script anywhere (TRITON_INTERPRET=1 on a CPU).
 """
 
@@ -81,10 +83,12 @@ def main():
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024, 4096])
     ap.add_argument("--no-torch-compile", action="store_true")
     ap.add_argument("--quantized", action="store_true", help="add moec rows with int8 and int4 (g128) experts")
+    ap.add_argument("--graphs", action="store_true", help="time each moec row in a CUDA graph too (no host work)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16
     time_of, peak = timer(device), peak_bandwidth(device)
+    time_graph = timer(device, graph=True)
     console = Console(width=220)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)"
     console.print(f"{name}: peak bandwidth (copy) {peak / 1e12:.2f} TB/s; torch {torch.__version__}")
@@ -104,23 +108,29 @@ def main():
         t.add_column("implementation")
         for T in args.tokens:
             t.add_column(f"{T}", justify="right")
-        bf16_moec = {}  # tokens -> seconds of the moec (triton) row
-        for label, (fn, expert_bytes) in {**{r: (f, 3 * H * I * 2) for r, f in rows.items()}, **quantized}.items():
+        bf16_moec = {}  # tokens -> seconds of the moec (triton) row (of its graph row for the quantized graph rows)
+        entries = {**{r: (f, 3 * H * I * 2) for r, f in rows.items()}, **quantized}
+        if args.graphs:
+            entries |= {f"{r} [CUDA graph]": v for r, v in entries.items() if r.startswith("moec")}
+        for label, (fn, expert_bytes) in entries.items():
+            graph = label.endswith("[CUDA graph]")
+            base_label = label.removesuffix(" [CUDA graph]")
             cells = []
             for T in args.tokens:
                 x = torch.randn(1, T, H, device=device, dtype=dtype)
                 with torch.no_grad():
                     try:
-                        s = time_of(lambda: fn(x.view(T, H)) if label == "torch._grouped_mm" else fn(x))
+                        s = (time_graph if graph else time_of)(
+                            lambda: fn(x.view(T, H)) if label == "torch._grouped_mm" else fn(x))
                     except Exception as e:  # a baseline that cannot run this shape says so in its cell
                         cells.append(type(e).__name__)
                         continue
                 touched = E * (1 - (1 - k / E) ** T)  # expected distinct experts hit by T tokens
                 bw = touched * expert_bytes / s
-                if label == "moec (triton)":
-                    bf16_moec[T] = s
-                if label in quantized:
-                    cells.append(f"{s * 1e6:.0f} ({100 * bw / peak:.0f}% | {bf16_moec.get(T, nan) / s:.2f}x)")
+                if base_label == "moec (triton)":
+                    bf16_moec[T, graph] = s
+                if base_label in quantized:
+                    cells.append(f"{s * 1e6:.0f} ({100 * bw / peak:.0f}% | {bf16_moec.get((T, graph), nan) / s:.2f}x)")
                 else:
                     cells.append(f"{s * 1e6:.0f} ({100 * bw / peak:.0f}% | {2 * T * k * 3 * H * I / s / 1e12:.0f})")
             t.add_row(label, *cells)

@@ -25,10 +25,13 @@ def hf_block(shape: str, impl: str, dtype: torch.dtype, device: str) -> torch.nn
     return block.eval()
 
 
-def timer(device: str, warmup_ms: int = 25, rep_ms: int = 100):
-    """fn -> seconds: triton's do_bench on a GPU, else the median of a few runs (interpreter smoke tests)."""
+def timer(device: str, warmup_ms: int = 25, rep_ms: int = 100, graph: bool = False):
+    """fn -> seconds: triton's do_bench on a GPU (graph: do_bench_cudagraph, fn's kernels replayed in a CUDA graph,
+    without the host's launch work), else the median of a few runs (interpreter smoke tests)."""
     if device == "cuda":
         import triton.testing
+        if graph:
+            return lambda fn: triton.testing.do_bench_cudagraph(fn, rep=rep_ms) / 1e3
         return lambda fn: triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms) / 1e3
     from moec.timing import median_time
     return lambda fn: median_time(fn, 3)

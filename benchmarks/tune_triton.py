@@ -4,7 +4,8 @@
                                      [--quantized | --all] [--space full|fast] [--jobs N] [--out DIR]
 
 For each token count, shape and weight format, times every config of the search space
-(triton.testing.do_bench) and the heuristic's, keeps the fastest and prints both. `--quantized`
+(triton.testing.do_bench_cudagraph: the kernels replayed in a CUDA graph, without the launches'
+host work, which would hide the tiles' differences at decode sizes) and the heuristic's, keeps the fastest and prints both. `--quantized`
 tunes the int8 and int4 (g128; 64/32 where 128 does not divide the shape) kernels instead (their
 own keys in the file, "...-w8" / "...-w4g128";
 int4 K tiles stay within a group); `--all` tunes the three formats. `--space fast` searches the
@@ -125,7 +126,8 @@ def main():
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = args.out or (SHIPPED if dev.type == "cuda" else None)
-    time_of = timer(dev.type, warmup_ms=5, rep_ms=25)  # many cells: short runs
+    # many cells: short runs; on a GPU in CUDA graphs, so that the kernels' time decides, not the launches' host work
+    time_of = timer(dev.type, warmup_ms=5, rep_ms=25, graph=dev.type == "cuda")
     name = file_name(device_name(dev))
     table = json.loads((out / name).read_text()) if out and (out / name).is_file() else {}
     formats = FORMATS if args.all else FORMATS[1:] if args.quantized else FORMATS[:1]

@@ -24,6 +24,7 @@ from moec.backends.ort_session import uninstall as ort_uninstall
 from moec.approx import ExpertPlan, TopP
 from moec.bindings import Const, Derived
 from moec.distributed import ExpertParallel, Group, ShardedExperts, compiled_blocks
+from moec.cuda_graphs import install as cuda_graphs_install
 from moec.canonical import (
     build_graph,
     compiled_graph,
@@ -110,6 +111,7 @@ class Report:
     expert_parallel: object = None  # compile(expert_parallel=...): this rank's exchange statistics, live
     decode_linears: int | None = None  # torch backend, compile(decode_linears=True): nn.Linear layers on moec's
     # CPU kernels at decode (backends/cpu_linear.py); None: off
+    cuda_graphs: object = None  # compile(cuda_graphs=True): the graphed decode steps' statistics, live
 
     def __rich__(self) -> Table:
         q = f", quantize {self.quantize.describe()} {_numerics(self.backend, self.quantize, self.pipeline)}" if self.quantize else ""
@@ -120,6 +122,7 @@ class Report:
             q += f", dense MatMuls {self.dense.describe()} (ONNX Runtime's MatMulNBits)"
         q += (f", {self.decode_linears} nn.Linear layers on moec's CPU kernel at decode (fp32, up to 4 rows)"
               if self.decode_linears else "")
+        q += f", {self.cuda_graphs.describe()}" if self.cuda_graphs is not None else ""
         t = Table(title=f"moec: {len(self.blocks)} MoE block(s) found, {len(self.rejected)} rejected "
                         f"(pipeline {self.pipeline}, backend {self.backend}{q})", title_justify="left")
         for col in ("block", "E", "k", "router", "experts", "shared", "load (min/max tokens)"):
@@ -396,7 +399,8 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
             quantize: QuantConfig | None = None, offload: Offload | None = None, topk: int | TopP | dict | None = None,
             experts: ExpertPlan | None = None, approximate: bool = False,
             expert_parallel: ExpertParallel | None = None, providers: list[str] | None = None, session_options=None,
-            dense: QuantConfig | None = None, decode_linears: bool = True, **options) -> nn.Module:
+            dense: QuantConfig | None = None, decode_linears: bool = True, cuda_graphs: bool = False,
+            **options) -> nn.Module:
     """Find, prove and rewrite every MoE block of `model` (in place); return the model.
 
     backend: "auto" (Triton on CUDA, else torch), "torch", "triton" (appends the lower_triton pass) or
@@ -441,6 +445,10 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         1.3-2.7x torch's GEMM per layer there), each checked once at install against torch's (see
         moec.backends.cpu_linear; on one torch thread at compile: none). False leaves them to torch (and removes
         them if installed).
+    cuda_graphs: a transformers model on CUDA: generate() keeps a static KV cache and replays each one-token decode
+        step as a CUDA graph of the whole forward, each graph checked against the eager step it was captured from
+        (moec.cuda_graphs; statistics in moec.inspect(model).cuda_graphs). Not with offload=, expert_parallel= or
+        backend "onnxruntime". False takes them away again.
     Every rewritten block is proved: its final graph is checked against the original block before it is
     installed (docs/guarantees.md). A model without MoE comes back unchanged, with a warning; blocks moec
     cannot prove are left as they were and listed in `moec.inspect(model).rejected` with the reason.
@@ -455,6 +463,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     if not isinstance(decode_linears, bool):
         raise TypeError(f"moec.compile: decode_linears must be True or False, not {decode_linears!r}")
     named = set() if passes is None else set(parse_pipeline(passes))
+    _check_cuda_graphs(model, cuda_graphs, backend, offload, expert_parallel)
     if topk is not None:
         _check_topk(topk)
         if not (approximate or "reduce_topk" in named):
@@ -495,6 +504,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         _check_dense(dense, backend, device)
     cpu_dense.check_recompile(model, dense, backend)
     ort_uninstall(model)  # compiled again after backend="onnxruntime": the new backend replaces its sessions
+    cuda_graphs_install(model, False)  # compiled again: installed again below if asked for
     if backend == "onnxruntime":
         if topk is not None or experts is not None:
             raise NotImplementedError("moec: topk= and experts= run in the torch backend (tested), not 'onnxruntime'")
@@ -517,6 +527,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     report.quantize, report.topk, report.experts = quantize, topk, experts
     install_dense(model, report, dense)
     install_decode_linears(model, report, decode_linears and backend == "torch")
+    report.cuda_graphs = cuda_graphs_install(model, cuda_graphs)
     report.expert_parallel = None if group is None else group.stats
     if pool is not None:
         _start_offload(model, report, pool)
@@ -524,6 +535,22 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     if (quantize is not None or pool is not None) and report.blocks:
         refuse_save_pretrained(model)
     return model
+
+
+def _check_cuda_graphs(model: nn.Module, on: bool, backend: str, offload, expert_parallel) -> None:
+    if not isinstance(on, bool):
+        raise TypeError(f"moec.compile: cuda_graphs must be True or False, not {on!r}")
+    if not on:
+        return
+    if backend == "onnxruntime" or offload is not None or expert_parallel is not None:
+        what = "offload=" if offload is not None else "expert_parallel=" if expert_parallel is not None else \
+            "backend 'onnxruntime'"
+        raise NotImplementedError(f"moec.compile: cuda_graphs=True does not run with {what} (the graph would replay "
+                                  f"host work: expert loads, exchanges, sessions): compile without one of them")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device.type != "cuda":
+        raise ValueError(f"moec.compile: cuda_graphs=True needs the model on a CUDA device (it is on {device.type}): "
+                         f"model.to('cuda') first")
 
 
 def _refuse_released(model: nn.Module) -> None:

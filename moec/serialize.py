@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import torch
 from safetensors import safe_open
@@ -45,6 +46,7 @@ def save(model: nn.Module, path: str) -> None:
             "quantize": _config_json(report.quantize), "dense": _config_json(report.dense),
             "topk": approx.to_json(report.topk), "experts": approx.to_json(report.experts),
             "decode_linears": report.decode_linears is not None or report.backend != "torch",
+            "cuda_graphs": report.cuda_graphs is not None,
             "calibration": None if (cal := model.__dict__.get("_moec_calibration")) is None else cal.to_json()}
     tensors, tied, seen = {}, {}, {}
     for name, t in model.state_dict().items():
@@ -95,6 +97,12 @@ def load(model: nn.Module, path: str, **compile_options) -> nn.Module:
         saved["backend"] = "onnxruntime"
     if meta.get("decode_linears") is False:  # compiled with decode_linears=False
         saved["decode_linears"] = False
+    if meta.get("cuda_graphs"):  # compiled with cuda_graphs=True: again where the fresh model is on CUDA
+        on_cuda = next((p.device.type == "cuda" for p in model.parameters()), False)
+        saved["cuda_graphs"] = on_cuda
+        if not on_cuda:
+            warnings.warn(f"moec.load: {path} was saved with cuda_graphs=True; the model is not on CUDA: loaded "
+                          f"without them", stacklevel=2)
     options = saved | compile_options  # options given here win over the file's
     if "dense" not in options and meta.get("dense"):  # the saved model's dense layers' format
         options["dense"] = _config(meta["dense"])

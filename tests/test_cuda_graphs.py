@@ -1,0 +1,146 @@
+"""compile(cuda_graphs=True): generate()'s one-token steps replayed as CUDA graphs (moec/cuda_graphs.py).
+
+On a CPU only the option's errors run; the rest needs a GPU (benchmarks/gpu_session.sh runs it there). Each GPU test
+compares greedy tokens and logits with the same weights run eagerly by transformers (static cache, no graphs)."""
+
+import copy
+
+import pytest
+import torch
+
+import moec
+from moec import models
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def test_errors_say_what_to_do():
+    model = models.tiny_model("mixtral")
+    with pytest.raises(TypeError, match="cuda_graphs must be True or False"):
+        moec.compile(model, cuda_graphs=1)
+    with pytest.raises(ValueError, match=r"needs the model on a CUDA device.*model.to\('cuda'\)"):
+        moec.compile(model, cuda_graphs=True)
+    with pytest.raises(NotImplementedError, match="onnxruntime"):
+        moec.compile(model, cuda_graphs=True, backend="onnxruntime")
+    with pytest.raises(NotImplementedError, match="offload="):
+        moec.compile(model, cuda_graphs=True, offload=moec.Offload(budget=4))
+    assert not hasattr(model, "_moec_graphs") and model.generation_config.cache_implementation is None
+
+
+def test_generate_asks_moec_for_its_decode_steps(monkeypatch):
+    """transformers' hook for its compiled decode step (get_compiled_call) reaches moec's GraphedStep; off CUDA it
+    runs the forward as usual (same tokens), and compiling again without cuda_graphs takes the hook away."""
+    from transformers import CompileConfig
+
+    from moec import cuda_graphs
+
+    ref = models.tiny_model("mixtral")
+    ours = moec.compile(copy.deepcopy(ref))
+    cuda_graphs.install(ours, True)  # compile() refuses a CPU model; the hook itself is device-independent
+    calls, step, orig = [], ours._moec_graphs, cuda_graphs.GraphedStep.__call__
+
+    def counted(self, **kw):
+        calls.append(tuple(kw["input_ids"].shape))
+        return orig(self, **kw)
+
+    monkeypatch.setattr(cuda_graphs.GraphedStep, "__call__", counted)
+    ids = torch.randint(4, ref.config.vocab_size, (2, 5))
+    gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        want = ref.generate(ids, cache_implementation="static", disable_compile=True, **gen)
+        every_device = CompileConfig()
+        every_device._compile_all_devices = True  # transformers' switch for compiled decode steps off CUDA
+        got = ours.generate(ids, compile_config=every_device, **gen)
+    assert torch.equal(got, want) and calls and all(c == (2, 1) for c in calls)
+    assert step.stats.captured == 0 and step.stats.replayed == 0
+    moec.compile(ours)
+    assert "get_compiled_call" not in ours.__dict__ and ours.generation_config.cache_implementation is None
+
+
+def _pair(family: str, dtype=torch.float32, **overrides):
+    """(reference HF model, moec-compiled copy with cuda_graphs=True), same weights, on the GPU."""
+    ref = models.tiny_model(family, dtype=dtype, **overrides).cuda()
+    ours = moec.compile(copy.deepcopy(ref), backend="triton", cuda_graphs=True)
+    return ref, ours
+
+
+def _generate(model, ids, new=12, **kw):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                              cache_implementation="static", disable_compile=True, **kw) \
+            if model.__dict__.get("_moec_graphs") is None else \
+            model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kw)
+
+
+def _teacher_forced_err(ref, ours, seq) -> float:
+    with torch.no_grad():
+        a, b = ref(seq).logits.float(), ours(seq).logits.float()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@cuda
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_graphed_generate_gives_the_eager_tokens(family, batch):
+    ref, ours = _pair(family)
+    ids = torch.randint(4, ref.config.vocab_size, (batch, 7), device="cuda")
+    want, got = _generate(ref, ids), _generate(ours, ids)
+    stats = moec.inspect(ours).cuda_graphs
+    assert stats.captured == 1 and stats.replayed == 12 - 2, stats  # step 1: prefill; step 2: eager + capture
+    assert torch.equal(got, want)
+    assert _teacher_forced_err(ref, ours, want) < 1e-4
+    assert torch.equal(_generate(ours, ids), want)  # a second call: a new cache, captured again
+    assert moec.inspect(ours).cuda_graphs.captured == 2
+
+
+@cuda
+def test_weights_changed_after_compile_and_after_capture():
+    ref, ours = _pair("mixtral")
+    ids = torch.randint(4, ref.config.vocab_size, (1, 5), device="cuda")
+    _generate(ours, ids)
+    new = models.tiny_model("mixtral", seed=7).cuda().state_dict()
+    ref.load_state_dict(new)
+    ours.load_state_dict(new)  # in place: same pointers, new versions
+    want = _generate(ref, ids)
+    assert torch.equal(_generate(ours, ids), want)
+    with torch.no_grad():  # an edit by hand, in place, to one expert
+        for m in (ref, ours):
+            m.model.layers[0].mlp.experts.down_proj[3].mul_(-4)
+    assert torch.equal(_generate(ours, ids), _generate(ref, ids))
+
+
+@cuda
+def test_bf16_and_large_inputs():
+    ref, ours = _pair("mixtral", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for m in (ref, ours):
+            m.model.embed_tokens.weight.mul_(100)
+    ids = torch.randint(4, ref.config.vocab_size, (2, 9), device="cuda")
+    seq = _generate(ours, ids, new=8)
+    assert moec.inspect(ours).cuda_graphs.replayed == 6
+    assert _teacher_forced_err(ref, ours, seq) < 5e-2
+
+
+@cuda
+def test_a_step_with_python_state_runs_eagerly():
+    """GPT-OSS's sliding-window layers keep their position as a Python int in the static cache: no graph."""
+    ref, ours = _pair("gpt_oss")
+    ids = torch.randint(4, ref.config.vocab_size, (1, 6), device="cuda")
+    with pytest.warns(UserWarning, match="runs eagerly: the step changes Python state"):
+        got = _generate(ours, ids)
+    assert torch.equal(got, _generate(ref, ids))
+    assert moec.inspect(ours).cuda_graphs.replayed == 0
+
+
+@cuda
+def test_train_mode_grad_and_compiling_again_without_graphs():
+    ref, ours = _pair("mixtral")
+    ids = torch.randint(4, ref.config.vocab_size, (1, 4), device="cuda")
+    step = ours._moec_graphs
+    ours.train()
+    out = step(input_ids=ids[:, :1], use_cache=False)  # training mode: the forward as usual, with gradients
+    assert out.logits.requires_grad and step.stats.captured == 0
+    ours.eval()
+    moec.compile(ours, backend="triton")
+    assert "_moec_graphs" not in ours.__dict__ and ours.generation_config.cache_implementation is None
+    assert torch.equal(_generate(ours, ids), _generate(ref, ids))
