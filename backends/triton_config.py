@@ -2,7 +2,8 @@
 
 A tuned file is JSON written by `benchmarks/tune_triton.py`, one per device name
 and Triton version, mapping a shape key "E,N1,H,k,dtype" (quantized weights: "E,N1,H,k,dtype-w8"
-or "...-w4g128") to {tokens: config}; the entry with the nearest token count is used. Files
+or "...-w4g128") to {tokens: config}; the entry with the nearest token count is used where it is within a
+factor of 4 of the call's (tiles tuned for 1 token are no guide at 4096: the heuristic runs there). Files
 are looked for in $MOEC_TRITON_CONFIGS (if set), then in `backends/triton_configs/` (shipped).
 A missing file or shape falls back to `heuristic`, never to an error. `MOEC_LOGS=debug` logs which config ran.
 """
@@ -84,11 +85,11 @@ def config_for(T: int, E: int, N1: int, H: int, k: int, dtype: torch.dtype, devi
                quant: str = "") -> Config:
     key = shape_key(E, N1, H, k, dtype, quant)
     table = _tuned(device_name(device)).get(key)
+    near = min(table, key=lambda t: abs(int(t) - T)) if table else None
     if _forced:
         cfg, source = _forced[-1], "forced"
-    elif table:
-        nearest = min(table, key=lambda t: abs(int(t) - T))
-        cfg, source = Config(**table[nearest]), f"tuned for {nearest} tokens"
+    elif near is not None and max(int(near), T) <= 4 * min(int(near), T):
+        cfg, source = Config(**table[near]), f"tuned for {near} tokens"
     else:
         cfg, source = heuristic(T, E, k, dtype, device), "heuristic"
     log.debug("triton experts T=%d %s: %s (%s)", T, key, cfg, source)

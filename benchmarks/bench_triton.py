@@ -69,6 +69,9 @@ def quantized_rows(base, H: int, I: int) -> dict:
     out = {}
     for cfg in (moec.Int8Experts(), moec.Int4Experts(group)):
         block = moec.compile(copy.deepcopy(base), backend="triton", quantize=cfg)
+        if not moec.inspect(block).blocks:
+            print(f"{cfg}: not rewritten: {moec.inspect(block).rejected[0].reason}")
+            continue
         # the quantized graph no longer reads the bf16 expert weights: free them (DeepSeek-V3's are 22 GB a copy)
         block.experts.gate_up_proj.data, block.experts.down_proj.data = torch.empty(0), torch.empty(0)
         t = [quantized_tensors(resolve(block, moec.inspect(block).blocks[0].path), role) for role in ("w13", "w2")]
