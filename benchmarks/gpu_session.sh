@@ -6,7 +6,8 @@
 #           weights changed after compile, saturation, bf16/fp32, with the Triton backend)
 #   decode  whole-model generation, bf16 and fp32: HF vs moec, eager and with cuda_graphs=True; then HF's own
 #           static cache + torch.compile path (Mixtral layers; its compile takes most of that stage)
-#   tune    tile tuning at decode sizes, bf16 and int4 (written to OUTDIR/configs, read by the stage after it)
+#   tune    tile tuning, bf16, 1-4096 tokens, small counts first (written to OUTDIR/configs, read by the stage
+#           after it; a tuned entry serves token counts within 4x of its own)
 #   bench   the layer table (bf16, int8, int4; eager and in CUDA graphs) at Mixtral-8x7B / Qwen3-30B-A3B /
 #           DeepSeek-V3 shapes
 # Each stage has a time limit and appends to OUTDIR/session.log (one file: the device tool brings back 8 at most);
@@ -36,11 +37,11 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$log" 2>&1 || {
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__)"; } >>"$log" 2>&1
 cat "$log"
-stage tests 70 env MOEC_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_triton.py \
-  tests/test_cuda_graphs.py -k "not compile_for_gpu and not backend_choice"
+stage tests 120 env MOEC_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n 14 -rf \
+  --tb=line tests/test_triton.py tests/test_cuda_graphs.py -k "not compile_for_gpu and not backend_choice"
 stage tests-checks 45 python3 benchmarks/gpu_checks.py
-stage decode-bf16 90 python3 benchmarks/bench_gpu_decode.py --rounds 2
+stage decode-bf16 80 python3 benchmarks/bench_gpu_decode.py --rounds 2
 stage decode-fp32 40 python3 benchmarks/bench_gpu_decode.py --rounds 1 --dtype fp32 --layers 2
-stage tune 130 python3 benchmarks/tune_triton.py --space fast --jobs 14 --tokens 1 4 16 64 --out "$out/configs"
-stage bench 110 python3 benchmarks/bench_triton.py --quantized --graphs --no-torch-compile --tokens 1 4 16 64 256 4096
-stage decode-hfcompile 50 python3 benchmarks/bench_gpu_decode.py --rounds 1 --models mixtral --hf-compile
+stage tune 130 python3 benchmarks/tune_triton.py --space fast --jobs 14 --out "$out/configs"
+stage bench 100 python3 benchmarks/bench_triton.py --quantized --graphs --no-torch-compile --tokens 1 4 16 64 256 4096
+stage decode-hfcompile 40 python3 benchmarks/bench_gpu_decode.py --rounds 1 --models mixtral --hf-compile

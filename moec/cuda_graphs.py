@@ -30,9 +30,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from moec.passes.detect.proof import TOL, rel_err
 
+DEVICE = "cuda"  # the device type whose steps are graphed (tests on a CPU emulate the graph: tests/test_cuda_graphs)
 MAX_GRAPHS = 4  # keys kept per model (e.g. batch sizes); the oldest graph is dropped first
 
 
@@ -43,57 +45,71 @@ class GraphStats:
     captured: int = 0
     replayed: int = 0
     eager: int = 0  # one-token steps run eagerly (first call of a key, or a key refused)
-    refused: dict[str, str] = field(default_factory=dict)  # key description -> why it runs eagerly
+    refused: dict[str, str] = field(default_factory=dict)  # "batch B" -> why such steps run eagerly
 
     def describe(self) -> str:
         why = f"; eager: {'; '.join(self.refused.values())}" if self.refused else ""
         return f"CUDA graphs: {self.captured} captured, {self.replayed} steps replayed, {self.eager} eager{why}"
 
 
+@dataclass
 class _Graph:
-    def __init__(self, graph, inputs: dict, output, cache):
-        self.graph, self.inputs, self.output, self.cache = graph, inputs, output, cache  # cache: kept alive
+    graph: object  # torch.cuda.CUDAGraph
+    inputs: list  # the step's arguments flattened (torch.utils._pytree): tensors are the buffers the graph reads
+    output: object  # the ModelOutput whose tensors the graph writes
 
 
 class GraphedStep:
-    """transformers' decode-step callable for a model compiled with cuda_graphs=True (see the module docstring)."""
+    """transformers' decode-step callable for a model compiled with cuda_graphs=True (see the module docstring).
+    Graphs are kept for the cache of the latest generate() call only (up to MAX_GRAPHS keys): that cache stays
+    allocated until the next call brings another. A refusal is remembered across calls (it does not depend on the
+    cache): such steps run eagerly without another try."""
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.graphs: dict[tuple, _Graph | str] = {}  # key -> graph, or the reason the key runs eagerly
+        self.cache = None  # the cache the graphs write into
+        self.graphs: dict[tuple, _Graph] = {}  # (inputs and weights, cache tensors) -> graph
+        self.refused: dict[tuple, str] = {}  # inputs and weights -> why such steps run eagerly
         self.stats = GraphStats()
 
     def __call__(self, **kw):
         model = self.model
-        tensors = {k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}
         ids = kw.get("input_ids")
         cache = kw.get("past_key_values")
+        cache_tensors = _cache_tensors(cache)
         if (model.training or torch.is_grad_enabled() or ids is None or ids.dim() != 2 or ids.shape[1] != 1
-                or ids.device.type != "cuda" or not _cache_tensors(cache)
+                or ids.device.type != DEVICE or not cache_tensors
                 or any(kw.get(f) for f in ("output_attentions", "output_hidden_states"))):
             return model(**kw)
-        key = self._key(kw, tensors, cache)
+        leaves, spec = pytree.tree_flatten({k: v for k, v in kw.items() if k != "past_key_values"})
+        step = self._key(leaves, spec)
+        if step in self.refused:
+            self.stats.eager += 1
+            return model(**kw)
+        if cache is not self.cache:  # a new generate() call: the old cache's graphs go, and with them that cache
+            self.graphs.clear()
+            self.cache = cache
+        key = step, tuple(t.data_ptr() for t in cache_tensors)
         entry = self.graphs.get(key)
         if entry is None:
             self.stats.eager += 1
-            return self._capture(key, kw, tensors, cache)
-        if isinstance(entry, str):
-            self.stats.eager += 1
-            return model(**kw)
-        for k, v in tensors.items():
-            entry.inputs[k].copy_(v)
+            return self._capture(step, key, kw, leaves, spec, cache)
+        for buf, v in zip(entry.inputs, leaves):
+            if isinstance(v, torch.Tensor):
+                buf.copy_(v)
         entry.graph.replay()
         self.stats.replayed += 1
         return _map_tensors(entry.output, torch.clone)
 
-    def _key(self, kw: dict, tensors: dict, cache) -> tuple:
-        args = tuple(sorted((k, (v.shape, v.dtype, v.device) if isinstance(v, torch.Tensor) else
-                             id(v) if k == "past_key_values" else repr(v)) for k, v in kw.items()))
-        weights = tuple((t.data_ptr(), t.dtype, t._version)
+    def _key(self, leaves: list, spec) -> tuple:
+        """The step's arguments but the cache (their structure: a mask may be a dict of tensors; the tensors' shapes,
+        dtypes and devices; the other values) and the weights' state."""
+        args = tuple((v.shape, v.dtype, v.device) if isinstance(v, torch.Tensor) else repr(v) for v in leaves)
+        weights = tuple((t.data_ptr(), t.dtype, _version(t))
                         for t in itertools.chain(self.model.parameters(), self.model.buffers()))
-        return args, tuple(t.data_ptr() for t in _cache_tensors(cache)), weights
+        return str(spec), args, weights
 
-    def _capture(self, key: tuple, kw: dict, tensors: dict, cache):
+    def _capture(self, step: tuple, key: tuple, kw: dict, leaves: list, spec, cache):
         """Eager step (returned), then capture, replay once and compare (see the module docstring)."""
         model = self.model
         small = [(t, t.clone()) for t in _cache_tensors(cache) if t.numel() <= 64]  # (counter, its value before)
@@ -104,15 +120,14 @@ class GraphedStep:
             why = "the forward returns no logits"
         if why is None:
             after = [t.clone() for t, _ in small]
-            inputs = {k: v.clone() for k, v in tensors.items()}
+            inputs = [v.clone() if isinstance(v, torch.Tensor) else v for v in leaves]  # the graph's input buffers
             try:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    static_out = model(**(kw | inputs))
+                graph, static_out = _record(lambda: model(**pytree.tree_unflatten(inputs, spec), past_key_values=cache))
                 for t, t0 in small:
                     t.copy_(t0)
                 graph.replay()  # the eager step once more: same cache writes, its counters advanced once
-                torch.cuda.synchronize()
+                if out.logits.is_cuda:
+                    torch.cuda.synchronize()  # a replay's error is raised here, inside the try
             except Exception as e:  # noqa: BLE001  any op that cannot be captured (a host sync, a CPU tensor, ...)
                 why = f"the step cannot be captured ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
                 for (t, _), t1 in zip(small, after):
@@ -122,15 +137,28 @@ class GraphedStep:
                 if not err <= TOL[out.logits.dtype]:
                     why = f"the replayed step's logits differ from the eager step's (relative error {err:.1e})"
         if why is not None:
-            self.graphs[key] = why
+            self.refused[step] = why
             self.stats.refused[f"batch {kw['input_ids'].shape[0]}"] = why
             warnings.warn(f"moec: cuda_graphs: this decode step runs eagerly: {why}", stacklevel=3)
             return out
         if len(self.graphs) >= MAX_GRAPHS:
             self.graphs.pop(next(iter(self.graphs)))
-        self.graphs[key] = _Graph(graph, inputs, static_out, cache)
+        self.graphs[key] = _Graph(graph, inputs, static_out)
         self.stats.captured += 1
         return out
+
+
+def _record(step):
+    """(a CUDA graph of step's kernels, step's output: the tensors that graph writes). Capture runs nothing."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
+def _version(t: torch.Tensor) -> int:
+    """A tensor's version counter; -1 for one made under torch.inference_mode (it has none)."""
+    return -1 if t.is_inference() else t._version
 
 
 def _cache_tensors(cache) -> list[torch.Tensor]:

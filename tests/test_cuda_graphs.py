@@ -57,6 +57,100 @@ def test_generate_asks_moec_for_its_decode_steps(monkeypatch):
     assert "get_compiled_call" not in ours.__dict__ and ours.generation_config.cache_implementation is None
 
 
+class _EmulatedGraph:
+    """A CUDA graph's data flow without a GPU: replay runs the step again, reading the graph's input buffers and
+    writing its output tensors in place (a graph captures nothing on the host: neither does this)."""
+
+    def __init__(self, step, out):
+        self.step, self.out = step, out
+
+    def replay(self):
+        new = self.step()
+        for k, v in self.out.items():
+            if isinstance(v, torch.Tensor):
+                v.copy_(new[k])
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """moec.cuda_graphs on the CPU, graphs emulated: the bookkeeping (keys, buffers, checks, refusals) under test."""
+    from transformers import CompileConfig
+
+    from moec import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "DEVICE", "cpu")
+    monkeypatch.setattr(cuda_graphs, "_record", lambda step: (lambda out: (_EmulatedGraph(step, out), out))(step()))
+    every_device = CompileConfig()
+    every_device._compile_all_devices = True
+    return lambda model: (cuda_graphs.install(model, True), every_device)[1]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_emulated_graphs_give_the_eager_tokens(emulated, family):
+    ref = models.tiny_model(family)
+    ours = moec.compile(copy.deepcopy(ref))
+    cfg = emulated(ours)
+    ids = torch.randint(4, ref.config.vocab_size, (3, 5))
+    gen = dict(max_new_tokens=9, min_new_tokens=9, do_sample=False)
+    with torch.no_grad():
+        want = ref.generate(ids, cache_implementation="static", disable_compile=True, **gen)
+        got = ours.generate(ids, compile_config=cfg, **gen)
+        assert torch.equal(got, want)
+        assert torch.equal(ours.generate(ids, compile_config=cfg, **gen), want)
+    stats = ours._moec_graphs.stats  # (installed without compile: not in moec.inspect's report)
+    assert (stats.captured, stats.replayed, stats.eager) == (2, 2 * 7, 2), stats
+
+
+def test_emulated_graphs_follow_the_weights(emulated):
+    """One cache, steps called directly: a weight written in place (version bump), assigned or cast after capture
+    captures again; the outputs equal the eager model's each time."""
+    from transformers import StaticCache
+
+    ref = models.tiny_model("mixtral")
+    ours = moec.compile(copy.deepcopy(ref))
+    emulated(ours)
+    step = ours._moec_graphs
+    ids = torch.randint(4, ref.config.vocab_size, (1, 4))
+    caches = [StaticCache(config=ref.config, max_cache_len=16) for _ in range(2)]
+    with torch.no_grad():
+        for m, c in zip((ref, ours), caches):
+            m(ids, past_key_values=c, use_cache=True)
+
+        def both(pos):
+            kw = dict(input_ids=ids[:, pos % 4:pos % 4 + 1], position_ids=torch.tensor([[pos]]), use_cache=True)
+            a = ref(**kw, past_key_values=caches[0]).logits
+            b = step(**kw, past_key_values=caches[1], return_dict=True).logits
+            assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5, pos
+
+        both(4)
+        both(5)
+        assert step.stats.captured == 1 and step.stats.replayed == 1
+        for m in (ref, ours):
+            m.model.layers[1].mlp.experts.gate_up_proj[2].mul_(3)
+        both(6)
+        assert step.stats.captured == 2
+        new = models.tiny_model("mixtral", seed=3).state_dict()
+        ref.load_state_dict(new)
+        ours.load_state_dict(new, assign=True)
+        both(7)
+        both(8)
+        assert step.stats.captured == 3 and step.stats.replayed == 2
+
+
+def test_emulated_refusal_is_remembered(emulated):
+    ref = models.tiny_model("gpt_oss")
+    ours = moec.compile(copy.deepcopy(ref))
+    cfg = emulated(ours)
+    ids = torch.randint(4, ref.config.vocab_size, (1, 6))
+    gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    with torch.no_grad(), pytest.warns(UserWarning, match="cumulative_length_int"):
+        got = ours.generate(ids, compile_config=cfg, **gen)
+        assert torch.equal(ours.generate(ids, compile_config=cfg, **gen), got)
+        assert torch.equal(got, ref.generate(ids, cache_implementation="static", disable_compile=True, **gen))
+    stats = ours._moec_graphs.stats
+    assert (stats.captured, stats.replayed, stats.eager) == (0, 0, 8) and len(ours._moec_graphs.refused) == 1
+
+
 def _pair(family: str, dtype=torch.float32, **overrides):
     """(reference HF model, moec-compiled copy with cuda_graphs=True), same weights, on the GPU."""
     ref = models.tiny_model(family, dtype=dtype, **overrides).cuda()
