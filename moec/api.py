@@ -24,7 +24,7 @@ from moec.backends.ort_session import uninstall as ort_uninstall
 from moec.approx import ExpertPlan, TopP
 from moec.bindings import Const, Derived
 from moec.distributed import ExpertParallel, Group, ShardedExperts, compiled_blocks
-from moec.cuda_graphs import install as cuda_graphs_install
+from moec.cuda_graphs import check as cuda_graphs_check, install as cuda_graphs_install
 from moec.canonical import (
     build_graph,
     compiled_graph,
@@ -547,10 +547,7 @@ def _check_cuda_graphs(model: nn.Module, on: bool, backend: str, offload, expert
             "backend 'onnxruntime'"
         raise NotImplementedError(f"moec.compile: cuda_graphs=True does not run with {what} (the graph would replay "
                                   f"host work: expert loads, exchanges, sessions): compile without one of them")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if device.type != "cuda":
-        raise ValueError(f"moec.compile: cuda_graphs=True needs the model on a CUDA device (it is on {device.type}): "
-                         f"model.to('cuda') first")
+    cuda_graphs_check(model)
 
 
 def _refuse_released(model: nn.Module) -> None:

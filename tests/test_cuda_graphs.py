@@ -1,7 +1,8 @@
 """compile(cuda_graphs=True): generate()'s one-token steps replayed as CUDA graphs (moec/cuda_graphs.py).
 
-On a CPU only the option's errors run; the rest needs a GPU (benchmarks/gpu_session.sh runs it there). Each GPU test
-compares greedy tokens and logits with the same weights run eagerly by transformers (static cache, no graphs)."""
+On a CPU: the option's errors, and the bookkeeping (keys, buffers, checks, refusals, copies) with an emulated graph
+(the `emulated` fixture). On a GPU (benchmarks/gpu_session.sh), real graphs: each test compares greedy tokens and
+logits with the same weights run eagerly by transformers (static cache, no graphs) or by the same compiled model."""
 
 import copy
 
@@ -18,13 +19,16 @@ def test_errors_say_what_to_do():
     model = models.tiny_model("mixtral")
     with pytest.raises(TypeError, match="cuda_graphs must be True or False"):
         moec.compile(model, cuda_graphs=1)
-    with pytest.raises(ValueError, match=r"needs the model on a CUDA device.*model.to\('cuda'\)"):
+    with pytest.raises(ValueError, match=r"needs the whole model on one CUDA device.*model.to\('cuda'\)"):
         moec.compile(model, cuda_graphs=True)
     with pytest.raises(NotImplementedError, match="onnxruntime"):
         moec.compile(model, cuda_graphs=True, backend="onnxruntime")
     with pytest.raises(NotImplementedError, match="offload="):
         moec.compile(model, cuda_graphs=True, offload=moec.Offload(budget=4))
-    assert not hasattr(model, "_moec_graphs") and model.generation_config.cache_implementation is None
+    with pytest.raises(TypeError, match="generate"):  # refused before any block is rewritten
+        moec.compile(hw_block := models.tiny_model("mixtral").model.layers[0].mlp, cuda_graphs=True)
+    assert "_moec_graph" not in hw_block.__dict__
+    assert not hasattr(model, "_moec_graphs") and "generate" not in model.__dict__
 
 
 def test_generate_asks_moec_for_its_decode_steps(monkeypatch):
@@ -54,7 +58,7 @@ def test_generate_asks_moec_for_its_decode_steps(monkeypatch):
     assert torch.equal(got, want) and calls and all(c == (2, 1) for c in calls)
     assert step.stats.captured == 0 and step.stats.replayed == 0
     moec.compile(ours)
-    assert "get_compiled_call" not in ours.__dict__ and ours.generation_config.cache_implementation is None
+    assert not {"get_compiled_call", "generate", "_moec_graphs"} & set(ours.__dict__)
 
 
 class _EmulatedGraph:
@@ -151,6 +155,61 @@ def test_emulated_refusal_is_remembered(emulated):
     assert (stats.captured, stats.replayed, stats.eager) == (0, 0, 8) and len(ours._moec_graphs.refused) == 1
 
 
+@pytest.mark.parametrize("family", ["qwen3_next", "jamba"])
+def test_emulated_hybrid_caches_are_refused_before_any_replay(emulated, family):
+    """Linear-attention layers keep their states in dicts of the cache: no graph, and no replay advancing them."""
+    ref = models.tiny_model(family)
+    ours = moec.compile(copy.deepcopy(ref))
+    cfg = emulated(ours)
+    ids = torch.randint(4, ref.config.vocab_size, (2, 5))
+    gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with torch.no_grad(), pytest.warns(UserWarning, match="keeps tensors in a dict"):
+        got = ours.generate(ids, compile_config=cfg, **gen)
+    with torch.no_grad():
+        assert torch.equal(got, ref.generate(ids, cache_implementation="static", disable_compile=True, **gen))
+    assert ours._moec_graphs.stats.captured == 0
+
+
+def test_emulated_copies_user_caches_and_odd_arguments(emulated):
+    """A deepcopy decodes with its own graphs (and pickles); a cache the caller passes is used as given; an argument
+    that is neither a tensor nor a plain value runs eagerly, with the reason; generation_config is left alone."""
+    import io
+
+    from transformers import DynamicCache
+
+    ref = models.tiny_model("mixtral")
+    ours = moec.compile(copy.deepcopy(ref))
+    cfg = emulated(ours)
+    ids = torch.randint(4, ref.config.vocab_size, (1, 5))
+    gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        want = ref.generate(ids, cache_implementation="static", disable_compile=True, **gen)
+        assert torch.equal(ours.generate(ids, compile_config=cfg, **gen), want)
+        twin = copy.deepcopy(ours)
+        assert twin.get_compiled_call() is twin._moec_graphs is not ours._moec_graphs
+        assert twin.generate.model is twin and not twin._moec_graphs.graphs
+        assert torch.equal(twin.generate(ids, compile_config=cfg, **gen), want)
+        assert twin._moec_graphs.stats.captured == 2 and ours._moec_graphs.stats.captured == 1
+        torch.save(ours, io.BytesIO())
+        dynamic = ours.generate(ids, past_key_values=DynamicCache(config=ours.config), **gen)  # no static cache forced
+        assert torch.equal(dynamic, want) and ours.generation_config.cache_implementation is None
+        step = ours._moec_graphs
+        with pytest.warns(UserWarning, match="an argument is a slice"):
+            for _ in range(2):
+                step(input_ids=ids[:, :1], past_key_values=_static(ours, ids), logits_to_keep=slice(-1, None),
+                     use_cache=True)
+    assert step.stats.eager == 1 + 2
+
+
+def _static(model, ids):
+    """A static cache after the prompt ids[:, :-1]."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    model(ids[:, :-1], past_key_values=cache, use_cache=True)
+    return cache
+
+
 def _pair(family: str, dtype=torch.float32, **overrides):
     """(reference HF model, moec-compiled copy with cuda_graphs=True), same weights, on the GPU."""
     ref = models.tiny_model(family, dtype=dtype, **overrides).cuda()
@@ -226,7 +285,7 @@ def test_a_step_with_python_state_runs_eagerly():
     """GPT-OSS's sliding-window layers keep their position as a Python int in the static cache: no graph."""
     ref, ours = _pair("gpt_oss")
     ids = torch.randint(4, ref.config.vocab_size, (1, 6), device="cuda")
-    with pytest.warns(UserWarning, match="runs eagerly: the step changes Python state"):
+    with pytest.warns(UserWarning, match="run eagerly: the step changes Python state"):
         got = _generate(ours, ids)
     assert torch.equal(got, _generate(ref, ids))
     assert moec.inspect(ours).cuda_graphs.replayed == 0
@@ -242,5 +301,5 @@ def test_train_mode_grad_and_compiling_again_without_graphs():
     assert out.logits.requires_grad and step.stats.captured == 0
     ours.eval()
     moec.compile(ours, backend="triton")
-    assert "_moec_graphs" not in ours.__dict__ and ours.generation_config.cache_implementation is None
+    assert not {"get_compiled_call", "generate", "_moec_graphs"} & set(ours.__dict__)
     assert torch.equal(_generate(ours, ids), _generate(ref, ids))
