@@ -187,3 +187,26 @@ def test_gpu_scripts_run(tmp_path):
                 ["benchmarks/bench_triton.py", "--shapes", "tiny", "--tokens", "1", "--quantized", "--no-torch-compile"]):
         run = subprocess.run([sys.executable, *cmd], cwd=root, env=env, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_tuned_tiles_serve_nearby_token_counts_only(tmp_path, monkeypatch):
+    """A tuned file's entry serves token counts within 4x of its own; further away, and for shapes it lacks, the
+    heuristic (a file tuned at 1 token made 4096-token calls run 1-token tiles: 2.7x slower on an H200)."""
+    import json
+
+    from moec.backends import triton_config as tc
+
+    dev = torch.device("cpu")
+    tuned = tc.Config(16, 32, 32, 2, 2)
+    key = tc.shape_key(8, 128, 64, 2, torch.bfloat16)
+    (tmp_path / tc.file_name(tc.device_name(dev))).write_text(json.dumps({key: {"1": vars(tuned)}}))
+    monkeypatch.setenv("MOEC_TRITON_CONFIGS", str(tmp_path))
+    tc._tuned.cache_clear()
+    try:
+        for T in (1, 3, 4):
+            assert tc.config_for(T, 8, 128, 64, 2, torch.bfloat16, dev) == tuned
+        for T in (5, 4096):
+            assert tc.config_for(T, 8, 128, 64, 2, torch.bfloat16, dev) == tc.heuristic(T, 8, 2, torch.bfloat16, dev)
+        assert tc.config_for(1, 8, 128, 64, 2, torch.float16, dev) == tc.heuristic(1, 8, 2, torch.float16, dev)
+    finally:
+        tc._tuned.cache_clear()
