@@ -295,3 +295,19 @@ def test_train_mode_grad_and_compiling_again_without_graphs():
     moec.compile(ours, backend="triton")
     assert not {"get_compiled_call", "generate", "_moec_graphs"} & set(ours.__dict__)
     assert torch.equal(_generate(ours, ids), _generate(ref, ids))
+
+
+def test_save_and_load_keep_the_option_where_cuda_is(tmp_path):
+    """moec.save records cuda_graphs=True; moec.load compiles with it again on CUDA, and on a CPU says it does not."""
+    from moec import cuda_graphs
+
+    ref = models.tiny_model("mixtral")
+    ours = moec.compile(copy.deepcopy(ref))
+    moec.inspect(ours).cuda_graphs = cuda_graphs.install(ours, True)  # compile() refuses a CPU model
+    moec.save(ours, tmp_path / "m.safetensors")
+    with pytest.warns(UserWarning, match="saved with cuda_graphs=True; the model is not on CUDA"):
+        back = moec.load(models.tiny_model("mixtral", seed=5), tmp_path / "m.safetensors")
+    assert "_moec_graphs" not in back.__dict__
+    ids = torch.randint(4, ref.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, ours(ids).logits)
