@@ -29,7 +29,9 @@ and inputs on another device than the model's run the forward as usual.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
+import re
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ from moec.passes.detect.proof import TOL, rel_err
 
 DEVICE = "cuda"  # the device type whose steps are graphed (tests on a CPU emulate the graph: tests/test_cuda_graphs)
 MAX_GRAPHS = 4  # keys kept per generate() call (e.g. a step whose mask changes form); the oldest dropped first
+MAX_REFUSED = 64  # argument forms whose refusal is remembered
 SMALL = 64  # cache tensors of at most this many elements are counters, saved and put back around the check
 PLAIN = (type(None), bool, int, float, str)
 
@@ -64,7 +67,7 @@ class GraphStats:
 class _Graph:
     graph: object  # torch.cuda.CUDAGraph
     inputs: list  # the step's arguments flattened: its tensors are the buffers the graph reads
-    output: object  # the ModelOutput whose tensors the graph writes
+    output: object  # the ModelOutput whose tensors the graph writes (its cache left out)
 
 
 class GraphedStep:
@@ -72,17 +75,21 @@ class GraphedStep:
     Refusals are remembered (per key without the cache) for the model's life; graphs for one generate() call."""
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        self.owner = _Owner(model)
         self.graphs: dict[tuple, _Graph] = {}  # (arguments and weights, cache tensors) -> graph
-        self.refused: dict[tuple, str] = {}  # arguments and weights -> why such steps run eagerly
-        self.cache = lambda: None  # weakref to the cache the graphs write into (not kept alive by them)
+        self.refused: dict[tuple, str] = {}  # the arguments' form -> why such steps run eagerly
+        self.cache = _dead  # weakref to the cache the graphs write into (not kept alive by them)
         self.stats = GraphStats()
+
+    @property
+    def model(self) -> nn.Module:
+        return self.owner.model
 
     def __getstate__(self):  # copies and pickles of the model start without graphs (they are the GPU's)
         return {**self.__dict__, "graphs": {}, "cache": None}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, cache=lambda: None)
+        self.__dict__.update(state, cache=_dead)
 
     def new_call(self) -> GraphedStep:
         """A generate() call begins: the graphs of earlier calls go (their cache, the model's Python state)."""
@@ -100,27 +107,27 @@ class GraphedStep:
             return model(**kw)
         leaves, spec = pytree.tree_flatten({k: v for k, v in kw.items() if k != "past_key_values"})
         odd = next((v for v in leaves if not isinstance(v, (torch.Tensor, *PLAIN))), None)
-        step = self._key(leaves, spec)
-        why = self.refused.get(step) or (odd is not None and self._refuse(
-            step, f"an argument is a {type(odd).__name__}, neither a tensor nor a plain value"))
+        form = str(spec), tuple((v.dtype, v.dim()) if isinstance(v, torch.Tensor) else type(v) for v in leaves)
+        why = self.refused.get(form) or (odd is not None and self._refuse(
+            form, f"an argument is a {type(odd).__name__}, neither a tensor nor a plain value"))
         if why:
             self.stats.eager += 1
             return model(**kw)
         if cache is not self.cache():  # another cache: graphs write into the cache they were captured with
             self.graphs.clear()
             self.cache = weakref.ref(cache)
-        key = step, tuple(t.data_ptr() for t in _cache_tensors(cache))
+        key = self._key(leaves, spec), tuple(t.data_ptr() for t in _cache_tensors(cache))
         entry = self.graphs.get(key)
         if entry is None:
             self.stats.eager += 1
             with torch.cuda.device(ids.device) if ids.is_cuda else contextlib.nullcontext():
-                return self._capture(step, key, kw, leaves, spec, cache)
+                return self._capture(form, key, kw, leaves, spec, cache)
         for buf, v in zip(entry.inputs, leaves):
             if isinstance(v, torch.Tensor):
                 buf.copy_(v)
         entry.graph.replay()
         self.stats.replayed += 1
-        return _map_tensors(entry.output, torch.clone)
+        return _output(entry.output, cache, torch.clone)
 
     def _key(self, leaves: list, spec) -> tuple:
         """The step's arguments but the cache (their structure: a mask may be a dict of tensors; the tensors' shapes,
@@ -131,14 +138,19 @@ class GraphedStep:
                         for t in itertools.chain(self.model.parameters(), self.model.buffers()))
         return str(spec), args, weights
 
-    def _refuse(self, step: tuple, why: str) -> str:
-        self.refused[step] = why
-        if why not in self.stats.refused:
+    def _refuse(self, form: tuple, why: str) -> str:
+        """Steps of this form (argument structure, dtypes, ranks) run eagerly from now on; one warning per reason
+        (numbers aside)."""
+        if len(self.refused) >= MAX_REFUSED:
+            self.refused.pop(next(iter(self.refused)))
+        self.refused[form] = why
+        kind = re.sub(r"[0-9][0-9.e+-]*", "#", why)
+        if kind not in {re.sub(r"[0-9][0-9.e+-]*", "#", w) for w in self.stats.refused}:
             self.stats.refused.append(why)
             warnings.warn(f"moec: cuda_graphs: decode steps run eagerly: {why}", stacklevel=4)
         return why
 
-    def _capture(self, step: tuple, key: tuple, kw: dict, leaves: list, spec, cache):
+    def _capture(self, form: tuple, key: tuple, kw: dict, leaves: list, spec, cache):
         """Eager step (returned), then capture, replay once and check (see the module docstring)."""
         model = self.model
         tensors = _cache_tensors(cache)
@@ -150,7 +162,7 @@ class GraphedStep:
             _unexpected_writes(cache, tensors, versions) or (None if hasattr(out, "logits") else
                                                              "the forward returns no logits")
         if why:
-            self._refuse(step, why)
+            self._refuse(form, why)
             return out
         after_small = [t.clone() for t in small]
         inputs = [v.clone() if isinstance(v, torch.Tensor) else v for v in leaves]  # the graph's input buffers
@@ -168,43 +180,80 @@ class GraphedStep:
         except Exception as e:  # noqa: BLE001  any op that cannot be captured (a host sync, a CPU tensor, ...)
             why = f"the step cannot be captured ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
         if why:
-            self._refuse(step, why)
+            self._refuse(form, why)
             _put(small, before_small)
             return model(**kw)  # the step again, eagerly: the cache as the first eager step left it
         if len(self.graphs) >= MAX_GRAPHS:
             self.graphs.pop(next(iter(self.graphs)))
-        self.graphs[key] = _Graph(graph, inputs, static_out)
+        self.graphs[key] = _Graph(graph, inputs, _output(static_out, None))  # not the cache: not kept alive
         self.stats.captured += 1
         return out
+
+
+class _Owner:
+    """A weak reference to the model (the hooks live in the model's __dict__: a strong one would keep a deleted model's
+    weights until the garbage collector runs); copies of the model re-point it to the copy."""
+
+    def __init__(self, model: nn.Module):
+        self.ref = weakref.ref(model)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.ref()
+
+    def __deepcopy__(self, memo):
+        return _Owner(memo.get(id(self.model), self.model))
+
+    def __getstate__(self):
+        return {"model": self.model}
+
+    def __setstate__(self, state):
+        self.ref = weakref.ref(state["model"])
 
 
 class _CompiledCall:
     """The model's `get_compiled_call` (transformers calls it at the start of each generate() loop)."""
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        self.owner = _Owner(model)
 
     def __call__(self, compile_config=None) -> GraphedStep:
-        return self.model.__dict__["_moec_graphs"].new_call()
+        return self.owner.model.__dict__["_moec_graphs"].new_call()
 
 
 class _Generate:
-    """The model's `generate`: transformers' own, with a static cache where the call names no cache of its own, no
-    cache_implementation, no assistant (assisted decoding crops its cache, which a static cache cannot)."""
-
-    OWN = ("past_key_values", "cache_implementation", "assistant_model", "prompt_lookup_num_tokens",
-           "assistant_early_exit")
+    """The model's `generate`: transformers' own, asked for a static cache unless the call (its arguments, its
+    generation config, the model's) names a cache, a cache implementation, no cache, or assisted decoding (which crops
+    its cache, as an assistant too)."""
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        self.owner = _Owner(model)
 
     def __call__(self, *args, **kwargs):
-        model = self.model
-        config = kwargs.get("generation_config") or model.generation_config
-        if not any(kwargs.get(k) is not None for k in self.OWN) and config.cache_implementation is None \
-                and getattr(config, "assistant_early_exit", None) is None:
-            kwargs["cache_implementation"] = "static"
+        model = self.owner.model
+        args = list(args)
+        positional = len(args) > 1  # generate(inputs, generation_config, ...)
+        given = args[1] if positional else kwargs.get("generation_config")
+        if not any(kwargs.get(k) is not None for k in ("past_key_values", "assistant_model")):
+            rest = {k: v for k, v in kwargs.items() if k != "generation_config"}
+            config, _ = model._prepare_generation_config(copy.deepcopy(given), **rest)
+            if config.use_cache and not any(getattr(c, "cache_implementation", None) for c in (
+                    config, given, model.generation_config)) and not any(getattr(config, k, None) for k in (
+                    "prompt_lookup_num_tokens", "assistant_early_exit", "is_assistant")):
+                if given is None:
+                    kwargs["cache_implementation"] = "static"
+                else:  # a copy of the caller's config (an extra argument beside a config is deprecated)
+                    given = copy.deepcopy(given)
+                    given.cache_implementation = "static"
+                    if positional:
+                        args[1] = given
+                    else:
+                        kwargs["generation_config"] = given
         return type(model).generate(model, *args, **kwargs)
+
+
+def _dead():
+    return None
 
 
 def _record(step):
@@ -247,8 +296,9 @@ def _unexpected_writes(cache, tensors: list[torch.Tensor], versions: list[int]) 
     """A cache tensor the step wrote other than a layer's keys/values (written at positions) or a small counter."""
     kv = {id(getattr(layer, n, None)) for layer in cache.layers for n in ("keys", "values")}
     for t, v in zip(tensors, versions):
-        if _version(t) != v and id(t) not in kv and t.numel() > SMALL:
-            return f"the step writes a cache tensor of shape {tuple(t.shape)} that is not a layer's keys or values"
+        if id(t) not in kv and t.numel() > SMALL and (t.is_inference() or _version(t) != v):
+            how = "may write (an inference tensor: no version counter)" if t.is_inference() else "writes"
+            return f"the step {how} a cache tensor of shape {tuple(t.shape)} that is not a layer's keys or values"
     return None
 
 
@@ -262,12 +312,14 @@ def _python_state(model: nn.Module, cache) -> dict:
 
 def _python_state_changes(before: dict, after: dict) -> str | None:
     changed = sorted({k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}, key=str)
-    return None if not changed else f"the step changes Python state ({', '.join(str(k[1]) for k in changed[:3])})"
+    names = list(dict.fromkeys(str(k[1]) for k in changed))
+    return None if not changed else f"the step changes Python state ({', '.join(names[:3])})"
 
 
-def _map_tensors(out, fn):
-    """The model output with each of its tensors passed through fn (the cache object stays itself)."""
-    return type(out)(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in out.items()})
+def _output(out, cache, fn=lambda t: t):
+    """The model output with each of its tensors passed through fn, and `cache` as its past_key_values."""
+    fields = {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in out.items() if k != "past_key_values"}
+    return type(out)(**fields, **({} if cache is None else {"past_key_values": cache}))
 
 
 def check(model: nn.Module) -> None:
@@ -275,6 +327,10 @@ def check(model: nn.Module) -> None:
     if not (hasattr(model, "generate") and hasattr(model, "generation_config") and hasattr(model, "get_compiled_call")):
         raise TypeError(f"moec.compile: cuda_graphs=True graphs the decode steps of a transformers model's generate(); "
                         f"{type(model).__name__} has none")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise NotImplementedError(f"moec.compile: cuda_graphs=True graphs decoder-only models' steps; "
+                                  f"{type(model).__name__} is an encoder-decoder (its cache pairs two caches): compile "
+                                  f"it without cuda_graphs")
     devices = {p.device for p in model.parameters()}
     if len(devices) != 1 or next(iter(devices)).type != "cuda":
         where = ", ".join(sorted(map(str, devices))) or "no parameters"

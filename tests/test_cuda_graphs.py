@@ -25,6 +25,8 @@ def test_errors_say_what_to_do():
         moec.compile(model, cuda_graphs=True, backend="onnxruntime")
     with pytest.raises(NotImplementedError, match="offload="):
         moec.compile(model, cuda_graphs=True, offload=moec.Offload(budget=4))
+    with pytest.raises(NotImplementedError, match="encoder-decoder"):
+        moec.compile(models.tiny_model("switch_transformers"), cuda_graphs=True)
     with pytest.raises(TypeError, match="generate"):  # refused before any block is rewritten
         moec.compile(hw_block := models.tiny_model("mixtral").model.layers[0].mlp, cuda_graphs=True)
     assert "_moec_graph" not in hw_block.__dict__
@@ -179,7 +181,7 @@ def test_emulated_copies_user_caches_and_odd_arguments(emulated):
         assert torch.equal(ours.generate(ids, compile_config=cfg, **gen), want)
         twin = copy.deepcopy(ours)
         assert twin.get_compiled_call() is twin._moec_graphs is not ours._moec_graphs
-        assert twin.generate.model is twin and not twin._moec_graphs.graphs
+        assert twin.generate.owner.model is twin and not twin._moec_graphs.graphs
         assert torch.equal(twin.generate(ids, compile_config=cfg, **gen), want)
         assert twin._moec_graphs.stats.captured == 2 and ours._moec_graphs.stats.captured == 1
         torch.save(ours, io.BytesIO())
@@ -191,6 +193,44 @@ def test_emulated_copies_user_caches_and_odd_arguments(emulated):
                 step(input_ids=ids[:, :1], past_key_values=_static(ours, ids), logits_to_keep=slice(-1, None),
                      use_cache=True)
     assert step.stats.eager == 1 + 2
+
+
+def test_emulated_generate_options_the_caller_chose(emulated):
+    """Assisted decoding (moec's model as the assistant, prompt lookup in a config) and a cache implementation or no
+    cache chosen by the caller (keyword, config passed by keyword or position) get no static cache; a deleted model
+    is freed without the garbage collector, and no graph keeps generate()'s cache alive."""
+    import gc
+    import weakref
+
+    from transformers import GenerationConfig
+
+    ref = models.tiny_model("mixtral")
+    ours = moec.compile(copy.deepcopy(ref))
+    cfg = emulated(ours)
+    ids = torch.randint(4, ref.config.vocab_size, (1, 6))
+    gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    step = ours._moec_graphs
+    with torch.no_grad():
+        want = ref.generate(ids, **gen)
+        assert torch.equal(ref.generate(ids, assistant_model=ours, **gen), want)
+        lookup = GenerationConfig(prompt_lookup_num_tokens=2, **gen)
+        assert torch.equal(ours.generate(ids, generation_config=lookup, compile_config=cfg), want)
+        for call in (dict(cache_implementation="dynamic", **gen), dict(use_cache=False, **gen),
+                     dict(generation_config=GenerationConfig(cache_implementation="dynamic", **gen))):
+            assert torch.equal(ours.generate(ids, compile_config=cfg, **call), want)
+        assert torch.equal(ours.generate(ids, GenerationConfig(cache_implementation="dynamic", **gen),
+                                         compile_config=cfg), want)
+        assert step.stats.captured == 0
+        assert torch.equal(ours.generate(ids, GenerationConfig(**gen), compile_config=cfg), want)  # graphed
+        assert step.stats.captured == 1
+    # a real graph keeps no Python objects (the emulated one keeps the step, and so the cache, until the next call)
+    assert all("past_key_values" not in g.output for g in step.graphs.values()) and step.cache() is not None
+    step.new_call()
+    gc.collect()
+    assert step.cache() is None
+    model = weakref.ref(ours)
+    del ours
+    assert model() is None
 
 
 def _static(model, ids):
