@@ -3,8 +3,8 @@
 At one token a decode step is hundreds of small kernels launched from Python (moec's blocks: routing ops and six
 Triton launches each; attention, norms, rotary: the model's own modules), and the host, not the GPU, sets the speed
 (docs/benchmarks.md: a ~600 us floor per MoE layer call on an H200). With cuda_graphs=True a transformers model's
-generate() runs with a static KV cache (fixed shapes, written in place; moec asks for it where the call names no
-cache of its own) and each one-token step is the replay of a CUDA graph captured from the model's own forward.
+generate() runs with a static KV cache (fixed shapes, written in place; moec asks for it where neither the call nor
+a generation config names another cache or assisted decoding: `_Generate`) and each one-token step is the replay of a CUDA graph captured from the model's own forward.
 transformers asks for its decode-step callable once per generate() call through `get_compiled_call` (the hook of
 its torch.compile path); moec answers with the model's `GraphedStep`, its graphs of earlier calls dropped:
 
@@ -15,8 +15,8 @@ its torch.compile path); moec answers with the model's `GraphedStep`, its graphs
         counters (<= 64 elements, whose values before and after the step are kept). Then: capture the forward (runs
         nothing), put the counters back, replay (the step again, into NaN-filled outputs): the counters must reach
         their after-step values and the logits the eager step's (moec's tolerance for the dtype). If anything fails,
-        the counters are put back and the step runs eagerly once more (same cache writes), and steps of this key
-        run eagerly from then on, with a warning saying why.
+        the counters are put back and the step runs eagerly once more (same cache writes), and steps of this form
+        (argument structure, dtypes, ranks) run eagerly from then on, with a warning saying why.
       same key: copy the inputs into the graph's buffers, replay, return clones of the outputs.
 
 Key: the arguments but the cache, flattened (torch.utils._pytree: their structure, tensors' shapes, dtypes and
@@ -72,7 +72,7 @@ class _Graph:
 
 class GraphedStep:
     """transformers' decode-step callable for a model compiled with cuda_graphs=True (see the module docstring).
-    Refusals are remembered (per key without the cache) for the model's life; graphs for one generate() call."""
+    Refusals are remembered per argument form (up to MAX_REFUSED); graphs for one generate() call."""
 
     def __init__(self, model: nn.Module):
         self.owner = _Owner(model)
