@@ -91,13 +91,18 @@ def emulated(monkeypatch):
     return lambda model: (cuda_graphs.install(model, True), every_device)[1]
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_emulated_graphs_give_the_eager_tokens(emulated, family):
+def _emulated_pair(emulated, family: str, batch: int, prompt: int, new: int):
+    """(HF model, moec-compiled copy with emulated graphs, compile_config for generate, prompt ids, greedy kwargs)."""
     ref = models.tiny_model(family)
     ours = moec.compile(copy.deepcopy(ref))
     cfg = emulated(ours)
-    ids = torch.randint(4, ref.config.vocab_size, (3, 5))
-    gen = dict(max_new_tokens=9, min_new_tokens=9, do_sample=False)
+    ids = torch.randint(4, ref.config.vocab_size, (batch, prompt))
+    return ref, ours, cfg, ids, dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_emulated_graphs_give_the_eager_tokens(emulated, family):
+    ref, ours, cfg, ids, gen = _emulated_pair(emulated, family, 3, 5, 9)
     with torch.no_grad():
         want = ref.generate(ids, cache_implementation="static", disable_compile=True, **gen)
         got = ours.generate(ids, compile_config=cfg, **gen)
@@ -150,11 +155,7 @@ def test_emulated_refusals_run_eagerly_and_are_remembered(emulated, family, why)
     """Caches a graph cannot replay: GPT-OSS's sliding-window layers keep their position as a Python int, linear-
     attention layers their states in dicts. Refused before any replay (none advances them), remembered across
     generate() calls, with HF's tokens."""
-    ref = models.tiny_model(family)
-    ours = moec.compile(copy.deepcopy(ref))
-    cfg = emulated(ours)
-    ids = torch.randint(4, ref.config.vocab_size, (2, 6))
-    gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    ref, ours, cfg, ids, gen = _emulated_pair(emulated, family, 2, 6, 5)
     with torch.no_grad(), pytest.warns(UserWarning, match=why):
         got = ours.generate(ids, compile_config=cfg, **gen)
         assert torch.equal(ours.generate(ids, compile_config=cfg, **gen), got)
@@ -171,11 +172,7 @@ def test_emulated_copies_user_caches_and_odd_arguments(emulated):
 
     from transformers import DynamicCache
 
-    ref = models.tiny_model("mixtral")
-    ours = moec.compile(copy.deepcopy(ref))
-    cfg = emulated(ours)
-    ids = torch.randint(4, ref.config.vocab_size, (1, 5))
-    gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    ref, ours, cfg, ids, gen = _emulated_pair(emulated, "mixtral", 1, 5, 5)
     with torch.no_grad():
         want = ref.generate(ids, cache_implementation="static", disable_compile=True, **gen)
         assert torch.equal(ours.generate(ids, compile_config=cfg, **gen), want)
@@ -204,11 +201,7 @@ def test_emulated_generate_options_the_caller_chose(emulated):
 
     from transformers import GenerationConfig
 
-    ref = models.tiny_model("mixtral")
-    ours = moec.compile(copy.deepcopy(ref))
-    cfg = emulated(ours)
-    ids = torch.randint(4, ref.config.vocab_size, (1, 6))
-    gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    ref, ours, cfg, ids, gen = _emulated_pair(emulated, "mixtral", 1, 6, 5)
     step = ours._moec_graphs
     with torch.no_grad():
         want = ref.generate(ids, **gen)
