@@ -445,7 +445,8 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         1.3-2.7x torch's GEMM per layer there), each checked once at install against torch's (see
         moec.backends.cpu_linear; on one torch thread at compile: none). False leaves them to torch (and removes
         them if installed).
-    cuda_graphs: a transformers model on CUDA: generate() keeps a static KV cache and replays each one-token decode
+    cuda_graphs: a decoder-only transformers model on one CUDA device: generate() runs with a static KV cache (unless
+        the call or a generation config names another cache or assisted decoding) and replays each one-token decode
         step as a CUDA graph of the whole forward, each graph checked against the eager step it was captured from
         (moec.cuda_graphs; statistics in moec.inspect(model).cuda_graphs). Not with offload=, expert_parallel= or
         backend "onnxruntime". False takes them away again.
