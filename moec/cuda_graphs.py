@@ -101,8 +101,9 @@ class GraphedStep:
         ids = kw.get("input_ids")
         cache = kw.get("past_key_values")
         device = next((p.device for p in model.parameters()), None)
+        cache_tensors = _cache_tensors(cache)
         if (model.training or torch.is_grad_enabled() or ids is None or ids.dim() != 2 or ids.shape[1] != 1
-                or ids.device.type != DEVICE or ids.device != device or not _cache_tensors(cache)
+                or ids.device.type != DEVICE or ids.device != device or not cache_tensors
                 or any(kw.get(f) for f in ("output_attentions", "output_hidden_states"))):
             return model(**kw)
         leaves, spec = pytree.tree_flatten({k: v for k, v in kw.items() if k != "past_key_values"})
@@ -116,7 +117,7 @@ class GraphedStep:
         if cache is not self.cache():  # another cache: graphs write into the cache they were captured with
             self.graphs.clear()
             self.cache = weakref.ref(cache)
-        key = self._key(leaves, spec), tuple(t.data_ptr() for t in _cache_tensors(cache))
+        key = self._key(leaves, spec), tuple(t.data_ptr() for t in cache_tensors)
         entry = self.graphs.get(key)
         if entry is None:
             self.stats.eager += 1
