@@ -234,7 +234,7 @@ def ort_type_errors(graph) -> list[str]:
 @functools.cache
 def translations() -> dict:
     """torch op -> ONNX translation, for torch.onnx.export(custom_translation_table=...), with ORT's schemas of
-    com.microsoft::MoE / QMoE / GroupQueryAttention / LinearAttention and moec::Int4Experts registered with onnx."""
+    com.microsoft::MoE / QMoE / GroupQueryAttention / LinearAttention and moec's ops registered with onnx."""
     import onnx
     import onnxscript
 
@@ -275,8 +275,14 @@ def translations() -> dict:
         inputs, attrs = ort_kernels.node_args(x, ids, weights, q13, s13, z13, q2, s2, z2, int8_activations, gate_up)
         return moec_ops.Int4Experts(*inputs, **attrs)
 
+    def fp32_experts(x, ids, weights, w13, b13, w2, b2, activation: str, gated: bool, alpha: float, limit: float,
+                     weight_on_input: bool, gate_up: str):
+        # likewise fp32 (lower_onnx); the weights as the block holds them, laid out in panels after the export
+        # (ort_kernels.panel_weights)
+        return moec_ops.Experts(x, ids, weights, w13, w2, gate_up=ort_kernels.GATE_UP[gate_up])
+
     ort_kernels.register_schema()
     moec_ops = onnxscript.values.Opset(ort_kernels.DOMAIN, 1)
     return {torch.ops.moec.ort_moe.default: moe, torch.ops.moec.ort_qmoe.default: qmoe,
-            torch.ops.moec.experts_int4.default: int4_experts,
+            torch.ops.moec.experts_int4.default: int4_experts, torch.ops.moec.experts.default: fp32_experts,
             torch.ops.moec.ort_gqa.default: gqa, torch.ops.moec.ort_linear_attention.default: linear_attention}

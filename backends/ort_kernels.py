@@ -54,6 +54,7 @@ from moec.log import log
 
 DOMAIN = "moec"
 OP = "Int4Experts"
+EXPERTS = "Experts"  # fp32 weights in panels
 MATMUL = "Int4MatMul"  # one matrix: a dense layer's MatMulNBits (moec.export_dense.moec_matmuls)
 GATE_UP = {"halves": 0, "halves_up_first": 1, "interleave": 2, "interleave_up_first": 3}  # moec.ir.GATE_UPS
 MIN_ORT = (1, 20)
@@ -130,9 +131,63 @@ static const char *in_names[NIN] = {"x", "ids", "w", "q13", "s13", "z13", "q2", 
 typedef struct { int64_t a8, gate_up, tiles; } Kernel;
 
 typedef struct {  /* one matrix of every expert, moec's int4 format: q [E, N, K/2], s [E, N, G], z [E, N, G] or NULL;
-                   tiles: q and s in the tile layout (moec_int4_tiles) */
-    const uint8_t *q; const float *s; const uint8_t *z; int64_t N, K, G; int tiles;
+                   tiles: q and s in the tile layout (moec_int4_tiles); or fp32 weights in panels, f [E, P, K, 32] */
+    const uint8_t *q; const float *s; const uint8_t *z; int64_t N, K, G; int tiles; const float *f;
 } Matrix;
+
+#ifdef __AVX512F__
+/* fp32 weights in panels: panel p of a matrix [N, K] holds channels 32p..32p+31 as [K][32] (zeros past N), so a
+   panel is one sequential stream and a row's 32 outputs take one broadcast of x[r, k] and two FMAs per k. Each
+   output adds its K products in order of k, whatever the row count: a token's numbers do not depend on its batch.
+   Rows go MR at a time over KC inputs of the panel (32 KB, L1-resident while the row blocks reuse it). */
+enum { PANEL = 32, MR = 6, KC = 256 };
+INLINE void panel_rows(const float *x, int64_t K, const float *w, int64_t k0, int64_t k1, float *o, int64_t N,
+                       int nr, __mmask16 m0, __mmask16 m1) {
+    __m512 a[MR][2];
+    UNROLL for (int r = 0; r < nr; r++) {  /* the sums so far (0 at k0 = 0) */
+        a[r][0] = k0 ? _mm512_maskz_loadu_ps(m0, o + r * N) : _mm512_setzero_ps();
+        a[r][1] = k0 ? _mm512_maskz_loadu_ps(m1, o + r * N + 16) : _mm512_setzero_ps();
+    }
+    for (int64_t k = k0; k < k1; k++) {
+        __m512 w0 = _mm512_loadu_ps(w + k * PANEL), w1 = _mm512_loadu_ps(w + k * PANEL + 16);
+        UNROLL for (int r = 0; r < nr; r++) {
+            __m512 xv = _mm512_set1_ps(x[r * K + k]);
+            a[r][0] = _mm512_fmadd_ps(xv, w0, a[r][0]);
+            a[r][1] = _mm512_fmadd_ps(xv, w1, a[r][1]);
+        }
+    }
+    UNROLL for (int r = 0; r < nr; r++) {
+        _mm512_mask_storeu_ps(o + r * N, m0, a[r][0]);
+        _mm512_mask_storeu_ps(o + r * N + 16, m1, a[r][1]);
+    }
+}
+
+/* out[r, j] = x[r] . W[j] for rows r < R of x [R, K], channels j0 <= j < j1 (j0 a multiple of 32), W [N, K] in
+   panels w [ceil(N/32), K, 32]; out's rows N apart */
+static void moec_f32_panels(const float *x, int64_t R, int64_t K, const float *w, float *out, int64_t N, int64_t j0,
+                            int64_t j1) {
+    for (int64_t j = j0; j < j1; j += PANEL) {
+        int64_t n = j1 - j < PANEL ? j1 - j : PANEL;
+        __mmask16 m0 = n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1), m1 = n > 16 ? (__mmask16)((1u << (n - 16)) - 1) : 0;
+        const float *wp = w + j / PANEL * K * PANEL;
+        for (int64_t k0 = 0; k0 < K; k0 += KC) {
+            int64_t k1 = k0 + KC < K ? k0 + KC : K;
+            for (int64_t r = 0; r < R; r += MR) {
+#define ROWS(NR) panel_rows(x + r * K, K, wp, k0, k1, out + r * N + j, N, NR, m0, m1)
+                switch (R - r < MR ? R - r : MR) {  /* constant row counts: the accumulators stay in registers */
+                case 1: ROWS(1); break;
+                case 2: ROWS(2); break;
+                case 3: ROWS(3); break;
+                case 4: ROWS(4); break;
+                case 5: ROWS(5); break;
+                default: ROWS(6);
+                }
+#undef ROWS
+            }
+        }
+    }
+}
+#endif
 
 typedef struct {  /* one call */
     int a8, gate_up;
@@ -150,6 +205,13 @@ static void gemm_item(void *p, size_t item) {  /* (active expert, CH output chan
     const Matrix *m = s->m;
     int64_t chunks = (m->N + CH - 1) / CH, e = s->active[item / chunks], j0 = (int64_t)(item % chunks) * CH;
     int64_t r0 = s->first[e], G = m->G, j1 = j0 + CH < m->N ? j0 + CH : m->N;
+#ifdef __AVX512F__
+    if (m->f) {
+        moec_f32_panels((const float *)s->in + r0 * m->K, s->first[e + 1] - r0, m->K,
+                        m->f + e * ((m->N + PANEL - 1) / PANEL) * m->K * PANEL, s->out + r0 * m->N, m->N, j0, j1);
+        return;
+    }
+#endif
     const void *x = s->a8 ? (const void *)((const int8_t *)s->in + r0 * m->K) : (const void *)((const float *)s->in + r0 * m->K);
     const uint8_t *q = m->q + e * m->N * (m->K / 2), *z = m->z ? m->z + e * m->N * G : NULL;
 #ifdef TILES
@@ -166,6 +228,10 @@ static void gemm_item(void *p, size_t item) {  /* (active expert, CH output chan
 /* fp32 row v [K] into the kernel's input row: int8 per group (a8: x8 [K], steps sx [K/g], sums xi [K/g]), or each
    32 inputs as (the evens | the odds) */
 static void kernel_row(const Step *s, const float *v, int64_t K, int64_t G, void *x, float *sx, int32_t *xi) {
+    if (s->m13.f) {  /* fp32 weights: the row as it is */
+        if (x != v) memcpy(x, v, K * sizeof(float));
+        return;
+    }
     if (s->a8) {
         moec_pack_a8(v, K, K / G, (int8_t *)x, sx, xi, 0, 1);
         return;
@@ -266,7 +332,7 @@ static OrtStatus *matrix(const char *op, Input *in, int i, const char **names, i
     return NULL;
 }
 
-static OrtStatus *run(Step *s, OrtKernelContext *ctx, int64_t E, const int64_t *ids);
+static OrtStatus *run(const char *op, Step *s, OrtKernelContext *ctx, int64_t E, const int64_t *ids);
 
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     const Kernel *kn = kernel;
@@ -292,21 +358,21 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     CHECK(CALL((const OrtValue *, void **), GetTensorMutableData, y, (void **)&s.y));
     if (s.T == 0)
         return NULL;
-    return run(&s, ctx, E, ids->data);
+    return run(OP, &s, ctx, E, ids->data);
 }
 
-static OrtStatus *run(Step *s, OrtKernelContext *ctx, int64_t E, const int64_t *ids) {
+static OrtStatus *run(const char *op, Step *s, OrtKernelContext *ctx, int64_t E, const int64_t *ids) {
     int64_t T = s->T, k = s->k, R = T * k, H = s->H, I = s->I, G1 = s->m13.G, G2 = s->m2.G, size = s->a8 ? 1 : 4;
     for (int64_t p = 0; p < R; p++)
         if (ids[p] < 0 || ids[p] >= E)
-            return error(OP, ORT_INVALID_ARGUMENT, "expert id %lld out of [0, %lld)", (long long)ids[p], (long long)E);
+            return error(op, ORT_INVALID_ARGUMENT, "expert id %lld out of [0, %lld)", (long long)ids[p], (long long)E);
     int64_t *idx = calloc(2 * (E + 1) + E + 2 * R, sizeof(int64_t));
     s->first = idx, s->active = idx + 2 * (E + 1), s->row_of = s->active + E, s->token = s->row_of + R;
     int64_t *next = idx + E + 1;
     char *buf = malloc(R * (H * size + 2 * I * 4 + I * 4 + I * size + H * 4) + R * (G1 + G2) * 8 + 64);
     if (!idx || !buf) {
         free(idx), free(buf);
-        return error(OP, ORT_FAIL, "out of memory");
+        return error(op, ORT_FAIL, "out of memory");
     }
     /* the pairs sorted by expert, each expert's in (token, slot) order */
     for (int64_t p = 0; p < R; p++) s->first[ids[p] + 1]++;
@@ -329,7 +395,7 @@ static OrtStatus *run(Step *s, OrtKernelContext *ctx, int64_t E, const int64_t *
     s->s2 = (float *)b, b += R * G2 * 4;
     s->i2 = (int32_t *)b, b += R * G2 * 4;
     s->x1 = b, b += R * H * size;
-    s->x2 = b;
+    s->x2 = s->m13.f ? (void *)s->a : b;  /* fp32 weights: FC2 reads the activation rows as they are */
     OrtStatus *st = parallel(ctx, input_item, R, s);
     if (!st) {
         s->m = &s->m13, s->in = s->x1, s->in_s = s->s1, s->in_i = s->i1, s->out = s->h;
@@ -343,6 +409,41 @@ static OrtStatus *run(Step *s, OrtKernelContext *ctx, int64_t E, const int64_t *
     if (!st) st = parallel(ctx, combine_item, T, s);
     free(idx), free(buf);
     return st;
+}
+
+/* moec::Experts(x [T, H] fp32, ids [T, k] int64, w [T, k] fp32, w13 [E, ceil(2I/32), H, 32] fp32,
+   w2 [E, ceil(H/32), I, 32] fp32; gate_up, panels=1) -> y [T, H]: fp32 experts, weights in panels (moec_f32_panels;
+   `panel_weights` lays out the session's file), the same phases as Int4Experts */
+#define XP "Experts"
+enum { XIN = 5 };
+static const int xp_types[XIN] = {T_FLOAT, T_INT64, T_FLOAT, T_FLOAT, T_FLOAT};
+static const char *xp_names[XIN] = {"x", "ids", "w", "w13", "w2"};
+
+static OrtStatus *experts_f32(void *kernel, OrtKernelContext *ctx) {
+    const Kernel *kn = kernel;
+    Input in[XIN];
+    for (size_t i = 0; i < XIN; i++) CHECK(get_input(XP, ctx, i, xp_names, in + i));
+    const Input *x = in, *ids = in + 1, *w = in + 2, *w13 = in + 3, *w2 = in + 4;
+    if (x->rank != 2 || ids->rank != 2 || ids->dims[0] != x->dims[0] || w->rank != 2 || w->dims[0] != ids->dims[0] ||
+        w->dims[1] != ids->dims[1])
+        return error(XP, ORT_INVALID_ARGUMENT, "x [T, H], ids [T, k] and w [T, k] do not fit");
+    int64_t H = x->dims[1], E = w13->dims[0], I = w2->rank == 4 ? w2->dims[2] : 0;
+    if (w13->rank != 4 || w2->rank != 4 || w13->dims[3] != 32 || w2->dims[3] != 32 || w2->dims[0] != E ||
+        w13->dims[1] != (2 * I + 31) / 32 || w13->dims[2] != H || w2->dims[1] != (H + 31) / 32 || I == 0)
+        return error(XP, ORT_INVALID_ARGUMENT, "w13 [E, ceil(2I/32), H, 32] and w2 [E, ceil(H/32), I, 32] (fp32 "
+                     "weights in panels: ort_kernels.panel_weights) do not fit x [T, %lld]", (long long)H);
+#ifdef __AVX512F__
+    Step s = {.gate_up = (int)kn->gate_up, .T = x->dims[0], .k = ids->dims[1], .H = H, .I = I, .x = x->data,
+              .w = w->data, .m13 = {.N = 2 * I, .K = H, .f = w13->data}, .m2 = {.N = H, .K = I, .f = w2->data}};
+    int64_t dims[2] = {s.T, H};
+    OrtValue *y;
+    CHECK(CALL((OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **), KernelContext_GetOutput, ctx, 0,
+               dims, 2, &y));
+    CHECK(CALL((const OrtValue *, void **), GetTensorMutableData, y, (void **)&s.y));
+    return s.T ? run(XP, &s, ctx, E, ids->data) : NULL;
+#else
+    return error(XP, ORT_FAIL, "fp32 weights in panels need the AVX-512 build of the kernels");
+#endif
 }
 
 /* moec::Int4MatMul(x [..., K] fp32, q u8 [N, K/2], s [N, G] fp32, z u8 [N, G] or absent; int8_activations)
@@ -398,13 +499,14 @@ static OrtStatus *create(const OrtCustomOp *op, OrtApiTable a, const OrtKernelIn
     Kernel *kn = calloc(1, sizeof *kn);
     if (!kn)
         return error(OP, ORT_FAIL, "out of memory");
-    OrtStatus *st = CALL((const OrtKernelInfo *, const char *, int64_t *), KernelInfoGetAttribute_int64, info,
-                         "int8_activations", &kn->a8);
-    if (!st && op->GetInputTypeCount(op) == NIN)  /* the experts' op: FC1's row order */
+    size_t n = op->GetInputTypeCount(op);  /* NIN: Int4Experts, XIN: Experts (fp32: no int8_activations), MIN */
+    OrtStatus *st = n == XIN ? NULL : CALL((const OrtKernelInfo *, const char *, int64_t *),
+                                           KernelInfoGetAttribute_int64, info, "int8_activations", &kn->a8);
+    if (!st && n != MIN)  /* the experts' ops: FC1's row order */
         st = CALL((const OrtKernelInfo *, const char *, int64_t *), KernelInfoGetAttribute_int64, info, "gate_up",
                   &kn->gate_up);
     if (!st && (kn->gate_up < 0 || kn->gate_up > 3))
-        st = error(OP, ORT_INVALID_ARGUMENT, "gate_up %lld is not 0-3", (long long)kn->gate_up);
+        st = error(op->GetName(op), ORT_INVALID_ARGUMENT, "gate_up %lld is not 0-3", (long long)kn->gate_up);
     if (!st) {  /* optional, 0 (moec's layout) where absent */
         OrtStatus *absent = CALL((const OrtKernelInfo *, const char *, int64_t *), KernelInfoGetAttribute_int64, info,
                                  "tiles", &kn->tiles);
@@ -440,6 +542,11 @@ static int output_kind(const OrtCustomOp *op, size_t i) { return REQUIRED; }
 static int memory(const OrtCustomOp *op, size_t i) { return 0; }  /* OrtMemTypeDefault */
 static int one(const OrtCustomOp *op) { return 1; }
 
+static const char *xp_name(const OrtCustomOp *op) { return "Experts"; }
+static int xp_input_type(const OrtCustomOp *op, size_t i) { return xp_types[i]; }
+static size_t xp_inputs(const OrtCustomOp *op) { return XIN; }
+static int xp_input_kind(const OrtCustomOp *op, size_t i) { return REQUIRED; }
+
 static const char *mm_name(const OrtCustomOp *op) { return "Int4MatMul"; }
 static int mm_input_type(const OrtCustomOp *op, size_t i) { return mm_types[i]; }
 static size_t mm_inputs(const OrtCustomOp *op) { return MIN; }
@@ -451,6 +558,9 @@ static int mm_input_kind(const OrtCustomOp *op, size_t i) { return i == 3 ? OPTI
     .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = create
 static const OrtCustomOp op = {OP_FIELDS, .GetName = name, .GetInputType = input_type, .GetInputTypeCount = inputs,
                                .GetInputCharacteristic = input_kind, .KernelComputeV2 = compute};
+static const OrtCustomOp xp_op = {OP_FIELDS, .GetName = xp_name, .GetInputType = xp_input_type,
+                                  .GetInputTypeCount = xp_inputs, .GetInputCharacteristic = xp_input_kind,
+                                  .KernelComputeV2 = experts_f32};
 static const OrtCustomOp mm_op = {OP_FIELDS, .GetName = mm_name, .GetInputType = mm_input_type,
                                   .GetInputTypeCount = mm_inputs, .GetInputCharacteristic = mm_input_kind,
                                   .KernelComputeV2 = matmul};
@@ -470,6 +580,7 @@ EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase
     OrtCustomOpDomain *domain;
     CHECK(CALL((const char *, OrtCustomOpDomain **), CreateCustomOpDomain, "moec", &domain));
     CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &op));
+    CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &xp_op));
     CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &mm_op));
     CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &at_op));
     return CALL((OrtSessionOptions *, OrtCustomOpDomain *), AddCustomOpDomain, options, domain);
@@ -520,11 +631,13 @@ def register_schema() -> None:
             (OP, {"x": "float", "ids": "int64", "w": "float", "q13": "uint8", "s13": "float", "z13": "uint8",
                   "q2": "uint8", "s2": "float", "z2": "uint8"},
              [a8, tiles, OpSchema.Attribute("gate_up", OpSchema.AttrType.INT, "FC1's row order, GATE_UP")]),
+            (EXPERTS, {"x": "float", "ids": "int64", "w": "float", "w13": "float", "w2": "float"},
+             [OpSchema.Attribute("gate_up", OpSchema.AttrType.INT, "FC1's row order, GATE_UP")]),
             (MATMUL, {"x": "float", "q": "uint8", "s": "float", "z": "uint8"}, [a8, tiles])):
         if onnx.defs.has(op, DOMAIN):
             continue
         onnx.defs.register_schema(OpSchema(
-            op, DOMAIN, 1, "moec's int4 kernels (backends/ort_kernels.py)",
+            op, DOMAIN, 1, "moec's kernels (backends/ort_kernels.py)",
             inputs=[OpSchema.FormalParameter(n, f"tensor({t})", **({"param_option": optional} if n[0] == "z" else {}))
                     for n, t in types.items()],
             outputs=[OpSchema.FormalParameter("y", "tensor(float)")], attributes=attrs))
@@ -535,6 +648,21 @@ def node_args(x, ids, w, q13, s13, z13, q2, s2, z2, int8_activations: bool, gate
     lay the weights out in tiles)."""
     return (x, ids, w, q13, s13, z13, q2, s2, z2), {"int8_activations": int(int8_activations),
                                                     "gate_up": GATE_UP[gate_up], "tiles": 0}
+
+
+def panels(w: np.ndarray) -> np.ndarray:
+    """fp32 weights [E, N, K] -> panels [E, ceil(N/32), K, 32] (moec_f32_panels): panel p holds channels
+    32p..32p+31, zeros past N."""
+    E, N, K = w.shape
+    w = np.pad(w, ((0, 0), (0, -N % 32), (0, 0)))
+    return np.ascontiguousarray(w.reshape(E, -1, 32, K).swapaxes(-1, -2))
+
+
+def halves(w13: np.ndarray, gate_up: int) -> np.ndarray:
+    """FC1 [E, 2I, K] with rows in `gate_up` order (GATE_UP's numbers) -> gate rows then up rows."""
+    I = w13.shape[1] // 2
+    a, b = (w13[:, 0::2], w13[:, 1::2]) if gate_up & 2 else (w13[:, :I], w13[:, I:])
+    return np.concatenate((b, a) if gate_up & 1 else (a, b), axis=1)
 
 
 def tiled(q: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -550,21 +678,53 @@ def tiled(q: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(q).reshape(*lead, N, half), np.ascontiguousarray(s).reshape(*lead, N, G)
 
 
-def tile_file(path: str) -> int:
-    """tile_weights on the ONNX file at `path`, in place. Weights in external data: only those it lays out are
-    read, and their tiled copies written to a new file beside the model (onnx names it); the others stay where they
-    are."""
+def lay_out_file(path: str) -> tuple[int, int]:
+    """tile_weights and panel_weights on the ONNX file at `path`, in place; how many nodes each laid out. Weights in
+    external data: only those laid out are read, and their new copies written to a new file beside the model (onnx
+    names it); the others stay where they are."""
     import onnx
 
-    from moec.backends import cpu_native
-
-    if not cpu_native.has_tiles():
-        return 0
     proto = onnx.load(path, load_external_data=False)
-    if tiled := tile_weights(proto, os.path.dirname(path)):
+    base = os.path.dirname(path)
+    counts = tile_weights(proto, base), panel_weights(proto, base)
+    if any(counts):
         onnx.save(proto, path, save_as_external_data=any(t.data_location == onnx.TensorProto.EXTERNAL
                                                          for t in proto.graph.initializer))
-    return tiled
+    return counts
+
+
+def panel_weights(proto, base_dir: str = "") -> int:
+    """Each moec::Experts node of `proto` gets its weights [E, N, K] in panels (new initializers `<name>_panels`;
+    FC1's rows in halves, gate_up 0), the op's only layout: export_onnx makes these nodes only where this CPU's
+    build has the kernel (lower_onnx). Returns how many nodes; a node whose weights are not initializers is an
+    error (the op could not run)."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    done, count = {}, 0
+    for n in proto.graph.node:
+        if n.domain != DOMAIN or n.op_type != EXPERTS:
+            continue
+        a = {x.name: x for x in n.attribute}
+        gate_up = a["gate_up"].i
+        for i in (3, 4):
+            name = n.input[i]
+            if name not in inits:
+                raise RuntimeError(f"moec::Experts node {n.name}: its weight {name} is not a constant of the file")
+            key = (name, gate_up if i == 3 else 0)
+            if key not in done:
+                w = numpy_helper.to_array(inits[name], base_dir)
+                done[key] = f"{name}_panels" if key[1] == 0 else f"{name}_panels{gate_up}"
+                proto.graph.initializer.append(numpy_helper.from_array(
+                    panels(halves(w, gate_up) if i == 3 else w), done[key]))
+            n.input[i] = done[key]
+        n.attribute.remove(a["gate_up"])
+        n.attribute.append(helper.make_attribute("gate_up", 0))
+        count += 1
+    used = {i for n in proto.graph.node for i in n.input} | {v.name for v in (*proto.graph.input, *proto.graph.output)}
+    for t in [t for t in proto.graph.initializer if t.name in {k[0] for k in done} - used]:
+        proto.graph.initializer.remove(t)
+    return count
 
 
 def tile_weights(proto, base_dir: str = "") -> int:
@@ -664,6 +824,41 @@ def _self_test(path: str) -> None:
         if not err < 1e-5:
             raise RuntimeError(f"its self-test differs from moec's quantized linear layer (int8 activations: {a8}, "
                                f"tiles: {tiles}; relative error {err:.2e})")
+    if cpu_native.has_f32():  # fp32 experts: 2I = 80 and H = 48 end in part-filled panels, 7 rows on expert 0
+        H, I = 48, 40
+        x, ids = torch.randn(7, H, generator=g), torch.tensor([[0, 2], [2, 0], [0, 1], [0, 3], [0, 2], [0, 1], [0, 3]])
+        w = torch.rand(7, k, generator=g)
+        w13, w2 = torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g)
+        got = torch.from_numpy(experts_session(path, w13.numpy(), w2.numpy(), GATE_UP["interleave"]).run(
+            None, {"x": x.numpy(), "ids": ids.numpy(), "w": w.numpy()})[0])
+        want = torch.ops.moec.experts(x, ids, w, w13, None, w2, None, "silu", True, 1.0, 0.0, False, "interleave")
+        err = ((got - want).norm() / want.norm()).item()
+        if not err < 1e-5:
+            raise RuntimeError(f"its self-test differs from moec::experts (fp32 weights; relative error {err:.2e})")
+
+
+def experts_session(path: str, w13: np.ndarray, w2: np.ndarray, gate_up: int, options=None):
+    """A session of one moec::Experts node with fp32 weights w13 [E, 2I, H] (rows in `gate_up` order) and w2
+    [E, H, I], laid out by panel_weights; inputs "x", "ids", "w"."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    node = helper.make_node(EXPERTS, ["x", "ids", "w", "w13", "w2"], ["y"], domain=DOMAIN, gate_up=gate_up)
+    graph = helper.make_graph(
+        [node], "moec_experts",
+        [helper.make_tensor_value_info(n, t, None) for n, t in (("x", onnx.TensorProto.FLOAT),
+                                                                 ("ids", onnx.TensorProto.INT64),
+                                                                 ("w", onnx.TensorProto.FLOAT))],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.asarray(w13, np.float32), "w13"), numpy_helper.from_array(np.asarray(w2, np.float32), "w2")])
+    model = helper.make_model(graph, ir_version=10,
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
+    panel_weights(model)
+    so = options or ort.SessionOptions()
+    so.register_custom_ops_library(path)
+    so.intra_op_num_threads = 2
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def matmul_session(path: str, q, s, z, a8: bool, options=None, tiles: bool = False):

@@ -47,7 +47,7 @@ PROVIDERS = ("cpu", "cuda")
 @dataclass
 class ExportBlock:
     path: str
-    op: str  # "MoE", "QMoE", "fallback" (standard ONNX ops) or "moec::Int4Experts" (backend="onnxruntime" only)
+    op: str  # "MoE", "QMoE", "fallback" (standard ONNX ops), "moec::Int4Experts" or "moec::Experts" (backend="onnxruntime" only)
     why: str  # the routing fed to the contrib op, or why the block fell back
     router: str
     experts: str
@@ -633,9 +633,10 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         if _moec_kernels and isinstance(dense, Int4Experts) and fp32:
             log.info(f"moec.export_onnx: {moec_matmuls(path, big)} of the {quantized} MatMulNBits run moec's kernels")
         done("dense MatMulNBits", "checking the file")
-    if _moec_kernels and fp32 and (tiled := ort_kernels.tile_file(path)):
-        log.info(f"moec.export_onnx: {tiled} of moec's int4 nodes take their weights in tiles")
-        done("weights in tiles", "checking the file")
+    if _moec_kernels and fp32 and any(counts := ort_kernels.lay_out_file(path)):
+        log.info(f"moec.export_onnx: {counts[0]} of moec's int4 nodes take their weights in tiles, {counts[1]} fp32 "
+                 f"experts nodes in panels")
+        done("weights laid out for moec's kernels", "checking the file")
     if _moec_kernels and fp32 and fused:
         proto = onnx.load(path, load_external_data=False)  # external weights stay where they are
         if ort_attention.rewrite(proto):
@@ -656,7 +657,8 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     for b in compiled.blocks:
         info = resolve(work, b.path).__dict__["_moec_graph"].meta["onnx"]
         report.blocks.append(ExportBlock(b.path, info["op"], info["why"], b.router, b.experts))
-    nodes = sum((n.domain, n.op_type) in (("com.microsoft", "MoE"), ("com.microsoft", "QMoE"), ("moec", "Int4Experts"))
+    nodes = sum((n.domain, n.op_type) in (("com.microsoft", "MoE"), ("com.microsoft", "QMoE"), ("moec", "Int4Experts"),
+                                          ("moec", "Experts"))
                 for n in proto.graph.node)
     contrib = sum(b.op != "fallback" for b in report.blocks)
     if nodes != contrib:  # each rewritten block must be exactly its one node

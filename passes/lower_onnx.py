@@ -20,11 +20,12 @@ experts as ONE op that exports to ONNX Runtime's contrib node, weights in ORT's 
         log-weights routing, x s*sum(w) after: the block is the sum of its slices
     input-side weighting, top-1 (Llama 4): x * w [T, H] into the op, log-weights of weight 1
 
-moec's kernels (backend="onnxruntime" asks for them, export_onnx's files never hold them): int4 experts of gated
-SiLU without biases stay `moec.experts_int4`, exported as moec::Int4Experts (backends/ort_kernels.py, a custom op
-the session registers), ids and w from the graph's routing:
+moec's kernels (backend="onnxruntime" asks for them, export_onnx's files never hold them): int4 and fp32 experts
+of gated SiLU without biases stay `moec.experts_int4` / `moec.experts`, exported as moec::Int4Experts /
+moec::Experts (backends/ort_kernels.py, custom ops the session registers), ids and w from the graph's routing:
 
         y = moec.experts_int4(x, ids, w, Q13, S13, Z13?, None, Q2, S2, Z2?, None, ...)   # unchanged
+        y = moec.experts(x, ids, w, W13, None, W2, None, ...)                            # (experts_loop -> experts)
 
 A block ORT's op cannot compute exactly falls back to `experts_dense` (every expert on every token
 in standard ops, quantized weights dequantized in the graph), with the reason: an activation ORT
@@ -127,10 +128,13 @@ def lower_onnx(gm) -> PassResult:
         dtype = next(block.parameters()).dtype if quant else role_value(gm, node.args[3]).dtype  # x's dtype
         reason = fallback_reason(spec)
         kept = None if reason else moec_kernel_reason(gm, node, spec, dtype)
-        if kept == "":  # moec's kernels in ORT: the node stays, exported as moec::Int4Experts (onnx_backend)
+        if kept == "":  # moec's kernels in ORT: the node stays, exported as moec::Int4Experts / Experts (onnx_backend)
             stats["moec"] += 1
-            gm.meta["onnx"] = {"op": "moec::Int4Experts", "why": "moec's int4 kernels in ONNX Runtime (custom op, "
-                               "backends/ort_kernels.py); routing in ONNX ops"}
+            fp32 = node.target is not torch.ops.moec.experts_int4
+            node.target = torch.ops.moec.experts if fp32 else node.target  # experts_loop: the same numbers
+            gm.meta["onnx"] = {"op": "moec::Experts" if fp32 else "moec::Int4Experts",
+                               "why": f"moec's {'fp32' if fp32 else 'int4'} kernels in ONNX Runtime (custom op, "
+                                      "backends/ort_kernels.py); routing in ONNX ops"}
             continue
         with g.inserting_before(node):
             if reason:
@@ -153,22 +157,25 @@ def lower_onnx(gm) -> PassResult:
 
 
 def moec_kernel_reason(gm, node, spec, dtype) -> str | None:
-    """None: moec's kernels were not asked for (export_onnx's files run on any ONNX Runtime); "": this int4 block
-    runs them (the backend="onnxruntime" session registers backends/ort_kernels.py); else why it does not."""
-    if not gm.meta["options"].get("onnx", {}).get("moec_kernels") or node.target is not torch.ops.moec.experts_int4:
+    """None: moec's kernels were not asked for (export_onnx's files run on any ONNX Runtime); "": this int4 or fp32
+    block runs them (the backend="onnxruntime" session registers backends/ort_kernels.py); else why it does not."""
+    if not gm.meta["options"].get("onnx", {}).get("moec_kernels") or node.target is torch.ops.moec.experts_int8:
         return None
     from moec.backends import cpu_native, ort_kernels
 
     e, cfg = spec.experts, spec.quant
+    int4 = node.target is torch.ops.moec.experts_int4
     b13, b2 = _biases(node)
     if not (e.gated and e.activation == "silu") or e.weight_on_input or b13 is not None or b2 is not None:
         return "they take gated SiLU experts without biases"
-    if dtype != torch.float32 or cfg.group_size not in (32, 64, 128):
-        return "they take fp32 activations and groups of 32, 64 or 128"
+    if dtype != torch.float32 or int4 and cfg.group_size not in (32, 64, 128):
+        return "they take fp32 activations" + " and groups of 32, 64 or 128" * int4
+    if not int4 and (role_value(gm, node.args[3]).dtype, role_value(gm, node.args[5]).dtype) != (dtype, dtype):
+        return "they take fp32 weights"
     if ort_kernels.library() is None:
         return "the library is not built (see the log)"
-    if cfg.activations != "int8" and not cpu_native.has_f32():
-        return "weight-only rows need an AVX-512 CPU"
+    if (not int4 or cfg.activations != "int8") and not cpu_native.has_f32():
+        return "fp32 " + ("weights" if not int4 else "rows") + " need an AVX-512 CPU"
     return ""
 
 

@@ -280,7 +280,7 @@ def _matmul_nodes(specs: dict, a8=True) -> list:
 
 @pytest.mark.skipif(not cpu_native.has_tiles(), reason="needs AVX-512")
 def test_tile_file_shared_weights_external_data_and_graph_outputs(tmp_path):
-    """tile_file: a q read by two nodes with different s (one tiled copy of each tensor, no duplicate names), a
+    """lay_out_file: a q read by two nodes with different s (one tiled copy of each tensor, no duplicate names), a
     scale that is also a graph output (kept as it was, beside its tiled copy), nodes made without the tiles attribute
     (0, moec's layout), a weight-only node (left alone); weights in external data: only the tiled ones read and
     written beside the model. The outputs are the untiled file's to the bit."""
@@ -305,7 +305,7 @@ def test_tile_file_shared_weights_external_data_and_graph_outputs(tmp_path):
     want = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feed)
     path = str(tmp_path / "m.onnx")
     onnx.save(proto, path, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
-    assert ort_kernels.tile_file(path) == 3  # one, two, bare (fp32 is weight-only)
+    assert ort_kernels.lay_out_file(path) == (3, 0)  # one, two, bare (fp32 is weight-only)
     tiled = onnx.load(path, load_external_data=False)
     names = [t.name for t in tiled.graph.initializer]
     assert len(names) == len(set(names)) and {"q_tiles", "s_a_tiles", "s_b_tiles", "s_b", "q_w"} <= set(names)
@@ -313,3 +313,104 @@ def test_tile_file_shared_weights_external_data_and_graph_outputs(tmp_path):
     got = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]).run(None, feed)
     for g, w in zip(got, want):
         assert np.array_equal(g, w)
+
+
+# ---- moec::Experts: fp32 experts, weights in panels ----
+F32 = pytest.mark.skipif(not cpu_native.has_f32(), reason=AVX512)
+
+
+def _f32_case(T, H, I, E, k, seed=0, scale=1.0, ids=None):
+    gen = torch.Generator().manual_seed(seed)
+    if ids is None:
+        ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]) if T else torch.zeros(0, k).long()
+    return (torch.randn(T, H, generator=gen) * scale, ids, torch.rand(ids.shape, generator=gen),
+            torch.randn(E, 2 * I, H, generator=gen) / H ** 0.5, torch.randn(E, H, I, generator=gen) / I ** 0.5)
+
+
+def _f32_run(case, gate_up="halves"):
+    x, ids, w, w13, w2 = case
+    sess = ort_kernels.experts_session(ort_kernels.library(), w13.numpy(), w2.numpy(), ort_kernels.GATE_UP[gate_up])
+    got = torch.from_numpy(sess.run(None, {"x": x.numpy(), "ids": ids.numpy(), "w": w.numpy()})[0])
+    want = torch.ops.moec.experts(x, ids, w, w13, None, w2, None, "silu", True, 1.0, 0.0, False, gate_up)
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    return got, want
+
+
+@F32
+@pytest.mark.parametrize("gate_up", ["halves", "halves_up_first", "interleave", "interleave_up_first"])
+@pytest.mark.parametrize("T,H,I,E,k", [(1, 128, 96, 8, 2), (1, 64, 40, 64, 6), (7, 48, 40, 8, 2),
+                                       (64, 128, 96, 64, 6), (300, 96, 272, 8, 2), (0, 64, 64, 8, 2)])
+def test_fp32_node_equals_moec_experts(T, H, I, E, k, gate_up):
+    """Tokens 0-300, channels ending in part-filled panels (48, 40, 80, 272), every FC1 row order, against
+    moec::experts (the torch backend's op)."""
+    got, want = _f32_run(_f32_case(T, H, I, E, k, seed=T + E), gate_up)
+    assert got.numel() == 0 or rel_err(got, want) < 1e-6, rel_err(got, want)
+
+
+@F32
+def test_fp32_rare_and_crowded_experts_large_magnitudes_and_batch_invariance():
+    T, E = 40, 16
+    rare = torch.zeros(T, 2, dtype=torch.int64)  # every token to expert 0, slot 2 to 1 but one token to expert 15
+    rare[:, 1] = 1
+    rare[17, 1] = 15
+    for case in (_f32_case(T, 128, 64, E, 2, ids=rare), _f32_case(3, 128, 64, 8, 2, scale=1e4)):
+        got, want = _f32_run(case)
+        assert rel_err(got, want) < 1e-6, rel_err(got, want)
+    x, ids, w, w13, w2 = _f32_case(13, 64, 96, 4, 2, seed=3)  # 13 rows share experts: row blocks of 6, 6, 1
+    sess = ort_kernels.experts_session(ort_kernels.library(), w13.numpy(), w2.numpy(), 0)
+    batch = sess.run(None, {"x": x.numpy(), "ids": ids.numpy(), "w": w.numpy()})[0]
+    for t in range(13):  # each output sums its products in the same order whatever the batch: equal to the bit
+        alone = sess.run(None, {"x": x[t:t + 1].numpy(), "ids": ids[t:t + 1].numpy(), "w": w[t:t + 1].numpy()})[0]
+        assert np.array_equal(alone[0], batch[t]), t
+
+
+@F32
+def test_fp32_bad_inputs_are_ort_errors():
+    x, ids, w, w13, w2 = _f32_case(3, 64, 64, 8, 2)
+    sess = ort_kernels.experts_session(ort_kernels.library(), w13.numpy(), w2.numpy(), 0)
+    feeds = {"x": x.numpy(), "ids": ids.numpy(), "w": w.numpy()}
+    with pytest.raises(Exception, match=r"moec::Experts: expert id -1 out of \[0, 8\)"):
+        sess.run(None, {**feeds, "ids": np.full((3, 2), -1, np.int64)})
+    with pytest.raises(Exception, match="moec::Experts: x .T, H., ids .T, k. and w .T, k. do not fit"):
+        sess.run(None, {**feeds, "w": np.ones((3, 3), np.float32)})
+    with pytest.raises(Exception, match=r"moec::Experts: w13 .E, ceil\(2I/32\), H, 32. and w2 .* do not fit x .T, 96."):
+        sess.run(None, {**feeds, "x": np.ones((3, 96), np.float32)})
+
+
+def test_panels_hold_the_weights():
+    """panels: channel 32p + c of W [E, N, K] at [e, p, :, c], zeros past N; halves: every FC1 row order."""
+    w = np.arange(2 * 40 * 3, dtype=np.float32).reshape(2, 40, 3)
+    p = ort_kernels.panels(w)
+    assert p.shape == (2, 2, 3, 32)
+    assert np.array_equal(p[1, 1, :, 7], w[1, 39]) and np.array_equal(p[0, 0, :, 5], w[0, 5])
+    assert not p[:, 1, :, 8:].any()
+    gate, up = np.ones((1, 3, 2)), np.full((1, 3, 2), 2.0)
+    orders = {"halves": np.concatenate([gate, up], 1), "halves_up_first": np.concatenate([up, gate], 1),
+              "interleave": np.stack([gate, up], 2).reshape(1, 6, 2),
+              "interleave_up_first": np.stack([up, gate], 2).reshape(1, 6, 2)}
+    for name, w13 in orders.items():
+        assert np.array_equal(ort_kernels.halves(w13, ort_kernels.GATE_UP[name]), orders["halves"]), name
+
+
+@F32
+def test_backend_runs_fp32_experts_and_matches_the_torch_backend(monkeypatch):
+    """backend="onnxruntime", fp32: every block is moec::Experts, logits as the torch backend's with and without
+    the cache, the same greedy tokens; MOEC_ORT_KERNELS=0 keeps ORT's MoE."""
+    model = models.tiny_model("qwen2_moe")
+    compiled = moec.compile(copy.deepcopy(model), backend="onnxruntime")
+    reference = moec.compile(copy.deepcopy(model))
+    inputs = models.example_inputs(model, batch=2, seq=7)
+    with torch.no_grad():
+        want = reference(**inputs).logits
+        for use_cache in (False, True):
+            assert rel_err(compiled(**inputs, use_cache=use_cache).logits, want) < 1e-5
+    inputs = models.example_inputs(model, batch=1, seq=4)
+    assert torch.equal(compiled.generate(**inputs, max_new_tokens=8, do_sample=False),
+                       reference.generate(**inputs, max_new_tokens=8, do_sample=False))
+    report = moec.inspect(compiled)
+    assert [b.op for b in report.export.blocks] == ["moec::Experts"] * len(report.blocks)
+    monkeypatch.setenv("MOEC_ORT_KERNELS", "0")
+    plain = moec.compile(copy.deepcopy(model), backend="onnxruntime")
+    with torch.no_grad():
+        plain(**inputs)
+    assert {b.op for b in moec.inspect(plain).export.blocks} == {"MoE"}
