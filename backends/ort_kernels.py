@@ -55,6 +55,7 @@ from moec.log import log
 DOMAIN = "moec"
 OP = "Int4Experts"
 EXPERTS = "Experts"  # fp32 weights in panels
+FP32_MATMUL = "MatMul"  # one fp32 matrix in panels: a dense layer's MatMul (moec.export_dense.moec_fp32_matmuls)
 MATMUL = "Int4MatMul"  # one matrix: a dense layer's MatMulNBits (moec.export_dense.moec_matmuls)
 GATE_UP = {"halves": 0, "halves_up_first": 1, "interleave": 2, "interleave_up_first": 3}  # moec.ir.GATE_UPS
 MIN_ORT = (1, 20)
@@ -128,7 +129,7 @@ enum { NIN = 9, CH = 64 };  /* inputs; output channels per work item (a multiple
 static const int in_types[NIN] = {T_FLOAT, T_INT64, T_FLOAT, T_UINT8, T_FLOAT, T_UINT8, T_UINT8, T_FLOAT, T_UINT8};
 static const char *in_names[NIN] = {"x", "ids", "w", "q13", "s13", "z13", "q2", "s2", "z2"};
 
-typedef struct { int64_t a8, gate_up, tiles; } Kernel;
+typedef struct { int64_t a8, gate_up, tiles, n; } Kernel;
 
 typedef struct {  /* one matrix of every expert, moec's int4 format: q [E, N, K/2], s [E, N, G], z [E, N, G] or NULL;
                    tiles: q and s in the tile layout (moec_int4_tiles); or fp32 weights in panels, f [E, P, K, 32] */
@@ -495,14 +496,49 @@ static OrtStatus *matmul(void *kernel, OrtKernelContext *ctx) {
     return st;
 }
 
+/* moec::MatMul(x [..., K] fp32, w [ceil(N/32), K, 32] fp32; n) -> y [..., N] = x W^T: a dense layer's fp32 weights
+   in panels (`panel_weights`), every row on moec_f32_panels */
+#define FM "MatMul"
+enum { FIN = 2 };
+static const int fm_types[FIN] = {T_FLOAT, T_FLOAT};
+static const char *fm_names[FIN] = {"x", "w"};
+
+static OrtStatus *matmul_f32(void *kernel, OrtKernelContext *ctx) {
+    const Kernel *kn = kernel;
+    Input in[FIN];
+    for (size_t i = 0; i < FIN; i++) CHECK(get_input(FM, ctx, i, fm_names, in + i));
+    const Input *x = in, *w = in + 1;
+    int64_t K = x->rank ? x->dims[x->rank - 1] : 0, N = kn->n, R = K ? x->numel / K : 0;
+    if (x->rank < 1 || w->rank != 3 || w->dims[0] != (N + 31) / 32 || w->dims[1] != K || w->dims[2] != 32 || N <= 0)
+        return error(FM, ORT_INVALID_ARGUMENT, "x [..., K] and w [ceil(n/32), K, 32] (fp32 weights in panels: "
+                     "ort_kernels.panel_weights) do not fit, n = %lld", (long long)N);
+#ifdef __AVX512F__
+    int64_t dims[4], first[2] = {0, R}, active[1] = {0};
+    memcpy(dims, x->dims, sizeof dims);
+    dims[x->rank - 1] = N;
+    Step s = {.T = R, .k = 1, .H = K, .first = first, .active = active, .in = x->data,
+              .m13 = {.N = N, .K = K, .f = w->data}};
+    OrtValue *y;
+    CHECK(CALL((OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **), KernelContext_GetOutput, ctx, 0,
+               dims, x->rank, &y));
+    CHECK(CALL((const OrtValue *, void **), GetTensorMutableData, y, (void **)&s.out));
+    s.m = &s.m13;
+    return R ? parallel(ctx, gemm_item, (N + CH - 1) / CH, &s) : NULL;
+#else
+    return error(FM, ORT_FAIL, "fp32 weights in panels need the AVX-512 build of the kernels");
+#endif
+}
+
 static OrtStatus *create(const OrtCustomOp *op, OrtApiTable a, const OrtKernelInfo *info, void **out) {
     Kernel *kn = calloc(1, sizeof *kn);
     if (!kn)
         return error(OP, ORT_FAIL, "out of memory");
-    size_t n = op->GetInputTypeCount(op);  /* NIN: Int4Experts, XIN: Experts (fp32: no int8_activations), MIN */
-    OrtStatus *st = n == XIN ? NULL : CALL((const OrtKernelInfo *, const char *, int64_t *),
-                                           KernelInfoGetAttribute_int64, info, "int8_activations", &kn->a8);
-    if (!st && n != MIN)  /* the experts' ops: FC1's row order */
+    size_t n = op->GetInputTypeCount(op);  /* NIN: Int4Experts, MIN: Int4MatMul; XIN, FIN: fp32 (no int8_activations) */
+    OrtStatus *st = n == XIN || n == FIN ? NULL : CALL((const OrtKernelInfo *, const char *, int64_t *),
+                                                       KernelInfoGetAttribute_int64, info, "int8_activations", &kn->a8);
+    if (!st && n == FIN)  /* MatMul: its channels */
+        st = CALL((const OrtKernelInfo *, const char *, int64_t *), KernelInfoGetAttribute_int64, info, "n", &kn->n);
+    if (!st && (n == NIN || n == XIN))  /* the experts' ops: FC1's row order */
         st = CALL((const OrtKernelInfo *, const char *, int64_t *), KernelInfoGetAttribute_int64, info, "gate_up",
                   &kn->gate_up);
     if (!st && (kn->gate_up < 0 || kn->gate_up > 3))
@@ -547,6 +583,10 @@ static int xp_input_type(const OrtCustomOp *op, size_t i) { return xp_types[i]; 
 static size_t xp_inputs(const OrtCustomOp *op) { return XIN; }
 static int xp_input_kind(const OrtCustomOp *op, size_t i) { return REQUIRED; }
 
+static const char *fm_name(const OrtCustomOp *op) { return "MatMul"; }
+static int fm_input_type(const OrtCustomOp *op, size_t i) { return fm_types[i]; }
+static size_t fm_inputs(const OrtCustomOp *op) { return FIN; }
+
 static const char *mm_name(const OrtCustomOp *op) { return "Int4MatMul"; }
 static int mm_input_type(const OrtCustomOp *op, size_t i) { return mm_types[i]; }
 static size_t mm_inputs(const OrtCustomOp *op) { return MIN; }
@@ -561,6 +601,9 @@ static const OrtCustomOp op = {OP_FIELDS, .GetName = name, .GetInputType = input
 static const OrtCustomOp xp_op = {OP_FIELDS, .GetName = xp_name, .GetInputType = xp_input_type,
                                   .GetInputTypeCount = xp_inputs, .GetInputCharacteristic = xp_input_kind,
                                   .KernelComputeV2 = experts_f32};
+static const OrtCustomOp fm_op = {OP_FIELDS, .GetName = fm_name, .GetInputType = fm_input_type,
+                                  .GetInputTypeCount = fm_inputs, .GetInputCharacteristic = xp_input_kind,
+                                  .KernelComputeV2 = matmul_f32};
 static const OrtCustomOp mm_op = {OP_FIELDS, .GetName = mm_name, .GetInputType = mm_input_type,
                                   .GetInputTypeCount = mm_inputs, .GetInputCharacteristic = mm_input_kind,
                                   .KernelComputeV2 = matmul};
@@ -581,6 +624,7 @@ EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase
     CHECK(CALL((const char *, OrtCustomOpDomain **), CreateCustomOpDomain, "moec", &domain));
     CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &op));
     CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &xp_op));
+    CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &fm_op));
     CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &mm_op));
     CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &at_op));
     return CALL((OrtSessionOptions *, OrtCustomOpDomain *), AddCustomOpDomain, options, domain);
@@ -633,6 +677,8 @@ def register_schema() -> None:
              [a8, tiles, OpSchema.Attribute("gate_up", OpSchema.AttrType.INT, "FC1's row order, GATE_UP")]),
             (EXPERTS, {"x": "float", "ids": "int64", "w": "float", "w13": "float", "w2": "float"},
              [OpSchema.Attribute("gate_up", OpSchema.AttrType.INT, "FC1's row order, GATE_UP")]),
+            (FP32_MATMUL, {"x": "float", "w": "float"},
+             [OpSchema.Attribute("n", OpSchema.AttrType.INT, "output channels")]),
             (MATMUL, {"x": "float", "q": "uint8", "s": "float", "z": "uint8"}, [a8, tiles])):
         if onnx.defs.has(op, DOMAIN):
             continue

@@ -32,11 +32,11 @@ from torch import nn
 
 from moec import export_layers
 from moec.api import Rejection, compile, inspect
-from moec.backends import ort_attention, ort_kernels
+from moec.backends import cpu_native, ort_attention, ort_kernels
 from moec.backends.onnx_backend import ort_type_errors, register_ort_schemas, translations
 from moec.canonical import resolve
 from moec.export_complex import as_real_pairs
-from moec.export_dense import moec_matmuls, quantize_dense
+from moec.export_dense import moec_fp32_matmuls, moec_matmuls, quantize_dense
 from moec.log import log
 from moec.pass_manager import DEFAULT_PIPELINE
 from moec.quant import Int4Experts, Int8Experts, QuantConfig
@@ -626,13 +626,17 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     done("save", "quantizing the dense MatMuls" if dense is not None else "checking the file")
     quantized = 0
     fp32 = {p.dtype for p in work.parameters() if p.is_floating_point()} == {torch.float32}
+    big = external_data or any(t.data_location == onnx.TensorProto.EXTERNAL
+                               for t in onnx.load(path, load_external_data=False).graph.initializer)
     if dense is not None:
-        big = external_data or any(t.data_location == onnx.TensorProto.EXTERNAL
-                                   for t in onnx.load(path, load_external_data=False).graph.initializer)
         quantized = quantize_dense(path, dense, {b.num_experts for b in compiled.blocks}, big)
         if _moec_kernels and isinstance(dense, Int4Experts) and fp32:
             log.info(f"moec.export_onnx: {moec_matmuls(path, big)} of the {quantized} MatMulNBits run moec's kernels")
         done("dense MatMulNBits", "checking the file")
+    if _moec_kernels and fp32 and dense is None and cpu_native.has_f32():
+        log.info(f"moec.export_onnx: {moec_fp32_matmuls(path, {b.num_experts for b in compiled.blocks}, big)} dense "
+                 f"MatMuls run moec's fp32 kernel")
+        done("dense MatMuls on moec's kernel", "checking the file")
     if _moec_kernels and fp32 and any(counts := ort_kernels.lay_out_file(path)):
         log.info(f"moec.export_onnx: {counts[0]} of moec's int4 nodes take their weights in tiles, {counts[1]} fp32 "
                  f"experts nodes in panels")

@@ -135,6 +135,69 @@ def moec_matmuls(path: str, external_data: bool) -> int:
     return count
 
 
+def moec_fp32_matmuls(path: str, router_widths: set[int], external_data: bool) -> int:
+    """backend="onnxruntime" with moec's kernels, fp32 models: the dense MatMuls (as `dense_matmuls` picks them, any
+    K; Gemms of that kind first written as MatMul) become moec::MatMul (backends/ort_kernels.py: the weights in
+    panels, one sequential stream a 32-channel panel), those of one input as one node and a Split:
+
+        y_i = MatMul(x, W_i [K, N_i])   ->   y = moec::MatMul(x, panels(cat_i W_i^T); n = sum N_i)
+                                              y_1, .., y_n = Split(y, [N_1, .., N_n], axis=-1)
+
+    Each channel's K products are summed in order of k, whatever node it lands in: merging changes no number.
+    Rewritten in place; returns how many MatMuls were converted."""
+    from moec.backends import ort_kernels
+
+    proto = onnx.load(path)
+    gemms_as_matmuls(proto, 1, router_widths)
+    inits = {t.name: t for t in proto.graph.initializer}
+    dense, groups, merges = set(dense_matmuls(proto, 1, router_widths)), {}, []
+    for n in proto.graph.node:
+        if n.name in dense and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT:
+            groups.setdefault(n.input[0], []).append(n)
+    for x, nodes in list(groups.items()):
+        name = (nodes[0].name or nodes[0].output[0]) + "_moec"
+        if f"{name}_w" in inits or f"{name}_split" in inits:
+            del groups[x]  # its names are taken: left as it was
+            continue
+        w = np.concatenate([numpy_helper.to_array(inits[n.input[1]]) for n in nodes], axis=1)  # [K, sum N_i]
+        proto.graph.initializer.append(numpy_helper.from_array(ort_kernels.panels(w.T[None])[0], f"{name}_w"))
+        merged = [helper.make_node(ort_kernels.FP32_MATMUL, [x, f"{name}_w"], [f"{name}_y"] if len(nodes) > 1
+                                   else list(nodes[0].output), name=name, domain=ort_kernels.DOMAIN, n=w.shape[1])]
+        if len(nodes) > 1:
+            sizes = numpy_helper.from_array(np.array([inits[n.input[1]].dims[1] for n in nodes], np.int64),
+                                            f"{name}_split")
+            proto.graph.initializer.append(sizes)
+            merged.append(helper.make_node("Split", [f"{name}_y", sizes.name], [n.output[0] for n in nodes],
+                                           name=f"{name}_split", axis=-1))
+        merges.append(([n.output[0] for n in nodes], merged))
+    _splice(proto, merges)
+    count = sum(map(len, groups.values()))
+    if count:
+        used = {i for n in proto.graph.node for i in n.input}
+        for t in [t for t in proto.graph.initializer if t.name not in used]:
+            proto.graph.initializer.remove(t)
+        if not any(o.domain == ort_kernels.DOMAIN for o in proto.opset_import):
+            proto.opset_import.append(helper.make_opsetid(ort_kernels.DOMAIN, 1))
+        onnx.save(proto, path, save_as_external_data=external_data)
+    return count
+
+
+def _splice(proto, merges: list[tuple[list[str], list]]) -> None:
+    """For each (members, merged): the nodes whose first output is in members out of the graph, merged where the
+    first of them was (their inputs are ready there). One pass over the graph."""
+    group = {o: i for i, (members, _) in enumerate(merges) for o in members}
+    kept, placed = [], set()
+    for n in proto.graph.node:
+        i = group.get(n.output[0])
+        if i is None:
+            kept.append(onnx.NodeProto.FromString(n.SerializeToString()))
+        elif i not in placed:
+            placed.add(i)
+            kept.extend(merges[i][1])
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
+
+
 def _merge_siblings(proto) -> None:
     """moec::Int4MatMul nodes reading the same input with the same numerics and group count (zero points in all or
     none) become one node over their stacked rows and a Split, e.g. q/k/v, or a shared expert's gate/up:
@@ -149,6 +212,7 @@ def _merge_siblings(proto) -> None:
 
     inits = {t.name: t for t in proto.graph.initializer}
     groups: dict[tuple, list] = {}
+    merges = []
     for n in proto.graph.node:
         if n.domain == ort_kernels.DOMAIN and n.op_type == ort_kernels.MATMUL:
             a8 = next(helper.get_attribute_value(x) for x in n.attribute if x.name == "int8_activations")
@@ -170,13 +234,5 @@ def _merge_siblings(proto) -> None:
                                    int8_activations=a8, tiles=0),
                   helper.make_node("Split", [f"{name}_y", sizes.name], [o for n in nodes for o in n.output],
                                    name=f"{name}_split", axis=-1)]
-        members = {n.output[0] for n in nodes}
-        kept, at = [], None
-        for n in proto.graph.node:  # the merged pair where the first member was: x is ready there
-            if n.output[0] in members:
-                at = len(kept) if at is None else at
-            else:
-                kept.append(onnx.NodeProto.FromString(n.SerializeToString()))
-        kept[at:at] = merged
-        del proto.graph.node[:]
-        proto.graph.node.extend(kept)
+        merges.append(([n.output[0] for n in nodes], merged))
+    _splice(proto, merges)
