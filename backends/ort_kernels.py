@@ -79,7 +79,8 @@ typedef struct OrtCustomOpDomain OrtCustomOpDomain;
 typedef struct OrtSessionOptions OrtSessionOptions;
 typedef void *const *OrtApiTable;  /* struct OrtApi: function pointers in a fixed order that only grows */
 typedef struct { OrtApiTable (*GetApi)(uint32_t); const char *(*GetVersionString)(void); } OrtApiBase;
-enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2, T_FLOAT = 1, T_UINT8 = 2, T_INT64 = 7, REQUIRED = 0, OPTIONAL = 1 };
+enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2, T_FLOAT = 1, T_UINT8 = 2, T_INT64 = 7, T_BF16 = 16, REQUIRED = 0,
+       OPTIONAL = 1 };
 enum { CreateStatus = 0, CreateCustomOpDomain = 26, CustomOpDomain_Add = 27, AddCustomOpDomain = 28,  /* OrtApi */
        GetTensorMutableData = 51, GetDimensionsCount = 61, GetDimensions = 62, GetTensorTypeAndShape = 65,
        KernelInfoGetAttribute_float = 85, KernelInfoGetAttribute_int64 = 86, KernelContext_GetInput = 90, KernelContext_GetOutput = 91,
@@ -129,28 +130,42 @@ enum { NIN = 9, CH = 64 };  /* inputs; output channels per work item (a multiple
 static const int in_types[NIN] = {T_FLOAT, T_INT64, T_FLOAT, T_UINT8, T_FLOAT, T_UINT8, T_UINT8, T_FLOAT, T_UINT8};
 static const char *in_names[NIN] = {"x", "ids", "w", "q13", "s13", "z13", "q2", "s2", "z2"};
 
-typedef struct { int64_t a8, gate_up, tiles, n; } Kernel;
+typedef struct { int64_t a8, gate_up, tiles, n, bf16; } Kernel;
 
 typedef struct {  /* one matrix of every expert, moec's int4 format: q [E, N, K/2], s [E, N, G], z [E, N, G] or NULL;
-                   tiles: q and s in the tile layout (moec_int4_tiles); or fp32 weights in panels, f [E, P, K, 32] */
-    const uint8_t *q; const float *s; const uint8_t *z; int64_t N, K, G; int tiles; const float *f;
+                   tiles: q and s in the tile layout (moec_int4_tiles); or fp32 / bf16 weights in panels, f [E, P, K, 32] */
+    const uint8_t *q; const float *s; const uint8_t *z; int64_t N, K, G; int tiles; const void *f; int bf16;
 } Matrix;
 
 #ifdef __AVX512F__
 /* fp32 weights in panels: panel p of a matrix [N, K] holds channels 32p..32p+31 as [K][32] (zeros past N), so a
    panel is one sequential stream and a row's 32 outputs take one broadcast of x[r, k] and two FMAs per k. Each
    output adds its K products in order of k, whatever the row count: a token's numbers do not depend on its batch.
-   Rows go MR at a time over KC inputs of the panel (32 KB, L1-resident while the row blocks reuse it). */
+   Rows go MR at a time over KC inputs of the panel (32 KB, L1-resident while the row blocks reuse it).
+   bf16: the same panels in bf16 (half the bytes), each weight widened to fp32 (its bits shifted up: exact), so the
+   products and sums are the fp32 kernel's on the same values. */
 enum { PANEL = 32, MR = 6, KC = 256 };
-INLINE void panel_rows(const float *x, int64_t K, const float *w, int64_t k0, int64_t k1, float *o, int64_t N,
-                       int nr, __mmask16 m0, __mmask16 m1) {
+INLINE void panel_load(const void *w, int64_t k, int bf16, __m512 *w0, __m512 *w1) {
+    if (bf16) {
+        __m512i b = _mm512_loadu_si512((const uint16_t *)w + k * PANEL);
+        *w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(b)), 16));
+        *w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(b, 1)), 16));
+    } else {
+        *w0 = _mm512_loadu_ps((const float *)w + k * PANEL);
+        *w1 = _mm512_loadu_ps((const float *)w + k * PANEL + 16);
+    }
+}
+
+INLINE void panel_rows(const float *x, int64_t K, const void *w, int64_t k0, int64_t k1, float *o, int64_t N,
+                       int nr, __mmask16 m0, __mmask16 m1, int bf16) {
     __m512 a[MR][2];
     UNROLL for (int r = 0; r < nr; r++) {  /* the sums so far (0 at k0 = 0) */
         a[r][0] = k0 ? _mm512_maskz_loadu_ps(m0, o + r * N) : _mm512_setzero_ps();
         a[r][1] = k0 ? _mm512_maskz_loadu_ps(m1, o + r * N + 16) : _mm512_setzero_ps();
     }
     for (int64_t k = k0; k < k1; k++) {
-        __m512 w0 = _mm512_loadu_ps(w + k * PANEL), w1 = _mm512_loadu_ps(w + k * PANEL + 16);
+        __m512 w0, w1;
+        panel_load(w, k, bf16, &w0, &w1);
         UNROLL for (int r = 0; r < nr; r++) {
             __m512 xv = _mm512_set1_ps(x[r * K + k]);
             a[r][0] = _mm512_fmadd_ps(xv, w0, a[r][0]);
@@ -164,17 +179,17 @@ INLINE void panel_rows(const float *x, int64_t K, const float *w, int64_t k0, in
 }
 
 /* out[r, j] = x[r] . W[j] for rows r < R of x [R, K], channels j0 <= j < j1 (j0 a multiple of 32), W [N, K] in
-   panels w [ceil(N/32), K, 32]; out's rows N apart */
-static void moec_f32_panels(const float *x, int64_t R, int64_t K, const float *w, float *out, int64_t N, int64_t j0,
-                            int64_t j1) {
+   panels w [ceil(N/32), K, 32] (fp32, or bf16); out's rows N apart */
+INLINE void panels_any(const float *x, int64_t R, int64_t K, const void *w, float *out, int64_t N, int64_t j0,
+                       int64_t j1, int bf16) {
     for (int64_t j = j0; j < j1; j += PANEL) {
         int64_t n = j1 - j < PANEL ? j1 - j : PANEL;
         __mmask16 m0 = n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1), m1 = n > 16 ? (__mmask16)((1u << (n - 16)) - 1) : 0;
-        const float *wp = w + j / PANEL * K * PANEL;
+        const char *wp = (const char *)w + j / PANEL * K * PANEL * (bf16 ? 2 : 4);
         for (int64_t k0 = 0; k0 < K; k0 += KC) {
             int64_t k1 = k0 + KC < K ? k0 + KC : K;
             for (int64_t r = 0; r < R; r += MR) {
-#define ROWS(NR) panel_rows(x + r * K, K, wp, k0, k1, out + r * N + j, N, NR, m0, m1)
+#define ROWS(NR) panel_rows(x + r * K, K, wp, k0, k1, out + r * N + j, N, NR, m0, m1, bf16)
                 switch (R - r < MR ? R - r : MR) {  /* constant row counts: the accumulators stay in registers */
                 case 1: ROWS(1); break;
                 case 2: ROWS(2); break;
@@ -187,6 +202,12 @@ static void moec_f32_panels(const float *x, int64_t R, int64_t K, const float *w
             }
         }
     }
+}
+
+static void moec_panels(const float *x, int64_t R, int64_t K, const void *w, float *out, int64_t N, int64_t j0,
+                        int64_t j1, int bf16) {
+    if (bf16) panels_any(x, R, K, w, out, N, j0, j1, 1);
+    else panels_any(x, R, K, w, out, N, j0, j1, 0);
 }
 #endif
 
@@ -208,8 +229,9 @@ static void gemm_item(void *p, size_t item) {  /* (active expert, CH output chan
     int64_t r0 = s->first[e], G = m->G, j1 = j0 + CH < m->N ? j0 + CH : m->N;
 #ifdef __AVX512F__
     if (m->f) {
-        moec_f32_panels((const float *)s->in + r0 * m->K, s->first[e + 1] - r0, m->K,
-                        m->f + e * ((m->N + PANEL - 1) / PANEL) * m->K * PANEL, s->out + r0 * m->N, m->N, j0, j1);
+        moec_panels((const float *)s->in + r0 * m->K, s->first[e + 1] - r0, m->K,
+                    (const char *)m->f + e * ((m->N + PANEL - 1) / PANEL) * m->K * PANEL * (m->bf16 ? 2 : 4),
+                    s->out + r0 * m->N, m->N, j0, j1, m->bf16);
         return;
     }
 #endif
@@ -413,11 +435,13 @@ static OrtStatus *run(const char *op, Step *s, OrtKernelContext *ctx, int64_t E,
 }
 
 /* moec::Experts(x [T, H] fp32, ids [T, k] int64, w [T, k] fp32, w13 [E, ceil(2I/32), H, 32] fp32,
-   w2 [E, ceil(H/32), I, 32] fp32; gate_up, panels=1) -> y [T, H]: fp32 experts, weights in panels (moec_f32_panels;
-   `panel_weights` lays out the session's file), the same phases as Int4Experts */
+   w2 [E, ceil(H/32), I, 32] fp32; gate_up) -> y [T, H]: fp32 experts, weights in panels (moec_panels;
+   `panel_weights` lays out the session's file), the same phases as Int4Experts. moec::ExpertsBf16: w13 and w2 in
+   bf16 (`narrow_bf16`). */
 #define XP "Experts"
 enum { XIN = 5 };
 static const int xp_types[XIN] = {T_FLOAT, T_INT64, T_FLOAT, T_FLOAT, T_FLOAT};
+static const int xb_types[XIN] = {T_FLOAT, T_INT64, T_FLOAT, T_BF16, T_BF16};
 static const char *xp_names[XIN] = {"x", "ids", "w", "w13", "w2"};
 
 static OrtStatus *experts_f32(void *kernel, OrtKernelContext *ctx) {
@@ -431,11 +455,12 @@ static OrtStatus *experts_f32(void *kernel, OrtKernelContext *ctx) {
     int64_t H = x->dims[1], E = w13->dims[0], I = w2->rank == 4 ? w2->dims[2] : 0;
     if (w13->rank != 4 || w2->rank != 4 || w13->dims[3] != 32 || w2->dims[3] != 32 || w2->dims[0] != E ||
         w13->dims[1] != (2 * I + 31) / 32 || w13->dims[2] != H || w2->dims[1] != (H + 31) / 32 || I == 0)
-        return error(XP, ORT_INVALID_ARGUMENT, "w13 [E, ceil(2I/32), H, 32] and w2 [E, ceil(H/32), I, 32] (fp32 "
+        return error(XP, ORT_INVALID_ARGUMENT, "w13 [E, ceil(2I/32), H, 32] and w2 [E, ceil(H/32), I, 32] ("
                      "weights in panels: ort_kernels.panel_weights) do not fit x [T, %lld]", (long long)H);
 #ifdef __AVX512F__
     Step s = {.gate_up = (int)kn->gate_up, .T = x->dims[0], .k = ids->dims[1], .H = H, .I = I, .x = x->data,
-              .w = w->data, .m13 = {.N = 2 * I, .K = H, .f = w13->data}, .m2 = {.N = H, .K = I, .f = w2->data}};
+              .w = w->data, .m13 = {.N = 2 * I, .K = H, .f = w13->data, .bf16 = (int)kn->bf16},
+              .m2 = {.N = H, .K = I, .f = w2->data, .bf16 = (int)kn->bf16}};
     int64_t dims[2] = {s.T, H};
     OrtValue *y;
     CHECK(CALL((OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **), KernelContext_GetOutput, ctx, 0,
@@ -497,10 +522,11 @@ static OrtStatus *matmul(void *kernel, OrtKernelContext *ctx) {
 }
 
 /* moec::MatMul(x [..., K] fp32, w [ceil(N/32), K, 32] fp32; n) -> y [..., N] = x W^T: a dense layer's fp32 weights
-   in panels (`panel_weights`), every row on moec_f32_panels */
+   in panels (moec.export_dense.moec_fp32_matmuls), every row on moec_panels. moec::MatMulBf16: w in bf16. */
 #define FM "MatMul"
 enum { FIN = 2 };
 static const int fm_types[FIN] = {T_FLOAT, T_FLOAT};
+static const int fb_types[FIN] = {T_FLOAT, T_BF16};
 static const char *fm_names[FIN] = {"x", "w"};
 
 static OrtStatus *matmul_f32(void *kernel, OrtKernelContext *ctx) {
@@ -510,14 +536,14 @@ static OrtStatus *matmul_f32(void *kernel, OrtKernelContext *ctx) {
     const Input *x = in, *w = in + 1;
     int64_t K = x->rank ? x->dims[x->rank - 1] : 0, N = kn->n, R = K ? x->numel / K : 0;
     if (x->rank < 1 || w->rank != 3 || w->dims[0] != (N + 31) / 32 || w->dims[1] != K || w->dims[2] != 32 || N <= 0)
-        return error(FM, ORT_INVALID_ARGUMENT, "x [..., K] and w [ceil(n/32), K, 32] (fp32 weights in panels: "
+        return error(FM, ORT_INVALID_ARGUMENT, "x [..., K] and w [ceil(n/32), K, 32] (weights in panels: "
                      "ort_kernels.panel_weights) do not fit, n = %lld", (long long)N);
 #ifdef __AVX512F__
     int64_t dims[4], first[2] = {0, R}, active[1] = {0};
     memcpy(dims, x->dims, sizeof dims);
     dims[x->rank - 1] = N;
     Step s = {.T = R, .k = 1, .H = K, .first = first, .active = active, .in = x->data,
-              .m13 = {.N = N, .K = K, .f = w->data}};
+              .m13 = {.N = N, .K = K, .f = w->data, .bf16 = (int)kn->bf16}};
     OrtValue *y;
     CHECK(CALL((OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **), KernelContext_GetOutput, ctx, 0,
                dims, x->rank, &y));
@@ -536,6 +562,7 @@ static OrtStatus *create(const OrtCustomOp *op, OrtApiTable a, const OrtKernelIn
     size_t n = op->GetInputTypeCount(op);  /* NIN: Int4Experts, MIN: Int4MatMul; XIN, FIN: fp32 (no int8_activations) */
     OrtStatus *st = n == XIN || n == FIN ? NULL : CALL((const OrtKernelInfo *, const char *, int64_t *),
                                                        KernelInfoGetAttribute_int64, info, "int8_activations", &kn->a8);
+    kn->bf16 = strstr(op->GetName(op), "Bf16") != NULL;
     if (!st && n == FIN)  /* MatMul: its channels */
         st = CALL((const OrtKernelInfo *, const char *, int64_t *), KernelInfoGetAttribute_int64, info, "n", &kn->n);
     if (!st && (n == NIN || n == XIN))  /* the experts' ops: FC1's row order */
@@ -580,11 +607,15 @@ static int one(const OrtCustomOp *op) { return 1; }
 
 static const char *xp_name(const OrtCustomOp *op) { return "Experts"; }
 static int xp_input_type(const OrtCustomOp *op, size_t i) { return xp_types[i]; }
+static const char *xb_name(const OrtCustomOp *op) { return "ExpertsBf16"; }
+static int xb_input_type(const OrtCustomOp *op, size_t i) { return xb_types[i]; }
 static size_t xp_inputs(const OrtCustomOp *op) { return XIN; }
 static int xp_input_kind(const OrtCustomOp *op, size_t i) { return REQUIRED; }
 
 static const char *fm_name(const OrtCustomOp *op) { return "MatMul"; }
 static int fm_input_type(const OrtCustomOp *op, size_t i) { return fm_types[i]; }
+static const char *fb_name(const OrtCustomOp *op) { return "MatMulBf16"; }
+static int fb_input_type(const OrtCustomOp *op, size_t i) { return fb_types[i]; }
 static size_t fm_inputs(const OrtCustomOp *op) { return FIN; }
 
 static const char *mm_name(const OrtCustomOp *op) { return "Int4MatMul"; }
@@ -601,7 +632,13 @@ static const OrtCustomOp op = {OP_FIELDS, .GetName = name, .GetInputType = input
 static const OrtCustomOp xp_op = {OP_FIELDS, .GetName = xp_name, .GetInputType = xp_input_type,
                                   .GetInputTypeCount = xp_inputs, .GetInputCharacteristic = xp_input_kind,
                                   .KernelComputeV2 = experts_f32};
+static const OrtCustomOp xb_op = {OP_FIELDS, .GetName = xb_name, .GetInputType = xb_input_type,
+                                  .GetInputTypeCount = xp_inputs, .GetInputCharacteristic = xp_input_kind,
+                                  .KernelComputeV2 = experts_f32};
 static const OrtCustomOp fm_op = {OP_FIELDS, .GetName = fm_name, .GetInputType = fm_input_type,
+                                  .GetInputTypeCount = fm_inputs, .GetInputCharacteristic = xp_input_kind,
+                                  .KernelComputeV2 = matmul_f32};
+static const OrtCustomOp fb_op = {OP_FIELDS, .GetName = fb_name, .GetInputType = fb_input_type,
                                   .GetInputTypeCount = fm_inputs, .GetInputCharacteristic = xp_input_kind,
                                   .KernelComputeV2 = matmul_f32};
 static const OrtCustomOp mm_op = {OP_FIELDS, .GetName = mm_name, .GetInputType = mm_input_type,
@@ -625,6 +662,8 @@ EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase
     CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &op));
     CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &xp_op));
     CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &fm_op));
+    CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &xb_op));
+    CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &fb_op));
     CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &mm_op));
     CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &at_op));
     return CALL((OrtSessionOptions *, OrtCustomOpDomain *), AddCustomOpDomain, options, domain);
@@ -679,6 +718,10 @@ def register_schema() -> None:
              [OpSchema.Attribute("gate_up", OpSchema.AttrType.INT, "FC1's row order, GATE_UP")]),
             (FP32_MATMUL, {"x": "float", "w": "float"},
              [OpSchema.Attribute("n", OpSchema.AttrType.INT, "output channels")]),
+            (EXPERTS + "Bf16", {"x": "float", "ids": "int64", "w": "float", "w13": "bfloat16", "w2": "bfloat16"},
+             [OpSchema.Attribute("gate_up", OpSchema.AttrType.INT, "FC1's row order, GATE_UP")]),
+            (FP32_MATMUL + "Bf16", {"x": "float", "w": "bfloat16"},
+             [OpSchema.Attribute("n", OpSchema.AttrType.INT, "output channels")]),
             (MATMUL, {"x": "float", "q": "uint8", "s": "float", "z": "uint8"}, [a8, tiles])):
         if onnx.defs.has(op, DOMAIN):
             continue
@@ -724,19 +767,52 @@ def tiled(q: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(q).reshape(*lead, N, half), np.ascontiguousarray(s).reshape(*lead, N, G)
 
 
-def lay_out_file(path: str) -> tuple[int, int]:
-    """tile_weights and panel_weights on the ONNX file at `path`, in place; how many nodes each laid out. Weights in
-    external data: only those laid out are read, and their new copies written to a new file beside the model (onnx
-    names it); the others stay where they are."""
+def lay_out_file(path: str) -> tuple[int, int, int]:
+    """tile_weights, panel_weights and narrow_bf16 on the ONNX file at `path`, in place; how many nodes each laid
+    out. Weights in external data: only those laid out are read, and their new copies written to a new file beside
+    the model (onnx names it); the others stay where they are."""
     import onnx
 
     proto = onnx.load(path, load_external_data=False)
     base = os.path.dirname(path)
-    counts = tile_weights(proto, base), panel_weights(proto, base)
+    counts = tile_weights(proto, base), panel_weights(proto, base), narrow_bf16(proto, base)
     if any(counts):
         onnx.save(proto, path, save_as_external_data=any(t.data_location == onnx.TensorProto.EXTERNAL
                                                          for t in proto.graph.initializer))
     return counts
+
+
+def narrow_bf16(proto, base_dir: str = "") -> int:
+    """Each moec::Experts / moec::MatMul node whose weights are all bf16 numbers (a bf16 model exported in fp32, or
+    an fp32 model of bf16 weights) becomes moec::ExpertsBf16 / MatMulBf16 with them in bf16: half the bytes, the
+    same values (checked here, every weight: the narrowing is exact), the same products and sums. Returns how many
+    nodes."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    weights = {EXPERTS: (3, 4), FP32_MATMUL: (1,)}
+    done, count = {}, 0
+    for n in proto.graph.node:
+        if n.domain != DOMAIN or n.op_type not in weights or any(n.input[i] not in inits for i in weights[n.op_type]):
+            continue
+        arrays = {n.input[i]: numpy_helper.to_array(inits[n.input[i]], base_dir) for i in weights[n.op_type]
+                  if n.input[i] not in done}
+        if any(a.dtype != np.float32 or (a.view(np.uint32) & 0xFFFF).any() for a in arrays.values()):
+            continue
+        for name, a in arrays.items():
+            t = onnx.TensorProto(name=f"{name}_bf16", data_type=onnx.TensorProto.BFLOAT16, dims=a.shape,
+                                 raw_data=(a.view(np.uint32) >> 16).astype("<u2").tobytes())
+            proto.graph.initializer.append(t)
+            done[name] = t.name
+        for i in weights[n.op_type]:
+            n.input[i] = done[n.input[i]]
+        n.op_type += "Bf16"
+        count += 1
+    used = {i for n in proto.graph.node for i in n.input} | {v.name for v in (*proto.graph.input, *proto.graph.output)}
+    for t in [t for t in proto.graph.initializer if t.name in set(done) - used]:
+        proto.graph.initializer.remove(t)
+    return count
 
 
 def panel_weights(proto, base_dir: str = "") -> int:
@@ -870,22 +946,24 @@ def _self_test(path: str) -> None:
         if not err < 1e-5:
             raise RuntimeError(f"its self-test differs from moec's quantized linear layer (int8 activations: {a8}, "
                                f"tiles: {tiles}; relative error {err:.2e})")
-    if cpu_native.has_f32():  # fp32 experts: 2I = 80 and H = 48 end in part-filled panels, 7 rows on expert 0
+    # fp32 and bf16 experts: 2I = 80 and H = 48 end in part-filled panels, 7 rows on expert 0
+    for dtype in (torch.float32, torch.bfloat16) if cpu_native.has_f32() else ():
         H, I = 48, 40
         x, ids = torch.randn(7, H, generator=g), torch.tensor([[0, 2], [2, 0], [0, 1], [0, 3], [0, 2], [0, 1], [0, 3]])
         w = torch.rand(7, k, generator=g)
-        w13, w2 = torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g)
+        w13, w2 = (torch.randn(shape, generator=g).to(dtype).float() for shape in ((E, 2 * I, H), (E, H, I)))
         got = torch.from_numpy(experts_session(path, w13.numpy(), w2.numpy(), GATE_UP["interleave"]).run(
             None, {"x": x.numpy(), "ids": ids.numpy(), "w": w.numpy()})[0])
         want = torch.ops.moec.experts(x, ids, w, w13, None, w2, None, "silu", True, 1.0, 0.0, False, "interleave")
         err = ((got - want).norm() / want.norm()).item()
         if not err < 1e-5:
-            raise RuntimeError(f"its self-test differs from moec::experts (fp32 weights; relative error {err:.2e})")
+            raise RuntimeError(f"its self-test differs from moec::experts ({dtype} weights; relative error {err:.2e})")
 
 
 def experts_session(path: str, w13: np.ndarray, w2: np.ndarray, gate_up: int, options=None):
     """A session of one moec::Experts node with fp32 weights w13 [E, 2I, H] (rows in `gate_up` order) and w2
-    [E, H, I], laid out by panel_weights; inputs "x", "ids", "w"."""
+    [E, H, I], laid out by panel_weights (and narrow_bf16: ExpertsBf16 where they are bf16 numbers); inputs "x",
+    "ids", "w"."""
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
@@ -901,6 +979,7 @@ def experts_session(path: str, w13: np.ndarray, w2: np.ndarray, gate_up: int, op
     model = helper.make_model(graph, ir_version=10,
                               opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
     panel_weights(model)
+    narrow_bf16(model)
     so = options or ort.SessionOptions()
     so.register_custom_ops_library(path)
     so.intra_op_num_threads = 2

@@ -25,6 +25,7 @@ run without KV cache (`generation_config.use_cache = False`): generate recompute
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import os
 import tempfile
@@ -80,6 +81,16 @@ def _widen(t: torch.Tensor) -> torch.Tensor:
     return t.repeat(*(2 if a in axes and t.shape[a] == 1 else 1 for a in range(t.dim())))
 
 
+def runs_bf16(providers) -> bool:
+    """Whether bf16 models run with these providers: on the CPU provider with moec's kernels built for AVX-512, the
+    model is exported in fp32 (exactly its numbers) and its moec::Experts / MatMul weights stored back in bf16
+    (ort_kernels.narrow_bf16), so the session computes the fp32 upcast of the model from bf16 weights."""
+    from moec.backends import cpu_native, ort_kernels
+
+    return (providers[0] == "CPUExecutionProvider" and os.environ.get("MOEC_ORT_KERNELS", "1") != "0"
+            and ort_kernels.library() is not None and cpu_native.has_f32())
+
+
 class OrtForward:
     def __init__(self, model: nn.Module, report, providers, options, quantize, dense):
         self.model, self.report, self.quantize, self.dense = model, report, quantize, dense
@@ -97,6 +108,8 @@ class OrtForward:
         self._fallback_said: set[str] = set()  # blocks warned of (see _take_export)
         self.use_cache = None  # the generation config's use_cache before install set it (None: left as it was)
         self.kernels = self._kernels()  # moec's kernels as an ORT custom-op library (or None)
+        # bf16 models run as their fp32 upcast (runs_bf16): outputs and the HF cache back in the model's dtype
+        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
     def _kernels(self) -> str | None:
         """The custom-op library (backends/ort_kernels.py) on CPU: int4 experts and MatMuls, attention (None with
@@ -150,8 +163,8 @@ class OrtForward:
             self.sessions[key] = self._open(tensors)
         session, names, rebuild = self.sessions[key]
         device = next(iter(tensors.values())).device
-        feeds = {n: tensors[n].detach().cpu().numpy() for n in names}
-        outs = [torch.from_numpy(np.asarray(o)).to(device) for o in session.run(None, feeds)]
+        feeds = {n: _array(tensors[n]) for n in names}
+        outs = [self._ours(torch.from_numpy(np.asarray(o)).to(device)) for o in session.run(None, feeds)]
         if keep:  # an int n keeps the last n positions (HF's generate asks for 1)
             outs[0] = outs[0][:, -keep:]
         return rebuild(outs)
@@ -209,7 +222,7 @@ class OrtForward:
             outs = session.run(None, feeds)
         device = ids.device
         for i in range(layers):  # the new positions, so that generate's cache counts them; states as they are now
-            new = [torch.from_numpy(outs[1 + 2 * i + j]).to(device) for j in (0, 1)]
+            new = [self._ours(torch.from_numpy(outs[1 + 2 * i + j]).to(device)) for j in (0, 1)]
             if i in states:
                 export_state.hold(cache.layers[i], *new)
             else:
@@ -217,7 +230,7 @@ class OrtForward:
         if cache not in self._past:
             self._follow_reorder(cache)
         self._past[cache] = (outs[1:], _tensors(cache))
-        logits = torch.from_numpy(outs[0]).to(device)
+        logits = self._ours(torch.from_numpy(outs[0]).to(device))
         keep = args.get("logits_to_keep")
         if keep:
             logits = logits[:, -keep:]
@@ -235,8 +248,7 @@ class OrtForward:
             return record[0]
         if cache.get_seq_length() == 0:
             return None
-        arrays = [t.detach().cpu().contiguous().numpy() if t is not None else None
-                  for layer in cache.layers for t in export_state.present(layer)]
+        arrays = [_array(t) if t is not None else None for layer in cache.layers for t in export_state.present(layer)]
         kv = [a for i, a in enumerate(arrays) if i // 2 not in states]
         length = kv[0].shape[2] if length is None else length
         if any(a is None for a in arrays) or any(a.shape[2] != length for a in kv):
@@ -317,13 +329,21 @@ class OrtForward:
                     log.warning(f"moec: block {b.path!r} runs in standard ONNX ops with dequantized weights and fp32 "
                                 f"activations, not int8 ones ({b.why})")
 
+    def _ours(self, t: torch.Tensor) -> torch.Tensor:
+        """A session output in the model's dtype (a bf16 model's session computes in fp32)."""
+        return t.to(self.dtype) if self.dtype == torch.bfloat16 and t.dtype == torch.float32 else t
+
     @contextlib.contextmanager
     def _as_original(self):
-        """The model as moec.export_onnx takes it: its own forward and generate, no moec report."""
+        """The model as moec.export_onnx takes it: its own forward and generate, no moec report; a bf16 model as its
+        fp32 upcast (a copy, for the export and its check: runs_bf16)."""
         saved = {k: self.model.__dict__.pop(k) for k in ("forward", "generate", "_moec_report")
                  if k in self.model.__dict__}
         try:
-            yield self.model
+            if self.dtype == torch.bfloat16 and runs_bf16(self.providers):
+                yield copy.deepcopy(self.model).float()
+            else:
+                yield self.model
         finally:
             self.model.__dict__.update(saved)
 
@@ -334,7 +354,7 @@ class OrtForward:
         path = os.path.join(self.tmp.name, f"model{len(self.sessions)}.onnx")
         with self._as_original() as model:
             with torch.no_grad():
-                eager = model(**tensors)
+                eager = model(**_like(model, tensors))
             log.info(f"exporting {type(model).__name__} to ONNX for onnxruntime (inputs {', '.join(tensors)})")
             exported = export_onnx(model, {n: _widen(t) for n, t in tensors.items()}, path, quantize=self.quantize,
                                    dense=self.dense, provider=provider, kv_cache=False,
@@ -346,9 +366,9 @@ class OrtForward:
         for feeds in (tensors, _long(tensors)):  # the call's inputs, and 300 tokens (routing paths at length)
             if feeds is not tensors:
                 with self._as_original() as model, torch.no_grad():
-                    eager = model(**feeds)
+                    eager = model(**_like(model, feeds))
             got = rebuild([torch.from_numpy(np.asarray(o)) for o in session.run(
-                None, {n: feeds[n].detach().cpu().numpy() for n in names})])
+                None, {n: _array(feeds[n]) for n in names})])
             self._check(eager, got, feeds.get("attention_mask"))
         self.weights = _weights(self.model)
         return session, names, rebuild
@@ -383,6 +403,18 @@ class OrtForward:
         if err > CHECK_TOL.get(ref.dtype, 1e-4):
             raise RuntimeError(f"moec backend='onnxruntime': the session's output differs from the eager model's "
                                f"(relative error {err:.2e}); not using it")
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    """A tensor as the session's input: bf16 (a bf16 model's, whose session computes in fp32) as fp32."""
+    t = t.detach().cpu().contiguous()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _like(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A call's tensors for `model`: bf16 ones as fp32 where the model is a bf16 model's fp32 upcast."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return {n: t.float() if t.dtype == torch.bfloat16 and dtype == torch.float32 else t for n, t in tensors.items()}
 
 
 def _slides(config) -> bool:

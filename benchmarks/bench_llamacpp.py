@@ -213,7 +213,7 @@ def main():
     ap.add_argument("--prefill", type=int, nargs="+", default=[64, 512])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--onnx", action="store_true", help="add moec backend='onnxruntime' rows (fp32, int8, int4)")
+    ap.add_argument("--onnx", action="store_true", help="add moec backend='onnxruntime' rows (every precision)")
     ap.add_argument("--qmoe", action="store_true", help="with --onnx: also int4 all matmuls on ORT's own ops "
                     "(QMoE, MatMulNBits, GroupQueryAttention: MOEC_ORT_KERNELS=0) beside moec's kernels in the session")
     ap.add_argument("--linears-off", action="store_true",
@@ -252,8 +252,9 @@ def main():
                 model = build(name).to(torch.bfloat16 if prec == "bf16" else torch.float32)
                 moec.compile(model, quantize=quantize, decode_linears=False)
                 systems[f"moec {prec}" + (" experts" if quantize else "") + ", decode_linears=False"] = Torch(model)
-            if args.onnx and prec != "bf16":
-                model = moec.compile(build(name), backend="onnxruntime", quantize=quantize,
+            if args.onnx:  # bf16: the fp32 upcast with its weights in bf16 on moec's kernels (ort_session.runs_bf16)
+                model = moec.compile(build(name).to(torch.bfloat16 if prec == "bf16" else torch.float32),
+                                     backend="onnxruntime", quantize=quantize,
                                      session_options=quiet_session(args.threads))
                 systems[f"moec onnxruntime {prec}" + (" experts" if quantize else "")] = Torch(model)
                 if quantize is not None:  # llama.cpp's q8_0/q4_0 round activations to 8 bits too

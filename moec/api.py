@@ -664,8 +664,9 @@ def _compile_onnxruntime(model: nn.Module, passes, quantize, providers, session_
 
     if passes is not None:
         raise ValueError("backend='onnxruntime' runs moec.export_onnx's pipeline; it takes no passes=")
-    check_exportable(model, quantize, "cuda" if (providers or ort_session.default_providers())[0]
-                     == "CUDAExecutionProvider" else "cpu", dense)
+    providers = providers or ort_session.default_providers()
+    check_exportable(model, quantize, "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu", dense,
+                     bf16=ort_session.runs_bf16(providers))
     report = _run(model, "detect_moe", Instruments(), install_blocks=False, backend="onnxruntime")
     if _warn_if_empty(model, report):
         return model

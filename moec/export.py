@@ -452,9 +452,10 @@ def _trace(exportable, inputs, names, outputs, shapes, opset, repeat_layers: boo
     return export(exportable, inputs, names, outputs, shapes), None
 
 
-def check_exportable(model: nn.Module, quantize, provider: str, dense=None) -> None:
+def check_exportable(model: nn.Module, quantize, provider: str, dense=None, bf16: bool = False) -> None:
     """Refuse, with the reason, what export_onnx cannot turn into a correct file (also used by
-    backend="onnxruntime" at compile time, before any call)."""
+    backend="onnxruntime" at compile time, before any call; bf16: the backend exports bf16 models in fp32 and
+    stores their weights back in bf16, ort_session.runs_bf16)."""
     if provider not in PROVIDERS:
         raise ValueError(f"moec.export_onnx: provider must be one of {PROVIDERS}, not {provider!r}")
     from moec.backends.cpu_dense import dense_layers
@@ -484,9 +485,11 @@ def check_exportable(model: nn.Module, quantize, provider: str, dense=None) -> N
             f"is unused otherwise: set model.config.num_key_value_heads = model.config.num_attention_heads (as "
             f"DeepSeek's own configs do) and export again")
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if torch.bfloat16 in dtypes:
+    if torch.bfloat16 in dtypes and not bf16:
         raise NotImplementedError("moec.export_onnx: bf16 models are not supported: ONNX Runtime's MoE/QMoE have no "
-                                  "bf16 CPU kernel, and bf16 on CUDA is untested (convert the model to fp16 or fp32)")
+                                  "bf16 CPU kernel, and bf16 on CUDA is untested (convert the model to fp16 or fp32; "
+                                  "moec.compile(model, backend='onnxruntime') runs bf16 models on CPUs with AVX-512, "
+                                  "on moec's kernels)")
 
 
 def _warn_about_ties(model: nn.Module, report) -> None:
@@ -639,7 +642,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         done("dense MatMuls on moec's kernel", "checking the file")
     if _moec_kernels and fp32 and any(counts := ort_kernels.lay_out_file(path)):
         log.info(f"moec.export_onnx: {counts[0]} of moec's int4 nodes take their weights in tiles, {counts[1]} fp32 "
-                 f"experts nodes in panels")
+                 f"experts nodes in panels, {counts[2]} of moec's fp32 nodes hold bf16 numbers: stored in bf16")
         done("weights laid out for moec's kernels", "checking the file")
     if _moec_kernels and fp32 and fused:
         proto = onnx.load(path, load_external_data=False)  # external weights stay where they are
@@ -662,7 +665,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         info = resolve(work, b.path).__dict__["_moec_graph"].meta["onnx"]
         report.blocks.append(ExportBlock(b.path, info["op"], info["why"], b.router, b.experts))
     nodes = sum((n.domain, n.op_type) in (("com.microsoft", "MoE"), ("com.microsoft", "QMoE"), ("moec", "Int4Experts"),
-                                          ("moec", "Experts"))
+                                          ("moec", "Experts"), ("moec", "ExpertsBf16"))
                 for n in proto.graph.node)
     contrib = sum(b.op != "fallback" for b in report.blocks)
     if nodes != contrib:  # each rewritten block must be exactly its one node

@@ -305,7 +305,7 @@ def test_tile_file_shared_weights_external_data_and_graph_outputs(tmp_path):
     want = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feed)
     path = str(tmp_path / "m.onnx")
     onnx.save(proto, path, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
-    assert ort_kernels.lay_out_file(path) == (3, 0)  # one, two, bare (fp32 is weight-only)
+    assert ort_kernels.lay_out_file(path) == (3, 0, 0)  # one, two, bare (fp32 is weight-only)
     tiled = onnx.load(path, load_external_data=False)
     names = [t.name for t in tiled.graph.initializer]
     assert len(names) == len(set(names)) and {"q_tiles", "s_a_tiles", "s_b_tiles", "s_b", "q_w"} <= set(names)
