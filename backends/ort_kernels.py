@@ -55,7 +55,7 @@ from moec.log import log
 DOMAIN = "moec"
 OP = "Int4Experts"
 EXPERTS = "Experts"  # fp32 weights in panels
-FP32_MATMUL = "MatMul"  # one fp32 matrix in panels: a dense layer's MatMul (moec.export_dense.moec_fp32_matmuls)
+FP32_MATMUL = "Linear"  # one fp32 matrix in panels: a dense layer's MatMul (moec.export_dense.moec_fp32_matmuls)
 MATMUL = "Int4MatMul"  # one matrix: a dense layer's MatMulNBits (moec.export_dense.moec_matmuls)
 GATE_UP = {"halves": 0, "halves_up_first": 1, "interleave": 2, "interleave_up_first": 3}  # moec.ir.GATE_UPS
 MIN_ORT = (1, 20)
@@ -521,9 +521,9 @@ static OrtStatus *matmul(void *kernel, OrtKernelContext *ctx) {
     return st;
 }
 
-/* moec::MatMul(x [..., K] fp32, w [ceil(N/32), K, 32] fp32; n) -> y [..., N] = x W^T: a dense layer's fp32 weights
-   in panels (moec.export_dense.moec_fp32_matmuls), every row on moec_panels. moec::MatMulBf16: w in bf16. */
-#define FM "MatMul"
+/* moec::Linear(x [..., K] fp32, w [ceil(N/32), K, 32] fp32; n) -> y [..., N] = x W^T: a dense layer's fp32 weights
+   in panels (moec.export_dense.moec_fp32_matmuls), every row on moec_panels. moec::LinearBf16: w in bf16. */
+#define FM "Linear"
 enum { FIN = 2 };
 static const int fm_types[FIN] = {T_FLOAT, T_FLOAT};
 static const int fb_types[FIN] = {T_FLOAT, T_BF16};
@@ -612,9 +612,9 @@ static int xb_input_type(const OrtCustomOp *op, size_t i) { return xb_types[i]; 
 static size_t xp_inputs(const OrtCustomOp *op) { return XIN; }
 static int xp_input_kind(const OrtCustomOp *op, size_t i) { return REQUIRED; }
 
-static const char *fm_name(const OrtCustomOp *op) { return "MatMul"; }
+static const char *fm_name(const OrtCustomOp *op) { return "Linear"; }
 static int fm_input_type(const OrtCustomOp *op, size_t i) { return fm_types[i]; }
-static const char *fb_name(const OrtCustomOp *op) { return "MatMulBf16"; }
+static const char *fb_name(const OrtCustomOp *op) { return "LinearBf16"; }
 static int fb_input_type(const OrtCustomOp *op, size_t i) { return fb_types[i]; }
 static size_t fm_inputs(const OrtCustomOp *op) { return FIN; }
 
@@ -783,8 +783,8 @@ def lay_out_file(path: str) -> tuple[int, int, int]:
 
 
 def narrow_bf16(proto, base_dir: str = "") -> int:
-    """Each moec::Experts / moec::MatMul node whose weights are all bf16 numbers (a bf16 model exported in fp32, or
-    an fp32 model of bf16 weights) becomes moec::ExpertsBf16 / MatMulBf16 with them in bf16: half the bytes, the
+    """Each moec::Experts / moec::Linear node whose weights are all bf16 numbers (a bf16 model exported in fp32, or
+    an fp32 model of bf16 weights) becomes moec::ExpertsBf16 / LinearBf16 with them in bf16: half the bytes, the
     same values (checked here, every weight: the narrowing is exact), the same products and sums. Returns how many
     nodes."""
     import onnx

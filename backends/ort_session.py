@@ -83,7 +83,7 @@ def _widen(t: torch.Tensor) -> torch.Tensor:
 
 def runs_bf16(providers) -> bool:
     """Whether bf16 models run with these providers: on the CPU provider with moec's kernels built for AVX-512, the
-    model is exported in fp32 (exactly its numbers) and its moec::Experts / MatMul weights stored back in bf16
+    model is exported in fp32 (exactly its numbers) and its moec::Experts / Linear weights stored back in bf16
     (ort_kernels.narrow_bf16), so the session computes the fp32 upcast of the model from bf16 weights."""
     from moec.backends import cpu_native, ort_kernels
 

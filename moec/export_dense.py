@@ -33,7 +33,8 @@ def dense_matmuls(proto: onnx.ModelProto, block: int, router_widths: set[int]) -
     """Names of the MatMul nodes to quantize (see the module docstring)."""
     consts = {t.name: t.dims for t in proto.graph.initializer}
     return [n.name for n in proto.graph.node
-            if n.op_type == "MatMul" and _quantizable(consts.get(n.input[1], ()), block, router_widths)]
+            if n.op_type == "MatMul" and n.domain in ("", "ai.onnx")
+            and _quantizable(consts.get(n.input[1], ()), block, router_widths)]
 
 
 def gemms_as_matmuls(proto: onnx.ModelProto, block: int, router_widths: set[int]) -> None:
@@ -137,10 +138,10 @@ def moec_matmuls(path: str, external_data: bool) -> int:
 
 def moec_fp32_matmuls(path: str, router_widths: set[int], external_data: bool) -> int:
     """backend="onnxruntime" with moec's kernels, fp32 models: the dense MatMuls (as `dense_matmuls` picks them, any
-    K; Gemms of that kind first written as MatMul) become moec::MatMul (backends/ort_kernels.py: the weights in
+    K; Gemms of that kind first written as MatMul) become moec::Linear (backends/ort_kernels.py: the weights in
     panels, one sequential stream a 32-channel panel), those of one input as one node and a Split:
 
-        y_i = MatMul(x, W_i [K, N_i])   ->   y = moec::MatMul(x, panels(cat_i W_i^T); n = sum N_i)
+        y_i = MatMul(x, W_i [K, N_i])   ->   y = moec::Linear(x, panels(cat_i W_i^T); n = sum N_i)
                                               y_1, .., y_n = Split(y, [N_1, .., N_n], axis=-1)
 
     Each channel's K products are summed in order of k, whatever node it lands in: merging changes no number.

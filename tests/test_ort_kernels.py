@@ -409,8 +409,105 @@ def test_backend_runs_fp32_experts_and_matches_the_torch_backend(monkeypatch):
                        reference.generate(**inputs, max_new_tokens=8, do_sample=False))
     report = moec.inspect(compiled)
     assert [b.op for b in report.export.blocks] == ["moec::Experts"] * len(report.blocks)
+    import onnx  # the dense MatMuls on moec's kernel, q/k/v (and the shared expert's gate/up) one node each
+
+    ops = [n.op_type for n in onnx.load(report.export.path).graph.node]
+    assert "MatMul" not in ops and ops.count(ort_kernels.FP32_MATMUL) == 4 * len(report.blocks) + 1, ops
     monkeypatch.setenv("MOEC_ORT_KERNELS", "0")
     plain = moec.compile(copy.deepcopy(model), backend="onnxruntime")
     with torch.no_grad():
         plain(**inputs)
     assert {b.op for b in moec.inspect(plain).export.blocks} == {"MoE"}
+
+
+@F32
+@pytest.mark.parametrize("T,H,I,E,k", [(1, 128, 96, 8, 2), (7, 48, 40, 8, 2), (64, 64, 40, 64, 6)])
+def test_bf16_weights_node_equals_moec_experts(T, H, I, E, k):
+    """Weights that are bf16 numbers: narrow_bf16 stores them in bf16 (moec::ExpertsBf16), the same values, the
+    fp32 kernel's numbers to the bit; one weight off the bf16 grid keeps the node in fp32."""
+    x, ids, w, w13, w2 = _f32_case(T, H, I, E, k, seed=T)
+    w13, w2 = w13.bfloat16().float(), w2.bfloat16().float()
+    lib = ort_kernels.library()
+    sess = ort_kernels.experts_session(lib, w13.numpy(), w2.numpy(), 0)
+    got = torch.from_numpy(sess.run(None, {"x": x.numpy(), "ids": ids.numpy(), "w": w.numpy()})[0])
+    want = torch.ops.moec.experts(x, ids, w, w13, None, w2, None, "silu", True, 1.0, 0.0, False, "halves")
+    assert rel_err(got, want) < 1e-6
+    import onnx
+    from onnx import helper, numpy_helper
+
+    def model(w13, w2):
+        node = helper.make_node(ort_kernels.EXPERTS, ["x", "ids", "w", "w13", "w2"], ["y"], domain=ort_kernels.DOMAIN,
+                                gate_up=0)
+        graph = helper.make_graph([node], "t", [], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                                  [numpy_helper.from_array(w13.numpy(), "w13"), numpy_helper.from_array(w2.numpy(), "w2")])
+        m = helper.make_model(graph)
+        ort_kernels.panel_weights(m)
+        return m, ort_kernels.narrow_bf16(m)
+
+    m, narrowed = model(w13, w2)
+    assert narrowed == 1 and m.graph.node[0].op_type == "ExpertsBf16"
+    assert {t.data_type for t in m.graph.initializer} == {onnx.TensorProto.BFLOAT16}
+    off = w2.clone()
+    off[0, 0, 0] = off[0, 0, 0].item() * (1 + 2 ** -12)  # between two bf16 numbers
+    m, narrowed = model(w13, off)
+    assert narrowed == 0 and m.graph.node[0].op_type == "Experts"
+
+
+@F32
+@pytest.mark.parametrize("shape,N", [((1, 128), 96), ((7, 48), 40), ((2, 150, 64), 300), ((0, 64), 33)])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fp32_matmul_node_equals_torch(shape, N, bf16):
+    """moec::Linear / LinearBf16 (weights in panels, tails of 8, 12, 33 channels) against x @ W^T."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    gen = torch.Generator().manual_seed(N)
+    x, W = torch.randn(shape, generator=gen), torch.randn(N, shape[-1], generator=gen)
+    W = W.bfloat16().float() if bf16 else W
+    node = helper.make_node(ort_kernels.FP32_MATMUL, ["x", "w"], ["y"], domain=ort_kernels.DOMAIN, n=N)
+    graph = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(ort_kernels.panels(W.numpy()[None])[0], "w")])
+    m = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18),
+                                                               helper.make_opsetid(ort_kernels.DOMAIN, 1)])
+    assert ort_kernels.narrow_bf16(m) == int(bf16)
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(ort_kernels.library())
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
+    want = x @ W.T
+    assert got.shape == want.shape and (got.numel() == 0 or rel_err(got, want) < 1e-6)
+    with pytest.raises(Exception, match=r"moec::Linear: x \[\.\.\., K\] and w \[ceil\(n/32\), K, 32\]"):
+        sess.run(None, {"x": np.ones((1, shape[-1] + 1), np.float32)})
+
+
+@F32
+def test_bf16_model_runs_as_its_fp32_upcast():
+    """A bf16 model on backend="onnxruntime": the session computes the model's fp32 upcast (logits to 1e-5 before
+    they are rounded to bf16, as the model returns them), every block and dense matrix on bf16 weights, generate
+    gives the upcast's greedy tokens, a cache the eager model filled is read (bf16 -> fp32)."""
+    import onnx
+
+    model = models.tiny_model("qwen2_moe", dtype=torch.bfloat16)
+    compiled = moec.compile(copy.deepcopy(model), backend="onnxruntime")
+    upcast = copy.deepcopy(model).float()
+    inputs = models.example_inputs(model, batch=2, seq=7)
+    with torch.no_grad():
+        want = upcast(**inputs).logits
+        for use_cache in (False, True):
+            got = compiled(**inputs, use_cache=use_cache).logits
+            # the same logits rounded to bf16 (a rare one may round the other way: 2^-8 on that logit)
+            assert got.dtype == torch.bfloat16 and rel_err(got.float(), want.bfloat16().float()) < 1e-3
+    ops = {n.op_type for n in onnx.load(moec.inspect(compiled).export.path).graph.node if n.domain == "moec"}
+    assert {"ExpertsBf16", "LinearBf16"} <= ops and not ops & {"Experts", "Linear"}, ops
+    inputs = models.example_inputs(model, batch=1, seq=4)
+    assert torch.equal(compiled.generate(**inputs, max_new_tokens=8, do_sample=False),
+                       upcast.generate(**inputs, max_new_tokens=8, do_sample=False))
+    with torch.no_grad():  # the eager bf16 model fills a cache; the session goes on from it
+        out = model(**inputs, use_cache=True)
+        ids = torch.tensor([[5]])
+        eager = model(input_ids=ids, past_key_values=copy.deepcopy(out.past_key_values), use_cache=True).logits
+        step = compiled(input_ids=ids, past_key_values=out.past_key_values, use_cache=True).logits
+    assert rel_err(step.float(), eager.float()) < 3e-2  # the eager bf16 model's rounding against fp32
