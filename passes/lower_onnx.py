@@ -42,7 +42,7 @@ import torch
 
 from moec.backends.onnx_backend import ort_activation, ort_quantized, interleave
 from moec.backends.torch_backend import capacity, capacity_kept, experts_dense, route_math
-from moec.bindings import Const
+from moec.bindings import Const, Param
 from moec.canonical import add_role, drop_unused_roles, role_value
 from moec.pass_manager import PassResult, register_pass
 from moec.passes.quantize_experts import quantized_tensors
@@ -131,7 +131,13 @@ def lower_onnx(gm) -> PassResult:
         if kept == "":  # moec's kernels in ORT: the node stays, exported as moec::Int4Experts / Experts (onnx_backend)
             stats["moec"] += 1
             fp32 = node.target is not torch.ops.moec.experts_int4
-            node.target = torch.ops.moec.experts if fp32 else node.target  # experts_loop: the same numbers
+            if fp32:  # experts_loop: the same numbers; weights the graph computes (Derived) as constants of the
+                node.target = torch.ops.moec.experts  # file, which panel_weights lays out
+                args = list(node.args)
+                for i, role in ((3, "w13"), (5, "w2")):
+                    if not isinstance(gm.meta["bindings"][args[i].target], (Param, Const)):
+                        args[i] = _const(gm, f"_moec_ort_{role}", role_value(gm, args[i]))
+                node.args = tuple(args)
             gm.meta["onnx"] = {"op": "moec::Experts" if fp32 else "moec::Int4Experts",
                                "why": f"moec's {'fp32' if fp32 else 'int4'} kernels in ONNX Runtime (custom op, "
                                       "backends/ort_kernels.py); routing in ONNX ops"}
