@@ -281,8 +281,14 @@ def translations() -> dict:
         # (ort_kernels.panel_weights)
         return moec_ops.Experts(x, ids, weights, w13, w2, gate_up=ort_kernels.GATE_UP[gate_up])
 
+    def int8_experts(x, ids, weights, q13, s13, b13, q2, s2, b2, activation: str, gated: bool, alpha: float,
+                     limit: float, weight_on_input: bool, gate_up: str, int8_activations: bool = False):
+        # weight-only int8 (lower_onnx), likewise laid out after the export
+        return moec_ops.ExpertsInt8(x, ids, weights, q13, q2, s13, s2, gate_up=ort_kernels.GATE_UP[gate_up])
+
     ort_kernels.register_schema()
     moec_ops = onnxscript.values.Opset(ort_kernels.DOMAIN, 1)
     return {torch.ops.moec.ort_moe.default: moe, torch.ops.moec.ort_qmoe.default: qmoe,
             torch.ops.moec.experts_int4.default: int4_experts, torch.ops.moec.experts.default: fp32_experts,
+            torch.ops.moec.experts_int8.default: int8_experts,
             torch.ops.moec.ort_gqa.default: gqa, torch.ops.moec.ort_linear_attention.default: linear_attention}

@@ -54,7 +54,7 @@ from moec.log import log
 
 DOMAIN = "moec"
 OP = "Int4Experts"
-EXPERTS = "Experts"  # fp32 weights in panels
+EXPERTS = "Experts"  # fp32 weights in panels (ExpertsBf16: in bf16, narrow_bf16; ExpertsInt8: moec's Int8Experts)
 FP32_MATMUL = "Linear"  # one fp32 matrix in panels: a dense layer's MatMul (moec.export_dense.moec_fp32_matmuls)
 MATMUL = "Int4MatMul"  # one matrix: a dense layer's MatMulNBits (moec.export_dense.moec_matmuls)
 GATE_UP = {"halves": 0, "halves_up_first": 1, "interleave": 2, "interleave_up_first": 3}  # moec.ir.GATE_UPS
@@ -79,7 +79,7 @@ typedef struct OrtCustomOpDomain OrtCustomOpDomain;
 typedef struct OrtSessionOptions OrtSessionOptions;
 typedef void *const *OrtApiTable;  /* struct OrtApi: function pointers in a fixed order that only grows */
 typedef struct { OrtApiTable (*GetApi)(uint32_t); const char *(*GetVersionString)(void); } OrtApiBase;
-enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2, T_FLOAT = 1, T_UINT8 = 2, T_INT64 = 7, T_BF16 = 16, REQUIRED = 0,
+enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2, T_FLOAT = 1, T_UINT8 = 2, T_INT8 = 3, T_INT64 = 7, T_BF16 = 16, REQUIRED = 0,
        OPTIONAL = 1 };
 enum { CreateStatus = 0, CreateCustomOpDomain = 26, CustomOpDomain_Add = 27, AddCustomOpDomain = 28,  /* OrtApi */
        GetTensorMutableData = 51, GetDimensionsCount = 61, GetDimensions = 62, GetTensorTypeAndShape = 65,
@@ -130,11 +130,14 @@ enum { NIN = 9, CH = 64 };  /* inputs; output channels per work item (a multiple
 static const int in_types[NIN] = {T_FLOAT, T_INT64, T_FLOAT, T_UINT8, T_FLOAT, T_UINT8, T_UINT8, T_FLOAT, T_UINT8};
 static const char *in_names[NIN] = {"x", "ids", "w", "q13", "s13", "z13", "q2", "s2", "z2"};
 
-typedef struct { int64_t a8, gate_up, tiles, n, bf16; } Kernel;
+enum { WT_F32 = 0, WT_BF16 = 1, WT_I8 = 2 };
+typedef struct { int64_t a8, gate_up, tiles, n, wt; } Kernel;  /* wt: the panels' weight type, WT_* */
 
 typedef struct {  /* one matrix of every expert, moec's int4 format: q [E, N, K/2], s [E, N, G], z [E, N, G] or NULL;
-                   tiles: q and s in the tile layout (moec_int4_tiles); or fp32 / bf16 weights in panels, f [E, P, K, 32] */
-    const uint8_t *q; const float *s; const uint8_t *z; int64_t N, K, G; int tiles; const void *f; int bf16;
+                   tiles: q and s in the tile layout (moec_int4_tiles); or weights in panels f [E, P, K, 32] of type
+                   wt (int8: times the channel's scale sc [E, N]) */
+    const uint8_t *q; const float *s; const uint8_t *z; int64_t N, K, G; int tiles; const void *f; int wt;
+    const float *sc;
 } Matrix;
 
 #ifdef __AVX512F__
@@ -143,29 +146,36 @@ typedef struct {  /* one matrix of every expert, moec's int4 format: q [E, N, K/
    output adds its K products in order of k, whatever the row count: a token's numbers do not depend on its batch.
    Rows go MR at a time over KC inputs of the panel (32 KB, L1-resident while the row blocks reuse it).
    bf16: the same panels in bf16 (half the bytes), each weight widened to fp32 (its bits shifted up: exact), so the
-   products and sums are the fp32 kernel's on the same values. */
+   products and sums are the fp32 kernel's on the same values. int8 (moec's Int8Experts: a scale per channel):
+   the integers widened to fp32 (exact), their products with x summed, the sum times the channel's scale. */
 enum { PANEL = 32, MR = 6, KC = 256 };
-INLINE void panel_load(const void *w, int64_t k, int bf16, __m512 *w0, __m512 *w1) {
-    if (bf16) {
+#define WT_BYTES(wt) ((wt) == WT_F32 ? 4 : (wt) == WT_BF16 ? 2 : 1)
+INLINE void panel_load(const void *w, int64_t k, int wt, __m512 *w0, __m512 *w1) {
+    if (wt == WT_BF16) {
         __m512i b = _mm512_loadu_si512((const uint16_t *)w + k * PANEL);
         *w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(b)), 16));
         *w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(b, 1)), 16));
+    } else if (wt == WT_I8) {
+        __m256i b = _mm256_loadu_si256((const __m256i *)((const int8_t *)w + k * PANEL));
+        *w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+        *w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
     } else {
         *w0 = _mm512_loadu_ps((const float *)w + k * PANEL);
         *w1 = _mm512_loadu_ps((const float *)w + k * PANEL + 16);
     }
 }
 
-INLINE void panel_rows(const float *x, int64_t K, const void *w, int64_t k0, int64_t k1, float *o, int64_t N,
-                       int nr, __mmask16 m0, __mmask16 m1, int bf16) {
+/* rows x [nr, .] (K apart) times nk inputs of a panel w (at those inputs) into o; acc: onto the sums so far */
+INLINE void panel_rows(const float *x, int64_t K, const void *w, int64_t nk, int acc, float *o, int64_t N,
+                       int nr, __mmask16 m0, __mmask16 m1, int wt) {
     __m512 a[MR][2];
-    UNROLL for (int r = 0; r < nr; r++) {  /* the sums so far (0 at k0 = 0) */
-        a[r][0] = k0 ? _mm512_maskz_loadu_ps(m0, o + r * N) : _mm512_setzero_ps();
-        a[r][1] = k0 ? _mm512_maskz_loadu_ps(m1, o + r * N + 16) : _mm512_setzero_ps();
+    UNROLL for (int r = 0; r < nr; r++) {
+        a[r][0] = acc ? _mm512_maskz_loadu_ps(m0, o + r * N) : _mm512_setzero_ps();
+        a[r][1] = acc ? _mm512_maskz_loadu_ps(m1, o + r * N + 16) : _mm512_setzero_ps();
     }
-    for (int64_t k = k0; k < k1; k++) {
+    for (int64_t k = 0; k < nk; k++) {
         __m512 w0, w1;
-        panel_load(w, k, bf16, &w0, &w1);
+        panel_load(w, k, wt, &w0, &w1);
         UNROLL for (int r = 0; r < nr; r++) {
             __m512 xv = _mm512_set1_ps(x[r * K + k]);
             a[r][0] = _mm512_fmadd_ps(xv, w0, a[r][0]);
@@ -178,36 +188,63 @@ INLINE void panel_rows(const float *x, int64_t K, const void *w, int64_t k0, int
     }
 }
 
+/* rows x [R, K] times inputs k0..k0+nk of a panel w (at k0) into out's 32 columns (masks m0, m1) */
+INLINE void row_blocks(const float *x, int64_t R, int64_t K, int64_t k0, const void *w, int64_t nk, float *out,
+                       int64_t N, __mmask16 m0, __mmask16 m1, int wt) {
+    for (int64_t r = 0; r < R; r += MR) {
+#define ROWS(NR) panel_rows(x + r * K + k0, K, w, nk, k0 > 0, out + r * N, N, NR, m0, m1, wt)
+        switch (R - r < MR ? R - r : MR) {  /* constant row counts: the accumulators stay in registers */
+        case 1: ROWS(1); break;
+        case 2: ROWS(2); break;
+        case 3: ROWS(3); break;
+        case 4: ROWS(4); break;
+        case 5: ROWS(5); break;
+        default: ROWS(6);
+        }
+#undef ROWS
+    }
+}
+
 /* out[r, j] = x[r] . W[j] for rows r < R of x [R, K], channels j0 <= j < j1 (j0 a multiple of 32), W [N, K] in
-   panels w [ceil(N/32), K, 32] (fp32, or bf16); out's rows N apart */
+   panels w [ceil(N/32), K, 32] of type wt (int8: times sc[j]); out's rows N apart */
 INLINE void panels_any(const float *x, int64_t R, int64_t K, const void *w, float *out, int64_t N, int64_t j0,
-                       int64_t j1, int bf16) {
+                       int64_t j1, int wt, const float *sc) {
+    float buf[R > MR && wt != WT_F32 ? KC * PANEL : 1];
     for (int64_t j = j0; j < j1; j += PANEL) {
         int64_t n = j1 - j < PANEL ? j1 - j : PANEL;
         __mmask16 m0 = n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1), m1 = n > 16 ? (__mmask16)((1u << (n - 16)) - 1) : 0;
-        const char *wp = (const char *)w + j / PANEL * K * PANEL * (bf16 ? 2 : 4);
+        const char *wp = (const char *)w + j / PANEL * K * PANEL * WT_BYTES(wt);
         for (int64_t k0 = 0; k0 < K; k0 += KC) {
-            int64_t k1 = k0 + KC < K ? k0 + KC : K;
-            for (int64_t r = 0; r < R; r += MR) {
-#define ROWS(NR) panel_rows(x + r * K, K, wp, k0, k1, out + r * N + j, N, NR, m0, m1, bf16)
-                switch (R - r < MR ? R - r : MR) {  /* constant row counts: the accumulators stay in registers */
-                case 1: ROWS(1); break;
-                case 2: ROWS(2); break;
-                case 3: ROWS(3); break;
-                case 4: ROWS(4); break;
-                case 5: ROWS(5); break;
-                default: ROWS(6);
+            int64_t nk = (k0 + KC < K ? k0 + KC : K) - k0;
+            const void *wk = wp + k0 * PANEL * WT_BYTES(wt);
+            if (R > MR && wt != WT_F32) {  /* several row blocks: this part of the panel widened once, into L1 */
+                for (int64_t k = 0; k < nk; k++) {
+                    __m512 w0, w1;
+                    panel_load(wk, k, wt, &w0, &w1);
+                    _mm512_storeu_ps(buf + k * PANEL, w0);
+                    _mm512_storeu_ps(buf + k * PANEL + 16, w1);
                 }
-#undef ROWS
+                row_blocks(x, R, K, k0, buf, nk, out + j, N, m0, m1, WT_F32);
+            } else {
+                row_blocks(x, R, K, k0, wk, nk, out + j, N, m0, m1, wt);
+            }
+        }
+        if (wt == WT_I8) {  /* the channels' scales, once their sums are whole */
+            __m512 s0 = _mm512_maskz_loadu_ps(m0, sc + j), s1 = _mm512_maskz_loadu_ps(m1, sc + j + 16);
+            for (int64_t r = 0; r < R; r++) {
+                float *o = out + r * N + j;
+                _mm512_mask_storeu_ps(o, m0, _mm512_mul_ps(_mm512_maskz_loadu_ps(m0, o), s0));
+                _mm512_mask_storeu_ps(o + 16, m1, _mm512_mul_ps(_mm512_maskz_loadu_ps(m1, o + 16), s1));
             }
         }
     }
 }
 
 static void moec_panels(const float *x, int64_t R, int64_t K, const void *w, float *out, int64_t N, int64_t j0,
-                        int64_t j1, int bf16) {
-    if (bf16) panels_any(x, R, K, w, out, N, j0, j1, 1);
-    else panels_any(x, R, K, w, out, N, j0, j1, 0);
+                        int64_t j1, int wt, const float *sc) {
+    if (wt == WT_BF16) panels_any(x, R, K, w, out, N, j0, j1, WT_BF16, sc);
+    else if (wt == WT_I8) panels_any(x, R, K, w, out, N, j0, j1, WT_I8, sc);
+    else panels_any(x, R, K, w, out, N, j0, j1, WT_F32, sc);
 }
 #endif
 
@@ -230,8 +267,8 @@ static void gemm_item(void *p, size_t item) {  /* (active expert, CH output chan
 #ifdef __AVX512F__
     if (m->f) {
         moec_panels((const float *)s->in + r0 * m->K, s->first[e + 1] - r0, m->K,
-                    (const char *)m->f + e * ((m->N + PANEL - 1) / PANEL) * m->K * PANEL * (m->bf16 ? 2 : 4),
-                    s->out + r0 * m->N, m->N, j0, j1, m->bf16);
+                    (const char *)m->f + e * ((m->N + PANEL - 1) / PANEL) * m->K * PANEL * WT_BYTES(m->wt),
+                    s->out + r0 * m->N, m->N, j0, j1, m->wt, m->sc ? m->sc + e * m->N : NULL);
         return;
     }
 #endif
@@ -437,18 +474,21 @@ static OrtStatus *run(const char *op, Step *s, OrtKernelContext *ctx, int64_t E,
 /* moec::Experts(x [T, H] fp32, ids [T, k] int64, w [T, k] fp32, w13 [E, ceil(2I/32), H, 32] fp32,
    w2 [E, ceil(H/32), I, 32] fp32; gate_up) -> y [T, H]: fp32 experts, weights in panels (moec_panels;
    `panel_weights` lays out the session's file), the same phases as Int4Experts. moec::ExpertsBf16: w13 and w2 in
-   bf16 (`narrow_bf16`). */
+   bf16 (`narrow_bf16`). moec::ExpertsInt8(..., w13 int8, w2 int8, s13 [E, 2I], s2 [E, H]): moec's Int8Experts,
+   weight-only (a scale per channel). */
 #define XP "Experts"
-enum { XIN = 5 };
+enum { XIN = 5, XIN8 = 7 };
 static const int xp_types[XIN] = {T_FLOAT, T_INT64, T_FLOAT, T_FLOAT, T_FLOAT};
 static const int xb_types[XIN] = {T_FLOAT, T_INT64, T_FLOAT, T_BF16, T_BF16};
-static const char *xp_names[XIN] = {"x", "ids", "w", "w13", "w2"};
+static const int x8_types[XIN8] = {T_FLOAT, T_INT64, T_FLOAT, T_INT8, T_INT8, T_FLOAT, T_FLOAT};
+static const char *xp_names[XIN8] = {"x", "ids", "w", "w13", "w2", "s13", "s2"};
 
 static OrtStatus *experts_f32(void *kernel, OrtKernelContext *ctx) {
     const Kernel *kn = kernel;
-    Input in[XIN];
-    for (size_t i = 0; i < XIN; i++) CHECK(get_input(XP, ctx, i, xp_names, in + i));
-    const Input *x = in, *ids = in + 1, *w = in + 2, *w13 = in + 3, *w2 = in + 4;
+    Input in[XIN8] = {0};
+    size_t n = kn->wt == WT_I8 ? XIN8 : XIN;
+    for (size_t i = 0; i < n; i++) CHECK(get_input(XP, ctx, i, xp_names, in + i));
+    const Input *x = in, *ids = in + 1, *w = in + 2, *w13 = in + 3, *w2 = in + 4, *s13 = in + 5, *s2 = in + 6;
     if (x->rank != 2 || ids->rank != 2 || ids->dims[0] != x->dims[0] || w->rank != 2 || w->dims[0] != ids->dims[0] ||
         w->dims[1] != ids->dims[1])
         return error(XP, ORT_INVALID_ARGUMENT, "x [T, H], ids [T, k] and w [T, k] do not fit");
@@ -457,10 +497,13 @@ static OrtStatus *experts_f32(void *kernel, OrtKernelContext *ctx) {
         w13->dims[1] != (2 * I + 31) / 32 || w13->dims[2] != H || w2->dims[1] != (H + 31) / 32 || I == 0)
         return error(XP, ORT_INVALID_ARGUMENT, "w13 [E, ceil(2I/32), H, 32] and w2 [E, ceil(H/32), I, 32] ("
                      "weights in panels: ort_kernels.panel_weights) do not fit x [T, %lld]", (long long)H);
+    if (n == XIN8 && (s13->rank != 2 || s13->dims[0] != E || s13->dims[1] != 2 * I || s2->rank != 2 ||
+                      s2->dims[0] != E || s2->dims[1] != H))
+        return error(XP, ORT_INVALID_ARGUMENT, "s13 [E, 2I] and s2 [E, H] (the channels' scales) do not fit");
 #ifdef __AVX512F__
     Step s = {.gate_up = (int)kn->gate_up, .T = x->dims[0], .k = ids->dims[1], .H = H, .I = I, .x = x->data,
-              .w = w->data, .m13 = {.N = 2 * I, .K = H, .f = w13->data, .bf16 = (int)kn->bf16},
-              .m2 = {.N = H, .K = I, .f = w2->data, .bf16 = (int)kn->bf16}};
+              .w = w->data, .m13 = {.N = 2 * I, .K = H, .f = w13->data, .wt = (int)kn->wt, .sc = s13->data},
+              .m2 = {.N = H, .K = I, .f = w2->data, .wt = (int)kn->wt, .sc = s2->data}};
     int64_t dims[2] = {s.T, H};
     OrtValue *y;
     CHECK(CALL((OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **), KernelContext_GetOutput, ctx, 0,
@@ -522,28 +565,33 @@ static OrtStatus *matmul(void *kernel, OrtKernelContext *ctx) {
 }
 
 /* moec::Linear(x [..., K] fp32, w [ceil(N/32), K, 32] fp32; n) -> y [..., N] = x W^T: a dense layer's fp32 weights
-   in panels (moec.export_dense.moec_fp32_matmuls), every row on moec_panels. moec::LinearBf16: w in bf16. */
+   in panels (moec.export_dense.moec_fp32_matmuls), every row on moec_panels. moec::LinearBf16: w in bf16;
+   moec::LinearInt8(x, w int8, s [N]): int8 weights, a scale per channel. */
 #define FM "Linear"
-enum { FIN = 2 };
+enum { FIN = 2, FIN8 = 3 };
 static const int fm_types[FIN] = {T_FLOAT, T_FLOAT};
 static const int fb_types[FIN] = {T_FLOAT, T_BF16};
-static const char *fm_names[FIN] = {"x", "w"};
+static const int f8_types[FIN8] = {T_FLOAT, T_INT8, T_FLOAT};
+static const char *fm_names[FIN8] = {"x", "w", "s"};
 
 static OrtStatus *matmul_f32(void *kernel, OrtKernelContext *ctx) {
     const Kernel *kn = kernel;
-    Input in[FIN];
-    for (size_t i = 0; i < FIN; i++) CHECK(get_input(FM, ctx, i, fm_names, in + i));
-    const Input *x = in, *w = in + 1;
+    Input in[FIN8] = {0};
+    size_t n = kn->wt == WT_I8 ? FIN8 : FIN;
+    for (size_t i = 0; i < n; i++) CHECK(get_input(FM, ctx, i, fm_names, in + i));
+    const Input *x = in, *w = in + 1, *sc = in + 2;
     int64_t K = x->rank ? x->dims[x->rank - 1] : 0, N = kn->n, R = K ? x->numel / K : 0;
     if (x->rank < 1 || w->rank != 3 || w->dims[0] != (N + 31) / 32 || w->dims[1] != K || w->dims[2] != 32 || N <= 0)
         return error(FM, ORT_INVALID_ARGUMENT, "x [..., K] and w [ceil(n/32), K, 32] (weights in panels: "
                      "ort_kernels.panel_weights) do not fit, n = %lld", (long long)N);
+    if (n == FIN8 && (sc->rank != 1 || sc->dims[0] != N))
+        return error(FM, ORT_INVALID_ARGUMENT, "s [n] (the channels' scales) does not fit n = %lld", (long long)N);
 #ifdef __AVX512F__
     int64_t dims[4], first[2] = {0, R}, active[1] = {0};
     memcpy(dims, x->dims, sizeof dims);
     dims[x->rank - 1] = N;
     Step s = {.T = R, .k = 1, .H = K, .first = first, .active = active, .in = x->data,
-              .m13 = {.N = N, .K = K, .f = w->data, .bf16 = (int)kn->bf16}};
+              .m13 = {.N = N, .K = K, .f = w->data, .wt = (int)kn->wt, .sc = sc->data}};
     OrtValue *y;
     CHECK(CALL((OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **), KernelContext_GetOutput, ctx, 0,
                dims, x->rank, &y));
@@ -559,13 +607,14 @@ static OrtStatus *create(const OrtCustomOp *op, OrtApiTable a, const OrtKernelIn
     Kernel *kn = calloc(1, sizeof *kn);
     if (!kn)
         return error(OP, ORT_FAIL, "out of memory");
-    size_t n = op->GetInputTypeCount(op);  /* NIN: Int4Experts, MIN: Int4MatMul; XIN, FIN: fp32 (no int8_activations) */
-    OrtStatus *st = n == XIN || n == FIN ? NULL : CALL((const OrtKernelInfo *, const char *, int64_t *),
-                                                       KernelInfoGetAttribute_int64, info, "int8_activations", &kn->a8);
-    kn->bf16 = strstr(op->GetName(op), "Bf16") != NULL;
-    if (!st && n == FIN)  /* MatMul: its channels */
+    size_t n = op->GetInputTypeCount(op);  /* NIN: Int4Experts, MIN: Int4MatMul; XIN(8), FIN(8): panels (no a8) */
+    OrtStatus *st = n == XIN || n == XIN8 || n == FIN || n == FIN8
+        ? NULL : CALL((const OrtKernelInfo *, const char *, int64_t *), KernelInfoGetAttribute_int64, info,
+                      "int8_activations", &kn->a8);
+    kn->wt = strstr(op->GetName(op), "Bf16") ? WT_BF16 : strstr(op->GetName(op), "Int8") ? WT_I8 : WT_F32;
+    if (!st && (n == FIN || n == FIN8))  /* Linear: its channels */
         st = CALL((const OrtKernelInfo *, const char *, int64_t *), KernelInfoGetAttribute_int64, info, "n", &kn->n);
-    if (!st && (n == NIN || n == XIN))  /* the experts' ops: FC1's row order */
+    if (!st && (n == NIN || n == XIN || n == XIN8))  /* the experts' ops: FC1's row order */
         st = CALL((const OrtKernelInfo *, const char *, int64_t *), KernelInfoGetAttribute_int64, info, "gate_up",
                   &kn->gate_up);
     if (!st && (kn->gate_up < 0 || kn->gate_up > 3))
@@ -612,9 +661,15 @@ static int xb_input_type(const OrtCustomOp *op, size_t i) { return xb_types[i]; 
 static size_t xp_inputs(const OrtCustomOp *op) { return XIN; }
 static int xp_input_kind(const OrtCustomOp *op, size_t i) { return REQUIRED; }
 
+static const char *xi_name(const OrtCustomOp *op) { return "ExpertsInt8"; }
+static int xi_input_type(const OrtCustomOp *op, size_t i) { return x8_types[i]; }
+static size_t xi_inputs(const OrtCustomOp *op) { return XIN8; }
 static const char *fm_name(const OrtCustomOp *op) { return "Linear"; }
 static int fm_input_type(const OrtCustomOp *op, size_t i) { return fm_types[i]; }
 static const char *fb_name(const OrtCustomOp *op) { return "LinearBf16"; }
+static const char *fi_name(const OrtCustomOp *op) { return "LinearInt8"; }
+static int fi_input_type(const OrtCustomOp *op, size_t i) { return f8_types[i]; }
+static size_t fi_inputs(const OrtCustomOp *op) { return FIN8; }
 static int fb_input_type(const OrtCustomOp *op, size_t i) { return fb_types[i]; }
 static size_t fm_inputs(const OrtCustomOp *op) { return FIN; }
 
@@ -635,6 +690,12 @@ static const OrtCustomOp xp_op = {OP_FIELDS, .GetName = xp_name, .GetInputType =
 static const OrtCustomOp xb_op = {OP_FIELDS, .GetName = xb_name, .GetInputType = xb_input_type,
                                   .GetInputTypeCount = xp_inputs, .GetInputCharacteristic = xp_input_kind,
                                   .KernelComputeV2 = experts_f32};
+static const OrtCustomOp xi_op = {OP_FIELDS, .GetName = xi_name, .GetInputType = xi_input_type,
+                                  .GetInputTypeCount = xi_inputs, .GetInputCharacteristic = xp_input_kind,
+                                  .KernelComputeV2 = experts_f32};
+static const OrtCustomOp fi_op = {OP_FIELDS, .GetName = fi_name, .GetInputType = fi_input_type,
+                                  .GetInputTypeCount = fi_inputs, .GetInputCharacteristic = xp_input_kind,
+                                  .KernelComputeV2 = matmul_f32};
 static const OrtCustomOp fm_op = {OP_FIELDS, .GetName = fm_name, .GetInputType = fm_input_type,
                                   .GetInputTypeCount = fm_inputs, .GetInputCharacteristic = xp_input_kind,
                                   .KernelComputeV2 = matmul_f32};
@@ -664,6 +725,8 @@ EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase
     CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &fm_op));
     CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &xb_op));
     CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &fb_op));
+    CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &xi_op));
+    CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &fi_op));
     CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &mm_op));
     CHECK(CALL((OrtCustomOpDomain *, const void *), CustomOpDomain_Add, domain, &at_op));
     return CALL((OrtSessionOptions *, OrtCustomOpDomain *), AddCustomOpDomain, options, domain);
@@ -721,6 +784,11 @@ def register_schema() -> None:
             (EXPERTS + "Bf16", {"x": "float", "ids": "int64", "w": "float", "w13": "bfloat16", "w2": "bfloat16"},
              [OpSchema.Attribute("gate_up", OpSchema.AttrType.INT, "FC1's row order, GATE_UP")]),
             (FP32_MATMUL + "Bf16", {"x": "float", "w": "bfloat16"},
+             [OpSchema.Attribute("n", OpSchema.AttrType.INT, "output channels")]),
+            (EXPERTS + "Int8", {"x": "float", "ids": "int64", "w": "float", "w13": "int8", "w2": "int8",
+                                "s13": "float", "s2": "float"},
+             [OpSchema.Attribute("gate_up", OpSchema.AttrType.INT, "FC1's row order, GATE_UP")]),
+            (FP32_MATMUL + "Int8", {"x": "float", "w": "int8", "s": "float"},
              [OpSchema.Attribute("n", OpSchema.AttrType.INT, "output channels")]),
             (MATMUL, {"x": "float", "q": "uint8", "s": "float", "z": "uint8"}, [a8, tiles])):
         if onnx.defs.has(op, DOMAIN):
@@ -816,29 +884,29 @@ def narrow_bf16(proto, base_dir: str = "") -> int:
 
 
 def panel_weights(proto, base_dir: str = "") -> int:
-    """Each moec::Experts node of `proto` gets its weights [E, N, K] in panels (new initializers `<name>_panels`;
-    FC1's rows in halves, gate_up 0), the op's only layout: export_onnx makes these nodes only where this CPU's
-    build has the kernel (lower_onnx). Returns how many nodes; a node whose weights are not initializers is an
-    error (the op could not run)."""
+    """Each moec::Experts / ExpertsInt8 node of `proto` gets its weights [E, N, K] in panels (new initializers
+    `<name>_panels`; FC1's rows in halves, its scales s13 [E, 2I] too, gate_up 0), the ops' only layout:
+    export_onnx makes these nodes only where this CPU's build has the kernel (lower_onnx). Returns how many nodes;
+    a node whose weights are not initializers is an error (the op could not run)."""
     from onnx import helper, numpy_helper
 
     inits = {t.name: t for t in proto.graph.initializer}
     done, count = {}, 0
     for n in proto.graph.node:
-        if n.domain != DOMAIN or n.op_type != EXPERTS:
+        if n.domain != DOMAIN or n.op_type not in (EXPERTS, EXPERTS + "Int8"):
             continue
         a = {x.name: x for x in n.attribute}
         gate_up = a["gate_up"].i
-        for i in (3, 4):
+        for i in (3, 4, 5)[:3 if len(n.input) > 5 else 2]:  # w13, w2 (and s13)
             name = n.input[i]
             if name not in inits:
                 raise RuntimeError(f"moec::Experts node {n.name}: its weight {name} is not a constant of the file")
-            key = (name, gate_up if i == 3 else 0)
+            key = (name, gate_up if i != 4 else 0)
             if key not in done:
                 w = numpy_helper.to_array(inits[name], base_dir)
+                w = halves(w, gate_up) if i != 4 else w
                 done[key] = f"{name}_panels" if key[1] == 0 else f"{name}_panels{gate_up}"
-                proto.graph.initializer.append(numpy_helper.from_array(
-                    panels(halves(w, gate_up) if i == 3 else w), done[key]))
+                proto.graph.initializer.append(numpy_helper.from_array(panels(w) if i < 5 else w, done[key]))
             n.input[i] = done[key]
         n.attribute.remove(a["gate_up"])
         n.attribute.append(helper.make_attribute("gate_up", 0))
@@ -902,7 +970,7 @@ def _self_test(path: str) -> None:
 
     from moec.backends import cpu_native
     from moec.backends.torch_backend import quantized_linear
-    from moec.quant import Int4Experts, quantize
+    from moec.quant import Int4Experts, Int8Experts, quantize
 
     g = torch.Generator().manual_seed(0)
     T, H, I, E, k = 3, 64, 64, 4, 2
@@ -958,24 +1026,38 @@ def _self_test(path: str) -> None:
         err = ((got - want).norm() / want.norm()).item()
         if not err < 1e-5:
             raise RuntimeError(f"its self-test differs from moec::experts ({dtype} weights; relative error {err:.2e})")
+    if cpu_native.has_f32():  # int8 weights, a scale per channel
+        t13, t2 = quantize(Int8Experts(), w13), quantize(Int8Experts(), w2)
+        got = torch.from_numpy(experts_session(
+            path, t13["q"].numpy(), t2["q"].numpy(), GATE_UP["interleave"], s13=t13["scale"].numpy(),
+            s2=t2["scale"].numpy()).run(None, {"x": x.numpy(), "ids": ids.numpy(), "w": w.numpy()})[0])
+        want = torch.ops.moec.experts_int8(x, ids, w, t13["q"], t13["scale"], None, t2["q"], t2["scale"], None, "silu",
+                                           True, 1.0, 0.0, False, "interleave")
+        err = ((got - want).norm() / want.norm()).item()
+        if not err < 1e-5:
+            raise RuntimeError(f"its self-test differs from moec::experts_int8 (relative error {err:.2e})")
 
 
-def experts_session(path: str, w13: np.ndarray, w2: np.ndarray, gate_up: int, options=None):
+def experts_session(path: str, w13: np.ndarray, w2: np.ndarray, gate_up: int, options=None, s13=None, s2=None):
     """A session of one moec::Experts node with fp32 weights w13 [E, 2I, H] (rows in `gate_up` order) and w2
-    [E, H, I], laid out by panel_weights (and narrow_bf16: ExpertsBf16 where they are bf16 numbers); inputs "x",
-    "ids", "w"."""
+    [E, H, I], laid out by panel_weights (and narrow_bf16: ExpertsBf16 where they are bf16 numbers); with the
+    channels' scales s13 [E, 2I] and s2 [E, H], moec::ExpertsInt8 on int8 w13 and w2. Inputs "x", "ids", "w"."""
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
-    node = helper.make_node(EXPERTS, ["x", "ids", "w", "w13", "w2"], ["y"], domain=DOMAIN, gate_up=gate_up)
+    int8 = s13 is not None
+    weights = {"w13": w13, "w2": w2, **({"s13": s13, "s2": s2} if int8 else {})}
+    node = helper.make_node(EXPERTS + "Int8" * int8, ["x", "ids", "w", *weights], ["y"], domain=DOMAIN,
+                            gate_up=gate_up)
     graph = helper.make_graph(
         [node], "moec_experts",
         [helper.make_tensor_value_info(n, t, None) for n, t in (("x", onnx.TensorProto.FLOAT),
                                                                  ("ids", onnx.TensorProto.INT64),
                                                                  ("w", onnx.TensorProto.FLOAT))],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(np.asarray(w13, np.float32), "w13"), numpy_helper.from_array(np.asarray(w2, np.float32), "w2")])
+        [numpy_helper.from_array(np.asarray(v, np.int8 if n[0] == "w" and int8 else np.float32), n)
+         for n, v in weights.items()])
     model = helper.make_model(graph, ir_version=10,
                               opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
     panel_weights(model)

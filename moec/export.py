@@ -47,7 +47,8 @@ PROVIDERS = ("cpu", "cuda")
 @dataclass
 class ExportBlock:
     path: str
-    op: str  # "MoE", "QMoE", "fallback" (standard ONNX ops), "moec::Int4Experts" or "moec::Experts" (backend="onnxruntime" only)
+    op: str  # "MoE", "QMoE", "fallback" (standard ONNX ops), or moec's "moec::Int4Experts", "moec::ExpertsInt8",
+    #          "moec::Experts" (backend="onnxruntime" only)
     why: str  # the routing fed to the contrib op, or why the block fell back
     router: str
     experts: str
@@ -665,7 +666,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         info = resolve(work, b.path).__dict__["_moec_graph"].meta["onnx"]
         report.blocks.append(ExportBlock(b.path, info["op"], info["why"], b.router, b.experts))
     nodes = sum((n.domain, n.op_type) in (("com.microsoft", "MoE"), ("com.microsoft", "QMoE"), ("moec", "Int4Experts"),
-                                          ("moec", "Experts"), ("moec", "ExpertsBf16"))
+                                          ("moec", "Experts"), ("moec", "ExpertsBf16"), ("moec", "ExpertsInt8"))
                 for n in proto.graph.node)
     contrib = sum(b.op != "fallback" for b in report.blocks)
     if nodes != contrib:  # each rewritten block must be exactly its one node

@@ -20,9 +20,10 @@ experts as ONE op that exports to ONNX Runtime's contrib node, weights in ORT's 
         log-weights routing, x s*sum(w) after: the block is the sum of its slices
     input-side weighting, top-1 (Llama 4): x * w [T, H] into the op, log-weights of weight 1
 
-moec's kernels (backend="onnxruntime" asks for them, export_onnx's files never hold them): int4 and fp32 experts
-of gated SiLU without biases stay `moec.experts_int4` / `moec.experts`, exported as moec::Int4Experts /
-moec::Experts (backends/ort_kernels.py, custom ops the session registers), ids and w from the graph's routing:
+moec's kernels (backend="onnxruntime" asks for them, export_onnx's files never hold them): int4, weight-only int8
+and fp32 experts of gated SiLU without biases stay `moec.experts_int4` / `experts_int8` / `experts`, exported as
+moec::Int4Experts / ExpertsInt8 / Experts (backends/ort_kernels.py, custom ops the session registers), ids and w
+from the graph's routing:
 
         y = moec.experts_int4(x, ids, w, Q13, S13, Z13?, None, Q2, S2, Z2?, None, ...)   # unchanged
         y = moec.experts(x, ids, w, W13, None, W2, None, ...)                            # (experts_loop -> experts)
@@ -130,7 +131,7 @@ def lower_onnx(gm) -> PassResult:
         kept = None if reason else moec_kernel_reason(gm, node, spec, dtype)
         if kept == "":  # moec's kernels in ORT: the node stays, exported as moec::Int4Experts / Experts (onnx_backend)
             stats["moec"] += 1
-            fp32 = node.target is not torch.ops.moec.experts_int4
+            fp32 = node.target in (torch.ops.moec.experts, torch.ops.moec.experts_loop)
             if fp32:  # experts_loop: the same numbers; weights the graph computes (Derived) as constants of the
                 node.target = torch.ops.moec.experts  # file, which panel_weights lays out
                 args = list(node.args)
@@ -138,9 +139,11 @@ def lower_onnx(gm) -> PassResult:
                     if not isinstance(gm.meta["bindings"][args[i].target], (Param, Const)):
                         args[i] = _const(gm, f"_moec_ort_{role}", role_value(gm, args[i]))
                 node.args = tuple(args)
-            gm.meta["onnx"] = {"op": "moec::Experts" if fp32 else "moec::Int4Experts",
-                               "why": f"moec's {'fp32' if fp32 else 'int4'} kernels in ONNX Runtime (custom op, "
-                                      "backends/ort_kernels.py); routing in ONNX ops"}
+            kind = "fp32" if fp32 else "int8" if node.target is torch.ops.moec.experts_int8 else "int4"
+            gm.meta["onnx"] = {"op": {"fp32": "moec::Experts", "int8": "moec::ExpertsInt8",
+                                      "int4": "moec::Int4Experts"}[kind],
+                               "why": f"moec's {kind} kernels in ONNX Runtime (custom op, backends/ort_kernels.py); "
+                                      "routing in ONNX ops"}
             continue
         with g.inserting_before(node):
             if reason:
@@ -165,23 +168,26 @@ def lower_onnx(gm) -> PassResult:
 def moec_kernel_reason(gm, node, spec, dtype) -> str | None:
     """None: moec's kernels were not asked for (export_onnx's files run on any ONNX Runtime); "": this int4 or fp32
     block runs them (the backend="onnxruntime" session registers backends/ort_kernels.py); else why it does not."""
-    if not gm.meta["options"].get("onnx", {}).get("moec_kernels") or node.target is torch.ops.moec.experts_int8:
+    if not gm.meta["options"].get("onnx", {}).get("moec_kernels"):
         return None
     from moec.backends import cpu_native, ort_kernels
 
     e, cfg = spec.experts, spec.quant
-    int4 = node.target is torch.ops.moec.experts_int4
+    int4, int8 = node.target is torch.ops.moec.experts_int4, node.target is torch.ops.moec.experts_int8
+    if int8 and cfg.activations == "int8":
+        return "their int8 experts are weight-only (QMoE rounds the activations as asked)"
     b13, b2 = _biases(node)
     if not (e.gated and e.activation == "silu") or e.weight_on_input or b13 is not None or b2 is not None:
         return "they take gated SiLU experts without biases"
     if dtype != torch.float32 or int4 and cfg.group_size not in (32, 64, 128):
         return "they take fp32 activations" + " and groups of 32, 64 or 128" * int4
-    if not int4 and (role_value(gm, node.args[3]).dtype, role_value(gm, node.args[5]).dtype) != (dtype, dtype):
+    if not (int4 or int8) and (role_value(gm, node.args[3]).dtype, role_value(gm, node.args[5]).dtype) != (dtype,
+                                                                                                          dtype):
         return "they take fp32 weights"
     if ort_kernels.library() is None:
         return "the library is not built (see the log)"
     if (not int4 or cfg.activations != "int8") and not cpu_native.has_f32():
-        return "fp32 " + ("weights" if not int4 else "rows") + " need an AVX-512 CPU"
+        return ("fp32 rows" if int4 else "weights in panels") + " need an AVX-512 CPU"
     return ""
 
 

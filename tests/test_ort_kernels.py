@@ -511,3 +511,49 @@ def test_bf16_model_runs_as_its_fp32_upcast():
         eager = model(input_ids=ids, past_key_values=copy.deepcopy(out.past_key_values), use_cache=True).logits
         step = compiled(input_ids=ids, past_key_values=out.past_key_values, use_cache=True).logits
     assert rel_err(step.float(), eager.float()) < 3e-2  # the eager bf16 model's rounding against fp32
+
+
+@F32
+@pytest.mark.parametrize("gate_up", ["halves", "interleave_up_first"])
+@pytest.mark.parametrize("T,H,I,E,k", [(1, 128, 96, 8, 2), (7, 48, 40, 8, 2), (64, 64, 272, 64, 6), (0, 64, 64, 8, 2)])
+def test_int8_node_equals_moec_experts_int8(T, H, I, E, k, gate_up):
+    """moec::ExpertsInt8 (int8 panels, a scale per channel, FC1's scales reordered with its rows) against
+    moec::experts_int8 weight-only; large activations too."""
+    from moec.quant import Int8Experts
+
+    for scale in (1.0, 1e4):
+        x, ids, w, w13, w2 = _f32_case(T, H, I, E, k, seed=T + 1, scale=scale)
+        t13, t2 = quantize(Int8Experts(), w13), quantize(Int8Experts(), w2)
+        sess = ort_kernels.experts_session(ort_kernels.library(), t13["q"].numpy(), t2["q"].numpy(),
+                                           ort_kernels.GATE_UP[gate_up], s13=t13["scale"].numpy(),
+                                           s2=t2["scale"].numpy())
+        got = torch.from_numpy(sess.run(None, {"x": x.numpy(), "ids": ids.numpy(), "w": w.numpy()})[0])
+        want = torch.ops.moec.experts_int8(x, ids, w, t13["q"], t13["scale"], None, t2["q"], t2["scale"], None,
+                                           "silu", True, 1.0, 0.0, False, gate_up)
+        assert got.shape == want.shape and (got.numel() == 0 or rel_err(got, want) < 1e-6), rel_err(got, want)
+    with pytest.raises(Exception, match=r"moec::Experts: s13 \[E, 2I\] and s2 \[E, H\]"):
+        ort_kernels.experts_session(ort_kernels.library(), t13["q"].numpy(), t2["q"].numpy(), 0,
+                                    s13=t13["scale"][:, :-1].numpy(), s2=t2["scale"].numpy()).run(
+            None, {"x": x.numpy(), "ids": ids.numpy(), "w": w.numpy()})
+
+
+@F32
+def test_backend_runs_int8_experts_weight_only_only():
+    """Int8Experts() on backend="onnxruntime": moec::ExpertsInt8, the torch backend's logits and tokens; with
+    int8 activations the blocks stay QMoE (they round the activations, as asked) and say why."""
+    model = models.tiny_model("mixtral")
+    compiled = moec.compile(copy.deepcopy(model), backend="onnxruntime", quantize=moec.Int8Experts())
+    reference = moec.compile(copy.deepcopy(model), quantize=moec.Int8Experts())
+    inputs = models.example_inputs(model, batch=2, seq=7)
+    with torch.no_grad():
+        for use_cache in (False, True):
+            assert rel_err(compiled(**inputs, use_cache=use_cache).logits, reference(**inputs).logits) < 1e-5
+    inputs = models.example_inputs(model, batch=1, seq=4)
+    assert torch.equal(compiled.generate(**inputs, max_new_tokens=8, do_sample=False),
+                       reference.generate(**inputs, max_new_tokens=8, do_sample=False))
+    assert {b.op for b in moec.inspect(compiled).export.blocks} == {"moec::ExpertsInt8"}
+    a8 = moec.compile(copy.deepcopy(model), backend="onnxruntime", quantize=moec.Int8Experts(activations="int8"))
+    with torch.no_grad():
+        a8(**inputs)
+    blocks = moec.inspect(a8).export.blocks
+    assert {b.op for b in blocks} == {"QMoE"} and "weight-only" in blocks[0].why, blocks[0].why
