@@ -119,7 +119,7 @@ class Report:
             how = "int8 activations" if self.dense.activations == "int8" else "weight-only"
             q += f", {self.dense_layers} dense nn.Linear layers {self.dense.describe()} ({how}, moec's CPU kernels)"
         elif self.dense:
-            q += f", dense MatMuls {self.dense.describe()} (ONNX Runtime's MatMulNBits)"
+            q += f", dense MatMuls {self.dense.describe()} (in the ONNX Runtime session)"
         q += (f", {self.decode_linears} nn.Linear layers on moec's CPU kernel at decode (fp32, up to 4 rows)"
               if self.decode_linears else "")
         q += f", {self.cuda_graphs.describe()}" if self.cuda_graphs is not None else ""
@@ -439,7 +439,9 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         routers, 1-column gates or the layers of blocks moec left alone) in that format, as llama.cpp's quantized files have them. Backend torch (CPU):
         each nn.Linear becomes a moec.quant.QuantLinear on moec's kernels, checked once on its weights, its fp32
         weight released (see moec.backends.cpu_dense; left-alone layers in moec.inspect). onnxruntime: the
-        MatMuls as MatMulNBits, as moec.export_onnx(dense=) writes them. Quality: docs/quality.md.
+        MatMuls as MatMulNBits, as moec.export_onnx(dense=) writes them; with moec's kernels (CPU provider,
+        AVX-512) int4 ones on moec::Int4MatMul and weight-only Int8Experts() as moec::LinearInt8, a scale per
+        channel (the torch backend's numbers). Quality: docs/quality.md.
     decode_linears: backend torch: once a block is rewritten, the model's large fp32 nn.Linear layers
         (attention, shared experts, lm_head) run on moec's CPU kernel where a call has up to 4 rows (decode;
         1.3-2.7x torch's GEMM per layer there), each checked once at install against torch's (see

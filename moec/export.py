@@ -632,17 +632,22 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     fp32 = {p.dtype for p in work.parameters() if p.is_floating_point()} == {torch.float32}
     big = external_data or any(t.data_location == onnx.TensorProto.EXTERNAL
                                for t in onnx.load(path, load_external_data=False).graph.initializer)
-    if dense is not None:
-        quantized = quantize_dense(path, dense, {b.num_experts for b in compiled.blocks}, big)
+    routers = {b.num_experts for b in compiled.blocks}
+    panels = _moec_kernels and fp32 and cpu_native.has_f32()  # moec's kernels on weights in panels
+    if panels and dense == Int8Experts():  # weight-only int8: a scale per channel (the torch backend's numbers)
+        quantized = moec_fp32_matmuls(path, routers, big, int8=True)
+        log.info(f"moec.export_onnx: {quantized} dense MatMuls run moec's int8 kernel")
+        done("dense MatMuls on moec's kernel", "checking the file")
+    elif dense is not None:
+        quantized = quantize_dense(path, dense, routers, big)
         if _moec_kernels and isinstance(dense, Int4Experts) and fp32:
             log.info(f"moec.export_onnx: {moec_matmuls(path, big)} of the {quantized} MatMulNBits run moec's kernels")
         done("dense MatMulNBits", "checking the file")
-    if _moec_kernels and fp32 and dense is None and cpu_native.has_f32():
-        log.info(f"moec.export_onnx: {moec_fp32_matmuls(path, {b.num_experts for b in compiled.blocks}, big)} dense "
-                 f"MatMuls run moec's fp32 kernel")
+    if panels and dense is None:
+        log.info(f"moec.export_onnx: {moec_fp32_matmuls(path, routers, big)} dense MatMuls run moec's fp32 kernel")
         done("dense MatMuls on moec's kernel", "checking the file")
     if _moec_kernels and fp32 and any(counts := ort_kernels.lay_out_file(path)):
-        log.info(f"moec.export_onnx: {counts[0]} of moec's int4 nodes take their weights in tiles, {counts[1]} fp32 "
+        log.info(f"moec.export_onnx: {counts[0]} of moec's int4 nodes take their weights in tiles, {counts[1]} "
                  f"experts nodes in panels, {counts[2]} of moec's fp32 nodes hold bf16 numbers: stored in bf16")
         done("weights laid out for moec's kernels", "checking the file")
     if _moec_kernels and fp32 and fused:

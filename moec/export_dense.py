@@ -136,7 +136,7 @@ def moec_matmuls(path: str, external_data: bool) -> int:
     return count
 
 
-def moec_fp32_matmuls(path: str, router_widths: set[int], external_data: bool) -> int:
+def moec_fp32_matmuls(path: str, router_widths: set[int], external_data: bool, int8: bool = False) -> int:
     """backend="onnxruntime" with moec's kernels, fp32 models: the dense MatMuls (as `dense_matmuls` picks them, any
     K; Gemms of that kind first written as MatMul) become moec::Linear (backends/ort_kernels.py: the weights in
     panels, one sequential stream a 32-channel panel), those of one input as one node and a Split:
@@ -144,8 +144,13 @@ def moec_fp32_matmuls(path: str, router_widths: set[int], external_data: bool) -
         y_i = MatMul(x, W_i [K, N_i])   ->   y = moec::Linear(x, panels(cat_i W_i^T); n = sum N_i)
                                               y_1, .., y_n = Split(y, [N_1, .., N_n], axis=-1)
 
-    Each channel's K products are summed in order of k, whatever node it lands in: merging changes no number.
-    Rewritten in place; returns how many MatMuls were converted."""
+    int8 (dense=Int8Experts(), weight-only): moec::LinearInt8(x, panels(q), s), W^T quantized as moec.quant does (a
+    scale per channel: the torch backend's dense= numbers). Each channel's K products are summed in order of k,
+    whatever node it lands in: merging changes no number. Rewritten in place; returns how many MatMuls were
+    converted."""
+    import torch
+
+    from moec.quant import Int8Experts, quantize
     from moec.backends import ort_kernels
 
     proto = onnx.load(path)
@@ -157,13 +162,19 @@ def moec_fp32_matmuls(path: str, router_widths: set[int], external_data: bool) -
             groups.setdefault(n.input[0], []).append(n)
     for x, nodes in list(groups.items()):
         name = (nodes[0].name or nodes[0].output[0]) + "_moec"
-        if f"{name}_w" in inits or f"{name}_split" in inits:
+        if any(f"{name}_{k}" in inits for k in ("w", "s", "split")):
             del groups[x]  # its names are taken: left as it was
             continue
-        w = np.concatenate([numpy_helper.to_array(inits[n.input[1]]) for n in nodes], axis=1)  # [K, sum N_i]
-        proto.graph.initializer.append(numpy_helper.from_array(ort_kernels.panels(w.T[None])[0], f"{name}_w"))
-        merged = [helper.make_node(ort_kernels.FP32_MATMUL, [x, f"{name}_w"], [f"{name}_y"] if len(nodes) > 1
-                                   else list(nodes[0].output), name=name, domain=ort_kernels.DOMAIN, n=w.shape[1])]
+        w = np.concatenate([numpy_helper.to_array(inits[n.input[1]]) for n in nodes], axis=1).T  # [sum N_i, K]
+        weights = {"w": w}
+        if int8:
+            t = quantize(Int8Experts(), torch.from_numpy(np.ascontiguousarray(w))[None])
+            weights = {"w": t["q"][0].numpy(), "s": t["scale"][0].numpy()}
+        weights["w"] = ort_kernels.panels(weights["w"][None])[0]
+        proto.graph.initializer.extend(numpy_helper.from_array(v, f"{name}_{k}") for k, v in weights.items())
+        merged = [helper.make_node(ort_kernels.FP32_MATMUL + "Int8" * int8, [x, *(f"{name}_{k}" for k in weights)],
+                                   [f"{name}_y"] if len(nodes) > 1 else list(nodes[0].output), name=name,
+                                   domain=ort_kernels.DOMAIN, n=w.shape[0])]
         if len(nodes) > 1:
             sizes = numpy_helper.from_array(np.array([inits[n.input[1]].dims[1] for n in nodes], np.int64),
                                             f"{name}_split")

@@ -552,6 +552,16 @@ def test_backend_runs_int8_experts_weight_only_only():
     assert torch.equal(compiled.generate(**inputs, max_new_tokens=8, do_sample=False),
                        reference.generate(**inputs, max_new_tokens=8, do_sample=False))
     assert {b.op for b in moec.inspect(compiled).export.blocks} == {"moec::ExpertsInt8"}
+    # and the dense layers too (dense=): moec::LinearInt8, per channel as the torch backend's
+    compiled = moec.compile(copy.deepcopy(model), backend="onnxruntime", quantize=moec.Int8Experts(),
+                            dense=moec.Int8Experts())
+    reference = moec.compile(copy.deepcopy(model), quantize=moec.Int8Experts(), dense=moec.Int8Experts())
+    with torch.no_grad():
+        assert rel_err(compiled(**inputs).logits, reference(**inputs).logits) < 1e-5
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(moec.inspect(compiled).export.path).graph.node if n.domain == "moec"}
+    assert "LinearInt8" in ops and not ops & {"Linear", "Int4MatMul"}, ops
     a8 = moec.compile(copy.deepcopy(model), backend="onnxruntime", quantize=moec.Int8Experts(activations="int8"))
     with torch.no_grad():
         a8(**inputs)
