@@ -257,6 +257,10 @@ def main():
                                      backend="onnxruntime", quantize=quantize,
                                      session_options=quiet_session(args.threads))
                 systems[f"moec onnxruntime {prec}" + (" experts" if quantize else "")] = Torch(model)
+                if prec == "int8":  # every matrix but the router and embedding, weight-only (moec's int8 kernels)
+                    model = moec.compile(build(name), backend="onnxruntime", quantize=quantize, dense=quantize,
+                                         session_options=quiet_session(args.threads))
+                    systems[f"moec onnxruntime {prec} all matmuls"] = Torch(model)
                 if quantize is not None:  # llama.cpp's q8_0/q4_0 round activations to 8 bits too
                     a8 = dataclasses.replace(quantize, activations="int8")
                     model = moec.compile(build(name), backend="onnxruntime", session_options=quiet_session(args.threads),
