@@ -347,7 +347,8 @@ static OrtStatus *parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), si
                 ctx, fn, n, 0, s);
 }
 
-typedef struct { const OrtValue *v; void *data; int64_t dims[4]; size_t rank; int64_t numel; } Input;
+enum { MAX_RANK = 8 };
+typedef struct { const OrtValue *v; void *data; int64_t dims[MAX_RANK]; size_t rank; int64_t numel; } Input;
 
 static OrtStatus *get_input(const char *op, OrtKernelContext *ctx, size_t i, const char **names, Input *in) {
     memset(in, 0, sizeof *in);
@@ -357,7 +358,7 @@ static OrtStatus *get_input(const char *op, OrtKernelContext *ctx, size_t i, con
     OrtShapeInfo *info;
     CHECK(CALL((const OrtValue *, OrtShapeInfo **), GetTensorTypeAndShape, in->v, &info));
     OrtStatus *st = CALL((const OrtShapeInfo *, size_t *), GetDimensionsCount, info, &in->rank);
-    if (!st && in->rank > 4)
+    if (!st && in->rank > MAX_RANK)
         st = error(op, ORT_INVALID_ARGUMENT, "%s has %zu dimensions", names[i], in->rank);
     if (!st)
         st = CALL((const OrtShapeInfo *, int64_t *, size_t), GetDimensions, info, in->dims, in->rank);
@@ -536,7 +537,7 @@ static OrtStatus *matmul(void *kernel, OrtKernelContext *ctx) {
     if (!s.a8)
         return error(MM, ORT_FAIL, "fp32 rows need the AVX-512 build of the kernels");
 #endif
-    int64_t dims[4];
+    int64_t dims[MAX_RANK];
     memcpy(dims, x->dims, sizeof dims);
     dims[x->rank - 1] = N;
     OrtValue *y;
@@ -587,7 +588,7 @@ static OrtStatus *matmul_f32(void *kernel, OrtKernelContext *ctx) {
     if (n == FIN8 && (sc->rank != 1 || sc->dims[0] != N))
         return error(FM, ORT_INVALID_ARGUMENT, "s [n] (the channels' scales) does not fit n = %lld", (long long)N);
 #ifdef __AVX512F__
-    int64_t dims[4], first[2] = {0, R}, active[1] = {0};
+    int64_t dims[MAX_RANK], first[2] = {0, R}, active[1] = {0};
     memcpy(dims, x->dims, sizeof dims);
     dims[x->rank - 1] = N;
     Step s = {.T = R, .k = 1, .H = K, .first = first, .active = active, .in = x->data,

@@ -108,8 +108,6 @@ class OrtForward:
         self._fallback_said: set[str] = set()  # blocks warned of (see _take_export)
         self.use_cache = None  # the generation config's use_cache before install set it (None: left as it was)
         self.kernels = self._kernels()  # moec's kernels as an ORT custom-op library (or None)
-        # bf16 models run as their fp32 upcast (runs_bf16): outputs and the HF cache back in the model's dtype
-        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
     def _kernels(self) -> str | None:
         """The custom-op library (backends/ort_kernels.py) on CPU: int4 experts and MatMuls, attention (None with
@@ -329,9 +327,13 @@ class OrtForward:
                     log.warning(f"moec: block {b.path!r} runs in standard ONNX ops with dequantized weights and fp32 "
                                 f"activations, not int8 ones ({b.why})")
 
+    def _bf16(self) -> bool:
+        """Whether the model is (now: .to() may change it) a bf16 model, run as its fp32 upcast (runs_bf16)."""
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None) == torch.bfloat16
+
     def _ours(self, t: torch.Tensor) -> torch.Tensor:
-        """A session output in the model's dtype (a bf16 model's session computes in fp32)."""
-        return t.to(self.dtype) if self.dtype == torch.bfloat16 and t.dtype == torch.float32 else t
+        """A session output in the model's dtype (a bf16 model's session computes in fp32; its HF cache is bf16)."""
+        return t.to(torch.bfloat16) if t.dtype == torch.float32 and self._bf16() else t
 
     @contextlib.contextmanager
     def _as_original(self):
@@ -340,7 +342,7 @@ class OrtForward:
         saved = {k: self.model.__dict__.pop(k) for k in ("forward", "generate", "_moec_report")
                  if k in self.model.__dict__}
         try:
-            if self.dtype == torch.bfloat16 and runs_bf16(self.providers):
+            if self._bf16() and runs_bf16(self.providers):
                 yield copy.deepcopy(self.model).float()
             else:
                 yield self.model
@@ -352,24 +354,22 @@ class OrtForward:
 
         provider = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         path = os.path.join(self.tmp.name, f"model{len(self.sessions)}.onnx")
+        checks = (tensors, _long(tensors))  # the call's inputs, and 300 tokens (routing paths at length)
         with self._as_original() as model:
             with torch.no_grad():
-                eager = model(**_like(model, tensors))
+                eager = [model(**_like(model, feeds)) for feeds in checks]
             log.info(f"exporting {type(model).__name__} to ONNX for onnxruntime (inputs {', '.join(tensors)})")
-            exported = export_onnx(model, {n: _widen(t) for n, t in tensors.items()}, path, quantize=self.quantize,
-                                   dense=self.dense, provider=provider, kv_cache=False,
+            exported = export_onnx(model, {n: _widen(t) for n, t in _like(model, tensors).items()}, path,
+                                   quantize=self.quantize, dense=self.dense, provider=provider, kv_cache=False,
                                    _moec_kernels=self.kernels is not None)
         session = self._session(path)
         self._take_export(exported)
         names = [i.name for i in session.get_inputs()]
-        rebuild = _rebuilder(eager)
-        for feeds in (tensors, _long(tensors)):  # the call's inputs, and 300 tokens (routing paths at length)
-            if feeds is not tensors:
-                with self._as_original() as model, torch.no_grad():
-                    eager = model(**_like(model, feeds))
+        rebuild = _rebuilder(eager[0])
+        for feeds, want in zip(checks, eager):
             got = rebuild([torch.from_numpy(np.asarray(o)) for o in session.run(
                 None, {n: _array(feeds[n]) for n in names})])
-            self._check(eager, got, feeds.get("attention_mask"))
+            self._check(want, got, feeds.get("attention_mask"))
         self.weights = _weights(self.model)
         return session, names, rebuild
 

@@ -127,7 +127,7 @@ def moec_matmuls(path: str, external_data: bool) -> int:
         count += 1
     if count:
         _merge_siblings(proto)
-        used = {i for n in proto.graph.node for i in n.input}
+        used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
         for t in [t for t in proto.graph.initializer if t.name not in used]:
             proto.graph.initializer.remove(t)
         if not any(o.domain == ort_kernels.DOMAIN for o in proto.opset_import):
@@ -185,7 +185,7 @@ def moec_fp32_matmuls(path: str, router_widths: set[int], external_data: bool, i
     _splice(proto, merges)
     count = sum(map(len, groups.values()))
     if count:
-        used = {i for n in proto.graph.node for i in n.input}
+        used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
         for t in [t for t in proto.graph.initializer if t.name not in used]:
             proto.graph.initializer.remove(t)
         if not any(o.domain == ort_kernels.DOMAIN for o in proto.opset_import):

@@ -454,7 +454,8 @@ def test_bf16_weights_node_equals_moec_experts(T, H, I, E, k):
 
 
 @F32
-@pytest.mark.parametrize("shape,N", [((1, 128), 96), ((7, 48), 40), ((2, 150, 64), 300), ((0, 64), 33)])
+@pytest.mark.parametrize("shape,N", [((1, 128), 96), ((7, 48), 40), ((2, 150, 64), 300), ((0, 64), 33),
+                                     ((2, 1, 3, 2, 64), 40)])
 @pytest.mark.parametrize("bf16", [False, True])
 def test_fp32_matmul_node_equals_torch(shape, N, bf16):
     """moec::Linear / LinearBf16 (weights in panels, tails of 8, 12, 33 channels) against x @ W^T."""
@@ -567,3 +568,52 @@ def test_backend_runs_int8_experts_weight_only_only():
         a8(**inputs)
     blocks = moec.inspect(a8).export.blocks
     assert {b.op for b in blocks} == {"QMoE"} and "weight-only" in blocks[0].why, blocks[0].why
+
+
+def test_fp32_matmuls_keep_a_weight_that_is_a_graph_output(tmp_path):
+    """moec_fp32_matmuls on a file whose MatMul weight is also a graph output: the weight stays (a valid file), the
+    product is the same."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from moec.export_dense import moec_fp32_matmuls
+
+    W = np.random.default_rng(0).standard_normal((64, 40)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "t",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 40]),
+                               helper.make_tensor_value_info("W", onnx.TensorProto.FLOAT, [64, 40])],
+                              [numpy_helper.from_array(W, "W")])
+    path = str(tmp_path / "m.onnx")
+    onnx.save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18)]), path)
+    if not cpu_native.has_f32():
+        pytest.skip(AVX512)
+    assert moec_fp32_matmuls(path, set(), False) == 1
+    onnx.checker.check_model(path)
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(ort_kernels.library())
+    x = np.ones((3, 64), np.float32)
+    y, w = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert np.array_equal(w, W) and np.allclose(y, x @ W, rtol=1e-5, atol=1e-5)
+
+
+@F32
+def test_bf16_model_follows_its_dtype_and_takes_bf16_embeddings():
+    """The session follows the model's dtype as it is now: a bf16 model made fp32 after compile gives fp32 logits
+    (the fp32 model's), an fp32 one made bf16 runs as its upcast; bf16 inputs_embeds reach the upcast in fp32."""
+    model = models.tiny_model("mixtral", dtype=torch.bfloat16)
+    inputs = models.example_inputs(model, batch=2, seq=5)
+    compiled = moec.compile(copy.deepcopy(model), backend="onnxruntime")
+    with torch.no_grad():
+        compiled(**inputs)
+        compiled.float()
+        got = compiled(**inputs).logits
+        assert got.dtype == torch.float32 and rel_err(got, copy.deepcopy(model).float()(**inputs).logits) < 1e-5
+        compiled.to(torch.bfloat16)
+        got = compiled(**inputs).logits
+        assert got.dtype == torch.bfloat16
+        embeds = model.get_input_embeddings()(inputs["input_ids"])  # bf16
+        got = compiled(inputs_embeds=embeds, use_cache=False).logits
+        want = copy.deepcopy(model).float()(inputs_embeds=embeds.float(), use_cache=False).logits
+        assert got.dtype == torch.bfloat16 and rel_err(got.float(), want.bfloat16().float()) < 1e-3
