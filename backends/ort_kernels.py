@@ -484,7 +484,7 @@ static const int xb_types[XIN] = {T_FLOAT, T_INT64, T_FLOAT, T_BF16, T_BF16};
 static const int x8_types[XIN8] = {T_FLOAT, T_INT64, T_FLOAT, T_INT8, T_INT8, T_FLOAT, T_FLOAT};
 static const char *xp_names[XIN8] = {"x", "ids", "w", "w13", "w2", "s13", "s2"};
 
-static OrtStatus *experts_f32(void *kernel, OrtKernelContext *ctx) {
+static OrtStatus *experts_panels(void *kernel, OrtKernelContext *ctx) {
     const Kernel *kn = kernel;
     Input in[XIN8] = {0};
     size_t n = kn->wt == WT_I8 ? XIN8 : XIN;
@@ -575,7 +575,7 @@ static const int fb_types[FIN] = {T_FLOAT, T_BF16};
 static const int f8_types[FIN8] = {T_FLOAT, T_INT8, T_FLOAT};
 static const char *fm_names[FIN8] = {"x", "w", "s"};
 
-static OrtStatus *matmul_f32(void *kernel, OrtKernelContext *ctx) {
+static OrtStatus *linear(void *kernel, OrtKernelContext *ctx) {
     const Kernel *kn = kernel;
     Input in[FIN8] = {0};
     size_t n = kn->wt == WT_I8 ? FIN8 : FIN;
@@ -685,24 +685,15 @@ static int mm_input_kind(const OrtCustomOp *op, size_t i) { return i == 3 ? OPTI
     .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = create
 static const OrtCustomOp op = {OP_FIELDS, .GetName = name, .GetInputType = input_type, .GetInputTypeCount = inputs,
                                .GetInputCharacteristic = input_kind, .KernelComputeV2 = compute};
-static const OrtCustomOp xp_op = {OP_FIELDS, .GetName = xp_name, .GetInputType = xp_input_type,
-                                  .GetInputTypeCount = xp_inputs, .GetInputCharacteristic = xp_input_kind,
-                                  .KernelComputeV2 = experts_f32};
-static const OrtCustomOp xb_op = {OP_FIELDS, .GetName = xb_name, .GetInputType = xb_input_type,
-                                  .GetInputTypeCount = xp_inputs, .GetInputCharacteristic = xp_input_kind,
-                                  .KernelComputeV2 = experts_f32};
-static const OrtCustomOp xi_op = {OP_FIELDS, .GetName = xi_name, .GetInputType = xi_input_type,
-                                  .GetInputTypeCount = xi_inputs, .GetInputCharacteristic = xp_input_kind,
-                                  .KernelComputeV2 = experts_f32};
-static const OrtCustomOp fi_op = {OP_FIELDS, .GetName = fi_name, .GetInputType = fi_input_type,
-                                  .GetInputTypeCount = fi_inputs, .GetInputCharacteristic = xp_input_kind,
-                                  .KernelComputeV2 = matmul_f32};
-static const OrtCustomOp fm_op = {OP_FIELDS, .GetName = fm_name, .GetInputType = fm_input_type,
-                                  .GetInputTypeCount = fm_inputs, .GetInputCharacteristic = xp_input_kind,
-                                  .KernelComputeV2 = matmul_f32};
-static const OrtCustomOp fb_op = {OP_FIELDS, .GetName = fb_name, .GetInputType = fb_input_type,
-                                  .GetInputTypeCount = fm_inputs, .GetInputCharacteristic = xp_input_kind,
-                                  .KernelComputeV2 = matmul_f32};
+/* moec's ops on weights in panels: every input required, one compute for the experts' and one for Linear */
+#define PANEL_OP(NAME, TYPES, COUNT, COMPUTE) {OP_FIELDS, .GetName = NAME, .GetInputType = TYPES, \
+    .GetInputTypeCount = COUNT, .GetInputCharacteristic = xp_input_kind, .KernelComputeV2 = COMPUTE}
+static const OrtCustomOp xp_op = PANEL_OP(xp_name, xp_input_type, xp_inputs, experts_panels);
+static const OrtCustomOp xb_op = PANEL_OP(xb_name, xb_input_type, xp_inputs, experts_panels);
+static const OrtCustomOp xi_op = PANEL_OP(xi_name, xi_input_type, xi_inputs, experts_panels);
+static const OrtCustomOp fm_op = PANEL_OP(fm_name, fm_input_type, fm_inputs, linear);
+static const OrtCustomOp fb_op = PANEL_OP(fb_name, fb_input_type, fm_inputs, linear);
+static const OrtCustomOp fi_op = PANEL_OP(fi_name, fi_input_type, fi_inputs, linear);
 static const OrtCustomOp mm_op = {OP_FIELDS, .GetName = mm_name, .GetInputType = mm_input_type,
                                   .GetInputTypeCount = mm_inputs, .GetInputCharacteristic = mm_input_kind,
                                   .KernelComputeV2 = matmul};

@@ -127,12 +127,7 @@ def moec_matmuls(path: str, external_data: bool) -> int:
         count += 1
     if count:
         _merge_siblings(proto)
-        used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
-        for t in [t for t in proto.graph.initializer if t.name not in used]:
-            proto.graph.initializer.remove(t)
-        if not any(o.domain == ort_kernels.DOMAIN for o in proto.opset_import):
-            proto.opset_import.append(helper.make_opsetid(ort_kernels.DOMAIN, 1))
-        onnx.save(proto, path, save_as_external_data=external_data)
+        _save(proto, path, external_data)
     return count
 
 
@@ -185,13 +180,20 @@ def moec_fp32_matmuls(path: str, router_widths: set[int], external_data: bool, i
     _splice(proto, merges)
     count = sum(map(len, groups.values()))
     if count:
-        used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
-        for t in [t for t in proto.graph.initializer if t.name not in used]:
-            proto.graph.initializer.remove(t)
-        if not any(o.domain == ort_kernels.DOMAIN for o in proto.opset_import):
-            proto.opset_import.append(helper.make_opsetid(ort_kernels.DOMAIN, 1))
-        onnx.save(proto, path, save_as_external_data=external_data)
+        _save(proto, path, external_data)
     return count
+
+
+def _save(proto, path: str, external_data: bool) -> None:
+    """The rewritten file: initializers no node or output reads dropped, moec's domain imported."""
+    from moec.backends import ort_kernels
+
+    used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+    for t in [t for t in proto.graph.initializer if t.name not in used]:
+        proto.graph.initializer.remove(t)
+    if not any(o.domain == ort_kernels.DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(ort_kernels.DOMAIN, 1))
+    onnx.save(proto, path, save_as_external_data=external_data)
 
 
 def _splice(proto, merges: list[tuple[list[str], list]]) -> None:
