@@ -1,4 +1,4 @@
-"""moec's int4 experts kernels inside an ONNX Runtime session: a custom-op library (backend="onnxruntime").
+"""moec's kernels inside an ONNX Runtime session: a custom-op library (backend="onnxruntime").
 
     moec::Int4Experts(x [T, H] fp32, ids [T, k] int64, w [T, k] fp32,
                       q13 u8 [E, 2I, H/2], s13 [E, 2I, H/g] fp32, z13 u8 [E, 2I, H/g] or [0],
@@ -34,6 +34,17 @@ the same shapes): a tile of 4 output channels is one sequential stream, each 32-
 64-byte load and each step's 16 scales another, where moec's layout makes 4 loads of 16 bytes from 4 rows apart
 (`tile_weights` lays out the session's file so: decode and prefill 1.11-1.15x on the benchmark models,
 docs/benchmarks.md). The same numbers: the kernel sums the same products in the same order.
+
+Weights in panels (AVX-512 builds): one GEMM over panels of 32 output channels, [ceil(N/32), K, 32] (`panels`),
+for fp32, bf16 and int8 (a scale per channel) weights:
+
+    moec::Experts(x, ids, w, w13 [E, ceil(2I/32), H, 32], w2 [E, ceil(H/32), I, 32]; gate_up) -> y [T, H]
+    moec::ExpertsBf16 (w13, w2 bf16), moec::ExpertsInt8(..., w13 i8, w2 i8, s13 [E, 2I], s2 [E, H])
+    moec::Linear(x [..., K], w [ceil(n/32), K, 32]; n) -> y [..., n],  LinearBf16, LinearInt8(x, w i8, s [n])
+
+the same phases as Int4Experts (Linear: one expert taking every row); each output the sum of its K products in
+order of k, whatever the rows of the call. `panel_weights` lays out the Experts nodes of the session's file
+(export_dense.moec_fp32_matmuls the Linear ones), `narrow_bf16` stores weights that are all bf16 numbers in bf16.
 
 The same library holds moec::CachedAttention (backends/ort_attention.py: its source is built in after these ops),
 and export_dense merges the Int4MatMuls of one input (q/k/v) into one node.
