@@ -48,7 +48,7 @@ PROVIDERS = ("cpu", "cuda")
 class ExportBlock:
     path: str
     op: str  # "MoE", "QMoE", "fallback" (standard ONNX ops), or moec's "moec::Int4Experts", "moec::ExpertsInt8",
-    #          "moec::Experts" (backend="onnxruntime" only)
+    #          "moec::Experts", "moec::ExpertsBf16" (backend="onnxruntime" only)
     why: str  # the routing fed to the contrib op, or why the block fell back
     router: str
     experts: str
@@ -667,9 +667,17 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
                           dense=dense, dense_matmuls=quantized, attention=fused, fusions=fusions,
                           gqa_layers=sum(n.op_type in ("GroupQueryAttention", "CachedAttention") for n in proto.graph.node),
                           repeated=repeat.source if repeat else {})
+    ops = [n.op_type for n in proto.graph.node if n.domain == ort_kernels.DOMAIN]
+    narrowed = ops.count(ort_kernels.EXPERTS + "Bf16")  # narrow_bf16: which numerics run, as the file says
     for b in compiled.blocks:
         info = resolve(work, b.path).__dict__["_moec_graph"].meta["onnx"]
-        report.blocks.append(ExportBlock(b.path, info["op"], info["why"], b.router, b.experts))
+        op, why = info["op"], info["why"]
+        if op == "moec::Experts" and narrowed:
+            if ops.count(ort_kernels.EXPERTS) == 0:
+                op, why = "moec::ExpertsBf16", why + "; weights all bf16 numbers: stored in bf16 (the same numbers)"
+            else:
+                why += f"; {narrowed} of the file's fp32 experts nodes hold bf16 numbers, stored in bf16"
+        report.blocks.append(ExportBlock(b.path, op, why, b.router, b.experts))
     nodes = sum((n.domain, n.op_type) in (("com.microsoft", "MoE"), ("com.microsoft", "QMoE"), ("moec", "Int4Experts"),
                                           ("moec", "Experts"), ("moec", "ExpertsBf16"), ("moec", "ExpertsInt8"))
                 for n in proto.graph.node)

@@ -503,6 +503,7 @@ def test_bf16_model_runs_as_its_fp32_upcast():
             assert got.dtype == torch.bfloat16 and rel_err(got.float(), want.bfloat16().float()) < 1e-3
     ops = {n.op_type for n in onnx.load(moec.inspect(compiled).export.path).graph.node if n.domain == "moec"}
     assert {"ExpertsBf16", "LinearBf16"} <= ops and not ops & {"Experts", "Linear"}, ops
+    assert {b.op for b in moec.inspect(compiled).export.blocks} == {"moec::ExpertsBf16"}  # inspect says so
     inputs = models.example_inputs(model, batch=1, seq=4)
     assert torch.equal(compiled.generate(**inputs, max_new_tokens=8, do_sample=False),
                        upcast.generate(**inputs, max_new_tokens=8, do_sample=False))
