@@ -31,9 +31,9 @@ OP = "CachedAttention"
 SOURCE = r"""
 /* ---- moec::CachedAttention ---- */
 #define AT "CachedAttention"
-enum { AIN = 7, AOUT = 3 };
-static const char *at_names[AIN] = {"q", "k", "v", "past_k", "past_v", "bias", "sinks"};
-typedef struct { int64_t H, KVH; float scale; } AttnKernel;
+enum { AIN = 9, AOUT = 3 };
+static const char *at_names[AIN] = {"q", "k", "v", "past_k", "past_v", "bias", "sinks", "cos", "sin"};
+typedef struct { int64_t H, KVH, rotary_half; float scale; } AttnKernel;
 typedef struct {
     int64_t B, S, H, KVH, D, P, T, bias_rows;
     float scale;
@@ -147,6 +147,31 @@ static void present_item(void *p, size_t i) {  /* (b, kv head) i: its past, then
     }
 }
 
+/* rows x [B, S, heads*D] rotated into y as HF's apply_rotary_pos_emb: per head, x*cos + cat(-x2, x1)*sin with
+   x1 = x[:half], x2 = x[half:] (half = D/2: rotate_half) and cos, sin [B or 1, S, D] (each product rounded, then
+   the sum: fp-contract off) */
+__attribute__((optimize("fp-contract=off")))
+static void rotate(const float *x, float *y, int64_t B, int64_t S, int64_t heads, int64_t D, int64_t half,
+                   const Input *cos, const Input *sin) {
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t s = 0; s < S; s++) {
+            int64_t row = (cos->dims[0] > 1 ? b : 0) * S + s;
+            const float *c = (const float *)cos->data + row * D, *sn = (const float *)sin->data + row * D;
+            for (int64_t h = 0; h < heads; h++) {
+                const float *u = x + ((b * S + s) * heads + h) * D;
+                float *o = y + ((b * S + s) * heads + h) * D;
+                for (int64_t d = 0; d < D - half; d++) {
+                    float p = u[d] * c[d], r = -u[d + half] * sn[d];
+                    o[d] = p + r;
+                }
+                for (int64_t d = D - half; d < D; d++) {
+                    float p = u[d] * c[d], r = u[d - (D - half)] * sn[d];
+                    o[d] = p + r;
+                }
+            }
+        }
+}
+
 static OrtStatus *attention(void *kernel, OrtKernelContext *ctx) {
     const AttnKernel *kn = kernel;
     Input in[AIN];
@@ -161,10 +186,15 @@ static OrtStatus *attention(void *kernel, OrtKernelContext *ctx) {
              pk->dims[1] == KVH && pk->dims[3] == D && pv->rank == 4 && pv->dims[0] == B && pv->dims[1] == KVH &&
              pv->dims[2] == P && pv->dims[3] == D && bias->rank == 4 && (bias->dims[0] == 1 || bias->dims[0] == B) &&
              bias->dims[1] == 1 && bias->dims[2] == S && bias->dims[3] == T && (!sinks->v || sinks->numel == H);
+    const Input *cos = in + 7, *sin = in + 8;
+    if (ok && kn->rotary_half)  /* rotary: cos and sin [B or 1, S, D] over whole heads */
+        ok = cos->v && sin->v && kn->rotary_half > 0 && kn->rotary_half < D && cos->rank == 3 && sin->rank == 3 &&
+             (cos->dims[0] == 1 || cos->dims[0] == B) && cos->dims[1] == S && cos->dims[2] == D &&
+             sin->dims[0] == cos->dims[0] && sin->dims[1] == S && sin->dims[2] == D;
     if (!ok)
         return error(AT, ORT_INVALID_ARGUMENT, "q [B, S, H*D], k and v [B, S, KVH*D], past_k and past_v [B, KVH, P, "
-                     "D], bias [B or 1, 1, S, P+S] and sinks [H] do not fit (H %lld, KVH %lld)", (long long)H,
-                     (long long)KVH);
+                     "D], bias [B or 1, 1, S, P+S], sinks [H] and cos, sin [B or 1, S, D > rotary_half] do not fit (H "
+                     "%lld, KVH %lld, rotary_half %lld)", (long long)H, (long long)KVH, (long long)kn->rotary_half);
     Attn a = {.B = B, .S = S, .H = H, .KVH = KVH, .D = D, .P = P, .T = T, .bias_rows = bias->dims[0],
               .scale = kn->scale, .q = in[0].data, .k = k->data, .v = v->data, .pk = pk->data, .pv = pv->data,
               .bias = bias->data, .sinks = sinks->v ? sinks->data : NULL};
@@ -178,11 +208,23 @@ static OrtStatus *attention(void *kernel, OrtKernelContext *ctx) {
     CHECK(CALL((const OrtValue *, void **), GetTensorMutableData, y, (void **)&a.ov));
     if (B * T * D == 0)
         return NULL;
+    float *rq = NULL, *rk = NULL;  /* rotated q and k: the op's q and k from here on */
+    if (kn->rotary_half) {
+        rq = malloc(B * S * H * D * sizeof(float) + 1), rk = malloc(B * S * KVH * D * sizeof(float) + 1);  /* S may be 0 */
+        if (!rq || !rk) {
+            free(rq), free(rk);
+            return error(AT, ORT_FAIL, "out of memory");
+        }
+        rotate(a.q, rq, B, S, H, D, kn->rotary_half, cos, sin);
+        rotate(a.k, rk, B, S, KVH, D, kn->rotary_half, cos, sin);
+        a.q = rq, a.k = rk;
+    }
     /* threads only where the work pays for waking one (~0.5M multiply-adds: a prompt, not a decode step) */
     int wide = B * H * S * T * D > (1 << 19);
-    CHECK(wide ? parallel(ctx, present_item, B * KVH, &a) : (run_all(present_item, B * KVH, &a), NULL));
-    if (S) CHECK(wide ? parallel(ctx, attend_item, B * KVH * S, &a) : (run_all(attend_item, B * KVH * S, &a), NULL));
-    return a.failed ? error(AT, ORT_FAIL, "out of memory") : NULL;
+    OrtStatus *st = wide ? parallel(ctx, present_item, B * KVH, &a) : (run_all(present_item, B * KVH, &a), NULL);
+    if (!st && S) st = wide ? parallel(ctx, attend_item, B * KVH * S, &a) : (run_all(attend_item, B * KVH * S, &a), NULL);
+    free(rq), free(rk);
+    return st ? st : a.failed ? error(AT, ORT_FAIL, "out of memory") : NULL;
 }
 
 static OrtStatus *attention_create(const OrtCustomOp *op, OrtApiTable api_, const OrtKernelInfo *info, void **out) {
@@ -197,6 +239,11 @@ static OrtStatus *attention_create(const OrtCustomOp *op, OrtApiTable api_, cons
     if (!st)
         st = CALL((const OrtKernelInfo *, const char *, float *), KernelInfoGetAttribute_float, info, "scale",
                   &kn->scale);
+    if (!st) {  /* optional, 0 (q and k as they come) where absent */
+        OrtStatus *absent = CALL((const OrtKernelInfo *, const char *, int64_t *), KernelInfoGetAttribute_int64,
+                                 info, "rotary_half", &kn->rotary_half);
+        if (absent) ((void (*)(OrtStatus *))api[ReleaseStatus])(absent), kn->rotary_half = 0;
+    }
     if (st) {
         free(kn);
         return st;
@@ -209,7 +256,7 @@ static const char *at_name(const OrtCustomOp *op) { return "CachedAttention"; }
 static int at_input_type(const OrtCustomOp *op, size_t i) { return T_FLOAT; }
 static size_t at_inputs(const OrtCustomOp *op) { return AIN; }
 static size_t at_outputs(const OrtCustomOp *op) { return AOUT; }
-static int at_input_kind(const OrtCustomOp *op, size_t i) { return i == 6 ? OPTIONAL : REQUIRED; }
+static int at_input_kind(const OrtCustomOp *op, size_t i) { return i >= 6 ? OPTIONAL : REQUIRED; }
 """
 
 
@@ -223,12 +270,14 @@ def register_schema() -> None:
     optional = OpSchema.FormalParameterOption.Optional
     onnx.defs.register_schema(OpSchema(
         OP, "moec", 1, "moec's attention kernel (backends/ort_attention.py)",
-        inputs=[OpSchema.FormalParameter(n, "tensor(float)", **({"param_option": optional} if n == "sinks" else {}))
-                for n in ("q", "k", "v", "past_k", "past_v", "bias", "sinks")],
+        inputs=[OpSchema.FormalParameter(n, "tensor(float)", **({"param_option": optional} if i >= 6 else {}))
+                for i, n in enumerate(("q", "k", "v", "past_k", "past_v", "bias", "sinks", "cos", "sin"))],
         outputs=[OpSchema.FormalParameter(n, "tensor(float)") for n in ("out", "present_k", "present_v")],
         attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "query heads"),
                     OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, "key/value heads"),
-                    OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "the logits' scale")]))
+                    OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "the logits' scale"),
+                    OpSchema.Attribute("rotary_half", OpSchema.AttrType.INT, "q and k rotated first (cos, sin)",
+                                       required=False)]))
 
 
 # GroupQueryAttention attributes the op computes (with the value each must have where the op has no such thing)
@@ -278,6 +327,120 @@ def rewrite(proto) -> int:
     return count
 
 
+def fuse_rotary(proto) -> int:
+    """Each moec::CachedAttention whose q and k come out of HF's rotate-half rotary as torch.onnx exports it
+    takes the rotation in (inputs cos, sin; attribute rotary_half = h), and the ~20 small nodes that computed it go:
+
+        x = Transpose(Reshape(lin [B, S, H*D], [B, S, H, D]), [0, 2, 1, 3])                 # [B, H, S, D]
+        rot = Add(Mul(x, Unsqueeze(cos [B, S, D], 1)),
+                  Mul(Concat(Neg(Slice(x, h:)), Slice(x, :h), axis=-1), Unsqueeze(sin, 1)))     # h = D/2
+        q = Reshape(Transpose(rot, [0, 2, 1, 3]), [B, S, H*D])     ->     CachedAttention(lin, ..., cos, sin)
+
+    (either operand order of Add and Mul; the op computes this for any 0 < h < D). What the graph cannot say
+    statically, the op checks when it runs (cos and sin [B or 1, S, D]); the session is then checked against the
+    eager model like every session. Returns how many nodes."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    if any(a.HasField("g") or a.graphs for n in graph.node for a in n.attribute):
+        return 0  # readers inside subgraphs: not counted here
+
+    def index():
+        prod = {o: n for n in graph.node for o in n.output}
+        readers: dict[str, int] = {o.name: 1 for o in graph.output}
+        for n in graph.node:
+            for i in n.input:
+                readers[i] = readers.get(i, 0) + 1
+        return prod, readers
+
+    prod, readers = index()
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.data_location != 1}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+
+    def node(name, op, n_readers=1):
+        n = prod.get(name)
+        return n if n is not None and n.op_type == op and n.domain in ("", "ai.onnx") and \
+            readers.get(name, 0) == n_readers else None
+
+    def const(name):
+        v = consts.get(name)
+        return None if v is None else [int(i) for i in v.reshape(-1)]
+
+    def transposed(n):
+        return n is not None and [int(p) for a in n.attribute if a.name == "perm" for p in a.ints] == [0, 2, 1, 3]
+
+    def unsqueezed(name):  # Unsqueeze(t, [1]) -> t
+        n = prod.get(name)
+        if n is None or n.op_type != "Unsqueeze" or len(n.input) != 2 or const(n.input[1]) != [1]:
+            return None
+        return n.input[0]
+
+    def half_of(sl, x):  # Slice(x, a, b, axes [-1] or [3], steps 1) -> (a, b)
+        if sl is None or sl.input[0] != x or len(sl.input) < 4:
+            return None
+        starts, ends, axes = const(sl.input[1]), const(sl.input[2]), const(sl.input[3])
+        steps = const(sl.input[4]) if len(sl.input) > 4 and sl.input[4] else [1]
+        if None in (starts, ends, axes, steps) or axes not in ([-1], [3]) or steps != [1]:
+            return None
+        return starts[0], ends[0]
+
+    def match(name):
+        r1 = node(name, "Reshape")
+        t1 = r1 and node(r1.input[0], "Transpose")
+        add = transposed(t1) and node(t1.input[0], "Add")
+        if not add:
+            return None
+        muls = [node(i, "Mul") for i in add.input]
+        if None in muls:
+            return None
+        for plain, turned in (muls, muls[::-1]):
+            for ci in (0, 1):
+                cat = node(turned.input[ci], "Concat")
+                sin = unsqueezed(turned.input[1 - ci])
+                if cat is None or sin is None or len(cat.input) != 2 or \
+                        [a.i for a in cat.attribute if a.name == "axis"] not in ([-1], [3]):
+                    continue
+                neg = node(cat.input[0], "Neg")
+                hi = neg and node(neg.input[0], "Slice")
+                x = hi.input[0] if hi else None
+                lo = node(cat.input[1], "Slice")
+                for xi in (0, 1):
+                    cos = unsqueezed(plain.input[1 - xi])
+                    if plain.input[xi] != x or cos is None:
+                        continue
+                    a, b = half_of(lo, x) or (None, None), half_of(hi, x) or (None, None)
+                    if a[0] != 0 or not a[1] or b[0] != a[1] or b[1] < 2 ** 31 or readers.get(x) != 3:
+                        continue
+                    t0 = node(x, "Transpose", 3)
+                    r0 = transposed(t0) and node(t0.input[0], "Reshape")
+                    if r0:
+                        return r0.input[0], cos, sin, a[1]
+        return None
+
+    count, before = 0, _used(graph)
+    for n in graph.node:
+        if n.op_type != OP or n.domain != "moec" or any(a.name == "rotary_half" for a in n.attribute):
+            continue
+        q, k = match(n.input[0]), match(n.input[1])
+        if q is None or k is None or q[1:] != k[1:]:
+            continue
+        dropped = {n.input[0], n.input[1]}
+        inputs = list(n.input) + [""] * (7 - len(n.input))
+        inputs[0], inputs[1] = q[0], k[0]
+        del n.input[:]
+        n.input.extend([*inputs[:7], q[1], q[2]])
+        n.attribute.append(helper.make_attribute("rotary_half", q[3]))
+        count += 1
+        _prune(graph, dropped)
+        prod, readers = index()
+    gone = before - _used(graph)  # the Slices' constants
+    for t in [t for t in graph.initializer if t.name in gone]:
+        graph.initializer.remove(t)
+    return count
+
+
 def _used(graph) -> set[str]:
     """The names the graph's nodes read, inside their subgraphs too, and its outputs."""
     names = {o.name for o in graph.output}
@@ -300,10 +463,21 @@ def _prune(graph, dropped: set[str]) -> None:
             graph.node.remove(n)
 
 
+def rotate_half(x, cos, sin, heads: int):
+    """HF's apply_rotary_pos_emb on rows x [B, S, heads*D] with cos, sin [B or 1, S, D]: what rotary_dim computes."""
+    import torch
+
+    B, S, _ = x.shape
+    x = x.reshape(B, S, heads, -1)
+    half = x.shape[-1] // 2
+    turned = torch.cat((-x[..., half:], x[..., :half]), -1)
+    return (x * cos[:, :, None] + turned * sin[:, :, None]).reshape(B, S, -1)
+
+
 def self_test(path: str) -> None:
     """A one-node session against moec::ort_gqa (2 rows, 3 new tokens after 5, 8 heads over 2, a padded row,
-    a fully masked row, sinks and none; a long row that takes the threaded path); RuntimeError where they differ."""
-    import numpy as np
+    a fully masked row, sinks and none, q and k rotated first; a long row that takes the threaded path);
+    RuntimeError where they differ."""
     import onnx
     import onnxruntime as ort
     import torch
@@ -312,8 +486,8 @@ def self_test(path: str) -> None:
     import moec.backends.onnx_backend  # noqa: F401 (registers moec::ort_gqa's torch implementation)
 
     g = torch.Generator().manual_seed(0)
-    for B, S, P, H, KVH, D, sinks in ((2, 3, 5, 8, 2, 16, True), (2, 3, 5, 4, 4, 8, False),
-                                      (1, 40, 300, 8, 2, 64, False)):
+    for B, S, P, H, KVH, D, sinks, rotary in ((2, 3, 5, 8, 2, 16, True, False), (2, 3, 5, 4, 4, 8, False, True),
+                                              (1, 40, 300, 8, 2, 64, False, False)):
         T = P + S
         x = {"q": torch.randn(B, S, H * D, generator=g) * 3, "k": torch.randn(B, S, KVH * D, generator=g),
              "v": torch.randn(B, S, KVH * D, generator=g), "past_k": torch.randn(B, KVH, P, D, generator=g),
@@ -322,10 +496,14 @@ def self_test(path: str) -> None:
         if B > 1:
             x["bias"][1, ..., :2] = float("-inf")
             x["bias"][1, 0, 0] = torch.finfo(torch.float32).min  # a fully masked query row
-        if sinks:
-            x["sinks"] = torch.randn(H, generator=g)
-        node = helper.make_node(OP, [*x, *([] if sinks else [""])], ["out", "present_k", "present_v"],
-                                domain="moec", num_heads=H, kv_num_heads=KVH, scale=D ** -0.5)
+        x["sinks"] = torch.randn(H, generator=g) if sinks else None
+        if rotary:
+            angle = torch.randn(B, S, D // 2, generator=g) * 3
+            x["cos"], x["sin"] = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+        node = helper.make_node(OP, [n if t is not None else "" for n, t in x.items()],
+                                ["out", "present_k", "present_v"], domain="moec", num_heads=H, kv_num_heads=KVH,
+                                scale=D ** -0.5, **({"rotary_half": D // 2} if rotary else {}))
+        x = {n: t for n, t in x.items() if t is not None}
         graph = helper.make_graph([node], "moec_attention_self_test",
                                   [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in x],
                                   [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
@@ -337,10 +515,13 @@ def self_test(path: str) -> None:
         so.intra_op_num_threads = 2
         sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         got = [torch.from_numpy(o) for o in sess.run(None, {n: t.numpy() for n, t in x.items()})]
-        want = torch.ops.moec.ort_gqa(x["q"], x["k"], x["v"], x["past_k"], x["past_v"], x["bias"], x.get("sinks"),
-                                      H, KVH, D ** -0.5)
+        q, k = x["q"], x["k"]
+        if rotary:
+            q, k = rotate_half(q, x["cos"], x["sin"], H), rotate_half(k, x["cos"], x["sin"], KVH)
+        want = torch.ops.moec.ort_gqa(q, k, x["v"], x["past_k"], x["past_v"], x["bias"], x.get("sinks"), H, KVH,
+                                      D ** -0.5)
         for name, a, b in zip(("out", "present_k", "present_v"), got, want):
             err = ((a - b).abs().max() / b.abs().max()).item()
             if not err < 1e-5:
                 raise RuntimeError(f"moec::CachedAttention's self-test differs from moec::ort_gqa ({name}, B={B} S={S} "
-                                   f"P={P}: relative error {err:.2e})")
+                                   f"P={P} rotary={rotary}: relative error {err:.2e})")

@@ -42,8 +42,8 @@ for fp32, bf16 and int8 (a scale per channel) weights:
     moec::ExpertsBf16 (w13, w2 bf16), moec::ExpertsInt8(..., w13 i8, w2 i8, s13 [E, 2I], s2 [E, H])
     moec::Linear(x [..., K], w [ceil(n/32), K, 32]; n) -> y [..., n],  LinearBf16, LinearInt8(x, w i8, s [n])
 
-the same phases as Int4Experts (Linear: one expert taking every row); each output the sum of its K products in
-order of k, whatever the rows of the call. `panel_weights` lays out the Experts nodes of the session's file
+the same phases as Int4Experts (Linear: one expert taking every row); each output the same sum of its K
+products (even k, odd k, then the two) whatever the rows of the call. `panel_weights` lays out the Experts nodes of the session's file
 (export_dense.moec_fp32_matmuls the Linear ones), `narrow_bf16` stores weights that are all bf16 numbers in bf16.
 
 The same library holds moec::CachedAttention (backends/ort_attention.py: its source is built in after these ops),
@@ -154,10 +154,12 @@ typedef struct {  /* one matrix of every expert, moec's int4 format: q [E, N, K/
 #ifdef __AVX512F__
 /* fp32 weights in panels: panel p of a matrix [N, K] holds channels 32p..32p+31 as [K][32] (zeros past N), so a
    panel is one sequential stream and a row's 32 outputs take one broadcast of x[r, k] and two FMAs per k. Each
-   output adds its K products in order of k, whatever the row count: a token's numbers do not depend on its batch.
-   Rows go MR at a time over KC inputs of the panel (32 KB, L1-resident while the row blocks reuse it).
-   bf16: the same panels in bf16 (half the bytes), each weight widened to fp32 (its bits shifted up: exact), so the
-   products and sums are the fp32 kernel's on the same values. int8 (moec's Int8Experts: a scale per channel):
+   output sums its products of even k in order, those of odd k in order, then the two (panel_rows), whatever the
+   row count: a token's numbers do not depend on its batch. Rows go MR at a time over KC inputs of the panel
+   (32 KB, L1-resident while the row blocks reuse it).
+   bf16: the same panels in bf16 (half the bytes), each k's 32 channels stored interleaved (c0, c16, c1, c17, ...:
+   narrow_bf16) so that a shift and a mask widen them to fp32 (exact; 1.4x as fast as a widening shuffle on
+   weights in the L3), so the products and sums are the fp32 kernel's on the same values. int8 (moec's Int8Experts: a scale per channel):
    the integers widened to fp32 (exact), their products with x summed, the sum times the channel's scale. */
 enum { PANEL = 32, MR = 6, KC = 256 };
 #define WT_BYTES(wt) ((wt) == WT_F32 ? 4 : (wt) == WT_BF16 ? 2 : 1)
@@ -177,8 +179,8 @@ INLINE void panel_load(const void *w, int64_t k, int wt, __m512 *w0, __m512 *w1)
 }
 
 /* rows x [nr, .] (K apart) times nk inputs of a panel w (at those inputs) into o; acc: onto the sums so far.
-   Even and odd inputs go to two sets of sums, added at the end: two FMA chains, so at decode a k step is not held
-   by the FMA latency (1.5x as fast on weights in the cache). Every row count sums the same way. */
+   Even and odd inputs go to two sets of sums, added at the end: two FMA chains, so that at decode a k step does
+   not wait for the last FMA (fp32 experts from the cache 1.2x as fast). Every row count sums the same way. */
 INLINE void panel_rows(const float *x, int64_t K, const void *w, int64_t nk, int acc, float *o, int64_t N,
                        int nr, __mmask16 m0, __mmask16 m1, int wt) {
     __m512 a[MR][2], b[MR][2];

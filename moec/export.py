@@ -653,8 +653,10 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     if _moec_kernels and fp32 and fused:
         proto = onnx.load(path, load_external_data=False)  # external weights stay where they are
         if ort_attention.rewrite(proto):
-            onnx.save(proto, path)
             fused += "; run as moec::CachedAttention (moec's kernel)"
+            if ort_attention.fuse_rotary(proto):
+                fused += ", rotary inside"
+            onnx.save(proto, path)
     proto = onnx.load(path, load_external_data=False)
     register_ort_schemas({(n.domain or "", n.op_type) for n in proto.graph.node})  # the fused ops' schemas
     onnx.checker.check_model(path)  # by path: also checks external data

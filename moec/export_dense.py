@@ -140,8 +140,8 @@ def moec_fp32_matmuls(path: str, router_widths: set[int], external_data: bool, i
                                               y_1, .., y_n = Split(y, [N_1, .., N_n], axis=-1)
 
     int8 (dense=Int8Experts(), weight-only): moec::LinearInt8(x, panels(q), s), W^T quantized as moec.quant does (a
-    scale per channel: the torch backend's dense= numbers). Each channel's K products are summed in order of k,
-    whatever node it lands in: merging changes no number. Rewritten in place; returns how many MatMuls were
+    scale per channel: the torch backend's dense= numbers). Each channel's K products are summed the same way
+    (even k, odd k, then the two) whatever node it lands in: merging changes no number. Rewritten in place; returns how many MatMuls were
     converted."""
     import torch
 

@@ -26,14 +26,14 @@ def test_library_builds():
     assert ort_kernels.library() is not None
 
 
-def _session(H, KVH, scale, sinks: bool):
+def _session(H, KVH, scale, sinks: bool, rotary_half: int = 0):
     import onnx
     import onnxruntime as ort
     from onnx import helper
 
-    names = ["q", "k", "v", "past_k", "past_v", "bias", "sinks" if sinks else ""]
+    names = ["q", "k", "v", "past_k", "past_v", "bias", "sinks" if sinks else "", *(["cos", "sin"] * bool(rotary_half))]
     node = helper.make_node(ort_attention.OP, names, ["out", "present_k", "present_v"], domain="moec",
-                            num_heads=H, kv_num_heads=KVH, scale=scale)
+                            num_heads=H, kv_num_heads=KVH, scale=scale, **({"rotary_half": rotary_half} if rotary_half else {}))
     graph = helper.make_graph([node], "t", [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
                                             for n in names if n],
                               [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
@@ -119,6 +119,96 @@ def test_bad_inputs_are_errors_naming_the_op():
         _session(8, 3, 0.25, False).run(None, {n: t.numpy() for n, t in x.items()})
 
 
+@pytest.mark.parametrize("B,S,P,cos_rows", [(1, 1, 40, 1), (2, 1, 7, 2), (2, 9, 0, 1), (1, 120, 30, 1)])
+@pytest.mark.parametrize("H,KVH,D", [(8, 2, 64), (4, 4, 20)])
+def test_rotary_inside_equals_hf_rotation(B, S, P, cos_rows, H, KVH, D):
+    """rotary_half: q and k rotated as HF's apply_rotary_pos_emb (rotate_half) before attending; the rotated keys
+    are what the present holds, to the bit (each product rounded, then the sum, as torch)."""
+    x = _inputs(B, S, P, H, KVH, D, False, pad=2 if B > 1 else 0)
+    g = torch.Generator().manual_seed(S)
+    angle = torch.randn(cos_rows, S, D // 2, generator=g) * 50  # large angles: positions far out
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    sess = _session(H, KVH, D ** -0.5, False, rotary_half=D // 2)
+    got = [torch.from_numpy(o) for o in sess.run(None, {n: t.numpy() for n, t in dict(x, cos=cos, sin=sin).items()})]
+    q, k = ort_attention.rotate_half(x["q"], cos, sin, H), ort_attention.rotate_half(x["k"], cos, sin, KVH)
+    want = torch.ops.moec.ort_gqa(q, k, x["v"], x["past_k"], x["past_v"], x["bias"], None, H, KVH, D ** -0.5)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    assert rel_err(got[0], want[0]) < 1e-5
+
+
+def test_rotary_inputs_that_do_not_fit_are_errors():
+    x = _inputs(1, 2, 3, 8, 2, 16, False)
+    cos = torch.ones(1, 2, 16)
+    with pytest.raises(Exception, match="moec::CachedAttention: .*rotary_half 16"):  # not within the head
+        _session(8, 2, 0.25, False, rotary_half=16).run(None, {n: t.numpy() for n, t in dict(x, cos=cos, sin=cos).items()})
+    with pytest.raises(Exception, match="moec::CachedAttention: .*rotary_half 8"):  # cos for 3 positions, 2 new
+        _session(8, 2, 0.25, False, rotary_half=8).run(
+            None, {n: t.numpy() for n, t in dict(x, cos=torch.ones(1, 3, 16), sin=torch.ones(1, 3, 16)).items()})
+
+
+def _rotary_graph(extra_reader: bool = False, half: int = 8):
+    """q's and k's rotation as torch.onnx exports HF's rotate-half rotary, feeding a CachedAttention (B 1, S 3, D 16)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    T = onnx.TensorProto
+    inits = [numpy_helper.from_array(torch.tensor(v).numpy(), n) for n, v in
+             (("one", [1]), ("lo_s", [0]), ("lo_e", [half]), ("hi_s", [half]), ("hi_e", [2 ** 62]), ("ax", [-1]),
+              ("shape4", [1, 3, -1, 16]), ("shape3", [1, 3, -1]))]
+    nodes = [helper.make_node("Unsqueeze", ["cos", "one"], ["ucos"]), helper.make_node("Unsqueeze", ["sin", "one"], ["usin"])]
+    for t in ("q", "k"):
+        nodes += [helper.make_node("Reshape", [f"{t}_lin", "shape4"], [f"{t}_4"]),
+                  helper.make_node("Transpose", [f"{t}_4"], [f"{t}_x"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Slice", [f"{t}_x", "lo_s", "lo_e", "ax"], [f"{t}_lo"]),
+                  helper.make_node("Slice", [f"{t}_x", "hi_s", "hi_e", "ax"], [f"{t}_hi"]),
+                  helper.make_node("Neg", [f"{t}_hi"], [f"{t}_neg"]),
+                  helper.make_node("Concat", [f"{t}_neg", f"{t}_lo"], [f"{t}_turned"], axis=-1),
+                  helper.make_node("Mul", [f"{t}_x", "ucos"], [f"{t}_a"]),
+                  helper.make_node("Mul", ["usin", f"{t}_turned"], [f"{t}_b"]),
+                  helper.make_node("Add", [f"{t}_b", f"{t}_a"], [f"{t}_rot"]),
+                  helper.make_node("Transpose", [f"{t}_rot"], [f"{t}_back"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Reshape", [f"{t}_back", "shape3"], [t])]
+    outputs = ["out", "present_k", "present_v"]
+    nodes.append(helper.make_node(ort_attention.OP, ["q", "k", "v", "past_k", "past_v", "bias", ""], outputs,
+                                  domain="moec", num_heads=2, kv_num_heads=1, scale=0.25))
+    if extra_reader:  # the rotation's input read by something else too: the nodes must stay
+        nodes.append(helper.make_node("Identity", ["q_x"], ["q_x_copy"]))
+        outputs.append("q_x_copy")
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info(n, T.FLOAT, None) for n in
+                                           ("q_lin", "k_lin", "v", "past_k", "past_v", "bias", "cos", "sin")],
+                              [helper.make_tensor_value_info(n, T.FLOAT, None) for n in outputs], inits)
+    return helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18),
+                                                                  helper.make_opsetid("moec", 1)])
+
+
+@pytest.mark.parametrize("half", [8, 5])
+def test_fuse_rotary_takes_the_rotation_in_and_computes_the_same(half):
+    """The exported rotate-half subgraph becomes the op's cos/sin inputs (the ~25 nodes go, their constants too); the
+    fused session's numbers are the unfused one's, to the bit, for halves of the head (8 of 16) and others (5).
+    Not fused: a rotation whose input has another reader."""
+    import onnxruntime as ort
+
+    ort_attention.register_schema()
+    x = _inputs(1, 3, 4, 2, 1, 16, False)
+    angle = torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(1)) * 20
+    feed = dict(q_lin=x["q"], k_lin=x["k"], v=x["v"], past_k=x["past_k"], past_v=x["past_v"], bias=x["bias"],
+                cos=angle.cos(), sin=angle.sin())
+    outs = []
+    for fuse in (False, True):
+        m = _rotary_graph(half=half)
+        if fuse:
+            assert ort_attention.fuse_rotary(m) == 1
+            assert [n.op_type for n in m.graph.node] == [ort_attention.OP] and not m.graph.initializer
+            assert list(m.graph.node[0].input[-2:]) == ["cos", "sin"]
+        so = ort.SessionOptions()
+        so.register_custom_ops_library(ort_kernels.library())
+        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        outs.append(sess.run(None, {n: t.numpy() for n, t in feed.items()}))
+    for a, b in zip(*outs):
+        assert (a == b).all()
+    assert ort_attention.fuse_rotary(_rotary_graph(extra_reader=True)) == 0
+
+
 def test_rewrite_leaves_what_the_op_does_not_compute():
     """GroupQueryAttention with rotary, without a bias, with a window, with q/k norms or with its probabilities as an
     output stays ORT's node; pruning the dropped seqlens/total inputs keeps a value a subgraph reads."""
@@ -181,5 +271,7 @@ def test_backend_runs_it_and_matches_hf(name, padding, monkeypatch):
         ops = {n.op_type for n in onnx.load(export.path, load_external_data=False).graph.node}
         if kernels == "1":
             assert "CachedAttention" in ops and "GroupQueryAttention" not in ops and "moec::CachedAttention" in export.attention
+            # Mixtral's rotate-half rotary runs inside the op; GPT-OSS's own rotation (chunks) stays as exported
+            assert ("rotary inside" in export.attention) == (name == "mixtral")
         else:
             assert "GroupQueryAttention" in ops and "CachedAttention" not in ops
