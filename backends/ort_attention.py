@@ -415,7 +415,7 @@ def fuse_rotary(proto) -> int:
                     if plain.input[xi] != x or cos is None:
                         continue
                     a, b = half_of(lo, x) or (None, None), half_of(hi, x) or (None, None)
-                    if a[0] != 0 or not a[1] or b[0] != a[1] or b[1] < 2 ** 31 or readers.get(x) != 3:
+                    if a[0] != 0 or a[1] is None or a[1] <= 0 or b[0] != a[1] or b[1] < 2 ** 31 or readers.get(x) != 3:
                         continue
                     t0 = node(x, "Transpose", 3)
                     r0 = transposed(t0) and node(t0.input[0], "Reshape")
