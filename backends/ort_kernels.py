@@ -43,8 +43,9 @@ for fp32, bf16 and int8 (a scale per channel) weights:
     moec::Linear(x [..., K], w [ceil(n/32), K, 32]; n) -> y [..., n],  LinearBf16, LinearInt8(x, w i8, s [n])
 
 the same phases as Int4Experts (Linear: one expert taking every row); each output the same sum of its K
-products (even k, odd k, then the two) whatever the rows of the call. `panel_weights` lays out the Experts nodes of the session's file
-(export_dense.moec_fp32_matmuls the Linear ones), `narrow_bf16` stores weights that are all bf16 numbers in bf16.
+products (even k, odd k, then the two) whatever the rows of the call. `panel_weights` lays out the Experts nodes
+of the session's file (export_dense.moec_fp32_matmuls the Linear ones), `narrow_bf16` stores weights that are all
+bf16 numbers in bf16.
 
 The same library holds moec::CachedAttention (backends/ort_attention.py: its source is built in after these ops),
 and export_dense merges the Int4MatMuls of one input (q/k/v) into one node.
@@ -159,8 +160,9 @@ typedef struct {  /* one matrix of every expert, moec's int4 format: q [E, N, K/
    (32 KB, L1-resident while the row blocks reuse it).
    bf16: the same panels in bf16 (half the bytes), each k's 32 channels stored interleaved (c0, c16, c1, c17, ...:
    narrow_bf16) so that a shift and a mask widen them to fp32 (exact; 1.4x as fast as a widening shuffle on
-   weights in the L3), so the products and sums are the fp32 kernel's on the same values. int8 (moec's Int8Experts: a scale per channel):
-   the integers widened to fp32 (exact), their products with x summed, the sum times the channel's scale. */
+   weights in the L3), so the products and sums are the fp32 kernel's on the same values. int8 (moec's
+   Int8Experts: a scale per channel): the integers widened to fp32 (exact), their products with x summed, the sum
+   times the channel's scale. */
 enum { PANEL = 32, MR = 6, KC = 256 };
 #define WT_BYTES(wt) ((wt) == WT_F32 ? 4 : (wt) == WT_BF16 ? 2 : 1)
 INLINE void panel_load(const void *w, int64_t k, int wt, __m512 *w0, __m512 *w1) {
