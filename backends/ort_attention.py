@@ -13,8 +13,9 @@ what moec::ort_gqa computes (backends/onnx_backend.py), the op moec.export_gqa p
 against and exports as com.microsoft::GroupQueryAttention. `rewrite` turns those nodes into this op in the files
 backend="onnxruntime" runs on CPU with moec's kernel library (fp32 models; export_onnx/export_genai files keep
 ORT's op), and `fuse_rotary` gives it the rotary that torch.onnx exported as ~10 small nodes for each of q and k
-(Reshape, Transpose, two Slices, Neg, Concat, two Muls, Add, Transpose, Reshape): at decode a step ran ~190
-nodes for the 4-layer demo model, 122 after, ~0.1 ms less a token.
+(Reshape, Transpose, two Slices, Neg, Concat, two Muls, Add, Transpose, Reshape): the 4-layer demo model's
+decode step ran 190 nodes after ORT's optimizations, 122 with the rotary inside (the step's time is in
+docs/benchmarks.md with the session's other changes; this one was not timed alone).
 
 Why: at decode ORT's GroupQueryAttention took ~22 us a layer for one token over 61 positions (a one-node session:
 31 us, this op's 16, an Identity's 8.6), for work of a few microseconds. This kernel:
@@ -191,6 +192,8 @@ static OrtStatus *attention(void *kernel, OrtKernelContext *ctx) {
              pv->dims[2] == P && pv->dims[3] == D && bias->rank == 4 && (bias->dims[0] == 1 || bias->dims[0] == B) &&
              bias->dims[1] == 1 && bias->dims[2] == S && bias->dims[3] == T && (!sinks->v || sinks->numel == H);
     const Input *cos = in + 7, *sin = in + 8;
+    if (ok && !kn->rotary_half)  /* cos and sin without rotary_half: a malformed node, not ignored */
+        ok = !cos->v && !sin->v;
     if (ok && kn->rotary_half)  /* rotary: cos and sin [B or 1, S, D] over whole heads */
         ok = cos->v && sin->v && kn->rotary_half > 0 && kn->rotary_half < D && cos->rank == 3 && sin->rank == 3 &&
              (cos->dims[0] == 1 || cos->dims[0] == B) && cos->dims[1] == S && cos->dims[2] == D &&

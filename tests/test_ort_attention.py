@@ -26,12 +26,13 @@ def test_library_builds():
     assert ort_kernels.library() is not None
 
 
-def _session(H, KVH, scale, sinks: bool, rotary_half: int = 0):
+def _session(H, KVH, scale, sinks: bool, rotary_half: int | None = None):
+    """rotary_half: None, no cos/sin inputs; 0, the inputs without the attribute (malformed)"""
     import onnx
     import onnxruntime as ort
     from onnx import helper
 
-    names = ["q", "k", "v", "past_k", "past_v", "bias", "sinks" if sinks else "", *(["cos", "sin"] * bool(rotary_half))]
+    names = ["q", "k", "v", "past_k", "past_v", "bias", "sinks" if sinks else "", *(["cos", "sin"] * (rotary_half is not None))]
     node = helper.make_node(ort_attention.OP, names, ["out", "present_k", "present_v"], domain="moec",
                             num_heads=H, kv_num_heads=KVH, scale=scale, **({"rotary_half": rotary_half} if rotary_half else {}))
     graph = helper.make_graph([node], "t", [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
@@ -141,6 +142,8 @@ def test_rotary_inputs_that_do_not_fit_are_errors():
     cos = torch.ones(1, 2, 16)
     with pytest.raises(Exception, match="moec::CachedAttention: .*rotary_half 16"):  # not within the head
         _session(8, 2, 0.25, False, rotary_half=16).run(None, {n: t.numpy() for n, t in dict(x, cos=cos, sin=cos).items()})
+    with pytest.raises(Exception, match="moec::CachedAttention: .*rotary_half 0"):  # cos, sin but no rotary_half
+        _session(8, 2, 0.25, False, rotary_half=0).run(None, {n: t.numpy() for n, t in dict(x, cos=cos, sin=cos).items()})
     with pytest.raises(Exception, match="moec::CachedAttention: .*rotary_half 8"):  # cos for 3 positions, 2 new
         _session(8, 2, 0.25, False, rotary_half=8).run(
             None, {n: t.numpy() for n, t in dict(x, cos=torch.ones(1, 3, 16), sin=torch.ones(1, 3, 16)).items()})
