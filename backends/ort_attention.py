@@ -6,6 +6,8 @@
         -> out [B, S, H*D], present_k [B, KVH, T, D], present_v          (T = P + S)
         q, k = per head x*cos + cat(-x[h:], x[:h])*sin   where rotary_half is set (HF's rotate_half: h = D/2)
         K, V = cat(past_k, k), cat(past_v, v)                 # query head h reads kv head h // (H / KVH)
+        without present outputs (the cache kept in place, `in_place`): past_k, past_v [B, KVH, R >= T, D] whose
+        first P = T - S rows (T: the bias's) are the past; k and v are written into rows P..T-1 and K, V read there
         out = softmax([q K^T * scale + bias | sinks])[..., :T] V   # causal: query s never reads a key t > P + s;
                                                                    # 0 where every such key is masked
 
@@ -15,7 +17,8 @@ backend="onnxruntime" runs on CPU with moec's kernel library (fp32 models; expor
 ORT's op), and `fuse_rotary` gives it the rotary that torch.onnx exported as ~10 small nodes for each of q and k
 (Reshape, Transpose, two Slices, Neg, Concat, two Muls, Add, Transpose, Reshape): the 4-layer demo model's
 decode step ran 190 nodes after ORT's optimizations, 122 with the rotary inside (the step's time is in
-docs/benchmarks.md with the session's other changes; this one was not timed alone).
+docs/benchmarks.md with the session's other changes; this one was not timed alone). `in_place` then keeps the cache
+in place: the session's callers give each past room and the step hands back the logits alone.
 
 Why: at decode ORT's GroupQueryAttention took ~22 us a layer for one token over 61 positions (a one-node session:
 31 us, this op's 16, an Identity's 8.6), for work of a few microseconds. This kernel:
@@ -40,7 +43,7 @@ enum { AIN = 9, AOUT = 3 };
 static const char *at_names[AIN] = {"q", "k", "v", "past_k", "past_v", "bias", "sinks", "cos", "sin"};
 typedef struct { int64_t H, KVH, rotary_half; float scale; } AttnKernel;
 typedef struct {
-    int64_t B, S, H, KVH, D, P, T, bias_rows;
+    int64_t B, S, H, KVH, D, P, T, R, bias_rows;  /* R: the rows of ok/ov per (batch row, kv head), T or more */
     float scale;
     const float *q, *k, *v, *pk, *pv, *bias, *sinks;
     float *out, *ok, *ov;
@@ -88,7 +91,7 @@ static void attend_item(void *p, size_t item) {
     Attn *a = p;
     int64_t S = a->S, D = a->D, T = a->T, rep = a->H / a->KVH;
     int64_t s = item % S, kv = (item / S) % a->KVH, b = item / (S * a->KVH);
-    const float *K = a->ok + (b * a->KVH + kv) * T * D, *V = a->ov + (b * a->KVH + kv) * T * D;
+    const float *K = a->ok + (b * a->KVH + kv) * a->R * D, *V = a->ov + (b * a->KVH + kv) * a->R * D;
     const float *bias = a->bias + ((a->bias_rows > 1 ? b : 0) * S + s) * T;
     float *l = malloc((T + 8) * sizeof(float));
     int64_t *at = malloc((T + 1) * sizeof(int64_t));
@@ -141,14 +144,16 @@ static void attend_item(void *p, size_t item) {
     free(l), free(at);
 }
 
-static void present_item(void *p, size_t i) {  /* (b, kv head) i: its past, then its new keys and values */
+static void present_item(void *p, size_t i) {  /* (b, kv head) i: its past (unless in place), then its new rows */
     Attn *a = p;
-    int64_t b = i / a->KVH, h = i % a->KVH, D = a->D, P = a->P, S = a->S;
-    memcpy(a->ok + i * a->T * D, a->pk + i * P * D, P * D * sizeof(float));
-    memcpy(a->ov + i * a->T * D, a->pv + i * P * D, P * D * sizeof(float));
+    int64_t b = i / a->KVH, h = i % a->KVH, D = a->D, P = a->P, S = a->S, R = a->R;
+    if (a->ok != a->pk) {
+        memcpy(a->ok + i * R * D, a->pk + i * P * D, P * D * sizeof(float));
+        memcpy(a->ov + i * R * D, a->pv + i * P * D, P * D * sizeof(float));
+    }
     for (int64_t s = 0; s < S; s++) {
-        memcpy(a->ok + (i * a->T + P + s) * D, a->k + ((b * S + s) * a->KVH + h) * D, D * sizeof(float));
-        memcpy(a->ov + (i * a->T + P + s) * D, a->v + ((b * S + s) * a->KVH + h) * D, D * sizeof(float));
+        memcpy(a->ok + (i * R + P + s) * D, a->k + ((b * S + s) * a->KVH + h) * D, D * sizeof(float));
+        memcpy(a->ov + (i * R + P + s) * D, a->v + ((b * S + s) * a->KVH + h) * D, D * sizeof(float));
     }
 }
 
@@ -184,12 +189,19 @@ static OrtStatus *attention(void *kernel, OrtKernelContext *ctx) {
     int64_t H = kn->H, KVH = kn->KVH;
     if (in[0].rank != 3 || in[3].rank != 4 || H <= 0 || KVH <= 0 || H % KVH || in[0].dims[2] % H)
         return error(AT, ORT_INVALID_ARGUMENT, "takes q [B, S, H*D] and past_k [B, KVH, P, D] with H a multiple of KVH");
-    int64_t B = in[0].dims[0], S = in[0].dims[1], D = in[0].dims[2] / H, P = in[3].dims[2], T = P + S;
+    size_t outputs;
+    CHECK(CALL((const OrtKernelContext *, size_t *), KernelContext_GetOutputCount, ctx, &outputs));
     const Input *k = in + 1, *v = in + 2, *pk = in + 3, *pv = in + 4, *bias = in + 5, *sinks = in + 6;
-    int ok = k->rank == 3 && v->rank == 3 && k->dims[0] == B && k->dims[1] == S && k->dims[2] == KVH * D &&
+    /* in place (no present outputs): past_k/past_v hold R >= T rows of which the bias's T - S are the past, and
+       the new rows are written into them */
+    int inplace = outputs == 1;
+    int64_t B = in[0].dims[0], S = in[0].dims[1], D = in[0].dims[2] / H, R = in[3].dims[2];
+    int64_t T = inplace ? (bias->rank == 4 ? bias->dims[3] : -1) : R + S, P = T - S;
+    int ok = (outputs == 1 || outputs == AOUT) && P >= 0 && R >= (inplace ? T : P) && k->rank == 3 &&
+             v->rank == 3 && k->dims[0] == B && k->dims[1] == S && k->dims[2] == KVH * D &&
              v->dims[0] == B && v->dims[1] == S && v->dims[2] == KVH * D && pk->dims[0] == B &&
              pk->dims[1] == KVH && pk->dims[3] == D && pv->rank == 4 && pv->dims[0] == B && pv->dims[1] == KVH &&
-             pv->dims[2] == P && pv->dims[3] == D && bias->rank == 4 && (bias->dims[0] == 1 || bias->dims[0] == B) &&
+             pv->dims[2] == R && pv->dims[3] == D && bias->rank == 4 && (bias->dims[0] == 1 || bias->dims[0] == B) &&
              bias->dims[1] == 1 && bias->dims[2] == S && bias->dims[3] == T && (!sinks->v || sinks->numel == H);
     const Input *cos = in + 7, *sin = in + 8;
     if (ok && !kn->rotary_half)  /* cos and sin without rotary_half: a malformed node, not ignored */
@@ -200,19 +212,24 @@ static OrtStatus *attention(void *kernel, OrtKernelContext *ctx) {
              sin->dims[0] == cos->dims[0] && sin->dims[1] == S && sin->dims[2] == D;
     if (!ok)
         return error(AT, ORT_INVALID_ARGUMENT, "q [B, S, H*D], k and v [B, S, KVH*D], past_k and past_v [B, KVH, P, "
-                     "D], bias [B or 1, 1, S, P+S], sinks [H] and cos, sin [B or 1, S, D > rotary_half] do not fit (H "
-                     "%lld, KVH %lld, rotary_half %lld)", (long long)H, (long long)KVH, (long long)kn->rotary_half);
-    Attn a = {.B = B, .S = S, .H = H, .KVH = KVH, .D = D, .P = P, .T = T, .bias_rows = bias->dims[0],
-              .scale = kn->scale, .q = in[0].data, .k = k->data, .v = v->data, .pk = pk->data, .pv = pv->data,
-              .bias = bias->data, .sinks = sinks->v ? sinks->data : NULL};
+                     "D] (P+S rows or more without present outputs), bias [B or 1, 1, S, P+S], sinks [H] and cos, sin "
+                     "[B or 1, S, D > rotary_half] do not fit (H %lld, KVH %lld, rotary_half %lld, outputs %zu)",
+                     (long long)H, (long long)KVH, (long long)kn->rotary_half, outputs);
+    Attn a = {.B = B, .S = S, .H = H, .KVH = KVH, .D = D, .P = P, .T = T, .R = inplace ? R : T,
+              .bias_rows = bias->dims[0], .scale = kn->scale, .q = in[0].data, .k = k->data, .v = v->data,
+              .pk = pk->data, .pv = pv->data, .bias = bias->data, .sinks = sinks->v ? sinks->data : NULL};
     int64_t od[3] = {B, S, H * D}, pd[4] = {B, KVH, T, D};
     OrtValue *y;
     CHECK(CALL((OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **), KernelContext_GetOutput, ctx, 0, od, 3, &y));
     CHECK(CALL((const OrtValue *, void **), GetTensorMutableData, y, (void **)&a.out));
-    CHECK(CALL((OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **), KernelContext_GetOutput, ctx, 1, pd, 4, &y));
-    CHECK(CALL((const OrtValue *, void **), GetTensorMutableData, y, (void **)&a.ok));
-    CHECK(CALL((OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **), KernelContext_GetOutput, ctx, 2, pd, 4, &y));
-    CHECK(CALL((const OrtValue *, void **), GetTensorMutableData, y, (void **)&a.ov));
+    if (inplace) {
+        a.ok = (float *)pk->data, a.ov = (float *)pv->data;
+    } else {
+        CHECK(CALL((OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **), KernelContext_GetOutput, ctx, 1, pd, 4, &y));
+        CHECK(CALL((const OrtValue *, void **), GetTensorMutableData, y, (void **)&a.ok));
+        CHECK(CALL((OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **), KernelContext_GetOutput, ctx, 2, pd, 4, &y));
+        CHECK(CALL((const OrtValue *, void **), GetTensorMutableData, y, (void **)&a.ov));
+    }
     if (B * T * D == 0)
         return NULL;
     float *rq = NULL, *rk = NULL;  /* rotated q and k: the op's q and k from here on */
@@ -263,6 +280,7 @@ static const char *at_name(const OrtCustomOp *op) { return "CachedAttention"; }
 static int at_input_type(const OrtCustomOp *op, size_t i) { return T_FLOAT; }
 static size_t at_inputs(const OrtCustomOp *op) { return AIN; }
 static size_t at_outputs(const OrtCustomOp *op) { return AOUT; }
+static int at_output_kind(const OrtCustomOp *op, size_t i) { return i ? OPTIONAL : REQUIRED; }
 static int at_input_kind(const OrtCustomOp *op, size_t i) { return i >= 6 ? OPTIONAL : REQUIRED; }
 """
 
@@ -279,7 +297,8 @@ def register_schema() -> None:
         OP, "moec", 1, "moec's attention kernel (backends/ort_attention.py)",
         inputs=[OpSchema.FormalParameter(n, "tensor(float)", **({"param_option": optional} if i >= 6 else {}))
                 for i, n in enumerate(("q", "k", "v", "past_k", "past_v", "bias", "sinks", "cos", "sin"))],
-        outputs=[OpSchema.FormalParameter(n, "tensor(float)") for n in ("out", "present_k", "present_v")],
+        outputs=[OpSchema.FormalParameter(n, "tensor(float)", **({"param_option": optional} if i else {}))
+                 for i, n in enumerate(("out", "present_k", "present_v"))],
         attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "query heads"),
                     OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, "key/value heads"),
                     OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "the logits' scale"),
@@ -446,6 +465,67 @@ def fuse_rotary(proto) -> int:
     for t in [t for t in graph.initializer if t.name in gone]:
         graph.initializer.remove(t)
     return count
+
+
+def in_place(proto) -> int:
+    """The KV cache kept in place: where every past input of `proto` (the KV-cache session's file) is a
+    moec::CachedAttention's past_k or past_v and is otherwise only measured by Shape nodes, each such node loses its
+    present outputs and writes its new keys and values into its past instead (the caller gives each past room for
+    the new rows; the past length P is now the mask's width minus the new tokens'):
+
+        out, present_k, present_v = CachedAttention(q, k, v, past_k [B, KVH, P, D], past_v, ...)
+        ->  out = CachedAttention(q, k, v, past_k [B, KVH, R >= P + S, D], past_v, ...)    # rows P..P+S-1 written
+        Shape(past_k)[2] = P   ->   Shape(attention_mask)[1] - Shape(input_ids)[1]
+
+    A decode step then hands no cache back to Python (a token's ~9 outputs cost ~0.1 ms there with the caches
+    cold after the weights went through them) and copies no past. Returns how many nodes (0: left as it was)."""
+    from onnx import helper
+
+    graph = proto.graph
+    names = {i.name for i in graph.input}
+    attention = [n for n in graph.node if n.op_type == OP and n.domain == "moec"]
+    pasts = {p for n in attention for p in n.input[3:5]}
+    presents = {p for n in attention for p in n.output[1:3]}
+    plain = {"input_ids", "attention_mask", "position_ids"}
+    if (not attention or "input_ids" not in names or "attention_mask" not in names or names - plain != pasts
+            or {o.name for o in graph.output} != presents | {graph.output[0].name} or graph.output[0].name in presents
+            or any(a.HasField("g") or a.graphs for n in graph.node for a in n.attribute)):
+        return 0  # other state (recurrent layers, another attention) or an odd graph: as it was
+    shapes = []
+    for n in graph.node:
+        reads = [i for i in n.input if i in pasts]
+        if reads and not (n.op_type == OP and n.domain == "moec" and list(n.input).count(reads[0]) == 1
+                          and set(reads) <= set(n.input[3:5])) and n.op_type != "Shape":
+            return 0
+        if any(o in presents for o in n.output) and not (n.op_type == OP and n.domain == "moec"):
+            return 0
+        if reads and n.op_type == "Shape":
+            shapes.append(n)
+    if any(i in presents for n in graph.node for i in n.input):
+        return 0
+    length = "moec_past_length"  # [1]: the mask's width minus the new tokens'
+    nodes = [helper.make_node("Shape", ["attention_mask"], [length + "_total"], start=1, end=2),
+             helper.make_node("Shape", ["input_ids"], [length + "_new"], start=1, end=2),
+             helper.make_node("Sub", [length + "_total", length + "_new"], [length])]
+    for n in shapes:
+        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+        start, end = a.get("start", 0), a.get("end", 4)
+        start, end = (min(max(d + 4 if d < 0 else d, 0), 4) for d in (start, end))
+        parts = []
+        for d in range(start, end):
+            parts.append(length if d == 2 else f"{n.output[0]}_dim{d}")
+            if d != 2:
+                nodes.append(helper.make_node("Shape", [n.input[0]], [parts[-1]], start=d, end=d + 1))
+        nodes.append(helper.make_node("Concat", parts, [n.output[0]], axis=0) if parts else
+                     helper.make_node("Constant", [], [n.output[0]], value_ints=[]))
+        graph.node.remove(n)
+    for n in attention:
+        del n.output[1:]
+    for o in [o for o in graph.output if o.name in presents]:
+        graph.output.remove(o)
+    for i, n in enumerate(nodes):
+        graph.node.insert(i, n)
+    return len(attention)
 
 
 def _used(graph) -> set[str]:

@@ -14,6 +14,8 @@ for plain greedy search, this loop runs it with nothing else per token:
     token = argmax(scores)                                # the first maximum, like torch.argmax
     token = pad where the row already ended (eos)         # then rows that hit eos end
     past = present; mask += [1]; positions = each row's count of real tokens
+    (a session that keeps its cache in place, moec::CachedAttention's: the pasts are arrays with room for every
+    token of the call, bound once; the session writes each step's rows there and hands back the logits alone)
 
 and returns input_ids with the new tokens, ending when every row hit eos or after max_new_tokens: HF's
 greedy search, token for token (tests/test_ort_generate.py). A plain greedy call is: max_new_tokens given,
@@ -100,11 +102,13 @@ def greedy(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: in
            pad: int | None) -> torch.Tensor:
     """Greedy search in the KV-cache session (the module docstring); [B, S] -> [B, S + up to `new`]. In numpy, the
     presents handed back to the session as its OrtValues (an IOBinding): per token, torch's dispatch of ~15 small
-    ops cost ~0.15 ms, as much as a tenth of the step."""
-    from moec.backends.ort_session import empty_past
+    ops cost ~0.15 ms, as much as a tenth of the step. After a step the weights have gone through the CPU's caches:
+    each Python operation then costs several times what it does warm (np.isin 60 us, not 11), hence few of them."""
+    from moec.backends.ort_session import empty_past, in_place
 
     session, names, layout, _ = forward.cached_session(ids, mask)
     outputs = [o.name for o in session.get_outputs()]  # logits, then the presents in the order of names[3:]
+    kept = in_place(session)  # logits only: the session writes each step's keys and values into the pasts
     B = ids.shape[0]
     feed, mask = ids.cpu().numpy(), mask.cpu().long().numpy()
     pos = np.where(mask == 0, 1, mask.cumsum(-1) - 1)  # HF's positions under left padding
@@ -112,7 +116,7 @@ def greedy(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: in
     stop = None if eos is None else np.asarray(eos, dtype=np.int64)  # [] too: indices, not floats
     ended, tokens = np.zeros(B, bool), []
     bind = _Binding(session)
-    for name, past in zip(names[3:], empty_past(layout, B)):
+    for name, past in zip(names[3:], empty_past(layout, B, ids.shape[1] + new if kept else 0)):
         bind.input(name, past)
     for step in range(new):
         bind.input("input_ids", feed)
@@ -125,11 +129,11 @@ def greedy(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: in
         token = scores.argmax(-1)  # [B]: the first maximum (NaN first), as torch.argmax
         if stop is not None:
             token[ended] = pad
-            ended |= np.isin(token, stop)
+            ended |= (token[:, None] == stop).any(-1)  # np.isin: ~50 us a token with the caches cold
         tokens.append(token)
         if ended.all():
             break
-        for i, name in enumerate(names[3:]):
+        for i, name in enumerate([] if kept else names[3:]):
             bind.value(name, outs[i + 1])
         feed, pos = token[:, None].astype(feed.dtype), count.copy()
         count += 1

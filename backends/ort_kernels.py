@@ -95,7 +95,7 @@ enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2, T_FLOAT = 1, T_UINT8 = 2, T_INT8 
        OPTIONAL = 1 };
 enum { CreateStatus = 0, CreateCustomOpDomain = 26, CustomOpDomain_Add = 27, AddCustomOpDomain = 28,  /* OrtApi */
        GetTensorMutableData = 51, GetDimensionsCount = 61, GetDimensions = 62, GetTensorTypeAndShape = 65,
-       KernelInfoGetAttribute_float = 85, KernelInfoGetAttribute_int64 = 86, KernelContext_GetInput = 90, KernelContext_GetOutput = 91,
+       KernelInfoGetAttribute_float = 85, KernelInfoGetAttribute_int64 = 86, KernelContext_GetOutputCount = 89, KernelContext_GetInput = 90, KernelContext_GetOutput = 91,
        ReleaseStatus = 93, ReleaseTensorTypeAndShapeInfo = 99, GetBuildInfoString = 254, KernelContext_ParallelFor = 274 };
 #define API_VERSION 20  /* GetApi(20): ONNX Runtime 1.20 or later, whose table holds every index above */
 
@@ -730,7 +730,8 @@ static const OrtCustomOp mm_op = {OP_FIELDS, .GetName = mm_name, .GetInputType =
                                   .KernelComputeV2 = matmul};
 static const OrtCustomOp at_op = {OP_FIELDS, .GetName = at_name, .GetInputType = at_input_type,
                                   .GetInputTypeCount = at_inputs, .GetOutputTypeCount = at_outputs,
-                                  .GetInputCharacteristic = at_input_kind, .CreateKernelV2 = attention_create,
+                                  .GetInputCharacteristic = at_input_kind, .GetOutputCharacteristic = at_output_kind,
+                                  .CreateKernelV2 = attention_create,
                                   .KernelComputeV2 = attention};
 
 /* SessionOptions.register_custom_ops_library calls this */

@@ -212,9 +212,14 @@ class OrtForward:
             at = args.get("cache_position")
             pos = (torch.arange(P, P + S) if at is None else at.cpu().long()).expand(B, S)
         past = empty_past(layout, B) if past is None else past
+        kept = in_place(session)
+        if kept:  # the session writes the new rows into the pasts: arrays with room for them
+            past = with_room(past, P + S)
         feeds = {"input_ids": ids.cpu().numpy(), "attention_mask": mask.numpy(), "position_ids": pos.cpu().numpy(),
                  **dict(zip(names[3:], past))}
-        if B > 1 and S > 1 and P > 0 and fused:
+        if kept:
+            outs = session.run(None, feeds) + [a[:, :, :P + S] for a in past]
+        elif B > 1 and S > 1 and P > 0 and fused:
             # ORT's GroupQueryAttention refuses several new tokens after a past at batch > 1: one row at a time
             rows = [session.run(None, {n: a[b:b + 1] for n, a in feeds.items()}) for b in range(B)]
             outs = [np.concatenate(parts) for parts in zip(*rows)]
@@ -222,11 +227,12 @@ class OrtForward:
             outs = session.run(None, feeds)
         device = ids.device
         for i in range(layers):  # the new positions, so that generate's cache counts them; states as they are now
-            new = [self._ours(torch.from_numpy(outs[1 + 2 * i + j]).to(device)) for j in (0, 1)]
+            new = [outs[1 + 2 * i + j] for j in (0, 1)]
             if i in states:
-                export_state.hold(cache.layers[i], *new)
-            else:
-                cache.update(*(t[:, :, P:] for t in new), i)
+                export_state.hold(cache.layers[i], *(self._ours(torch.from_numpy(a).to(device)) for a in new))
+            else:  # copies: an in-place session's arrays stay its own
+                cache.update(*(self._ours(torch.from_numpy(np.ascontiguousarray(a[:, :, P:])).to(device))
+                               for a in new), i)
         if cache not in self._past:
             self._follow_reorder(cache)
         self._past[cache] = (outs[1:], _tensors(cache))
@@ -304,7 +310,7 @@ class OrtForward:
         B, T = probe.shape
         got = session.run(None, {"input_ids": probe.numpy(), "attention_mask": np.ones((B, T), np.int64),
                                  "position_ids": np.tile(np.arange(T), (B, 1)),
-                                 **dict(zip(names[3:], empty_past(layout, B)))})[0]
+                                 **dict(zip(names[3:], empty_past(layout, B, T if in_place(session) else 0)))})[0]
         self._check(eager, torch.from_numpy(got))  # the prompt step, 300 tokens, against eager
         self.weights = _weights(self.model)
         return session, names, layout, exported.gqa_layers > 0
@@ -438,9 +444,10 @@ def _same(now: list, then: list) -> bool:
     return len(now) == len(then) and all(a is b and u == v for (a, u), (b, v) in zip(now, then))
 
 
-def empty_past(layout: tuple, batch: int) -> list[np.ndarray]:
-    """The first step's past: per layer a key and a value of [batch, kv_heads, 0, head_dim], or a linear-attention
-    layer's conv and recurrent states at zero."""
+def empty_past(layout: tuple, batch: int, rows: int = 0) -> list[np.ndarray]:
+    """The first step's past: per layer a key and a value of [batch, kv_heads, 0, head_dim] (`rows` rows of zeros:
+    room for a session that keeps its cache in place), or a linear-attention layer's conv and recurrent states at
+    zero."""
     (layers, heads, key_dim, value_dim, dtype), states = layout
 
     def np_dtype(t):
@@ -448,7 +455,29 @@ def empty_past(layout: tuple, batch: int) -> list[np.ndarray]:
 
     return [np.zeros((batch, *shape), np_dtype(kind)) for i in range(layers)
             for shape, kind in (zip(states[i][:2], states[i][2]) if i in states else
-                                (((heads, 0, key_dim), dtype), ((heads, 0, value_dim), dtype)))]
+                                (((heads, rows, key_dim), dtype), ((heads, rows, value_dim), dtype)))]
+
+
+def in_place(session) -> bool:
+    """Whether a KV-cache session keeps its cache in place (ort_attention.in_place): logits its only output, each
+    past given with room for the new rows, which the session writes there."""
+    return len(session.get_outputs()) == 1 and len(session.get_inputs()) > 3
+
+
+def with_room(past: list[np.ndarray], rows: int) -> list[np.ndarray]:
+    """Pasts [B, KVH, P, D] as an in-place session takes them: arrays of `rows` or more rows whose first P are the
+    past. A past that is the first rows of such an array (this forward's last step left it) is that array again;
+    others are copied into new arrays with room to grow (twice the rows), so a step rarely copies the past."""
+    out = []
+    for a in past:
+        base = a.base
+        if not (isinstance(base, np.ndarray) and base.base is None and base.shape[2] >= rows and base.ndim == 4
+                and a.shape[:2] == base.shape[:2] and a.shape[3] == base.shape[3] and a.strides == base.strides
+                and a.ctypes.data == base.ctypes.data):
+            base = np.zeros((*a.shape[:2], max(rows, 2 * a.shape[2]), a.shape[3]), a.dtype)
+            base[:, :, :a.shape[2]] = a
+        out.append(base)
+    return out
 
 
 def _long(tensors: dict[str, torch.Tensor], tokens: int = 300) -> dict[str, torch.Tensor]:

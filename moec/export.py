@@ -656,6 +656,8 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
             fused += "; run as moec::CachedAttention (moec's kernel)"
             if ort_attention.fuse_rotary(proto):
                 fused += ", rotary inside"
+            if ort_attention.in_place(proto):
+                fused += ", the cache kept in place"
             onnx.save(proto, path)
     proto = onnx.load(path, load_external_data=False)
     register_ort_schemas({(n.domain or "", n.op_type) for n in proto.graph.node})  # the fused ops' schemas

@@ -6,6 +6,7 @@ rewrite leaves GroupQueryAttention nodes it does not compute alone."""
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,19 +27,19 @@ def test_library_builds():
     assert ort_kernels.library() is not None
 
 
-def _session(H, KVH, scale, sinks: bool, rotary_half: int | None = None):
-    """rotary_half: None, no cos/sin inputs; 0, the inputs without the attribute (malformed)"""
+def _session(H, KVH, scale, sinks: bool, rotary_half: int | None = None, outputs=("out", "present_k", "present_v")):
+    """rotary_half: None, no cos/sin inputs; 0, the inputs without the attribute (malformed). outputs ("out",): the
+    cache kept in place."""
     import onnx
     import onnxruntime as ort
     from onnx import helper
 
     names = ["q", "k", "v", "past_k", "past_v", "bias", "sinks" if sinks else "", *(["cos", "sin"] * (rotary_half is not None))]
-    node = helper.make_node(ort_attention.OP, names, ["out", "present_k", "present_v"], domain="moec",
+    node = helper.make_node(ort_attention.OP, names, list(outputs), domain="moec",
                             num_heads=H, kv_num_heads=KVH, scale=scale, **({"rotary_half": rotary_half} if rotary_half else {}))
     graph = helper.make_graph([node], "t", [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
                                             for n in names if n],
-                              [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                               for n in ("out", "present_k", "present_v")])
+                              [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in outputs])
     model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18),
                                                                    helper.make_opsetid("moec", 1)])
     so = ort.SessionOptions()
@@ -118,6 +119,108 @@ def test_bad_inputs_are_errors_naming_the_op():
         sess.run(None, {n: t.numpy() for n, t in bad.items()})
     with pytest.raises(Exception, match="moec::CachedAttention: takes q"):
         _session(8, 3, 0.25, False).run(None, {n: t.numpy() for n, t in x.items()})
+
+
+@pytest.mark.parametrize("B,S,P", [(1, 1, 0), (2, 1, 40), (3, 7, 5), (1, 200, 0), (2, 64, 100)])
+@pytest.mark.parametrize("room", [0, 6])
+@pytest.mark.parametrize("rotary", [False, True])
+def test_in_place_writes_the_new_rows_into_the_past(B, S, P, room, rotary):
+    """Without present outputs the node reads its past from the first P = T - S rows of past_k/past_v (R >= T rows)
+    and writes the new keys and values into rows P..T-1: the same output as with presents, to the bit, the past
+    rows' numbers the presents', the rows past T untouched. Fed as numpy arrays to session.run, as the backend
+    does: ORT reads and writes those arrays' memory."""
+    H, KVH, D = 8, 2, 16
+    x = _inputs(B, S, P, H, KVH, D, sinks=True, pad=2 if B > 1 else 0)
+    if rotary:
+        angle = torch.randn(B, S, D // 2, generator=torch.Generator().manual_seed(1)) * 3
+        x["cos"], x["sin"] = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    feeds = {n: t.numpy() for n, t in x.items()}
+    half = D // 2 if rotary else None
+    want = _session(H, KVH, 0.25, True, half).run(None, feeds)
+    for name in ("past_k", "past_v"):
+        feeds[name] = np.full((B, KVH, P + S + room, D), 7.0, np.float32)
+        feeds[name][:, :, :P] = x[name].numpy()
+    out = _session(H, KVH, 0.25, True, half, outputs=("out",)).run(None, feeds)
+    assert len(out) == 1 and np.array_equal(out[0], want[0])
+    for name, present in zip(("past_k", "past_v"), want[1:]):
+        assert np.array_equal(feeds[name][:, :, :P + S], present) and (feeds[name][:, :, P + S:] == 7.0).all()
+
+
+def test_in_place_without_room_or_with_one_present_is_an_error():
+    x = _inputs(1, 2, 3, 8, 2, 16, False)
+    feeds = {n: t.numpy() for n, t in x.items()}  # past_k has P = 3 rows: no room for the 2 new ones
+    with pytest.raises(Exception, match="P.S rows or more without present outputs"):
+        _session(8, 2, 0.25, False, outputs=("out",)).run(None, feeds)
+    with pytest.raises(Exception, match="outputs 2"):
+        _session(8, 2, 0.25, False, outputs=("out", "present_k")).run(None, feeds)
+
+
+def _cache_graph(extra_reader: bool = False, shape_reader: tuple = (2, 3)):
+    """input_ids/attention_mask/position_ids and one layer's past -> a CachedAttention node and a Shape of the past
+    (its dims start:end) -> logits = out + the shape's sum; extra_reader: an Identity also reads the past"""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    f = onnx.TensorProto.FLOAT
+    start, end = shape_reader
+    nodes = [helper.make_node(ort_attention.OP, ["q", "q2", "q2", "pk", "pv", "bias"], ["out", "prk", "prv"],
+                              domain="moec", num_heads=2, kv_num_heads=1, scale=0.5),
+             helper.make_node("Shape", ["pk"], ["shape"], start=start, end=end),
+             helper.make_node("Cast", ["shape"], ["shape_f"], to=f),
+             helper.make_node("ReduceSum", ["shape_f"], ["length"], keepdims=0),
+             helper.make_node("Add", ["out", "length"], ["logits"])]
+    if extra_reader:
+        nodes.append(helper.make_node("Identity", ["pk"], ["copy"]))
+    inputs = [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["B", "S"]),
+              helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, ["B", "T"]),
+              helper.make_tensor_value_info("position_ids", onnx.TensorProto.INT64, ["B", "S"]),
+              *(helper.make_tensor_value_info(n, f, None) for n in ("pk", "pv"))]
+    outputs = [helper.make_tensor_value_info(n, f, None) for n in ("logits", "prk", "prv", *(["copy"] * extra_reader))]
+    g = np.random.default_rng(0)  # one new token's q, k and v after 3 (D = 4), as constants
+    consts = {"q": g.standard_normal((1, 2, 8), np.float32), "q2": g.standard_normal((1, 2, 4), np.float32),
+              "bias": np.zeros((1, 1, 2, 5), np.float32)}
+    graph = helper.make_graph(nodes, "t", inputs, outputs, [numpy_helper.from_array(a, n) for n, a in consts.items()])
+    return helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18),
+                                                                  helper.make_opsetid("moec", 1)])
+
+
+def test_in_place_graph_measures_the_past_by_the_mask():
+    """ort_attention.in_place: a graph whose pasts only CachedAttention and Shape read loses its presents, and a
+    Shape of the past says P = mask width - new tokens (the past array now has room: more rows); a past with another
+    reader (an Identity) or inputs other than the model's and the pasts: left as it was."""
+    import onnxruntime as ort
+
+    ort_attention.register_schema()
+    for start, end in ((2, 3), (0, 4), (-2, -1), (0, 2)):
+        proto = _cache_graph(shape_reader=(start, end))
+        base = ort.InferenceSession(proto.SerializeToString(), _options(), providers=["CPUExecutionProvider"])
+        assert ort_attention.in_place(proto) == 1
+        assert [o.name for o in proto.graph.output] == ["logits"]
+        kept = ort.InferenceSession(proto.SerializeToString(), _options(), providers=["CPUExecutionProvider"])
+        B, S, P, D = 1, 2, 3, 4
+        g = np.random.default_rng(0)
+        feeds = {"input_ids": np.zeros((B, S), np.int64), "attention_mask": np.ones((B, P + S), np.int64),
+                 "position_ids": np.zeros((B, S), np.int64), "pk": g.standard_normal((B, 1, P, D), np.float32),
+                 "pv": g.standard_normal((B, 1, P, D), np.float32)}
+        want = base.run(None, feeds)
+        for n in ("pk", "pv"):
+            feeds[n] = np.concatenate([feeds[n], np.zeros((B, 1, S + 5, D), np.float32)], 2)  # room: 5 rows more
+        got = kept.run(None, feeds)
+        assert np.array_equal(got[0], want[0])
+        assert np.array_equal(feeds["pk"][:, :, :P + S], want[1]) and np.array_equal(feeds["pv"][:, :, :P + S], want[2])
+    assert ort_attention.in_place(_cache_graph(extra_reader=True)) == 0
+    proto = _cache_graph()
+    proto.graph.input.append(proto.graph.input[-1])
+    proto.graph.input[-1].name = "state"
+    assert ort_attention.in_place(proto) == 0
+
+
+def _options():
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(ort_kernels.library())
+    return so
 
 
 @pytest.mark.parametrize("B,S,P,cos_rows", [(1, 1, 40, 1), (2, 1, 7, 2), (2, 9, 0, 1), (1, 120, 30, 1)])
@@ -253,7 +356,8 @@ def test_rewrite_leaves_what_the_op_does_not_compute():
 @pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
 @pytest.mark.parametrize("padding", [3, 9])
 def test_backend_runs_it_and_matches_hf(name, padding, monkeypatch):
-    """fp32 KV-cache sessions on CPU run moec::CachedAttention (GPT-OSS: with sinks and sliding windows in the bias);
+    """fp32 KV-cache sessions on CPU run moec::CachedAttention (GPT-OSS: with sinks and sliding windows in the bias)
+    with the cache kept in place;
     greedy tokens are HF's (sdpa), with a left-padded row and with a row of padding only (its prompt's queries attend
     to nothing: zeros from this op and ORT's); MOEC_ORT_KERNELS=0 keeps GroupQueryAttention."""
     import onnx
@@ -276,5 +380,7 @@ def test_backend_runs_it_and_matches_hf(name, padding, monkeypatch):
             assert "CachedAttention" in ops and "GroupQueryAttention" not in ops and "moec::CachedAttention" in export.attention
             # Mixtral's rotate-half rotary runs inside the op; GPT-OSS's own rotation (chunks) stays as exported
             assert ("rotary inside" in export.attention) == (name == "mixtral")
+            # the cache kept in place: the step hands back logits only (ort_attention.in_place)
+            assert "the cache kept in place" in export.attention and export.outputs == ["logits"]
         else:
             assert "GroupQueryAttention" in ops and "CachedAttention" not in ops

@@ -121,6 +121,20 @@ def test_other_calls_run_hf_generate(pair, loops, kw):
     assert torch.equal(got, want)
 
 
+def test_hf_generate_over_a_cache_kept_in_place(pair, loops):
+    """HF's generate steps a session that keeps its cache in place (ort_attention.in_place): each step's past is the
+    array the last step wrote into, grown (copied into one of twice the rows) when full, rows reordered by beam
+    search; 40 tokens, beams and a repetition penalty, the original's tokens."""
+    model, ref = pair
+    ids, mask = _prompt(model, 2, 5, seed=9)
+    kw = dict(attention_mask=mask, max_new_tokens=40, min_new_tokens=40, eos_token_id=None)
+    for extra in (dict(num_beams=2), dict(repetition_penalty=1.3)):
+        with torch.no_grad():
+            got, want = (m.generate(ids, **kw, **extra) for m in (model, ref))
+        assert torch.equal(got, want)
+    assert loops == [] and moec.inspect(model).export.outputs == ["logits"]
+
+
 def test_a_pad_token_in_the_prompt_without_a_mask_runs_hf_generate(pair, loops):
     """HF infers the attention mask from pad tokens in the prompt: that call is left to it."""
     model, ref = pair
