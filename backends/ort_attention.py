@@ -563,8 +563,10 @@ def rotate_half(x, cos, sin, heads: int):
 
 def self_test(path: str) -> None:
     """A one-node session against moec::ort_gqa (2 rows, 3 new tokens after 5, 8 heads over 2, a padded row,
-    a fully masked row, sinks and none, q and k rotated first; a long row that takes the threaded path);
+    a fully masked row, sinks and none, q and k rotated first; a long row that takes the threaded path), and each
+    case again with the cache kept in place (the same output to the bit, the presents' rows written into the pasts);
     RuntimeError where they differ."""
+    import numpy as np
     import onnx
     import onnxruntime as ort
     import torch
@@ -591,17 +593,30 @@ def self_test(path: str) -> None:
                                 ["out", "present_k", "present_v"], domain="moec", num_heads=H, kv_num_heads=KVH,
                                 scale=D ** -0.5, **({"rotary_half": D // 2} if rotary else {}))
         x = {n: t for n, t in x.items() if t is not None}
-        graph = helper.make_graph([node], "moec_attention_self_test",
-                                  [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in x],
-                                  [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                                   for n in ("out", "present_k", "present_v")])
-        model = helper.make_model(graph, ir_version=10,
-                                  opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("moec", 1)])
-        so = ort.SessionOptions()
-        so.register_custom_ops_library(path)
-        so.intra_op_num_threads = 2
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        got = [torch.from_numpy(o) for o in sess.run(None, {n: t.numpy() for n, t in x.items()})]
+
+        def run(outputs, feeds):
+            graph = helper.make_graph([helper.make_node(OP, list(node.input), outputs, domain="moec")],
+                                      "moec_attention_self_test",
+                                      [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in x],
+                                      [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in outputs])
+            graph.node[0].attribute.extend(node.attribute)
+            model = helper.make_model(graph, ir_version=10,
+                                      opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("moec", 1)])
+            so = ort.SessionOptions()
+            so.register_custom_ops_library(path)
+            so.intra_op_num_threads = 2
+            sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            return [torch.from_numpy(o) for o in sess.run(None, feeds)]
+
+        feeds = {n: t.numpy() for n, t in x.items()}
+        got = run(["out", "present_k", "present_v"], feeds)
+        for name in ("past_k", "past_v"):  # the cache kept in place: pasts with room (2 rows more), written into
+            feeds[name] = np.concatenate([feeds[name], np.zeros((B, KVH, S + 2, D), np.float32)], 2)
+        kept = run(["out"], feeds)[0]
+        if not (torch.equal(kept, got[0]) and all(np.array_equal(feeds[n][:, :, :T], p.numpy())
+                                                  for n, p in zip(("past_k", "past_v"), got[1:]))):
+            raise RuntimeError(f"moec::CachedAttention's self-test: with the cache kept in place, the output or the "
+                               f"rows written differ from those with presents (B={B} S={S} P={P})")
         q, k = x["q"], x["k"]
         if rotary:
             q, k = rotate_half(q, x["cos"], x["sin"], H), rotate_half(k, x["cos"], x["sin"], KVH)
