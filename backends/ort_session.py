@@ -256,6 +256,11 @@ class OrtForward:
             return None
         arrays = [_array(t) if t is not None else None for layer in cache.layers for t in export_state.present(layer)]
         kv = [a for i, a in enumerate(arrays) if i // 2 not in states]
+        held = {a.shape[2] for a in kv if a is not None}
+        if (length is not None and len(held) == 1 and length not in held and all(a is not None for a in arrays)
+                and not _slides(self.model.config)):  # (a window layer's cache is cropped: said below)
+            raise ValueError(f"moec backend='onnxruntime': the attention_mask covers {length} past position(s) but "
+                             f"the cache holds {held.pop()}: it must cover the past and the new tokens")
         length = kv[0].shape[2] if length is None else length
         if any(a is None for a in arrays) or any(a.shape[2] != length for a in kv):
             raise NotImplementedError(

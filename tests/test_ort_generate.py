@@ -163,6 +163,11 @@ def test_a_cache_filled_or_cropped_outside_the_session():
             want, got = (m(past_key_values=c, **step).logits for m, c in zip((ref, model), caches))
             assert (got - want).norm() / want.norm() < 1e-5
 
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+        cache.crop(-3)  # a mask one column short for the cropped cache: said as such, not as a changed cache
+        with pytest.raises(ValueError, match="the attention_mask covers 3 past position.s. but the cache holds 4"):
+            model(input_ids=ids[:, :1], attention_mask=mask[:, :4], past_key_values=cache, use_cache=True)
+
         slid = models.tiny_model("gpt_oss").eval()  # sliding window 4: its HF cache keeps 3 positions
         cache = slid(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
         moec.compile(slid, backend="onnxruntime")
