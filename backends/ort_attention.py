@@ -484,10 +484,11 @@ def in_place(proto) -> int:
     graph = proto.graph
     names = {i.name for i in graph.input}
     attention = [n for n in graph.node if n.op_type == OP and n.domain == "moec"]
-    pasts = {p for n in attention for p in n.input[3:5]}
-    presents = {p for n in attention for p in n.output[1:3]}
+    read = [p for n in attention for p in n.input[3:5]]
+    pasts, presents = set(read), {p for n in attention for p in n.output[1:3]}
     plain = {"input_ids", "attention_mask", "position_ids"}
     if (not attention or "input_ids" not in names or "attention_mask" not in names or names - plain != pasts
+            or len(read) != len(pasts)  # a past two nodes read (layers sharing a cache) would get both's rows
             or {o.name for o in graph.output} != presents | {graph.output[0].name} or graph.output[0].name in presents
             or any(a.HasField("g") or a.graphs for n in graph.node for a in n.attribute)):
         return 0  # other state (recurrent layers, another attention) or an odd graph: as it was

@@ -187,7 +187,8 @@ def _cache_graph(extra_reader: bool = False, shape_reader: tuple = (2, 3)):
 def test_in_place_graph_measures_the_past_by_the_mask():
     """ort_attention.in_place: a graph whose pasts only CachedAttention and Shape read loses its presents, and a
     Shape of the past says P = mask width - new tokens (the past array now has room: more rows); a past with another
-    reader (an Identity) or inputs other than the model's and the pasts: left as it was."""
+    reader (an Identity), one two attention nodes read, or inputs other than the model's and the pasts: left as it
+    was."""
     import onnxruntime as ort
 
     ort_attention.register_schema()
@@ -209,6 +210,14 @@ def test_in_place_graph_measures_the_past_by_the_mask():
         assert np.array_equal(got[0], want[0])
         assert np.array_equal(feeds["pk"][:, :, :P + S], want[1]) and np.array_equal(feeds["pv"][:, :, :P + S], want[2])
     assert ort_attention.in_place(_cache_graph(extra_reader=True)) == 0
+    proto = _cache_graph()  # a second node reading the same past (layers sharing their cache): left as it was
+    second = copy.deepcopy(proto.graph.node[0])
+    del second.output[:]
+    second.output.extend(["out2", "prk2", "prv2"])
+    proto.graph.node.append(second)
+    proto.graph.output.extend(copy.deepcopy(proto.graph.output[1]) for _ in range(2))
+    proto.graph.output[-2].name, proto.graph.output[-1].name = "prk2", "prv2"
+    assert ort_attention.in_place(proto) == 0
     proto = _cache_graph()
     proto.graph.input.append(proto.graph.input[-1])
     proto.graph.input[-1].name = "state"
