@@ -476,7 +476,7 @@ def with_room(past: list[np.ndarray], rows: int) -> list[np.ndarray]:
     out = []
     for a in past:
         base = a.base
-        if not (isinstance(base, np.ndarray) and base.base is None and base.shape[2] >= rows and base.ndim == 4
+        if not (isinstance(base, np.ndarray) and base.base is None and base.ndim == 4 and base.shape[2] >= rows
                 and a.shape[:2] == base.shape[:2] and a.shape[3] == base.shape[3] and a.strides == base.strides
                 and a.ctypes.data == base.ctypes.data):
             base = np.zeros((*a.shape[:2], max(rows, 2 * a.shape[2]), a.shape[3]), a.dtype)
