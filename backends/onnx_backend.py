@@ -283,8 +283,9 @@ def translations() -> dict:
 
     def int8_experts(x, ids, weights, q13, s13, b13, q2, s2, b2, activation: str, gated: bool, alpha: float,
                      limit: float, weight_on_input: bool, gate_up: str, int8_activations: bool = False):
-        # weight-only int8 (lower_onnx), likewise laid out after the export
-        return moec_ops.ExpertsInt8(x, ids, weights, q13, q2, s13, s2, gate_up=ort_kernels.GATE_UP[gate_up])
+        # int8 (lower_onnx), likewise laid out after the export (int8 activations: panels_a8)
+        return moec_ops.ExpertsInt8(x, ids, weights, q13, q2, s13, s2, gate_up=ort_kernels.GATE_UP[gate_up],
+                                    int8_activations=int(int8_activations))
 
     ort_kernels.register_schema()
     moec_ops = onnxscript.values.Opset(ort_kernels.DOMAIN, 1)

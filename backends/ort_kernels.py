@@ -277,6 +277,58 @@ static void moec_panels(const float *x, int64_t R, int64_t K, const void *w, flo
     else if (wt == WT_I8) panels_any(x, R, K, w, out, N, j0, j1, WT_I8, sc);
     else panels_any(x, R, K, w, out, N, j0, j1, WT_F32, sc);
 }
+
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define I8A8  /* moec_panels_a8 is built */
+/* int8 weights and int8 activations (Int8Experts(activations="int8"): a scale per channel, each row rounded to int8
+   at one step, moec_pack_a8 with one group): panels of 16 channels, [ceil(N/16), K/4, 16, 4] bytes of w + 128
+   (`panels_a8`; 128 past N), the k of each 32 in moec_pack_a8's order (the evens, then the odds). A step of 4
+   inputs is one 64-byte load and, per row, one vpdpbusd against the row's 4 inputs broadcast: the 16 channels' sums
+   of (w + 128) x, exact in int32 (|sum| <= K 255 127: K <= 65536), less 128 times the row's sum xi. Then as
+   torch_backend._int8_gemm: float(sum) times the channel's scale, times the row's step. */
+enum { P8 = 16, MR8 = 4 };
+INLINE void a8_rows(const int8_t *x8, int64_t K, const uint8_t *w, const float *sx, const int32_t *xi, __m512 sc,
+                    float *o, int64_t N, __mmask16 m, int nr) {
+    __m512i a[MR8][2];  /* two chains a row: at decode a step does not wait for the last vpdpbusd */
+    UNROLL for (int r = 0; r < nr; r++) a[r][0] = a[r][1] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 8) {  /* K: a multiple of 32 */
+        __m512i w0 = _mm512_loadu_si512(w + k * P8), w1 = _mm512_loadu_si512(w + (k + 4) * P8);
+        UNROLL for (int r = 0; r < nr; r++) {
+            int32_t x0, x1;
+            memcpy(&x0, x8 + r * K + k, 4), memcpy(&x1, x8 + r * K + k + 4, 4);
+            a[r][0] = _mm512_dpbusd_epi32(a[r][0], w0, _mm512_set1_epi32(x0));
+            a[r][1] = _mm512_dpbusd_epi32(a[r][1], w1, _mm512_set1_epi32(x1));
+        }
+    }
+    UNROLL for (int r = 0; r < nr; r++) {
+        __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(a[r][0], a[r][1]), _mm512_set1_epi32(128 * xi[r]));
+        __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), sc), _mm512_set1_ps(sx[r]));
+        _mm512_mask_storeu_ps(o + r * N, m, y);
+    }
+}
+
+/* out[r, j] for rows r < R of x8 [R, K] (steps sx [R], sums xi [R]), channels j0 <= j < j1 (j0 a multiple of 16) of
+   panels w [ceil(N/16), K/4, 64] with scales s [N]; out's rows N apart */
+static void moec_panels_a8(const int8_t *x8, const float *sx, const int32_t *xi, int64_t R, int64_t K,
+                           const uint8_t *w, const float *s, float *out, int64_t N, int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; j += P8) {
+        int64_t n = j1 - j < P8 ? j1 - j : P8;
+        __mmask16 m = n == P8 ? 0xFFFF : (__mmask16)((1u << n) - 1);
+        __m512 sc = _mm512_maskz_loadu_ps(m, s + j);
+        const uint8_t *wp = w + j / P8 * K * P8;
+        for (int64_t r = 0; r < R; r += MR8) {
+#define ROWS(NR) a8_rows(x8 + r * K, K, wp, sx + r, xi + r, sc, out + r * N + j, N, m, NR)
+            switch (R - r < MR8 ? R - r : MR8) {  /* constant row counts: the accumulators stay in registers */
+            case 1: ROWS(1); break;
+            case 2: ROWS(2); break;
+            case 3: ROWS(3); break;
+            default: ROWS(4);
+            }
+#undef ROWS
+        }
+    }
+}
+#endif
 #endif
 
 typedef struct {  /* one call */
@@ -297,6 +349,14 @@ static void gemm_item(void *p, size_t item) {  /* (active expert, CH output chan
     int64_t r0 = s->first[e], G = m->G, j1 = j0 + CH < m->N ? j0 + CH : m->N;
 #ifdef __AVX512F__
     if (m->f) {
+#ifdef I8A8
+        if (s->a8) {  /* int8 weights and rows (G = 1: a step and a sum a row) */
+            moec_panels_a8((const int8_t *)s->in + r0 * m->K, s->in_s + r0, s->in_i + r0, s->first[e + 1] - r0, m->K,
+                           (const uint8_t *)m->f + e * ((m->N + P8 - 1) / P8) * m->K * P8, m->sc + e * m->N,
+                           s->out + r0 * m->N, m->N, j0, j1);
+            return;
+        }
+#endif
         moec_panels((const float *)s->in + r0 * m->K, s->first[e + 1] - r0, m->K,
                     (const char *)m->f + e * ((m->N + PANEL - 1) / PANEL) * m->K * PANEL * WT_BYTES(m->wt),
                     s->out + r0 * m->N, m->N, j0, j1, m->wt, m->sc ? m->sc + e * m->N : NULL);
@@ -319,7 +379,7 @@ static void gemm_item(void *p, size_t item) {  /* (active expert, CH output chan
 /* fp32 row v [K] into the kernel's input row: int8 per group (a8: x8 [K], steps sx [K/g], sums xi [K/g]), or each
    32 inputs as (the evens | the odds) */
 static void kernel_row(const Step *s, const float *v, int64_t K, int64_t G, void *x, float *sx, int32_t *xi) {
-    if (s->m13.f) {  /* fp32 weights: the row as it is */
+    if (s->m13.f && !s->a8) {  /* weights in panels, fp32 rows: the row as it is */
         if (x != v) memcpy(x, v, K * sizeof(float));
         return;
     }
@@ -487,7 +547,7 @@ static OrtStatus *run(const char *op, Step *s, OrtKernelContext *ctx, int64_t E,
     s->s2 = (float *)b, b += R * G2 * 4;
     s->i2 = (int32_t *)b, b += R * G2 * 4;
     s->x1 = b, b += R * H * size;
-    s->x2 = s->m13.f ? (void *)s->a : b;  /* fp32 weights: FC2 reads the activation rows as they are */
+    s->x2 = s->m13.f && !s->a8 ? (void *)s->a : b;  /* panels, fp32 rows: FC2 reads the activation rows as they are */
     OrtStatus *st = parallel(ctx, input_item, R, s);
     if (!st) {
         s->m = &s->m13, s->in = s->x1, s->in_s = s->s1, s->in_i = s->i1, s->out = s->h;
@@ -524,18 +584,28 @@ static OrtStatus *experts_panels(void *kernel, OrtKernelContext *ctx) {
     if (x->rank != 2 || ids->rank != 2 || ids->dims[0] != x->dims[0] || w->rank != 2 || w->dims[0] != ids->dims[0] ||
         w->dims[1] != ids->dims[1])
         return error(XP, ORT_INVALID_ARGUMENT, "x [T, H], ids [T, k] and w [T, k] do not fit");
-    int64_t H = x->dims[1], E = w13->dims[0], I = w2->rank == 4 ? w2->dims[2] : 0;
-    if (w13->rank != 4 || w2->rank != 4 || w13->dims[3] != 32 || w2->dims[3] != 32 || w2->dims[0] != E ||
-        w13->dims[1] != (2 * I + 31) / 32 || w13->dims[2] != H || w2->dims[1] != (H + 31) / 32 || I == 0)
-        return error(XP, ORT_INVALID_ARGUMENT, "w13 [E, ceil(2I/32), H, 32] and w2 [E, ceil(H/32), I, 32] ("
-                     "weights in panels: ort_kernels.panel_weights) do not fit x [T, %lld]", (long long)H);
+    /* panels of pc channels, kd inputs a row of the panel: [E, ceil(N/32), K, 32], int8 rows [E, ceil(N/16), K/4, 64] */
+    int64_t pc = kn->a8 ? 16 : 32, kd = kn->a8 ? 4 : 1, last = pc * kd;
+    int64_t H = x->dims[1], E = w13->dims[0], I = w2->rank == 4 ? w2->dims[2] * kd : 0;
+    if (w13->rank != 4 || w2->rank != 4 || w13->dims[3] != last || w2->dims[3] != last ||
+        w2->dims[0] != E || w13->dims[1] != (2 * I + pc - 1) / pc || w13->dims[2] * kd != H ||
+        w2->dims[1] != (H + pc - 1) / pc || I == 0)
+        return error(XP, ORT_INVALID_ARGUMENT, kn->a8
+                     ? "w13 [E, ceil(2I/16), H/4, 64] and w2 [E, ceil(H/16), I/4, 64] (int8 weights in panels for int8 "
+                       "rows: ort_kernels.panel_weights) do not fit x [T, %lld]"
+                     : "w13 [E, ceil(2I/32), H, 32] and w2 [E, ceil(H/32), I, 32] (weights in panels: "
+                       "ort_kernels.panel_weights) do not fit x [T, %lld]", (long long)H);
+    if (kn->a8 && (H % 32 || I % 32 || H > 65536 || I > 65536))
+        return error(XP, ORT_INVALID_ARGUMENT, "int8 rows take H and I multiples of 32, at most 65536 (int32 sums): "
+                     "H %lld, I %lld", (long long)H, (long long)I);
     if (n == XIN8 && (s13->rank != 2 || s13->dims[0] != E || s13->dims[1] != 2 * I || s2->rank != 2 ||
                       s2->dims[0] != E || s2->dims[1] != H))
         return error(XP, ORT_INVALID_ARGUMENT, "s13 [E, 2I] and s2 [E, H] (the channels' scales) do not fit");
 #ifdef __AVX512F__
-    Step s = {.gate_up = (int)kn->gate_up, .T = x->dims[0], .k = ids->dims[1], .H = H, .I = I, .x = x->data,
-              .w = w->data, .m13 = {.N = 2 * I, .K = H, .f = w13->data, .wt = (int)kn->wt, .sc = s13->data},
-              .m2 = {.N = H, .K = I, .f = w2->data, .wt = (int)kn->wt, .sc = s2->data}};
+    Step s = {.a8 = (int)kn->a8, .gate_up = (int)kn->gate_up, .T = x->dims[0], .k = ids->dims[1], .H = H, .I = I,
+              .x = x->data, .w = w->data,
+              .m13 = {.N = 2 * I, .K = H, .G = kn->a8, .f = w13->data, .wt = (int)kn->wt, .sc = s13->data},
+              .m2 = {.N = H, .K = I, .G = kn->a8, .f = w2->data, .wt = (int)kn->wt, .sc = s2->data}};
     int64_t dims[2] = {s.T, H};
     OrtValue *y;
     CHECK(CALL((OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **), KernelContext_GetOutput, ctx, 0,
@@ -553,6 +623,28 @@ static OrtStatus *experts_panels(void *kernel, OrtKernelContext *ctx) {
 enum { MIN = 4 };
 static const int mm_types[MIN] = {T_FLOAT, T_UINT8, T_FLOAT, T_UINT8};
 static const char *mm_names[MIN] = {"x", "q", "s", "z"};
+
+/* y [R, N] (s->out) = s->m13 times the rows s->x [R = s->T, K = s->H], each first made the kernel's input row
+   (input_item: int8, or each 32 inputs reordered) */
+static OrtStatus *one_matrix(const char *op, Step *s, OrtKernelContext *ctx) {
+    int64_t R = s->T, K = s->H, G = s->m13.G, size = s->a8 ? 1 : 4, first[2] = {0, R}, active[1] = {0};
+    s->first = first, s->active = active;
+    s->token = malloc(R * sizeof(int64_t));
+    char *buf = malloc(R * (K * size + G * 8) + 64);
+    if (!s->token || !buf) {
+        free(s->token), free(buf);
+        return error(op, ORT_FAIL, "out of memory");
+    }
+    for (int64_t r = 0; r < R; r++) s->token[r] = r;
+    s->s1 = (float *)buf, s->i1 = (int32_t *)(buf + R * G * 4), s->x1 = buf + R * G * 8;
+    OrtStatus *st = parallel(ctx, input_item, R, s);
+    if (!st) {
+        s->m = &s->m13, s->in = s->x1, s->in_s = s->s1, s->in_i = s->i1;
+        st = parallel(ctx, gemm_item, (s->m13.N + CH - 1) / CH, s);
+    }
+    free(s->token), free(buf);
+    return st;
+}
 
 static OrtStatus *matmul(void *kernel, OrtKernelContext *ctx) {
     const Kernel *kn = kernel;
@@ -575,25 +667,7 @@ static OrtStatus *matmul(void *kernel, OrtKernelContext *ctx) {
     CHECK(CALL((OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **), KernelContext_GetOutput, ctx, 0,
                dims, x->rank, &y));
     CHECK(CALL((const OrtValue *, void **), GetTensorMutableData, y, (void **)&s.out));
-    if (R == 0)
-        return NULL;
-    int64_t G = s.m13.G, size = s.a8 ? 1 : 4, first[2] = {0, R}, active[1] = {0};
-    s.first = first, s.active = active;
-    s.token = malloc(R * sizeof(int64_t));
-    char *buf = malloc(R * (K * size + G * 8) + 64);
-    if (!s.token || !buf) {
-        free(s.token), free(buf);
-        return error(MM, ORT_FAIL, "out of memory");
-    }
-    for (int64_t r = 0; r < R; r++) s.token[r] = r;
-    s.s1 = (float *)buf, s.i1 = (int32_t *)(buf + R * G * 4), s.x1 = buf + R * G * 8;
-    OrtStatus *st = parallel(ctx, input_item, R, &s);
-    if (!st) {
-        s.m = &s.m13, s.in = s.x1, s.in_s = s.s1, s.in_i = s.i1;
-        st = parallel(ctx, gemm_item, (N + CH - 1) / CH, &s);
-    }
-    free(s.token), free(buf);
-    return st;
+    return R ? one_matrix(MM, &s, ctx) : NULL;
 }
 
 /* moec::Linear(x [..., K] fp32, w [ceil(N/32), K, 32] fp32; n) -> y [..., N] = x W^T: a dense layer's fp32 weights
@@ -613,22 +687,32 @@ static OrtStatus *linear(void *kernel, OrtKernelContext *ctx) {
     for (size_t i = 0; i < n; i++) CHECK(get_input(FM, ctx, i, fm_names, in + i));
     const Input *x = in, *w = in + 1, *sc = in + 2;
     int64_t K = x->rank ? x->dims[x->rank - 1] : 0, N = kn->n, R = K ? x->numel / K : 0;
-    if (x->rank < 1 || w->rank != 3 || w->dims[0] != (N + 31) / 32 || w->dims[1] != K || w->dims[2] != 32 || N <= 0)
-        return error(FM, ORT_INVALID_ARGUMENT, "x [..., K] and w [ceil(n/32), K, 32] (weights in panels: "
-                     "ort_kernels.panel_weights) do not fit, n = %lld", (long long)N);
+    int64_t pc = kn->a8 ? 16 : 32, kd = kn->a8 ? 4 : 1;  /* as experts_panels' */
+    if (x->rank < 1 || w->rank != 3 || w->dims[0] != (N + pc - 1) / pc || w->dims[1] * kd != K ||
+        w->dims[2] != pc * kd || N <= 0)
+        return error(FM, ORT_INVALID_ARGUMENT, kn->a8
+                     ? "x [..., K] and w [ceil(n/16), K/4, 64] (int8 weights in panels for int8 rows: "
+                       "ort_kernels.panel_weights) do not fit, n = %lld"
+                     : "x [..., K] and w [ceil(n/32), K, 32] (weights in panels: ort_kernels.panel_weights) do not "
+                       "fit, n = %lld", (long long)N);
+    if (kn->a8 && (K % 32 || K > 65536))
+        return error(FM, ORT_INVALID_ARGUMENT, "int8 rows take K a multiple of 32, at most 65536 (int32 sums): K %lld",
+                     (long long)K);
     if (n == FIN8 && (sc->rank != 1 || sc->dims[0] != N))
         return error(FM, ORT_INVALID_ARGUMENT, "s [n] (the channels' scales) does not fit n = %lld", (long long)N);
 #ifdef __AVX512F__
     int64_t dims[MAX_RANK], first[2] = {0, R}, active[1] = {0};
     memcpy(dims, x->dims, sizeof dims);
     dims[x->rank - 1] = N;
-    Step s = {.T = R, .k = 1, .H = K, .first = first, .active = active, .in = x->data,
-              .m13 = {.N = N, .K = K, .f = w->data, .wt = (int)kn->wt, .sc = sc->data}};
+    Step s = {.a8 = (int)kn->a8, .T = R, .k = 1, .H = K, .x = x->data, .first = first, .active = active,
+              .in = x->data, .m13 = {.N = N, .K = K, .G = kn->a8, .f = w->data, .wt = (int)kn->wt, .sc = sc->data}};
     OrtValue *y;
     CHECK(CALL((OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **), KernelContext_GetOutput, ctx, 0,
                dims, x->rank, &y));
     CHECK(CALL((const OrtValue *, void **), GetTensorMutableData, y, (void **)&s.out));
-    s.m = &s.m13;
+    if (R && s.a8)  /* each row rounded to int8 first */
+        return one_matrix(FM, &s, ctx);
+    s.m = &s.m13;  /* fp32 rows: read as they are */
     return R ? parallel(ctx, gemm_item, (N + CH - 1) / CH, &s) : NULL;
 #else
     return error(FM, ORT_FAIL, "fp32 weights in panels need the AVX-512 build of the kernels");
@@ -639,11 +723,17 @@ static OrtStatus *create(const OrtCustomOp *op, OrtApiTable a, const OrtKernelIn
     Kernel *kn = calloc(1, sizeof *kn);
     if (!kn)
         return error(OP, ORT_FAIL, "out of memory");
-    size_t n = op->GetInputTypeCount(op);  /* NIN: Int4Experts, MIN: Int4MatMul; XIN(8), FIN(8): panels (no a8) */
-    OrtStatus *st = n == XIN || n == XIN8 || n == FIN || n == FIN8
-        ? NULL : CALL((const OrtKernelInfo *, const char *, int64_t *), KernelInfoGetAttribute_int64, info,
-                      "int8_activations", &kn->a8);
+    size_t n = op->GetInputTypeCount(op);  /* NIN: Int4Experts, MIN: Int4MatMul; XIN(8), FIN(8): panels */
+    OrtStatus *st = n == XIN || n == FIN ? NULL  /* fp32 and bf16 panels: fp32 rows */
+        : CALL((const OrtKernelInfo *, const char *, int64_t *), KernelInfoGetAttribute_int64, info,
+               "int8_activations", &kn->a8);
+    if (st && (n == XIN8 || n == FIN8))  /* int8 panels: optional, weight-only where absent */
+        ((void (*)(OrtStatus *))api[ReleaseStatus])(st), st = NULL, kn->a8 = 0;
     kn->wt = strstr(op->GetName(op), "Bf16") ? WT_BF16 : strstr(op->GetName(op), "Int8") ? WT_I8 : WT_F32;
+#ifndef I8A8
+    if (!st && kn->a8 && (n == XIN8 || n == FIN8))
+        st = error(op->GetName(op), ORT_FAIL, "int8 rows on int8 weights need the AVX512-VNNI build of the kernels");
+#endif
     if (!st && (n == FIN || n == FIN8))  /* Linear: its channels */
         st = CALL((const OrtKernelInfo *, const char *, int64_t *), KernelInfoGetAttribute_int64, info, "n", &kn->n);
     if (!st && (n == NIN || n == XIN || n == XIN8))  /* the experts' ops: FC1's row order */
@@ -797,6 +887,8 @@ def register_schema() -> None:
     a8 = OpSchema.Attribute("int8_activations", OpSchema.AttrType.INT, "GEMM inputs rounded to int8")
     tiles = OpSchema.Attribute("tiles", onnx.helper.make_attribute("tiles", 0),
                                "1: q and s in the tile layout (ort_kernels.tiled)")
+    rows8 = OpSchema.Attribute("int8_activations", onnx.helper.make_attribute("int8_activations", 0),
+                               "1: each input row rounded to int8 at one step, weights in panels_a8")
     for op, types, attrs in (
             (OP, {"x": "float", "ids": "int64", "w": "float", "q13": "uint8", "s13": "float", "z13": "uint8",
                   "q2": "uint8", "s2": "float", "z2": "uint8"},
@@ -811,9 +903,9 @@ def register_schema() -> None:
              [OpSchema.Attribute("n", OpSchema.AttrType.INT, "output channels")]),
             (EXPERTS + "Int8", {"x": "float", "ids": "int64", "w": "float", "w13": "int8", "w2": "int8",
                                 "s13": "float", "s2": "float"},
-             [OpSchema.Attribute("gate_up", OpSchema.AttrType.INT, "FC1's row order, GATE_UP")]),
+             [rows8, OpSchema.Attribute("gate_up", OpSchema.AttrType.INT, "FC1's row order, GATE_UP")]),
             (FP32_MATMUL + "Int8", {"x": "float", "w": "int8", "s": "float"},
-             [OpSchema.Attribute("n", OpSchema.AttrType.INT, "output channels")]),
+             [rows8, OpSchema.Attribute("n", OpSchema.AttrType.INT, "output channels")]),
             (MATMUL, {"x": "float", "q": "uint8", "s": "float", "z": "uint8"}, [a8, tiles])):
         if onnx.defs.has(op, DOMAIN):
             continue
@@ -837,6 +929,17 @@ def panels(w: np.ndarray) -> np.ndarray:
     E, N, K = w.shape
     w = np.pad(w, ((0, 0), (0, -N % 32), (0, 0)))
     return np.ascontiguousarray(w.reshape(E, -1, 32, K).swapaxes(-1, -2))
+
+
+def panels_a8(q: np.ndarray) -> np.ndarray:
+    """int8 weights [E, N, K] (K a multiple of 32) -> the int8-row kernel's panels [E, ceil(N/16), K/4, 64]
+    (moec_panels_a8): panel p holds channels 16p..16p+15 as [K/4][16 channels][4 inputs] bytes of q + 128 (128 past
+    N), each 32 inputs in moec_pack_a8's order (the evens, then the odds); int8 arrays holding those bytes."""
+    E, N, K = q.shape
+    u = np.pad(q.astype(np.int16) + 128, ((0, 0), (0, -N % 16), (0, 0)), constant_values=128).astype(np.uint8)
+    u = u.reshape(E, -1, 16, K // 32, 16, 2).swapaxes(-1, -2)  # [E, P, 16, K/32, 2, 16]: per 32, evens then odds
+    u = u.reshape(E, -1, 16, K // 4, 4).swapaxes(2, 3)  # [E, P, K/4, 16, 4]
+    return np.ascontiguousarray(u).reshape(E, -1, K // 4, 64).view(np.int8)
 
 
 def halves(w13: np.ndarray, gate_up: int) -> np.ndarray:
@@ -910,7 +1013,8 @@ def narrow_bf16(proto, base_dir: str = "") -> int:
 
 def panel_weights(proto, base_dir: str = "") -> int:
     """Each moec::Experts / ExpertsInt8 node of `proto` gets its weights [E, N, K] in panels (new initializers
-    `<name>_panels`; FC1's rows in halves, its scales s13 [E, 2I] too, gate_up 0), the ops' only layout:
+    `<name>_panels`, `panels`; with int8_activations `<name>_panels_a8`, `panels_a8`; FC1's rows in halves, its
+    scales s13 [E, 2I] too, gate_up 0), the ops' only layout:
     export_onnx makes these nodes only where this CPU's build has the kernel (lower_onnx). Returns how many nodes;
     a node whose weights are not initializers is an error (the op could not run)."""
     from onnx import helper, numpy_helper
@@ -922,16 +1026,18 @@ def panel_weights(proto, base_dir: str = "") -> int:
             continue
         a = {x.name: x for x in n.attribute}
         gate_up = a["gate_up"].i
+        a8 = "int8_activations" in a and a["int8_activations"].i == 1
         for i in (3, 4, 5)[:3 if len(n.input) > 5 else 2]:  # w13, w2 (and s13)
             name = n.input[i]
             if name not in inits:
                 raise RuntimeError(f"moec::Experts node {n.name}: its weight {name} is not a constant of the file")
-            key = (name, gate_up if i != 4 else 0)
+            key = (name, gate_up if i != 4 else 0, a8 and i < 5)
             if key not in done:
                 w = numpy_helper.to_array(inits[name], base_dir)
                 w = halves(w, gate_up) if i != 4 else w
-                done[key] = f"{name}_panels" if key[1] == 0 else f"{name}_panels{gate_up}"
-                proto.graph.initializer.append(numpy_helper.from_array(panels(w) if i < 5 else w, done[key]))
+                done[key] = f"{name}_panels{'_a8' * key[2]}{gate_up if key[1] else ''}"
+                w = w if i == 5 else panels_a8(w) if a8 else panels(w)
+                proto.graph.initializer.append(numpy_helper.from_array(w, done[key]))
             n.input[i] = done[key]
         n.attribute.remove(a["gate_up"])
         n.attribute.append(helper.make_attribute("gate_up", 0))
@@ -1051,22 +1157,29 @@ def _self_test(path: str) -> None:
         err = ((got - want).norm() / want.norm()).item()
         if not err < 1e-5:
             raise RuntimeError(f"its self-test differs from moec::experts ({dtype} weights; relative error {err:.2e})")
-    if cpu_native.has_f32():  # int8 weights, a scale per channel
+    # int8 weights, a scale per channel; with int8 rows (VNNI builds) H and I multiples of 32: the same numbers
+    for a8 in [False] * cpu_native.has_f32() + [True] * cpu_native.has_vnni512():
+        if a8:
+            H, I = 64, 96
+            x, w13, w2 = (torch.randn(shape, generator=g) for shape in ((7, H), (E, 2 * I, H), (E, H, I)))
         t13, t2 = quantize(Int8Experts(), w13), quantize(Int8Experts(), w2)
         got = torch.from_numpy(experts_session(
             path, t13["q"].numpy(), t2["q"].numpy(), GATE_UP["interleave"], s13=t13["scale"].numpy(),
-            s2=t2["scale"].numpy()).run(None, {"x": x.numpy(), "ids": ids.numpy(), "w": w.numpy()})[0])
+            s2=t2["scale"].numpy(), a8=a8).run(None, {"x": x.numpy(), "ids": ids.numpy(), "w": w.numpy()})[0])
         want = torch.ops.moec.experts_int8(x, ids, w, t13["q"], t13["scale"], None, t2["q"], t2["scale"], None, "silu",
-                                           True, 1.0, 0.0, False, "interleave")
+                                           True, 1.0, 0.0, False, "interleave", a8)
         err = ((got - want).norm() / want.norm()).item()
         if not err < 1e-5:
-            raise RuntimeError(f"its self-test differs from moec::experts_int8 (relative error {err:.2e})")
+            raise RuntimeError(f"its self-test differs from moec::experts_int8 (int8 activations: {a8}; relative "
+                               f"error {err:.2e})")
 
 
-def experts_session(path: str, w13: np.ndarray, w2: np.ndarray, gate_up: int, options=None, s13=None, s2=None):
+def experts_session(path: str, w13: np.ndarray, w2: np.ndarray, gate_up: int, options=None, s13=None, s2=None,
+                    a8: bool = False):
     """A session of one moec::Experts node with fp32 weights w13 [E, 2I, H] (rows in `gate_up` order) and w2
     [E, H, I], laid out by panel_weights (and narrow_bf16: ExpertsBf16 where they are bf16 numbers); with the
-    channels' scales s13 [E, 2I] and s2 [E, H], moec::ExpertsInt8 on int8 w13 and w2. Inputs "x", "ids", "w"."""
+    channels' scales s13 [E, 2I] and s2 [E, H], moec::ExpertsInt8 on int8 w13 and w2 (a8: int8 rows). Inputs "x",
+    "ids", "w"."""
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
@@ -1074,7 +1187,7 @@ def experts_session(path: str, w13: np.ndarray, w2: np.ndarray, gate_up: int, op
     int8 = s13 is not None
     weights = {"w13": w13, "w2": w2, **({"s13": s13, "s2": s2} if int8 else {})}
     node = helper.make_node(EXPERTS + "Int8" * int8, ["x", "ids", "w", *weights], ["y"], domain=DOMAIN,
-                            gate_up=gate_up)
+                            gate_up=gate_up, **({"int8_activations": 1} if a8 else {}))
     graph = helper.make_graph(
         [node], "moec_experts",
         [helper.make_tensor_value_info(n, t, None) for n, t in (("x", onnx.TensorProto.FLOAT),

@@ -76,6 +76,14 @@ def _numerics(backend: str, cfg: QuantConfig, pipeline: str = "") -> str:
         return (f"(routed experts: int8 activations per group of {cfg.group_size} inputs, as ONNX Runtime's; {how}; "
                 f"the rest weight-only)")
     kernel = "ONNX Runtime's QMoE kernel"
+    if backend.startswith("onnxruntime") and "(CPU" in backend and isinstance(cfg, Int8Experts) \
+            and cfg.activations == "int8":
+        from moec.backends import cpu_native
+
+        if cpu_native.has_vnni512():
+            return ("(routed experts: int8 activations, one scale per row of each GEMM's input as on the torch "
+                    "backend, int8 dot products: moec's int8 kernels as an ONNX Runtime custom op where a block fits "
+                    "them (gated SiLU, no biases; else QMoE, a scale per group of 32: .export.blocks says which))")
     if backend.startswith("onnxruntime") and isinstance(cfg, Int4Experts) and "(CPU" in backend:
         kernel = ("moec's int4 kernels as an ONNX Runtime custom op where a block fits them (gated SiLU, no biases; "
                   "else QMoE: .export.blocks says which)")
@@ -415,8 +423,9 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         routed experts (appends the quantize_experts pass). Backend torch: numba kernels, CPU only;
         triton: w8a16/w4a16 GEMMs; onnxruntime: QMoE nodes. shared=True is torch backend only.
         activations="int8": int8 activations and int8 dot products in the routed experts: backend onnxruntime
-        (a scale per group of 32 inputs for Int8Experts, of the group size for Int4Experts) or torch (Int8Experts:
-        a scale per row; Int4Experts: per group, as ONNX Runtime, in moec's C kernel: backends/cpu_native).
+        (Int8Experts: a scale per row on moec's kernels where the CPU has AVX512-VNNI, else per group of 32 inputs
+        in QMoE; Int4Experts: per group of the group size) or torch (Int8Experts: a scale per row; Int4Experts: per
+        group, as ONNX Runtime, in moec's C kernel: backends/cpu_native).
     offload: moec.Offload(budget, store, path, policy, prefetch, prefetch_width): the routed experts leave the
         model for a store (disk or host memory) and run from a cache of `budget` experts (appends offload_experts; torch
         or triton backend; with quantize=, the quantized experts are stored and cached; see moec.offload). Statistics:

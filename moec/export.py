@@ -634,8 +634,9 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
                                for t in onnx.load(path, load_external_data=False).graph.initializer)
     routers = {b.num_experts for b in compiled.blocks}
     panels = _moec_kernels and fp32 and cpu_native.has_f32()  # moec's kernels on weights in panels
-    if panels and dense == Int8Experts():  # weight-only int8: a scale per channel (the torch backend's numbers)
-        quantized = moec_fp32_matmuls(path, routers, big, int8=True)
+    rows8 = Int8Experts(activations="int8")  # int8 rows on int8 weights: moec's kernel where the CPU has VNNI
+    if panels and (dense == Int8Experts() or dense == rows8 and cpu_native.has_vnni512()):  # a scale per channel
+        quantized = moec_fp32_matmuls(path, routers, big, int8=True, a8=dense == rows8)  # (the torch backend's numbers)
         log.info(f"moec.export_onnx: {quantized} dense MatMuls run moec's int8 kernel")
         done("dense MatMuls on moec's kernel", "checking the file")
     elif dense is not None:

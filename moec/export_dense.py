@@ -131,7 +131,8 @@ def moec_matmuls(path: str, external_data: bool) -> int:
     return count
 
 
-def moec_fp32_matmuls(path: str, router_widths: set[int], external_data: bool, int8: bool = False) -> int:
+def moec_fp32_matmuls(path: str, router_widths: set[int], external_data: bool, int8: bool = False,
+                      a8: bool = False) -> int:
     """backend="onnxruntime" with moec's kernels, fp32 models: the dense MatMuls (as `dense_matmuls` picks them, any
     K; Gemms of that kind first written as MatMul) become moec::Linear (backends/ort_kernels.py: the weights in
     panels, one sequential stream a 32-channel panel), those of one input as one node and a Split:
@@ -141,8 +142,10 @@ def moec_fp32_matmuls(path: str, router_widths: set[int], external_data: bool, i
 
     int8 (dense=Int8Experts(), weight-only): moec::LinearInt8(x, panels(q), s), W^T quantized as moec.quant does (a
     scale per channel: the torch backend's dense= numbers). Each channel's K products are summed the same way
-    (even k, odd k, then the two) whatever node it lands in: merging changes no number. Rewritten in place; returns how many MatMuls were
-    converted."""
+    (even k, odd k, then the two) whatever node it lands in: merging changes no number. a8 (dense=Int8Experts(
+    activations="int8"), an AVX512-VNNI build): the same weights in `panels_a8` and int8_activations=1, each row
+    rounded to int8 at one step (the torch backend's numbers, exact int32 sums); a MatMul whose K is not a multiple
+    of 32 or above 65536 keeps fp32 rows. Rewritten in place; returns how many MatMuls were converted."""
     import torch
 
     from moec.quant import Int8Experts, quantize
@@ -161,15 +164,15 @@ def moec_fp32_matmuls(path: str, router_widths: set[int], external_data: bool, i
             del groups[x]  # its names are taken: left as it was
             continue
         w = np.concatenate([numpy_helper.to_array(inits[n.input[1]]) for n in nodes], axis=1).T  # [sum N_i, K]
-        weights = {"w": w}
+        weights, rows8 = {"w": w}, a8 and w.shape[1] % 32 == 0 and w.shape[1] <= 65536
         if int8:
             t = quantize(Int8Experts(), torch.from_numpy(np.ascontiguousarray(w))[None])
             weights = {"w": t["q"][0].numpy(), "s": t["scale"][0].numpy()}
-        weights["w"] = ort_kernels.panels(weights["w"][None])[0]
+        weights["w"] = (ort_kernels.panels_a8 if rows8 else ort_kernels.panels)(weights["w"][None])[0]
         proto.graph.initializer.extend(numpy_helper.from_array(v, f"{name}_{k}") for k, v in weights.items())
         merged = [helper.make_node(ort_kernels.FP32_MATMUL + "Int8" * int8, [x, *(f"{name}_{k}" for k in weights)],
                                    [f"{name}_y"] if len(nodes) > 1 else list(nodes[0].output), name=name,
-                                   domain=ort_kernels.DOMAIN, n=w.shape[0])]
+                                   domain=ort_kernels.DOMAIN, n=w.shape[0], **({"int8_activations": 1} if rows8 else {}))]
         if len(nodes) > 1:
             sizes = numpy_helper.from_array(np.array([inits[n.input[1]].dims[1] for n in nodes], np.int64),
                                             f"{name}_split")

@@ -43,12 +43,13 @@ class Int8Experts:
     """int8 weight-only experts, one scale per output channel. shared=True quantizes the shared
     experts' linear layers the same way (torch backend, CPU); router=True the router weight.
     activations="int8": each expert GEMM's input rows rounded to int8 (scale amax/127, round to nearest) and
-    multiplied with the int8 weights. ONNX Runtime (backend="onnxruntime", export_onnx/export_genai on CPU): a
-    scale per group of 32 inputs (ORT's block-wise 8-bit QMoE, each channel's scale repeated per block: the same
-    weights). The torch backend (CPU): a scale per row, so that an expert with many rows (prefill) runs one int8
-    GEMM with int32 sums (torch._int_mm: oneDNN, VNNI where the CPU has it); few rows run moec's kernels on the
-    rounded rows (fp32 sums of the integer products: exact below 2^24). The two backends round differently: same
-    config, numbers apart by the rounding."""
+    multiplied with the int8 weights. The torch backend (CPU): a scale per row, so that an expert with many rows
+    (prefill) runs one int8 GEMM with int32 sums (torch._int_mm: oneDNN, VNNI where the CPU has it); few rows run
+    moec's kernels on the rounded rows (fp32 sums of the integer products: exact below 2^24). backend="onnxruntime"
+    on a CPU with AVX512-VNNI: the same, in moec's kernels inside the session (backends/ort_kernels.py; the dense
+    layers of dense= too). ONNX files (export_onnx/export_genai), and the session elsewhere: a scale per group of 32
+    inputs (ORT's block-wise 8-bit QMoE, each channel's scale repeated per block: the same weights), numbers apart
+    from the per-row ones by the rounding."""
 
     shared: bool = False
     router: bool = False

@@ -20,8 +20,9 @@ experts as ONE op that exports to ONNX Runtime's contrib node, weights in ORT's 
         log-weights routing, x s*sum(w) after: the block is the sum of its slices
     input-side weighting, top-1 (Llama 4): x * w [T, H] into the op, log-weights of weight 1
 
-moec's kernels (backend="onnxruntime" asks for them, export_onnx's files never hold them): int4, weight-only int8
-and fp32 experts of gated SiLU without biases stay `moec.experts_int4` / `experts_int8` / `experts`, exported as
+moec's kernels (backend="onnxruntime" asks for them, export_onnx's files never hold them): int4, int8 (weight-only,
+or with int8 activations where the CPU has AVX512-VNNI: a step a row, the torch backend's numbers) and fp32 experts
+of gated SiLU without biases stay `moec.experts_int4` / `experts_int8` / `experts`, exported as
 moec::Int4Experts / ExpertsInt8 / Experts (backends/ort_kernels.py, custom ops the session registers), ids and w
 from the graph's routing:
 
@@ -174,8 +175,6 @@ def moec_kernel_reason(gm, node, spec, dtype) -> str | None:
 
     e, cfg = spec.experts, spec.quant
     int4, int8 = node.target is torch.ops.moec.experts_int4, node.target is torch.ops.moec.experts_int8
-    if int8 and cfg.activations == "int8":
-        return "their int8 experts are weight-only (QMoE rounds the activations as asked)"
     b13, b2 = _biases(node)
     if not (e.gated and e.activation == "silu") or e.weight_on_input or b13 is not None or b2 is not None:
         return "they take gated SiLU experts without biases"
@@ -188,6 +187,11 @@ def moec_kernel_reason(gm, node, spec, dtype) -> str | None:
         return "the library is not built (see the log)"
     if (not int4 or cfg.activations != "int8") and not cpu_native.has_f32():
         return ("fp32 rows" if int4 else "weights in panels") + " need an AVX-512 CPU"
+    if int8 and cfg.activations == "int8":  # int32 sums of int8 rows: H and I multiples of 32 (check_shape)
+        if not cpu_native.has_vnni512():
+            return "their int8 rows on int8 weights need an AVX512-VNNI CPU (QMoE rounds the activations as asked)"
+        if max(spec.experts.hidden, spec.experts.inter) > 65536:
+            return "their int8 rows take H and I up to 65536 (int32 sums)"
     return ""
 
 

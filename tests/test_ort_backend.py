@@ -12,7 +12,7 @@ import handwritten as hw
 import moec
 from moec import models
 from moec.api import Rejection
-from moec.backends import ort_kernels, ort_session
+from moec.backends import cpu_native, ort_kernels, ort_session
 from moec.export import ExportReport
 
 from conftest import TOL, rel_err
@@ -96,7 +96,8 @@ def test_int8_activations_equal_their_reference(cfg):
     """activations="int8": the session (QMoE accuracy_level=4) equals the model whose blocks run ORT's ops by their
     torch reference (int8 rows per group: moec.quant.int8_rows), logits and generated tokens; the report says
     which numerics run and what they cost; the torch backend, which rounds int4 experts' rows as ORT does, gives
-    the reference's logits within the same spread.
+    the reference's logits within the same spread. Int8Experts on a CPU with AVX512-VNNI: the session runs moec's
+    int8 kernels, which round each row as the torch backend does: the torch backend is the reference.
     Rounding to int8 is discontinuous: the session's fp32 parts (attention, norms) differ from torch's by ~1e-7,
     which flips an activation that sits on a rounding boundary (seen on an AVX2 CPU: 1.5e-3 at the logits). So the
     logits must be within the reference's own spread under 1e-6 noise on its input (exact where nothing flips;
@@ -105,8 +106,9 @@ def test_int8_activations_equal_their_reference(cfg):
 
     model = models.tiny_model("mixtral", hidden_size=64, intermediate_size=64)
     compiled = moec.compile(copy.deepcopy(model), backend="onnxruntime", quantize=cfg)
+    rows = isinstance(cfg, moec.Int8Experts) and cpu_native.has_vnni512()  # moec::ExpertsInt8, a step a row
     reference = moec.compile(copy.deepcopy(model), quantize=cfg,
-                             passes=DEFAULT_PIPELINE + ",quantize_experts,lower_onnx")
+                             passes=DEFAULT_PIPELINE + ",quantize_experts" + ",lower_onnx" * (not rows))
     weight_only = dataclasses.replace(cfg, activations="fp32")
     twin = _dequantized_twin(model, moec.compile(copy.deepcopy(model), quantize=weight_only), weight_only)
     gen = torch.Generator().manual_seed(0)
@@ -123,8 +125,8 @@ def test_int8_activations_equal_their_reference(cfg):
     assert torch.equal(compiled.generate(**inputs, max_new_tokens=6, do_sample=False),
                        reference.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False))
     report = moec.inspect(reference)
-    assert "int8 activations per group of 32" in str(report) and "with int8 activations: max relative error" in \
-        report.blocks[0].proof
+    assert "with int8 activations: max relative error" in report.blocks[0].proof
+    assert ("one scale per row" if rows else "int8 activations per group of 32") in str(moec.inspect(compiled))
     if isinstance(cfg, moec.Int4Experts):  # the torch backend rounds int4 experts' rows per group too
         torch_a8 = moec.compile(copy.deepcopy(model), quantize=cfg)
         for batch, seq in SHAPES[:2]:
@@ -139,7 +141,8 @@ def test_int8_activations_equal_their_reference(cfg):
                          ids=lambda c: c.describe())
 def test_dense_matmuls(dense, tmp_path):
     """dense=: the session runs the file export_onnx(dense=) writes (MatMulNBits, tested against its dequantized
-    weights in test_onnx_cache.py); refused by the other backends and for anything but Int4/Int8Experts."""
+    weights in test_onnx_cache.py), or with int8 rows on a CPU with AVX512-VNNI, moec::LinearInt8: the torch
+    backend's numbers; refused by the other backends and for anything but Int4/Int8Experts."""
     import numpy as np
     import onnxruntime as ort
 
@@ -151,8 +154,11 @@ def test_dense_matmuls(dense, tmp_path):
     assert moec.inspect(compiled).export.dense_matmuls > 0
     report = moec.export_onnx(model, inputs, tmp_path / "d.onnx", dense=dense, kv_cache=False)
     sess = ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"])
-    want = sess.run(None, {n: inputs[n].numpy() for n in report.inputs})[0]
-    assert rel_err(got, torch.from_numpy(np.asarray(want))) < 1e-6 and rel_err(got, fp) > 1e-4  # quantized
+    want = torch.from_numpy(np.asarray(sess.run(None, {n: inputs[n].numpy() for n in report.inputs})[0]))
+    if isinstance(dense, moec.Int8Experts) and cpu_native.has_vnni512():  # a step a row, as the torch backend
+        with torch.no_grad():
+            want = moec.compile(copy.deepcopy(model), dense=dense)(**inputs).logits
+    assert rel_err(got, want) < 1e-6 and rel_err(got, fp) > 1e-4  # quantized
     with pytest.raises(NotImplementedError, match="dense= runs on backend 'torch'"):  # torch: tests/test_dense.py
         moec.compile(copy.deepcopy(model), backend="triton", dense=dense)
     with pytest.raises(TypeError, match="dense must be"):

@@ -539,10 +539,108 @@ def test_int8_node_equals_moec_experts_int8(T, H, I, E, k, gate_up):
             None, {"x": x.numpy(), "ids": ids.numpy(), "w": w.numpy()})
 
 
+VNNI = pytest.mark.skipif(not cpu_native.has_vnni512(), reason="needs AVX512-VNNI")
+
+
+def _int8_rows_case(T, H, I, E, k, seed, scale=1.0, ids=None):
+    """_f32_case with its x rounded as int8 rows see it pushed to the edges: a zero row (step 0) and a row of one
+    large input among small ones, where there are rows"""
+    x, ids, w, w13, w2 = _f32_case(T, H, I, E, k, seed=seed, scale=scale, ids=ids)
+    if T >= 2:
+        x[0] = 0
+        x[1] /= 1e3
+        x[1, 3] = 50 * scale
+    return x, ids, w, w13, w2
+
+
+@VNNI
+@pytest.mark.parametrize("gate_up", ["halves", "interleave_up_first"])
+@pytest.mark.parametrize("T,H,I,E,k", [(1, 128, 96, 8, 2), (7, 64, 160, 8, 2), (64, 64, 288, 64, 6),
+                                       (300, 128, 64, 8, 3), (0, 64, 64, 8, 2)])
+def test_int8_rows_node_equals_moec_experts_int8(T, H, I, E, k, gate_up):
+    """moec::ExpertsInt8 with int8_activations (int8 rows, vpdpbusd on panels_a8) against moec::experts_int8 with
+    int8 activations (the torch backend), large activations and a zero row too, and one expert taking every pair:
+    the same numbers to the bit where the torch backend runs moec's kernels on every expert (few rows), else to
+    1e-6 (an expert of many rows runs torch._int_mm and torch's SiLU, whose expf differs from C's by an ulp)."""
+    from moec.backends.torch_backend import min_rows
+    from moec.quant import Int8Experts
+
+    cases = [dict(scale=1.0), dict(scale=1e4), dict(scale=1.0, ids=torch.zeros(T, k).long() + torch.arange(k))]
+    for case in cases:
+        x, ids, w, w13, w2 = _int8_rows_case(T, H, I, E, k, seed=T + 2, **case)
+        t13, t2 = quantize(Int8Experts(), w13), quantize(Int8Experts(), w2)
+        sess = ort_kernels.experts_session(ort_kernels.library(), t13["q"].numpy(), t2["q"].numpy(),
+                                           ort_kernels.GATE_UP[gate_up], s13=t13["scale"].numpy(),
+                                           s2=t2["scale"].numpy(), a8=True)
+        got = torch.from_numpy(sess.run(None, {"x": x.numpy(), "ids": ids.numpy(), "w": w.numpy()})[0])
+        want = torch.ops.moec.experts_int8(x, ids, w, t13["q"], t13["scale"], None, t2["q"], t2["scale"], None,
+                                           "silu", True, 1.0, 0.0, False, gate_up, True)
+        exact = T == 0 or torch.bincount(ids.flatten()).max() < min_rows(False, True)
+        assert got.shape == want.shape and (torch.equal(got, want) if exact else rel_err(got, want) < 1e-6)
+    with pytest.raises(Exception, match=r"moec::Experts: w13 \[E, ceil\(2I/16\), H/4, 64\]"):
+        ort_kernels.experts_session(ort_kernels.library(), t13["q"].numpy(), t2["q"].numpy(), 0,
+                                    s13=t13["scale"].numpy(), s2=t2["scale"].numpy(), a8=True).run(
+            None, {"x": np.ones((1, H + 32), np.float32), "ids": np.zeros((1, k), np.int64),
+                   "w": np.ones((1, k), np.float32)})
+
+
+def _linear_session(w: np.ndarray, s: np.ndarray | None, a8: bool):
+    """One moec::Linear / LinearInt8 node on W [N, K] (int8 with scales s: LinearInt8; a8: in panels_a8)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    layout = ort_kernels.panels_a8 if a8 else ort_kernels.panels
+    weights = {"w": layout(w[None])[0], **({"s": s} if s is not None else {})}
+    node = helper.make_node(ort_kernels.FP32_MATMUL + "Int8" * (s is not None), ["x", *weights], ["y"],
+                            domain=ort_kernels.DOMAIN, n=w.shape[0], **({"int8_activations": 1} if a8 else {}))
+    graph = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, n) for n, v in weights.items()])
+    m = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18),
+                                                               helper.make_opsetid(ort_kernels.DOMAIN, 1)])
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(ort_kernels.library())
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@VNNI
+@pytest.mark.parametrize("shape,N", [((1, 128), 96), ((7, 64), 40), ((2, 150, 64), 300), ((0, 64), 33),
+                                     ((2, 1, 3, 2, 96), 17)])
+def test_int8_rows_linear_node_equals_quantized_linear(shape, N):
+    """moec::LinearInt8 with int8_activations (panel tails of 8, 12, 1 channels) against the torch backend's
+    quantized linear layer with int8 activations (a step a row): the same numbers to the bit."""
+    from moec.backends.torch_backend import quantized_linear
+    from moec.quant import Int8Experts
+
+    gen = torch.Generator().manual_seed(N)
+    x, W = torch.randn(shape, generator=gen), torch.randn(N, shape[-1], generator=gen)
+    t = quantize(Int8Experts(), W[None])
+    sess = _linear_session(t["q"][0].numpy(), t["scale"][0].numpy(), a8=True)
+    got = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
+    want = quantized_linear(x.reshape(-1, shape[-1]), (t["q"], t["scale"]), True).reshape(*shape[:-1], N)
+    assert got.shape == want.shape and torch.equal(got, want)
+    with pytest.raises(Exception, match=r"moec::Linear: x \[\.\.\., K\] and w \[ceil\(n/16\), K/4, 64\]"):
+        sess.run(None, {"x": np.ones((1, shape[-1] + 32), np.float32)})
+
+
+def test_panels_a8_hold_the_weights():
+    """panels_a8: channel c of panel p at input k holds q[16p + c, k] + 128 as a byte, k in moec_pack_a8's order
+    (each 32: the evens, then the odds), 128 past N."""
+    q = torch.randint(-127, 128, (2, 20, 64), dtype=torch.int8).numpy()
+    p = ort_kernels.panels_a8(q).view(np.uint8)  # [2, 2, 16, 64]
+    assert p.shape == (2, 2, 16, 64) and p.dtype == np.uint8
+    order = np.concatenate([b + np.r_[0:32:2, 1:32:2] for b in range(0, 64, 32)])  # position -> input
+    for e, j, pos in [(0, 0, 0), (1, 19, 17), (0, 5, 63), (1, 16, 32)]:
+        assert p[e, j // 16, pos // 4, (j % 16) * 4 + pos % 4] == int(q[e, j, order[pos]]) + 128
+    assert (p[:, 1, :, 16:] == 128).all()  # channels 20..31: zero weights
+
+
 @F32
-def test_backend_runs_int8_experts_weight_only_only():
+def test_backend_runs_int8_experts_on_moec_kernels():
     """Int8Experts() on backend="onnxruntime": moec::ExpertsInt8, the torch backend's logits and tokens; with
-    int8 activations the blocks stay QMoE (they round the activations, as asked) and say why."""
+    int8 activations too where the CPU has AVX512-VNNI (int8 rows, as the torch backend rounds them), else the
+    blocks stay QMoE and say why."""
     model = models.tiny_model("mixtral")
     compiled = moec.compile(copy.deepcopy(model), backend="onnxruntime", quantize=moec.Int8Experts())
     reference = moec.compile(copy.deepcopy(model), quantize=moec.Int8Experts())
@@ -564,11 +662,58 @@ def test_backend_runs_int8_experts_weight_only_only():
 
     ops = {n.op_type for n in onnx.load(moec.inspect(compiled).export.path).graph.node if n.domain == "moec"}
     assert "LinearInt8" in ops and not ops & {"Linear", "Int4MatMul"}, ops
-    a8 = moec.compile(copy.deepcopy(model), backend="onnxruntime", quantize=moec.Int8Experts(activations="int8"))
+    cfg = moec.Int8Experts(activations="int8")
+    a8 = moec.compile(copy.deepcopy(model), backend="onnxruntime", quantize=cfg, dense=cfg)
     with torch.no_grad():
-        a8(**inputs)
+        got = a8(**inputs).logits
     blocks = moec.inspect(a8).export.blocks
-    assert {b.op for b in blocks} == {"QMoE"} and "weight-only" in blocks[0].why, blocks[0].why
+    if not cpu_native.has_vnni512():
+        assert {b.op for b in blocks} == {"QMoE"} and "AVX512-VNNI" in blocks[0].why, blocks[0].why
+        return
+    assert {b.op for b in blocks} == {"moec::ExpertsInt8"}, blocks
+    reference = moec.compile(copy.deepcopy(model), quantize=cfg, dense=cfg)
+    with torch.no_grad():
+        assert rel_err(got, reference(**inputs).logits) < 1e-5
+    assert torch.equal(a8.generate(**inputs, max_new_tokens=8, do_sample=False),
+                       reference.generate(**inputs, max_new_tokens=8, do_sample=False))
+    nodes = [n for n in onnx.load(moec.inspect(a8).export.path).graph.node if n.domain == "moec"]
+    rows8 = {n.op_type for n in nodes if any(a.name == "int8_activations" and a.i == 1 for a in n.attribute)}
+    assert rows8 == {"ExpertsInt8", "LinearInt8"}, rows8
+
+
+@VNNI
+def test_int8_rows_dense_matmul_of_odd_width_keeps_fp32_rows(tmp_path):
+    """moec_fp32_matmuls(int8, a8): a MatMul whose K is not a multiple of 32 becomes LinearInt8 with fp32 rows
+    (weight-only, the same int8 weights), one of K = 64 takes int8 rows; each equals its reference."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from moec.backends.torch_backend import quantized_linear
+    from moec.export_dense import moec_fp32_matmuls
+    from moec.quant import Int8Experts
+
+    gen = torch.Generator().manual_seed(0)
+    wa, wb = torch.randn(40, 24, generator=gen), torch.randn(64, 24, generator=gen)
+    nodes = [helper.make_node("MatMul", ["a", "wa"], ["ya"]), helper.make_node("MatMul", ["b", "wb"], ["yb"])]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [3, K])
+                                           for n, K in (("a", 40), ("b", 64))],
+                              [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("ya", "yb")],
+                              [numpy_helper.from_array(w.numpy(), n) for n, w in (("wa", wa), ("wb", wb))])
+    path = str(tmp_path / "m.onnx")
+    onnx.save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18)]), path)
+    assert moec_fp32_matmuls(path, set(), False, int8=True, a8=True) == 2
+    rows8 = {n.input[0]: any(a.name == "int8_activations" and a.i == 1 for a in n.attribute)
+             for n in onnx.load(path).graph.node}
+    assert rows8 == {"a": False, "b": True}, rows8
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(ort_kernels.library())
+    x = {"a": torch.randn(3, 40, generator=gen), "b": torch.randn(3, 64, generator=gen)}
+    got = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]).run(None, {k: v.numpy() for k, v in x.items()})
+    for (name, w), y in zip((("a", wa), ("b", wb)), got):
+        t = quantize(Int8Experts(), w.T.contiguous()[None])
+        want = quantized_linear(x[name], (t["q"], t["scale"]), rows8[name])
+        assert rel_err(torch.from_numpy(y), want) < 1e-6
 
 
 def test_fp32_matmuls_keep_a_weight_that_is_a_graph_output(tmp_path):
