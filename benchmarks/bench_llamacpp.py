@@ -19,9 +19,9 @@ backend: int8 ones with one scale per row, int4 ones per group of 32, with moec'
 every matrix but the router and embedding, `dense=`, as llama.cpp's file). --onnx adds moec backend="onnxruntime" (the whole step in
 an ONNX Runtime session with the KV cache, greedy generate in moec's loop around it; fp32, int8, int4, and
 int8/int4 with int8 activations (activations="int8": int8 dot products, as q8_0/q4_0 do), experts only and
-then every matrix but the router and embedding (dense=, as llama.cpp's file); ORT has no bf16 MoE kernel).
-Int4 experts and MatMuls, and fp32 models' attention, on backend="onnxruntime" run moec's kernels in the session
-(backends/ort_kernels.py, ort_attention.py); --qmoe adds the int4 all-matmuls row on ORT's own ops instead (QMoE,
+then every matrix but the router and embedding (dense=, as llama.cpp's file); bf16: the model in bf16).
+Experts and MatMuls of every precision (int8 with int8 activations where the CPU has AVX512-VNNI), and attention,
+on backend="onnxruntime" run moec's kernels in the session (backends/ort_kernels.py, ort_attention.py); --qmoe adds the int4 all-matmuls row on ORT's own ops instead (QMoE,
 MatMulNBits, GroupQueryAttention: MOEC_ORT_KERNELS=0), the A/B. --linears-off adds moec torch rows compiled with decode_linears=False (the A/B of moec's kernels for the model's
 nn.Linear layers at decode). Tokens/s medians over --rounds interleaved rounds; each round's wall time printed.
 Skips cleanly (exit 0, a message) where llama-cpp-python or gguf is not installed. Never in CI.
