@@ -7,8 +7,9 @@ symmetric (amax/7, and the 16-level signed-scale grid "sym16") and asymmetric, a
 router weight quantized too (router=True), and int8 / int4 g32 with int8 activations on the torch backend (one scale
 per row / per group of 32, as ONNX Runtime's); int4 g32 (weight-only and a8) and int8 a8 with the dense layers in the
 same format (dense=: attention, lm_head; expert bytes count the routed experts only);
-then int8 and int4 g32 in ONNX Runtime (backend="onnxruntime"), weight-only and with int8 activations ("a8", one
-scale per group of 32 inputs). Columns: held-out perplexity (next byte) and its change vs fp32,
+then int8 and int4 g32 in ONNX Runtime (backend="onnxruntime"), weight-only and with int8 activations ("a8": int4
+one scale per group of 32 inputs; int8 one scale per row on moec's kernels where the CPU has AVX512-VNNI, else per
+group of 32 in QMoE; each such row's label names the op its blocks ran). Columns: held-out perplexity (next byte) and its change vs fp32,
 max and mean |logit error| vs fp32 over the held-out tokens, and the bytes of the routed
 experts (quantized: packed weights + scales + zero points) and their ratio to fp32.
 """
@@ -37,7 +38,7 @@ CONFIGS = {"fp32": None, "int8": moec.Int8Experts(),
 # dense=: the attention, shared-expert and lm_head layers quantized too (torch backend), as llama.cpp's files
 DENSE = {"int4 g32 sym, dense= too": moec.Int4Experts(32), "int4 g32 sym a8, dense= too": moec.Int4Experts(32, activations="int8"),
          "int8 per-channel a8, dense= too": moec.Int8Experts(activations="int8")}
-# backend="onnxruntime" (QMoE): weight-only, and with int8 activations, to separate the two costs
+# backend="onnxruntime": weight-only, and with int8 activations, to separate the two costs
 ORT = {f"{c.describe()}, onnxruntime": c for c in (moec.Int8Experts(), moec.Int8Experts(activations="int8"),
                                                    moec.Int4Experts(32), moec.Int4Experts(32, activations="int8"))}
 
@@ -73,6 +74,8 @@ def main():
             logits = torch.cat([model(input_ids=b).logits for b in batches])
         ppl = examples.perplexity(model, batches)
         nbytes = None if ort else expert_bytes(model)  # the same tensors as the torch row of the config
+        if ort:
+            name += f" ({', '.join(sorted({b.op for b in moec.inspect(model).export.blocks}))})"
         if cfg is None:
             ref_logits, ref_ppl, ref_bytes = logits, ppl, nbytes
         err = (logits - ref_logits).abs()

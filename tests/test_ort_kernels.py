@@ -577,6 +577,9 @@ def test_int8_rows_node_equals_moec_experts_int8(T, H, I, E, k, gate_up):
                                            "silu", True, 1.0, 0.0, False, gate_up, True)
         exact = T == 0 or torch.bincount(ids.flatten()).max() < min_rows(False, True)
         assert got.shape == want.shape and (torch.equal(got, want) if exact else rel_err(got, want) < 1e-6)
+        for t in range(0, T, 97):  # a token alone: its row of the batch, to the bit
+            alone = sess.run(None, {"x": x[t:t + 1].numpy(), "ids": ids[t:t + 1].numpy(), "w": w[t:t + 1].numpy()})[0]
+            assert np.array_equal(alone[0], got[t].numpy())
     with pytest.raises(Exception, match=r"moec::Experts: w13 \[E, ceil\(2I/16\), H/4, 64\]"):
         ort_kernels.experts_session(ort_kernels.library(), t13["q"].numpy(), t2["q"].numpy(), 0,
                                     s13=t13["scale"].numpy(), s2=t2["scale"].numpy(), a8=True).run(
