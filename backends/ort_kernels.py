@@ -943,6 +943,8 @@ def panels_a8(q: np.ndarray) -> np.ndarray:
     (moec_panels_a8): panel p holds channels 16p..16p+15 as [K/4][16 channels][4 inputs] bytes of q + 128 (128 past
     N), each 32 inputs in moec_pack_a8's order (the evens, then the odds); int8 arrays holding those bytes."""
     E, N, K = q.shape
+    if K % 32:
+        raise ValueError(f"moec: panels_a8 takes K a multiple of 32 (int8 rows of moec_pack_a8), not {K}")
     u = np.pad(q.astype(np.int16) + 128, ((0, 0), (0, -N % 16), (0, 0)), constant_values=128).astype(np.uint8)
     u = u.reshape(E, -1, 16, K // 32, 16, 2).swapaxes(-1, -2)  # [E, P, 16, K/32, 2, 16]: per 32, evens then odds
     u = u.reshape(E, -1, 16, K // 4, 4).swapaxes(2, 3)  # [E, P, K/4, 16, 4]

@@ -58,6 +58,14 @@ def default_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def _first_available(providers: list[str]) -> str:
+    """The provider ONNX Runtime will pick from `providers`: the first this build has."""
+    import onnxruntime as ort
+
+    have = set(ort.get_available_providers())
+    return next((p for p in providers if p in have), providers[0])
+
+
 def session_options(options) -> "onnxruntime.SessionOptions":  # noqa: F821
     """An ort.SessionOptions as is, or a dict of its attributes, e.g. {"intra_op_num_threads": 2,
     "graph_optimization_level": "ORT_ENABLE_ALL", "optimized_model_filepath": "opt.onnx"}."""
@@ -100,6 +108,7 @@ class OrtForward:
         self.signature = inspect.signature(self.original)
         self.__signature__ = self.signature  # what HF's generate reads to pass attention_mask, position_ids ...
         self.providers = list(providers) if providers else default_providers()
+        report.backend = f"onnxruntime ({_first_available(self.providers)})"  # the one that ran, once a session opens
         self.options = options
         self.tmp = tempfile.TemporaryDirectory(prefix="moec-ort-")
         self.sessions: dict[tuple, tuple] = {}  # key -> (session, input names, outputs -> the model's structure)

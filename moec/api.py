@@ -76,17 +76,18 @@ def _numerics(backend: str, cfg: QuantConfig, pipeline: str = "") -> str:
         return (f"(routed experts: int8 activations per group of {cfg.group_size} inputs, as ONNX Runtime's; {how}; "
                 f"the rest weight-only)")
     kernel = "ONNX Runtime's QMoE kernel"
-    if backend.startswith("onnxruntime") and "(CPU" in backend and isinstance(cfg, Int8Experts) \
-            and cfg.activations == "int8":
-        from moec.backends import cpu_native
+    if backend.startswith("onnxruntime") and "(CPU" in backend:  # moec's kernels where this CPU's build has them
+        from moec.backends import cpu_native, ort_kernels
 
-        if cpu_native.has_vnni512():
+        int8 = isinstance(cfg, Int8Experts)
+        fits = ("where a block fits them (gated SiLU, no biases; else QMoE" +
+                (", a scale per group of 32" if int8 and cfg.activations == "int8" else "") + ": .export.blocks says which)")
+        if int8 and cfg.activations == "int8" and cpu_native.has_vnni512() and ort_kernels.library():
             return ("(routed experts: int8 activations, one scale per row of each GEMM's input as on the torch "
-                    "backend, int8 dot products: moec's int8 kernels as an ONNX Runtime custom op where a block fits "
-                    "them (gated SiLU, no biases; else QMoE, a scale per group of 32: .export.blocks says which))")
-    if backend.startswith("onnxruntime") and isinstance(cfg, Int4Experts) and "(CPU" in backend:
-        kernel = ("moec's int4 kernels as an ONNX Runtime custom op where a block fits them (gated SiLU, no biases; "
-                  "else QMoE: .export.blocks says which)")
+                    f"backend, int8 dot products: moec's int8 kernels as an ONNX Runtime custom op {fits})")
+        if ort_kernels.library() and (not int8 and (cfg.activations == "int8" or cpu_native.has_f32())
+                                      or int8 and cfg.activations == "fp32" and cpu_native.has_f32()):
+            kernel = f"moec's {'int8' if int8 else 'int4'} kernels as an ONNX Runtime custom op {fits}"
     if cfg.activations == "int8":
         return f"(int8 activations per group of {activation_group(cfg)}, int8 dot products: {kernel})"
     if backend.startswith("onnxruntime"):

@@ -115,7 +115,7 @@ def calibrate(model: nn.Module, batches) -> Calibration:
 
     _check_module(model, "calibrate")
     report = inspect(model)
-    if report.backend == "onnxruntime":
+    if report.backend.startswith("onnxruntime"):
         raise NotImplementedError("moec.calibrate: the model runs in an ONNX Runtime session (backend='onnxruntime'), "
                                   "whose blocks moec cannot watch: calibrate the model before compiling it")
     if isinstance(batches, torch.Tensor):  # one batch of input_ids

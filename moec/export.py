@@ -66,7 +66,7 @@ class ExportReport:
     external_data: bool = False
     seconds: dict[str, float] = field(default_factory=dict)  # where the export's time went, per stage
     dense: QuantConfig | None = None  # export_onnx(dense=...): the dense MatMuls' format
-    dense_matmuls: int = 0  # how many became MatMulNBits
+    dense_matmuls: int = 0  # how many became MatMulNBits (or moec's Int4MatMul / LinearInt8)
     attention: str = ""  # KV-cache exports: which layers' attention is one GroupQueryAttention node, why not others
     gqa_layers: int = 0  # how many
     fusions: dict[str, int] = field(default_factory=dict)  # ORT fused ops made from ordinary ones (_fuse_for_ort)
@@ -75,7 +75,7 @@ class ExportReport:
     def __rich__(self) -> Table:
         q = f", quantize {self.quantize.describe()}" if self.quantize else ""
         ext = ", weights in external data" if self.external_data else ""
-        ext += f", {self.dense_matmuls} dense MatMuls as MatMulNBits ({self.dense.describe()})" if self.dense else ""
+        ext += f", {self.dense_matmuls} dense MatMuls quantized ({self.dense.describe()})" if self.dense else ""
         ext += f"; attention: {self.attention}" if self.attention else ""
         ext += f"; fused: {', '.join(f'{k} x{v}' for k, v in self.fusions.items())}" if self.fusions else ""
         ext += f"; {len(self.repeated)} layers repeat a traced one's nodes" if self.repeated else ""
@@ -634,13 +634,17 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
                                for t in onnx.load(path, load_external_data=False).graph.initializer)
     routers = {b.num_experts for b in compiled.blocks}
     panels = _moec_kernels and fp32 and cpu_native.has_f32()  # moec's kernels on weights in panels
-    rows8 = Int8Experts(activations="int8")  # int8 rows on int8 weights: moec's kernel where the CPU has VNNI
-    if panels and (dense == Int8Experts() or dense == rows8 and cpu_native.has_vnni512()):  # a scale per channel
-        quantized = moec_fp32_matmuls(path, routers, big, int8=True, a8=dense == rows8)  # (the torch backend's numbers)
+    rows8 = panels and dense == Int8Experts(activations="int8") and cpu_native.has_vnni512()  # moec's int8 rows
+    if panels and dense == Int8Experts() or rows8:  # a scale per channel (the torch backend's numbers)
+        quantized = moec_fp32_matmuls(path, routers, big, int8=True, a8=rows8)
         log.info(f"moec.export_onnx: {quantized} dense MatMuls run moec's int8 kernel")
         done("dense MatMuls on moec's kernel", "checking the file")
-    elif dense is not None:
+    if dense is not None and not quantized and not (panels and dense == Int8Experts()):
         quantized = quantize_dense(path, dense, routers, big)
+        if quantized and rows8:  # moec_fp32_matmuls left them: a K not a multiple of 32
+            log.warning("moec.export_onnx: a dense MatMul's K is not a multiple of 32 (or is above 65536): the dense "
+                        "MatMuls are MatMulNBits, which round activations per 32 inputs, not per row as the torch "
+                        "backend does")
         if _moec_kernels and isinstance(dense, Int4Experts) and fp32:
             log.info(f"moec.export_onnx: {moec_matmuls(path, big)} of the {quantized} MatMulNBits run moec's kernels")
         done("dense MatMulNBits", "checking the file")

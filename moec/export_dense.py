@@ -144,8 +144,9 @@ def moec_fp32_matmuls(path: str, router_widths: set[int], external_data: bool, i
     scale per channel: the torch backend's dense= numbers). Each channel's K products are summed the same way
     (even k, odd k, then the two) whatever node it lands in: merging changes no number. a8 (dense=Int8Experts(
     activations="int8"), an AVX512-VNNI build): the same weights in `panels_a8` and int8_activations=1, each row
-    rounded to int8 at one step (the torch backend's numbers, exact int32 sums); a MatMul whose K is not a multiple
-    of 32 or above 65536 keeps fp32 rows. Rewritten in place; returns how many MatMuls were converted."""
+    rounded to int8 at one step (the torch backend's numbers, exact int32 sums), where every such MatMul's K is a
+    multiple of 32 and at most 65536; else the file is left as it was (0: export_onnx then writes MatMulNBits,
+    which round per 32 inputs). Rewritten in place; returns how many MatMuls were converted."""
     import torch
 
     from moec.quant import Int8Experts, quantize
@@ -158,21 +159,24 @@ def moec_fp32_matmuls(path: str, router_widths: set[int], external_data: bool, i
     for n in proto.graph.node:
         if n.name in dense and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT:
             groups.setdefault(n.input[0], []).append(n)
+    if a8 and any(inits[n.input[1]].dims[0] % 32 or inits[n.input[1]].dims[0] > 65536 for g in groups.values()
+                  for n in g):
+        return 0  # int8 rows take K a multiple of 32 (int32 sums below 2^31): all or none, said by the caller
     for x, nodes in list(groups.items()):
         name = (nodes[0].name or nodes[0].output[0]) + "_moec"
         if any(f"{name}_{k}" in inits for k in ("w", "s", "split")):
             del groups[x]  # its names are taken: left as it was
             continue
         w = np.concatenate([numpy_helper.to_array(inits[n.input[1]]) for n in nodes], axis=1).T  # [sum N_i, K]
-        weights, rows8 = {"w": w}, a8 and w.shape[1] % 32 == 0 and w.shape[1] <= 65536
+        weights = {"w": w}
         if int8:
             t = quantize(Int8Experts(), torch.from_numpy(np.ascontiguousarray(w))[None])
             weights = {"w": t["q"][0].numpy(), "s": t["scale"][0].numpy()}
-        weights["w"] = (ort_kernels.panels_a8 if rows8 else ort_kernels.panels)(weights["w"][None])[0]
+        weights["w"] = (ort_kernels.panels_a8 if a8 else ort_kernels.panels)(weights["w"][None])[0]
         proto.graph.initializer.extend(numpy_helper.from_array(v, f"{name}_{k}") for k, v in weights.items())
         merged = [helper.make_node(ort_kernels.FP32_MATMUL + "Int8" * int8, [x, *(f"{name}_{k}" for k in weights)],
                                    [f"{name}_y"] if len(nodes) > 1 else list(nodes[0].output), name=name,
-                                   domain=ort_kernels.DOMAIN, n=w.shape[0], **({"int8_activations": 1} if rows8 else {}))]
+                                   domain=ort_kernels.DOMAIN, n=w.shape[0], **({"int8_activations": 1} if a8 else {}))]
         if len(nodes) > 1:
             sizes = numpy_helper.from_array(np.array([inits[n.input[1]].dims[1] for n in nodes], np.int64),
                                             f"{name}_split")
