@@ -239,3 +239,17 @@ def test_bad_options():
     plain = torch.nn.Sequential(torch.nn.Linear(8, 8))
     with pytest.warns(UserWarning, match="returned unchanged"):
         assert moec.compile(plain, backend="onnxruntime").forward.__self__ is plain  # not wrapped
+
+
+def test_report_names_the_provider_and_calibrate_refuses_before_and_after_a_call():
+    """The report says which provider runs from compile on (the one ORT will pick; the session's own once it
+    opens), so inspect's numerics are right before the first call, and calibrate refuses the model either way."""
+    model = moec.compile(models.tiny_model("mixtral"), backend="onnxruntime", quantize=moec.Int8Experts())
+    inputs = models.example_inputs(model, batch=1, seq=4)
+    for call in (False, True):
+        if call:
+            with torch.no_grad():
+                model(**inputs)
+        assert moec.inspect(model).backend == "onnxruntime (CPUExecutionProvider)"
+        with pytest.raises(NotImplementedError, match="ONNX Runtime session"):
+            moec.calibrate(model, inputs["input_ids"])
