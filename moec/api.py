@@ -79,15 +79,15 @@ def _numerics(backend: str, cfg: QuantConfig, pipeline: str = "") -> str:
     if backend.startswith("onnxruntime") and "(CPU" in backend:  # moec's kernels where this CPU's build has them
         from moec.backends import cpu_native, ort_kernels
 
-        int8 = isinstance(cfg, Int8Experts)
-        fits = ("where a block fits them (gated SiLU, no biases; else QMoE" +
-                (", a scale per group of 32" if int8 and cfg.activations == "int8" else "") + ": .export.blocks says which)")
-        if int8 and cfg.activations == "int8" and cpu_native.has_vnni512() and ort_kernels.library():
+        int8, a8 = isinstance(cfg, Int8Experts), cfg.activations == "int8"
+        ours = f"moec's {'int8' if int8 else 'int4'} kernels as an ONNX Runtime custom op where a block fits them " \
+               "(gated SiLU, no biases; else QMoE: .export.blocks says which)"
+        if ort_kernels.library() and int8 and a8 and cpu_native.has_vnni512():
             return ("(routed experts: int8 activations, one scale per row of each GEMM's input as on the torch "
-                    f"backend, int8 dot products: moec's int8 kernels as an ONNX Runtime custom op {fits})")
-        if ort_kernels.library() and (not int8 and (cfg.activations == "int8" or cpu_native.has_f32())
-                                      or int8 and cfg.activations == "fp32" and cpu_native.has_f32()):
-            kernel = f"moec's {'int8' if int8 else 'int4'} kernels as an ONNX Runtime custom op {fits}"
+                    f"backend, int8 dot products: {ours})")
+        # int4 with int8 activations runs on AVX2 too; weight-only rows and panels need AVX-512
+        if ort_kernels.library() and (a8 and not int8 or not a8 and cpu_native.has_f32()):
+            kernel = ours
     if cfg.activations == "int8":
         return f"(int8 activations per group of {activation_group(cfg)}, int8 dot products: {kernel})"
     if backend.startswith("onnxruntime"):

@@ -639,7 +639,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         quantized = moec_fp32_matmuls(path, routers, big, int8=True, a8=rows8)
         log.info(f"moec.export_onnx: {quantized} dense MatMuls run moec's int8 kernel")
         done("dense MatMuls on moec's kernel", "checking the file")
-    if dense is not None and not quantized and not (panels and dense == Int8Experts()):
+    if dense is not None and not quantized and not (panels and dense == Int8Experts()):  # (weight-only int8: done)
         quantized = quantize_dense(path, dense, routers, big)
         if quantized and rows8:  # moec_fp32_matmuls left them: a K not a multiple of 32
             log.warning("moec.export_onnx: a dense MatMul's K is not a multiple of 32 (or is above 65536): the dense "
