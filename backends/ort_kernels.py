@@ -35,6 +35,12 @@ the same shapes): a tile of 4 output channels is one sequential stream, each 32-
 (`tile_weights` lays out the session's file so: decode and prefill 1.11-1.15x on the benchmark models,
 docs/benchmarks.md). The same numbers: the kernel sums the same products in the same order.
 
+tiles=2 (weight-only, AVX-512 builds, every matrix's N a multiple of 32): q, s and z in panels of 32 channels
+(`int4_panels`, the same shapes), run by the fp32 panel kernel below, each weight made (q - z) * s as it is read:
+at prefill a panel's part is widened once into L1 and every row block reads it there, so 512 tokens take the fp32
+experts' time (the old per-channel kernel unpacked each weight again per 4 rows: 1.65x that on a mix layer),
+decode as before or faster. Its own sums (the panels' order), batch-invariant like every panel op.
+
 Weights in panels (AVX-512 builds): one GEMM over panels of 32 output channels, [ceil(N/32), K, 32] (`panels`),
 for fp32, bf16 and int8 (a scale per channel) weights:
 
@@ -149,7 +155,7 @@ enum { NIN = 9, CH = 64 };  /* inputs; output channels per work item (a multiple
 static const int in_types[NIN] = {T_FLOAT, T_INT64, T_FLOAT, T_UINT8, T_FLOAT, T_UINT8, T_UINT8, T_FLOAT, T_UINT8};
 static const char *in_names[NIN] = {"x", "ids", "w", "q13", "s13", "z13", "q2", "s2", "z2"};
 
-enum { WT_F32 = 0, WT_BF16 = 1, WT_I8 = 2 };
+enum { WT_F32 = 0, WT_BF16 = 1, WT_I8 = 2, WT_I4 = 3 };
 typedef struct { int64_t a8, gate_up, tiles, n, wt; } Kernel;  /* wt: the panels' weight type, WT_* */
 
 typedef struct {  /* one matrix of every expert, moec's int4 format: q [E, N, K/2], s [E, N, G], z [E, N, G] or NULL;
@@ -169,11 +175,28 @@ typedef struct {  /* one matrix of every expert, moec's int4 format: q [E, N, K/
    narrow_bf16) so that a shift and a mask widen them to fp32 (exact; 1.4x as fast as a widening shuffle on
    weights in the L3), so the products and sums are the fp32 kernel's on the same values. int8 (moec's
    Int8Experts: a scale per channel): the integers widened to fp32 (exact), their products with x summed, the sum
-   times the channel's scale. */
+   times the channel's scale. int4 (moec's Int4Experts weight-only, tiles=2: `int4_panels`): each k's 32 channels
+   in 16 bytes (channel c in the low nibble of byte c, c + 16 in the high one), the groups' scales (and zero points)
+   as [G][32]; each weight made (q - z) * s, moec's dequantized value (one rounding: q - z is exact), then the fp32
+   kernel's products and sums. */
 enum { PANEL = 32, MR = 6, KC = 256 };
-#define WT_BYTES(wt) ((wt) == WT_F32 ? 4 : (wt) == WT_BF16 ? 2 : 1)
-INLINE void panel_load(const void *w, int64_t k, int wt, __m512 *w0, __m512 *w1) {
-    if (wt == WT_BF16) {  /* channels interleaved (c0, c16, c1, c17, ...: narrow_bf16): widened without a shuffle */
+#define PANEL_BYTES(wt, K) ((K) * ((wt) == WT_F32 ? 128 : (wt) == WT_BF16 ? 64 : (wt) == WT_I8 ? 32 : 16))
+typedef struct { const float *s; const uint8_t *z; int shift; } Groups;  /* int4: a panel's [G][32]; 2^shift k a group */
+INLINE void panel_load(const void *w, int64_t k, int wt, Groups g, __m512 *w0, __m512 *w1) {
+    if (wt == WT_I4) {
+        /* q - 8 looked up by nibble (vpermps reads an index's low 4 bits); with zero points, q, less z */
+        const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512 table = g.z ? iota : _mm512_sub_ps(iota, _mm512_set1_ps(8));
+        __m512i i = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)w + k * 16)));
+        __m512 lo = _mm512_permutexvar_ps(i, table), hi = _mm512_permutexvar_ps(_mm512_srli_epi32(i, 4), table);
+        int64_t at = (k >> g.shift) * PANEL;
+        if (g.z) {
+            lo = _mm512_sub_ps(lo, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(g.z + at)))));
+            hi = _mm512_sub_ps(hi, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(g.z + at + 16)))));
+        }
+        *w0 = _mm512_mul_ps(lo, _mm512_loadu_ps(g.s + at));
+        *w1 = _mm512_mul_ps(hi, _mm512_loadu_ps(g.s + at + 16));
+    } else if (wt == WT_BF16) {  /* channels interleaved (c0, c16, c1, c17, ...: narrow_bf16): widened without a shuffle */
         __m512i b = _mm512_loadu_si512((const uint16_t *)w + k * PANEL);
         *w0 = _mm512_castsi512_ps(_mm512_slli_epi32(b, 16));
         *w1 = _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32((int)0xFFFF0000u)));
@@ -191,7 +214,7 @@ INLINE void panel_load(const void *w, int64_t k, int wt, __m512 *w0, __m512 *w1)
    Even and odd inputs go to two sets of sums, added at the end: two FMA chains, so that at decode a k step does
    not wait for the last FMA (fp32 experts from the cache 1.2x as fast). Every row count sums the same way. */
 INLINE void panel_rows(const float *x, int64_t K, const void *w, int64_t nk, int acc, float *o, int64_t N,
-                       int nr, __mmask16 m0, __mmask16 m1, int wt) {
+                       int nr, __mmask16 m0, __mmask16 m1, int wt, Groups g) {
     __m512 a[MR][2], b[MR][2];
     UNROLL for (int r = 0; r < nr; r++) {
         a[r][0] = acc ? _mm512_maskz_loadu_ps(m0, o + r * N) : _mm512_setzero_ps();
@@ -201,8 +224,8 @@ INLINE void panel_rows(const float *x, int64_t K, const void *w, int64_t nk, int
     int64_t k = 0;
     for (; k + 2 <= nk; k += 2) {
         __m512 w0, w1, v0, v1;
-        panel_load(w, k, wt, &w0, &w1);
-        panel_load(w, k + 1, wt, &v0, &v1);
+        panel_load(w, k, wt, g, &w0, &w1);
+        panel_load(w, k + 1, wt, g, &v0, &v1);
         UNROLL for (int r = 0; r < nr; r++) {
             __m512 xv = _mm512_set1_ps(x[r * K + k]), yv = _mm512_set1_ps(x[r * K + k + 1]);
             a[r][0] = _mm512_fmadd_ps(xv, w0, a[r][0]);
@@ -213,7 +236,7 @@ INLINE void panel_rows(const float *x, int64_t K, const void *w, int64_t nk, int
     }
     if (k < nk) {
         __m512 w0, w1;
-        panel_load(w, k, wt, &w0, &w1);
+        panel_load(w, k, wt, g, &w0, &w1);
         UNROLL for (int r = 0; r < nr; r++) {
             __m512 xv = _mm512_set1_ps(x[r * K + k]);
             a[r][0] = _mm512_fmadd_ps(xv, w0, a[r][0]);
@@ -228,9 +251,9 @@ INLINE void panel_rows(const float *x, int64_t K, const void *w, int64_t nk, int
 
 /* rows x [R, K] times inputs k0..k0+nk of a panel w (at k0) into out's 32 columns (masks m0, m1) */
 INLINE void row_blocks(const float *x, int64_t R, int64_t K, int64_t k0, const void *w, int64_t nk, float *out,
-                       int64_t N, __mmask16 m0, __mmask16 m1, int wt) {
+                       int64_t N, __mmask16 m0, __mmask16 m1, int wt, Groups g) {
     for (int64_t r = 0; r < R; r += MR) {
-#define ROWS(NR) panel_rows(x + r * K + k0, K, w, nk, k0 > 0, out + r * N, N, NR, m0, m1, wt)
+#define ROWS(NR) panel_rows(x + r * K + k0, K, w, nk, k0 > 0, out + r * N, N, NR, m0, m1, wt, g)
         switch (R - r < MR ? R - r : MR) {  /* constant row counts: the accumulators stay in registers */
         case 1: ROWS(1); break;
         case 2: ROWS(2); break;
@@ -244,27 +267,31 @@ INLINE void row_blocks(const float *x, int64_t R, int64_t K, int64_t k0, const v
 }
 
 /* out[r, j] = x[r] . W[j] for rows r < R of x [R, K], channels j0 <= j < j1 (j0 a multiple of 32), W [N, K] in
-   panels w [ceil(N/32), K, 32] of type wt (int8: times sc[j]); out's rows N apart */
+   panels w [ceil(N/32), K, 32] of type wt (int8: times sc[j]; int4: sc, z the groups' [ceil(N/32), G, 32], G groups
+   of 32, 64 or 128 k); out's rows N apart */
 INLINE void panels_any(const float *x, int64_t R, int64_t K, const void *w, float *out, int64_t N, int64_t j0,
-                       int64_t j1, int wt, const float *sc) {
+                       int64_t j1, int wt, const float *sc, const uint8_t *z, int64_t G) {
     float buf[R > MR && wt != WT_F32 ? KC * PANEL : 1];
+    int shift = wt == WT_I4 ? __builtin_ctzll((uint64_t)(K / G)) : 0;
     for (int64_t j = j0; j < j1; j += PANEL) {
         int64_t n = j1 - j < PANEL ? j1 - j : PANEL;
         __mmask16 m0 = n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1), m1 = n > 16 ? (__mmask16)((1u << (n - 16)) - 1) : 0;
-        const char *wp = (const char *)w + j / PANEL * K * PANEL * WT_BYTES(wt);
-        for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const char *wp = (const char *)w + j / PANEL * PANEL_BYTES(wt, K);
+        for (int64_t k0 = 0; k0 < K; k0 += KC) {  /* KC a multiple of the groups: each part starts a group */
             int64_t nk = (k0 + KC < K ? k0 + KC : K) - k0;
-            const void *wk = wp + k0 * PANEL * WT_BYTES(wt);
+            const void *wk = wp + PANEL_BYTES(wt, k0);
+            int64_t at = wt == WT_I4 ? (j / PANEL * G + (k0 >> shift)) * PANEL : 0;
+            Groups g = {wt == WT_I4 ? sc + at : NULL, z ? z + at : NULL, shift};
             if (R > MR && wt != WT_F32) {  /* several row blocks: this part of the panel widened once, into L1 */
                 for (int64_t k = 0; k < nk; k++) {
                     __m512 w0, w1;
-                    panel_load(wk, k, wt, &w0, &w1);
+                    panel_load(wk, k, wt, g, &w0, &w1);
                     _mm512_storeu_ps(buf + k * PANEL, w0);
                     _mm512_storeu_ps(buf + k * PANEL + 16, w1);
                 }
-                row_blocks(x, R, K, k0, buf, nk, out + j, N, m0, m1, WT_F32);
+                row_blocks(x, R, K, k0, buf, nk, out + j, N, m0, m1, WT_F32, g);
             } else {
-                row_blocks(x, R, K, k0, wk, nk, out + j, N, m0, m1, wt);
+                row_blocks(x, R, K, k0, wk, nk, out + j, N, m0, m1, wt, g);
             }
         }
         if (wt == WT_I8) {  /* the channels' scales, once their sums are whole */
@@ -279,10 +306,11 @@ INLINE void panels_any(const float *x, int64_t R, int64_t K, const void *w, floa
 }
 
 static void moec_panels(const float *x, int64_t R, int64_t K, const void *w, float *out, int64_t N, int64_t j0,
-                        int64_t j1, int wt, const float *sc) {
-    if (wt == WT_BF16) panels_any(x, R, K, w, out, N, j0, j1, WT_BF16, sc);
-    else if (wt == WT_I8) panels_any(x, R, K, w, out, N, j0, j1, WT_I8, sc);
-    else panels_any(x, R, K, w, out, N, j0, j1, WT_F32, sc);
+                        int64_t j1, int wt, const float *sc, const uint8_t *z, int64_t G) {
+    if (wt == WT_BF16) panels_any(x, R, K, w, out, N, j0, j1, WT_BF16, sc, z, G);
+    else if (wt == WT_I8) panels_any(x, R, K, w, out, N, j0, j1, WT_I8, sc, z, G);
+    else if (wt == WT_I4) panels_any(x, R, K, w, out, N, j0, j1, WT_I4, sc, z, G);
+    else panels_any(x, R, K, w, out, N, j0, j1, WT_F32, sc, z, G);
 }
 
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -365,8 +393,10 @@ static void gemm_item(void *p, size_t item) {  /* (active expert, CH output chan
         }
 #endif
         moec_panels((const float *)s->in + r0 * m->K, s->first[e + 1] - r0, m->K,
-                    (const char *)m->f + e * ((m->N + PANEL - 1) / PANEL) * m->K * PANEL * WT_BYTES(m->wt),
-                    s->out + r0 * m->N, m->N, j0, j1, m->wt, m->sc ? m->sc + e * m->N : NULL);
+                    (const char *)m->f + e * ((m->N + PANEL - 1) / PANEL) * PANEL_BYTES(m->wt, m->K),
+                    s->out + r0 * m->N, m->N, j0, j1, m->wt,
+                    m->wt == WT_I4 ? m->s + e * m->N * G : m->sc ? m->sc + e * m->N : NULL,
+                    m->wt == WT_I4 && m->z ? m->z + e * m->N * G : NULL, G);
         return;
     }
 #endif
@@ -484,10 +514,13 @@ static OrtStatus *matrix(const char *op, Input *in, int i, const char **names, i
         return error(op, ORT_INVALID_ARGUMENT, "%s/%s/%s are not moec's int4 format of [%lld, %lld, %lld] in groups of "
                      "32, 64 or 128", names[i], names[i + 1], names[i + 2], (long long)E, (long long)N,
                      (long long)K);
-    if (tiles && N % 4)
-        return error(op, ORT_INVALID_ARGUMENT, "%s/%s/%s has %lld rows: the tile layout takes a multiple of 4",
-                     names[i], names[i + 1], names[i + 2], (long long)N);
-    *m = (Matrix){q->data, s->data, z->v && z->numel ? z->data : NULL, N, K, G, tiles};
+    if (N % (tiles == 2 ? 32 : tiles ? 4 : 1))
+        return error(op, ORT_INVALID_ARGUMENT, "%s/%s/%s has %lld rows: the %s layout takes a multiple of %d",
+                     names[i], names[i + 1], names[i + 2], (long long)N, tiles == 2 ? "panel" : "tile",
+                     tiles == 2 ? 32 : 4);
+    /* tiles=2: q, s and z in panels (int4_panels), the same shapes; moec_panels runs them */
+    *m = (Matrix){q->data, s->data, z->v && z->numel ? z->data : NULL, N, K, G, tiles == 1,
+                  tiles == 2 ? q->data : NULL, WT_I4};
     return NULL;
 }
 
@@ -757,8 +790,11 @@ static OrtStatus *create(const OrtCustomOp *op, OrtApiTable a, const OrtKernelIn
     if (!st && kn->tiles)
         st = error(op->GetName(op), ORT_FAIL, "the tile layout needs the AVX-512 build of the kernels");
 #endif
-    if (!st && kn->tiles && !kn->a8)
-        st = error(op->GetName(op), ORT_INVALID_ARGUMENT, "the tile layout takes int8 activations");
+    if (!st && (kn->tiles < 0 || kn->tiles > 2))
+        st = error(op->GetName(op), ORT_INVALID_ARGUMENT, "tiles %lld is not 0-2", (long long)kn->tiles);
+    if (!st && kn->tiles && kn->a8 != (kn->tiles == 1))
+        st = error(op->GetName(op), ORT_INVALID_ARGUMENT, kn->a8 ? "int4 panels (tiles=2) take fp32 rows, not int8 activations"
+                                                                 : "the tile layout takes int8 activations");
     if (st) {
         free(kn);
         return st;
@@ -893,7 +929,8 @@ def register_schema() -> None:
     optional = OpSchema.FormalParameterOption.Optional
     a8 = OpSchema.Attribute("int8_activations", OpSchema.AttrType.INT, "GEMM inputs rounded to int8")
     tiles = OpSchema.Attribute("tiles", onnx.helper.make_attribute("tiles", 0),
-                               "1: q and s in the tile layout (ort_kernels.tiled)")
+                               "1: q and s in the tile layout (ort_kernels.tiled, int8 activations); 2: q, s and z "
+                               "in panels (ort_kernels.int4_panels, fp32 rows)")
     rows8 = OpSchema.Attribute("int8_activations", onnx.helper.make_attribute("int8_activations", 0),
                                "1: each input row rounded to int8 at one step, weights in panels_a8")
     for op, types, attrs in (
@@ -969,6 +1006,21 @@ def tiled(q: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     steps = s[..., :full].reshape(*lead, N // 4, 4, full // 4, 4).swapaxes(-3, -2)
     s = np.concatenate([steps.reshape(*lead, N // 4, -1), s[..., full:].reshape(*lead, N // 4, -1)], -1)
     return np.ascontiguousarray(q).reshape(*lead, N, half), np.ascontiguousarray(s).reshape(*lead, N, G)
+
+
+def int4_panels(q: np.ndarray, s: np.ndarray, z: np.ndarray | None):
+    """q [..., N, K/2], s [..., N, G], z [..., N, G] or None in moec's int4 format (N a multiple of 32) -> the same
+    in panels (moec_panels' int4 weights), same shapes: per panel of 32 channels, q as [K][16 bytes] (channel c's
+    nibble for k in the low half of byte c, channel c + 16's in the high half), s and z as [G][32]."""
+    *lead, N, half = q.shape
+    G = s.shape[-1]
+    n = np.stack([q & 15, q >> 4], -1).reshape(*lead, N // 32, 2, 16, 2 * half)  # nibbles [.., P, 2, 16, K]
+    q = (n[..., 0, :, :] | n[..., 1, :, :] << 4).swapaxes(-1, -2)  # [.., P, K, 16]
+
+    def groups(a):
+        return None if a is None else np.ascontiguousarray(a.reshape(*lead, N // 32, 32, G).swapaxes(-1, -2)).reshape(
+            *lead, N, G)
+    return np.ascontiguousarray(q).reshape(*lead, N, half), groups(s), groups(z)
 
 
 def lay_out_file(path: str) -> tuple[int, int, int]:
@@ -1058,10 +1110,11 @@ def panel_weights(proto, base_dir: str = "") -> int:
 
 
 def tile_weights(proto, base_dir: str = "") -> int:
-    """Each moec::Int4Experts / Int4MatMul node of `proto` with int8 activations, constant weights and every
-    matrix's rows a multiple of 4 gets them in the tile layout (new initializers `<name>_tiles`; weights in external
-    data are read from `base_dir`, only these) and tiles=1, where this CPU's build has the tile kernel; the others
-    stay as they are. Returns how many nodes."""
+    """Each moec::Int4Experts / Int4MatMul node of `proto` with constant weights gets them in the layout of this
+    CPU's kernels, where its build has them (AVX-512): with int8 activations and every matrix's rows a multiple of
+    4, the tile layout (`tiled`, tiles=1); weight-only and rows multiples of 32, panels (`int4_panels`, tiles=2).
+    New initializers `<name>_tiles` / `<name>_panels` (weights in external data are read from `base_dir`, only
+    these); the other nodes stay as they are. Returns how many nodes."""
     from onnx import helper, numpy_helper
 
     from moec.backends import cpu_native
@@ -1069,39 +1122,45 @@ def tile_weights(proto, base_dir: str = "") -> int:
     if not cpu_native.has_tiles():
         return 0
     inits = {t.name: t for t in proto.graph.initializer}
-    done, count = {}, 0  # a weight's name -> its tiled copy's (q's copy depends on q alone, s's on s)
+    done, count = {}, 0  # (a weight's name, layout) -> its copy's (each of q, s, z laid out on its own)
     for n in proto.graph.node:
         if n.domain != DOMAIN or n.op_type not in (OP, MATMUL):
             continue
         a = {x.name: x for x in n.attribute}
-        pairs = (3, 6) if n.op_type == OP else (1,)  # q, s input indices
-        names = [n.input[i + j] for i in pairs for j in (0, 1)]
-        if (helper.get_attribute_value(a["int8_activations"]) != 1 or "tiles" in a and a["tiles"].i != 0
-                or any(k not in inits or k not in done and f"{k}_tiles" in inits for k in names)
-                or any(inits[n.input[i]].dims[-2] % 4 for i in pairs)):
+        a8 = helper.get_attribute_value(a["int8_activations"]) == 1
+        layout, suffix, rows = (1, "_tiles", 4) if a8 else (2, "_panels", 32)
+        triples = [(i, i + 1, i + 2 if not a8 and len(n.input) > i + 2 and n.input[i + 2] else None)
+                   for i in ((3, 6) if n.op_type == OP else (1,))]  # q, s (and z: panels) input indices
+        names = [n.input[i] for t in triples for i in t if i is not None]
+        if ("tiles" in a and a["tiles"].i != 0
+                or any(k not in inits or (k, layout) not in done and f"{k}{suffix}" in inits for k in names)
+                or any(inits[n.input[q]].dims[-2] % rows for q, _, _ in triples)):
             continue
-        for i in pairs:
-            q, s = n.input[i], n.input[i + 1]
-            if q not in done or s not in done:
-                arrays = tiled(numpy_helper.to_array(inits[q], base_dir), numpy_helper.to_array(inits[s], base_dir))
-                for k, t in zip((q, s), arrays):
-                    if k not in done:
-                        done[k] = f"{k}_tiles"
-                        proto.graph.initializer.append(numpy_helper.from_array(t, done[k]))
-            n.input[i], n.input[i + 1] = done[q], done[s]
+        for t in triples:
+            if any((n.input[i], layout) not in done for i in t if i is not None):
+                arrays = [numpy_helper.to_array(inits[n.input[i]], base_dir) if i is not None else None for i in t]
+                laid = tiled(*arrays[:2]) if a8 else int4_panels(*arrays)
+                for i, array in zip(t, laid):
+                    if i is not None and (n.input[i], layout) not in done:
+                        done[n.input[i], layout] = f"{n.input[i]}{suffix}"
+                        proto.graph.initializer.append(numpy_helper.from_array(array, done[n.input[i], layout]))
+            for i in t:
+                if i is not None:
+                    n.input[i] = done[n.input[i], layout]
         if "tiles" in a:
             n.attribute.remove(a["tiles"])
-        n.attribute.append(helper.make_attribute("tiles", 1))
+        n.attribute.append(helper.make_attribute("tiles", layout))
         count += 1
     used = {i for n in proto.graph.node for i in n.input} | {v.name for v in (*proto.graph.input, *proto.graph.output)}
-    for t in [t for t in proto.graph.initializer if t.name in set(done) - used]:
+    for t in [t for t in proto.graph.initializer if t.name in {k for k, _ in done} - used]:
         proto.graph.initializer.remove(t)
     return count
 
 
 def _self_test(path: str) -> None:
     """A session of one node (3 tokens, 4 experts, top-2, groups of 32 and 64, asymmetric FC1) against
-    moec::experts_int4 on the same weights, in moec's layout and in tiles; RuntimeError where they differ."""
+    moec::experts_int4 on the same weights, in moec's layout, in tiles and in panels; RuntimeError where they
+    differ."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -1121,14 +1180,16 @@ def _self_test(path: str) -> None:
     t2 = quantize(Int4Experts(64), torch.randn(E, H, I, generator=g))
     inputs = {"x": x, "ids": ids, "w": w, "q13": t13["q"], "s13": t13["scale"], "z13": t13["zero"],
               "q2": t2["q"], "s2": t2["scale"]}
-    for a8, tiles in [(True, False)] + [(True, True)] * cpu_native.has_tiles() + [(False, False)] * cpu_native.has_f32():
+    for a8, tiles in ([(True, 0)] + [(True, 1), (False, 2)] * cpu_native.has_tiles()
+                      + [(False, 0)] * cpu_native.has_f32()):  # tiles: the layout's attribute
         node = helper.make_node(OP, list(inputs), ["y"], domain=DOMAIN, int8_activations=int(a8), gate_up=2,
-                                tiles=int(tiles))
+                                tiles=tiles)
         weights = dict(inputs)
-        if tiles:
-            for m in ("13", "2"):
-                weights[f"q{m}"], weights[f"s{m}"] = map(torch.from_numpy, tiled(inputs[f"q{m}"].numpy(),
-                                                                                 inputs[f"s{m}"].numpy()))
+        for m in ("13", "2") if tiles else ():
+            q, s, z = (inputs[f"{n}{m}"].numpy() if f"{n}{m}" in inputs else None for n in "qsz")
+            for n, a in zip("qsz", tiled(q, s) if tiles == 1 else int4_panels(q, s, z)):
+                if a is not None:
+                    weights[f"{n}{m}"] = torch.from_numpy(a)
         graph = helper.make_graph(
             [node], "moec_self_test",
             [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(inputs[n].numpy().dtype), None)
@@ -1147,7 +1208,7 @@ def _self_test(path: str) -> None:
         if not err < 1e-5:
             raise RuntimeError(f"its self-test differs from moec::experts_int4 (int8 activations: {a8}, tiles: "
                                f"{tiles}; relative error {err:.2e})")
-        got = matmul_session(path, weights["q13"][1], weights["s13"][1], t13["zero"][1], a8, tiles=tiles).run(
+        got = matmul_session(path, weights["q13"][1], weights["s13"][1], weights["z13"][1], a8, tiles=tiles).run(
             None, {"x": x.numpy()})[0]
         want = quantized_linear(x, (t13["q"][1:2], t13["scale"][1:2], t13["zero"][1:2]), a8)
         err = ((torch.from_numpy(got) - want).norm() / want.norm()).item()
@@ -1215,9 +1276,9 @@ def experts_session(path: str, w13: np.ndarray, w2: np.ndarray, gate_up: int, op
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def matmul_session(path: str, q, s, z, a8: bool, options=None, tiles: bool = False):
-    """A session of one Int4MatMul node with these weights ([N, K/2], [N, G], [N, G] or None; tiles: q and s
-    `tiled`), input "x"."""
+def matmul_session(path: str, q, s, z, a8: bool, options=None, tiles: int = 0):
+    """A session of one Int4MatMul node with these weights ([N, K/2], [N, G], [N, G] or None; tiles 1: q and s
+    `tiled`, 2: q, s and z in `int4_panels`), input "x"."""
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper

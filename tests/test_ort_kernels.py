@@ -21,14 +21,21 @@ from conftest import rel_err
 # self-test (test_library_builds), else these tests fail rather than skip
 pytestmark = pytest.mark.skipif(cpu_native.library() is None, reason="moec's C kernels are not built here")
 A8 = [True, pytest.param(False, marks=pytest.mark.skipif(not cpu_native.has_f32(), reason="needs AVX-512"))]
-# (int8 activations, weights in the tile layout)
+# (int8 activations, the weights' layout: 0 moec's, 1 tiles, 2 panels)
 AVX512 = "needs AVX-512"
-MODES = [pytest.param(True, False, id="int8"),
-         pytest.param(True, True, id="int8-tiles", marks=pytest.mark.skipif(not cpu_native.has_tiles(), reason=AVX512)),
-         pytest.param(False, False, id="fp32", marks=pytest.mark.skipif(not cpu_native.has_f32(), reason=AVX512))]
+TILES = pytest.mark.skipif(not cpu_native.has_tiles(), reason=AVX512)
+MODES = [pytest.param(True, 0, id="int8"), pytest.param(True, 1, id="int8-tiles", marks=TILES),
+         pytest.param(False, 0, id="fp32", marks=pytest.mark.skipif(not cpu_native.has_f32(), reason=AVX512)),
+         pytest.param(False, 2, id="fp32-panels", marks=TILES)]
 
 
-def _session(inputs: dict, a8: bool, gate_up: str, options=None, tiles=False):
+def _laid_out(q, s, z, tiles: int) -> tuple:
+    """moec's int4 format (torch tensors) in the layout `tiles` (numpy arrays; z None where absent)."""
+    q, s, z = (None if t is None else t.numpy() for t in (q, s, z))
+    return tuple(ort_kernels.tiled(q, s)) + (z,) if tiles == 1 else ort_kernels.int4_panels(q, s, z) if tiles else (q, s, z)
+
+
+def _session(inputs: dict, a8: bool, gate_up: str, options=None, tiles=0):
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
@@ -36,11 +43,12 @@ def _session(inputs: dict, a8: bool, gate_up: str, options=None, tiles=False):
     names = [n for n in ("x", "ids", "w", "q13", "s13", "z13", "q2", "s2", "z2")]
     node = helper.make_node(ort_kernels.OP, [n if inputs.get(n) is not None else "" for n in names], ["y"],
                             domain=ort_kernels.DOMAIN, int8_activations=int(a8), gate_up=ort_kernels.GATE_UP[gate_up],
-                            tiles=int(tiles))
-    weights = {n: inputs[n].numpy() for n in names[3:] if inputs.get(n) is not None}
-    if tiles:
-        for m in ("13", "2"):
-            weights[f"q{m}"], weights[f"s{m}"] = ort_kernels.tiled(weights[f"q{m}"], weights[f"s{m}"])
+                            tiles=tiles)
+    weights = {}
+    for m in ("13", "2"):
+        for n, a in zip("qsz", _laid_out(*(inputs.get(f"{n}{m}") for n in "qsz"), tiles)):
+            if a is not None:
+                weights[f"{n}{m}"] = a
     graph = helper.make_graph(
         [node], "t", [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(inputs[n].numpy().dtype), None)
                       for n in ("x", "ids", "w")],
@@ -65,9 +73,12 @@ def _case(T, H, I, E, k, g1, g2, symmetric, seed=0, scale=1.0, ids=None):
             "z2": t2.get("zero")}
 
 
-def _check(inputs, a8, gate_up="halves", tol=1e-5, tiles=False):
+def _check(inputs, a8, gate_up="halves", tol=1e-5, tiles=0):
     sess = _session(inputs, a8, gate_up, tiles=tiles)
     got = torch.from_numpy(sess.run(None, {n: inputs[n].numpy() for n in ("x", "ids", "w")})[0])
+    for t in range(0, len(got), 97):  # a token alone: its row of the batch, to the bit
+        alone = sess.run(None, {n: inputs[n][t:t + 1].numpy() for n in ("x", "ids", "w")})[0]
+        assert np.array_equal(alone[0], got[t].numpy()), t
     i = inputs
     want = torch.ops.moec.experts_int4(i["x"], i["ids"], i["w"], i["q13"], i["s13"], i["z13"], None, i["q2"],
                                        i["s2"], i["z2"], None, "silu", True, 1.0, 0.0, False, gate_up, a8)
@@ -111,11 +122,17 @@ def test_bad_inputs_are_ort_errors():
         sess.run(None, {**feeds, "x": np.ones((3, 96), np.float32)})
     if cpu_native.has_tiles():
         with pytest.raises(Exception, match="moec::Int4Experts: the tile layout takes int8 activations"):
-            _session(inputs, False, "halves", tiles=True)
+            _session(inputs, False, "halves", tiles=1)
+        with pytest.raises(Exception, match=r"moec::Int4Experts: int4 panels \(tiles=2\) take fp32 rows"):
+            _session(inputs, True, "halves", tiles=2)
+        with pytest.raises(Exception, match="moec::Int4Experts: tiles 3 is not 0-2"):
+            _session(inputs, False, "halves", tiles=3)
         odd = quantize(Int4Experts(32), torch.randn(1, 6, 128))
-        with pytest.raises(Exception, match="moec::Int4MatMul: q/s/z has 6 rows: the tile layout takes a multiple"):
-            ort_kernels.matmul_session(ort_kernels.library(), odd["q"][0], odd["scale"][0], None, True,
-                                       tiles=True).run(None, {"x": np.ones((1, 128), np.float32)})
+        for a8, tiles, layout, rows in ((True, 1, "tile", 4), (False, 2, "panel", 32)):
+            with pytest.raises(Exception, match=f"moec::Int4MatMul: q/s/z has 6 rows: the {layout} layout takes a "
+                                                f"multiple of {rows}"):
+                ort_kernels.matmul_session(ort_kernels.library(), odd["q"][0], odd["scale"][0], None, a8,
+                                           tiles=tiles).run(None, {"x": np.ones((1, 128), np.float32)})
 
 
 @pytest.mark.parametrize("a8", ["fp32", "int8"])
@@ -143,11 +160,11 @@ def test_backend_runs_it_and_matches_the_torch_backend(a8):
     report = moec.inspect(compiled)
     assert [b.op for b in report.export.blocks] == ["moec::Int4Experts"] * len(report.blocks)
     assert len(compiled.forward.sessions) == 2
-    import onnx  # int8 activations: the weights in tiles (ort_kernels.tile_weights), where the CPU has the kernel
+    import onnx  # the weights in tiles (int8 activations) or panels (ort_kernels.tile_weights), where the CPU has them
 
     tiles = {onnx.helper.get_attribute_value(a) for n in onnx.load(report.export.path).graph.node
              if n.op_type == ort_kernels.OP for a in n.attribute if a.name == "tiles"}
-    assert tiles == {int(a8 == "int8" and cpu_native.has_tiles())}
+    assert tiles == {(1 if a8 == "int8" else 2) if cpu_native.has_tiles() else 0}
 
 
 def test_blocks_it_does_not_fit_keep_qmoe():
@@ -180,9 +197,9 @@ def test_matmul_node_equals_moec_quantized_linear(shape, g, symmetric, a8, tiles
     gen = torch.Generator().manual_seed(g)
     t = quantize(Int4Experts(g, symmetric=symmetric), torch.randn(1, 96, 256, generator=gen))
     x = torch.randn(*shape, generator=gen)
-    q, s = ort_kernels.tiled(t["q"][0].numpy(), t["scale"][0].numpy()) if tiles else (t["q"][0], t["scale"][0])
-    sess = ort_kernels.matmul_session(ort_kernels.library(), torch.as_tensor(q), torch.as_tensor(s),
-                                      t["zero"][0] if "zero" in t else None, a8, tiles=tiles)
+    q, s, z = (None if a is None else torch.as_tensor(a)
+               for a in _laid_out(t["q"][0], t["scale"][0], t["zero"][0] if "zero" in t else None, tiles))
+    sess = ort_kernels.matmul_session(ort_kernels.library(), q, s, z, a8, tiles=tiles)
     got = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
     want = quantized_linear(x.reshape(-1, 256), (t["q"], t["scale"], t.get("zero")), a8).reshape(*shape[:-1], 96)
     assert got.shape == want.shape and rel_err(got, want) < 1e-5, rel_err(got, want)
@@ -266,7 +283,7 @@ def test_tile_layout_gives_the_same_numbers(groups, rows):
             x = {"x": torch.randn(rows, 32 * groups, generator=gen).numpy()}
             q, s = map(torch.from_numpy, ort_kernels.tiled(t["q"][0].numpy(), t["scale"][0].numpy()))
             want = ort_kernels.matmul_session(ort_kernels.library(), t["q"][0], t["scale"][0], z, True).run(None, x)[0]
-            got = ort_kernels.matmul_session(ort_kernels.library(), q, s, z, True, tiles=True).run(None, x)[0]
+            got = ort_kernels.matmul_session(ort_kernels.library(), q, s, z, True, tiles=1).run(None, x)[0]
             assert np.array_equal(got, want), (N, symmetric, np.abs(got - want).max())
 
 
@@ -282,8 +299,9 @@ def _matmul_nodes(specs: dict, a8=True) -> list:
 def test_tile_file_shared_weights_external_data_and_graph_outputs(tmp_path):
     """lay_out_file: a q read by two nodes with different s (one tiled copy of each tensor, no duplicate names), a
     scale that is also a graph output (kept as it was, beside its tiled copy), nodes made without the tiles attribute
-    (0, moec's layout), a weight-only node (left alone); weights in external data: only the tiled ones read and
-    written beside the model. The outputs are the untiled file's to the bit."""
+    (0, moec's layout), a weight-only node (its weights in panels, a q and an s that int8-row nodes read in tiles);
+    weights in external data: only the laid-out ones read and written beside the model. The int8-row outputs are
+    the untiled file's to the bit, the weight-only one to fp32 rounding (panels sum in another order)."""
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
@@ -292,7 +310,7 @@ def test_tile_file_shared_weights_external_data_and_graph_outputs(tmp_path):
     a, b = (quantize(Int4Experts(32), torch.randn(1, 64, 128, generator=gen)) for _ in range(2))
     arrays = {"q": a["q"][0], "s_a": a["scale"][0], "s_b": b["scale"][0], "q_w": b["q"][0]}
     nodes = _matmul_nodes({"one": ("q", "s_a"), "two": ("q", "s_b"), "bare": ("q_w", "s_b")})
-    nodes += _matmul_nodes({"fp32": ("q_w", "s_a")}, a8=False) if cpu_native.has_f32() else []
+    nodes += _matmul_nodes({"fp32": ("q_w", "s_a")}, a8=False)
     outputs = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
                for name in [n.output[0] for n in nodes] + ["s_b"]]
     graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)], outputs,
@@ -305,14 +323,17 @@ def test_tile_file_shared_weights_external_data_and_graph_outputs(tmp_path):
     want = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feed)
     path = str(tmp_path / "m.onnx")
     onnx.save(proto, path, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
-    assert ort_kernels.lay_out_file(path) == (3, 0, 0)  # one, two, bare (fp32 is weight-only)
+    assert ort_kernels.lay_out_file(path) == (4, 0, 0)  # one, two, bare in tiles, fp32 in panels
     tiled = onnx.load(path, load_external_data=False)
     names = [t.name for t in tiled.graph.initializer]
-    assert len(names) == len(set(names)) and {"q_tiles", "s_a_tiles", "s_b_tiles", "s_b", "q_w"} <= set(names)
-    assert "q" not in names and all(t.data_location == onnx.TensorProto.EXTERNAL for t in tiled.graph.initializer)
+    assert len(names) == len(set(names)) and set(names) == {"q_tiles", "s_a_tiles", "s_b_tiles", "s_b", "q_w_tiles",
+                                                             "q_w_panels", "s_a_panels"}
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in tiled.graph.initializer)
+    assert {a.i for n in tiled.graph.node for a in n.attribute if a.name == "tiles"} == {1, 2}
     got = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]).run(None, feed)
-    for g, w in zip(got, want):
+    for g, w in zip(got[:3] + got[4:], want[:3] + want[4:]):
         assert np.array_equal(g, w)
+    assert rel_err(torch.from_numpy(got[3]), torch.from_numpy(want[3])) < 1e-6
 
 
 # ---- moec::Experts: fp32 experts, weights in panels ----
