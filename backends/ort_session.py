@@ -336,6 +336,10 @@ class OrtForward:
         from moec.api import Rejection
 
         self.report.export = exported
+        for why in exported.dense_left:  # the same MatMuls in every session's file
+            if why not in self.report.dense_left:
+                self.report.dense_left.append(why)
+                log.warning(f"moec: dense= leaves a MatMul in fp32 in the ONNX Runtime session: {why}")
         said = {r.path for r in self.report.rejected}
         for r in exported.rejected:
             if r.path not in said:

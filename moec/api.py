@@ -111,7 +111,7 @@ class Report:
     quantize: QuantConfig | None = None
     dense: QuantConfig | None = None  # compile(dense=...): the dense layers' format (MatMulNBits on onnxruntime)
     dense_layers: int | None = None  # backend torch, compile(dense=...): nn.Linear layers quantized (cpu_dense)
-    dense_left: list[str] = field(default_factory=list)  # "name: reason" for each nn.Linear dense= left alone
+    dense_left: list[str] = field(default_factory=list)  # "name: reason" for each nn.Linear (onnxruntime: MatMul) dense= left alone
     topk: int | dict | None = None  # compile(topk=...): the approximation asked for (moec.save keeps it)
     experts: object = None  # compile(experts=moec.ExpertPlan): the experts kept (moec.save keeps it)
     export: object = None  # backend="onnxruntime": the moec.export_onnx report of the last session opened

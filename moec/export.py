@@ -36,7 +36,7 @@ from moec.backends import cpu_native, ort_attention, ort_kernels
 from moec.backends.onnx_backend import ort_type_errors, register_ort_schemas, translations
 from moec.canonical import resolve
 from moec.export_complex import as_real_pairs
-from moec.export_dense import moec_fp32_matmuls, moec_matmuls, quantize_dense
+from moec.export_dense import left_fp32, moec_fp32_matmuls, moec_matmuls, quantize_dense
 from moec.log import log
 from moec.pass_manager import DEFAULT_PIPELINE
 from moec.quant import Int4Experts, Int8Experts, QuantConfig
@@ -67,6 +67,7 @@ class ExportReport:
     seconds: dict[str, float] = field(default_factory=dict)  # where the export's time went, per stage
     dense: QuantConfig | None = None  # export_onnx(dense=...): the dense MatMuls' format
     dense_matmuls: int = 0  # how many became MatMulNBits (or moec's Int4MatMul / LinearInt8)
+    dense_left: list[str] = field(default_factory=list)  # "node: why" for each MatMul dense= left fp32
     attention: str = ""  # KV-cache exports: which layers' attention is one GroupQueryAttention node, why not others
     gqa_layers: int = 0  # how many
     fusions: dict[str, int] = field(default_factory=dict)  # ORT fused ops made from ordinary ones (_fuse_for_ort)
@@ -76,6 +77,7 @@ class ExportReport:
         q = f", quantize {self.quantize.describe()}" if self.quantize else ""
         ext = ", weights in external data" if self.external_data else ""
         ext += f", {self.dense_matmuls} dense MatMuls quantized ({self.dense.describe()})" if self.dense else ""
+        ext += f", {len(self.dense_left)} left fp32 (.dense_left)" if self.dense_left else ""
         ext += f"; attention: {self.attention}" if self.attention else ""
         ext += f"; fused: {', '.join(f'{k} x{v}' for k, v in self.fusions.items())}" if self.fusions else ""
         ext += f"; {len(self.repeated)} layers repeat a traced one's nodes" if self.repeated else ""
@@ -674,6 +676,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
                           external_data=any(t.data_location == onnx.TensorProto.EXTERNAL
                                             for t in proto.graph.initializer), seconds=seconds,
                           dense=dense, dense_matmuls=quantized, attention=fused, fusions=fusions,
+                          dense_left=left_fp32(proto, dense, routers) if dense is not None else [],
                           gqa_layers=sum(n.op_type in ("GroupQueryAttention", "CachedAttention") for n in proto.graph.node),
                           repeated=repeat.source if repeat else {})
     ops = [n.op_type for n in proto.graph.node if n.domain == ort_kernels.DOMAIN]

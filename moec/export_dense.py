@@ -37,6 +37,37 @@ def dense_matmuls(proto: onnx.ModelProto, block: int, router_widths: set[int]) -
             and _quantizable(consts.get(n.input[1], ()), block, router_widths)]
 
 
+def left_fp32(proto: onnx.ModelProto, cfg: Int4Experts | Int8Experts, router_widths: set[int]) -> list[str]:
+    """The file's MatMuls and Gemms on a constant weight that dense= left in fp32, each as "node: why" (the routers
+    and one-column gates are left by design and not listed): a batched weight (e.g. an MLA attention's kv_b_proj,
+    absorbed into one matrix per head, which the torch backend's dense= quantizes as one nn.Linear), or a K the
+    format's blocks do not divide."""
+    consts = {t.name: list(t.dims) for t in proto.graph.initializer}
+    block = cfg.group_size if isinstance(cfg, Int4Experts) else 32
+    left = []
+    for n in proto.graph.node:
+        if n.op_type not in ("MatMul", "Gemm") or n.domain not in ("", "ai.onnx") or n.input[1] not in consts:
+            continue
+        dims = consts[n.input[1]]
+        trans = n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)
+        K, N = (dims[::-1] if trans else dims) if len(dims) == 2 else (None, None)
+        if N in router_widths | {1}:
+            continue
+        why = (f"its weight is {dims}, one matrix per head (dense= takes [K, N] weights)" if K is None
+               else f"K {K} is not a multiple of {block}" if K % block else "left as it was")
+        left.append(f"{_module(n)} {n.op_type} {n.name}: {why}")
+    return left
+
+
+def _module(node) -> str:
+    """The model's module a node was traced in (torch.onnx's name scopes, less the export wrapper's "model."), or
+    "a"."""
+    import ast
+
+    scopes = next((ast.literal_eval(p.value) for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), [])
+    return scopes[-2].removeprefix("model.") if len(scopes) > 2 else "a"
+
+
 def gemms_as_matmuls(proto: onnx.ModelProto, block: int, router_widths: set[int]) -> None:
     """Gemm(x, W, b?) with a constant W of a quantizable [K, N] (transB: W is [N, K]), alpha = beta = 1 and no transA
     -> MatMul(x, W [K, N]) (+ Add(b)), in place."""

@@ -3,8 +3,10 @@ model's call signature and outputs, at any batch/sequence size; providers and se
 pass through and the provider that ran is reported; the first call refuses a wrong session."""
 
 import copy
+import os
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -152,6 +154,7 @@ def test_dense_matmuls(dense, tmp_path):
     with torch.no_grad():
         got, fp = compiled(**inputs).logits, model(**inputs).logits
     assert moec.inspect(compiled).export.dense_matmuls > 0
+    assert moec.inspect(compiled).dense_left == []  # every dense layer quantized (the routers are left by design)
     report = moec.export_onnx(model, inputs, tmp_path / "d.onnx", dense=dense, kv_cache=False)
     sess = ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"])
     want = torch.from_numpy(np.asarray(sess.run(None, {n: inputs[n].numpy() for n in report.inputs})[0]))
@@ -163,6 +166,50 @@ def test_dense_matmuls(dense, tmp_path):
         moec.compile(copy.deepcopy(model), backend="triton", dense=dense)
     with pytest.raises(TypeError, match="dense must be"):
         moec.compile(copy.deepcopy(model), backend="onnxruntime", dense="int4")
+
+
+def _text(report) -> str:
+    from rich.console import Console
+
+    console = Console(width=400, record=True, file=open(os.devnull, "w"))
+    console.print(report)
+    return console.export_text()
+
+
+def test_dense_left_fp32_is_reported(monkeypatch):
+    """An MLA model's attention (DeepSeek-V3) keeps MatMuls with a weight per head, which dense= on onnxruntime does
+    not quantize (the torch backend quantizes kv_b_proj as one nn.Linear): inspect lists each, naming its layer, and
+    the compile says so in a warning; the export report counts them."""
+    from moec.export_dense import left_fp32
+
+    model = models.tiny_model("deepseek_v3")
+    cfg = moec.Int4Experts(32)
+    compiled = moec.compile(copy.deepcopy(model), backend="onnxruntime", quantize=cfg, dense=cfg)
+    inputs = models.example_inputs(model, batch=1, seq=5)
+    said = []
+    monkeypatch.setattr(ort_session.log, "warning", lambda msg, *a: said.append(msg))
+    with torch.no_grad():
+        compiled(**inputs)
+        compiled.generate(**inputs, max_new_tokens=2, do_sample=False)  # the cache session: nothing listed twice
+    report = moec.inspect(compiled)
+    layers = model.config.num_hidden_layers
+    assert len(report.dense_left) == 2 * layers and len(set(report.dense_left)) == len(report.dense_left)
+    for i in range(layers):
+        assert sum(why.startswith(f"model.layers.{i}.self_attn MatMul ") and "one matrix per head" in why
+                   for why in report.dense_left) == 2
+    assert sum("dense= leaves a MatMul in fp32" in msg for msg in said) == 2 * layers
+    assert report.export.dense_left == report.dense_left and "left fp32 (.dense_left)" in _text(report.export)
+    assert "dense= left fp32: model.layers.0.self_attn" in _text(report)
+    # a K the blocks do not divide, and a router (left by design, not listed)
+    import onnx
+    from onnx import helper, numpy_helper
+
+    weights = {"w48": np.zeros((48, 64), np.float32), "router": np.zeros((64, 8), np.float32)}
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", w], [f"y{w}"], name=w) for w in weights], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info(f"y{w}", onnx.TensorProto.FLOAT, None) for w in weights],
+                              [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    assert left_fp32(helper.make_model(graph), cfg, {8}) == ["a MatMul w48: K 48 is not a multiple of 32"]
 
 
 def test_save_and_load_keep_the_backend(tmp_path):
