@@ -1014,6 +1014,8 @@ def int4_panels(q: np.ndarray, s: np.ndarray, z: np.ndarray | None):
     nibble for k in the low half of byte c, channel c + 16's in the high half), s and z as [G][32]."""
     *lead, N, half = q.shape
     G = s.shape[-1]
+    if N % 32:
+        raise ValueError(f"moec: int4_panels takes N a multiple of 32 (panels of 32 channels), not {N}")
     n = np.stack([q & 15, q >> 4], -1).reshape(*lead, N // 32, 2, 16, 2 * half)  # nibbles [.., P, 2, 16, K]
     q = (n[..., 0, :, :] | n[..., 1, :, :] << 4).swapaxes(-1, -2)  # [.., P, K, 16]
 
