@@ -38,25 +38,31 @@ def dense_matmuls(proto: onnx.ModelProto, block: int, router_widths: set[int]) -
 
 
 def left_fp32(proto: onnx.ModelProto, cfg: Int4Experts | Int8Experts, router_widths: set[int]) -> list[str]:
-    """The file's MatMuls and Gemms on a constant weight that dense= left in fp32, each as "node: why" (the routers
-    and one-column gates are left by design and not listed): a batched weight (e.g. an MLA attention's kv_b_proj,
-    absorbed into one matrix per head, which the torch backend's dense= quantizes as one nn.Linear), or a K the
-    format's blocks do not divide."""
+    """The file's MatMuls, Gemms and ORT's FusedMatMuls on a constant weight that dense= left in fp32, each as
+    "module op node: why" (the routers and one-column gates are left by design and not listed): a weight the
+    embedding reads too (a tied lm_head, as the torch backend's dense= leaves it), a batched weight (e.g. an MLA
+    attention's kv_b_proj, absorbed into one matrix per head, which the torch backend's dense= quantizes as one
+    nn.Linear), or a K the format's blocks do not divide."""
     consts = {t.name: list(t.dims) for t in proto.graph.initializer}
+    gathered = {n.input[0] for n in proto.graph.node if n.op_type == "Gather"}  # embedding tables
     block = cfg.group_size if isinstance(cfg, Int4Experts) else 32
     left = []
     for n in proto.graph.node:
-        if n.op_type not in ("MatMul", "Gemm") or n.domain not in ("", "ai.onnx") or n.input[1] not in consts:
+        if (n.op_type, n.domain or "") not in MATMULS or len(n.input) < 2 or n.input[1] not in consts:
             continue
         dims = consts[n.input[1]]
-        trans = n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)
+        trans = n.op_type != "MatMul" and any(a.name == "transB" and a.i for a in n.attribute)
         K, N = (dims[::-1] if trans else dims) if len(dims) == 2 else (None, None)
         if N in router_widths | {1}:
             continue
-        why = (f"its weight is {dims}, one matrix per head (dense= takes [K, N] weights)" if K is None
+        why = ("its weight is the embedding's too (tied)" if n.input[1] in gathered
+               else f"its weight is {dims}, one matrix per head (dense= takes [K, N] weights)" if K is None
                else f"K {K} is not a multiple of {block}" if K % block else "left as it was")
         left.append(f"{_module(n)} {n.op_type} {n.name}: {why}")
     return left
+
+
+MATMULS = {("MatMul", ""), ("MatMul", "ai.onnx"), ("Gemm", ""), ("Gemm", "ai.onnx"), ("FusedMatMul", "com.microsoft")}
 
 
 def _module(node) -> str:
@@ -108,8 +114,11 @@ def quantize_dense(path: str, cfg: Int4Experts | Int8Experts, router_widths: set
     if not names:
         return 0
     int8 = cfg.activations == "int8"  # int8 dot products, as for the experts
+    # nodes_to_include adds to the op types it quantizes (every MatMul): the others are excluded by name
+    others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in set(names)]
     quantizer = MatMulNBitsQuantizer(proto, bits=cfg.bits, block_size=block, accuracy_level=4 if int8 else None,
-                                     is_symmetric=getattr(cfg, "symmetric", True), nodes_to_include=names)
+                                     is_symmetric=getattr(cfg, "symmetric", True), nodes_to_include=names,
+                                     nodes_to_exclude=others)
     ort_log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level, ort_log.level = ort_log.level, logging.WARNING  # it logs a line per node at INFO
     try:

@@ -176,7 +176,7 @@ def _text(report) -> str:
     return console.export_text()
 
 
-def test_dense_left_fp32_is_reported(monkeypatch):
+def test_dense_left_fp32_is_reported(monkeypatch, tmp_path):
     """An MLA model's attention (DeepSeek-V3) keeps MatMuls with a weight per head, which dense= on onnxruntime does
     not quantize (the torch backend quantizes kv_b_proj as one nn.Linear): inspect lists each, naming its layer, and
     the compile says so in a warning; the export report counts them."""
@@ -200,16 +200,38 @@ def test_dense_left_fp32_is_reported(monkeypatch):
     assert sum("dense= leaves a MatMul in fp32" in msg for msg in said) == 2 * layers
     assert report.export.dense_left == report.dense_left and "left fp32 (.dense_left)" in _text(report.export)
     assert "dense= left fp32: model.layers.0.self_attn" in _text(report)
-    # a K the blocks do not divide, and a router (left by design, not listed)
+    # quantize_dense quantizes the dense MatMuls alone: not a router (N = its experts), a one-column gate or a K the
+    # blocks do not divide (left_fp32 lists that one; routers and gates are left by design)
     import onnx
     from onnx import helper, numpy_helper
 
-    weights = {"w48": np.zeros((48, 64), np.float32), "router": np.zeros((64, 8), np.float32)}
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", w], [f"y{w}"], name=w) for w in weights], "g",
-                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
-                              [helper.make_tensor_value_info(f"y{w}", onnx.TensorProto.FLOAT, None) for w in weights],
-                              [numpy_helper.from_array(v, k) for k, v in weights.items()])
-    assert left_fp32(helper.make_model(graph), cfg, {8}) == ["a MatMul w48: K 48 is not a multiple of 32"]
+    from moec.export_dense import quantize_dense
+
+    shapes = {"dense": (64, 64), "router": (64, 8), "gate": (64, 1), "k48": (48, 64)}
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", [f"x{k}", w], [f"y{w}"], name=w) for w, (k, _) in shapes.items()], "g",
+        [helper.make_tensor_value_info(f"x{k}", onnx.TensorProto.FLOAT, [None, k]) for k in (64, 48)],
+        [helper.make_tensor_value_info(f"y{w}", onnx.TensorProto.FLOAT, None) for w in shapes],
+        [numpy_helper.from_array(np.ones(shape, np.float32), w) for w, shape in shapes.items()])
+    path = str(tmp_path / "m.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    assert quantize_dense(path, cfg, {8}, False) == 1
+    proto = onnx.load(path)
+    assert sorted(n.op_type for n in proto.graph.node) == ["MatMul"] * 3 + ["MatMulNBits"]
+    assert left_fp32(proto, cfg, {8}) == ["a MatMul k48: K 48 is not a multiple of 32"]
+
+
+def test_tied_lm_head_left_fp32_is_reported():
+    """A tied lm_head (its weight the embedding's) stays fp32 under dense= on both backends, each saying so."""
+    model = models.tiny_model("mixtral", tie_word_embeddings=True)
+    cfg = moec.Int4Experts(32)
+    compiled = moec.compile(copy.deepcopy(model), backend="onnxruntime", quantize=cfg, dense=cfg)
+    with torch.no_grad():
+        compiled(**models.example_inputs(model, batch=1, seq=3))
+    [why] = moec.inspect(compiled).dense_left
+    assert why.startswith("lm_head ") and why.endswith(": its weight is the embedding's too (tied)"), why
+    assert moec.inspect(moec.compile(copy.deepcopy(model), quantize=cfg, dense=cfg)).dense_left == [
+        "lm_head: its weight is tied to another module's"]
 
 
 def test_save_and_load_keep_the_backend(tmp_path):
