@@ -115,7 +115,8 @@ def quantize_dense(path: str, cfg: Int4Experts | Int8Experts, router_widths: set
         return 0
     int8 = cfg.activations == "int8"  # int8 dot products, as for the experts
     # nodes_to_include adds to the op types it quantizes (every MatMul): the others are excluded by name
-    others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in set(names)]
+    chosen = set(names)
+    others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in chosen]
     quantizer = MatMulNBitsQuantizer(proto, bits=cfg.bits, block_size=block, accuracy_level=4 if int8 else None,
                                      is_symmetric=getattr(cfg, "symmetric", True), nodes_to_include=names,
                                      nodes_to_exclude=others)
