@@ -419,6 +419,9 @@ void moec_int4_tiles(const int8_t *x8, const float *sx, const int32_t *xi, int64
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 void moec_vnni512(void) {}  /* a mark: this build has vpdpbusd on 512 bits (ort_kernels' int8 rows on int8 panels) */
 #endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+void moec_bf16(void) {}  /* a mark: this build has vdpbf16ps (ort_kernels' bf16 rows on bf16 panels) */
+#endif
 """
 
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
@@ -537,6 +540,13 @@ def has_vnni512() -> bool:
     with the same flags, then has moec_panels_a8: int8 rows on int8 weights)."""
     lib = library()
     return lib is not None and _has_symbol(lib, "moec_vnni512")
+
+
+def has_bf16() -> bool:
+    """Whether the loaded library was built with AVX512-BF16 (the ONNX Runtime library, built from the same source
+    with the same flags, then has moec_pairs: bf16 rows on bf16 weights)."""
+    lib = library()
+    return lib is not None and _has_symbol(lib, "moec_bf16")
 
 
 @functools.cache

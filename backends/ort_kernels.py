@@ -155,7 +155,7 @@ enum { NIN = 9, CH = 64 };  /* inputs; output channels per work item (a multiple
 static const int in_types[NIN] = {T_FLOAT, T_INT64, T_FLOAT, T_UINT8, T_FLOAT, T_UINT8, T_UINT8, T_FLOAT, T_UINT8};
 static const char *in_names[NIN] = {"x", "ids", "w", "q13", "s13", "z13", "q2", "s2", "z2"};
 
-enum { WT_F32 = 0, WT_BF16 = 1, WT_I8 = 2, WT_I4 = 3 };
+enum { WT_F32 = 0, WT_BF16 = 1, WT_I8 = 2, WT_I4 = 3, WT_BF16_ROWS = 4 };  /* BF16_ROWS: bf16 rows on bf16 pairs */
 typedef struct { int64_t a8, gate_up, tiles, n, wt; } Kernel;  /* wt: the panels' weight type, WT_* */
 
 typedef struct {  /* one matrix of every expert, moec's int4 format: q [E, N, K/2], s [E, N, G], z [E, N, G] or NULL;
@@ -180,7 +180,7 @@ typedef struct {  /* one matrix of every expert, moec's int4 format: q [E, N, K/
    as [G][32]; each weight made (q - z) * s, moec's dequantized value (one rounding: q - z is exact), then the fp32
    kernel's products and sums. */
 enum { PANEL = 32, MR = 6, KC = 256 };
-#define PANEL_BYTES(wt, K) ((K) * ((wt) == WT_F32 ? 128 : (wt) == WT_BF16 ? 64 : (wt) == WT_I8 ? 32 : 16))
+#define PANEL_BYTES(wt, K) ((K) * ((wt) == WT_F32 ? 128 : (wt) == WT_BF16 || (wt) == WT_BF16_ROWS ? 64 : (wt) == WT_I8 ? 32 : 16))
 typedef struct { const float *s; const uint8_t *z; int shift; } Groups;  /* int4: a panel's [G][32]; 2^shift k a group */
 INLINE void panel_load(const void *w, int64_t k, int wt, Groups g, __m512 *w0, __m512 *w1) {
     if (wt == WT_I4) {
@@ -313,6 +313,98 @@ static void moec_panels(const float *x, int64_t R, int64_t K, const void *w, flo
     else panels_any(x, R, K, w, out, N, j0, j1, WT_F32, sc, z, G);
 }
 
+#if defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define BF16_ROWS  /* moec_pairs is built */
+/* bf16 weights and bf16 rows (a bf16 model's experts and dense layers, bf16_rows=1): the panels' k in pairs,
+   [ceil(N/32), K/2, 32, 2] bf16 (`pair_bf16`: channel c's weights of k and k + 1 side by side), each row rounded to
+   bf16 (as the model's own activations are: `bf16_row`). A step of 2 inputs is two 64-byte loads and, per row, two
+   vdpbf16ps against the row's pair broadcast: each lane adds both products (exact in fp32) to its sum, rounding
+   after each (denormal bf16 inputs count as zero), twice the multiply-adds of an fp32 FMA an instruction. Sums of
+   even pairs and of odd pairs in two chains, added at the end, whatever the row count (batch-invariant). */
+INLINE void pair_rows(const uint16_t *x, int64_t K, const uint16_t *w, int64_t np, int acc, float *o, int64_t N,
+                      int nr, __mmask16 m0, __mmask16 m1) {
+    __m512 a[MR][2], b[MR][2];
+    UNROLL for (int r = 0; r < nr; r++) {
+        a[r][0] = acc ? _mm512_maskz_loadu_ps(m0, o + r * N) : _mm512_setzero_ps();
+        a[r][1] = acc ? _mm512_maskz_loadu_ps(m1, o + r * N + 16) : _mm512_setzero_ps();
+        b[r][0] = b[r][1] = _mm512_setzero_ps();
+    }
+    int64_t p = 0;
+    for (; p + 2 <= np; p += 2) {
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + p * 64), w1 = (__m512bh)_mm512_loadu_si512(w + p * 64 + 32);
+        __m512bh v0 = (__m512bh)_mm512_loadu_si512(w + p * 64 + 64), v1 = (__m512bh)_mm512_loadu_si512(w + p * 64 + 96);
+        UNROLL for (int r = 0; r < nr; r++) {
+            int32_t x0, x1;
+            memcpy(&x0, x + r * K + 2 * p, 4), memcpy(&x1, x + r * K + 2 * p + 2, 4);
+            __m512bh xv = (__m512bh)_mm512_set1_epi32(x0), yv = (__m512bh)_mm512_set1_epi32(x1);
+            a[r][0] = _mm512_dpbf16_ps(a[r][0], xv, w0);
+            a[r][1] = _mm512_dpbf16_ps(a[r][1], xv, w1);
+            b[r][0] = _mm512_dpbf16_ps(b[r][0], yv, v0);
+            b[r][1] = _mm512_dpbf16_ps(b[r][1], yv, v1);
+        }
+    }
+    if (p < np) {
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + p * 64), w1 = (__m512bh)_mm512_loadu_si512(w + p * 64 + 32);
+        UNROLL for (int r = 0; r < nr; r++) {
+            int32_t x0;
+            memcpy(&x0, x + r * K + 2 * p, 4);
+            __m512bh xv = (__m512bh)_mm512_set1_epi32(x0);
+            a[r][0] = _mm512_dpbf16_ps(a[r][0], xv, w0);
+            a[r][1] = _mm512_dpbf16_ps(a[r][1], xv, w1);
+        }
+    }
+    UNROLL for (int r = 0; r < nr; r++) {
+        _mm512_mask_storeu_ps(o + r * N, m0, _mm512_add_ps(a[r][0], b[r][0]));
+        _mm512_mask_storeu_ps(o + r * N + 16, m1, _mm512_add_ps(a[r][1], b[r][1]));
+    }
+}
+
+/* out[r, j] = x[r] . W[j] for bf16 rows r < R of x [R, K] (K even), channels j0 <= j < j1 (j0 a multiple of 32), W
+   [N, K] in pairs w [ceil(N/32), K/2, 64]; out's rows N apart. Each KC-input part of a panel (16 KB) stays in L1
+   while the row blocks read it. */
+static void moec_pairs(const uint16_t *x, int64_t R, int64_t K, const uint16_t *w, float *out, int64_t N, int64_t j0,
+                       int64_t j1) {
+    for (int64_t j = j0; j < j1; j += PANEL) {
+        int64_t n = j1 - j < PANEL ? j1 - j : PANEL;
+        __mmask16 m0 = n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1), m1 = n > 16 ? (__mmask16)((1u << (n - 16)) - 1) : 0;
+        const uint16_t *wp = w + j / PANEL * K * PANEL;
+        for (int64_t k0 = 0; k0 < K; k0 += KC) {
+            int64_t nk = (k0 + KC < K ? k0 + KC : K) - k0;
+            for (int64_t r = 0; r < R; r += MR) {
+#define ROWS(NR) pair_rows(x + r * K + k0, K, wp + k0 * PANEL, nk / 2, k0 > 0, out + r * N + j, N, NR, m0, m1)
+                switch (R - r < MR ? R - r : MR) {  /* constant row counts: the accumulators stay in registers */
+                case 1: ROWS(1); break;
+                case 2: ROWS(2); break;
+                case 3: ROWS(3); break;
+                case 4: ROWS(4); break;
+                case 5: ROWS(5); break;
+                default: ROWS(6);
+                }
+#undef ROWS
+            }
+        }
+    }
+}
+
+/* v [K] rounded to bf16 (to nearest, ties to even, as torch's .bfloat16(): NaN stays NaN) into x [K] */
+static void bf16_row(const float *v, int64_t K, uint16_t *x) {
+    int64_t i = 0;
+    for (; i + 16 <= K; i += 16) {
+        __m512i u = _mm512_loadu_si512(v + i);
+        __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+        __mmask16 nan = _mm512_cmp_ps_mask(_mm512_castsi512_ps(u), _mm512_castsi512_ps(u), _CMP_UNORD_Q);
+        r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+        _mm256_storeu_si256((__m256i *)(x + i), _mm512_cvtepi32_epi16(r));
+    }
+    for (; i < K; i++) {
+        uint32_t u;
+        memcpy(&u, v + i, 4);
+        x[i] = v[i] != v[i] ? 0x7FC0 : (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+    }
+}
+#endif
+
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define I8A8  /* moec_panels_a8 is built */
 /* int8 weights and int8 activations (Int8Experts(activations="int8"): a scale per channel, each row rounded to int8
@@ -377,6 +469,10 @@ typedef struct {  /* one call */
     const Matrix *m; const void *in; const float *in_s; const int32_t *in_i; float *out;  /* the GEMM that runs */
 } Step;
 
+static int64_t row_bytes(const Step *s) {  /* an input row's element: int8, bf16 or fp32 */
+    return s->a8 ? 1 : s->m13.wt == WT_BF16_ROWS ? 2 : 4;
+}
+
 static void gemm_item(void *p, size_t item) {  /* (active expert, CH output channels) of s->m */
     Step *s = p;
     const Matrix *m = s->m;
@@ -389,6 +485,14 @@ static void gemm_item(void *p, size_t item) {  /* (active expert, CH output chan
             moec_panels_a8((const int8_t *)s->in + r0 * m->K, s->in_s + r0, s->in_i + r0, s->first[e + 1] - r0, m->K,
                            (const uint8_t *)m->f + e * ((m->N + P8 - 1) / P8) * m->K * P8, m->sc + e * m->N,
                            s->out + r0 * m->N, m->N, j0, j1);
+            return;
+        }
+#endif
+#ifdef BF16_ROWS
+        if (m->wt == WT_BF16_ROWS) {
+            moec_pairs((const uint16_t *)s->in + r0 * m->K, s->first[e + 1] - r0, m->K,
+                       (const uint16_t *)m->f + e * ((m->N + PANEL - 1) / PANEL) * m->K * PANEL, s->out + r0 * m->N,
+                       m->N, j0, j1);
             return;
         }
 #endif
@@ -416,6 +520,12 @@ static void gemm_item(void *p, size_t item) {  /* (active expert, CH output chan
 /* fp32 row v [K] into the kernel's input row: int8 per group (a8: x8 [K], steps sx [K/g], sums xi [K/g]), or each
    32 inputs as (the evens | the odds) */
 static void kernel_row(const Step *s, const float *v, int64_t K, int64_t G, void *x, float *sx, int32_t *xi) {
+#ifdef BF16_ROWS
+    if (s->m13.wt == WT_BF16_ROWS) {  /* bf16 rows on bf16 pairs */
+        bf16_row(v, K, x);
+        return;
+    }
+#endif
     if (s->m13.f && !s->a8) {  /* weights in panels, fp32 rows: the row as it is */
         if (x != v) memcpy(x, v, K * sizeof(float));
         return;
@@ -431,13 +541,13 @@ static void kernel_row(const Step *s, const float *v, int64_t K, int64_t G, void
 
 static void input_item(void *p, size_t r) {  /* FC1's input row r: its token's */
     Step *s = p;
-    int64_t H = s->H, G = s->m13.G, size = s->a8 ? 1 : 4;
+    int64_t H = s->H, G = s->m13.G, size = row_bytes(s);
     kernel_row(s, s->x + s->token[r] * H, H, G, (char *)s->x1 + r * H * size, s->s1 + r * G, s->i1 + r * G);
 }
 
 static void act_item(void *p, size_t r) {  /* FC1's output row r -> silu(gate) * up -> FC2's input row r */
     Step *s = p;
-    int64_t I = s->I, G = s->m2.G, size = s->a8 ? 1 : 4;
+    int64_t I = s->I, G = s->m2.G, size = row_bytes(s);
     const float *h = s->h + r * 2 * I;
     float *a = s->a + r * I;
     for (int64_t i = 0; i < I; i++) {
@@ -554,7 +664,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
 }
 
 static OrtStatus *run(const char *op, Step *s, OrtKernelContext *ctx, int64_t E, const int64_t *ids) {
-    int64_t T = s->T, k = s->k, R = T * k, H = s->H, I = s->I, G1 = s->m13.G, G2 = s->m2.G, size = s->a8 ? 1 : 4;
+    int64_t T = s->T, k = s->k, R = T * k, H = s->H, I = s->I, G1 = s->m13.G, G2 = s->m2.G, size = row_bytes(s);
     for (int64_t p = 0; p < R; p++)
         if (ids[p] < 0 || ids[p] >= E)
             return error(op, ORT_INVALID_ARGUMENT, "expert id %lld out of [0, %lld)", (long long)ids[p], (long long)E);
@@ -587,7 +697,7 @@ static OrtStatus *run(const char *op, Step *s, OrtKernelContext *ctx, int64_t E,
     s->s2 = (float *)b, b += R * G2 * 4;
     s->i2 = (int32_t *)b, b += R * G2 * 4;
     s->x1 = b, b += R * H * size;
-    s->x2 = s->m13.f && !s->a8 ? (void *)s->a : b;  /* panels, fp32 rows: FC2 reads the activation rows as they are */
+    s->x2 = size == 4 && s->m13.f ? (void *)s->a : b;  /* panels, fp32 rows: FC2 reads the activation rows as they are */
     OrtStatus *st = parallel(ctx, input_item, R, s);
     if (!st) {
         s->m = &s->m13, s->in = s->x1, s->in_s = s->s1, s->in_i = s->i1, s->out = s->h;
@@ -624,8 +734,9 @@ static OrtStatus *experts_panels(void *kernel, OrtKernelContext *ctx) {
     if (x->rank != 2 || ids->rank != 2 || ids->dims[0] != x->dims[0] || w->rank != 2 || w->dims[0] != ids->dims[0] ||
         w->dims[1] != ids->dims[1])
         return error(XP, ORT_INVALID_ARGUMENT, "x [T, H], ids [T, k] and w [T, k] do not fit");
-    /* panels of pc channels, kd inputs a row of the panel: [E, ceil(N/32), K, 32], int8 rows [E, ceil(N/16), K/4, 64] */
-    int64_t pc = kn->a8 ? 16 : 32, kd = kn->a8 ? 4 : 1, last = pc * kd;
+    /* panels of pc channels, kd inputs a row of the panel: [E, ceil(N/32), K, 32], int8 rows [E, ceil(N/16), K/4, 64],
+       bf16 rows [E, ceil(N/32), K/2, 64] */
+    int64_t pc = kn->a8 ? 16 : 32, kd = kn->a8 ? 4 : kn->wt == WT_BF16_ROWS ? 2 : 1, last = pc * kd;
     int64_t H = x->dims[1], E = w13->dims[0], I = w2->rank == 4 ? w2->dims[2] * kd : 0;
     if (w13->rank != 4 || w2->rank != 4 || w13->dims[3] != last || w2->dims[3] != last ||
         w2->dims[0] != E || w13->dims[1] != (2 * I + pc - 1) / pc || w13->dims[2] * kd != H ||
@@ -633,6 +744,8 @@ static OrtStatus *experts_panels(void *kernel, OrtKernelContext *ctx) {
         return error(XP, ORT_INVALID_ARGUMENT, kn->a8
                      ? "w13 [E, ceil(2I/16), H/4, 64] and w2 [E, ceil(H/16), I/4, 64] (int8 weights in panels for int8 "
                        "rows: ort_kernels.panel_weights) do not fit x [T, %lld]"
+                     : kd == 2 ? "w13 [E, ceil(2I/32), H/2, 64] and w2 [E, ceil(H/32), I/2, 64] (bf16 weights in pairs "
+                                 "for bf16 rows: ort_kernels.pair_bf16) do not fit x [T, %lld]"
                      : "w13 [E, ceil(2I/32), H, 32] and w2 [E, ceil(H/32), I, 32] (weights in panels: "
                        "ort_kernels.panel_weights) do not fit x [T, %lld]", (long long)H);
     if (kn->a8 && (H % 32 || I % 32 || H > 65536 || I > 65536))
@@ -667,7 +780,7 @@ static const char *mm_names[MIN] = {"x", "q", "s", "z"};
 /* y [R, N] (s->out) = s->m13 times the rows s->x [R = s->T, K = s->H], each first made the kernel's input row
    (input_item: int8, or each 32 inputs reordered) */
 static OrtStatus *one_matrix(const char *op, Step *s, OrtKernelContext *ctx) {
-    int64_t R = s->T, K = s->H, G = s->m13.G, size = s->a8 ? 1 : 4, first[2] = {0, R}, active[1] = {0};
+    int64_t R = s->T, K = s->H, G = s->m13.G, size = row_bytes(s), first[2] = {0, R}, active[1] = {0};
     s->first = first, s->active = active;
     s->token = malloc(R * sizeof(int64_t));
     char *buf = malloc(R * (K * size + G * 8) + 64);
@@ -727,12 +840,14 @@ static OrtStatus *linear(void *kernel, OrtKernelContext *ctx) {
     for (size_t i = 0; i < n; i++) CHECK(get_input(FM, ctx, i, fm_names, in + i));
     const Input *x = in, *w = in + 1, *sc = in + 2;
     int64_t K = x->rank ? x->dims[x->rank - 1] : 0, N = kn->n, R = K ? x->numel / K : 0;
-    int64_t pc = kn->a8 ? 16 : 32, kd = kn->a8 ? 4 : 1;  /* as experts_panels' */
+    int64_t pc = kn->a8 ? 16 : 32, kd = kn->a8 ? 4 : kn->wt == WT_BF16_ROWS ? 2 : 1;  /* as experts_panels' */
     if (x->rank < 1 || w->rank != 3 || w->dims[0] != (N + pc - 1) / pc || w->dims[1] * kd != K ||
         w->dims[2] != pc * kd || N <= 0)
         return error(FM, ORT_INVALID_ARGUMENT, kn->a8
                      ? "x [..., K] and w [ceil(n/16), K/4, 64] (int8 weights in panels for int8 rows: "
                        "ort_kernels.panel_weights) do not fit, n = %lld"
+                     : kd == 2 ? "x [..., K] and w [ceil(n/32), K/2, 64] (bf16 weights in pairs for bf16 rows: "
+                                 "ort_kernels.pair_bf16) do not fit, n = %lld"
                      : "x [..., K] and w [ceil(n/32), K, 32] (weights in panels: ort_kernels.panel_weights) do not "
                        "fit, n = %lld", (long long)N);
     if (kn->a8 && (K % 32 || K > 65536))
@@ -750,7 +865,7 @@ static OrtStatus *linear(void *kernel, OrtKernelContext *ctx) {
     CHECK(CALL((OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **), KernelContext_GetOutput, ctx, 0,
                dims, x->rank, &y));
     CHECK(CALL((const OrtValue *, void **), GetTensorMutableData, y, (void **)&s.out));
-    if (R && s.a8)  /* each row rounded to int8 first */
+    if (R && (s.a8 || kn->wt == WT_BF16_ROWS))  /* each row rounded to int8 (or bf16) first */
         return one_matrix(FM, &s, ctx);
     s.m = &s.m13;  /* fp32 rows: read as they are */
     return R ? parallel(ctx, gemm_item, (N + CH - 1) / CH, &s) : NULL;
@@ -770,6 +885,19 @@ static OrtStatus *create(const OrtCustomOp *op, OrtApiTable a, const OrtKernelIn
     if (st && (n == XIN8 || n == FIN8))  /* int8 panels: optional, weight-only where absent */
         ((void (*)(OrtStatus *))api[ReleaseStatus])(st), st = NULL, kn->a8 = 0;
     kn->wt = strstr(op->GetName(op), "Bf16") ? WT_BF16 : strstr(op->GetName(op), "Int8") ? WT_I8 : WT_F32;
+    if (!st && kn->wt == WT_BF16) {  /* optional, fp32 rows where absent */
+        int64_t rows = 0;
+        OrtStatus *absent = CALL((const OrtKernelInfo *, const char *, int64_t *), KernelInfoGetAttribute_int64, info,
+                                 "bf16_rows", &rows);
+        if (absent) ((void (*)(OrtStatus *))api[ReleaseStatus])(absent), rows = 0;
+        if (rows < 0 || rows > 1)
+            st = error(op->GetName(op), ORT_INVALID_ARGUMENT, "bf16_rows %lld is not 0 or 1", (long long)rows);
+        kn->wt = rows ? WT_BF16_ROWS : WT_BF16;
+#ifndef BF16_ROWS
+        if (!st && rows)
+            st = error(op->GetName(op), ORT_FAIL, "bf16 rows need the AVX512-BF16 build of the kernels");
+#endif
+    }
 #ifndef I8A8
     if (!st && kn->a8 && (n == XIN8 || n == FIN8))
         st = error(op->GetName(op), ORT_FAIL, "int8 rows on int8 weights need the AVX512-VNNI build of the kernels");
@@ -933,6 +1061,8 @@ def register_schema() -> None:
                                "in panels (ort_kernels.int4_panels, fp32 rows)")
     rows8 = OpSchema.Attribute("int8_activations", onnx.helper.make_attribute("int8_activations", 0),
                                "1: each input row rounded to int8 at one step, weights in panels_a8")
+    rows16 = OpSchema.Attribute("bf16_rows", onnx.helper.make_attribute("bf16_rows", 0),
+                                "1: each input row rounded to bf16, weights in pairs (pair_bf16)")
     for op, types, attrs in (
             (OP, {"x": "float", "ids": "int64", "w": "float", "q13": "uint8", "s13": "float", "z13": "uint8",
                   "q2": "uint8", "s2": "float", "z2": "uint8"},
@@ -942,9 +1072,9 @@ def register_schema() -> None:
             (FP32_MATMUL, {"x": "float", "w": "float"},
              [OpSchema.Attribute("n", OpSchema.AttrType.INT, "output channels")]),
             (EXPERTS + "Bf16", {"x": "float", "ids": "int64", "w": "float", "w13": "bfloat16", "w2": "bfloat16"},
-             [OpSchema.Attribute("gate_up", OpSchema.AttrType.INT, "FC1's row order, GATE_UP")]),
+             [rows16, OpSchema.Attribute("gate_up", OpSchema.AttrType.INT, "FC1's row order, GATE_UP")]),
             (FP32_MATMUL + "Bf16", {"x": "float", "w": "bfloat16"},
-             [OpSchema.Attribute("n", OpSchema.AttrType.INT, "output channels")]),
+             [rows16, OpSchema.Attribute("n", OpSchema.AttrType.INT, "output channels")]),
             (EXPERTS + "Int8", {"x": "float", "ids": "int64", "w": "float", "w13": "int8", "w2": "int8",
                                 "s13": "float", "s2": "float"},
              [rows8, OpSchema.Attribute("gate_up", OpSchema.AttrType.INT, "FC1's row order, GATE_UP")]),
@@ -973,6 +1103,13 @@ def panels(w: np.ndarray) -> np.ndarray:
     E, N, K = w.shape
     w = np.pad(w, ((0, 0), (0, -N % 32), (0, 0)))
     return np.ascontiguousarray(w.reshape(E, -1, 32, K).swapaxes(-1, -2))
+
+
+def pair_bf16(p: np.ndarray) -> np.ndarray:
+    """Panels [..., K, 32] (K even) -> the bf16-row kernel's pairs [..., K/2, 64] (moec_pairs): each channel's
+    weights of inputs 2i and 2i + 1 side by side, channel c at 2c (what one vdpbf16ps lane reads)."""
+    *lead, K, _ = p.shape
+    return np.ascontiguousarray(p.reshape(*lead, K // 2, 2, 32).swapaxes(-1, -2)).reshape(*lead, K // 2, 64)
 
 
 def panels_a8(q: np.ndarray) -> np.ndarray:
@@ -1025,28 +1162,30 @@ def int4_panels(q: np.ndarray, s: np.ndarray, z: np.ndarray | None):
     return np.ascontiguousarray(q).reshape(*lead, N, half), groups(s), groups(z)
 
 
-def lay_out_file(path: str) -> tuple[int, int, int]:
-    """tile_weights, panel_weights and narrow_bf16 on the ONNX file at `path`, in place; how many nodes each laid
-    out. Weights in external data: only those laid out are read, and their new copies written to a new file beside
-    the model (onnx names it); the others stay where they are."""
+def lay_out_file(path: str, bf16_rows: bool = False) -> tuple[int, int, int]:
+    """tile_weights, panel_weights and narrow_bf16 (with bf16_rows: rows) on the ONNX file at `path`, in place; how
+    many nodes each laid out. Weights in external data: only those laid out are read, and their new copies written
+    to a new file beside the model (onnx names it); the others stay where they are."""
     import onnx
 
     proto = onnx.load(path, load_external_data=False)
     base = os.path.dirname(path)
-    counts = tile_weights(proto, base), panel_weights(proto, base), narrow_bf16(proto, base)
+    counts = tile_weights(proto, base), panel_weights(proto, base), narrow_bf16(proto, base, bf16_rows)
     if any(counts):
         onnx.save(proto, path, save_as_external_data=any(t.data_location == onnx.TensorProto.EXTERNAL
                                                          for t in proto.graph.initializer))
     return counts
 
 
-def narrow_bf16(proto, base_dir: str = "") -> int:
+def narrow_bf16(proto, base_dir: str = "", rows: bool = False) -> int:
     """Each moec::Experts / moec::Linear node whose weights are all bf16 numbers (a bf16 model exported in fp32, or
     an fp32 model of bf16 weights) becomes moec::ExpertsBf16 / LinearBf16 with them in bf16: half the bytes, the
-    same values (checked here, every weight: the narrowing is exact), the same products and sums. Returns how many
+    same values (checked here, every weight: the narrowing is exact), the same products and sums. rows (a bf16
+    model, AVX512-BF16 builds: cpu_native.has_bf16): where every K is even, the node takes bf16_rows=1, its input
+    rows rounded to bf16 as the model's are and its weights in pairs (`pair_bf16`, vdpbf16ps). Returns how many
     nodes."""
     import onnx
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
     inits = {t.name: t for t in proto.graph.initializer}
     weights = {EXPERTS: (3, 4), FP32_MATMUL: (1,)}
@@ -1054,20 +1193,28 @@ def narrow_bf16(proto, base_dir: str = "") -> int:
     for n in proto.graph.node:
         if n.domain != DOMAIN or n.op_type not in weights or any(n.input[i] not in inits for i in weights[n.op_type]):
             continue
-        arrays = {n.input[i]: numpy_helper.to_array(inits[n.input[i]], base_dir) for i in weights[n.op_type]
-                  if n.input[i] not in done}
+        arrays = {n.input[i]: numpy_helper.to_array(inits[n.input[i]], base_dir) for i in weights[n.op_type]}
         if any(a.dtype != np.float32 or (a.view(np.uint32) & 0xFFFF).any() for a in arrays.values()):
             continue
-        for name, a in arrays.items():  # each k's 32 channels interleaved, (c0, c16, c1, c17, ...): see panel_load
-            a = np.ascontiguousarray(a.reshape(*a.shape[:-1], 2, 16).swapaxes(-1, -2)).reshape(a.shape)
-            t = onnx.TensorProto(name=f"{name}_bf16", data_type=onnx.TensorProto.BFLOAT16, dims=a.shape,
-                                 raw_data=(a.view(np.uint32) >> 16).astype("<u2").tobytes())
+        pairs = rows and all(a.shape[-2] % 2 == 0 for a in arrays.values())  # panels [..., K, 32]
+        for name, a in arrays.items():
+            if (name, pairs) in done:
+                continue
+            if pairs:
+                a = pair_bf16(a)
+            else:  # each k's 32 channels interleaved, (c0, c16, c1, c17, ...): see panel_load
+                a = np.ascontiguousarray(a.reshape(*a.shape[:-1], 2, 16).swapaxes(-1, -2)).reshape(a.shape)
+            t = onnx.TensorProto(name=f"{name}_bf16{'_pairs' * pairs}", data_type=onnx.TensorProto.BFLOAT16,
+                                 dims=a.shape, raw_data=(a.view(np.uint32) >> 16).astype("<u2").tobytes())
             proto.graph.initializer.append(t)
-            done[name] = t.name
+            done[name, pairs] = t.name
         for i in weights[n.op_type]:
-            n.input[i] = done[n.input[i]]
+            n.input[i] = done[n.input[i], pairs]
         n.op_type += "Bf16"
+        if pairs:
+            n.attribute.append(helper.make_attribute("bf16_rows", 1))
         count += 1
+    done = {name for name, _ in done}
     used = {i for n in proto.graph.node for i in n.input} | {v.name for v in (*proto.graph.input, *proto.graph.output)}
     for t in [t for t in proto.graph.initializer if t.name in set(done) - used]:
         proto.graph.initializer.remove(t)
@@ -1229,6 +1376,15 @@ def _self_test(path: str) -> None:
         err = ((got - want).norm() / want.norm()).item()
         if not err < 1e-5:
             raise RuntimeError(f"its self-test differs from moec::experts ({dtype} weights; relative error {err:.2e})")
+        if dtype == torch.bfloat16 and cpu_native.has_bf16():  # bf16 rows: FC2's input rounded too (~3e-3)
+            got = torch.from_numpy(experts_session(path, w13.numpy(), w2.numpy(), GATE_UP["interleave"],
+                                                   bf16_rows=True).run(
+                None, {"x": x.numpy(), "ids": ids.numpy(), "w": w.numpy()})[0])
+            want = torch.ops.moec.experts(x.bfloat16().float(), ids, w, w13, None, w2, None, "silu", True, 1.0, 0.0,
+                                          False, "interleave")
+            err = ((got - want).norm() / want.norm()).item()
+            if not err < 2e-2:
+                raise RuntimeError(f"its self-test differs from moec::experts (bf16 rows; relative error {err:.2e})")
     # int8 weights, a scale per channel; with int8 rows (VNNI builds) H and I multiples of 32: the same numbers
     for a8 in [False] * cpu_native.has_f32() + [True] * cpu_native.has_vnni512():
         if a8:
@@ -1247,9 +1403,10 @@ def _self_test(path: str) -> None:
 
 
 def experts_session(path: str, w13: np.ndarray, w2: np.ndarray, gate_up: int, options=None, s13=None, s2=None,
-                    a8: bool = False):
+                    a8: bool = False, bf16_rows: bool = False):
     """A session of one moec::Experts node with fp32 weights w13 [E, 2I, H] (rows in `gate_up` order) and w2
-    [E, H, I], laid out by panel_weights (and narrow_bf16: ExpertsBf16 where they are bf16 numbers); with the
+    [E, H, I], laid out by panel_weights (and narrow_bf16: ExpertsBf16 where they are bf16 numbers, with bf16 rows
+    if `bf16_rows`); with the
     channels' scales s13 [E, 2I] and s2 [E, H], moec::ExpertsInt8 on int8 w13 and w2 (a8: int8 rows). Inputs "x",
     "ids", "w"."""
     import onnx
@@ -1271,7 +1428,7 @@ def experts_session(path: str, w13: np.ndarray, w2: np.ndarray, gate_up: int, op
     model = helper.make_model(graph, ir_version=10,
                               opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
     panel_weights(model)
-    narrow_bf16(model)
+    narrow_bf16(model, rows=bf16_rows)
     so = options or ort.SessionOptions()
     so.register_custom_ops_library(path)
     so.intra_op_num_threads = 2

@@ -19,7 +19,8 @@ kernel refuses, runs one row at a time); their plain greedy `generate` calls run
 backends/ort_kernels.py, registered on the session options; on a caller's ort.SessionOptions once, which keeps
 it): int4 experts where a block fits them (else ORT's QMoE), int4 dense MatMuls, and fp32 models' attention
 (backends/ort_attention.py); with AVX-512 fp32 and weight-only int8 experts and fp32 models' dense MatMuls on weights
-in panels, in bf16 where every weight is a bf16 number; a bf16 model runs as its fp32 upcast (runs_bf16).
+in panels, in bf16 where every weight is a bf16 number; a bf16 model runs as its fp32 upcast (runs_bf16), its
+experts' and dense layers' input rows rounded to bf16 as the model's own are where the CPU has AVX512-BF16.
 MOEC_ORT_KERNELS=0 (at compile) or MOEC_NATIVE=0 keeps ORT's own ops. Other models
 run without KV cache (`generation_config.use_cache = False`): generate recomputes the whole sequence.
 """
@@ -40,7 +41,7 @@ from torch import nn
 from moec.log import log
 
 # max relative error of the session's outputs against eager on the first call, per activation dtype
-CHECK_TOL = {torch.float32: 1e-4, torch.float16: 2e-2}
+CHECK_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 # ort.SessionOptions objects moec's custom-op library is registered on (a caller's object: once, and it keeps it)
 _REGISTERED: weakref.WeakSet = weakref.WeakSet()
 # non-tensor arguments a call may pass with these values (use_cache and past_key_values: see _cached)
@@ -312,7 +313,7 @@ class OrtForward:
             layout = layer_layout(model, _widen(ids))
             log.info(f"exporting {type(model).__name__} to ONNX with its KV cache for onnxruntime")
             exported = export_onnx(model, {"input_ids": _widen(ids)}, path, quantize=self.quantize, dense=self.dense,
-                                   _moec_kernels=self.kernels is not None,
+                                   _moec_kernels=self.kernels is not None, _bf16_rows=self._bf16_rows(),
                                    provider=provider, kv_cache=True)
             probe = _long({"input_ids": _widen(ids)})["input_ids"]
             with torch.no_grad():
@@ -357,6 +358,13 @@ class OrtForward:
         """Whether the model is (now: .to() may change it) a bf16 model, run as its fp32 upcast (runs_bf16)."""
         return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None) == torch.bfloat16
 
+    def _bf16_rows(self) -> bool:
+        """Whether the sessions round the experts' and dense layers' input rows to bf16 (a bf16 model on a CPU
+        with AVX512-BF16: ort_kernels.narrow_bf16's rows), as the model does."""
+        from moec.backends import cpu_native
+
+        return self._bf16() and runs_bf16(self.providers) and cpu_native.has_bf16()
+
     def _ours(self, t: torch.Tensor) -> torch.Tensor:
         """A session output in the model's dtype (a bf16 model's session computes in fp32; its HF cache is bf16)."""
         return t.to(torch.bfloat16) if t.dtype == torch.float32 and self._bf16() else t
@@ -387,7 +395,7 @@ class OrtForward:
             log.info(f"exporting {type(model).__name__} to ONNX for onnxruntime (inputs {', '.join(tensors)})")
             exported = export_onnx(model, {n: _widen(t) for n, t in _like(model, tensors).items()}, path,
                                    quantize=self.quantize, dense=self.dense, provider=provider, kv_cache=False,
-                                   _moec_kernels=self.kernels is not None)
+                                   _moec_kernels=self.kernels is not None, _bf16_rows=self._bf16_rows())
         session = self._session(path)
         self._take_export(exported)
         names = [i.name for i in session.get_inputs()]
@@ -426,7 +434,8 @@ class OrtForward:
             keep = mask.to(ref.device).bool()
             ref, out = ref[keep], out[keep]
         err = ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
-        if err > CHECK_TOL.get(ref.dtype, 1e-4):
+        # bf16 rows: the session rounds what the upcast eager model keeps in fp32
+        if err > (CHECK_TOL[torch.bfloat16] if self._bf16_rows() else CHECK_TOL.get(ref.dtype, 1e-4)):
             raise RuntimeError(f"moec backend='onnxruntime': the session's output differs from the eager model's "
                                f"(relative error {err:.2e}); not using it")
 

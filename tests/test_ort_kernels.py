@@ -474,57 +474,203 @@ def test_bf16_weights_node_equals_moec_experts(T, H, I, E, k):
     assert narrowed == 0 and m.graph.node[0].op_type == "Experts"
 
 
+BF16 = pytest.mark.skipif(not cpu_native.has_bf16(), reason="needs AVX512-BF16")
+WEIGHTS = [("fp32", False), ("bf16", False), pytest.param("bf16", True, marks=BF16, id="bf16-rows")]
+
+
 @F32
 @pytest.mark.parametrize("shape,N", [((1, 128), 96), ((7, 48), 40), ((2, 150, 64), 300), ((0, 64), 33),
-                                     ((2, 1, 3, 2, 64), 40)])
-@pytest.mark.parametrize("bf16", [False, True])
-def test_fp32_matmul_node_equals_torch(shape, N, bf16):
-    """moec::Linear / LinearBf16 (weights in panels, tails of 8, 12, 33 channels) against x @ W^T."""
+                                     ((2, 1, 3, 2, 64), 40), ((5, 1000), 64)])
+@pytest.mark.parametrize("weights,rows", WEIGHTS)
+def test_fp32_matmul_node_equals_torch(shape, N, weights, rows):
+    """moec::Linear / LinearBf16 (weights in panels, tails of 8, 12, 33 channels) against x @ W^T; with bf16 rows
+    (a bf16 model's, narrow_bf16(rows=True): weights in pairs) against bf16(x) @ W^T: the products exact, the sums
+    in fp32; K of 1000 ends in a part of 232 inputs; large and NaN inputs."""
     import onnx
     from onnx import helper, numpy_helper
 
     gen = torch.Generator().manual_seed(N)
     x, W = torch.randn(shape, generator=gen), torch.randn(N, shape[-1], generator=gen)
-    W = W.bfloat16().float() if bf16 else W
+    if x.numel() > 8:
+        x.view(-1)[3] = 1e30
+    W = W.bfloat16().float() if weights == "bf16" else W
     node = helper.make_node(ort_kernels.FP32_MATMUL, ["x", "w"], ["y"], domain=ort_kernels.DOMAIN, n=N)
     graph = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(ort_kernels.panels(W.numpy()[None])[0], "w")])
     m = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18),
                                                                helper.make_opsetid(ort_kernels.DOMAIN, 1)])
-    assert ort_kernels.narrow_bf16(m) == int(bf16)
+    assert ort_kernels.narrow_bf16(m, rows=rows) == int(weights == "bf16")
+    assert [a.name for a in m.graph.node[0].attribute if a.name == "bf16_rows"] == ["bf16_rows"] * rows
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.register_custom_ops_library(ort_kernels.library())
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     got = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
-    want = x @ W.T
-    assert got.shape == want.shape and (got.numel() == 0 or rel_err(got, want) < 1e-6)
-    with pytest.raises(Exception, match=r"moec::Linear: x \[\.\.\., K\] and w \[ceil\(n/32\), K, 32\]"):
-        sess.run(None, {"x": np.ones((1, shape[-1] + 1), np.float32)})
+    want = ((x.bfloat16() if rows else x).double() @ W.double().T).float()
+    assert got.shape == want.shape and (got.numel() == 0 or rel_err(got, want) < 1e-6), rel_err(got, want)
+    if rows and x.numel():
+        assert rel_err(got, (x.double() @ W.double().T).float()) > 1e-4  # the rows were rounded
+        for r in range(0, x.numel() // x.shape[-1], 7):  # a row alone: its row of the batch, to the bit
+            alone = sess.run(None, {"x": x.reshape(-1, x.shape[-1])[r:r + 1].numpy()})[0]
+            assert np.array_equal(alone[0], got.reshape(-1, N)[r].numpy())
+        x.view(-1)[0] = float("nan")
+        got = sess.run(None, {"x": x.numpy()})[0].reshape(-1, N)
+        assert np.isnan(got[0]).all() and np.isfinite(got[1:]).all()
+    layout = "K/2, 64" if rows else "K, 32"
+    with pytest.raises(Exception, match=rf"moec::Linear: x \[\.\.\., K\] and w \[ceil\(n/32\), {layout}\]"):
+        sess.run(None, {"x": np.ones((1, shape[-1] + 2), np.float32)})
+
+
+def _bf16_rows_reference(x, ids, w, w13, w2, gate_up):
+    """moec's bf16-row experts in float64 where they round: FC1 on bf16(x), SiLU(gate) * up in fp32, rounded to
+    bf16, FC2, each token's slots summed with their weights."""
+    order = torch.from_numpy(ort_kernels.halves(w13.numpy(), ort_kernels.GATE_UP[gate_up]))
+    I = w2.shape[2]
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = ids[t, j]
+            h = (order[e].double() @ x[t].bfloat16().double()).float()
+            a = (torch.nn.functional.silu(h[:I]) * h[I:]).bfloat16()
+            y[t] += w[t, j].double() * (w2[e].double() @ a.double()).float().double()
+    return y.float()
+
+
+@BF16
+@pytest.mark.parametrize("gate_up", ["halves", "interleave_up_first"])
+@pytest.mark.parametrize("T,H,I,E,k", [(1, 128, 96, 8, 2), (7, 48, 40, 8, 2), (64, 64, 272, 64, 6),
+                                       (40, 512, 256, 8, 2), (0, 64, 64, 8, 2)])
+def test_bf16_rows_node_equals_reference(T, H, I, E, k, gate_up):
+    """moec::ExpertsBf16 with bf16_rows (a bf16 model's experts on AVX512-BF16: weights in pairs, vdpbf16ps)
+    against _bf16_rows_reference: each token to 1e-6 but where one of its activations lies on a bf16 rounding
+    boundary (C's expf and torch's SiLU an ulp apart round it apart: 2^-8 on that activation), which a few tokens
+    may, none beyond 1e-3; each token alone its row of the batch to the bit; every row on one expert; and the
+    rows really rounded (the fp32-row op differs by bf16's rounding)."""
+    for case in (dict(), dict(ids=torch.zeros(T, k).long() + torch.arange(k))):
+        x, ids, w, w13, w2 = _f32_case(T, H, I, E, k, seed=T + H, **case)
+        w13, w2 = w13.bfloat16().float(), w2.bfloat16().float()
+        sess = ort_kernels.experts_session(ort_kernels.library(), w13.numpy(), w2.numpy(),
+                                           ort_kernels.GATE_UP[gate_up], bf16_rows=True)
+        got = torch.from_numpy(sess.run(None, {"x": x.numpy(), "ids": ids.numpy(), "w": w.numpy()})[0])
+        want = _bf16_rows_reference(x, ids, w, w13, w2, gate_up)
+        assert got.shape == want.shape
+        if not T:
+            continue
+        errs = torch.tensor([rel_err(got[t], want[t]) for t in range(T)])
+        assert (errs < 1e-6).float().mean() >= 0.9 and errs.max() < 1e-3, errs
+        for t in range(0, T, 13):
+            alone = sess.run(None, {"x": x[t:t + 1].numpy(), "ids": ids[t:t + 1].numpy(), "w": w[t:t + 1].numpy()})[0]
+            assert np.array_equal(alone[0], got[t].numpy()), t
+        fp32_rows = ort_kernels.experts_session(ort_kernels.library(), w13.numpy(), w2.numpy(),
+                                                ort_kernels.GATE_UP[gate_up])
+        assert rel_err(got, torch.from_numpy(fp32_rows.run(None, {"x": x.numpy(), "ids": ids.numpy(),
+                                                                  "w": w.numpy()})[0])) > 1e-4
+
+
+@BF16
+def test_bf16_rows_need_even_inputs_and_their_layout():
+    """narrow_bf16(rows=True) keeps fp32 rows (the interleaved layout) where a K is odd; a node given bf16_rows on
+    the interleaved layout, or bf16_rows 2, is an ORT error naming the op."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    x, ids, w, w13, w2 = _f32_case(3, 48, 41, 4, 2, seed=1)
+    w13, w2 = w13.bfloat16().float(), w2.bfloat16().float()
+    odd = ort_kernels.experts_session(ort_kernels.library(), w13.numpy(), w2.numpy(), 0, bf16_rows=True)
+    want = torch.ops.moec.experts(x, ids, w, w13, None, w2, None, "silu", True, 1.0, 0.0, False, "halves")
+    got = torch.from_numpy(odd.run(None, {"x": x.numpy(), "ids": ids.numpy(), "w": w.numpy()})[0])
+    assert rel_err(got, want) < 1e-6  # I = 41: fp32 rows
+    x, ids, w, w13, w2 = _f32_case(3, 48, 40, 4, 2, seed=1)
+    for rows, pairs, message in ((1, False, r"moec::Experts: w13 \[E, ceil\(2I/32\), H/2, 64\]"),
+                                 (2, True, "ExpertsBf16: bf16_rows 2 is not 0 or 1")):
+        node = helper.make_node(ort_kernels.EXPERTS, ["x", "ids", "w", "w13", "w2"], ["y"],
+                                domain=ort_kernels.DOMAIN, gate_up=0)
+        graph = helper.make_graph(
+            [node], "t", [helper.make_tensor_value_info(n, t, None) for n, t in
+                          (("x", onnx.TensorProto.FLOAT), ("ids", onnx.TensorProto.INT64), ("w", onnx.TensorProto.FLOAT))],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(a.bfloat16().float().numpy(), n) for n, a in (("w13", w13), ("w2", w2))])
+        m = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18),
+                                                                   helper.make_opsetid(ort_kernels.DOMAIN, 1)])
+        ort_kernels.panel_weights(m)
+        ort_kernels.narrow_bf16(m, rows=pairs)
+        attrs = m.graph.node[0].attribute
+        for a in [a for a in attrs if a.name == "bf16_rows"]:
+            attrs.remove(a)
+        attrs.append(helper.make_attribute("bf16_rows", rows))
+        so = ort.SessionOptions()
+        so.register_custom_ops_library(ort_kernels.library())
+        with pytest.raises(Exception, match=message):
+            ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+                None, {"x": x.numpy(), "ids": ids.numpy(), "w": w.numpy()})
+
+
+class _Upcast:
+    """What a bf16 model's session computes: its fp32 upcast, where the CPU has AVX512-BF16 with each expert's and
+    dense layer's input rounded to bf16 as the bf16 model rounds it (not the routers' and one-column gates': they
+    stay ONNX Gemms); HF's experts run eagerly so that they go through F.linear."""
+
+    def __init__(self, model):
+        self.model = copy.deepcopy(model).float()
+        self.model.config._experts_implementation = "eager"
+        self.rows = cpu_native.has_bf16()
+        config = self.model.config
+        self.keep = {getattr(config, "num_experts", None) or config.num_local_experts, 1}
+
+    def __call__(self, *args, **kwargs):
+        return self._run(self.model, *args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self._run(self.model.generate, *args, **kwargs)
+
+    def _run(self, fn, *args, **kwargs):
+        linear = torch.nn.functional.linear
+
+        def rounded(x, w, b=None):
+            return linear(x if w.shape[0] in self.keep else x.bfloat16().float(), w, b)
+
+        with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+            if self.rows:
+                mp.setattr(torch.nn.functional, "linear", rounded)
+            return fn(*args, **kwargs)
 
 
 @F32
-def test_bf16_model_runs_as_its_fp32_upcast():
+@pytest.mark.parametrize("rows", [False, pytest.param(True, marks=BF16)])
+def test_bf16_model_runs_as_its_fp32_upcast(rows, monkeypatch):
     """A bf16 model on backend="onnxruntime": the session computes the model's fp32 upcast (logits to 1e-5 before
     they are rounded to bf16, as the model returns them), every block and dense matrix on bf16 weights, generate
-    gives the upcast's greedy tokens, a cache the eager model filled is read (bf16 -> fp32)."""
+    gives the upcast's greedy tokens, a cache the eager model filled is read (bf16 -> fp32). With AVX512-BF16 (rows)
+    the experts' and dense layers' input rows are rounded to bf16 as the bf16 model's are (_Upcast), and inspect
+    says so; without it (or rows=False: has_bf16 made False) they stay fp32."""
     import onnx
 
+    if not rows:
+        monkeypatch.setattr(cpu_native, "has_bf16", lambda: False)
     model = models.tiny_model("qwen2_moe", dtype=torch.bfloat16)
     compiled = moec.compile(copy.deepcopy(model), backend="onnxruntime")
-    upcast = copy.deepcopy(model).float()
+    upcast = _Upcast(model)
+    assert upcast.rows == rows
     inputs = models.example_inputs(model, batch=2, seq=7)
+    want = upcast(**inputs).logits
     with torch.no_grad():
-        want = upcast(**inputs).logits
         for use_cache in (False, True):
             got = compiled(**inputs, use_cache=use_cache).logits
-            # the same logits rounded to bf16 (a rare one may round the other way: 2^-8 on that logit)
-            assert got.dtype == torch.bfloat16 and rel_err(got.float(), want.bfloat16().float()) < 1e-3
-    ops = {n.op_type for n in onnx.load(moec.inspect(compiled).export.path).graph.node if n.domain == "moec"}
+            # the same logits rounded to bf16: nearly all equal; one on a rounding boundary (or, with bf16 rows,
+            # behind an input of a layer on one: test_bf16_rows_node_equals_reference) may round the other way,
+            # one bf16 step
+            assert got.dtype == torch.bfloat16
+            assert (got == want.bfloat16()).float().mean() > 0.99, (got == want.bfloat16()).float().mean()
+            assert rel_err(got.float(), want.bfloat16().float()) <= 2 ** -8
+    nodes = [n for n in onnx.load(moec.inspect(compiled).export.path).graph.node if n.domain == "moec"]
+    ops = {n.op_type for n in nodes}
     assert {"ExpertsBf16", "LinearBf16"} <= ops and not ops & {"Experts", "Linear"}, ops
+    assert all(any(a.name == "bf16_rows" for a in n.attribute) == rows for n in nodes if "Bf16" in n.op_type)
     assert {b.op for b in moec.inspect(compiled).export.blocks} == {"moec::ExpertsBf16"}  # inspect says so
+    assert all(("rounded to bf16" in b.why) == rows for b in moec.inspect(compiled).export.blocks)
     inputs = models.example_inputs(model, batch=1, seq=4)
     assert torch.equal(compiled.generate(**inputs, max_new_tokens=8, do_sample=False),
                        upcast.generate(**inputs, max_new_tokens=8, do_sample=False))
@@ -777,7 +923,8 @@ def test_fp32_matmuls_keep_a_weight_that_is_a_graph_output(tmp_path):
 @F32
 def test_bf16_model_follows_its_dtype_and_takes_bf16_embeddings():
     """The session follows the model's dtype as it is now: a bf16 model made fp32 after compile gives fp32 logits
-    (the fp32 model's), an fp32 one made bf16 runs as its upcast; bf16 inputs_embeds reach the upcast in fp32."""
+    (the fp32 model's, fp32 rows), an fp32 one made bf16 runs as its upcast (_Upcast); bf16 inputs_embeds reach the
+    upcast in fp32."""
     model = models.tiny_model("mixtral", dtype=torch.bfloat16)
     inputs = models.example_inputs(model, batch=2, seq=5)
     compiled = moec.compile(copy.deepcopy(model), backend="onnxruntime")
@@ -791,5 +938,5 @@ def test_bf16_model_follows_its_dtype_and_takes_bf16_embeddings():
         assert got.dtype == torch.bfloat16
         embeds = model.get_input_embeddings()(inputs["input_ids"])  # bf16
         got = compiled(inputs_embeds=embeds, use_cache=False).logits
-        want = copy.deepcopy(model).float()(inputs_embeds=embeds.float(), use_cache=False).logits
+        want = _Upcast(model)(inputs_embeds=embeds.float(), use_cache=False).logits
         assert got.dtype == torch.bfloat16 and rel_err(got.float(), want.bfloat16().float()) < 1e-3
