@@ -9,7 +9,9 @@ per row / per group of 32, as ONNX Runtime's); int4 g32 (weight-only and a8) and
 same format (dense=: attention, lm_head; expert bytes count the routed experts only);
 then int8 and int4 g32 in ONNX Runtime (backend="onnxruntime"), weight-only and with int8 activations ("a8": int4
 one scale per group of 32 inputs; int8 one scale per row on moec's kernels where the CPU has AVX512-VNNI, else per
-group of 32 in QMoE; each such row's label names the op its blocks ran). Columns: held-out perplexity (next byte) and its change vs fp32,
+group of 32 in QMoE; each such row's label names the op its blocks ran); then the model in bf16, run by HF eagerly and
+by moec on ONNX Runtime (its label says whether the experts' and dense layers' input rows were rounded to bf16 as the
+eager bf16 model's are: AVX512-BF16 CPUs). Columns: held-out perplexity (next byte) and its change vs fp32,
 max and mean |logit error| vs fp32 over the held-out tokens, and the bytes of the routed
 experts (quantized: packed weights + scales + zero points) and their ratio to fp32.
 """
@@ -42,6 +44,9 @@ DENSE = {"int4 g32 sym, dense= too": moec.Int4Experts(32), "int4 g32 sym a8, den
 ORT = {f"{c.describe()}, onnxruntime": c for c in (moec.Int8Experts(), moec.Int8Experts(activations="int8"),
                                                    moec.Int4Experts(32), moec.Int4Experts(32, activations="int8"))}
 
+# the model in bf16: HF's eager bf16 arithmetic (False), moec's ONNX Runtime session of it (True)
+BF16 = {"bf16 model, eager (HF)": False, "bf16 model, onnxruntime": True}
+
 
 def expert_bytes(model) -> int:
     total = 0
@@ -66,22 +71,28 @@ def main():
     for col in ("experts", "perplexity", "vs fp32", "max |dlogit|", "mean |dlogit|", "expert bytes", "x fp32"):
         t.add_column(col, justify="right")
     ref_logits = ref_ppl = ref_bytes = None
-    for name, cfg in [*CONFIGS.items(), *DENSE.items(), *ORT.items()]:
-        ort = name in ORT
-        model = moec.compile(copy.deepcopy(base), quantize=cfg, backend="onnxruntime" if ort else "auto",
-                             dense=cfg if name in DENSE else None)
+    for name, cfg in [*CONFIGS.items(), *DENSE.items(), *ORT.items(), *BF16.items()]:
+        ort = name in ORT or name in BF16 and cfg
+        if name in BF16:
+            model = copy.deepcopy(base).to(torch.bfloat16)
+            model = moec.compile(model, backend="onnxruntime") if cfg else model
+        else:
+            model = moec.compile(copy.deepcopy(base), quantize=cfg, backend="onnxruntime" if ort else "auto",
+                                 dense=cfg if name in DENSE else None)
         with torch.no_grad():
-            logits = torch.cat([model(input_ids=b).logits for b in batches])
+            logits = torch.cat([model(input_ids=b).logits.float() for b in batches])
         ppl = examples.perplexity(model, batches)
-        nbytes = None if ort else expert_bytes(model)  # the same tensors as the torch row of the config
+        nbytes = ref_bytes // 2 if name in BF16 else None if ort else expert_bytes(model)  # ORT: as the torch row's
         if ort:
-            name += f" ({', '.join(sorted({b.op for b in moec.inspect(model).export.blocks}))})"
+            blocks = moec.inspect(model).export.blocks
+            name += f" ({', '.join(sorted({b.op for b in blocks}))}"
+            name += f"{', bf16 rows' if any('rounded to bf16' in b.why for b in blocks) else ''})"
         if cfg is None:
             ref_logits, ref_ppl, ref_bytes = logits, ppl, nbytes
         err = (logits - ref_logits).abs()
         t.add_row(name, f"{ppl:.4f}", f"{100 * (ppl / ref_ppl - 1):+.3f}%", f"{err.max().item():.4f}",
-                  f"{err.mean().item():.5f}", "-" if ort else f"{nbytes / 1e6:.3f} MB",
-                  "-" if ort else f"{nbytes / ref_bytes:.3f}")
+                  f"{err.mean().item():.5f}", "-" if nbytes is None else f"{nbytes / 1e6:.3f} MB",
+                  "-" if nbytes is None else f"{nbytes / ref_bytes:.3f}")
     Console(width=140).print(t)
 
 

@@ -416,7 +416,8 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         "onnxruntime" (the whole model runs in an ONNX Runtime session, see moec.backends.ort_session;
         `providers` in precedence order, default CUDA when usable else CPU; `session_options` an
         onnxruntime.SessionOptions or a dict of its attributes; bf16 models on the CPU provider with moec's kernels
-        (AVX-512) run as their fp32 upcast on their bf16 weights, elsewhere they are refused).
+        (AVX-512) run as their fp32 upcast on their bf16 weights, the experts' and dense layers' input rows
+        rounded to bf16 as the model's where the CPU has AVX512-BF16; elsewhere they are refused).
     passes: a pipeline such as "detect_moe,fuse_gate,batch_experts" (the default) or a list of pass names.
     verify: raise (and rewrite nothing) if any block's final graph fails its proof, instead of leaving that
         block alone; also checks each block after every pass (MOEC_LOGS=verify prints the errors).

@@ -682,6 +682,19 @@ def test_bf16_model_runs_as_its_fp32_upcast(rows, monkeypatch):
     assert rel_err(step.float(), eager.float()) < 3e-2  # the eager bf16 model's rounding against fp32
 
 
+@BF16
+def test_bf16_rows_session_is_checked(monkeypatch):
+    """A bf16-row session that computes something else (here each panel's inputs in reverse order) is refused at
+    its first call: its check allows bf16's tolerance, or 1.5x the bf16 model's own distance from its fp32 upcast,
+    no more."""
+    pairs = ort_kernels.pair_bf16
+    monkeypatch.setattr(ort_kernels, "pair_bf16", lambda p: np.ascontiguousarray(pairs(p)[..., ::-1, :]))
+    model = models.tiny_model("qwen2_moe", dtype=torch.bfloat16)
+    compiled = moec.compile(copy.deepcopy(model), backend="onnxruntime")
+    with pytest.raises(RuntimeError, match="differs from the eager model"), torch.no_grad():
+        compiled(**models.example_inputs(model, batch=2, seq=7), use_cache=False)
+
+
 @F32
 @pytest.mark.parametrize("gate_up", ["halves", "interleave_up_first"])
 @pytest.mark.parametrize("T,H,I,E,k", [(1, 128, 96, 8, 2), (7, 48, 40, 8, 2), (64, 64, 272, 64, 6), (0, 64, 64, 8, 2)])
