@@ -687,6 +687,7 @@ def test_bf16_rows_session_is_checked(monkeypatch):
     """A bf16-row session that computes something else (here each panel's inputs in reverse order) is refused at
     its first call: its check allows bf16's tolerance, or 1.5x the bf16 model's own distance from its fp32 upcast,
     no more."""
+    assert ort_kernels.library()  # built and self-tested first: its self-test would refuse the bad layout
     pairs = ort_kernels.pair_bf16
     monkeypatch.setattr(ort_kernels, "pair_bf16", lambda p: np.ascontiguousarray(pairs(p)[..., ::-1, :]))
     model = models.tiny_model("qwen2_moe", dtype=torch.bfloat16)
