@@ -23,8 +23,9 @@ in place: the session's callers give each past room and the step hands back the 
 Why: at decode ORT's GroupQueryAttention took ~22 us a layer for one token over 61 positions (a one-node session:
 31 us, this op's 16, an Identity's 8.6), for work of a few microseconds. This kernel:
 per (batch, kv head, query) the query heads that share the kv head, fp32 logits with AVX2 dot products, the
-softmax with a vectorised exp, the weighted sum of values; the past copied into the present once. Work is split
-over ORT's pool (KernelContext_ParallelFor) only when it is large enough to pay for waking a thread (prefill).
+softmax with a vectorised exp (correctly rounded: ort_kernels' exp8), the weighted sum of values; the past copied
+into the present once. Work is split over ORT's pool (KernelContext_ParallelFor) only when it is large enough to
+pay for waking a thread (prefill).
 Positions whose bias is -inf or below -FLT_MAX/2 (HF's masks use the float minimum) are skipped: their probability
 is exactly 0 in fp32 for finite keys (a NaN or inf key or value there, which the reference turns into NaN, is not
 read). A query with every causal position so masked (a row of padding) gets zeros, as ORT's op gives (and so HF's
@@ -102,8 +103,8 @@ static void attend_item(void *p, size_t item) {
             acc = _mm256_add_ps(acc, e);
         }
         float sum = hsum(acc);
-        for (; i < n; i++) sum += (l[i] = expf(l[i] - m));
-        if (a->sinks) sum += expf(sink - m);
+        for (; i < n; i++) sum += (l[i] = exp1(l[i] - m));
+        if (a->sinks) sum += exp1(sink - m);
         float inv = 1.f / sum;
         for (int64_t d = 0; d < D; d++) o[d] = 0.f;
         for (int64_t j = 0; j < n; j++) {

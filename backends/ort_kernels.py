@@ -56,8 +56,8 @@ bf16 numbers in bf16.
 ExpertsBf16 / LinearBf16 with bf16_rows=1 (a bf16 model's nodes, AVX512-BF16 builds, every K even): each GEMM input
 row rounded to bf16 as the bf16 model's activations are (`bf16_row`), the weights in pairs [ceil(N/32), K/2, 64]
 (`pair_bf16`) and one vdpbf16ps per 2 inputs of 16 channels: the products exact, fp32 sums. Against the fp32 rows on
-the same bf16 weights, one mix layer's experts at 64 and 512 tokens in 0.61-0.62x the time (twice the multiply-adds an
-instruction); whole prefill at 512 tokens 1.5-2.0x (docs/benchmarks.md).
+the same bf16 weights, one mix layer's experts at 64 and 512 tokens in 0.58x the time (twice the multiply-adds an
+instruction); whole prefill at 512 tokens 1.5-2.1x (docs/benchmarks.md).
 
 ExpertsInt8 / LinearInt8 with int8_activations=1 (Int8Experts(activations="int8"), AVX512-VNNI builds): each GEMM
 input row rounded to int8 at one step (moec_pack_a8 with one group), the weights in panels of 16 channels
@@ -176,6 +176,10 @@ INLINE __m256 exp8(__m256 x) {
     __m128 lo = _mm256_cvtpd_ps(exp4d(_mm256_cvtps_pd(_mm256_castps256_ps128(c))));
     __m128 hi = _mm256_cvtpd_ps(exp4d(_mm256_cvtps_pd(_mm256_extractf128_ps(c, 1))));
     return _mm256_blendv_ps(_mm256_set_m128(hi, lo), x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+INLINE float exp1(float x) {  /* exp8's number for one float (a loop's tail) */
+    return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x)));
 }
 
 /* ---- the op ---- */

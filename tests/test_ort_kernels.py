@@ -545,9 +545,9 @@ def _bf16_rows_reference(x, ids, w, w13, w2, gate_up):
 def test_bf16_rows_node_equals_reference(T, H, I, E, k, gate_up):
     """moec::ExpertsBf16 with bf16_rows (a bf16 model's experts on AVX512-BF16: weights in pairs, vdpbf16ps)
     against _bf16_rows_reference: each token to 1e-6 but where one of its activations lies on a bf16 rounding
-    boundary (C's expf and torch's SiLU an ulp apart round it apart: 2^-8 on that activation), which a few tokens
-    may, none beyond 1e-3; each token alone its row of the batch to the bit; every row on one expert; and the
-    rows really rounded (the fp32-row op differs by bf16's rounding)."""
+    boundary (the sums in another order, or moec's exp and torch's SiLU an ulp apart, round it apart: 2^-8 on that
+    activation), which a few tokens may, none beyond 1e-3; each token alone its row of the batch to the bit; every
+    row on one expert; and the rows really rounded (the fp32-row op differs by bf16's rounding)."""
     for case in (dict(), dict(ids=torch.zeros(T, k).long() + torch.arange(k))):
         x, ids, w, w13, w2 = _f32_case(T, H, I, E, k, seed=T + H, **case)
         w13, w2 = w13.bfloat16().float(), w2.bfloat16().float()
@@ -742,7 +742,7 @@ def test_int8_rows_node_equals_moec_experts_int8(T, H, I, E, k, gate_up):
     """moec::ExpertsInt8 with int8_activations (int8 rows, vpdpbusd on panels_a8) against moec::experts_int8 with
     int8 activations (the torch backend), large activations and a zero row too, and one expert taking every pair:
     the same numbers to the bit where the torch backend runs moec's kernels on every expert (few rows), else to
-    1e-6 (an expert of many rows runs torch._int_mm and torch's SiLU, whose expf differs from C's by an ulp)."""
+    1e-6 (an expert of many rows runs torch._int_mm and torch's SiLU, whose exp may differ from moec's by an ulp)."""
     from moec.backends.torch_backend import min_rows
     from moec.quant import Int8Experts
 
