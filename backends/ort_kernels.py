@@ -53,9 +53,9 @@ products (even k, odd k, then the two) whatever the rows of the call. `panel_wei
 of the session's file (export_dense.moec_fp32_matmuls the Linear ones), `narrow_bf16` stores weights that are all
 bf16 numbers in bf16.
 
-ExpertsBf16 / LinearBf16 with bf16_rows=1 (a bf16 model's nodes, AVX512-BF16 builds, every K even): each GEMM input
-row rounded to bf16 as the bf16 model's activations are (`bf16_row`), the weights in pairs [ceil(N/32), K/2, 64]
-(`pair_bf16`) and one vdpbf16ps per 2 inputs of 16 channels: the products exact, fp32 sums. Against the fp32 rows on
+ExpertsBf16 / LinearBf16 with bf16_rows=1 (`round_rows`: a bf16 model's nodes, AVX512-BF16 builds, every K even):
+each GEMM input row rounded to bf16 as the bf16 model's activations are (`bf16_row`), the weights in pairs
+[ceil(N/32), K/2, 64] (`pair_bf16`) and one vdpbf16ps per 2 inputs of 16 channels: the products exact, fp32 sums. Against the fp32 rows on
 the same bf16 weights, one mix layer's experts at 64 and 512 tokens in 0.58x the time (twice the multiply-adds an
 instruction); whole prefill at 512 tokens 1.5-2.1x (docs/benchmarks.md).
 
@@ -1135,6 +1135,50 @@ def node_args(x, ids, w, q13, s13, z13, q2, s2, z2, int8_activations: bool, gate
                                                     "gate_up": GATE_UP[gate_up], "tiles": 0}
 
 
+def round_rows(proto, base_dir: str = "") -> int:
+    """Each moec::ExpertsBf16 / LinearBf16 node (narrow_bf16's layout) whose every K is even takes bf16_rows=1: its
+    input rows rounded to bf16 as a bf16 model's own are, its weights re-laid in pairs (`pair_bf16`, vdpbf16ps;
+    AVX512-BF16 builds: cpu_native.has_bf16). Returns how many nodes."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    weights = {EXPERTS + "Bf16": (3, 4), FP32_MATMUL + "Bf16": (1,)}
+    done, count = {}, 0
+    for n in proto.graph.node:
+        if (n.domain != DOMAIN or n.op_type not in weights or any(a.name == "bf16_rows" for a in n.attribute)
+                or any(inits[n.input[i]].dims[-2] % 2 for i in weights[n.op_type])):  # panels [..., K, 32]
+            continue
+        for name in (n.input[i] for i in weights[n.op_type] if n.input[i] not in done):
+            a = numpy_helper.to_array(inits[name], base_dir).view(np.uint16)
+            a = pair_bf16(a.reshape(*a.shape[:-1], 16, 2).swapaxes(-1, -2).reshape(a.shape))  # channels in order
+            t = onnx.TensorProto(name=f"{name}_pairs", data_type=onnx.TensorProto.BFLOAT16, dims=a.shape,
+                                 raw_data=a.astype("<u2").tobytes())
+            proto.graph.initializer.append(t)
+            done[name] = t.name
+        for i in weights[n.op_type]:
+            n.input[i] = done[n.input[i]]
+        n.attribute.append(helper.make_attribute("bf16_rows", 1))
+        count += 1
+    used = {i for n in proto.graph.node for i in n.input} | {v.name for v in (*proto.graph.input, *proto.graph.output)}
+    for t in [t for t in proto.graph.initializer if t.name in set(done) - used]:
+        proto.graph.initializer.remove(t)
+    return count
+
+
+def round_rows_file(path: str) -> int:
+    """round_rows on the ONNX file at `path`, in place (as lay_out_file: weights in external data are read only where
+    re-laid, their new copies written beside the model); how many nodes."""
+    import onnx
+
+    proto = onnx.load(path, load_external_data=False)
+    count = round_rows(proto, os.path.dirname(path))
+    if count:
+        onnx.save(proto, path, save_as_external_data=any(t.data_location == onnx.TensorProto.EXTERNAL
+                                                         for t in proto.graph.initializer))
+    return count
+
+
 def panels(w: np.ndarray) -> np.ndarray:
     """fp32 weights [E, N, K] -> panels [E, ceil(N/32), K, 32] (moec_f32_panels): panel p holds channels
     32p..32p+31, zeros past N."""
@@ -1200,30 +1244,28 @@ def int4_panels(q: np.ndarray, s: np.ndarray, z: np.ndarray | None):
     return np.ascontiguousarray(q).reshape(*lead, N, half), groups(s), groups(z)
 
 
-def lay_out_file(path: str, bf16_rows: bool = False) -> tuple[int, int, int]:
-    """tile_weights, panel_weights and narrow_bf16 (with bf16_rows: rows) on the ONNX file at `path`, in place; how
-    many nodes each laid out. Weights in external data: only those laid out are read, and their new copies written
-    to a new file beside the model (onnx names it); the others stay where they are."""
+def lay_out_file(path: str) -> tuple[int, int, int]:
+    """tile_weights, panel_weights and narrow_bf16 on the ONNX file at `path`, in place; how many nodes each laid
+    out. Weights in external data: only those laid out are read, and their new copies written to a new file beside
+    the model (onnx names it); the others stay where they are."""
     import onnx
 
     proto = onnx.load(path, load_external_data=False)
     base = os.path.dirname(path)
-    counts = tile_weights(proto, base), panel_weights(proto, base), narrow_bf16(proto, base, bf16_rows)
+    counts = tile_weights(proto, base), panel_weights(proto, base), narrow_bf16(proto, base)
     if any(counts):
         onnx.save(proto, path, save_as_external_data=any(t.data_location == onnx.TensorProto.EXTERNAL
                                                          for t in proto.graph.initializer))
     return counts
 
 
-def narrow_bf16(proto, base_dir: str = "", rows: bool = False) -> int:
+def narrow_bf16(proto, base_dir: str = "") -> int:
     """Each moec::Experts / moec::Linear node whose weights are all bf16 numbers (a bf16 model exported in fp32, or
     an fp32 model of bf16 weights) becomes moec::ExpertsBf16 / LinearBf16 with them in bf16: half the bytes, the
-    same values (checked here, every weight: the narrowing is exact), the same products and sums. rows (a bf16
-    model, AVX512-BF16 builds: cpu_native.has_bf16): where every K is even, the node takes bf16_rows=1, its input
-    rows rounded to bf16 as the model's are and its weights in pairs (`pair_bf16`, vdpbf16ps). Returns how many
+    same values (checked here, every weight: the narrowing is exact), the same products and sums. Returns how many
     nodes."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     inits = {t.name: t for t in proto.graph.initializer}
     weights = {EXPERTS: (3, 4), FP32_MATMUL: (1,)}
@@ -1231,28 +1273,20 @@ def narrow_bf16(proto, base_dir: str = "", rows: bool = False) -> int:
     for n in proto.graph.node:
         if n.domain != DOMAIN or n.op_type not in weights or any(n.input[i] not in inits for i in weights[n.op_type]):
             continue
-        arrays = {n.input[i]: numpy_helper.to_array(inits[n.input[i]], base_dir) for i in weights[n.op_type]}
+        arrays = {n.input[i]: numpy_helper.to_array(inits[n.input[i]], base_dir) for i in weights[n.op_type]
+                  if n.input[i] not in done}
         if any(a.dtype != np.float32 or (a.view(np.uint32) & 0xFFFF).any() for a in arrays.values()):
             continue
-        pairs = rows and all(a.shape[-2] % 2 == 0 for a in arrays.values())  # panels [..., K, 32]
-        for name, a in arrays.items():
-            if (name, pairs) in done:
-                continue
-            if pairs:
-                a = pair_bf16(a)
-            else:  # each k's 32 channels interleaved, (c0, c16, c1, c17, ...): see panel_load
-                a = np.ascontiguousarray(a.reshape(*a.shape[:-1], 2, 16).swapaxes(-1, -2)).reshape(a.shape)
-            t = onnx.TensorProto(name=f"{name}_bf16{'_pairs' * pairs}", data_type=onnx.TensorProto.BFLOAT16,
-                                 dims=a.shape, raw_data=(a.view(np.uint32) >> 16).astype("<u2").tobytes())
+        for name, a in arrays.items():  # each k's 32 channels interleaved, (c0, c16, c1, c17, ...): see panel_load
+            a = np.ascontiguousarray(a.reshape(*a.shape[:-1], 2, 16).swapaxes(-1, -2)).reshape(a.shape)
+            t = onnx.TensorProto(name=f"{name}_bf16", data_type=onnx.TensorProto.BFLOAT16, dims=a.shape,
+                                 raw_data=(a.view(np.uint32) >> 16).astype("<u2").tobytes())
             proto.graph.initializer.append(t)
-            done[name, pairs] = t.name
+            done[name] = t.name
         for i in weights[n.op_type]:
-            n.input[i] = done[n.input[i], pairs]
+            n.input[i] = done[n.input[i]]
         n.op_type += "Bf16"
-        if pairs:
-            n.attribute.append(helper.make_attribute("bf16_rows", 1))
         count += 1
-    done = {name for name, _ in done}
     used = {i for n in proto.graph.node for i in n.input} | {v.name for v in (*proto.graph.input, *proto.graph.output)}
     for t in [t for t in proto.graph.initializer if t.name in set(done) - used]:
         proto.graph.initializer.remove(t)
@@ -1466,7 +1500,9 @@ def experts_session(path: str, w13: np.ndarray, w2: np.ndarray, gate_up: int, op
     model = helper.make_model(graph, ir_version=10,
                               opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
     panel_weights(model)
-    narrow_bf16(model, rows=bf16_rows)
+    narrow_bf16(model)
+    if bf16_rows:
+        round_rows(model)
     so = options or ort.SessionOptions()
     so.register_custom_ops_library(path)
     so.intra_op_num_threads = 2

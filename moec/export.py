@@ -515,7 +515,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
                 external_data: bool | None = None, kv_cache: bool | None = None,
                 dense: QuantConfig | None = None, expert_slices: int | None = None,
                 attention: str | None = None, _cache_halves: bool = False, _repeat_layers: bool = True,
-                _moec_kernels: bool = False, _bf16_rows: bool = False) -> ExportReport:
+                _moec_kernels: bool = False) -> ExportReport:
     """Export `model` (left unchanged) to ONNX at `path`; return what became of each MoE block.
 
     example_inputs: positional args (a tuple) or keyword args (a dict) of model(...); their batch and
@@ -653,7 +653,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     if panels and dense is None:
         log.info(f"moec.export_onnx: {moec_fp32_matmuls(path, routers, big)} dense MatMuls run moec's fp32 kernel")
         done("dense MatMuls on moec's kernel", "checking the file")
-    if _moec_kernels and fp32 and any(counts := ort_kernels.lay_out_file(path, _bf16_rows)):
+    if _moec_kernels and fp32 and any(counts := ort_kernels.lay_out_file(path)):
         log.info(f"moec.export_onnx: {counts[0]} of moec's int4 nodes take their weights in tiles or panels, {counts[1]} "
                  f"experts nodes in panels, {counts[2]} of moec's fp32 nodes hold bf16 numbers: stored in bf16")
         done("weights laid out for moec's kernels", "checking the file")
@@ -681,8 +681,6 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
                           repeated=repeat.source if repeat else {})
     ops = [n.op_type for n in proto.graph.node if n.domain == ort_kernels.DOMAIN]
     narrowed = ops.count(ort_kernels.EXPERTS + "Bf16")  # narrow_bf16: which numerics run, as the file says
-    rows = sum(n.op_type == ort_kernels.EXPERTS + "Bf16" and any(a.name == "bf16_rows" and a.i for a in n.attribute)
-               for n in proto.graph.node)
     for b in compiled.blocks:
         info = resolve(work, b.path).__dict__["_moec_graph"].meta["onnx"]
         op, why = info["op"], info["why"]
@@ -691,9 +689,6 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
                 op, why = "moec::ExpertsBf16", why + "; weights all bf16 numbers: stored in bf16 (the same numbers)"
             else:
                 why += f"; {narrowed} of the file's fp32 experts nodes hold bf16 numbers, stored in bf16"
-            if rows:
-                why += (f"; {'its' if rows == narrowed else f'{rows} of those'} input rows rounded to bf16 as the "
-                        f"bf16 model's, bf16 dot products (vdpbf16ps)")
         report.blocks.append(ExportBlock(b.path, op, why, b.router, b.experts))
     nodes = sum((n.domain, n.op_type) in (("com.microsoft", "MoE"), ("com.microsoft", "QMoE"), ("moec", "Int4Experts"),
                                           ("moec", "Experts"), ("moec", "ExpertsBf16"), ("moec", "ExpertsInt8"))
