@@ -86,7 +86,7 @@ def main():
         if ort:
             blocks = moec.inspect(model).export.blocks
             name += f" ({', '.join(sorted({b.op for b in blocks}))}"
-            name += f"{', bf16 rows' if any('rounded to bf16' in b.why for b in blocks) else ''})"
+            name += f"{', bf16 rows' if any('input rows to bf16' in b.why for b in blocks) else ''})"
         if cfg is None:
             ref_logits, ref_ppl, ref_bytes = logits, ppl, nbytes
         err = (logits - ref_logits).abs()
