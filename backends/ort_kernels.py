@@ -283,19 +283,18 @@ INLINE void panel_rows(const float *x, int64_t K, const void *w, int64_t nk, int
     }
 }
 
+/* CALL(n) for a block of the remaining `left` rows, at most MR: constant row counts keep the accumulators in
+   registers */
+#define BY_ROWS(left, CALL) switch ((left) < MR ? (left) : MR) { \
+    case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; case 4: CALL(4); break; \
+    case 5: CALL(5); break; default: CALL(6); }
+
 /* rows x [R, K] times inputs k0..k0+nk of a panel w (at k0) into out's 32 columns (masks m0, m1) */
 INLINE void row_blocks(const float *x, int64_t R, int64_t K, int64_t k0, const void *w, int64_t nk, float *out,
                        int64_t N, __mmask16 m0, __mmask16 m1, int wt, Groups g) {
     for (int64_t r = 0; r < R; r += MR) {
 #define ROWS(NR) panel_rows(x + r * K + k0, K, w, nk, k0 > 0, out + r * N, N, NR, m0, m1, wt, g)
-        switch (R - r < MR ? R - r : MR) {  /* constant row counts: the accumulators stay in registers */
-        case 1: ROWS(1); break;
-        case 2: ROWS(2); break;
-        case 3: ROWS(3); break;
-        case 4: ROWS(4); break;
-        case 5: ROWS(5); break;
-        default: ROWS(6);
-        }
+        BY_ROWS(R - r, ROWS);
 #undef ROWS
     }
 }
@@ -406,14 +405,7 @@ static void moec_pairs(const uint16_t *x, int64_t R, int64_t K, const uint16_t *
             int64_t nk = (k0 + KC < K ? k0 + KC : K) - k0;
             for (int64_t r = 0; r < R; r += MR) {
 #define ROWS(NR) pair_rows(x + r * K + k0, K, wp + k0 * PANEL, nk / 2, k0 > 0, out + r * N + j, N, NR, m0, m1)
-                switch (R - r < MR ? R - r : MR) {  /* constant row counts: the accumulators stay in registers */
-                case 1: ROWS(1); break;
-                case 2: ROWS(2); break;
-                case 3: ROWS(3); break;
-                case 4: ROWS(4); break;
-                case 5: ROWS(5); break;
-                default: ROWS(6);
-                }
+                BY_ROWS(R - r, ROWS);
 #undef ROWS
             }
         }
