@@ -692,6 +692,44 @@ def test_bf16_model_runs_as_its_fp32_upcast(rows, monkeypatch):
     assert rel_err(step.float(), eager.float()) < 3e-2  # the eager bf16 model's rounding against fp32
 
 
+@BF16
+def test_round_rows_file_with_external_data(tmp_path):
+    """round_rows_file on a file whose weights are external data: a bf16 Linear, an fp32 one (left as it was) and an
+    odd-K bf16 one (fp32 rows) beside it; the pairs written beside the model, every initializer external, the
+    bf16-row node's numbers bf16(x) @ W^T and the others' unchanged."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    gen = torch.Generator().manual_seed(0)
+    W = {"w": torch.randn(96, 128, generator=gen).bfloat16().float(), "w32": torch.randn(64, 128, generator=gen),
+         "odd": torch.randn(40, 127, generator=gen).bfloat16().float()}
+    nodes = [helper.make_node(ort_kernels.FP32_MATMUL, [x, w], [f"y_{w}"], domain=ort_kernels.DOMAIN, n=len(W[w]))
+             for x, w in (("x", "w"), ("x", "w32"), ("x_odd", "odd"))]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None)
+                                           for x in ("x", "x_odd")],
+                              [helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None) for n in nodes],
+                              [numpy_helper.from_array(ort_kernels.panels(w.numpy()[None])[0], n) for n, w in W.items()])
+    proto = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18),
+                                                                   helper.make_opsetid(ort_kernels.DOMAIN, 1)])
+    path = str(tmp_path / "m.onnx")
+    onnx.save(proto, path, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    assert ort_kernels.lay_out_file(path) == (0, 0, 2)  # w and odd in bf16
+    assert ort_kernels.round_rows_file(path) == 1  # odd: K 127
+    laid = onnx.load(path, load_external_data=False)
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in laid.graph.initializer)
+    assert sorted(t.name for t in laid.graph.initializer) == ["odd_bf16", "w32", "w_bf16_pairs"]
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(ort_kernels.library())
+    x, x_odd = torch.randn(5, 128, generator=gen), torch.randn(5, 127, generator=gen)
+    got = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy(), "x_odd": x_odd.numpy()})
+    wants = [x.bfloat16().double() @ W["w"].double().T, x.double() @ W["w32"].double().T,
+             x_odd.double() @ W["odd"].double().T]
+    for g, w in zip(got, wants):
+        assert rel_err(torch.from_numpy(g), w.float()) < 1e-6
+
+
 @F32
 def test_silu_is_correctly_rounded():
     """The experts ops' SiLU is gate / (1 + e^-gate) * up in fp32 with e^-gate correctly rounded (exp8: in double,
