@@ -663,12 +663,12 @@ def test_bf16_model_runs_as_its_fp32_upcast(rows, monkeypatch):
     with torch.no_grad():
         for use_cache in (False, True):
             got = compiled(**inputs, use_cache=use_cache).logits
-            # the same logits rounded to bf16: nearly all equal; one on a rounding boundary (or, with bf16 rows,
-            # behind an input of a layer on one: test_bf16_rows_node_equals_reference) may round the other way,
-            # one bf16 step
+            # the same logits rounded to bf16: nearly all equal; one on a rounding boundary may round the other
+            # way; with bf16 rows a token with an input of a layer on one (test_bf16_rows_node_equals_reference)
+            # may move its larger logits by one bf16 step too
             assert got.dtype == torch.bfloat16
             assert (got == want.bfloat16()).float().mean() > 0.99, (got == want.bfloat16()).float().mean()
-            assert rel_err(got.float(), want.bfloat16().float()) <= 2 ** -8
+            assert rel_err(got.float(), want.bfloat16().float()) <= (2 ** -8 if rows else 1e-3)
     nodes = [n for n in onnx.load(moec.inspect(compiled).export.path).graph.node if n.domain == "moec"]
     ops = {n.op_type for n in nodes}
     assert {"ExpertsBf16", "LinearBf16"} <= ops and not ops & {"Experts", "Linear"}, ops
