@@ -22,9 +22,12 @@ in place: the session's callers give each past room and the step hands back the 
 
 Why: at decode ORT's GroupQueryAttention took ~22 us a layer for one token over 61 positions (a one-node session:
 31 us, this op's 16, an Identity's 8.6), for work of a few microseconds. This kernel:
-per (batch, kv head, query) the query heads that share the kv head, fp32 logits with AVX2 dot products, the
-softmax with a vectorised exp (correctly rounded: ort_kernels' exp8), the weighted sum of values; the past copied
-into the present once. Work is split over ORT's pool (KernelContext_ParallelFor) only when it is large enough to
+per (batch, kv head, query) the query heads that share the kv head together: fp32 logits with AVX2 dot products,
+8 keys at a time (each key's row read from L1 by every head, the 8 sums reduced at once as a single one would be),
+the softmax with a vectorised exp (correctly rounded: ort_kernels' exp8), the weighted sum of values in registers
+(16 channels of up to 4 heads per pass over the values, each value row read once for the heads); the past copied
+into the present once. A query's numbers do not depend on the other queries of the call (decode and prefill agree
+to the bit). Work is split over ORT's pool (KernelContext_ParallelFor) only when it is large enough to
 pay for waking a thread (prefill).
 Positions whose bias is -inf or below -FLT_MAX/2 (HF's masks use the float minimum) are skipped: their probability
 is exactly 0 in fp32 for finite keys (a NaN or inf key or value there, which the reference turns into NaN, is not
@@ -60,16 +63,85 @@ INLINE float dot_f32(const float *a, const float *b, int64_t n) {
     return r;
 }
 
+/* the 8 lanes of a0..a7 summed as hsum sums one vector, the 8 totals in order: the same bits as 8 hsum calls,
+   for a fraction of the shuffles (pairs of halves, then of quarters, then of lanes) */
+INLINE __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
+#define HALVES(x, y) _mm256_add_ps(_mm256_permute2f128_ps(x, y, 0x20), _mm256_permute2f128_ps(x, y, 0x31))
+    __m256 h0 = HALVES(a0, a4), h1 = HALVES(a1, a5), h2 = HALVES(a2, a6), h3 = HALVES(a3, a7);
+#undef HALVES
+    __m256 q01 = _mm256_add_ps(_mm256_shuffle_ps(h0, h1, 0x44), _mm256_shuffle_ps(h0, h1, 0xEE));
+    __m256 q23 = _mm256_add_ps(_mm256_shuffle_ps(h2, h3, 0x44), _mm256_shuffle_ps(h2, h3, 0xEE));
+    return _mm256_add_ps(_mm256_shuffle_ps(q01, q23, 0x88), _mm256_shuffle_ps(q01, q23, 0xDD));
+}
+
 INLINE int masked(float b) { return b <= -FLT_MAX / 2; }  /* -inf too */
 
-/* the rep = H / KVH query heads of kv head `kv` at query s of batch row b */
+/* l[r][i] = q_r . K[at[i]] * scale + bias[at[i]] for the rep query heads r (q_r at q + r*D, l[r] at l + r*ld) and
+   i < n (D a multiple of 8): 8 keys at a time, their rows read from L1 by every head, each dot summed as dot_f32
+   sums it */
+static void logits8(const float *q, int64_t rep, const float *K, const int64_t *at, int64_t n, int64_t D,
+                    float scale, const float *bias, float *l, int64_t ld) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const float *k[8];
+        float b[8];
+        UNROLL for (int j = 0; j < 8; j++) k[j] = K + at[i + j] * D, b[j] = bias[at[i + j]];
+        for (int64_t r = 0; r < rep; r++) {
+            __m256 a[8];
+            UNROLL for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < D; d += 8) {
+                __m256 qv = _mm256_loadu_ps(q + r * D + d);
+                UNROLL for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[j] + d), a[j]);
+            }
+            __m256 dots = hsum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
+            _mm256_storeu_ps(l + r * ld + i, _mm256_fmadd_ps(dots, _mm256_set1_ps(scale), _mm256_loadu_ps(b)));
+        }
+    }
+    for (; i < n; i++)
+        for (int64_t r = 0; r < rep; r++) l[r * ld + i] = dot_f32(q + r * D, K + at[i] * D, D) * scale + bias[at[i]];
+}
+
+/* the largest of l[0..n), NaN skipped, -inf if none (as `m = l[i] > m ? l[i] : m` from -inf): maxps keeps its
+   second operand where the first is NaN or equal */
+INLINE float max_logit(const float *l, int64_t n) {
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) mv = _mm256_max_ps(_mm256_loadu_ps(l + i), mv);
+    float lanes[8], m = -INFINITY;
+    _mm256_storeu_ps(lanes, mv);
+    for (int j = 0; j < 8; j++) m = lanes[j] > m ? lanes[j] : m;
+    for (; i < n; i++) m = l[i] > m ? l[i] : m;
+    return m;
+}
+
+/* heads r < NH: o_r[d0:d0+8*NV] = sum over i < n, in order, of p_r[i] * V[at[i]][d0:...] (p_r at p + r*ld, o_r at
+   o + r*D): each V row read once for the heads, the sums in registers */
+INLINE void weighted_rows(const float *p, int64_t ld, const float *V, const int64_t *at, int64_t n, int64_t D,
+                          int64_t d0, float *o, const int NH, const int NV) {
+    __m256 a[4][2];
+    UNROLL for (int r = 0; r < NH; r++) UNROLL for (int v = 0; v < NV; v++) a[r][v] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i++) {
+        const float *vi = V + at[i] * D + d0;
+        __m256 x[2];
+        UNROLL for (int v = 0; v < NV; v++) x[v] = _mm256_loadu_ps(vi + 8 * v);
+        UNROLL for (int r = 0; r < NH; r++) {
+            __m256 w = _mm256_set1_ps(p[r * ld + i]);
+            UNROLL for (int v = 0; v < NV; v++) a[r][v] = _mm256_fmadd_ps(w, x[v], a[r][v]);
+        }
+    }
+    UNROLL for (int r = 0; r < NH; r++) UNROLL for (int v = 0; v < NV; v++) _mm256_storeu_ps(o + r * D + d0 + 8 * v, a[r][v]);
+}
+
+/* the rep = H / KVH query heads of kv head `kv` at query s of batch row b (their q and out rows are adjacent) */
 static void attend_item(void *p, size_t item) {
     Attn *a = p;
-    int64_t S = a->S, D = a->D, T = a->T, rep = a->H / a->KVH;
+    int64_t S = a->S, D = a->D, T = a->T, rep = a->H / a->KVH, ld = T + 8;
     int64_t s = item % S, kv = (item / S) % a->KVH, b = item / (S * a->KVH);
     const float *K = a->ok + (b * a->KVH + kv) * a->R * D, *V = a->ov + (b * a->KVH + kv) * a->R * D;
     const float *bias = a->bias + ((a->bias_rows > 1 ? b : 0) * S + s) * T;
-    float *l = malloc((T + 8) * sizeof(float));
+    const float *q = a->q + ((b * S + s) * a->H + kv * rep) * D;
+    float *out = a->out + ((b * S + s) * a->H + kv * rep) * D;
+    float *l = malloc(rep * ld * sizeof(float));  /* each head's logits, then its probabilities */
     int64_t *at = malloc((T + 1) * sizeof(int64_t));
     if (!l || !at) {
         free(l), free(at);
@@ -80,41 +152,54 @@ static void attend_item(void *p, size_t item) {
     int64_t n = 0;
     for (int64_t t = 0; t <= a->P + s; t++)
         if (!masked(bias[t])) at[n++] = t;
-    for (int64_t r = 0; r < rep; r++) {
-        int64_t h = kv * rep + r;
-        const float *q = a->q + ((b * S + s) * a->H + h) * D;
-        float *o = a->out + ((b * S + s) * a->H + h) * D;
-        if (!n) {  /* nothing to attend to (a row of padding): zeros, as ORT's op */
-            memset(o, 0, D * sizeof(float));
-            continue;
-        }
-        float m = -INFINITY;
-        for (int64_t i = 0; i < n; i++) {
-            l[i] = dot_f32(q, K + at[i] * D, D) * a->scale + bias[at[i]];
-            m = l[i] > m ? l[i] : m;
-        }
-        float sink = a->sinks ? a->sinks[h] : -INFINITY;
+    if (!n) {  /* nothing to attend to (a row of padding): zeros, as ORT's op */
+        memset(out, 0, rep * D * sizeof(float));
+        free(l), free(at);
+        return;
+    }
+    if (D % 8 == 0) {
+        logits8(q, rep, K, at, n, D, a->scale, bias, l, ld);
+    } else {
+        for (int64_t r = 0; r < rep; r++)
+            for (int64_t i = 0; i < n; i++) l[r * ld + i] = dot_f32(q + r * D, K + at[i] * D, D) * a->scale + bias[at[i]];
+    }
+    for (int64_t r = 0; r < rep; r++) {  /* softmax: l[r] becomes the probabilities */
+        float *lr = l + r * ld, m = max_logit(lr, n), sink = a->sinks ? a->sinks[kv * rep + r] : -INFINITY;
         m = sink > m ? sink : m;
         __m256 acc = _mm256_setzero_ps(), mv = _mm256_set1_ps(m);
         int64_t i = 0;
         for (; i + 8 <= n; i += 8) {
-            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(l + i), mv));
-            _mm256_storeu_ps(l + i, e);
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(lr + i), mv));
+            _mm256_storeu_ps(lr + i, e);
             acc = _mm256_add_ps(acc, e);
         }
         float sum = hsum(acc);
-        for (; i < n; i++) sum += (l[i] = exp1(l[i] - m));
+        for (; i < n; i++) sum += (lr[i] = exp1(lr[i] - m));
         if (a->sinks) sum += exp1(sink - m);
         float inv = 1.f / sum;
-        for (int64_t d = 0; d < D; d++) o[d] = 0.f;
-        for (int64_t j = 0; j < n; j++) {
-            const float *vj = V + at[j] * D;
-            float w = l[j] * inv;
-            int64_t d = 0;
-            __m256 wv = _mm256_set1_ps(w);
-            for (; d + 8 <= D; d += 8)
-                _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(vj + d), _mm256_loadu_ps(o + d)));
-            for (; d < D; d++) o[d] += w * vj[d];
+        for (i = 0; i < n; i++) lr[i] *= inv;
+    }
+    if (D % 8 == 0) {  /* 16 channels of up to 4 heads at a time */
+        for (int64_t r = 0; r < rep; r += 4)
+            for (int64_t d = 0; d < D; d += 16) {
+                int nh = rep - r < 4 ? (int)(rep - r) : 4, two = D - d >= 16;
+#define ROWS(NH) weighted_rows(l + r * ld, ld, V, at, n, D, d, out + r * D, NH, two ? 2 : 1)
+                switch (nh) { case 1: ROWS(1); break; case 2: ROWS(2); break; case 3: ROWS(3); break; default: ROWS(4); }
+#undef ROWS
+            }
+    } else {
+        for (int64_t r = 0; r < rep; r++) {
+            float *o = out + r * D;
+            for (int64_t d = 0; d < D; d++) o[d] = 0.f;
+            for (int64_t j = 0; j < n; j++) {
+                const float *vj = V + at[j] * D;
+                float w = l[r * ld + j];
+                int64_t d = 0;
+                __m256 wv = _mm256_set1_ps(w);
+                for (; d + 8 <= D; d += 8)
+                    _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(vj + d), _mm256_loadu_ps(o + d)));
+                for (; d < D; d++) o[d] += w * vj[d];
+            }
         }
     }
     free(l), free(at);

@@ -92,6 +92,7 @@ GATE_UP = {"halves": 0, "halves_up_first": 1, "interleave": 2, "interleave_up_fi
 MIN_ORT = (1, 20)
 
 OP_SOURCE = r"""
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -693,6 +694,32 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     return run(OP, &s, ctx, E, ids->data);
 }
 
+/* the experts op's work buffer, kept from one call to the next: a prompt's rows need tens of MB (57 for the demo
+   model's 1024 tokens), which malloc maps afresh each call past its 32 MB threshold and the kernel then zeroes page
+   by page (the op at 1024 tokens took 1.9x as long in a session). A call that finds it in use (another run at the
+   same time) gets its own. Kept up to 1 GB, until the process ends. */
+static pthread_mutex_t work_lock = PTHREAD_MUTEX_INITIALIZER;
+static char *work_buf;
+static size_t work_size;
+static char *work_get(size_t n, int *kept) {
+    *kept = 0;
+    if (n > (1ull << 30) || pthread_mutex_trylock(&work_lock)) return malloc(n);
+    if (n > work_size) {
+        free(work_buf);
+        work_buf = malloc(n), work_size = work_buf ? n : 0;
+    }
+    if (!work_buf) {
+        pthread_mutex_unlock(&work_lock);
+        return NULL;
+    }
+    *kept = 1;
+    return work_buf;
+}
+static void work_put(char *buf, int kept) {
+    if (kept) pthread_mutex_unlock(&work_lock);
+    else free(buf);
+}
+
 static OrtStatus *run(const char *op, Step *s, OrtKernelContext *ctx, int64_t E, const int64_t *ids) {
     int64_t T = s->T, k = s->k, R = T * k, H = s->H, I = s->I, G1 = s->m13.G, G2 = s->m2.G, size = row_bytes(s);
     for (int64_t p = 0; p < R; p++)
@@ -701,9 +728,10 @@ static OrtStatus *run(const char *op, Step *s, OrtKernelContext *ctx, int64_t E,
     int64_t *idx = calloc(2 * (E + 1) + E + 2 * R, sizeof(int64_t));
     s->first = idx, s->active = idx + 2 * (E + 1), s->row_of = s->active + E, s->token = s->row_of + R;
     int64_t *next = idx + E + 1;
-    char *buf = malloc(R * (H * size + 2 * I * 4 + I * 4 + I * size + H * 4) + R * (G1 + G2) * 8 + 64);
+    int kept;
+    char *buf = work_get(R * (H * size + 2 * I * 4 + I * 4 + I * size + H * 4) + R * (G1 + G2) * 8 + 64, &kept);
     if (!idx || !buf) {
-        free(idx), free(buf);
+        free(idx), work_put(buf, kept);
         return error(op, ORT_FAIL, "out of memory");
     }
     /* the pairs sorted by expert, each expert's in (token, slot) order */
@@ -739,7 +767,7 @@ static OrtStatus *run(const char *op, Step *s, OrtKernelContext *ctx, int64_t E,
         st = parallel(ctx, gemm_item, nact * ((H + CH - 1) / CH), s);
     }
     if (!st) st = parallel(ctx, combine_item, T, s);
-    free(idx), free(buf);
+    free(idx), work_put(buf, kept);
     return st;
 }
 

@@ -79,12 +79,32 @@ def _check(x, H, KVH, tol=1e-5):
 
 @pytest.mark.parametrize("B,S,P", [(1, 1, 0), (1, 1, 61), (2, 1, 300), (1, 16, 0), (3, 7, 5), (1, 200, 0),
                                    (2, 64, 100)])
-@pytest.mark.parametrize("H,KVH,D", [(8, 2, 64), (4, 4, 20), (6, 1, 128)])
+@pytest.mark.parametrize("H,KVH,D", [(8, 2, 64), (4, 4, 20), (6, 1, 128), (6, 2, 40)])
 @pytest.mark.parametrize("sinks", [False, True])
 def test_node_equals_ort_gqa(B, S, P, H, KVH, D, sinks):
     """Decode steps (one token, past 0 to 300) run on the calling thread; prompts of 64-200 tokens on ORT's pool.
-    D=20: a head size that is not a multiple of the 8-float vectors."""
+    D=20: a head size that is not a multiple of the 8-float vectors; 6 heads on one kv head: a group of 4 and one of
+    2 in the weighted sum; D=40: two passes of 16 channels and one of 8."""
     _check(_inputs(B, S, P, H, KVH, D, sinks, pad=2 if B > 1 else 0), H, KVH)
+
+
+@pytest.mark.parametrize("H,KVH,D", [(8, 2, 64), (4, 4, 20), (3, 1, 24)])
+def test_a_prompt_equals_its_tokens_one_at_a_time(H, KVH, D):
+    """Each query's numbers are its own: a 37-token prompt over a past of 13 (padded rows, sinks) gives, to the bit,
+    what 37 one-token steps give, each over the past and the tokens before it (the keys' blocks of 8 and the heads'
+    groups are the same for a query whatever else the call holds)."""
+    B, S, P = 2, 37, 13
+    x = _inputs(B, S, P, H, KVH, D, sinks=True, pad=3)
+    prompt = _session(H, KVH, 0.3, True).run(None, {n: t.numpy() for n, t in x.items()})[0]
+    step = _session(H, KVH, 0.3, True)
+    past_k = torch.cat([x["past_k"], x["k"].view(B, S, KVH, D).transpose(1, 2)], 2)
+    past_v = torch.cat([x["past_v"], x["v"].view(B, S, KVH, D).transpose(1, 2)], 2)
+    for s in range(S):
+        one = {"q": x["q"][:, s:s + 1], "k": x["k"][:, s:s + 1], "v": x["v"][:, s:s + 1],
+               "past_k": past_k[:, :, :P + s], "past_v": past_v[:, :, :P + s],
+               "bias": x["bias"][:, :, s:s + 1, :P + s + 1], "sinks": x["sinks"]}
+        out = step.run(None, {n: t.contiguous().numpy() for n, t in one.items()})[0]
+        assert np.array_equal(out[:, 0], prompt[:, s]), s
 
 
 def test_bias_of_one_row_for_the_batch():

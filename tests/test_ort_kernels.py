@@ -386,6 +386,35 @@ def test_fp32_rare_and_crowded_experts_large_magnitudes_and_batch_invariance():
 
 
 @F32
+def test_the_kept_work_buffer_holds_no_state_between_calls_or_threads():
+    """The experts op keeps its work buffer from one call to the next (a call that finds it in use allocates its
+    own): calls of growing and shrinking sizes, and two sessions run from two threads at once, give what each call
+    gives alone in a fresh order."""
+    import threading
+
+    cases = [_f32_case(T, 128, 64, 8, 2, seed=T) for T in (300, 1, 40, 300, 7)]
+    sess = ort_kernels.experts_session(ort_kernels.library(), *[c.numpy() for c in cases[0][3:]], 0)
+    feeds = [{"x": x.numpy(), "ids": ids.numpy(), "w": w.numpy()} for x, ids, w, *_ in cases]
+    want = [sess.run(None, f)[0] for f in feeds]
+    for f, y in zip(reversed(feeds), reversed(want)):
+        assert np.array_equal(sess.run(None, f)[0], y)
+    other = ort_kernels.experts_session(ort_kernels.library(), *[c.numpy() for c in cases[0][3:]], 0)
+    bad = []
+
+    def loop(s):
+        for i in range(30):
+            if not np.array_equal(s.run(None, feeds[i % len(feeds)])[0], want[i % len(feeds)]):
+                bad.append(i)
+
+    threads = [threading.Thread(target=loop, args=(s,)) for s in (sess, other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad, bad
+
+
+@F32
 def test_fp32_bad_inputs_are_ort_errors():
     x, ids, w, w13, w2 = _f32_case(3, 64, 64, 8, 2)
     sess = ort_kernels.experts_session(ort_kernels.library(), w13.numpy(), w2.numpy(), 0)
