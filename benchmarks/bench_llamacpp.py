@@ -3,7 +3,7 @@
     pip install llama-cpp-python gguf      # llama-cpp-python builds llama.cpp (several minutes on 2 cores)
     python benchmarks/bench_llamacpp.py [--models mix qmoe] [--prompt 16] [--new-tokens 64] [--prefill 64 512]
                                         [--rounds 3] [--threads 2] [--precisions fp32 bf16 int8 int4] [--onnx]
-                                        [--linears-off] [--qmoe]
+                                        [--linears-off] [--qmoe] [--long-prompt 1024] [--flash-attn]
 
 Models (random weights, fp32): "mix" = moec.models.demo_model() (Mixtral-style: hidden 512, 8 experts of 1792,
 top-2, 4 layers); "qmoe" = a Qwen2-MoE of hidden 512, 4 layers, 64 experts of 320, top-6, a shared expert of
@@ -24,6 +24,12 @@ Experts and MatMuls of every precision (int8 with int8 activations where the CPU
 on backend="onnxruntime" run moec's kernels in the session (backends/ort_kernels.py, ort_attention.py); --qmoe adds the int4 all-matmuls row on ORT's own ops instead (QMoE,
 MatMulNBits, GroupQueryAttention: MOEC_ORT_KERNELS=0), the A/B. --linears-off adds moec torch rows compiled with decode_linears=False (the A/B of moec's kernels for the model's
 nn.Linear layers at decode). Tokens/s medians over --rounds interleaved rounds; each round's wall time printed.
+Decode: --new-tokens / (the time of generating 1 + that many after the --prompt less the time of generating 1),
+so that neither the prompt's prefill nor the call's set-up is in it (sections of docs/benchmarks.md before
+2026-12-05's eighteenth session timed the whole call, the 16-token prompt included). --long-prompt N adds a column:
+decode after an N-token prompt, timed the same way. --flash-attn adds llama.cpp rows with flash attention on
+(llama-cpp-python's flash_attn=True; off by default in 0.3.x); the ratio columns compare with the faster llama.cpp
+row of each precision.
 Skips cleanly (exit 0, a message) where llama-cpp-python or gguf is not installed. Never in CI.
 Do not run it with OMP_WAIT_POLICY=PASSIVE: llama.cpp's OpenMP threads then sleep at each of the hundreds of
 barriers in a token, and its decode fell 2-7x (q4_0 on mix: 200 tokens/s instead of 1468).
@@ -156,11 +162,11 @@ def to_gguf(model, path: str, qtype: str = "F32") -> None:
 class LlamaCpp:
     """A GGUF file behind generate(ids, max_new_tokens) (greedy) and prefill(ids), like the torch models."""
 
-    def __init__(self, path: str, threads: int, n_ctx: int):
+    def __init__(self, path: str, threads: int, n_ctx: int, flash_attn: bool = False):
         from llama_cpp import Llama
 
         self.llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=n_ctx,
-                         n_ubatch=n_ctx, logits_all=True, verbose=False)
+                         n_ubatch=n_ctx, logits_all=True, verbose=False, flash_attn=flash_attn)
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         self.llm.reset()
@@ -195,6 +201,19 @@ class Torch:
             self.model(input_ids=ids, use_cache=False)
 
 
+def decode_rate(system, ids: torch.Tensor, new: int) -> float:
+    """tokens/s of `new` greedy tokens after the prompt `ids`: the time of generating 1 + new tokens less that of
+    generating 1, so that neither the prompt's prefill nor the call's set-up is in it (llama-cpp-python's set-up and
+    16-token prompt took ~50 ms of a 64-token call on mix f32, a third of it)"""
+    took = []
+    for n in (1, 1 + new):
+        time.sleep(PAUSE)  # the previous call's threads spin a while after it: not on this one's clock
+        t = time.perf_counter()
+        system.generate(ids, n)
+        took.append(time.perf_counter() - t)
+    return new / (took[1] - took[0])
+
+
 def quiet_session(threads: int):
     """ORT session options whose threads spin within a run (a decode step dispatches ~200 small ops: woken from
     sleep for each, qmoe's step took 1.5x as long) and stop spinning when it ends, so that they do not take the
@@ -219,6 +238,9 @@ def main():
     ap.add_argument("--onnx", action="store_true", help="add moec backend='onnxruntime' rows (every precision)")
     ap.add_argument("--qmoe", action="store_true", help="with --onnx: also int4 all matmuls on ORT's own ops "
                     "(QMoE, MatMulNBits, GroupQueryAttention: MOEC_ORT_KERNELS=0) beside moec's kernels in the session")
+    ap.add_argument("--long-prompt", type=int, default=0,
+                    help="add a column: decode tokens/s after a prompt of this many tokens, its prefill excluded")
+    ap.add_argument("--flash-attn", action="store_true", help="add llama.cpp rows with flash attention on")
     ap.add_argument("--linears-off", action="store_true",
                     help="add moec torch rows compiled with decode_linears=False (torch's GEMMs for nn.Linear layers)")
     args = ap.parse_args()
@@ -230,18 +252,21 @@ def main():
         return
     torch.set_num_threads(args.threads)
     console, work = Console(width=160), tempfile.mkdtemp(prefix="moec-bench-llamacpp-")
-    n_ctx = max(args.prefill + [args.prompt + args.new_tokens]) + 8
+    n_ctx = max(args.prefill + [args.prompt + args.new_tokens, args.long_prompt + args.new_tokens + 1]) + 8
     for name in args.models:
         ref = build(name)
         gen = torch.Generator().manual_seed(0)
         prompt = torch.randint(3, ref.config.vocab_size, (1, args.prompt), generator=gen)
         long = {n: torch.randint(3, ref.config.vocab_size, (1, n), generator=gen) for n in args.prefill}
+        context = torch.randint(3, ref.config.vocab_size, (1, args.long_prompt), generator=gen)
         systems = {}
         for prec in args.precisions:
             quantize, qtype = QUANT[prec]
             path = os.path.join(work, f"{name}-{qtype}.gguf")
             to_gguf(ref, path, qtype)
             systems[f"llama.cpp {LLAMA_NAME[prec]}"] = LlamaCpp(path, args.threads, n_ctx)
+            if args.flash_attn:
+                systems[f"llama.cpp {LLAMA_NAME[prec]}, flash attention"] = LlamaCpp(path, args.threads, n_ctx, True)
             model = build(name).to(torch.bfloat16 if prec == "bf16" else torch.float32)
             moec.compile(model, quantize=quantize)
             systems[f"moec {prec}" + (" experts" if quantize else "")] = Torch(model)
@@ -289,20 +314,20 @@ def main():
             console.print(f"{name}: llama.cpp f32 logits vs HF, relative error {err:.2e}")
             if err > 1e-3:
                 sys.exit(f"bench_llamacpp: {name}'s GGUF conversion is wrong (logits differ from HF by {err:.2e})")
-        speed = {s: {k: [] for k in ("decode", *args.prefill)} for s in systems}
+        columns = ("decode", *args.prefill, *(["long"] if args.long_prompt else []))
+        speed = {s: {k: [] for k in columns} for s in systems}
         for rnd in range(args.rounds + 1):  # round 0 warms up
             t0 = time.perf_counter()
             for label, system in systems.items():
-                time.sleep(PAUSE)  # the previous system's threads spin a while after it: not on this one's clock
-                t = time.perf_counter()
-                system.generate(prompt, args.new_tokens)
-                decode = args.new_tokens / (time.perf_counter() - t)
+                decode = decode_rate(system, prompt, args.new_tokens)
                 pre = {}
                 for n, ids in long.items():
                     time.sleep(PAUSE)
                     t = time.perf_counter()
                     system.prefill(ids)
                     pre[n] = n / (time.perf_counter() - t)
+                if args.long_prompt:
+                    pre["long"] = decode_rate(system, context, args.new_tokens)
                 if rnd:
                     speed[label]["decode"].append(decode)
                     for n, v in pre.items():
@@ -310,15 +335,19 @@ def main():
             console.print(f"{name} round {rnd}{' (warm-up)' if not rnd else ''}: {time.perf_counter() - t0:.1f} s wall")
         t = Table(title=f"{name}: tokens/s, {args.threads} threads, median of {args.rounds} interleaved rounds "
                         f"(decode: {args.new_tokens} tokens after {args.prompt}, KV cache)")
-        for col in ("system", "decode", *[f"prefill {n}" for n in args.prefill], "decode vs llama.cpp"):
+        long_col = [f"decode after {args.long_prompt}"] if args.long_prompt else []
+        for col in ("system", "decode", *[f"prefill {n}" for n in args.prefill], *long_col, "decode vs llama.cpp",
+                    *[f"{c} vs llama.cpp" for c in long_col]):
             t.add_column(col)
         for prec in args.precisions:
-            llama = f"llama.cpp {LLAMA_NAME[prec]}"
+            llamas = [s for s in systems if s.startswith(f"llama.cpp {LLAMA_NAME[prec]}")]
             ours = [s for s in systems if s.startswith((f"moec {prec}", f"moec onnxruntime {prec}"))]
-            for label in (*ours, llama):
-                med = {k: statistics.median(v) for k, v in speed[label].items()}
-                ratio = med["decode"] / statistics.median(speed[llama]["decode"])
-                t.add_row(label, f"{med['decode']:.0f}", *[f"{med[n]:.0f}" for n in args.prefill], f"{ratio:.2f}x")
+            med = {label: {k: statistics.median(v) for k, v in speed[label].items()} for label in (*ours, *llamas)}
+            best = {k: max(med[label][k] for label in llamas) for k in columns}  # the faster llama.cpp row
+            for label in (*ours, *llamas):
+                ratios = [f"{med[label][k] / best[k]:.2f}x" for k in ("decode", *(["long"] if long_col else []))]
+                t.add_row(label, f"{med[label]['decode']:.0f}", *[f"{med[label][n]:.0f}" for n in args.prefill],
+                          *[f"{med[label]['long']:.0f}" for _ in long_col], ratios[0], *ratios[1:])
         console.print(t)
 
 
