@@ -118,12 +118,26 @@ def greedy(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: in
     bind = _Binding(session)
     for name, past in zip(names[3:], empty_past(layout, B, ids.shape[1] + new if kept else 0)):
         bind.input(name, past)
+    # after the prompt, a session that keeps its cache in place takes the token and its position from two arrays
+    # bound once and written in place, and writes the logits into a third: a step then costs Python a few small
+    # operations, each slow with the caches cold after the step
+    steady = kept and session.get_outputs()[0].type == "tensor(float)"
+    full = np.ones((B, ids.shape[1] + new), mask.dtype)  # the mask of every step: step t reads its first T columns
+    full[:, :mask.shape[1]] = mask
+    T = mask.shape[1]
     for step in range(new):
-        bind.input("input_ids", feed)
-        bind.input("attention_mask", mask)
-        bind.input("position_ids", pos)
-        outs = bind.run(outputs)  # each step's presents are new arrays: the last ones are this step's past
-        scores = outs[0].numpy()[:, -1].astype(np.float32)  # [B, V], as HF's greedy search takes them
+        if step < 2 or not steady:
+            bind.input("input_ids", feed)
+            bind.input("position_ids", pos)
+        bind.input("attention_mask", full[:, :T])
+        if step and steady:
+            bind.run_bound()
+            scores = logits[:, -1]  # [B, V] float32, the bound buffer
+        else:
+            outs = bind.run(outputs)  # each step's presents are new arrays: the last ones are this step's past
+            scores = outs[0].numpy()[:, -1].astype(np.float32)  # [B, V], as HF's greedy search takes them
+            if steady:  # from the next step on, the logits [B, 1, V] go into one array
+                logits = bind.output(outputs[0], (B, 1, scores.shape[-1]))
         if stop is not None and step < min_new:
             scores[:, stop] = -np.inf
         token = scores.argmax(-1)  # [B]: the first maximum (NaN first), as torch.argmax
@@ -135,9 +149,12 @@ def greedy(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: in
             break
         for i, name in enumerate([] if kept else names[3:]):
             bind.value(name, outs[i + 1])
-        feed, pos = token[:, None].astype(feed.dtype), count.copy()
+        if steady and step:
+            feed[:, 0], pos[:, 0] = token, count[:, 0]
+        else:
+            feed, pos = token[:, None].astype(feed.dtype), count.copy()
         count += 1
-        mask = np.concatenate([mask, np.ones((B, 1), mask.dtype)], 1)
+        T += 1
     out = torch.from_numpy(np.stack(tokens, 1)).long()
     return torch.cat([ids.cpu().long(), out], 1).to(ids.device)  # int64, as HF's
 
@@ -170,3 +187,15 @@ class _Binding:
             self.raw.bind_output(name, self.cpu)
         self.session.run_with_iobinding(self.raw, None)
         return list(self.raw.get_outputs())
+
+    def output(self, name: str, shape: tuple) -> np.ndarray:
+        """a float32 array of `shape` that the session's output `name` is written into from the next run on (the
+        only output then)"""
+        self.held[name] = array = np.empty(shape, np.float32)
+        self.raw.clear_binding_outputs()
+        self.raw.bind_output(name, self.cpu, array.dtype, list(shape), array.ctypes.data)
+        return array
+
+    def run_bound(self) -> None:
+        """a run into the outputs bound by `output`"""
+        self.session.run_with_iobinding(self.raw, None)
