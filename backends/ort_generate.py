@@ -15,7 +15,8 @@ for plain greedy search, this loop runs it with nothing else per token:
     token = pad where the row already ended (eos)         # then rows that hit eos end
     past = present; mask += [1]; positions = each row's count of real tokens
     (a session that keeps its cache in place, moec::CachedAttention's: the pasts are arrays with room for every
-    token of the call, bound once; the session writes each step's rows there and hands back the logits alone)
+    token of the call, bound once; the session writes each step's rows there and hands back the logits alone;
+    after the prompt the token, its position and the logits are arrays bound once too, written in place)
 
 and returns input_ids with the new tokens, ending when every row hit eos or after max_new_tokens: HF's
 greedy search, token for token (tests/test_ort_generate.py). A plain greedy call is: max_new_tokens given,
