@@ -79,16 +79,17 @@ def _check(x, H, KVH, tol=1e-5):
 
 @pytest.mark.parametrize("B,S,P", [(1, 1, 0), (1, 1, 61), (2, 1, 300), (1, 16, 0), (3, 7, 5), (1, 200, 0),
                                    (2, 64, 100)])
-@pytest.mark.parametrize("H,KVH,D", [(8, 2, 64), (4, 4, 20), (6, 1, 128), (6, 2, 40)])
+@pytest.mark.parametrize("H,KVH,D", [(8, 2, 64), (4, 4, 20), (6, 1, 128), (6, 2, 40), (4, 4, 16)])
 @pytest.mark.parametrize("sinks", [False, True])
 def test_node_equals_ort_gqa(B, S, P, H, KVH, D, sinks):
     """Decode steps (one token, past 0 to 300) run on the calling thread; prompts of 64-200 tokens on ORT's pool.
     D=20: a head size that is not a multiple of the 8-float vectors; 6 heads on one kv head: a group of 4 and one of
-    2 in the weighted sum; D=40: two passes of 16 channels and one of 8."""
+    2 in the weighted sum; D=40: two passes of 16 channels and one of 8; 4 heads on 4 kv heads (multi-head
+    attention): groups of one head."""
     _check(_inputs(B, S, P, H, KVH, D, sinks, pad=2 if B > 1 else 0), H, KVH)
 
 
-@pytest.mark.parametrize("H,KVH,D", [(8, 2, 64), (4, 4, 20), (3, 1, 24)])
+@pytest.mark.parametrize("H,KVH,D", [(8, 2, 64), (4, 4, 20), (3, 1, 24), (2, 2, 32)])
 def test_a_prompt_equals_its_tokens_one_at_a_time(H, KVH, D):
     """Each query's numbers are its own: a 37-token prompt over a past of 13 (padded rows, sinks) gives, to the bit,
     what 37 one-token steps give, each over the past and the tokens before it (the keys' blocks of 8 and the heads'
