@@ -22,11 +22,14 @@ in place: the session's callers give each past room and the step hands back the 
 
 Why: at decode ORT's GroupQueryAttention took ~22 us a layer for one token over 61 positions (a one-node session:
 31 us, this op's 16, an Identity's 8.6), for work of a few microseconds. This kernel:
-per (batch, kv head, query) the query heads that share the kv head together: fp32 logits with AVX2 dot products,
-8 keys at a time (each key's row read from L1 by every head, the 8 sums reduced at once as a single one would be),
-the softmax with a vectorised exp (correctly rounded: ort_kernels' exp8), the weighted sum of values in registers
-(16 channels of up to 4 heads per pass over the values, each value row read once for the heads); the past copied
-into the present once. A query's numbers do not depend on the other queries of the call (decode and prefill agree
+per (batch, kv head, query) the query heads that share the kv head together: fp32 logits with 8-lane dot products,
+8 keys at a time (each key's row read from L1 by every head, the 8 sums reduced at once as a single one would be;
+with AVX-512 two heads a register, one in each half), the rows 32 keys on prefetched (at decode the cache comes
+from DRAM: the experts' weights pass through the L3 between two steps), the softmax with a vectorised exp
+(correctly rounded: ort_kernels' exp8), the weighted sum of values in registers (up to 64 channels (AVX-512; 16
+with AVX2) of up to 4 heads per pass over the values, each value row read once for the heads); the past copied into
+the present once. The vector widths change which lanes run together, not any number's sequence of operations: the
+outputs are the same bits with or without AVX-512. A query's numbers do not depend on the other queries of the call (decode and prefill agree
 to the bit). Work is split over ORT's pool (KernelContext_ParallelFor) only when it is large enough to
 pay for waking a thread (prefill).
 Positions whose bias is -inf or below -FLT_MAX/2 (HF's masks use the float minimum) are skipped: their probability
@@ -76,9 +79,27 @@ INLINE __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m25
 
 INLINE int masked(float b) { return b <= -FLT_MAX / 2; }  /* -inf too */
 
+#ifdef __AVX512F__
+/* hsum8 on each 256-bit half of a0..a7 (two heads' 8 sums at once): the same pairs added in the same order, so the
+   same bits as hsum8 on each half */
+INLINE __m512 hsum8x2(__m512 a0, __m512 a1, __m512 a2, __m512 a3, __m512 a4, __m512 a5, __m512 a6, __m512 a7) {
+    /* per half: [x.lo, y.lo] + [x.hi, y.hi] (128-bit quarters), as hsum8's permute2f128 pairs */
+    const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
+                  hi = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+#define HALVES(x, y) _mm512_add_ps(_mm512_permutex2var_ps(x, lo, y), _mm512_permutex2var_ps(x, hi, y))
+    __m512 h0 = HALVES(a0, a4), h1 = HALVES(a1, a5), h2 = HALVES(a2, a6), h3 = HALVES(a3, a7);
+#undef HALVES
+    __m512 q01 = _mm512_add_ps(_mm512_shuffle_ps(h0, h1, 0x44), _mm512_shuffle_ps(h0, h1, 0xEE));
+    __m512 q23 = _mm512_add_ps(_mm512_shuffle_ps(h2, h3, 0x44), _mm512_shuffle_ps(h2, h3, 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(q01, q23, 0x88), _mm512_shuffle_ps(q01, q23, 0xDD));
+}
+#endif
+
 /* l[r][i] = q_r . K[at[i]] * scale + bias[at[i]] for the rep query heads r (q_r at q + r*D, l[r] at l + r*ld) and
    i < n (D a multiple of 8): 8 keys at a time, their rows read from L1 by every head, each dot summed as dot_f32
-   sums it */
+   sums it (with AVX-512 two heads at once, one in each half of a register: each half's lanes do what one head's
+   AVX2 lanes do) */
+#define PF_KEYS 32
 static void logits8(const float *q, int64_t rep, const float *K, const int64_t *at, int64_t n, int64_t D,
                     float scale, const float *bias, float *l, int64_t ld) {
     int64_t i = 0;
@@ -86,7 +107,27 @@ static void logits8(const float *q, int64_t rep, const float *K, const int64_t *
         const float *k[8];
         float b[8];
         UNROLL for (int j = 0; j < 8; j++) k[j] = K + at[i + j] * D, b[j] = bias[at[i + j]];
-        for (int64_t r = 0; r < rep; r++) {
+        if (i + PF_KEYS + 8 <= n)  /* the rows PF_KEYS keys on, from memory while these are summed */
+            for (int j = 0; j < 8; j++)
+                for (int64_t c = 0; c < D; c += 16) _mm_prefetch((const char *)(K + at[i + PF_KEYS + j] * D + c), _MM_HINT_T0);
+        int64_t r = 0;
+#ifdef __AVX512F__
+        for (; r + 2 <= rep; r += 2) {  /* heads r (low half) and r + 1 (high half) */
+            __m512 a[8];
+            UNROLL for (int j = 0; j < 8; j++) a[j] = _mm512_setzero_ps();
+            for (int64_t d = 0; d < D; d += 8) {
+                __m512 qv = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(q + r * D + d)),
+                                               _mm256_loadu_ps(q + (r + 1) * D + d), 1);
+                UNROLL for (int j = 0; j < 8; j++)
+                    a[j] = _mm512_fmadd_ps(qv, _mm512_broadcast_f32x8(_mm256_loadu_ps(k[j] + d)), a[j]);
+            }
+            __m512 dots = hsum8x2(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
+            __m512 lr = _mm512_fmadd_ps(dots, _mm512_set1_ps(scale), _mm512_broadcast_f32x8(_mm256_loadu_ps(b)));
+            _mm256_storeu_ps(l + r * ld + i, _mm512_castps512_ps256(lr));
+            _mm256_storeu_ps(l + (r + 1) * ld + i, _mm512_extractf32x8_ps(lr, 1));
+        }
+#endif
+        for (; r < rep; r++) {
             __m256 a[8];
             UNROLL for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
             for (int64_t d = 0; d < D; d += 8) {
@@ -114,22 +155,50 @@ INLINE float max_logit(const float *l, int64_t n) {
     return m;
 }
 
-/* heads r < NH: o_r[d0:d0+8*NV] = sum over i < n, in order, of p_r[i] * V[at[i]][d0:...] (p_r at p + r*ld, o_r at
-   o + r*D): each V row read once for the heads, the sums in registers */
+/* the value sums' vectors: 16 channels with AVX-512 (up to 4 a pass: a head of 64 in one pass over the values), 8
+   with AVX2 (up to 2: registers); a vector's lanes are channels, so each channel's sum is the same sequence of FMAs
+   either way */
+#ifdef __AVX512F__
+typedef __m512 vsum;
+#define VW 16
+#define VMAX 4
+INLINE __mmask16 vmask(int n) { return (__mmask16)((1u << n) - 1); }
+#define VLOAD(p, n) _mm512_maskz_loadu_ps(vmask(n), p)
+#define VSTORE(p, x, n) _mm512_mask_storeu_ps(p, vmask(n), x)
+#define VSET1 _mm512_set1_ps
+#define VZERO _mm512_setzero_ps
+#define VFMA _mm512_fmadd_ps
+#else
+typedef __m256 vsum;
+#define VW 8
+#define VMAX 2
+#define VLOAD(p, n) _mm256_loadu_ps(p)  /* n == 8: D is a multiple of 8 */
+#define VSTORE(p, x, n) _mm256_storeu_ps(p, x)
+#define VSET1 _mm256_set1_ps
+#define VZERO _mm256_setzero_ps
+#define VFMA _mm256_fmadd_ps
+#endif
+
+/* heads r < NH: o_r[d0:d0+dn] = sum over i < n, in order, of p_r[i] * V[at[i]][d0:d0+dn] (p_r at p + r*ld, o_r at
+   o + r*D; dn channels in NV vectors, the last one `last` wide): each V row read once for the heads, the sums in
+   registers */
 INLINE void weighted_rows(const float *p, int64_t ld, const float *V, const int64_t *at, int64_t n, int64_t D,
-                          int64_t d0, float *o, const int NH, const int NV) {
-    __m256 a[4][2];
-    UNROLL for (int r = 0; r < NH; r++) UNROLL for (int v = 0; v < NV; v++) a[r][v] = _mm256_setzero_ps();
+                          int64_t d0, float *o, const int NH, const int NV, int last) {
+    vsum a[4][VMAX];
+    UNROLL for (int r = 0; r < NH; r++) UNROLL for (int v = 0; v < NV; v++) a[r][v] = VZERO();
     for (int64_t i = 0; i < n; i++) {
         const float *vi = V + at[i] * D + d0;
-        __m256 x[2];
-        UNROLL for (int v = 0; v < NV; v++) x[v] = _mm256_loadu_ps(vi + 8 * v);
+        if (i + PF_KEYS < n)
+            UNROLL for (int v = 0; v < NV; v++) _mm_prefetch((const char *)(V + at[i + PF_KEYS] * D + d0 + VW * v), _MM_HINT_T0);
+        vsum x[VMAX];
+        UNROLL for (int v = 0; v < NV; v++) x[v] = VLOAD(vi + VW * v, v == NV - 1 ? last : VW);
         UNROLL for (int r = 0; r < NH; r++) {
-            __m256 w = _mm256_set1_ps(p[r * ld + i]);
-            UNROLL for (int v = 0; v < NV; v++) a[r][v] = _mm256_fmadd_ps(w, x[v], a[r][v]);
+            vsum w = VSET1(p[r * ld + i]);
+            UNROLL for (int v = 0; v < NV; v++) a[r][v] = VFMA(w, x[v], a[r][v]);
         }
     }
-    UNROLL for (int r = 0; r < NH; r++) UNROLL for (int v = 0; v < NV; v++) _mm256_storeu_ps(o + r * D + d0 + 8 * v, a[r][v]);
+    UNROLL for (int r = 0; r < NH; r++)
+        UNROLL for (int v = 0; v < NV; v++) VSTORE(o + r * D + d0 + VW * v, a[r][v], v == NV - 1 ? last : VW);
 }
 
 /* the rep = H / KVH query heads of kv head `kv` at query s of batch row b (their q and out rows are adjacent) */
@@ -179,12 +248,23 @@ static void attend_item(void *p, size_t item) {
         float inv = 1.f / sum;
         for (i = 0; i < n; i++) lr[i] *= inv;
     }
-    if (D % 8 == 0) {  /* 16 channels of up to 4 heads at a time */
+    if (D % 8 == 0) {  /* up to VMAX vectors of channels of up to 4 heads at a time */
         for (int64_t r = 0; r < rep; r += 4)
-            for (int64_t d = 0; d < D; d += 16) {
-                int nh = rep - r < 4 ? (int)(rep - r) : 4, two = D - d >= 16;
-#define ROWS(NH) weighted_rows(l + r * ld, ld, V, at, n, D, d, out + r * D, NH, two ? 2 : 1)
-                switch (nh) { case 1: ROWS(1); break; case 2: ROWS(2); break; case 3: ROWS(3); break; default: ROWS(4); }
+            for (int64_t d = 0; d < D; d += VMAX * VW) {
+                int64_t dn = D - d < VMAX * VW ? D - d : VMAX * VW;
+                int nh = rep - r < 4 ? (int)(rep - r) : 4, nv = (int)((dn + VW - 1) / VW), last = (int)(dn - (nv - 1) * VW);
+#define ROWS(NH, NV) weighted_rows(l + r * ld, ld, V, at, n, D, d, out + r * D, NH, NV, last)
+#define HEADS(NV) switch (nh) { case 1: ROWS(1, NV); break; case 2: ROWS(2, NV); break; case 3: ROWS(3, NV); break; \
+                                default: ROWS(4, NV); }
+                switch (nv) {
+                case 1: HEADS(1); break;
+                case 2: HEADS(2); break;
+#if VMAX > 2
+                case 3: HEADS(3); break;
+                default: HEADS(4);
+#endif
+                }
+#undef HEADS
 #undef ROWS
             }
     } else {
