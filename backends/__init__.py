@@ -6,7 +6,7 @@
 - `triton`: grouped-GEMM Triton kernels (`triton_experts`; routing stays torch's ops), CUDA;
   also runs on CPU tensors under TRITON_INTERPRET=1 (slow; for tests).
 - `onnxruntime`: the whole model exported (moec.export_onnx) and run in an InferenceSession (`ort_session`);
-  plain greedy `generate` in one loop around it (`ort_generate`).
+  plain greedy and sampling `generate` in one loop around it (`ort_generate`).
 """
 
 from __future__ import annotations

@@ -1,17 +1,22 @@
-"""backend="onnxruntime": greedy `model.generate` as one loop around the KV-cache session.
+"""backend="onnxruntime": greedy and sampled `model.generate` as one loop around the KV-cache session.
 
     model = moec.compile(model, backend="onnxruntime")
     model.generate(input_ids, attention_mask=mask, max_new_tokens=64, do_sample=False)   # this loop
-    model.generate(input_ids, max_new_tokens=64, do_sample=True, top_p=0.9)              # HF's generate
+    model.generate(input_ids, max_new_tokens=64, do_sample=True, top_p=0.9)              # this loop, sampled
+    model.generate(input_ids, max_new_tokens=64, num_beams=2)                            # HF's generate
 
 Around a session step of a small model (1.5-2 ms), HF's generate spends ~0.5 ms a token in Python (inputs
-prepared, processors, stopping criteria) and the backend's HF-cache mirror another ~0.4 ms. When a call asks
-for plain greedy search, this loop runs it with nothing else per token:
+prepared, processors, stopping criteria) and the backend's HF-cache mirror another ~0.4 ms: sampled through it,
+the Mixtral-style benchmark model decoded at half its greedy rate in this loop. When a call asks for plain greedy
+search or plain sampling, this loop runs it with nothing else per token:
 
     logits, present = session(ids [B, S], mask [B, P+S], positions [B, S], past)  # the prompt, then S = 1
-    scores = float32(logits[:, -1])                      # [B, V], as HF's greedy search takes them
-    scores[:, eos] = -inf  while fewer than min_new_tokens are out
-    token = argmax(scores)                                # the first maximum, like torch.argmax
+    scores = float32(logits[:, -1])                      # [B, V], as HF's search takes them (a bf16 model's
+                                                         # logits rounded to bf16 first, as its forward gives them)
+    greedy:  scores[:, eos] = -inf  while fewer than min_new_tokens are out
+             token = argmax(scores)                       # the first maximum, like torch.argmax
+    sampled: scores = processors(sequence so far, scores) # HF's own, built from the call's generation config
+             token = multinomial(softmax(scores), 1)      # as HF's sampling draws it: same seed, same tokens
     token = pad where the row already ended (eos)         # then rows that hit eos end
     past = present; mask += [1]; positions = each row's count of real tokens
     (a session that keeps its cache in place, moec::CachedAttention's: the pasts are arrays with room for every
@@ -19,11 +24,12 @@ for plain greedy search, this loop runs it with nothing else per token:
     after the prompt the token, its position and the logits are arrays bound once too, written in place)
 
 and returns input_ids with the new tokens, ending when every row hit eos or after max_new_tokens: HF's
-greedy search, token for token (tests/test_ort_generate.py). A plain greedy call is: max_new_tokens given,
-no sampling or beams, no logits processor, stopping criterion, streamer, return_dict_in_generate or
+greedy search or sampling, token for token (tests/test_ort_generate.py). A plain call is: max_new_tokens given,
+no beams, one sequence a prompt, no logits processor, stopping criterion, streamer, return_dict_in_generate or
 generation_config argument, no right padding, and a model generation config that differs from the defaults
-only in length, special tokens and sampling knobs greedy search ignores. Any other call runs HF's generate,
-which calls the session one step at a time.
+only in length, special tokens, do_sample and the sampling knobs (temperature, top_k, top_p, min_p, typical_p,
+epsilon_cutoff, eta_cutoff, top_h; greedy search ignores them). Any other call runs HF's generate, which calls
+the session one step at a time.
 """
 
 from __future__ import annotations
@@ -33,13 +39,14 @@ import copy
 import numpy as np
 import torch
 
-# generation-config fields a plain greedy call may set: lengths and special tokens (read by this loop), the
-# sampling and beam knobs greedy search never reads, and bookkeeping
+# generation-config fields a plain call may set: lengths and special tokens (read by this loop), the sampling knobs
+# (HF's processors built from them when sampling; greedy search never reads them), the beam knobs neither reads,
+# and bookkeeping
 _FREE = {"max_new_tokens", "max_length", "min_new_tokens", "eos_token_id", "pad_token_id", "bos_token_id",
-         "temperature", "top_k", "top_p", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff", "length_penalty",
-         "early_stopping", "use_cache", "transformers_version", "_from_model_config"}
-# fields that may also hold these values, which ask for plain greedy search
-_NEUTRAL = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "min_length": 0,
+         "do_sample", "temperature", "top_k", "top_p", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff", "top_h",
+         "length_penalty", "early_stopping", "use_cache", "transformers_version", "_from_model_config"}
+# fields that may also hold these values, which ask for plain greedy search or sampling
+_NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "min_length": 0,
             "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
             "encoder_no_repeat_ngram_size": 0, "num_beam_groups": 1, "diversity_penalty": 0.0,
             "remove_invalid_values": False, "output_attentions": False, "output_hidden_states": False,
@@ -47,22 +54,23 @@ _NEUTRAL = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "min_
 
 
 class OrtGenerate:
-    """model.generate on backend="onnxruntime": plain greedy calls run `greedy`, others HF's generate."""
+    """model.generate on backend="onnxruntime": plain greedy and sampling calls run `loop`, others HF's
+    generate."""
 
     def __init__(self, forward):
         self.forward = forward  # the model's OrtForward
 
     def __call__(self, inputs=None, generation_config=None, *args, **kwargs):
         model = self.forward.model
-        plan = None if args else _plain_greedy(model, inputs, generation_config, dict(kwargs))
+        plan = None if args else _plain(model, inputs, generation_config, dict(kwargs))
         if plan is None:  # (positional args: HF's logits_processor, stopping_criteria ...)
             return type(model).generate(model, inputs, generation_config, *args, **kwargs)
-        return greedy(self.forward, *plan)
+        return loop(self.forward, *plan)
 
 
-def _plain_greedy(model, inputs, generation_config, kwargs) -> tuple | None:
-    """(input_ids, attention_mask, max_new_tokens, min_new_tokens, eos ids, pad id) of a plain greedy call, else
-    None."""
+def _plain(model, inputs, generation_config, kwargs) -> tuple | None:
+    """(input_ids, attention_mask, max_new_tokens, min_new_tokens, eos ids, pad id, HF's logits processors when
+    sampling else None) of a plain greedy or sampling call, else None."""
     from transformers import GenerationConfig
 
     if inputs is None:
@@ -96,12 +104,23 @@ def _plain_greedy(model, inputs, generation_config, kwargs) -> tuple | None:
         mask = torch.ones_like(inputs)
     if not isinstance(mask, torch.Tensor) or mask.shape != inputs.shape or bool((mask[:, 1:] < mask[:, :-1]).any()):
         return None  # right padding: HF's positions for the new tokens are its own
-    return inputs, mask, new, config.min_new_tokens or 0, eos, pad
+    processors = None
+    if config.do_sample:  # HF's processors for this call, its config prepared as its generate prepares it
+        try:
+            config, _ = model._prepare_generation_config(None, **kwargs)  # global defaults too (top_k 50)
+            model._prepare_special_tokens(config, True, device=inputs.device, batch_size=inputs.shape[0])
+            processors = model._get_logits_processor(generation_config=config, input_ids_seq_length=inputs.shape[1],
+                                                     encoder_input_ids=inputs, device=inputs.device,
+                                                     model_kwargs={"attention_mask": mask})
+        except Exception:  # noqa: BLE001 - a config HF refuses (or an HF without these): its generate says why
+            return None
+    return inputs, mask, new, config.min_new_tokens or 0, eos, pad, processors
 
 
-def greedy(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int, eos: list[int] | None,
-           pad: int | None) -> torch.Tensor:
-    """Greedy search in the KV-cache session (the module docstring); [B, S] -> [B, S + up to `new`]. In numpy, the
+def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int, eos: list[int] | None,
+         pad: int | None, processors=None) -> torch.Tensor:
+    """Greedy search, or sampling with HF's logits `processors`, in the KV-cache session (the module docstring);
+    [B, S] -> [B, S + up to `new`]. In numpy (sampling: HF's processors and draw in torch), the
     presents handed back to the session as its OrtValues (an IOBinding): per token, torch's dispatch of ~15 small
     ops cost ~0.15 ms, as much as a tenth of the step. After a step the weights have gone through the CPU's caches:
     each Python operation then costs several times what it does warm (np.isin 60 us, not 11), hence few of them."""
@@ -125,7 +144,11 @@ def greedy(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: in
     steady = kept and session.get_outputs()[0].type == "tensor(float)"
     full = np.ones((B, ids.shape[1] + new), mask.dtype)  # the mask of every step: step t reads its first T columns
     full[:, :mask.shape[1]] = mask
-    T = mask.shape[1]
+    T = S = mask.shape[1]
+    bf16 = forward._bf16()  # its session computes in fp32; its forward hands back bf16 logits, as the model does
+    if processors is not None:  # what HF's processors read: the prompt, then each step's tokens (pads too)
+        seq = torch.zeros(B, S + new, dtype=torch.long)
+        seq[:, :S] = ids.cpu()
     for step in range(new):
         if step < 2 or not steady:
             bind.input("input_ids", feed)
@@ -136,15 +159,23 @@ def greedy(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: in
             scores = logits[:, -1]  # [B, V] float32, the bound buffer
         else:
             outs = bind.run(outputs)  # each step's presents are new arrays: the last ones are this step's past
-            scores = outs[0].numpy()[:, -1].astype(np.float32)  # [B, V], as HF's greedy search takes them
+            scores = outs[0].numpy()[:, -1].astype(np.float32)  # [B, V], as HF's search takes them
             if steady:  # from the next step on, the logits [B, 1, V] go into one array
                 logits = bind.output(outputs[0], (B, 1, scores.shape[-1]))
-        if stop is not None and step < min_new:
-            scores[:, stop] = -np.inf
-        token = scores.argmax(-1)  # [B]: the first maximum (NaN first), as torch.argmax
+        if bf16:
+            scores = torch.from_numpy(scores).bfloat16().float().numpy()
+        if processors is None:
+            if stop is not None and step < min_new:
+                scores[:, stop] = -np.inf
+            token = scores.argmax(-1)  # [B]: the first maximum (NaN first), as torch.argmax
+        else:  # HF's sampling step (min_new_tokens: one of its processors)
+            probs = torch.softmax(processors(seq[:, :S + step], torch.from_numpy(scores)), -1)
+            token = torch.multinomial(probs, num_samples=1)[:, 0].numpy()
         if stop is not None:
             token[ended] = pad
             ended |= (token[:, None] == stop).any(-1)  # np.isin: ~50 us a token with the caches cold
+        if processors is not None:
+            seq[:, S + step] = torch.from_numpy(token)
         tokens.append(token)
         if ended.all():
             break

@@ -14,7 +14,7 @@ returns the model's own output class with the cache, and is fed the past this fo
 returned before for that cache object (the whole past: a sliding-window layer's HF cache is cropped), and
 the new keys/values are appended to the HF cache so `generate` counts positions as usual (attention as
 GroupQueryAttention nodes, moec.export_gqa: a call of several tokens after a past at batch > 1, which ORT's
-kernel refuses, runs one row at a time); their plain greedy `generate` calls run in one loop around the session
+kernel refuses, runs one row at a time); their plain greedy and sampling `generate` calls run in one loop around the session
 (backends/ort_generate.py). On the CPU provider moec's own kernels run inside the session (a custom-op library,
 backends/ort_kernels.py, registered on the session options; on a caller's ort.SessionOptions once, which keeps
 it): int4 experts where a block fits them (else ORT's QMoE), int4 dense MatMuls, and fp32 models' attention
@@ -592,7 +592,7 @@ def install(model: nn.Module, report, providers, options, quantize, dense) -> No
         forward.use_cache = model.generation_config.use_cache
         model.generation_config.use_cache = False  # the exported graph has no KV cache
     model.forward = forward
-    if forward.cached:  # plain greedy search in one loop around the session (backends/ort_generate.py)
+    if forward.cached:  # plain greedy search and sampling in one loop around the session (backends/ort_generate.py)
         from moec.backends.ort_generate import OrtGenerate
 
         model.generate = OrtGenerate(forward)

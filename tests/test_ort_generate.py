@@ -1,6 +1,6 @@
-"""backend="onnxruntime": plain greedy `generate` calls run moec's loop around the session
-(backends/ort_generate.py), token for token HF's greedy search on the original model; every other call runs HF's
-generate."""
+"""backend="onnxruntime": plain greedy and sampling `generate` calls run moec's loop around the session
+(backends/ort_generate.py), token for token HF's greedy search or seeded sampling on the original model; every other
+call runs HF's generate."""
 
 import copy
 
@@ -10,7 +10,7 @@ from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 import moec
 from moec import models
-from moec.backends import ort_generate
+from moec.backends import ort_generate, ort_session
 
 from conftest import rel_err
 
@@ -25,10 +25,10 @@ def pair(request):
 
 @pytest.fixture
 def loops(monkeypatch):
-    """How many generate calls ran moec's greedy loop."""
+    """How many generate calls ran moec's loop."""
     ran = []
-    greedy = ort_generate.greedy
-    monkeypatch.setattr(ort_generate, "greedy", lambda *a: ran.append(1) or greedy(*a))
+    loop = ort_generate.loop
+    monkeypatch.setattr(ort_generate, "loop", lambda *a: ran.append(1) or loop(*a))
     return ran
 
 
@@ -96,7 +96,40 @@ def test_weights_changed_after_compile(pair, loops):
 
 
 @pytest.mark.parametrize("kw", [
-    dict(do_sample=True, top_k=5),
+    dict(do_sample=True),  # top_k 50, the default
+    dict(do_sample=True, top_k=5, temperature=0.7),
+    dict(do_sample=True, top_p=0.8, min_p=0.05),
+    dict(do_sample=True, typical_p=0.9, temperature=1.3),
+    dict(do_sample=True, top_k=0, epsilon_cutoff=3e-4),
+], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_sampling_equals_hf(pair, loops, kw, batch):
+    """Plain sampling runs the loop: HF's processors for the call's config, then its draw (softmax, multinomial).
+    With the same seed, the same tokens as HF's generate over the same session (the same logits: exactly) and as
+    the original model; left-padded rows, min_new_tokens holding eos back, rows ending at eos and padded."""
+    model, ref = pair
+    ids, mask = _prompt(model, batch, 6, seed=11)
+    torch.manual_seed(1)
+    eos = int(torch.randint(3, model.config.vocab_size, ()))
+    kw = dict(attention_mask=mask, max_new_tokens=24, min_new_tokens=3, eos_token_id=eos, pad_token_id=0, **kw)
+    out = {}
+    with torch.no_grad():
+        for name, generate in (("loop", model.generate), ("hf", lambda i, **k: type(model).generate(model, i, **k)),
+                               ("original", ref.generate)):
+            torch.manual_seed(5)
+            out[name] = generate(ids, **kw)
+            if name == "loop":
+                after = torch.rand(3)  # the loop drew from torch's generator as many times as HF's sampling does
+            elif name == "hf":
+                assert torch.equal(torch.rand(3), after)
+    assert loops == [1]
+    assert torch.equal(out["loop"], out["hf"]) and torch.equal(out["loop"], out["original"])
+    assert out["loop"].shape[1] > ids.shape[1] + 3
+
+
+@pytest.mark.parametrize("kw", [
+    dict(do_sample=True, num_return_sequences=2),
+    dict(do_sample=True, repetition_penalty=1.5),
     dict(repetition_penalty=1.5),
     dict(num_beams=2),
     dict(logits_processor=LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.5)])),
@@ -243,3 +276,27 @@ def test_more_calls_found_by_a_hostile_probe(pair, loops):
         again = moec.compile(copy.deepcopy(model), backend="torch")
         assert "forward" not in again.__dict__ and moec.inspect(again).backend == "torch"
         assert rel_err(again(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits) < 1e-5
+
+
+@pytest.mark.skipif(not ort_session.runs_bf16(["CPUExecutionProvider"]), reason="bf16 models need moec's AVX-512 kernels")
+@pytest.mark.parametrize("kw", [dict(do_sample=False), dict(do_sample=True, top_k=8)], ids=["greedy", "sampled"])
+def test_a_bf16_models_logits_are_taken_in_bf16(kw):
+    """A bf16 model's session computes its logits in fp32; its forward hands them back in bf16, as the model gives
+    them, and HF's search takes those. The loop rounds them the same way: an lm_head whose rows share a large
+    component puts many logits within one bf16 step of each other, where fp32 and bf16 pick different tokens."""
+    ref = models.tiny_model("mixtral", dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        w = ref.lm_head.weight
+        w.copy_(w[:1] * 30 + w * 0.05)  # logit j = 30 * (row 0 . h) + small: ties after rounding to bf16
+    model = moec.compile(ref, backend="onnxruntime")
+    ids, mask = _prompt(model, 2, 5, seed=12)
+    kw = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=None, **kw)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        got = model.generate(ids, **kw)
+        torch.manual_seed(3)
+        want = type(model).generate(model, ids, **kw)
+        logits = model(input_ids=want, attention_mask=torch.cat([mask, torch.ones_like(want[:, 5:])], 1)).logits
+    assert torch.equal(got, want)
+    top = logits.float().topk(2, -1).values
+    assert bool((top[..., 0] == top[..., 1]).any())  # ties in bf16 did occur
