@@ -3,7 +3,7 @@
     pip install llama-cpp-python gguf      # llama-cpp-python builds llama.cpp (several minutes on 2 cores)
     python benchmarks/bench_llamacpp.py [--models mix qmoe] [--prompt 16] [--new-tokens 64] [--prefill 64 512]
                                         [--rounds 3] [--threads 2] [--precisions fp32 bf16 int8 int4] [--onnx]
-                                        [--linears-off] [--qmoe] [--long-prompt 1024] [--flash-attn]
+                                        [--linears-off] [--qmoe] [--long-prompt 1024] [--flash-attn] [--sample]
 
 Models (random weights, fp32): "mix" = moec.models.demo_model() (Mixtral-style: hidden 512, 8 experts of 1792,
 top-2, 4 layers); "qmoe" = a Qwen2-MoE of hidden 512, 4 layers, 64 experts of 320, top-6, a shared expert of
@@ -29,7 +29,10 @@ so that neither the prompt's prefill nor the call's set-up is in it (sections of
 2026-12-05's eighteenth session timed the whole call, the 16-token prompt included). --long-prompt N adds a column:
 decode after an N-token prompt, timed the same way. --flash-attn adds llama.cpp rows with flash attention on
 (llama-cpp-python's flash_attn=True; off by default in 0.3.x); the ratio columns compare with the faster llama.cpp
-row of each precision.
+row of each precision. --sample adds a column: decode sampling top-k 50 at temperature 1 instead of greedy, timed
+the same way (moec: `generate(do_sample=True, top_k=50)`, HF's processors and draw; on backend="onnxruntime" in
+moec's loop; llama.cpp: llama-cpp-python's `generate` with its sampler chain set to top_k=50, top_p=1, min_p=0,
+temp=1).
 Skips cleanly (exit 0, a message) where llama-cpp-python or gguf is not installed. Never in CI.
 Do not run it with OMP_WAIT_POLICY=PASSIVE: llama.cpp's OpenMP threads then sleep at each of the hundreds of
 barriers in a token, and its decode fell 2-7x (q4_0 on mix: 200 tokens/s instead of 1468).
@@ -173,8 +176,11 @@ class LlamaCpp:
         self.llm.eval(ids[0].tolist())
         return torch.from_numpy(np.array(self.llm.scores[:ids.shape[1]]))
 
-    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, sample: bool = False) -> torch.Tensor:
         self.llm.reset()
+        if sample:  # llama.cpp's own sampler chain, top-k 50 at temperature 1 (as HF's sampling defaults)
+            tokens = self.llm.generate(ids[0].tolist(), top_k=50, top_p=1.0, min_p=0.0, temp=1.0)
+            return torch.tensor([*ids[0].tolist(), *(next(tokens) for _ in range(max_new_tokens))])[None]
         self.llm.eval(ids[0].tolist())
         out = ids[0].tolist()
         for _ in range(max_new_tokens):
@@ -191,25 +197,26 @@ class Torch:
     def __init__(self, model):
         self.model = model
 
-    def generate(self, ids, max_new_tokens):
+    def generate(self, ids, max_new_tokens, sample=False):
         with torch.no_grad():
             return self.model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                       do_sample=False)
+                                       do_sample=sample, **({"top_k": 50} if sample else {}))
 
     def prefill(self, ids):
         with torch.no_grad():
             self.model(input_ids=ids, use_cache=False)
 
 
-def decode_rate(system, ids: torch.Tensor, new: int) -> float:
-    """tokens/s of `new` greedy tokens after the prompt `ids`: the time of generating 1 + new tokens less that of
+def decode_rate(system, ids: torch.Tensor, new: int, sample: bool = False) -> float:
+    """tokens/s of `new` greedy (or sampled: top-k 50) tokens after the prompt `ids`: the time of generating 1 + new
+    tokens less that of
     generating 1, so that neither the prompt's prefill nor the call's set-up is in it (llama-cpp-python's set-up and
     16-token prompt took ~50 ms of a 64-token call on mix f32, a third of it)"""
     took = []
     for n in (1, 1 + new):
         time.sleep(PAUSE)  # the previous call's threads spin a while after it: not on this one's clock
         t = time.perf_counter()
-        system.generate(ids, n)
+        system.generate(ids, n, sample)
         took.append(time.perf_counter() - t)
     return new / (took[1] - took[0])
 
@@ -241,6 +248,8 @@ def main():
     ap.add_argument("--long-prompt", type=int, default=0,
                     help="add a column: decode tokens/s after a prompt of this many tokens, its prefill excluded")
     ap.add_argument("--flash-attn", action="store_true", help="add llama.cpp rows with flash attention on")
+    ap.add_argument("--sample", action="store_true",
+                    help="add a column: decode tokens/s sampling (top-k 50, temperature 1) instead of greedy")
     ap.add_argument("--linears-off", action="store_true",
                     help="add moec torch rows compiled with decode_linears=False (torch's GEMMs for nn.Linear layers)")
     args = ap.parse_args()
@@ -314,7 +323,7 @@ def main():
             console.print(f"{name}: llama.cpp f32 logits vs HF, relative error {err:.2e}")
             if err > 1e-3:
                 sys.exit(f"bench_llamacpp: {name}'s GGUF conversion is wrong (logits differ from HF by {err:.2e})")
-        columns = ("decode", *args.prefill, *(["long"] if args.long_prompt else []))
+        columns = ("decode", *args.prefill, *(["long"] if args.long_prompt else []), *(["sampled"] if args.sample else []))
         speed = {s: {k: [] for k in columns} for s in systems}
         for rnd in range(args.rounds + 1):  # round 0 warms up
             t0 = time.perf_counter()
@@ -328,6 +337,8 @@ def main():
                     pre[n] = n / (time.perf_counter() - t)
                 if args.long_prompt:
                     pre["long"] = decode_rate(system, context, args.new_tokens)
+                if args.sample:
+                    pre["sampled"] = decode_rate(system, prompt, args.new_tokens, sample=True)
                 if rnd:
                     speed[label]["decode"].append(decode)
                     for n, v in pre.items():
@@ -335,9 +346,10 @@ def main():
             console.print(f"{name} round {rnd}{' (warm-up)' if not rnd else ''}: {time.perf_counter() - t0:.1f} s wall")
         t = Table(title=f"{name}: tokens/s, {args.threads} threads, median of {args.rounds} interleaved rounds "
                         f"(decode: {args.new_tokens} tokens after {args.prompt}, KV cache)")
-        long_col = [f"decode after {args.long_prompt}"] if args.long_prompt else []
-        for col in ("system", "decode", *[f"prefill {n}" for n in args.prefill], *long_col, "decode vs llama.cpp",
-                    *[f"{c} vs llama.cpp" for c in long_col]):
+        extra = {**({"long": f"decode after {args.long_prompt}"} if args.long_prompt else {}),
+                 **({"sampled": "sampled decode"} if args.sample else {})}  # column key: title
+        for col in ("system", "decode", *[f"prefill {n}" for n in args.prefill], *extra.values(), "decode vs llama.cpp",
+                    *[f"{c} vs llama.cpp" for c in extra.values()]):
             t.add_column(col)
         for prec in args.precisions:
             llamas = [s for s in systems if s.startswith(f"llama.cpp {LLAMA_NAME[prec]}")]
@@ -345,9 +357,9 @@ def main():
             med = {label: {k: statistics.median(v) for k, v in speed[label].items()} for label in (*ours, *llamas)}
             best = {k: max(med[label][k] for label in llamas) for k in columns}  # the faster llama.cpp row
             for label in (*ours, *llamas):
-                ratios = [f"{med[label][k] / best[k]:.2f}x" for k in ("decode", *(["long"] if long_col else []))]
+                ratios = [f"{med[label][k] / best[k]:.2f}x" for k in ("decode", *extra)]
                 t.add_row(label, f"{med[label]['decode']:.0f}", *[f"{med[label][n]:.0f}" for n in args.prefill],
-                          *[f"{med[label]['long']:.0f}" for _ in long_col], ratios[0], *ratios[1:])
+                          *[f"{med[label][k]:.0f}" for k in extra], *ratios)
         console.print(t)
 
 
