@@ -35,6 +35,7 @@ the session one step at a time.
 from __future__ import annotations
 
 import copy
+import inspect
 
 import numpy as np
 import torch
@@ -114,6 +115,11 @@ def _plain(model, inputs, generation_config, kwargs) -> tuple | None:
                                                      model_kwargs={"attention_mask": mask})
         except Exception:  # noqa: BLE001 - a config HF refuses (or an HF without these): its generate says why
             return None
+        # called one by one in the loop, as LogitsProcessorList calls those of two arguments (it inspects each
+        # one's signature at every step: ~10 us each)
+        if any(len(inspect.signature(p.__call__).parameters) != 2 for p in processors):
+            return None
+        processors = list(processors)
     return inputs, mask, new, config.min_new_tokens or 0, eos, pad, processors
 
 
@@ -169,7 +175,10 @@ def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int,
                 scores[:, stop] = -np.inf
             token = scores.argmax(-1)  # [B]: the first maximum (NaN first), as torch.argmax
         else:  # HF's sampling step (min_new_tokens: one of its processors)
-            probs = torch.softmax(processors(seq[:, :S + step], torch.from_numpy(scores)), -1)
+            processed = torch.from_numpy(scores)
+            for processor in processors:
+                processed = processor(seq[:, :S + step], processed)
+            probs = torch.softmax(processed, -1)
             token = torch.multinomial(probs, num_samples=1)[:, 0].numpy()
         if stop is not None:
             token[ended] = pad
