@@ -24,6 +24,8 @@ Experts and MatMuls of every precision (int8 with int8 activations where the CPU
 on backend="onnxruntime" run moec's kernels in the session (backends/ort_kernels.py, ort_attention.py); --qmoe adds the int4 all-matmuls row on ORT's own ops instead (QMoE,
 MatMulNBits, GroupQueryAttention: MOEC_ORT_KERNELS=0), the A/B. --linears-off adds moec torch rows compiled with decode_linears=False (the A/B of moec's kernels for the model's
 nn.Linear layers at decode). Tokens/s medians over --rounds interleaved rounds; each round's wall time printed.
+Prefill of n tokens: one forward, the median of max(1, 256 // n) calls a round (one call before 2026-12-05's
+nineteenth session; a 64-token call takes ~10-15 ms, and one interruption moved a pair by 5%).
 Decode: --new-tokens / (the time of generating 1 + that many after the --prompt less the time of generating 1),
 so that neither the prompt's prefill nor the call's set-up is in it (sections of docs/benchmarks.md before
 2026-12-05's eighteenth session timed the whole call, the 16-token prompt included). --long-prompt N adds a column:
@@ -330,11 +332,14 @@ def main():
             for label, system in systems.items():
                 decode = decode_rate(system, prompt, args.new_tokens)
                 pre = {}
-                for n, ids in long.items():
-                    time.sleep(PAUSE)
-                    t = time.perf_counter()
-                    system.prefill(ids)
-                    pre[n] = n / (time.perf_counter() - t)
+                for n, ids in long.items():  # a short prompt's call takes ~10 ms: the median of several
+                    took = []
+                    for _ in range(max(1, 256 // n)):
+                        time.sleep(PAUSE)
+                        t = time.perf_counter()
+                        system.prefill(ids)
+                        took.append(time.perf_counter() - t)
+                    pre[n] = n / statistics.median(took)
                 if args.long_prompt:
                     pre["long"] = decode_rate(system, context, args.new_tokens)
                 if args.sample:
