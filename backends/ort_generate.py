@@ -99,6 +99,8 @@ def _plain(model, inputs, generation_config, kwargs) -> tuple | None:
     eos = None if eos is None else [int(e) for e in torch.as_tensor(eos).reshape(-1)]
     pad = config.pad_token_id
     pad = int(torch.as_tensor(pad)) if pad is not None else eos[0] if eos else None
+    if eos is not None and pad is None:
+        return None  # eos_token_id=[] without a pad token: HF's generate says what is wrong
     if mask is None:
         if pad is not None and bool((inputs == pad).any()):
             return None  # HF may infer the mask from the pad tokens
@@ -171,8 +173,8 @@ def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int,
         if bf16:
             scores = torch.from_numpy(scores).bfloat16().float().numpy()
         if processors is None:
-            if stop is not None and step < min_new:
-                scores[:, stop] = -np.inf
+            if stop is not None and step < min_new:  # ids outside the vocabulary match no token, as HF's
+                scores[:, stop[(stop >= 0) & (stop < scores.shape[-1])]] = -np.inf
             token = scores.argmax(-1)  # [B]: the first maximum (NaN first), as torch.argmax
         else:  # HF's sampling step (min_new_tokens: one of its processors)
             processed = torch.from_numpy(scores)

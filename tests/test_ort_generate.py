@@ -75,7 +75,14 @@ def test_rows_that_hit_eos_end_and_are_padded(pair, loops):
     assert got.shape[1] == 7
     _same(model, ref, ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=2, do_sample=False, eos_token_id=[],
           pad_token_id=1)  # no eos at all (an IndexError in the loop before)
-    assert loops == [1] * 5
+    # ids outside the vocabulary match no token (numpy read -1 as the last one, and raised on vocab + 5)
+    V = model.config.vocab_size
+    _same(model, ref, ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=3, do_sample=False,
+          eos_token_id=[int(free[0, 6 + 1]) - V, V + 5], pad_token_id=1)
+    assert loops == [1] * 6
+    with pytest.raises(IndexError):  # eos [] without a pad token: HF's error, not the loop's
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, eos_token_id=[], pad_token_id=None)
+    assert loops == [1] * 6
 
 
 def test_weights_changed_after_compile(pair, loops):
