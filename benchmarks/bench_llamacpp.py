@@ -223,15 +223,17 @@ def decode_rate(system, ids: torch.Tensor, new: int, sample: bool = False) -> fl
     return new / (took[1] - took[0])
 
 
-def quiet_session(threads: int):
-    """ORT session options whose threads spin within a run (a decode step dispatches ~200 small ops: woken from
-    sleep for each, qmoe's step took 1.5x as long) and stop spinning when it ends, so that they do not take the
-    cores from the next system of the interleaved round."""
+def ort_options(threads: int):
+    """ORT session options as a user gets them, `threads` intra-op threads: the workers spin between a run's ops and
+    on for ~30 ms of CPU after it (measured: 31-35 ms during a 0.05-0.2 s sleep after a call), well inside PAUSE, so
+    they are off the cores when the next system of the round starts. Until 2026-12-05's twentieth session the
+    sessions stopped spinning at the end of each run (`session.force_spinning_stop`): then every decode step woke the
+    sleeping worker, and after an idle pause such as PAUSE the VM made those wakes slow; mix int4's decode read 1701
+    tokens/s that way against 2589 with ORT's default (medians of 5 interleaved rounds)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.add_session_config_entry("session.force_spinning_stop", "1")
     return so
 
 
@@ -294,26 +296,26 @@ def main():
             if args.onnx:  # bf16: the fp32 upcast with its weights in bf16 on moec's kernels (ort_session.runs_bf16)
                 model = moec.compile(build(name).to(torch.bfloat16 if prec == "bf16" else torch.float32),
                                      backend="onnxruntime", quantize=quantize,
-                                     session_options=quiet_session(args.threads))
+                                     session_options=ort_options(args.threads))
                 systems[f"moec onnxruntime {prec}" + (" experts" if quantize else "")] = Torch(model)
                 if prec == "int8":  # every matrix but the router and embedding, weight-only (moec's int8 kernels)
                     model = moec.compile(build(name), backend="onnxruntime", quantize=quantize, dense=quantize,
-                                         session_options=quiet_session(args.threads))
+                                         session_options=ort_options(args.threads))
                     systems[f"moec onnxruntime {prec} all matmuls"] = Torch(model)
                 if quantize is not None:  # llama.cpp's q8_0/q4_0 round activations to 8 bits too
                     a8 = dataclasses.replace(quantize, activations="int8")
-                    model = moec.compile(build(name), backend="onnxruntime", session_options=quiet_session(args.threads),
+                    model = moec.compile(build(name), backend="onnxruntime", session_options=ort_options(args.threads),
                                          quantize=a8)
                     systems[f"moec onnxruntime {prec} experts, int8 activations"] = Torch(model)
                     # and every matrix but the router and embedding, as llama.cpp's file
-                    model = moec.compile(build(name), backend="onnxruntime", session_options=quiet_session(args.threads),
+                    model = moec.compile(build(name), backend="onnxruntime", session_options=ort_options(args.threads),
                                          quantize=a8, dense=a8)
                     systems[f"moec onnxruntime {prec} all matmuls, int8 activations"] = Torch(model)
                     if args.qmoe and prec == "int4":  # the same with ORT's own ops instead of moec's kernels
                         os.environ["MOEC_ORT_KERNELS"] = "0"
                         try:
                             model = moec.compile(build(name), backend="onnxruntime", quantize=a8, dense=a8,
-                                                 session_options=quiet_session(args.threads))
+                                                 session_options=ort_options(args.threads))
                         finally:
                             del os.environ["MOEC_ORT_KERNELS"]
                         systems[f"moec onnxruntime {prec} all matmuls, int8 activations, ORT's ops"] = Torch(model)
