@@ -15,7 +15,8 @@ search or plain sampling, this loop runs it with nothing else per token:
                                                          # logits rounded to bf16 first, as its forward gives them)
     greedy:  scores[:, eos] = -inf  while fewer than min_new_tokens are out
              token = argmax(scores)                       # the first maximum, like torch.argmax
-    sampled: scores = processors(sequence so far, scores) # HF's own, built from the call's generation config
+    sampled: scores[:, eos] = -inf  while fewer than min_new_tokens are out (HF's processor for it, when first)
+             scores = processors(sequence so far, scores) # HF's own, built from the call's generation config
              token = multinomial(softmax(scores), 1)      # as HF's sampling draws it: same seed, same tokens
     token = pad where the row already ended (eos)         # then rows that hit eos end
     past = present; mask += [1]; positions = each row's count of real tokens
@@ -122,7 +123,24 @@ def _plain(model, inputs, generation_config, kwargs) -> tuple | None:
         if any(len(inspect.signature(p.__call__).parameters) != 2 for p in processors):
             return None
         processors = list(processors)
-    return inputs, mask, new, config.min_new_tokens or 0, eos, pad, processors
+    return inputs, mask, new, _min_new(config.min_new_tokens or 0, eos, inputs.shape[1], processors), eos, pad, processors
+
+
+def _min_new(min_new: int, eos: list[int] | None, prompt: int, processors: list | None) -> int:
+    """How many steps the loop itself holds eos back. Greedy: min_new_tokens. Sampling: those of min_new_tokens'
+    processor when it comes first and holds back the loop's eos ids, which it then takes out of `processors` (it
+    sets the same -inf; torch's ops cost 30-60 us a token with the caches cold after a step); else none, the
+    processors do."""
+    from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
+
+    if processors is None:
+        return min_new
+    first = processors[0] if processors else None
+    if (type(first) is MinNewTokensLengthLogitsProcessor and first.prompt_length_to_skip == prompt and eos is not None
+            and sorted(set(first.eos_token_id.reshape(-1).tolist())) == sorted(set(eos))):
+        processors.pop(0)
+        return first.min_new_tokens
+    return 0
 
 
 def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int, eos: list[int] | None,
@@ -172,16 +190,15 @@ def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int,
                 logits = bind.output(outputs[0], (B, 1, scores.shape[-1]))
         if bf16:
             scores = torch.from_numpy(scores).bfloat16().float().numpy()
+        if stop is not None and step < min_new:  # ids outside the vocabulary match no token, as HF's
+            scores[:, stop[(stop >= 0) & (stop < scores.shape[-1])]] = -np.inf
         if processors is None:
-            if stop is not None and step < min_new:  # ids outside the vocabulary match no token, as HF's
-                scores[:, stop[(stop >= 0) & (stop < scores.shape[-1])]] = -np.inf
             token = scores.argmax(-1)  # [B]: the first maximum (NaN first), as torch.argmax
-        else:  # HF's sampling step (min_new_tokens: one of its processors)
+        else:  # HF's sampling step
             processed = torch.from_numpy(scores)
             for processor in processors:
                 processed = processor(seq[:, :S + step], processed)
-            probs = torch.softmax(processed, -1)
-            token = torch.multinomial(probs, num_samples=1)[:, 0].numpy()
+            token = _draw(torch.softmax(processed, -1))
         if stop is not None:
             token[ended] = pad
             ended |= (token[:, None] == stop).any(-1)  # np.isin: ~50 us a token with the caches cold
@@ -200,6 +217,20 @@ def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int,
         T += 1
     out = torch.from_numpy(np.stack(tokens, 1)).long()
     return torch.cat([ids.cpu().long(), out], 1).to(ids.device)  # int64, as HF's
+
+
+def _draw(probs: torch.Tensor) -> np.ndarray:
+    """torch.multinomial(probs, 1)[:, 0] for probs [B, V] from a softmax, drawing the same numbers from torch's
+    generator: multinomial's one-sample path is argmax(probs / q), q ~ Exp(1) drawn for every entry (ATen's
+    Distributions.cpp). Without its checks of probs (max, min), ~50 us a token with the caches cold after a step: a
+    softmax's probabilities are in [0, 1] or NaN, and where a NaN was drawn multinomial itself is called for its
+    error."""
+    q = torch.empty_like(probs).exponential_(1)
+    ratio = probs.numpy() / q.numpy()
+    token = ratio.argmax(-1)  # [B]: the first maximum (NaN first), as torch.argmax
+    if np.isnan(ratio[np.arange(len(token)), token]).any() and np.isnan(probs.numpy()).any():
+        torch.multinomial(probs, num_samples=1)  # refuses NaN probabilities: HF's sampling raises this error
+    return token
 
 
 class _Binding:

@@ -134,6 +134,64 @@ def test_sampling_equals_hf(pair, loops, kw, batch):
     assert out["loop"].shape[1] > ids.shape[1] + 3
 
 
+def test_min_new_tokens_holds_back_a_likely_eos_when_sampling(pair, loops):
+    """min_new_tokens' processor comes first in a plain sampling call: the loop takes it out and sets the eos ids to
+    -inf itself, before the other processors. The eos here is the token drawn first without it (top_k=1: the most
+    likely): held back for 4 steps, the same tokens as the original model."""
+    model, ref = pair
+    ids, mask = _prompt(model, 2, 6, seed=13)
+    with torch.no_grad():
+        eos = int(ref(input_ids=ids, attention_mask=mask).logits[0, -1].argmax())
+    kw = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=4, eos_token_id=eos, pad_token_id=0,
+              do_sample=True, top_k=1)
+    plan = ort_generate._plain(model, ids, None, dict(kw))
+    assert plan[3] == 4 and not any("MinNewTokens" in type(p).__name__ for p in plan[-1])
+    out = {}
+    with torch.no_grad():
+        for name, generate in (("loop", model.generate), ("original", ref.generate)):
+            torch.manual_seed(2)
+            out[name] = generate(ids, **kw)
+        torch.manual_seed(2)
+        unheld = model.generate(ids, **dict(kw, min_new_tokens=0))
+    assert loops == [1, 1] and torch.equal(out["loop"], out["original"])
+    assert unheld[0, 6] == eos and not (out["loop"][:, 6:6 + 4] == eos).any()
+
+
+@pytest.mark.parametrize("batch,vocab", [(1, 1), (1, 7), (3, 1024)])
+def test_the_draw_is_multinomials(batch, vocab):
+    """moec's draw takes the same numbers from torch's generator as torch.multinomial(probs, 1) and picks the same
+    tokens: probabilities with zeros (filtered tokens), exact ties, one-hot rows and 1e-30 next to 1."""
+    gen = torch.Generator().manual_seed(batch * vocab)
+    for trial in range(40):
+        logits = torch.randn(batch, vocab, generator=gen) * (1 + trial)
+        logits[:, ::3] = -float("inf") if vocab > 1 else 0.0  # filtered out, as top-k/top-p leave them
+        if vocab > 2:
+            logits[:, 1] = logits[:, 2] = logits.max()  # ties
+        if trial % 5 == 0 and vocab > 1:
+            logits[0] = -float("inf")
+            logits[0, vocab // 2] = 0.0  # one-hot
+        probs = torch.softmax(logits, -1)
+        if trial % 7 == 0 and vocab > 2:
+            probs[-1, 1], probs[-1, 2] = 1e-30, 1.0
+        torch.manual_seed(trial)
+        want = torch.multinomial(probs, num_samples=1)[:, 0]
+        then = torch.rand(2)
+        torch.manual_seed(trial)
+        assert torch.equal(torch.from_numpy(ort_generate._draw(probs)), want)
+        assert torch.equal(torch.rand(2), then)
+
+
+def test_nan_probabilities_raise_multinomials_error():
+    """A NaN logit (a broken weight) makes NaN probabilities: torch.multinomial, so HF's sampling, refuses them, and
+    so does the draw, with the same error; never a token."""
+    probs = torch.softmax(torch.tensor([[0.0, 1.0, 2.0], [0.0, float("nan"), 1.0]]), -1)
+    with pytest.raises(RuntimeError) as want:
+        torch.multinomial(probs, num_samples=1)
+    with pytest.raises(RuntimeError) as got:
+        ort_generate._draw(probs)
+    assert str(got.value) == str(want.value)
+
+
 @pytest.mark.parametrize("kw", [
     dict(do_sample=True, num_return_sequences=2),
     dict(do_sample=True, repetition_penalty=1.5),
