@@ -37,7 +37,7 @@ moec's loop; llama.cpp: llama-cpp-python's `generate` with its sampler chain set
 temp=1).
 moec's ONNX Runtime sessions run with ORT's default thread options as a user gets them, --threads intra-op
 threads (`ort_options`; before 2026-12-05's twentieth session they stopped spinning at the end of each run, which
-made quantized decode read 1.5-2.6x slower after PAUSE).
+made quantized decode read 1.6-2.6x slower after PAUSE).
 Skips cleanly (exit 0, a message) where llama-cpp-python or gguf is not installed. Never in CI.
 Do not run it with OMP_WAIT_POLICY=PASSIVE: llama.cpp's OpenMP threads then sleep at each of the hundreds of
 barriers in a token, and its decode fell 2-7x (q4_0 on mix: 200 tokens/s instead of 1468).
