@@ -223,14 +223,15 @@ def _draw(probs: torch.Tensor) -> np.ndarray:
     """torch.multinomial(probs, 1)[:, 0] for probs [B, V] from a softmax, drawing the same numbers from torch's
     generator: multinomial's one-sample path is argmax(probs / q), q ~ Exp(1) drawn for every entry (ATen's
     Distributions.cpp). Without its checks of probs (max, min), ~50 us a token with the caches cold after a step: a
-    softmax's probabilities are in [0, 1] or NaN, and where a NaN was drawn multinomial itself is called for its
-    error."""
+    softmax's probabilities are in [0, 1] or NaN, and NaN ones go to multinomial itself, which refuses them before it
+    draws (HF's sampling raises that error, the generator untouched)."""
+    p = probs.numpy()
+    if np.isnan(p).any():
+        return torch.multinomial(probs, num_samples=1)[:, 0].numpy()
     q = torch.empty_like(probs).exponential_(1)
-    ratio = probs.numpy() / q.numpy()
-    token = ratio.argmax(-1)  # [B]: the first maximum (NaN first), as torch.argmax
-    if np.isnan(ratio[np.arange(len(token)), token]).any() and np.isnan(probs.numpy()).any():
-        torch.multinomial(probs, num_samples=1)  # refuses NaN probabilities: HF's sampling raises this error
-    return token
+    with np.errstate(all="ignore"):  # as torch's division: tiny probabilities underflow quietly
+        ratio = p / q.numpy()
+    return ratio.argmax(-1)  # [B]: the first maximum, as torch.argmax
 
 
 class _Binding:

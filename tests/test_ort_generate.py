@@ -4,6 +4,7 @@ call runs HF's generate."""
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
@@ -182,14 +183,30 @@ def test_the_draw_is_multinomials(batch, vocab):
 
 
 def test_nan_probabilities_raise_multinomials_error():
-    """A NaN logit (a broken weight) makes NaN probabilities: torch.multinomial, so HF's sampling, refuses them, and
-    so does the draw, with the same error; never a token."""
+    """A NaN logit (a broken weight) makes NaN probabilities: torch.multinomial, so HF's sampling, refuses them
+    before it draws, and so does the draw: the same error, the generator untouched; never a token."""
     probs = torch.softmax(torch.tensor([[0.0, 1.0, 2.0], [0.0, float("nan"), 1.0]]), -1)
-    with pytest.raises(RuntimeError) as want:
-        torch.multinomial(probs, num_samples=1)
-    with pytest.raises(RuntimeError) as got:
-        ort_generate._draw(probs)
-    assert str(got.value) == str(want.value)
+    errors, after = [], []
+    for draw in (lambda: torch.multinomial(probs, num_samples=1), lambda: ort_generate._draw(probs)):
+        torch.manual_seed(0)
+        with pytest.raises(RuntimeError) as error:
+            draw()
+        errors.append(str(error.value))
+        after.append(torch.rand(2))
+    assert errors[0] == errors[1] and torch.equal(*after)
+
+
+def test_the_draw_under_numpys_strict_errors():
+    """Probabilities near 1e-40 underflow in the division, quietly as in torch's, also where numpy is told to raise
+    on underflow."""
+    logits = torch.zeros(1, 8)
+    logits[0, 1:] = -100.0
+    probs = torch.softmax(logits, -1)
+    torch.manual_seed(0)
+    want = torch.multinomial(probs, num_samples=1)[:, 0]
+    torch.manual_seed(0)
+    with np.errstate(all="raise"):
+        assert torch.equal(torch.from_numpy(ort_generate._draw(probs)), want)
 
 
 @pytest.mark.parametrize("kw", [
