@@ -1091,6 +1091,15 @@ def _ort_version() -> tuple[int, ...]:
     return tuple(int(p) for p in onnxruntime.__version__.split(".")[:2] if p.isdigit())
 
 
+def build(flags: tuple[str, ...] = ()) -> str:
+    """The custom-op library built for this CPU, with the compiler `flags` added (tests build narrower ones, e.g.
+    -mno-avx512f: the AVX2 paths), unchecked; RuntimeError where it cannot be built."""
+    from moec.backends import cpu_native, ort_attention
+
+    source = cpu_native.SOURCE + OP_SOURCE + ort_attention.SOURCE + REGISTER_SOURCE
+    return str(cpu_native.build(cpu_native.FLAGS + ("-fvisibility=hidden", *flags), source, "moec_ort"))
+
+
 @functools.cache
 def library() -> str | None:
     """The custom-op library's path, built and checked once per process (tiny sessions against moec's torch ops),
@@ -1104,8 +1113,7 @@ def library() -> str | None:
         if _ort_version() < MIN_ORT:
             raise RuntimeError(f"onnxruntime {'.'.join(map(str, _ort_version()))} is older than "
                                f"{'.'.join(map(str, MIN_ORT))}")
-        source = cpu_native.SOURCE + OP_SOURCE + ort_attention.SOURCE + REGISTER_SOURCE
-        path = str(cpu_native.build(cpu_native.FLAGS + ("-fvisibility=hidden",), source, "moec_ort"))
+        path = build()
         _self_test(path)
         ort_attention.self_test(path)
     except Exception as e:  # noqa: BLE001 (a failed build or check of an optional kernel: QMoE runs instead)

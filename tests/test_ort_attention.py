@@ -27,9 +27,10 @@ def test_library_builds():
     assert ort_kernels.library() is not None
 
 
-def _session(H, KVH, scale, sinks: bool, rotary_half: int | None = None, outputs=("out", "present_k", "present_v")):
+def _session(H, KVH, scale, sinks: bool, rotary_half: int | None = None, outputs=("out", "present_k", "present_v"),
+             library: str | None = None):
     """rotary_half: None, no cos/sin inputs; 0, the inputs without the attribute (malformed). outputs ("out",): the
-    cache kept in place."""
+    cache kept in place. library: another build of moec's kernels than the process's."""
     import onnx
     import onnxruntime as ort
     from onnx import helper
@@ -43,7 +44,7 @@ def _session(H, KVH, scale, sinks: bool, rotary_half: int | None = None, outputs
     model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18),
                                                                    helper.make_opsetid("moec", 1)])
     so = ort.SessionOptions()
-    so.register_custom_ops_library(ort_kernels.library())
+    so.register_custom_ops_library(library or ort_kernels.library())
     so.intra_op_num_threads = 2
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
@@ -106,6 +107,34 @@ def test_a_prompt_equals_its_tokens_one_at_a_time(H, KVH, D):
                "bias": x["bias"][:, :, s:s + 1, :P + s + 1], "sinks": x["sinks"]}
         out = step.run(None, {n: t.contiguous().numpy() for n, t in one.items()})[0]
         assert np.array_equal(out[:, 0], prompt[:, s]), s
+
+
+@pytest.mark.skipif("avx512dq" not in cpu_native._cpu_flags(), reason="no AVX-512DQ: this CPU's build is the narrower one")
+@pytest.mark.parametrize("flag", ["-mno-avx512dq", "-mno-avx512f"])
+def test_narrower_builds_give_the_same_bits(flag):
+    """The library as built for a CPU without AVX-512DQ (logits one head a 256-bit register, not two heads a 512-bit
+    one) and without AVX-512 (the AVX2 paths: 8 lanes, value sums 2 vectors a pass, exp8 in two halves) computes the
+    same bits as this CPU's: head sizes that are multiples of 8, decode and prompts on the pool, a long past, sinks,
+    padding, rotary, large logits, the cache in place."""
+    narrow = ort_kernels.build((flag,))
+    for i, (B, S, P, H, KVH, D) in enumerate([(1, 1, 0, 8, 2, 64), (2, 1, 300, 6, 1, 128), (3, 7, 5, 6, 2, 40),
+                                              (1, 100, 33, 4, 4, 16), (2, 1, 77, 3, 1, 24), (1, 1, 1030, 8, 1, 64)]):
+        x = _inputs(B, S, P, H, KVH, D, sinks=i % 2 == 1, seed=i, scale=30.0 if i == 2 else 1.0, pad=2 if B > 1 else 0)
+        half = D // 2 if i % 3 == 0 else None
+        if half:
+            angle = torch.randn(B, S, half, generator=torch.Generator().manual_seed(i)) * 20
+            x["cos"], x["sin"] = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+        outputs = ("out",) if i % 2 else ("out", "present_k", "present_v")
+        got = []
+        for library in (ort_kernels.library(), narrow):
+            feeds = {n: t.numpy().copy() for n, t in x.items()}
+            if len(outputs) == 1:  # in place: room for the new rows
+                for name in ("past_k", "past_v"):
+                    feeds[name] = np.concatenate([feeds[name], np.zeros((B, KVH, S, D), np.float32)], 2)
+            run = _session(H, KVH, D ** -0.5, "sinks" in x, half, outputs, library).run(None, feeds)
+            got.append([*run, *(feeds[n] for n in ("past_k", "past_v") if len(outputs) == 1)])
+        for mine, theirs in zip(*got):
+            assert np.array_equal(mine, theirs), (flag, i)
 
 
 def test_bias_of_one_row_for_the_batch():
