@@ -250,6 +250,33 @@ def test_hf_generate_over_a_cache_kept_in_place(pair, loops):
     assert loops == [] and moec.inspect(model).export.outputs == ["logits"]
 
 
+@pytest.mark.parametrize("kw", [dict(do_sample=False), dict(do_sample=True, top_k=8, min_new_tokens=3)],
+                         ids=["greedy", "sampled"])
+def test_the_loop_over_a_session_that_hands_its_cache_back(monkeypatch, loops, kw):
+    """A session whose attention does not keep the cache in place (ort_attention.in_place left it) hands each step's
+    presents back: the loop feeds them to the next step as the pasts. Left-padded rows, eos ending rows early: the
+    original's tokens, greedy and sampled."""
+    from moec.backends import ort_attention
+
+    monkeypatch.setattr(ort_attention, "in_place", lambda proto: 0)
+    ref = models.tiny_model("mixtral").eval()
+    model = moec.compile(copy.deepcopy(ref), backend="onnxruntime", session_options={"intra_op_num_threads": 2})
+    ids, mask = _prompt(model, 3, 5, seed=2)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        first = ref.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None, **kw)
+    eos = int(first[0, -3])  # a token the first row draws (ends it early), the others may too
+    for seed in range(3):
+        out = []
+        for m in (model, ref):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                out.append(m.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=eos, pad_token_id=0,
+                                      **kw))
+        assert torch.equal(*out), out
+    assert loops == [1, 1, 1] and len(moec.inspect(model).export.outputs) > 1  # logits and the presents
+
+
 def test_a_pad_token_in_the_prompt_without_a_mask_runs_hf_generate(pair, loops):
     """HF infers the attention mask from pad tokens in the prompt: that call is left to it."""
     model, ref = pair
