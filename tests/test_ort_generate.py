@@ -209,6 +209,51 @@ def test_the_draw_under_numpys_strict_errors():
         assert torch.equal(torch.from_numpy(ort_generate._draw(probs)), want)
 
 
+def test_bf16_rounding_is_torchs():
+    """A bf16 model's scores, rounded as torch's cast rounds them: every bf16 value with the low halves that decide
+    a rounding (0, 1, just below, at and above half, all ones), so ties to even, carries into the exponent, overflow
+    to inf, denormals, signaling and quiet NaNs, both signs; quietly where numpy is told to raise."""
+    high = np.arange(1 << 16, dtype=np.uint32) << 16
+    low = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], np.uint32)
+    x = (high[:, None] | low).reshape(1, -1).view(np.float32)  # [1, 393216]
+    with np.errstate(all="raise"):
+        got = ort_generate._round_bf16(x)
+    want = torch.from_numpy(x).bfloat16().float().numpy()
+    assert got.dtype == np.float32 and np.isnan(want).sum() > 0
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    ok = ~np.isnan(want)
+    assert np.array_equal(got[ok].view(np.uint32), want[ok].view(np.uint32))  # -0.0 too
+
+
+@pytest.mark.parametrize("batch,vocab", [(1, 1), (1, 9), (3, 1024)])
+def test_top_k_in_numpy_is_hfs(batch, vocab):
+    """The loop's top-k warper (numpy) sets the same scores to -inf as HF's TopKLogitsWarper, alone and between HF's
+    other processors: ties at the k-th score, k of 1, the vocabulary and above it, -inf and +inf scores, NaN rows
+    (NaN counts above every score in both), huge magnitudes."""
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    gen = torch.Generator().manual_seed(batch * vocab)
+    seq = torch.zeros(batch, 3, dtype=torch.long)
+    for trial in range(30):
+        scores = torch.randn(batch, vocab, generator=gen) * 10.0 ** (trial % 7 * 6 - 6)
+        scores = torch.round(scores * 4) / 4 if trial % 2 else scores  # many ties
+        if vocab > 4:
+            scores[:, 0], scores[:, 1] = -float("inf"), float("inf") if trial % 3 == 0 else 0.0
+            if trial % 5 == 0:
+                scores[-1, 2:4] = float("nan")
+        for k in (1, 2, 5, vocab, vocab + 3):
+            for chain in ([TopKLogitsWarper(k)],
+                          [TemperatureLogitsWarper(0.7), TopKLogitsWarper(k), TopPLogitsWarper(0.9)],
+                          [TopKLogitsWarper(k, min_tokens_to_keep=3), TopKLogitsWarper(max(k // 2, 1))]):
+                want = scores.clone()
+                for processor in chain:
+                    want = processor(seq, want)
+                got = ort_generate._process(chain, seq, scores.numpy().copy())
+                assert got.dtype == torch.float32
+                assert np.array_equal(got.numpy(), want.numpy(), equal_nan=True), (trial, k, chain)
+
+
 @pytest.mark.parametrize("kw", [
     dict(do_sample=True, num_return_sequences=2),
     dict(do_sample=True, repetition_penalty=1.5),
