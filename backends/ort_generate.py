@@ -174,8 +174,8 @@ def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int,
     T = S = mask.shape[1]
     bf16 = forward._bf16()  # its session computes in fp32; its forward hands back bf16 logits, as the model does
     if processors is not None:  # what HF's processors read: the prompt, then each step's tokens (pads too)
-        seq = torch.zeros(B, S + new, dtype=torch.long)
-        seq[:, :S] = ids.cpu()
+        seq = np.zeros((B, S + new), np.int64)  # numpy: a top-k-only chain never makes it a tensor
+        seq[:, :S] = feed
     for step in range(new):
         if step < 2 or not steady:
             bind.input("input_ids", feed)
@@ -203,7 +203,7 @@ def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int,
             token[ended] = pad
             ended |= (token[:, None] == stop).any(-1)  # np.isin: ~50 us a token with the caches cold
         if processors is not None:
-            seq[:, S + step] = torch.from_numpy(token)
+            seq[:, S + step] = token
         tokens.append(token)
         if ended.all():
             break
@@ -227,7 +227,7 @@ def _round_bf16(scores: np.ndarray) -> np.ndarray:
         return scores.astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
-def _process(processors: list, seq: torch.Tensor, scores: np.ndarray) -> torch.Tensor:
+def _process(processors: list, seq: np.ndarray, scores: np.ndarray) -> torch.Tensor:
     """HF's logits `processors` called in order on scores [B, V] (seq: the tokens so far), each top-k warper (the
     default sampling's only processor) as numpy: its torch ops (topk, compare, masked_fill) cost 90-100 us a token
     with the caches cold after a step, these 35-50. The same numbers: the k-th largest score (NaN above all, as
@@ -241,8 +241,13 @@ def _process(processors: list, seq: torch.Tensor, scores: np.ndarray) -> torch.T
             kth = np.partition(scores, at, axis=-1)[:, at:at + 1]  # [B, 1]
             scores = np.where(scores < kth, np.float32(-np.inf), scores)
         else:
-            scores = processor(seq, torch.as_tensor(scores))
-    return torch.as_tensor(scores)
+            scores = processor(torch.from_numpy(seq), _tensor(scores))
+    return _tensor(scores)
+
+
+def _tensor(a) -> torch.Tensor:
+    """a numpy array as a tensor on its memory (torch.from_numpy: 2-3x cheaper than torch.as_tensor)"""
+    return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
 
 
 def _draw(probs: torch.Tensor) -> np.ndarray:
