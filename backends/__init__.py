@@ -13,8 +13,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 BACKENDS = ("torch", "triton", "onnxruntime")
+CSRC = Path(__file__).parent / "csrc"  # the C kernels: cpu_native's library, and ort_kernels' custom-op library
+
+
+def c_source(*names: str) -> str:
+    """csrc's files `names` as one translation unit, in that order (each after what it uses); #line keeps the
+    compiler's messages on each file's own lines."""
+    return "".join(f'#line 1 "backends/csrc/{name}"\n' + (CSRC / name).read_text() for name in names)
 
 
 def triton_unavailable(device) -> str | None:
