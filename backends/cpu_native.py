@@ -20,7 +20,7 @@ pair sums stay below 2 * 15 * 127, no saturation). With AVX-512, tiles of 4 chan
 holds 16 bytes of each of the 4 channels, so the products need no horizontal sums until each group's (tile_a8;
 1.4-1.5x the per-channel kernel at 2-16 rows an expert, the same at one row, where the weights' reading sets the
 time). moec_int4_tiles: the same tiles on weights laid out so that a tile of 4 channels is one sequential
-stream (ort_kernels.tiled; the ONNX Runtime ops use it, 1.11-1.15x at decode). AVX2 only, or a thread's last
+stream (ort_layouts.tiled; the ONNX Runtime ops use it, 1.11-1.15x at decode). AVX2 only, or a thread's last
 chunk of fewer than 4 channels: one channel at a time (row_dot), each channel's nibbles unpacked once into a buffer of K bytes that every row reads. Why C: LLVM does not emit either instruction from numba's
 loops, and this kernel runs 4-5x faster than the numba int4 kernel at one token, at the memory bound; it takes
 every row at prefill too (torch_backend.NATIVE_MIN_ROWS; docs/benchmarks.md).

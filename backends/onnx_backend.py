@@ -278,7 +278,7 @@ def translations() -> dict:
     def fp32_experts(x, ids, weights, w13, b13, w2, b2, activation: str, gated: bool, alpha: float, limit: float,
                      weight_on_input: bool, gate_up: str):
         # likewise fp32 (lower_onnx); the weights as the block holds them, laid out in panels after the export
-        # (ort_kernels.panel_weights)
+        # (ort_layouts.panel_weights)
         return moec_ops.Experts(x, ids, weights, w13, w2, gate_up=ort_kernels.GATE_UP[gate_up])
 
     def int8_experts(x, ids, weights, q13, s13, b13, q2, s2, b2, activation: str, gated: bool, alpha: float,

@@ -95,7 +95,7 @@ def _widen(t: torch.Tensor) -> torch.Tensor:
 def runs_bf16(providers) -> bool:
     """Whether bf16 models run with these providers: on the CPU provider with moec's kernels built for AVX-512, the
     model is exported in fp32 (exactly its numbers) and its moec::Experts / Linear weights stored back in bf16
-    (ort_kernels.narrow_bf16), so the session computes the fp32 upcast of the model from bf16 weights."""
+    (ort_layouts.narrow_bf16), so the session computes the fp32 upcast of the model from bf16 weights."""
     from moec.backends import cpu_native, ort_kernels
 
     return (providers[0] == "CPUExecutionProvider" and os.environ.get("MOEC_ORT_KERNELS", "1") != "0"
@@ -360,7 +360,7 @@ class OrtForward:
 
     def _bf16_rows(self) -> bool:
         """Whether the sessions round the experts' and dense layers' input rows to bf16 (a bf16 model on a CPU
-        with AVX512-BF16: ort_kernels.round_rows), as the model does."""
+        with AVX512-BF16: ort_layouts.round_rows), as the model does."""
         from moec.backends import cpu_native
 
         return self._bf16() and runs_bf16(self.providers) and cpu_native.has_bf16()
@@ -423,13 +423,13 @@ class OrtForward:
 
     def _round_rows(self, path: str, session):
         """The checked session, or where its model is a bf16 model on a CPU with AVX512-BF16 a session of the same
-        file with the bf16 nodes' input rows rounded to bf16 as the model's own are (ort_kernels.round_rows): the
+        file with the bf16 nodes' input rows rounded to bf16 as the model's own are (ort_layouts.round_rows): the
         export is proved on fp32 rows (_check, 1e-4 against the upcast), the rounding is the kernels' (their
         tests and the library's self-test); not checked against the model again, where rounding an input on a
         near-tie may route a token otherwise than the upcast does, as the bf16 model's own rounding may."""
-        from moec.backends import ort_kernels
+        from moec.backends import ort_layouts
 
-        if not self._bf16_rows() or not (count := ort_kernels.round_rows_file(path)):
+        if not self._bf16_rows() or not (count := ort_layouts.round_rows_file(path)):
             return session
         for b in self.report.export.blocks:
             if b.op == "moec::ExpertsBf16":

@@ -32,7 +32,7 @@ from torch import nn
 
 from moec import export_layers
 from moec.api import Rejection, compile, inspect
-from moec.backends import cpu_native, ort_attention, ort_kernels
+from moec.backends import cpu_native, ort_attention, ort_kernels, ort_layouts
 from moec.backends.onnx_backend import ort_type_errors, register_ort_schemas, translations
 from moec.canonical import resolve
 from moec.export_complex import as_real_pairs
@@ -653,7 +653,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     if panels and dense is None:
         log.info(f"moec.export_onnx: {moec_fp32_matmuls(path, routers, big)} dense MatMuls run moec's fp32 kernel")
         done("dense MatMuls on moec's kernel", "checking the file")
-    if _moec_kernels and fp32 and any(counts := ort_kernels.lay_out_file(path)):
+    if _moec_kernels and fp32 and any(counts := ort_layouts.lay_out_file(path)):
         log.info(f"moec.export_onnx: {counts[0]} of moec's int4 nodes take their weights in tiles or panels, {counts[1]} "
                  f"experts nodes in panels, {counts[2]} of moec's fp32 nodes hold bf16 numbers: stored in bf16")
         done("weights laid out for moec's kernels", "checking the file")

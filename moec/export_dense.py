@@ -191,7 +191,7 @@ def moec_fp32_matmuls(path: str, router_widths: set[int], external_data: bool, i
     import torch
 
     from moec.quant import Int8Experts, quantize
-    from moec.backends import ort_kernels
+    from moec.backends import ort_kernels, ort_layouts
 
     proto = onnx.load(path)
     gemms_as_matmuls(proto, 1, router_widths)
@@ -213,7 +213,7 @@ def moec_fp32_matmuls(path: str, router_widths: set[int], external_data: bool, i
         if int8:
             t = quantize(Int8Experts(), torch.from_numpy(np.ascontiguousarray(w))[None])
             weights = {"w": t["q"][0].numpy(), "s": t["scale"][0].numpy()}
-        weights["w"] = (ort_kernels.panels_a8 if a8 else ort_kernels.panels)(weights["w"][None])[0]
+        weights["w"] = (ort_layouts.panels_a8 if a8 else ort_layouts.panels)(weights["w"][None])[0]
         proto.graph.initializer.extend(numpy_helper.from_array(v, f"{name}_{k}") for k, v in weights.items())
         merged = [helper.make_node(ort_kernels.FP32_MATMUL + "Int8" * int8, [x, *(f"{name}_{k}" for k in weights)],
                                    [f"{name}_y"] if len(nodes) > 1 else list(nodes[0].output), name=name,

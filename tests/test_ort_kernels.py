@@ -12,7 +12,7 @@ import torch
 
 import moec
 from moec import models
-from moec.backends import cpu_native, ort_kernels
+from moec.backends import cpu_native, ort_kernels, ort_layouts
 from moec.quant import Int4Experts, quantize
 
 from conftest import TOL, rel_err
@@ -32,7 +32,7 @@ MODES = [pytest.param(True, 0, id="int8"), pytest.param(True, 1, id="int8-tiles"
 def _laid_out(q, s, z, tiles: int) -> tuple:
     """moec's int4 format (torch tensors) in the layout `tiles` (numpy arrays; z None where absent)."""
     q, s, z = (None if t is None else t.numpy() for t in (q, s, z))
-    return tuple(ort_kernels.tiled(q, s)) + (z,) if tiles == 1 else ort_kernels.int4_panels(q, s, z) if tiles else (q, s, z)
+    return tuple(ort_layouts.tiled(q, s)) + (z,) if tiles == 1 else ort_layouts.int4_panels(q, s, z) if tiles else (q, s, z)
 
 
 def _session(inputs: dict, a8: bool, gate_up: str, options=None, tiles=0):
@@ -160,7 +160,7 @@ def test_backend_runs_it_and_matches_the_torch_backend(a8):
     report = moec.inspect(compiled)
     assert [b.op for b in report.export.blocks] == ["moec::Int4Experts"] * len(report.blocks)
     assert len(compiled.forward.sessions) == 2
-    import onnx  # the weights in tiles (int8 activations) or panels (ort_kernels.tile_weights), where the CPU has them
+    import onnx  # the weights in tiles (int8 activations) or panels (ort_layouts.tile_weights), where the CPU has them
 
     tiles = {onnx.helper.get_attribute_value(a) for n in onnx.load(report.export.path).graph.node
              if n.op_type == ort_kernels.OP for a in n.attribute if a.name == "tiles"}
@@ -281,7 +281,7 @@ def test_tile_layout_gives_the_same_numbers(groups, rows):
             t = quantize(Int4Experts(32, symmetric=symmetric), torch.randn(1, N, 32 * groups, generator=gen))
             z = t["zero"][0] if "zero" in t else None
             x = {"x": torch.randn(rows, 32 * groups, generator=gen).numpy()}
-            q, s = map(torch.from_numpy, ort_kernels.tiled(t["q"][0].numpy(), t["scale"][0].numpy()))
+            q, s = map(torch.from_numpy, ort_layouts.tiled(t["q"][0].numpy(), t["scale"][0].numpy()))
             want = ort_kernels.matmul_session(ort_kernels.library(), t["q"][0], t["scale"][0], z, True).run(None, x)[0]
             got = ort_kernels.matmul_session(ort_kernels.library(), q, s, z, True, tiles=1).run(None, x)[0]
             assert np.array_equal(got, want), (N, symmetric, np.abs(got - want).max())
@@ -323,7 +323,7 @@ def test_tile_file_shared_weights_external_data_and_graph_outputs(tmp_path):
     want = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feed)
     path = str(tmp_path / "m.onnx")
     onnx.save(proto, path, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
-    assert ort_kernels.lay_out_file(path) == (4, 0, 0)  # one, two, bare in tiles, fp32 in panels
+    assert ort_layouts.lay_out_file(path) == (4, 0, 0)  # one, two, bare in tiles, fp32 in panels
     tiled = onnx.load(path, load_external_data=False)
     names = [t.name for t in tiled.graph.initializer]
     assert len(names) == len(set(names)) and set(names) == {"q_tiles", "s_a_tiles", "s_b_tiles", "s_b", "q_w_tiles",
@@ -430,7 +430,7 @@ def test_fp32_bad_inputs_are_ort_errors():
 def test_panels_hold_the_weights():
     """panels: channel 32p + c of W [E, N, K] at [e, p, :, c], zeros past N; halves: every FC1 row order."""
     w = np.arange(2 * 40 * 3, dtype=np.float32).reshape(2, 40, 3)
-    p = ort_kernels.panels(w)
+    p = ort_layouts.panels(w)
     assert p.shape == (2, 2, 3, 32)
     assert np.array_equal(p[1, 1, :, 7], w[1, 39]) and np.array_equal(p[0, 0, :, 5], w[0, 5])
     assert not p[:, 1, :, 8:].any()
@@ -439,7 +439,7 @@ def test_panels_hold_the_weights():
               "interleave": np.stack([gate, up], 2).reshape(1, 6, 2),
               "interleave_up_first": np.stack([up, gate], 2).reshape(1, 6, 2)}
     for name, w13 in orders.items():
-        assert np.array_equal(ort_kernels.halves(w13, ort_kernels.GATE_UP[name]), orders["halves"]), name
+        assert np.array_equal(ort_layouts.halves(w13, ort_kernels.GATE_UP[name]), orders["halves"]), name
 
 
 @F32
@@ -491,8 +491,8 @@ def test_bf16_weights_node_equals_moec_experts(T, H, I, E, k):
         graph = helper.make_graph([node], "t", [], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
                                   [numpy_helper.from_array(w13.numpy(), "w13"), numpy_helper.from_array(w2.numpy(), "w2")])
         m = helper.make_model(graph)
-        ort_kernels.panel_weights(m)
-        return m, ort_kernels.narrow_bf16(m)
+        ort_layouts.panel_weights(m)
+        return m, ort_layouts.narrow_bf16(m)
 
     m, narrowed = model(w13, w2)
     assert narrowed == 1 and m.graph.node[0].op_type == "ExpertsBf16"
@@ -526,12 +526,12 @@ def test_fp32_matmul_node_equals_torch(shape, N, weights, rows):
     node = helper.make_node(ort_kernels.FP32_MATMUL, ["x", "w"], ["y"], domain=ort_kernels.DOMAIN, n=N)
     graph = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(ort_kernels.panels(W.numpy()[None])[0], "w")])
+                              [numpy_helper.from_array(ort_layouts.panels(W.numpy()[None])[0], "w")])
     m = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18),
                                                                helper.make_opsetid(ort_kernels.DOMAIN, 1)])
-    assert ort_kernels.narrow_bf16(m) == int(weights == "bf16")
+    assert ort_layouts.narrow_bf16(m) == int(weights == "bf16")
     if rows or weights == "fp32":
-        assert ort_kernels.round_rows(m) == int(rows)  # bf16 nodes only
+        assert ort_layouts.round_rows(m) == int(rows)  # bf16 nodes only
     assert [a.name for a in m.graph.node[0].attribute if a.name == "bf16_rows"] == ["bf16_rows"] * rows
     import onnxruntime as ort
 
@@ -557,7 +557,7 @@ def test_fp32_matmul_node_equals_torch(shape, N, weights, rows):
 def _bf16_rows_reference(x, ids, w, w13, w2, gate_up):
     """moec's bf16-row experts in float64 where they round: FC1 on bf16(x), SiLU(gate) * up in fp32, rounded to
     bf16, FC2, each token's slots summed with their weights."""
-    order = torch.from_numpy(ort_kernels.halves(w13.numpy(), ort_kernels.GATE_UP[gate_up]))
+    order = torch.from_numpy(ort_layouts.halves(w13.numpy(), ort_kernels.GATE_UP[gate_up]))
     I = w2.shape[2]
     y = torch.zeros(x.shape, dtype=torch.float64)
     for t in range(x.shape[0]):
@@ -626,10 +626,10 @@ def test_bf16_rows_need_even_inputs_and_their_layout():
             [numpy_helper.from_array(a.bfloat16().float().numpy(), n) for n, a in (("w13", w13), ("w2", w2))])
         m = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18),
                                                                    helper.make_opsetid(ort_kernels.DOMAIN, 1)])
-        ort_kernels.panel_weights(m)
-        ort_kernels.narrow_bf16(m)
+        ort_layouts.panel_weights(m)
+        ort_layouts.narrow_bf16(m)
         if pairs:
-            ort_kernels.round_rows(m)
+            ort_layouts.round_rows(m)
         attrs = m.graph.node[0].attribute
         for a in [a for a in attrs if a.name == "bf16_rows"]:
             attrs.remove(a)
@@ -738,13 +738,13 @@ def test_round_rows_file_with_external_data(tmp_path):
     graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None)
                                            for x in ("x", "x_odd")],
                               [helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None) for n in nodes],
-                              [numpy_helper.from_array(ort_kernels.panels(w.numpy()[None])[0], n) for n, w in W.items()])
+                              [numpy_helper.from_array(ort_layouts.panels(w.numpy()[None])[0], n) for n, w in W.items()])
     proto = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18),
                                                                    helper.make_opsetid(ort_kernels.DOMAIN, 1)])
     path = str(tmp_path / "m.onnx")
     onnx.save(proto, path, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
-    assert ort_kernels.lay_out_file(path) == (0, 0, 2)  # w and odd in bf16
-    assert ort_kernels.round_rows_file(path) == 1  # odd: K 127
+    assert ort_layouts.lay_out_file(path) == (0, 0, 2)  # w and odd in bf16
+    assert ort_layouts.round_rows_file(path) == 1  # odd: K 127
     laid = onnx.load(path, load_external_data=False)
     assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in laid.graph.initializer)
     assert sorted(t.name for t in laid.graph.initializer) == ["odd_bf16", "w32", "w_bf16_pairs"]
@@ -858,7 +858,7 @@ def _linear_session(w: np.ndarray, s: np.ndarray | None, a8: bool):
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
-    layout = ort_kernels.panels_a8 if a8 else ort_kernels.panels
+    layout = ort_layouts.panels_a8 if a8 else ort_layouts.panels
     weights = {"w": layout(w[None])[0], **({"s": s} if s is not None else {})}
     node = helper.make_node(ort_kernels.FP32_MATMUL + "Int8" * (s is not None), ["x", *weights], ["y"],
                             domain=ort_kernels.DOMAIN, n=w.shape[0], **({"int8_activations": 1} if a8 else {}))
@@ -896,7 +896,7 @@ def test_panels_a8_hold_the_weights():
     """panels_a8: channel c of panel p at input k holds q[16p + c, k] + 128 as a byte, k in moec_pack_a8's order
     (each 32: the evens, then the odds), 128 past N."""
     q = torch.randint(-127, 128, (2, 20, 64), dtype=torch.int8).numpy()
-    p = ort_kernels.panels_a8(q).view(np.uint8)  # [2, 2, 16, 64]
+    p = ort_layouts.panels_a8(q).view(np.uint8)  # [2, 2, 16, 64]
     assert p.shape == (2, 2, 16, 64) and p.dtype == np.uint8
     order = np.concatenate([b + np.r_[0:32:2, 1:32:2] for b in range(0, 64, 32)])  # position -> input
     for e, j, pos in [(0, 0, 0), (1, 19, 17), (0, 5, 63), (1, 16, 32)]:

@@ -190,7 +190,7 @@ static OrtStatus *matrix(const char *op, Input *in, int i, const char **names, i
         return error(op, ORT_INVALID_ARGUMENT, "%s/%s/%s has %lld rows: the %s layout takes a multiple of %d",
                      names[i], names[i + 1], names[i + 2], (long long)N, tiles == 2 ? "panel" : "tile",
                      tiles == 2 ? 32 : 4);
-    /* tiles=2: q, s and z in panels (int4_panels), the same shapes; moec_panels runs them */
+    /* tiles=2: q, s and z in panels (ort_layouts.int4_panels), the same shapes; moec_panels runs them */
     *m = (Matrix){q->data, s->data, z->v && z->numel ? z->data : NULL, N, K, G, tiles == 1,
                   tiles == 2 ? q->data : NULL, WT_I4};
     return NULL;
@@ -304,8 +304,8 @@ static OrtStatus *run(const char *op, Step *s, OrtKernelContext *ctx, int64_t E,
 
 /* moec::Experts(x [T, H] fp32, ids [T, k] int64, w [T, k] fp32, w13 [E, ceil(2I/32), H, 32] fp32,
    w2 [E, ceil(H/32), I, 32] fp32; gate_up) -> y [T, H]: fp32 experts, weights in panels (moec_panels;
-   `panel_weights` lays out the session's file), the same phases as Int4Experts. moec::ExpertsBf16: w13 and w2 in
-   bf16 (`narrow_bf16`). moec::ExpertsInt8(..., w13 int8, w2 int8, s13 [E, 2I], s2 [E, H]): moec's Int8Experts,
+   `ort_layouts.panel_weights` lays out the session's file), the same phases as Int4Experts. moec::ExpertsBf16: w13 and w2 in
+   bf16 (`ort_layouts.narrow_bf16`). moec::ExpertsInt8(..., w13 int8, w2 int8, s13 [E, 2I], s2 [E, H]): moec's Int8Experts,
    weight-only (a scale per channel). */
 #define XP "Experts"
 enum { XIN = 5, XIN8 = 7 };

@@ -12,7 +12,7 @@ enum { WT_F32 = 0, WT_BF16 = 1, WT_I8 = 2, WT_I4 = 3, WT_BF16_ROWS = 4 };  /* BF
    narrow_bf16) so that a shift and a mask widen them to fp32 (exact; 1.4x as fast as a widening shuffle on
    weights in the L3), so the products and sums are the fp32 kernel's on the same values. int8 (moec's
    Int8Experts: a scale per channel): the integers widened to fp32 (exact), their products with x summed, the sum
-   times the channel's scale. int4 (moec's Int4Experts weight-only, tiles=2: `int4_panels`): each k's 32 channels
+   times the channel's scale. int4 (moec's Int4Experts weight-only, tiles=2: `ort_layouts.int4_panels`): each k's 32 channels
    in 16 bytes (channel c in the low nibble of byte c, c + 16 in the high one), the groups' scales (and zero points)
    as [G][32]; each weight made (q - z) * s, moec's dequantized value (one rounding: q - z is exact), then the fp32
    kernel's products and sums. */
@@ -152,7 +152,7 @@ static void moec_panels(const float *x, int64_t R, int64_t K, const void *w, flo
 #if defined(__AVX512BW__) && defined(__AVX512BF16__)
 #define BF16_ROWS  /* moec_pairs is built */
 /* bf16 weights and bf16 rows (a bf16 model's experts and dense layers, bf16_rows=1): the panels' k in pairs,
-   [ceil(N/32), K/2, 32, 2] bf16 (`pair_bf16`: channel c's weights of k and k + 1 side by side), each row rounded to
+   [ceil(N/32), K/2, 32, 2] bf16 (`ort_layouts.pair_bf16`: channel c's weights of k and k + 1 side by side), each row rounded to
    bf16 (as the model's own activations are: `bf16_row`). A step of 2 inputs is two 64-byte loads and, per row, two
    vdpbf16ps against the row's pair broadcast: each lane adds both products (exact in fp32) to its sum, rounding
    after each (denormal bf16 inputs count as zero), twice the multiply-adds of an fp32 FMA an instruction. Sums of
@@ -238,7 +238,7 @@ static void bf16_row(const float *v, int64_t K, uint16_t *x) {
 #define I8A8  /* moec_panels_a8 is built */
 /* int8 weights and int8 activations (Int8Experts(activations="int8"): a scale per channel, each row rounded to int8
    at one step, moec_pack_a8 with one group): panels of 16 channels, [ceil(N/16), K/4, 16, 4] bytes of w + 128
-   (`panels_a8`; 128 past N), the k of each 32 in moec_pack_a8's order (the evens, then the odds). A step of 4
+   (`ort_layouts.panels_a8`; 128 past N), the k of each 32 in moec_pack_a8's order (the evens, then the odds). A step of 4
    inputs is one 64-byte load and, per row, one vpdpbusd against the row's 4 inputs broadcast: the 16 channels' sums
    of (w + 128) x, exact in int32 (|sum| <= K 255 127: K <= 65536), less 128 times the row's sum xi. Then as
    torch_backend._int8_gemm: float(sum) times the channel's scale, times the row's step. */
