@@ -22,7 +22,7 @@ CSRC = Path(__file__).parent / "csrc"  # the C kernels: cpu_native's library, an
 def c_source(*names: str) -> str:
     """csrc's files `names` as one translation unit, in that order (each after what it uses); #line keeps the
     compiler's messages on each file's own lines."""
-    return "".join(f'#line 1 "backends/csrc/{name}"\n' + (CSRC / name).read_text() for name in names)
+    return "".join(f'#line 1 "csrc/{name}"\n' + (CSRC / name).read_text() for name in names)
 
 
 def triton_unavailable(device) -> str | None:

@@ -238,8 +238,9 @@ def _process(processors: list, seq: np.ndarray, scores: np.ndarray) -> torch.Ten
         if type(processor) is TopKLogitsWarper and processor.filter_value == -np.inf:
             scores = np.asarray(scores)
             at = scores.shape[-1] - min(processor.top_k, scores.shape[-1])
-            kth = np.partition(scores, at, axis=-1)[:, at:at + 1]  # [B, 1]
-            scores = np.where(scores < kth, np.float32(-np.inf), scores)
+            with np.errstate(all="ignore"):  # NaN compares quietly, as in torch
+                kth = np.partition(scores, at, axis=-1)[:, at:at + 1]  # [B, 1]
+                scores = np.where(scores < kth, scores.dtype.type(-np.inf), scores)
         else:
             scores = processor(torch.from_numpy(seq), _tensor(scores))
     return _tensor(scores)

@@ -338,7 +338,7 @@ void moec_int4(const void *x, const float *sx, const int32_t *xi, int64_t R, int
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-/* moec_int4's int8 rows on weights in the tile layout (moec.backends.ort_kernels.tiled): each tile of 4 channels
+/* moec_int4's int8 rows on weights in the tile layout (moec.backends.ort_layouts.tiled): each tile of 4 channels
    (N a multiple of 4, as j0 and j1) holds q as [K/32 blocks][4 channels][16 bytes], so a block of the 4 channels is
    one 64-byte load, and s as [G/4 steps][4 channels][4 groups] then the last G % 4 groups as [4 channels][G % 4],
    so a step's scales are one 64-byte load; z as in moec's format. A tile's weights are one sequential stream. */

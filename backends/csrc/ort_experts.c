@@ -332,11 +332,11 @@ static OrtStatus *experts_panels(void *kernel, OrtKernelContext *ctx) {
         w2->dims[1] != (H + pc - 1) / pc || I == 0)
         return error(XP, ORT_INVALID_ARGUMENT, kn->a8
                      ? "w13 [E, ceil(2I/16), H/4, 64] and w2 [E, ceil(H/16), I/4, 64] (int8 weights in panels for int8 "
-                       "rows: ort_kernels.panel_weights) do not fit x [T, %lld]"
+                       "rows: ort_layouts.panel_weights) do not fit x [T, %lld]"
                      : kd == 2 ? "w13 [E, ceil(2I/32), H/2, 64] and w2 [E, ceil(H/32), I/2, 64] (bf16 weights in pairs "
-                                 "for bf16 rows: ort_kernels.pair_bf16) do not fit x [T, %lld]"
+                                 "for bf16 rows: ort_layouts.pair_bf16) do not fit x [T, %lld]"
                      : "w13 [E, ceil(2I/32), H, 32] and w2 [E, ceil(H/32), I, 32] (weights in panels: "
-                       "ort_kernels.panel_weights) do not fit x [T, %lld]", (long long)H);
+                       "ort_layouts.panel_weights) do not fit x [T, %lld]", (long long)H);
     if (kn->a8 && (H % 32 || I % 32 || H > 65536 || I > 65536))
         return error(XP, ORT_INVALID_ARGUMENT, "int8 rows take H and I multiples of 32, at most 65536 (int32 sums): "
                      "H %lld, I %lld", (long long)H, (long long)I);
@@ -434,10 +434,10 @@ static OrtStatus *linear(void *kernel, OrtKernelContext *ctx) {
         w->dims[2] != pc * kd || N <= 0)
         return error(FM, ORT_INVALID_ARGUMENT, kn->a8
                      ? "x [..., K] and w [ceil(n/16), K/4, 64] (int8 weights in panels for int8 rows: "
-                       "ort_kernels.panel_weights) do not fit, n = %lld"
+                       "ort_layouts.panel_weights) do not fit, n = %lld"
                      : kd == 2 ? "x [..., K] and w [ceil(n/32), K/2, 64] (bf16 weights in pairs for bf16 rows: "
-                                 "ort_kernels.pair_bf16) do not fit, n = %lld"
-                     : "x [..., K] and w [ceil(n/32), K, 32] (weights in panels: ort_kernels.panel_weights) do not "
+                                 "ort_layouts.pair_bf16) do not fit, n = %lld"
+                     : "x [..., K] and w [ceil(n/32), K, 32] (weights in panels: ort_layouts.panel_weights) do not "
                        "fit, n = %lld", (long long)N);
     if (kn->a8 && (K % 32 || K > 65536))
         return error(FM, ORT_INVALID_ARGUMENT, "int8 rows take K a multiple of 32, at most 65536 (int32 sums): K %lld",
