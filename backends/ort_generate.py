@@ -17,6 +17,7 @@ search or plain sampling, this loop runs it with nothing else per token:
              token = argmax(scores)                       # the first maximum, like torch.argmax
     sampled: scores[:, eos] = -inf  while fewer than min_new_tokens are out (HF's processor for it, when first)
              scores = processors(sequence so far, scores) # HF's own, built from the call's generation config
+                                                          # (its top-k warper as numpy: the same numbers)
              token = multinomial(softmax(scores), 1)      # as HF's sampling draws it: same seed, same tokens
     token = pad where the row already ended (eos)         # then rows that hit eos end
     past = present; mask += [1]; positions = each row's count of real tokens
