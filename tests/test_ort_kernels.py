@@ -187,6 +187,21 @@ def test_library_builds_for_avx2_only_cpus():
     assert path.exists()
 
 
+def test_a_failed_build_names_the_file_and_line_of_its_first_error(tmp_path, monkeypatch):
+    """The C sources are backends/csrc's files concatenated: a compiler error names the file and line it is on (the
+    #line marks), the first error, not the compiler's last line of context."""
+    from moec.backends import CSRC, c_source
+
+    broken = tmp_path / "csrc"
+    broken.mkdir()
+    (broken / "ok.c").write_text("int fine(void) { return 1; }\n")
+    (broken / "bad.c").write_text("/* line 1 */\n\nint oops(void) { return 1 }\n")
+    monkeypatch.setattr("moec.backends.CSRC", broken)
+    with pytest.raises(RuntimeError, match=r"csrc/bad\.c:3:\d+: error"):
+        cpu_native.build(cpu_native.FLAGS, c_source("ok.c", "bad.c"), "moec_broken")
+    assert CSRC.name == "csrc" and (CSRC / "panels.c").exists()
+
+
 @pytest.mark.parametrize("a8,tiles", MODES)
 @pytest.mark.parametrize("shape", [(1, 256), (7, 256), (2, 150, 256)])
 @pytest.mark.parametrize("g,symmetric", [(32, True), (64, False), (128, False)])
