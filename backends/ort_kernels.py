@@ -9,62 +9,63 @@
     moec::Int4MatMul(x [..., K] fp32, q u8 [N, K/2], s [N, K/g] fp32, z u8 [N, K/g] or absent; int8_activations, tiles)
         -> y [..., N] = x W^T,  W = (q - z) * s  (z 8 if absent): a dense layer's MatMulNBits (moec.export_dense)
 
-Int4Experts: what moec::experts_int4 computes for gated SiLU experts without biases (Mixtral, Qwen-MoE, DeepSeek, ...), weights
-in moec's int4 format as stored (moec.quant), on the kernels of backends/cpu_native.py (the same C source is built
-into this library): int8_activations, each GEMM input rounded to int8 per group of the weights (moec_pack_a8) and
-int8 dot products; else fp32 rows (AVX-512 builds only). Routing stays in the graph (ids and w are its outputs),
-so the op takes any router moec proves. The step: sort the (token, slot) pairs by expert, round (or reorder) each
-token's row once, FC1 over (expert, chunk of output channels) work items, SiLU-and-multiply and round each row,
-FC2 likewise, then each token's weighted sum in slot order, as moec's torch op (backends/torch_backend.py
-`_native_int4`). Threads: ONNX Runtime's own intra-op pool (OrtApi::KernelContext_ParallelFor), so the kernels
-and the session's other nodes share one pool. Int4MatMul runs the same phases with one expert taking every row.
+Int4Experts: what moec::experts_int4 computes for gated SiLU experts without biases (Mixtral, Qwen-MoE, DeepSeek,
+...), weights in moec's int4 format as stored (moec.quant), on the kernels of backends/cpu_native.py (the same C
+source is built into this library): int8_activations, each GEMM input rounded to int8 per group of the weights
+(moec_pack_a8) and int8 dot products; else fp32 rows (AVX-512 builds only). Routing stays in the graph (ids and w
+are its outputs), so the op takes any router moec proves. The step: sort the (token, slot) pairs by expert, round
+(or reorder) each token's row once, FC1 over (expert, chunk of output channels) work items, SiLU-and-multiply and
+round each row, FC2 likewise, then each token's weighted sum in slot order, as moec's torch op
+(backends/torch_backend.py `_native_int4`). Threads: ONNX Runtime's own intra-op pool
+(OrtApi::KernelContext_ParallelFor), so the kernels and the session's other nodes share one pool. Int4MatMul runs
+the same phases with one expert taking every row.
 
 Why: measured against ORT's own ops on the same weights (docs/benchmarks.md), the experts op takes 10-20% less
 time than QMoE at 64 tokens and the same at one; the dense MatMulNBits stream ~15 GB/s at one row where this
 kernel reaches 20-27; whole decode 1.03-1.22x, prefill 1.1-1.3x.
 
 The ABI: the onnxruntime wheel ships no C headers, so the declarations in csrc/ort_api.c are ours, from ONNX
-Runtime's onnxruntime_c_api.h (API version 20 or later): OrtApi is a table of function pointers that only grows, used here
-by index; registration checks one index against a known string (GetBuildInfoString) and fails (the session
+Runtime's onnxruntime_c_api.h (API version 20 or later): OrtApi is a table of function pointers that only grows,
+used here by index; registration checks one index against a known string (GetBuildInfoString) and fails (the session
 refuses the library, moec keeps QMoE) if the table is not laid out as expected. OrtCustomOp version 16: the V2
 callbacks, which return a status (shape errors reach the caller as an ORT error, not a crash).
 
-tiles=1 (int8 activations, AVX-512 builds, every matrix's N a multiple of 4): q and s in the tile layout (`ort_layouts.tiled`,
-the same shapes): a tile of 4 output channels is one sequential stream, each 32-input block of its 4 channels one
-64-byte load and each step's 16 scales another, where moec's layout makes 4 loads of 16 bytes from 4 rows apart
-(`ort_layouts.tile_weights` lays out the session's file so: decode and prefill 1.11-1.15x on the benchmark models,
-docs/benchmarks.md). The same numbers: the kernel sums the same products in the same order.
+tiles=1 (int8 activations, AVX-512 builds, every matrix's N a multiple of 4): q and s in the tile layout
+(`ort_layouts.tiled`, the same shapes): a tile of 4 output channels is one sequential stream, each 32-input block of
+its 4 channels one 64-byte load and each step's 16 scales another, where moec's layout makes 4 loads of 16 bytes
+from 4 rows apart (`ort_layouts.tile_weights` lays out the session's file so: decode and prefill 1.11-1.15x on the
+benchmark models, docs/benchmarks.md). The same numbers: the kernel sums the same products in the same order.
 
 tiles=2 (weight-only, AVX-512 builds, every matrix's N a multiple of 32): q, s and z in panels of 32 channels
-(`ort_layouts.int4_panels`, the same shapes), run by the fp32 panel kernel (csrc/panels.c), each weight made (q - z) * s as it is read:
-at prefill a panel's part is widened once into L1 and every row block reads it there, so 512 tokens take the fp32
-experts' time (the old per-channel kernel unpacked each weight again per 4 rows: 1.65x that on a mix layer),
-decode as before or faster. Its own sums (the panels' order), batch-invariant like every panel op.
+(`ort_layouts.int4_panels`, the same shapes), run by the fp32 panel kernel (csrc/panels.c), each weight made (q - z)
+* s as it is read: at prefill a panel's part is widened once into L1 and every row block reads it there, so 512
+tokens take the fp32 experts' time (the old per-channel kernel unpacked each weight again per 4 rows: 1.65x that on
+a mix layer), decode as before or faster. Its own sums (the panels' order), batch-invariant like every panel op.
 
-Weights in panels (AVX-512 builds): one GEMM over panels of 32 output channels, [ceil(N/32), K, 32] (`ort_layouts.panels`),
-for fp32, bf16 and int8 (a scale per channel) weights:
+Weights in panels (AVX-512 builds): one GEMM over panels of 32 output channels, [ceil(N/32), K, 32]
+(`ort_layouts.panels`), for fp32, bf16 and int8 (a scale per channel) weights:
 
     moec::Experts(x, ids, w, w13 [E, ceil(2I/32), H, 32], w2 [E, ceil(H/32), I, 32]; gate_up) -> y [T, H]
     moec::ExpertsBf16 (w13, w2 bf16), moec::ExpertsInt8(..., w13 i8, w2 i8, s13 [E, 2I], s2 [E, H])
     moec::Linear(x [..., K], w [ceil(n/32), K, 32]; n) -> y [..., n],  LinearBf16, LinearInt8(x, w i8, s [n])
 
-the same phases as Int4Experts (Linear: one expert taking every row); each output the same sum of its K
-products (even k, odd k, then the two) whatever the rows of the call. `ort_layouts.panel_weights` lays out the Experts nodes
-of the session's file (export_dense.moec_fp32_matmuls the Linear ones), `ort_layouts.narrow_bf16` stores weights that are all
-bf16 numbers in bf16.
+the same phases as Int4Experts (Linear: one expert taking every row); each output the same sum of its K products
+(even k, odd k, then the two) whatever the rows of the call. `ort_layouts.panel_weights` lays out the Experts nodes
+of the session's file (export_dense.moec_fp32_matmuls the Linear ones), `ort_layouts.narrow_bf16` stores weights
+that are all bf16 numbers in bf16.
 
-ExpertsBf16 / LinearBf16 with bf16_rows=1 (`ort_layouts.round_rows`: a bf16 model's nodes, AVX512-BF16 builds, every K even):
-each GEMM input row rounded to bf16 as the bf16 model's activations are (`bf16_row`), the weights in pairs
-[ceil(N/32), K/2, 64] (`ort_layouts.pair_bf16`) and one vdpbf16ps per 2 inputs of 16 channels: the products exact, fp32 sums. Against the fp32 rows on
-the same bf16 weights, one mix layer's experts at 64 and 512 tokens in 0.58x the time (twice the multiply-adds an
-instruction); whole prefill at 512 tokens 1.5-2.1x (docs/benchmarks.md).
+ExpertsBf16 / LinearBf16 with bf16_rows=1 (`ort_layouts.round_rows`: a bf16 model's nodes, AVX512-BF16 builds, every
+K even): each GEMM input row rounded to bf16 as the bf16 model's activations are (`bf16_row`), the weights in pairs
+[ceil(N/32), K/2, 64] (`ort_layouts.pair_bf16`) and one vdpbf16ps per 2 inputs of 16 channels: the products exact,
+fp32 sums. Against the fp32 rows on the same bf16 weights, one mix layer's experts at 64 and 512 tokens in 0.58x the
+time (twice the multiply-adds an instruction); whole prefill at 512 tokens 1.5-2.1x (docs/benchmarks.md).
 
 ExpertsInt8 / LinearInt8 with int8_activations=1 (Int8Experts(activations="int8"), AVX512-VNNI builds): each GEMM
 input row rounded to int8 at one step (moec_pack_a8 with one group), the weights in panels of 16 channels
-[ceil(N/16), K/4, 64] bytes (`ort_layouts.panels_a8`), 4 inputs of 16 channels a 64-byte load and one vpdpbusd a row; exact
-int32 sums, then times the channel's scale and the row's step: the torch backend's numbers (to the bit where it
-runs moec's kernels; its torch._int_mm path rounds its SiLU by an ulp apart). Against the weight-only panels, one
-mix layer's experts (in the L3): 1.16x at one token, 2.1x at 64, 3.6x at 512 (docs/benchmarks.md).
+[ceil(N/16), K/4, 64] bytes (`ort_layouts.panels_a8`), 4 inputs of 16 channels a 64-byte load and one vpdpbusd a
+row; exact int32 sums, then times the channel's scale and the row's step: the torch backend's numbers (to the bit
+where it runs moec's kernels; its torch._int_mm path rounds its SiLU by an ulp apart). Against the weight-only
+panels, one mix layer's experts (in the L3): 1.16x at one token, 2.1x at 64, 3.6x at 512 (docs/benchmarks.md).
 
 The same library holds moec::CachedAttention (backends/ort_attention.py: its source is built in after these ops),
 and export_dense merges the Int4MatMuls of one input (q/k/v) into one node.
