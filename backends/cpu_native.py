@@ -1,5 +1,5 @@
-"""C kernels for int4 experts (csrc/native.c), built at first use: with int8 activations (Int4Experts(activations="int8")), and
-weight-only (fp32 rows) on CPUs with AVX-512.
+"""C kernels for int4 experts (csrc/native.c), built at first use: with int8 activations
+(Int4Experts(activations="int8")), and weight-only (fp32 rows) on CPUs with AVX-512.
 
     int4_a8(x8 [R, K] int8, sx [R, G] fp32, xi [R, G] int32, q [N, K/2] u8, s [N, G], z [N, G] u8 or none)
         -> out [R, N] fp32
