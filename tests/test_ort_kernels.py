@@ -190,7 +190,7 @@ def test_library_builds_for_avx2_only_cpus():
 def test_a_failed_build_names_the_file_and_line_of_its_first_error(tmp_path, monkeypatch):
     """The C sources are backends/csrc's files concatenated: a compiler error names the file and line it is on (the
     #line marks), the first error, not the compiler's last line of context."""
-    from moec.backends import CSRC, c_source
+    from moec.backends import c_source
 
     broken = tmp_path / "csrc"
     broken.mkdir()
@@ -199,7 +199,6 @@ def test_a_failed_build_names_the_file_and_line_of_its_first_error(tmp_path, mon
     monkeypatch.setattr("moec.backends.CSRC", broken)
     with pytest.raises(RuntimeError, match=r"csrc/bad\.c:3:\d+: error"):
         cpu_native.build(cpu_native.FLAGS, c_source("ok.c", "bad.c"), "moec_broken")
-    assert CSRC.name == "csrc" and (CSRC / "panels.c").exists()
 
 
 @pytest.mark.parametrize("a8,tiles", MODES)
