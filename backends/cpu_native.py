@@ -41,6 +41,8 @@ Built with the system C compiler (`cc -O3 -march=native`) into moec's cache dire
 the compiler and the CPU's flags; not available (None from `library()`, reason logged once) without a compiler,
 on a CPU without AVX2 and FMA, or with MOEC_NATIVE=0: grouped_qmm then multiplies the rounded rows by each
 expert's dequantized weights (fp32 GEMMs: the same numbers up to the order of fp32 sums, slower at decode).
+The library also holds greedy search's step between two session runs (csrc/greedy.c, ort_generate's `loop`
+calls it through ctypes; numpy does the same without it).
 CC may hold a command with arguments (e.g. "ccache gcc").
 """
 
@@ -65,7 +67,8 @@ from moec.backends import c_source
 from moec.backends.cpu_quant import CHUNK, _jit
 from moec.log import log
 
-SOURCE = c_source("native.c")
+SOURCE = c_source("native.c")  # the kernels, in this library and ort_kernels' custom-op library
+LIBRARY = SOURCE + c_source("greedy.c")  # and greedy search's step (ort_generate)
 
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 _I64 = types.int64
@@ -127,17 +130,17 @@ def build(flags: tuple[str, ...] = FLAGS, source: str = SOURCE, stem: str = "moe
 
 @functools.cache
 def library() -> Path | None:
-    """The built kernel library, loaded into the process (numba's launchers call into it), or None where it
-    cannot be built or MOEC_NATIVE=0: the reason is logged once."""
+    """The built library (kernels and greedy.c), loaded into the process (numba's launchers call into it), or
+    None where it cannot be built or MOEC_NATIVE=0: the reason is logged once."""
     if os.environ.get("MOEC_NATIVE", "1") == "0":
         return None
     try:
-        path = build()
+        path = build(source=LIBRARY)
         llvm.load_library_permanently(str(path))
     except (RuntimeError, OSError) as e:
-        log.warning("moec: the native int4 kernels are not built (%s): int4 experts with int8 activations multiply "
+        log.warning("moec: the native kernels are not built (%s): int4 experts with int8 activations multiply "
                     "their rounded rows by dequantized weights instead (fp32 GEMMs), weight-only int4 runs moec's "
-                    "numba kernels (both slower)", e)
+                    "numba kernels, greedy search on onnxruntime picks its tokens in numpy (all slower)", e)
         return None
     return path
 

@@ -37,6 +37,7 @@ the session one step at a time.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 
 import ml_dtypes
@@ -161,8 +162,10 @@ def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int,
     feed, mask = ids.cpu().numpy(), mask.cpu().long().numpy()
     pos = np.where(mask == 0, 1, mask.cumsum(-1) - 1)  # HF's positions under left padding
     count = mask.sum(-1, keepdims=True)  # each row's real tokens so far: the next token's position
-    stop = None if eos is None else np.asarray(eos, dtype=np.int64)  # [] too: indices, not floats
-    ended, tokens = np.zeros(B, bool), []
+    stop = np.zeros(0, np.int64) if eos is None else np.asarray(eos, dtype=np.int64)  # [] too: indices, not floats
+    pad = 0 if pad is None else pad  # (no eos: no row ends, none is padded)
+    ended = np.zeros(B, bool)
+    nxt, npos = np.zeros((B, 1), feed.dtype), np.zeros((B, 1), pos.dtype)  # after the prompt: the step's inputs
     bind = _Binding(session)
     for name, past in zip(names[3:], empty_past(layout, B, ids.shape[1] + new if kept else 0)):
         bind.input(name, past)
@@ -173,10 +176,10 @@ def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int,
     full = np.ones((B, ids.shape[1] + new), mask.dtype)  # the mask of every step: step t reads its first T columns
     full[:, :mask.shape[1]] = mask
     T = S = mask.shape[1]
+    seq = np.zeros((B, S + new), np.int64)  # the prompt, then each step's tokens (pads too): what HF's processors
+    seq[:, :S] = feed                       # read, and the result
     bf16 = forward._bf16()  # its session computes in fp32; its forward hands back bf16 logits, as the model does
-    if processors is not None:  # what HF's processors read: the prompt, then each step's tokens (pads too)
-        seq = np.zeros((B, S + new), np.int64)  # numpy: a top-k-only chain never makes it a tensor
-        seq[:, :S] = feed
+    native = _native() if feed.dtype in (np.int32, np.int64) else None  # the step's bookkeeping in C (csrc/greedy.c)
     for step in range(new):
         if step < 2 or not steady:
             bind.input("input_ids", feed)
@@ -184,40 +187,109 @@ def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int,
         bind.input("attention_mask", full[:, :T])
         if step and steady:
             bind.run_bound()
-            scores = logits[:, -1]  # [B, V] float32, the bound buffer
+            scores = last  # [B, V] float32, the bound buffer
         else:
             outs = bind.run(outputs)  # each step's presents are new arrays: the last ones are this step's past
             scores = outs[0].numpy()[:, -1].astype(np.float32)  # [B, V], as HF's search takes them
             if steady:  # from the next step on, the logits [B, 1, V] go into one array
-                logits = bind.output(outputs[0], (B, 1, scores.shape[-1]))
-        if bf16:
-            scores = _round_bf16(scores)
-        if stop is not None and step < min_new:
-            if step == 0:  # ids outside the vocabulary match no token, as HF's
-                held = stop[(stop >= 0) & (stop < scores.shape[-1])]
-            scores[:, held] = -np.inf
-        if processors is None:
-            token = scores.argmax(-1)  # [B]: the first maximum (NaN first), as torch.argmax
-        else:  # HF's sampling step
-            token = _draw(torch.softmax(_process(processors, seq[:, :S + step], scores), -1))
-        if stop is not None:
-            token[ended] = pad
-            ended |= (token[:, None] == stop).any(-1)  # np.isin: ~50 us a token with the caches cold
-        if processors is not None:
-            seq[:, S + step] = token
-        tokens.append(token)
-        if ended.all():
+                last = bind.output(outputs[0], (B, 1, scores.shape[-1]))[:, -1]
+        if step == 0:
+            held = stop[(stop >= 0) & (stop < scores.shape[-1])]  # ids outside the vocabulary match no token (HF)
+            if native is not None:
+                steps = _Steps(*native, scores, bf16, held, min_new, stop, ended, pad, seq, S, nxt, npos, count)
+        if native is not None:
+            steps.address(scores)
+            if processors is not None:  # sampling: HF's processors and draw between two calls
+                steps.round_hold()
+                _draw(torch.softmax(_process(processors, seq[:, :S + step], scores), -1), steps.given)
+            going = steps.next(processors is not None)
+        else:
+            if bf16:
+                scores = _round_bf16(scores)
+            if step < min_new and held.size:
+                scores[:, held] = -np.inf
+            if processors is None:
+                token = scores.argmax(-1)  # [B]: the first maximum (NaN first), as torch.argmax
+            else:  # HF's sampling step
+                token = _draw(torch.softmax(_process(processors, seq[:, :S + step], scores), -1))
+            if stop.size:
+                token[ended] = pad
+                ended |= (token[:, None] == stop).any(-1)  # np.isin: ~50 us a token with the caches cold
+            seq[:, S + step] = nxt[:, 0] = token
+            npos[:, 0] = count[:, 0]
+            count += 1
+            going = not ended.all()
+        if not going:
             break
         for i, name in enumerate([] if kept else names[3:]):
             bind.value(name, outs[i + 1])
-        if steady and step:
-            feed[:, 0], pos[:, 0] = token, count[:, 0]
-        else:
-            feed, pos = token[:, None].astype(feed.dtype), count.copy()
-        count += 1
+        feed, pos = nxt, npos  # bound again at step 1 (and every step unless steady), then written in place
         T += 1
-    out = torch.from_numpy(np.stack(tokens, 1)).long()
-    return torch.cat([ids.cpu().long(), out], 1).to(ids.device)  # int64, as HF's
+    return torch.from_numpy(seq[:, :S + step + 1].copy()).to(ids.device)  # int64, as HF's
+
+
+@functools.cache
+def _native():
+    """csrc/greedy.c's (moec_next_tokens, moec_round_hold) from cpu_native's library, or None where it is not
+    built"""
+    import ctypes
+
+    from moec.backends import cpu_native
+
+    path = cpu_native.library()
+    if path is None:
+        return None
+    lib = ctypes.CDLL(str(path))
+    lib.moec_next_tokens.argtypes, lib.moec_next_tokens.restype = [ctypes.c_int64] * 2, ctypes.c_int64
+    lib.moec_round_hold.argtypes, lib.moec_round_hold.restype = [ctypes.c_int64], None
+    return lib.moec_next_tokens, lib.moec_round_hold
+
+
+class _Steps:
+    """The loop's numpy lines after a session run as C calls on the loop's arrays, their addresses and sizes in
+    one struct (csrc/greedy.c's moec_steps) written once: a ctypes call of one argument costs a few us with the
+    caches cold, numpy's .ctypes ~1 us each. Greedy: `next(False)`, the first maximum of the scores rounded to bf16
+    when `bf16`, the `held` ids at -inf for the first `hold_steps` steps. Sampling: `round_hold()` before HF's
+    processors, the drawn tokens into `given`, then `next(True)`. Either: pad for rows that ended, rows ending at a
+    `stop` id, the token into seq[:, S + step] and `nxt`, `npos` = count, count += 1."""
+
+    FIELDS = ("scores B V ld bf16 held nheld hold_steps stop nstop ended pad out ldo next ids32 pos count given "
+              "step").split()
+
+    def __init__(self, next_tokens, round_hold, scores: np.ndarray, bf16: bool, held, hold_steps: int, stop, ended,
+                 pad: int, seq, S: int, nxt, npos, count):
+        import ctypes
+
+        class Struct(ctypes.Structure):  # every field 8 bytes: pointers as int64
+            _fields_ = [(name, ctypes.c_int64) for name in self.FIELDS]
+
+        B, V = scores.shape
+        self.given = np.zeros(B, np.int64)
+        self.arrays = (held, stop, ended, seq, nxt, npos, count, self.given)  # kept alive while addressed
+        assert all(a.flags.c_contiguous and a.dtype == t for a, t in zip(self.arrays, (np.int64,) * 2 + (
+            bool, np.int64, nxt.dtype, np.int64, np.int64, np.int64))) and nxt.dtype in (np.int32, np.int64)
+        self.s = Struct(B=B, V=V, bf16=int(bf16), held=held.ctypes.data, nheld=len(held), hold_steps=hold_steps,
+                        stop=stop.ctypes.data, nstop=len(stop), ended=ended.ctypes.data, pad=pad,
+                        out=seq.ctypes.data + 8 * S, ldo=seq.shape[1], next=nxt.ctypes.data,
+                        ids32=int(nxt.dtype == np.int32), pos=npos.ctypes.data, count=count.ctypes.data,
+                        given=self.given.ctypes.data, step=0)
+        self.at, self.next_tokens, self.round_hold_ = ctypes.addressof(self.s), next_tokens, round_hold
+        self.scores = None
+
+    def address(self, scores: np.ndarray) -> None:
+        """this step's scores [B, V] (float32, rows contiguous): a steady loop's are the same array every step"""
+        if scores is not self.scores:
+            assert scores.dtype == np.float32 and scores.strides[1] == 4 and scores.shape == (self.s.B, self.s.V)
+            self.scores, self.s.scores, self.s.ld = scores, scores.ctypes.data, scores.strides[0] // 4
+
+    def round_hold(self) -> None:
+        """the scores rounded to bf16 in place when `bf16` (as torch's cast; NaN stays NaN), the held ids at -inf
+        while held"""
+        self.round_hold_(self.at)
+
+    def next(self, sampled: bool) -> bool:
+        """whether a row goes on, after this step's tokens: `given` when `sampled`, else greedy search's"""
+        return self.next_tokens(self.at, int(sampled)) > 0
 
 
 def _round_bf16(scores: np.ndarray) -> np.ndarray:
@@ -252,19 +324,24 @@ def _tensor(a) -> torch.Tensor:
     return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
 
 
-def _draw(probs: torch.Tensor) -> np.ndarray:
+def _draw(probs: torch.Tensor, into: np.ndarray | None = None) -> np.ndarray:
     """torch.multinomial(probs, 1)[:, 0] for probs [B, V] from a softmax, drawing the same numbers from torch's
     generator: multinomial's one-sample path is argmax(probs / q), q ~ Exp(1) drawn for every entry (ATen's
     Distributions.cpp). Without its checks of probs (max, min), ~50 us a token with the caches cold after a step: a
     softmax's probabilities are in [0, 1] or NaN, and NaN ones go to multinomial itself, which refuses them before it
-    draws (HF's sampling raises that error, the generator untouched)."""
+    draws (HF's sampling raises that error, the generator untouched). The tokens [B] go `into` an int64 array when
+    given."""
     p = probs.numpy()
     if np.isnan(p).any():
-        return torch.multinomial(probs, num_samples=1)[:, 0].numpy()
+        token = torch.multinomial(probs, num_samples=1)[:, 0].numpy()
+        if into is None:
+            return token
+        into[:] = token
+        return into
     q = torch.empty_like(probs).exponential_(1)
     with np.errstate(all="ignore"):  # as torch's division: tiny probabilities underflow quietly
         ratio = p / q.numpy()
-    return ratio.argmax(-1)  # [B]: the first maximum, as torch.argmax
+    return ratio.argmax(-1, out=into)  # [B]: the first maximum, as torch.argmax
 
 
 class _Binding:

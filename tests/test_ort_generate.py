@@ -3,6 +3,7 @@
 call runs HF's generate."""
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -33,6 +34,23 @@ def loops(monkeypatch):
     return ran
 
 
+@pytest.fixture(params=["C", "numpy"])
+def picks(request, monkeypatch):
+    """The loop's work between two runs done by csrc/greedy.c (its calls counted: the test checks they ran), or by
+    the loop's numpy lines (where the library is not built)."""
+    calls = []
+    if request.param == "numpy":
+        monkeypatch.setattr(ort_generate, "_native", lambda: None)
+    else:
+        fns = ort_generate._native()
+        if fns is None:
+            pytest.skip("moec's C library is not built here")
+        counted = tuple((lambda f: lambda *a: calls.append(1) or f(*a))(f) for f in fns)
+        monkeypatch.setattr(ort_generate, "_native", lambda: counted)
+    yield calls
+    assert bool(calls) == (request.param == "C")
+
+
 def _prompt(model, batch: int, seq: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=gen)
@@ -49,14 +67,14 @@ def _same(model, ref, ids, **kw):
 
 
 @pytest.mark.parametrize("batch,seq,new", [(1, 1, 1), (1, 9, 12), (3, 7, 10)])
-def test_greedy_equals_hf(pair, loops, batch, seq, new):
+def test_greedy_equals_hf(pair, loops, picks, batch, seq, new):
     model, ref = pair
     ids, mask = _prompt(model, batch, seq)
     _same(model, ref, ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None)
     assert loops == [1]
 
 
-def test_rows_that_hit_eos_end_and_are_padded(pair, loops):
+def test_rows_that_hit_eos_end_and_are_padded(pair, loops, picks):
     """eos: one of the tokens the rows generate, so rows end at different steps and are padded after; min_new_tokens
     keeps eos out until it is reached; several eos ids; an empty list of them."""
     model, ref = pair
@@ -111,7 +129,7 @@ def test_weights_changed_after_compile(pair, loops):
     dict(do_sample=True, top_k=0, epsilon_cutoff=3e-4),
 ], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
 @pytest.mark.parametrize("batch", [1, 3])
-def test_sampling_equals_hf(pair, loops, kw, batch):
+def test_sampling_equals_hf(pair, loops, picks, kw, batch):
     """Plain sampling runs the loop: HF's processors for the call's config, then its draw (softmax, multinomial).
     With the same seed, the same tokens as HF's generate over the same session (the same logits: exactly) and as
     the original model; left-padded rows, min_new_tokens holding eos back, rows ending at eos and padded."""
@@ -135,7 +153,7 @@ def test_sampling_equals_hf(pair, loops, kw, batch):
     assert out["loop"].shape[1] > ids.shape[1] + 3
 
 
-def test_min_new_tokens_holds_back_a_likely_eos_when_sampling(pair, loops):
+def test_min_new_tokens_holds_back_a_likely_eos_when_sampling(pair, loops, picks):
     """min_new_tokens' processor comes first in a plain sampling call: the loop takes it out and sets the eos ids to
     -inf itself, before the other processors. The eos here is the token drawn first without it (top_k=1: the most
     likely): held back for 4 steps, the same tokens as the original model."""
@@ -161,7 +179,8 @@ def test_min_new_tokens_holds_back_a_likely_eos_when_sampling(pair, loops):
 @pytest.mark.parametrize("batch,vocab", [(1, 1), (1, 7), (3, 1024)])
 def test_the_draw_is_multinomials(batch, vocab):
     """moec's draw takes the same numbers from torch's generator as torch.multinomial(probs, 1) and picks the same
-    tokens: probabilities with zeros (filtered tokens), exact ties, one-hot rows and 1e-30 next to 1."""
+    tokens: probabilities with zeros (filtered tokens), exact ties, one-hot rows and 1e-30 next to 1; returned, or
+    written into the loop's array."""
     gen = torch.Generator().manual_seed(batch * vocab)
     for trial in range(40):
         logits = torch.randn(batch, vocab, generator=gen) * (1 + trial)
@@ -180,6 +199,9 @@ def test_the_draw_is_multinomials(batch, vocab):
         torch.manual_seed(trial)
         assert torch.equal(torch.from_numpy(ort_generate._draw(probs)), want)
         assert torch.equal(torch.rand(2), then)
+        into = np.full(batch, -1, np.int64)
+        torch.manual_seed(trial)
+        assert ort_generate._draw(probs, into) is into and torch.equal(torch.from_numpy(into), want)
 
 
 def test_nan_probabilities_raise_multinomials_error():
@@ -207,6 +229,59 @@ def test_the_draw_under_numpys_strict_errors():
     torch.manual_seed(0)
     with np.errstate(all="raise"):
         assert torch.equal(torch.from_numpy(ort_generate._draw(probs)), want)
+
+
+@pytest.mark.skipif(ort_generate._native() is None, reason="moec's C library is not built here")
+@pytest.mark.parametrize("vocab", [1, 5, 16, 17, 47, 1024, 50003])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_steps_in_c_are_torchs(vocab, bf16):
+    """csrc/greedy.c against torch on the same scores. Greedy: argmax (ties: the first; NaN: the first NaN), of the
+    scores rounded to bf16 (fp32 scores that differ but round to one bf16 value tie there), the held ids at -inf
+    (the maximum among them; every score -inf). Sampling: the scores rounded and held in place, then given tokens.
+    Either: rows that ended padded, rows ending on a stop id; the tokens written to the sequence, the next input
+    ids (int64 and int32) and positions, counts advanced. Vocabularies below, at and across the 16 lanes, rows on
+    a stride wider than the vocabulary."""
+    gen = np.random.default_rng(vocab)
+    B, S, new, step = 7, 3, 5, 2
+    base = gen.integers(-3, 3, (B, vocab)).astype(np.float32) * 64  # many ties
+    # fp32 neighbours above a tie value: distinct in fp32, one value in bf16 (its first index wins there)
+    base += (gen.random((B, vocab)) < 0.3) * np.float32(0.125)
+    base[0] = gen.standard_normal(vocab) * 1e30  # large magnitudes (some round to inf in bf16)
+    # NaN: the first one is the token; payloads that a bf16 rounding's carry would turn into 0, then inf
+    at = np.sort(gen.choice(vocab, min(vocab, 2), replace=False))
+    base[1, at] = np.array([0xFFFFFFFF, 0x7F800001], np.uint32)[:len(at)].view(np.float32)
+    base[2] = -np.inf
+    base[3, : vocab // 2] = np.inf
+    held = np.unique(np.concatenate([base[4].argmax(keepdims=True), gen.integers(0, vocab, 2)]))  # row 4's max
+    drawn = gen.integers(0, vocab, B)
+    cases = itertools.product((False, True), (False, True), (np.arange(B) == 6, np.arange(B) != 5), (False, True))
+    for hold, ids32, ended, sampled in cases:
+        want = torch.from_numpy(base.copy())
+        want = want.bfloat16().float() if bf16 else want
+        if hold:
+            want[:, torch.from_numpy(held)] = -torch.inf
+        token = drawn.copy() if sampled else want.argmax(-1).numpy()
+        stop = np.array([token[5], vocab + 9], np.int64)  # row 5 ends: with the others ended, every row
+        token[ended] = 1
+        scores = np.full((B, vocab + 3), 7.0, np.float32)[:, :vocab]  # a row stride of vocab + 3
+        scores[:] = base
+        seq, count = np.zeros((B, S + new), np.int64), np.arange(10, 10 + B, dtype=np.int64)[:, None]
+        nxt, npos = np.zeros((B, 1), np.int32 if ids32 else np.int64), np.zeros((B, 1), np.int64)
+        now = ended.copy()
+        steps = ort_generate._Steps(*ort_generate._native(), scores, bf16, held, step + hold, stop, now, 1, seq, S,
+                                    nxt, npos, count)
+        steps.s.step = step
+        steps.address(scores)
+        if sampled:
+            steps.round_hold()
+            nan = torch.from_numpy(scores).isnan()
+            assert torch.equal(nan, want.isnan()) and torch.equal(torch.from_numpy(scores)[~nan], want[~nan])
+            steps.given[:] = drawn
+        going = steps.next(sampled)
+        assert np.array_equal(seq[:, S + step], token) and not seq[:, :S + step].any() and not seq[:, S + step + 1:].any()
+        assert np.array_equal(nxt[:, 0], token) and np.array_equal(now, ended | np.isin(token, stop)) and now[5]
+        assert np.array_equal(npos[:, 0], np.arange(10, 10 + B)) and np.array_equal(count[:, 0], np.arange(11, 11 + B))
+        assert going == (not now.all()) and steps.s.step == step + 1
 
 
 def test_bf16_rounding_is_torchs():
@@ -297,7 +372,7 @@ def test_hf_generate_over_a_cache_kept_in_place(pair, loops):
 
 @pytest.mark.parametrize("kw", [dict(do_sample=False), dict(do_sample=True, top_k=8, min_new_tokens=3)],
                          ids=["greedy", "sampled"])
-def test_the_loop_over_a_session_that_hands_its_cache_back(monkeypatch, loops, kw):
+def test_the_loop_over_a_session_that_hands_its_cache_back(monkeypatch, loops, picks, kw):
     """A session whose attention does not keep the cache in place (ort_attention.in_place left it) hands each step's
     presents back: the loop feeds them to the next step as the pasts. Left-padded rows, eos ending rows early: the
     original's tokens, greedy and sampled."""
@@ -363,7 +438,7 @@ def test_a_cache_filled_or_cropped_outside_the_session():
                  use_cache=True)
 
 
-def test_calls_found_by_a_hostile_probe(pair, loops):
+def test_calls_found_by_a_hostile_probe(pair, loops, picks):
     """eos as a tensor or numpy integer and int32 prompts run the loop (int64 result, as HF's); a GenerationConfig
     argument (HF fills it from the model's), right padding and use_cache=False run HF's generate; labels= is
     refused (the session returns no loss)."""
@@ -434,7 +509,7 @@ def test_more_calls_found_by_a_hostile_probe(pair, loops):
 
 @pytest.mark.skipif(not ort_session.runs_bf16(["CPUExecutionProvider"]), reason="bf16 models need moec's AVX-512 kernels")
 @pytest.mark.parametrize("kw", [dict(do_sample=False), dict(do_sample=True, top_k=8)], ids=["greedy", "sampled"])
-def test_a_bf16_models_logits_are_taken_in_bf16(kw):
+def test_a_bf16_models_logits_are_taken_in_bf16(picks, kw):
     """A bf16 model's session computes its logits in fp32; its forward hands them back in bf16, as the model gives
     them, and HF's search takes those. The loop rounds them the same way: an lm_head whose rows share a large
     component puts many logits within one bf16 step of each other, where fp32 and bf16 pick different tokens."""
