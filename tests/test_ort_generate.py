@@ -278,7 +278,8 @@ def test_the_steps_in_c_are_torchs(vocab, bf16):
             assert torch.equal(nan, want.isnan()) and torch.equal(torch.from_numpy(scores)[~nan], want[~nan])
             steps.given[:] = drawn
         going = steps.next(sampled)
-        assert np.array_equal(seq[:, S + step], token) and not seq[:, :S + step].any() and not seq[:, S + step + 1:].any()
+        assert np.array_equal(seq[:, S + step], token)
+        assert not seq[:, :S + step].any() and not seq[:, S + step + 1:].any()
         assert np.array_equal(nxt[:, 0], token) and np.array_equal(now, ended | np.isin(token, stop)) and now[5]
         assert np.array_equal(npos[:, 0], np.arange(10, 10 + B)) and np.array_equal(count[:, 0], np.arange(11, 11 + B))
         assert going == (not now.all()) and steps.s.step == step + 1
