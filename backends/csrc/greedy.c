@@ -9,14 +9,18 @@ typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
-static inline uint32_t bf16_bits(uint32_t b) { return (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u; }
-
-static inline float round_bf16(float v) {  /* to nearest even, as torch's cast; not for NaN (the caller's) */
+/* Rounded to bf16, to nearest even, as torch's cast; not for NaN (the callers keep those as they are) */
+static inline float round_bf16(float v) {
     uint32_t b;
     memcpy(&b, &v, 4);
-    b = bf16_bits(b);
+    b = (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
     memcpy(&v, &b, 4);
     return v;
+}
+
+static inline f32x16 round_bf16x16(f32x16 v) {
+    u32x16 b = (u32x16)v;
+    return (f32x16)((b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u);
 }
 
 /* The first maximum of x[0..V) (rounded to bf16 first when bf16), or the first NaN where there is one: numpy's
@@ -29,12 +33,12 @@ static int64_t first_max(const float *x, int64_t V, int bf16) {
         f32x16 b;
         memcpy(&b, x, 64);
         i32x16 idx = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, ats = idx, nans = b != b;
-        if (bf16) b = (f32x16)(((u32x16)b + 0x7FFFu + (((u32x16)b >> 16) & 1u)) & 0xFFFF0000u);
+        if (bf16) b = round_bf16x16(b);
         for (i = 16; i + 16 <= V; i += 16) {
             f32x16 v;
             memcpy(&v, x + i, 64);
             nans |= v != v;
-            if (bf16) v = (f32x16)(((u32x16)v + 0x7FFFu + (((u32x16)v >> 16) & 1u)) & 0xFFFF0000u);
+            if (bf16) v = round_bf16x16(v);
             idx += 16;
             i32x16 gt = v > b;
             b = (f32x16)(((i32x16)v & gt) | ((i32x16)b & ~gt));
@@ -87,8 +91,7 @@ void moec_round_hold(const moec_steps *s) {
             f32x16 v;
             memcpy(&v, row + i, 64);
             i32x16 nan = v != v;
-            u32x16 r = ((u32x16)v + 0x7FFFu + (((u32x16)v >> 16) & 1u)) & 0xFFFF0000u;
-            v = (f32x16)(((i32x16)v & nan) | ((i32x16)r & ~nan));
+            v = (f32x16)(((i32x16)v & nan) | ((i32x16)round_bf16x16(v) & ~nan));
             memcpy(row + i, &v, 64);
         }
         for (; s->bf16 && i < s->V; i++)
