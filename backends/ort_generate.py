@@ -335,12 +335,9 @@ def _draw(probs: torch.Tensor, into: np.ndarray | None = None) -> np.ndarray:
     draws (HF's sampling raises that error, the generator untouched). The tokens [B] go `into` an int64 array when
     given."""
     p = probs.numpy()
-    if np.isnan(p).any():
+    if np.isnan(p).any():  # multinomial refuses them before it draws: HF's error
         token = torch.multinomial(probs, num_samples=1)[:, 0].numpy()
-        if into is None:
-            return token
-        into[:] = token
-        return into
+        return token if into is None else np.copyto(into, token) or into
     q = torch.empty_like(probs).exponential_(1)
     with np.errstate(all="ignore"):  # as torch's division: tiny probabilities underflow quietly
         ratio = p / q.numpy()
