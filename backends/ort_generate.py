@@ -28,8 +28,9 @@ search or plain sampling, this loop runs it with nothing else per token:
     call, csrc/greedy.c; sampling calls it before HF's processors and after the draw; numpy where it is not built)
 
 and returns input_ids with the new tokens, ending when every row hit eos or after max_new_tokens: HF's
-greedy search or sampling, token for token (tests/test_ort_generate.py). A plain call is: max_new_tokens given,
-no beams, one sequence a prompt, no logits processor, stopping criterion, streamer, return_dict_in_generate or
+greedy search or sampling, token for token (tests/test_ort_generate.py). A `streamer` gets what HF's generate gives
+it: put(the prompt), put(each step's tokens [B], pads included), end(). A plain call is: max_new_tokens given,
+no beams, one sequence a prompt, no logits processor, stopping criterion, return_dict_in_generate or
 generation_config argument, no right padding, and a model generation config that differs from the defaults
 only in length, special tokens, do_sample and the sampling knobs (temperature, top_k, top_p, min_p, typical_p,
 epsilon_cutoff, eta_cutoff, top_h; greedy search ignores them). Any other call runs HF's generate, which calls
@@ -77,7 +78,7 @@ class OrtGenerate:
 
 def _plain(model, inputs, generation_config, kwargs) -> tuple | None:
     """(input_ids, attention_mask, max_new_tokens, min_new_tokens, eos ids, pad id, HF's logits processors when
-    sampling else None) of a plain greedy or sampling call, else None."""
+    sampling else None, the streamer or None) of a plain greedy or sampling call, else None."""
     from transformers import GenerationConfig
 
     if inputs is None:
@@ -92,8 +93,9 @@ def _plain(model, inputs, generation_config, kwargs) -> tuple | None:
     config = copy.deepcopy(model.generation_config)
     extra = config.update(**kwargs)  # the arguments that are not generation settings go to the model
     mask = extra.pop("attention_mask", None)
+    streamer = extra.pop("streamer", None)
     if extra:
-        return None  # logits processors, stopping criteria, a streamer, other model inputs ...
+        return None  # logits processors, stopping criteria, other model inputs ...
     default = GenerationConfig().to_dict()
     for name, value in config.to_dict().items():
         if name not in _FREE and value != default.get(name) and (name not in _NEUTRAL or value != _NEUTRAL[name]):
@@ -128,7 +130,8 @@ def _plain(model, inputs, generation_config, kwargs) -> tuple | None:
         if any(len(inspect.signature(p.__call__).parameters) != 2 for p in processors):
             return None
         processors = list(processors)
-    return inputs, mask, new, _min_new(config.min_new_tokens or 0, eos, inputs.shape[1], processors), eos, pad, processors
+    min_new = _min_new(config.min_new_tokens or 0, eos, inputs.shape[1], processors)
+    return inputs, mask, new, min_new, eos, pad, processors, streamer
 
 
 def _min_new(min_new: int, eos: list[int] | None, prompt: int, processors: list | None) -> int:
@@ -149,15 +152,17 @@ def _min_new(min_new: int, eos: list[int] | None, prompt: int, processors: list 
 
 
 def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int, eos: list[int] | None,
-         pad: int | None, processors=None) -> torch.Tensor:
+         pad: int | None, processors=None, streamer=None) -> torch.Tensor:
     """Greedy search, or sampling with HF's logits `processors`, in the KV-cache session (the module docstring);
-    [B, S] -> [B, S + up to `new`]. In C calls (`_Steps`) or numpy (sampling: HF's processors and draw in torch),
+    [B, S] -> [B, S + up to `new`], each step's tokens put to `streamer` as HF's generate puts them. In C calls (`_Steps`) or numpy (sampling: HF's processors and draw in torch),
     the presents handed back to the session as its OrtValues (an IOBinding): per token, torch's dispatch of ~15
     small ops cost ~0.15 ms, as much as a tenth of the step. After a step the weights have gone through the CPU's
     caches: each Python operation then costs several times what it does warm (np.isin 60 us, not 11), hence few of
     them; in one C call, a greedy step's Python time outside the session went from ~60 to ~25 us (mix int4)."""
     from moec.backends.ort_session import empty_past, in_place
 
+    if streamer is not None:
+        streamer.put(ids.cpu())
     session, names, layout, _ = forward.cached_session(ids, mask)
     outputs = [o.name for o in session.get_outputs()]  # logits, then the presents in the order of names[3:]
     kept = in_place(session)  # logits only: the session writes each step's keys and values into the pasts
@@ -222,12 +227,16 @@ def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int,
             npos[:, 0] = count[:, 0]
             count += 1
             going = not ended.all()
+        if streamer is not None:
+            streamer.put(torch.from_numpy(seq[:, S + step].copy()))
         if not going:
             break
         for i, name in enumerate([] if kept else names[3:]):
             bind.value(name, outs[i + 1])
         feed, pos = nxt, npos  # bound again at step 1 (and every step unless steady), then written in place
         T += 1
+    if streamer is not None:
+        streamer.end()
     return torch.from_numpy(seq[:, :S + step + 1].copy()).to(ids.device)  # int64, as HF's
 
 

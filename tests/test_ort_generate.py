@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+from transformers.generation.streamers import BaseStreamer
 
 import moec
 from moec import models
@@ -164,7 +165,7 @@ def test_min_new_tokens_holds_back_a_likely_eos_when_sampling(pair, loops, picks
     kw = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=4, eos_token_id=eos, pad_token_id=0,
               do_sample=True, top_k=1)
     plan = ort_generate._plain(model, ids, None, dict(kw))
-    assert plan[3] == 4 and not any("MinNewTokens" in type(p).__name__ for p in plan[-1])
+    assert plan[3] == 4 and not any("MinNewTokens" in type(p).__name__ for p in plan[6])
     out = {}
     with torch.no_grad():
         for name, generate in (("loop", model.generate), ("original", ref.generate)):
@@ -174,6 +175,44 @@ def test_min_new_tokens_holds_back_a_likely_eos_when_sampling(pair, loops, picks
         unheld = model.generate(ids, **dict(kw, min_new_tokens=0))
     assert loops == [1, 1] and torch.equal(out["loop"], out["original"])
     assert unheld[0, 6] == eos and not (out["loop"][:, 6:6 + 4] == eos).any()
+
+
+class _Recorder(BaseStreamer):
+    """What a streamer is given: ("put", tokens) and ("end",) in order."""
+
+    def __init__(self):
+        self.calls = []
+
+    def put(self, value):
+        assert isinstance(value, torch.Tensor) and value.dtype == torch.int64
+        self.calls.append(("put", value.clone()))
+
+    def end(self):
+        self.calls.append(("end",))
+
+
+@pytest.mark.parametrize("kw", [dict(do_sample=False), dict(do_sample=True, top_k=5)], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_streamer_gets_what_hfs_generate_gives_it(pair, loops, picks, kw, batch):
+    """A streamer does not take the call off the loop: it is given the prompt, then each step's tokens (pads of
+    ended rows included), then end(), as HF's generate gives them on the original model; rows ending at eos at
+    different steps, left padding."""
+    model, ref = pair
+    ids, mask = _prompt(model, batch, 6, seed=17)
+    with torch.no_grad():
+        free = ref.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, eos_token_id=None)
+    kw = dict(attention_mask=mask, max_new_tokens=9, eos_token_id=int(free[0, 6 + 1]), pad_token_id=1, **kw)
+    got, out = {}, {}
+    with torch.no_grad():
+        for name, generate in (("loop", model.generate), ("original", ref.generate)):
+            got[name] = _Recorder()
+            torch.manual_seed(3)
+            out[name] = generate(ids, streamer=got[name], **kw)
+    assert loops == [1] and torch.equal(out["loop"], out["original"])
+    loop, want = got["loop"].calls, got["original"].calls
+    assert [c[0] for c in loop] == [c[0] for c in want] == ["put"] * (out["loop"].shape[1] - 6 + 1) + ["end"]
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(loop[:-1], want[:-1]))
+    assert torch.equal(torch.stack([c[1] for c in loop[1:-1]], 1), out["loop"][:, 6:])
 
 
 @pytest.mark.parametrize("batch,vocab", [(1, 1), (1, 7), (3, 1024)])
