@@ -26,9 +26,12 @@ MatMulNBits, GroupQueryAttention: MOEC_ORT_KERNELS=0), the A/B. --linears-off ad
 nn.Linear layers at decode). Tokens/s medians over --rounds interleaved rounds; each round's wall time printed.
 Prefill of n tokens: one forward, the median of max(1, 256 // n) calls a round (one call before 2026-12-05's
 nineteenth session; a 64-token call takes ~10-15 ms, and one interruption moved a pair by 5%).
-Decode: --new-tokens / (the time of generating 1 + that many after the --prompt less the time of generating 1),
-so that neither the prompt's prefill nor the call's set-up is in it (sections of docs/benchmarks.md before
-2026-12-05's eighteenth session timed the whole call, the 16-token prompt included). --long-prompt N adds a column:
+Decode: --new-tokens / (the time from the first new token to the last of one call generating 1 + that many after
+the --prompt; each token's time noted by a streamer, `Clock`), so that neither the prompt's prefill nor the call's
+set-up is in it (sections of docs/benchmarks.md before 2026-12-05's eighteenth session timed the whole call, the
+16-token prompt included; from then until 2026-12-06's twenty-third session, the difference of two calls, 1 + new
+tokens and 1: a slow prefill in either moved the rate, and decode after 1024 tokens could read faster than after
+16). --long-prompt N adds a column:
 decode after an N-token prompt, timed the same way. --flash-attn adds llama.cpp rows with flash attention on
 (llama-cpp-python's flash_attn=True; off by default in 0.3.x); the ratio columns compare with the faster llama.cpp
 row of each precision. --sample adds a column: decode sampling top-k 50 at temperature 1 instead of greedy, timed
@@ -181,16 +184,20 @@ class LlamaCpp:
         self.llm.eval(ids[0].tolist())
         return torch.from_numpy(np.array(self.llm.scores[:ids.shape[1]]))
 
-    def generate(self, ids: torch.Tensor, max_new_tokens: int, sample: bool = False) -> torch.Tensor:
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, sample: bool = False, clock=None) -> torch.Tensor:
+        """`clock.put` is called once a new token is known, as a streamer is"""
         self.llm.reset()
-        if sample:  # llama.cpp's own sampler chain, top-k 50 at temperature 1 (as HF's sampling defaults)
-            tokens = self.llm.generate(ids[0].tolist(), top_k=50, top_p=1.0, min_p=0.0, temp=1.0)
-            return torch.tensor([*ids[0].tolist(), *(next(tokens) for _ in range(max_new_tokens))])[None]
-        self.llm.eval(ids[0].tolist())
         out = ids[0].tolist()
+        if sample:  # llama.cpp's own sampler chain, top-k 50 at temperature 1 (as HF's sampling defaults)
+            tokens = self.llm.generate(out, top_k=50, top_p=1.0, min_p=0.0, temp=1.0)
+        else:
+            self.llm.eval(out)
         for _ in range(max_new_tokens):
-            out.append(int(np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
-            self.llm.eval([out[-1]])
+            out.append(next(tokens) if sample else int(np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
+            if clock is not None:
+                clock.put(None)
+            if not sample:
+                self.llm.eval([out[-1]])
         return torch.tensor(out)[None]
 
     def prefill(self, ids: torch.Tensor) -> None:
@@ -202,28 +209,40 @@ class Torch:
     def __init__(self, model):
         self.model = model
 
-    def generate(self, ids, max_new_tokens, sample=False):
+    def generate(self, ids, max_new_tokens, sample=False, clock=None):
         with torch.no_grad():
             return self.model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                       do_sample=sample, **({"top_k": 50} if sample else {}))
+                                       do_sample=sample, streamer=clock, **({"top_k": 50} if sample else {}))
 
     def prefill(self, ids):
         with torch.no_grad():
             self.model(input_ids=ids, use_cache=False)
 
 
+class Clock:
+    """A streamer that notes when each token comes (HF's generate calls put with the prompt first, then each new
+    token; LlamaCpp.generate each new token)"""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
 def decode_rate(system, ids: torch.Tensor, new: int, sample: bool = False) -> float:
-    """tokens/s of `new` greedy (or sampled: top-k 50) tokens after the prompt `ids`: the time of generating 1 + new
-    tokens less that of
-    generating 1, so that neither the prompt's prefill nor the call's set-up is in it (llama-cpp-python's set-up and
-    16-token prompt took ~50 ms of a 64-token call on mix f32, a third of it)"""
-    took = []
-    for n in (1, 1 + new):
-        time.sleep(PAUSE)  # the previous call's threads spin a while after it: not on this one's clock
-        t = time.perf_counter()
-        system.generate(ids, n, sample)
-        took.append(time.perf_counter() - t)
-    return new / (took[1] - took[0])
+    """tokens/s of `new` greedy (or sampled: top-k 50) tokens after the prompt `ids`: in one call of 1 + new tokens,
+    from the first new token to the last, so that neither the prompt's prefill nor the call's set-up is in it
+    (llama-cpp-python's set-up and 16-token prompt took ~50 ms of a 64-token call on mix f32, a third of it)"""
+    time.sleep(PAUSE)  # the previous call's threads spin a while after it: not on this one's clock
+    clock = Clock()
+    system.generate(ids, 1 + new, sample, clock)
+    assert len(clock.times) >= 1 + new, "every new token was noted"
+    times = clock.times[-(1 + new):]  # moec's first put is the prompt
+    return new / (times[-1] - times[0])
 
 
 def ort_options(threads: int):
