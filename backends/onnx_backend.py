@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import moec.ops  # noqa: F401  (defines the op schemas)
-from moec.backends import ort_kernels
+from moec.backends import ort_kernels, ort_mask
 from moec.backends.torch_backend import activate
 from moec.quant import (Int4Experts, Int8Experts, activation_group, dequantize, int8_rows, unpack_int4,
                         weight_only_active)
@@ -156,6 +156,14 @@ def ort_gqa(query, key, value, past_key, past_value, bias, sinks, num_heads, kv_
     return out, k, v
 
 
+@torch.library.impl("moec::causal_bias", "CompositeExplicitAutograd")
+def causal_bias(attention_mask, q_length, dtype):
+    T = attention_mask.shape[1]
+    pos = torch.arange(T, device=attention_mask.device)
+    allowed = (pos <= pos[T - q_length:, None]) & attention_mask.bool()[:, None, None, :]  # [S, T] & [B, 1, 1, T]
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=pos.device), torch.finfo(dtype).min)
+
+
 @torch.library.impl("moec::ort_linear_attention", "CompositeExplicitAutograd")
 def ort_linear_attention(query, key, value, past_state, decay, beta, heads, scale, rule):
     """LinearAttention's rules token by token in fp32, with D = exp(decay) per head or per key dim:
@@ -265,6 +273,10 @@ def translations() -> dict:
             query, key, value, past_key, past_value, seqlens, op.Cast(op.Squeeze(total), to=onnx.TensorProto.INT32),
             None, None, None, bias, sinks, num_heads=num_heads, kv_num_heads=kv_heads, scale=scale)
 
+    def causal_bias(attention_mask, q_length, dtype):
+        # one node, which moec::CachedAttention takes as its mask or export_onnx expands (backends/ort_mask.py)
+        return moec_ops.CausalBias(attention_mask, q_length, to=int(dtype))
+
     def linear_attention(query, key, value, past_state, decay, beta, heads: int, scale: float, rule: str):
         return msft.LinearAttention(query, key, value, past_state, decay, beta, q_num_heads=heads,
                                     kv_num_heads=heads, update_rule=rule, scale=scale)
@@ -288,8 +300,10 @@ def translations() -> dict:
                                     int8_activations=int(int8_activations))
 
     ort_kernels.register_schema()
+    ort_mask.register_schema()
     moec_ops = onnxscript.values.Opset(ort_kernels.DOMAIN, 1)
     return {torch.ops.moec.ort_moe.default: moe, torch.ops.moec.ort_qmoe.default: qmoe,
             torch.ops.moec.experts_int4.default: int4_experts, torch.ops.moec.experts.default: fp32_experts,
             torch.ops.moec.experts_int8.default: int8_experts,
-            torch.ops.moec.ort_gqa.default: gqa, torch.ops.moec.ort_linear_attention.default: linear_attention}
+            torch.ops.moec.ort_gqa.default: gqa, torch.ops.moec.causal_bias.default: causal_bias,
+            torch.ops.moec.ort_linear_attention.default: linear_attention}

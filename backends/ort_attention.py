@@ -1,13 +1,15 @@
 """moec::CachedAttention: the KV-cache export's attention on moec's kernel inside ONNX Runtime (backend="onnxruntime", CPU).
 
     moec::CachedAttention(q [B, S, H*D], k [B, S, KVH*D], v [B, S, KVH*D], past_k [B, KVH, P, D], past_v,
-                    bias [B|1, 1, S, T] additive, sinks [H], cos [B|1, S, D], sin optional;
+                    bias [B|1, 1, S, T] additive, sinks [H], cos [B|1, S, D], sin, mask [B, T] bool optional
+                    (instead of the bias: 0 where set, -inf where not, for every query);
                     num_heads H, kv_num_heads KVH, scale, rotary_half h optional)
         -> out [B, S, H*D], present_k [B, KVH, T, D], present_v          (T = P + S)
         q, k = per head x*cos + cat(-x[h:], x[:h])*sin   where rotary_half is set (HF's rotate_half: h = D/2)
         K, V = cat(past_k, k), cat(past_v, v)                 # query head h reads kv head h // (H / KVH)
         without present outputs (the cache kept in place, `in_place`): past_k, past_v [B, KVH, R >= T, D] whose
-        first P = T - S rows (T: the bias's) are the past; k and v are written into rows P..T-1 and K, V read there
+        first P = T - S rows (T: the bias's or mask's) are the past; k and v are written into rows P..T-1 and K, V
+        read there
         out = softmax([q K^T * scale + bias | sinks])[..., :T] V   # causal: query s never reads a key t > P + s;
                                                                    # 0 where every such key is masked
 
@@ -60,8 +62,9 @@ def register_schema() -> None:
     optional = OpSchema.FormalParameterOption.Optional
     onnx.defs.register_schema(OpSchema(
         OP, "moec", 1, "moec's attention kernel (backends/ort_attention.py)",
-        inputs=[OpSchema.FormalParameter(n, "tensor(float)", **({"param_option": optional} if i >= 6 else {}))
-                for i, n in enumerate(("q", "k", "v", "past_k", "past_v", "bias", "sinks", "cos", "sin"))],
+        inputs=[OpSchema.FormalParameter(n, "tensor(bool)" if n == "mask" else "tensor(float)",
+                                         **({"param_option": optional} if i >= 5 else {}))
+                for i, n in enumerate(("q", "k", "v", "past_k", "past_v", "bias", "sinks", "cos", "sin", "mask"))],
         outputs=[OpSchema.FormalParameter(n, "tensor(float)", **({"param_option": optional} if i else {}))
                  for i, n in enumerate(("out", "present_k", "present_v"))],
         attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "query heads"),
@@ -112,7 +115,7 @@ def rewrite(proto) -> int:
         n.CopyFrom(new)
         count += 1
     if count:
-        _prune(proto.graph, dropped - {""})
+        prune(proto.graph, dropped - {""})
         if not any(o.domain == "moec" for o in proto.opset_import):
             proto.opset_import.append(helper.make_opsetid("moec", 1))
     return count
@@ -224,7 +227,7 @@ def fuse_rotary(proto) -> int:
         n.input.extend([*inputs[:7], q[1], q[2]])
         n.attribute.append(helper.make_attribute("rotary_half", q[3]))
         count += 1
-        _prune(graph, dropped)
+        prune(graph, dropped)
         prod, readers = index()
     gone = before - _used(graph)  # the Slices' constants
     for t in [t for t in graph.initializer if t.name in gone]:
@@ -306,9 +309,9 @@ def _used(graph) -> set[str]:
     return names
 
 
-def _prune(graph, dropped: set[str]) -> None:
-    """Drop the nodes that made the `dropped` values (seqlens_k, total_sequence_length) and that nothing reads now,
-    and so on up the chain that fed them."""
+def prune(graph, dropped: set[str]) -> None:
+    """Drop the nodes that made the `dropped` values (e.g. seqlens_k, total_sequence_length) and that nothing reads
+    now, and so on up the chain that fed them."""
     while dropped:
         used = _used(graph)
         dead = [n for n in graph.node if any(o in dropped for o in n.output) and not any(o in used for o in n.output)]
@@ -361,10 +364,11 @@ def self_test(path: str) -> None:
                                 scale=D ** -0.5, **({"rotary_half": D // 2} if rotary else {}))
         x = {n: t for n, t in x.items() if t is not None}
 
-        def run(outputs, feeds):
-            graph = helper.make_graph([helper.make_node(OP, list(node.input), outputs, domain="moec")],
+        def run(outputs, feeds, inputs=tuple(node.input)):
+            graph = helper.make_graph([helper.make_node(OP, list(inputs), outputs, domain="moec")],
                                       "moec_attention_self_test",
-                                      [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in x],
+                                      [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), None)
+                                       for n, a in feeds.items()],
                                       [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in outputs])
             graph.node[0].attribute.extend(node.attribute)
             model = helper.make_model(graph, ir_version=10,
@@ -384,6 +388,17 @@ def self_test(path: str) -> None:
                                                   for n, p in zip(("past_k", "past_v"), got[1:]))):
             raise RuntimeError(f"moec::CachedAttention's self-test: with the cache kept in place, the output or the "
                                f"rows written differ from those with presents (B={B} S={S} P={P})")
+        # a mask [B, T] instead of the bias: the same bits as the bias that is 0 where it is set, -inf where not
+        mask = np.ones((B, T), bool)
+        mask[-1, :2] = False
+        rows = {**{n: a for n, a in feeds.items() if n != "bias"}, "mask": mask}
+        masked = [run(["out"], rows, [*("" if n == "bias" else n for n in node.input), *[""] * (9 - len(node.input)),
+                                      "mask"])[0],
+                  run(["out"], {**feeds, "bias": np.where(mask, 0, -np.inf).astype(np.float32)[:, None, None]
+                                .repeat(S, 2)})[0]]
+        if not torch.equal(*masked):
+            raise RuntimeError(f"moec::CachedAttention's self-test: with a mask, the output differs from that with "
+                               f"the bias it stands for (B={B} S={S} P={P})")
         q, k = x["q"], x["k"]
         if rotary:
             q, k = rotate_half(q, x["cos"], x["sin"], H), rotate_half(k, x["cos"], x["sin"], KVH)

@@ -32,7 +32,7 @@ from torch import nn
 
 from moec import export_layers
 from moec.api import Rejection, compile, inspect
-from moec.backends import cpu_native, ort_attention, ort_kernels, ort_layouts
+from moec.backends import cpu_native, ort_attention, ort_kernels, ort_layouts, ort_mask
 from moec.backends.onnx_backend import ort_type_errors, register_ort_schemas, translations
 from moec.canonical import resolve
 from moec.export_complex import as_real_pairs
@@ -657,16 +657,19 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         log.info(f"moec.export_onnx: {counts[0]} of moec's int4 nodes take their weights in tiles or panels, {counts[1]} "
                  f"experts nodes in panels, {counts[2]} of moec's fp32 nodes hold bf16 numbers: stored in bf16")
         done("weights laid out for moec's kernels", "checking the file")
-    if _moec_kernels and fp32 and fused:
-        proto = onnx.load(path, load_external_data=False)  # external weights stay where they are
-        if ort_attention.rewrite(proto):
-            fused += "; run as moec::CachedAttention (moec's kernel)"
-            if ort_attention.fuse_rotary(proto):
-                fused += ", rotary inside"
-            if ort_attention.in_place(proto):
-                fused += ", the cache kept in place"
-            onnx.save(proto, path)
-    proto = onnx.load(path, load_external_data=False)
+    proto = onnx.load(path, load_external_data=False)  # external weights stay where they are
+    if _moec_kernels and fp32 and fused and ort_attention.rewrite(proto):
+        fused += "; run as moec::CachedAttention (moec's kernel)"
+        if ort_attention.fuse_rotary(proto):
+            fused += ", rotary inside"
+        if ort_mask.take(proto):
+            fused += ", the 2-D mask inside"
+        if ort_attention.in_place(proto):
+            fused += ", the cache kept in place"
+        ort_mask.expand(proto)  # (the mask's other readers)
+        onnx.save(proto, path)
+    elif ort_mask.expand(proto):  # HF's mask as ONNX's ops
+        onnx.save(proto, path)
     register_ort_schemas({(n.domain or "", n.op_type) for n in proto.graph.node})  # the fused ops' schemas
     onnx.checker.check_model(path)  # by path: also checks external data
     done("onnx.checker")

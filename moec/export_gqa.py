@@ -9,6 +9,8 @@ instead of concatenating them:
       -> moec::ort_gqa(q [B,S,H*D], k, v [B,S,KVH*D], past_k, past_v, mask, sinks, H, KVH, scaling)
       -> out [B,S,H,D], present_k, present_v [B,KVH,P+S,D]
 
+HF's plain causal mask over the padding mask is made by moec::causal_bias (`mask`): one node in the export, which
+moec::CachedAttention reads as the 2-D mask (backends/ort_mask.py), where torch.onnx traced ~33 small ones.
 One ORT node per layer replaces ~20 small ones (repeat_kv, matmuls, softmax, sinks, concat). Each
 layer is proved before the trace: the model runs once on the example with real tensors, and a layer whose fused
 attention differs from what the model ran (its family's `eager_attention_forward`, or transformers' sdpa; any
@@ -32,7 +34,7 @@ import sys
 
 import torch
 from transformers import AttentionInterface, DynamicCache
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, eager_mask
 
 from moec import export_state
 
@@ -206,6 +208,32 @@ def _latent(module, run: _Run, i: int, eager, query, key, value, mask, dropout, 
     return out, None
 
 
+def mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
+         attention_mask=None, dtype=torch.float32, use_vmap=False, **kwargs):
+    """transformers' mask-function signature: HF's eager mask [B, 1, S, T] (additive: the op's bias). Where it is
+    HF's plain causal mask over a 2-D padding mask, the queries the last S of the T positions, it is made by
+    moec::causal_bias (one node in the export, which moec::CachedAttention reads as its mask: backends/ort_mask.py)
+    and, on the example, checked equal to HF's."""
+    plain = (mask_function is causal_mask_function and not use_vmap and kv_offset == 0
+             and isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool
+             and tuple(attention_mask.shape) == (batch_size, kv_length) and q_offset == kv_length - q_length)
+    def hf(padding):
+        return eager_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, padding, dtype,
+                          use_vmap=use_vmap, **kwargs)
+
+    if not plain:
+        return hf(attention_mask)
+    run = _RUN.get()
+    if run is None or run.check:  # the example's mask, and with padding: left (row 0), a hole (the last row)
+        padded = attention_mask.clone()
+        padded[0, :kv_length // 2] = False
+        padded[-1, kv_length // 3] = False
+        for padding in (attention_mask, padded):
+            if not torch.equal(torch.ops.moec.causal_bias(padding, q_length, dtype), hf(padding)):
+                raise GQAUnfit("moec::causal_bias differs from HF's causal mask on the example")
+    return torch.ops.moec.causal_bias(attention_mask, q_length, dtype)
+
+
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max |want|"""
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
@@ -234,7 +262,7 @@ def use(model) -> str:
         raise GQAUnfit(f"the model runs attention implementation {was!r}; moec fuses only transformers' eager or "
                        f"sdpa attention")
     AttentionInterface.register(NAME, attention)
-    AttentionMaskInterface.register(NAME, eager_mask)  # additive float masks: the op's bias
+    AttentionMaskInterface.register(NAME, mask)  # additive float masks: the op's bias
     model.set_attn_implementation(NAME)
     if model.config._attn_implementation != NAME:
         raise GQAUnfit(f"{type(model).__name__} does not take an attention function from transformers' "

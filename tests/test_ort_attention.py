@@ -28,17 +28,23 @@ def test_library_builds():
 
 
 def _session(H, KVH, scale, sinks: bool, rotary_half: int | None = None, outputs=("out", "present_k", "present_v"),
-             library: str | None = None):
+             library: str | None = None, mask: bool = False, bias: bool | None = None):
     """rotary_half: None, no cos/sin inputs; 0, the inputs without the attribute (malformed). outputs ("out",): the
-    cache kept in place. library: another build of moec's kernels than the process's."""
+    cache kept in place. library: another build of moec's kernels than the process's. mask: the input `mask` [B, T]
+    (bool), without `bias` unless bias=True."""
     import onnx
     import onnxruntime as ort
     from onnx import helper
 
-    names = ["q", "k", "v", "past_k", "past_v", "bias", "sinks" if sinks else "", *(["cos", "sin"] * (rotary_half is not None))]
+    bias = not mask if bias is None else bias
+    names = ["q", "k", "v", "past_k", "past_v", "bias" if bias else "", "sinks" if sinks else "",
+             *(["cos", "sin"] * (rotary_half is not None))]
+    if mask:
+        names += [""] * (9 - len(names)) + ["mask"]
     node = helper.make_node(ort_attention.OP, names, list(outputs), domain="moec",
                             num_heads=H, kv_num_heads=KVH, scale=scale, **({"rotary_half": rotary_half} if rotary_half else {}))
-    graph = helper.make_graph([node], "t", [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+    graph = helper.make_graph([node], "t", [helper.make_tensor_value_info(
+                                                n, onnx.TensorProto.BOOL if n == "mask" else onnx.TensorProto.FLOAT, None)
                                             for n in names if n],
                               [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in outputs])
     model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18),
@@ -170,6 +176,52 @@ def test_bad_inputs_are_errors_naming_the_op():
         sess.run(None, {n: t.numpy() for n, t in bad.items()})
     with pytest.raises(Exception, match="moec::CachedAttention: takes q"):
         _session(8, 3, 0.25, False).run(None, {n: t.numpy() for n, t in x.items()})
+
+
+@pytest.mark.parametrize("B,S,P", [(1, 1, 0), (1, 1, 61), (3, 1, 40), (3, 7, 5), (1, 200, 0), (3, 64, 100)])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("rotary", [False, True])
+def test_a_mask_is_the_bias_it_stands_for(B, S, P, in_place, rotary):
+    """A mask [B, T] instead of the bias (backends/ort_mask.py's `take`): the same bits as the bias that is 0 where the
+    mask is set and -inf where not, for every query; row 1 left-padded with a hole, row 2 masked but for its last
+    position (its other queries attend to nothing: zeros); decode on the calling thread, prompts on ORT's pool; with
+    and without the cache kept in place."""
+    H, KVH, D = 8, 2, 16
+    x = _inputs(B, S, P, H, KVH, D, sinks=True)
+    T = P + S
+    mask = torch.ones(B, T, dtype=torch.bool)
+    if B > 1:
+        mask[1, :2] = mask[1, T // 2] = False
+        mask[2, :T - 1] = False
+    if rotary:
+        angle = torch.randn(B, S, D // 2, generator=torch.Generator().manual_seed(1)) * 3
+        x["cos"], x["sin"] = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    x["bias"] = torch.zeros(B, 1, S, T).masked_fill(~mask[:, None, None, :], float("-inf"))
+    outputs = ("out",) if in_place else ("out", "present_k", "present_v")
+    half = D // 2 if rotary else None
+    outs = []
+    for masked in (False, True):
+        feeds = {n: t.numpy() for n, t in x.items() if n != "bias" or not masked}
+        if masked:
+            feeds["mask"] = mask.numpy()
+        if in_place:
+            for name in ("past_k", "past_v"):
+                feeds[name] = np.concatenate([feeds[name], np.zeros((B, KVH, S + 3, D), np.float32)], 2)
+        outs.append(_session(H, KVH, 0.25, True, half, outputs, mask=masked).run(None, feeds))
+    assert all(np.array_equal(a, b) for a, b in zip(*outs))
+    if B > 1:
+        assert (outs[1][0][2, :S - 1] == 0).all() and (outs[1][0][2, S - 1] != 0).all()
+
+
+def test_a_mask_that_does_not_fit_is_an_error():
+    x = {n: t.numpy() for n, t in _inputs(2, 2, 3, 8, 2, 16, False).items()}
+    mask = np.ones((2, 5), bool)
+    with pytest.raises(Exception, match="or else mask .B, P.S."):  # and a bias too
+        _session(8, 2, 0.25, False, mask=True, bias=True).run(None, {**x, "mask": mask})
+    del x["bias"]
+    for bad in (np.ones((2, 4), bool), np.ones((1, 5), bool), np.ones((2, 1, 5), bool)):
+        with pytest.raises(Exception, match="or else mask .B, P.S."):
+            _session(8, 2, 0.25, False, mask=True).run(None, {**x, "mask": bad})
 
 
 @pytest.mark.parametrize("B,S,P", [(1, 1, 0), (2, 1, 40), (3, 7, 5), (1, 200, 0), (2, 64, 100)])
@@ -442,5 +494,9 @@ def test_backend_runs_it_and_matches_hf(name, padding, monkeypatch):
             assert ("rotary inside" in export.attention) == (name == "mixtral")
             # the cache kept in place: the step hands back logits only (ort_attention.in_place)
             assert "the cache kept in place" in export.attention and export.outputs == ["logits"]
+            # HF's causal mask as the 2-D mask inside the op (ort_mask.take); GPT-OSS's sliding-window layers keep
+            # HF's mask, expanded
+            assert "the 2-D mask inside" in export.attention and "CausalBias" not in ops
+            assert ("GatherND" in ops) == (name == "gpt_oss")
         else:
             assert "GroupQueryAttention" in ops and "CachedAttention" not in ops

@@ -1,11 +1,12 @@
 /* moec::CachedAttention (backends/ort_attention.py describes it), built into ort_kernels's library after ort_experts.c,
    with ort_api.c's helpers (error, get_input, parallel) */
 #define AT "CachedAttention"
-enum { AIN = 9, AOUT = 3 };
-static const char *at_names[AIN] = {"q", "k", "v", "past_k", "past_v", "bias", "sinks", "cos", "sin"};
+enum { AIN = 10, AOUT = 3, AT_MASK = 9 };
+static const char *at_names[AIN] = {"q", "k", "v", "past_k", "past_v", "bias", "sinks", "cos", "sin", "mask"};
 typedef struct { int64_t H, KVH, rotary_half; float scale; } AttnKernel;
 typedef struct {
-    int64_t B, S, H, KVH, D, P, T, R, bias_rows;  /* R: the rows of ok/ov per (batch row, kv head), T or more */
+    int64_t B, S, H, KVH, D, P, T, R;  /* R: the rows of ok/ov per (batch row, kv head), T or more */
+    int64_t bias_b, bias_s;  /* the bias row of (b, s): bias + b * bias_b + s * bias_s (T floats) */
     float scale;
     const float *q, *k, *v, *pk, *pv, *bias, *sinks;
     float *out, *ok, *ov;
@@ -162,7 +163,7 @@ static void attend_item(void *p, size_t item) {
     int64_t S = a->S, D = a->D, T = a->T, rep = a->H / a->KVH, ld = T + 8;
     int64_t s = item % S, kv = (item / S) % a->KVH, b = item / (S * a->KVH);
     const float *K = a->ok + (b * a->KVH + kv) * a->R * D, *V = a->ov + (b * a->KVH + kv) * a->R * D;
-    const float *bias = a->bias + ((a->bias_rows > 1 ? b : 0) * S + s) * T;
+    const float *bias = a->bias + b * a->bias_b + s * a->bias_s;
     const float *q = a->q + ((b * S + s) * a->H + kv * rep) * D;
     float *out = a->out + ((b * S + s) * a->H + kv * rep) * D;
     float *l = malloc(rep * ld * sizeof(float));  /* each head's logits, then its probabilities */
@@ -287,18 +288,22 @@ static OrtStatus *attention(void *kernel, OrtKernelContext *ctx) {
         return error(AT, ORT_INVALID_ARGUMENT, "takes q [B, S, H*D] and past_k [B, KVH, P, D] with H a multiple of KVH");
     size_t outputs;
     CHECK(CALL((const OrtKernelContext *, size_t *), KernelContext_GetOutputCount, ctx, &outputs));
-    const Input *k = in + 1, *v = in + 2, *pk = in + 3, *pv = in + 4, *bias = in + 5, *sinks = in + 6;
-    /* in place (no present outputs): past_k/past_v hold R >= T rows of which the bias's T - S are the past, and
-       the new rows are written into them */
+    const Input *k = in + 1, *v = in + 2, *pk = in + 3, *pv = in + 4, *bias = in + 5, *sinks = in + 6,
+                *mask = in + AT_MASK;
+    /* in place (no present outputs): past_k/past_v hold R >= T rows of which the bias's (or mask's) T - S are the
+       past, and the new rows are written into them */
     int inplace = outputs == 1;
     int64_t B = in[0].dims[0], S = in[0].dims[1], D = in[0].dims[2] / H, R = in[3].dims[2];
-    int64_t T = inplace ? (bias->rank == 4 ? bias->dims[3] : -1) : R + S, P = T - S;
+    const Input *width = mask->v ? mask : bias;  /* T: its last dimension */
+    int64_t T = inplace ? (width->rank >= 2 ? width->dims[width->rank - 1] : -1) : R + S, P = T - S;
     int ok = (outputs == 1 || outputs == AOUT) && P >= 0 && R >= (inplace ? T : P) && k->rank == 3 &&
              v->rank == 3 && k->dims[0] == B && k->dims[1] == S && k->dims[2] == KVH * D &&
              v->dims[0] == B && v->dims[1] == S && v->dims[2] == KVH * D && pk->dims[0] == B &&
              pk->dims[1] == KVH && pk->dims[3] == D && pv->rank == 4 && pv->dims[0] == B && pv->dims[1] == KVH &&
-             pv->dims[2] == R && pv->dims[3] == D && bias->rank == 4 && (bias->dims[0] == 1 || bias->dims[0] == B) &&
-             bias->dims[1] == 1 && bias->dims[2] == S && bias->dims[3] == T && (!sinks->v || sinks->numel == H);
+             pv->dims[2] == R && pv->dims[3] == D && (!sinks->v || sinks->numel == H) &&
+             (mask->v ? !bias->v && mask->rank == 2 && mask->dims[0] == B && mask->dims[1] == T
+                      : bias->v && bias->rank == 4 && (bias->dims[0] == 1 || bias->dims[0] == B) && bias->dims[1] == 1 &&
+                        bias->dims[2] == S && bias->dims[3] == T);
     const Input *cos = in + 7, *sin = in + 8;
     if (ok && !kn->rotary_half)  /* cos and sin without rotary_half: a malformed node, not ignored */
         ok = !cos->v && !sin->v;
@@ -308,12 +313,14 @@ static OrtStatus *attention(void *kernel, OrtKernelContext *ctx) {
              sin->dims[0] == cos->dims[0] && sin->dims[1] == S && sin->dims[2] == D;
     if (!ok)
         return error(AT, ORT_INVALID_ARGUMENT, "q [B, S, H*D], k and v [B, S, KVH*D], past_k and past_v [B, KVH, P, "
-                     "D] (P+S rows or more without present outputs), bias [B or 1, 1, S, P+S], sinks [H] and cos, sin "
-                     "[B or 1, S, D > rotary_half] do not fit (H %lld, KVH %lld, rotary_half %lld, outputs %zu)",
+                     "D] (P+S rows or more without present outputs), bias [B or 1, 1, S, P+S] or else mask [B, P+S], "
+                     "sinks [H] and cos, sin [B or 1, S, D > rotary_half] do not fit (H %lld, KVH %lld, rotary_half "
+                     "%lld, outputs %zu)",
                      (long long)H, (long long)KVH, (long long)kn->rotary_half, outputs);
     Attn a = {.B = B, .S = S, .H = H, .KVH = KVH, .D = D, .P = P, .T = T, .R = inplace ? R : T,
-              .bias_rows = bias->dims[0], .scale = kn->scale, .q = in[0].data, .k = k->data, .v = v->data,
-              .pk = pk->data, .pv = pv->data, .bias = bias->data, .sinks = sinks->v ? sinks->data : NULL};
+              .bias_b = mask->v ? T : bias->dims[0] > 1 ? S * T : 0, .bias_s = mask->v ? 0 : T, .scale = kn->scale,
+              .q = in[0].data, .k = k->data, .v = v->data, .pk = pk->data, .pv = pv->data,
+              .sinks = sinks->v ? sinks->data : NULL};
     int64_t od[3] = {B, S, H * D}, pd[4] = {B, KVH, T, D};
     OrtValue *y;
     CHECK(CALL((OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **), KernelContext_GetOutput, ctx, 0, od, 3, &y));
@@ -328,13 +335,20 @@ static OrtStatus *attention(void *kernel, OrtKernelContext *ctx) {
     }
     if (B * T * D == 0)
         return NULL;
-    float *rq = NULL, *rk = NULL;  /* rotated q and k: the op's q and k from here on */
-    if (kn->rotary_half) {
+    /* a mask [B, T] (the padding; the op is causal anyway): each row's bias, 0 where set and -inf where not, read
+       by every query of the row */
+    float *rows = mask->v ? malloc(B * T * sizeof(float)) : NULL, *rq = NULL, *rk = NULL;
+    if (mask->v && rows)
+        for (int64_t i = 0; i < B * T; i++) rows[i] = ((const uint8_t *)mask->data)[i] ? 0.f : -INFINITY;
+    a.bias = mask->v ? rows : bias->data;
+    if (kn->rotary_half) {  /* rotated q and k: the op's q and k from here on */
         rq = malloc(B * S * H * D * sizeof(float) + 1), rk = malloc(B * S * KVH * D * sizeof(float) + 1);  /* S may be 0 */
-        if (!rq || !rk) {
-            free(rq), free(rk);
-            return error(AT, ORT_FAIL, "out of memory");
-        }
+    }
+    if ((mask->v && !rows) || (kn->rotary_half && (!rq || !rk))) {
+        free(rows), free(rq), free(rk);
+        return error(AT, ORT_FAIL, "out of memory");
+    }
+    if (kn->rotary_half) {
         rotate(a.q, rq, B, S, H, D, kn->rotary_half, cos, sin);
         rotate(a.k, rk, B, S, KVH, D, kn->rotary_half, cos, sin);
         a.q = rq, a.k = rk;
@@ -343,7 +357,7 @@ static OrtStatus *attention(void *kernel, OrtKernelContext *ctx) {
     int wide = B * H * S * T * D > (1 << 19);
     OrtStatus *st = wide ? parallel(ctx, present_item, B * KVH, &a) : (run_all(present_item, B * KVH, &a), NULL);
     if (!st && S) st = wide ? parallel(ctx, attend_item, B * KVH * S, &a) : (run_all(attend_item, B * KVH * S, &a), NULL);
-    free(rq), free(rk);
+    free(rows), free(rq), free(rk);
     return st ? st : a.failed ? error(AT, ORT_FAIL, "out of memory") : NULL;
 }
 
@@ -373,8 +387,8 @@ static OrtStatus *attention_create(const OrtCustomOp *op, OrtApiTable api_, cons
 }
 
 static const char *at_name(const OrtCustomOp *op) { return "CachedAttention"; }
-static int at_input_type(const OrtCustomOp *op, size_t i) { return T_FLOAT; }
+static int at_input_type(const OrtCustomOp *op, size_t i) { return i == AT_MASK ? T_BOOL : T_FLOAT; }
 static size_t at_inputs(const OrtCustomOp *op) { return AIN; }
 static size_t at_outputs(const OrtCustomOp *op) { return AOUT; }
 static int at_output_kind(const OrtCustomOp *op, size_t i) { return i ? OPTIONAL : REQUIRED; }
-static int at_input_kind(const OrtCustomOp *op, size_t i) { return i >= 6 ? OPTIONAL : REQUIRED; }
+static int at_input_kind(const OrtCustomOp *op, size_t i) { return i >= 5 ? OPTIONAL : REQUIRED; }
