@@ -157,10 +157,13 @@ def ort_gqa(query, key, value, past_key, past_value, bias, sinks, num_heads, kv_
 
 
 @torch.library.impl("moec::causal_bias", "CompositeExplicitAutograd")
-def causal_bias(attention_mask, q_length, dtype):
-    T = attention_mask.shape[1]
-    pos = torch.arange(T, device=attention_mask.device)
-    allowed = (pos <= pos[T - q_length:, None]) & attention_mask.bool()[:, None, None, :]  # [S, T] & [B, 1, 1, T]
+def causal_bias(attention_mask, batch_size, q_length, kv_length, dtype):
+    if attention_mask.shape[0] < batch_size or attention_mask.shape[1] != kv_length:
+        raise ValueError(f"moec::causal_bias: an attention mask of shape {tuple(attention_mask.shape)} for "
+                         f"{batch_size} rows of {kv_length} positions (the past's and the new tokens')")
+    pos = torch.arange(kv_length, device=attention_mask.device)
+    rows = attention_mask[:batch_size].bool()[:, None, None, :]  # [B, 1, 1, T]
+    allowed = (pos <= pos[kv_length - q_length:, None]) & rows  # [S, T] & [B, 1, 1, T]
     return torch.where(allowed, torch.zeros((), dtype=dtype, device=pos.device), torch.finfo(dtype).min)
 
 
@@ -273,9 +276,9 @@ def translations() -> dict:
             query, key, value, past_key, past_value, seqlens, op.Cast(op.Squeeze(total), to=onnx.TensorProto.INT32),
             None, None, None, bias, sinks, num_heads=num_heads, kv_num_heads=kv_heads, scale=scale)
 
-    def causal_bias(attention_mask, q_length, dtype):
+    def causal_bias(attention_mask, batch_size, q_length, kv_length, dtype):
         # one node, which moec::CachedAttention takes as its mask or export_onnx expands (backends/ort_mask.py)
-        return moec_ops.CausalBias(attention_mask, q_length, to=int(dtype))
+        return moec_ops.CausalBias(attention_mask, batch_size, q_length, kv_length, to=int(dtype))
 
     def linear_attention(query, key, value, past_state, decay, beta, heads: int, scale: float, rule: str):
         return msft.LinearAttention(query, key, value, past_state, decay, beta, q_num_heads=heads,

@@ -229,9 +229,10 @@ def mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function
         padded[0, :kv_length // 2] = False
         padded[-1, kv_length // 3] = False
         for padding in (attention_mask, padded):
-            if not torch.equal(torch.ops.moec.causal_bias(padding, q_length, dtype), hf(padding)):
+            if not torch.equal(torch.ops.moec.causal_bias(padding, batch_size, q_length, kv_length, dtype),
+                               hf(padding)):
                 raise GQAUnfit("moec::causal_bias differs from HF's causal mask on the example")
-    return torch.ops.moec.causal_bias(attention_mask, q_length, dtype)
+    return torch.ops.moec.causal_bias(attention_mask, batch_size, q_length, kv_length, dtype)
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -15,9 +15,10 @@ torch.export and torch.compile (each op has a fake implementation giving output 
         -> out[B,S,H*D], present_k[B,KVH,P+S,D], present_v: causal attention over past + new keys with an additive
         bias (and per-head sink logits; zeros for a query with every key masked, as ORT's op), exported as
         com.microsoft::GroupQueryAttention (moec.export_gqa)
-    moec::causal_bias(attention_mask[B,T] bool, S, dtype) -> bias[B,1,S,T]: 0 where key t is a real token (the
-        mask set) at or before query s (position T - S + s), else dtype's minimum: HF's causal mask over a padding
-        mask as eager attention adds it; exported as one moec::CausalBias node (backends/ort_mask.py)
+    moec::causal_bias(attention_mask[>=B,T] bool, B, S, T, dtype) -> bias[B,1,S,T]: 0 where key t is a real token
+        (the mask set) at or before query s (position T - S + s), else dtype's minimum: HF's causal mask over a
+        padding mask as eager attention adds it (the mask's first B rows; an error unless it is T wide); exported as
+        one moec::CausalBias node (backends/ort_mask.py)
     moec::ort_linear_attention(q[B,S,H*dk], k[B,S,H*dk], v[B,S,H*dv], past_state[B,H,dk,dv], decay[B,S,H|H*dk],
         beta?[B,S,H], H, scale, rule) -> out[B,S,H*dv], present_state: rule "gated_delta" (Qwen3-Next) or "gated"
         (Mamba: a decay per key dim) token by token, exported as com.microsoft::LinearAttention (moec.export_state)
@@ -62,7 +63,8 @@ torch.library.define(
     "moec::ort_gqa",
     "(Tensor query, Tensor key, Tensor value, Tensor past_key, Tensor past_value, Tensor bias, Tensor? sinks, "
     "int num_heads, int kv_heads, float scale) -> (Tensor, Tensor, Tensor)")
-torch.library.define("moec::causal_bias", "(Tensor attention_mask, SymInt q_length, ScalarType dtype) -> Tensor")
+torch.library.define("moec::causal_bias", "(Tensor attention_mask, SymInt batch_size, SymInt q_length, "
+                                          "SymInt kv_length, ScalarType dtype) -> Tensor")
 torch.library.define(
     "moec::ort_linear_attention",
     "(Tensor query, Tensor key, Tensor value, Tensor past_state, Tensor decay, Tensor? beta, int heads, float scale, "
@@ -104,8 +106,8 @@ def _gqa_fake(query, key, value, past_key, past_value, bias, sinks, num_heads, k
 
 
 @torch.library.register_fake("moec::causal_bias")
-def _causal_bias_fake(attention_mask, q_length, dtype):
-    return attention_mask.new_empty(attention_mask.shape[0], 1, q_length, attention_mask.shape[1], dtype=dtype)
+def _causal_bias_fake(attention_mask, batch_size, q_length, kv_length, dtype):
+    return attention_mask.new_empty(batch_size, 1, q_length, kv_length, dtype=dtype)
 
 
 @torch.library.register_fake("moec::ort_linear_attention")

@@ -112,7 +112,7 @@ def test_a_second_turn_never_gives_a_wrong_answer(tmp_path):
     the positions and the mask only. The folders of genai's own builder (a shared past/present buffer) then answer
     from a cache without that token (measured on a tiny GPT-OSS: logits 0.31 off HF's). moec's cache is sized by
     what the step feeds, so the run fails: the mask is one position wider than the past and the new tokens, which
-    GroupQueryAttention refuses (a shape error before the causal mask became one moec::CausalBias node); rewinding
+    the causal mask's nodes refuse (backends/ort_mask.py); rewinding
     to 0 and appending the whole conversation gives HF's logits and tokens. Should a genai version run the token,
     the second turn must give HF's."""
     model = _lm("mixtral")
@@ -129,7 +129,7 @@ def test_a_second_turn_never_gives_a_wrong_answer(tmp_path):
     try:
         turn = _second_turn(tmp_path, first, 6, second, rewind=False)
     except RuntimeError as e:
-        assert "total_sequence_length must equal past_sequence_length + kv_sequence_length" in str(e), str(e)
+        assert "the attention mask is as wide as the past and the new tokens" in str(e), str(e)
     else:
         check(*turn)
 

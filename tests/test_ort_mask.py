@@ -25,7 +25,7 @@ def test_the_op_is_hfs_eager_mask(dtype, B, S, P):
     T = P + S
     for mask in _masks(B, T):
         want = eager_mask(B, S, T, P, 0, causal_mask_function, mask, dtype)
-        got = torch.ops.moec.causal_bias(mask, S, dtype)
+        got = torch.ops.moec.causal_bias(mask, B, S, T, dtype)
         assert got.dtype == dtype and torch.equal(got, want)
         assert torch.equal(export_gqa.mask(B, S, T, P, 0, causal_mask_function, mask, dtype), want)
 
@@ -52,24 +52,28 @@ def test_other_masks_are_hfs(args):
 
 
 def _graph(attention: bool, other_reader: bool, dtype=None):
-    """ids [B, S], mask [B, T] -> bias = CausalBias(Cast(mask), S) -> outputs: the bias, or (attention) one
-    moec::CachedAttention over q/k/v [B, S, 2*4] and pasts [B, 1, P, 4] reading it (other_reader: and the bias)"""
+    """ids [B, S], mask [B, T], pk [B, 1, P, 4] -> bias = CausalBias(Cast(mask), B, S, P + S) -> outputs: the bias,
+    or (attention) one moec::CachedAttention over q/k/v [B, S, 2*4] and pasts pk, pv reading it (other_reader: and
+    the bias)"""
     import onnx
     from onnx import helper
 
     f = onnx.TensorProto.FLOAT
     to = helper.np_dtype_to_tensor_dtype(np.dtype(dtype or np.float32))
     nodes = [helper.make_node("Cast", ["mask"], ["mask_b"], to=onnx.TensorProto.BOOL),
-             helper.make_node("Shape", ["ids"], ["S1"], start=1, end=2),
-             helper.make_node("Squeeze", ["S1"], ["S"]),
-             helper.make_node(ort_mask.OP, ["mask_b", "S"], ["bias"], domain="moec", to=to)]
+             *(helper.make_node("Shape", [x], [f"{n}1"], start=d, end=d + 1)
+               for n, x, d in (("B", "ids", 0), ("S", "ids", 1), ("P", "pk", 2))),
+             *(helper.make_node("Squeeze", [f"{n}1"], [n]) for n in "BSP"),
+             helper.make_node("Add", ["P", "S"], ["T"]),
+             helper.make_node(ort_mask.OP, ["mask_b", "B", "S", "T"], ["bias"], domain="moec", to=to)]
     inputs = [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["B", "S"]),
-              helper.make_tensor_value_info("mask", onnx.TensorProto.INT64, ["B", "T"])]
+              helper.make_tensor_value_info("mask", onnx.TensorProto.INT64, ["B", "T"]),
+              helper.make_tensor_value_info("pk", f, None)]
     outputs = [helper.make_tensor_value_info("bias", to, None)] if other_reader or not attention else []
     if attention:
         nodes.append(helper.make_node(ort_attention.OP, ["q", "k", "v", "pk", "pv", "bias"], ["out", "prk", "prv"],
                                       domain="moec", num_heads=2, kv_num_heads=1, scale=0.5))
-        inputs += [helper.make_tensor_value_info(n, f, None) for n in ("q", "k", "v", "pk", "pv")]
+        inputs += [helper.make_tensor_value_info(n, f, None) for n in ("q", "k", "v", "pv")]
         outputs = [helper.make_tensor_value_info(n, f, None) for n in ("out", "prk", "prv")] + outputs
     graph = helper.make_graph(nodes, "t", inputs, outputs)
     return helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18),
@@ -91,10 +95,29 @@ def test_expand_computes_the_op(dtype, B, S, P):
     model = _graph(attention=False, other_reader=True, dtype=dtype)
     assert ort_mask.expand(model) == 1 and ort_mask.OP not in {n.op_type for n in model.graph.node}
     T = P + S
+    feeds = {"ids": np.zeros((B, S), np.int64), "pk": np.zeros((B, 1, P, 4), np.float32)}
     for mask in _masks(B, T):
-        got = _run(model, {"ids": np.zeros((B, S), np.int64), "mask": mask.long().numpy()})[0]
-        want = torch.ops.moec.causal_bias(mask, S, getattr(torch, np.dtype(dtype).name))
+        got = _run(model, {**feeds, "mask": mask.long().numpy()})[0]
+        want = torch.ops.moec.causal_bias(mask, B, S, T, getattr(torch, np.dtype(dtype).name))
         assert got.dtype == dtype and np.array_equal(got, want.numpy())
+    more = torch.cat([mask, ~mask])  # rows after the first B: not read (HF's)
+    assert np.array_equal(_run(model, {**feeds, "mask": more.long().numpy()})[0], got)
+
+
+@pytest.mark.parametrize("rows,width", [(3, 5), (3, 7), (2, 6)], ids=["narrower", "wider", "fewer_rows"])
+def test_a_mask_that_does_not_fit_the_cache_is_an_error(rows, width):
+    """A mask narrower or wider than the past and the new tokens (HF would pad or cut it: a caller's mask that does
+    not fit the cache, e.g. onnxruntime-genai counting a token it did not run), or with fewer rows than the batch:
+    the expanded node refuses it, as the op does, and as moec::CachedAttention does where it takes the mask."""
+    model = _graph(attention=False, other_reader=True)
+    ort_mask.expand(model)
+    B, S, P = 3, 2, 4
+    mask = torch.ones(rows, width, dtype=torch.bool)
+    with pytest.raises(Exception, match="the attention mask (has a row for each row of the batch|is as wide as)"):
+        _run(model, {"ids": np.zeros((B, S), np.int64), "pk": np.zeros((B, 1, P, 4), np.float32),
+                     "mask": mask.long().numpy()})
+    with pytest.raises(ValueError, match="moec::causal_bias: an attention mask of shape"):
+        torch.ops.moec.causal_bias(mask, B, S, P + S, torch.float32)
 
 
 @pytest.mark.skipif(cpu_native.library() is None, reason="moec's C kernels are not built here")
