@@ -17,15 +17,17 @@ search or plain sampling, this loop runs it with nothing else per token:
              token = argmax(scores)                       # the first maximum, like torch.argmax
     sampled: scores[:, eos] = -inf  while fewer than min_new_tokens are out (HF's processor for it, when first)
              scores = processors(sequence so far, scores) # HF's own, built from the call's generation config
-                                                          # (its top-k warper as numpy: the same numbers)
+                                                          # (its top-k warper in C: the same numbers)
              token = multinomial(softmax(scores), 1)      # as HF's sampling draws it: same seed, same tokens
+                                                          # (in C: the same numbers from torch's generator)
     token = pad where the row already ended (eos)         # then rows that hit eos end
     past = present; mask += [1]; positions = each row's count of real tokens
     (a session that keeps its cache in place, moec::CachedAttention's: the pasts are arrays with room for every
     token of the call, bound once; the session writes each step's rows there and hands back the logits alone;
     after the prompt the token, its position and the logits are arrays bound once too, written in place)
     (between two runs, the rounding, eos held back, the argmax, padding, ending rows and the next inputs are one C
-    call, csrc/greedy.c; sampling calls it before HF's processors and after the draw; numpy where it is not built)
+    call, csrc/greedy.c; sampling calls it before HF's processors and after the draw; numpy where it is not built,
+    and there HF's top-k warper and torch's multinomial)
 
 and returns input_ids with the new tokens, ending when every row hit eos or after max_new_tokens: HF's
 greedy search or sampling, token for token (tests/test_ort_generate.py). A `streamer` gets what HF's generate gives
@@ -154,9 +156,10 @@ def _min_new(min_new: int, eos: list[int] | None, prompt: int, processors: list 
 def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int, eos: list[int] | None,
          pad: int | None, processors=None, streamer=None) -> torch.Tensor:
     """Greedy search, or sampling with HF's logits `processors`, in the KV-cache session (the module docstring);
-    [B, S] -> [B, S + up to `new`], each step's tokens put to `streamer` as HF's generate puts them. In C calls (`_Steps`) or numpy (sampling: HF's processors and draw in torch),
-    the presents handed back to the session as its OrtValues (an IOBinding): per token, torch's dispatch of ~15
-    small ops cost ~0.15 ms, as much as a tenth of the step. After a step the weights have gone through the CPU's
+    [B, S] -> [B, S + up to `new`], each step's tokens put to `streamer` as HF's generate puts them. In C calls
+    (`_Steps`; sampling: HF's processors but top-k, then the draw, `_process` and `_draw`) or numpy, the presents
+    handed back to the session as its OrtValues (an IOBinding): per token, torch's dispatch of ~15 small ops cost
+    ~0.15 ms, as much as a tenth of the step. After a step the weights have gone through the CPU's
     caches: each Python operation then costs several times what it does warm (np.isin 60 us, not 11), hence few of
     them; in one C call, a greedy step's Python time outside the session went from ~60 to ~25 us (mix int4)."""
     from moec.backends.ort_session import empty_past, in_place
@@ -204,7 +207,7 @@ def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int,
         if step == 0:
             held = stop[(stop >= 0) & (stop < scores.shape[-1])]  # ids outside the vocabulary match no token (HF)
             if native is not None:
-                steps = _Steps(*native, scores, bf16, held, min_new, stop, ended, pad, seq, S, nxt, npos, count)
+                steps = _Steps(native, scores, bf16, held, min_new, stop, ended, pad, seq, S, nxt, npos, count)
         if native is not None:
             steps.address(scores)
             if processors is not None:  # sampling: HF's processors and draw between two calls
@@ -242,19 +245,39 @@ def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int,
 
 @functools.cache
 def _native():
-    """csrc/greedy.c's (moec_next_tokens, moec_round_hold) from cpu_native's library, or None where it is not
-    built"""
+    """csrc/greedy.c's functions from cpu_native's library (next_tokens, round_hold, top_k, draw), or None where it
+    is not built; draw is None where torch's generator is not what moec_draw replicates (`_draws_as_torch`)"""
     import ctypes
+    import types
 
     from moec.backends import cpu_native
 
     path = cpu_native.library()
     if path is None:
         return None
-    lib = ctypes.CDLL(str(path))
-    lib.moec_next_tokens.argtypes, lib.moec_next_tokens.restype = [ctypes.c_int64] * 2, ctypes.c_int64
-    lib.moec_round_hold.argtypes, lib.moec_round_hold.restype = [ctypes.c_int64], None
-    return lib.moec_next_tokens, lib.moec_round_hold
+    lib, i64, ptr = ctypes.CDLL(str(path)), ctypes.c_int64, ctypes.c_void_p
+    for name, args, result in (("next_tokens", [i64] * 2, i64), ("round_hold", [i64], None),
+                               ("top_k", [ptr] + [i64] * 4, i64), ("draw", [ptr, i64, i64] + [ptr] * 3, i64)):
+        fn = getattr(lib, "moec_" + name)
+        fn.argtypes, fn.restype = args, result
+    return types.SimpleNamespace(next_tokens=lib.moec_next_tokens, round_hold=lib.moec_round_hold,
+                                 top_k=lib.moec_top_k, draw=lib.moec_draw if _draws_as_torch(lib.moec_draw) else None)
+
+
+def _draws_as_torch(draw) -> bool:
+    """whether moec_draw draws what this torch does: its q against exponential_'s from the generator as it is now,
+    across several twists of its state, and the state after both (the generator is put back after)"""
+    state = torch.get_rng_state()
+    if state.numel() < 24 + 624 * 8:  # torch_rng's size (greedy.c)
+        return False
+    try:
+        want = torch.empty(3, 1000).exponential_(1)
+        after, mine = torch.get_rng_state(), state.clone()
+        got, tokens, ones = np.empty((3, 1000), np.float32), np.empty(3, np.int64), np.ones((3, 1000), np.float32)
+        drawn = draw(ones.ctypes.data, 3, 1000, mine.data_ptr(), tokens.ctypes.data, got.ctypes.data) == 0
+        return drawn and np.array_equal(got.view(np.uint32), want.numpy().view(np.uint32)) and torch.equal(mine, after)
+    finally:
+        torch.set_rng_state(state)
 
 
 class _Steps:
@@ -268,8 +291,8 @@ class _Steps:
     FIELDS = ("scores B V ld bf16 held nheld hold_steps stop nstop ended pad out ldo next ids32 pos count given "
               "step").split()
 
-    def __init__(self, next_tokens, round_hold, scores: np.ndarray, bf16: bool, held, hold_steps: int, stop, ended,
-                 pad: int, seq, S: int, nxt, npos, count):
+    def __init__(self, native, scores: np.ndarray, bf16: bool, held, hold_steps: int, stop, ended, pad: int, seq,
+                 S: int, nxt, npos, count):
         import ctypes
 
         class Struct(ctypes.Structure):  # every field 8 bytes: pointers as int64
@@ -285,7 +308,7 @@ class _Steps:
                         out=seq.ctypes.data + 8 * S, ldo=seq.shape[1], next=nxt.ctypes.data,
                         ids32=int(nxt.dtype == np.int32), pos=npos.ctypes.data, count=count.ctypes.data,
                         given=self.given.ctypes.data, step=0)
-        self.at, self.next_tokens, self.round_hold_ = ctypes.addressof(self.s), next_tokens, round_hold
+        self.at, self.native = ctypes.addressof(self.s), native
         self.scores = None
 
     def address(self, scores: np.ndarray) -> None:
@@ -297,11 +320,11 @@ class _Steps:
     def round_hold(self) -> None:
         """the scores rounded to bf16 in place when `bf16` (as torch's cast; NaN stays NaN), the held ids at -inf
         while held"""
-        self.round_hold_(self.at)
+        self.native.round_hold(self.at)
 
     def next(self, sampled: bool) -> bool:
         """whether a row goes on, after this step's tokens: `given` when `sampled`, else greedy search's"""
-        return self.next_tokens(self.at, int(sampled)) > 0
+        return self.native.next_tokens(self.at, int(sampled)) > 0
 
 
 def _round_bf16(scores: np.ndarray) -> np.ndarray:
@@ -313,21 +336,22 @@ def _round_bf16(scores: np.ndarray) -> np.ndarray:
 
 
 def _process(processors: list, seq: np.ndarray, scores: np.ndarray) -> torch.Tensor:
-    """HF's logits `processors` called in order on scores [B, V] (seq: the tokens so far), each top-k warper (the
-    default sampling's only processor) as numpy: its torch ops (topk, compare, masked_fill) cost 90-100 us a token
-    with the caches cold after a step, these 35-50. The same numbers: the k-th largest score (NaN above all, as
-    topk and partition both order it) and the scores below it set to the warper's -inf."""
+    """HF's logits `processors` called in order on scores [B, V] (seq: the tokens so far); each top-k warper (the
+    default sampling's only processor) as csrc/greedy.c's moec_top_k where it is built, in place: its torch ops
+    (topk, compare, masked_fill) cost 90-100 us a token with the caches cold after a step. The same numbers: the
+    k-th largest score (NaN above all, as topk orders it) and the scores below it set to the warper's -inf."""
     from transformers.generation.logits_process import TopKLogitsWarper
 
+    native = _native()
     for processor in processors:
-        if type(processor) is TopKLogitsWarper and processor.filter_value == -np.inf:
-            scores = np.asarray(scores)
-            at = scores.shape[-1] - min(processor.top_k, scores.shape[-1])
-            with np.errstate(all="ignore"):  # NaN compares quietly, as in torch
-                kth = np.partition(scores, at, axis=-1)[:, at:at + 1]  # [B, 1]
-                scores = np.where(scores < kth, scores.dtype.type(-np.inf), scores)
+        scores = _tensor(scores)
+        if (native is not None and type(processor) is TopKLogitsWarper and processor.filter_value == -np.inf
+                and scores.dtype == torch.float32 and scores.dim() == 2 and scores.stride(-1) == 1):
+            B, V = scores.shape
+            if processor.top_k < V and native.top_k(scores.data_ptr(), B, V, scores.stride(0), processor.top_k):
+                raise MemoryError("top-k: no memory for its heap of k scores")
         else:
-            scores = processor(torch.from_numpy(seq), _tensor(scores))
+            scores = processor(torch.from_numpy(seq), scores)
     return _tensor(scores)
 
 
@@ -337,20 +361,20 @@ def _tensor(a) -> torch.Tensor:
 
 
 def _draw(probs: torch.Tensor, into: np.ndarray | None = None) -> np.ndarray:
-    """torch.multinomial(probs, 1)[:, 0] for probs [B, V] from a softmax, drawing the same numbers from torch's
-    generator: multinomial's one-sample path is argmax(probs / q), q ~ Exp(1) drawn for every entry (ATen's
-    Distributions.cpp). Without its checks of probs (max, min), ~50 us a token with the caches cold after a step: a
-    softmax's probabilities are in [0, 1] or NaN, and NaN ones go to multinomial itself, which refuses them before it
-    draws (HF's sampling raises that error, the generator untouched). The tokens [B] go `into` an int64 array when
+    """torch.multinomial(probs, 1)[:, 0] for probs [B, V], the same numbers drawn from torch's generator: as
+    csrc/greedy.c's moec_draw where it is built and draws as torch does (torch's exponential_ draws each of the V
+    q alone: ~1 ms a token at a vocabulary of 32000), else torch.multinomial itself, which also raises its error
+    for probabilities it refuses (NaN), the generator untouched. The tokens [B] go `into` an int64 array when
     given."""
-    p = probs.numpy()
-    if np.isnan(p).any():  # multinomial refuses them before it draws: HF's error
-        token = torch.multinomial(probs, num_samples=1)[:, 0].numpy()
-        return token if into is None else np.copyto(into, token) or into
-    q = torch.empty_like(probs).exponential_(1)
-    with np.errstate(all="ignore"):  # as torch's division: tiny probabilities underflow quietly
-        ratio = p / q.numpy()
-    return ratio.argmax(-1, out=into)  # [B]: the first maximum, as torch.argmax
+    into = np.empty(probs.shape[0], np.int64) if into is None else into
+    native = _native()
+    if native is not None and native.draw is not None and probs.dtype == torch.float32 and probs.is_contiguous():
+        state = torch.get_rng_state()
+        if native.draw(probs.data_ptr(), *probs.shape, state.data_ptr(), into.ctypes.data, None) == 0:
+            torch.set_rng_state(state)
+            return into
+    np.copyto(into, torch.multinomial(probs, num_samples=1)[:, 0].numpy())
+    return into
 
 
 class _Binding:

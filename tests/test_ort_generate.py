@@ -4,6 +4,7 @@ call runs HF's generate."""
 
 import copy
 import itertools
+import types
 
 import numpy as np
 import pytest
@@ -46,8 +47,8 @@ def picks(request, monkeypatch):
         fns = ort_generate._native()
         if fns is None:
             pytest.skip("moec's C library is not built here")
-        counted = tuple((lambda f: lambda *a: calls.append(1) or f(*a))(f) for f in fns)
-        monkeypatch.setattr(ort_generate, "_native", lambda: counted)
+        counted = {name: f and (lambda f: lambda *a: calls.append(1) or f(*a))(f) for name, f in vars(fns).items()}
+        monkeypatch.setattr(ort_generate, "_native", lambda: types.SimpleNamespace(**counted))
     yield calls
     assert bool(calls) == (request.param == "C")
 
@@ -215,13 +216,25 @@ def test_a_streamer_gets_what_hfs_generate_gives_it(pair, loops, picks, kw, batc
     assert torch.equal(torch.stack([c[1] for c in loop[1:-1]], 1), out["loop"][:, 6:])
 
 
-@pytest.mark.parametrize("batch,vocab", [(1, 1), (1, 7), (3, 1024)])
-def test_the_draw_is_multinomials(batch, vocab):
+@pytest.fixture(params=["C", "torch"])
+def draws(request, monkeypatch):
+    """The draw by csrc/greedy.c's moec_draw, or by torch.multinomial (where the library is not built)."""
+    if request.param == "torch":
+        monkeypatch.setattr(ort_generate, "_native", lambda: None)
+    elif ort_generate._native() is None:
+        pytest.skip("moec's C library is not built here")
+    else:  # a torch whose generator or exponential_ moved: greedy.c's moec_draw wants updating
+        assert ort_generate._native().draw is not None, "moec_draw does not draw this torch's numbers"
+
+
+@pytest.mark.parametrize("batch,vocab", [(1, 1), (1, 7), (3, 1024), (2, 50003)])
+def test_the_draw_is_multinomials(draws, batch, vocab):
     """moec's draw takes the same numbers from torch's generator as torch.multinomial(probs, 1) and picks the same
-    tokens: probabilities with zeros (filtered tokens), exact ties, one-hot rows and 1e-30 next to 1; returned, or
-    written into the loop's array."""
+    tokens: probabilities with zeros (filtered tokens), exact ties, one-hot rows, 1e-30 next to 1, rows of
+    subnormal probabilities (whose p / q underflow to 0 and tie with the zeros), rows across several twists of the
+    generator's state; returned, or written into the loop's array."""
     gen = torch.Generator().manual_seed(batch * vocab)
-    for trial in range(40):
+    for trial in range(40 if vocab < 50000 else 6):
         logits = torch.randn(batch, vocab, generator=gen) * (1 + trial)
         logits[:, ::3] = -float("inf") if vocab > 1 else 0.0  # filtered out, as top-k/top-p leave them
         if vocab > 2:
@@ -232,18 +245,33 @@ def test_the_draw_is_multinomials(batch, vocab):
         probs = torch.softmax(logits, -1)
         if trial % 7 == 0 and vocab > 2:
             probs[-1, 1], probs[-1, 2] = 1e-30, 1.0
+        if trial % 4 == 3 and vocab > 5:
+            probs[0] = 0.0
+            probs[0, 3:] = torch.rand(vocab - 3, generator=gen).lt(0.5) * 1.4e-45  # the smallest subnormal
         torch.manual_seed(trial)
         want = torch.multinomial(probs, num_samples=1)[:, 0]
         then = torch.rand(2)
         torch.manual_seed(trial)
-        assert torch.equal(torch.from_numpy(ort_generate._draw(probs)), want)
+        assert torch.equal(torch.from_numpy(ort_generate._draw(probs)), want), trial
         assert torch.equal(torch.rand(2), then)
         into = np.full(batch, -1, np.int64)
         torch.manual_seed(trial)
         assert ort_generate._draw(probs, into) is into and torch.equal(torch.from_numpy(into), want)
 
 
-def test_nan_probabilities_raise_multinomials_error():
+@pytest.mark.skipif(ort_generate._native() is None, reason="moec's C library is not built here")
+def test_a_draw_unlike_torchs_is_not_used():
+    """The check behind moec_draw: a draw whose numbers are not torch's exponential_'s (here one that draws
+    nothing) is refused, and the check leaves torch's generator as it found it."""
+    torch.manual_seed(4)
+    want = torch.rand(3)
+    torch.manual_seed(4)
+    assert not ort_generate._draws_as_torch(lambda *args: 0)
+    assert ort_generate._draws_as_torch(ort_generate._native().draw)
+    assert torch.equal(torch.rand(3), want)
+
+
+def test_nan_probabilities_raise_multinomials_error(draws):
     """A NaN logit (a broken weight) makes NaN probabilities: torch.multinomial, so HF's sampling, refuses them
     before it draws, and so does the draw: the same error, the generator untouched; never a token."""
     probs = torch.softmax(torch.tensor([[0.0, 1.0, 2.0], [0.0, float("nan"), 1.0]]), -1)
@@ -255,19 +283,6 @@ def test_nan_probabilities_raise_multinomials_error():
         errors.append(str(error.value))
         after.append(torch.rand(2))
     assert errors[0] == errors[1] and torch.equal(*after)
-
-
-def test_the_draw_under_numpys_strict_errors():
-    """Probabilities near 1e-40 underflow in the division, quietly as in torch's, also where numpy is told to raise
-    on underflow."""
-    logits = torch.zeros(1, 8)
-    logits[0, 1:] = -100.0
-    probs = torch.softmax(logits, -1)
-    torch.manual_seed(0)
-    want = torch.multinomial(probs, num_samples=1)[:, 0]
-    torch.manual_seed(0)
-    with np.errstate(all="raise"):
-        assert torch.equal(torch.from_numpy(ort_generate._draw(probs)), want)
 
 
 @pytest.mark.skipif(ort_generate._native() is None, reason="moec's C library is not built here")
@@ -307,7 +322,7 @@ def test_the_steps_in_c_are_torchs(vocab, bf16):
         seq, count = np.zeros((B, S + new), np.int64), np.arange(10, 10 + B, dtype=np.int64)[:, None]
         nxt, npos = np.zeros((B, 1), np.int32 if ids32 else np.int64), np.zeros((B, 1), np.int64)
         now = ended.copy()
-        steps = ort_generate._Steps(*ort_generate._native(), scores, bf16, held, step + hold, stop, now, 1, seq, S,
+        steps = ort_generate._Steps(ort_generate._native(), scores, bf16, held, step + hold, stop, now, 1, seq, S,
                                     nxt, npos, count)
         steps.s.step = step
         steps.address(scores)
@@ -340,10 +355,11 @@ def test_bf16_rounding_is_torchs():
     assert np.array_equal(got[ok].view(np.uint32), want[ok].view(np.uint32))  # -0.0 too
 
 
-@pytest.mark.parametrize("batch,vocab", [(1, 1), (1, 9), (3, 1024)])
-def test_top_k_in_numpy_is_hfs(batch, vocab):
-    """The loop's top-k warper (numpy) sets the same scores to -inf as HF's TopKLogitsWarper, alone and between HF's
-    other processors: ties at the k-th score, k of 1, the vocabulary and above it, -inf and +inf scores, NaN rows
+@pytest.mark.skipif(ort_generate._native() is None, reason="moec's C library is not built here")
+@pytest.mark.parametrize("batch,vocab", [(1, 1), (1, 9), (3, 1024), (2, 50003)])
+def test_top_k_in_c_is_hfs(batch, vocab):
+    """The loop's top-k warper (csrc/greedy.c) sets the same scores to -inf as HF's TopKLogitsWarper, alone and
+    between HF's other processors: ties at the k-th score, k of 1, the vocabulary and above it, -inf and +inf scores, NaN rows
     (NaN counts above every score in both), huge magnitudes."""
     from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                         TopPLogitsWarper)

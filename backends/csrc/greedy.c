@@ -1,14 +1,18 @@
 /* The generate loop's work between two session runs (backends/ort_generate.py: built into cpu_native's library
    and called through ctypes). In numpy it is ~10 small operations, each slow with the caches cold after a step:
    41-61 us a token outside the session on mix int4, 156 on mix bf16 (its rounding too); here one or two calls,
-   14-25 and 63 us (docs/benchmarks.md). */
+   14-25 and 63 us (docs/benchmarks.md). Sampling's top-k warper and draw too: in torch and numpy ~130 us a token
+   with the caches cold at a vocabulary of 1024, ~1 ms at 32000 (exponential_ draws each q alone). */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x4 __attribute__((vector_size(16)));
 
 /* Rounded to bf16, to nearest even, as torch's cast; not for NaN (the callers keep those as they are) */
 static inline float round_bf16(float v) {
@@ -125,4 +129,186 @@ int64_t moec_next_tokens(moec_steps *s, int64_t sampled) {
     }
     s->step++;
     return going;
+}
+
+/* whether a lane of m is not 0: halves folded with OR down to 64 bits */
+static inline int any_lane(i32x16 m) {
+    i32x8 lo8, hi8;
+    memcpy(&lo8, &m, 32), memcpy(&hi8, (char *)&m + 32, 32);
+    lo8 |= hi8;
+    i32x4 lo4, hi4;
+    memcpy(&lo4, &lo8, 16), memcpy(&hi4, (char *)&lo8 + 16, 16);
+    lo4 |= hi4;
+    uint64_t half[2];
+    memcpy(half, &lo4, 16);
+    return (half[0] | half[1]) != 0;
+}
+
+/* A float's place in torch.topk's order as an unsigned key: NaN above every number, -0 just below +0 (equal as
+   floats, and the filter compares floats); 16 at a time */
+static inline u32x16 order_keys(f32x16 v) {
+    u32x16 b = (u32x16)v, sign = (u32x16)((i32x16)b >> 31);
+    return (b ^ (sign | 0x80000000u)) | (u32x16)(v != v);
+}
+
+static inline uint32_t order_key(float v) {
+    uint32_t b;
+    memcpy(&b, &v, 4);
+    return isnan(v) ? 0xFFFFFFFFu : b ^ ((uint32_t)((int32_t)b >> 31) | 0x80000000u);
+}
+
+static void sift_down(uint32_t *heap, int64_t n, int64_t i) {
+    for (int64_t c; (c = 2 * i + 1) < n; i = c) {
+        if (c + 1 < n && heap[c + 1] < heap[c]) c++;
+        if (heap[i] <= heap[c]) return;
+        uint32_t t = heap[i];
+        heap[i] = heap[c], heap[c] = t;
+    }
+}
+
+/* HF's top-k warper in place on scores [B, V] (row stride ld), 1 <= k < V: the scores below each row's k-th
+   largest (NaN counted above every number, as torch.topk orders them) set to -inf, as its masked_fill. The k-th
+   largest is the root of a min-heap of the k largest keys. Returns -1 when out of memory (scores untouched). */
+int64_t moec_top_k(float *scores, int64_t B, int64_t V, int64_t ld, int64_t k) {
+    uint32_t *heap = malloc(k * sizeof(uint32_t));
+    if (heap == NULL) return -1;
+    for (int64_t b = 0; b < B; b++) {
+        float *row = scores + b * ld;
+        for (int64_t i = 0; i < k; i++) heap[i] = order_key(row[i]);
+        for (int64_t i = k / 2 - 1; i >= 0; i--) sift_down(heap, k, i);
+        for (int64_t i = k; i < V;) {
+            if (i + 16 <= V) {  /* 16 at a time where none goes into the heap */
+                f32x16 v;
+                memcpy(&v, row + i, 64);
+                if (!any_lane((i32x16)(order_keys(v) > heap[0]))) {
+                    i += 16;
+                    continue;
+                }
+            }
+            for (int64_t end = i + 16 < V ? i + 16 : V; i < end; i++) {
+                uint32_t key = order_key(row[i]);
+                if (key > heap[0]) heap[0] = key, sift_down(heap, k, 0);
+            }
+        }
+        uint32_t bits = heap[0] == 0xFFFFFFFFu ? 0x7FC00000u : (heap[0] >> 31) ? heap[0] & 0x7FFFFFFFu : ~heap[0];
+        float kth;
+        memcpy(&kth, &bits, 4);
+        for (int64_t i = 0; i < V; i++)  /* NaN compares false: nothing goes under a NaN k-th, no NaN goes */
+            if (row[i] < kth) row[i] = -INFINITY;
+    }
+    free(heap);
+    return 0;
+}
+
+/* torch's CPU generator as torch.get_rng_state() lays it out: at::mt19937's words widened to 64 bits */
+enum { MT_N = 624, MT_M = 397 };
+typedef struct {
+    uint64_t seed;
+    int32_t left, seeded;
+    uint64_t next;
+    uint64_t state[MT_N];
+} torch_rng;
+
+static inline uint32_t mt_mix(uint32_t u, uint32_t v) {
+    return (((u & 0x80000000u) | (v & 0x7FFFFFFFu)) >> 1) ^ (v & 1u ? 0x9908B0DFu : 0u);
+}
+
+static void mt_twist(uint32_t *mt) {
+    int j = 0;
+    for (; j < MT_N - MT_M; j++) mt[j] = mt[j + MT_M] ^ mt_mix(mt[j], mt[j + 1]);
+    for (; j < MT_N - 1; j++) mt[j] = mt[j + MT_M - MT_N] ^ mt_mix(mt[j], mt[j + 1]);
+    mt[MT_N - 1] = mt[MT_M - 1] ^ mt_mix(mt[MT_N - 1], mt[0]);
+}
+
+static inline uint32_t mt_temper(uint32_t y) {
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9D2C5680u;
+    y ^= (y << 15) & 0xEFC60000u;
+    return y ^ (y >> 18);
+}
+
+/* One element of torch.multinomial's one-sample path: ratio = p / q for the draws raw0, raw1 (see moec_draw),
+   then the row's first maximum (NaN first) kept in best, at */
+static inline void consider(float p, uint32_t raw0, uint32_t raw1, int64_t i, float *best, int64_t *at,
+                            float *q_out) {
+    float ratio = 0.0f;
+    /* u = 0 only where both draws' 53 bits are 0 (tempering maps 0 to 0): q = 0, and 0 / 0 is NaN */
+    if (p > 0.0f || q_out != NULL || (raw1 == 0 && (mt_temper(raw0) & 0x1FFFFFu) == 0)) {
+        uint64_t bits = ((uint64_t)mt_temper(raw0) << 32 | mt_temper(raw1)) & ((1ull << 53) - 1);
+        float q = (float)(-log1p(-((double)bits * 0x1p-53)));
+        ratio = p / q;
+        if (q_out != NULL) q_out[i] = q;
+    }
+    if (*at < 0 || (!isnan(*best) && (ratio > *best || isnan(ratio)))) *best = ratio, *at = i;
+}
+
+/* torch.multinomial(probs, 1) for probs [B, V] (rows contiguous), from the generator g: the one-sample path,
+   argmax(probs / q) over each row (the first maximum, NaN first), q [B, V] drawn in order by exponential_(1) as
+   float32, each q = float(-log1p(-u)), u = (two 32-bit draws as 64 bits, low 53) / 2^53. Where the probability
+   is 0 and q > 0 the ratio is 0, which is a row's first maximum only as its first element: there the draws only
+   advance the generator (the state's words are tempered only where q is computed). The tokens go to out, every q
+   to q_out when not NULL (a check of this against torch). Returns -1, nothing drawn, where torch's multinomial
+   would refuse probs (NaN, inf or < 0, a row without a probability > 0); the caller then lets it raise its
+   error. */
+int64_t moec_draw(const float *probs, int64_t B, int64_t V, torch_rng *g, int64_t *out, float *q_out) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *row = probs + b * V;
+        i32x16 positives = {0}, refusals = {0};
+        int64_t i = 0;
+        for (; i + 16 <= V; i += 16) {
+            f32x16 p;
+            memcpy(&p, row + i, 64);
+            refusals |= ~((p >= 0.0f) & (p < INFINITY));
+            positives |= p > 0.0f;
+        }
+        int positive = any_lane(positives), refused = any_lane(refusals);
+        for (; i < V; i++) {
+            refused |= !(row[i] >= 0.0f && row[i] < INFINITY);
+            positive |= row[i] > 0.0f;
+        }
+        if (refused || !positive) return -1;
+    }
+    uint32_t mt[MT_N];
+    for (int j = 0; j < MT_N; j++) mt[j] = (uint32_t)g->state[j];
+    int64_t left = g->left, next = (int64_t)g->next;  /* a draw: if (--left == 0) twist, left = N, next = 0 */
+    for (int64_t b = 0; b < B; b++) {
+        const float *row = probs + b * V;
+        float *q_row = q_out == NULL ? NULL : q_out + b * V;
+        float best = 0.0f;
+        int64_t at = -1;
+        for (int64_t i = 0; i < V;) {
+            if (left == 1) mt_twist(mt), left = MT_N + 1, next = 0;
+            int64_t n = (left - 1) / 2 < V - i ? (left - 1) / 2 : V - i;  /* elements whose draws are all here */
+            if (n == 0) {  /* one draw here, the other after a twist */
+                uint32_t raw0 = mt[next];
+                mt_twist(mt), left = MT_N, next = 1;
+                consider(row[i], raw0, mt[0], i, &best, &at, q_row);
+                i++;
+                continue;
+            }
+            const uint32_t *w = mt + next;
+            for (int64_t j = 0; j < n;) {
+                if (j + 16 <= n && at >= 0 && q_row == NULL) {  /* 16 at a time where none needs its ratio */
+                    f32x16 p;
+                    u32x16 even_odd[2];  /* the 16 elements' draws: raw0, raw1 in turn */
+                    memcpy(&p, row + i + j, 64);
+                    memcpy(even_odd, w + 2 * j, 128);
+                    const i32x16 odd = {0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1};
+                    if (!any_lane((p > 0.0f) | (((even_odd[0] == 0) | (even_odd[1] == 0)) & odd))) {
+                        j += 16;
+                        continue;
+                    }
+                }
+                for (int64_t end = j + 16 < n ? j + 16 : n; j < end; j++)
+                    if (row[i + j] > 0.0f || w[2 * j + 1] == 0 || at < 0 || q_row != NULL)
+                        consider(row[i + j], w[2 * j], w[2 * j + 1], i + j, &best, &at, q_row);
+            }
+            i += n, next += 2 * n, left -= 2 * n;
+        }
+        out[b] = at;
+    }
+    for (int j = 0; j < MT_N; j++) g->state[j] = mt[j];
+    g->left = left;
+    g->next = next;
+    return 0;
 }
