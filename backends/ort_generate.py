@@ -157,7 +157,7 @@ def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int,
          pad: int | None, processors=None, streamer=None) -> torch.Tensor:
     """Greedy search, or sampling with HF's logits `processors`, in the KV-cache session (the module docstring);
     [B, S] -> [B, S + up to `new`], each step's tokens put to `streamer` as HF's generate puts them. In C calls
-    (`_Steps`; sampling: HF's processors but top-k, then the draw, `_process` and `_draw`) or numpy, the presents
+    (`_Steps`; sampling: HF's processors but top-k, then the draw, `_process` and `_Draws`) or numpy, the presents
     handed back to the session as its OrtValues (an IOBinding): per token, torch's dispatch of ~15 small ops cost
     ~0.15 ms, as much as a tenth of the step. After a step the weights have gone through the CPU's
     caches: each Python operation then costs several times what it does warm (np.isin 60 us, not 11), hence few of
@@ -191,53 +191,66 @@ def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int,
     seq[:, :S] = feed                       # read, and the result
     bf16 = forward._bf16()  # its session computes in fp32; its forward hands back bf16 logits, as the model does
     native = _native() if feed.dtype in (np.int32, np.int64) else None  # the step's bookkeeping in C (csrc/greedy.c)
-    for step in range(new):
-        if step < 2 or not steady:
-            bind.input("input_ids", feed)
-            bind.input("position_ids", pos)
-        bind.input("attention_mask", full[:, :T])
-        if step and steady:
-            bind.run_bound()
-            scores = last  # [B, V] float32, the bound buffer
-        else:
-            outs = bind.run(outputs)  # each step's presents are new arrays: the last ones are this step's past
-            scores = outs[0].numpy()[:, -1].astype(np.float32)  # [B, V], as HF's search takes them
-            if steady:  # from the next step on, the logits [B, 1, V] go into one array
-                last = bind.output(outputs[0], (B, 1, scores.shape[-1]))[:, -1]
-        if step == 0:
-            held = stop[(stop >= 0) & (stop < scores.shape[-1])]  # ids outside the vocabulary match no token (HF)
+    top_k = 0  # HF's top-k warper as the first processor: in the C call before the others (the default sampling's)
+    if native is not None and processors and _native_top_k(processors[0]):
+        top_k, processors = processors[0].top_k, processors[1:]
+    # torch's generator, held while the loop draws, written back after; the tokens into steps.given or `token`
+    draw, token = None, np.zeros(B, np.int64)
+    try:
+        for step in range(new):
+            if step < 2 or not steady:
+                bind.input("input_ids", feed)
+                bind.input("position_ids", pos)
+            bind.input("attention_mask", full[:, :T])
+            if step and steady:
+                bind.run_bound()
+                scores = last  # [B, V] float32, the bound buffer
+            else:
+                outs = bind.run(outputs)  # each step's presents are new arrays: the last ones are this step's past
+                scores = outs[0].numpy()[:, -1].astype(np.float32)  # [B, V], as HF's search takes them
+                if steady:  # from the next step on, the logits [B, 1, V] go into one array
+                    last = bind.output(outputs[0], (B, 1, scores.shape[-1]))[:, -1]
+            if step == 0:
+                held = stop[(stop >= 0) & (stop < scores.shape[-1])]  # ids outside the vocabulary: no token (HF)
+                if native is not None:
+                    steps = _Steps(native, scores, bf16, held, min_new, stop, ended, pad, seq, S, nxt, npos, count,
+                                   top_k)
+                draw = _Draws(processors is not None, token if native is None else steps.given)
             if native is not None:
-                steps = _Steps(native, scores, bf16, held, min_new, stop, ended, pad, seq, S, nxt, npos, count)
-        if native is not None:
-            steps.address(scores)
-            if processors is not None:  # sampling: HF's processors and draw between two calls
-                steps.round_hold()
-                _draw(torch.softmax(_process(processors, seq[:, :S + step], scores), -1), steps.given)
-            going = steps.next(processors is not None)
-        else:
-            if bf16:
-                scores = _round_bf16(scores)
-            if step < min_new and held.size:
-                scores[:, held] = -np.inf
-            if processors is None:
-                token = scores.argmax(-1)  # [B]: the first maximum (NaN first), as torch.argmax
-            else:  # HF's sampling step
-                token = _draw(torch.softmax(_process(processors, seq[:, :S + step], scores), -1))
-            if stop.size:
-                token[ended] = pad
-                ended |= (token[:, None] == stop).any(-1)  # np.isin: ~50 us a token with the caches cold
-            seq[:, S + step] = nxt[:, 0] = token
-            npos[:, 0] = count[:, 0]
-            count += 1
-            going = not ended.all()
-        if streamer is not None:
-            streamer.put(torch.from_numpy(seq[:, S + step].copy()))
-        if not going:
-            break
-        for i, name in enumerate([] if kept else names[3:]):
-            bind.value(name, outs[i + 1])
-        feed, pos = nxt, npos  # bound again at step 1 (and every step unless steady), then written in place
-        T += 1
+                steps.address(scores)
+                if processors is not None:  # sampling: HF's processors and draw between two calls
+                    steps.prepare()
+                    draw(torch.softmax(_process(processors, seq[:, :S + step], steps.tensor), -1))
+                going = steps.next(processors is not None)
+            else:
+                if bf16:
+                    scores = _round_bf16(scores)
+                if step < min_new and held.size:
+                    scores[:, held] = -np.inf
+                if processors is None:
+                    token = scores.argmax(-1)  # [B]: the first maximum (NaN first), as torch.argmax
+                else:  # HF's sampling step
+                    token = draw(torch.softmax(_process(processors, seq[:, :S + step], scores), -1))
+                if stop.size:
+                    token[ended] = pad
+                    ended |= (token[:, None] == stop).any(-1)  # np.isin: ~50 us a token with the caches cold
+                seq[:, S + step] = nxt[:, 0] = token
+                npos[:, 0] = count[:, 0]
+                count += 1
+                going = not ended.all()
+            if streamer is not None:
+                draw.sync()  # the streamer may read torch's generator
+                streamer.put(torch.from_numpy(seq[:, S + step].copy()))
+                draw.reload()
+            if not going:
+                break
+            for i, name in enumerate([] if kept else names[3:]):
+                bind.value(name, outs[i + 1])
+            feed, pos = nxt, npos  # bound again at step 1 (and every step unless steady), then written in place
+            T += 1
+    finally:
+        if draw is not None:
+            draw.sync()
     if streamer is not None:
         streamer.end()
     return torch.from_numpy(seq[:, :S + step + 1].copy()).to(ids.device)  # int64, as HF's
@@ -245,8 +258,8 @@ def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int,
 
 @functools.cache
 def _native():
-    """csrc/greedy.c's functions from cpu_native's library (next_tokens, round_hold, top_k, draw), or None where it
-    is not built; draw is None where torch's generator is not what moec_draw replicates (`_draws_as_torch`)"""
+    """csrc/greedy.c's functions from cpu_native's library (next_tokens, prepare, top_k, draw), or None where it is
+    not built; draw is None where torch's generator is not what moec_draw replicates (`_draws_as_torch`)"""
     import ctypes
     import types
 
@@ -256,11 +269,11 @@ def _native():
     if path is None:
         return None
     lib, i64, ptr = ctypes.CDLL(str(path)), ctypes.c_int64, ctypes.c_void_p
-    for name, args, result in (("next_tokens", [i64] * 2, i64), ("round_hold", [i64], None),
+    for name, args, result in (("next_tokens", [i64] * 2, i64), ("prepare", [i64], i64),
                                ("top_k", [ptr] + [i64] * 4, i64), ("draw", [ptr, i64, i64] + [ptr] * 3, i64)):
         fn = getattr(lib, "moec_" + name)
         fn.argtypes, fn.restype = args, result
-    return types.SimpleNamespace(next_tokens=lib.moec_next_tokens, round_hold=lib.moec_round_hold,
+    return types.SimpleNamespace(next_tokens=lib.moec_next_tokens, prepare=lib.moec_prepare,
                                  top_k=lib.moec_top_k, draw=lib.moec_draw if _draws_as_torch(lib.moec_draw) else None)
 
 
@@ -284,15 +297,16 @@ class _Steps:
     """The loop's numpy lines after a session run as C calls on the loop's arrays, their addresses and sizes in
     one struct (csrc/greedy.c's moec_steps) written once: a ctypes call of one argument costs a few us with the
     caches cold, numpy's .ctypes ~1 us each. Greedy: `next(False)`, the first maximum of the scores rounded to bf16
-    when `bf16`, the `held` ids at -inf for the first `hold_steps` steps. Sampling: `round_hold()` before HF's
-    processors, the drawn tokens into `given`, then `next(True)`. Either: pad for rows that ended, rows ending at a
-    `stop` id, the token into seq[:, S + step] and `nxt`, `npos` = count, count += 1."""
+    when `bf16`, the `held` ids at -inf for the first `hold_steps` steps. Sampling: `prepare()` before HF's
+    processors (the same rounding and held ids, then the top-k warper of k `top_k` when it is the first processor,
+    taken out of the processors), the drawn tokens into `given`, then `next(True)`. Either: pad for rows that
+    ended, rows ending at a `stop` id, the token into seq[:, S + step] and `nxt`, `npos` = count, count += 1."""
 
     FIELDS = ("scores B V ld bf16 held nheld hold_steps stop nstop ended pad out ldo next ids32 pos count given "
-              "step").split()
+              "step top_k").split()
 
     def __init__(self, native, scores: np.ndarray, bf16: bool, held, hold_steps: int, stop, ended, pad: int, seq,
-                 S: int, nxt, npos, count):
+                 S: int, nxt, npos, count, top_k: int = 0):
         import ctypes
 
         class Struct(ctypes.Structure):  # every field 8 bytes: pointers as int64
@@ -307,7 +321,7 @@ class _Steps:
                         stop=stop.ctypes.data, nstop=len(stop), ended=ended.ctypes.data, pad=pad,
                         out=seq.ctypes.data + 8 * S, ldo=seq.shape[1], next=nxt.ctypes.data,
                         ids32=int(nxt.dtype == np.int32), pos=npos.ctypes.data, count=count.ctypes.data,
-                        given=self.given.ctypes.data, step=0)
+                        given=self.given.ctypes.data, step=0, top_k=top_k)
         self.at, self.native = ctypes.addressof(self.s), native
         self.scores = None
 
@@ -316,11 +330,13 @@ class _Steps:
         if scores is not self.scores:
             assert scores.dtype == np.float32 and scores.strides[1] == 4 and scores.shape == (self.s.B, self.s.V)
             self.scores, self.s.scores, self.s.ld = scores, scores.ctypes.data, scores.strides[0] // 4
+            self.tensor = torch.from_numpy(scores)  # for HF's processors: made once for a steady loop's buffer
 
-    def round_hold(self) -> None:
+    def prepare(self) -> None:
         """the scores rounded to bf16 in place when `bf16` (as torch's cast; NaN stays NaN), the held ids at -inf
-        while held"""
-        self.native.round_hold(self.at)
+        while held, then HF's top-k warper when `top_k`"""
+        if self.native.prepare(self.at):
+            raise MemoryError("top-k: no memory for its heap of k scores")
 
     def next(self, sampled: bool) -> bool:
         """whether a row goes on, after this step's tokens: `given` when `sampled`, else greedy search's"""
@@ -340,13 +356,11 @@ def _process(processors: list, seq: np.ndarray, scores: np.ndarray) -> torch.Ten
     default sampling's only processor) as csrc/greedy.c's moec_top_k where it is built, in place: its torch ops
     (topk, compare, masked_fill) cost 90-100 us a token with the caches cold after a step. The same numbers: the
     k-th largest score (NaN above all, as topk orders it) and the scores below it set to the warper's -inf."""
-    from transformers.generation.logits_process import TopKLogitsWarper
-
     native = _native()
     for processor in processors:
         scores = _tensor(scores)
-        if (native is not None and type(processor) is TopKLogitsWarper and processor.filter_value == -np.inf
-                and scores.dtype == torch.float32 and scores.dim() == 2 and scores.stride(-1) == 1):
+        if (native is not None and _native_top_k(processor) and scores.dtype == torch.float32 and scores.dim() == 2
+                and scores.stride(-1) == 1):
             B, V = scores.shape
             if processor.top_k < V and native.top_k(scores.data_ptr(), B, V, scores.stride(0), processor.top_k):
                 raise MemoryError("top-k: no memory for its heap of k scores")
@@ -355,26 +369,53 @@ def _process(processors: list, seq: np.ndarray, scores: np.ndarray) -> torch.Ten
     return _tensor(scores)
 
 
+def _native_top_k(processor) -> bool:
+    """whether `processor` is HF's top-k warper itself, filling with -inf: moec_top_k's numbers"""
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    return type(processor) is TopKLogitsWarper and processor.filter_value == -np.inf
+
+
 def _tensor(a) -> torch.Tensor:
     """a numpy array as a tensor on its memory (torch.from_numpy: 2-3x cheaper than torch.as_tensor)"""
     return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
 
 
-def _draw(probs: torch.Tensor, into: np.ndarray | None = None) -> np.ndarray:
-    """torch.multinomial(probs, 1)[:, 0] for probs [B, V], the same numbers drawn from torch's generator: as
-    csrc/greedy.c's moec_draw where it is built and draws as torch does (torch's exponential_ draws each of the V
-    q alone: ~1 ms a token at a vocabulary of 32000), else torch.multinomial itself, which also raises its error
-    for probabilities it refuses (NaN), the generator untouched. The tokens [B] go `into` an int64 array when
-    given."""
-    into = np.empty(probs.shape[0], np.int64) if into is None else into
-    native = _native()
-    if native is not None and native.draw is not None and probs.dtype == torch.float32 and probs.is_contiguous():
-        state = torch.get_rng_state()
-        if native.draw(probs.data_ptr(), *probs.shape, state.data_ptr(), into.ctypes.data, None) == 0:
-            torch.set_rng_state(state)
-            return into
-    np.copyto(into, torch.multinomial(probs, num_samples=1)[:, 0].numpy())
-    return into
+class _Draws:
+    """torch.multinomial(probs, 1)[:, 0] for probs [B, V], the loop's draws, the same numbers from torch's global
+    generator: by csrc/greedy.c's moec_draw where it is built and draws as this torch does (torch's exponential_
+    draws each of the V q alone: ~1 ms a token at a vocabulary of 32000), on the generator's state read once and
+    held here (reading and writing it costs ~20 us a token with the caches cold) until `sync` writes it back;
+    else by torch.multinomial itself, which also raises its error for probabilities it refuses (NaN), the
+    generator as the draws before left it. Holds nothing when not `sampling`."""
+
+    def __init__(self, sampling: bool, into: np.ndarray):
+        native = _native()
+        self.draw = native.draw if sampling and native is not None else None
+        self.into, self.out = into, into.ctypes.data
+        self.reload()
+
+    def __call__(self, probs: torch.Tensor) -> np.ndarray:
+        """the tokens [B] into the int64 array `into`, returned"""
+        if self.draw is not None and probs.dtype == torch.float32 and probs.is_contiguous():
+            B, V = probs.shape
+            if self.draw(probs.data_ptr(), B, V, self.at, self.out, None) == 0:
+                return self.into
+        self.sync()
+        np.copyto(self.into, torch.multinomial(probs, num_samples=1)[:, 0].numpy())
+        self.reload()
+        return self.into
+
+    def sync(self) -> None:
+        """torch's generator as the draws left it"""
+        if self.draw is not None:
+            torch.set_rng_state(self.state)
+
+    def reload(self) -> None:
+        """the generator's state read again (after others may have drawn from it)"""
+        if self.draw is not None:
+            self.state = torch.get_rng_state()
+            self.at = self.state.data_ptr()
 
 
 class _Binding:

@@ -216,6 +216,34 @@ def test_a_streamer_gets_what_hfs_generate_gives_it(pair, loops, picks, kw, batc
     assert torch.equal(torch.stack([c[1] for c in loop[1:-1]], 1), out["loop"][:, 6:])
 
 
+class _Drawing(_Recorder):
+    """A streamer that draws from torch's generator in each put."""
+
+    def put(self, value):
+        super().put(value)
+        self.calls.append(("rand", torch.rand(2)))
+
+
+def test_a_streamer_that_draws_sees_the_generator_as_hfs_does(pair, loops, picks):
+    """The loop holds torch's generator while it samples: a streamer that draws from it between two steps sees it
+    as HF's generate leaves it there (each step's draw made), and its draws move the loop's next ones as they move
+    HF's: the same tokens, the same numbers drawn in put, the generator after the call the same."""
+    model, ref = pair
+    ids, mask = _prompt(model, 2, 6, seed=19)
+    kw = dict(attention_mask=mask, max_new_tokens=7, do_sample=True, top_k=20, pad_token_id=1, eos_token_id=None)
+    got, out, after = {}, {}, {}
+    with torch.no_grad():
+        for name, generate in (("loop", model.generate), ("original", ref.generate)):
+            got[name] = _Drawing()
+            torch.manual_seed(6)
+            out[name] = generate(ids, streamer=got[name], **kw)
+            after[name] = torch.rand(2)
+    assert loops == [1] and torch.equal(out["loop"], out["original"]) and torch.equal(after["loop"], after["original"])
+    loop, want = got["loop"].calls, got["original"].calls
+    assert [c[0] for c in loop] == [c[0] for c in want] and len(loop) == 2 * (7 + 1) + 1
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(loop[:-1], want[:-1]))
+
+
 @pytest.fixture(params=["C", "torch"])
 def draws(request, monkeypatch):
     """The draw by csrc/greedy.c's moec_draw, or by torch.multinomial (where the library is not built)."""
@@ -229,10 +257,10 @@ def draws(request, monkeypatch):
 
 @pytest.mark.parametrize("batch,vocab", [(1, 1), (1, 7), (3, 1024), (2, 50003)])
 def test_the_draw_is_multinomials(draws, batch, vocab):
-    """moec's draw takes the same numbers from torch's generator as torch.multinomial(probs, 1) and picks the same
-    tokens: probabilities with zeros (filtered tokens), exact ties, one-hot rows, 1e-30 next to 1, rows of
+    """The loop's draws take the same numbers from torch's generator as torch.multinomial(probs, 1) and pick the
+    same tokens: probabilities with zeros (filtered tokens), exact ties, one-hot rows, 1e-30 next to 1, rows of
     subnormal probabilities (whose p / q underflow to 0 and tie with the zeros), rows across several twists of the
-    generator's state; returned, or written into the loop's array."""
+    generator's state; the generator after two draws."""
     gen = torch.Generator().manual_seed(batch * vocab)
     for trial in range(40 if vocab < 50000 else 6):
         logits = torch.randn(batch, vocab, generator=gen) * (1 + trial)
@@ -249,14 +277,15 @@ def test_the_draw_is_multinomials(draws, batch, vocab):
             probs[0] = 0.0
             probs[0, 3:] = torch.rand(vocab - 3, generator=gen).lt(0.5) * 1.4e-45  # the smallest subnormal
         torch.manual_seed(trial)
-        want = torch.multinomial(probs, num_samples=1)[:, 0]
+        want = [torch.multinomial(probs, num_samples=1)[:, 0] for _ in range(2)]
         then = torch.rand(2)
         torch.manual_seed(trial)
-        assert torch.equal(torch.from_numpy(ort_generate._draw(probs)), want), trial
-        assert torch.equal(torch.rand(2), then)
         into = np.full(batch, -1, np.int64)
-        torch.manual_seed(trial)
-        assert ort_generate._draw(probs, into) is into and torch.equal(torch.from_numpy(into), want)
+        draw = ort_generate._Draws(True, into)
+        for tokens in want:  # two draws on the state held, then written back
+            assert draw(probs) is into and torch.equal(torch.from_numpy(into), tokens), trial
+        draw.sync()
+        assert torch.equal(torch.rand(2), then)
 
 
 @pytest.mark.skipif(ort_generate._native() is None, reason="moec's C library is not built here")
@@ -273,16 +302,22 @@ def test_a_draw_unlike_torchs_is_not_used():
 
 def test_nan_probabilities_raise_multinomials_error(draws):
     """A NaN logit (a broken weight) makes NaN probabilities: torch.multinomial, so HF's sampling, refuses them
-    before it draws, and so does the draw: the same error, the generator untouched; never a token."""
-    probs = torch.softmax(torch.tensor([[0.0, 1.0, 2.0], [0.0, float("nan"), 1.0]]), -1)
-    errors, after = [], []
-    for draw in (lambda: torch.multinomial(probs, num_samples=1), lambda: ort_generate._draw(probs)):
-        torch.manual_seed(0)
-        with pytest.raises(RuntimeError) as error:
-            draw()
-        errors.append(str(error.value))
-        after.append(torch.rand(2))
-    assert errors[0] == errors[1] and torch.equal(*after)
+    before it draws, and so does the loop's draw: the same error, after a draw that went through, the generator as
+    that draw left it; never a token."""
+    fine = torch.softmax(torch.tensor([[0.0, 1.0, 2.0], [2.0, 0.0, 1.0]]), -1)
+    broken = torch.softmax(torch.tensor([[0.0, 1.0, 2.0], [0.0, float("nan"), 1.0]]), -1)
+    torch.manual_seed(0)
+    first = torch.multinomial(fine, num_samples=1)[:, 0]
+    with pytest.raises(RuntimeError) as error:
+        torch.multinomial(broken, num_samples=1)
+    after = torch.rand(2)
+    torch.manual_seed(0)
+    draw = ort_generate._Draws(True, np.full(2, -1, np.int64))
+    assert torch.equal(torch.from_numpy(draw(fine)), first)
+    with pytest.raises(RuntimeError) as mine:
+        draw(broken)
+    draw.sync()  # as the loop does when it ends, raising or not
+    assert str(mine.value) == str(error.value) and torch.equal(torch.rand(2), after)
 
 
 @pytest.mark.skipif(ort_generate._native() is None, reason="moec's C library is not built here")
@@ -327,7 +362,7 @@ def test_the_steps_in_c_are_torchs(vocab, bf16):
         steps.s.step = step
         steps.address(scores)
         if sampled:
-            steps.round_hold()
+            steps.prepare()
             nan = torch.from_numpy(scores).isnan()
             assert torch.equal(nan, want.isnan()) and torch.equal(torch.from_numpy(scores)[~nan], want[~nan])
             steps.given[:] = drawn

@@ -84,11 +84,15 @@ typedef struct {
     int64_t *pos, *count;    /* [B] the next step's position_ids, and each row's tokens so far */
     const int64_t *given;    /* [B] sampling's drawn tokens */
     int64_t step;            /* advanced by each moec_next_tokens */
+    int64_t top_k;           /* sampling: the k of HF's top-k warper when it is the first processor, else 0 */
 } moec_steps;
 
-/* Sampling's scores before HF's processors: rounded to bf16 in place when bf16 (NaN left as it is), then the held
-   ids at -inf. */
-void moec_round_hold(const moec_steps *s) {
+int64_t moec_top_k(float *scores, int64_t B, int64_t V, int64_t ld, int64_t k);
+
+/* Sampling's scores before HF's processors, in place: rounded to bf16 when bf16 (NaN left as it is), the held ids
+   at -inf, then the first processor when it is a top-k warper (moec_top_k, for 0 < top_k < V). Returns -1 when
+   out of memory. */
+int64_t moec_prepare(const moec_steps *s) {
     for (int64_t b = 0; b < s->B; b++) {
         float *row = s->scores + b * s->ld;
         int64_t i = 0;
@@ -104,6 +108,7 @@ void moec_round_hold(const moec_steps *s) {
         for (int64_t h = 0; h < s->nheld && s->step < s->hold_steps; h++)
             row[s->held[h]] = -INFINITY;
     }
+    return s->top_k > 0 && s->top_k < s->V ? moec_top_k(s->scores, s->B, s->V, s->ld, s->top_k) : 0;
 }
 
 /* The step's token of each row b: given[b] when sampled, else greedy search's, the first maximum of the scores
