@@ -620,3 +620,16 @@ def test_a_bf16_models_logits_are_taken_in_bf16(picks, kw):
     assert torch.equal(got, want)
     top = logits.float().topk(2, -1).values
     assert bool((top[..., 0] == top[..., 1]).any())  # ties in bf16 did occur
+
+
+@pytest.mark.skipif(ort_generate._native() is None, reason="moec's C library is not built here")
+def test_the_sampling_benchmark_runs():
+    """benchmarks/bench_sampling.py on a small vocabulary: it asserts the same tokens as HF's sampling step."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_sampling.py"
+    run = subprocess.run([sys.executable, str(script), "--vocab", "300", "--rounds", "1", "--steps", "3"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "one sampling step" in run.stdout, run.stderr[-2000:]
