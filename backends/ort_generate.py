@@ -44,6 +44,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import threading
 
 import ml_dtypes
 import numpy as np
@@ -194,63 +195,56 @@ def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int,
     top_k = 0  # HF's top-k warper as the first processor: in the C call before the others (the default sampling's)
     if native is not None and processors and _native_top_k(processors[0]):
         top_k, processors = processors[0].top_k, processors[1:]
-    # torch's generator, held while the loop draws, written back after; the tokens into steps.given or `token`
-    draw, token = None, np.zeros(B, np.int64)
-    try:
-        for step in range(new):
-            if step < 2 or not steady:
-                bind.input("input_ids", feed)
-                bind.input("position_ids", pos)
-            bind.input("attention_mask", full[:, :T])
-            if step and steady:
-                bind.run_bound()
-                scores = last  # [B, V] float32, the bound buffer
-            else:
-                outs = bind.run(outputs)  # each step's presents are new arrays: the last ones are this step's past
-                scores = outs[0].numpy()[:, -1].astype(np.float32)  # [B, V], as HF's search takes them
-                if steady:  # from the next step on, the logits [B, 1, V] go into one array
-                    last = bind.output(outputs[0], (B, 1, scores.shape[-1]))[:, -1]
-            if step == 0:
-                held = stop[(stop >= 0) & (stop < scores.shape[-1])]  # ids outside the vocabulary: no token (HF)
-                if native is not None:
-                    steps = _Steps(native, scores, bf16, held, min_new, stop, ended, pad, seq, S, nxt, npos, count,
-                                   top_k)
-                draw = _Draws(processors is not None, token if native is None else steps.given)
+    token = np.zeros(B, np.int64)  # sampling's tokens without the C steps (with them: steps.given)
+    for step in range(new):
+        if step < 2 or not steady:
+            bind.input("input_ids", feed)
+            bind.input("position_ids", pos)
+        bind.input("attention_mask", full[:, :T])
+        if step and steady:
+            bind.run_bound()
+            scores = last  # [B, V] float32, the bound buffer
+        else:
+            outs = bind.run(outputs)  # each step's presents are new arrays: the last ones are this step's past
+            scores = outs[0].numpy()[:, -1].astype(np.float32)  # [B, V], as HF's search takes them
+            if steady:  # from the next step on, the logits [B, 1, V] go into one array
+                last = bind.output(outputs[0], (B, 1, scores.shape[-1]))[:, -1]
+        if step == 0:
+            held = stop[(stop >= 0) & (stop < scores.shape[-1])]  # ids outside the vocabulary: no token (HF)
             if native is not None:
-                steps.address(scores)
-                if processors is not None:  # sampling: HF's processors and draw between two calls
-                    steps.prepare()
-                    draw(torch.softmax(_process(processors, seq[:, :S + step], steps.tensor), -1))
-                going = steps.next(processors is not None)
-            else:
-                if bf16:
-                    scores = _round_bf16(scores)
-                if step < min_new and held.size:
-                    scores[:, held] = -np.inf
-                if processors is None:
-                    token = scores.argmax(-1)  # [B]: the first maximum (NaN first), as torch.argmax
-                else:  # HF's sampling step
-                    token = draw(torch.softmax(_process(processors, seq[:, :S + step], scores), -1))
-                if stop.size:
-                    token[ended] = pad
-                    ended |= (token[:, None] == stop).any(-1)  # np.isin: ~50 us a token with the caches cold
-                seq[:, S + step] = nxt[:, 0] = token
-                npos[:, 0] = count[:, 0]
-                count += 1
-                going = not ended.all()
-            if streamer is not None:
-                draw.sync()  # the streamer may read torch's generator
-                streamer.put(torch.from_numpy(seq[:, S + step].copy()))
-                draw.reload()
-            if not going:
-                break
-            for i, name in enumerate([] if kept else names[3:]):
-                bind.value(name, outs[i + 1])
-            feed, pos = nxt, npos  # bound again at step 1 (and every step unless steady), then written in place
-            T += 1
-    finally:
-        if draw is not None:
-            draw.sync()
+                steps = _Steps(native, scores, bf16, held, min_new, stop, ended, pad, seq, S, nxt, npos, count,
+                               top_k)
+            draw = _Draws(processors is not None, token if native is None else steps.given)
+        if native is not None:
+            steps.address(scores)
+            if processors is not None:  # sampling: HF's processors and draw between two calls
+                steps.prepare()
+                draw(torch.softmax(_process(processors, seq[:, :S + step], steps.tensor), -1))
+            going = steps.next(processors is not None)
+        else:
+            if bf16:
+                scores = _round_bf16(scores)
+            if step < min_new and held.size:
+                scores[:, held] = -np.inf
+            if processors is None:
+                token = scores.argmax(-1)  # [B]: the first maximum (NaN first), as torch.argmax
+            else:  # HF's sampling step
+                token = draw(torch.softmax(_process(processors, seq[:, :S + step], scores), -1))
+            if stop.size:
+                token[ended] = pad
+                ended |= (token[:, None] == stop).any(-1)  # np.isin: ~50 us a token with the caches cold
+            seq[:, S + step] = nxt[:, 0] = token
+            npos[:, 0] = count[:, 0]
+            count += 1
+            going = not ended.all()
+        if streamer is not None:
+            streamer.put(torch.from_numpy(seq[:, S + step].copy()))
+        if not going:
+            break
+        for i, name in enumerate([] if kept else names[3:]):
+            bind.value(name, outs[i + 1])
+        feed, pos = nxt, npos  # bound again at step 1 (and every step unless steady), then written in place
+        T += 1
     if streamer is not None:
         streamer.end()
     return torch.from_numpy(seq[:, :S + step + 1].copy()).to(ids.device)  # int64, as HF's
@@ -321,7 +315,7 @@ class _Steps:
                         stop=stop.ctypes.data, nstop=len(stop), ended=ended.ctypes.data, pad=pad,
                         out=seq.ctypes.data + 8 * S, ldo=seq.shape[1], next=nxt.ctypes.data,
                         ids32=int(nxt.dtype == np.int32), pos=npos.ctypes.data, count=count.ctypes.data,
-                        given=self.given.ctypes.data, step=0, top_k=top_k)
+                        given=self.given.ctypes.data, step=0, top_k=min(top_k, V))  # HF's min(k, V); any int
         self.at, self.native = ctypes.addressof(self.s), native
         self.scores = None
 
@@ -370,10 +364,12 @@ def _process(processors: list, seq: np.ndarray, scores: np.ndarray) -> torch.Ten
 
 
 def _native_top_k(processor) -> bool:
-    """whether `processor` is HF's top-k warper itself, filling with -inf: moec_top_k's numbers"""
+    """whether `processor` is HF's top-k warper itself, filling with -inf, of a k its constructor allows (>= 1):
+    moec_top_k's numbers"""
     from transformers.generation.logits_process import TopKLogitsWarper
 
-    return type(processor) is TopKLogitsWarper and processor.filter_value == -np.inf
+    return (type(processor) is TopKLogitsWarper and processor.filter_value == -np.inf
+            and isinstance(processor.top_k, int) and processor.top_k >= 1)
 
 
 def _tensor(a) -> torch.Tensor:
@@ -384,38 +380,30 @@ def _tensor(a) -> torch.Tensor:
 class _Draws:
     """torch.multinomial(probs, 1)[:, 0] for probs [B, V], the loop's draws, the same numbers from torch's global
     generator: by csrc/greedy.c's moec_draw where it is built and draws as this torch does (torch's exponential_
-    draws each of the V q alone: ~1 ms a token at a vocabulary of 32000), on the generator's state read once and
-    held here (reading and writing it costs ~20 us a token with the caches cold) until `sync` writes it back;
-    else by torch.multinomial itself, which also raises its error for probabilities it refuses (NaN), the
-    generator as the draws before left it. Holds nothing when not `sampling`."""
+    draws each of the V q alone: ~1 ms a token at a vocabulary of 32000) on the generator's state, read and written
+    back around each draw under `_DRAWING` (moec's loops in other threads wait for it; a draw another thread makes
+    from torch's generator during the C call, some us, is lost: torch's own draw holds the generator's lock); else
+    by torch.multinomial itself, which also raises its error for probabilities it refuses (NaN)."""
 
     def __init__(self, sampling: bool, into: np.ndarray):
         native = _native()
         self.draw = native.draw if sampling and native is not None else None
         self.into, self.out = into, into.ctypes.data
-        self.reload()
 
     def __call__(self, probs: torch.Tensor) -> np.ndarray:
         """the tokens [B] into the int64 array `into`, returned"""
         if self.draw is not None and probs.dtype == torch.float32 and probs.is_contiguous():
             B, V = probs.shape
-            if self.draw(probs.data_ptr(), B, V, self.at, self.out, None) == 0:
-                return self.into
-        self.sync()
+            with _DRAWING:
+                state = torch.get_rng_state()
+                if self.draw(probs.data_ptr(), B, V, state.data_ptr(), self.out, None) == 0:
+                    torch.set_rng_state(state)
+                    return self.into
         np.copyto(self.into, torch.multinomial(probs, num_samples=1)[:, 0].numpy())
-        self.reload()
         return self.into
 
-    def sync(self) -> None:
-        """torch's generator as the draws left it"""
-        if self.draw is not None:
-            torch.set_rng_state(self.state)
 
-    def reload(self) -> None:
-        """the generator's state read again (after others may have drawn from it)"""
-        if self.draw is not None:
-            self.state = torch.get_rng_state()
-            self.at = self.state.data_ptr()
+_DRAWING = threading.Lock()
 
 
 class _Binding:

@@ -36,6 +36,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=200)
     args = ap.parse_args()
+    if args.top_k < 1:
+        ap.error("--top-k: HF's top-k warper takes k >= 1")
     native = ort_generate._native()
     if native is None or native.draw is None:
         print("bench_sampling: skipped, moec's C library is not built here (or its draw is not this torch's)")
@@ -69,7 +71,6 @@ def main():
                         native.top_k(steady.ctypes.data, args.batch, V, V, min(args.top_k, V))
                         out.append(draw(torch.softmax(torch.from_numpy(steady), -1)).copy())
                     per.append(time.perf_counter() - t)
-                draw.sync()
                 tokens[name] = np.stack(out)
                 times[name].append(statistics.median(per) * 1e6)
             assert np.array_equal(tokens["hf"], tokens["moec"]), f"vocabulary {V}: the tokens differ"

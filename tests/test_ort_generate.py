@@ -129,6 +129,7 @@ def test_weights_changed_after_compile(pair, loops):
     dict(do_sample=True, top_p=0.8, min_p=0.05),
     dict(do_sample=True, typical_p=0.9, temperature=1.3),
     dict(do_sample=True, top_k=0, epsilon_cutoff=3e-4),
+    dict(do_sample=True, top_k=2**64 + 5),  # HF keeps min(k, V): every token (a C int64 would wrap it to 5)
 ], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
 @pytest.mark.parametrize("batch", [1, 3])
 def test_sampling_equals_hf(pair, loops, picks, kw, batch):
@@ -217,31 +218,65 @@ def test_a_streamer_gets_what_hfs_generate_gives_it(pair, loops, picks, kw, batc
 
 
 class _Drawing(_Recorder):
-    """A streamer that draws from torch's generator in each put."""
+    """A streamer that draws from torch's generator in each put, and raises at put number `fail` when given."""
+
+    def __init__(self, fail: int | None = None):
+        super().__init__()
+        self.fail = fail
 
     def put(self, value):
         super().put(value)
         self.calls.append(("rand", torch.rand(2)))
+        if self.fail and len(self.calls) == 2 * self.fail:
+            raise KeyboardInterrupt  # a user stopping the stream
 
 
-def test_a_streamer_that_draws_sees_the_generator_as_hfs_does(pair, loops, picks):
-    """The loop holds torch's generator while it samples: a streamer that draws from it between two steps sees it
-    as HF's generate leaves it there (each step's draw made), and its draws move the loop's next ones as they move
-    HF's: the same tokens, the same numbers drawn in put, the generator after the call the same."""
+@pytest.mark.parametrize("fail", [None, 3])
+def test_a_streamer_that_draws_sees_the_generator_as_hfs_does(pair, loops, picks, fail):
+    """A streamer that draws from torch's generator between two steps sees it as HF's generate leaves it there
+    (each step's draw made), and its draws move the loop's next ones as they move HF's: the same tokens, the same
+    numbers drawn in put, the generator after the call the same; also when the streamer raises after drawing."""
     model, ref = pair
     ids, mask = _prompt(model, 2, 6, seed=19)
     kw = dict(attention_mask=mask, max_new_tokens=7, do_sample=True, top_k=20, pad_token_id=1, eos_token_id=None)
     got, out, after = {}, {}, {}
     with torch.no_grad():
         for name, generate in (("loop", model.generate), ("original", ref.generate)):
-            got[name] = _Drawing()
+            got[name] = _Drawing(fail)
             torch.manual_seed(6)
-            out[name] = generate(ids, streamer=got[name], **kw)
+            try:
+                out[name] = generate(ids, streamer=got[name], **kw)
+            except KeyboardInterrupt:
+                out[name] = None
             after[name] = torch.rand(2)
-    assert loops == [1] and torch.equal(out["loop"], out["original"]) and torch.equal(after["loop"], after["original"])
+    assert loops == [1] and torch.equal(after["loop"], after["original"])
+    assert (out["loop"] is out["original"] is None) if fail else torch.equal(out["loop"], out["original"])
     loop, want = got["loop"].calls, got["original"].calls
-    assert [c[0] for c in loop] == [c[0] for c in want] and len(loop) == 2 * (7 + 1) + 1
-    assert all(torch.equal(a[1], b[1]) for a, b in zip(loop[:-1], want[:-1]))
+    assert [c[0] for c in loop] == [c[0] for c in want] and len(loop) == (2 * fail if fail else 2 * (7 + 1) + 1)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(loop, want) if a[0] != "end")
+
+
+def test_loops_in_threads_lose_no_draw(pair, picks):
+    """Sampled calls in four threads at once: each draw reads torch's generator and writes it back under one lock,
+    so none is lost to another (a draw advances the generator by the same amount whatever it picks): the generator
+    after them is where the four calls leave it one after the other."""
+    import threading
+
+    model, _ = pair
+    ids, mask = _prompt(model, 2, 6, seed=23)
+    kw = dict(attention_mask=mask, max_new_tokens=40, do_sample=True, pad_token_id=1, eos_token_id=None)
+    with torch.no_grad():
+        torch.manual_seed(8)
+        for _ in range(4):
+            model.generate(ids, **kw)
+        want = torch.rand(3)
+        torch.manual_seed(8)
+        threads = [threading.Thread(target=model.generate, args=(ids,), kwargs=kw) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert torch.equal(torch.rand(3), want)
 
 
 @pytest.fixture(params=["C", "torch"])
@@ -282,9 +317,8 @@ def test_the_draw_is_multinomials(draws, batch, vocab):
         torch.manual_seed(trial)
         into = np.full(batch, -1, np.int64)
         draw = ort_generate._Draws(True, into)
-        for tokens in want:  # two draws on the state held, then written back
+        for tokens in want:
             assert draw(probs) is into and torch.equal(torch.from_numpy(into), tokens), trial
-        draw.sync()
         assert torch.equal(torch.rand(2), then)
 
 
@@ -298,6 +332,37 @@ def test_a_draw_unlike_torchs_is_not_used():
     assert not ort_generate._draws_as_torch(lambda *args: 0)
     assert ort_generate._draws_as_torch(ort_generate._native().draw)
     assert torch.equal(torch.rand(3), want)
+
+
+@pytest.mark.skipif(ort_generate._native() is None, reason="moec's C library is not built here")
+def test_the_c_refuses_what_it_cannot_do():
+    """moec_draw refuses a generator state that torch's set_rng_state takes but its engine never reaches (words to
+    read past the state's end: torch reads out of bounds there), drawing nothing; moec_top_k refuses k < 1 (HF's
+    warper refuses it when built; a warper whose k is changed after is HF's code), and leaves the scores of
+    k >= V as they are."""
+    native = ort_generate._native()
+    probs = np.full((1, 8), 0.125, np.float32)
+    for left, nxt in ((624, 624), (2, 624), (0, 0), (625, 0)):
+        state = torch.get_rng_state()
+        raw = state.numpy()
+        raw[8:12] = np.frombuffer(np.int32(left).tobytes(), np.uint8)
+        raw[16:24] = np.frombuffer(np.uint64(nxt).tobytes(), np.uint8)
+        before, out = state.clone(), np.full(1, -1, np.int64)
+        assert native.draw(probs.ctypes.data, 1, 8, state.data_ptr(), out.ctypes.data, None) == -1
+        assert torch.equal(state, before) and out[0] == -1
+    scores = np.arange(8, dtype=np.float32)[None].copy()
+    for k in (0, -1):
+        assert native.top_k(scores.ctypes.data, 1, 8, 8, k) == -1 and np.array_equal(scores[0], np.arange(8))
+    for k in (8, 9, 2**62):
+        assert native.top_k(scores.ctypes.data, 1, 8, 8, k) == 0 and np.array_equal(scores[0], np.arange(8))
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    warper = TopKLogitsWarper(3)
+    warper.top_k = 0
+    with pytest.raises(Exception) as hf:
+        warper(None, torch.from_numpy(scores.copy()))
+    with pytest.raises(type(hf.value)):
+        ort_generate._process([warper], np.zeros((1, 1), np.int64), scores.copy())
 
 
 def test_nan_probabilities_raise_multinomials_error(draws):
@@ -316,7 +381,6 @@ def test_nan_probabilities_raise_multinomials_error(draws):
     assert torch.equal(torch.from_numpy(draw(fine)), first)
     with pytest.raises(RuntimeError) as mine:
         draw(broken)
-    draw.sync()  # as the loop does when it ends, raising or not
     assert str(mine.value) == str(error.value) and torch.equal(torch.rand(2), after)
 
 

@@ -1,7 +1,7 @@
 /* The generate loop's work between two session runs (backends/ort_generate.py: built into cpu_native's library
    and called through ctypes). In numpy it is ~10 small operations, each slow with the caches cold after a step:
    41-61 us a token outside the session on mix int4, 156 on mix bf16 (its rounding too); here one or two calls,
-   14-25 and 63 us (docs/benchmarks.md). Sampling's top-k warper and draw too: in torch and numpy ~130 us a token
+   14-25 and 63 us (docs/benchmarks.md). Sampling's top-k warper and draw too: in torch and numpy ~180 us a token
    with the caches cold at a vocabulary of 1024, ~1 ms at 32000 (exponential_ draws each q alone). */
 #include <math.h>
 #include <stdint.h>
@@ -173,9 +173,11 @@ static void sift_down(uint32_t *heap, int64_t n, int64_t i) {
 
 /* HF's top-k warper in place on scores [B, V] (row stride ld), 1 <= k < V: the scores below each row's k-th
    largest (NaN counted above every number, as torch.topk orders them) set to -inf, as its masked_fill. The k-th
-   largest is the root of a min-heap of the k largest keys. Returns -1 when out of memory (scores untouched). */
+   largest is the root of a min-heap of the k largest keys (k >= V: nothing to do). Returns -1 for k < 1 or when
+   out of memory (scores untouched). */
 int64_t moec_top_k(float *scores, int64_t B, int64_t V, int64_t ld, int64_t k) {
-    uint32_t *heap = malloc(k * sizeof(uint32_t));
+    if (k >= V) return 0;
+    uint32_t *heap = k < 1 ? NULL : malloc(k * sizeof(uint32_t));
     if (heap == NULL) return -1;
     for (int64_t b = 0; b < B; b++) {
         float *row = scores + b * ld;
@@ -253,9 +255,11 @@ static inline void consider(float p, uint32_t raw0, uint32_t raw1, int64_t i, fl
    is 0 and q > 0 the ratio is 0, which is a row's first maximum only as its first element: there the draws only
    advance the generator (the state's words are tempered only where q is computed). The tokens go to out, every q
    to q_out when not NULL (a check of this against torch). Returns -1, nothing drawn, where torch's multinomial
-   would refuse probs (NaN, inf or < 0, a row without a probability > 0); the caller then lets it raise its
-   error. */
+   would refuse probs (NaN, inf or < 0, a row without a probability > 0), the caller then letting it raise its
+   error; and for a state torch's engine never reaches (set_rng_state takes some: words past the state's end to
+   read before the next twist). */
 int64_t moec_draw(const float *probs, int64_t B, int64_t V, torch_rng *g, int64_t *out, float *q_out) {
+    if (g->left < 1 || g->left > MT_N || g->next > MT_N || (g->left > 1 && g->next + g->left - 1 > MT_N)) return -1;
     for (int64_t b = 0; b < B; b++) {
         const float *row = probs + b * V;
         i32x16 positives = {0}, refusals = {0};
