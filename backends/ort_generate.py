@@ -273,18 +273,22 @@ def _native():
 
 def _draws_as_torch(draw) -> bool:
     """whether moec_draw draws what this torch does: its q against exponential_'s from the generator as it is now,
-    across several twists of its state, and the state after both (the generator is put back after)"""
-    state = torch.get_rng_state()
-    if state.numel() < 24 + 624 * 8:  # torch_rng's size (greedy.c)
-        return False
-    try:
-        want = torch.empty(3, 1000).exponential_(1)
-        after, mine = torch.get_rng_state(), state.clone()
-        got, tokens, ones = np.empty((3, 1000), np.float32), np.empty(3, np.int64), np.ones((3, 1000), np.float32)
-        drawn = draw(ones.ctypes.data, 3, 1000, mine.data_ptr(), tokens.ctypes.data, got.ctypes.data) == 0
-        return drawn and np.array_equal(got.view(np.uint32), want.numpy().view(np.uint32)) and torch.equal(mine, after)
-    finally:
-        torch.set_rng_state(state)
+    across several twists of its state, and the state after both (the generator is put back after; under
+    `_DRAWING`, as the loops' draws)"""
+    with _DRAWING:
+        state = torch.get_rng_state()
+        if state.numel() < 24 + 624 * 8:  # torch_rng's size (greedy.c)
+            return False
+        try:
+            want = torch.empty(3, 1000).exponential_(1)
+            after, mine = torch.get_rng_state(), state.clone()
+            got, tokens = np.empty((3, 1000), np.float32), np.empty(3, np.int64)
+            ones = np.ones((3, 1000), np.float32)
+            drawn = draw(ones.ctypes.data, 3, 1000, mine.data_ptr(), tokens.ctypes.data, got.ctypes.data) == 0
+            same = np.array_equal(got.view(np.uint32), want.numpy().view(np.uint32))
+            return drawn and same and torch.equal(mine, after)
+        finally:
+            torch.set_rng_state(state)
 
 
 class _Steps:
