@@ -196,6 +196,10 @@ def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int,
     if native is not None and processors and _native_top_k(processors[0]):
         top_k, processors = processors[0].top_k, processors[1:]
     token = np.zeros(B, np.int64)  # sampling's tokens without the C steps (with them: steps.given)
+    # what a streamer is given, each step's tokens [B]: with the C steps, rows of an array they write, the tensors
+    # made before the loop (torch.from_numpy of a copy costs ~70 us a token with the caches cold after a step)
+    rows = np.zeros((new, B), np.int64) if streamer is not None and native is not None else None
+    puts = None if rows is None else torch.from_numpy(rows).unbind(0)
     for step in range(new):
         if step < 2 or not steady:
             bind.input("input_ids", feed)
@@ -213,14 +217,17 @@ def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int,
             held = stop[(stop >= 0) & (stop < scores.shape[-1])]  # ids outside the vocabulary: no token (HF)
             if native is not None:
                 steps = _Steps(native, scores, bf16, held, min_new, stop, ended, pad, seq, S, nxt, npos, count,
-                               top_k)
+                               top_k, rows)
             draw = _Draws(processors is not None, token if native is None else steps.given)
         if native is not None:
             steps.address(scores)
-            if processors is not None:  # sampling: HF's processors and draw between two calls
-                steps.prepare()
-                draw(torch.softmax(_process(processors, seq[:, :S + step], steps.tensor), -1))
-            going = steps.next(processors is not None)
+            if processors == [] and native.sample is not None:  # sampling with top-k at most: one C call
+                going = draw.sample(steps)
+            else:
+                if processors is not None:  # sampling: HF's processors and draw between two calls
+                    steps.prepare()
+                    draw(torch.softmax(_process(processors, seq[:, :S + step], steps.tensor), -1))
+                going = steps.next(processors is not None)
         else:
             if bf16:
                 scores = _round_bf16(scores)
@@ -238,7 +245,7 @@ def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int,
             count += 1
             going = not ended.all()
         if streamer is not None:
-            streamer.put(torch.from_numpy(seq[:, S + step].copy()))
+            streamer.put(puts[step] if puts is not None else torch.from_numpy(seq[:, S + step].copy()))
         if not going:
             break
         for i, name in enumerate([] if kept else names[3:]):
@@ -252,8 +259,10 @@ def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int,
 
 @functools.cache
 def _native():
-    """csrc/greedy.c's functions from cpu_native's library (next_tokens, prepare, top_k, draw), or None where it is
-    not built; draw is None where torch's generator is not what moec_draw replicates (`_draws_as_torch`)"""
+    """csrc/greedy.c's functions from cpu_native's library (next_tokens, prepare, top_k, draw, softmax, sample), or
+    None where it is not built; draw is None where torch's generator is not what moec_draw replicates
+    (`_draws_as_torch`), sample (a whole sampled step, its softmax by torch's exp at address `exp`) None where
+    moec_softmax's numbers are not torch.softmax's (`_softmax_as_torch`) or draw is None"""
     import ctypes
     import types
 
@@ -264,11 +273,46 @@ def _native():
         return None
     lib, i64, ptr = ctypes.CDLL(str(path)), ctypes.c_int64, ctypes.c_void_p
     for name, args, result in (("next_tokens", [i64] * 2, i64), ("prepare", [i64], i64),
-                               ("top_k", [ptr] + [i64] * 4, i64), ("draw", [ptr, i64, i64] + [ptr] * 3, i64)):
+                               ("top_k", [ptr] + [i64] * 4, i64), ("draw", [ptr, i64, i64] + [ptr] * 3, i64),
+                               ("softmax", [ptr] + [i64] * 3 + [ptr] * 2, i64), ("sample", [i64] + [ptr] * 3, i64)):
         fn = getattr(lib, "moec_" + name)
         fn.argtypes, fn.restype = args, result
-    return types.SimpleNamespace(next_tokens=lib.moec_next_tokens, prepare=lib.moec_prepare,
-                                 top_k=lib.moec_top_k, draw=lib.moec_draw if _draws_as_torch(lib.moec_draw) else None)
+    draw = lib.moec_draw if _draws_as_torch(lib.moec_draw) else None
+    exp = _torch_exp()
+    fused = draw is not None and exp is not None and _softmax_as_torch(lib.moec_softmax, exp)
+    return types.SimpleNamespace(next_tokens=lib.moec_next_tokens, prepare=lib.moec_prepare, top_k=lib.moec_top_k,
+                                 draw=draw, softmax=lib.moec_softmax, sample=lib.moec_sample if fused else None,
+                                 exp=exp)
+
+
+def _torch_exp() -> int | None:
+    """the address of torch's Sleef_expf16_u10 (its 16-lane Vectorized<float>::exp, which its softmax calls), or
+    None where its CPU library does not export it"""
+    import ctypes
+    import os
+
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        return ctypes.cast(lib.Sleef_expf16_u10, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+
+
+def _softmax_as_torch(softmax, exp: int) -> bool:
+    """whether moec_softmax computes torch.softmax's numbers here, to the bit: vocabularies under, at and past
+    16-lane multiples (its sums' order), scores from 1e-3 to 1e4 apart, -inf (filtered tokens) and ties"""
+    gen = torch.Generator().manual_seed(0)
+    for V in (1, 5, 16, 17, 31, 1000, 1024, 32003):
+        for scale in (1e-3, 1.0, 30.0, 1e4):
+            x = torch.randn(2, V, generator=gen) * scale
+            x[:, 1::3] = -float("inf")
+            x[:, -1] = x[:, 0]
+            p = np.empty((2, V), np.float32)
+            if softmax(x.data_ptr(), 2, V, V, p.ctypes.data, exp) != 0:
+                return False
+            if not np.array_equal(p.view(np.uint32), torch.softmax(x, -1).numpy().view(np.uint32)):
+                return False
+    return True
 
 
 def _draws_as_torch(draw) -> bool:
@@ -297,14 +341,15 @@ class _Steps:
     caches cold, numpy's .ctypes ~1 us each. Greedy: `next(False)`, the first maximum of the scores rounded to bf16
     when `bf16`, the `held` ids at -inf for the first `hold_steps` steps. Sampling: `prepare()` before HF's
     processors (the same rounding and held ids, then the top-k warper of k `top_k` when it is the first processor,
-    taken out of the processors), the drawn tokens into `given`, then `next(True)`. Either: pad for rows that
-    ended, rows ending at a `stop` id, the token into seq[:, S + step] and `nxt`, `npos` = count, count += 1."""
+    taken out of the processors), the drawn tokens into `given`, then `next(True)`; with no processor left, all of
+    it in one call (`_Draws.sample`). Either: pad for rows that ended, rows ending at a `stop` id, the token into
+    seq[:, S + step], `nxt` and `rows[step]` (when given), `npos` = count, count += 1."""
 
     FIELDS = ("scores B V ld bf16 held nheld hold_steps stop nstop ended pad out ldo next ids32 pos count given "
-              "step top_k").split()
+              "step top_k rows").split()
 
     def __init__(self, native, scores: np.ndarray, bf16: bool, held, hold_steps: int, stop, ended, pad: int, seq,
-                 S: int, nxt, npos, count, top_k: int = 0):
+                 S: int, nxt, npos, count, top_k: int = 0, rows: np.ndarray | None = None):
         import ctypes
 
         class Struct(ctypes.Structure):  # every field 8 bytes: pointers as int64
@@ -312,16 +357,20 @@ class _Steps:
 
         B, V = scores.shape
         self.given = np.zeros(B, np.int64)
-        self.arrays = (held, stop, ended, seq, nxt, npos, count, self.given)  # kept alive while addressed
+        self.arrays = (held, stop, ended, seq, nxt, npos, count, self.given, rows)  # kept alive while addressed
         assert all(a.flags.c_contiguous and a.dtype == t for a, t in zip(self.arrays, (np.int64,) * 2 + (
             bool, np.int64, nxt.dtype, np.int64, np.int64, np.int64))) and nxt.dtype in (np.int32, np.int64)
+        assert rows is None or (rows.flags.c_contiguous and rows.dtype == np.int64 and rows.shape[1] == B)
         self.s = Struct(B=B, V=V, bf16=int(bf16), held=held.ctypes.data, nheld=len(held), hold_steps=hold_steps,
                         stop=stop.ctypes.data, nstop=len(stop), ended=ended.ctypes.data, pad=pad,
                         out=seq.ctypes.data + 8 * S, ldo=seq.shape[1], next=nxt.ctypes.data,
                         ids32=int(nxt.dtype == np.int32), pos=npos.ctypes.data, count=count.ctypes.data,
-                        given=self.given.ctypes.data, step=0, top_k=min(top_k, V))  # HF's min(k, V); any int
+                        given=self.given.ctypes.data, step=0, top_k=min(top_k, V),  # HF's min(k, V); any int
+                        rows=0 if rows is None else rows.ctypes.data)
         self.at, self.native = ctypes.addressof(self.s), native
         self.scores = None
+        self.probs = np.empty((B, V), np.float32)  # moec_sample's softmax
+        self.probs_at = self.probs.ctypes.data
 
     def address(self, scores: np.ndarray) -> None:
         """this step's scores [B, V] (float32, rows contiguous): a steady loop's are the same array every step"""
@@ -393,6 +442,22 @@ class _Draws:
         native = _native()
         self.draw = native.draw if sampling and native is not None else None
         self.into, self.out = into, into.ctypes.data
+
+    def sample(self, steps: _Steps) -> bool:
+        """A whole sampled step, the scores prepared by `steps` and no processor left, in one C call (moec_sample:
+        prepare, torch's softmax, the draw into steps.given, next); where its softmax or draw refuses (NaN, a
+        state torch never reaches), torch's softmax and this draw on the prepared scores. Whether a row goes on."""
+        with _DRAWING:
+            state = torch.get_rng_state()
+            going = steps.native.sample(steps.at, state.data_ptr(), steps.probs_at, steps.native.exp)
+            if going >= 0:
+                torch.set_rng_state(state)
+        if going == -1:
+            raise MemoryError("top-k: no memory for its heap of k scores")
+        if going == -2:
+            self(torch.softmax(steps.tensor, -1))
+            return steps.next(True)
+        return going > 0
 
     def __call__(self, probs: torch.Tensor) -> np.ndarray:
         """the tokens [B] into the int64 array `into`, returned"""

@@ -47,7 +47,8 @@ def picks(request, monkeypatch):
         fns = ort_generate._native()
         if fns is None:
             pytest.skip("moec's C library is not built here")
-        counted = {name: f and (lambda f: lambda *a: calls.append(1) or f(*a))(f) for name, f in vars(fns).items()}
+        counted = {name: (lambda f: lambda *a: calls.append(1) or f(*a))(f) if callable(f) else f
+                   for name, f in vars(fns).items()}
         monkeypatch.setattr(ort_generate, "_native", lambda: types.SimpleNamespace(**counted))
     yield calls
     assert bool(calls) == (request.param == "C")
@@ -392,8 +393,8 @@ def test_the_steps_in_c_are_torchs(vocab, bf16):
     scores rounded to bf16 (fp32 scores that differ but round to one bf16 value tie there), the held ids at -inf
     (the maximum among them; every score -inf). Sampling: the scores rounded and held in place, then given tokens.
     Either: rows that ended padded, rows ending on a stop id; the tokens written to the sequence, the next input
-    ids (int64 and int32) and positions, counts advanced. Vocabularies below, at and across the 16 lanes, rows on
-    a stride wider than the vocabulary."""
+    ids (int64 and int32), the streamer's row of the step, and positions, counts advanced. Vocabularies below, at
+    and across the 16 lanes, rows on a stride wider than the vocabulary."""
     gen = np.random.default_rng(vocab)
     B, S, new, step = 7, 3, 5, 2
     base = gen.integers(-3, 3, (B, vocab)).astype(np.float32) * 64  # many ties
@@ -420,9 +421,9 @@ def test_the_steps_in_c_are_torchs(vocab, bf16):
         scores[:] = base
         seq, count = np.zeros((B, S + new), np.int64), np.arange(10, 10 + B, dtype=np.int64)[:, None]
         nxt, npos = np.zeros((B, 1), np.int32 if ids32 else np.int64), np.zeros((B, 1), np.int64)
-        now = ended.copy()
+        now, rows = ended.copy(), np.full((new, B), -1, np.int64)
         steps = ort_generate._Steps(ort_generate._native(), scores, bf16, held, step + hold, stop, now, 1, seq, S,
-                                    nxt, npos, count)
+                                    nxt, npos, count, rows=rows)
         steps.s.step = step
         steps.address(scores)
         if sampled:
@@ -431,11 +432,87 @@ def test_the_steps_in_c_are_torchs(vocab, bf16):
             assert torch.equal(nan, want.isnan()) and torch.equal(torch.from_numpy(scores)[~nan], want[~nan])
             steps.given[:] = drawn
         going = steps.next(sampled)
-        assert np.array_equal(seq[:, S + step], token)
+        assert np.array_equal(seq[:, S + step], token) and np.array_equal(rows[step], token)
+        assert (np.delete(rows, step, axis=0) == -1).all()
         assert not seq[:, :S + step].any() and not seq[:, S + step + 1:].any()
         assert np.array_equal(nxt[:, 0], token) and np.array_equal(now, ended | np.isin(token, stop)) and now[5]
         assert np.array_equal(npos[:, 0], np.arange(10, 10 + B)) and np.array_equal(count[:, 0], np.arange(11, 11 + B))
         assert going == (not now.all()) and steps.s.step == step + 1
+
+
+def _fused():
+    """csrc/greedy.c's functions where moec_sample should run: the library built, torch's kernels on 16 lanes
+    (AVX-512) and its exp exported"""
+    native = ort_generate._native()
+    if native is None or native.exp is None or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("moec_sample is for torch's AVX-512 softmax with the C library built")
+    assert native.sample is not None, "moec_softmax does not compute this torch's softmax (or moec_draw its draw)"
+    return native
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 15, 16, 17, 47, 1024, 50003, 152064])
+def test_softmax_in_c_is_torchs(vocab):
+    """moec_softmax against torch.softmax, to the bit: vocabularies below, at and across 16 lanes (torch's order of
+    the sums), rows on a stride wider than the vocabulary, -inf (filtered tokens), ties, magnitudes from 1e-3 to
+    1e4 apart, a row of one finite score, subnormal and underflowing probabilities. Rows holding NaN or +inf, or
+    only -inf, are refused (torch's multinomial raises on the NaN its softmax makes), the output left alone."""
+    native = _fused()
+    gen = torch.Generator().manual_seed(vocab)
+    for scale in (1e-3, 1.0, 30.0, 90.0, 1e4):
+        wide = torch.randn(3, vocab + 5, generator=gen) * scale
+        x = wide[:, :vocab]
+        if vocab > 2:
+            x[0, ::3] = -float("inf")
+            x[1, -1] = x[1, 0] = x[1].max()
+            x[2] = -float("inf")
+            x[2, vocab // 2] = 0.0
+        p = np.empty((3, vocab), np.float32)
+        assert native.softmax(x.data_ptr(), 3, vocab, vocab + 5, p.ctypes.data, native.exp) == 0
+        want = torch.softmax(x, -1).numpy()
+        assert np.array_equal(p.view(np.uint32), want.view(np.uint32)), scale
+    for bad in (float("nan"), float("inf")):
+        x = torch.zeros(2, vocab)
+        x[1, vocab - 1] = bad
+        p = np.full((2, vocab), 7.0, np.float32)
+        assert native.softmax(x.data_ptr(), 2, vocab, vocab, p.ctypes.data, native.exp) == -1 and (p == 7).all()
+    x = torch.full((1, vocab), -float("inf"))
+    assert native.softmax(x.data_ptr(), 1, vocab, vocab, p.ctypes.data, native.exp) == -1
+
+
+@pytest.mark.parametrize("batch,vocab,k", [(1, 1, 0), (1, 9, 3), (3, 1024, 50), (2, 50003, 50), (2, 300, 0)])
+def test_a_sampled_step_in_one_c_call_is_hfs(batch, vocab, k):
+    """moec_sample (top-k, softmax, draw, next in one call) against HF's top-k warper, torch.softmax and
+    torch.multinomial on the same scores: the same tokens, written where the loop reads them, and the generator
+    after. Scores with NaN (a broken weight) go to torch's softmax and multinomial: their error, nothing drawn."""
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    native = _fused()
+    gen = torch.Generator().manual_seed(vocab)
+    for trial in range(12):
+        logits = torch.randn(batch, vocab, generator=gen) * (1 + 3 * trial)
+        if vocab > 2:
+            logits[:, 1] = logits[:, 2] = logits.max()  # ties
+        torch.manual_seed(trial)
+        scores = logits if not k else TopKLogitsWarper(k)(None, logits.clone())
+        want = torch.multinomial(torch.softmax(scores, -1), num_samples=1)[:, 0]
+        then = torch.rand(2)
+        torch.manual_seed(trial)
+        scores, seq = logits.numpy().copy(), np.zeros((batch, 4), np.int64)
+        nxt, npos, count = (np.zeros((batch, 1), np.int64) for _ in range(3))
+        steps = ort_generate._Steps(native, scores, False, np.zeros(0, np.int64), 0, np.zeros(0, np.int64),
+                                    np.zeros(batch, bool), 0, seq, 2, nxt, npos, count, k)
+        steps.address(scores)
+        draw = ort_generate._Draws(True, steps.given)
+        assert draw.sample(steps) and np.array_equal(seq[:, 2], want.numpy()) and np.array_equal(nxt[:, 0], want)
+        assert torch.equal(torch.rand(2), then), trial
+    scores[-1, 0] = float("nan")
+    with pytest.raises(RuntimeError) as error:
+        torch.multinomial(torch.softmax(torch.from_numpy(scores.copy()), -1), num_samples=1)
+    steps.address(scores.copy())
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError) as mine:
+        draw.sample(steps)
+    assert str(mine.value) == str(error.value) and torch.equal(torch.rand(2), (torch.manual_seed(0), torch.rand(2))[1])
 
 
 def test_bf16_rounding_is_torchs():

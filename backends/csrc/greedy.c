@@ -2,7 +2,9 @@
    and called through ctypes). In numpy it is ~10 small operations, each slow with the caches cold after a step:
    41-61 us a token outside the session on mix int4, 156 on mix bf16 (its rounding too); here one or two calls,
    14-25 and 63 us (docs/benchmarks.md). Sampling's top-k warper and draw too: in torch and numpy ~180 us a token
-   with the caches cold at a vocabulary of 1024, ~1 ms at 32000 (exponential_ draws each q alone). */
+   with the caches cold at a vocabulary of 1024, ~1 ms at 32000 (exponential_ draws each q alone). With no other
+   processor, a sampled step is one call (moec_sample, torch's softmax here too): a ctypes call alone costs ~20-30
+   us with the caches cold after a step, and four of them ran before. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -85,6 +87,7 @@ typedef struct {
     const int64_t *given;    /* [B] sampling's drawn tokens */
     int64_t step;            /* advanced by each moec_next_tokens */
     int64_t top_k;           /* sampling: the k of HF's top-k warper when it is the first processor, else 0 */
+    int64_t *rows;           /* NULL, or [steps, B]: each step's tokens as a row too (what a streamer is given) */
 } moec_steps;
 
 int64_t moec_top_k(float *scores, int64_t B, int64_t V, int64_t ld, int64_t k);
@@ -113,8 +116,8 @@ int64_t moec_prepare(const moec_steps *s) {
 
 /* The step's token of each row b: given[b] when sampled, else greedy search's, the first maximum of the scores
    (rounded, with the held ids at -inf). A row that has ended takes pad instead, and ends when its token is a stop
-   id. The token goes to out and next; pos[b] = count[b], then count[b] += 1; step += 1. Returns how many rows
-   have not ended. */
+   id. The token goes to out, next and rows; pos[b] = count[b], then count[b] += 1; step += 1. Returns how many
+   rows have not ended. */
 int64_t moec_next_tokens(moec_steps *s, int64_t sampled) {
     int64_t going = 0;
     for (int64_t b = 0; b < s->B; b++) {
@@ -126,6 +129,7 @@ int64_t moec_next_tokens(moec_steps *s, int64_t sampled) {
             s->ended[b] |= token == s->stop[i];
         going += !s->ended[b];
         s->out[b * s->ldo + s->step] = token;
+        if (s->rows) s->rows[s->step * s->B + b] = token;
         if (s->ids32)
             ((int32_t *)s->next)[b] = (int32_t)token;
         else
@@ -320,4 +324,82 @@ int64_t moec_draw(const float *probs, int64_t B, int64_t V, torch_rng *g, int64_
     g->left = left;
     g->next = next;
     return 0;
+}
+
+/* torch.softmax(x, -1) of float32 rows [B, V] (rows ld apart) into p [B, V], the numbers torch computes where its
+   kernels run 16-lane (AVX-512) vectors (_vec_softmax_lastdim): m the row's max, each e = exp(x - m) by `exp16`
+   (torch's own Sleef_expf16_u10, its Vectorized<float>::exp), their sum in torch's order (reduce_all), then each
+   e times 1 / sum. reduce_all: lanes l of the first 16 elements, each further 16 added lane-wise, a partial tail
+   onto its lanes; then lane l with l ^ 8, ^ 4, ^ 2, ^ 1 (vec_reduce_all); under 16 elements, in order. Returns -1,
+   p unwritten, for a row holding NaN or +inf or no number above -inf (torch's multinomial then raises on its
+   NaN); -2 where not built for AVX-512. ort_generate checks these numbers against torch.softmax once. */
+#ifdef __AVX512F__
+typedef f32x16 (*exp16_fn)(f32x16);
+
+static inline f32x16 lanes_max(f32x16 a, f32x16 b) {  /* _mm512_max_ps: a > b ? a : b (no NaN here) */
+    i32x16 gt = a > b;
+    return (f32x16)(((i32x16)a & gt) | ((i32x16)b & ~gt));
+}
+
+static float lanes_fold(f32x16 v, int max) {  /* vec_reduce_all: lane l with l ^ 8, then ^ 4, ^ 2, ^ 1 */
+    for (int d = 8; d >= 1; d /= 2) {
+        f32x16 w;
+        for (int l = 0; l < 16; l++) w[l] = v[l ^ d];
+        v = max ? lanes_max(v, w) : v + w;
+    }
+    return v[0];
+}
+
+static float reduce_row(const float *x, int64_t V, int max) {  /* reduce_all(maximum or +) over x [V], V >= 16 */
+    f32x16 acc, v;
+    memcpy(&acc, x, 64);
+    int64_t d = 16;
+    for (; d + 16 <= V; d += 16) {
+        memcpy(&v, x + d, 64);
+        acc = max ? lanes_max(acc, v) : acc + v;
+    }
+    for (int64_t l = 0; d + l < V; l++) acc[l] = max ? (acc[l] > x[d + l] ? acc[l] : x[d + l]) : acc[l] + x[d + l];
+    return lanes_fold(acc, max);
+}
+
+int64_t moec_softmax(const float *x, int64_t B, int64_t V, int64_t ld, float *p, exp16_fn exp16) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *row = x + b * ld;
+        for (int64_t i = 0; i < V; i++)
+            if (isnan(row[i]) || row[i] == INFINITY) return -1;
+    }
+    for (int64_t b = 0; b < B; b++) {
+        const float *row = x + b * ld;
+        float *out = p + b * V, m = row[0], sum = 0.0f;
+        if (V >= 16) m = reduce_row(row, V, 1);
+        else for (int64_t i = 1; i < V; i++) m = m > row[i] ? m : row[i];
+        if (m == -INFINITY) return -1;
+        for (int64_t i = 0; i < V; i += 16) {  /* exp(x - m), 16 at a time (a partial tail: its lanes) */
+            int64_t n = V - i < 16 ? V - i : 16;
+            f32x16 v = {0};
+            memcpy(&v, row + i, n * 4);
+            v = exp16(v - m);
+            memcpy(out + i, &v, n * 4);
+        }
+        if (V >= 16) sum = reduce_row(out, V, 0);
+        else for (int64_t i = 0; i < V; i++) sum = i ? sum + out[i] : out[0];
+        float inv = 1.0f / sum;
+        for (int64_t i = 0; i < V; i++) out[i] *= inv;
+    }
+    return 0;
+}
+#else
+typedef void *exp16_fn;
+int64_t moec_softmax(const float *x, int64_t B, int64_t V, int64_t ld, float *p, exp16_fn exp16) { return -2; }
+#endif
+
+/* A sampled step with no processor but top-k (HF's default sampling): moec_prepare, moec_softmax into p [B, V],
+   moec_draw from g into `given`, moec_next_tokens. Returns what moec_next_tokens returns; -1 out of memory
+   (prepare's top-k); -2 where the softmax or the draw refused (nothing drawn, the scores prepared): the caller then
+   runs torch's softmax and multinomial on them, which raise their errors, then moec_next_tokens. */
+int64_t moec_sample(moec_steps *s, torch_rng *g, float *p, exp16_fn exp16) {
+    if (moec_prepare(s)) return -1;
+    if (moec_softmax(s->scores, s->B, s->V, s->ld, p, exp16) || moec_draw(p, s->B, s->V, g, (int64_t *)s->given, NULL))
+        return -2;
+    return moec_next_tokens(s, 1);
 }
