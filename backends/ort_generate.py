@@ -19,7 +19,8 @@ search or plain sampling, this loop runs it with nothing else per token:
              scores = processors(sequence so far, scores) # HF's own, built from the call's generation config
                                                           # (its top-k warper in C: the same numbers)
              token = multinomial(softmax(scores), 1)      # as HF's sampling draws it: same seed, same tokens
-                                                          # (in C: the same numbers from torch's generator)
+                                                          # (in C: the same numbers from torch's generator;
+                                                          # with top-k alone, softmax too: one C call a step)
     token = pad where the row already ended (eos)         # then rows that hit eos end
     past = present; mask += [1]; positions = each row's count of real tokens
     (a session that keeps its cache in place, moec::CachedAttention's: the pasts are arrays with room for every
