@@ -1,5 +1,6 @@
 """One sampling step between two decode steps: HF's (its top-k warper, softmax, torch.multinomial) against moec's
-generate loop on backend="onnxruntime" (the warper and the draw in csrc/greedy.c, torch's softmax), by vocabulary.
+generate loop on backend="onnxruntime" (csrc/greedy.c: the warper, softmax, draw and the loop's own step as one call
+where torch's softmax runs on 16 lanes; else the warper and draw in C around torch's softmax), by vocabulary.
 
     python benchmarks/bench_sampling.py [--vocab 256 1024 32000 152064] [--batch 1] [--top-k 50] [--rounds 5]
                                         [--steps 200]
@@ -56,10 +57,13 @@ def main():
             start, tokens = time.perf_counter(), {}
             for name in times:  # interleaved: each system a pass over the same steps, from the same seed
                 torch.manual_seed(r)
-                into, per = np.zeros(args.batch, np.int64), []
-                draw = ort_generate._Draws(True, into)
+                per, out = [], []
                 steady = np.empty((args.batch, V), np.float32)  # the loop's logits buffer
-                out = []
+                seq, none = np.zeros((args.batch, 1 + args.steps), np.int64), np.zeros(0, np.int64)
+                steps = ort_generate._Steps(native, steady, False, none, 0, none, np.zeros(args.batch, bool), 0, seq,
+                                            1, *(np.zeros((args.batch, 1), np.int64) for _ in range(3)), args.top_k)
+                steps.address(steady)
+                draw = ort_generate._Draws(True, steps.given)
                 for step in range(args.steps):
                     scores = logits[step].clone()
                     np.copyto(steady, scores.numpy())
@@ -67,9 +71,14 @@ def main():
                     t = time.perf_counter()
                     if name == "hf":
                         out.append(hf_step(scores, warper))
+                    elif native.sample is not None:  # as the loop runs it
+                        draw.sample(steps)
+                        out.append(steps.given.copy())
                     else:
-                        native.top_k(steady.ctypes.data, args.batch, V, V, min(args.top_k, V))
-                        out.append(draw(torch.softmax(torch.from_numpy(steady), -1)).copy())
+                        steps.prepare()
+                        draw(torch.softmax(steps.tensor, -1))
+                        steps.next(True)
+                        out.append(steps.given.copy())
                     per.append(time.perf_counter() - t)
                 tokens[name] = np.stack(out)
                 times[name].append(statistics.median(per) * 1e6)
