@@ -147,6 +147,16 @@ static OrtStatus *parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), si
                 ctx, fn, n, 0, s);
 }
 
+/* a phase of n items over `values` numbers in all: on this thread where they are few (a decode step's k rows:
+   handing them to the pool cost more than copying or activating them), else over the pool */
+static OrtStatus *phase(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t n, int64_t values, void *s) {
+    if (values <= (1 << 14)) {
+        run_all(fn, n, s);
+        return NULL;
+    }
+    return parallel(ctx, fn, n, s);
+}
+
 enum { MAX_RANK = 8 };
 typedef struct { const OrtValue *v; void *data; int64_t dims[MAX_RANK]; size_t rank; int64_t numel; } Input;
 
@@ -287,17 +297,17 @@ static OrtStatus *run(const char *op, Step *s, OrtKernelContext *ctx, int64_t E,
     s->i2 = (int32_t *)b, b += R * G2 * 4;
     s->x1 = b, b += R * H * size;
     s->x2 = size == 4 && s->m13.f ? (void *)s->a : b;  /* panels, fp32 rows: FC2 reads the activation rows as they are */
-    OrtStatus *st = parallel(ctx, input_item, R, s);
+    OrtStatus *st = phase(ctx, input_item, R, R * H, s);
     if (!st) {
         s->m = &s->m13, s->in = s->x1, s->in_s = s->s1, s->in_i = s->i1, s->out = s->h;
         st = parallel(ctx, gemm_item, nact * ((2 * I + CH - 1) / CH), s);
     }
-    if (!st) st = parallel(ctx, act_item, R, s);
+    if (!st) st = phase(ctx, act_item, R, R * I, s);
     if (!st) {
         s->m = &s->m2, s->in = s->x2, s->in_s = s->s2, s->in_i = s->i2, s->out = s->o;
         st = parallel(ctx, gemm_item, nact * ((H + CH - 1) / CH), s);
     }
-    if (!st) st = parallel(ctx, combine_item, T, s);
+    if (!st) st = phase(ctx, combine_item, T, R * H, s);
     free(idx), work_put(buf, kept);
     return st;
 }
