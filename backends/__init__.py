@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from pathlib import Path
 
 BACKENDS = ("torch", "triton", "onnxruntime")
@@ -23,6 +24,19 @@ def c_source(*names: str) -> str:
     """csrc's files `names` as one translation unit, in that order (each after what it uses); #line keeps the
     compiler's messages on each file's own lines."""
     return "".join(f'#line 1 "csrc/{name}"\n' + (CSRC / name).read_text() for name in names)
+
+
+_SCHEMAS = threading.Lock()
+
+
+def register_once(schema) -> None:
+    """`schema` (an onnx OpSchema) registered with onnx unless one of its name and domain is: under a lock, so
+    that two threads exporting at once do not both register it (onnx raises on the second)."""
+    import onnx
+
+    with _SCHEMAS:
+        if not onnx.defs.has(schema.name, schema.domain):
+            onnx.defs.register_schema(schema)
 
 
 def triton_unavailable(device) -> str | None:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import moec.ops  # noqa: F401  (defines the op schemas)
-from moec.backends import ort_kernels, ort_mask
+from moec.backends import ort_kernels, ort_mask, register_once
 from moec.backends.torch_backend import activate
 from moec.quant import (Int4Experts, Int8Experts, activation_group, dequantize, int8_rows, unpack_int4,
                         weight_only_active)
@@ -211,7 +211,7 @@ def register_ort_schemas(ops) -> None:
         if onnx.defs.has(name, domain):
             continue
         src = next(s for s in ort_c.get_all_operator_schema() if s.name == name and s.domain == domain)
-        onnx.defs.register_schema(OpSchema(
+        register_once(OpSchema(
             name, domain, src.since_version, src.doc,
             inputs=[param(p) for p in src.inputs], outputs=[param(p) for p in src.outputs[:_OUTPUTS.get(name)]],
             type_constraints=[(c.type_param_str, list(c.allowed_type_strs), "") for c in src.type_constraints],

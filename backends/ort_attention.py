@@ -44,7 +44,7 @@ sdpa attention's tokens; eager attention spreads such a row evenly instead: expo
 
 from __future__ import annotations
 
-from moec.backends import c_source
+from moec.backends import c_source, register_once
 
 OP = "CachedAttention"
 
@@ -54,13 +54,10 @@ SOURCE = c_source("ort_attention.c")
 
 def register_schema() -> None:
     """moec::CachedAttention's schema, registered with onnx (onnx.checker checks the rewritten file)."""
-    import onnx
     from onnx.defs import OpSchema
 
-    if onnx.defs.has(OP, "moec"):
-        return
     optional = OpSchema.FormalParameterOption.Optional
-    onnx.defs.register_schema(OpSchema(
+    register_once(OpSchema(
         OP, "moec", 1, "moec's attention kernel (backends/ort_attention.py)",
         inputs=[OpSchema.FormalParameter(n, "tensor(bool)" if n == "mask" else "tensor(float)",
                                          **({"param_option": optional} if i >= 5 else {}))

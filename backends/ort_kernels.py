@@ -82,7 +82,7 @@ import functools
 
 import numpy as np
 
-from moec.backends import c_source
+from moec.backends import c_source, register_once
 from moec.log import log
 
 DOMAIN = "moec"
@@ -170,9 +170,7 @@ def register_schema() -> None:
             (FP32_MATMUL + "Int8", {"x": "float", "w": "int8", "s": "float"},
              [rows8, OpSchema.Attribute("n", OpSchema.AttrType.INT, "output channels")]),
             (MATMUL, {"x": "float", "q": "uint8", "s": "float", "z": "uint8"}, [a8, tiles])):
-        if onnx.defs.has(op, DOMAIN):
-            continue
-        onnx.defs.register_schema(OpSchema(
+        register_once(OpSchema(
             op, DOMAIN, 1, "moec's kernels (backends/ort_kernels.py)",
             inputs=[OpSchema.FormalParameter(n, f"tensor({t})", **({"param_option": optional} if n[0] == "z" else {}))
                     for n, t in types.items()],

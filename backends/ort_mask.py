@@ -26,6 +26,8 @@ runtime) becomes ONNX's ops:
 
 from __future__ import annotations
 
+from moec.backends import register_once
+
 OP = "CausalBias"
 DOMAIN = "moec"
 
@@ -35,8 +37,6 @@ def register_schema() -> None:
     import onnx
     from onnx.defs import OpSchema
 
-    if onnx.defs.has(OP, DOMAIN):
-        return
     schema = OpSchema(
         OP, DOMAIN, 1, "HF's causal mask over a padding mask, additive (backends/ort_mask.py)",
         inputs=[OpSchema.FormalParameter("attention_mask", "tensor(bool)"),
@@ -52,7 +52,7 @@ def register_schema() -> None:
         ctx.set_output_type(0, out)
 
     schema.set_type_and_shape_inference_function(infer)
-    onnx.defs.register_schema(schema)
+    register_once(schema)
 
 
 def _masks(graph) -> dict:

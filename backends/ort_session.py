@@ -32,6 +32,7 @@ import copy
 import inspect
 import os
 import tempfile
+import threading
 import weakref
 
 import numpy as np
@@ -120,6 +121,7 @@ class OrtForward:
         self._fallback_said: set[str] = set()  # blocks warned of (see _take_export)
         self.use_cache = None  # the generation config's use_cache before install set it (None: left as it was)
         self.kernels = self._kernels()  # moec's kernels as an ORT custom-op library (or None)
+        self._opening = threading.RLock()  # one export a key: threads calling at once wait for the first
 
     def _kernels(self) -> str | None:
         """The custom-op library (backends/ort_kernels.py) on CPU: int4 experts and MatMuls, attention (None with
@@ -131,11 +133,12 @@ class OrtForward:
         return ort_kernels.library()
 
     def __getstate__(self):  # pickle / deepcopy: sessions, their files and cache records are opened again
-        return {**self.__dict__, "tmp": None, "sessions": {}, "weights": None, "_past": None}
+        return {**self.__dict__, "tmp": None, "sessions": {}, "weights": None, "_past": None, "_opening": None}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.tmp, self._past = tempfile.TemporaryDirectory(prefix="moec-ort-"), weakref.WeakKeyDictionary()
+        self._opening = threading.RLock()
         if self.kernels:  # built in this process (a path of another may not exist here)
             self.kernels = self._kernels()
 
@@ -166,12 +169,13 @@ class OrtForward:
                 raise NotImplementedError(f"moec backend='onnxruntime': argument {name}={value!r} is not supported "
                                           "(the session takes the model's tensor inputs and returns its outputs)")
         key = tuple((n, t.dtype, t.dim()) for n, t in tensors.items())
-        if self.sessions and _weights(self.model) != self.weights:  # load_state_dict, edits, .to(): export again
-            log.info("moec backend='onnxruntime': the model's weights changed since the export; exporting again")
-            self.sessions.clear()
-        if key not in self.sessions:
-            self.sessions[key] = self._open(tensors)
-        session, names, rebuild = self.sessions[key]
+        with self._opening:
+            if self.sessions and _weights(self.model) != self.weights:  # load_state_dict, edits, .to(): export again
+                log.info("moec backend='onnxruntime': the model's weights changed since the export; exporting again")
+                self.sessions.clear()
+            if key not in self.sessions:
+                self.sessions[key] = self._open(tensors)
+            session, names, rebuild = self.sessions[key]
         device = next(iter(tensors.values())).device
         feeds = {n: _array(tensors[n]) for n in names}
         outs = [self._ours(torch.from_numpy(np.asarray(o)).to(device)) for o in session.run(None, feeds)]
@@ -298,11 +302,12 @@ class OrtForward:
         """(session, input names, cache layout, attention fused) of the KV-cache export, exported again if the
         model's weights changed since."""
         key = ("kv_cache", ids.dtype)
-        if self.sessions and _weights(self.model) != self.weights:
-            self.sessions.clear()
-        if key not in self.sessions:
-            self.sessions[key] = self._open_cached(ids, mask)
-        return self.sessions[key]
+        with self._opening:
+            if self.sessions and _weights(self.model) != self.weights:
+                self.sessions.clear()
+            if key not in self.sessions:
+                self.sessions[key] = self._open_cached(ids, mask)
+            return self.sessions[key]
 
     def _open_cached(self, ids: torch.Tensor, mask: torch.Tensor):
         from moec.export import export_onnx, layer_layout

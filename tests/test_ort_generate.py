@@ -280,6 +280,63 @@ def test_loops_in_threads_lose_no_draw(pair, picks):
     assert torch.equal(torch.rand(3), want)
 
 
+def test_first_calls_in_threads_share_one_export(monkeypatch):
+    """A freshly compiled model's first generate calls, made from four threads at once: one export (the others wait
+    for its session), and each thread's tokens are the original model's. Registering a schema with onnx is locked
+    too: two threads that both found it missing (onnx's check slowed here to widen the window) register it once."""
+    import threading
+    import time
+
+    import onnx
+    from onnx.defs import OpSchema
+
+    from moec.backends import register_once
+
+    has = onnx.defs.has
+    monkeypatch.setattr(onnx.defs, "has", lambda *a: time.sleep(0.3) or has(*a))
+    schema = OpSchema("MoecThreadsProbe", "moec.test", 1, "a schema four threads register",
+                      inputs=[OpSchema.FormalParameter("x", "tensor(float)")],
+                      outputs=[OpSchema.FormalParameter("y", "tensor(float)")])
+    errors = []
+
+    def register():
+        try:
+            register_once(schema)
+        except Exception as e:  # onnx's "already registered"
+            errors.append(e)
+
+    threads = [threading.Thread(target=register) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    monkeypatch.setattr(onnx.defs, "has", has)
+    assert not errors and has("MoecThreadsProbe", "moec.test")
+    onnx.defs.deregister_schema("MoecThreadsProbe", 1, "moec.test")
+
+    ref = models.tiny_model("mixtral").eval()
+    model = moec.compile(copy.deepcopy(ref), backend="onnxruntime", session_options={"intra_op_num_threads": 1})
+    ids, mask = _prompt(model, 2, 5, seed=21)
+    with torch.no_grad():
+        want = ref.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    opened, out = [], {}
+    open_cached = ort_session.OrtForward._open_cached
+    monkeypatch.setattr(ort_session.OrtForward, "_open_cached", lambda *a: opened.append(1) or open_cached(*a))
+    start = threading.Barrier(4)
+
+    def generate(i):
+        start.wait()
+        with torch.no_grad():
+            out[i] = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+
+    threads = [threading.Thread(target=generate, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert opened == [1] and len(out) == 4 and all(torch.equal(o, want) for o in out.values())
+
+
 @pytest.fixture(params=["C", "torch"])
 def draws(request, monkeypatch):
     """The draw by csrc/greedy.c's moec_draw, or by torch.multinomial (where the library is not built)."""
