@@ -197,10 +197,9 @@ def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int,
     if native is not None and processors and _native_top_k(processors[0]):
         top_k, processors = processors[0].top_k, processors[1:]
     token = np.zeros(B, np.int64)  # sampling's tokens without the C steps (with them: steps.given)
-    # what a streamer is given, each step's tokens [B]: with the C steps, rows of an array they write, the tensors
-    # made before the loop (torch.from_numpy of a copy costs ~70 us a token with the caches cold after a step)
-    rows = np.zeros((new, B), np.int64) if streamer is not None and native is not None else None
-    puts = None if rows is None else torch.from_numpy(rows).unbind(0)
+    # what a streamer is given, each step's tokens [B]: with the C steps, tensors made PUTS steps ahead that the
+    # steps fill (making one after a step, torch.from_numpy of a copy, costs ~70 us with the caches cold)
+    puts = streamer is not None and native is not None
     for step in range(new):
         if step < 2 or not steady:
             bind.input("input_ids", feed)
@@ -218,10 +217,12 @@ def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int,
             held = stop[(stop >= 0) & (stop < scores.shape[-1])]  # ids outside the vocabulary: no token (HF)
             if native is not None:
                 steps = _Steps(native, scores, bf16, held, min_new, stop, ended, pad, seq, S, nxt, npos, count,
-                               top_k, rows)
+                               top_k)
             draw = _Draws(processors is not None, token if native is None else steps.given)
         if native is not None:
             steps.address(scores)
+            if puts and step % PUTS == 0:
+                rows = steps.rows(min(PUTS, new - step))
             if processors == [] and native.sample is not None:  # sampling with top-k at most: one C call
                 going = draw.sample(steps)
             else:
@@ -246,7 +247,7 @@ def loop(forward, ids: torch.Tensor, mask: torch.Tensor, new: int, min_new: int,
             count += 1
             going = not ended.all()
         if streamer is not None:
-            streamer.put(puts[step] if puts is not None else torch.from_numpy(seq[:, S + step].copy()))
+            streamer.put(rows[step % PUTS] if puts else torch.from_numpy(seq[:, S + step].copy()))
         if not going:
             break
         for i, name in enumerate([] if kept else names[3:]):
@@ -344,13 +345,13 @@ class _Steps:
     processors (the same rounding and held ids, then the top-k warper of k `top_k` when it is the first processor,
     taken out of the processors), the drawn tokens into `given`, then `next(True)`; with no processor left, all of
     it in one call (`_Draws.sample`). Either: pad for rows that ended, rows ending at a `stop` id, the token into
-    seq[:, S + step], `nxt` and `rows[step]` (when given), `npos` = count, count += 1."""
+    seq[:, S + step], `nxt` and the step's tensor from `rows` (when made), `npos` = count, count += 1."""
 
     FIELDS = ("scores B V ld bf16 held nheld hold_steps stop nstop ended pad out ldo next ids32 pos count given "
-              "step top_k rows").split()
+              "step top_k rows rows_from nrows").split()
 
     def __init__(self, native, scores: np.ndarray, bf16: bool, held, hold_steps: int, stop, ended, pad: int, seq,
-                 S: int, nxt, npos, count, top_k: int = 0, rows: np.ndarray | None = None):
+                 S: int, nxt, npos, count, top_k: int = 0):
         import ctypes
 
         class Struct(ctypes.Structure):  # every field 8 bytes: pointers as int64
@@ -358,20 +359,27 @@ class _Steps:
 
         B, V = scores.shape
         self.given = np.zeros(B, np.int64)
-        self.arrays = (held, stop, ended, seq, nxt, npos, count, self.given, rows)  # kept alive while addressed
+        self.arrays = (held, stop, ended, seq, nxt, npos, count, self.given)  # kept alive while addressed
         assert all(a.flags.c_contiguous and a.dtype == t for a, t in zip(self.arrays, (np.int64,) * 2 + (
             bool, np.int64, nxt.dtype, np.int64, np.int64, np.int64))) and nxt.dtype in (np.int32, np.int64)
-        assert rows is None or (rows.flags.c_contiguous and rows.dtype == np.int64 and rows.shape[1] == B)
         self.s = Struct(B=B, V=V, bf16=int(bf16), held=held.ctypes.data, nheld=len(held), hold_steps=hold_steps,
                         stop=stop.ctypes.data, nstop=len(stop), ended=ended.ctypes.data, pad=pad,
                         out=seq.ctypes.data + 8 * S, ldo=seq.shape[1], next=nxt.ctypes.data,
                         ids32=int(nxt.dtype == np.int32), pos=npos.ctypes.data, count=count.ctypes.data,
-                        given=self.given.ctypes.data, step=0, top_k=min(top_k, V),  # HF's min(k, V); any int
-                        rows=0 if rows is None else rows.ctypes.data)
+                        given=self.given.ctypes.data, step=0, top_k=min(top_k, V))  # HF's min(k, V); any int
         self.at, self.native = ctypes.addressof(self.s), native
         self.scores = None
         self.probs = np.empty((B, V), np.float32)  # moec_sample's softmax
         self.probs_at = self.probs.ctypes.data
+
+    def rows(self, n: int) -> list[torch.Tensor]:
+        """n new tensors [B] int64, which the next n steps fill with their tokens (each its own storage, as HF's
+        `next_tokens`: a streamer may keep, move or pickle it)"""
+        rows = [torch.empty(self.s.B, dtype=torch.int64) for _ in range(n)]
+        self.table = np.array([t.data_ptr() for t in rows], np.int64)  # their addresses, for moec_next_tokens
+        self.s.rows, self.s.rows_from, self.s.nrows = self.table.ctypes.data, self.s.step, n
+        self.held_rows = rows
+        return rows
 
     def address(self, scores: np.ndarray) -> None:
         """this step's scores [B, V] (float32, rows contiguous): a steady loop's are the same array every step"""
@@ -474,6 +482,7 @@ class _Draws:
 
 
 _DRAWING = threading.Lock()
+PUTS = 64  # a streamer's tensors made this many steps at a time
 
 
 class _Binding:

@@ -232,6 +232,36 @@ class _Drawing(_Recorder):
             raise KeyboardInterrupt  # a user stopping the stream
 
 
+def test_a_streamers_tensors_are_its_own(pair, loops, picks):
+    """Each step's tokens come to a streamer as a tensor of their own, as HF's: one it moves to shared memory (as
+    torch.multiprocessing's queues do), keeps or pickles holds that step's tokens, pickles to the size of its B
+    tokens, and the later steps' tensors are not touched by it; with more steps than the loop makes ahead (PUTS)."""
+    import pickle
+
+    model, ref = pair
+    ids, mask = _prompt(model, 2, 5, seed=17)
+    new = ort_generate.PUTS + 6
+
+    class Mover(BaseStreamer):
+        def __init__(self):
+            self.kept, self.sizes = [], []
+
+        def put(self, value):
+            self.sizes.append(len(pickle.dumps(value)))
+            self.kept.append(value.share_memory_())
+
+        def end(self):
+            pass
+
+    streamer = Mover()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             streamer=streamer)
+    assert loops == [1] and len(streamer.kept) == new + 1
+    assert torch.equal(torch.stack(streamer.kept[1:], 1), out[:, ids.shape[1]:])
+    assert max(streamer.sizes[1:]) < 2048  # its own 2 tokens, not the call's
+
+
 @pytest.mark.parametrize("fail", [None, 3])
 def test_a_streamer_that_draws_sees_the_generator_as_hfs_does(pair, loops, picks, fail):
     """A streamer that draws from torch's generator between two steps sees it as HF's generate leaves it there
@@ -478,10 +508,12 @@ def test_the_steps_in_c_are_torchs(vocab, bf16):
         scores[:] = base
         seq, count = np.zeros((B, S + new), np.int64), np.arange(10, 10 + B, dtype=np.int64)[:, None]
         nxt, npos = np.zeros((B, 1), np.int32 if ids32 else np.int64), np.zeros((B, 1), np.int64)
-        now, rows = ended.copy(), np.full((new, B), -1, np.int64)
+        now = ended.copy()
         steps = ort_generate._Steps(ort_generate._native(), scores, bf16, held, step + hold, stop, now, 1, seq, S,
-                                    nxt, npos, count, rows=rows)
+                                    nxt, npos, count)
         steps.s.step = step
+        rows = steps.rows(2)  # this step's and the next's
+        rows[1].fill_(-1)
         steps.address(scores)
         if sampled:
             steps.prepare()
@@ -489,8 +521,8 @@ def test_the_steps_in_c_are_torchs(vocab, bf16):
             assert torch.equal(nan, want.isnan()) and torch.equal(torch.from_numpy(scores)[~nan], want[~nan])
             steps.given[:] = drawn
         going = steps.next(sampled)
-        assert np.array_equal(seq[:, S + step], token) and np.array_equal(rows[step], token)
-        assert (np.delete(rows, step, axis=0) == -1).all()
+        assert np.array_equal(seq[:, S + step], token) and np.array_equal(rows[0].numpy(), token)
+        assert (rows[1] == -1).all()
         assert not seq[:, :S + step].any() and not seq[:, S + step + 1:].any()
         assert np.array_equal(nxt[:, 0], token) and np.array_equal(now, ended | np.isin(token, stop)) and now[5]
         assert np.array_equal(npos[:, 0], np.arange(10, 10 + B)) and np.array_equal(count[:, 0], np.arange(11, 11 + B))

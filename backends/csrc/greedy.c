@@ -87,7 +87,9 @@ typedef struct {
     const int64_t *given;    /* [B] sampling's drawn tokens */
     int64_t step;            /* advanced by each moec_next_tokens */
     int64_t top_k;           /* sampling: the k of HF's top-k warper when it is the first processor, else 0 */
-    int64_t *rows;           /* NULL, or [steps, B]: each step's tokens as a row too (what a streamer is given) */
+    int64_t *const *rows;    /* NULL, or the addresses of nrows arrays [B], for steps rows_from.. rows_from + nrows - 1:
+                                each step's tokens again (the tensors a streamer is given) */
+    int64_t rows_from, nrows;
 } moec_steps;
 
 int64_t moec_top_k(float *scores, int64_t B, int64_t V, int64_t ld, int64_t k);
@@ -129,7 +131,8 @@ int64_t moec_next_tokens(moec_steps *s, int64_t sampled) {
             s->ended[b] |= token == s->stop[i];
         going += !s->ended[b];
         s->out[b * s->ldo + s->step] = token;
-        if (s->rows) s->rows[s->step * s->B + b] = token;
+        if (s->rows && s->step >= s->rows_from && s->step - s->rows_from < s->nrows)
+            s->rows[s->step - s->rows_from][b] = token;
         if (s->ids32)
             ((int32_t *)s->next)[b] = (int32_t)token;
         else
