@@ -368,8 +368,16 @@ static float reduce_row(const float *x, int64_t V, int max) {  /* reduce_all(max
 int64_t moec_softmax(const float *x, int64_t B, int64_t V, int64_t ld, float *p, exp16_fn exp16) {
     for (int64_t b = 0; b < B; b++) {
         const float *row = x + b * ld;
-        for (int64_t i = 0; i < V; i++)
+        i32x16 bad = {0};
+        int64_t i = 0;
+        for (; i + 16 <= V; i += 16) {
+            f32x16 v;
+            memcpy(&v, row + i, 64);
+            bad |= (v != v) | (v == INFINITY);
+        }
+        for (; i < V; i++)
             if (isnan(row[i]) || row[i] == INFINITY) return -1;
+        if (any_lane(bad)) return -1;
     }
     for (int64_t b = 0; b < B; b++) {
         const float *row = x + b * ld;
@@ -377,12 +385,18 @@ int64_t moec_softmax(const float *x, int64_t B, int64_t V, int64_t ld, float *p,
         if (V >= 16) m = reduce_row(row, V, 1);
         else for (int64_t i = 1; i < V; i++) m = m > row[i] ? m : row[i];
         if (m == -INFINITY) return -1;
-        for (int64_t i = 0; i < V; i += 16) {  /* exp(x - m), 16 at a time (a partial tail: its lanes) */
-            int64_t n = V - i < 16 ? V - i : 16;
-            f32x16 v = {0};
-            memcpy(&v, row + i, n * 4);
+        int64_t i = 0;
+        for (; i + 16 <= V; i += 16) {  /* exp(x - m), 16 at a time */
+            f32x16 v;
+            memcpy(&v, row + i, 64);
             v = exp16(v - m);
-            memcpy(out + i, &v, n * 4);
+            memcpy(out + i, &v, 64);
+        }
+        if (i < V) {  /* a partial tail: its lanes */
+            f32x16 v = {0};
+            memcpy(&v, row + i, (V - i) * 4);
+            v = exp16(v - m);
+            memcpy(out + i, &v, (V - i) * 4);
         }
         if (V >= 16) sum = reduce_row(out, V, 0);
         else for (int64_t i = 0; i < V; i++) sum = i ? sum + out[i] : out[0];
