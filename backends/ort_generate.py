@@ -378,7 +378,7 @@ class _Steps:
         rows = [torch.empty(self.s.B, dtype=torch.int64) for _ in range(n)]
         self.table = np.array([t.data_ptr() for t in rows], np.int64)  # their addresses, for moec_next_tokens
         self.s.rows, self.s.rows_from, self.s.nrows = self.table.ctypes.data, self.s.step, n
-        self.held_rows = rows
+        self.held_rows = rows  # alive while addressed
         return rows
 
     def address(self, scores: np.ndarray) -> None:
