@@ -147,8 +147,8 @@ static OrtStatus *parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), si
                 ctx, fn, n, 0, s);
 }
 
-/* a phase of n items over `values` numbers in all: on this thread where they are few (a decode step's k rows:
-   handing them to the pool cost more than copying or activating them), else over the pool */
+/* a phase of n items over `values` numbers in all: on this thread where they are few (a decode step's k rows: a
+   parallel region for a few us of work), else over the pool */
 static OrtStatus *phase(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t n, int64_t values, void *s) {
     if (values <= (1 << 14)) {
         run_all(fn, n, s);
