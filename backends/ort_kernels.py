@@ -35,6 +35,8 @@ tiles=1 (int8 activations, AVX-512 builds, every matrix's N a multiple of 4): q 
 its 4 channels one 64-byte load and each step's 16 scales another, where moec's layout makes 4 loads of 16 bytes
 from 4 rows apart (`ort_layouts.tile_weights` lays out the session's file so: decode and prefill 1.11-1.15x on the
 benchmark models, docs/benchmarks.md). The same numbers: the kernel sums the same products in the same order.
+The scales in fp16 where every one of a matrix's is an fp16 number (moec.quant rounds them so; the kernel widens them
+exactly): a group of 32 weights is then 18 bytes, as llama.cpp's q4_0, not 20.
 
 tiles=2 (weight-only, AVX-512 builds, every matrix's N a multiple of 32): q, s and z in panels of 32 channels
 (`ort_layouts.int4_panels`, the same shapes), run by the fp32 panel kernel (csrc/panels.c), each weight made (q - z)
@@ -138,6 +140,9 @@ def library() -> str | None:
     return path
 
 
+SCALES = "float or float16"  # register_schema: an int4 node's scales (fp16 in the tile layout: tile_weights)
+
+
 def register_schema() -> None:
     """The ops' schemas, registered with onnx (onnxscript builds the nodes, onnx.checker checks them)."""
     import onnx
@@ -146,15 +151,15 @@ def register_schema() -> None:
     optional = OpSchema.FormalParameterOption.Optional
     a8 = OpSchema.Attribute("int8_activations", OpSchema.AttrType.INT, "GEMM inputs rounded to int8")
     tiles = OpSchema.Attribute("tiles", onnx.helper.make_attribute("tiles", 0),
-                               "1: q and s in the tile layout (ort_layouts.tiled, int8 activations); 2: q, s and z "
-                               "in panels (ort_layouts.int4_panels, fp32 rows)")
+                               "1: q and s in the tile layout (ort_layouts.tiled, int8 activations; s fp32 or fp16); "
+                               "2: q, s and z in panels (ort_layouts.int4_panels, fp32 rows)")
     rows8 = OpSchema.Attribute("int8_activations", onnx.helper.make_attribute("int8_activations", 0),
                                "1: each input row rounded to int8 at one step, weights in panels_a8")
     rows16 = OpSchema.Attribute("bf16_rows", onnx.helper.make_attribute("bf16_rows", 0),
                                 "1: each input row rounded to bf16, weights in pairs (pair_bf16)")
     for op, types, attrs in (
-            (OP, {"x": "float", "ids": "int64", "w": "float", "q13": "uint8", "s13": "float", "z13": "uint8",
-                  "q2": "uint8", "s2": "float", "z2": "uint8"},
+            (OP, {"x": "float", "ids": "int64", "w": "float", "q13": "uint8", "s13": SCALES, "z13": "uint8",
+                  "q2": "uint8", "s2": SCALES, "z2": "uint8"},
              [a8, tiles, OpSchema.Attribute("gate_up", OpSchema.AttrType.INT, "FC1's row order, GATE_UP")]),
             (EXPERTS, {"x": "float", "ids": "int64", "w": "float", "w13": "float", "w2": "float"},
              [OpSchema.Attribute("gate_up", OpSchema.AttrType.INT, "FC1's row order, GATE_UP")]),
@@ -169,12 +174,16 @@ def register_schema() -> None:
              [rows8, OpSchema.Attribute("gate_up", OpSchema.AttrType.INT, "FC1's row order, GATE_UP")]),
             (FP32_MATMUL + "Int8", {"x": "float", "w": "int8", "s": "float"},
              [rows8, OpSchema.Attribute("n", OpSchema.AttrType.INT, "output channels")]),
-            (MATMUL, {"x": "float", "q": "uint8", "s": "float", "z": "uint8"}, [a8, tiles])):
+            (MATMUL, {"x": "float", "q": "uint8", "s": SCALES, "z": "uint8"}, [a8, tiles])):
+        # the int4 scales: a type variable per input, fp32 or (tile layout) fp16
         register_once(OpSchema(
             op, DOMAIN, 1, "moec's kernels (backends/ort_kernels.py)",
-            inputs=[OpSchema.FormalParameter(n, f"tensor({t})", **({"param_option": optional} if n[0] == "z" else {}))
+            inputs=[OpSchema.FormalParameter(n, f"S_{n}" if t == SCALES else f"tensor({t})",
+                                             **({"param_option": optional} if n[0] == "z" else {}))
                     for n, t in types.items()],
-            outputs=[OpSchema.FormalParameter("y", "tensor(float)")], attributes=attrs))
+            outputs=[OpSchema.FormalParameter("y", "tensor(float)")], attributes=attrs,
+            type_constraints=[(f"S_{n}", ["tensor(float)", "tensor(float16)"], "the int4 groups' scales")
+                              for n, t in types.items() if t == SCALES]))
 
 
 def node_args(x, ids, w, q13, s13, z13, q2, s2, z2, int8_activations: bool, gate_up: str) -> tuple[tuple, dict]:
@@ -194,7 +203,7 @@ def _self_test(path: str) -> None:
     from onnx import helper, numpy_helper
 
     from moec.backends import cpu_native
-    from moec.backends.ort_layouts import int4_panels, tiled
+    from moec.backends.ort_layouts import half_if_exact, int4_panels, tiled
     from moec.backends.torch_backend import quantized_linear
     from moec.quant import Int4Experts, Int8Experts, quantize
 
@@ -207,14 +216,18 @@ def _self_test(path: str) -> None:
     t2 = quantize(Int4Experts(64), torch.randn(E, H, I, generator=g))
     inputs = {"x": x, "ids": ids, "w": w, "q13": t13["q"], "s13": t13["scale"], "z13": t13["zero"],
               "q2": t2["q"], "s2": t2["scale"]}
-    for a8, tiles in ([(True, 0)] + [(True, 1), (False, 2)] * cpu_native.has_tiles()
-                      + [(False, 0)] * cpu_native.has_f32()):  # tiles: the layout's attribute
+    # tiles: the layout's attribute; half: the tile layout's scales in fp16 (quantize makes them fp16 numbers)
+    for a8, tiles, half in ([(True, 0, False)] + [(True, 1, False), (True, 1, True), (False, 2, False)]
+                            * cpu_native.has_tiles() + [(False, 0, False)] * cpu_native.has_f32()):
         node = helper.make_node(OP, list(inputs), ["y"], domain=DOMAIN, int8_activations=int(a8), gate_up=2,
                                 tiles=tiles)
         weights = dict(inputs)
         for m in ("13", "2") if tiles else ():
             q, s, z = (inputs[f"{n}{m}"].numpy() if f"{n}{m}" in inputs else None for n in "qsz")
-            for n, a in zip("qsz", tiled(q, s) if tiles == 1 else int4_panels(q, s, z)):
+            laid = int4_panels(q, s, z) if tiles == 2 else half_if_exact(*tiled(q, s)) if half else tiled(q, s)
+            if half and laid[1].dtype != np.float16:
+                raise RuntimeError("its self-test's scales are not fp16 numbers (moec.quant._fp16)")
+            for n, a in zip("qsz", laid):
                 if a is not None:
                     weights[f"{n}{m}"] = torch.from_numpy(a)
         graph = helper.make_graph(
@@ -234,14 +247,14 @@ def _self_test(path: str) -> None:
         err = ((got - want).norm() / want.norm()).item()
         if not err < 1e-5:
             raise RuntimeError(f"its self-test differs from moec::experts_int4 (int8 activations: {a8}, tiles: "
-                               f"{tiles}; relative error {err:.2e})")
+                               f"{tiles}, fp16 scales: {half}; relative error {err:.2e})")
         got = matmul_session(path, weights["q13"][1], weights["s13"][1], weights["z13"][1], a8, tiles=tiles).run(
             None, {"x": x.numpy()})[0]
         want = quantized_linear(x, (t13["q"][1:2], t13["scale"][1:2], t13["zero"][1:2]), a8)
         err = ((torch.from_numpy(got) - want).norm() / want.norm()).item()
         if not err < 1e-5:
             raise RuntimeError(f"its self-test differs from moec's quantized linear layer (int8 activations: {a8}, "
-                               f"tiles: {tiles}; relative error {err:.2e})")
+                               f"tiles: {tiles}, fp16 scales: {half}; relative error {err:.2e})")
     # fp32 and bf16 experts: 2I = 80 and H = 48 end in part-filled panels, 7 rows on expert 0
     for dtype in (torch.float32, torch.bfloat16) if cpu_native.has_f32() else ():
         H, I = 48, 40

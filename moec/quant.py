@@ -4,7 +4,8 @@ Expert matrices are [E, N, K] (canonical W13 [E, N1, H] and W2 [E, H, I]; K is t
 
     Int8Experts():  q int8 [E, N, K], scale fp32 [E, N]          w ~ q * scale   (per output channel, symmetric)
     Int4Experts(g): q uint8 [E, N, K/2] (two nibbles a byte: k even in the low nibble),
-                    scale fp32 [E, N, K/g], zero uint8 [E, N, K/g] (asymmetric only)
+                    scale fp32 [E, N, K/g] (fp16 numbers where those are normal: _fp16),
+                    zero uint8 [E, N, K/g] (asymmetric only)
                     w ~ (q - 8) * scale (symmetric)  or  (q - zero) * scale (asymmetric)
 
 FORMAT_VERSION names this layout in saved files.
@@ -68,8 +69,9 @@ class Int4Experts:
     """int4 weight-only experts, one scale (and zero point if asymmetric) per group of inputs.
 
     Symmetric groups dequantize as (q - 8) * scale, q in 0..15. signed_scale=True (ORT's and llama.cpp's Q4_0
-    grid) makes the group's largest-magnitude weight exactly -8 steps (scale = that weight / -8, of its
-    sign), so all 16 levels are used at a step of amax/8; False spends 15 levels at a step of amax/7.
+    grid) makes the group's largest-magnitude weight -8 steps (scale = that weight / -8, of its sign), so all 16
+    levels are used at a step of amax/8; False spends 15 levels at a step of amax/7. Either step is rounded to
+    fp16 (`_fp16`), as llama.cpp's and ORT's fp16 scales are.
 
     activations="int8" (backend="onnxruntime", moec.export_onnx/export_genai, or the torch backend, on CPU): each
     expert GEMM quantizes its input rows to int8 per group of `group_size` inputs (scale amax/127, round to
@@ -115,6 +117,20 @@ def check_shape(cfg: QuantConfig, w: torch.Tensor, what: str) -> None:
                          f"of inputs int8 activations share a scale in (use activations='fp32')")
 
 
+def _fp16(scale: torch.Tensor) -> torch.Tensor:
+    """int4 scales made fp16 numbers where that is a normal one (|s| in [2^-14, 65504]), others as they are: the CPU
+    kernels can then store the groups' scales in fp16, 18 bytes a group of 32 weights as llama.cpp's q4_0, not 20
+    (ort_layouts.half_if_exact). Rounded away from zero (a relative change below 2^-10): the step only grows, so no
+    weight of the group falls outside the 16 levels. The floor of 1e-12 (a group of zeros, or of weights below
+    7e-12, which any such step rounds to 0) becomes 2^-14."""
+    scale = torch.where(scale.abs() <= 1e-12, torch.copysign(torch.tensor(2.0 ** -14), scale), scale)
+    half = scale.half()
+    # fp16's bits hold sign and magnitude apart: one more in the magnitude's bits is the next number away from zero
+    half = torch.where(half.float().abs() < scale.abs(), (half.view(torch.int16) + 1).view(torch.float16), half)
+    normal = (scale.abs() >= 2.0 ** -14) & (scale.abs() <= 65504)
+    return torch.where(normal, half.float(), scale)
+
+
 def quantize(cfg: QuantConfig, w: torch.Tensor) -> dict[str, torch.Tensor]:
     """w [E, N, K] (any float dtype) -> {"q", "scale"[, "zero"]} in moec's format."""
     w = w.detach().float()
@@ -125,16 +141,16 @@ def quantize(cfg: QuantConfig, w: torch.Tensor) -> dict[str, torch.Tensor]:
     g = w.reshape(E, N, K // cfg.group_size, cfg.group_size)
     if cfg.signed_scale:
         extreme = g.gather(-1, g.abs().argmax(-1, keepdim=True)).squeeze(-1)  # [E, N, K/g] of its sign
-        scale = torch.where(extreme < 0, extreme.clamp(max=-8e-12), extreme.clamp(min=8e-12)) / -8
+        scale = _fp16(torch.where(extreme < 0, extreme.clamp(max=-8e-12), extreme.clamp(min=8e-12)) / -8)
         q = torch.round(g / scale[..., None]).clamp(-8, 7) + 8
         zero = None
     elif cfg.symmetric:
-        scale = (g.abs().amax(-1) / 7).clamp_min(1e-12)  # [E, N, K/g]
+        scale = _fp16((g.abs().amax(-1) / 7).clamp_min(1e-12))  # [E, N, K/g]
         q = torch.round(g / scale[..., None]).clamp(-8, 7) + 8
         zero = None
     else:
         lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)  # the range holds 0 exactly
-        scale = ((hi - lo) / 15).clamp_min(1e-12)
+        scale = _fp16(((hi - lo) / 15).clamp_min(1e-12))
         zero = torch.round(-lo / scale).clamp(0, 15)
         q = (torch.round(g / scale[..., None]) + zero[..., None]).clamp(0, 15)
     q = q.to(torch.uint8).reshape(E, N, K)

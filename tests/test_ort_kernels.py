@@ -21,17 +21,23 @@ from conftest import TOL, rel_err
 # self-test (test_library_builds), else these tests fail rather than skip
 pytestmark = pytest.mark.skipif(cpu_native.library() is None, reason="moec's C kernels are not built here")
 A8 = [True, pytest.param(False, marks=pytest.mark.skipif(not cpu_native.has_f32(), reason="needs AVX-512"))]
-# (int8 activations, the weights' layout: 0 moec's, 1 tiles, 2 panels)
+# (int8 activations, the weights' layout: 0 moec's, 1 tiles, HALF tiles with fp16 scales, 2 panels)
 AVX512 = "needs AVX-512"
 TILES = pytest.mark.skipif(not cpu_native.has_tiles(), reason=AVX512)
+HALF = "half"
 MODES = [pytest.param(True, 0, id="int8"), pytest.param(True, 1, id="int8-tiles", marks=TILES),
+         pytest.param(True, HALF, id="int8-tiles-fp16", marks=TILES),
          pytest.param(False, 0, id="fp32", marks=pytest.mark.skipif(not cpu_native.has_f32(), reason=AVX512)),
          pytest.param(False, 2, id="fp32-panels", marks=TILES)]
 
 
-def _laid_out(q, s, z, tiles: int) -> tuple:
+def _laid_out(q, s, z, tiles) -> tuple:
     """moec's int4 format (torch tensors) in the layout `tiles` (numpy arrays; z None where absent)."""
     q, s, z = (None if t is None else t.numpy() for t in (q, s, z))
+    if tiles == HALF:
+        q, s = ort_layouts.half_if_exact(*ort_layouts.tiled(q, s))
+        assert s.dtype == np.float16  # quantize's scales are fp16 numbers
+        return q, s, z
     return tuple(ort_layouts.tiled(q, s)) + (z,) if tiles == 1 else ort_layouts.int4_panels(q, s, z) if tiles else (q, s, z)
 
 
@@ -43,7 +49,7 @@ def _session(inputs: dict, a8: bool, gate_up: str, options=None, tiles=0):
     names = [n for n in ("x", "ids", "w", "q13", "s13", "z13", "q2", "s2", "z2")]
     node = helper.make_node(ort_kernels.OP, [n if inputs.get(n) is not None else "" for n in names], ["y"],
                             domain=ort_kernels.DOMAIN, int8_activations=int(a8), gate_up=ort_kernels.GATE_UP[gate_up],
-                            tiles=tiles)
+                            tiles=1 if tiles == HALF else tiles)
     weights = {}
     for m in ("13", "2"):
         for n, a in zip("qsz", _laid_out(*(inputs.get(f"{n}{m}") for n in "qsz"), tiles)):
@@ -127,6 +133,10 @@ def test_bad_inputs_are_ort_errors():
             _session(inputs, True, "halves", tiles=2)
         with pytest.raises(Exception, match="moec::Int4Experts: tiles 3 is not 0-2"):
             _session(inputs, False, "halves", tiles=3)
+        half = {**inputs, "s13": inputs["s13"].half()}  # fp16 scales in moec's layout: the tile layout's only
+        with pytest.raises(Exception, match=r"moec::Int4Experts: s13: the scales are fp32, or fp16 in the tile "
+                                            r"layout \(tiles=1\), not element type 10 with tiles=0"):
+            _session(half, True, "halves").run(None, feeds)
         odd = quantize(Int4Experts(32), torch.randn(1, 6, 128))
         for a8, tiles, layout, rows in ((True, 1, "tile", 4), (False, 2, "panel", 32)):
             with pytest.raises(Exception, match=f"moec::Int4MatMul: q/s/z has 6 rows: the {layout} layout takes a "
@@ -213,7 +223,7 @@ def test_matmul_node_equals_moec_quantized_linear(shape, g, symmetric, a8, tiles
     x = torch.randn(*shape, generator=gen)
     q, s, z = (None if a is None else torch.as_tensor(a)
                for a in _laid_out(t["q"][0], t["scale"][0], t["zero"][0] if "zero" in t else None, tiles))
-    sess = ort_kernels.matmul_session(ort_kernels.library(), q, s, z, a8, tiles=tiles)
+    sess = ort_kernels.matmul_session(ort_kernels.library(), q, s, z, a8, tiles=1 if tiles == HALF else tiles)
     got = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
     want = quantized_linear(x.reshape(-1, 256), (t["q"], t["scale"], t.get("zero")), a8).reshape(*shape[:-1], 96)
     assert got.shape == want.shape and rel_err(got, want) < 1e-5, rel_err(got, want)
@@ -295,10 +305,12 @@ def test_tile_layout_gives_the_same_numbers(groups, rows):
             t = quantize(Int4Experts(32, symmetric=symmetric), torch.randn(1, N, 32 * groups, generator=gen))
             z = t["zero"][0] if "zero" in t else None
             x = {"x": torch.randn(rows, 32 * groups, generator=gen).numpy()}
-            q, s = map(torch.from_numpy, ort_layouts.tiled(t["q"][0].numpy(), t["scale"][0].numpy()))
+            q, s = ort_layouts.tiled(t["q"][0].numpy(), t["scale"][0].numpy())
             want = ort_kernels.matmul_session(ort_kernels.library(), t["q"][0], t["scale"][0], z, True).run(None, x)[0]
-            got = ort_kernels.matmul_session(ort_kernels.library(), q, s, z, True, tiles=1).run(None, x)[0]
-            assert np.array_equal(got, want), (N, symmetric, np.abs(got - want).max())
+            for s in (s, s.astype(np.float16)):  # the scales are fp16 numbers: in fp16 too, the same outputs
+                got = ort_kernels.matmul_session(ort_kernels.library(), torch.from_numpy(q), torch.from_numpy(s), z,
+                                                 True, tiles=1).run(None, x)[0]
+                assert np.array_equal(got, want), (N, symmetric, s.dtype, np.abs(got - want).max())
 
 
 def _matmul_nodes(specs: dict, a8=True) -> list:
@@ -314,15 +326,17 @@ def test_tile_file_shared_weights_external_data_and_graph_outputs(tmp_path):
     """lay_out_file: a q read by two nodes with different s (one tiled copy of each tensor, no duplicate names), a
     scale that is also a graph output (kept as it was, beside its tiled copy), nodes made without the tiles attribute
     (0, moec's layout), a weight-only node (its weights in panels, a q and an s that int8-row nodes read in tiles);
-    weights in external data: only the laid-out ones read and written beside the model. The int8-row outputs are
-    the untiled file's to the bit, the weight-only one to fp32 rounding (panels sum in another order)."""
+    weights in external data: only the laid-out ones read and written beside the model; s_a's steps (quantize's,
+    fp16 numbers) tiled in fp16, s_b's (not fp16 numbers) in fp32. The int8-row outputs are the untiled file's to
+    the bit, the weight-only one to fp32 rounding (panels sum in another order)."""
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
     gen = torch.Generator().manual_seed(0)
-    a, b = (quantize(Int4Experts(32), torch.randn(1, 64, 128, generator=gen)) for _ in range(2))
-    arrays = {"q": a["q"][0], "s_a": a["scale"][0], "s_b": b["scale"][0], "q_w": b["q"][0]}
+    # K = 256: each laid-out copy (an fp16 s of 64 x 8 too) is past onnx.save's 1024 bytes for external data
+    a, b = (quantize(Int4Experts(32), torch.randn(1, 64, 256, generator=gen)) for _ in range(2))
+    arrays = {"q": a["q"][0], "s_a": a["scale"][0], "s_b": b["scale"][0] * (1 + 2 ** -12), "q_w": b["q"][0]}
     nodes = _matmul_nodes({"one": ("q", "s_a"), "two": ("q", "s_b"), "bare": ("q_w", "s_b")})
     nodes += _matmul_nodes({"fp32": ("q_w", "s_a")}, a8=False)
     outputs = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
@@ -333,7 +347,7 @@ def test_tile_file_shared_weights_external_data_and_graph_outputs(tmp_path):
                                                                    helper.make_opsetid(ort_kernels.DOMAIN, 1)])
     so = ort.SessionOptions()
     so.register_custom_ops_library(ort_kernels.library())
-    feed = {"x": torch.randn(3, 128, generator=gen).numpy()}
+    feed = {"x": torch.randn(3, 256, generator=gen).numpy()}
     want = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feed)
     path = str(tmp_path / "m.onnx")
     onnx.save(proto, path, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
@@ -343,6 +357,8 @@ def test_tile_file_shared_weights_external_data_and_graph_outputs(tmp_path):
     assert len(names) == len(set(names)) and set(names) == {"q_tiles", "s_a_tiles", "s_b_tiles", "s_b", "q_w_tiles",
                                                              "q_w_panels", "s_a_panels"}
     assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in tiled.graph.initializer)
+    types = {t.name: t.data_type for t in tiled.graph.initializer}
+    assert types["s_a_tiles"] == onnx.TensorProto.FLOAT16 and types["s_b_tiles"] == onnx.TensorProto.FLOAT
     assert {a.i for n in tiled.graph.node for a in n.attribute if a.name == "tiles"} == {1, 2}
     got = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]).run(None, feed)
     for g, w in zip(got[:3] + got[4:], want[:3] + want[4:]):

@@ -38,17 +38,40 @@ def test_roundtrip_error_is_half_a_step(cfg):
     step = (scale[..., None] if cfg.bits == 8 else scale).abs()
     err = (dequantize(cfg, t) - w).abs()
     if getattr(cfg, "signed_scale", False):
-        # the group's largest-magnitude weight is exactly -8 steps; weights of the other sign past +7.5 steps clip
-        # to +7 (at most one step off), every other weight is within half a step
-        extreme = w.reshape(3, 40, -1, cfg.group_size).abs().argmax(-1)
-        at = err.reshape(3, 40, -1, cfg.group_size).gather(-1, extreme[..., None])
-        assert (at <= 1e-6).all()
+        # the group's largest-magnitude weight is -8 steps, exactly but for the step's rounding to fp16 (away from
+        # zero, less than 2^-10 of it: quant._fp16); weights of the other sign past +7.5 steps clip to +7 (at most
+        # one step off), every other weight is within half a step
+        groups = w.reshape(3, 40, -1, cfg.group_size)
+        extreme = groups.abs().argmax(-1, keepdim=True)
+        at = err.reshape(groups.shape).gather(-1, extreme)
+        assert (at <= groups.abs().gather(-1, extreme) * 2.0 ** -10).all()
         clipped = w / scale > 7.5
         assert (err[clipped] <= step[clipped] * (1 + 1e-5)).all()
         err, step = err[~clipped], step[~clipped]
     assert (err <= step / 2 * (1 + 1e-5) + 1e-7).all()
     packed_bytes = t["q"].numel()
     assert packed_bytes == w.numel() // (8 // cfg.bits)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[1:], ids=lambda c: c.describe())
+def test_int4_scales_are_fp16_numbers_where_they_can_be(cfg):
+    """Every int4 step in fp16's normal range is an fp16 number, at most 2^-10 above the step it rounds (so
+    ort_layouts stores them in fp16); a group of zeros gets 2^-14 and dequantizes to zeros; a group too small for a
+    normal fp16 step keeps its fp32 one."""
+    w = torch.randn(2, 8, 256) * torch.rand(2, 8, 1) * 10
+    w[0, 0, :cfg.group_size] = 0
+    w[1, 2, cfg.group_size:2 * cfg.group_size] *= 1e-6
+    t = quantize(cfg, w)
+    s = t["scale"]
+    fp16 = s.half().float() == s
+    assert fp16.sum() == s.numel() - 1 and not fp16[1, 2, 1]
+    assert s[0, 0, 0].abs() == 2.0 ** -14 and (dequantize(cfg, t)[0, 0, :cfg.group_size] == 0).all()
+    g = w.reshape(2, 8, -1, cfg.group_size)
+    exact = g.abs().amax(-1) / 7 if cfg.symmetric and not cfg.signed_scale else None
+    if exact is not None:  # the symmetric step amax/7, made the next fp16 number at or above it
+        rounded = fp16 & (exact > 0)
+        assert (s[rounded] >= exact[rounded]).all() and (s[rounded] <= exact[rounded] * (1 + 2.0 ** -10)).all()
+        assert s[1, 2, 1] == exact[1, 2, 1]
 
 
 def _quantized_experts(cfg, x, ids, w, t13, b13, t2, b2, e):

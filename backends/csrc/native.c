@@ -125,7 +125,8 @@ INLINE __m512i sum4(__m512i a, __m512i b, __m512i c, __m512i d) {
 /* Groups g..g+n-1 (n <= 4) of rows r < nr of x8 [., K] (sx, xi [., G]) times channels c < 4 (q [., K/2], s and z
    [., G] at channel 0; tiles: q and s in the tile layout, moec_int4_tiles), added to f[r] (lane c: channel c's). */
 INLINE void step_a8(__m512 *f, const int8_t *x8, const float *sx, const int32_t *xi, int64_t K, const uint8_t *q,
-                    const float *s, const uint8_t *z, int64_t G, int64_t g, int n, int nr, int blocks, int tiles) {
+                    const void *s, const uint8_t *z, int64_t G, int64_t g, int n, int nr, int blocks, int tiles,
+                    int half) {
     const __m512i low4 = _mm512_set1_epi8(15);
     __mmask16 m = (__mmask16)((1 << n) - 1);  /* the groups of this step, in a 128-bit lane's dwords */
     __m512i d[4][4];
@@ -142,8 +143,24 @@ INLINE void step_a8(__m512 *f, const int8_t *x8, const float *sx, const int32_t 
                 d[r][i] = dot512(d[r][i], hi, _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb + 16))));
             }
         }
-    __m512 sc = tiles ? n == 4 ? _mm512_loadu_ps(s + 4 * g) : _mm512_castsi512_ps(lanes4(s + 4 * g, 4 * n, m))
-                      : _mm512_castsi512_ps(lanes4(s + g, G * 4, m));  /* lane c: s[c, g..g+3] */
+    __m512 sc;  /* lane c: s[c, g..g+3] */
+    if (half) {  /* fp16 scales in the tile layout, widened (exactly); the last n < 4 groups: channel c's at h + c n */
+        const uint16_t *h = (const uint16_t *)s + 4 * g;
+        __m256i v;
+        if (n == 4) {
+            v = _mm256_loadu_si256((const __m256i *)h);
+        } else {  /* masked loads (a copy through memory would stall the load that reads it back) */
+            __mmask8 mh = (__mmask8)((1 << n) - 1);
+            __m128i c01 = _mm_unpacklo_epi64(_mm_maskz_loadu_epi16(mh, h), _mm_maskz_loadu_epi16(mh, h + n));
+            __m128i c23 = _mm_unpacklo_epi64(_mm_maskz_loadu_epi16(mh, h + 2 * n), _mm_maskz_loadu_epi16(mh, h + 3 * n));
+            v = _mm256_inserti128_si256(_mm256_castsi128_si256(c01), c23, 1);
+        }
+        sc = _mm512_cvtph_ps(v);
+    } else {
+        const float *sf = s;
+        sc = tiles ? n == 4 ? _mm512_loadu_ps(sf + 4 * g) : _mm512_castsi512_ps(lanes4(sf + 4 * g, 4 * n, m))
+                   : _mm512_castsi512_ps(lanes4(sf + g, G * 4, m));
+    }
     __m512i zc = _mm512_setzero_si512();
     if (z) {  /* lane c: z[c, g..g+3] */
         uint8_t zb[16] = {0};
@@ -163,17 +180,17 @@ INLINE void step_a8(__m512 *f, const int8_t *x8, const float *sx, const int32_t 
 /* Tiles of 4 channels whose weights are prefetched: a tile reads 4 rows of weights 16 bytes at a time, which the
    hardware prefetcher follows late (512 x 1792 at one row, one thread: 79 us without, 46-51 us 1-2 tiles ahead) */
 #define AHEAD 2
-INLINE void tile_a8(const int8_t *x8, const float *sx, const int32_t *xi, int64_t K, const uint8_t *q, const float *s,
-                    const uint8_t *z, int64_t G, float *o, int64_t N, int nr, int blocks, int tiles) {
+INLINE void tile_a8(const int8_t *x8, const float *sx, const int32_t *xi, int64_t K, const uint8_t *q, const void *s,
+                    const uint8_t *z, int64_t G, float *o, int64_t N, int nr, int blocks, int tiles, int half) {
     __m512 f[4];
     for (int r = 0; r < nr; r++) f[r] = _mm512_setzero_ps();
     int64_t g = 0;
     for (; g + 4 <= G; g += 4) {
         const char *ahead = (const char *)q + AHEAD * 2 * K + g * 64 * blocks;  /* a tile: 2K bytes */
         UNROLL for (int l = 0; l < 4 * blocks; l++) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
-        step_a8(f, x8, sx, xi, K, q, s, z, G, g, 4, nr, blocks, tiles);
+        step_a8(f, x8, sx, xi, K, q, s, z, G, g, 4, nr, blocks, tiles, half);
     }
-    if (g < G) step_a8(f, x8, sx, xi, K, q, s, z, G, g, (int)(G - g), nr, blocks, tiles);
+    if (g < G) step_a8(f, x8, sx, xi, K, q, s, z, G, g, (int)(G - g), nr, blocks, tiles, half);
     for (int r = 0; r < nr; r++) {
         float t[16];
         _mm512_storeu_ps(t, f[r]);
@@ -182,15 +199,15 @@ INLINE void tile_a8(const int8_t *x8, const float *sx, const int32_t *xi, int64_
 }
 
 INLINE void rows_int4_a8_tiles(const int8_t *x8, const float *sx, const int32_t *xi, int64_t R, int64_t K,
-                               const uint8_t *q, const float *s, const uint8_t *z, int64_t G, float *out, int64_t N,
-                               int64_t j0, int64_t j1, int blocks, int tiles) {
+                               const uint8_t *q, const void *s, const uint8_t *z, int64_t G, float *out, int64_t N,
+                               int64_t j0, int64_t j1, int blocks, int tiles, int half) {
     /* j1 - j0 >= 4: the last 4 channels' tile overlaps the one before (the same numbers written twice; tiles:
        j0 and j1 are multiples of 4) */
     for (int64_t j = j0; j < j1; j += 4) {
         int64_t c = j + 4 <= j1 ? j : j1 - 4;
         for (int64_t r = 0; r < R; r += 4) {
-#define TILE(NR) tile_a8(x8 + r * K, sx + r * G, xi + r * G, K, q + c * (K / 2), s + c * G, z ? z + c * G : 0, G, \
-                         out + r * N + c, N, NR, blocks, tiles)
+#define TILE(NR) tile_a8(x8 + r * K, sx + r * G, xi + r * G, K, q + c * (K / 2), (const char *)s + c * G * (half ? 2 : 4), \
+                         z ? z + c * G : 0, G, out + r * N + c, N, NR, blocks, tiles, half)
             switch (R - r < 4 ? R - r : 4) {  /* constant row counts: the accumulators stay in registers */
             case 1: TILE(1); break;
             case 2: TILE(2); break;
@@ -314,9 +331,9 @@ void moec_int4(const void *x, const float *sx, const int32_t *xi, int64_t R, int
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
         if (j1 - j0 >= 4) {
             switch (blocks) {
-            case 1: rows_int4_a8_tiles(x, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 1, 0); break;
-            case 2: rows_int4_a8_tiles(x, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 2, 0); break;
-            case 4: rows_int4_a8_tiles(x, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 4, 0); break;
+            case 1: rows_int4_a8_tiles(x, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 1, 0, 0); break;
+            case 2: rows_int4_a8_tiles(x, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 2, 0, 0); break;
+            case 4: rows_int4_a8_tiles(x, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 4, 0, 0); break;
             }
             return;
         }
@@ -341,14 +358,18 @@ void moec_int4(const void *x, const float *sx, const int32_t *xi, int64_t R, int
 /* moec_int4's int8 rows on weights in the tile layout (moec.backends.ort_layouts.tiled): each tile of 4 channels
    (N a multiple of 4, as j0 and j1) holds q as [K/32 blocks][4 channels][16 bytes], so a block of the 4 channels is
    one 64-byte load, and s as [G/4 steps][4 channels][4 groups] then the last G % 4 groups as [4 channels][G % 4],
-   so a step's scales are one 64-byte load; z as in moec's format. A tile's weights are one sequential stream. */
+   so a step's scales are one 64-byte load; z as in moec's format. A tile's weights are one sequential stream.
+   half: s in fp16 (`ort_layouts.tile_weights` where every scale is an fp16 number: moec.quant rounds them so),
+   widened exactly as read: the same numbers, a group of 32 weights in 18 bytes instead of 20. */
 void moec_int4_tiles(const int8_t *x8, const float *sx, const int32_t *xi, int64_t R, int64_t K, const uint8_t *q,
-                     const float *s, const uint8_t *z, int64_t G, float *out, int64_t N, int64_t j0, int64_t j1) {
-    switch (K / G / 32) {
-    case 1: rows_int4_a8_tiles(x8, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 1, 1); break;
-    case 2: rows_int4_a8_tiles(x8, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 2, 1); break;
-    case 4: rows_int4_a8_tiles(x8, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 4, 1); break;
-    }
+                     const void *s, int half, const uint8_t *z, int64_t G, float *out, int64_t N, int64_t j0,
+                     int64_t j1) {
+#define BLOCKS(H) switch (K / G / 32) { \
+    case 1: rows_int4_a8_tiles(x8, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 1, 1, H); break; \
+    case 2: rows_int4_a8_tiles(x8, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 2, 1, H); break; \
+    case 4: rows_int4_a8_tiles(x8, sx, xi, R, K, q, s, z, G, out, N, j0, j1, 4, 1, H); break; }
+    if (half) BLOCKS(1) else BLOCKS(0)
+#undef BLOCKS
 }
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)

@@ -19,10 +19,10 @@ typedef struct OrtCustomOpDomain OrtCustomOpDomain;
 typedef struct OrtSessionOptions OrtSessionOptions;
 typedef void *const *OrtApiTable;  /* struct OrtApi: function pointers in a fixed order that only grows */
 typedef struct { OrtApiTable (*GetApi)(uint32_t); const char *(*GetVersionString)(void); } OrtApiBase;
-enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2, T_FLOAT = 1, T_UINT8 = 2, T_INT8 = 3, T_INT64 = 7, T_BOOL = 9,
-       T_BF16 = 16, REQUIRED = 0, OPTIONAL = 1 };
+enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2, T_ANY = 0, T_FLOAT = 1, T_UINT8 = 2, T_INT8 = 3, T_INT64 = 7, T_BOOL = 9,
+       T_FLOAT16 = 10, T_BF16 = 16, REQUIRED = 0, OPTIONAL = 1 };  /* T_ANY: ORT's UNDEFINED, an input of any type */
 enum { CreateStatus = 0, CreateCustomOpDomain = 26, CustomOpDomain_Add = 27, AddCustomOpDomain = 28,  /* OrtApi */
-       GetTensorMutableData = 51, GetDimensionsCount = 61, GetDimensions = 62, GetTensorTypeAndShape = 65,
+       GetTensorMutableData = 51, GetTensorElementType = 60, GetDimensionsCount = 61, GetDimensions = 62, GetTensorTypeAndShape = 65,
        KernelInfoGetAttribute_float = 85, KernelInfoGetAttribute_int64 = 86, KernelContext_GetOutputCount = 89, KernelContext_GetInput = 90, KernelContext_GetOutput = 91,
        ReleaseStatus = 93, ReleaseTensorTypeAndShapeInfo = 99, GetBuildInfoString = 254, KernelContext_ParallelFor = 274 };
 #define API_VERSION 20  /* GetApi(20): ONNX Runtime 1.20 or later, whose table holds every index above */

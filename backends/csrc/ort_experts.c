@@ -4,16 +4,17 @@
 #define OP "Int4Experts"
 #define MM "Int4MatMul"
 enum { NIN = 9, CH = 64 };  /* inputs; output channels per work item (a multiple of the kernel's tile of 4) */
-static const int in_types[NIN] = {T_FLOAT, T_INT64, T_FLOAT, T_UINT8, T_FLOAT, T_UINT8, T_UINT8, T_FLOAT, T_UINT8};
+/* the scales: fp32, or fp16 in the tile layout (any type here, checked by `matrix`) */
+static const int in_types[NIN] = {T_FLOAT, T_INT64, T_FLOAT, T_UINT8, T_ANY, T_UINT8, T_UINT8, T_ANY, T_UINT8};
 static const char *in_names[NIN] = {"x", "ids", "w", "q13", "s13", "z13", "q2", "s2", "z2"};
 
 typedef struct { int64_t a8, gate_up, tiles, n, wt; } Kernel;  /* wt: the panels' weight type, WT_* */
 
 typedef struct {  /* one matrix of every expert, moec's int4 format: q [E, N, K/2], s [E, N, G], z [E, N, G] or NULL;
-                   tiles: q and s in the tile layout (moec_int4_tiles); or weights in panels f [E, P, K, 32] of type
-                   wt (int8: times the channel's scale sc [E, N]) */
+                   tiles: q and s in the tile layout (moec_int4_tiles), s in fp16 if half; or weights in panels
+                   f [E, P, K, 32] of type wt (int8: times the channel's scale sc [E, N]) */
     const uint8_t *q; const float *s; const uint8_t *z; int64_t N, K, G; int tiles; const void *f; int wt;
-    const float *sc;
+    const float *sc; int half;
 } Matrix;
 
 typedef struct {  /* one call */
@@ -66,8 +67,9 @@ static void gemm_item(void *p, size_t item) {  /* (active expert, CH output chan
     const uint8_t *q = m->q + e * m->N * (m->K / 2), *z = m->z ? m->z + e * m->N * G : NULL;
 #ifdef TILES
     if (m->tiles) {
-        moec_int4_tiles(x, s->in_s + r0 * G, s->in_i + r0 * G, s->first[e + 1] - r0, m->K, q, m->s + e * m->N * G, z,
-                        G, s->out + r0 * m->N, m->N, j0, j1);
+        moec_int4_tiles(x, s->in_s + r0 * G, s->in_i + r0 * G, s->first[e + 1] - r0, m->K, q,
+                        (const char *)m->s + e * m->N * G * (m->half ? 2 : 4), m->half, z, G, s->out + r0 * m->N,
+                        m->N, j0, j1);
         return;
     }
 #endif
@@ -158,7 +160,7 @@ static OrtStatus *phase(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_
 }
 
 enum { MAX_RANK = 8 };
-typedef struct { const OrtValue *v; void *data; int64_t dims[MAX_RANK]; size_t rank; int64_t numel; } Input;
+typedef struct { const OrtValue *v; void *data; int64_t dims[MAX_RANK]; size_t rank; int64_t numel; int type; } Input;
 
 static OrtStatus *get_input(const char *op, OrtKernelContext *ctx, size_t i, const char **names, Input *in) {
     memset(in, 0, sizeof *in);
@@ -167,7 +169,9 @@ static OrtStatus *get_input(const char *op, OrtKernelContext *ctx, size_t i, con
         return NULL;  /* an optional input left out */
     OrtShapeInfo *info;
     CHECK(CALL((const OrtValue *, OrtShapeInfo **), GetTensorTypeAndShape, in->v, &info));
-    OrtStatus *st = CALL((const OrtShapeInfo *, size_t *), GetDimensionsCount, info, &in->rank);
+    OrtStatus *st = CALL((const OrtShapeInfo *, int *), GetTensorElementType, info, &in->type);
+    if (!st)
+        st = CALL((const OrtShapeInfo *, size_t *), GetDimensionsCount, info, &in->rank);
     if (!st && in->rank > MAX_RANK)
         st = error(op, ORT_INVALID_ARGUMENT, "%s has %zu dimensions", names[i], in->rank);
     if (!st)
@@ -200,9 +204,13 @@ static OrtStatus *matrix(const char *op, Input *in, int i, const char **names, i
         return error(op, ORT_INVALID_ARGUMENT, "%s/%s/%s has %lld rows: the %s layout takes a multiple of %d",
                      names[i], names[i + 1], names[i + 2], (long long)N, tiles == 2 ? "panel" : "tile",
                      tiles == 2 ? 32 : 4);
+    /* s in fp16: the tile layout's only (ort_layouts.tile_weights stores scales that are all fp16 numbers so) */
+    if (s->type != T_FLOAT && (s->type != T_FLOAT16 || tiles != 1))
+        return error(op, ORT_INVALID_ARGUMENT, "%s: the scales are fp32, or fp16 in the tile layout (tiles=1), not "
+                     "element type %d with tiles=%d", names[i + 1], s->type, tiles);
     /* tiles=2: q, s and z in panels (ort_layouts.int4_panels), the same shapes; moec_panels runs them */
     *m = (Matrix){q->data, s->data, z->v && z->numel ? z->data : NULL, N, K, G, tiles == 1,
-                  tiles == 2 ? q->data : NULL, WT_I4};
+                  tiles == 2 ? q->data : NULL, WT_I4, .half = s->type == T_FLOAT16};
     return NULL;
 }
 
@@ -373,7 +381,7 @@ static OrtStatus *experts_panels(void *kernel, OrtKernelContext *ctx) {
    -> y [..., N]: one matrix (a dense layer's MatMulNBits, moec.export_dense), the experts' phases with one expert
    taking every row */
 enum { MIN = 4 };
-static const int mm_types[MIN] = {T_FLOAT, T_UINT8, T_FLOAT, T_UINT8};
+static const int mm_types[MIN] = {T_FLOAT, T_UINT8, T_ANY, T_UINT8};
 static const char *mm_names[MIN] = {"x", "q", "s", "z"};
 
 /* y [R, N] (s->out) = s->m13 times the rows s->x [R = s->T, K = s->H], each first made the kernel's input row
