@@ -36,7 +36,7 @@ its 4 channels one 64-byte load and each step's 16 scales another, where moec's 
 from 4 rows apart (`ort_layouts.tile_weights` lays out the session's file so: decode and prefill 1.11-1.15x on the
 benchmark models, docs/benchmarks.md). The same numbers: the kernel sums the same products in the same order.
 The scales in fp16 where every one of a matrix's is an fp16 number (moec.quant rounds them so; the kernel widens them
-exactly): a group of 32 weights is then 18 bytes, as llama.cpp's q4_0, not 20.
+exactly): a symmetric group of 32 weights is then 18 bytes, as llama.cpp's q4_0, not 20.
 
 tiles=2 (weight-only, AVX-512 builds, every matrix's N a multiple of 32): q, s and z in panels of 32 channels
 (`ort_layouts.int4_panels`, the same shapes), run by the fp32 panel kernel (csrc/panels.c), each weight made (q - z)

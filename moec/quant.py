@@ -4,7 +4,7 @@ Expert matrices are [E, N, K] (canonical W13 [E, N1, H] and W2 [E, H, I]; K is t
 
     Int8Experts():  q int8 [E, N, K], scale fp32 [E, N]          w ~ q * scale   (per output channel, symmetric)
     Int4Experts(g): q uint8 [E, N, K/2] (two nibbles a byte: k even in the low nibble),
-                    scale fp32 [E, N, K/g] (fp16 numbers where those are normal: _fp16),
+                    scale fp32 [E, N, K/g] (fp16 numbers: _fp16),
                     zero uint8 [E, N, K/g] (asymmetric only)
                     w ~ (q - 8) * scale (symmetric)  or  (q - zero) * scale (asymmetric)
 
@@ -70,8 +70,8 @@ class Int4Experts:
 
     Symmetric groups dequantize as (q - 8) * scale, q in 0..15. signed_scale=True (ORT's and llama.cpp's Q4_0
     grid) makes the group's largest-magnitude weight -8 steps (scale = that weight / -8, of its sign), so all 16
-    levels are used at a step of amax/8; False spends 15 levels at a step of amax/7. Either step is rounded to
-    fp16 (`_fp16`), as llama.cpp's and ORT's fp16 scales are.
+    levels are used at a step of amax/8; False spends 15 levels at a step of amax/7. Either step is then made an
+    fp16 number (`_fp16`), as llama.cpp's and ORT's scales are stored.
 
     activations="int8" (backend="onnxruntime", moec.export_onnx/export_genai, or the torch backend, on CPU): each
     expert GEMM quantizes its input rows to int8 per group of `group_size` inputs (scale amax/127, round to
@@ -118,17 +118,19 @@ def check_shape(cfg: QuantConfig, w: torch.Tensor, what: str) -> None:
 
 
 def _fp16(scale: torch.Tensor) -> torch.Tensor:
-    """int4 scales made fp16 numbers where that is a normal one (|s| in [2^-14, 65504]), others as they are: the CPU
-    kernels can then store the groups' scales in fp16, 18 bytes a group of 32 weights as llama.cpp's q4_0, not 20
-    (ort_layouts.half_if_exact). Rounded away from zero (a relative change below 2^-10): the step only grows, so no
-    weight of the group falls outside the 16 levels. The floor of 1e-12 (a group of zeros, or of weights below
-    7e-12, which any such step rounds to 0) becomes 2^-14."""
-    scale = torch.where(scale.abs() <= 1e-12, torch.copysign(torch.tensor(2.0 ** -14), scale), scale)
+    """int4 steps made the next fp16 number away from zero (|s| up to 65504; others as they are): the CPU kernels can
+    then store the groups' scales in fp16 (ort_layouts.half_if_exact): a group of 32 weights in 18 bytes, as
+    llama.cpp's q4_0, not 20 (19 with a zero point, not 21). The change is below 2^-10 of a normal fp16 step (2^-14
+    or more); a smaller one (a group's weights all below ~4e-4) grows to the next multiple of 2^-24, less than 6e-8.
+    Away from zero, not to nearest as llama.cpp's and ORT's converters: the step only grows, so an asymmetric
+    group's range stays within its 16 levels. The floor of 1e-12 (a group of zeros, or of weights that any such step
+    rounds to 0) becomes 2^-14."""
+    scale = torch.where(scale.abs() <= 1e-12, torch.full_like(scale, 2.0 ** -14).copysign(scale), scale)
     half = scale.half()
     # fp16's bits hold sign and magnitude apart: one more in the magnitude's bits is the next number away from zero
+    # (from +-0, the smallest subnormal of that sign)
     half = torch.where(half.float().abs() < scale.abs(), (half.view(torch.int16) + 1).view(torch.float16), half)
-    normal = (scale.abs() >= 2.0 ** -14) & (scale.abs() <= 65504)
-    return torch.where(normal, half.float(), scale)
+    return torch.where(scale.abs() <= 65504, half.float(), scale)
 
 
 def quantize(cfg: QuantConfig, w: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -359,8 +359,8 @@ void moec_int4(const void *x, const float *sx, const int32_t *xi, int64_t R, int
    (N a multiple of 4, as j0 and j1) holds q as [K/32 blocks][4 channels][16 bytes], so a block of the 4 channels is
    one 64-byte load, and s as [G/4 steps][4 channels][4 groups] then the last G % 4 groups as [4 channels][G % 4],
    so a step's scales are one 64-byte load; z as in moec's format. A tile's weights are one sequential stream.
-   half: s in fp16 (`ort_layouts.tile_weights` where every scale is an fp16 number: moec.quant rounds them so),
-   widened exactly as read: the same numbers, a group of 32 weights in 18 bytes instead of 20. */
+   half: s in fp16 (`ort_layouts.tile_weights`, where every scale is an fp16 number: moec.quant makes them so),
+   widened exactly as read: the same numbers, a symmetric group of 32 weights in 18 bytes instead of 20. */
 void moec_int4_tiles(const int8_t *x8, const float *sx, const int32_t *xi, int64_t R, int64_t K, const uint8_t *q,
                      const void *s, int half, const uint8_t *z, int64_t G, float *out, int64_t N, int64_t j0,
                      int64_t j1) {
