@@ -35,9 +35,8 @@ tiles=1 (int8 activations, AVX-512 builds, every matrix's N a multiple of 4): q 
 its 4 channels one 64-byte load and each step's 16 scales another, where moec's layout makes 4 loads of 16 bytes
 from 4 rows apart (`ort_layouts.tile_weights` lays out the session's file so: decode and prefill 1.11-1.15x on the
 benchmark models, docs/benchmarks.md). The same numbers: the kernel sums the same products in the same order.
-The scales in fp16 where every one of a matrix's is an fp16 number (moec.quant makes them so; the kernel widens them
-exactly), in this layout and in tiles=2's: a symmetric group of 32 weights is then 18 bytes, as llama.cpp's q4_0,
-not 20.
+The scales in fp16 where every one of a matrix's is an fp16 number (moec.quant rounds them so; the kernel widens them
+exactly): a symmetric group of 32 weights is then 18 bytes, as llama.cpp's q4_0, not 20.
 
 tiles=2 (weight-only, AVX-512 builds, every matrix's N a multiple of 32): q, s and z in panels of 32 channels
 (`ort_layouts.int4_panels`, the same shapes), run by the fp32 panel kernel (csrc/panels.c), each weight made (q - z)
@@ -141,7 +140,7 @@ def library() -> str | None:
     return path
 
 
-SCALES = "float or float16"  # register_schema: an int4 node's scales (fp16 in tiles or panels: tile_weights)
+SCALES = "float or float16"  # register_schema: an int4 node's scales (fp16 in the tile layout: tile_weights)
 
 
 def register_schema() -> None:
@@ -152,8 +151,8 @@ def register_schema() -> None:
     optional = OpSchema.FormalParameterOption.Optional
     a8 = OpSchema.Attribute("int8_activations", OpSchema.AttrType.INT, "GEMM inputs rounded to int8")
     tiles = OpSchema.Attribute("tiles", onnx.helper.make_attribute("tiles", 0),
-                               "1: q and s in the tile layout (ort_layouts.tiled, int8 activations); 2: q, s and z "
-                               "in panels (ort_layouts.int4_panels, fp32 rows); s fp32 or, in either, fp16")
+                               "1: q and s in the tile layout (ort_layouts.tiled, int8 activations; s fp32 or fp16); "
+                               "2: q, s and z in panels (ort_layouts.int4_panels, fp32 rows)")
     rows8 = OpSchema.Attribute("int8_activations", onnx.helper.make_attribute("int8_activations", 0),
                                "1: each input row rounded to int8 at one step, weights in panels_a8")
     rows16 = OpSchema.Attribute("bf16_rows", onnx.helper.make_attribute("bf16_rows", 0),
@@ -176,7 +175,7 @@ def register_schema() -> None:
             (FP32_MATMUL + "Int8", {"x": "float", "w": "int8", "s": "float"},
              [rows8, OpSchema.Attribute("n", OpSchema.AttrType.INT, "output channels")]),
             (MATMUL, {"x": "float", "q": "uint8", "s": SCALES, "z": "uint8"}, [a8, tiles])):
-        # the int4 scales: a type variable per input, fp32 or (tile and panel layouts) fp16
+        # the int4 scales: a type variable per input, fp32 or (tile layout) fp16
         register_once(OpSchema(
             op, DOMAIN, 1, "moec's kernels (backends/ort_kernels.py)",
             inputs=[OpSchema.FormalParameter(n, f"S_{n}" if t == SCALES else f"tensor({t})",
@@ -217,20 +216,17 @@ def _self_test(path: str) -> None:
     t2 = quantize(Int4Experts(64), torch.randn(E, H, I, generator=g))
     inputs = {"x": x, "ids": ids, "w": w, "q13": t13["q"], "s13": t13["scale"], "z13": t13["zero"],
               "q2": t2["q"], "s2": t2["scale"]}
-    # tiles: the layout's attribute; half: its scales in fp16 (quantize makes them fp16 numbers)
-    for a8, tiles, half in ([(True, 0, False)] + [(True, 1, False), (True, 1, True), (False, 2, False),
-                                                  (False, 2, True)] * cpu_native.has_tiles()
-                            + [(False, 0, False)] * cpu_native.has_f32()):
+    # tiles: the layout's attribute; half: the tile layout's scales in fp16 (quantize makes them fp16 numbers)
+    for a8, tiles, half in ([(True, 0, False)] + [(True, 1, False), (True, 1, True), (False, 2, False)]
+                            * cpu_native.has_tiles() + [(False, 0, False)] * cpu_native.has_f32()):
         node = helper.make_node(OP, list(inputs), ["y"], domain=DOMAIN, int8_activations=int(a8), gate_up=2,
                                 tiles=tiles)
         weights = dict(inputs)
         for m in ("13", "2") if tiles else ():
             q, s, z = (inputs[f"{n}{m}"].numpy() if f"{n}{m}" in inputs else None for n in "qsz")
-            laid = list(int4_panels(q, s, z) if tiles == 2 else tiled(q, s))
-            if half:
-                laid[1] = half_if_exact(laid[1])
-                if laid[1].dtype != np.float16:
-                    raise RuntimeError("its self-test's scales are not fp16 numbers (moec.quant._fp16)")
+            laid = int4_panels(q, s, z) if tiles == 2 else half_if_exact(*tiled(q, s)) if half else tiled(q, s)
+            if half and laid[1].dtype != np.float16:
+                raise RuntimeError("its self-test's scales are not fp16 numbers (moec.quant._fp16)")
             for n, a in zip("qsz", laid):
                 if a is not None:
                     weights[f"{n}{m}"] = torch.from_numpy(a)

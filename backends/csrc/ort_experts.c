@@ -4,15 +4,15 @@
 #define OP "Int4Experts"
 #define MM "Int4MatMul"
 enum { NIN = 9, CH = 64 };  /* inputs; output channels per work item (a multiple of the kernel's tile of 4) */
-/* the scales: fp32, or fp16 in the tile and panel layouts (any type here, checked by `matrix`) */
+/* the scales: fp32, or fp16 in the tile layout (any type here, checked by `matrix`) */
 static const int in_types[NIN] = {T_FLOAT, T_INT64, T_FLOAT, T_UINT8, T_ANY, T_UINT8, T_UINT8, T_ANY, T_UINT8};
 static const char *in_names[NIN] = {"x", "ids", "w", "q13", "s13", "z13", "q2", "s2", "z2"};
 
 typedef struct { int64_t a8, gate_up, tiles, n, wt; } Kernel;  /* wt: the panels' weight type, WT_* */
 
 typedef struct {  /* one matrix of every expert, moec's int4 format: q [E, N, K/2], s [E, N, G], z [E, N, G] or NULL;
-                   tiles: q and s in the tile layout (moec_int4_tiles); or weights in panels f [E, P, K, 32] of
-                   type wt (int8: times the channel's scale sc [E, N]); half: s in fp16 */
+                   tiles: q and s in the tile layout (moec_int4_tiles), s in fp16 if half; or weights in panels
+                   f [E, P, K, 32] of type wt (int8: times the channel's scale sc [E, N]) */
     const uint8_t *q; const float *s; const uint8_t *z; int64_t N, K, G; int tiles; const void *f; int wt;
     const float *sc; int half;
 } Matrix;
@@ -58,9 +58,8 @@ static void gemm_item(void *p, size_t item) {  /* (active expert, CH output chan
         moec_panels((const float *)s->in + r0 * m->K, s->first[e + 1] - r0, m->K,
                     (const char *)m->f + e * ((m->N + PANEL - 1) / PANEL) * PANEL_BYTES(m->wt, m->K),
                     s->out + r0 * m->N, m->N, j0, j1, m->wt,
-                    IS_I4(m->wt) ? (const char *)m->s + e * m->N * G * (m->half ? 2 : 4)
-                                 : m->sc ? (const void *)(m->sc + e * m->N) : NULL,
-                    IS_I4(m->wt) && m->z ? m->z + e * m->N * G : NULL, G);
+                    m->wt == WT_I4 ? m->s + e * m->N * G : m->sc ? m->sc + e * m->N : NULL,
+                    m->wt == WT_I4 && m->z ? m->z + e * m->N * G : NULL, G);
         return;
     }
 #endif
@@ -205,15 +204,13 @@ static OrtStatus *matrix(const char *op, Input *in, int i, const char **names, i
         return error(op, ORT_INVALID_ARGUMENT, "%s/%s/%s has %lld rows: the %s layout takes a multiple of %d",
                      names[i], names[i + 1], names[i + 2], (long long)N, tiles == 2 ? "panel" : "tile",
                      tiles == 2 ? 32 : 4);
-    /* s in fp16: the tile and panel layouts' only (ort_layouts.tile_weights stores scales that are all fp16
-       numbers so) */
-    int half = s->type == T_FLOAT16;
-    if (s->type != T_FLOAT && (!half || !tiles))
-        return error(op, ORT_INVALID_ARGUMENT, "%s: the scales are fp32, or fp16 in the tile or panel layout (tiles=1 "
-                     "or 2), not element type %d with tiles=%d", names[i + 1], s->type, tiles);
+    /* s in fp16: the tile layout's only (ort_layouts.tile_weights stores scales that are all fp16 numbers so) */
+    if (s->type != T_FLOAT && (s->type != T_FLOAT16 || tiles != 1))
+        return error(op, ORT_INVALID_ARGUMENT, "%s: the scales are fp32, or fp16 in the tile layout (tiles=1), not "
+                     "element type %d with tiles=%d", names[i + 1], s->type, tiles);
     /* tiles=2: q, s and z in panels (ort_layouts.int4_panels), the same shapes; moec_panels runs them */
     *m = (Matrix){q->data, s->data, z->v && z->numel ? z->data : NULL, N, K, G, tiles == 1,
-                  tiles == 2 ? q->data : NULL, half ? WT_I4H : WT_I4, .half = half};
+                  tiles == 2 ? q->data : NULL, WT_I4, .half = s->type == T_FLOAT16};
     return NULL;
 }
 

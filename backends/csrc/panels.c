@@ -1,8 +1,6 @@
 /* GEMMs on weights laid out in panels of output channels (fp32, bf16, int8, int4; bf16 rows on bf16 pairs; int8
    rows on int8 panels): the kernels of the experts and Linear ops (after ort_api.c) */
-/* BF16_ROWS: bf16 rows on bf16 pairs; I4H: int4 whose scales are fp16 */
-enum { WT_F32 = 0, WT_BF16 = 1, WT_I8 = 2, WT_I4 = 3, WT_BF16_ROWS = 4, WT_I4H = 5 };
-#define IS_I4(wt) ((wt) == WT_I4 || (wt) == WT_I4H)
+enum { WT_F32 = 0, WT_BF16 = 1, WT_I8 = 2, WT_I4 = 3, WT_BF16_ROWS = 4 };  /* BF16_ROWS: bf16 rows on bf16 pairs */
 
 #ifdef __AVX512F__
 /* fp32 weights in panels: panel p of a matrix [N, K] holds channels 32p..32p+31 as [K][32] (zeros past N), so a
@@ -16,13 +14,13 @@ enum { WT_F32 = 0, WT_BF16 = 1, WT_I8 = 2, WT_I4 = 3, WT_BF16_ROWS = 4, WT_I4H =
    Int8Experts: a scale per channel): the integers widened to fp32 (exact), their products with x summed, the sum
    times the channel's scale. int4 (moec's Int4Experts weight-only, tiles=2: `ort_layouts.int4_panels`): each k's 32 channels
    in 16 bytes (channel c in the low nibble of byte c, c + 16 in the high one), the groups' scales (and zero points)
-   as [G][32] (the scales in fp16 for WT_I4H, widened exactly); each weight made (q - z) * s, moec's dequantized
-   value (one rounding: q - z is exact), then the fp32 kernel's products and sums. */
+   as [G][32]; each weight made (q - z) * s, moec's dequantized value (one rounding: q - z is exact), then the fp32
+   kernel's products and sums. */
 enum { PANEL = 32, MR = 6, KC = 256 };
 #define PANEL_BYTES(wt, K) ((K) * ((wt) == WT_F32 ? 128 : (wt) == WT_BF16 || (wt) == WT_BF16_ROWS ? 64 : (wt) == WT_I8 ? 32 : 16))
-typedef struct { const void *s; const uint8_t *z; int shift; } Groups;  /* int4: a panel's [G][32]; 2^shift k a group */
+typedef struct { const float *s; const uint8_t *z; int shift; } Groups;  /* int4: a panel's [G][32]; 2^shift k a group */
 INLINE void panel_load(const void *w, int64_t k, int wt, Groups g, __m512 *w0, __m512 *w1) {
-    if (IS_I4(wt)) {
+    if (wt == WT_I4) {
         /* q - 8 looked up by nibble (vpermps reads an index's low 4 bits); with zero points, q, less z */
         const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         const __m512 table = g.z ? iota : _mm512_sub_ps(iota, _mm512_set1_ps(8));
@@ -33,11 +31,8 @@ INLINE void panel_load(const void *w, int64_t k, int wt, Groups g, __m512 *w0, _
             lo = _mm512_sub_ps(lo, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(g.z + at)))));
             hi = _mm512_sub_ps(hi, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(g.z + at + 16)))));
         }
-        const uint16_t *h = (const uint16_t *)g.s + at;
-        const float *f = (const float *)g.s + at;
-        *w0 = _mm512_mul_ps(lo, wt == WT_I4H ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h)) : _mm512_loadu_ps(f));
-        *w1 = _mm512_mul_ps(hi, wt == WT_I4H ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + 16)))
-                                             : _mm512_loadu_ps(f + 16));
+        *w0 = _mm512_mul_ps(lo, _mm512_loadu_ps(g.s + at));
+        *w1 = _mm512_mul_ps(hi, _mm512_loadu_ps(g.s + at + 16));
     } else if (wt == WT_BF16) {  /* channels interleaved (c0, c16, c1, c17, ...: narrow_bf16): widened without a shuffle */
         __m512i b = _mm512_loadu_si512((const uint16_t *)w + k * PANEL);
         *w0 = _mm512_castsi512_ps(_mm512_slli_epi32(b, 16));
@@ -111,9 +106,9 @@ INLINE void row_blocks(const float *x, int64_t R, int64_t K, int64_t k0, const v
    panels w [ceil(N/32), K, 32] of type wt (int8: times sc[j]; int4: sc, z the groups' [ceil(N/32), G, 32], G groups
    of 32, 64 or 128 k); out's rows N apart */
 INLINE void panels_any(const float *x, int64_t R, int64_t K, const void *w, float *out, int64_t N, int64_t j0,
-                       int64_t j1, int wt, const void *sc, const uint8_t *z, int64_t G) {
+                       int64_t j1, int wt, const float *sc, const uint8_t *z, int64_t G) {
     float buf[R > MR && wt != WT_F32 ? KC * PANEL : 1];
-    int shift = IS_I4(wt) ? __builtin_ctzll((uint64_t)(K / G)) : 0;
+    int shift = wt == WT_I4 ? __builtin_ctzll((uint64_t)(K / G)) : 0;
     for (int64_t j = j0; j < j1; j += PANEL) {
         int64_t n = j1 - j < PANEL ? j1 - j : PANEL;
         __mmask16 m0 = n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1), m1 = n > 16 ? (__mmask16)((1u << (n - 16)) - 1) : 0;
@@ -121,8 +116,8 @@ INLINE void panels_any(const float *x, int64_t R, int64_t K, const void *w, floa
         for (int64_t k0 = 0; k0 < K; k0 += KC) {  /* KC a multiple of the groups: each part starts a group */
             int64_t nk = (k0 + KC < K ? k0 + KC : K) - k0;
             const void *wk = wp + PANEL_BYTES(wt, k0);
-            int64_t at = IS_I4(wt) ? (j / PANEL * G + (k0 >> shift)) * PANEL : 0;
-            Groups g = {IS_I4(wt) ? (const char *)sc + at * (wt == WT_I4H ? 2 : 4) : NULL, z ? z + at : NULL, shift};
+            int64_t at = wt == WT_I4 ? (j / PANEL * G + (k0 >> shift)) * PANEL : 0;
+            Groups g = {wt == WT_I4 ? sc + at : NULL, z ? z + at : NULL, shift};
             if (R > MR && wt != WT_F32) {  /* several row blocks: this part of the panel widened once, into L1 */
                 for (int64_t k = 0; k < nk; k++) {
                     __m512 w0, w1;
@@ -136,8 +131,7 @@ INLINE void panels_any(const float *x, int64_t R, int64_t K, const void *w, floa
             }
         }
         if (wt == WT_I8) {  /* the channels' scales, once their sums are whole */
-            const float *s = sc;
-            __m512 s0 = _mm512_maskz_loadu_ps(m0, s + j), s1 = _mm512_maskz_loadu_ps(m1, s + j + 16);
+            __m512 s0 = _mm512_maskz_loadu_ps(m0, sc + j), s1 = _mm512_maskz_loadu_ps(m1, sc + j + 16);
             for (int64_t r = 0; r < R; r++) {
                 float *o = out + r * N + j;
                 _mm512_mask_storeu_ps(o, m0, _mm512_mul_ps(_mm512_maskz_loadu_ps(m0, o), s0));
@@ -148,11 +142,10 @@ INLINE void panels_any(const float *x, int64_t R, int64_t K, const void *w, floa
 }
 
 static void moec_panels(const float *x, int64_t R, int64_t K, const void *w, float *out, int64_t N, int64_t j0,
-                        int64_t j1, int wt, const void *sc, const uint8_t *z, int64_t G) {
+                        int64_t j1, int wt, const float *sc, const uint8_t *z, int64_t G) {
     if (wt == WT_BF16) panels_any(x, R, K, w, out, N, j0, j1, WT_BF16, sc, z, G);
     else if (wt == WT_I8) panels_any(x, R, K, w, out, N, j0, j1, WT_I8, sc, z, G);
     else if (wt == WT_I4) panels_any(x, R, K, w, out, N, j0, j1, WT_I4, sc, z, G);
-    else if (wt == WT_I4H) panels_any(x, R, K, w, out, N, j0, j1, WT_I4H, sc, z, G);
     else panels_any(x, R, K, w, out, N, j0, j1, WT_F32, sc, z, G);
 }
 
