@@ -35,7 +35,7 @@ tiles=1 (int8 activations, AVX-512 builds, every matrix's N a multiple of 4): q 
 its 4 channels one 64-byte load and each step's 16 scales another, where moec's layout makes 4 loads of 16 bytes
 from 4 rows apart (`ort_layouts.tile_weights` lays out the session's file so: decode and prefill 1.11-1.15x on the
 benchmark models, docs/benchmarks.md). The same numbers: the kernel sums the same products in the same order.
-The scales in fp16 where every one of a matrix's is an fp16 number (moec.quant rounds them so; the kernel widens them
+The scales in fp16 where every one of a matrix's is an fp16 number (moec.quant makes them so; the kernel widens them
 exactly): a symmetric group of 32 weights is then 18 bytes, as llama.cpp's q4_0, not 20.
 
 tiles=2 (weight-only, AVX-512 builds, every matrix's N a multiple of 32): q, s and z in panels of 32 channels
@@ -224,9 +224,11 @@ def _self_test(path: str) -> None:
         weights = dict(inputs)
         for m in ("13", "2") if tiles else ():
             q, s, z = (inputs[f"{n}{m}"].numpy() if f"{n}{m}" in inputs else None for n in "qsz")
-            laid = int4_panels(q, s, z) if tiles == 2 else half_if_exact(*tiled(q, s)) if half else tiled(q, s)
-            if half and laid[1].dtype != np.float16:
-                raise RuntimeError("its self-test's scales are not fp16 numbers (moec.quant._fp16)")
+            laid = list(int4_panels(q, s, z) if tiles == 2 else tiled(q, s))
+            if half:
+                laid[1] = half_if_exact(laid[1])
+                if laid[1].dtype != np.float16:
+                    raise RuntimeError("its self-test's scales are not fp16 numbers (moec.quant._fp16)")
             for n, a in zip("qsz", laid):
                 if a is not None:
                     weights[f"{n}{m}"] = torch.from_numpy(a)

@@ -110,12 +110,12 @@ def tiled(q: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(q).reshape(*lead, N, half), np.ascontiguousarray(s).reshape(*lead, N, G)
 
 
-def half_if_exact(q: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """q, and the scales s in fp16 if every one is an fp16 number (moec.quant rounds them so; the tile kernel widens
-    them exactly: the same numbers in half the bytes), else as they are."""
+def half_if_exact(s: np.ndarray) -> np.ndarray:
+    """The scales s in fp16 if every one is an fp16 number (moec.quant makes them so; the tile kernel widens them
+    exactly: the same numbers in half the bytes), else as they are."""
     with np.errstate(over="ignore"):  # past fp16's range: inf, not equal, kept
         h = s.astype(np.float16)
-    return q, h if np.array_equal(h.astype(s.dtype), s) else s
+    return h if np.array_equal(h.astype(s.dtype), s) else s
 
 
 def int4_panels(q: np.ndarray, s: np.ndarray, z: np.ndarray | None):
@@ -252,7 +252,9 @@ def tile_weights(proto, base_dir: str = "") -> int:
         for t in triples:
             if any((n.input[i], layout) not in done for i in t if i is not None):
                 arrays = [numpy_helper.to_array(inits[n.input[i]], base_dir) if i is not None else None for i in t]
-                laid = half_if_exact(*tiled(*arrays[:2])) if a8 else int4_panels(*arrays)
+                laid = list(tiled(*arrays[:2]) if a8 else int4_panels(*arrays))
+                if a8:
+                    laid[1] = half_if_exact(laid[1])
                 for i, array in zip(t, laid):
                     if i is not None and (n.input[i], layout) not in done:
                         done[n.input[i], layout] = f"{n.input[i]}{suffix}"

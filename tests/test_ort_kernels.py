@@ -35,7 +35,8 @@ def _laid_out(q, s, z, tiles) -> tuple:
     """moec's int4 format (torch tensors) in the layout `tiles` (numpy arrays; z None where absent)."""
     q, s, z = (None if t is None else t.numpy() for t in (q, s, z))
     if tiles == HALF:
-        q, s = ort_layouts.half_if_exact(*ort_layouts.tiled(q, s))
+        q, s = ort_layouts.tiled(q, s)
+        s = ort_layouts.half_if_exact(s)
         assert s.dtype == np.float16  # quantize's scales are fp16 numbers
         return q, s, z
     return tuple(ort_layouts.tiled(q, s)) + (z,) if tiles == 1 else ort_layouts.int4_panels(q, s, z) if tiles else (q, s, z)
