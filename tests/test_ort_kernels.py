@@ -173,9 +173,14 @@ def test_backend_runs_it_and_matches_the_torch_backend(a8):
     assert len(compiled.forward.sessions) == 2
     import onnx  # the weights in tiles (int8 activations) or panels (ort_layouts.tile_weights), where the CPU has them
 
-    tiles = {onnx.helper.get_attribute_value(a) for n in onnx.load(report.export.path).graph.node
+    proto = onnx.load(report.export.path, load_external_data=False)
+    tiles = {onnx.helper.get_attribute_value(a) for n in proto.graph.node
              if n.op_type == ort_kernels.OP for a in n.attribute if a.name == "tiles"}
     assert tiles == {(1 if a8 == "int8" else 2) if cpu_native.has_tiles() else 0}
+    # the scales the compared session read: fp16 in the tile layout (quantize's steps are fp16 numbers), else fp32
+    types = {t.name: t.data_type for t in proto.graph.initializer}
+    scales = {types[n.input[i]] for n in proto.graph.node if n.op_type == ort_kernels.OP for i in (4, 7)}
+    assert scales == {onnx.TensorProto.FLOAT16 if tiles == {1} else onnx.TensorProto.FLOAT}
 
 
 def test_blocks_it_does_not_fit_keep_qmoe():
