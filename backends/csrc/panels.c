@@ -14,25 +14,31 @@ enum { WT_F32 = 0, WT_BF16 = 1, WT_I8 = 2, WT_I4 = 3, WT_BF16_ROWS = 4 };  /* BF
    Int8Experts: a scale per channel): the integers widened to fp32 (exact), their products with x summed, the sum
    times the channel's scale. int4 (moec's Int4Experts weight-only, tiles=2: `ort_layouts.int4_panels`): each k's 32 channels
    in 16 bytes (channel c in the low nibble of byte c, c + 16 in the high one), the groups' scales (and zero points)
-   as [G][32]; each weight made (q - z) * s, moec's dequantized value (one rounding: q - z is exact), then the fp32
-   kernel's products and sums. */
+   as [G][32]; summed a group at a time (i4_rows). */
 enum { PANEL = 32, MR = 6, KC = 256 };
 #define PANEL_BYTES(wt, K) ((K) * ((wt) == WT_F32 ? 128 : (wt) == WT_BF16 || (wt) == WT_BF16_ROWS ? 64 : (wt) == WT_I8 ? 32 : 16))
-typedef struct { const float *s; const uint8_t *z; int shift; } Groups;  /* int4: a panel's [G][32]; 2^shift k a group */
+typedef struct {  /* int4: a panel's scales and zero points [G][32] from this part on, 2^shift k a group; the
+                   lookup table (q - 8, or q with zero points); the group's zero points as floats */
+    const float *s; const uint8_t *z; int shift; __m512 table, z0, z1;
+} Groups;
+
+INLINE Groups i4_groups(const float *s, const uint8_t *z, int shift) {
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    Groups g = {s, z, shift, z ? iota : _mm512_sub_ps(iota, _mm512_set1_ps(8)), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    return g;
+}
+
+INLINE void i4_zero_points(Groups *g, int64_t group) {  /* the group's z as floats (exact), for panel_load */
+    if (!g->z) return;
+    const uint8_t *z = g->z + group * PANEL;
+    g->z0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)z)));
+    g->z1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(z + 16))));
+}
 INLINE void panel_load(const void *w, int64_t k, int wt, Groups g, __m512 *w0, __m512 *w1) {
-    if (wt == WT_I4) {
-        /* q - 8 looked up by nibble (vpermps reads an index's low 4 bits); with zero points, q, less z */
-        const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        const __m512 table = g.z ? iota : _mm512_sub_ps(iota, _mm512_set1_ps(8));
+    if (wt == WT_I4) {  /* q - z, exact: the table (i4_groups) looked up by nibble (vpermps reads an index's low 4 bits) */
         __m512i i = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)w + k * 16)));
-        __m512 lo = _mm512_permutexvar_ps(i, table), hi = _mm512_permutexvar_ps(_mm512_srli_epi32(i, 4), table);
-        int64_t at = (k >> g.shift) * PANEL;
-        if (g.z) {
-            lo = _mm512_sub_ps(lo, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(g.z + at)))));
-            hi = _mm512_sub_ps(hi, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(g.z + at + 16)))));
-        }
-        *w0 = _mm512_mul_ps(lo, _mm512_loadu_ps(g.s + at));
-        *w1 = _mm512_mul_ps(hi, _mm512_loadu_ps(g.s + at + 16));
+        *w0 = _mm512_permutexvar_ps(i, g.table), *w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(i, 4), g.table);
+        if (g.z) *w0 = _mm512_sub_ps(*w0, g.z0), *w1 = _mm512_sub_ps(*w1, g.z1);
     } else if (wt == WT_BF16) {  /* channels interleaved (c0, c16, c1, c17, ...: narrow_bf16): widened without a shuffle */
         __m512i b = _mm512_loadu_si512((const uint16_t *)w + k * PANEL);
         *w0 = _mm512_castsi512_ps(_mm512_slli_epi32(b, 16));
@@ -51,7 +57,8 @@ INLINE void panel_load(const void *w, int64_t k, int wt, Groups g, __m512 *w0, _
    Even and odd inputs go to two sets of sums, added at the end: two FMA chains, so that at decode a k step does
    not wait for the last FMA (fp32 experts from the cache 1.2x as fast). Every row count sums the same way. */
 INLINE void panel_rows(const float *x, int64_t K, const void *w, int64_t nk, int acc, float *o, int64_t N,
-                       int nr, __mmask16 m0, __mmask16 m1, int wt, Groups g) {
+                       int nr, __mmask16 m0, __mmask16 m1, int wt) {
+    const Groups g = {0};  /* not int4 (i4_rows) */
     __m512 a[MR][2], b[MR][2];
     UNROLL for (int r = 0; r < nr; r++) {
         a[r][0] = acc ? _mm512_maskz_loadu_ps(m0, o + r * N) : _mm512_setzero_ps();
@@ -86,17 +93,89 @@ INLINE void panel_rows(const float *x, int64_t K, const void *w, int64_t nk, int
     }
 }
 
+/* int4: groups gi and (two) gi + 1 of rows x [nr, .] (K apart) times a panel onto o (acc: onto the sums so far): w
+   the panel's int4 at the part's inputs, or (widened) their q - z in fp32 [nk][32] (i4_blocks). A group's products
+   x (q - z) are summed in order (q - z is exact), and the sum times the group's scale added to o with one FMA: no
+   multiply a weight. Two groups side by side: two chains, so that at decode a step does not wait for the last FMA. */
+INLINE void i4_groups_rows(const float *x, int64_t K, const void *w, int64_t gi, int two, int first, float *o,
+                           int64_t N, int nr, __mmask16 m0, __mmask16 m1, Groups g, int widened) {
+    const int64_t size = (int64_t)1 << g.shift, k0 = gi << g.shift;
+    Groups h = g;
+    if (!widened) i4_zero_points(&g, gi), i4_zero_points(&h, gi + two);
+    __m512 a[MR][2], b[MR][2];
+    UNROLL for (int r = 0; r < nr; r++) a[r][0] = a[r][1] = b[r][0] = b[r][1] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k0 + size; k++) {
+        __m512 w0, w1, v0, v1;
+        panel_load(w, k, widened ? WT_F32 : WT_I4, g, &w0, &w1);
+        if (two) panel_load(w, k + size, widened ? WT_F32 : WT_I4, h, &v0, &v1);
+        UNROLL for (int r = 0; r < nr; r++) {
+            __m512 xv = _mm512_set1_ps(x[r * K + k]);
+            a[r][0] = _mm512_fmadd_ps(xv, w0, a[r][0]);
+            a[r][1] = _mm512_fmadd_ps(xv, w1, a[r][1]);
+            if (two) {
+                __m512 yv = _mm512_set1_ps(x[r * K + k + size]);
+                b[r][0] = _mm512_fmadd_ps(yv, v0, b[r][0]);
+                b[r][1] = _mm512_fmadd_ps(yv, v1, b[r][1]);
+            }
+        }
+    }
+    const float *s = g.s + gi * PANEL;
+    __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16);
+    __m512 u0 = two ? _mm512_loadu_ps(s + PANEL) : s0, u1 = two ? _mm512_loadu_ps(s + PANEL + 16) : s1;
+    UNROLL for (int r = 0; r < nr; r++) {  /* the sums so far in o (L1), not registers: 6 rows' a and b fill them */
+        __m512 t0 = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m0, o + r * N);
+        __m512 t1 = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m1, o + r * N + 16);
+        t0 = _mm512_fmadd_ps(a[r][0], s0, t0), t1 = _mm512_fmadd_ps(a[r][1], s1, t1);
+        if (two) t0 = _mm512_fmadd_ps(b[r][0], u0, t0), t1 = _mm512_fmadd_ps(b[r][1], u1, t1);
+        _mm512_mask_storeu_ps(o + r * N, m0, t0);
+        _mm512_mask_storeu_ps(o + r * N + 16, m1, t1);
+    }
+}
+
+/* int4: rows x [nr, .] times nk inputs (whole groups) of a panel onto o, two groups at a time: the same numbers
+   whatever the row count */
+INLINE void i4_rows(const float *x, int64_t K, const void *w, int64_t nk, int acc, float *o, int64_t N, int nr,
+                    __mmask16 m0, __mmask16 m1, Groups g, int widened) {
+    int64_t groups = nk >> g.shift;
+    for (int64_t gi = 0; gi < groups; gi += 2) {
+        if (gi + 1 < groups) i4_groups_rows(x, K, w, gi, 1, !acc && gi == 0, o, N, nr, m0, m1, g, widened);
+        else i4_groups_rows(x, K, w, gi, 0, !acc && gi == 0, o, N, nr, m0, m1, g, widened);
+    }
+}
+
 /* CALL(n) for a block of the remaining `left` rows, at most MR: constant row counts keep the accumulators in
    registers */
 #define BY_ROWS(left, CALL) switch ((left) < MR ? (left) : MR) { \
     case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; case 4: CALL(4); break; \
     case 5: CALL(5); break; default: CALL(6); }
 
+/* int4: rows x [R, K] times inputs k0..k0+nk of a panel w (at k0, whole groups) into out's 32 columns; more than
+   MR rows: the part's q - z widened once into buf [KC][32] (L1), which every row block reads */
+INLINE void i4_blocks(const float *x, int64_t R, int64_t K, int64_t k0, const void *w, int64_t nk, float *out,
+                      int64_t N, __mmask16 m0, __mmask16 m1, Groups g, float *buf) {
+    int widened = R > MR;
+    if (widened) {
+        for (int64_t k = 0; k < nk; k++) {
+            __m512 w0, w1;
+            if (!(k & (((int64_t)1 << g.shift) - 1))) i4_zero_points(&g, k >> g.shift);
+            panel_load(w, k, WT_I4, g, &w0, &w1);
+            _mm512_storeu_ps(buf + k * PANEL, w0);
+            _mm512_storeu_ps(buf + k * PANEL + 16, w1);
+        }
+        w = buf;
+    }
+    for (int64_t r = 0; r < R; r += MR) {
+#define ROWS(NR) i4_rows(x + r * K + k0, K, w, nk, k0 > 0, out + r * N, N, NR, m0, m1, g, widened)
+        BY_ROWS(R - r, ROWS);
+#undef ROWS
+    }
+}
+
 /* rows x [R, K] times inputs k0..k0+nk of a panel w (at k0) into out's 32 columns (masks m0, m1) */
 INLINE void row_blocks(const float *x, int64_t R, int64_t K, int64_t k0, const void *w, int64_t nk, float *out,
-                       int64_t N, __mmask16 m0, __mmask16 m1, int wt, Groups g) {
+                       int64_t N, __mmask16 m0, __mmask16 m1, int wt) {
     for (int64_t r = 0; r < R; r += MR) {
-#define ROWS(NR) panel_rows(x + r * K + k0, K, w, nk, k0 > 0, out + r * N, N, NR, m0, m1, wt, g)
+#define ROWS(NR) panel_rows(x + r * K + k0, K, w, nk, k0 > 0, out + r * N, N, NR, m0, m1, wt)
         BY_ROWS(R - r, ROWS);
 #undef ROWS
     }
@@ -116,18 +195,21 @@ INLINE void panels_any(const float *x, int64_t R, int64_t K, const void *w, floa
         for (int64_t k0 = 0; k0 < K; k0 += KC) {  /* KC a multiple of the groups: each part starts a group */
             int64_t nk = (k0 + KC < K ? k0 + KC : K) - k0;
             const void *wk = wp + PANEL_BYTES(wt, k0);
-            int64_t at = wt == WT_I4 ? (j / PANEL * G + (k0 >> shift)) * PANEL : 0;
-            Groups g = {wt == WT_I4 ? sc + at : NULL, z ? z + at : NULL, shift};
+            if (wt == WT_I4) {
+                int64_t at = (j / PANEL * G + (k0 >> shift)) * PANEL;
+                i4_blocks(x, R, K, k0, wk, nk, out + j, N, m0, m1, i4_groups(sc + at, z ? z + at : NULL, shift), buf);
+                continue;
+            }
             if (R > MR && wt != WT_F32) {  /* several row blocks: this part of the panel widened once, into L1 */
                 for (int64_t k = 0; k < nk; k++) {
                     __m512 w0, w1;
-                    panel_load(wk, k, wt, g, &w0, &w1);
+                    panel_load(wk, k, wt, (Groups){0}, &w0, &w1);
                     _mm512_storeu_ps(buf + k * PANEL, w0);
                     _mm512_storeu_ps(buf + k * PANEL + 16, w1);
                 }
-                row_blocks(x, R, K, k0, buf, nk, out + j, N, m0, m1, WT_F32, g);
+                row_blocks(x, R, K, k0, buf, nk, out + j, N, m0, m1, WT_F32);
             } else {
-                row_blocks(x, R, K, k0, wk, nk, out + j, N, m0, m1, wt, g);
+                row_blocks(x, R, K, k0, wk, nk, out + j, N, m0, m1, wt);
             }
         }
         if (wt == WT_I8) {  /* the channels' scales, once their sums are whole */
