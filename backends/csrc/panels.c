@@ -93,53 +93,39 @@ INLINE void panel_rows(const float *x, int64_t K, const void *w, int64_t nk, int
     }
 }
 
-/* int4: groups gi and (two) gi + 1 of rows x [nr, .] (K apart) times a panel onto o (acc: onto the sums so far): w
-   the panel's int4 at the part's inputs, or (widened) their q - z in fp32 [nk][32] (i4_blocks). A group's products
-   x (q - z) are summed in order (q - z is exact), and the sum times the group's scale added to o with one FMA: no
-   multiply a weight. Two groups side by side: two chains, so that at decode a step does not wait for the last FMA. */
-INLINE void i4_groups_rows(const float *x, int64_t K, const void *w, int64_t gi, int two, int first, float *o,
-                           int64_t N, int nr, __mmask16 m0, __mmask16 m1, Groups g, int widened) {
-    const int64_t size = (int64_t)1 << g.shift, k0 = gi << g.shift;
-    Groups h = g;
-    if (!widened) i4_zero_points(&g, gi), i4_zero_points(&h, gi + two);
-    __m512 a[MR][2], b[MR][2];
-    UNROLL for (int r = 0; r < nr; r++) a[r][0] = a[r][1] = b[r][0] = b[r][1] = _mm512_setzero_ps();
-    for (int64_t k = k0; k < k0 + size; k++) {
-        __m512 w0, w1, v0, v1;
-        panel_load(w, k, widened ? WT_F32 : WT_I4, g, &w0, &w1);
-        if (two) panel_load(w, k + size, widened ? WT_F32 : WT_I4, h, &v0, &v1);
-        UNROLL for (int r = 0; r < nr; r++) {
-            __m512 xv = _mm512_set1_ps(x[r * K + k]);
-            a[r][0] = _mm512_fmadd_ps(xv, w0, a[r][0]);
-            a[r][1] = _mm512_fmadd_ps(xv, w1, a[r][1]);
-            if (two) {
-                __m512 yv = _mm512_set1_ps(x[r * K + k + size]);
+/* int4: rows x [nr, .] (K apart) times nk inputs (whole groups) of a panel onto o (acc: onto the sums so far): w
+   the panel's int4 at those inputs, or (widened) their q - z in fp32 [nk][32] (i4_blocks). A group's products
+   x (q - z) are summed (even inputs in order, odd ones in order, the two added; q - z is exact: two FMA chains, so
+   that at decode a step does not wait for the last FMA), and the sum times the group's scale added to o with one
+   FMA: no multiply a weight, and the same numbers whatever the row count. */
+INLINE void i4_rows(const float *x, int64_t K, const void *w, int64_t nk, int acc, float *o, int64_t N, int nr,
+                    __mmask16 m0, __mmask16 m1, Groups g, int widened) {
+    const int64_t size = (int64_t)1 << g.shift;
+    for (int64_t k0 = 0; k0 < nk; k0 += size) {
+        __m512 a[MR][2], b[MR][2];
+        UNROLL for (int r = 0; r < nr; r++) a[r][0] = a[r][1] = b[r][0] = b[r][1] = _mm512_setzero_ps();
+        if (!widened) i4_zero_points(&g, k0 >> g.shift);
+        for (int64_t k = k0; k < k0 + size; k += 2) {
+            __m512 w0, w1, v0, v1;
+            panel_load(w, k, widened ? WT_F32 : WT_I4, g, &w0, &w1);
+            panel_load(w, k + 1, widened ? WT_F32 : WT_I4, g, &v0, &v1);
+            UNROLL for (int r = 0; r < nr; r++) {
+                __m512 xv = _mm512_set1_ps(x[r * K + k]), yv = _mm512_set1_ps(x[r * K + k + 1]);
+                a[r][0] = _mm512_fmadd_ps(xv, w0, a[r][0]);
+                a[r][1] = _mm512_fmadd_ps(xv, w1, a[r][1]);
                 b[r][0] = _mm512_fmadd_ps(yv, v0, b[r][0]);
                 b[r][1] = _mm512_fmadd_ps(yv, v1, b[r][1]);
             }
         }
-    }
-    const float *s = g.s + gi * PANEL;
-    __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16);
-    __m512 u0 = two ? _mm512_loadu_ps(s + PANEL) : s0, u1 = two ? _mm512_loadu_ps(s + PANEL + 16) : s1;
-    UNROLL for (int r = 0; r < nr; r++) {  /* the sums so far in o (L1), not registers: 6 rows' a and b fill them */
-        __m512 t0 = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m0, o + r * N);
-        __m512 t1 = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m1, o + r * N + 16);
-        t0 = _mm512_fmadd_ps(a[r][0], s0, t0), t1 = _mm512_fmadd_ps(a[r][1], s1, t1);
-        if (two) t0 = _mm512_fmadd_ps(b[r][0], u0, t0), t1 = _mm512_fmadd_ps(b[r][1], u1, t1);
-        _mm512_mask_storeu_ps(o + r * N, m0, t0);
-        _mm512_mask_storeu_ps(o + r * N + 16, m1, t1);
-    }
-}
-
-/* int4: rows x [nr, .] times nk inputs (whole groups) of a panel onto o, two groups at a time: the same numbers
-   whatever the row count */
-INLINE void i4_rows(const float *x, int64_t K, const void *w, int64_t nk, int acc, float *o, int64_t N, int nr,
-                    __mmask16 m0, __mmask16 m1, Groups g, int widened) {
-    int64_t groups = nk >> g.shift;
-    for (int64_t gi = 0; gi < groups; gi += 2) {
-        if (gi + 1 < groups) i4_groups_rows(x, K, w, gi, 1, !acc && gi == 0, o, N, nr, m0, m1, g, widened);
-        else i4_groups_rows(x, K, w, gi, 0, !acc && gi == 0, o, N, nr, m0, m1, g, widened);
+        const float *s = g.s + (k0 >> g.shift) * PANEL;
+        __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16);
+        int first = !acc && k0 == 0;
+        UNROLL for (int r = 0; r < nr; r++) {  /* the sums so far in o (L1), not registers: 6 rows' a and b fill them */
+            __m512 t0 = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m0, o + r * N);
+            __m512 t1 = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m1, o + r * N + 16);
+            _mm512_mask_storeu_ps(o + r * N, m0, _mm512_fmadd_ps(_mm512_add_ps(a[r][0], b[r][0]), s0, t0));
+            _mm512_mask_storeu_ps(o + r * N + 16, m1, _mm512_fmadd_ps(_mm512_add_ps(a[r][1], b[r][1]), s1, t1));
+        }
     }
 }
 
