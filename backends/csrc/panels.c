@@ -98,14 +98,13 @@ INLINE void panel_rows(const float *x, int64_t K, const void *w, int64_t nk, int
    x (q - z) are summed (even inputs in order, odd ones in order, the two added; q - z is exact: two FMA chains, so
    that at decode a step does not wait for the last FMA), and the sum times the group's scale added to o with one
    FMA: no multiply a weight, and the same numbers whatever the row count. */
-INLINE void i4_rows(const float *x, int64_t K, const void *w, int64_t nk, int acc, float *o, int64_t N, int nr,
-                    __mmask16 m0, __mmask16 m1, Groups g, int widened) {
-    const int64_t size = (int64_t)1 << g.shift;
+INLINE void i4_rows_of(const float *x, int64_t K, const void *w, int64_t nk, int acc, float *o, int64_t N, int nr,
+                       __mmask16 m0, __mmask16 m1, Groups g, int widened, const int64_t size) {
     for (int64_t k0 = 0; k0 < nk; k0 += size) {
         __m512 a[MR][2], b[MR][2];
         UNROLL for (int r = 0; r < nr; r++) a[r][0] = a[r][1] = b[r][0] = b[r][1] = _mm512_setzero_ps();
         if (!widened) i4_zero_points(&g, k0 >> g.shift);
-        for (int64_t k = k0; k < k0 + size; k += 2) {
+        _Pragma("GCC unroll 4") for (int64_t k = k0; k < k0 + size; k += 2) {
             __m512 w0, w1, v0, v1;
             panel_load(w, k, widened ? WT_F32 : WT_I4, g, &w0, &w1);
             panel_load(w, k + 1, widened ? WT_F32 : WT_I4, g, &v0, &v1);
@@ -127,6 +126,14 @@ INLINE void i4_rows(const float *x, int64_t K, const void *w, int64_t nk, int ac
             _mm512_mask_storeu_ps(o + r * N + 16, m1, _mm512_fmadd_ps(_mm512_add_ps(a[r][1], b[r][1]), s1, t1));
         }
     }
+}
+
+/* i4_rows_of with the group's size a constant (prefill 1.03x as fast at groups of 32) */
+INLINE void i4_rows(const float *x, int64_t K, const void *w, int64_t nk, int acc, float *o, int64_t N, int nr,
+                    __mmask16 m0, __mmask16 m1, Groups g, int widened) {
+    if (g.shift == 5) i4_rows_of(x, K, w, nk, acc, o, N, nr, m0, m1, g, widened, 32);
+    else if (g.shift == 6) i4_rows_of(x, K, w, nk, acc, o, N, nr, m0, m1, g, widened, 64);
+    else i4_rows_of(x, K, w, nk, acc, o, N, nr, m0, m1, g, widened, 128);
 }
 
 /* CALL(n) for a block of the remaining `left` rows, at most MR: constant row counts keep the accumulators in
