@@ -41,9 +41,10 @@ exactly): a symmetric group of 32 weights is then 18 bytes, as llama.cpp's q4_0,
 tiles=2 (weight-only, AVX-512 builds, every matrix's N a multiple of 32): q, s and z in panels of 32 channels
 (`ort_layouts.int4_panels`, the same shapes), run by the panel kernel (csrc/panels.c) a group at a time: the
 products x (q - z) of a group summed (q - z is exact), then the sum times the group's scale added with one FMA, no
-multiply a weight (weight-only int4 decode 1.1-1.3x as fast as multiplying each weight by its scale, and nearer the
-exact sums). At prefill a panel's part is widened (q - z in fp32) once into L1 and every row block reads it there, so
-512 tokens take about the fp32 experts' time. Its own sums (the panels' order), batch-invariant like every panel op.
+multiply a weight (whole-model decode 1.16-1.24x that of multiplying each weight by its scale, and nearer the exact
+sums). At prefill a panel's part is widened (q - z in fp32) once into L1 and every row block reads it there: 512
+tokens at 0.95-0.97x the fp32 model's (FMA-bound, the groups' scaling on top). Its own sums (the panels' order),
+batch-invariant like every panel op.
 
 Weights in panels (AVX-512 builds): one GEMM over panels of 32 output channels, [ceil(N/32), K, 32]
 (`ort_layouts.panels`), for fp32, bf16 and int8 (a scale per channel) weights:
