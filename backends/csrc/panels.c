@@ -53,6 +53,21 @@ INLINE void panel_load(const void *w, int64_t k, int wt, Groups g, __m512 *w0, _
     }
 }
 
+/* inputs k and k + 1 of a panel w (of type wt) for rows x [nr, .] (K apart): onto the sums a and b */
+INLINE void two_inputs(const float *x, int64_t K, const void *w, int64_t k, int wt, Groups g, int nr, __m512 a[][2],
+                       __m512 b[][2]) {
+    __m512 w0, w1, v0, v1;
+    panel_load(w, k, wt, g, &w0, &w1);
+    panel_load(w, k + 1, wt, g, &v0, &v1);
+    UNROLL for (int r = 0; r < nr; r++) {
+        __m512 xv = _mm512_set1_ps(x[r * K + k]), yv = _mm512_set1_ps(x[r * K + k + 1]);
+        a[r][0] = _mm512_fmadd_ps(xv, w0, a[r][0]);
+        a[r][1] = _mm512_fmadd_ps(xv, w1, a[r][1]);
+        b[r][0] = _mm512_fmadd_ps(yv, v0, b[r][0]);
+        b[r][1] = _mm512_fmadd_ps(yv, v1, b[r][1]);
+    }
+}
+
 /* rows x [nr, .] (K apart) times nk inputs of a panel w (at those inputs) into o; acc: onto the sums so far.
    Even and odd inputs go to two sets of sums, added at the end: two FMA chains, so that at decode a k step does
    not wait for the last FMA (fp32 experts from the cache 1.2x as fast). Every row count sums the same way. */
@@ -66,18 +81,7 @@ INLINE void panel_rows(const float *x, int64_t K, const void *w, int64_t nk, int
         b[r][0] = b[r][1] = _mm512_setzero_ps();
     }
     int64_t k = 0;
-    for (; k + 2 <= nk; k += 2) {
-        __m512 w0, w1, v0, v1;
-        panel_load(w, k, wt, g, &w0, &w1);
-        panel_load(w, k + 1, wt, g, &v0, &v1);
-        UNROLL for (int r = 0; r < nr; r++) {
-            __m512 xv = _mm512_set1_ps(x[r * K + k]), yv = _mm512_set1_ps(x[r * K + k + 1]);
-            a[r][0] = _mm512_fmadd_ps(xv, w0, a[r][0]);
-            a[r][1] = _mm512_fmadd_ps(xv, w1, a[r][1]);
-            b[r][0] = _mm512_fmadd_ps(yv, v0, b[r][0]);
-            b[r][1] = _mm512_fmadd_ps(yv, v1, b[r][1]);
-        }
-    }
+    for (; k + 2 <= nk; k += 2) two_inputs(x, K, w, k, wt, g, nr, a, b);
     if (k < nk) {
         __m512 w0, w1;
         panel_load(w, k, wt, g, &w0, &w1);
@@ -104,18 +108,8 @@ INLINE void i4_rows_of(const float *x, int64_t K, const void *w, int64_t nk, int
         __m512 a[MR][2], b[MR][2];
         UNROLL for (int r = 0; r < nr; r++) a[r][0] = a[r][1] = b[r][0] = b[r][1] = _mm512_setzero_ps();
         if (!widened) i4_zero_points(&g, k0 >> g.shift);
-        _Pragma("GCC unroll 4") for (int64_t k = k0; k < k0 + size; k += 2) {
-            __m512 w0, w1, v0, v1;
-            panel_load(w, k, widened ? WT_F32 : WT_I4, g, &w0, &w1);
-            panel_load(w, k + 1, widened ? WT_F32 : WT_I4, g, &v0, &v1);
-            UNROLL for (int r = 0; r < nr; r++) {
-                __m512 xv = _mm512_set1_ps(x[r * K + k]), yv = _mm512_set1_ps(x[r * K + k + 1]);
-                a[r][0] = _mm512_fmadd_ps(xv, w0, a[r][0]);
-                a[r][1] = _mm512_fmadd_ps(xv, w1, a[r][1]);
-                b[r][0] = _mm512_fmadd_ps(yv, v0, b[r][0]);
-                b[r][1] = _mm512_fmadd_ps(yv, v1, b[r][1]);
-            }
-        }
+        _Pragma("GCC unroll 4") for (int64_t k = k0; k < k0 + size; k += 2)
+            two_inputs(x, K, w, k, widened ? WT_F32 : WT_I4, g, nr, a, b);
         const float *s = g.s + (k0 >> g.shift) * PANEL;
         __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16);
         int first = !acc && k0 == 0;
