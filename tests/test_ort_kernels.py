@@ -106,6 +106,14 @@ def test_groups_zero_points_and_row_orders(g1, g2, symmetric, gate_up, a8, tiles
     _check(_case(5, 256, 384, 4, 2, g1, g2, symmetric), a8, gate_up, tiles=tiles)  # FC2: 12, 6 or 3 groups
 
 
+@pytest.mark.parametrize("g1,g2", [(64, 128), (128, 64)])
+@pytest.mark.parametrize("a8,tiles", MODES)
+def test_many_rows_an_expert_zero_points(g1, g2, a8, tiles):
+    """~30 rows an expert: the panels' prefill path (q - z widened once, more than 6 rows) with zero points and
+    groups of 64 and 128, its token alone equal to its row of the batch"""
+    _check(_case(60, 256, 384, 4, 2, g1, g2, symmetric=False, seed=3), a8, tiles=tiles)
+
+
 @pytest.mark.parametrize("a8,tiles", MODES)
 def test_rare_and_crowded_experts_and_large_magnitudes(a8, tiles):
     T, E = 40, 16
