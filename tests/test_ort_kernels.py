@@ -413,7 +413,7 @@ def test_fp32_node_equals_moec_experts(T, H, I, E, k, gate_up):
 
 
 @F32
-def test_fp32_rare_and_crowded_experts_large_magnitudes_and_batch_invariance():
+def test_fp32_rare_and_crowded_experts_and_large_magnitudes():
     T, E = 40, 16
     rare = torch.zeros(T, 2, dtype=torch.int64)  # every token to expert 0, slot 2 to 1 but one token to expert 15
     rare[:, 1] = 1
@@ -421,12 +421,35 @@ def test_fp32_rare_and_crowded_experts_large_magnitudes_and_batch_invariance():
     for case in (_f32_case(T, 128, 64, E, 2, ids=rare), _f32_case(3, 128, 64, 8, 2, scale=1e4)):
         got, want = _f32_run(case)
         assert rel_err(got, want) < 1e-6, rel_err(got, want)
-    x, ids, w, w13, w2 = _f32_case(13, 64, 96, 4, 2, seed=3)  # 13 rows share experts: row blocks of 6, 6, 1
-    sess = ort_kernels.experts_session(ort_kernels.library(), w13.numpy(), w2.numpy(), 0)
+
+
+@F32
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("T", [13, 40])
+def test_a_token_alone_is_its_row_of_the_batch(weights, T):
+    """Each output sums its products in the same order whatever the batch: a token alone equals its row of a batch
+    to the bit, for weights read in place (fp32), or widened by the first row block for the others (bf16, int8:
+    13 tokens on 4 experts, row blocks of 6 and a few; 40: ~20 rows an expert)"""
+    from moec.quant import Int8Experts
+
+    x, ids, w, w13, w2 = _f32_case(T, 64, 96, 4, 2, seed=T)
+    if weights == "bf16":
+        w13, w2 = w13.bfloat16().float(), w2.bfloat16().float()
+    scales = {}
+    if weights == "int8":
+        t13, t2 = quantize(Int8Experts(), w13), quantize(Int8Experts(), w2)
+        w13, w2, scales = t13["q"], t2["q"], {"s13": t13["scale"].numpy(), "s2": t2["scale"].numpy()}
+    sess = ort_kernels.experts_session(ort_kernels.library(), w13.numpy(), w2.numpy(), 0, **scales)
     batch = sess.run(None, {"x": x.numpy(), "ids": ids.numpy(), "w": w.numpy()})[0]
-    for t in range(13):  # each output sums its products in the same order whatever the batch: equal to the bit
+    for t in range(T):
         alone = sess.run(None, {"x": x[t:t + 1].numpy(), "ids": ids[t:t + 1].numpy(), "w": w[t:t + 1].numpy()})[0]
         assert np.array_equal(alone[0], batch[t]), t
+    if weights == "int8":
+        want = torch.ops.moec.experts_int8(x, ids, w, t13["q"], t13["scale"], None, t2["q"], t2["scale"], None,
+                                           "silu", True, 1.0, 0.0, False, "halves")
+    else:
+        want = torch.ops.moec.experts(x, ids, w, w13, None, w2, None, "silu", True, 1.0, 0.0, False, "halves")
+    assert rel_err(torch.from_numpy(batch), want) < 1e-6
 
 
 @F32

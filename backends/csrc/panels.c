@@ -53,12 +53,18 @@ INLINE void panel_load(const void *w, int64_t k, int wt, Groups g, __m512 *w0, _
     }
 }
 
+/* panel_load, the weights also kept widened in keep [., 32] when not NULL (a first row block's, for the others) */
+INLINE void load_keep(const void *w, int64_t k, int wt, Groups g, __m512 *w0, __m512 *w1, float *keep) {
+    panel_load(w, k, wt, g, w0, w1);
+    if (keep) _mm512_storeu_ps(keep + k * PANEL, *w0), _mm512_storeu_ps(keep + k * PANEL + 16, *w1);
+}
+
 /* inputs k and k + 1 of a panel w (of type wt) for rows x [nr, .] (K apart): onto the sums a and b */
 INLINE void two_inputs(const float *x, int64_t K, const void *w, int64_t k, int wt, Groups g, int nr, __m512 a[][2],
-                       __m512 b[][2]) {
+                       __m512 b[][2], float *keep) {
     __m512 w0, w1, v0, v1;
-    panel_load(w, k, wt, g, &w0, &w1);
-    panel_load(w, k + 1, wt, g, &v0, &v1);
+    load_keep(w, k, wt, g, &w0, &w1, keep);
+    load_keep(w, k + 1, wt, g, &v0, &v1, keep);
     UNROLL for (int r = 0; r < nr; r++) {
         __m512 xv = _mm512_set1_ps(x[r * K + k]), yv = _mm512_set1_ps(x[r * K + k + 1]);
         a[r][0] = _mm512_fmadd_ps(xv, w0, a[r][0]);
@@ -72,7 +78,7 @@ INLINE void two_inputs(const float *x, int64_t K, const void *w, int64_t k, int 
    Even and odd inputs go to two sets of sums, added at the end: two FMA chains, so that at decode a k step does
    not wait for the last FMA (fp32 experts from the cache 1.2x as fast). Every row count sums the same way. */
 INLINE void panel_rows(const float *x, int64_t K, const void *w, int64_t nk, int acc, float *o, int64_t N,
-                       int nr, __mmask16 m0, __mmask16 m1, int wt) {
+                       int nr, __mmask16 m0, __mmask16 m1, int wt, float *keep) {
     const Groups g = {0};  /* not int4 (i4_rows) */
     __m512 a[MR][2], b[MR][2];
     UNROLL for (int r = 0; r < nr; r++) {
@@ -81,10 +87,10 @@ INLINE void panel_rows(const float *x, int64_t K, const void *w, int64_t nk, int
         b[r][0] = b[r][1] = _mm512_setzero_ps();
     }
     int64_t k = 0;
-    for (; k + 2 <= nk; k += 2) two_inputs(x, K, w, k, wt, g, nr, a, b);
+    for (; k + 2 <= nk; k += 2) two_inputs(x, K, w, k, wt, g, nr, a, b, keep);
     if (k < nk) {
         __m512 w0, w1;
-        panel_load(w, k, wt, g, &w0, &w1);
+        load_keep(w, k, wt, g, &w0, &w1, keep);
         UNROLL for (int r = 0; r < nr; r++) {
             __m512 xv = _mm512_set1_ps(x[r * K + k]);
             a[r][0] = _mm512_fmadd_ps(xv, w0, a[r][0]);
@@ -103,13 +109,13 @@ INLINE void panel_rows(const float *x, int64_t K, const void *w, int64_t nk, int
    that at decode a step does not wait for the last FMA), and the sum times the group's scale added to o with one
    FMA: no multiply a weight, and the same numbers whatever the row count. */
 INLINE void i4_rows_of(const float *x, int64_t K, const void *w, int64_t nk, int acc, float *o, int64_t N, int nr,
-                       __mmask16 m0, __mmask16 m1, Groups g, int widened, const int64_t size) {
+                       __mmask16 m0, __mmask16 m1, Groups g, int widened, float *keep, const int64_t size) {
     for (int64_t k0 = 0; k0 < nk; k0 += size) {
         __m512 a[MR][2], b[MR][2];
         UNROLL for (int r = 0; r < nr; r++) a[r][0] = a[r][1] = b[r][0] = b[r][1] = _mm512_setzero_ps();
         if (!widened) i4_zero_points(&g, k0 >> g.shift);
         _Pragma("GCC unroll 4") for (int64_t k = k0; k < k0 + size; k += 2)
-            two_inputs(x, K, w, k, widened ? WT_F32 : WT_I4, g, nr, a, b);
+            two_inputs(x, K, w, k, widened ? WT_F32 : WT_I4, g, nr, a, b, keep);
         const float *s = g.s + (k0 >> g.shift) * PANEL;
         __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16);
         int first = !acc && k0 == 0;
@@ -124,10 +130,10 @@ INLINE void i4_rows_of(const float *x, int64_t K, const void *w, int64_t nk, int
 
 /* i4_rows_of with the group's size a constant (prefill 1.03x as fast at groups of 32) */
 INLINE void i4_rows(const float *x, int64_t K, const void *w, int64_t nk, int acc, float *o, int64_t N, int nr,
-                    __mmask16 m0, __mmask16 m1, Groups g, int widened) {
-    if (g.shift == 5) i4_rows_of(x, K, w, nk, acc, o, N, nr, m0, m1, g, widened, 32);
-    else if (g.shift == 6) i4_rows_of(x, K, w, nk, acc, o, N, nr, m0, m1, g, widened, 64);
-    else i4_rows_of(x, K, w, nk, acc, o, N, nr, m0, m1, g, widened, 128);
+                    __mmask16 m0, __mmask16 m1, Groups g, int widened, float *keep) {
+    if (g.shift == 5) i4_rows_of(x, K, w, nk, acc, o, N, nr, m0, m1, g, widened, keep, 32);
+    else if (g.shift == 6) i4_rows_of(x, K, w, nk, acc, o, N, nr, m0, m1, g, widened, keep, 64);
+    else i4_rows_of(x, K, w, nk, acc, o, N, nr, m0, m1, g, widened, keep, 128);
 }
 
 /* CALL(n) for a block of the remaining `left` rows, at most MR: constant row counts keep the accumulators in
@@ -137,32 +143,30 @@ INLINE void i4_rows(const float *x, int64_t K, const void *w, int64_t nk, int ac
     case 5: CALL(5); break; default: CALL(6); }
 
 /* int4: rows x [R, K] times inputs k0..k0+nk of a panel w (at k0, whole groups) into out's 32 columns; more than
-   MR rows: the part's q - z widened once into buf [KC][32] (L1), which every row block reads */
+   MR rows: the first block's q - z kept widened in buf [KC][32] (L1) as it reads them, which the other blocks read
+   (its FMAs hide the stream's latency, as fp32's first block does) */
 INLINE void i4_blocks(const float *x, int64_t R, int64_t K, int64_t k0, const void *w, int64_t nk, float *out,
                       int64_t N, __mmask16 m0, __mmask16 m1, Groups g, float *buf) {
     int widened = R > MR;
-    if (widened) {
-        for (int64_t k = 0; k < nk; k++) {
-            __m512 w0, w1;
-            if (!(k & (((int64_t)1 << g.shift) - 1))) i4_zero_points(&g, k >> g.shift);
-            panel_load(w, k, WT_I4, g, &w0, &w1);
-            _mm512_storeu_ps(buf + k * PANEL, w0);
-            _mm512_storeu_ps(buf + k * PANEL + 16, w1);
-        }
-        w = buf;
-    }
-    for (int64_t r = 0; r < R; r += MR) {
-#define ROWS(NR) i4_rows(x + r * K + k0, K, w, nk, k0 > 0, out + r * N, N, NR, m0, m1, g, widened)
+    if (widened) i4_rows(x + k0, K, w, nk, k0 > 0, out, N, MR, m0, m1, g, 0, buf);
+    for (int64_t r = widened ? MR : 0; r < R; r += MR) {
+#define ROWS(NR) if (widened) i4_rows(x + r * K + k0, K, buf, nk, k0 > 0, out + r * N, N, NR, m0, m1, g, 1, NULL); \
+                 else i4_rows(x + r * K + k0, K, w, nk, k0 > 0, out + r * N, N, NR, m0, m1, g, 0, NULL)
         BY_ROWS(R - r, ROWS);
 #undef ROWS
     }
 }
 
-/* rows x [R, K] times inputs k0..k0+nk of a panel w (at k0) into out's 32 columns (masks m0, m1) */
+/* rows x [R, K] times inputs k0..k0+nk of a panel w (at k0) into out's 32 columns (masks m0, m1); not fp32 and more
+   than MR rows: the first block's weights kept widened in buf [KC][32] (L1) as it reads them (exact), which the
+   other blocks read as fp32 */
 INLINE void row_blocks(const float *x, int64_t R, int64_t K, int64_t k0, const void *w, int64_t nk, float *out,
-                       int64_t N, __mmask16 m0, __mmask16 m1, int wt) {
-    for (int64_t r = 0; r < R; r += MR) {
-#define ROWS(NR) panel_rows(x + r * K + k0, K, w, nk, k0 > 0, out + r * N, N, NR, m0, m1, wt)
+                       int64_t N, __mmask16 m0, __mmask16 m1, int wt, float *buf) {
+    int widened = R > MR && wt != WT_F32;
+    if (widened) panel_rows(x + k0, K, w, nk, k0 > 0, out, N, MR, m0, m1, wt, buf);
+    for (int64_t r = widened ? MR : 0; r < R; r += MR) {
+#define ROWS(NR) if (widened) panel_rows(x + r * K + k0, K, buf, nk, k0 > 0, out + r * N, N, NR, m0, m1, WT_F32, NULL); \
+                 else panel_rows(x + r * K + k0, K, w, nk, k0 > 0, out + r * N, N, NR, m0, m1, wt, NULL)
         BY_ROWS(R - r, ROWS);
 #undef ROWS
     }
@@ -187,17 +191,7 @@ INLINE void panels_any(const float *x, int64_t R, int64_t K, const void *w, floa
                 i4_blocks(x, R, K, k0, wk, nk, out + j, N, m0, m1, i4_groups(sc + at, z ? z + at : NULL, shift), buf);
                 continue;
             }
-            if (R > MR && wt != WT_F32) {  /* several row blocks: this part of the panel widened once, into L1 */
-                for (int64_t k = 0; k < nk; k++) {
-                    __m512 w0, w1;
-                    panel_load(wk, k, wt, (Groups){0}, &w0, &w1);
-                    _mm512_storeu_ps(buf + k * PANEL, w0);
-                    _mm512_storeu_ps(buf + k * PANEL + 16, w1);
-                }
-                row_blocks(x, R, K, k0, buf, nk, out + j, N, m0, m1, WT_F32);
-            } else {
-                row_blocks(x, R, K, k0, wk, nk, out + j, N, m0, m1, wt);
-            }
+            row_blocks(x, R, K, k0, wk, nk, out + j, N, m0, m1, wt, buf);
         }
         if (wt == WT_I8) {  /* the channels' scales, once their sums are whole */
             __m512 s0 = _mm512_maskz_loadu_ps(m0, sc + j), s1 = _mm512_maskz_loadu_ps(m1, sc + j + 16);
