@@ -109,8 +109,8 @@ def test_groups_zero_points_and_row_orders(g1, g2, symmetric, gate_up, a8, tiles
 @pytest.mark.parametrize("g1,g2", [(64, 128), (128, 64)])
 @pytest.mark.parametrize("a8,tiles", MODES)
 def test_many_rows_an_expert_zero_points(g1, g2, a8, tiles):
-    """~30 rows an expert: the panels' prefill path (q - z widened once, more than 6 rows) with zero points and
-    groups of 64 and 128, its token alone equal to its row of the batch"""
+    """~30 rows an expert: the panels' prefill path (q - z widened by the first row block, more than 6 rows) with
+    zero points and groups of 64 and 128, its token alone equal to its row of the batch"""
     _check(_case(60, 256, 384, 4, 2, g1, g2, symmetric=False, seed=3), a8, tiles=tiles)
 
 
@@ -425,14 +425,15 @@ def test_fp32_rare_and_crowded_experts_and_large_magnitudes():
 
 @F32
 @pytest.mark.parametrize("weights", ["fp32", "bf16", "int8"])
-@pytest.mark.parametrize("T", [13, 40])
-def test_a_token_alone_is_its_row_of_the_batch(weights, T):
+@pytest.mark.parametrize("T,H,I", [(13, 64, 96), (40, 64, 96), (40, 257, 40)])
+def test_a_token_alone_is_its_row_of_the_batch(weights, T, H, I):
     """Each output sums its products in the same order whatever the batch: a token alone equals its row of a batch
     to the bit, for weights read in place (fp32), or widened by the first row block for the others (bf16, int8:
-    13 tokens on 4 experts, row blocks of 6 and a few; 40: ~20 rows an expert)"""
+    13 tokens on 4 experts, row blocks of 6 and a few; 40: ~20 rows an expert; H = 257: FC1 in two parts of the
+    inputs, the second one input long, and FC2's last panel part-filled)"""
     from moec.quant import Int8Experts
 
-    x, ids, w, w13, w2 = _f32_case(T, 64, 96, 4, 2, seed=T)
+    x, ids, w, w13, w2 = _f32_case(T, H, I, 4, 2, seed=T)
     if weights == "bf16":
         w13, w2 = w13.bfloat16().float(), w2.bfloat16().float()
     scales = {}
