@@ -76,7 +76,8 @@ INLINE void two_inputs(const float *x, int64_t K, const void *w, int64_t k, int 
 
 /* rows x [nr, .] (K apart) times nk inputs of a panel w (at those inputs) into o; acc: onto the sums so far.
    Even and odd inputs go to two sets of sums, added at the end: two FMA chains, so that at decode a k step does
-   not wait for the last FMA (fp32 experts from the cache 1.2x as fast). Every row count sums the same way. */
+   not wait for the last FMA (fp32 experts from the cache 1.2x as fast). Every row count sums the same way. keep: the
+   weights also stored widened there (load_keep). */
 INLINE void panel_rows(const float *x, int64_t K, const void *w, int64_t nk, int acc, float *o, int64_t N,
                        int nr, __mmask16 m0, __mmask16 m1, int wt, float *keep) {
     const Groups g = {0};  /* not int4 (i4_rows) */
@@ -107,7 +108,7 @@ INLINE void panel_rows(const float *x, int64_t K, const void *w, int64_t nk, int
    the panel's int4 at those inputs, or (widened) their q - z in fp32 [nk][32] (i4_blocks). A group's products
    x (q - z) are summed (even inputs in order, odd ones in order, the two added; q - z is exact: two FMA chains, so
    that at decode a step does not wait for the last FMA), and the sum times the group's scale added to o with one
-   FMA: no multiply a weight, and the same numbers whatever the row count. */
+   FMA: no multiply a weight, and the same numbers whatever the row count. keep: q - z also stored there (load_keep). */
 INLINE void i4_rows_of(const float *x, int64_t K, const void *w, int64_t nk, int acc, float *o, int64_t N, int nr,
                        __mmask16 m0, __mmask16 m1, Groups g, int widened, float *keep, const int64_t size) {
     for (int64_t k0 = 0; k0 < nk; k0 += size) {
