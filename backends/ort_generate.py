@@ -74,7 +74,8 @@ class OrtGenerate:
 
     def __call__(self, inputs=None, generation_config=None, *args, **kwargs):
         model = self.forward.model
-        plan = None if args else _plain(model, inputs, generation_config, dict(kwargs))
+        # (in train() mode HF's generate runs the model's own forward, as a call does: OrtForward)
+        plan = None if args or model.training else _plain(model, inputs, generation_config, dict(kwargs))
         if plan is None:  # (positional args: HF's logits_processor, stopping_criteria ...)
             return type(model).generate(model, inputs, generation_config, *args, **kwargs)
         return loop(self.forward, *plan)

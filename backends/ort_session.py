@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moec.bindings import NoBackward
 from moec.log import log
 
 # max relative error of the session's outputs against eager on the first call, per activation dtype
@@ -48,6 +49,7 @@ _REGISTERED: weakref.WeakSet = weakref.WeakSet()
 # non-tensor arguments a call may pass with these values (use_cache and past_key_values: see _cached)
 _FIXED = {"return_dict": True, "output_attentions": False, "output_hidden_states": False,
           "output_router_logits": False}
+_OUTPUT_FLAGS = ("output_attentions", "output_hidden_states", "output_router_logits")  # of a config too
 
 
 def default_providers() -> list[str]:
@@ -119,6 +121,7 @@ class OrtForward:
         self.output_type = None  # the model's ModelOutput class (found by the KV-cache session's first check)
         self._past = weakref.WeakKeyDictionary()  # HF cache -> (the session's last present arrays, its tensors then)
         self._fallback_said: set[str] = set()  # blocks warned of (see _take_export)
+        self._config_said: set[str] = set()  # config output flags warned of (see _say_config_outputs)
         self.use_cache = None  # the generation config's use_cache before install set it (None: left as it was)
         self.kernels = self._kernels()  # moec's kernels as an ORT custom-op library (or None)
         self._opening = threading.RLock()  # one export a key: threads calling at once wait for the first
@@ -143,6 +146,8 @@ class OrtForward:
             self.kernels = self._kernels()
 
     def __call__(self, *args, **kwargs):
+        if self.model.training:  # training runs the model's own forward: dropout, router jitter, gradients
+            return self.original(*args, **kwargs)
         bound = self.signature.bind(*args, **kwargs)
         extra = bound.arguments.pop(next((n for n, p in self.signature.parameters.items()
                                           if p.kind is p.VAR_KEYWORD), None), {})
@@ -160,11 +165,12 @@ class OrtForward:
                 raise NotImplementedError("moec backend='onnxruntime': inputs_embeds= with the KV cache (generate, "
                                           "use_cache=True): pass input_ids, or use_cache=False, or backend='torch'")
             return self._cached(args, cache)
+        self._say_config_outputs(args)
         for name, value in args.items():
-            if isinstance(value, torch.Tensor):
-                tensors[name] = value
-            elif name == "logits_to_keep":
+            if name == "logits_to_keep":  # applied to the session's logits (HF's rule: _kept), not exported
                 keep = value
+            elif isinstance(value, torch.Tensor):
+                tensors[name] = value
             elif value is not None and name != "use_cache" and (name not in _FIXED or _FIXED[name] != value):
                 raise NotImplementedError(f"moec backend='onnxruntime': argument {name}={value!r} is not supported "
                                           "(the session takes the model's tensor inputs and returns its outputs)")
@@ -179,8 +185,7 @@ class OrtForward:
         device = next(iter(tensors.values())).device
         feeds = {n: _array(tensors[n]) for n in names}
         outs = [self._ours(torch.from_numpy(np.asarray(o)).to(device)) for o in session.run(None, feeds)]
-        if keep:  # an int n keeps the last n positions (HF's generate asks for 1)
-            outs[0] = outs[0][:, -keep:]
+        outs[0] = self._no_backward(_kept(outs[0], keep))
         return rebuild(outs)
 
     def _cached(self, args: dict, cache):
@@ -197,6 +202,7 @@ class OrtForward:
                         "logits_to_keep") or value is None or (name in _FIXED and _FIXED[name] == value):
                 continue
             raise NotImplementedError(f"moec backend='onnxruntime': argument {name}={value!r} is not supported")
+        self._say_config_outputs(args)
         cache = DynamicCache(config=self.model.config) if cache is None else cache
         B, S = ids.shape
         mask = args.get("attention_mask")
@@ -250,11 +256,32 @@ class OrtForward:
         if cache not in self._past:
             self._follow_reorder(cache)
         self._past[cache] = (outs[1:], _tensors(cache))
-        logits = self._ours(torch.from_numpy(outs[0]).to(device))
-        keep = args.get("logits_to_keep")
-        if keep:
-            logits = logits[:, -keep:]
+        logits = self._no_backward(_kept(self._ours(torch.from_numpy(outs[0]).to(device)), args.get("logits_to_keep")))
         return self.output_type(logits=logits, past_key_values=cache)
+
+    def _say_config_outputs(self, args: dict) -> None:
+        """Warn (once per flag) where the model's config turns on outputs the session does not return and the call
+        leaves the flag unset: the eager model would return them, the session returns the logits (and the cache)."""
+        for name in _OUTPUT_FLAGS:
+            if args.get(name) is None and getattr(getattr(self.model, "config", None), name, False) is True \
+                    and name not in self._config_said:
+                self._config_said.add(name)
+                log.warning(f"moec backend='onnxruntime': the model's config sets {name}=True, but the session "
+                            f"returns the logits (and the cache) only: those outputs are None (set "
+                            f"model.config.{name} = False to silence this, or use backend='torch')")
+
+    def _no_backward(self, logits: torch.Tensor) -> torch.Tensor:
+        """The session's logits, marked so that a backward through them raises (it computes no gradients) where
+        autograd records and a parameter asks for gradients, as compiled blocks do in eval mode."""
+        if not torch.is_grad_enabled():
+            return logits
+        wants = next((p for p in self.model.parameters() if p.requires_grad), None)
+        if wants is None:
+            return logits
+        return NoBackward.apply(logits, "moec: the model runs in an ONNX Runtime session (backend='onnxruntime'), "
+                                        "which computes no gradients in eval mode; call model.train() (the model "
+                                        "then runs its own forward, gradients included) or run inference under "
+                                        "torch.no_grad()", wants)
 
     def _past_of(self, cache, length: int | None, states: dict) -> list[np.ndarray] | None:
         """The whole past to feed for `cache` (None: empty): the present arrays this forward left with it, or, when
@@ -377,16 +404,12 @@ class OrtForward:
     @contextlib.contextmanager
     def _as_original(self):
         """The model as moec.export_onnx takes it: its own forward and generate, no moec report; a bf16 model as its
-        fp32 upcast (a copy, for the export and its check: runs_bf16)."""
-        saved = {k: self.model.__dict__.pop(k) for k in ("forward", "generate", "_moec_report")
-                 if k in self.model.__dict__}
-        try:
-            if self._bf16() and runs_bf16(self.providers):
-                yield copy.deepcopy(self.model).float()
-            else:
-                yield self.model
-        finally:
-            self.model.__dict__.update(saved)
+        fp32 upcast (a copy, for the export and its check: runs_bf16). A shallow copy: the user's object keeps
+        moec's forward and generate, so calls from other threads during an export wait for it in moec's code."""
+        model = copy.copy(self.model)  # a new object on the same modules, parameters and config
+        for k in ("forward", "generate", "_moec_report"):
+            model.__dict__.pop(k, None)
+        yield copy.deepcopy(model).float() if self._bf16() and runs_bf16(self.providers) else model
 
     def _open(self, tensors: dict[str, torch.Tensor]):
         from moec.export import export_onnx
@@ -458,6 +481,14 @@ class OrtForward:
         if err > CHECK_TOL.get(ref.dtype, 1e-4):
             raise RuntimeError(f"moec backend='onnxruntime': the session's output differs from the eager model's "
                                f"(relative error {err:.2e}); not using it")
+
+
+def _kept(logits: torch.Tensor, keep) -> torch.Tensor:
+    """HF's `logits_to_keep`: an int n keeps the last n positions (0 or None: all), a tensor the positions it
+    indexes."""
+    if isinstance(keep, torch.Tensor):
+        return logits[:, keep.to(logits.device)]
+    return logits[:, -keep:] if keep else logits
 
 
 def _array(t: torch.Tensor) -> np.ndarray:

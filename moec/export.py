@@ -119,7 +119,8 @@ class _Exportable(nn.Module):
         self.check, self.proofs = False, []
 
     def forward(self, *inputs):
-        kwargs = dict(zip(self.names, inputs[self.n_args:]), **({"use_cache": False} if self.hf else {}))
+        kwargs = dict(zip(self.names, inputs[self.n_args:]), **({"use_cache": False, **outputs_off(self.model)}
+                                                                 if self.hf else {}))
         with contextlib.ExitStack() as stack:
             if self.scans:
                 from moec import export_state
@@ -130,6 +131,17 @@ class _Exportable(nn.Module):
         if self.scans and self.check:
             self.proofs = run.proofs
         return out.logits if hasattr(out, "logits") else out
+
+
+def outputs_off(model: nn.Module) -> dict[str, bool]:
+    """output_attentions / output_hidden_states / output_router_logits=False where an HF model's config turns them on
+    and its forward takes them: the file returns the logits (and the cache), and the traced forward leaves out what
+    they add (a router_logits config would trace the aux loss, which fails on a cached step)."""
+    params = pyinspect.signature(model.forward).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    config = getattr(model, "config", None)
+    return {name: False for name in ("output_attentions", "output_hidden_states", "output_router_logits")
+            if getattr(config, name, False) is True and (name in params or takes_any)}
 
 
 @contextlib.contextmanager
@@ -188,7 +200,8 @@ class _ExportableWithCache(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from moec import export_gqa, export_state  # import transformers
 
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                      **outputs_off(self.model))
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
         if self.halves:
             pairs = [_join_halves(a, b, *self.halves) for a, b in pairs]

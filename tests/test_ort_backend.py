@@ -56,16 +56,73 @@ def test_providers_and_session_options(mixtral):
         ort_session.session_options({"threads": 2})
 
 
-def test_generate_and_logits_to_keep(mixtral):
+def test_generate(mixtral):
     model, compiled, _ = mixtral
     inputs = models.example_inputs(model, batch=1, seq=4)
     ref = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
     assert torch.equal(compiled.generate(**inputs, max_new_tokens=4, do_sample=False), ref)
-    with torch.no_grad():
-        last = compiled(**inputs, logits_to_keep=1).logits
-    assert last.shape[1] == 1 and rel_err(last, model(**inputs).logits[:, -1:]) < TOL[torch.float32]
     with pytest.raises(NotImplementedError, match="output_hidden_states=True"):
         compiled(**inputs, output_hidden_states=True)
+
+
+@pytest.mark.parametrize("keep", [1, 3, 0, torch.tensor([1]), torch.tensor([3]), torch.tensor([0, 5]),
+                                  torch.tensor([6, 6, 2])], ids=str)
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_logits_to_keep_as_hf_reads_it(mixtral, keep, use_cache):
+    """An int n keeps the last n positions (0: all), a tensor the positions it indexes (tensor([1]): position 1,
+    not the last one), with the cache and without."""
+    model, compiled, _ = mixtral
+    inputs = models.example_inputs(model, batch=2, seq=7, seed=5)
+    with torch.no_grad():
+        got = compiled(**inputs, logits_to_keep=keep, use_cache=use_cache).logits
+        want = model(**inputs, logits_to_keep=keep, use_cache=use_cache).logits
+    assert got.shape == want.shape and rel_err(got, want) < TOL[torch.float32]
+
+
+def test_train_mode_runs_the_models_own_forward():
+    """In train() the model's own forward runs (router jitter, dropout, gradients), also as the first call (nothing
+    exported); back in eval mode the session runs, and a backward through its logits raises, saying why."""
+    ref = models.tiny_model("mixtral", router_jitter_noise=0.5, attention_dropout=0.3)
+    model = moec.compile(copy.deepcopy(ref), backend="onnxruntime", session_options={"intra_op_num_threads": 1})
+    ids = models.example_inputs(ref, batch=2, seq=6, seed=3)["input_ids"]
+    model.train(), ref.train()
+    for use_cache in (False, True):
+        torch.manual_seed(0)
+        got = model(input_ids=ids, use_cache=use_cache).logits
+        torch.manual_seed(0)
+        want = ref(input_ids=ids, use_cache=use_cache).logits
+        assert torch.equal(got, want)
+    assert not model.forward.sessions
+    got.sum().backward()
+    assert model.lm_head.weight.grad is not None and model.model.layers[0].mlp.gate.weight.grad is not None
+    torch.manual_seed(1)
+    sampled = model.generate(ids, max_new_tokens=4, do_sample=True)
+    torch.manual_seed(1)
+    assert torch.equal(sampled, ref.generate(ids, max_new_tokens=4, do_sample=True))
+    model.eval(), ref.eval()
+    out = model(input_ids=ids).logits
+    assert model.forward.sessions and rel_err(out.detach(), ref(input_ids=ids).logits.detach()) < TOL[torch.float32]
+    with pytest.raises(RuntimeError, match="computes no gradients in eval mode"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("flag", ["output_router_logits", "output_hidden_states", "output_attentions"])
+def test_config_output_flags(flag, monkeypatch):
+    """A config that turns on extra outputs (as fine-tuned MoE checkpoints ship output_router_logits=True): the
+    session still computes the model's logits and tokens, and says once that those outputs are None."""
+    said = []
+    monkeypatch.setattr(ort_session.log, "warning", lambda msg, *a: said.append(msg))
+    ref = models.tiny_model("mixtral", **{flag: True})
+    model = moec.compile(copy.deepcopy(ref), backend="onnxruntime", session_options={"intra_op_num_threads": 1})
+    ids = models.example_inputs(ref, batch=2, seq=6, seed=4)["input_ids"]
+    with torch.no_grad():
+        for use_cache in (True, False):
+            got = model(input_ids=ids, use_cache=use_cache)
+            assert rel_err(got.logits, ref(input_ids=ids, use_cache=use_cache).logits) < TOL[torch.float32]
+        if flag == "output_router_logits":  # (HF's generate asks the others of the model: refused, clearly)
+            want = ref.generate(ids, max_new_tokens=5, do_sample=False)
+            assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), want)
+    assert sum(flag in m for m in said) == 1
 
 
 def test_hand_written_model_returns_a_tensor():

@@ -367,6 +367,44 @@ def test_first_calls_in_threads_share_one_export(monkeypatch):
     assert opened == [1] and len(out) == 4 and all(torch.equal(o, want) for o in out.values())
 
 
+def test_a_call_during_an_export_waits_for_it(monkeypatch):
+    """While one thread exports, the model keeps moec's forward and generate (the export runs on a shallow copy):
+    a call another thread makes then waits for the session in moec's code, never runs HF's own code beside the
+    export and its patches, and gets the original model's tokens."""
+    import threading
+
+    from moec import export
+
+    ref = models.tiny_model("mixtral").eval()
+    model = moec.compile(copy.deepcopy(ref), backend="onnxruntime", session_options={"intra_op_num_threads": 1})
+    ids, mask = _prompt(model, 2, 5, seed=22)
+    with torch.no_grad():
+        want = ref.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    out, seen = {}, []
+
+    def second():
+        with torch.no_grad():
+            out["second"] = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+
+    late = threading.Thread(target=second)
+    export_onnx = export.export_onnx
+
+    def exporting(*args, **kwargs):  # the first export: the second call starts now and must still wait after 2 s
+        if not seen:
+            seen.append((type(model.forward).__name__, type(model.generate).__name__))
+            late.start()
+            late.join(timeout=2)
+            seen.append(late.is_alive())
+        return export_onnx(*args, **kwargs)
+
+    monkeypatch.setattr(export, "export_onnx", exporting)
+    with torch.no_grad():
+        out["first"] = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    late.join(timeout=600)
+    assert seen == [("OrtForward", "OrtGenerate"), True]
+    assert torch.equal(out["first"], want) and torch.equal(out["second"], want)
+
+
 @pytest.fixture(params=["C", "torch"])
 def draws(request, monkeypatch):
     """The draw by csrc/greedy.c's moec_draw, or by torch.multinomial (where the library is not built)."""
