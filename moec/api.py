@@ -35,7 +35,7 @@ from moec.canonical import (
 )
 from moec.log import _status, status
 from moec.offload import OffloadedExperts, Offload, Pool
-from moec.pass_manager import PASSES, Instruments, PassManager, PassRecord, Rejected, parse_pipeline
+from moec.pass_manager import DEFAULT_PIPELINE, PASSES, Instruments, PassManager, PassRecord, Rejected, parse_pipeline
 from moec.passes.detect import experts_only
 from moec.passes.detect_moe import Candidate, analyze, find_candidates
 from moec.passes.quantize_experts import give_back_memory, quantized_tensors, release_originals
@@ -681,7 +681,11 @@ def _compile_onnxruntime(model: nn.Module, passes, quantize, providers, session_
     providers = providers or ort_session.default_providers()
     check_exportable(model, quantize, "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu", dense,
                      bf16=ort_session.runs_bf16(providers))
-    report = _run(model, "detect_moe", Instruments(), install_blocks=False, backend="onnxruntime")
+    # with quantize=, the quantizing pass too: a block it refuses (a group size that does not divide) is rejected
+    # now, with the reason, as on the torch backend, not at the first call's export
+    pipeline = "detect_moe" if quantize is None else DEFAULT_PIPELINE + ",quantize_experts"
+    report = _run(model, pipeline, Instruments(), install_blocks=False, backend="onnxruntime",
+                  options={"quantize": quantize})
     if _warn_if_empty(model, report):
         return model
     report.quantize, report.dense = quantize, dense

@@ -317,6 +317,17 @@ def test_save_and_load_keep_the_backend(tmp_path):
         assert torch.equal(on_torch(**inputs).logits, twin(**inputs).logits)
 
 
+def test_a_group_size_that_does_not_divide_is_refused_at_compile():
+    """As on the torch backend: the blocks are rejected at compile, with the reason, and the model comes back
+    unchanged with a warning (it used to compile, report the blocks, and fail at its first call's export)."""
+    ref = models.tiny_model("qwen2_moe")  # experts of 32 units: no group of 64 in their second matrix
+    model = copy.deepcopy(ref)
+    with pytest.warns(UserWarning, match="2 candidate.s. rejected"):
+        moec.compile(model, backend="onnxruntime", quantize=moec.Int4Experts(64))
+    assert "forward" not in model.__dict__ and "_moec_report" not in model.__dict__
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+
+
 def test_a_session_that_differs_from_eager_is_refused(monkeypatch):
     model = models.tiny_model("mixtral")
     compiled = moec.compile(model, backend="onnxruntime")
