@@ -57,6 +57,9 @@ import torch
 _FREE = {"max_new_tokens", "max_length", "min_new_tokens", "eos_token_id", "pad_token_id", "bos_token_id",
          "do_sample", "temperature", "top_k", "top_p", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff", "top_h",
          "length_penalty", "early_stopping", "use_cache", "transformers_version", "_from_model_config"}
+# outputs a call without return_dict_in_generate never returns (a model config with output_hidden_states=True
+# passes it to the generation config): the loop's tokens are the same
+_DISCARDED = {"output_attentions", "output_hidden_states", "output_scores", "output_logits"}
 # fields that may also hold these values, which ask for plain greedy search or sampling
 _NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "min_length": 0,
             "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
@@ -103,6 +106,8 @@ def _plain(model, inputs, generation_config, kwargs) -> tuple | None:
         return None  # logits processors, stopping criteria, other model inputs ...
     default = GenerationConfig().to_dict()
     for name, value in config.to_dict().items():
+        if name in _DISCARDED and not config.return_dict_in_generate:
+            continue  # HF's generate computes them and hands back the tokens alone
         if name not in _FREE and value != default.get(name) and (name not in _NEUTRAL or value != _NEUTRAL[name]):
             return None
     new = config.max_new_tokens

@@ -185,7 +185,7 @@ class OrtForward:
         device = next(iter(tensors.values())).device
         feeds = {n: _array(tensors[n]) for n in names}
         outs = [self._ours(torch.from_numpy(np.asarray(o)).to(device)) for o in session.run(None, feeds)]
-        outs[0] = self._no_backward(_kept(outs[0], keep))
+        outs[0] = self._no_backward(_kept(outs[0], keep), tensors.values())
         return rebuild(outs)
 
     def _cached(self, args: dict, cache):
@@ -268,20 +268,20 @@ class OrtForward:
                 self._config_said.add(name)
                 log.warning(f"moec backend='onnxruntime': the model's config sets {name}=True, but the session "
                             f"returns the logits (and the cache) only: those outputs are None (set "
-                            f"model.config.{name} = False to silence this, or use backend='torch')")
+                            f"model.config.{name} = False to silence this, or use backend='torch'; generate "
+                            f"returns the same tokens)")
 
-    def _no_backward(self, logits: torch.Tensor) -> torch.Tensor:
+    def _no_backward(self, logits: torch.Tensor, inputs=()) -> torch.Tensor:
         """The session's logits, marked so that a backward through them raises (it computes no gradients) where
-        autograd records and a parameter asks for gradients, as compiled blocks do in eval mode."""
+        autograd records and a parameter or an input asks for gradients, as compiled blocks do in eval mode."""
         if not torch.is_grad_enabled():
             return logits
-        wants = next((p for p in self.model.parameters() if p.requires_grad), None)
+        wants = next((t for t in (*inputs, *self.model.parameters()) if t.requires_grad), None)
         if wants is None:
             return logits
-        return NoBackward.apply(logits, "moec: the model runs in an ONNX Runtime session (backend='onnxruntime'), "
-                                        "which computes no gradients in eval mode; call model.train() (the model "
-                                        "then runs its own forward, gradients included) or run inference under "
-                                        "torch.no_grad()", wants)
+        return NoBackward.apply("moec: the model runs in an ONNX Runtime session (backend='onnxruntime'), which "
+                                "computes no gradients in eval mode; call model.train() (the model then runs its own "
+                                "forward, gradients included) or run inference under torch.no_grad()", [logits], wants)
 
     def _past_of(self, cache, length: int | None, states: dict) -> list[np.ndarray] | None:
         """The whole past to feed for `cache` (None: empty): the present arrays this forward left with it, or, when

@@ -269,12 +269,16 @@ def resolve_all(block: nn.Module, bindings: dict[str, Binding]) -> dict[str, tor
 
 
 class NoBackward(torch.autograd.Function):
-    """Marks an output computed for inference (moec's kernels record no gradients): its backward raises `why`."""
+    """Marks an output computed for inference (moec's kernels record no gradients): its backward raises `why`.
+    `NoBackward.apply(why, [out], *inputs)`: `out` comes in a list, so that the Function returns it as an output of
+    its own, not a view of an input, which the caller may then write into in place (logits[..., banned] = -inf);
+    a view of another tensor is copied first (autograd forbids in-place writes into a view a Function returns)."""
 
     @staticmethod
-    def forward(ctx, out, why: str, *inputs):
+    def forward(ctx, why: str, held: list, *inputs):
         ctx.why = why
-        return out.view_as(out)
+        out = held[0]
+        return out if out._base is None else out.clone()
 
     @staticmethod
     def backward(ctx, *grads):

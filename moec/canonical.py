@@ -305,7 +305,7 @@ class CompiledForward:
                 why = (f"moec: block {self.path!r} was compiled for inference and computes no gradients in eval mode; "
                        f"call model.train() (compiled blocks then run their original forward, gradients included) "
                        f"or run inference under torch.no_grad()")
-                outs[:2] = [NoBackward.apply(t, why, *inputs) for t in outs[:2]]
+                outs[:2] = [NoBackward.apply(why, [t], *inputs) for t in outs[:2]]
         if len(outs) == 1:
             return outs[0]
         return assemble(self.gm.meta["moe_spec"].outputs, hidden, *outs)

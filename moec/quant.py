@@ -272,9 +272,9 @@ class QuantLinear(torch.nn.Module):
         if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):  # a backward through it raises, clearly
             from moec.bindings import NoBackward
 
-            y = NoBackward.apply(y, f"moec: quantized linear layers ({self.cfg.describe()}) compute values only, no "
-                                    f"gradients: run them under torch.no_grad(), or train the model before compiling "
-                                    f"it with quantize=/dense=", *inputs)
+            y = NoBackward.apply(f"moec: quantized linear layers ({self.cfg.describe()}) compute values only, no "
+                                 f"gradients: run them under torch.no_grad(), or train the model before compiling "
+                                 f"it with quantize=/dense=", [y], *inputs)
         return y
 
     def extra_repr(self) -> str:

@@ -100,10 +100,18 @@ def test_train_mode_runs_the_models_own_forward():
     torch.manual_seed(1)
     assert torch.equal(sampled, ref.generate(ids, max_new_tokens=4, do_sample=True))
     model.eval(), ref.eval()
-    out = model(input_ids=ids).logits
-    assert model.forward.sessions and rel_err(out.detach(), ref(input_ids=ids).logits.detach()) < TOL[torch.float32]
+    for kw in ({}, {"use_cache": False}, {"logits_to_keep": 1}):
+        out = model(input_ids=ids, **kw).logits
+        assert rel_err(out.detach(), ref(input_ids=ids, **kw).logits.detach()) < TOL[torch.float32]
+        out[..., 3] = -float("inf")  # written in place, as eager logits may be (the mark is not a view)
+        out /= 2
+        with pytest.raises(RuntimeError, match="computes no gradients in eval mode"):
+            out.sum().backward()
+    # every parameter frozen, the embeddings asking for gradients (attribution): said too, not grad=None
+    model.requires_grad_(False)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
     with pytest.raises(RuntimeError, match="computes no gradients in eval mode"):
-        out.sum().backward()
+        model(inputs_embeds=embeds, use_cache=False).logits.sum().backward()
 
 
 @pytest.mark.parametrize("flag", ["output_router_logits", "output_hidden_states", "output_attentions"])
@@ -115,13 +123,22 @@ def test_config_output_flags(flag, monkeypatch):
     ref = models.tiny_model("mixtral", **{flag: True})
     model = moec.compile(copy.deepcopy(ref), backend="onnxruntime", session_options={"intra_op_num_threads": 1})
     ids = models.example_inputs(ref, batch=2, seq=6, seed=4)["input_ids"]
+    field = {"output_router_logits": "router_logits", "output_hidden_states": "hidden_states",
+             "output_attentions": "attentions"}[flag]
     with torch.no_grad():
         for use_cache in (True, False):
-            got = model(input_ids=ids, use_cache=use_cache)
-            assert rel_err(got.logits, ref(input_ids=ids, use_cache=use_cache).logits) < TOL[torch.float32]
-        if flag == "output_router_logits":  # (HF's generate asks the others of the model: refused, clearly)
+            got, want = model(input_ids=ids, use_cache=use_cache), ref(input_ids=ids, use_cache=use_cache)
+            assert rel_err(got.logits, want.logits) < TOL[torch.float32]
+            assert getattr(want, field) is not None and getattr(got, field) is None  # as the warning says
+        if flag == "output_router_logits":
             want = ref.generate(ids, max_new_tokens=5, do_sample=False)
             assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), want)
+        else:  # HF's generate then returns them (return_dict_in_generate from the config): refused, naming the flag
+            with pytest.raises(NotImplementedError, match=flag):
+                model.generate(ids, max_new_tokens=5, do_sample=False)
+            want = ref.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=False)
+            got = model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=False)
+            assert torch.equal(got, want)  # the tokens alone: moec's loop
     assert sum(flag in m for m in said) == 1
 
 
@@ -325,7 +342,8 @@ def test_a_group_size_that_does_not_divide_is_refused_at_compile():
     with pytest.warns(UserWarning, match="2 candidate.s. rejected"):
         moec.compile(model, backend="onnxruntime", quantize=moec.Int4Experts(64))
     assert "forward" not in model.__dict__ and "_moec_report" not in model.__dict__
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+    after, before = model.state_dict(), ref.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
 def test_a_session_that_differs_from_eager_is_refused(monkeypatch):
