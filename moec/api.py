@@ -663,10 +663,17 @@ def install_decode_linears(model: nn.Module, report: Report, on: bool) -> None:
                       stacklevel=3)
 
 
-def _warn_if_empty(model: nn.Module, report: Report) -> bool:
+def _warn_if_empty(model: nn.Module, report: Report, kept: bool = True) -> bool:
+    """Warn where no block was rewritten, with the first rejection's reason (kept: the model keeps the report, so
+    moec.inspect lists every rejection)."""
     if report.blocks:
         return False
-    why = f" ({len(report.rejected)} candidate(s) rejected: see moec.inspect)" if report.rejected else ""
+    why = ""
+    if report.rejected:
+        first, more = report.rejected[0], len(report.rejected) - 1
+        why = (f" ({first.path or '(model)'}: {first.reason}"
+               + (f"; and {more} more candidate(s) rejected" if more else "")
+               + ("; moec.inspect(model) lists them" if kept and more else "") + ")")
     warnings.warn(f"moec: no MoE block rewritten in {type(model).__name__}{why}; returned unchanged", stacklevel=3)
     return True
 
@@ -674,7 +681,7 @@ def _warn_if_empty(model: nn.Module, report: Report) -> bool:
 def _compile_onnxruntime(model: nn.Module, passes, quantize, providers, session_options, dense) -> nn.Module:
     """Prove the blocks now (the report); export and open a session at the first call of each input signature."""
     from moec.backends import ort_session
-    from moec.export import check_exportable
+    from moec.export import check_exportable, export_pipeline
 
     if passes is not None:
         raise ValueError("backend='onnxruntime' runs moec.export_onnx's pipeline; it takes no passes=")
@@ -686,9 +693,10 @@ def _compile_onnxruntime(model: nn.Module, passes, quantize, providers, session_
     pipeline = "detect_moe" if quantize is None else DEFAULT_PIPELINE + ",quantize_experts"
     report = _run(model, pipeline, Instruments(), install_blocks=False, backend="onnxruntime",
                   options={"quantize": quantize})
-    if _warn_if_empty(model, report):
+    if _warn_if_empty(model, report, kept=False):
         return model
-    report.quantize, report.dense = quantize, dense
+    # what will run: the export's passes, at the first call of each input signature
+    report.quantize, report.dense, report.pipeline = quantize, dense, export_pipeline(quantize)
     model.__dict__["_moec_report"] = report
     ort_session.install(model, report, providers, session_options, quantize, dense)
     return model

@@ -133,6 +133,11 @@ class _Exportable(nn.Module):
         return out.logits if hasattr(out, "logits") else out
 
 
+def export_pipeline(quantize) -> str:
+    """The passes moec.export_onnx runs on its copy of the model (backend="onnxruntime" too, at a session's export)."""
+    return DEFAULT_PIPELINE + (",quantize_experts" if quantize else "") + ",lower_onnx"
+
+
 def outputs_off(model: nn.Module) -> dict[str, bool]:
     """output_attentions / output_hidden_states / output_router_logits=False where an HF model's config turns them on
     and its forward takes them: the file returns the logits (and the cache), and the traced forward leaves out what
@@ -597,10 +602,9 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
 
     log.info(f"moec.export_onnx: proving and lowering the MoE blocks of {type(model).__name__}")
     work = _sharing_weights(model)
-    pipeline = DEFAULT_PIPELINE + (",quantize_experts" if quantize else "") + ",lower_onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a model without MoE block exports as it is
-        compile(work, backend="torch", passes=pipeline, quantize=quantize,
+        compile(work, backend="torch", passes=export_pipeline(quantize), quantize=quantize,
                 _onnx={"expert_slices": expert_slices, "moec_kernels": _moec_kernels})
     compiled = inspect(work)
     if not compiled.blocks and not compiled.rejected:

@@ -336,10 +336,12 @@ def test_save_and_load_keep_the_backend(tmp_path):
 
 def test_a_group_size_that_does_not_divide_is_refused_at_compile():
     """As on the torch backend: the blocks are rejected at compile, with the reason, and the model comes back
-    unchanged with a warning (it used to compile, report the blocks, and fail at its first call's export)."""
+    unchanged with a warning that gives the reason (it used to compile, report the blocks, and fail at its first
+    call's export); the model keeps no report, so the warning does not point to moec.inspect."""
     ref = models.tiny_model("qwen2_moe")  # experts of 32 units: no group of 64 in their second matrix
     model = copy.deepcopy(ref)
-    with pytest.warns(UserWarning, match="2 candidate.s. rejected"):
+    with pytest.warns(UserWarning, match=r"not a multiple of the int4 group size 64 .*; and 1 more candidate\(s\) "
+                                         r"rejected\); returned unchanged"):
         moec.compile(model, backend="onnxruntime", quantize=moec.Int4Experts(64))
     assert "forward" not in model.__dict__ and "_moec_report" not in model.__dict__
     after, before = model.state_dict(), ref.state_dict()
@@ -397,8 +399,9 @@ def test_bad_options():
 
 
 def test_report_names_the_provider_and_calibrate_refuses_before_and_after_a_call():
-    """The report says which provider runs from compile on (the one ORT will pick; the session's own once it
-    opens), so inspect's numerics are right before the first call, and calibrate refuses the model either way."""
+    """The report says which provider and passes run from compile on (the one ORT will pick, the export's
+    pipeline; the session's own provider once it opens), so inspect's numerics are right before the first call, and
+    calibrate refuses the model either way."""
     model = moec.compile(models.tiny_model("mixtral"), backend="onnxruntime", quantize=moec.Int8Experts())
     inputs = models.example_inputs(model, batch=1, seq=4)
     for call in (False, True):
@@ -406,5 +409,6 @@ def test_report_names_the_provider_and_calibrate_refuses_before_and_after_a_call
             with torch.no_grad():
                 model(**inputs)
         assert moec.inspect(model).backend == "onnxruntime (CPUExecutionProvider)"
+        assert moec.inspect(model).pipeline == "detect_moe,fuse_gate,batch_experts,quantize_experts,lower_onnx"
         with pytest.raises(NotImplementedError, match="ONNX Runtime session"):
             moec.calibrate(model, inputs["input_ids"])
