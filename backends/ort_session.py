@@ -366,7 +366,7 @@ class OrtForward:
         """Keep the export's report, and say (once per block) what runs other than the compile-time report said:
         a block the export left as it was runs its own code, in the model's dtype and unquantized (listed as
         rejected); a block that fell back to standard ONNX ops runs dequantized weights with fp activations."""
-        from moec.api import Rejection
+        from moec.report import Rejection
 
         self.report.export = exported
         for why in exported.dense_left:  # the same MatMuls in every session's file

@@ -11,7 +11,8 @@ lower_triton, lower_onnx) -> backends/ (kernels for moec's canonical
 ops, defined in moec/ops.py and described by moec/ir.py) -> moec/api.py.
 """
 
-from moec.api import Report, compile, inspect
+from moec.api import compile, inspect
+from moec.report import Report
 from moec.approx import ExpertPlan, TopP
 from moec.distributed import ExpertParallel, load_sharded
 from moec.calibrate import Calibration, calibrate, expert_plan, topk_schedule, topk_search

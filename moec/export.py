@@ -31,7 +31,8 @@ from rich.table import Table
 from torch import nn
 
 from moec import export_layers
-from moec.api import Rejection, compile, inspect
+from moec.api import compile, inspect
+from moec.report import Rejection
 from moec.backends import cpu_native, ort_attention, ort_kernels, ort_layouts, ort_mask
 from moec.backends.onnx_backend import ort_type_errors, register_ort_schemas, translations
 from moec.canonical import resolve

@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from safetensors.torch import save_model
 from conftest import TOL, rel_err
 from test_generality import RouterForms
@@ -307,6 +308,16 @@ def test_clear_errors():
         copy.deepcopy(model)
     with pytest.raises(RuntimeError, match="size mismatch"):  # new expert weights: refused, not silently ignored
         model.load_state_dict(_lm("mixtral").state_dict())
+    inputs = models.example_inputs(model, seq=2)
+    fresh = dict(_lm("mixtral").named_parameters())
+    for replace in (lambda mod, name, t: setattr(getattr(mod, name), "data", t),  # .data = new weights
+                    lambda mod, name, t: setattr(mod, name, nn.Parameter(t))):  # a new Parameter
+        emptied = next(n for n, p in model.named_parameters() if p.numel() == 0)
+        owner, name = emptied.rsplit(".", 1)
+        replace(model.get_submodule(owner), name, fresh[emptied].detach().clone())
+        with torch.no_grad(), pytest.raises(RuntimeError, match="given new values after compile"):
+            model(**inputs)  # the store holds the compiled experts: refused, not silently run
+        setattr(model.get_submodule(owner), name, nn.Parameter(torch.empty(0)))
     with pytest.raises(NotImplementedError, match="save_pretrained"):  # it would write the emptied experts
         model.save_pretrained("/tmp/never-written")
     with pytest.raises(ValueError, match="already compiled with offloaded experts"):  # its blocks are no longer found

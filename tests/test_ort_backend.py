@@ -13,7 +13,7 @@ import torch
 import handwritten as hw
 import moec
 from moec import models
-from moec.api import Rejection
+from moec.report import Rejection
 from moec.backends import cpu_native, ort_kernels, ort_session
 from moec.export import ExportReport
 

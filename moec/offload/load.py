@@ -112,7 +112,8 @@ def fill_and_compile(model: nn.Module, checkpoint, pipeline: str, options: dict,
     experts in turn, that block compiled by `pipeline` (which releases them: offloaded, sharded) before the next
     is read. expert_reader(candidate, checkpoint): how a block's expert tensors are read (`_fill`'s `read`; None:
     whole). Returns the Report."""
-    from moec.api import Instruments, Report, _run
+    from moec.api import Instruments, _run
+    from moec.report import Report
     from moec.bindings import resolve
     from moec.passes.detect.candidates import find_candidates, member_names
 
