@@ -33,7 +33,7 @@ from moec.canonical import (
 )
 from moec.log import _status, status
 from moec.offload import OffloadedExperts, Offload, Pool
-from moec.pass_manager import DEFAULT_PIPELINE, PASSES, Instruments, PassManager, Rejected, parse_pipeline
+from moec.pass_manager import DEFAULT_PIPELINE, PASSES, Instruments, PassManager, PassRecord, Rejected, parse_pipeline
 from moec.report import BlockReport, Rejection, Report
 from moec.passes.detect import experts_only
 from moec.passes.detect_moe import Candidate, analyze, find_candidates
@@ -53,7 +53,12 @@ class _Done:
 
 
 class _FinalProofFailed(Rejected):
-    """The graph the pipeline produced differs from the original: a moec defect, never a user error."""
+    """The graph the pipeline produced differs from the original: a defect of a pass, never a user error.
+    records: the passes that ran (with their errors under verify), for the CLI to name the first that changed them."""
+
+    def __init__(self, message: str, records: list[PassRecord] | None = None):
+        super().__init__(message)
+        self.records = records or []
 
 
 def _check_module(model, what: str) -> None:
@@ -115,14 +120,21 @@ def _final_proof(gm: fx.GraphModule, block: nn.Module, pm: PassManager) -> str:
     return proved
 
 
+def _blame(pm: PassManager) -> str:
+    """Whose defect a failure in the pipeline is: moec's, or one of the user's own passes (not in moec's package)."""
+    own = [n for n in pm.names if not PASSES[n].__module__.startswith("moec.")]
+    return f"a defect of one of the passes {own}, or of moec's" if own else "a moec defect: please report it"
+
+
 def _compile_block(pm: PassManager, block: nn.Module, cand: Candidate, options: dict) -> _Done | Rejection:
     start = _block_graph(block, cand, options)
+    records = []
     try:
         gm, records = pm.run(start, cand.path, block)
         proved = _final_proof(gm, block, pm)
     except _FinalProofFailed as e:
         _undo(start.meta)
-        raise _FinalProofFailed(f"{e} (a moec defect: please report it)") from e
+        raise _FinalProofFailed(f"{e} ({_blame(pm)})", records) from e
     except Rejected as e:
         _undo(start.meta)
         return Rejection(cand.path, str(e))
@@ -130,7 +142,7 @@ def _compile_block(pm: PassManager, block: nn.Module, cand: Candidate, options: 
         _undo(start.meta)
         first = (str(e).strip().splitlines() or [""])[0]  # an fx error prints the whole graph after its first line
         raise _FinalProofFailed(f"moec failed on it: {type(e).__name__}: {first} ({' '.join(getattr(e, '__notes__', []))};"
-                                f" a moec defect: please report it)") from e
+                                f" {_blame(pm)})") from e
     spec = gm.meta["moe_spec"]
     d = spec.describe()
     return _Done(cand, block, gm, BlockReport(cand.path, spec.experts.num_experts, spec.router.top_k, d["router"],
@@ -181,7 +193,7 @@ def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: boo
                 except _FinalProofFailed as e:
                     if strict:
                         raise RuntimeError(f"moec: block {cand.path!r}: {e}; no block was rewritten") from e
-                    res = Rejection(cand.path, str(e))
+                    res = Rejection(cand.path, str(e), e.records)
                 if isinstance(res, Rejection):
                     if old is not None:  # compiled before, not with these options: it keeps its compiled graph
                         install(block, old, cand.path)

@@ -248,7 +248,7 @@ def _run_passes(args, model, inputs, tokenizer, console) -> int:
         t.add_column(n)
     bad = []
     tol = TOL[next(model.parameters()).dtype]
-    for b in report.blocks:
+    for b in [*report.blocks, *(r for r in report.rejected if r.passes)]:  # rejected: by the final proof
         t.add_row(b.path, *(f"{r.max_rel_err:.1e}" for r in b.passes))
         checked = []  # after an approximation, the error against the original is the approximation's
         for r in b.passes:

@@ -31,6 +31,7 @@ class BlockReport:
 class Rejection:
     path: str
     reason: str
+    passes: list[PassRecord] = field(default_factory=list)  # a final proof that failed: the passes run before it
 
 
 def _numerics(backend: str, cfg: QuantConfig, pipeline: str = "") -> str:

@@ -191,6 +191,18 @@ def test_bisect_names_a_broken_pass_and_its_reproducer_replays(tmp_path):
     assert r.returncode == 0 and "no pass of detect_moe,fuse_gate,batch_experts changed the numbers" in r.stdout
 
 
+def test_run_verify_names_a_broken_pass_whose_blocks_the_final_proof_rejected(tmp_path):
+    """The final proof rejects the blocks a pass broke: run --verify still names the pass and exits 1, and the
+    rejection blames the user's pass, not moec."""
+    (tmp_path / "broken.py").write_text(BROKEN_PASS)
+    r = moec("run", "broken.py:build", "--passes", "detect_moe,fuse_gate,break_numbers,batch_experts", "--verify",
+             cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "model.layers.0.mlp: numbers changed at pass 'break_numbers'" in r.stdout
+    text = " ".join(r.stdout.replace("│", " ").split())
+    assert "['break_numbers']" in text and "please report" not in text
+
+
 def test_bisect_dumps_rejected_candidates(tmp_path):
     (tmp_path / "rej.py").write_text(
         "from moec import models\n"
