@@ -217,6 +217,7 @@ class CompiledForward:
         self._gen = -1
         self._skipped: list[nn.Module] = []
         self._signature = None
+        self._router_key = self._router_now()  # quantize(router=True): the fp weight the buffers were made from
 
     def original(self, *args, **kwargs):
         fwd = self.user_forward or type(self.block).forward.__get__(self.block)
@@ -280,6 +281,35 @@ class CompiledForward:
                     if what else "forward hooks on a submodule the compiled graph does not call")
         return None
 
+    def _router_now(self) -> tuple | None:
+        """quantize(router=True): which fp router weight the block holds now (storage, version, dtype); else None."""
+        quant = self.gm.meta["moe_spec"].quant
+        if quant is None or not quant.router:
+            return None
+        sources = self.gm.meta["canonical_bindings"]["router_weight"].sources(self.block)
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+
+    def _follow(self) -> None:
+        """Before running the graph: refuse where a tensor moec released at compile (quantized or offloaded
+        experts' fp weights) holds values again (`.data =`, a new Parameter: the graph would ignore them), and
+        quantize a changed fp router weight again (quantize(router=True): the graph reads its quantized buffers)."""
+        if replaced := [p for p in self.gm.meta.get("released", ()) if resolve(self.block, p).numel()]:
+            spec = self.gm.meta["moe_spec"]
+            where = "the offload store" if spec.offloaded else "its shard" if spec.sharded else "its quantized buffers"
+            raise RuntimeError(f"moec: block {self.path!r}: {replaced} were given new values after compile, but "
+                               f"the block runs the experts in {where}, made at compile: compile the model again "
+                               f"from its new weights (moec.load reads a moec.save file into a compiled model)")
+        if self._router_key is not None and (now := self._router_now()) != self._router_key:
+            from moec.passes.quantize_experts import quantized_tensors
+            from moec.quant import quantize
+
+            weight = self.gm.meta["canonical_bindings"]["router_weight"].get(self.block)  # [E, H]
+            fresh = quantize(self.gm.meta["moe_spec"].quant, weight[None])
+            with torch.no_grad():
+                for k, t in quantized_tensors(self.block, "router").items():
+                    t.copy_(fresh[k])
+            self._router_key = now
+
     def __call__(self, *args, **kwargs):
         data, extras = self._split(args, kwargs)
         hidden = data[0]
@@ -296,6 +326,8 @@ class CompiledForward:
                     f"moec: block {self.path!r} was compiled with an approximation ({self.gm.meta['approximation']}) "
                     f"that its original forward does not make ({why}): compile a fresh model without topk= or experts= for this")
             return self.original(*args, **kwargs)
+        if not tracing():
+            self._follow()
         with torch.no_grad():
             result = call(self.gm, self.block, *data)
         outs = list(result) if isinstance(result, tuple) else [result]  # (out, logits, ids, w), or an experts out

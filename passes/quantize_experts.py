@@ -87,7 +87,9 @@ def quantize_experts(gm) -> PassResult:
 
 def _quantize_router(gm, cfg, path: str) -> None:
     """moec.route's weight W [E, H] -> its quantized form ([1, E, H] buffers `_moec_router_*`), dequantized in
-    the graph before the route: the router then computes with the weights a quantized deployment holds."""
+    the graph before the route: the router then computes with the weights a quantized deployment holds. The fp
+    weight stays in the block: when it changes, the block quantizes it again before its next call
+    (canonical.CompiledForward)."""
     for node in [n for n in gm.graph.nodes if n.target is torch.ops.moec.route]:
         weight = role_value(gm, node.args[1])
         try:
@@ -95,9 +97,10 @@ def _quantize_router(gm, cfg, path: str) -> None:
         except ValueError as e:
             raise Rejected(str(e)) from None
         t = {k: add_buffer(gm, f"_moec_router_{k}", v) for k, v in quantize(cfg, weight[None]).items()}
-        with gm.graph.inserting_before(node):
+        with gm.graph.inserting_before(node):  # in x's dtype, as the original's router weight after .to()
+            dtype = gm.graph.call_function(getattr, (node.args[0], "dtype"))
             w = gm.graph.call_function(dequantized, (t["q"], t["scale"], t.get("zero"), cfg.bits,
-                                                     getattr(cfg, "group_size", 0), weight.dtype))
+                                                     getattr(cfg, "group_size", 0), dtype))
             w = gm.graph.call_function(operator.getitem, (w, 0))  # [E, H]
         node.args = (node.args[0], w, *node.args[2:])
 
@@ -130,12 +133,15 @@ def release_originals(block: torch.nn.Module, cand) -> int:
     gm = block.__dict__["_moec_graph"]
     used = {id(t) for b in gm.meta["bindings"].values() for t in b.sources(block)}
     owners = members(resolve(block, cand.container)) if cand.container else [block]
-    quantized = [t for name, t in block.named_buffers(recurse=False) if name.startswith("_moec_")]
+    names = {id(m): n for n, m in block.named_modules()}
+    quantized = [(name, t) for name, t in block.named_buffers(recurse=False) if name.startswith("_moec_")]
     freed = 0
-    for t in [resolve(m, name) for m in owners for name in cand.experts] + quantized:
+    for path, t in [(f"{names[id(m)]}.{name}".lstrip("."), resolve(m, name)) for m in owners for name in cand.experts] \
+            + quantized:
         if id(t) not in used and t.numel():
             freed += t.numel() * t.element_size()
             t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+            gm.meta.setdefault("released", []).append(path)  # a call refuses once one holds values again
     return freed
 
 

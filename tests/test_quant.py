@@ -602,6 +602,51 @@ def test_shared_and_router_quantized_when_asked(cfg, family):
     assert not any(quantized_tensors(resolve(plain, b.path), "router") for b in report.blocks)  # keep their dtype
 
 
+@pytest.mark.parametrize("cfg", [Int8Experts(router=True), Int4Experts(32, router=True)], ids=lambda c: c.describe())
+def test_a_quantized_router_follows_its_fp_weight(cfg):
+    """router=True keeps the fp router weight in the block; changed after compile (in place, load_state_dict,
+    .data =), the block quantizes it again before its next call: the model equals its dequantized twin with the
+    new router quantized. Cast after compile, it runs in the new dtype (it used to fail on the router's dtype)."""
+    model = models.tiny_model("mixtral")
+    qmodel = moec.compile(copy.deepcopy(model), quantize=cfg)
+    twin = _dequantized_twin(model, qmodel, cfg)
+    inputs = models.example_inputs(model, batch=2, seq=5)
+    name = f"{moec.inspect(qmodel).blocks[0].path}.gate.weight"
+    for how in ("in place", "load_state_dict", ".data ="):
+        new = torch.randn_like(model.get_parameter(name)) * 3
+        with torch.no_grad():
+            if how == "in place":
+                qmodel.get_parameter(name).copy_(new)
+            elif how == "load_state_dict":
+                qmodel.load_state_dict({**qmodel.state_dict(), name: new})
+            else:
+                qmodel.get_parameter(name).data = new.clone()
+            twin.get_parameter(name).copy_(dequantize(cfg, quantize(cfg, new[None]), torch.float32)[0])
+            assert rel_err(qmodel(**inputs).logits, twin(**inputs).logits) < 1e-4, how
+    for dtype in (torch.bfloat16, torch.float32):
+        qmodel.to(dtype)
+        with torch.no_grad():
+            assert torch.isfinite(qmodel(**inputs).logits).all()
+
+
+def test_released_expert_weights_given_new_values_are_refused():
+    """A quantized block runs its quantized buffers: new values in its released fp expert tensors (.data =, a new
+    Parameter) would be ignored, so the next call raises (load_state_dict of fp weights fails on their shape)."""
+    model = models.tiny_model("mixtral")
+    qmodel = moec.compile(copy.deepcopy(model), quantize=Int8Experts())
+    inputs = models.example_inputs(model, batch=1, seq=3)
+    emptied = next(n for n, p in qmodel.named_parameters() if p.numel() == 0)
+    owner, attr = emptied.rsplit(".", 1)
+    for replace in (lambda t: setattr(qmodel.get_parameter(emptied), "data", t),
+                    lambda t: setattr(qmodel.get_submodule(owner), attr, torch.nn.Parameter(t))):
+        replace(model.get_parameter(emptied).detach().clone())
+        with torch.no_grad(), pytest.raises(RuntimeError, match="given new values after compile"):
+            qmodel(**inputs)
+        setattr(qmodel.get_submodule(owner), attr, torch.nn.Parameter(torch.empty(0)))
+    with torch.no_grad():
+        qmodel(**inputs)  # emptied again: it runs
+
+
 def test_quantized_router_exports_to_onnx(tmp_path):
     """router=True is graph ops (dequantize, then the route): the ONNX file computes it too."""
     import onnxruntime as ort

@@ -416,17 +416,9 @@ class OffloadedExperts(nn.Module):
 
     def _dtypes(self) -> dict[str, torch.dtype]:
         """The dtypes the block's (released, empty) expert tensors have now: .to() casts them as it would have
-        cast the experts (a quantized block's scales too), and the slots follow. One that holds numbers again was
-        replaced after compile (`.data = ...`, a new Parameter): the store would run the old ones, so this refuses."""
+        cast the experts (a quantized block's scales too), and the slots follow."""
         block = self._owner() if self._owner is not None else None
-        if block is None:
-            return {}
-        now = {p: resolve(block, p) for p in self.like.values()}
-        if replaced := [p for p, t in now.items() if t.numel()]:
-            raise RuntimeError(f"moec: block {self.block!r} has offloaded experts, and its expert tensors "
-                               f"{replaced} were given new values after compile: the offload store holds the ones "
-                               f"compiled; compile the model again from its new weights (before compiling it)")
-        return {r: now[p].dtype for r, p in self.like.items()}
+        return {} if block is None else {r: resolve(block, p).dtype for r, p in self.like.items()}
 
     @torch.compiler.disable  # the pool's Python (locks, reads, numpy) runs eagerly inside a torch.compile'd model
     def forward(self, x, ids, weights, b13=None, b2=None):
