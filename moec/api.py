@@ -115,7 +115,7 @@ def _final_proof(gm: fx.GraphModule, block: nn.Module, pm: PassManager) -> str:
                    f"block (weights and activations quantized)")
     if approximate:  # measured, not a failure: the pass was asked for by name
         gm.meta["approximation"] = (f"{', '.join(approximate)}: max relative error {proof.error(run, dtype):.2e} "
-                                    f"against the original block on the probes")
+                                    f"against the original block on the probes, at compile")
         proved += f"; approximate ({gm.meta['approximation']})"
     return proved
 

@@ -47,6 +47,9 @@ def save(model: nn.Module, path: str) -> None:
             "topk": approx.to_json(report.topk), "experts": approx.to_json(report.experts),
             "decode_linears": report.decode_linears is not None or report.backend != "torch",
             "cuda_graphs": report.cuda_graphs is not None,
+            # each approximated block's error as measured at compile, on these weights (a load compiles the fresh
+            # model's before its weights are read)
+            "approximation": {b.path: b.approximate for b in report.blocks if b.approximate},
             "calibration": None if (cal := model.__dict__.get("_moec_calibration")) is None else cal.to_json()}
     tensors, tied, seen = {}, {}, {}
     for name, t in model.state_dict().items():
@@ -121,7 +124,20 @@ def load(model: nn.Module, path: str, **compile_options) -> nn.Module:
         model.__dict__["_moec_calibration"] = Calibration.from_json(meta["calibration"])
     if not weights_first:
         _load_state(model, path, meta)  # into the model's own tensors (compiled blocks read them at call time)
+        _say_saved_approximation(model, meta.get("approximation") or {})
     return model
+
+
+def _say_saved_approximation(model: nn.Module, said: dict[str, str]) -> None:
+    """The approximation errors the saved model measured at its compile, in place of those measured on the fresh
+    model's weights before the file's were loaded."""
+    from moec.canonical import compiled_graph, resolve
+
+    report = model.__dict__.get("_moec_report")
+    for b in report.blocks if report is not None else ():
+        gm = compiled_graph(resolve(model, b.path))
+        if b.path in said and gm is not None:
+            b.approximate = gm.meta["approximation"] = said[b.path]
 
 
 def _load_state(model: nn.Module, path: str, meta: dict) -> None:
