@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import warnings
 
 import torch
 import torch.fx as fx
@@ -218,6 +219,7 @@ class CompiledForward:
         self._skipped: list[nn.Module] = []
         self._signature = None
         self._router_key = self._router_now()  # quantize(router=True): the fp weight the buffers were made from
+        self._hooks_said = False  # warned once that hooks make the original forward run
 
     def original(self, *args, **kwargs):
         fwd = self.user_forward or type(self.block).forward.__get__(self.block)
@@ -272,14 +274,19 @@ class CompiledForward:
         if not (_module._global_forward_hooks or _module._global_forward_pre_hooks
                 or any(m._forward_hooks or m._forward_pre_hooks for m in self._skipped)):
             return None
-        hooks = [*_module._global_forward_hooks.values(), *_module._global_forward_pre_hooks.values(),
-                 *(h for m in self._skipped for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values())]
+        glob = [*_module._global_forward_hooks.values(), *_module._global_forward_pre_hooks.values()]
+        hooks = [*glob, *(h for m in self._skipped for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values())]
         live = [h for h in hooks if not _idle_capture(h)]
-        if live:
-            what = {_capture_key(h) for h in live} - {None}
-            return (f"transformers records {', '.join(sorted(what))} from a submodule the compiled graph does not call"
-                    if what else "forward hooks on a submodule the compiled graph does not call")
-        return None
+        if not live:
+            return None
+        if what := sorted({_capture_key(h) for h in live} - {None}):
+            return (f"transformers records {', '.join(what)} from a submodule the compiled graph does not call; "
+                    f"call the model with {', '.join(f'output_{w}=False' for w in what)} or set "
+                    f"{', '.join(f'model.config.output_{w} = False' for w in what)} to run the compiled block")
+        if any(h in glob for h in live):
+            return ("a global forward hook (torch.nn.modules.module.register_module_forward_hook) would see "
+                    "submodules the compiled graph does not call")
+        return "forward hooks on a submodule the compiled graph does not call"
 
     def _router_now(self) -> tuple | None:
         """quantize(router=True): which fp router weight the block holds now (storage, version, dtype); else None."""
@@ -325,6 +332,10 @@ class CompiledForward:
                 raise NotImplementedError(
                     f"moec: block {self.path!r} was compiled with an approximation ({self.gm.meta['approximation']}) "
                     f"that its original forward does not make ({why}): compile a fresh model without topk= or experts= for this")
+            if ("hook" in why or "records" in why) and not self._hooks_said:  # unlike training mode: not asked for
+                self._hooks_said = True
+                warnings.warn(f"moec: block {self.path!r} runs its original forward, not the compiled one: {why}",
+                              stacklevel=2)
             return self.original(*args, **kwargs)
         if not tracing():
             self._follow()

@@ -744,6 +744,12 @@ def test_released_blocks_refuse_what_needs_the_fp_experts(tmp_path):
     with pytest.raises(NotImplementedError, match="original expert weights were released"):
         block(torch.randn(1, 3, model.config.hidden_size))
     handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)  # a profiler's, say
+    try:
+        with pytest.raises(NotImplementedError, match="a global forward hook"):
+            block(torch.randn(1, 3, model.config.hidden_size))
+    finally:
+        handle.remove()
     with pytest.raises(NotImplementedError, match="use moec.save"):
         model.save_pretrained(str(tmp_path))
 

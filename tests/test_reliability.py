@@ -176,11 +176,16 @@ def test_idle_output_capturing_hooks(quant):
         assert block.gate._forward_hooks  # installed by transformers, and left
         assert compiled_forward(block).why_original(torch.zeros(1, 2, model.config.hidden_size), {}) is None
         got = model(ids).logits
-        if quant is None:
+        if quant is None:  # said once per block (no speed-up there), with how to run the compiled block
             assert rel_err(got, want) < TOL[torch.float32]
-            assert len(model(ids, output_router_logits=True).router_logits) == model.config.num_hidden_layers
+            with pytest.warns(UserWarning, match="runs its original forward.*output_router_logits=False") as said:
+                assert len(model(ids, output_router_logits=True).router_logits) == model.config.num_hidden_layers
+            assert len(said) == model.config.num_hidden_layers
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                model(ids, output_router_logits=True)
         else:
-            with pytest.raises(NotImplementedError, match="records router_logits"):
+            with pytest.raises(NotImplementedError, match="records router_logits.*output_router_logits=False"):
                 model(ids, output_router_logits=True)
             assert torch.equal(model(ids).logits, got)
 
