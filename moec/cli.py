@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
                  "moec routing fine_moe_lm --text notes.txt --png routing.png")
     src = rt.add_mutually_exclusive_group()
     src.add_argument("--text", type=Path, help="a text file, tokenized by MODEL's tokenizer (bytes for built-ins)")
-    src.add_argument("--random", type=int, metavar="N", default=None, help="N random tokens (default 512)")
+    src.add_argument("--random", type=_positive, metavar="N", default=None, help="N random tokens (default 512)")
     rt.add_argument("--png", type=Path, help="also write the expert-load heatmap here (needs matplotlib)")
     ex = command("export", "export MODEL to ONNX (with its KV cache) or to an onnxruntime-genai folder",
                  "moec export ./checkpoint out/ --quantize int4:g32 --genai")
@@ -290,7 +290,7 @@ def _routing(args, model, inputs, tokenizer, console) -> int:
                 tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
             ids = torch.tensor(tokenizer(args.text.read_text())["input_ids"])[None]
         else:
-            ids = torch.randint(0, config.vocab_size, (1, args.random or 512), generator=torch.Generator().manual_seed(0))
+            ids = torch.randint(0, config.vocab_size, (1, 512 if args.random is None else args.random), generator=torch.Generator().manual_seed(0))
         n = getattr(config, "max_position_embeddings", ids.shape[1])
         batches = [c.to(device) for c in ids.split(n, dim=1)]
     elif inputs is not None:

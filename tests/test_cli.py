@@ -142,8 +142,9 @@ def test_routing_of_a_seq2seq_model_uses_its_example_inputs_and_topk_checks():
     r = moec("routing", "switch_transformers")
     assert r.returncode == 0, r.stderr
     assert "moec routing:" in r.stdout
-    r = moec("run", "mixtral", "--topk", "0")
-    assert r.returncode == 2 and "is not an integer >= 1" in r.stderr
+    for flag in (("run", "mixtral", "--topk", "0"), ("routing", "mixtral", "--random", "0")):
+        r = moec(*flag)
+        assert r.returncode == 2 and "is not an integer >= 1" in r.stderr
     r = moec("run", "mixtral", "--topk", "1", "--print-after", "reduce_topk")
     assert r.returncode == 0 and "graph after reduce_topk" in r.stdout + r.stderr
 
