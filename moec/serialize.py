@@ -106,6 +106,9 @@ def load(model: nn.Module, path: str, **compile_options) -> nn.Module:
         if not on_cuda:
             warnings.warn(f"moec.load: {path} was saved with cuda_graphs=True; the model is not on CUDA: loaded "
                           f"without them", stacklevel=2)
+    if "experts" in saved and compile_options.get("experts", saved["experts"]) != saved["experts"]:
+        raise ValueError(f"moec.load: {path} holds a model with fewer experts (experts=, {saved['experts'].mode}): the file has "
+                         f"the kept experts' weights only; load it without experts=")
     options = saved | compile_options  # options given here win over the file's
     if "dense" not in options and meta.get("dense"):  # the saved model's dense layers' format
         options["dense"] = _config(meta["dense"])

@@ -138,6 +138,8 @@ def test_a_pruned_model_saves_and_loads(tmp_path):
     moec.save(model, tmp_path / "m.safetensors")
     loaded = moec.load(models.tiny_model("qwen2_moe", seed=1).eval(), tmp_path / "m.safetensors")
     assert moec.inspect(loaded).experts == plan
+    with pytest.raises(ValueError, match="fewer experts.*load it without experts="):  # it has the kept experts only
+        moec.load(models.tiny_model("qwen2_moe").eval(), tmp_path / "m.safetensors", experts=None)
     inputs = models.example_inputs(model, seq=6)
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
