@@ -566,7 +566,7 @@ def _warn_if_empty(model: nn.Module, report: Report, kept: bool = True) -> bool:
     moec.inspect lists every rejection)."""
     if report.blocks:
         return False
-    why = ""
+    why = " (moec looks for a router choosing among 2 or more experts: moec.inspect(model) shows what it finds)"
     if report.rejected:
         first, more = report.rejected[0], len(report.rejected) - 1
         why = (f" ({first.path or '(model)'}: {first.reason}"
