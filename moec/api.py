@@ -21,7 +21,7 @@ from moec.backends import cpu_dense, cpu_linear, pipeline_for, resolve_backend
 from moec.backends.ort_session import uninstall as ort_uninstall
 from moec.approx import ExpertPlan, TopP
 from moec.bindings import Const, Derived
-from moec.distributed import ExpertParallel, Group, ShardedExperts, compiled_blocks
+from moec.distributed import ExpertParallel, Group, ShardedExperts, compiled_blocks, fingerprint
 from moec.cuda_graphs import check as cuda_graphs_check, install as cuda_graphs_install
 from moec.canonical import (
     build_graph,
@@ -493,7 +493,7 @@ def _expert_parallel_group(model, cfg, backend: str, offload, options: list) -> 
     config = getattr(model, "config", None)  # an HF model's config (k, sizes, ...)
     group.agree("the model and the compile options", [shapes, [repr(o) for o in options],
                                                       [group.placement(path, E) for path, E, _ in shapes],
-                                                      {n: list(p.shape) for n, p in model.named_parameters()},
+                                                      {n: fingerprint(p) for n, p in model.named_parameters()},
                                                       config.to_dict() if hasattr(config, "to_dict") else None])
     return group
 

@@ -169,6 +169,16 @@ class Group:
                              f" every rank must build the same model and compile it with the same options")
 
 
+def fingerprint(t: torch.Tensor) -> list:
+    """A tensor's shape, dtype and, where it holds numbers (not on the meta device), a digest of its bytes: ranks
+    that built different weights (another seed, another checkpoint, experts in another order) disagree."""
+    sig = [list(t.shape), str(t.dtype)]
+    if not t.is_meta:
+        raw = t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy()
+        sig.append(hashlib.blake2b(raw, digest_size=16).hexdigest())
+    return sig
+
+
 class ShardedExperts(nn.Module):
     """One block's experts op over the group: (x [T, H], ids [T, k], weights [T, k], *my shard) -> [T, H].
     `op` is the block's experts op (moec.experts / experts_int8 / experts_int4) and `args` its tensor arguments

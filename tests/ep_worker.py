@@ -135,14 +135,16 @@ def case(name, rank, world):
         folder, meta = saved_and_meta(ref, name, rank)
         moec.load_sharded(meta, folder, ep)
         check_row(meta, moec.compile(ref), rank, world)
-    elif name == "mismatch":
-        model = models.tiny_model("mixtral", num_experts_per_tok=2 if rank != 1 else 1).eval()
-        try:
-            moec.compile(model, expert_parallel=moec.ExpertParallel(timeout=30))
-        except ValueError as e:
-            assert "the ranks disagree on the model and the compile options" in str(e), e
-        else:
-            raise AssertionError("a mismatched config was accepted")
+    elif name == "mismatch":  # another config, other weights (another seed), another dtype on rank 1
+        for model in (models.tiny_model("mixtral", num_experts_per_tok=2 if rank != 1 else 1),
+                      models.tiny_model("mixtral", seed=rank),
+                      models.tiny_model("mixtral").to(torch.bfloat16 if rank == 1 else torch.float32)):
+            try:
+                moec.compile(model.eval(), expert_parallel=moec.ExpertParallel(timeout=30))
+            except ValueError as e:
+                assert "the ranks disagree on the model and the compile options" in str(e), e
+            else:
+                raise AssertionError("a mismatched model was accepted")
     elif name in ("kill", "stall"):
         model = models.tiny_model("mixtral").eval()
         moec.compile(model, expert_parallel=moec.ExpertParallel(timeout=5))
