@@ -108,7 +108,8 @@ class Calibration:
 
 def calibrate(model: nn.Module, batches) -> Calibration:
     """Run `model` on each batch (an input_ids tensor, or a dict of keyword inputs) and collect each MoE
-    block's routing statistics (see the module docstring)."""
+    block's routing statistics (see the module docstring). A dict's `attention_mask` [B, S] leaves the padding out
+    of a decoder-only model's counts (each block routes the B * S tokens in order)."""
     from moec.api import _check_module, _spec_of, block_route, inspect
     from moec.bindings import resolve
     from moec.capture import untouched
@@ -123,6 +124,7 @@ def calibrate(model: nn.Module, batches) -> Calibration:
     if not report.blocks:
         raise ValueError("moec.calibrate: no MoE block found in the model (see moec.inspect(model).rejected)")
     stats: dict[str, dict] = {}
+    real = [None]  # the batch's attention_mask as [B * S] bools (decoder-only models)
 
     def hook(path, spec, roles):
         E, k = spec.experts.num_experts, spec.router.top_k
@@ -133,6 +135,8 @@ def calibrate(model: nn.Module, batches) -> Calibration:
             probs = s.sigmoid() / s.sigmoid().sum(-1, keepdim=True) if spec.router.scoring == "sigmoid" \
                 else s.softmax(-1)  # [T, E]
             ids, probs, used = ids.long().cpu(), probs.cpu(), (w != 0).cpu()  # used: the pairs top-p keeps
+            if real[0] is not None and len(real[0]) == len(ids):  # the batch's tokens, not its padding
+                ids, probs, used = ids[real[0]], probs[real[0]], used[real[0]]
             onehot = torch.zeros(len(ids), E).scatter_reduce_(1, ids, used.float(), "amax")  # [T, E]
             st = stats.setdefault(path, {"tokens": 0, "load": torch.zeros(E, dtype=torch.long),
                                          "mass": torch.zeros(k, dtype=torch.float64), "entropy": 0.0,
@@ -153,6 +157,10 @@ def calibrate(model: nn.Module, batches) -> Calibration:
     try:
         with torch.no_grad(), untouched(model):
             for batch in batches:  # input_ids, a dict of keyword inputs, or a tuple of positional ones
+                mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+                decoder_only = not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+                real[0] = mask.reshape(-1).bool().cpu() if mask is not None and mask.dim() == 2 and decoder_only \
+                    else None
                 model(**batch) if isinstance(batch, dict) else model(*batch) if isinstance(batch, tuple) else model(batch)
     finally:
         for h in hooks:

@@ -142,6 +142,21 @@ def test_a_reduced_model_saves_and_loads_reduced(tmp_path):
         assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
 
 
+def test_calibration_leaves_the_padding_out():
+    """A left-padded batch with its attention_mask counts what the same sequences count unpadded, pads left out."""
+    model = models.tiny_model("mixtral").eval()
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(4, 200, (n,), generator=g) for n in (24, 3, 7)]
+    ids, mask = torch.zeros(len(rows), 24, dtype=torch.long), torch.zeros(len(rows), 24, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, -len(r):], mask[i, -len(r):] = r, 1
+    padded = moec.calibrate(model, [{"input_ids": ids, "attention_mask": mask}])
+    alone = moec.calibrate(model, [r[None] for r in rows])
+    for a, b in zip(padded.blocks, alone.blocks, strict=True):
+        assert a.tokens == b.tokens == sum(map(len, rows)) and a.load == b.load
+        assert a.mass == pytest.approx(b.mass, rel=1e-5) and a.entropy == pytest.approx(b.entropy, rel=1e-5)
+
+
 def test_calibration_counts_the_routing_exactly():
     """A hand-written block run on known tokens: load, co-activation, top-j mass and entropy equal a direct
     computation from the block's own router."""
