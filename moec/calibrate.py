@@ -222,6 +222,11 @@ def topk_search(model: nn.Module, average: float, loss) -> dict[str, int]:
 
     from moec.api import compile, inspect
 
+    report = inspect(model)
+    if report.quantize is not None or report.offload is not None or report.expert_parallel is not None:
+        raise NotImplementedError("moec.topk_search recompiles the blocks with each k it tries, which a model with "
+                                  "quantized, offloaded or sharded experts cannot (their fp weights were released): "
+                                  "search on the model before compiling it, then compile it with the k found")
     work = copy.deepcopy(model)
     ks = {b.path: b.top_k for b in inspect(work).blocks}
     if not ks:

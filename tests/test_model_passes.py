@@ -344,6 +344,9 @@ def test_topk_search_lowers_k_where_the_loss_rises_least():
     assert not moec.inspect(model).blocks or all(not b.approximate for b in moec.inspect(model).blocks)
     with pytest.raises(ValueError, match="average"):
         moec.topk_search(model, 0, loss)
+    quantized = moec.compile(copy.deepcopy(model), quantize=moec.Int8Experts())  # its fp experts were released
+    with pytest.raises(NotImplementedError, match="topk_search .*before compiling it"):
+        moec.topk_search(quantized, 2.5, loss)
 
 
 def test_top_p_with_a_selection_bias_keeps_the_heaviest_weights():
