@@ -267,8 +267,8 @@ class CompiledForward:
             return f"extra inputs {sorted(extras)}"
         if self.block.training:
             return "training mode"
-        if not isinstance(hidden, torch.Tensor) or hidden.numel() == 0:
-            return "no tokens"
+        if not isinstance(hidden, torch.Tensor) or hidden.numel() == 0 and not self.gm.meta["moe_spec"].sharded:
+            return "no tokens"  # (a sharded block takes part in the exchange with no rows: the other ranks wait)
         if self.gm.meta.get("ranks") and hidden.dim() not in self.gm.meta["ranks"]:
             return f"a {hidden.dim()}-d input (proved on {' and '.join(map(str, self.gm.meta['ranks']))}-d inputs)"
         if not (_module._global_forward_hooks or _module._global_forward_pre_hooks

@@ -219,7 +219,7 @@ class ShardedExperts(nn.Module):
         unsorted = torch.empty_like(ys)
         unsorted[order] = ys  # back to (token, slot) order
         y = unsorted.float() if weight_on_input else unsorted * ws
-        return y.view(T, k, -1).sum(dim=1).to(x.dtype)
+        return y.view(T, k, x.shape[1]).sum(dim=1).to(x.dtype)  # [T, H] (T = 0: a rank with no tokens)
 
     def _run(self, xr, runs, n_experts: int, tensors):
         """Experts of one shard on rows xr [R, H] that come in runs of runs[i] rows, run i for its expert
