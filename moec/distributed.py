@@ -152,6 +152,10 @@ class Group:
         self.stats = ExchangeStats(self.rank, self.world)
         self.cfg = cfg
 
+    def __getstate__(self):  # deepcopy / pickle of a model with sharded experts
+        raise TypeError("moec: a model with sharded experts (expert_parallel=) cannot be copied or pickled: each rank "
+                        "holds its shard and exchanges in a process group; build and compile another model instead")
+
     def placement(self, path: str, E: int) -> list[list[int]]:
         """The experts each rank holds in block `path` (`placement`, with the calibrated loads if it gets copies)."""
         return placement(E, self.world, self.cfg.loads(path, E), self.cfg.replicas)

@@ -100,6 +100,12 @@ def case(name, rank, world):
             got, want = block(x), ref(x)
         got, want = (t[0] if isinstance(t, tuple) else t for t in (got, want))
         assert got.shape == want.shape and rel_err(got, want) < TOL if x.numel() else got.numel() == 0
+        try:
+            copy.deepcopy(block)
+        except TypeError as e:
+            assert "cannot be copied or pickled" in str(e), e
+        else:
+            raise AssertionError("a block with sharded experts was copied")
     elif name == "hand":
         from test_generality import RouterForms
 
