@@ -218,7 +218,7 @@ class OrtForward:
         if bool((mask[:, 1:] < mask[:, :-1]).any()):  # a pad after a real token: right padding, or a gap
             if _slides(self.model.config):
                 raise NotImplementedError("moec backend='onnxruntime': right padding on a model with sliding-window "
-                                          "layers: the session's window counts each row's tokens (as "
+                                          "or chunked attention layers: the session's window counts each row's tokens (as "
                                           "onnxruntime-genai needs), HF's counts cache slots, so they differ after "
                                           "the pads; pad on the left (tokenizer.padding_side='left'), as HF's "
                                           "generate expects")
@@ -504,10 +504,10 @@ def _like(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 def _slides(config) -> bool:
-    """Whether some attention layer of an HF config has a sliding window."""
+    """Whether some attention layer of an HF config has a sliding window or attention chunks (Llama 4)."""
     types = getattr(config, "layer_types", None)
     if types is not None:
-        return "sliding_attention" in types
+        return "sliding_attention" in types or "chunked_attention" in types
     return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) is not False
 
 

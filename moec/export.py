@@ -152,20 +152,23 @@ def outputs_off(model: nn.Module) -> dict[str, bool]:
 
 @contextlib.contextmanager
 def _windows_in_tokens(model: nn.Module, attention_mask: torch.Tensor):
-    """Sliding windows counted in the row's tokens rather than in cache slots, while the model runs.
+    """Sliding windows and attention chunks (Llama 4) counted in the row's tokens rather than in cache slots, while
+    the model runs.
 
-    HF's window is `kv_slot > q_slot - window`. onnxruntime-genai pads a batch on the right and writes each new token
-    after the pads, so under HF's rule a padded row would see fewer of its own tokens than when run alone. Here the
-    slots are numbered by the row's tokens (the mask's running count), which equals HF's rule wherever padding is
-    on the left (HF's generate) or absent."""
+    HF's window is `kv_slot > q_slot - window`, its chunks `(slot - left_padding) // chunk`. onnxruntime-genai pads a
+    batch on the right and writes each new token after the pads, so under HF's rules a padded row would see fewer
+    of its own tokens, or chunks moved by its pads, than when run alone. Here the slots are numbered by the row's
+    tokens (the mask's running count), which equals HF's rules wherever padding is on the left (HF's generate) or
+    absent."""
     from transformers import masking_utils
 
-    hf = getattr(masking_utils, "sliding_window_causal_mask_function", None)
-    if hf is None:
-        if getattr(model.config, "sliding_window", None):
-            raise NotImplementedError(f"moec.export_onnx: this transformers has no masking_utils."
-                                      f"sliding_window_causal_mask_function, where moec counts {type(model).__name__}'s "
-                                      f"sliding window in tokens (see constraints.txt for the tested version)")
+    names = ("sliding_window_causal_mask_function", "chunked_causal_mask_function")
+    hf = {n: getattr(masking_utils, n, None) for n in names}
+    if None in hf.values():
+        if getattr(model.config, "sliding_window", None) or getattr(model.config, "attention_chunk_size", None):
+            raise NotImplementedError(f"moec.export_onnx: this transformers has no masking_utils.{' or '.join(names)}, "
+                                      f"where moec counts {type(model).__name__}'s sliding window or attention chunks "
+                                      f"in tokens (see constraints.txt for the tested version)")
         yield
         return
     count = attention_mask.long().cumsum(-1)  # [B, P+S]: the row's tokens up to each slot
@@ -175,11 +178,19 @@ def _windows_in_tokens(model: nn.Module, attention_mask: torch.Tensor):
             return (kv <= q) & (count[batch, kv] > count[batch, q] - size)
         return allowed
 
+    def chunks(size: int, left_padding):
+        def allowed(batch, head, q, kv):  # a token's chunk: (its number in the row - 1) // size
+            return (kv <= q) & ((count[batch, kv] - 1).div(size, rounding_mode="floor")
+                                == (count[batch, q] - 1).div(size, rounding_mode="floor"))
+        return allowed
+
     masking_utils.sliding_window_causal_mask_function = window
+    masking_utils.chunked_causal_mask_function = chunks
     try:
         yield
     finally:
-        masking_utils.sliding_window_causal_mask_function = hf
+        for n, f in hf.items():
+            setattr(masking_utils, n, f)
 
 
 class _ExportableWithCache(nn.Module):

@@ -388,15 +388,16 @@ def test_dense_matmuls_as_matmulnbits(family, dense, tmp_path):
 
 
 @pytest.mark.parametrize("family,attention", [("mixtral", "gqa"), ("gpt_oss", "gqa"), ("qwen3_next", "gqa"),
-                                              pytest.param("jamba", "gqa", marks=pytest.mark.slow),
+                                              ("llama4", "gqa"), pytest.param("jamba", "gqa", marks=pytest.mark.slow),
                                               pytest.param("gpt_oss", "ops", marks=pytest.mark.slow)])
 def test_right_padded_rows_step_like_each_row_alone(family, attention, tmp_path):
     """onnxruntime-genai pads a batch on the right and appends each new token after the pads. The window (4
     positions here) counts the row's tokens, not cache slots, so each row equals that row run alone by HF (HF's own
-    window counts slots: such a row would lose tokens from it). Qwen3-Next's and Jamba's states skip the pads (the
-    convolution keeps the row's own last columns; the recurrence neither decays nor updates on a pad)."""
+    window counts slots: such a row would lose tokens from it); so do Llama 4's attention chunks (4 tokens here; HF's
+    chunks count slots after the left padding: the pads would move them). Qwen3-Next's and Jamba's states skip the
+    pads (the convolution keeps the row's own last columns; the recurrence neither decays nor updates on a pad)."""
     kw = {"gpt_oss": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4),
-          "mixtral": dict(sliding_window=4)}.get(family, {})
+          "mixtral": dict(sliding_window=4), "llama4": dict(attention_chunk_size=4, num_experts_per_tok=1)}.get(family, {})
     model = models.tiny_model(family, **kw).eval()
     path = tmp_path / "lm.onnx"
     report = moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), path, kv_cache=True,

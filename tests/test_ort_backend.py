@@ -412,3 +412,10 @@ def test_report_names_the_provider_and_calibrate_refuses_before_and_after_a_call
         assert moec.inspect(model).pipeline == "detect_moe,fuse_gate,batch_experts,quantize_experts,lower_onnx"
         with pytest.raises(NotImplementedError, match="ONNX Runtime session"):
             moec.calibrate(model, inputs["input_ids"])
+
+
+def test_right_padding_is_refused_where_windows_or_chunks_count_tokens():
+    """The session counts sliding windows and Llama 4's attention chunks in each row's tokens, HF in cache slots:
+    right padding would make them differ, so the backend refuses it on such models (and only on them)."""
+    assert ort_session._slides(models.tiny_config("gpt_oss")) and ort_session._slides(models.tiny_config("llama4"))
+    assert not ort_session._slides(models.tiny_config("mixtral"))
