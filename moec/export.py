@@ -517,6 +517,13 @@ def check_exportable(model: nn.Module, quantize, provider: str, dense=None, bf16
             f"then repeats the expanded keys and the export fails. MLA caches one latent for all heads, so the value "
             f"is unused otherwise: set model.config.num_key_value_heads = model.config.num_attention_heads (as "
             f"DeepSeek's own configs do) and export again")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if kind in ("dynamic", "longrope"):
+        raise NotImplementedError(f"moec.export_onnx: {type(model).__name__}'s rotary scaling {kind!r} picks its "
+                                  f"frequencies by the sequence length at run time, which one traced graph cannot "
+                                  f"hold: not supported (use backend='torch')")
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if torch.bfloat16 in dtypes and not bf16:
         raise NotImplementedError("moec.export_onnx: bf16 models are not supported: ONNX Runtime's MoE/QMoE have no "
@@ -614,6 +621,10 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
 
     log.info(f"moec.export_onnx: proving and lowering the MoE blocks of {type(model).__name__}")
     work = _sharing_weights(model)
+    if model.training:  # dropout and router jitter would be traced (or fail to): the file is for inference
+        warnings.warn(f"moec.export_onnx: {type(model).__name__} is in training mode; exported in eval mode (no dropout "
+                      f"or router jitter; the model itself stays as it is)", stacklevel=2)
+        work.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a model without MoE block exports as it is
         compile(work, backend="torch", passes=export_pipeline(quantize), quantize=quantize,

@@ -303,10 +303,33 @@ def test_refusals(tmp_path):
         moec.export_onnx(model, models.example_inputs(model, batch=1, seq=5), tmp_path / "m.onnx")
     with pytest.raises(ValueError, match="original model"):
         moec.export_onnx(moec.compile(copy.deepcopy(model)), inputs, tmp_path / "m.onnx")
+    dynamic = models.tiny_model("mixtral", head_dim=16, max_position_embeddings=32,
+                                rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(NotImplementedError, match="rotary scaling 'dynamic'"):  # (was torch.export's long trace)
+        moec.export_onnx(dynamic, inputs, tmp_path / "m.onnx")
+    with pytest.raises(NotImplementedError, match="rotary scaling 'dynamic'"):  # at compile, not at the first call
+        moec.compile(dynamic, backend="onnxruntime")
     odd = models.tiny_model("mixtral", hidden_size=48, intermediate_size=48)  # int8 activations take groups of 32
     with pytest.raises(RuntimeError, match="not a multiple of 32"):  # the exporter fails on the block left alone
         moec.export_onnx(odd, models.example_inputs(odd, batch=2, seq=5), tmp_path / "m.onnx",
                          quantize=moec.Int8Experts(activations="int8"))
+
+
+def test_a_model_in_training_mode_exports_its_eval_forward(tmp_path):
+    """A model left in train() (router jitter, dropout) exports what it computes in eval mode, with a warning, and
+    stays in training mode itself (the export used to fail inside the ONNX converter)."""
+    import onnxruntime as ort
+
+    model = models.tiny_model("mixtral", router_jitter_noise=0.5, attention_dropout=0.3).train()
+    with pytest.warns(UserWarning, match="training mode; exported in eval mode"):
+        moec.export_onnx(model, models.example_inputs(model, batch=2, seq=5), tmp_path / "m.onnx", kv_cache=False)
+    assert model.training
+    ids = models.example_inputs(model, batch=1, seq=7, seed=3)["input_ids"]
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": ids.numpy()})[0]
+    with torch.no_grad():
+        want = model.eval()(ids).logits
+    assert rel_err(torch.from_numpy(got), want) < TOL[torch.float32]
 
 
 # ---------------------------------------------------------------- quantized experts (QMoE)
