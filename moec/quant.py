@@ -45,7 +45,8 @@ class Int8Experts:
     experts' linear layers the same way (torch backend, CPU); router=True the router weight.
     activations="int8": each expert GEMM's input rows rounded to int8 (scale amax/127, round to nearest) and
     multiplied with the int8 weights. The torch backend (CPU): a scale per row, so that an expert with many rows
-    (prefill) runs one int8 GEMM with int32 sums (torch._int_mm: oneDNN, VNNI where the CPU has it); few rows run
+    (prefill) runs one int8 GEMM with int32 sums (torch._int_mm: oneDNN, where the CPU has VNNI; else fp32 GEMMs of
+    1024 inputs at a time, exact: the same sums); few rows run
     moec's kernels on the rounded rows (fp32 sums of the integer products: exact below 2^24). backend="onnxruntime"
     on a CPU with AVX512-VNNI: the same, in moec's kernels inside the session (backends/ort_kernels.py; the dense
     layers of dense= too). ONNX files (export_onnx/export_genai), and the session elsewhere: a scale per group of 32
