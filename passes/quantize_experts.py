@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import operator
 
@@ -142,7 +143,22 @@ def release_originals(block: torch.nn.Module, cand) -> int:
             freed += t.numel() * t.element_size()
             t.data = torch.empty(0, dtype=t.dtype, device=t.device)
             gm.meta.setdefault("released", []).append(path)  # a call refuses once one holds values again
+    if freed:
+        block.register_load_state_dict_pre_hook(functools.partial(_refuse_new_experts, cand.path,
+                                                                  list(gm.meta["released"])))
     return freed
+
+
+def _refuse_new_experts(path: str, released: list[str], module, state_dict, prefix, *args) -> None:
+    """A load_state_dict pre-hook (a partial of this function: the model still pickles): new values for the
+    released expert tensors raise, saying why (torch's own error is a size mismatch against shape [0]); a moec.save
+    file holds them empty and loads."""
+    given = [p for p in released if getattr(state_dict.get(prefix + p), "numel", lambda: 0)()]
+    if given:
+        raise RuntimeError(f"moec: block {path!r} runs its experts from what compile made of them (quantized, "
+                           f"offloaded, sharded or pruned) and released {given}: load_state_dict cannot give it new "
+                           f"expert weights; load them into a fresh model and compile it (moec.load reads a moec.save "
+                           f"file)")
 
 
 def give_back_memory() -> None:

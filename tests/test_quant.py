@@ -4,6 +4,7 @@ reference, and quantize_experts end to end on HF models."""
 import copy
 import dataclasses
 import os
+import pickle
 import subprocess
 import sys
 
@@ -631,10 +632,16 @@ def test_a_quantized_router_follows_its_fp_weight(cfg):
 
 def test_released_expert_weights_given_new_values_are_refused():
     """A quantized block runs its quantized buffers: new values in its released fp expert tensors (.data =, a new
-    Parameter) would be ignored, so the next call raises (load_state_dict of fp weights fails on their shape)."""
+    Parameter) would be ignored, so the next call raises; a load_state_dict of fp expert weights raises, saying why,
+    and the model's own state (emptied tensors) loads."""
     model = models.tiny_model("mixtral")
     qmodel = moec.compile(copy.deepcopy(model), quantize=Int8Experts())
     inputs = models.example_inputs(model, batch=1, seq=3)
+    with pytest.raises(RuntimeError, match="load_state_dict cannot give it new expert weights"):
+        qmodel.load_state_dict(model.state_dict(), strict=False)
+    qmodel.load_state_dict(qmodel.state_dict())
+    with torch.no_grad():  # the hook travels with the model
+        assert torch.equal(pickle.loads(pickle.dumps(qmodel))(**inputs).logits, qmodel(**inputs).logits)
     emptied = next(n for n, p in qmodel.named_parameters() if p.numel() == 0)
     owner, attr = emptied.rsplit(".", 1)
     for replace in (lambda t: setattr(qmodel.get_parameter(emptied), "data", t),
