@@ -405,7 +405,7 @@ def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.cache
-def _int_mm_has_vnni() -> bool:
+def int_mm_has_vnni() -> bool:
     """Whether this CPU has VNNI, which oneDNN's int8 GEMM (torch._int_mm) needs to be fast: without it (AVX2 only)
     it ran 27x slower than an fp32 GEMM of the same size (Zen 3, 128 x 512 x 3584: 216 against 8 ms)."""
     caps = getattr(torch.cpu, "get_capabilities", dict)()
@@ -427,7 +427,7 @@ def _int8_gemm(x8, step, q, scale, b):
     has VNNI; else int8_sums), then x scale [N] x each row's step (the kernels' order) (+ b) -> [n, N] fp32."""
     if x8.shape[1] == 1:  # torch._int_mm's CPU sums are wrong for K = 1 (torch 2.13)
         y = (x8.to(torch.int32) * q.t().to(torch.int32)).float() * scale
-    elif _int_mm_has_vnni():
+    elif int_mm_has_vnni():
         y = torch._int_mm(x8, q.t()).float() * scale
     else:
         y = int8_sums(x8, q).float() * scale

@@ -38,9 +38,9 @@ def _numerics(backend: str, cfg: QuantConfig, pipeline: str = "") -> str:
     """Which arithmetic the quantized experts run in, per backend (a torch pipeline with lower_onnx: ORT's ops)."""
     if cfg.activations == "int8" and backend == "torch" and "lower_onnx" not in pipeline:
         if isinstance(cfg, Int8Experts):
-            from moec.backends.torch_backend import _int_mm_has_vnni
+            from moec.backends.torch_backend import int_mm_has_vnni
 
-            many = "torch._int_mm (oneDNN)" if _int_mm_has_vnni() else "exact fp32 GEMMs of the integers (no VNNI)"
+            many = "torch._int_mm (oneDNN)" if int_mm_has_vnni() else "exact fp32 GEMMs of the integers (no VNNI)"
             return ("(routed experts: int8 activations, one scale per row of each GEMM's input, int8 x int8 products: "
                     f"{many} for experts with many rows, moec's kernels for few; the rest weight-only)")
         from moec.backends import cpu_native
