@@ -177,8 +177,11 @@ def test_backend_runs_it_and_matches_the_torch_backend(a8):
     assert torch.equal(compiled.generate(**inputs, max_new_tokens=6, do_sample=False),
                        reference.generate(**inputs, max_new_tokens=6, do_sample=False))
     report = moec.inspect(compiled)
-    assert [b.op for b in report.export.blocks] == ["moec::Int4Experts"] * len(report.blocks)
     assert len(compiled.forward.sessions) == 2
+    ours = a8 == "int8" or cpu_native.has_f32()  # fp32 rows need AVX-512: else ORT's QMoE runs weight-only experts
+    assert [b.op for b in report.export.blocks] == ["moec::Int4Experts" if ours else "QMoE"] * len(report.blocks)
+    if not ours:
+        return
     import onnx  # the weights in tiles (int8 activations) or panels (ort_layouts.tile_weights), where the CPU has them
 
     proto = onnx.load(report.export.path, load_external_data=False)
@@ -243,6 +246,7 @@ def test_matmul_node_equals_moec_quantized_linear(shape, g, symmetric, a8, tiles
     assert got.shape == want.shape and rel_err(got, want) < 1e-5, rel_err(got, want)
 
 
+@pytest.mark.skipif(not cpu_native.has_f32(), reason="needs AVX-512: else MatMulNBits stays (export_dense)")
 def test_dense_matmuls_on_moec_kernels_equal_matmulnbits(monkeypatch):
     """dense=: the session's MatMulNBits become moec::Int4MatMul with the same weights (ORT's quantizer's, moved to
     moec's layout): weight-only, the logits equal the MatMulNBits/QMoE session's to fp32 rounding."""

@@ -76,7 +76,7 @@ INLINE float row_dot(const uint8_t *w, int unpacked, const int8_t *xr, const flo
         h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
         h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
         int32_t d = _mm_cvtsi128_si32(h) - (zj ? (int32_t)zj[g] : 8) * xir[g];
-        tail += (sj[g] * sxr[g]) * (float)d;
+        tail = fmaf(sj[g] * sxr[g], (float)d, tail);  /* fused as written: a row alone = its row of a batch */
     }
     return hsum(f) + tail;
 }
