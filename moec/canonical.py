@@ -271,6 +271,10 @@ class CompiledForward:
             return "no tokens"  # (a sharded block takes part in the exchange with no rows: the other ranks wait)
         if self.gm.meta.get("ranks") and hidden.dim() not in self.gm.meta["ranks"]:
             return f"a {hidden.dim()}-d input (proved on {' and '.join(map(str, self.gm.meta['ranks']))}-d inputs)"
+        return self.why_hooks()
+
+    def why_hooks(self) -> str | None:
+        """Why hooks make the original forward run (they would miss submodules the graph does not call), or None."""
         if not (_module._global_forward_hooks or _module._global_forward_pre_hooks
                 or any(m._forward_hooks or m._forward_pre_hooks for m in self._skipped)):
             return None
@@ -332,7 +336,7 @@ class CompiledForward:
                 raise NotImplementedError(
                     f"moec: block {self.path!r} was compiled with an approximation ({self.gm.meta['approximation']}) "
                     f"that its original forward does not make ({why}): compile a fresh model without topk= or experts= for this")
-            if ("hook" in why or "records" in why) and not self._hooks_said:  # unlike training mode: not asked for
+            if not self._hooks_said and why == self.why_hooks():  # unlike training mode: not asked for
                 self._hooks_said = True
                 warnings.warn(f"moec: block {self.path!r} runs its original forward, not the compiled one: {why}",
                               stacklevel=2)
