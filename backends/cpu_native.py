@@ -1,5 +1,5 @@
 """C kernels for int4 experts (csrc/native.c), built at first use: with int8 activations
-(Int4Experts(activations="int8")), and weight-only (fp32 rows) on CPUs with AVX-512.
+(Int4Experts(activations="int8")), and weight-only (fp32 rows).
 
     int4_a8(x8 [R, K] int8, sx [R, G] fp32, xi [R, G] int32, q [N, K/2] u8, s [N, G], z [N, G] u8 or none)
         -> out [R, N] fp32
@@ -31,7 +31,8 @@ Weight-only: each group's 16 possible weights s * (i - z) (moec.quant.dequantize
 vector and each nibble looks its weight up (vpermps), so a product is the input times the dequantized weight,
 summed in fp32 as a plain dot product would (the numba kernel takes the zero point off a group's sum, which
 cancels). Rows 4 at a time share each lookup; 1.2-2.3x the numba kernel at one row, 3.7-4.9x at 8, and it
-takes every row at prefill too (NATIVE_MIN_ROWS). AVX-512 only (vpermps over 16 lanes); elsewhere the numba kernel runs.
+takes every row at prefill too (NATIVE_MIN_ROWS). AVX2 only (vpermps reads 8 lanes): each weight computed as
+read, s * (q - z), the same number as the lookup's; the sums in 8 lanes, so not the AVX-512 build's bits.
 
 Threads: a numba prange over chunks of output channels calls the C function (one thread pool in the
 process, numba's, as for the other kernels); numba finds the function by its symbol in the library, loaded
@@ -169,12 +170,6 @@ def _int4_kernel(x, sx, xi, first, last, q, s, z, out):
                   po + first[e] * N * 4, N, c * CHUNK, min(N, c * CHUNK + CHUNK))
 
 
-def has_f32() -> bool:
-    """Whether the loaded library has the weight-only kernel (moec_int4_f32: AVX-512 builds only)."""
-    lib = library()
-    return lib is not None and _has_symbol(lib, "moec_int4_f32")
-
-
 def has_tiles() -> bool:
     """Whether the loaded library has the tile-layout kernel (moec_int4_tiles: AVX-512 F/BW/VL builds; the ONNX
     Runtime library is built from the same source with the same flags)."""
@@ -204,7 +199,7 @@ def _has_symbol(lib: Path, name: str) -> bool:
 
 def int4_f32(x: np.ndarray, first: np.ndarray, last: np.ndarray, q: np.ndarray, s: np.ndarray, z: np.ndarray,
              out: np.ndarray) -> None:
-    """Weight-only int4 (fp32 rows x [R, K]) on the C kernel, once `has_f32()`: rows first[e]:last[e] of expert e
+    """Weight-only int4 (fp32 rows x [R, K]) on the C kernel: rows first[e]:last[e] of expert e
     -> out [R, N]. Every product is a row's input times the dequantized weight (moec.quant.dequantize's numbers),
     summed in fp32. Shapes as `int4_a8`, with groups of 32, 64 or 128 inputs."""
     R, K = x.shape

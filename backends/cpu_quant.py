@@ -408,7 +408,7 @@ def grouped_qmm(x: torch.Tensor, rows: tuple, q: torch.Tensor, scale: torch.Tens
         return out
     from moec.backends import cpu_native
 
-    if cpu_native.has_f32() and K // scale.shape[-1] in (32, 64, 128) and out.is_contiguous():
+    if cpu_native.library() is not None and K // scale.shape[-1] in (32, 64, 128) and out.is_contiguous():
         cpu_native.int4_f32(x, first, last, q.contiguous().numpy(), scale.contiguous().numpy(),
                             _NO_ZERO if zero is None else zero.contiguous().numpy(), out.numpy())
         return out

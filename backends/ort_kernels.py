@@ -12,7 +12,7 @@
 Int4Experts: what moec::experts_int4 computes for gated SiLU experts without biases (Mixtral, Qwen-MoE, DeepSeek,
 ...), weights in moec's int4 format as stored (moec.quant), on the kernels of backends/cpu_native.py (the same C
 source is built into this library): int8_activations, each GEMM input rounded to int8 per group of the weights
-(moec_pack_a8) and int8 dot products; else fp32 rows (AVX-512 builds only). Routing stays in the graph (ids and w
+(moec_pack_a8) and int8 dot products; else fp32 rows. Routing stays in the graph (ids and w
 are its outputs), so the op takes any router moec proves. The step: sort the (token, slot) pairs by expert, round
 (or reorder) each token's row once, FC1 over (expert, chunk of output channels) work items, SiLU-and-multiply and
 round each row, FC2 likewise, then each token's weighted sum in slot order, as moec's torch op
@@ -38,7 +38,7 @@ benchmark models, docs/benchmarks.md). The same numbers: the kernel sums the sam
 The scales in fp16 where every one of a matrix's is an fp16 number (moec.quant makes them so; the kernel widens them
 exactly): a symmetric group of 32 weights is then 18 bytes, as llama.cpp's q4_0, not 20.
 
-tiles=2 (weight-only, AVX-512 builds, every matrix's N a multiple of 32): q, s and z in panels of 32 channels
+tiles=2 (weight-only, every matrix's N a multiple of 32): q, s and z in panels of 32 channels
 (`ort_layouts.int4_panels`, the same shapes), run by the panel kernel (csrc/panels.c) a group at a time: the
 products x (q - z) of a group summed (q - z is exact), then the sum times the group's scale added with one FMA, no
 multiply a weight (whole-model decode 1.16-1.24x that of multiplying each weight by its scale, and nearer the exact
@@ -46,7 +46,7 @@ sums). At prefill a panel's part is widened (q - z in fp32) once into L1 and eve
 tokens at 0.95-0.97x the fp32 model's (FMA-bound, the groups' scaling on top). Its own sums (the panels' order),
 batch-invariant like every panel op.
 
-Weights in panels (AVX-512 builds): one GEMM over panels of 32 output channels, [ceil(N/32), K, 32]
+Weights in panels: one GEMM over panels of 32 output channels, [ceil(N/32), K, 32]
 (`ort_layouts.panels`), for fp32, bf16 and int8 (a scale per channel) weights:
 
     moec::Experts(x, ids, w, w13 [E, ceil(2I/32), H, 32], w2 [E, ceil(H/32), I, 32]; gate_up) -> y [T, H]
@@ -56,7 +56,8 @@ Weights in panels (AVX-512 builds): one GEMM over panels of 32 output channels, 
 the same phases as Int4Experts (Linear: one expert taking every row); each output the same sum of its K products
 (even k, odd k, then the two) whatever the rows of the call. `ort_layouts.panel_weights` lays out the Experts nodes
 of the session's file (export_dense.moec_fp32_matmuls the Linear ones), `ort_layouts.narrow_bf16` stores weights
-that are all bf16 numbers in bf16.
+that are all bf16 numbers in bf16. A build without AVX-512 runs the panels 8 channels a vector (one row a whole
+panel, more rows half a panel at a time: 16 registers) with each channel's sums in the same order: the same bits.
 
 ExpertsBf16 / LinearBf16 with bf16_rows=1 (`ort_layouts.round_rows`: a bf16 model's nodes, AVX512-BF16 builds, every
 K even): each GEMM input row rounded to bf16 as the bf16 model's activations are (`bf16_row`), the weights in pairs
@@ -220,7 +221,7 @@ def _self_test(path: str) -> None:
               "q2": t2["q"], "s2": t2["scale"]}
     # tiles: the layout's attribute; half: the tile layout's scales in fp16 (quantize makes them fp16 numbers)
     for a8, tiles, half in ([(True, 0, False)] + [(True, 1, False), (True, 1, True), (False, 2, False)]
-                            * cpu_native.has_tiles() + [(False, 0, False)] * cpu_native.has_f32()):
+                            * cpu_native.has_tiles() + [(False, 0, False), (False, 2, False)]):
         node = helper.make_node(OP, list(inputs), ["y"], domain=DOMAIN, int8_activations=int(a8), gate_up=2,
                                 tiles=tiles)
         weights = dict(inputs)
@@ -260,7 +261,7 @@ def _self_test(path: str) -> None:
             raise RuntimeError(f"its self-test differs from moec's quantized linear layer (int8 activations: {a8}, "
                                f"tiles: {tiles}, fp16 scales: {half}; relative error {err:.2e})")
     # fp32 and bf16 experts: 2I = 80 and H = 48 end in part-filled panels, 7 rows on expert 0
-    for dtype in (torch.float32, torch.bfloat16) if cpu_native.has_f32() else ():
+    for dtype in (torch.float32, torch.bfloat16):
         H, I = 48, 40
         x, ids = torch.randn(7, H, generator=g), torch.tensor([[0, 2], [2, 0], [0, 1], [0, 3], [0, 2], [0, 1], [0, 3]])
         w = torch.rand(7, k, generator=g)
@@ -281,7 +282,7 @@ def _self_test(path: str) -> None:
             if not err < 2e-2:
                 raise RuntimeError(f"its self-test differs from moec::experts (bf16 rows; relative error {err:.2e})")
     # int8 weights, a scale per channel; with int8 rows (VNNI builds) H and I multiples of 32: the same numbers
-    for a8 in [False] * cpu_native.has_f32() + [True] * cpu_native.has_vnni512():
+    for a8 in [False] + [True] * cpu_native.has_vnni512():
         if a8:
             H, I = 64, 96
             x, w13, w2 = (torch.randn(shape, generator=g) for shape in ((7, H), (E, 2 * I, H), (E, H, I)))

@@ -223,17 +223,15 @@ def panel_weights(proto, base_dir: str = "") -> int:
 
 def tile_weights(proto, base_dir: str = "") -> int:
     """Each moec::Int4Experts / Int4MatMul node of `proto` with constant weights gets them in the layout of this
-    CPU's kernels, where its build has them (AVX-512): with int8 activations and every matrix's rows a multiple of
-    4, the tile layout (`tiled`, tiles=1; the scales in fp16 where they all are fp16 numbers: `half_if_exact`);
-    weight-only and rows multiples of 32, panels (`int4_panels`, tiles=2).
+    CPU's kernels: with int8 activations and every matrix's rows a multiple of 4, the tile layout (`tiled`, tiles=1;
+    the scales in fp16 where they all are fp16 numbers: `half_if_exact`; AVX-512 builds only); weight-only and rows
+    multiples of 32, panels (`int4_panels`, tiles=2).
     New initializers `<name>_tiles` / `<name>_panels` (weights in external data are read from `base_dir`, only
     these); the other nodes stay as they are. Returns how many nodes."""
     from onnx import helper, numpy_helper
 
     from moec.backends import cpu_native
 
-    if not cpu_native.has_tiles():
-        return 0
     inits = {t.name: t for t in proto.graph.initializer}
     done, count = {}, 0  # (a weight's name, layout) -> its copy's (each of q, s, z laid out on its own)
     for n in proto.graph.node:
@@ -241,6 +239,8 @@ def tile_weights(proto, base_dir: str = "") -> int:
             continue
         a = {x.name: x for x in n.attribute}
         a8 = helper.get_attribute_value(a["int8_activations"]) == 1
+        if a8 and not cpu_native.has_tiles():  # the tile layout: AVX-512 builds only
+            continue
         layout, suffix, rows = (1, "_tiles", 4) if a8 else (2, "_panels", 32)
         triples = [(i, i + 1, i + 2 if not a8 and len(n.input) > i + 2 and n.input[i + 2] else None)
                    for i in ((3, 6) if n.op_type == OP else (1,))]  # q, s (and z: panels) input indices

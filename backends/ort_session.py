@@ -96,13 +96,13 @@ def _widen(t: torch.Tensor) -> torch.Tensor:
 
 
 def runs_bf16(providers) -> bool:
-    """Whether bf16 models run with these providers: on the CPU provider with moec's kernels built for AVX-512, the
+    """Whether bf16 models run with these providers: on the CPU provider with moec's kernels built, the
     model is exported in fp32 (exactly its numbers) and its moec::Experts / Linear weights stored back in bf16
     (ort_layouts.narrow_bf16), so the session computes the fp32 upcast of the model from bf16 weights."""
-    from moec.backends import cpu_native, ort_kernels
+    from moec.backends import ort_kernels
 
     return (providers[0] == "CPUExecutionProvider" and os.environ.get("MOEC_ORT_KERNELS", "1") != "0"
-            and ort_kernels.library() is not None and cpu_native.has_f32())
+            and ort_kernels.library() is not None)
 
 
 class OrtForward:

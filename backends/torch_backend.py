@@ -316,7 +316,7 @@ def min_rows(int4: bool, int8_activations: bool) -> int:
     """Rows of one expert from which its quantized weights are dequantized for MKL's GEMMs (see above)."""
     from moec.backends import cpu_native
 
-    native = int4 and (cpu_native.library() is not None if int8_activations else cpu_native.has_f32())
+    native = int4 and cpu_native.library() is not None
     return NATIVE_MIN_ROWS if native else DEQUANT_MIN_ROWS
 
 

@@ -675,7 +675,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     big = external_data or any(t.data_location == onnx.TensorProto.EXTERNAL
                                for t in onnx.load(path, load_external_data=False).graph.initializer)
     routers = {b.num_experts for b in compiled.blocks}
-    panels = _moec_kernels and fp32 and cpu_native.has_f32()  # moec's kernels on weights in panels
+    panels = _moec_kernels and fp32  # moec's kernels on weights in panels
     rows8 = panels and dense == Int8Experts(activations="int8") and cpu_native.has_vnni512()  # moec's int8 rows
     if panels and dense == Int8Experts() or rows8:  # a scale per channel (the torch backend's numbers)
         quantized = moec_fp32_matmuls(path, routers, big, int8=True, a8=rows8)

@@ -139,7 +139,7 @@ def moec_matmuls(path: str, external_data: bool) -> int:
 
     int8_activations where the node had accuracy_level 4. Nodes that read the same input then become one
     (_merge_siblings). Rewritten in place; returns how many MatMulNBits were converted."""
-    from moec.backends import cpu_native, ort_kernels
+    from moec.backends import ort_kernels
 
     proto = onnx.load(path)
     inits = {t.name: t for t in proto.graph.initializer}
@@ -147,8 +147,7 @@ def moec_matmuls(path: str, external_data: bool) -> int:
     for n in proto.graph.node:
         a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
         tensors = [inits.get(i) for i in n.input[1:]]
-        weight_only = a.get("accuracy_level") != 4  # fp32 rows: the AVX-512 build only (else MatMulNBits stays)
-        if (n.op_type != "MatMulNBits" or weight_only and not cpu_native.has_f32() or a.get("bits") != 4 or a.get("block_size") not in (32, 64, 128)
+        if (n.op_type != "MatMulNBits" or a.get("bits") != 4 or a.get("block_size") not in (32, 64, 128)
                 or len(n.input) > 4 or None in tensors or a["K"] % a["block_size"]
                 or tensors[1].data_type != onnx.TensorProto.FLOAT
                 or (len(tensors) > 2 and tensors[2].data_type != onnx.TensorProto.UINT8)):
@@ -164,7 +163,7 @@ def moec_matmuls(path: str, external_data: bool) -> int:
             proto.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(v), f"{n.name}_moec_{k}"))
             names.append(f"{n.name}_moec_{k}")
         new = helper.make_node(ort_kernels.MATMUL, [n.input[0], *names], list(n.output), name=n.name,
-                               domain=ort_kernels.DOMAIN, int8_activations=int(not weight_only), tiles=0)
+                               domain=ort_kernels.DOMAIN, int8_activations=int(a.get("accuracy_level") == 4), tiles=0)
         n.CopyFrom(new)
         count += 1
     if count:

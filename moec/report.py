@@ -59,8 +59,7 @@ def _numerics(backend: str, cfg: QuantConfig, pipeline: str = "") -> str:
         if ort_kernels.library() and int8 and a8 and cpu_native.has_vnni512():
             return ("(routed experts: int8 activations, one scale per row of each GEMM's input as on the torch "
                     f"backend, int8 dot products: {ours})")
-        # int4 with int8 activations runs on AVX2 too; weight-only rows and panels need AVX-512
-        if ort_kernels.library() and (a8 and not int8 or not a8 and cpu_native.has_f32()):
+        if ort_kernels.library() and not (int8 and a8):  # (int8 rows on int8 weights: AVX512-VNNI, above)
             kernel = ours
     if cfg.activations == "int8":
         return f"(int8 activations per group of {activation_group(cfg)}, int8 dot products: {kernel})"
@@ -71,7 +70,7 @@ def _numerics(backend: str, cfg: QuantConfig, pipeline: str = "") -> str:
     if isinstance(cfg, Int4Experts) and backend == "torch" and "lower_onnx" not in pipeline:
         from moec.backends import cpu_native
 
-        how = "moec's native kernel" if cpu_native.has_f32() else "moec's numba kernels"
+        how = "moec's native kernel" if cpu_native.library() is not None else "moec's numba kernels"
         return f"(weight-only: fp32 activations and accumulation; {how})"
     return "(weight-only: fp32 activations and accumulation)"
 

@@ -185,8 +185,6 @@ def moec_kernel_reason(gm, node, spec, dtype) -> str | None:
         return "they take fp32 weights"
     if ort_kernels.library() is None:
         return "the library is not built (see the log)"
-    if (not int4 or cfg.activations != "int8") and not cpu_native.has_f32():
-        return ("fp32 rows" if int4 else "weights in panels") + " need an AVX-512 CPU"
     if int8 and cfg.activations == "int8":  # int32 sums of int8 rows: H and I multiples of 32 (check_shape)
         if not cpu_native.has_vnni512():
             return "their int8 rows on int8 weights need an AVX512-VNNI CPU (QMoE rounds the activations as asked)"

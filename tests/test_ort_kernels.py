@@ -13,22 +13,21 @@ import torch
 import moec
 from moec import models
 from moec.backends import cpu_native, ort_kernels, ort_layouts
-from moec.quant import Int4Experts, quantize
+from moec.quant import Int4Experts, Int8Experts, quantize
 
 from conftest import TOL, rel_err
 
 # no compiler or CPU support here: skipped; where moec's C kernels build, the library must build and pass its
 # self-test (test_library_builds), else these tests fail rather than skip
 pytestmark = pytest.mark.skipif(cpu_native.library() is None, reason="moec's C kernels are not built here")
-A8 = [True, pytest.param(False, marks=pytest.mark.skipif(not cpu_native.has_f32(), reason="needs AVX-512"))]
+A8 = [True, False]
 # (int8 activations, the weights' layout: 0 moec's, 1 tiles, HALF tiles with fp16 scales, 2 panels)
 AVX512 = "needs AVX-512"
 TILES = pytest.mark.skipif(not cpu_native.has_tiles(), reason=AVX512)
 HALF = "half"
 MODES = [pytest.param(True, 0, id="int8"), pytest.param(True, 1, id="int8-tiles", marks=TILES),
          pytest.param(True, HALF, id="int8-tiles-fp16", marks=TILES),
-         pytest.param(False, 0, id="fp32", marks=pytest.mark.skipif(not cpu_native.has_f32(), reason=AVX512)),
-         pytest.param(False, 2, id="fp32-panels", marks=TILES)]
+         pytest.param(False, 0, id="fp32"), pytest.param(False, 2, id="fp32-panels")]
 
 
 def _laid_out(q, s, z, tiles) -> tuple:
@@ -178,16 +177,13 @@ def test_backend_runs_it_and_matches_the_torch_backend(a8):
                        reference.generate(**inputs, max_new_tokens=6, do_sample=False))
     report = moec.inspect(compiled)
     assert len(compiled.forward.sessions) == 2
-    ours = a8 == "int8" or cpu_native.has_f32()  # fp32 rows need AVX-512: else ORT's QMoE runs weight-only experts
-    assert [b.op for b in report.export.blocks] == ["moec::Int4Experts" if ours else "QMoE"] * len(report.blocks)
-    if not ours:
-        return
+    assert [b.op for b in report.export.blocks] == ["moec::Int4Experts"] * len(report.blocks)
     import onnx  # the weights in tiles (int8 activations) or panels (ort_layouts.tile_weights), where the CPU has them
 
     proto = onnx.load(report.export.path, load_external_data=False)
     tiles = {onnx.helper.get_attribute_value(a) for n in proto.graph.node
              if n.op_type == ort_kernels.OP for a in n.attribute if a.name == "tiles"}
-    assert tiles == {(1 if a8 == "int8" else 2) if cpu_native.has_tiles() else 0}
+    assert tiles == {2 if a8 == "fp32" else 1 if cpu_native.has_tiles() else 0}
     # the scales the compared session read: fp16 in the tile layout (quantize's steps are fp16 numbers), else fp32
     types = {t.name: t.data_type for t in proto.graph.initializer}
     scales = {types[n.input[i]] for n in proto.graph.node if n.op_type == ort_kernels.OP for i in (4, 7)}
@@ -208,10 +204,37 @@ def test_blocks_it_does_not_fit_keep_qmoe():
 
 
 def test_library_builds_for_avx2_only_cpus():
-    """The op's code compiles without AVX-512 too (there: int8 activations only; fp32 rows answer an ORT error)."""
+    """The op's code compiles for a CPU with AVX2 and FMA only."""
     path = cpu_native.build(("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-fvisibility=hidden"),
                             cpu_native.SOURCE + ort_kernels.OP_SOURCE, "moec_ort")
     assert path.exists()
+
+
+def test_the_avx2_build_gives_the_same_bits():
+    """The library built without AVX-512 runs the panels in vectors of 8 channels (one row the whole panel, more rows
+    half a panel at a time), summed in the AVX-512 build's order: fp32, bf16 and int8 experts and int4 panels give
+    the same bits, at 1 to 40 tokens (rows an expert below, at and above the row blocks) and part-filled panels."""
+    if "avx512f" not in cpu_native._cpu_flags().split():
+        pytest.skip("this CPU has no AVX-512: its own build is the AVX2 one")
+    narrow = ort_kernels.build(("-mno-avx512f",))
+    for T, H, I in [(1, 128, 96), (2, 96, 272), (3, 64, 40), (13, 128, 96), (40, 96, 272)]:
+        x, ids, w, w13, w2 = _f32_case(T, H, I, 8, 2, seed=T)
+        feeds = {"x": x.numpy(), "ids": ids.numpy(), "w": w.numpy()}
+        t13, t2 = quantize(Int8Experts(), w13), quantize(Int8Experts(), w2)
+        cases = [(w13.numpy(), w2.numpy(), {}), (w13.bfloat16().float().numpy(), w2.bfloat16().float().numpy(), {}),
+                 (t13["q"].numpy(), t2["q"].numpy(), {"s13": t13["scale"].numpy(), "s2": t2["scale"].numpy()})]
+        for a, b, scales in cases:
+            got = [ort_kernels.experts_session(lib, a, b, 0, **scales).run(None, feeds)[0]
+                   for lib in (ort_kernels.library(), narrow)]
+            assert np.array_equal(*got), (T, a.dtype)
+        gen = torch.Generator().manual_seed(T)
+        t = quantize(Int4Experts(64, symmetric=False), torch.randn(1, 96, 256, generator=gen))  # panels: 32 rows each
+        panels = [torch.as_tensor(a) for a in ort_layouts.int4_panels(t["q"][0].numpy(), t["scale"][0].numpy(),
+                                                                       t["zero"][0].numpy())]
+        x = torch.randn(T, 256, generator=gen).numpy()
+        got = [ort_kernels.matmul_session(lib, *panels, False, tiles=2).run(None, {"x": x})[0]
+               for lib in (ort_kernels.library(), narrow)]
+        assert np.array_equal(*got), T
 
 
 def test_a_failed_build_names_the_file_and_line_of_its_first_error(tmp_path, monkeypatch):
@@ -246,7 +269,6 @@ def test_matmul_node_equals_moec_quantized_linear(shape, g, symmetric, a8, tiles
     assert got.shape == want.shape and rel_err(got, want) < 1e-5, rel_err(got, want)
 
 
-@pytest.mark.skipif(not cpu_native.has_f32(), reason="needs AVX-512: else MatMulNBits stays (export_dense)")
 def test_dense_matmuls_on_moec_kernels_equal_matmulnbits(monkeypatch):
     """dense=: the session's MatMulNBits become moec::Int4MatMul with the same weights (ORT's quantizer's, moved to
     moec's layout): weight-only, the logits equal the MatMulNBits/QMoE session's to fp32 rounding."""
@@ -385,9 +407,6 @@ def test_tile_file_shared_weights_external_data_and_graph_outputs(tmp_path):
 
 
 # ---- moec::Experts: fp32 experts, weights in panels ----
-F32 = pytest.mark.skipif(not cpu_native.has_f32(), reason=AVX512)
-
-
 def _f32_case(T, H, I, E, k, seed=0, scale=1.0, ids=None):
     gen = torch.Generator().manual_seed(seed)
     if ids is None:
@@ -405,7 +424,6 @@ def _f32_run(case, gate_up="halves"):
     return got, want
 
 
-@F32
 @pytest.mark.parametrize("gate_up", ["halves", "halves_up_first", "interleave", "interleave_up_first"])
 @pytest.mark.parametrize("T,H,I,E,k", [(1, 128, 96, 8, 2), (1, 64, 40, 64, 6), (7, 48, 40, 8, 2),
                                        (64, 128, 96, 64, 6), (300, 96, 272, 8, 2), (0, 64, 64, 8, 2)])
@@ -416,7 +434,6 @@ def test_fp32_node_equals_moec_experts(T, H, I, E, k, gate_up):
     assert got.numel() == 0 or rel_err(got, want) < 1e-6, rel_err(got, want)
 
 
-@F32
 def test_fp32_rare_and_crowded_experts_and_large_magnitudes():
     T, E = 40, 16
     rare = torch.zeros(T, 2, dtype=torch.int64)  # every token to expert 0, slot 2 to 1 but one token to expert 15
@@ -427,7 +444,6 @@ def test_fp32_rare_and_crowded_experts_and_large_magnitudes():
         assert rel_err(got, want) < 1e-6, rel_err(got, want)
 
 
-@F32
 @pytest.mark.parametrize("weights", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("T,H,I", [(13, 64, 96), (40, 64, 96), (40, 257, 40)])
 def test_a_token_alone_is_its_row_of_the_batch(weights, T, H, I):
@@ -435,7 +451,6 @@ def test_a_token_alone_is_its_row_of_the_batch(weights, T, H, I):
     to the bit, for weights read in place (fp32), or widened by the first row block for the others (bf16, int8:
     13 tokens on 4 experts, row blocks of 6 and a few; 40: ~20 rows an expert; H = 257: FC1 in two parts of the
     inputs, the second one input long, and FC2's last panel part-filled)"""
-    from moec.quant import Int8Experts
 
     x, ids, w, w13, w2 = _f32_case(T, H, I, 4, 2, seed=T)
     if weights == "bf16":
@@ -457,7 +472,6 @@ def test_a_token_alone_is_its_row_of_the_batch(weights, T, H, I):
     assert rel_err(torch.from_numpy(batch), want) < 1e-6
 
 
-@F32
 def test_the_kept_work_buffer_holds_no_state_between_calls_or_threads():
     """The experts op keeps its work buffer from one call to the next (a call that finds it in use allocates its
     own): calls of growing and shrinking sizes, and two sessions run from two threads at once, give what each call
@@ -486,7 +500,6 @@ def test_the_kept_work_buffer_holds_no_state_between_calls_or_threads():
     assert not bad, bad
 
 
-@F32
 def test_fp32_bad_inputs_are_ort_errors():
     x, ids, w, w13, w2 = _f32_case(3, 64, 64, 8, 2)
     sess = ort_kernels.experts_session(ort_kernels.library(), w13.numpy(), w2.numpy(), 0)
@@ -514,7 +527,6 @@ def test_panels_hold_the_weights():
         assert np.array_equal(ort_layouts.halves(w13, ort_kernels.GATE_UP[name]), orders["halves"]), name
 
 
-@F32
 def test_backend_runs_fp32_experts_and_matches_the_torch_backend(monkeypatch):
     """backend="onnxruntime", fp32: every block is moec::Experts, logits as the torch backend's with and without
     the cache, the same greedy tokens; MOEC_ORT_KERNELS=0 keeps ORT's MoE."""
@@ -542,7 +554,6 @@ def test_backend_runs_fp32_experts_and_matches_the_torch_backend(monkeypatch):
     assert {b.op for b in moec.inspect(plain).export.blocks} == {"MoE"}
 
 
-@F32
 @pytest.mark.parametrize("T,H,I,E,k", [(1, 128, 96, 8, 2), (7, 48, 40, 8, 2), (64, 64, 40, 64, 6)])
 def test_bf16_weights_node_equals_moec_experts(T, H, I, E, k):
     """Weights that are bf16 numbers: narrow_bf16 stores them in bf16 (moec::ExpertsBf16), the same values, the
@@ -579,7 +590,6 @@ BF16 = pytest.mark.skipif(not cpu_native.has_bf16(), reason="needs AVX512-BF16")
 WEIGHTS = [("fp32", False), ("bf16", False), pytest.param("bf16", True, marks=BF16, id="bf16-rows")]
 
 
-@F32
 @pytest.mark.parametrize("shape,N", [((1, 128), 96), ((7, 48), 40), ((2, 150, 64), 300), ((0, 64), 33),
                                      ((2, 1, 3, 2, 64), 40), ((5, 1000), 64)])
 @pytest.mark.parametrize("weights,rows", WEIGHTS)
@@ -743,7 +753,6 @@ class _Upcast:
             return fn(*args, **kwargs)
 
 
-@F32
 @pytest.mark.parametrize("rows", [False, pytest.param(True, marks=BF16)])
 def test_bf16_model_runs_as_its_fp32_upcast(rows, monkeypatch):
     """A bf16 model on backend="onnxruntime": the session computes the model's fp32 upcast (logits to 1e-5 before
@@ -831,7 +840,6 @@ def test_round_rows_file_with_external_data(tmp_path):
         assert rel_err(torch.from_numpy(g), w.float()) < 1e-6
 
 
-@F32
 def test_silu_is_correctly_rounded():
     """The experts ops' SiLU is gate / (1 + e^-gate) * up in fp32 with e^-gate correctly rounded (exp8: in double,
     rounded once; glibc's expf rounds ~1 in 13000 the other way): an Experts node whose FC1 passes x through as the
@@ -852,13 +860,11 @@ def test_silu_is_correctly_rounded():
     assert np.array_equal(got, want), np.argwhere(got != want)[:5]
 
 
-@F32
 @pytest.mark.parametrize("gate_up", ["halves", "interleave_up_first"])
 @pytest.mark.parametrize("T,H,I,E,k", [(1, 128, 96, 8, 2), (7, 48, 40, 8, 2), (64, 64, 272, 64, 6), (0, 64, 64, 8, 2)])
 def test_int8_node_equals_moec_experts_int8(T, H, I, E, k, gate_up):
     """moec::ExpertsInt8 (int8 panels, a scale per channel, FC1's scales reordered with its rows) against
     moec::experts_int8 weight-only; large activations too."""
-    from moec.quant import Int8Experts
 
     for scale in (1.0, 1e4):
         x, ids, w, w13, w2 = _f32_case(T, H, I, E, k, seed=T + 1, scale=scale)
@@ -900,7 +906,6 @@ def test_int8_rows_node_equals_moec_experts_int8(T, H, I, E, k, gate_up):
     the same numbers to the bit where the torch backend runs moec's kernels on every expert (few rows), else to
     1e-6 (an expert of many rows runs torch._int_mm and torch's SiLU, whose exp may differ from moec's by an ulp)."""
     from moec.backends.torch_backend import min_rows
-    from moec.quant import Int8Experts
 
     cases = [dict(scale=1.0), dict(scale=1e4), dict(scale=1.0, ids=torch.zeros(T, k).long() + torch.arange(k))]
     for case in cases:
@@ -951,7 +956,6 @@ def test_int8_rows_linear_node_equals_quantized_linear(shape, N):
     """moec::LinearInt8 with int8_activations (panel tails of 8, 12, 1 channels) against the torch backend's
     quantized linear layer with int8 activations (a step a row): the same numbers to the bit."""
     from moec.backends.torch_backend import quantized_linear
-    from moec.quant import Int8Experts
 
     gen = torch.Generator().manual_seed(N)
     x, W = torch.randn(shape, generator=gen), torch.randn(N, shape[-1], generator=gen)
@@ -976,7 +980,6 @@ def test_panels_a8_hold_the_weights():
     assert (p[:, 1, :, 16:] == 128).all()  # channels 20..31: zero weights
 
 
-@F32
 def test_backend_runs_int8_experts_on_moec_kernels():
     """Int8Experts() on backend="onnxruntime": moec::ExpertsInt8, the torch backend's logits and tokens; with
     int8 activations too where the CPU has AVX512-VNNI (int8 rows, as the torch backend rounds them), else the
@@ -1032,7 +1035,6 @@ def test_int8_rows_dense_matmuls_all_or_none(tmp_path):
 
     from moec.backends.torch_backend import quantized_linear
     from moec.export_dense import moec_fp32_matmuls
-    from moec.quant import Int8Experts
 
     gen = torch.Generator().manual_seed(0)
 
@@ -1079,8 +1081,6 @@ def test_fp32_matmuls_keep_a_weight_that_is_a_graph_output(tmp_path):
                               [numpy_helper.from_array(W, "W")])
     path = str(tmp_path / "m.onnx")
     onnx.save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18)]), path)
-    if not cpu_native.has_f32():
-        pytest.skip(AVX512)
     assert moec_fp32_matmuls(path, set(), False) == 1
     onnx.checker.check_model(path)
     so = ort.SessionOptions()
@@ -1090,7 +1090,6 @@ def test_fp32_matmuls_keep_a_weight_that_is_a_graph_output(tmp_path):
     assert np.array_equal(w, W) and np.allclose(y, x @ W, rtol=1e-5, atol=1e-5)
 
 
-@F32
 def test_bf16_model_follows_its_dtype_and_takes_bf16_embeddings():
     """The session follows the model's dtype as it is now: a bf16 model made fp32 after compile gives fp32 logits
     (the fp32 model's, fp32 rows), an fp32 one made bf16 runs as its upcast (_Upcast); bf16 inputs_embeds reach the

@@ -249,6 +249,34 @@ INLINE void tile_f32(const float *x, int64_t K, const uint8_t *q, const float *s
     for (int r = 0; r < nr; r++)
         for (int c = 0; c < nc; c++) o[r * N + c] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][c][0], acc[r][c][1]));
 }
+#else
+/* AVX2: as the AVX-512 build's, each weight s * (q - z) computed as it is read (the table's value: q - z is exact),
+   a channel's products summed in 8 lanes for the even inputs and 8 for the odd ones */
+INLINE void tile_f32(const float *x, int64_t K, const uint8_t *q, const float *s, const uint8_t *z, int64_t G,
+                     float *o, int64_t N, int nr, int nc, int blocks) {
+    __m256 acc[4][4][2];
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < nc; c++) acc[r][c][0] = acc[r][c][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m256 sc[4], zc[4];
+        for (int c = 0; c < nc; c++)
+            sc[c] = _mm256_set1_ps(s[c * G + g]), zc[c] = _mm256_set1_ps(z ? (float)z[c * G + g] : 8.f);
+        for (int64_t b = g * blocks; b < (g + 1) * blocks; b++)
+            for (int c = 0; c < nc; c++)
+                for (int h = 0; h < 2; h++) {  /* bytes 8h..8h+7: inputs 16h + 2i (low nibbles) and 16h + 2i + 1 */
+                    __m256i i = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + c * (K / 2) + 16 * b + 8 * h)));
+                    __m256 lo = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(i, _mm256_set1_epi32(15))), zc[c]), sc[c]);
+                    __m256 hi = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(i, 4)), zc[c]), sc[c]);
+                    for (int r = 0; r < nr; r++) {
+                        acc[r][c][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + r * K + 32 * b + 8 * h), acc[r][c][0]);
+                        acc[r][c][1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + r * K + 32 * b + 16 + 8 * h), acc[r][c][1]);
+                    }
+                }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < nc; c++) o[r * N + c] = hsum(_mm256_add_ps(acc[r][c][0], acc[r][c][1]));
+}
+#endif
 
 INLINE void rows_int4_f32(const float *x, int64_t R, int64_t K, const uint8_t *q, const float *s, const uint8_t *z,
                           int64_t G, float *out, int64_t N, int64_t j0, int64_t j1, int blocks) {
@@ -264,9 +292,6 @@ INLINE void rows_int4_f32(const float *x, int64_t R, int64_t K, const uint8_t *q
     }
 #undef TILE
 }
-
-const int moec_int4_f32 = 1;  /* the weight-only kernel is built (`has_f32`) */
-#endif
 
 /* Rows r0..r1 of x [R, K] fp32 -> x8 int8 (each group of g inputs, g a multiple of 32, rounded at a step of its
    amax/127: IEEE division, nearest with ties to even, clamped to +-127; each 32 stored as (the evens | the odds)),
@@ -322,7 +347,7 @@ void moec_pack_a8(const float *x, int64_t K, int64_t g, int8_t *x8, float *sx, i
 }
 
 /* Output channels j0..j1 of rows x [R, K]: int8 (sx, xi their groups' steps and sums: int8 activations, groups of
-   32, 64 or 128 inputs) or, sx NULL, fp32 (weight-only, AVX-512 builds only; the same groups). z NULL: symmetric (8).
+   32, 64 or 128 inputs) or, sx NULL, fp32 (weight-only; the same groups). z NULL: symmetric (8).
    Weight-only rows go 4 at a time (a chunk's weights stay in L2 between them), one row 4 channels at a time. */
 void moec_int4(const void *x, const float *sx, const int32_t *xi, int64_t R, int64_t K, const uint8_t *q,
                const float *s, const uint8_t *z, int64_t G, float *out, int64_t N, int64_t j0, int64_t j1) {
@@ -345,13 +370,11 @@ void moec_int4(const void *x, const float *sx, const int32_t *xi, int64_t R, int
         }
         return;
     }
-#ifdef __AVX512F__
     switch (blocks) {
     case 1: rows_int4_f32(x, R, K, q, s, z, G, out, N, j0, j1, 1); break;
     case 2: rows_int4_f32(x, R, K, q, s, z, G, out, N, j0, j1, 2); break;
     case 4: rows_int4_f32(x, R, K, q, s, z, G, out, N, j0, j1, 4); break;
     }
-#endif
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)

@@ -37,7 +37,6 @@ static void gemm_item(void *p, size_t item) {  /* (active expert, CH output chan
     const Matrix *m = s->m;
     int64_t chunks = (m->N + CH - 1) / CH, e = s->active[item / chunks], j0 = (int64_t)(item % chunks) * CH;
     int64_t r0 = s->first[e], G = m->G, j1 = j0 + CH < m->N ? j0 + CH : m->N;
-#ifdef __AVX512F__
     if (m->f) {
 #ifdef I8A8
         if (s->a8) {  /* int8 weights and rows (G = 1: a step and a sum a row) */
@@ -62,7 +61,6 @@ static void gemm_item(void *p, size_t item) {  /* (active expert, CH output chan
                     m->wt == WT_I4 && m->z ? m->z + e * m->N * G : NULL, G);
         return;
     }
-#endif
     const void *x = s->a8 ? (const void *)((const int8_t *)s->in + r0 * m->K) : (const void *)((const float *)s->in + r0 * m->K);
     const uint8_t *q = m->q + e * m->N * (m->K / 2), *z = m->z ? m->z + e * m->N * G : NULL;
 #ifdef TILES
@@ -229,10 +227,6 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     int64_t E = in[3].dims[0];
     CHECK(matrix(OP, in, 3, in_names, E, 2 * s.I, s.H, (int)kn->tiles, &s.m13));
     CHECK(matrix(OP, in, 6, in_names, E, s.H, s.I, (int)kn->tiles, &s.m2));
-#ifndef __AVX512F__
-    if (!s.a8)
-        return error(OP, ORT_FAIL, "fp32 rows need the AVX-512 build of the kernels");
-#endif
     int64_t dims[2] = {s.T, s.H};
     OrtValue *y;
     CHECK(CALL((OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **), KernelContext_GetOutput, ctx, 0,
@@ -361,7 +355,6 @@ static OrtStatus *experts_panels(void *kernel, OrtKernelContext *ctx) {
     if (n == XIN8 && (s13->rank != 2 || s13->dims[0] != E || s13->dims[1] != 2 * I || s2->rank != 2 ||
                       s2->dims[0] != E || s2->dims[1] != H))
         return error(XP, ORT_INVALID_ARGUMENT, "s13 [E, 2I] and s2 [E, H] (the channels' scales) do not fit");
-#ifdef __AVX512F__
     Step s = {.a8 = (int)kn->a8, .gate_up = (int)kn->gate_up, .T = x->dims[0], .k = ids->dims[1], .H = H, .I = I,
               .x = x->data, .w = w->data,
               .m13 = {.N = 2 * I, .K = H, .G = kn->a8, .f = w13->data, .wt = (int)kn->wt, .sc = s13->data},
@@ -372,9 +365,6 @@ static OrtStatus *experts_panels(void *kernel, OrtKernelContext *ctx) {
                dims, 2, &y));
     CHECK(CALL((const OrtValue *, void **), GetTensorMutableData, y, (void **)&s.y));
     return s.T ? run(XP, &s, ctx, E, ids->data) : NULL;
-#else
-    return error(XP, ORT_FAIL, "fp32 weights in panels need the AVX-512 build of the kernels");
-#endif
 }
 
 /* moec::Int4MatMul(x [..., K] fp32, q u8 [N, K/2], s [N, G] fp32, z u8 [N, G] or absent; int8_activations)
@@ -416,10 +406,6 @@ static OrtStatus *matmul(void *kernel, OrtKernelContext *ctx) {
     int64_t K = x->dims[x->rank - 1], N = in[1].dims[0], R = K ? x->numel / K : 0;
     Step s = {.a8 = (int)kn->a8, .T = R, .k = 1, .H = K, .x = x->data};
     CHECK(matrix(MM, in, 1, mm_names, 1, N, K, (int)kn->tiles, &s.m13));
-#ifndef __AVX512F__
-    if (!s.a8)
-        return error(MM, ORT_FAIL, "fp32 rows need the AVX-512 build of the kernels");
-#endif
     int64_t dims[MAX_RANK];
     memcpy(dims, x->dims, sizeof dims);
     dims[x->rank - 1] = N;
@@ -462,7 +448,6 @@ static OrtStatus *linear(void *kernel, OrtKernelContext *ctx) {
                      (long long)K);
     if (n == FIN8 && (sc->rank != 1 || sc->dims[0] != N))
         return error(FM, ORT_INVALID_ARGUMENT, "s [n] (the channels' scales) does not fit n = %lld", (long long)N);
-#ifdef __AVX512F__
     int64_t dims[MAX_RANK], first[2] = {0, R}, active[1] = {0};
     memcpy(dims, x->dims, sizeof dims);
     dims[x->rank - 1] = N;
@@ -476,9 +461,6 @@ static OrtStatus *linear(void *kernel, OrtKernelContext *ctx) {
         return one_matrix(FM, &s, ctx);
     s.m = &s.m13;  /* fp32 rows: read as they are */
     return R ? parallel(ctx, gemm_item, (N + CH - 1) / CH, &s) : NULL;
-#else
-    return error(FM, ORT_FAIL, "fp32 weights in panels need the AVX-512 build of the kernels");
-#endif
 }
 
 static OrtStatus *create(const OrtCustomOp *op, OrtApiTable a, const OrtKernelInfo *info, void **out) {
@@ -522,7 +504,7 @@ static OrtStatus *create(const OrtCustomOp *op, OrtApiTable a, const OrtKernelIn
         if (absent) ((void (*)(OrtStatus *))api[ReleaseStatus])(absent), kn->tiles = 0;
     }
 #ifndef TILES
-    if (!st && kn->tiles)
+    if (!st && kn->tiles == 1)
         st = error(op->GetName(op), ORT_FAIL, "the tile layout needs the AVX-512 build of the kernels");
 #endif
     if (!st && (kn->tiles < 0 || kn->tiles > 2))

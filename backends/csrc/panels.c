@@ -2,7 +2,6 @@
    rows on int8 panels): the kernels of the experts and Linear ops (after ort_api.c) */
 enum { WT_F32 = 0, WT_BF16 = 1, WT_I8 = 2, WT_I4 = 3, WT_BF16_ROWS = 4 };  /* BF16_ROWS: bf16 rows on bf16 pairs */
 
-#ifdef __AVX512F__
 /* fp32 weights in panels: panel p of a matrix [N, K] holds channels 32p..32p+31 as [K][32] (zeros past N), so a
    panel is one sequential stream and a row's 32 outputs take one broadcast of x[r, k] and two FMAs per k. Each
    output sums its products of even k in order, those of odd k in order, then the two (panel_rows), whatever the
@@ -15,8 +14,11 @@ enum { WT_F32 = 0, WT_BF16 = 1, WT_I8 = 2, WT_I4 = 3, WT_BF16_ROWS = 4 };  /* BF
    times the channel's scale. int4 (moec's Int4Experts weight-only, tiles=2: `ort_layouts.int4_panels`): each k's 32 channels
    in 16 bytes (channel c in the low nibble of byte c, c + 16 in the high one), the groups' scales (and zero points)
    as [G][32]; summed a group at a time (i4_rows). */
-enum { PANEL = 32, MR = 6, KC = 256 };
+enum { PANEL = 32, KC = 256 };
 #define PANEL_BYTES(wt, K) ((K) * ((wt) == WT_F32 ? 128 : (wt) == WT_BF16 || (wt) == WT_BF16_ROWS ? 64 : (wt) == WT_I8 ? 32 : 16))
+
+#ifdef __AVX512F__
+enum { MR = 6 };
 typedef struct {  /* int4: a panel's scales and zero points [G][32] from this part on, 2^shift k a group; the
                    lookup table (q - 8, or q with zero points); the group's zero points as floats */
     const float *s; const uint8_t *z; int shift; __m512 table, z0, z1;
@@ -349,4 +351,154 @@ static void moec_panels_a8(const int8_t *x8, const float *sx, const int32_t *xi,
     }
 }
 #endif
+#else
+/* AVX2 (and FMA): the same panels, each channel's sums in the same order as the AVX-512 build's, so the same
+   numbers. A panel's 32 channels are 4 vectors of 8 (v: channels 8v..8v+7). One row takes the whole panel (8 sums
+   and 4 weight vectors in the 16 registers: decode streams each panel once); 2 or more rows take each half of the
+   panel in turn, MR at a time (the KC-input part stays in L1 between the halves). */
+enum { MR = 3 };
+#define BY_ROWS(left, CALL) switch ((left) < MR ? (left) : MR) { case 1: CALL(1); break; case 2: CALL(2); break; \
+    default: CALL(3); }
+typedef struct { const float *s; const uint8_t *z; int shift; } Groups;  /* int4: as the AVX-512 build's */
+
+INLINE Groups i4_groups(const float *s, const uint8_t *z, int shift) {
+    Groups g = {s, z, shift};
+    return g;
+}
+
+/* channels 8v..8v+7 of input k of panel w (type wt) widened to fp32, exactly; int4: q, its zero point not taken off */
+INLINE __m256 load8(const void *w, int64_t k, int wt, int v) {
+    if (wt == WT_I4) {  /* byte c: channel c in the low nibble, c + 16 in the high one */
+        __m256i i = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)w + k * 16 + 8 * (v & 1))));
+        return _mm256_cvtepi32_ps(v < 2 ? _mm256_and_si256(i, _mm256_set1_epi32(15)) : _mm256_srli_epi32(i, 4));
+    }
+    if (wt == WT_BF16) {  /* word c of the 16: channel c in the low half, c + 16 in the high one (narrow_bf16) */
+        __m256i b = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + k * PANEL + 16 * (v & 1)));
+        return _mm256_castsi256_ps(v < 2 ? _mm256_slli_epi32(b, 16) : _mm256_and_si256(b, _mm256_set1_epi32((int)0xFFFF0000u)));
+    }
+    if (wt == WT_I8)
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + k * PANEL + 8 * v))));
+    return _mm256_loadu_ps((const float *)w + k * PANEL + 8 * v);
+}
+
+INLINE __m256 sums_so_far(int acc, const float *o, __m256i m) {
+    return acc ? _mm256_maskload_ps(o, m) : _mm256_setzero_ps();
+}
+
+/* input k of a panel w (type wt; widened: fp32 already) for rows x [nr, .] (K apart), channels of vectors
+   v0..v0+nv-1 (int4: less zf, the group's zero points or 8): onto the sums s; keep: the weights also stored there */
+INLINE void input8(const float *x, int64_t K, const void *w, int64_t k, int wt, int widened, const __m256 *zf,
+                   int v0, int nv, int nr, __m256 s[][4], float *keep) {
+    __m256 wv[4];
+    UNROLL for (int i = 0; i < nv; i++) {
+        wv[i] = widened ? _mm256_loadu_ps((const float *)w + k * PANEL + 8 * (v0 + i))
+                : wt == WT_I4 ? _mm256_sub_ps(load8(w, k, WT_I4, v0 + i), zf[i]) : load8(w, k, wt, v0 + i);
+        if (keep) _mm256_storeu_ps(keep + k * PANEL + 8 * (v0 + i), wv[i]);
+    }
+    UNROLL for (int r = 0; r < nr; r++) {
+        __m256 xv = _mm256_set1_ps(x[r * K + k]);
+        UNROLL for (int i = 0; i < nv; i++) s[r][i] = _mm256_fmadd_ps(xv, wv[i], s[r][i]);
+    }
+}
+
+/* rows x [nr, .] (K apart) times nk inputs of a panel w (at those inputs), channels of vectors v0..v0+nv-1, into o
+   (acc: onto the sums so far; m: each vector's channels that exist), summed as panel_rows (even inputs onto a, odd
+   ones onto b, the two added) or, int4, i4_rows (the same a group of `size` inputs at a time, then times the
+   group's scale onto o). keep: the widened weights (int4: q - z) also stored there; widened: w holds such. */
+INLINE void rows8(const float *x, int64_t K, const void *w, int64_t nk, int acc, float *o, int64_t N, int nr,
+                  int v0, int nv, const __m256i *m, int wt, float *keep, Groups g, int widened, const int64_t size) {
+    const int i4 = wt == WT_I4;
+    for (int64_t k0 = 0; k0 < nk; k0 += size) {  /* the part at once, or (int4) a group at a time */
+        __m256 a[MR][4], b[MR][4], zf[4];
+        UNROLL for (int r = 0; r < nr; r++)
+            UNROLL for (int i = 0; i < nv; i++) {
+                a[r][i] = i4 ? _mm256_setzero_ps() : sums_so_far(acc, o + r * N + 8 * (v0 + i), m[v0 + i]);
+                b[r][i] = _mm256_setzero_ps();
+            }
+        if (i4 && !widened)
+            UNROLL for (int i = 0; i < nv; i++)
+                zf[i] = g.z ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                  (const __m128i *)(g.z + (k0 >> g.shift) * PANEL + 8 * (v0 + i)))))
+                            : _mm256_set1_ps(8);
+        int64_t k = k0;
+        for (; k + 2 <= k0 + size; k += 2) {
+            input8(x, K, w, k, wt, widened, zf, v0, nv, nr, a, keep);
+            input8(x, K, w, k + 1, wt, widened, zf, v0, nv, nr, b, keep);
+        }
+        if (k < k0 + size) input8(x, K, w, k, wt, widened, zf, v0, nv, nr, a, keep);
+        UNROLL for (int r = 0; r < nr; r++)
+            UNROLL for (int i = 0; i < nv; i++) {
+                float *dst = o + r * N + 8 * (v0 + i);
+                __m256 sum = _mm256_add_ps(a[r][i], b[r][i]);
+                if (i4)  /* the group's sum times its scale, onto the sums so far */
+                    sum = _mm256_fmadd_ps(sum, _mm256_loadu_ps(g.s + (k0 >> g.shift) * PANEL + 8 * (v0 + i)),
+                                          sums_so_far(acc || k0, dst, m[v0 + i]));
+                _mm256_maskstore_ps(dst, m[v0 + i], sum);
+            }
+    }
+}
+
+/* rows8 with the part or the group size a constant */
+INLINE void rows8_of(const float *x, int64_t K, const void *w, int64_t nk, int acc, float *o, int64_t N, int nr,
+                     int v0, int nv, const __m256i *m, int wt, float *keep, Groups g, int widened) {
+    if (wt != WT_I4) rows8(x, K, w, nk, acc, o, N, nr, v0, nv, m, wt, keep, g, widened, nk);
+    else if (g.shift == 5) rows8(x, K, w, nk, acc, o, N, nr, v0, nv, m, wt, keep, g, widened, 32);
+    else if (g.shift == 6) rows8(x, K, w, nk, acc, o, N, nr, v0, nv, m, wt, keep, g, widened, 64);
+    else rows8(x, K, w, nk, acc, o, N, nr, v0, nv, m, wt, keep, g, widened, 128);
+}
+
+/* rows x [R, K] times inputs k0..k0+nk of a panel w (at k0) into out's 32 columns: one row the whole panel, more
+   each half in turn; not fp32 and more than MR rows: the first block's weights kept widened in buf [KC][32] (L1)
+   as it reads them (exact), which the other blocks read as fp32 */
+INLINE void row_blocks(const float *x, int64_t R, int64_t K, int64_t k0, const void *w, int64_t nk, float *out,
+                       int64_t N, const __m256i *m, int wt, Groups g, float *buf) {
+    if (R == 1) {
+        rows8_of(x + k0, K, w, nk, k0 > 0, out, N, 1, 0, 4, m, wt, NULL, g, 0);
+        return;
+    }
+    int widened = R > MR && wt != WT_F32;
+    for (int v0 = 0; v0 < 4; v0 += 2) {
+        if (widened) rows8_of(x + k0, K, w, nk, k0 > 0, out, N, MR, v0, 2, m, wt, buf, g, 0);
+        for (int64_t r = widened ? MR : 0; r < R; r += MR) {
+#define ROWS(NR) rows8_of(x + r * K + k0, K, widened ? (const void *)buf : w, nk, k0 > 0, out + r * N, N, NR, v0, 2, m, \
+                          widened && wt != WT_I4 ? WT_F32 : wt, NULL, g, widened)
+            BY_ROWS(R - r, ROWS);
+#undef ROWS
+        }
+    }
+}
+
+/* as the AVX-512 build's panels_any */
+INLINE void panels_any(const float *x, int64_t R, int64_t K, const void *w, float *out, int64_t N, int64_t j0,
+                       int64_t j1, int wt, const float *sc, const uint8_t *z, int64_t G) {
+    float buf[R > MR && wt != WT_F32 ? KC * PANEL : 1];
+    int shift = wt == WT_I4 ? __builtin_ctzll((uint64_t)(K / G)) : 0;
+    for (int64_t j = j0; j < j1; j += PANEL) {
+        int64_t n = j1 - j < PANEL ? j1 - j : PANEL;
+        __m256i m[4];  /* vector v: channels 8v + i < n */
+        for (int v = 0; v < 4; v++)
+            m[v] = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n - 8 * v), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const char *wp = (const char *)w + j / PANEL * PANEL_BYTES(wt, K);
+        for (int64_t k0 = 0; k0 < K; k0 += KC) {  /* KC a multiple of the groups: each part starts a group */
+            int64_t nk = (k0 + KC < K ? k0 + KC : K) - k0, at = (j / PANEL * G + (k0 >> shift)) * PANEL;
+            Groups g = i4_groups(wt == WT_I4 ? sc + at : NULL, wt == WT_I4 && z ? z + at : NULL, shift);
+            row_blocks(x, R, K, k0, wp + PANEL_BYTES(wt, k0), nk, out + j, N, m, wt, g, buf);
+        }
+        if (wt == WT_I8)  /* the channels' scales, once their sums are whole */
+            for (int64_t r = 0; r < R; r++)
+                for (int v = 0; v < 4; v++) {
+                    float *o = out + r * N + j + 8 * v;
+                    _mm256_maskstore_ps(o, m[v], _mm256_mul_ps(_mm256_maskload_ps(o, m[v]),
+                                                               _mm256_maskload_ps(sc + j + 8 * v, m[v])));
+                }
+    }
+}
+
+static void moec_panels(const float *x, int64_t R, int64_t K, const void *w, float *out, int64_t N, int64_t j0,
+                        int64_t j1, int wt, const float *sc, const uint8_t *z, int64_t G) {
+    if (wt == WT_BF16) panels_any(x, R, K, w, out, N, j0, j1, WT_BF16, sc, z, G);
+    else if (wt == WT_I8) panels_any(x, R, K, w, out, N, j0, j1, WT_I8, sc, z, G);
+    else if (wt == WT_I4) panels_any(x, R, K, w, out, N, j0, j1, WT_I4, sc, z, G);
+    else panels_any(x, R, K, w, out, N, j0, j1, WT_F32, sc, z, G);
+}
 #endif
