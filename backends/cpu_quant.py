@@ -16,8 +16,8 @@ and the zero point meets a per-row group sum of x computed once.
 A byte b holds k even in its low nibble: x_lo lo + x_hi hi = x_lo b + (x_hi - 16 x_lo) hi with
 hi = floor(b / 16), so x comes as (x_lo | x_d = x_hi - 16 x_lo), both contiguous, and each byte
 costs one float conversion, one floor and two FMAs (numba widens integer ops to 64 bits,
-which vectorizes worse). On CPUs with AVX-512, int4 runs cpu_native's C kernel instead (1.2-4.9x
-faster, every row: a table lookup per nibble gives the dequantized weight itself).
+which vectorizes worse). Where cpu_native's C kernel builds, int4 runs it instead (AVX-512: 1.2-4.9x faster,
+every row: a table lookup per nibble gives the dequantized weight itself).
 
     dequantize_expert(e, q, scale, zero?, out) -> [N, K] fp32   (prefill: then MKL's GEMMs, torch_backend)
 

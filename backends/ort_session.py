@@ -18,7 +18,7 @@ kernel refuses, runs one row at a time); their plain greedy and sampling `genera
 (backends/ort_generate.py). On the CPU provider moec's own kernels run inside the session (a custom-op library,
 backends/ort_kernels.py, registered on the session options; on a caller's ort.SessionOptions once, which keeps
 it): int4 experts where a block fits them (else ORT's QMoE), int4 dense MatMuls, and fp32 models' attention
-(backends/ort_attention.py); with AVX-512 fp32 and weight-only int8 experts and fp32 models' dense MatMuls on weights
+(backends/ort_attention.py); fp32 and weight-only int8 experts and fp32 models' dense MatMuls on weights
 in panels, in bf16 where every weight is a bf16 number; a bf16 model runs as its fp32 upcast (runs_bf16), its
 experts' and dense layers' input rows rounded to bf16 as the model's own are where the CPU has AVX512-BF16.
 MOEC_ORT_KERNELS=0 (at compile) or MOEC_NATIVE=0 keeps ORT's own ops. Other models

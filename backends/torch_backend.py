@@ -11,7 +11,7 @@ ones do below: one numba call per GEMM over all of them.
 `experts_int8` / `experts_int4` (quantized experts, CPU) sort the same way and run
 the numba kernels of `cpu_quant` on moec's quantized format, one call per GEMM; an expert with
 many rows (prefill) is dequantized into a reused buffer and runs MKL's GEMMs instead. int4 experts
-on cpu_native's C kernels (int8 activations; weight-only on AVX-512) run them on every row, with
+on cpu_native's C kernels (int8 activations or weight-only) run them on every row, with
 less glue (`_native_int4`).
 `capacity` drops assignments past an expert's capacity with one cumsum over one-hot positions.
 `experts_loop` is the naive reference the rewrites are checked against.
@@ -303,7 +303,7 @@ def experts(x, ids, weights, w13, b13, w2, b2, activation, gated, alpha, limit, 
 # rows of one expert from which dequantizing it (into a reused fp32 buffer) and running MKL's GEMMs
 # beats the numba kernels (measured on the CPU machine: 12-16 rows for int8 and int4 g128, 4-8 for g32)
 DEQUANT_MIN_ROWS = 12
-# the same for int4 experts on the native kernels (int8 activations, or weight-only on AVX-512): never. Alone
+# the same for int4 experts on the native kernels (int8 activations, or weight-only): never. Alone
 # they keep pace with dequantize + MKL up to ~32-128 rows (Mixtral-style FC1, int8 activations, 32 rows: 1.4 vs
 # 2.0 ms; 128: 5.4 vs 5.9 ms), and in a whole forward they are faster at 64 to 512 tokens, MKL's and numba's
 # threads no longer taking turns (mix, 512 tokens: int8 activations 274 vs 394 ms, weight-only 235 vs 296 ms;
@@ -347,7 +347,7 @@ def quantized_group(xs, y, counts, rows, row_expert, experts, t13, b13, t2, b2, 
     one scale per row (`_int8_rows`); the kernels multiply those integers, and an expert with many rows runs
     `_int8_ffn` instead of dequantizing. a8, int4 weights: rounded per group of the weights' group size (ORT's
     numbers), int8 dot products (cpu_native) on every row (NATIVE_MIN_ROWS), or, without that kernel, the rounded
-    rows on dequantized weights. Weight-only int4 on AVX-512: cpu_native's fp32 kernel on every row as well.
+    rows on dequantized weights. Weight-only int4: cpu_native's fp32 kernel on every row as well.
     Each row's numbers do not depend on which other experts the group holds."""
     from moec.backends import cpu_quant
 

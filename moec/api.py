@@ -314,7 +314,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         "onnxruntime" (the whole model runs in an ONNX Runtime session, see moec.backends.ort_session;
         `providers` in precedence order, default CUDA when usable else CPU; `session_options` an
         onnxruntime.SessionOptions or a dict of its attributes; bf16 models on the CPU provider with moec's kernels
-        (AVX-512) run as their fp32 upcast on their bf16 weights, the experts' and dense layers' input rows
+        (built at first use) run as their fp32 upcast on their bf16 weights, the experts' and dense layers' input rows
         rounded to bf16 as the model's where the CPU has AVX512-BF16; elsewhere they are refused).
     passes: a pipeline such as "detect_moe,fuse_gate,batch_experts" (the default) or a list of pass names.
     verify: raise (and rewrite nothing) if any block's final graph fails its proof, instead of leaving that
@@ -349,8 +349,8 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
         routers, 1-column gates or the layers of blocks moec left alone) in that format, as llama.cpp's quantized files have them. Backend torch (CPU):
         each nn.Linear becomes a moec.quant.QuantLinear on moec's kernels, checked once on its weights, its fp32
         weight released (see moec.backends.cpu_dense; left-alone layers in moec.inspect). onnxruntime: the
-        MatMuls as MatMulNBits, as moec.export_onnx(dense=) writes them; with moec's kernels (CPU provider,
-        AVX-512) int4 ones on moec::Int4MatMul and weight-only Int8Experts() as moec::LinearInt8, a scale per
+        MatMuls as MatMulNBits, as moec.export_onnx(dense=) writes them; with moec's kernels (CPU provider)
+        int4 ones on moec::Int4MatMul and weight-only Int8Experts() as moec::LinearInt8, a scale per
         channel (the torch backend's numbers). Quality: docs/quality.md.
     decode_linears: backend torch: once a block is rewritten, the model's large fp32 nn.Linear layers
         (attention, shared experts, lm_head) run on moec's CPU kernel where a call has up to 4 rows (decode;

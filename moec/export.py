@@ -528,8 +528,7 @@ def check_exportable(model: nn.Module, quantize, provider: str, dense=None, bf16
     if torch.bfloat16 in dtypes and not bf16:
         raise NotImplementedError("moec.export_onnx: bf16 models are not supported: ONNX Runtime's MoE/QMoE have no "
                                   "bf16 CPU kernel, and bf16 on CUDA is untested (convert the model to fp16 or fp32; "
-                                  "moec.compile(model, backend='onnxruntime') runs bf16 models on CPUs with AVX-512, "
-                                  "on moec's kernels)")
+                                  "moec.compile(model, backend='onnxruntime') runs bf16 models on moec's kernels)")
 
 
 def _warn_about_ties(model: nn.Module, report) -> None:

@@ -353,12 +353,10 @@ static void moec_panels_a8(const int8_t *x8, const float *sx, const int32_t *xi,
 #endif
 #else
 /* AVX2 (and FMA): the same panels, each channel's sums in the same order as the AVX-512 build's, so the same
-   numbers. A panel's 32 channels are 4 vectors of 8 (v: channels 8v..8v+7). One row takes the whole panel (8 sums
-   and 4 weight vectors in the 16 registers: decode streams each panel once); 2 or more rows take each half of the
-   panel in turn, MR at a time (the KC-input part stays in L1 between the halves). */
-enum { MR = 3 };
-#define BY_ROWS(left, CALL) switch ((left) < MR ? (left) : MR) { case 1: CALL(1); break; case 2: CALL(2); break; \
-    default: CALL(3); }
+   numbers. A panel's 32 channels are 4 vectors of 8; rows go one at a time over the whole panel: its 8 sums and 4
+   weight vectors fill the 16 registers (half a panel for 2 or 3 rows at a time, which a load a multiply-add would
+   not need, ran 1.2x slower at prefill). */
+enum { MR = 1 };
 typedef struct { const float *s; const uint8_t *z; int shift; } Groups;  /* int4: as the AVX-512 build's */
 
 INLINE Groups i4_groups(const float *s, const uint8_t *z, int shift) {
@@ -366,12 +364,8 @@ INLINE Groups i4_groups(const float *s, const uint8_t *z, int shift) {
     return g;
 }
 
-/* channels 8v..8v+7 of input k of panel w (type wt) widened to fp32, exactly; int4: q, its zero point not taken off */
+/* channels 8v..8v+7 of input k of panel w (type wt: fp32, bf16 or int8) widened to fp32, exactly */
 INLINE __m256 load8(const void *w, int64_t k, int wt, int v) {
-    if (wt == WT_I4) {  /* byte c: channel c in the low nibble, c + 16 in the high one */
-        __m256i i = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)w + k * 16 + 8 * (v & 1))));
-        return _mm256_cvtepi32_ps(v < 2 ? _mm256_and_si256(i, _mm256_set1_epi32(15)) : _mm256_srli_epi32(i, 4));
-    }
     if (wt == WT_BF16) {  /* word c of the 16: channel c in the low half, c + 16 in the high one (narrow_bf16) */
         __m256i b = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + k * PANEL + 16 * (v & 1)));
         return _mm256_castsi256_ps(v < 2 ? _mm256_slli_epi32(b, 16) : _mm256_and_si256(b, _mm256_set1_epi32((int)0xFFFF0000u)));
@@ -381,91 +375,87 @@ INLINE __m256 load8(const void *w, int64_t k, int wt, int v) {
     return _mm256_loadu_ps((const float *)w + k * PANEL + 8 * v);
 }
 
+#define TWO23 8388608.f  /* 2^23: the float whose low mantissa bits are an integer below 2^23 */
+/* input k of an int4 panel (byte c: channel c in the low nibble, c + 16 in the high one) as q - z, exactly: each
+   nibble or-ed into 2^23's mantissa, less zf = 2^23 + z */
+INLINE void load_i4(const void *w, int64_t k, const __m256 *zf, __m256 *wv) {
+    __m128i b = _mm_loadu_si128((const __m128i *)((const uint8_t *)w + k * 16));
+    __m256i i0 = _mm256_cvtepu8_epi32(b), i1 = _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(b, b));
+    __m256i q[4] = {_mm256_and_si256(i0, _mm256_set1_epi32(15)), _mm256_and_si256(i1, _mm256_set1_epi32(15)),
+                    _mm256_srli_epi32(i0, 4), _mm256_srli_epi32(i1, 4)};
+    UNROLL for (int v = 0; v < 4; v++)
+        wv[v] = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(q[v], _mm256_castps_si256(_mm256_set1_ps(TWO23)))),
+                              zf[v]);
+}
+
 INLINE __m256 sums_so_far(int acc, const float *o, __m256i m) {
     return acc ? _mm256_maskload_ps(o, m) : _mm256_setzero_ps();
 }
 
-/* input k of a panel w (type wt; widened: fp32 already) for rows x [nr, .] (K apart), channels of vectors
-   v0..v0+nv-1 (int4: less zf, the group's zero points or 8): onto the sums s; keep: the weights also stored there */
-INLINE void input8(const float *x, int64_t K, const void *w, int64_t k, int wt, int widened, const __m256 *zf,
-                   int v0, int nv, int nr, __m256 s[][4], float *keep) {
-    __m256 wv[4];
-    UNROLL for (int i = 0; i < nv; i++) {
-        wv[i] = widened ? _mm256_loadu_ps((const float *)w + k * PANEL + 8 * (v0 + i))
-                : wt == WT_I4 ? _mm256_sub_ps(load8(w, k, WT_I4, v0 + i), zf[i]) : load8(w, k, wt, v0 + i);
-        if (keep) _mm256_storeu_ps(keep + k * PANEL + 8 * (v0 + i), wv[i]);
-    }
-    UNROLL for (int r = 0; r < nr; r++) {
-        __m256 xv = _mm256_set1_ps(x[r * K + k]);
-        UNROLL for (int i = 0; i < nv; i++) s[r][i] = _mm256_fmadd_ps(xv, wv[i], s[r][i]);
+/* input k of a panel w (type wt; widened: fp32 already) for row x (int4: less zf, the group's zero points or 8):
+   onto the sums s; keep: the weights also stored there */
+INLINE void input8(const float *x, const void *w, int64_t k, int wt, int widened, const __m256 *zf, __m256 *s,
+                   float *keep) {
+    __m256 xv = _mm256_set1_ps(x[k]), wv[4];
+    if (wt == WT_I4 && !widened) load_i4(w, k, zf, wv);
+    UNROLL for (int v = 0; v < 4; v++) {
+        if (widened) wv[v] = _mm256_loadu_ps((const float *)w + k * PANEL + 8 * v);
+        else if (wt != WT_I4) wv[v] = load8(w, k, wt, v);
+        if (keep) _mm256_storeu_ps(keep + k * PANEL + 8 * v, wv[v]);
+        s[v] = _mm256_fmadd_ps(xv, wv[v], s[v]);
     }
 }
 
-/* rows x [nr, .] (K apart) times nk inputs of a panel w (at those inputs), channels of vectors v0..v0+nv-1, into o
-   (acc: onto the sums so far; m: each vector's channels that exist), summed as panel_rows (even inputs onto a, odd
-   ones onto b, the two added) or, int4, i4_rows (the same a group of `size` inputs at a time, then times the
-   group's scale onto o). keep: the widened weights (int4: q - z) also stored there; widened: w holds such. */
-INLINE void rows8(const float *x, int64_t K, const void *w, int64_t nk, int acc, float *o, int64_t N, int nr,
-                  int v0, int nv, const __m256i *m, int wt, float *keep, Groups g, int widened, const int64_t size) {
+/* row x times nk inputs of a panel w (at those inputs) into o (acc: onto the sums so far; m: each vector's channels
+   that exist), summed as panel_rows (even inputs onto a, odd ones onto b, the two added) or, int4, i4_rows (the same
+   a group of `size` inputs at a time, then times the group's scale onto o). keep: the widened weights (int4:
+   q - z) also stored there; widened: w holds such. */
+INLINE void row8(const float *x, const void *w, int64_t nk, int acc, float *o, const __m256i *m, int wt, float *keep,
+                 Groups g, int widened, const int64_t size) {
     const int i4 = wt == WT_I4;
     for (int64_t k0 = 0; k0 < nk; k0 += size) {  /* the part at once, or (int4) a group at a time */
-        __m256 a[MR][4], b[MR][4], zf[4];
-        UNROLL for (int r = 0; r < nr; r++)
-            UNROLL for (int i = 0; i < nv; i++) {
-                a[r][i] = i4 ? _mm256_setzero_ps() : sums_so_far(acc, o + r * N + 8 * (v0 + i), m[v0 + i]);
-                b[r][i] = _mm256_setzero_ps();
-            }
-        if (i4 && !widened)
-            UNROLL for (int i = 0; i < nv; i++)
-                zf[i] = g.z ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                                  (const __m128i *)(g.z + (k0 >> g.shift) * PANEL + 8 * (v0 + i)))))
-                            : _mm256_set1_ps(8);
+        __m256 a[4], b[4], zf[4];
+        UNROLL for (int v = 0; v < 4; v++) {
+            a[v] = i4 ? _mm256_setzero_ps() : sums_so_far(acc, o + 8 * v, m[v]);
+            b[v] = _mm256_setzero_ps();
+            if (i4 && !widened)  /* 2^23 + z (exact) */
+                zf[v] = _mm256_add_ps(_mm256_set1_ps(TWO23), g.z ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                          (const __m128i *)(g.z + (k0 >> g.shift) * PANEL + 8 * v)))) : _mm256_set1_ps(8));
+        }
         int64_t k = k0;
         for (; k + 2 <= k0 + size; k += 2) {
-            input8(x, K, w, k, wt, widened, zf, v0, nv, nr, a, keep);
-            input8(x, K, w, k + 1, wt, widened, zf, v0, nv, nr, b, keep);
+            input8(x, w, k, wt, widened, zf, a, keep);
+            input8(x, w, k + 1, wt, widened, zf, b, keep);
         }
-        if (k < k0 + size) input8(x, K, w, k, wt, widened, zf, v0, nv, nr, a, keep);
-        UNROLL for (int r = 0; r < nr; r++)
-            UNROLL for (int i = 0; i < nv; i++) {
-                float *dst = o + r * N + 8 * (v0 + i);
-                __m256 sum = _mm256_add_ps(a[r][i], b[r][i]);
-                if (i4)  /* the group's sum times its scale, onto the sums so far */
-                    sum = _mm256_fmadd_ps(sum, _mm256_loadu_ps(g.s + (k0 >> g.shift) * PANEL + 8 * (v0 + i)),
-                                          sums_so_far(acc || k0, dst, m[v0 + i]));
-                _mm256_maskstore_ps(dst, m[v0 + i], sum);
-            }
+        if (k < k0 + size) input8(x, w, k, wt, widened, zf, a, keep);
+        UNROLL for (int v = 0; v < 4; v++) {
+            __m256 sum = _mm256_add_ps(a[v], b[v]);
+            if (i4)  /* the group's sum times its scale, onto the sums so far */
+                sum = _mm256_fmadd_ps(sum, _mm256_loadu_ps(g.s + (k0 >> g.shift) * PANEL + 8 * v),
+                                      sums_so_far(acc || k0, o + 8 * v, m[v]));
+            _mm256_maskstore_ps(o + 8 * v, m[v], sum);
+        }
     }
 }
 
-/* rows8 with the part or the group size a constant */
-INLINE void rows8_of(const float *x, int64_t K, const void *w, int64_t nk, int acc, float *o, int64_t N, int nr,
-                     int v0, int nv, const __m256i *m, int wt, float *keep, Groups g, int widened) {
-    if (wt != WT_I4) rows8(x, K, w, nk, acc, o, N, nr, v0, nv, m, wt, keep, g, widened, nk);
-    else if (g.shift == 5) rows8(x, K, w, nk, acc, o, N, nr, v0, nv, m, wt, keep, g, widened, 32);
-    else if (g.shift == 6) rows8(x, K, w, nk, acc, o, N, nr, v0, nv, m, wt, keep, g, widened, 64);
-    else rows8(x, K, w, nk, acc, o, N, nr, v0, nv, m, wt, keep, g, widened, 128);
+/* row8 with the part or the group size a constant */
+INLINE void row8_of(const float *x, const void *w, int64_t nk, int acc, float *o, const __m256i *m, int wt,
+                    float *keep, Groups g, int widened) {
+    if (wt != WT_I4) row8(x, w, nk, acc, o, m, wt, keep, g, widened, nk);
+    else if (g.shift == 5) row8(x, w, nk, acc, o, m, wt, keep, g, widened, 32);
+    else if (g.shift == 6) row8(x, w, nk, acc, o, m, wt, keep, g, widened, 64);
+    else row8(x, w, nk, acc, o, m, wt, keep, g, widened, 128);
 }
 
-/* rows x [R, K] times inputs k0..k0+nk of a panel w (at k0) into out's 32 columns: one row the whole panel, more
-   each half in turn; not fp32 and more than MR rows: the first block's weights kept widened in buf [KC][32] (L1)
-   as it reads them (exact), which the other blocks read as fp32 */
+/* rows x [R, K] times inputs k0..k0+nk of a panel w (at k0) into out's 32 columns; not fp32 and more than one row:
+   the first row's weights kept widened in buf [KC][32] (L1) as it reads them (exact), which the others read */
 INLINE void row_blocks(const float *x, int64_t R, int64_t K, int64_t k0, const void *w, int64_t nk, float *out,
                        int64_t N, const __m256i *m, int wt, Groups g, float *buf) {
-    if (R == 1) {
-        rows8_of(x + k0, K, w, nk, k0 > 0, out, N, 1, 0, 4, m, wt, NULL, g, 0);
-        return;
-    }
-    int widened = R > MR && wt != WT_F32;
-    for (int v0 = 0; v0 < 4; v0 += 2) {
-        if (widened) rows8_of(x + k0, K, w, nk, k0 > 0, out, N, MR, v0, 2, m, wt, buf, g, 0);
-        for (int64_t r = widened ? MR : 0; r < R; r += MR) {
-#define ROWS(NR) rows8_of(x + r * K + k0, K, widened ? (const void *)buf : w, nk, k0 > 0, out + r * N, N, NR, v0, 2, m, \
-                          widened && wt != WT_I4 ? WT_F32 : wt, NULL, g, widened)
-            BY_ROWS(R - r, ROWS);
-#undef ROWS
-        }
-    }
+    int widened = R > 1 && wt != WT_F32;
+    row8_of(x + k0, w, nk, k0 > 0, out, m, wt, widened ? buf : NULL, g, 0);
+    for (int64_t r = 1; r < R; r++)
+        if (widened) row8_of(x + r * K + k0, buf, nk, k0 > 0, out + r * N, m, wt == WT_I4 ? WT_I4 : WT_F32, NULL, g, 1);
+        else row8_of(x + r * K + k0, w, nk, k0 > 0, out + r * N, m, wt, NULL, g, 0);
 }
 
 /* as the AVX-512 build's panels_any */
