@@ -56,8 +56,8 @@ Weights in panels: one GEMM over panels of 32 output channels, [ceil(N/32), K, 3
 the same phases as Int4Experts (Linear: one expert taking every row); each output the same sum of its K products
 (even k, odd k, then the two) whatever the rows of the call. `ort_layouts.panel_weights` lays out the Experts nodes
 of the session's file (export_dense.moec_fp32_matmuls the Linear ones), `ort_layouts.narrow_bf16` stores weights
-that are all bf16 numbers in bf16. A build without AVX-512 runs the panels 8 channels a vector (one row a whole
-panel, more rows half a panel at a time: 16 registers) with each channel's sums in the same order: the same bits.
+that are all bf16 numbers in bf16. A build without AVX-512 runs the panels 8 channels a vector, one row at a time
+over a whole panel (16 registers), with each channel's sums in the same order: the same bits.
 
 ExpertsBf16 / LinearBf16 with bf16_rows=1 (`ort_layouts.round_rows`: a bf16 model's nodes, AVX512-BF16 builds, every
 K even): each GEMM input row rounded to bf16 as the bf16 model's activations are (`bf16_row`), the weights in pairs

@@ -211,9 +211,10 @@ def test_library_builds_for_avx2_only_cpus():
 
 
 def test_the_avx2_build_gives_the_same_bits():
-    """The library built without AVX-512 runs the panels in vectors of 8 channels (one row the whole panel, more rows
-    half a panel at a time), summed in the AVX-512 build's order: fp32, bf16 and int8 experts and int4 panels give
-    the same bits, at 1 to 40 tokens (rows an expert below, at and above the row blocks) and part-filled panels."""
+    """The library built without AVX-512 runs the panels in vectors of 8 channels, a row at a time (quantized weights
+    widened by the first row for the others), summed in the AVX-512 build's order: fp32, bf16 and int8 experts and
+    int4 panels give the same bits, at 1 to 40 tokens (rows an expert below, at and above the AVX-512 build's row
+    blocks of 6) and part-filled panels."""
     if "avx512f" not in cpu_native._cpu_flags().split():
         pytest.skip("this CPU has no AVX-512: its own build is the AVX2 one")
     narrow = ort_kernels.build(("-mno-avx512f",))

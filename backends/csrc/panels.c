@@ -207,14 +207,6 @@ INLINE void panels_any(const float *x, int64_t R, int64_t K, const void *w, floa
     }
 }
 
-static void moec_panels(const float *x, int64_t R, int64_t K, const void *w, float *out, int64_t N, int64_t j0,
-                        int64_t j1, int wt, const float *sc, const uint8_t *z, int64_t G) {
-    if (wt == WT_BF16) panels_any(x, R, K, w, out, N, j0, j1, WT_BF16, sc, z, G);
-    else if (wt == WT_I8) panels_any(x, R, K, w, out, N, j0, j1, WT_I8, sc, z, G);
-    else if (wt == WT_I4) panels_any(x, R, K, w, out, N, j0, j1, WT_I4, sc, z, G);
-    else panels_any(x, R, K, w, out, N, j0, j1, WT_F32, sc, z, G);
-}
-
 #if defined(__AVX512BW__) && defined(__AVX512BF16__)
 #define BF16_ROWS  /* moec_pairs is built */
 /* bf16 weights and bf16 rows (a bf16 model's experts and dense layers, bf16_rows=1): the panels' k in pairs,
@@ -483,7 +475,9 @@ INLINE void panels_any(const float *x, int64_t R, int64_t K, const void *w, floa
                 }
     }
 }
+#endif
 
+/* panels_any (either build) with the weight type a constant */
 static void moec_panels(const float *x, int64_t R, int64_t K, const void *w, float *out, int64_t N, int64_t j0,
                         int64_t j1, int wt, const float *sc, const uint8_t *z, int64_t G) {
     if (wt == WT_BF16) panels_any(x, R, K, w, out, N, j0, j1, WT_BF16, sc, z, G);
@@ -491,4 +485,3 @@ static void moec_panels(const float *x, int64_t R, int64_t K, const void *w, flo
     else if (wt == WT_I4) panels_any(x, R, K, w, out, N, j0, j1, WT_I4, sc, z, G);
     else panels_any(x, R, K, w, out, N, j0, j1, WT_F32, sc, z, G);
 }
-#endif
