@@ -49,7 +49,6 @@ _REGISTERED: weakref.WeakSet = weakref.WeakSet()
 # non-tensor arguments a call may pass with these values (use_cache and past_key_values: see _cached)
 _FIXED = {"return_dict": True, "output_attentions": False, "output_hidden_states": False,
           "output_router_logits": False}
-_OUTPUT_FLAGS = ("output_attentions", "output_hidden_states", "output_router_logits")  # of a config too
 
 
 def default_providers() -> list[str]:
@@ -262,13 +261,14 @@ class OrtForward:
     def _say_config_outputs(self, args: dict) -> None:
         """Warn (once per flag) where the model's config turns on outputs the session does not return and the call
         leaves the flag unset: the eager model would return them, the session returns the logits (and the cache)."""
-        for name in _OUTPUT_FLAGS:
-            if args.get(name) is None and getattr(getattr(self.model, "config", None), name, False) is True \
-                    and name not in self._config_said:
+        from moec.export import config_outputs
+
+        for name, where in config_outputs(self.model).items():
+            if args.get(name) is None and name not in self._config_said:
                 self._config_said.add(name)
                 log.warning(f"moec backend='onnxruntime': the model's config sets {name}=True, but the session "
                             f"returns the logits (and the cache) only: those outputs are None (set "
-                            f"model.config.{name} = False to silence this, or use backend='torch'; generate "
+                            f"{where} = False to silence this, or use backend='torch'; generate "
                             f"returns the same tokens)")
 
     def _no_backward(self, logits: torch.Tensor, inputs=()) -> torch.Tensor:

@@ -286,7 +286,8 @@ class CompiledForward:
         if what := sorted({_capture_key(h) for h in live} - {None}):
             return (f"transformers records {', '.join(what)} from a submodule the compiled graph does not call; "
                     f"call the model with {', '.join(f'output_{w}=False' for w in what)} or set "
-                    f"{', '.join(f'model.config.output_{w} = False' for w in what)} to run the compiled block")
+                    f"{', '.join(f'output_{w} = False' for w in what)} in the model's config (its text_config in a "
+                    f"multimodal model) to run the compiled block")
         if any(h in glob for h in live):
             return ("a global forward hook (torch.nn.modules.module.register_module_forward_hook) would see "
                     "submodules the compiled graph does not call")

@@ -120,8 +120,8 @@ class _Exportable(nn.Module):
         self.check, self.proofs = False, []
 
     def forward(self, *inputs):
-        kwargs = dict(zip(self.names, inputs[self.n_args:]), **({"use_cache": False, **outputs_off(self.model)}
-                                                                 if self.hf else {}))
+        kwargs = dict(zip(self.names, inputs[self.n_args:]), **({"use_cache": False} if self.hf else {}),
+                      **outputs_off(self.model))
         with contextlib.ExitStack() as stack:
             if self.scans:
                 from moec import export_state
@@ -139,15 +139,30 @@ def export_pipeline(quantize) -> str:
     return DEFAULT_PIPELINE + (",quantize_experts" if quantize else "") + ",lower_onnx"
 
 
+OUTPUT_FLAGS = ("output_attentions", "output_hidden_states", "output_router_logits")
+
+
+def config_outputs(model: nn.Module) -> dict[str, str]:
+    """The output flags an HF model's config turns on, each with where it is set: on the config or on its text
+    sub-config (multimodal models such as Qwen3-VL-MoE read their language model's flags from `text_config`)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    found = {}
+    for where, c in (("model.config", config), ("model.config.text_config", text)):
+        for name in OUTPUT_FLAGS:
+            if c is not None and getattr(c, name, False) is True:
+                found.setdefault(name, f"{where}.{name}")
+    return found
+
+
 def outputs_off(model: nn.Module) -> dict[str, bool]:
-    """output_attentions / output_hidden_states / output_router_logits=False where an HF model's config turns them on
-    and its forward takes them: the file returns the logits (and the cache), and the traced forward leaves out what
-    they add (a router_logits config would trace the aux loss, which fails on a cached step)."""
+    """output_attentions / output_hidden_states / output_router_logits=False where an HF model's config (or its
+    text sub-config) turns them on and its forward takes them: the file returns the logits (and the cache), and the
+    traced forward leaves out what they add (a router_logits config would trace the aux loss, which fails on a
+    cached step)."""
     params = pyinspect.signature(model.forward).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    config = getattr(model, "config", None)
-    return {name: False for name in ("output_attentions", "output_hidden_states", "output_router_logits")
-            if getattr(config, name, False) is True and (name in params or takes_any)}
+    return {name: False for name in config_outputs(model) if name in params or takes_any}
 
 
 @contextlib.contextmanager

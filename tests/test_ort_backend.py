@@ -142,6 +142,35 @@ def test_config_output_flags(flag, monkeypatch):
     assert sum(flag in m for m in said) == 1
 
 
+def test_an_output_flag_on_the_text_config(monkeypatch):
+    """A multimodal MoE (Qwen3-VL-MoE) reads its language model's output flags from config.text_config: one set
+    there is passed as False to the export too (it traced HF's router-logits hooks and failed to convert), and the
+    warning names where it is set."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Qwen3VLMoeConfig"):
+        pytest.skip("transformers without Qwen3-VL-MoE")
+    said = []
+    monkeypatch.setattr(ort_session.log, "warning", lambda msg, *a: said.append(msg))
+    text = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                vocab_size=256, decoder_sparse_step=1, output_router_logits=True,
+                rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  deepstack_visual_indexes=[0])
+    torch.manual_seed(0)
+    config = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision)
+    ref = transformers.Qwen3VLMoeForConditionalGeneration(config).eval()
+    model = moec.compile(copy.deepcopy(ref), backend="onnxruntime", session_options={"intra_op_num_threads": 1})
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want = model(input_ids=ids), ref(input_ids=ids)
+    assert rel_err(got.logits, want.logits) < TOL[torch.float32]
+    assert want.router_logits is not None and got.router_logits is None
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False),
+                       ref.generate(ids, max_new_tokens=5, do_sample=False))
+    assert sum("model.config.text_config.output_router_logits = False" in m for m in said) == 1
+
+
 def test_hand_written_model_returns_a_tensor():
     spec = hw.PRESETS["deepseek_v3_groups"]
     lm = hw.TinyLM(vocab=64, hidden=spec.hidden, n_layers=2, block_fn=lambda: hw.make_block(spec))
