@@ -160,7 +160,8 @@ class Group:
         """The experts each rank holds in block `path` (`placement`, with the calibrated loads if it gets copies)."""
         return placement(E, self.world, self.cfg.loads(path, E), self.cfg.replicas)
 
-    def agree(self, what: str, value) -> None:
+    def agree(self, what: str, value,
+              fix: str = "every rank must build the same model and compile it with the same options") -> None:
         """Every rank compares `value` (JSON-able) with the others'; all raise the same error if they differ."""
         import torch.distributed as dist
 
@@ -170,7 +171,7 @@ class Group:
         if len(set(gathered)) > 1:
             differ = [r for r, d in enumerate(gathered) if d != gathered[0]]
             raise ValueError(f"moec expert parallel: the ranks disagree on {what} (rank(s) {differ} differ from rank 0):"
-                             f" every rank must build the same model and compile it with the same options")
+                             f" {fix}")
 
 
 def fingerprint(t: torch.Tensor) -> list:
@@ -343,8 +344,10 @@ def load_sharded(model: nn.Module, checkpoint, expert_parallel: ExpertParallel, 
     with sharded experts, one block at a time: a rank reads the non-expert weights and only its own experts of each
     block (sliced reads; the other ranks' experts are stand-ins for the proof, see `shard_reader`), and holds the
     non-expert weights, its shard of every block, and while one block compiles, that block's full-size experts.
-    No rank reads or holds the whole model. Checkpoint names: the model's state_dict keys (see
-    moec.load_offloaded). Returns the model in eval mode (it holds a shard of the experts: it cannot train).
+    No rank reads or holds the whole model. Before any block compiles, the ranks compare what they read (the
+    files' tensor names, shapes and dtypes, and a digest of every value but the routed experts') and all raise if
+    one read other files. Checkpoint names: the model's state_dict keys (see moec.load_offloaded). Returns the
+    model in eval mode (it holds a shard of the experts: it cannot train).
     decode_linears: as in moec.compile."""
     from moec.api import _expert_parallel_group, _warn_if_empty, install_decode_linears
     from moec.backends import pipeline_for
@@ -359,7 +362,11 @@ def load_sharded(model: nn.Module, checkpoint, expert_parallel: ExpertParallel, 
     report = fill_and_compile(
         model, checkpoint, pipeline, {"quantize": quantize, "expert_parallel": group}, verify=verify,
         who="moec.load_sharded", before_install=lambda r: group.agree("the blocks compiled", compiled_blocks(r)),
-        expert_reader=shard_reader(lambda path, E: group.placement(path, E)[group.rank]))
+        expert_reader=shard_reader(lambda path, E: group.placement(path, E)[group.rank]),
+        filled=lambda m, ckpt: group.agree(
+            "the checkpoint (its tensors' names, shapes and dtypes, or the values of all but the routed experts)",
+            [ckpt.header(), {n: fingerprint(t) for n, t in m.state_dict().items()}],
+            fix="every rank must read the same checkpoint files"))
     _warn_if_empty(model, report)
     report.quantize, report.expert_parallel = quantize, group.stats
     install_decode_linears(model, report, decode_linears)

@@ -7,7 +7,7 @@ Cases: families (mixtral, deepseek_v3, qwen2_moe), "hand" (a hand-written block)
 "int8", "triton" (the Triton backend's int4 kernels; needs TRITON_INTERPRET=1 on a CPU), "idle" (one token: most
 ranks receive no pair), "load" / "load_int4" (moec.load_sharded from a checkpoint in $MOEC_EP_TMP), "replicas"
 (copies of a hot expert, compiled and loaded), "generate" (greedy tokens, synced_gpus=True), "mismatch" (rank 1
-builds another model: every rank must refuse), "kill" (rank 1 exits mid-run) and "stall" (rank 1 stops
+builds another model, or loads another checkpoint: every rank must refuse), "kill" (rank 1 exits mid-run) and "stall" (rank 1 stops
 answering): the others must raise, within the timeout. Prints "rank R: CASE ok" per case; any failure raises
 (non-zero exit).
 """
@@ -160,6 +160,20 @@ def case(name, rank, world):
                 assert "the ranks disagree on the model and the compile options" in str(e), e
             else:
                 raise AssertionError("a mismatched model was accepted")
+        from safetensors.torch import save_model  # rank 1 loads a stale copy: other weights, same shapes
+
+        ref = models.tiny_model("qwen2_moe", seed=int(rank == 1)).eval()
+        folder = os.path.join(os.environ["MOEC_EP_TMP"], f"mismatch_{rank}")
+        os.makedirs(folder, exist_ok=True)
+        save_model(ref, os.path.join(folder, "model.safetensors"))
+        with torch.device("meta"):
+            meta = type(ref)(ref.config).eval()
+        try:
+            moec.load_sharded(meta, folder, moec.ExpertParallel(timeout=30))
+        except ValueError as e:
+            assert "the ranks disagree on the checkpoint" in str(e), e
+        else:
+            raise AssertionError("a rank that read another checkpoint was accepted")
     elif name in ("kill", "stall"):
         model = models.tiny_model("mixtral").eval()
         moec.compile(model, expert_parallel=moec.ExpertParallel(timeout=5))

@@ -41,7 +41,7 @@ def test_ranks_equal_one_process(n, tmp_path):
     """Mixtral-, DeepSeek-V3- and Qwen2-MoE-style models and a hand-written block, E % N != 0, int8 experts, ranks
     whose experts get no pair, the Triton backend (int4, interpreted), each rank loading its shard from a checkpoint (fp and int4), copies of a hot expert
     (compiled and loaded), greedy generation with
-    ranks finishing apart, mismatched models refused, a rank calling a block with no tokens."""
+    ranks finishing apart, mismatched models and checkpoints refused, a rank calling a block with no tokens."""
     _check(_torchrun(n, *CASES, tmp=tmp_path), range(n), CASES)
 
 

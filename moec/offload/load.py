@@ -57,6 +57,14 @@ class _Checkpoint:
                                          f"remove the stale one, or give the files to read as a list")
                     self.where[k] = f
 
+    def header(self) -> list:
+        """Every tensor's name, shape and dtype, as the files' headers give them (nothing is read)."""
+        out = []
+        for f in sorted(set(self.where.values())):
+            with safe_open(str(f), framework="pt") as h:
+                out += [(k, h.get_slice(k).get_shape(), h.get_slice(k).get_dtype()) for k in h.keys()]  # noqa: SIM118
+        return sorted(out)
+
     def read(self, name: str, like: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor `name` (shaped as `like`), or only its rows lo:hi along dim 0 (a sliced read)."""
         if name not in self.where:
@@ -107,11 +115,12 @@ def _non_persistent_buffers(model: nn.Module, init) -> None:
 
 
 def fill_and_compile(model: nn.Module, checkpoint, pipeline: str, options: dict, *, verify: bool, who: str,
-                     before_install=None, expert_reader=None):
+                     before_install=None, expert_reader=None, filled=None):
     """Fill `model` (on the meta device) from `checkpoint`: everything but the routed experts, then each MoE block's
     experts in turn, that block compiled by `pipeline` (which releases them: offloaded, sharded) before the next
     is read. expert_reader(candidate, checkpoint): how a block's expert tensors are read (`_fill`'s `read`; None:
-    whole). Returns the Report."""
+    whole); filled(model, checkpoint): called once everything but the routed experts is filled. Returns the
+    Report."""
     from moec.api import Instruments, _run
     from moec.report import Report
     from moec.bindings import resolve
@@ -132,6 +141,8 @@ def fill_and_compile(model: nn.Module, checkpoint, pipeline: str, options: dict,
     held = set().union(*experts.values())
     _fill(model, set(model.state_dict()) - held, ckpt)  # parameters and persistent buffers
     _non_persistent_buffers(model, getattr(model, "_init_weights", None))
+    if filled is not None:
+        filled(model, ckpt)
     report = Report(pipeline=pipeline, backend="torch")
     for c in cands:
         _fill(model, experts[c.path], ckpt, None if expert_reader is None else expert_reader(c, ckpt))
