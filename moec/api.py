@@ -499,10 +499,13 @@ def _expert_parallel_group(model, cfg, backend: str, offload, options: list) -> 
 
 
 def _check_topk(topk) -> None:
-    ok = lambda k: isinstance(k, TopP) or isinstance(k, int) and not isinstance(k, bool) and k >= 1  # noqa: E731
-    if not (ok(topk) or isinstance(topk, dict) and all(isinstance(p, str) and ok(k) for p, k in topk.items())):
+    """A TypeError for another kind of value, a ValueError for an int below 1 (an int k of 0 keeps no expert)."""
+    ks = list(topk.values()) if isinstance(topk, dict) and all(isinstance(p, str) for p in topk) else [topk]
+    if not all(isinstance(k, TopP) or isinstance(k, int) and not isinstance(k, bool) for k in ks):
         raise TypeError(f"moec.compile: topk must be an int >= 1, a moec.TopP, or a dict {{block path: either}}, "
                         f"not {topk!r}")
+    if any(isinstance(k, int) and k < 1 for k in ks):
+        raise ValueError(f"moec.compile: topk must be at least 1 (each token keeps k experts), not {topk!r}")
 
 
 def _start_offload(model: nn.Module, report: Report, pool: Pool) -> None:

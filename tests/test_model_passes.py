@@ -72,8 +72,10 @@ def test_an_approximation_is_asked_for_by_name():
     model = models.tiny_model("mixtral").eval()
     with pytest.raises(ValueError, match="approximate=True"):
         moec.compile(model, topk=1)
-    with pytest.raises(TypeError, match="topk must be"):
-        moec.compile(model, topk=0, approximate=True)
+    for bad, error in ((0, ValueError), ({"model.layers.0.mlp": -1}, ValueError), (1.5, TypeError),
+                       (True, TypeError), ({0: 1}, TypeError)):
+        with pytest.raises(error, match="topk must be"):
+            moec.compile(model, topk=bad, approximate=True)
     moec.compile(model, passes="detect_moe,fuse_gate,reduce_topk,batch_experts", topk=1)  # named in the pipeline
     assert all(b.top_k == 1 for b in moec.inspect(model).blocks)
     with pytest.raises(NotImplementedError, match="onnxruntime"):
