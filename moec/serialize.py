@@ -93,10 +93,22 @@ def load(model: nn.Module, path: str, **compile_options) -> nn.Module:
         raise ValueError(f"moec.load: {path} has moec format version {meta.get('format_version')}, this moec reads "
                          f"version {quant.FORMAT_VERSION}: re-export it with this moec version")
     cfg = _config(meta["quantize"])
+    from_ort = str(meta.get("backend", "")).startswith("onnxruntime")  # then the file holds unquantized weights
+    compile_options = dict(compile_options)
+    asked = compile_options.pop("quantize", cfg)
+    if asked != cfg and not from_ort:
+        raise ValueError(f"moec.load: {path} holds experts quantized as quantize={cfg!r}, not {asked!r}: load it "
+                         f"without quantize= (the file's format is used), or compile the original weights with it")
+    cfg = asked
+    quantized = not from_ort and (cfg is not None or meta.get("dense") is not None)
+    if quantized and compile_options.get("backend") == "onnxruntime":
+        raise ValueError(f"moec.load: {path} holds weights quantized on the {meta.get('backend', 'torch')} backend; "
+                         f"backend='onnxruntime' quantizes unquantized weights in its own export: load it with the "
+                         f"backend it was saved from, or compile the original weights with backend='onnxruntime'")
     # the approximations the saved model was compiled with: compiled the same way again
     saved = {k: approx.from_json(meta[k]) for k in ("topk", "experts") if meta.get(k) is not None}
     saved |= {"approximate": True} if saved else {}
-    if str(meta.get("backend", "")).startswith("onnxruntime"):  # the saved model's backend
+    if from_ort:  # the saved model's backend
         saved["backend"] = "onnxruntime"
     if meta.get("decode_linears") is False:  # compiled with decode_linears=False
         saved["decode_linears"] = False

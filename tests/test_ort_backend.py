@@ -362,6 +362,14 @@ def test_save_and_load_keep_the_backend(tmp_path):
     assert report.backend == "torch" and report.quantize == a8 and report.blocks and report.dense_layers
     with torch.no_grad():
         assert torch.equal(on_torch(**inputs).logits, twin(**inputs).logits)
+    # its weights are unquantized: another quantize= applies to them
+    w8 = moec.load(models.tiny_model("mixtral", hidden_size=64, intermediate_size=64, seed=2),
+                   tmp_path / "m.safetensors", backend="torch", quantize=moec.Int8Experts())
+    twin = moec.compile(models.tiny_model("mixtral", hidden_size=64, intermediate_size=64), quantize=moec.Int8Experts(),
+                        dense=moec.Int8Experts())
+    assert moec.inspect(w8).quantize == moec.Int8Experts()
+    with torch.no_grad():
+        assert torch.equal(w8(**inputs).logits, twin(**inputs).logits)
 
 
 def test_a_group_size_that_does_not_divide_is_refused_at_compile():

@@ -534,6 +534,13 @@ def test_int8_activations_on_the_torch_backend(family, cfg, numerics, tmp_path):
     assert moec.inspect(fresh).quantize == cfg
     with torch.no_grad():
         assert torch.equal(fresh(**inputs).logits, got)
+    again = moec.load(models.tiny_model(family, seed=2, **kw), tmp_path / "m.safetensors", quantize=cfg)  # the same
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, got)
+    with pytest.raises(ValueError, match="load it without quantize="):  # the file's tensors fix the format
+        moec.load(models.tiny_model(family, **kw), tmp_path / "m.safetensors", quantize=moec.Int8Experts())
+    with pytest.raises(ValueError, match="backend='onnxruntime' quantizes unquantized weights"):
+        moec.load(models.tiny_model(family, **kw), tmp_path / "m.safetensors", backend="onnxruntime")
     with pytest.raises(NotImplementedError, match="int8 activations .* not in backend 'triton'"):
         moec.compile(copy.deepcopy(model), quantize=cfg, backend="triton")
 
