@@ -77,6 +77,7 @@ class OrtGenerate:
 
     def __call__(self, inputs=None, generation_config=None, *args, **kwargs):
         model = self.forward.model
+        self.forward._check_ids({"input_ids": kwargs.get("input_ids", inputs)})  # (HF's loop gets its own check)
         # (in train() mode HF's generate runs the model's own forward, as a call does: OrtForward)
         plan = None if args or model.training else _plain(model, inputs, generation_config, dict(kwargs))
         if plan is None:  # (positional args: HF's logits_processor, stopping_criteria ...)

@@ -155,6 +155,7 @@ class OrtForward:
         if args.get("labels") is not None:
             raise NotImplementedError("moec backend='onnxruntime': labels= is not supported (the session returns the "
                                       "logits): compute the loss from them")
+        self._check_ids(args)
         cache = args.pop("past_key_values", None)
         use_cache = args.get("use_cache")
         if use_cache is None and self.cached:  # HF's default: the config's (a plain call returns the cache)
@@ -257,6 +258,25 @@ class OrtForward:
         self._past[cache] = (outs[1:], _tensors(cache))
         logits = self._no_backward(_kept(self._ours(torch.from_numpy(outs[0]).to(device)), args.get("logits_to_keep")))
         return self.output_type(logits=logits, past_key_values=cache)
+
+    def _check_ids(self, args: dict) -> None:
+        """Token ids outside the vocabulary raise, as the eager model's embedding does: ONNX's Gather would read a
+        negative id from the end of the table (a wrong answer, silently), and one past the end fails in ORT."""
+        for name in ("input_ids", "decoder_input_ids"):
+            ids = args.get(name)
+            if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.numel() == 0:
+                continue
+            if ids.dim() != 2:
+                raise ValueError(f"moec backend='onnxruntime': {name} must be [batch, sequence], not of shape "
+                                 f"{tuple(ids.shape)}")
+            try:
+                vocab = self.model.get_input_embeddings().num_embeddings
+            except (AttributeError, NotImplementedError):
+                return  # not an HF model: its own graph's ops
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= vocab:
+                raise IndexError(f"moec backend='onnxruntime': {name} holds {low if low < 0 else high}, outside the "
+                                 f"vocabulary [0, {vocab}) (the eager model raises 'index out of range in self')")
 
     def _say_config_outputs(self, args: dict) -> None:
         """Warn (once per flag) where the model's config turns on outputs the session does not return and the call

@@ -65,6 +65,26 @@ def test_generate(mixtral):
         compiled(**inputs, output_hidden_states=True)
 
 
+@pytest.mark.parametrize("bad", [-5, -1, 256, 10**6])
+def test_ids_outside_the_vocabulary_raise(mixtral, bad):
+    """As the eager model's embedding does. ONNX's Gather reads a negative id from the end of the table: once a
+    session existed, generate(-5) gave the tokens of id 251, silently."""
+    model, compiled, _ = mixtral
+    ids = models.example_inputs(model, batch=2, seq=5)["input_ids"]
+    with torch.no_grad():
+        compiled.generate(ids, max_new_tokens=2, do_sample=False)  # the sessions exist
+        ids[1, 2] = bad
+        with pytest.raises(IndexError):
+            model(input_ids=ids)
+        for call in (lambda: compiled(input_ids=ids), lambda: compiled(input_ids=ids, use_cache=False),
+                     lambda: compiled.generate(ids, max_new_tokens=2, do_sample=False),
+                     lambda: compiled.generate(input_ids=ids, max_new_tokens=2, do_sample=True)):
+            with pytest.raises(IndexError, match=f"input_ids holds {bad}, outside the vocabulary"):
+                call()
+        with pytest.raises(ValueError, match=r"must be \[batch, sequence\]"):
+            compiled(input_ids=ids[0])
+
+
 @pytest.mark.parametrize("keep", [1, 3, 0, torch.tensor([1]), torch.tensor([3]), torch.tensor([0, 5]),
                                   torch.tensor([6, 6, 2])], ids=str)
 @pytest.mark.parametrize("use_cache", [True, False])
