@@ -32,6 +32,7 @@ FAMILIES: tuple[str, ...] = (
     "glm4_moe",
     "gpt_oss",
     "phimoe",
+    "ernie4_5_moe",
     "granitemoe",
     "jamba",
     "qwen3_next",
@@ -109,6 +110,12 @@ _SPECS: dict[str, tuple[str, str, dict]] = {
              layer_types=["sliding_attention", "full_attention"]),
     ),
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(num_local_experts=8, num_experts_per_tok=2)),
+    "ernie4_5_moe": (  # softmax, top-k on the scores + a [1, E] correction bias, a shared expert
+        "Ernie4_5_MoeConfig",
+        "Ernie4_5_MoeForCausalLM",
+        dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1, moe_layer_start_index=0,
+             moe_layer_interval=1),
+    ),
     "granitemoe": (
         "GraniteMoeConfig",
         "GraniteMoeForCausalLM",

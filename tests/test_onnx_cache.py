@@ -17,7 +17,7 @@ from moec import models
 from conftest import TOL, rel_err
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3",
-            "llama4", "qwen3_next", "jamba"]
+            "llama4", "qwen3_next", "jamba", "ernie4_5_moe"]
 OVERRIDES = {"llama4": dict(num_experts_per_tok=1),  # as its checkpoints: ORT's op takes top-1 input weighting
              "deepseek_v2": dict(q_lora_rank=None)}  # as DeepSeek-V2-Lite (one q_proj); DeepSeek-V3 has q LoRA
 # with -m slow: GLM4-MoE's and DeepSeek-V3's exports are stepped through in test_onnx / test_genai by default
