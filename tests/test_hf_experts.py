@@ -13,7 +13,7 @@ import moec.hf  # noqa: F401  registers "moec"
 from moec import models
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "ernie4_5_moe"])
 def test_the_moec_experts_implementation_gives_the_eager_numbers(family):
     model = models.tiny_model(family).eval()
     ref = copy.deepcopy(model)
