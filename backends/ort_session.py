@@ -364,9 +364,10 @@ class OrtForward:
         with self._as_original() as model:
             layout = layer_layout(model, _widen(ids))
             log.info(f"exporting {type(model).__name__} to ONNX with its KV cache for onnxruntime")
-            exported = export_onnx(model, {"input_ids": _widen(ids)}, path, quantize=self.quantize, dense=self.dense,
-                                   _moec_kernels=self.kernels is not None,
-                                   provider=provider, kv_cache=True)
+            with _exporting(model):
+                exported = export_onnx(model, {"input_ids": _widen(ids)}, path, quantize=self.quantize,
+                                       dense=self.dense, _moec_kernels=self.kernels is not None, provider=provider,
+                                       kv_cache=True)
             probe = _long({"input_ids": _widen(ids)})["input_ids"]
             with torch.no_grad():
                 out = model(input_ids=probe, use_cache=False)
@@ -375,9 +376,10 @@ class OrtForward:
         self._take_export(exported)
         names = [i.name for i in session.get_inputs()]
         B, T = probe.shape
-        got = session.run(None, {"input_ids": probe.numpy(), "attention_mask": np.ones((B, T), np.int64),
-                                 "position_ids": np.tile(np.arange(T), (B, 1)),
-                                 **dict(zip(names[3:], empty_past(layout, B, T if in_place(session) else 0)))})[0]
+        with _exporting(model, f"its session at {T} tokens"):
+            got = session.run(None, {"input_ids": probe.numpy(), "attention_mask": np.ones((B, T), np.int64),
+                                     "position_ids": np.tile(np.arange(T), (B, 1)),
+                                     **dict(zip(names[3:], empty_past(layout, B, T if in_place(session) else 0)))})[0]
         self._check(eager, torch.from_numpy(got))  # the prompt step, 300 tokens, against eager
         self.weights = _weights(self.model)
         return self._round_rows(path, session), names, layout, exported.gqa_layers > 0
@@ -441,16 +443,18 @@ class OrtForward:
             with torch.no_grad():
                 eager = [model(**_like(model, feeds)) for feeds in checks]
             log.info(f"exporting {type(model).__name__} to ONNX for onnxruntime (inputs {', '.join(tensors)})")
-            exported = export_onnx(model, {n: _widen(t) for n, t in _like(model, tensors).items()}, path,
-                                   quantize=self.quantize, dense=self.dense, provider=provider, kv_cache=False,
-                                   _moec_kernels=self.kernels is not None)
+            with _exporting(model):
+                exported = export_onnx(model, {n: _widen(t) for n, t in _like(model, tensors).items()}, path,
+                                       quantize=self.quantize, dense=self.dense, provider=provider, kv_cache=False,
+                                       _moec_kernels=self.kernels is not None)
         session = self._session(path)
         self._take_export(exported)
         names = [i.name for i in session.get_inputs()]
         rebuild = _rebuilder(eager[0])
         for feeds, want in zip(checks, eager):
-            got = rebuild([torch.from_numpy(np.asarray(o)) for o in session.run(
-                None, {n: _array(feeds[n]) for n in names})])
+            with _exporting(model, f"its session at {next(iter(feeds.values())).shape[-1]} tokens"):
+                got = rebuild([torch.from_numpy(np.asarray(o)) for o in session.run(
+                    None, {n: _array(feeds[n]) for n in names})])
             self._check(want, got, feeds.get("attention_mask"))
         self.weights = _weights(self.model)
         return self._round_rows(path, session), names, rebuild
@@ -540,6 +544,21 @@ def _tensors(cache) -> list:
 
 def _same(now: list, then: list) -> bool:
     return len(now) == len(then) and all(a is b and u == v for (a, u), (b, v) in zip(now, then))
+
+
+@contextlib.contextmanager
+def _exporting(model: nn.Module, what: str = "the export"):
+    """An error of torch.onnx, of the model's code under export, or of ONNX Runtime running the exported file,
+    said in one line with what to do (moec's own refusals pass as they are; the cause stays chained)."""
+    try:
+        yield
+    except Exception as e:
+        if str(e).startswith("moec"):
+            raise
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise NotImplementedError(f"moec backend='onnxruntime': {type(model).__name__} cannot run in ONNX Runtime: "
+                                  f"{what} failed ({type(e).__name__}: {first[:300]}); use backend='torch' for this "
+                                  f"model") from e
 
 
 def empty_past(layout: tuple, batch: int, rows: int = 0) -> list[np.ndarray]:

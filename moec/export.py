@@ -277,6 +277,11 @@ def _join_halves(first, second, key: int, value: int):
     return both[..., :key], both[..., key:key + value]
 
 
+# the layers of an HF DynamicCache the KV-cache export stands in for (a layer of another kind holds more: DSA's
+# indexer keys, ...)
+_CACHE_LAYERS = {"DynamicLayer", "DynamicSlidingWindowLayer", "LinearAttentionLayer"}
+
+
 def layer_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[tuple[int, int, int, int, torch.dtype], dict]:
     """((layers, kv_heads, key head_dim, value head_dim, dtype), states) of an HF decoder LM's cache, read off one
     cached call (the head dims differ in MLA: DeepSeek-V2/V3). states: layer -> (conv_state [C, K],
@@ -289,6 +294,12 @@ def layer_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[tuple[int, 
         raise ValueError(f"moec.export_onnx(kv_cache=True): {name} takes no past_key_values (not a decoder LM)")
     with torch.no_grad():
         cache = model(input_ids=input_ids[:, :2], use_cache=True).past_key_values
+    kinds = {type(layer).__name__ for layer in getattr(cache, "layers", None) or []}
+    if type(cache).__name__ != "DynamicCache" or kinds - _CACHE_LAYERS:
+        raise NotImplementedError(f"moec.export_onnx(kv_cache=True): {name} keeps its cache as {type(cache).__name__} "
+                                  f"({', '.join(sorted(kinds)) or 'no layers'}), which the export does not substitute "
+                                  f"(it does {', '.join(sorted(_CACHE_LAYERS))} in a DynamicCache); export it with "
+                                  f"kv_cache=False")
     try:
         states = export_state.layout(cache) if getattr(cache, "layers", None) else {}
     except export_state.StateUnfit as e:

@@ -215,6 +215,39 @@ def test_an_experts_module_rewritten_alone():
                        ref.generate(ids, max_new_tokens=5, do_sample=False))
 
 
+def test_a_cache_the_export_cannot_stand_in_for_is_refused_clearly():
+    """MiniMax keeps its cache in a class of its own (MiniMaxCache), GLM-MoE-DSA its indexer's keys in each layer:
+    the KV-cache export does not stand in for them, so the session runs without the cache; where that session
+    cannot run either (MiniMax's graph holds the example's length), the call says so in one line, with what to do
+    (ORT's or HF's own errors came out before, at every call)."""
+    transformers = pytest.importorskip("transformers")
+    from moec.export import layer_layout
+
+    cases = {"MiniMaxConfig": ("MiniMaxForCausalLM", "MiniMaxCache", dict(
+                 num_local_experts=8, num_experts_per_tok=2, head_dim=16, num_key_value_heads=2,
+                 layer_types=["full_attention", "linear_attention"], block_size=4)),
+             "GlmMoeDsaConfig": ("GlmMoeDsaForCausalLM", "DynamicIndexedLayer", dict(
+                 num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                 moe_intermediate_size=32, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                 v_head_dim=16, head_dim=8, mlp_layer_types=["sparse", "sparse"], first_k_dense_replace=0,
+                 layer_types=["indexed_attention"] * 2, index_topk=4, index_head_dim=16, index_n_heads=2))}
+    ids = torch.randint(3, 256, (1, 3), generator=torch.Generator().manual_seed(0))
+    for config_class, (model_class, kind, kw) in cases.items():
+        if not hasattr(transformers, config_class):
+            continue
+        torch.manual_seed(0)
+        config = getattr(transformers, config_class)(vocab_size=256, hidden_size=64, intermediate_size=64,
+                                                     num_hidden_layers=2, num_attention_heads=4, **kw)
+        model = getattr(transformers, model_class)(config).eval()
+        with pytest.raises(NotImplementedError, match=f"keeps its cache as .*{kind}.*kv_cache=False"):
+            layer_layout(model, ids)
+        compiled = moec.compile(model, backend="onnxruntime", session_options={"intra_op_num_threads": 1})
+        assert not compiled.forward.cached
+        with pytest.raises((NotImplementedError, RuntimeError), match="moec backend='onnxruntime'") as e:
+            compiled(input_ids=ids)
+        assert "\n" not in str(e.value)
+
+
 def test_hand_written_model_returns_a_tensor():
     spec = hw.PRESETS["deepseek_v3_groups"]
     lm = hw.TinyLM(vocab=64, hidden=spec.hidden, n_layers=2, block_fn=lambda: hw.make_block(spec))
