@@ -37,7 +37,8 @@ from moec.pass_manager import DEFAULT_PIPELINE, PASSES, Instruments, PassManager
 from moec.report import BlockReport, Rejection, Report
 from moec.passes.detect import experts_only
 from moec.passes.detect_moe import Candidate, analyze, find_candidates
-from moec.passes.quantize_experts import give_back_memory, quantized_tensors, release_originals
+from moec.passes.quantize_experts import (give_back_memory, quantized_tensors, refuse_new_experts_first,
+                                          release_originals)
 from moec.passes.reduce_topk import new_topk
 from moec.quant import Int4Experts, Int8Experts, QuantConfig, dequantize, weight_only
 
@@ -210,6 +211,7 @@ def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: boo
             before_install(report)
         if install_blocks:
             _install_all(done)
+            refuse_new_experts_first(model)
     finally:
         if len(_status) > 1:
             _status.pop()

@@ -149,6 +149,24 @@ def release_originals(block: torch.nn.Module, cand) -> int:
     return freed
 
 
+def refuse_new_experts_first(model: torch.nn.Module) -> None:
+    """The blocks' refusals (_refuse_new_experts) also as a load_state_dict pre-hook of the model itself, which torch
+    runs before it copies anything: a block's own hook runs when its turn comes, after the modules before it (the
+    embedding, earlier layers) were loaded, and left the model half-loaded."""
+    if model.__dict__.get("_moec_refuses_first"):
+        return
+    model.__dict__["_moec_refuses_first"] = True
+    model.register_load_state_dict_pre_hook(_refuse_in_every_block)
+
+
+def _refuse_in_every_block(model, state_dict, prefix, *args) -> None:
+    for name, block in model.named_modules():
+        gm = block.__dict__.get("_moec_graph")
+        if gm is not None and gm.meta.get("released"):
+            _refuse_new_experts(name, gm.meta["released"], block, state_dict,
+                                f"{prefix}{name}." if name else prefix)
+
+
 def _refuse_new_experts(path: str, released: list[str], module, state_dict, prefix, *args) -> None:
     """A load_state_dict pre-hook (a partial of this function: the model still pickles): new values for the
     released expert tensors raise, saying why (torch's own error is a size mismatch against shape [0]); a moec.save

@@ -651,6 +651,12 @@ def test_a_quantized_router_follows_its_fp_weight(cfg):
             assert torch.isfinite(qmodel(**inputs).logits).all()
 
 
+def other_layer(state: dict, i: int):
+    """(name, tensor) of decoder layer i's entries of a model's state_dict, named as inside the layer"""
+    pre = f"model.layers.{i}."
+    return ((k[len(pre):], v) for k, v in state.items() if k.startswith(pre))
+
+
 def test_released_expert_weights_given_new_values_are_refused():
     """A quantized block runs its quantized buffers: new values in its released fp expert tensors (.data =, a new
     Parameter) would be ignored, so the next call raises; a load_state_dict of fp expert weights raises, saying why,
@@ -658,8 +664,16 @@ def test_released_expert_weights_given_new_values_are_refused():
     model = models.tiny_model("mixtral")
     qmodel = moec.compile(copy.deepcopy(model), quantize=Int8Experts())
     inputs = models.example_inputs(model, batch=1, seq=3)
+    with torch.no_grad():
+        before = qmodel(**inputs).logits
+    other = models.tiny_model("mixtral", seed=1).state_dict()
+    for state in (model.state_dict(), other):
+        with pytest.raises(RuntimeError, match="load_state_dict cannot give it new expert weights"):
+            qmodel.load_state_dict(state, strict=False)
+        with torch.no_grad():  # refused before anything was copied (the embedding comes first)
+            assert torch.equal(qmodel(**inputs).logits, before)
     with pytest.raises(RuntimeError, match="load_state_dict cannot give it new expert weights"):
-        qmodel.load_state_dict(model.state_dict(), strict=False)
+        qmodel.model.layers[1].load_state_dict(dict(other_layer(other, 1)), strict=False)  # a submodule's load too
     qmodel.load_state_dict(qmodel.state_dict())
     with torch.no_grad():  # the hook travels with the model
         assert torch.equal(pickle.loads(pickle.dumps(qmodel))(**inputs).logits, qmodel(**inputs).logits)
