@@ -76,7 +76,9 @@ class _Checkpoint:
             if shape != tuple(like.shape):
                 raise ValueError(f"moec: {name!r} is {shape} in the checkpoint, {tuple(like.shape)} in the model")
             t = h.get_tensor(name) if rows is None else part[rows[0]:rows[1]]
-        return t.to(like.dtype)
+        # a copy: safetensors' tensor can be a view of the file's pages (mapped), which a later change to the file
+        # would change under the model (or a truncation crash it), at an address the kernels' loads do not expect
+        return t.to(like.dtype, copy=True)
 
 
 def _fill(model: nn.Module, names: set[str], ckpt: _Checkpoint, read=None) -> None:
