@@ -216,8 +216,15 @@ def test_a_damaged_store_fails_with_what_to_do(tmp_path):
     _compile(model, budget=1, store="disk", path=str(tmp_path))
     files = sorted(tmp_path.iterdir())
     assert len(files) == model.config.num_hidden_layers
-    files[0].write_bytes(b"not a safetensors file")
     x = models.example_inputs(model, seq=3)
+    with torch.no_grad():
+        model(**x)
+    with open(files[0], "r+b") as f:  # values changed in place, header, size and token kept: NaN came out
+        f.seek(os.path.getsize(files[0]) - 64)
+        f.write(b"\xff" * 64)
+    with pytest.raises(RuntimeError, match="changed after compile.*compile the model again"), torch.no_grad():
+        model(**x)
+    files[0].write_bytes(b"not a safetensors file")
     with pytest.raises(RuntimeError, match="compile the model again"), torch.no_grad():
         model(**x)
     os.remove(files[1])

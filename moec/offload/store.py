@@ -30,13 +30,15 @@ def _read_at(path: str, offset: int, buf) -> int:
 class DiskStore:
     """Each block's experts in one safetensors file (`<block>.safetensors`, tensors `<role>.<e>`), written once
     at compile time and read one expert at a time with plain reads at the offsets its header gives (no mmap:
-    a file changed or truncated underneath gives an error, not a crash)."""
+    a file changed or truncated underneath gives an error, not a crash; a file whose size or modification time
+    changed since it was written is refused)."""
 
     def __init__(self, folder: str):
         self.folder = os.path.abspath(folder)  # the process may change its directory later
         os.makedirs(folder, exist_ok=True)
         self._index: dict[str, tuple] = {}  # block -> ((size, mtime), {name: (dtype, shape, offset, nbytes)})
         self._written: dict[str, str] = {}  # block -> the token this store wrote into its file's metadata
+        self._sig: dict[str, tuple] = {}  # block -> (size, mtime) of its file as written
 
     def _file(self, block: str) -> str:
         return os.path.join(self.folder, (block or "model").replace("/", "_") + ".safetensors")
@@ -46,6 +48,8 @@ class DiskStore:
         self._written[block] = os.urandom(8).hex()
         save_file({f"{r}.{e}": t[e].detach().cpu().contiguous() for r, t in tensors.items() for e in range(len(t))},
                   self._file(block), metadata={"moec_store": self._written[block]})
+        st = os.stat(self._file(block))
+        self._sig[block] = (st.st_size, st.st_mtime_ns)
         self._index.pop(block, None)
 
     def _entries(self, block: str, path: str) -> dict:
@@ -58,6 +62,8 @@ class DiskStore:
             token = header.get("__metadata__", {}).get("moec_store")
             if block in self._written and token != self._written[block]:
                 raise ValueError("another compile rewrote this file (Offload(path=...) shared by two models)")
+            if block in self._sig and sig != self._sig[block]:  # (the values are not checksummed: bit rot that
+                raise ValueError("the file changed after compile (its size or modification time)")  # keeps both)
             self._index[block] = (sig, {k: (DTYPES[v["dtype"]], v["shape"], 8 + n + v["data_offsets"][0],
                                             v["data_offsets"][1] - v["data_offsets"][0])
                                         for k, v in header.items() if k != "__metadata__"})
