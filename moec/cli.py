@@ -256,7 +256,7 @@ def _run_passes(args, model, inputs, tokenizer, console) -> int:
             if PASSES[r.name].approximate:
                 break
             checked.append(r)
-        first = next((r.name for r in checked if r.max_rel_err > tol), None)
+        first = next((r.name for r in checked if not r.max_rel_err <= tol), None)  # NaN included
         if first:
             bad.append(f"{b.path}: numbers changed at pass {first!r}")
     console.print(t)

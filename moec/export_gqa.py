@@ -119,7 +119,7 @@ def _proved(run: _Run, i: int, module, mask, out, want) -> None:
     with a key to attend to (a fully masked row is padding); run.why[i] says why not when they differ."""
     rows = (mask > torch.finfo(mask.dtype).min / 2).any(-1)[:, 0].expand(*want.shape[:2])
     err = _rel(out[rows], want[rows])
-    if err > CHECK_TOL.get(want.dtype, 1e-5):
+    if not err <= CHECK_TOL.get(want.dtype, 1e-5):  # NaN too
         run.why[i] = f"fused attention differs from {type(module).__name__}'s by {err:.1e}"
 
 
@@ -188,7 +188,7 @@ def _latent(module, run: _Run, i: int, eager, query, key, value, mask, dropout, 
     if run.check:
         new_k, new_v = expand(c, r)
         tol = CHECK_TOL.get(query.dtype, 1e-5)
-        if _rel(key, new_k) > tol or _rel(value, new_v) > tol:
+        if not (_rel(key, new_k) <= tol and _rel(value, new_v) <= tol):  # NaN too
             raise GQAUnfit(f"{where} attends over keys that are not its cached latents expanded per head")
         run.why[i] = _why_not(module, q, keys, keys, mask, dropout, scaling, kwargs)
         if run.why[i] is not None:

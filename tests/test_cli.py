@@ -156,12 +156,12 @@ from moec.pass_manager import PassResult, register_pass
 
 
 @register_pass("break_numbers", requires=("fuse_gate",))
-def break_numbers(gm):  # scales the block's output by 1.01: a pass that changes the numbers
+def break_numbers(gm):  # scales the block's output by FACTOR: a pass that changes the numbers
     out = next(n for n in gm.graph.nodes if n.op == "output")
     vals = out.args[0]
     first = vals[0] if isinstance(vals, (tuple, list)) else vals
     with gm.graph.inserting_before(out):
-        bad = gm.graph.call_function(torch.mul, (first, 1.01))
+        bad = gm.graph.call_function(torch.mul, (first, FACTOR))
     out.args = ((bad, *vals[1:]),) if isinstance(vals, (tuple, list)) else (bad,)
     gm.recompile()
     return PassResult(gm, True, {})
@@ -172,8 +172,12 @@ def build():
 '''
 
 
-def test_bisect_names_a_broken_pass_and_its_reproducer_replays(tmp_path):
-    (tmp_path / "broken.py").write_text(BROKEN_PASS)
+FACTORS = ["1.01", "float('nan')"]  # a NaN output was measured as no change (max() keeps the first of a NaN pair)
+
+
+@pytest.mark.parametrize("factor", FACTORS)
+def test_bisect_names_a_broken_pass_and_its_reproducer_replays(tmp_path, factor):
+    (tmp_path / "broken.py").write_text(BROKEN_PASS.replace("FACTOR", factor))
     out = tmp_path / "repro"
     r = moec("bisect", "broken.py:build", "--passes", "detect_moe,fuse_gate,break_numbers,batch_experts",
              "--out", out, cwd=tmp_path)
@@ -192,10 +196,11 @@ def test_bisect_names_a_broken_pass_and_its_reproducer_replays(tmp_path):
     assert r.returncode == 0 and "no pass of detect_moe,fuse_gate,batch_experts changed the numbers" in r.stdout
 
 
-def test_run_verify_names_a_broken_pass_whose_blocks_the_final_proof_rejected(tmp_path):
+@pytest.mark.parametrize("factor", FACTORS)
+def test_run_verify_names_a_broken_pass_whose_blocks_the_final_proof_rejected(tmp_path, factor):
     """The final proof rejects the blocks a pass broke: run --verify still names the pass and exits 1, and the
     rejection blames the user's pass, not moec."""
-    (tmp_path / "broken.py").write_text(BROKEN_PASS)
+    (tmp_path / "broken.py").write_text(BROKEN_PASS.replace("FACTOR", factor))
     r = moec("run", "broken.py:build", "--passes", "detect_moe,fuse_gate,break_numbers,batch_experts", "--verify",
              cwd=tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr
