@@ -68,6 +68,7 @@ class ExportReport:
     seconds: dict[str, float] = field(default_factory=dict)  # where the export's time went, per stage
     dense: QuantConfig | None = None  # export_onnx(dense=...): the dense MatMuls' format
     dense_matmuls: int = 0  # how many became MatMulNBits (or moec's Int4MatMul / LinearInt8)
+    dense_format: str = ""  # what those nodes hold (int8: blocks of 32 in MatMulNBits, or per channel in moec's)
     dense_left: list[str] = field(default_factory=list)  # "node: why" for each MatMul dense= left fp32
     attention: str = ""  # KV-cache exports: which layers' attention is one GroupQueryAttention node, why not others
     gqa_layers: int = 0  # how many
@@ -77,7 +78,7 @@ class ExportReport:
     def __rich__(self) -> Table:
         q = f", quantize {self.quantize.describe()}" if self.quantize else ""
         ext = ", weights in external data" if self.external_data else ""
-        ext += f", {self.dense_matmuls} dense MatMuls quantized ({self.dense.describe()})" if self.dense else ""
+        ext += f", {self.dense_matmuls} dense MatMuls quantized ({self.dense_format})" if self.dense else ""
         ext += f", {len(self.dense_left)} left fp32 (.dense_left)" if self.dense_left else ""
         ext += f"; attention: {self.attention}" if self.attention else ""
         ext += f"; fused: {', '.join(f'{k} x{v}' for k, v in self.fusions.items())}" if self.fusions else ""
@@ -697,7 +698,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     done("ORT fusions", f"saving {path}")
     program.save(path, external_data=external_data)
     done("save", "quantizing the dense MatMuls" if dense is not None else "checking the file")
-    quantized = 0
+    quantized, dense_format = 0, dense.describe() if dense is not None else ""
     fp32 = {p.dtype for p in work.parameters() if p.is_floating_point()} == {torch.float32}
     big = external_data or any(t.data_location == onnx.TensorProto.EXTERNAL
                                for t in onnx.load(path, load_external_data=False).graph.initializer)
@@ -710,6 +711,9 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         done("dense MatMuls on moec's kernel", "checking the file")
     if dense is not None and not quantized and not (panels and dense == Int8Experts()):  # (weight-only int8: done)
         quantized = quantize_dense(path, dense, routers, big)
+        if isinstance(dense, Int8Experts):  # ORT's quantizer: a scale per 32 inputs, where moec.quant has one a row
+            dense_format = ("int8 in blocks of 32 inputs (MatMulNBits)"
+                            + (", int8 activations per 32 inputs" if dense.activations == "int8" else ""))
         if quantized and rows8:  # moec_fp32_matmuls left them: a K not a multiple of 32
             log.warning("moec.export_onnx: a dense MatMul's K is not a multiple of 32 (or is above 65536): the dense "
                         "MatMuls are MatMulNBits, which round activations per 32 inputs, not per row as the torch "
@@ -745,7 +749,8 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
                           inputs=[i.name for i in proto.graph.input], outputs=[o.name for o in proto.graph.output],
                           external_data=any(t.data_location == onnx.TensorProto.EXTERNAL
                                             for t in proto.graph.initializer), seconds=seconds,
-                          dense=dense, dense_matmuls=quantized, attention=fused, fusions=fusions,
+                          dense=dense, dense_matmuls=quantized, dense_format=dense_format, attention=fused,
+                          fusions=fusions,
                           dense_left=left_fp32(proto, dense, routers) if dense is not None else [],
                           gqa_layers=sum(n.op_type in ("GroupQueryAttention", "CachedAttention") for n in proto.graph.node),
                           repeated=repeat.source if repeat else {})

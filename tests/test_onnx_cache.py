@@ -357,6 +357,11 @@ def test_dense_matmuls_as_matmulnbits(family, dense, tmp_path):
     layers = model.config.num_hidden_layers
     shared = 3 if getattr(model.config, "shared_expert_intermediate_size", 0) else 0  # gate, up, down
     assert len(nbits) == report.dense_matmuls == (4 + shared) * layers + 1  # q, k, v, o per layer and the lm_head
+    sizes = {a.name: helper.get_attribute_value(a) for a in nbits[0].attribute}
+    assert sizes["bits"] == dense.bits and sizes["block_size"] == getattr(dense, "group_size", 32)
+    said = " ".join(str(report.__rich__().title).split())  # the report says what the nodes hold
+    assert (f"{report.dense_matmuls} dense MatMuls quantized ("
+            + ("int8 in blocks of 32 inputs" if dense.bits == 8 else dense.describe())) in said, said
     init = {t.name: t for t in proto.graph.initializer}
     E = getattr(model.config, "num_local_experts", None) or model.config.num_experts
     assert sum(n.op_type in ("MatMul", "Gemm") and E in init[n.input[1]].dims
