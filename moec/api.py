@@ -53,6 +53,9 @@ class _Done:
     report: BlockReport
 
 
+RAISED = "moec failed on it"  # how a rejection's reason starts where a pass (or moec) raised on the block
+
+
 class _FinalProofFailed(Rejected):
     """The graph the pipeline produced differs from the original: a defect of a pass, never a user error.
     records: the passes that ran (with their errors under verify), for the CLI to name the first that changed them."""
@@ -142,7 +145,7 @@ def _compile_block(pm: PassManager, block: nn.Module, cand: Candidate, options: 
     except Exception as e:
         _undo(start.meta)
         first = (str(e).strip().splitlines() or [""])[0]  # an fx error prints the whole graph after its first line
-        raise _FinalProofFailed(f"moec failed on it: {type(e).__name__}: {first} ({' '.join(getattr(e, '__notes__', []))};"
+        raise _FinalProofFailed(f"{RAISED}: {type(e).__name__}: {first} ({' '.join(getattr(e, '__notes__', []))};"
                                 f" {_blame(pm)})") from e
     spec = gm.meta["moe_spec"]
     d = spec.describe()

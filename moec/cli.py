@@ -38,9 +38,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+class UserCodeError(Exception):
+    """An error raised inside the user's own code (a factory, a module it imports, a pass): its cause is shown with
+    its traceback, exit status 1 (moec's own refusals of bad input are one line, exit status 2)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
+    except UserCodeError as e:
+        import traceback
+
+        traceback.print_exception(e.__cause__)
+        print(f"moec: error: {e} (the traceback above)", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, NotImplementedError, RuntimeError, ImportError, AttributeError, KeyError,
             OSError, AssertionError) as e:
         print(f"moec: error: {str(e).splitlines()[0]}", file=sys.stderr)  # bad input: one line, what to do
@@ -171,14 +182,21 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
         tokenizer = str(path) if any(path.glob("tokenizer*.json")) else None
     elif ":" in spec:
         module, _, fn = spec.rpartition(":")
-        factory = getattr(_import(module), fn, None)
+        mod = _import(module)
+        factory = getattr(mod, fn, None)
         if not callable(factory):
-            raise AttributeError(f"{module} has no function {fn!r}")
-        out = factory()
+            raise AttributeError(f"{module} has no function {fn!r}" if factory is None else
+                                 f"{module}:{fn} is not a function ({type(factory).__name__})")
+        try:
+            out = factory()
+        except Exception as e:
+            raise UserCodeError(f"{spec} raised {type(e).__name__}") from e
         model, inputs = out if isinstance(out, tuple) and len(out) == 2 else (out, None)
         if not isinstance(model, torch.nn.Module) or not (inputs is None or isinstance(inputs, dict)):
             raise TypeError(f"{spec} must return a torch.nn.Module or (module, {{input name: tensor}}), not "
                             f"{type(out).__name__}")
+        if next(model.parameters(), None) is None:
+            raise ValueError(f"{spec} returned {type(model).__name__}, a module without parameters: no MoE to find")
         model = model.to(dt)
     elif spec in BUILTINS:
         model = {"demo": models.demo_model, "tiny_moe_lm": examples.tiny_moe_lm, "fine_moe_lm": examples.fine_moe_lm}[
@@ -200,12 +218,27 @@ def _import(module: str):
     if module.endswith(".py"):
         if not Path(module).is_file():
             raise FileNotFoundError(f"no factory file {module}")
-        spec = importlib.util.spec_from_file_location(Path(module).stem, module)
+        name = Path(module).stem
+        spec = importlib.util.spec_from_file_location(name, module)
         mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+        # importable by its name from now on, as `import name` would make it: the classes it defines pickle by
+        # reference (moec bisect's block.pt); its folder on the path, as running it would put it (its imports)
+        sys.modules.setdefault(name, mod)
+        sys.path.insert(0, str(Path(module).resolve().parent))
+        try:
+            spec.loader.exec_module(mod)
+        except Exception as e:
+            raise UserCodeError(f"importing {module} raised {type(e).__name__}") from e
         return mod
     sys.path.insert(0, os.getcwd())
-    return importlib.import_module(module)
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is not None and module.startswith(e.name):  # the factory's module itself: a wrong name
+            raise
+        raise UserCodeError(f"importing {module} raised {type(e).__name__}") from e
+    except Exception as e:
+        raise UserCodeError(f"importing {module} raised {type(e).__name__}") from e
 
 
 # -- commands
@@ -226,7 +259,7 @@ def _inspect(args, model, inputs, tokenizer, console) -> int:
 
 
 def _run_passes(args, model, inputs, tokenizer, console) -> int:
-    from moec.api import _run
+    from moec.api import RAISED, _run
     from moec.backends import pipeline_for
     from moec.pass_manager import PASSES, Instruments, parse_pipeline
     from moec.passes.detect.proof import TOL
@@ -264,6 +297,7 @@ def _run_passes(args, model, inputs, tokenizer, console) -> int:
     if approx:
         console.print(f"{', '.join(approx)}: an approximation, its error expected; the passes after it are checked "
                       f"by the final proof, against the block at what the approximation promises")
+    bad += [f"{r.path}: {r.reason}" for r in report.rejected if r.reason.startswith(RAISED)]  # a pass raised
     for line in bad:
         console.print(f"[red]{line}")
     return 1 if bad else 0
@@ -288,7 +322,12 @@ def _routing(args, model, inputs, tokenizer, console) -> int:
                 import transformers
 
                 tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
-            ids = torch.tensor(tokenizer(args.text.read_text())["input_ids"])[None]
+            ids = torch.tensor(tokenizer(args.text.read_text())["input_ids"], dtype=torch.long)[None]
+            if not ids.numel():
+                raise ValueError(f"--text {args.text}: no tokens in it (an empty file?)")
+            if int(ids.max()) >= config.vocab_size:
+                raise ValueError(f"--text: the tokenizer gives ids up to {int(ids.max())}, past the model's "
+                                 f"vocabulary of {config.vocab_size}: give the model's own tokenizer files")
         else:
             ids = torch.randint(0, config.vocab_size, (1, 512 if args.random is None else args.random), generator=torch.Generator().manual_seed(0))
         n = getattr(config, "max_position_embeddings", ids.shape[1])
@@ -311,7 +350,7 @@ def _pass_errors(module, passes: str | None, dump_dir: Path | None = None) -> tu
     ({block: [PassRecord]}, {rejected block: reason}, {block: its MoESpec after the pipeline})."""
     from moec.api import _block_graph, _undo
     from moec.bindings import resolve
-    from moec.pass_manager import Instruments, PassManager, Rejected
+    from moec.pass_manager import PASSES, Instruments, PassManager, Rejected
     from moec.passes.detect_moe import find_candidates
 
     pm = PassManager(passes, Instruments(verify=True, dump_dir=dump_dir))
@@ -323,6 +362,11 @@ def _pass_errors(module, passes: str | None, dump_dir: Path | None = None) -> tu
             specs[cand.path] = gm.meta["moe_spec"]
         except Rejected as e:
             rejected[cand.path] = str(e)
+        except Exception as e:
+            name = getattr(e, "moec_pass", "")
+            if name and not PASSES[name].__module__.startswith("moec."):
+                raise UserCodeError(f"pass {name!r} raised {type(e).__name__} on block {cand.path!r}") from e
+            raise
         finally:
             _undo(start.meta)
     return records, rejected, specs
@@ -373,9 +417,14 @@ def _bisect(args, model, inputs, tokenizer, console) -> int:
     d.mkdir(parents=True)
     module = resolve(model, block)
     torch.save(module, d / "block.pt")  # the module itself: replay needs no model code beyond its class
+    code = _own_sources(module)
+    if code:  # the user's own files that define its classes, for replay in any directory
+        (d / "code").mkdir()
+        for f in code:
+            shutil.copy(f, d / "code" / Path(f).name)
     save_file({k: v.detach().clone() for k, v in module.state_dict().items()}, d / "block.safetensors")
     (d / "spec.txt").write_text(f"{specs[block]!r}\n")  # the canonical spec the pipeline ended with
-    gen = torch.Generator().manual_seed(2)  # the tokens the check after each pass runs on (pass_manager.verify_graph)
+    gen = torch.Generator().manual_seed(2)  # the check after each pass runs on these (verify_graph)
     H = specs[block].experts.hidden
     save_file({f"tokens_{T}": torch.randn(1, T, H, generator=gen) for T in (1, 7)}, d / "inputs.safetensors")
     mods = sorted({PASSES[n].__code__.co_filename for n in passes.split(",")  # the files of passes not moec's own
@@ -390,6 +439,22 @@ def _bisect(args, model, inputs, tokenizer, console) -> int:
     return 1
 
 
+def _own_sources(module) -> list[str]:
+    """The files of the top-level modules that define `module`'s classes, outside installed packages and moec
+    (a factory file, a module in the working directory): torch.load imports them by name."""
+    import sysconfig
+
+    installed = [Path(sysconfig.get_paths()[k]).resolve() for k in ("stdlib", "purelib", "platlib")]
+    installed.append(Path(__file__).resolve().parent.parent)  # moec's own tree
+    files = set()
+    for m in module.modules():
+        name = type(m).__module__
+        f = getattr(sys.modules.get(name), "__file__", None)
+        if "." not in name and f and not any(Path(f).resolve().is_relative_to(p) for p in installed):
+            files.add(f)
+    return sorted(files)
+
+
 def _replay(folder: Path, console) -> int:
     import torch
 
@@ -398,6 +463,8 @@ def _replay(folder: Path, console) -> int:
     if not (folder / "meta.json").is_file():
         raise FileNotFoundError(f"{folder} is not a reproducer folder (no meta.json): give the folder moec bisect wrote")
     meta = json.loads((folder / "meta.json").read_text())
+    if (folder / "code").is_dir():  # the files that define the block's classes (bisect copied them)
+        sys.path.insert(0, str(folder / "code"))
     for path in meta["pass_modules"]:  # the passes the pipeline names that are not moec's own
         _import(path)
     block = torch.load(folder / "block.pt", weights_only=False).eval()

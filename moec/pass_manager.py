@@ -124,6 +124,7 @@ class PassManager:
                 res = PASSES[name](gm)
             except Exception as e:
                 if not isinstance(e, Rejected):
+                    e.moec_pass = name  # which pass raised (the CLI shows a user pass's traceback)
                     e.add_note(f"moec: pass {name!r} failed on block {block_path!r} (pipeline so far: "
                                f"{','.join(self.names[:i + 1])})")
                 raise
@@ -157,8 +158,9 @@ def verify_graph(gm: fx.GraphModule, reference: torch.nn.Module, tokens: tuple[i
     p = next(reference.parameters())
     worst = 0.0
     gen = torch.Generator().manual_seed(2)
+    lead = (1,) if 3 in gm.meta.get("ranks", (3,)) else ()  # [1, T, H], or [T, H] for a block proved on those only
     for T in tokens:
-        x = torch.randn(1, T, spec.experts.hidden, generator=gen, device="cpu").to(p.device, p.dtype)
+        x = torch.randn(*lead, T, spec.experts.hidden, generator=gen, device="cpu").to(p.device, p.dtype)
         with torch.no_grad(), untouched(reference):
             ref = original_forward(reference)(x)
             got = call(gm, reference, x)[0]

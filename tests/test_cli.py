@@ -131,11 +131,96 @@ def test_bench_a_builtin():
     ("def build():\n    return 3\n", "must return a torch.nn.Module or (module, {input name: tensor})"),
     ("import torch\ndef build():\n    return torch.nn.Linear(2, 2), (torch.ones(2),)\n", "must return a torch.nn.Module"),
     ("def other():\n    pass\n", "has no function 'build'"),
+    ("build = 5\n", "fac.py:build is not a function (int)"),
+    ("import torch\ndef build():\n    return torch.nn.Identity()\n", "Identity, a module without parameters"),
 ])
 def test_a_bad_factory_is_one_line(factory, says, tmp_path):
     (tmp_path / "fac.py").write_text(factory)
     r = moec("inspect", "fac.py:build", cwd=tmp_path)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and says in r.stderr, r.stderr
+
+
+RAISING = '''
+import torch
+from moec import models
+from moec.pass_manager import register_pass
+import helper_of_mine  # a module beside the file: importable, as when the file runs
+
+
+@register_pass("raises", requires=("fuse_gate",))
+def raises(gm):
+    raise RuntimeError("a bug in my pass")
+
+
+def build():
+    return models.tiny_model("qwen2_moe")
+
+
+def broken():
+    return {}["no such key"]
+'''
+
+
+def test_an_error_in_the_users_own_code_shows_its_traceback(tmp_path):
+    """A factory, a module it imports, or a pass that raises: the traceback and exit status 1 (it was one line and
+    exit status 2, or exit status 0 for a pass under run --verify), as docs/cli.md says."""
+    (tmp_path / "helper_of_mine.py").write_text("X = 1\n")
+    (tmp_path / "mine.py").write_text(RAISING)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = moec("inspect", tmp_path / "mine.py:broken", cwd=elsewhere)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "KeyError: 'no such key'" in r.stderr, r.stderr
+    assert "mine.py:broken raised KeyError (the traceback above)" in r.stderr
+    (tmp_path / "bad_import.py").write_text("import no_such_module_anywhere\ndef build():\n    pass\n")
+    r = moec("inspect", "bad_import.py:build", cwd=tmp_path)
+    assert r.returncode == 1 and "No module named 'no_such_module_anywhere'" in r.stderr, r.stderr
+    r = moec("bisect", "mine.py:build", "--passes", "detect_moe,fuse_gate,raises", "--out", tmp_path / "o",
+             cwd=tmp_path)
+    assert r.returncode == 1 and "RuntimeError: a bug in my pass" in r.stderr and "Traceback" in r.stderr, r.stderr
+    r = moec("run", "mine.py:build", "--passes", "detect_moe,fuse_gate,raises", "--verify", cwd=tmp_path)
+    assert r.returncode == 1 and "a bug in my pass" in r.stdout, r.stdout + r.stderr
+    r = moec("inspect", "no_such_module:build", cwd=tmp_path)  # a wrong name is bad input: one line
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+HAND_WRITTEN = '''
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, H=32, E=4):
+        super().__init__()
+        self.gate = nn.Linear(H, E, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(H, 48), nn.ReLU(), nn.Linear(48, H)) for _ in range(E))
+
+    def forward(self, x):
+        w, ids = self.gate(x).softmax(-1).topk(2, -1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            rows, slot = (ids == e).nonzero(as_tuple=True)
+            out[rows] += expert(x[rows]) * w[rows, slot, None]
+        return out
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), Block()).eval(), {"input": torch.randn(6, 16)}
+'''
+
+
+def test_a_hand_written_block_from_a_factory_file_bisects_and_replays_anywhere(tmp_path):
+    """Its class lives in the factory file: block.pt pickles it by the file's name (it failed to pickle), and the
+    reproducer carries the file (code/) so that replay runs in any directory (it failed: No module named ...)."""
+    (tmp_path / "mymodel.py").write_text(HAND_WRITTEN)
+    (tmp_path / "broken.py").write_text(BROKEN_PASS.replace("FACTOR", "1.01").replace(
+        "return models.tiny_model(\"qwen2_moe\")", "import mymodel\n    return mymodel.build()"))
+    r = moec("bisect", "broken.py:build", "--passes", "detect_moe,fuse_gate,break_numbers,batch_experts",
+             "--out", tmp_path / "repro", cwd=tmp_path)
+    assert r.returncode == 1 and "numbers changed at pass 'break_numbers'" in r.stdout, r.stdout + r.stderr
+    assert (tmp_path / "repro" / "block" / "code" / "mymodel.py").is_file()
+    r = moec("replay", tmp_path / "repro" / "block", cwd="/")
+    assert r.returncode == 1 and "numbers changed at pass 'break_numbers'" in r.stdout, r.stdout + r.stderr
 
 
 def test_routing_of_a_seq2seq_model_uses_its_example_inputs_and_topk_checks():
