@@ -351,8 +351,10 @@ class CompiledForward:
             inputs = [t for t in data if isinstance(t, torch.Tensor)] + list(self.block.parameters())
             if any(t.requires_grad for t in inputs):  # a backward through this output raises, clearly
                 why = (f"moec: block {self.path!r} was compiled for inference and computes no gradients in eval mode; "
-                       f"call model.train() (compiled blocks then run their original forward, gradients included) "
-                       f"or run inference under torch.no_grad()")
+                       + ("run inference under torch.no_grad() (its original expert weights were released, so it "
+                          "cannot train: train the original model)" if self.gm.meta.get("released") else
+                          "call model.train() (compiled blocks then run their original forward, gradients included) "
+                          "or run inference under torch.no_grad()"))
                 outs[:2] = [NoBackward.apply(why, [t], *inputs) for t in outs[:2]]
         if len(outs) == 1:
             return outs[0]

@@ -531,8 +531,11 @@ def test_backward_in_eval_mode_fails_clearly():
     out = block(_x(32, 5))  # grad mode on, eval mode: the compiled graph runs
     out[0] = 0  # written in place, as an eager output may be (the mark is not a view)
     out.mul_(2)
-    with pytest.raises(RuntimeError, match="compiled for inference"):
+    with pytest.raises(RuntimeError, match="compiled for inference.*call model.train()"):
         out.sum().backward()
+    block = moec.compile(_block("modulelist").eval(), quantize=moec.Int8Experts())  # released: train() cannot help
+    with pytest.raises(RuntimeError, match="compiled for inference.*cannot train: train the original model"):
+        block(_x(32, 5)).sum().backward()
 
 
 @pytest.mark.parametrize("quantize", [None, moec.Int8Experts(), moec.Int4Experts(32)], ids=str)

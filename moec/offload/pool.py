@@ -68,12 +68,14 @@ class OffloadStats:
     def __rich__(self) -> Table:
         t = Table(title=f"moec offload: policy {self.policy}, slots {self.slots}", title_justify="left")
         for col in ("block", "calls", "hits", "misses", "hit rate", "prefetch precision", "prefetch recall",
-                    "MB read", "stall s"):
+                    "MiB read", "stall s"):
             t.add_column(col)
         for name, s in [*self.blocks.items(), ("total", self.total())]:
             r = self.rates(s)
+            predicted = s.predicted > 0  # no prediction made (prefetch off): no precision or recall to show
             t.add_row(name, str(s.calls), str(s.hits), str(s.misses), f"{r['hit_rate']:.1%}",
-                      f"{r['prefetch_precision']:.1%}", f"{r['prefetch_recall']:.1%}", f"{s.bytes_read / 2**20:.1f}",
+                      f"{r['prefetch_precision']:.1%}" if predicted else "-",
+                      f"{r['prefetch_recall']:.1%}" if predicted else "-", f"{s.bytes_read / 2**20:.1f}",
                       f"{s.stall_s:.3f}")
         return t
 
