@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moec.export import ExportReport, export_onnx, layer_layout
+from moec.export import ExportReport, check_exportable, export_onnx, layer_layout
 from moec.quant import QuantConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -91,6 +91,7 @@ def export_genai(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, qua
     # genai_config.json has one head_size: keys and values of different sizes (MLA's two latents) are cached as
     # two equal halves of their concatenation (moec.export._ExportableWithCache)
     head_size = (key_size + value_size + 1) // 2 if key_size != value_size else key_size
+    check_exportable(model, quantize, provider, dense)  # refused before anything is written (bf16, ...)
     out.mkdir(parents=True, exist_ok=True)
     if files is None:
         tokenizer.save_pretrained(str(out))

@@ -212,4 +212,6 @@ def test_export_genai_errors(tmp_path):
     model.generation_config.eos_token_id = model.config.eos_token_id = None
     with pytest.raises(ValueError, match="eos"):  # neither the model nor a tokenizer folder say
         moec.export_genai(model, tmp_path / "tok", tmp_path / "out")
-    assert not (tmp_path / "out").exists()  # refused before anything is written
+    with pytest.raises(NotImplementedError, match="bf16 models are not supported"):
+        moec.export_genai(_lm("mixtral").to(torch.bfloat16), tmp_path / "tok", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything is written (the tokenizer's files were)
