@@ -31,6 +31,7 @@ import contextlib
 import copy
 import inspect
 import os
+import sys
 import tempfile
 import threading
 import weakref
@@ -147,6 +148,9 @@ class OrtForward:
     def __call__(self, *args, **kwargs):
         if self.model.training:  # training runs the model's own forward: dropout, router jitter, gradients
             return self.original(*args, **kwargs)
+        if kwargs.get("return_dict") is False:  # HF's tuple: the output's fields that are set, in order
+            out = self(*args, **{**kwargs, "return_dict": True})
+            return out.to_tuple() if hasattr(out, "to_tuple") else out
         bound = self.signature.bind(*args, **kwargs)
         extra = bound.arguments.pop(next((n for n, p in self.signature.parameters.items()
                                           if p.kind is p.VAR_KEYWORD), None), {})
@@ -261,19 +265,20 @@ class OrtForward:
 
     def _check_ids(self, args: dict) -> None:
         """Token ids outside the vocabulary raise, as the eager model's embedding does: ONNX's Gather would read a
-        negative id from the end of the table (a wrong answer, silently), and one past the end fails in ORT."""
+        negative id from the end of the table (a wrong answer, silently), and one past the end fails in ORT. Only
+        where the ids index an embedding table as nn.Embedding does (an HF model's, its decoder's for
+        decoder_input_ids); other models' ids run their own graph's ops."""
         for name in ("input_ids", "decoder_input_ids"):
             ids = args.get(name)
             if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.numel() == 0:
                 continue
+            table = _embedding(self.model, decoder=name == "decoder_input_ids")
+            if table is None:
+                continue
             if ids.dim() != 2:
                 raise ValueError(f"moec backend='onnxruntime': {name} must be [batch, sequence], not of shape "
                                  f"{tuple(ids.shape)}")
-            try:
-                vocab = self.model.get_input_embeddings().num_embeddings
-            except (AttributeError, NotImplementedError):
-                return  # not an HF model: its own graph's ops
-            low, high = int(ids.min()), int(ids.max())
+            low, high, vocab = int(ids.min()), int(ids.max()), table.num_embeddings
             if low < 0 or high >= vocab:
                 raise IndexError(f"moec backend='onnxruntime': {name} holds {low if low < 0 else high}, outside the "
                                  f"vocabulary [0, {vocab}) (the eager model raises 'index out of range in self')")
@@ -546,6 +551,15 @@ def _same(now: list, then: list) -> bool:
     return len(now) == len(then) and all(a is b and u == v for (a, u), (b, v) in zip(now, then))
 
 
+def _embedding(model: nn.Module, decoder: bool) -> nn.Embedding | None:
+    """The table an HF model's (or its decoder's) token ids index, where it looks them up as nn.Embedding does."""
+    try:
+        table = (model.get_decoder() if decoder else model).get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return table if isinstance(table, nn.Embedding) and type(table).forward is nn.Embedding.forward else None
+
+
 @contextlib.contextmanager
 def _exporting(model: nn.Module, what: str = "the export"):
     """An error of torch.onnx, of the model's code under export, or of ONNX Runtime running the exported file,
@@ -553,12 +567,27 @@ def _exporting(model: nn.Module, what: str = "the export"):
     try:
         yield
     except Exception as e:
-        if str(e).startswith("moec"):
-            raise
+        if str(e).startswith("moec") or isinstance(e, (MemoryError, OSError, torch.OutOfMemoryError)) or _ours(e):
+            raise  # moec's refusals, a machine's limits, and moec's own defects, as they are
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
         raise NotImplementedError(f"moec backend='onnxruntime': {type(model).__name__} cannot run in ONNX Runtime: "
                                   f"{what} failed ({type(e).__name__}: {first[:300]}); use backend='torch' for this "
                                   f"model") from e
+
+
+def _ours(e: BaseException) -> bool:
+    """Whether the innermost frame of e's traceback is in moec's own code (a defect of moec, not a limit of the
+    model or of ONNX Runtime: ORT's errors come from a call in moec's code, but are ORT's own types)."""
+    from moec import backends, passes
+
+    if type(e).__module__.startswith("onnxruntime"):
+        return False
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = os.path.abspath(tb.tb_frame.f_code.co_filename) if tb is not None else ""
+    roots = {os.path.dirname(os.path.abspath(m.__file__)) for m in (sys.modules["moec"], backends, passes)}
+    return any(where.startswith(r + os.sep) for r in roots)
 
 
 def empty_past(layout: tuple, batch: int, rows: int = 0) -> list[np.ndarray]:

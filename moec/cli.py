@@ -228,13 +228,15 @@ def _import(module: str):
         try:
             spec.loader.exec_module(mod)
         except Exception as e:
+            if sys.modules.get(name) is mod:
+                del sys.modules[name]  # not left half-run
             raise UserCodeError(f"importing {module} raised {type(e).__name__}") from e
         return mod
     sys.path.insert(0, os.getcwd())
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
-        if e.name is not None and module.startswith(e.name):  # the factory's module itself: a wrong name
+        if e.name == module or module.startswith(f"{e.name}."):  # the factory's module itself: a wrong name
             raise
         raise UserCodeError(f"importing {module} raised {type(e).__name__}") from e
     except Exception as e:
@@ -347,7 +349,8 @@ def _routing(args, model, inputs, tokenizer, console) -> int:
 def _pass_errors(module, passes: str | None, dump_dir: Path | None = None) -> tuple[dict, dict, dict]:
     """Run the pipeline on every candidate block of `module` with the numeric check after each pass (nothing is
     installed, even if the final proof would fail; each stage's graph written under dump_dir/<block>/ if given):
-    ({block: [PassRecord]}, {rejected block: reason}, {block: its MoESpec after the pipeline})."""
+    ({block: [PassRecord]}, {rejected block: reason}, {block: (its MoESpec after the pipeline, the input ranks it
+    was proved on)})."""
     from moec.api import _block_graph, _undo
     from moec.bindings import resolve
     from moec.pass_manager import PASSES, Instruments, PassManager, Rejected
@@ -359,7 +362,7 @@ def _pass_errors(module, passes: str | None, dump_dir: Path | None = None) -> tu
         start = _block_graph(resolve(module, cand.path), cand, {})
         try:
             gm, records[cand.path] = pm.run(start, cand.path, resolve(module, cand.path))
-            specs[cand.path] = gm.meta["moe_spec"]
+            specs[cand.path] = gm.meta["moe_spec"], gm.meta.get("ranks", (3,))
         except Rejected as e:
             rejected[cand.path] = str(e)
         except Exception as e:
@@ -417,20 +420,23 @@ def _bisect(args, model, inputs, tokenizer, console) -> int:
     d.mkdir(parents=True)
     module = resolve(model, block)
     torch.save(module, d / "block.pt")  # the module itself: replay needs no model code beyond its class
-    code = _own_sources(module)
-    if code:  # the user's own files that define its classes, for replay in any directory
-        (d / "code").mkdir()
-        for f in code:
-            shutil.copy(f, d / "code" / Path(f).name)
+    # the user's own code, for replay in any directory, on any machine: the files (or top-level packages) that
+    # define the block's classes, and the passes' files
+    pass_files = sorted({PASSES[n].__code__.co_filename for n in passes.split(",")
+                         if not PASSES[n].__module__.startswith("moec.")})
+    for src in [*_own_sources(module), *pass_files]:
+        (d / "code").mkdir(exist_ok=True)
+        (shutil.copytree if Path(src).is_dir() else shutil.copy)(src, d / "code" / Path(src).name)
     save_file({k: v.detach().clone() for k, v in module.state_dict().items()}, d / "block.safetensors")
-    (d / "spec.txt").write_text(f"{specs[block]!r}\n")  # the canonical spec the pipeline ended with
+    (d / "spec.txt").write_text(f"{specs[block][0]!r}\n")  # the canonical spec the pipeline ended with
     gen = torch.Generator().manual_seed(2)  # the check after each pass runs on these (verify_graph)
-    H = specs[block].experts.hidden
-    save_file({f"tokens_{T}": torch.randn(1, T, H, generator=gen) for T in (1, 7)}, d / "inputs.safetensors")
-    mods = sorted({PASSES[n].__code__.co_filename for n in passes.split(",")  # the files of passes not moec's own
-                   if not PASSES[n].__module__.startswith("moec.")})
+    spec, ranks = specs[block]
+    lead = (1,) if 3 in ranks else ()
+    save_file({f"tokens_{T}": torch.randn(*lead, T, spec.experts.hidden, generator=gen) for T in (1, 7)},
+              d / "inputs.safetensors")
     (d / "meta.json").write_text(json.dumps({"block": block, "pipeline": passes, "first_changed": name,
-                                             "max_rel_err": err, "dtype": str(dtype), "pass_modules": mods}, indent=2))
+                                             "max_rel_err": err, "dtype": str(dtype),
+                                             "pass_modules": [Path(f).name for f in pass_files]}, indent=2))
     shutil.copytree(stages / (block or "root"), d / "stages")  # each pass's graph: NNN_<pass>.py
     (d / "errors.txt").write_text("".join(f"{r.name}: max rel err {r.max_rel_err:.3e}\n" for r in records[block]))
     shutil.rmtree(stages, ignore_errors=True)
@@ -440,19 +446,20 @@ def _bisect(args, model, inputs, tokenizer, console) -> int:
 
 
 def _own_sources(module) -> list[str]:
-    """The files of the top-level modules that define `module`'s classes, outside installed packages and moec
-    (a factory file, a module in the working directory): torch.load imports them by name."""
+    """The files, or top-level package folders, of the user's own code that defines `module`'s classes: not moec,
+    not the standard library or installed packages (a factory file, a module or package in the working directory);
+    torch.load imports them by name."""
     import sysconfig
 
     installed = [Path(sysconfig.get_paths()[k]).resolve() for k in ("stdlib", "purelib", "platlib")]
-    installed.append(Path(__file__).resolve().parent.parent)  # moec's own tree
-    files = set()
+    found = set()
     for m in module.modules():
-        name = type(m).__module__
-        f = getattr(sys.modules.get(name), "__file__", None)
-        if "." not in name and f and not any(Path(f).resolve().is_relative_to(p) for p in installed):
-            files.add(f)
-    return sorted(files)
+        top = type(m).__module__.split(".")[0]
+        f = getattr(sys.modules.get(top), "__file__", None)
+        if top in ("moec", "builtins", "__main__") or f is None or any(Path(f).resolve().is_relative_to(p) for p in installed):
+            continue
+        found.add(str(Path(f).parent) if Path(f).name == "__init__.py" else f)
+    return sorted(found)
 
 
 def _replay(folder: Path, console) -> int:
@@ -465,8 +472,8 @@ def _replay(folder: Path, console) -> int:
     meta = json.loads((folder / "meta.json").read_text())
     if (folder / "code").is_dir():  # the files that define the block's classes (bisect copied them)
         sys.path.insert(0, str(folder / "code"))
-    for path in meta["pass_modules"]:  # the passes the pipeline names that are not moec's own
-        _import(path)
+    for name in meta["pass_modules"]:  # the passes the pipeline names that are not moec's own (copied to code/)
+        _import(str(folder / "code" / name))
     block = torch.load(folder / "block.pt", weights_only=False).eval()
     records, rejected, _ = _pass_errors(block, meta["pipeline"])
     t = Table(title=f"replay of {meta['block'] or '(model)'}: numeric error after each pass")

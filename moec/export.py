@@ -299,8 +299,8 @@ def layer_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[tuple[int, 
     if type(cache).__name__ != "DynamicCache" or kinds - _CACHE_LAYERS:
         raise NotImplementedError(f"moec.export_onnx(kv_cache=True): {name} keeps its cache as {type(cache).__name__} "
                                   f"({', '.join(sorted(kinds)) or 'no layers'}), which the export does not substitute "
-                                  f"(it does {', '.join(sorted(_CACHE_LAYERS))} in a DynamicCache); export it with "
-                                  f"kv_cache=False")
+                                  f"(it does {', '.join(sorted(_CACHE_LAYERS))} in a DynamicCache); export_onnx(..., "
+                                  f"kv_cache=False) exports it without the cache")
     try:
         states = export_state.layout(cache) if getattr(cache, "layers", None) else {}
     except export_state.StateUnfit as e:

@@ -97,8 +97,9 @@ def load(model: nn.Module, path: str, **compile_options) -> nn.Module:
     compile_options = dict(compile_options)
     asked = compile_options.pop("quantize", cfg)
     if asked != cfg and not from_ort:
-        raise ValueError(f"moec.load: {path} holds experts quantized as quantize={cfg!r}, not {asked!r}: load it "
-                         f"without quantize= (the file's format is used), or compile the original weights with it")
+        held = "unquantized experts" if cfg is None else f"experts quantized as quantize={cfg!r}"
+        raise ValueError(f"moec.load: {path} holds {held}, not {asked!r}: load it without quantize= (the file's "
+                         f"format is used), or compile the original weights with it")
     cfg = asked
     quantized = not from_ort and (cfg is not None or meta.get("dense") is not None)
     if quantized and compile_options.get("backend") == "onnxruntime":

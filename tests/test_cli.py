@@ -181,6 +181,9 @@ def test_an_error_in_the_users_own_code_shows_its_traceback(tmp_path):
     assert r.returncode == 1 and "a bug in my pass" in r.stdout, r.stdout + r.stderr
     r = moec("inspect", "no_such_module:build", cwd=tmp_path)  # a wrong name is bad input: one line
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    (tmp_path / "mymodel.py").write_text("import my\ndef build():\n    pass\n")  # its own import fails: its code
+    r = moec("inspect", "mymodel:build", cwd=tmp_path)
+    assert r.returncode == 1 and "No module named 'my'" in r.stderr and "Traceback" in r.stderr, r.stderr
 
 
 HAND_WRITTEN = '''

@@ -195,6 +195,30 @@ def test_routers_in_every_form(form):
     _check(RouterForms(form), SEQ)
 
 
+class SelectionBiases(RouterForms):
+    """Top-k of softmax(logits + shift) + bias, the bias of shape [E] or [1, E] (ERNIE 4.5 keeps it [1, E]), steering
+    the selection only; the shift a 0-d tensor (a constant under softmax: not a selection bias)."""
+
+    def __init__(self, bias_shape):
+        super().__init__("@W.T")
+        self.shift = nn.Parameter(torch.tensor(0.5))
+        self.bias = nn.Parameter(torch.randn(bias_shape) * 0.05)
+
+    def forward(self, x):
+        RUNS["count"] += 1
+        p = (self.logits(x) + self.shift).softmax(-1)
+        ids = (p + self.bias).topk(self.k).indices
+        w = p.gather(-1, ids)
+        return _dispatch(self.experts.run, x, ids, w / w.sum(-1, keepdim=True), self.E)
+
+
+@pytest.mark.parametrize("bias_shape", [(8,), (1, 8)])
+def test_a_selection_bias_of_e_or_1_by_e_next_to_a_scalar_shift(bias_shape):
+    block = SelectionBiases(bias_shape).eval()
+    _check(block, SEQ)
+    assert "+bias(select)" in moec.inspect(block).blocks[0].router
+
+
 @pytest.mark.parametrize("form", ROUTER_FORMS)
 def test_routers_in_every_form_after_a_cast(form):
     """A router read through a view (flat, or [H, E] transposed) cast the tokens to the dtype it had at compile

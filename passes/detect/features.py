@@ -71,7 +71,8 @@ def features(cap: Capture, logits_node, sel_node) -> dict:
                 feats["renorm_floor"] = float(floor)
         if n in before and name in ("add", "__add__", "add_", "__radd__"):
             for a in map(source, n.all_input_nodes):
-                if a.op == "get_attr" and a.meta["val"].numel() == a.meta["val"].shape[-1]:  # [E] or [1, E] (Ernie 4.5)
+                v = a.meta["val"] if a.op == "get_attr" else None  # [E], or [1, E] (ERNIE 4.5's moe_statics)
+                if v is not None and v.dim() >= 1 and v.numel() == v.shape[-1] == logits_node.meta["val"].shape[-1]:
                     feats["select_bias"] = a.target
         if n in before and name == "topk" and n is not sel_node:
             v = n.args[0].meta["val"]
