@@ -620,9 +620,13 @@ def test_a_model_built_on_meta_is_filled_from_its_checkpoint(family, tmp_path):
         assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False),
                            ref.generate(ids, max_new_tokens=6, do_sample=False))
         before = model(input_ids=ids).logits
-    # the weights read are the model's own: another checkpoint written over the file changes nothing (they were
-    # views of the file's mapped pages)
-    save_model(_lm(family, seed=1), str(tmp_path / "ckpt" / "model.safetensors"))
+    # the weights read are the model's own: another checkpoint's bytes written over the file, in place (as cp
+    # does), change nothing (they were views of the file's mapped pages)
+    save_model(_lm(family, seed=1), str(tmp_path / "other.safetensors"))
+    other = (tmp_path / "other.safetensors").read_bytes()
+    assert len(other) == (tmp_path / "ckpt" / "model.safetensors").stat().st_size
+    with open(tmp_path / "ckpt" / "model.safetensors", "r+b") as f:
+        f.write(other)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)
 
