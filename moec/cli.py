@@ -275,6 +275,9 @@ def _run_passes(args, model, inputs, tokenizer, console) -> int:
     ins = Instruments(args.print_after_all, args.timing, args.verify, args.dump, args.print_after, args.print_changed)
     report = _run(model, passes, ins, install_blocks=True, backend="torch", options={"topk": topk})
     console.print(report)
+    if topk is not None and report.blocks and not any(b.approximate for b in report.blocks):
+        asked = f"--top-p {args.top_p}" if args.top_p is not None else f"--topk {args.topk}"
+        console.print(f"{asked}: at or above every block's own k, so every block is left exact")
     if not args.verify:
         return 0
     t = Table(title="numeric error after each pass (max relative, vs the original block, on random inputs of 1 and "

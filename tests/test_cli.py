@@ -235,6 +235,9 @@ def test_routing_of_a_seq2seq_model_uses_its_example_inputs_and_topk_checks():
         assert r.returncode == 2 and "is not an integer >= 1" in r.stderr
     r = moec("run", "mixtral", "--topk", "1", "--print-after", "reduce_topk")
     assert r.returncode == 0 and "graph after reduce_topk" in r.stdout + r.stderr
+    assert "left exact" not in r.stdout
+    r = moec("run", "mixtral", "--topk", "5")  # above the blocks' k = 2: said, not silently exact
+    assert r.returncode == 0 and "--topk 5: at or above every block's own k" in r.stdout, r.stdout
 
 
 BROKEN_PASS = '''
