@@ -62,7 +62,9 @@ class _Checkpoint:
         out = []
         for f in sorted(set(self.where.values())):
             with safe_open(str(f), framework="pt") as h:
-                out += [(k, h.get_slice(k).get_shape(), h.get_slice(k).get_dtype()) for k in h.keys()]  # noqa: SIM118
+                for k in h.keys():  # noqa: SIM118  (a safe_open handle is not a dict)
+                    part = h.get_slice(k)
+                    out.append((k, part.get_shape(), part.get_dtype()))
         return sorted(out)
 
     def read(self, name: str, like: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
