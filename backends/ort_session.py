@@ -265,9 +265,9 @@ class OrtForward:
 
     def _check_ids(self, args: dict) -> None:
         """Token ids outside the vocabulary raise, as the eager model's embedding does: ONNX's Gather would read a
-        negative id from the end of the table (a wrong answer, silently), and one past the end fails in ORT. Only
-        where the ids index an embedding table as nn.Embedding does (an HF model's, its decoder's for
-        decoder_input_ids); other models' ids run their own graph's ops."""
+        negative id from the end of the table (a wrong answer, silently), and one past the end fails in ORT. Where
+        the ids index an nn.Embedding (an HF model's, its decoder's for decoder_input_ids); a subclass with its own
+        forward is asked eagerly about the ids outside the table. Other models' ids run their own graph's ops."""
         for name in ("input_ids", "decoder_input_ids"):
             ids = args.get(name)
             if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.numel() == 0:
@@ -279,7 +279,7 @@ class OrtForward:
                 raise ValueError(f"moec backend='onnxruntime': {name} must be [batch, sequence], not of shape "
                                  f"{tuple(ids.shape)}")
             low, high, vocab = int(ids.min()), int(ids.max()), table.num_embeddings
-            if low < 0 or high >= vocab:
+            if (low < 0 or high >= vocab) and not _eager_takes(table, ids):
                 raise IndexError(f"moec backend='onnxruntime': {name} holds {low if low < 0 else high}, outside the "
                                  f"vocabulary [0, {vocab}) (the eager model raises 'index out of range in self')")
 
@@ -552,12 +552,27 @@ def _same(now: list, then: list) -> bool:
 
 
 def _embedding(model: nn.Module, decoder: bool) -> nn.Embedding | None:
-    """The table an HF model's (or its decoder's) token ids index, where it looks them up as nn.Embedding does."""
+    """The table an HF model's (or its decoder's) token ids index: an nn.Embedding or a subclass of it."""
     try:
         table = (model.get_decoder() if decoder else model).get_input_embeddings()
     except (AttributeError, NotImplementedError):
         return None
-    return table if isinstance(table, nn.Embedding) and type(table).forward is nn.Embedding.forward else None
+    return table if isinstance(table, nn.Embedding) else None
+
+
+def _eager_takes(table: nn.Embedding, ids: torch.Tensor) -> bool:
+    """Whether the table's own forward (a subclass's: a scaled embedding, ids remapped) takes the ids outside
+    [0, num_embeddings): run eagerly on those ids alone, so a subclass that maps them into the table is not
+    refused and one that looks them up as nn.Embedding does raises where the eager model raises."""
+    if type(table).forward is nn.Embedding.forward:
+        return False
+    outside = ids[(ids < 0) | (ids >= table.num_embeddings)].reshape(1, -1)
+    try:
+        with torch.no_grad():
+            table(outside)
+    except (IndexError, RuntimeError):
+        return False
+    return True
 
 
 @contextlib.contextmanager
