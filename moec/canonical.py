@@ -12,7 +12,7 @@ at call time, so the graph always computes with the module's parameters as they 
     w                = moec.capacity(w, kept)                          # 0 past capacity
     y                = moec.experts_loop(x, ids, w, w13, b13, w2, b2) # [T, H]
     y                = where(any pair of the token kept, y, x)        # only if dropped tokens pass through
-    y                = y + shared(x) [* sigmoid(shared_gate(x))]      # the block's own modules, called
+    y                = y + shared(x) [* sigmoid(shared_gate(x))] [* c] # the block's own modules, called
     y                = y + out_bias                                    # if the block adds one
     return y.reshape(hidden_states.shape), logits, ids, w
 
@@ -67,6 +67,8 @@ class _Reference(nn.Module):
             shared = resolve(b, s.shared.module)(x)
             if s.shared.gate:
                 shared = shared * torch.sigmoid(resolve(b, s.shared.gate)(x))
+            if s.shared.scale != 1.0:
+                shared = shared * s.shared.scale
             y = y + shared
         if "out_bias" in p:
             y = y + p["out_bias"]

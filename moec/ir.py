@@ -171,13 +171,17 @@ class ExpertsSpec:
 
 @dataclass(frozen=True)
 class SharedSpec:
-    """Dense experts added to the routed output: sum(module(x)) [* sigmoid(gate(x))]."""
+    """Dense experts added to the routed output: module(x) [* sigmoid(gate(x))] [* scale]. A block that scales
+    the sum, (routed + shared) * c (Cohere2-MoE's "average": c = 1/2), has scale c here and c in its router's
+    scale."""
 
     module: str  # path of the shared MLP inside the block
     gate: str | None = None  # path of a Linear(H, 1) whose sigmoid scales the shared output
+    scale: float = 1.0
 
     def describe(self) -> str:
-        return f"{self.module}" + (f" * sigmoid({self.gate})" if self.gate else "")
+        return f"{self.module}" + (f" * sigmoid({self.gate})" if self.gate else "") + (
+            f" x{self.scale:g}" if self.scale != 1.0 else "")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ experts, found structurally by `detect.candidates.find_candidates`, never by cla
     ... expert FFNs over stacked [E, ., .] tensors (in one module or one per sibling module),
         2-D [E*n, .] tensors viewed per expert, or a ModuleList/Dict of E MLPs ...
     out          = sum_k w[t, k] * expert[ids[t, k]](x[t]) (+ shared(x) [* sigmoid(g(x))]) (+ bias[H])
+                   (or c * (routed + shared): c a scalar of the graph, e.g. Cohere2-MoE's average's 1/2)
 
 The ops in between (loops, masks, nonzero, einsum, scatter) are not pattern-matched: moec
 reads the *features* of the graph (detect.features: which scoring, bias, groups, scale and norm
@@ -40,6 +41,7 @@ from __future__ import annotations
 import copy
 import itertools
 import re
+from dataclasses import replace
 
 import networkx as nx
 import torch
@@ -193,12 +195,15 @@ def _analyze(block: nn.Module, cand: Candidate):
 
     R = out_main.reshape(-1, H).float()
     shared = feat.shared_experts(cap, cand, xf)
-    if shared:
-        sh = resolve(work, shared.module)(xf)
-        R = R - (sh * torch.sigmoid(resolve(work, shared.gate)(xf)) if shared.gate else sh).float()
     out_bias = feat.output_bias(cap, sel, out_main, H)
     if out_bias:
         R = R - resolve(work, out_bias).float()
+    routed = {1.0: R}  # the routed experts' part of the output, for each scale of the shared one
+    if shared:  # a block may scale the sum of both (Cohere2-MoE's "average": / 2): the graph's scalars
+        sh = resolve(work, shared.module)(xf)
+        sh = (sh * torch.sigmoid(resolve(work, shared.gate)(xf)) if shared.gate else sh).float()
+        routed = {c: R - c * sh for c in dict.fromkeys(f["scales"])}
+    R = routed[1.0]
 
     roles: dict[str, Binding] = {"router_weight": Derived((Part(cand.router, unflatten=E),)) if flat else
                                  Derived((Part(cand.router, transposed=True),)) if router_t else Param(cand.router)}
@@ -218,7 +223,8 @@ def _analyze(block: nn.Module, cand: Candidate):
     alpha, limit = feat.oai_constants(cap)
     dropped = any(c["capacity"] for c in caps)  # a token all of whose pairs are dropped may pass through: x
 
-    def fit(lay, act, lb, rows):
+    def fit(lay, act, lb, rows, c=1.0):
+        R = routed[c]
         chosen, local = rec_ids[rows].unique(return_inverse=True)  # local: the ids as indices into `chosen`
         w = materialize(work, lb, chosen)
         Y = all_experts(xf[rows], w["w13"], w.get("b13"), w["w2"], w.get("b2"), act, lay.gated, alpha, limit,
@@ -228,16 +234,18 @@ def _analyze(block: nn.Module, cand: Candidate):
         sol = torch.linalg.lstsq(B.transpose(1, 2), R[rows].unsqueeze(-1)).solution  # [T', k (+1), 1]
         return rel_err((B.transpose(1, 2) @ sol).squeeze(-1), R[rows]), w, A
 
-    screened = [(lay, act, lb) for lay in layouts(work, cand) for lb in [layout_bindings(work, cand, lay)]
-                for act in acts if (act != "swiglu_oai" or lay.gated) and fit(lay, act, lb, slice(0, 1))[0] < FIT_TOL]
+    screened = [(lay, act, lb, c) for lay in layouts(work, cand) for lb in [layout_bindings(work, cand, lay)]
+                for act in acts for c in routed
+                if (act != "swiglu_oai" or lay.gated) and fit(lay, act, lb, slice(0, 1), c)[0] < FIT_TOL]
     fits = []
-    for lay, act, lb in screened:
-        err, w, A = fit(lay, act, lb, slice(None))
+    for lay, act, lb, c in screened:
+        err, w, A = fit(lay, act, lb, slice(None), c)
         if err < FIT_TOL:
-            fits.append((err, lay, act, lb, w, A))
+            fits.append((err, lay, act, lb, w, A, c))
     facts = {"in_dim": x.dim(), "work": work}
     if fits:  # the best fit wins (gelu vs its tanh approximation differ by ~1e-3)
-        _, lay, act, lb, w, A = min(fits, key=lambda f: f[0])
+        _, lay, act, lb, w, A, c = min(fits, key=lambda f: f[0])
+        R, shared = routed[c], shared and replace(shared, scale=c)
         espec = ExpertsSpec(E, H, w["w2"].shape[2], act, lay.gated, "b13" in w or "b2" in w, alpha, limit,
                             gate_up=lay.gate_up)
         specs = [MoESpec(router, espec, shared, {}, outputs(router))  # the proof settles capacity and weighting

@@ -248,6 +248,43 @@ def test_odd_expert_sizes(I):
     _check(block, SEQ)
 
 
+class ScaledSum(RouterForms):
+    """Routed and shared experts summed, then the sum scaled: (routed + shared) / 2 (Cohere2-MoE's "average",
+    its default) or * 0.25, the shared expert gated or not."""
+
+    def __init__(self, combine, gated):
+        super().__init__("@W.T")
+        self.combine = combine
+        self.shared = _mlp(32, 48, nn.SiLU)
+        self.shared_gate = nn.Linear(32, 1) if gated else None
+
+    def forward(self, x):
+        RUNS["count"] += 1
+        w, ids = self.logits(x).softmax(-1).topk(self.k)
+        y, s = _dispatch(self.experts.run, x, ids, w, self.E), self.shared(x)
+        if self.shared_gate is not None:
+            s = s * torch.sigmoid(self.shared_gate(x))
+        return (y + s) / 2 if self.combine == "average" else (y + s) * 0.25
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("combine,scale", [("average", 0.5), ("quarter", 0.25)])
+def test_routed_plus_shared_then_scaled(combine, scale, gated):
+    """The whole block is compiled (only its experts were: "average" is Cohere2-MoE's default), and follows its
+    weights when they change after compile, the shared expert's included."""
+    block = ScaledSum(combine, gated)
+    orig = copy.deepcopy(block).eval()
+    b = _check(block, SEQ)
+    assert b.shared.endswith(f"x{scale:g}") and f"x{scale:g}" in b.router, b
+    with torch.no_grad():
+        for m in (block, orig):
+            m.shared[0].weight.mul_(-1.5)
+            m.router.mul_(0.5)
+        for shape in SEQ:
+            x = torch.randn(shape)
+            assert rel_err(block(x), orig(x)) < TOL[torch.float32]
+
+
 # ---------------------------------------------------------------- look-alikes that must stay untouched
 
 

@@ -193,3 +193,25 @@ def test_gaps_left_unchanged(family):
     assert any("no MoE block rewritten" in str(w.message) for w in caught)
     inputs = models.example_inputs(model, batch=2, seq=5)
     assert torch.equal(_logits(model, inputs), _logits(ref, inputs))
+
+
+@pytest.mark.parametrize("strategy", ["average", "sum"])
+@pytest.mark.parametrize("selection", ["softmax", "sigmoid"])
+def test_cohere2_moe_blocks_with_their_shared_experts(strategy, selection):
+    """Cohere2-MoE's default combine, (routed + shared) / 2: its whole block is compiled (only its experts
+    module was), as with "sum"; the logits match at 1 and 17 tokens."""
+    cfg = transformers.Cohere2MoeConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, num_experts=8, num_experts_per_tok=2,
+        num_shared_experts=1, shared_expert_combination_strategy=strategy, expert_selection_fn=selection,
+        initializer_range=0.08, sliding_window=8, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ref = copy.deepcopy(model)
+    moec.compile(model)
+    report = moec.inspect(model)
+    assert [b.path for b in report.blocks] == [f"model.layers.{i}.mlp" for i in range(2)], report
+    assert all(b.shared.endswith(" x0.5") == (strategy == "average") for b in report.blocks), report
+    for batch, seq in [(1, 1), (2, 17)]:
+        inputs = models.example_inputs(model, batch=batch, seq=seq, seed=seq)
+        assert rel_err(_logits(model, inputs), _logits(ref, inputs)) < TOL[torch.float32]
