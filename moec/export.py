@@ -20,6 +20,7 @@ import inspect as pyinspect
 import io
 import logging
 import os
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -413,6 +414,35 @@ def _default_kv_cache(model: nn.Module, args: tuple, kwargs: dict) -> bool:
     return True
 
 
+# the names of an HF LM's dynamic axes (onnxruntime-genai's and Optimum's), by input and axis
+_AXIS_NAMES = {"input_ids": ("batch_size", "sequence_length"), "position_ids": ("batch_size", "sequence_length"),
+               "inputs_embeds": ("batch_size", "sequence_length"),
+               "attention_mask": ("batch_size", "total_sequence_length"),
+               "key": ("batch_size", None, "past_sequence_length"), "value": ("batch_size", None, "past_sequence_length"),
+               "conv_state": ("batch_size",), "recurrent_state": ("batch_size",)}
+
+
+def name_axes(proto: onnx.ModelProto) -> bool:
+    """The exporter's symbols for the inputs' dynamic axes (s43, s56...: a past key's batch another symbol than
+    input_ids') named as their role: batch_size, sequence_length, past_sequence_length, total_sequence_length,
+    in every shape of the graph (a present key's "s69 + s70" becomes "past_sequence_length + sequence_length").
+    The first input naming a symbol wins (without a cache, the mask's length is the sequence's). Whether any was."""
+    names: dict[str, str] = {}
+    for v in proto.graph.input:
+        roles = _AXIS_NAMES.get(v.name.rpartition(".")[2] if v.name.startswith("past_key_values.") else v.name, ())
+        for d, role in zip(v.type.tensor_type.shape.dim, roles):
+            if role and re.fullmatch(r"s\d+", d.dim_param):
+                names.setdefault(d.dim_param, role)
+    if not names:
+        return False
+    sub = lambda m: names.get(m.group(), m.group())  # noqa: E731
+    for v in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
+        for d in v.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = re.sub(r"\bs\d+\b", sub, d.dim_param)
+    return True
+
+
 def dynamic_axes(t):
     """Dynamic axes of one example input: every axis of an integer tensor (batch, sequence), every axis
     but the last (features) of a float one."""
@@ -738,8 +768,9 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         if ort_attention.in_place(proto):
             fused += ", the cache kept in place"
         ort_mask.expand(proto)  # (the mask's other readers)
+        name_axes(proto)
         onnx.save(proto, path)
-    elif ort_mask.expand(proto):  # HF's mask as ONNX's ops
+    elif ort_mask.expand(proto) | name_axes(proto):  # HF's mask as ONNX's ops; the axes' names
         onnx.save(proto, path)
     register_ort_schemas({(n.domain or "", n.op_type) for n in proto.graph.node})  # the fused ops' schemas
     onnx.checker.check_model(path)  # by path: also checks external data

@@ -116,11 +116,11 @@ def test_hf_family(exported, family, batch, seq, slices):
 
 
 def test_dynamic_axes_and_no_baked_in_experts(exported):
-    """Inputs are (batch, seq) symbols, and a long input (every expert hit) still matches."""
+    """Inputs are (batch, seq) symbols, named as genai's, and a long input (every expert hit) still matches."""
     model, report, path = exported("mixtral")
     assert "model.layers.1.mlp" in str(report) and "com.microsoft::MoE" in str(report)
     dims = [d for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
-    assert all(d.dim_param and not d.dim_value for d in dims)
+    assert [d.dim_param for d in dims] == ["batch_size", "sequence_length"] and not any(d.dim_value for d in dims)
     inputs = models.example_inputs(model, batch=4, seq=33, seed=7)
     with torch.no_grad():
         want = model(**inputs).logits

@@ -51,6 +51,13 @@ def _step_by_step(model, ref, path, tol, quantize=None, attention="gqa", fused=N
     assert report.outputs == ["logits", *(f"present.{i}.{p}" for i, pair in enumerate(kinds) for p in pair)]
     assert report.blocks and all(b.op == ("QMoE" if quantize else "MoE") for b in report.blocks), str(report)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    shapes = {v.name: v.shape for v in (*sess.get_inputs(), *sess.get_outputs())}  # the axes named as genai's
+    assert shapes["input_ids"] == shapes["position_ids"] == ["batch_size", "sequence_length"]
+    assert shapes["attention_mask"] == ["batch_size", "total_sequence_length"]
+    assert all(shape[0] == "batch_size" for shape in shapes.values()), shapes
+    assert all(shapes[f"past_key_values.{n}"][2] == "past_sequence_length" and
+               shapes[f"present.{n}"][2] == "past_sequence_length + sequence_length"
+               for i, pair in enumerate(kinds) if pair == ("key", "value") for n in (f"{i}.key", f"{i}.value")), shapes
     layers = kinds.count(("key", "value"))
     assert report.gqa_layers == (fused if fused is not None else layers if attention == "gqa" else 0), str(report)
 
