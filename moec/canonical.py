@@ -367,8 +367,9 @@ def assemble(outputs: tuple[str, ...], hidden, out, logits, ids, weights):
     """The block's own return structure (MoESpec.outputs) from the graph's outputs."""
     if outputs == ("out",):
         return out
-    leaves = {"out": out, "out_flat": out.reshape(-1, out.shape[-1]), "logits": logits,
-              "logits_bse": logits.reshape(*hidden.shape[:-1], -1), "ids": ids, "weights": weights, "none": None}
+    leaves = {"out": out, "out_flat": out.reshape(-1, out.shape[-1]), "out_1d": out.reshape(-1), "logits": logits,
+              "logits_bse": logits.reshape(*hidden.shape[:-1], -1), "logits_1d": logits.reshape(-1), "ids": ids,
+              "weights": weights, "none": None}
     return tuple(leaves[o] for o in outputs)
 
 

@@ -3,7 +3,7 @@
 Input: the captured graph of a *candidate* (a module holding an E-way router weight and E
 experts, found structurally by `detect.candidates.find_candidates`, never by class name). It matches
 
-    x            : [T, H]                        (block input, any leading dims)
+    x            : [T, H]                        (block input, any leading dims; or [T*H], returned flattened)
     logits       = x @ Wr.T (+ br)               : [T, E]    Wr a parameter, E = #experts
     ... softmax | sigmoid | + bias | group view/topk/mask | sparsemixer's relative-threshold masks ...
     ids          = topk(..., k) | argmax(...)    : [T, k]    a selection over the E scores (or logits)
@@ -185,7 +185,8 @@ def _analyze(block: nn.Module, cand: Candidate):
 
     # outputs: the main output and which leaves are router logits
     leaves = list(cap.output) if isinstance(cap.output, tuple) else [cap.output]
-    out_main = next((o for o in leaves if isinstance(o, torch.Tensor) and o.shape in (x.shape, xf.shape)), None)
+    shapes = (x.shape, xf.shape, (x.numel(),))  # the input's, [T, H], or flattened (ERNIE-4.5-VL's)
+    out_main = next((o for s in shapes for o in leaves if isinstance(o, torch.Tensor) and o.shape == s), None)
     if out_main is None or any(isinstance(o, (tuple, list, dict)) for o in leaves):
         raise Rejected("no output of the block has the input's shape" if out_main is None else "nested outputs")
 
@@ -361,7 +362,7 @@ def prove(block: nn.Module, cand: Candidate, spec: MoESpec, roles: dict[str, Bin
     if not fp32:  # in the block's own dtype too: what its rounding decides (ties, ranks) picks among the forms
         dtype = max((p for p in block.parameters() if p.is_floating_point()), key=torch.Tensor.numel).dtype
         proof.check(runner(gm, block), dtype, f"the canonical form in {str(dtype).removeprefix('torch.')}")
-    canonical.add_other_rank(runner(gm_work, work))
+    canonical.add_other_rank(runner(gm_work, work), flat="out_1d" in spec.outputs)
     proof.ranks = canonical.ranks
     if proof is not canonical:
         proof.probes = canonical.probes

@@ -215,3 +215,38 @@ def test_cohere2_moe_blocks_with_their_shared_experts(strategy, selection):
     for batch, seq in [(1, 1), (2, 17)]:
         inputs = models.example_inputs(model, batch=batch, seq=seq, seed=seq)
         assert rel_err(_logits(model, inputs), _logits(ref, inputs)) < TOL[torch.float32]
+
+
+def test_ernie_vl_blocks_that_return_their_output_flattened():
+    """ERNIE-4.5-VL's text and vision MoE blocks return [T*H] outputs and [T*E] logits, and its multimodal block
+    calls them on the flattened states of the tokens of each modality: both are compiled whole (only their experts
+    modules were), proved on [T*H] inputs too, and run compiled there."""
+    from moec.canonical import compiled_forward
+
+    vl = pytest.importorskip("transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe")
+    cfg = vl.Ernie4_5_VLMoeTextConfig(
+        vocab_size=256, hidden_size=256, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=[32, 16],
+        moe_num_shared_experts=1, max_position_embeddings=256, initializer_range=0.08)
+    torch.manual_seed(0)
+    model = vl.Ernie4_5_VLMoeTextModel(cfg).eval()
+    for n, p in model.named_parameters():
+        if "e_score_correction_bias" in n:
+            p.data.normal_(0, 0.05)
+    ref = copy.deepcopy(model)
+    moec.compile(model)
+    report = moec.inspect(model)
+    moe = [i for i, layer in enumerate(model.layers) if hasattr(layer.mlp, "text_moe")]
+    assert moe and [b.path for b in report.blocks] == [f"layers.{i}.mlp.{m}" for i in moe
+                                                      for m in ("text_moe", "vision_moe")], report
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel_err(model(input_ids=ids).last_hidden_state, ref(input_ids=ids).last_hidden_state) < TOL[torch.float32]
+        types = torch.zeros(2, 9, dtype=torch.long)
+        types[0, 3:7] = 1  # image tokens: the vision experts
+        x = torch.randn(2, 9, cfg.hidden_size)
+        for i in moe:
+            got, want = model.layers[i].mlp(x, moe_mm_token_type_ids=types), ref.layers[i].mlp(x, moe_mm_token_type_ids=types)
+            assert all(rel_err(g, w) < TOL[torch.float32] for g, w in zip(got, want))
+            for m in ("text_moe", "vision_moe"):
+                assert compiled_forward(getattr(model.layers[i].mlp, m)).why_original(x[0].reshape(-1), {}) is None

@@ -140,10 +140,10 @@ def leaf_kind(leaf, x, out_main, logits, ids, weights) -> str:
     if leaf is None:
         return "none"
     if leaf is out_main:
-        return "out" if leaf.shape == x.shape else "out_flat"
+        return "out" if leaf.shape == x.shape else "out_1d" if leaf.dim() == 1 else "out_flat"
     same = lambda a, b: a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-6)  # noqa: E731
-    for kind, val in (("logits", logits), ("logits_bse", logits.reshape(*x.shape[:-1], -1)), ("ids", ids),
-                      ("weights", weights)):
+    for kind, val in (("logits", logits), ("logits_bse", logits.reshape(*x.shape[:-1], -1)),
+                      ("logits_1d", logits.reshape(-1)), ("ids", ids), ("weights", weights)):
         if same(leaf, val):
             return kind
     raise Rejected(f"returns an extra output moec does not compute (shape {tuple(leaf.shape)}: an aux loss, expert "

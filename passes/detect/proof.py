@@ -71,24 +71,28 @@ class Proof:
             x = torch.randn((1, T, H) if in_dim == 3 else (T, H), generator=gen, device="cpu").to(dev)
             self.probes.append(Probe(f"{T} token(s)", x))
 
-    def add_other_rank(self, run) -> None:
+    def add_other_rank(self, run, flat: bool = False) -> None:
         """Prove the other input layout too where the block takes it: the 300-token and the 2-row probes as
         [T, H] for a block analysed on [B, S, H] inputs (rows merged into one sequence), or as [1, T, H] the
-        other way round. A block that raises on it, or computes something else there (a rule per row on
-        [B, S, H] but another on [T, H]), is proved for its own rank only."""
+        other way round; with `flat` (a block that returns its output flattened, as ERNIE-4.5-VL's, which is called
+        on the selected tokens' flattened states) also as [T*H]. A block that raises on a layout, or computes
+        something else there (a rule per row on [B, S, H] but another on [T, H]), is not proved for it."""
         in_dim = self.probes[0].x.dim()
-        other = [Probe(f"{p.name} as {'[T, H]' if in_dim == 3 else '[1, T, H]'}",
-                       p.x.reshape(-1, p.x.shape[-1]) if in_dim == 3 else p.x.unsqueeze(0))
-                 for p in self.probes if p.name in ("300 token(s)", ) or " rows of " in p.name]
-        alt = Proof(self.block, self.forward, other)
-        try:
-            alt.check(run, torch.float32, "the canonical form", 1e-4)
-        except Exception:  # noqa: BLE001  the block raises on that layout, or differs there
-            self.ranks = (in_dim,)
-            return
-        self.probes += other
-        self._refs.update({(len(self.probes) - len(other) + i, d): v for (i, d), v in alt._refs.items()})
-        self.ranks = (2, 3)
+        base = [p for p in self.probes if p.name in ("300 token(s)", ) or " rows of " in p.name]
+        layouts = [(2, "[T, H]", lambda x: x.reshape(-1, x.shape[-1])) if in_dim == 3 else
+                   (3, "[1, T, H]", lambda x: x.unsqueeze(0))] + ([(1, "[T*H]", lambda x: x.reshape(-1))] if flat else [])
+        ranks = [in_dim]
+        for rank, name, layout in layouts:
+            other = [Probe(f"{p.name} as {name}", layout(p.x)) for p in base]
+            alt = Proof(self.block, self.forward, other)
+            try:
+                alt.check(run, torch.float32, "the canonical form", 1e-4)
+            except Exception:  # noqa: BLE001  the block raises on that layout, or differs there
+                continue
+            self._refs.update({(len(self.probes) + i, d): v for (i, d), v in alt._refs.items()})
+            self.probes += other
+            ranks.append(rank)
+        self.ranks = tuple(sorted(ranks))
 
     def reference(self, i: int, dtype: torch.dtype):
         key = (i, dtype)
