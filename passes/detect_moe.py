@@ -38,6 +38,7 @@ tensor comes from: moec.bindings) and `meta["proof"]`. Statistics: detected, exp
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import re
@@ -74,9 +75,11 @@ def analyze(block: nn.Module, cand: Candidate) -> tuple[list[MoESpec], dict[str,
     """(candidate specs, bindings, facts) of the block, or Rejected with the reason: the specs the block's
     values allow, the most likely first (the proof picks). Any failure inside the analysis of an odd
     candidate is a rejection, never an error of compile. The block is left as it was."""
-    try:
-        with untouched(block) as changes:
-            result = _analyze(block, cand)
+    try:  # a block not in fp32 is analysed on an fp32 copy: what its forward changes shows there
+        work = block if all(p.dtype == torch.float32 for p in block.parameters()) else copy.deepcopy(block).float()
+        with untouched(block) as changes, untouched(work) if work is not block else contextlib.nullcontext([]) as more:
+            result = _analyze(block, cand, work)
+        changes += more
     except Rejected:
         raise
     except Exception as e:  # noqa: BLE001  one odd candidate must not fail the compile
@@ -102,9 +105,8 @@ def _capture(work: nn.Module, H: int, T: int, gen) -> tuple[torch.Tensor, Captur
             raise Rejected(f"calling the block with hidden states failed: {type(e).__name__}: {e}") from e
 
 
-def _analyze(block: nn.Module, cand: Candidate):
+def _analyze(block: nn.Module, cand: Candidate, work: nn.Module):
     E, H = cand.num_experts, cand.hidden
-    work = block if all(p.dtype == torch.float32 for p in block.parameters()) else copy.deepcopy(block).float()
     dev = next(work.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(0)
     x, cap = _capture(work, H, 10, gen)

@@ -403,10 +403,11 @@ class LoadStatistics(RouterForms):
         return out
 
 
-@pytest.mark.parametrize("cls,reason", [(AuxOutputs, "extra output"), (SamplingRouter, "random numbers"),
-                                        (LoadStatistics, "changes the block's own state")])
-def test_refused_with_the_true_reason(cls, reason):
-    m = cls("@W.T").eval()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: analysed on an fp32 copy (its state
+@pytest.mark.parametrize("cls,reason", [(AuxOutputs, "extra output"), (SamplingRouter, "random numbers"),  # changes
+                                        (LoadStatistics, "changes the block's own state")])  # were not seen)
+def test_refused_with_the_true_reason(cls, reason, dtype):
+    m = cls("@W.T").to(dtype).eval()
     before = {k: v for k, v in m.__dict__.items() if not k.startswith("_")}
     moec.compile(m)
     report = moec.inspect(m)
