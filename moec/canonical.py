@@ -324,6 +324,18 @@ class CompiledForward:
                     t.copy_(fresh[k])
             self._router_key = now
 
+    def _count(self, ids: torch.Tensor) -> None:
+        """Add the tokens routed to each expert to the block's counter buffers, as its forward does (the proof
+        checked that this is what it adds). A scatter of ones, not bincount: no host sync (CUDA graphs)."""
+        spec = self.gm.meta["moe_spec"]
+        with torch.no_grad():
+            for name in spec.counters:
+                buf = resolve(self.block, name)
+                ones = torch.ones(ids.numel(), dtype=torch.float32, device=buf.device)
+                counts = torch.zeros(spec.experts.num_experts, dtype=torch.float32, device=buf.device)
+                counts.index_add_(0, ids.flatten().to(buf.device), ones)  # [E]: pairs per expert, exact below 2^24
+                buf.add_(counts if buf.is_floating_point() else counts.to(buf.dtype))
+
     def __call__(self, *args, **kwargs):
         data, extras = self._split(args, kwargs)
         hidden = data[0]
@@ -349,6 +361,8 @@ class CompiledForward:
         with torch.no_grad():
             result = call(self.gm, self.block, *data)
         outs = list(result) if isinstance(result, tuple) else [result]  # (out, logits, ids, w), or an experts out
+        if self.gm.meta["moe_spec"].counters and not tracing():
+            self._count(outs[2])
         if torch.is_grad_enabled() and not tracing():
             inputs = [t for t in data if isinstance(t, torch.Tensor)] + list(self.block.parameters())
             if any(t.requires_grad for t in inputs):  # a backward through this output raises, clearly

@@ -510,12 +510,12 @@ def _fuse_for_ort(program) -> dict[str, int]:
 
 
 def _sharing_weights(model: nn.Module) -> nn.Module:
-    """A copy of `model` for export to compile: new modules and new tensor objects over the original's storage.
-    Compile re-points the copy's tensors (`p.data = ...`: stacked or quantized experts, emptied originals) and never
-    writes into their storage, so the user's model stays as it was without its weights being held twice (a deepcopy
-    doubled an export's memory)."""
+    """A copy of `model` for export to compile: new modules, its parameters new tensor objects over the original's
+    storage. Compile re-points the copy's tensors (`p.data = ...`: stacked or quantized experts, emptied originals)
+    and never writes into their storage, so the user's model stays as it was without its weights being held twice (a
+    deepcopy doubled an export's memory). Buffers are copied: a forward may write into them (a block's token
+    counters), and the export runs the copy."""
     memo = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()}
-    memo.update({id(b): b.detach() for b in model.buffers()})
     return copy.deepcopy(model, memo)
 
 
@@ -605,6 +605,17 @@ def _warn_about_ties(model: nn.Module, report) -> None:
                           f"experts than the PyTorch model", stacklevel=3)
 
 
+def _warn_about_counters(work: nn.Module, report) -> None:
+    """A block that counts its tokens per expert into a buffer (torchtitan's tokens_per_expert): the file holds no
+    state, so running it counts nothing. Said, not silent."""
+    for b in report.blocks:
+        counters = resolve(work, b.path).__dict__["_moec_graph"].meta["moe_spec"].counters
+        if counters:
+            warnings.warn(f"moec.export_onnx: block {b.path!r} adds its tokens per expert to {', '.join(counters)} as "
+                          f"it runs; an ONNX file holds no state, so the exported model (and backend='onnxruntime') "
+                          f"does not count them: those buffers keep their values", stacklevel=3)
+
+
 def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.PathLike, *,
                 quantize: QuantConfig | None = None, provider: str = "cpu", opset: int | None = None,
                 external_data: bool | None = None, kv_cache: bool | None = None,
@@ -692,6 +703,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
         warnings.warn(f"moec.export_onnx: no MoE block found in {type(model).__name__}; it is exported as it is",
                       stacklevel=2)
     _warn_about_ties(work, compiled)
+    _warn_about_counters(work, compiled)
     done("moec compile", "tracing with torch.onnx.export (the longest stage)")
     fused = ""
     with torch.no_grad(), _quiet("onnxscript", "onnx_ir"):

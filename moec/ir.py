@@ -199,6 +199,8 @@ class MoESpec:
     offloaded: bool = False  # offload_experts ran: the experts live in the model's expert pool (moec.offload)
     kept: int = 0  # reduce_experts ran: the block holds this many experts (its router still names E)
     sharded: str = ""  # shard_experts ran: which experts this rank holds (moec.distributed)
+    counters: tuple[str, ...] = ()  # [E] buffers the block's forward adds its tokens per expert to (torchtitan's
+    # tokens_per_expert, for load balancing): the compiled block adds them too (canonical.CompiledForward)
 
     def with_(self, **kw) -> "MoESpec":
         return replace(self, **kw)
@@ -208,6 +210,7 @@ class MoESpec:
             "router": self.router.describe(),
             "experts": self.experts.describe() + (" +output bias" if "out_bias" in self.params else "")
             + (f" [{self.quant.describe()}]" if self.quant else "") + (" [offloaded]" if self.offloaded else "")
-            + (f" [{self.kept} kept]" if self.kept else "") + (f" [{self.sharded}]" if self.sharded else ""),
+            + (f" [{self.kept} kept]" if self.kept else "") + (f" [{self.sharded}]" if self.sharded else "")
+            + (f" [tokens counted into {', '.join(self.counters)}]" if self.counters else ""),
             "shared": self.shared.describe() if self.shared else "-",
         }

@@ -51,7 +51,7 @@ from torch import nn
 
 from moec.backends.torch_backend import all_experts, route_math
 from moec.bindings import Binding, Derived, Param, Part, resolve
-from moec.canonical import build_graph, original_forward, runner
+from moec.canonical import build_graph, call, original_forward, runner
 from moec.capture import Capture, capture, target_name, untouched
 from moec.ir import ExpertsSpec, MoESpec, RouterSpec
 from moec.ops import route_args
@@ -68,6 +68,7 @@ SELECTIONS = {"topk", "argmax", "max"}
 RANDOM_OPS = {"rand", "randn", "rand_like", "randn_like", "randint", "uniform_", "normal_", "exponential_",
               "bernoulli", "bernoulli_", "multinomial", "gumbel_softmax"}  # (dropout in eval mode is the identity)
 FIT_TOL = feat.FIT_TOL
+COUNTS = "updates buffer "  # moec.capture.untouched's words for a buffer the forward changed
 SIGNATURE_TOKENS = (1, 64, 300)  # token counts captured beside the 10 of the analysis: the code run, capacities
 
 
@@ -84,10 +85,31 @@ def analyze(block: nn.Module, cand: Candidate) -> tuple[list[MoESpec], dict[str,
         raise
     except Exception as e:  # noqa: BLE001  one odd candidate must not fail the compile
         raise Rejected(f"moec could not analyse it ({type(e).__name__}: {e})") from e
-    if changes:
+    counters = sorted({c.removeprefix(COUNTS) for c in changes if c.startswith(COUNTS)})
+    if any(not c.startswith(COUNTS) for c in changes) or any(
+            resolve(block, n).shape != (cand.num_experts,) for n in counters):
         raise Rejected(f"its forward changes the block's own state ({'; '.join(sorted(set(changes))[:3])}): the "
                        "compiled block would not, so moec leaves it")
+    result[2]["counters"] = tuple(counters)  # [E] buffers it may count its tokens per expert into: the proof checks
     return result
+
+
+def _check_counters(block: nn.Module, gm, probes) -> None:
+    """What the block's forward adds to each of its [E] counter buffers is the number of (token, expert) pairs its
+    routing chose for each expert (torchtitan's tokens_per_expert), on two probes; else Rejected. The compiled
+    block then adds the same counts (canonical.CompiledForward)."""
+    spec = gm.meta["moe_spec"]
+    dtype = max((p for p in block.parameters() if p.is_floating_point()), key=torch.Tensor.numel).dtype
+    for p in (probes[0], max(probes, key=lambda p: p.x.numel())):
+        with untouched(block), torch.no_grad():
+            before = {n: resolve(block, n).double() for n in spec.counters}
+            original_forward(block)(p.x.to(dtype))
+            added = {n: resolve(block, n).double() - v for n, v in before.items()}
+            ids = call(gm, block, p.x.to(dtype))[2]
+        counts = torch.bincount(ids.flatten(), minlength=spec.experts.num_experts).double()
+        if bad := [n for n, a in added.items() if not torch.equal(a, counts)]:
+            raise Rejected(f"its forward changes the block's own state (updates buffer {bad[0]} by other than the "
+                           f"number of tokens routed to each expert): the compiled block would not, so moec leaves it")
 
 
 def _capture(work: nn.Module, H: int, T: int, gen) -> tuple[torch.Tensor, Capture]:
@@ -381,8 +403,12 @@ def detect_moe(gm) -> PassResult:
     for i, spec in enumerate(specs):  # the first candidate form that the proof confirms
         status(f"proving the canonical form ({i + 1}/{len(specs)})")
         out = build_graph(block, spec.with_(params={r: b.describe() for r, b in roles.items()}), roles, cand.path)
+        if facts.get("counters"):
+            out.meta["moe_spec"] = out.meta["moe_spec"].with_(counters=facts["counters"])
         try:
             proof = prove(block, cand, out.meta["moe_spec"], roles, facts, out)
+            if facts.get("counters"):
+                _check_counters(block, out, proof.probes)
         except Rejected as e:
             failures.append(e)
             continue

@@ -285,6 +285,90 @@ def test_routed_plus_shared_then_scaled(combine, scale, gated):
             assert rel_err(block(x), orig(x)) < TOL[torch.float32]
 
 
+class TokenCounting(nn.Module):
+    """torchtitan's pattern: a router that also returns each expert's token count (histc of the choices), the
+    pairs sorted by expert (argsort), experts run on contiguous groups (split by the counts, or torch._grouped_mm),
+    the score applied before or after the experts, a shared expert, scatter_add back; and the counts added to a
+    tokens_per_expert buffer in every forward (load balancing), `count` times them ("double": not the counts)."""
+
+    def __init__(self, grouped=False, before=False, count="counts", H=32, E=8, I=24, k=2):
+        super().__init__()
+        self.E, self.k, self.grouped, self.before, self.count = E, k, grouped, before, count
+        self.gate = nn.Linear(H, E, bias=False)
+        self.w1, self.w3 = (nn.Parameter(torch.randn(E, I, H) / H**0.5) for _ in range(2))
+        self.w2 = nn.Parameter(torch.randn(E, H, I) / I**0.5)
+        self.shared = _mlp(H, 2 * I, nn.SiLU)
+        self.register_buffer("expert_bias", torch.randn(E) * 0.05)
+        self.register_buffer("tokens_per_expert", torch.zeros(E), persistent=False)
+
+    def experts(self, x, counts):
+        if self.grouped:
+            offs = torch.cumsum(counts.to(torch.int32), 0, dtype=torch.int32)
+            mm = lambda a, w: torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)  # noqa: E731
+            return mm(F.silu(mm(x, self.w1)) * mm(x, self.w3), self.w2)
+        parts = torch.split(x, counts.to(torch.int64).tolist())
+        return torch.cat([(F.silu(p @ self.w1[e].T) * (p @ self.w3[e].T)) @ self.w2[e].T for e, p in enumerate(parts)])
+
+    def forward(self, x):  # [B, S, H]
+        RUNS["count"] += 1
+        shape, x = x.shape, x.reshape(-1, x.shape[-1])
+        scores = torch.sigmoid(self.gate(x).float())
+        ids = torch.topk(scores + self.expert_bias, self.k, dim=1).indices
+        top = scores.gather(1, ids)
+        top = top / (top.sum(-1, keepdim=True) + 1e-20)
+        counts = torch.histc(ids.flatten().float(), bins=self.E, min=0, max=self.E)
+        with torch.no_grad():
+            self.tokens_per_expert.add_(counts * 2 if self.count == "double" else counts)
+        order = torch.argsort(ids.flatten(), stable=True)
+        tokens, w = order // self.k, top.flatten()[order, None]
+        routed = x[tokens] * w.to(x.dtype) if self.before else x[tokens]
+        y = self.experts(routed, counts)
+        y = y if self.before else (y.float() * w).to(x.dtype)
+        out = self.shared(x).scatter_add(0, tokens[:, None].expand(-1, x.shape[1]), y)
+        return out.reshape(shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grouped,before", [(False, False), (True, False), (False, True)])
+def test_a_block_that_counts_its_tokens_per_expert(grouped, before, dtype):
+    """torchtitan's MoE adds each expert's token count to a buffer in forward: compiled (it was refused as a change
+    of state), and the compiled block adds the same counts; compile itself leaves the buffer as it was."""
+    if grouped and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch without _grouped_mm")
+    block = TokenCounting(grouped, before).to(dtype).eval()
+    block.tokens_per_expert.fill_(3.0)
+    ref = copy.deepcopy(block)
+    moec.compile(block)
+    report = moec.inspect(block)
+    assert [b.path for b in report.blocks] == [""] and "tokens counted into tokens_per_expert" in report.blocks[0].experts
+    assert torch.equal(block.tokens_per_expert, ref.tokens_per_expert)
+    for shape in [(1, 1, 32), (2, 7, 32), (1, 300, 32)]:
+        x = torch.randn(shape).to(dtype)
+        with torch.no_grad():
+            want = ref(x)
+            before_runs = RUNS["count"]
+            got = block(x)
+            assert RUNS["count"] == before_runs  # compiled, not the original's code
+        assert rel_err(got, want) < TOL[dtype], shape
+        assert torch.equal(block.tokens_per_expert, ref.tokens_per_expert), shape
+
+
+def test_a_block_that_counts_something_else_is_refused():
+    block = TokenCounting(count="double").eval()
+    moec.compile(block)
+    report = moec.inspect(block)
+    assert not report.blocks and "by other than the number of tokens routed to each expert" in report.rejected[0].reason
+    assert not block.tokens_per_expert.any()  # compile left it as it was
+
+
+def test_export_says_the_file_counts_nothing(tmp_path):
+    onnx = pytest.importorskip("onnxruntime")
+    block = TokenCounting().eval()
+    with pytest.warns(UserWarning, match="an ONNX file holds no state"):
+        moec.export_onnx(block, (torch.randn(2, 5, 32),), tmp_path / "counting.onnx")
+    assert onnx and not block.tokens_per_expert.any()
+
+
 # ---------------------------------------------------------------- look-alikes that must stay untouched
 
 
