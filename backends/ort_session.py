@@ -267,7 +267,7 @@ class OrtForward:
         """Token ids outside the vocabulary raise, as the eager model's embedding does: ONNX's Gather would read a
         negative id from the end of the table (a wrong answer, silently), and one past the end fails in ORT. Where
         the ids index an nn.Embedding (an HF model's, its decoder's for decoder_input_ids); a subclass with its own
-        forward is asked eagerly about the ids outside the table. Other models' ids run their own graph's ops."""
+        forward is asked eagerly about the ids outside the table (a table on the CPU). Other models' ids run their own graph's ops."""
         for name in ("input_ids", "decoder_input_ids"):
             ids = args.get(name)
             if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.numel() == 0:
@@ -563,9 +563,13 @@ def _embedding(model: nn.Module, decoder: bool) -> nn.Embedding | None:
 def _eager_takes(table: nn.Embedding, ids: torch.Tensor) -> bool:
     """Whether the table's own forward (a subclass's: a scaled embedding, ids remapped) takes the ids outside
     [0, num_embeddings): run eagerly on those ids alone, so a subclass that maps them into the table is not
-    refused and one that looks them up as nn.Embedding does raises where the eager model raises."""
+    refused and one that looks them up as nn.Embedding does raises where the eager model raises. On the CPU
+    only: on a GPU an index out of range is an asynchronous device assert that ends the CUDA context, so a
+    subclass's table there is not checked (as before)."""
     if type(table).forward is nn.Embedding.forward:
         return False
+    if table.weight.device.type != "cpu":
+        return True
     outside = ids[(ids < 0) | (ids >= table.num_embeddings)].reshape(1, -1)
     try:
         with torch.no_grad():

@@ -21,6 +21,7 @@ fuse_gate and batch_experts then rewrite this graph; `install` makes the block r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import sys
@@ -324,18 +325,6 @@ class CompiledForward:
                     t.copy_(fresh[k])
             self._router_key = now
 
-    def _count(self, ids: torch.Tensor) -> None:
-        """Add the tokens routed to each expert to the block's counter buffers, as its forward does (the proof
-        checked that this is what it adds). A scatter of ones, not bincount: no host sync (CUDA graphs)."""
-        spec = self.gm.meta["moe_spec"]
-        with torch.no_grad():
-            for name in spec.counters:
-                buf = resolve(self.block, name)
-                ones = torch.ones(ids.numel(), dtype=torch.float32, device=buf.device)
-                counts = torch.zeros(spec.experts.num_experts, dtype=torch.float32, device=buf.device)
-                counts.index_add_(0, ids.flatten().to(buf.device), ones)  # [E]: pairs per expert, exact below 2^24
-                buf.add_(counts if buf.is_floating_point() else counts.to(buf.dtype))
-
     def __call__(self, *args, **kwargs):
         data, extras = self._split(args, kwargs)
         hidden = data[0]
@@ -361,8 +350,10 @@ class CompiledForward:
         with torch.no_grad():
             result = call(self.gm, self.block, *data)
         outs = list(result) if isinstance(result, tuple) else [result]  # (out, logits, ids, w), or an experts out
-        if self.gm.meta["moe_spec"].counters and not tracing():
-            self._count(outs[2])
+        if self.gm.meta["moe_spec"].counters and not _NOT_COUNTING[0]:  # eager, torch.compile, torch.export
+            with torch.no_grad():
+                for name in self.gm.meta["moe_spec"].counters:
+                    add_counts(resolve(self.block, name), outs[2], self.gm.meta["moe_spec"].experts.num_experts)
         if torch.is_grad_enabled() and not tracing():
             inputs = [t for t in data if isinstance(t, torch.Tensor)] + list(self.block.parameters())
             if any(t.requires_grad for t in inputs):  # a backward through this output raises, clearly
@@ -375,6 +366,28 @@ class CompiledForward:
         if len(outs) == 1:
             return outs[0]
         return assemble(self.gm.meta["moe_spec"].outputs, hidden, *outs)
+
+
+_NOT_COUNTING = [0]  # > 0 while moec.export_onnx traces (a module global: Dynamo reads it, a ContextVar it cannot)
+
+
+@contextlib.contextmanager
+def not_counting():
+    """Compiled blocks leave their counter buffers alone inside (an ONNX file holds no state to count into)."""
+    _NOT_COUNTING[0] += 1
+    try:
+        yield
+    finally:
+        _NOT_COUNTING[0] -= 1
+
+
+def add_counts(buf: torch.Tensor, ids: torch.Tensor, num_experts: int) -> None:
+    """buf [E] += the number of (token, expert) pairs of `ids` routed to each expert: fp32 counts (exact below 2^24)
+    added in buf's dtype, as a block's forward adds a histc of its choices. A scatter of ones, not bincount: no host
+    sync (torch.compile, CUDA graphs)."""
+    counts = torch.zeros(num_experts, dtype=torch.float32, device=buf.device)
+    counts.index_add_(0, ids.flatten().to(buf.device), torch.ones(ids.numel(), dtype=torch.float32, device=buf.device))
+    buf.add_(counts if buf.is_floating_point() else counts.to(buf.dtype))
 
 
 def assemble(outputs: tuple[str, ...], hidden, out, logits, ids, weights):

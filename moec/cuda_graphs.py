@@ -158,10 +158,14 @@ class GraphedStep:
         small = [t for t in tensors if t.numel() <= SMALL]
         before_small, versions = [t.clone() for t in small], [_version(t) for t in tensors]
         before = _python_state(model, cache)
+        buffers = {n: _version(b) for n, b in model.named_buffers()}
         out = model(**kw)
+        written = next((n for n, b in model.named_buffers() if buffers.get(n, -1) != _version(b)), None)
         why = _python_state_changes(before, _python_state(model, cache)) or _hidden_state(cache) or \
             _unexpected_writes(cache, tensors, versions) or (None if hasattr(out, "logits") else
-                                                             "the forward returns no logits")
+                                                             "the forward returns no logits") or \
+            (written and f"the step writes the model's buffer {written} (e.g. a block's token counter): a graph "
+                         f"would write it again at its check, and each step would need a graph of its own")
         if why:
             self._refuse(form, why)
             return out

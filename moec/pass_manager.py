@@ -165,5 +165,6 @@ def verify_graph(gm: fx.GraphModule, reference: torch.nn.Module, tokens: tuple[i
             ref = original_forward(reference)(x)
             got = call(gm, reference, x)[0]
         ref = ref[0] if isinstance(ref, tuple) else ref
-        worst = max(worst, rel_err(got, ref))  # inf where NaNs or infs appear that the block does not give
+        worst = max(worst, rel_err(got.reshape(ref.shape), ref))  # inf where NaNs or infs appear that the block
+        # does not give (reshaped: a block may return [T, H] or [T*H], as ERNIE-4.5-VL's)
     return worst

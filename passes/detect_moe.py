@@ -95,19 +95,27 @@ def analyze(block: nn.Module, cand: Candidate) -> tuple[list[MoESpec], dict[str,
 
 
 def _check_counters(block: nn.Module, gm, probes) -> None:
-    """What the block's forward adds to each of its [E] counter buffers is the number of (token, expert) pairs its
-    routing chose for each expert (torchtitan's tokens_per_expert), on two probes; else Rejected. The compiled
-    block then adds the same counts (canonical.CompiledForward)."""
+    """What the block's forward does to each of its [E] counter buffers is what the compiled block will do: add the
+    number of (token, expert) pairs its routing chose for each expert (torchtitan's tokens_per_expert; fp32 counts,
+    added in the buffer's dtype), on every probe (those that overflow a capacity included), each from distinct
+    non-zero values (a forward that decays or overwrites the buffer adds the counts to zeros); else Rejected."""
+    from moec.canonical import add_counts
+
     spec = gm.meta["moe_spec"]
     dtype = max((p for p in block.parameters() if p.is_floating_point()), key=torch.Tensor.numel).dtype
-    for p in (probes[0], max(probes, key=lambda p: p.x.numel())):
+    for p in probes:
         with untouched(block), torch.no_grad():
-            before = {n: resolve(block, n).double() for n in spec.counters}
+            want = {}
+            for n in spec.counters:
+                buf = resolve(block, n)
+                buf.copy_(torch.arange(len(buf)) % 5 + 1)  # 1..5: exact in every dtype
+                want[n] = buf.clone()
             original_forward(block)(p.x.to(dtype))
-            added = {n: resolve(block, n).double() - v for n, v in before.items()}
+            got = {n: resolve(block, n).clone() for n in spec.counters}
             ids = call(gm, block, p.x.to(dtype))[2]
-        counts = torch.bincount(ids.flatten(), minlength=spec.experts.num_experts).double()
-        if bad := [n for n, a in added.items() if not torch.equal(a, counts)]:
+        for n, t in want.items():
+            add_counts(t, ids, spec.experts.num_experts)
+        if bad := [n for n in spec.counters if not torch.equal(got[n], want[n])]:
             raise Rejected(f"its forward changes the block's own state (updates buffer {bad[0]} by other than the "
                            f"number of tokens routed to each expert): the compiled block would not, so moec leaves it")
 

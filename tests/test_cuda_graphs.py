@@ -165,6 +165,21 @@ def test_emulated_refusals_run_eagerly_and_are_remembered(emulated, family, why)
     assert (stats.captured, stats.replayed, stats.eager) == (0, 0, 8) and len(ours._moec_graphs.refused) == 1
 
 
+def test_emulated_a_step_that_writes_a_buffer_runs_eagerly(emulated):
+    """A step that writes one of the model's buffers (a block's token counter; here a step counter written by a
+    hook) cannot be a graph: the capture's check would write it again (counting a step twice), and each step's new
+    version would need a graph of its own. Refused with the reason; the buffer counts as HF's does."""
+    ref, ours, cfg, ids, gen = _emulated_pair(emulated, "mixtral", 2, 6, 5)
+    for m in (ref, ours):
+        m.register_buffer("steps", torch.zeros(()))
+        m.register_forward_pre_hook(lambda mod, args, kwargs: mod.steps.add_(1) and None, with_kwargs=True)
+    with torch.no_grad(), pytest.warns(UserWarning, match="writes the model's buffer steps"):
+        got = ours.generate(ids, compile_config=cfg, **gen)
+    with torch.no_grad():
+        assert torch.equal(got, ref.generate(ids, cache_implementation="static", disable_compile=True, **gen))
+    assert ours.steps == ref.steps == 5 and ours._moec_graphs.stats.captured == 0
+
+
 def test_emulated_copies_user_caches_and_odd_arguments(emulated):
     """A deepcopy decodes with its own graphs (and pickles); a cache the caller passes is used as given; an argument
     that is neither a tensor nor a plain value runs eagerly, with the reason; generation_config is left alone."""

@@ -289,7 +289,8 @@ class TokenCounting(nn.Module):
     """torchtitan's pattern: a router that also returns each expert's token count (histc of the choices), the
     pairs sorted by expert (argsort), experts run on contiguous groups (split by the counts, or torch._grouped_mm),
     the score applied before or after the experts, a shared expert, scatter_add back; and the counts added to a
-    tokens_per_expert buffer in every forward (load balancing), `count` times them ("double": not the counts)."""
+    tokens_per_expert buffer in every forward (load balancing); `count` other than "counts": a buffer written
+    otherwise (doubled counts, a decaying average, the last call's counts)."""
 
     def __init__(self, grouped=False, before=False, count="counts", H=32, E=8, I=24, k=2):
         super().__init__()
@@ -318,7 +319,12 @@ class TokenCounting(nn.Module):
         top = top / (top.sum(-1, keepdim=True) + 1e-20)
         counts = torch.histc(ids.flatten().float(), bins=self.E, min=0, max=self.E)
         with torch.no_grad():
-            self.tokens_per_expert.add_(counts * 2 if self.count == "double" else counts)
+            if self.count == "decay":  # a running average: counts added to zeros look like counts
+                self.tokens_per_expert.mul_(0.5).add_(counts)
+            elif self.count == "last":
+                self.tokens_per_expert.copy_(counts)
+            else:
+                self.tokens_per_expert.add_(counts * 2 if self.count == "double" else counts)
         order = torch.argsort(ids.flatten(), stable=True)
         tokens, w = order // self.k, top.flatten()[order, None]
         routed = x[tokens] * w.to(x.dtype) if self.before else x[tokens]
@@ -353,12 +359,25 @@ def test_a_block_that_counts_its_tokens_per_expert(grouped, before, dtype):
         assert torch.equal(block.tokens_per_expert, ref.tokens_per_expert), shape
 
 
-def test_a_block_that_counts_something_else_is_refused():
-    block = TokenCounting(count="double").eval()
+@pytest.mark.parametrize("count", ["double", "decay", "last"])
+def test_a_block_that_counts_something_else_is_refused(count):
+    block = TokenCounting(count=count).eval()
     moec.compile(block)
     report = moec.inspect(block)
     assert not report.blocks and "by other than the number of tokens routed to each expert" in report.rejected[0].reason
     assert not block.tokens_per_expert.any()  # compile left it as it was
+
+
+def test_a_counting_block_counts_under_torch_compile():
+    block = TokenCounting().eval()
+    ref = copy.deepcopy(block)
+    moec.compile(block)
+    fast = torch.compile(block, backend="aot_eager", fullgraph=True)
+    for shape in [(1, 1, 32), (2, 7, 32)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert rel_err(fast(x), ref(x)) < TOL[torch.float32]
+        assert torch.equal(block.tokens_per_expert, ref.tokens_per_expert), shape
 
 
 def test_export_says_the_file_counts_nothing(tmp_path):

@@ -221,7 +221,8 @@ def test_ernie_vl_blocks_that_return_their_output_flattened():
     """ERNIE-4.5-VL's text and vision MoE blocks return [T*H] outputs and [T*E] logits, and its multimodal block
     calls them on the flattened states of the tokens of each modality: both are compiled whole (only their experts
     modules were), proved on [T*H] inputs too, and run compiled there."""
-    from moec.canonical import compiled_forward
+    from moec.canonical import compiled_forward, compiled_graph
+    from moec.pass_manager import verify_graph
 
     vl = pytest.importorskip("transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe")
     cfg = vl.Ernie4_5_VLMoeTextConfig(
@@ -250,3 +251,5 @@ def test_ernie_vl_blocks_that_return_their_output_flattened():
             assert all(rel_err(g, w) < TOL[torch.float32] for g, w in zip(got, want))
             for m in ("text_moe", "vision_moe"):
                 assert compiled_forward(getattr(model.layers[i].mlp, m)).why_original(x[0].reshape(-1), {}) is None
+                # MOEC_LOGS=verify / moec run --verify compare its [1, T, H] with the block's [T*H] (they said inf)
+                assert verify_graph(compiled_graph(getattr(model.layers[i].mlp, m)), getattr(ref.layers[i].mlp, m)) < 1e-5
