@@ -436,10 +436,14 @@ def name_axes(proto: onnx.ModelProto) -> bool:
     if not names:
         return False
     sub = lambda m: names.get(m.group(), m.group())  # noqa: E731
+    order = ["batch_size", "past_sequence_length", "sequence_length", "total_sequence_length"]
     for v in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
         for d in v.type.tensor_type.shape.dim:
             if d.dim_param:
                 d.dim_param = re.sub(r"\bs\d+\b", sub, d.dim_param)
+                terms = d.dim_param.split(" + ")
+                if len(terms) > 1 and set(terms) <= set(order):  # one order of a sum's terms ("s70 + s69" in some)
+                    d.dim_param = " + ".join(sorted(terms, key=order.index))
     return True
 
 
