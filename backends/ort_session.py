@@ -267,7 +267,8 @@ class OrtForward:
         """Token ids outside the vocabulary raise, as the eager model's embedding does: ONNX's Gather would read a
         negative id from the end of the table (a wrong answer, silently), and one past the end fails in ORT. Where
         the ids index an nn.Embedding (an HF model's, its decoder's for decoder_input_ids); a subclass with its own
-        forward is asked eagerly about the ids outside the table (a table on the CPU). Other models' ids run their own graph's ops."""
+        forward is asked eagerly about the ids outside the table (a table on the CPU). Other models' ids run their
+        own graph's ops."""
         for name in ("input_ids", "decoder_input_ids"):
             ids = args.get(name)
             if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.numel() == 0:

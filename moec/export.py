@@ -418,7 +418,8 @@ def _default_kv_cache(model: nn.Module, args: tuple, kwargs: dict) -> bool:
 _AXIS_NAMES = {"input_ids": ("batch_size", "sequence_length"), "position_ids": ("batch_size", "sequence_length"),
                "inputs_embeds": ("batch_size", "sequence_length"),
                "attention_mask": ("batch_size", "total_sequence_length"),
-               "key": ("batch_size", None, "past_sequence_length"), "value": ("batch_size", None, "past_sequence_length"),
+               "key": ("batch_size", None, "past_sequence_length"),
+               "value": ("batch_size", None, "past_sequence_length"),
                "conv_state": ("batch_size",), "recurrent_state": ("batch_size",)}
 
 

@@ -51,7 +51,7 @@ from torch import nn
 
 from moec.backends.torch_backend import all_experts, route_math
 from moec.bindings import Binding, Derived, Param, Part, resolve
-from moec.canonical import build_graph, call, original_forward, runner
+from moec.canonical import add_counts, build_graph, call, original_forward, runner
 from moec.capture import Capture, capture, target_name, untouched
 from moec.ir import ExpertsSpec, MoESpec, RouterSpec
 from moec.ops import route_args
@@ -99,10 +99,7 @@ def _check_counters(block: nn.Module, gm, probes) -> None:
     number of (token, expert) pairs its routing chose for each expert (torchtitan's tokens_per_expert; fp32 counts,
     added in the buffer's dtype), on every probe (those that overflow a capacity included), each from distinct
     non-zero values (a forward that decays or overwrites the buffer adds the counts to zeros); else Rejected."""
-    from moec.canonical import add_counts
-
-    spec = gm.meta["moe_spec"]
-    dtype = max((p for p in block.parameters() if p.is_floating_point()), key=torch.Tensor.numel).dtype
+    spec, dtype = gm.meta["moe_spec"], _dtype(block)
     for p in probes:
         with untouched(block), torch.no_grad():
             want = {}
@@ -118,6 +115,11 @@ def _check_counters(block: nn.Module, gm, probes) -> None:
         if bad := [n for n in spec.counters if not torch.equal(got[n], want[n])]:
             raise Rejected(f"its forward changes the block's own state (updates buffer {bad[0]} by other than the "
                            f"number of tokens routed to each expert): the compiled block would not, so moec leaves it")
+
+
+def _dtype(block: nn.Module) -> torch.dtype:
+    """The block's own dtype: its largest floating-point parameter's."""
+    return max((p for p in block.parameters() if p.is_floating_point()), key=torch.Tensor.numel).dtype
 
 
 def _capture(work: nn.Module, H: int, T: int, gen) -> tuple[torch.Tensor, Capture]:
@@ -392,7 +394,7 @@ def prove(block: nn.Module, cand: Candidate, spec: MoESpec, roles: dict[str, Bin
     gm_work = gm if fp32 else build_graph(work, spec, roles)  # its shared modules are the fp32 copy's
     canonical.check(runner(gm_work, work), torch.float32, "the canonical form", 1e-4)
     if not fp32:  # in the block's own dtype too: what its rounding decides (ties, ranks) picks among the forms
-        dtype = max((p for p in block.parameters() if p.is_floating_point()), key=torch.Tensor.numel).dtype
+        dtype = _dtype(block)
         proof.check(runner(gm, block), dtype, f"the canonical form in {str(dtype).removeprefix('torch.')}")
     canonical.add_other_rank(runner(gm_work, work), flat="out_1d" in spec.outputs)
     proof.ranks = canonical.ranks
