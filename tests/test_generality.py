@@ -368,7 +368,7 @@ def test_a_block_that_counts_something_else_is_refused(count):
     assert not block.tokens_per_expert.any()  # compile left it as it was
 
 
-def test_a_counting_block_counts_under_torch_compile():
+def test_a_counting_block_counts_under_torch_compile_and_export():
     block = TokenCounting().eval()
     ref = copy.deepcopy(block)
     moec.compile(block)
@@ -378,6 +378,12 @@ def test_a_counting_block_counts_under_torch_compile():
         with torch.no_grad():
             assert rel_err(fast(x), ref(x)) < TOL[torch.float32]
         assert torch.equal(block.tokens_per_expert, ref.tokens_per_expert), shape
+    exported = torch.export.export(block, (torch.randn(2, 7, 32),)).module()  # tracing counts nothing
+    assert torch.equal(block.tokens_per_expert, ref.tokens_per_expert)
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        assert rel_err(exported(x), ref(x)) < TOL[torch.float32]
+    assert torch.equal(exported.tokens_per_expert, ref.tokens_per_expert)
 
 
 def test_export_says_the_file_counts_nothing(tmp_path):
