@@ -575,6 +575,18 @@ def capacity(weights, kept, router: str):
     return _renorm_scale(weights * kept, r) if r.capacity_renorm else _renorm_scale(weights, r) * kept
 
 
+def split_identity(ids, weights, num_experts: int):
+    """Zero-compute experts (ExpertsSpec.identity): a pair choosing id >= num_experts adds the token itself.
+    -> the pairs the experts op runs: ids [T, k] < E (such a pair runs an expert the token chose anyway, or expert
+    0, at weight 0) and their weights [T, k]; the token's own weight [T, 1] (its zero-compute pairs' sum); and
+    whether it chose a real expert [T, 1] (if not, the experts op's output, weight-0 pairs only, is dropped: exact
+    even where an expert overflows)."""
+    zero = ids >= num_experts
+    w_x = torch.where(zero, weights, 0).sum(-1, keepdim=True)  # [T, 1]
+    some = ids.masked_fill(zero, -1).amax(-1, keepdim=True)  # [T, 1]: a real expert of the token's, or -1
+    return torch.where(zero, some.clamp(min=0), ids), torch.where(zero, 0, weights), w_x, some >= 0
+
+
 # the functions stay callable (lower_onnx puts them in the graph as plain torch math)
 torch.library.impl("moec::capacity", "CompositeExplicitAutograd")(capacity)
 torch.library.impl("moec::capacity_kept", "CompositeExplicitAutograd")(capacity_kept)

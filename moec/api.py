@@ -113,7 +113,7 @@ def _final_proof(gm: fx.GraphModule, block: nn.Module, pm: PassManager) -> str:
         ref = build_graph(block, spec.with_(quant=None), roles)
         with weight_only():  # int8 activations: measured below, the rest proved exactly
             proof.check(run, dtype, what, error=_FinalProofFailed, reference=runner(ref, block))
-    proved = f"{proof.describe()}; experts reached {len(proof.reached)}/{spec.experts.num_experts}"
+    proved = f"{proof.describe()}; experts reached {len(proof.reached)}/{spec.router_width}"
     if spec.quant is not None and spec.quant.activations == "int8":
         proved += (f"; with int8 activations: max relative error {proof.error(run, dtype):.2e} against the original "
                    f"block (weights and activations quantized)")
@@ -151,7 +151,8 @@ def _compile_block(pm: PassManager, block: nn.Module, cand: Candidate, options: 
     d = spec.describe()
     return _Done(cand, block, gm, BlockReport(cand.path, spec.experts.num_experts, spec.router.top_k, d["router"],
                                               d["experts"], d["shared"], records, proof=proved,
-                                              approximate=gm.meta.get("approximation", "")))
+                                              approximate=gm.meta.get("approximation", ""),
+                                              router_width=spec.router_width))
 
 
 def _progress(n: int):
@@ -643,7 +644,7 @@ def _expert_load(model: nn.Module, report: Report, args, kwargs) -> None:
         def fn(mod, a, kw):
             spec, roles = specs[path]
             _, ids, w = block_route(mod, spec, roles, a[0] if a else next(iter(kw.values())))
-            counts = torch.bincount(ids[w != 0].cpu(), minlength=spec.experts.num_experts)  # top-p's 0s do not run
+            counts = torch.bincount(ids[w != 0].cpu(), minlength=spec.router_width)  # top-p's 0s do not run
             loads[path] = loads.get(path, 0) + counts
         return fn
 
@@ -673,7 +674,7 @@ def block_route(block: nn.Module, spec, roles: dict, x: torch.Tensor, router=Non
         bias = mask if bias is None else bias + mask
         select_bias = None if select_bias is None else select_bias + mask
     return route_math(x.reshape(-1, spec.experts.hidden).to(w.dtype), w, bias, select_bias,
-                      *route_args(router or spec.router), num_experts=spec.experts.num_experts)
+                      *route_args(router or spec.router), num_experts=spec.router_width)
 
 
 def _spec_of(model: nn.Module, path: str):

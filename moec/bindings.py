@@ -66,13 +66,15 @@ def tracing() -> bool:
 class Part:
     """One expert tensor set, as [E, n, D] (or [E, n] for biases): `name` inside each member of
     `container` (stacked: a copy), else a tensor of the block, [E, ...] as is or 2-D [E*n, D]
-    (`unflatten` = E); `transposed`: stored with its last two dims swapped (a view)."""
+    (`unflatten` = E); `transposed`: stored with its last two dims swapped (a view); `rows`: the first `rows`
+    experts of a tensor holding more (LongCat-Flash's gate_up_proj has rows for its zero-compute experts too)."""
 
     name: str
     transposed: bool = False
     container: str | None = None
     members: tuple[str, ...] = ()
     unflatten: int = 0
+    rows: int = 0
 
     def tensors(self, block) -> list[torch.Tensor]:
         if self.container is None:
@@ -95,7 +97,7 @@ class Part:
             t = torch.stack(ts if experts is None else [ts[i] for i in experts])
         else:
             t = resolve(block, self.name)
-            t = t.unflatten(0, (self.unflatten, -1)) if self.unflatten else t  # [E*n, D] -> [E, n, D]
+            t = t.unflatten(0, (self.unflatten, -1)) if self.unflatten else t[:self.rows] if self.rows else t
             t = t if experts is None else t[experts]
         return t.transpose(-1, -2) if self.transposed else t
 

@@ -127,7 +127,7 @@ def calibrate(model: nn.Module, batches) -> Calibration:
     real = [None]  # the batch's attention_mask as [B * S] bools (decoder-only models)
 
     def hook(path, spec, roles):
-        E, k = spec.experts.num_experts, spec.router.top_k
+        E, k = spec.router_width, spec.router.top_k  # (zero-compute experts counted too)
 
         def fn(mod, args, kwargs):
             logits, ids, w = block_route(mod, spec, roles, args[0] if args else next(iter(kwargs.values())))

@@ -10,7 +10,9 @@ at call time, so the graph always computes with the module's parameters as they 
     scores, ids, w   = softmax/sigmoid, group mask, topk, gather ...  # [T, k]
     kept             = moec.capacity_kept(ids, w, rows, E, x.dtype)    # only with expert capacity
     w                = moec.capacity(w, kept)                          # 0 past capacity
+    ids, w, w_x, some = split_identity(ids, w, E)                      # only with zero-compute experts
     y                = moec.experts_loop(x, ids, w, w13, b13, w2, b2) # [T, H]
+    y                = where(some, y, 0) + x * w_x                     # only with zero-compute experts
     y                = where(any pair of the token kept, y, x)        # only if dropped tokens pass through
     y                = y + shared(x) [* sigmoid(shared_gate(x))] [* c] # the block's own modules, called
     y                = y + out_bias                                    # if the block adds one
@@ -32,10 +34,12 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules import module as _module
 
-from moec.backends.torch_backend import route_math
+from moec.backends.torch_backend import route_math, split_identity
 from moec.bindings import Binding, NoBackward, Param, generation, resolve, tracing
 from moec.ir import MoESpec
 from moec.ops import experts_args, route_args
+
+torch.fx.wrap("split_identity")  # one node of the canonical graph: fuse_gate rewires around it
 
 __all__ = ["add_buffer", "build_graph", "install", "uninstall", "call", "resolve", "CompiledForward", "role_value", "add_role"]
 
@@ -53,15 +57,20 @@ class _Reference(nn.Module):
         x = hidden_states.reshape(-1, s.experts.hidden)  # [T, H]
         xr = x.to(p["router_weight"].dtype)  # a router kept in fp32 (Switch casts its own on first use)
         logits, ids, w = route_math(xr, p["router_weight"], p.get("router_bias"), p.get("select_bias"),
-                                    *route_args(s.router), num_experts=s.experts.num_experts)
+                                    *route_args(s.router), num_experts=s.router_width)
         # capacity per row: [B, S, H] has B rows, [T, H] one (numel / (S*H) stays symbolic under tracing)
         rows = hidden_states.numel() // (hidden_states.shape[-2] * hidden_states.shape[-1]) \
             if s.router.capacity_per_row else 1
         if s.router.capacity:  # pairs past an expert's capacity are dropped (weight 0)
             kept = torch.ops.moec.capacity_kept(ids, w, rows, s.experts.num_experts, x.dtype, s.router.to_json())
             w = torch.ops.moec.capacity(w, kept, s.router.to_json())
-        y = torch.ops.moec.experts_loop(x, ids, w, p["w13"], p.get("b13"), p["w2"], p.get("b2"),
+        run_ids, run_w = ids, w
+        if s.experts.identity:  # zero-compute experts: their pairs add the token itself
+            run_ids, run_w, w_x, some = split_identity(ids, w, s.experts.num_experts)
+        y = torch.ops.moec.experts_loop(x, run_ids, run_w, p["w13"], p.get("b13"), p["w2"], p.get("b2"),
                                         *experts_args(s.experts))  # [T, H]
+        if s.experts.identity:
+            y = (torch.where(some, y, 0) + x * w_x).to(x.dtype)
         if s.router.dropped == "input":  # a token with every pair dropped passes through
             y = torch.where(kept.any(-1, keepdim=True), y, x)
         if s.shared:

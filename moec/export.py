@@ -750,7 +750,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict, path: str | os.P
     fp32 = {p.dtype for p in work.parameters() if p.is_floating_point()} == {torch.float32}
     big = external_data or any(t.data_location == onnx.TensorProto.EXTERNAL
                                for t in onnx.load(path, load_external_data=False).graph.initializer)
-    routers = {b.num_experts for b in compiled.blocks}
+    routers = {b.router_width for b in compiled.blocks}
     panels = _moec_kernels and fp32  # moec's kernels on weights in panels
     rows8 = panels and dense == Int8Experts(activations="int8") and cpu_native.has_vnni512()  # moec's int8 rows
     if panels and dense == Int8Experts() or rows8:  # a scale per channel (the torch backend's numbers)

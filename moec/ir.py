@@ -147,7 +147,8 @@ class ExpertsSpec:
     """Each expert: y = W2 @ act(W13 @ x + b13) + b2, with W13 [N1, H] holding the gate and up rows
     when gated (act(gate) * up), in the order `gate_up` says (GATE_UPS: the block's own order, so its
     weights are read in place). `weight_on_input` scales the expert's input by the combine weight
-    instead of its output (Llama 4)."""
+    instead of its output (Llama 4). `identity` zero-compute experts follow the E real ones in the router's
+    choice: a pair choosing one adds the token times its weight (LongCat-Flash)."""
 
     num_experts: int
     hidden: int
@@ -159,6 +160,7 @@ class ExpertsSpec:
     limit: float = 7.0  # swiglu_oai only: clamp bound
     weight_on_input: bool = False
     gate_up: str = "halves"
+    identity: int = 0  # zero-compute experts (LongCat-Flash): router ids E..E+identity-1 return the token itself
 
     def describe(self) -> str:
         act = {"silu": "SwiGLU", "gelu": "GeGLU", "gelu_tanh": "GeGLU(tanh)", "relu": "ReGLU",
@@ -166,6 +168,7 @@ class ExpertsSpec:
         name = act[self.activation] if self.gated else f"{self.activation.upper()} MLP"
         extra = (" +bias" if self.bias else "") + (" (weight on input)" if self.weight_on_input else "") + (
             f" [{self.gate_up.replace('_', ' ')} rows]" if self.gated and self.gate_up != "halves" else "")
+        extra += f" + {self.identity} zero-compute (identity) experts" if self.identity else ""
         return f"{self.num_experts} x {name} {self.hidden}->{self.inter}->{self.hidden}{extra}"
 
 
@@ -201,6 +204,11 @@ class MoESpec:
     sharded: str = ""  # shard_experts ran: which experts this rank holds (moec.distributed)
     counters: tuple[str, ...] = ()  # [E] buffers the block's forward adds its tokens per expert to (torchtitan's
     # tokens_per_expert, for load balancing): the compiled block adds them too (canonical.CompiledForward)
+
+    @property
+    def router_width(self) -> int:
+        """The router's outputs: the experts, then the zero-compute ones."""
+        return self.experts.num_experts + self.experts.identity
 
     def with_(self, **kw) -> "MoESpec":
         return replace(self, **kw)

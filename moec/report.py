@@ -25,6 +25,7 @@ class BlockReport:
     expert_load: list[int] | None = None  # tokens routed to each expert on the example inputs
     proof: str = ""  # what the final graph was checked on
     approximate: str = ""  # what an approximating pass (reduce_topk) changed, and its measured error
+    router_width: int = 0  # the router's outputs: num_experts, and zero-compute experts (MoESpec.router_width)
 
 
 @dataclass

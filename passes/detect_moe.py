@@ -87,7 +87,7 @@ def analyze(block: nn.Module, cand: Candidate) -> tuple[list[MoESpec], dict[str,
         raise Rejected(f"moec could not analyse it ({type(e).__name__}: {e})") from e
     counters = sorted({c.removeprefix(COUNTS) for c in changes if c.startswith(COUNTS)})
     if any(not c.startswith(COUNTS) for c in changes) or any(
-            resolve(block, n).shape != (cand.num_experts,) for n in counters):
+            resolve(block, n).shape != (cand.num_experts,) or cand.width for n in counters):
         raise Rejected(f"its forward changes the block's own state ({'; '.join(sorted(set(changes))[:3])}): the "
                        "compiled block would not, so moec leaves it")
     result[2]["counters"] = tuple(counters)  # [E] buffers it may count its tokens per expert into: the proof checks
@@ -139,6 +139,7 @@ def _capture(work: nn.Module, H: int, T: int, gen) -> tuple[torch.Tensor, Captur
 
 def _analyze(block: nn.Module, cand: Candidate, work: nn.Module):
     E, H = cand.num_experts, cand.hidden
+    Er = cand.width or E  # the router's outputs: E experts, then zero-compute ones (ExpertsSpec.identity)
     dev = next(work.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(0)
     x, cap = _capture(work, H, 10, gen)
@@ -149,16 +150,16 @@ def _analyze(block: nn.Module, cand: Candidate, work: nn.Module):
     wnode = next((n for n in cap.graph.nodes if n.op == "get_attr" and n.target == cand.router), None)
     logits_node = None if wnode is None else next((
         n for n in cap.graph.nodes if wnode in feat.inputs_through_views(n) and isinstance(n.meta.get("val"), torch.Tensor)
-        and n.meta["val"].shape[-1] == E and n.meta["val"].numel() == xf.shape[0] * E), None)
+        and n.meta["val"].shape[-1] == Er and n.meta["val"].numel() == xf.shape[0] * Er), None)
     if logits_node is None:
         raise Rejected("the router weight is not applied to the tokens")
-    logits = logits_node.meta["val"].reshape(-1, E)
-    flat, router_t = W.dim() == 1, W.shape == (H, E) and H != E  # [E*H] viewed; [H, E] used as x @ W
+    logits = logits_node.meta["val"].reshape(-1, Er)
+    flat, router_t = W.dim() == 1, W.shape == (H, Er) and H != Er  # [E*H] viewed; [H, E] used as x @ W
     bias_arg = None
     if target_name(logits_node) == "linear":  # F.linear(x, W, b): a bias; x @ W.T, matmul, einsum: none
         bias_arg = logits_node.args[2] if len(logits_node.args) > 2 else logits_node.kwargs.get("bias")
     router_bias = bias_arg.target if isinstance(bias_arg, torch.fx.Node) and bias_arg.op == "get_attr" else None
-    Wc = W.view(E, H) if flat else W.t() if router_t else W
+    Wc = W.view(Er, H) if flat else W.t() if router_t else W
     if rel_err(F.linear(xf, Wc, resolve(work, router_bias) if router_bias else None), logits) > FIT_TOL:
         read = feat.source(next(a for a in logits_node.all_input_nodes if feat.source(a).op != "get_attr"))
         if read.op != "placeholder":  # e.g. a layer that runs attention and a norm, then routes, in one forward
@@ -174,7 +175,7 @@ def _analyze(block: nn.Module, cand: Candidate, work: nn.Module):
     # the last one: a group top-k over [T, G] comes first (and has E columns when groups hold one expert)
     sels = [n for n in cap.graph.nodes if n in after and target_name(n) in SELECTIONS and n.args
             and isinstance(n.args[0], torch.fx.Node) and n.args[0].meta["val"].is_floating_point()
-            and n.args[0].meta["val"].shape[-1] == E and n.args[0].meta["val"].dim() == logits_node.meta["val"].dim()
+            and n.args[0].meta["val"].shape[-1] == Er and n.args[0].meta["val"].dim() == logits_node.meta["val"].dim()
             and (target_name(n) != "max" or len(n.args) > 1 or "dim" in n.kwargs)]
     over_tokens = [n for n in sels if feat.sel_dim(n) not in (-1, n.args[0].meta["val"].dim() - 1)]
     sels = [n for n in sels if n not in over_tokens]  # a top-k over the tokens is a capacity rule, not the choice
@@ -212,10 +213,12 @@ def _analyze(block: nn.Module, cand: Candidate, work: nn.Module):
     sb = resolve(work, f["select_bias"]) if f["select_bias"] else None
     rargs = lambda r: (xf, Wc, resolve(work, router_bias) if router_bias else None, sb,  # noqa: E731
                        *route_args(r))
-    _, ids, _ = route_math(*rargs(base), num_experts=E)
+    _, ids, _ = route_math(*rargs(base), num_experts=Er)
     if not torch.equal(ids.sort(-1).values, rec_ids.sort(-1).values):
         raise Rejected(f"could not reproduce the router's choice of experts ({base.describe()})")
     caps = feat.capacity_candidates(_check_token_paths(work, cand, cap, logits_node, gen), E)
+    if Er > E and any(c["capacity"] for c in caps):
+        raise Rejected("zero-compute experts beside an expert capacity: not supported")
 
     # outputs: the main output and which leaves are router logits
     leaves = list(cap.output) if isinstance(cap.output, tuple) else [cap.output]
@@ -225,7 +228,7 @@ def _analyze(block: nn.Module, cand: Candidate, work: nn.Module):
         raise Rejected("no output of the block has the input's shape" if out_main is None else "nested outputs")
 
     def outputs(r: RouterSpec) -> tuple[str, ...]:
-        _, ids, w = route_math(*rargs(r), num_experts=E)
+        _, ids, w = route_math(*rargs(r), num_experts=Er)
         return tuple(feat.leaf_kind(o, x, out_main, logits, ids, w) for o in leaves)
 
     R = out_main.reshape(-1, H).float()
@@ -240,7 +243,7 @@ def _analyze(block: nn.Module, cand: Candidate, work: nn.Module):
         routed = {c: R - c * sh for c in dict.fromkeys(f["scales"])}
     R = routed[1.0]
 
-    roles: dict[str, Binding] = {"router_weight": Derived((Part(cand.router, unflatten=E),)) if flat else
+    roles: dict[str, Binding] = {"router_weight": Derived((Part(cand.router, unflatten=Er),)) if flat else
                                  Derived((Part(cand.router, transposed=True),)) if router_t else Param(cand.router)}
     if router_bias:
         roles["router_bias"] = Param(router_bias)
@@ -259,15 +262,19 @@ def _analyze(block: nn.Module, cand: Candidate, work: nn.Module):
     dropped = any(c["capacity"] for c in caps)  # a token all of whose pairs are dropped may pass through: x
 
     def fit(lay, act, lb, rows, c=1.0):
-        R = routed[c]
+        out = routed[c]
         chosen, local = rec_ids[rows].unique(return_inverse=True)  # local: the ids as indices into `chosen`
-        w = materialize(work, lb, chosen)
+        real = chosen[chosen < E]  # (sorted: the zero-compute experts chosen come last)
+        w = materialize(work, lb, real)
         Y = all_experts(xf[rows], w["w13"], w.get("b13"), w["w2"], w.get("b2"), act, lay.gated, alpha, limit,
                         lay.gate_up)  # [E', T', H]
+        Y = torch.cat([Y, xf[rows].to(Y.dtype).expand(len(chosen) - len(real), -1, -1)])  # a zero-compute one: x
         A = Y[local, torch.arange(len(xf[rows]), device=dev)[:, None]]  # [T', k, H]
         B = torch.cat([A, xf[rows, None].to(A.dtype)], 1) if dropped else A  # [T', k (+1), H]
-        sol = torch.linalg.lstsq(B.transpose(1, 2), R[rows].unsqueeze(-1)).solution  # [T', k (+1), 1]
-        return rel_err((B.transpose(1, 2) @ sol).squeeze(-1), R[rows]), w, A
+        # (two zero-compute experts of a token are equal columns: an SVD solves that rank-deficient system)
+        sol = torch.linalg.lstsq(B.transpose(1, 2), out[rows].unsqueeze(-1),
+                                 driver="gelsd" if Er > E else None).solution  # [T', k (+1), 1]
+        return rel_err((B.transpose(1, 2) @ sol).squeeze(-1), out[rows]), w, A
 
     screened = [(lay, act, lb, c) for lay in layouts(work, cand) for lb in [layout_bindings(work, cand, lay)]
                 for act in acts for c in routed
@@ -282,11 +289,11 @@ def _analyze(block: nn.Module, cand: Candidate, work: nn.Module):
         _, lay, act, lb, w, A, c = min(fits, key=lambda f: f[0])
         R, shared = routed[c], shared and replace(shared, scale=c)
         espec = ExpertsSpec(E, H, w["w2"].shape[2], act, lay.gated, "b13" in w or "b2" in w, alpha, limit,
-                            gate_up=lay.gate_up)
+                            gate_up=lay.gate_up, identity=Er - E)
         specs = [MoESpec(router, espec, shared, {}, outputs(router))  # the proof settles capacity and weighting
                  for c in caps for after in ((False, True) if c["capacity"] else (False,))
                  for router in feat.fit_routers(RouterSpec(**{**base.__dict__, **c, "capacity_renorm": after}), f,
-                                                rargs, A, rec_ids, R, E, x.shape[0] if c.get("capacity_per_row") else 1)
+                                                rargs, A, rec_ids, R, Er, x.shape[0] if c.get("capacity_per_row") else 1)
                  if not (after and router.renorm != 1.0)]
         if specs:
             return specs, {**roles, **lb}, facts
@@ -294,7 +301,7 @@ def _analyze(block: nn.Module, cand: Candidate, work: nn.Module):
                        f"weights ({base.describe()})")
     # Llama 4 style: the combine weight scales the expert's input; not linear, so search directly
     for lay, act, r in itertools.product(list(layouts(work, cand)), acts, feat.router_grid(base, f)):
-        if act == "swiglu_oai" and not lay.gated:
+        if act == "swiglu_oai" and not lay.gated or Er > E:  # (no zero-compute experts beside it)
             continue
         lb = layout_bindings(work, cand, lay)
         w = materialize(work, lb)
@@ -400,7 +407,7 @@ def prove(block: nn.Module, cand: Candidate, spec: MoESpec, roles: dict[str, Bin
     proof.ranks = canonical.ranks
     if proof is not canonical:
         proof.probes = canonical.probes
-    proof.reached = reached(spec, router, ps[-1].x)
+    proof.reached = reached(spec, router, next(p.x for p in ps if p.name == "one token routed to each expert"))
     return proof
 
 

@@ -59,10 +59,12 @@ def log_weights(ids: torch.Tensor, w: torch.Tensor, num_experts: int, dtype: tor
     """Routing weights [T, k] (>= 0) -> router_probs [T, slices*E] that ORT's softmax -> top-(k*slices) ->
     renormalise turns back into ids (each of its slices, see slice_experts) and w / (slices * sum(w)), and
     slices * sum(w) [T, 1] to rescale by. Weights 0 (dropped by capacity) get NEG: a token with all weights 0
-    still gets some experts, times sum(w) = 0."""
+    still gets some experts, times sum(w) = 0. An id twice (a weight-0 pair on an expert the token chose: top-p,
+    zero-compute experts) keeps its largest weight's log."""
     top = w.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     logw = torch.where(w > 0, torch.log(w / top), NEG)  # the largest is 0: exact in fp16 too
-    probs = torch.full((ids.shape[0], num_experts), NEG, dtype=torch.float32, device=w.device).scatter(1, ids, logw)
+    probs = torch.full((ids.shape[0], num_experts), NEG, dtype=torch.float32, device=w.device).scatter_reduce(
+        1, ids, logw, "amax")
     return probs.repeat(1, slices).to(dtype), w.sum(dim=-1, keepdim=True) * slices
 
 
@@ -118,7 +120,7 @@ def lower_onnx(gm) -> PassResult:
     stats = {"contrib": 0, "fallback": 0, "moec": 0}
     for node in list(g.nodes):
         if node.target is torch.ops.moec.route:
-            node.target, node.kwargs = route_math, {"num_experts": E}
+            node.target, node.kwargs = route_math, {"num_experts": spec.router_width}
         elif node.target is torch.ops.moec.capacity:
             node.target = capacity
         elif node.target is torch.ops.moec.capacity_kept:
@@ -216,7 +218,7 @@ def _contrib_node(gm, node, spec, quant: bool, dtype):
     if e.weight_on_input:  # top-1 (fallback_reason): its weight scales the token, the op weights the output by 1
         x = g.call_function(weighted_input, (x, w))
         w = g.call_function(torch.ones_like, (w,))
-    if native_routing(r) and slices == 1 and not e.weight_on_input:
+    if native_routing(r) and slices == 1 and not (e.weight_on_input or e.identity):  # ids, w: the route's own
         logits = g.call_function(operator.getitem, (route, 0))
         probs, scale = g.call_method("to", (logits, dtype)), r.scale
         routing = "native (ORT routes the logits)" + (f", x{r.scale:g} after" if r.scale != 1.0 else "") + unsliced

@@ -21,7 +21,8 @@ The E' experts become persistent buffers of the block (`_moec_w13_kept`, ...; wh
 moec.load fills) and the original expert tensors are emptied once the block is installed: the model shrinks.
 Requires fuse_gate (one moec.route per block; prune only). Refused: prune with a capacity router (capacity
 depends on E) or a group-limited one (DeepSeek's n_group: a -inf in a group's top-2 sum sinks the group),
-sparsemixer routing, or fewer experts kept than the block's k; a block with offloaded experts.
+sparsemixer routing, or fewer experts kept than the block's k; a block with offloaded experts or zero-compute
+experts.
 Invariant: the graph computes the canonical block whose experts are W'[expert_map] (and, pruned, whose router
 adds the mask): the final proof checks it against that reference and measures the error against the
 original block. Stats: experts_before, experts_after, bytes_freed.
@@ -70,6 +71,9 @@ def _reduce(gm) -> PassResult:
     E, r = spec.experts.num_experts, spec.router
     if plan is None or path not in plan.keep:
         return PassResult(gm, False, {"experts_before": E, "experts_after": E})
+    if spec.experts.identity:
+        raise Rejected("reduce_experts: the block has zero-compute experts (its router's ids past E are not experts "
+                       "a plan can keep or merge)")
     kept = list(plan.keep[path])
     if max(kept) >= E:
         raise Rejected(f"reduce_experts: the plan keeps expert {max(kept)} of a block with {E} experts")

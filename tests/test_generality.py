@@ -285,6 +285,55 @@ def test_routed_plus_shared_then_scaled(combine, scale, gated):
             assert rel_err(block(x), orig(x)) < TOL[torch.float32]
 
 
+class ZeroComputeExperts(nn.Module):
+    """LongCat-Flash's pattern: the router chooses among E experts and Z zero-compute ones, which return the token
+    (times its weight): nn.Identity members of the expert list, or ids past the down tensor's E, whose rows in the
+    fused gate/up tensor [E+Z, 2I, H] are never read (HF's LongCat-Flash)."""
+
+    def __init__(self, form, E=6, Z=3, k=3, H=32, I=24):
+        super().__init__()
+        self.E, self.Z, self.k, self.form = E, Z, k, form
+        self.router = nn.Linear(H, E + Z, bias=False)
+        if form == "modules":
+            self.experts = nn.ModuleList([_mlp(H, I, nn.SiLU) for _ in range(E)] + [nn.Identity() for _ in range(Z)])
+        else:
+            self.gate_up = nn.Parameter(torch.randn(E + Z, 2 * I, H) / H**0.5)
+            self.down = nn.Parameter(torch.randn(E, H, I) / I**0.5)
+
+    def run(self, e, x):
+        if e >= self.E:
+            return x
+        if self.form == "modules":
+            return self.experts[e](x)
+        gate, up = F.linear(x, self.gate_up[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down[e])
+
+    def forward(self, x):
+        RUNS["count"] += 1
+        w, ids = F.linear(x.float(), self.router.weight.float()).softmax(-1).topk(self.k)  # (in fp32, as LongCat)
+        return _dispatch(self.run, x, ids, w.to(x.dtype), self.E + self.Z)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form", ["modules", "stacked"])
+def test_zero_compute_experts(form, dtype):
+    """The whole block is compiled; tokens whose k choices are all zero-compute experts, or none, match too, at
+    large magnitudes, and after the router changes to send every token to them."""
+    torch.manual_seed(0)
+    block = ZeroComputeExperts(form).to(dtype)
+    orig = copy.deepcopy(block).eval()
+    b = _check(block, SEQ, dtype)
+    assert "3 zero-compute (identity) experts" in b.experts and b.num_experts == 6, b
+    x = torch.randn(300, 32).to(dtype)
+    with torch.no_grad():
+        assert rel_err(block(100 * x), orig(100 * x)) < TOL[dtype]
+        for m in (block, orig):
+            m.router.weight[6:] *= 20  # most tokens choose only zero-compute experts, the others some
+        _, ids = F.linear(x.float(), orig.router.weight.float()).topk(3)
+        assert (ids >= 6).all(-1).any() and not (ids >= 6).all(-1).all()
+        assert rel_err(block(x), orig(x)) < TOL[dtype]
+
+
 class TokenCounting(nn.Module):
     """torchtitan's pattern: a router that also returns each expert's token count (histc of the choices), the
     pairs sorted by expert (argsort), experts run on contiguous groups (split by the counts, or torch._grouped_mm),

@@ -217,6 +217,45 @@ def test_cohere2_moe_blocks_with_their_shared_experts(strategy, selection):
         assert rel_err(_logits(model, inputs), _logits(ref, inputs)) < TOL[torch.float32]
 
 
+def test_longcat_flash_zero_compute_experts(tmp_path):
+    """LongCat-Flash's router chooses among 6 experts and 2 zero-compute ones (the token itself, weighted; HF keeps
+    gate/up rows for them too, never read): the block is compiled whole (it was not found), on the torch and
+    onnxruntime backends and through export_onnx (ORT's MoE op on log-weights); logits match at 1 and 17 tokens and
+    greedy generation matches, also once its selection bias sends most pairs to the zero-compute experts."""
+    import onnxruntime as ort
+
+    cfg = transformers.LongcatFlashConfig(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        ffn_hidden_size=96, expert_ffn_hidden_size=32, n_routed_experts=6, zero_expert_num=2, moe_topk=3,
+        q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, head_dim=8,
+        max_position_embeddings=256, initializer_range=0.1)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ref = copy.deepcopy(model)
+    moec.compile(model)
+    report = moec.inspect(model)
+    assert [b.path for b in report.blocks] == ["model.layers.0.mlp"], report
+    assert "6 x SwiGLU 64->32->64 + 2 zero-compute (identity) experts" in report.blocks[0].experts
+    inputs = models.example_inputs(model, batch=2, seq=17, seed=17)
+    ort_model = moec.compile(copy.deepcopy(ref), backend="onnxruntime")
+    assert rel_err(_logits(ort_model, inputs), _logits(ref, inputs)) < TOL[torch.float32]
+    path = tmp_path / "longcat.onnx"
+    exported = moec.export_onnx(ref, (inputs["input_ids"],), path, kv_cache=False)
+    assert [b.op for b in exported.blocks] == ["MoE"] and "log-weights" in exported.blocks[0].why, exported
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: inputs["input_ids"].numpy()})[0])
+    assert rel_err(got, _logits(ref, {"input_ids": inputs["input_ids"]})) < TOL[torch.float32]
+    for bias in (0.0, 0.5):  # 0.5: most of the k=3 pairs choose the zero-compute experts
+        for m in (model, ref):
+            m.model.layers[0].mlp.router.e_score_correction_bias[6:] = bias
+        for batch, seq in [(1, 1), (2, 17)]:
+            inputs = models.example_inputs(model, batch=batch, seq=seq, seed=seq)
+            assert rel_err(_logits(model, inputs), _logits(ref, inputs)) < TOL[torch.float32]
+        ids = models.example_inputs(model, batch=1, seq=5)["input_ids"]
+        assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False),
+                           ref.generate(ids, max_new_tokens=8, do_sample=False))
+
+
 def test_ernie_vl_blocks_that_return_their_output_flattened():
     """ERNIE-4.5-VL's text and vision MoE blocks return [T*H] outputs and [T*E] logits, and its multimodal block
     calls them on the flattened states of the tokens of each modality: both are compiled whole (only their experts

@@ -44,7 +44,9 @@ def _shape(block: nn.Module, cand: Candidate, name: str) -> tuple[int, ...]:
         group = resolve(block, cand.container)
         return (E, *resolve(getattr(group, member_names(group)[0]), name).shape)
     t = resolve(block, name)
-    return tuple(t.shape) if t.shape[0] == E else (E, t.shape[0] // E, *t.shape[1:])
+    if t.shape[0] == E or t.dim() == 3:  # [E, ...], or [E + zero-compute experts, ...]: the first E
+        return (E, *t.shape[1:])
+    return (E, t.shape[0] // E, *t.shape[1:])  # 2-D [E*n, D]
 
 
 def layouts(block: nn.Module, cand: Candidate):
@@ -96,12 +98,14 @@ def bindings(block: nn.Module, cand: Candidate, lay: Layout) -> dict[str, Bindin
     def part(name: str, transposed: bool = False) -> Part:
         if group is not None:
             return Part(name, transposed, cand.container, members)
-        t = resolve(block, name)
-        return Part(name, transposed, unflatten=cand.num_experts if t.shape[0] != cand.num_experts else 0)
+        t, E = resolve(block, name), cand.num_experts
+        return Part(name, transposed, unflatten=E if t.dim() == 2 and t.shape[0] != E else 0,
+                    rows=E if t.dim() == 3 and t.shape[0] != E else 0)
 
     def binding(parts) -> Binding:
         p = parts[0]
-        if len(parts) == 1 and isinstance(p, Part) and p.container is None and not p.transposed and not p.unflatten:
+        if len(parts) == 1 and isinstance(p, Part) and p.container is None and not (p.transposed or p.unflatten
+                                                                                        or p.rows):
             return Param(p.name)  # the block's own tensor, as it is
         return Derived(tuple(parts))
 

@@ -165,18 +165,22 @@ def probes(spec: MoESpec, in_dim: int, router: dict[str, torch.Tensor | None], d
     out.append(Probe(f"{B} rows of {S} tokens", torch.randn(shape(B, S), generator=gen, device="cpu")))
     out.append(Probe("zero tokens (all experts tied)", torch.zeros(shape(1, 4), device="cpu")))
     out.append(Probe("inputs x100 (saturated scores)", 100 * torch.randn(shape(1, 8), generator=gen, device="cpu")))
-    out.append(Probe("one token routed to each expert", _expert_tokens(spec, router).reshape(shape(1, E))))
+    eye = torch.eye(spec.router_width, dtype=torch.float64)
+    out.append(Probe("one token routed to each expert", _expert_tokens(router, eye).reshape(shape(1, -1))))
+    if spec.experts.identity:  # zero-compute experts only: no real expert's output counts
+        out.append(Probe("tokens routed to zero-compute experts", _expert_tokens(router, eye[E:].sum(0, keepdim=True))
+                         .expand(3, -1).reshape(shape(1, 3))))
     for p in out:
         p.x = p.x.to(device)
     return out
 
 
-def _expert_tokens(spec: MoESpec, router: dict) -> torch.Tensor:
-    """[E, H] tokens, token e made so that the router's logits favour expert e (least squares through the
-    router weight: exact when H >= E). Which experts they reach is measured by `reached`."""
+def _expert_tokens(router: dict, favour: torch.Tensor) -> torch.Tensor:
+    """[n, H] tokens, token i made so that the router's logits favour the experts of `favour`'s row i ([n, E], 0/1)
+    (least squares through the router weight: exact when H >= E). Which experts they reach is measured by
+    `reached`."""
     W = router["router_weight"].detach().double().cpu()  # [E, H]
-    E = W.shape[0]
-    target = 8.0 * torch.eye(E, dtype=torch.float64, device="cpu")  # logits: +8 on the expert, 0 elsewhere
+    target = 8.0 * favour  # logits: +8 on the experts favoured, 0 elsewhere
     if router.get("router_bias") is not None:
         target = target - router["router_bias"].detach().double().cpu()
     if router.get("select_bias") is not None:  # selection uses scores + bias: outweigh the bias
@@ -188,7 +192,7 @@ def reached(spec: MoESpec, router: dict, tokens: torch.Tensor) -> set[int]:
     """The experts the routing chooses for `tokens` [T, H]."""
     x = tokens.reshape(-1, spec.experts.hidden).to(router["router_weight"])
     _, ids, _ = route_math(x, router["router_weight"], router.get("router_bias"), router.get("select_bias"),
-                           *route_args(spec.router), num_experts=spec.experts.num_experts)
+                           *route_args(spec.router), num_experts=spec.router_width)
     return set(ids.unique().tolist())
 
 
