@@ -12,6 +12,7 @@ experts, found structurally by `detect.candidates.find_candidates`, never by cla
         2-D [E*n, .] tensors viewed per expert, or a ModuleList/Dict of E MLPs ...
     out          = sum_k w[t, k] * expert[ids[t, k]](x[t]) (+ shared(x) [* sigmoid(g(x))]) (+ bias[H])
                    (or c * (routed + shared): c a scalar of the graph, e.g. Cohere2-MoE's average's 1/2)
+                   (ids >= E: zero-compute experts, expert[id](x) = x, when the router has E + Z outputs)
 
 The ops in between (loops, masks, nonzero, einsum, scatter) are not pattern-matched: moec
 reads the *features* of the graph (detect.features: which scoring, bias, groups, scale and norm
@@ -276,9 +277,12 @@ def _analyze(block: nn.Module, cand: Candidate, work: nn.Module):
                                  driver="gelsd" if Er > E else None).solution  # [T', k (+1), 1]
         return rel_err((B.transpose(1, 2) @ sol).squeeze(-1), out[rows]), w, A
 
+    if (rec_ids >= E).all():
+        raise Rejected("every token of the analysis chose zero-compute experts only: the experts' form is not seen")
+    t = int((rec_ids < E).any(-1).nonzero()[0])  # the first token that chose a real expert screens
     screened = [(lay, act, lb, c) for lay in layouts(work, cand) for lb in [layout_bindings(work, cand, lay)]
                 for act in acts for c in routed
-                if (act != "swiglu_oai" or lay.gated) and fit(lay, act, lb, slice(0, 1), c)[0] < FIT_TOL]
+                if (act != "swiglu_oai" or lay.gated) and fit(lay, act, lb, slice(t, t + 1), c)[0] < FIT_TOL]
     fits = []
     for lay, act, lb, c in screened:
         err, w, A = fit(lay, act, lb, slice(None), c)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from safetensors.torch import save_model
 from conftest import TOL, rel_err
-from test_generality import RouterForms
+from test_generality import RouterForms, ZeroComputeExperts
 
 import moec
 from moec import models
@@ -127,6 +127,25 @@ def test_chained_blocks_keep_the_early_guess(container):
     assert pool.blocks["body.1"]["router"] is not None and pool.stats.blocks["body.0"].calls == 3
     needed = sum(len(need) for block, need in pool.stats.trace if block == "body.1")
     assert pool.stats.blocks["body.1"].needed_after_prediction == needed  # the early guess ran before every call
+
+
+@pytest.mark.parametrize("form", ["modules", "stacked"])
+def test_zero_compute_experts_are_never_fetched(form):
+    """Blocks with zero-compute experts (router ids past E): the prediction for block 1 ranks them too, and they are
+    not prefetched (they were, as experts 6-8 of 6); the numbers stay the original's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(ZeroComputeExperts(form), ZeroComputeExperts(form)).eval()
+    ref = copy.deepcopy(model)
+    moec.compile(model, offload=moec.Offload(budget=4, prefetch="router", prefetch_width=3))
+    pool = compiled_graph(model[0]).offloaded.pool
+    x = torch.randn(9, 32)
+    with torch.no_grad():
+        for _ in range(3):
+            assert rel_err(model(x), ref(x)) < TOL[torch.float32]
+    assert [b.path for b in moec.inspect(model).blocks] == ["0", "1"]
+    assert all(max(need) < 6 for _, need in pool.stats.trace if need)
+    rates = moec.inspect(model).offload.rates(moec.inspect(model).offload.total())
+    assert rates["prefetch_recall"] == rates["prefetch_precision"] == 1.0  # (every call needs all 6 experts)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -38,8 +38,8 @@ def router_predictor(roles: dict, block: nn.Module, spec: MoESpec, width: int, w
     (rank by rank over the rows). weight [E, H]: used instead of the router's (a fitted predictor)."""
     from moec.api import block_route
 
-    r, E = spec.router, spec.experts.num_experts
-    m = r.top_k if r.scoring == "sparsemixer" else min(width * r.top_k, r.topk_group * E // max(r.n_group, 1))
+    r, E, width_e = spec.router, spec.experts.num_experts, spec.router_width
+    m = r.top_k if r.scoring == "sparsemixer" else min(width * r.top_k, r.topk_group * width_e // max(r.n_group, 1))
     router = dataclasses.replace(r, top_k=m, capacity=0, top_p=0.0)  # a prediction ranks, it drops nothing
 
     def predict(x: torch.Tensor) -> list[int] | None:
@@ -49,7 +49,7 @@ def router_predictor(roles: dict, block: nn.Module, spec: MoESpec, width: int, w
             live = roles["router_weight"].get(block)  # a fitted weight follows the router's device and dtype
             w = None if weight is None else weight.to(device=live.device, dtype=live.dtype)
             ids = block_route(block, spec, roles, x, router, weight=w)[1]  # [T, m]
-        return list(dict.fromkeys(ids.T.flatten().tolist()))
+        return [e for e in dict.fromkeys(ids.T.flatten().tolist()) if e < E]  # (not the zero-compute experts)
 
     return predict
 
