@@ -155,6 +155,22 @@ def test_hf_end_to_end(family):
             assert rel_err(model(**inputs).logits, ref(**inputs).logits) < 1e-4
 
 
+@pytest.mark.parametrize("quantize", [None, Int8Experts()])
+def test_zero_compute_experts(quantize):
+    """A block with zero-compute experts (LongCat-Flash): the kernels run the weight-0 pairs that stand in for them."""
+    from test_generality import ZeroComputeExperts
+
+    torch.manual_seed(0)
+    block = ZeroComputeExperts("stacked").eval()
+    ref = copy.deepcopy(block) if quantize is None else moec.compile(copy.deepcopy(block), quantize=quantize)
+    moec.compile(block, backend="triton", quantize=quantize)
+    assert moec.inspect(block).blocks[0].passes[-1].name == "lower_triton"
+    with torch.no_grad():
+        for T in (1, 7):
+            x = torch.randn(T, 32)
+            assert rel_err(block(x), ref(x)) < 1e-4
+
+
 def test_backend_choice(monkeypatch):
     model = models.tiny_model("mixtral")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
