@@ -252,7 +252,8 @@ class Derived(Binding):
         return every
 
     def describe(self):
-        names = [(p.name + (".T" if p.transposed else "")) if isinstance(p, Part) else f"zeros[{p}]"
+        names = [(p.name + (f"[:{p.rows}]" if p.rows else "") + (".T" if p.transposed else "")) if isinstance(p, Part)
+                 else f"zeros[{p}]"
                  for p in self.parts]
         how = "stack+" if any(isinstance(p, Part) and p.container for p in self.parts) else ""
         return (f"{how}cat({', '.join(names)})" if len(names) > 1 else f"{how}{names[0]}") + \

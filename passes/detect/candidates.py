@@ -97,10 +97,11 @@ def find_candidates(model: nn.Module) -> list[Candidate]:
                 dims = {d for c in resolve(m, container).children() for p in c.parameters() for d in p.shape}
             outside = [(n, t) for n, t in itertools.chain(m.named_parameters(), m.named_buffers())
                        if not ((inside and n.startswith(inside)) or n in tensors)]
-            routers = [(R, router) for R in dict.fromkeys((E, width or E)) if (router := _router(outside, R, dims))]
-            if routers:
-                (R, (hidden, name)), = routers[:1]
-                found.append(Candidate(path, m, E, hidden, name, tensors, container, R if R != E else 0))
+            # an E-way router first; a wider one only where the experts show zero-compute ones
+            cand = next((Candidate(path, m, E, *router, tensors, container, R if R != E else 0)
+                         for R in dict.fromkeys((E, width or E)) if (router := _router(outside, R, dims))), None)
+            if cand:
+                found.append(cand)
                 break
     # the innermost module holding router + experts is the block
     return [c for c in found if not any(o.path.startswith(c.path + ".") or (c.path == "" and o.path)
