@@ -69,11 +69,15 @@ def _rows(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> int:
         return 0
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
         return 0
-    if (torch.autograd.forward_ad._current_level >= 0  # forward-mode AD: tangents are torch's
-            or torch.is_autocast_enabled("cpu")  # autocast picks F.linear's dtype (a dispatch key, not a mode)
-            or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()):  # modes see F.linear
-        return 0
-    return rows
+    return rows if values_only() else 0
+
+
+def values_only() -> bool:
+    """Whether a kernel that computes values only (C, numba) may stand for torch's ops: no forward-mode AD (tangents
+    are torch's), no autocast (it picks the ops' dtypes: a dispatch key, not a mode), no torch function or dispatch
+    mode (they see torch's ops)."""
+    return not (torch.autograd.forward_ad._current_level >= 0 or torch.is_autocast_enabled("cpu")
+                or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack())
 
 
 def _kernel(x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import moec.ops  # noqa: F401  (defines the op schemas)
+from moec.backends.cpu_linear import values_only
 from moec.ir import RouterSpec
 from moec.quant import int8_rows, weight_only_active
 
@@ -270,13 +271,14 @@ def _numba_route(x, ids, num_experts: int, dtype: torch.dtype, *tensors) -> bool
     weights out of cache). fp32: fewer rows than GROUPED_MIN_ROWS per expert on average over all experts (an
     expert that still gets DEQUANT_MIN_ROWS rows runs MKL on its weights in place). bf16: fewer rows in all than
     DEQUANT_MIN_ROWS, so that no expert leaves the kernels (MKL's bf16 GEMMs take many rows). Not when autograd
-    records x or `tensors` (the kernels compute values only; torch's ops keep the graph), nor on one thread: there
+    records x or `tensors`, nor under forward-mode AD or a torch mode (the kernels compute values only: torch's ops
+    keep the graph, the tangents, what a mode sees; cpu_linear.values_only), nor on one thread: there
     MKL wakes no threads, and numba's OpenMP pool would make a process forked afterwards (a server's workers)
     terminate at its first parallel kernel."""
     if (x.device.type != "cpu" or x.dtype != dtype or dtype not in (torch.float32, torch.bfloat16)
             or torch.get_num_threads() < 2):
         return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)) or not values_only():
         return False
     return ids.numel() < (GROUPED_MIN_ROWS * num_experts if dtype == torch.float32 else DEQUANT_MIN_ROWS)
 

@@ -8,6 +8,7 @@ a failure raises and no block is installed at all.
 
 from __future__ import annotations
 
+import gc
 import warnings
 from dataclasses import dataclass
 
@@ -23,8 +24,10 @@ from moec.approx import ExpertPlan, TopP
 from moec.bindings import Const, Derived
 from moec.distributed import ExpertParallel, Group, ShardedExperts, compiled_blocks, fingerprint
 from moec.cuda_graphs import check as cuda_graphs_check, install as cuda_graphs_install
+from moec.capture import untouched
 from moec.canonical import (
     build_graph,
+    compiled_forward,
     compiled_graph,
     install,
     resolve,
@@ -258,7 +261,8 @@ def _recompile(block, cand, pm: PassManager, kept: Report | None, options: dict)
     gm = compiled_graph(block)
     old = gm.meta["moe_spec"].quant
     new = options.get("quantize")
-    same = (kept is not None and kept.pipeline == pm.pipeline and old == new
+    changed = compiled_forward(block).changed()  # since compile (moec.form): proved anew, or refused below
+    same = (not changed and kept is not None and kept.pipeline == pm.pipeline and old == new
             and new_topk(kept.topk, cand.path) == new_topk(options.get("topk"), cand.path)
             and kept.experts == options.get("experts"))
     if pm.pipeline == "detect_moe" or (same and not gm.meta["moe_spec"].offloaded):  # inspect: what is installed
@@ -272,7 +276,8 @@ def _recompile(block, cand, pm: PassManager, kept: Report | None, options: dict)
     if old is not None:
         raise ValueError(f"moec.compile: block {cand.path!r} is already compiled with {old.describe()} experts and "
                          f"its fp expert weights were released: build a fresh model to compile it with "
-                         f"{new.describe() if new else 'fp experts'} or another pipeline")
+                         f"{new.describe() if new else 'fp experts'} or another pipeline"
+                         + (f" ({changed})" if changed else ""))
     uninstall(block)
     return None
 
@@ -453,6 +458,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     model.__dict__["_moec_report"] = report
     if (quantize is not None or pool is not None) and report.blocks:
         refuse_save_pretrained(model)
+    gc.collect()  # the analysis's graphs in reference cycles hold the parameters: .to() could not swap them
     return model
 
 
@@ -650,7 +656,7 @@ def _expert_load(model: nn.Module, report: Report, args, kwargs) -> None:
 
     handles = [resolve(model, p).register_forward_pre_hook(hook(p), with_kwargs=True) for p in specs]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), untouched(model):  # (counter buffers, statistics: inspect leaves the model as it was)
             model(*args, **kwargs)
     finally:
         for h in handles:

@@ -192,8 +192,11 @@ class Derived(Binding):
             self._find(block)
         key = self._fingerprint()
         if key != self._key:
-            with torch.no_grad():
+            # (not an inference tensor: the block's parameters are re-pointed into it, and may train later)
+            with torch.no_grad(), torch.inference_mode(False):
                 self._value = self.derive(block)
+                if self.copies and self._srcs and all(s.is_shared() for s in self._srcs):
+                    self._value.share_memory_()  # model.share_memory(): the copy they are re-pointed into is too
             # re-pointed: the block's own parameters only, never tensors a caller swapped in (functional_call's
             # plain tensors, e.g. views of the caller's flat buffer)
             self._aliased = (self.copies and self._adopted and all(isinstance(t, nn.Parameter) for t in self._srcs)

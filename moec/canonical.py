@@ -36,6 +36,7 @@ from torch.nn.modules import module as _module
 
 from moec.backends.torch_backend import route_math, split_identity
 from moec.bindings import Binding, NoBackward, Param, generation, resolve, tracing
+from moec.form import Form
 from moec.ir import MoESpec
 from moec.ops import experts_args, route_args
 
@@ -220,18 +221,20 @@ class CompiledForward:
     block's own return structure. The original forward runs instead (the same results, by
     construction) when the graph cannot stand for it: the block in training mode, extra non-None
     inputs (e.g. a padding mask), no tokens, an input rank the proof did not cover (a block that
-    raises on [T, H] or computes something else there), or forward hooks on a submodule the graph skips (they
-    would not fire; e.g. HF's output_router_logits records the router's output that way). A quantized
+    raises on [T, H] or computes something else there), forward hooks on a submodule the graph skips (they
+    would not fire; e.g. HF's output_router_logits records the router's output that way), or a block changed
+    since compile (moec.form: a submodule replaced, gate.top_k set, dropout put back in training mode). A quantized
     block's original expert weights are released: there, those cases raise instead."""
 
-    def __init__(self, block: nn.Module, gm: fx.GraphModule, path: str, user_forward=None):
+    def __init__(self, block: nn.Module, gm: fx.GraphModule, path: str, user_forward=None, container=None):
         self.block, self.gm, self.path = block, gm, path
         self.user_forward = user_forward  # an instance-level forward the block had before compile, if any
+        self.form = Form(block, container)
         self._gen = -1
         self._skipped: list[nn.Module] = []
         self._signature = None
         self._router_key = self._router_now()  # quantize(router=True): the fp weight the buffers were made from
-        self._hooks_said = False  # warned once that hooks make the original forward run
+        self._said: set[str] = set()  # reasons not asked for (hooks, a changed block) warned about once
 
     def original(self, *args, **kwargs):
         fwd = self.user_forward or type(self.block).forward.__get__(self.block)
@@ -279,11 +282,28 @@ class CompiledForward:
             return f"extra inputs {sorted(extras)}"
         if self.block.training:
             return "training mode"
+        if (changed := self.changed()) is not None:
+            return changed
         if not isinstance(hidden, torch.Tensor) or hidden.numel() == 0 and not self.gm.meta["moe_spec"].sharded:
             return "no tokens"  # (a sharded block takes part in the exchange with no rows: the other ranks wait)
         if self.gm.meta.get("ranks") and hidden.dim() not in self.gm.meta["ranks"]:
             return f"a {hidden.dim()}-d input (proved on {' and '.join(map(str, self.gm.meta['ranks']))}-d inputs)"
+        if _autocast(hidden) and not self.released():  # (a released block's graph runs without it, as proved)
+            return (f"autocast is on: the block computes in its dtypes (e.g. its router's scores), which the compiled "
+                    f"block, proved without autocast, would not")
         return self.why_hooks()
+
+    def released(self) -> bool:
+        """The block's original expert weights are gone (quantized, offloaded, sharded): its own forward cannot run."""
+        spec = self.gm.meta["moe_spec"]
+        return spec.quant is not None or spec.offloaded or bool(spec.sharded)
+
+    def changed(self) -> str | None:
+        """Why the graph no longer stands for the block (moec.form), or None. Checked in eager calls only."""
+        if tracing():
+            return None
+        what = self.form.changed(self.block)
+        return what and f"the block changed after compile ({what}): compile the model again to compile it anew"
 
     def why_hooks(self) -> str | None:
         """Why hooks make the original forward run (they would miss submodules the graph does not call), or None."""
@@ -340,7 +360,7 @@ class CompiledForward:
         why = self.why_original(hidden, extras)
         if why:
             spec = self.gm.meta["moe_spec"]
-            if spec.quant is not None or spec.offloaded or spec.sharded:
+            if self.released():
                 kind = "quantized" if spec.quant else "offloaded" if spec.offloaded else "sharded (expert parallel)"
                 raise NotImplementedError(
                     f"moec: block {self.path!r} runs {kind} experts and its "
@@ -349,14 +369,16 @@ class CompiledForward:
                 raise NotImplementedError(
                     f"moec: block {self.path!r} was compiled with an approximation ({self.gm.meta['approximation']}) "
                     f"that its original forward does not make ({why}): compile a fresh model without topk= or experts= for this")
-            if not self._hooks_said and why == self.why_hooks():  # unlike training mode: not asked for
-                self._hooks_said = True
+            if why not in self._said and (why == self.why_hooks() or why == self.changed()  # not asked for
+                                          or why.startswith("autocast")):
+                self._said.add(why)
                 warnings.warn(f"moec: block {self.path!r} runs its original forward, not the compiled one: {why}",
                               stacklevel=2)
             return self.original(*args, **kwargs)
         if not tracing():
             self._follow()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False) if _autocast(hidden) \
+                else contextlib.nullcontext():  # the graph computes what was proved
             result = call(self.gm, self.block, *data)
         outs = list(result) if isinstance(result, tuple) else [result]  # (out, logits, ids, w), or an experts out
         if self.gm.meta["moe_spec"].counters and not _NOT_COUNTING[0]:  # eager, torch.compile, torch.export
@@ -375,6 +397,13 @@ class CompiledForward:
         if len(outs) == 1:
             return outs[0]
         return assemble(self.gm.meta["moe_spec"].outputs, hidden, *outs)
+
+
+def _autocast(x: torch.Tensor) -> bool:
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return False
 
 
 _NOT_COUNTING = [0]  # > 0 while moec.export_onnx traces (a module global: Dynamo reads it, a ContextVar it cannot)
@@ -433,11 +462,11 @@ def install(block: nn.Module, gm: fx.GraphModule, path: str) -> None:
     old = compiled_forward(block)
     user_forward = old.user_forward if old is not None else block.__dict__.get("forward")
     gm.meta.pop("block", None)  # the compiled block holds no compile-time references (tensors, candidates)
-    gm.meta.pop("candidate", None)
+    container = getattr(gm.meta.pop("candidate", None), "container", None)
     gm.meta["installed_roles"] = roles(gm)  # read per call without gm.graph (which torch.compile does not trace)
     block.__dict__["_moec_graph"] = gm  # kept out of _modules: state_dict and named_modules are unchanged
     # a partial of a module-level function: torch.export reads its code, pickle stores it
-    block.forward = functools.partial(_run_compiled, CompiledForward(block, gm, path, user_forward))
+    block.forward = functools.partial(_run_compiled, CompiledForward(block, gm, path, user_forward, container))
     own = type(block).extra_repr(block)
     d = gm.meta["moe_spec"].describe()
     line = f"moec: {d['router']}; experts {d['experts']}" + (f"; shared {d['shared']}" if d["shared"] != "-" else "")

@@ -235,6 +235,163 @@ def test_to_meta_then_to_empty_then_load():
     _same(block, other, _x(32))
 
 
+def _changes():
+    """(family, what, change(block, ref_block)): a block changed after compile in ways its tensors do not show."""
+    def patch_class(block, ref):  # (the class of the block's experts only: a subclass made before compile)
+        forward = type(block.experts).__base__.forward
+        type(block.experts).forward = lambda self, *a, **kw: 2 * forward(self, *a, **kw)
+
+    return [("mixtral", "gate.top_k", lambda b, r: [setattr(m.gate, "top_k", 1) for m in (b, r)]),
+            ("mixtral", "submodules", lambda b, r: [setattr(m.experts, "act_fn", nn.GELU()) for m in (b, r)]),
+            ("qwen2_moe", "gate.norm_topk_prob", lambda b, r: [setattr(m.gate, "norm_topk_prob", False) for m in (b, r)]),
+            ("mixtral", "forward was replaced", patch_class)]
+
+
+@pytest.mark.parametrize("family,what,change", _changes(), ids=[w for _, w, _ in _changes()])
+def test_a_block_changed_after_compile(family, what, change):
+    """A changed attribute, a replaced activation module or a patched class: the block runs its own forward (with a
+    warning naming the change; the compiled graph was proved for the block as it was), and compiling again proves
+    it anew."""
+    from moec.canonical import compiled_forward
+
+    model = models.tiny_model(family)
+    experts = model.model.layers[0].mlp.experts
+    experts.__class__ = type("Experts", (type(experts),), {})
+    ref = copy.deepcopy(model)
+    moec.compile(model)
+    block = model.model.layers[0].mlp
+    change(block, ref.model.layers[0].mlp)
+    inputs = models.example_inputs(model, batch=2, seq=9)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _same(model, ref, inputs["input_ids"])
+    assert any("model.layers.0.mlp" in str(w.message) and "changed after compile" in str(w.message)
+               and what in str(w.message) for w in caught), [str(w.message) for w in caught]
+    moec.compile(model)
+    assert "model.layers.0.mlp" in [b.path for b in moec.inspect(model).blocks]
+    assert compiled_forward(block).changed() is None  # the new graph stands for the block as it is
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _same(model, ref, inputs["input_ids"])
+
+
+def test_dropout_in_training_mode_inside_an_eval_block():
+    """Monte-Carlo dropout: the model in eval mode, its dropout modules put back in training mode. The experts'
+    dropout runs (the original forward), as it does in the original, seed for seed."""
+    model = models.tiny_model("switch_transformers", dropout_rate=0.3)
+    ref = copy.deepcopy(model)
+    _compiled(model)
+    path = moec.inspect(model).blocks[0].path
+    for m in (model, ref):
+        for d in m.modules():
+            if isinstance(d, nn.Dropout):
+                d.train()
+    x = torch.randn(1, 6, model.config.d_model)
+    outs = []
+    for seed in (1, 2):
+        got, want = [], []
+        for m, into in ((resolve(model, path), got), (resolve(ref, path), want)):
+            torch.manual_seed(seed)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                y = m(x)
+            into.append(y[0] if isinstance(y, tuple) else y)
+        assert torch.equal(got[0], want[0])
+        outs.append(got[0])
+    assert not torch.equal(*outs)
+
+
+def test_forward_mode_ad_with_the_kernels_on():
+    """The block's tangent (forward-mode AD, eval mode) with 2 threads, where few tokens take moec's numba kernels,
+    which compute values only: torch's ops run, and the tangent is the original's."""
+    import torch.autograd.forward_ad as fwAD
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        block = _compiled(_block("modulelist", num_experts=8))
+        ref = copy.deepcopy(block)
+        x, t = _x(32, T=4), _x(32, T=4, seed=1)
+        out = {}
+        for name, m in (("compiled", block), ("original", ref)):
+            with torch.no_grad(), fwAD.dual_level():
+                y = fwAD.unpack_dual(m(fwAD.make_dual(x, t)))
+                out[name] = y.primal.clone(), y.tangent.clone()
+        assert rel_err(out["compiled"][0], out["original"][0]) < TOL[torch.float32]
+        assert rel_err(out["compiled"][1], out["original"][1]) < TOL[torch.float32]
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("quantize", [None, moec.Int8Experts()])
+def test_autocast(quantize):
+    """Under torch.autocast a DeepSeek-V3 block computes its router's scores in bf16, and picks other experts for
+    some tokens than in fp32: an fp block runs its own forward there (with a warning), the same numbers; a quantized
+    one (no original weights left) runs its graph without autocast, as compiled."""
+    torch.manual_seed(0)
+    model = models.tiny_model("deepseek_v3")
+    ref = copy.deepcopy(model)
+    moec.compile(model, quantize=quantize)
+    block, ref_block = model.model.layers[0].mlp, ref.model.layers[0].mlp
+    h = torch.randn(1, 200, 64, generator=torch.Generator().manual_seed(200))
+    with torch.no_grad():
+        plain = block(h)
+        with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got, want = block(h), ref_block(h)
+    if quantize is None:
+        assert torch.equal(got, want) and any("autocast" in str(w.message) for w in caught)
+    else:
+        assert torch.equal(got, plain) and not caught
+
+
+def test_inspect_with_inputs_leaves_the_model_as_it_was():
+    """moec.inspect(model, inputs) runs the model to count each expert's tokens: a block's token counter is left."""
+    from test_generality import TokenCounting
+
+    block = TokenCounting(grouped=False, before=False).eval()
+    moec.compile(block)
+    before = block.tokens_per_expert.clone()
+    report = moec.inspect(block, torch.randn(9, 32))
+    assert report.blocks[0].expert_load and torch.equal(block.tokens_per_expert, before)
+
+
+def test_share_memory_after_compile():
+    """model.share_memory() after compile: the experts moec keeps in one copy stay in shared memory after a call."""
+    block = _compiled(_block("modulelist", num_experts=8))
+    ref = copy.deepcopy(block)
+    _same(block, ref, _x(32))
+    block.share_memory()
+    _same(block, ref, _x(32))
+    assert all(p.is_shared() for p in block.parameters())
+
+
+def test_weights_changed_then_served_under_inference_mode_still_train():
+    """New weights arrive, and the first call after runs under torch.inference_mode(): moec's copy of the experts
+    (the parameters are re-pointed into it) is a normal tensor, so the model still trains."""
+    block = _compiled(_block("modulelist", num_experts=8))
+    block.load_state_dict({k: v.clone() for k, v in block.state_dict().items()}, assign=True)
+    with torch.inference_mode():
+        block(_x(32))
+    assert not any(p.is_inference() for p in block.parameters())
+    block.train()
+    block(_x(32)).sum().backward()
+
+
+def test_to_with_parameters_swapped_right_after_compile():
+    """torch.__future__.set_swap_module_params_on_conversion(True): .to() swaps each parameter, which fails while
+    anything else refers to it; compile leaves no such reference behind."""
+    model = models.tiny_model("mixtral")
+    ref = copy.deepcopy(model)
+    _compiled(model)
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to(torch.bfloat16), ref.to(torch.bfloat16)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+    _same(model, ref, _ids(model), TOL[torch.bfloat16])
+
+
 def test_state_dict_keeps_the_original_keys():
     for model in (_block("modulelist"), models.tiny_model("gpt_oss")):
         keys = set(model.state_dict())
