@@ -207,7 +207,7 @@ def _capture_key(hook) -> str | None:
     return cells["key"].cell_contents if "key" in cells else None
 
 
-def _idle_capture(hook) -> bool:
+def idle_capture(hook) -> bool:
     """A transformers output-capturing hook with nothing to record in this call (it returns at once)."""
     key = _capture_key(hook)
     if key is None:
@@ -312,7 +312,7 @@ class CompiledForward:
             return None
         glob = [*_module._global_forward_hooks.values(), *_module._global_forward_pre_hooks.values()]
         hooks = [*glob, *(h for m in self._skipped for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values())]
-        live = [h for h in hooks if not _idle_capture(h)]
+        live = [h for h in hooks if not idle_capture(h)]
         if not live:
             return None
         if what := sorted({_capture_key(h) for h in live} - {None}):
