@@ -704,7 +704,7 @@ def eager_reason(model: nn.Module) -> str | None:
     """Why the model's own forward runs instead of a session: forward hooks on its modules or global ones (but
     transformers' idle output-capturing hooks), which a session would not call (nor one exported while they were
     on stop calling them); a dropout or other module that acts on its training flag in training mode in an
-    eval-mode model (Monte-Carlo dropout: the export is the eval forward)."""
+    eval-mode model (Monte-Carlo dropout: the export is the eval forward); float64 weights."""
     from moec.canonical import idle_capture
 
     hooks = [*_module._global_forward_hooks.values(), *_module._global_forward_pre_hooks.values()]
@@ -715,7 +715,11 @@ def eager_reason(model: nn.Module) -> str | None:
             training = name
     if any(not idle_capture(h) for h in hooks):
         return "forward hooks on its modules, which a session would not call"
-    return f"{training} is in training mode" if training is not None else None
+    if training is not None:
+        return f"{training} is in training mode"
+    if next(model.parameters(), torch.empty(0)).dtype == torch.float64:
+        return "float64 weights (ONNX Runtime's attention and moec's kernels take fp32, bf16 or fp16)"
+    return None
 
 
 def _settings(model: nn.Module) -> list:

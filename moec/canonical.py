@@ -229,7 +229,8 @@ class CompiledForward:
     def __init__(self, block: nn.Module, gm: fx.GraphModule, path: str, user_forward=None, container=None):
         self.block, self.gm, self.path = block, gm, path
         self.user_forward = user_forward  # an instance-level forward the block had before compile, if any
-        self.form = Form(block, container)
+        self.container = container
+        self.form = Form(block, container)  # recorded again once compile has installed everything (settle)
         self._gen = -1
         self._skipped: list[nn.Module] = []
         self._signature = None
@@ -297,6 +298,11 @@ class CompiledForward:
         """The block's original expert weights are gone (quantized, offloaded, sharded): its own forward cannot run."""
         spec = self.gm.meta["moe_spec"]
         return spec.quant is not None or spec.offloaded or bool(spec.sharded)
+
+    def settle(self) -> None:
+        """Record the block's form as compile leaves it (dense= and decode_linears= replace or wrap its Linears after
+        the blocks are installed)."""
+        self.form = Form(self.block, self.container)
 
     def changed(self) -> str | None:
         """Why the graph no longer stands for the block (moec.form), or None. Checked in eager calls only."""

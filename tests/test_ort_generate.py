@@ -977,3 +977,16 @@ def test_inference_mode_pads_and_long_budgets(pair, loops):
                 model.generate(torch.cat([ids[:1], ids[1:]]), **kw)
         kw = dict(max_new_tokens=2**40, do_sample=False, eos_token_id=first)
         _same(model, ref, ids[:1], **kw)
+
+
+def test_a_float64_model_runs_its_own_forward():
+    """A float64 model (HF's eager experts: grouped_mm takes no float64), made so before or after compile: ONNX
+    Runtime's attention takes no float64, so the model's own forward runs, with a warning (it crashed the first
+    generate)."""
+    ref = models.tiny_model("mixtral", experts_implementation="eager").double()
+    before = moec.compile(copy.deepcopy(ref), backend="onnxruntime")
+    after = moec.compile(models.tiny_model("mixtral", experts_implementation="eager"), backend="onnxruntime").double()
+    ids, mask = _prompt(ref, 2, 5, seed=11)
+    for model in (before, after):
+        with pytest.warns(UserWarning, match="float64"):
+            _same(model, ref, ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
