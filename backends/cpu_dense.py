@@ -101,7 +101,7 @@ def install(model: nn.Module, cfg: QuantConfig, rejected: list[str]) -> tuple[in
         elif m.weight.device.type != "cpu":
             left.append(f"{name}: on {m.weight.device.type} (moec's quantized layers run on CPU)")
         else:
-            layer = QuantLinear(cfg, m, int8_activations=cfg.activations == "int8")
+            layer = QuantLinear(cfg, m, int8_activations=cfg.activations == "int8").train(m.training)
             layer.__dict__["_moec_dense"] = True
             if not _agrees(layer):
                 left.append(f"{name}: moec's kernels did not match the reference on its weights")

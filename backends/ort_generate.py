@@ -51,6 +51,8 @@ import ml_dtypes
 import numpy as np
 import torch
 
+from moec.backends.ort_session import eager_reason, embedding_table
+
 # generation-config fields a plain call may set: lengths and special tokens (read by this loop), the sampling knobs
 # (HF's processors built from them when sampling; greedy search never reads them), the beam knobs neither reads,
 # and bookkeeping
@@ -78,8 +80,10 @@ class OrtGenerate:
     def __call__(self, inputs=None, generation_config=None, *args, **kwargs):
         model = self.forward.model
         self.forward._check_ids({"input_ids": kwargs.get("input_ids", inputs)})  # (HF's loop gets its own check)
-        # (in train() mode HF's generate runs the model's own forward, as a call does: OrtForward)
-        plan = None if args or model.training else _plain(model, inputs, generation_config, dict(kwargs))
+        # (in train() mode HF's generate runs the model's own forward, as a call does: OrtForward; so with hooks, and
+        # through a forward the user wrapped after compile)
+        plan = None if args or model.training or eager_reason(model) or model.__dict__.get("forward") is not \
+            self.forward else _plain(model, inputs, generation_config, dict(kwargs))
         if plan is None:  # (positional args: HF's logits_processor, stopping_criteria ...)
             return type(model).generate(model, inputs, generation_config, *args, **kwargs)
         return loop(self.forward, *plan)
@@ -120,6 +124,11 @@ def _plain(model, inputs, generation_config, kwargs) -> tuple | None:
     pad = int(torch.as_tensor(pad)) if pad is not None else eos[0] if eos else None
     if eos is not None and pad is None:
         return None  # eos_token_id=[] without a pad token: HF's generate says what is wrong
+    table = embedding_table(model, False)
+    if pad is not None and table is not None and not 0 <= pad < table.num_embeddings:
+        return None  # a pad outside the vocabulary: HF's loop feeds it to the model, which raises
+    if inputs.shape[1] + new > max(getattr(model.config, "max_position_embeddings", 0) or 0, 1 << 14):
+        return None  # this loop holds every step's arrays from the start: HF's cache grows as it goes
     if mask is None:
         if pad is not None and bool((inputs == pad).any()):
             return None  # HF may infer the mask from the pad tokens

@@ -34,13 +34,16 @@ import os
 import sys
 import tempfile
 import threading
+import warnings
 import weakref
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
 from moec.bindings import NoBackward
+from moec.form import Form, train_sensitive
 from moec.log import log
 
 # max relative error of the session's outputs against eager on the first call, per activation dtype
@@ -117,6 +120,8 @@ class OrtForward:
         self.tmp = tempfile.TemporaryDirectory(prefix="moec-ort-")
         self.sessions: dict[tuple, tuple] = {}  # key -> (session, input names, outputs -> the model's structure)
         self.weights = None  # _weights(model) when the sessions were exported
+        self.form = self.settings = None  # the model's form (moec.form) and config settings then: baked into them
+        self._eager_said: set[str] = set()  # why the model's own forward ran, warned once
         self.cached = _takes_cache(model)  # an HF decoder LM with a key/value cache: generate uses it
         self.output_type = None  # the model's ModelOutput class (found by the KV-cache session's first check)
         self._past = weakref.WeakKeyDictionary()  # HF cache -> (the session's last present arrays, its tensors then)
@@ -147,6 +152,12 @@ class OrtForward:
 
     def __call__(self, *args, **kwargs):
         if self.model.training:  # training runs the model's own forward: dropout, router jitter, gradients
+            return self.original(*args, **kwargs)
+        if why := eager_reason(self.model):
+            if why not in self._eager_said:
+                self._eager_said.add(why)
+                warnings.warn(f"moec backend='onnxruntime': the model runs its own forward, not the session: {why}",
+                              stacklevel=2)
             return self.original(*args, **kwargs)
         if kwargs.get("return_dict") is False:  # HF's tuple: the output's fields that are set, in order
             out = self(*args, **{**kwargs, "return_dict": True})
@@ -180,8 +191,8 @@ class OrtForward:
                                           "(the session takes the model's tensor inputs and returns its outputs)")
         key = tuple((n, t.dtype, t.dim()) for n, t in tensors.items())
         with self._opening:
-            if self.sessions and _weights(self.model) != self.weights:  # load_state_dict, edits, .to(): export again
-                log.info("moec backend='onnxruntime': the model's weights changed since the export; exporting again")
+            if self.sessions and (what := self._stale()):  # load_state_dict, edits, .to(), settings: export again
+                log.info(f"moec backend='onnxruntime': {what} since the export; exporting again")
                 self.sessions.clear()
             if key not in self.sessions:
                 self.sessions[key] = self._open(tensors)
@@ -273,7 +284,7 @@ class OrtForward:
             ids = args.get(name)
             if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.numel() == 0:
                 continue
-            table = _embedding(self.model, decoder=name == "decoder_input_ids")
+            table = embedding_table(self.model, decoder=name == "decoder_input_ids")
             if table is None:
                 continue
             if ids.dim() != 2:
@@ -356,7 +367,8 @@ class OrtForward:
         model's weights changed since."""
         key = ("kv_cache", ids.dtype)
         with self._opening:
-            if self.sessions and _weights(self.model) != self.weights:
+            if self.sessions and (what := self._stale()):
+                log.info(f"moec backend='onnxruntime': {what} since the export; exporting again")
                 self.sessions.clear()
             if key not in self.sessions:
                 self.sessions[key] = self._open_cached(ids, mask)
@@ -387,8 +399,23 @@ class OrtForward:
                                      "position_ids": np.tile(np.arange(T), (B, 1)),
                                      **dict(zip(names[3:], empty_past(layout, B, T if in_place(session) else 0)))})[0]
         self._check(eager, torch.from_numpy(got))  # the prompt step, 300 tokens, against eager
-        self.weights = _weights(self.model)
+        self._exported()
         return self._round_rows(path, session), names, layout, exported.gqa_layers > 0
+
+    def _exported(self) -> None:
+        """Note what the sessions were exported from: weights, form, settings."""
+        self.weights, self.form = _weights(self.model), Form(self.model, None)
+        self.settings = copy.deepcopy(_settings(self.model))
+
+    def _stale(self) -> str | None:
+        """What changed since the export (the sessions hold it baked in), or None."""
+        if _weights(self.model) != self.weights:
+            return "the model's weights changed"
+        if what := self.form.changed(self.model):
+            return f"the model changed ({what})"
+        if _settings(self.model) != self.settings:
+            return "the model's config changed"
+        return None
 
     def _take_export(self, exported) -> None:
         """Keep the export's report, and say (once per block) what runs other than the compile-time report said:
@@ -462,7 +489,7 @@ class OrtForward:
                 got = rebuild([torch.from_numpy(np.asarray(o)) for o in session.run(
                     None, {n: _array(feeds[n]) for n in names})])
             self._check(want, got, feeds.get("attention_mask"))
-        self.weights = _weights(self.model)
+        self._exported()
         return self._round_rows(path, session), names, rebuild
 
     def _session(self, path: str):
@@ -542,17 +569,20 @@ def _slides(config) -> bool:
 
 
 def _tensors(cache) -> list:
-    """The key/value tensors (linear-attention states) an HF cache holds now, with their in-place write counters."""
+    """The key/value tensors (linear-attention states) an HF cache holds now, with their in-place write counters (an
+    inference tensor has none: torch.inference_mode() serving; HF's caches make new tensors at each update, which
+    the identity shows, but an in-place write into one is not seen)."""
     from moec import export_state
 
-    return [(t, None if t is None else t._version) for layer in cache.layers for t in export_state.present(layer)]
+    return [(t, None if t is None else -1 if t.is_inference() else t._version)
+            for layer in cache.layers for t in export_state.present(layer)]
 
 
 def _same(now: list, then: list) -> bool:
     return len(now) == len(then) and all(a is b and u == v for (a, u), (b, v) in zip(now, then))
 
 
-def _embedding(model: nn.Module, decoder: bool) -> nn.Embedding | None:
+def embedding_table(model: nn.Module, decoder: bool) -> nn.Embedding | None:
     """The table an HF model's (or its decoder's) token ids index: an nn.Embedding or a subclass of it."""
     try:
         table = (model.get_decoder() if decoder else model).get_input_embeddings()
@@ -668,6 +698,42 @@ def _weights(model: nn.Module) -> tuple:
     checked at every decode step, it costs half of parameters() + buffers())."""
     return tuple((t.data_ptr(), t._version, t.dtype) for m in model.modules()
                  for d in (m._parameters, m._buffers) for t in d.values() if t is not None)
+
+
+def eager_reason(model: nn.Module) -> str | None:
+    """Why the model's own forward runs instead of a session: forward hooks on its modules or global ones (but
+    transformers' idle output-capturing hooks), which a session would not call (nor one exported while they were
+    on stop calling them); a dropout or other module that acts on its training flag in training mode in an
+    eval-mode model (Monte-Carlo dropout: the export is the eval forward); float64 weights."""
+    from moec.canonical import idle_capture
+
+    hooks = [*_module._global_forward_hooks.values(), *_module._global_forward_pre_hooks.values()]
+    training = None
+    for name, m in model.named_modules():
+        hooks += [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+        if training is None and m.training and train_sensitive(m):
+            training = name
+    if any(not idle_capture(h) for h in hooks):
+        return "forward hooks on its modules, which a session would not call"
+    if training is not None:
+        return f"{training} is in training mode"
+    if next(model.parameters(), torch.empty(0)).dtype == torch.float64:
+        return "float64 weights (ONNX Runtime's attention and moec's kernels take fp32, bf16 or fp16)"
+    return None
+
+
+def _settings(model: nn.Module) -> list:
+    """The model config's public settings and its sub-configs' (sliding_window, rope parameters ...): an export
+    bakes them in."""
+    out, stack = [], [getattr(model, "config", None)]
+    while stack:
+        config = stack.pop()
+        for k, v in (vars(config).items() if config is not None else ()):
+            if hasattr(v, "to_dict") and hasattr(v, "model_type"):  # a sub-config (text_config ...)
+                stack.append(v)
+            elif not k.startswith("_"):
+                out.append((k, v))
+    return out
 
 
 def _main(out):

@@ -455,6 +455,8 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     report.expert_parallel = None if group is None else group.stats
     if pool is not None:
         _start_offload(model, report, pool)
+    for b in report.blocks:  # what the blocks look like now is what they were compiled as
+        compiled_forward(resolve(model, b.path)).settle()
     model.__dict__["_moec_report"] = report
     if (quantize is not None or pool is not None) and report.blocks:
         refuse_save_pretrained(model)

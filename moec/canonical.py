@@ -207,7 +207,7 @@ def _capture_key(hook) -> str | None:
     return cells["key"].cell_contents if "key" in cells else None
 
 
-def _idle_capture(hook) -> bool:
+def idle_capture(hook) -> bool:
     """A transformers output-capturing hook with nothing to record in this call (it returns at once)."""
     key = _capture_key(hook)
     if key is None:
@@ -229,7 +229,8 @@ class CompiledForward:
     def __init__(self, block: nn.Module, gm: fx.GraphModule, path: str, user_forward=None, container=None):
         self.block, self.gm, self.path = block, gm, path
         self.user_forward = user_forward  # an instance-level forward the block had before compile, if any
-        self.form = Form(block, container)
+        self.container = container
+        self.form = Form(block, container)  # recorded again once compile has installed everything (settle)
         self._gen = -1
         self._skipped: list[nn.Module] = []
         self._signature = None
@@ -298,6 +299,11 @@ class CompiledForward:
         spec = self.gm.meta["moe_spec"]
         return spec.quant is not None or spec.offloaded or bool(spec.sharded)
 
+    def settle(self) -> None:
+        """Record the block's form as compile leaves it (dense= and decode_linears= replace or wrap its Linears after
+        the blocks are installed)."""
+        self.form = Form(self.block, self.container)
+
     def changed(self) -> str | None:
         """Why the graph no longer stands for the block (moec.form), or None. Checked in eager calls only."""
         if tracing():
@@ -312,7 +318,7 @@ class CompiledForward:
             return None
         glob = [*_module._global_forward_hooks.values(), *_module._global_forward_pre_hooks.values()]
         hooks = [*glob, *(h for m in self._skipped for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values())]
-        live = [h for h in hooks if not _idle_capture(h)]
+        live = [h for h in hooks if not idle_capture(h)]
         if not live:
             return None
         if what := sorted({_capture_key(h) for h in live} - {None}):

@@ -31,7 +31,8 @@ def _plain(v) -> bool:
         callable(v) and not isinstance(v, (nn.Module, torch.Tensor, type)))
 
 
-def _train_sensitive(m: nn.Module) -> bool:
+def train_sensitive(m: nn.Module) -> bool:
+    """Whether a module may act on its training flag (not a Linear, a container or an activation)."""
     return not isinstance(m, _STATELESS) and type(m).__module__ != "torch.nn.modules.activation"
 
 
@@ -69,7 +70,7 @@ class Form:
                         not path and k in ("forward", "extra_repr")):  # moec's own, on the block
                     continue
                 if k == "training":
-                    if _train_sensitive(m):  # (a Linear or an activation computes the same in training mode)
+                    if train_sensitive(m):  # (a Linear or an activation computes the same in training mode)
                         entries.append((path, k, False))  # analysed and proved in eval mode
                 elif not member and _plain(v):
                     entries.append((path, k, v))

@@ -5,6 +5,7 @@ call runs HF's generate."""
 import copy
 import itertools
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -902,3 +903,90 @@ def test_the_sampling_benchmark_runs():
     run = subprocess.run([sys.executable, str(script), "--vocab", "300", "--rounds", "1", "--steps", "3"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "one sampling step" in run.stdout, run.stderr[-2000:]
+
+
+def test_hooks_wrappers_and_settings_after_compile(pair, loops):
+    """Found by a hostile probe, each once a wrong answer: a forward hook (on a module or the model, registered after
+    the session opened; and removed again), a wrapped model.forward, an attribute or config setting changed after
+    compile. Hooks and wrappers run the model's own forward (HF's generate over it); a changed setting exports
+    again; the tokens are the original's."""
+    model, ref = pair
+    ids, mask = _prompt(model, 2, 6, seed=9)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
+    _same(model, ref, ids, **kw)  # the session is open
+
+    def ban(module, args, out):  # steering: tokens below 128 never come
+        out = out.clone()
+        out[..., :128] = -1e9
+        return out
+
+    for where in ("lm_head", ""):
+        hooks = [m.get_submodule(where).register_forward_hook(
+            ban if where else lambda m, a, out: out.__class__(logits=ban(m, a, out.logits), **{
+                k: v for k, v in out.items() if k != "logits"})) for m in (model, ref)]
+        before = len(loops)
+        with warnings.catch_warnings(record=True) as caught:  # (said once)
+            warnings.simplefilter("always")
+            got = _same(model, ref, ids, **kw)
+        assert bool(where) == any("forward hooks" in str(w.message) for w in caught)
+        assert (got[:, ids.shape[1]:] >= 128).all() and len(loops) == before
+        for h in hooks:
+            h.remove()
+        _same(model, ref, ids, **kw)
+        assert len(loops) == before + 1  # moec's loop again
+    calls = []
+    inner = model.forward
+    model.forward = lambda *a, **k: calls.append(1) or inner(*a, **k)
+    try:
+        _same(model, ref, ids, **kw)
+        assert calls
+    finally:
+        model.__dict__["forward"] = inner
+    router = next(n for n, m in ref.named_modules() if isinstance(getattr(m, "top_k", None), int))
+    k, window = ref.get_submodule(router).top_k, ref.config.sliding_window
+    for m in (model, ref):
+        m.get_submodule(router).top_k = 1
+        m.config.sliding_window = 3
+    try:
+        _same(model, ref, ids, **kw)
+    finally:
+        for m in (model, ref):
+            m.get_submodule(router).top_k = k
+            m.config.sliding_window = window
+    _same(model, ref, ids, **kw)
+
+
+def test_inference_mode_pads_and_long_budgets(pair, loops):
+    """torch.inference_mode(): HF's generate (beams, a repetition penalty) and cached calls over the session's cache
+    (its tensors are inference tensors, which count no writes); a pad_token_id outside
+    the vocabulary raises as the original; max_new_tokens of 2**40 ends at eos without allocating for it."""
+    model, ref = pair
+    ids, mask = _prompt(model, 2, 6, seed=10)
+    with torch.inference_mode():
+        for kw in (dict(num_beams=2), dict(repetition_penalty=1.3), {}):
+            assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, **kw),
+                               ref.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, **kw))
+        assert rel_err(model(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits) < 1e-5
+    with torch.no_grad():
+        for pad in (-1, model.config.vocab_size + 10):  # a row that ends early is padded with it
+            first = ref.generate(ids[:1], max_new_tokens=1, do_sample=False)[0, -1].item()
+            kw = dict(max_new_tokens=4, do_sample=False, eos_token_id=first, pad_token_id=pad)
+            with pytest.raises(IndexError):
+                ref.generate(torch.cat([ids[:1], ids[1:]]), **kw)
+            with pytest.raises(IndexError):
+                model.generate(torch.cat([ids[:1], ids[1:]]), **kw)
+        kw = dict(max_new_tokens=2**40, do_sample=False, eos_token_id=first)
+        _same(model, ref, ids[:1], **kw)
+
+
+def test_a_float64_model_runs_its_own_forward():
+    """A float64 model (HF's eager experts: grouped_mm takes no float64), made so before or after compile: ONNX
+    Runtime's attention takes no float64, so the model's own forward runs, with a warning (it crashed the first
+    generate)."""
+    ref = models.tiny_model("mixtral", experts_implementation="eager").double()
+    before = moec.compile(copy.deepcopy(ref), backend="onnxruntime")
+    after = moec.compile(models.tiny_model("mixtral", experts_implementation="eager"), backend="onnxruntime").double()
+    ids, mask = _prompt(ref, 2, 5, seed=11)
+    for model in (before, after):
+        with pytest.warns(UserWarning, match="float64"):
+            _same(model, ref, ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
