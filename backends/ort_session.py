@@ -31,6 +31,7 @@ import contextlib
 import copy
 import inspect
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -187,7 +188,7 @@ class OrtForward:
             elif isinstance(value, torch.Tensor):
                 tensors[name] = value
             elif value is not None and name != "use_cache" and (name not in _FIXED or _FIXED[name] != value):
-                raise NotImplementedError(f"moec backend='onnxruntime': argument {name}={value!r} is not supported "
+                raise NotImplementedError(f"moec backend='onnxruntime': argument {name}={_short(value)} is not supported "
                                           "(the session takes the model's tensor inputs and returns its outputs)")
         key = tuple((n, t.dtype, t.dim()) for n, t in tensors.items())
         with self._opening:
@@ -216,8 +217,12 @@ class OrtForward:
             if name in ("input_ids", "attention_mask", "position_ids", "cache_position", "use_cache",
                         "logits_to_keep") or value is None or (name in _FIXED and _FIXED[name] == value):
                 continue
-            raise NotImplementedError(f"moec backend='onnxruntime': argument {name}={value!r} is not supported")
+            raise NotImplementedError(f"moec backend='onnxruntime': argument {name}={_short(value)} is not supported")
         self._say_config_outputs(args)
+        if cache is not None and not isinstance(cache, DynamicCache):
+            raise NotImplementedError(f"moec backend='onnxruntime': a {type(cache).__name__} (e.g. cache_implementation="
+                                      f"'static') is not supported: the session steps HF's DynamicCache; use the "
+                                      f"default cache, or backend='torch'")
         cache = DynamicCache(config=self.model.config) if cache is None else cache
         B, S = ids.shape
         mask = args.get("attention_mask")
@@ -619,9 +624,13 @@ def _exporting(model: nn.Module, what: str = "the export"):
     except Exception as e:
         if str(e).startswith("moec") or isinstance(e, (MemoryError, OSError, torch.OutOfMemoryError)) or _ours(e):
             raise  # moec's refusals, a machine's limits, and moec's own defects, as they are
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        root = e  # torch.export's own error wraps the model's: say the model's
+        while root.__cause__ is not None:
+            root = root.__cause__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(root))  # (torch.export colours its messages)
+        first = next((line.strip() for line in text.splitlines() if line.strip()), "")
         raise NotImplementedError(f"moec backend='onnxruntime': {type(model).__name__} cannot run in ONNX Runtime: "
-                                  f"{what} failed ({type(e).__name__}: {first[:300]}); use backend='torch' for this "
+                                  f"{what} failed ({type(root).__name__}: {first[:300]}); use backend='torch' for this "
                                   f"model") from e
 
 
@@ -734,6 +743,12 @@ def _settings(model: nn.Module) -> list:
             elif not k.startswith("_"):
                 out.append((k, v))
     return out
+
+
+def _short(value) -> str:
+    """A value for an error message: its repr if short, else its type (a ModelOutput's repr prints its tensors)."""
+    text = repr(value)
+    return text if len(text) <= 60 and "\n" not in text else f"<{type(value).__name__}>"
 
 
 def _main(out):

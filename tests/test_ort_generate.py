@@ -990,3 +990,15 @@ def test_a_float64_model_runs_its_own_forward():
     for model in (before, after):
         with pytest.warns(UserWarning, match="float64"):
             _same(model, ref, ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+
+
+def test_clear_refusals_found_by_a_hostile_probe(pair):
+    """A StaticCache (cache_implementation="static") is refused as such (it said HF's 4-D mask was wrong); an
+    argument moec refuses is named by its type where its repr is long (a ModelOutput printed its tensors)."""
+    model, ref = pair
+    ids, mask = _prompt(model, 2, 6, seed=12)
+    with torch.no_grad():
+        with pytest.raises(NotImplementedError, match="StaticCache"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    big = types.SimpleNamespace(tensor=torch.randn(50, 50))
+    assert ort_session._short(big) == "<SimpleNamespace>" and ort_session._short(3) == "3"
