@@ -172,6 +172,9 @@ class OrtForward:
             raise NotImplementedError("moec backend='onnxruntime': labels= is not supported (the session returns the "
                                       "logits): compute the loss from them")
         self._check_ids(args)
+        if isinstance(mask := args.get("attention_mask"), torch.Tensor) and mask.dim() != 2:
+            raise NotImplementedError(f"moec backend='onnxruntime': a {mask.dim()}-d attention_mask is not supported (the "
+                                      f"session takes a [batch, length] padding mask): pass that, or use backend='torch'")
         cache = args.pop("past_key_values", None)
         use_cache = args.get("use_cache")
         if use_cache is None and self.cached:  # HF's default: the config's (a plain call returns the cache)

@@ -993,12 +993,17 @@ def test_a_float64_model_runs_its_own_forward():
 
 
 def test_clear_refusals_found_by_a_hostile_probe(pair):
-    """A StaticCache (cache_implementation="static") is refused as such (it said HF's 4-D mask was wrong); an
-    argument moec refuses is named by its type where its repr is long (a ModelOutput printed its tensors)."""
+    """A StaticCache (cache_implementation="static") is refused as such (it said HF's 4-D mask was wrong), and so is
+    a 4-D attention_mask; an argument moec refuses is named by its type where its repr is long (a ModelOutput
+    printed its tensors)."""
     model, ref = pair
     ids, mask = _prompt(model, 2, 6, seed=12)
     with torch.no_grad():
         with pytest.raises(NotImplementedError, match="StaticCache"):
             model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, cache_implementation="static")
+        square = mask[:, None, None, :].expand(2, 1, 6, 6)  # a 4-D mask crashed inside moec's check at 300 tokens
+        for use_cache in (False, True):
+            with pytest.raises(NotImplementedError, match="4-d attention_mask"):
+                model(ids, attention_mask=square, use_cache=use_cache)
     big = types.SimpleNamespace(tensor=torch.randn(50, 50))
     assert ort_session._short(big) == "<SimpleNamespace>" and ort_session._short(3) == "3"
