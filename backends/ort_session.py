@@ -172,10 +172,17 @@ class OrtForward:
             raise NotImplementedError("moec backend='onnxruntime': labels= is not supported (the session returns the "
                                       "logits): compute the loss from them")
         self._check_ids(args)
+        cache = args.pop("past_key_values", None)
+        if cache is not None:
+            from transformers import DynamicCache
+
+            if not isinstance(cache, DynamicCache):
+                raise NotImplementedError(f"moec backend='onnxruntime': a {type(cache).__name__} (e.g. "
+                                          f"cache_implementation='static') is not supported: the session steps HF's "
+                                          f"DynamicCache; use the default cache, or backend='torch'")
         if isinstance(mask := args.get("attention_mask"), torch.Tensor) and mask.dim() != 2:
             raise NotImplementedError(f"moec backend='onnxruntime': a {mask.dim()}-d attention_mask is not supported (the "
                                       f"session takes a [batch, length] padding mask): pass that, or use backend='torch'")
-        cache = args.pop("past_key_values", None)
         use_cache = args.get("use_cache")
         if use_cache is None and self.cached:  # HF's default: the config's (a plain call returns the cache)
             use_cache = getattr(self.model.config, "use_cache", False)
@@ -222,10 +229,6 @@ class OrtForward:
                 continue
             raise NotImplementedError(f"moec backend='onnxruntime': argument {name}={_short(value)} is not supported")
         self._say_config_outputs(args)
-        if cache is not None and not isinstance(cache, DynamicCache):
-            raise NotImplementedError(f"moec backend='onnxruntime': a {type(cache).__name__} (e.g. cache_implementation="
-                                      f"'static') is not supported: the session steps HF's DynamicCache; use the "
-                                      f"default cache, or backend='torch'")
         cache = DynamicCache(config=self.model.config) if cache is None else cache
         B, S = ids.shape
         mask = args.get("attention_mask")
