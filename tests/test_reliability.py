@@ -380,12 +380,12 @@ def test_weights_changed_then_served_under_inference_mode_still_train():
 
 def test_to_with_parameters_swapped_right_after_compile():
     """torch.__future__.set_swap_module_params_on_conversion(True): .to() swaps each parameter, which fails while
-    anything else refers to it; compile leaves no such reference behind."""
+    anything else refers to it; compile leaves no such reference behind where the flag is on."""
     model = models.tiny_model("mixtral")
     ref = copy.deepcopy(model)
-    _compiled(model)
     torch.__future__.set_swap_module_params_on_conversion(True)
     try:
+        _compiled(model)
         model.to(torch.bfloat16), ref.to(torch.bfloat16)
     finally:
         torch.__future__.set_swap_module_params_on_conversion(False)
