@@ -737,18 +737,30 @@ def eager_reason(model: nn.Module) -> str | None:
     return None
 
 
+_CALL_SETTINGS = frozenset({"use_cache", "return_dict", "output_attentions", "output_hidden_states",
+                            "output_router_logits", "output_scores", "torchscript"})  # read at each call, not baked
+
+
 def _settings(model: nn.Module) -> list:
     """The model config's public settings and its sub-configs' (sliding_window, rope parameters ...): an export
-    bakes them in."""
+    bakes them in. Values compared by value (numbers, strings, dicts and lists of them); other objects left out."""
     out, stack = [], [getattr(model, "config", None)]
     while stack:
         config = stack.pop()
         for k, v in (vars(config).items() if config is not None else ()):
             if hasattr(v, "to_dict") and hasattr(v, "model_type"):  # a sub-config (text_config ...)
                 stack.append(v)
-            elif not k.startswith("_"):
+            elif not k.startswith("_") and k not in _CALL_SETTINGS and _by_value(v):
                 out.append((k, v))
     return out
+
+
+def _by_value(v) -> bool:
+    if isinstance(v, (list, tuple)):
+        return all(map(_by_value, v))
+    if isinstance(v, dict):
+        return all(map(_by_value, v.values()))
+    return v is None or type(v) in (int, float, bool, str)
 
 
 def _short(value) -> str:

@@ -24,12 +24,12 @@ from moec.approx import ExpertPlan, TopP
 from moec.bindings import Const, Derived
 from moec.distributed import ExpertParallel, Group, ShardedExperts, compiled_blocks, fingerprint
 from moec.cuda_graphs import check as cuda_graphs_check, install as cuda_graphs_install
-from moec.capture import untouched
 from moec.canonical import (
     build_graph,
     compiled_forward,
     compiled_graph,
     install,
+    not_counting,
     resolve,
     runner,
     uninstall,
@@ -189,13 +189,17 @@ def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: boo
                 status("analysing")
                 block = resolve(model, cand.path)
                 old = compiled_graph(block)
+                # changed since compile (moec.form; not its training flags: a model in train() compiled again):
+                # proved anew, or left to its own forward
+                stale = old is not None and not block.training and compiled_forward(block).changed()
                 if old is not None:
-                    kept_block = _recompile(block, cand, pm, kept, options or {})
+                    kept_block = _recompile(block, cand, pm, kept, options or {}, stale)
                     if kept_block is not None:
                         report.blocks.append(kept_block)
                         progress.advance(task)
                         continue
-                    restore.append((block, old, cand.path))
+                    if not stale:
+                        restore.append((block, old, cand.path))
                 try:
                     res = _compile_block(pm, block, cand, options or {})
                 except _FinalProofFailed as e:
@@ -203,8 +207,8 @@ def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: boo
                         raise RuntimeError(f"moec: block {cand.path!r}: {e}; no block was rewritten") from e
                     res = Rejection(cand.path, str(e), e.records)
                 if isinstance(res, Rejection):
-                    if old is not None:  # compiled before, not with these options: it keeps its compiled graph
-                        install(block, old, cand.path)
+                    if old is not None and not stale:  # compiled before, not with these options: it keeps its
+                        install(block, old, cand.path)  # compiled graph
                     report.rejected.append(res)
                     sub = _experts_module(model, block, cand, pm, options or {}, strict)
                     if sub is not None:  # the block stays as it is, its experts module is rewritten
@@ -255,13 +259,12 @@ def _experts_module(model, block, cand, pm: PassManager, options: dict, strict: 
     return res
 
 
-def _recompile(block, cand, pm: PassManager, kept: Report | None, options: dict):
-    """An already compiled block: keep it if compiled the same way, else compile it anew (a quantized one
-    has released its fp expert weights: refused). Returns its report when kept."""
+def _recompile(block, cand, pm: PassManager, kept: Report | None, options: dict, changed: str | None):
+    """An already compiled block: keep it if compiled the same way and not `changed` since, else compile it anew (a
+    quantized one has released its fp expert weights: refused). Returns its report when kept."""
     gm = compiled_graph(block)
     old = gm.meta["moe_spec"].quant
     new = options.get("quantize")
-    changed = compiled_forward(block).changed()  # since compile (moec.form): proved anew, or refused below
     same = (not changed and kept is not None and kept.pipeline == pm.pipeline and old == new
             and new_topk(kept.topk, cand.path) == new_topk(options.get("topk"), cand.path)
             and kept.experts == options.get("experts"))
@@ -455,8 +458,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     report.expert_parallel = None if group is None else group.stats
     if pool is not None:
         _start_offload(model, report, pool)
-    for b in report.blocks:  # what the blocks look like now is what they were compiled as
-        compiled_forward(resolve(model, b.path)).settle()
+    settle(model, report)
     model.__dict__["_moec_report"] = report
     if (quantize is not None or pool is not None) and report.blocks:
         refuse_save_pretrained(model)
@@ -552,6 +554,13 @@ def _check_dense(dense, backend: str, device: torch.device) -> None:
     if backend == "torch" and device.type != "cpu":
         raise NotImplementedError(f"moec.compile: dense= on backend 'torch' runs on CPU only (the model is on "
                                   f"{device.type})")
+
+
+def settle(model: nn.Module, report: Report) -> None:
+    """The compiled blocks' forms (moec.form) as compile, load_offloaded and load_sharded leave them: dense= and
+    decode_linears= replace or wrap Linears inside blocks after the blocks are installed."""
+    for b in report.blocks:
+        compiled_forward(resolve(model, b.path)).settle()
 
 
 def install_dense(model: nn.Module, report: Report, dense) -> None:
@@ -659,7 +668,7 @@ def _expert_load(model: nn.Module, report: Report, args, kwargs) -> None:
 
     handles = [resolve(model, p).register_forward_pre_hook(hook(p), with_kwargs=True) for p in specs]
     try:
-        with torch.no_grad(), untouched(model):  # (counter buffers, statistics: inspect leaves the model as it was)
+        with torch.no_grad(), not_counting():  # (compiled blocks' token counters: inspect leaves them as they were)
             model(*args, **kwargs)
     finally:
         for h in handles:

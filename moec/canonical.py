@@ -289,7 +289,8 @@ class CompiledForward:
             return "no tokens"  # (a sharded block takes part in the exchange with no rows: the other ranks wait)
         if self.gm.meta.get("ranks") and hidden.dim() not in self.gm.meta["ranks"]:
             return f"a {hidden.dim()}-d input (proved on {' and '.join(map(str, self.gm.meta['ranks']))}-d inputs)"
-        if _autocast(hidden) and not self.released():  # (a released block's graph runs without it, as proved)
+        if _autocast(hidden) and not (self.released() or self.gm.meta.get("approximation")):  # (those run their
+            # graph without autocast, as proved)
             return (f"autocast is on: the block computes in its dtypes (e.g. its router's scores), which the compiled "
                     f"block, proved without autocast, would not")
         return self.why_hooks()

@@ -349,7 +349,7 @@ def load_sharded(model: nn.Module, checkpoint, expert_parallel: ExpertParallel, 
     one read other files. Checkpoint names: the model's state_dict keys (see moec.load_offloaded). Returns the
     model in eval mode (it holds a shard of the experts: it cannot train).
     decode_linears: as in moec.compile."""
-    from moec.api import _expert_parallel_group, _warn_if_empty, install_decode_linears
+    from moec.api import _expert_parallel_group, _warn_if_empty, install_decode_linears, settle
     from moec.backends import pipeline_for
     from moec.offload.load import fill_and_compile
     from moec.quant import Int4Experts, Int8Experts
@@ -370,6 +370,7 @@ def load_sharded(model: nn.Module, checkpoint, expert_parallel: ExpertParallel, 
     _warn_if_empty(model, report)
     report.quantize, report.expert_parallel = quantize, group.stats
     install_decode_linears(model, report, decode_linears)
+    settle(model, report)
     model.__dict__["_moec_report"] = report
     return model.eval()
 

@@ -11,13 +11,13 @@ Tensors are not part of the form: the graph reads them at each call (moec.bindin
 
 from __future__ import annotations
 
+import itertools
 import weakref
 
 import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-from moec.bindings import resolve
 
 _TORCH_KEYS = frozenset(nn.Module().__dict__) - {"training"}  # torch's bookkeeping: slots, hooks
 _SKIPPED = frozenset({"_is_hf_initialized", "_compiled_call_impl"})  # set by loaders and Module.compile()
@@ -25,15 +25,17 @@ _STATELESS = (nn.Linear, nn.Identity, nn.ModuleList, nn.ModuleDict, nn.Sequentia
 
 
 def _plain(v) -> bool:
-    """A value the block's code may branch on or call: a number, string, flag, None or a function (not a module
-    or tensor: those are registered, and the structure or the bindings follow them)."""
-    return v is None or type(v) in (int, float, bool, str) or (
+    """A value the block's code may branch on or call: a number, string, flag, dtype, None, a tuple of those or a
+    function (not a module or tensor: those are registered, and the structure or the bindings follow them)."""
+    return v is None or type(v) in (int, float, bool, str, torch.dtype) or (
+        type(v) is tuple and all(map(_plain, v))) or (
         callable(v) and not isinstance(v, (nn.Module, torch.Tensor, type)))
 
 
 def train_sensitive(m: nn.Module) -> bool:
     """Whether a module may act on its training flag (not a Linear, a container or an activation)."""
-    return not isinstance(m, _STATELESS) and type(m).__module__ != "torch.nn.modules.activation"
+    return not isinstance(m, _STATELESS) and (type(m).__module__ != "torch.nn.modules.activation"
+                                              or isinstance(m, (nn.MultiheadAttention, nn.RReLU)))
 
 
 def _structure(block: nn.Module) -> tuple:
@@ -41,13 +43,13 @@ def _structure(block: nn.Module) -> tuple:
             tuple(n for n, _ in block.named_buffers()))
 
 
-_WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a compiled block's module -> its Forms
+_WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a compiled block's module -> its Forms (weakly)
 
 
 def _registered(module, *args):
     """A parameter, buffer or submodule was (re)registered on `module`: the forms watching it look again."""
     for form in _WATCHED.get(module, ()):
-        form.dicts = None
+        form.bound = None
 
 
 _module.register_module_parameter_registration_hook(_registered)
@@ -55,16 +57,26 @@ _module.register_module_buffer_registration_hook(_registered)
 _module.register_module_module_registration_hook(_registered)
 
 
+def _names(modules: list[nn.Module]) -> tuple:
+    """The attribute names of each module (the block first), but moec's own (`_moec_*`, the block's forward and
+    repr)."""
+    return tuple(frozenset(k for k in m.__dict__ if not k.startswith("_moec") and (
+        i or k not in ("forward", "extra_repr"))) for i, m in enumerate(modules))
+
+
 class Form:
     """The block's form at compile. Training flags are those of modules that may act on them (not a Linear or an
-    activation); the other attributes of the experts in a container (`container`: a ModuleList of expert MLPs,
-    often hundreds of modules) are left out."""
+    activation). The experts in a container (`container`: a ModuleList of expert MLPs, often hundreds of modules)
+    are watched for their training flags only; the block's other modules for their plain attributes, which
+    attributes they have, their class and their children (a `_modules` entry swapped without registration)."""
 
     def __init__(self, block: nn.Module, container: str | None):
         self.structure = _structure(block)
-        entries = []  # (path, key, value at compile)
+        entries, self.own = [], []  # (path, key, value at compile); the paths of the modules not experts of a container
         for path, m in block.named_modules():
             member = container is not None and path.startswith(container + ".")
+            if not member:
+                self.own.append(path)
             for k, v in m.__dict__.items():
                 if k in _TORCH_KEYS or k in _SKIPPED or k.startswith("_moec") or (
                         not path and k in ("forward", "extra_repr")):  # moec's own, on the block
@@ -76,27 +88,41 @@ class Form:
                     entries.append((path, k, v))
         self.paths, self.keys, values = zip(*entries) if entries else ((), (), ())
         self.values = tuple(values)
+        own = [block.get_submodule(p) for p in self.own]
+        self.lens, self.types = tuple(len(m.__dict__) for m in own), tuple(map(type, own))
+        self.names = _names(own)
+        self.children = tuple(c for m in own for c in m._modules.values())
         self.classes = tuple({type(m): type(m).forward for _, m in block.named_modules()}.items())
-        self.dicts = None  # the modules' __dict__s, in `paths` order: bound at the first call, and again after a
-        # registration on one of the block's modules (not pickled)
+        self.bound = None  # (the watched __dict__s, the own modules, their __dict__s and _modules): bound at the first
+        # call, and again after a registration on one of the block's modules (not pickled)
 
     def __getstate__(self):
-        return {**self.__dict__, "dicts": None}
+        return {**self.__dict__, "bound": None}
 
     def changed(self, block: nn.Module) -> str | None:
         """What differs from the form at compile, or None."""
-        if self.dicts is None:
+        bound = self.bound
+        if bound is None:
             if _structure(block) != self.structure:
                 return "its submodules, parameters or buffers are not those it was compiled with"
             for _, m in block.named_modules():
-                forms = _WATCHED.setdefault(m, [])
-                if self not in forms:
-                    forms.append(self)
-            self.dicts = [resolve(block, p).__dict__ for p in self.paths]
-        if tuple(map(dict.get, self.dicts, self.keys)) != self.values:
+                _WATCHED.setdefault(m, weakref.WeakSet()).add(self)
+            own = [block.get_submodule(p) for p in self.own]
+            self.bound = bound = ([block.get_submodule(p).__dict__ for p in self.paths], own,
+                                  [m.__dict__ for m in own], [m._modules for m in own])
+        dicts, own, own_dicts, kids = bound
+        if tuple(map(dict.get, dicts, self.keys)) != self.values:
             path, key, then, now = next((p, k, v, d.get(k)) for p, k, v, d in
-                                        zip(self.paths, self.keys, self.values, self.dicts) if d.get(k) != v)
+                                        zip(self.paths, self.keys, self.values, dicts) if d.get(k) != v)
             return f"{path + '.' if path else ''}{key} is {now!r}, was {then!r}"
+        if (lens := tuple(map(len, own_dicts))) != self.lens:
+            if (names := _names(own)) != self.names:
+                path = next(p for p, now, then in zip(self.own, names, self.names) if now != then)
+                return f"{path or 'the block'} has other attributes"
+            self.lens = lens  # only moec's own attributes came or went (moec.inspect's report on the model)
+        if tuple(map(type, own)) != self.types or tuple(itertools.chain.from_iterable(map(dict.values, kids))) \
+                != self.children:
+            return "its submodules are not those it was compiled with"
         if bad := next((cls for cls, f in self.classes if cls.forward is not f), None):
             return f"{bad.__name__}.forward was replaced"
         return None

@@ -170,7 +170,7 @@ def load_offloaded(model: nn.Module, checkpoint, offload: Offload, *, quantize=N
     compiling its MoE blocks with offloaded experts one at a time so that no block's experts stay in memory
     (see the module docstring; quantize= as in moec.compile: the store holds the quantized experts). Returns the
     model, on the CPU, in eval mode (its experts left it: it cannot train). decode_linears: as in moec.compile."""
-    from moec.api import _start_offload, _warn_if_empty, install_decode_linears, refuse_save_pretrained
+    from moec.api import _start_offload, _warn_if_empty, install_decode_linears, refuse_save_pretrained, settle
     from moec.backends import pipeline_for
     from moec.offload.pool import Pool
 
@@ -186,6 +186,7 @@ def load_offloaded(model: nn.Module, checkpoint, offload: Offload, *, quantize=N
     _warn_if_empty(model, report)
     report.quantize = quantize
     install_decode_linears(model, report, decode_linears)
+    settle(model, report)
     model.__dict__["_moec_report"] = report
     _start_offload(model, report, pool)
     if report.blocks:
