@@ -230,7 +230,7 @@ class CompiledForward:
         self.block, self.gm, self.path = block, gm, path
         self.user_forward = user_forward  # an instance-level forward the block had before compile, if any
         self.container = container
-        self.form = Form(block, container)  # recorded again once compile has installed everything (settle)
+        self.form = Form(block, container, self._called())  # recorded again once compile installed everything
         self._gen = -1
         self._skipped: list[nn.Module] = []
         self._signature = None
@@ -265,8 +265,7 @@ class CompiledForward:
 
     def _refresh(self) -> None:
         """Submodules the graph skips (their hooks would not fire), and the live shared modules."""
-        spec = self.gm.meta["moe_spec"]
-        called = {p for p in (spec.shared.module, spec.shared.gate) if p} if spec.shared else set()
+        called = self._called()
         self._skipped = [m for n, m in self.block.named_modules() if n and not any(
             n == c or n.startswith(c + ".") for c in called)]
         for c in called:  # the graph calls the block's shared modules: follow a replaced one
@@ -303,7 +302,12 @@ class CompiledForward:
     def settle(self) -> None:
         """Record the block's form as compile leaves it (dense= and decode_linears= replace or wrap its Linears after
         the blocks are installed)."""
-        self.form = Form(self.block, self.container)
+        self.form = Form(self.block, self.container, self._called())
+
+    def _called(self) -> tuple[str, ...]:
+        """The block's modules the graph calls (shared experts, their gate): they run as they are at each call."""
+        spec = self.gm.meta["moe_spec"]
+        return tuple(p for p in (spec.shared.module, spec.shared.gate) if p) if spec.shared else ()
 
     def changed(self) -> str | None:
         """Why the graph no longer stands for the block (moec.form), or None. Checked in eager calls only."""

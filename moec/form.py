@@ -38,9 +38,14 @@ def train_sensitive(m: nn.Module) -> bool:
                                               or isinstance(m, (nn.MultiheadAttention, nn.RReLU)))
 
 
-def _structure(block: nn.Module) -> tuple:
-    return (tuple((n, type(m)) for n, m in block.named_modules()), tuple(n for n, _ in block.named_parameters()),
-            tuple(n for n, _ in block.named_buffers()))
+def _structure(block: nn.Module, called: tuple[str, ...]) -> tuple:
+    return (tuple((n, type(m)) for n, m in block.named_modules() if not _under(n, called)),
+            tuple(n for n, _ in block.named_parameters() if not _under(n, called)),
+            tuple(n for n, _ in block.named_buffers() if not _under(n, called)))
+
+
+def _under(path: str, called: tuple[str, ...]) -> bool:
+    return any(path == c or path.startswith(c + ".") for c in called)
 
 
 _WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a compiled block's module -> its Forms (weakly)
@@ -68,12 +73,17 @@ class Form:
     """The block's form at compile. Training flags are those of modules that may act on them (not a Linear or an
     activation). The experts in a container (`container`: a ModuleList of expert MLPs, often hundreds of modules)
     are watched for their training flags only; the block's other modules for their plain attributes, which
-    attributes they have, their class and their children (a `_modules` entry swapped without registration)."""
+    attributes they have, their class and their children (a `_modules` entry swapped without registration). The
+    modules the graph calls (`called`: shared experts and their gate, run as they are at each call) are not
+    watched."""
 
-    def __init__(self, block: nn.Module, container: str | None):
-        self.structure = _structure(block)
+    def __init__(self, block: nn.Module, container: str | None, called: tuple[str, ...] = ()):
+        self.called = called
+        self.structure = _structure(block, called)
         entries, self.own = [], []  # (path, key, value at compile); the paths of the modules not experts of a container
         for path, m in block.named_modules():
+            if _under(path, called):
+                continue
             member = container is not None and path.startswith(container + ".")
             if not member:
                 self.own.append(path)
@@ -92,7 +102,8 @@ class Form:
         self.lens, self.types = tuple(len(m.__dict__) for m in own), tuple(map(type, own))
         self.names = _names(own)
         self.children = tuple(c for m in own for c in m._modules.values())
-        self.classes = tuple({type(m): type(m).forward for _, m in block.named_modules()}.items())
+        self.classes = tuple({type(m): type(m).forward for p, m in block.named_modules()
+                              if not _under(p, called)}.items())
         self.bound = None  # (the watched __dict__s, the own modules, their __dict__s and _modules): bound at the first
         # call, and again after a registration on one of the block's modules (not pickled)
 
@@ -103,7 +114,7 @@ class Form:
         """What differs from the form at compile, or None."""
         bound = self.bound
         if bound is None:
-            if _structure(block) != self.structure:
+            if _structure(block, self.called) != self.structure:
                 return "its submodules, parameters or buffers are not those it was compiled with"
             for _, m in block.named_modules():
                 _WATCHED.setdefault(m, weakref.WeakSet()).add(self)

@@ -288,6 +288,20 @@ def test_a_block_changed_after_compile(family, what, change):
         _same(model, ref, inputs["input_ids"])
 
 
+def test_a_shared_expert_changed_after_compile_runs_compiled():
+    """The graph calls a block's shared expert as the module it is at each call: a forward patched onto its Linear
+    after compile is followed, without falling back to the block's own forward."""
+    model = models.tiny_model("qwen2_moe")
+    ref = copy.deepcopy(model)
+    _compiled(model)
+    for m in (model, ref):
+        down = m.model.layers[0].mlp.shared_expert.down_proj
+        down.forward = functools.partial(lambda lin, x: F.linear(x, 2 * lin.weight), down)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a fallback warns)
+        _same(model, ref, _ids(model))
+
+
 def test_dropout_in_training_mode_inside_an_eval_block():
     """Monte-Carlo dropout: the model in eval mode, its dropout modules put back in training mode. The experts'
     dropout runs (the original forward), as it does in the original, seed for seed."""
