@@ -21,7 +21,8 @@ from torch.nn.modules import module as _module
 
 _TORCH_KEYS = frozenset(nn.Module().__dict__) - {"training"}  # torch's bookkeeping: slots, hooks
 _SKIPPED = frozenset({"_is_hf_initialized", "_compiled_call_impl"})  # set by loaders and Module.compile()
-_STATELESS = (nn.Linear, nn.Identity, nn.ModuleList, nn.ModuleDict, nn.Sequential)  # no training-mode behaviour
+_STATELESS = (nn.Linear, nn.Identity, nn.ModuleList, nn.ModuleDict, nn.Sequential, nn.Embedding, nn.LayerNorm,
+              nn.RMSNorm, nn.GroupNorm)  # no training-mode behaviour
 
 
 def _plain(v) -> bool:
@@ -33,7 +34,8 @@ def _plain(v) -> bool:
 
 
 def train_sensitive(m: nn.Module) -> bool:
-    """Whether a module may act on its training flag (not a Linear, a container or an activation)."""
+    """Whether a module may act on its training flag (not a Linear, an embedding, a layer norm, a container or an
+    activation)."""
     return not isinstance(m, _STATELESS) and (type(m).__module__ != "torch.nn.modules.activation"
                                               or isinstance(m, (nn.MultiheadAttention, nn.RReLU)))
 

@@ -165,7 +165,7 @@ def probes(spec: MoESpec, in_dim: int, router: dict[str, torch.Tensor | None], d
     out.append(Probe(f"{B} rows of {S} tokens", torch.randn(shape(B, S), generator=gen, device="cpu")))
     out.append(Probe("zero tokens (all experts tied)", torch.zeros(shape(1, 4), device="cpu")))
     out.append(Probe("inputs x100 (saturated scores)", 100 * torch.randn(shape(1, 8), generator=gen, device="cpu")))
-    eye = torch.eye(spec.router_width, dtype=torch.float64)
+    eye = torch.eye(spec.router_width, dtype=torch.float64, device="cpu")
     out.append(Probe("one token routed to each expert", _expert_tokens(router, eye).reshape(shape(1, -1))))
     if spec.experts.identity:  # zero-compute experts only: no real expert's output counts
         out.append(Probe("tokens routed to zero-compute experts", _expert_tokens(router, eye[E:].sum(0, keepdim=True))
