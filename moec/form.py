@@ -54,9 +54,12 @@ _WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a compiled 
 
 
 def _registered(module, *args):
-    """A parameter, buffer or submodule was (re)registered on `module`: the forms watching it look again."""
-    for form in _WATCHED.get(module, ()):
-        form.bound = None
+    """A parameter, buffer or submodule was (re)registered on `module`: the forms watching it look again. (Not while
+    torch.compile traces: HF's forward registers its layers in a new ModuleList at every call, and Dynamo would
+    guard on the registry.)"""
+    if not torch.compiler.is_compiling():
+        for form in _WATCHED.get(module, ()):
+            form.bound = None
 
 
 _module.register_module_parameter_registration_hook(_registered)
