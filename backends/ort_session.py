@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from moec.bindings import NoBackward
-from moec.form import Form, train_sensitive
+from moec.form import Form, ModelRef, train_sensitive
 from moec.log import log
 
 # max relative error of the session's outputs against eager on the first call, per activation dtype
@@ -111,9 +111,11 @@ def runs_bf16(providers) -> bool:
 
 class OrtForward:
     def __init__(self, model: nn.Module, report, providers, options, quantize, dense):
-        self.model, self.report, self.quantize, self.dense = model, report, quantize, dense
-        self.original = model.forward
-        self.signature = inspect.signature(self.original)
+        self.owner, self.report, self.quantize, self.dense = ModelRef(model), report, quantize, dense
+        forward = model.forward  # the model's own (held unbound: this object lives in the model's __dict__)
+        self._bound = getattr(forward, "__self__", None) is model
+        self._forward = forward.__func__ if self._bound else forward
+        self.signature = inspect.signature(forward)
         self.__signature__ = self.signature  # what HF's generate reads to pass attention_mask, position_ids ...
         self.providers = list(providers) if providers else default_providers()
         report.backend = f"onnxruntime ({_first_available(self.providers)})"  # the one that ran, once a session opens
@@ -131,6 +133,15 @@ class OrtForward:
         self.use_cache = None  # the generation config's use_cache before install set it (None: left as it was)
         self.kernels = self._kernels()  # moec's kernels as an ORT custom-op library (or None)
         self._opening = threading.RLock()  # one export a key: threads calling at once wait for the first
+
+    @property
+    def model(self) -> nn.Module:
+        return self.owner.model
+
+    @property
+    def original(self):
+        """The model's own forward."""
+        return self._forward.__get__(self.model) if self._bound else self._forward
 
     def _kernels(self) -> str | None:
         """The custom-op library (backends/ort_kernels.py) on CPU: int4 experts and MatMuls, attention (None with
@@ -361,15 +372,17 @@ class OrtForward:
 
     def _follow_reorder(self, cache) -> None:
         """Beam search reorders the cache's rows (cache.reorder_cache(beam_idx)): reorder the session's past too."""
-        original = cache.reorder_cache
+        own = cache.__dict__.get("reorder_cache")  # (the class's, usually)
+        this, held = weakref.ref(self), weakref.ref(cache)  # (not kept alive by the method the cache holds)
 
         def reorder_cache(beam_idx: torch.Tensor) -> None:
-            record = self._past.get(cache)
+            cache, past = held(), this()._past
+            record = past.get(cache)
             fresh = record is not None and _same(_tensors(cache), record[1])
-            original(beam_idx)
+            own(beam_idx) if own is not None else type(cache).reorder_cache(cache, beam_idx)
             if fresh:
                 rows = beam_idx.cpu().numpy()
-                self._past[cache] = ([a[rows] for a in record[0]], _tensors(cache))
+                past[cache] = ([a[rows] for a in record[0]], _tensors(cache))
 
         cache.reorder_cache = reorder_cache
 

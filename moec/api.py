@@ -9,6 +9,7 @@ a failure raises and no block is installed at all.
 from __future__ import annotations
 
 import gc
+import itertools
 import warnings
 from dataclasses import dataclass
 
@@ -462,9 +463,17 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     model.__dict__["_moec_report"] = report
     if (quantize is not None or pool is not None) and report.blocks:
         refuse_save_pretrained(model)
-    if torch.__future__.get_swap_module_params_on_conversion():  # .to() swaps each parameter, which fails while the
-        gc.collect()  # analysis's graphs, in reference cycles, still hold them (a full collection costs ~0.5 s)
+    if torch.__future__.get_swap_module_params_on_conversion() or _nbytes(model) >= COLLECT_FROM:
+        gc.collect()  # analysis's graphs, in reference cycles, still hold the model's tensors: `del model` would not
+        # free them, and .to() with swapped parameters fails while they are held
     return model
+
+
+COLLECT_FROM = 64 << 20  # a model's bytes from which compile ends with a full garbage collection (~0.2 s)
+
+
+def _nbytes(model: nn.Module) -> int:
+    return sum(t.nbytes for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def _check_cuda_graphs(model: nn.Module, on: bool, backend: str, offload, expert_parallel) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -150,6 +151,10 @@ class Const(Binding):
         return f"constant {tuple(self.tensor.shape)}"
 
 
+def _nobody():
+    return None
+
+
 class Derived(Binding):
     """parts [E, n_i, D] (after stacking / unflattening / transposing) -> one [E, sum n_i, D] tensor,
     parts concatenated along dim 1; an int part n is zeros [E, n] (a bias beside a projection without)."""
@@ -163,10 +168,10 @@ class Derived(Binding):
         self._gen = -1
         self._aliased = False  # every source is a view into moec's storage (edits write through)
         self._adopted = False
-        self._owner = None  # the module the cached sources belong to
+        self._owner = _nobody  # the module the cached sources belong to (weakly: the block holds this binding)
 
     def __getstate__(self):  # pickle / deepcopy: the cache is rebuilt (and re-aliased) at the next call
-        return {**self.__dict__, "_key": None, "_value": None, "_srcs": [], "_where": ([], []), "_gen": -1, "_owner": None,
+        return {**self.__dict__, "_key": None, "_value": None, "_srcs": [], "_where": ([], []), "_gen": -1, "_owner": _nobody,
                 "_aliased": False}
 
     # -- pure derivation (traceable, differentiable) --
@@ -188,7 +193,7 @@ class Derived(Binding):
     def get(self, block):
         if tracing():
             return self.derive(block)
-        if self._gen != generation() or self._owner is not block or not self._registered():
+        if self._gen != generation() or self._owner() is not block or not self._registered():
             self._find(block)
         key = self._fingerprint()
         if key != self._key:
@@ -206,7 +211,7 @@ class Derived(Binding):
 
     def _find(self, block) -> None:
         where = [w for p in self.parts if isinstance(p, Part) for w in p.locations(block)]
-        self._srcs, self._gen, self._owner = [getattr(m, a) for m, a in where], generation(), block
+        self._srcs, self._gen, self._owner = [getattr(m, a) for m, a in where], generation(), weakref.ref(block)
         self._where = ([m._parameters if a in m._parameters else m._buffers if a in m._buffers else {}
                         for m, a in where], [a for _, a in where])
 

@@ -36,7 +36,7 @@ from torch.nn.modules import module as _module
 
 from moec.backends.torch_backend import route_math, split_identity
 from moec.bindings import Binding, NoBackward, Param, generation, resolve, tracing
-from moec.form import Form
+from moec.form import Form, ModelRef
 from moec.ir import MoESpec
 from moec.ops import experts_args, route_args
 
@@ -227,7 +227,7 @@ class CompiledForward:
     block's original expert weights are released: there, those cases raise instead."""
 
     def __init__(self, block: nn.Module, gm: fx.GraphModule, path: str, user_forward=None, container=None):
-        self.block, self.gm, self.path = block, gm, path
+        self.owner, self.gm, self.path = ModelRef(block), gm, path  # (weakly: this object lives in block.__dict__)
         self.user_forward = user_forward  # an instance-level forward the block had before compile, if any
         self.container = container
         self.form = Form(block, container, self._called())  # recorded again once compile installed everything
@@ -236,6 +236,10 @@ class CompiledForward:
         self._signature = None
         self._router_key = self._router_now()  # quantize(router=True): the fp weight the buffers were made from
         self._said: set[str] = set()  # reasons not asked for (hooks, a changed block) warned about once
+
+    @property
+    def block(self) -> nn.Module:
+        return self.owner.model
 
     def original(self, *args, **kwargs):
         fwd = self.user_forward or type(self.block).forward.__get__(self.block)
@@ -248,6 +252,7 @@ class CompiledForward:
         meta = state.pop("_meta")
         self.__dict__.update(state)
         self.gm.meta.update(meta)
+        _unowned(self.gm)
 
     def _split(self, args, kwargs):
         """(the graph's data inputs, extra inputs that are not None) from a call in the original's signature:
@@ -476,12 +481,19 @@ def install(block: nn.Module, gm: fx.GraphModule, path: str) -> None:
     container = getattr(gm.meta.pop("candidate", None), "container", None)
     gm.meta["installed_roles"] = roles(gm)  # read per call without gm.graph (which torch.compile does not trace)
     block.__dict__["_moec_graph"] = gm  # kept out of _modules: state_dict and named_modules are unchanged
+    _unowned(gm)
     # a partial of a module-level function: torch.export reads its code, pickle stores it
     block.forward = functools.partial(_run_compiled, CompiledForward(block, gm, path, user_forward, container))
     own = type(block).extra_repr(block)
     d = gm.meta["moe_spec"].describe()
     line = f"moec: {d['router']}; experts {d['experts']}" + (f"; shared {d['shared']}" if d["shared"] != "-" else "")
     block.extra_repr = functools.partial(_extra_repr, own, line)  # print(model) shows the rewrite
+
+
+def _unowned(gm: fx.GraphModule) -> None:
+    """An installed graph is run, never edited: its fx graph's reference back to the GraphModule (a cycle that would
+    keep a deleted model's experts, held in the GraphModule's bindings, until the garbage collector runs) goes."""
+    gm.graph.owning_module = None
 
 
 def uninstall(block: nn.Module) -> None:

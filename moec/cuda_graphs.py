@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from moec.form import ModelRef
 from moec.passes.detect.proof import TOL, rel_err
 
 DEVICE = "cuda"  # the device type whose steps are graphed (tests on a CPU emulate the graph: tests/test_cuda_graphs)
@@ -75,7 +76,7 @@ class GraphedStep:
     Refusals are remembered per argument form (up to MAX_REFUSED); graphs for one generate() call."""
 
     def __init__(self, model: nn.Module):
-        self.owner = _Owner(model)
+        self.owner = ModelRef(model)
         self.graphs: dict[tuple, _Graph] = {}  # (arguments and weights, cache tensors) -> graph
         self.refused: dict[tuple, str] = {}  # the arguments' form -> why such steps run eagerly
         self.cache = _dead  # weakref to the cache the graphs write into (not kept alive by them)
@@ -195,32 +196,11 @@ class GraphedStep:
         return out
 
 
-class _Owner:
-    """A weak reference to the model (the hooks live in the model's __dict__: a strong one would keep a deleted model's
-    weights until the garbage collector runs); copies of the model re-point it to the copy."""
-
-    def __init__(self, model: nn.Module):
-        self.ref = weakref.ref(model)
-
-    @property
-    def model(self) -> nn.Module:
-        return self.ref()
-
-    def __deepcopy__(self, memo):
-        return _Owner(memo.get(id(self.model), self.model))
-
-    def __getstate__(self):
-        return {"model": self.model}
-
-    def __setstate__(self, state):
-        self.ref = weakref.ref(state["model"])
-
-
 class _CompiledCall:
     """The model's `get_compiled_call` (transformers calls it at the start of each generate() loop)."""
 
     def __init__(self, model: nn.Module):
-        self.owner = _Owner(model)
+        self.owner = ModelRef(model)
 
     def __call__(self, compile_config=None) -> GraphedStep:
         return self.owner.model.__dict__["_moec_graphs"].new_call()
@@ -232,7 +212,7 @@ class _Generate:
     its cache, as an assistant too)."""
 
     def __init__(self, model: nn.Module):
-        self.owner = _Owner(model)
+        self.owner = ModelRef(model)
 
     def __call__(self, *args, **kwargs):
         model = self.owner.model

@@ -7,6 +7,8 @@ them; `changed()` names the first that differs. The compiled block then runs its
 (moec.canonical.CompiledForward) until the model is compiled again, which proves the block anew.
 
 Tensors are not part of the form: the graph reads them at each call (moec.bindings).
+
+`ModelRef`: how what moec installs on a model (its forward, generate) refers back to it without keeping it alive.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch.nn.modules import module as _module
 
 _TORCH_KEYS = frozenset(nn.Module().__dict__) - {"training"}  # torch's bookkeeping: slots, hooks
 _SKIPPED = frozenset({"_is_hf_initialized", "_compiled_call_impl"})  # set by loaders and Module.compile()
+_INSTALLED = ("forward", "extra_repr", "generate")  # what moec installs on a block (or, onnxruntime, on the model)
 _STATELESS = (nn.Linear, nn.Identity, nn.ModuleList, nn.ModuleDict, nn.Sequential, nn.Embedding, nn.LayerNorm,
               nn.RMSNorm, nn.GroupNorm)  # no training-mode behaviour
 
@@ -68,10 +71,10 @@ _module.register_module_module_registration_hook(_registered)
 
 
 def _names(modules: list[nn.Module]) -> tuple:
-    """The attribute names of each module (the block first), but moec's own (`_moec_*`, the block's forward and
-    repr)."""
+    """The attribute names of each module (the block first), but moec's own (`_moec_*`, what it installs on the
+    block)."""
     return tuple(frozenset(k for k in m.__dict__ if not k.startswith("_moec") and (
-        i or k not in ("forward", "extra_repr"))) for i, m in enumerate(modules))
+        i or k not in _INSTALLED)) for i, m in enumerate(modules))
 
 
 class Form:
@@ -94,7 +97,7 @@ class Form:
                 self.own.append(path)
             for k, v in m.__dict__.items():
                 if k in _TORCH_KEYS or k in _SKIPPED or k.startswith("_moec") or (
-                        not path and k in ("forward", "extra_repr")):  # moec's own, on the block
+                        not path and k in _INSTALLED):  # moec's own, on the block
                     continue
                 if k == "training":
                     if train_sensitive(m):  # (a Linear or an activation computes the same in training mode)
@@ -103,14 +106,19 @@ class Form:
                     entries.append((path, k, v))
         self.paths, self.keys, values = zip(*entries) if entries else ((), (), ())
         self.values = tuple(values)
-        own = [block.get_submodule(p) for p in self.own]
-        self.lens, self.types = tuple(len(m.__dict__) for m in own), tuple(map(type, own))
+        n = sum(not p for p in self.paths)  # the block's own entries come first (named_modules: the block first)
+        self.split = (self.keys[:n], self.values[:n], self.keys[n:], self.values[n:])  # the block's; the others'
+        own = [block.get_submodule(p) for p in self.own]  # the block first
         self.names = _names(own)
-        self.children = tuple(c for m in own for c in m._modules.values())
+        # (the block's, the other own modules'): numbers of attributes, classes, children
+        self.lens = (len(block.__dict__), tuple(len(m.__dict__) for m in own[1:]))
+        self.types = (type(block), tuple(map(type, own[1:])))
+        self.children = (tuple(block._modules.values()), tuple(c for m in own[1:] for c in m._modules.values()))
         self.classes = tuple({type(m): type(m).forward for p, m in block.named_modules()
                               if not _under(p, called)}.items())
-        self.bound = None  # (the watched __dict__s, the own modules, their __dict__s and _modules): bound at the first
-        # call, and again after a registration on one of the block's modules (not pickled)
+        self.bound = None  # (the watched __dict__s, the own modules, their __dict__s and _modules), the block's left
+        # out (it holds this form: a cycle would keep a deleted model until the garbage collector runs): bound at the
+        # first call, and again after a registration on one of the block's modules (not pickled)
 
     def __getstate__(self):
         return {**self.__dict__, "bound": None}
@@ -123,22 +131,49 @@ class Form:
                 return "its submodules, parameters or buffers are not those it was compiled with"
             for _, m in block.named_modules():
                 _WATCHED.setdefault(m, weakref.WeakSet()).add(self)
-            own = [block.get_submodule(p) for p in self.own]
-            self.bound = bound = ([block.get_submodule(p).__dict__ for p in self.paths], own,
+            own = [block.get_submodule(p) for p in self.own[1:]]
+            self.bound = bound = ([block.get_submodule(p).__dict__ for p in self.paths[len(self.split[0]):]], own,
                                   [m.__dict__ for m in own], [m._modules for m in own])
         dicts, own, own_dicts, kids = bound
-        if tuple(map(dict.get, dicts, self.keys)) != self.values:
-            path, key, then, now = next((p, k, v, d.get(k)) for p, k, v, d in
-                                        zip(self.paths, self.keys, self.values, dicts) if d.get(k) != v)
+        mine = block.__dict__
+        keys, values, their_keys, their_values = self.split
+        if tuple(map(mine.get, keys)) != values or tuple(map(dict.get, dicts, their_keys)) != their_values:
+            path, key, then, now = next((p, k, v, d.get(k)) for p, k, v, d in zip(
+                self.paths, self.keys, self.values, [mine] * len(keys) + dicts) if d.get(k) != v)
             return f"{path + '.' if path else ''}{key} is {now!r}, was {then!r}"
-        if (lens := tuple(map(len, own_dicts))) != self.lens:
-            if (names := _names(own)) != self.names:
+        if len(mine) != self.lens[0] or tuple(map(len, own_dicts)) != self.lens[1]:
+            if (names := _names([block, *own])) != self.names:
                 path = next(p for p, now, then in zip(self.own, names, self.names) if now != then)
                 return f"{path or 'the block'} has other attributes"
-            self.lens = lens  # only moec's own attributes came or went (moec.inspect's report on the model)
-        if tuple(map(type, own)) != self.types or tuple(itertools.chain.from_iterable(map(dict.values, kids))) \
-                != self.children:
+            self.lens = (len(mine), tuple(map(len, own_dicts)))  # only moec's own attributes came or went
+            # (moec.inspect's report on the model)
+        if (type(block) is not self.types[0] or tuple(map(type, own)) != self.types[1]
+                or tuple(block._modules.values()) != self.children[0]
+                or tuple(itertools.chain.from_iterable(map(dict.values, kids))) != self.children[1]):
             return "its submodules are not those it was compiled with"
         if bad := next((cls for cls, f in self.classes if cls.forward is not f), None):
             return f"{bad.__name__}.forward was replaced"
         return None
+
+
+class ModelRef:
+    """A weak reference to a model, for what moec installs in the model's own __dict__ (a strong one is a cycle that
+    keeps a deleted model's weights until the garbage collector runs); copies of the model re-point it to the copy."""
+
+    def __init__(self, model: nn.Module):
+        self.ref = weakref.ref(model)
+
+    @property
+    def model(self) -> nn.Module:
+        if (model := self.ref()) is None:
+            raise ReferenceError("moec: the model this method belongs to was deleted: keep the model, not its method")
+        return model
+
+    def __deepcopy__(self, memo):
+        return ModelRef(memo.get(id(self.model), self.model))
+
+    def __getstate__(self):
+        return {"model": self.model}
+
+    def __setstate__(self, state):
+        self.ref = weakref.ref(state["model"])

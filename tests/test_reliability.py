@@ -10,10 +10,12 @@ original module in the same process.
 
 import copy
 import functools
+import gc
 import pickle
 import subprocess
 import sys
 import warnings
+import weakref
 
 import hypothesis.strategies as st
 import pytest
@@ -417,6 +419,42 @@ def test_to_with_parameters_swapped_right_after_compile():
     finally:
         torch.__future__.set_swap_module_params_on_conversion(False)
     _same(model, ref, _ids(model), TOL[torch.bfloat16])
+
+
+def _deleted(build, monkeypatch, **compile_options) -> list:
+    """The weak references to a compiled model, its modules and tensors (moec's copies too) still alive right after
+    `del`, with the garbage collector off from before compile (compile's own collection still runs)."""
+    monkeypatch.setattr(moec.api, "COLLECT_FROM", 0)
+    gc.disable()
+    try:
+        model = build()
+        moec.compile(model, **compile_options)
+        ids = _ids(model, 12) if hasattr(model, "config") else None
+        with torch.no_grad():
+            model(ids) if ids is not None else model(_x(32))
+            if compile_options.get("backend") == "onnxruntime":
+                model.generate(ids, max_new_tokens=3, do_sample=False)
+        held = [*model.modules(), *model.parameters(), *model.buffers()]
+        held += [b._value for m in model.modules() if (gm := moec.canonical.compiled_graph(m)) is not None
+                 for b in gm.meta["bindings"].values() if getattr(b, "_value", None) is not None]
+        refs = [weakref.ref(x) for x in held]
+        del model, held
+        return [r for r in refs if r() is not None]
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("case", ["hf_shared_expert", "modulelist", "int8", "deepcopy", "onnxruntime"])
+def test_a_deleted_model_is_freed_at_once(case, monkeypatch):
+    """`del model` frees a compiled model at once, as it frees the original: nothing moec installs (the blocks'
+    forward, form checks and bindings, their fx graphs; onnxruntime's forward, generate and the KV cache's reorder
+    hook) holds the model in a reference cycle, and compile collects its own garbage, from COLLECT_FROM bytes (0
+    here). Before, the experts stayed in memory until the collector ran."""
+    build = {"hf_shared_expert": lambda: models.tiny_model("qwen2_moe"), "modulelist": lambda: _block("modulelist"),
+             "int8": lambda: models.tiny_model("mixtral"), "onnxruntime": lambda: models.tiny_model("qwen2_moe"),
+             "deepcopy": lambda: copy.deepcopy(_compiled(_block("modulelist")))}[case]
+    options = {"int8": {"quantize": moec.Int8Experts()}, "onnxruntime": {"backend": "onnxruntime"}}.get(case, {})
+    assert _deleted(build, monkeypatch, **options) == []
 
 
 def test_state_dict_keeps_the_original_keys():
