@@ -679,7 +679,7 @@ def empty_past(layout: tuple, batch: int, rows: int = 0) -> list[np.ndarray]:
 
     return [np.zeros((batch, *shape), np_dtype(kind)) for i in range(layers)
             for shape, kind in (zip(states[i][:2], states[i][2]) if i in states else
-                                (((heads, rows, key_dim), dtype), ((heads, rows, value_dim), dtype)))]
+                                (((heads[i], rows, key_dim), dtype), ((heads[i], rows, value_dim), dtype)))]
 
 
 def in_place(session) -> bool:

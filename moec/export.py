@@ -284,9 +284,10 @@ def _join_halves(first, second, key: int, value: int):
 _CACHE_LAYERS = {"DynamicLayer", "DynamicSlidingWindowLayer", "LinearAttentionLayer"}
 
 
-def layer_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[tuple[int, int, int, int, torch.dtype], dict]:
-    """((layers, kv_heads, key head_dim, value head_dim, dtype), states) of an HF decoder LM's cache, read off one
-    cached call (the head dims differ in MLA: DeepSeek-V2/V3). states: layer -> (conv_state [C, K],
+def layer_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[tuple[int, tuple, int, int, torch.dtype], dict]:
+    """((layers, kv_heads per layer, key head_dim, value head_dim, dtype), states) of an HF decoder LM's cache, read
+    off one cached call (the head dims differ in MLA: DeepSeek-V2/V3; the kv heads between layers in MiMo-V2-Flash:
+    its sliding-window layers have twice as many; 0 for a state layer). states: layer -> (conv_state [C, K],
     recurrent_state [H, dk, dv], their dtypes) of its linear-attention and Mamba layers (moec.export_state).
     Refused with the reason when a layer holds neither a key/value pair nor one state of each kind."""
     from moec import export_state  # imports transformers
@@ -313,9 +314,16 @@ def layer_layout(model: nn.Module, input_ids: torch.Tensor) -> tuple[tuple[int, 
                                   f"linear-attention state per layer ({type(cache).__name__}); export it with "
                                   f"kv_cache=False")
     if not kv:
-        return (len(cache.layers), 0, 0, 0, next(iter(states.values()))[2][0]), states
+        return (len(cache.layers), (0,) * len(cache.layers), 0, 0, next(iter(states.values()))[2][0]), states
     k, v = kv[0].keys, kv[0].values
-    return (len(cache.layers), k.shape[1], k.shape[3], v.shape[3], k.dtype), states
+    if (other := next((i for i, layer in enumerate(cache.layers) if i not in states and (
+            layer.keys.shape[3], layer.values.shape[3], layer.keys.dtype) != (k.shape[3], v.shape[3], k.dtype)),
+            None)) is not None:
+        raise NotImplementedError(f"moec.export_onnx(kv_cache=True): {name}'s layer {other} caches keys and values of "
+                                  f"other head sizes or dtype than layer {cache.layers.index(kv[0])}'s; export it with "
+                                  f"kv_cache=False")
+    heads = tuple(0 if i in states else layer.keys.shape[1] for i, layer in enumerate(cache.layers))
+    return (len(cache.layers), heads, k.shape[3], v.shape[3], k.dtype), states
 
 
 def _with_cache(model: nn.Module, input_ids, attention: str, halves: bool):
@@ -336,7 +344,7 @@ def _with_cache(model: nn.Module, input_ids, attention: str, halves: bool):
     B, S, P = *input_ids.shape, 3
     gen = torch.Generator().manual_seed(0)
     kinds = {i: zip(states[i][:2], states[i][2]) if i in states else
-             (((heads, P, key_dim), dtype), ((heads, P, value_dim), dtype)) for i in range(layers)}
+             (((heads[i], P, key_dim), dtype), ((heads[i], P, value_dim), dtype)) for i in range(layers)}
     past = tuple(torch.randn(B, *dims, generator=gen).to(kind) for i in range(layers) for dims, kind in kinds[i])
     inputs = (input_ids, torch.ones(B, P + S, dtype=torch.long), torch.arange(P, P + S).expand(B, S).contiguous(),
               *past)

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import moec
-from moec import models
+from moec import examples, models
 from moec.canonical import resolve
 
 from conftest import TOL, rel_err
@@ -254,6 +254,36 @@ def test_longcat_flash_zero_compute_experts(tmp_path):
         ids = models.example_inputs(model, batch=1, seq=5)["input_ids"]
         assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False),
                            ref.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+def test_mimo_v2_flash_layers_of_other_kv_heads(tmp_path):
+    """MiMo-V2-Flash's sliding-window layers cache twice the key/value heads of its full-attention layers (and have
+    attention sinks; keys and values of other head sizes): compiled on the torch backend, and generating on
+    onnxruntime's KV-cache session, whose past is laid out per layer (it crashed at the first step), the original's
+    tokens with a padded batch; export_genai, whose config takes one number of kv heads, refuses it."""
+    cfg = transformers.MiMoV2FlashConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, v_head_dim=8, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=2, max_position_embeddings=128, sliding_window=6,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse"], bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        initializer_range=0.08)
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model = moec.compile(copy.deepcopy(ref))
+    assert [b.path for b in moec.inspect(model).blocks] == ["model.layers.1.mlp", "model.layers.2.mlp"]
+    inputs = models.example_inputs(model, batch=2, seq=17, seed=17)
+    assert rel_err(_logits(model, inputs), _logits(ref, inputs)) < TOL[torch.float32]
+    ort_model = moec.compile(copy.deepcopy(ref), backend="onnxruntime")
+    ids = models.example_inputs(model, batch=2, seq=9, seed=3)["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        got, want = (m.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None)
+                     for m in (ort_model, ref))
+    assert torch.equal(got, want)
+    with pytest.raises(NotImplementedError, match="cache 1 or 2 key/value heads and genai_config.json takes one"):
+        moec.export_genai(ref, examples.byte_tokenizer(), tmp_path / "genai")
 
 
 def test_ernie_vl_blocks_that_return_their_output_flattened():
