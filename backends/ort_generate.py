@@ -82,8 +82,9 @@ class OrtGenerate:
         self.forward._check_ids({"input_ids": kwargs.get("input_ids", inputs)})  # (HF's loop gets its own check)
         # (in train() mode HF's generate runs the model's own forward, as a call does: OrtForward; so with hooks, and
         # through a forward the user wrapped after compile)
-        plan = None if args or model.training or eager_reason(model) or model.__dict__.get("forward") is not \
-            self.forward else _plain(model, inputs, generation_config, dict(kwargs))
+        own = args or model.training or eager_reason(model, self.forward.walk) or \
+            model.__dict__.get("forward") is not self.forward
+        plan = None if own else _plain(model, inputs, generation_config, dict(kwargs))
         if plan is None:  # (positional args: HF's logits_processor, stopping_criteria ...)
             return type(model).generate(model, inputs, generation_config, *args, **kwargs)
         return loop(self.forward, *plan)

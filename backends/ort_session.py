@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-from moec.bindings import NoBackward
+from moec.bindings import NoBackward, generation
 from moec.form import Form, ModelRef, train_sensitive
 from moec.log import log
 
@@ -122,7 +122,8 @@ class OrtForward:
         self.options = options
         self.tmp = tempfile.TemporaryDirectory(prefix="moec-ort-")
         self.sessions: dict[tuple, tuple] = {}  # key -> (session, input names, outputs -> the model's structure)
-        self.weights = None  # _weights(model) when the sessions were exported
+        self.weights = None  # _weights(...) when the sessions were exported
+        self.walk = ModelWalk()
         self.form = self.settings = None  # the model's form (moec.form) and config settings then: baked into them
         self._eager_said: set[str] = set()  # why the model's own forward ran, warned once
         self.cached = _takes_cache(model)  # an HF decoder LM with a key/value cache: generate uses it
@@ -153,7 +154,8 @@ class OrtForward:
         return ort_kernels.library()
 
     def __getstate__(self):  # pickle / deepcopy: sessions, their files and cache records are opened again
-        return {**self.__dict__, "tmp": None, "sessions": {}, "weights": None, "_past": None, "_opening": None}
+        return {**self.__dict__, "tmp": None, "sessions": {}, "weights": None, "_past": None, "_opening": None,
+                "walk": ModelWalk()}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -165,7 +167,7 @@ class OrtForward:
     def __call__(self, *args, **kwargs):
         if self.model.training:  # training runs the model's own forward: dropout, router jitter, gradients
             return self.original(*args, **kwargs)
-        if why := eager_reason(self.model):
+        if why := eager_reason(self.model, self.walk):
             if why not in self._eager_said:
                 self._eager_said.add(why)
                 warnings.warn(f"moec backend='onnxruntime': the model runs its own forward, not the session: {why}",
@@ -428,12 +430,12 @@ class OrtForward:
 
     def _exported(self) -> None:
         """Note what the sessions were exported from: weights, form, settings."""
-        self.weights, self.form = _weights(self.model), Form(self.model, None)
+        self.weights, self.form = _weights(self.walk(self.model)), Form(self.model, None)
         self.settings = copy.deepcopy(_settings(self.model))
 
     def _stale(self) -> str | None:
         """What changed since the export (the sessions hold it baked in), or None."""
-        if _weights(self.model) != self.weights:
+        if _weights(self.walk(self.model)) != self.weights:
             return "the model's weights changed"
         if what := self.form.changed(self.model):
             return f"the model changed ({what})"
@@ -721,29 +723,44 @@ def _long(tensors: dict[str, torch.Tensor], tokens: int = 300) -> dict[str, torc
     return out
 
 
-def _weights(model: nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer is replaced, moved, or written in place (one walk over the modules:
-    checked at every decode step, it costs half of parameters() + buffers())."""
-    return tuple((t.data_ptr(), t._version, t.dtype) for m in model.modules()
-                 for d in (m._parameters, m._buffers) for t in d.values() if t is not None)
+class ModelWalk:
+    """What `_weights` and `eager_reason` read of a model at each call, listed once per module tree (bindings'
+    generation: a module, parameter or buffer registered anywhere lists them again); the lists are read at each call
+    (a hook added, a tensor swapped straight into `_parameters`). The model itself is not held: the walk lives in its
+    forward (a reference cycle)."""
+
+    def __init__(self):
+        self.gen, self.of = -1, None
+
+    def __call__(self, model: nn.Module) -> "ModelWalk":
+        if self.gen != generation() or self.of() is not model:
+            named = list(model.named_modules())
+            self.tensors = [d for _, m in named for d in (m._parameters, m._buffers)]
+            self.hooks = [d for _, m in named for d in (m._forward_hooks, m._forward_pre_hooks)]
+            self.sensitive = [(n, m) for n, m in named if n and train_sensitive(m)]  # (the model's: its forward's)
+            self.gen, self.of = generation(), weakref.ref(model)
+        return self
 
 
-def eager_reason(model: nn.Module) -> str | None:
+def _weights(walk: ModelWalk) -> tuple:
+    """Changes whenever a parameter or buffer is replaced, moved, or written in place."""
+    return tuple((t.data_ptr(), t._version, t.dtype) for d in walk.tensors for t in d.values() if t is not None)
+
+
+def eager_reason(model: nn.Module, walk: ModelWalk | None = None) -> str | None:
     """Why the model's own forward runs instead of a session: forward hooks on its modules or global ones (but
     transformers' idle output-capturing hooks), which a session would not call (nor one exported while they were
     on stop calling them); a dropout or other module that acts on its training flag in training mode in an
     eval-mode model (Monte-Carlo dropout: the export is the eval forward); float64 weights."""
     from moec.canonical import idle_capture
 
+    walk = (walk or ModelWalk())(model)
     hooks = [*_module._global_forward_hooks.values(), *_module._global_forward_pre_hooks.values()]
-    training = None
-    for name, m in model.named_modules():
-        hooks += [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
-        if training is None and m.training and train_sensitive(m):
-            training = name
+    if any(walk.hooks):
+        hooks += [h for d in walk.hooks for h in d.values()]
     if any(not idle_capture(h) for h in hooks):
         return "forward hooks on its modules, which a session would not call"
-    if training is not None:
+    if training := next((n for n, m in walk.sensitive if m.training), None):
         return f"{training} is in training mode"
     if next(model.parameters(), torch.empty(0)).dtype == torch.float64:
         return "float64 weights (ONNX Runtime's attention and moec's kernels take fp32, bf16 or fp16)"

@@ -89,9 +89,10 @@ def export_genai(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, qua
     ids = torch.randint(0, config.vocab_size, (2, 4), generator=torch.Generator().manual_seed(0))
     (layers, heads, key_size, value_size, _), _ = layer_layout(model, ids)  # genai finds state layers by name
     if len(kv_heads := set(heads) - {0}) > 1:
-        raise NotImplementedError(f"moec.export_genai: the model's layers cache {' or '.join(map(str, sorted(kv_heads)))} "
-                                  f"key/value heads and genai_config.json takes one number: use moec.compile(model, "
-                                  f"backend='onnxruntime') or moec.export_onnx")
+        raise NotImplementedError(f"moec.export_genai: the model's layers cache "
+                                  f"{' or '.join(map(str, sorted(kv_heads)))} key/value heads and genai_config.json "
+                                  f"takes one number: use moec.compile(model, backend='onnxruntime') or "
+                                  f"moec.export_onnx")
     kv_heads = kv_heads.pop() if kv_heads else 0
     # genai_config.json has one head_size: keys and values of different sizes (MLA's two latents) are cached as
     # two equal halves of their concatenation (moec.export._ExportableWithCache)
