@@ -150,9 +150,10 @@ def release_originals(block: torch.nn.Module, cand) -> int:
 
 
 def refuse_new_experts_first(model: torch.nn.Module) -> None:
-    """The blocks' refusals (_refuse_new_experts) also as a load_state_dict pre-hook of the model itself, which torch
-    runs before it copies anything: a block's own hook runs when its turn comes, after the modules before it (the
-    embedding, earlier layers) were loaded, and left the model half-loaded."""
+    """The blocks' refusals (_refuse_new_experts), and those of layers quantized by dense= or shared=True, as a
+    load_state_dict pre-hook of the model itself, which torch runs before it copies anything: a block's own hook
+    runs when its turn comes, after the modules before it (the embedding, earlier layers) were loaded, and left the
+    model half-loaded (so did torch's missing-key error for a quantized layer, raised after the copies)."""
     if model.__dict__.get("_moec_refuses_first"):
         return
     model.__dict__["_moec_refuses_first"] = True
@@ -160,11 +161,16 @@ def refuse_new_experts_first(model: torch.nn.Module) -> None:
 
 
 def _refuse_in_every_block(model, state_dict, prefix, *args) -> None:
-    for name, block in model.named_modules():
-        gm = block.__dict__.get("_moec_graph")
+    for name, module in model.named_modules():
+        here = f"{prefix}{name}." if name else prefix
+        gm = module.__dict__.get("_moec_graph")
         if gm is not None and gm.meta.get("released"):
-            _refuse_new_experts(name, gm.meta["released"], block, state_dict,
-                                f"{prefix}{name}." if name else prefix)
+            _refuse_new_experts(name, gm.meta["released"], module, state_dict, here)
+        elif isinstance(module, QuantLinear) and here + "weight" in state_dict:
+            raise RuntimeError(f"moec: layer {name!r} was quantized at compile ({module.cfg.describe()}: dense= or "
+                               f"shared=True) and its fp weight released: load_state_dict cannot give it a new weight "
+                               f"(nothing was loaded); load the weights into a fresh model and compile it (moec.load "
+                               f"reads a moec.save file)")
 
 
 def _refuse_new_experts(path: str, released: list[str], module, state_dict, prefix, *args) -> None:
