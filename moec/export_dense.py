@@ -7,9 +7,11 @@ for the attention projections, the lm_head and the dense / shared MLPs: every Ma
 constant [K, N] with K a multiple of the block size, except the routers (N = a block's expert count: quantized
 router weights would change which experts run) and one-column gates (N = 1, the shared experts' sigmoid gate).
 Gemms of that kind are first written as MatMul (+ Add): ORT's quantizer takes MatMuls only.
-ONNX Runtime's own quantizer (onnxruntime.quantization.matmul_nbits_quantizer) writes the nodes: int4 in blocks of
-the config's group size (symmetric or with zero points), int8 per block of 32 (Int8Experts). With
-activations="int8" (either config) the nodes take accuracy_level=4 (int8 activations, int8 dot products).
+int4 nodes hold moec.quant's numbers, the config's grid in blocks of its group size (the torch backend's dense=
+weights: symmetric, signed_scale or with zero points, fp16-rounded steps; ONNX Runtime's own quantizer has one
+grid of 16 levels with fp32 steps); int8 ones are ONNX Runtime's quantizer's (onnxruntime.quantization.
+matmul_nbits_quantizer), per block of 32 (Int8Experts). With activations="int8" (either config) the nodes take
+accuracy_level=4 (int8 activations, int8 dot products).
 For backend="onnxruntime" (moec's kernels in the session), `moec_matmuls` then moves the int4 ones to moec's op.
 """
 
@@ -114,6 +116,10 @@ def quantize_dense(path: str, cfg: Int4Experts | Int8Experts, router_widths: set
     if not names:
         return 0
     int8 = cfg.activations == "int8"  # int8 dot products, as for the experts
+    if isinstance(cfg, Int4Experts):
+        _int4_nodes(proto, set(names), cfg, int8)
+        _save(proto, path, external_data, "com.microsoft")
+        return len(names)
     # nodes_to_include adds to the op types it quantizes (every MatMul): the others are excluded by name
     chosen = set(names)
     others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in chosen]
@@ -128,6 +134,40 @@ def quantize_dense(path: str, cfg: Int4Experts | Int8Experts, router_widths: set
         ort_log.setLevel(level)
     quantizer.model.save_model_to_file(path, use_external_data_format=external_data)
     return sum(n.op_type == "MatMulNBits" for n in onnx.load(path, load_external_data=False).graph.node)
+
+
+def _int4_nodes(proto: onnx.ModelProto, names: set[str], cfg: Int4Experts, int8: bool) -> None:
+    """Each MatMul of `names` -> MatMulNBits on moec.quant's int4 numbers of its weight, in place:
+
+        MatMul(x, W [K, N])  ->  MatMulNBits(x, B [N, K/g, g/2] u8, scales [N*K/g][, zero_points [N, ceil(K/g / 2)]])
+
+    moec's q [N, K/2] is already B's nibbles (the even input low), its steps the scales (in the weight's dtype: exact,
+    they are fp16 numbers), its zeros two to a byte; a symmetric grid's zero is MatMulNBits' default 8."""
+    import torch
+
+    from moec.quant import quantize
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    nodes, g = [], cfg.group_size
+    for n in proto.graph.node:
+        if n.name not in names:
+            nodes.append(n)
+            continue
+        w = numpy_helper.to_array(inits[n.input[1]])  # [K, N]
+        (K, N), G = w.shape, w.shape[0] // g
+        t = quantize(cfg, torch.from_numpy(np.ascontiguousarray(w.T, dtype=np.float32))[None])
+        arrays = {"q4": t["q"][0].reshape(N, G, g // 2).numpy(),
+                  "scales": t["scale"][0].reshape(-1).numpy().astype(w.dtype)}
+        if "zero" in t:
+            z = np.pad(t["zero"][0].numpy(), ((0, 0), (0, G % 2)))  # [N, G] -> [N, ceil(G/2)], two to a byte
+            arrays["zero_points"] = z[:, 0::2] | (z[:, 1::2] << 4)
+        for k, v in arrays.items():
+            proto.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(v), f"{n.name}_{k}"))
+        nodes.append(helper.make_node("MatMulNBits", [n.input[0], *(f"{n.name}_{k}" for k in arrays)], list(n.output),
+                                      name=f"{n.name}_Q4", domain="com.microsoft", K=K, N=N, bits=4, block_size=g,
+                                      **({"accuracy_level": 4} if int8 else {})))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)  # (the fp weights no node reads now are dropped as the file is saved)
 
 
 def moec_matmuls(path: str, external_data: bool) -> int:
@@ -232,15 +272,17 @@ def moec_fp32_matmuls(path: str, router_widths: set[int], external_data: bool, i
     return count
 
 
-def _save(proto, path: str, external_data: bool) -> None:
-    """The rewritten file: initializers no node or output reads dropped, moec's domain imported."""
+def _save(proto, path: str, external_data: bool, domain: str | None = None) -> None:
+    """The rewritten file: initializers no node or output reads dropped, the nodes' `domain` (default moec's)
+    imported."""
     from moec.backends import ort_kernels
 
     used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
     for t in [t for t in proto.graph.initializer if t.name not in used]:
         proto.graph.initializer.remove(t)
-    if not any(o.domain == ort_kernels.DOMAIN for o in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid(ort_kernels.DOMAIN, 1))
+    domain = domain or ort_kernels.DOMAIN
+    if not any(o.domain == domain for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(domain, 1))
     onnx.save(proto, path, save_as_external_data=external_data)
 
 

@@ -271,8 +271,8 @@ def test_matmul_node_equals_moec_quantized_linear(shape, g, symmetric, a8, tiles
 
 
 def test_dense_matmuls_on_moec_kernels_equal_matmulnbits(monkeypatch):
-    """dense=: the session's MatMulNBits become moec::Int4MatMul with the same weights (ORT's quantizer's, moved to
-    moec's layout): weight-only, the logits equal the MatMulNBits/QMoE session's to fp32 rounding."""
+    """dense=: the session's MatMulNBits become moec::Int4MatMul with the same weights (moved to moec's layout):
+    weight-only, the logits equal the MatMulNBits/QMoE session's to fp32 rounding."""
     import onnx
 
     model = models.tiny_model("mixtral", hidden_size=64, intermediate_size=64)
