@@ -171,8 +171,8 @@ class Derived(Binding):
         self._owner = _nobody  # the module the cached sources belong to (weakly: the block holds this binding)
 
     def __getstate__(self):  # pickle / deepcopy: the cache is rebuilt (and re-aliased) at the next call
-        return {**self.__dict__, "_key": None, "_value": None, "_srcs": [], "_where": ([], []), "_gen": -1, "_owner": _nobody,
-                "_aliased": False}
+        return {**self.__dict__, "_key": None, "_value": None, "_srcs": [], "_where": ([], []), "_gen": -1,
+                "_owner": _nobody, "_aliased": False}
 
     # -- pure derivation (traceable, differentiable) --
     def derive(self, block, experts=None) -> torch.Tensor:
