@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
+from moec.canonical import buffers_kept
 from moec.bindings import NoBackward, generation
 from moec.form import Form, ModelRef, train_sensitive
 from moec.log import log
@@ -490,7 +491,8 @@ class OrtForward:
         model = copy.copy(self.model)  # a new object on the same modules, parameters and config
         for k in ("forward", "generate", "_moec_report"):
             model.__dict__.pop(k, None)
-        yield copy.deepcopy(model).float() if self._bf16() and runs_bf16(self.providers) else model
+        with buffers_kept(model):  # the checks run the model: its token counters must not count them
+            yield copy.deepcopy(model).float() if self._bf16() and runs_bf16(self.providers) else model
 
     def _open(self, tensors: dict[str, torch.Tensor]):
         from moec.export import export_onnx
@@ -643,13 +645,15 @@ def _exporting(model: nn.Module, what: str = "the export"):
     try:
         yield
     except Exception as e:
+        if str(e).startswith("moec.export_onnx: torch.onnx.export failed"):  # (on code moec left as it was)
+            raise NotImplementedError(f"moec backend='onnxruntime': {e}; use backend='torch' for this model") from e
         if str(e).startswith("moec") or isinstance(e, (MemoryError, OSError, torch.OutOfMemoryError)) or _ours(e):
             raise  # moec's refusals, a machine's limits, and moec's own defects, as they are
         root = e  # torch.export's own error wraps the model's: say the model's
         while root.__cause__ is not None:
             root = root.__cause__
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(root))  # (torch.export colours its messages)
-        first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        first = " ".join(line.strip() for line in text.splitlines() if line.strip())  # (the first line may end in ":")
         raise NotImplementedError(f"moec backend='onnxruntime': {type(model).__name__} cannot run in ONNX Runtime: "
                                   f"{what} failed ({type(root).__name__}: {first[:300]}); use backend='torch' for this "
                                   f"model") from e

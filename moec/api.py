@@ -26,11 +26,11 @@ from moec.bindings import Const, Derived
 from moec.distributed import ExpertParallel, Group, ShardedExperts, compiled_blocks, fingerprint
 from moec.cuda_graphs import check as cuda_graphs_check, install as cuda_graphs_install
 from moec.canonical import (
+    buffers_kept,
     build_graph,
     compiled_forward,
     compiled_graph,
     install,
-    not_counting,
     resolve,
     runner,
     uninstall,
@@ -221,7 +221,7 @@ def _run(model: nn.Module, passes, instruments: Instruments, install_blocks: boo
                 progress.advance(task)
         if before_install is not None:
             before_install(report)
-        if install_blocks:
+        if install_blocks and done:
             _install_all(done)
             refuse_new_experts_first(model)
     finally:
@@ -460,7 +460,8 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     if pool is not None:
         _start_offload(model, report, pool)
     settle(model, report)
-    model.__dict__["_moec_report"] = report
+    if report.blocks or "_moec_report" in model.__dict__:  # (a model left unchanged gains nothing)
+        model.__dict__["_moec_report"] = report
     if (quantize is not None or pool is not None) and report.blocks:
         refuse_save_pretrained(model)
     if torch.__future__.get_swap_module_params_on_conversion() or _nbytes(model) >= COLLECT_FROM:
@@ -677,7 +678,7 @@ def _expert_load(model: nn.Module, report: Report, args, kwargs) -> None:
 
     handles = [resolve(model, p).register_forward_pre_hook(hook(p), with_kwargs=True) for p in specs]
     try:
-        with torch.no_grad(), not_counting():  # (compiled blocks' token counters: inspect leaves them as they were)
+        with torch.no_grad(), buffers_kept(model):  # (token counters: inspect leaves them as they were)
             model(*args, **kwargs)
     finally:
         for h in handles:

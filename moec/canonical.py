@@ -230,9 +230,10 @@ class CompiledForward:
         self.owner, self.gm, self.path = ModelRef(block), gm, path  # (weakly: this object lives in block.__dict__)
         self.user_forward = user_forward  # an instance-level forward the block had before compile, if any
         self.container = container
-        self.form = Form(block, container, self._called())  # recorded again once compile installed everything
+        self.settle()  # recorded again once compile installed everything
         self._gen = -1
         self._skipped: list[nn.Module] = []
+        self._foreign: str | None = None  # a tensor the graph reads is of a tensor subclass (_refresh)
         self._signature = None
         self._router_key = self._router_now()  # quantize(router=True): the fp weight the buffers were made from
         self._said: set[str] = set()  # reasons not asked for (hooks, a changed block) warned about once
@@ -242,11 +243,14 @@ class CompiledForward:
         return self.owner.model
 
     def original(self, *args, **kwargs):
-        fwd = self.user_forward or type(self.block).forward.__get__(self.block)
-        return fwd(*args, **kwargs)
+        if self.user_forward is not None:
+            return self.user_forward(*args, **kwargs)
+        block = self.block  # (the class's function called on the block: Dynamo resolves a bound `forward` it made
+        return type(block).forward(block, *args, **kwargs)  # itself to the block's own attribute, moec's forward)
 
     def __getstate__(self):  # pickle / deepcopy: a GraphModule does not keep its meta (spec, bindings)
-        return {**self.__dict__, "_meta": dict(self.gm.meta), "_gen": -1, "_skipped": [], "_signature": None}
+        return {**self.__dict__, "_meta": dict(self.gm.meta), "_gen": -1, "_skipped": [], "_signature": None,
+                "_foreign": None}
 
     def __setstate__(self, state):
         meta = state.pop("_meta")
@@ -279,16 +283,23 @@ class CompiledForward:
                 setattr(resolve(self.gm, parent), attr, resolve(self.block, c))
         if not tracing():
             self._gen = generation()
+            bindings = self.gm.meta["bindings"]
+            self._foreign = next((  # e.g. torchao's quantized weights, FSDP's DTensors
+                f"its {role} tensor is a {type(t).__module__}.{type(t).__name__} (a tensor subclass): the compiled graph "
+                f"reads plain tensors" for role in self.gm.meta.get("installed_roles") or roles(self.gm)
+                for t in bindings[role].sources(self.block) if type(t) not in (torch.Tensor, nn.Parameter)), None)
 
     def why_original(self, hidden, extras) -> str | None:
-        if tracing() or self._gen != generation():  # traced: never read the counter (Dynamo would guard on it)
-            self._refresh()
         if extras:
             return f"extra inputs {sorted(extras)}"
         if self.block.training:
             return "training mode"
-        if (changed := self.changed()) is not None:
+        if (changed := self.changed()) is not None:  # (before _refresh: a module it looks up may be gone)
             return changed
+        if tracing() or self._gen != generation():  # traced: never read the counter (Dynamo would guard on it)
+            self._refresh()
+        if self._foreign and not tracing():
+            return self._foreign
         if not isinstance(hidden, torch.Tensor) or hidden.numel() == 0 and not self.gm.meta["moe_spec"].sharded:
             return "no tokens"  # (a sharded block takes part in the exchange with no rows: the other ranks wait)
         if self.gm.meta.get("ranks") and hidden.dim() not in self.gm.meta["ranks"]:
@@ -307,7 +318,16 @@ class CompiledForward:
     def settle(self) -> None:
         """Record the block's form as compile leaves it (dense= and decode_linears= replace or wrap its Linears after
         the blocks are installed)."""
-        self.form = Form(self.block, self.container, self._called())
+        self.form = Form(self.block, self.container, self._called(), self._unread())
+
+    def _unread(self) -> tuple[str, ...]:
+        """The tensors the block's own forward read at analysis (detect_moe's capture) that the graph does not read
+        (but for the modules it calls, the experts it released and the counters it adds to)."""
+        read = {id(t) for r in self.gm.meta.get("installed_roles") or roles(self.gm)
+                for t in self.gm.meta["bindings"][r].sources(self.block)}
+        skip = (*self._called(), *self.gm.meta.get("released", ()), *self.gm.meta["moe_spec"].counters)
+        return tuple(p for p in self.gm.meta.get("reads", ()) if not any(p == s or p.startswith(s + ".") for s in skip)
+                     and id(resolve(self.block, p)) not in read)
 
     def _called(self) -> tuple[str, ...]:
         """The block's modules the graph calls (shared experts, their gate): they run as they are at each call."""
@@ -315,10 +335,8 @@ class CompiledForward:
         return tuple(p for p in (spec.shared.module, spec.shared.gate) if p) if spec.shared else ()
 
     def changed(self) -> str | None:
-        """Why the graph no longer stands for the block (moec.form), or None. Checked in eager calls only."""
-        if tracing():
-            return None
-        what = self.form.changed(self.block)
+        """Why the graph no longer stands for the block (moec.form), or None."""
+        what = self.form.traced_changed(self.block) if tracing() else self.form.changed(self.block)
         return what and f"the block changed after compile ({what}): compile the model again to compile it anew"
 
     def why_hooks(self) -> str | None:
@@ -386,7 +404,7 @@ class CompiledForward:
                     f"moec: block {self.path!r} was compiled with an approximation ({self.gm.meta['approximation']}) "
                     f"that its original forward does not make ({why}): compile a fresh model without topk= or experts= for this")
             if why not in self._said and (why == self.why_hooks() or why == self.changed()  # not asked for
-                                          or why.startswith("autocast")):
+                                          or why == self._foreign or why.startswith("autocast")):
                 self._said.add(why)
                 warnings.warn(f"moec: block {self.path!r} runs its original forward, not the compiled one: {why}",
                               stacklevel=2)
@@ -433,6 +451,24 @@ def not_counting():
         yield
     finally:
         _NOT_COUNTING[0] -= 1
+
+
+@contextlib.contextmanager
+def buffers_kept(model: nn.Module):
+    """The model's buffers as they were before, after runs that are moec's, not the user's (inspect's expert load,
+    backend='onnxruntime''s checks against the eager model): a forward may write into its buffers (a block's token
+    counters, compiled or not), in place or by assigning a new tensor."""
+    kept = [(m, name, b, b.clone(), b._version) for m in model.modules() for name, b in m._buffers.items()
+            if b is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, name, b, was, version in kept:
+                if m._buffers.get(name) is not b:
+                    m._buffers[name] = b
+                if b._version != version:
+                    b.copy_(was)
 
 
 def add_counts(buf: torch.Tensor, ids: torch.Tensor, num_experts: int) -> None:

@@ -44,6 +44,10 @@ class Capture:
     calls: list[ModuleCall] = field(default_factory=list)  # submodule calls, in order
     reads: list[tuple[str, fx.Node]] = field(default_factory=list)  # (how, tensor read) Python reads of values
 
+    def tensors_read(self) -> tuple[str, ...]:
+        """The paths of the module's parameters and buffers the run read."""
+        return tuple(n.target for n in self.graph.nodes if n.op == "get_attr")
+
     def dataflow(self) -> nx.DiGraph:
         """The graph as a networkx DiGraph of fx nodes (edges: producer -> user)."""
         g = nx.DiGraph()

@@ -85,8 +85,14 @@ class Form:
     modules the graph calls (`called`: shared experts and their gate, run as they are at each call) are not
     watched."""
 
-    def __init__(self, block: nn.Module, container: str | None, called: tuple[str, ...] = ()):
+    def __init__(self, block: nn.Module, container: str | None, called: tuple[str, ...] = (),
+                 unread: tuple[str, ...] = ()):
         self.called = called
+        # tensors the block's own forward reads and its graph does not: their values at compile were part of what the
+        # proof compared (a LoRA adapter's lora_B is 0 at compile, which hides the adapter): (path, tensor, data
+        # pointer, version, its values then)
+        self.unread = [(p, t, t.data_ptr(), t._version, t.detach().clone()) for p in unread
+                       for t in [_module_tensor(block, p)]]
         self.structure = _structure(block, called)
         entries, self.own = [], []  # (path, key, value at compile); the paths of the modules not experts of a container
         for path, m in block.named_modules():
@@ -153,6 +159,42 @@ class Form:
             return "its submodules are not those it was compiled with"
         if bad := next((cls for cls, f in self.classes if cls.forward is not f), None):
             return f"{bad.__name__}.forward was replaced"
+        return self._unread_changed(block) if self.unread else None
+
+    def traced_changed(self, block: nn.Module) -> str | None:
+        """changed(), while torch.compile or torch.export traces the block: the classes of the block's own modules,
+        their plain attributes and training flags read through getattr, on which Dynamo guards (a change compiles the
+        model again); what changed() compares by identity (dicts, children, forwards) and the experts' training flags
+        are not compared. A block whose graph leaves tensors of its forward unread runs its own forward under torch.compile
+        (their values cannot be compared in a trace; a torch.export program reads the graph's tensors as exported)."""
+        if self.unread and not torch.compiler.is_exporting():
+            return (f"under torch.compile, as the compiled graph does not read {self.unread[0][0]}, which its own "
+                    f"forward reads, and a trace cannot compare its values with those at compile")
+        if type(block) is not self.types[0] or tuple(type(block.get_submodule(p)) for p in self.own[1:]) != self.types[1]:
+            return "its submodules are not those it was compiled with"  # (e.g. parametrized since: a class of its own)
+        for path, key, then in zip(self.paths, self.keys, self.values):
+            if key == "training" and path not in self.own:  # an expert's
+                continue
+            if (now := getattr(block.get_submodule(path), key, None)) != then:
+                return f"{path + '.' if path else ''}{key} is {now!r}, was {then!r}"
+        return None
+
+    def _unread_changed(self, block: nn.Module) -> str | None:
+        for i, (path, then, ptr, version, values) in enumerate(self.unread):
+            now = _module_tensor(block, path)
+            if now is then and now.data_ptr() == ptr and now._version == version:
+                continue
+            if now is None or now.shape != values.shape or not torch.equal(now.detach(), values.to(now.device, now.dtype)):
+                return f"{path}, which its own forward reads and the compiled graph does not, changed"
+            self.unread[i] = (path, now, now.data_ptr(), now._version, values)  # the same values (e.g. loaded again)
+        return None
+
+
+def _module_tensor(block: nn.Module, path: str) -> torch.Tensor | None:
+    owner, _, name = path.rpartition(".")
+    try:
+        return getattr(block.get_submodule(owner), name)
+    except AttributeError:
         return None
 
 

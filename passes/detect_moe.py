@@ -130,12 +130,14 @@ def _capture(work: nn.Module, H: int, T: int, gen) -> tuple[torch.Tensor, Captur
     x = torch.randn(B, T // B, H, generator=gen, device="cpu").to(dev)
     try:
         return x, capture(work, x)
-    except Exception:  # noqa: BLE001  some blocks take [T, H]
-        x = x.reshape(-1, H)
-        try:
-            return x, capture(work, x)
-        except Exception as e:  # noqa: BLE001
-            raise Rejected(f"calling the block with hidden states failed: {type(e).__name__}: {e}") from e
+    except Exception as e:  # noqa: BLE001  some blocks take [T, H]
+        first = f"on {list(x.shape)}: {type(e).__name__}: {str(e)[:200]}"
+    x = x.reshape(-1, H)
+    try:
+        return x, capture(work, x)
+    except Exception as e:  # noqa: BLE001
+        raise Rejected(f"calling the block with hidden states failed ({first}; on {list(x.shape)}: "
+                       f"{type(e).__name__}: {str(e)[:200]})") from e
 
 
 def _analyze(block: nn.Module, cand: Candidate, work: nn.Module):
@@ -288,7 +290,7 @@ def _analyze(block: nn.Module, cand: Candidate, work: nn.Module):
         err, w, A = fit(lay, act, lb, slice(None), c)
         if err < FIT_TOL:
             fits.append((err, lay, act, lb, w, A, c))
-    facts = {"in_dim": x.dim(), "work": work}
+    facts = {"in_dim": x.dim(), "work": work, "reads": cap.tensors_read()}
     if fits:  # the best fit wins (gelu vs its tanh approximation differ by ~1e-3)
         _, lay, act, lb, w, A, c = min(fits, key=lambda f: f[0])
         R, shared = routed[c], shared and replace(shared, scale=c)
@@ -441,5 +443,7 @@ def detect_moe(gm) -> PassResult:
         out.meta["canonical_bindings"] = dict(roles)  # the reference of later proofs (quantized: dequantized)
         out.meta["proof"] = proof
         out.meta["ranks"] = proof.ranks
+        out.meta["reads"] = facts["reads"]  # what the block's forward reads (a CompiledForward watches what the graph
+        # does not)
         return PassResult(out, True, {"detected": 1, "experts_reached": len(proof.reached)})
     raise failures[0]

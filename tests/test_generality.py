@@ -435,6 +435,23 @@ def test_a_counting_block_counts_under_torch_compile_and_export():
     assert torch.equal(exported.tokens_per_expert, ref.tokens_per_expert)
 
 
+def test_onnxruntime_and_inspect_leave_the_counters_as_they_were():
+    """backend='onnxruntime' checks its session against the eager model, and moec.inspect runs the model for the
+    expert load: neither counts into the model's buffers (a refused block's own forward counted, and so did the
+    session's checks); the session itself counts nothing, said."""
+    pytest.importorskip("onnxruntime")
+    block = TokenCounting().eval()
+    moec.compile(block, backend="onnxruntime")
+    with pytest.warns(UserWarning, match="holds no state"), torch.no_grad():
+        block(torch.randn(2, 7, 32))
+    assert not block.tokens_per_expert.any()
+    refused = TokenCounting(count="double").eval()
+    with pytest.warns(UserWarning, match="no MoE block rewritten"):
+        moec.compile(refused)
+    moec.inspect(refused, torch.randn(2, 7, 32))
+    assert not refused.tokens_per_expert.any()
+
+
 def test_export_says_the_file_counts_nothing(tmp_path):
     onnx = pytest.importorskip("onnxruntime")
     block = TokenCounting().eval()
@@ -486,6 +503,7 @@ def test_negative_controls_stay_untouched(cls, shape):
     ref = copy.deepcopy(m)
     with pytest.warns(UserWarning, match="no MoE block rewritten"):
         moec.compile(m)
+    assert m.__dict__.keys() == ref.__dict__.keys() and not m._load_state_dict_pre_hooks  # unchanged: nothing added
     assert not moec.inspect(m).blocks
     x = torch.randn(shape)
     assert torch.equal(m(x), ref(x))

@@ -304,6 +304,83 @@ def test_a_shared_expert_changed_after_compile_runs_compiled():
         _same(model, ref, _ids(model))
 
 
+class _Lora(nn.Module):
+    """A LoRA adapter as peft wraps a Linear: base_layer(x) + lora_B(lora_A(x)) * scaling, lora_B 0 until trained."""
+
+    def __init__(self, base: nn.Linear, r=4):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.Linear(base.in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False)
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = 2.0
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        out = copy.deepcopy(self.base_layer)
+        with torch.no_grad():
+            out.weight += self.scaling * self.lora_B.weight @ self.lora_A.weight
+        return out
+
+
+@pytest.mark.parametrize("where", ["shared_expert_gate", "shared_expert.down_proj"])
+def test_a_lora_adapter_on_a_shared_expert(where):
+    """The graph calls the adapter as the block does (the shared expert's gate was once taken to be the adapter's
+    base_layer, and a trained adapter was ignored); the adapter trained after compile is followed, and merged and
+    unloaded (the wrapper replaced by a Linear, as peft's merge_and_unload does) the block runs again."""
+    model = models.tiny_model("qwen2_moe")
+    torch.manual_seed(0)
+    for layer in model.model.layers:
+        parent, _, name = f"mlp.{where}".rpartition(".")
+        setattr(layer.get_submodule(parent), name, _Lora(layer.get_submodule(f"mlp.{where}")))
+    ref = copy.deepcopy(model)
+    _compiled(model)
+    ids = _ids(model)
+    _same(model, ref, ids)
+    for m in (model, ref):
+        for i, layer in enumerate(m.model.layers):
+            with torch.no_grad():
+                lora_b = layer.get_submodule(f"mlp.{where}").lora_B.weight
+                lora_b.copy_(torch.randn(lora_b.shape, generator=torch.Generator().manual_seed(i)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # followed by the compiled block, not its own forward
+        _same(model, ref, ids)
+    for m in (model, ref):
+        for layer in m.model.layers:
+            parent, _, name = f"mlp.{where}".rpartition(".")
+            setattr(layer.get_submodule(parent), name, layer.get_submodule(f"mlp.{where}").merged())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _same(model, ref, ids)
+
+
+class _NoStack(torch.Tensor):
+    """A tensor subclass that cannot be stacked, as torchao's quantized weights."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.stack, torch.cat):
+            raise NotImplementedError(f"{cls.__name__} does not implement {func.__name__}")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_expert_weights_of_a_tensor_subclass_after_compile():
+    """Weights replaced after compile by a tensor subclass (torchao's quantize_ does so): the block runs its own
+    forward, said (moec's copy of the experts is made of plain tensors)."""
+    block = _Simple().eval()
+    ref = copy.deepcopy(block)
+    _compiled(block)
+    for m in (block, ref):
+        for e in m.experts:
+            e.fc1.weight = nn.Parameter(e.fc1.weight.detach().as_subclass(_NoStack))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _same(block, ref, torch.randn(30, 32))
+    assert any("_NoStack (a tensor subclass)" in str(w.message) for w in caught), [str(w.message) for w in caught]
+
+
 def test_dropout_in_training_mode_inside_an_eval_block():
     """Monte-Carlo dropout: the model in eval mode, its dropout modules put back in training mode. The experts'
     dropout runs (the original forward), as it does in the original, seed for seed."""
@@ -510,6 +587,51 @@ class _Simple(nn.Module):
             t, s = torch.where(ids == e)
             out.index_add_(0, t, self.experts[e](x[t]) * w[t, s, None])
         return out
+
+
+class _Scaled(_Simple):
+    """Learnable scalars that hold 1 at compile, a router temperature and an output scale: the graph, proved on
+    those values, need not read them."""
+
+    def __init__(self):
+        super().__init__()
+        self.temperature = nn.Parameter(torch.ones(()))
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def route(self, x):
+        return (self.gate(x) / self.temperature).softmax(-1).topk(2)
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+@pytest.mark.parametrize("name", ["temperature", "scale"])
+@pytest.mark.parametrize("how", ["in place", "load_state_dict", "replaced"])
+def test_a_tensor_the_graph_does_not_read_changed_after_compile(name, how):
+    """A tensor the block's forward reads and its graph does not (its value at compile was part of what the proof
+    compared): changed after compile, the block runs its own forward, said; loaded again with the same values, it
+    stays compiled."""
+    block = _Scaled().eval()
+    ref = copy.deepcopy(block)
+    _compiled(block)
+    x = torch.randn(30, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a fallback warns)
+        block.load_state_dict(ref.state_dict())
+        _same(block, ref, x)
+    for m in (block, ref):
+        with torch.no_grad():
+            if how == "in place":
+                getattr(m, name).fill_(0.25)
+            elif how == "load_state_dict":
+                m.load_state_dict({**m.state_dict(), name: torch.tensor(0.25)})
+            else:
+                setattr(m, name, nn.Parameter(torch.tensor(0.25)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _same(block, ref, x)
+    assert any(f"{name}, which its own forward reads and the compiled graph does not, changed" in str(w.message)
+               for w in caught), [str(w.message) for w in caught]
 
 
 class _PathPerLength(_Simple):
@@ -848,6 +970,27 @@ class _TokenTopk(_AtRouter):
         return out
 
 
+class _LongRowsOnly(_Simple):
+    """Takes [B, S, H] rows of at least 8 tokens only."""
+
+    def forward(self, x):
+        if x.dim() != 3:
+            raise ValueError("takes [batch, sequence, hidden]")
+        if x.shape[1] < 8:
+            raise ValueError("rows of at least 8 tokens")
+        return super().forward(x.flatten(0, 1)).view_as(x)
+
+
+def test_a_block_that_cannot_be_called_says_each_error():
+    """The reason names the error of each input tried ([B, S, H], then [T, H]): the second alone hid the cause."""
+    m = _LongRowsOnly()
+    with pytest.warns(UserWarning, match="no MoE block rewritten"):
+        moec.compile(m)
+    reason = moec.inspect(m).rejected[0].reason
+    assert "on [2, 5, 32]: ValueError: rows of at least 8 tokens" in reason, reason
+    assert "on [10, 32]: ValueError: takes [batch, sequence, hidden]" in reason, reason
+
+
 @pytest.mark.parametrize("cls", [_AtRouter, _EinsumRouter, _TokenTopk])
 def test_odd_candidates_never_fail_the_compile(cls):
     m = cls()
@@ -908,6 +1051,40 @@ def test_torch_compile_does_not_recompile_at_every_call():
             model(ids)  # eager, between compiled calls
         model.model.layers[0].mlp.experts.down_proj.mul_(2)  # edited in place: the compiled graph sees it
         assert rel_err(compiled(ids).logits, model(ids).logits) < TOL[torch.float32]
+    torch._dynamo.reset()
+
+
+def test_torch_compile_follows_a_block_changed_after_compile():
+    """Traced by torch.compile, the compiled block compares the attributes it was proved for through getattr, which
+    Dynamo guards on: a router's top_k set after the first call recompiles, and the block runs its own forward (the
+    graph kept top-2). A block whose graph does not read a tensor its forward reads runs its own forward there, and
+    so does a block in training mode."""
+    model = models.tiny_model("mixtral").eval()
+    ref = copy.deepcopy(model)
+    moec.compile(model)
+    ids = _ids(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", dynamic=False)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled(ids)
+        for m in (model, ref):
+            for layer in m.model.layers:
+                layer.mlp.gate.top_k = 1
+        assert rel_err(compiled(ids).logits, ref(ids).logits) < TOL[torch.float32]
+    block = _Scaled().eval()
+    ref = copy.deepcopy(block)
+    _compiled(block)
+    fast = torch.compile(block, backend="aot_eager", dynamic=False)
+    x = torch.randn(30, 32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast(x)
+        for m in (block, ref):
+            m.scale.fill_(0.25)
+        assert rel_err(fast(x), ref(x)) < TOL[torch.float32]
+        block.train()  # (the block compiled whole: its own forward was once resolved to moec's, endlessly)
+        assert rel_err(fast(x), ref(x)) < TOL[torch.float32]
     torch._dynamo.reset()
 
 

@@ -148,7 +148,7 @@ def analyze(module: nn.Module, cand: Candidate):
     espec = ExpertsSpec(E, H, t["w2"].shape[2], act, lay.gated, "b13" in t or "b2" in t, alpha, limit,
                         gate_up=lay.gate_up)
     spec = MoESpec(RouterSpec(top_k=k, scoring=EXTERNAL), espec, None, {}, ("out",))
-    return [spec], dict(lb), {"in_dim": 2, "work": work}
+    return [spec], dict(lb), {"in_dim": 2, "work": work, "reads": cap.tensors_read()}
 
 
 def probes(spec: MoESpec, device) -> list[Probe]:

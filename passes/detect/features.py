@@ -287,10 +287,11 @@ def shared_experts(cap: Capture, cand: Candidate, xf: torch.Tensor) -> SharedSpe
         if not (isinstance(a, torch.Tensor) and isinstance(o, torch.Tensor) and a.numel() == xf.numel()
                 and torch.equal(a.reshape(-1, H), xf)):
             continue
-        if any(call.path.startswith(p + ".") for p in mlps + gates):
-            continue
         (mlps if o.shape[-1] == H else gates if o.shape[-1] == 1 else []).append(call.path)
-    mlps = [p for p in mlps if not any(p.startswith(q + ".") for q in mlps)]
+    # the outermost of nested ones (calls are listed as they return: a wrapper's inner Linear, e.g. a LoRA layer's
+    # base_layer, or a dropout inside it, comes first; the wrapper is what the block calls)
+    outer = lambda paths: [p for p in paths if not any(p.startswith(q + ".") for q in mlps + gates)]  # noqa: E731
+    mlps, gates = outer(mlps), outer(gates)
     return SharedSpec(mlps[0], gates[0] if gates else None) if mlps else None
 
 
