@@ -69,6 +69,7 @@ SELECTIONS = {"topk", "argmax", "max"}
 RANDOM_OPS = {"rand", "randn", "rand_like", "randn_like", "randint", "uniform_", "normal_", "exponential_",
               "bernoulli", "bernoulli_", "multinomial", "gumbel_softmax"}  # (dropout in eval mode is the identity)
 FIT_TOL = feat.FIT_TOL
+NEAR_FIT = 0.03  # a fit this close but past FIT_TOL: the right form computed at a lower precision, likely
 COUNTS = "updates buffer "  # moec.capture.untouched's words for a buffer the forward changed
 SIGNATURE_TOKENS = (1, 64, 300)  # token counts captured beside the 10 of the analysis: the code run, capacities
 
@@ -154,8 +155,11 @@ def _analyze(block: nn.Module, cand: Candidate, work: nn.Module):
     logits_node = None if wnode is None else next((
         n for n in cap.graph.nodes if wnode in feat.inputs_through_views(n) and isinstance(n.meta.get("val"), torch.Tensor)
         and n.meta["val"].shape[-1] == Er and n.meta["val"].numel() == xf.shape[0] * Er), None)
+    computed = (": other ops make the weight the router applies (e.g. a parametrization, a pruning mask or an "
+                "adapter: compile the model with them merged or removed)")
     if logits_node is None:
-        raise Rejected("the router weight is not applied to the tokens")
+        raise Rejected(f"the router weight {cand.router} is not applied to the tokens" + (
+            "" if wnode is None else f" as it is{computed}"))
     logits = logits_node.meta["val"].reshape(-1, Er)
     flat, router_t = W.dim() == 1, W.shape == (H, Er) and H != Er  # [E*H] viewed; [H, E] used as x @ W
     bias_arg = None
@@ -170,7 +174,8 @@ def _analyze(block: nn.Module, cand: Candidate, work: nn.Module):
                            f"{read.meta.get('module') or 'its forward'}), not the block's input: moec rewrites a "
                            "module whose input is what the router reads (an MoE module of its own, or an experts "
                            "module called with the routing)")
-        raise Rejected("router logits are not a linear map of the block input")
+        raise Rejected(f"the router logits are not the block input times the router weight {cand.router}"
+                       + (computed if ".parametrizations." in cand.router else ""))
 
     # selection: a top-k / argmax over the E scores, downstream of the logits;
     df = cap.dataflow()
@@ -195,6 +200,9 @@ def _analyze(block: nn.Module, cand: Candidate, work: nn.Module):
     if drawn:
         raise Rejected(f"its routing draws random numbers in eval mode ({', '.join(drawn)}): moec compiles "
                        "deterministic routers (a router that samples in training runs its original forward there)")
+    if scalar := next((o for o in (cap.output if isinstance(cap.output, tuple) else [cap.output])
+                       if isinstance(o, torch.Tensor) and o.dim() == 0), None):  # (said before a misreading of its
+        raise feat.extra_output(scalar)  # router for its aux loss's ops)
     f = feat.features(cap, logits_node, sel)
     picks = {}  # k > 1 argmax/max picks in turn (sparsemixer, GShard's top-2): each masks the ones before
     chain = [sels[0]]  # (an argmax and a max of the same scores, as Switch takes index and weight, are one pick)
@@ -282,9 +290,10 @@ def _analyze(block: nn.Module, cand: Candidate, work: nn.Module):
     if (rec_ids >= E).all():
         raise Rejected("every token of the analysis chose zero-compute experts only: the experts' form is not seen")
     t = int((rec_ids < E).any(-1).nonzero()[0])  # the first token that chose a real expert screens
-    screened = [(lay, act, lb, c) for lay in layouts(work, cand) for lb in [layout_bindings(work, cand, lay)]
-                for act in acts for c in routed
-                if (act != "swiglu_oai" or lay.gated) and fit(lay, act, lb, slice(t, t + 1), c)[0] < FIT_TOL]
+    tried = [(fit(lay, act, lb, slice(t, t + 1), c)[0], lay, act, lb, c) for lay in layouts(work, cand)
+             for lb in [layout_bindings(work, cand, lay)] for act in acts for c in routed
+             if act != "swiglu_oai" or lay.gated]
+    screened = [(lay, act, lb, c) for err, lay, act, lb, c in tried if err < FIT_TOL]
     fits = []
     for lay, act, lb, c in screened:
         err, w, A = fit(lay, act, lb, slice(None), c)
@@ -318,8 +327,10 @@ def _analyze(block: nn.Module, cand: Candidate, work: nn.Module):
                                    alpha, limit, True, lay.gate_up)
         if rel_err(y, R) < FIT_TOL:
             return [MoESpec(r, espec, shared, {}, outputs(r))], {**roles, **lb}, facts
-    raise Rejected(f"no expert layout/activation reproduces the block output with router {base.describe()} "
-                   f"(expert capacity or an unsupported expert form?)")
+    err, _, act, _, _ = min(tried, key=lambda f: f[0], default=(float("inf"), None, None, None, None))
+    raise Rejected(f"no expert layout/activation reproduces the block output with router {base.describe()} " + (
+        f"(the closest, {act} experts, is {err:.1e} off: do the experts compute in a lower precision than the block, "
+        f"e.g. cast to bf16?)" if err < NEAR_FIT else "(expert capacity or an unsupported expert form?)"))
 
 
 def _pick_ids(sel):

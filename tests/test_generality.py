@@ -60,9 +60,10 @@ class GShardTop2(nn.Module):
     capacity per expert with one-hot cumsum locations (second choices queue after all first choices);
     dispatch and combine as einsums over [T, E, C] tensors."""
 
-    def __init__(self, H=32, E=8, I=40, normalize=True, mask="inf", capacity=None, stacked=False):
+    def __init__(self, H=32, E=8, I=40, normalize=True, mask="inf", capacity=None, stacked=False, pick="argmax",
+                 aux=False):
         super().__init__()
-        self.E, self.normalize, self.mask, self.capacity = E, normalize, mask, capacity
+        self.E, self.normalize, self.mask, self.capacity, self.pick, self.aux = E, normalize, mask, capacity, pick, aux
         self.wg = nn.Linear(H, E, bias=False)
         nn.init.normal_(self.wg.weight, std=2 / H**0.5)
         self.experts = _Experts(E, H, I, stacked)
@@ -74,12 +75,14 @@ class GShardTop2(nn.Module):
         T = x.shape[0]
         logits = self.wg(x)
         gates = F.softmax(logits, dim=1)
-        i1 = torch.argmax(gates, dim=1)
+        top1 = (lambda t: torch.argmax(t, dim=1)) if self.pick == "argmax" else (  # noqa: E731
+            lambda t: t.topk(1, dim=1).indices.squeeze(1))  # (lucidrains' mixture-of-experts: top1 = topk(k=1))
+        i1 = top1(gates)
         mask1 = F.one_hot(i1, E)
         if self.mask == "inf":
-            i2 = torch.argmax(logits.masked_fill(mask1.bool(), float("-inf")), dim=1)
+            i2 = top1(logits.masked_fill(mask1.bool(), float("-inf")))
         else:
-            i2 = torch.argmax(gates * (1 - mask1), dim=1)
+            i2 = top1(gates * (1 - mask1))
         mask2 = F.one_hot(i2, E)
         C = T if self.capacity is None else self.capacity
         locations1 = torch.cumsum(mask1, dim=0) - 1
@@ -97,7 +100,10 @@ class GShardTop2(nn.Module):
                    + g2[:, None, None] * mask2[:, :, None] * F.one_hot(loc2, C)[:, None, :])  # [T, E, C]
         dispatched = torch.einsum("sec,sm->ecm", combine.bool().to(x.dtype), x)  # [E, C, H]
         out = torch.stack([self.experts.run(e, dispatched[e]) for e in range(E)])  # [E, C, H]
-        return torch.einsum("sec,ecm->sm", combine, out).reshape(shape)
+        out = torch.einsum("sec,ecm->sm", combine, out).reshape(shape)
+        if self.aux:  # GShard's load-balancing loss
+            return out, (gates.mean(0) * mask1.float().mean(0)).mean() * E * E
+        return out
 
 
 class RouterForms(nn.Module):
@@ -181,6 +187,19 @@ SEQ = [(1, 32), (7, 32), (300, 32)]  # [T, H]
 def test_gshard_top2_as_two_argmax_picks(normalize, mask, stacked):
     b = _check(GShardTop2(normalize=normalize, mask=mask, stacked=stacked), SEQ)
     assert b.top_k == 2 and "argmax picks" in b.router
+
+
+@pytest.mark.parametrize("pick", ["argmax", "topk"])
+def test_gshard_top2_returning_its_aux_loss_is_refused_for_it(pick):
+    """lucidrains' mixture-of-experts returns (out, aux loss), its top-2 as two topk(k=1) picks: the reason is the aux
+    loss (a misreading of its router was said instead); the block runs as it is."""
+    m = GShardTop2(pick=pick, aux=True).eval()
+    ref = copy.deepcopy(m)
+    with pytest.warns(UserWarning, match="no MoE block rewritten"):
+        moec.compile(m)
+    assert "returns an extra output moec does not compute (shape ()" in moec.inspect(m).rejected[0].reason
+    x = torch.randn(30, 32)
+    assert all(map(torch.equal, m(x), ref(x)))
 
 
 def test_gshard_sequence_first_with_a_group_dim():

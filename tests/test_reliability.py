@@ -140,6 +140,30 @@ def test_a_parametrized_expert_weight():
     _same(block, ref, _x(32))
 
 
+class _Double(nn.Module):
+    def forward(self, w):
+        return w * 2
+
+
+@pytest.mark.parametrize("how", ["pruned", "parametrized"])
+def test_a_router_weight_computed_at_each_call_is_refused_with_why(how):
+    """A router whose weight a pruning mask or a parametrization computes at each call: refused (the block runs as
+    it is), and the reason says so."""
+    from torch.nn.utils import parametrize, prune
+
+    block = _Simple()
+    ref = copy.deepcopy(block)
+    for m in (block, ref):
+        if how == "pruned":
+            prune.l1_unstructured(m.gate, "weight", 0.3)
+        else:
+            parametrize.register_parametrization(m.gate, "weight", _Double())
+    with pytest.warns(UserWarning, match="no MoE block rewritten"):
+        moec.compile(block)
+    assert "a pruning mask or an adapter: compile the model with them merged" in moec.inspect(block).rejected[0].reason
+    _same(block, ref, torch.randn(30, 32))
+
+
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_tied_experts(when):
     """Two experts of one block sharing a Parameter: moec's one copy cannot make one tensor a view of two slots,
@@ -979,6 +1003,27 @@ class _LongRowsOnly(_Simple):
         if x.shape[1] < 8:
             raise ValueError("rows of at least 8 tokens")
         return super().forward(x.flatten(0, 1)).view_as(x)
+
+
+class _RoundsExpertInputs(_Simple):
+    """Experts run on their inputs rounded to bf16 in an fp32 block (torchtitan's grouped experts cast to bf16)."""
+
+    def forward(self, x):
+        w, ids = self.route(x)
+        out = torch.zeros_like(x)
+        for e in range(len(self.experts)):
+            t, s = torch.where(ids == e)
+            out.index_add_(0, t, self.experts[e](x[t].bfloat16().float()) * w[t, s, None])
+        return out
+
+
+def test_experts_in_a_lower_precision_are_refused_with_a_hint():
+    m = _RoundsExpertInputs()
+    ref = copy.deepcopy(m)
+    with pytest.warns(UserWarning, match="no MoE block rewritten"):
+        moec.compile(m)
+    assert "compute in a lower precision than the block" in moec.inspect(m).rejected[0].reason
+    _same(m, ref, torch.randn(30, 32))
 
 
 def test_a_block_that_cannot_be_called_says_each_error():

@@ -146,8 +146,12 @@ def leaf_kind(leaf, x, out_main, logits, ids, weights) -> str:
                       ("logits_1d", logits.reshape(-1)), ("ids", ids), ("weights", weights)):
         if same(leaf, val):
             return kind
-    raise Rejected(f"returns an extra output moec does not compute (shape {tuple(leaf.shape)}: an aux loss, expert "
-                   "counts?); computing it from moec's routing is not supported yet")
+    raise extra_output(leaf)
+
+
+def extra_output(leaf: torch.Tensor) -> Rejected:
+    return Rejected(f"returns an extra output moec does not compute (shape {tuple(leaf.shape)}: an aux loss, expert "
+                    "counts?); computing it from moec's routing is not supported yet")
 
 
 def inputs_through_views(n) -> set:
