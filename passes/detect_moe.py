@@ -432,6 +432,10 @@ def prove(block: nn.Module, cand: Candidate, spec: MoESpec, roles: dict[str, Bin
 def detect_moe(gm) -> PassResult:
     """Captured block -> canonical graph (see module docstring)."""
     block, cand = gm.meta["block"], gm.meta["candidate"]
+    if any(t.is_meta for t in itertools.chain(block.parameters(), block.buffers())):
+        raise Rejected("its weights are on the meta device (not loaded: init_empty_weights, accelerate's offload "
+                       "hooks): moec proves a block on its weights; load them first (moec.load_offloaded compiles "
+                       "a model too big for memory)")
     specs, roles, facts = experts_only.analyze(block, cand) if cand.call else analyze(block, cand)
     failures = []
     for i, spec in enumerate(specs):  # the first candidate form that the proof confirms

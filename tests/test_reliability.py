@@ -262,6 +262,17 @@ def test_to_meta_then_to_empty_then_load():
     _same(block, other, _x(32))
 
 
+def test_a_model_on_the_meta_device_is_refused_with_why():
+    """Weights not loaded (init_empty_weights, accelerate's offload hooks): each block is refused with that reason
+    (its forward on meta tensors failed with what it tried instead)."""
+    with torch.device("meta"):
+        model = models.tiny_model("mixtral")
+    with pytest.warns(UserWarning, match="no MoE block rewritten"):
+        moec.compile(model)
+    rejected = moec.inspect(model).rejected
+    assert rejected and all("its weights are on the meta device" in r.reason for r in rejected), rejected
+
+
 def _changes():
     """(family, what, change(block, ref_block)): a block changed after compile in ways its tensors do not show."""
     def patch_class(block, ref):  # (the class of the block's experts only: a subclass made before compile)
