@@ -460,8 +460,7 @@ def compile(model: nn.Module, *, backend: str = "auto", passes: str | list[str] 
     if pool is not None:
         _start_offload(model, report, pool)
     settle(model, report)
-    if report.blocks or "_moec_report" in model.__dict__:  # (a model left unchanged gains nothing)
-        model.__dict__["_moec_report"] = report
+    model.__dict__["_moec_report"] = report  # (also where no block was rewritten: inspect says why)
     if (quantize is not None or pool is not None) and report.blocks:
         refuse_save_pretrained(model)
     if torch.__future__.get_swap_module_params_on_conversion() or _nbytes(model) >= COLLECT_FROM:

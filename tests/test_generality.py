@@ -522,7 +522,7 @@ def test_negative_controls_stay_untouched(cls, shape):
     ref = copy.deepcopy(m)
     with pytest.warns(UserWarning, match="no MoE block rewritten"):
         moec.compile(m)
-    assert m.__dict__.keys() == ref.__dict__.keys() and not m._load_state_dict_pre_hooks  # unchanged: nothing added
+    assert not m._load_state_dict_pre_hooks  # unchanged: no hook (only moec.inspect's report of why)
     assert not moec.inspect(m).blocks
     x = torch.randn(shape)
     assert torch.equal(m(x), ref(x))
