@@ -285,8 +285,8 @@ class CompiledForward:
             self._gen = generation()
             bindings = self.gm.meta["bindings"]
             self._foreign = next((  # e.g. torchao's quantized weights, FSDP's DTensors
-                f"its {role} tensor is a {type(t).__module__}.{type(t).__name__} (a tensor subclass): the compiled graph "
-                f"reads plain tensors" for role in self.gm.meta.get("installed_roles") or roles(self.gm)
+                f"its {role} tensor is a {type(t).__module__}.{type(t).__name__} (a tensor subclass): the compiled "
+                f"graph reads plain tensors" for role in self.gm.meta.get("installed_roles") or roles(self.gm)
                 for t in bindings[role].sources(self.block) if type(t) not in (torch.Tensor, nn.Parameter)), None)
 
     def why_original(self, hidden, extras) -> str | None:

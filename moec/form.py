@@ -165,13 +165,15 @@ class Form:
         """changed(), while torch.compile or torch.export traces the block: the classes of the block's own modules,
         their plain attributes and training flags read through getattr, on which Dynamo guards (a change compiles the
         model again); what changed() compares by identity (dicts, children, forwards) and the experts' training flags
-        are not compared. A block whose graph leaves tensors of its forward unread runs its own forward under torch.compile
-        (their values cannot be compared in a trace; a torch.export program reads the graph's tensors as exported)."""
+        are not compared. A block whose graph leaves tensors of its forward unread runs its own forward under
+        torch.compile (their values cannot be compared in a trace; a torch.export program reads the graph's tensors
+        as exported)."""
         if self.unread and not torch.compiler.is_exporting():
             return (f"under torch.compile, as the compiled graph does not read {self.unread[0][0]}, which its own "
                     f"forward reads, and a trace cannot compare its values with those at compile")
-        if type(block) is not self.types[0] or tuple(type(block.get_submodule(p)) for p in self.own[1:]) != self.types[1]:
-            return "its submodules are not those it was compiled with"  # (e.g. parametrized since: a class of its own)
+        if type(block) is not self.types[0] or tuple(
+                type(block.get_submodule(p)) for p in self.own[1:]) != self.types[1]:  # (e.g. parametrized since: a
+            return "its submodules are not those it was compiled with"  # class of its own)
         for path, key, then in zip(self.paths, self.keys, self.values):
             if key == "training" and path not in self.own:  # an expert's
                 continue
@@ -184,7 +186,8 @@ class Form:
             now = _module_tensor(block, path)
             if now is then and now.data_ptr() == ptr and now._version == version:
                 continue
-            if now is None or now.shape != values.shape or not torch.equal(now.detach(), values.to(now.device, now.dtype)):
+            if now is None or now.shape != values.shape or not torch.equal(now.detach(),
+                                                                           values.to(now.device, now.dtype)):
                 return f"{path}, which its own forward reads and the compiled graph does not, changed"
             self.unread[i] = (path, now, now.data_ptr(), now._version, values)  # the same values (e.g. loaded again)
         return None

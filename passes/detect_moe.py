@@ -200,9 +200,10 @@ def _analyze(block: nn.Module, cand: Candidate, work: nn.Module):
     if drawn:
         raise Rejected(f"its routing draws random numbers in eval mode ({', '.join(drawn)}): moec compiles "
                        "deterministic routers (a router that samples in training runs its original forward there)")
-    if scalar := next((o for o in (cap.output if isinstance(cap.output, tuple) else [cap.output])
-                       if isinstance(o, torch.Tensor) and o.dim() == 0), None):  # (said before a misreading of its
-        raise feat.extra_output(scalar)  # router for its aux loss's ops)
+    scalar = next((o for o in (cap.output if isinstance(cap.output, tuple) else [cap.output])
+                   if isinstance(o, torch.Tensor) and o.dim() == 0), None)
+    if scalar is not None:  # (said before a misreading of its router for its aux loss's ops)
+        raise feat.extra_output(scalar)
     f = feat.features(cap, logits_node, sel)
     picks = {}  # k > 1 argmax/max picks in turn (sparsemixer, GShard's top-2): each masks the ones before
     chain = [sels[0]]  # (an argmax and a max of the same scores, as Switch takes index and weight, are one pick)
