@@ -369,8 +369,9 @@ class OrtForward:
             raise NotImplementedError(
                 "moec backend='onnxruntime': this KV cache was changed outside the session (beam search reorders "
                 "it, assisted decoding crops it, or the eager model filled it) and no longer holds every past "
-                "position (a sliding-window layer's HF cache keeps only its window), which the session needs: use "
-                "greedy search or sampling, or backend='torch'")
+                "position (a sliding-window layer's HF cache keeps only its window), which the session needs: let "
+                "this model fill the cache (greedy search or sampling from the prompt, not a cache another model or "
+                "decoding strategy made), or use backend='torch'")
         return arrays
 
     def _follow_reorder(self, cache) -> None:
