@@ -109,6 +109,11 @@ class Binding:
     def sources(self, block: nn.Module) -> list[torch.Tensor]:
         return []
 
+    def live_sources(self, block: nn.Module) -> list[torch.Tensor]:
+        """`sources`, as the next `get` reads them (a binding that caches them looks them up again only where
+        something changed)."""
+        return self.sources(block)
+
     def get(self, block: nn.Module) -> torch.Tensor | None:
         raise NotImplementedError
 
@@ -190,11 +195,15 @@ class Derived(Binding):
         return [t for p in self.parts if isinstance(p, Part) for t in p.tensors(block)]
 
     # -- eager: cached; once installed, aliased --
+    def live_sources(self, block):
+        if self._gen != generation() or self._owner() is not block or not self._registered():
+            self._find(block)
+        return self._srcs
+
     def get(self, block):
         if tracing():
             return self.derive(block)
-        if self._gen != generation() or self._owner() is not block or not self._registered():
-            self._find(block)
+        self.live_sources(block)
         key = self._fingerprint()
         if key != self._key:
             # (not an inference tensor: the block's parameters are re-pointed into it, and may train later)

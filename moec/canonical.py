@@ -283,11 +283,11 @@ class CompiledForward:
                 setattr(resolve(self.gm, parent), attr, resolve(self.block, c))
         if not tracing():
             self._gen = generation()
-            bindings = self.gm.meta["bindings"]
+            bindings, block = self.gm.meta["bindings"], self.block
             self._foreign = next((  # e.g. torchao's quantized weights, FSDP's DTensors
-                f"its {role} tensor is a {type(t).__module__}.{type(t).__name__} (a tensor subclass): the compiled "
-                f"graph reads plain tensors" for role in self.gm.meta.get("installed_roles") or roles(self.gm)
-                for t in bindings[role].sources(self.block) if type(t) not in (torch.Tensor, nn.Parameter)), None)
+                f"its {role} tensor is a {kind.__module__}.{kind.__name__} (a tensor subclass): the compiled graph "
+                f"reads plain tensors" for role in self.gm.meta.get("installed_roles") or roles(self.gm)
+                for kind in set(map(type, bindings[role].live_sources(block))) - _PLAIN), None)
 
     def why_original(self, hidden, extras) -> str | None:
         if extras:
@@ -431,6 +431,9 @@ class CompiledForward:
         if len(outs) == 1:
             return outs[0]
         return assemble(self.gm.meta["moe_spec"].outputs, hidden, *outs)
+
+
+_PLAIN = {torch.Tensor, nn.Parameter}  # what a graph reads (not a tensor subclass)
 
 
 def _autocast(x: torch.Tensor) -> bool:
