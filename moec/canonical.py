@@ -336,7 +336,8 @@ class CompiledForward:
 
     def changed(self) -> str | None:
         """Why the graph no longer stands for the block (moec.form), or None."""
-        what = self.form.traced_changed(self.block) if tracing() else self.form.changed(self.block)
+        what = self.form.traced_changed(self.block, unread=not _OWN_TRACE[0]) if tracing() else self.form.changed(
+            self.block)
         return what and f"the block changed after compile ({what}): compile the model again to compile it anew"
 
     def why_hooks(self) -> str | None:
@@ -415,7 +416,7 @@ class CompiledForward:
                 else contextlib.nullcontext():  # the graph computes what was proved
             result = call(self.gm, self.block, *data)
         outs = list(result) if isinstance(result, tuple) else [result]  # (out, logits, ids, w), or an experts out
-        if self.gm.meta["moe_spec"].counters and not _NOT_COUNTING[0]:  # eager, torch.compile, torch.export
+        if self.gm.meta["moe_spec"].counters and not _OWN_TRACE[0]:  # eager, torch.compile, torch.export
             with torch.no_grad():
                 for name in self.gm.meta["moe_spec"].counters:
                     add_counts(resolve(self.block, name), outs[2], self.gm.meta["moe_spec"].experts.num_experts)
@@ -443,17 +444,19 @@ def _autocast(x: torch.Tensor) -> bool:
         return False
 
 
-_NOT_COUNTING = [0]  # > 0 while moec.export_onnx traces (a module global: Dynamo reads it, a ContextVar it cannot)
+_OWN_TRACE = [0]  # > 0 while moec.export_onnx traces (a module global: Dynamo reads it, a ContextVar it cannot)
 
 
 @contextlib.contextmanager
-def not_counting():
-    """Compiled blocks leave their counter buffers alone inside (an ONNX file holds no state to count into)."""
-    _NOT_COUNTING[0] += 1
+def own_trace():
+    """moec.export_onnx traces the copy it compiled a moment before: compiled blocks leave their counter buffers alone
+    (an ONNX file holds no state to count into), and their graph stands for tensors it leaves unread (their values
+    are those the proof compared)."""
+    _OWN_TRACE[0] += 1
     try:
         yield
     finally:
-        _NOT_COUNTING[0] -= 1
+        _OWN_TRACE[0] -= 1
 
 
 @contextlib.contextmanager

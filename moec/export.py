@@ -36,7 +36,7 @@ from moec.api import compile, inspect
 from moec.report import Rejection
 from moec.backends import cpu_native, ort_attention, ort_kernels, ort_layouts, ort_mask
 from moec.backends.onnx_backend import ort_type_errors, register_ort_schemas, translations
-from moec.canonical import not_counting, resolve
+from moec.canonical import own_trace, resolve
 from moec.export_complex import as_real_pairs
 from moec.export_dense import left_fp32, moec_fp32_matmuls, moec_matmuls, quantize_dense
 from moec.log import log
@@ -537,7 +537,7 @@ def _trace(exportable, inputs, names, outputs, shapes, opset, repeat_layers: boo
     export): where later layers repeat earlier ones, only the first plan.traced layers are traced, the others added
     as copies of their kind's nodes (moec.export_layers); every layer is traced where that does not apply."""
     def export(exportable, inputs, names, outputs, shapes):
-        with not_counting():  # a block's token counters: no state in the file (said by _warn_about_counters)
+        with own_trace():  # a block's token counters: no state in the file (said by _warn_about_counters)
             return torch.onnx.export(
                 exportable, inputs, input_names=names, output_names=outputs, dynamic_shapes=shapes, dynamo=True,
                 custom_translation_table=translations(), opset_version=opset, verbose=False,

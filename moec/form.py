@@ -161,16 +161,17 @@ class Form:
             return f"{bad.__name__}.forward was replaced"
         return self._unread_changed(block) if self.unread else None
 
-    def traced_changed(self, block: nn.Module) -> str | None:
+    def traced_changed(self, block: nn.Module, unread: bool = True) -> str | None:
         """changed(), while torch.compile or torch.export traces the block: the classes of the block's own modules,
         their plain attributes and training flags read through getattr, on which Dynamo guards (a change compiles the
         model again); what changed() compares by identity (dicts, children, forwards) and the experts' training flags
         are not compared. A block whose graph leaves tensors of its forward unread runs its own forward under
-        torch.compile (their values cannot be compared in a trace; a torch.export program reads the graph's tensors
-        as exported)."""
-        if self.unread and not torch.compiler.is_exporting():
-            return (f"under torch.compile, as the compiled graph does not read {self.unread[0][0]}, which its own "
-                    f"forward reads, and a trace cannot compare its values with those at compile")
+        torch.compile and torch.export (a trace holds fake tensors: their values cannot be compared with those at
+        compile, and the graph would ignore a change); `unread=False`: moec's own export of a copy it compiled a
+        moment before, whose values are those compared."""
+        if self.unread and unread:
+            return (f"traced (torch.compile or torch.export), as the compiled graph does not read {self.unread[0][0]}, "
+                    f"which its own forward reads, and a trace cannot compare its values with those at compile")
         if type(block) is not self.types[0] or tuple(
                 type(block.get_submodule(p)) for p in self.own[1:]) != self.types[1]:  # (e.g. parametrized since: a
             return "its submodules are not those it was compiled with"  # class of its own)

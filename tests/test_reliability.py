@@ -18,6 +18,7 @@ import warnings
 import weakref
 
 import hypothesis.strategies as st
+import onnxruntime
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -1142,6 +1143,40 @@ def test_torch_compile_follows_a_block_changed_after_compile():
         block.train()  # (the block compiled whole: its own forward was once resolved to moec's, endlessly)
         assert rel_err(fast(x), ref(x)) < TOL[torch.float32]
     torch._dynamo.reset()
+
+
+class _ScaledRenormalised(_Scaled):
+    """_Scaled with its top-2 weights renormalised, a router ONNX Runtime's MoE op computes (export_onnx lowers it)."""
+
+    def route(self, x):
+        w, ids = super().route(x)
+        return w / w.sum(-1, keepdim=True), ids
+
+
+@pytest.mark.parametrize("when", ["before export", "after export"])
+def test_torch_export_follows_a_tensor_the_graph_does_not_read(when, tmp_path):
+    """An exported program holds fake tensors while traced: a block whose graph leaves a tensor of its forward unread
+    exports its own forward, so a change made before export, or in place after it, is computed (the graph ignored
+    it: 3.0 relative error). moec.export_onnx, which traces a copy it compiled a moment before, keeps the graph."""
+    block = _ScaledRenormalised().eval()
+    ref, fresh = copy.deepcopy(block), copy.deepcopy(block)
+    _compiled(block)
+    x = torch.randn(30, 32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if when == "after export":
+            program = torch.export.export(block, (x,)).module()
+        for m in (block, ref):
+            m.scale.fill_(0.25)
+        if when == "before export":
+            program = torch.export.export(block, (x,)).module()
+        assert rel_err(program(x), ref(x)) < TOL[torch.float32]
+        report = moec.export_onnx(fresh, (x,), tmp_path / "b.onnx")
+        want = fresh(x)
+    assert [b.path for b in report.blocks] == [""], report  # lowered: moec's graph (its scale 1 as proved)
+    session = onnxruntime.InferenceSession(tmp_path / "b.onnx")
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    assert rel_err(got, want) < TOL[torch.float32]
 
 
 def test_router_spec_as_an_op_argument_has_no_double_quotes():
