@@ -371,14 +371,19 @@ class CompiledForward:
     def _follow(self) -> None:
         """Before running the graph: refuse where a tensor moec released at compile (quantized or offloaded
         experts' fp weights) holds values again (`.data =`, a new Parameter: the graph would ignore them), and
-        quantize a changed fp router weight again (quantize(router=True): the graph reads its quantized buffers)."""
+        quantize a changed fp router weight again (quantize(router=True): the graph reads its quantized buffers).
+        Traced (torch.compile, torch.export), where versions cannot be compared, the router is quantized at each call
+        (a compiled graph would keep the buffers of its first call); the released tensors' sizes are guarded."""
         if replaced := [p for p in self.gm.meta.get("released", ()) if resolve(self.block, p).numel()]:
             spec = self.gm.meta["moe_spec"]
             where = "the offload store" if spec.offloaded else "its shard" if spec.sharded else "its quantized buffers"
             raise RuntimeError(f"moec: block {self.path!r}: {replaced} were given new values after compile, but "
                                f"the block runs the experts in {where}, made at compile: compile the model again "
                                f"from its new weights (moec.load reads a moec.save file into a compiled model)")
-        if self._router_key is not None and (now := self._router_now()) != self._router_key:
+        if self._router_key is None or tracing() and _OWN_TRACE[0]:  # (moec.export_onnx: compiled a moment before)
+            return
+        now = None if tracing() else self._router_now()
+        if now is None or now != self._router_key:
             from moec.passes.quantize_experts import quantized_tensors
             from moec.quant import quantize
 
@@ -387,7 +392,7 @@ class CompiledForward:
             with torch.no_grad():
                 for k, t in quantized_tensors(self.block, "router").items():
                     t.copy_(fresh[k])
-            self._router_key = now
+            self._router_key = now or self._router_key
 
     def __call__(self, *args, **kwargs):
         data, extras = self._split(args, kwargs)
@@ -410,8 +415,7 @@ class CompiledForward:
                 warnings.warn(f"moec: block {self.path!r} runs its original forward, not the compiled one: {why}",
                               stacklevel=2)
             return self.original(*args, **kwargs)
-        if not tracing():
-            self._follow()
+        self._follow()
         with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False) if _autocast(hidden) \
                 else contextlib.nullcontext():  # the graph computes what was proved
             result = call(self.gm, self.block, *data)
