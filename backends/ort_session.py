@@ -220,7 +220,7 @@ class OrtForward:
                 log.info(f"moec backend='onnxruntime': {what} since the export; exporting again")
                 self.sessions.clear()
             if key not in self.sessions:
-                self.sessions[key] = self._open(tensors)
+                self.sessions[key] = self._opened(self._open, tensors)
             session, names, rebuild = self.sessions[key]
         device = next(iter(tensors.values())).device
         feeds = {n: _array(tensors[n]) for n in names}
@@ -399,7 +399,7 @@ class OrtForward:
                 log.info(f"moec backend='onnxruntime': {what} since the export; exporting again")
                 self.sessions.clear()
             if key not in self.sessions:
-                self.sessions[key] = self._open_cached(ids, mask)
+                self.sessions[key] = self._opened(self._open_cached, ids, mask)
             return self.sessions[key]
 
     def _open_cached(self, ids: torch.Tensor, mask: torch.Tensor):
@@ -427,13 +427,26 @@ class OrtForward:
                                      "position_ids": np.tile(np.arange(T), (B, 1)),
                                      **dict(zip(names[3:], empty_past(layout, B, T if in_place(session) else 0)))})[0]
         self._check(eager, torch.from_numpy(got))  # the prompt step, 300 tokens, against eager
-        self._exported()
         return self._round_rows(path, session), names, layout, exported.gqa_layers > 0
 
-    def _exported(self) -> None:
-        """Note what the sessions were exported from: weights, form, settings."""
-        self.weights, self.form = _weights(self.walk(self.model)), Form(self.model, None)
-        self.settings = copy.deepcopy(_settings(self.model))
+    def _opened(self, opener, *args):
+        """opener(*args), a new session, noted with what it was exported from (weights, form, settings) as they
+        were before the export began: another thread's load_state_dict or in-place edit during the export is seen
+        by the next call's _stale (exported again). Where such a write made the session's check against the eager
+        model fail, it is exported again (at most 3 times)."""
+        for tries in range(3, 0, -1):
+            weights, form, settings = _weights(self.walk(self.model)), Form(self.model, None), copy.deepcopy(
+                _settings(self.model))
+            try:
+                opened = opener(*args)
+            except RuntimeError:
+                if tries > 1 and _weights(self.walk(self.model)) != weights:
+                    log.info("moec backend='onnxruntime': the model's weights changed during the export; exporting "
+                             "again")
+                    continue
+                raise
+            self.weights, self.form, self.settings = weights, form, settings
+            return opened
 
     def _stale(self) -> str | None:
         """What changed since the export (the sessions hold it baked in), or None."""
@@ -518,7 +531,6 @@ class OrtForward:
                 got = rebuild([torch.from_numpy(np.asarray(o)) for o in session.run(
                     None, {n: _array(feeds[n]) for n in names})])
             self._check(want, got, feeds.get("attention_mask"))
-        self._exported()
         return self._round_rows(path, session), names, rebuild
 
     def _session(self, path: str):
