@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from moec.canonical import buffers_kept
-from moec.bindings import NoBackward, generation
+from moec.bindings import NoBackward, generation, transformed
 from moec.form import Form, ModelRef, train_sensitive
 from moec.log import log
 
@@ -768,9 +768,12 @@ def eager_reason(model: nn.Module, walk: ModelWalk | None = None) -> str | None:
     """Why the model's own forward runs instead of a session: forward hooks on its modules or global ones (but
     transformers' idle output-capturing hooks), which a session would not call (nor one exported while they were
     on stop calling them); a dropout or other module that acts on its training flag in training mode in an
-    eval-mode model (Monte-Carlo dropout: the export is the eval forward); float64 weights."""
+    eval-mode model (Monte-Carlo dropout: the export is the eval forward); float64 weights; forward-mode AD or a
+    torch.func transform (a session computes values only)."""
     from moec.canonical import idle_capture
 
+    if what := transformed():
+        return what
     walk = (walk or ModelWalk())(model)
     hooks = [*_module._global_forward_hooks.values(), *_module._global_forward_pre_hooks.values()]
     if any(walk.hooks):

@@ -63,6 +63,16 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 
 
+def transformed() -> str | None:
+    """Forward-mode AD or a torch.func transform (vmap, grad, jvp, jacfwd, ...) is on, which moec's ops (values only,
+    no derivative or batching rules) would not follow (their tangents came out 0): what it is, or None."""
+    if torch.autograd.forward_ad._current_level >= 0:
+        return "forward-mode AD is on"
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "a torch.func transform (vmap, grad, jvp, ...) is on"
+    return None
+
+
 @dataclass(frozen=True)
 class Part:
     """One expert tensor set, as [E, n, D] (or [E, n] for biases): `name` inside each member of

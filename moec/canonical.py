@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from moec.backends.torch_backend import route_math, split_identity
-from moec.bindings import Binding, NoBackward, Param, generation, resolve, tracing
+from moec.bindings import Binding, NoBackward, Param, generation, resolve, tracing, transformed
 from moec.form import Form, ModelRef
 from moec.ir import MoESpec
 from moec.ops import experts_args, route_args
@@ -294,6 +294,8 @@ class CompiledForward:
             return f"extra inputs {sorted(extras)}"
         if self.block.training:
             return "training mode"
+        if not tracing() and (what := transformed()):  # (torch.compile traces those transforms as torch's ops)
+            return what
         if (changed := self.changed()) is not None:  # (before _refresh: a module it looks up may be gone)
             return changed
         if tracing() or self._gen != generation():  # traced: never read the counter (Dynamo would guard on it)
