@@ -1145,6 +1145,23 @@ def test_torch_compile_does_not_recompile_at_every_call():
     torch._dynamo.reset()
 
 
+def test_a_backward_through_torch_compile_of_a_compiled_model_raises():
+    """In eval mode with autograd on, the compiled blocks record no gradients: traced by torch.compile, a backward
+    skipped their share (the residual stream carried the rest: 0.62 off in the embedding's gradient, no error). It
+    raises, as an eager backward does; the forward stays one graph."""
+    model = _compiled(models.tiny_model("mixtral").eval())
+    ref = copy.deepcopy(model)
+    ids = _ids(model, 6)
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+    logits = fast(ids, use_cache=False).logits
+    with torch.no_grad():
+        assert rel_err(logits, ref(ids, use_cache=False).logits) < TOL[torch.float32]
+    with pytest.raises(RuntimeError, match="compiled for inference"):
+        logits.square().sum().backward()
+    torch._dynamo.reset()
+
+
 def test_torch_compile_follows_a_block_changed_after_compile():
     """Traced by torch.compile, the compiled block compares the attributes it was proved for through getattr, which
     Dynamo guards on: a router's top_k set after the first call recompiles, and the block runs its own forward (the
