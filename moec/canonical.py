@@ -296,6 +296,8 @@ class CompiledForward:
             return "training mode"
         if not tracing() and (what := transformed()):  # (torch.compile traces those transforms as torch's ops)
             return what
+        if torch.jit.is_tracing():  # (its graph would hold moec's copies of the weights as constants)
+            return "torch.jit.trace"
         if (changed := self.changed()) is not None:  # (before _refresh: a module it looks up may be gone)
             return changed
         if tracing() or self._gen != generation():  # traced: never read the counter (Dynamo would guard on it)
@@ -533,6 +535,8 @@ def install(block: nn.Module, gm: fx.GraphModule, path: str) -> None:
     _unowned(gm)
     # a partial of a module-level function: torch.export reads its code, pickle stores it
     block.forward = functools.partial(_run_compiled, CompiledForward(block, gm, path, user_forward, container))
+    # the block's own signature (torch.export matches dynamic_shapes to its parameter names and structure)
+    block.forward.__signature__ = inspect.signature(user_forward or type(block).forward.__get__(block))
     own = type(block).extra_repr(block)
     d = gm.meta["moe_spec"].describe()
     line = f"moec: {d['router']}; experts {d['experts']}" + (f"; shared {d['shared']}" if d["shared"] != "-" else "")

@@ -22,7 +22,8 @@ from torch.nn.modules import module as _module
 
 
 _TORCH_KEYS = frozenset(nn.Module().__dict__) - {"training"}  # torch's bookkeeping: slots, hooks
-_SKIPPED = frozenset({"_is_hf_initialized", "_compiled_call_impl"})  # set by loaders and Module.compile()
+_SKIPPED = frozenset({"_is_hf_initialized", "_compiled_call_impl", "_is_torch_compile", "__overloads__"})  # set by
+# loaders, Module.compile(), torch.compile(module) and torch.jit.script
 _INSTALLED = ("forward", "extra_repr", "generate")  # what moec installs on a block (or, onnxruntime, on the model)
 _STATELESS = (nn.Linear, nn.Identity, nn.ModuleList, nn.ModuleDict, nn.Sequential, nn.Embedding, nn.LayerNorm,
               nn.RMSNorm, nn.GroupNorm)  # no training-mode behaviour
@@ -72,8 +73,8 @@ _module.register_module_module_registration_hook(_registered)
 
 def _names(modules: list[nn.Module]) -> tuple:
     """The attribute names of each module (the block first), but moec's own (`_moec_*`, what it installs on the
-    block)."""
-    return tuple(frozenset(k for k in m.__dict__ if not k.startswith("_moec") and (
+    block) and the markers tools set (_SKIPPED)."""
+    return tuple(frozenset(k for k in m.__dict__ if not k.startswith("_moec") and k not in _SKIPPED and (
         i or k not in _INSTALLED)) for i, m in enumerate(modules))
 
 

@@ -1113,6 +1113,30 @@ def test_torch_export_of_a_compiled_block():
         assert rel_err(ep.module()(x), block(x)) < TOL[torch.float32]
 
 
+def test_torch_export_dynamic_shapes_jit_trace_and_markers_of_tools():
+    """torch.export matches dynamic_shapes to the block's own signature (the compiled forward read as (*args,
+    **kwargs): a spec by name or by position was refused); torch.jit.trace traces the block's own forward (moec's
+    copies of the weights could not be constants: it raised); the markers torch.compile(block) and a failed
+    torch.jit.script set on the block do not make it run its own forward."""
+    block = _compiled(_block("modulelist"))
+    ref = copy.deepcopy(block)
+    x = torch.randn(2, 7, 32)
+    B, S = torch.export.Dim("B", max=64), torch.export.Dim("S", max=1024)
+    for spec in (({0: B, 1: S},), {"x": {0: B, 1: S}}):
+        program = torch.export.export(block, (x,), dynamic_shapes=spec).module()
+        for shape in ((1, 1), (3, 300)):
+            _same(program, ref, torch.randn(*shape, 32))
+    traced = torch.jit.trace(block, (x,), check_trace=False)
+    _same(traced, ref, x)
+    torch.compile(block, backend="aot_eager")
+    with pytest.raises(Exception):
+        torch.jit.script(block)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a fallback warns)
+        _same(block, ref, x)
+    assert moec.inspect(block).blocks
+
+
 @pytest.mark.parametrize("quantize", [None, moec.Int8Experts()], ids=["fp32", "int8"])
 def test_torch_compile_of_a_compiled_model(quantize):
     """torch.compile traces a compiled HF model whole (moec's blocks are no graph break) and runs the same numbers."""
