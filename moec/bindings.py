@@ -225,9 +225,10 @@ class Derived(Binding):
             # plain tensors, e.g. views of the caller's flat buffer)
             self._aliased = (self.copies and self._adopted and all(isinstance(t, nn.Parameter) for t in self._srcs)
                              and self._alias(block, self._value))
-            # re-pointed: the views' data pointers; else the fingerprint read before the copy (an edit by another
-            # thread while it was made is seen at the next call)
-            self._key = self._fingerprint() if self._aliased else key
+            # the versions read before the copy (an edit by another thread while it was made is seen at the next
+            # call); the data pointers after it (re-pointed sources moved, with their version counters kept)
+            self._key = self._fingerprint() if self._aliased else (self._fingerprint()[0], key[1]) if self.copies \
+                else key
         return self._value
 
     def _find(self, block) -> None:
