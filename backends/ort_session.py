@@ -430,22 +430,23 @@ class OrtForward:
         return self._round_rows(path, session), names, layout, exported.gqa_layers > 0
 
     def _opened(self, opener, *args):
-        """opener(*args), a new session, noted with what it was exported from (weights, form, settings) as they
+        """opener(*args), a new session, noted with what it was exported from (form, settings, parameters) as they
         were before the export began: another thread's load_state_dict or in-place edit during the export is seen
         by the next call's _stale (exported again). Where such a write made the session's check against the eager
-        model fail, it is exported again (at most 3 times)."""
+        model fail, it is exported again (at most 3 times). The buffers are noted after it: the export's runs of the
+        model put back what they wrote into them (buffers_kept), which moves their versions."""
         for tries in range(3, 0, -1):
-            weights, form, settings = _weights(self.walk(self.model)), Form(self.model, None), copy.deepcopy(
+            params, form, settings = _weights(self.walk(self.model))[0], Form(self.model, None), copy.deepcopy(
                 _settings(self.model))
             try:
                 opened = opener(*args)
             except RuntimeError:
-                if tries > 1 and _weights(self.walk(self.model)) != weights:
+                if tries > 1 and _weights(self.walk(self.model))[0] != params:
                     log.info("moec backend='onnxruntime': the model's weights changed during the export; exporting "
                              "again")
                     continue
                 raise
-            self.weights, self.form, self.settings = weights, form, settings
+            self.weights, self.form, self.settings = (params, _weights(self.walk(self.model))[1]), form, settings
             return opened
 
     def _stale(self) -> str | None:
@@ -752,7 +753,7 @@ class ModelWalk:
     def __call__(self, model: nn.Module) -> "ModelWalk":
         if self.gen != generation() or self.of() is not model:
             named = list(model.named_modules())
-            self.tensors = [d for _, m in named for d in (m._parameters, m._buffers)]
+            self.params, self.buffers = [m._parameters for _, m in named], [m._buffers for _, m in named]
             self.hooks = [d for _, m in named for d in (m._forward_hooks, m._forward_pre_hooks)]
             self.sensitive = [(n, m) for n, m in named if n and train_sensitive(m)]  # (the model's: its forward's)
             self.gen, self.of = generation(), weakref.ref(model)
@@ -760,8 +761,10 @@ class ModelWalk:
 
 
 def _weights(walk: ModelWalk) -> tuple:
-    """Changes whenever a parameter or buffer is replaced, moved, or written in place."""
-    return tuple((t.data_ptr(), t._version, t.dtype) for d in walk.tensors for t in d.values() if t is not None)
+    """(the parameters', the buffers') data pointers, versions and dtypes: changes whenever one is replaced, moved, or
+    written in place."""
+    return tuple(tuple((t.data_ptr(), t._version, t.dtype) for d in dicts for t in d.values() if t is not None)
+                 for dicts in (walk.params, walk.buffers))
 
 
 def eager_reason(model: nn.Module, walk: ModelWalk | None = None) -> str | None:

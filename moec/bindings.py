@@ -214,21 +214,24 @@ class Derived(Binding):
         if tracing():
             return self.derive(block)
         self.live_sources(block)
-        key = self._fingerprint()
-        if key != self._key:
-            # (not an inference tensor: the block's parameters are re-pointed into it, and may train later)
-            with torch.no_grad(), torch.inference_mode(False):
+        if self._fingerprint() != self._key:
+            # read before the copy: an edit by another thread while it is made is seen at the next call
+            ptrs, versions = [s.data_ptr() for s in self._srcs], [s._version for s in self._srcs]
+            # (not an inference tensor: the block's parameters are re-pointed into it, and may train later; no_grad
+            # last: inference_mode(False) turns gradients on)
+            with torch.inference_mode(False), torch.no_grad():
                 self._value = self.derive(block)
                 if self.copies and self._srcs and all(s.is_shared() for s in self._srcs):
                     self._value.share_memory_()  # model.share_memory(): the copy they are re-pointed into is too
             # re-pointed: the block's own parameters only, never tensors a caller swapped in (functional_call's
             # plain tensors, e.g. views of the caller's flat buffer)
+            moved: set[int] = set()
             self._aliased = (self.copies and self._adopted and all(isinstance(t, nn.Parameter) for t in self._srcs)
-                             and self._alias(block, self._value))
-            # the versions read before the copy (an edit by another thread while it was made is seen at the next
-            # call); the data pointers after it (re-pointed sources moved, with their version counters kept)
-            self._key = self._fingerprint() if self._aliased else (self._fingerprint()[0], key[1]) if self.copies \
-                else key
+                             and self._alias(block, self._value, dict(zip(map(id, self._srcs), versions)), moved))
+            # the key: the data pointers after the copy of the sources re-pointed into it (their version counters
+            # stay), before it of the others; the versions from before it
+            ptrs = tuple(s.data_ptr() if id(s) in moved else p for s, p in zip(self._srcs, ptrs))
+            self._key = ptrs if self._aliased or not self.copies else (ptrs, tuple(versions))
         return self._value
 
     def _find(self, block) -> None:
@@ -258,9 +261,12 @@ class Derived(Binding):
         ptrs = tuple(s.data_ptr() for s in self._srcs)
         return ptrs if self._aliased or not self.copies else (ptrs, tuple(s._version for s in self._srcs))
 
-    def _alias(self, block, value: torch.Tensor) -> bool:
+    def _alias(self, block, value: torch.Tensor, versions: dict[int, int] | None = None,
+               moved: set[int] | None = None) -> bool:
         """Re-point each source tensor into `value` where its slot is a view of it (same values: the
-        source's own memory is released). True if every source now is such a view."""
+        source's own memory is released). True if every source now is such a view. `versions`: each source's version
+        when `value` was made (one written since keeps its memory: re-pointed, it would lose the write); `moved`
+        gets the ids of the sources re-pointed."""
         off, every, seen = 0, True, set()
         for p in self.parts:
             if isinstance(p, int):
@@ -274,10 +280,16 @@ class Derived(Binding):
                 slot = slot.transpose(-1, -2) if p.transposed else slot
                 if slot.shape != src.shape:  # an unflattened 2-D source: a view only if contiguous
                     slot = slot.reshape(src.shape) if slot.is_contiguous() else None
-                if id(src) in seen:  # one tensor in two slots (tied experts): it can be a view of one only
+                # one tensor in two slots (tied experts) can be a view of one only; one written since `value` was
+                # made keeps its memory (re-pointed, it would lose the write)
+                if id(src) in seen or versions is not None and src._version != versions.get(id(src)):
                     slot = None
                 seen.add(id(src))
-                every &= slot is not None and _repoint(src, slot)
+                if slot is not None and _repoint(src, slot):
+                    if moved is not None:
+                        moved.add(id(src))
+                else:
+                    every = False
             off += n
         return every
 
@@ -310,12 +322,13 @@ class NoBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, why: str, held: list, *inputs):
         ctx.why, ctx.inputs = why, len(inputs)
+        ctx.save_for_backward(inputs[0])
         out = held[0]
         return out if out._base is None else out.clone()
 
     @staticmethod
     def backward(ctx, *grads):
-        if tracing():  # torch.compile traces the backward ahead: it raises when it runs (an empty any() is False)
-            torch._assert_async(grads[0].flatten()[:0].any(), ctx.why)
-            return (None,) * (2 + ctx.inputs)
+        if tracing():  # torch.compile traces the backward ahead: an op that raises when it runs, as the first input's
+            like, = ctx.saved_tensors  # gradient (an unused one would be dropped from the graph)
+            return None, None, torch.ops.moec.no_backward(grads[0], like, ctx.why), *(None,) * (ctx.inputs - 1)
         raise RuntimeError(ctx.why)

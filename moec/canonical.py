@@ -294,7 +294,7 @@ class CompiledForward:
             return f"extra inputs {sorted(extras)}"
         if self.block.training:
             return "training mode"
-        if not tracing() and (what := transformed()):  # (torch.compile traces those transforms as torch's ops)
+        if what := transformed():  # (also read inside torch.compile: a compiled jvp of the block)
             return what
         if torch.jit.is_tracing():  # (its graph would hold moec's copies of the weights as constants)
             return "torch.jit.trace"
@@ -453,7 +453,8 @@ def _autocast(x: torch.Tensor) -> bool:
         return False
 
 
-_OWN_TRACE = [0]  # > 0 while moec.export_onnx traces (a module global: Dynamo reads it, a ContextVar it cannot)
+_OWN_TRACE = [0]  # > 0 while moec.export_onnx traces (a module global: Dynamo reads it, a ContextVar it cannot; so
+# a torch.compile or torch.export trace run by another thread meanwhile reads it too)
 
 
 @contextlib.contextmanager
@@ -535,8 +536,10 @@ def install(block: nn.Module, gm: fx.GraphModule, path: str) -> None:
     _unowned(gm)
     # a partial of a module-level function: torch.export reads its code, pickle stores it
     block.forward = functools.partial(_run_compiled, CompiledForward(block, gm, path, user_forward, container))
-    # the block's own signature (torch.export matches dynamic_shapes to its parameter names and structure)
-    block.forward.__signature__ = inspect.signature(user_forward or type(block).forward.__get__(block))
+    try:  # the block's own signature (torch.export matches dynamic_shapes to its parameter names and structure)
+        block.forward.__signature__ = inspect.signature(user_forward or type(block).forward.__get__(block))
+    except (TypeError, ValueError):  # (none to read, e.g. a builtin: the partial's own stands)
+        pass
     own = type(block).extra_repr(block)
     d = gm.meta["moe_spec"].describe()
     line = f"moec: {d['router']}; experts {d['experts']}" + (f"; shared {d['shared']}" if d["shared"] != "-" else "")

@@ -7,6 +7,7 @@ torch.export and torch.compile (each op has a fake implementation giving output 
     moec::experts_int8 / experts_int4(x, ids, weights, <packed W13, W2 + scales>, ...) -> [T,H]  (moec.quant)
     moec::capacity_kept(ids[T,k], weights[T,k], rows, E, rank_dtype, router) -> bool[T,k] (pairs within capacity)
     moec::capacity(weights[T,k], kept[T,k], router) -> weights[T,k] (0 where not kept; renormalised if so)
+    moec::no_backward(grad, like, why) -> like's gradient: raises `why` (a traced backward of moec's outputs)
     moec::ort_moe(x[T,H], router_probs[T,E], fc1[E,N1,H], fc1_bias?, fc2[E,H,I], fc2_bias?, k, ...)  -> [T,H]
     moec::ort_qmoe(x, router_probs, fc1 u8, fc1_scales, fc1_bias?, fc2 u8, fc2_scales, fc2_bias?, zero points?, ...)
         ONNX Runtime's com.microsoft::MoE / QMoE in its layouts (softmax over router_probs -> top-k ->
@@ -71,6 +72,14 @@ torch.library.define(
     "str rule) -> (Tensor, Tensor)")
 torch.library.define(  # router: the RouterSpec as JSON (its capacity rule)
     "moec::capacity", "(Tensor weights, Tensor kept, str router) -> Tensor")
+torch.library.define("moec::no_backward", "(Tensor grad, Tensor like, str why) -> Tensor")
+
+
+@torch.library.impl("moec::no_backward", "CompositeExplicitAutograd")
+def _no_backward(grad, like, why):
+    """The backward of an output computed for inference (bindings.NoBackward), as torch.compile traces it ahead:
+    raises `why` on the host when it runs (an assert in the graph would be a device-side assert on a GPU)."""
+    raise RuntimeError(why)
 torch.library.define(
     "moec::capacity_kept",
     "(Tensor ids, Tensor weights, SymInt rows, int num_experts, ScalarType rank_dtype, str router) -> Tensor")
@@ -113,6 +122,11 @@ def _causal_bias_fake(attention_mask, batch_size, q_length, kv_length, dtype):
 @torch.library.register_fake("moec::ort_linear_attention")
 def _linear_attention_fake(query, key, value, past_state, decay, beta, heads, scale, rule):
     return torch.empty_like(value), torch.empty_like(past_state)
+
+
+@torch.library.register_fake("moec::no_backward")
+def _no_backward_fake(grad, like, why):
+    return torch.empty_like(like)
 
 
 @torch.library.register_fake("moec::capacity")

@@ -457,13 +457,18 @@ def test_a_counting_block_counts_under_torch_compile_and_export():
 def test_onnxruntime_and_inspect_leave_the_counters_as_they_were():
     """backend='onnxruntime' checks its session against the eager model, and moec.inspect runs the model for the
     expert load: neither counts into the model's buffers (a refused block's own forward counted, and so did the
-    session's checks); the session itself counts nothing, said."""
+    session's checks); the session itself counts nothing, said. Putting the counters back moves their versions, which
+    is not a change of the model's weights: the next call keeps the session (it exported again at every call)."""
     pytest.importorskip("onnxruntime")
     block = TokenCounting().eval()
     moec.compile(block, backend="onnxruntime")
     with pytest.warns(UserWarning, match="holds no state"), torch.no_grad():
         block(torch.randn(2, 7, 32))
     assert not block.tokens_per_expert.any()
+    opened = list(block.forward.sessions.values())
+    with torch.no_grad():
+        block(torch.randn(2, 7, 32))
+    assert list(block.forward.sessions.values()) == opened and block.forward._stale() is None
     refused = TokenCounting(count="double").eval()
     with pytest.warns(UserWarning, match="no MoE block rewritten"):
         moec.compile(refused)

@@ -669,8 +669,11 @@ def test_torch_compile_and_export_follow_a_quantized_router_and_released_experts
                 layer.mlp.gate.weight.mul_(-1.5)
         want = eager(ids).logits
         assert rel_err(fast(ids).logits, want) < 1e-5
+        for m in (qmodel, eager):  # changed again: the export quantizes it too
+            for layer in m.model.layers:
+                layer.mlp.gate.weight.mul_(-0.5)
         exported = torch.export.export(qmodel, (ids,), kwargs={"use_cache": False}).module()
-        assert rel_err(exported(ids, use_cache=False).logits, want) < 1e-5
+        assert rel_err(exported(ids, use_cache=False).logits, eager(ids).logits) < 1e-5
     torch._dynamo.reset()
     qmodel = moec.compile(copy.deepcopy(model), quantize=Int8Experts())
     fast = torch.compile(qmodel, backend="aot_eager", dynamic=False)
