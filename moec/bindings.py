@@ -65,7 +65,8 @@ def tracing() -> bool:
 
 def transformed() -> str | None:
     """Forward-mode AD or a torch.func transform (vmap, grad, jvp, jacfwd, ...) is on, which moec's ops (values only,
-    no derivative or batching rules) would not follow (their tangents came out 0): what it is, or None."""
+    no derivative or batching rules) would not follow (their tangents came out 0): what it is, or None. (Eager calls
+    only: inside torch.compile, Dynamo's answer for functorch's stack is not that of the eager call.)"""
     if torch.autograd.forward_ad._current_level >= 0:
         return "forward-mode AD is on"
     if torch._C._functorch.peek_interpreter_stack() is not None:
@@ -322,13 +323,14 @@ class NoBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, why: str, held: list, *inputs):
         ctx.why, ctx.inputs = why, len(inputs)
-        ctx.save_for_backward(inputs[0])
+        if tracing():  # (the traced backward's op gives the first input's gradient: its shape)
+            ctx.save_for_backward(inputs[0])
         out = held[0]
         return out if out._base is None else out.clone()
 
     @staticmethod
     def backward(ctx, *grads):
-        if tracing():  # torch.compile traces the backward ahead: an op that raises when it runs, as the first input's
-            like, = ctx.saved_tensors  # gradient (an unused one would be dropped from the graph)
+        if tracing() and ctx.saved_tensors:  # torch.compile traces the backward ahead: an op that raises when it
+            like, = ctx.saved_tensors  # runs, as the first input's gradient (an unused one would be dropped)
             return None, None, torch.ops.moec.no_backward(grads[0], like, ctx.why), *(None,) * (ctx.inputs - 1)
         raise RuntimeError(ctx.why)

@@ -294,7 +294,7 @@ class CompiledForward:
             return f"extra inputs {sorted(extras)}"
         if self.block.training:
             return "training mode"
-        if what := transformed():  # (also read inside torch.compile: a compiled jvp of the block)
+        if not tracing() and (what := transformed()):
             return what
         if torch.jit.is_tracing():  # (its graph would hold moec's copies of the weights as constants)
             return "torch.jit.trace"
