@@ -1399,9 +1399,11 @@ def test_onnxruntime_backend_follows_weight_changes():
         assert rel_err(model(ids).logits, other(ids).logits) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("when,quantize", [("after the file", None), ("after the file", moec.Int8Experts()),
-                                           ("before the file", None)], ids=["after-fp32", "after-int8", "before-fp32"])
-def test_onnxruntime_backend_follows_weights_written_during_its_export(when, quantize, monkeypatch):
+@pytest.mark.parametrize("when,quantize,cache", [("after the file", None, False),
+                                                 ("after the file", moec.Int8Experts(), False),
+                                                 ("before the file", None, False), ("after the file", None, True)],
+                         ids=["after-fp32", "after-int8", "before-fp32", "after-fp32-kv-cache"])
+def test_onnxruntime_backend_follows_weights_written_during_its_export(when, quantize, cache, monkeypatch):
     """Another thread's load_state_dict lands while the first call exports: after the file was written, the session
     holds the old weights and was noted as made from the new ones (every later call 1.58 off, int8 0.95); before it,
     the session's check against the eager model failed and the call raised. The session is now noted with the weights
@@ -1426,10 +1428,10 @@ def test_onnxruntime_backend_follows_weights_written_during_its_export(when, qua
                                                                                 quantize=quantize), quantize)
     ids = _ids(model, 6)
     with torch.no_grad():
-        model(ids, use_cache=False)  # exports (the write lands during it), opens the session
+        model(ids, use_cache=cache)  # exports (the write lands during it), opens the session (the KV-cache one)
         assert writes
         tol = TOL[torch.float32] if quantize is None else 1e-4
-        assert rel_err(model(ids, use_cache=False).logits, want(ids).logits) < tol
+        assert rel_err(model(ids, use_cache=cache).logits, want(ids).logits) < tol
 
 
 @pytest.mark.parametrize("model", ["dbrx", "modulelist"])
